@@ -1,0 +1,277 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    CANARY: _ClassVar[Strategy]
+    BLUE_GREEN: _ClassVar[Strategy]
+    AB: _ClassVar[Strategy]
+
+class MatchKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATCH_KIND_UNSPECIFIED: _ClassVar[MatchKind]
+    HEADER: _ClassVar[MatchKind]
+    COOKIE: _ClassVar[MatchKind]
+    QUERY: _ClassVar[MatchKind]
+    PATH: _ClassVar[MatchKind]
+
+class MatchOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATCH_OP_UNSPECIFIED: _ClassVar[MatchOp]
+    EXACT: _ClassVar[MatchOp]
+    PREFIX: _ClassVar[MatchOp]
+    REGEX: _ClassVar[MatchOp]
+    PRESENT: _ClassVar[MatchOp]
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PENDING: _ClassVar[Phase]
+    PROGRESSING: _ClassVar[Phase]
+    PAUSED: _ClassVar[Phase]
+    SUCCEEDED: _ClassVar[Phase]
+    ROLLED_BACK: _ClassVar[Phase]
+    FAILED: _ClassVar[Phase]
+STRATEGY_UNSPECIFIED: Strategy
+CANARY: Strategy
+BLUE_GREEN: Strategy
+AB: Strategy
+MATCH_KIND_UNSPECIFIED: MatchKind
+HEADER: MatchKind
+COOKIE: MatchKind
+QUERY: MatchKind
+PATH: MatchKind
+MATCH_OP_UNSPECIFIED: MatchOp
+EXACT: MatchOp
+PREFIX: MatchOp
+REGEX: MatchOp
+PRESENT: MatchOp
+PHASE_UNSPECIFIED: Phase
+PENDING: Phase
+PROGRESSING: Phase
+PAUSED: Phase
+SUCCEEDED: Phase
+ROLLED_BACK: Phase
+FAILED: Phase
+
+class Service(_message.Message):
+    __slots__ = ("name", "stable_version", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stable_version: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., stable_version: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("address", "port", "cluster")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    cluster: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
+
+class VersionMetadata(_message.Message):
+    __slots__ = ("image", "author", "created", "change_summary")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    author: str
+    created: _timestamp_pb2.Timestamp
+    change_summary: str
+    def __init__(self, image: _Optional[str] = ..., author: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., change_summary: _Optional[str] = ...) -> None: ...
+
+class Version(_message.Message):
+    __slots__ = ("service", "name", "metadata", "endpoints")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    name: str
+    metadata: VersionMetadata
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    def __init__(self, service: _Optional[str] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[VersionMetadata, _Mapping]] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("kind", "name", "op", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: MatchKind
+    name: str
+    op: MatchOp
+    value: str
+    def __init__(self, kind: _Optional[_Union[MatchKind, str]] = ..., name: _Optional[str] = ..., op: _Optional[_Union[MatchOp, str]] = ..., value: _Optional[str] = ...) -> None: ...
+
+class MatchRule(_message.Message):
+    __slots__ = ("conditions",)
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    conditions: _containers.RepeatedCompositeFieldContainer[Condition]
+    def __init__(self, conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
+
+class Pause(_message.Message):
+    __slots__ = ("manual", "duration")
+    MANUAL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    manual: bool
+    duration: _duration_pb2.Duration
+    def __init__(self, manual: _Optional[bool] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("weight", "pause")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    weight: int
+    pause: Pause
+    def __init__(self, weight: _Optional[int] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ...) -> None: ...
+
+class ServiceVersions(_message.Message):
+    __slots__ = ("service", "base_version", "gray_version")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRAY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    base_version: str
+    gray_version: str
+    def __init__(self, service: _Optional[str] = ..., base_version: _Optional[str] = ..., gray_version: _Optional[str] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("gray_clusters",)
+    GRAY_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    gray_clusters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gray_clusters: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseSpec(_message.Message):
+    __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement")
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    lane: str
+    entry: str
+    services: _containers.RepeatedCompositeFieldContainer[ServiceVersions]
+    strategy: Strategy
+    match: _containers.RepeatedCompositeFieldContainer[MatchRule]
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    placement: Placement
+    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+
+class ProxyConvergence(_message.Message):
+    __slots__ = ("proxies", "converged", "target_version")
+    PROXIES_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    proxies: int
+    converged: int
+    target_version: str
+    def __init__(self, proxies: _Optional[int] = ..., converged: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
+
+class Nack(_message.Message):
+    __slots__ = ("node", "type_url", "version", "message", "at")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_URL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    type_url: str
+    version: str
+    message: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, node: _Optional[str] = ..., type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReleaseStatus(_message.Message):
+    __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REACHED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_NACK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REACHED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    phase: Phase
+    batch: int
+    weight: int
+    reached: bool
+    reason: str
+    convergence: ProxyConvergence
+    last_nack: Nack
+    batch_started: _timestamp_pb2.Timestamp
+    batch_reached: _timestamp_pb2.Timestamp
+    events: int
+    generation: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("name", "spec", "status", "revision", "created")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: ReleaseSpec
+    status: ReleaseStatus
+    revision: int
+    created: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ReleaseSpec, _Mapping]] = ..., status: _Optional[_Union[ReleaseStatus, _Mapping]] = ..., revision: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("release", "sequence", "at", "action", "actor", "reason", "from_phase", "to_phase", "from_batch", "to_batch", "weight", "details")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FROM_PHASE_FIELD_NUMBER: _ClassVar[int]
+    TO_PHASE_FIELD_NUMBER: _ClassVar[int]
+    FROM_BATCH_FIELD_NUMBER: _ClassVar[int]
+    TO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    release: str
+    sequence: int
+    at: _timestamp_pb2.Timestamp
+    action: str
+    actor: str
+    reason: str
+    from_phase: Phase
+    to_phase: Phase
+    from_batch: int
+    to_batch: int
+    weight: int
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, release: _Optional[str] = ..., sequence: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., from_phase: _Optional[_Union[Phase, str]] = ..., to_phase: _Optional[_Union[Phase, str]] = ..., from_batch: _Optional[int] = ..., to_batch: _Optional[int] = ..., weight: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...

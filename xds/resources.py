@@ -1,0 +1,99 @@
+"""Typed sets of Envoy resources and their content-derived versions.
+
+Owns: the four resource types Graylane serves (CDS, EDS, LDS, RDS), the `Resources`
+value that `render` returns and the snapshot cache stores, and the version of a resource
+(a hash of its deterministic serialisation, so every replica and agent derives the same
+version for the same content and a reconnect to another replica re-sends nothing).
+
+Must not import: etcd, graylane.controlplane, graylane.agent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf.message import Message
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# The order in which a change is pushed on one ADS stream (make-before-break): clusters
+# and their endpoints before the listeners and routes that use them.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+
+MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
+    {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }
+)
+
+
+def content_version(message: Message) -> str:
+    """A version derived from content only: equal bytes, equal version, on any host."""
+    data = message.SerializeToString(deterministic=True)
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def set_version(versions: Mapping[str, str]) -> str:
+    """The version of a whole set (SotW `version_info`): a hash of its names and versions."""
+    h = hashlib.sha256()
+    for name in sorted(versions):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(versions[name].encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TypedResources:
+    """All resources of one type, by name, with their content versions."""
+
+    type_url: str
+    items: Mapping[str, Message]
+    versions: Mapping[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "versions", MappingProxyType({n: content_version(m) for n, m in self.items.items()})
+        )
+
+    @property
+    def version(self) -> str:
+        return set_version(self.versions)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One complete configuration for a proxy: every type Graylane serves."""
+
+    by_type: Mapping[str, TypedResources]
+
+    @classmethod
+    def of(cls, resources: Mapping[str, Mapping[str, Message]]) -> Resources:
+        return cls(
+            MappingProxyType(
+                {t: TypedResources(t, MappingProxyType(dict(resources.get(t, {})))) for t in PUSH_ORDER}
+            )
+        )
+
+    def __getitem__(self, type_url: str) -> TypedResources:
+        return self.by_type[type_url]

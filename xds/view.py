@@ -1,0 +1,135 @@
+"""The RoutingView: everything `render` needs to know, as plain frozen values.
+
+Owns: the input contract of the xds package. A view says which services exist, which
+versions of them run where (endpoints), which version is each service's base, and which
+gray lanes are active with their entry, rules and batch weight. It says nothing of
+releases, phases or etcd: the control plane (or an agent) builds a view from its own
+state and hands it over.
+
+Must not import: etcd, graylane.controlplane, graylane.agent.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class MatchKind(enum.Enum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    QUERY = "query"
+    PATH = "path"
+
+
+class MatchOp(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"  # RE2, validated before it reaches a view
+    PRESENT = "present"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    kind: MatchKind
+    name: str  # header / cookie / query parameter name; "" for PATH
+    op: MatchOp
+    value: str = ""  # "" for PRESENT
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """All conditions must hold (AND)."""
+
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEndpoints:
+    """Where one version of one service can be reached from the cluster the view is for.
+
+    For a version that runs only in another cluster, the endpoints are that cluster's
+    gateway addresses.
+    """
+
+    service: str
+    version: str
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoute:
+    """A routable service: its name is the HTTP authority Envoy matches."""
+
+    name: str
+    base_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One active gray lane (one release).
+
+    `versions` maps service -> gray version in this lane; services not listed fall back
+    to their base version for lane traffic. Requests that match any of `rules` at the
+    `entry` service join the lane; of the rest, `weight` percent join it. `cohort_header`,
+    when set, makes the weighted decision sticky per value of that header.
+    """
+
+    name: str
+    entry: str
+    weight: int  # 0..100
+    versions: tuple[tuple[str, str], ...]  # (service, gray_version), sorted by service
+    rules: tuple[Rule, ...] = ()
+    cohort_header: str = ""
+
+    def version_for(self, service: str) -> str | None:
+        for svc, version in self.versions:
+            if svc == service:
+                return version
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingView:
+    """The whole routing intent for the proxies of one cluster.
+
+    `lanes` are in a stable order (the control plane sorts them by release name) so the
+    rendered routes, and hence the content-derived versions, are identical on every
+    replica.
+    """
+
+    services: tuple[ServiceRoute, ...]
+    endpoints: tuple[VersionEndpoints, ...]
+    lanes: tuple[Lane, ...] = ()
+    # Knobs that are the same for every route; defaults suit loopback tests and demos.
+    connect_timeout_ms: int = field(default=1000)
+
+    def endpoints_of(self, service: str, version: str) -> tuple[Endpoint, ...]:
+        for ve in self.endpoints:
+            if ve.service == service and ve.version == version:
+                return ve.endpoints
+        return ()
+
+
+# Header and baggage names that carry the lane decision between hops.
+LANE_HEADER = "x-graylane"
+BAGGAGE_HEADER = "baggage"
+BAGGAGE_KEY = "graylane"
+
+
+def cluster_name(service: str, version: str) -> str:
+    """The Envoy cluster for one version of one service (also its EDS resource name)."""
+    return f"{service}|{version}"
+
+
+ROUTE_CONFIG_NAME = "graylane"
+
+
+def listener_name(port: int) -> str:
+    return f"graylane_http_{port}"
