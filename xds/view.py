@@ -77,8 +77,7 @@ class Lane:
 
     `versions` maps service -> gray version in this lane; services not listed fall back
     to their base version for lane traffic. Requests that match any of `rules` at the
-    `entry` service join the lane; of the rest, `weight` percent join it. `cohort_header`,
-    when set, makes the weighted decision sticky per value of that header.
+    `entry` service join the lane; of the rest, `weight` percent join it.
     """
 
     name: str
@@ -86,7 +85,6 @@ class Lane:
     weight: int  # 0..100
     versions: tuple[tuple[str, str], ...]  # (service, gray_version), sorted by service
     rules: tuple[Rule, ...] = ()
-    cohort_header: str = ""
 
     def version_for(self, service: str) -> str | None:
         for svc, version in self.versions:
