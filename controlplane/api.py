@@ -1,0 +1,226 @@
+"""ReleaseService over gRPC: the boundary where requests become domain values.
+
+Owns: turning requests into validated domain values (through `controlplane.model`),
+calling `Releases`, turning results back into messages, and the ONE table that maps the
+`GraylaneError` tree to gRPC status codes. Anything else raised becomes INTERNAL with the
+traceback logged and a generic message.
+
+Every call passes the `CallerInterceptor` first (the one place where callers are
+identified; authentication will live there).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import grpc
+
+from graylane.controlplane import model
+from graylane.controlplane.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    GraylaneError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    UnsupportedEtcd,
+)
+from graylane.controlplane.machine import Action, Cause
+from graylane.controlplane.releases import Releases
+from graylane.controlplane.store import Compacted
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api_pb
+from graylane.v1 import release_service_pb2_grpc as api_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: Mapping[type[GraylaneError], grpc.StatusCode] = MappingProxyType(
+    {
+        InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+        NotFound: grpc.StatusCode.NOT_FOUND,
+        AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+        FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+        Conflict: grpc.StatusCode.ABORTED,
+        Unavailable: grpc.StatusCode.UNAVAILABLE,
+        UnsupportedEtcd: grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+
+ACTOR_METADATA = "x-graylane-actor"
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("graylane_caller", default="")
+
+
+def status_for(exc: GraylaneError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Identifies the caller of every call (metadata `x-graylane-actor`, else the peer)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        _caller.set(str(metadata.get(ACTOR_METADATA, "")))
+        return await continuation(handler_call_details)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, GraylaneError):
+        await context.abort(status_for(exc), str(exc))
+    log.exception("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the control plane's log)")
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def unary(fn: F) -> F:
+    """Translate domain errors of a unary handler at this one seam."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except (GraylaneError, Exception) as exc:  # noqa: B014 - both kinds go to _abort
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
+    actor = getattr(request, "actor", "") or _caller.get() or f"grpc:{context.peer()}"
+    return Cause(actor=actor, reason=getattr(request, "reason", ""))
+
+
+class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
+    def __init__(self, releases: Releases) -> None:
+        self._releases = releases
+        self._store = releases.store
+
+    # ------------------------------------------------------------- releases
+
+    @unary
+    async def CreateRelease(self, request: api_pb.CreateReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        spec = model.spec_from_proto(request.spec)
+        r = await self._releases.create(request.name, spec, _cause(request, context))
+        return model.release_to_proto(r)
+
+    @unary
+    async def ApplyRelease(self, request: api_pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        spec = model.spec_from_proto(request.spec)
+        r = await self._releases.apply(request.name, spec, _cause(request, context))
+        return model.release_to_proto(r)
+
+    @unary
+    async def GetRelease(self, request: api_pb.GetReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return model.release_to_proto(await self._store.get_release(request.name))
+
+    @unary
+    async def ListReleases(self, request: api_pb.ListReleasesRequest, context: grpc.aio.ServicerContext) -> api_pb.ListReleasesResponse:
+        releases = await self._store.list_releases()
+        return api_pb.ListReleasesResponse(releases=[model.release_to_proto(r) for r in releases])
+
+    @unary
+    async def DeleteRelease(self, request: api_pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext) -> api_pb.DeleteReleaseResponse:
+        await self._store.delete_release(request.name)
+        return api_pb.DeleteReleaseResponse()
+
+    async def _act(self, action: Action, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        r = await self._releases.act(
+            request.name, action, _cause(request, context), expected_revision=request.expected_revision
+        )
+        return model.release_to_proto(r)
+
+    @unary
+    async def NextBatch(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.NEXT, request, context)
+
+    @unary
+    async def Pause(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.PAUSE, request, context)
+
+    @unary
+    async def Resume(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.RESUME, request, context)
+
+    @unary
+    async def Rollback(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.ROLLBACK, request, context)
+
+    @unary
+    async def Promote(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.PROMOTE, request, context)
+
+    @unary
+    async def Restart(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+        return await self._act(Action.RESTART, request, context)
+
+    @unary
+    async def History(self, request: api_pb.HistoryRequest, context: grpc.aio.ServicerContext) -> api_pb.HistoryResponse:
+        events = await self._store.history(request.name)
+        return api_pb.HistoryResponse(events=[model.event_to_proto(e) for e in events])
+
+    async def Watch(self, request: api_pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Release]:
+        try:
+            async for release in self._watch(request.name):
+                yield model.release_to_proto(release)
+        except GraylaneError as exc:
+            await _abort(context, exc)
+
+    async def _watch(self, name: str) -> AsyncIterator[model.Release]:
+        current = await self._store.get_release(name)
+        yield current
+        revision = current.revision
+        while True:
+            try:
+                async for release in self._store.watch_release(name, start_revision=revision + 1):
+                    if release is None:
+                        return
+                    revision = release.revision
+                    yield release
+            except Compacted:
+                # History is gone: re-read the release and go on from where it is now.
+                current = await self._store.get_release(name)
+                if current.revision != revision:
+                    yield current
+                revision = current.revision
+
+    # ------------------------------------------------------------- registry
+
+    @unary
+    async def PutService(self, request: api_pb.PutServiceRequest, context: grpc.aio.ServicerContext) -> pb.Service:
+        service = model.service_from_proto(request.service)
+        await self._store.put_service(service)
+        return model.service_to_proto(service)
+
+    @unary
+    async def ListServices(self, request: api_pb.ListServicesRequest, context: grpc.aio.ServicerContext) -> api_pb.ListServicesResponse:
+        services = await self._store.list_services()
+        return api_pb.ListServicesResponse(services=[model.service_to_proto(s) for s in services])
+
+    @unary
+    async def PutVersion(self, request: api_pb.PutVersionRequest, context: grpc.aio.ServicerContext) -> pb.Version:
+        version = model.version_from_proto(request.version)
+        if await self._store.get_service(version.service) is None:
+            raise InvalidArgument("version.service", f"service {version.service!r} is not registered")
+        await self._store.put_version(version)
+        return model.version_to_proto(version)
+
+    @unary
+    async def ListVersions(self, request: api_pb.ListVersionsRequest, context: grpc.aio.ServicerContext) -> api_pb.ListVersionsResponse:
+        versions = await self._store.list_versions(request.service)
+        return api_pb.ListVersionsResponse(versions=[model.version_to_proto(v) for v in versions])

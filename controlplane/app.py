@@ -1,0 +1,105 @@
+"""The control plane's composition root: one process, one event loop, one TaskGroup.
+
+Owns: starting the embedded etcd when no external one is given, the gRPC server
+(ReleaseService + health + reflection, behind the CallerInterceptor), the xDS server for
+Envoys, the background loops (routing views, convergence) and graceful shutdown on
+SIGTERM/SIGINT. Everything long-lived is created here and handed down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
+from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.options import ServeOptions
+from graylane.controlplane.releases import Releases
+from graylane.controlplane.store import EtcdStore, connect
+from graylane.v1 import release_service_pb2, release_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
+_GRACE_SECONDS = 5.0
+
+
+class ControlPlane:
+    """One control-plane replica over a store. `run()` serves until cancelled."""
+
+    def __init__(self, store: EtcdStore, *, api_listen: str, xds_listen: str | None = None) -> None:
+        self.store = store
+        self.releases = Releases(store)
+        self._api_listen = api_listen
+        self._xds_listen = xds_listen
+        self.api_port = 0
+        self.xds_port = 0
+        self.ready = asyncio.Event()
+
+    def _api_server(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        server = grpc.aio.server(interceptors=[CallerInterceptor()])
+        release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
+            ReleaseServicer(self.releases), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server, health_servicer
+
+    async def run(self) -> None:
+        server, health_servicer = self._api_server()
+        self.api_port = server.add_insecure_port(self._api_listen)
+        if self.api_port == 0:
+            raise OSError(f"cannot listen on {self._api_listen}")
+        await server.start()
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("ReleaseService on %s", self._api_listen.rsplit(":", 1)[0] + f":{self.api_port}")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._start_background(tasks)
+                self.ready.set()
+                await asyncio.Event().wait()  # until cancelled
+        finally:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(_GRACE_SECONDS)
+
+    def _start_background(self, tasks: asyncio.TaskGroup) -> None:
+        """Loops that keep the data plane in step with etcd (added by the xDS wiring)."""
+
+
+async def serve(options: ServeOptions) -> None:
+    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
+    async with contextlib.AsyncExitStack() as stack:
+        if options.embedded_etcd:
+            etcd = await stack.enter_async_context(
+                EtcdProcess(data_dir=(options.data_dir / "etcd").resolve())
+            )
+            endpoints = etcd.endpoint
+        else:
+            endpoints = ",".join(str(e) for e in options.etcd_endpoints)
+        store = await connect(endpoints)
+        stack.push_async_callback(store.close)
+        plane = ControlPlane(
+            store, api_listen=str(options.listen), xds_listen=str(options.xds_listen)
+        )
+        runner = asyncio.create_task(plane.run())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        log.info("control plane stopped")

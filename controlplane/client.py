@@ -1,0 +1,142 @@
+"""A typed asyncio client for the ReleaseService, over one grpc.aio channel.
+
+Owns the client side of the API: which RPC each operation calls, the deadline of unary
+calls, and the channel's lifetime (`async with ReleaseClient.connect(...)`). It does not
+translate errors: `grpc.aio.AioRpcError` reaches the caller, which knows how to present it
+(the CLI does so in one place). Used by the CLI; usable by the demo and tests. It imports
+no etcd or xds code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import grpc
+
+from graylane.controlplane.defaults import DEFAULT_RPC_TIMEOUT_SECONDS
+from graylane.v1 import release_pb2, release_service_pb2
+from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
+
+
+class Action(enum.StrEnum):
+    """The verbs that move a release, as the CLI names them."""
+
+    NEXT = "next"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ROLLBACK = "rollback"
+    PROMOTE = "promote"
+    RESTART = "restart"
+
+
+_ACTION_RPCS: Final = {
+    Action.NEXT: "NextBatch",
+    Action.PAUSE: "Pause",
+    Action.RESUME: "Resume",
+    Action.ROLLBACK: "Rollback",
+    Action.PROMOTE: "Promote",
+    Action.RESTART: "Restart",
+}
+
+
+class ReleaseClient:
+    """One channel to one control plane. Unary calls carry `timeout` as their deadline;
+    `watch` has none (it lasts as long as the caller iterates)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self._stub: Any = ReleaseServiceStub(channel)  # generated code has no type hints
+        self._timeout = timeout
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, target: str, *, timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
+    ) -> AsyncIterator[ReleaseClient]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield cls(channel, timeout=timeout)
+
+    async def _unary(self, rpc: str, request: Any) -> Any:
+        return await getattr(self._stub, rpc)(request, timeout=self._timeout)
+
+    async def get_release(self, name: str) -> release_pb2.Release:
+        request = release_service_pb2.GetReleaseRequest(name=name)
+        result: release_pb2.Release = await self._unary("GetRelease", request)
+        return result
+
+    async def list_releases(self) -> release_service_pb2.ListReleasesResponse:
+        request = release_service_pb2.ListReleasesRequest()
+        result: release_service_pb2.ListReleasesResponse = await self._unary(
+            "ListReleases", request
+        )
+        return result
+
+    async def apply_release(
+        self, release: release_pb2.Release, *, actor: str, reason: str = ""
+    ) -> release_pb2.Release:
+        request = release_service_pb2.ApplyReleaseRequest(
+            name=release.name, spec=release.spec, actor=actor, reason=reason
+        )
+        result: release_pb2.Release = await self._unary("ApplyRelease", request)
+        return result
+
+    async def delete_release(self, name: str, *, actor: str) -> None:
+        request = release_service_pb2.DeleteReleaseRequest(name=name, actor=actor)
+        await self._unary("DeleteRelease", request)
+
+    async def act(
+        self,
+        action: Action,
+        name: str,
+        *,
+        actor: str,
+        reason: str = "",
+        expected_revision: int = 0,
+    ) -> release_pb2.Release:
+        request = release_service_pb2.ActionRequest(
+            name=name, actor=actor, reason=reason, expected_revision=expected_revision
+        )
+        result: release_pb2.Release = await self._unary(_ACTION_RPCS[action], request)
+        return result
+
+    async def history(self, name: str) -> release_service_pb2.HistoryResponse:
+        request = release_service_pb2.HistoryRequest(name=name)
+        result: release_service_pb2.HistoryResponse = await self._unary("History", request)
+        return result
+
+    async def watch(self, name: str) -> AsyncIterator[release_pb2.Release]:
+        """The release now, then each change; ends when the server ends the stream.
+
+        Leaving the iteration early cancels the call."""
+        call = self._stub.Watch(release_service_pb2.WatchRequest(name=name))
+        try:
+            async for release in call:
+                yield release
+        finally:
+            call.cancel()
+
+    async def put_service(self, service: release_pb2.Service) -> release_pb2.Service:
+        request = release_service_pb2.PutServiceRequest(service=service)
+        result: release_pb2.Service = await self._unary("PutService", request)
+        return result
+
+    async def list_services(self) -> release_service_pb2.ListServicesResponse:
+        request = release_service_pb2.ListServicesRequest()
+        result: release_service_pb2.ListServicesResponse = await self._unary(
+            "ListServices", request
+        )
+        return result
+
+    async def put_version(self, version: release_pb2.Version) -> release_pb2.Version:
+        request = release_service_pb2.PutVersionRequest(version=version)
+        result: release_pb2.Version = await self._unary("PutVersion", request)
+        return result
+
+    async def list_versions(self, service: str) -> release_service_pb2.ListVersionsResponse:
+        request = release_service_pb2.ListVersionsRequest(service=service)
+        result: release_service_pb2.ListVersionsResponse = await self._unary(
+            "ListVersions", request
+        )
+        return result

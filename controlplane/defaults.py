@@ -1,0 +1,23 @@
+"""Default ports and places shared by the control plane, its CLI and agents.
+
+Owns constants only, so anything may import it without pulling in gRPC or etcd.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The ReleaseService (gRPC API) port of the control plane.
+DEFAULT_API_PORT: Final = 7400
+#: The port the control plane's embedded xDS (ADS) server listens on for Envoys.
+DEFAULT_XDS_PORT: Final = 7401
+#: etcd's client port, assumed when `--etcd` names a host without a port.
+DEFAULT_ETCD_PORT: Final = 2379
+
+#: Where `serve` listens unless told otherwise: loopback, because the API is plain gRPC
+#: with no authentication; binding to a routable address is an explicit choice.
+DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
+#: Where `serve` keeps local state (the embedded etcd's data lives under `<dir>/etcd`).
+DEFAULT_DATA_DIR: Final = ".graylane"
+#: Deadline of every unary call the CLI makes.
+DEFAULT_RPC_TIMEOUT_SECONDS: Final = 10.0

@@ -1,0 +1,150 @@
+"""EtcdProcess: an etcd child process on loopback, for `graylane serve` with no --etcd and tests.
+
+Owns: finding the `etcd` binary (Debian's etcd-server, 3.4.x), picking free loopback ports,
+starting it in its own process group with its data in a given folder, waiting until it
+answers, and stopping it by PID. It does not talk the etcd API itself beyond a health
+probe over HTTP; the store does that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "the `etcd` binary is not on PATH; install it (Debian/Ubuntu: `apt-get install etcd-server`) "
+    "or point graylane at a cluster with --etcd HOST:PORT"
+)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_etcd() -> str | None:
+    found = shutil.which("etcd")
+    if found:
+        return found
+    # Debian installs the server here on some releases.
+    for candidate in ("/usr/bin/etcd", "/usr/local/bin/etcd"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _healthy(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        return resp.status == 200 and b'"true"' in resp.read()
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+class EtcdProcess:
+    """`async with EtcdProcess(data_dir=...) as etcd:` then `etcd.endpoint` is `127.0.0.1:PORT`."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: pathlib.Path,
+        client_port: int = 0,
+        name: str = "graylane",
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.client_port = client_port or free_port()
+        self.peer_port = free_port()
+        self._name = name
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path = data_dir.parent / f"{data_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def start(self) -> None:
+        binary = find_etcd()
+        if binary is None:
+            raise FileNotFoundError(INSTALL_HINT)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            binary,
+            "--name", self._name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self._name}={peer}",
+            "--log-level", "warn",
+            "--logger", "zap",
+        ]
+        env = dict(os.environ)
+        # A data dir written by an earlier start keeps its cluster; these are ignored then.
+        log_file = self._log_path.open("ab")
+        self._proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        log_file.close()
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                while not await asyncio.to_thread(_healthy, self.client_port):
+                    if self._proc.poll() is not None:
+                        tail = self._log_path.read_text(errors="replace")[-2000:]
+                        raise RuntimeError(f"etcd exited with {self._proc.returncode}:\n{tail}")
+                    await asyncio.sleep(0.05)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("embedded etcd on %s (data %s)", self.endpoint, self.data_dir)
+
+    async def stop(self, *, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+
+    async def __aenter__(self) -> EtcdProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

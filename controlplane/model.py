@@ -1,0 +1,549 @@
+"""Release domain values, and the one place API messages become them.
+
+Owns: the frozen values the control plane works on (`ReleaseSpec`, `ReleaseStatus`,
+`Release`, `Event`, `Service`, `Version`), their validation (`spec_from_proto` and
+friends raise `InvalidArgument` naming the field) and their conversion back to protos.
+Inside the control plane these values are trusted; nothing else reads raw requests.
+
+Must not import: etcd (that is `controlplane.store`), graylane.xds.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import re2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from graylane.controlplane.errors import InvalidArgument
+from graylane.v1 import release_pb2 as pb
+
+# DNS-label-like names keep every name usable as an HTTP authority, an Envoy cluster
+# name part and an etcd key segment.
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# A lane travels as an HTTP header value and a W3C baggage value: keep it a plain token.
+_LANE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+# HTTP header field names (RFC 9110 token), lower-cased as Envoy compares them.
+_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_COOKIE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Envoy rejects regexes whose RE2 program is larger than this by default.
+RE2_MAX_PROGRAM_SIZE = 100
+MAX_BATCHES = 100
+
+
+class Phase(enum.Enum):
+    PENDING = pb.PENDING
+    PROGRESSING = pb.PROGRESSING
+    PAUSED = pb.PAUSED
+    SUCCEEDED = pb.SUCCEEDED
+    ROLLED_BACK = pb.ROLLED_BACK
+    FAILED = pb.FAILED
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED)
+
+    @property
+    def routes_lane(self) -> bool:
+        """Whether a release in this phase has a live lane in the routing view."""
+        return self in (Phase.PROGRESSING, Phase.PAUSED)
+
+
+class Strategy(enum.Enum):
+    CANARY = pb.CANARY
+    BLUE_GREEN = pb.BLUE_GREEN
+    AB = pb.AB
+
+
+class MatchKind(enum.Enum):
+    HEADER = pb.HEADER
+    COOKIE = pb.COOKIE
+    QUERY = pb.QUERY
+    PATH = pb.PATH
+
+
+class MatchOp(enum.Enum):
+    EXACT = pb.EXACT
+    PREFIX = pb.PREFIX
+    REGEX = pb.REGEX
+    PRESENT = pb.PRESENT
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    kind: MatchKind
+    name: str
+    op: MatchOp
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    weight: int
+    pause: timedelta | None  # None: wait for a manual `next`
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceVersions:
+    service: str
+    base_version: str
+    gray_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSpec:
+    lane: str
+    entry: str
+    services: tuple[ServiceVersions, ...]
+    strategy: Strategy
+    match: tuple[tuple[Condition, ...], ...]
+    batches: tuple[Batch, ...]
+    gray_clusters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    node: str
+    type_url: str
+    version: str
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStatus:
+    phase: Phase = Phase.PENDING
+    batch: int = -1
+    reason: str = ""
+    reached: bool = False
+    proxies: int = 0
+    converged: int = 0
+    target_version: str = ""
+    last_nack: Nack | None = None
+    batch_started: datetime | None = None
+    batch_reached: datetime | None = None
+    events: int = 0
+    generation: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    name: str
+    spec: ReleaseSpec
+    status: ReleaseStatus
+    created: datetime
+    revision: int = 0  # etcd mod_revision it was read at; 0 for a value not yet stored
+
+    def weight(self) -> int:
+        """The gray share the current phase and batch ask for."""
+        return weight_of(self.spec, self.status)
+
+
+def weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
+    if status.phase is Phase.SUCCEEDED:
+        return 100
+    if not status.phase.routes_lane or status.batch < 0:
+        return 0
+    return spec.batches[status.batch].weight
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    release: str
+    sequence: int
+    at: datetime
+    action: str
+    actor: str
+    reason: str
+    from_phase: Phase
+    to_phase: Phase
+    from_batch: int
+    to_batch: int
+    weight: int
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    stable_version: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    cluster: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    service: str
+    name: str
+    image: str = ""
+    author: str = ""
+    created: datetime | None = None
+    change_summary: str = ""
+    endpoints: tuple[Endpoint, ...] = ()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_name(field_name: str, value: str, *, pattern: re.Pattern[str] = _NAME) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    if not pattern.match(value):
+        raise InvalidArgument(
+            field_name,
+            f"{value!r} is not a valid name (lower-case letters, digits and '-', at most 63)",
+        )
+    return value
+
+
+def check_version_name(field_name: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    if not _VERSION.match(value):
+        raise InvalidArgument(
+            field_name, f"{value!r} is not a valid version (letters, digits, '.', '_', '-')"
+        )
+    return value
+
+
+def _check_regex(field_name: str, value: str) -> None:
+    try:
+        compiled = re2.compile(value)
+    except re2.error as exc:
+        raise InvalidArgument(field_name, f"{value!r} is not a valid RE2 regex: {exc}") from exc
+    size = compiled.programsize
+    if size > RE2_MAX_PROGRAM_SIZE:
+        raise InvalidArgument(
+            field_name,
+            f"regex program size {size} is above Envoy's limit of {RE2_MAX_PROGRAM_SIZE}",
+        )
+
+
+def _condition_from_proto(where: str, c: pb.Condition) -> Condition:
+    if c.kind == pb.MATCH_KIND_UNSPECIFIED:
+        raise InvalidArgument(f"{where}.kind", "is required (header, cookie, query or path)")
+    if c.op == pb.MATCH_OP_UNSPECIFIED:
+        raise InvalidArgument(f"{where}.op", "is required (exact, prefix, regex or present)")
+    kind, op = MatchKind(c.kind), MatchOp(c.op)
+    name = c.name
+    if kind is MatchKind.PATH:
+        if name:
+            raise InvalidArgument(f"{where}.name", "must be empty for a path condition")
+        if op is MatchOp.PRESENT:
+            raise InvalidArgument(f"{where}.op", "present does not apply to a path")
+        if op is not MatchOp.REGEX and not c.value.startswith("/"):
+            raise InvalidArgument(f"{where}.value", f"path {c.value!r} must start with '/'")
+    elif kind is MatchKind.HEADER:
+        name = name.lower()
+        if not name or not _HEADER.match(name):
+            raise InvalidArgument(f"{where}.name", f"{c.name!r} is not a valid header name")
+    elif kind is MatchKind.COOKIE:
+        if not name or not _COOKIE.match(name):
+            raise InvalidArgument(f"{where}.name", f"{c.name!r} is not a valid cookie name")
+    elif not name:
+        raise InvalidArgument(f"{where}.name", "query parameter name is required")
+    if op is MatchOp.PRESENT:
+        if c.value:
+            raise InvalidArgument(f"{where}.value", "must be empty for a present condition")
+    elif op is MatchOp.REGEX:
+        _check_regex(f"{where}.value", c.value)
+    elif not c.value:
+        raise InvalidArgument(f"{where}.value", "is required")
+    if any(ch in c.value for ch in "\r\n\0"):
+        raise InvalidArgument(f"{where}.value", "must not contain control characters")
+    return Condition(kind=kind, name=name, op=op, value=c.value)
+
+
+def _rules_from_proto(rules: Sequence[pb.MatchRule]) -> tuple[tuple[Condition, ...], ...]:
+    out = []
+    for i, rule in enumerate(rules):
+        if not rule.conditions:
+            raise InvalidArgument(f"match[{i}].conditions", "a rule needs at least one condition")
+        conditions = tuple(
+            _condition_from_proto(f"match[{i}].conditions[{j}]", c)
+            for j, c in enumerate(rule.conditions)
+        )
+        if sum(1 for c in conditions if c.kind is MatchKind.PATH) > 1:
+            raise InvalidArgument(f"match[{i}].conditions", "at most one path condition per rule")
+        out.append(conditions)
+    return tuple(out)
+
+
+def _batches_from_proto(spec: pb.ReleaseSpec, strategy: Strategy) -> tuple[Batch, ...]:
+    if len(spec.batches) > MAX_BATCHES:
+        raise InvalidArgument("batches", f"at most {MAX_BATCHES} batches")
+    out: list[Batch] = []
+    previous = -1
+    for i, b in enumerate(spec.batches):
+        where = f"batches[{i}]"
+        if b.weight > 100:
+            raise InvalidArgument(f"{where}.weight", f"{b.weight} is above 100")
+        if strategy is Strategy.BLUE_GREEN and b.weight not in (0, 100):
+            raise InvalidArgument(f"{where}.weight", f"{b.weight}: blue-green weights are 0 or 100")
+        if strategy is Strategy.AB and b.weight != 0:
+            raise InvalidArgument(f"{where}.weight", f"{b.weight}: an AB release routes by rules only")
+        if strategy is Strategy.CANARY and b.weight < previous:
+            raise InvalidArgument(
+                f"{where}.weight", f"{b.weight} is below the previous batch's {previous}"
+            )
+        previous = b.weight
+        pause: timedelta | None = None
+        which = b.pause.WhichOneof("kind")
+        if which == "duration":
+            pause = b.pause.duration.ToTimedelta()
+            if pause <= timedelta(0):
+                raise InvalidArgument(f"{where}.pause.duration", "must be positive")
+        elif which == "manual" and not b.pause.manual:
+            raise InvalidArgument(f"{where}.pause.manual", "set it to true, or give a duration")
+        out.append(Batch(weight=b.weight, pause=pause))
+    if not out:
+        # Every strategy has a sensible single step when none is given.
+        default = {Strategy.CANARY: None, Strategy.BLUE_GREEN: 100, Strategy.AB: 0}[strategy]
+        if default is None:
+            raise InvalidArgument("batches", "a canary release needs at least one batch")
+        out.append(Batch(weight=default, pause=None))
+    return tuple(out)
+
+
+def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
+    """Validate a ReleaseSpec message and turn it into a trusted domain value."""
+    lane = check_name("spec.lane", spec.lane, pattern=_LANE)
+    strategy_value = spec.strategy or pb.CANARY
+    if strategy_value not in (pb.CANARY, pb.BLUE_GREEN, pb.AB):
+        raise InvalidArgument("spec.strategy", f"unknown strategy {strategy_value}")
+    strategy = Strategy(strategy_value)
+    if not spec.services:
+        raise InvalidArgument("spec.services", "at least one service is required")
+    services: list[ServiceVersions] = []
+    seen: set[str] = set()
+    for i, s in enumerate(spec.services):
+        where = f"spec.services[{i}]"
+        name = check_name(f"{where}.service", s.service)
+        if name in seen:
+            raise InvalidArgument(f"{where}.service", f"{name!r} is listed twice")
+        seen.add(name)
+        base = check_version_name(f"{where}.base_version", s.base_version)
+        gray = check_version_name(f"{where}.gray_version", s.gray_version)
+        if base == gray:
+            raise InvalidArgument(f"{where}.gray_version", f"{gray!r} equals the base version")
+        services.append(ServiceVersions(service=name, base_version=base, gray_version=gray))
+    entry = spec.entry or (services[0].service if len(services) == 1 else "")
+    check_name("spec.entry", entry)
+    match = _rules_from_proto(spec.match)
+    if strategy is Strategy.AB and not match:
+        raise InvalidArgument("spec.match", "an AB release needs at least one rule")
+    clusters = tuple(
+        check_name(f"spec.placement.gray_clusters[{i}]", c)
+        for i, c in enumerate(spec.placement.gray_clusters)
+    )
+    return ReleaseSpec(
+        lane=lane,
+        entry=entry,
+        services=tuple(services),
+        strategy=strategy,
+        match=match,
+        batches=_batches_from_proto(spec, strategy),
+        gray_clusters=clusters,
+    )
+
+
+def service_from_proto(s: pb.Service) -> Service:
+    return Service(
+        name=check_name("service.name", s.name),
+        stable_version=check_version_name("service.stable_version", s.stable_version),
+        description=s.description,
+    )
+
+
+def _endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
+    if not e.address or any(ch.isspace() for ch in e.address) or "/" in e.address:
+        raise InvalidArgument(f"{where}.address", f"{e.address!r} is not a valid address")
+    if not 0 < e.port < 65536:
+        raise InvalidArgument(f"{where}.port", f"{e.port} is not a valid port (1..65535)")
+    cluster = check_name(f"{where}.cluster", e.cluster) if e.cluster else ""
+    return Endpoint(address=e.address, port=e.port, cluster=cluster)
+
+
+def version_from_proto(v: pb.Version) -> Version:
+    endpoints = tuple(
+        _endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints)
+    )
+    if len(set(endpoints)) != len(endpoints):
+        raise InvalidArgument("version.endpoints", "an endpoint is listed twice")
+    md = v.metadata
+    return Version(
+        service=check_name("version.service", v.service),
+        name=check_version_name("version.name", v.name),
+        image=md.image,
+        author=md.author,
+        created=md.created.ToDatetime(tzinfo=UTC) if md.HasField("created") else None,
+        change_summary=md.change_summary,
+        endpoints=endpoints,
+    )
+
+
+# ------------------------------------------------------------------------ to protos
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _dt(ts: Timestamp, present: bool) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if present else None
+
+
+def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
+    batches = []
+    for b in spec.batches:
+        if b.pause is None:
+            pause = pb.Pause(manual=True)
+        else:
+            d = Duration()
+            d.FromTimedelta(b.pause)
+            pause = pb.Pause(duration=d)
+        batches.append(pb.Batch(weight=b.weight, pause=pause))
+    return pb.ReleaseSpec(
+        lane=spec.lane,
+        entry=spec.entry,
+        services=[
+            pb.ServiceVersions(
+                service=s.service, base_version=s.base_version, gray_version=s.gray_version
+            )
+            for s in spec.services
+        ],
+        strategy=spec.strategy.value,
+        match=[
+            pb.MatchRule(
+                conditions=[
+                    pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value)
+                    for c in rule
+                ]
+            )
+            for rule in spec.match
+        ],
+        batches=batches,
+        placement=pb.Placement(gray_clusters=list(spec.gray_clusters)),
+    )
+
+
+def status_to_proto(release: Release) -> pb.ReleaseStatus:
+    st = release.status
+    nack = None
+    if st.last_nack is not None:
+        n = st.last_nack
+        nack = pb.Nack(
+            node=n.node, type_url=n.type_url, version=n.version, message=n.message, at=_ts(n.at)
+        )
+    return pb.ReleaseStatus(
+        phase=st.phase.value,
+        batch=st.batch,
+        weight=release.weight(),
+        reached=st.reached,
+        reason=st.reason,
+        convergence=pb.ProxyConvergence(
+            proxies=st.proxies, converged=st.converged, target_version=st.target_version
+        ),
+        last_nack=nack,
+        batch_started=_ts(st.batch_started),
+        batch_reached=_ts(st.batch_reached),
+        events=st.events,
+        generation=st.generation,
+    )
+
+
+def release_to_proto(release: Release) -> pb.Release:
+    return pb.Release(
+        name=release.name,
+        spec=spec_to_proto(release.spec),
+        status=status_to_proto(release),
+        revision=release.revision,
+        created=_ts(release.created),
+    )
+
+
+def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
+    """Rebuild a stored release. Stored specs were validated on the way in."""
+    st = msg.status
+    nack = None
+    if st.HasField("last_nack"):
+        n = st.last_nack
+        nack = Nack(
+            node=n.node,
+            type_url=n.type_url,
+            version=n.version,
+            message=n.message,
+            at=n.at.ToDatetime(tzinfo=UTC),
+        )
+    status = ReleaseStatus(
+        phase=Phase(st.phase),
+        batch=st.batch,
+        reason=st.reason,
+        reached=st.reached,
+        proxies=st.convergence.proxies,
+        converged=st.convergence.converged,
+        target_version=st.convergence.target_version,
+        last_nack=nack,
+        batch_started=_dt(st.batch_started, st.HasField("batch_started")),
+        batch_reached=_dt(st.batch_reached, st.HasField("batch_reached")),
+        events=st.events,
+        generation=st.generation,
+    )
+    return Release(
+        name=msg.name,
+        spec=spec_from_proto(msg.spec),
+        status=status,
+        created=msg.created.ToDatetime(tzinfo=UTC),
+        revision=revision,
+    )
+
+
+def event_to_proto(e: Event) -> pb.Event:
+    return pb.Event(
+        release=e.release,
+        sequence=e.sequence,
+        at=_ts(e.at),
+        action=e.action,
+        actor=e.actor,
+        reason=e.reason,
+        from_phase=e.from_phase.value,
+        to_phase=e.to_phase.value,
+        from_batch=e.from_batch,
+        to_batch=e.to_batch,
+        weight=e.weight,
+        details=dict(e.details),
+    )
+
+
+def service_to_proto(s: Service) -> pb.Service:
+    return pb.Service(name=s.name, stable_version=s.stable_version, description=s.description)
+
+
+def version_to_proto(v: Version) -> pb.Version:
+    return pb.Version(
+        service=v.service,
+        name=v.name,
+        metadata=pb.VersionMetadata(
+            image=v.image,
+            author=v.author,
+            created=_ts(v.created),
+            change_summary=v.change_summary,
+        ),
+        endpoints=[pb.Endpoint(address=e.address, port=e.port, cluster=e.cluster) for e in v.endpoints],
+    )

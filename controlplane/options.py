@@ -1,0 +1,75 @@
+"""Options of a control-plane process, as plain frozen values.
+
+Owns `ServeOptions` (what `graylane serve` hands to `graylane.controlplane.app.serve`) and
+`HostPort`, the parsed form of every `HOST:PORT` flag. Parsing here is pure and raises
+`ValueError` with a message fit for a command line; it imports no gRPC, etcd or xds code,
+so the CLI can build options without loading the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graylane.controlplane.defaults import (
+    DEFAULT_API_PORT,
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN_HOST,
+    DEFAULT_XDS_PORT,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A TCP address. `host` is a name or an IP literal, IPv6 without brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, default_port: int | None = None) -> HostPort:
+        """Parse `host:port`, `[v6]:port`, or a bare host when `default_port` is given."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+            port_text = rest[1:] if rest else ""
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+        elif ":" in text:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+        else:
+            host, port_text = text, ""
+        if not host:
+            raise ValueError(f"{text!r}: missing host")
+        if not port_text:
+            if default_port is None:
+                raise ValueError(f"{text!r}: expected HOST:PORT")
+            return cls(host, default_port)
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        return cls(host, int(port_text))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServeOptions:
+    """What one control-plane process needs to start.
+
+    `etcd_endpoints` empty means: start an embedded etcd child process with its data under
+    `data_dir / "etcd"`. Otherwise they are the client URLs of an external cluster, tried
+    in order.
+    """
+
+    etcd_endpoints: tuple[HostPort, ...] = ()
+    listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_API_PORT))
+    xds_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_XDS_PORT))
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+
+    @property
+    def embedded_etcd(self) -> bool:
+        return not self.etcd_endpoints

@@ -1,0 +1,190 @@
+"""Release operations: validated intent in, one guarded etcd transaction out.
+
+Owns: the rules that tie a release to the registry (its services and versions must be
+registered, its base must be the service's stable version, one live release per lane),
+applying state-machine moves with their events, and finishing a release (a success makes
+the gray versions stable in the same transaction).
+
+Concurrency: every write is guarded by the release's mod_revision. A caller that gave no
+expected revision is retried on a concurrent change (the convergence writer touches
+status often); a caller that gave one gets `Conflict` (ABORTED).
+
+Must not import: etcd (use `controlplane.store`), graylane.xds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from graylane.controlplane import machine, model
+from graylane.controlplane.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from graylane.controlplane.machine import Action, Cause
+from graylane.controlplane.store import EtcdStore, Snapshot
+
+log = logging.getLogger(__name__)
+
+_RETRIES = 8
+
+# Computes a release's new status from its fresh value; None means nothing to write.
+StatusChange = Callable[[model.Release], model.ReleaseStatus | None]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -> None:
+    """Refuse a spec that names unknown services/versions or collides with a live lane."""
+    services = {s.name: s for s in snap.services}
+    versions = {(v.service, v.name) for v in snap.versions}
+    if spec.entry not in services:
+        raise InvalidArgument("spec.entry", f"service {spec.entry!r} is not registered")
+    for i, sv in enumerate(spec.services):
+        where = f"spec.services[{i}]"
+        svc = services.get(sv.service)
+        if svc is None:
+            raise InvalidArgument(f"{where}.service", f"service {sv.service!r} is not registered")
+        if sv.base_version != svc.stable_version:
+            raise InvalidArgument(
+                f"{where}.base_version",
+                f"{sv.base_version!r} is not {sv.service!r}'s stable version {svc.stable_version!r}",
+            )
+        if (sv.service, sv.gray_version) not in versions:
+            raise InvalidArgument(
+                f"{where}.gray_version",
+                f"version {sv.gray_version!r} of {sv.service!r} is not registered",
+            )
+    for other in snap.releases:
+        if other.name != name and other.spec.lane == spec.lane and not other.status.phase.terminal:
+            raise InvalidArgument("spec.lane", f"lane {spec.lane!r} is used by release {other.name!r}")
+
+
+class Releases:
+    """The operations the API exposes, over one store."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+
+    @property
+    def store(self) -> EtcdStore:
+        return self._store
+
+    async def create(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
+        model.check_name("name", name)
+        check_against_registry(name, spec, await self._store.snapshot())
+        now = _now()
+        release = model.Release(
+            name=name,
+            spec=spec,
+            status=model.ReleaseStatus(reason=f"created by {cause.actor}"),
+            created=now,
+        )
+        after, event = machine.record(
+            release, release.status, action="create", cause=cause, now=now
+        )
+        return await self._store.create_release(after, event)
+
+    async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
+        """Create the release, or replace its spec (a finished one starts over as PENDING)."""
+        model.check_name("name", name)
+        for _ in range(_RETRIES):
+            snap = await self._store.snapshot()
+            check_against_registry(name, spec, snap)
+            current = snap.by_name.get(name)
+            if current is None:
+                return await self.create(name, spec, cause)
+            if current.spec == spec and not current.status.phase.terminal:
+                return current  # nothing to change: apply is idempotent
+            try:
+                return await self._store.update_release(*self._respec(current, spec, cause))
+            except Conflict:
+                continue
+        raise Conflict(f"release {name!r} kept changing; try again")
+
+    @staticmethod
+    def _respec(
+        current: model.Release, spec: model.ReleaseSpec, cause: Cause
+    ) -> tuple[model.Release, list[model.Event]]:
+        now = _now()
+        st = current.status
+        if st.phase.terminal:
+            status = model.ReleaseStatus(events=st.events, generation=st.generation + 1)
+        else:
+            batch = min(st.batch, len(spec.batches) - 1)
+            status = replace(st, batch=batch, generation=st.generation + 1, reached=False)
+        status = replace(status, reason=f"spec applied by {cause.actor}")
+        after, event = machine.record(
+            replace(current, spec=spec), status, action="apply", cause=cause, now=now
+        )
+        return after, [event]
+
+    async def act(
+        self, name: str, action: Action, cause: Cause, *, expected_revision: int = 0
+    ) -> model.Release:
+        for _ in range(_RETRIES):
+            current = await self._store.get_release(name)
+            if expected_revision and current.revision != expected_revision:
+                raise Conflict(
+                    f"release {name!r} is at revision {current.revision}, "
+                    f"not the expected {expected_revision}"
+                )
+            after, event = machine.transition(current, action, cause=cause, now=_now())
+            stable = await self._stable_updates(after)
+            try:
+                return await self._store.update_release(after, [event], services=stable)
+            except Conflict:
+                if expected_revision:
+                    raise
+                continue
+        raise Conflict(f"release {name!r} kept changing; try again")
+
+    async def _stable_updates(self, release: model.Release) -> list[model.Service]:
+        """On success the gray versions become the services' stable versions."""
+        if release.status.phase is not model.Phase.SUCCEEDED:
+            return []
+        out = []
+        for sv in release.spec.services:
+            svc = await self._store.get_service(sv.service)
+            if svc is None:
+                raise FailedPrecondition(f"service {sv.service!r} is no longer registered")
+            out.append(replace(svc, stable_version=sv.gray_version))
+        return out
+
+    async def update_status(
+        self, name: str, change: StatusChange, *, action: str | None, cause: Cause
+    ) -> model.Release | None:
+        """Write a status-only change (convergence, NACK) computed from the fresh value.
+
+        With an `action` the change is recorded as an event (a batch reached, a NACK);
+        without one (proxy counts moving) only the status is written.
+        """
+        for _ in range(_RETRIES):
+            try:
+                current = await self._store.get_release(name)
+            except NotFound:
+                return None
+            status = change(current)
+            if status is None or status == current.status:
+                return None
+            if action is None:
+                after, events = replace(current, status=status), []
+            else:
+                after, event = machine.record(
+                    current, status, action=action, cause=cause, now=_now()
+                )
+                events = [event]
+            try:
+                return await self._store.update_release(after, events)
+            except Conflict:
+                continue
+        log.warning("status of %s kept changing; giving up this round", name)
+        return None
+

@@ -1,0 +1,394 @@
+"""EtcdStore: releases, services, versions and events in etcd v3, spoken natively on grpc.aio.
+
+Owns: the key layout under the prefix (default `/graylane/v1/`), serialisation (proto
+JSON, so `etcdctl get` stays readable), guarded transactions, watches that resume from a
+revision, and the refusal of etcd versions with the 3.5.0-3.5.2 data-inconsistency bug.
+
+Key layout (below the prefix):
+    services/<name>                      Service
+    versions/<service>/<version>         Version
+    releases/<name>                      Release (spec + status)
+    events/<release>/<sequence:016d>     Event, appended in the same txn as the change
+
+Every release change is one transaction guarded by the release's mod_revision that also
+writes its event (and, on success, the services' new stable versions), so a failed or
+conflicting call changes nothing.
+
+Concurrency: one grpc.aio channel per store; all methods are coroutines safe to call
+concurrently from one event loop. Must not import graylane.xds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC
+
+import grpc
+from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from graylane.controlplane import model
+from graylane.controlplane.errors import (
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    Unavailable,
+    UnsupportedEtcd,
+)
+from graylane.v1 import release_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "/graylane/v1/"
+_CALL_TIMEOUT = 10.0
+# etcd 3.5.0-3.5.2 can lose a committed transaction after a crash (fixed in 3.5.3).
+_BAD_VERSIONS = {(3, 5, 0), (3, 5, 1), (3, 5, 2)}
+
+
+class Compacted(Exception):
+    """A watch asked for a revision etcd has compacted away; re-read and continue."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (oldest available {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the control plane routes from, read at one etcd revision."""
+
+    revision: int
+    services: tuple[model.Service, ...] = ()
+    versions: tuple[model.Version, ...] = ()
+    releases: tuple[model.Release, ...] = ()
+    by_name: dict[str, model.Release] = field(default_factory=dict, compare=False)
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with `prefix` (etcd's prefix range)."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def _dump(message: Message) -> bytes:
+    return json_format.MessageToJson(message, indent=None, sort_keys=True).encode()
+
+
+def _load(data: bytes, message: Message) -> Message:
+    json_format.Parse(data, message, ignore_unknown_fields=True)
+    return message
+
+
+def _target(endpoints: str) -> str:
+    """A gRPC target for `host:port[,host:port]`; IP literals fail over in order."""
+    parts = [p.strip() for p in endpoints.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("no etcd endpoint given")
+    if len(parts) > 1 and all(re.match(r"^\d+\.\d+\.\d+\.\d+:\d+$", p) for p in parts):
+        return "ipv4:" + ",".join(parts)
+    if len(parts) > 1:
+        log.warning("several etcd endpoints with host names: using %s only", parts[0])
+    return parts[0]
+
+
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _unavailable(exc: grpc.aio.AioRpcError) -> Exception:
+    """etcd out of reach is UNAVAILABLE for our callers; anything else is our bug."""
+    if exc.code() in _TRANSIENT:
+        return Unavailable(f"etcd unavailable: {exc.code().name}: {exc.details()}")
+    return RuntimeError(f"etcd refused a request: {exc.code().name}: {exc.details()}")
+
+
+class EtcdStore:
+    def __init__(self, channel: grpc.aio.Channel, *, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.endswith("/"):
+            prefix += "/"
+        self._channel = channel
+        self._prefix = prefix
+        self._kv = rpc_pb2_grpc.KVStub(channel)
+        self._watch = rpc_pb2_grpc.WatchStub(channel)
+        self._maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    # ----------------------------------------------------------------- keys
+
+    def _key(self, *parts: str) -> bytes:
+        return (self._prefix + "/".join(parts)).encode()
+
+    def release_key(self, name: str) -> bytes:
+        return self._key("releases", name)
+
+    def _event_key(self, release: str, sequence: int) -> bytes:
+        return self._key("events", release, f"{sequence:016d}")
+
+    # ----------------------------------------------------------------- low level
+
+    async def _call(self, method: object, request: Message) -> object:
+        try:
+            return await method(request, timeout=_CALL_TIMEOUT)  # type: ignore[operator]
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(exc) from exc
+
+    async def server_version(self) -> str:
+        status = await self._call(self._maintenance.Status, rpc_pb2.StatusRequest())
+        return str(status.version)  # type: ignore[attr-defined]
+
+    async def check_version(self) -> str:
+        version = await self.server_version()
+        nums = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+        if nums in _BAD_VERSIONS:
+            raise UnsupportedEtcd(
+                f"etcd {version} is affected by the 3.5.0-3.5.2 data-inconsistency bug "
+                "(a crash can lose a committed transaction); use 3.4.x or 3.5.3 and later"
+            )
+        return version
+
+    async def _range(self, prefix: bytes, *, revision: int = 0) -> rpc_pb2.RangeResponse:
+        req = rpc_pb2.RangeRequest(key=prefix, range_end=_range_end(prefix), revision=revision)
+        return await self._call(self._kv.Range, req)  # type: ignore[return-value]
+
+    async def _get(self, key: bytes) -> kv_pb2.KeyValue | None:
+        resp = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=key))
+        kvs = resp.kvs  # type: ignore[attr-defined]
+        return kvs[0] if kvs else None
+
+    async def _txn(
+        self, compare: Sequence[rpc_pb2.Compare], success: Sequence[rpc_pb2.RequestOp]
+    ) -> rpc_pb2.TxnResponse:
+        req = rpc_pb2.TxnRequest(compare=list(compare), success=list(success))
+        return await self._call(self._kv.Txn, req)  # type: ignore[return-value]
+
+    @staticmethod
+    def _put(key: bytes, value: bytes) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value))
+
+    @staticmethod
+    def _delete_prefix(prefix: bytes) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(
+            request_delete_range=rpc_pb2.DeleteRangeRequest(key=prefix, range_end=_range_end(prefix))
+        )
+
+    # ----------------------------------------------------------------- reads
+
+    async def snapshot(self, *, revision: int = 0) -> Snapshot:
+        """Services, versions and releases in one consistent read."""
+        resp = await self._range(self._prefix.encode(), revision=revision)
+        services, versions, releases = [], [], []
+        for kv in resp.kvs:
+            kind = kv.key.decode()[len(self._prefix) :].split("/", 1)[0]
+            if kind == "services":
+                services.append(model.service_from_proto(_load(kv.value, pb.Service())))  # type: ignore[arg-type]
+            elif kind == "versions":
+                versions.append(model.version_from_proto(_load(kv.value, pb.Version())))  # type: ignore[arg-type]
+            elif kind == "releases":
+                msg = _load(kv.value, pb.Release())
+                releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
+        return Snapshot(
+            revision=resp.header.revision,
+            services=tuple(services),
+            versions=tuple(versions),
+            releases=tuple(releases),
+            by_name={r.name: r for r in releases},
+        )
+
+    async def get_release(self, name: str) -> model.Release:
+        kv = await self._get(self.release_key(name))
+        if kv is None:
+            raise NotFound(f"release {name!r} not found")
+        msg = _load(kv.value, pb.Release())
+        return model.release_from_proto(msg, revision=kv.mod_revision)  # type: ignore[arg-type]
+
+    async def list_releases(self) -> list[model.Release]:
+        resp = await self._range(self._key("releases") + b"/")
+        return [
+            model.release_from_proto(_load(kv.value, pb.Release()), revision=kv.mod_revision)  # type: ignore[arg-type]
+            for kv in resp.kvs
+        ]
+
+    async def history(self, name: str) -> list[model.Event]:
+        await self.get_release(name)
+        resp = await self._range(self._key("events", name) + b"/")
+        out = []
+        for kv in resp.kvs:
+            e = _load(kv.value, pb.Event())
+            out.append(_event_from_proto(e))  # type: ignore[arg-type]
+        return out
+
+    async def get_service(self, name: str) -> model.Service | None:
+        kv = await self._get(self._key("services", name))
+        if kv is None:
+            return None
+        return model.service_from_proto(_load(kv.value, pb.Service()))  # type: ignore[arg-type]
+
+    async def list_services(self) -> list[model.Service]:
+        resp = await self._range(self._key("services") + b"/")
+        return [model.service_from_proto(_load(kv.value, pb.Service())) for kv in resp.kvs]  # type: ignore[arg-type]
+
+    async def list_versions(self, service: str = "") -> list[model.Version]:
+        prefix = self._key("versions", service) + b"/" if service else self._key("versions") + b"/"
+        resp = await self._range(prefix)
+        return [model.version_from_proto(_load(kv.value, pb.Version())) for kv in resp.kvs]  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------- writes
+
+    async def put_service(self, service: model.Service) -> None:
+        await self._txn([], [self._put(self._key("services", service.name), _dump(model.service_to_proto(service)))])
+
+    async def put_version(self, version: model.Version) -> None:
+        key = self._key("versions", version.service, version.name)
+        await self._txn([], [self._put(key, _dump(model.version_to_proto(version)))])
+
+    async def create_release(self, release: model.Release, event: model.Event) -> model.Release:
+        key = self.release_key(release.name)
+        absent = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0)
+        resp = await self._txn(
+            [absent],
+            [
+                self._put(key, _dump(model.release_to_proto(release))),
+                self._put(self._event_key(release.name, event.sequence), _dump(model.event_to_proto(event))),
+            ],
+        )
+        if not resp.succeeded:
+            raise AlreadyExists(f"release {release.name!r} already exists")
+        return _at(release, resp.header.revision)
+
+    async def update_release(
+        self,
+        release: model.Release,
+        events: Iterable[model.Event],
+        *,
+        services: Iterable[model.Service] = (),
+    ) -> model.Release:
+        """Write `release` if it is still at `release.revision`, with its events, in one txn."""
+        key = self.release_key(release.name)
+        guard = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision)
+        ops = [self._put(key, _dump(model.release_to_proto(release)))]
+        ops += [self._put(self._event_key(e.release, e.sequence), _dump(model.event_to_proto(e))) for e in events]
+        ops += [self._put(self._key("services", s.name), _dump(model.service_to_proto(s))) for s in services]
+        resp = await self._txn([guard], ops)
+        if not resp.succeeded:
+            current = await self._get(key)
+            if current is None:
+                raise NotFound(f"release {release.name!r} not found")
+            raise Conflict(
+                f"release {release.name!r} changed concurrently (revision {current.mod_revision}, "
+                f"expected {release.revision}); read it again and retry"
+            )
+        return _at(release, resp.header.revision)
+
+    async def delete_release(self, name: str) -> None:
+        key = self.release_key(name)
+        exists = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.GREATER, create_revision=0)
+        resp = await self._txn(
+            [exists],
+            [
+                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)),
+                self._delete_prefix(self._key("events", name) + b"/"),
+            ],
+        )
+        if not resp.succeeded:
+            raise NotFound(f"release {name!r} not found")
+
+    # ----------------------------------------------------------------- watches
+
+    async def watch(self, *, start_revision: int, key: bytes | None = None) -> AsyncIterator[list[rpc_pb2.Event]]:
+        """Yield each batch of changes under the prefix (or one key) from `start_revision`.
+
+        Raises `Compacted` when etcd no longer has that revision: the caller re-reads with
+        `snapshot()` and watches again from the snapshot's revision + 1.
+        """
+        if key is None:
+            prefix = self._prefix.encode()
+            create = rpc_pb2.WatchCreateRequest(key=prefix, range_end=_range_end(prefix), start_revision=start_revision)
+        else:
+            create = rpc_pb2.WatchCreateRequest(key=key, start_revision=start_revision)
+        requests: asyncio.Queue[rpc_pb2.WatchRequest | None] = asyncio.Queue()
+        requests.put_nowait(rpc_pb2.WatchRequest(create_request=create))
+
+        async def outgoing() -> AsyncIterator[rpc_pb2.WatchRequest]:
+            while (item := await requests.get()) is not None:
+                yield item
+
+        call = self._watch.Watch(outgoing())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise Compacted(resp.compact_revision)
+                if resp.canceled:
+                    raise Unavailable(f"etcd cancelled the watch: {resp.cancel_reason}")
+                if resp.events:
+                    yield list(resp.events)
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(exc) from exc
+        finally:
+            requests.put_nowait(None)
+            call.cancel()
+
+    async def watch_release(self, name: str, *, start_revision: int) -> AsyncIterator[model.Release | None]:
+        """Each new value of one release (None once it is deleted)."""
+        async for events in self.watch(start_revision=start_revision, key=self.release_key(name)):
+            for ev in events:
+                if ev.type == kv_pb2.Event.DELETE:
+                    yield None
+                else:
+                    msg = _load(ev.kv.value, pb.Release())
+                    yield model.release_from_proto(msg, revision=ev.kv.mod_revision)  # type: ignore[arg-type]
+
+
+def _at(release: model.Release, revision: int) -> model.Release:
+    return replace(release, revision=revision)
+
+
+def _event_from_proto(e: pb.Event) -> model.Event:
+    return model.Event(
+        release=e.release,
+        sequence=e.sequence,
+        at=e.at.ToDatetime(tzinfo=UTC),
+        action=e.action,
+        actor=e.actor,
+        reason=e.reason,
+        from_phase=model.Phase(e.from_phase) if e.from_phase else model.Phase.PENDING,
+        to_phase=model.Phase(e.to_phase) if e.to_phase else model.Phase.PENDING,
+        from_batch=e.from_batch,
+        to_batch=e.to_batch,
+        weight=e.weight,
+        details=dict(e.details),
+    )
+
+
+async def connect(endpoints: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 10.0) -> EtcdStore:
+    """Open a store and check the server: reachable in `timeout`, and not a refused version."""
+    channel = grpc.aio.insecure_channel(_target(endpoints))
+    store = EtcdStore(channel, prefix=prefix)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    await store.check_version()
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.2)
+    except TimeoutError as exc:
+        await store.close()
+        raise Unavailable(f"etcd at {endpoints} did not answer within {timeout:.0f}s") from exc
+    except BaseException:
+        await store.close()
+        raise
+    return store

@@ -1,0 +1,225 @@
+"""ReleaseService end to end over gRPC against a real etcd: lifecycle, history, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.store import EtcdStore
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
+from graylane.v1 import release_service_pb2_grpc as api_grpc
+
+
+@pytest.fixture
+async def stub(store: EtcdStore) -> AsyncIterator[api_grpc.ReleaseServiceStub]:
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    task = asyncio.create_task(plane.run())
+    async with asyncio.timeout(10):
+        await plane.ready.wait()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
+        yield api_grpc.ReleaseServiceStub(channel)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def register(stub: api_grpc.ReleaseServiceStub, service: str = "checkout") -> None:
+    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
+    for v in ("v1", "v2"):
+        await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service=service, name=v)))
+
+
+def canary(weights: tuple[int, ...] = (10, 20, 50, 100)) -> pb.ReleaseSpec:
+    return pb.ReleaseSpec(
+        lane="checkout-v2",
+        entry="checkout",
+        services=[pb.ServiceVersions(service="checkout", base_version="v1", gray_version="v2")],
+        strategy=pb.CANARY,
+        match=[pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-canary", op=pb.EXACT, value="1")])],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
+    )
+
+
+async def test_lifecycle_through_grpc_with_history(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+    r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(), actor="ci"))
+    assert (r.status.phase, r.status.batch, r.status.weight) == (pb.PENDING, -1, 0)
+
+    def step(req: api.ActionRequest) -> api.ActionRequest:
+        return req
+
+    seen = []
+    for _ in range(2):
+        r = await stub.NextBatch(api.ActionRequest(name="rel", actor="alice", reason="looks good"))
+        seen.append(r.status.weight)
+    assert seen == [10, 20]
+    r = await stub.Pause(api.ActionRequest(name="rel", actor="bob", reason="investigating"))
+    assert (r.status.phase, r.status.weight) == (pb.PAUSED, 20)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "resume it first" in (err.value.details() or "")
+    r = await stub.Resume(api.ActionRequest(name="rel", actor="bob"))
+    r = await stub.Rollback(api.ActionRequest(name="rel", actor="bob", reason="errors"))
+    assert (r.status.phase, r.status.weight) == (pb.ROLLED_BACK, 0)
+    r = await stub.Restart(api.ActionRequest(name="rel", actor="carol"))
+    assert (r.status.phase, r.status.batch, r.status.weight) == (pb.PROGRESSING, 0, 10)
+    r = await stub.Promote(api.ActionRequest(name="rel", actor="carol", reason="ship it"))
+    assert (r.status.phase, r.status.weight) == (pb.SUCCEEDED, 100)
+
+    services = await stub.ListServices(api.ListServicesRequest())
+    assert [(s.name, s.stable_version) for s in services.services] == [("checkout", "v2")]
+
+    history = await stub.History(api.HistoryRequest(name="rel"))
+    rows = [(e.sequence, e.action, e.actor, e.reason, e.to_phase) for e in history.events]
+    assert rows == [
+        (0, "create", "ci", "", pb.PENDING),
+        (1, "next", "alice", "looks good", pb.PROGRESSING),
+        (2, "next", "alice", "looks good", pb.PROGRESSING),
+        (3, "pause", "bob", "investigating", pb.PAUSED),
+        (4, "resume", "bob", "", pb.PROGRESSING),
+        (5, "rollback", "bob", "errors", pb.ROLLED_BACK),
+        (6, "restart", "carol", "", pb.PROGRESSING),
+        (7, "promote", "carol", "ship it", pb.SUCCEEDED),
+    ]
+
+
+async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary((50, 100))))
+    phases = []
+    for _ in range(3):
+        r = await stub.NextBatch(api.ActionRequest(name="rel"))
+        phases.append((r.status.phase, r.status.weight))
+    assert phases == [(pb.PROGRESSING, 50), (pb.PROGRESSING, 100), (pb.SUCCEEDED, 100)]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: s.batches[2].__setattr__("weight", 140), "batches[2].weight: 140 is above 100"),
+        (lambda s: s.services[0].__setattr__("gray_version", "v1"), "spec.services[0].gray_version"),
+        (lambda s: s.__setattr__("lane", "Bad Lane!"), "spec.lane"),
+        (lambda s: s.match[0].conditions[0].__setattr__("op", pb.REGEX) or s.match[0].conditions[0].__setattr__("value", "(unclosed"), "match[0].conditions[0].value"),
+        (lambda s: s.services.add(service="checkout", base_version="v1", gray_version="v3"), "spec.services[1].service: 'checkout' is listed twice"),
+        (lambda s: s.__setattr__("entry", "nowhere"), "spec.entry: service 'nowhere' is not registered"),
+        (lambda s: s.services[0].__setattr__("gray_version", "v9"), "spec.services[0].gray_version: version 'v9'"),
+    ],
+)
+async def test_bad_input_names_the_field_and_changes_nothing(
+    stub: api_grpc.ReleaseServiceStub, mutate: object, field: str
+) -> None:
+    await register(stub)
+    spec = canary()
+    mutate(spec)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+    listed = await stub.ListReleases(api.ListReleasesRequest())
+    assert list(listed.releases) == []
+
+
+async def test_missing_release_is_not_found(stub: api_grpc.ReleaseServiceStub) -> None:
+    for call in (stub.GetRelease(api.GetReleaseRequest(name="nope")), stub.NextBatch(api.ActionRequest(name="nope"))):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_expected_revision_guards_concurrent_change(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+    r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.NextBatch(api.ActionRequest(name="rel", expected_revision=r.revision))
+    assert err.value.code() is grpc.StatusCode.ABORTED
+    now = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+    assert now.status.batch == 0
+
+
+async def test_concurrent_actions_each_land_exactly_once(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(tuple(range(5, 101, 5)))))
+    await asyncio.gather(*(stub.NextBatch(api.ActionRequest(name="rel")) for _ in range(8)))
+    r = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+    history = await stub.History(api.HistoryRequest(name="rel"))
+    assert r.status.batch == 7
+    assert [e.to_batch for e in history.events if e.action == "next"] == list(range(8))
+
+
+async def test_watch_streams_each_change(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    call = stub.Watch(api.WatchRequest(name="rel"))
+    first = await call.read()
+    assert first.status.phase == pb.PENDING
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    weights = []
+    async with asyncio.timeout(10):
+        while len(weights) < 2:
+            msg = await call.read()
+            weights.append(msg.status.weight)
+    assert weights == [10, 20]
+    call.cancel()
+
+
+async def test_watch_continues_after_compaction(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> None:
+    """A watcher that falls behind a compaction re-reads and goes on, losing no final state."""
+    from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
+
+    await register(stub)
+    r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    for _ in range(3):
+        r = await stub.NextBatch(api.ActionRequest(name="rel"))
+    await rpc_pb2_grpc.KVStub(store._channel).Compact(rpc_pb2.CompactionRequest(revision=r.revision))
+    seen = []
+    async with asyncio.timeout(10):
+        # Start from a revision that is gone: the store raises Compacted, the API re-reads.
+        async for release in _watch_from(store, "rel", start=r.revision - 3):
+            seen.append(release.status.batch)
+            break
+    assert seen == [2]
+
+
+async def _watch_from(store: EtcdStore, name: str, *, start: int):  # type: ignore[no-untyped-def]
+    from graylane.controlplane.store import Compacted
+
+    try:
+        async for release in store.watch_release(name, start_revision=start):
+            yield release
+    except Compacted as exc:
+        assert exc.compact_revision >= start
+        yield await store.get_release(name)
+
+
+async def test_health_and_reflection_answer(store: EtcdStore) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    task = asyncio.create_task(plane.run())
+    try:
+        async with asyncio.timeout(10):
+            await plane.ready.wait()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="graylane.v1.ReleaseService"))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+            call = refl.ServerReflectionInfo()
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            answer = await call.read()
+            names = {s.name for s in answer.list_services_response.service}
+            assert "graylane.v1.ReleaseService" in names
+            await call.done_writing()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

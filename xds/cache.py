@@ -1,0 +1,222 @@
+"""The versioned snapshot cache the ADS server serves from.
+
+Owns: one consistent `Resources` snapshot per node-group key, the watches that wake the
+ADS streams of a key when its snapshot changes, which keys connected proxies ask for, and
+a bounded content-addressed history of resources (by content version), so a proxy that
+reconnects presenting a version it already has is recognised and not re-sent anything.
+
+Versions are the opaque content-derived strings of `graylane.xds.resources`, compared only
+for equality: every replica that holds the same content agrees on them.
+
+Concurrency: single asyncio loop; every method is called from that loop's thread.
+Must not import: etcd, graylane.controlplane, graylane.agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf.message import Message
+
+from graylane.xds.plan import eds_name, listener_route_configs, route_clusters, uses_eds
+from graylane.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Resources,
+    content_version,
+    set_version,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY = "default"
+LISTEN_PORT_METADATA = "listen_port"
+
+
+class InconsistentSnapshot(ValueError):
+    """A snapshot references resources it does not contain; `missing` names each gap."""
+
+    def __init__(self, missing: tuple[str, ...]) -> None:
+        super().__init__("inconsistent snapshot: " + "; ".join(missing))
+        self.missing = missing
+
+
+def listen_port_key(node: base_pb2.Node) -> str:
+    """Group proxies by the `listen_port` in their node metadata (string or number)."""
+    fields = node.metadata.fields
+    if LISTEN_PORT_METADATA not in fields:
+        return DEFAULT_KEY
+    value = fields[LISTEN_PORT_METADATA]
+    kind = value.WhichOneof("kind")
+    if kind == "string_value" and value.string_value:
+        return value.string_value
+    if kind == "number_value":
+        return str(int(value.number_value))
+    return DEFAULT_KEY
+
+
+def consistency_gaps(resources: Resources) -> tuple[str, ...]:
+    """Every dangling reference in a snapshot, as readable strings (empty: consistent)."""
+    clusters = resources[CLUSTER].items
+    endpoints = resources[ENDPOINT].items
+    routes = resources[ROUTE].items
+    gaps: list[str] = []
+    eds_wanted: set[str] = set()
+    for cluster in clusters.values():
+        assert isinstance(cluster, cluster_pb2.Cluster)
+        if uses_eds(cluster):
+            eds_wanted.add(eds_name(cluster))
+    gaps += [f"EDS resource {n!r} for EDS cluster is missing" for n in sorted(eds_wanted - endpoints.keys())]
+    gaps += [f"EDS resource {n!r} names no EDS cluster" for n in sorted(endpoints.keys() - eds_wanted)]
+    for name, listener in sorted(resources[LISTENER].items.items()):
+        assert isinstance(listener, listener_pb2.Listener)
+        for rc in sorted(listener_route_configs(listener) - routes.keys()):
+            gaps.append(f"route config {rc!r} of listener {name!r} is missing")
+    for name, rc_msg in sorted(routes.items()):
+        assert isinstance(rc_msg, route_pb2.RouteConfiguration)
+        for cluster_name in sorted(route_clusters(rc_msg) - clusters.keys()):
+            gaps.append(f"cluster {cluster_name!r} routed to by {name!r} is missing")
+    return tuple(gaps)
+
+
+def check_consistency(resources: Resources) -> None:
+    gaps = consistency_gaps(resources)
+    if gaps:
+        raise InconsistentSnapshot(gaps)
+
+
+class Watch:
+    """A stream's interest in one key: `on_change()` runs whenever the key's snapshot changes."""
+
+    def __init__(self, cache: SnapshotCache, key: str, on_change: Callable[[], None]) -> None:
+        self.key = key
+        self.on_change = on_change
+        self._cache = cache
+
+    def close(self) -> None:
+        self._cache._drop_watch(self)
+
+
+class _History:
+    """Bounded, content-addressed memory of resources and of per-type sets sent or stored."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._messages: OrderedDict[tuple[str, str], Message] = OrderedDict()
+        self._sets: OrderedDict[tuple[str, str], tuple[tuple[str, str], ...]] = OrderedDict()
+
+    def remember(self, type_url: str, items: Mapping[str, Message]) -> str:
+        versions = {name: content_version(msg) for name, msg in items.items()}
+        for name, msg in items.items():
+            self._put(self._messages, (type_url, versions[name]), msg)
+        version = set_version(versions)
+        self._put(self._sets, (type_url, version), tuple(sorted(versions.items())))
+        return version
+
+    def message(self, type_url: str, version: str) -> Message | None:
+        return self._messages.get((type_url, version))
+
+    def resolve_set(self, type_url: str, version: str) -> Mapping[str, Message] | None:
+        entries = self._sets.get((type_url, version))
+        if entries is None:
+            return None
+        out: dict[str, Message] = {}
+        for name, item_version in entries:
+            msg = self._messages.get((type_url, item_version))
+            if msg is None:
+                return None
+            out[name] = msg
+        return MappingProxyType(out)
+
+    def _put(self, store: OrderedDict[tuple[str, str], object], key: tuple[str, str], value: object) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > self._size:
+            store.popitem(last=False)
+
+
+class SnapshotCache:
+    """Snapshots by node-group key, with watches and the keys proxies currently request."""
+
+    def __init__(
+        self,
+        *,
+        key_for_node: Callable[[base_pb2.Node], str] = listen_port_key,
+        history_size: int = 4096,
+    ) -> None:
+        self.key_for_node = key_for_node
+        self._snapshots: dict[str, Resources] = {}
+        self._watches: dict[str, set[Watch]] = {}
+        self._requested: Counter[str] = Counter()
+        self._key_requested: list[Callable[[str], None]] = []
+        self.history = _History(history_size)
+
+    def set_snapshot(self, key: str, resources: Resources) -> None:
+        """Store a consistent snapshot for `key` and wake its streams; raises InconsistentSnapshot."""
+        check_consistency(resources)
+        for typed in resources.by_type.values():
+            self.history.remember(typed.type_url, typed.items)
+        previous = self._snapshots.get(key)
+        self._snapshots[key] = resources
+        if previous is not None and _same_versions(previous, resources):
+            return
+        log.info("snapshot %s: %s", key, _describe(resources))
+        for watch in list(self._watches.get(key, ())):
+            watch.on_change()
+
+    def snapshot(self, key: str) -> Resources | None:
+        return self._snapshots.get(key)
+
+    def clear_snapshot(self, key: str) -> None:
+        self._snapshots.pop(key, None)
+
+    def requested_keys(self) -> frozenset[str]:
+        """Keys of the proxies connected now."""
+        return frozenset(k for k, n in self._requested.items() if n > 0)
+
+    def on_key_requested(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` when a proxy connects with a key that has no snapshot yet.
+
+        The callback runs on the loop, synchronously; it should render and `set_snapshot`,
+        or schedule a task that will.
+        """
+        self._key_requested.append(callback)
+
+    def watch(self, key: str, on_change: Callable[[], None]) -> Watch:
+        """Register a stream for `key`; close the returned Watch when the stream ends."""
+        watch = Watch(self, key, on_change)
+        self._watches.setdefault(key, set()).add(watch)
+        self._requested[key] += 1
+        if key not in self._snapshots:
+            for callback in list(self._key_requested):
+                callback(key)
+        return watch
+
+    def _drop_watch(self, watch: Watch) -> None:
+        watches = self._watches.get(watch.key, set())
+        if watch in watches:
+            watches.discard(watch)
+            self._requested[watch.key] -= 1
+            if self._requested[watch.key] <= 0:
+                del self._requested[watch.key]
+        if not watches:
+            self._watches.pop(watch.key, None)
+
+
+def _same_versions(a: Resources, b: Resources) -> bool:
+    return all(a[t].version == b[t].version for t in a.by_type)
+
+
+def _describe(resources: Resources) -> str:
+    return ", ".join(
+        f"{t.rsplit('.', 1)[-1]}={resources[t].version}({len(resources[t])})" for t in resources.by_type
+    )

@@ -1,0 +1,191 @@
+"""Make-before-break: what may be sent to one proxy now.
+
+Owns: the pure planning function the ADS stream loops (state-of-the-world and delta) call
+after every snapshot change and every ACK, and the reference helpers it needs (which
+clusters a RouteConfiguration routes to, which route configs a Listener names, whether a
+cluster takes its endpoints from EDS).
+
+The invariant: a proxy never holds a route that points at a cluster it does not have
+(warm, with endpoints), and never loses a cluster its live routes still use. So:
+
+* clusters = target clusters plus every cluster still referenced by a route the proxy has
+  ACKed or been sent (a route sent but not yet ACKed may be applied any moment);
+* endpoints for exactly those clusters;
+* a new or changed RouteConfiguration only once every cluster it references is ACKed in
+  CDS and, for EDS clusters, ACKed in EDS; until then the proxy keeps the one it has;
+* a new or changed Listener only once the route configs it names are in the plan.
+
+Each ACK re-runs the plan: that releases the held routes, and once the routes moved away
+and were ACKed, lets the old cluster go.
+
+Pure: no I/O, no clocks. Must not import: etcd, graylane.controlplane, graylane.agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.message import Message
+
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
+
+# type_url -> resource name -> message: what a proxy has ACKed, or been sent.
+Held = Mapping[str, Mapping[str, Message]]
+
+_HCM_NAME = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+
+
+def route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]:
+    """Every cluster name a RouteConfiguration can send a request to."""
+    names: set[str] = set()
+    for vhost in route_config.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            action = route.route
+            if action.cluster:
+                names.add(action.cluster)
+            names.update(w.name for w in action.weighted_clusters.clusters)
+            names.update(m.cluster for m in action.request_mirror_policies if m.cluster)
+    return frozenset(names)
+
+
+def listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
+    """The RDS route_config_names a Listener's HTTP connection managers subscribe to."""
+    names: set[str] = set()
+    chains = [*listener.filter_chains]
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    for chain in chains:
+        for flt in chain.filters:
+            if not flt.typed_config.TypeName() == _HCM_NAME:
+                continue
+            hcm = hcm_pb2.HttpConnectionManager()
+            flt.typed_config.Unpack(hcm)
+            if hcm.HasField("rds"):
+                names.add(hcm.rds.route_config_name)
+    return frozenset(names)
+
+
+def uses_eds(cluster: cluster_pb2.Cluster) -> bool:
+    return cluster.type == cluster_pb2.Cluster.EDS
+
+
+def eds_name(cluster: cluster_pb2.Cluster) -> str:
+    """The ClusterLoadAssignment name an EDS cluster asks for."""
+    return cluster.eds_cluster_config.service_name or cluster.name
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What may be sent now, and which target resources are held back (type_url, name)."""
+
+    resources: Resources
+    held: frozenset[tuple[str, str]]
+
+
+def _get(held: Held, type_url: str) -> Mapping[str, Message]:
+    return held.get(type_url, {})
+
+
+def _first(name: str, *sources: Mapping[str, Message]) -> Message | None:
+    for source in sources:
+        if name in source:
+            return source[name]
+    return None
+
+
+def _live_route_clusters(acked: Held, sent: Held) -> frozenset[str]:
+    routes: Iterable[Message] = [*_get(acked, ROUTE).values(), *_get(sent, ROUTE).values()]
+    out: set[str] = set()
+    for rc in routes:
+        assert isinstance(rc, route_pb2.RouteConfiguration)
+        out |= route_clusters(rc)
+    return frozenset(out)
+
+
+def _plan_clusters(target: Resources, acked: Held, sent: Held) -> dict[str, Message]:
+    clusters = dict(target[CLUSTER].items)
+    for name in sorted(_live_route_clusters(acked, sent) - clusters.keys()):
+        kept = _first(name, _get(acked, CLUSTER), _get(sent, CLUSTER))
+        if kept is not None:
+            clusters[name] = kept
+    return clusters
+
+
+def _plan_endpoints(
+    target: Resources, clusters: Mapping[str, Message], acked: Held, sent: Held
+) -> dict[str, Message]:
+    endpoints: dict[str, Message] = {}
+    for cluster in clusters.values():
+        assert isinstance(cluster, cluster_pb2.Cluster)
+        if not uses_eds(cluster):
+            continue
+        name = eds_name(cluster)
+        cla = _first(name, target[ENDPOINT].items, _get(acked, ENDPOINT), _get(sent, ENDPOINT))
+        if cla is not None:
+            endpoints[name] = cla
+    return endpoints
+
+
+def _cluster_ready(name: str, acked: Held) -> bool:
+    cluster = _get(acked, CLUSTER).get(name)
+    if cluster is None:
+        return False
+    assert isinstance(cluster, cluster_pb2.Cluster)
+    return not uses_eds(cluster) or eds_name(cluster) in _get(acked, ENDPOINT)
+
+
+def _plan_routes(
+    target: Resources, acked: Held, sent: Held, held: set[tuple[str, str]]
+) -> dict[str, Message]:
+    routes: dict[str, Message] = {}
+    for name, rc in target[ROUTE].items.items():
+        assert isinstance(rc, route_pb2.RouteConfiguration)
+        if all(_cluster_ready(c, acked) for c in route_clusters(rc)):
+            routes[name] = rc
+            continue
+        held.add((ROUTE, name))
+        previous = _first(name, _get(sent, ROUTE), _get(acked, ROUTE))
+        if previous is not None:
+            routes[name] = previous
+    return routes
+
+
+def _plan_listeners(
+    target: Resources, routes: Mapping[str, Message], acked: Held, sent: Held,
+    held: set[tuple[str, str]],
+) -> dict[str, Message]:
+    listeners: dict[str, Message] = {}
+    for name, listener in target[LISTENER].items.items():
+        assert isinstance(listener, listener_pb2.Listener)
+        if listener_route_configs(listener) <= routes.keys():
+            listeners[name] = listener
+            continue
+        held.add((LISTENER, name))
+        previous = _first(name, _get(sent, LISTENER), _get(acked, LISTENER))
+        if previous is not None:
+            listeners[name] = previous
+    return listeners
+
+
+def plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
+    """The resources one proxy may be sent now, given what it ACKed and was sent.
+
+    `acked` and `sent` map type_url -> name -> message for this proxy's stream; `sent` is
+    what the proxy has or is about to apply (the latest responses, ACKed or not).
+    """
+    held: set[tuple[str, str]] = set()
+    clusters = _plan_clusters(target, acked, sent)
+    endpoints = _plan_endpoints(target, clusters, acked, sent)
+    routes = _plan_routes(target, acked, sent, held)
+    listeners = _plan_listeners(target, routes, acked, sent, held)
+    planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
+    return Plan(Resources.of({t: planned[t] for t in PUSH_ORDER}), frozenset(held))

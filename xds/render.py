@@ -1,0 +1,552 @@
+"""Render a RoutingView into the Envoy resources one proxy serves.
+
+Owns: the translation of routing intent (services, versions, endpoints, gray lanes) into
+CDS, EDS, LDS and RDS resources, following DESIGN.md "Routing semantics". Pure:
+RoutingView -> Resources, no I/O, no clocks, no hidden state; the same view renders to
+byte-identical resources (and so the same content versions) on every replica and agent.
+
+Must not import: etcd, graylane.controlplane, graylane.agent.
+
+Route order inside the virtual host of a service S (Envoy takes the first match):
+
+1. lane routes: a request tagged with lane L (``x-graylane: L``, or a ``graylane=L``
+   baggage member when ``x-graylane`` is absent) -> S's version in L;
+2. if S is the entry of some lane: any other tagged request -> S's base (lane isolation:
+   tagged traffic is never re-split, and tags of vanished lanes fall back to base);
+3. entry rules of each lane entering at S -> the lane, tagging the request;
+4. the weighted batch split of the lanes entering at S, tagging the gray share;
+5. everything else -> S's base.
+
+The ``x-graylane`` header is authoritative: baggage is consulted only when it is absent,
+so a request whose two carriers disagree still has exactly one lane.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import re2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+from graylane.xds import resources
+from graylane.xds.view import (
+    BAGGAGE_HEADER,
+    BAGGAGE_KEY,
+    LANE_HEADER,
+    ROUTE_CONFIG_NAME,
+    Condition,
+    Endpoint,
+    Lane,
+    MatchKind,
+    MatchOp,
+    RoutingView,
+    Rule,
+    ServiceRoute,
+    cluster_name,
+    listener_name,
+)
+
+__all__ = ["effective_view", "referenced_clusters", "render"]
+
+# Retried failures are those where the request never reached the upstream application,
+# so a retry is always safe; it hides endpoint churn during a batch change.
+_RETRY_ON = "connect-failure,refused-stream"
+_NUM_RETRIES = 2
+
+_STAT_PREFIX = "graylane"
+_HCM_FILTER = "envoy.filters.network.http_connection_manager"
+_ROUTER_FILTER = "envoy.filters.http.router"
+
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Regex building blocks. Envoy full-matches safe_regex against the whole header value, and
+# joins repeated header lines with "," before matching, so each pattern accepts any
+# members before and after the one it looks for. Kept small: Envoy rejects programs over
+# RE2 size 100 by default.
+_OWS = "[ \t]*"  # optional whitespace (RFC 9110 OWS)
+_BAGGAGE_BEFORE = "(?:.*,)?" + _OWS  # W3C baggage members are ","-separated
+_COOKIE_BEFORE = "(?:.*[;,])?" + _OWS  # cookies are "; "-separated, lines ","-joined
+_REST = "(?:[;,].*)?"  # end of value, or a separator and anything after it
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def effective_view(view: RoutingView) -> RoutingView:
+    """The view as it can be served now: lanes keep only gray versions with endpoints.
+
+    A gray version without endpoints would be an empty cluster behind a weight or a rule,
+    failing every request sent to it; dropping it sends that lane's traffic for the
+    service to base instead. Lanes themselves stay, so their tags and weights still apply.
+    The control plane compares ``effective_view(v) == v`` to tell whether a batch is
+    really applied.
+    """
+    lanes = tuple(
+        dataclasses.replace(
+            lane,
+            versions=tuple(
+                (service, version)
+                for service, version in lane.versions
+                if view.endpoints_of(service, version)
+            ),
+        )
+        for lane in view.lanes
+    )
+    if lanes == view.lanes:
+        return view
+    return dataclasses.replace(view, lanes=lanes)
+
+
+def render(
+    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1"
+) -> resources.Resources:
+    """Every resource a proxy needs for `view`, listening on listen_address:listen_port.
+
+    Raises ValueError for a view that validation should have rejected: a PATH condition
+    with PRESENT, two PATH conditions in one rule, or lanes entering one service whose
+    weights add up to more than 100.
+    """
+    view = effective_view(view)
+    clusters: dict[str, Message] = {}
+    assignments: dict[str, Message] = {}
+    for service, version in _cluster_keys(view):
+        name = cluster_name(service, version)
+        clusters[name] = _cluster(name, view.connect_timeout_ms)
+        assignments[name] = _load_assignment(name, view.endpoints_of(service, version))
+    listener = _listener(listen_address, listen_port)
+    route_config = _route_config(view)
+    return resources.Resources.of(
+        {
+            resources.CLUSTER: clusters,
+            resources.ENDPOINT: assignments,
+            resources.LISTENER: {listener.name: listener},
+            resources.ROUTE: {route_config.name: route_config},
+        }
+    )
+
+
+def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]:
+    """Every cluster name `route_config` routes to (direct and weighted)."""
+    found: set[str] = set()
+    for vhost in route_config.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            action = route.route
+            if action.HasField("cluster"):
+                found.add(action.cluster)
+            elif action.HasField("weighted_clusters"):
+                found.update(weight.name for weight in action.weighted_clusters.clusters)
+    return frozenset(found)
+
+
+# ------------------------------------------------------------------- clusters, endpoints
+
+
+def _cluster_keys(view: RoutingView) -> list[tuple[str, str]]:
+    """(service, version) of each base version and each (effective) lane gray version."""
+    keys = {(s.name, s.base_version) for s in view.services}
+    for lane in view.lanes:
+        keys.update(lane.versions)
+    return sorted(keys)  # sorted: set order depends on the process's hash seed
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+
+
+def _cluster(name: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.DiscoveryType.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=_ads(), service_name=name
+        ),
+        connect_timeout=duration_pb2.Duration(
+            seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
+        ),
+        lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
+    )
+
+
+def _load_assignment(
+    name: str, endpoints: Iterable[Endpoint]
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """The endpoints of one cluster, deduplicated and sorted; none is a valid answer."""
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
+    if ordered:
+        assignment.endpoints.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=_socket_address(e.address, e.port)
+                        )
+                    )
+                    for e in ordered
+                ]
+            )
+        )
+    return assignment
+
+
+def _socket_address(address: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+    )
+
+
+# ----------------------------------------------------------------------------- listener
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    # Packed by hand with deterministic bytes so the content version never depends on
+    # how the protobuf runtime happens to order anything.
+    return any_pb2.Any(
+        type_url="type.googleapis.com/" + message.DESCRIPTOR.full_name,
+        value=message.SerializeToString(deterministic=True),
+    )
+
+
+def _listener(address: str, port: int) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=_STAT_PREFIX,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
+        http_filters=[
+            hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))
+        ],
+    )
+    return listener_pb2.Listener(
+        name=listener_name(port),
+        address=_socket_address(address, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(name=_HCM_FILTER, typed_config=_pack(manager))
+                ]
+            )
+        ],
+    )
+
+
+# -------------------------------------------------------------------------------- routes
+
+
+def _route_config(view: RoutingView) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[
+            _virtual_host(service, view.lanes)
+            for service in sorted(view.services, key=lambda s: s.name)
+        ],
+    )
+
+
+def _virtual_host(service: ServiceRoute, lanes: Sequence[Lane]) -> route_components_pb2.VirtualHost:
+    entering = [lane for lane in lanes if lane.entry == service.name]
+    routes = _lane_routes(service, lanes)
+    if entering:
+        routes += _tagged_elsewhere_routes(service)
+        for lane in entering:
+            for index, rule in enumerate(lane.rules):
+                routes += _rule_routes(service, lane, rule, index)
+        routes += _split_routes(service, entering)
+    routes.append(
+        _route(
+            "default",
+            route_components_pb2.RouteMatch(prefix="/"),
+            cluster=cluster_name(service.name, service.base_version),
+        )
+    )
+    return route_components_pb2.VirtualHost(
+        name=service.name,
+        domains=[service.name, f"{service.name}:*"],
+        routes=routes,
+    )
+
+
+def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
+    """The cluster lane traffic for `service` goes to: its gray version, or base."""
+    version = lane.version_for(service.name) or service.base_version
+    return cluster_name(service.name, version)
+
+
+def _lane_routes(service: ServiceRoute, lanes: Sequence[Lane]) -> list[route_components_pb2.Route]:
+    """Step 1: requests already tagged with a lane that has a version of `service`."""
+    routes: list[route_components_pb2.Route] = []
+    for lane in lanes:
+        if lane.version_for(service.name) is None:
+            continue  # tagged traffic of this lane reaches base via steps 2 or 5
+        cluster = _lane_cluster(service, lane)
+        routes.append(
+            _route(
+                f"lane/{lane.name}/header",
+                _match_all(_header_exact(LANE_HEADER, lane.name)),
+                cluster=cluster,
+            )
+        )
+        routes.append(
+            _route(
+                f"lane/{lane.name}/baggage",
+                _match_all(
+                    _header_present(LANE_HEADER, present=False),
+                    _header_regex(BAGGAGE_HEADER, _baggage_member_regex(lane.name)),
+                ),
+                cluster=cluster,
+            )
+        )
+    return routes
+
+
+def _tagged_elsewhere_routes(service: ServiceRoute) -> list[route_components_pb2.Route]:
+    """Step 2: tagged traffic not claimed above stays on base, never re-split."""
+    base = cluster_name(service.name, service.base_version)
+    return [
+        _route("tagged/header", _match_all(_header_present(LANE_HEADER)), cluster=base),
+        _route(
+            "tagged/baggage",
+            _match_all(
+                _header_present(LANE_HEADER, present=False),
+                _header_regex(BAGGAGE_HEADER, _baggage_any_member_regex()),
+            ),
+            cluster=base,
+        ),
+    ]
+
+
+def _rule_routes(
+    service: ServiceRoute, lane: Lane, rule: Rule, index: int
+) -> list[route_components_pb2.Route]:
+    """Step 3: one entry rule, as a route pair (with / without an incoming baggage)."""
+    routes = []
+    for has_baggage in (True, False):
+        match = _rule_match(rule)
+        match.headers.append(_header_present(BAGGAGE_HEADER, present=has_baggage))
+        routes.append(
+            _route(
+                f"rule/{lane.name}/{index}/{_baggage_suffix(has_baggage)}",
+                match,
+                cluster=_lane_cluster(service, lane),
+                headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
+            )
+        )
+    return routes
+
+
+def _split_routes(
+    service: ServiceRoute, entering: Sequence[Lane]
+) -> list[route_components_pb2.Route]:
+    """Step 4: the batch weights of the lanes entering at `service`, gray share tagged."""
+    weighted = [lane for lane in entering if lane.weight > 0]
+    total = sum(lane.weight for lane in weighted)
+    if total > 100:
+        raise ValueError(f"lanes entering at {service.name!r} weigh {total} in total, above 100")
+    if not weighted:
+        return []
+    routes = []
+    for has_baggage in (True, False):
+        split = route_components_pb2.WeightedCluster()
+        for lane in weighted:
+            split.clusters.append(
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=_lane_cluster(service, lane),
+                    weight=wrappers_pb2.UInt32Value(value=lane.weight),
+                    request_headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
+                )
+            )
+        if total < 100:
+            split.clusters.append(
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=cluster_name(service.name, service.base_version),
+                    weight=wrappers_pb2.UInt32Value(value=100 - total),
+                )
+            )
+        routes.append(
+            _route(
+                f"split/{_baggage_suffix(has_baggage)}",
+                _match_all(_header_present(BAGGAGE_HEADER, present=has_baggage)),
+                weighted_clusters=split,
+            )
+        )
+    return routes
+
+
+def _route(
+    name: str,
+    match: route_components_pb2.RouteMatch,
+    *,
+    cluster: str = "",
+    weighted_clusters: route_components_pb2.WeightedCluster | None = None,
+    headers_to_add: Sequence[base_pb2.HeaderValueOption] = (),
+) -> route_components_pb2.Route:
+    """A route to one cluster or a weighted split, with the shared retry policy."""
+    action = route_components_pb2.RouteAction(
+        retry_policy=route_components_pb2.RetryPolicy(
+            retry_on=_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=_NUM_RETRIES)
+        )
+    )
+    if weighted_clusters is not None:
+        action.weighted_clusters.CopyFrom(weighted_clusters)
+    else:
+        action.cluster = cluster
+    return route_components_pb2.Route(
+        name=name, match=match, route=action, request_headers_to_add=headers_to_add
+    )
+
+
+def _baggage_suffix(has_baggage: bool) -> str:
+    return "with-baggage" if has_baggage else "without-baggage"
+
+
+def _lane_tags(lane: str, *, has_baggage: bool) -> list[base_pb2.HeaderValueOption]:
+    """Headers that carry the lane decision to every later hop.
+
+    With an incoming baggage, the lane member is appended so other members survive; steps
+    1-2 guarantee the incoming baggage has no graylane member yet.
+    """
+    member = f"{BAGGAGE_KEY}={lane}"
+    baggage = f"%REQ({BAGGAGE_HEADER})%,{member}" if has_baggage else member
+    return [_set_header(LANE_HEADER, lane), _set_header(BAGGAGE_HEADER, baggage)]
+
+
+def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
+
+
+# ------------------------------------------------------------------------------ matching
+
+
+def _match_all(*headers: route_components_pb2.HeaderMatcher) -> route_components_pb2.RouteMatch:
+    return route_components_pb2.RouteMatch(prefix="/", headers=headers)
+
+
+def _rule_match(rule: Rule) -> route_components_pb2.RouteMatch:
+    """All conditions of a rule AND-ed in one RouteMatch."""
+    match = route_components_pb2.RouteMatch()
+    paths = [c for c in rule.conditions if c.kind is MatchKind.PATH]
+    if len(paths) > 1:
+        raise ValueError("a rule has at most one PATH condition")
+    if paths:
+        _set_path(match, paths[0])
+    else:
+        match.prefix = "/"
+    for condition in rule.conditions:
+        if condition.kind is MatchKind.HEADER:
+            match.headers.append(_header_condition(condition))
+        elif condition.kind is MatchKind.COOKIE:
+            match.headers.append(_header_regex("cookie", _cookie_regex(condition)))
+        elif condition.kind is MatchKind.QUERY:
+            match.query_parameters.append(_query_condition(condition))
+    return match
+
+
+def _set_path(match: route_components_pb2.RouteMatch, condition: Condition) -> None:
+    if condition.op is MatchOp.EXACT:
+        match.path = condition.value
+    elif condition.op is MatchOp.PREFIX:
+        match.prefix = condition.value
+    elif condition.op is MatchOp.REGEX:
+        match.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=condition.value))
+    else:
+        raise ValueError(f"PATH cannot be matched with {condition.op.name}")
+
+
+def _string_matcher(op: MatchOp, value: str) -> string_pb2.StringMatcher:
+    if op is MatchOp.EXACT:
+        return string_pb2.StringMatcher(exact=value)
+    if op is MatchOp.PREFIX:
+        return string_pb2.StringMatcher(prefix=value)
+    if op is MatchOp.REGEX:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=value))
+    raise ValueError(f"{op.name} is not a string match")
+
+
+def _header_condition(condition: Condition) -> route_components_pb2.HeaderMatcher:
+    # Envoy stores header names lower-cased; matching on the same spelling is explicit.
+    name = condition.name.lower()
+    if condition.op is MatchOp.PRESENT:
+        return _header_present(name)
+    return route_components_pb2.HeaderMatcher(
+        name=name, string_match=_string_matcher(condition.op, condition.value)
+    )
+
+
+def _query_condition(condition: Condition) -> route_components_pb2.QueryParameterMatcher:
+    if condition.op is MatchOp.PRESENT:
+        return route_components_pb2.QueryParameterMatcher(name=condition.name, present_match=True)
+    return route_components_pb2.QueryParameterMatcher(
+        name=condition.name, string_match=_string_matcher(condition.op, condition.value)
+    )
+
+
+def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+    return route_components_pb2.HeaderMatcher(
+        name=name, string_match=string_pb2.StringMatcher(exact=value)
+    )
+
+
+def _header_present(name: str, *, present: bool = True) -> route_components_pb2.HeaderMatcher:
+    # present_match=false means "the header is absent" (it is a oneof member, so an
+    # explicit false is kept on the wire and in JSON).
+    return route_components_pb2.HeaderMatcher(name=name, present_match=present)
+
+
+def _header_regex(name: str, regex: str) -> route_components_pb2.HeaderMatcher:
+    return route_components_pb2.HeaderMatcher(
+        name=name,
+        string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex)),
+    )
+
+
+def _literal(text: str) -> str:
+    """`text` as an RE2 pattern that matches it literally (RE2's own QuoteMeta)."""
+    escaped: str = re2.escape(text)
+    return escaped
+
+
+def _baggage_member_regex(lane: str) -> str:
+    """A baggage header holding the member ``graylane=<lane>`` (with optional properties).
+
+    W3C baggage: ``key OWS "=" OWS value *(OWS ";" property)``, members ","-separated.
+    """
+    return (
+        _BAGGAGE_BEFORE + _literal(BAGGAGE_KEY) + _OWS + "=" + _OWS + _literal(lane) + _OWS + _REST
+    )
+
+
+def _baggage_any_member_regex() -> str:
+    """A baggage header holding a ``graylane`` member, whatever its value."""
+    return _BAGGAGE_BEFORE + _literal(BAGGAGE_KEY) + _OWS + "=.*"
+
+
+def _cookie_regex(condition: Condition) -> str:
+    """A Cookie header in which cookie `condition.name` satisfies the condition.
+
+    The value of a cookie runs to the next ";" (or "," where Envoy joined two Cookie
+    lines); a REGEX condition must match that whole value.
+    """
+    head = _COOKIE_BEFORE + _literal(condition.name) + "="
+    if condition.op is MatchOp.EXACT:
+        return head + _literal(condition.value) + _OWS + _REST
+    if condition.op is MatchOp.PREFIX:
+        return head + _literal(condition.value) + "[^;,]*" + _REST
+    if condition.op is MatchOp.REGEX:
+        return head + "(?:" + condition.value + ")" + _OWS + _REST
+    return head + ".*"  # PRESENT

@@ -1,0 +1,169 @@
+"""Which configuration every proxy accepted: ACKs, NACKs and pushes, per Envoy node id.
+
+Owns: per node id, whether it is connected, its metadata, per resource type the last
+ACKed version (and per-resource versions), the last NACK with Envoy's message, and a short
+log of what was pushed to it. A NACK is data: it is recorded here, never raised.
+
+Readers get frozen `ProxyStatus` values (`proxies()`), and wait for changes with a change
+sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. That is how
+the control plane computes convergence ("have all proxies of this cluster ACKed the route
+version that carries batch i?") and pauses a release on a NACK.
+
+Concurrency: single asyncio loop. Must not import: etcd, graylane.controlplane,
+graylane.agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
+
+log = logging.getLogger(__name__)
+
+SOTW = "sotw"
+DELTA = "delta"
+PUSH_LOG_SIZE = 64
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class TypeAck:
+    """The last configuration of one type a proxy accepted."""
+
+    version: str  # SotW version_info / delta system_version_info of the ACKed response
+    resources: Mapping[str, str] = _EMPTY  # name -> content version the proxy now holds
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    type_url: str
+    version: str  # the version Envoy rejected
+    nonce: str
+    message: str  # Envoy's error_detail.message
+    at: float  # unix time, for display only
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """One response sent to a proxy (a bounded log, newest last)."""
+
+    type_url: str
+    version: str
+    nonce: str
+    resources: tuple[str, ...]  # names of the resources in the response
+    removed: tuple[str, ...] = ()  # delta removed_resources
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatus:
+    node_id: str
+    cluster: str
+    key: str  # the snapshot key the proxy is served from
+    protocol: str  # SOTW or DELTA
+    connected: bool
+    metadata: Mapping[str, Any]
+    acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
+    last_nack: Nack | None = None
+    pushes: tuple[Push, ...] = ()
+
+    def has_acked(self, type_url: str, name: str, version: str) -> bool:
+        """Whether the proxy holds resource `name` of `type_url` at content `version`."""
+        ack = self.acked.get(type_url)
+        return ack is not None and ack.resources.get(name) == version
+
+
+class ProxyTracker:
+    """Per-node ACK/NACK state, readable as frozen values and awaitable for changes."""
+
+    def __init__(self) -> None:
+        self._proxies: dict[str, ProxyStatus] = {}
+        self._streams: dict[str, int] = {}
+        self._seq = 0
+        # Replaced on every change: waiters hold the event of the sequence they saw.
+        self._changed = asyncio.Event()
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def proxies(self) -> Mapping[str, ProxyStatus]:
+        return MappingProxyType(dict(self._proxies))
+
+    def get(self, node_id: str) -> ProxyStatus | None:
+        return self._proxies.get(node_id)
+
+    async def wait_for_change(self, since: int) -> int:
+        """Return the sequence number once it is past `since` (immediately if it already is)."""
+        while self._seq <= since:
+            await self._changed.wait()
+        return self._seq
+
+    def connected(self, node: base_pb2.Node, *, key: str, protocol: str) -> None:
+        self._streams[node.id] = self._streams.get(node.id, 0) + 1
+        previous = self._proxies.get(node.id)
+        status = ProxyStatus(
+            node_id=node.id,
+            cluster=node.cluster,
+            key=key,
+            protocol=protocol,
+            connected=True,
+            metadata=MappingProxyType(json_format.MessageToDict(node.metadata)),
+            acked=previous.acked if previous else MappingProxyType({}),
+            last_nack=previous.last_nack if previous else None,
+            pushes=previous.pushes if previous else (),
+        )
+        self._update(status)
+
+    def disconnected(self, node_id: str) -> None:
+        left = self._streams.get(node_id, 1) - 1
+        self._streams[node_id] = left
+        status = self._proxies.get(node_id)
+        if left <= 0 and status is not None:
+            self._update(replace(status, connected=False))
+
+    def forget(self, node_id: str) -> None:
+        """Drop a disconnected proxy (the owner decides when a proxy is gone for good)."""
+        if node_id in self._proxies and not self._proxies[node_id].connected:
+            del self._proxies[node_id]
+            self._streams.pop(node_id, None)
+            self._bump()
+
+    def pushed(self, node_id: str, push: Push) -> None:
+        status = self._proxies.get(node_id)
+        if status is not None:
+            self._update(replace(status, pushes=(*status.pushes, push)[-PUSH_LOG_SIZE:]))
+
+    def acked(self, node_id: str, type_url: str, ack: TypeAck) -> None:
+        status = self._proxies.get(node_id)
+        if status is None:
+            return
+        acked = dict(status.acked)
+        acked[type_url] = replace(ack, resources=MappingProxyType(dict(ack.resources)))
+        self._update(replace(status, acked=MappingProxyType(acked)))
+
+    def nacked(self, node_id: str, nack: Nack) -> None:
+        status = self._proxies.get(node_id)
+        if status is not None:
+            self._update(replace(status, last_nack=nack))
+
+    def _update(self, status: ProxyStatus) -> None:
+        self._proxies[status.node_id] = status
+        self._bump()
+
+    def _bump(self) -> None:
+        self._seq += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+def now() -> float:
+    return time.time()
