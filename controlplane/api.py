@@ -19,7 +19,6 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import grpc
-
 from graylane.controlplane import model
 from graylane.controlplane.errors import (
     AlreadyExists,

@@ -14,15 +14,18 @@ import logging
 import signal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
+from graylane.controlplane.dataplane import DataPlane
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.v1 import release_service_pb2, release_service_pb2_grpc
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.server import AdsServer
+from graylane.xds.tracker import ProxyTracker
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ class ControlPlane:
         self.api_port = 0
         self.xds_port = 0
         self.ready = asyncio.Event()
+        self.cache = SnapshotCache()
+        self.tracker = ProxyTracker()
+        self.dataplane = DataPlane(self.releases, self.cache, self.tracker)
 
     def _api_server(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(interceptors=[CallerInterceptor()])
@@ -59,6 +65,17 @@ class ControlPlane:
         self.api_port = server.add_insecure_port(self._api_listen)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")
+        xds_server = None
+        if self._xds_listen is not None:
+            # Envoys get their own server (and port): separate flow control and limits, and
+            # the API can later require credentials the proxies do not carry.
+            xds_server = grpc.aio.server()
+            AdsServer(self.cache, tracker=self.tracker).add_to_server(xds_server)
+            self.xds_port = xds_server.add_insecure_port(self._xds_listen)
+            if self.xds_port == 0:
+                raise OSError(f"cannot listen on {self._xds_listen}")
+            await xds_server.start()
+            log.info("xDS (ADS) on %s", self._xds_listen.rsplit(":", 1)[0] + f":{self.xds_port}")
         await server.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -71,9 +88,11 @@ class ControlPlane:
         finally:
             await health_servicer.enter_graceful_shutdown()
             await server.stop(_GRACE_SECONDS)
+            if xds_server is not None:
+                await xds_server.stop(_GRACE_SECONDS)
 
     def _start_background(self, tasks: asyncio.TaskGroup) -> None:
-        """Loops that keep the data plane in step with etcd (added by the xDS wiring)."""
+        tasks.create_task(self.dataplane.run())
 
 
 async def serve(options: ServeOptions) -> None:

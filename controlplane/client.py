@@ -15,8 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import grpc
-
-from graylane.controlplane.defaults import DEFAULT_RPC_TIMEOUT_SECONDS
+from graylane.controlplane.defaults import ACTOR_METADATA, DEFAULT_RPC_TIMEOUT_SECONDS
 from graylane.v1 import release_pb2, release_service_pb2
 from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
 
@@ -43,23 +42,30 @@ _ACTION_RPCS: Final = {
 
 
 class ReleaseClient:
-    """One channel to one control plane. Unary calls carry `timeout` as their deadline;
-    `watch` has none (it lasts as long as the caller iterates)."""
+    """One channel to one control plane, acting as `actor`.
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float) -> None:
-        self._stub: Any = ReleaseServiceStub(channel)  # generated code has no type hints
+    The actor goes in the request where the message has an `actor` field and, for every
+    call, in the `x-graylane-actor` metadata (so PutService/PutVersion are attributed too).
+    Unary calls carry `timeout` as their deadline; `watch` has none (it lasts as long as
+    the caller iterates).
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, actor: str = "", timeout: float) -> None:
+        self._stub: Any = ReleaseServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._actor = actor
+        self._metadata = ((ACTOR_METADATA, actor),) if actor else ()
         self._timeout = timeout
 
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, target: str, *, timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
+        cls, target: str, *, actor: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
     ) -> AsyncIterator[ReleaseClient]:
         async with grpc.aio.insecure_channel(target) as channel:
-            yield cls(channel, timeout=timeout)
+            yield cls(channel, actor=actor, timeout=timeout)
 
     async def _unary(self, rpc: str, request: Any) -> Any:
-        return await getattr(self._stub, rpc)(request, timeout=self._timeout)
+        return await getattr(self._stub, rpc)(request, timeout=self._timeout, metadata=self._metadata)
 
     async def get_release(self, name: str) -> release_pb2.Release:
         request = release_service_pb2.GetReleaseRequest(name=name)
@@ -68,22 +74,18 @@ class ReleaseClient:
 
     async def list_releases(self) -> release_service_pb2.ListReleasesResponse:
         request = release_service_pb2.ListReleasesRequest()
-        result: release_service_pb2.ListReleasesResponse = await self._unary(
-            "ListReleases", request
-        )
+        result: release_service_pb2.ListReleasesResponse = await self._unary("ListReleases", request)
         return result
 
-    async def apply_release(
-        self, release: release_pb2.Release, *, actor: str, reason: str = ""
-    ) -> release_pb2.Release:
+    async def apply_release(self, release: release_pb2.Release, *, reason: str = "") -> release_pb2.Release:
         request = release_service_pb2.ApplyReleaseRequest(
-            name=release.name, spec=release.spec, actor=actor, reason=reason
+            name=release.name, spec=release.spec, actor=self._actor, reason=reason
         )
         result: release_pb2.Release = await self._unary("ApplyRelease", request)
         return result
 
-    async def delete_release(self, name: str, *, actor: str) -> None:
-        request = release_service_pb2.DeleteReleaseRequest(name=name, actor=actor)
+    async def delete_release(self, name: str) -> None:
+        request = release_service_pb2.DeleteReleaseRequest(name=name, actor=self._actor)
         await self._unary("DeleteRelease", request)
 
     async def act(
@@ -91,12 +93,11 @@ class ReleaseClient:
         action: Action,
         name: str,
         *,
-        actor: str,
         reason: str = "",
         expected_revision: int = 0,
     ) -> release_pb2.Release:
         request = release_service_pb2.ActionRequest(
-            name=name, actor=actor, reason=reason, expected_revision=expected_revision
+            name=name, actor=self._actor, reason=reason, expected_revision=expected_revision
         )
         result: release_pb2.Release = await self._unary(_ACTION_RPCS[action], request)
         return result
@@ -110,7 +111,7 @@ class ReleaseClient:
         """The release now, then each change; ends when the server ends the stream.
 
         Leaving the iteration early cancels the call."""
-        call = self._stub.Watch(release_service_pb2.WatchRequest(name=name))
+        call = self._stub.Watch(release_service_pb2.WatchRequest(name=name), metadata=self._metadata)
         try:
             async for release in call:
                 yield release
@@ -124,9 +125,7 @@ class ReleaseClient:
 
     async def list_services(self) -> release_service_pb2.ListServicesResponse:
         request = release_service_pb2.ListServicesRequest()
-        result: release_service_pb2.ListServicesResponse = await self._unary(
-            "ListServices", request
-        )
+        result: release_service_pb2.ListServicesResponse = await self._unary("ListServices", request)
         return result
 
     async def put_version(self, version: release_pb2.Version) -> release_pb2.Version:
@@ -136,7 +135,5 @@ class ReleaseClient:
 
     async def list_versions(self, service: str) -> release_service_pb2.ListVersionsResponse:
         request = release_service_pb2.ListVersionsRequest(service=service)
-        result: release_service_pb2.ListVersionsResponse = await self._unary(
-            "ListVersions", request
-        )
+        result: release_service_pb2.ListVersionsResponse = await self._unary("ListVersions", request)
         return result

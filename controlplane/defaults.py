@@ -21,3 +21,5 @@ DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 DEFAULT_DATA_DIR: Final = ".graylane"
 #: Deadline of every unary call the CLI makes.
 DEFAULT_RPC_TIMEOUT_SECONDS: Final = 10.0
+#: gRPC metadata naming who makes a call, for calls whose request has no `actor` field.
+ACTOR_METADATA: Final = "x-graylane-actor"

@@ -22,13 +22,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Mapping
-from typing import Final, TypeAlias, TypeVar
+from typing import Final, TypeAlias, TypeVar, cast
 
 import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-
 from graylane.controlplane.errors import InvalidArgument
 from graylane.v1 import release_pb2
 
@@ -38,11 +37,18 @@ _M = TypeVar("_M", bound=Message)
 _FD = FieldDescriptor
 _INTEGER_TYPES: Final = frozenset(
     {
-        _FD.TYPE_INT32, _FD.TYPE_INT64, _FD.TYPE_UINT32, _FD.TYPE_UINT64,
-        _FD.TYPE_SINT32, _FD.TYPE_SINT64, _FD.TYPE_FIXED32, _FD.TYPE_FIXED64,
-        _FD.TYPE_SFIXED32, _FD.TYPE_SFIXED64,
+        _FD.TYPE_INT32,
+        _FD.TYPE_INT64,
+        _FD.TYPE_UINT32,
+        _FD.TYPE_UINT64,
+        _FD.TYPE_SINT32,
+        _FD.TYPE_SINT64,
+        _FD.TYPE_FIXED32,
+        _FD.TYPE_FIXED64,
+        _FD.TYPE_SFIXED32,
+        _FD.TYPE_SFIXED64,
     }
-)  # fmt: skip
+)
 _DURATION: Final = "google.protobuf.Duration"
 _TIMESTAMP: Final = "google.protobuf.Timestamp"
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -94,13 +100,9 @@ def load_manifest(text: str, *, source: str = "<manifest>") -> list[ManifestObje
             try:
                 objects.append(_parse_document(document))
             except _Invalid as exc:
-                raise ManifestError(
-                    source=source, document=index, field=exc.path, reason=exc.reason
-                ) from None
+                raise ManifestError(source=source, document=index, field=exc.path, reason=exc.reason) from None
     except yaml.YAMLError as exc:
-        raise ManifestError(
-            source=source, document=index + 1, field="", reason=_describe_yaml_error(exc)
-        ) from None
+        raise ManifestError(source=source, document=index + 1, field="", reason=_describe_yaml_error(exc)) from None
     if not objects:
         raise ManifestError(source=source, document=None, field="", reason="no documents")
     return objects
@@ -131,9 +133,7 @@ def _parse_document(document: object) -> ManifestObject:
 def _parse_release(body: dict[object, object]) -> release_pb2.Release:
     unknown = [key for key in body if key not in ("name", "spec")]
     if unknown:
-        raise _Invalid(
-            str(unknown[0]), "unknown field; a Release has kind, name and spec (the rest is spec)"
-        )
+        raise _Invalid(str(unknown[0]), "unknown field; a Release has kind, name and spec (the rest is spec)")
     name = _required_string(body, "name", "")
     spec = body.get("spec")
     if spec is None:
@@ -179,7 +179,8 @@ def _to_message(value: object, cls: type[_M], path: str) -> _M:
     The walk gives every error a precise path; json_format alone reports some problems
     without the list index or field. After the walk, ParseDict cannot fail on shape.
     """
-    normalized = _normalize_message(value, cls.DESCRIPTOR, path)
+    descriptor = cast(Descriptor, cls.DESCRIPTOR)  # the upb and Python descriptor types differ
+    normalized = _normalize_message(value, descriptor, path)
     try:
         return json_format.ParseDict(normalized, cls())
     except json_format.ParseError as exc:  # a case the walk does not foresee
@@ -190,9 +191,9 @@ def _normalize_message(value: object, descriptor: Descriptor, path: str) -> dict
     if not isinstance(value, Mapping):
         raise _Invalid(path, f"expected a mapping ({descriptor.name}), got {_describe(value)}")
     by_name: dict[str, FieldDescriptor] = {}
-    for field in descriptor.fields:
-        by_name[field.name] = field
-        by_name[field.json_name] = field
+    for known_field in descriptor.fields:
+        by_name[known_field.name] = known_field
+        by_name[known_field.json_name] = known_field
     out: dict[str, object] = {}
     oneof_set: dict[str, str] = {}
     for key, item in value.items():
@@ -208,9 +209,7 @@ def _normalize_message(value: object, descriptor: Descriptor, path: str) -> dict
         oneof = field.containing_oneof
         if oneof is not None:
             if oneof.name in oneof_set:
-                raise _Invalid(
-                    field_path, f"set only one of {oneof_set[oneof.name]} and {field.name}"
-                )
+                raise _Invalid(field_path, f"set only one of {oneof_set[oneof.name]} and {field.name}")
             oneof_set[oneof.name] = field.name
         out[field.name] = _normalize_field(item, field, field_path)
     return out
@@ -250,8 +249,7 @@ def _normalize_value(item: object, field: FieldDescriptor, path: str) -> object:
     if field.type in _INTEGER_TYPES:
         if isinstance(item, bool) or not isinstance(item, int):
             raise _Invalid(path, f"expected an integer, got {_describe(item)}")
-        unsigned = field.type in (_FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_FIXED32,
-                                  _FD.TYPE_FIXED64)  # fmt: skip
+        unsigned = field.type in (_FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_FIXED32, _FD.TYPE_FIXED64)
         if unsigned and item < 0:
             raise _Invalid(path, f"expected a non-negative integer, got {item}")
         return item
@@ -272,7 +270,7 @@ def _duration(item: object, path: str) -> str:
     if text and "".join(p.group(0) for p in parts) == text:
         seconds = sum(float(p.group(1)) * _DURATION_UNITS[p.group(2)] for p in parts)
         return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    raise _Invalid(path, f"expected a duration such as \"30s\" or \"5m\", got {_describe(item)}")
+    raise _Invalid(path, f'expected a duration such as "30s" or "5m", got {_describe(item)}')
 
 
 def _timestamp(item: object, path: str) -> str:

@@ -19,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 import re2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from graylane.controlplane.errors import InvalidArgument
 from graylane.v1 import release_pb2 as pb
 

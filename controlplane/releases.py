@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from graylane.controlplane import machine, model
@@ -33,8 +33,17 @@ log = logging.getLogger(__name__)
 
 _RETRIES = 8
 
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    status: model.ReleaseStatus
+    action: str | None = None  # record an event with this action
+    cause: Cause = Cause(actor="graylane")
+
+
 # Computes a release's new status from its fresh value; None means nothing to write.
-StatusChange = Callable[[model.Release], model.ReleaseStatus | None]
+StatusChange = Callable[[model.Release], StatusUpdate | None]
 
 
 def _now() -> datetime:
@@ -158,27 +167,25 @@ class Releases:
             out.append(replace(svc, stable_version=sv.gray_version))
         return out
 
-    async def update_status(
-        self, name: str, change: StatusChange, *, action: str | None, cause: Cause
-    ) -> model.Release | None:
-        """Write a status-only change (convergence, NACK) computed from the fresh value.
+    async def update_status(self, name: str, change: StatusChange) -> model.Release | None:
+        """Write a status-only change (convergence) computed from the fresh value.
 
-        With an `action` the change is recorded as an event (a batch reached, a NACK);
-        without one (proxy counts moving) only the status is written.
+        `change` returns the new status and, when the change is worth recording (a batch
+        reached), the event's action and cause; or None when there is nothing to write.
         """
         for _ in range(_RETRIES):
             try:
                 current = await self._store.get_release(name)
             except NotFound:
                 return None
-            status = change(current)
-            if status is None or status == current.status:
+            update = change(current)
+            if update is None or update.status == current.status:
                 return None
-            if action is None:
-                after, events = replace(current, status=status), []
+            if update.action is None:
+                after, events = replace(current, status=update.status), []
             else:
                 after, event = machine.record(
-                    current, status, action=action, cause=cause, now=_now()
+                    current, update.status, action=update.action, cause=update.cause, now=_now()
                 )
                 events = [event]
             try:
@@ -188,3 +195,24 @@ class Releases:
         log.warning("status of %s kept changing; giving up this round", name)
         return None
 
+    async def hold_for_nack(self, name: str, nack: model.Nack, *, cause: Cause) -> model.Release | None:
+        """A proxy rejected config this release introduced: pause it and say who and why."""
+        reason = f"proxy {nack.node} rejected the configuration: {nack.message}"
+        cause = replace(cause, reason=reason, details={"node": nack.node, "type_url": nack.type_url, "version": nack.version})
+        for _ in range(_RETRIES):
+            try:
+                current = await self._store.get_release(name)
+            except NotFound:
+                return None
+            if current.status.phase is model.Phase.PROGRESSING:
+                after, event = machine.transition(current, Action.PAUSE, cause=cause, now=_now())
+            elif current.status.phase is model.Phase.PAUSED and current.status.last_nack is None:
+                after, event = machine.record(current, current.status, action="nack", cause=cause, now=_now())
+            else:
+                return None
+            after = replace(after, status=replace(after.status, last_nack=nack, reason=reason))
+            try:
+                return await self._store.update_release(after, [event])
+            except Conflict:
+                continue
+        return None

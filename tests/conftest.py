@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from graylane.controlplane.local.etcd import INSTALL_HINT, EtcdProcess, find_etcd
 from graylane.controlplane.store import EtcdStore, connect
 

@@ -24,7 +24,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
-
 from graylane.xds.plan import eds_name, listener_route_configs, route_clusters, uses_eds
 from graylane.xds.resources import (
     CLUSTER,

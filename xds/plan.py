@@ -33,7 +33,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf.message import Message
-
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
 
 # type_url -> resource name -> message: what a proxy has ACKed, or been sent.

@@ -96,9 +96,7 @@ def effective_view(view: RoutingView) -> RoutingView:
         dataclasses.replace(
             lane,
             versions=tuple(
-                (service, version)
-                for service, version in lane.versions
-                if view.endpoints_of(service, version)
+                (service, version) for service, version in lane.versions if view.endpoints_of(service, version)
             ),
         )
         for lane in view.lanes
@@ -108,9 +106,7 @@ def effective_view(view: RoutingView) -> RoutingView:
     return dataclasses.replace(view, lanes=lanes)
 
 
-def render(
-    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1"
-) -> resources.Resources:
+def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
     """Every resource a proxy needs for `view`, listening on listen_address:listen_port.
 
     Raises ValueError for a view that validation should have rejected: a PATH condition
@@ -173,9 +169,7 @@ def _cluster(name: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.DiscoveryType.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
-            eds_config=_ads(), service_name=name
-        ),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
         connect_timeout=duration_pb2.Duration(
             seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
         ),
@@ -183,9 +177,7 @@ def _cluster(name: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
     )
 
 
-def _load_assignment(
-    name: str, endpoints: Iterable[Endpoint]
-) -> endpoint_pb2.ClusterLoadAssignment:
+def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints of one cluster, deduplicated and sorted; none is a valid answer."""
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
@@ -194,9 +186,7 @@ def _load_assignment(
             endpoint_components_pb2.LocalityLbEndpoints(
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=_socket_address(e.address, e.port)
-                        )
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port))
                     )
                     for e in ordered
                 ]
@@ -206,9 +196,7 @@ def _load_assignment(
 
 
 def _socket_address(address: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(
-        socket_address=address_pb2.SocketAddress(address=address, port_value=port)
-    )
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=port))
 
 
 # ----------------------------------------------------------------------------- listener
@@ -227,18 +215,14 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=_STAT_PREFIX,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
-        http_filters=[
-            hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))
-        ],
+        http_filters=[hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))],
     )
     return listener_pb2.Listener(
         name=listener_name(port),
         address=_socket_address(address, port),
         filter_chains=[
             listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(name=_HCM_FILTER, typed_config=_pack(manager))
-                ]
+                filters=[listener_components_pb2.Filter(name=_HCM_FILTER, typed_config=_pack(manager))]
             )
         ],
     )
@@ -250,10 +234,7 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
 def _route_config(view: RoutingView) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            _virtual_host(service, view.lanes)
-            for service in sorted(view.services, key=lambda s: s.name)
-        ],
+        virtual_hosts=[_virtual_host(service, view.lanes) for service in sorted(view.services, key=lambda s: s.name)],
     )
 
 
@@ -329,9 +310,7 @@ def _tagged_elsewhere_routes(service: ServiceRoute) -> list[route_components_pb2
     ]
 
 
-def _rule_routes(
-    service: ServiceRoute, lane: Lane, rule: Rule, index: int
-) -> list[route_components_pb2.Route]:
+def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int) -> list[route_components_pb2.Route]:
     """Step 3: one entry rule, as a route pair (with / without an incoming baggage)."""
     routes = []
     for has_baggage in (True, False):
@@ -348,9 +327,7 @@ def _rule_routes(
     return routes
 
 
-def _split_routes(
-    service: ServiceRoute, entering: Sequence[Lane]
-) -> list[route_components_pb2.Route]:
+def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route_components_pb2.Route]:
     """Step 4: the batch weights of the lanes entering at `service`, gray share tagged."""
     weighted = [lane for lane in entering if lane.weight > 0]
     total = sum(lane.weight for lane in weighted)
@@ -404,9 +381,7 @@ def _route(
         action.weighted_clusters.CopyFrom(weighted_clusters)
     else:
         action.cluster = cluster
-    return route_components_pb2.Route(
-        name=name, match=match, route=action, request_headers_to_add=headers_to_add
-    )
+    return route_components_pb2.Route(name=name, match=match, route=action, request_headers_to_add=headers_to_add)
 
 
 def _baggage_suffix(has_baggage: bool) -> str:
@@ -417,7 +392,11 @@ def _lane_tags(lane: str, *, has_baggage: bool) -> list[base_pb2.HeaderValueOpti
     """Headers that carry the lane decision to every later hop.
 
     With an incoming baggage, the lane member is appended so other members survive; steps
-    1-2 guarantee the incoming baggage has no graylane member yet.
+    1-2 guarantee the incoming baggage has no graylane member yet. The result is one
+    header line: `%REQ()%` yields only the first of several baggage lines, so members on
+    later lines are dropped (rare: clients send one line). Appending a separate line
+    instead would keep them, but readers that take the first line only (OpenTelemetry's
+    Go propagator, for one) would then lose the lane.
     """
     member = f"{BAGGAGE_KEY}={lane}"
     baggage = f"%REQ({BAGGAGE_HEADER})%,{member}" if has_baggage else member
@@ -425,9 +404,7 @@ def _lane_tags(lane: str, *, has_baggage: bool) -> list[base_pb2.HeaderValueOpti
 
 
 def _set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
-    )
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
 # ------------------------------------------------------------------------------ matching
@@ -483,9 +460,7 @@ def _header_condition(condition: Condition) -> route_components_pb2.HeaderMatche
     name = condition.name.lower()
     if condition.op is MatchOp.PRESENT:
         return _header_present(name)
-    return route_components_pb2.HeaderMatcher(
-        name=name, string_match=_string_matcher(condition.op, condition.value)
-    )
+    return route_components_pb2.HeaderMatcher(name=name, string_match=_string_matcher(condition.op, condition.value))
 
 
 def _query_condition(condition: Condition) -> route_components_pb2.QueryParameterMatcher:
@@ -497,9 +472,7 @@ def _query_condition(condition: Condition) -> route_components_pb2.QueryParamete
 
 
 def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
-    return route_components_pb2.HeaderMatcher(
-        name=name, string_match=string_pb2.StringMatcher(exact=value)
-    )
+    return route_components_pb2.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
 
 
 def _header_present(name: str, *, present: bool = True) -> route_components_pb2.HeaderMatcher:
@@ -526,9 +499,7 @@ def _baggage_member_regex(lane: str) -> str:
 
     W3C baggage: ``key OWS "=" OWS value *(OWS ";" property)``, members ","-separated.
     """
-    return (
-        _BAGGAGE_BEFORE + _literal(BAGGAGE_KEY) + _OWS + "=" + _OWS + _literal(lane) + _OWS + _REST
-    )
+    return _BAGGAGE_BEFORE + _literal(BAGGAGE_KEY) + _OWS + "=" + _OWS + _literal(lane) + _OWS + _REST
 
 
 def _baggage_any_member_regex() -> str:

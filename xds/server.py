@@ -29,6 +29,7 @@ graylane.agent.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,7 +41,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
-
 from graylane.xds.cache import SnapshotCache, Watch
 from graylane.xds.plan import Plan, plan
 from graylane.xds.resources import (
@@ -60,6 +60,11 @@ WILDCARD = "*"
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+
+class _Signal(enum.Enum):
+    SNAPSHOT_CHANGED = "snapshot changed"
+    END_OF_STREAM = "end of stream"
 
 
 def _short(type_url: str) -> str:
@@ -118,7 +123,7 @@ class _Stream(Generic[Req, Resp]):
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
-        self._events: asyncio.Queue[Req | None] = asyncio.Queue()
+        self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
         self._snapshot_changed = False
 
     # -- the loop --------------------------------------------------------------------------
@@ -126,14 +131,12 @@ class _Stream(Generic[Req, Resp]):
     async def run(self, requests: AsyncIterator[Req], send: Callable[[Resp], Awaitable[None]]) -> None:
         reader = asyncio.create_task(self._read(requests))
         try:
-            while True:
-                request = await self._events.get()
-                if request is not None:
-                    self._start(request)
-                    self.handle(request)
-                elif reader.done():
-                    break
-                self._snapshot_changed = False
+            while (event := await self._events.get()) is not _Signal.END_OF_STREAM:
+                if isinstance(event, _Signal):
+                    self._snapshot_changed = False
+                else:
+                    self._start(event)
+                    self.handle(event)
                 for response in self.push():
                     await send(response)
         finally:
@@ -146,12 +149,12 @@ class _Stream(Generic[Req, Resp]):
             async for request in requests:
                 self._events.put_nowait(request)
         finally:
-            self._events.put_nowait(None)
+            self._events.put_nowait(_Signal.END_OF_STREAM)
 
     def _on_snapshot(self) -> None:
         if not self._snapshot_changed:
             self._snapshot_changed = True
-            self._events.put_nowait(None)
+            self._events.put_nowait(_Signal.SNAPSHOT_CHANGED)
 
     def _start(self, request: Req) -> None:
         if self._watch is not None:
@@ -348,7 +351,7 @@ class _DeltaStream(
                 st.sent[name] = message
                 st.acked[name] = message
         if request.initial_resource_versions:
-            self.record_ack(st, "")
+            self.record_ack(st, set_version(dict(request.initial_resource_versions)))
 
     def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         for name in request.resource_names_subscribe:

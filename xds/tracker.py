@@ -40,7 +40,7 @@ class TypeAck:
     """The last configuration of one type a proxy accepted."""
 
     version: str  # SotW version_info / delta system_version_info of the ACKed response
-    resources: Mapping[str, str] = _EMPTY  # name -> content version the proxy now holds
+    resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # name -> content version the proxy now holds
 
 
 @dataclass(frozen=True, slots=True)

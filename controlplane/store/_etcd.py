@@ -31,7 +31,6 @@ import grpc
 from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-
 from graylane.controlplane import model
 from graylane.controlplane.errors import (
     AlreadyExists,

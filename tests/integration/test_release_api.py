@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 @pytest.fixture

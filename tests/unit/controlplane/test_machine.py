@@ -3,7 +3,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from graylane.controlplane.errors import FailedPrecondition
 from graylane.controlplane.machine import TRANSITIONS, Action, Cause, transition
 from graylane.controlplane.model import (

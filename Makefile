@@ -1,0 +1,45 @@
+# Graylane: two commands on a fresh machine.
+#   make demo   runs the main job (embedded etcd, control plane, Envoy, a release stepped through)
+#   make test   runs the whole suite
+# Each creates .venv and installs what it needs (etcd-server through apt-get when missing).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench protos lint etcd clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# etcd 3.4 from Debian: the embedded default of `graylane serve` and the tests' real etcd.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+	  echo "installing etcd-server (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+	@etcd --version | head -1
+
+demo: $(STAMP) etcd
+	$(BIN)/graylane demo
+
+test: $(STAMP) etcd
+	$(BIN)/python -P protos/generate.py --check
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: $(STAMP) etcd
+	$(BIN)/python -P bench/run.py
+
+protos: $(STAMP)
+	$(BIN)/python -P protos/generate.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy controlplane xds agent
+
+clean:
+	rm -rf $(VENV) .graylane

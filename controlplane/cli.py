@@ -1,0 +1,686 @@
+"""The `graylane` command line: one entry point, `main`, for operators and pipelines.
+
+Owns argument parsing, the presentation of API objects (`-o table|json|yaml`), and the
+translation of RPC failures into messages and exit codes — in one place, `_run_client`.
+It talks to a control plane only through `ReleaseClient` (the public gRPC API), reads
+manifests through `graylane.controlplane.manifest`, and starts a server only by handing
+`ServeOptions` to `graylane.controlplane.app.serve`, imported lazily so the client never
+loads server code. It must not import etcd or `graylane.xds`.
+
+Commands are a table: `COMMANDS` lists one *builder* per subcommand; a builder adds its
+parser and sets `handler`. To add a command (the coming `agent` and `demo`), write a
+builder and list it there. A handler that needs the API is an `async (client, args)`
+function wrapped by `_client_command`, which opens the channel and maps errors.
+
+Exit codes: 0 success; 1 the server refused or could not be reached; 2 bad usage or a bad
+manifest (nothing was sent); 3 `status --watch` saw the release end ROLLED_BACK or FAILED;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any, Final, TypeAlias, TypeVar
+
+import grpc
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.defaults import (
+    DEFAULT_API_PORT,
+    DEFAULT_DATA_DIR,
+    DEFAULT_ETCD_PORT,
+    DEFAULT_RPC_TIMEOUT_SECONDS,
+)
+from graylane.controlplane.manifest import ManifestError, ManifestObject, load_manifest
+from graylane.controlplane.options import HostPort, ServeOptions
+from graylane.v1 import release_pb2, release_service_pb2
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_RELEASE_FAILED: Final = 3
+EXIT_INTERRUPTED: Final = 130
+
+TERMINAL_PHASES: Final = frozenset({release_pb2.SUCCEEDED, release_pb2.ROLLED_BACK, release_pb2.FAILED})
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Handler: TypeAlias = Callable[[argparse.Namespace], int]
+ClientHandler: TypeAlias = Callable[[ReleaseClient, argparse.Namespace], Awaitable[int]]
+SubcommandBuilder: TypeAlias = Callable[[Subparsers], None]
+_M = TypeVar("_M", bound=Message)
+
+
+class UsageError(Exception):
+    """Bad input found after argument parsing (a manifest, a file): exit 2, nothing sent."""
+
+
+# --- presentation ----------------------------------------------------------------------
+
+OUTPUT_FORMATS: Final = ("table", "json", "yaml")
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """Proto field names, and zero values included: `.status.batch` of 0 is the first
+    batch, and a script should see it rather than a missing key."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def render_json(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def render_yaml(data: object) -> str:
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n")
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, without trailing blanks."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def phase_name(phase: int) -> str:
+    return "-" if phase == release_pb2.PHASE_UNSPECIFIED else release_pb2.Phase.Name(phase)
+
+
+def batch_label(release: release_pb2.Release) -> str:
+    """1-based batch over the count; 0 before the first batch (status.batch == -1)."""
+    return f"{release.status.batch + 1}/{len(release.spec.batches)}"
+
+
+def reached_label(status: release_pb2.ReleaseStatus) -> str:
+    convergence = status.convergence
+    counts = f"{convergence.converged}/{convergence.proxies}"
+    return f"yes {counts}" if status.reached else f"no {counts}"
+
+
+def timestamp_label(timestamp: Timestamp) -> str:
+    if not timestamp.seconds and not timestamp.nanos:
+        return "-"
+    return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+RELEASE_HEADER: Final = ("NAME", "PHASE", "BATCH", "WEIGHT", "REACHED", "LANE", "STRATEGY")
+
+
+def release_row(release: release_pb2.Release) -> list[str]:
+    return [
+        release.name,
+        phase_name(release.status.phase),
+        batch_label(release),
+        f"{release.status.weight}%",
+        reached_label(release.status),
+        release.spec.lane or "-",
+        release_pb2.Strategy.Name(release.spec.strategy).removeprefix("STRATEGY_"),
+    ]
+
+
+def transition_label(from_phase: int, to_phase: int) -> str:
+    """`FROM->TO`, or just the phase when the event did not change it (or had none before)."""
+    if from_phase in (to_phase, release_pb2.PHASE_UNSPECIFIED):
+        return phase_name(to_phase)
+    return f"{phase_name(from_phase)}->{phase_name(to_phase)}"
+
+
+HISTORY_HEADER: Final = ("SEQ", "TIME", "ACTION", "ACTOR", "FROM->TO", "BATCH", "WEIGHT", "REASON")
+
+
+def event_row(event: release_pb2.Event) -> list[str]:
+    from_batch, to_batch = event.from_batch + 1, event.to_batch + 1
+    return [
+        str(event.sequence),
+        timestamp_label(event.at),
+        event.action,
+        event.actor or "-",
+        transition_label(event.from_phase, event.to_phase),
+        str(to_batch) if from_batch == to_batch else f"{from_batch}->{to_batch}",
+        f"{event.weight}%",
+        event.reason or "-",
+    ]
+
+
+def status_line(release: release_pb2.Release) -> str:
+    """One human line: name, phase, batch i/n, weight, convergence, reason, last NACK."""
+    return f"{release.name}: {status_summary(release)}"
+
+
+def status_summary(release: release_pb2.Release) -> str:
+    status = release.status
+    convergence = status.convergence
+    parts = [
+        phase_name(status.phase),
+        f"batch {batch_label(release)}",
+        f"weight {status.weight}%",
+        f"{'reached' if status.reached else 'not reached'}"
+        f" ({convergence.converged}/{convergence.proxies} proxies converged)",
+    ]
+    if status.reason:
+        parts.append(f"reason: {status.reason}")
+    if status.HasField("last_nack"):
+        nack = status.last_nack
+        resource = nack.type_url.rsplit("/", 1)[-1].rsplit(".", 1)[-1] or "config"
+        parts.append(f"last NACK: {nack.node or '?'} rejected {resource} {nack.version}: {nack.message}")
+    return ", ".join(parts)
+
+
+def endpoint_label(endpoint: release_pb2.Endpoint) -> str:
+    address = str(HostPort(endpoint.address, endpoint.port))
+    return f"{address}@{endpoint.cluster}" if endpoint.cluster else address
+
+
+def render_releases(response: release_service_pb2.ListReleasesResponse) -> str:
+    return render_table(RELEASE_HEADER, [release_row(r) for r in response.releases])
+
+
+def render_release(release: release_pb2.Release) -> str:
+    return render_table(RELEASE_HEADER, [release_row(release)])
+
+
+def render_history(response: release_service_pb2.HistoryResponse) -> str:
+    return render_table(HISTORY_HEADER, [event_row(e) for e in response.events])
+
+
+def render_services(response: release_service_pb2.ListServicesResponse) -> str:
+    rows = [[s.name, s.stable_version or "-", s.description or "-"] for s in response.services]
+    return render_table(("NAME", "STABLE", "DESCRIPTION"), rows)
+
+
+def render_versions(response: release_service_pb2.ListVersionsResponse) -> str:
+    rows = [
+        [
+            v.service,
+            v.name,
+            ",".join(endpoint_label(e) for e in v.endpoints) or "-",
+            v.metadata.image or "-",
+            v.metadata.author or "-",
+            timestamp_label(v.metadata.created),
+            v.metadata.change_summary or "-",
+        ]
+        for v in response.versions
+    ]
+    return render_table(("SERVICE", "VERSION", "ENDPOINTS", "IMAGE", "AUTHOR", "CREATED", "CHANGE"), rows)
+
+
+def render(message: _M, output: str, table: Callable[[_M], str]) -> str:
+    if output == "json":
+        return render_json(to_dict(message))
+    if output == "yaml":
+        return render_yaml(to_dict(message))
+    return table(message)
+
+
+def emit(args: argparse.Namespace, message: _M, table: Callable[[_M], str]) -> None:
+    print(render(message, args.output, table))
+
+
+# --- argument helpers ------------------------------------------------------------------
+
+
+def default_server() -> str:
+    return os.environ.get("GRAYLANE_SERVER") or f"127.0.0.1:{DEFAULT_API_PORT}"
+
+
+def default_actor() -> str:
+    if actor := os.environ.get("GRAYLANE_ACTOR"):
+        return actor
+    if user := os.environ.get("USER"):
+        return f"{user}@{socket.gethostname()}"
+    return "cli"
+
+
+def _host_port(default_port: int | None = None) -> Callable[[str], HostPort]:
+    def parse(text: str) -> HostPort:
+        try:
+            return HostPort.parse(text, default_port=default_port)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _etcd_endpoints(text: str) -> tuple[HostPort, ...]:
+    parse = _host_port(DEFAULT_ETCD_PORT)
+    return tuple(parse(part) for part in text.split(",") if part.strip())
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--server/--actor/--timeout, accepted before or after the subcommand. Only the top
+    parser holds defaults; a subparser's SUPPRESS keeps it from overwriting them."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=default(default_server()),
+        help=f"control-plane API address (env GRAYLANE_SERVER; default 127.0.0.1:{DEFAULT_API_PORT})",
+    )
+    parser.add_argument(
+        "--actor",
+        default=default(default_actor()),
+        help="who is acting, recorded in the release history (env GRAYLANE_ACTOR; default $USER@hostname)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=default(DEFAULT_RPC_TIMEOUT_SECONDS),
+        help="deadline of each call",
+    )
+
+
+def _client_parser(subparsers: Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    _add_connection_flags(parser, defaults=False)
+    return parser
+
+
+def _add_output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"
+    )
+
+
+def _add_reason_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", default="", metavar="TEXT", help="why, recorded in the release history")
+
+
+# --- the one place RPC failures become messages -----------------------------------------
+
+_UNREACHABLE_MARKERS: Final = (
+    "failed to connect",
+    "connection refused",
+    "dns resolution failed",
+    "name resolution",
+    "no route to host",
+    "network is unreachable",
+)
+
+
+def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
+    code = error.code()
+    details = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and any(marker in details.lower() for marker in _UNREACHABLE_MARKERS):
+        return (
+            f"cannot reach graylane at {server} (is `graylane serve` running there? "
+            f"set --server or GRAYLANE_SERVER): {details}"
+        )
+    return f"{code.name}: {details}" if details else code.name
+
+
+def _print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+async def _run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
+    try:
+        async with ReleaseClient.connect(args.server, actor=args.actor, timeout=args.timeout) as client:
+            return await handler(client, args)
+    except grpc.aio.AioRpcError as exc:
+        _print_error(describe_rpc_error(exc, server=args.server))
+        return EXIT_ERROR
+
+
+def _client_command(handler: ClientHandler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        return asyncio.run(_run_client(handler, args))
+
+    return run
+
+
+# --- serve -----------------------------------------------------------------------------
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        etcd_endpoints=args.etcd,
+        listen=args.listen,
+        xds_listen=args.xds_listen,
+        data_dir=Path(args.data_dir),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the server pulls in etcd and xds, which the client never needs.
+    from graylane.controlplane.app import serve
+
+    asyncio.run(serve(serve_options(args)))
+    return EXIT_OK
+
+
+def _add_serve(subparsers: Subparsers) -> None:
+    defaults = ServeOptions()
+    parser = subparsers.add_parser(
+        "serve",
+        help="run a control plane (API and xDS)",
+        description="Run a control plane: the ReleaseService API and the xDS server. "
+        "Without --etcd it starts an embedded etcd under DATA_DIR/etcd.",
+    )
+    parser.add_argument(
+        "--etcd",
+        type=_etcd_endpoints,
+        default=(),
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="external etcd endpoints (default: an embedded etcd)",
+    )
+    parser.add_argument(
+        "--listen",
+        type=_host_port(),
+        default=defaults.listen,
+        metavar="HOST:PORT",
+        help=f"API address (default {defaults.listen})",
+    )
+    parser.add_argument(
+        "--xds-listen",
+        type=_host_port(),
+        default=defaults.xds_listen,
+        metavar="HOST:PORT",
+        help=f"xDS address for Envoys (default {defaults.xds_listen})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"local state, e.g. the embedded etcd (default ./{DEFAULT_DATA_DIR})",
+    )
+    parser.set_defaults(handler=_serve)
+
+
+# --- apply -----------------------------------------------------------------------------
+
+
+def read_manifest(path: str) -> list[ManifestObject]:
+    """Every document of the file (`-` is stdin), or UsageError; nothing is sent before."""
+    source = "<stdin>" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {source}: {exc}") from None
+    try:
+        return load_manifest(text, source=source)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _kind(obj: ManifestObject) -> str:
+    return type(obj).__name__
+
+
+def _applied_label(obj: Message) -> str:
+    if isinstance(obj, release_pb2.Service):
+        return f"service/{obj.name} applied"
+    if isinstance(obj, release_pb2.Version):
+        return f"version/{obj.service}/{obj.name} applied"
+    assert isinstance(obj, release_pb2.Release)
+    return f"release/{obj.name} applied: {status_summary(obj)}"
+
+
+async def _apply_one(client: ReleaseClient, obj: ManifestObject, args: argparse.Namespace) -> Message:
+    if isinstance(obj, release_pb2.Service):
+        return await client.put_service(obj)
+    if isinstance(obj, release_pb2.Version):
+        return await client.put_version(obj)
+    return await client.apply_release(obj, reason=args.reason)
+
+
+async def _apply(client: ReleaseClient, args: argparse.Namespace, objects: Sequence[ManifestObject]) -> int:
+    applied: list[tuple[str, Message]] = []
+    for obj in objects:
+        result = await _apply_one(client, obj, args)
+        applied.append((_kind(obj), result))
+        if args.output == "table":
+            print(_applied_label(result))
+    if args.output != "table":
+        documents = [{"kind": kind, **to_dict(result)} for kind, result in applied]
+        if args.output == "json":
+            print(render_json(documents))
+        else:
+            print(yaml.safe_dump_all(documents, sort_keys=True).rstrip("\n"))
+    return EXIT_OK
+
+
+def _apply_command(args: argparse.Namespace) -> int:
+    objects = read_manifest(args.file)  # all of it parses, or nothing is sent
+
+    async def apply(client: ReleaseClient, args: argparse.Namespace) -> int:
+        return await _apply(client, args, objects)
+
+    return _client_command(apply)(args)
+
+
+def _add_apply(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "apply", "create or update services, versions and releases from YAML")
+    parser.add_argument(
+        "-f", "--filename", dest="file", required=True, metavar="FILE", help="manifest file, or - for stdin"
+    )
+    _add_reason_flag(parser)
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_apply_command)
+
+
+# --- reading releases -------------------------------------------------------------------
+
+
+async def _get(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if args.name:
+        emit(args, await client.get_release(args.name), render_release)
+    else:
+        emit(args, await client.list_releases(), render_releases)
+    return EXIT_OK
+
+
+def _add_get(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "get", "list releases, or show one")
+    parser.add_argument("name", nargs="?", metavar="NAME")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_get))
+
+
+async def follow(
+    releases: AsyncIterable[release_pb2.Release],
+    show: Callable[[release_pb2.Release], None],
+) -> release_pb2.Release | None:
+    """Show each change of status until a terminal phase; return the last release seen,
+    or None if the stream ended without one. Updates that leave the status as it was
+    (a metadata-only write) are not shown again."""
+    last: release_pb2.Release | None = None
+    async for release in releases:
+        if last is None or release.status != last.status or release.spec != last.spec:
+            show(release)
+        last = release
+        if release.status.phase in TERMINAL_PHASES:
+            return release
+    return None
+
+
+def _show_status(args: argparse.Namespace) -> Callable[[release_pb2.Release], None]:
+    def show(release: release_pb2.Release) -> None:
+        print(render(release, args.output, status_line), flush=True)
+
+    return show
+
+
+async def _status(client: ReleaseClient, args: argparse.Namespace) -> int:
+    show = _show_status(args)
+    if not args.watch:
+        show(await client.get_release(args.name))
+        return EXIT_OK
+    last = await follow(client.watch(args.name), show)
+    if last is None:
+        _print_error(f"the watch of {args.name} ended before the release finished (deleted, or the server went away)")
+        return EXIT_ERROR
+    return EXIT_OK if last.status.phase == release_pb2.SUCCEEDED else EXIT_RELEASE_FAILED
+
+
+def _add_status(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "status", "show where a release stands")
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument(
+        "-w",
+        "--watch",
+        action="store_true",
+        help="print a line per change until the release finishes; exit 0 if "
+        f"it SUCCEEDED, {EXIT_RELEASE_FAILED} if it was ROLLED_BACK or FAILED",
+    )
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_status))
+
+
+async def _history(client: ReleaseClient, args: argparse.Namespace) -> int:
+    emit(args, await client.history(args.name), render_history)
+    return EXIT_OK
+
+
+def _add_history(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "history", "show the events of a release")
+    parser.add_argument("name", metavar="NAME")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_history))
+
+
+# --- changing releases ------------------------------------------------------------------
+
+ACTION_HELP: Final = {
+    Action.NEXT: "move to the next batch now",
+    Action.PAUSE: "hold the release at its current batch",
+    Action.RESUME: "let a paused release continue",
+    Action.ROLLBACK: "send all traffic back to the base versions",
+    Action.PROMOTE: "make the gray versions stable and finish the release",
+    Action.RESTART: "start a rolled-back or failed release again from its first batch",
+}
+
+
+def _action_handler(action: Action) -> ClientHandler:
+    async def handle(client: ReleaseClient, args: argparse.Namespace) -> int:
+        release = await client.act(action, args.name, reason=args.reason, expected_revision=args.expected_revision)
+        emit(args, release, status_line)
+        return EXIT_OK
+
+    return handle
+
+
+def _action_builder(action: Action) -> SubcommandBuilder:
+    def build(subparsers: Subparsers) -> None:
+        parser = _client_parser(subparsers, action.value, ACTION_HELP[action])
+        parser.add_argument("name", metavar="NAME")
+        _add_reason_flag(parser)
+        parser.add_argument(
+            "--expected-revision",
+            type=int,
+            default=0,
+            metavar="REVISION",
+            help="fail with ABORTED unless the release is still at this revision",
+        )
+        _add_output_flag(parser)
+        parser.set_defaults(handler=_client_command(_action_handler(action)))
+
+    return build
+
+
+async def _delete(client: ReleaseClient, args: argparse.Namespace) -> int:
+    await client.delete_release(args.name)
+    print(f"release/{args.name} deleted")
+    return EXIT_OK
+
+
+def _add_delete(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "delete", "delete a release (its routes go away)")
+    parser.add_argument("name", metavar="NAME")
+    parser.set_defaults(handler=_client_command(_delete))
+
+
+# --- services and versions --------------------------------------------------------------
+
+
+async def _services(client: ReleaseClient, args: argparse.Namespace) -> int:
+    emit(args, await client.list_services(), render_services)
+    return EXIT_OK
+
+
+def _add_services(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "services", "list services")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_services))
+
+
+async def _versions(client: ReleaseClient, args: argparse.Namespace) -> int:
+    emit(args, await client.list_versions(args.service), render_versions)
+    return EXIT_OK
+
+
+def _add_versions(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "versions", "list the versions of a service")
+    parser.add_argument("service", metavar="SERVICE")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_versions))
+
+
+# --- the table of commands, and main ---------------------------------------------------
+
+#: One builder per subcommand, in `--help` order. Extension point: `agent` and `demo` are
+#: added here as builders like these (import their heavy modules inside the handler).
+COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
+    _add_serve,
+    _add_apply,
+    _add_get,
+    _add_status,
+    *(_action_builder(action) for action in Action),
+    _add_delete,
+    _add_history,
+    _add_services,
+    _add_versions,
+)
+
+
+def build_parser(commands: Sequence[SubcommandBuilder] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graylane",
+        description="Progressive delivery for Envoy: canary, blue-green, content rules and full-link gray lanes.",
+    )
+    _add_connection_flags(parser, defaults=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for build in commands:
+        build(subparsers)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code of --help or of a usage error (which
+    argparse has already printed)."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if isinstance(args, int):
+        return args
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

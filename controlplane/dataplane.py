@@ -1,0 +1,248 @@
+"""DataPlane: keeps Envoy configuration in step with etcd, and release status in step with Envoy.
+
+Owns two loops of one control-plane replica:
+* follow the store: watch the key prefix from a revision; on every change re-read one
+  consistent snapshot, build the routing view, render it for every proxy group (by the
+  proxy's listen port) and set it in the xDS snapshot cache. After a compaction or a lost
+  connection it re-reads and continues, so no change is missed.
+* follow the proxies: whenever a proxy ACKs or NACKs (the xDS tracker) or the view
+  changes, write each live release's convergence (proxies carrying its current batch,
+  `reached` once all of them do) and pause a release whose change a proxy rejected,
+  naming the proxy and Envoy's message.
+
+It remembers, for a bounded number of rendered configurations, the view each was rendered
+from (keyed by content versions), so an ACK or NACK names a view without guesswork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from graylane.controlplane import model, views
+from graylane.controlplane.errors import Unavailable
+from graylane.controlplane.machine import Cause
+from graylane.controlplane.releases import Releases, StatusUpdate
+from graylane.controlplane.store import Compacted, Snapshot
+from graylane.xds import view as xv
+from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.render import effective_view, render
+from graylane.xds.resources import ROUTE, PUSH_ORDER, Resources
+from graylane.xds.tracker import ProxyStatus, ProxyTracker
+
+log = logging.getLogger(__name__)
+
+ACTOR = "graylane/dataplane"
+DEFAULT_LISTEN_PORT = 10000
+_HISTORY = 512
+_RETRY_SECONDS = 1.0
+
+
+class _ViewHistory:
+    """Which view produced a given (type, version): bounded, newest kept."""
+
+    def __init__(self, size: int = _HISTORY) -> None:
+        self._size = size
+        self._views: OrderedDict[tuple[str, str], xv.RoutingView] = OrderedDict()
+
+    def remember(self, resources: Resources, view: xv.RoutingView) -> None:
+        for type_url in PUSH_ORDER:
+            key = (type_url, resources[type_url].version)
+            self._views[key] = view
+            self._views.move_to_end(key)
+        while len(self._views) > self._size:
+            self._views.popitem(last=False)
+
+    def get(self, type_url: str, version: str) -> xv.RoutingView | None:
+        return self._views.get((type_url, version))
+
+
+class DataPlane:
+    def __init__(
+        self,
+        releases: Releases,
+        cache: SnapshotCache,
+        tracker: ProxyTracker,
+        *,
+        listen_address: str = "127.0.0.1",
+        default_listen_port: int = DEFAULT_LISTEN_PORT,
+    ) -> None:
+        self._releases = releases
+        self._store = releases.store
+        self._cache = cache
+        self._tracker = tracker
+        self._listen_address = listen_address
+        self._default_port = default_listen_port
+        self._history = _ViewHistory()
+        self._keys: set[str] = set()
+        self._snap: Snapshot | None = None
+        self._view: xv.RoutingView | None = None
+        self._effective: xv.RoutingView | None = None
+        self._changed = asyncio.Event()
+        self._handled_nacks: set[tuple[str, str]] = set()
+        self.synced = asyncio.Event()  # set once the first snapshot is in the cache
+        cache.on_key_requested(self._render_key)
+
+    @property
+    def view(self) -> xv.RoutingView | None:
+        return self._view
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow_store())
+            tasks.create_task(self._follow_proxies())
+
+    # ------------------------------------------------------------------ store -> cache
+
+    async def _follow_store(self) -> None:
+        revision = 0
+        while True:
+            try:
+                snap = await self._store.snapshot()
+                self._apply(snap)
+                revision = snap.revision
+                async for _ in self._store.watch(start_revision=revision + 1):
+                    snap = await self._store.snapshot()
+                    if snap.revision > revision:
+                        self._apply(snap)
+                        revision = snap.revision
+            except Compacted:
+                log.info("watch compacted at %d: re-reading", revision)
+            except Unavailable as exc:
+                log.warning("etcd unreachable (%s): serving the last view, retrying", exc)
+                await asyncio.sleep(_RETRY_SECONDS)
+
+    def _apply(self, snap: Snapshot) -> None:
+        self._snap = snap
+        view = views.build_view(snap)
+        if view != self._view:
+            self._view = view
+            self._effective = effective_view(view)
+            for key in sorted(self._keys | self._cache.requested_keys()):
+                self._render_key(key)
+        self.synced.set()
+        self._changed.set()
+
+    def _port_of(self, key: str) -> int:
+        if key == DEFAULT_KEY or not key.isdigit():
+            return self._default_port
+        return int(key)
+
+    def _render_key(self, key: str) -> None:
+        if self._view is None:
+            return
+        self._keys.add(key)
+        resources = render(self._view, listen_port=self._port_of(key), listen_address=self._listen_address)
+        self._history.remember(resources, self._view)
+        self._cache.set_snapshot(key, resources)
+
+    # ------------------------------------------------------------------ proxies -> status
+
+    async def _follow_proxies(self) -> None:
+        seen = -1
+        while True:
+            waiter = asyncio.create_task(self._tracker.wait_for_change(seen))
+            changed = asyncio.create_task(self._changed.wait())
+            try:
+                await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                changed.cancel()
+            self._changed.clear()
+            seen = self._tracker.seq
+            try:
+                await self.reconcile()
+            except Unavailable as exc:
+                log.warning("cannot write release status (%s); retrying", exc)
+                await asyncio.sleep(_RETRY_SECONDS)
+                self._changed.set()
+
+    def _carried(self, proxy: ProxyStatus) -> xv.RoutingView | None:
+        ack = proxy.acked.get(ROUTE)
+        return self._history.get(ROUTE, ack.version) if ack is not None else None
+
+    async def reconcile(self) -> None:
+        """One pass: NACKs first (they pause), then convergence of every live release."""
+        snap, view, effective = self._snap, self._view, self._effective
+        if snap is None or view is None or effective is None:
+            return
+        proxies = [p for p in self._tracker.proxies().values() if p.connected]
+        await self._handle_nacks(snap, proxies)
+        carried = [self._carried(p) for p in proxies]
+        targets = sorted({s[ROUTE].version for k in self._keys if (s := self._cache.snapshot(k)) is not None})
+        target = ",".join(targets)
+        for release in snap.releases:
+            if views.routed(release):
+                await self._write_progress(release.name, view, effective, carried, target)
+
+    async def _write_progress(
+        self,
+        name: str,
+        view: xv.RoutingView,
+        effective: xv.RoutingView,
+        carried: list[xv.RoutingView | None],
+        target: str,
+    ) -> None:
+        now = datetime.now(UTC)
+
+        def change(current: model.Release) -> StatusUpdate | None:
+            if not views.routed(current):
+                return None
+            if views.lane_of(current) != views.lanes_by_name(view).get(current.spec.lane):
+                # The view predates this value of the release (a batch just changed):
+                # ACKs of the old batch must not count for the new one.
+                return None
+            p = views.release_progress(current, intended=view, effective=effective, carried=carried)
+            newly = not current.status.reached and p.applied and p.proxies > 0 and p.converged == p.proxies
+            status = replace(
+                current.status,
+                proxies=p.proxies,
+                converged=p.converged,
+                target_version=target,
+                reached=current.status.reached or newly,
+            )
+            if not newly:
+                return StatusUpdate(status)
+            status = replace(
+                status,
+                batch_reached=now,
+                reason=f"batch {current.status.batch} reached by {p.proxies} proxies",
+            )
+            return StatusUpdate(
+                status,
+                action="reached",
+                cause=Cause(
+                    actor=ACTOR,
+                    reason="every proxy serving the release ACKed its current batch",
+                    details={"proxies": str(p.proxies), "weight": str(current.weight())},
+                ),
+            )
+
+        await self._releases.update_status(name, change)
+
+    async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
+        for proxy in proxies:
+            nack = proxy.last_nack
+            if nack is None or (proxy.node_id, nack.nonce) in self._handled_nacks:
+                continue
+            self._handled_nacks.add((proxy.node_id, nack.nonce))
+            accepted_ack = proxy.acked.get(nack.type_url)
+            rejected = self._history.get(nack.type_url, nack.version)
+            accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
+            blamed = views.blame_nack(rejected, accepted)
+            if rejected is None:
+                # A configuration this replica did not render: blame every live lane.
+                blamed = frozenset(r.spec.lane for r in snap.releases if views.routed(r))
+            record = model.Nack(
+                node=proxy.node_id,
+                type_url=nack.type_url,
+                version=nack.version,
+                message=nack.message,
+                at=datetime.fromtimestamp(nack.at, UTC),
+            )
+            for release in snap.releases:
+                if release.spec.lane in blamed and views.routed(release):
+                    await self._releases.hold_for_nack(release.name, record, cause=Cause(actor=ACTOR))

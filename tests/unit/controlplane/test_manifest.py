@@ -1,0 +1,163 @@
+"""Manifest parsing: the example file, accepted spellings, and errors that name the field."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
+from graylane.controlplane.manifest import ManifestError, load_manifest
+from graylane.v1 import release_pb2 as pb
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "release.yaml"
+
+
+def _rule(kind: pb.MatchKind, name: str, op: pb.MatchOp, value: str) -> pb.MatchRule:
+    return pb.MatchRule(conditions=[pb.Condition(kind=kind, name=name, op=op, value=value)])
+
+
+def test_example_file_parses_into_the_expected_protos() -> None:
+    objects = load_manifest(EXAMPLE.read_text(), source=str(EXAMPLE))
+
+    manual = pb.Pause(manual=True)
+    assert objects == [
+        pb.Service(
+            name="checkout",
+            stable_version="v1",
+            description="Checkout API (cart totals, payment hand-off)",
+        ),
+        pb.Version(
+            service="checkout",
+            name="v1",
+            metadata=pb.VersionMetadata(
+                image="registry.example.com/checkout:1.14.2",
+                author="payments-team",
+                change_summary="current production build",
+            ),
+            endpoints=[pb.Endpoint(address="127.0.0.1", port=18081)],
+        ),
+        pb.Version(
+            service="checkout",
+            name="v2",
+            metadata=pb.VersionMetadata(
+                image="registry.example.com/checkout:1.15.0",
+                author="payments-team",
+                change_summary="new tax rounding; retries payment hand-off once",
+            ),
+            endpoints=[pb.Endpoint(address="127.0.0.1", port=18082)],
+        ),
+        pb.Release(
+            name="checkout-v2",
+            spec=pb.ReleaseSpec(
+                lane="checkout-v2",
+                entry="checkout",
+                services=[pb.ServiceVersions(service="checkout", base_version="v1", gray_version="v2")],
+                strategy=pb.CANARY,
+                match=[
+                    _rule(pb.HEADER, "x-canary", pb.EXACT, "always"),
+                    _rule(pb.COOKIE, "user", pb.PREFIX, "beta-"),
+                ],
+                batches=[
+                    pb.Batch(weight=10, pause=manual),
+                    pb.Batch(weight=20, pause=pb.Pause(duration=duration_pb2.Duration(seconds=30))),
+                    pb.Batch(weight=50, pause=manual),
+                    pb.Batch(weight=100, pause=manual),
+                ],
+            ),
+        ),
+    ]
+
+
+def test_camel_case_names_lower_case_enums_and_default_kind() -> None:
+    [release] = load_manifest(
+        """
+name: r
+spec:
+  strategy: blue_green
+  services: [{service: a, baseVersion: v1, grayVersion: v2}]
+  placement: {grayClusters: [eu]}
+"""
+    )
+    assert release == pb.Release(
+        name="r",
+        spec=pb.ReleaseSpec(
+            strategy=pb.BLUE_GREEN,
+            services=[pb.ServiceVersions(service="a", base_version="v1", gray_version="v2")],
+            placement=pb.Placement(gray_clusters=["eu"]),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "nanos"),
+    [("30s", 30, 0), ("1.5s", 1, 500_000_000), ("5m", 300, 0), ("1h30m", 5400, 0), ("250ms", 0, 250_000_000)],
+)
+def test_durations(text: str, seconds: int, nanos: int) -> None:
+    [release] = load_manifest(f"name: r\nspec:\n  batches: [{{weight: 1, pause: {{duration: {text}}}}}]\n")
+    assert isinstance(release, pb.Release)
+    assert release.spec.batches[0].pause.duration == duration_pb2.Duration(seconds=seconds, nanos=nanos)
+
+
+def test_unquoted_yaml_timestamp_becomes_a_proto_timestamp() -> None:
+    [version] = load_manifest("kind: Version\nservice: a\nname: v1\nmetadata: {created: 2024-05-01T10:00:00Z}\n")
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(dt.datetime(2024, 5, 1, 10, tzinfo=dt.UTC))
+    assert isinstance(version, pb.Version)
+    assert version.metadata.created == expected
+
+
+def test_empty_documents_are_skipped_but_counted() -> None:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest("kind: Service\nname: a\n---\n---\nkind: Service\nname: b\nstable: v1\n", source="f.yaml")
+    assert str(caught.value).startswith("f.yaml: document 3: stable: unknown field")
+
+
+RELEASE = "kind: Release\nname: r\nspec:\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            RELEASE + "  batches:\n    - weight: 10\n    - weight: 20\n      pause: {durations: 30s}\n",
+            "document 1: spec.batches[1].pause.durations: unknown field; Pause has: manual, duration",
+        ),
+        (RELEASE + "  lanes: x\n", "document 1: spec.lanes: unknown field; ReleaseSpec has: lane, entry,"),
+        (
+            "name: r\nservices: []\nspec: {lane: x}\n",
+            "document 1: services: unknown field; a Release has kind, name and spec",
+        ),
+        ("kind: Relaese\nname: r\n", "document 1: kind: unknown kind 'Relaese'; expected one of: Release, Service"),
+        ("- a\n- b\n", "document 1: expected a mapping with a `kind`, got a list"),
+        (RELEASE + "  services: {service: a}\n", "document 1: spec.services: expected a list, got a mapping"),
+        (RELEASE + "  batches: [{weight: ten}]\n", "spec.batches[0].weight: expected an integer, got 'ten'"),
+        (RELEASE + "  batches: [{weight: -5}]\n", "spec.batches[0].weight: expected a non-negative integer, got -5"),
+        (RELEASE + "  lane: 3\n", "spec.lane: expected a string, got 3 (quote it)"),
+        (
+            RELEASE + "  strategy: rolling\n",
+            "spec.strategy: unknown value 'rolling'; expected one of: CANARY, BLUE_GREEN, AB",
+        ),
+        (
+            RELEASE + "  batches: [{weight: 1, pause: {manual: true, duration: 3s}}]\n",
+            "spec.batches[0].pause.duration: set only one of manual and duration",
+        ),
+        (RELEASE + "  batches: [{weight: 1, pause: {duration: 30}}]\n", 'expected a duration such as "30s"'),
+        (RELEASE + "  lane: a\n  Lane: b\n", "spec.Lane: unknown field"),
+        (
+            RELEASE + "  services: [{service: a, base_version: v1, baseVersion: v1}]\n",
+            "spec.services[0].baseVersion: base_version is given twice",
+        ),
+        ("kind: Release\nspec: {lane: x}\n", "document 1: name: required"),
+        ("kind: Release\nname: r\n", "document 1: spec: required"),
+        ("kind: Version\nname: v1\n", "document 1: service: required"),
+        ("kind: Service\nname: a\n---\nkind: Service\nname: [b]\n", "document 2: name: expected a string, got a list"),
+        ("kind: Service\nname: a\n---\nname: r\nspec: {lane: [x}\n", "document 2: invalid YAML at line 5, column"),
+        ("", "no documents"),
+    ],
+)
+def test_errors_name_the_document_and_field(text: str, message: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(text, source="release.yaml")
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("release.yaml: ")

@@ -1,0 +1,127 @@
+"""SnapshotCache: consistency check, watches, requested keys, node keys, content history."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+from graylane.xds.cache import (
+    DEFAULT_KEY,
+    InconsistentSnapshot,
+    SnapshotCache,
+    consistency_gaps,
+    listen_port_key,
+)
+from graylane.xds.render import render
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
+
+VIEW = RoutingView(
+    services=(ServiceRoute("a", "v1"),),
+    endpoints=(
+        VersionEndpoints("a", "v1", (Endpoint("127.0.0.1", 1001),)),
+        VersionEndpoints("a", "v2", (Endpoint("127.0.0.1", 1002),)),
+    ),
+)
+GOOD = render(VIEW, listen_port=10000)
+GRAY = render(
+    RoutingView(VIEW.services, VIEW.endpoints, (Lane("g", "a", 10, (("a", "v2"),)),)),
+    listen_port=10000,
+)
+
+
+def without(resources: Resources, type_url: str) -> Resources:
+    return Resources.of({t: ({} if t == type_url else resources[t].items) for t in resources.by_type})
+
+
+def test_a_rendered_snapshot_is_consistent() -> None:
+    assert consistency_gaps(GOOD) == ()
+
+
+@pytest.mark.parametrize(
+    ("broken", "missing"),
+    [
+        (without(GOOD, ENDPOINT), "EDS resource 'a|v1' for EDS cluster is missing"),
+        (without(GOOD, ROUTE), "route config 'graylane' of listener 'graylane_http_10000' is missing"),
+        (
+            Resources.of({**{t: GRAY[t].items for t in GRAY.by_type}, CLUSTER: GOOD[CLUSTER].items, ENDPOINT: GOOD[ENDPOINT].items}),
+            "cluster 'a|v2' routed to by 'graylane' is missing",
+        ),
+        (
+            Resources.of({**{t: GOOD[t].items for t in GOOD.by_type}, ENDPOINT: GRAY[ENDPOINT].items}),
+            "EDS resource 'a|v2' names no EDS cluster",
+        ),
+    ],
+)
+def test_set_snapshot_rejects_dangling_references(broken: Resources, missing: str) -> None:
+    cache = SnapshotCache()
+    with pytest.raises(InconsistentSnapshot) as info:
+        cache.set_snapshot("k", broken)
+    assert missing in info.value.missing
+    assert cache.snapshot("k") is None
+
+
+def test_listeners_alone_are_inconsistent_without_routes() -> None:
+    only_listener = Resources.of({LISTENER: GOOD[LISTENER].items})
+    assert consistency_gaps(only_listener) != ()
+
+
+def test_watchers_of_a_key_are_woken_only_by_a_change_of_that_key() -> None:
+    cache = SnapshotCache()
+    woken: list[str] = []
+    cache.watch("k", lambda: woken.append("k"))
+    other = cache.watch("other", lambda: woken.append("other"))
+    cache.set_snapshot("k", GOOD)
+    cache.set_snapshot("k", GOOD)  # same content: same versions, nobody woken
+    cache.set_snapshot("k", GRAY)
+    assert woken == ["k", "k"]
+    other.close()
+    cache.set_snapshot("other", GOOD)
+    assert woken == ["k", "k"]
+
+
+def test_requested_keys_and_the_key_requested_callback() -> None:
+    cache = SnapshotCache()
+    asked: list[str] = []
+    cache.on_key_requested(asked.append)
+    cache.set_snapshot("ready", GOOD)
+    first = cache.watch("ready", lambda: None)
+    second = cache.watch("new", lambda: None)
+    third = cache.watch("new", lambda: None)
+    assert asked == ["new", "new"]  # asked again while it still has no snapshot
+    assert cache.requested_keys() == {"ready", "new"}
+    first.close()
+    second.close()
+    assert cache.requested_keys() == {"new"}
+    third.close()
+    assert cache.requested_keys() == frozenset()
+
+
+def test_the_key_requested_callback_may_set_the_snapshot_synchronously() -> None:
+    cache = SnapshotCache()
+    cache.on_key_requested(lambda key: cache.set_snapshot(key, GOOD))
+    cache.watch("10000", lambda: None)
+    assert cache.snapshot("10000") is GOOD
+
+
+def node(**metadata: object) -> base_pb2.Node:
+    meta = struct_pb2.Struct()
+    meta.update(metadata)
+    return base_pb2.Node(id="n", metadata=meta)
+
+
+def test_listen_port_key() -> None:
+    assert listen_port_key(node(listen_port="10001")) == "10001"
+    assert listen_port_key(node(listen_port=10002)) == "10002"
+    assert listen_port_key(node()) == DEFAULT_KEY
+    assert listen_port_key(node(listen_port="")) == DEFAULT_KEY
+
+
+def test_history_resolves_content_versions_of_stored_snapshots() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", GOOD)
+    cache.set_snapshot("k", GRAY)
+    typed = GOOD[CLUSTER]
+    assert cache.history.resolve_set(CLUSTER, typed.version) == dict(typed.items)
+    assert cache.history.message(CLUSTER, typed.versions["a|v1"]) == typed.items["a|v1"]
+    assert cache.history.resolve_set(CLUSTER, "no-such-version") is None

@@ -1,0 +1,884 @@
+"""Unit tests for graylane.xds.render: the proto structure a RoutingView renders to.
+
+No processes: what Envoy makes of these resources is checked in
+tests/integration/test_render_envoy_validate.py. Regexes are checked here with google-re2,
+the engine Envoy runs, including Envoy's default program-size limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import re2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.message import Message
+from graylane.xds import resources
+from graylane.xds.render import effective_view, referenced_clusters, render
+from graylane.xds.view import (
+    ROUTE_CONFIG_NAME,
+    Condition,
+    Endpoint,
+    Lane,
+    MatchKind,
+    MatchOp,
+    RoutingView,
+    Rule,
+    ServiceRoute,
+    VersionEndpoints,
+)
+
+PORT = 15001
+ENVOY_MAX_PROGRAM_SIZE = 100  # Envoy's default re2.max_program_size.error_level
+OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def eps(*ports: int) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint("10.0.0.1", p) for p in ports)
+
+
+def make_view(*lanes: Lane, connect_timeout_ms: int = 1000) -> RoutingView:
+    """gateway -> cart -> stock; every version listed here has endpoints except stock v3."""
+    return RoutingView(
+        services=(
+            ServiceRoute("stock", "v1"),
+            ServiceRoute("gateway", "v1"),
+            ServiceRoute("cart", "v1"),
+        ),
+        endpoints=(
+            VersionEndpoints("gateway", "v1", eps(8001)),
+            VersionEndpoints("gateway", "v2", eps(8002)),
+            VersionEndpoints("cart", "v1", eps(8011, 8010)),
+            VersionEndpoints("cart", "v2", eps(8012)),
+            VersionEndpoints("stock", "v1", eps(8021)),
+            VersionEndpoints("stock", "v2", eps(8022)),
+            VersionEndpoints("stock", "v3", ()),
+        ),
+        lanes=lanes,
+        connect_timeout_ms=connect_timeout_ms,
+    )
+
+
+def lane(
+    name: str,
+    *,
+    entry: str = "gateway",
+    weight: int = 0,
+    versions: tuple[tuple[str, str], ...] = (),
+    rules: tuple[Rule, ...] = (),
+) -> Lane:
+    return Lane(name=name, entry=entry, weight=weight, versions=versions, rules=rules)
+
+
+def rule(*conditions: Condition) -> Rule:
+    return Rule(conditions)
+
+
+def cond(kind: MatchKind, name: str, op: MatchOp, value: str = "") -> Condition:
+    return Condition(kind, name, op, value)
+
+
+def item(res: resources.Resources, type_url: str, name: str) -> Any:
+    """One rendered resource (Any: the Envoy protos ship no type stubs)."""
+    return res[type_url].items[name]
+
+
+def route_config(res: resources.Resources) -> route_pb2.RouteConfiguration:
+    message = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+    assert isinstance(message, route_pb2.RouteConfiguration)
+    return message
+
+
+def routes_of(res: resources.Resources, service: str) -> list[route_components_pb2.Route]:
+    for vhost in route_config(res).virtual_hosts:
+        if vhost.name == service:
+            return list(vhost.routes)
+    raise AssertionError(f"no virtual host {service}")
+
+
+def route_names(res: resources.Resources, service: str) -> list[str]:
+    return [r.name for r in routes_of(res, service)]
+
+
+def named(res: resources.Resources, service: str, name: str) -> route_components_pb2.Route:
+    for r in routes_of(res, service):
+        if r.name == name:
+            return r
+    raise AssertionError(f"no route {name} in {service}: {route_names(res, service)}")
+
+
+def header(match: route_components_pb2.RouteMatch, name: str) -> route_components_pb2.HeaderMatcher:
+    found = [h for h in match.headers if h.name == name]
+    assert len(found) == 1, f"{name}: {found}"
+    return found[0]
+
+
+def tags(options: object) -> dict[str, tuple[str, int]]:
+    return {o.header.key: (o.header.value, o.append_action) for o in options}  # type: ignore[attr-defined]
+
+
+def all_regexes(message: Message) -> Iterator[str]:
+    """Every RegexMatcher.regex anywhere inside `message`."""
+    if message.DESCRIPTOR.full_name == "envoy.type.matcher.v3.RegexMatcher":
+        yield message.regex  # type: ignore[attr-defined]
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for item in value if field.is_repeated else [value]:
+            yield from all_regexes(item)
+
+
+def deprecated_fields(message: Message, path: str = "") -> Iterator[str]:
+    for field, value in message.ListFields():
+        where = f"{path}.{field.name}"
+        if field.GetOptions().deprecated:
+            yield where
+        if field.message_type is not None:
+            for item in value if field.is_repeated else [value]:
+                yield from deprecated_fields(item, where)
+
+
+def fullmatch(regex: str, value: str) -> bool:
+    return re2.fullmatch(regex, value) is not None
+
+
+def render_view(view: RoutingView) -> resources.Resources:
+    return render(view, listen_port=PORT)
+
+
+# A view that uses every feature: two lanes entering at gateway, every kind and op.
+RICH_VIEW = make_view(
+    lane(
+        "blue",
+        weight=20,
+        versions=(("cart", "v2"), ("gateway", "v2")),
+        rules=(
+            rule(
+                cond(MatchKind.HEADER, "X-User", MatchOp.EXACT, "42"),
+                cond(MatchKind.COOKIE, "session", MatchOp.PREFIX, "beta-"),
+                cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"),
+            ),
+            rule(cond(MatchKind.QUERY, "preview", MatchOp.PRESENT)),
+        ),
+    ),
+    lane(
+        "green",
+        weight=10,
+        versions=(("stock", "v2"),),
+        rules=(rule(cond(MatchKind.HEADER, "x-tier", MatchOp.REGEX, "gold|platinum")),),
+    ),
+)
+
+
+# --------------------------------------------------------------------------- effective view
+
+
+def test_effective_view_drops_gray_versions_without_endpoints() -> None:
+    view = make_view(lane("blue", weight=30, versions=(("cart", "v2"), ("stock", "v3"))))
+
+    effective = effective_view(view)
+
+    assert effective.lanes == (lane("blue", weight=30, versions=(("cart", "v2"),)),)
+    assert effective != view
+
+
+def test_effective_view_keeps_lanes_that_lose_every_version() -> None:
+    view = make_view(lane("blue", weight=30, versions=(("stock", "v3"),)))
+
+    (only,) = effective_view(view).lanes
+
+    assert (only.name, only.weight, only.versions) == ("blue", 30, ())
+
+
+def test_effective_view_of_a_servable_view_is_equal() -> None:
+    view = make_view(lane("blue", weight=30, versions=(("cart", "v2"),)))
+    assert effective_view(view) == view
+
+
+def test_render_serves_empty_gray_versions_from_base() -> None:
+    view = make_view(lane("blue", weight=30, versions=(("cart", "v2"), ("stock", "v3"))))
+    res = render_view(view)
+
+    assert "stock|v3" not in res[resources.CLUSTER].items
+    assert "stock|v3" not in referenced_clusters(route_config(res))
+    assert route_names(res, "stock") == ["default"]
+    assert res[resources.ROUTE].version == render_view(effective_view(view))[resources.ROUTE].version
+
+
+# --------------------------------------------------------------------------------- CDS/EDS
+
+
+def test_clusters_are_base_versions_and_lane_versions() -> None:
+    res = render_view(RICH_VIEW)
+    assert list(res[resources.CLUSTER]) == [
+        "cart|v1",
+        "cart|v2",
+        "gateway|v1",
+        "gateway|v2",
+        "stock|v1",
+        "stock|v2",
+    ]
+
+
+def test_cluster_is_eds_over_ads() -> None:
+    res = render_view(make_view(connect_timeout_ms=2500))
+    cluster = item(res, resources.CLUSTER, "cart|v1")
+
+    assert cluster.name == "cart|v1"
+    assert cluster.type == cluster.DiscoveryType.EDS
+    assert cluster.eds_cluster_config.service_name == "cart|v1"
+    eds_config = cluster.eds_cluster_config.eds_config
+    assert eds_config.HasField("ads")
+    assert eds_config.resource_api_version == config_source_pb2.ApiVersion.V3
+    assert (cluster.connect_timeout.seconds, cluster.connect_timeout.nanos) == (2, 500_000_000)
+    assert cluster.lb_policy == cluster.LbPolicy.ROUND_ROBIN
+
+
+def test_load_assignments_sort_and_deduplicate_endpoints() -> None:
+    view = dataclasses.replace(
+        make_view(),
+        endpoints=(
+            VersionEndpoints(
+                "cart",
+                "v1",
+                (Endpoint("10.0.0.2", 80), Endpoint("10.0.0.1", 81), Endpoint("10.0.0.1", 80))
+                + (Endpoint("10.0.0.2", 80),),
+            ),
+        ),
+    )
+    assignment = item(render_view(view), resources.ENDPOINT, "cart|v1")
+
+    (locality,) = assignment.endpoints
+    addresses = [
+        (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+        for e in locality.lb_endpoints
+    ]
+    assert assignment.cluster_name == "cart|v1"
+    assert addresses == [("10.0.0.1", 80), ("10.0.0.1", 81), ("10.0.0.2", 80)]
+
+
+def test_base_without_endpoints_still_has_a_cluster_and_an_empty_assignment() -> None:
+    view = dataclasses.replace(make_view(), endpoints=())
+    res = render_view(view)
+
+    assert "gateway|v1" in res[resources.CLUSTER].items
+    assert list(item(res, resources.ENDPOINT, "gateway|v1").endpoints) == []
+
+
+def test_every_routed_cluster_exists_and_every_cluster_has_endpoints_resource() -> None:
+    res = render_view(RICH_VIEW)
+    clusters = set(res[resources.CLUSTER].items)
+
+    assert referenced_clusters(route_config(res)) <= clusters
+    assert set(res[resources.ENDPOINT].items) == clusters
+
+
+# ------------------------------------------------------------------------------------- LDS
+
+
+def test_listener_serves_rds_through_the_router() -> None:
+    res = render(make_view(), listen_port=18080, listen_address="0.0.0.0")
+    (name,) = list(res[resources.LISTENER])
+    listener = item(res, resources.LISTENER, name)
+
+    assert name == "graylane_http_18080"
+    assert listener.address.socket_address.address == "0.0.0.0"
+    assert listener.address.socket_address.port_value == 18080
+    (chain,) = listener.filter_chains
+    (network_filter,) = chain.filters
+    assert network_filter.name == "envoy.filters.network.http_connection_manager"
+    manager = hcm_pb2.HttpConnectionManager()
+    assert network_filter.typed_config.Unpack(manager)
+    assert manager.stat_prefix == "graylane"
+    assert manager.rds.route_config_name == ROUTE_CONFIG_NAME
+    assert manager.rds.config_source.HasField("ads")
+    assert manager.rds.config_source.resource_api_version == config_source_pb2.ApiVersion.V3
+    (router,) = manager.http_filters
+    assert router.name == "envoy.filters.http.router"
+    assert router.typed_config.Unpack(router_pb2.Router())
+
+
+# ------------------------------------------------------------------------------- RDS shape
+
+
+def test_one_virtual_host_per_service_sorted_with_port_wildcard() -> None:
+    config = route_config(render_view(make_view()))
+
+    assert config.name == ROUTE_CONFIG_NAME
+    assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [
+        ("cart", ["cart", "cart:*"]),
+        ("gateway", ["gateway", "gateway:*"]),
+        ("stock", ["stock", "stock:*"]),
+    ]
+
+
+def test_without_lanes_every_service_routes_to_base() -> None:
+    res = render_view(make_view())
+    for service in ("cart", "gateway", "stock"):
+        (only,) = routes_of(res, service)
+        assert only.match.prefix == "/"
+        assert not only.match.headers
+        assert only.route.cluster == f"{service}|v1"
+
+
+def test_route_order_at_the_entry() -> None:
+    assert route_names(render_view(RICH_VIEW), "gateway") == [
+        "lane/blue/header",
+        "lane/blue/baggage",
+        "tagged/header",
+        "tagged/baggage",
+        "rule/blue/0/with-baggage",
+        "rule/blue/0/without-baggage",
+        "rule/blue/1/with-baggage",
+        "rule/blue/1/without-baggage",
+        "rule/green/0/with-baggage",
+        "rule/green/0/without-baggage",
+        "split/with-baggage",
+        "split/without-baggage",
+        "default",
+    ]
+
+
+def test_a_service_inside_lanes_gets_only_lane_routes_and_default() -> None:
+    res = render_view(RICH_VIEW)
+    assert route_names(res, "cart") == ["lane/blue/header", "lane/blue/baggage", "default"]
+    assert route_names(res, "stock") == ["lane/green/header", "lane/green/baggage", "default"]
+
+
+def test_every_route_retries_only_failures_before_the_upstream() -> None:
+    for vhost in route_config(render_view(RICH_VIEW)).virtual_hosts:
+        for r in vhost.routes:
+            assert r.route.retry_policy.retry_on == "connect-failure,refused-stream"
+            assert r.route.retry_policy.num_retries.value == 2
+
+
+def test_rendering_uses_no_deprecated_field() -> None:
+    res = render_view(RICH_VIEW)
+    for typed in res.by_type.values():
+        for message in typed.items.values():
+            assert list(deprecated_fields(message)) == []
+    manager = hcm_pb2.HttpConnectionManager()
+    listener = item(res, resources.LISTENER, "graylane_http_15001")
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert list(deprecated_fields(manager)) == []
+
+
+def test_every_regex_compiles_in_re2_within_envoys_program_size() -> None:
+    res = render_view(RICH_VIEW)
+    regexes = list(all_regexes(route_config(res)))
+    assert regexes
+    for regex in regexes:
+        assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE, regex
+
+
+# ----------------------------------------------------------------------- step 1: lane routes
+
+
+def test_lane_header_route_sends_the_lane_to_its_version() -> None:
+    r = named(render_view(RICH_VIEW), "cart", "lane/blue/header")
+
+    assert r.match.prefix == "/"
+    (matcher,) = r.match.headers
+    assert matcher.name == "x-graylane"
+    assert matcher.string_match.exact == "blue"
+    assert r.route.cluster == "cart|v2"
+    assert not r.request_headers_to_add  # already tagged: nothing to add
+
+
+def test_lane_baggage_route_applies_only_without_the_lane_header() -> None:
+    r = named(render_view(RICH_VIEW), "cart", "lane/blue/baggage")
+
+    absent = header(r.match, "x-graylane")
+    assert absent.HasField("present_match") and absent.present_match is False
+    assert header(r.match, "baggage").string_match.HasField("safe_regex")
+    assert r.route.cluster == "cart|v2"
+
+
+def test_lanes_are_listed_in_view_order() -> None:
+    first = lane("zeta", weight=0, versions=(("cart", "v2"),))
+    second = lane("alpha", weight=0, versions=(("cart", "v2"),))
+
+    forward = route_names(render_view(make_view(first, second)), "cart")
+    backward = route_names(render_view(make_view(second, first)), "cart")
+
+    assert forward[:4] == ["lane/zeta/header", "lane/zeta/baggage"] + [
+        "lane/alpha/header",
+        "lane/alpha/baggage",
+    ]
+    assert backward[:2] == ["lane/alpha/header", "lane/alpha/baggage"]
+
+
+def lane_baggage_regex(lane_name: str) -> str:
+    res = render_view(make_view(lane(lane_name, versions=(("cart", "v2"),))))
+    regex: str = header(named(res, "cart", f"lane/{lane_name}/baggage").match, "baggage").string_match.safe_regex.regex
+    return regex
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "graylane=blue",
+        "graylane=blue;ttl=3",
+        "userId=alice,graylane=blue",
+        "userId=alice, graylane = blue ;p, isProduction=false",
+        "a=1,graylane=blue,b=2",
+        "a=1;graylane=x,graylane=blue",  # a property named graylane is not a member
+        "\tgraylane=blue\t",
+        "a=1,graylane=blue",  # two baggage lines, as Envoy joins them
+    ],
+)
+def test_lane_baggage_regex_matches_the_member(value: str) -> None:
+    assert fullmatch(lane_baggage_regex("blue"), value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "graylane=blue2",
+        "graylane=blu",
+        "graylane=green",
+        "xgraylane=blue",
+        "graylanes=blue",
+        "a=1;graylane=blue",  # property, not member
+        "userId=graylane=blue",
+        "graylane=bluex;p",
+    ],
+)
+def test_lane_baggage_regex_rejects_other_values(value: str) -> None:
+    assert not fullmatch(lane_baggage_regex("blue"), value)
+
+
+def test_lane_names_are_escaped_in_baggage_regex() -> None:
+    regex = lane_baggage_regex("r.1+x")
+    assert fullmatch(regex, "graylane=r.1+x")
+    assert not fullmatch(regex, "graylane=rZ11x")
+
+
+def test_lane_baggage_regex_fits_envoys_limit_for_long_lane_names() -> None:
+    regex = lane_baggage_regex("checkout-service-release-2024-11-22")
+    assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE
+
+
+def test_a_lane_without_a_version_of_the_service_has_no_lane_route_there() -> None:
+    res = render_view(RICH_VIEW)
+    assert not [n for n in route_names(res, "cart") if "green" in n]
+    assert not [n for n in route_names(res, "gateway") if n.startswith("lane/green")]
+
+
+# -------------------------------------------------------------------- step 2: tagged traffic
+
+
+def test_tagged_traffic_not_claimed_by_a_lane_stays_on_base_at_the_entry() -> None:
+    res = render_view(RICH_VIEW)
+    by_header = named(res, "gateway", "tagged/header")
+    by_baggage = named(res, "gateway", "tagged/baggage")
+
+    (present,) = by_header.match.headers
+    assert (present.name, present.present_match) == ("x-graylane", True)
+    assert header(by_baggage.match, "x-graylane").present_match is False
+    for r in (by_header, by_baggage):
+        assert r.route.cluster == "gateway|v1"
+        assert not r.request_headers_to_add  # never re-tagged into another lane
+
+
+@pytest.mark.parametrize(
+    ("value", "tagged"),
+    [
+        ("graylane=gone", True),
+        ("a=1, graylane = x;p", True),
+        ("graylane=", True),
+        ("a=1", False),
+        ("a=1;graylane=x", False),
+        ("xgraylane=x", False),
+        ("", False),
+    ],
+)
+def test_any_lane_baggage_regex(value: str, tagged: bool) -> None:
+    r = named(render_view(RICH_VIEW), "gateway", "tagged/baggage")
+    regex = header(r.match, "baggage").string_match.safe_regex.regex
+    assert fullmatch(regex, value) is tagged
+
+
+def test_no_tagged_route_where_no_lane_enters() -> None:
+    assert not [n for n in route_names(render_view(RICH_VIEW), "cart") if n.startswith("tagged")]
+
+
+# ----------------------------------------------------------------------- step 3: entry rules
+
+
+def rule_route(c: Condition, *, has_baggage: bool = False) -> route_components_pb2.Route:
+    view = make_view(lane("blue", versions=(("gateway", "v2"),), rules=(rule(c),)))
+    suffix = "with-baggage" if has_baggage else "without-baggage"
+    return named(render_view(view), "gateway", f"rule/blue/0/{suffix}")
+
+
+def test_rule_routes_tag_without_destroying_baggage() -> None:
+    c = cond(MatchKind.HEADER, "x-user", MatchOp.EXACT, "42")
+    with_baggage = rule_route(c, has_baggage=True)
+    without = rule_route(c, has_baggage=False)
+
+    assert header(with_baggage.match, "baggage").present_match is True
+    assert header(without.match, "baggage").present_match is False
+    assert tags(with_baggage.request_headers_to_add) == {
+        "x-graylane": ("blue", OVERWRITE),
+        "baggage": ("%REQ(baggage)%,graylane=blue", OVERWRITE),
+    }
+    assert tags(without.request_headers_to_add) == {
+        "x-graylane": ("blue", OVERWRITE),
+        "baggage": ("graylane=blue", OVERWRITE),
+    }
+    for r in (with_baggage, without):
+        assert r.route.cluster == "gateway|v2"
+        for option in r.request_headers_to_add:
+            assert not option.HasField("append")
+
+
+def test_rule_of_a_lane_without_entry_version_routes_to_base_but_tags() -> None:
+    view = make_view(
+        lane("blue", versions=(("cart", "v2"),), rules=(rule(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b")),))
+    )
+    r = named(render_view(view), "gateway", "rule/blue/0/without-baggage")
+
+    assert r.route.cluster == "gateway|v1"
+    assert tags(r.request_headers_to_add)["x-graylane"] == ("blue", OVERWRITE)
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "field", "expected"),
+    [
+        (MatchOp.EXACT, "42", "exact", "42"),
+        (MatchOp.PREFIX, "4", "prefix", "4"),
+        (MatchOp.REGEX, "[0-9]+", "safe_regex", "[0-9]+"),
+    ],
+)
+def test_header_condition(op: MatchOp, value: str, field: str, expected: str) -> None:
+    r = rule_route(cond(MatchKind.HEADER, "X-User", op, value))
+    matcher = header(r.match, "x-user")  # Envoy header names are lower case
+
+    assert matcher.string_match.WhichOneof("match_pattern") == field
+    actual = getattr(matcher.string_match, field)
+    assert (actual.regex if field == "safe_regex" else actual) == expected
+    assert r.match.prefix == "/"
+
+
+def test_header_present_condition() -> None:
+    matcher = header(rule_route(cond(MatchKind.HEADER, "x-beta", MatchOp.PRESENT)).match, "x-beta")
+    assert matcher.WhichOneof("header_match_specifier") == "present_match"
+    assert matcher.present_match is True
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "field"),
+    [(MatchOp.EXACT, "1", "exact"), (MatchOp.PREFIX, "on", "prefix"), (MatchOp.REGEX, "1|on", "safe_regex")],
+)
+def test_query_condition(op: MatchOp, value: str, field: str) -> None:
+    (matcher,) = rule_route(cond(MatchKind.QUERY, "preview", op, value)).match.query_parameters
+
+    assert matcher.name == "preview"
+    assert matcher.string_match.WhichOneof("match_pattern") == field
+
+
+def test_query_present_condition() -> None:
+    (matcher,) = rule_route(cond(MatchKind.QUERY, "preview", MatchOp.PRESENT)).match.query_parameters
+    assert matcher.WhichOneof("query_parameter_match_specifier") == "present_match"
+    assert matcher.present_match is True
+
+
+def test_path_exact_condition() -> None:
+    r = rule_route(cond(MatchKind.PATH, "", MatchOp.EXACT, "/api/v2"))
+    assert r.match.WhichOneof("path_specifier") == "path"
+    assert r.match.path == "/api/v2"
+
+
+def test_path_prefix_condition() -> None:
+    r = rule_route(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"))
+    assert r.match.WhichOneof("path_specifier") == "prefix"
+    assert r.match.prefix == "/api"
+
+
+def test_path_regex_condition() -> None:
+    r = rule_route(cond(MatchKind.PATH, "", MatchOp.REGEX, "/items/[0-9]+"))
+    assert r.match.WhichOneof("path_specifier") == "safe_regex"
+    assert r.match.safe_regex.regex == "/items/[0-9]+"
+
+
+def test_path_present_is_rejected() -> None:
+    with pytest.raises(ValueError, match="PATH"):
+        rule_route(cond(MatchKind.PATH, "", MatchOp.PRESENT))
+
+
+def test_two_path_conditions_in_one_rule_are_rejected() -> None:
+    view = make_view(
+        lane(
+            "blue",
+            rules=(
+                rule(
+                    cond(MatchKind.PATH, "", MatchOp.PREFIX, "/a"),
+                    cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b"),
+                ),
+            ),
+        )
+    )
+    with pytest.raises(ValueError, match="PATH"):
+        render_view(view)
+
+
+def test_conditions_of_a_rule_are_anded_in_one_match() -> None:
+    r = named(render_view(RICH_VIEW), "gateway", "rule/blue/0/without-baggage")
+
+    assert r.match.prefix == "/api"
+    assert header(r.match, "x-user").string_match.exact == "42"
+    assert header(r.match, "cookie").string_match.HasField("safe_regex")
+    assert header(r.match, "baggage").present_match is False
+
+
+def test_rules_are_ored_as_separate_routes() -> None:
+    res = render_view(RICH_VIEW)
+    second = named(res, "gateway", "rule/blue/1/without-baggage")
+
+    assert second.match.prefix == "/"
+    (query,) = second.match.query_parameters
+    assert query.name == "preview"
+    assert [h.name for h in second.match.headers] == ["baggage"]
+
+
+def cookie_regex(op: MatchOp, value: str = "", name: str = "session") -> str:
+    r = rule_route(cond(MatchKind.COOKIE, name, op, value))
+    regex: str = header(r.match, "cookie").string_match.safe_regex.regex
+    assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE
+    return regex
+
+
+@pytest.mark.parametrize(
+    ("cookie", "matches"),
+    [
+        ("session=abc", True),
+        ("a=1; session=abc", True),
+        ("session=abc; b=2", True),
+        ("a=1; session=abc; b=2", True),
+        ("a=1,session=abc", True),  # two Cookie lines joined by Envoy
+        ("session=abcd", False),
+        ("session=ab", False),
+        ("xsession=abc", False),
+        ("a=session=abc", False),
+        ("session=", False),
+        ("", False),
+    ],
+)
+def test_cookie_exact(cookie: str, matches: bool) -> None:
+    assert fullmatch(cookie_regex(MatchOp.EXACT, "abc"), cookie) is matches
+
+
+@pytest.mark.parametrize(
+    ("cookie", "matches"),
+    [
+        ("session=beta-1", True),
+        ("a=1; session=beta-; b=2", True),
+        ("session=beta", False),
+        ("session=alpha-beta-1", False),
+        ("a=beta-1; session=x", False),
+    ],
+)
+def test_cookie_prefix(cookie: str, matches: bool) -> None:
+    assert fullmatch(cookie_regex(MatchOp.PREFIX, "beta-"), cookie) is matches
+
+
+@pytest.mark.parametrize(
+    ("cookie", "matches"),
+    [
+        ("session=u42", True),
+        ("a=1; session=u7; b=2", True),
+        ("session=u42x", False),  # the regex must match the whole value
+        ("session=xu42", False),
+        ("session=gold", True),  # alternation stays inside the value
+        ("session=x; gold=1", False),
+    ],
+)
+def test_cookie_regex(cookie: str, matches: bool) -> None:
+    assert fullmatch(cookie_regex(MatchOp.REGEX, "u[0-9]+|gold"), cookie) is matches
+
+
+@pytest.mark.parametrize(
+    ("cookie", "matches"),
+    [
+        ("session=", True),
+        ("a=1; session=x", True),
+        ("sessions=x", False),
+        ("a=session", False),
+    ],
+)
+def test_cookie_present(cookie: str, matches: bool) -> None:
+    assert fullmatch(cookie_regex(MatchOp.PRESENT), cookie) is matches
+
+
+def test_cookie_names_and_values_are_escaped() -> None:
+    regex = cookie_regex(MatchOp.EXACT, "a.b+c", name="s.id")
+    assert fullmatch(regex, "s.id=a.b+c")
+    assert not fullmatch(regex, "sXid=aXbbc")
+
+
+# ------------------------------------------------------------------- step 4: weighted split
+
+
+def split_of(res: resources.Resources, *, has_baggage: bool) -> route_components_pb2.Route:
+    suffix = "with-baggage" if has_baggage else "without-baggage"
+    return named(res, "gateway", f"split/{suffix}")
+
+
+def weights(r: route_components_pb2.Route) -> list[tuple[str, int]]:
+    return [(c.name, c.weight.value) for c in r.route.weighted_clusters.clusters]
+
+
+def test_split_lists_lanes_in_view_order_then_base_remainder() -> None:
+    r = split_of(render_view(RICH_VIEW), has_baggage=False)
+
+    assert r.match.prefix == "/"
+    assert header(r.match, "baggage").present_match is False
+    # green has no gateway version: its share goes to base, still tagged green.
+    assert weights(r) == [("gateway|v2", 20), ("gateway|v1", 10), ("gateway|v1", 70)]
+    assert not r.route.weighted_clusters.HasField("total_weight")
+
+
+def test_split_tags_each_lane_share_and_leaves_base_untagged() -> None:
+    for has_baggage in (True, False):
+        r = split_of(render_view(RICH_VIEW), has_baggage=has_baggage)
+        blue, green, base = r.route.weighted_clusters.clusters
+        expected_baggage = "%REQ(baggage)%,graylane=blue" if has_baggage else "graylane=blue"
+
+        assert tags(blue.request_headers_to_add) == {
+            "x-graylane": ("blue", OVERWRITE),
+            "baggage": (expected_baggage, OVERWRITE),
+        }
+        assert tags(green.request_headers_to_add)["x-graylane"] == ("green", OVERWRITE)
+        assert not base.request_headers_to_add
+        assert header(r.match, "baggage").present_match is has_baggage
+        assert not r.request_headers_to_add
+
+
+def test_split_at_100_has_no_base_share() -> None:
+    res = render_view(make_view(lane("blue", weight=100, versions=(("gateway", "v2"),))))
+    assert weights(split_of(res, has_baggage=True)) == [("gateway|v2", 100)]
+
+
+def test_lanes_at_weight_zero_are_left_out_of_the_split() -> None:
+    res = render_view(
+        make_view(
+            lane("blue", weight=0, versions=(("gateway", "v2"),)),
+            lane("green", weight=5, versions=(("cart", "v2"),)),
+        )
+    )
+    assert weights(split_of(res, has_baggage=False)) == [("gateway|v1", 5), ("gateway|v1", 95)]
+
+
+def test_no_split_when_every_weight_is_zero() -> None:
+    res = render_view(make_view(lane("blue", weight=0, versions=(("gateway", "v2"),))))
+    assert not [n for n in route_names(res, "gateway") if n.startswith("split")]
+    assert route_names(res, "gateway")[-1] == "default"
+
+
+def test_weights_above_100_at_one_entry_are_rejected() -> None:
+    view = make_view(lane("blue", weight=60), lane("green", weight=50))
+    with pytest.raises(ValueError, match="110"):
+        render_view(view)
+
+
+def test_the_default_route_goes_to_base() -> None:
+    r = named(render_view(RICH_VIEW), "gateway", "default")
+    assert r.match.prefix == "/"
+    assert not r.match.headers
+    assert r.route.cluster == "gateway|v1"
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_rendering_twice_gives_identical_bytes_and_versions() -> None:
+    first, second = render_view(RICH_VIEW), render_view(RICH_VIEW)
+    for type_url in resources.PUSH_ORDER:
+        assert first[type_url].versions == second[type_url].versions
+        assert first[type_url].version == second[type_url].version
+        for name, message in first[type_url].items.items():
+            other = second[type_url].items[name]
+            assert message.SerializeToString(deterministic=True) == other.SerializeToString(deterministic=True)
+
+
+def test_equal_views_built_apart_render_equally() -> None:
+    rebuilt = dataclasses.replace(
+        RICH_VIEW,
+        services=tuple(dataclasses.replace(s) for s in RICH_VIEW.services),
+        endpoints=tuple(reversed(RICH_VIEW.endpoints)),
+    )
+    assert render_view(rebuilt)[resources.ROUTE].version == render_view(RICH_VIEW)[resources.ROUTE].version
+    assert render_view(rebuilt)[resources.ENDPOINT].version == render_view(RICH_VIEW)[resources.ENDPOINT].version
+
+
+def test_service_order_in_the_view_does_not_matter() -> None:
+    shuffled = dataclasses.replace(RICH_VIEW, services=tuple(reversed(RICH_VIEW.services)))
+    assert render_view(shuffled)[resources.ROUTE].version == render_view(RICH_VIEW)[resources.ROUTE].version
+
+
+def test_lane_order_in_the_view_is_the_route_order() -> None:
+    swapped = dataclasses.replace(RICH_VIEW, lanes=tuple(reversed(RICH_VIEW.lanes)))
+    assert render_view(swapped)[resources.ROUTE].version != render_view(RICH_VIEW)[resources.ROUTE].version
+    # Clusters and endpoints do not depend on the order of lanes.
+    assert render_view(swapped)[resources.CLUSTER].version == render_view(RICH_VIEW)[resources.CLUSTER].version
+
+
+def test_a_weight_change_changes_only_routes() -> None:
+    blue, green = RICH_VIEW.lanes
+    heavier = dataclasses.replace(RICH_VIEW, lanes=(dataclasses.replace(blue, weight=50), green))
+    before, after = render_view(RICH_VIEW), render_view(heavier)
+
+    assert before[resources.ROUTE].version != after[resources.ROUTE].version
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.LISTENER):
+        assert before[type_url].version == after[type_url].version
+
+
+# ------------------------------------------------------------------------ referenced_clusters
+
+
+def test_referenced_clusters_covers_direct_and_weighted_routes() -> None:
+    config = route_pb2.RouteConfiguration(
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name="s",
+                routes=[
+                    route_components_pb2.Route(route=route_components_pb2.RouteAction(cluster="a")),
+                    route_components_pb2.Route(
+                        route=route_components_pb2.RouteAction(
+                            weighted_clusters=route_components_pb2.WeightedCluster(
+                                clusters=[
+                                    route_components_pb2.WeightedCluster.ClusterWeight(name="b"),
+                                    route_components_pb2.WeightedCluster.ClusterWeight(name="a"),
+                                ]
+                            )
+                        )
+                    ),
+                    route_components_pb2.Route(redirect=route_components_pb2.RedirectAction(host_redirect="x")),
+                ],
+            )
+        ]
+    )
+    assert referenced_clusters(config) == frozenset({"a", "b"})
+
+
+def test_referenced_clusters_of_a_rendering() -> None:
+    assert referenced_clusters(route_config(render_view(RICH_VIEW))) == {
+        "cart|v1",
+        "cart|v2",
+        "gateway|v1",
+        "gateway|v2",
+        "stock|v1",
+        "stock|v2",
+    }

@@ -1,0 +1,251 @@
+"""ADS protocol edge cases: the real AdsServer over a real grpc.aio channel on 127.0.0.1.
+
+The client side is hand-built DiscoveryRequests (no Envoy, no mocks): stale nonces,
+NACKs, no resend of an unchanged version, reconnects that present their versions, and
+delta removed_resources. Envoy itself is exercised in tests/integration/test_ads_envoy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.render import render
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from graylane.xds.server import AdsServer
+from graylane.xds.tracker import ProxyStatus, ProxyTracker
+from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
+
+NODE = base_pb2.Node(id="proxy-1", cluster="test")
+TIMEOUT = 5.0
+
+
+def view(*, gray: bool = False, second_service: bool = False) -> RoutingView:
+    services = [ServiceRoute("a", "v1")]
+    endpoints = [
+        VersionEndpoints("a", "v1", (Endpoint("127.0.0.1", 1001),)),
+        VersionEndpoints("a", "v2", (Endpoint("127.0.0.1", 1002),)),
+    ]
+    if second_service:
+        services.append(ServiceRoute("b", "v1"))
+        endpoints.append(VersionEndpoints("b", "v1", (Endpoint("127.0.0.1", 1003),)))
+    lanes = (Lane("g", "a", 10, (("a", "v2"),)),) if gray else ()
+    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=lanes)
+
+
+def snapshot(**kwargs: bool) -> Resources:
+    return render(view(**kwargs), listen_port=10000)
+
+
+@dataclass
+class Ads:
+    cache: SnapshotCache
+    tracker: ProxyTracker
+    stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub
+
+    def status(self) -> ProxyStatus:
+        status = self.tracker.get(NODE.id)
+        assert status is not None
+        return status
+
+
+@pytest.fixture
+async def ads() -> AsyncIterator[Ads]:
+    cache = SnapshotCache()
+    cache.set_snapshot(DEFAULT_KEY, snapshot())
+    server = grpc.aio.server()
+    ads_server = AdsServer(cache)
+    ads_server.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Ads(cache, ads_server.tracker, ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+    await server.stop(grace=None)
+
+
+def sotw(type_url: str, names: tuple[str, ...] = (), *, version: str = "", nonce: str = "",
+         error: str | None = None, node: bool = False) -> discovery_pb2.DiscoveryRequest:
+    request = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
+    )
+    if node:
+        request.node.CopyFrom(NODE)
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
+async def read(call: grpc.aio.StreamStreamCall) -> discovery_pb2.DiscoveryResponse:  # type: ignore[type-arg]
+    async with asyncio.timeout(TIMEOUT):
+        response = await call.read()
+    assert response is not grpc.aio.EOF
+    return response  # type: ignore[no-any-return]
+
+
+async def test_sotw_ack_is_recorded_and_an_unchanged_version_is_not_resent(ads: Ads) -> None:
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(sotw(CLUSTER, node=True))
+    cds = await read(call)
+    assert cds.type_url == CLUSTER and cds.version_info and cds.nonce
+    await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
+    # The next response must be EDS, not a repeat of CDS (nothing changed for CDS).
+    await call.write(sotw(ENDPOINT, ("a|v1",), node=False))
+    eds = await read(call)
+    assert eds.type_url == ENDPOINT
+    assert ads.status().acked[CLUSTER].version == cds.version_info
+    assert ads.status().connected
+    call.cancel()
+
+
+async def test_sotw_stale_nonce_is_ignored_and_nack_is_recorded(ads: Ads) -> None:
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(sotw(CLUSTER, node=True))
+    first = await read(call)
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    second = await read(call)
+    assert second.type_url == CLUSTER and second.nonce != first.nonce
+    # A NACK of the first response is stale (its nonce is not the latest): ignored.
+    await call.write(sotw(CLUSTER, nonce=first.nonce, error="old news"))
+    # A NACK of the latest response is recorded, with Envoy's message.
+    await call.write(sotw(CLUSTER, nonce=second.nonce, error="bad cluster"))
+    status = await wait_for(ads, lambda s: s.last_nack is not None)
+    assert status.last_nack is not None
+    assert status.last_nack.message == "bad cluster"
+    assert status.last_nack.version == second.version_info
+    assert status.last_nack.nonce == second.nonce
+    assert CLUSTER not in status.acked  # nothing was ever ACKed
+    # The NACKed version is not pushed again: the next response is the EDS asked for.
+    await call.write(sotw(ENDPOINT, ("a|v1",)))
+    assert (await read(call)).type_url == ENDPOINT
+    call.cancel()
+
+
+async def test_sotw_reconnect_presenting_current_versions_is_not_resent(ads: Ads) -> None:
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(sotw(CLUSTER, node=True))
+    cds = await read(call)
+    await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
+    await call.write(sotw(ENDPOINT, ("a|v1",)))
+    eds = await read(call)
+    call.cancel()
+
+    # A new stream presenting what it holds (versions are content hashes, so this works
+    # on another replica too: see tests/integration/test_ads_envoy.py).
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(sotw(CLUSTER, version=cds.version_info, node=True))
+    await call.write(sotw(ENDPOINT, ("a|v1",), version=eds.version_info))
+    await call.write(sotw(LISTENER))
+    # CDS and EDS are known: the first response is LDS (released: CDS+EDS are ACKed).
+    lds = await read(call)
+    assert lds.type_url == LISTENER
+    call.cancel()
+
+
+async def test_routes_wait_for_cluster_and_endpoint_acks(ads: Ads) -> None:
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(sotw(CLUSTER, node=True))
+    await call.write(sotw(LISTENER))
+    cds = await read(call)
+    assert cds.type_url == CLUSTER  # no LDS yet: its route would point at unACKed clusters
+    await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
+    await call.write(sotw(ENDPOINT, ("a|v1",)))
+    eds = await read(call)
+    assert eds.type_url == ENDPOINT
+    await call.write(sotw(ENDPOINT, ("a|v1",), version=eds.version_info, nonce=eds.nonce))
+    lds = await read(call)
+    assert lds.type_url == LISTENER
+    await call.write(sotw(LISTENER, version=lds.version_info, nonce=lds.nonce))
+    await call.write(sotw(ROUTE, ("graylane",)))
+    rds = await read(call)
+    assert rds.type_url == ROUTE and len(rds.resources) == 1
+    call.cancel()
+
+
+def delta(type_url: str, subscribe: tuple[str, ...] = (), *, nonce: str = "",
+          unsubscribe: tuple[str, ...] = (), initial: dict[str, str] | None = None,
+          node: bool = False, error: str | None = None) -> discovery_pb2.DeltaDiscoveryRequest:
+    request = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url,
+        resource_names_subscribe=list(subscribe),
+        resource_names_unsubscribe=list(unsubscribe),
+        initial_resource_versions=initial or {},
+        response_nonce=nonce,
+    )
+    if node:
+        request.node.CopyFrom(NODE)
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
+async def dread(call: grpc.aio.StreamStreamCall) -> discovery_pb2.DeltaDiscoveryResponse:  # type: ignore[type-arg]
+    return await read(call)  # type: ignore[return-value]
+
+
+async def test_delta_sends_only_changes_and_removed_names(ads: Ads) -> None:
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    call = ads.stub.DeltaAggregatedResources()
+    await call.write(delta(CLUSTER, node=True))  # legacy wildcard
+    first = await dread(call)
+    assert sorted(r.name for r in first.resources) == ["a|v1", "b|v1"]
+    assert all(r.version for r in first.resources)
+    await call.write(delta(CLUSTER, nonce=first.nonce))
+    await wait_for(ads, lambda s: CLUSTER in s.acked)
+
+    # Service b goes away: nothing routes to it (no route ACKed), so it is removed at once.
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot())
+    second = await dread(call)
+    assert list(second.resources) == []
+    assert list(second.removed_resources) == ["b|v1"]
+    await call.write(delta(CLUSTER, nonce=second.nonce, error="no thanks"))
+    status = await wait_for(ads, lambda s: s.last_nack is not None)
+    assert status.last_nack is not None and status.last_nack.message == "no thanks"
+
+    # A gray version appears: only the new cluster is sent.
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(gray=True))
+    third = await dread(call)
+    assert [r.name for r in third.resources] == ["a|v2"]
+    assert list(third.removed_resources) == []
+    call.cancel()
+
+
+async def test_delta_reconnect_with_initial_versions_gets_only_what_changed(ads: Ads) -> None:
+    current = ads.cache.snapshot(DEFAULT_KEY)
+    assert current is not None
+    call = ads.stub.DeltaAggregatedResources()
+    await call.write(delta(CLUSTER, node=True, initial=dict(current[CLUSTER].versions)))
+    await call.write(delta(ENDPOINT, ("a|v1",), initial={"a|v1": "stale-version"}))
+    response = await dread(call)
+    # CDS is up to date (nothing sent); EDS's presented version differs: re-sent.
+    assert response.type_url == ENDPOINT
+    assert [r.name for r in response.resources] == ["a|v1"]
+    status = ads.status()
+    assert status.acked[CLUSTER].resources == dict(current[CLUSTER].versions)
+    await call.write(delta(ENDPOINT, nonce=response.nonce))
+    await call.write(delta(LISTENER))
+    lds = await dread(call)
+    assert lds.type_url == LISTENER  # released: CDS and EDS are ACKed
+    # Unsubscribing forgets the resource: subscribing again sends it again.
+    await call.write(delta(ENDPOINT, unsubscribe=("a|v1",)))
+    await call.write(delta(ENDPOINT, ("a|v1",)))
+    again = await dread(call)
+    assert again.type_url == ENDPOINT
+    assert [r.name for r in again.resources] == ["a|v1"]
+    call.cancel()
+
+
+async def wait_for(ads: Ads, predicate: Callable[[ProxyStatus], bool]) -> ProxyStatus:
+    seq = 0
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            status = ads.tracker.get(NODE.id)
+            if status is not None and predicate(status):
+                return status
+            seq = await ads.tracker.wait_for_change(seq)
