@@ -630,6 +630,27 @@ def _add_versions(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_versions))
 
 
+# --- demo -------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run etcd, a control plane, Envoy and two service versions locally and step a release through",
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from graylane.controlplane.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run_demo(requests_per_step=args.requests))
+
+
 # --- the table of commands, and main ---------------------------------------------------
 
 #: One builder per subcommand, in `--help` order. Extension point: `agent` and `demo` are
@@ -644,6 +665,7 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_history,
     _add_services,
     _add_versions,
+    _add_demo,
 )
 
 

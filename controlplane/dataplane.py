@@ -160,6 +160,24 @@ class DataPlane:
                 await asyncio.sleep(_RETRY_SECONDS)
                 self._changed.set()
 
+    def proxies_current(self) -> bool:
+        """Every connected proxy holds the routes rendered from the latest view (and there is one)."""
+        proxies = [p for p in self._tracker.proxies().values() if p.connected]
+        if not proxies:
+            return False
+        for p in proxies:
+            snap = self._cache.snapshot(p.key)
+            ack = p.acked.get(ROUTE)
+            if snap is None or ack is None or ack.version != snap[ROUTE].version:
+                return False
+        return True
+
+    async def wait_current(self, timeout: float = 15.0) -> None:
+        """Poll until every connected proxy runs the latest view."""
+        async with asyncio.timeout(timeout):
+            while not self.proxies_current():
+                await asyncio.sleep(0.02)
+
     def _carried(self, proxy: ProxyStatus) -> xv.RoutingView | None:
         ack = proxy.acked.get(ROUTE)
         return self._history.get(ROUTE, ack.version) if ack is not None else None

@@ -18,6 +18,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -36,6 +37,8 @@ from graylane.xds.resources import (
 )
 
 log = logging.getLogger(__name__)
+
+_V = TypeVar("_V")
 
 DEFAULT_KEY = "default"
 LISTEN_PORT_METADATA = "listen_port"
@@ -57,7 +60,7 @@ def listen_port_key(node: base_pb2.Node) -> str:
     value = fields[LISTEN_PORT_METADATA]
     kind = value.WhichOneof("kind")
     if kind == "string_value" and value.string_value:
-        return value.string_value
+        return str(value.string_value)
     if kind == "number_value":
         return str(int(value.number_value))
     return DEFAULT_KEY
@@ -117,7 +120,7 @@ class _History:
         versions = {name: content_version(msg) for name, msg in items.items()}
         for name, msg in items.items():
             self._put(self._messages, (type_url, versions[name]), msg)
-        version = set_version(versions)
+        version: str = set_version(versions)
         self._put(self._sets, (type_url, version), tuple(sorted(versions.items())))
         return version
 
@@ -136,7 +139,7 @@ class _History:
             out[name] = msg
         return MappingProxyType(out)
 
-    def _put(self, store: OrderedDict[tuple[str, str], object], key: tuple[str, str], value: object) -> None:
+    def _put(self, store: OrderedDict[tuple[str, str], _V], key: tuple[str, str], value: _V) -> None:
         store[key] = value
         store.move_to_end(key)
         while len(store) > self._size:

@@ -74,12 +74,12 @@ def listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
 
 
 def uses_eds(cluster: cluster_pb2.Cluster) -> bool:
-    return cluster.type == cluster_pb2.Cluster.EDS
+    return bool(cluster.type == cluster_pb2.Cluster.EDS)
 
 
 def eds_name(cluster: cluster_pb2.Cluster) -> str:
     """The ClusterLoadAssignment name an EDS cluster asks for."""
-    return cluster.eds_cluster_config.service_name or cluster.name
+    return str(cluster.eds_cluster_config.service_name or cluster.name)
 
 
 @dataclass(frozen=True, slots=True)

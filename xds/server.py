@@ -227,8 +227,10 @@ class _Stream(Generic[Req, Resp]):
         """The content of resource `name` at content `version`, if this replica knows it."""
         target = self.target()
         if target is not None and target[st.type_url].versions.get(name) == version:
-            return target[st.type_url].items[name]
-        return self.cache.history.message(st.type_url, version)
+            known: Message = target[st.type_url].items[name]
+            return known
+        remembered: Message | None = self.cache.history.message(st.type_url, version)
+        return remembered
 
     # -- per protocol ----------------------------------------------------------------------
 
@@ -237,6 +239,12 @@ class _Stream(Generic[Req, Resp]):
 
     def push(self) -> list[Resp]:
         raise NotImplementedError
+
+
+def _versions(planned: Plan, type_url: str, items: Mapping[str, Message]) -> dict[str, str]:
+    """Content versions of the selected items (computed once, by the planned Resources)."""
+    known = planned.resources[type_url].versions
+    return {name: known[name] for name in items}
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -289,7 +297,8 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             items = st.select(target[st.type_url].items)
             if set_version({n: content_version(m) for n, m in items.items()}) == version:
                 return items
-        return self.cache.history.resolve_set(st.type_url, version)
+        remembered: Mapping[str, Message] | None = self.cache.history.resolve_set(st.type_url, version)
+        return remembered
 
     def push(self) -> list[discovery_pb2.DiscoveryResponse]:
         planned = self.current_plan()
@@ -309,12 +318,14 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         items = st.select(planned.resources[st.type_url].items)
         if self.blocked(st, planned, items):
             return None
-        version = self.cache.history.remember(st.type_url, items)
+        versions = _versions(planned, st.type_url, items)
+        version = set_version(versions)
         if version == st.sotw_version:
             return None
+        self.cache.history.remember(st.type_url, items)
         nonce = self.next_nonce()
         st.sent = items
-        st.sent_versions = {n: content_version(m) for n, m in items.items()}
+        st.sent_versions = versions
         st.sotw_version = version
         st.latest_nonce = nonce
         self.record_push(st, Push(st.type_url, version, nonce, tuple(items)))
@@ -399,7 +410,7 @@ class _DeltaStream(
         items = st.select(planned.resources[st.type_url].items)
         if self.blocked(st, planned, items):
             return None
-        versions = {n: content_version(m) for n, m in items.items()}
+        versions = _versions(planned, st.type_url, items)
         changed = {n: m for n, m in items.items() if st.sent_versions.get(n) != versions[n]}
         removed = tuple(sorted(n for n in st.sent_versions if n not in items))
         first = st.latest_nonce == "" and not st.sent_versions
@@ -427,7 +438,7 @@ class _DeltaStream(
         )
 
 
-class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker."""
 
     def __init__(self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None) -> None:

@@ -32,15 +32,13 @@ SOTW = "sotw"
 DELTA = "delta"
 PUSH_LOG_SIZE = 64
 
-_EMPTY: Mapping[str, str] = MappingProxyType({})
-
-
 @dataclass(frozen=True, slots=True)
 class TypeAck:
     """The last configuration of one type a proxy accepted."""
 
     version: str  # SotW version_info / delta system_version_info of the ACKed response
-    resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # name -> content version the proxy now holds
+    # name -> content version the proxy now holds
+    resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)

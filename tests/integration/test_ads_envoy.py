@@ -150,6 +150,7 @@ class Load:
     versions: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)  # set after each request
 
     async def run(self, http_get: HttpGet, port: int, *, workers: int = 4,
                   max_requests: int = 4000, timeout: float = 20.0) -> None:
@@ -161,11 +162,12 @@ class Load:
                     result = await http_get(port, SERVICE, timeout=2.0)
                 except (OSError, TimeoutError) as exc:
                     self.failures.append(repr(exc))
-                    continue
-                if result.status != 200:
-                    self.failures.append(f"{result.status} {result.body!r}")
                 else:
-                    self.versions[result.json()["version"]] += 1
+                    if result.status != 200:
+                        self.failures.append(f"{result.status} {result.body!r}")
+                    else:
+                        self.versions[result.json()["version"]] += 1
+                self._answered.set()
 
         async with asyncio.timeout(timeout):
             await asyncio.gather(*(worker() for _ in range(workers)))
@@ -173,7 +175,8 @@ class Load:
     async def until(self, predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
         async with asyncio.timeout(timeout):
             while not predicate():
-                await asyncio.sleep(0.01)  # polls the counters, bounded by the deadline
+                self._answered.clear()
+                await self._answered.wait()
 
 
 def index_of(pushes: tuple[Push, ...], start: int, match: Callable[[Push], bool]) -> int:

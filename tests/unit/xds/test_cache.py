@@ -44,7 +44,10 @@ def test_a_rendered_snapshot_is_consistent() -> None:
         (without(GOOD, ENDPOINT), "EDS resource 'a|v1' for EDS cluster is missing"),
         (without(GOOD, ROUTE), "route config 'graylane' of listener 'graylane_http_10000' is missing"),
         (
-            Resources.of({**{t: GRAY[t].items for t in GRAY.by_type}, CLUSTER: GOOD[CLUSTER].items, ENDPOINT: GOOD[ENDPOINT].items}),
+            Resources.of(
+                {**{t: GRAY[t].items for t in GRAY.by_type},
+                 CLUSTER: GOOD[CLUSTER].items, ENDPOINT: GOOD[ENDPOINT].items}
+            ),
             "cluster 'a|v2' routed to by 'graylane' is missing",
         ),
         (
