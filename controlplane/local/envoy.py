@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ import socket
 import string
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -136,8 +138,11 @@ class EnvoyProcess:
         wait_ready: bool = True,
         log_level: str = "warn",
         binary: Path | None = None,
+        runtime: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         self.protocol = protocol
+        # Static runtime overrides (e.g. a stricter re2.max_program_size.error_level).
+        self.runtime = dict(runtime or {})
         self.node_id = node_id
         self.node_cluster = node_cluster
         self.ads_host = ads_host
@@ -194,11 +199,16 @@ class EnvoyProcess:
             raise
 
     def _bootstrap(self) -> str:
-        return bootstrap(
+        text = bootstrap(
             protocol=self.protocol, node_id=self.node_id, node_cluster=self.node_cluster,
             listen_port=self.listen_port, admin_port=self.admin_port,
             ads_host=self.ads_host, ads_port=self.ads_port,
         )
+        if self.runtime:
+            # JSON is YAML: one flow-style block appended to the template.
+            layer = {"layers": [{"name": "static", "static_layer": self.runtime}]}
+            text += "\nlayered_runtime: " + json.dumps(layer) + "\n"
+        return text
 
     async def _await_admin(self) -> None:
         last = ""
