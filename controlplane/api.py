@@ -113,7 +113,9 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
     # ------------------------------------------------------------- releases
 
     @unary
-    async def CreateRelease(self, request: api_pb.CreateReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+    async def CreateRelease(
+        self, request: api_pb.CreateReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Release:
         spec = model.spec_from_proto(request.spec)
         r = await self._releases.create(request.name, spec, _cause(request, context))
         return model.release_to_proto(r)
@@ -129,16 +131,22 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
         return model.release_to_proto(await self._store.get_release(request.name))
 
     @unary
-    async def ListReleases(self, request: api_pb.ListReleasesRequest, context: grpc.aio.ServicerContext) -> api_pb.ListReleasesResponse:
+    async def ListReleases(
+        self, request: api_pb.ListReleasesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListReleasesResponse:
         releases = await self._store.list_releases()
         return api_pb.ListReleasesResponse(releases=[model.release_to_proto(r) for r in releases])
 
     @unary
-    async def DeleteRelease(self, request: api_pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext) -> api_pb.DeleteReleaseResponse:
+    async def DeleteRelease(
+        self, request: api_pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.DeleteReleaseResponse:
         await self._store.delete_release(request.name)
         return api_pb.DeleteReleaseResponse()
 
-    async def _act(self, action: Action, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
+    async def _act(
+        self, action: Action, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Release:
         r = await self._releases.act(
             request.name, action, _cause(request, context), expected_revision=request.expected_revision
         )
@@ -169,7 +177,9 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
         return await self._act(Action.RESTART, request, context)
 
     @unary
-    async def History(self, request: api_pb.HistoryRequest, context: grpc.aio.ServicerContext) -> api_pb.HistoryResponse:
+    async def History(
+        self, request: api_pb.HistoryRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.HistoryResponse:
         events = await self._store.history(request.name)
         return api_pb.HistoryResponse(events=[model.event_to_proto(e) for e in events])
 
@@ -207,7 +217,9 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
         return model.service_to_proto(service)
 
     @unary
-    async def ListServices(self, request: api_pb.ListServicesRequest, context: grpc.aio.ServicerContext) -> api_pb.ListServicesResponse:
+    async def ListServices(
+        self, request: api_pb.ListServicesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListServicesResponse:
         services = await self._store.list_services()
         return api_pb.ListServicesResponse(services=[model.service_to_proto(s) for s in services])
 
@@ -220,6 +232,8 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
         return model.version_to_proto(version)
 
     @unary
-    async def ListVersions(self, request: api_pb.ListVersionsRequest, context: grpc.aio.ServicerContext) -> api_pb.ListVersionsResponse:
+    async def ListVersions(
+        self, request: api_pb.ListVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListVersionsResponse:
         versions = await self._store.list_versions(request.service)
         return api_pb.ListVersionsResponse(versions=[model.version_to_proto(v) for v in versions])

@@ -50,14 +50,10 @@ class ControlPlane:
 
     def _api_server(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(interceptors=[CallerInterceptor()])
-        release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
-            ReleaseServicer(self.releases), server
-        )
+        release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(ReleaseServicer(self.releases), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server, health_servicer
 
     async def run(self) -> None:
@@ -99,17 +95,13 @@ async def serve(options: ServeOptions) -> None:
     """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
     async with contextlib.AsyncExitStack() as stack:
         if options.embedded_etcd:
-            etcd = await stack.enter_async_context(
-                EtcdProcess(data_dir=(options.data_dir / "etcd").resolve())
-            )
+            etcd = await stack.enter_async_context(EtcdProcess(data_dir=(options.data_dir / "etcd").resolve()))
             endpoints = etcd.endpoint
         else:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
         store = await connect(endpoints)
         stack.push_async_callback(store.close)
-        plane = ControlPlane(
-            store, api_listen=str(options.listen), xds_listen=str(options.xds_listen)
-        )
+        plane = ControlPlane(store, api_listen=str(options.listen), xds_listen=str(options.xds_listen))
         runner = asyncio.create_task(plane.run())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

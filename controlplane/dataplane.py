@@ -30,7 +30,7 @@ from graylane.controlplane.store import Compacted, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import effective_view, render
-from graylane.xds.resources import ROUTE, PUSH_ORDER, Resources
+from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 
 log = logging.getLogger(__name__)

@@ -97,27 +97,29 @@ async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
             await plane.ready.wait()
         print(f"etcd {etcd.endpoint} | API 127.0.0.1:{plane.api_port} | xDS 127.0.0.1:{plane.xds_port}")
 
-        upstreams = {
-            v: await stack.enter_async_context(Upstream(service, v)) for v in ("v1", "v2")
-        }
-        client = await stack.enter_async_context(
-            ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="demo")
-        )
+        upstreams = {v: await stack.enter_async_context(Upstream(service, v)) for v in ("v1", "v2")}
+        client = await stack.enter_async_context(ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="demo"))
         await client.put_service(pb.Service(name=service, stable_version="v1"))
         for v, up in upstreams.items():
             await client.put_version(
                 pb.Version(service=service, name=v, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)])
             )
         envoy = await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id="demo-envoy"))
-        print(f"envoy listening on 127.0.0.1:{envoy.listen_port} (admin {envoy.admin_port}), "
-              f"{service} v1 on {upstreams['v1'].port}, v2 on {upstreams['v2'].port}\n")
+        print(
+            f"envoy listening on 127.0.0.1:{envoy.listen_port} (admin {envoy.admin_port}), "
+            f"{service} v1 on {upstreams['v1'].port}, v2 on {upstreams['v2'].port}\n"
+        )
 
         rows: list[Row] = []
 
         async def measure(step: str, r: pb.Release, headers: dict[str, str] | None = None) -> None:
             result = await run_load(
-                envoy.listen_port, authority=service, count=requests_per_step,
-                max_seconds=STEP_SECONDS, concurrency=8, headers=headers or {},
+                envoy.listen_port,
+                authority=service,
+                count=requests_per_step,
+                max_seconds=STEP_SECONDS,
+                concurrency=8,
+                headers=headers or {},
             )
             conv = r.status.convergence
             row = Row(step, PHASES[r.status.phase], r.status.weight, f"{conv.converged}/{conv.proxies}", result)
@@ -146,8 +148,10 @@ async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
         history = await client.history(name)
         print(f"\nhistory of {name}: {len(history.events)} events")
         for e in history.events:
-            print(f"  #{e.sequence:<3} {e.action:<9} by {e.actor:<20} {PHASES[e.from_phase]}->{PHASES[e.to_phase]} "
-                  f"batch {e.to_batch + 1} weight {e.weight}%  {e.reason}")
+            print(
+                f"  #{e.sequence:<3} {e.action:<9} by {e.actor:<20} {PHASES[e.from_phase]}->{PHASES[e.to_phase]} "
+                f"batch {e.to_batch + 1} weight {e.weight}%  {e.reason}"
+            )
         failed = sum(row.result.failed for row in rows)
         sent = sum(row.result.sent for row in rows)
         print(f"\n{sent} requests through Envoy, {failed} failed")

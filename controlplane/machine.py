@@ -83,9 +83,7 @@ class Cause:
     details: Mapping[str, str] = field(default_factory=dict)
 
 
-def make_event(
-    before: Release, after: Release, *, action: str, cause: Cause, now: datetime
-) -> Event:
+def make_event(before: Release, after: Release, *, action: str, cause: Cause, now: datetime) -> Event:
     return Event(
         release=before.name,
         sequence=before.status.events,
@@ -102,22 +100,17 @@ def make_event(
     )
 
 
-def transition(
-    release: Release, action: Action, *, cause: Cause, now: datetime
-) -> tuple[Release, Event]:
+def transition(release: Release, action: Action, *, cause: Cause, now: datetime) -> tuple[Release, Event]:
     """Apply `action` to `release`; raise FailedPrecondition when the table forbids it."""
     move = TRANSITIONS[action]
     phase = release.status.phase
     if phase not in move.sources:
         hint = _HINTS.get(phase, "")
         raise FailedPrecondition(
-            f"release {release.name!r} is {phase.name}: cannot {action.value}"
-            + (f" ({hint})" if hint else "")
+            f"release {release.name!r} is {phase.name}: cannot {action.value}" + (f" ({hint})" if hint else "")
         )
     to_phase, to_batch = move.target(release)
-    batch_changed = to_batch != release.status.batch or (
-        to_phase.routes_lane != phase.routes_lane
-    )
+    batch_changed = to_batch != release.status.batch or (to_phase.routes_lane != phase.routes_lane)
     status = replace(
         release.status,
         phase=to_phase,
@@ -127,9 +120,7 @@ def transition(
     )
     if batch_changed or weight_of(release.spec, status) != release.weight():
         # A new routing target: it has to be reached again by every proxy.
-        status = replace(
-            status, reached=False, converged=0, batch_started=now, batch_reached=None
-        )
+        status = replace(status, reached=False, converged=0, batch_started=now, batch_reached=None)
     if to_phase is Phase.PROGRESSING:
         status = replace(status, last_nack=None) if action is Action.RESUME else status
     after = replace(release, status=status)

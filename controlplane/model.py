@@ -211,9 +211,7 @@ def check_version_name(field_name: str, value: str) -> str:
     if not value:
         raise InvalidArgument(field_name, "is required")
     if not _VERSION.match(value):
-        raise InvalidArgument(
-            field_name, f"{value!r} is not a valid version (letters, digits, '.', '_', '-')"
-        )
+        raise InvalidArgument(field_name, f"{value!r} is not a valid version (letters, digits, '.', '_', '-')")
     return value
 
 
@@ -271,8 +269,7 @@ def _rules_from_proto(rules: Sequence[pb.MatchRule]) -> tuple[tuple[Condition, .
         if not rule.conditions:
             raise InvalidArgument(f"match[{i}].conditions", "a rule needs at least one condition")
         conditions = tuple(
-            _condition_from_proto(f"match[{i}].conditions[{j}]", c)
-            for j, c in enumerate(rule.conditions)
+            _condition_from_proto(f"match[{i}].conditions[{j}]", c) for j, c in enumerate(rule.conditions)
         )
         if sum(1 for c in conditions if c.kind is MatchKind.PATH) > 1:
             raise InvalidArgument(f"match[{i}].conditions", "at most one path condition per rule")
@@ -294,9 +291,7 @@ def _batches_from_proto(spec: pb.ReleaseSpec, strategy: Strategy) -> tuple[Batch
         if strategy is Strategy.AB and b.weight != 0:
             raise InvalidArgument(f"{where}.weight", f"{b.weight}: an AB release routes by rules only")
         if strategy is Strategy.CANARY and b.weight < previous:
-            raise InvalidArgument(
-                f"{where}.weight", f"{b.weight} is below the previous batch's {previous}"
-            )
+            raise InvalidArgument(f"{where}.weight", f"{b.weight} is below the previous batch's {previous}")
         previous = b.weight
         pause: timedelta | None = None
         which = b.pause.WhichOneof("kind")
@@ -344,8 +339,7 @@ def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
     if strategy is Strategy.AB and not match:
         raise InvalidArgument("spec.match", "an AB release needs at least one rule")
     clusters = tuple(
-        check_name(f"spec.placement.gray_clusters[{i}]", c)
-        for i, c in enumerate(spec.placement.gray_clusters)
+        check_name(f"spec.placement.gray_clusters[{i}]", c) for i, c in enumerate(spec.placement.gray_clusters)
     )
     return ReleaseSpec(
         lane=lane,
@@ -376,9 +370,7 @@ def _endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
 
 
 def version_from_proto(v: pb.Version) -> Version:
-    endpoints = tuple(
-        _endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints)
-    )
+    endpoints = tuple(_endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints))
     if len(set(endpoints)) != len(endpoints):
         raise InvalidArgument("version.endpoints", "an endpoint is listed twice")
     md = v.metadata
@@ -422,18 +414,13 @@ def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
         lane=spec.lane,
         entry=spec.entry,
         services=[
-            pb.ServiceVersions(
-                service=s.service, base_version=s.base_version, gray_version=s.gray_version
-            )
+            pb.ServiceVersions(service=s.service, base_version=s.base_version, gray_version=s.gray_version)
             for s in spec.services
         ],
         strategy=spec.strategy.value,
         match=[
             pb.MatchRule(
-                conditions=[
-                    pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value)
-                    for c in rule
-                ]
+                conditions=[pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value) for c in rule]
             )
             for rule in spec.match
         ],
@@ -447,18 +434,14 @@ def status_to_proto(release: Release) -> pb.ReleaseStatus:
     nack = None
     if st.last_nack is not None:
         n = st.last_nack
-        nack = pb.Nack(
-            node=n.node, type_url=n.type_url, version=n.version, message=n.message, at=_ts(n.at)
-        )
+        nack = pb.Nack(node=n.node, type_url=n.type_url, version=n.version, message=n.message, at=_ts(n.at))
     return pb.ReleaseStatus(
         phase=st.phase.value,
         batch=st.batch,
         weight=release.weight(),
         reached=st.reached,
         reason=st.reason,
-        convergence=pb.ProxyConvergence(
-            proxies=st.proxies, converged=st.converged, target_version=st.target_version
-        ),
+        convergence=pb.ProxyConvergence(proxies=st.proxies, converged=st.converged, target_version=st.target_version),
         last_nack=nack,
         batch_started=_ts(st.batch_started),
         batch_reached=_ts(st.batch_reached),

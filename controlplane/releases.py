@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 _RETRIES = 8
 
 
-
 @dataclass(frozen=True, slots=True)
 class StatusUpdate:
     status: model.ReleaseStatus
@@ -96,9 +95,7 @@ class Releases:
             status=model.ReleaseStatus(reason=f"created by {cause.actor}"),
             created=now,
         )
-        after, event = machine.record(
-            release, release.status, action="create", cause=cause, now=now
-        )
+        after, event = machine.record(release, release.status, action="create", cause=cause, now=now)
         return await self._store.create_release(after, event)
 
     async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
@@ -130,20 +127,15 @@ class Releases:
             batch = min(st.batch, len(spec.batches) - 1)
             status = replace(st, batch=batch, generation=st.generation + 1, reached=False)
         status = replace(status, reason=f"spec applied by {cause.actor}")
-        after, event = machine.record(
-            replace(current, spec=spec), status, action="apply", cause=cause, now=now
-        )
+        after, event = machine.record(replace(current, spec=spec), status, action="apply", cause=cause, now=now)
         return after, [event]
 
-    async def act(
-        self, name: str, action: Action, cause: Cause, *, expected_revision: int = 0
-    ) -> model.Release:
+    async def act(self, name: str, action: Action, cause: Cause, *, expected_revision: int = 0) -> model.Release:
         for _ in range(_RETRIES):
             current = await self._store.get_release(name)
             if expected_revision and current.revision != expected_revision:
                 raise Conflict(
-                    f"release {name!r} is at revision {current.revision}, "
-                    f"not the expected {expected_revision}"
+                    f"release {name!r} is at revision {current.revision}, not the expected {expected_revision}"
                 )
             after, event = machine.transition(current, action, cause=cause, now=_now())
             stable = await self._stable_updates(after)
@@ -198,7 +190,9 @@ class Releases:
     async def hold_for_nack(self, name: str, nack: model.Nack, *, cause: Cause) -> model.Release | None:
         """A proxy rejected config this release introduced: pause it and say who and why."""
         reason = f"proxy {nack.node} rejected the configuration: {nack.message}"
-        cause = replace(cause, reason=reason, details={"node": nack.node, "type_url": nack.type_url, "version": nack.version})
+        cause = replace(
+            cause, reason=reason, details={"node": nack.node, "type_url": nack.type_url, "version": nack.version}
+        )
         for _ in range(_RETRIES):
             try:
                 current = await self._store.get_release(name)

@@ -48,8 +48,7 @@ def routed(release: model.Release) -> bool:
 def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
     """The routing intent for proxies of `cluster` ("" = the local/single cluster)."""
     services = tuple(
-        xv.ServiceRoute(name=s.name, base_version=s.stable_version)
-        for s in sorted(snap.services, key=lambda s: s.name)
+        xv.ServiceRoute(name=s.name, base_version=s.stable_version) for s in sorted(snap.services, key=lambda s: s.name)
     )
     endpoints = tuple(
         xv.VersionEndpoints(

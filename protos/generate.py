@@ -46,7 +46,9 @@ def main() -> int:
         committed = {p.name for p in API.glob("*_pb2*.py*")}
         if ns.check:
             stale = sorted(
-                n for n in names if not (API / n).exists()
+                n
+                for n in names
+                if not (API / n).exists()
                 or not filecmp.cmp(API / n, pathlib.Path(tmp) / "graylane" / "v1" / n, shallow=False)
             ) + sorted(committed - names)
             if stale:

@@ -95,22 +95,33 @@ class EtcdProcess:
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             binary,
-            "--name", self._name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self._name}={peer}",
-            "--log-level", "warn",
-            "--logger", "zap",
+            "--name",
+            self._name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"{self._name}={peer}",
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
         ]
         env = dict(os.environ)
         # A data dir written by an earlier start keeps its cluster; these are ignored then.
         log_file = self._log_path.open("ab")
-        self._proc = subprocess.Popen(
+        # Popen returns at once; the health wait below is async.
+        self._proc = subprocess.Popen(  # noqa: ASYNC220
             args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
+
         log_file.close()
         try:
             async with asyncio.timeout(self._start_timeout):

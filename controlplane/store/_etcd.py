@@ -256,7 +256,9 @@ class EtcdStore:
 
     async def create_release(self, release: model.Release, event: model.Event) -> model.Release:
         key = self.release_key(release.name)
-        absent = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0)
+        absent = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
         resp = await self._txn(
             [absent],
             [
@@ -277,7 +279,9 @@ class EtcdStore:
     ) -> model.Release:
         """Write `release` if it is still at `release.revision`, with its events, in one txn."""
         key = self.release_key(release.name)
-        guard = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision)
+        guard = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision
+        )
         ops = [self._put(key, _dump(model.release_to_proto(release)))]
         ops += [self._put(self._event_key(e.release, e.sequence), _dump(model.event_to_proto(e))) for e in events]
         ops += [self._put(self._key("services", s.name), _dump(model.service_to_proto(s))) for s in services]
@@ -294,7 +298,9 @@ class EtcdStore:
 
     async def delete_release(self, name: str) -> None:
         key = self.release_key(name)
-        exists = rpc_pb2.Compare(key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.GREATER, create_revision=0)
+        exists = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.GREATER, create_revision=0
+        )
         resp = await self._txn(
             [exists],
             [

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import LoadResult, run_load
@@ -65,8 +64,9 @@ async def register(stub: api_grpc.ReleaseServiceStub, v1: Upstream, v2: Upstream
         await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service=SERVICE, name=name, endpoints=eps)))
 
 
-def spec(weights: tuple[int, ...] = (10, 20, 50, 100), rules: list[pb.MatchRule] | None = None,
-         strategy: int = pb.CANARY) -> pb.ReleaseSpec:
+def spec(
+    weights: tuple[int, ...] = (10, 20, 50, 100), rules: list[pb.MatchRule] | None = None, strategy: int = pb.CANARY
+) -> pb.ReleaseSpec:
     return pb.ReleaseSpec(
         lane="checkout-v2",
         entry=SERVICE,
@@ -120,23 +120,47 @@ async def test_split_matches_each_batch_weight(stack: Stack) -> None:
 
 
 HEADER_RULES = [
-    ([pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")], {"x-user": "tester"}, {"x-user": "tester2"}),
-    ([pb.Condition(kind=pb.HEADER, name="x-user", op=pb.PREFIX, value="beta-")], {"x-user": "beta-7"}, {"x-user": "alpha-7"}),
-    ([pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value="u[0-9]+")], {"x-user": "u42"}, {"x-user": "u42x"}),
+    (
+        [pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")],
+        {"x-user": "tester"},
+        {"x-user": "tester2"},
+    ),
+    (
+        [pb.Condition(kind=pb.HEADER, name="x-user", op=pb.PREFIX, value="beta-")],
+        {"x-user": "beta-7"},
+        {"x-user": "alpha-7"},
+    ),
+    (
+        [pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value="u[0-9]+")],
+        {"x-user": "u42"},
+        {"x-user": "u42x"},
+    ),
     ([pb.Condition(kind=pb.HEADER, name="x-canary", op=pb.PRESENT)], {"x-canary": ""}, {"x-other": "1"}),
-    ([pb.Condition(kind=pb.COOKIE, name="group", op=pb.EXACT, value="beta")], {"cookie": "a=1; group=beta; z=2"}, {"cookie": "group=betax"}),
+    (
+        [pb.Condition(kind=pb.COOKIE, name="group", op=pb.EXACT, value="beta")],
+        {"cookie": "a=1; group=beta; z=2"},
+        {"cookie": "group=betax"},
+    ),
     ([pb.Condition(kind=pb.QUERY, name="gray", op=pb.EXACT, value="1")], "/?gray=1", "/?gray=2"),
     (
-        [pb.Condition(kind=pb.HEADER, name="x-a", op=pb.EXACT, value="1"), pb.Condition(kind=pb.HEADER, name="x-b", op=pb.EXACT, value="2")],
+        [
+            pb.Condition(kind=pb.HEADER, name="x-a", op=pb.EXACT, value="1"),
+            pb.Condition(kind=pb.HEADER, name="x-b", op=pb.EXACT, value="2"),
+        ],
         {"x-a": "1", "x-b": "2"},
         {"x-a": "1"},
     ),
 ]
 
 
-@pytest.mark.parametrize(("conditions", "matching", "other"), HEADER_RULES, ids=[
-    "header-exact", "header-prefix", "header-regex", "header-present", "cookie", "query", "and-of-two-headers"])
-async def test_rules_send_matching_requests_to_gray(stack: Stack, conditions: list[pb.Condition], matching: Any, other: Any) -> None:
+@pytest.mark.parametrize(
+    ("conditions", "matching", "other"),
+    HEADER_RULES,
+    ids=["header-exact", "header-prefix", "header-regex", "header-present", "cookie", "query", "and-of-two-headers"],
+)
+async def test_rules_send_matching_requests_to_gray(
+    stack: Stack, conditions: list[pb.Condition], matching: Any, other: Any
+) -> None:
     rules = [pb.MatchRule(conditions=conditions)]
     await stack.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec((0, 100), rules)))
     await stack.act(stack.stub.NextBatch)
@@ -172,11 +196,18 @@ async def test_zero_failed_requests_through_a_whole_rollout(stack: Stack) -> Non
     load = asyncio.create_task(stack.load(60_000, rate=250, max_seconds=60, stop=stop, concurrency=8))
     try:
         # The gray cluster appears together with its first weight (the make-before-break case).
-        for call in [stack.stub.NextBatch] * 4 + [stack.stub.Rollback, stack.stub.Restart, stack.stub.NextBatch, stack.stub.Promote]:
+        for call in [stack.stub.NextBatch] * 4 + [
+            stack.stub.Rollback,
+            stack.stub.Restart,
+            stack.stub.NextBatch,
+            stack.stub.Promote,
+        ]:
             r = await stack.act(call)
             if r.status.phase in (pb.PROGRESSING, pb.PAUSED):
                 await stack.until_reached()
-            await asyncio.sleep(0.3)  # let the load run on each step: this is traffic pacing, not a wait for a condition
+            await asyncio.sleep(
+                0.3
+            )  # let the load run on each step: this is traffic pacing, not a wait for a condition
     finally:
         stop.set()
         result = await load

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
 from graylane.controlplane.local.traffic import run_load
@@ -43,13 +42,19 @@ async def control_plane(store: EtcdStore, *, xds_port: int = 0) -> AsyncIterator
 async def register(stub: Any, service: str, v1: Upstream, v2: Upstream) -> None:
     await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
     for up in (v1, v2):
-        await stub.PutVersion(api.PutVersionRequest(version=pb.Version(
-            service=service, name=up.version, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)])))
+        await stub.PutVersion(
+            api.PutVersionRequest(
+                version=pb.Version(
+                    service=service, name=up.version, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)]
+                )
+            )
+        )
 
 
 def spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
     return pb.ReleaseSpec(
-        lane=lane, entry=service,
+        lane=lane,
+        entry=service,
         services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
         match=rules or [],
         batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
@@ -67,7 +72,9 @@ async def poll_release(stub: Any, name: str, pred: Any, timeout: float = 15) -> 
 
 async def test_nack_pauses_its_release_names_the_proxy_and_others_progress(store: EtcdStore, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        ups = {(s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")}
+        ups = {
+            (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
+        }
         plane = await es.enter_async_context(control_plane(store))
         channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
         stub = api_grpc.ReleaseServiceStub(channel)
@@ -116,8 +123,9 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
                 proxy: EnvoyProcess = await envoy(ads_port=xds_port, protocol=protocol, node_id="steady")
                 await poll_release(stub, "rel", lambda r: r.status.reached)
             stop = asyncio.Event()
-            load = asyncio.create_task(run_load(proxy.listen_port, authority="checkout", count=100_000,
-                                                max_seconds=30, rate=200, stop=stop))
+            load = asyncio.create_task(
+                run_load(proxy.listen_port, authority="checkout", count=100_000, max_seconds=30, rate=200, stop=stop)
+            )
             await asyncio.sleep(0.5)  # traffic pacing: some load before the outage
         # The control plane is down: Envoy keeps its last config.
         await asyncio.sleep(1.0)  # traffic pacing: let the outage last a second under load

@@ -105,8 +105,17 @@ async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServic
         (lambda s: s.batches[2].__setattr__("weight", 140), "batches[2].weight: 140 is above 100"),
         (lambda s: s.services[0].__setattr__("gray_version", "v1"), "spec.services[0].gray_version"),
         (lambda s: s.__setattr__("lane", "Bad Lane!"), "spec.lane"),
-        (lambda s: s.match[0].conditions[0].__setattr__("op", pb.REGEX) or s.match[0].conditions[0].__setattr__("value", "(unclosed"), "match[0].conditions[0].value"),
-        (lambda s: s.services.add(service="checkout", base_version="v1", gray_version="v3"), "spec.services[1].service: 'checkout' is listed twice"),
+        (
+            lambda s: (
+                s.match[0].conditions[0].__setattr__("op", pb.REGEX)
+                or s.match[0].conditions[0].__setattr__("value", "(unclosed")
+            ),
+            "match[0].conditions[0].value",
+        ),
+        (
+            lambda s: s.services.add(service="checkout", base_version="v1", gray_version="v3"),
+            "spec.services[1].service: 'checkout' is listed twice",
+        ),
         (lambda s: s.__setattr__("entry", "nowhere"), "spec.entry: service 'nowhere' is not registered"),
         (lambda s: s.services[0].__setattr__("gray_version", "v9"), "spec.services[0].gray_version: version 'v9'"),
     ],

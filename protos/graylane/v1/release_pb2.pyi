@@ -1,14 +1,13 @@
 import datetime
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
 
-from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
-from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -74,7 +73,7 @@ class Service(_message.Message):
     name: str
     stable_version: str
     description: str
-    def __init__(self, name: str | None = ..., stable_version: str | None = ..., description: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., stable_version: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("address", "port", "cluster")
@@ -84,7 +83,7 @@ class Endpoint(_message.Message):
     address: str
     port: int
     cluster: str
-    def __init__(self, address: str | None = ..., port: int | None = ..., cluster: str | None = ...) -> None: ...
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class VersionMetadata(_message.Message):
     __slots__ = ("image", "author", "created", "change_summary")
@@ -96,7 +95,7 @@ class VersionMetadata(_message.Message):
     author: str
     created: _timestamp_pb2.Timestamp
     change_summary: str
-    def __init__(self, image: str | None = ..., author: str | None = ..., created: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., change_summary: str | None = ...) -> None: ...
+    def __init__(self, image: _Optional[str] = ..., author: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., change_summary: _Optional[str] = ...) -> None: ...
 
 class Version(_message.Message):
     __slots__ = ("service", "name", "metadata", "endpoints")
@@ -108,7 +107,7 @@ class Version(_message.Message):
     name: str
     metadata: VersionMetadata
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, service: str | None = ..., name: str | None = ..., metadata: VersionMetadata | _Mapping | None = ..., endpoints: _Iterable[Endpoint | _Mapping] | None = ...) -> None: ...
+    def __init__(self, service: _Optional[str] = ..., name: _Optional[str] = ..., metadata: _Optional[_Union[VersionMetadata, _Mapping]] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("kind", "name", "op", "value")
@@ -120,13 +119,13 @@ class Condition(_message.Message):
     name: str
     op: MatchOp
     value: str
-    def __init__(self, kind: MatchKind | str | None = ..., name: str | None = ..., op: MatchOp | str | None = ..., value: str | None = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[MatchKind, str]] = ..., name: _Optional[str] = ..., op: _Optional[_Union[MatchOp, str]] = ..., value: _Optional[str] = ...) -> None: ...
 
 class MatchRule(_message.Message):
     __slots__ = ("conditions",)
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     conditions: _containers.RepeatedCompositeFieldContainer[Condition]
-    def __init__(self, conditions: _Iterable[Condition | _Mapping] | None = ...) -> None: ...
+    def __init__(self, conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
 
 class Pause(_message.Message):
     __slots__ = ("manual", "duration")
@@ -134,7 +133,7 @@ class Pause(_message.Message):
     DURATION_FIELD_NUMBER: _ClassVar[int]
     manual: bool
     duration: _duration_pb2.Duration
-    def __init__(self, manual: bool | None = ..., duration: datetime.timedelta | _duration_pb2.Duration | _Mapping | None = ...) -> None: ...
+    def __init__(self, manual: _Optional[bool] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("weight", "pause")
@@ -142,7 +141,7 @@ class Batch(_message.Message):
     PAUSE_FIELD_NUMBER: _ClassVar[int]
     weight: int
     pause: Pause
-    def __init__(self, weight: int | None = ..., pause: Pause | _Mapping | None = ...) -> None: ...
+    def __init__(self, weight: _Optional[int] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ...) -> None: ...
 
 class ServiceVersions(_message.Message):
     __slots__ = ("service", "base_version", "gray_version")
@@ -152,13 +151,13 @@ class ServiceVersions(_message.Message):
     service: str
     base_version: str
     gray_version: str
-    def __init__(self, service: str | None = ..., base_version: str | None = ..., gray_version: str | None = ...) -> None: ...
+    def __init__(self, service: _Optional[str] = ..., base_version: _Optional[str] = ..., gray_version: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("gray_clusters",)
     GRAY_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     gray_clusters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, gray_clusters: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, gray_clusters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseSpec(_message.Message):
     __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement")
@@ -176,7 +175,7 @@ class ReleaseSpec(_message.Message):
     match: _containers.RepeatedCompositeFieldContainer[MatchRule]
     batches: _containers.RepeatedCompositeFieldContainer[Batch]
     placement: Placement
-    def __init__(self, lane: str | None = ..., entry: str | None = ..., services: _Iterable[ServiceVersions | _Mapping] | None = ..., strategy: Strategy | str | None = ..., match: _Iterable[MatchRule | _Mapping] | None = ..., batches: _Iterable[Batch | _Mapping] | None = ..., placement: Placement | _Mapping | None = ...) -> None: ...
+    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
 
 class ProxyConvergence(_message.Message):
     __slots__ = ("proxies", "converged", "target_version")
@@ -186,7 +185,7 @@ class ProxyConvergence(_message.Message):
     proxies: int
     converged: int
     target_version: str
-    def __init__(self, proxies: int | None = ..., converged: int | None = ..., target_version: str | None = ...) -> None: ...
+    def __init__(self, proxies: _Optional[int] = ..., converged: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
 
 class Nack(_message.Message):
     __slots__ = ("node", "type_url", "version", "message", "at")
@@ -200,7 +199,7 @@ class Nack(_message.Message):
     version: str
     message: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, node: str | None = ..., type_url: str | None = ..., version: str | None = ..., message: str | None = ..., at: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, node: _Optional[str] = ..., type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
     __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation")
@@ -226,7 +225,7 @@ class ReleaseStatus(_message.Message):
     batch_reached: _timestamp_pb2.Timestamp
     events: int
     generation: int
-    def __init__(self, phase: Phase | str | None = ..., batch: int | None = ..., weight: int | None = ..., reached: bool | None = ..., reason: str | None = ..., convergence: ProxyConvergence | _Mapping | None = ..., last_nack: Nack | _Mapping | None = ..., batch_started: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., batch_reached: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., events: int | None = ..., generation: int | None = ...) -> None: ...
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("name", "spec", "status", "revision", "created")
@@ -240,7 +239,7 @@ class Release(_message.Message):
     status: ReleaseStatus
     revision: int
     created: _timestamp_pb2.Timestamp
-    def __init__(self, name: str | None = ..., spec: ReleaseSpec | _Mapping | None = ..., status: ReleaseStatus | _Mapping | None = ..., revision: int | None = ..., created: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ReleaseSpec, _Mapping]] = ..., status: _Optional[_Union[ReleaseStatus, _Mapping]] = ..., revision: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("release", "sequence", "at", "action", "actor", "reason", "from_phase", "to_phase", "from_batch", "to_batch", "weight", "details")
@@ -250,7 +249,7 @@ class Event(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
@@ -275,4 +274,4 @@ class Event(_message.Message):
     to_batch: int
     weight: int
     details: _containers.ScalarMap[str, str]
-    def __init__(self, release: str | None = ..., sequence: int | None = ..., at: datetime.datetime | _timestamp_pb2.Timestamp | _Mapping | None = ..., action: str | None = ..., actor: str | None = ..., reason: str | None = ..., from_phase: Phase | str | None = ..., to_phase: Phase | str | None = ..., from_batch: int | None = ..., to_batch: int | None = ..., weight: int | None = ..., details: _Mapping[str, str] | None = ...) -> None: ...
+    def __init__(self, release: _Optional[str] = ..., sequence: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., from_phase: _Optional[_Union[Phase, str]] = ..., to_phase: _Optional[_Union[Phase, str]] = ..., from_batch: _Optional[int] = ..., to_batch: _Optional[int] = ..., weight: _Optional[int] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,12 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from graylane.v1 import release_pb2 as _release_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-
-from graylane.v1 import release_pb2 as _release_pb2
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -20,7 +17,7 @@ class CreateReleaseRequest(_message.Message):
     spec: _release_pb2.ReleaseSpec
     actor: str
     reason: str
-    def __init__(self, name: str | None = ..., spec: _release_pb2.ReleaseSpec | _Mapping | None = ..., actor: str | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_release_pb2.ReleaseSpec, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ApplyReleaseRequest(_message.Message):
     __slots__ = ("name", "spec", "actor", "reason")
@@ -32,13 +29,13 @@ class ApplyReleaseRequest(_message.Message):
     spec: _release_pb2.ReleaseSpec
     actor: str
     reason: str
-    def __init__(self, name: str | None = ..., spec: _release_pb2.ReleaseSpec | _Mapping | None = ..., actor: str | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_release_pb2.ReleaseSpec, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetReleaseRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -48,7 +45,7 @@ class ListReleasesResponse(_message.Message):
     __slots__ = ("releases",)
     RELEASES_FIELD_NUMBER: _ClassVar[int]
     releases: _containers.RepeatedCompositeFieldContainer[_release_pb2.Release]
-    def __init__(self, releases: _Iterable[_release_pb2.Release | _Mapping] | None = ...) -> None: ...
+    def __init__(self, releases: _Optional[_Iterable[_Union[_release_pb2.Release, _Mapping]]] = ...) -> None: ...
 
 class DeleteReleaseRequest(_message.Message):
     __slots__ = ("name", "actor")
@@ -56,7 +53,7 @@ class DeleteReleaseRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     actor: str
-    def __init__(self, name: str | None = ..., actor: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class DeleteReleaseResponse(_message.Message):
     __slots__ = ()
@@ -72,31 +69,31 @@ class ActionRequest(_message.Message):
     actor: str
     reason: str
     expected_revision: int
-    def __init__(self, name: str | None = ..., actor: str | None = ..., reason: str | None = ..., expected_revision: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class HistoryRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class HistoryResponse(_message.Message):
     __slots__ = ("events",)
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_release_pb2.Event]
-    def __init__(self, events: _Iterable[_release_pb2.Event | _Mapping] | None = ...) -> None: ...
+    def __init__(self, events: _Optional[_Iterable[_Union[_release_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class PutServiceRequest(_message.Message):
     __slots__ = ("service",)
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     service: _release_pb2.Service
-    def __init__(self, service: _release_pb2.Service | _Mapping | None = ...) -> None: ...
+    def __init__(self, service: _Optional[_Union[_release_pb2.Service, _Mapping]] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()
@@ -106,22 +103,22 @@ class ListServicesResponse(_message.Message):
     __slots__ = ("services",)
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     services: _containers.RepeatedCompositeFieldContainer[_release_pb2.Service]
-    def __init__(self, services: _Iterable[_release_pb2.Service | _Mapping] | None = ...) -> None: ...
+    def __init__(self, services: _Optional[_Iterable[_Union[_release_pb2.Service, _Mapping]]] = ...) -> None: ...
 
 class PutVersionRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: _release_pb2.Version
-    def __init__(self, version: _release_pb2.Version | _Mapping | None = ...) -> None: ...
+    def __init__(self, version: _Optional[_Union[_release_pb2.Version, _Mapping]] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("service",)
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     service: str
-    def __init__(self, service: str | None = ...) -> None: ...
+    def __init__(self, service: _Optional[str] = ...) -> None: ...
 
 class ListVersionsResponse(_message.Message):
     __slots__ = ("versions",)
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[_release_pb2.Version]
-    def __init__(self, versions: _Iterable[_release_pb2.Version | _Mapping] | None = ...) -> None: ...
+    def __init__(self, versions: _Optional[_Iterable[_Union[_release_pb2.Version, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,383 @@
+"""Graylane benchmarks: `make bench` (runs `.venv/bin/python -P bench/run.py`).
+
+Three measurements, each bounded in count and in time, loopback only:
+
+1. render cost of `graylane.xds.render.render` for views of 10, 100 and 1000 services;
+2. end to end over a real etcd, the control plane in-process and one real Envoy:
+   NextBatch -> `status.reached`, and Rollback -> every proxy ACKed the new routes;
+3. data-plane throughput through Envoy at a 50 % batch, and directly to the upstream.
+
+Prints markdown tables and writes them to bench/RESULTS.md (overwritten). The machine is
+shared and noisy, so every number is a median (with p90) over repeated runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import logging
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.local.traffic import LoadResult, run_load
+from graylane.controlplane.local.upstream import Upstream
+from graylane.controlplane.store import connect
+from graylane.v1 import release_pb2 as pb
+from graylane.xds import resources
+from graylane.xds.render import render
+from graylane.xds.view import (
+    ROUTE_CONFIG_NAME,
+    Condition,
+    Endpoint,
+    Lane,
+    MatchKind,
+    MatchOp,
+    RoutingView,
+    Rule,
+    ServiceRoute,
+    VersionEndpoints,
+)
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+SERVICE = "checkout"
+RELEASE = "bench"
+WEIGHTS = tuple(range(5, 101, 5))  # 20 batches: 5, 10, ..., 100
+
+# Bounds. Every loop below stops at its count or its time budget, whichever comes first.
+RENDER_PLAN = ((10, 300, 3.0), (100, 60, 6.0), (1000, 12, 25.0))  # (services, max reps, max seconds)
+RENDER_MIN_REPS = 3
+E2E_BUDGET_SECONDS = 60.0  # the latency loops (after setup)
+ROLLBACK_CYCLES = 15  # rollback -> restart -> next cycles after the first pass
+WAIT_TIMEOUT = 15.0  # any single wait for reached / ACK
+REACHED_POLL = 0.005
+ACK_POLL = 0.002
+LOAD_COUNT = 5000
+LOAD_MAX_SECONDS = 20.0
+LOAD_CONCURRENCY = 16
+LOAD_ROUNDS = 3  # alternating Envoy / direct rounds
+LOAD_BUDGET_SECONDS = 60.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between closest ranks."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------- 1. render
+
+
+def make_view(n: int) -> RoutingView:
+    """n services on v1 (two endpoints each); every 10th also has a v2 and its own lane
+    (entry = that service, header rule x-canary: always, weight 20)."""
+    services = []
+    endpoints = []
+    lanes = []
+    rule = Rule((Condition(MatchKind.HEADER, "x-canary", MatchOp.EXACT, "always"),))
+    for i in range(n):
+        name = f"svc-{i:04d}"
+        services.append(ServiceRoute(name=name, base_version="v1"))
+        port = 20000 + (i % 20000)
+        endpoints.append(VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", port), Endpoint("127.0.0.2", port))))
+        if i % 10 == 0:
+            endpoints.append(VersionEndpoints(name, "v2", (Endpoint("127.0.0.3", port),)))
+            lanes.append(Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
+    lanes.sort(key=lambda lane: lane.name)
+    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
+
+
+def bench_render() -> list[dict[str, object]]:
+    out = []
+    for n, max_reps, max_seconds in RENDER_PLAN:
+        view = make_view(n)
+        res = render(view, listen_port=10000)  # warm-up, and the sizes
+        route = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+        route_bytes = len(route.SerializeToString(deterministic=True))
+        weighted = sum(1 for vh in route.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters"))
+        times = []
+        deadline = time.perf_counter() + max_seconds
+        while len(times) < max_reps and (len(times) < RENDER_MIN_REPS or time.perf_counter() < deadline):
+            gc.collect()
+            t0 = time.perf_counter()
+            render(view, listen_port=10000)
+            times.append((time.perf_counter() - t0) * 1000)
+        row = {
+            "services": n,
+            "lanes": len(view.lanes),
+            "clusters": len(res[resources.CLUSTER]),
+            "weighted_routes": weighted,
+            "reps": len(times),
+            "median_ms": med(times),
+            "p90_ms": pct(times, 0.9),
+            "route_bytes": route_bytes,
+        }
+        print(f"  render {n:>5} services: {row['median_ms']:.2f} ms median over {len(times)}", flush=True)
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- 2 + 3. end to end
+
+
+def release_spec() -> pb.ReleaseSpec:
+    return pb.ReleaseSpec(
+        lane="checkout-v2",
+        entry=SERVICE,
+        services=[pb.ServiceVersions(service=SERVICE, base_version="v1", gray_version="v2")],
+        strategy=pb.CANARY,
+        match=[pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-canary", op=pb.EXACT, value="always")])],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in WEIGHTS],
+    )
+
+
+async def until(pred: Callable[[], bool], poll: float, timeout: float = WAIT_TIMEOUT) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(poll)
+
+
+async def bench_e2e() -> dict[str, object]:
+    samples: dict[str, list[float]] = {"next": [], "first": [], "rb_snap": [], "rb_ack": []}
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-bench-")))
+        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+        store = await connect(etcd.endpoint)
+        stack.push_async_callback(store.close)
+        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
+        runner = asyncio.create_task(plane.run())
+
+        async def stop_plane() -> None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+        stack.push_async_callback(stop_plane)
+        async with asyncio.timeout(15):
+            await plane.ready.wait()
+        v1 = await stack.enter_async_context(Upstream(SERVICE, "v1"))
+        v2 = await stack.enter_async_context(Upstream(SERVICE, "v2"))
+        client = await stack.enter_async_context(ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="bench"))
+        await client.put_service(pb.Service(name=SERVICE, stable_version="v1"))
+        for name, up in (("v1", v1), ("v2", v2)):
+            await client.put_version(
+                pb.Version(service=SERVICE, name=name, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)])
+            )
+        envoy = await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id="bench-envoy"))
+        await plane.dataplane.wait_current()
+        await client.apply_release(pb.Release(name=RELEASE, spec=release_spec()))
+        print(f"  etcd {etcd.endpoint}, API :{plane.api_port}, xDS :{plane.xds_port}, envoy :{envoy.listen_port}",
+              flush=True)
+
+        async def step(action: Action, bucket: str) -> pb.Release:
+            """Act, then time from the call returning to `status.reached` (GetRelease every 5 ms)."""
+            r = await client.act(action, RELEASE)
+            t0 = time.perf_counter()
+            async with asyncio.timeout(WAIT_TIMEOUT):
+                while not (r := await client.get_release(RELEASE)).status.reached:
+                    await asyncio.sleep(REACHED_POLL)
+            samples[bucket].append((time.perf_counter() - t0) * 1000)
+            return r
+
+        def route_versions() -> dict[str, str]:
+            out = {}
+            for p in plane.tracker.proxies().values():
+                snap = plane.cache.snapshot(p.key)
+                if p.connected and snap is not None:
+                    out[p.key] = snap[resources.ROUTE].version
+            return out
+
+        async def rollback() -> None:
+            """Time from Rollback returning to a new route snapshot, and to every proxy's ACK of it."""
+            before = route_versions()
+
+            def rendered() -> bool:
+                now = route_versions()
+                return bool(now) and all(now.get(k) != v for k, v in before.items())
+
+            await client.act(Action.ROLLBACK, RELEASE)
+            t0 = time.perf_counter()
+            await until(rendered, ACK_POLL)
+            samples["rb_snap"].append((time.perf_counter() - t0) * 1000)
+            await until(lambda: rendered() and plane.dataplane.proxies_current(), ACK_POLL)
+            samples["rb_ack"].append((time.perf_counter() - t0) * 1000)
+
+        deadline = time.monotonic() + E2E_BUDGET_SECONDS
+        # Pass 1: the 20 batches. Batch 1 also adds the v2 cluster (CDS + EDS + RDS).
+        await step(Action.NEXT, "first")
+        for _ in WEIGHTS[1:]:
+            if time.monotonic() > deadline:
+                break
+            await step(Action.NEXT, "next")
+        # Then: rollback, restart (re-adds the v2 cluster), one more weight change.
+        for _ in range(ROLLBACK_CYCLES):
+            if time.monotonic() > deadline:
+                break
+            await rollback()
+            await step(Action.RESTART, "first")
+            await step(Action.NEXT, "next")
+
+        # 3. Throughput at the 50 % batch.
+        await rollback()
+        await step(Action.RESTART, "first")
+        while (await client.get_release(RELEASE)).status.weight < 50:
+            await step(Action.NEXT, "next")
+        weight = (await client.get_release(RELEASE)).status.weight
+        via_envoy: list[LoadResult] = []
+        direct: list[LoadResult] = []
+        load_deadline = time.monotonic() + LOAD_BUDGET_SECONDS
+        for i in range(LOAD_ROUNDS):
+            if i and time.monotonic() > load_deadline:
+                break
+            via_envoy.append(await run_load(envoy.listen_port, authority=SERVICE, count=LOAD_COUNT,
+                                            max_seconds=LOAD_MAX_SECONDS, concurrency=LOAD_CONCURRENCY))
+            direct.append(await run_load(v1.port, authority=SERVICE, count=LOAD_COUNT,
+                                         max_seconds=LOAD_MAX_SECONDS, concurrency=LOAD_CONCURRENCY))
+            print(f"  load round {i + 1}: envoy {via_envoy[-1].rate:,.0f} rps, direct {direct[-1].rate:,.0f} rps",
+                  flush=True)
+    return {"samples": samples, "weight": weight, "envoy": via_envoy, "direct": direct}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started: float) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# Graylane benchmarks",
+        "",
+        f"- date: {now}",
+        f"- machine: {platform.platform()}; CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}",
+        f"- Python {platform.python_version()}; shared, noisy machine: medians and p90 over repeated runs",
+        "",
+        "## 1. Render cost",
+        "",
+        "`render(view, listen_port=10000)`: n services on v1 (2 endpoints each); every 10th service has a v2 "
+        "and its own lane (header rule + weight 20). Time per call (includes content hashing of every resource); "
+        "size of the serialized RouteConfiguration.",
+        "",
+    ]
+    parts.append(table(
+        ["services", "lanes", "clusters", "runs", "median ms", "p90 ms", "RouteConfiguration bytes"],
+        [[str(r["services"]), str(r["lanes"]), str(r["clusters"]), str(r["reps"]), f"{r['median_ms']:.2f}",
+          f"{r['p90_ms']:.2f}", f"{r['route_bytes']:,}"] for r in render_rows],
+    ))
+    s = e2e["samples"]
+    assert isinstance(s, dict)
+
+    def lat_row(label: str, vals: list[float]) -> list[str]:
+        return [label, str(len(vals)), f"{med(vals):.1f}", f"{pct(vals, 0.9):.1f}", f"{min(vals):.1f}", f"{max(vals):.1f}"]
+
+    parts += [
+        "",
+        "## 2. Control-plane latency, end to end",
+        "",
+        "Embedded etcd, the control plane in-process, one real Envoy (ADS SotW), loopback. "
+        "`NextBatch -> reached`: from the NextBatch RPC returning to GetRelease (polled every 5 ms) "
+        "showing `status.reached` (Envoy ACKed the new routes and the control plane wrote that to etcd). "
+        "`Rollback -> ACK`: from the Rollback RPC returning to `plane.dataplane.proxies_current()` "
+        "(polled every 2 ms) for a route snapshot newer than the one before the call; "
+        "`-> snapshot` is the part until that snapshot exists.",
+        "",
+    ]
+    parts.append(table(
+        ["measurement", "n", "median ms", "p90 ms", "min ms", "max ms"],
+        [
+            lat_row("NextBatch -> reached (weight change, RDS only)", s["next"]),
+            lat_row("first batch / Restart -> reached (adds v2 cluster: CDS+EDS+RDS)", s["first"]),
+            lat_row("Rollback -> new route snapshot in the cache", s["rb_snap"]),
+            lat_row("Rollback -> every proxy ACKed it", s["rb_ack"]),
+        ],
+    ))
+    env = e2e["envoy"]
+    dire = e2e["direct"]
+    assert isinstance(env, list) and isinstance(dire, list)
+    env_rps = med([r.rate for r in env])
+    dir_rps = med([r.rate for r in dire])
+    shares = [r.share("v2") for r in env]
+    failed = sum(r.failed for r in env) + sum(r.failed for r in dire)
+    parts += [
+        "",
+        "## 3. Data-plane throughput (sanity check, not an Envoy benchmark)",
+        "",
+        f"`run_load(count={LOAD_COUNT}, concurrency={LOAD_CONCURRENCY}, max_seconds={LOAD_MAX_SECONDS:g})`, "
+        f"HTTP/1.1 keep-alive, batch weight {e2e['weight']} %, {len(env)} alternating rounds. The load generator, "
+        "both upstreams and the control plane share one Python asyncio loop, and Envoy shares the 2 cores: "
+        "this measures our Python load generator + Python upstream (+ Envoy), not Envoy's capacity.",
+        "",
+    ]
+    parts.append(table(
+        ["path", "rounds", "median req/s", "min req/s", "max req/s", "failed"],
+        [
+            ["through Envoy (checkout, 50 % batch)", str(len(env)), f"{env_rps:,.0f}",
+             f"{min(r.rate for r in env):,.0f}", f"{max(r.rate for r in env):,.0f}", str(sum(r.failed for r in env))],
+            ["direct to the v1 upstream", str(len(dire)), f"{dir_rps:,.0f}",
+             f"{min(r.rate for r in dire):,.0f}", f"{max(r.rate for r in dire):,.0f}", str(sum(r.failed for r in dire))],
+        ],
+    ))
+    parts += [
+        "",
+        f"Envoy / direct = {env_rps / dir_rps:.2f}. v2 share through Envoy per round: "
+        + ", ".join(f"{x:.1%}" for x in shares)
+        + f" (expected ~50 %). Failed requests in all rounds: {failed}.",
+        "",
+        f"Whole run: {time.monotonic() - started:.0f} s.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+async def main() -> int:
+    started = time.monotonic()
+    logging.basicConfig(level=logging.WARNING)
+    print("1. render", flush=True)
+    render_rows = bench_render()
+    print("2+3. end to end (etcd, control plane, envoy)", flush=True)
+    e2e = await bench_e2e()
+    text = report(render_rows, e2e, started)
+    print()
+    print(text)
+    RESULTS.write_text(text)
+    print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
