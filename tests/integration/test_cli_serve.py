@@ -1,0 +1,119 @@
+"""The `graylane` CLI against a real `graylane serve` process with its embedded etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from graylane.controlplane.local.envoy import free_port
+
+BIN = pathlib.Path(sys.executable).parent
+
+
+def graylane(server: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "graylane"), "--server", server, "--actor", "ci-bot", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def served(tmp_path: pathlib.Path, etcd_endpoint: str) -> Iterator[tuple[str, subprocess.Popen[bytes], pathlib.Path]]:
+    # etcd_endpoint only makes sure the etcd binary exists (fail under CI, skip elsewhere).
+    api, xds = free_port(), free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "graylane"),
+                "serve",
+                "--data-dir",
+                str(tmp_path / "state"),
+                "--listen",
+                f"127.0.0.1:{api}",
+                "--xds-listen",
+                f"127.0.0.1:{xds}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = f"127.0.0.1:{api}"
+    deadline = time.monotonic() + 30
+    while graylane(server, "get").returncode != 0:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        assert time.monotonic() < deadline, "graylane serve did not answer in 30 s"
+        time.sleep(0.1)
+    try:
+        yield server, proc, tmp_path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_release_through_the_cli_then_graceful_stop(
+    served: tuple[str, subprocess.Popen[bytes], pathlib.Path], repo_root: pathlib.Path
+) -> None:
+    server, proc, tmp = served
+    applied = graylane(server, "apply", "-f", str(repo_root / "deploy" / "examples" / "release.yaml"))
+    assert applied.returncode == 0, applied.stderr
+    for expected in (10, 20):
+        out = graylane(server, "next", "checkout-v2", "--reason", "metrics fine", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["status"]["weight"] == expected
+    assert graylane(server, "pause", "checkout-v2").returncode == 0
+    refused = graylane(server, "next", "checkout-v2")
+    assert refused.returncode == 1 and "FAILED_PRECONDITION" in refused.stderr and "resume" in refused.stderr
+    for verb in ("resume", "rollback", "restart", "promote"):
+        assert graylane(server, verb, "checkout-v2").returncode == 0, verb
+    got = json.loads(graylane(server, "get", "checkout-v2", "-o", "json").stdout)
+    assert got["status"]["phase"] == "SUCCEEDED"
+    history = json.loads(graylane(server, "history", "checkout-v2", "-o", "json").stdout)
+    actions = [(e["action"], e["actor"]) for e in history["events"]]
+    assert actions == [
+        ("create", "ci-bot"),
+        ("next", "ci-bot"),
+        ("next", "ci-bot"),
+        ("pause", "ci-bot"),
+        ("resume", "ci-bot"),
+        ("rollback", "ci-bot"),
+        ("restart", "ci-bot"),
+        ("promote", "ci-bot"),
+    ]
+    assert history["events"][1]["reason"] == "metrics fine"
+
+    bad = graylane(
+        server,
+        "apply",
+        "-f",
+        "-",
+        input=(
+            "name: x\nspec:\n  lane: x\n"
+            "  services: [{service: checkout, base_version: v2, gray_version: v2}]\n"
+            "  batches: [{weight: 10}]\n"
+        ),
+    )
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "spec.services[0].gray_version" in bad.stderr
+
+    # SIGTERM: a clean stop that also stops the embedded etcd; its data survives.
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert (tmp / "state" / "etcd" / "member").is_dir()
+    leftover = subprocess.run(["pgrep", "-f", str(tmp / "state" / "etcd")], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    out = graylane(f"127.0.0.1:{free_port()}", "get")
+    assert out.returncode == 1
+    assert "cannot reach graylane" in out.stderr
