@@ -135,9 +135,14 @@ class DataPlane:
         if self._view is None:
             return
         self._keys.add(key)
-        resources = render(self._view, listen_port=self._port_of(key), listen_address=self._listen_address)
-        self._history.remember(resources, self._view)
-        self._cache.set_snapshot(key, resources)
+        try:
+            resources = render(self._view, listen_port=self._port_of(key), listen_address=self._listen_address)
+            self._history.remember(resources, self._view)
+            self._cache.set_snapshot(key, resources)
+        except ValueError:
+            # A view validation should have refused (or an inconsistent render): keep serving
+            # the last good snapshot rather than push a broken one or stop the loop.
+            log.exception("cannot render the view for %s; proxies keep their last configuration", key)
 
     # ------------------------------------------------------------------ proxies -> status
 

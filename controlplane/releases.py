@@ -70,9 +70,20 @@ def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -
                 f"{where}.gray_version",
                 f"version {sv.gray_version!r} of {sv.service!r} is not registered",
             )
+    shared_entry = 0
     for other in snap.releases:
-        if other.name != name and other.spec.lane == spec.lane and not other.status.phase.terminal:
+        if other.name == name or other.status.phase.terminal:
+            continue
+        if other.spec.lane == spec.lane:
             raise InvalidArgument("spec.lane", f"lane {spec.lane!r} is used by release {other.name!r}")
+        if other.spec.entry == spec.entry:
+            shared_entry += max(b.weight for b in other.spec.batches)
+    # Lanes that enter at one service split its unmatched traffic between them.
+    if shared_entry + max(b.weight for b in spec.batches) > 100:
+        raise InvalidArgument(
+            "spec.entry",
+            f"live releases entering at {spec.entry!r} would ask for more than 100 % of its traffic",
+        )
 
 
 class Releases:

@@ -49,6 +49,16 @@ _CALL_TIMEOUT = 10.0
 _BAD_VERSIONS = {(3, 5, 0), (3, 5, 1), (3, 5, 2)}
 
 
+def refuse_version(version: str) -> None:
+    """Raise UnsupportedEtcd for etcd 3.5.0-3.5.2 (a crash can lose a committed transaction)."""
+    nums = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+    if nums in _BAD_VERSIONS:
+        raise UnsupportedEtcd(
+            f"etcd {version} is affected by the 3.5.0-3.5.2 data-inconsistency bug "
+            "(a crash can lose a committed transaction); use 3.4.x or 3.5.3 and later"
+        )
+
+
 class Compacted(Exception):
     """A watch asked for a revision etcd has compacted away; re-read and continue."""
 
@@ -151,12 +161,7 @@ class EtcdStore:
 
     async def check_version(self) -> str:
         version = await self.server_version()
-        nums = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
-        if nums in _BAD_VERSIONS:
-            raise UnsupportedEtcd(
-                f"etcd {version} is affected by the 3.5.0-3.5.2 data-inconsistency bug "
-                "(a crash can lose a committed transaction); use 3.4.x or 3.5.3 and later"
-            )
+        refuse_version(version)
         return version
 
     async def _range(self, prefix: bytes, *, revision: int = 0) -> rpc_pb2.RangeResponse:

@@ -231,3 +231,21 @@ async def test_health_and_reflection_answer(store: EtcdStore) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_lanes_entering_one_service_cannot_ask_for_more_than_all_of_it(
+    stub: api_grpc.ReleaseServiceStub,
+) -> None:
+    await register(stub)
+    await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service="checkout", name="v3")))
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="one", spec=canary((10, 60))))
+    other = canary((10, 60))
+    other.lane = "checkout-v3"
+    other.services[0].gray_version = "v3"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.entry" in (err.value.details() or "")
+    del other.batches[1]  # 10 + 60 fits
+    r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other))
+    assert r.status.phase == pb.PENDING
