@@ -17,14 +17,15 @@ from (keyed by content versions), so an ACK or NACK names a view without guesswo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import replace
 from datetime import UTC, datetime
 
 from graylane.controlplane import model, views
-from graylane.controlplane.errors import Unavailable
-from graylane.controlplane.machine import Cause
+from graylane.controlplane.errors import Conflict, FailedPrecondition, Unavailable
+from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, Snapshot
 from graylane.xds import view as xv
@@ -199,7 +200,30 @@ class DataPlane:
         target = ",".join(targets)
         for release in snap.releases:
             if views.routed(release):
-                await self._write_progress(release.name, view, effective, carried, target)
+                updated = await self._write_progress(release.name, view, effective, carried, target)
+                await self._advance_timed_pause(updated or release)
+
+    async def _advance_timed_pause(self, release: model.Release) -> None:
+        """A batch with a duration pause moves on once reached and the duration has passed.
+
+        The move is guarded by the revision it was decided on, so replicas racing to make
+        it produce exactly one transition.
+        """
+        due = views.pause_due(release)
+        if due is None:
+            return
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._changed.set)
+            return
+        pause = release.spec.batches[release.status.batch].pause
+        cause = Cause(
+            actor=ACTOR,
+            reason=f"batch {release.status.batch + 1} held {pause} after it was reached",
+            details={"pause_seconds": f"{pause.total_seconds() if pause else 0:g}"},
+        )
+        with contextlib.suppress(Conflict, FailedPrecondition):
+            await self._releases.act(release.name, Action.NEXT, cause, expected_revision=release.revision)
 
     async def _write_progress(
         self,
@@ -208,7 +232,7 @@ class DataPlane:
         effective: xv.RoutingView,
         carried: list[xv.RoutingView | None],
         target: str,
-    ) -> None:
+    ) -> model.Release | None:
         now = datetime.now(UTC)
 
         def change(current: model.Release) -> StatusUpdate | None:
@@ -244,7 +268,7 @@ class DataPlane:
                 ),
             )
 
-        await self._releases.update_status(name, change)
+        return await self._releases.update_status(name, change)
 
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         for proxy in proxies:

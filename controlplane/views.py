@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from graylane.controlplane import model
 from graylane.controlplane.store import Snapshot
@@ -108,3 +109,12 @@ def blame_nack(rejected: xv.RoutingView | None, accepted: xv.RoutingView | None)
         return frozenset()
     before: Mapping[str, xv.Lane] = lanes_by_name(accepted) if accepted is not None else {}
     return frozenset(name for name, lane in lanes_by_name(rejected).items() if before.get(name) != lane)
+
+
+def pause_due(release: model.Release) -> datetime | None:
+    """When a reached batch with a duration pause may move on (None: manual, or not yet reached)."""
+    st = release.status
+    if st.phase is not model.Phase.PROGRESSING or not st.reached or st.batch_reached is None:
+        return None
+    pause = release.spec.batches[st.batch].pause
+    return None if pause is None else st.batch_reached + pause

@@ -169,3 +169,38 @@ async def test_envoy_started_while_control_plane_is_down_serves_once_it_is_back(
                     await asyncio.sleep(0.05)
             result = await run_load(proxy.listen_port, authority="checkout", count=500, max_seconds=10)
             assert result.failed == 0 and set(result.versions) <= {"v1", "v2"}
+
+
+async def test_duration_pauses_advance_on_their_own_once_reached(store: EtcdStore, envoy: Any) -> None:
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        plane = await es.enter_async_context(control_plane(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        await envoy(ads_port=plane.xds_port, node_id="timed")
+        timed = spec("checkout", "lane")
+        for b in timed.batches[:2]:
+            b.pause.duration.FromMilliseconds(500)
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=timed))
+        await stub.NextBatch(api.ActionRequest(name="rel", actor="ci"))
+        done = await poll_release(stub, "rel", lambda r: r.status.weight == 100 and r.status.reached, timeout=20)
+        assert done.status.phase == pb.PROGRESSING  # the last batch is manual: it waits for `next`
+        history = await stub.History(api.HistoryRequest(name="rel"))
+        steps = [(e.action, e.actor, e.to_batch) for e in history.events if e.action in ("next", "reached")]
+        assert steps == [
+            ("next", "ci", 0),
+            ("reached", "graylane/dataplane", 0),
+            ("next", "graylane/dataplane", 1),
+            ("reached", "graylane/dataplane", 1),
+            ("next", "graylane/dataplane", 2),
+            ("reached", "graylane/dataplane", 2),
+        ]
+        # Each timed step waited its pause after the batch was reached.
+        by_seq = {e.sequence: e for e in history.events}
+        for e in history.events:
+            if e.action == "next" and e.actor == "graylane/dataplane":
+                reached = by_seq[e.sequence - 1]
+                assert reached.action == "reached"
+                assert e.at.ToMilliseconds() - reached.at.ToMilliseconds() >= 500
