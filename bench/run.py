@@ -23,17 +23,14 @@ import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.local.stack import local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.store import connect
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import resources
 from graylane.xds.render import render
@@ -177,21 +174,8 @@ async def until(pred: Callable[[], bool], poll: float, timeout: float = WAIT_TIM
 async def bench_e2e() -> dict[str, object]:
     samples: dict[str, list[float]] = {"next": [], "first": [], "rb_snap": [], "rb_ack": []}
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-bench-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
-        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
-        runner = asyncio.create_task(plane.run())
-
-        async def stop_plane() -> None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-        stack.push_async_callback(stop_plane)
-        async with asyncio.timeout(15):
-            await plane.ready.wait()
+        local = await stack.enter_async_context(local_control_plane(prefix="graylane-bench-"))
+        plane = local.plane
         v1 = await stack.enter_async_context(Upstream(SERVICE, "v1"))
         v2 = await stack.enter_async_context(Upstream(SERVICE, "v2"))
         client = await stack.enter_async_context(ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="bench"))
@@ -203,7 +187,7 @@ async def bench_e2e() -> dict[str, object]:
         envoy = await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id="bench-envoy"))
         await plane.dataplane.wait_current()
         await client.apply_release(pb.Release(name=RELEASE, spec=release_spec()))
-        print(f"  etcd {etcd.endpoint}, API :{plane.api_port}, xDS :{plane.xds_port}, envoy :{envoy.listen_port}",
+        print(f"  etcd {local.etcd.endpoint}, API :{plane.api_port}, xDS :{plane.xds_port}, envoy :{envoy.listen_port}",
               flush=True)
 
         async def step(action: Action, bucket: str) -> pb.Release:

@@ -16,18 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
-import pathlib
-import tempfile
 from dataclasses import dataclass
 
-from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.local.stack import local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.manifest import load_manifest
-from graylane.controlplane.store import connect
 from graylane.v1 import release_pb2 as pb
 
 REQUESTS_PER_STEP = 1000
@@ -80,21 +76,8 @@ async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
     name = release.name
     service = release.spec.entry
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-demo-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
-        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
-        runner = asyncio.create_task(plane.run())
-
-        async def stop_plane() -> None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-        stack.push_async_callback(stop_plane)
-        async with asyncio.timeout(15):
-            await plane.ready.wait()
+        local = await stack.enter_async_context(local_control_plane(prefix="graylane-demo-"))
+        etcd, plane = local.etcd, local.plane
         print(f"etcd {etcd.endpoint} | API 127.0.0.1:{plane.api_port} | xDS 127.0.0.1:{plane.xds_port}")
 
         upstreams = {v: await stack.enter_async_context(Upstream(service, v)) for v in ("v1", "v2")}

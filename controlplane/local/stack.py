@@ -1,0 +1,51 @@
+"""A throw-away control plane on loopback: embedded etcd in a temporary folder, one replica.
+
+Owns the start-up and tear-down order shared by `graylane demo` and the benchmarks:
+etcd first, then the store, then the replica (API and xDS on free ports); stopped in
+reverse. Tests build their own from fixtures; this is for whole-product runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.store import EtcdStore, connect
+
+
+@dataclass(frozen=True)
+class LocalPlane:
+    etcd: EtcdProcess
+    store: EtcdStore
+    plane: ControlPlane
+
+    @property
+    def api_target(self) -> str:
+        return f"127.0.0.1:{self.plane.api_port}"
+
+
+@contextlib.asynccontextmanager
+async def local_control_plane(*, prefix: str = "graylane-", ready_timeout: float = 15.0) -> AsyncIterator[LocalPlane]:
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+        store = await connect(etcd.endpoint)
+        stack.push_async_callback(store.close)
+        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
+        runner = asyncio.create_task(plane.run())
+
+        async def stop_plane() -> None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+        stack.push_async_callback(stop_plane)
+        async with asyncio.timeout(ready_timeout):
+            await plane.ready.wait()
+        yield LocalPlane(etcd, store, plane)
