@@ -33,6 +33,7 @@ from graylane.controlplane.errors import (
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import Compacted
+from graylane.controlplane.traffic import TrafficReader
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api_pb
 from graylane.v1 import release_service_pb2_grpc as api_grpc
@@ -106,9 +107,10 @@ def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
 
 
 class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
-    def __init__(self, releases: Releases) -> None:
+    def __init__(self, releases: Releases, *, traffic: TrafficReader | None = None) -> None:
         self._releases = releases
         self._store = releases.store
+        self._traffic = traffic
 
     # ------------------------------------------------------------- releases
 
@@ -237,3 +239,33 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
     ) -> api_pb.ListVersionsResponse:
         versions = await self._store.list_versions(request.service)
         return api_pb.ListVersionsResponse(versions=[model.version_to_proto(v) for v in versions])
+
+    # ------------------------------------------------------------- traffic
+
+    @unary
+    async def GetTraffic(
+        self, request: api_pb.GetTrafficRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.GetTrafficResponse:
+        release = await self._store.get_release(request.name)
+        if self._traffic is None:
+            raise FailedPrecondition("this replica serves no proxies, so it has no traffic to count")
+        report = await self._traffic.read(release)
+        return api_pb.GetTrafficResponse(
+            counts=[
+                api_pb.TrafficCount(
+                    service=service,
+                    version=version,
+                    lane=lane,
+                    requests=c.requests,
+                    responses_2xx=c.responses_2xx,
+                    responses_4xx=c.responses_4xx,
+                    responses_5xx=c.responses_5xx,
+                    failures=c.failures,
+                )
+                for (service, version, lane), c in sorted(
+                    report.counts.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])
+                )
+            ],
+            proxies=report.proxies,
+            unreachable=list(report.unreachable),
+        )

@@ -14,12 +14,14 @@ import logging
 import signal
 
 import grpc
+from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.dataplane import DataPlane
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
+from graylane.controlplane.traffic import TrafficReader
 from graylane.v1 import release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import AdsServer
@@ -48,16 +50,22 @@ class ControlPlane:
         self.tracker = ProxyTracker()
         self.dataplane = DataPlane(self.releases, self.cache, self.tracker)
 
-    def _api_server(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(interceptors=[CallerInterceptor()])
-        release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(ReleaseServicer(self.releases), server)
+        release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
+            ReleaseServicer(self.releases, traffic=traffic), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server, health_servicer
 
     async def run(self) -> None:
-        server, health_servicer = self._api_server()
+        async with EnvoyStatsScraper() as scraper:
+            await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
+
+    async def _run(self, traffic: TrafficReader | None) -> None:
+        server, health_servicer = self._api_server(traffic)
         self.api_port = server.add_insecure_port(self._api_listen)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")

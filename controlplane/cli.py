@@ -194,6 +194,27 @@ def render_history(response: release_service_pb2.HistoryResponse) -> str:
     return render_table(HISTORY_HEADER, [event_row(e) for e in response.events])
 
 
+def render_traffic(response: release_service_pb2.GetTrafficResponse) -> str:
+    rows = [
+        [
+            c.service,
+            c.version,
+            c.lane or "-",
+            str(c.requests),
+            str(c.responses_2xx),
+            str(c.responses_4xx),
+            str(c.responses_5xx),
+            str(c.failures),
+        ]
+        for c in response.counts
+    ]
+    table = render_table(("SERVICE", "VERSION", "LANE", "REQUESTS", "2XX", "4XX", "5XX", "FAILED"), rows)
+    footer = f"\n{response.proxies} proxies read"
+    if response.unreachable:
+        footer += "; unreachable: " + ", ".join(response.unreachable)
+    return table + footer
+
+
 def render_services(response: release_service_pb2.ListServicesResponse) -> str:
     rows = [[s.name, s.stable_version or "-", s.description or "-"] for s in response.services]
     return render_table(("NAME", "STABLE", "DESCRIPTION"), rows)
@@ -553,6 +574,18 @@ def _add_history(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_history))
 
 
+async def _traffic(client: ReleaseClient, args: argparse.Namespace) -> int:
+    emit(args, await client.get_traffic(args.name), render_traffic)
+    return EXIT_OK
+
+
+def _add_traffic(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "traffic", "requests per service, version and lane, from the proxies")
+    parser.add_argument("name", metavar="NAME")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_traffic))
+
+
 # --- changing releases ------------------------------------------------------------------
 
 ACTION_HELP: Final = {
@@ -663,6 +696,7 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     *(_action_builder(action) for action in Action),
     _add_delete,
     _add_history,
+    _add_traffic,
     _add_services,
     _add_versions,
     _add_demo,

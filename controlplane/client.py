@@ -137,3 +137,8 @@ class ReleaseClient:
         request = release_service_pb2.ListVersionsRequest(service=service)
         result: release_service_pb2.ListVersionsResponse = await self._unary("ListVersions", request)
         return result
+
+    async def get_traffic(self, name: str) -> release_service_pb2.GetTrafficResponse:
+        request = release_service_pb2.GetTrafficRequest(name=name)
+        result: release_service_pb2.GetTrafficResponse = await self._unary("GetTraffic", request)
+        return result

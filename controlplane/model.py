@@ -96,6 +96,14 @@ class ServiceVersions:
 
 
 @dataclass(frozen=True, slots=True)
+class Cohort:
+    """The key whose consistent hash makes the batch decision sticky (HEADER or COOKIE)."""
+
+    kind: MatchKind
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseSpec:
     lane: str
     entry: str
@@ -104,6 +112,7 @@ class ReleaseSpec:
     match: tuple[tuple[Condition, ...], ...]
     batches: tuple[Batch, ...]
     gray_clusters: tuple[str, ...] = ()
+    cohort: Cohort | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +322,15 @@ def _batches_from_proto(spec: pb.ReleaseSpec, strategy: Strategy) -> tuple[Batch
 
 def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
     """Validate a ReleaseSpec message and turn it into a trusted domain value."""
-    lane = check_name("spec.lane", spec.lane, pattern=_LANE)
+    if not spec.lane:
+        raise InvalidArgument("spec.lane", "is required")
+    if not _LANE.match(spec.lane):
+        raise InvalidArgument(
+            "spec.lane",
+            f"{spec.lane!r} is not a valid lane: it travels as an HTTP header value and a W3C baggage "
+            "value (lower-case letters, digits, '.', '_' and '-', at most 63)",
+        )
+    lane = spec.lane
     strategy_value = spec.strategy or pb.CANARY
     if strategy_value not in (pb.CANARY, pb.BLUE_GREEN, pb.AB):
         raise InvalidArgument("spec.strategy", f"unknown strategy {strategy_value}")
@@ -335,6 +352,10 @@ def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
         services.append(ServiceVersions(service=name, base_version=base, gray_version=gray))
     entry = spec.entry or (services[0].service if len(services) == 1 else "")
     check_name("spec.entry", entry)
+    if entry not in seen:
+        raise InvalidArgument(
+            "spec.entry", f"{entry!r} is not one of the release's services ({', '.join(sorted(seen))})"
+        )
     match = _rules_from_proto(spec.match)
     if strategy is Strategy.AB and not match:
         raise InvalidArgument("spec.match", "an AB release needs at least one rule")
@@ -349,7 +370,23 @@ def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
         match=match,
         batches=_batches_from_proto(spec, strategy),
         gray_clusters=clusters,
+        cohort=_cohort_from_proto(spec) if spec.HasField("cohort") else None,
     )
+
+
+def _cohort_from_proto(spec: pb.ReleaseSpec) -> Cohort:
+    c = spec.cohort
+    if c.header and c.cookie:
+        raise InvalidArgument("spec.cohort", "set header or cookie, not both")
+    if c.header:
+        if not _HEADER.match(c.header):
+            raise InvalidArgument("spec.cohort.header", f"{c.header!r} is not a valid lower-case header name")
+        return Cohort(kind=MatchKind.HEADER, name=c.header)
+    if c.cookie:
+        if not _COOKIE.match(c.cookie):
+            raise InvalidArgument("spec.cohort.cookie", f"{c.cookie!r} is not a valid cookie name")
+        return Cohort(kind=MatchKind.COOKIE, name=c.cookie)
+    raise InvalidArgument("spec.cohort", "set header or cookie (or leave the cohort out)")
 
 
 def service_from_proto(s: pb.Service) -> Service:
@@ -426,7 +463,16 @@ def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
         ],
         batches=batches,
         placement=pb.Placement(gray_clusters=list(spec.gray_clusters)),
+        cohort=_cohort_to_proto(spec.cohort),
     )
+
+
+def _cohort_to_proto(cohort: Cohort | None) -> pb.Cohort | None:
+    if cohort is None:
+        return None
+    if cohort.kind is MatchKind.HEADER:
+        return pb.Cohort(header=cohort.name)
+    return pb.Cohort(cookie=cohort.name)
 
 
 def status_to_proto(release: Release) -> pb.ReleaseStatus:

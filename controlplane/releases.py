@@ -78,6 +78,12 @@ def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -
             raise InvalidArgument("spec.lane", f"lane {spec.lane!r} is used by release {other.name!r}")
         if other.spec.entry == spec.entry:
             shared_entry += max(b.weight for b in other.spec.batches)
+            if other.spec.cohort != spec.cohort:
+                # One weighted split per entry service, so one key decides it.
+                raise InvalidArgument(
+                    "spec.cohort",
+                    f"live release {other.name!r} also enters at {spec.entry!r} with another cohort key",
+                )
     # Lanes that enter at one service split its unmatched traffic between them.
     if shared_entry + max(b.weight for b in spec.batches) > 100:
         raise InvalidArgument(

@@ -34,6 +34,9 @@ def lane_of(release: model.Release) -> xv.Lane:
         weight=release.weight(),
         versions=tuple(sorted((s.service, s.gray_version) for s in spec.services)),
         rules=tuple(xv.Rule(tuple(_condition(c) for c in rule)) for rule in spec.match),
+        cohort=None
+        if spec.cohort is None
+        else xv.Cohort(kind=xv.MatchKind(spec.cohort.kind.name.lower()), name=spec.cohort.name),
     )
 
 

@@ -10,11 +10,15 @@ Must not import: etcd, graylane.controlplane, graylane.agent.
 Route order inside the virtual host of a service S (Envoy takes the first match):
 
 1. lane routes: a request tagged with lane L (``x-graylane: L``, or a ``graylane=L``
-   baggage member when ``x-graylane`` is absent) -> S's version in L;
+   baggage member when ``x-graylane`` is absent) -> S's version in L, or S's base version
+   when L has none (through the lane's own cluster, so statistics count it per lane);
 2. if S is the entry of some lane: any other tagged request -> S's base (lane isolation:
    tagged traffic is never re-split, and tags of vanished lanes fall back to base);
 3. entry rules of each lane entering at S -> the lane, tagging the request;
-4. the weighted batch split of the lanes entering at S, tagging the gray share;
+4. the weighted batch split of the lanes entering at S, tagging the gray share; with a
+   cohort key the split is a consistent hash of that key (Envoy's route hash policy
+   applied to the weighted clusters), the lane first, so its cohort only grows with the
+   weight;
 5. everything else -> S's base.
 
 The ``x-graylane`` header is authoritative: baggage is consulted only when it is absent,
@@ -45,6 +49,7 @@ from graylane.xds.view import (
     BAGGAGE_KEY,
     LANE_HEADER,
     ROUTE_CONFIG_NAME,
+    Cohort,
     Condition,
     Endpoint,
     Lane,
@@ -116,10 +121,12 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     view = effective_view(view)
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
-    for service, version in _cluster_keys(view):
-        name = cluster_name(service, version)
-        clusters[name] = _cluster(name, view.connect_timeout_ms)
-        assignments[name] = _load_assignment(name, view.endpoints_of(service, version))
+    for service, version, lane in _cluster_keys(view):
+        eds = cluster_name(service, version)
+        name = cluster_name(service, version, lane)
+        clusters[name] = _cluster(name, eds, view.connect_timeout_ms)
+        if eds not in assignments:
+            assignments[eds] = _load_assignment(eds, view.endpoints_of(service, version))
     listener = _listener(listen_address, listen_port)
     route_config = _route_config(view)
     return resources.Resources.of(
@@ -150,11 +157,13 @@ def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset
 # ------------------------------------------------------------------- clusters, endpoints
 
 
-def _cluster_keys(view: RoutingView) -> list[tuple[str, str]]:
-    """(service, version) of each base version and each (effective) lane gray version."""
-    keys = {(s.name, s.base_version) for s in view.services}
+def _cluster_keys(view: RoutingView) -> list[tuple[str, str, str]]:
+    """(service, version, lane) of every cluster: each service's base for traffic outside
+    lanes, and, per lane, the version each service serves that lane (its gray version, or
+    its base as the fallback)."""
+    keys = {(s.name, s.base_version, "") for s in view.services}
     for lane in view.lanes:
-        keys.update(lane.versions)
+        keys.update((s.name, lane.version_for(s.name) or s.base_version, lane.name) for s in view.services)
     return sorted(keys)  # sorted: set order depends on the process's hash seed
 
 
@@ -165,11 +174,11 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def _cluster(name: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
+def _cluster(name: str, eds: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.DiscoveryType.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=eds),
         connect_timeout=duration_pb2.Duration(
             seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
         ),
@@ -264,15 +273,13 @@ def _virtual_host(service: ServiceRoute, lanes: Sequence[Lane]) -> route_compone
 def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
     """The cluster lane traffic for `service` goes to: its gray version, or base."""
     version = lane.version_for(service.name) or service.base_version
-    return cluster_name(service.name, version)
+    return cluster_name(service.name, version, lane.name)
 
 
 def _lane_routes(service: ServiceRoute, lanes: Sequence[Lane]) -> list[route_components_pb2.Route]:
-    """Step 1: requests already tagged with a lane that has a version of `service`."""
+    """Step 1: requests already tagged with a live lane, to that lane's cluster."""
     routes: list[route_components_pb2.Route] = []
     for lane in lanes:
-        if lane.version_for(service.name) is None:
-            continue  # tagged traffic of this lane reaches base via steps 2 or 5
         cluster = _lane_cluster(service, lane)
         routes.append(
             _route(
@@ -335,9 +342,12 @@ def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route
         raise ValueError(f"lanes entering at {service.name!r} weigh {total} in total, above 100")
     if not weighted:
         return []
+    cohort = _entry_cohort(service, weighted)
     routes = []
     for has_baggage in (True, False):
         split = route_components_pb2.WeightedCluster()
+        if cohort is not None:
+            split.use_hash_policy.value = True
         for lane in weighted:
             split.clusters.append(
                 route_components_pb2.WeightedCluster.ClusterWeight(
@@ -353,14 +363,32 @@ def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route
                     weight=wrappers_pb2.UInt32Value(value=100 - total),
                 )
             )
-        routes.append(
-            _route(
-                f"split/{_baggage_suffix(has_baggage)}",
-                _match_all(_header_present(BAGGAGE_HEADER, present=has_baggage)),
-                weighted_clusters=split,
-            )
+        route = _route(
+            f"split/{_baggage_suffix(has_baggage)}",
+            _match_all(_header_present(BAGGAGE_HEADER, present=has_baggage)),
+            weighted_clusters=split,
         )
+        if cohort is not None:
+            route.route.hash_policy.append(_hash_policy(cohort))
+        routes.append(route)
     return routes
+
+
+def _entry_cohort(service: ServiceRoute, weighted: Sequence[Lane]) -> Cohort | None:
+    """The one cohort key of the lanes splitting `service` (validation keeps them equal)."""
+    cohorts = {lane.cohort for lane in weighted}
+    if len(cohorts) > 1:
+        raise ValueError(f"lanes entering at {service.name!r} split by different cohort keys")
+    return cohorts.pop()
+
+
+def _hash_policy(cohort: Cohort) -> route_components_pb2.RouteAction.HashPolicy:
+    """Hash the cohort key; a request without it yields no hash and is split at random."""
+    policy = route_components_pb2.RouteAction.HashPolicy
+    if cohort.kind is MatchKind.COOKIE:
+        # No ttl: Envoy never invents the cookie, so keyless requests stay random.
+        return policy(cookie=policy.Cookie(name=cohort.name))
+    return policy(header=policy.Header(header_name=cohort.name.lower()))
 
 
 def _route(

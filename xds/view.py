@@ -72,12 +72,25 @@ class ServiceRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class Cohort:
+    """The request key (a header or a cookie) whose hash decides the weighted batch.
+
+    The same key always hashes to the same point of [0, 100), and the lane takes the first
+    `weight` points of it, so a key in the lane at 5 % is in it at every larger weight.
+    """
+
+    kind: MatchKind  # HEADER or COOKIE
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Lane:
     """One active gray lane (one release).
 
     `versions` maps service -> gray version in this lane; services not listed fall back
     to their base version for lane traffic. Requests that match any of `rules` at the
-    `entry` service join the lane; of the rest, `weight` percent join it.
+    `entry` service join the lane; of the rest, `weight` percent join it, at random or,
+    with a `cohort`, by a consistent hash of the cohort key.
     """
 
     name: str
@@ -85,6 +98,7 @@ class Lane:
     weight: int  # 0..100
     versions: tuple[tuple[str, str], ...]  # (service, gray_version), sorted by service
     rules: tuple[Rule, ...] = ()
+    cohort: Cohort | None = None
 
     def version_for(self, service: str) -> str | None:
         for svc, version in self.versions:
@@ -121,9 +135,32 @@ BAGGAGE_HEADER = "baggage"
 BAGGAGE_KEY = "graylane"
 
 
-def cluster_name(service: str, version: str) -> str:
-    """The Envoy cluster for one version of one service (also its EDS resource name)."""
-    return f"{service}|{version}"
+# Service, version and lane names never hold this character (they are validated tokens),
+# so a cluster name splits back into its parts unambiguously.
+CLUSTER_SEPARATOR = "|"
+
+
+def cluster_name(service: str, version: str, lane: str = "") -> str:
+    """The Envoy cluster for one version of one service, for traffic of one lane.
+
+    Traffic outside any lane goes to ``service|version``; lane L's traffic goes to
+    ``service|version|L`` even where it falls back to the base version, so Envoy's
+    per-cluster statistics count every (service, version, lane) apart. All clusters of
+    one version share one EDS resource, named ``service|version``.
+    """
+    if lane:
+        return f"{service}{CLUSTER_SEPARATOR}{version}{CLUSTER_SEPARATOR}{lane}"
+    return f"{service}{CLUSTER_SEPARATOR}{version}"
+
+
+def parse_cluster_name(name: str) -> tuple[str, str, str] | None:
+    """(service, version, lane) of a cluster named by `cluster_name`, else None."""
+    parts = name.split(CLUSTER_SEPARATOR)
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1], ""
+    if len(parts) == 3 and all(parts):
+        return parts[0], parts[1], parts[2]
+    return None
 
 
 ROUTE_CONFIG_NAME = "graylane"

@@ -22,6 +22,7 @@ class LoadResult:
     versions: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # connection-level failures by kind
     bodies: list[bytes] = field(default_factory=list)
+    version_of: dict[int, str] = field(default_factory=dict)  # request index -> x-version (keep_versions)
     elapsed: float = 0.0
 
     @property
@@ -72,6 +73,7 @@ async def run_load(
     path: str = "/",
     headers: Headers = {},  # noqa: B006 - read-only
     keep_bodies: bool = False,
+    keep_versions: bool = False,
     stop: asyncio.Event | None = None,
     host: str = "127.0.0.1",
 ) -> LoadResult:
@@ -122,6 +124,8 @@ async def run_load(
                 result.statuses[status] += 1
                 if status == 200:
                     result.versions[resp_headers.get("x-version", "?")] += 1
+                    if keep_versions:
+                        result.version_of[i] = resp_headers.get("x-version", "?")
                     if keep_bodies:
                         result.bodies.append(body)
                 if resp_headers.get("connection", "").lower() == "close":

@@ -159,8 +159,16 @@ class Placement(_message.Message):
     gray_clusters: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, gray_clusters: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Cohort(_message.Message):
+    __slots__ = ("header", "cookie")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    COOKIE_FIELD_NUMBER: _ClassVar[int]
+    header: str
+    cookie: str
+    def __init__(self, header: _Optional[str] = ..., cookie: _Optional[str] = ...) -> None: ...
+
 class ReleaseSpec(_message.Message):
-    __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement")
+    __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement", "cohort")
     LANE_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +176,7 @@ class ReleaseSpec(_message.Message):
     MATCH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
     lane: str
     entry: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceVersions]
@@ -175,7 +184,8 @@ class ReleaseSpec(_message.Message):
     match: _containers.RepeatedCompositeFieldContainer[MatchRule]
     batches: _containers.RepeatedCompositeFieldContainer[Batch]
     placement: Placement
-    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+    cohort: Cohort
+    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., cohort: _Optional[_Union[Cohort, _Mapping]] = ...) -> None: ...
 
 class ProxyConvergence(_message.Message):
     __slots__ = ("proxies", "converged", "target_version")

@@ -122,3 +122,39 @@ class ListVersionsResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[_release_pb2.Version]
     def __init__(self, versions: _Optional[_Iterable[_Union[_release_pb2.Version, _Mapping]]] = ...) -> None: ...
+
+class GetTrafficRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TrafficCount(_message.Message):
+    __slots__ = ("service", "version", "lane", "requests", "responses_2xx", "responses_4xx", "responses_5xx", "failures")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_2XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_4XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_5XX_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    version: str
+    lane: str
+    requests: int
+    responses_2xx: int
+    responses_4xx: int
+    responses_5xx: int
+    failures: int
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., lane: _Optional[str] = ..., requests: _Optional[int] = ..., responses_2xx: _Optional[int] = ..., responses_4xx: _Optional[int] = ..., responses_5xx: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
+
+class GetTrafficResponse(_message.Message):
+    __slots__ = ("counts", "proxies", "unreachable")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PROXIES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedCompositeFieldContainer[TrafficCount]
+    proxies: int
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, counts: _Optional[_Iterable[_Union[TrafficCount, _Mapping]]] = ..., proxies: _Optional[int] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -122,6 +122,11 @@ class ReleaseServiceStub:
                 request_serializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetTraffic = channel.unary_unary(
+                '/graylane.v1.ReleaseService/GetTraffic',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -234,6 +239,14 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTraffic(self, request, context):
+        """Requests per (service, version, lane) as counted by the proxies' own statistics,
+        for the services a release routes (its lane traffic and the base traffic beside it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +334,11 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.FromString,
                     response_serializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'GetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTraffic,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -784,6 +802,33 @@ class ReleaseService:
             '/graylane.v1.ReleaseService/ListVersions',
             graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.SerializeToString,
             graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/GetTraffic',
+            graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,

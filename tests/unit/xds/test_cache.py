@@ -48,7 +48,7 @@ def test_a_rendered_snapshot_is_consistent() -> None:
                 {**{t: GRAY[t].items for t in GRAY.by_type},
                  CLUSTER: GOOD[CLUSTER].items, ENDPOINT: GOOD[ENDPOINT].items}
             ),
-            "cluster 'a|v2' routed to by 'graylane' is missing",
+            "cluster 'a|v2|g' routed to by 'graylane' is missing",
         ),
         (
             Resources.of({**{t: GOOD[t].items for t in GOOD.by_type}, ENDPOINT: GRAY[ENDPOINT].items}),

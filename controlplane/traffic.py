@@ -1,0 +1,60 @@
+"""Request counts per (service, version, lane) for a release, from the proxies' statistics.
+
+Owns: asking every connected proxy that states its admin endpoint (node metadata
+`admin_address`) for its counters, summing them, and keeping the ones that concern one
+release: its lane's traffic at every service the lane reached, and the traffic outside
+any lane at those services (the baseline beside it). Single-cluster mode; with agents,
+the counts arrive from them instead (next issues).
+
+Nothing is stored: every call reads the proxies now, so the numbers are Envoy's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from graylane.agent.stats import ADMIN_METADATA, EnvoyStatsScraper, TrafficCounters, TrafficKey
+from graylane.controlplane import model
+from graylane.xds.tracker import ProxyTracker
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficReport:
+    counts: Mapping[TrafficKey, TrafficCounters]  # (service, version, lane) -> counters
+    proxies: int  # proxies whose statistics were read
+    unreachable: tuple[str, ...]  # node ids whose admin endpoint did not answer
+
+
+def admin_addresses(tracker: ProxyTracker) -> dict[str, str]:
+    """node id -> admin "host:port" of every connected proxy that states one."""
+    found: dict[str, str] = {}
+    for node_id, proxy in tracker.proxies().items():
+        address = proxy.metadata.get(ADMIN_METADATA)
+        if proxy.connected and isinstance(address, str) and address:
+            found[node_id] = address
+    return found
+
+
+def for_release(
+    counts: Mapping[TrafficKey, TrafficCounters], spec: model.ReleaseSpec
+) -> dict[TrafficKey, TrafficCounters]:
+    """The counts that concern one release: its lane, and base traffic at the same services."""
+    services = {s.service for s in spec.services}
+    services.update(service for service, _, lane in counts if lane == spec.lane)
+    return {key: c for key, c in counts.items() if key[2] in ("", spec.lane) and key[0] in services}
+
+
+class TrafficReader:
+    def __init__(self, tracker: ProxyTracker, scraper: EnvoyStatsScraper) -> None:
+        self._tracker = tracker
+        self._scraper = scraper
+
+    async def read(self, release: model.Release) -> TrafficReport:
+        admins = admin_addresses(self._tracker)
+        counts, unreachable = await self._scraper.scrape_all(admins)
+        return TrafficReport(
+            counts=for_release(counts, release.spec),
+            proxies=len(admins) - len(unreachable),
+            unreachable=unreachable,
+        )
