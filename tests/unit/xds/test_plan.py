@@ -22,6 +22,8 @@ from graylane.xds.view import (
 PORT = 10000
 V1 = cluster_name("a", "v1")
 V2 = cluster_name("a", "v2")
+# The gray lane's own cluster for v2; it takes its endpoints from v2's EDS resource, V2.
+V2_GRAY = cluster_name("a", "v2", "gray")
 
 
 def view(*, base: str = "v1", gray: str | None = None, weight: int = 50) -> RoutingView:
@@ -56,7 +58,7 @@ def route(resources: Resources) -> Message:
 
 
 def test_reference_helpers() -> None:
-    assert route_clusters(route(V1_AND_V2)) == {V1, V2}
+    assert route_clusters(route(V1_AND_V2)) == {V1, V2_GRAY}
     listener = V1_AND_V2[LISTENER].items[listener_name(PORT)]
     assert listener_route_configs(listener) == {ROUTE_CONFIG_NAME}  # type: ignore[arg-type]
 
@@ -81,8 +83,8 @@ def test_fully_acked_proxy_gets_the_whole_target() -> None:
 def test_new_route_waits_until_its_new_cluster_is_acked_in_cds_and_eds() -> None:
     old = held(ONLY_V1, *PUSH_ORDER)
     p = plan(V1_AND_V2, acked=old, sent=old)
-    assert set(p.resources[CLUSTER].items) == {V1, V2}
-    assert set(p.resources[ENDPOINT].items) == {V1, V2}
+    assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY}
+    assert set(p.resources[ENDPOINT].items) == {V1, V2}  # V2_GRAY reads v2's endpoints
     assert route(p.resources) == route(ONLY_V1)  # the proxy keeps its old route
     assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
 
@@ -99,13 +101,20 @@ def test_new_route_waits_until_its_new_cluster_is_acked_in_cds_and_eds() -> None
 def test_cluster_removal_waits_until_the_routes_moved_away_and_were_acked() -> None:
     old = held(V1_AND_V2, *PUSH_ORDER)
     p = plan(ONLY_V2, acked=old, sent=old)
-    assert route(p.resources) == route(ONLY_V2)  # v2 is warm: the route may move now
-    assert set(p.resources[CLUSTER].items) == {V1, V2}  # v1 still serves the live route
+    # Promoted v2 serves outside the lane through a new cluster, V2: the route waits for it.
+    assert route(p.resources) == route(V1_AND_V2)
+    assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}  # the live route still uses V1, V2_GRAY
     assert set(p.resources[ENDPOINT].items) == {V1, V2}
 
-    in_flight = merge(old, held(ONLY_V2, ROUTE))  # new route sent, not yet ACKed
-    p = plan(ONLY_V2, acked=old, sent=in_flight)
-    assert set(p.resources[CLUSTER].items) == {V1, V2}
+    # V2's endpoints were ACKed already (shared with V2_GRAY): its CDS ACK alone warms it.
+    cds_acked = merge(old, held(ONLY_V2, CLUSTER))
+    p = plan(ONLY_V2, acked=cds_acked, sent=cds_acked)
+    assert route(p.resources) == route(ONLY_V2)
+    assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}
+
+    in_flight = merge(cds_acked, held(ONLY_V2, ROUTE))  # new route sent, not yet ACKed
+    p = plan(ONLY_V2, acked=cds_acked, sent=in_flight)
+    assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}
 
     p = plan(ONLY_V2, acked=in_flight, sent=in_flight)
     assert set(p.resources[CLUSTER].items) == {V2}
@@ -116,7 +125,8 @@ def test_a_route_sent_but_not_acked_also_keeps_its_clusters() -> None:
     acked = held(ONLY_V1, *PUSH_ORDER)
     sent = merge(held(V1_AND_V2, *PUSH_ORDER))
     p = plan(ONLY_V1, acked=acked, sent=sent)
-    assert set(p.resources[CLUSTER].items) == {V1, V2}
+    assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY}
+    assert set(p.resources[ENDPOINT].items) == {V1, V2}
 
 
 def test_listener_waits_for_its_route_config_but_keeps_the_one_the_proxy_has() -> None:

@@ -24,6 +24,7 @@ from graylane.xds import resources
 from graylane.xds.render import effective_view, referenced_clusters, render
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
+    Cohort,
     Condition,
     Endpoint,
     Lane,
@@ -76,8 +77,9 @@ def lane(
     weight: int = 0,
     versions: tuple[tuple[str, str], ...] = (),
     rules: tuple[Rule, ...] = (),
+    cohort: Cohort | None = None,
 ) -> Lane:
-    return Lane(name=name, entry=entry, weight=weight, versions=versions, rules=rules)
+    return Lane(name=name, entry=entry, weight=weight, versions=versions, rules=rules, cohort=cohort)
 
 
 def rule(*conditions: Condition) -> Rule:
@@ -209,24 +211,31 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
     view = make_view(lane("blue", weight=30, versions=(("cart", "v2"), ("stock", "v3"))))
     res = render_view(view)
 
-    assert "stock|v3" not in res[resources.CLUSTER].items
-    assert "stock|v3" not in referenced_clusters(route_config(res))
-    assert route_names(res, "stock") == ["default"]
+    assert not [n for n in res[resources.CLUSTER].items if n.startswith("stock|v3")]
+    assert not [n for n in referenced_clusters(route_config(res)) if n.startswith("stock|v3")]
+    assert "stock|v3" not in res[resources.ENDPOINT].items
+    assert route_names(res, "stock") == ["lane/blue/header", "lane/blue/baggage", "default"]
+    assert named(res, "stock", "lane/blue/header").route.cluster == "stock|v1|blue"
     assert res[resources.ROUTE].version == render_view(effective_view(view))[resources.ROUTE].version
 
 
 # --------------------------------------------------------------------------------- CDS/EDS
 
 
-def test_clusters_are_base_versions_and_lane_versions() -> None:
+def test_clusters_are_each_base_and_one_per_lane_and_service() -> None:
     res = render_view(RICH_VIEW)
+    # blue has cart v2 and gateway v2, green has stock v2; elsewhere a lane falls back to
+    # base, still through its own cluster.
     assert list(res[resources.CLUSTER]) == [
         "cart|v1",
-        "cart|v2",
+        "cart|v1|green",
+        "cart|v2|blue",
         "gateway|v1",
-        "gateway|v2",
+        "gateway|v1|green",
+        "gateway|v2|blue",
         "stock|v1",
-        "stock|v2",
+        "stock|v1|blue",
+        "stock|v2|green",
     ]
 
 
@@ -267,6 +276,52 @@ def test_load_assignments_sort_and_deduplicate_endpoints() -> None:
     assert addresses == [("10.0.0.1", 80), ("10.0.0.1", 81), ("10.0.0.2", 80)]
 
 
+def test_lane_clusters_share_the_eds_resource_of_their_version() -> None:
+    res = render_view(RICH_VIEW)
+    clusters = res[resources.CLUSTER].items
+
+    for name, expected in [
+        ("cart|v1", "cart|v1"),
+        ("cart|v1|green", "cart|v1"),
+        ("cart|v2|blue", "cart|v2"),
+        ("stock|v1|blue", "stock|v1"),
+        ("stock|v2|green", "stock|v2"),
+    ]:
+        assert clusters[name].eds_cluster_config.service_name == expected  # type: ignore[attr-defined]
+    # One ClusterLoadAssignment per version, named after it, however many clusters use it.
+    assert list(res[resources.ENDPOINT]) == ["cart|v1", "cart|v2", "gateway|v1", "gateway|v2", "stock|v1", "stock|v2"]
+    for name, assignment in res[resources.ENDPOINT].items.items():
+        assert assignment.cluster_name == name  # type: ignore[attr-defined]
+
+
+def test_two_lanes_on_one_gray_version_get_two_clusters_and_one_assignment() -> None:
+    res = render_view(
+        make_view(
+            lane("blue", versions=(("cart", "v2"),)),
+            lane("green", versions=(("cart", "v2"),)),
+        )
+    )
+    cart_clusters = [n for n in res[resources.CLUSTER] if n.startswith("cart|")]
+    cart_assignments = [n for n in res[resources.ENDPOINT] if n.startswith("cart|")]
+
+    assert cart_clusters == ["cart|v1", "cart|v2|blue", "cart|v2|green"]
+    assert cart_assignments == ["cart|v1", "cart|v2"]
+    for name in ("cart|v2|blue", "cart|v2|green"):
+        assert item(res, resources.CLUSTER, name).eds_cluster_config.service_name == "cart|v2"
+
+
+def test_a_lane_whose_gray_version_has_no_endpoints_falls_back_to_base_through_its_own_cluster() -> None:
+    res = render_view(make_view(lane("blue", weight=30, versions=(("cart", "v2"), ("stock", "v3")))))
+
+    for carrier in ("header", "baggage"):
+        assert named(res, "stock", f"lane/blue/{carrier}").route.cluster == "stock|v1|blue"
+    assert item(res, resources.CLUSTER, "stock|v1|blue").eds_cluster_config.service_name == "stock|v1"
+    assert [n for n in res[resources.CLUSTER] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
+    assert [n for n in res[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1"]
+    # The lane's servable version keeps its own cluster.
+    assert named(res, "cart", "lane/blue/header").route.cluster == "cart|v2|blue"
+
+
 def test_base_without_endpoints_still_has_a_cluster_and_an_empty_assignment() -> None:
     view = dataclasses.replace(make_view(), endpoints=())
     res = render_view(view)
@@ -277,10 +332,11 @@ def test_base_without_endpoints_still_has_a_cluster_and_an_empty_assignment() ->
 
 def test_every_routed_cluster_exists_and_every_cluster_has_endpoints_resource() -> None:
     res = render_view(RICH_VIEW)
-    clusters = set(res[resources.CLUSTER].items)
+    clusters = res[resources.CLUSTER].items
 
-    assert referenced_clusters(route_config(res)) <= clusters
-    assert set(res[resources.ENDPOINT].items) == clusters
+    assert referenced_clusters(route_config(res)) <= set(clusters)
+    eds_names = {c.eds_cluster_config.service_name for c in clusters.values()}  # type: ignore[attr-defined]
+    assert set(res[resources.ENDPOINT].items) == eds_names
 
 
 # ------------------------------------------------------------------------------------- LDS
@@ -335,6 +391,8 @@ def test_route_order_at_the_entry() -> None:
     assert route_names(render_view(RICH_VIEW), "gateway") == [
         "lane/blue/header",
         "lane/blue/baggage",
+        "lane/green/header",  # green has no gateway version: its lane routes are there anyway
+        "lane/green/baggage",
         "tagged/header",
         "tagged/baggage",
         "rule/blue/0/with-baggage",
@@ -351,8 +409,9 @@ def test_route_order_at_the_entry() -> None:
 
 def test_a_service_inside_lanes_gets_only_lane_routes_and_default() -> None:
     res = render_view(RICH_VIEW)
-    assert route_names(res, "cart") == ["lane/blue/header", "lane/blue/baggage", "default"]
-    assert route_names(res, "stock") == ["lane/green/header", "lane/green/baggage", "default"]
+    every_lane = ["lane/blue/header", "lane/blue/baggage", "lane/green/header", "lane/green/baggage", "default"]
+    assert route_names(res, "cart") == every_lane
+    assert route_names(res, "stock") == every_lane
 
 
 def test_every_route_retries_only_failures_before_the_upstream() -> None:
@@ -391,7 +450,7 @@ def test_lane_header_route_sends_the_lane_to_its_version() -> None:
     (matcher,) = r.match.headers
     assert matcher.name == "x-graylane"
     assert matcher.string_match.exact == "blue"
-    assert r.route.cluster == "cart|v2"
+    assert r.route.cluster == "cart|v2|blue"
     assert not r.request_headers_to_add  # already tagged: nothing to add
 
 
@@ -401,7 +460,7 @@ def test_lane_baggage_route_applies_only_without_the_lane_header() -> None:
     absent = header(r.match, "x-graylane")
     assert absent.HasField("present_match") and absent.present_match is False
     assert header(r.match, "baggage").string_match.HasField("safe_regex")
-    assert r.route.cluster == "cart|v2"
+    assert r.route.cluster == "cart|v2|blue"
 
 
 def test_lanes_are_listed_in_view_order() -> None:
@@ -470,10 +529,15 @@ def test_lane_baggage_regex_fits_envoys_limit_for_long_lane_names() -> None:
     assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE
 
 
-def test_a_lane_without_a_version_of_the_service_has_no_lane_route_there() -> None:
+def test_a_lane_without_a_version_of_the_service_routes_to_base_through_its_own_cluster() -> None:
     res = render_view(RICH_VIEW)
-    assert not [n for n in route_names(res, "cart") if "green" in n]
-    assert not [n for n in route_names(res, "gateway") if n.startswith("lane/green")]
+    for service in ("cart", "gateway"):  # green has a version of stock only
+        for carrier in ("header", "baggage"):
+            assert named(res, service, f"lane/green/{carrier}").route.cluster == f"{service}|v1|green"
+        # A cluster apart from the one of traffic outside lanes, on the same endpoints.
+        lane_cluster = item(res, resources.CLUSTER, f"{service}|v1|green")
+        assert lane_cluster.eds_cluster_config.service_name == f"{service}|v1"
+        assert named(res, service, "default").route.cluster == f"{service}|v1"
 
 
 # -------------------------------------------------------------------- step 2: tagged traffic
@@ -539,7 +603,7 @@ def test_rule_routes_tag_without_destroying_baggage() -> None:
         "baggage": ("graylane=blue", OVERWRITE),
     }
     for r in (with_baggage, without):
-        assert r.route.cluster == "gateway|v2"
+        assert r.route.cluster == "gateway|v2|blue"
         for option in r.request_headers_to_add:
             assert not option.HasField("append")
 
@@ -550,7 +614,7 @@ def test_rule_of_a_lane_without_entry_version_routes_to_base_but_tags() -> None:
     )
     r = named(render_view(view), "gateway", "rule/blue/0/without-baggage")
 
-    assert r.route.cluster == "gateway|v1"
+    assert r.route.cluster == "gateway|v1|blue"  # base, through the lane's own cluster
     assert tags(r.request_headers_to_add)["x-graylane"] == ("blue", OVERWRITE)
 
 
@@ -745,8 +809,9 @@ def test_split_lists_lanes_in_view_order_then_base_remainder() -> None:
 
     assert r.match.prefix == "/"
     assert header(r.match, "baggage").present_match is False
-    # green has no gateway version: its share goes to base, still tagged green.
-    assert weights(r) == [("gateway|v2", 20), ("gateway|v1", 10), ("gateway|v1", 70)]
+    # green has no gateway version: its share goes to base through green's own cluster,
+    # still tagged green.
+    assert weights(r) == [("gateway|v2|blue", 20), ("gateway|v1|green", 10), ("gateway|v1", 70)]
     assert not r.route.weighted_clusters.HasField("total_weight")
 
 
@@ -768,7 +833,7 @@ def test_split_tags_each_lane_share_and_leaves_base_untagged() -> None:
 
 def test_split_at_100_has_no_base_share() -> None:
     res = render_view(make_view(lane("blue", weight=100, versions=(("gateway", "v2"),))))
-    assert weights(split_of(res, has_baggage=True)) == [("gateway|v2", 100)]
+    assert weights(split_of(res, has_baggage=True)) == [("gateway|v2|blue", 100)]
 
 
 def test_lanes_at_weight_zero_are_left_out_of_the_split() -> None:
@@ -778,7 +843,7 @@ def test_lanes_at_weight_zero_are_left_out_of_the_split() -> None:
             lane("green", weight=5, versions=(("cart", "v2"),)),
         )
     )
-    assert weights(split_of(res, has_baggage=False)) == [("gateway|v1", 5), ("gateway|v1", 95)]
+    assert weights(split_of(res, has_baggage=False)) == [("gateway|v1|green", 5), ("gateway|v1", 95)]
 
 
 def test_no_split_when_every_weight_is_zero() -> None:
@@ -791,6 +856,117 @@ def test_weights_above_100_at_one_entry_are_rejected() -> None:
     view = make_view(lane("blue", weight=60), lane("green", weight=50))
     with pytest.raises(ValueError, match="110"):
         render_view(view)
+
+
+# ------------------------------------------------------------------- step 4: cohort split
+
+HashPolicy = route_components_pb2.RouteAction.HashPolicy
+
+
+def cohort_view(cohort: Cohort | None) -> RoutingView:
+    return make_view(lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=cohort))
+
+
+@pytest.mark.parametrize(
+    ("cohort", "expected"),
+    [
+        (Cohort(MatchKind.HEADER, "X-User-Id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
+        (Cohort(MatchKind.HEADER, "x-user-id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
+        (Cohort(MatchKind.COOKIE, "uid"), HashPolicy(cookie=HashPolicy.Cookie(name="uid"))),
+        (Cohort(MatchKind.COOKIE, "Session.ID"), HashPolicy(cookie=HashPolicy.Cookie(name="Session.ID"))),
+    ],
+)
+def test_a_cohort_hashes_both_split_routes_on_its_key(cohort: Cohort, expected: Any) -> None:
+    res = render_view(cohort_view(cohort))
+    for has_baggage in (True, False):
+        r = split_of(res, has_baggage=has_baggage)
+
+        assert r.route.weighted_clusters.HasField("use_hash_policy")
+        assert r.route.weighted_clusters.use_hash_policy.value is True
+        assert list(r.route.hash_policy) == [expected]
+        # The lane takes the first points of the hash, base the remainder after it.
+        assert weights(r) == [("gateway|v2|blue", 20), ("gateway|v1", 80)]
+
+
+def test_a_cookie_cohort_never_sets_a_cookie() -> None:
+    res = render_view(cohort_view(Cohort(MatchKind.COOKIE, "uid")))
+    (policy,) = split_of(res, has_baggage=False).route.hash_policy
+
+    assert policy.WhichOneof("policy_specifier") == "cookie"
+    assert not policy.cookie.HasField("ttl")  # with a ttl Envoy would generate the cookie
+    assert not policy.cookie.path
+    assert not policy.terminal
+
+
+def test_without_a_cohort_the_split_has_no_hash_policy() -> None:
+    for view in (cohort_view(None), RICH_VIEW):
+        for has_baggage in (True, False):
+            r = split_of(render_view(view), has_baggage=has_baggage)
+            assert not r.route.weighted_clusters.HasField("use_hash_policy")
+            assert list(r.route.hash_policy) == []
+
+
+def test_a_cohort_hashes_only_the_split_routes() -> None:
+    view = cohort_view(Cohort(MatchKind.HEADER, "x-user-id"))
+    view = dataclasses.replace(view, lanes=(dataclasses.replace(view.lanes[0], rules=RICH_VIEW.lanes[0].rules),))
+    for vhost in route_config(render_view(view)).virtual_hosts:
+        for r in vhost.routes:
+            hashed = bool(r.route.hash_policy)
+            assert hashed is r.name.startswith("split/"), (vhost.name, r.name)
+
+
+def test_lanes_sharing_a_cohort_at_one_entry_share_one_hash_policy() -> None:
+    cohort = Cohort(MatchKind.HEADER, "x-user-id")
+    res = render_view(
+        make_view(
+            lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=cohort),
+            lane("green", weight=10, versions=(("cart", "v2"),), cohort=cohort),
+        )
+    )
+    r = split_of(res, has_baggage=True)
+
+    assert list(r.route.hash_policy) == [HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))]
+    assert weights(r) == [("gateway|v2|blue", 20), ("gateway|v1|green", 10), ("gateway|v1", 70)]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (Cohort(MatchKind.HEADER, "x-user-id"), Cohort(MatchKind.HEADER, "x-tenant")),
+        (Cohort(MatchKind.HEADER, "uid"), Cohort(MatchKind.COOKIE, "uid")),
+    ],
+)
+def test_lanes_entering_one_service_with_different_cohorts_are_rejected(first: Cohort, second: Cohort) -> None:
+    view = make_view(
+        lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=first),
+        lane("green", weight=10, versions=(("cart", "v2"),), cohort=second),
+    )
+    with pytest.raises(ValueError, match="cohort"):
+        render_view(view)
+
+
+def test_lanes_entering_different_services_may_use_different_cohorts() -> None:
+    res = render_view(
+        make_view(
+            lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=Cohort(MatchKind.HEADER, "x-user-id")),
+            lane("green", entry="cart", weight=10, versions=(("cart", "v2"),), cohort=Cohort(MatchKind.COOKIE, "uid")),
+        )
+    )
+    gateway_split = named(res, "gateway", "split/without-baggage")
+    cart_split = named(res, "cart", "split/without-baggage")
+
+    assert [p.WhichOneof("policy_specifier") for p in gateway_split.route.hash_policy] == ["header"]
+    assert [p.WhichOneof("policy_specifier") for p in cart_split.route.hash_policy] == ["cookie"]
+    assert weights(cart_split) == [("cart|v2|green", 10), ("cart|v1", 90)]
+
+
+def test_a_cohort_change_changes_only_routes() -> None:
+    before = render_view(cohort_view(None))
+    after = render_view(cohort_view(Cohort(MatchKind.COOKIE, "uid")))
+
+    assert before[resources.ROUTE].version != after[resources.ROUTE].version
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.LISTENER):
+        assert before[type_url].version == after[type_url].version
 
 
 def test_the_default_route_goes_to_base() -> None:
@@ -876,9 +1052,12 @@ def test_referenced_clusters_covers_direct_and_weighted_routes() -> None:
 def test_referenced_clusters_of_a_rendering() -> None:
     assert referenced_clusters(route_config(render_view(RICH_VIEW))) == {
         "cart|v1",
-        "cart|v2",
+        "cart|v1|green",
+        "cart|v2|blue",
         "gateway|v1",
-        "gateway|v2",
+        "gateway|v1|green",
+        "gateway|v2|blue",
         "stock|v1",
-        "stock|v2",
+        "stock|v1|blue",
+        "stock|v2|green",
     }

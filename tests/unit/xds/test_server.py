@@ -208,10 +208,10 @@ async def test_delta_sends_only_changes_and_removed_names(ads: Ads) -> None:
     status = await wait_for(ads, lambda s: s.last_nack is not None)
     assert status.last_nack is not None and status.last_nack.message == "no thanks"
 
-    # A gray version appears: only the new cluster is sent.
+    # A gray version appears: only the new cluster is sent, the lane's own cluster for it.
     ads.cache.set_snapshot(DEFAULT_KEY, snapshot(gray=True))
     third = await dread(call)
-    assert [r.name for r in third.resources] == ["a|v2"]
+    assert [r.name for r in third.resources] == ["a|v2|g"]
     assert list(third.removed_resources) == []
     call.cancel()
 
