@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -53,7 +54,11 @@ STATUS_OF: Mapping[type[GraylaneError], grpc.StatusCode] = MappingProxyType(
 )
 
 ACTOR_METADATA = "x-graylane-actor"
+AUTHORIZATION_METADATA = "authorization"
+CLUSTER_METADATA = "x-graylane-cluster"
+AGENT_SERVICE = "/graylane.v1.AgentService/"
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("graylane_caller", default="")
+_cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_cluster", default=None)
 
 
 def status_for(exc: GraylaneError) -> grpc.StatusCode:
@@ -63,8 +68,29 @@ def status_for(exc: GraylaneError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def authenticated_cluster() -> str | None:
+    """The cluster whose agent credential the current call presented (None: not checked)."""
+    return _cluster.get()
+
+
+def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
 class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Identifies the caller of every call (metadata `x-graylane-actor`, else the peer)."""
+    """The one place every call is identified and, where credentials are configured, checked.
+
+    Callers are named by metadata `x-graylane-actor`, else their peer. Agents present
+    `x-graylane-cluster: <name>` and `authorization: Bearer <token>`; with `agent_tokens`
+    set (cluster -> token) a missing or wrong token is UNAUTHENTICATED before the stream
+    starts. Without tokens (a local, single-machine set-up) agents are not checked.
+    """
+
+    def __init__(self, *, agent_tokens: Mapping[str, str] | None = None) -> None:
+        self._agent_tokens = dict(agent_tokens or {})
 
     async def intercept_service(
         self,
@@ -73,6 +99,15 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         metadata = dict(handler_call_details.invocation_metadata or ())
         _caller.set(str(metadata.get(ACTOR_METADATA, "")))
+        _cluster.set(None)
+        if handler_call_details.method.startswith(AGENT_SERVICE) and self._agent_tokens:
+            cluster = str(metadata.get(CLUSTER_METADATA, ""))
+            token = str(metadata.get(AUTHORIZATION_METADATA, "")).removeprefix("Bearer ").strip()
+            expected = self._agent_tokens.get(cluster)
+            if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+                log.warning("refused an agent for cluster %r: bad or missing credential", cluster)
+                return _refuse(grpc.StatusCode.UNAUTHENTICATED, f"no valid credential for cluster {cluster!r}")
+            _cluster.set(cluster)
         return await continuation(handler_call_details)
 
 

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 
 import grpc
 from graylane.agent.stats import EnvoyStatsScraper
+from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.dataplane import DataPlane
 from graylane.controlplane.local.etcd import EtcdProcess
@@ -22,7 +24,7 @@ from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.traffic import TrafficReader
-from graylane.v1 import release_service_pb2, release_service_pb2_grpc
+from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import AdsServer
 from graylane.xds.tracker import ProxyTracker
@@ -32,15 +34,26 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
+AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 _GRACE_SECONDS = 5.0
 
 
 class ControlPlane:
     """One control-plane replica over a store. `run()` serves until cancelled."""
 
-    def __init__(self, store: EtcdStore, *, api_listen: str, xds_listen: str | None = None) -> None:
+    def __init__(
+        self,
+        store: EtcdStore,
+        *,
+        api_listen: str,
+        xds_listen: str | None = None,
+        agent_tokens: Mapping[str, str] | None = None,
+        agent_lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
+    ) -> None:
         self.store = store
         self.releases = Releases(store)
+        self._agent_tokens = dict(agent_tokens or {})
+        self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds)
         self._api_listen = api_listen
         self._xds_listen = xds_listen
         self.api_port = 0
@@ -48,16 +61,19 @@ class ControlPlane:
         self.ready = asyncio.Event()
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
-        self.dataplane = DataPlane(self.releases, self.cache, self.tracker)
+        self.dataplane = DataPlane(self.releases, self.cache, self.tracker, agents=self.agents)
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-        server = grpc.aio.server(interceptors=[CallerInterceptor()])
+        server = grpc.aio.server(interceptors=[CallerInterceptor(agent_tokens=self._agent_tokens)])
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
             ReleaseServicer(self.releases, traffic=traffic), server
         )
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.agents), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         return server, health_servicer
 
     async def run(self) -> None:

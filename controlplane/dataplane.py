@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from graylane.controlplane import model, views
+from graylane.controlplane.agents import AgentHub
 from graylane.controlplane.errors import Conflict, FailedPrecondition, Unavailable
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
@@ -70,6 +71,7 @@ class DataPlane:
         *,
         listen_address: str = "127.0.0.1",
         default_listen_port: int = DEFAULT_LISTEN_PORT,
+        agents: AgentHub | None = None,
     ) -> None:
         self._releases = releases
         self._store = releases.store
@@ -86,6 +88,9 @@ class DataPlane:
         self._handled_nacks: set[tuple[str, str]] = set()
         self.synced = asyncio.Event()  # set once the first snapshot is in the cache
         cache.on_key_requested(self._render_key)
+        self._agents = agents
+        if agents is not None:
+            agents.on_report(self._changed.set)
 
     @property
     def view(self) -> xv.RoutingView | None:
@@ -118,6 +123,8 @@ class DataPlane:
 
     def _apply(self, snap: Snapshot) -> None:
         self._snap = snap
+        if self._agents is not None:
+            self._agents.publish(snap)
         view = views.build_view(snap)
         if view != self._view:
             self._view = view
@@ -196,6 +203,8 @@ class DataPlane:
         proxies = [p for p in self._tracker.proxies().values() if p.connected]
         await self._handle_nacks(snap, proxies)
         carried = [self._carried(p) for p in proxies]
+        if self._agents is not None:
+            carried += self._agents.carried()  # the proxies of every connected cluster
         targets = sorted({s[ROUTE].version for k in self._keys if (s := self._cache.snapshot(k)) is not None})
         target = ",".join(targets)
         for release in snap.releases:

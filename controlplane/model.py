@@ -11,6 +11,7 @@ Must not import: etcd (that is `controlplane.store`), graylane.xds.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import re2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane.errors import InvalidArgument
+from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 # DNS-label-like names keep every name usable as an HTTP authority, an Envoy cluster
@@ -31,6 +33,7 @@ _LANE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 # HTTP header field names (RFC 9110 token), lower-cased as Envoy compares them.
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _COOKIE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # Envoy rejects regexes whose RE2 program is larger than this by default.
 RE2_MAX_PROGRAM_SIZE = 100
 MAX_BATCHES = 100
@@ -189,6 +192,26 @@ class Endpoint:
     address: str
     port: int
     cluster: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """A cluster as its agent announced it: where other clusters reach its services."""
+
+    name: str
+    gateway_host: str
+    gateway_port: int
+    agent_id: str
+    agent_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEndpoints:
+    """The endpoints one agent reports for one version in its cluster."""
+
+    service: str
+    version: str
+    endpoints: tuple[Endpoint, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +420,23 @@ def service_from_proto(s: pb.Service) -> Service:
     )
 
 
+def valid_address(address: str) -> bool:
+    """An IPv4/IPv6 literal or a DNS host name (what Envoy can connect to)."""
+    if not address:
+        return False
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        pass
+    if address.replace(".", "").isdigit():
+        return False  # looks like an IPv4 literal but is not one (999.1.1.1)
+    return len(address) <= 253 and all(_HOST_LABEL.match(label) for label in address.split("."))
+
+
 def _endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
-    if not e.address or any(ch.isspace() for ch in e.address) or "/" in e.address:
-        raise InvalidArgument(f"{where}.address", f"{e.address!r} is not a valid address")
+    if not valid_address(e.address):
+        raise InvalidArgument(f"{where}.address", f"{e.address!r} is not an IP address or host name")
     if not 0 < e.port < 65536:
         raise InvalidArgument(f"{where}.port", f"{e.port} is not a valid port (1..65535)")
     cluster = check_name(f"{where}.cluster", e.cluster) if e.cluster else ""
@@ -574,4 +611,70 @@ def version_to_proto(v: Version) -> pb.Version:
             change_summary=v.change_summary,
         ),
         endpoints=[pb.Endpoint(address=e.address, port=e.port, cluster=e.cluster) for e in v.endpoints],
+    )
+
+
+# ------------------------------------------------------------------------ agents
+
+
+def split_host_port(field_name: str, value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[addr]:port`) into its parts, or InvalidArgument naming the field."""
+    host, sep, port_text = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port_text.isdigit() or not valid_address(host):
+        raise InvalidArgument(field_name, f"{value!r} is not host:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise InvalidArgument(field_name, f"{port} is not a valid port (1..65535)")
+    return host, port
+
+
+def hello_from_proto(hello: apb.AgentHello) -> ClusterInfo:
+    host, port = split_host_port("hello.gateway_address", hello.gateway_address)
+    if not hello.agent_id:
+        raise InvalidArgument("hello.agent_id", "is required")
+    return ClusterInfo(
+        name=check_name("hello.cluster", hello.cluster),
+        gateway_host=host,
+        gateway_port=port,
+        agent_id=hello.agent_id,
+        agent_version=hello.agent_version,
+    )
+
+
+def cluster_endpoints_from_proto(cluster: str, snapshot: apb.EndpointSnapshot) -> tuple[ClusterEndpoints, ...]:
+    """Validate an agent's endpoint snapshot; every endpoint is tagged with `cluster`."""
+    out: list[ClusterEndpoints] = []
+    seen: set[tuple[str, str]] = set()
+    for i, v in enumerate(snapshot.versions):
+        where = f"endpoints.versions[{i}]"
+        key = (check_name(f"{where}.service", v.service), check_version_name(f"{where}.version", v.version))
+        if key in seen:
+            raise InvalidArgument(f"{where}.version", f"{key[0]} {key[1]} is listed twice")
+        seen.add(key)
+        endpoints = []
+        for j, e in enumerate(v.endpoints):
+            checked = _endpoint_from_proto(f"{where}.endpoints[{j}]", e)
+            endpoints.append(Endpoint(address=checked.address, port=checked.port, cluster=cluster))
+        out.append(ClusterEndpoints(service=key[0], version=key[1], endpoints=tuple(dict.fromkeys(endpoints))))
+    return tuple(out)
+
+
+def cluster_to_proto(c: ClusterInfo) -> apb.AgentHello:
+    host = f"[{c.gateway_host}]" if ":" in c.gateway_host else c.gateway_host
+    return apb.AgentHello(
+        cluster=c.name, gateway_address=f"{host}:{c.gateway_port}", agent_id=c.agent_id, agent_version=c.agent_version
+    )
+
+
+def cluster_endpoints_to_proto(items: Sequence[ClusterEndpoints]) -> apb.EndpointSnapshot:
+    return apb.EndpointSnapshot(
+        versions=[
+            apb.VersionEndpoints(
+                service=i.service,
+                version=i.version,
+                endpoints=[pb.Endpoint(address=e.address, port=e.port) for e in i.endpoints],
+            )
+            for i in items
+        ]
     )

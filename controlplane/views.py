@@ -50,25 +50,71 @@ def routed(release: model.Release) -> bool:
 
 
 def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
-    """The routing intent for proxies of `cluster` ("" = the local/single cluster)."""
+    """The routing intent for the proxies of `cluster` ("" = the local/single cluster).
+
+    Where a version runs comes from the registry (endpoints registered by hand; those
+    without a cluster count as local everywhere) and from the agents (tagged with their
+    cluster). A version with endpoints in `cluster` is reached there directly; one that
+    runs only in other clusters is reached through their gateways. A release's placement
+    (`gray_clusters`) limits where its gray versions are taken from.
+    """
     services = tuple(
         xv.ServiceRoute(name=s.name, base_version=s.stable_version) for s in sorted(snap.services, key=lambda s: s.name)
     )
+    gateways = {c.name: xv.Endpoint(c.gateway_host, c.gateway_port) for c in snap.clusters}
+    runs: dict[tuple[str, str], dict[str, set[xv.Endpoint]]] = {}
+    for v in snap.versions:
+        where = runs.setdefault((v.service, v.name), {})
+        for e in v.endpoints:
+            where.setdefault(e.cluster, set()).add(xv.Endpoint(e.address, e.port))
+    for ce in snap.cluster_endpoints:
+        where = runs.setdefault((ce.service, ce.version), {})
+        for e in ce.endpoints:
+            where.setdefault(e.cluster, set()).add(xv.Endpoint(e.address, e.port))
+    routed_releases = sorted((r for r in snap.releases if routed(r)), key=lambda r: r.name)
+    placement: dict[tuple[str, str], frozenset[str]] = {}
+    for r in routed_releases:
+        if r.spec.gray_clusters:
+            for s in r.spec.services:
+                placement.setdefault((s.service, s.gray_version), frozenset(r.spec.gray_clusters))
     endpoints = tuple(
-        xv.VersionEndpoints(
-            service=v.service,
-            version=v.name,
-            endpoints=tuple(
-                sorted(
-                    {xv.Endpoint(e.address, e.port) for e in v.endpoints if e.cluster in ("", cluster)},
-                    key=lambda e: (e.address, e.port),
-                )
-            ),
-        )
-        for v in sorted(snap.versions, key=lambda v: (v.service, v.name))
+        _version_endpoints(service, version, runs[key], cluster, gateways, placement.get(key))
+        for key in sorted(runs)
+        for service, version in (key,)
     )
-    lanes = tuple(lane_of(r) for r in sorted(snap.releases, key=lambda r: r.name) if routed(r))
+    lanes = tuple(lane_of(r) for r in routed_releases)
     return xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes)
+
+
+def _version_endpoints(
+    service: str,
+    version: str,
+    where: dict[str, set[xv.Endpoint]],
+    cluster: str,
+    gateways: Mapping[str, xv.Endpoint],
+    allowed: frozenset[str] | None,
+) -> xv.VersionEndpoints:
+    def order(found: Iterable[xv.Endpoint]) -> tuple[xv.Endpoint, ...]:
+        return tuple(sorted(set(found), key=lambda e: (e.address, e.port)))
+
+    local = set(where.get("", ()))
+    if allowed is None or cluster in allowed:
+        local |= where.get(cluster, set()) if cluster else set()
+    else:
+        local = set()  # placed elsewhere: this cluster's copies (if any) get no lane traffic
+    if local:
+        return xv.VersionEndpoints(service=service, version=version, endpoints=order(local))
+    remote = sorted(
+        c
+        for c, eps in where.items()
+        if c and c != cluster and eps and c in gateways and (allowed is None or c in allowed)
+    )
+    return xv.VersionEndpoints(
+        service=service,
+        version=version,
+        endpoints=order(gateways[c] for c in remote),
+        via_cluster=",".join(remote),
+    )
 
 
 def lanes_by_name(view: xv.RoutingView) -> dict[str, xv.Lane]:

@@ -59,10 +59,12 @@ from graylane.xds.view import (
     Rule,
     ServiceRoute,
     cluster_name,
+    gateway_authority,
     listener_name,
+    parse_cluster_name,
 )
 
-__all__ = ["effective_view", "referenced_clusters", "render"]
+__all__ = ["effective_view", "referenced_clusters", "render", "render_gateway"]
 
 # Retried failures are those where the request never reached the upstream application,
 # so a retry is always safe; it hides endpoint churn during a batch change.
@@ -129,6 +131,45 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
             assignments[eds] = _load_assignment(eds, view.endpoints_of(service, version))
     listener = _listener(listen_address, listen_port)
     route_config = _route_config(view)
+    return resources.Resources.of(
+        {
+            resources.CLUSTER: clusters,
+            resources.ENDPOINT: assignments,
+            resources.LISTENER: {listener.name: listener},
+            resources.ROUTE: {route_config.name: route_config},
+        }
+    )
+
+
+def render_gateway(
+    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1"
+) -> resources.Resources:
+    """The resources of a cluster's gateway: other clusters reach its local versions here.
+
+    One virtual host per version that runs in this cluster (endpoints not `via_cluster`),
+    matching `gateway_authority(service, version)` and restoring the service's name as the
+    authority. The gateway decides nothing: the lane was decided where the request entered,
+    and its tags pass through to the service, whose own hops follow them.
+    """
+    clusters: dict[str, Message] = {}
+    assignments: dict[str, Message] = {}
+    vhosts = []
+    for ve in sorted(view.endpoints, key=lambda e: (e.service, e.version)):
+        if ve.via_cluster or not ve.endpoints:
+            continue
+        name = cluster_name(ve.service, ve.version)
+        clusters[name] = _cluster(name, name, view.connect_timeout_ms)
+        assignments[name] = _load_assignment(name, ve.endpoints)
+        authority = gateway_authority(ve.service, ve.version)
+        route = _route("gateway", route_components_pb2.RouteMatch(prefix="/"), cluster=name)
+        route.route.host_rewrite_literal = ve.service
+        vhosts.append(
+            route_components_pb2.VirtualHost(
+                name=f"{ve.service}|{ve.version}", domains=[authority, f"{authority}:*"], routes=[route]
+            )
+        )
+    listener = _listener(listen_address, listen_port)
+    route_config = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
@@ -241,10 +282,36 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
 
 
 def _route_config(view: RoutingView) -> route_pb2.RouteConfiguration:
-    return route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[_virtual_host(service, view.lanes) for service in sorted(view.services, key=lambda s: s.name)],
-    )
+    vhosts = [_virtual_host(service, view.lanes) for service in sorted(view.services, key=lambda s: s.name)]
+    for vhost in vhosts:
+        _rewrite_remote(vhost, view)
+    return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
+
+
+def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: RoutingView) -> None:
+    """Requests to a version that runs only in another cluster name it in their authority.
+
+    That cluster's gateway serves versions (see `render_gateway`); lane tags and every
+    other header pass through unchanged, so the lane continues there.
+    """
+    for route in vhost.routes:
+        action = route.route
+        if action.HasField("cluster"):
+            authority = _remote_authority(view, action.cluster)
+            if authority:
+                action.host_rewrite_literal = authority
+        elif action.HasField("weighted_clusters"):
+            for weight in action.weighted_clusters.clusters:
+                authority = _remote_authority(view, weight.name)
+                if authority:
+                    weight.host_rewrite_literal = authority
+
+
+def _remote_authority(view: RoutingView, cluster: str) -> str:
+    parsed = parse_cluster_name(cluster)
+    if parsed is None or not view.remote(parsed[0], parsed[1]):
+        return ""
+    return gateway_authority(parsed[0], parsed[1])
 
 
 def _virtual_host(service: ServiceRoute, lanes: Sequence[Lane]) -> route_components_pb2.VirtualHost:

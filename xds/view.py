@@ -61,6 +61,9 @@ class VersionEndpoints:
     service: str
     version: str
     endpoints: tuple[Endpoint, ...]
+    # Non-empty: the version runs only in that cluster and `endpoints` are its gateways;
+    # requests carry `gateway_authority(service, version)` so the gateway knows the version.
+    via_cluster: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +126,19 @@ class RoutingView:
     connect_timeout_ms: int = field(default=1000)
 
     def endpoints_of(self, service: str, version: str) -> tuple[Endpoint, ...]:
+        found = self.version_endpoints(service, version)
+        return found.endpoints if found is not None else ()
+
+    def version_endpoints(self, service: str, version: str) -> VersionEndpoints | None:
         for ve in self.endpoints:
             if ve.service == service and ve.version == version:
-                return ve.endpoints
-        return ()
+                return ve
+        return None
+
+    def remote(self, service: str, version: str) -> bool:
+        """Whether `version` of `service` is reached through another cluster's gateway."""
+        found = self.version_endpoints(service, version)
+        return found is not None and bool(found.via_cluster)
 
 
 # Header and baggage names that carry the lane decision between hops.
@@ -164,6 +176,18 @@ def parse_cluster_name(name: str) -> tuple[str, str, str] | None:
 
 
 ROUTE_CONFIG_NAME = "graylane"
+
+# The authority suffix of requests sent to another cluster's gateway.
+GATEWAY_DOMAIN = "graylane.gateway"
+
+
+def gateway_authority(service: str, version: str) -> str:
+    """The Host a request for one version of one service carries to another cluster's gateway.
+
+    A gateway serves versions, not services (one cluster may run only the gray version),
+    so the version travels in the authority; the gateway restores the plain service name.
+    """
+    return f"{version}.{service}.{GATEWAY_DOMAIN}"
 
 
 def listener_name(port: int) -> str:

@@ -9,6 +9,11 @@ Key layout (below the prefix):
     versions/<service>/<version>         Version
     releases/<name>                      Release (spec + status)
     events/<release>/<sequence:016d>     Event, appended in the same txn as the change
+    clusters/<name>                      AgentHello of the cluster's agent, under its lease
+    clusterendpoints/<name>              EndpointSnapshot the agent reported, under its lease
+
+An agent's keys live on an etcd lease kept alive by the replica holding the agent's
+stream: when the agent (or that replica) dies, its cluster and endpoints expire with it.
 
 Every release change is one transaction guarded by the release's mod_revision that also
 writes its event (and, on success, the services' new stable versions), so a failed or
@@ -39,6 +44,7 @@ from graylane.controlplane.errors import (
     Unavailable,
     UnsupportedEtcd,
 )
+from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ class Snapshot:
     services: tuple[model.Service, ...] = ()
     versions: tuple[model.Version, ...] = ()
     releases: tuple[model.Release, ...] = ()
+    clusters: tuple[model.ClusterInfo, ...] = ()
+    cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
     by_name: dict[str, model.Release] = field(default_factory=dict, compare=False)
 
 
@@ -128,6 +136,7 @@ class EtcdStore:
         self._kv = rpc_pb2_grpc.KVStub(channel)
         self._watch = rpc_pb2_grpc.WatchStub(channel)
         self._maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
+        self._lease = rpc_pb2_grpc.LeaseStub(channel)
 
     @property
     def prefix(self) -> str:
@@ -180,8 +189,8 @@ class EtcdStore:
         return await self._call(self._kv.Txn, req)  # type: ignore[return-value]
 
     @staticmethod
-    def _put(key: bytes, value: bytes) -> rpc_pb2.RequestOp:
-        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value))
+    def _put(key: bytes, value: bytes, *, lease: int = 0) -> rpc_pb2.RequestOp:
+        return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value, lease=lease))
 
     @staticmethod
     def _delete_prefix(prefix: bytes) -> rpc_pb2.RequestOp:
@@ -195,8 +204,10 @@ class EtcdStore:
         """Services, versions and releases in one consistent read."""
         resp = await self._range(self._prefix.encode(), revision=revision)
         services, versions, releases = [], [], []
+        clusters: list[model.ClusterInfo] = []
+        cluster_endpoints: list[model.ClusterEndpoints] = []
         for kv in resp.kvs:
-            kind = kv.key.decode()[len(self._prefix) :].split("/", 1)[0]
+            kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
             if kind == "services":
                 services.append(model.service_from_proto(_load(kv.value, pb.Service())))  # type: ignore[arg-type]
             elif kind == "versions":
@@ -204,11 +215,18 @@ class EtcdStore:
             elif kind == "releases":
                 msg = _load(kv.value, pb.Release())
                 releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
+            elif kind == "clusters":
+                clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
+            elif kind == "clusterendpoints":
+                snapshot = _load(kv.value, apb.EndpointSnapshot())
+                cluster_endpoints += model.cluster_endpoints_from_proto(rest, snapshot)  # type: ignore[arg-type]
         return Snapshot(
             revision=resp.header.revision,
             services=tuple(services),
             versions=tuple(versions),
             releases=tuple(releases),
+            clusters=tuple(clusters),
+            cluster_endpoints=tuple(cluster_endpoints),
             by_name={r.name: r for r in releases},
         )
 
@@ -258,6 +276,70 @@ class EtcdStore:
     async def put_version(self, version: model.Version) -> None:
         key = self._key("versions", version.service, version.name)
         await self._txn([], [self._put(key, _dump(model.version_to_proto(version)))])
+
+    # ----------------------------------------------------------------- agents
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        resp = await self._call(self._lease.LeaseGrant, rpc_pb2.LeaseGrantRequest(TTL=ttl_seconds))
+        return int(resp.ID)  # type: ignore[attr-defined]
+
+    async def keep_alive(self, lease: int) -> int:
+        """Refresh `lease`; its remaining TTL in seconds, 0 when it has already expired."""
+        call = self._lease.LeaseKeepAlive()
+        try:
+            async with asyncio.timeout(_CALL_TIMEOUT):
+                await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease))
+                resp = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(exc) from exc
+        except TimeoutError as exc:
+            raise Unavailable("etcd did not answer a lease keep-alive in time") from exc
+        finally:
+            call.cancel()
+        return int(resp.TTL) if resp is not grpc.aio.EOF else 0
+
+    async def revoke_lease(self, lease: int) -> None:
+        try:
+            await self._call(self._lease.LeaseRevoke, rpc_pb2.LeaseRevokeRequest(ID=lease))
+        except RuntimeError:
+            pass  # already expired: nothing is attached to it any more
+
+    async def register_cluster(self, info: model.ClusterInfo, lease: int) -> None:
+        """Claim `info.name` for this agent under `lease`.
+
+        A cluster name belongs to one agent (its `agent_id`) while that agent's lease lives;
+        the same agent may claim it again (after its own restart, or a replica's), any other
+        agent is refused with AlreadyExists.
+        """
+        key = self._key("clusters", info.name)
+        value = _dump(model.cluster_to_proto(info))
+        absent = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
+        resp = await self._txn([absent], [self._put(key, value, lease=lease)])
+        if resp.succeeded:
+            return
+        current = await self._get(key)
+        if current is not None:
+            holder = _load(current.value, apb.AgentHello())
+            if holder.agent_id != info.agent_id:  # type: ignore[attr-defined]
+                raise AlreadyExists(
+                    f"cluster {info.name!r} is served by another agent ({holder.agent_id}); "  # type: ignore[attr-defined]
+                    "stop it first, or give this agent another cluster name"
+                )
+            same = rpc_pb2.Compare(
+                key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=current.mod_revision
+            )
+        else:
+            same = absent  # expired in between: claim it afresh
+        if not (await self._txn([same], [self._put(key, value, lease=lease)])).succeeded:
+            raise Conflict(f"cluster {info.name!r} was claimed concurrently; reconnect")
+
+    async def put_cluster_endpoints(
+        self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int
+    ) -> None:
+        key = self._key("clusterendpoints", cluster)
+        await self._txn([], [self._put(key, _dump(model.cluster_endpoints_to_proto(items)), lease=lease)])
 
     async def create_release(self, release: model.Release, event: model.Event) -> model.Release:
         key = self.release_key(release.name)

@@ -1,0 +1,208 @@
+"""AgentService: the control plane's side of every cluster agent's stream.
+
+Owns, per connected agent on this replica: its registration in etcd (cluster record and
+endpoints under a lease this replica keeps alive while the agent sends heartbeats), the
+views sent to it (one RoutingView per cluster, versioned by content, sent only when it
+changes), and the proxies it reports (which view each ACKed), so convergence counts the
+proxies of every cluster. A dead agent simply stops its heartbeats: its lease expires and
+its endpoints leave every other cluster's view; a restarted agent (same `agent_id`) takes
+its registration back.
+
+The caller's credential is checked before the stream starts, by the API's one
+authenticating interceptor (`controlplane.api.CallerInterceptor`); here the hello must
+name the cluster that credential belongs to.
+
+Concurrency: one asyncio loop; `AgentHub.publish` is called by the DataPlane on every new
+store snapshot, sessions read their own queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from graylane.agent.wire import cluster_view
+from graylane.controlplane import model, views
+from graylane.controlplane.api import authenticated_cluster, status_for
+from graylane.controlplane.errors import GraylaneError, InvalidArgument, Unavailable
+from graylane.controlplane.store import EtcdStore, Snapshot
+from graylane.v1 import agent_pb2 as apb
+from graylane.v1 import agent_pb2_grpc
+from graylane.xds import view as xv
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL_SECONDS = 10
+DEFAULT_HEARTBEAT_SECONDS = 1.0
+_VIEW_HISTORY = 64
+
+
+@dataclass
+class AgentSession:
+    """One connected agent, as this replica sees it."""
+
+    info: model.ClusterInfo
+    lease: int
+    outbox: asyncio.Queue[apb.ControlMessage] = field(default_factory=asyncio.Queue)
+    sent_version: str = ""
+    views: OrderedDict[str, xv.RoutingView] = field(default_factory=OrderedDict)  # version -> view
+    proxies: dict[str, str] = field(default_factory=dict)  # node id -> ACKed view version
+    endpoints: tuple[model.ClusterEndpoints, ...] = ()  # the last set reported
+
+    def send_view(self, view: xv.RoutingView) -> None:
+        message = cluster_view(view)
+        if message.version == self.sent_version:
+            return
+        self.sent_version = message.version
+        self.views[message.version] = view
+        self.views.move_to_end(message.version)
+        while len(self.views) > _VIEW_HISTORY:
+            self.views.popitem(last=False)
+        self.outbox.put_nowait(apb.ControlMessage(view=message))
+
+    def carried(self) -> list[xv.RoutingView | None]:
+        return [self.views.get(version) for version in self.proxies.values()]
+
+
+class AgentHub:
+    """The agents connected to this replica, and what they report."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        *,
+        lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
+        heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+    ) -> None:
+        self.store = store
+        self.lease_ttl_seconds = lease_ttl_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.sessions: dict[str, AgentSession] = {}
+        self._snap: Snapshot | None = None
+        self._on_report: Callable[[], None] = lambda: None
+
+    def on_report(self, callback: Callable[[], None]) -> None:
+        """`callback` runs whenever an agent reports proxies (the DataPlane reconciles)."""
+        self._on_report = callback
+
+    def publish(self, snap: Snapshot) -> None:
+        """A new store snapshot: send each connected cluster its view if it changed."""
+        self._snap = snap
+        for session in self.sessions.values():
+            session.send_view(views.build_view(snap, cluster=session.info.name))
+
+    def carried(self) -> list[xv.RoutingView | None]:
+        """Per proxy reported by any agent, the view its routes were rendered from."""
+        return [v for session in self.sessions.values() for v in session.carried()]
+
+    def attach(self, session: AgentSession) -> None:
+        self.sessions[session.info.name] = session
+        if self._snap is not None:
+            session.send_view(views.build_view(self._snap, cluster=session.info.name))
+
+    def detach(self, session: AgentSession) -> None:
+        if self.sessions.get(session.info.name) is session:
+            del self.sessions[session.info.name]
+            self._on_report()
+
+    def reported(self, session: AgentSession, report: apb.ProxyReport) -> None:
+        session.proxies = {p.node_id: p.view_version for p in report.proxies}
+        self._on_report()
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+    def __init__(self, hub: AgentHub) -> None:
+        self._hub = hub
+
+    async def Connect(
+        self, requests: AsyncIterator[apb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apb.ControlMessage]:
+        try:
+            first = await anext(aiter(requests))
+        except StopAsyncIteration:
+            return
+        try:
+            session = await self._register(first)
+        except GraylaneError as exc:
+            await context.abort(status_for(exc), str(exc))
+            return
+        claimed = authenticated_cluster()
+        if claimed is not None and claimed != session.info.name:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"hello.cluster: the credential is for cluster {claimed!r}, not {session.info.name!r}",
+            )
+            return
+        log.info("agent of cluster %s connected (gateway %s:%d)", session.info.name,
+                 session.info.gateway_host, session.info.gateway_port)
+        yield apb.ControlMessage(
+            welcome=apb.Welcome(
+                cluster=session.info.name,
+                heartbeat_interval_ms=int(self._hub.heartbeat_seconds * 1000),
+                lease_ttl_seconds=self._hub.lease_ttl_seconds,
+            )
+        )
+        self._hub.attach(session)
+        reader = asyncio.create_task(self._read(session, requests))
+        try:
+            while True:
+                outgoing = asyncio.create_task(session.outbox.get())
+                done, _ = await asyncio.wait({outgoing, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if outgoing in done:
+                    yield outgoing.result()
+                    continue
+                outgoing.cancel()
+                error = reader.exception()
+                if isinstance(error, GraylaneError):
+                    await context.abort(status_for(error), str(error))
+                return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self._hub.detach(session)
+            log.info("agent of cluster %s disconnected", session.info.name)
+
+    async def _register(self, first: apb.AgentMessage) -> AgentSession:
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("hello", "the first message of an agent stream must be its hello")
+        info = model.hello_from_proto(first.hello)
+        store = self._hub.store
+        lease = await store.grant_lease(self._hub.lease_ttl_seconds)
+        try:
+            await store.register_cluster(info, lease)
+        except BaseException:
+            await store.revoke_lease(lease)
+            raise
+        return AgentSession(info=info, lease=lease)
+
+    async def _read(self, session: AgentSession, requests: AsyncIterator[apb.AgentMessage]) -> None:
+        store = self._hub.store
+        async for message in requests:
+            kind = message.WhichOneof("kind")
+            if kind == "endpoints":
+                session.endpoints = model.cluster_endpoints_from_proto(session.info.name, message.endpoints)
+                await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+            elif kind == "proxies":
+                self._hub.reported(session, message.proxies)
+            elif kind == "heartbeat":
+                try:
+                    if await store.keep_alive(session.lease) == 0:
+                        # Expired (a long pause): claim the cluster again on a new lease.
+                        session.lease = await store.grant_lease(self._hub.lease_ttl_seconds)
+                        await store.register_cluster(session.info, session.lease)
+                        await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+                except Unavailable as exc:
+                    log.warning("cannot refresh the lease of cluster %s: %s", session.info.name, exc)
+            elif kind == "guard":
+                log.warning(
+                    "agent of cluster %s routed lanes %s back to base while the control plane was away: %s",
+                    session.info.name, list(message.guard.lanes), message.guard.reason,
+                )
+            elif kind == "hello":
+                raise InvalidArgument("hello", "sent twice on one stream")
