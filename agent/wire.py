@@ -22,7 +22,12 @@ _KIND = {
     xv.MatchKind.QUERY: pb.QUERY,
     xv.MatchKind.PATH: pb.PATH,
 }
-_OP = {xv.MatchOp.EXACT: pb.EXACT, xv.MatchOp.PREFIX: pb.PREFIX, xv.MatchOp.REGEX: pb.REGEX, xv.MatchOp.PRESENT: pb.PRESENT}
+_OP = {
+    xv.MatchOp.EXACT: pb.EXACT,
+    xv.MatchOp.PREFIX: pb.PREFIX,
+    xv.MatchOp.REGEX: pb.REGEX,
+    xv.MatchOp.PRESENT: pb.PRESENT,
+}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _OP_BACK = {v: k for k, v in _OP.items()}
 

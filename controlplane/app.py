@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any
 
 import grpc
 from graylane.agent.stats import EnvoyStatsScraper
@@ -76,6 +77,19 @@ class ControlPlane:
         )
         return server, health_servicer
 
+    @contextlib.asynccontextmanager
+    async def running(self, *, ready_timeout: float = 10.0) -> AsyncIterator[ControlPlane]:
+        """`async with plane.running():` the replica serves inside the block (tests, demos)."""
+        task = asyncio.create_task(self.run())
+        try:
+            async with asyncio.timeout(ready_timeout):
+                await self.ready.wait()
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def run(self) -> None:
         async with EnvoyStatsScraper() as scraper:
             await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
@@ -123,18 +137,29 @@ async def serve(options: ServeOptions) -> None:
             endpoints = etcd.endpoint
         else:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
-        store = await connect(endpoints)
+        store = await connect(endpoints, prefix=options.etcd_prefix)
         stack.push_async_callback(store.close)
-        plane = ControlPlane(store, api_listen=str(options.listen), xds_listen=str(options.xds_listen))
-        runner = asyncio.create_task(plane.run())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+        plane = ControlPlane(
+            store,
+            api_listen=str(options.listen),
+            xds_listen=str(options.xds_listen),
+            agent_tokens=dict(options.agent_tokens),
+            agent_lease_ttl_seconds=options.agent_lease_ttl_seconds,
+        )
+        await run_until_signalled(plane.run())
         log.info("control plane stopped")
+
+
+async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` until it ends or SIGTERM/SIGINT arrives, then cancel it and wait for it."""
+    runner = asyncio.create_task(main)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner

@@ -43,7 +43,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_RPC_TIMEOUT_SECONDS,
 )
 from graylane.controlplane.manifest import ManifestError, ManifestObject, load_manifest
-from graylane.controlplane.options import HostPort, ServeOptions
+from graylane.controlplane.options import HostPort, ServeOptions, parse_agent_tokens
 from graylane.v1 import release_pb2, release_service_pb2
 
 EXIT_OK: Final = 0
@@ -373,6 +373,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         listen=args.listen,
         xds_listen=args.xds_listen,
         data_dir=Path(args.data_dir),
+        agent_tokens=args.agent_tokens,
+        agent_lease_ttl_seconds=args.agent_lease_ttl,
+        etcd_prefix=args.etcd_prefix,
     )
 
 
@@ -419,7 +422,87 @@ def _add_serve(subparsers: Subparsers) -> None:
         metavar="DIR",
         help=f"local state, e.g. the embedded etcd (default ./{DEFAULT_DATA_DIR})",
     )
+    parser.add_argument(
+        "--etcd-prefix",
+        default=defaults.etcd_prefix,
+        metavar="PREFIX",
+        help="key prefix in etcd, so installations can share one etcd (default %(default)s)",
+    )
+    parser.add_argument(
+        "--agent-tokens",
+        type=_agent_tokens,
+        default=(),
+        metavar="FILE",
+        help="`cluster: token` lines; agents must present their cluster's token (default: not checked)",
+    )
+    parser.add_argument(
+        "--agent-lease-ttl",
+        type=int,
+        default=defaults.agent_lease_ttl_seconds,
+        metavar="SECONDS",
+        help="how long a silent agent's cluster and endpoints live on (default %(default)s)",
+    )
     parser.set_defaults(handler=_serve)
+
+
+def _agent_tokens(path: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return parse_agent_tokens(Path(path).read_text(), source=path)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+# --- agent -----------------------------------------------------------------------------
+
+
+def _add_agent(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run a cluster agent (endpoints up, views down, xDS for the cluster's Envoys)",
+        description="Run the agent of one cluster: report its endpoints to the control plane and "
+        "serve the cluster's Envoys (sidecars and the gateway) over ADS, from the last-known-good "
+        "view while the control plane is unreachable.",
+    )
+    parser.add_argument("--cluster", required=True, help="this cluster's name")
+    parser.add_argument("--control-plane", required=True, type=_host_port(), metavar="HOST:PORT",
+                        help="a control plane's API address")
+    parser.add_argument("--endpoints", metavar="FILE", help="YAML endpoints of this cluster, followed for changes")
+    parser.add_argument("--gateway-address", required=True, type=_host_port(), metavar="HOST:PORT",
+                        help="where other clusters reach this cluster's gateway Envoy")
+    parser.add_argument("--xds-listen", type=_host_port(), default=HostPort("127.0.0.1", 7402),
+                        metavar="HOST:PORT", help="xDS address for this cluster's Envoys (default %(default)s)")
+    parser.add_argument("--state-dir", default=".graylane-agent", metavar="DIR",
+                        help="last-known-good view and agent id (default ./%(default)s)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding this cluster's token (or env GRAYLANE_AGENT_TOKEN)")
+    parser.add_argument("--guard-after", type=float, default=30.0, metavar="SECONDS",
+                        help="how long the control plane may be away before the local guard may act")
+    parser.set_defaults(handler=_agent)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import logging
+
+    from graylane.agent.app import AgentOptions, run_agent
+
+    token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = AgentOptions(
+        cluster=args.cluster,
+        control_plane=str(args.control_plane),
+        gateway_address=str(args.gateway_address),
+        state_dir=Path(args.state_dir),
+        endpoints_file=Path(args.endpoints) if args.endpoints else None,
+        xds_listen=str(args.xds_listen),
+        token=token,
+        guard_after_seconds=args.guard_after,
+    )
+    asyncio.run(run_agent(options))
+    return EXIT_OK
 
 
 # --- apply -----------------------------------------------------------------------------
@@ -690,6 +773,7 @@ def _demo(args: argparse.Namespace) -> int:
 #: added here as builders like these (import their heavy modules inside the handler).
 COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
+    _add_agent,
     _add_apply,
     _add_get,
     _add_status,

@@ -69,7 +69,29 @@ class ServeOptions:
     listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_API_PORT))
     xds_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_XDS_PORT))
     data_dir: Path = Path(DEFAULT_DATA_DIR)
+    # cluster -> agent token; empty: agents are not authenticated (a local set-up)
+    agent_tokens: tuple[tuple[str, str], ...] = ()
+    agent_lease_ttl_seconds: int = 10
+    # Where Graylane's keys live in etcd; another prefix lets installations share one etcd.
+    etcd_prefix: str = "/graylane/v1/"
 
     @property
     def embedded_etcd(self) -> bool:
         return not self.etcd_endpoints
+
+
+def parse_agent_tokens(text: str, *, source: str) -> tuple[tuple[str, str], ...]:
+    """`cluster: token` lines (YAML mapping) into pairs; ValueError names the problem."""
+    pairs: list[tuple[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cluster, sep, token = line.partition(":")
+        cluster, token = cluster.strip(), token.strip().strip("\"'")
+        if not sep or not cluster or not token:
+            raise ValueError(f"{source}:{number}: expected `cluster: token`")
+        pairs.append((cluster, token))
+    if len({c for c, _ in pairs}) != len(pairs):
+        raise ValueError(f"{source}: a cluster is listed twice")
+    return tuple(pairs)

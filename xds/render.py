@@ -124,11 +124,12 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
     for service, version, lane in _cluster_keys(view):
-        eds = cluster_name(service, version)
+        # Each cluster has its own EDS resource, even where two hold the same endpoints: a
+        # new cluster warms only once Envoy receives its endpoints, and a resource the proxy
+        # already holds would not be sent again.
         name = cluster_name(service, version, lane)
-        clusters[name] = _cluster(name, eds, view.connect_timeout_ms)
-        if eds not in assignments:
-            assignments[eds] = _load_assignment(eds, view.endpoints_of(service, version))
+        clusters[name] = _cluster(name, name, view.connect_timeout_ms)
+        assignments[name] = _load_assignment(name, view.endpoints_of(service, version))
     listener = _listener(listen_address, listen_port)
     route_config = _route_config(view)
     return resources.Resources.of(

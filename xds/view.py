@@ -157,8 +157,8 @@ def cluster_name(service: str, version: str, lane: str = "") -> str:
 
     Traffic outside any lane goes to ``service|version``; lane L's traffic goes to
     ``service|version|L`` even where it falls back to the base version, so Envoy's
-    per-cluster statistics count every (service, version, lane) apart. All clusters of
-    one version share one EDS resource, named ``service|version``.
+    per-cluster statistics count every (service, version, lane) apart. The cluster's EDS
+    resource has the same name.
     """
     if lane:
         return f"{service}{CLUSTER_SEPARATOR}{version}{CLUSTER_SEPARATOR}{lane}"

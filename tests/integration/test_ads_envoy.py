@@ -42,6 +42,7 @@ pytestmark = pytest.mark.envoy
 SERVICE = "a"
 V1 = cluster_name(SERVICE, "v1")
 V2 = cluster_name(SERVICE, "v2")
+V2_GRAY = cluster_name(SERVICE, "v2", "gray")  # the lane's own cluster for v2
 DEADLINE = 10.0
 
 
@@ -196,7 +197,10 @@ async def test_envoy_connects_acks_every_type_and_serves(
     status = ads.tracker.get(proxy.node_id)
     assert status is not None and status.connected and status.protocol == protocol
     assert status.key == str(proxy.listen_port)
-    assert status.metadata == {"listen_port": str(proxy.listen_port)}
+    assert status.metadata == {
+        "listen_port": str(proxy.listen_port),
+        "admin_address": f"127.0.0.1:{proxy.admin_port}",
+    }
     assert set(status.acked) == set(PUSH_ORDER)
     assert status.last_nack is None
     assert await served_version(http_get, proxy) == "v1"
@@ -231,8 +235,8 @@ async def test_new_version_and_removal_fail_no_request(
     assert V1 not in status.acked[CLUSTER].resources
 
     pushes = status.pushes
-    cds = index_of(pushes, before, lambda p: p.type_url == CLUSTER and V2 in p.resources)
-    eds = index_of(pushes, before, lambda p: p.type_url == ENDPOINT and V2 in p.resources)
+    cds = index_of(pushes, before, lambda p: p.type_url == CLUSTER and V2_GRAY in p.resources)
+    eds = index_of(pushes, before, lambda p: p.type_url == ENDPOINT and V2_GRAY in p.resources)
     rds = index_of(pushes, before, lambda p: p.type_url == ROUTE)
     assert cds < eds < rds  # make before ...
     rds = index_of(pushes, middle, lambda p: p.type_url == ROUTE)

@@ -78,17 +78,10 @@ def spec(
 
 
 @contextlib.asynccontextmanager
-async def control_plane(store: EtcdStore) -> AsyncIterator[ControlPlane]:
-    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
-    task = asyncio.create_task(plane.run())
-    try:
-        async with asyncio.timeout(10):
-            await plane.ready.wait()
+async def control_plane(store: EtcdStore, *, xds_port: int = 0) -> AsyncIterator[ControlPlane]:
+    """One replica on free loopback ports (or a given xDS port), serving inside the block."""
+    async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=f"127.0.0.1:{xds_port}").running() as plane:
         yield plane
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.fixture(params=["sotw", "delta"])

@@ -50,7 +50,9 @@ async def until_reached(stub: api_grpc.ReleaseServiceStub, weight: int, timeout:
 
 
 @contextlib.asynccontextmanager
-async def single_service(store: EtcdStore, envoy: Any) -> AsyncIterator[tuple[api_grpc.ReleaseServiceStub, EnvoyProcess]]:
+async def single_service(
+    store: EtcdStore, envoy: Any
+) -> AsyncIterator[tuple[api_grpc.ReleaseServiceStub, EnvoyProcess]]:
     async with contextlib.AsyncExitStack() as es:
         v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
         v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
@@ -19,24 +17,12 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import PUSH_ORDER
 
+from .test_canary_e2e import control_plane
+
 # An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the
 # stricter limit one proxy below is configured with, so that proxy rejects the route.
 BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
 STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
-
-
-@contextlib.asynccontextmanager
-async def control_plane(store: EtcdStore, *, xds_port: int = 0) -> AsyncIterator[ControlPlane]:
-    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=f"127.0.0.1:{xds_port}")
-    task = asyncio.create_task(plane.run())
-    try:
-        async with asyncio.timeout(10):
-            await plane.ready.wait()
-        yield plane
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def register(stub: Any, service: str, v1: Upstream, v2: Upstream) -> None:

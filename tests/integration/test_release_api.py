@@ -116,7 +116,11 @@ async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServic
             lambda s: s.services.add(service="checkout", base_version="v1", gray_version="v3"),
             "spec.services[1].service: 'checkout' is listed twice",
         ),
-        (lambda s: s.__setattr__("entry", "nowhere"), "spec.entry: service 'nowhere' is not registered"),
+        (lambda s: s.__setattr__("entry", "nowhere"), "spec.entry: 'nowhere' is not one of the release's services"),
+        (lambda s: s.__setattr__("lane", "gray lane"), "spec.lane: 'gray lane' is not a valid lane"),
+        (lambda s: s.__setattr__("lane", "gray,x=1"), "spec.lane: 'gray,x=1' is not a valid lane"),
+        (lambda s: s.services[0].__setattr__("gray_version", "v1"), "spec.services[0].gray_version: 'v1' equals"),
+        (lambda s: s.cohort.__setattr__("header", "X User"), "spec.cohort.header: 'X User' is not a valid"),
         (lambda s: s.services[0].__setattr__("gray_version", "v9"), "spec.services[0].gray_version: version 'v9'"),
     ],
 )

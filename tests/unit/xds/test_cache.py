@@ -51,8 +51,9 @@ def test_a_rendered_snapshot_is_consistent() -> None:
             "cluster 'a|v2|g' routed to by 'graylane' is missing",
         ),
         (
+            # The gray lane's cluster a|v2|g has its own EDS resource, named like it.
             Resources.of({**{t: GOOD[t].items for t in GOOD.by_type}, ENDPOINT: GRAY[ENDPOINT].items}),
-            "EDS resource 'a|v2' names no EDS cluster",
+            "EDS resource 'a|v2|g' names no EDS cluster",
         ),
     ],
 )

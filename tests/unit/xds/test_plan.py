@@ -22,7 +22,8 @@ from graylane.xds.view import (
 PORT = 10000
 V1 = cluster_name("a", "v1")
 V2 = cluster_name("a", "v2")
-# The gray lane's own cluster for v2; it takes its endpoints from v2's EDS resource, V2.
+# The gray lane's own cluster for v2, with its own EDS resource (named like it) holding
+# v2's endpoints: every cluster has its own, so a new cluster always gets its endpoints sent.
 V2_GRAY = cluster_name("a", "v2", "gray")
 
 
@@ -84,13 +85,19 @@ def test_new_route_waits_until_its_new_cluster_is_acked_in_cds_and_eds() -> None
     old = held(ONLY_V1, *PUSH_ORDER)
     p = plan(V1_AND_V2, acked=old, sent=old)
     assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY}
-    assert set(p.resources[ENDPOINT].items) == {V1, V2}  # V2_GRAY reads v2's endpoints
+    assert set(p.resources[ENDPOINT].items) == {V1, V2_GRAY}  # V2_GRAY's own EDS resource
     assert route(p.resources) == route(ONLY_V1)  # the proxy keeps its old route
     assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
 
     cds_acked = merge(old, held(V1_AND_V2, CLUSTER))
     p = plan(V1_AND_V2, acked=cds_acked, sent=cds_acked)
-    assert route(p.resources) == route(ONLY_V1)  # endpoints of v2 not ACKed yet
+    assert route(p.resources) == route(ONLY_V1)  # V2_GRAY's endpoints not ACKed yet
+    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+
+    eds_acked = merge(old, held(V1_AND_V2, ENDPOINT))
+    p = plan(V1_AND_V2, acked=eds_acked, sent=eds_acked)
+    assert route(p.resources) == route(ONLY_V1)  # V2_GRAY itself not ACKed yet
+    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
 
     both_acked = merge(cds_acked, held(V1_AND_V2, ENDPOINT))
     p = plan(V1_AND_V2, acked=both_acked, sent=both_acked)
@@ -103,18 +110,28 @@ def test_cluster_removal_waits_until_the_routes_moved_away_and_were_acked() -> N
     p = plan(ONLY_V2, acked=old, sent=old)
     # Promoted v2 serves outside the lane through a new cluster, V2: the route waits for it.
     assert route(p.resources) == route(V1_AND_V2)
+    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
     assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}  # the live route still uses V1, V2_GRAY
-    assert set(p.resources[ENDPOINT].items) == {V1, V2}
+    # V2 has its own EDS resource, new to the proxy although V2_GRAY's holds the same endpoints.
+    assert set(p.resources[ENDPOINT].items) == {V1, V2, V2_GRAY}
 
-    # V2's endpoints were ACKed already (shared with V2_GRAY): its CDS ACK alone warms it.
+    # V2_GRAY's endpoints, ACKed long ago, do not warm V2: its CDS ACK alone is not enough.
     cds_acked = merge(old, held(ONLY_V2, CLUSTER))
     p = plan(ONLY_V2, acked=cds_acked, sent=cds_acked)
-    assert route(p.resources) == route(ONLY_V2)
-    assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}
+    assert route(p.resources) == route(V1_AND_V2)
+    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
 
-    in_flight = merge(cds_acked, held(ONLY_V2, ROUTE))  # new route sent, not yet ACKed
-    p = plan(ONLY_V2, acked=cds_acked, sent=in_flight)
+    both_acked = merge(cds_acked, held(ONLY_V2, ENDPOINT))
+    p = plan(ONLY_V2, acked=both_acked, sent=both_acked)
+    assert route(p.resources) == route(ONLY_V2)
+    assert p.held == frozenset()
     assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}
+    assert set(p.resources[ENDPOINT].items) == {V1, V2, V2_GRAY}
+
+    in_flight = merge(both_acked, held(ONLY_V2, ROUTE))  # new route sent, not yet ACKed
+    p = plan(ONLY_V2, acked=both_acked, sent=in_flight)
+    assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}
+    assert set(p.resources[ENDPOINT].items) == {V1, V2, V2_GRAY}
 
     p = plan(ONLY_V2, acked=in_flight, sent=in_flight)
     assert set(p.resources[CLUSTER].items) == {V2}
@@ -126,7 +143,7 @@ def test_a_route_sent_but_not_acked_also_keeps_its_clusters() -> None:
     sent = merge(held(V1_AND_V2, *PUSH_ORDER))
     p = plan(ONLY_V1, acked=acked, sent=sent)
     assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY}
-    assert set(p.resources[ENDPOINT].items) == {V1, V2}
+    assert set(p.resources[ENDPOINT].items) == {V1, V2_GRAY}
 
 
 def test_listener_waits_for_its_route_config_but_keeps_the_one_the_proxy_has() -> None:

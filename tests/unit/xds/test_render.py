@@ -21,7 +21,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf.message import Message
 from graylane.xds import resources
-from graylane.xds.render import effective_view, referenced_clusters, render
+from graylane.xds.cache import consistency_gaps
+from graylane.xds.render import effective_view, referenced_clusters, render, render_gateway
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
     Cohort,
@@ -34,6 +35,8 @@ from graylane.xds.view import (
     Rule,
     ServiceRoute,
     VersionEndpoints,
+    gateway_authority,
+    parse_cluster_name,
 )
 
 PORT = 15001
@@ -93,6 +96,15 @@ def cond(kind: MatchKind, name: str, op: MatchOp, value: str = "") -> Condition:
 def item(res: resources.Resources, type_url: str, name: str) -> Any:
     """One rendered resource (Any: the Envoy protos ship no type stubs)."""
     return res[type_url].items[name]
+
+
+def addresses(res: resources.Resources, eds: str) -> list[tuple[str, int]]:
+    """(address, port) of every endpoint in the ClusterLoadAssignment named `eds`."""
+    return [
+        (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+        for locality in item(res, resources.ENDPOINT, eds).endpoints
+        for e in locality.lb_endpoints
+    ]
 
 
 def route_config(res: resources.Resources) -> route_pb2.RouteConfiguration:
@@ -213,7 +225,7 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
 
     assert not [n for n in res[resources.CLUSTER].items if n.startswith("stock|v3")]
     assert not [n for n in referenced_clusters(route_config(res)) if n.startswith("stock|v3")]
-    assert "stock|v3" not in res[resources.ENDPOINT].items
+    assert not [n for n in res[resources.ENDPOINT].items if n.startswith("stock|v3")]
     assert route_names(res, "stock") == ["lane/blue/header", "lane/blue/baggage", "default"]
     assert named(res, "stock", "lane/blue/header").route.cluster == "stock|v1|blue"
     assert res[resources.ROUTE].version == render_view(effective_view(view))[resources.ROUTE].version
@@ -276,25 +288,33 @@ def test_load_assignments_sort_and_deduplicate_endpoints() -> None:
     assert addresses == [("10.0.0.1", 80), ("10.0.0.1", 81), ("10.0.0.2", 80)]
 
 
-def test_lane_clusters_share_the_eds_resource_of_their_version() -> None:
+def test_each_cluster_has_its_own_eds_resource_with_the_endpoints_of_its_version() -> None:
+    # A new cluster warms in Envoy only once it receives its EDS resource, so no cluster
+    # may share one the proxy already holds: every cluster asks for one named like itself.
     res = render_view(RICH_VIEW)
     clusters = res[resources.CLUSTER].items
 
-    for name, expected in [
-        ("cart|v1", "cart|v1"),
-        ("cart|v1|green", "cart|v1"),
-        ("cart|v2|blue", "cart|v2"),
-        ("stock|v1|blue", "stock|v1"),
-        ("stock|v2|green", "stock|v2"),
-    ]:
-        assert clusters[name].eds_cluster_config.service_name == expected  # type: ignore[attr-defined]
-    # One ClusterLoadAssignment per version, named after it, however many clusters use it.
-    assert list(res[resources.ENDPOINT]) == ["cart|v1", "cart|v2", "gateway|v1", "gateway|v2", "stock|v1", "stock|v2"]
+    for name, cluster in clusters.items():
+        assert cluster.eds_cluster_config.service_name == name  # type: ignore[attr-defined]
+    # One ClusterLoadAssignment per cluster, named after it.
+    assert list(res[resources.ENDPOINT]) == list(res[resources.CLUSTER])
     for name, assignment in res[resources.ENDPOINT].items.items():
         assert assignment.cluster_name == name  # type: ignore[attr-defined]
+    # Each holds the endpoints of the version its cluster serves, whatever the lane.
+    for name, ports in [
+        ("cart|v1", [8010, 8011]),
+        ("cart|v1|green", [8010, 8011]),
+        ("cart|v2|blue", [8012]),
+        ("gateway|v1|green", [8001]),
+        ("gateway|v2|blue", [8002]),
+        ("stock|v1", [8021]),
+        ("stock|v1|blue", [8021]),
+        ("stock|v2|green", [8022]),
+    ]:
+        assert addresses(res, name) == [("10.0.0.1", p) for p in ports], name
 
 
-def test_two_lanes_on_one_gray_version_get_two_clusters_and_one_assignment() -> None:
+def test_two_lanes_on_one_gray_version_get_two_clusters_and_two_assignments_with_identical_endpoints() -> None:
     res = render_view(
         make_view(
             lane("blue", versions=(("cart", "v2"),)),
@@ -305,9 +325,10 @@ def test_two_lanes_on_one_gray_version_get_two_clusters_and_one_assignment() -> 
     cart_assignments = [n for n in res[resources.ENDPOINT] if n.startswith("cart|")]
 
     assert cart_clusters == ["cart|v1", "cart|v2|blue", "cart|v2|green"]
-    assert cart_assignments == ["cart|v1", "cart|v2"]
+    assert cart_assignments == ["cart|v1", "cart|v2|blue", "cart|v2|green"]
     for name in ("cart|v2|blue", "cart|v2|green"):
-        assert item(res, resources.CLUSTER, name).eds_cluster_config.service_name == "cart|v2"
+        assert item(res, resources.CLUSTER, name).eds_cluster_config.service_name == name
+    assert addresses(res, "cart|v2|blue") == addresses(res, "cart|v2|green") == [("10.0.0.1", 8012)]
 
 
 def test_a_lane_whose_gray_version_has_no_endpoints_falls_back_to_base_through_its_own_cluster() -> None:
@@ -315,9 +336,10 @@ def test_a_lane_whose_gray_version_has_no_endpoints_falls_back_to_base_through_i
 
     for carrier in ("header", "baggage"):
         assert named(res, "stock", f"lane/blue/{carrier}").route.cluster == "stock|v1|blue"
-    assert item(res, resources.CLUSTER, "stock|v1|blue").eds_cluster_config.service_name == "stock|v1"
+    assert item(res, resources.CLUSTER, "stock|v1|blue").eds_cluster_config.service_name == "stock|v1|blue"
     assert [n for n in res[resources.CLUSTER] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
-    assert [n for n in res[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1"]
+    assert [n for n in res[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
+    assert addresses(res, "stock|v1|blue") == addresses(res, "stock|v1") == [("10.0.0.1", 8021)]
     # The lane's servable version keeps its own cluster.
     assert named(res, "cart", "lane/blue/header").route.cluster == "cart|v2|blue"
 
@@ -534,9 +556,11 @@ def test_a_lane_without_a_version_of_the_service_routes_to_base_through_its_own_
     for service in ("cart", "gateway"):  # green has a version of stock only
         for carrier in ("header", "baggage"):
             assert named(res, service, f"lane/green/{carrier}").route.cluster == f"{service}|v1|green"
-        # A cluster apart from the one of traffic outside lanes, on the same endpoints.
+        # A cluster apart from the one of traffic outside lanes, with its own EDS resource
+        # holding the same endpoints.
         lane_cluster = item(res, resources.CLUSTER, f"{service}|v1|green")
-        assert lane_cluster.eds_cluster_config.service_name == f"{service}|v1"
+        assert lane_cluster.eds_cluster_config.service_name == f"{service}|v1|green"
+        assert addresses(res, f"{service}|v1|green") == addresses(res, f"{service}|v1") != []
         assert named(res, service, "default").route.cluster == f"{service}|v1"
 
 
@@ -1061,3 +1085,232 @@ def test_referenced_clusters_of_a_rendering() -> None:
         "stock|v1|blue",
         "stock|v2|green",
     }
+
+
+# ------------------------------------------------------------- versions in other clusters
+
+GW = Endpoint("192.0.2.7", 15443)  # the gateway of cluster "east"
+# RICH_VIEW where gateway v2 and cart v2 (both gray in blue) and stock v1 (base) run only
+# in cluster "east"; every other version runs here.
+REMOTE = {("gateway", "v2"), ("cart", "v2"), ("stock", "v1")}
+REMOTE_VIEW = dataclasses.replace(
+    RICH_VIEW,
+    endpoints=tuple(
+        dataclasses.replace(ve, endpoints=(GW,), via_cluster="east") if (ve.service, ve.version) in REMOTE else ve
+        for ve in RICH_VIEW.endpoints
+    ),
+)
+
+
+def rewrite(message: Any) -> str | None:
+    """The host rewrite of a RouteAction or a ClusterWeight: its literal, or None."""
+    kind = message.WhichOneof("host_rewrite_specifier")
+    if kind is None:
+        return None
+    assert kind == "host_rewrite_literal"
+    literal: str = message.host_rewrite_literal
+    return literal
+
+
+def expected_rewrite(cluster: str) -> str | None:
+    parsed = parse_cluster_name(cluster)
+    assert parsed is not None
+    service, version, _ = parsed
+    return gateway_authority(service, version) if (service, version) in REMOTE else None
+
+
+def test_routes_to_a_version_in_another_cluster_carry_its_gateway_authority() -> None:
+    res = render_view(REMOTE_VIEW)
+
+    direct = {(vhost.name, r.name): r.route for vhost in route_config(res).virtual_hosts for r in vhost.routes}
+    # Lane traffic to a remote gray version, or to a remote base it falls back to.
+    assert rewrite(direct["cart", "lane/blue/header"]) == gateway_authority("cart", "v2")
+    assert rewrite(direct["cart", "lane/blue/baggage"]) == gateway_authority("cart", "v2")
+    assert rewrite(direct["gateway", "rule/blue/0/with-baggage"]) == gateway_authority("gateway", "v2")
+    assert rewrite(direct["stock", "lane/blue/header"]) == gateway_authority("stock", "v1")
+    assert rewrite(direct["stock", "default"]) == gateway_authority("stock", "v1")
+    # Local versions keep the service's own authority.
+    for key in [
+        ("cart", "lane/green/header"),
+        ("cart", "default"),
+        ("gateway", "tagged/header"),
+        ("gateway", "rule/green/0/without-baggage"),
+        ("gateway", "default"),
+        ("stock", "lane/green/header"),
+    ]:
+        assert rewrite(direct[key]) is None, key
+
+
+def test_weighted_entries_to_a_version_in_another_cluster_carry_its_gateway_authority() -> None:
+    res = render_view(REMOTE_VIEW)
+    for has_baggage in (True, False):
+        r = split_of(res, has_baggage=has_baggage)
+        blue, green, base = r.route.weighted_clusters.clusters
+
+        assert rewrite(r.route) is None  # per entry, never for the whole split
+        assert (blue.name, rewrite(blue)) == ("gateway|v2|blue", gateway_authority("gateway", "v2"))
+        assert (green.name, rewrite(green)) == ("gateway|v1|green", None)
+        assert (base.name, rewrite(base)) == ("gateway|v1", None)
+        # The lane tags still ride along with the rewritten entry.
+        assert tags(blue.request_headers_to_add)["x-graylane"] == ("blue", OVERWRITE)
+
+
+def test_every_route_target_is_rewritten_exactly_when_its_version_is_remote() -> None:
+    res = render_view(REMOTE_VIEW)
+    seen = {True: 0, False: 0}
+    for vhost in route_config(res).virtual_hosts:
+        for r in vhost.routes:
+            action = r.route
+            if action.HasField("weighted_clusters"):
+                assert rewrite(action) is None
+                targets: list[Any] = list(action.weighted_clusters.clusters)
+                pairs = [(t.name, t) for t in targets]
+            else:
+                pairs = [(action.cluster, action)]
+            for cluster, target in pairs:
+                expected = expected_rewrite(cluster)
+                assert rewrite(target) == expected, (vhost.name, r.name, cluster)
+                seen[expected is not None] += 1
+    assert seen[True] and seen[False]
+
+
+def test_a_remote_version_is_served_through_a_cluster_on_the_gateway_endpoints() -> None:
+    res = render_view(REMOTE_VIEW)
+
+    for name in ("cart|v2|blue", "gateway|v2|blue", "stock|v1", "stock|v1|blue"):
+        assert name in res[resources.CLUSTER].items
+        assert addresses(res, name) == [(GW.address, GW.port)]
+    assert consistency_gaps(res) == ()
+    # Same clusters as with every version local: only endpoints and routes differ.
+    local = render_view(RICH_VIEW)
+    assert list(res[resources.CLUSTER]) == list(local[resources.CLUSTER])
+    assert res[resources.CLUSTER].version == local[resources.CLUSTER].version
+
+
+def test_without_remote_versions_nothing_is_rewritten() -> None:
+    for vhost in route_config(render_view(RICH_VIEW)).virtual_hosts:
+        for r in vhost.routes:
+            assert rewrite(r.route) is None
+            for weight in r.route.weighted_clusters.clusters:
+                assert rewrite(weight) is None
+
+
+# --------------------------------------------------------------------------- render_gateway
+
+# What a cluster's gateway serves: local versions with endpoints. cart v2 runs only in
+# "east" (left out: this gateway cannot serve it), stock v3 has no endpoints (left out).
+GATEWAY_VIEW = RoutingView(
+    services=(ServiceRoute("stock", "v1"), ServiceRoute("cart", "v1")),
+    endpoints=(
+        VersionEndpoints("stock", "v3", ()),
+        VersionEndpoints("stock", "v2", eps(8022)),
+        VersionEndpoints("stock", "v1", eps(8021)),
+        VersionEndpoints("cart", "v2", (GW,), via_cluster="east"),
+        VersionEndpoints("cart", "v1", eps(8011, 8010, 8011)),
+    ),
+    lanes=(
+        lane(
+            "blue",
+            entry="cart",
+            weight=30,
+            versions=(("cart", "v2"), ("stock", "v2")),
+            rules=(rule(cond(MatchKind.HEADER, "x-user", MatchOp.EXACT, "42")),),
+        ),
+    ),
+    connect_timeout_ms=2500,
+)
+GATEWAY_PORT = 15443
+
+
+def render_gw(view: RoutingView = GATEWAY_VIEW) -> resources.Resources:
+    return render_gateway(view, listen_port=GATEWAY_PORT)
+
+
+def test_gateway_has_one_virtual_host_per_local_version_with_endpoints() -> None:
+    config = route_config(render_gw())
+
+    assert config.name == ROUTE_CONFIG_NAME
+    assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [
+        (f"{svc}|{ver}", [gateway_authority(svc, ver), gateway_authority(svc, ver) + ":*"])
+        for svc, ver in [("cart", "v1"), ("stock", "v1"), ("stock", "v2")]
+    ]
+
+
+def test_gateway_routes_each_version_to_its_cluster_restoring_the_service_authority() -> None:
+    for vhost in route_config(render_gw()).virtual_hosts:
+        service, version = vhost.name.split("|")
+        (only,) = vhost.routes
+
+        assert only.match.prefix == "/"
+        assert not only.match.headers  # decides nothing: no lane or rule matching
+        assert only.route.cluster == f"{service}|{version}"
+        assert rewrite(only.route) == service
+        assert not only.request_headers_to_add  # the lane tags pass through unchanged
+        assert not only.route.HasField("weighted_clusters")
+
+
+def test_gateway_clusters_and_endpoints_are_those_of_its_local_versions() -> None:
+    res = render_gw()
+
+    assert list(res[resources.CLUSTER]) == ["cart|v1", "stock|v1", "stock|v2"]
+    assert list(res[resources.ENDPOINT]) == ["cart|v1", "stock|v1", "stock|v2"]
+    for name, cluster in res[resources.CLUSTER].items.items():
+        assert cluster.type == cluster.DiscoveryType.EDS  # type: ignore[attr-defined]
+        assert cluster.eds_cluster_config.service_name == name  # type: ignore[attr-defined]
+        assert cluster.eds_cluster_config.eds_config.HasField("ads")  # type: ignore[attr-defined]
+        assert (cluster.connect_timeout.seconds, cluster.connect_timeout.nanos) == (2, 500_000_000)  # type: ignore[attr-defined]
+    assert addresses(res, "cart|v1") == [("10.0.0.1", 8010), ("10.0.0.1", 8011)]  # sorted, deduplicated
+    assert addresses(res, "stock|v2") == [("10.0.0.1", 8022)]
+    assert referenced_clusters(route_config(res)) == set(res[resources.CLUSTER].items)
+    assert consistency_gaps(res) == ()
+
+
+def test_gateway_leaves_out_remote_versions_and_versions_without_endpoints() -> None:
+    res = render_gw()
+    vhosts = [v.name for v in route_config(res).virtual_hosts]
+    domains = {d for v in route_config(res).virtual_hosts for d in v.domains}
+
+    for service, version in [("cart", "v2"), ("stock", "v3")]:
+        assert f"{service}|{version}" not in vhosts
+        assert gateway_authority(service, version) not in domains
+        assert not [n for n in res[resources.CLUSTER] if n.startswith(f"{service}|{version}")]
+        assert not [n for n in res[resources.ENDPOINT] if n.startswith(f"{service}|{version}")]
+
+
+def test_gateway_with_no_local_version_serves_an_empty_route_config() -> None:
+    view = dataclasses.replace(GATEWAY_VIEW, endpoints=(VersionEndpoints("cart", "v1", (GW,), via_cluster="east"),))
+    res = render_gw(view)
+
+    assert len(res[resources.CLUSTER]) == 0
+    assert len(res[resources.ENDPOINT]) == 0
+    assert list(route_config(res).virtual_hosts) == []
+    assert consistency_gaps(res) == ()
+
+
+def test_gateway_listener_serves_rds_on_the_given_address() -> None:
+    res = render_gateway(GATEWAY_VIEW, listen_port=GATEWAY_PORT, listen_address="0.0.0.0")
+    listener = item(res, resources.LISTENER, f"graylane_http_{GATEWAY_PORT}")
+
+    assert list(res[resources.LISTENER]) == [f"graylane_http_{GATEWAY_PORT}"]
+    assert listener.address.socket_address.address == "0.0.0.0"
+    assert listener.address.socket_address.port_value == GATEWAY_PORT
+    manager = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert manager.rds.route_config_name == ROUTE_CONFIG_NAME
+    default = item(render_gw(), resources.LISTENER, f"graylane_http_{GATEWAY_PORT}")
+    assert default.address.socket_address.address == "127.0.0.1"
+
+
+def test_gateway_ignores_lanes_services_and_endpoint_order() -> None:
+    plain = dataclasses.replace(GATEWAY_VIEW, lanes=(), services=())
+    reordered = dataclasses.replace(GATEWAY_VIEW, endpoints=tuple(reversed(GATEWAY_VIEW.endpoints)))
+    first = render_gw()
+    for other in (render_gw(plain), render_gw(reordered), render_gw()):
+        for type_url in resources.PUSH_ORDER:
+            assert other[type_url].version == first[type_url].version, type_url
+
+
+def test_gateway_uses_no_deprecated_field() -> None:
+    for typed in render_gw().by_type.values():
+        for message in typed.items.values():
+            assert list(deprecated_fields(message)) == []

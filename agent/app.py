@@ -1,0 +1,152 @@
+"""The agent process: one per cluster, between the control plane and the cluster's Envoys.
+
+Composition root of `graylane agent`. Owns the tasks of one agent and their order at start:
+the last-known-good view is served first (so Envoys restarted during a control-plane
+outage get their configuration), then the xDS server opens, then the control-plane
+session, the endpoint source, the proxy reports and the local guard run side by side.
+
+Must not hold release logic: the control plane decides views, the agent applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from graylane.agent.guard import AbortCheck, LocalGuard
+from graylane.agent.lkg import StateDir
+from graylane.agent.relay import Relay
+from graylane.agent.session import Backoff, ControlPlaneSession
+from graylane.agent.sources import EndpointSource, FileEndpointSource
+from graylane.agent.wire import cluster_view, view_from_proto
+from graylane.controlplane.app import run_until_signalled
+from graylane.v1 import agent_pb2 as apb
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.server import AdsServer
+from graylane.xds.tracker import ProxyTracker
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+DEFAULT_AGENT_XDS_PORT = 7402
+_GUARD_TICK_SECONDS = 0.5
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentOptions:
+    cluster: str
+    control_plane: str  # host:port of a control plane's API
+    gateway_address: str  # host:port where other clusters reach this cluster's gateway Envoy
+    state_dir: Path
+    endpoints_file: Path | None = None
+    xds_listen: str = f"127.0.0.1:{DEFAULT_AGENT_XDS_PORT}"
+    # The gateway Envoy's listener port, when it differs from the gateway address's port
+    # (a load balancer in front, say).
+    gateway_listen_port: int | None = None
+    token: str = ""
+    guard_after_seconds: float = 30.0
+    backoff_base_seconds: float = 0.1
+    backoff_cap_seconds: float = 5.0
+
+
+class Agent:
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        source: EndpointSource | None = None,
+        abort_check: AbortCheck | None = None,
+    ) -> None:
+        self.options = options
+        if source is None and options.endpoints_file is not None:
+            source = FileEndpointSource(options.endpoints_file)
+        self.source = source
+        self.state = StateDir(options.state_dir)
+        self.cache = SnapshotCache()
+        self.tracker = ProxyTracker()
+        gateway_port = options.gateway_listen_port or int(options.gateway_address.rpartition(":")[2])
+        self.relay = Relay(self.cache, self.tracker, gateway_port=gateway_port)
+        self.guard = LocalGuard(abort_check, after_seconds=options.guard_after_seconds)
+        self.session = ControlPlaneSession(
+            target=options.control_plane,
+            hello=apb.AgentHello(
+                cluster=options.cluster,
+                gateway_address=options.gateway_address,
+                agent_version=AGENT_VERSION,
+                agent_id=self.state.agent_id(),
+            ),
+            token=options.token,
+            on_view=self._on_view,
+            backoff=Backoff(base=options.backoff_base_seconds, cap=options.backoff_cap_seconds),
+        )
+        self._control_view: apb.ClusterView | None = None  # the control plane's, never the guard's
+        self.xds_port = 0
+        self.ready = asyncio.Event()
+
+    def _on_view(self, message: apb.ClusterView) -> None:
+        if self.relay.apply(message):
+            self._control_view = message
+            self.state.save_view(message)
+            log.info("serving view %s from the control plane", message.version)
+
+    async def run(self) -> None:
+        last_good = self.state.load_view()
+        if last_good is not None and self.relay.apply(last_good):
+            self._control_view = last_good
+            log.info("serving the last-known-good view %s until the control plane answers", last_good.version)
+        server = grpc.aio.server()
+        AdsServer(self.cache, tracker=self.tracker).add_to_server(server)
+        self.xds_port = server.add_insecure_port(self.options.xds_listen)
+        if self.xds_port == 0:
+            raise OSError(f"cannot listen on {self.options.xds_listen}")
+        await server.start()
+        log.info("agent of cluster %s: xDS on port %d", self.options.cluster, self.xds_port)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.session.run())
+                tasks.create_task(self._follow_endpoints())
+                tasks.create_task(self._follow_proxies())
+                tasks.create_task(self._guard_loop())
+                self.ready.set()
+        finally:
+            await server.stop(1.0)
+
+    async def _follow_endpoints(self) -> None:
+        if self.source is None:
+            return
+        async for snapshot in self.source.watch():
+            self.session.set_endpoints(snapshot)
+
+    async def _follow_proxies(self) -> None:
+        seen = -1
+        while True:
+            seen = await self.tracker.wait_for_change(seen)
+            self.session.set_report(self.relay.report())
+
+    async def _guard_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_GUARD_TICK_SECONDS)
+            since = self.session.disconnected_since
+            if since is None and self.guard.pending:
+                self.session.add_guard_reports(self.guard.reconnected())
+                continue
+            control = self._control_view
+            if control is None:
+                continue
+            override = self.guard.tick(
+                view_from_proto(control.view),
+                disconnected_for=None if since is None else time.monotonic() - since,
+                now=time.time(),
+            )
+            if override is not None:
+                log.warning("local guard: routing lanes %s to base", sorted(self.guard.aborted))
+                self.relay.apply(cluster_view(override))
+
+
+async def run_agent(options: AgentOptions) -> None:
+    """`graylane agent`: run until SIGTERM or SIGINT."""
+    await run_until_signalled(Agent(options).run())

@@ -1,0 +1,104 @@
+"""The relay: the cluster's view, rendered for each local Envoy and served over ADS.
+
+Owns: the view in force (from the control plane, from disk after a restart, or a
+guard's override), rendering it with `graylane.xds.render` for every proxy group (keyed,
+like the control plane, by the listener port in the node metadata; the gateway's port
+renders with `render_gateway`), and the mapping from the route versions proxies ACK back
+to the view versions they came from, for the control plane's convergence count.
+
+Concurrency: one asyncio loop. Holds no release logic: it applies views.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+from graylane.agent.wire import BadView, view_from_proto
+from graylane.v1 import agent_pb2 as apb
+from graylane.xds import view as xv
+from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.render import render, render_gateway
+from graylane.xds.resources import ROUTE
+from graylane.xds.tracker import ProxyTracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN_PORT = 10000
+_HISTORY = 256
+
+
+class Relay:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        tracker: ProxyTracker,
+        *,
+        gateway_port: int | None = None,
+        listen_address: str = "127.0.0.1",
+        default_listen_port: int = DEFAULT_LISTEN_PORT,
+    ) -> None:
+        self.cache = cache
+        self.tracker = tracker
+        self.gateway_port = gateway_port
+        self._address = listen_address
+        self._default_port = default_listen_port
+        self._keys: set[str] = set()
+        self.version = ""  # the ClusterView version in force
+        self.view: xv.RoutingView | None = None
+        self._route_versions: OrderedDict[str, str] = OrderedDict()  # route version -> view version
+        cache.on_key_requested(self._render_key)
+
+    def apply(self, message: apb.ClusterView) -> bool:
+        """Serve `message` to every local proxy; False (and nothing changes) for a bad view."""
+        try:
+            view = view_from_proto(message.view)
+        except BadView:
+            log.exception("refusing view %s", message.version)
+            return False
+        if message.version == self.version:
+            return True
+        self.version, self.view = message.version, view
+        for key in sorted(self._keys | self.cache.requested_keys()):
+            self._render_key(key)
+        return True
+
+    def _port_of(self, key: str) -> int:
+        return self._default_port if key == DEFAULT_KEY or not key.isdigit() else int(key)
+
+    def _render_key(self, key: str) -> None:
+        if self.view is None:
+            return
+        self._keys.add(key)
+        port = self._port_of(key)
+        try:
+            if self.gateway_port is not None and port == self.gateway_port:
+                resources = render_gateway(self.view, listen_port=port, listen_address=self._address)
+            else:
+                resources = render(self.view, listen_port=port, listen_address=self._address)
+        except ValueError:
+            log.exception("cannot render view %s for %s; proxies keep their configuration", self.version, key)
+            return
+        self._route_versions[resources[ROUTE].version] = self.version
+        self._route_versions.move_to_end(resources[ROUTE].version)
+        while len(self._route_versions) > _HISTORY:
+            self._route_versions.popitem(last=False)
+        self.cache.set_snapshot(key, resources)
+
+    def report(self) -> apb.ProxyReport:
+        """Every connected local proxy with the view version its routes came from."""
+        states = []
+        for node_id, proxy in sorted(self.tracker.proxies().items()):
+            if not proxy.connected:
+                continue
+            ack = proxy.acked.get(ROUTE)
+            state = apb.ProxyState(
+                node_id=node_id, view_version=self._route_versions.get(ack.version, "") if ack else ""
+            )
+            if proxy.last_nack is not None:
+                state.last_nack.node = node_id
+                state.last_nack.type_url = proxy.last_nack.type_url
+                state.last_nack.version = proxy.last_nack.version
+                state.last_nack.message = proxy.last_nack.message
+            states.append(state)
+        return apb.ProxyReport(proxies=states)

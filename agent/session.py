@@ -1,0 +1,174 @@
+"""The agent's stream to the control plane: hello, facts up, views down, reconnects.
+
+Owns: one `AgentService.Connect` stream at a time; sending the hello (with the cluster's
+credential in the call metadata), the current endpoint set, proxy reports and heartbeats;
+handing every received `ClusterView` to a callback; and reconnecting with jittered
+exponential backoff when the stream fails or is refused. Refusals (wrong credential,
+cluster name taken) are logged with the control plane's reason and retried at the
+longest backoff, so an operator can fix them without restarting the agent.
+
+Concurrency: one asyncio loop; `run()` is the only loop and is cancellable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from graylane.v1 import agent_pb2 as apb
+from graylane.v1 import agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_REFUSED = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class Backoff:
+    """Full-jitter exponential backoff: a random delay in [0, min(cap, base * 2**n)]."""
+
+    def __init__(self, *, base: float = 0.1, cap: float = 5.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap = base, cap
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 30)
+        return self._rng.uniform(0, ceiling)
+
+    def longest(self) -> float:
+        return self.cap
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class ControlPlaneSession:
+    def __init__(
+        self,
+        *,
+        target: str,
+        hello: apb.AgentHello,
+        token: str = "",
+        on_view: Callable[[apb.ClusterView], None],
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.target = target
+        self.hello = hello
+        self.token = token
+        self._on_view = on_view
+        self._backoff = backoff or Backoff()
+        self._outbox: asyncio.Queue[apb.AgentMessage] | None = None
+        self._endpoints: apb.EndpointSnapshot | None = None
+        self._report: apb.ProxyReport | None = None
+        self._pending_guard: list[apb.GuardReport] = []
+        self.connected = asyncio.Event()
+        self.disconnected_since: float | None = time.monotonic()  # None while connected
+        self.refused = ""  # the control plane's last refusal, "" when none
+        self.heartbeat_seconds = 1.0
+
+    # ------------------------------------------------------------ facts to send
+
+    def set_endpoints(self, snapshot: apb.EndpointSnapshot) -> None:
+        self._endpoints = snapshot
+        self._send(apb.AgentMessage(endpoints=snapshot))
+
+    def set_report(self, report: apb.ProxyReport) -> None:
+        if report == self._report:
+            return
+        self._report = report
+        self._send(apb.AgentMessage(proxies=report))
+
+    def add_guard_reports(self, reports: list[apb.GuardReport]) -> None:
+        """Send now if connected, else on the next welcome."""
+        for report in reports:
+            if self._outbox is not None:
+                self._outbox.put_nowait(apb.AgentMessage(guard=report))
+            else:
+                self._pending_guard.append(report)
+
+    def _send(self, message: apb.AgentMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._stream()
+                delay = self._backoff.next()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _REFUSED:
+                    self.refused = f"{exc.code().name}: {exc.details()}"
+                    log.error("the control plane refused this agent: %s", self.refused)
+                    delay = self._backoff.longest()
+                else:
+                    log.warning("control plane stream lost (%s); reconnecting", exc.code().name)
+                    delay = self._backoff.next()
+            finally:
+                self._outbox = None
+                if self.connected.is_set():
+                    self.connected.clear()
+                    self.disconnected_since = time.monotonic()
+            await asyncio.sleep(delay)
+
+    async def _stream(self) -> None:
+        metadata = (("x-graylane-cluster", self.hello.cluster), ("authorization", f"Bearer {self.token}"))
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
+            outbox.put_nowait(apb.AgentMessage(hello=self.hello))
+            if self._endpoints is not None:
+                outbox.put_nowait(apb.AgentMessage(endpoints=self._endpoints))
+            call = stub.Connect(self._requests(outbox), metadata=metadata)
+            heartbeat: asyncio.Task[None] | None = None
+            try:
+                async for message in call:
+                    kind = message.WhichOneof("kind")
+                    if kind == "welcome":
+                        self._welcomed(message.welcome, outbox)
+                        heartbeat = asyncio.create_task(self._heartbeats(outbox))
+                    elif kind == "view":
+                        self._on_view(message.view)
+            finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
+                call.cancel()
+
+    def _welcomed(self, welcome: apb.Welcome, outbox: asyncio.Queue[apb.AgentMessage]) -> None:
+        self._outbox = outbox
+        self.refused = ""
+        self._backoff.reset()
+        if welcome.heartbeat_interval_ms:
+            self.heartbeat_seconds = welcome.heartbeat_interval_ms / 1000
+        if self._report is not None:
+            outbox.put_nowait(apb.AgentMessage(proxies=self._report))
+        for report in self._pending_guard:
+            outbox.put_nowait(apb.AgentMessage(guard=report))
+        self._pending_guard.clear()
+        self.disconnected_since = None
+        self.connected.set()
+        log.info("connected to the control plane at %s as cluster %s", self.target, welcome.cluster)
+
+    async def _heartbeats(self, outbox: asyncio.Queue[apb.AgentMessage]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            outbox.put_nowait(apb.AgentMessage(heartbeat=apb.Heartbeat()))
+
+    @staticmethod
+    async def _requests(outbox: asyncio.Queue[apb.AgentMessage]) -> AsyncIterator[apb.AgentMessage]:
+        while True:
+            yield await outbox.get()

@@ -1,0 +1,1 @@
+"""The local demo services for full-link gray lanes: services A->E, one process-local chain."""
