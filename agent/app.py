@@ -92,6 +92,9 @@ class Agent:
             self._control_view = message
             self.state.save_view(message)
             log.info("serving view %s from the control plane", message.version)
+            # Proxies whose configuration this view leaves unchanged (a gateway, when only a
+            # weight moved) send no new ACK; report them against the new view now.
+            self.session.set_report(self.relay.report())
 
     async def run(self) -> None:
         last_good = self.state.load_view()

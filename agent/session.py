@@ -92,7 +92,7 @@ class ControlPlaneSession:
     def add_guard_reports(self, reports: list[apb.GuardReport]) -> None:
         """Send now if connected, else on the next welcome."""
         for report in reports:
-            if self._outbox is not None:
+            if self._outbox is not None and self.connected.is_set():
                 self._outbox.put_nowait(apb.AgentMessage(guard=report))
             else:
                 self._pending_guard.append(report)
@@ -116,6 +116,10 @@ class ControlPlaneSession:
                 else:
                     log.warning("control plane stream lost (%s); reconnecting", exc.code().name)
                     delay = self._backoff.next()
+            except Exception:
+                # Never let one bad stream end the agent: its Envoys still need it.
+                log.exception("control plane stream failed; reconnecting")
+                delay = self._backoff.next()
             finally:
                 self._outbox = None
                 if self.connected.is_set():
@@ -131,6 +135,12 @@ class ControlPlaneSession:
             outbox.put_nowait(apb.AgentMessage(hello=self.hello))
             if self._endpoints is not None:
                 outbox.put_nowait(apb.AgentMessage(endpoints=self._endpoints))
+            if self._report is not None:
+                outbox.put_nowait(apb.AgentMessage(proxies=self._report))
+            # Facts that change from now on go to this stream: the control plane reads them
+            # after the hello (gRPC buffers them meanwhile), so a change made before the
+            # welcome arrives is never lost.
+            self._outbox = outbox
             call = stub.Connect(self._requests(outbox), metadata=metadata)
             heartbeat: asyncio.Task[None] | None = None
             try:
@@ -149,13 +159,10 @@ class ControlPlaneSession:
                 call.cancel()
 
     def _welcomed(self, welcome: apb.Welcome, outbox: asyncio.Queue[apb.AgentMessage]) -> None:
-        self._outbox = outbox
         self.refused = ""
         self._backoff.reset()
         if welcome.heartbeat_interval_ms:
             self.heartbeat_seconds = welcome.heartbeat_interval_ms / 1000
-        if self._report is not None:
-            outbox.put_nowait(apb.AgentMessage(proxies=self._report))
         for report in self._pending_guard:
             outbox.put_nowait(apb.AgentMessage(guard=report))
         self._pending_guard.clear()

@@ -7,6 +7,21 @@ lane's traffic (see `graylane.xds.view.cluster_name`), so Envoy's per-cluster st
 already count every lane apart, including lane traffic that fell back to a base version.
 Other clusters (the xDS cluster, anything not ours) are ignored.
 
+Two readings: `scrape` gives the counters (`GetTraffic`); `read` adds each cluster's
+latency histogram ``upstream_rq_time`` as cumulative buckets (`ClusterStats`, one
+cumulative reading per series that the metrics pipeline turns into deltas). Both use the
+admin JSON (``/stats?format=json&usedonly&histogram_buckets=cumulative``). Envoy 1.40
+answers ``{"stats": [{"name", "value"}..., {"histograms": [{"name", "buckets":
+[{"upper_bound", "interval", "cumulative"}...]}]}]}``; histograms appear only after a
+stats flush (``stats_flush_interval``, 5 s by default; the bootstraps set 1 s), so the
+latency lags the counters by up to one flush.
+
+Cluster names hold dots (versions such as ``1.2.3``, dotted lanes) and Envoy also emits
+sub-scoped stats such as ``cluster.<name>.external.upstream_rq_5xx``, so a name is never
+split at a dot: the clusters are those with ``cluster.<name>.upstream_rq_total`` (Envoy
+emits that counter only in a cluster's own scope), and every other stat is taken only
+where ``cluster.<name>.<suffix>`` matches one of them exactly.
+
 The agent runs this for its cluster's Envoys; in single-cluster mode the control plane
 runs it for the Envoys it serves, finding each admin endpoint in the node metadata
 (`ADMIN_METADATA`).
@@ -19,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from graylane.xds.view import parse_cluster_name
@@ -41,6 +58,13 @@ _FAILURES = ("upstream_rq_timeout", "upstream_rq_rx_reset", "upstream_rq_pending
 _WANTED = (_REQUESTS, *_CLASSES, *_FAILURES)
 # Server-side filter so Envoy sends only these lines (admin filters are RE2 regexes).
 STATS_FILTER = r"^cluster\..*\.(" + "|".join(_WANTED) + ")$"
+# The latency histogram of requests to a cluster, in ms.
+_LATENCY = "upstream_rq_time"
+METRICS_FILTER = r"^cluster\..*\.(" + "|".join((*_WANTED, _LATENCY)) + ")$"
+
+# Cumulative latency buckets as Envoy reports them: (upper bound in ms, observations at or
+# below it), bounds increasing; nothing above the last bound (Envoy's is one hour).
+LatencyBuckets = tuple[tuple[float, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,32 +80,114 @@ class TrafficCounters:
             *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(TrafficCounters))
         )
 
+    @property
+    def errors(self) -> int:
+        """5xx answers plus requests that ended without an answer."""
+        return self.responses_5xx + self.failures
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStats:
+    """One read of one series (a Graylane cluster of one Envoy), cumulative since the Envoy
+    started: a `graylane.controlplane.windows.Scrape` without its time."""
+
+    counters: TrafficCounters
+    latency: LatencyBuckets = ()  # () until Envoy has flushed the cluster's histogram once
+
+    @property
+    def requests(self) -> int:
+        return self.counters.requests
+
+    @property
+    def errors(self) -> int:
+        return self.counters.errors
+
+
+def _split(name: str, suffixes: Iterable[str]) -> tuple[str, str] | None:
+    """(cluster, suffix) of ``cluster.<cluster>.<suffix>`` for a known suffix, else None."""
+    if not name.startswith("cluster."):
+        return None
+    for suffix in suffixes:
+        if name.endswith("." + suffix) and len(name) > len("cluster.") + len(suffix) + 1:
+            return name[len("cluster.") : -len(suffix) - 1], suffix
+    return None
+
+
+def _fold(counters: Mapping[str, int]) -> dict[TrafficKey, TrafficCounters]:
+    """Stat name -> value, to counters per Graylane cluster (see the module docstring)."""
+    clusters: dict[str, TrafficKey] = {}
+    for name in counters:
+        split = _split(name, (_REQUESTS,))
+        if split is not None and (key := parse_cluster_name(split[0])) is not None:
+            clusters[split[0]] = key
+    fields: dict[str, dict[str, int]] = {cluster: {} for cluster in clusters}
+    for name, value in counters.items():
+        split = _split(name, _WANTED)
+        if split is None or split[0] not in clusters:
+            continue  # a sub-scope (external., zone.x.y.) or not a Graylane cluster
+        slot = fields[split[0]]
+        counter = split[1]
+        if counter == _REQUESTS:
+            slot["requests"] = value
+        elif counter in _CLASSES:
+            slot[_CLASSES[counter]] = value
+        else:
+            slot["failures"] = slot.get("failures", 0) + value
+    return {clusters[cluster]: TrafficCounters(**values) for cluster, values in fields.items()}
+
 
 def parse_stats(text: str) -> dict[TrafficKey, TrafficCounters]:
-    """Counters of Graylane clusters from Envoy's text ``/stats`` output.
-
-    Cluster names may hold dots (versions such as ``1.2.3``), so a line is split at its
-    known counter suffix, never at the first dot.
-    """
-    fields: dict[TrafficKey, dict[str, int]] = {}
+    """Counters of Graylane clusters from Envoy's text ``/stats`` output."""
+    counters: dict[str, int] = {}
     for line in text.splitlines():
         name, sep, value = line.rpartition(": ")
-        if not sep or not name.startswith("cluster.") or not value.strip().isdigit():
+        if sep and value.strip().isdigit():
+            counters[name] = int(value)
+    return _fold(counters)
+
+
+def _buckets(raw: Any) -> LatencyBuckets:
+    """Cumulative buckets of one histogram of the admin JSON, validated."""
+    if not isinstance(raw, list):
+        return ()
+    out: list[tuple[float, int]] = []
+    for bucket in raw:
+        bound, count = bucket.get("upper_bound"), bucket.get("cumulative")
+        if not isinstance(bound, int | float) or not isinstance(count, int | float):
+            return ()
+        if not math.isfinite(bound) or (out and (bound <= out[-1][0] or count < out[-1][1])):
+            return ()  # not what Envoy sends: better no latency than a wrong one
+        out.append((float(bound), int(count)))
+    return tuple(out)
+
+
+def parse_json_stats(document: Mapping[str, Any]) -> dict[TrafficKey, ClusterStats]:
+    """Counters and latency histograms of Graylane clusters from the admin JSON
+    (``/stats?format=json&histogram_buckets=cumulative``)."""
+    counters: dict[str, int] = {}
+    histograms: dict[str, LatencyBuckets] = {}
+    for entry in document.get("stats", ()):
+        if not isinstance(entry, dict):
             continue
-        cluster, dot, counter = name[len("cluster.") :].rpartition(".")
-        if not dot or counter not in _WANTED:
+        if "histograms" in entry:
+            found = entry["histograms"]
+            # A dict is the summary (quantiles) form: the request asked for buckets.
+            for h in found if isinstance(found, list) else ():
+                if isinstance(h, dict) and isinstance(h.get("name"), str):
+                    histograms[h["name"]] = _buckets(h.get("buckets"))
             continue
-        key = parse_cluster_name(cluster)
-        if key is None:
-            continue
-        slot = fields.setdefault(key, {})
-        if counter == _REQUESTS:
-            slot["requests"] = int(value)
-        elif counter in _CLASSES:
-            slot[_CLASSES[counter]] = int(value)
-        else:
-            slot["failures"] = slot.get("failures", 0) + int(value)
-    return {key: TrafficCounters(**values) for key, values in fields.items()}
+        name, value = entry.get("name"), entry.get("value")
+        if isinstance(name, str) and isinstance(value, int) and not isinstance(value, bool):
+            counters[name] = value
+    folded = _fold(counters)
+    latency: dict[TrafficKey, LatencyBuckets] = {}
+    for name, buckets in histograms.items():
+        split = _split(name, (_LATENCY,))
+        if split is None or f"cluster.{split[0]}.{_REQUESTS}" not in counters:
+            continue  # a sub-scope (cluster.<name>.external.upstream_rq_time) or not ours
+        if (key := parse_cluster_name(split[0])) is not None:
+            latency[key] = buckets
+    return {key: ClusterStats(c, latency.get(key, ())) for key, c in folded.items()}
 
 
 def merge(parts: Iterable[Mapping[TrafficKey, TrafficCounters]]) -> dict[TrafficKey, TrafficCounters]:
@@ -118,27 +224,37 @@ class EnvoyStatsScraper:
         if session is not None:
             await session.close()
 
-    async def scrape(self, admin: str) -> dict[TrafficKey, TrafficCounters]:
-        """The counters of the Envoy whose admin endpoint is `admin` ("host:port")."""
+    async def read(self, admin: str, *, latency: bool = True) -> dict[TrafficKey, ClusterStats]:
+        """Counters (and, with `latency`, histograms) of the Envoy at `admin` ("host:port")."""
         if self._session is None:
             raise RuntimeError("use EnvoyStatsScraper as an async context manager")
         url = f"http://{admin}/stats"
+        params = {
+            "format": "json",
+            "usedonly": "",
+            "histogram_buckets": "cumulative",
+            "filter": METRICS_FILTER if latency else STATS_FILTER,
+        }
         try:
-            async with self._session.get(url, params={"filter": STATS_FILTER}) as response:
+            async with self._session.get(url, params=params) as response:
                 if response.status != 200:
                     raise StatsUnavailable(f"{admin}: /stats answered {response.status}")
-                text = await response.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                document = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StatsUnavailable(f"{admin}: {exc or type(exc).__name__}") from exc
-        return parse_stats(text)
+        if not isinstance(document, dict):
+            raise StatsUnavailable(f"{admin}: /stats answered JSON that is not an object")
+        return parse_json_stats(document)
 
-    async def scrape_all(
-        self, admins: Mapping[str, str]
-    ) -> tuple[dict[TrafficKey, TrafficCounters], tuple[str, ...]]:
-        """Summed counters of every proxy (node id -> admin address), and the unreachable ones."""
+    async def read_all(
+        self, admins: Mapping[str, str], *, latency: bool = True
+    ) -> tuple[dict[str, dict[TrafficKey, ClusterStats]], tuple[str, ...]]:
+        """Per proxy (node id -> admin address) its reading, and the unreachable ones."""
         names = sorted(admins)
-        results = await asyncio.gather(*(self.scrape(admins[n]) for n in names), return_exceptions=True)
-        good: list[dict[TrafficKey, TrafficCounters]] = []
+        results = await asyncio.gather(
+            *(self.read(admins[n], latency=latency) for n in names), return_exceptions=True
+        )
+        good: dict[str, dict[TrafficKey, ClusterStats]] = {}
         unreachable: list[str] = []
         for name, result in zip(names, results, strict=True):
             if isinstance(result, StatsUnavailable):
@@ -146,5 +262,16 @@ class EnvoyStatsScraper:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                good.append(result)
-        return merge(good), tuple(unreachable)
+                good[name] = result
+        return good, tuple(unreachable)
+
+    async def scrape(self, admin: str) -> dict[TrafficKey, TrafficCounters]:
+        """The counters of the Envoy whose admin endpoint is `admin` ("host:port")."""
+        return {key: stats.counters for key, stats in (await self.read(admin, latency=False)).items()}
+
+    async def scrape_all(
+        self, admins: Mapping[str, str]
+    ) -> tuple[dict[TrafficKey, TrafficCounters], tuple[str, ...]]:
+        """Summed counters of every proxy (node id -> admin address), and the unreachable ones."""
+        readings, unreachable = await self.read_all(admins, latency=False)
+        return merge({k: s.counters for k, s in r.items()} for r in readings.values()), unreachable

@@ -53,6 +53,7 @@ class AgentSession:
     views: OrderedDict[str, xv.RoutingView] = field(default_factory=OrderedDict)  # version -> view
     proxies: dict[str, str] = field(default_factory=dict)  # node id -> ACKed view version
     endpoints: tuple[model.ClusterEndpoints, ...] = ()  # the last set reported
+    reported_revision: int = 0  # the etcd revision holding that set (0: none yet on this stream)
 
     def send_view(self, view: xv.RoutingView) -> None:
         message = cluster_view(view)
@@ -78,21 +79,87 @@ class AgentHub:
         *,
         lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+        settle_seconds: float | None = None,
     ) -> None:
         self.store = store
         self.lease_ttl_seconds = lease_ttl_seconds
-        self.heartbeat_seconds = heartbeat_seconds
+        # Three heartbeats per lease TTL at least, so one late heartbeat never expires a lease.
+        self.heartbeat_seconds = min(heartbeat_seconds, lease_ttl_seconds / 3)
+        # How long a starting replica may hold views back for clusters that do not come back.
+        self.settle_seconds = float(lease_ttl_seconds) if settle_seconds is None else settle_seconds
         self.sessions: dict[str, AgentSession] = {}
         self._snap: Snapshot | None = None
         self._on_report: Callable[[], None] = lambda: None
+        self._on_metrics: Callable[[str, apb.MetricsReport], object] = lambda cluster, report: None
+        self._known: frozenset[str] | None = None  # clusters ever registered, read at the first connect
+        self.settled = False
+        self._settle_timer: asyncio.TimerHandle | None = None
 
     def on_report(self, callback: Callable[[], None]) -> None:
         """`callback` runs whenever an agent reports proxies (the DataPlane reconciles)."""
         self._on_report = callback
 
+    def on_metrics(self, callback: Callable[[str, apb.MetricsReport], object]) -> None:
+        """`callback(cluster, report)` runs on every agent's metrics (the MetricsCollector files them)."""
+        self._on_metrics = callback
+
+    def metrics_reported(self, session: AgentSession, report: apb.MetricsReport) -> None:
+        self._on_metrics(session.info.name, report)
+
+    # Settling. A replica that starts while agents are still reconnecting (after its own
+    # restart, say, when their leases may have expired) would build each cluster a view
+    # without the clusters not back yet: their versions would vanish from it, and a
+    # version reached through them (a base running only there) would lose its endpoints.
+    # So no view leaves this replica until every cluster known to etcd has reported its
+    # endpoints again on this replica, or `settle_seconds` have passed; agents serve their
+    # last-known-good view meanwhile. Once settled, views flow as the store changes.
+
+    async def load_known(self) -> None:
+        """Read the clusters to wait for (once, before the first registration) and arm the timeout."""
+        if self._known is not None:
+            return
+        known = await self.store.known_clusters()
+        if self._known is not None:
+            return
+        self._known = known
+        if known:
+            log.info("waiting up to %gs for the agents of %s before sending views", self.settle_seconds,
+                     ", ".join(sorted(known)))
+        self._settle_timer = asyncio.get_running_loop().call_later(self.settle_seconds, self._settle_timeout)
+
+    def _settle_timeout(self) -> None:
+        if not self.settled:
+            back = {name for name, s in self.sessions.items() if s.reported_revision}
+            missing = sorted((self._known or frozenset()) - back)
+            log.warning("sending views without the clusters that did not come back: %s", ", ".join(missing))
+            self._settle()
+
+    def _settle(self) -> None:
+        self.settled = True
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+        if self._snap is not None:
+            self.publish(self._snap)
+
+    def _may_send(self, snap: Snapshot) -> bool:
+        if True:
+            return True
+        if self.settled:
+            return True
+        if self._known is None:
+            return False
+        back = {name for name, s in self.sessions.items() if 0 < s.reported_revision <= snap.revision}
+        if self._known <= back:
+            self.settled = True
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()
+        return self.settled
+
     def publish(self, snap: Snapshot) -> None:
         """A new store snapshot: send each connected cluster its view if it changed."""
         self._snap = snap
+        if not self._may_send(snap):
+            return
         for session in self.sessions.values():
             session.send_view(views.build_view(snap, cluster=session.info.name))
 
@@ -102,8 +169,14 @@ class AgentHub:
 
     def attach(self, session: AgentSession) -> None:
         self.sessions[session.info.name] = session
-        if self._snap is not None:
+        if self._snap is not None and self._may_send(self._snap):
             session.send_view(views.build_view(self._snap, cluster=session.info.name))
+
+    def endpoints_stored(self, session: AgentSession, revision: int) -> None:
+        """`session`'s endpoints are in etcd at `revision`: settling may be over."""
+        session.reported_revision = revision
+        if not self.settled and self._snap is not None:
+            self.publish(self._snap)
 
     def detach(self, session: AgentSession) -> None:
         if self.sessions.get(session.info.name) is session:
@@ -126,17 +199,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             first = await anext(aiter(requests))
         except StopAsyncIteration:
             return
+        # The credential is checked against the hello before anything is written: a caller
+        # must not claim (even briefly) a cluster its credential is not for.
+        claimed = authenticated_cluster()
+        if first.WhichOneof("kind") == "hello" and claimed is not None and claimed != first.hello.cluster:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"hello.cluster: the credential is for cluster {claimed!r}, not {first.hello.cluster!r}",
+            )
+            return
         try:
             session = await self._register(first)
         except GraylaneError as exc:
             await context.abort(status_for(exc), str(exc))
-            return
-        claimed = authenticated_cluster()
-        if claimed is not None and claimed != session.info.name:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"hello.cluster: the credential is for cluster {claimed!r}, not {session.info.name!r}",
-            )
             return
         log.info("agent of cluster %s connected (gateway %s:%d)", session.info.name,
                  session.info.gateway_host, session.info.gateway_port)
@@ -172,6 +247,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         if first.WhichOneof("kind") != "hello":
             raise InvalidArgument("hello", "the first message of an agent stream must be its hello")
         info = model.hello_from_proto(first.hello)
+        await self._hub.load_known()
         store = self._hub.store
         lease = await store.grant_lease(self._hub.lease_ttl_seconds)
         try:
@@ -187,16 +263,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             kind = message.WhichOneof("kind")
             if kind == "endpoints":
                 session.endpoints = model.cluster_endpoints_from_proto(session.info.name, message.endpoints)
-                await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+                revision = await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+                self._hub.endpoints_stored(session, revision)
             elif kind == "proxies":
                 self._hub.reported(session, message.proxies)
+            elif kind == "metrics":
+                self._hub.metrics_reported(session, message.metrics)
             elif kind == "heartbeat":
                 try:
                     if await store.keep_alive(session.lease) == 0:
                         # Expired (a long pause): claim the cluster again on a new lease.
                         session.lease = await store.grant_lease(self._hub.lease_ttl_seconds)
                         await store.register_cluster(session.info, session.lease)
-                        await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+                        revision = await store.put_cluster_endpoints(
+                            session.info.name, session.endpoints, session.lease
+                        )
+                        self._hub.endpoints_stored(session, revision)
                 except Unavailable as exc:
                     log.warning("cannot refresh the lease of cluster %s: %s", session.info.name, exc)
             elif kind == "guard":

@@ -11,10 +11,13 @@ identified; authentication will live there).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import hmac
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -32,9 +35,11 @@ from graylane.controlplane.errors import (
     UnsupportedEtcd,
 )
 from graylane.controlplane.machine import Action, Cause
+from graylane.controlplane.metrics import SeriesSummary, release_series
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import Compacted
 from graylane.controlplane.traffic import TrafficReader
+from graylane.controlplane.windows import Windows
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api_pb
 from graylane.v1 import release_service_pb2_grpc as api_grpc
@@ -142,10 +147,21 @@ def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
 
 
 class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
-    def __init__(self, releases: Releases, *, traffic: TrafficReader | None = None) -> None:
+    def __init__(
+        self,
+        releases: Releases,
+        *,
+        traffic: TrafficReader | None = None,
+        windows: Windows | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._releases = releases
         self._store = releases.store
         self._traffic = traffic
+        self._windows = windows  # the metrics series this replica keeps (None: none)
+        self._is_leader = is_leader
+        self._clock = clock
 
     # ------------------------------------------------------------- releases
 
@@ -304,3 +320,80 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
             proxies=report.proxies,
             unreachable=list(report.unreachable),
         )
+
+    # ------------------------------------------------------------- metrics
+
+    def _metrics(self, release: model.Release, window_s: float) -> api_pb.MetricsResponse:
+        if self._windows is None:
+            raise FailedPrecondition("this replica keeps no metrics")
+        until = self._clock()
+        since = until - window_s
+        series = release_series(self._windows, release.spec, since=since, until=until)
+        response = api_pb.MetricsResponse(series=[_series_to_proto(s) for s in series], leader=self._is_leader())
+        response.since.FromNanoseconds(round(since * 1e9))
+        response.until.FromNanoseconds(round(until * 1e9))
+        return response
+
+    @unary
+    async def GetMetrics(
+        self, request: api_pb.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.MetricsResponse:
+        window_s, _ = _metrics_durations(request)
+        return self._metrics(await self._store.get_release(request.name), window_s)
+
+    async def WatchMetrics(
+        self, request: api_pb.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb.MetricsResponse]:
+        try:
+            window_s, every_s = _metrics_durations(request)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time()
+            while True:
+                # Re-read each time: the release's services may change, or it may be deleted.
+                yield self._metrics(await self._store.get_release(request.name), window_s)
+                deadline = max(deadline + every_s, loop.time())
+                await asyncio.sleep(deadline - loop.time())
+        except GraylaneError as exc:
+            await _abort(context, exc)
+
+
+DEFAULT_METRICS_WINDOW_SECONDS = 60.0
+DEFAULT_METRICS_EVERY_SECONDS = 1.0
+_MAX_METRICS_WINDOW_SECONDS = 24 * 3600.0
+_MIN_METRICS_EVERY_SECONDS = 0.1
+
+
+def _metrics_durations(request: api_pb.GetMetricsRequest) -> tuple[float, float]:
+    """(window, every) in seconds, defaulted and validated."""
+    window = DEFAULT_METRICS_WINDOW_SECONDS
+    if request.HasField("window"):
+        window = request.window.ToNanoseconds() / 1e9
+        if not 0 < window <= _MAX_METRICS_WINDOW_SECONDS:
+            raise InvalidArgument("window", f"must be more than 0 s and at most {_MAX_METRICS_WINDOW_SECONDS:.0f} s")
+    every = DEFAULT_METRICS_EVERY_SECONDS
+    if request.HasField("every"):
+        every = request.every.ToNanoseconds() / 1e9
+        if not _MIN_METRICS_EVERY_SECONDS <= every <= 3600:
+            raise InvalidArgument("every", f"must be at least {_MIN_METRICS_EVERY_SECONDS} s and at most 3600 s")
+    return window, every
+
+
+def _series_to_proto(s: SeriesSummary) -> api_pb.SeriesWindow:
+    a = s.window
+    message = api_pb.SeriesWindow(
+        service=s.key.service,
+        version=s.key.version,
+        lane=s.key.lane,
+        cluster=s.key.cluster,
+        requests=a.requests,
+        errors=a.errors,
+        error_rate=a.error_rate or 0.0,
+        throughput_rps=a.throughput_rps or 0.0,
+        bucket_bounds_ms=a.latency.bounds,
+        bucket_counts=a.latency.counts,
+        traffic_share=s.share or 0.0,
+    )
+    for field, value in (("p50_ms", a.p50), ("p90_ms", a.p90), ("p99_ms", a.p99)):
+        if value is not None and math.isfinite(value):
+            setattr(message, field, value)
+    return message

@@ -18,13 +18,21 @@ from typing import Any
 import grpc
 from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
+from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.dataplane import DataPlane
+from graylane.controlplane.http import HttpServer, health_route, metrics_route
+from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
+from graylane.controlplane.leader import LeaderElection
 from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
 from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.releases import Releases
+from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, connect
-from graylane.controlplane.traffic import TrafficReader
+from graylane.controlplane.telemetry import Telemetry, releases_by_phase
+from graylane.controlplane.traffic import TrafficReader, admin_addresses
+from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import AdsServer
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 _GRACE_SECONDS = 5.0
+WINDOW_SAMPLES = 600  # one sample a second per series: ten minutes
+WINDOW_KEYS = 10_000
 
 
 class ControlPlane:
@@ -50,6 +60,10 @@ class ControlPlane:
         xds_listen: str | None = None,
         agent_tokens: Mapping[str, str] | None = None,
         agent_lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
+        leader_ttl_seconds: int = DEFAULT_LEADER_TTL_SECONDS,
+        analysis_tick_seconds: float = DEFAULT_TICK_SECONDS,
+        http_listen: str | None = None,
+        otlp_endpoint: str | None = None,
     ) -> None:
         self.store = store
         self.releases = Releases(store)
@@ -63,11 +77,47 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
         self.dataplane = DataPlane(self.releases, self.cache, self.tracker, agents=self.agents)
+        # Automated progression: one leader (etcd lease) judges the metrics windows it keeps.
+        self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
+        self.replicas = ReplicaRegistry(store, self.tracker, identity=self.election.identity)
+        self.windows = Windows(capacity=WINDOW_SAMPLES, max_keys=WINDOW_KEYS)
+        self.analyzer = Analyzer(self.releases, self.windows, self.election, tick_seconds=analysis_tick_seconds)
+        # The series: this replica's own Envoys scraped every second (cluster ""), and the
+        # deltas agents send for theirs.
+        self.metrics = MetricsCollector(
+            EnvoyAdminSource(lambda: {node: (a, "") for node, a in admin_addresses(self.tracker).items()}),
+            self.windows,
+        )
+        self.agents.on_metrics(self.metrics.ingest_agent_report)
+        # Own telemetry: /metrics on the HTTP server (None: no HTTP server), traces over OTLP
+        # when an endpoint is configured.
+        self._http_listen = http_listen
+        self.http_port = 0
+        self.telemetry = Telemetry(otlp_endpoint=otlp_endpoint)
+        self.telemetry.observe_proxies(self.tracker)
+        self.telemetry.observe_releases(self._releases_by_phase)
+        self.telemetry.observe_agents(lambda: len(self.agents.sessions))
+
+    def _releases_by_phase(self) -> dict[str, int] | None:
+        snap = self.dataplane.snapshot
+        return releases_by_phase(r.status.phase for r in snap.releases) if snap is not None else None
+
+    def http_server(self, listen: str) -> HttpServer:
+        """The replica's one HTTP server with its routes registered (`run()` starts it)."""
+        server = HttpServer(listen=listen)
+        metrics_route(server, self.telemetry.metrics_text)
+        health_route(server, self.ready.is_set)
+        return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-        server = grpc.aio.server(interceptors=[CallerInterceptor(agent_tokens=self._agent_tokens)])
+        server = grpc.aio.server(
+            interceptors=[*self.telemetry.server_interceptors(), CallerInterceptor(agent_tokens=self._agent_tokens)]
+        )
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
-            ReleaseServicer(self.releases, traffic=traffic), server
+            ReleaseServicer(
+                self.releases, traffic=traffic, windows=self.windows, is_leader=lambda: self.election.is_leader
+            ),
+            server,
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.agents), server)
         health_servicer = health.aio.HealthServicer()
@@ -91,7 +141,11 @@ class ControlPlane:
                 await task
 
     async def run(self) -> None:
-        async with EnvoyStatsScraper() as scraper:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._http_listen is not None:
+                self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
+            stack.push_async_callback(self.telemetry.flush)
+            scraper = await stack.enter_async_context(EnvoyStatsScraper())
             await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
 
     async def _run(self, traffic: TrafficReader | None) -> None:
@@ -127,6 +181,10 @@ class ControlPlane:
 
     def _start_background(self, tasks: asyncio.TaskGroup) -> None:
         tasks.create_task(self.dataplane.run())
+        tasks.create_task(self.election.run())
+        tasks.create_task(self.replicas.run())
+        tasks.create_task(self.analyzer.run())
+        tasks.create_task(self.metrics.run())
 
 
 async def serve(options: ServeOptions) -> None:
@@ -145,7 +203,11 @@ async def serve(options: ServeOptions) -> None:
             xds_listen=str(options.xds_listen),
             agent_tokens=dict(options.agent_tokens),
             agent_lease_ttl_seconds=options.agent_lease_ttl_seconds,
+            leader_ttl_seconds=options.leader_ttl_seconds,
+            http_listen=str(options.http_listen),
+            otlp_endpoint=options.otlp_endpoint,
         )
+        stack.push_async_callback(plane.telemetry.aclose)
         await run_until_signalled(plane.run())
         log.info("control plane stopped")
 

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
@@ -215,6 +216,41 @@ def render_traffic(response: release_service_pb2.GetTrafficResponse) -> str:
     return table + footer
 
 
+METRICS_HEADER: Final = (
+    "SERVICE", "VERSION", "LANE", "CLUSTER", "REQUESTS", "ERR%", "RPS", "P50", "P90", "P99", "SHARE",
+)  # fmt: skip
+
+
+def _ms_label(series: release_service_pb2.SeriesWindow, field: str) -> str:
+    return f"{getattr(series, field):.1f}ms" if series.HasField(field) else "-"
+
+
+def metrics_row(s: release_service_pb2.SeriesWindow) -> list[str]:
+    return [
+        s.service,
+        s.version,
+        s.lane or "-",
+        s.cluster or "-",
+        str(s.requests),
+        f"{s.error_rate * 100:.2f}%" if s.requests else "-",
+        f"{s.throughput_rps:.1f}",
+        _ms_label(s, "p50_ms"),
+        _ms_label(s, "p90_ms"),
+        _ms_label(s, "p99_ms"),
+        f"{s.traffic_share * 100:.1f}%" if s.requests else "-",
+    ]
+
+
+def render_metrics(response: release_service_pb2.MetricsResponse) -> str:
+    seconds = (response.until.ToNanoseconds() - response.since.ToNanoseconds()) / 1e9
+    footer = f"\nlast {seconds:g}s until {timestamp_label(response.until)}"
+    if not response.leader:
+        footer += " (this replica is not the leader: only the proxies it serves are counted)"
+    if not response.series:
+        return "no traffic in the window" + footer
+    return render_table(METRICS_HEADER, [metrics_row(s) for s in response.series]) + footer
+
+
 def render_services(response: release_service_pb2.ListServicesResponse) -> str:
     rows = [[s.name, s.stable_version or "-", s.description or "-"] for s in response.services]
     return render_table(("NAME", "STABLE", "DESCRIPTION"), rows)
@@ -263,10 +299,10 @@ def default_actor() -> str:
     return "cli"
 
 
-def _host_port(default_port: int | None = None) -> Callable[[str], HostPort]:
+def _host_port(default_port: int | None = None, *, any_port: bool = False) -> Callable[[str], HostPort]:
     def parse(text: str) -> HostPort:
         try:
-            return HostPort.parse(text, default_port=default_port)
+            return HostPort.parse(text, default_port=default_port, any_port=any_port)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -376,13 +412,19 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         agent_tokens=args.agent_tokens,
         agent_lease_ttl_seconds=args.agent_lease_ttl,
         etcd_prefix=args.etcd_prefix,
+        leader_ttl_seconds=args.leader_ttl,
+        http_listen=args.http_listen,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(serve_options(args)))
     return EXIT_OK
 
@@ -417,6 +459,21 @@ def _add_serve(subparsers: Subparsers) -> None:
         help=f"xDS address for Envoys (default {defaults.xds_listen})",
     )
     parser.add_argument(
+        "--http-listen",
+        type=_host_port(any_port=True),  # port 0: any free port (the log names it)
+        default=defaults.http_listen,
+        metavar="HOST:PORT",
+        help=f"HTTP address of /metrics, /healthz and the dashboard (default {defaults.http_listen})",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        type=_otlp_endpoint,
+        default=defaults.otlp_endpoint,
+        metavar="URL",
+        help="send traces over OTLP/HTTP to this base URL, e.g. http://127.0.0.1:4318 "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no traces)",
+    )
+    parser.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,
         metavar="DIR",
@@ -427,6 +484,13 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=defaults.etcd_prefix,
         metavar="PREFIX",
         help="key prefix in etcd, so installations can share one etcd (default %(default)s)",
+    )
+    parser.add_argument(
+        "--leader-ttl",
+        type=int,
+        default=defaults.leader_ttl_seconds,
+        metavar="SECONDS",
+        help="leader lease: a killed leader is replaced within it (default %(default)s)",
     )
     parser.add_argument(
         "--agent-tokens",
@@ -443,6 +507,13 @@ def _add_serve(subparsers: Subparsers) -> None:
         help="how long a silent agent's cluster and endpoints live on (default %(default)s)",
     )
     parser.set_defaults(handler=_serve)
+
+
+def _otlp_endpoint(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an http(s) URL such as http://127.0.0.1:4318")
+    return text
 
 
 def _agent_tokens(path: str) -> tuple[tuple[str, str], ...]:
@@ -479,7 +550,19 @@ def _add_agent(subparsers: Subparsers) -> None:
                         help="file holding this cluster's token (or env GRAYLANE_AGENT_TOKEN)")
     parser.add_argument("--guard-after", type=float, default=30.0, metavar="SECONDS",
                         help="how long the control plane may be away before the local guard may act")
+    parser.add_argument("--reconnect-max", type=_positive_seconds, default=5.0, metavar="SECONDS",
+                        help="longest wait between attempts to reach the control plane (default %(default)s)")
     parser.set_defaults(handler=_agent)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 3600 seconds")
+    return value
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -500,6 +583,7 @@ def _agent(args: argparse.Namespace) -> int:
         xds_listen=str(args.xds_listen),
         token=token,
         guard_after_seconds=args.guard_after,
+        backoff_cap_seconds=args.reconnect_max,
     )
     asyncio.run(run_agent(options))
     return EXIT_OK
@@ -669,6 +753,51 @@ def _add_traffic(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_traffic))
 
 
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `90`, `60s`, `1m30s`, `500ms` or `1h`."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 60s, 5m, 1m30s)") from None
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
+
+
+async def _metrics(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if not args.watch:
+        emit(args, await client.get_metrics(args.name, window=args.window), render_metrics)
+        return EXIT_OK
+    first = True
+    async for response in client.watch_metrics(args.name, window=args.window, every=args.every):
+        if args.output == "table" and not first:
+            print()
+        print(render(response, args.output, render_metrics), flush=True)
+        first = False
+    return EXIT_OK
+
+
+def _add_metrics(subparsers: Subparsers) -> None:
+    parser = _client_parser(
+        subparsers, "metrics", "live requests, errors, latency and traffic share of a release's versions"
+    )
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--window", type=parse_duration, default=None, metavar="DURATION",
+                        help="how far back to look (default 60s)")
+    parser.add_argument("-w", "--watch", action="store_true", help="print again every --every until interrupted")
+    parser.add_argument("--every", type=parse_duration, default=None, metavar="DURATION",
+                        help="with --watch: how often (default 1s)")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_metrics))
+
+
 # --- changing releases ------------------------------------------------------------------
 
 ACTION_HELP: Final = {
@@ -781,6 +910,7 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_delete,
     _add_history,
     _add_traffic,
+    _add_metrics,
     _add_services,
     _add_versions,
     _add_demo,

@@ -142,3 +142,32 @@ class ReleaseClient:
         request = release_service_pb2.GetTrafficRequest(name=name)
         result: release_service_pb2.GetTrafficResponse = await self._unary("GetTraffic", request)
         return result
+
+    @staticmethod
+    def _metrics_request(
+        name: str, window: float | None, every: float | None
+    ) -> release_service_pb2.GetMetricsRequest:
+        request = release_service_pb2.GetMetricsRequest(name=name)
+        if window is not None:
+            request.window.FromNanoseconds(round(window * 1e9))
+        if every is not None:
+            request.every.FromNanoseconds(round(every * 1e9))
+        return request
+
+    async def get_metrics(self, name: str, *, window: float | None = None) -> release_service_pb2.MetricsResponse:
+        """The release's series over the last `window` seconds (the server's default: 60)."""
+        result: release_service_pb2.MetricsResponse = await self._unary(
+            "GetMetrics", self._metrics_request(name, window, None)
+        )
+        return result
+
+    async def watch_metrics(
+        self, name: str, *, window: float | None = None, every: float | None = None
+    ) -> AsyncIterator[release_service_pb2.MetricsResponse]:
+        """The same as `get_metrics`, again every `every` seconds until the caller stops."""
+        call = self._stub.WatchMetrics(self._metrics_request(name, window, every), metadata=self._metadata)
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()

@@ -96,6 +96,11 @@ class DataPlane:
     def view(self) -> xv.RoutingView | None:
         return self._view
 
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The last store snapshot applied (read-only: telemetry counts releases from it)."""
+        return self._snap
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow_store())

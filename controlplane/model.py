@@ -20,7 +20,9 @@ from datetime import UTC, datetime, timedelta
 import re2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from graylane.controlplane.analysis import AnalysisSpec, OnInconclusive, check_analysis_spec
 from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.webhooks import Webhook, WebhookKind
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
@@ -116,6 +118,7 @@ class ReleaseSpec:
     batches: tuple[Batch, ...]
     gray_clusters: tuple[str, ...] = ()
     cohort: Cohort | None = None
+    analysis: AnalysisSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +397,83 @@ def spec_from_proto(spec: pb.ReleaseSpec) -> ReleaseSpec:
         batches=_batches_from_proto(spec, strategy),
         gray_clusters=clusters,
         cohort=_cohort_from_proto(spec) if spec.HasField("cohort") else None,
+        analysis=analysis_from_proto(spec.analysis) if spec.HasField("analysis") else None,
     )
+
+
+_WEBHOOK_KINDS = {
+    pb.PRE_ROLLOUT: WebhookKind.PRE_ROLLOUT,
+    pb.CONFIRM_BATCH: WebhookKind.CONFIRM_BATCH,
+    pb.POST_ROLLOUT: WebhookKind.POST_ROLLOUT,
+    pb.ROLLBACK: WebhookKind.ROLLBACK,
+}
+_WEBHOOK_KIND_VALUES = {v: k for k, v in _WEBHOOK_KINDS.items()}
+
+
+def analysis_from_proto(a: pb.Analysis, *, where: str = "spec.analysis") -> AnalysisSpec:
+    """Validate an Analysis message (defaults for what is unset) into an `AnalysisSpec`."""
+    defaults = AnalysisSpec()
+    hooks = []
+    for i, h in enumerate(a.webhooks):
+        kind = _WEBHOOK_KINDS.get(h.kind)
+        if kind is None:
+            raise InvalidArgument(f"{where}.webhooks[{i}].kind", "is required (PRE_ROLLOUT, CONFIRM_BATCH, ...)")
+        hooks.append(
+            Webhook(
+                name=h.name,
+                kind=kind,
+                url=h.url,
+                timeout_s=h.timeout.ToTimedelta().total_seconds() if h.HasField("timeout") else 5.0,
+                retries=h.retries if h.retries else 2,
+            )
+        )
+    if a.on_inconclusive and a.on_inconclusive not in {o.value for o in OnInconclusive}:
+        raise InvalidArgument(f"{where}.on_inconclusive", f"{a.on_inconclusive!r} is not pause or fail")
+    if a.HasField("interval"):
+        interval = a.interval.ToTimedelta().total_seconds()
+    else:
+        interval = defaults.interval_s
+    spec = AnalysisSpec(
+        interval_s=interval,
+        min_requests=a.min_requests if a.HasField("min_requests") else defaults.min_requests,
+        max_error_rate=a.max_error_rate if a.HasField("max_error_rate") else None,
+        max_p99_ms=a.max_p99_ms if a.HasField("max_p99_ms") else None,
+        baseline=a.baseline,
+        alpha=a.alpha if a.HasField("alpha") else defaults.alpha,
+        min_effect=a.min_effect if a.HasField("min_effect") else defaults.min_effect,
+        error_rate_margin=a.error_rate_margin if a.HasField("error_rate_margin") else defaults.error_rate_margin,
+        failure_limit=a.failure_limit if a.failure_limit else defaults.failure_limit,
+        inconclusive_limit=a.inconclusive_limit if a.inconclusive_limit else defaults.inconclusive_limit,
+        on_inconclusive=OnInconclusive(a.on_inconclusive) if a.on_inconclusive else defaults.on_inconclusive,
+        passes_to_advance=a.passes_to_advance if a.passes_to_advance else defaults.passes_to_advance,
+        webhooks=tuple(hooks),
+    )
+    return check_analysis_spec(spec, where=where)
+
+
+def analysis_to_proto(a: AnalysisSpec | None) -> pb.Analysis | None:
+    if a is None:
+        return None
+    message = pb.Analysis(
+        min_requests=a.min_requests,
+        baseline=a.baseline,
+        alpha=a.alpha,
+        min_effect=a.min_effect,
+        error_rate_margin=a.error_rate_margin,
+        failure_limit=a.failure_limit,
+        inconclusive_limit=a.inconclusive_limit,
+        on_inconclusive=a.on_inconclusive.value,
+        passes_to_advance=a.passes_to_advance,
+    )
+    message.interval.FromTimedelta(timedelta(seconds=a.interval_s))
+    if a.max_error_rate is not None:
+        message.max_error_rate = a.max_error_rate
+    if a.max_p99_ms is not None:
+        message.max_p99_ms = a.max_p99_ms
+    for h in a.webhooks:
+        hook = message.webhooks.add(name=h.name, kind=_WEBHOOK_KIND_VALUES[h.kind], url=h.url, retries=h.retries)
+        hook.timeout.FromTimedelta(timedelta(seconds=h.timeout_s))
+    return message
 
 
 def _cohort_from_proto(spec: pb.ReleaseSpec) -> Cohort:
@@ -501,6 +580,7 @@ def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
         batches=batches,
         placement=pb.Placement(gray_clusters=list(spec.gray_clusters)),
         cohort=_cohort_to_proto(spec.cohort),
+        analysis=analysis_to_proto(spec.analysis),
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
+    DEFAULT_HTTP_PORT,
     DEFAULT_LISTEN_HOST,
     DEFAULT_XDS_PORT,
 )
@@ -27,8 +28,11 @@ class HostPort:
     port: int
 
     @classmethod
-    def parse(cls, text: str, *, default_port: int | None = None) -> HostPort:
-        """Parse `host:port`, `[v6]:port`, or a bare host when `default_port` is given."""
+    def parse(cls, text: str, *, default_port: int | None = None, any_port: bool = False) -> HostPort:
+        """Parse `host:port`, `[v6]:port`, or a bare host when `default_port` is given.
+
+        `any_port`: port 0 is allowed and means "any free port" (for an address we listen on
+        and log, never one we connect to)."""
         text = text.strip()
         if text.startswith("["):
             host, sep, rest = text[1:].partition("]")
@@ -47,8 +51,9 @@ class HostPort:
             if default_port is None:
                 raise ValueError(f"{text!r}: expected HOST:PORT")
             return cls(host, default_port)
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        lowest = 0 if any_port else 1
+        if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+            raise ValueError(f"{text!r}: port must be a number from {lowest} to 65535")
         return cls(host, int(port_text))
 
     def __str__(self) -> str:
@@ -68,10 +73,16 @@ class ServeOptions:
     etcd_endpoints: tuple[HostPort, ...] = ()
     listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_API_PORT))
     xds_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_XDS_PORT))
+    # The HTTP server: /metrics (Prometheus), /healthz, the dashboard.
+    http_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_HTTP_PORT))
+    # OTLP/HTTP base URL for traces (like OTEL_EXPORTER_OTLP_ENDPOINT, which is used when
+    # this is None); with neither, no traces.
+    otlp_endpoint: str | None = None
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     # cluster -> agent token; empty: agents are not authenticated (a local set-up)
     agent_tokens: tuple[tuple[str, str], ...] = ()
     agent_lease_ttl_seconds: int = 10
+    leader_ttl_seconds: int = 5  # a killed leader is replaced within this
     # Where Graylane's keys live in etcd; another prefix lets installations share one etcd.
     etcd_prefix: str = "/graylane/v1/"
 

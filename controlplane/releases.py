@@ -176,6 +176,18 @@ class Releases:
             out.append(replace(svc, stable_version=sv.gray_version))
         return out
 
+    async def note(self, name: str, action: str, cause: Cause, *, expected_revision: int) -> model.Release:
+        """Append an event (an analysis, a webhook call) without moving the release.
+
+        Guarded like a transition: Conflict if the release changed since it was read, so a
+        note about a batch never lands after the batch moved on.
+        """
+        current = await self._store.get_release(name)
+        if current.revision != expected_revision:
+            raise Conflict(f"release {name!r} is at revision {current.revision}, not the expected {expected_revision}")
+        after, event = machine.record(current, current.status, action=action, cause=cause, now=_now())
+        return await self._store.update_release(after, [event])
+
     async def update_status(self, name: str, change: StatusChange) -> model.Release | None:
         """Write a status-only change (convergence) computed from the fresh value.
 

@@ -165,5 +165,7 @@ def pause_due(release: model.Release) -> datetime | None:
     st = release.status
     if st.phase is not model.Phase.PROGRESSING or not st.reached or st.batch_reached is None:
         return None
+    if release.spec.analysis is not None:
+        return None  # the leader's analysis moves it (after the pause), not the clock alone
     pause = release.spec.batches[st.batch].pause
     return None if pause is None else st.batch_reached + pause

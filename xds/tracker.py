@@ -9,8 +9,12 @@ sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. Th
 the control plane computes convergence ("have all proxies of this cluster ACKed the route
 version that carries batch i?") and pauses a release on a NACK.
 
+Listeners (`add_listener`) hear each change as a small `ProxyEvent`, synchronously and after
+the state is updated: that is how telemetry counts pushes, ACKs and NACKs and times push to
+ACK without this module knowing any metrics library.
+
 Concurrency: single asyncio loop. Must not import: etcd, graylane.controlplane,
-graylane.agent.
+graylane.agent, OpenTelemetry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -31,6 +35,27 @@ log = logging.getLogger(__name__)
 SOTW = "sotw"
 DELTA = "delta"
 PUSH_LOG_SIZE = 64
+
+# ProxyEvent kinds
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"  # the node's last stream closed
+PUSHED = "pushed"
+ACKED = "acked"
+NACKED = "nacked"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyEvent:
+    """One change of one proxy, as listeners hear it (a value; the state is in `proxies()`)."""
+
+    kind: str  # CONNECTED, DISCONNECTED, PUSHED, ACKED or NACKED
+    node_id: str
+    type_url: str = ""  # PUSHED, ACKED, NACKED
+    version: str = ""  # PUSHED and ACKED: the version pushed or accepted; NACKED: the version rejected
+
+
+ProxyListener = Callable[[ProxyEvent], None]
+
 
 @dataclass(frozen=True, slots=True)
 class TypeAck:
@@ -88,6 +113,7 @@ class ProxyTracker:
         self._seq = 0
         # Replaced on every change: waiters hold the event of the sequence they saw.
         self._changed = asyncio.Event()
+        self._listeners: list[ProxyListener] = []
 
     @property
     def seq(self) -> int:
@@ -105,6 +131,20 @@ class ProxyTracker:
             await self._changed.wait()
         return self._seq
 
+    def add_listener(self, listener: ProxyListener) -> Callable[[], None]:
+        """Call `listener` with every later event; returns the function that removes it.
+
+        A listener runs on the xDS stream's task and must be quick; what it raises is logged
+        and swallowed, so it can never break a stream.
+        """
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
     def connected(self, node: base_pb2.Node, *, key: str, protocol: str) -> None:
         self._streams[node.id] = self._streams.get(node.id, 0) + 1
         previous = self._proxies.get(node.id)
@@ -120,6 +160,7 @@ class ProxyTracker:
             pushes=previous.pushes if previous else (),
         )
         self._update(status)
+        self._tell(ProxyEvent(CONNECTED, node.id))
 
     def disconnected(self, node_id: str) -> None:
         left = self._streams.get(node_id, 1) - 1
@@ -127,6 +168,7 @@ class ProxyTracker:
         status = self._proxies.get(node_id)
         if left <= 0 and status is not None:
             self._update(replace(status, connected=False))
+            self._tell(ProxyEvent(DISCONNECTED, node_id))
 
     def forget(self, node_id: str) -> None:
         """Drop a disconnected proxy (the owner decides when a proxy is gone for good)."""
@@ -139,6 +181,7 @@ class ProxyTracker:
         status = self._proxies.get(node_id)
         if status is not None:
             self._update(replace(status, pushes=(*status.pushes, push)[-PUSH_LOG_SIZE:]))
+            self._tell(ProxyEvent(PUSHED, node_id, push.type_url, push.version))
 
     def acked(self, node_id: str, type_url: str, ack: TypeAck) -> None:
         status = self._proxies.get(node_id)
@@ -147,15 +190,24 @@ class ProxyTracker:
         acked = dict(status.acked)
         acked[type_url] = replace(ack, resources=MappingProxyType(dict(ack.resources)))
         self._update(replace(status, acked=MappingProxyType(acked)))
+        self._tell(ProxyEvent(ACKED, node_id, type_url, ack.version))
 
     def nacked(self, node_id: str, nack: Nack) -> None:
         status = self._proxies.get(node_id)
         if status is not None:
             self._update(replace(status, last_nack=nack))
+            self._tell(ProxyEvent(NACKED, node_id, nack.type_url, nack.version))
 
     def _update(self, status: ProxyStatus) -> None:
         self._proxies[status.node_id] = status
         self._bump()
+
+    def _tell(self, event: ProxyEvent) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("proxy listener %r failed on %s", listener, event)
 
     def _bump(self) -> None:
         self._seq += 1

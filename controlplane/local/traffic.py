@@ -20,6 +20,7 @@ class LoadResult:
     sent: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     versions: Counter[str] = field(default_factory=Counter)
+    failed_versions: Counter[str] = field(default_factory=Counter)  # x-version of answers other than 200
     errors: Counter[str] = field(default_factory=Counter)  # connection-level failures by kind
     bodies: list[bytes] = field(default_factory=list)
     version_of: dict[int, str] = field(default_factory=dict)  # request index -> x-version (keep_versions)
@@ -122,6 +123,8 @@ async def run_load(
                     conn = None
                     continue
                 result.statuses[status] += 1
+                if status != 200:
+                    result.failed_versions[resp_headers.get("x-version", "?")] += 1
                 if status == 200:
                     result.versions[resp_headers.get("x-version", "?")] += 1
                     if keep_versions:

@@ -11,6 +11,9 @@ Key layout (below the prefix):
     events/<release>/<sequence:016d>     Event, appended in the same txn as the change
     clusters/<name>                      AgentHello of the cluster's agent, under its lease
     clusterendpoints/<name>              EndpointSnapshot the agent reported, under its lease
+    knownclusters/<name>                 AgentHello last registered for the cluster (no lease: kept)
+    leader                               identity of the replica that advances releases, under its lease
+    replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
 
 An agent's keys live on an etcd lease kept alive by the replica holding the agent's
 stream: when the agent (or that replica) dies, its cluster and endpoints expire with it.
@@ -26,9 +29,11 @@ concurrently from one event loop. Must not import graylane.xds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC
 
@@ -82,6 +87,8 @@ class Snapshot:
     versions: tuple[model.Version, ...] = ()
     releases: tuple[model.Release, ...] = ()
     clusters: tuple[model.ClusterInfo, ...] = ()
+    # node id -> admin address of every proxy connected to any live replica
+    replica_proxies: dict[str, str] = field(default_factory=dict, compare=False)
     cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
     by_name: dict[str, model.Release] = field(default_factory=dict, compare=False)
 
@@ -206,6 +213,7 @@ class EtcdStore:
         services, versions, releases = [], [], []
         clusters: list[model.ClusterInfo] = []
         cluster_endpoints: list[model.ClusterEndpoints] = []
+        replica_proxies: dict[str, str] = {}
         for kv in resp.kvs:
             kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
             if kind == "services":
@@ -215,6 +223,9 @@ class EtcdStore:
             elif kind == "releases":
                 msg = _load(kv.value, pb.Release())
                 releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
+            elif kind == "replicas":
+                with contextlib.suppress(ValueError):
+                    replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
             elif kind == "clusters":
                 clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
             elif kind == "clusterendpoints":
@@ -227,6 +238,7 @@ class EtcdStore:
             releases=tuple(releases),
             clusters=tuple(clusters),
             cluster_endpoints=tuple(cluster_endpoints),
+            replica_proxies=replica_proxies,
             by_name={r.name: r for r in releases},
         )
 
@@ -313,10 +325,13 @@ class EtcdStore:
         """
         key = self._key("clusters", info.name)
         value = _dump(model.cluster_to_proto(info))
+        # The lasting record that the cluster exists, so a replica that starts after the
+        # leases expired still knows which clusters to wait for (see `known_clusters`).
+        known = self._put(self._key("knownclusters", info.name), value)
         absent = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
         )
-        resp = await self._txn([absent], [self._put(key, value, lease=lease)])
+        resp = await self._txn([absent], [self._put(key, value, lease=lease), known])
         if resp.succeeded:
             return
         current = await self._get(key)
@@ -332,14 +347,50 @@ class EtcdStore:
             )
         else:
             same = absent  # expired in between: claim it afresh
-        if not (await self._txn([same], [self._put(key, value, lease=lease)])).succeeded:
+        if not (await self._txn([same], [self._put(key, value, lease=lease), known])).succeeded:
             raise Conflict(f"cluster {info.name!r} was claimed concurrently; reconnect")
+
+    async def known_clusters(self) -> frozenset[str]:
+        """Every cluster an agent has ever registered under this prefix (no lease: it outlives them)."""
+        prefix = self._key("knownclusters", "")
+        resp = await self._range(prefix)
+        return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)  # type: ignore[attr-defined]
 
     async def put_cluster_endpoints(
         self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int
-    ) -> None:
+    ) -> int:
+        """Replace the cluster's endpoints under `lease`; the etcd revision that holds them."""
         key = self._key("clusterendpoints", cluster)
-        await self._txn([], [self._put(key, _dump(model.cluster_endpoints_to_proto(items)), lease=lease)])
+        resp = await self._txn([], [self._put(key, _dump(model.cluster_endpoints_to_proto(items)), lease=lease)])
+        return int(resp.header.revision)
+
+    # ----------------------------------------------------------------- replicas
+
+    async def put_replica_proxies(self, identity: str, proxies: Mapping[str, str], lease: int) -> None:
+        """The proxies connected to one replica (node id -> admin address), under its lease."""
+        value = json.dumps(dict(sorted(proxies.items()))).encode()
+        await self._txn([], [self._put(self._key("replicas", identity), value, lease=lease)])
+
+    # ----------------------------------------------------------------- leader
+
+    async def campaign(self, identity: str, lease: int) -> str:
+        """Try to become the leader under `lease`; the leader's identity afterwards.
+
+        One key, `leader`, created only if absent and bound to the winner's lease: it
+        disappears when the leader resigns (revokes) or stops refreshing its lease.
+        """
+        key = self._key("leader")
+        absent = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
+        resp = await self._txn([absent], [self._put(key, identity.encode(), lease=lease)])
+        if resp.succeeded:
+            return identity
+        return await self.leader() or ""
+
+    async def leader(self) -> str | None:
+        current = await self._get(self._key("leader"))
+        return current.value.decode() if current is not None else None
 
     async def create_release(self, release: model.Release, event: model.Event) -> model.Release:
         key = self.release_key(release.name)

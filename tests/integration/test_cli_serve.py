@@ -42,6 +42,8 @@ def served(tmp_path: pathlib.Path, etcd_endpoint: str) -> Iterator[tuple[str, su
                 f"127.0.0.1:{api}",
                 "--xds-listen",
                 f"127.0.0.1:{xds}",
+                "--http-listen",
+                "127.0.0.1:0",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -68,19 +68,49 @@ class GuardReport(_message.Message):
     at: _timestamp_pb2.Timestamp
     def __init__(self, lanes: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class SeriesDelta(_message.Message):
+    __slots__ = ("service", "version", "lane", "requests", "errors", "bucket_bounds_ms", "bucket_counts")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BOUNDS_MS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    version: str
+    lane: str
+    requests: int
+    errors: int
+    bucket_bounds_ms: _containers.RepeatedScalarFieldContainer[float]
+    bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., lane: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., bucket_bounds_ms: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MetricsReport(_message.Message):
+    __slots__ = ("at", "interval_seconds", "series")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    interval_seconds: float
+    series: _containers.RepeatedCompositeFieldContainer[SeriesDelta]
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interval_seconds: _Optional[float] = ..., series: _Optional[_Iterable[_Union[SeriesDelta, _Mapping]]] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "endpoints", "proxies", "heartbeat", "guard")
+    __slots__ = ("hello", "endpoints", "proxies", "heartbeat", "guard", "metrics")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     PROXIES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     hello: AgentHello
     endpoints: EndpointSnapshot
     proxies: ProxyReport
     heartbeat: Heartbeat
     guard: GuardReport
-    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointSnapshot, _Mapping]] = ..., proxies: _Optional[_Union[ProxyReport, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., guard: _Optional[_Union[GuardReport, _Mapping]] = ...) -> None: ...
+    metrics: MetricsReport
+    def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., endpoints: _Optional[_Union[EndpointSnapshot, _Mapping]] = ..., proxies: _Optional[_Union[ProxyReport, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., guard: _Optional[_Union[GuardReport, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ...) -> None: ...
 
 class ViewService(_message.Message):
     __slots__ = ("name", "base_version")

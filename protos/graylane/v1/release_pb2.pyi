@@ -34,6 +34,14 @@ class MatchOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REGEX: _ClassVar[MatchOp]
     PRESENT: _ClassVar[MatchOp]
 
+class WebhookKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEBHOOK_KIND_UNSPECIFIED: _ClassVar[WebhookKind]
+    PRE_ROLLOUT: _ClassVar[WebhookKind]
+    CONFIRM_BATCH: _ClassVar[WebhookKind]
+    POST_ROLLOUT: _ClassVar[WebhookKind]
+    ROLLBACK: _ClassVar[WebhookKind]
+
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
@@ -57,6 +65,11 @@ EXACT: MatchOp
 PREFIX: MatchOp
 REGEX: MatchOp
 PRESENT: MatchOp
+WEBHOOK_KIND_UNSPECIFIED: WebhookKind
+PRE_ROLLOUT: WebhookKind
+CONFIRM_BATCH: WebhookKind
+POST_ROLLOUT: WebhookKind
+ROLLBACK: WebhookKind
 PHASE_UNSPECIFIED: Phase
 PENDING: Phase
 PROGRESSING: Phase
@@ -143,6 +156,50 @@ class Batch(_message.Message):
     pause: Pause
     def __init__(self, weight: _Optional[int] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ...) -> None: ...
 
+class Webhook(_message.Message):
+    __slots__ = ("name", "kind", "url", "timeout", "retries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: WebhookKind
+    url: str
+    timeout: _duration_pb2.Duration
+    retries: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[WebhookKind, str]] = ..., url: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ...) -> None: ...
+
+class Analysis(_message.Message):
+    __slots__ = ("interval", "min_requests", "max_error_rate", "max_p99_ms", "baseline", "alpha", "min_effect", "error_rate_margin", "failure_limit", "inconclusive_limit", "on_inconclusive", "passes_to_advance", "webhooks")
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    MIN_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCONCLUSIVE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ON_INCONCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    PASSES_TO_ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOKS_FIELD_NUMBER: _ClassVar[int]
+    interval: _duration_pb2.Duration
+    min_requests: int
+    max_error_rate: float
+    max_p99_ms: float
+    baseline: bool
+    alpha: float
+    min_effect: float
+    error_rate_margin: float
+    failure_limit: int
+    inconclusive_limit: int
+    on_inconclusive: str
+    passes_to_advance: int
+    webhooks: _containers.RepeatedCompositeFieldContainer[Webhook]
+    def __init__(self, interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., min_requests: _Optional[int] = ..., max_error_rate: _Optional[float] = ..., max_p99_ms: _Optional[float] = ..., baseline: _Optional[bool] = ..., alpha: _Optional[float] = ..., min_effect: _Optional[float] = ..., error_rate_margin: _Optional[float] = ..., failure_limit: _Optional[int] = ..., inconclusive_limit: _Optional[int] = ..., on_inconclusive: _Optional[str] = ..., passes_to_advance: _Optional[int] = ..., webhooks: _Optional[_Iterable[_Union[Webhook, _Mapping]]] = ...) -> None: ...
+
 class ServiceVersions(_message.Message):
     __slots__ = ("service", "base_version", "gray_version")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -168,7 +225,7 @@ class Cohort(_message.Message):
     def __init__(self, header: _Optional[str] = ..., cookie: _Optional[str] = ...) -> None: ...
 
 class ReleaseSpec(_message.Message):
-    __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement", "cohort")
+    __slots__ = ("lane", "entry", "services", "strategy", "match", "batches", "placement", "cohort", "analysis")
     LANE_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +234,7 @@ class ReleaseSpec(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     lane: str
     entry: str
     services: _containers.RepeatedCompositeFieldContainer[ServiceVersions]
@@ -185,7 +243,8 @@ class ReleaseSpec(_message.Message):
     batches: _containers.RepeatedCompositeFieldContainer[Batch]
     placement: Placement
     cohort: Cohort
-    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., cohort: _Optional[_Union[Cohort, _Mapping]] = ...) -> None: ...
+    analysis: Analysis
+    def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., cohort: _Optional[_Union[Cohort, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class ProxyConvergence(_message.Message):
     __slots__ = ("proxies", "converged", "target_version")

@@ -22,56 +22,64 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from graylane.v1 import release_pb2 as graylane_dot_v1_dot_release__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!graylane/v1/release_service.proto\x12\x0bgraylane.v1\x1a\x19graylane/v1/release.proto\"k\n\x14\x43reateReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ReleaseSpec\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"j\n\x13\x41pplyReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ReleaseSpec\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x11GetReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListReleasesRequest\">\n\x14ListReleasesResponse\x12&\n\x08releases\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Release\"3\n\x14\x44\x65leteReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteReleaseResponse\"W\n\rActionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1e\n\x0eHistoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x0fHistoryResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.graylane.v1.Event\":\n\x11PutServiceRequest\x12%\n\x07service\x18\x01 \x01(\x0b\x32\x14.graylane.v1.Service\"\x15\n\x13ListServicesRequest\">\n\x14ListServicesResponse\x12&\n\x08services\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Service\":\n\x11PutVersionRequest\x12%\n\x07version\x18\x01 \x01(\x0b\x32\x14.graylane.v1.Version\"&\n\x13ListVersionsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\">\n\x14ListVersionsResponse\x12&\n\x08versions\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Version\"!\n\x11GetTrafficRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x0cTrafficCount\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x15\n\rresponses_2xx\x18\x05 \x01(\x04\x12\x15\n\rresponses_4xx\x18\x06 \x01(\x04\x12\x15\n\rresponses_5xx\x18\x07 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\x04\"e\n\x12GetTrafficResponse\x12)\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x19.graylane.v1.TrafficCount\x12\x0f\n\x07proxies\x18\x02 \x01(\r\x12\x13\n\x0bunreachable\x18\x03 \x03(\t2\x84\n\n\x0eReleaseService\x12H\n\rCreateRelease\x12!.graylane.v1.CreateReleaseRequest\x1a\x14.graylane.v1.Release\x12\x42\n\nGetRelease\x12\x1e.graylane.v1.GetReleaseRequest\x1a\x14.graylane.v1.Release\x12S\n\x0cListReleases\x12 .graylane.v1.ListReleasesRequest\x1a!.graylane.v1.ListReleasesResponse\x12V\n\rDeleteRelease\x12!.graylane.v1.DeleteReleaseRequest\x1a\".graylane.v1.DeleteReleaseResponse\x12\x46\n\x0c\x41pplyRelease\x12 .graylane.v1.ApplyReleaseRequest\x1a\x14.graylane.v1.Release\x12=\n\tNextBatch\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12\x39\n\x05Pause\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12:\n\x06Resume\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12<\n\x08Rollback\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12;\n\x07Promote\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12;\n\x07Restart\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12:\n\x05Watch\x12\x19.graylane.v1.WatchRequest\x1a\x14.graylane.v1.Release0\x01\x12\x44\n\x07History\x12\x1b.graylane.v1.HistoryRequest\x1a\x1c.graylane.v1.HistoryResponse\x12\x42\n\nPutService\x12\x1e.graylane.v1.PutServiceRequest\x1a\x14.graylane.v1.Service\x12S\n\x0cListServices\x12 .graylane.v1.ListServicesRequest\x1a!.graylane.v1.ListServicesResponse\x12\x42\n\nPutVersion\x12\x1e.graylane.v1.PutVersionRequest\x1a\x14.graylane.v1.Version\x12S\n\x0cListVersions\x12 .graylane.v1.ListVersionsRequest\x1a!.graylane.v1.ListVersionsResponse\x12M\n\nGetTraffic\x12\x1e.graylane.v1.GetTrafficRequest\x1a\x1f.graylane.v1.GetTrafficResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!graylane/v1/release_service.proto\x12\x0bgraylane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19graylane/v1/release.proto\"k\n\x14\x43reateReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ReleaseSpec\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"j\n\x13\x41pplyReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ReleaseSpec\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x11GetReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListReleasesRequest\">\n\x14ListReleasesResponse\x12&\n\x08releases\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Release\"3\n\x14\x44\x65leteReleaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteReleaseResponse\"W\n\rActionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\"\x1c\n\x0cWatchRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1e\n\x0eHistoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x0fHistoryResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.graylane.v1.Event\":\n\x11PutServiceRequest\x12%\n\x07service\x18\x01 \x01(\x0b\x32\x14.graylane.v1.Service\"\x15\n\x13ListServicesRequest\">\n\x14ListServicesResponse\x12&\n\x08services\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Service\":\n\x11PutVersionRequest\x12%\n\x07version\x18\x01 \x01(\x0b\x32\x14.graylane.v1.Version\"&\n\x13ListVersionsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\">\n\x14ListVersionsResponse\x12&\n\x08versions\x18\x01 \x03(\x0b\x32\x14.graylane.v1.Version\"!\n\x11GetTrafficRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x0cTrafficCount\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x15\n\rresponses_2xx\x18\x05 \x01(\x04\x12\x15\n\rresponses_4xx\x18\x06 \x01(\x04\x12\x15\n\rresponses_5xx\x18\x07 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\x04\"e\n\x12GetTrafficResponse\x12)\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x19.graylane.v1.TrafficCount\x12\x0f\n\x07proxies\x18\x02 \x01(\r\x12\x13\n\x0bunreachable\x18\x03 \x03(\t\"v\n\x11GetMetricsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05\x65very\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc5\x02\n\x0cSeriesWindow\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\x0f\n\x07\x63luster\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x12\n\nerror_rate\x18\x07 \x01(\x01\x12\x16\n\x0ethroughput_rps\x18\x08 \x01(\x01\x12\x13\n\x06p50_ms\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06p90_ms\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x06p99_ms\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x10\x62ucket_bounds_ms\x18\x0c \x03(\x01\x12\x15\n\rbucket_counts\x18\r \x03(\x04\x12\x15\n\rtraffic_share\x18\x0e \x01(\x01\x42\t\n\x07_p50_msB\t\n\x07_p90_msB\t\n\x07_p99_ms\"\xa2\x01\n\x0fMetricsResponse\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06series\x18\x03 \x03(\x0b\x32\x19.graylane.v1.SeriesWindow\x12\x0e\n\x06leader\x18\x04 \x01(\x08\x32\xa0\x0b\n\x0eReleaseService\x12H\n\rCreateRelease\x12!.graylane.v1.CreateReleaseRequest\x1a\x14.graylane.v1.Release\x12\x42\n\nGetRelease\x12\x1e.graylane.v1.GetReleaseRequest\x1a\x14.graylane.v1.Release\x12S\n\x0cListReleases\x12 .graylane.v1.ListReleasesRequest\x1a!.graylane.v1.ListReleasesResponse\x12V\n\rDeleteRelease\x12!.graylane.v1.DeleteReleaseRequest\x1a\".graylane.v1.DeleteReleaseResponse\x12\x46\n\x0c\x41pplyRelease\x12 .graylane.v1.ApplyReleaseRequest\x1a\x14.graylane.v1.Release\x12=\n\tNextBatch\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12\x39\n\x05Pause\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12:\n\x06Resume\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12<\n\x08Rollback\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12;\n\x07Promote\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12;\n\x07Restart\x12\x1a.graylane.v1.ActionRequest\x1a\x14.graylane.v1.Release\x12:\n\x05Watch\x12\x19.graylane.v1.WatchRequest\x1a\x14.graylane.v1.Release0\x01\x12\x44\n\x07History\x12\x1b.graylane.v1.HistoryRequest\x1a\x1c.graylane.v1.HistoryResponse\x12\x42\n\nPutService\x12\x1e.graylane.v1.PutServiceRequest\x1a\x14.graylane.v1.Service\x12S\n\x0cListServices\x12 .graylane.v1.ListServicesRequest\x1a!.graylane.v1.ListServicesResponse\x12\x42\n\nPutVersion\x12\x1e.graylane.v1.PutVersionRequest\x1a\x14.graylane.v1.Version\x12S\n\x0cListVersions\x12 .graylane.v1.ListVersionsRequest\x1a!.graylane.v1.ListVersionsResponse\x12M\n\nGetTraffic\x12\x1e.graylane.v1.GetTrafficRequest\x1a\x1f.graylane.v1.GetTrafficResponse\x12J\n\nGetMetrics\x12\x1e.graylane.v1.GetMetricsRequest\x1a\x1c.graylane.v1.MetricsResponse\x12N\n\x0cWatchMetrics\x12\x1e.graylane.v1.GetMetricsRequest\x1a\x1c.graylane.v1.MetricsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'graylane.v1.release_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATERELEASEREQUEST']._serialized_start=77
-  _globals['_CREATERELEASEREQUEST']._serialized_end=184
-  _globals['_APPLYRELEASEREQUEST']._serialized_start=186
-  _globals['_APPLYRELEASEREQUEST']._serialized_end=292
-  _globals['_GETRELEASEREQUEST']._serialized_start=294
-  _globals['_GETRELEASEREQUEST']._serialized_end=327
-  _globals['_LISTRELEASESREQUEST']._serialized_start=329
-  _globals['_LISTRELEASESREQUEST']._serialized_end=350
-  _globals['_LISTRELEASESRESPONSE']._serialized_start=352
-  _globals['_LISTRELEASESRESPONSE']._serialized_end=414
-  _globals['_DELETERELEASEREQUEST']._serialized_start=416
-  _globals['_DELETERELEASEREQUEST']._serialized_end=467
-  _globals['_DELETERELEASERESPONSE']._serialized_start=469
-  _globals['_DELETERELEASERESPONSE']._serialized_end=492
-  _globals['_ACTIONREQUEST']._serialized_start=494
-  _globals['_ACTIONREQUEST']._serialized_end=581
-  _globals['_WATCHREQUEST']._serialized_start=583
-  _globals['_WATCHREQUEST']._serialized_end=611
-  _globals['_HISTORYREQUEST']._serialized_start=613
-  _globals['_HISTORYREQUEST']._serialized_end=643
-  _globals['_HISTORYRESPONSE']._serialized_start=645
-  _globals['_HISTORYRESPONSE']._serialized_end=698
-  _globals['_PUTSERVICEREQUEST']._serialized_start=700
-  _globals['_PUTSERVICEREQUEST']._serialized_end=758
-  _globals['_LISTSERVICESREQUEST']._serialized_start=760
-  _globals['_LISTSERVICESREQUEST']._serialized_end=781
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=783
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=845
-  _globals['_PUTVERSIONREQUEST']._serialized_start=847
-  _globals['_PUTVERSIONREQUEST']._serialized_end=905
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=907
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=945
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=947
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1009
-  _globals['_GETTRAFFICREQUEST']._serialized_start=1011
-  _globals['_GETTRAFFICREQUEST']._serialized_end=1044
-  _globals['_TRAFFICCOUNT']._serialized_start=1047
-  _globals['_TRAFFICCOUNT']._serialized_end=1214
-  _globals['_GETTRAFFICRESPONSE']._serialized_start=1216
-  _globals['_GETTRAFFICRESPONSE']._serialized_end=1317
-  _globals['_RELEASESERVICE']._serialized_start=1320
-  _globals['_RELEASESERVICE']._serialized_end=2604
+  _globals['_CREATERELEASEREQUEST']._serialized_start=142
+  _globals['_CREATERELEASEREQUEST']._serialized_end=249
+  _globals['_APPLYRELEASEREQUEST']._serialized_start=251
+  _globals['_APPLYRELEASEREQUEST']._serialized_end=357
+  _globals['_GETRELEASEREQUEST']._serialized_start=359
+  _globals['_GETRELEASEREQUEST']._serialized_end=392
+  _globals['_LISTRELEASESREQUEST']._serialized_start=394
+  _globals['_LISTRELEASESREQUEST']._serialized_end=415
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=417
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=479
+  _globals['_DELETERELEASEREQUEST']._serialized_start=481
+  _globals['_DELETERELEASEREQUEST']._serialized_end=532
+  _globals['_DELETERELEASERESPONSE']._serialized_start=534
+  _globals['_DELETERELEASERESPONSE']._serialized_end=557
+  _globals['_ACTIONREQUEST']._serialized_start=559
+  _globals['_ACTIONREQUEST']._serialized_end=646
+  _globals['_WATCHREQUEST']._serialized_start=648
+  _globals['_WATCHREQUEST']._serialized_end=676
+  _globals['_HISTORYREQUEST']._serialized_start=678
+  _globals['_HISTORYREQUEST']._serialized_end=708
+  _globals['_HISTORYRESPONSE']._serialized_start=710
+  _globals['_HISTORYRESPONSE']._serialized_end=763
+  _globals['_PUTSERVICEREQUEST']._serialized_start=765
+  _globals['_PUTSERVICEREQUEST']._serialized_end=823
+  _globals['_LISTSERVICESREQUEST']._serialized_start=825
+  _globals['_LISTSERVICESREQUEST']._serialized_end=846
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=848
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=910
+  _globals['_PUTVERSIONREQUEST']._serialized_start=912
+  _globals['_PUTVERSIONREQUEST']._serialized_end=970
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=972
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1010
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1012
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1074
+  _globals['_GETTRAFFICREQUEST']._serialized_start=1076
+  _globals['_GETTRAFFICREQUEST']._serialized_end=1109
+  _globals['_TRAFFICCOUNT']._serialized_start=1112
+  _globals['_TRAFFICCOUNT']._serialized_end=1279
+  _globals['_GETTRAFFICRESPONSE']._serialized_start=1281
+  _globals['_GETTRAFFICRESPONSE']._serialized_end=1382
+  _globals['_GETMETRICSREQUEST']._serialized_start=1384
+  _globals['_GETMETRICSREQUEST']._serialized_end=1502
+  _globals['_SERIESWINDOW']._serialized_start=1505
+  _globals['_SERIESWINDOW']._serialized_end=1830
+  _globals['_METRICSRESPONSE']._serialized_start=1833
+  _globals['_METRICSRESPONSE']._serialized_end=1995
+  _globals['_RELEASESERVICE']._serialized_start=1998
+  _globals['_RELEASESERVICE']._serialized_end=3438
 # @@protoc_insertion_point(module_scope)

@@ -127,6 +127,16 @@ class ReleaseServiceStub:
                 request_serializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.SerializeToString,
                 response_deserializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/graylane.v1.ReleaseService/GetMetrics',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
+                _registered_method=True)
+        self.WatchMetrics = channel.unary_stream(
+                '/graylane.v1.ReleaseService/WatchMetrics',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -247,6 +257,21 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """Windows of live metrics per (service, version, lane, cluster) for a release's
+        services, from the leader's in-memory series (scraped from the proxies every second).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMetrics(self, request, context):
+        """The same, again every `every` until the call ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +364,16 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.GetTraffic,
                     request_deserializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.FromString,
                     response_serializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.SerializeToString,
+            ),
+            'WatchMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetrics,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -829,6 +864,60 @@ class ReleaseService:
             '/graylane.v1.ReleaseService/GetTraffic',
             graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.SerializeToString,
             graylane_dot_v1_dot_release__service__pb2.GetTrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/GetMetrics',
+            graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/WatchMetrics',
+            graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

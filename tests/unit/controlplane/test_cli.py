@@ -201,6 +201,17 @@ def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.serve_options(_parse(["serve"])) == ServeOptions()
 
 
+def test_serve_http_and_otlp_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ServeOptions().http_listen == HostPort("127.0.0.1", 7403) and ServeOptions().otlp_endpoint is None
+    options = cli.serve_options(
+        _parse(["serve", "--http-listen", "0.0.0.0:9090", "--otlp-endpoint", "http://collector:4318"])
+    )
+    assert (options.http_listen, options.otlp_endpoint) == (HostPort("0.0.0.0", 9090), "http://collector:4318")
+    assert cli.serve_options(_parse(["serve", "--http-listen", "127.0.0.1:0"])).http_listen.port == 0
+    assert cli.main(["serve", "--otlp-endpoint", "collector:4318"]) == 2
+    assert "expected an http(s) URL" in capsys.readouterr().err
+
+
 # --- apply: nothing is sent unless the whole file parses --------------------------------
 
 

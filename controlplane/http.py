@@ -1,0 +1,110 @@
+"""The one HTTP server of a Graylane process: `/metrics`, `/healthz`, later the dashboard.
+
+Owns an aiohttp application on one address and its lifecycle (`async with HttpServer(...)`
+or `start()`/`stop()`). Routes are registered by name before the server starts (aiohttp
+freezes its router then), so another feature adds a page with one `add_route` in the
+composition root and links to it with `url_for(name)`. The routes for telemetry and health
+are built here (`metrics_route`, `health_route`) and shared by the control plane and agents.
+
+Concurrency: handlers run on the process's event loop; a handler must not block it.
+Must not import: etcd, xds, agent code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_SHUTDOWN_SECONDS = 5.0
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` -> (host, port); port 0 asks for a free one."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{listen!r}: expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+class HttpServer:
+    """An aiohttp server bound to one address. `port` is the bound port once started."""
+
+    def __init__(self, *, listen: str) -> None:
+        self._host, self._port = split_listen(listen)
+        self._app = web.Application()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def add_route(self, method: str, path: str, handler: Handler, *, name: str) -> None:
+        """Register `handler` for `method path` under `name`; only before `start()`."""
+        if self._runner is not None:
+            raise RuntimeError(f"route {name!r}: the server has already started")
+        self._app.router.add_route(method, path, handler, name=name)
+
+    def url_for(self, name: str) -> str:
+        """The path of the route registered as `name`."""
+        return str(self._app.router[name].url_for())
+
+    async def start(self) -> None:
+        # access_log=None: Prometheus scrapes every few seconds; one INFO line each is noise.
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("HTTP on %s:%d (%s)", self._host, self.port, ", ".join(sorted(self._paths())))
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> HttpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _paths(self) -> set[str]:
+        return {r.canonical for r in self._app.router.resources()}
+
+
+def metrics_route(server: HttpServer, metrics_text: Callable[[str], tuple[bytes, str]]) -> None:
+    """`GET /metrics`: what `metrics_text(accept_header)` renders (on the loop's thread, where
+    the gauges may read live state)."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = metrics_text(request.headers.get("Accept", ""))
+        response = web.Response(body=body)
+        # Set the header verbatim: the exposition type carries `version=` and `charset=`
+        # parameters that aiohttp's content_type= argument would refuse.
+        response.headers["Content-Type"] = content_type
+        return response
+
+    server.add_route("GET", "/metrics", metrics, name="metrics")
+
+
+def health_route(server: HttpServer, ready: Callable[[], bool]) -> None:
+    """`GET /healthz`: 200 once the process serves, 503 before."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="starting\n")
+
+    server.add_route("GET", "/healthz", healthz, name="healthz")

@@ -1,0 +1,80 @@
+"""Leader election over an etcd lease: which replica advances releases on its own.
+
+Owns: campaigning for the `leader` key (created only if absent, bound to this replica's
+lease), keeping the lease alive while leading, noticing a lost lease (then following
+again), and resigning on a clean stop (revoking the lease, so another replica takes over
+at once instead of after the TTL). Every replica serves the API and xDS; only the leader
+runs automated analysis and progression. A leader killed outright is replaced within the
+lease TTL.
+
+Concurrency: one asyncio loop; `run()` is the only loop and is cancellable. `is_leader`
+may be read at any time; code that acts as leader also guards each write with the
+release's revision, so a leader that lost its lease a moment ago cannot double a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from graylane.controlplane.errors import Unavailable
+from graylane.controlplane.store import EtcdStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_SECONDS = 5
+
+
+class LeaderElection:
+    def __init__(self, store: EtcdStore, *, identity: str = "", ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+        self._store = store
+        self.identity = identity or f"replica-{uuid.uuid4().hex[:12]}"
+        self.ttl_seconds = ttl_seconds
+        self.leading = asyncio.Event()
+        self.leader = ""  # the current leader's identity as last seen ("" unknown)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leading.is_set()
+
+    async def run(self) -> None:
+        lease = 0
+        try:
+            while True:
+                try:
+                    lease = await self._store.grant_lease(self.ttl_seconds)
+                    while True:
+                        self.leader = await self._store.campaign(self.identity, lease)
+                        if self.leader == self.identity:
+                            await self._lead(lease)
+                            break  # lease lost: campaign on a fresh one
+                        if self.leading.is_set():
+                            self.leading.clear()
+                        # Follow: keep our own lease alive so the next campaign can use it.
+                        await asyncio.sleep(self.ttl_seconds / 3)
+                        if await self._store.keep_alive(lease) == 0:
+                            break
+                except Unavailable as exc:
+                    self.leading.clear()
+                    log.warning("leader election: etcd unavailable (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+        finally:
+            self.leading.clear()
+            if lease and self.leader == self.identity:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._store.revoke_lease(lease))
+                log.info("%s resigned the leadership", self.identity)
+
+    async def _lead(self, lease: int) -> None:
+        self.leading.set()
+        log.info("%s is the leader", self.identity)
+        try:
+            while True:
+                await asyncio.sleep(self.ttl_seconds / 3)
+                if await self._store.keep_alive(lease) == 0:
+                    log.warning("%s lost its leader lease", self.identity)
+                    return
+        finally:
+            self.leading.clear()

@@ -1,0 +1,530 @@
+"""The metrics pipeline: proxies' statistics in, per-series samples into `Windows`, windows out.
+
+Owns:
+- `MetricsSource`, the role of anything that yields one tick's `Sample` per `SeriesKey`,
+  and two mechanisms: `EnvoyAdminSource` (reads Envoy admin endpoints every tick and turns
+  their cumulative counters and histograms into deltas, per proxy and series, then sums the
+  proxies) and `PrometheusQuerySource` (instant `increase()` queries against Prometheus's
+  HTTP API over Envoy's standard metric names, for teams that already scrape their Envoys).
+- `MetricsCollector`: the cancellable loop that appends every source's samples to one
+  `Windows` each interval, and `ingest_agent_report` for the deltas agents send up
+  (`AgentMessage.metrics`), filed under the agent's cluster.
+- The wire form of agent reports (`report_from_samples`, `samples_from_report`) and the
+  read side (`release_series`): the windows that concern one release, with traffic shares.
+
+Time: samples are stamped with the collector's wall clock (seconds), made strictly
+increasing, agent reports included (stamped on arrival: one clock for every series, so a
+window [now - w, now] means the same for every cluster whatever the agents' clocks say).
+
+Concurrency: one asyncio loop. The collector's task appends; API handlers read `Windows`
+in the same loop between awaits, so no locks. Must not import: etcd, graylane.xds (the
+proxies come in as a `targets` callable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from graylane.agent.stats import ClusterStats, EnvoyStatsScraper, TrafficKey
+from graylane.controlplane import model
+from graylane.controlplane.windows import Aggregate, CounterDelta, Histogram, Sample, Scrape, SeriesKey, Windows
+from graylane.v1 import agent_pb2 as apb
+from graylane.xds.view import parse_cluster_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_SECONDS = 1.0
+
+# node id -> (admin "host:port", cluster name; "" for the local cluster)
+Targets = Callable[[], Mapping[str, tuple[str, str]]]
+
+
+class MetricsSource(Protocol):
+    """Where one tick's samples come from."""
+
+    async def collect(self, at: float) -> Mapping[SeriesKey, Sample]:
+        """What each series added since the previous call, stamped `at`.
+
+        The first call (and a series' first sight) only sets a baseline; nothing is
+        counted twice across calls."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the collector calls it when it stops."""
+        ...
+
+
+# --------------------------------------------------------------------------- Envoy admin
+
+
+def scrape_of(stats: ClusterStats, at: float) -> Scrape:
+    """One reading of a series as `windows.Scrape`. A histogram Envoy has not flushed yet
+    is an empty one (the layout is filled in by `_SeriesDelta`)."""
+    latency = Histogram.from_cumulative(stats.latency) if stats.latency else Histogram()
+    return Scrape(at=at, requests=stats.requests, errors=stats.errors, latency=latency)
+
+
+class _SeriesDelta:
+    """`CounterDelta` for one series of one proxy, aware of Envoy's histogram lag.
+
+    Envoy publishes a histogram only at its stats flush, so a series may have counters but
+    no histogram yet, or (after a flush) suddenly a bucket layout it lacked before. A
+    missing histogram stands for "nothing new" (the last one carried forward) unless the
+    counters went back (a restart: then it is empty), and a layout that appears where there
+    were no observations rebases the baseline: neither is a counter reset.
+    """
+
+    __slots__ = ("_delta", "_last")
+
+    def __init__(self) -> None:
+        self._delta = CounterDelta()
+        self._last: Scrape | None = None
+
+    def observe(self, scrape: Scrape) -> Sample | None:
+        last = self._last
+        if last is not None and scrape.latency.bounds != last.latency.bounds:
+            if scrape.latency.total == 0:
+                restarted = scrape.requests < last.requests or scrape.errors < last.errors
+                latency = Histogram.empty(last.latency.bounds) if restarted else last.latency
+                scrape = dataclasses.replace(scrape, latency=latency)
+            elif last.latency.total == 0 and scrape.at > last.at:
+                self._delta = CounterDelta()
+                self._delta.observe(dataclasses.replace(last, latency=Histogram.empty(scrape.latency.bounds)))
+        sample = self._delta.observe(scrape)
+        if last is None or scrape.at > last.at:
+            self._last = scrape
+        return sample
+
+
+def _sum(at: float, interval_s: float, parts: Sequence[Sample]) -> Sample:
+    latency = Histogram()
+    for part in parts:
+        latency = latency + part.latency
+    return Sample(
+        at=at,
+        interval_s=interval_s,
+        requests=sum(p.requests for p in parts),
+        errors=sum(p.errors for p in parts),
+        latency=latency,
+    )
+
+
+class EnvoyAdminSource:
+    """Reads each target Envoy's admin `/stats` (JSON, with latency buckets) every tick.
+
+    `targets()` is asked on every tick, so proxies that come and go are followed; a proxy
+    that leaves is forgotten (it starts from a fresh baseline if it returns). A proxy that
+    does not answer keeps its baseline: its next answer covers the gap. A series a proxy
+    no longer reports (its cluster was removed) is forgotten, which keeps the state
+    bounded by what the proxies report.
+    """
+
+    def __init__(self, targets: Targets, *, timeout: float = 2.0) -> None:
+        self._targets = targets
+        self._timeout = timeout
+        self._stack = contextlib.AsyncExitStack()
+        self._scraper: EnvoyStatsScraper | None = None
+        self._series: dict[str, dict[SeriesKey, _SeriesDelta]] = {}  # node id -> key -> delta
+        self._last_at: float | None = None
+        self._unreachable: frozenset[str] = frozenset()
+
+    async def collect(self, at: float) -> dict[SeriesKey, Sample]:
+        if self._last_at is not None and at <= self._last_at:
+            return {}
+        interval = None if self._last_at is None else at - self._last_at
+        self._last_at = at
+        scraper = self._scraper
+        if scraper is None:
+            scraper = self._scraper = await self._stack.enter_async_context(EnvoyStatsScraper(timeout=self._timeout))
+        targets = dict(self._targets())
+        for gone in self._series.keys() - targets.keys():
+            del self._series[gone]
+        readings, unreachable = await scraper.read_all({node: admin for node, (admin, _) in targets.items()})
+        if frozenset(unreachable) != self._unreachable:
+            self._unreachable = frozenset(unreachable)
+            if unreachable:
+                log.warning("metrics: admin endpoint of %s not answering", ", ".join(unreachable))
+        parts: dict[SeriesKey, list[Sample]] = {}
+        for node, reading in readings.items():
+            cluster = targets[node][1]
+            known = self._series.setdefault(node, {})
+            seen = {SeriesKey(*key, cluster): stats for key, stats in reading.items()}
+            for stale in known.keys() - seen.keys():
+                del known[stale]
+            for key, stats in seen.items():
+                sample = known.setdefault(key, _SeriesDelta()).observe(scrape_of(stats, at))
+                if sample is not None:
+                    parts.setdefault(key, []).append(sample)
+        if interval is None:
+            return {}
+        # Each proxy's delta may span more than one tick (it missed one); the sum is filed
+        # under this tick's interval so window coverage stays real time.
+        return {key: _sum(at, interval, samples) for key, samples in parts.items()}
+
+    async def aclose(self) -> None:
+        self._scraper = None
+        await self._stack.aclose()
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+PROMETHEUS_CLUSTER_LABEL = "envoy_cluster_name"
+_PROM_REQUESTS = "envoy_cluster_upstream_rq_total"
+# 5xx answers (upstream_rq_xx with class 5) and requests that ended without an answer; the
+# failure counters carry no class label, which the `=~"5|"` matcher lets through.
+_PROM_ERRORS = (
+    "envoy_cluster_upstream_rq_xx",
+    "envoy_cluster_upstream_rq_timeout",
+    "envoy_cluster_upstream_rq_rx_reset",
+    "envoy_cluster_upstream_rq_pending_failure_eject",
+)
+_PROM_LATENCY = "envoy_cluster_upstream_rq_time_bucket"
+
+
+class PrometheusError(Exception):
+    """Prometheus did not answer, or answered something other than an instant vector."""
+
+
+def prometheus_queries(range_s: float, *, label: str = PROMETHEUS_CLUSTER_LABEL, selector: str = "") -> dict[str, str]:
+    """The three instant queries of one tick: requests, errors and latency buckets added
+    per Envoy cluster over the last `range_s` seconds, summed over every scraped Envoy.
+
+    `selector` adds label matchers to every metric (`namespace="shop"`).
+    """
+    if not (math.isfinite(range_s) and range_s > 0):
+        raise ValueError(f"query range {range_s} must be positive")
+    window = f"[{max(1, round(range_s * 1000))}ms]"
+    extra = f",{selector}" if selector else ""
+    errors = "|".join(_PROM_ERRORS)
+    return {
+        "requests": f"sum by ({label}) (increase({_PROM_REQUESTS}{{{selector}}}{window}))",
+        "errors": (
+            f'sum by ({label}) (increase({{__name__=~"{errors}",envoy_response_code_class=~"5|"{extra}}}{window}))'
+        ),
+        "latency": f"sum by ({label}, le) (increase({_PROM_LATENCY}{{{selector}}}{window}))",
+    }
+
+
+def parse_vector(document: Any) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each element of a `/api/v1/query` instant-vector answer; NaN and
+    infinite values (an empty rate) are left out."""
+    if not isinstance(document, dict):
+        raise PrometheusError("answer is not a JSON object")
+    if document.get("status") != "success":
+        raise PrometheusError(f"{document.get('errorType', 'error')}: {document.get('error', 'query failed')}")
+    data = document.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
+        got = data.get("resultType") if isinstance(data, dict) else data
+        raise PrometheusError(f"expected an instant vector, got {got!r}")
+    out: list[tuple[dict[str, str], float]] = []
+    for element in data["result"]:
+        try:
+            labels = {str(k): str(v) for k, v in element["metric"].items()}
+            value = float(element["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise PrometheusError(f"malformed vector element {element!r}") from exc
+        if math.isfinite(value):
+            out.append((labels, value))
+    return out
+
+
+def _count(value: float) -> int:
+    """increase() extrapolates, so counts arrive as floats (and, rarely, a hair below 0)."""
+    return max(0, round(value))
+
+
+def samples_from_prometheus(
+    requests: Iterable[tuple[Mapping[str, str], float]],
+    errors: Iterable[tuple[Mapping[str, str], float]],
+    latency: Iterable[tuple[Mapping[str, str], float]],
+    *,
+    at: float,
+    interval_s: float,
+    cluster: str = "",
+    label: str = PROMETHEUS_CLUSTER_LABEL,
+) -> dict[SeriesKey, Sample]:
+    """One tick's samples from the three query answers (see `prometheus_queries`).
+
+    A series is a Graylane cluster present in the requests answer; errors and buckets of
+    other clusters are ignored. Bucket counts are made cumulative-monotone after rounding.
+    """
+
+    def key_of(labels: Mapping[str, str]) -> SeriesKey | None:
+        parsed = parse_cluster_name(labels.get(label, ""))
+        return SeriesKey(*parsed, cluster) if parsed is not None else None
+
+    counts: dict[SeriesKey, int] = {}
+    for labels, value in requests:
+        if (key := key_of(labels)) is not None:
+            counts[key] = counts.get(key, 0) + _count(value)
+    failed: dict[SeriesKey, int] = {}
+    for labels, value in errors:
+        key = key_of(labels)
+        if key is not None and key in counts:
+            failed[key] = failed.get(key, 0) + _count(value)
+    buckets: dict[SeriesKey, dict[float, float]] = {}
+    for labels, value in latency:
+        key = key_of(labels)
+        le = labels.get("le")
+        if key is None or key not in counts or le is None:
+            continue
+        try:
+            bound = float(le)  # "+Inf" parses to inf
+        except ValueError:
+            continue
+        slot = buckets.setdefault(key, {})
+        slot[bound] = slot.get(bound, 0.0) + value
+    out: dict[SeriesKey, Sample] = {}
+    for key, n in counts.items():
+        histogram = Histogram()
+        if key in buckets:
+            running = 0
+            cumulative: list[tuple[float, int]] = []
+            for bound in sorted(buckets[key]):
+                running = max(running, _count(buckets[key][bound]))
+                cumulative.append((bound, running))
+            histogram = Histogram.from_cumulative(cumulative)
+        out[key] = Sample(at=at, interval_s=interval_s, requests=n, errors=failed.get(key, 0), latency=histogram)
+    return out
+
+
+class PrometheusQuerySource:
+    """Samples from a Prometheus that already scrapes the Envoys (`/stats/prometheus`).
+
+    Prometheus holds a point per scrape (often every 15 s), so this source answers at most
+    every `interval` seconds (default 30): each answer covers exactly the time since the
+    previous one (`increase(...[<that>ms])` evaluated at `at - delay`), so back-to-back
+    answers never overlap; ticks in between return nothing. `delay` leaves Prometheus time
+    to scrape the end of the range.
+
+    Envoy's default `envoy.cluster_name` tag stops at the cluster name's first dot, so
+    versions or lanes with dots (``1.2.3``) need the bootstrap to override that tag (or
+    Prometheus relabelling into the `label` given here) before this source can tell them
+    apart; the Envoy admin source has no such limit.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        interval: float = 30.0,
+        delay: float = 0.0,
+        cluster: str = "",
+        label: str = PROMETHEUS_CLUSTER_LABEL,
+        selector: str = "",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        if not (math.isfinite(interval) and interval > 0) or not (math.isfinite(delay) and delay >= 0):
+            raise ValueError("interval must be positive and delay not negative")
+        self._url = base_url.rstrip("/") + "/api/v1/query"
+        self._interval = interval
+        self._delay = delay
+        self._cluster = cluster
+        self._label = label
+        self._selector = selector
+        self._headers = dict(headers or {})
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._last: float | None = None
+
+    async def collect(self, at: float) -> dict[SeriesKey, Sample]:
+        if self._last is None:
+            self._last = at
+            return {}
+        if at - self._last < self._interval:
+            return {}
+        interval = at - self._last
+        queries = prometheus_queries(interval, label=self._label, selector=self._selector)
+        answers = await asyncio.gather(*(self._query(q, at - self._delay) for q in queries.values()))
+        self._last = at  # only after success: a failed tick leaves its range to the next
+        found = dict(zip(queries, answers, strict=True))
+        return samples_from_prometheus(
+            found["requests"], found["errors"], found["latency"],
+            at=at, interval_s=interval, cluster=self._cluster, label=self._label,
+        )  # fmt: skip
+
+    async def _query(self, query: str, at: float) -> list[tuple[dict[str, str], float]]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout), headers=self._headers
+            )
+        try:
+            async with self._session.get(self._url, params={"query": query, "time": f"{at:.3f}"}) as response:
+                document = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise PrometheusError(f"{self._url}: {exc or type(exc).__name__}") from exc
+        return parse_vector(document)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+# --------------------------------------------------------------------------- agent reports
+
+
+def report_from_samples(samples: Mapping[SeriesKey, Sample], *, at: float, interval_s: float) -> apb.MetricsReport:
+    """One tick of an agent's samples, as sent up. The cluster is not sent: the control
+    plane knows which cluster each agent stream belongs to."""
+    report = apb.MetricsReport(interval_seconds=interval_s)
+    report.at.FromNanoseconds(round(at * 1e9))
+    for key in sorted(samples):
+        s = samples[key]
+        report.series.add(
+            service=key.service,
+            version=key.version,
+            lane=key.lane,
+            requests=s.requests,
+            errors=s.errors,
+            bucket_bounds_ms=s.latency.bounds,
+            bucket_counts=s.latency.counts,
+        )
+    return report
+
+
+def samples_from_report(report: apb.MetricsReport, *, at: float) -> dict[TrafficKey, Sample]:
+    """The samples of one agent report, stamped `at`. Malformed series (empty names, a
+    histogram whose counts do not fit its bounds) are dropped with a warning; a report
+    without a positive interval gives nothing."""
+    interval = report.interval_seconds
+    if not (math.isfinite(interval) and interval > 0):
+        log.warning("metrics report without a positive interval (%r) dropped", interval)
+        return {}
+    out: dict[TrafficKey, Sample] = {}
+    for s in report.series:
+        try:
+            if not (s.service and s.version):
+                raise ValueError("service and version are required")
+            latency = Histogram(tuple(s.bucket_bounds_ms), tuple(s.bucket_counts) or (0,))
+            sample = Sample(at=at, interval_s=interval, requests=s.requests, errors=s.errors, latency=latency)
+        except ValueError as exc:
+            log.warning("metrics series %s|%s|%s dropped: %s", s.service, s.version, s.lane, exc)
+            continue
+        key = (s.service, s.version, s.lane)
+        out[key] = _sum(at, interval, [out[key], sample]) if key in out else sample
+    return out
+
+
+# --------------------------------------------------------------------------- collector
+
+
+class MetricsCollector:
+    """Appends every source's samples to `windows` every `interval` seconds (`run`), and
+    agents' reports as they arrive (`ingest_agent_report`)."""
+
+    def __init__(
+        self,
+        sources: MetricsSource | Sequence[MetricsSource],
+        windows: Windows,
+        *,
+        interval: float = DEFAULT_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"interval {interval} must be positive")
+        self.sources: tuple[MetricsSource, ...] = (sources,) if not isinstance(sources, Sequence) else tuple(sources)
+        self.windows = windows
+        self.interval = interval
+        self._clock = clock
+        self._last_at = -math.inf
+        self.ticks = 0  # completed ticks (tests poll it)
+
+    def now(self) -> float:
+        """The collector's clock: wall-clock seconds, strictly increasing across calls."""
+        at = max(self._clock(), self._last_at + 1e-6)
+        self._last_at = at
+        return at
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            deadline = loop.time()
+            while True:
+                await self.collect_once()
+                deadline += self.interval
+                late = loop.time() - deadline
+                if late > 0:  # a slow tick: skip the ticks it overran instead of bursting
+                    deadline += math.ceil(late / self.interval) * self.interval
+                await asyncio.sleep(deadline - loop.time())
+        finally:
+            for source in self.sources:
+                with contextlib.suppress(Exception):
+                    await source.aclose()
+
+    async def collect_once(self) -> int:
+        """One tick of every source; returns the number of samples appended."""
+        at = self.now()
+        results = await asyncio.gather(*(s.collect(at) for s in self.sources), return_exceptions=True)
+        merged: dict[SeriesKey, list[Sample]] = {}
+        for source, result in zip(self.sources, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                log.warning("metrics source %s failed: %s", type(source).__name__, result)
+                continue
+            for key, sample in result.items():
+                merged.setdefault(key, []).append(sample)
+        for key, samples in merged.items():
+            self._append(key, samples[0] if len(samples) == 1 else _sum(at, samples[0].interval_s, samples))
+        self.ticks += 1
+        return len(merged)
+
+    def ingest_agent_report(self, cluster: str, report: apb.MetricsReport) -> int:
+        """File an agent's deltas under its cluster; returns the number of samples appended."""
+        samples = samples_from_report(report, at=self.now())
+        for (service, version, lane), sample in samples.items():
+            self._append(SeriesKey(service, version, lane, cluster), sample)
+        return len(samples)
+
+    def _append(self, key: SeriesKey, sample: Sample) -> None:
+        try:
+            self.windows.append(key, sample)
+        except ValueError as exc:  # not after the latest: the clock guarantees it, so a bug
+            log.warning("metrics sample for %s dropped: %s", key, exc)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSummary:
+    """One series over a window, with its share of its service's requests there."""
+
+    key: SeriesKey
+    window: Aggregate
+    share: float | None  # None: the service had no requests in the window
+
+
+def release_keys(keys: Iterable[SeriesKey], spec: model.ReleaseSpec) -> list[SeriesKey]:
+    """The series that concern a release: at every service it lists or its lane reached,
+    the lane's traffic and the traffic outside any lane (the baseline beside it)."""
+    keys = list(keys)
+    services = {s.service for s in spec.services}
+    services.update(k.service for k in keys if spec.lane and k.lane == spec.lane)
+    lanes = {"", spec.lane}
+    return sorted(k for k in keys if k.service in services and k.lane in lanes)
+
+
+def release_series(windows: Windows, spec: model.ReleaseSpec, *, since: float, until: float) -> list[SeriesSummary]:
+    """Every series of the release with a sample in (since, until], sorted by service,
+    lane, version, cluster."""
+    found = [(k, windows.window(k, since, until)) for k in release_keys(windows.keys(), spec)]
+    found = [(k, a) for k, a in found if a.samples]
+    totals: dict[str, int] = {}
+    for key, a in found:
+        totals[key.service] = totals.get(key.service, 0) + a.requests
+    found.sort(key=lambda ka: (ka[0].service, ka[0].lane, ka[0].version, ka[0].cluster))
+    return [
+        SeriesSummary(key, a, a.requests / totals[key.service] if totals[key.service] else None) for key, a in found
+    ]

@@ -1,0 +1,481 @@
+"""Issue 5 acceptance: per-cluster agents, two simulated clusters on 127.0.0.1.
+
+One `TwoClusters` layout (graylane.deploy.demo.clusters) serves the whole module: a real
+etcd (the session fixture, under a key prefix of its own), a real `graylane serve`
+subprocess, and per cluster a real `graylane agent` subprocess, a sidecar Envoy and a
+gateway Envoy fed by that agent. East runs checkout v1, west runs checkout v2; the agents
+report them, nothing is registered by hand.
+
+Isolation between tests: before each test the `fresh` fixture brings the layout back to
+its healthy shape (control plane and both agents running, endpoint files as written,
+both clusters registered with exactly their endpoints) and ends any live release; every
+test applies its own release. Tests that kill processes restart them before they end,
+and `fresh` would otherwise.
+
+The lease TTL is 3 s, so "within the lease TTL" is quick to observe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from graylane.controlplane.client import Action
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.traffic import LoadResult, run_load
+from graylane.deploy.demo.clusters import (
+    EAST,
+    LANE,
+    RULE_HEADER,
+    SERVICE,
+    WEST,
+    AgentProcess,
+    Cluster,
+    TwoClusters,
+    envoy_counter,
+    gray_in_west_release,
+    poll,
+)
+from graylane.v1 import agent_pb2 as apb
+from graylane.v1 import agent_pb2_grpc
+from graylane.v1 import release_pb2 as pb
+from scipy.stats import binom
+
+pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
+
+TTL = 3
+PROBE = "probe"  # a cluster name with a token, for speaking the agent protocol by hand
+PROBE_TOKEN = "probe-token-0123456789"
+LIVE = (pb.PENDING, pb.PROGRESSING, pb.PAUSED)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def layout(
+    etcd_endpoint: str, envoy_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[TwoClusters]:
+    async with TwoClusters(
+        etcd_endpoint=etcd_endpoint,
+        workdir=tmp_path_factory.mktemp("two-clusters"),
+        lease_ttl_seconds=TTL,
+        envoy_binary=envoy_binary,
+        extra_tokens={PROBE: PROBE_TOKEN},
+        actor="test",
+    ) as two:
+        yield two
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fresh(layout: TwoClusters) -> TwoClusters:
+    """The layout healthy again, with no live release."""
+    if not layout.serve.running:
+        await layout.serve.restart()
+    for cluster in (layout.east, layout.west):
+        if not cluster.agent.running:
+            await cluster.agent.restart()
+        if cluster.endpoints_file.read_text() != cluster.endpoints_yaml():
+            cluster.write_endpoints()
+    await layout.wait_registered(EAST, WEST)
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        release = await layout.client.get_release(LANE)
+        if release.status.phase in LIVE:
+            await layout.client.act(Action.ROLLBACK, LANE, reason="test isolation")
+    return layout
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def within_binomial(successes: int, n: int, p: float) -> bool:
+    """Whether `successes` of `n` lies in the central 99.9 % of Binomial(n, p)."""
+    low, high = binom.interval(0.999, n, p)
+    return low <= successes <= high
+
+
+def assert_no_failures(result: LoadResult, where: str) -> None:
+    assert result.sent > 0, where
+    assert result.failed == 0, f"{where}: {result.statuses} {result.errors} (of {result.sent})"
+
+
+async def start_release(layout: TwoClusters, weight: int) -> pb.Release:
+    """Apply the gray-in-west release and step it to the batch of `weight`, reached by all 4 proxies."""
+    await layout.client.apply_release(gray_in_west_release(), reason="test")
+    release = await layout.client.get_release(LANE)
+    while release.status.weight != weight:
+        await layout.client.act(Action.NEXT, LANE)
+        release = await layout.client.get_release(LANE)
+    return await layout.until_reached(LANE, weight=weight)
+
+
+def background_load(layout: TwoClusters, cluster: Cluster, stop: asyncio.Event) -> asyncio.Task[LoadResult]:
+    return asyncio.create_task(
+        layout.load(cluster, count=1_000_000, max_seconds=60, rate=200, concurrency=4, stop=stop)
+    )
+
+
+async def v2_counts(layout: TwoClusters) -> tuple[int, int]:
+    """(west v2 upstream requests, west gateway requests to its local checkout v2)."""
+    assert layout.west.gateway is not None
+    gateway = await envoy_counter(layout.west.gateway, "cluster.checkout|v2.upstream_rq_total")
+    return layout.west.upstream.requests, gateway
+
+
+async def config_dump(envoy: EnvoyProcess) -> str:
+    status, body = await envoy.admin_get("/config_dump?include_eds")
+    assert status == 200, body[:200]
+    return body
+
+
+def port_values(dump: str) -> set[int]:
+    """Every socket port in an Envoy config dump."""
+    found: set[int] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "port_value":
+                    found.add(int(value))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(dump))
+    return found
+
+
+class RawAgent:
+    """The AgentService protocol spoken by hand: hello, then whatever the test sends."""
+
+    def __init__(self, target: str, *, cluster: str, token: str) -> None:
+        self.target = target
+        self.metadata = (("x-graylane-cluster", cluster), ("authorization", f"Bearer {token}"))
+
+    async def exchange(
+        self, hello: apb.AgentHello, *then: apb.AgentMessage, timeout: float = 10.0
+    ) -> tuple[list[apb.ControlMessage], grpc.aio.AioRpcError | None]:
+        """Send the hello, then `then` once welcomed; what came back and the error that ended it.
+
+        Without an error, returns once a view arrived after the last message was sent.
+        """
+        outbox: asyncio.Queue[apb.AgentMessage | None] = asyncio.Queue()
+        outbox.put_nowait(apb.AgentMessage(hello=hello))
+
+        async def requests() -> AsyncIterator[apb.AgentMessage]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        received: list[apb.ControlMessage] = []
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests(), metadata=self.metadata)
+            try:
+                async with asyncio.timeout(timeout):
+                    async for message in call:
+                        received.append(message)
+                        if message.WhichOneof("kind") == "welcome":
+                            for item in then:
+                                outbox.put_nowait(item)
+                        elif not then:
+                            return received, None
+            except grpc.aio.AioRpcError as exc:
+                return received, exc
+            finally:
+                outbox.put_nowait(None)  # ends the request stream, so nothing is left pending
+                call.cancel()
+        return received, None
+
+
+def probe_hello(**fields: str) -> apb.AgentHello:
+    base = {"cluster": PROBE, "gateway_address": "127.0.0.1:9", "agent_version": "test", "agent_id": "probe-agent"}
+    base.update(fields)
+    return apb.AgentHello(**base)
+
+
+def endpoints_message(address: str, port: int) -> apb.AgentMessage:
+    return apb.AgentMessage(
+        endpoints=apb.EndpointSnapshot(
+            versions=[
+                apb.VersionEndpoints(service=SERVICE, version="v2", endpoints=[pb.Endpoint(address=address, port=port)])
+            ]
+        )
+    )
+
+
+# ------------------------------------------------------------------------------- tests
+
+
+async def test_gray_in_west_takes_the_batch_share_through_west_gateway(fresh: TwoClusters) -> None:
+    layout = fresh
+    east, west = layout.east, layout.west
+    for weight in (10, 50):
+        reached = await start_release(layout, weight)
+        assert reached.status.convergence.converged == reached.status.convergence.proxies == 4
+        v1_before = east.upstream.requests
+        upstream_before, gateway_before = await v2_counts(layout)
+        result = await layout.load(east, count=2000)
+        assert_no_failures(result, f"east at {weight}%")
+        gray = result.versions["v2"]
+        assert set(result.versions) <= {"v1", "v2"}
+        assert within_binomial(gray, result.sent, weight / 100), (weight, result.versions)
+        # Every gray answer came from west's v2 through west's gateway; the rest from east's v1.
+        upstream_after, gateway_after = await v2_counts(layout)
+        assert upstream_after - upstream_before == gray
+        assert gateway_after - gateway_before == gray
+        assert east.upstream.requests - v1_before == result.versions["v1"]
+
+    # The rule sends every matching request to west, whatever the weight.
+    upstream_before, gateway_before = await v2_counts(layout)
+    ruled = await layout.load(east, count=300, headers=RULE_HEADER)
+    assert_no_failures(ruled, "rule requests")
+    assert ruled.versions == {"v2": 300}
+    upstream_after, gateway_after = await v2_counts(layout)
+    assert upstream_after - upstream_before == gateway_after - gateway_before == 300
+
+    # West's own callers: base v1 through east's gateway, the batch share on local v2.
+    from_west = await layout.load(west, count=2000)
+    assert_no_failures(from_west, "west at 50%")
+    assert within_binomial(from_west.versions["v2"], from_west.sent, 0.5), from_west.versions
+
+
+async def test_east_envoys_never_receive_west_local_resources(fresh: TwoClusters) -> None:
+    layout = fresh
+    east, west = layout.east, layout.west
+    assert east.sidecar and east.gateway and west.sidecar and west.gateway
+    for weight in (10, 100):
+        await start_release(layout, weight)
+        for envoy in (east.sidecar, east.gateway):
+            ports = port_values(await config_dump(envoy))
+            assert west.upstream.port not in ports, (envoy.node_id, weight)
+            if envoy is east.sidecar:
+                assert west.gateway_port in ports and east.upstream.port in ports
+        # And the other way round: west's Envoys reach east's v1 only through east's gateway.
+        west_ports = port_values(await config_dump(west.sidecar))
+        assert east.upstream.port not in west_ports and east.gateway_port in west_ports
+
+
+async def test_wrong_cluster_credential_is_refused(fresh: TwoClusters, tmp_path: Path) -> None:
+    layout = fresh
+    before = await layout.registered()
+    snap = await layout.snapshot()
+    east_agent_id = next(c.agent_id for c in snap.clusters if c.name == EAST)
+
+    # A real agent for east presenting west's token: refused, and east stays its agent's.
+    wrong_token = tmp_path / "wrong.token"
+    wrong_token.write_text(layout.tokens[WEST])
+    impostor = AgentProcess(
+        cluster=EAST,
+        control_plane=layout.serve.target,
+        gateway_address="127.0.0.1:9",
+        state_dir=tmp_path / "impostor",
+        endpoints_file=layout.east.endpoints_file,
+        token_file=wrong_token,
+        log_path=tmp_path / "impostor.log",
+    )
+    try:
+        await impostor.start()
+        await impostor.wait_log("the control plane refused this agent: UNAUTHENTICATED", timeout=15)
+    finally:
+        await impostor.stop()
+    snap = await layout.snapshot()
+    assert next(c.agent_id for c in snap.clusters if c.name == EAST) == east_agent_id
+    assert await layout.registered() == before
+
+    # East's valid token claiming west: refused before anything is written.
+    raw = RawAgent(layout.serve.target, cluster=EAST, token=layout.tokens[EAST])
+    _, error = await raw.exchange(probe_hello(cluster=WEST, agent_id="someone-else"))
+    assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+    assert "hello.cluster" in (error.details() or "")
+    # No token at all.
+    raw = RawAgent(layout.serve.target, cluster=WEST, token="")
+    _, error = await raw.exchange(probe_hello(cluster=WEST))
+    assert error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    assert await layout.registered() == before
+    assert (await layout.load(layout.west, count=100)).failed == 0
+
+
+async def test_second_agent_with_a_taken_cluster_name_is_refused(fresh: TwoClusters, tmp_path: Path) -> None:
+    layout = fresh
+    await start_release(layout, 10)
+    before = await layout.registered()
+    snap = await layout.snapshot()
+    west_agent_id = next(c.agent_id for c in snap.clusters if c.name == WEST)
+    other_endpoints = tmp_path / "other-endpoints.yaml"
+    other_endpoints.write_text(
+        "versions:\n  - {service: checkout, version: v2, endpoints: [{address: 127.0.0.1, port: 1}]}\n"
+    )
+    second = AgentProcess(
+        cluster=WEST,
+        control_plane=layout.serve.target,
+        gateway_address="127.0.0.1:9",
+        state_dir=tmp_path / "second-west",  # another installation: another agent id
+        endpoints_file=other_endpoints,
+        token_file=layout.west.token_file,
+        log_path=tmp_path / "second-west.log",
+    )
+    try:
+        await second.start()
+        await second.wait_log("the control plane refused this agent: ALREADY_EXISTS", timeout=15)
+        assert "served by another agent" in second.log_text()
+        assert await layout.registered() == before
+        snap = await layout.snapshot()
+        assert next(c.agent_id for c in snap.clusters if c.name == WEST) == west_agent_id
+    finally:
+        await second.stop()
+    result = await layout.load(layout.east, count=200, headers=RULE_HEADER)
+    assert_no_failures(result, "rule requests to west after the refusal")
+    assert result.versions == {"v2": 200}
+
+
+async def test_unusable_endpoints_file_keeps_the_last_good_set(fresh: TwoClusters) -> None:
+    layout = fresh
+    east = layout.east
+    await start_release(layout, 10)
+    before = await layout.registered()
+    cases = [
+        ("versions: [ {service: checkout", "not YAML"),
+        (
+            "versions:\n  - {service: checkout, version: v1, endpoints: [{address: 999.1.1.1, port: 8080}]}\n",
+            "endpoints.versions[0].endpoints[0].address",
+        ),
+        (
+            "versions:\n  - {service: checkout, version: v1, endpoints: [{address: 127.0.0.1, port: 0}]}\n",
+            "endpoints.versions[0].endpoints[0].port",
+        ),
+    ]
+    try:
+        for text, named in cases:
+            mark = east.agent.log_mark()
+            east.write_endpoints(text)
+            await east.agent.wait_log(named, timeout=10, after=mark)
+            assert "keeping the last good endpoints" in east.agent.log_text()[mark:]
+            assert await layout.registered() == before, text
+            assert_no_failures(await layout.load(east, count=200), f"east with a broken file ({named})")
+    finally:
+        mark = east.agent.log_mark()
+        east.write_endpoints()
+    await east.agent.wait_log("endpoints from", timeout=10, after=mark)
+    assert await layout.registered() == before
+
+
+async def test_kill_9_control_plane_under_load(fresh: TwoClusters) -> None:
+    layout = fresh
+    await start_release(layout, 10)
+    stop = asyncio.Event()
+    loads = {c.name: background_load(layout, c, stop) for c in (layout.east, layout.west)}
+    try:
+        await asyncio.sleep(1.0)  # traffic before the kill
+        await layout.serve.kill()
+        assert not layout.serve.running
+        await asyncio.sleep(1.0)  # traffic with no control plane at all
+        await layout.serve.restart()
+        # The release resumes: the next batch is reached by every proxy of both clusters.
+        await layout.client.act(Action.NEXT, LANE, reason="after the restart")
+        reached = await layout.until_reached(LANE, weight=50)
+        assert reached.status.convergence.converged == 4
+        await asyncio.sleep(0.5)  # traffic on the new batch
+    finally:
+        stop.set()
+    for name, task in loads.items():
+        assert_no_failures(await task, f"{name} while the control plane was killed")
+    assert loads[EAST].result().versions["v2"] > 0
+    await layout.wait_registered(EAST, WEST)
+
+
+async def test_agent_restarted_while_control_plane_is_down_serves_last_known_good(fresh: TwoClusters) -> None:
+    layout = fresh
+    east = layout.east
+    await start_release(layout, 50)
+    stop = asyncio.Event()
+    load = background_load(layout, east, stop)
+    try:
+        await layout.serve.kill()
+        mark = east.agent.log_mark()
+        await east.agent.stop()
+        await east.agent.restart()
+        await east.agent.wait_log("serving the last-known-good view", timeout=10, after=mark)
+        # A proxy that (re)starts now gets its whole configuration from the restarted agent.
+        async with EnvoyProcess(
+            ads_port=east.agent.xds_port, node_id="east-sidecar-late", node_cluster=EAST, binary=layout.envoy_binary
+        ) as late:
+            fresh_result = await run_load(late.listen_port, authority=SERVICE, count=2000, max_seconds=30)
+        assert_no_failures(fresh_result, "a new Envoy fed from the last-known-good view")
+        assert within_binomial(fresh_result.versions["v2"], fresh_result.sent, 0.5), fresh_result.versions
+        assert "connected to the control plane" not in east.agent.log_text()[mark:]
+    finally:
+        stop.set()
+    assert_no_failures(await load, "east while its agent restarted with no control plane")
+    await layout.serve.restart()
+    await layout.client.act(Action.NEXT, LANE)
+    await layout.until_reached(LANE, weight=100)
+
+
+async def test_killed_agent_endpoints_leave_within_the_lease_ttl(fresh: TwoClusters) -> None:
+    layout = fresh
+    east, west = layout.east, layout.west
+    await start_release(layout, 50)
+    stop = asyncio.Event()
+    load = background_load(layout, east, stop)
+    try:
+        await asyncio.sleep(0.5)
+        killed = time.monotonic()
+        await west.agent.kill()
+        gone = await layout.wait_unregistered(WEST, timeout=TTL + 5)
+        assert time.monotonic() - killed <= TTL + 1.0, f"west left etcd {gone:.2f}s after the kill"
+
+        async def v2_gone() -> bool | None:
+            probe = await layout.load(east, count=200)
+            assert_no_failures(probe, "east while west's endpoints leave")
+            return True if probe.versions["v2"] == 0 else None
+
+        await poll(v2_gone, timeout=10, what="east's gray share leaving west", interval=0.1)
+        release = await layout.client.get_release(LANE)
+        assert release.status.weight == 50  # the weight stays; only where it can go changed
+        settled = await layout.load(east, count=1000)
+        assert_no_failures(settled, "east after west left")
+        assert settled.versions == {"v1": 1000}
+    finally:
+        stop.set()
+    assert_no_failures(await load, "east while west's agent died")
+    # West comes back: its endpoints (and the gray share) return.
+    await west.agent.restart()
+    await layout.wait_registered(EAST, WEST)
+    await layout.until_reached(LANE, weight=50, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "field"),
+    [
+        ("999.0.0.1", 8080, "endpoints.versions[0].endpoints[0].address"),
+        ("not an address", 8080, "endpoints.versions[0].endpoints[0].address"),
+        ("127.0.0.1", 0, "endpoints.versions[0].endpoints[0].port"),
+        ("127.0.0.1", 70000, "endpoints.versions[0].endpoints[0].port"),
+    ],
+)
+async def test_invalid_endpoint_is_refused_naming_the_field(
+    fresh: TwoClusters, address: str, port: int, field: str
+) -> None:
+    raw = RawAgent(fresh.serve.target, cluster=PROBE, token=PROBE_TOKEN)
+    received, error = await raw.exchange(probe_hello(), endpoints_message(address, port))
+    assert received and received[0].WhichOneof("kind") == "welcome"
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert (error.details() or "").startswith(field), error.details()
+    assert PROBE not in {k for k, v in (await fresh.registered()).items() if v}
+
+
+async def test_invalid_hello_is_refused_naming_the_field(fresh: TwoClusters) -> None:
+    raw = RawAgent(fresh.serve.target, cluster=PROBE, token=PROBE_TOKEN)
+    for hello, field in (
+        (probe_hello(gateway_address="nowhere"), "hello.gateway_address"),
+        (probe_hello(gateway_address="127.0.0.1:0"), "hello.gateway_address"),
+        (probe_hello(agent_id=""), "hello.agent_id"),
+    ):
+        _, error = await raw.exchange(hello)
+        assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, (hello, error)
+        assert (error.details() or "").startswith(field), error.details()
