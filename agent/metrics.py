@@ -46,6 +46,7 @@ class MetricsReporter:
             lambda: {node: (admin, "") for node, admin in admin_addresses(tracker).items()}, timeout=timeout
         )
         self._last_at = -math.inf
+        self.ticks = 0  # readings of the proxies done
         self.sent = 0  # reports handed to `send`
 
     async def tick(self) -> apb.MetricsReport | None:
@@ -53,6 +54,7 @@ class MetricsReporter:
         at = max(self._clock(), self._last_at + 1e-6)
         self._last_at = at
         samples = await self._source.collect(at)
+        self.ticks += 1
         if not samples:
             return None
         interval = next(iter(samples.values())).interval_s

@@ -76,6 +76,7 @@ class ControlPlaneSession:
         self.disconnected_since: float | None = time.monotonic()  # None while connected
         self.refused = ""  # the control plane's last refusal, "" when none
         self.heartbeat_seconds = 1.0
+        self._outage_logged = False
 
     # ------------------------------------------------------------ facts to send
 
@@ -107,14 +108,27 @@ class ControlPlaneSession:
         while True:
             try:
                 await self._stream()
+                log.info("the control plane ended the stream; reconnecting")
                 delay = self._backoff.next()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _REFUSED:
-                    self.refused = f"{exc.code().name}: {exc.details()}"
-                    log.error("the control plane refused this agent: %s", self.refused)
+                    refused = f"{exc.code().name}: {exc.details()}"
+                    # Said once per reason: a refused agent retries at the longest backoff.
+                    log.log(
+                        logging.ERROR if refused != self.refused else logging.DEBUG,
+                        "the control plane refused this agent: %s",
+                        refused,
+                    )
+                    self.refused = refused
                     delay = self._backoff.longest()
                 else:
-                    log.warning("control plane stream lost (%s); reconnecting", exc.code().name)
+                    # Said once per outage; the attempts that follow are debug noise.
+                    log.log(
+                        logging.DEBUG if self._outage_logged else logging.WARNING,
+                        "control plane stream lost (%s); reconnecting",
+                        exc.code().name,
+                    )
+                    self._outage_logged = True
                     delay = self._backoff.next()
             except Exception:
                 # Never let one bad stream end the agent: its Envoys still need it.
@@ -160,6 +174,7 @@ class ControlPlaneSession:
 
     def _welcomed(self, welcome: apb.Welcome, outbox: asyncio.Queue[apb.AgentMessage]) -> None:
         self.refused = ""
+        self._outage_logged = False
         self._backoff.reset()
         if welcome.heartbeat_interval_ms:
             self.heartbeat_seconds = welcome.heartbeat_interval_ms / 1000

@@ -251,9 +251,7 @@ class EnvoyStatsScraper:
     ) -> tuple[dict[str, dict[TrafficKey, ClusterStats]], tuple[str, ...]]:
         """Per proxy (node id -> admin address) its reading, and the unreachable ones."""
         names = sorted(admins)
-        results = await asyncio.gather(
-            *(self.read(admins[n], latency=latency) for n in names), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self.read(admins[n], latency=latency) for n in names), return_exceptions=True)
         good: dict[str, dict[TrafficKey, ClusterStats]] = {}
         unreachable: list[str] = []
         for name, result in zip(names, results, strict=True):

@@ -12,6 +12,12 @@ The caller's credential is checked before the stream starts, by the API's one
 authenticating interceptor (`controlplane.api.CallerInterceptor`); here the hello must
 name the cluster that credential belongs to.
 
+A replica that starts while agents reconnect (its own restart) sends no view until every
+cluster ever registered (`knownclusters/` in etcd) has reported its endpoints again, or one
+lease TTL has passed: a view built earlier would lack the clusters not back yet, and where a
+version runs only there (a base version, say) its proxies would lose their endpoints. Agents
+serve their last-known-good view meanwhile, so holding views back costs nothing.
+
 Concurrency: one asyncio loop; `AgentHub.publish` is called by the DataPlane on every new
 store snapshot, sessions read their own queues.
 """
@@ -142,14 +148,14 @@ class AgentHub:
             self.publish(self._snap)
 
     def _may_send(self, snap: Snapshot) -> bool:
-        if True:
-            return True
         if self.settled:
             return True
         if self._known is None:
             return False
         back = {name for name, s in self.sessions.items() if 0 < s.reported_revision <= snap.revision}
         if self._known <= back:
+            if self._known:
+                log.info("the agents of %s are back: sending views", ", ".join(sorted(self._known)))
             self.settled = True
             if self._settle_timer is not None:
                 self._settle_timer.cancel()
@@ -203,6 +209,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         # must not claim (even briefly) a cluster its credential is not for.
         claimed = authenticated_cluster()
         if first.WhichOneof("kind") == "hello" and claimed is not None and claimed != first.hello.cluster:
+            log.warning("refused an agent: credential of cluster %r, hello for %r", claimed, first.hello.cluster)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"hello.cluster: the credential is for cluster {claimed!r}, not {first.hello.cluster!r}",
@@ -211,6 +218,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         try:
             session = await self._register(first)
         except GraylaneError as exc:
+            log.warning("refused an agent (cluster %r): %s", first.hello.cluster, exc)
             await context.abort(status_for(exc), str(exc))
             return
         log.info("agent of cluster %s connected (gateway %s:%d)", session.info.name,
@@ -234,7 +242,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 outgoing.cancel()
                 error = reader.exception()
                 if isinstance(error, GraylaneError):
+                    log.warning("ending the stream of cluster %s: %s", session.info.name, error)
                     await context.abort(status_for(error), str(error))
+                elif error is not None and not isinstance(error, (grpc.aio.AioRpcError, asyncio.CancelledError)):
+                    log.error("stream of cluster %s failed", session.info.name, exc_info=error)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control plane's log")
                 return
         finally:
             reader.cancel()

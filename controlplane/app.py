@@ -81,11 +81,17 @@ class ControlPlane:
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
         self.replicas = ReplicaRegistry(store, self.tracker, identity=self.election.identity)
         self.windows = Windows(capacity=WINDOW_SAMPLES, max_keys=WINDOW_KEYS)
-        self.analyzer = Analyzer(self.releases, self.windows, self.election, tick_seconds=analysis_tick_seconds)
+        self.analyzer = Analyzer(
+            self.releases,
+            self.windows,
+            self.election,
+            tick_seconds=analysis_tick_seconds,
+            on_verdict=lambda release, outcome: self.telemetry.analysis_outcome(outcome.value, release),
+        )
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
         # deltas agents send for theirs.
         self.metrics = MetricsCollector(
-            EnvoyAdminSource(lambda: {node: (a, "") for node, a in admin_addresses(self.tracker).items()}),
+            EnvoyAdminSource(self._scrape_targets),
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
@@ -178,6 +184,16 @@ class ControlPlane:
             await server.stop(_GRACE_SECONDS)
             if xds_server is not None:
                 await xds_server.stop(_GRACE_SECONDS)
+
+    def _scrape_targets(self) -> dict[str, tuple[str, str]]:
+        """Every proxy of every live replica (published in etcd), and this replica's own.
+
+        Every replica keeps the series, so the leader's windows are warm when it takes over.
+        """
+        snap = self.dataplane.snapshot
+        found = dict(snap.replica_proxies) if snap is not None else {}
+        found.update(admin_addresses(self.tracker))
+        return {node: (address, "") for node, address in found.items()}
 
     def _start_background(self, tasks: asyncio.TaskGroup) -> None:
         tasks.create_task(self.dataplane.run())

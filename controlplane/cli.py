@@ -884,15 +884,28 @@ def _add_demo(subparsers: Subparsers) -> None:
         help="run etcd, a control plane, Envoy and two service versions locally and step a release through",
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
+    parser.add_argument(
+        "--clusters",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: the full-link chain on one cluster; 2: gray in west, production in east, "
+        "one agent per cluster (default %(default)s)",
+    )
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.clusters == 2:
+        from graylane.controlplane.demo_clusters import run_two_cluster_demo
+
+        return asyncio.run(run_two_cluster_demo(requests_per_step=args.requests))
+
     from graylane.controlplane.demo import run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return asyncio.run(run_demo(requests_per_step=args.requests))
 
 

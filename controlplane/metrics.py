@@ -121,10 +121,13 @@ def _sum(at: float, interval_s: float, parts: Sequence[Sample]) -> Sample:
 class EnvoyAdminSource:
     """Reads each target Envoy's admin `/stats` (JSON, with latency buckets) every tick.
 
-    `targets()` is asked on every tick, so proxies that come and go are followed; a proxy
-    that leaves is forgotten (it starts from a fresh baseline if it returns). A proxy that
-    does not answer keeps its baseline: its next answer covers the gap. A series a proxy
-    no longer reports (its cluster was removed) is forgotten, which keeps the state
+    `targets()` is asked on every tick, so proxies that come and go are followed. A
+    proxy's first reading is only a baseline (its counters may span days); after that, a
+    series it did not report before starts from zero, because Envoy leaves unused stats out
+    (``usedonly``): the first requests of a new version are counted, not swallowed by a
+    baseline. A proxy that leaves is forgotten (a fresh baseline if it returns); one that
+    does not answer keeps its baseline, and its next answer covers the gap. A series a
+    proxy no longer reports (its cluster was removed) is forgotten, which keeps the state
     bounded by what the proxies report.
     """
 
@@ -134,6 +137,7 @@ class EnvoyAdminSource:
         self._stack = contextlib.AsyncExitStack()
         self._scraper: EnvoyStatsScraper | None = None
         self._series: dict[str, dict[SeriesKey, _SeriesDelta]] = {}  # node id -> key -> delta
+        self._read_at: dict[str, float] = {}  # node id -> time of its last reading
         self._last_at: float | None = None
         self._unreachable: frozenset[str] = frozenset()
 
@@ -148,6 +152,7 @@ class EnvoyAdminSource:
         targets = dict(self._targets())
         for gone in self._series.keys() - targets.keys():
             del self._series[gone]
+            self._read_at.pop(gone, None)
         readings, unreachable = await scraper.read_all({node: admin for node, (admin, _) in targets.items()})
         if frozenset(unreachable) != self._unreachable:
             self._unreachable = frozenset(unreachable)
@@ -156,12 +161,19 @@ class EnvoyAdminSource:
         parts: dict[SeriesKey, list[Sample]] = {}
         for node, reading in readings.items():
             cluster = targets[node][1]
+            previous_at = self._read_at.get(node)
+            self._read_at[node] = at
             known = self._series.setdefault(node, {})
             seen = {SeriesKey(*key, cluster): stats for key, stats in reading.items()}
             for stale in known.keys() - seen.keys():
                 del known[stale]
             for key, stats in seen.items():
-                sample = known.setdefault(key, _SeriesDelta()).observe(scrape_of(stats, at))
+                delta = known.get(key)
+                if delta is None:
+                    delta = known[key] = _SeriesDelta()
+                    if previous_at is not None:  # absent at the last reading: it was zero
+                        delta.observe(Scrape(at=previous_at, requests=0, errors=0))
+                sample = delta.observe(scrape_of(stats, at))
                 if sample is not None:
                     parts.setdefault(key, []).append(sample)
         if interval is None:

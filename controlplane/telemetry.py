@@ -220,7 +220,8 @@ class Telemetry:
         Returns the function that stops listening.
         """
         self._proxies = lambda: sum(1 for p in tracker.proxies().values() if p.connected)
-        return tracker.add_listener(self.proxy_event)
+        stop: Callable[[], None] = tracker.add_listener(self.proxy_event)
+        return stop
 
     def observe_releases(self, by_phase: Callable[[], Mapping[str, int] | None]) -> None:
         """`by_phase()` -> phase name -> count, or None while no store snapshot is loaded."""

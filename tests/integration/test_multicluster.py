@@ -41,6 +41,7 @@ from graylane.deploy.demo.clusters import (
     TwoClusters,
     envoy_counter,
     gray_in_west_release,
+    graylane_command,
     poll,
 )
 from graylane.v1 import agent_pb2 as apb
@@ -397,7 +398,7 @@ async def test_agent_restarted_while_control_plane_is_down_serves_last_known_goo
     try:
         await layout.serve.kill()
         mark = east.agent.log_mark()
-        await east.agent.stop()
+        await east.agent.kill()  # a crash: the view on disk must have survived whole
         await east.agent.restart()
         await east.agent.wait_log("serving the last-known-good view", timeout=10, after=mark)
         # A proxy that (re)starts now gets its whole configuration from the restarted agent.
@@ -479,3 +480,23 @@ async def test_invalid_hello_is_refused_naming_the_field(fresh: TwoClusters) -> 
         _, error = await raw.exchange(hello)
         assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, (hello, error)
         assert (error.details() or "").startswith(field), error.details()
+
+
+async def test_demo_with_two_clusters_answers_every_request(etcd_endpoint: str, envoy_binary: Path) -> None:
+    """`graylane demo --clusters 2` (with its own etcd): exit 0 means every request got a 200."""
+    del etcd_endpoint, envoy_binary  # only that both binaries exist
+    process = await asyncio.create_subprocess_exec(
+        *graylane_command(), "demo", "--clusters", "2", "--requests", "300",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(90):
+            output, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "kill -9 the control plane" in text and "promoted: stable v2" in text
+    assert "0 not answered 200" in text

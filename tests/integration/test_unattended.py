@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -104,7 +104,7 @@ async def background_load(port: int, *, rate: float = 300) -> AsyncIterator[Call
         result = await task
 
 
-def transitions(events: list[pb.Event]) -> list[tuple[str, int]]:
+def transitions(events: Sequence[Any]) -> list[tuple[str, int]]:
     return [(e.action, e.to_batch) for e in events if e.action in ("next", "rollback", "pause", "promote")]
 
 
@@ -115,14 +115,17 @@ async def test_a_healthy_gray_walks_every_batch_unattended(store: EtcdStore, env
         r = await s.phase_reaches({pb.SUCCEEDED, pb.ROLLED_BACK, pb.PAUSED, pb.FAILED}, timeout=60)
         assert r.status.phase == pb.SUCCEEDED, r.status.reason
     assert load().failed == 0, (load().statuses, load().errors)
-    events = await s.history()
+    events = await store.history("rel")
     assert transitions(events) == [("next", 0), ("next", 1), ("next", 2), ("next", 2)]  # the last: success
-    moves = [e for e in events if e.action == "next" and e.to_batch > 0]
+    moves = [e for e in events if e.action == "next" and e.from_batch >= 0]
+    assert len(moves) == 3
     for e in moves:  # each automatic move carries the numbers behind it
         assert e.actor == "graylane/analysis"
         assert int(e.details[f"{SERVICE}.gray.requests"]) >= 20
         assert e.details["verdict"] == "pass" and e.details["decision"] == "advance"
-        assert "spec.max_error_rate" in "".join(e.details) and f"{SERVICE}.errors.p_value" in e.details
+        assert e.details[f"{SERVICE}.spec.max_error_rate"] == "0.05"
+    for e in moves[:2]:  # below 100 %, gray was also compared with base
+        assert f"{SERVICE}.errors.p_value" in e.details and int(e.details[f"{SERVICE}.base.requests"]) >= 20
 
 
 async def test_gray_failing_from_batch_two_is_rolled_back_without_harming_base(
@@ -144,7 +147,7 @@ async def test_gray_failing_from_batch_two_is_rolled_back_without_harming_base(
     assert result.errors == {}  # no connection-level failure at all
     assert result.failed_versions["v1"] == 0  # base never failed, before or after the switch
     assert result.failed_versions["v2"] > 0  # the gray really failed
-    events = await s.history()
+    events = await store.history("rel")
     rollback = next(e for e in events if e.action == "rollback")
     assert rollback.actor == "graylane/analysis" and rollback.from_batch == 1
     analyses = [e for e in events if e.action == "analysis" and e.to_batch == 1]
@@ -164,8 +167,10 @@ async def test_latency_compared_with_base_by_significance_and_effect(
             r = await s.phase_reaches({pb.SUCCEEDED, pb.ROLLED_BACK, pb.PAUSED}, timeout=60)
         assert load().failed == 0
     assert r.status.phase == (pb.ROLLED_BACK if rolled_back else pb.SUCCEEDED), r.status.reason
-    events = await s.history()
-    decided = [e for e in events if e.actor == "graylane/analysis" and e.action in ("next", "rollback")][-1]
+    events = await store.history("rel")
+    # The decision taken at the 50 % batch (the 100 % batch has no base left to compare with).
+    decided = next(e for e in events if e.action in ("next", "rollback") and e.from_batch == 0)
+    assert decided.actor == "graylane/analysis"
     assert f"{SERVICE}.latency.p_value" in decided.details and f"{SERVICE}.latency.effect" in decided.details
 
 
@@ -180,7 +185,7 @@ async def test_no_traffic_is_inconclusive_and_never_promoted(
         await s.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec))
         r = await s.phase_reaches({pb.SUCCEEDED, pb.ROLLED_BACK, pb.PAUSED}, timeout=30)
     assert r.status.phase == phase and r.status.batch == 0
-    events = await s.history()
+    events = await store.history("rel")
     inconclusive = [e for e in events if e.action == "analysis"]
     assert len(inconclusive) == 2 and all(e.details["verdict"] == "inconclusive" for e in inconclusive)
     assert all(e.details[f"{SERVICE}.gray.requests"] == "0" for e in inconclusive)
@@ -219,7 +224,7 @@ async def test_the_other_replica_takes_over_a_killed_leader_with_one_transition_
             r = await s.phase_reaches({pb.SUCCEEDED, pb.ROLLED_BACK, pb.PAUSED}, timeout=60)
             assert r.status.phase == pb.SUCCEEDED, r.status.reason
         assert load().failed == 0
-        events = await s.history()
+        events = await store.history("rel")
         assert [seq for seq in (e.sequence for e in events)] == list(range(len(events)))
         assert transitions(events) == [("next", b) for b in range(6)] + [("next", 5)]  # exactly one per step
     finally:

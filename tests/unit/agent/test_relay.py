@@ -1,0 +1,93 @@
+"""The relay (agent/relay.py): one view rendered per local proxy group, and ACKs mapped back to views."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import struct_pb2
+from graylane.agent.relay import Relay
+from graylane.agent.wire import cluster_view
+from graylane.xds import view as xv
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.resources import LISTENER, ROUTE
+from graylane.xds.tracker import SOTW, ProxyTracker, TypeAck
+
+SIDECAR, GATEWAY = 10001, 9000
+
+VIEW = xv.RoutingView(
+    services=(xv.ServiceRoute("checkout", "v1"),),
+    endpoints=(
+        xv.VersionEndpoints("checkout", "v1", (xv.Endpoint("127.0.0.1", 8081),)),
+        xv.VersionEndpoints("checkout", "v2", (xv.Endpoint("127.0.0.1", GATEWAY + 1),), via_cluster="west"),
+    ),
+    lanes=(xv.Lane(name="gray", entry="checkout", weight=10, versions=(("checkout", "v2"),)),),
+)
+
+
+def node(node_id: str, port: int) -> base_pb2.Node:
+    metadata = struct_pb2.Struct()
+    metadata.update({"listen_port": str(port)})
+    return base_pb2.Node(id=node_id, metadata=metadata)
+
+
+def ack(tracker: ProxyTracker, cache: SnapshotCache, node_id: str, key: str) -> None:
+    snapshot = cache.snapshot(key)
+    assert snapshot is not None
+    tracker.acked(node_id, ROUTE, TypeAck(version=snapshot[ROUTE].version))
+
+
+def test_renders_sidecars_and_the_gateway_once_a_view_arrives() -> None:
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker, gateway_port=GATEWAY)
+    cache.watch(str(SIDECAR), lambda: None)
+    assert cache.snapshot(str(SIDECAR)) is None  # nothing to serve before the first view
+
+    assert relay.apply(cluster_view(VIEW))
+    sidecar = cache.snapshot(str(SIDECAR))
+    assert sidecar is not None and sidecar[LISTENER].items.keys() == {xv.listener_name(SIDECAR)}
+
+    cache.watch(str(GATEWAY), lambda: None)  # the gateway connects later
+    gateway = cache.snapshot(str(GATEWAY))
+    assert gateway is not None
+    [route_config] = gateway[ROUTE].items.values()
+    # A gateway serves this cluster's own versions only: v1 here, never the remote v2.
+    assert [vh.domains[0] for vh in route_config.virtual_hosts] == [xv.gateway_authority("checkout", "v1")]
+
+
+def test_reports_each_proxy_against_the_view_its_routes_came_from() -> None:
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker, gateway_port=GATEWAY)
+    for node_id, port in (("sidecar", SIDECAR), ("gateway", GATEWAY)):
+        tracker.connected(node(node_id, port), key=str(port), protocol=SOTW)
+        cache.watch(str(port), lambda: None)
+    first = cluster_view(VIEW)
+    relay.apply(first)
+    assert {p.node_id: p.view_version for p in relay.report().proxies} == {"sidecar": "", "gateway": ""}
+    ack(tracker, cache, "sidecar", str(SIDECAR))
+    ack(tracker, cache, "gateway", str(GATEWAY))
+    assert {p.view_version for p in relay.report().proxies} == {first.version}
+
+    # A weight change: the sidecar's routes change, the gateway's do not (so it sends no new ACK),
+    # yet the gateway is reported on the new view at once.
+    second = cluster_view(dataclasses.replace(VIEW, lanes=(dataclasses.replace(VIEW.lanes[0], weight=50),)))
+    relay.apply(second)
+    report = {p.node_id: p.view_version for p in relay.report().proxies}
+    assert report == {"sidecar": first.version, "gateway": second.version}
+    ack(tracker, cache, "sidecar", str(SIDECAR))
+    assert {p.view_version for p in relay.report().proxies} == {second.version}
+
+    tracker.disconnected("sidecar")
+    assert [p.node_id for p in relay.report().proxies] == ["gateway"]
+
+
+def test_a_bad_view_changes_nothing() -> None:
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker)
+    good = cluster_view(VIEW)
+    assert relay.apply(good)
+    bad = cluster_view(VIEW)
+    bad.view.lanes[0].rules.add().conditions.add(kind=99)
+    bad.version = "bad"
+    assert not relay.apply(bad)
+    assert relay.version == good.version and relay.view == VIEW

