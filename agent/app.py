@@ -90,7 +90,11 @@ class Agent:
     def _on_view(self, message: apb.ClusterView) -> None:
         if self.relay.apply(message):
             self._control_view = message
-            self.state.save_view(message)
+            try:
+                self.state.save_view(message)
+            except OSError:
+                # The view is served all the same; only a restart would fall back further.
+                log.exception("cannot keep view %s as the last-known-good one", message.version)
             log.info("serving view %s from the control plane", message.version)
             # Proxies whose configuration this view leaves unchanged (a gateway, when only a
             # weight moved) send no new ACK; report them against the new view now.

@@ -424,7 +424,7 @@ def analysis_from_proto(a: pb.Analysis, *, where: str = "spec.analysis") -> Anal
                 kind=kind,
                 url=h.url,
                 timeout_s=h.timeout.ToTimedelta().total_seconds() if h.HasField("timeout") else 5.0,
-                retries=h.retries if h.retries else 2,
+                retries=h.retries if h.HasField("retries") else 2,
             )
         )
     if a.on_inconclusive and a.on_inconclusive not in {o.value for o in OnInconclusive}:

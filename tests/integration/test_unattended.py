@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
 from graylane.controlplane.local.traffic import LoadResult, run_load
@@ -231,3 +232,73 @@ async def test_the_other_replica_takes_over_a_killed_leader_with_one_transition_
         if leader.returncode is None:
             os.killpg(leader.pid, signal.SIGKILL)
             await leader.wait()
+
+
+class Hooks:
+    """A real HTTP endpoint for the release's webhooks; each path answers what a test sets."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, int] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append((request.path, await request.json()))
+        return web.Response(status=self.answers.get(request.path, 200))
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def hook_server() -> AsyncIterator[Hooks]:
+    hooks = Hooks()
+    app = web.Application()
+    app.router.add_post("/{name}", hooks.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hooks.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield hooks
+    finally:
+        await runner.cleanup()
+
+
+async def test_webhooks_gate_the_release_and_are_recorded(store: EtcdStore, envoy: Any) -> None:
+    async with hook_server() as hooks, stack(store, envoy) as s, background_load(s.envoy.listen_port):
+        hooks.answers = {"/pre": 503, "/confirm": 403}
+        spec = analysed_spec((30, 100), min_requests=20, max_error_rate=0.05, baseline=True)
+        for name, kind in (("pre", pb.PRE_ROLLOUT), ("confirm", pb.CONFIRM_BATCH), ("post", pb.POST_ROLLOUT)):
+            hook = spec.analysis.webhooks.add(name=name, kind=kind, url=hooks.url(f"/{name}"), retries=0)
+            hook.timeout.FromTimedelta(timedelta(seconds=2))
+        await s.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec))
+
+        async def called(path: str, times: int) -> None:
+            async with asyncio.timeout(20):
+                while sum(p == path for p, _ in hooks.calls) < times:
+                    await asyncio.sleep(0.05)
+
+        await called("/pre", 2)  # refused twice (one attempt each): the release waits, it does not start
+        async with asyncio.timeout(10):
+            while not [e for e in await store.history("rel") if e.action == "webhook"]:
+                await asyncio.sleep(0.05)
+        assert (await s.stub.GetRelease(api.GetReleaseRequest(name="rel"))).status.phase == pb.PENDING
+        hooks.answers["/pre"] = 200
+        await called("/confirm", 2)  # analysis passes, but the gate says no: it stays at batch 0
+        r = await s.stub.GetRelease(api.GetReleaseRequest(name="rel"))
+        assert r.status.phase == pb.PROGRESSING and r.status.batch == 0
+        hooks.answers["/confirm"] = 200
+        r = await s.phase_reaches({pb.SUCCEEDED, pb.ROLLED_BACK, pb.PAUSED}, timeout=30)
+        assert r.status.phase == pb.SUCCEEDED
+        await called("/post", 1)
+        events = await store.history("rel")
+    assert hooks.calls[0][1]["release"] == "rel" and hooks.calls[0][1]["kind"] == "pre-rollout"
+    waits = [e for e in events if e.action == "webhook" and "pre-rollout" in e.reason]
+    assert waits and all(e.details["webhook.pre.status"] == "503" for e in waits), [(e.action, e.reason) for e in events]
+    refused = [e for e in events if e.action == "analysis" and "confirm-batch confirm refused" in e.reason]
+    assert refused and refused[0].details["webhook.confirm.status"] == "403"
+    async with asyncio.timeout(10):  # the post-rollout call is recorded once
+        while not [e for e in await store.history("rel") if e.details.get("kind") == "post-rollout"]:
+            await asyncio.sleep(0.05)

@@ -1,0 +1,121 @@
+"""Agent registration in etcd and the settling of a starting replica (controlplane/agents.py, the store).
+
+Real etcd (a key prefix per test), no processes of our own: the AgentHub is driven by hand
+the way the AgentService stream drives it, so each step is observed on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from graylane.controlplane import model
+from graylane.controlplane.agents import AgentHub, AgentSession
+from graylane.controlplane.errors import AlreadyExists
+from graylane.controlplane.store import EtcdStore
+from graylane.v1 import agent_pb2 as apb
+
+pytestmark = pytest.mark.etcd
+
+EAST = model.ClusterInfo(name="east", gateway_host="127.0.0.1", gateway_port=7001, agent_id="agent-east")
+WEST = model.ClusterInfo(name="west", gateway_host="127.0.0.1", gateway_port=7002, agent_id="agent-west")
+
+
+def runs(cluster: str, version: str, port: int) -> tuple[model.ClusterEndpoints, ...]:
+    return (
+        model.ClusterEndpoints(
+            service="checkout",
+            version=version,
+            endpoints=(model.Endpoint(address="127.0.0.1", port=port, cluster=cluster),),
+        ),
+    )
+
+
+async def registry(store: EtcdStore) -> None:
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    for version in ("v1", "v2"):
+        await store.put_version(model.Version(service="checkout", name=version))
+
+
+async def connect(
+    hub: AgentHub, info: model.ClusterInfo, endpoints: tuple[model.ClusterEndpoints, ...]
+) -> AgentSession:
+    """What the AgentService does for one agent: register, attach, store its endpoints."""
+    await hub.load_known()
+    lease = await hub.store.grant_lease(hub.lease_ttl_seconds)
+    await hub.store.register_cluster(info, lease)
+    session = AgentSession(info=info, lease=lease, endpoints=endpoints)
+    hub.attach(session)
+    hub.publish(await hub.store.snapshot())
+    hub.endpoints_stored(session, await hub.store.put_cluster_endpoints(info.name, endpoints, lease))
+    hub.publish(await hub.store.snapshot())
+    return session
+
+
+def views(session: AgentSession) -> list[apb.ClusterView]:
+    sent = []
+    while not session.outbox.empty():
+        sent.append(session.outbox.get_nowait().view)
+    return sent
+
+
+async def test_one_agent_per_cluster_name_and_a_restarted_agent_takes_it_back(store: EtcdStore) -> None:
+    lease = await store.grant_lease(5)
+    await store.register_cluster(EAST, lease)
+    impostor = model.ClusterInfo(name="east", gateway_host="127.0.0.1", gateway_port=7009, agent_id="someone-else")
+    with pytest.raises(AlreadyExists, match="served by another agent"):
+        await store.register_cluster(impostor, await store.grant_lease(5))
+    again = await store.grant_lease(5)
+    await store.register_cluster(EAST, again)  # the same agent (after a restart) on a new lease
+    await store.revoke_lease(lease)
+    assert [c.name for c in (await store.snapshot()).clusters] == ["east"]  # it lives on the new lease
+    await store.revoke_lease(again)
+    assert (await store.snapshot()).clusters == ()
+    assert await store.known_clusters() == frozenset({"east"})  # the lasting record stays
+
+
+async def test_a_cold_replica_sends_views_at_once(store: EtcdStore) -> None:
+    await registry(store)
+    hub = AgentHub(store, lease_ttl_seconds=5, settle_seconds=60)
+    east = await connect(hub, EAST, runs("east", "v1", 8081))
+    assert hub.settled and views(east)
+
+
+async def test_a_restarted_replica_holds_views_until_every_known_cluster_is_back(store: EtcdStore) -> None:
+    await registry(store)
+    first = AgentHub(store, lease_ttl_seconds=5)
+    for info, version, port in ((EAST, "v1", 8081), (WEST, "v2", 8082)):
+        await connect(first, info, runs(info.name, version, port))
+    for session in first.sessions.values():
+        await store.revoke_lease(session.lease)  # the replica and its leases are gone
+
+    hub = AgentHub(store, lease_ttl_seconds=5, settle_seconds=60)
+    east = await connect(hub, EAST, runs("east", "v1", 8081))
+    # A view now would send checkout v2 nowhere and, for west, v1 (east's) nowhere either.
+    assert not hub.settled and views(east) == []
+    west = await connect(hub, WEST, runs("west", "v2", 8082))
+    assert hub.settled
+    [east_view] = views(east)[-1:]
+    [west_view] = views(west)[-1:]
+    where = {(e.version, e.via_cluster): [x.port for x in e.endpoints] for e in east_view.view.endpoints}
+    assert where == {("v1", ""): [8081], ("v2", "west"): [7002]}
+    where = {(e.version, e.via_cluster): [x.port for x in e.endpoints] for e in west_view.view.endpoints}
+    assert where == {("v1", "east"): [7001], ("v2", ""): [8082]}
+
+
+async def test_settling_gives_up_on_a_cluster_that_does_not_come_back(store: EtcdStore) -> None:
+    await registry(store)
+    lease = await store.grant_lease(5)
+    await store.register_cluster(WEST, lease)
+    await store.revoke_lease(lease)
+
+    hub = AgentHub(store, lease_ttl_seconds=5, settle_seconds=0.3)
+    east = await connect(hub, EAST, runs("east", "v1", 8081))
+    assert views(east) == []
+    async with asyncio.timeout(5):
+        while east.outbox.empty():
+            await asyncio.sleep(0.02)
+    assert hub.settled
+    [view] = views(east)
+    # West's v2 runs nowhere now: listed without endpoints, so no lane sends traffic to it.
+    assert [(e.version, e.via_cluster, len(e.endpoints)) for e in view.view.endpoints] == [("v1", "", 1), ("v2", "", 0)]
