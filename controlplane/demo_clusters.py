@@ -55,6 +55,10 @@ class Row:
 
 def _header() -> None:
     print(
+        "v2 (west): share answered by west's v2; via west gw: requests west's gateway passed to it "
+        "(east's callers reach west only through it)\n"
+    )
+    print(
         f"{'step':<30} {'weight':>6} {'proxies':>7} {'from':>5} {'requests':>8} "
         f"{'v2 (west)':>10} {'via west gw':>11} {'v1 (east)':>10} {'failed':>6}"
     )
