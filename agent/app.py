@@ -19,11 +19,14 @@ from pathlib import Path
 import grpc
 from graylane.agent.guard import AbortCheck, LocalGuard
 from graylane.agent.lkg import StateDir
+from graylane.agent.metrics import MetricsReporter
 from graylane.agent.relay import Relay
 from graylane.agent.session import Backoff, ControlPlaneSession
 from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.wire import cluster_view, view_from_proto
 from graylane.controlplane.app import run_until_signalled
+from graylane.controlplane.http import HttpServer, health_route, metrics_route
+from graylane.controlplane.telemetry import agent_telemetry
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import AdsServer
@@ -51,6 +54,8 @@ class AgentOptions:
     guard_after_seconds: float = 30.0
     backoff_base_seconds: float = 0.1
     backoff_cap_seconds: float = 5.0
+    http_listen: str | None = None  # /metrics and /healthz; None: no HTTP server
+    otlp_endpoint: str | None = None
 
 
 class Agent:
@@ -68,6 +73,8 @@ class Agent:
         self.state = StateDir(options.state_dir)
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
+        self.telemetry = agent_telemetry(self.tracker, otlp_endpoint=options.otlp_endpoint)
+        self.http_port = 0
         gateway_port = options.gateway_listen_port or int(options.gateway_address.rpartition(":")[2])
         self.relay = Relay(self.cache, self.tracker, gateway_port=gateway_port)
         self.guard = LocalGuard(abort_check, after_seconds=options.guard_after_seconds)
@@ -101,10 +108,19 @@ class Agent:
             self.session.set_report(self.relay.report())
 
     async def run(self) -> None:
+        # The cluster's proxies are scraped every second; deltas go up while connected.
+        metrics = MetricsReporter(self.tracker, send=self.session.send_metrics)
         last_good = self.state.load_view()
         if last_good is not None and self.relay.apply(last_good):
             self._control_view = last_good
             log.info("serving the last-known-good view %s until the control plane answers", last_good.version)
+        http = None
+        if self.options.http_listen is not None:
+            http = HttpServer(listen=self.options.http_listen)
+            metrics_route(http, self.telemetry.metrics_text)
+            health_route(http, self.ready.is_set)
+            await http.start()
+            self.http_port = http.port
         server = grpc.aio.server()
         AdsServer(self.cache, tracker=self.tracker).add_to_server(server)
         self.xds_port = server.add_insecure_port(self.options.xds_listen)
@@ -118,9 +134,13 @@ class Agent:
                 tasks.create_task(self._follow_endpoints())
                 tasks.create_task(self._follow_proxies())
                 tasks.create_task(self._guard_loop())
+                tasks.create_task(metrics.run())
                 self.ready.set()
         finally:
             await server.stop(1.0)
+            if http is not None:
+                await http.stop()
+            await self.telemetry.flush()
 
     async def _follow_endpoints(self) -> None:
         if self.source is None:
@@ -156,4 +176,8 @@ class Agent:
 
 async def run_agent(options: AgentOptions) -> None:
     """`graylane agent`: run until SIGTERM or SIGINT."""
-    await run_until_signalled(Agent(options).run())
+    agent = Agent(options)
+    try:
+        await run_until_signalled(agent.run())
+    finally:
+        await agent.telemetry.aclose()

@@ -98,6 +98,10 @@ class ControlPlaneSession:
             else:
                 self._pending_guard.append(report)
 
+    def send_metrics(self, report: apb.MetricsReport) -> None:
+        """Deltas are sent only while connected: the control plane stamps them on arrival."""
+        self._send(apb.AgentMessage(metrics=report))
+
     def _send(self, message: apb.AgentMessage) -> None:
         if self._outbox is not None:
             self._outbox.put_nowait(message)

@@ -552,6 +552,10 @@ def _add_agent(subparsers: Subparsers) -> None:
                         help="how long the control plane may be away before the local guard may act")
     parser.add_argument("--reconnect-max", type=_positive_seconds, default=5.0, metavar="SECONDS",
                         help="longest wait between attempts to reach the control plane (default %(default)s)")
+    parser.add_argument("--http-listen", type=_host_port(any_port=True), default=None, metavar="HOST:PORT",
+                        help="serve /metrics (Prometheus) and /healthz here (default: no HTTP server)")
+    parser.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None, metavar="URL",
+                        help="export traces over OTLP/HTTP to this collector")
     parser.set_defaults(handler=_agent)
 
 
@@ -583,6 +587,8 @@ def _agent(args: argparse.Namespace) -> int:
         xds_listen=str(args.xds_listen),
         token=token,
         guard_after_seconds=args.guard_after,
+        http_listen=str(args.http_listen) if args.http_listen else None,
+        otlp_endpoint=args.otlp_endpoint,
         backoff_cap_seconds=args.reconnect_max,
     )
     asyncio.run(run_agent(options))

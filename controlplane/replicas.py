@@ -13,22 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from graylane.agent.stats import ADMIN_METADATA
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.traffic import admin_addresses
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
-
-
-def connected_admins(tracker: ProxyTracker) -> dict[str, str]:
-    """node id -> admin "host:port" of every connected proxy that states one."""
-    found: dict[str, str] = {}
-    for node_id, proxy in tracker.proxies().items():
-        address = proxy.metadata.get(ADMIN_METADATA)
-        if proxy.connected and isinstance(address, str) and address:
-            found[node_id] = address
-    return found
 
 
 class ReplicaRegistry:
@@ -51,7 +41,7 @@ class ReplicaRegistry:
                 if not lease or await self._store.keep_alive(lease) == 0:
                     lease = await self._store.grant_lease(self._ttl)
                     written = None
-                proxies = connected_admins(self._tracker)
+                proxies = admin_addresses(self._tracker)
                 if proxies != written:
                     await self._store.put_replica_proxies(self.identity, proxies, lease)
                     written = proxies

@@ -278,6 +278,7 @@ class AgentProcess(ChildProcess):
         self.endpoints_file = endpoints_file
         self.token_file = token_file
         self.xds_port = xds_port or free_port()
+        self.http_port = free_port()  # the agent's /metrics and /healthz
         self.reconnect_max_seconds = reconnect_max_seconds
 
     def arguments(self) -> list[str]:
@@ -289,6 +290,7 @@ class AgentProcess(ChildProcess):
             "--xds-listen", f"{_LOOPBACK}:{self.xds_port}",
             "--state-dir", str(self.state_dir),
             "--reconnect-max", f"{self.reconnect_max_seconds:g}",
+            "--http-listen", f"{_LOOPBACK}:{self.http_port}",
         ]
         if self.endpoints_file is not None:
             args += ["--endpoints", str(self.endpoints_file)]

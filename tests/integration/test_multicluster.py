@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
@@ -47,6 +48,7 @@ from graylane.deploy.demo.clusters import (
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
@@ -243,6 +245,42 @@ async def test_gray_in_west_takes_the_batch_share_through_west_gateway(fresh: Tw
     from_west = await layout.load(west, count=2000)
     assert_no_failures(from_west, "west at 50%")
     assert within_binomial(from_west.versions["v2"], from_west.sent, 0.5), from_west.versions
+
+
+async def test_agents_report_their_clusters_metrics_and_export_their_own(fresh: TwoClusters) -> None:
+    layout = fresh
+    await start_release(layout, 50)
+    # An agent's first reading of a proxy is its baseline (its counters may span days):
+    # wait until east's agent has reported the release's series once, then send traffic.
+    async with asyncio.timeout(15):
+        while not any(s.cluster == "east" for s in (await layout.client.get_metrics(LANE, window=120)).series):
+            await asyncio.sleep(0.2)
+    result = await layout.load(layout.east, count=600)
+    assert_no_failures(result, "east at 50%")
+    # East's sidecar counted the lane's requests to west's v2 (through the gateway) and its
+    # base requests to local v1; east's agent reported them, tagged with its cluster.
+    want = {("v1", ""): result.versions["v1"], ("v2", LANE): result.versions["v2"]}
+    seen: dict[tuple[str, str], int] = {}
+    series: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(15):
+            while seen != want:
+                response = await layout.client.get_metrics(LANE, window=120)
+                series = [f"{s.cluster}/{s.service}/{s.version}/{s.lane}={s.requests}" for s in response.series]
+                seen = {
+                    (s.version, s.lane): int(s.requests)
+                    for s in response.series
+                    if s.cluster == "east" and s.service == "checkout" and s.requests
+                }
+                await asyncio.sleep(0.2)
+    assert seen == want, series
+    # Each agent exports its own telemetry: both of its proxies (sidecar and gateway) connected.
+    for cluster in (layout.east, layout.west):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{cluster.agent.http_port}/metrics") as answer:
+                text = await answer.text()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["graylane_proxies_connected"].samples[0].value == 2
 
 
 async def test_east_envoys_never_receive_west_local_resources(fresh: TwoClusters) -> None:
