@@ -1,5 +1,6 @@
 # Graylane: two commands on a fresh machine.
-#   make demo   runs the main job (embedded etcd, control plane, Envoy, a release stepped through)
+#   make demo   runs the main job: a full-link release through the chain a..e, then unattended
+#               releases judged on live metrics, then two clusters with one agent each
 #   make test   runs the whole suite
 # Each creates .venv and installs what it needs (etcd-server through apt-get when missing).
 
@@ -25,6 +26,8 @@ etcd:
 
 demo: $(STAMP) etcd
 	$(BIN)/graylane demo
+	$(BIN)/graylane demo --unattended
+	$(BIN)/graylane demo --clusters 2
 
 test: $(STAMP) etcd
 	$(BIN)/python -P protos/generate.py --check

@@ -887,7 +887,8 @@ def _add_versions(subparsers: Subparsers) -> None:
 def _add_demo(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run etcd, a control plane, Envoy and two service versions locally and step a release through",
+        help="run the product locally with real etcd and Envoys: a full-link release through the chain a..e "
+        "(default), two clusters (--clusters 2), or unattended releases judged on live metrics (--unattended)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
     parser.add_argument(
@@ -898,6 +899,11 @@ def _add_demo(subparsers: Subparsers) -> None:
         help="1: the full-link chain on one cluster; 2: gray in west, production in east, "
         "one agent per cluster (default %(default)s)",
     )
+    parser.add_argument(
+        "--unattended",
+        action="store_true",
+        help="a healthy release promoted on its own, then a failing one rolled back on its own",
+    )
     parser.set_defaults(handler=_demo)
 
 
@@ -905,6 +911,10 @@ def _demo(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.unattended:
+        from graylane.controlplane.demo_unattended import run_unattended_demo
+
+        return asyncio.run(run_unattended_demo())
     if args.clusters == 2:
         from graylane.controlplane.demo_clusters import run_two_cluster_demo
 
