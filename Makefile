@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# xds-protos ships an old copy of opentelemetry/proto/ (Envoy's API imports it); whichever
+	# package pip installs last owns those files. Put opentelemetry-proto's own back on top:
+	# it is a superset, and the OTLP exporter needs its newer messages.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 # etcd 3.4 from Debian: the embedded default of `graylane serve` and the tests' real etcd.

@@ -17,13 +17,14 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import string
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+
+from graylane.controlplane.local.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ def find_envoy() -> Path | None:
         return beside
     found = shutil.which("envoy")
     return Path(found) if found else None
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bootstrap(

@@ -16,9 +16,10 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 from types import TracebackType
+
+from graylane.controlplane.local.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,6 @@ INSTALL_HINT = (
     "the `etcd` binary is not on PATH; install it (Debian/Ubuntu: `apt-get install etcd-server`) "
     "or point graylane at a cluster with --etcd HOST:PORT"
 )
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_etcd() -> str | None:

@@ -252,28 +252,36 @@ async def test_agents_report_their_clusters_metrics_and_export_their_own(fresh: 
     await start_release(layout, 50)
     # An agent's first reading of a proxy is its baseline (its counters may span days):
     # wait until east's agent has reported the release's series once, then send traffic.
+    async def east_counts() -> dict[tuple[str, str], int]:
+        response = await layout.client.get_metrics(LANE, window=3600)
+        return {
+            (s.version, s.lane): int(s.requests)
+            for s in response.series
+            if s.cluster == "east" and s.service == "checkout"
+        }
+
+    # (A lane cluster Envoy has not used yet is not in its statistics: that series shows up
+    # with the first request, counted from zero, since the proxy itself is known.)
     async with asyncio.timeout(15):
-        while not any(s.cluster == "east" for s in (await layout.client.get_metrics(LANE, window=120)).series):
+        while ("v1", "") not in await east_counts():
             await asyncio.sleep(0.2)
+    await asyncio.sleep(1.5)  # a tick more, so every earlier request is in `before`
+    before = await east_counts()
     result = await layout.load(layout.east, count=600)
     assert_no_failures(result, "east at 50%")
     # East's sidecar counted the lane's requests to west's v2 (through the gateway) and its
     # base requests to local v1; east's agent reported them, tagged with its cluster.
-    want = {("v1", ""): result.versions["v1"], ("v2", LANE): result.versions["v2"]}
+    want = {
+        ("v1", ""): before[("v1", "")] + result.versions["v1"],
+        ("v2", LANE): before.get(("v2", LANE), 0) + result.versions["v2"],
+    }
     seen: dict[tuple[str, str], int] = {}
-    series: list[str] = []
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(15):
             while seen != want:
-                response = await layout.client.get_metrics(LANE, window=120)
-                series = [f"{s.cluster}/{s.service}/{s.version}/{s.lane}={s.requests}" for s in response.series]
-                seen = {
-                    (s.version, s.lane): int(s.requests)
-                    for s in response.series
-                    if s.cluster == "east" and s.service == "checkout" and s.requests
-                }
+                seen = await east_counts()
                 await asyncio.sleep(0.2)
-    assert seen == want, series
+    assert seen == want, (before, result.versions)
     # Each agent exports its own telemetry: both of its proxies (sidecar and gateway) connected.
     for cluster in (layout.east, layout.west):
         async with aiohttp.ClientSession() as session:
