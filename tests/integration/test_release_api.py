@@ -121,6 +121,17 @@ async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServic
         (lambda s: s.__setattr__("lane", "gray,x=1"), "spec.lane: 'gray,x=1' is not a valid lane"),
         (lambda s: s.services[0].__setattr__("gray_version", "v1"), "spec.services[0].gray_version: 'v1' equals"),
         (lambda s: s.cohort.__setattr__("header", "X User"), "spec.cohort.header: 'X User' is not a valid"),
+        (lambda s: s.analysis.__setattr__("max_error_rate", 1.5), "spec.analysis.max_error_rate: 1.5 is outside"),
+        (lambda s: s.analysis.__setattr__("max_error_rate", -0.1), "spec.analysis.max_error_rate: -0.1 is outside"),
+        (lambda s: s.analysis.interval.FromMilliseconds(500), "spec.analysis.interval: 0.5 s is below"),
+        (lambda s: s.analysis.__setattr__("min_requests", 0), "spec.analysis.min_requests: 0 is below"),
+        (
+            lambda s: (
+                s.analysis.__setattr__("baseline", True),
+                s.analysis.webhooks.add(name="gate", kind=pb.CONFIRM_BATCH, url="ftp://example.com/x"),
+            ),
+            "spec.analysis.webhooks[0].url",
+        ),
         (lambda s: s.services[0].__setattr__("gray_version", "v9"), "spec.services[0].gray_version: version 'v9'"),
     ],
 )
