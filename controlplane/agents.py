@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -76,6 +76,10 @@ class AgentSession:
         return [self.views.get(version) for version in self.proxies.values()]
 
 
+async def _no_guard(cluster: str, report: apb.GuardReport) -> None:
+    return None
+
+
 class AgentHub:
     """The agents connected to this replica, and what they report."""
 
@@ -97,6 +101,7 @@ class AgentHub:
         self._snap: Snapshot | None = None
         self._on_report: Callable[[], None] = lambda: None
         self._on_metrics: Callable[[str, apb.MetricsReport], object] = lambda cluster, report: None
+        self._on_guard: Callable[[str, apb.GuardReport], Awaitable[None]] = _no_guard
         self._known: frozenset[str] | None = None  # clusters ever registered, read at the first connect
         self.settled = False
         self._settle_timer: asyncio.TimerHandle | None = None
@@ -111,6 +116,13 @@ class AgentHub:
 
     def metrics_reported(self, session: AgentSession, report: apb.MetricsReport) -> None:
         self._on_metrics(session.info.name, report)
+
+    def on_guard(self, callback: Callable[[str, apb.GuardReport], Awaitable[None]]) -> None:
+        """`await callback(cluster, report)` for every local-guard action an agent reports."""
+        self._on_guard = callback
+
+    async def guard_reported(self, session: AgentSession, report: apb.GuardReport) -> None:
+        await self._on_guard(session.info.name, report)
 
     # Settling. A replica that starts while agents are still reconnecting (after its own
     # restart, say, when their leases may have expired) would build each cluster a view
@@ -298,5 +310,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                     "agent of cluster %s routed lanes %s back to base while the control plane was away: %s",
                     session.info.name, list(message.guard.lanes), message.guard.reason,
                 )
+                await self._hub.guard_reported(session, message.guard)
             elif kind == "hello":
                 raise InvalidArgument("hello", "sent twice on one stream")

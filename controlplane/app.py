@@ -21,10 +21,12 @@ from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, Ag
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.dataplane import DataPlane
+from graylane.controlplane.errors import GraylaneError
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
 from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
 from graylane.controlplane.leader import LeaderElection
 from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.machine import Cause
 from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
 from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.releases import Releases
@@ -95,6 +97,7 @@ class ControlPlane:
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
+        self.agents.on_guard(self._guarded)
         # Own telemetry: /metrics on the HTTP server (None: no HTTP server), traces over OTLP
         # when an endpoint is configured.
         self._http_listen = http_listen
@@ -184,6 +187,19 @@ class ControlPlane:
             await server.stop(_GRACE_SECONDS)
             if xds_server is not None:
                 await xds_server.stop(_GRACE_SECONDS)
+
+    async def _guarded(self, cluster: str, report: agent_pb2.GuardReport) -> None:
+        """An agent routed lanes to base on its own: record it on each release, as evidence."""
+        for release in await self.store.list_releases():
+            if release.spec.lane not in report.lanes:
+                continue
+            cause = Cause(
+                actor=f"graylane/agent/{cluster}",
+                reason=f"the local guard of cluster {cluster} routed this lane to base: {report.reason}",
+                details={"cluster": cluster, "at": report.at.ToDatetime().isoformat()},
+            )
+            with contextlib.suppress(GraylaneError):
+                await self.releases.note(release.name, "guard", cause, expected_revision=release.revision)
 
     def _scrape_targets(self) -> dict[str, tuple[str, str]]:
         """Every proxy of every live replica (published in etcd), and this replica's own.

@@ -7,13 +7,19 @@ the way the AgentService stream drives it, so each step is observed on its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 from graylane.controlplane import model
 from graylane.controlplane.agents import AgentHub, AgentSession
+from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.errors import AlreadyExists
+from graylane.controlplane.machine import Cause
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import agent_pb2 as apb
+from graylane.v1 import agent_pb2_grpc
+from graylane.v1 import release_pb2 as pb
 
 pytestmark = pytest.mark.etcd
 
@@ -119,3 +125,42 @@ async def test_settling_gives_up_on_a_cluster_that_does_not_come_back(store: Etc
     [view] = views(east)
     # West's v2 runs nowhere now: listed without endpoints, so no lane sends traffic to it.
     assert [(e.version, e.via_cluster, len(e.endpoints)) for e in view.view.endpoints] == [("v1", "", 1), ("v2", "", 0)]
+
+
+async def test_a_local_guard_action_is_recorded_on_the_release(store: EtcdStore) -> None:
+    """An agent that routed a lane to base on its own reports it on reconnect; the release's
+    history records it, with the cluster and the reason."""
+    plane = ControlPlane(store, api_listen="127.0.0.1:0")
+    async with plane.running():
+        await store.put_service(model.Service(name="checkout", stable_version="v1"))
+        await store.put_version(model.Version(service="checkout", name="v2"))
+        spec = model.spec_from_proto(
+            pb.ReleaseSpec(
+                lane="checkout-v2",
+                entry="checkout",
+                services=[pb.ServiceVersions(service="checkout", base_version="v1", gray_version="v2")],
+                batches=[pb.Batch(weight=10)],
+            )
+        )
+        await plane.releases.create("rel", spec, Cause(actor="test"))
+        guard = apb.GuardReport(lanes=["checkout-v2"], reason="error rate 12 % above the abort threshold")
+        guard.at.GetCurrentTime()
+        messages = [
+            apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a1")),
+            apb.AgentMessage(guard=guard),
+        ]
+
+        async def requests() -> AsyncIterator[apb.AgentMessage]:
+            for m in messages:
+                yield m
+            await asyncio.sleep(30)  # keep the stream open while the test reads the history
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests())
+            async with asyncio.timeout(10):
+                while not [e for e in await store.history("rel") if e.action == "guard"]:
+                    await asyncio.sleep(0.05)
+            call.cancel()
+    event = next(e for e in await store.history("rel") if e.action == "guard")
+    assert event.actor == "graylane/agent/east" and event.details["cluster"] == "east"
+    assert "error rate 12 %" in event.reason
