@@ -226,27 +226,28 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
     assert not [n for n in res[resources.CLUSTER].items if n.startswith("stock|v3")]
     assert not [n for n in referenced_clusters(route_config(res)) if n.startswith("stock|v3")]
     assert not [n for n in res[resources.ENDPOINT].items if n.startswith("stock|v3")]
-    assert route_names(res, "stock") == ["lane/blue/header", "lane/blue/baggage", "default"]
-    assert named(res, "stock", "lane/blue/header").route.cluster == "stock|v1|blue"
+    # blue keeps no version of stock: no lane route there, its traffic takes stock's base.
+    assert route_names(res, "stock") == ["default"]
+    assert named(res, "stock", "default").route.cluster == "stock|v1"
+    assert [n for n in res[resources.CLUSTER].items if n.startswith("stock|")] == ["stock|v1"]
     assert res[resources.ROUTE].version == render_view(effective_view(view))[resources.ROUTE].version
 
 
 # --------------------------------------------------------------------------------- CDS/EDS
 
 
-def test_clusters_are_each_base_and_one_per_lane_and_service() -> None:
+def test_clusters_are_each_base_and_one_per_lane_where_it_has_a_version_or_enters() -> None:
     res = render_view(RICH_VIEW)
-    # blue has cart v2 and gateway v2, green has stock v2; elsewhere a lane falls back to
-    # base, still through its own cluster.
+    # blue has cart v2 and gateway v2, green has stock v2. green also enters at gateway,
+    # where its rules and share go to base through green's own cluster. Elsewhere a lane
+    # has no cluster: its traffic takes the service's base cluster.
     assert list(res[resources.CLUSTER]) == [
         "cart|v1",
-        "cart|v1|green",
         "cart|v2|blue",
         "gateway|v1",
         "gateway|v1|green",
         "gateway|v2|blue",
         "stock|v1",
-        "stock|v1|blue",
         "stock|v2|green",
     ]
 
@@ -303,12 +304,11 @@ def test_each_cluster_has_its_own_eds_resource_with_the_endpoints_of_its_version
     # Each holds the endpoints of the version its cluster serves, whatever the lane.
     for name, ports in [
         ("cart|v1", [8010, 8011]),
-        ("cart|v1|green", [8010, 8011]),
         ("cart|v2|blue", [8012]),
+        ("gateway|v1", [8001]),
         ("gateway|v1|green", [8001]),
         ("gateway|v2|blue", [8002]),
         ("stock|v1", [8021]),
-        ("stock|v1|blue", [8021]),
         ("stock|v2|green", [8022]),
     ]:
         assert addresses(res, name) == [("10.0.0.1", p) for p in ports], name
@@ -331,17 +331,27 @@ def test_two_lanes_on_one_gray_version_get_two_clusters_and_two_assignments_with
     assert addresses(res, "cart|v2|blue") == addresses(res, "cart|v2|green") == [("10.0.0.1", 8012)]
 
 
-def test_a_lane_whose_gray_version_has_no_endpoints_falls_back_to_base_through_its_own_cluster() -> None:
+def test_a_lane_whose_gray_version_has_no_endpoints_falls_back_to_the_base_cluster_unless_it_enters_there() -> None:
     res = render_view(make_view(lane("blue", weight=30, versions=(("cart", "v2"), ("stock", "v3")))))
 
-    for carrier in ("header", "baggage"):
-        assert named(res, "stock", f"lane/blue/{carrier}").route.cluster == "stock|v1|blue"
-    assert item(res, resources.CLUSTER, "stock|v1|blue").eds_cluster_config.service_name == "stock|v1|blue"
-    assert [n for n in res[resources.CLUSTER] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
-    assert [n for n in res[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
-    assert addresses(res, "stock|v1|blue") == addresses(res, "stock|v1") == [("10.0.0.1", 8021)]
+    # No lane route and no lane cluster at stock: blue's traffic takes stock's base cluster.
+    assert route_names(res, "stock") == ["default"]
+    assert named(res, "stock", "default").route.cluster == "stock|v1"
+    assert [n for n in res[resources.CLUSTER] if n.startswith("stock|")] == ["stock|v1"]
+    assert [n for n in res[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1"]
+    assert addresses(res, "stock|v1") == [("10.0.0.1", 8021)]
     # The lane's servable version keeps its own cluster.
     assert named(res, "cart", "lane/blue/header").route.cluster == "cart|v2|blue"
+
+    # At the lane's entry, its share still goes to base through the lane's own cluster.
+    entering = render_view(make_view(lane("blue", entry="stock", weight=30, versions=(("stock", "v3"),))))
+    assert [n for n in entering[resources.CLUSTER] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
+    assert [n for n in entering[resources.ENDPOINT] if n.startswith("stock|")] == ["stock|v1", "stock|v1|blue"]
+    assert item(entering, resources.CLUSTER, "stock|v1|blue").eds_cluster_config.service_name == "stock|v1|blue"
+    assert addresses(entering, "stock|v1|blue") == addresses(entering, "stock|v1") == [("10.0.0.1", 8021)]
+    split = named(entering, "stock", "split/without-baggage")
+    assert weights(split) == [("stock|v1|blue", 30), ("stock|v1", 70)]
+    assert not [n for n in route_names(entering, "stock") if n.startswith("lane/")]
 
 
 def test_base_without_endpoints_still_has_a_cluster_and_an_empty_assignment() -> None:
@@ -413,8 +423,7 @@ def test_route_order_at_the_entry() -> None:
     assert route_names(render_view(RICH_VIEW), "gateway") == [
         "lane/blue/header",
         "lane/blue/baggage",
-        "lane/green/header",  # green has no gateway version: its lane routes are there anyway
-        "lane/green/baggage",
+        # green has no gateway version: no lane routes, its tagged traffic takes tagged/*
         "tagged/header",
         "tagged/baggage",
         "rule/blue/0/with-baggage",
@@ -429,11 +438,11 @@ def test_route_order_at_the_entry() -> None:
     ]
 
 
-def test_a_service_inside_lanes_gets_only_lane_routes_and_default() -> None:
+def test_a_service_inside_lanes_gets_only_the_routes_of_lanes_with_a_version_of_it_and_default() -> None:
     res = render_view(RICH_VIEW)
-    every_lane = ["lane/blue/header", "lane/blue/baggage", "lane/green/header", "lane/green/baggage", "default"]
-    assert route_names(res, "cart") == every_lane
-    assert route_names(res, "stock") == every_lane
+    # blue has a version of cart only, green of stock only.
+    assert route_names(res, "cart") == ["lane/blue/header", "lane/blue/baggage", "default"]
+    assert route_names(res, "stock") == ["lane/green/header", "lane/green/baggage", "default"]
 
 
 def test_every_route_retries_only_failures_before_the_upstream() -> None:
@@ -551,17 +560,16 @@ def test_lane_baggage_regex_fits_envoys_limit_for_long_lane_names() -> None:
     assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE
 
 
-def test_a_lane_without_a_version_of_the_service_routes_to_base_through_its_own_cluster() -> None:
+def test_a_lane_without_a_version_of_a_service_has_no_lane_route_there_tagged_traffic_takes_the_base_cluster() -> None:
     res = render_view(RICH_VIEW)
     for service in ("cart", "gateway"):  # green has a version of stock only
-        for carrier in ("header", "baggage"):
-            assert named(res, service, f"lane/green/{carrier}").route.cluster == f"{service}|v1|green"
-        # A cluster apart from the one of traffic outside lanes, with its own EDS resource
-        # holding the same endpoints.
-        lane_cluster = item(res, resources.CLUSTER, f"{service}|v1|green")
-        assert lane_cluster.eds_cluster_config.service_name == f"{service}|v1|green"
-        assert addresses(res, f"{service}|v1|green") == addresses(res, f"{service}|v1") != []
+        assert not [n for n in route_names(res, service) if n.startswith("lane/green/")]
         assert named(res, service, "default").route.cluster == f"{service}|v1"
+    # Inside the lane, green's traffic reaches cart's default route: no green cluster.
+    assert "cart|v1|green" not in res[resources.CLUSTER].items
+    # At green's entry, its tagged traffic stays on base through the tagged routes.
+    for carrier in ("header", "baggage"):
+        assert named(res, "gateway", f"tagged/{carrier}").route.cluster == "gateway|v1"
 
 
 # -------------------------------------------------------------------- step 2: tagged traffic
@@ -640,6 +648,40 @@ def test_rule_of_a_lane_without_entry_version_routes_to_base_but_tags() -> None:
 
     assert r.route.cluster == "gateway|v1|blue"  # base, through the lane's own cluster
     assert tags(r.request_headers_to_add)["x-graylane"] == ("blue", OVERWRITE)
+
+
+def test_at_the_entry_of_a_lane_without_a_version_of_it_rules_and_share_go_to_the_lanes_base_cluster() -> None:
+    view = make_view(
+        lane(
+            "blue",
+            weight=25,
+            versions=(("cart", "v2"),),
+            rules=(rule(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b")),),
+        )
+    )
+    res = render_view(view)
+
+    # The lane's own cluster on the entry's base version, so statistics count it per lane.
+    assert [n for n in res[resources.CLUSTER] if n.startswith("gateway|")] == ["gateway|v1", "gateway|v1|blue"]
+    assert addresses(res, "gateway|v1|blue") == addresses(res, "gateway|v1") == [("10.0.0.1", 8001)]
+    for has_baggage in (True, False):
+        expected = {
+            "x-graylane": ("blue", OVERWRITE),
+            "baggage": ("%REQ(baggage)%,graylane=blue" if has_baggage else "graylane=blue", OVERWRITE),
+        }
+        suffix = "with-baggage" if has_baggage else "without-baggage"
+        r = named(res, "gateway", f"rule/blue/0/{suffix}")
+        assert r.route.cluster == "gateway|v1|blue"
+        assert tags(r.request_headers_to_add) == expected
+
+        split = split_of(res, has_baggage=has_baggage)
+        share, base = split.route.weighted_clusters.clusters
+        assert (share.name, share.weight.value) == ("gateway|v1|blue", 25)
+        assert tags(share.request_headers_to_add) == expected
+        assert (base.name, base.weight.value, list(base.request_headers_to_add)) == ("gateway|v1", 75, [])
+    # No lane route at the entry: tagged traffic stays on the plain base cluster.
+    assert not [n for n in route_names(res, "gateway") if n.startswith("lane/")]
+    assert named(res, "gateway", "tagged/header").route.cluster == "gateway|v1"
 
 
 @pytest.mark.parametrize(
@@ -1076,13 +1118,11 @@ def test_referenced_clusters_covers_direct_and_weighted_routes() -> None:
 def test_referenced_clusters_of_a_rendering() -> None:
     assert referenced_clusters(route_config(render_view(RICH_VIEW))) == {
         "cart|v1",
-        "cart|v1|green",
         "cart|v2|blue",
         "gateway|v1",
         "gateway|v1|green",
         "gateway|v2|blue",
         "stock|v1",
-        "stock|v1|blue",
         "stock|v2|green",
     }
 
@@ -1127,11 +1167,12 @@ def test_routes_to_a_version_in_another_cluster_carry_its_gateway_authority() ->
     assert rewrite(direct["cart", "lane/blue/header"]) == gateway_authority("cart", "v2")
     assert rewrite(direct["cart", "lane/blue/baggage"]) == gateway_authority("cart", "v2")
     assert rewrite(direct["gateway", "rule/blue/0/with-baggage"]) == gateway_authority("gateway", "v2")
-    assert rewrite(direct["stock", "lane/blue/header"]) == gateway_authority("stock", "v1")
+    # blue has no version of stock: its traffic there takes the default route to the
+    # remote base.
+    assert ("stock", "lane/blue/header") not in direct
     assert rewrite(direct["stock", "default"]) == gateway_authority("stock", "v1")
     # Local versions keep the service's own authority.
     for key in [
-        ("cart", "lane/green/header"),
         ("cart", "default"),
         ("gateway", "tagged/header"),
         ("gateway", "rule/green/0/without-baggage"),
@@ -1177,7 +1218,7 @@ def test_every_route_target_is_rewritten_exactly_when_its_version_is_remote() ->
 def test_a_remote_version_is_served_through_a_cluster_on_the_gateway_endpoints() -> None:
     res = render_view(REMOTE_VIEW)
 
-    for name in ("cart|v2|blue", "gateway|v2|blue", "stock|v1", "stock|v1|blue"):
+    for name in ("cart|v2|blue", "gateway|v2|blue", "stock|v1"):
         assert name in res[resources.CLUSTER].items
         assert addresses(res, name) == [(GW.address, GW.port)]
     assert consistency_gaps(res) == ()
