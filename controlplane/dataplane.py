@@ -247,8 +247,6 @@ class DataPlane:
         carried: list[xv.RoutingView | None],
         target: str,
     ) -> model.Release | None:
-        now = datetime.now(UTC)
-
         def change(current: model.Release) -> StatusUpdate | None:
             if not views.routed(current):
                 return None
@@ -267,6 +265,7 @@ class DataPlane:
             )
             if not newly:
                 return StatusUpdate(status)
+            now = datetime.now(UTC)  # the pause counts from the instant the event records
             status = replace(
                 status,
                 batch_reached=now,
@@ -275,6 +274,7 @@ class DataPlane:
             return StatusUpdate(
                 status,
                 action="reached",
+                at=now,
                 cause=Cause(
                     actor=ACTOR,
                     reason="every proxy serving the release ACKed its current batch",

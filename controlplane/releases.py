@@ -39,6 +39,7 @@ class StatusUpdate:
     status: model.ReleaseStatus
     action: str | None = None  # record an event with this action
     cause: Cause = Cause(actor="graylane")
+    at: datetime | None = None  # the event's time, when the status carries the same instant
 
 
 # Computes a release's new status from its fresh value; None means nothing to write.
@@ -206,7 +207,7 @@ class Releases:
                 after, events = replace(current, status=update.status), []
             else:
                 after, event = machine.record(
-                    current, update.status, action=update.action, cause=update.cause, now=_now()
+                    current, update.status, action=update.action, cause=update.cause, now=update.at or _now()
                 )
                 events = [event]
             try:
