@@ -37,6 +37,7 @@ demo: $(STAMP) etcd
 test: $(STAMP) etcd
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 bench: $(STAMP) etcd
@@ -47,6 +48,7 @@ protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy controlplane xds agent
 
 clean:

@@ -267,9 +267,7 @@ class EnvoyStatsScraper:
         """The counters of the Envoy whose admin endpoint is `admin` ("host:port")."""
         return {key: stats.counters for key, stats in (await self.read(admin, latency=False)).items()}
 
-    async def scrape_all(
-        self, admins: Mapping[str, str]
-    ) -> tuple[dict[TrafficKey, TrafficCounters], tuple[str, ...]]:
+    async def scrape_all(self, admins: Mapping[str, str]) -> tuple[dict[TrafficKey, TrafficCounters], tuple[str, ...]]:
         """Summed counters of every proxy (node id -> admin address), and the unreachable ones."""
         readings, unreachable = await self.read_all(admins, latency=False)
         return merge({k: s.counters for k, s in r.items()} for r in readings.values()), unreachable

@@ -187,8 +187,10 @@ async def bench_e2e() -> dict[str, object]:
         envoy = await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id="bench-envoy"))
         await plane.dataplane.wait_current()
         await client.apply_release(pb.Release(name=RELEASE, spec=release_spec()))
-        print(f"  etcd {local.etcd.endpoint}, API :{plane.api_port}, xDS :{plane.xds_port}, envoy :{envoy.listen_port}",
-              flush=True)
+        print(
+            f"  etcd {local.etcd.endpoint}, API :{plane.api_port}, xDS :{plane.xds_port}, envoy :{envoy.listen_port}",
+            flush=True,
+        )
 
         async def step(action: Action, bucket: str) -> pb.Release:
             """Act, then time from the call returning to `status.reached` (GetRelease every 5 ms)."""
@@ -250,12 +252,28 @@ async def bench_e2e() -> dict[str, object]:
         for i in range(LOAD_ROUNDS):
             if i and time.monotonic() > load_deadline:
                 break
-            via_envoy.append(await run_load(envoy.listen_port, authority=SERVICE, count=LOAD_COUNT,
-                                            max_seconds=LOAD_MAX_SECONDS, concurrency=LOAD_CONCURRENCY))
-            direct.append(await run_load(v1.port, authority=SERVICE, count=LOAD_COUNT,
-                                         max_seconds=LOAD_MAX_SECONDS, concurrency=LOAD_CONCURRENCY))
-            print(f"  load round {i + 1}: envoy {via_envoy[-1].rate:,.0f} rps, direct {direct[-1].rate:,.0f} rps",
-                  flush=True)
+            via_envoy.append(
+                await run_load(
+                    envoy.listen_port,
+                    authority=SERVICE,
+                    count=LOAD_COUNT,
+                    max_seconds=LOAD_MAX_SECONDS,
+                    concurrency=LOAD_CONCURRENCY,
+                )
+            )
+            direct.append(
+                await run_load(
+                    v1.port,
+                    authority=SERVICE,
+                    count=LOAD_COUNT,
+                    max_seconds=LOAD_MAX_SECONDS,
+                    concurrency=LOAD_CONCURRENCY,
+                )
+            )
+            print(
+                f"  load round {i + 1}: envoy {via_envoy[-1].rate:,.0f} rps, direct {direct[-1].rate:,.0f} rps",
+                flush=True,
+            )
     return {"samples": samples, "weight": weight, "envoy": via_envoy, "direct": direct}
 
 
@@ -278,11 +296,23 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
         "size of the serialized RouteConfiguration.",
         "",
     ]
-    parts.append(table(
-        ["services", "lanes", "clusters", "runs", "median ms", "p90 ms", "RouteConfiguration bytes"],
-        [[str(r["services"]), str(r["lanes"]), str(r["clusters"]), str(r["reps"]), f"{r['median_ms']:.2f}",
-          f"{r['p90_ms']:.2f}", f"{r['route_bytes']:,}"] for r in render_rows],
-    ))
+    parts.append(
+        table(
+            ["services", "lanes", "clusters", "runs", "median ms", "p90 ms", "RouteConfiguration bytes"],
+            [
+                [
+                    str(r["services"]),
+                    str(r["lanes"]),
+                    str(r["clusters"]),
+                    str(r["reps"]),
+                    f"{r['median_ms']:.2f}",
+                    f"{r['p90_ms']:.2f}",
+                    f"{r['route_bytes']:,}",
+                ]
+                for r in render_rows
+            ],
+        )
+    )
     s = e2e["samples"]
     assert isinstance(s, dict)
 
@@ -302,15 +332,17 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
         "`-> snapshot` is the part until that snapshot exists.",
         "",
     ]
-    parts.append(table(
-        ["measurement", "n", "median ms", "p90 ms", "min ms", "max ms"],
-        [
-            lat_row("NextBatch -> reached (weight change, RDS only)", s["next"]),
-            lat_row("first batch / Restart -> reached (adds v2 cluster: CDS+EDS+RDS)", s["first"]),
-            lat_row("Rollback -> new route snapshot in the cache", s["rb_snap"]),
-            lat_row("Rollback -> every proxy ACKed it", s["rb_ack"]),
-        ],
-    ))
+    parts.append(
+        table(
+            ["measurement", "n", "median ms", "p90 ms", "min ms", "max ms"],
+            [
+                lat_row("NextBatch -> reached (weight change, RDS only)", s["next"]),
+                lat_row("first batch / Restart -> reached (adds v2 cluster: CDS+EDS+RDS)", s["first"]),
+                lat_row("Rollback -> new route snapshot in the cache", s["rb_snap"]),
+                lat_row("Rollback -> every proxy ACKed it", s["rb_ack"]),
+            ],
+        )
+    )
     env = e2e["envoy"]
     dire = e2e["direct"]
     assert isinstance(env, list) and isinstance(dire, list)
@@ -328,18 +360,27 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
         "this measures our Python load generator + Python upstream (+ Envoy), not Envoy's capacity.",
         "",
     ]
+
     def load_row(label: str, runs: list[LoadResult]) -> list[str]:
         rates = [r.rate for r in runs]
-        return [label, str(len(runs)), f"{med(rates):,.0f}", f"{min(rates):,.0f}", f"{max(rates):,.0f}",
-                str(sum(r.failed for r in runs))]
+        return [
+            label,
+            str(len(runs)),
+            f"{med(rates):,.0f}",
+            f"{min(rates):,.0f}",
+            f"{max(rates):,.0f}",
+            str(sum(r.failed for r in runs)),
+        ]
 
-    parts.append(table(
-        ["path", "rounds", "median req/s", "min req/s", "max req/s", "failed"],
-        [
-            load_row(f"through Envoy ({SERVICE}, {e2e['weight']} % batch)", env),
-            load_row("direct to the v1 upstream", dire),
-        ],
-    ))
+    parts.append(
+        table(
+            ["path", "rounds", "median req/s", "min req/s", "max req/s", "failed"],
+            [
+                load_row(f"through Envoy ({SERVICE}, {e2e['weight']} % batch)", env),
+                load_row("direct to the v1 upstream", dire),
+            ],
+        )
+    )
     parts += [
         "",
         f"Envoy / direct = {env_rps / dir_rps:.2f}. v2 share through Envoy per round: "

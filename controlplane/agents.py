@@ -141,8 +141,11 @@ class AgentHub:
             return
         self._known = known
         if known:
-            log.info("waiting up to %gs for the agents of %s before sending views", self.settle_seconds,
-                     ", ".join(sorted(known)))
+            log.info(
+                "waiting up to %gs for the agents of %s before sending views",
+                self.settle_seconds,
+                ", ".join(sorted(known)),
+            )
         self._settle_timer = asyncio.get_running_loop().call_later(self.settle_seconds, self._settle_timeout)
 
     def _settle_timeout(self) -> None:
@@ -233,8 +236,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             log.warning("refused an agent (cluster %r): %s", first.hello.cluster, exc)
             await context.abort(status_for(exc), str(exc))
             return
-        log.info("agent of cluster %s connected (gateway %s:%d)", session.info.name,
-                 session.info.gateway_host, session.info.gateway_port)
+        log.info(
+            "agent of cluster %s connected (gateway %s:%d)",
+            session.info.name,
+            session.info.gateway_host,
+            session.info.gateway_port,
+        )
         yield apb.ControlMessage(
             welcome=apb.Welcome(
                 cluster=session.info.name,
@@ -308,7 +315,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             elif kind == "guard":
                 log.warning(
                     "agent of cluster %s routed lanes %s back to base while the control plane was away: %s",
-                    session.info.name, list(message.guard.lanes), message.guard.reason,
+                    session.info.name,
+                    list(message.guard.lanes),
+                    message.guard.reason,
                 )
                 await self._hub.guard_reported(session, message.guard)
             elif kind == "hello":

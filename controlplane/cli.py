@@ -537,25 +537,61 @@ def _add_agent(subparsers: Subparsers) -> None:
         "view while the control plane is unreachable.",
     )
     parser.add_argument("--cluster", required=True, help="this cluster's name")
-    parser.add_argument("--control-plane", required=True, type=_host_port(), metavar="HOST:PORT",
-                        help="a control plane's API address")
+    parser.add_argument(
+        "--control-plane", required=True, type=_host_port(), metavar="HOST:PORT", help="a control plane's API address"
+    )
     parser.add_argument("--endpoints", metavar="FILE", help="YAML endpoints of this cluster, followed for changes")
-    parser.add_argument("--gateway-address", required=True, type=_host_port(), metavar="HOST:PORT",
-                        help="where other clusters reach this cluster's gateway Envoy")
-    parser.add_argument("--xds-listen", type=_host_port(), default=HostPort("127.0.0.1", 7402),
-                        metavar="HOST:PORT", help="xDS address for this cluster's Envoys (default %(default)s)")
-    parser.add_argument("--state-dir", default=".graylane-agent", metavar="DIR",
-                        help="last-known-good view and agent id (default ./%(default)s)")
-    parser.add_argument("--token-file", metavar="FILE",
-                        help="file holding this cluster's token (or env GRAYLANE_AGENT_TOKEN)")
-    parser.add_argument("--guard-after", type=float, default=30.0, metavar="SECONDS",
-                        help="how long the control plane may be away before the local guard may act")
-    parser.add_argument("--reconnect-max", type=_positive_seconds, default=5.0, metavar="SECONDS",
-                        help="longest wait between attempts to reach the control plane (default %(default)s)")
-    parser.add_argument("--http-listen", type=_host_port(any_port=True), default=None, metavar="HOST:PORT",
-                        help="serve /metrics (Prometheus) and /healthz here (default: no HTTP server)")
-    parser.add_argument("--otlp-endpoint", type=_otlp_endpoint, default=None, metavar="URL",
-                        help="export traces over OTLP/HTTP to this collector")
+    parser.add_argument(
+        "--gateway-address",
+        required=True,
+        type=_host_port(),
+        metavar="HOST:PORT",
+        help="where other clusters reach this cluster's gateway Envoy",
+    )
+    parser.add_argument(
+        "--xds-listen",
+        type=_host_port(),
+        default=HostPort("127.0.0.1", 7402),
+        metavar="HOST:PORT",
+        help="xDS address for this cluster's Envoys (default %(default)s)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=".graylane-agent",
+        metavar="DIR",
+        help="last-known-good view and agent id (default ./%(default)s)",
+    )
+    parser.add_argument(
+        "--token-file", metavar="FILE", help="file holding this cluster's token (or env GRAYLANE_AGENT_TOKEN)"
+    )
+    parser.add_argument(
+        "--guard-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the control plane may be away before the local guard may act",
+    )
+    parser.add_argument(
+        "--reconnect-max",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="longest wait between attempts to reach the control plane (default %(default)s)",
+    )
+    parser.add_argument(
+        "--http-listen",
+        type=_host_port(any_port=True),
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus) and /healthz here (default: no HTTP server)",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        type=_otlp_endpoint,
+        default=None,
+        metavar="URL",
+        help="export traces over OTLP/HTTP to this collector",
+    )
     parser.set_defaults(handler=_agent)
 
 
@@ -795,11 +831,13 @@ def _add_metrics(subparsers: Subparsers) -> None:
         subparsers, "metrics", "live requests, errors, latency and traffic share of a release's versions"
     )
     parser.add_argument("name", metavar="NAME")
-    parser.add_argument("--window", type=parse_duration, default=None, metavar="DURATION",
-                        help="how far back to look (default 60s)")
+    parser.add_argument(
+        "--window", type=parse_duration, default=None, metavar="DURATION", help="how far back to look (default 60s)"
+    )
     parser.add_argument("-w", "--watch", action="store_true", help="print again every --every until interrupted")
-    parser.add_argument("--every", type=parse_duration, default=None, metavar="DURATION",
-                        help="with --watch: how often (default 1s)")
+    parser.add_argument(
+        "--every", type=parse_duration, default=None, metavar="DURATION", help="with --watch: how often (default 1s)"
+    )
     _add_output_flag(parser)
     parser.set_defaults(handler=_client_command(_metrics))
 

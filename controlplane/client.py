@@ -144,9 +144,7 @@ class ReleaseClient:
         return result
 
     @staticmethod
-    def _metrics_request(
-        name: str, window: float | None, every: float | None
-    ) -> release_service_pb2.GetMetricsRequest:
+    def _metrics_request(name: str, window: float | None, every: float | None) -> release_service_pb2.GetMetricsRequest:
         request = release_service_pb2.GetMetricsRequest(name=name)
         if window is not None:
             request.window.FromNanoseconds(round(window * 1e9))

@@ -96,9 +96,7 @@ async def _until_reached(client: ReleaseClient, name: str, timeout: float = 15.0
             await asyncio.sleep(0.05)
 
 
-async def _until_view(
-    dataplane: DataPlane, holds: Callable[[xv.RoutingView], bool], timeout: float = 15.0
-) -> float:
+async def _until_view(dataplane: DataPlane, holds: Callable[[xv.RoutingView], bool], timeout: float = 15.0) -> float:
     """Seconds until the data plane renders a view where `holds` and every proxy ACKed it.
 
     Waiting on the view as well as the ACKs: right after an API call the data plane may

@@ -137,8 +137,10 @@ async def run_two_cluster_demo(*, requests_per_step: int = REQUESTS_PER_STEP) ->
             restart_at = time.monotonic()
             await layout.serve.restart()
             await layout.wait_connected(marks)
-            print(f"control plane back (pid {layout.serve.pid}), agents reconnected in "
-                  f"{time.monotonic() - restart_at:.1f}s\n")
+            print(
+                f"control plane back (pid {layout.serve.pid}), agents reconnected in "
+                f"{time.monotonic() - restart_at:.1f}s\n"
+            )
 
             release = await layout.client.act(Action.PROMOTE, LANE, reason="demo: ship it")
 
@@ -155,8 +157,10 @@ async def run_two_cluster_demo(*, requests_per_step: int = REQUESTS_PER_STEP) ->
     results = [r.result for r in rows] + probes
     sent = sum(r.sent for r in results)
     failed = sum(r.failed for r in results)
-    print(f"\n{sent} requests ({len(rows)} steps, {len(probes)} probes while the promote spread): "
-          f"{failed} not answered 200 ({time.monotonic() - started:.0f}s in all)")
+    print(
+        f"\n{sent} requests ({len(rows)} steps, {len(probes)} probes while the promote spread): "
+        f"{failed} not answered 200 ({time.monotonic() - started:.0f}s in all)"
+    )
     return 0 if failed == 0 else 1
 
 

@@ -102,8 +102,9 @@ async def run_unattended_demo() -> int:
 
         stop = asyncio.Event()
         load = asyncio.create_task(
-            run_load(envoy.listen_port, authority=SERVICE, count=60_000, max_seconds=150, rate=300,
-                     concurrency=16, stop=stop)
+            run_load(
+                envoy.listen_port, authority=SERVICE, count=60_000, max_seconds=150, rate=300, concurrency=16, stop=stop
+            )
         )
         try:
             print("1. checkout-v2: v1 -> v2, healthy; analysis every 2 s, max error rate 2 %, compared with base")
@@ -139,6 +140,8 @@ async def run_unattended_demo() -> int:
             and result.failed_versions["v1"] == 0
             and result.failed_versions["v2"] == 0
         )
-        print("demo " + ("passed" if ok else "FAILED") + ": v2 promoted on its own, v3 rolled back on its own, "
-              "base never failed")
+        print(
+            "demo " + ("passed" if ok else "FAILED") + ": v2 promoted on its own, v3 rolled back on its own, "
+            "base never failed"
+        )
         return 0 if ok else 1

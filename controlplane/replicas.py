@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 class ReplicaRegistry:
     def __init__(
-        self, store: EtcdStore, tracker: ProxyTracker, *, identity: str, ttl_seconds: int = 5,
+        self,
+        store: EtcdStore,
+        tracker: ProxyTracker,
+        *,
+        identity: str,
+        ttl_seconds: int = 5,
         refresh_seconds: float = 1.0,
     ) -> None:
         self._store = store

@@ -219,6 +219,4 @@ def _same_versions(a: Resources, b: Resources) -> bool:
 
 
 def _describe(resources: Resources) -> str:
-    return ", ".join(
-        f"{t.rsplit('.', 1)[-1]}={resources[t].version}({len(resources[t])})" for t in resources.by_type
-    )
+    return ", ".join(f"{t.rsplit('.', 1)[-1]}={resources[t].version}({len(resources[t])})" for t in resources.by_type)

@@ -119,9 +119,7 @@ def _plan_clusters(target: Resources, acked: Held, sent: Held) -> dict[str, Mess
     return clusters
 
 
-def _plan_endpoints(
-    target: Resources, clusters: Mapping[str, Message], acked: Held, sent: Held
-) -> dict[str, Message]:
+def _plan_endpoints(target: Resources, clusters: Mapping[str, Message], acked: Held, sent: Held) -> dict[str, Message]:
     endpoints: dict[str, Message] = {}
     for cluster in clusters.values():
         assert isinstance(cluster, cluster_pb2.Cluster)
@@ -142,9 +140,7 @@ def _cluster_ready(name: str, acked: Held) -> bool:
     return not uses_eds(cluster) or eds_name(cluster) in _get(acked, ENDPOINT)
 
 
-def _plan_routes(
-    target: Resources, acked: Held, sent: Held, held: set[tuple[str, str]]
-) -> dict[str, Message]:
+def _plan_routes(target: Resources, acked: Held, sent: Held, held: set[tuple[str, str]]) -> dict[str, Message]:
     routes: dict[str, Message] = {}
     for name, rc in target[ROUTE].items.items():
         assert isinstance(rc, route_pb2.RouteConfiguration)
@@ -159,7 +155,10 @@ def _plan_routes(
 
 
 def _plan_listeners(
-    target: Resources, routes: Mapping[str, Message], acked: Held, sent: Held,
+    target: Resources,
+    routes: Mapping[str, Message],
+    acked: Held,
+    sent: Held,
     held: set[tuple[str, str]],
 ) -> dict[str, Message]:
     listeners: dict[str, Message] = {}

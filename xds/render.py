@@ -142,9 +142,7 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     )
 
 
-def render_gateway(
-    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1"
-) -> resources.Resources:
+def render_gateway(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
     """The resources of a cluster's gateway: other clusters reach its local versions here.
 
     One virtual host per version that runs in this cluster (endpoints not `via_cluster`),

@@ -66,9 +66,7 @@ class TypedResources:
     versions: Mapping[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "versions", MappingProxyType({n: content_version(m) for n, m in self.items.items()})
-        )
+        object.__setattr__(self, "versions", MappingProxyType({n: content_version(m) for n, m in self.items.items()}))
 
     @property
     def version(self) -> str:
@@ -90,9 +88,7 @@ class Resources:
     @classmethod
     def of(cls, resources: Mapping[str, Mapping[str, Message]]) -> Resources:
         return cls(
-            MappingProxyType(
-                {t: TypedResources(t, MappingProxyType(dict(resources.get(t, {})))) for t in PUSH_ORDER}
-            )
+            MappingProxyType({t: TypedResources(t, MappingProxyType(dict(resources.get(t, {})))) for t in PUSH_ORDER})
         )
 
     def __getitem__(self, type_url: str) -> TypedResources:

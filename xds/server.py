@@ -199,9 +199,7 @@ class _Stream(Generic[Req, Resp]):
         Sending the type without it would tell the proxy to drop (SotW wildcard) or never
         get (first push) the resource; better to wait until the plan releases it.
         """
-        return any(
-            t == st.type_url and st.wants(n) and n not in items for t, n in planned.held
-        )
+        return any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
 
     def record_ack(self, st: _TypeState, version: str) -> None:
         st.acked_version = version
@@ -211,16 +209,18 @@ class _Stream(Generic[Req, Resp]):
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
         self.tracker.nacked(self.node.id, Nack(st.type_url, version, nonce, message, now()))
-        log.warning(
-            "NACK %s %s version %s: %s", self.node.id, _short(st.type_url), version, message
-        )
+        log.warning("NACK %s %s version %s: %s", self.node.id, _short(st.type_url), version, message)
 
     def record_push(self, st: _TypeState, push: Push) -> None:
         self.tracker.pushed(self.node.id, push)
         log.info(
             "push %s %s version %s nonce %s: %d resources, %d removed",
-            self.node.id, _short(st.type_url), push.version, push.nonce,
-            len(push.resources), len(push.removed),
+            self.node.id,
+            _short(st.type_url),
+            push.version,
+            push.nonce,
+            len(push.resources),
+            len(push.removed),
         )
 
     def resolve_initial(self, st: _TypeState, name: str, version: str) -> Message | None:
@@ -337,9 +337,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         )
 
 
-class _DeltaStream(
-    _Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]
-):
+class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
     protocol = DELTA
 
     def handle(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
@@ -429,8 +427,7 @@ class _DeltaStream(
         return discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=system_version,
             resources=[
-                discovery_pb2.Resource(name=n, version=versions[n], resource=_pack(m))
-                for n, m in changed.items()
+                discovery_pb2.Resource(name=n, version=versions[n], resource=_pack(m)) for n, m in changed.items()
             ],
             removed_resources=list(removed),
             type_url=st.type_url,
@@ -451,9 +448,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext[
-            discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
-        ],
+        context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> None:
         stream = _SotwStream(self.cache, self.tracker)
         await stream.run(request_iterator, context.write)
@@ -461,9 +456,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-        context: grpc.aio.ServicerContext[
-            discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
-        ],
+        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse],
     ) -> None:
         stream = _DeltaStream(self.cache, self.tracker)
         await stream.run(request_iterator, context.write)

@@ -174,17 +174,27 @@ class EnvoyProcess:
         config = Path(self._workdir.name) / "bootstrap.yaml"
         config.write_text(self._bootstrap())
         self._process = await asyncio.create_subprocess_exec(
-            str(binary), "-c", str(config),
-            "--base-id", str(self.admin_port),  # unique per host: the admin port is ours
-            "--log-level", self._log_level,
-            "--log-path", str(Path(self._workdir.name) / "envoy.log"),
+            str(binary),
+            "-c",
+            str(config),
+            "--base-id",
+            str(self.admin_port),  # unique per host: the admin port is ours
+            "--log-level",
+            self._log_level,
+            "--log-path",
+            str(Path(self._workdir.name) / "envoy.log"),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
-        log.info("envoy %s started: pid %d admin %d listen %d", self.node_id,
-                 self._process.pid, self.admin_port, self.listen_port)
+        log.info(
+            "envoy %s started: pid %d admin %d listen %d",
+            self.node_id,
+            self._process.pid,
+            self.admin_port,
+            self.listen_port,
+        )
         try:
             await self._await_admin()
         except BaseException:
@@ -193,9 +203,13 @@ class EnvoyProcess:
 
     def _bootstrap(self) -> str:
         text = bootstrap(
-            protocol=self.protocol, node_id=self.node_id, node_cluster=self.node_cluster,
-            listen_port=self.listen_port, admin_port=self.admin_port,
-            ads_host=self.ads_host, ads_port=self.ads_port,
+            protocol=self.protocol,
+            node_id=self.node_id,
+            node_cluster=self.node_cluster,
+            listen_port=self.listen_port,
+            admin_port=self.admin_port,
+            ads_host=self.ads_host,
+            ads_port=self.ads_port,
         )
         if self.runtime:
             # JSON is YAML: one flow-style block appended to the template.
@@ -223,10 +237,7 @@ class EnvoyProcess:
 
     def _check_alive(self) -> None:
         if self._process is not None and self._process.returncode is not None:
-            raise EnvoyError(
-                f"envoy {self.node_id} exited with {self._process.returncode}; "
-                f"log:\n{self.log_tail()}"
-            )
+            raise EnvoyError(f"envoy {self.node_id} exited with {self._process.returncode}; log:\n{self.log_tail()}")
 
     async def admin_get(self, path: str) -> tuple[int, str]:
         """GET an admin endpoint: (status, body)."""

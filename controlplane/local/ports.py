@@ -45,5 +45,3 @@ def free_port() -> int:
         sock.bind((_LOOPBACK, 0))
         found: int = sock.getsockname()[1]
         return found
-
-

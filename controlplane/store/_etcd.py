@@ -356,9 +356,7 @@ class EtcdStore:
         resp = await self._range(prefix)
         return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)  # type: ignore[attr-defined]
 
-    async def put_cluster_endpoints(
-        self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int
-    ) -> int:
+    async def put_cluster_endpoints(self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int) -> int:
         """Replace the cluster's endpoints under `lease`; the etcd revision that holds them."""
         key = self._key("clusterendpoints", cluster)
         resp = await self._txn([], [self._put(key, _dump(model.cluster_endpoints_to_proto(items)), lease=lease)])

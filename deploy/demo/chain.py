@@ -317,4 +317,3 @@ class Chain:
             for _ in range(max(1, min(concurrency, n))):
                 workers.create_task(worker())
         return [a for a in answers if a is not None]
-

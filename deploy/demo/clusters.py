@@ -139,9 +139,7 @@ class ChildProcess:
 
     def check_alive(self) -> None:
         if self._process is not None and self._process.returncode is not None:
-            raise RuntimeError(
-                f"{self.name} exited with {self._process.returncode}; log tail:\n{self.log_tail()}"
-            )
+            raise RuntimeError(f"{self.name} exited with {self._process.returncode}; log tail:\n{self.log_tail()}")
 
     async def kill(self) -> None:
         """SIGKILL (kill -9) the process group; returns once the process is gone."""
@@ -221,13 +219,20 @@ class ServeProcess(ChildProcess):
     def arguments(self) -> list[str]:
         args = [
             "serve",
-            "--etcd", self.etcd_endpoint,
-            "--etcd-prefix", self.etcd_prefix,
-            "--listen", self.target,
-            "--xds-listen", f"{_LOOPBACK}:{self.xds_port}",
-            "--http-listen", f"{_LOOPBACK}:0",  # not the default 7403: runs side by side must not clash
-            "--data-dir", str(self.workdir / "serve-state"),
-            "--agent-lease-ttl", str(self.agent_lease_ttl_seconds),
+            "--etcd",
+            self.etcd_endpoint,
+            "--etcd-prefix",
+            self.etcd_prefix,
+            "--listen",
+            self.target,
+            "--xds-listen",
+            f"{_LOOPBACK}:{self.xds_port}",
+            "--http-listen",
+            f"{_LOOPBACK}:0",  # not the default 7403: runs side by side must not clash
+            "--data-dir",
+            str(self.workdir / "serve-state"),
+            "--agent-lease-ttl",
+            str(self.agent_lease_ttl_seconds),
         ]
         if self.agent_tokens_file is not None:
             args += ["--agent-tokens", str(self.agent_tokens_file)]
@@ -284,13 +289,20 @@ class AgentProcess(ChildProcess):
     def arguments(self) -> list[str]:
         args = [
             "agent",
-            "--cluster", self.cluster,
-            "--control-plane", self.control_plane,
-            "--gateway-address", self.gateway_address,
-            "--xds-listen", f"{_LOOPBACK}:{self.xds_port}",
-            "--state-dir", str(self.state_dir),
-            "--reconnect-max", f"{self.reconnect_max_seconds:g}",
-            "--http-listen", f"{_LOOPBACK}:{self.http_port}",
+            "--cluster",
+            self.cluster,
+            "--control-plane",
+            self.control_plane,
+            "--gateway-address",
+            self.gateway_address,
+            "--xds-listen",
+            f"{_LOOPBACK}:{self.xds_port}",
+            "--state-dir",
+            str(self.state_dir),
+            "--reconnect-max",
+            f"{self.reconnect_max_seconds:g}",
+            "--http-listen",
+            f"{_LOOPBACK}:{self.http_port}",
         ]
         if self.endpoints_file is not None:
             args += ["--endpoints", str(self.endpoints_file)]
@@ -317,6 +329,7 @@ class AgentProcess(ChildProcess):
 
     async def restart(self, *, timeout: float = 30.0) -> None:
         await self.start(timeout=timeout)
+
 
 @dataclass
 class Cluster:
@@ -467,9 +480,7 @@ class TwoClusters:
 
         self._stack.push_async_callback(self.serve.stop)
         await self.serve.start()
-        self._client = await self._stack.enter_async_context(
-            ReleaseClient.connect(self.serve.target, actor=self.actor)
-        )
+        self._client = await self._stack.enter_async_context(ReleaseClient.connect(self.serve.target, actor=self.actor))
         await self._client.put_service(pb.Service(name=SERVICE, stable_version="v1"))
         for version in ("v1", "v2"):
             await self._client.put_version(pb.Version(service=SERVICE, name=version))

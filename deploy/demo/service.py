@@ -140,9 +140,7 @@ class ChainService:
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         incoming = _PROPAGATOR.extract(carrier=request.headers)
-        with _TRACER.start_as_current_span(
-            f"{self.service} GET", context=incoming, kind=trace.SpanKind.SERVER
-        ) as span:
+        with _TRACER.start_as_current_span(f"{self.service} GET", context=incoming, kind=trace.SpanKind.SERVER) as span:
             span.set_attribute("graylane.service", self.service)
             span.set_attribute("graylane.version", self.version)
             current = trace.set_span_in_context(span, incoming)
@@ -173,9 +171,7 @@ class ChainService:
                 headers[name] = value
         if self.propagate_lane_header and (lane := request.headers.get(LANE_HEADER)):
             headers[LANE_HEADER] = lane
-        with _TRACER.start_as_current_span(
-            f"GET {self.next_hop}", context=context, kind=trace.SpanKind.CLIENT
-        ) as span:
+        with _TRACER.start_as_current_span(f"GET {self.next_hop}", context=context, kind=trace.SpanKind.CLIENT) as span:
             _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span, context))
             url = f"http://{_LOOPBACK}:{self.sidecar_port}{request.path_qs}"
             try:
@@ -198,9 +194,7 @@ class ChainService:
         body: dict[str, Any] = {"path": path, "hops": list(hops)}
         if error:
             body["error"] = error
-        return web.json_response(
-            body, status=status, headers={"x-service": self.service, "x-version": self.version}
-        )
+        return web.json_response(body, status=status, headers={"x-service": self.service, "x-version": self.version})
 
 
 # --------------------------------------------------------------------------------- CLI

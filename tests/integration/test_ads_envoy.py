@@ -96,16 +96,14 @@ class Ads:
         assert target is not None
 
         def acked_all(status: ProxyStatus) -> bool:
-            return all(
-                t in status.acked and status.acked[t].resources == dict(target[t].versions)
-                for t in PUSH_ORDER
-            )
+            return all(t in status.acked and status.acked[t].resources == dict(target[t].versions) for t in PUSH_ORDER)
 
         return await self.wait_for(envoy.node_id, acked_all)
 
 
-def view_of(upstreams: dict[str, list[Upstream]], *, base: str = "v1",
-            gray: str | None = None, weight: int = 0) -> RoutingView:
+def view_of(
+    upstreams: dict[str, list[Upstream]], *, base: str = "v1", gray: str | None = None, weight: int = 0
+) -> RoutingView:
     endpoints = tuple(
         VersionEndpoints(SERVICE, version, tuple(Endpoint("127.0.0.1", u.port) for u in ups))
         for version, ups in sorted(upstreams.items())
@@ -153,8 +151,9 @@ class Load:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _answered: asyncio.Event = field(default_factory=asyncio.Event)  # set after each request
 
-    async def run(self, http_get: HttpGet, port: int, *, workers: int = 4,
-                  max_requests: int = 4000, timeout: float = 20.0) -> None:
+    async def run(
+        self, http_get: HttpGet, port: int, *, workers: int = 4, max_requests: int = 4000, timeout: float = 20.0
+    ) -> None:
         budget = iter(range(max_requests))
 
         async def worker() -> None:
@@ -207,8 +206,12 @@ async def test_envoy_connects_acks_every_type_and_serves(
 
 
 async def test_new_version_and_removal_fail_no_request(
-    ads: Ads, envoy: StartEnvoy, http_get: HttpGet, upstream: MakeUpstream,
-    v1: Upstream, protocol: str,
+    ads: Ads,
+    envoy: StartEnvoy,
+    http_get: HttpGet,
+    upstream: MakeUpstream,
+    v1: Upstream,
+    protocol: str,
 ) -> None:
     proxy = await start_envoy(envoy, ads, protocol)
     v2 = await upstream(SERVICE, "v2")
@@ -241,7 +244,8 @@ async def test_new_version_and_removal_fail_no_request(
     assert cds < eds < rds  # make before ...
     rds = index_of(pushes, middle, lambda p: p.type_url == ROUTE)
     gone = index_of(
-        pushes, middle,
+        pushes,
+        middle,
         lambda p: p.type_url == CLUSTER and (V1 in p.removed or (protocol == SOTW and V1 not in p.resources)),
     )
     assert rds < gone  # ... break
@@ -255,9 +259,7 @@ async def test_delta_sends_only_the_changed_resources(
     second_v1 = await upstream(SERVICE, "v1")
     ads.apply(view_of({"v1": [v1, second_v1]}))  # one more endpoint: only EDS a|v1 changes
     status = await ads.converged(proxy)
-    assert [(p.type_url, p.resources, p.removed) for p in status.pushes[before:]] == [
-        (ENDPOINT, (V1,), ())
-    ]
+    assert [(p.type_url, p.resources, p.removed) for p in status.pushes[before:]] == [(ENDPOINT, (V1,), ())]
     async with asyncio.timeout(DEADLINE):
         while second_v1.requests == 0:  # round robin reaches the new endpoint
             assert await served_version(http_get, proxy) == "v1"

@@ -180,8 +180,19 @@ async def test_the_first_batch_and_the_promote_reach_every_proxy_within_seconds(
 
 async def test_the_service_cli_serves_until_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-P", "-m", "graylane.deploy.demo.service", "--service", "e", "--version", "v3", "--port", "0",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-P",
+        "-m",
+        "graylane.deploy.demo.service",
+        "--service",
+        "e",
+        "--version",
+        "v3",
+        "--port",
+        "0",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
     try:

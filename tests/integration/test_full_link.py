@@ -78,8 +78,12 @@ async def test_rules_send_the_whole_chain_into_the_lane_and_the_weight_splits_th
     store: EtcdStore, envoy_binary: Path
 ) -> None:
     async with chain_stack(store, envoy_binary) as (chain, client, _):
-        await start(client, release("bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")],
-                                    weights=[20], rules=[rule_for_testers()]))
+        await start(
+            client,
+            release(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[20], rules=[rule_for_testers()]
+            ),
+        )
         # Every sixth request is a tester's; the others are plain traffic.
         answers = await chain.run(2400, headers_for=lambda i: TESTER if i % 6 == 0 else {}, timeout=120)
         assert len(answers) == 2400
@@ -122,8 +126,12 @@ async def test_rules_send_the_whole_chain_into_the_lane_and_the_weight_splits_th
 
 async def test_baggage_survives_end_to_end_and_carries_the_lane(store: EtcdStore, envoy_binary: Path) -> None:
     async with chain_stack(store, envoy_binary) as (chain, client, _):
-        await start(client, release("bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")],
-                                    weights=[0], rules=[rule_for_testers()]))
+        await start(
+            client,
+            release(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[0], rules=[rule_for_testers()]
+            ),
+        )
         inside = await chain.request({**TESTER, "baggage": "tenant=acme"})
         assert inside.ok and inside.path == BC_PATH
         assert inside.hops[0].baggage_members() == {"tenant": "acme"}
@@ -136,8 +144,12 @@ async def test_baggage_survives_end_to_end_and_carries_the_lane(store: EtcdStore
 
 async def test_an_app_that_only_propagates_baggage_stays_in_its_lane(store: EtcdStore, envoy_binary: Path) -> None:
     async with chain_stack(store, envoy_binary, propagate_lane_header=False) as (chain, client, _):
-        await start(client, release("bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")],
-                                    weights=[30], rules=[rule_for_testers()]))
+        await start(
+            client,
+            release(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[30], rules=[rule_for_testers()]
+            ),
+        )
         tester = await chain.request(TESTER)
         assert tester.ok and tester.path == BC_PATH
         assert [h.lane for h in tester.hops[2:]] == ["", "", ""]  # no header: baggage alone

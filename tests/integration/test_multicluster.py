@@ -250,6 +250,7 @@ async def test_gray_in_west_takes_the_batch_share_through_west_gateway(fresh: Tw
 async def test_agents_report_their_clusters_metrics_and_export_their_own(fresh: TwoClusters) -> None:
     layout = fresh
     await start_release(layout, 50)
+
     # An agent's first reading of a proxy is its baseline (its counters may span days):
     # wait until east's agent has reported the release's series once, then send traffic.
     async def east_counts() -> dict[tuple[str, str], int]:
@@ -536,8 +537,15 @@ async def test_demo_with_two_clusters_answers_every_request(etcd_endpoint: str, 
     """`graylane demo --clusters 2` (with its own etcd): exit 0 means every request got a 200."""
     del etcd_endpoint, envoy_binary  # only that both binaries exist
     process = await asyncio.create_subprocess_exec(
-        *graylane_command(), "demo", "--clusters", "2", "--requests", "300",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        *graylane_command(),
+        "demo",
+        "--clusters",
+        "2",
+        "--requests",
+        "300",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         async with asyncio.timeout(90):

@@ -81,9 +81,7 @@ async def test_metrics_carry_proxies_pushes_ack_latency_nacks_and_releases(store
             (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
         }
         plane = await es.enter_async_context(
-            ControlPlane(
-                store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", http_listen="127.0.0.1:0"
-            ).running()
+            ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", http_listen="127.0.0.1:0").running()
         )
         assert plane.http_port > 0
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{plane.http_port}/healthz") as r:
@@ -176,9 +174,7 @@ async def test_unary_calls_are_traced_to_an_otlp_receiver(store: EtcdStore) -> N
     async with contextlib.AsyncExitStack() as es:
         await es.enter_async_context(collector)
         plane = await es.enter_async_context(
-            ControlPlane(
-                store, api_listen="127.0.0.1:0", otlp_endpoint=f"http://127.0.0.1:{collector.port}"
-            ).running()
+            ControlPlane(store, api_listen="127.0.0.1:0", otlp_endpoint=f"http://127.0.0.1:{collector.port}").running()
         )
         assert plane.telemetry.tracing
         channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))

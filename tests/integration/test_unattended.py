@@ -129,9 +129,7 @@ async def test_a_healthy_gray_walks_every_batch_unattended(store: EtcdStore, env
         assert f"{SERVICE}.errors.p_value" in e.details and int(e.details[f"{SERVICE}.base.requests"]) >= 20
 
 
-async def test_gray_failing_from_batch_two_is_rolled_back_without_harming_base(
-    store: EtcdStore, envoy: Any
-) -> None:
+async def test_gray_failing_from_batch_two_is_rolled_back_without_harming_base(store: EtcdStore, envoy: Any) -> None:
     async with stack(store, envoy) as s, background_load(s.envoy.listen_port) as load:
         spec = analysed_spec(
             (20, 50, 100), interval=3, min_requests=30, max_error_rate=0.02, baseline=True, failure_limit=2
@@ -201,10 +199,23 @@ async def test_the_other_replica_takes_over_a_killed_leader_with_one_transition_
     api_port, xds_port = free_port(), free_port()
     with (tmp_path / "leader.log").open("wb") as log:
         leader = await asyncio.create_subprocess_exec(
-            str(BIN / "graylane"), "serve", "--etcd", etcd_endpoint, "--etcd-prefix", store.prefix,
-            "--listen", f"127.0.0.1:{api_port}", "--xds-listen", f"127.0.0.1:{xds_port}",
-            "--http-listen", "127.0.0.1:0", "--leader-ttl", "2",
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            str(BIN / "graylane"),
+            "serve",
+            "--etcd",
+            etcd_endpoint,
+            "--etcd-prefix",
+            store.prefix,
+            "--listen",
+            f"127.0.0.1:{api_port}",
+            "--xds-listen",
+            f"127.0.0.1:{xds_port}",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leader-ttl",
+            "2",
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         async with asyncio.timeout(20):

@@ -45,8 +45,11 @@ def test_a_rendered_snapshot_is_consistent() -> None:
         (without(GOOD, ROUTE), "route config 'graylane' of listener 'graylane_http_10000' is missing"),
         (
             Resources.of(
-                {**{t: GRAY[t].items for t in GRAY.by_type},
-                 CLUSTER: GOOD[CLUSTER].items, ENDPOINT: GOOD[ENDPOINT].items}
+                {
+                    **{t: GRAY[t].items for t in GRAY.by_type},
+                    CLUSTER: GOOD[CLUSTER].items,
+                    ENDPOINT: GOOD[ENDPOINT].items,
+                }
             ),
             "cluster 'a|v2|g' routed to by 'graylane' is missing",
         ),

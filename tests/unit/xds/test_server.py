@@ -70,8 +70,15 @@ async def ads() -> AsyncIterator[Ads]:
     await server.stop(grace=None)
 
 
-def sotw(type_url: str, names: tuple[str, ...] = (), *, version: str = "", nonce: str = "",
-         error: str | None = None, node: bool = False) -> discovery_pb2.DiscoveryRequest:
+def sotw(
+    type_url: str,
+    names: tuple[str, ...] = (),
+    *,
+    version: str = "",
+    nonce: str = "",
+    error: str | None = None,
+    node: bool = False,
+) -> discovery_pb2.DiscoveryRequest:
     request = discovery_pb2.DiscoveryRequest(
         type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
     )
@@ -168,9 +175,16 @@ async def test_routes_wait_for_cluster_and_endpoint_acks(ads: Ads) -> None:
     call.cancel()
 
 
-def delta(type_url: str, subscribe: tuple[str, ...] = (), *, nonce: str = "",
-          unsubscribe: tuple[str, ...] = (), initial: dict[str, str] | None = None,
-          node: bool = False, error: str | None = None) -> discovery_pb2.DeltaDiscoveryRequest:
+def delta(
+    type_url: str,
+    subscribe: tuple[str, ...] = (),
+    *,
+    nonce: str = "",
+    unsubscribe: tuple[str, ...] = (),
+    initial: dict[str, str] | None = None,
+    node: bool = False,
+    error: str | None = None,
+) -> discovery_pb2.DeltaDiscoveryRequest:
     request = discovery_pb2.DeltaDiscoveryRequest(
         type_url=type_url,
         resource_names_subscribe=list(subscribe),
