@@ -122,7 +122,8 @@ class Agent:
             await http.start()
             self.http_port = http.port
         server = grpc.aio.server()
-        AdsServer(self.cache, tracker=self.tracker).add_to_server(server)
+        ads = AdsServer(self.cache, tracker=self.tracker)
+        ads.add_to_server(server)
         self.xds_port = server.add_insecure_port(self.options.xds_listen)
         if self.xds_port == 0:
             raise OSError(f"cannot listen on {self.options.xds_listen}")
@@ -137,6 +138,7 @@ class Agent:
                 tasks.create_task(metrics.run())
                 self.ready.set()
         finally:
+            ads.close()  # the Envoys keep their configuration and reconnect on their own
             await server.stop(1.0)
             if http is not None:
                 await http.stop()

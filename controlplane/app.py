@@ -20,6 +20,7 @@ from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
+from graylane.controlplane.closing import ClosingInterceptor
 from graylane.controlplane.dataplane import DataPlane
 from graylane.controlplane.errors import GraylaneError
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -76,6 +77,7 @@ class ControlPlane:
         self.api_port = 0
         self.xds_port = 0
         self.ready = asyncio.Event()
+        self._closing = ClosingInterceptor()  # ends the API's response streams on stop
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
         self.dataplane = DataPlane(self.releases, self.cache, self.tracker, agents=self.agents)
@@ -120,7 +122,11 @@ class ControlPlane:
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(
-            interceptors=[*self.telemetry.server_interceptors(), CallerInterceptor(agent_tokens=self._agent_tokens)]
+            interceptors=[
+                *self.telemetry.server_interceptors(),
+                CallerInterceptor(agent_tokens=self._agent_tokens),
+                self._closing,
+            ]
         )
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
             ReleaseServicer(
@@ -162,12 +168,13 @@ class ControlPlane:
         self.api_port = server.add_insecure_port(self._api_listen)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")
-        xds_server = None
+        xds_server, ads = None, None
         if self._xds_listen is not None:
             # Envoys get their own server (and port): separate flow control and limits, and
             # the API can later require credentials the proxies do not carry.
             xds_server = grpc.aio.server()
-            AdsServer(self.cache, tracker=self.tracker).add_to_server(xds_server)
+            ads = AdsServer(self.cache, tracker=self.tracker)
+            ads.add_to_server(xds_server)
             self.xds_port = xds_server.add_insecure_port(self._xds_listen)
             if self.xds_port == 0:
                 raise OSError(f"cannot listen on {self._xds_listen}")
@@ -183,7 +190,12 @@ class ControlPlane:
                 self.ready.set()
                 await asyncio.Event().wait()  # until cancelled
         finally:
+            # Streams (Watch, agents, Envoys' ADS) end now, so their clients reconnect to
+            # another replica at once; unary calls in flight get the grace period.
             await health_servicer.enter_graceful_shutdown()
+            self._closing.close()
+            if ads is not None:
+                ads.close()
             await server.stop(_GRACE_SECONDS)
             if xds_server is not None:
                 await xds_server.stop(_GRACE_SECONDS)

@@ -34,7 +34,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -150,6 +150,10 @@ class _Stream(Generic[Req, Resp]):
                 self._events.put_nowait(request)
         finally:
             self._events.put_nowait(_Signal.END_OF_STREAM)
+
+    def end(self) -> None:
+        """Finish the loop after whatever it is doing now (the server is closing)."""
+        self._events.put_nowait(_Signal.END_OF_STREAM)
 
     def _on_snapshot(self) -> None:
         if not self._snapshot_changed:
@@ -441,6 +445,30 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def __init__(self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None) -> None:
         self.cache = cache
         self.tracker = tracker if tracker is not None else ProxyTracker()
+        self._streams: set[_Stream[Any, Any]] = set()
+        self._closed = False
+
+    def close(self) -> None:
+        """End every stream now, and any that opens from here on, before the server stops.
+
+        An ADS stream never finishes on its own, so a graceful stop would otherwise hold
+        for its whole grace period. Ending them costs the proxies nothing: they keep their
+        configuration and reconnect (to another replica) at once.
+        """
+        self._closed = True
+        for stream in self._streams:
+            stream.end()
+
+    async def _serve(
+        self, stream: _Stream[Any, Any], requests: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        if self._closed:
+            return
+        self._streams.add(stream)
+        try:
+            await stream.run(requests, send)
+        finally:
+            self._streams.discard(stream)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
@@ -450,13 +478,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> None:
-        stream = _SotwStream(self.cache, self.tracker)
-        await stream.run(request_iterator, context.write)
+        await self._serve(_SotwStream(self.cache, self.tracker), request_iterator, context.write)
 
     async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse],
     ) -> None:
-        stream = _DeltaStream(self.cache, self.tracker)
-        await stream.run(request_iterator, context.write)
+        await self._serve(_DeltaStream(self.cache, self.tracker), request_iterator, context.write)

@@ -264,3 +264,31 @@ async def test_lanes_entering_one_service_cannot_ask_for_more_than_all_of_it(
     del other.batches[1]  # 10 + 60 fits
     r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other))
     assert r.status.phase == pb.PENDING
+
+
+async def test_stopping_a_replica_ends_its_watches_with_unavailable(store: EtcdStore) -> None:
+    """A stopping replica ends its response streams itself (UNAVAILABLE, so clients reconnect
+    to another replica) instead of holding them until the grace period runs out."""
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    task = asyncio.create_task(plane.run())
+    async with asyncio.timeout(10):
+        await plane.ready.wait()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub)
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+        watch = stub.Watch(api.WatchRequest(name="rel"))
+        metrics = stub.WatchMetrics(api.GetMetricsRequest(name="rel"))
+        async with asyncio.timeout(10):
+            assert (await watch.read()).status.phase == pb.PENDING
+            assert (await metrics.read()).HasField("until")
+        task.cancel()
+        async with asyncio.timeout(10):
+            for call in (watch, metrics):
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    while True:  # a message already on its way may come first
+                        await call.read()
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "stopping" in (ended.value.details() or "")
+            with pytest.raises(asyncio.CancelledError):
+                await task

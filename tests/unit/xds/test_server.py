@@ -49,6 +49,7 @@ class Ads:
     cache: SnapshotCache
     tracker: ProxyTracker
     stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub
+    server: AdsServer
 
     def status(self) -> ProxyStatus:
         status = self.tracker.get(NODE.id)
@@ -66,7 +67,7 @@ async def ads() -> AsyncIterator[Ads]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Ads(cache, ads_server.tracker, ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+        yield Ads(cache, ads_server.tracker, ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), ads_server)
     await server.stop(grace=None)
 
 
@@ -109,6 +110,27 @@ async def test_sotw_ack_is_recorded_and_an_unchanged_version_is_not_resent(ads: 
     assert ads.status().acked[CLUSTER].version == cds.version_info
     assert ads.status().connected
     call.cancel()
+
+
+async def test_close_ends_every_stream_and_any_opened_after_it(ads: Ads) -> None:
+    """A closing server ends its streams itself: the proxies reconnect (elsewhere) at once
+    instead of waiting out the gRPC server's grace period."""
+    sotw_call = ads.stub.StreamAggregatedResources()
+    await sotw_call.write(sotw(CLUSTER, node=True))
+    await read(sotw_call)
+    delta_call = ads.stub.DeltaAggregatedResources()
+    await delta_call.write(discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=CLUSTER))
+    async with asyncio.timeout(TIMEOUT):
+        assert (await delta_call.read()) is not grpc.aio.EOF
+    ads.server.close()
+    async with asyncio.timeout(TIMEOUT):
+        assert await sotw_call.read() is grpc.aio.EOF
+        assert await delta_call.read() is grpc.aio.EOF
+        assert await sotw_call.code() == grpc.StatusCode.OK
+        late = ads.stub.StreamAggregatedResources()
+        await late.write(sotw(CLUSTER, node=True))
+        assert await late.read() is grpc.aio.EOF
+    await wait_for(ads, lambda s: not s.connected)
 
 
 async def test_sotw_stale_nonce_is_ignored_and_nack_is_recorded(ads: Ads) -> None:

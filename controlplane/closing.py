@@ -1,0 +1,86 @@
+"""Ending long-lived response streams when the control plane stops.
+
+A graceful gRPC stop lets calls in flight finish for a grace period. Unary calls finish
+in milliseconds, but a Watch, WatchMetrics or agent stream never finishes on its own, so
+the stop would always take the whole grace period, and the clients would only move to
+another replica once it has passed. `ClosingInterceptor` wraps every handler that streams
+its responses: once `close()` is called, each such stream ends (UNAVAILABLE) after the
+message it is producing, and the client reconnects elsewhere straight away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+T = TypeVar("T")
+
+
+async def until_set(stream: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
+    """The items of `stream` until it ends or `stop` is set, whichever comes first."""
+    stopped = asyncio.ensure_future(stop.wait())
+    item: asyncio.Future[T] | None = None
+    try:
+        while not stop.is_set():
+            item = asyncio.ensure_future(anext(stream))
+            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                return
+            try:
+                value = item.result()
+            except StopAsyncIteration:
+                return
+            yield value
+    finally:
+        stopped.cancel()
+        if item is not None and not item.done():
+            item.cancel()  # the stream is inside a step: end that step first, then close it
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await item
+        if inspect.isasyncgen(stream):
+            await stream.aclose()
+
+
+class ClosingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Makes every response stream of a server end when `close()` is called."""
+
+    def __init__(self) -> None:
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        if handler.request_streaming:
+            inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        else:
+            inner, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        if not inspect.isasyncgenfunction(inner):
+            return handler  # a handler that writes through its context: left as it is
+
+        closing = self._closing
+
+        async def closable(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in until_set(inner(request, context), closing):
+                yield response
+            if closing.is_set():
+                # Not the stream's own end: say so, and the client knows to reconnect.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is stopping; reconnect")
+
+        return make(
+            closable,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
