@@ -25,7 +25,7 @@ from graylane.xds.tracker import ProxyTracker
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN_PORT = 10000
-_HISTORY = 256
+_HISTORY = 1024  # (type, version) pairs: a few hundred views of every proxy group
 
 
 class Relay:
@@ -46,7 +46,8 @@ class Relay:
         self._keys: set[str] = set()
         self.version = ""  # the ClusterView version in force
         self.view: xv.RoutingView | None = None
-        self._route_versions: OrderedDict[str, str] = OrderedDict()  # route version -> view version
+        # (type URL, resource version) -> the view version it was rendered from
+        self._rendered: OrderedDict[tuple[str, str], str] = OrderedDict()
         cache.on_key_requested(self._render_key)
 
     def apply(self, message: apb.ClusterView) -> bool:
@@ -79,26 +80,30 @@ class Relay:
         except ValueError:
             log.exception("cannot render view %s for %s; proxies keep their configuration", self.version, key)
             return
-        self._route_versions[resources[ROUTE].version] = self.version
-        self._route_versions.move_to_end(resources[ROUTE].version)
-        while len(self._route_versions) > _HISTORY:
-            self._route_versions.popitem(last=False)
+        for type_url, typed in resources.by_type.items():
+            self._rendered[(type_url, typed.version)] = self.version
+            self._rendered.move_to_end((type_url, typed.version))
+        while len(self._rendered) > _HISTORY:
+            self._rendered.popitem(last=False)
         self.cache.set_snapshot(key, resources)
 
     def report(self) -> apb.ProxyReport:
-        """Every connected local proxy with the view version its routes came from."""
+        """Every connected local proxy with the view version its routes came from, and the
+        view version its last NACK rejected (the control plane pauses what that view added)."""
         states = []
         for node_id, proxy in sorted(self.tracker.proxies().items()):
             if not proxy.connected:
                 continue
             ack = proxy.acked.get(ROUTE)
             state = apb.ProxyState(
-                node_id=node_id, view_version=self._route_versions.get(ack.version, "") if ack else ""
+                node_id=node_id, view_version=self._rendered.get((ROUTE, ack.version), "") if ack else ""
             )
             if proxy.last_nack is not None:
                 state.last_nack.node = node_id
                 state.last_nack.type_url = proxy.last_nack.type_url
                 state.last_nack.version = proxy.last_nack.version
                 state.last_nack.message = proxy.last_nack.message
+                state.last_nack.at.FromNanoseconds(int(proxy.last_nack.at * 1e9))
+                state.nacked_view_version = self._rendered.get((proxy.last_nack.type_url, proxy.last_nack.version), "")
             states.append(state)
         return apb.ProxyReport(proxies=states)

@@ -39,6 +39,7 @@ from graylane.controlplane.errors import GraylaneError, InvalidArgument, Unavail
 from graylane.controlplane.store import EtcdStore, Snapshot
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
+from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class AgentSession:
     sent_version: str = ""
     views: OrderedDict[str, xv.RoutingView] = field(default_factory=OrderedDict)  # version -> view
     proxies: dict[str, str] = field(default_factory=dict)  # node id -> ACKed view version
+    nacks: dict[str, apb.ProxyState] = field(default_factory=dict)  # node id -> its state, with a NACK
     endpoints: tuple[model.ClusterEndpoints, ...] = ()  # the last set reported
     reported_revision: int = 0  # the etcd revision holding that set (0: none yet on this stream)
 
@@ -74,6 +76,17 @@ class AgentSession:
 
     def carried(self) -> list[xv.RoutingView | None]:
         return [self.views.get(version) for version in self.proxies.values()]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentNack:
+    """A proxy of an agent's cluster rejected configuration rendered from `rejected`."""
+
+    cluster: str
+    node_id: str
+    nack: pb.Nack
+    rejected: xv.RoutingView | None  # None: a view this replica no longer (or never) sent
+    accepted: xv.RoutingView | None
 
 
 async def _no_guard(cluster: str, report: apb.GuardReport) -> None:
@@ -206,7 +219,24 @@ class AgentHub:
 
     def reported(self, session: AgentSession, report: apb.ProxyReport) -> None:
         session.proxies = {p.node_id: p.view_version for p in report.proxies}
+        session.nacks = {p.node_id: p for p in report.proxies if p.HasField("last_nack")}
         self._on_report()
+
+    def nacks(self) -> list[AgentNack]:
+        """The NACKs agents report, with the views rejected and last accepted where known."""
+        found = []
+        for session in self.sessions.values():
+            for node_id, state in session.nacks.items():
+                found.append(
+                    AgentNack(
+                        cluster=session.info.name,
+                        node_id=node_id,
+                        nack=state.last_nack,
+                        rejected=session.views.get(state.nacked_view_version),
+                        accepted=session.views.get(state.view_version),
+                    )
+                )
+        return found
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]

@@ -285,18 +285,14 @@ class DataPlane:
         return await self._releases.update_status(name, change)
 
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
+        """Pause the releases whose lanes a rejected configuration introduced: for this
+        replica's own proxies and for those the agents report from their clusters."""
         for proxy in proxies:
             nack = proxy.last_nack
             if nack is None or (proxy.node_id, nack.nonce) in self._handled_nacks:
                 continue
             self._handled_nacks.add((proxy.node_id, nack.nonce))
             accepted_ack = proxy.acked.get(nack.type_url)
-            rejected = self._history.get(nack.type_url, nack.version)
-            accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
-            blamed = views.blame_nack(rejected, accepted)
-            if rejected is None:
-                # A configuration this replica did not render: blame every live lane.
-                blamed = frozenset(r.spec.lane for r in snap.releases if views.routed(r))
             record = model.Nack(
                 node=proxy.node_id,
                 type_url=nack.type_url,
@@ -304,6 +300,45 @@ class DataPlane:
                 message=nack.message,
                 at=datetime.fromtimestamp(nack.at, UTC),
             )
-            for release in snap.releases:
-                if release.spec.lane in blamed and views.routed(release):
-                    await self._releases.hold_for_nack(release.name, record, cause=Cause(actor=ACTOR))
+            await self._hold_for_nack(
+                snap,
+                record,
+                rejected=self._history.get(nack.type_url, nack.version),
+                accepted=self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None,
+            )
+        for found in self._agents.nacks() if self._agents is not None else ():
+            # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
+            node = f"{found.cluster}/{found.node_id}"
+            key = (node, f"{found.nack.type_url}@{found.nack.version}@{found.nack.at.ToNanoseconds()}")
+            if key in self._handled_nacks:
+                continue
+            self._handled_nacks.add(key)
+            if found.rejected is None:
+                # Not a view this replica sent (one from before a restart, say): blaming every
+                # live lane for it would pause releases the NACK may have nothing to do with.
+                log.warning("%s rejected a view this replica did not send: %s", node, found.nack.message)
+                continue
+            record = model.Nack(
+                node=node,
+                type_url=found.nack.type_url,
+                version=found.nack.version,
+                message=found.nack.message,
+                at=found.nack.at.ToDatetime(tzinfo=UTC),
+            )
+            await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted)
+
+    async def _hold_for_nack(
+        self,
+        snap: Snapshot,
+        record: model.Nack,
+        *,
+        rejected: xv.RoutingView | None,
+        accepted: xv.RoutingView | None,
+    ) -> None:
+        blamed = views.blame_nack(rejected, accepted)
+        if rejected is None:
+            # A configuration this replica did not render: blame every live lane.
+            blamed = frozenset(r.spec.lane for r in snap.releases if views.routed(r))
+        for release in snap.releases:
+            if release.spec.lane in blamed and views.routed(release):
+                await self._releases.hold_for_nack(release.name, record, cause=Cause(actor=ACTOR))

@@ -54,6 +54,8 @@ from scipy.stats import binom
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
 TTL = 3
+# A header regex Envoy accepts at its default RE2 limit and rejects at a stricter one (60).
+BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
 PROBE = "probe"  # a cluster name with a token, for speaking the agent protocol by hand
 PROBE_TOKEN = "probe-token-0123456789"
 LIVE = (pb.PENDING, pb.PROGRESSING, pb.PAUSED)
@@ -310,6 +312,46 @@ async def test_east_envoys_never_receive_west_local_resources(fresh: TwoClusters
     kept = json.loads((east.agent.state_dir / "view.json").read_text())
     ports = {e.get("port") for ve in kept["view"]["endpoints"] for e in ve.get("endpoints", [])}
     assert west.upstream.port not in ports and {east.upstream.port, west.gateway_port} <= ports
+
+
+async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and_node(fresh: TwoClusters) -> None:
+    """An Envoy in east, fed by east's agent, rejects the release's routes (a stricter RE2
+    limit): the agent reports the NACK with the view it rejected, the control plane pauses
+    the release that view introduced and names the proxy; every proxy goes on serving."""
+    layout = fresh
+    east = layout.east
+    strict = EnvoyProcess(
+        ads_port=east.agent.xds_port,
+        node_id="strict",
+        node_cluster=EAST,
+        binary=layout.envoy_binary,
+        runtime={"re2.max_program_size.error_level": 60},
+    )
+    async with strict:
+        release = gray_in_west_release()
+        release.spec.match.append(
+            pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        )
+        await layout.client.apply_release(release, reason="test")
+        await layout.client.act(Action.NEXT, LANE)
+
+        async def paused() -> pb.Release | None:
+            r = await layout.client.get_release(LANE)
+            return r if r.status.phase == pb.PAUSED else None
+
+        held = await poll(paused, timeout=20, what="the release paused by the NACK")
+        assert held.status.last_nack.node == f"{EAST}/strict"
+        assert "program size" in held.status.last_nack.message
+        assert f"{EAST}/strict" in held.status.reason
+        history = await layout.client.history(LANE)
+        pause = history.events[-1]
+        assert (pause.action, pause.details["node"]) == ("pause", f"{EAST}/strict")
+
+        # Held out of the view: every proxy, the strict one too, serves v1 without failures.
+        for port in (east.sidecar.listen_port if east.sidecar else 0, strict.listen_port):
+            result = await run_load(port, authority=SERVICE, count=200, max_seconds=20)
+            assert_no_failures(result, f"port {port}")
+            assert result.versions == {"v1": 200}
 
 
 async def test_wrong_cluster_credential_is_refused(fresh: TwoClusters, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from graylane.agent.wire import cluster_view
 from graylane.xds import view as xv
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.resources import LISTENER, ROUTE
-from graylane.xds.tracker import SOTW, ProxyTracker, TypeAck
+from graylane.xds.tracker import SOTW, Nack, ProxyTracker, TypeAck
 
 SIDECAR, GATEWAY = 10001, 9000
 
@@ -79,6 +79,29 @@ def test_reports_each_proxy_against_the_view_its_routes_came_from() -> None:
 
     tracker.disconnected("sidecar")
     assert [p.node_id for p in relay.report().proxies] == ["gateway"]
+
+
+def test_a_nack_is_reported_with_the_view_it_rejected() -> None:
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker)
+    tracker.connected(node("sidecar", SIDECAR), key=str(SIDECAR), protocol=SOTW)
+    cache.watch(str(SIDECAR), lambda: None)
+    first = cluster_view(VIEW)
+    relay.apply(first)
+    ack(tracker, cache, "sidecar", str(SIDECAR))
+    [state] = relay.report().proxies
+    assert not state.HasField("last_nack") and state.nacked_view_version == ""
+
+    second = cluster_view(dataclasses.replace(VIEW, lanes=(dataclasses.replace(VIEW.lanes[0], weight=50),)))
+    relay.apply(second)
+    rejected = cache.snapshot(str(SIDECAR))
+    assert rejected is not None
+    tracker.nacked("sidecar", Nack(ROUTE, rejected[ROUTE].version, "n-2", "bad route", at=1_700_000_000.5))
+    [state] = relay.report().proxies
+    # Still on the first view (its routes are what it ACKed), rejecting the second.
+    assert (state.view_version, state.nacked_view_version) == (first.version, second.version)
+    assert (state.last_nack.type_url, state.last_nack.message) == (ROUTE, "bad route")
+    assert state.last_nack.at.ToMilliseconds() == 1_700_000_000_500
 
 
 def test_a_bad_view_changes_nothing() -> None:
