@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench protos lint etcd clean
+.PHONY: demo test bench protos lint typecheck etcd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,7 @@ test: $(STAMP) etcd
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
 
 bench: $(STAMP) etcd
@@ -46,10 +47,20 @@ bench: $(STAMP) etcd
 protos: $(STAMP)
 	$(BIN)/python -P protos/generate.py
 
-lint: $(STAMP)
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy controlplane xds agent
+
+# mypy --strict over the package as it imports (graylane.controlplane, graylane.xds, ...):
+# the folders are mapped to those names by pyproject's package-dir, which mypy cannot
+# follow, so it reads them through a tree of symlinks laid out like the package.
+TYPEROOT := $(VENV)/typecheck
+typecheck: $(STAMP)
+	@rm -rf $(TYPEROOT) && mkdir -p $(TYPEROOT)/graylane
+	@ln -s $(CURDIR)/protos/graylane/* $(TYPEROOT)/graylane/
+	@for d in controlplane agent xds deploy; do ln -s $(CURDIR)/$$d $(TYPEROOT)/graylane/$$d; done
+	cd $(TYPEROOT) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+	  --cache-dir $(CURDIR)/.mypy_cache -p graylane
 
 clean:
 	rm -rf $(VENV) .graylane

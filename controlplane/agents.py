@@ -239,7 +239,7 @@ class AgentHub:
         return found
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, hub: AgentHub) -> None:
         self._hub = hub
 

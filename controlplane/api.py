@@ -69,7 +69,7 @@ _cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_
 def status_for(exc: GraylaneError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -146,7 +146,7 @@ def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
     return Cause(actor=actor, reason=getattr(request, "reason", ""))
 
 
-class ReleaseServicer(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
+class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     def __init__(
         self,
         releases: Releases,

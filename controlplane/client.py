@@ -51,7 +51,7 @@ class ReleaseClient:
     """
 
     def __init__(self, channel: grpc.aio.Channel, *, actor: str = "", timeout: float) -> None:
-        self._stub: Any = ReleaseServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._stub: Any = ReleaseServiceStub(channel)
         self._actor = actor
         self._metadata = ((ACTOR_METADATA, actor),) if actor else ()
         self._timeout = timeout

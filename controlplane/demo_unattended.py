@@ -62,7 +62,7 @@ def _evidence(details: dict[str, str]) -> str:
 
 async def _follow(
     store: EtcdStore, name: str, *, on_batch: dict[int, asyncio.Event] | None = None
-) -> pb.Phase.ValueType:
+) -> int:  # a pb.Phase value
     """Print every event of `name` as it is written, until the release ends."""
     printed = 0
     while True:

@@ -182,7 +182,7 @@ class EtcdStore:
 
     async def _range(self, prefix: bytes, *, revision: int = 0) -> rpc_pb2.RangeResponse:
         req = rpc_pb2.RangeRequest(key=prefix, range_end=_range_end(prefix), revision=revision)
-        return await self._call(self._kv.Range, req)  # type: ignore[return-value]
+        return await self._call(self._kv.Range, req)
 
     async def _get(self, key: bytes) -> kv_pb2.KeyValue | None:
         resp = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=key))
@@ -193,7 +193,7 @@ class EtcdStore:
         self, compare: Sequence[rpc_pb2.Compare], success: Sequence[rpc_pb2.RequestOp]
     ) -> rpc_pb2.TxnResponse:
         req = rpc_pb2.TxnRequest(compare=list(compare), success=list(success))
-        return await self._call(self._kv.Txn, req)  # type: ignore[return-value]
+        return await self._call(self._kv.Txn, req)
 
     @staticmethod
     def _put(key: bytes, value: bytes, *, lease: int = 0) -> rpc_pb2.RequestOp:
@@ -354,7 +354,7 @@ class EtcdStore:
         """Every cluster an agent has ever registered under this prefix (no lease: it outlives them)."""
         prefix = self._key("knownclusters", "")
         resp = await self._range(prefix)
-        return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)  # type: ignore[attr-defined]
+        return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)
 
     async def put_cluster_endpoints(self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int) -> int:
         """Replace the cluster's endpoints under `lease`; the etcd revision that holds them."""

@@ -44,7 +44,8 @@ from typing import Any, Final, TypeVar
 import grpc
 import yaml
 from graylane.controlplane.client import ReleaseClient
-from graylane.controlplane.local.envoy import EnvoyProcess, free_port
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore, Snapshot, connect
