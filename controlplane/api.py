@@ -291,6 +291,48 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         versions = await self._store.list_versions(request.service)
         return api_pb.ListVersionsResponse(versions=[model.version_to_proto(v) for v in versions])
 
+    # ------------------------------------------------------------- clusters
+
+    @unary
+    async def ListClusters(
+        self, request: api_pb.ListClustersRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListClustersResponse:
+        snap = await self._store.snapshot()
+        known = await self._store.known_cluster_infos()
+        live = {c.name: c for c in snap.clusters}
+        counts: dict[str, dict[tuple[str, str], int]] = {}
+        for item in snap.cluster_endpoints:
+            for e in item.endpoints:
+                per_cluster = counts.setdefault(e.cluster, {})
+                per_cluster[(item.service, item.version)] = per_cluster.get((item.service, item.version), 0) + 1
+        clusters = []
+        for name in sorted(known.keys() | live.keys()):
+            info = live.get(name) or known[name]
+            status = model.cluster_to_proto(info)
+            clusters.append(
+                api_pb.ClusterStatus(
+                    name=name,
+                    connected=name in live,
+                    gateway_address=status.gateway_address,
+                    agent_id=info.agent_id,
+                    agent_version=info.agent_version,
+                    versions=[
+                        api_pb.ClusterVersion(service=service, version=version, endpoints=n)
+                        for (service, version), n in sorted(counts.get(name, {}).items())
+                    ],
+                )
+            )
+        return api_pb.ListClustersResponse(clusters=clusters)
+
+    @unary
+    async def ForgetCluster(
+        self, request: api_pb.ForgetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ForgetClusterResponse:
+        name = model.check_name("name", request.name)
+        await self._store.forget_cluster(name)
+        log.info("cluster %s forgotten by %s", name, request.actor or _caller.get() or context.peer())
+        return api_pb.ForgetClusterResponse()
+
     # ------------------------------------------------------------- traffic
 
     @unary

@@ -256,6 +256,20 @@ def render_services(response: release_service_pb2.ListServicesResponse) -> str:
     return render_table(("NAME", "STABLE", "DESCRIPTION"), rows)
 
 
+def render_clusters(response: release_service_pb2.ListClustersResponse) -> str:
+    rows = [
+        [
+            c.name,
+            "yes" if c.connected else "no",
+            c.gateway_address or "-",
+            c.agent_version or "-",
+            ",".join(f"{v.service}/{v.version}:{v.endpoints}" for v in c.versions) or "-",
+        ]
+        for c in response.clusters
+    ]
+    return render_table(("NAME", "CONNECTED", "GATEWAY", "AGENT", "ENDPOINTS"), rows)
+
+
 def render_versions(response: release_service_pb2.ListVersionsResponse) -> str:
     rows = [
         [
@@ -919,6 +933,36 @@ def _add_versions(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_versions))
 
 
+# --- clusters ---------------------------------------------------------------------------
+
+
+async def _clusters(client: ReleaseClient, args: argparse.Namespace) -> int:
+    emit(args, await client.list_clusters(), render_clusters)
+    return EXIT_OK
+
+
+def _add_clusters(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "clusters", "list the clusters agents registered, connected or not")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_clusters))
+
+
+async def _forget_cluster(client: ReleaseClient, args: argparse.Namespace) -> int:
+    await client.forget_cluster(args.name, actor=args.actor)
+    print(f"cluster/{args.name} forgotten")
+    return EXIT_OK
+
+
+def _add_forget_cluster(subparsers: Subparsers) -> None:
+    parser = _client_parser(
+        subparsers,
+        "forget-cluster",
+        "forget a cluster that is gone for good (starting control planes stop waiting for its agent)",
+    )
+    parser.add_argument("name", metavar="NAME")
+    parser.set_defaults(handler=_client_command(_forget_cluster))
+
+
 # --- demo -------------------------------------------------------------------------------
 
 
@@ -980,6 +1024,8 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_metrics,
     _add_services,
     _add_versions,
+    _add_clusters,
+    _add_forget_cluster,
     _add_demo,
 )
 

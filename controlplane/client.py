@@ -138,6 +138,15 @@ class ReleaseClient:
         result: release_service_pb2.ListVersionsResponse = await self._unary("ListVersions", request)
         return result
 
+    async def list_clusters(self) -> release_service_pb2.ListClustersResponse:
+        result: release_service_pb2.ListClustersResponse = await self._unary(
+            "ListClusters", release_service_pb2.ListClustersRequest()
+        )
+        return result
+
+    async def forget_cluster(self, name: str, *, actor: str = "") -> None:
+        await self._unary("ForgetCluster", release_service_pb2.ForgetClusterRequest(name=name, actor=actor))
+
     async def get_traffic(self, name: str) -> release_service_pb2.GetTrafficResponse:
         request = release_service_pb2.GetTrafficRequest(name=name)
         result: release_service_pb2.GetTrafficResponse = await self._unary("GetTraffic", request)

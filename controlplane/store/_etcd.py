@@ -45,6 +45,8 @@ from graylane.controlplane import model
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
+    FailedPrecondition,
+    InvalidArgument,
     NotFound,
     Unavailable,
     UnsupportedEtcd,
@@ -352,9 +354,37 @@ class EtcdStore:
 
     async def known_clusters(self) -> frozenset[str]:
         """Every cluster an agent has ever registered under this prefix (no lease: it outlives them)."""
+        return frozenset(await self.known_cluster_infos())
+
+    async def known_cluster_infos(self) -> dict[str, model.ClusterInfo]:
+        """Each known cluster as its agent last registered it."""
         prefix = self._key("knownclusters", "")
         resp = await self._range(prefix)
-        return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)
+        known = {}
+        for kv in resp.kvs:
+            name = kv.key[len(prefix) :].decode()
+            try:
+                known[name] = model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
+            except InvalidArgument:
+                log.warning("unreadable record of cluster %r ignored", name)
+        return known
+
+    async def forget_cluster(self, name: str) -> None:
+        """Drop a known cluster whose agent is not connected (starting replicas stop waiting for it)."""
+        live = self._key("clusters", name)
+        known = self._key("knownclusters", name)
+        absent = rpc_pb2.Compare(
+            key=live, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
+        present = rpc_pb2.Compare(
+            key=known, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.GREATER, create_revision=0
+        )
+        delete = rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=known))
+        if (await self._txn([absent, present], [delete])).succeeded:
+            return
+        if await self._get(live) is not None:
+            raise FailedPrecondition(f"cluster {name!r} has a connected agent; stop the agent first")
+        raise NotFound(f"cluster {name!r} is not known")
 
     async def put_cluster_endpoints(self, cluster: str, items: Sequence[model.ClusterEndpoints], lease: int) -> int:
         """Replace the cluster's endpoints under `lease`; the etcd revision that holds them."""

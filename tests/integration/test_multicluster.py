@@ -48,6 +48,7 @@ from graylane.deploy.demo.clusters import (
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
@@ -352,6 +353,44 @@ async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and
             result = await run_load(port, authority=SERVICE, count=200, max_seconds=20)
             assert_no_failures(result, f"port {port}")
             assert result.versions == {"v1": 200}
+
+
+async def test_clusters_are_listed_and_one_gone_for_good_can_be_forgotten(fresh: TwoClusters) -> None:
+    layout = fresh
+    listed = {c.name: c for c in (await layout.client.list_clusters()).clusters}
+    assert listed[EAST].connected and listed[WEST].connected
+    assert (listed[EAST].gateway_address, listed[WEST].gateway_address) == (
+        layout.east.gateway_address,
+        layout.west.gateway_address,
+    )
+    assert [(v.service, v.version, v.endpoints) for v in listed[EAST].versions] == [(SERVICE, "v1", 1)]
+    assert [(v.service, v.version, v.endpoints) for v in listed[WEST].versions] == [(SERVICE, "v2", 1)]
+
+    # A cluster whose agent connected once and went away: known, not connected, once its
+    # lease has expired.
+    received, error = await RawAgent(layout.serve.target, cluster=PROBE, token=PROBE_TOKEN).exchange(probe_hello())
+    assert error is None and received
+
+    async def gone() -> api.ClusterStatus | None:
+        found = {c.name: c for c in (await layout.client.list_clusters()).clusters}.get(PROBE)
+        return found if found is not None and not found.connected else None
+
+    probe = await poll(gone, timeout=3 * TTL, what="the probe cluster's lease expiring")
+    assert (probe.gateway_address, probe.agent_version, list(probe.versions)) == ("127.0.0.1:9", "test", [])
+
+    # Forgetting: refused for a connected cluster, a name nobody registered, a bad name.
+    for name, code, words in (
+        (EAST, grpc.StatusCode.FAILED_PRECONDITION, "connected agent"),
+        ("nowhere", grpc.StatusCode.NOT_FOUND, "not known"),
+        ("Bad_Name", grpc.StatusCode.INVALID_ARGUMENT, "name:"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await layout.client.forget_cluster(name)
+        assert refused.value.code() == code and words in (refused.value.details() or ""), name
+    await layout.client.forget_cluster(PROBE, actor="test")
+    names = [c.name for c in (await layout.client.list_clusters()).clusters]
+    assert names == sorted([EAST, WEST])
+    assert PROBE not in await layout.store.known_clusters()
 
 
 async def test_wrong_cluster_credential_is_refused(fresh: TwoClusters, tmp_path: Path) -> None:

@@ -127,6 +127,54 @@ class ListVersionsResponse(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[_release_pb2.Version]
     def __init__(self, versions: _Optional[_Iterable[_Union[_release_pb2.Version, _Mapping]]] = ...) -> None: ...
 
+class ListClustersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterVersion(_message.Message):
+    __slots__ = ("service", "version", "endpoints")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    version: str
+    endpoints: int
+    def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., endpoints: _Optional[int] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("name", "connected", "gateway_address", "agent_id", "agent_version", "versions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    connected: bool
+    gateway_address: str
+    agent_id: str
+    agent_version: str
+    versions: _containers.RepeatedCompositeFieldContainer[ClusterVersion]
+    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., gateway_address: _Optional[str] = ..., agent_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ClusterVersion, _Mapping]]] = ...) -> None: ...
+
+class ListClustersResponse(_message.Message):
+    __slots__ = ("clusters",)
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    clusters: _containers.RepeatedCompositeFieldContainer[ClusterStatus]
+    def __init__(self, clusters: _Optional[_Iterable[_Union[ClusterStatus, _Mapping]]] = ...) -> None: ...
+
+class ForgetClusterRequest(_message.Message):
+    __slots__ = ("name", "actor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    actor: str
+    def __init__(self, name: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class ForgetClusterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetTrafficRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -122,6 +122,16 @@ class ReleaseServiceStub:
                 request_serializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.ListClusters = channel.unary_unary(
+                '/graylane.v1.ReleaseService/ListClusters',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.ListClustersRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.ListClustersResponse.FromString,
+                _registered_method=True)
+        self.ForgetCluster = channel.unary_unary(
+                '/graylane.v1.ReleaseService/ForgetCluster',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.ForgetClusterRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.ForgetClusterResponse.FromString,
+                _registered_method=True)
         self.GetTraffic = channel.unary_unary(
                 '/graylane.v1.ReleaseService/GetTraffic',
                 request_serializer=graylane_dot_v1_dot_release__service__pb2.GetTrafficRequest.SerializeToString,
@@ -249,6 +259,22 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClusters(self, request, context):
+        """Every cluster an agent has registered: connected now (its agent's lease is alive) or
+        known from an earlier registration. A starting replica waits (up to a lease TTL) for
+        the agents of known clusters before it sends views; ForgetCluster drops a cluster
+        that is gone for good (refused while its agent is connected).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetCluster(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTraffic(self, request, context):
         """Requests per (service, version, lane) as counted by the proxies' own statistics,
         for the services a release routes (its lane traffic and the base traffic beside it).
@@ -359,6 +385,16 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.FromString,
                     response_serializer=graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'ListClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClusters,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.ListClustersRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.ListClustersResponse.SerializeToString,
+            ),
+            'ForgetCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetCluster,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.ForgetClusterRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.ForgetClusterResponse.SerializeToString,
             ),
             'GetTraffic': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTraffic,
@@ -837,6 +873,60 @@ class ReleaseService:
             '/graylane.v1.ReleaseService/ListVersions',
             graylane_dot_v1_dot_release__service__pb2.ListVersionsRequest.SerializeToString,
             graylane_dot_v1_dot_release__service__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/ListClusters',
+            graylane_dot_v1_dot_release__service__pb2.ListClustersRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.ListClustersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/ForgetCluster',
+            graylane_dot_v1_dot_release__service__pb2.ForgetClusterRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.ForgetClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,6 +117,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         (["history", "r", "-o", "yaml"], {"command": "history", "name": "r", "output": "yaml"}),
         (["services"], {"command": "services", "output": "table"}),
         (["versions", "checkout"], {"command": "versions", "service": "checkout"}),
+        (["clusters", "-o", "json"], {"command": "clusters", "output": "json"}),
+        (["forget-cluster", "old-east"], {"command": "forget-cluster", "name": "old-east"}),
         (["apply", "-f", "-"], {"command": "apply", "file": "-", "reason": "", "output": "table"}),
         (["apply", "--filename", "x.yaml", "--reason", "ship"], {"file": "x.yaml", "reason": "ship"}),
     ],
@@ -369,6 +371,29 @@ def test_services_and_versions_tables() -> None:
     assert cli.render_versions(versions).splitlines()[1].split() == [
         "checkout", "v2", "127.0.0.1:18082,[fd00::2]:80@eu", "checkout:1.15", "-", "2024-05-01T10:00:00Z", "-",
     ]  # fmt: skip
+
+
+def test_clusters_table() -> None:
+    clusters = api.ListClustersResponse(
+        clusters=[
+            api.ClusterStatus(
+                name="east",
+                connected=True,
+                gateway_address="127.0.0.1:15443",
+                agent_version="0.1.0",
+                versions=[
+                    api.ClusterVersion(service="checkout", version="v1", endpoints=2),
+                    api.ClusterVersion(service="search", version="v1", endpoints=1),
+                ],
+            ),
+            api.ClusterStatus(name="old", gateway_address="10.0.0.9:15443"),
+        ]
+    )
+    assert cli.render_clusters(clusters).splitlines() == [
+        "NAME  CONNECTED  GATEWAY          AGENT  ENDPOINTS",
+        "east  yes        127.0.0.1:15443  0.1.0  checkout/v1:2,search/v1:1",
+        "old   no         10.0.0.9:15443   -      -",
+    ]
 
 
 def test_status_line_with_reason_and_nack() -> None:
