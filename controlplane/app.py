@@ -80,10 +80,20 @@ class ControlPlane:
         self._closing = ClosingInterceptor()  # ends the API's response streams on stop
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
-        self.dataplane = DataPlane(self.releases, self.cache, self.tracker, agents=self.agents)
-        # Automated progression: one leader (etcd lease) judges the metrics windows it keeps.
+        # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
+        # every replica publishes what it counts of its own proxies and agents.
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
         self.replicas = ReplicaRegistry(store, self.tracker, identity=self.election.identity)
+        self.dataplane = DataPlane(
+            self.releases,
+            self.cache,
+            self.tracker,
+            agents=self.agents,
+            identity=self.election.identity,
+            is_leader=lambda: self.election.is_leader,
+            on_progress=self.replicas.set_progress,
+        )
+        self.election.on_change(self.dataplane.poke)
         self.windows = Windows(capacity=WINDOW_SAMPLES, max_keys=WINDOW_KEYS)
         self.analyzer = Analyzer(
             self.releases,

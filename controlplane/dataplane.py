@@ -5,10 +5,12 @@ Owns two loops of one control-plane replica:
   consistent snapshot, build the routing view, render it for every proxy group (by the
   proxy's listen port) and set it in the xDS snapshot cache. After a compaction or a lost
   connection it re-reads and continues, so no change is missed.
-* follow the proxies: whenever a proxy ACKs or NACKs (the xDS tracker) or the view
-  changes, write each live release's convergence (proxies carrying its current batch,
-  `reached` once all of them do) and pause a release whose change a proxy rejected,
-  naming the proxy and Envoy's message.
+* follow the proxies: whenever a proxy ACKs or NACKs (the xDS tracker), an agent reports,
+  or the view changes, count per live release the proxies carrying its current batch (this
+  replica's and its agents'), publish that count for the other replicas, and, on the
+  leader, write each live release's convergence over every replica (`reached` once all
+  proxies carry it); pause a release whose change a proxy rejected, naming the proxy and
+  Envoy's message.
 
 It remembers, for a bounded number of rendered configurations, the view each was rendered
 from (keyed by content versions), so an ACK or NACK names a view without guesswork.
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -28,7 +31,7 @@ from graylane.controlplane.agents import AgentHub
 from graylane.controlplane.errors import Conflict, FailedPrecondition, Unavailable
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
-from graylane.controlplane.store import Compacted, Snapshot
+from graylane.controlplane.store import Compacted, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import effective_view, render
@@ -72,6 +75,9 @@ class DataPlane:
         listen_address: str = "127.0.0.1",
         default_listen_port: int = DEFAULT_LISTEN_PORT,
         agents: AgentHub | None = None,
+        identity: str = "",
+        is_leader: Callable[[], bool] | None = None,
+        on_progress: Callable[[dict[str, ReplicaProgress]], None] | None = None,
     ) -> None:
         self._releases = releases
         self._store = releases.store
@@ -91,6 +97,15 @@ class DataPlane:
         self._agents = agents
         if agents is not None:
             agents.on_report(self._changed.set)
+        # Several replicas: each publishes what it counts (`on_progress`), and the leader
+        # alone writes status from its own count plus the others' (None: a lone replica).
+        self._identity = identity
+        self._is_leader = is_leader
+        self._on_progress = on_progress
+
+    def poke(self) -> None:
+        """Reconcile again (leadership changed, say)."""
+        self._changed.set()
 
     @property
     def view(self) -> xv.RoutingView | None:
@@ -212,10 +227,31 @@ class DataPlane:
             carried += self._agents.carried()  # the proxies of every connected cluster
         targets = sorted({s[ROUTE].version for k in self._keys if (s := self._cache.snapshot(k)) is not None})
         target = ",".join(targets)
-        for release in snap.releases:
-            if views.routed(release):
-                updated = await self._write_progress(release.name, view, effective, carried, target)
-                await self._advance_timed_pause(updated or release)
+        live = [r for r in snap.releases if views.routed(r)]
+        if self._on_progress is not None:
+            counted = {}
+            for release in live:
+                p = views.release_progress(release, intended=view, effective=effective, carried=carried)
+                fingerprint = views.lane_fingerprint(view, release.spec.lane)
+                counted[release.name] = ReplicaProgress(fingerprint, p.proxies, p.converged)
+            self._on_progress(counted)
+        leading = self._is_leader is None or self._is_leader()
+        for release in live:
+            updated = await self._write_progress(release.name, view, effective, carried, target) if leading else None
+            await self._advance_timed_pause(updated or release)
+
+    def _other_replicas(self, release: str, fingerprint: str) -> tuple[int, int]:
+        """(proxies, converged) the other live replicas count for `release`; proxies counted
+        against another value of its lane (a replica not caught up yet) are not converged."""
+        proxies = converged = 0
+        snap = self._snap
+        for identity, progress in snap.replica_progress.items() if snap is not None else ():
+            counted = progress.get(release)
+            if identity == self._identity or counted is None:
+                continue
+            proxies += counted.proxies
+            converged += counted.converged if counted.lane == fingerprint else 0
+        return proxies, converged
 
     async def _advance_timed_pause(self, release: model.Release) -> None:
         """A batch with a duration pause moves on once reached and the duration has passed.
@@ -255,6 +291,8 @@ class DataPlane:
                 # ACKs of the old batch must not count for the new one.
                 return None
             p = views.release_progress(current, intended=view, effective=effective, carried=carried)
+            others = self._other_replicas(current.name, views.lane_fingerprint(view, current.spec.lane))
+            p = replace(p, proxies=p.proxies + others[0], converged=p.converged + others[1])
             newly = not current.status.reached and p.applied and p.proxies > 0 and p.converged == p.proxies
             status = replace(
                 current.status,

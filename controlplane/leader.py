@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.store import EtcdStore
@@ -34,6 +35,21 @@ class LeaderElection:
         self.ttl_seconds = ttl_seconds
         self.leading = asyncio.Event()
         self.leader = ""  # the current leader's identity as last seen ("" unknown)
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever this replica gains or loses the leadership."""
+        self._listeners.append(listener)
+
+    def _set_leading(self, leading: bool) -> None:
+        if leading == self.leading.is_set():
+            return
+        if leading:
+            self.leading.set()
+        else:
+            self.leading.clear()
+        for listener in self._listeners:
+            listener()
 
     @property
     def is_leader(self) -> bool:
@@ -50,25 +66,24 @@ class LeaderElection:
                         if self.leader == self.identity:
                             await self._lead(lease)
                             break  # lease lost: campaign on a fresh one
-                        if self.leading.is_set():
-                            self.leading.clear()
+                        self._set_leading(False)
                         # Follow: keep our own lease alive so the next campaign can use it.
                         await asyncio.sleep(self.ttl_seconds / 3)
                         if await self._store.keep_alive(lease) == 0:
                             break
                 except Unavailable as exc:
-                    self.leading.clear()
+                    self._set_leading(False)
                     log.warning("leader election: etcd unavailable (%s); retrying", exc)
                     await asyncio.sleep(1.0)
         finally:
-            self.leading.clear()
+            self._set_leading(False)
             if lease and self.leader == self.identity:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._store.revoke_lease(lease))
                 log.info("%s resigned the leadership", self.identity)
 
     async def _lead(self, lease: int) -> None:
-        self.leading.set()
+        self._set_leading(True)
         log.info("%s is the leader", self.identity)
         try:
             while True:
@@ -77,4 +92,4 @@ class LeaderElection:
                     log.warning("%s lost its leader lease", self.identity)
                     return
         finally:
-            self.leading.clear()
+            self._set_leading(False)

@@ -8,6 +8,7 @@ Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders), `relea
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -119,6 +120,15 @@ def _version_endpoints(
 
 def lanes_by_name(view: xv.RoutingView) -> dict[str, xv.Lane]:
     return {lane.name: lane for lane in view.lanes}
+
+
+def lane_fingerprint(view: xv.RoutingView, lane: str) -> str:
+    """A short, process-independent digest of `lane` as `view` has it ("-": absent), so
+    replicas can tell whether they counted convergence against the same value of it."""
+    found = lanes_by_name(view).get(lane)
+    if found is None:
+        return "-"
+    return hashlib.sha256(repr(found).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Release state in etcd. The only package that imports the etcd client.
 
-Public surface: `EtcdStore`, `Snapshot`, `Compacted`, `connect`.
+Public surface: `EtcdStore`, `Snapshot`, `ReplicaProgress`, `Compacted`, `connect`.
 """
 
-from graylane.controlplane.store._etcd import Compacted, EtcdStore, Snapshot, connect
+from graylane.controlplane.store._etcd import Compacted, EtcdStore, ReplicaProgress, Snapshot, connect
 
-__all__ = ["Compacted", "EtcdStore", "Snapshot", "connect"]
+__all__ = ["Compacted", "EtcdStore", "ReplicaProgress", "Snapshot", "connect"]

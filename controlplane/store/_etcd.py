@@ -14,6 +14,8 @@ Key layout (below the prefix):
     knownclusters/<name>                 AgentHello last registered for the cluster (no lease: kept)
     leader                               identity of the replica that advances releases, under its lease
     replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
+    progress/<identity>                  {release: [lane fingerprint, proxies, converged]} as that replica
+                                         counts its own proxies and its agents', under its lease
 
 An agent's keys live on an etcd lease kept alive by the replica holding the agent's
 stream: when the agent (or that replica) dies, its cluster and endpoints expire with it.
@@ -80,6 +82,16 @@ class Compacted(Exception):
         self.compact_revision = compact_revision
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaProgress:
+    """How many of one replica's proxies carry a release's lane, and which lane it counted
+    against (a fingerprint: counts made against another value of the lane are stale)."""
+
+    lane: str
+    proxies: int
+    converged: int
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the control plane routes from, read at one etcd revision."""
@@ -92,6 +104,8 @@ class Snapshot:
     # node id -> admin address of every proxy connected to any live replica
     replica_proxies: dict[str, str] = field(default_factory=dict, compare=False)
     cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
+    # replica identity -> release -> what that replica counts (see `ReplicaProgress`)
+    replica_progress: dict[str, dict[str, ReplicaProgress]] = field(default_factory=dict, compare=False)
     by_name: dict[str, model.Release] = field(default_factory=dict, compare=False)
 
 
@@ -216,6 +230,7 @@ class EtcdStore:
         clusters: list[model.ClusterInfo] = []
         cluster_endpoints: list[model.ClusterEndpoints] = []
         replica_proxies: dict[str, str] = {}
+        replica_progress: dict[str, dict[str, ReplicaProgress]] = {}
         for kv in resp.kvs:
             kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
             if kind == "services":
@@ -225,6 +240,12 @@ class EtcdStore:
             elif kind == "releases":
                 msg = _load(kv.value, pb.Release())
                 releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
+            elif kind == "progress":
+                with contextlib.suppress(ValueError, TypeError):
+                    replica_progress[rest] = {
+                        str(name): ReplicaProgress(str(lane), int(proxies), int(converged))
+                        for name, (lane, proxies, converged) in json.loads(kv.value).items()
+                    }
             elif kind == "replicas":
                 with contextlib.suppress(ValueError):
                     replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
@@ -241,6 +262,7 @@ class EtcdStore:
             clusters=tuple(clusters),
             cluster_endpoints=tuple(cluster_endpoints),
             replica_proxies=replica_proxies,
+            replica_progress=replica_progress,
             by_name={r.name: r for r in releases},
         )
 
@@ -398,6 +420,11 @@ class EtcdStore:
         """The proxies connected to one replica (node id -> admin address), under its lease."""
         value = json.dumps(dict(sorted(proxies.items()))).encode()
         await self._txn([], [self._put(self._key("replicas", identity), value, lease=lease)])
+
+    async def put_replica_progress(self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int) -> None:
+        """What one replica counts per live release (see `ReplicaProgress`), under its lease."""
+        value = json.dumps({name: [p.lane, p.proxies, p.converged] for name, p in sorted(progress.items())})
+        await self._txn([], [self._put(self._key("progress", identity), value.encode(), lease=lease)])
 
     # ----------------------------------------------------------------- leader
 

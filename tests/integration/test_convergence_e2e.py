@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from typing import Any
 
 import grpc
@@ -190,3 +192,50 @@ async def test_duration_pauses_advance_on_their_own_once_reached(store: EtcdStor
                 reached = by_seq[e.sequence - 1]
                 assert reached.action == "reached"
                 assert e.at.ToMilliseconds() - reached.at.ToMilliseconds() >= 500
+
+
+async def test_a_batch_is_reached_only_once_the_proxies_of_every_replica_carry_it(store: EtcdStore, envoy: Any) -> None:
+    """Two replicas, one Envoy on each. The leader writes convergence from its own count and
+    the one the other replica publishes: while the other replica's Envoy is frozen (SIGSTOP)
+    the batch is applied by one proxy of two and not reached; it is once the Envoy resumes."""
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        leader = await es.enter_async_context(control_plane(store))
+        async with asyncio.timeout(10):
+            await leader.election.leading.wait()
+        follower = await es.enter_async_context(control_plane(store))
+        assert not follower.election.is_leader
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{follower.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        await envoy(ads_port=leader.xds_port, node_id="on-leader")
+        frozen = await envoy(ads_port=follower.xds_port, node_id="on-follower")
+        assert frozen.pid is not None
+
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
+
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            await stub.NextBatch(api.ActionRequest(name="rel"))
+            # The leader's own Envoy ACKs the new batch; the frozen one cannot.
+            half = await poll_release(
+                stub,
+                "rel",
+                lambda r: r.status.weight == 50 and r.status.convergence.converged == 1,
+            )
+            assert half.status.convergence.proxies == 2 and not half.status.reached
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        done = await poll_release(stub, "rel", lambda r: r.status.weight == 50 and r.status.reached)
+        assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2)
+        history = await stub.History(api.HistoryRequest(name="rel"))
+        assert [(e.action, e.to_batch) for e in history.events if e.action in ("next", "reached")] == [
+            ("next", 0),
+            ("reached", 0),
+            ("next", 1),
+            ("reached", 1),
+        ]
