@@ -298,7 +298,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         self, request: api_pb.ListClustersRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.ListClustersResponse:
         snap = await self._store.snapshot()
-        known = await self._store.known_cluster_infos()
+        known = {c.name: c for c in snap.known_clusters}
         live = {c.name: c for c in snap.clusters}
         counts: dict[str, dict[tuple[str, str], int]] = {}
         for item in snap.cluster_endpoints:

@@ -228,16 +228,20 @@ class DataPlane:
         targets = sorted({s[ROUTE].version for k in self._keys if (s := self._cache.snapshot(k)) is not None})
         target = ",".join(targets)
         live = [r for r in snap.releases if views.routed(r)]
+        # This replica's count per live release, made once: published, and summed by the leader.
+        counted = {
+            r.name: (
+                views.release_progress(r, intended=view, effective=effective, carried=carried),
+                views.lane_fingerprint(view, r.spec.lane),
+            )
+            for r in live
+        }
         if self._on_progress is not None:
-            counted = {}
-            for release in live:
-                p = views.release_progress(release, intended=view, effective=effective, carried=carried)
-                fingerprint = views.lane_fingerprint(view, release.spec.lane)
-                counted[release.name] = ReplicaProgress(fingerprint, p.proxies, p.converged)
-            self._on_progress(counted)
+            self._on_progress({name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp) in counted.items()})
         leading = self._is_leader is None or self._is_leader()
         for release in live:
-            updated = await self._write_progress(release.name, view, effective, carried, target) if leading else None
+            progress, fingerprint = counted[release.name]
+            updated = await self._write_progress(release, view, progress, fingerprint, target) if leading else None
             await self._advance_timed_pause(updated or release)
 
     def _other_replicas(self, release: str, fingerprint: str) -> tuple[int, int]:
@@ -277,12 +281,15 @@ class DataPlane:
 
     async def _write_progress(
         self,
-        name: str,
+        counted_on: model.Release,
         view: xv.RoutingView,
-        effective: xv.RoutingView,
-        carried: list[xv.RoutingView | None],
+        local: views.Progress,
+        fingerprint: str,
         target: str,
     ) -> model.Release | None:
+        """Write `counted_on`'s convergence: this replica's `local` count (made on that value
+        of the release against `view`) plus what the other replicas publish."""
+
         def change(current: model.Release) -> StatusUpdate | None:
             if not views.routed(current):
                 return None
@@ -290,9 +297,10 @@ class DataPlane:
                 # The view predates this value of the release (a batch just changed):
                 # ACKs of the old batch must not count for the new one.
                 return None
-            p = views.release_progress(current, intended=view, effective=effective, carried=carried)
-            others = self._other_replicas(current.name, views.lane_fingerprint(view, current.spec.lane))
-            p = replace(p, proxies=p.proxies + others[0], converged=p.converged + others[1])
+            if current.spec.lane != counted_on.spec.lane:
+                return None  # counted for another lane: the next pass counts this one
+            others = self._other_replicas(current.name, fingerprint)
+            p = replace(local, proxies=local.proxies + others[0], converged=local.converged + others[1])
             newly = not current.status.reached and p.applied and p.proxies > 0 and p.converged == p.proxies
             status = replace(
                 current.status,
@@ -320,7 +328,7 @@ class DataPlane:
                 ),
             )
 
-        return await self._releases.update_status(name, change)
+        return await self._releases.update_status(counted_on.name, change)
 
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         """Pause the releases whose lanes a rejected configuration introduced: for this

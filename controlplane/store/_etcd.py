@@ -100,7 +100,8 @@ class Snapshot:
     services: tuple[model.Service, ...] = ()
     versions: tuple[model.Version, ...] = ()
     releases: tuple[model.Release, ...] = ()
-    clusters: tuple[model.ClusterInfo, ...] = ()
+    clusters: tuple[model.ClusterInfo, ...] = ()  # registered now (their agents' leases live)
+    known_clusters: tuple[model.ClusterInfo, ...] = ()  # every cluster ever registered, as last registered
     # node id -> admin address of every proxy connected to any live replica
     replica_proxies: dict[str, str] = field(default_factory=dict, compare=False)
     cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
@@ -228,6 +229,7 @@ class EtcdStore:
         resp = await self._range(self._prefix.encode(), revision=revision)
         services, versions, releases = [], [], []
         clusters: list[model.ClusterInfo] = []
+        known_clusters: list[model.ClusterInfo] = []
         cluster_endpoints: list[model.ClusterEndpoints] = []
         replica_proxies: dict[str, str] = {}
         replica_progress: dict[str, dict[str, ReplicaProgress]] = {}
@@ -251,6 +253,9 @@ class EtcdStore:
                     replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
             elif kind == "clusters":
                 clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
+            elif kind == "knownclusters":
+                with contextlib.suppress(InvalidArgument):  # an unreadable record names no gateway
+                    known_clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
             elif kind == "clusterendpoints":
                 snapshot = _load(kv.value, apb.EndpointSnapshot())
                 cluster_endpoints += model.cluster_endpoints_from_proto(rest, snapshot)  # type: ignore[arg-type]
@@ -260,6 +265,7 @@ class EtcdStore:
             versions=tuple(versions),
             releases=tuple(releases),
             clusters=tuple(clusters),
+            known_clusters=tuple(known_clusters),
             cluster_endpoints=tuple(cluster_endpoints),
             replica_proxies=replica_proxies,
             replica_progress=replica_progress,
@@ -376,20 +382,9 @@ class EtcdStore:
 
     async def known_clusters(self) -> frozenset[str]:
         """Every cluster an agent has ever registered under this prefix (no lease: it outlives them)."""
-        return frozenset(await self.known_cluster_infos())
-
-    async def known_cluster_infos(self) -> dict[str, model.ClusterInfo]:
-        """Each known cluster as its agent last registered it."""
         prefix = self._key("knownclusters", "")
         resp = await self._range(prefix)
-        known = {}
-        for kv in resp.kvs:
-            name = kv.key[len(prefix) :].decode()
-            try:
-                known[name] = model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
-            except InvalidArgument:
-                log.warning("unreadable record of cluster %r ignored", name)
-        return known
+        return frozenset(kv.key[len(prefix) :].decode() for kv in resp.kvs)
 
     async def forget_cluster(self, name: str) -> None:
         """Drop a known cluster whose agent is not connected (starting replicas stop waiting for it)."""
