@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench protos lint typecheck etcd clean
+.PHONY: demo test chaos bench protos lint typecheck etcd clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: $(STAMP) etcd
 	$(BIN)/ruff format --check .
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
+
+# The long fault scenarios (etcd quorum loss, replica kill -9 / SIGSTOP, control-plane stalls
+# with agents): real processes, each bounded in time; left out of `make test` for its 10 minutes.
+chaos: $(STAMP) etcd
+	$(BIN)/pytest -q -m chaos --durations=0
 
 bench: $(STAMP) etcd
 	$(BIN)/python -P bench/run.py
