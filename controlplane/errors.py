@@ -38,7 +38,15 @@ class Conflict(GraylaneError):
 
 
 class Unavailable(GraylaneError):
-    """etcd (or another dependency) cannot be reached."""
+    """etcd (or another dependency) cannot be reached, or cannot answer now (no quorum,
+    a leader election, a request timed out inside etcd). Transient: retry later."""
+
+
+class LeaseLost(Unavailable):
+    """A write named an etcd lease that has expired (a stall longer than its TTL).
+
+    The holder grants a new lease and writes its keys again; a caller that does not hold
+    leases sees it as UNAVAILABLE (retrying meets the renewed lease)."""
 
 
 class UnsupportedEtcd(GraylaneError):

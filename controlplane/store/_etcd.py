@@ -49,6 +49,7 @@ from graylane.controlplane.errors import (
     Conflict,
     FailedPrecondition,
     InvalidArgument,
+    LeaseLost,
     NotFound,
     Unavailable,
     UnsupportedEtcd,
@@ -59,7 +60,33 @@ from graylane.v1 import release_pb2 as pb
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/graylane/v1/"
-_CALL_TIMEOUT = 10.0
+# Shorter than the CLI's deadline (15 s), so a caller sees UNAVAILABLE "etcd unavailable"
+# from the server rather than its own DEADLINE_EXCEEDED.
+_CALL_TIMEOUT = 5.0
+# Keys per page of a range; cut while a page is over the receive limit (events may be large).
+_PAGE = 256
+_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+# The kinds of keys the control plane routes from; `events/` is history, read per release.
+_LIVE_KINDS = (
+    "services",
+    "versions",
+    "releases",
+    "progress",
+    "replicas",
+    "clusters",
+    "knownclusters",
+    "clusterendpoints",
+)
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # A reply may hold large values (events with long reasons); etcd refuses any single
+    # value above its request limit (1.5 MiB by default), and ranges are paged.
+    ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+    # gRPC's default reconnect backoff grows to 120 s (seen: 9-16 s to notice etcd is
+    # back); etcd members are near, so retry every second at most.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 # etcd 3.5.0-3.5.2 can lose a committed transaction after a crash (fixed in 3.5.3).
 _BAD_VERSIONS = {(3, 5, 0), (3, 5, 1), (3, 5, 2)}
 
@@ -141,14 +168,25 @@ def _target(endpoints: str) -> str:
     return parts[0]
 
 
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_LEASE_GONE = "requested lease not found"
 
 
-def _unavailable(exc: grpc.aio.AioRpcError) -> Exception:
-    """etcd out of reach is UNAVAILABLE for our callers; anything else is our bug."""
-    if exc.code() in _TRANSIENT:
-        return Unavailable(f"etcd unavailable: {exc.code().name}: {exc.details()}")
-    return RuntimeError(f"etcd refused a request: {exc.code().name}: {exc.details()}")
+def _unavailable(exc: grpc.aio.AioRpcError) -> Unavailable:
+    """Every etcd failure as a GraylaneError: a control plane degrades on them, never exits.
+
+    UNAVAILABLE / DEADLINE_EXCEEDED: etcd out of reach. UNKNOWN is how etcd answers while it
+    has no quorum or elects a leader ("context deadline exceeded", "etcdserver: request
+    timed out", "leader changed", "no leader"): transient too. NOT_FOUND "requested lease
+    not found" is an expired lease (`LeaseLost`: its holder grants a new one). Anything
+    else (a request etcd refuses, "database space exceeded") leaves the store unusable for
+    that call all the same: Unavailable, with etcd's code and words, and logged.
+    """
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND and _LEASE_GONE in details:
+        return LeaseLost(f"etcd lease expired: {details}")
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN):
+        log.warning("etcd refused a request: %s: %s", code.name, details)
+    return Unavailable(f"etcd unavailable: {code.name}: {details}")
 
 
 class EtcdStore:
@@ -197,9 +235,38 @@ class EtcdStore:
         refuse_version(version)
         return version
 
-    async def _range(self, prefix: bytes, *, revision: int = 0) -> rpc_pb2.RangeResponse:
-        req = rpc_pb2.RangeRequest(key=prefix, range_end=_range_end(prefix), revision=revision)
-        return await self._call(self._kv.Range, req)
+    async def probe(self, *, timeout: float) -> None:
+        """One linearizable read (it needs an etcd quorum); Unavailable when it fails."""
+        req = rpc_pb2.RangeRequest(key=self._key("leader"), count_only=True)
+        try:
+            await self._kv.Range(req, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _range(self, prefix: bytes, *, revision: int = 0) -> _Ranged:
+        """Every key under `prefix` at one revision (`revision` 0: the current one), paged."""
+        ranged = _Ranged(revision=revision)
+        await self._page(ranged, prefix, prefix)
+        return ranged
+
+    async def _page(self, into: _Ranged, prefix: bytes, start: bytes) -> None:
+        """Append the keys from `start` to the end of `prefix`, page by page, at `into.revision`
+        (fixed by the first page when it is 0). A page over the receive limit is cut to a quarter."""
+        end = _range_end(prefix)
+        limit = _PAGE
+        while True:
+            req = rpc_pb2.RangeRequest(key=start, range_end=end, revision=into.revision, limit=limit)
+            try:
+                resp = await self._kv.Range(req, timeout=_CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+                    limit = max(1, limit // 4)
+                    continue
+                raise _unavailable(exc) from exc
+            into.add(resp)
+            if not resp.more or not resp.kvs:
+                return
+            start = resp.kvs[-1].key + b"\0"
 
     async def _get(self, key: bytes) -> kv_pb2.KeyValue | None:
         resp = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=key))
@@ -224,9 +291,38 @@ class EtcdStore:
 
     # ----------------------------------------------------------------- reads
 
+    async def _read_kinds(self, kinds: Sequence[str], *, revision: int = 0) -> _Ranged:
+        """Every key of `kinds` at one revision: the first page of each in one transaction
+        (one round trip, one revision), the rest paged at that revision. History
+        (`events/`) is never among them: it grows without bound."""
+        prefixes = [self._key(kind) + b"/" for kind in kinds]
+        ops = [
+            rpc_pb2.RequestOp(
+                request_range=rpc_pb2.RangeRequest(key=p, range_end=_range_end(p), revision=revision, limit=_PAGE)
+            )
+            for p in prefixes
+        ]
+        try:
+            resp = await self._txn([], ops)
+        except Unavailable as exc:
+            if "RESOURCE_EXHAUSTED" not in str(exc):
+                raise
+            # The first pages together are over the receive limit: read kind by kind.
+            ranged = _Ranged(revision=revision)
+            for p in prefixes:
+                await self._page(ranged, p, p)
+            return ranged
+        ranged = _Ranged(revision=revision or resp.header.revision)
+        for p, op in zip(prefixes, resp.responses, strict=True):
+            page = op.response_range
+            ranged.add(page)
+            if page.more and page.kvs:
+                await self._page(ranged, p, page.kvs[-1].key + b"\0")
+        return ranged
+
     async def snapshot(self, *, revision: int = 0) -> Snapshot:
-        """Services, versions and releases in one consistent read."""
-        resp = await self._range(self._prefix.encode(), revision=revision)
+        """Everything the control plane routes from, in one consistent read (no history)."""
+        resp = await self._read_kinds(_LIVE_KINDS, revision=revision)
         services, versions, releases = [], [], []
         clusters: list[model.ClusterInfo] = []
         known_clusters: list[model.ClusterInfo] = []
@@ -260,7 +356,7 @@ class EtcdStore:
                 snapshot = _load(kv.value, apb.EndpointSnapshot())
                 cluster_endpoints += model.cluster_endpoints_from_proto(rest, snapshot)  # type: ignore[arg-type]
         return Snapshot(
-            revision=resp.header.revision,
+            revision=resp.revision,
             services=tuple(services),
             versions=tuple(versions),
             releases=tuple(releases),
@@ -287,8 +383,12 @@ class EtcdStore:
         ]
 
     async def history(self, name: str) -> list[model.Event]:
-        await self.get_release(name)
-        resp = await self._range(self._key("events", name) + b"/")
+        """The release's events in order, however many (read in pages at one revision)."""
+        found = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=self.release_key(name)))
+        if not found.kvs:  # type: ignore[attr-defined]
+            raise NotFound(f"release {name!r} not found")
+        revision = int(found.header.revision)  # type: ignore[attr-defined]
+        resp = await self._range(self._key("events", name) + b"/", revision=revision)
         out = []
         for kv in resp.kvs:
             e = _load(kv.value, pb.Event())
@@ -343,7 +443,7 @@ class EtcdStore:
     async def revoke_lease(self, lease: int) -> None:
         try:
             await self._call(self._lease.LeaseRevoke, rpc_pb2.LeaseRevokeRequest(ID=lease))
-        except RuntimeError:
+        except LeaseLost:
             pass  # already expired: nothing is attached to it any more
 
     async def register_cluster(self, info: model.ClusterInfo, lease: int) -> None:
@@ -545,6 +645,19 @@ class EtcdStore:
                     yield model.release_from_proto(msg, revision=ev.kv.mod_revision)  # type: ignore[arg-type]
 
 
+@dataclass
+class _Ranged:
+    """Keys read at one revision, possibly over several pages."""
+
+    revision: int
+    kvs: list[kv_pb2.KeyValue] = field(default_factory=list)
+
+    def add(self, resp: rpc_pb2.RangeResponse) -> None:
+        if not self.revision:
+            self.revision = resp.header.revision
+        self.kvs.extend(resp.kvs)
+
+
 def _at(release: model.Release, revision: int) -> model.Release:
     return replace(release, revision=revision)
 
@@ -568,7 +681,7 @@ def _event_from_proto(e: pb.Event) -> model.Event:
 
 async def connect(endpoints: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 10.0) -> EtcdStore:
     """Open a store and check the server: reachable in `timeout`, and not a refused version."""
-    channel = grpc.aio.insecure_channel(_target(endpoints))
+    channel = grpc.aio.insecure_channel(_target(endpoints), options=list(CHANNEL_OPTIONS))
     store = EtcdStore(channel, prefix=prefix)
     try:
         async with asyncio.timeout(timeout):
