@@ -49,6 +49,7 @@ class Relay:
         # (type URL, resource version) -> the view version it was rendered from
         self._rendered: OrderedDict[tuple[str, str], str] = OrderedDict()
         cache.on_key_requested(self._render_key)
+        cache.on_key_released(self._release_key)
 
     def apply(self, message: apb.ClusterView) -> bool:
         """Serve `message` to every local proxy; False (and nothing changes) for a bad view."""
@@ -63,6 +64,11 @@ class Relay:
         for key in sorted(self._keys | self.cache.requested_keys()):
             self._render_key(key)
         return True
+
+    def _release_key(self, key: str) -> None:
+        """The last proxy of `key` left: stop rendering it (rendered again if one returns)."""
+        self._keys.discard(key)
+        self.cache.clear_snapshot(key)
 
     def _port_of(self, key: str) -> int:
         return self._default_port if key == DEFAULT_KEY or not key.isdigit() else int(key)
@@ -91,9 +97,10 @@ class Relay:
         """Every connected local proxy with the view version its routes came from, and the
         view version its last NACK rejected (the control plane pauses what that view added)."""
         states = []
-        for node_id, proxy in sorted(self.tracker.proxies().items()):
-            if not proxy.connected:
-                continue
+        duplicates = self.tracker.duplicate_node_ids()
+        for stream, proxy in sorted(self.tracker.proxies().items()):
+            # Two streams with one node id are two proxies: report each under its stream id.
+            node_id = stream if proxy.node_id in duplicates else proxy.node_id
             ack = proxy.acked.get(ROUTE)
             state = apb.ProxyState(
                 node_id=node_id, view_version=self._rendered.get((ROUTE, ack.version), "") if ack else ""

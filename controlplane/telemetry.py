@@ -219,7 +219,7 @@ class Telemetry:
 
         Returns the function that stops listening.
         """
-        self._proxies = lambda: sum(1 for p in tracker.proxies().values() if p.connected)
+        self._proxies = lambda: len(tracker.proxies())
         stop: Callable[[], None] = tracker.add_listener(self.proxy_event)
         return stop
 
@@ -237,16 +237,16 @@ class Telemetry:
         attributes = {"type": type_name(event.type_url)}
         if event.kind == PUSHED:
             self._pushes.add(1, attributes)
-            self._timer.pushed(event.node_id, event.type_url, event.version, self._clock())
+            self._timer.pushed(event.stream, event.type_url, event.version, self._clock())
         elif event.kind == ACKED:
-            elapsed = self._timer.acked(event.node_id, event.type_url, event.version, self._clock())
+            elapsed = self._timer.acked(event.stream, event.type_url, event.version, self._clock())
             if elapsed is not None:
                 self._push_ack.record(elapsed, attributes)
         elif event.kind == NACKED:
             self._nacks.add(1, attributes)
-            self._timer.nacked(event.node_id, event.type_url, event.version)
+            self._timer.nacked(event.stream, event.type_url, event.version)
         elif event.kind == DISCONNECTED:
-            self._timer.forget(event.node_id)
+            self._timer.forget(event.stream)
 
     def analysis_outcome(self, outcome: str, release: str) -> None:
         """Count one analysis verdict of `release`: `outcome` is pass, fail or inconclusive."""

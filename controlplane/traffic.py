@@ -27,12 +27,17 @@ class TrafficReport:
 
 
 def admin_addresses(tracker: ProxyTracker) -> dict[str, str]:
-    """node id -> admin "host:port" of every connected proxy that states one."""
+    """node id -> admin "host:port" of every connected proxy that states one.
+
+    Keyed by node id (stable across reconnects, so counter series stay continuous); a second
+    proxy with the same node id and another admin address is keyed "<node id>@<address>".
+    """
     found: dict[str, str] = {}
-    for node_id, proxy in tracker.proxies().items():
+    for proxy in sorted(tracker.proxies().values(), key=lambda p: p.connected_at):
         address = proxy.metadata.get(ADMIN_METADATA)
-        if proxy.connected and isinstance(address, str) and address:
-            found[node_id] = address
+        if isinstance(address, str) and address:
+            name = proxy.node_id if found.get(proxy.node_id, address) == address else f"{proxy.node_id}@{address}"
+            found[name] = address
     return found
 
 

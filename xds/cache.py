@@ -24,6 +24,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from graylane.xds.plan import eds_name, listener_route_configs, route_clusters, uses_eds
 from graylane.xds.resources import (
@@ -52,18 +53,42 @@ class InconsistentSnapshot(ValueError):
         self.missing = missing
 
 
+class InvalidNodeMetadata(ValueError):
+    """A proxy's node metadata cannot be served; the message names the field and the value."""
+
+
 def listen_port_key(node: base_pb2.Node) -> str:
-    """Group proxies by the `listen_port` in their node metadata (string or number)."""
+    """Group proxies by the `listen_port` in their node metadata; DEFAULT_KEY without one.
+
+    A port is an integer 1..65535, given as a number or a string of digits; the key is its
+    decimal form, so 8080 and "8080" share a key. Anything else raises InvalidNodeMetadata
+    (the server ends the stream with INVALID_ARGUMENT) rather than inventing a listener or
+    silently serving the default one.
+    """
     fields = node.metadata.fields
     if LISTEN_PORT_METADATA not in fields:
         return DEFAULT_KEY
     value = fields[LISTEN_PORT_METADATA]
     kind = value.WhichOneof("kind")
-    if kind == "string_value" and value.string_value:
-        return str(value.string_value)
-    if kind == "number_value":
-        return str(int(value.number_value))
-    return DEFAULT_KEY
+    port: int | None = None
+    if kind == "string_value":
+        text = value.string_value
+        if text.isascii() and text.isdigit() and len(text) <= 5:
+            port = int(text)
+        shown = repr(text)
+    elif kind == "number_value":
+        number = value.number_value
+        if number.is_integer():
+            port = int(number)
+        shown = repr(int(number)) if number.is_integer() else repr(number)
+    else:
+        shown = json_format.MessageToJson(value, indent=None)
+    if port is None or not 1 <= port <= 65535:
+        raise InvalidNodeMetadata(
+            f"node.metadata.{LISTEN_PORT_METADATA}: {shown} is not a port (an integer 1..65535, "
+            "as a number or a string of digits)"
+        )
+    return str(port)
 
 
 def consistency_gaps(resources: Resources) -> tuple[str, ...]:
@@ -160,6 +185,7 @@ class SnapshotCache:
         self._watches: dict[str, set[Watch]] = {}
         self._requested: Counter[str] = Counter()
         self._key_requested: list[Callable[[str], None]] = []
+        self._key_released: list[Callable[[str], None]] = []
         self.history = _History(history_size)
 
     def set_snapshot(self, key: str, resources: Resources) -> None:
@@ -193,6 +219,20 @@ class SnapshotCache:
         """
         self._key_requested.append(callback)
 
+    def on_key_released(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` when the last stream watching `key` closes.
+
+        The cache has dropped the key's watches and count; the snapshot stays until its
+        owner clears it (`clear_snapshot`). An owner that renders per key should forget the
+        key and clear its snapshot here: if a proxy asks for the key again,
+        `on_key_requested` fires again and the key is rendered afresh.
+        """
+        self._key_released.append(callback)
+
+    def keys(self) -> frozenset[str]:
+        """Keys that hold a snapshot now."""
+        return frozenset(self._snapshots)
+
     def watch(self, key: str, on_change: Callable[[], None]) -> Watch:
         """Register a stream for `key`; close the returned Watch when the stream ends."""
         watch = Watch(self, key, on_change)
@@ -204,14 +244,27 @@ class SnapshotCache:
         return watch
 
     def _drop_watch(self, watch: Watch) -> None:
-        watches = self._watches.get(watch.key, set())
-        if watch in watches:
-            watches.discard(watch)
-            self._requested[watch.key] -= 1
-            if self._requested[watch.key] <= 0:
-                del self._requested[watch.key]
-        if not watches:
-            self._watches.pop(watch.key, None)
+        """Close one watch; the last one of a key releases everything kept for the key.
+
+        Per-key state must not outlive the proxies that asked for it: short-lived clients
+        with distinct keys would otherwise make every later change slower, for good (the
+        owners of snapshots hear `on_key_released`). Content history is kept (it is
+        bounded), so a proxy that comes back presenting its versions is not re-sent them.
+        """
+        watches = self._watches.get(watch.key)
+        if watches is None or watch not in watches:
+            return
+        watches.discard(watch)
+        self._requested[watch.key] -= 1
+        if watches:
+            return
+        del self._watches[watch.key]
+        del self._requested[watch.key]
+        for callback in list(self._key_released):
+            try:
+                callback(watch.key)
+            except Exception:
+                log.exception("key-released callback %r failed for %s", callback, watch.key)
 
 
 def _same_versions(a: Resources, b: Resources) -> bool:

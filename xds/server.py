@@ -22,7 +22,10 @@ Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
   are content hashes, matched against the snapshot and the cache's content history.
 
 Concurrency: one asyncio loop; one task per stream plus its request reader, both
-cancelled when the stream ends. Must not import: etcd, graylane.controlplane,
+cancelled when the stream ends. However a stream ends (the client cancels or vanishes,
+grpc cancels the handler, the server closes, bad node metadata), `_Stream.stop()` releases
+it synchronously, exactly once, before anything can suspend: the tracker and the cache
+never keep a stream that is gone. Must not import: etcd, graylane.controlplane,
 graylane.agent.
 """
 
@@ -41,7 +44,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from graylane.xds.cache import SnapshotCache, Watch
+from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
 from graylane.xds.plan import Plan, plan
 from graylane.xds.resources import (
     CLUSTER,
@@ -51,7 +54,7 @@ from graylane.xds.resources import (
     content_version,
     set_version,
 )
-from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, now
+from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, new_stream_id, now
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +123,20 @@ class _Stream(Generic[Req, Resp]):
         self.tracker = tracker
         self.node = base_pb2.Node()
         self.key = ""
+        self.stream_id = ""  # set by the first request: the proxy's identity in the tracker
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
         self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
         self._snapshot_changed = False
+        self._stopped = False
 
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, requests: AsyncIterator[Req], send: Callable[[Resp], Awaitable[None]]) -> None:
         reader = asyncio.create_task(self._read(requests))
         try:
-            while (event := await self._events.get()) is not _Signal.END_OF_STREAM:
+            while (event := await self._events.get()) is not _Signal.END_OF_STREAM and not self._stopped:
                 if isinstance(event, _Signal):
                     self._snapshot_changed = False
                 else:
@@ -140,9 +145,12 @@ class _Stream(Generic[Req, Resp]):
                 for response in self.push():
                     await send(response)
         finally:
+            # Release the stream before anything can suspend this task: a second
+            # cancellation (the client going away while the reader is awaited) must not
+            # leave a ghost proxy in the tracker or a watch in the cache.
+            self.stop()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            self._stop()
 
     async def _read(self, requests: AsyncIterator[Req]) -> None:
         try:
@@ -161,20 +169,26 @@ class _Stream(Generic[Req, Resp]):
             self._events.put_nowait(_Signal.SNAPSHOT_CHANGED)
 
     def _start(self, request: Req) -> None:
-        if self._watch is not None:
+        if self.stream_id or self._stopped:
             return
         self.node.CopyFrom(request.node)
-        self.key = self.cache.key_for_node(self.node)
-        self.tracker.connected(self.node, key=self.key, protocol=self.protocol)
-        log.info("%s stream open: node %s key %s", self.protocol, self.node.id, self.key)
+        self.key = self.cache.key_for_node(self.node)  # raises InvalidNodeMetadata
+        self.stream_id = new_stream_id(self.node.id)
+        self.tracker.connected(self.node, stream=self.stream_id, key=self.key, protocol=self.protocol)
+        log.info("%s stream open: %s key %s", self.protocol, self.stream_id, self.key)
         self._watch = self.cache.watch(self.key, self._on_snapshot)
 
-    def _stop(self) -> None:
-        if self._watch is None:
+    def stop(self) -> None:
+        """Release the stream: its watch and its tracker entry. Synchronous and idempotent."""
+        if self._stopped:
             return
-        self._watch.close()
-        self.tracker.disconnected(self.node.id)
-        log.info("%s stream closed: node %s", self.protocol, self.node.id)
+        self._stopped = True
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if self.stream_id:
+            self.tracker.disconnected(self.stream_id)
+            log.info("%s stream closed: %s", self.protocol, self.stream_id)
 
     # -- shared helpers --------------------------------------------------------------------
 
@@ -208,15 +222,15 @@ class _Stream(Generic[Req, Resp]):
     def record_ack(self, st: _TypeState, version: str) -> None:
         st.acked_version = version
         ack = TypeAck(version, {n: content_version(m) for n, m in st.acked.items()})
-        self.tracker.acked(self.node.id, st.type_url, ack)
+        self.tracker.acked(self.stream_id, st.type_url, ack)
         log.info("ACK %s %s version %s", self.node.id, _short(st.type_url), version)
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
-        self.tracker.nacked(self.node.id, Nack(st.type_url, version, nonce, message, now()))
+        self.tracker.nacked(self.stream_id, Nack(st.type_url, version, nonce, message, now(), stream=self.stream_id))
         log.warning("NACK %s %s version %s: %s", self.node.id, _short(st.type_url), version, message)
 
     def record_push(self, st: _TypeState, push: Push) -> None:
-        self.tracker.pushed(self.node.id, push)
+        self.tracker.pushed(self.stream_id, push)
         log.info(
             "push %s %s version %s nonce %s: %d resources, %d removed",
             self.node.id,
@@ -456,18 +470,26 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         configuration and reconnect (to another replica) at once.
         """
         self._closed = True
-        for stream in self._streams:
+        for stream in tuple(self._streams):
+            stream.stop()
             stream.end()
 
     async def _serve(
-        self, stream: _Stream[Any, Any], requests: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]]
+        self,
+        stream: _Stream[Any, Any],
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         if self._closed:
             return
         self._streams.add(stream)
         try:
-            await stream.run(requests, send)
+            await stream.run(requests, context.write)
+        except InvalidNodeMetadata as exc:
+            log.warning("refused an xDS stream from node %r: %s", stream.node.id, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
+            stream.stop()
             self._streams.discard(stream)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -478,11 +500,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> None:
-        await self._serve(_SotwStream(self.cache, self.tracker), request_iterator, context.write)
+        await self._serve(_SotwStream(self.cache, self.tracker), request_iterator, context)
 
     async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse],
     ) -> None:
-        await self._serve(_DeltaStream(self.cache, self.tracker), request_iterator, context.write)
+        await self._serve(_DeltaStream(self.cache, self.tracker), request_iterator, context)

@@ -1,6 +1,11 @@
-"""Which configuration every proxy accepted: ACKs, NACKs and pushes, per Envoy node id.
+"""Which configuration every proxy accepted: ACKs, NACKs and pushes, per xDS stream.
 
-Owns: per node id, whether it is connected, its metadata, per resource type the last
+A proxy is one xDS stream, not one node id: every stream gets a process-unique id that is
+never reused (`new_stream_id`), and two open streams presenting one node id are two proxies
+(with a warning, and listed by `duplicate_node_ids()`). A stream that ended is removed at
+once with all its state: `proxies()` holds exactly the streams open now.
+
+Owns: per open stream, its node, its metadata, per resource type the last
 ACKed version (and per-resource versions), the last NACK with Envoy's message, and a short
 log of what was pushed to it. A NACK is data: it is recorded here, never raised.
 
@@ -20,6 +25,7 @@ graylane.agent, OpenTelemetry.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +44,7 @@ PUSH_LOG_SIZE = 64
 
 # ProxyEvent kinds
 CONNECTED = "connected"
-DISCONNECTED = "disconnected"  # the node's last stream closed
+DISCONNECTED = "disconnected"  # the stream ended (the proxy is gone from `proxies()`)
 PUSHED = "pushed"
 ACKED = "acked"
 NACKED = "nacked"
@@ -52,6 +58,7 @@ class ProxyEvent:
     node_id: str
     type_url: str = ""  # PUSHED, ACKED, NACKED
     version: str = ""  # PUSHED and ACKED: the version pushed or accepted; NACKED: the version rejected
+    stream: str = ""  # the stream (the proxy) it happened on
 
 
 ProxyListener = Callable[[ProxyEvent], None]
@@ -73,6 +80,9 @@ class Nack:
     nonce: str
     message: str  # Envoy's error_detail.message
     at: float  # unix time, for display only
+    # The stream that sent it (set by the tracker). Nonces restart at 1 on every stream, so
+    # (stream, nonce) identifies one NACK; (node id, nonce) does not.
+    stream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,8 @@ class ProxyStatus:
     acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
     last_nack: Nack | None = None
     pushes: tuple[Push, ...] = ()
+    stream: str = ""  # the stream id: the proxy's identity in `ProxyTracker.proxies()`
+    connected_at: float = 0.0  # unix time the stream opened
 
     def has_acked(self, type_url: str, name: str, version: str) -> bool:
         """Whether the proxy holds resource `name` of `type_url` at content `version`."""
@@ -105,11 +117,11 @@ class ProxyStatus:
 
 
 class ProxyTracker:
-    """Per-node ACK/NACK state, readable as frozen values and awaitable for changes."""
+    """Per-stream ACK/NACK state, readable as frozen values and awaitable for changes."""
 
     def __init__(self) -> None:
-        self._proxies: dict[str, ProxyStatus] = {}
-        self._streams: dict[str, int] = {}
+        self._proxies: dict[str, ProxyStatus] = {}  # stream id -> status, open streams only
+        self._by_node: dict[str, set[str]] = {}  # node id -> its open streams
         self._seq = 0
         # Replaced on every change: waiters hold the event of the sequence they saw.
         self._changed = asyncio.Event()
@@ -120,10 +132,15 @@ class ProxyTracker:
         return self._seq
 
     def proxies(self) -> Mapping[str, ProxyStatus]:
+        """stream id -> status of every stream open now."""
         return MappingProxyType(dict(self._proxies))
 
-    def get(self, node_id: str) -> ProxyStatus | None:
-        return self._proxies.get(node_id)
+    def get(self, stream: str) -> ProxyStatus | None:
+        return self._proxies.get(stream)
+
+    def duplicate_node_ids(self) -> frozenset[str]:
+        """Node ids with more than one open stream (each stream is still its own proxy)."""
+        return frozenset(node_id for node_id, streams in self._by_node.items() if len(streams) > 1)
 
     async def wait_for_change(self, since: int) -> int:
         """Return the sequence number once it is past `since` (immediately if it already is)."""
@@ -145,9 +162,19 @@ class ProxyTracker:
 
         return remove
 
-    def connected(self, node: base_pb2.Node, *, key: str, protocol: str) -> None:
-        self._streams[node.id] = self._streams.get(node.id, 0) + 1
-        previous = self._proxies.get(node.id)
+    def connected(self, node: base_pb2.Node, *, stream: str, key: str, protocol: str) -> None:
+        if stream in self._proxies:
+            raise ValueError(f"stream {stream!r} is already connected")
+        streams = self._by_node.setdefault(node.id, set())
+        streams.add(stream)
+        if len(streams) > 1:
+            log.warning(
+                "node id %r has %d open xDS streams (%s): each is tracked as its own proxy; "
+                "give every Envoy a unique node id",
+                node.id,
+                len(streams),
+                ", ".join(sorted(streams)),
+            )
         status = ProxyStatus(
             node_id=node.id,
             cluster=node.cluster,
@@ -155,51 +182,48 @@ class ProxyTracker:
             protocol=protocol,
             connected=True,
             metadata=MappingProxyType(json_format.MessageToDict(node.metadata)),
-            acked=previous.acked if previous else MappingProxyType({}),
-            last_nack=previous.last_nack if previous else None,
-            pushes=previous.pushes if previous else (),
+            stream=stream,
+            connected_at=now(),
         )
         self._update(status)
-        self._tell(ProxyEvent(CONNECTED, node.id))
+        self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
 
-    def disconnected(self, node_id: str) -> None:
-        left = self._streams.get(node_id, 1) - 1
-        self._streams[node_id] = left
-        status = self._proxies.get(node_id)
-        if left <= 0 and status is not None:
-            self._update(replace(status, connected=False))
-            self._tell(ProxyEvent(DISCONNECTED, node_id))
+    def disconnected(self, stream: str) -> None:
+        """The stream ended: its state is released now (a no-op for an unknown stream)."""
+        status = self._proxies.pop(stream, None)
+        if status is None:
+            return
+        streams = self._by_node.get(status.node_id)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._by_node[status.node_id]
+        self._bump()
+        self._tell(ProxyEvent(DISCONNECTED, status.node_id, stream=stream))
 
-    def forget(self, node_id: str) -> None:
-        """Drop a disconnected proxy (the owner decides when a proxy is gone for good)."""
-        if node_id in self._proxies and not self._proxies[node_id].connected:
-            del self._proxies[node_id]
-            self._streams.pop(node_id, None)
-            self._bump()
-
-    def pushed(self, node_id: str, push: Push) -> None:
-        status = self._proxies.get(node_id)
+    def pushed(self, stream: str, push: Push) -> None:
+        status = self._proxies.get(stream)
         if status is not None:
             self._update(replace(status, pushes=(*status.pushes, push)[-PUSH_LOG_SIZE:]))
-            self._tell(ProxyEvent(PUSHED, node_id, push.type_url, push.version))
+            self._tell(ProxyEvent(PUSHED, status.node_id, push.type_url, push.version, stream=stream))
 
-    def acked(self, node_id: str, type_url: str, ack: TypeAck) -> None:
-        status = self._proxies.get(node_id)
+    def acked(self, stream: str, type_url: str, ack: TypeAck) -> None:
+        status = self._proxies.get(stream)
         if status is None:
             return
         acked = dict(status.acked)
         acked[type_url] = replace(ack, resources=MappingProxyType(dict(ack.resources)))
         self._update(replace(status, acked=MappingProxyType(acked)))
-        self._tell(ProxyEvent(ACKED, node_id, type_url, ack.version))
+        self._tell(ProxyEvent(ACKED, status.node_id, type_url, ack.version, stream=stream))
 
-    def nacked(self, node_id: str, nack: Nack) -> None:
-        status = self._proxies.get(node_id)
+    def nacked(self, stream: str, nack: Nack) -> None:
+        status = self._proxies.get(stream)
         if status is not None:
-            self._update(replace(status, last_nack=nack))
-            self._tell(ProxyEvent(NACKED, node_id, nack.type_url, nack.version))
+            self._update(replace(status, last_nack=replace(nack, stream=stream)))
+            self._tell(ProxyEvent(NACKED, status.node_id, nack.type_url, nack.version, stream=stream))
 
     def _update(self, status: ProxyStatus) -> None:
-        self._proxies[status.node_id] = status
+        self._proxies[status.stream] = status
         self._bump()
 
     def _tell(self, event: ProxyEvent) -> None:
@@ -213,6 +237,14 @@ class ProxyTracker:
         self._seq += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+_stream_numbers = itertools.count(1)
+
+
+def new_stream_id(node_id: str) -> str:
+    """A process-unique, never reused id for one xDS stream of `node_id`."""
+    return f"{node_id}#{next(_stream_numbers)}"
 
 
 def now() -> float:

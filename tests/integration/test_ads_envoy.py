@@ -85,10 +85,14 @@ class Ads:
         seq = 0
         async with asyncio.timeout(timeout):
             while True:
-                status = self.tracker.get(node_id)
+                status = self.by_node(node_id)
                 if status is not None and predicate(status):
                     return status
                 seq = await self.tracker.wait_for_change(seq)
+
+    def by_node(self, node_id: str) -> ProxyStatus | None:
+        """The open stream of `node_id` (the tracker is keyed by stream)."""
+        return next((p for p in self.tracker.proxies().values() if p.node_id == node_id), None)
 
     async def converged(self, envoy: EnvoyProcess) -> ProxyStatus:
         """Wait until the proxy ACKed, resource by resource, the whole current snapshot."""
@@ -193,7 +197,7 @@ async def test_envoy_connects_acks_every_type_and_serves(
     ads: Ads, envoy: StartEnvoy, http_get: HttpGet, protocol: str
 ) -> None:
     proxy = await start_envoy(envoy, ads, protocol)
-    status = ads.tracker.get(proxy.node_id)
+    status = ads.by_node(proxy.node_id)
     assert status is not None and status.connected and status.protocol == protocol
     assert status.key == str(proxy.listen_port)
     assert status.metadata == {
@@ -221,12 +225,12 @@ async def test_new_version_and_removal_fail_no_request(
     try:
         await load.until(lambda: load.versions["v1"] >= 20)
         # A new cluster together with a route to it (all untagged traffic to the lane).
-        before = len(ads.tracker.get(proxy.node_id).pushes)  # type: ignore[union-attr]
+        before = len(ads.by_node(proxy.node_id).pushes)  # type: ignore[union-attr]
         ads.apply(view_of(both, gray="v2", weight=100))
         await ads.converged(proxy)
         await load.until(lambda: load.versions["v2"] >= 20)
         # Then the old version goes: the route moves to v2 before cluster v1 is removed.
-        middle = len(ads.tracker.get(proxy.node_id).pushes)  # type: ignore[union-attr]
+        middle = len(ads.by_node(proxy.node_id).pushes)  # type: ignore[union-attr]
         ads.apply(view_of({"v2": [v2]}, base="v2"))
         status = await ads.converged(proxy)
         settled = sum(load.versions.values())
@@ -255,7 +259,7 @@ async def test_delta_sends_only_the_changed_resources(
     ads: Ads, envoy: StartEnvoy, http_get: HttpGet, upstream: MakeUpstream, v1: Upstream
 ) -> None:
     proxy = await start_envoy(envoy, ads, DELTA)
-    before = len(ads.tracker.get(proxy.node_id).pushes)  # type: ignore[union-attr]
+    before = len(ads.by_node(proxy.node_id).pushes)  # type: ignore[union-attr]
     second_v1 = await upstream(SERVICE, "v1")
     ads.apply(view_of({"v1": [v1, second_v1]}))  # one more endpoint: only EDS a|v1 changes
     status = await ads.converged(proxy)
@@ -270,7 +274,10 @@ async def test_ads_restart_keeps_serving_and_resends_nothing(
 ) -> None:
     proxy = await start_envoy(envoy, ads, protocol)
     await ads.stop()
-    await ads.wait_for(proxy.node_id, lambda s: not s.connected)
+    seq = 0
+    async with asyncio.timeout(DEADLINE):  # the stream ended: the proxy is gone from the tracker
+        while ads.by_node(proxy.node_id) is not None:
+            seq = await ads.tracker.wait_for_change(seq)
     for _ in range(5):  # the control plane is away: Envoy serves its last config
         assert await served_version(http_get, proxy) == "v1"
 

@@ -59,7 +59,7 @@ def test_reports_each_proxy_against_the_view_its_routes_came_from() -> None:
     cache, tracker = SnapshotCache(), ProxyTracker()
     relay = Relay(cache, tracker, gateway_port=GATEWAY)
     for node_id, port in (("sidecar", SIDECAR), ("gateway", GATEWAY)):
-        tracker.connected(node(node_id, port), key=str(port), protocol=SOTW)
+        tracker.connected(node(node_id, port), stream=node_id, key=str(port), protocol=SOTW)
         cache.watch(str(port), lambda: None)
     first = cluster_view(VIEW)
     relay.apply(first)
@@ -84,7 +84,7 @@ def test_reports_each_proxy_against_the_view_its_routes_came_from() -> None:
 def test_a_nack_is_reported_with_the_view_it_rejected() -> None:
     cache, tracker = SnapshotCache(), ProxyTracker()
     relay = Relay(cache, tracker)
-    tracker.connected(node("sidecar", SIDECAR), key=str(SIDECAR), protocol=SOTW)
+    tracker.connected(node("sidecar", SIDECAR), stream="sidecar", key=str(SIDECAR), protocol=SOTW)
     cache.watch(str(SIDECAR), lambda: None)
     first = cluster_view(VIEW)
     relay.apply(first)

@@ -124,7 +124,7 @@ def test_tracker_events_become_metrics() -> None:
     telemetry.observe_proxies(tracker)
     assert value(telemetry, METRIC_PROXIES_CONNECTED) == 0
 
-    tracker.connected(base_pb2.Node(id="envoy-1", cluster="c"), key="10000", protocol="sotw")
+    tracker.connected(base_pb2.Node(id="envoy-1", cluster="c"), stream="envoy-1", key="10000", protocol="sotw")
     tracker.pushed("envoy-1", Push(ROUTE, "r1", "1", ("routes",)))
     tracker.pushed("envoy-1", Push(CLUSTER, "c1", "2", ("a",)))
     clock.now += 0.004
@@ -186,7 +186,7 @@ async def test_telemetries_in_one_process_do_not_share_series() -> None:
 def test_agent_telemetry_counts_its_proxies_only() -> None:
     tracker = ProxyTracker()
     telemetry = agent_telemetry(tracker)
-    tracker.connected(base_pb2.Node(id="e"), key="k", protocol="delta")
+    tracker.connected(base_pb2.Node(id="e"), stream="e", key="k", protocol="delta")
     assert value(telemetry, METRIC_PROXIES_CONNECTED) == 1
     assert value(telemetry, "target_info", service_name="graylane-agent") == 1
     assert METRIC_RELEASES not in samples(telemetry)
@@ -201,21 +201,21 @@ def test_tracker_listeners_hear_events_after_the_state_changes_and_can_leave() -
     heard: list[tuple[ProxyEvent, int]] = []
 
     def listener(event: ProxyEvent) -> None:
-        status = tracker.get(event.node_id)
+        status = tracker.get(event.stream)
         heard.append((event, len(status.pushes) if status else -1))
 
     remove = tracker.add_listener(listener)
     tracker.pushed("unknown", Push(ROUTE, "r1", "1", ()))  # no such proxy: nothing recorded, nothing heard
-    tracker.connected(base_pb2.Node(id="n"), key="k", protocol="sotw")
+    tracker.connected(base_pb2.Node(id="n"), stream="n", key="k", protocol="sotw")
     tracker.pushed("n", Push(ROUTE, "r1", "1", ()))
     tracker.acked("n", ROUTE, TypeAck("r1"))
     remove()
     remove()
     tracker.pushed("n", Push(ROUTE, "r2", "2", ()))
     assert heard == [
-        (ProxyEvent(CONNECTED, "n"), 0),
-        (ProxyEvent(PUSHED, "n", ROUTE, "r1"), 1),
-        (ProxyEvent(ACKED, "n", ROUTE, "r1"), 1),
+        (ProxyEvent(CONNECTED, "n", stream="n"), 0),
+        (ProxyEvent(PUSHED, "n", ROUTE, "r1", stream="n"), 1),
+        (ProxyEvent(ACKED, "n", ROUTE, "r1", stream="n"), 1),
     ]
 
 
@@ -229,6 +229,6 @@ def test_a_failing_listener_is_logged_and_never_breaks_the_tracker(caplog: pytes
     tracker.add_listener(broken)
     tracker.add_listener(heard.append)
     with caplog.at_level(logging.ERROR, logger="graylane.xds.tracker"):
-        tracker.connected(base_pb2.Node(id="n"), key="k", protocol="sotw")
-    assert tracker.get("n") is not None and heard == [ProxyEvent(CONNECTED, "n")]
+        tracker.connected(base_pb2.Node(id="n"), stream="n", key="k", protocol="sotw")
+    assert tracker.get("n") is not None and heard == [ProxyEvent(CONNECTED, "n", stream="n")]
     assert "proxy listener" in caplog.text

@@ -8,6 +8,7 @@ from google.protobuf import struct_pb2
 from graylane.xds.cache import (
     DEFAULT_KEY,
     InconsistentSnapshot,
+    InvalidNodeMetadata,
     SnapshotCache,
     consistency_gaps,
     listen_port_key,
@@ -121,7 +122,20 @@ def test_listen_port_key() -> None:
     assert listen_port_key(node(listen_port="10001")) == "10001"
     assert listen_port_key(node(listen_port=10002)) == "10002"
     assert listen_port_key(node()) == DEFAULT_KEY
-    assert listen_port_key(node(listen_port="")) == DEFAULT_KEY
+    assert listen_port_key(node(listen_port="08080")) == listen_port_key(node(listen_port=8080)) == "8080"
+    assert listen_port_key(node(listen_port=1)) == "1" and listen_port_key(node(listen_port="65535")) == "65535"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(99999, "99999"), ("99999", "'99999'"), ("-5", "'-5'"), (-5, "-5"), (0, "0"), ("", "''"),
+     (80.5, "80.5"), ("80a", "'80a'"), (" 80", "' 80'"), ("\u0668\u0660", "'\u0668\u0660'"),
+     (True, "true"), (None, "null")],
+)  # fmt: skip
+def test_listen_port_key_refuses_anything_but_a_port(value: object, shown: str) -> None:
+    with pytest.raises(InvalidNodeMetadata) as raised:
+        listen_port_key(node(listen_port=value))
+    assert str(raised.value).startswith(f"node.metadata.listen_port: {shown} is not a port")
 
 
 def test_history_resolves_content_versions_of_stored_snapshots() -> None:

@@ -52,9 +52,15 @@ class Ads:
     server: AdsServer
 
     def status(self) -> ProxyStatus:
-        status = self.tracker.get(NODE.id)
+        status = self.find()
         assert status is not None
         return status
+
+    def find(self, node_id: str = NODE.id) -> ProxyStatus | None:
+        """The one open stream of `node_id` (None if it has none)."""
+        found = [p for p in self.tracker.proxies().values() if p.node_id == node_id]
+        assert len(found) <= 1, found
+        return found[0] if found else None
 
 
 @pytest.fixture
@@ -130,7 +136,8 @@ async def test_close_ends_every_stream_and_any_opened_after_it(ads: Ads) -> None
         late = ads.stub.StreamAggregatedResources()
         await late.write(sotw(CLUSTER, node=True))
         assert await late.read() is grpc.aio.EOF
-    await wait_for(ads, lambda s: not s.connected)
+    # Closing released every stream at once: no proxy is left behind.
+    assert dict(ads.tracker.proxies()) == {} and ads.cache.requested_keys() == frozenset()
 
 
 async def test_sotw_stale_nonce_is_ignored_and_nack_is_recorded(ads: Ads) -> None:
@@ -281,7 +288,7 @@ async def wait_for(ads: Ads, predicate: Callable[[ProxyStatus], bool]) -> ProxyS
     seq = 0
     async with asyncio.timeout(TIMEOUT):
         while True:
-            status = ads.tracker.get(NODE.id)
+            status = ads.find()
             if status is not None and predicate(status):
                 return status
             seq = await ads.tracker.wait_for_change(seq)
