@@ -223,17 +223,17 @@ class _Stream(Generic[Req, Resp]):
         st.acked_version = version
         ack = TypeAck(version, {n: content_version(m) for n, m in st.acked.items()})
         self.tracker.acked(self.stream_id, st.type_url, ack)
-        log.info("ACK %s %s version %s", self.node.id, _short(st.type_url), version)
+        log.info("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
         self.tracker.nacked(self.stream_id, Nack(st.type_url, version, nonce, message, now(), stream=self.stream_id))
-        log.warning("NACK %s %s version %s: %s", self.node.id, _short(st.type_url), version, message)
+        log.warning("NACK %s %s version %s: %s", self.stream_id, _short(st.type_url), version, message)
 
     def record_push(self, st: _TypeState, push: Push) -> None:
         self.tracker.pushed(self.stream_id, push)
         log.info(
             "push %s %s version %s nonce %s: %d resources, %d removed",
-            self.node.id,
+            self.stream_id,
             _short(st.type_url),
             push.version,
             push.nonce,

@@ -114,3 +114,16 @@ def test_a_bad_view_changes_nothing() -> None:
     bad.version = "bad"
     assert not relay.apply(bad)
     assert relay.version == good.version and relay.view == VIEW
+
+
+def test_a_key_nobody_asks_for_any_more_is_no_longer_rendered() -> None:
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker)
+    relay.apply(cluster_view(VIEW))
+    watches = [cache.watch(str(20000 + i), lambda: None) for i in range(3)]
+    assert cache.keys() == {"20000", "20001", "20002"}
+    for watch in watches[1:]:
+        watch.close()
+    assert cache.keys() == {"20000"}
+    relay.apply(cluster_view(dataclasses.replace(VIEW, lanes=())))  # a change renders the live key only
+    assert cache.keys() == {"20000"}

@@ -146,3 +146,22 @@ def test_history_resolves_content_versions_of_stored_snapshots() -> None:
     assert cache.history.resolve_set(CLUSTER, typed.version) == dict(typed.items)
     assert cache.history.message(CLUSTER, typed.versions["a|v1"]) == typed.items["a|v1"]
     assert cache.history.resolve_set(CLUSTER, "no-such-version") is None
+
+
+def test_the_last_watch_of_a_key_releases_it_and_tells_the_owner() -> None:
+    cache = SnapshotCache()
+    released: list[str] = []
+    requested: list[str] = []
+    cache.on_key_requested(requested.append)
+    cache.on_key_released(released.append)
+    cache.set_snapshot("10001", GOOD)
+    first, second = cache.watch("10001", lambda: None), cache.watch("10001", lambda: None)
+    first.close()
+    assert cache.requested_keys() == {"10001"} and released == []
+    second.close()
+    second.close()  # closing twice is harmless
+    assert cache.requested_keys() == frozenset() and released == ["10001"]
+    assert cache.keys() == {"10001"}  # the owner decides about the snapshot
+    cache.clear_snapshot("10001")
+    cache.watch("10001", lambda: None)  # a proxy comes back: the key is asked for afresh
+    assert requested == ["10001"]

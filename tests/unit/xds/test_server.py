@@ -8,6 +8,7 @@ delta removed_resources. Envoy itself is exercised in tests/integration/test_ads
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
-from graylane.xds.server import AdsServer
+from graylane.xds.server import AdsServer, _DeltaStream, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -292,3 +293,122 @@ async def wait_for(ads: Ads, predicate: Callable[[ProxyStatus], bool]) -> ProxyS
             if status is not None and predicate(status):
                 return status
             seq = await ads.tracker.wait_for_change(seq)
+
+
+# --------------------------------------------------------------------------- stream lifecycle
+
+
+async def cancel_twice_while_ending(stream: _SotwStream | _DeltaStream, first: object) -> None:
+    """Run `stream`, cancel it, and cancel it again while it waits for its request reader."""
+    sent = asyncio.Event()
+    reader_cancelled, release_reader = asyncio.Event(), asyncio.Event()
+
+    async def requests() -> AsyncIterator[object]:
+        yield first
+        try:
+            await asyncio.Event().wait()  # the client sends nothing more
+        finally:
+            reader_cancelled.set()
+            await release_reader.wait()  # the reader takes its time to finish
+
+    async def send(response: object) -> None:
+        sent.set()
+
+    task = asyncio.create_task(stream.run(requests(), send))  # type: ignore[arg-type]
+    async with asyncio.timeout(TIMEOUT):
+        await sent.wait()
+        assert len(stream.tracker.proxies()) == 1
+        task.cancel()
+        await reader_cancelled.wait()  # the stream now awaits its reader, in `finally`
+        task.cancel()  # ... and is cancelled again right there
+        release_reader.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("protocol", ["sotw", "delta"])
+async def test_a_stream_cancelled_again_while_it_ends_is_still_released(protocol: str) -> None:
+    """The client goes away (cancel), and grpc cancels the handler again while the stream
+    waits for its request reader to finish: the proxy and its watch are released anyway."""
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    cache.set_snapshot(DEFAULT_KEY, snapshot())
+    for _ in range(20):
+        if protocol == "sotw":
+            await cancel_twice_while_ending(_SotwStream(cache, tracker), sotw(CLUSTER, node=True))
+        else:
+            await cancel_twice_while_ending(_DeltaStream(cache, tracker), delta(CLUSTER, node=True))
+        assert dict(tracker.proxies()) == {}
+        assert cache.requested_keys() == frozenset()
+
+
+async def test_each_stream_is_its_own_proxy_even_with_one_node_id(ads: Ads, caplog: pytest.LogCaptureFixture) -> None:
+    """Two Envoys that share a node id are two proxies: one's ACK never stands for the other,
+    and the other's NACK is not lost."""
+    with caplog.at_level(logging.WARNING, logger="graylane.xds.tracker"):
+        first, second = ads.stub.StreamAggregatedResources(), ads.stub.StreamAggregatedResources()
+        await first.write(sotw(CLUSTER, node=True))
+        one = await read(first)
+        await second.write(sotw(CLUSTER, node=True))
+        two = await read(second)
+        await first.write(sotw(CLUSTER, version=one.version_info, nonce=one.nonce))
+        await second.write(sotw(CLUSTER, nonce=two.nonce, error="bad cluster"))
+        seq = 0
+        async with asyncio.timeout(TIMEOUT):
+            while not (
+                len(proxies := list(ads.tracker.proxies().values())) == 2
+                and any(CLUSTER in p.acked for p in proxies)
+                and any(p.last_nack is not None for p in proxies)
+            ):
+                seq = await ads.tracker.wait_for_change(seq)
+    assert {p.node_id for p in proxies} == {NODE.id} and len({p.stream for p in proxies}) == 2
+    [acked] = [p for p in proxies if CLUSTER in p.acked]
+    [nacked] = [p for p in proxies if p.last_nack is not None]
+    assert acked.last_nack is None and CLUSTER not in nacked.acked
+    assert nacked.last_nack is not None and nacked.last_nack.stream == nacked.stream
+    assert ads.tracker.duplicate_node_ids() == {NODE.id}
+    warnings = [r for r in caplog.records if r.name == "graylane.xds.tracker" and NODE.id in r.getMessage()]
+    assert len(warnings) == 1  # once, when the second stream opened
+    first.cancel()
+    async with asyncio.timeout(TIMEOUT):
+        while len(ads.tracker.proxies()) != 1:
+            seq = await ads.tracker.wait_for_change(seq)
+    assert ads.tracker.duplicate_node_ids() == frozenset()
+    second.cancel()
+
+
+async def test_a_reconnected_proxy_nacking_nonce_1_again_is_a_new_nack(ads: Ads) -> None:
+    """Nonces restart at 1 on every stream: a NACK is identified by (stream, nonce)."""
+    heard: list[tuple[str, str]] = []
+    ads.tracker.add_listener(lambda e: heard.append((e.stream, e.kind)) if e.kind == "nacked" else None)
+    nacks = []
+    for _ in range(2):
+        call = ads.stub.StreamAggregatedResources()
+        await call.write(sotw(CLUSTER, node=True))
+        response = await read(call)
+        assert response.nonce == "1"
+        await call.write(sotw(CLUSTER, nonce=response.nonce, error="bad cluster"))
+        status = await wait_for(ads, lambda s: s.last_nack is not None)
+        nacks.append(status.last_nack)
+        call.cancel()
+        seq = 0
+        async with asyncio.timeout(TIMEOUT):
+            while ads.find() is not None:
+                seq = await ads.tracker.wait_for_change(seq)
+    assert [n.nonce for n in nacks if n is not None] == ["1", "1"]
+    identities = {(n.stream, n.nonce) for n in nacks if n is not None}
+    assert len(identities) == 2 and all(stream.startswith(NODE.id) for stream, _ in identities)
+    assert {stream for stream, _ in heard} == {stream for stream, _ in identities}
+
+
+@pytest.mark.parametrize("listen_port", [99999, "-5", "", "80a", 80.5])
+async def test_a_node_with_a_bad_listen_port_is_refused_by_name(ads: Ads, listen_port: object) -> None:
+    node = base_pb2.Node(id="bad-port")
+    node.metadata.update({"listen_port": listen_port})
+    call = ads.stub.StreamAggregatedResources()
+    await call.write(discovery_pb2.DiscoveryRequest(node=node, type_url=CLUSTER))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await read(call)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith("node.metadata.listen_port: ")
+    assert str(listen_port if not isinstance(listen_port, float) else 80.5) in (raised.value.details() or "")
+    assert dict(ads.tracker.proxies()) == {} and ads.cache.requested_keys() == frozenset()
