@@ -31,6 +31,7 @@ import yaml
 from google.protobuf import json_format
 from graylane.controlplane import model
 from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.manifest import ManifestLoader
 from graylane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class EndpointFileError(ValueError):
 def parse_endpoints(text: str, *, source: str = "endpoints file") -> apb.EndpointSnapshot:
     """Parse and validate an endpoints file; EndpointFileError names the problem."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ManifestLoader)  # no aliases: the manifest rules
     except yaml.YAMLError as exc:
         raise EndpointFileError(f"{source}: not YAML: {exc}") from exc
     if data is None:

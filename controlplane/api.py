@@ -142,8 +142,9 @@ def unary(fn: F) -> F:
 
 
 def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
-    actor = getattr(request, "actor", "") or _caller.get() or f"grpc:{context.peer()}"
-    return Cause(actor=actor, reason=getattr(request, "reason", ""))
+    actor = model.check_text("actor", getattr(request, "actor", ""), limit=model.MAX_LABEL_BYTES)
+    reason = model.check_text("reason", getattr(request, "reason", ""))
+    return Cause(actor=actor or _caller.get() or f"grpc:{context.peer()}", reason=reason)
 
 
 class ReleaseServicer(api_grpc.ReleaseServiceServicer):

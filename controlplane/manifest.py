@@ -15,6 +15,10 @@ The format mirrors the protos. A stream holds any number of documents, applied i
 
 Field names are the proto names in snake_case or their JSON camelCase; enum values are
 their names in any case; durations are proto JSON ("30s", "1.5s") or "5m", "1h30m".
+
+Manifests are plain data: YAML aliases (`*name`, and so `<<:` merges) are refused, as is
+nesting deeper than `MAX_DEPTH` and a stream above `MAX_MANIFEST_BYTES`. A 44 KB "billion
+laughs" file of aliases would otherwise expand to gigabytes before any check could run.
 """
 
 from __future__ import annotations
@@ -53,6 +57,33 @@ _DURATION: Final = "google.protobuf.Duration"
 _TIMESTAMP: Final = "google.protobuf.Timestamp"
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _DURATION_UNITS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+MAX_MANIFEST_BYTES: Final = 1024 * 1024
+MAX_DEPTH: Final = 32  # nested collections; a release spec needs about 8
+
+
+class ManifestLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without aliases and with bounded nesting (a YAML composer error).
+
+    Refused while composing, before anything is expanded, so an alias bomb costs no
+    more than reading its text. The agent's endpoints file is read with it too.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a manifest", mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class ManifestError(InvalidArgument):
@@ -91,10 +122,15 @@ def load_manifest(text: str, *, source: str = "<manifest>") -> list[ManifestObje
     Empty documents (a stray `---`) are skipped but still counted, so numbers match what
     the user sees in the file.
     """
+    size = len(text.encode(errors="replace"))
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            source=source, document=None, field="", reason=f"is {size} bytes, above the limit of {MAX_MANIFEST_BYTES}"
+        )
     objects: list[ManifestObject] = []
     index = 0
     try:
-        for index, document in enumerate(yaml.safe_load_all(text), start=1):
+        for index, document in enumerate(yaml.load_all(text, Loader=ManifestLoader), start=1):
             if document is None:
                 continue
             try:

@@ -57,7 +57,7 @@ def check_webhook(hook: Webhook, *, where: str = "webhook") -> Webhook:
     """Validate `hook`; raise `InvalidArgument` naming the field under `where`."""
     if not hook.name:
         raise InvalidArgument(f"{where}.name", "is required")
-    if not _NAME.match(hook.name):
+    if not _NAME.fullmatch(hook.name):  # match() would let "name\n" through
         raise InvalidArgument(
             f"{where}.name", f"{hook.name!r} is not a valid name (lower-case letters, digits and '-', at most 63)"
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from graylane.controlplane.manifest import ManifestError, load_manifest
+from graylane.agent.sources import EndpointFileError, parse_endpoints
+from graylane.controlplane.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, ManifestError, load_manifest
 from graylane.v1 import release_pb2 as pb
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "release.yaml"
@@ -161,3 +163,41 @@ def test_errors_name_the_document_and_field(text: str, message: str) -> None:
         load_manifest(text, source="release.yaml")
     assert message in str(caught.value)
     assert str(caught.value).startswith("release.yaml: ")
+
+
+def _alias_bomb(levels: int = 10) -> str:
+    """The "billion laughs": 9**levels strings from a few hundred bytes of aliases."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "kind: Service\nname: cart\nstable_version: v1\ndescription: *l9\n" + "\n".join(lines)
+
+
+def test_an_alias_bomb_is_refused_before_it_expands() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ManifestError, match=r"bomb\.yaml: document 1: .*aliases \(\*name\) are not allowed"):
+        load_manifest(_alias_bomb(), source="bomb.yaml")
+    assert time.perf_counter() - started < 0.5
+
+
+def test_any_alias_or_merge_key_is_refused() -> None:
+    text = "kind: Service\nname: &n cart\nstable_version: *n\n"
+    with pytest.raises(ManifestError, match="aliases"):
+        load_manifest(text)
+    merge = "kind: Release\nname: r\nspec:\n  lane: &l blue\n  entry: *l\n"
+    with pytest.raises(ManifestError, match="aliases"):
+        load_manifest(merge)
+
+
+def test_deep_nesting_and_oversized_manifests_are_refused_fast() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ManifestError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        load_manifest("spec: " + "[" * 5_000 + "]" * 5_000)
+    with pytest.raises(ManifestError, match=f"above the limit of {MAX_MANIFEST_BYTES}"):
+        load_manifest("# padding\n" * (MAX_MANIFEST_BYTES // 10 + 1))
+    assert time.perf_counter() - started < 0.5
+
+
+def test_the_agents_endpoints_file_refuses_aliases_too() -> None:
+    text = "versions:\n  - &v {service: cart, version: v1, endpoints: [{address: 10.0.0.1, port: 80}]}\n  - *v\n"
+    with pytest.raises(EndpointFileError, match="aliases"):
+        parse_endpoints(text)
