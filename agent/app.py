@@ -17,15 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from graylane.agent.guard import AbortCheck, LocalGuard
+from graylane.agent.guard import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WINDOW_SECONDS,
+    AbortCheck,
+    LaneErrorRate,
+    LocalGuard,
+)
+from graylane.agent.health import AgentHealth
 from graylane.agent.lkg import StateDir
 from graylane.agent.metrics import MetricsReporter
 from graylane.agent.relay import Relay
-from graylane.agent.session import Backoff, ControlPlaneSession
+from graylane.agent.session import (
+    DEFAULT_ANSWER_TIMEOUT_SECONDS,
+    DEFAULT_KEEPALIVE_SECONDS,
+    Backoff,
+    ControlPlaneSession,
+)
 from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.wire import cluster_view, view_from_proto
 from graylane.controlplane.app import run_until_signalled
-from graylane.controlplane.http import HttpServer, health_route, metrics_route
+from graylane.controlplane.http import HttpServer, metrics_route
 from graylane.controlplane.telemetry import agent_telemetry
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.cache import SnapshotCache
@@ -52,6 +65,15 @@ class AgentOptions:
     gateway_listen_port: int | None = None
     token: str = ""
     guard_after_seconds: float = 30.0
+    # The local guard's abort condition: the gray versions of a lane failing this share of
+    # at least `guard_min_requests` requests over the last `guard_window_seconds`.
+    guard_max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    guard_min_requests: int = DEFAULT_MIN_REQUESTS
+    guard_window_seconds: float = DEFAULT_WINDOW_SECONDS
+    # A control plane that answers nothing (health checks, keepalive pings) for this long
+    # counts as gone, even with its connection open.
+    answer_timeout_seconds: float = DEFAULT_ANSWER_TIMEOUT_SECONDS
+    keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS
     backoff_base_seconds: float = 0.1
     backoff_cap_seconds: float = 5.0
     http_listen: str | None = None  # /metrics and /healthz; None: no HTTP server
@@ -70,13 +92,21 @@ class Agent:
         if source is None and options.endpoints_file is not None:
             source = FileEndpointSource(options.endpoints_file)
         self.source = source
-        self.state = StateDir(options.state_dir)
+        self.state = StateDir(options.state_dir, cluster=options.cluster, control_plane=options.control_plane)
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker()
         self.telemetry = agent_telemetry(self.tracker, otlp_endpoint=options.otlp_endpoint)
         self.http_port = 0
         gateway_port = options.gateway_listen_port or int(options.gateway_address.rpartition(":")[2])
         self.relay = Relay(self.cache, self.tracker, gateway_port=gateway_port)
+        self.error_rate: LaneErrorRate | None = None
+        if abort_check is None:
+            # The agent's own judge: its Envoys' statistics, as its metrics reporter reads them.
+            self.error_rate = abort_check = LaneErrorRate(
+                max_error_rate=options.guard_max_error_rate,
+                min_requests=options.guard_min_requests,
+                window_seconds=options.guard_window_seconds,
+            )
         self.guard = LocalGuard(abort_check, after_seconds=options.guard_after_seconds)
         self.session = ControlPlaneSession(
             target=options.control_plane,
@@ -89,19 +119,19 @@ class Agent:
             token=options.token,
             on_view=self._on_view,
             backoff=Backoff(base=options.backoff_base_seconds, cap=options.backoff_cap_seconds),
+            answer_timeout_seconds=options.answer_timeout_seconds,
+            keepalive_seconds=options.keepalive_seconds,
         )
+        self.ready = asyncio.Event()
+        self.health = AgentHealth(state=self.state, session=self.session, guard=self.guard, ready=self.ready.is_set)
+        self.telemetry.registry.register(self.health)
         self._control_view: apb.ClusterView | None = None  # the control plane's, never the guard's
         self.xds_port = 0
-        self.ready = asyncio.Event()
 
     def _on_view(self, message: apb.ClusterView) -> None:
         if self.relay.apply(message):
             self._control_view = message
-            try:
-                self.state.save_view(message)
-            except OSError:
-                # The view is served all the same; only a restart would fall back further.
-                log.exception("cannot keep view %s as the last-known-good one", message.version)
+            self.state.keep(message)  # a failure is counted and shown in /healthz and /metrics
             log.info("serving view %s from the control plane", message.version)
             # Proxies whose configuration this view leaves unchanged (a gateway, when only a
             # weight moved) send no new ACK; report them against the new view now.
@@ -109,16 +139,21 @@ class Agent:
 
     async def run(self) -> None:
         # The cluster's proxies are scraped every second; deltas go up while connected.
-        metrics = MetricsReporter(self.tracker, send=self.session.send_metrics)
+        observe = self.error_rate.observe if self.error_rate is not None else None
+        metrics = MetricsReporter(self.tracker, send=self.session.send_metrics, observe=observe)
         last_good = self.state.load_view()
         if last_good is not None and self.relay.apply(last_good):
             self._control_view = last_good
+            self.health.lkg_served = last_good.version
             log.info("serving the last-known-good view %s until the control plane answers", last_good.version)
+        elif last_good is None and not self.state.load_note:
+            log.info("no last-known-good view at %s: Envoys get a view once the control plane answers",
+                     self.state.view_file)  # fmt: skip
         http = None
         if self.options.http_listen is not None:
             http = HttpServer(listen=self.options.http_listen)
             metrics_route(http, self.telemetry.metrics_text)
-            health_route(http, self.ready.is_set)
+            self.health.route(http)
             await http.start()
             self.http_port = http.port
         server = grpc.aio.server()
@@ -172,7 +207,18 @@ class Agent:
                 now=time.time(),
             )
             if override is not None:
-                log.warning("local guard: routing lanes %s to base", sorted(self.guard.aborted))
+                rates = ""
+                if self.error_rate is not None:
+                    lanes = {lane.name: lane for lane in view_from_proto(control.view).lanes}
+                    totals = [(name, *self.error_rate.totals(lanes[name])) for name in sorted(self.guard.aborted)]
+                    rates = "; ".join(
+                        f"{name}: {errors} errors in {requests} requests" for name, requests, errors in totals
+                    )
+                log.warning(
+                    "local guard: the control plane is away; routing lanes %s to base (%s)",
+                    sorted(self.guard.aborted),
+                    rates or "abort condition met",
+                )
                 self.relay.apply(cluster_view(override))
 
 

@@ -5,13 +5,19 @@ own) unless a lane's abort condition is met by local metrics, in which case it r
 lane back to base in its cluster and keeps a `GuardReport` to send on reconnect.
 
 `AbortCheck` is the hook the metrics work plugs into: given the view in force, which
-lanes' abort conditions local metrics meet now. The guard is pure decision plus a clock
-passed in, so it is driven tick by tick in tests.
+lanes' abort conditions local metrics meet now. `LaneErrorRate` is the agent's own: the
+per-(service, version, lane) deltas its metrics reporter reads from the cluster's Envoys
+(agent/stats.py through `MetricsReporter`), kept over a short window, and a lane aborts
+when its gray versions' share of errors (5xx and requests ended without an answer) over
+that window reaches a threshold with enough requests to judge. The guard is pure decision
+plus a clock passed in, so it is driven tick by tick in tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -23,6 +29,68 @@ class AbortCheck(Protocol):
     def __call__(self, view: xv.RoutingView) -> Iterable[str]:
         """Lanes of `view` whose abort condition local metrics meet now."""
         ...
+
+
+DEFAULT_MAX_ERROR_RATE = 0.5
+DEFAULT_MIN_REQUESTS = 10
+DEFAULT_WINDOW_SECONDS = 10.0
+
+
+class LaneErrorRate:
+    """An `AbortCheck` over the metrics reports the agent reads from its Envoys.
+
+    `observe(report)` on every reporter tick (connected or not); `__call__(view)` names the
+    lanes whose gray versions failed at least `max_error_rate` of at least `min_requests`
+    requests in the reports of the last `window_seconds` (by the reports' own times).
+    One asyncio loop; no I/O.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
+        min_requests: int = DEFAULT_MIN_REQUESTS,
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
+    ) -> None:
+        if not 0 < max_error_rate <= 1:
+            raise ValueError(f"max_error_rate {max_error_rate} must be in (0, 1]")
+        if min_requests < 1:
+            raise ValueError(f"min_requests {min_requests} must be at least 1")
+        if not (math.isfinite(window_seconds) and window_seconds > 0):
+            raise ValueError(f"window_seconds {window_seconds} must be positive")
+        self.max_error_rate = max_error_rate
+        self.min_requests = min_requests
+        self.window_seconds = window_seconds
+        # (report time, {(service, version, lane): (requests, errors)})
+        self._reports: deque[tuple[float, dict[tuple[str, str, str], tuple[int, int]]]] = deque()
+
+    def observe(self, report: apb.MetricsReport) -> None:
+        at = report.at.ToNanoseconds() / 1e9
+        series: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for s in report.series:
+            requests, errors = series.get((s.service, s.version, s.lane), (0, 0))
+            series[(s.service, s.version, s.lane)] = (requests + s.requests, errors + s.errors)
+        self._reports.append((at, series))
+        while self._reports and self._reports[0][0] <= at - self.window_seconds:
+            self._reports.popleft()
+
+    def totals(self, lane: xv.Lane) -> tuple[int, int]:
+        """(requests, errors) of `lane`'s gray versions in the window."""
+        wanted = {(service, version, lane.name) for service, version in lane.versions}
+        requests = errors = 0
+        for _, series in self._reports:
+            for key in wanted & series.keys():
+                requests += series[key][0]
+                errors += series[key][1]
+        return requests, errors
+
+    def __call__(self, view: xv.RoutingView) -> list[str]:
+        failing = []
+        for lane in view.lanes:
+            requests, errors = self.totals(lane)
+            if requests >= self.min_requests and errors >= self.max_error_rate * requests:
+                failing.append(lane.name)
+        return failing
 
 
 def without_lanes(view: xv.RoutingView, lanes: Iterable[str]) -> xv.RoutingView:
@@ -37,6 +105,7 @@ class LocalGuard:
         self.after_seconds = after_seconds
         self.aborted: set[str] = set()
         self.pending: list[apb.GuardReport] = []  # sent on reconnect
+        self.actions = 0  # lanes routed to base since start, for metrics
 
     def tick(self, view: xv.RoutingView | None, *, disconnected_for: float | None, now: float) -> xv.RoutingView | None:
         """The view to serve instead of `view`, or None to keep serving `view` unchanged.
@@ -51,6 +120,7 @@ class LocalGuard:
         if not newly:
             return None
         self.aborted.update(newly)
+        self.actions += len(newly)
         report = apb.GuardReport(
             lanes=newly,
             reason=f"control plane unreachable for {disconnected_for:.1f}s and the abort condition was met locally",

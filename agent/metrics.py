@@ -9,7 +9,9 @@ cluster; the report does not name it.
 
 A tick whose report cannot be sent (no control-plane stream) is simply lost: metrics are
 facts about now, and the next tick's deltas start where this one ended, so nothing is
-counted twice. Concurrency: one asyncio loop; `run` is cancellable.
+counted twice. Every report is also handed to `observe` (the local guard's error-rate
+window), connected or not: the guard judges exactly when the control plane is away.
+Concurrency: one asyncio loop; `run` is cancellable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class MetricsReporter:
         tracker: ProxyTracker,
         *,
         send: Callable[[apb.MetricsReport], None],
+        observe: Callable[[apb.MetricsReport], None] | None = None,
         interval: float = DEFAULT_INTERVAL_SECONDS,
         timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
@@ -40,6 +43,7 @@ class MetricsReporter:
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"interval {interval} must be positive")
         self._send = send
+        self._observe = observe
         self._interval = interval
         self._clock = clock
         self._source = EnvoyAdminSource(
@@ -67,6 +71,8 @@ class MetricsReporter:
             while True:
                 report = await self.tick()
                 if report is not None:
+                    if self._observe is not None:
+                        self._observe(report)
                     self._send(report)
                     self.sent += 1
                 deadline += self._interval

@@ -7,13 +7,19 @@ exponential backoff when the stream fails or is refused. Refusals (wrong credent
 cluster name taken) are logged with the control plane's reason and retried at the
 longest backoff, so an operator can fix them without restarting the agent.
 
+A control plane that hangs (stopped, its loop stalled, a half-open connection) never closes
+the stream, so two checks count it as gone: HTTP/2 keepalive pings on the channel (gRPC
+ends the connection when a ping is not answered within the timeout), and a health check
+sent on the same channel every heartbeat that must be answered within
+`answer_timeout_seconds` (it needs the control plane's event loop, which a ping does not).
+`disconnected_since` then dates from the last answer, not from the detection.
+
 Concurrency: one asyncio loop; `run()` is the only loop and is cancellable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -22,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,14 @@ _REFUSED = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+
+
+DEFAULT_ANSWER_TIMEOUT_SECONDS = 5.0
+DEFAULT_KEEPALIVE_SECONDS = 2.0
+
+
+class ControlPlaneSilent(Exception):
+    """The control plane stopped answering on an open stream (hung, not closed)."""
 
 
 class Backoff:
@@ -62,8 +77,12 @@ class ControlPlaneSession:
         token: str = "",
         on_view: Callable[[apb.ClusterView], None],
         backoff: Backoff | None = None,
+        answer_timeout_seconds: float = DEFAULT_ANSWER_TIMEOUT_SECONDS,
+        keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS,
     ) -> None:
         self.target = target
+        self.answer_timeout_seconds = answer_timeout_seconds
+        self.keepalive_seconds = keepalive_seconds
         self.hello = hello
         self.token = token
         self._on_view = on_view
@@ -76,6 +95,8 @@ class ControlPlaneSession:
         self.disconnected_since: float | None = time.monotonic()  # None while connected
         self.refused = ""  # the control plane's last refusal, "" when none
         self.heartbeat_seconds = 1.0
+        self.lease_ttl_seconds = 0  # the control plane's agent lease, from its welcome
+        self.last_answer: float | None = None  # monotonic time of the control plane's last answer
         self._outage_logged = False
 
     # ------------------------------------------------------------ facts to send
@@ -114,6 +135,15 @@ class ControlPlaneSession:
                 await self._stream()
                 log.info("the control plane ended the stream; reconnecting")
                 delay = self._backoff.next()
+            except ControlPlaneSilent as exc:
+                log.log(
+                    logging.DEBUG if self._outage_logged else logging.WARNING,
+                    "the control plane at %s stopped answering (%s); reconnecting",
+                    self.target,
+                    exc,
+                )
+                self._outage_logged = True
+                delay = self._backoff.next()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _REFUSED:
                     refused = f"{exc.code().name}: {exc.details()}"
@@ -142,12 +172,23 @@ class ControlPlaneSession:
                 self._outbox = None
                 if self.connected.is_set():
                     self.connected.clear()
-                    self.disconnected_since = time.monotonic()
+                    # Since the last sign of life: a hang is noticed only after the timeout.
+                    now = time.monotonic()
+                    self.disconnected_since = now if self.last_answer is None else min(now, self.last_answer)
             await asyncio.sleep(delay)
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        ms = round(self.keepalive_seconds * 1000)
+        return [
+            ("grpc.keepalive_time_ms", ms),
+            ("grpc.keepalive_timeout_ms", round(self.answer_timeout_seconds * 1000)),
+            # Heartbeats are data, but pings must go on whatever the stream carries.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
 
     async def _stream(self) -> None:
         metadata = (("x-graylane-cluster", self.hello.cluster), ("authorization", f"Bearer {self.token}"))
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with grpc.aio.insecure_channel(self.target, options=self._channel_options()) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
             outbox.put_nowait(apb.AgentMessage(hello=self.hello))
@@ -160,21 +201,56 @@ class ControlPlaneSession:
             # welcome arrives is never lost.
             self._outbox = outbox
             call = stub.Connect(self._requests(outbox), metadata=metadata)
-            heartbeat: asyncio.Task[None] | None = None
+            # Whichever ends first ends the stream: the stream itself, or the watchdog (a
+            # health check not answered in time).
+            watchdog: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            side: list[asyncio.Task[None]] = []
+            messages = asyncio.create_task(self._messages(call, outbox, channel, side, watchdog))
             try:
-                async for message in call:
-                    kind = message.WhichOneof("kind")
-                    if kind == "welcome":
-                        self._welcomed(message.welcome, outbox)
-                        heartbeat = asyncio.create_task(self._heartbeats(outbox))
-                    elif kind == "view":
-                        self._on_view(message.view)
+                await asyncio.wait({messages, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if heartbeat is not None:
-                    heartbeat.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await heartbeat
+                for task in (messages, *side):
+                    task.cancel()
+                await asyncio.gather(messages, *side, return_exceptions=True)
                 call.cancel()
+            if watchdog.done() and (silent := watchdog.exception()) is not None:
+                raise silent
+            messages.result()  # the stream's own end: normal, or its gRPC error
+
+    async def _messages(
+        self,
+        call: grpc.aio.StreamStreamCall[apb.AgentMessage, apb.ControlMessage],
+        outbox: asyncio.Queue[apb.AgentMessage],
+        channel: grpc.aio.Channel,
+        side: list[asyncio.Task[None]],
+        watchdog: asyncio.Future[None],
+    ) -> None:
+        async for message in call:
+            self.last_answer = time.monotonic()
+            kind = message.WhichOneof("kind")
+            if kind == "welcome":
+                self._welcomed(message.welcome, outbox)
+                side.append(asyncio.create_task(self._heartbeats(outbox)))
+                side.append(asyncio.create_task(self._probe(channel, watchdog)))
+            elif kind == "view":
+                self._on_view(message.view)
+
+    async def _probe(self, channel: grpc.aio.Channel, watchdog: asyncio.Future[None]) -> None:
+        """A health check every heartbeat, each answered within the answer timeout."""
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.answer_timeout_seconds)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # a closed connection ends the stream itself
+                if not watchdog.done():
+                    watchdog.set_exception(
+                        ControlPlaneSilent(f"no answer to a health check within {self.answer_timeout_seconds:g}s")
+                    )
+                return
+            self.last_answer = time.monotonic()
 
     def _welcomed(self, welcome: apb.Welcome, outbox: asyncio.Queue[apb.AgentMessage]) -> None:
         self.refused = ""
@@ -182,6 +258,7 @@ class ControlPlaneSession:
         self._backoff.reset()
         if welcome.heartbeat_interval_ms:
             self.heartbeat_seconds = welcome.heartbeat_interval_ms / 1000
+        self.lease_ttl_seconds = welcome.lease_ttl_seconds
         for report in self._pending_guard:
             outbox.put_nowait(apb.AgentMessage(guard=report))
         self._pending_guard.clear()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from graylane.agent.guard import LocalGuard, without_lanes
+import pytest
+from graylane.agent.guard import LaneErrorRate, LocalGuard, without_lanes
+from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
 
 AFTER = 30.0
@@ -109,3 +111,34 @@ def test_without_a_check_or_a_view_it_never_acts() -> None:
 def test_without_lanes_keeps_everything_else() -> None:
     assert without_lanes(VIEW, ["b", "nope"]).lanes == (lane("a"),)
     assert without_lanes(VIEW, []) == VIEW
+
+
+def metrics_report(at: float, *series: tuple[str, str, str, int, int]) -> apb.MetricsReport:
+    report = apb.MetricsReport(interval_seconds=1.0)
+    report.at.FromNanoseconds(int(at * 1e9))
+    for service, version, lane_name, requests, errors in series:
+        report.series.add(service=service, version=version, lane=lane_name, requests=requests, errors=errors)
+    return report
+
+
+def test_lane_error_rate_judges_a_lanes_gray_versions_over_its_window() -> None:
+    check = LaneErrorRate(max_error_rate=0.5, min_requests=10, window_seconds=10.0)
+    assert check(VIEW) == []  # nothing seen: nothing to judge
+    # Lane a's gray version fails 6 of 8: too few requests to judge yet.
+    check.observe(metrics_report(NOW, ("checkout", "v-a", "a", 8, 6), ("checkout", "v1", "", 100, 90)))
+    assert check(VIEW) == []
+    check.observe(metrics_report(NOW + 1, ("checkout", "v-a", "a", 4, 3), ("checkout", "v-b", "b", 40, 1)))
+    assert check(VIEW) == ["a"]  # 9 of 12; b fails 1 of 40; base errors are not the lanes'
+    assert check.totals(VIEW.lanes[0]) == (12, 9)
+    # Base traffic of a lane (fallback to v1 inside lane a) is not the gray version's.
+    check.observe(metrics_report(NOW + 2, ("checkout", "v1", "a", 500, 500)))
+    assert check(VIEW) == ["a"]
+    # Ten seconds on, the failures have left the window.
+    check.observe(metrics_report(NOW + 11.5, ("checkout", "v-a", "a", 20, 0)))
+    assert check(VIEW) == []
+
+
+def test_lane_error_rate_rejects_meaningless_settings() -> None:
+    for bad in ({"max_error_rate": 0.0}, {"max_error_rate": 1.5}, {"min_requests": 0}, {"window_seconds": 0.0}):
+        with pytest.raises(ValueError):
+            LaneErrorRate(**bad)  # type: ignore[arg-type]
