@@ -586,6 +586,22 @@ def _add_agent(subparsers: Subparsers) -> None:
         help="how long the control plane may be away before the local guard may act",
     )
     parser.add_argument(
+        "--guard-error-rate",
+        type=float,
+        default=0.5,
+        metavar="SHARE",
+        help="the local guard routes a lane to base when its gray versions fail this share of requests "
+        "(0-1, over the last 10 s, at least 10 requests; default %(default)s)",
+    )
+    parser.add_argument(
+        "--control-plane-timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="a control plane that answers nothing this long counts as gone, connection open or not "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--reconnect-max",
         type=_positive_seconds,
         default=5.0,
@@ -637,6 +653,8 @@ def _agent(args: argparse.Namespace) -> int:
         xds_listen=str(args.xds_listen),
         token=token,
         guard_after_seconds=args.guard_after,
+        guard_max_error_rate=args.guard_error_rate,
+        answer_timeout_seconds=args.control_plane_timeout,
         http_listen=str(args.http_listen) if args.http_listen else None,
         otlp_endpoint=args.otlp_endpoint,
         backoff_cap_seconds=args.reconnect_max,
