@@ -35,7 +35,7 @@ import grpc
 from graylane.agent.wire import cluster_view
 from graylane.controlplane import model, views
 from graylane.controlplane.api import authenticated_cluster, status_for
-from graylane.controlplane.errors import GraylaneError, InvalidArgument, Unavailable
+from graylane.controlplane.errors import GraylaneError, InvalidArgument, LeaseLost, Unavailable
 from graylane.controlplane.store import EtcdStore, Snapshot
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
@@ -318,14 +318,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise
         return AgentSession(info=info, lease=lease)
 
+    async def _renew(self, session: AgentSession) -> None:
+        """The session's lease expired: claim the cluster again on a new lease, with its endpoints."""
+        store = self._hub.store
+        log.warning("the lease of cluster %s expired; registering it again", session.info.name)
+        session.lease = await store.grant_lease(self._hub.lease_ttl_seconds)
+        await store.register_cluster(session.info, session.lease)
+        revision = await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+        self._hub.endpoints_stored(session, revision)
+
     async def _read(self, session: AgentSession, requests: AsyncIterator[apb.AgentMessage]) -> None:
         store = self._hub.store
         async for message in requests:
             kind = message.WhichOneof("kind")
             if kind == "endpoints":
                 session.endpoints = model.cluster_endpoints_from_proto(session.info.name, message.endpoints)
-                revision = await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
-                self._hub.endpoints_stored(session, revision)
+                try:
+                    revision = await store.put_cluster_endpoints(session.info.name, session.endpoints, session.lease)
+                except LeaseLost:
+                    await self._renew(session)  # expired during a stall: register again
+                else:
+                    self._hub.endpoints_stored(session, revision)
             elif kind == "proxies":
                 self._hub.reported(session, message.proxies)
             elif kind == "metrics":
@@ -333,13 +346,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             elif kind == "heartbeat":
                 try:
                     if await store.keep_alive(session.lease) == 0:
-                        # Expired (a long pause): claim the cluster again on a new lease.
-                        session.lease = await store.grant_lease(self._hub.lease_ttl_seconds)
-                        await store.register_cluster(session.info, session.lease)
-                        revision = await store.put_cluster_endpoints(
-                            session.info.name, session.endpoints, session.lease
-                        )
-                        self._hub.endpoints_stored(session, revision)
+                        await self._renew(session)  # expired (a long pause)
                 except Unavailable as exc:
                     log.warning("cannot refresh the lease of cluster %s: %s", session.info.name, exc)
             elif kind == "guard":

@@ -383,13 +383,30 @@ _UNREACHABLE_MARKERS: Final = (
 )
 
 
+def _server_answered(details: str) -> bool:
+    """An UNAVAILABLE graylane itself sent (its store is out of reach) names etcd; gRPC's own,
+    for a server it could not reach, names the connection."""
+    return details.startswith("etcd")
+
+
 def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
     code = error.code()
     details = error.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE and any(marker in details.lower() for marker in _UNREACHABLE_MARKERS):
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and not _server_answered(details)
+        and any(marker in details.lower() for marker in _UNREACHABLE_MARKERS)
+    ):
         return (
             f"cannot reach graylane at {server} (is `graylane serve` running there? "
             f"set --server or GRAYLANE_SERVER): {details}"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and _server_answered(details):
+        return f"graylane at {server} cannot reach its store, try again shortly: UNAVAILABLE: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"graylane at {server} did not answer in time (raise --timeout?): DEADLINE_EXCEEDED; a change "
+            "may have been applied all the same: check with `graylane get` before retrying (see the README)"
         )
     return f"{code.name}: {details}" if details else code.name
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from graylane.controlplane import model, views
 from graylane.controlplane.agents import AgentHub
-from graylane.controlplane.errors import Conflict, FailedPrecondition, Unavailable
+from graylane.controlplane.errors import Conflict, FailedPrecondition, GraylaneError
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, ReplicaProgress, Snapshot
@@ -137,8 +137,11 @@ class DataPlane:
                         revision = snap.revision
             except Compacted:
                 log.info("watch compacted at %d: re-reading", revision)
-            except Unavailable as exc:
+            except GraylaneError as exc:
                 log.warning("etcd unreachable (%s): serving the last view, retrying", exc)
+                await asyncio.sleep(_RETRY_SECONDS)
+            except Exception:  # never end the loop: the replica keeps serving its last view
+                log.exception("following the store failed; retrying")
                 await asyncio.sleep(_RETRY_SECONDS)
 
     def _apply(self, snap: Snapshot) -> None:
@@ -188,8 +191,12 @@ class DataPlane:
             seen = self._tracker.seq
             try:
                 await self.reconcile()
-            except Unavailable as exc:
+            except GraylaneError as exc:
                 log.warning("cannot write release status (%s); retrying", exc)
+                await asyncio.sleep(_RETRY_SECONDS)
+                self._changed.set()
+            except Exception:  # never end the loop: status is written again on the next pass
+                log.exception("reconciling release status failed; retrying")
                 await asyncio.sleep(_RETRY_SECONDS)
                 self._changed.set()
 

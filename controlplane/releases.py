@@ -129,8 +129,8 @@ class Releases:
                 return current  # nothing to change: apply is idempotent
             try:
                 return await self._store.update_release(*self._respec(current, spec, cause))
-            except Conflict:
-                continue
+            except (Conflict, NotFound):
+                continue  # changed or deleted since the snapshot: decide again
         raise Conflict(f"release {name!r} kept changing; try again")
 
     @staticmethod
@@ -181,7 +181,7 @@ class Releases:
         """Append an event (an analysis, a webhook call) without moving the release.
 
         Guarded like a transition: Conflict if the release changed since it was read, so a
-        note about a batch never lands after the batch moved on.
+        note about a batch never lands after the batch moved on; NotFound once it is deleted.
         """
         current = await self._store.get_release(name)
         if current.revision != expected_revision:
@@ -214,6 +214,8 @@ class Releases:
                 return await self._store.update_release(after, events)
             except Conflict:
                 continue
+            except NotFound:
+                return None  # deleted meanwhile: no status to write
         log.warning("status of %s kept changing; giving up this round", name)
         return None
 
@@ -239,4 +241,6 @@ class Releases:
                 return await self._store.update_release(after, [event])
             except Conflict:
                 continue
+            except NotFound:
+                return None  # deleted meanwhile: nothing left to pause
         return None
