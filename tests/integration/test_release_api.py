@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
+import etcd3
 import grpc
 import pytest
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
@@ -292,3 +296,194 @@ async def test_stopping_a_replica_ends_its_watches_with_unavailable(store: EtcdS
                 assert "stopping" in (ended.value.details() or "")
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+# ------------------------------------------------------------------ bad input (issue 11)
+
+
+async def _stored(store: EtcdStore) -> tuple[object, ...]:
+    """What the API writes: releases (with their revisions), services and versions."""
+    snap = await store.snapshot()
+    return snap.releases, snap.services, snap.versions
+
+
+def _condition(**fields: object) -> pb.Condition:
+    return pb.Condition(**{"kind": pb.HEADER, "name": "x-canary", "op": pb.EXACT, "value": "1", **fields})
+
+
+def _rules(*conditions: pb.Condition, copies: int = 1) -> list[pb.MatchRule]:
+    return [pb.MatchRule(conditions=list(conditions))] * copies
+
+
+def _set(field: str, value: object):  # type: ignore[no-untyped-def]
+    def mutate(s: pb.ReleaseSpec) -> None:
+        target = getattr(s, field)
+        del target[:]
+        target.extend(value)  # type: ignore[attr-defined]
+
+    return mutate
+
+
+def _pause(seconds: int):  # type: ignore[no-untyped-def]
+    def mutate(s: pb.ReleaseSpec) -> None:
+        s.batches[1].pause.duration.seconds = seconds
+
+    return mutate
+
+
+def _analysis(edit):  # type: ignore[no-untyped-def]
+    def mutate(s: pb.ReleaseSpec) -> None:
+        s.analysis.baseline = True
+        edit(s.analysis)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: setattr(s, "lane", "checkout-v2\n"), "spec.lane: "),
+        (lambda s: setattr(s, "lane", "l" * 63), "spec.lane: "),
+        (lambda s: setattr(s.services[0], "service", "checkout\n"), "spec.services[0].service: "),
+        (lambda s: setattr(s.services[0], "gray_version", "v2\n"), "spec.services[0].gray_version: "),
+        (_set("match", _rules(_condition(), _condition(kind=7))), "spec.match[0].conditions[1].kind: "),
+        (_set("match", _rules(_condition(op=9))), "spec.match[0].conditions[0].op: "),
+        (_set("match", _rules(_condition(name="x-canary\n"))), "spec.match[0].conditions[0].name: "),
+        (_set("match", _rules(_condition(kind=pb.QUERY, name="a&b"))), "spec.match[0].conditions[0].name: "),
+        (_set("match", _rules(_condition(kind=pb.COOKIE, name="s", value="v" * 90))), "conditions[0].value: "),
+        (_set("match", _rules(_condition(value="v" * 4097))), "spec.match[0].conditions[0].value: "),
+        (_set("match", _rules(_condition(), copies=65)), "spec.match: 65 rules is above the limit of 64"),
+        (_set("match", _rules(*[_condition()] * 17)), "spec.match[0].conditions: 17 conditions"),
+        (_set("match", _rules(*[_condition(value="v" * 4000)] * 16, copies=5)), "spec: is "),
+        (
+            _set(
+                "services",
+                [pb.ServiceVersions(service=f"s{i}", base_version="v1", gray_version="v2") for i in range(101)],
+            ),
+            "spec.services: 101 services",
+        ),
+        (_set("batches", [pb.Batch(weight=100, pause=pb.Pause(manual=True))] * 101), "spec.batches: 101 batches"),
+        (_pause(80_000_000 * 3600), "spec.batches[1].pause.duration: 3.33333e+06d is above the maximum of 30d"),
+        (_pause(2**62), "spec.batches[1].pause.duration: "),
+        (_analysis(lambda a: setattr(a.interval, "seconds", 2 * 86400)), "spec.analysis.interval: "),
+        (
+            _analysis(lambda a: a.webhooks.add(name="g", kind=pb.CONFIRM_BATCH, url="http://x/" + "p" * 2048)),
+            "spec.analysis.webhooks[0].url: ",
+        ),
+    ],
+)
+async def test_bad_input_from_issue_11_is_refused_naming_the_field(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, mutate: object, field: str
+) -> None:
+    await register(stub)
+    before = await _stored(store)
+    spec = canary()
+    spec.batches[1].pause.CopyFrom(pb.Pause(duration=Duration(seconds=60)))
+    mutate(spec)  # type: ignore[operator]
+    for call in (
+        stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec)),
+        stub.CreateRelease(api.CreateReleaseRequest(name="rel", spec=spec)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (err.value.details() or "")
+    after = await _stored(store)
+    assert after == before and after[0] == ()  # nothing written
+
+
+async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> None:
+    await register(stub)
+    before = await _stored(store)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel\n", spec=canary()))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("name: ")
+    assert await _stored(store) == before
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (api.PutServiceRequest(service=pb.Service(name="evil\n", stable_version="v1")), "service.name: "),
+        (api.PutServiceRequest(service=pb.Service(name="cart", stable_version="v1\n")), "service.stable_version: "),
+        (
+            api.PutServiceRequest(service=pb.Service(name="cart", stable_version="v1", description="d" * 4097)),
+            "service.description: ",
+        ),
+        (api.PutVersionRequest(version=pb.Version(service="checkout", name="v3\n")), "version.name: "),
+        (
+            api.PutVersionRequest(
+                version=pb.Version(
+                    service="checkout", name="v3", metadata=pb.VersionMetadata(change_summary="c" * 5000)
+                )
+            ),
+            "version.metadata.change_summary: ",
+        ),
+        (
+            api.PutVersionRequest(
+                version=pb.Version(
+                    service="checkout", name="v3", endpoints=[pb.Endpoint(address="h.example\n", port=80)]
+                )
+            ),
+            "version.endpoints[0].address: ",
+        ),
+    ],
+)
+async def test_bad_services_and_versions_are_refused_and_nothing_written(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, request_: object, field: str
+) -> None:
+    await register(stub)
+    before = await _stored(store)
+    call = stub.PutService if isinstance(request_, api.PutServiceRequest) else stub.PutVersion
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(request_)  # type: ignore[operator]
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(field)
+    assert await _stored(store) == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"), [({"reason": "r" * 4097}, "reason: "), ({"actor": "a" * 257}, "actor: ")]
+)
+async def test_an_oversized_reason_or_actor_is_refused_and_nothing_written(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, changes: dict[str, str], field: str
+) -> None:
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    before = await _stored(store)
+    for call in (
+        stub.NextBatch(api.ActionRequest(name="rel", **changes)),
+        stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(weights=(5, 100)), **changes)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(field)
+    assert await _stored(store) == before
+    history = await stub.History(api.HistoryRequest(name="rel"))
+    assert len(history.events) == 1
+
+
+async def test_an_out_of_range_pause_already_in_etcd_is_read_clamped(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, etcd_endpoint: str
+) -> None:
+    """A value an older version let in: every read still works, with the pause at its bound."""
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    key = store.release_key("rel")
+    host, port = etcd_endpoint.removeprefix("http://").rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port))
+    try:
+        value, _ = await asyncio.to_thread(client.get, key)
+        stored = json_format.Parse(value, pb.Release(), ignore_unknown_fields=True)
+        stored.spec.batches[0].pause.CopyFrom(pb.Pause(duration=Duration(seconds=80_000_000 * 3600)))
+        await asyncio.to_thread(client.put, key, json_format.MessageToJson(stored))
+    finally:
+        await asyncio.to_thread(client.close)
+    got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+    assert got.spec.batches[0].pause.duration.seconds == 30 * 86400
+    listed = await stub.ListReleases(api.ListReleasesRequest())
+    assert [r.name for r in listed.releases] == ["rel"]
+    snapshot = await store.snapshot()
+    assert snapshot.by_name["rel"].spec.batches[0].pause == timedelta(days=30)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from graylane.agent.sources import EndpointFileError, parse_endpoints
+from graylane.controlplane.cli import UsageError, read_manifest
 from graylane.controlplane.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, ManifestError, load_manifest
 from graylane.v1 import release_pb2 as pb
 
@@ -201,3 +202,12 @@ def test_the_agents_endpoints_file_refuses_aliases_too() -> None:
     text = "versions:\n  - &v {service: cart, version: v1, endpoints: [{address: 10.0.0.1, port: 80}]}\n  - *v\n"
     with pytest.raises(EndpointFileError, match="aliases"):
         parse_endpoints(text)
+
+
+def test_graylane_apply_reads_an_alias_bomb_file_and_refuses_it_fast(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    started = time.perf_counter()
+    with pytest.raises(UsageError, match=r"bomb\.yaml: document 1: .*aliases"):
+        read_manifest(str(path))
+    assert time.perf_counter() - started < 0.5
