@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.closing import ClosingInterceptor
 from graylane.controlplane.dataplane import DataPlane
-from graylane.controlplane.errors import GraylaneError
+from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
 from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
 from graylane.controlplane.leader import LeaderElection
@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 _GRACE_SECONDS = 5.0
+# etcd is probed with one linearizable read (it needs a quorum) this often; a probe that
+# fails or takes longer than its timeout marks the replica NOT_SERVING until one succeeds.
+_PROBE_SECONDS = 1.0
+_PROBE_TIMEOUT_SECONDS = 2.0
+_RESTART_SECONDS = 1.0  # first pause before a failed background loop starts again (doubling)
+_MAX_RESTART_SECONDS = 30.0
 WINDOW_SAMPLES = 600  # one sample a second per series: ten minutes
 WINDOW_KEYS = 10_000
 
@@ -67,8 +73,12 @@ class ControlPlane:
         analysis_tick_seconds: float = DEFAULT_TICK_SECONDS,
         http_listen: str | None = None,
         otlp_endpoint: str | None = None,
+        embedded_etcd: EtcdProcess | None = None,
     ) -> None:
         self.store = store
+        self._embedded_etcd = embedded_etcd
+        # Why this replica cannot use etcd now (None: it can); health says NOT_SERVING meanwhile.
+        self.store_problem: str | None = None
         self.releases = Releases(store)
         self._agent_tokens = dict(agent_tokens or {})
         self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds)
@@ -83,7 +93,9 @@ class ControlPlane:
         # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
         # every replica publishes what it counts of its own proxies and agents.
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
-        self.replicas = ReplicaRegistry(store, self.tracker, identity=self.election.identity)
+        self.replicas = ReplicaRegistry(
+            store, self.tracker, identity=self.election.identity, ttl_seconds=leader_ttl_seconds
+        )
         self.dataplane = DataPlane(
             self.releases,
             self.cache,
@@ -127,7 +139,7 @@ class ControlPlane:
         """The replica's one HTTP server with its routes registered (`run()` starts it)."""
         server = HttpServer(listen=listen)
         metrics_route(server, self.telemetry.metrics_text)
-        health_route(server, self.ready.is_set)
+        health_route(server, self.ready.is_set, problem=lambda: self.store_problem)
         return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -197,6 +209,7 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._start_background(tasks)
+                tasks.create_task(self._watch_store(health_servicer))
                 self.ready.set()
                 await asyncio.Event().wait()  # until cancelled
         finally:
@@ -234,16 +247,62 @@ class ControlPlane:
         return {node: (address, "") for node, address in found.items()}
 
     def _start_background(self, tasks: asyncio.TaskGroup) -> None:
-        tasks.create_task(self.dataplane.run())
-        tasks.create_task(self.election.run())
-        tasks.create_task(self.replicas.run())
-        tasks.create_task(self.analyzer.run())
-        tasks.create_task(self.metrics.run())
+        for name, run in (
+            ("routing", self.dataplane.run),
+            ("leader election", self.election.run),
+            ("replica registry", self.replicas.run),
+            ("analysis", self.analyzer.run),
+            ("metrics", self.metrics.run),
+        ):
+            tasks.create_task(_supervised(name, run))
+
+    async def _store_problem(self) -> str | None:
+        etcd = self._embedded_etcd
+        if etcd is not None and (code := etcd.returncode) is not None:
+            return f"the embedded etcd exited with status {code} (see its log beside its data)"
+        try:
+            await self.store.probe(timeout=_PROBE_TIMEOUT_SECONDS)
+        except Unavailable as exc:
+            return str(exc)
+        return None
+
+    async def _watch_store(self, health_servicer: health.aio.HealthServicer) -> None:
+        """Keep `store_problem` and the gRPC health status in step with etcd's reachability."""
+        while True:
+            problem = await self._store_problem()
+            if problem != self.store_problem:
+                if problem is None:
+                    log.info("etcd answers again: serving")
+                else:
+                    log.warning("not serving: %s", problem)
+                self.store_problem = problem
+                status = health_pb2.HealthCheckResponse.SERVING
+                if problem is not None:
+                    status = health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in (SERVICE_NAME, ""):
+                    await health_servicer.set(service, status)
+            await asyncio.sleep(_PROBE_SECONDS)
+
+
+async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run one background loop for the life of the replica. The loops handle etcd's failures
+    themselves; anything else they let out is logged and the loop started again after a
+    pause that doubles (up to a limit), so no error takes the process down."""
+    pause = _RESTART_SECONDS
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            log.exception("%s failed; starting it again in %.0f s", name, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _MAX_RESTART_SECONDS)
 
 
 async def serve(options: ServeOptions) -> None:
     """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
     async with contextlib.AsyncExitStack() as stack:
+        etcd: EtcdProcess | None = None
         if options.embedded_etcd:
             etcd = await stack.enter_async_context(EtcdProcess(data_dir=(options.data_dir / "etcd").resolve()))
             endpoints = etcd.endpoint
@@ -260,6 +319,7 @@ async def serve(options: ServeOptions) -> None:
             leader_ttl_seconds=options.leader_ttl_seconds,
             http_listen=str(options.http_listen),
             otlp_endpoint=options.otlp_endpoint,
+            embedded_etcd=etcd,
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await run_until_signalled(plane.run())
