@@ -41,6 +41,10 @@ _ACTION_RPCS: Final = {
 }
 
 
+# A release's history may hold several MB of reasons (gRPC's default limit is 4 MB).
+_CHANNEL_OPTIONS: Final = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
 class ReleaseClient:
     """One channel to one control plane, acting as `actor`.
 
@@ -61,7 +65,7 @@ class ReleaseClient:
     async def connect(
         cls, target: str, *, actor: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
     ) -> AsyncIterator[ReleaseClient]:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
             yield cls(channel, actor=actor, timeout=timeout)
 
     async def _unary(self, rpc: str, request: Any) -> Any:

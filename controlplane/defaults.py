@@ -21,7 +21,8 @@ DEFAULT_ETCD_PORT: Final = 2379
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 #: Where `serve` keeps local state (the embedded etcd's data lives under `<dir>/etcd`).
 DEFAULT_DATA_DIR: Final = ".graylane"
-#: Deadline of every unary call the CLI makes.
-DEFAULT_RPC_TIMEOUT_SECONDS: Final = 10.0
+#: Deadline of every unary call the CLI makes: above the server's etcd call timeout (5 s),
+#: so a caller sees the server's UNAVAILABLE "etcd unavailable", not its own deadline.
+DEFAULT_RPC_TIMEOUT_SECONDS: Final = 15.0
 #: gRPC metadata naming who makes a call, for calls whose request has no `actor` field.
 ACTOR_METADATA: Final = "x-graylane-actor"

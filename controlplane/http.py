@@ -99,12 +99,21 @@ def metrics_route(server: HttpServer, metrics_text: Callable[[str], tuple[bytes,
     server.add_route("GET", "/metrics", metrics, name="metrics")
 
 
-def health_route(server: HttpServer, ready: Callable[[], bool]) -> None:
-    """`GET /healthz`: 200 once the process serves, 503 before."""
+def _no_problem() -> str | None:
+    return None
+
+
+def health_route(
+    server: HttpServer, ready: Callable[[], bool], *, problem: Callable[[], str | None] = _no_problem
+) -> None:
+    """`GET /healthz`: 200 once the process serves; 503 before, and while `problem()` names
+    a reason it cannot serve (etcd out of reach, say), with that reason as the body."""
 
     async def healthz(request: web.Request) -> web.Response:
-        if ready():
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="starting\n")
+        if not ready():
+            return web.Response(status=503, text="starting\n")
+        if (why := problem()) is not None:
+            return web.Response(status=503, text=f"not serving: {why}\n")
+        return web.Response(text="ok\n")
 
     server.add_route("GET", "/healthz", healthz, name="healthz")

@@ -20,12 +20,14 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from graylane.controlplane.errors import Unavailable
+from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.store import EtcdStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_SECONDS = 5
+_RETRY_SECONDS = 1.0
+_MAX_RETRY_SECONDS = 10.0
 
 
 class LeaderElection:
@@ -56,13 +58,18 @@ class LeaderElection:
         return self.leading.is_set()
 
     async def run(self) -> None:
+        """Campaign, lead, follow, until cancelled. No etcd failure ends it: a lost lease
+        (expired during a stall) is replaced by a new one, etcd out of reach is retried, and
+        anything unexpected is logged and retried with a growing pause."""
         lease = 0
+        failures = 0
         try:
             while True:
                 try:
                     lease = await self._store.grant_lease(self.ttl_seconds)
                     while True:
                         self.leader = await self._store.campaign(self.identity, lease)
+                        failures = 0
                         if self.leader == self.identity:
                             await self._lead(lease)
                             break  # lease lost: campaign on a fresh one
@@ -71,10 +78,18 @@ class LeaderElection:
                         await asyncio.sleep(self.ttl_seconds / 3)
                         if await self._store.keep_alive(lease) == 0:
                             break
-                except Unavailable as exc:
+                    continue
+                except LeaseLost as exc:
                     self._set_leading(False)
-                    log.warning("leader election: etcd unavailable (%s); retrying", exc)
-                    await asyncio.sleep(1.0)
+                    log.warning("leader election: %s; campaigning on a new lease", exc)
+                    continue
+                except GraylaneError as exc:
+                    log.warning("leader election: %s; retrying", exc)
+                except Exception:
+                    log.exception("leader election failed; retrying")
+                self._set_leading(False)
+                failures += 1
+                await asyncio.sleep(min(_RETRY_SECONDS * failures, _MAX_RETRY_SECONDS))
         finally:
             self._set_leading(False)
             if lease and self.leader == self.identity:
@@ -85,11 +100,19 @@ class LeaderElection:
     async def _lead(self, lease: int) -> None:
         self._set_leading(True)
         log.info("%s is the leader", self.identity)
+        loop = asyncio.get_running_loop()
+        refreshed = loop.time()
         try:
             while True:
                 await asyncio.sleep(self.ttl_seconds / 3)
+                if loop.time() - refreshed >= self.ttl_seconds:
+                    # Stalled past the TTL (a paused process, a blocked loop): the lease may be
+                    # gone and another replica leading already. Stop acting as leader first.
+                    self._set_leading(False)
                 if await self._store.keep_alive(lease) == 0:
                     log.warning("%s lost its leader lease", self.identity)
                     return
+                refreshed = loop.time()
+                self._set_leading(True)
         finally:
             self._set_leading(False)

@@ -8,7 +8,8 @@ release's lane), so the leader counts convergence over every replica. A replica 
 takes its entries with it. Written when they change; the lease is refreshed every
 `refresh_seconds`.
 
-Concurrency: one asyncio loop; `run()` is cancellable.
+Concurrency: one asyncio loop; `run()` is cancellable and survives every etcd failure: a
+lease that expired while the process stalled is replaced and the keys written again.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from graylane.controlplane.errors import Unavailable
+from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.store import EtcdStore, ReplicaProgress
 from graylane.controlplane.traffic import admin_addresses
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
+
+_LEASE_LOST_PAUSE_SECONDS = 0.1
 
 
 class ReplicaRegistry:
@@ -56,6 +59,7 @@ class ReplicaRegistry:
         refreshed = 0.0
         loop = asyncio.get_running_loop()
         while True:
+            pause = self._refresh
             try:
                 if not lease or loop.time() - refreshed >= self._refresh:
                     if not lease or await self._store.keep_alive(lease) == 0:
@@ -71,13 +75,22 @@ class ReplicaRegistry:
                 if progress != written_progress:
                     await self._store.put_replica_progress(self.identity, progress, lease)
                     written_progress = progress
-            except Unavailable as exc:
+            except LeaseLost as exc:
+                # Expired while this process stalled: the next pass grants a new lease and
+                # writes the keys again.
+                log.warning("this replica's lease is gone (%s); registering again", exc)
+                lease, written, written_progress = 0, None, None
+                pause = min(self._refresh, _LEASE_LOST_PAUSE_SECONDS)
+            except GraylaneError as exc:
                 log.warning("cannot publish this replica's proxies: %s", exc)
+                lease, written, written_progress = 0, None, None
+            except Exception:
+                log.exception("cannot publish this replica's proxies; retrying")
                 lease, written, written_progress = 0, None, None
             waiter = asyncio.ensure_future(self._tracker.wait_for_change(seen))
             progressed = asyncio.ensure_future(self._progress_changed.wait())
             try:
-                await asyncio.wait({waiter, progressed}, timeout=self._refresh, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiter, progressed}, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 progressed.cancel()

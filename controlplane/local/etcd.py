@@ -60,13 +60,17 @@ class EtcdProcess:
         *,
         data_dir: pathlib.Path,
         client_port: int = 0,
+        peer_port: int = 0,
         name: str = "graylane",
+        initial_cluster: str = "",
         start_timeout: float = 30.0,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or free_port()
-        self.peer_port = free_port()
+        self.peer_port = peer_port or free_port()
         self._name = name
+        # `name=http://host:peer,...` of every member (a cluster); empty: a cluster of one.
+        self._initial_cluster = initial_cluster
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = data_dir.parent / f"{data_dir.name}.log"
@@ -74,6 +78,11 @@ class EtcdProcess:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended by itself (a full disk, say); None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
 
     @property
     def pid(self) -> int:
@@ -102,7 +111,7 @@ class EtcdProcess:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"{self._name}={peer}",
+            self._initial_cluster or f"{self._name}={peer}",
             "--log-level",
             "warn",
             "--logger",
@@ -129,6 +138,14 @@ class EtcdProcess:
             raise
         log.info("embedded etcd on %s (data %s)", self.endpoint, self.data_dir)
 
+    def kill(self) -> None:
+        """SIGKILL the member at once (a crash); `start()` brings it back on its data."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
     async def stop(self, *, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
@@ -143,6 +160,53 @@ class EtcdProcess:
             await asyncio.to_thread(proc.wait)
 
     async def __aenter__(self) -> EtcdProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class EtcdCluster:
+    """Several etcd members on loopback that form one cluster (fault tests: kill a member,
+    lose the quorum, bring members back). `endpoints` is `host:port,host:port,...`."""
+
+    def __init__(self, *, data_dir: pathlib.Path, size: int = 3, start_timeout: float = 30.0) -> None:
+        names = [f"member{i}" for i in range(size)]
+        peers = {name: free_port() for name in names}
+        initial = ",".join(f"{name}=http://127.0.0.1:{port}" for name, port in peers.items())
+        self.members = [
+            EtcdProcess(
+                data_dir=data_dir / name,
+                name=name,
+                peer_port=peers[name],
+                initial_cluster=initial,
+                start_timeout=start_timeout,
+            )
+            for name in names
+        ]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    async def start(self) -> None:
+        # Together: a member answers healthy only once a quorum has elected a leader.
+        try:
+            await asyncio.gather(*(m.start() for m in self.members))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
+
+    async def __aenter__(self) -> EtcdCluster:
         await self.start()
         return self
 

@@ -1,0 +1,357 @@
+"""The store side of faults: etcd errors, lost leases, large history, deletes racing writes.
+
+A control plane must never exit on an error from etcd: it degrades, says so in health, and
+recovers by itself. Real etcd only (a member cluster on loopback for quorum loss), real
+`graylane serve` processes where the process surviving is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from graylane.controlplane import model
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.errors import LeaseLost, NotFound, Unavailable
+from graylane.controlplane.local.etcd import EtcdCluster
+from graylane.controlplane.local.ports import free_port
+from graylane.controlplane.machine import Cause
+from graylane.controlplane.releases import Releases, StatusUpdate
+from graylane.controlplane.replicas import ReplicaRegistry
+from graylane.controlplane.store import EtcdStore, ReplicaProgress, connect
+from graylane.xds.tracker import ProxyTracker
+
+BIN = pathlib.Path(sys.executable).parent
+
+
+async def _registered(store: EtcdStore) -> None:
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    for v in ("v1", "v2"):
+        await store.put_version(model.Version(service="checkout", name=v))
+
+
+def _spec() -> model.ReleaseSpec:
+    return model.ReleaseSpec(
+        lane="checkout-v2",
+        entry="checkout",
+        services=(model.ServiceVersions(service="checkout", base_version="v1", gray_version="v2"),),
+        strategy=model.Strategy.CANARY,
+        match=(),
+        batches=(model.Batch(weight=10, pause=None), model.Batch(weight=100, pause=None)),
+    )
+
+
+def _event(sequence: int, reason: str = "") -> model.Event:
+    return model.Event(
+        release="rel",
+        sequence=sequence,
+        at=datetime.now(UTC),
+        action="note",
+        actor="ci",
+        reason=reason,
+        from_phase=model.Phase.PENDING,
+        to_phase=model.Phase.PENDING,
+        from_batch=-1,
+        to_batch=-1,
+        weight=0,
+    )
+
+
+async def _release(store: EtcdStore, name: str = "rel") -> model.Release:
+    await _registered(store)
+    return await Releases(store).create(name, _spec(), Cause(actor="ci"))
+
+
+async def _lease_of(store: EtcdStore, key: bytes) -> int:
+    kv = await store._get(key)  # the test needs the lease etcd holds the key under
+    assert kv is not None, key
+    return int(kv.lease)
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+async def test_a_write_on_an_expired_lease_is_lease_lost(store: EtcdStore) -> None:
+    lease = await store.grant_lease(5)
+    await store.revoke_lease(lease)
+    with pytest.raises(LeaseLost):
+        await store.put_replica_proxies("replica-x", {}, lease)
+    assert isinstance(LeaseLost("x"), Unavailable)  # callers that hold no lease see UNAVAILABLE
+    await store.revoke_lease(lease)  # revoking it again is no error
+
+
+async def test_replica_registry_registers_again_after_its_lease_is_lost(store: EtcdStore) -> None:
+    # A long refresh period: the next write meets the revoked lease before any keep-alive
+    # would notice it (what a stalled event loop does).
+    registry = ReplicaRegistry(store, ProxyTracker(), identity="replica-a", ttl_seconds=5, refresh_seconds=30.0)
+    key = store._key("replicas", "replica-a")
+    task = asyncio.create_task(registry.run())
+    try:
+        async with asyncio.timeout(10):
+            while await store._get(key) is None:
+                await asyncio.sleep(0.05)
+        first = await _lease_of(store, key)
+        await store.revoke_lease(first)
+        registry.set_progress({"rel": ReplicaProgress(lane="fp", proxies=1, converged=1)})
+        async with asyncio.timeout(10):
+            while (kv := await store._get(key)) is None or int(kv.lease) == first:
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+        assert await store._get(store._key("progress", "replica-a")) is not None
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# ----------------------------------------------------------------------- large history
+
+
+async def test_more_than_4_mb_of_history_leaves_the_store_readable(store: EtcdStore) -> None:
+    release = await _release(store)
+    big = "r" * 600_000  # etcd takes one value up to 1.5 MiB; 8 of these are 4.8 MB
+    sequence = 0  # the create event's
+    for _ in range(8):
+        sequence += 1
+        release = await store.update_release(release, [_event(sequence, big)])
+    # and many small ones, over several pages
+    for _ in range(12):
+        events = [_event(sequence + i) for i in range(1, 101)]
+        sequence += 100
+        release = await store.update_release(release, events)
+
+    started = time.monotonic()
+    snap = await store.snapshot()
+    read_snapshot = time.monotonic() - started
+    assert [r.name for r in snap.releases] == ["rel"]
+    started = time.monotonic()
+    history = await store.history("rel")
+    read_history = time.monotonic() - started
+    assert [e.sequence for e in history] == list(range(sequence + 1))
+    assert sum(len(e.reason) == len(big) for e in history) == 8
+    print(f"snapshot {read_snapshot * 1000:.1f} ms, history of {len(history)} events {read_history * 1000:.1f} ms")
+
+    # A replica that starts on this store serves it.
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    async with plane.running():
+        async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", timeout=10) as client:
+            assert (await client.get_release("rel")).name == "rel"
+            assert len((await client.history("rel")).events) == sequence + 1
+
+
+# ------------------------------------------------------------------ deletes racing writes
+
+
+class _DeletedAfterRead(EtcdStore):
+    """A real store where DeleteRelease lands right after each read of a release (the race)."""
+
+    async def get_release(self, name: str) -> model.Release:
+        current = await super().get_release(name)
+        try:
+            await self.delete_release(name)
+        except NotFound:
+            pass
+        return current
+
+
+@pytest.fixture
+async def racing(etcd_endpoint: str) -> AsyncIterator[_DeletedAfterRead]:
+    plain = await connect(etcd_endpoint, prefix=f"/graylane-test/{uuid.uuid4().hex}/v1/")
+    racing = _DeletedAfterRead(plain._channel, prefix=plain.prefix)
+    try:
+        yield racing
+    finally:
+        await plain.close()
+
+
+async def test_delete_racing_a_status_write_ends_cleanly(racing: _DeletedAfterRead) -> None:
+    releases = Releases(racing)
+    await _release(racing)
+
+    def change(current: model.Release) -> StatusUpdate:
+        return StatusUpdate(status=replace(current.status, reason="converging"))
+
+    assert await releases.update_status("rel", change) is None
+
+    created = await _release(racing)
+    with pytest.raises(NotFound):  # an API caller's note: NOT_FOUND, never an unhandled error
+        await releases.note("rel", "note", Cause(actor="ci"), expected_revision=created.revision)
+
+
+# ------------------------------------------------------------------ processes: graylane serve
+
+
+def _serve(
+    tmp: pathlib.Path, endpoints: str, prefix: str, *, leader_ttl: int = 5
+) -> tuple[subprocess.Popen[bytes], str, int]:
+    api_port, http_port = free_port(), free_port()
+    log = (tmp / f"serve-{api_port}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "graylane"),
+            "serve",
+            "--etcd",
+            endpoints,
+            "--etcd-prefix",
+            prefix,
+            "--leader-ttl",
+            str(leader_ttl),
+            "--listen",
+            f"127.0.0.1:{api_port}",
+            "--xds-listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    return proc, f"127.0.0.1:{api_port}", http_port
+
+
+def _health(http_port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=3) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def _graylane(server: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "graylane"), "--server", server, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def _until(what: str, check: object, *, within: float) -> float:
+    """Poll `check()` (sync or async) until true; the seconds it took."""
+    started = time.monotonic()
+    deadline = started + within
+    while True:
+        result = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        assert time.monotonic() < deadline, f"{what}: not within {within} s"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.chaos
+async def test_serve_survives_a_stall_longer_than_its_leases(
+    tmp_path: pathlib.Path, etcd_endpoint: str, store: EtcdStore, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    proc, server, http_port = _serve(tmp_path, etcd_endpoint, store.prefix, leader_ttl=2)
+    processes.append(proc)
+    await _until("serve answers", lambda: _graylane(server, "get").returncode == 0, within=30)
+    await _until("a leader", store.leader, within=10)
+    identity = await store.leader()
+    assert identity
+    replica_key = store._key("replicas", identity)
+    await _until("registered", lambda: store._get(replica_key), within=10)
+
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        # Both leases (TTL 2 s) expire while the process is stopped.
+        await _until("leader key gone", lambda: _none(store.leader()), within=15)
+        await _until("replica key gone", lambda: _none(store._get(replica_key)), within=15)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    took = await _until("registered again", lambda: store._get(replica_key), within=15)
+    await _until("leading again", lambda: _equals(store.leader(), identity), within=15)
+    print(f"re-registered {took:.1f} s after SIGCONT")
+    assert proc.poll() is None
+    assert _health(http_port)[0] == 200
+    assert _graylane(server, "get").returncode == 0
+
+
+async def _none(value: object) -> bool:
+    return (await value) is None  # type: ignore[misc]
+
+
+async def _equals(value: object, expected: object) -> bool:
+    return (await value) == expected  # type: ignore[misc]
+
+
+@pytest.mark.chaos
+async def test_quorum_loss_degrades_and_recovers(
+    tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]], repo_root: pathlib.Path
+) -> None:
+    async with EtcdCluster(data_dir=tmp_path / "etcd") as cluster:
+        prefix = "/graylane/v1/"
+        servers = [_serve(tmp_path, cluster.endpoints, prefix, leader_ttl=3) for _ in range(2)]
+        processes.extend(proc for proc, _, _ in servers)
+        for _proc, server, _ in servers:
+            await _until("serve answers", lambda server=server: _graylane(server, "get").returncode == 0, within=30)
+        first = servers[0][1]
+        store = await connect(cluster.endpoints, prefix=prefix)
+        try:
+            await _registered(store)
+            await Releases(store).create("rel", _spec(), Cause(actor="ci"))
+            assert _graylane(first, "next", "rel").returncode == 0
+            before = _graylane(first, "history", "rel", "-o", "json").stdout
+
+            # One member down: the API still works.
+            cluster.members[0].kill()
+            assert _graylane(first, "get", "rel").returncode == 0
+
+            # Two down: no quorum for 20 s.
+            cluster.members[1].kill()
+            lost = time.monotonic()
+            for _, _, http_port in servers:
+                await _until("health says not serving", lambda p=http_port: _health(p)[0] == 503, within=10)
+            status, body = _health(servers[0][2])
+            assert "etcd" in body, body
+            out = _graylane(first, "get", "rel")
+            assert out.returncode == 1
+            assert "etcd" in out.stderr and "is `graylane serve` running" not in out.stderr, out.stderr
+            while time.monotonic() - lost < 20:
+                assert all(proc.poll() is None for proc, _, _ in servers)
+                await asyncio.sleep(0.5)
+            assert all(proc.poll() is None for proc, _, _ in servers)
+
+            # Back: both members restart on their data.
+            await asyncio.gather(cluster.members[0].start(), cluster.members[1].start())
+            back = time.monotonic()
+            answered = await _until("API answers", lambda: _graylane(first, "get", "rel").returncode == 0, within=15)
+            for _, _, http_port in servers:
+                await _until("health ok", lambda p=http_port: _health(p)[0] == 200, within=15)
+            healthy = time.monotonic() - back
+            await _until("a leader", store.leader, within=15)
+            print(f"after quorum came back: API answered in {answered:.1f} s, every replica healthy in {healthy:.1f} s")
+            assert answered < 5
+            got = _graylane(first, "get", "rel", "-o", "json")
+            assert got.returncode == 0 and '"weight": 10' in got.stdout, got.stdout
+            assert _graylane(first, "history", "rel", "-o", "json").stdout == before
+            assert all(proc.poll() is None for proc, _, _ in servers)
+        finally:
+            await store.close()
