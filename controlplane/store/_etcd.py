@@ -332,9 +332,9 @@ class EtcdStore:
         for kv in resp.kvs:
             kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
             if kind == "services":
-                services.append(model.service_from_proto(_load(kv.value, pb.Service())))  # type: ignore[arg-type]
+                services.append(model.service_from_proto(_load(kv.value, pb.Service()), stored=True))  # type: ignore[arg-type]
             elif kind == "versions":
-                versions.append(model.version_from_proto(_load(kv.value, pb.Version())))  # type: ignore[arg-type]
+                versions.append(model.version_from_proto(_load(kv.value, pb.Version()), stored=True))  # type: ignore[arg-type]
             elif kind == "releases":
                 msg = _load(kv.value, pb.Release())
                 releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
@@ -399,16 +399,16 @@ class EtcdStore:
         kv = await self._get(self._key("services", name))
         if kv is None:
             return None
-        return model.service_from_proto(_load(kv.value, pb.Service()))  # type: ignore[arg-type]
+        return model.service_from_proto(_load(kv.value, pb.Service()), stored=True)  # type: ignore[arg-type]
 
     async def list_services(self) -> list[model.Service]:
         resp = await self._range(self._key("services") + b"/")
-        return [model.service_from_proto(_load(kv.value, pb.Service())) for kv in resp.kvs]  # type: ignore[arg-type]
+        return [model.service_from_proto(_load(kv.value, pb.Service()), stored=True) for kv in resp.kvs]  # type: ignore[arg-type]
 
     async def list_versions(self, service: str = "") -> list[model.Version]:
         prefix = self._key("versions", service) + b"/" if service else self._key("versions") + b"/"
         resp = await self._range(prefix)
-        return [model.version_from_proto(_load(kv.value, pb.Version())) for kv in resp.kvs]  # type: ignore[arg-type]
+        return [model.version_from_proto(_load(kv.value, pb.Version()), stored=True) for kv in resp.kvs]  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------- writes
 

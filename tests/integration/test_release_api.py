@@ -487,3 +487,23 @@ async def test_an_out_of_range_pause_already_in_etcd_is_read_clamped(
     assert [r.name for r in listed.releases] == ["rel"]
     snapshot = await store.snapshot()
     assert snapshot.by_name["rel"].spec.batches[0].pause == timedelta(days=30)
+
+
+async def test_a_service_text_above_the_limit_already_in_etcd_is_still_read(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, etcd_endpoint: str
+) -> None:
+    await register(stub)
+    host, port = etcd_endpoint.removeprefix("http://").rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port))
+    old = pb.Service(name="legacy", stable_version="v1", description="d" * 10_000)
+    try:
+        await asyncio.to_thread(
+            client.put,
+            store.release_key("x").replace(b"releases/x", b"services/legacy"),
+            json_format.MessageToJson(old),
+        )
+    finally:
+        await asyncio.to_thread(client.close)
+    listed = await stub.ListServices(api.ListServicesRequest())
+    assert sorted(s.name for s in listed.services) == ["checkout", "legacy"]
+    assert len((await store.snapshot()).services) == 2

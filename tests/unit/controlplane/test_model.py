@@ -305,3 +305,10 @@ def test_a_stored_out_of_range_value_is_clamped_on_read_and_never_overflows() ->
         pb.Release(name="old", spec=spec(batches=[pause(80_000_000 * 3600)]), status=message.status), revision=7
     )
     assert views.pause_due(no_analysis) == release.status.batch_reached + MAX_PAUSE
+
+
+def test_stored_services_and_versions_are_read_without_the_size_limits() -> None:
+    big = pb.Service(name="cart", stable_version="v1", description="d" * 10_000)
+    assert service_from_proto(big, stored=True).description == "d" * 10_000
+    version = pb.Version(service="cart", name="v1", metadata=pb.VersionMetadata(change_summary="c" * 10_000))
+    assert version_from_proto(version, stored=True).change_summary == "c" * 10_000
