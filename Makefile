@@ -47,7 +47,7 @@ chaos: $(STAMP) etcd
 	$(BIN)/pytest -q -m chaos --durations=0
 
 bench: $(STAMP) etcd
-	$(BIN)/python -P bench/run.py
+	$(BIN)/python -P bench/run.py $(ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python -P protos/generate.py

@@ -13,6 +13,7 @@ shared and noisy, so every number is a median (with p90) over repeated runs.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
@@ -25,6 +26,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.py, bench/scale.py
 
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -46,6 +49,7 @@ from graylane.xds.view import (
     ServiceRoute,
     VersionEndpoints,
 )
+from scale import bench_fleet, describe  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SERVICE = "checkout"
@@ -393,14 +397,87 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
     return "\n".join(parts)
 
 
+# Fleet sizes: (streams, streams per worker process, services, real Envoys, weight changes,
+# connect timeout s, whole-fleet budget s).
+FLEET_DEFAULT = (1000, 500, 100, 2, 5, 90.0, 240.0)
+FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
+
+
+def fleet_section(title: str, command: str, rows: list[tuple[str, str]]) -> str:
+    return "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"`{command}`: fake ADS clients in worker processes (bench/fleet.py; 10 streams per "
+            "HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
+            "wall-clock instant it first sees the lane's weight), 2 real Envoys (one SotW, one delta), "
+            "one control plane in the bench process with embedded etcd, loopback. The machine is "
+            "shared with other engineers' runs: noisy.",
+            "",
+            table(["measurement", "value"], [list(r) for r in rows]),
+            "",
+        ]
+    )
+
+
+def replace_section(text: str, title: str, section: str) -> str:
+    """`text` with its `## title` section replaced by `section` (appended if absent)."""
+    head = f"## {title}"
+    start = text.find(head)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    end = text.find("\n## ", start + len(head))
+    return text[:start] + section + ("" if end < 0 else text[end + 1 :])
+
+
+async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: str, command: str) -> str:
+    streams, per_worker, services, envoys, changes, connect_timeout, budget = size
+    print(f"fleet: {streams} streams over {-(-streams // per_worker)} processes", flush=True)
+    result = await bench_fleet(
+        streams=streams,
+        per_worker=per_worker,
+        services=services,
+        envoys=envoys,
+        changes=changes,
+        connect_timeout=connect_timeout,
+        budget=budget,
+    )
+    rows = describe(result)
+    rows += [("note", n) for n in result.notes]
+    return fleet_section(title, command, rows)
+
+
 async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", action="store_true", help="only the 10,000-stream fleet (bounded in time)")
+    parser.add_argument("--fleet-only", action="store_true", help="only the default fleet")
+    parser.add_argument("--streams", type=int, default=0, help="fleet size override")
+    args = parser.parse_args()
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING)
+    fleet_size = FLEET_SCALE if args.scale else FLEET_DEFAULT
+    if args.streams:
+        fleet_size = (args.streams, *fleet_size[1:])
+    title = "5. Fleet at scale" if args.scale else "4. Fleet"
+    command = "bench/run.py --scale" if args.scale else "make bench"
+    if args.scale or args.fleet_only:
+        section = await run_fleet(fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""))
+        print(section)
+        old = RESULTS.read_text() if RESULTS.exists() else "# Graylane benchmarks\n"
+        RESULTS.write_text(replace_section(old, title, section))
+        print(f"written to {RESULTS}")
+        return 0
     print("1. render", flush=True)
     render_rows = bench_render()
     print("2+3. end to end (etcd, control plane, envoy)", flush=True)
     e2e = await bench_e2e()
-    text = report(render_rows, e2e, started)
+    print("4. fleet", flush=True)
+    section = await run_fleet(fleet_size, title, command)
+    text = report(render_rows, e2e, started) + "\n" + section
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    scale_title = "5. Fleet at scale"
+    if f"## {scale_title}" in old:  # keep the last --scale run
+        text = replace_section(text, scale_title, old[old.find(f"## {scale_title}") :])
     print()
     print(text)
     RESULTS.write_text(text)

@@ -23,8 +23,10 @@ Pure: no I/O, no clocks. Must not import: etcd, graylane.controlplane, graylane.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -40,9 +42,42 @@ Held = Mapping[str, Mapping[str, Message]]
 
 _HCM_NAME = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
+_M = TypeVar("_M", bound=Message)
+_MEMO_LIMIT = 50_000
+
+
+class _IdentityMemo:
+    """A derived value per message object (messages in a Resources are never mutated).
+
+    Every stream plans over the same target objects, so a RouteConfiguration is walked
+    once, not once per stream per event. Entries hold their message, so an id is never
+    reused while its entry lives; FIFO-bounded.
+    """
+
+    def __init__(self) -> None:
+        self._memo: OrderedDict[int, tuple[Message, frozenset[str]]] = OrderedDict()
+
+    def get(self, message: _M, compute: Callable[[_M], frozenset[str]]) -> frozenset[str]:
+        hit = self._memo.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        value = compute(message)
+        self._memo[id(message)] = (message, value)
+        while len(self._memo) > _MEMO_LIMIT:
+            self._memo.popitem(last=False)
+        return value
+
+
+_route_clusters_memo = _IdentityMemo()
+_listener_routes_memo = _IdentityMemo()
+
 
 def route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]:
     """Every cluster name a RouteConfiguration can send a request to."""
+    return _route_clusters_memo.get(route_config, _route_clusters)
+
+
+def _route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]:
     names: set[str] = set()
     for vhost in route_config.virtual_hosts:
         for route in vhost.routes:
@@ -58,6 +93,10 @@ def route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]
 
 def listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
     """The RDS route_config_names a Listener's HTTP connection managers subscribe to."""
+    return _listener_routes_memo.get(listener, _listener_route_configs)
+
+
+def _listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
     names: set[str] = set()
     chains = [*listener.filter_chains]
     if listener.HasField("default_filter_chain"):

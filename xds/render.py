@@ -58,6 +58,7 @@ from graylane.xds.view import (
     RoutingView,
     Rule,
     ServiceRoute,
+    VersionEndpoints,
     cluster_name,
     gateway_authority,
     listener_name,
@@ -99,11 +100,12 @@ def effective_view(view: RoutingView) -> RoutingView:
     The control plane compares ``effective_view(v) == v`` to tell whether a batch is
     really applied.
     """
+    index = _Index(view)
     lanes = tuple(
         dataclasses.replace(
             lane,
             versions=tuple(
-                (service, version) for service, version in lane.versions if view.endpoints_of(service, version)
+                (service, version) for service, version in lane.versions if index.endpoints_of(service, version)
             ),
         )
         for lane in view.lanes
@@ -111,6 +113,37 @@ def effective_view(view: RoutingView) -> RoutingView:
     if lanes == view.lanes:
         return view
     return dataclasses.replace(view, lanes=lanes)
+
+
+class _Index:
+    """Lookups over one view, built once per render so rendering is linear in its size.
+
+    `endpoints`: (service, version) -> VersionEndpoints (the first, as `RoutingView` finds);
+    `entering`: service -> lanes entering there; `versioned`: service -> (lane, version) of
+    lanes with a version of it; both in the view's lane order.
+    """
+
+    def __init__(self, view: RoutingView) -> None:
+        self.endpoints: dict[tuple[str, str], VersionEndpoints] = {}
+        for ve in view.endpoints:
+            self.endpoints.setdefault((ve.service, ve.version), ve)
+        self.entering: dict[str, list[Lane]] = {}
+        self.versioned: dict[str, list[tuple[Lane, str]]] = {}
+        for lane in view.lanes:
+            self.entering.setdefault(lane.entry, []).append(lane)
+            seen: set[str] = set()
+            for service, version in lane.versions:
+                if service not in seen:  # `Lane.version_for` takes the first
+                    seen.add(service)
+                    self.versioned.setdefault(service, []).append((lane, version))
+
+    def endpoints_of(self, service: str, version: str) -> tuple[Endpoint, ...]:
+        found = self.endpoints.get((service, version))
+        return found.endpoints if found is not None else ()
+
+    def remote(self, service: str, version: str) -> bool:
+        found = self.endpoints.get((service, version))
+        return found is not None and bool(found.via_cluster)
 
 
 def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
@@ -121,17 +154,18 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     weights add up to more than 100.
     """
     view = effective_view(view)
+    index = _Index(view)
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
-    for service, version, lane in _cluster_keys(view):
+    for service, version, lane in _cluster_keys(view, index):
         # Each cluster has its own EDS resource, even where two hold the same endpoints: a
         # new cluster warms only once Envoy receives its endpoints, and a resource the proxy
         # already holds would not be sent again.
         name = cluster_name(service, version, lane)
         clusters[name] = _cluster(name, name, view.connect_timeout_ms)
-        assignments[name] = _load_assignment(name, view.endpoints_of(service, version))
+        assignments[name] = _load_assignment(name, index.endpoints_of(service, version))
     listener = _listener(listen_address, listen_port)
-    route_config = _route_config(view)
+    route_config = _route_config(view, index)
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
@@ -197,7 +231,7 @@ def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset
 # ------------------------------------------------------------------- clusters, endpoints
 
 
-def _cluster_keys(view: RoutingView) -> list[tuple[str, str, str]]:
+def _cluster_keys(view: RoutingView, index: _Index) -> list[tuple[str, str, str]]:
     """(service, version, lane) of every cluster: each service's base for traffic outside
     lanes, and each lane's own cluster at the services it has a version of, or enters at
     (where its rules and its weighted share are routed and tagged).
@@ -207,12 +241,11 @@ def _cluster_keys(view: RoutingView) -> list[tuple[str, str, str]]:
     clusters: 101,000 for 1,000 services and 100 lanes (an 11 s render).
     """
     keys = {(s.name, s.base_version, "") for s in view.services}
-    for lane in view.lanes:
-        keys.update(
-            (s.name, lane.version_for(s.name) or s.base_version, lane.name)
-            for s in view.services
-            if lane.version_for(s.name) is not None or lane.entry == s.name
-        )
+    for s in view.services:
+        for lane, version in index.versioned.get(s.name, ()):
+            keys.add((s.name, version or s.base_version, lane.name))
+        for lane in index.entering.get(s.name, ()):
+            keys.add((s.name, lane.version_for(s.name) or s.base_version, lane.name))
     return sorted(keys)  # sorted: set order depends on the process's hash seed
 
 
@@ -289,14 +322,15 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
 # -------------------------------------------------------------------------------- routes
 
 
-def _route_config(view: RoutingView) -> route_pb2.RouteConfiguration:
-    vhosts = [_virtual_host(service, view.lanes) for service in sorted(view.services, key=lambda s: s.name)]
-    for vhost in vhosts:
-        _rewrite_remote(vhost, view)
+def _route_config(view: RoutingView, index: _Index) -> route_pb2.RouteConfiguration:
+    vhosts = [_virtual_host(service, index) for service in sorted(view.services, key=lambda s: s.name)]
+    if any(ve.via_cluster for ve in view.endpoints):
+        for vhost in vhosts:
+            _rewrite_remote(vhost, index)
     return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
 
 
-def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: RoutingView) -> None:
+def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> None:
     """Requests to a version that runs only in another cluster name it in their authority.
 
     That cluster's gateway serves versions (see `render_gateway`); lane tags and every
@@ -315,21 +349,21 @@ def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: RoutingView) 
                     weight.host_rewrite_literal = authority
 
 
-def _remote_authority(view: RoutingView, cluster: str) -> str:
+def _remote_authority(view: _Index, cluster: str) -> str:
     parsed = parse_cluster_name(cluster)
     if parsed is None or not view.remote(parsed[0], parsed[1]):
         return ""
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _virtual_host(service: ServiceRoute, lanes: Sequence[Lane]) -> route_components_pb2.VirtualHost:
-    entering = [lane for lane in lanes if lane.entry == service.name]
-    routes = _lane_routes(service, lanes)
+def _virtual_host(service: ServiceRoute, index: _Index) -> route_components_pb2.VirtualHost:
+    entering = index.entering.get(service.name, [])
+    routes = _lane_routes(service, index.versioned.get(service.name, ()))
     if entering:
         routes += _tagged_elsewhere_routes(service)
         for lane in entering:
-            for index, rule in enumerate(lane.rules):
-                routes += _rule_routes(service, lane, rule, index)
+            for position, rule in enumerate(lane.rules):
+                routes += _rule_routes(service, lane, rule, position)
         routes += _split_routes(service, entering)
     routes.append(
         _route(
@@ -352,12 +386,11 @@ def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
     return cluster_name(service.name, version, lane.name)
 
 
-def _lane_routes(service: ServiceRoute, lanes: Sequence[Lane]) -> list[route_components_pb2.Route]:
-    """Step 1: requests tagged with a live lane that has a version of `service`."""
+def _lane_routes(service: ServiceRoute, versioned: Sequence[tuple[Lane, str]]) -> list[route_components_pb2.Route]:
+    """Step 1: requests tagged with a live lane that has a version of `service` (lanes
+    without one: their tagged traffic reaches base via steps 2 or 5)."""
     routes: list[route_components_pb2.Route] = []
-    for lane in lanes:
-        if lane.version_for(service.name) is None:
-            continue  # tagged traffic of this lane reaches base via steps 2 or 5
+    for lane, _version in versioned:
         cluster = _lane_cluster(service, lane)
         routes.append(
             _route(

@@ -5,12 +5,19 @@ value that `render` returns and the snapshot cache stores, and the version of a 
 (a hash of its deterministic serialisation, so every replica and agent derives the same
 version for the same content and a reconnect to another replica re-sends nothing).
 
+Serialised once: a message that enters a `TypedResources` is encoded once (bytes, content
+version, and the packed `Any` the ADS server sends) and the encoding is shared by every
+stream and every later plan that holds the same message object. Messages held in a
+`Resources` are frozen by convention: nothing mutates them after render.
+
 Must not import: etcd, graylane.controlplane, graylane.agent.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -19,6 +26,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -40,10 +48,53 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One message's deterministic bytes, content version and packed Any (shared, read-only)."""
+
+    message: Message
+    version: str
+    packed: any_pb2.Any
+
+
+# Encodings by message identity. Each entry holds its message, so an id cannot be reused
+# while its entry lives; evicted entries are simply encoded again. FIFO, bounded.
+_ENCODED: OrderedDict[int, Encoded] = OrderedDict()
+ENCODED_LIMIT = 250_000
+
+
+def _encode(message: Message) -> Encoded:
+    data = message.SerializeToString(deterministic=True)
+    packed = any_pb2.Any(type_url="type.googleapis.com/" + message.DESCRIPTOR.full_name, value=data)
+    return Encoded(message, hashlib.sha256(data).hexdigest()[:16], packed)
+
+
+def encoded(message: Message) -> Encoded:
+    """The shared encoding of a message that belongs to a Resources (encoded on first use)."""
+    hit = _ENCODED.get(id(message))
+    if hit is not None and hit.message is message:
+        return hit
+    enc = _encode(message)
+    _ENCODED[id(message)] = enc
+    while len(_ENCODED) > ENCODED_LIMIT:
+        _ENCODED.popitem(last=False)
+    return enc
+
+
 def content_version(message: Message) -> str:
     """A version derived from content only: equal bytes, equal version, on any host."""
-    data = message.SerializeToString(deterministic=True)
-    return hashlib.sha256(data).hexdigest()[:16]
+    hit = _ENCODED.get(id(message))
+    if hit is not None and hit.message is message:
+        return hit.version
+    return _encode(message).version
+
+
+def packed(message: Message) -> any_pb2.Any:
+    """`message` packed in an Any, shared by every response that carries it."""
+    hit = _ENCODED.get(id(message))
+    if hit is not None and hit.message is message:
+        return hit.packed
+    return _encode(message).packed
 
 
 def set_version(versions: Mapping[str, str]) -> str:
@@ -66,10 +117,11 @@ class TypedResources:
     versions: Mapping[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "versions", MappingProxyType({n: content_version(m) for n, m in self.items.items()}))
+        object.__setattr__(self, "versions", MappingProxyType({n: encoded(m).version for n, m in self.items.items()}))
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
+        """The set's version (SotW version_info of all items), computed once."""
         return set_version(self.versions)
 
     def __iter__(self) -> Iterator[str]:

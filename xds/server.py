@@ -52,6 +52,7 @@ from graylane.xds.resources import (
     PUSH_ORDER,
     Resources,
     content_version,
+    packed,
     set_version,
 )
 from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, new_stream_id, now
@@ -266,9 +267,8 @@ def _versions(planned: Plan, type_url: str, items: Mapping[str, Message]) -> dic
 
 
 def _pack(message: Message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
+    # Serialised once per resource content and shared by every stream (resources.packed).
+    return packed(message)
 
 
 class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):

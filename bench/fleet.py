@@ -1,0 +1,388 @@
+"""A fleet of fake ADS clients in worker processes, for the scale benchmark (bench/run.py --fleet).
+
+Each worker process runs one asyncio loop with `count` clients; each client holds one ADS
+stream (state-of-the-world or delta), subscribes like Envoy does (CDS and LDS wildcard,
+EDS for the clusters it was sent, RDS for the route config), ACKs every response, and
+records the wall-clock instant it first sees each weight of one lane's split at one entry
+service. Clients never decode the same resource version twice in one process: what a
+version carries (cluster names, the weight) is cached by version, so the fleet's own CPU
+stays small next to the control plane's.
+
+The parent talks to a worker over a Pipe, one command at a time:
+  ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
+  ("seen", weight)   -> list of first-seen wall-clock times (None where not seen yet)
+  ("stop",)          -> final status; the worker exits.
+
+Also here: an API prober process (GetRelease in a loop, bounded in count and time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+ROUTE_CONFIG = "graylane"
+
+RECONNECT_DELAY = 1.0
+STREAMS_PER_CHANNEL = 10  # HTTP/2 connections are shared by this many streams
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    target: str  # host:port of the ADS server
+    first: int  # index of the first client of this worker
+    count: int
+    delta_every: int  # every n-th client speaks delta (0: none)
+    entry: str  # the entry service whose split is watched
+    lane_cluster_part: str  # "|<lane>" suffix of the lane's cluster name
+    connect_rate: float  # clients started per second by this worker
+    listen_port: int  # node metadata: all clients share one snapshot key
+
+
+class _Decoded:
+    """What each resource version carries, decoded once per process."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        self.spec = spec
+        self.cluster_sets: dict[str, tuple[str, ...]] = {}
+        self.weights: dict[str, int] = {}
+
+    def eds_names(self, version: str, resources: Any) -> tuple[str, ...]:
+        found = self.cluster_sets.get(version)
+        if found is None:
+            names = []
+            for any_msg in resources:
+                c = cluster_pb2.Cluster()
+                any_msg.Unpack(c)
+                if c.type == cluster_pb2.Cluster.EDS:
+                    names.append(c.eds_cluster_config.service_name or c.name)
+            found = tuple(sorted(names))
+            self.cluster_sets[version] = found
+        return found
+
+    def weight(self, version: str, any_msg: Any) -> int:
+        found = self.weights.get(version)
+        if found is None:
+            rc = route_pb2.RouteConfiguration()
+            any_msg.Unpack(rc)
+            found = 0
+            for vh in rc.virtual_hosts:
+                if vh.name != self.spec.entry:
+                    continue
+                for r in vh.routes:
+                    for w in r.route.weighted_clusters.clusters:
+                        if w.name.endswith(self.spec.lane_cluster_part):
+                            found = w.weight.value
+                    if found:
+                        break
+            self.weights[version] = found
+        return found
+
+
+@dataclass
+class _Client:
+    index: int
+    delta: bool
+    configured: bool = False
+    connected: bool = False
+    weight: int = -1
+    seen: dict[int, float] = field(default_factory=dict)
+
+    def saw(self, weight: int) -> None:
+        self.weight = weight
+        self.configured = True
+        if weight not in self.seen:
+            self.seen[weight] = time.time()
+
+
+class _Fleet:
+    def __init__(self, spec: FleetSpec) -> None:
+        self.spec = spec
+        self.decoded = _Decoded(spec)
+        self.clients = [
+            _Client(spec.first + i, delta=bool(spec.delta_every) and (spec.first + i) % spec.delta_every == 0)
+            for i in range(spec.count)
+        ]
+        self.errors = 0
+        self.reconnects = 0
+        self.error_codes: collections.Counter[str] = collections.Counter()
+        self.channels: list[grpc.aio.Channel] = []
+        self.stopping = False
+
+    def node(self, client: _Client) -> base_pb2.Node:
+        meta = struct_pb2.Struct()
+        meta.update({"listen_port": str(self.spec.listen_port)})
+        return base_pb2.Node(id=f"fleet-{client.index}", cluster="graylane", metadata=meta)
+
+    async def run_client(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        while not self.stopping:
+            try:
+                if client.delta:
+                    await self._delta(client, stub)
+                else:
+                    await self._sotw(client, stub)
+                code = "ended"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            client.connected = False
+            if self.stopping:
+                return
+            self.errors += 1
+            self.error_codes[code] += 1
+            self.reconnects += 1
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _sotw(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        out: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        node = self.node(client)
+        out.put_nowait(discovery_pb2.DiscoveryRequest(node=node, type_url=CLUSTER))
+        out.put_nowait(discovery_pb2.DiscoveryRequest(type_url=LISTENER))
+        eds_nonce = ""
+        eds_version = ""
+        eds_names: tuple[str, ...] | None = None
+        rds_requested = False
+
+        async def requests() -> Any:
+            while True:
+                yield await out.get()
+
+        call = stub.StreamAggregatedResources(requests())
+        client.connected = True
+        async for resp in call:
+            t = resp.type_url
+            if t == CLUSTER:
+                names = self.decoded.eds_names(resp.version_info, resp.resources)
+                out.put_nowait(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce
+                    )
+                )
+                if names != eds_names:
+                    eds_names = names
+                    out.put_nowait(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=ENDPOINT,
+                            version_info=eds_version,
+                            response_nonce=eds_nonce,
+                            resource_names=names,
+                        )
+                    )
+            elif t == ENDPOINT:
+                eds_nonce, eds_version = resp.nonce, resp.version_info
+                out.put_nowait(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=t,
+                        version_info=resp.version_info,
+                        response_nonce=resp.nonce,
+                        resource_names=eds_names or (),
+                    )
+                )
+            elif t == LISTENER:
+                out.put_nowait(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce
+                    )
+                )
+                if not rds_requested:
+                    rds_requested = True
+                    out.put_nowait(discovery_pb2.DiscoveryRequest(type_url=ROUTE, resource_names=[ROUTE_CONFIG]))
+            elif t == ROUTE:
+                out.put_nowait(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=t,
+                        version_info=resp.version_info,
+                        response_nonce=resp.nonce,
+                        resource_names=[ROUTE_CONFIG],
+                    )
+                )
+                for any_msg in resp.resources:
+                    client.saw(self.decoded.weight(resp.version_info, any_msg))
+
+    async def _delta(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        out: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        Req = discovery_pb2.DeltaDiscoveryRequest
+        out.put_nowait(Req(node=self.node(client), type_url=CLUSTER))
+        out.put_nowait(Req(type_url=LISTENER))
+        out.put_nowait(Req(type_url=ROUTE, resource_names_subscribe=[ROUTE_CONFIG]))
+        subscribed: set[str] = set()
+        eds_started = False
+
+        async def requests() -> Any:
+            while True:
+                yield await out.get()
+
+        call = stub.DeltaAggregatedResources(requests())
+        client.connected = True
+        async for resp in call:
+            t = resp.type_url
+            if t == CLUSTER:
+                added = [r.name for r in resp.resources if r.name not in subscribed]
+                gone = [n for n in resp.removed_resources if n in subscribed]
+                subscribed.update(added)
+                subscribed.difference_update(gone)
+                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
+                if added or gone or not eds_started:
+                    eds_started = True
+                    out.put_nowait(
+                        Req(type_url=ENDPOINT, resource_names_subscribe=added, resource_names_unsubscribe=gone)
+                    )
+            elif t == ROUTE:
+                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
+                for r in resp.resources:
+                    if r.name == ROUTE_CONFIG:
+                        client.saw(self.decoded.weight(r.version, r.resource))
+            else:
+                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": sum(c.connected for c in self.clients),
+            "configured": sum(c.configured for c in self.clients),
+            "errors": self.errors,
+            "reconnects": self.reconnects,
+            "error_codes": dict(self.error_codes),
+        }
+
+    async def run(self, conn: multiprocessing.connection.Connection) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+
+        async def start() -> None:
+            gap = 1.0 / self.spec.connect_rate if self.spec.connect_rate > 0 else 0.0
+            stub = None
+            for i, client in enumerate(self.clients):
+                if self.stopping:
+                    return
+                if i % STREAMS_PER_CHANNEL == 0:
+                    channel = grpc.aio.insecure_channel(
+                        self.spec.target,
+                        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+                    )
+                    self.channels.append(channel)
+                    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                assert stub is not None
+                tasks.append(asyncio.create_task(self.run_client(client, stub)))
+                if gap:
+                    await asyncio.sleep(gap)
+
+        starter = asyncio.create_task(start())
+        try:
+            while True:
+                cmd = await loop.run_in_executor(None, conn.recv)
+                if cmd[0] == "status":
+                    conn.send(self.status())
+                elif cmd[0] == "seen":
+                    conn.send([c.seen.get(cmd[1]) for c in self.clients])
+                elif cmd[0] == "stop":
+                    break
+        finally:
+            self.stopping = True
+            starter.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(starter, *tasks, return_exceptions=True)
+            final = self.status()
+            for channel in self.channels:
+                await channel.close(grace=None)
+            with contextlib.suppress(OSError):
+                conn.send(final)
+
+
+def _worker_main(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> None:
+    asyncio.run(_Fleet(spec).run(conn))
+
+
+class Worker:
+    """One worker process and its end of the Pipe (commands answered in order)."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.spec = spec
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(spec, child), daemon=True)
+        self.process.start()
+        child.close()
+
+    async def ask(self, *cmd: Any, timeout: float = 30.0) -> Any:
+        loop = asyncio.get_running_loop()
+        self.conn.send(cmd)
+        async with asyncio.timeout(timeout):
+            return await loop.run_in_executor(None, self.conn.recv)
+
+    async def stop(self, timeout: float = 20.0) -> dict[str, Any] | None:
+        final: dict[str, Any] | None = None
+        with contextlib.suppress(Exception):
+            final = await self.ask("stop", timeout=timeout)
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join, 5.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(2.0)
+        return final
+
+
+# --------------------------------------------------------------------------- API prober
+
+
+def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, gap: float, conn: Any) -> None:
+    from graylane.v1 import release_service_pb2, release_service_pb2_grpc
+
+    async def run() -> list[tuple[float, float, str]]:
+        out: list[tuple[float, float, str]] = []
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = release_service_pb2_grpc.ReleaseServiceStub(channel)
+            deadline = time.monotonic() + max_seconds
+            while len(out) < max_calls and time.monotonic() < deadline:
+                if conn.poll():
+                    break
+                t0 = time.perf_counter()
+                code = "OK"
+                try:
+                    await stub.GetRelease(release_service_pb2.GetReleaseRequest(name=release), timeout=10.0)
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code().name
+                out.append((time.time(), (time.perf_counter() - t0) * 1000, code))
+                await asyncio.sleep(gap)
+        return out
+
+    conn.send(asyncio.run(run()))
+
+
+class Prober:
+    """GetRelease in a loop in its own process, every `gap` s, until stopped or bounded."""
+
+    def __init__(self, target: str, release: str, *, max_calls: int, max_seconds: float, gap: float = 0.02) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_prober_main, args=(target, release, max_calls, max_seconds, gap, child), daemon=True
+        )
+        self.process.start()
+
+    async def stop(self) -> list[tuple[float, float, str]]:
+        loop = asyncio.get_running_loop()
+        self.conn.send("stop")
+        result: list[tuple[float, float, str]] = []
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(30):
+                result = await loop.run_in_executor(None, self.conn.recv)
+        await loop.run_in_executor(None, self.process.join, 5.0)
+        if self.process.is_alive():
+            self.process.kill()
+        return result

@@ -1,0 +1,332 @@
+"""The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py).
+
+Measures, each bounded in time:
+* connect: from the first worker starting to every fake client configured (CDS+EDS+LDS+RDS);
+* change: NextBatch on one release -> each client first sees the new weight (p50 / p99 / max,
+  wall clock across processes on one host), and the real Envoys ACK the new routes;
+* control-plane CPU per change (this process's user+sys time from the call until every
+  client has it), RSS (VmRSS, and VmHWM the peak), the event-loop lag probe's max;
+* API: GetRelease p50 / p99 / max from a separate process throughout;
+* idle: control-plane CPU over a few seconds with the whole fleet connected and nothing changing;
+* stream errors: streams that ended or failed (each reconnects after 1 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet import FleetSpec, Prober, Worker
+from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.stack import local_control_plane
+from graylane.v1 import release_pb2 as pb
+from graylane.xds import resources
+
+RELEASE = "fleet"
+LANE = "fleet-v2"
+WEIGHTS = tuple(range(5, 101, 5))
+FLEET_LISTEN_PORT = 15000
+
+
+@dataclass
+class FleetResult:
+    streams: int
+    workers: int
+    services: int
+    envoys: int
+    delta_every: int
+    connect_s: float = float("nan")
+    configured: int = 0
+    change_ms: list[list[float]] = field(default_factory=list)  # per change: every client's latency
+    missing: list[int] = field(default_factory=list)  # per change: clients that never saw it
+    envoy_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # control-plane CPU per change
+    idle_cpu_pct: float = float("nan")
+    rss_mib: float = 0.0
+    hwm_mib: float = 0.0
+    lag_connect_ms: float = 0.0
+    lag_change_ms: float = 0.0
+    lag_max_ms: float = 0.0
+    api_ms: list[float] = field(default_factory=list)
+    api_errors: int = 0
+    stream_errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+class LagProbe:
+    """Sleeps `tick` seconds in the control plane's loop and records how late it wakes."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.tick = tick
+        self.max_ms = 0.0
+        self.phase_max_ms = 0.0
+
+    async def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.tick)
+            lag = (time.perf_counter() - t0 - self.tick) * 1000
+            self.max_ms = max(self.max_ms, lag)
+            self.phase_max_ms = max(self.phase_max_ms, lag)
+
+    def phase(self) -> float:
+        out, self.phase_max_ms = self.phase_max_ms, 0.0
+        return out
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def rss_mib() -> tuple[float, float]:
+    rss = hwm = 0.0
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def release_spec(entry: str) -> pb.ReleaseSpec:
+    return pb.ReleaseSpec(
+        lane=LANE,
+        entry=entry,
+        services=[pb.ServiceVersions(service=entry, base_version="v1", gray_version="v2")],
+        strategy=pb.CANARY,
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in WEIGHTS],
+    )
+
+
+async def _statuses(workers: Sequence[Worker]) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(w.ask("status") for w in workers)))
+
+
+async def bench_fleet(
+    *,
+    streams: int,
+    per_worker: int,
+    services: int,
+    envoys: int,
+    changes: int,
+    delta_every: int = 4,
+    connect_rate: float = 1000.0,
+    connect_timeout: float = 120.0,
+    change_timeout: float = 20.0,
+    idle_seconds: float = 5.0,
+    budget: float = 300.0,
+) -> FleetResult:
+    started = time.monotonic()
+    n_workers = max(1, -(-streams // per_worker))
+    res = FleetResult(streams, n_workers, services, envoys, delta_every)
+    entry = "svc-0000"
+    async with contextlib.AsyncExitStack() as stack:
+        local = await stack.enter_async_context(local_control_plane(prefix="graylane-fleet-"))
+        plane = local.plane
+        client = await stack.enter_async_context(ReleaseClient.connect(local.api_target, actor="bench"))
+        sem = asyncio.Semaphore(16)
+
+        async def add_service(i: int) -> None:
+            name = f"svc-{i:04d}"
+            async with sem:
+                await client.put_service(pb.Service(name=name, stable_version="v1"))
+                versions = ("v1", "v2") if i == 0 else ("v1",)
+                for v in versions:
+                    port = 20000 + i % 20000
+                    await client.put_version(
+                        pb.Version(service=name, name=v, endpoints=[pb.Endpoint(address="127.0.0.1", port=port)])
+                    )
+
+        await asyncio.gather(*(add_service(i) for i in range(services)))
+        await client.apply_release(pb.Release(name=RELEASE, spec=release_spec(entry)))
+        await client.act(Action.NEXT, RELEASE)
+
+        probe = LagProbe()
+        lag_task = asyncio.create_task(probe.run())
+        stack.callback(lag_task.cancel)
+
+        # The real Envoys first (each on its own snapshot key), then the fleet.
+        real = []
+        for i in range(envoys):
+            real.append(
+                await stack.enter_async_context(
+                    EnvoyProcess(
+                        ads_port=plane.xds_port, node_id=f"fleet-envoy-{i}", protocol="sotw" if i % 2 == 0 else "delta"
+                    )
+                )
+            )
+        probe.phase()
+
+        target = f"127.0.0.1:{plane.xds_port}"
+        workers: list[Worker] = []
+        t_connect = time.monotonic()
+        for w in range(n_workers):
+            first = w * per_worker
+            count = min(per_worker, streams - first)
+            spec = FleetSpec(
+                target=target,
+                first=first,
+                count=count,
+                delta_every=delta_every,
+                entry=entry,
+                lane_cluster_part=f"|{LANE}",
+                connect_rate=connect_rate / n_workers,
+                listen_port=FLEET_LISTEN_PORT,
+            )
+            workers.append(Worker(spec))
+
+        async def stop_workers() -> None:
+            await asyncio.gather(*(w.stop() for w in workers))
+
+        stack.push_async_callback(stop_workers)
+        prober = Prober(local.api_target, RELEASE, max_calls=100_000, max_seconds=budget + 60)
+
+        async def stop_prober() -> None:
+            calls = await prober.stop()
+            res.api_ms = [ms for _, ms, code in calls if code == "OK"]
+            res.api_errors = sum(1 for *_, code in calls if code != "OK")
+
+        stack.push_async_callback(stop_prober)
+
+        # Connect: until every client has its routes.
+        deadline = t_connect + connect_timeout
+        while True:
+            st = await _statuses(workers)
+            res.configured = sum(s["configured"] for s in st)
+            if res.configured >= streams:
+                res.connect_s = time.monotonic() - t_connect
+                break
+            if time.monotonic() > deadline or time.monotonic() - started > budget:
+                res.notes.append(
+                    f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{streams} configured"
+                )
+                break
+            await asyncio.sleep(0.5)
+        res.lag_connect_ms = probe.phase()
+        print(f"  fleet {streams}: configured {res.configured} in {time.monotonic() - t_connect:.1f} s", flush=True)
+
+        def envoy_route_versions() -> dict[str, str]:
+            out = {e.node_id: "" for e in real}
+            for p in plane.tracker.proxies().values():  # keyed by stream: look nodes up by id
+                if p.node_id in out:
+                    ack = p.acked.get(resources.ROUTE)
+                    out[p.node_id] = ack.version if ack else ""
+            return out
+
+        # Changes: NextBatch, then wait for every client to see the new weight.
+        if res.configured >= streams:
+            for _ in range(changes):
+                if time.monotonic() - started > budget:
+                    res.notes.append("stopped changes: time budget")
+                    break
+                before = envoy_route_versions()
+                cpu0 = cpu_seconds()
+                t0 = time.time()
+                rel = await client.act(Action.NEXT, RELEASE)
+                weight = rel.status.weight
+                envoy_done: dict[str, float] = {}
+                change_deadline = time.monotonic() + change_timeout
+                seen: list[float | None] = []
+                while time.monotonic() < change_deadline:
+                    for node, version in envoy_route_versions().items():
+                        if node not in envoy_done and version != before[node]:
+                            envoy_done[node] = time.time()
+                    seen = [x for part in await asyncio.gather(*(w.ask("seen", weight) for w in workers)) for x in part]
+                    if all(x is not None for x in seen) and len(envoy_done) == len(real):
+                        break
+                    await asyncio.sleep(0.05)
+                cpu = cpu_seconds() - cpu0
+                lat = [(x - t0) * 1000 for x in seen if x is not None]
+                res.change_ms.append(lat)
+                res.missing.append(sum(1 for x in seen if x is None))
+                res.envoy_ms += [(t - t0) * 1000 for t in envoy_done.values()]
+                res.cpu_ms.append(cpu * 1000)
+                print(
+                    f"  change to {weight} %: {len(lat)}/{streams} saw it, p50 {pct(lat, 0.5):.0f} ms "
+                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms",
+                    flush=True,
+                )
+                await asyncio.sleep(0.5)
+            res.lag_change_ms = probe.phase()
+
+            # Idle: the fleet connected, nothing changing.
+            cpu0 = cpu_seconds()
+            t0 = time.monotonic()
+            await asyncio.sleep(idle_seconds)
+            res.idle_cpu_pct = 100 * (cpu_seconds() - cpu0) / (time.monotonic() - t0)
+        st = await _statuses(workers)
+        res.stream_errors = sum(s["errors"] for s in st)
+        codes: dict[str, int] = {}
+        for s in st:
+            for k, v in s["error_codes"].items():
+                codes[k] = codes.get(k, 0) + v
+        res.error_codes = codes
+        res.rss_mib, res.hwm_mib = rss_mib()
+        res.lag_max_ms = probe.max_ms
+    res.elapsed_s = time.monotonic() - started
+    return res
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def describe(res: FleetResult) -> list[tuple[str, str]]:
+    """Rows (measurement, value) for RESULTS.md."""
+    all_lat = [x for per in res.change_ms for x in per]
+    worst = max(all_lat, default=float("nan"))
+    api_max = max(res.api_ms, default=float("nan"))
+    p50s = [pct(per, 0.5) for per in res.change_ms if per]
+    p99s = [pct(per, 0.99) for per in res.change_ms if per]
+
+    def med(v: Sequence[float]) -> float:
+        return pct(v, 0.5)
+
+    rows = [
+        ("streams (fake ADS clients) / worker processes", f"{res.streams:,} / {res.workers}"),
+        ("of which delta", f"every {res.delta_every}th" if res.delta_every else "none"),
+        ("real Envoys (own snapshot keys)", str(res.envoys)),
+        ("services", str(res.services)),
+        ("all connected and configured", f"{res.connect_s:.1f} s ({res.configured:,}/{res.streams:,})"),
+        (
+            "weight change -> every client sees it: median over changes of p50 / p99",
+            f"{med(p50s):.0f} ms / {med(p99s):.0f} ms ({len(res.change_ms)} changes; max {worst:.0f} ms)",
+        ),
+        ("clients that missed a change (sum)", str(sum(res.missing))),
+        ("weight change -> real Envoy ACKed (median)", f"{med(res.envoy_ms):.0f} ms"),
+        ("control-plane CPU per change (median)", f"{med(res.cpu_ms):.0f} ms"),
+        ("control-plane CPU idle (fleet connected)", f"{res.idle_cpu_pct:.1f} % of a core"),
+        ("control-plane RSS now / peak", f"{res.rss_mib:.0f} / {res.hwm_mib:.0f} MiB"),
+        (
+            "event-loop lag max: connect / changes / whole run",
+            f"{res.lag_connect_ms:.0f} / {res.lag_change_ms:.0f} / {res.lag_max_ms:.0f} ms",
+        ),
+        (
+            "API GetRelease p50 / p99 / max (separate process, whole run)",
+            f"{pct(res.api_ms, 0.5):.1f} / {pct(res.api_ms, 0.99):.1f} / {api_max:.0f} ms "
+            f"({len(res.api_ms)} calls, {res.api_errors} failed)",
+        ),
+        ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
+        ("run time", f"{res.elapsed_s:.0f} s"),
+    ]
+    return rows
+
+
+__all__ = ["FleetResult", "bench_fleet", "describe"]
