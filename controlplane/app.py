@@ -21,7 +21,7 @@ from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, Ag
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
 from graylane.controlplane.closing import ClosingInterceptor
-from graylane.controlplane.dataplane import DataPlane
+from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
 from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
@@ -74,6 +74,7 @@ class ControlPlane:
         http_listen: str | None = None,
         otlp_endpoint: str | None = None,
         embedded_etcd: EtcdProcess | None = None,
+        stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
     ) -> None:
         self.store = store
         self._embedded_etcd = embedded_etcd
@@ -104,6 +105,7 @@ class ControlPlane:
             identity=self.election.identity,
             is_leader=lambda: self.election.is_leader,
             on_progress=self.replicas.set_progress,
+            stale_proxy_seconds=stale_proxy_seconds,
         )
         self.election.on_change(self.dataplane.poke)
         self.windows = Windows(capacity=WINDOW_SAMPLES, max_keys=WINDOW_KEYS)
@@ -320,6 +322,7 @@ async def serve(options: ServeOptions) -> None:
             http_listen=str(options.http_listen),
             otlp_endpoint=options.otlp_endpoint,
             embedded_etcd=etcd,
+            stale_proxy_seconds=options.stale_proxy_seconds,
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await run_until_signalled(plane.run())

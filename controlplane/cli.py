@@ -165,16 +165,23 @@ def status_summary(release: release_pb2.Release) -> str:
     parts = [
         phase_name(status.phase),
         f"batch {batch_label(release)}",
-        f"weight {status.weight}%",
+        f"weight {status.weight}%"
+        if status.served_weight == status.weight
+        else f"weight {status.served_weight}% served (held by a NACK; the batch asks {status.weight}%)",
         f"{'reached' if status.reached else 'not reached'}"
         f" ({convergence.converged}/{convergence.proxies} proxies converged)",
     ]
+    if convergence.gone:
+        parts.append(f"{convergence.gone} proxies declared gone: {'; '.join(convergence.gone_names)}")
+    if convergence.lagging:
+        parts.append(f"lagging: {'; '.join(convergence.lagging)}")
     if status.reason:
         parts.append(f"reason: {status.reason}")
     if status.HasField("last_nack"):
         nack = status.last_nack
         resource = nack.type_url.rsplit("/", 1)[-1].rsplit(".", 1)[-1] or "config"
-        parts.append(f"last NACK: {nack.node or '?'} rejected {resource} {nack.version}: {nack.message}")
+        where = f" (cluster {nack.cluster or '-'}, stream {nack.stream})" if nack.stream else ""
+        parts.append(f"last NACK: {nack.node or '?'}{where} rejected {resource} {nack.version}: {nack.message}")
     return ", ".join(parts)
 
 
@@ -444,6 +451,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         agent_lease_ttl_seconds=args.agent_lease_ttl,
         etcd_prefix=args.etcd_prefix,
         leader_ttl_seconds=args.leader_ttl,
+        stale_proxy_seconds=args.stale_proxy_seconds,
         http_listen=args.http_listen,
         otlp_endpoint=args.otlp_endpoint,
     )
@@ -522,6 +530,14 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=defaults.leader_ttl_seconds,
         metavar="SECONDS",
         help="leader lease: a killed leader is replaced within it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stale-proxy-seconds",
+        type=float,
+        default=defaults.stale_proxy_seconds,
+        metavar="SECONDS",
+        help="a proxy that has not ACKed a release's target within this is declared gone for "
+        "convergence and named in status (default %(default)s)",
     )
     parser.add_argument(
         "--agent-tokens",

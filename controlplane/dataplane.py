@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from graylane.controlplane import model, views
@@ -44,6 +45,7 @@ ACTOR = "graylane/dataplane"
 DEFAULT_LISTEN_PORT = 10000
 _HISTORY = 512
 _RETRY_SECONDS = 1.0
+DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 
 class _ViewHistory:
@@ -78,6 +80,7 @@ class DataPlane:
         identity: str = "",
         is_leader: Callable[[], bool] | None = None,
         on_progress: Callable[[dict[str, ReplicaProgress]], None] | None = None,
+        stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
     ) -> None:
         self._releases = releases
         self._store = releases.store
@@ -86,12 +89,22 @@ class DataPlane:
         self._listen_address = listen_address
         self._default_port = default_listen_port
         self._history = _ViewHistory()
-        self._keys: set[str] = set()
         self._snap: Snapshot | None = None
         self._view: xv.RoutingView | None = None
         self._effective: xv.RoutingView | None = None
         self._changed = asyncio.Event()
+        # (stream, nonce) of every NACK handled, for streams still open (agents: (cluster, ...)).
         self._handled_nacks: set[tuple[str, str]] = set()
+        # Stale-proxy rule: a proxy that has not carried a release's target this long after
+        # the target appeared (or the proxy connected) is declared gone for its convergence.
+        self._stale_seconds = stale_proxy_seconds
+        self._targets: dict[str, tuple[str, float]] = {}  # release -> (target fingerprint, first seen)
+        self._wake: asyncio.TimerHandle | None = None
+        # Other replicas' progress as last read, and those that went silent since (with when).
+        self._published: dict[str, dict[str, ReplicaProgress]] = {}
+        self._silent: dict[str, _Silent] = {}
+        self._published_nodes: dict[str, frozenset[str]] = {}
+        self._silence_timer: asyncio.TimerHandle | None = None
         self.synced = asyncio.Event()  # set once the first snapshot is in the cache
         cache.on_key_requested(self._render_key)
         self._agents = agents
@@ -146,13 +159,16 @@ class DataPlane:
 
     def _apply(self, snap: Snapshot) -> None:
         self._snap = snap
+        self._remember_silent(snap)
         if self._agents is not None:
             self._agents.publish(snap)
         view = views.build_view(snap)
         if view != self._view:
             self._view = view
             self._effective = effective_view(view)
-            for key in sorted(self._keys | self._cache.requested_keys()):
+            # Only keys some stream watches now: a key whose last watcher left is dropped
+            # by the cache and rendered afresh when a stream asks for it again.
+            for key in sorted(self._cache.requested_keys()):
                 self._render_key(key)
         self.synced.set()
         self._changed.set()
@@ -165,7 +181,6 @@ class DataPlane:
     def _render_key(self, key: str) -> None:
         if self._view is None:
             return
-        self._keys.add(key)
         try:
             resources = render(self._view, listen_port=self._port_of(key), listen_address=self._listen_address)
             self._history.remember(resources, self._view)
@@ -222,47 +237,178 @@ class DataPlane:
         ack = proxy.acked.get(ROUTE)
         return self._history.get(ROUTE, ack.version) if ack is not None else None
 
+    def _facts(self, proxies: list[ProxyStatus]) -> list[views.ProxyFacts]:
+        """Every proxy this replica counts: its own streams and its agents' proxies."""
+        facts = [
+            views.ProxyFacts(
+                name=_proxy_name(p),
+                carried=self._carried(p),
+                since=p.connected_at,
+                problem=p.last_nack.message if p.last_nack is not None else "",
+            )
+            for p in proxies
+        ]
+        if self._agents is not None:
+            for session in self._agents.sessions.values():
+                for node_id, version in sorted(session.proxies.items()):
+                    nack = session.nacks.get(node_id)
+                    facts.append(
+                        views.ProxyFacts(
+                            name=f"{node_id} (cluster {session.info.name})",
+                            carried=session.views.get(version),
+                            problem=nack.last_nack.message if nack is not None else "",
+                        )
+                    )
+        return facts
+
+    def _target_since(self, release: model.Release, fingerprint: str, now: float) -> float:
+        """When this replica first saw `release` ask for its current target."""
+        seen = self._targets.get(release.name)
+        if seen is None or seen[0] != fingerprint:
+            seen = (fingerprint, now)
+            self._targets[release.name] = seen
+        return seen[1]
+
     async def reconcile(self) -> None:
-        """One pass: NACKs first (they pause), then convergence of every live release."""
+        """One pass: NACKs first (they pause), then convergence of every followed release."""
         snap, view, effective = self._snap, self._view, self._effective
         if snap is None or view is None or effective is None:
             return
-        proxies = [p for p in self._tracker.proxies().values() if p.connected]
+        proxies = list(self._tracker.proxies().values())
         await self._handle_nacks(snap, proxies)
-        carried = [self._carried(p) for p in proxies]
-        if self._agents is not None:
-            carried += self._agents.carried()  # the proxies of every connected cluster
-        targets = sorted({s[ROUTE].version for k in self._keys if (s := self._cache.snapshot(k)) is not None})
-        target = ",".join(targets)
-        live = [r for r in snap.releases if views.routed(r)]
-        # This replica's count per live release, made once: published, and summed by the leader.
-        counted = {
-            r.name: (
-                views.release_progress(r, intended=view, effective=effective, carried=carried),
-                views.lane_fingerprint(view, r.spec.lane),
+        facts = self._facts(proxies)
+        now = time.time()
+        followed = [r for r in snap.releases if views.followed(r)]
+        self._targets = {r.name: self._targets[r.name] for r in followed if r.name in self._targets}
+        # This replica's count per followed release, made once: published, and summed by the leader.
+        counted: dict[str, tuple[views.Progress, str, float]] = {}
+        for r in followed:
+            fp = views.fingerprint(views.target_in(view, r))
+            since = self._target_since(r, fp, now)
+            progress = views.release_progress(
+                r,
+                intended=view,
+                effective=effective,
+                proxies=facts,
+                target_since=since,
+                now=now,
+                stale_seconds=self._stale_seconds,
             )
-            for r in live
-        }
+            counted[r.name] = (progress, fp, since)
         if self._on_progress is not None:
-            self._on_progress({name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp) in counted.items()})
+            self._on_progress(
+                {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+            )
         leading = self._is_leader is None or self._is_leader()
-        for release in live:
-            progress, fingerprint = counted[release.name]
-            updated = await self._write_progress(release, view, progress, fingerprint, target) if leading else None
-            await self._advance_timed_pause(updated or release)
+        deadlines: list[float] = []
+        for release in followed:
+            progress, fingerprint, since = counted[release.name]
+            total = self._with_other_replicas(release.name, progress, fingerprint, since, now)
+            if total.next_deadline is not None:
+                deadlines.append(total.next_deadline)
+            updated = await self._write_progress(release, view, total, fingerprint) if leading else None
+            if views.routed(release):
+                await self._advance_timed_pause(updated or release)
+        self._wake_at(min(deadlines) if deadlines else None, now)
 
-    def _other_replicas(self, release: str, fingerprint: str) -> tuple[int, int]:
-        """(proxies, converged) the other live replicas count for `release`; proxies counted
-        against another value of its lane (a replica not caught up yet) are not converged."""
-        proxies = converged = 0
+    def _wake_at(self, deadline: float | None, now: float) -> None:
+        """Reconcile again when the first lagging proxy would be declared gone."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        if deadline is not None:
+            delay = max(0.0, deadline - now) + 0.01
+            self._wake = asyncio.get_running_loop().call_later(delay, self._changed.set)
+
+    def _remember_silent(self, snap: Snapshot) -> None:
+        """Replicas whose progress vanished (their lease expired: killed, stalled, cut off)
+        stay in the fleet, as last published, until the stale-proxy timeout declares their
+        proxies gone; one that comes back is counted from what it publishes again."""
+        now = time.time()
+        current = snap.replica_progress
+        for identity, progress in self._published.items():
+            if identity not in current and identity != self._identity and identity not in self._silent:
+                # Its `replicas/` key (the node ids of its proxies) went with the same lease.
+                vanished_nodes = frozenset(n.partition("@")[0] for n in self._published_nodes.get(identity, ()))
+                log.warning(
+                    "replica %s went silent (proxies %s); they count as not converged for %gs",
+                    identity,
+                    ", ".join(sorted(vanished_nodes)) or "unknown",
+                    self._stale_seconds,
+                )
+                self._silent[identity] = _Silent(progress, now, vanished_nodes)
+        for identity in list(self._silent):
+            if identity in current or now - self._silent[identity].at >= self._stale_seconds:
+                del self._silent[identity]
+        self._published = dict(current)
+        self._published_nodes = dict(snap.replica_nodes)
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        if self._silent:
+            first = min(silent.at for silent in self._silent.values())
+            delay = first + self._stale_seconds - now + 0.01
+            self._silence_timer = asyncio.get_running_loop().call_later(delay, self._on_silence_due)
+
+    def _on_silence_due(self) -> None:
+        if self._snap is not None:
+            self._remember_silent(self._snap)
+        self._changed.set()
+
+    def _with_other_replicas(
+        self, release: str, local: views.Progress, fingerprint: str, since: float, now: float
+    ) -> views.Progress:
+        """`local` plus what the other replicas publish for `release`, and what silent ones
+        last published. Proxies counted against another value of the target (a replica not
+        caught up, or gone quiet) are lagging until the stale-proxy timeout, then gone."""
         snap = self._snap
+        sources: list[tuple[str, ReplicaProgress]] = []
         for identity, progress in snap.replica_progress.items() if snap is not None else ():
             counted = progress.get(release)
-            if identity == self._identity or counted is None:
+            if identity != self._identity and counted is not None:
+                sources.append((f"replica {identity}", counted))
+        # A silent replica's proxies that reconnected (here or to a live replica) count there.
+        connected = {p.node_id for p in self._tracker.proxies().values()}
+        connected |= {n.partition("@")[0] for n in (snap.replica_proxies if snap is not None else ())}
+        for identity, silent in sorted(self._silent.items()):
+            counted = silent.progress.get(release)
+            if counted is None:
                 continue
-            proxies += counted.proxies
-            converged += counted.converged if counted.lane == fingerprint else 0
-        return proxies, converged
+            still = sorted(silent.nodes - connected)
+            if silent.nodes:
+                # Its proxies known by node id: count those not seen again, and name them.
+                counted = replace(counted, proxies=len(still), converged=min(len(still), counted.converged))
+            names = f" ({', '.join(still[: views.NAMES_SHOWN])})" if still else ""
+            sources.append((f"replica {identity}, silent for {now - silent.at:.0f}s{names}", counted))
+        proxies, converged, gone = local.proxies, local.converged, local.gone
+        lagging, gone_names = list(local.lagging), list(local.gone_names)
+        deadline = local.next_deadline
+        due = since + self._stale_seconds
+        for name, counted in sources:
+            carrying = counted.converged if counted.lane == fingerprint else 0
+            behind = counted.proxies - carrying
+            proxies += carrying
+            converged += carrying
+            if behind <= 0:
+                continue
+            if now >= due:
+                gone += behind
+                if len(gone_names) < views.NAMES_SHOWN:
+                    gone_names.append(f"{behind} proxies of {name}: not ACKed within {self._stale_seconds:g}s")
+                continue
+            proxies += behind
+            deadline = due if deadline is None else min(deadline, due)
+            if len(lagging) < views.NAMES_SHOWN:
+                lagging.append(f"{behind} proxies of {name}: not carrying it yet")
+        return replace(
+            local,
+            proxies=proxies,
+            converged=converged,
+            lagging=tuple(lagging),
+            gone=gone,
+            gone_names=tuple(gone_names),
+            next_deadline=deadline,
+        )
 
     async def _advance_timed_pause(self, release: model.Release) -> None:
         """A batch with a duration pause moves on once reached and the duration has passed.
@@ -290,61 +436,72 @@ class DataPlane:
         self,
         counted_on: model.Release,
         view: xv.RoutingView,
-        local: views.Progress,
+        p: views.Progress,
         fingerprint: str,
-        target: str,
     ) -> model.Release | None:
-        """Write `counted_on`'s convergence: this replica's `local` count (made on that value
-        of the release against `view`) plus what the other replicas publish."""
+        """Write `counted_on`'s convergence (`p`: every replica's count, made on that value of
+        the release against `view`). Written only when this release's own numbers change."""
 
         def change(current: model.Release) -> StatusUpdate | None:
-            if not views.routed(current):
+            if not views.followed(current):
                 return None
-            if views.lane_of(current) != views.lanes_by_name(view).get(current.spec.lane):
+            if views.target_of(current) != views.target_in(view, current):
                 # The view predates this value of the release (a batch just changed):
-                # ACKs of the old batch must not count for the new one.
+                # ACKs of the old target must not count for the new one.
                 return None
             if current.spec.lane != counted_on.spec.lane:
                 return None  # counted for another lane: the next pass counts this one
-            others = self._other_replicas(current.name, fingerprint)
-            p = replace(local, proxies=local.proxies + others[0], converged=local.converged + others[1])
-            newly = not current.status.reached and p.applied and p.proxies > 0 and p.converged == p.proxies
+            held = model.held(current.status)
+            newly = not current.status.reached and not held and p.reached
             status = replace(
                 current.status,
                 proxies=p.proxies,
                 converged=p.converged,
-                target_version=target,
+                target_version=fingerprint,
+                lagging=p.lagging,
+                gone=p.gone,
+                gone_names=p.gone_names,
                 reached=current.status.reached or newly,
             )
             if not newly:
                 return StatusUpdate(status)
             now = datetime.now(UTC)  # the pause counts from the instant the event records
-            status = replace(
-                status,
-                batch_reached=now,
-                reason=f"batch {current.status.batch} reached by {p.proxies} proxies",
-            )
+            what = _target_words(current)
+            status = replace(status, batch_reached=now, reason=f"{what} reached by {p.proxies} proxies")
+            details = {"proxies": str(p.proxies), "weight": str(model.served_weight_of(current.spec, current.status))}
+            if p.gone:
+                details["gone"] = str(p.gone)
+                details["gone_names"] = "; ".join(p.gone_names)
             return StatusUpdate(
                 status,
                 action="reached",
                 at=now,
                 cause=Cause(
                     actor=ACTOR,
-                    reason="every proxy serving the release ACKed its current batch",
-                    details={"proxies": str(p.proxies), "weight": str(current.weight())},
+                    reason=f"every proxy serving the release ACKed {what}"
+                    + (f" ({p.gone} declared gone: {'; '.join(p.gone_names)})" if p.gone else ""),
+                    details=details,
                 ),
             )
 
         return await self._releases.update_status(counted_on.name, change)
 
+    def _prune_handled(self, proxies: list[ProxyStatus]) -> None:
+        """Keep the handled-NACK keys of live streams and reporting agents only."""
+        live = {p.stream for p in proxies}
+        if self._agents is not None:
+            live |= {f"agent:{name}" for name in self._agents.sessions}
+        self._handled_nacks = {k for k in self._handled_nacks if k[0] in live}
+
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         """Pause the releases whose lanes a rejected configuration introduced: for this
         replica's own proxies and for those the agents report from their clusters."""
+        self._prune_handled(proxies)
         for proxy in proxies:
             nack = proxy.last_nack
-            if nack is None or (proxy.node_id, nack.nonce) in self._handled_nacks:
+            if nack is None or (proxy.stream, nack.nonce) in self._handled_nacks:
                 continue
-            self._handled_nacks.add((proxy.node_id, nack.nonce))
+            self._handled_nacks.add((proxy.stream, nack.nonce))
             accepted_ack = proxy.acked.get(nack.type_url)
             record = model.Nack(
                 node=proxy.node_id,
@@ -352,6 +509,8 @@ class DataPlane:
                 version=nack.version,
                 message=nack.message,
                 at=datetime.fromtimestamp(nack.at, UTC),
+                stream=proxy.stream,
+                cluster=proxy.cluster,
             )
             await self._hold_for_nack(
                 snap,
@@ -362,21 +521,20 @@ class DataPlane:
         for found in self._agents.nacks() if self._agents is not None else ():
             # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
             node = f"{found.cluster}/{found.node_id}"
-            key = (node, f"{found.nack.type_url}@{found.nack.version}@{found.nack.at.ToNanoseconds()}")
+            key = (
+                f"agent:{found.cluster}",
+                f"{found.node_id}@{found.nack.type_url}@{found.nack.version}@{found.nack.at.ToNanoseconds()}",  # noqa: E501
+            )
             if key in self._handled_nacks:
                 continue
             self._handled_nacks.add(key)
-            if found.rejected is None:
-                # Not a view this replica sent (one from before a restart, say): blaming every
-                # live lane for it would pause releases the NACK may have nothing to do with.
-                log.warning("%s rejected a view this replica did not send: %s", node, found.nack.message)
-                continue
             record = model.Nack(
                 node=node,
                 type_url=found.nack.type_url,
                 version=found.nack.version,
                 message=found.nack.message,
                 at=found.nack.at.ToDatetime(tzinfo=UTC),
+                cluster=found.cluster,
             )
             await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted)
 
@@ -388,10 +546,49 @@ class DataPlane:
         rejected: xv.RoutingView | None,
         accepted: xv.RoutingView | None,
     ) -> None:
+        """Pause what the rejected configuration changed against the proxy's accepted one,
+        held at the value the proxy accepted, so every proxy is served that value.
+
+        A proxy that never accepted a configuration of that type (or rejected one this
+        replica did not render) blames nothing: it cannot tell which lane it objects to, so
+        it is shown as lagging with Envoy's message until the stale-proxy rule drops it.
+        """
+        if rejected is None or accepted is None:
+            log.warning(
+                "%s rejected %s %s with nothing accepted before to compare: shown as lagging, no release paused: %s",
+                record.node,
+                record.type_url,
+                record.version,
+                record.message,
+            )
+            return
         blamed = views.blame_nack(rejected, accepted)
-        if rejected is None:
-            # A configuration this replica did not render: blame every live lane.
-            blamed = frozenset(r.spec.lane for r in snap.releases if views.routed(r))
         for release in snap.releases:
             if release.spec.lane in blamed and views.routed(release):
-                await self._releases.hold_for_nack(release.name, record, cause=Cause(actor=ACTOR))
+                held = views.accepted_batch(release, accepted)
+                await self._releases.hold_for_nack(release.name, record, held_batch=held, cause=Cause(actor=ACTOR))
+
+
+@dataclass(frozen=True, slots=True)
+class _Silent:
+    """A replica whose published progress vanished: what it last published, when it went,
+    and the node ids of its proxies (empty when they stated no admin address)."""
+
+    progress: dict[str, ReplicaProgress]
+    at: float
+    nodes: frozenset[str]
+
+
+def _proxy_name(p: ProxyStatus) -> str:
+    return f"{p.node_id} (cluster {p.cluster or '-'}, stream {p.stream})"
+
+
+def _target_words(release: model.Release) -> str:
+    phase = release.status.phase
+    if phase is model.Phase.ROLLED_BACK:
+        return "the rollback (lane removed)"
+    if phase is model.Phase.SUCCEEDED:
+        return "the promotion (gray version stable, lane removed)"
+    if phase is model.Phase.FAILED:
+        return "the failure (lane removed)"
+    return f"batch {release.status.batch}"

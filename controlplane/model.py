@@ -159,6 +159,8 @@ class Nack:
     version: str
     message: str
     at: datetime
+    stream: str = ""  # the xDS stream (one proxy) that sent it
+    cluster: str = ""  # the proxy's Envoy cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,12 +171,18 @@ class ReleaseStatus:
     reached: bool = False
     proxies: int = 0
     converged: int = 0
-    target_version: str = ""
+    target_version: str = ""  # digest of this release's own target (not a global version)
     last_nack: Nack | None = None
     batch_started: datetime | None = None
     batch_reached: datetime | None = None
     events: int = 0
     generation: int = 1
+    lagging: tuple[str, ...] = ()  # first few proxies not carrying the target, with why
+    gone: int = 0  # proxies declared gone by the stale-proxy rule (not in `proxies`)
+    gone_names: tuple[str, ...] = ()
+    # While a NACK holds the release (PAUSED with last_nack): the batch its proxies keep
+    # being served, -1 for none (no lane). Meaningless otherwise.
+    held_batch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +204,19 @@ def weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
     if not status.phase.routes_lane or status.batch < 0:
         return 0
     return spec.batches[status.batch].weight
+
+
+def held(status: ReleaseStatus) -> bool:
+    """A NACK holds the release at what its proxies last accepted (until resumed)."""
+    return status.phase is Phase.PAUSED and status.last_nack is not None and status.held_batch is not None
+
+
+def served_weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
+    """The weight proxies are served: the asked weight, or the held batch's under a NACK."""
+    if held(status):
+        batch = status.held_batch if status.held_batch is not None else -1
+        return spec.batches[batch].weight if 0 <= batch < len(spec.batches) else 0
+    return weight_of(spec, status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,19 +795,36 @@ def status_to_proto(release: Release) -> pb.ReleaseStatus:
     nack = None
     if st.last_nack is not None:
         n = st.last_nack
-        nack = pb.Nack(node=n.node, type_url=n.type_url, version=n.version, message=n.message, at=_ts(n.at))
+        nack = pb.Nack(
+            node=n.node,
+            type_url=n.type_url,
+            version=n.version,
+            message=n.message,
+            at=_ts(n.at),
+            stream=n.stream,
+            cluster=n.cluster,
+        )
     return pb.ReleaseStatus(
         phase=st.phase.value,
         batch=st.batch,
         weight=release.weight(),
         reached=st.reached,
         reason=st.reason,
-        convergence=pb.ProxyConvergence(proxies=st.proxies, converged=st.converged, target_version=st.target_version),
+        convergence=pb.ProxyConvergence(
+            proxies=st.proxies,
+            converged=st.converged,
+            target_version=st.target_version,
+            lagging=st.lagging,
+            gone=st.gone,
+            gone_names=st.gone_names,
+        ),
         last_nack=nack,
         batch_started=_ts(st.batch_started),
         batch_reached=_ts(st.batch_reached),
         events=st.events,
         generation=st.generation,
+        served_weight=served_weight_of(release.spec, st),
+        held_batch=st.held_batch,
     )
 
 
@@ -812,6 +850,8 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
             version=n.version,
             message=n.message,
             at=n.at.ToDatetime(tzinfo=UTC),
+            stream=n.stream,
+            cluster=n.cluster,
         )
     status = ReleaseStatus(
         phase=Phase(st.phase),
@@ -826,6 +866,10 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
         batch_reached=_dt(st.batch_reached, st.HasField("batch_reached")),
         events=st.events,
         generation=st.generation,
+        lagging=tuple(st.convergence.lagging),
+        gone=st.convergence.gone,
+        gone_names=tuple(st.convergence.gone_names),
+        held_batch=st.held_batch if st.HasField("held_batch") else None,
     )
     return Release(
         name=msg.name,

@@ -83,6 +83,10 @@ class ServeOptions:
     agent_tokens: tuple[tuple[str, str], ...] = ()
     agent_lease_ttl_seconds: int = 10
     leader_ttl_seconds: int = 5  # a killed leader is replaced within this
+    # A proxy that has not ACKed a release's target this long after it appeared (or after
+    # the proxy connected), or whose replica went silent this long ago, is declared gone for
+    # convergence (and named in the release's status).
+    stale_proxy_seconds: float = 30.0
     # Where Graylane's keys live in etcd; another prefix lets installations share one etcd.
     etcd_prefix: str = "/graylane/v1/"
 

@@ -219,12 +219,14 @@ class Releases:
         log.warning("status of %s kept changing; giving up this round", name)
         return None
 
-    async def hold_for_nack(self, name: str, nack: model.Nack, *, cause: Cause) -> model.Release | None:
-        """A proxy rejected config this release introduced: pause it and say who and why."""
+    async def hold_for_nack(
+        self, name: str, nack: model.Nack, *, held_batch: int, cause: Cause
+    ) -> model.Release | None:
+        """A proxy rejected config this release introduced: pause it, hold it at `held_batch`
+        (what the proxy last accepted; -1: no lane) and say who and why."""
         reason = f"proxy {nack.node} rejected the configuration: {nack.message}"
-        cause = replace(
-            cause, reason=reason, details={"node": nack.node, "type_url": nack.type_url, "version": nack.version}
-        )
+        details = {"node": nack.node, "type_url": nack.type_url, "version": nack.version}
+        cause = replace(cause, reason=reason, details={**details, "held_batch": str(held_batch)})
         for _ in range(_RETRIES):
             try:
                 current = await self._store.get_release(name)
@@ -236,7 +238,9 @@ class Releases:
                 after, event = machine.record(current, current.status, action="nack", cause=cause, now=_now())
             else:
                 return None
-            after = replace(after, status=replace(after.status, last_nack=nack, reason=reason))
+            # Held at what the proxies accepted: not the batch asked for, so not reached.
+            held = replace(after.status, last_nack=nack, reason=reason, held_batch=held_batch)
+            after = replace(after, status=replace(held, reached=False, batch_reached=None))
             try:
                 return await self._store.update_release(after, [event])
             except Conflict:

@@ -27,12 +27,13 @@ def _condition(c: model.Condition) -> xv.Condition:
     )
 
 
-def lane_of(release: model.Release) -> xv.Lane:
+def lane_of(release: model.Release, *, weight: int | None = None) -> xv.Lane:
+    """The release's lane at `weight` (default: the weight its proxies are to be served)."""
     spec = release.spec
     return xv.Lane(
         name=spec.lane,
         entry=spec.entry,
-        weight=release.weight(),
+        weight=model.served_weight_of(spec, release.status) if weight is None else weight,
         versions=tuple(sorted((s.service, s.gray_version) for s in spec.services)),
         rules=tuple(xv.Rule(tuple(_condition(c) for c in rule)) for rule in spec.match),
         cohort=None
@@ -41,13 +42,45 @@ def lane_of(release: model.Release) -> xv.Lane:
     )
 
 
-def held_by_nack(release: model.Release) -> bool:
-    """A release paused because a proxy rejected its config stays out of the view until resumed."""
-    return release.status.phase is model.Phase.PAUSED and release.status.last_nack is not None
-
-
 def routed(release: model.Release) -> bool:
-    return release.status.phase.routes_lane and not held_by_nack(release)
+    """A live release (progressing or paused): its convergence is followed, its lane served
+    unless a NACK holds it at "no lane" (see `served_lane`)."""
+    return release.status.phase.routes_lane
+
+
+def followed(release: model.Release) -> bool:
+    """Releases whose convergence is counted and written: live ones, and finished ones until
+    every proxy carries their end state (the lane gone; after a promote, gray as stable)."""
+    st = release.status
+    return st.phase.routes_lane or (st.phase.terminal and not st.reached)
+
+
+def served_lane(release: model.Release) -> xv.Lane | None:
+    """The lane the proxies are to be served for `release` (None: no lane).
+
+    A release held by a NACK keeps the value its proxies last accepted (`held_batch`), so a
+    rejected change is never half-applied: proxies that accepted it are moved back to what
+    the rejecting proxy still serves, and status says which weight that is.
+    """
+    st = release.status
+    if not st.phase.routes_lane:
+        return None
+    if model.held(st) and (st.held_batch is None or st.held_batch < 0):
+        return None
+    return lane_of(release)
+
+
+def accepted_batch(release: model.Release, accepted: xv.RoutingView | None) -> int:
+    """The batch of `release` whose lane a proxy's accepted configuration carries (-1: none,
+    or a value of the lane no batch of the current spec matches)."""
+    lane = lanes_by_name(accepted).get(release.spec.lane) if accepted is not None else None
+    if lane is None:
+        return -1
+    matches = [i for i, b in enumerate(release.spec.batches) if lane_of(release, weight=b.weight) == lane]
+    if not matches:
+        return -1
+    earlier = [i for i in matches if i <= release.status.batch]
+    return max(earlier) if earlier else min(matches)
 
 
 def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
@@ -72,7 +105,8 @@ def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
         where = runs.setdefault((ce.service, ce.version), {})
         for e in ce.endpoints:
             where.setdefault(e.cluster, set()).add(xv.Endpoint(e.address, e.port))
-    routed_releases = sorted((r for r in snap.releases if routed(r)), key=lambda r: r.name)
+    served = {r.name: lane for r in snap.releases if (lane := served_lane(r)) is not None}
+    routed_releases = sorted((r for r in snap.releases if r.name in served), key=lambda r: r.name)
     placement: dict[tuple[str, str], frozenset[str]] = {}
     for r in routed_releases:
         if r.spec.gray_clusters:
@@ -83,7 +117,7 @@ def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
         for key in sorted(runs)
         for service, version in (key,)
     )
-    lanes = tuple(lane_of(r) for r in routed_releases)
+    lanes = tuple(served[r.name] for r in routed_releases)
     return xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes)
 
 
@@ -122,20 +156,61 @@ def lanes_by_name(view: xv.RoutingView) -> dict[str, xv.Lane]:
     return {lane.name: lane for lane in view.lanes}
 
 
-def lane_fingerprint(view: xv.RoutingView, lane: str) -> str:
-    """A short, process-independent digest of `lane` as `view` has it ("-": absent), so
-    replicas can tell whether they counted convergence against the same value of it."""
-    found = lanes_by_name(view).get(lane)
-    if found is None:
+Target = tuple[xv.Lane | None, tuple[tuple[str, str], ...]]
+
+
+def target_in(view: xv.RoutingView, release: model.Release) -> Target:
+    """What `release` asks the proxies to carry, as `view` has it: its lane (None: absent)
+    and, for a promoted release, the base versions of its services (gray made stable)."""
+    lane = lanes_by_name(view).get(release.spec.lane)
+    if release.status.phase is not model.Phase.SUCCEEDED:
+        return lane, ()
+    wanted = {s.service for s in release.spec.services}
+    return lane, tuple(sorted((s.name, s.base_version) for s in view.services if s.name in wanted))
+
+
+def target_of(release: model.Release) -> Target:
+    """What `release` asks the proxies to carry, from its own value alone."""
+    if release.status.phase is not model.Phase.SUCCEEDED:
+        return served_lane(release), ()
+    return None, tuple(sorted((s.service, s.gray_version) for s in release.spec.services))
+
+
+def fingerprint(target: Target) -> str:
+    """A short, process-independent digest of a release's target, so replicas can tell
+    whether they counted convergence against the same value of it ("-": nothing at all)."""
+    if target == (None, ()):
         return "-"
-    return hashlib.sha256(repr(found).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(target).encode()).hexdigest()[:16]
+
+
+NAMES_SHOWN = 10  # proxies named in a status (lagging, gone); the counts say how many in all
+_MESSAGE_SHOWN = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyFacts:
+    """One proxy as convergence sees it."""
+
+    name: str  # how status names it: node id, cluster, stream
+    carried: xv.RoutingView | None  # the view its ACKed routes were rendered from (None: unknown)
+    since: float = 0.0  # unix time it connected (0: unknown)
+    problem: str = ""  # Envoy's message of its last NACK ("" none)
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    proxies: int
+    proxies: int  # proxies counted: those of the fleet not declared gone
     converged: int
-    applied: bool  # the lane as intended is what was rendered (no version lacks endpoints)
+    applied: bool  # the target as intended is what was rendered (no version lacks endpoints)
+    lagging: tuple[str, ...] = ()  # first NAMES_SHOWN of the proxies - converged, with why
+    gone: int = 0  # declared gone by the stale-proxy rule
+    gone_names: tuple[str, ...] = ()
+    next_deadline: float | None = None  # unix time the next lagging proxy would be declared gone
+
+    @property
+    def reached(self) -> bool:
+        return self.applied and self.proxies > 0 and self.converged == self.proxies
 
 
 def release_progress(
@@ -143,23 +218,50 @@ def release_progress(
     *,
     intended: xv.RoutingView,
     effective: xv.RoutingView,
-    carried: Iterable[xv.RoutingView | None],
+    proxies: Iterable[ProxyFacts],
+    target_since: float,
+    now: float,
+    stale_seconds: float,
 ) -> Progress:
-    """How many proxies carry the release's current lane.
+    """How many proxies carry the release's target, which do not and why.
 
-    `carried` holds, per connected proxy, the view its ACKed route configuration was
-    rendered from (None when unknown). A proxy carries the release when the release's lane
-    there equals the lane now intended (both absent counts too: a rolled-back release is
-    carried once its lane is gone everywhere).
+    A proxy carries it when its accepted view has the target as `intended` has it (an absent
+    lane counts: a rolled-back release is carried once its lane is gone). A proxy that has
+    not carried it for `stale_seconds` after the later of the target appearing
+    (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
+    named in `gone_names`.
     """
-    want = lanes_by_name(intended).get(release.spec.lane)
-    applied = want == lanes_by_name(effective).get(release.spec.lane)
-    proxies = converged = 0
-    for v in carried:
-        proxies += 1
-        if v is not None and lanes_by_name(v).get(release.spec.lane) == want:
+    want = target_in(intended, release)
+    applied = want == target_in(effective, release)
+    count = converged = gone = 0
+    lagging: list[str] = []
+    gone_names: list[str] = []
+    deadline: float | None = None
+    for p in proxies:
+        if p.carried is not None and target_in(p.carried, release) == want:
+            count += 1
             converged += 1
-    return Progress(proxies=proxies, converged=converged, applied=applied)
+            continue
+        why = f"rejected: {p.problem[:_MESSAGE_SHOWN]}" if p.problem else "has not ACKed it"
+        due = max(target_since, p.since) + stale_seconds
+        if now >= due:
+            gone += 1
+            if len(gone_names) < NAMES_SHOWN:
+                gone_names.append(f"{p.name}: {why} within {stale_seconds:g}s")
+            continue
+        count += 1
+        deadline = due if deadline is None else min(deadline, due)
+        if len(lagging) < NAMES_SHOWN:
+            lagging.append(f"{p.name}: {why}")
+    return Progress(
+        proxies=count,
+        converged=converged,
+        applied=applied,
+        lagging=tuple(lagging),
+        gone=gone,
+        gone_names=tuple(gone_names),
+        next_deadline=deadline,
+    )
 
 
 def blame_nack(rejected: xv.RoutingView | None, accepted: xv.RoutingView | None) -> frozenset[str]:

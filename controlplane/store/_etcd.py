@@ -131,6 +131,8 @@ class Snapshot:
     known_clusters: tuple[model.ClusterInfo, ...] = ()  # every cluster ever registered, as last registered
     # node id -> admin address of every proxy connected to any live replica
     replica_proxies: dict[str, str] = field(default_factory=dict, compare=False)
+    # replica identity -> the node ids (as in replica_proxies) of its proxies
+    replica_nodes: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
     cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
     # replica identity -> release -> what that replica counts (see `ReplicaProgress`)
     replica_progress: dict[str, dict[str, ReplicaProgress]] = field(default_factory=dict, compare=False)
@@ -328,6 +330,7 @@ class EtcdStore:
         known_clusters: list[model.ClusterInfo] = []
         cluster_endpoints: list[model.ClusterEndpoints] = []
         replica_proxies: dict[str, str] = {}
+        replica_nodes: dict[str, frozenset[str]] = {}
         replica_progress: dict[str, dict[str, ReplicaProgress]] = {}
         for kv in resp.kvs:
             kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
@@ -347,6 +350,7 @@ class EtcdStore:
             elif kind == "replicas":
                 with contextlib.suppress(ValueError):
                     replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
+                    replica_nodes[rest] = frozenset(str(k) for k in json.loads(kv.value))
             elif kind == "clusters":
                 clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
             elif kind == "knownclusters":
@@ -364,6 +368,7 @@ class EtcdStore:
             known_clusters=tuple(known_clusters),
             cluster_endpoints=tuple(cluster_endpoints),
             replica_proxies=replica_proxies,
+            replica_nodes=replica_nodes,
             replica_progress=replica_progress,
             by_name={r.name: r for r in releases},
         )

@@ -247,31 +247,41 @@ class ReleaseSpec(_message.Message):
     def __init__(self, lane: _Optional[str] = ..., entry: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., cohort: _Optional[_Union[Cohort, _Mapping]] = ..., analysis: _Optional[_Union[Analysis, _Mapping]] = ...) -> None: ...
 
 class ProxyConvergence(_message.Message):
-    __slots__ = ("proxies", "converged", "target_version")
+    __slots__ = ("proxies", "converged", "target_version", "lagging", "gone", "gone_names")
     PROXIES_FIELD_NUMBER: _ClassVar[int]
     CONVERGED_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAGGING_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
+    GONE_NAMES_FIELD_NUMBER: _ClassVar[int]
     proxies: int
     converged: int
     target_version: str
-    def __init__(self, proxies: _Optional[int] = ..., converged: _Optional[int] = ..., target_version: _Optional[str] = ...) -> None: ...
+    lagging: _containers.RepeatedScalarFieldContainer[str]
+    gone: int
+    gone_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, proxies: _Optional[int] = ..., converged: _Optional[int] = ..., target_version: _Optional[str] = ..., lagging: _Optional[_Iterable[str]] = ..., gone: _Optional[int] = ..., gone_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Nack(_message.Message):
-    __slots__ = ("node", "type_url", "version", "message", "at")
+    __slots__ = ("node", "type_url", "version", "message", "at", "stream", "cluster")
     NODE_FIELD_NUMBER: _ClassVar[int]
     TYPE_URL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     node: str
     type_url: str
     version: str
     message: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, node: _Optional[str] = ..., type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    stream: str
+    cluster: str
+    def __init__(self, node: _Optional[str] = ..., type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation")
+    __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation", "served_weight", "held_batch")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +293,8 @@ class ReleaseStatus(_message.Message):
     BATCH_REACHED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERVED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HELD_BATCH_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     batch: int
     weight: int
@@ -294,7 +306,9 @@ class ReleaseStatus(_message.Message):
     batch_reached: _timestamp_pb2.Timestamp
     events: int
     generation: int
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    served_weight: int
+    held_batch: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ..., served_weight: _Optional[int] = ..., held_batch: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("name", "spec", "status", "revision", "created")
