@@ -18,6 +18,12 @@ lease TTL has passed: a view built earlier would lack the clusters not back yet,
 version runs only there (a base version, say) its proxies would lose their endpoints. Agents
 serve their last-known-good view meanwhile, so holding views back costs nothing.
 
+The same holds after a stall of this replica (SIGSTOP, a blocked loop) or any moment a
+connected agent's lease lapses: etcd expired the registrations meanwhile, and a view built
+before the agents register again would lack their endpoints. So views are held again until
+every cluster registered before the stall (and every connected one whose registration
+lapsed) is back in the store with its endpoints, or `settle_seconds` have passed.
+
 Concurrency: one asyncio loop; `AgentHub.publish` is called by the DataPlane on every new
 store snapshot, sessions read their own queues.
 """
@@ -118,6 +124,11 @@ class AgentHub:
         self._known: frozenset[str] | None = None  # clusters ever registered, read at the first connect
         self.settled = False
         self._settle_timer: asyncio.TimerHandle | None = None
+        # After a stall or a lapsed lease: cluster -> whether it must come back with endpoints.
+        self._awaited: dict[str, bool] = {}
+        self._await_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_tick_at = 0.0
 
     def on_report(self, callback: Callable[[], None]) -> None:
         """`callback` runs whenever an agent reports proxies (the DataPlane reconciles)."""
@@ -159,7 +170,10 @@ class AgentHub:
                 self.settle_seconds,
                 ", ".join(sorted(known)),
             )
-        self._settle_timer = asyncio.get_running_loop().call_later(self.settle_seconds, self._settle_timeout)
+        loop = asyncio.get_running_loop()
+        self._settle_timer = loop.call_later(self.settle_seconds, self._settle_timeout)
+        self._stall_tick_at = loop.time()
+        self._stall_timer = loop.call_later(self._stall_tick_seconds, self._stall_tick)
 
     def _settle_timeout(self) -> None:
         if not self.settled:
@@ -175,9 +189,83 @@ class AgentHub:
         if self._snap is not None:
             self.publish(self._snap)
 
+    # Stalls and lapses (see the module docstring). A timer ticks every heartbeat; one that
+    # fires much later than due means this replica's loop did not run meanwhile.
+
+    @property
+    def _stall_tick_seconds(self) -> float:
+        return self.heartbeat_seconds
+
+    def _stall_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        stalled = now - self._stall_tick_at
+        self._stall_tick_at = now
+        self._stall_timer = loop.call_later(self._stall_tick_seconds, self._stall_tick)
+        if stalled < self._stall_tick_seconds + max(1.0, self.heartbeat_seconds) or self._snap is None:
+            return
+        with_endpoints = {e.cluster for ce in self._snap.cluster_endpoints for e in ce.endpoints}
+        before = {c.name: c.name in with_endpoints for c in self._snap.clusters}
+        log.warning(
+            "this replica did not run for %.1fs: agents' leases may have expired; holding views until %s are back",
+            stalled,
+            ", ".join(sorted(before)) or "no cluster",
+        )
+        self._await_clusters(before)
+
+    def _await_clusters(self, clusters: dict[str, bool]) -> None:
+        fresh = {name: need for name, need in clusters.items() if name not in self._awaited}
+        if not fresh:
+            return
+        self._awaited.update(fresh)
+        if self._await_timer is None:
+            self._await_timer = asyncio.get_running_loop().call_later(self.settle_seconds, self._await_timeout)
+
+    def _await_timeout(self) -> None:
+        self._await_timer = None
+        if self._awaited:
+            log.warning(
+                "sending views without the clusters that did not register again: %s", ", ".join(sorted(self._awaited))
+            )
+            self._awaited.clear()
+            if self._snap is not None:
+                self.publish(self._snap)
+
+    def _back(self, snap: Snapshot) -> bool:
+        """Whether every awaited cluster is registered in `snap` (with endpoints where it had them)."""
+        registered = {c.name for c in snap.clusters}
+        with_endpoints = {e.cluster for ce in snap.cluster_endpoints for e in ce.endpoints}
+        # A connected agent whose registration lapsed under it: it registers again on its
+        # next heartbeat, so wait for it rather than send a view without its endpoints.
+        lapsed = {
+            name: bool(session.endpoints)
+            for name, session in self.sessions.items()
+            if session.reported_revision
+            and (name not in registered or (session.endpoints and name not in with_endpoints))
+        }
+        if lapsed:
+            if lapsed.keys() - self._awaited.keys():
+                log.warning("registrations of connected clusters lapsed: holding views (%s)", ", ".join(sorted(lapsed)))
+            self._await_clusters(lapsed)
+        if not self._awaited:
+            return True
+        missing = [
+            name
+            for name, need in self._awaited.items()
+            if name not in registered or (need and name not in with_endpoints)
+        ]
+        if missing:
+            return False
+        log.info("clusters %s registered again: sending views", ", ".join(sorted(self._awaited)))
+        self._awaited.clear()
+        if self._await_timer is not None:
+            self._await_timer.cancel()
+            self._await_timer = None
+        return True
+
     def _may_send(self, snap: Snapshot) -> bool:
         if self.settled:
-            return True
+            return self._back(snap)
         if self._known is None:
             return False
         back = {name for name, s in self.sessions.items() if 0 < s.reported_revision <= snap.revision}
