@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
+import os
 import pathlib
 import resource
 import time
@@ -225,6 +227,9 @@ async def bench_fleet(
             return out
 
         # Changes: NextBatch, then wait for every client to see the new weight.
+        profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_PROFILE") else None
+        if profiler is not None:
+            profiler.enable()
         if res.configured >= streams:
             for _ in range(changes):
                 if time.monotonic() - started > budget:
@@ -259,6 +264,9 @@ async def bench_fleet(
                 )
                 await asyncio.sleep(0.5)
             res.lag_change_ms = probe.phase()
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
 
             # Idle: the fleet connected, nothing changing.
             cpu0 = cpu_seconds()

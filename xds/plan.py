@@ -213,12 +213,47 @@ def _plan_listeners(
     return listeners
 
 
+# A plan depends only on which message objects the target, the ACKed and the sent sets
+# hold, and most streams hold the same ones (they were sent the same target). So plans are
+# shared: keyed by the identities of those objects, each entry keeping them alive (no id
+# is reused while its entry lives). LRU-bounded: a fleet holds only a few distinct states.
+_PLAN_MEMO_LIMIT = 256
+_plans: OrderedDict[tuple[object, ...], tuple[Plan, tuple[object, ...]]] = OrderedDict()
+
+
+def _held_key(held: Held) -> tuple[object, ...]:
+    parts: list[object] = []
+    for type_url in PUSH_ORDER:
+        items = held.get(type_url)
+        if items:
+            parts += (type_url, tuple(items), tuple(map(id, items.values())))
+    return tuple(parts)
+
+
+def _held_refs(held: Held) -> tuple[object, ...]:
+    return tuple(tuple(items.values()) for items in held.values())
+
+
 def plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     """The resources one proxy may be sent now, given what it ACKed and was sent.
 
     `acked` and `sent` map type_url -> name -> message for this proxy's stream; `sent` is
     what the proxy has or is about to apply (the latest responses, ACKed or not).
+    Streams in the same state share one Plan (a value: never mutate it).
     """
+    key = (id(target), _held_key(acked), _held_key(sent))
+    hit = _plans.get(key)
+    if hit is not None and hit[1][0] is target:
+        _plans.move_to_end(key)
+        return hit[0]
+    planned = _plan(target, acked=acked, sent=sent)
+    _plans[key] = (planned, (target, _held_refs(acked), _held_refs(sent)))
+    while len(_plans) > _PLAN_MEMO_LIMIT:
+        _plans.popitem(last=False)
+    return planned
+
+
+def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     held: set[tuple[str, str]] = set()
     clusters = _plan_clusters(target, acked, sent)
     endpoints = _plan_endpoints(target, clusters, acked, sent)

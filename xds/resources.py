@@ -99,13 +99,10 @@ def packed(message: Message) -> any_pb2.Any:
 
 def set_version(versions: Mapping[str, str]) -> str:
     """The version of a whole set (SotW `version_info`): a hash of its names and versions."""
-    h = hashlib.sha256()
-    for name in sorted(versions):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(versions[name].encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+    # One update over the joined bytes: the same digest as one update per part, at a
+    # fraction of the cost for sets of thousands.
+    data = "".join(f"{name}\0{versions[name]}\n" for name in sorted(versions)).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
