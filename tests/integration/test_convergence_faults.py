@@ -1,0 +1,284 @@
+"""Convergence under faults: status claims only what the Envoys' own config shows.
+
+Real etcd, real Envoys, control-plane replicas from `controlplane.app`; traffic from a
+separate process where requests must not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.upstream import Upstream
+from graylane.controlplane.store import EtcdStore
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
+from graylane.v1 import release_service_pb2_grpc as api_grpc
+from graylane.xds.resources import LISTENER
+
+from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+
+
+@contextlib.asynccontextmanager
+async def replica(store: EtcdStore, **options: Any) -> AsyncIterator[ControlPlane]:
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", **options)
+    async with plane.running() as running:
+        yield running
+
+
+async def route_dump(proxy: EnvoyProcess) -> list[dict[str, Any]]:
+    status, body = await proxy.admin_get("/config_dump?resource=dynamic_route_configs")
+    assert status == 200, body
+    return [c["route_config"] for c in json.loads(body).get("configs", [])]
+
+
+def _routes(configs: list[dict[str, Any]], authority: str) -> list[dict[str, Any]]:
+    return [
+        route
+        for config in configs
+        for host in config.get("virtual_hosts", [])
+        if authority in host.get("domains", [])
+        for route in host.get("routes", [])
+    ]
+
+
+async def gray_weight(proxy: EnvoyProcess, authority: str = "checkout", gray: str = "v2") -> int:
+    """The weight of the gray version in the weighted split Envoy holds for `authority`."""
+    weights = [
+        int(c.get("weight", 0))
+        for route in _routes(await route_dump(proxy), authority)
+        for c in route.get("route", {}).get("weighted_clusters", {}).get("clusters", [])
+        if gray in c["name"]
+    ]
+    return max(weights, default=0)
+
+
+async def untagged_target(proxy: EnvoyProcess, authority: str = "checkout") -> str:
+    """The cluster Envoy's last (catch-all) route for `authority` sends untagged traffic to."""
+    routes = _routes(await route_dump(proxy), authority)
+    return str(routes[-1]["route"].get("cluster", "")) if routes else ""
+
+
+async def until(pred: Any, *, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await pred():
+            await asyncio.sleep(0.05)
+
+
+async def reached_events(stub: Any, name: str) -> list[tuple[str, int]]:
+    history = await stub.History(api.HistoryRequest(name=name))
+    return [(e.action, e.to_batch) for e in history.events if e.action in ("next", "reached", "rollback", "promote")]
+
+
+_LOAD = """
+import asyncio, json, sys
+from graylane.controlplane.local.traffic import run_load
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+r = asyncio.run(run_load(port, authority="checkout", count=10**9, max_seconds=seconds, rate=100, concurrency=4))
+print(json.dumps({"sent": r.sent, "failed": r.failed, "errors": dict(r.errors)}))
+"""
+
+
+async def load_process(port: int, seconds: float) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LOAD, str(port), f"{seconds:g}", stdout=asyncio.subprocess.PIPE, start_new_session=True
+    )
+
+
+async def load_result(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    async with asyncio.timeout(60):
+        out, _ = await process.communicate()
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_every_proxy(
+    store: EtcdStore, envoy: Any
+) -> None:
+    """Two Envoys; the strict one rejects the lane's rule. The release pauses naming it, the
+    other Envoy is moved back to what the strict one serves (no lane), status says weight 0
+    is served, and traffic through both never fails."""
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        plane = await es.enter_async_context(replica(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
+        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
+        loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
+
+        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[rule])))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
+        assert held.status.last_nack.node == "strict"
+        assert held.status.last_nack.stream.startswith("strict")
+        assert "program size" in held.status.last_nack.message
+        assert held.status.HasField("held_batch") and held.status.held_batch == -1
+        assert (held.status.weight, held.status.served_weight) == (10, 0)
+        # Both Envoys end up on what the strict one accepted: no lane, and status counts it.
+        await until(lambda: _both_at(relaxed, strict, 0))
+        carried = await poll_release(
+            stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2
+        )
+        assert not carried.status.reached  # held is not the batch asked for
+        for process in loads:
+            result = await load_result(process)
+            assert result["failed"] == 0 and result["sent"] > 100, result
+        # One pause, naming the proxy; no reached event.
+        history = await stub.History(api.HistoryRequest(name="rel"))
+        assert [e.action for e in history.events].count("pause") == 1
+        assert "reached" not in [e.action for e in history.events]
+
+
+async def _both_at(a: EnvoyProcess, b: EnvoyProcess, weight: int) -> bool:
+    return await gray_weight(a) == weight and await gray_weight(b) == weight
+
+
+async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_named(
+    store: EtcdStore, envoy: Any
+) -> None:
+    stale = 2.0
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        plane = await es.enter_async_context(replica(store, stale_proxy_seconds=stale))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        proxy = await envoy(ads_port=plane.xds_port, node_id="real")
+        # A fake ADS client: asks for listeners once, then never ACKs anything.
+        xds = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}"))
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(xds).StreamAggregatedResources()
+        es.callback(call.cancel)
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                node=base_pb2.Node(id="mute", cluster="fake"), type_url=LISTENER, resource_names=[]
+            )
+        )
+        async with asyncio.timeout(10):
+            while not any(p.node_id == "mute" for p in plane.tracker.proxies().values()):
+                await asyncio.sleep(0.02)
+
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        started = time.monotonic()
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await until(lambda: _weight_is(proxy, 10))
+        lagging = await poll_release(stub, "rel", lambda r: r.status.convergence.converged == 1)
+        assert not lagging.status.reached and lagging.status.convergence.proxies == 2
+        assert any(name.startswith("mute (cluster fake") for name in lagging.status.convergence.lagging)
+        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
+        assert time.monotonic() - started >= stale * 0.9
+        assert (done.status.convergence.proxies, done.status.convergence.converged) == (1, 1)
+        assert done.status.convergence.gone == 1
+        assert done.status.convergence.gone_names[0].startswith("mute (cluster fake")
+        assert await reached_events(stub, "rel") == [("next", 0), ("reached", 0)]
+
+
+async def _weight_is(proxy: EnvoyProcess, weight: int) -> bool:
+    return await gray_weight(proxy) == weight
+
+
+async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_state(
+    store: EtcdStore, envoy: Any
+) -> None:
+    async with contextlib.AsyncExitStack() as es:
+        ups = {
+            (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
+        }
+        plane = await es.enter_async_context(replica(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        for s in ("checkout", "search"):
+            await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
+        proxies = [await envoy(ads_port=plane.xds_port, node_id=f"e{i}") for i in range(2)]
+        for name, service in (("back", "checkout"), ("forward", "search")):
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec(service, f"lane-{name}")))
+            await stub.NextBatch(api.ActionRequest(name=name))
+            await poll_release(stub, name, lambda r: r.status.reached)
+
+        await stub.Rollback(api.ActionRequest(name="back"))
+        back = await poll_release(stub, "back", lambda r: r.status.reached)
+        assert back.status.phase == pb.ROLLED_BACK
+        assert (back.status.convergence.proxies, back.status.convergence.converged) == (2, 2)
+        for p in proxies:
+            assert await gray_weight(p, "checkout") == 0
+            assert "v1" in await untagged_target(p, "checkout")
+
+        await stub.Promote(api.ActionRequest(name="forward"))
+        forward = await poll_release(stub, "forward", lambda r: r.status.reached)
+        assert forward.status.phase == pb.SUCCEEDED
+        assert (forward.status.convergence.proxies, forward.status.convergence.converged) == (2, 2)
+        for p in proxies:
+            assert await gray_weight(p, "search") == 0
+            assert "v2" in await untagged_target(p, "search")
+        assert await reached_events(stub, "back") == [("next", 0), ("reached", 0), ("rollback", 0), ("reached", 0)]
+        assert await reached_events(stub, "forward") == [("next", 0), ("reached", 0), ("promote", 0), ("reached", 0)]
+
+
+async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_named(
+    store: EtcdStore, envoy: Any
+) -> None:
+    """Two replicas on one etcd, an Envoy on each. The follower dies abruptly (its tasks
+    cancelled, its lease left to expire) with its Envoy still serving the old weight: the
+    next batch is not reached when the dead replica's keys expire, only at the stale
+    timeout, and status names the replica and its proxy."""
+    ttl, stale = 2, 6.0
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        leader = await es.enter_async_context(replica(store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale))
+        async with asyncio.timeout(10):
+            await leader.election.leading.wait()
+        follower = ControlPlane(
+            store,
+            api_listen="127.0.0.1:0",
+            xds_listen="127.0.0.1:0",
+            leader_ttl_seconds=ttl,
+            stale_proxy_seconds=stale,
+        )
+        running = asyncio.create_task(follower.run())
+        async with asyncio.timeout(10):
+            await follower.ready.wait()
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{leader.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
+        orphan = await envoy(ads_port=follower.xds_port, node_id="on-follower")
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
+
+        running.cancel()  # abrupt: nothing revokes the follower's lease
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        started = time.monotonic()
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await until(lambda: _weight_is(mine, 50))
+        assert await gray_weight(orphan) == 10  # still on the old batch: nobody serves it now
+        # Past the dead replica's lease (its keys are gone), before the stale timeout.
+        await asyncio.sleep(max(0.0, ttl + 2.0 - (time.monotonic() - started)))  # pacing: outlive the lease
+        pending = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+        assert not pending.status.reached, pending.status
+        assert pending.status.convergence.proxies == 2 and pending.status.convergence.converged == 1
+        assert any("on-follower" in name for name in pending.status.convergence.lagging), pending.status
+        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
+        assert time.monotonic() - started >= stale * 0.9
+        assert done.status.convergence.gone == 1
+        assert any(f"replica {follower.election.identity}" in n for n in done.status.convergence.gone_names)
+        assert any("on-follower" in n for n in done.status.convergence.gone_names)
+        assert await gray_weight(orphan) == 10
+        assert await reached_events(stub, "rel") == [("next", 0), ("reached", 0), ("next", 1), ("reached", 1)]
