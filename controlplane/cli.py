@@ -409,10 +409,10 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
             f"set --server or GRAYLANE_SERVER): {details}"
         )
     if code == grpc.StatusCode.UNAVAILABLE and _server_answered(details):
-        return f"graylane at {server} cannot reach its store, try again shortly: UNAVAILABLE: {details}"
+        return f"UNAVAILABLE: {details} (graylane at {server} answered: its store is out of reach; retry shortly)"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return (
-            f"graylane at {server} did not answer in time (raise --timeout?): DEADLINE_EXCEEDED; a change "
+            f"DEADLINE_EXCEEDED: graylane at {server} did not answer in time (raise --timeout?); a change "
             "may have been applied all the same: check with `graylane get` before retrying (see the README)"
         )
     return f"{code.name}: {details}" if details else code.name

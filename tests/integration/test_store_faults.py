@@ -26,7 +26,7 @@ from graylane.controlplane import model
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.errors import LeaseLost, NotFound, Unavailable
-from graylane.controlplane.local.etcd import EtcdCluster
+from graylane.controlplane.local.etcd import EtcdCluster, EtcdProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
@@ -266,7 +266,6 @@ async def _until(what: str, check: object, *, within: float) -> float:
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.chaos
 async def test_serve_survives_a_stall_longer_than_its_leases(
     tmp_path: pathlib.Path, etcd_endpoint: str, store: EtcdStore, processes: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -355,3 +354,36 @@ async def test_quorum_loss_degrades_and_recovers(
             assert all(proc.poll() is None for proc, _, _ in servers)
         finally:
             await store.close()
+
+
+async def test_health_follows_the_embedded_etcd(tmp_path: pathlib.Path, etcd_endpoint: str) -> None:
+    # etcd_endpoint only makes sure the etcd binary exists. An etcd of its own, killed as a
+    # full disk kills it; then started again on its data.
+    etcd = EtcdProcess(data_dir=tmp_path / "etcd")
+    await etcd.start()
+    try:
+        store = await connect(etcd.endpoint)
+        plane = ControlPlane(
+            store, api_listen="127.0.0.1:0", xds_listen=None, http_listen="127.0.0.1:0", embedded_etcd=etcd
+        )
+        async with plane.running():
+            port = plane.http_port
+            await _until("healthy", lambda: _is_200(port), within=10)
+            etcd.kill()
+            await _until("503", lambda: _is_503(port), within=10)
+            status, body = await asyncio.to_thread(_health, port)
+            assert "embedded etcd exited" in body, body
+            await etcd.start()
+            took = await _until("healthy again", lambda: _is_200(port), within=10)
+            print(f"healthy {took:.1f} s after etcd answered again")
+        await store.close()
+    finally:
+        await etcd.stop()
+
+
+async def _is_503(port: int) -> bool:
+    return (await asyncio.to_thread(_health, port))[0] == 503
+
+
+async def _is_200(port: int) -> bool:
+    return (await asyncio.to_thread(_health, port))[0] == 200

@@ -134,7 +134,7 @@ def test_connection_flags_before_or_after_the_command(monkeypatch: pytest.Monkey
     monkeypatch.delenv("GRAYLANE_SERVER", raising=False)
     monkeypatch.setenv("GRAYLANE_ACTOR", "pipeline-7")
     args = _parse(["get"])
-    assert (args.server, args.actor, args.timeout) == (f"127.0.0.1:{DEFAULT_API_PORT}", "pipeline-7", 10.0)
+    assert (args.server, args.actor, args.timeout) == (f"127.0.0.1:{DEFAULT_API_PORT}", "pipeline-7", 15.0)
     args = _parse(["--server", "cp:1", "get", "--actor", "bob", "--timeout", "2.5"])
     assert (args.server, args.actor, args.timeout) == ("cp:1", "bob", 2.5)
 
