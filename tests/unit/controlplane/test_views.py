@@ -1,0 +1,78 @@
+"""views: which lane proxies are served under a NACK hold, and how convergence is counted."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from graylane.controlplane import model, views
+from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
+from graylane.xds import view as xv
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+NACK = model.Nack(node="strict", type_url="rds", version="v", message="too big", at=NOW)
+
+
+def release(phase: Phase = Phase.PROGRESSING, batch: int = 1, **status: object) -> Release:
+    spec = ReleaseSpec(
+        lane="lane",
+        entry="checkout",
+        services=(ServiceVersions("checkout", "v1", "v2"),),
+        strategy=Strategy.CANARY,
+        match=(),
+        batches=tuple(Batch(w, None) for w in (10, 50, 100)),
+    )
+    return Release("r", spec, ReleaseStatus(phase=phase, batch=batch, **status), created=NOW)  # type: ignore[arg-type]
+
+
+def view_with(*lanes: xv.Lane, base: str = "v1") -> xv.RoutingView:
+    return xv.RoutingView(services=(xv.ServiceRoute("checkout", base),), endpoints=(), lanes=lanes)
+
+
+def test_a_held_release_serves_the_batch_its_proxies_accepted() -> None:
+    held = release(Phase.PAUSED, 1, last_nack=NACK, held_batch=0)
+    assert views.served_lane(held) == views.lane_of(release(batch=0))
+    assert model.served_weight_of(held.spec, held.status) == 10
+    assert model.weight_of(held.spec, held.status) == 50
+    never = release(Phase.PAUSED, 0, last_nack=NACK, held_batch=-1)
+    assert views.served_lane(never) is None and model.served_weight_of(never.spec, never.status) == 0
+
+
+def test_accepted_batch_finds_the_batch_a_proxy_carries() -> None:
+    r = release(batch=1)
+    assert views.accepted_batch(r, view_with(views.lane_of(release(batch=0)))) == 0
+    assert views.accepted_batch(r, view_with()) == -1
+    assert views.accepted_batch(r, None) == -1
+
+
+def test_a_proxy_that_never_carries_the_target_is_lagging_then_gone_and_named() -> None:
+    r = release(batch=0)
+    intended = view_with(views.lane_of(r))
+    proxies = [
+        views.ProxyFacts("good", intended, since=100.0),
+        views.ProxyFacts("mute", None, since=100.0, problem="rejected it"),
+    ]
+
+    def at(now: float) -> views.Progress:
+        return views.release_progress(
+            r, intended=intended, effective=intended, proxies=proxies, target_since=100.0, now=now, stale_seconds=30
+        )
+
+    early = at(110.0)
+    assert (early.proxies, early.converged, early.gone, early.reached) == (2, 1, 0, False)
+    assert early.lagging == ("mute: rejected: rejected it",) and early.next_deadline == 130.0
+    late = at(130.0)
+    assert (late.proxies, late.converged, late.gone, late.reached) == (1, 1, 1, True)
+    assert late.gone_names[0].startswith("mute")
+
+
+def test_rollback_and_promote_are_carried_once_the_lane_is_gone() -> None:
+    lane = views.lane_of(release(batch=0))
+    rolled = release(Phase.ROLLED_BACK, 0)
+    promoted = release(Phase.SUCCEEDED, 0)
+    assert views.followed(rolled) and not views.followed(replace(rolled, status=replace(rolled.status, reached=True)))
+    end = view_with()
+    for r, carried_end in ((rolled, end), (promoted, view_with(base="v2"))):
+        assert views.target_in(carried_end, r) == views.target_of(r)
+        assert views.target_in(view_with(lane), r) != views.target_of(r)
+    assert views.fingerprint(views.target_of(rolled)) == "-"
