@@ -166,7 +166,7 @@ def status_summary(release: release_pb2.Release) -> str:
         phase_name(status.phase),
         f"batch {batch_label(release)}",
         f"weight {status.weight}%"
-        if status.served_weight == status.weight
+        if not status.HasField("held_batch")
         else f"weight {status.served_weight}% served (held by a NACK; the batch asks {status.weight}%)",
         f"{'reached' if status.reached else 'not reached'}"
         f" ({convergence.converged}/{convergence.proxies} proxies converged)",

@@ -295,7 +295,14 @@ def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
     assert data["name"] == "checkout-v2"
     assert data["status"]["phase"] == "PROGRESSING"
     assert data["status"]["batch"] == 0  # the first batch, not a missing key
-    assert data["status"]["convergence"] == {"proxies": 3, "converged": 1, "target_version": "r42"}
+    assert data["status"]["convergence"] == {
+        "proxies": 3,
+        "converged": 1,
+        "target_version": "r42",
+        "lagging": [],
+        "gone": 0,
+        "gone_names": [],
+    }
     assert data["spec"]["batches"][0] == {"weight": 10, "pause": {"manual": True}}
     assert data["revision"] == "42"  # proto JSON writes 64-bit integers as strings
 
