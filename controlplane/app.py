@@ -132,6 +132,7 @@ class ControlPlane:
         self.telemetry.observe_proxies(self.tracker)
         self.telemetry.observe_releases(self._releases_by_phase)
         self.telemetry.observe_agents(lambda: len(self.agents.sessions))
+        self.telemetry.observe_store(lambda: self.store_problem is None)
 
     def _releases_by_phase(self) -> dict[str, int] | None:
         snap = self.dataplane.snapshot

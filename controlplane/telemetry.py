@@ -59,6 +59,7 @@ METRIC_XDS_NACKS = "graylane_xds_nacks_total"
 METRIC_RELEASES = "graylane_releases"
 METRIC_ANALYSIS = "graylane_analysis_total"
 METRIC_AGENTS_CONNECTED = "graylane_agents_connected"
+METRIC_STORE_UP = "graylane_store_up"
 
 #: Outcomes `analysis_outcome` accepts (the `outcome` label).
 ANALYSIS_OUTCOMES = frozenset({"pass", "fail", "inconclusive"})
@@ -176,6 +177,7 @@ class Telemetry:
         self._proxies: Callable[[], int] | None = None
         self._releases: Callable[[], Mapping[str, int] | None] | None = None
         self._agents: Callable[[], int] | None = None
+        self._store_up: Callable[[], bool] | None = None
 
         meter.create_observable_gauge(
             METRIC_PROXIES_CONNECTED,
@@ -205,6 +207,11 @@ class Telemetry:
             callbacks=[self._observe_agents],
             description="Cluster agents with an open session to this replica",
         )
+        meter.create_observable_gauge(
+            METRIC_STORE_UP,
+            callbacks=[self._observe_store],
+            description="1 while this replica can use etcd (a quorum answers), 0 while it cannot",
+        )
 
         self._tracing = self._tracer_provider(resource, otlp_endpoint, span_exporter)
         self.tracer: trace.Tracer = (
@@ -229,6 +236,9 @@ class Telemetry:
 
     def observe_agents(self, count: Callable[[], int]) -> None:
         self._agents = count
+
+    def observe_store(self, up: Callable[[], bool]) -> None:
+        self._store_up = up
 
     # -------------------------------------------------------------------- events
 
@@ -328,6 +338,10 @@ class Telemetry:
     def _observe_agents(self, options: CallbackOptions) -> Iterator[Observation]:
         if self._agents is not None:
             yield Observation(self._agents())
+
+    def _observe_store(self, options: CallbackOptions) -> Iterator[Observation]:
+        if self._store_up is not None:
+            yield Observation(int(self._store_up()))
 
 
 def agent_telemetry(tracker: ProxyTracker, *, otlp_endpoint: str | None = None) -> Telemetry:

@@ -235,6 +235,11 @@ def _health(http_port: int) -> tuple[int, str]:
         return 0, str(exc)
 
 
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=3) as resp:
+        return str(resp.read().decode())
+
+
 def _graylane(server: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "graylane"), "--server", server, *args], capture_output=True, text=True, timeout=60
@@ -373,6 +378,8 @@ async def test_health_follows_the_embedded_etcd(tmp_path: pathlib.Path, etcd_end
             await _until("503", lambda: _is_503(port), within=10)
             status, body = await asyncio.to_thread(_health, port)
             assert "embedded etcd exited" in body, body
+            metrics = await asyncio.to_thread(_get_text, f"http://127.0.0.1:{port}/metrics")
+            assert "graylane_store_up 0" in metrics, metrics
             await etcd.start()
             took = await _until("healthy again", lambda: _is_200(port), within=10)
             print(f"healthy {took:.1f} s after etcd answered again")
