@@ -26,6 +26,12 @@ The agent runs this for its cluster's Envoys; in single-cluster mode the control
 runs it for the Envoys it serves, finding each admin endpoint in the node metadata
 (`ADMIN_METADATA`).
 
+Bounded: `read_all` reads at most `max_concurrency` admin endpoints at once, and an
+endpoint that did not answer is not asked again until its backoff (doubling from
+`backoff_s` up to `max_backoff_s`, reset by an answer) has passed; until then it is
+reported unreachable without a request. A fleet of dead admins costs a few requests a
+minute each, not one a tick.
+
 Concurrency: one asyncio loop; a scraper owns one aiohttp session (keep-alive to every
 admin endpoint it reads). Must not import: etcd, graylane.controlplane.
 """
@@ -35,7 +41,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -209,9 +216,32 @@ class EnvoyStatsScraper:
     ``async with EnvoyStatsScraper() as scraper: await scraper.scrape("127.0.0.1:9901")``
     """
 
-    def __init__(self, *, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float = 2.0,
+        max_concurrency: int = 32,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._failing: dict[str, tuple[int, float]] = {}  # admin -> (failures in a row, retry at)
+
+    def backing_off(self, admin: str) -> bool:
+        """Whether `admin` failed lately and is not to be asked before its retry time."""
+        failing = self._failing.get(admin)
+        return failing is not None and self._clock() < failing[1]
+
+    def _failed(self, admin: str) -> None:
+        failures = self._failing.get(admin, (0, 0.0))[0] + 1
+        delay = min(self._backoff_s * 2 ** (failures - 1), self._max_backoff_s)
+        self._failing[admin] = (failures, self._clock() + delay)
 
     async def __aenter__(self) -> EnvoyStatsScraper:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
@@ -236,24 +266,33 @@ class EnvoyStatsScraper:
             "filter": METRICS_FILTER if latency else STATS_FILTER,
         }
         try:
-            async with self._session.get(url, params=params) as response:
+            async with self._limit, self._session.get(url, params=params) as response:
                 if response.status != 200:
                     raise StatsUnavailable(f"{admin}: /stats answered {response.status}")
                 document = await response.json(content_type=None)
+            if not isinstance(document, dict):
+                raise StatsUnavailable(f"{admin}: /stats answered JSON that is not an object")
+        except StatsUnavailable:
+            self._failed(admin)
+            raise
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._failed(admin)
             raise StatsUnavailable(f"{admin}: {exc or type(exc).__name__}") from exc
-        if not isinstance(document, dict):
-            raise StatsUnavailable(f"{admin}: /stats answered JSON that is not an object")
+        self._failing.pop(admin, None)
         return parse_json_stats(document)
 
     async def read_all(
         self, admins: Mapping[str, str], *, latency: bool = True
     ) -> tuple[dict[str, dict[TrafficKey, ClusterStats]], tuple[str, ...]]:
-        """Per proxy (node id -> admin address) its reading, and the unreachable ones."""
-        names = sorted(admins)
+        """Per proxy (node id -> admin address) its reading, and the unreachable ones
+        (those that failed now, and those still backing off from an earlier failure)."""
+        unreachable: list[str] = sorted(n for n, a in admins.items() if self.backing_off(a))
+        skipped = set(unreachable)
+        names = sorted(n for n in admins if n not in skipped)
+        for gone in self._failing.keys() - set(admins.values()):
+            del self._failing[gone]
         results = await asyncio.gather(*(self.read(admins[n], latency=latency) for n in names), return_exceptions=True)
         good: dict[str, dict[TrafficKey, ClusterStats]] = {}
-        unreachable: list[str] = []
         for name, result in zip(names, results, strict=True):
             if isinstance(result, StatsUnavailable):
                 unreachable.append(name)
@@ -261,7 +300,7 @@ class EnvoyStatsScraper:
                 raise result
             else:
                 good[name] = result
-        return good, tuple(unreachable)
+        return good, tuple(sorted(unreachable))
 
     async def scrape(self, admin: str) -> dict[TrafficKey, TrafficCounters]:
         """The counters of the Envoy whose admin endpoint is `admin` ("host:port")."""

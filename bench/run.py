@@ -35,6 +35,7 @@ from graylane.controlplane.local.stack import local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
+from graylane.xds import plan as xds_plan
 from graylane.xds import resources
 from graylane.xds.render import render
 from graylane.xds.view import (
@@ -50,6 +51,7 @@ from graylane.xds.view import (
     VersionEndpoints,
 )
 from scale import bench_fleet, describe  # noqa: E402
+from scraper import scrape_cpu  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SERVICE = "checkout"
@@ -57,7 +59,14 @@ RELEASE = "bench"
 WEIGHTS = tuple(range(5, 101, 5))  # 20 batches: 5, 10, ..., 100
 
 # Bounds. Every loop below stops at its count or its time budget, whichever comes first.
-RENDER_PLAN = ((10, 300, 3.0), (100, 100, 6.0), (1000, 30, 20.0))  # (services, max reps, max seconds)
+RENDER_PLAN = (  # (services, max reps, max seconds)
+    (10, 300, 3.0),
+    (100, 100, 6.0),
+    (1000, 30, 20.0),
+    (3000, 7, 15.0),
+    (10000, 5, 25.0),
+)
+PLAN_REPS = 5
 RENDER_MIN_REPS = 3
 E2E_BUDGET_SECONDS = 60.0  # the latency loops (after setup)
 ROLLBACK_CYCLES = 30  # rollback -> restart -> next cycles after the first pass
@@ -140,7 +149,22 @@ def bench_render() -> list[dict[str, object]]:
             t0 = time.perf_counter()
             render(view, listen_port=10000)
             times.append((time.perf_counter() - t0) * 1000)
+        # plan(): a stream's first plan in a state (computed, then shared), and the next
+        # stream in the same state (the shared plan); acked = sent = the previous render.
+        held = {t: dict(res[t].items) for t in resources.PUSH_ORDER}
+        computed: list[float] = []
+        shared: list[float] = []
+        for _ in range(PLAN_REPS):
+            target = render(view, listen_port=10000)
+            t0 = time.perf_counter()
+            xds_plan.plan(target, acked=held, sent=held)
+            computed.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            xds_plan.plan(target, acked=held, sent=held)
+            shared.append((time.perf_counter() - t0) * 1000)
         row = {
+            "plan_ms": med(computed),
+            "plan_shared_ms": med(shared),
             "services": n,
             "lanes": len(view.lanes),
             "clusters": len(res[resources.CLUSTER]),
@@ -296,13 +320,25 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
         "## 1. Render cost",
         "",
         "`render(view, listen_port=10000)`: n services on v1 (2 endpoints each); every 10th service has a v2 "
-        "and its own lane (header rule + weight 20). Time per call (includes content hashing of every resource); "
-        "size of the serialized RouteConfiguration.",
+        "and its own lane (header rule + weight 20). Time per call (includes serialising and hashing every "
+        "resource once); size of the serialized RouteConfiguration. `plan` is `graylane.xds.plan.plan` for a "
+        "stream holding the previous render (median of 5): computed once per distinct (target, ACKed, sent) "
+        "state, and then shared by every stream in that state.",
         "",
     ]
     parts.append(
         table(
-            ["services", "lanes", "clusters", "runs", "median ms", "p90 ms", "RouteConfiguration bytes"],
+            [
+                "services",
+                "lanes",
+                "clusters",
+                "runs",
+                "median ms",
+                "p90 ms",
+                "RouteConfiguration bytes",
+                "plan ms (computed)",
+                "plan ms (shared)",
+            ],
             [
                 [
                     str(r["services"]),
@@ -312,6 +348,8 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
                     f"{r['median_ms']:.2f}",
                     f"{r['p90_ms']:.2f}",
                     f"{r['route_bytes']:,}",
+                    f"{r['plan_ms']:.2f}",
+                    f"{r['plan_shared_ms']:.3f}",
                 ]
                 for r in render_rows
             ],
@@ -447,6 +485,32 @@ async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: s
     return fleet_section(title, command, rows)
 
 
+SCRAPER_TARGETS = 1000
+SCRAPER_SECONDS = 20.0
+
+
+async def bench_scraper() -> str:
+    rows = []
+    for bounded in (False, True):
+        r = await scrape_cpu(targets=SCRAPER_TARGETS, seconds=SCRAPER_SECONDS, bounded=bounded)
+        label = "bounded: 32 at once, backoff 1 s doubling to 60 s" if bounded else "unbounded, no backoff (before)"
+        print(f"  scraper {label}: {r['cpu_pct']:.1f} % CPU", flush=True)
+        rows.append([label, f"{r['cpu_pct']:.1f} %", f"{r['requests']:,.0f}", f"{r['ticks']:.0f}"])
+    return "\n".join(
+        [
+            "## 6. Stats scraper with dead admin endpoints",
+            "",
+            f"`EnvoyStatsScraper.read_all` every 1 s over {SCRAPER_TARGETS:,} admin addresses on loopback ports "
+            f"nothing listens on (connection refused), for {SCRAPER_SECONDS:g} s (bench/scraper.py); CPU of the "
+            "process over wall time. The control plane's log gets one summary line when the set of dead admins "
+            "changes (a count and five names), not a line naming all of them.",
+            "",
+            table(["setting", "CPU (share of one core)", "requests sent", "ticks"], rows),
+            "",
+        ]
+    )
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", action="store_true", help="only the 10,000-stream fleet (bounded in time)")
@@ -473,7 +537,9 @@ async def main() -> int:
     e2e = await bench_e2e()
     print("4. fleet", flush=True)
     section = await run_fleet(fleet_size, title, command)
-    text = report(render_rows, e2e, started) + "\n" + section
+    print("6. stats scraper", flush=True)
+    scraper_text = await bench_scraper()
+    text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
     if f"## {scale_title}" in old:  # keep the last --scale run

@@ -118,6 +118,9 @@ def _sum(at: float, interval_s: float, parts: Sequence[Sample]) -> Sample:
     )
 
 
+_NAMED = 5  # dead admins named in the summary log line
+
+
 class EnvoyAdminSource:
     """Reads each target Envoy's admin `/stats` (JSON, with latency buckets) every tick.
 
@@ -155,9 +158,18 @@ class EnvoyAdminSource:
             self._read_at.pop(gone, None)
         readings, unreachable = await scraper.read_all({node: admin for node, (admin, _) in targets.items()})
         if frozenset(unreachable) != self._unreachable:
+            # One summary line (a count and a few names), not one name per dead proxy.
             self._unreachable = frozenset(unreachable)
             if unreachable:
-                log.warning("metrics: admin endpoint of %s not answering", ", ".join(unreachable))
+                shown = ", ".join(unreachable[:_NAMED])
+                more = f" and {len(unreachable) - _NAMED} more" if len(unreachable) > _NAMED else ""
+                log.warning(
+                    "metrics: %d of %d admin endpoints not answering (%s%s)",
+                    len(unreachable),
+                    len(targets),
+                    shown,
+                    more,
+                )
         parts: dict[SeriesKey, list[Sample]] = {}
         for node, reading in readings.items():
             cluster = targets[node][1]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 
+from aiohttp import web
 from graylane.agent.stats import (
     METRICS_FILTER,
     ClusterStats,
+    EnvoyStatsScraper,
     TrafficCounters,
     parse_json_stats,
     parse_stats,
@@ -119,3 +123,66 @@ def test_text_stats_ignore_sub_scopes_too() -> None:
 
 def test_the_filter_asks_for_the_histogram() -> None:
     assert "upstream_rq_time" in METRICS_FILTER and METRICS_FILTER.startswith("^cluster\\.")
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_dead_admin_is_backed_off_doubling_and_forgiven_by_an_answer() -> None:
+    now = [1000.0]
+    dead = f"127.0.0.1:{_closed_port()}"
+    async with EnvoyStatsScraper(backoff_s=1.0, max_backoff_s=4.0, clock=lambda: now[0]) as scraper:
+        attempts = []
+        real_failed = scraper._failed
+
+        def counting(admin: str) -> None:
+            attempts.append(admin)
+            real_failed(admin)
+
+        scraper._failed = counting  # type: ignore[method-assign]
+        for step, expect_attempts in ((0.0, 1), (0.5, 1), (0.6, 2), (1.0, 2), (1.1, 3), (4.0, 4), (3.9, 4), (0.2, 5)):
+            now[0] += step
+            good, unreachable = await scraper.read_all({"proxy-a": dead})
+            assert good == {} and unreachable == ("proxy-a",)
+            assert len(attempts) == expect_attempts, (step, attempts)
+        # Backoff is 1, 2, 4, then capped at 4 s.
+        assert scraper.backing_off(dead)
+        # A proxy that leaves is forgotten with its backoff.
+        await scraper.read_all({})
+        assert not scraper.backing_off(dead)
+
+
+async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
+    running = 0
+    peak = 0
+
+    async def stats(request: web.Request) -> web.Response:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return web.json_response({"stats": []})
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        admins = {f"proxy-{i}": f"127.0.0.1:{port}" for i in range(12)}
+        async with EnvoyStatsScraper(max_concurrency=3) as scraper:
+            good, unreachable = await scraper.read_all(admins)
+        assert sorted(good) == sorted(admins) and unreachable == ()
+        assert 1 <= peak <= 3
+    finally:
+        await runner.cleanup()
