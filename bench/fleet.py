@@ -150,106 +150,78 @@ class _Fleet:
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def _sotw(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        out: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
-        node = self.node(client)
-        out.put_nowait(discovery_pb2.DiscoveryRequest(node=node, type_url=CLUSTER))
-        out.put_nowait(discovery_pb2.DiscoveryRequest(type_url=LISTENER))
-        eds_nonce = ""
-        eds_version = ""
-        eds_names: tuple[str, ...] | None = None
-        rds_requested = False
-
-        async def requests() -> Any:
-            while True:
-                yield await out.get()
-
-        call = stub.StreamAggregatedResources(requests())
-        client.connected = True
-        async for resp in call:
-            t = resp.type_url
-            if t == CLUSTER:
-                names = self.decoded.eds_names(resp.version_info, resp.resources)
-                out.put_nowait(
-                    discovery_pb2.DiscoveryRequest(
-                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce
-                    )
-                )
-                if names != eds_names:
-                    eds_names = names
-                    out.put_nowait(
-                        discovery_pb2.DiscoveryRequest(
-                            type_url=ENDPOINT,
-                            version_info=eds_version,
-                            response_nonce=eds_nonce,
-                            resource_names=names,
+        Req = discovery_pb2.DiscoveryRequest
+        call = stub.StreamAggregatedResources()
+        try:
+            await call.write(Req(node=self.node(client), type_url=CLUSTER))
+            await call.write(Req(type_url=LISTENER))
+            client.connected = True
+            eds_nonce = ""
+            eds_version = ""
+            eds_names: tuple[str, ...] | None = None
+            rds_requested = False
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                t = resp.type_url
+                ack = Req(type_url=t, version_info=resp.version_info, response_nonce=resp.nonce)
+                if t == CLUSTER:
+                    names = self.decoded.eds_names(resp.version_info, resp.resources)
+                    await call.write(ack)
+                    if names != eds_names:
+                        eds_names = names
+                        await call.write(
+                            Req(
+                                type_url=ENDPOINT,
+                                version_info=eds_version,
+                                response_nonce=eds_nonce,
+                                resource_names=names,
+                            )
                         )
-                    )
-            elif t == ENDPOINT:
-                eds_nonce, eds_version = resp.nonce, resp.version_info
-                out.put_nowait(
-                    discovery_pb2.DiscoveryRequest(
-                        type_url=t,
-                        version_info=resp.version_info,
-                        response_nonce=resp.nonce,
-                        resource_names=eds_names or (),
-                    )
-                )
-            elif t == LISTENER:
-                out.put_nowait(
-                    discovery_pb2.DiscoveryRequest(
-                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce
-                    )
-                )
-                if not rds_requested:
-                    rds_requested = True
-                    out.put_nowait(discovery_pb2.DiscoveryRequest(type_url=ROUTE, resource_names=[ROUTE_CONFIG]))
-            elif t == ROUTE:
-                out.put_nowait(
-                    discovery_pb2.DiscoveryRequest(
-                        type_url=t,
-                        version_info=resp.version_info,
-                        response_nonce=resp.nonce,
-                        resource_names=[ROUTE_CONFIG],
-                    )
-                )
-                for any_msg in resp.resources:
-                    client.saw(self.decoded.weight(resp.version_info, any_msg))
+                elif t == ENDPOINT:
+                    eds_nonce, eds_version = resp.nonce, resp.version_info
+                    ack.resource_names.extend(eds_names or ())
+                    await call.write(ack)
+                elif t == LISTENER:
+                    await call.write(ack)
+                    if not rds_requested:
+                        rds_requested = True
+                        await call.write(Req(type_url=ROUTE, resource_names=[ROUTE_CONFIG]))
+                elif t == ROUTE:
+                    ack.resource_names.append(ROUTE_CONFIG)
+                    await call.write(ack)
+                    for any_msg in resp.resources:
+                        client.saw(self.decoded.weight(resp.version_info, any_msg))
+        finally:
+            call.cancel()
 
     async def _delta(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        out: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
         Req = discovery_pb2.DeltaDiscoveryRequest
-        out.put_nowait(Req(node=self.node(client), type_url=CLUSTER))
-        out.put_nowait(Req(type_url=LISTENER))
-        out.put_nowait(Req(type_url=ROUTE, resource_names_subscribe=[ROUTE_CONFIG]))
-        subscribed: set[str] = set()
-        eds_started = False
-
-        async def requests() -> Any:
-            while True:
-                yield await out.get()
-
-        call = stub.DeltaAggregatedResources(requests())
-        client.connected = True
-        async for resp in call:
-            t = resp.type_url
-            if t == CLUSTER:
-                added = [r.name for r in resp.resources if r.name not in subscribed]
-                gone = [n for n in resp.removed_resources if n in subscribed]
-                subscribed.update(added)
-                subscribed.difference_update(gone)
-                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
-                if added or gone or not eds_started:
-                    eds_started = True
-                    out.put_nowait(
-                        Req(type_url=ENDPOINT, resource_names_subscribe=added, resource_names_unsubscribe=gone)
-                    )
-            elif t == ROUTE:
-                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
-                for r in resp.resources:
-                    if r.name == ROUTE_CONFIG:
-                        client.saw(self.decoded.weight(r.version, r.resource))
-            else:
-                out.put_nowait(Req(type_url=t, response_nonce=resp.nonce))
+        call = stub.DeltaAggregatedResources()
+        try:
+            await call.write(Req(node=self.node(client), type_url=CLUSTER))
+            await call.write(Req(type_url=LISTENER))
+            await call.write(Req(type_url=ROUTE, resource_names_subscribe=[ROUTE_CONFIG]))
+            client.connected = True
+            subscribed: set[str] = set()
+            eds_started = False
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                t = resp.type_url
+                await call.write(Req(type_url=t, response_nonce=resp.nonce))
+                if t == CLUSTER:
+                    added = [r.name for r in resp.resources if r.name not in subscribed]
+                    gone = [n for n in resp.removed_resources if n in subscribed]
+                    subscribed.update(added)
+                    subscribed.difference_update(gone)
+                    if added or gone or not eds_started:
+                        eds_started = True
+                        await call.write(
+                            Req(type_url=ENDPOINT, resource_names_subscribe=added, resource_names_unsubscribe=gone)
+                        )
+                elif t == ROUTE:
+                    for r in resp.resources:
+                        if r.name == ROUTE_CONFIG:
+                            client.saw(self.decoded.weight(r.version, r.resource))
+        finally:
+            call.cancel()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -523,7 +523,7 @@ async def main() -> int:
     if args.streams:
         fleet_size = (args.streams, *fleet_size[1:])
     title = "5. Fleet at scale" if args.scale else "4. Fleet"
-    command = "bench/run.py --scale" if args.scale else "make bench"
+    command = "bench/run.py --scale" if args.scale else "bench/run.py --fleet-only" if args.fleet_only else "make bench"
     if args.scale or args.fleet_only:
         section = await run_fleet(fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""))
         print(section)
