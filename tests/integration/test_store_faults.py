@@ -8,6 +8,7 @@ recovers by itself. Real etcd only (a member cluster on loopback for quorum loss
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import signal
@@ -121,7 +122,9 @@ async def test_replica_registry_registers_again_after_its_lease_is_lost(store: E
 # ----------------------------------------------------------------------- large history
 
 
-async def test_more_than_4_mb_of_history_leaves_the_store_readable(store: EtcdStore) -> None:
+async def test_more_than_4_mb_of_history_leaves_the_store_readable(
+    store: EtcdStore, etcd_endpoint: str, tmp_path: pathlib.Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
     release = await _release(store)
     big = "r" * 600_000  # etcd takes one value up to 1.5 MiB; 8 of these are 4.8 MB
     sequence = 0  # the create event's
@@ -151,6 +154,15 @@ async def test_more_than_4_mb_of_history_leaves_the_store_readable(store: EtcdSt
         async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", timeout=10) as client:
             assert (await client.get_release("rel")).name == "rel"
             assert len((await client.history("rel")).events) == sequence + 1
+
+    # And `graylane serve` starts on it (it exited at every start while reads failed).
+    proc, server, _ = _serve(tmp_path, etcd_endpoint, store.prefix)
+    processes.append(proc)
+    await _until("serve answers", lambda: _graylane(server, "get", "rel").returncode == 0, within=30)
+    out = await asyncio.to_thread(_graylane, server, "history", "rel", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["events"]) == sequence + 1
+    assert proc.poll() is None
 
 
 # ------------------------------------------------------------------ deletes racing writes
