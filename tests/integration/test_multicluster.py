@@ -311,7 +311,8 @@ async def test_east_envoys_never_receive_west_local_resources(fresh: TwoClusters
         assert east.upstream.port not in west_ports and east.gateway_port in west_ports
     # Nor does east's agent ever hold them: the view it keeps on disk is east's view.
     kept = json.loads((east.agent.state_dir / "view.json").read_text())
-    ports = {e.get("port") for ve in kept["view"]["endpoints"] for e in ve.get("endpoints", [])}
+    assert kept["cluster"] == EAST  # the file names its cluster (agent/lkg.py)
+    ports = {e.get("port") for ve in kept["view"]["view"]["endpoints"] for e in ve.get("endpoints", [])}
     assert west.upstream.port not in ports and {east.upstream.port, west.gateway_port} <= ports
 
 
