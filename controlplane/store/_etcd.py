@@ -395,9 +395,11 @@ class EtcdStore:
         revision = int(found.header.revision)  # type: ignore[attr-defined]
         resp = await self._range(self._key("events", name) + b"/", revision=revision)
         out = []
-        for kv in resp.kvs:
+        for i, kv in enumerate(resp.kvs, start=1):
             e = _load(kv.value, pb.Event())
             out.append(_event_from_proto(e))  # type: ignore[arg-type]
+            if i % _PAGE == 0:
+                await asyncio.sleep(0)  # a long history parses in slices: xDS and the API keep going
         return out
 
     async def get_service(self, name: str) -> model.Service | None:
