@@ -32,7 +32,7 @@ from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.replicas import ReplicaRegistry
-from graylane.controlplane.store import EtcdStore, ReplicaProgress, connect
+from graylane.controlplane.store import EtcdStore, ReplicaProgress, Snapshot, connect
 from graylane.xds.tracker import ProxyTracker
 
 BIN = pathlib.Path(sys.executable).parent
@@ -169,15 +169,28 @@ async def test_more_than_4_mb_of_history_leaves_the_store_readable(
 
 
 class _DeletedAfterRead(EtcdStore):
-    """A real store where DeleteRelease lands right after each read of a release (the race)."""
+    """A real store where DeleteRelease lands right after each read of a release (the race),
+    and after the next snapshot once `delete_after_snapshot` is set."""
+
+    delete_after_snapshot = ""
 
     async def get_release(self, name: str) -> model.Release:
         current = await super().get_release(name)
+        await self._delete(name)
+        return current
+
+    async def snapshot(self, *, revision: int = 0) -> Snapshot:
+        snap = await super().snapshot(revision=revision)
+        name, self.delete_after_snapshot = self.delete_after_snapshot, ""
+        if name:
+            await self._delete(name)
+        return snap
+
+    async def _delete(self, name: str) -> None:
         try:
             await self.delete_release(name)
         except NotFound:
             pass
-        return current
 
 
 @pytest.fixture
@@ -202,6 +215,13 @@ async def test_delete_racing_a_status_write_ends_cleanly(racing: _DeletedAfterRe
     created = await _release(racing)
     with pytest.raises(NotFound):  # an API caller's note: NOT_FOUND, never an unhandled error
         await releases.note("rel", "note", Cause(actor="ci"), expected_revision=created.revision)
+
+    # ApplyRelease whose release is deleted between its read and its write creates it anew.
+    await _release(racing)
+    racing.delete_after_snapshot = "rel"
+    spec = replace(_spec(), batches=(model.Batch(weight=20, pause=None),))
+    applied = await releases.apply("rel", spec, Cause(actor="ci"))
+    assert applied.spec == spec and applied.status.phase is model.Phase.PENDING
 
 
 # ------------------------------------------------------------------ processes: graylane serve
