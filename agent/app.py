@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 DEFAULT_AGENT_XDS_PORT = 7402
 _GUARD_TICK_SECONDS = 0.5
+_DEFAULT_HOLD_SECONDS = 10.0  # before a welcome said the control plane's lease TTL
+
+
+def _local_versions(view: apb.RoutingView) -> set[tuple[str, str]]:
+    """(service, version)s `view` serves from this cluster's own endpoints."""
+    return {(ve.service, ve.version) for ve in view.endpoints if not ve.via_cluster and ve.endpoints}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,9 +132,53 @@ class Agent:
         self.health = AgentHealth(state=self.state, session=self.session, guard=self.guard, ready=self.ready.is_set)
         self.telemetry.registry.register(self.health)
         self._control_view: apb.ClusterView | None = None  # the control plane's, never the guard's
+        self._endpoints: apb.EndpointSnapshot | None = None  # what this cluster reports now
+        self._held: apb.ClusterView | None = None  # a view that dropped this cluster's own endpoints
+        self._hold_until: float | None = None
         self.xds_port = 0
 
+    def _dropped_own(self, message: apb.ClusterView) -> list[tuple[str, str]]:
+        """(service, version)s served now from this cluster's own endpoints, still reported by
+        it, that `message` no longer serves from them."""
+        if self._endpoints is None or self._control_view is None:
+            return []
+        reported = {(v.service, v.version) for v in self._endpoints.versions if v.endpoints}
+        return sorted(reported & _local_versions(self._control_view.view) - _local_versions(message.view))
+
     def _on_view(self, message: apb.ClusterView) -> None:
+        # A view without endpoints this cluster still reports is what a control plane sends
+        # when it lost its agents' registrations (a stall longer than their lease): serving
+        # it would fail every request to those versions. Hold it (keep serving the current
+        # view) for up to one lease TTL; a later view replaces it, and if the control plane
+        # still means it after that, it is applied.
+        dropped = self._dropped_own(message)
+        now = time.monotonic()
+        if dropped:
+            if self._hold_until is None:
+                self._hold_until = now + (self.session.lease_ttl_seconds or _DEFAULT_HOLD_SECONDS)
+                log.warning(
+                    "view %s lacks this cluster's own endpoints of %s, which it still reports: "
+                    "serving view %s for up to %.0fs",
+                    message.version,
+                    ", ".join(f"{s}/{v}" for s, v in dropped),
+                    self.relay.version,
+                    self._hold_until - now,
+                )
+            if now < self._hold_until:
+                self._held = message
+                self.health.held_view = f"view {message.version} lacks this cluster's endpoints of {dropped}"
+                return
+            log.warning("applying view %s without this cluster's endpoints of %s: held long enough", message.version,
+                        dropped)  # fmt: skip
+        self._held = self._hold_until = None
+        self.health.held_view = ""
+        self._apply(message)
+
+    def _release_held(self) -> None:
+        if self._held is not None and self._hold_until is not None and time.monotonic() >= self._hold_until:
+            self._on_view(self._held)
+
+    def _apply(self, message: apb.ClusterView) -> None:
         if self.relay.apply(message):
             self._control_view = message
             self.state.keep(message)  # a failure is counted and shown in /healthz and /metrics
@@ -183,6 +233,7 @@ class Agent:
         if self.source is None:
             return
         async for snapshot in self.source.watch():
+            self._endpoints = snapshot
             self.session.set_endpoints(snapshot)
 
     async def _follow_proxies(self) -> None:
@@ -194,6 +245,7 @@ class Agent:
     async def _guard_loop(self) -> None:
         while True:
             await asyncio.sleep(_GUARD_TICK_SECONDS)
+            self._release_held()
             since = self.session.disconnected_since
             if since is None and self.guard.pending:
                 self.session.add_guard_reports(self.guard.reconnected())

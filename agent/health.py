@@ -53,6 +53,7 @@ class AgentHealth(Collector):
         self._guard = guard
         self._ready = ready
         self.lkg_served = ""  # the view version served from disk at start, "" when none
+        self.held_view = ""  # why a view from the control plane is held back, "" when none is
 
     def document(self) -> dict[str, Any]:
         """The body of `/healthz`."""
@@ -68,6 +69,8 @@ class AgentHealth(Collector):
         away = None if since is None else round(time.monotonic() - since, 3)
         if away is not None:
             problems.append(f"control plane unreachable for {away:g}s")
+        if self.held_view:
+            problems.append(f"holding back {self.held_view}")
         if self._guard.aborted:
             problems.append(f"local guard routed lanes {sorted(self._guard.aborted)} to base")
         if not self._ready():
