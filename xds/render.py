@@ -28,7 +28,9 @@ so a request whose two carriers disagree still has exactly one lane.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 import re2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -66,6 +68,8 @@ from graylane.xds.view import (
 )
 
 __all__ = ["effective_view", "referenced_clusters", "render", "render_gateway"]
+
+_MessageT = TypeVar("_MessageT", bound=Message)
 
 # Retried failures are those where the request never reached the upstream application,
 # so a retry is always safe; it hides endpoint churn during a batch change.
@@ -115,6 +119,38 @@ def effective_view(view: RoutingView) -> RoutingView:
     return dataclasses.replace(view, lanes=lanes)
 
 
+class _Reuse:
+    """Messages of the latest renders by the inputs they were built from.
+
+    A change to one lane leaves every other cluster, endpoint set and virtual host the
+    same; reusing those objects keeps render proportional to what changed and lets the
+    encodings (`graylane.xds.resources.encoded`) and plans keyed by message identity hit.
+    The output is the same content either way. Generational: entries not used by the last
+    render are dropped at the next rotation, so the memory is bounded by two views. Callers
+    never mutate what render returns (nor does render, after building).
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[Hashable, Message] = {}
+        self._current: dict[Hashable, Message] = {}
+
+    def get(self, key: Hashable, build: Callable[[], _MessageT]) -> _MessageT:
+        found = self._current.get(key)
+        if found is None:
+            found = self._previous.get(key)
+            if found is None:
+                found = build()
+            self._current[key] = found
+        return found  # type: ignore[return-value]
+
+    def rotate(self) -> None:
+        """After a render: what it used is kept for the next one, the rest is dropped."""
+        self._previous, self._current = self._current, {}
+
+
+_reuse = _Reuse()
+
+
 class _Index:
     """Lookups over one view, built once per render so rendering is linear in its size.
 
@@ -157,15 +193,18 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     index = _Index(view)
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
+    timeout = view.connect_timeout_ms
     for service, version, lane in _cluster_keys(view, index):
         # Each cluster has its own EDS resource, even where two hold the same endpoints: a
         # new cluster warms only once Envoy receives its endpoints, and a resource the proxy
         # already holds would not be sent again.
         name = cluster_name(service, version, lane)
-        clusters[name] = _cluster(name, name, view.connect_timeout_ms)
-        assignments[name] = _load_assignment(name, index.endpoints_of(service, version))
+        endpoints = index.endpoints_of(service, version)
+        clusters[name] = _reuse.get(("cluster", name, timeout), functools.partial(_cluster, name, name, timeout))
+        assignments[name] = _reuse.get(("cla", name, endpoints), functools.partial(_load_assignment, name, endpoints))
     listener = _listener(listen_address, listen_port)
     route_config = _route_config(view, index)
+    _reuse.rotate()
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
@@ -323,10 +362,24 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
 
 
 def _route_config(view: RoutingView, index: _Index) -> route_pb2.RouteConfiguration:
-    vhosts = [_virtual_host(service, index) for service in sorted(view.services, key=lambda s: s.name)]
+    services = sorted(view.services, key=lambda s: s.name)
     if any(ve.via_cluster for ve in view.endpoints):
+        vhosts = [_virtual_host(service, index) for service in services]
         for vhost in vhosts:
-            _rewrite_remote(vhost, index)
+            _rewrite_remote(vhost, index)  # rewrites in place: these are never reused
+    else:
+        vhosts = [
+            _reuse.get(
+                (
+                    "vhost",
+                    service,
+                    tuple(index.entering.get(service.name, ())),
+                    tuple(index.versioned.get(service.name, ())),
+                ),
+                functools.partial(_virtual_host, service, index),
+            )
+            for service in services
+        ]
     return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
 
 
