@@ -5,6 +5,12 @@ the last-known-good view is served first (so Envoys restarted during a control-p
 outage get their configuration), then the xDS server opens, then the control-plane
 session, the endpoint source, the proxy reports and the local guard run side by side.
 
+A view from the control plane that no longer serves versions from this cluster's own
+endpoints, while the cluster still reports them, is held (the current view stays) for up to
+one agent lease: it is what a control plane sends when it lost its agents' registrations.
+The local guard judges lanes by the cluster's own Envoy statistics (`LaneErrorRate` fed by
+the metrics reporter) and acts only while the control plane is away (`--guard-after`).
+
 Must not hold release logic: the control plane decides views, the agent applies them.
 """
 
