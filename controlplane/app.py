@@ -94,8 +94,9 @@ class ControlPlane:
         # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
         # every replica publishes what it counts of its own proxies and agents.
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
+        # The registry refreshes every second: a TTL of 3 s at least leaves two refreshes to spare.
         self.replicas = ReplicaRegistry(
-            store, self.tracker, identity=self.election.identity, ttl_seconds=leader_ttl_seconds
+            store, self.tracker, identity=self.election.identity, ttl_seconds=max(leader_ttl_seconds, 3)
         )
         self.dataplane = DataPlane(
             self.releases,
