@@ -350,6 +350,7 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
     await start_release(layout, weight=50)  # east's traffic crosses to west and back
     stall = 15.0
     mark = layout.serve.log_mark()
+    agent_marks = layout.log_marks()
     loads = [
         await load_process(cluster.sidecar.listen_port, stall + 15, headers)
         for cluster in (layout.east, layout.west)
@@ -376,3 +377,6 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
     for result in results:
         assert result["sent"] > 1000 and result["ok"] == result["sent"], results
     assert "did not run for" in layout.serve.log_text()[mark:] or "lapsed" in layout.serve.log_text()[mark:]
+    # The control plane held its views: no agent had to hold one that dropped its own endpoints.
+    for name, at in agent_marks.items():
+        assert "lacks this cluster's own endpoints" not in layout.clusters[name].agent.log_text()[at:], name
