@@ -265,17 +265,10 @@ class Agent:
                 now=time.time(),
             )
             if override is not None:
-                rates = ""
-                if self.error_rate is not None:
-                    lanes = {lane.name: lane for lane in view_from_proto(control.view).lanes}
-                    totals = [(name, *self.error_rate.totals(lanes[name])) for name in sorted(self.guard.aborted)]
-                    rates = "; ".join(
-                        f"{name}: {errors} errors in {requests} requests" for name, requests, errors in totals
-                    )
                 log.warning(
                     "local guard: the control plane is away; routing lanes %s to base (%s)",
                     sorted(self.guard.aborted),
-                    rates or "abort condition met",
+                    self.guard.pending[-1].reason if self.guard.pending else "abort condition met",
                 )
                 self.relay.apply(cluster_view(override))
 

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
@@ -29,6 +29,13 @@ class AbortCheck(Protocol):
     def __call__(self, view: xv.RoutingView) -> Iterable[str]:
         """Lanes of `view` whose abort condition local metrics meet now."""
         ...
+
+
+@runtime_checkable
+class ExplainedAbortCheck(AbortCheck, Protocol):
+    """An `AbortCheck` that also says what it saw, for the guard's report (the release history)."""
+
+    def explain(self, lane: xv.Lane) -> str: ...
 
 
 DEFAULT_MAX_ERROR_RATE = 0.5
@@ -84,6 +91,13 @@ class LaneErrorRate:
                 errors += series[key][1]
         return requests, errors
 
+    def explain(self, lane: xv.Lane) -> str:
+        requests, errors = self.totals(lane)
+        return (
+            f"{lane.name}: {errors} of {requests} gray requests failed in the last {self.window_seconds:g}s "
+            f"(limit {self.max_error_rate:.0%} of at least {self.min_requests})"
+        )
+
     def __call__(self, view: xv.RoutingView) -> list[str]:
         failing = []
         for lane in view.lanes:
@@ -121,10 +135,11 @@ class LocalGuard:
             return None
         self.aborted.update(newly)
         self.actions += len(newly)
-        report = apb.GuardReport(
-            lanes=newly,
-            reason=f"control plane unreachable for {disconnected_for:.1f}s and the abort condition was met locally",
-        )
+        reason = f"control plane unreachable for {disconnected_for:.1f}s and the abort condition was met locally"
+        if isinstance(self._check, ExplainedAbortCheck):
+            lanes = {lane.name: lane for lane in view.lanes}
+            reason += ": " + "; ".join(self._check.explain(lanes[name]) for name in newly)
+        report = apb.GuardReport(lanes=newly, reason=reason)
         report.at.FromNanoseconds(int(now * 1e9))
         self.pending.append(report)
         return without_lanes(view, self.aborted)

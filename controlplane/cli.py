@@ -620,7 +620,7 @@ def _add_agent(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--guard-error-rate",
-        type=float,
+        type=_share,
         default=0.5,
         metavar="SHARE",
         help="the local guard routes a lane to base when its gray versions fail this share of requests "
@@ -665,6 +665,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 3600 seconds")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 1")
     return value
 
 

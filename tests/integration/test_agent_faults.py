@@ -317,6 +317,7 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
 
         event = await poll(recorded, timeout=30, what="the guard's report in the history")
         assert event.actor == "graylane/agent/west" and "control plane unreachable" in event.reason
+        assert f"{LANE}: " in event.reason and "gray requests failed" in event.reason, event.reason
         guard_events = [e for e in (await layout.client.history(LANE)).events if e.action == "guard"]
         assert len(guard_events) == 1
     finally:

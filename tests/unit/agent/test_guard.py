@@ -142,3 +142,13 @@ def test_lane_error_rate_rejects_meaningless_settings() -> None:
     for bad in ({"max_error_rate": 0.0}, {"max_error_rate": 1.5}, {"min_requests": 0}, {"window_seconds": 0.0}):
         with pytest.raises(ValueError):
             LaneErrorRate(**bad)  # type: ignore[arg-type]
+
+
+def test_the_report_says_what_the_error_rate_check_saw() -> None:
+    check = LaneErrorRate(max_error_rate=0.5, min_requests=10, window_seconds=10.0)
+    check.observe(metrics_report(NOW, ("checkout", "v-a", "a", 20, 20)))
+    guard = LocalGuard(check, after_seconds=AFTER)
+    assert guard.tick(VIEW, disconnected_for=AFTER, now=NOW) is not None
+    [report] = guard.pending
+    assert list(report.lanes) == ["a"]
+    assert "a: 20 of 20 gray requests failed in the last 10s (limit 50% of at least 10)" in report.reason
