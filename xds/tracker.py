@@ -138,6 +138,11 @@ class ProxyTracker:
     def get(self, stream: str) -> ProxyStatus | None:
         return self._proxies.get(stream)
 
+    def of_node(self, node_id: str) -> tuple[ProxyStatus, ...]:
+        """The open streams presenting `node_id` (usually one), oldest first."""
+        found = (self._proxies[s] for s in self._by_node.get(node_id, ()) if s in self._proxies)
+        return tuple(sorted(found, key=lambda p: p.connected_at))
+
     def duplicate_node_ids(self) -> frozenset[str]:
         """Node ids with more than one open stream (each stream is still its own proxy)."""
         return frozenset(node_id for node_id, streams in self._by_node.items() if len(streams) > 1)

@@ -92,7 +92,7 @@ class Ads:
 
     def by_node(self, node_id: str) -> ProxyStatus | None:
         """The open stream of `node_id` (the tracker is keyed by stream)."""
-        return next((p for p in self.tracker.proxies().values() if p.node_id == node_id), None)
+        return next(iter(self.tracker.of_node(node_id)), None)
 
     async def converged(self, envoy: EnvoyProcess) -> ProxyStatus:
         """Wait until the proxy ACKed, resource by resource, the whole current snapshot."""

@@ -119,7 +119,7 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
         await asyncio.sleep(1.0)  # traffic pacing: let the outage last a second under load
         async with control_plane(store, xds_port=xds_port) as plane2:
             async with asyncio.timeout(15):
-                while not (p := plane2.tracker.get("steady")) or not all(t in p.acked for t in PUSH_ORDER):
+                while not (p := plane2.tracker.of_node("steady")) or not all(t in p[0].acked for t in PUSH_ORDER):
                     await asyncio.sleep(0.02)
             await asyncio.sleep(0.5)  # traffic pacing after the reconnect
             stop.set()
@@ -127,7 +127,7 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
             assert result.failed == 0, (result.statuses, result.errors)
             assert result.sent >= 300
             # Reconnected with what it had: the new replica sent it nothing.
-            assert plane2.tracker.get("steady").pushes == ()  # type: ignore[union-attr]
+            assert [s.pushes for s in plane2.tracker.of_node("steady")] == [()]
             async with grpc.aio.insecure_channel(f"127.0.0.1:{plane2.api_port}") as ch:
                 stub = api_grpc.ReleaseServiceStub(ch)
                 r = await stub.NextBatch(api.ActionRequest(name="rel"))
