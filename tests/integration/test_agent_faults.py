@@ -345,7 +345,6 @@ async def load_process(port: int, seconds: float, headers: dict[str, str]) -> as
     )  # fmt: skip
 
 
-@pytest.mark.chaos
 async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_agent_lease(fresh: TwoClusters) -> None:
     layout = fresh
     await start_release(layout, weight=50)  # east's traffic crosses to west and back
@@ -353,7 +352,8 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
     mark = layout.serve.log_mark()
     agent_marks = layout.log_marks()
     loads = [
-        await load_process(cluster.sidecar.listen_port, stall + 15, headers)
+        # 2 s before the stall, the stall, 8 s after the control plane runs again.
+        await load_process(cluster.sidecar.listen_port, 2 + stall + 8, headers)
         for cluster in (layout.east, layout.west)
         for headers in ({}, RULE_HEADER)
         if cluster.sidecar is not None
@@ -376,7 +376,7 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
     for result in results:
         print("stall load:", result)
     for result in results:
-        assert result["sent"] > 1000 and result["ok"] == result["sent"], results
+        assert result["sent"] > 2000 and result["ok"] == result["sent"], results
     assert "did not run for" in layout.serve.log_text()[mark:] or "lapsed" in layout.serve.log_text()[mark:]
     # The control plane held its views: no agent had to hold one that dropped its own endpoints.
     for name, at in agent_marks.items():
