@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gc
 import logging
@@ -37,7 +38,7 @@ from graylane.controlplane.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import plan as xds_plan
 from graylane.xds import resources
-from graylane.xds.render import render
+from graylane.xds.render import forget_reused, render
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
     Condition,
@@ -144,11 +145,20 @@ def bench_render() -> list[dict[str, object]]:
         weighted = sum(1 for vh in route.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters"))
         times: list[float] = []
         deadline = time.perf_counter() + max_seconds
+        changed: list[float] = []
         while len(times) < max_reps and (len(times) < RENDER_MIN_REPS or time.perf_counter() < deadline):
             gc.collect()
+            forget_reused()  # a full render: nothing reused from the previous one
             t0 = time.perf_counter()
             render(view, listen_port=10000)
             times.append((time.perf_counter() - t0) * 1000)
+            # The same view with one lane's weight changed: what a NextBatch re-renders.
+            lanes = list(view.lanes)
+            lanes[0] = dataclasses.replace(lanes[0], weight=lanes[0].weight % 90 + len(times))
+            gc.collect()
+            t0 = time.perf_counter()
+            render(dataclasses.replace(view, lanes=tuple(lanes)), listen_port=10000)
+            changed.append((time.perf_counter() - t0) * 1000)
         # plan(): a stream's first plan in a state (computed, then shared), and the next
         # stream in the same state (the shared plan); acked = sent = the previous render.
         held = {t: dict(res[t].items) for t in resources.PUSH_ORDER}
@@ -171,6 +181,7 @@ def bench_render() -> list[dict[str, object]]:
             "weighted_routes": weighted,
             "reps": len(times),
             "median_ms": med(times),
+            "change_ms": med(changed),
             "p90_ms": pct(times, 0.9),
             "route_bytes": route_bytes,
         }
@@ -317,11 +328,23 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
         f"- machine: {platform.platform()}; CPU: {cpu_model()}; os.cpu_count() = {os.cpu_count()}",
         f"- Python {platform.python_version()}; shared, noisy machine: medians and p90 over repeated runs",
         "",
+        render_section(render_rows),
+    ]
+    s = e2e["samples"]
+    assert isinstance(s, dict)
+    return _report_rest(parts, s, e2e, started)
+
+
+def render_section(render_rows: list[dict[str, object]]) -> str:
+    parts = [
         "## 1. Render cost",
         "",
         "`render(view, listen_port=10000)`: n services on v1 (2 endpoints each); every 10th service has a v2 "
-        "and its own lane (header rule + weight 20). Time per call (includes serialising and hashing every "
-        "resource once); size of the serialized RouteConfiguration. `plan` is `graylane.xds.plan.plan` for a "
+        "and its own lane (header rule + weight 20). Time per full render (nothing reused; includes serialising "
+        "and hashing every resource once), and per render of the same view with one lane's weight changed "
+        "(unchanged clusters, endpoint sets and virtual hosts reused from the previous render); "
+        "size of the serialized RouteConfiguration. "
+        "`plan` is `graylane.xds.plan.plan` for a "
         "stream holding the previous render (median of 5): computed once per distinct (target, ACKed, sent) "
         "state, and then shared by every stream in that state.",
         "",
@@ -333,8 +356,9 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
                 "lanes",
                 "clusters",
                 "runs",
-                "median ms",
+                "full render median ms",
                 "p90 ms",
+                "one lane changed ms",
                 "RouteConfiguration bytes",
                 "plan ms (computed)",
                 "plan ms (shared)",
@@ -347,6 +371,7 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
                     str(r["reps"]),
                     f"{r['median_ms']:.2f}",
                     f"{r['p90_ms']:.2f}",
+                    f"{r['change_ms']:.2f}",
                     f"{r['route_bytes']:,}",
                     f"{r['plan_ms']:.2f}",
                     f"{r['plan_shared_ms']:.3f}",
@@ -355,8 +380,11 @@ def report(render_rows: list[dict[str, object]], e2e: dict[str, object], started
             ],
         )
     )
-    s = e2e["samples"]
-    assert isinstance(s, dict)
+    parts.append("")
+    return "\n".join(parts)
+
+
+def _report_rest(parts: list[str], s: dict[str, list[float]], e2e: dict[str, object], started: float) -> str:
 
     def lat_row(label: str, vals: list[float]) -> list[str]:
         stats = (med(vals), pct(vals, 0.9), min(vals), max(vals))
@@ -485,6 +513,7 @@ async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: s
     return fleet_section(title, command, rows)
 
 
+NOTES_TITLE = "Notes"  # a hand-written section of RESULTS.md, kept by every run
 SCRAPER_TARGETS = 1000
 SCRAPER_SECONDS = 20.0
 
@@ -515,6 +544,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", action="store_true", help="only the 10,000-stream fleet (bounded in time)")
     parser.add_argument("--fleet-only", action="store_true", help="only the default fleet")
+    parser.add_argument("--render-only", action="store_true", help="only the render and plan costs")
     parser.add_argument("--streams", type=int, default=0, help="fleet size override")
     args = parser.parse_args()
     started = time.monotonic()
@@ -524,6 +554,11 @@ async def main() -> int:
         fleet_size = (args.streams, *fleet_size[1:])
     title = "5. Fleet at scale" if args.scale else "4. Fleet"
     command = "bench/run.py --scale" if args.scale else "bench/run.py --fleet-only" if args.fleet_only else "make bench"
+    if args.render_only:
+        section = render_section(bench_render())
+        print(section)
+        RESULTS.write_text(replace_section(RESULTS.read_text(), "1. Render cost", section))
+        return 0
     if args.scale or args.fleet_only:
         section = await run_fleet(fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""))
         print(section)
@@ -542,8 +577,11 @@ async def main() -> int:
     text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
-    if f"## {scale_title}" in old:  # keep the last --scale run
-        text = replace_section(text, scale_title, old[old.find(f"## {scale_title}") :])
+    for kept in (scale_title, NOTES_TITLE):  # the last --scale run, and the hand-written notes
+        if f"## {kept}" in old:
+            start = old.find(f"## {kept}")
+            end = old.find("\n## ", start + 3)
+            text = replace_section(text, kept, old[start:] if end < 0 else old[start : end + 1])
     print()
     print(text)
     RESULTS.write_text(text)

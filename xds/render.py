@@ -151,6 +151,12 @@ class _Reuse:
 _reuse = _Reuse()
 
 
+def forget_reused() -> None:
+    """Drop every reused message: the next render builds everything (benchmarks, tests)."""
+    _reuse.rotate()
+    _reuse.rotate()
+
+
 class _Index:
     """Lookups over one view, built once per render so rendering is linear in its size.
 
