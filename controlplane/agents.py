@@ -129,6 +129,7 @@ class AgentHub:
         self._await_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._stall_tick_at = 0.0
+        self._given_up: set[str] = set()  # awaited in vain: not held for again until back
 
     def on_report(self, callback: Callable[[], None]) -> None:
         """`callback` runs whenever an agent reports proxies (the DataPlane reconciles)."""
@@ -227,6 +228,7 @@ class AgentHub:
             log.warning(
                 "sending views without the clusters that did not register again: %s", ", ".join(sorted(self._awaited))
             )
+            self._given_up |= self._awaited.keys()
             self._awaited.clear()
             if self._snap is not None:
                 self.publish(self._snap)
@@ -237,10 +239,12 @@ class AgentHub:
         with_endpoints = {e.cluster for ce in snap.cluster_endpoints for e in ce.endpoints}
         # A connected agent whose registration lapsed under it: it registers again on its
         # next heartbeat, so wait for it rather than send a view without its endpoints.
+        self._given_up -= registered & with_endpoints  # back after all: may be held for again
         lapsed = {
             name: bool(session.endpoints)
             for name, session in self.sessions.items()
             if session.reported_revision
+            and name not in self._given_up
             and (name not in registered or (session.endpoints and name not in with_endpoints))
         }
         if lapsed:
