@@ -373,6 +373,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         self._hub.attach(session)
         reader = asyncio.create_task(self._read(session, requests))
+        outgoing: asyncio.Task[apb.ControlMessage] | None = None
         try:
             while True:
                 outgoing = asyncio.create_task(session.outbox.get())
@@ -390,6 +391,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the control plane's log")
                 return
         finally:
+            if outgoing is not None:
+                outgoing.cancel()  # a stream cancelled while waiting (the agent gave up on it)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
