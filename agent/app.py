@@ -48,7 +48,7 @@ from graylane.controlplane.http import HttpServer, metrics_route
 from graylane.controlplane.telemetry import agent_telemetry
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.cache import SnapshotCache
-from graylane.xds.server import AdsServer
+from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class Agent:
             self.health.route(http)
             await http.start()
             self.http_port = http.port
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         ads = AdsServer(self.cache, tracker=self.tracker)
         ads.add_to_server(server)
         self.xds_port = server.add_insecure_port(self.options.xds_listen)

@@ -123,6 +123,7 @@ class _Fleet:
         self.errors = 0
         self.reconnects = 0
         self.error_codes: collections.Counter[str] = collections.Counter()
+        self.error_details: collections.Counter[str] = collections.Counter()  # code: the status details
         self.channels: list[grpc.aio.Channel] = []
         self.stopping = False
 
@@ -141,6 +142,7 @@ class _Fleet:
                 code = "ended"
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
+                self.error_details[f"{code}: {(exc.details() or '')[:80]}"] += 1
             client.connected = False
             if self.stopping:
                 return
@@ -230,6 +232,7 @@ class _Fleet:
             "errors": self.errors,
             "reconnects": self.reconnects,
             "error_codes": dict(self.error_codes),
+            "error_details": dict(self.error_details.most_common(5)),
         }
 
     async def run(self, conn: multiprocessing.connection.Connection) -> None:

@@ -60,6 +60,7 @@ class FleetResult:
     api_errors: int = 0
     stream_errors: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
+    error_details: dict[str, int] = field(default_factory=dict)  # "CODE: details" -> count
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -209,6 +210,8 @@ async def bench_fleet(
             if res.configured >= streams:
                 res.connect_s = time.monotonic() - t_connect
                 break
+            if st and any(s["errors"] for s in st):
+                print(f"  connect: {res.configured} configured, errors {[s['error_details'] for s in st]}", flush=True)
             if time.monotonic() > deadline or time.monotonic() - started > budget:
                 res.notes.append(
                     f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{streams} configured"
@@ -280,6 +283,11 @@ async def bench_fleet(
             for k, v in s["error_codes"].items():
                 codes[k] = codes.get(k, 0) + v
         res.error_codes = codes
+        details: dict[str, int] = {}
+        for s in st:
+            for k, v in s.get("error_details", {}).items():
+                details[k] = details.get(k, 0) + v
+        res.error_details = dict(sorted(details.items(), key=lambda kv: -kv[1])[:5])
         res.rss_mib, res.hwm_mib = rss_mib()
         res.lag_max_ms = probe.max_ms
     res.elapsed_s = time.monotonic() - started
@@ -334,6 +342,9 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
         ("run time", f"{res.elapsed_s:.0f} s"),
     ]
+    if res.error_details:
+        causes = "; ".join(f"{k} x{v}" for k, v in res.error_details.items())
+        rows.insert(-1, ("stream error causes (code: status details, top 5)", causes))
     return rows
 
 

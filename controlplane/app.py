@@ -38,7 +38,7 @@ from graylane.controlplane.traffic import TrafficReader, admin_addresses
 from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
-from graylane.xds.server import AdsServer
+from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -198,7 +198,7 @@ class ControlPlane:
         if self._xds_listen is not None:
             # Envoys get their own server (and port): separate flow control and limits, and
             # the API can later require credentials the proxies do not carry.
-            xds_server = grpc.aio.server()
+            xds_server = grpc.aio.server(options=SERVER_OPTIONS)
             ads = AdsServer(self.cache, tracker=self.tracker)
             ads.add_to_server(xds_server)
             self.xds_port = xds_server.add_insecure_port(self._xds_listen)

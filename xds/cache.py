@@ -8,12 +8,14 @@ reconnects presenting a version it already has is recognised and not re-sent any
 Versions are the opaque content-derived strings of `graylane.xds.resources`, compared only
 for equality: every replica that holds the same content agrees on them.
 
-Concurrency: single asyncio loop; every method is called from that loop's thread.
+Concurrency: single asyncio loop; every method is called from that loop's thread. Waking
+the watches of a key with many streams continues in a task owned by the cache, in batches.
 Must not import: etcd, graylane.controlplane, graylane.agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 _V = TypeVar("_V")
 
 DEFAULT_KEY = "default"
+# A snapshot change wakes the streams of its key in batches of this many, yielding to the
+# loop between batches, so a change fanned out to thousands of streams never holds it.
+FANOUT_BATCH = 100
 LISTEN_PORT_METADATA = "listen_port"
 
 
@@ -187,6 +192,7 @@ class SnapshotCache:
         self._key_requested: list[Callable[[str], None]] = []
         self._key_released: list[Callable[[str], None]] = []
         self.history = _History(history_size)
+        self._fan_outs: set[asyncio.Task[None]] = set()
 
     def set_snapshot(self, key: str, resources: Resources) -> None:
         """Store a consistent snapshot for `key` and wake its streams; raises InconsistentSnapshot."""
@@ -198,8 +204,32 @@ class SnapshotCache:
         if previous is not None and _same_versions(previous, resources):
             return
         log.info("snapshot %s: %s", key, _describe(resources))
-        for watch in list(self._watches.get(key, ())):
+        watches = list(self._watches.get(key, ()))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            watches, rest = watches, []
+        else:
+            watches, rest = watches[:FANOUT_BATCH], watches[FANOUT_BATCH:]
+        for watch in watches:
             watch.on_change()
+        if rest:
+            task = asyncio.create_task(self._fan_out(key, rest))
+            self._fan_outs.add(task)
+            task.add_done_callback(self._fan_outs.discard)
+
+    async def _fan_out(self, key: str, watches: list[Watch]) -> None:
+        """Wake `watches` in batches, yielding between them: the loop keeps serving meanwhile.
+
+        A woken stream reads the latest snapshot whenever it runs, so a later change
+        overtaking this one loses nothing; a watch closed meanwhile is skipped.
+        """
+        for start in range(0, len(watches), FANOUT_BATCH):
+            await asyncio.sleep(0)
+            live = self._watches.get(key, set())
+            for watch in watches[start : start + FANOUT_BATCH]:
+                if watch in live:
+                    watch.on_change()
 
     def snapshot(self, key: str) -> Resources | None:
         return self._snapshots.get(key)

@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -61,6 +64,19 @@ log = logging.getLogger(__name__)
 
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
 WILDCARD = "*"
+WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
+
+# gRPC server options for the xDS port. A fleet reconnecting at once (a replica restarted)
+# opens thousands of streams in a second; C-core cancels calls the application has not
+# picked up yet beyond `max_pending_requests` (default 1,000, probabilistically up to the
+# hard limit of 3,000), which the proxies see as CANCELLED / INTERNAL and retry, making
+# the storm worse. The loop picks every call up within a few ms once it runs, so queueing
+# them is the cheaper answer.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
@@ -80,8 +96,9 @@ class _Pending:
     """One delta response not yet ACKed or NACKed."""
 
     version: str
-    resources: dict[str, Message]
+    resources: Mapping[str, Message]  # shared with other streams: read-only
     removed: tuple[str, ...]
+    versions: Mapping[str, str]  # content versions of `resources` (and maybe more)
 
 
 @dataclass
@@ -95,6 +112,7 @@ class _TypeState:
     sent: dict[str, Message] = field(default_factory=dict)  # content the proxy has or will
     sent_versions: dict[str, str] = field(default_factory=dict)  # includes unresolved ones
     acked: dict[str, Message] = field(default_factory=dict)
+    acked_versions: dict[str, str] = field(default_factory=dict)  # content versions of `acked`
     acked_version: str = ""
     # SotW: version_info of the latest response (or the one the proxy presented).
     sotw_version: str = ""
@@ -102,16 +120,159 @@ class _TypeState:
     # delta: every outstanding response by nonce.
     pending: dict[str, _Pending] = field(default_factory=dict)
 
+    # The subscription as a hashable value (WILDCARD or the frozen names): streams with
+    # equal subscriptions share one selection per planned snapshot (`_Selections`).
+    subscription: object = WILDCARD_KEY
+    # delta: the shared selection `sent_versions` equals exactly, if any (diffs are shared).
+    synced: _Selection | None = None
+
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
 
     def select(self, items: Mapping[str, Message]) -> dict[str, Message]:
         return {n: m for n, m in sorted(items.items()) if self.wants(n)}
 
-    def forget_unwanted(self) -> None:
-        for store in (self.sent, self.sent_versions, self.acked):
-            for name in [n for n in store if not self.wants(n)]:
-                del store[name]
+    def subscribe(self, *, wildcard: bool, names: set[str]) -> None:
+        """Set the subscription; forget what the proxy no longer wants (only on a change)."""
+        subscription: object = WILDCARD_KEY if wildcard else frozenset(names)
+        self.wildcard = wildcard
+        self.names = names
+        if subscription == self.subscription:
+            return
+        self.subscription = subscription
+        self.synced = None
+        if wildcard:
+            return
+        # Copy on write: `sent` / `acked` may be mappings shared with other streams.
+        for attr in ("sent", "sent_versions", "acked", "acked_versions"):
+            store: Mapping[str, Any] = getattr(self, attr)
+            if any(n not in names for n in store):
+                setattr(self, attr, {n: v for n, v in store.items() if n in names})
+
+
+@dataclass(eq=False)
+class _Selection:
+    """What one planned snapshot holds of one type for one subscription (shared, read-only).
+
+    Streams with equal subscriptions planned over the same Plan share it: the selection,
+    its versions and set version are computed once, and a SotW response body is
+    serialised once, each stream adding only its nonce.
+    """
+
+    type_url: str
+    items: dict[str, Message]  # never mutated: streams hold it as their `sent` / `acked`
+    versions: dict[str, str]
+    version: str  # SotW version_info of the set (and the delta system_version_info)
+    blocked: bool
+    remembered: bool = False  # its set is in the cache's content history
+    _sotw_body: bytes | None = None
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.items)
+
+    def sotw_body(self) -> bytes:
+        """The DiscoveryResponse without its nonce, serialised once."""
+        if self._sotw_body is None:
+            response = discovery_pb2.DiscoveryResponse(
+                version_info=self.version,
+                resources=[_pack(m) for m in self.items.values()],
+                type_url=self.type_url,
+            )
+            self._sotw_body = response.SerializeToString()
+        return self._sotw_body
+
+
+@dataclass(eq=False)
+class _Diff:
+    """A delta response body from one shared selection to the next (shared, read-only)."""
+
+    changed: dict[str, Message]
+    removed: tuple[str, ...]
+    body: bytes  # DeltaDiscoveryResponse without its nonce
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.changed)
+
+
+_SELECTIONS_LIMIT = 1024
+_DIFFS_LIMIT = 1024
+
+
+class _Selections:
+    """Selections by (plan, type, subscription), and delta diffs between selections; LRU.
+
+    Entries hold the plan (or selections) they are keyed by, so an id is never reused
+    while its entry lives.
+    """
+
+    def __init__(self) -> None:
+        self._selections: OrderedDict[tuple[int, str, object], tuple[_Selection, Plan]] = OrderedDict()
+        self._diffs: OrderedDict[tuple[int, int], tuple[_Diff, _Selection, _Selection]] = OrderedDict()
+
+    def get(self, planned: Plan, st: _TypeState) -> _Selection:
+        key = (id(planned), st.type_url, st.subscription)
+        hit = self._selections.get(key)
+        if hit is not None and hit[1] is planned:
+            self._selections.move_to_end(key)
+            return hit[0]
+        items = st.select(planned.resources[st.type_url].items)
+        known = planned.resources[st.type_url].versions
+        versions = {name: known[name] for name in items}
+        blocked = any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
+        selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
+        self._selections[key] = (selection, planned)
+        while len(self._selections) > _SELECTIONS_LIMIT:
+            self._selections.popitem(last=False)
+        return selection
+
+    def diff(self, old: _Selection, new: _Selection) -> _Diff:
+        key = (id(old), id(new))
+        hit = self._diffs.get(key)
+        if hit is not None and hit[1] is old and hit[2] is new:
+            self._diffs.move_to_end(key)
+            return hit[0]
+        found = _make_diff(new, old.versions)
+        self._diffs[key] = (found, old, new)
+        while len(self._diffs) > _DIFFS_LIMIT:
+            self._diffs.popitem(last=False)
+        return found
+
+
+def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
+    changed = {n: m for n, m in new.items.items() if sent_versions.get(n) != new.versions[n]}
+    removed = tuple(sorted(n for n in sent_versions if n not in new.items))
+    response = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=new.version,
+        resources=[
+            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
+        ],
+        removed_resources=list(removed),
+        type_url=new.type_url,
+    )
+    return _Diff(changed, removed, response.SerializeToString())
+
+
+_NOTHING: dict[str, _Selection] = {}
+
+
+def _nothing(type_url: str) -> _Selection:
+    """The empty selection of a type: what a new delta stream holds (its first diff is shared)."""
+    if type_url not in _NOTHING:
+        _NOTHING[type_url] = _Selection(type_url, {}, {}, set_version({}), blocked=False)
+    return _NOTHING[type_url]
+
+
+def _with_nonce(body: bytes, nonce: str) -> bytes:
+    """`body` (a serialised response without a nonce) with field 5, `nonce`, appended.
+
+    Both DiscoveryResponse and DeltaDiscoveryResponse carry the nonce as field 5 (a
+    string); protobuf's wire format lets fields follow in any order.
+    """
+    data = nonce.encode()
+    assert len(data) < 128  # one-byte length: nonces are decimal counters
+    return body + b"\x2a" + bytes((len(data),)) + data
 
 
 class _Stream(Generic[Req, Resp]):
@@ -119,9 +280,10 @@ class _Stream(Generic[Req, Resp]):
 
     protocol = ""
 
-    def __init__(self, cache: SnapshotCache, tracker: ProxyTracker) -> None:
+    def __init__(self, cache: SnapshotCache, tracker: ProxyTracker, selections: _Selections | None = None) -> None:
         self.cache = cache
         self.tracker = tracker
+        self.selections = selections if selections is not None else _Selections()
         self.node = base_pb2.Node()
         self.key = ""
         self.stream_id = ""  # set by the first request: the proxy's identity in the tracker
@@ -134,7 +296,7 @@ class _Stream(Generic[Req, Resp]):
 
     # -- the loop --------------------------------------------------------------------------
 
-    async def run(self, requests: AsyncIterator[Req], send: Callable[[Resp], Awaitable[None]]) -> None:
+    async def run(self, requests: AsyncIterator[Req], send: Callable[[bytes], Awaitable[None]]) -> None:
         reader = asyncio.create_task(self._read(requests))
         try:
             while (event := await self._events.get()) is not _Signal.END_OF_STREAM and not self._stopped:
@@ -212,17 +374,20 @@ class _Stream(Generic[Req, Resp]):
     def target(self) -> Resources | None:
         return self.cache.snapshot(self.key)
 
-    def blocked(self, st: _TypeState, planned: Plan, items: Mapping[str, Message]) -> bool:
-        """Hold a type back while a wanted target resource is held with nothing to stand in.
+    def selection(self, st: _TypeState, planned: Plan) -> _Selection:
+        """The planned items of `st`'s type this stream subscribes to, shared by equal subscriptions.
 
-        Sending the type without it would tell the proxy to drop (SotW wildcard) or never
-        get (first push) the resource; better to wait until the plan releases it.
+        `blocked` holds a type back while a wanted target resource is held with nothing to
+        stand in: sending the type without it would tell the proxy to drop (SotW
+        wildcard) or never get (first push) the resource; better to wait until the plan
+        releases it.
         """
-        return any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
+        return self.selections.get(planned, st)
 
-    def record_ack(self, st: _TypeState, version: str) -> None:
+    def record_ack(self, st: _TypeState, version: str, versions: Mapping[str, str]) -> None:
+        """Report the ACK; `versions` (the content versions now held) is never mutated later."""
         st.acked_version = version
-        ack = TypeAck(version, {n: content_version(m) for n, m in st.acked.items()})
+        ack = TypeAck(version, MappingProxyType(versions))
         self.tracker.acked(self.stream_id, st.type_url, ack)
         log.info("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
@@ -256,14 +421,23 @@ class _Stream(Generic[Req, Resp]):
     def handle(self, request: Req) -> None:
         raise NotImplementedError
 
-    def push(self) -> list[Resp]:
+    def push(self) -> list[bytes]:
+        """The serialised responses to send now, in PUSH_ORDER."""
+        planned = self.current_plan()
+        if planned is None:
+            return []
+        responses = []
+        for type_url in PUSH_ORDER:
+            st = self.types.get(type_url)
+            if st is None or not st.subscribed:
+                continue
+            response = self.respond(st, planned)
+            if response is not None:
+                responses.append(response)
+        return responses
+
+    def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
         raise NotImplementedError
-
-
-def _versions(planned: Plan, type_url: str, items: Mapping[str, Message]) -> dict[str, str]:
-    """Content versions of the selected items (computed once, by the planned Resources)."""
-    known = planned.resources[type_url].versions
-    return {name: known[name] for name in items}
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -282,9 +456,9 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         first = not st.subscribed
         st.subscribed = True
         names = set(request.resource_names)
-        st.wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
-        st.names = names - {WILDCARD}
-        st.forget_unwanted()
+        wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
+        names.discard(WILDCARD)
+        st.subscribe(wildcard=wildcard, names=names)
         if request.response_nonce:
             self._ack_or_nack(st, request)
         elif first and request.version_info:
@@ -294,8 +468,10 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         if request.HasField("error_detail"):
             self.record_nack(st, st.sotw_version, request.response_nonce, request.error_detail.message)
             return
-        st.acked = dict(st.sent)
-        self.record_ack(st, request.version_info)
+        # `sent` and `sent_versions` are never mutated in place (shared selections).
+        st.acked = st.sent
+        st.acked_versions = st.sent_versions
+        self.record_ack(st, request.version_info, st.acked_versions)
 
     def _adopt_presented(self, st: _TypeState, version: str) -> None:
         """A reconnecting proxy presents the version it holds: learn its content if we can."""
@@ -306,8 +482,9 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             return
         st.sent = dict(items)
         st.sent_versions = {n: content_version(m) for n, m in items.items()}
-        st.acked = dict(items)
-        self.record_ack(st, version)
+        st.acked = st.sent
+        st.acked_versions = st.sent_versions
+        self.record_ack(st, version, st.acked_versions)
 
     def _resolve_set(self, st: _TypeState, version: str) -> Mapping[str, Message] | None:
         target = self.target()
@@ -318,41 +495,20 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         remembered: Mapping[str, Message] | None = self.cache.history.resolve_set(st.type_url, version)
         return remembered
 
-    def push(self) -> list[discovery_pb2.DiscoveryResponse]:
-        planned = self.current_plan()
-        if planned is None:
-            return []
-        responses = []
-        for type_url in PUSH_ORDER:
-            st = self.types.get(type_url)
-            if st is None or not st.subscribed:
-                continue
-            response = self._respond(st, planned)
-            if response is not None:
-                responses.append(response)
-        return responses
-
-    def _respond(self, st: _TypeState, planned: Plan) -> discovery_pb2.DiscoveryResponse | None:
-        items = st.select(planned.resources[st.type_url].items)
-        if self.blocked(st, planned, items):
+    def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
+        selection = self.selection(st, planned)
+        if selection.blocked or selection.version == st.sotw_version:
             return None
-        versions = _versions(planned, st.type_url, items)
-        version = set_version(versions)
-        if version == st.sotw_version:
-            return None
-        self.cache.history.remember(st.type_url, items)
+        if not selection.remembered:
+            self.cache.history.remember(st.type_url, selection.items)
+            selection.remembered = True
         nonce = self.next_nonce()
-        st.sent = items
-        st.sent_versions = versions
-        st.sotw_version = version
+        st.sent = selection.items
+        st.sent_versions = selection.versions
+        st.sotw_version = selection.version
         st.latest_nonce = nonce
-        self.record_push(st, Push(st.type_url, version, nonce, tuple(items)))
-        return discovery_pb2.DiscoveryResponse(
-            version_info=version,
-            resources=[_pack(m) for m in items.values()],
-            type_url=st.type_url,
-            nonce=nonce,
-        )
+        self.record_push(st, Push(st.type_url, selection.version, nonce, selection.names))
+        return _with_nonce(selection.sotw_body(), nonce)
 
 
 class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
@@ -377,21 +533,27 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             if message is not None:
                 st.sent[name] = message
                 st.acked[name] = message
+                st.acked_versions[name] = version
         if request.initial_resource_versions:
-            self.record_ack(st, set_version(dict(request.initial_resource_versions)))
+            versions = dict(request.initial_resource_versions)
+            self.record_ack(st, set_version(versions), dict(st.acked_versions))
 
     def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        if not request.resource_names_subscribe and not request.resource_names_unsubscribe:
+            st.subscribe(wildcard=st.wildcard, names=st.names)
+            return
+        wildcard, names = st.wildcard, set(st.names)
         for name in request.resource_names_subscribe:
             if name == WILDCARD:
-                st.wildcard = True
+                wildcard = True
             else:
-                st.names.add(name)
+                names.add(name)
         for name in request.resource_names_unsubscribe:
             if name == WILDCARD:
-                st.wildcard = False
+                wildcard = False
             else:
-                st.names.discard(name)
-        st.forget_unwanted()
+                names.discard(name)
+        st.subscribe(wildcard=wildcard, names=names)
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         pending = st.pending.pop(request.response_nonce, None)
@@ -404,53 +566,40 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         for name, message in pending.resources.items():
             if st.wants(name):
                 st.acked[name] = message
+                st.acked_versions[name] = pending.versions[name]
         for name in pending.removed:
             st.acked.pop(name, None)
-        self.record_ack(st, pending.version)
+            st.acked_versions.pop(name, None)
+        self.record_ack(st, pending.version, dict(st.acked_versions))
 
-    def push(self) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-        planned = self.current_plan()
-        if planned is None:
-            return []
-        responses = []
-        for type_url in PUSH_ORDER:
-            st = self.types.get(type_url)
-            if st is None or not st.subscribed:
-                continue
-            response = self._respond(st, planned)
-            if response is not None:
-                responses.append(response)
-        return responses
-
-    def _respond(self, st: _TypeState, planned: Plan) -> discovery_pb2.DeltaDiscoveryResponse | None:
-        items = st.select(planned.resources[st.type_url].items)
-        if self.blocked(st, planned, items):
+    def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
+        selection = self.selection(st, planned)
+        if selection.blocked or st.synced is selection:
             return None
-        versions = _versions(planned, st.type_url, items)
-        changed = {n: m for n, m in items.items() if st.sent_versions.get(n) != versions[n]}
-        removed = tuple(sorted(n for n in st.sent_versions if n not in items))
         first = st.latest_nonce == "" and not st.sent_versions
-        if not changed and not removed and not (first and not items and st.wildcard):
+        synced = st.synced if st.synced is not None or st.sent_versions else _nothing(st.type_url)
+        if synced is not None:
+            # The stream holds exactly an earlier shared selection: the diff is shared too.
+            diff = self.selections.diff(synced, selection)
+        else:
+            diff = _make_diff(selection, st.sent_versions)
+        if not diff.changed and not diff.removed and not (first and not selection.items and st.wildcard):
+            st.synced = selection  # nothing to send: the stream holds exactly this selection
             return None
-        system_version = self.cache.history.remember(st.type_url, items)
+        if not selection.remembered:
+            self.cache.history.remember(st.type_url, selection.items)
+            selection.remembered = True
         nonce = self.next_nonce()
-        for name in removed:
+        for name in diff.removed:
             st.sent.pop(name, None)
             st.sent_versions.pop(name, None)
-        st.sent.update(changed)
-        st.sent_versions.update({n: versions[n] for n in changed})
+        st.sent.update(diff.changed)
+        st.sent_versions.update({n: selection.versions[n] for n in diff.changed})
+        st.synced = selection  # removed what it lacks, updated what differed: equal now
         st.latest_nonce = nonce
-        st.pending[nonce] = _Pending(system_version, changed, removed)
-        self.record_push(st, Push(st.type_url, system_version, nonce, tuple(changed), removed))
-        return discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=system_version,
-            resources=[
-                discovery_pb2.Resource(name=n, version=versions[n], resource=_pack(m)) for n, m in changed.items()
-            ],
-            removed_resources=list(removed),
-            type_url=st.type_url,
-            nonce=nonce,
-        )
+        st.pending[nonce] = _Pending(selection.version, diff.changed, diff.removed, selection.versions)
+        self.record_push(st, Push(st.type_url, selection.version, nonce, diff.names, diff.removed))
+        return _with_nonce(diff.body, nonce)
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -461,6 +610,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.tracker = tracker if tracker is not None else ProxyTracker()
         self._streams: set[_Stream[Any, Any]] = set()
         self._closed = False
+        self._selections = _Selections()
 
     def close(self) -> None:
         """End every stream now, and any that opens from here on, before the server stops.
@@ -493,18 +643,36 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             self._streams.discard(stream)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+        """Register ADS on `server`; responses go out as bytes the streams serialised (shared)."""
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_as_bytes,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_as_bytes,
+            ),
+        }
+        service = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> None:
-        await self._serve(_SotwStream(self.cache, self.tracker), request_iterator, context)
+        await self._serve(_SotwStream(self.cache, self.tracker, self._selections), request_iterator, context)
 
     async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse],
     ) -> None:
-        await self._serve(_DeltaStream(self.cache, self.tracker), request_iterator, context)
+        await self._serve(_DeltaStream(self.cache, self.tracker, self._selections), request_iterator, context)
+
+
+def _as_bytes(response: bytes) -> bytes:
+    return response

@@ -217,7 +217,11 @@ class ProxyTracker:
         if status is None:
             return
         acked = dict(status.acked)
-        acked[type_url] = replace(ack, resources=MappingProxyType(dict(ack.resources)))
+        # A read-only view is kept as given (the server passes versions it never mutates,
+        # shared by every stream that ACKed the same set); anything else is copied.
+        if not isinstance(ack.resources, MappingProxyType):
+            ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
+        acked[type_url] = ack
         self._update(replace(status, acked=MappingProxyType(acked)))
         self._tell(ProxyEvent(ACKED, status.node_id, type_url, ack.version, stream=stream))
 
