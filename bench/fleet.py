@@ -323,9 +323,16 @@ def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, 
         async with grpc.aio.insecure_channel(target) as channel:
             stub = release_service_pb2_grpc.ReleaseServiceStub(channel)
             deadline = time.monotonic() + max_seconds
+            paused = False
             while len(out) < max_calls and time.monotonic() < deadline:
                 if conn.poll():
-                    break
+                    command = conn.recv()
+                    if command == "stop":
+                        break
+                    paused = command == "pause"
+                if paused:
+                    await asyncio.sleep(0.05)
+                    continue
                 t0 = time.perf_counter()
                 code = "OK"
                 try:
@@ -349,6 +356,10 @@ class Prober:
             target=_prober_main, args=(target, release, max_calls, max_seconds, gap, child), daemon=True
         )
         self.process.start()
+
+    def pause(self, paused: bool) -> None:
+        """Stop calling (an idle measurement should not count the prober's own load), or go on."""
+        self.conn.send("pause" if paused else "resume")
 
     async def stop(self) -> list[tuple[float, float, str]]:
         loop = asyncio.get_running_loop()

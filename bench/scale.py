@@ -7,7 +7,8 @@ Measures, each bounded in time:
 * control-plane CPU per change (this process's user+sys time from the call until every
   client has it), RSS (VmRSS, and VmHWM the peak), the event-loop lag probe's max;
 * API: GetRelease p50 / p99 / max from a separate process throughout;
-* idle: control-plane CPU over a few seconds with the whole fleet connected and nothing changing;
+* idle: control-plane CPU over a few seconds with the whole fleet connected and nothing changing
+  (the API prober paused);
 * stream errors: streams that ended or failed (each reconnects after 1 s).
 """
 
@@ -211,7 +212,8 @@ async def bench_fleet(
                 res.connect_s = time.monotonic() - t_connect
                 break
             if st and any(s["errors"] for s in st):
-                print(f"  connect: {res.configured} configured, errors {[s['error_details'] for s in st]}", flush=True)
+                codes = [s["error_details"] for s in st]
+                print(f"  connect: {res.configured} configured, stream errors {codes}", flush=True)
             if time.monotonic() > deadline or time.monotonic() - started > budget:
                 res.notes.append(
                     f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{streams} configured"
@@ -272,10 +274,20 @@ async def bench_fleet(
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
 
             # Idle: the fleet connected, nothing changing.
+            idle_profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_IDLE_PROFILE") else None
+            if idle_profiler is not None:
+                idle_profiler.enable()
+            # The API prober pauses: its ~50 GetRelease/s are load, not the fleet's idle cost.
+            prober.pause(True)
+            await asyncio.sleep(0.5)
             cpu0 = cpu_seconds()
             t0 = time.monotonic()
             await asyncio.sleep(idle_seconds)
             res.idle_cpu_pct = 100 * (cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            prober.pause(False)
+            if idle_profiler is not None:
+                idle_profiler.disable()
+                idle_profiler.dump_stats(os.environ["GRAYLANE_BENCH_IDLE_PROFILE"])
         st = await _statuses(workers)
         res.stream_errors = sum(s["errors"] for s in st)
         codes: dict[str, int] = {}
@@ -328,7 +340,7 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("clients that missed a change (sum)", str(sum(res.missing))),
         ("weight change -> real Envoy ACKed (median)", f"{med(res.envoy_ms):.0f} ms"),
         ("control-plane CPU per change (median)", f"{med(res.cpu_ms):.0f} ms"),
-        ("control-plane CPU idle (fleet connected)", f"{res.idle_cpu_pct:.1f} % of a core"),
+        ("control-plane CPU idle (fleet connected, API prober paused)", f"{res.idle_cpu_pct:.1f} % of a core"),
         ("control-plane RSS now / peak", f"{res.rss_mib:.0f} / {res.hwm_mib:.0f} MiB"),
         (
             "event-loop lag max: connect / changes / whole run",
