@@ -514,6 +514,7 @@ async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: s
 
 
 NOTES_TITLE = "Notes"  # a hand-written section of RESULTS.md, kept by every run
+FAULTS_TITLE = "Fault suite (make chaos)"  # written from `make chaos` runs, kept by every run
 SCRAPER_TARGETS = 1000
 SCRAPER_SECONDS = 20.0
 
@@ -577,7 +578,8 @@ async def main() -> int:
     text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
-    for kept in (scale_title, NOTES_TITLE):  # the last --scale run, and the hand-written notes
+    # The last --scale run, the fault suite's results and the hand-written notes.
+    for kept in (scale_title, FAULTS_TITLE, NOTES_TITLE):
         if f"## {kept}" in old:
             start = old.find(f"## {kept}")
             end = old.find("\n## ", start + 3)
