@@ -75,6 +75,9 @@ WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    # ...and cancels a call still not picked up after 30 s (the CANCELLED ends seen at
+    # 10,000 streams once the pending limit was raised): a proxy is better served waiting.
+    ("grpc.server_max_unrequested_time_in_server", 600),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 )
 
