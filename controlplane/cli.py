@@ -171,6 +171,10 @@ def status_summary(release: release_pb2.Release) -> str:
         f"{'reached' if status.reached else 'not reached'}"
         f" ({convergence.converged}/{convergence.proxies} proxies converged)",
     ]
+    if status.HasField("held_lane"):
+        lane = status.held_lane
+        versions = ", ".join(f"{s.service} {s.gray_version}" for s in lane.services)
+        parts.append(f"serving the lane as accepted: {len(lane.match)} rules, {versions}")
     if convergence.gone:
         parts.append(f"{convergence.gone} proxies declared gone: {'; '.join(convergence.gone_names)}")
     if convergence.lagging:

@@ -565,8 +565,14 @@ class DataPlane:
         blamed = views.blame_nack(rejected, accepted)
         for release in snap.releases:
             if release.spec.lane in blamed and views.routed(release):
-                held = views.accepted_batch(release, accepted)
-                await self._releases.hold_for_nack(release.name, record, held_batch=held, cause=Cause(actor=ACTOR))
+                lane = views.lanes_by_name(accepted).get(release.spec.lane)
+                await self._releases.hold_for_nack(
+                    release.name,
+                    record,
+                    held_batch=views.accepted_batch(release, accepted),
+                    held_lane=views.held_lane_from(lane) if lane is not None else None,
+                    cause=Cause(actor=ACTOR),
+                )
 
 
 @dataclass(frozen=True, slots=True)

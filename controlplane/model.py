@@ -164,6 +164,17 @@ class Nack:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldLane:
+    """A release's lane as proxies accepted it (kept while a NACK holds the release, so a
+    rejected edit of the spec falls back to it rather than to no lane)."""
+
+    entry: str
+    weight: int
+    match: tuple[tuple[Condition, ...], ...]
+    versions: tuple[tuple[str, str], ...]  # (service, gray version), sorted
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseStatus:
     phase: Phase = Phase.PENDING
     batch: int = -1
@@ -183,6 +194,8 @@ class ReleaseStatus:
     # While a NACK holds the release (PAUSED with last_nack): the batch its proxies keep
     # being served, -1 for none (no lane). Meaningless otherwise.
     held_batch: int | None = None
+    # While held: the lane its proxies accepted (None: none, or held before this was kept).
+    held_lane: HeldLane | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +225,10 @@ def held(status: ReleaseStatus) -> bool:
 
 
 def served_weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
-    """The weight proxies are served: the asked weight, or the held batch's under a NACK."""
+    """The weight proxies are served: the asked weight, or the held lane's under a NACK."""
     if held(status):
+        if status.held_lane is not None:
+            return status.held_lane.weight
         batch = status.held_batch if status.held_batch is not None else -1
         return spec.batches[batch].weight if 0 <= batch < len(spec.batches) else 0
     return weight_of(spec, status)
@@ -769,12 +784,7 @@ def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
             for s in spec.services
         ],
         strategy=spec.strategy.value,
-        match=[
-            pb.MatchRule(
-                conditions=[pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value) for c in rule]
-            )
-            for rule in spec.match
-        ],
+        match=_rules_to_proto(spec.match),
         batches=batches,
         placement=pb.Placement(gray_clusters=list(spec.gray_clusters)),
         cohort=_cohort_to_proto(spec.cohort),
@@ -825,6 +835,36 @@ def status_to_proto(release: Release) -> pb.ReleaseStatus:
         generation=st.generation,
         served_weight=served_weight_of(release.spec, st),
         held_batch=st.held_batch,
+        held_lane=_held_lane_to_proto(st.held_lane) if held(st) else None,
+    )
+
+
+def _rules_to_proto(match: tuple[tuple[Condition, ...], ...]) -> list[pb.MatchRule]:
+    return [
+        pb.MatchRule(
+            conditions=[pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value) for c in rule]
+        )
+        for rule in match
+    ]
+
+
+def _held_lane_to_proto(lane: HeldLane | None) -> pb.HeldLane | None:
+    if lane is None:
+        return None
+    return pb.HeldLane(
+        entry=lane.entry,
+        weight=lane.weight,
+        match=_rules_to_proto(lane.match),
+        services=[pb.ServiceVersions(service=s, gray_version=v) for s, v in lane.versions],
+    )
+
+
+def _held_lane_from_proto(msg: pb.HeldLane) -> HeldLane:
+    return HeldLane(
+        entry=msg.entry,
+        weight=msg.weight,
+        match=_rules_from_proto(msg.match, stored=True),
+        versions=tuple(sorted((s.service, s.gray_version) for s in msg.services)),
     )
 
 
@@ -870,6 +910,7 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
         gone=st.convergence.gone,
         gone_names=tuple(st.convergence.gone_names),
         held_batch=st.held_batch if st.HasField("held_batch") else None,
+        held_lane=_held_lane_from_proto(st.held_lane) if st.HasField("held_lane") else None,
     )
     return Release(
         name=msg.name,

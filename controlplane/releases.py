@@ -220,10 +220,11 @@ class Releases:
         return None
 
     async def hold_for_nack(
-        self, name: str, nack: model.Nack, *, held_batch: int, cause: Cause
+        self, name: str, nack: model.Nack, *, held_batch: int, cause: Cause, held_lane: model.HeldLane | None = None
     ) -> model.Release | None:
-        """A proxy rejected config this release introduced: pause it, hold it at `held_batch`
-        (what the proxy last accepted; -1: no lane) and say who and why."""
+        """A proxy rejected config this release introduced: pause it, hold it at `held_lane`
+        (the lane the proxy last accepted; None: no lane; `held_batch` the batch it matches,
+        -1: none) and say who and why."""
         reason = f"proxy {nack.node} rejected the configuration: {nack.message}"
         details = {"node": nack.node, "type_url": nack.type_url, "version": nack.version}
         cause = replace(cause, reason=reason, details={**details, "held_batch": str(held_batch)})
@@ -239,7 +240,9 @@ class Releases:
             else:
                 return None
             # Held at what the proxies accepted: not the batch asked for, so not reached.
-            held = replace(after.status, last_nack=nack, reason=reason, held_batch=held_batch)
+            held = replace(after.status, last_nack=nack, reason=reason, held_batch=held_batch, held_lane=held_lane)
+            # The target changed: no proxy is known to carry it until counted again.
+            held = replace(held, converged=0, target_version="", lagging=())
             after = replace(after, status=replace(held, reached=False, batch_reached=None))
             try:
                 return await self._store.update_release(after, [event])

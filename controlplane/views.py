@@ -58,16 +58,54 @@ def followed(release: model.Release) -> bool:
 def served_lane(release: model.Release) -> xv.Lane | None:
     """The lane the proxies are to be served for `release` (None: no lane).
 
-    A release held by a NACK keeps the value its proxies last accepted (`held_batch`), so a
-    rejected change is never half-applied: proxies that accepted it are moved back to what
-    the rejecting proxy still serves, and status says which weight that is.
+    A release held by a NACK keeps the lane its proxies last accepted (`held_lane`: rules,
+    weight and versions as they were, even if the spec was edited since), so a rejected
+    change is never half-applied: proxies that accepted it are moved back to what the
+    rejecting proxy still serves, and status says which lane that is.
     """
     st = release.status
     if not st.phase.routes_lane:
         return None
-    if model.held(st) and (st.held_batch is None or st.held_batch < 0):
-        return None
+    if model.held(st):
+        if st.held_lane is not None:
+            return held_lane_of(release, st.held_lane)
+        if st.held_batch is None or st.held_batch < 0:
+            return None
     return lane_of(release)
+
+
+def held_lane_of(release: model.Release, held: model.HeldLane) -> xv.Lane:
+    """The lane `held` describes, under the release's lane name and cohort."""
+    base = lane_of(release, weight=held.weight)
+    return xv.Lane(
+        name=base.name,
+        entry=held.entry,
+        weight=held.weight,
+        versions=held.versions,
+        rules=tuple(xv.Rule(tuple(_condition(c) for c in rule)) for rule in held.match),
+        cohort=base.cohort,
+    )
+
+
+def held_lane_from(lane: xv.Lane) -> model.HeldLane:
+    """What status keeps of a lane proxies accepted (the inverse of `held_lane_of`)."""
+    return model.HeldLane(
+        entry=lane.entry,
+        weight=lane.weight,
+        match=tuple(
+            tuple(
+                model.Condition(
+                    kind=model.MatchKind[c.kind.value.upper()],
+                    name=c.name,
+                    op=model.MatchOp[c.op.value.upper()],
+                    value=c.value,
+                )
+                for c in rule.conditions
+            )
+            for rule in lane.rules
+        ),
+        versions=tuple(lane.versions),
+    )
 
 
 def accepted_batch(release: model.Release, accepted: xv.RoutingView | None) -> int:

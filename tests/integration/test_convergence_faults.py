@@ -19,6 +19,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
@@ -282,3 +283,60 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
         assert any("on-follower" in n for n in done.status.convergence.gone_names)
         assert await gray_weight(orphan) == 10
         assert await reached_events(stub, "rel") == [("next", 0), ("reached", 0), ("next", 1), ("reached", 1)]
+
+
+def _header_values(configs: list[dict[str, Any]], authority: str = "checkout") -> set[str]:
+    """Every exact header value Envoy's routes for `authority` match on."""
+    return {
+        str(h.get("string_match", {}).get("exact", ""))
+        for route in _routes(configs, authority)
+        for h in route.get("match", {}).get("headers", [])
+    } - {""}
+
+
+async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: EtcdStore, envoy: Any) -> None:
+    """A release at batch 1 (10 %, rule x-user: alice) is edited (`graylane apply`) to a rule
+    the strict Envoy rejects. The release pauses and is held at the lane the proxies
+    accepted: alice's rule at 10 %, served to both Envoys and shown in status (not "no
+    lane", which a batch index of the edited spec would give)."""
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        plane = await es.enter_async_context(replica(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
+        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
+        alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[alice])))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await poll_release(stub, "rel", lambda r: r.status.reached)
+
+        big = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[big])))
+        held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
+        assert held.status.last_nack.node == "strict", held.status
+        lane = held.status.held_lane
+        assert held.status.HasField("held_lane"), held.status
+        assert (lane.weight, held.status.served_weight) == (10, 10)
+        assert [[(c.name, c.op, c.value) for c in r.conditions] for r in lane.match] == [
+            [("x-user", pb.EXACT, "alice")]
+        ]
+        assert [(s.service, s.gray_version) for s in lane.services] == [("checkout", "v2")]
+        # Both Envoys serve the accepted lane, and status counts them carrying it.
+        for proxy in (relaxed, strict):
+            await until(lambda p=proxy: _serves_alice_at_10(p))
+        await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2)
+        for proxy in (relaxed, strict):
+            result = await run_load(
+                proxy.listen_port, authority="checkout", count=20, max_seconds=10, headers={"x-user": "alice"}
+            )
+            assert result.failed == 0 and result.versions == {"v2": 20}, result
+
+
+async def _serves_alice_at_10(proxy: EnvoyProcess) -> bool:
+    configs = await route_dump(proxy)
+    return (
+        "alice" in _header_values(configs) and BIG_REGEX not in json.dumps(configs) and await gray_weight(proxy) == 10
+    )

@@ -281,7 +281,7 @@ class Nack(_message.Message):
     def __init__(self, node: _Optional[str] = ..., type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream: _Optional[str] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation", "served_weight", "held_batch")
+    __slots__ = ("phase", "batch", "weight", "reached", "reason", "convergence", "last_nack", "batch_started", "batch_reached", "events", "generation", "served_weight", "held_batch", "held_lane")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,7 @@ class ReleaseStatus(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SERVED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     HELD_BATCH_FIELD_NUMBER: _ClassVar[int]
+    HELD_LANE_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     batch: int
     weight: int
@@ -308,7 +309,20 @@ class ReleaseStatus(_message.Message):
     generation: int
     served_weight: int
     held_batch: int
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ..., served_weight: _Optional[int] = ..., held_batch: _Optional[int] = ...) -> None: ...
+    held_lane: HeldLane
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., batch: _Optional[int] = ..., weight: _Optional[int] = ..., reached: _Optional[bool] = ..., reason: _Optional[str] = ..., convergence: _Optional[_Union[ProxyConvergence, _Mapping]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., batch_started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., batch_reached: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[int] = ..., generation: _Optional[int] = ..., served_weight: _Optional[int] = ..., held_batch: _Optional[int] = ..., held_lane: _Optional[_Union[HeldLane, _Mapping]] = ...) -> None: ...
+
+class HeldLane(_message.Message):
+    __slots__ = ("entry", "weight", "match", "services")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    entry: str
+    weight: int
+    match: _containers.RepeatedCompositeFieldContainer[MatchRule]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceVersions]
+    def __init__(self, entry: _Optional[str] = ..., weight: _Optional[int] = ..., match: _Optional[_Iterable[_Union[MatchRule, _Mapping]]] = ..., services: _Optional[_Iterable[_Union[ServiceVersions, _Mapping]]] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("name", "spec", "status", "revision", "created")

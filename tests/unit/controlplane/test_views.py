@@ -76,3 +76,16 @@ def test_rollback_and_promote_are_carried_once_the_lane_is_gone() -> None:
         assert views.target_in(carried_end, r) == views.target_of(r)
         assert views.target_in(view_with(lane), r) != views.target_of(r)
     assert views.fingerprint(views.target_of(rolled)) == "-"
+
+
+def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
+    bob = xv.Rule((xv.Condition(xv.MatchKind.HEADER, "x-user", xv.MatchOp.EXACT, "bob"),))
+    accepted = replace(views.lane_of(release(batch=0)), rules=(bob,))
+    rule = (model.Condition(model.MatchKind.HEADER, "x-user", model.MatchOp.EXACT, "alice"),)
+    edited = release(Phase.PAUSED, 1, last_nack=NACK, held_batch=-1)
+    edited = replace(edited, spec=replace(edited.spec, match=(rule,)))
+    kept = views.held_lane_from(accepted)
+    held = replace(edited, status=replace(edited.status, held_lane=kept))
+    assert views.served_lane(held) == accepted  # not the edited rules, not "no lane"
+    assert model.served_weight_of(held.spec, held.status) == 10
+    assert model.release_from_proto(model.release_to_proto(held), revision=1).status.held_lane == kept
