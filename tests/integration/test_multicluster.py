@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -349,11 +349,22 @@ async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and
         pause = history.events[-1]
         assert (pause.action, pause.details["node"]) == ("pause", f"{EAST}/strict")
 
-        # Held out of the view: every proxy, the strict one too, serves v1 without failures.
+        # Held out of the view once every proxy ACKed the held view (status counts it: the
+        # pause is written before the agents' Envoys carry it), the strict one too: v1 only.
+        def carried(r: pb.Release) -> bool:
+            c = r.status.convergence
+            return r.status.phase == pb.PAUSED and c.proxies == c.converged == 5
+
+        await poll(lambda: _matching(layout, carried), timeout=20, what="every proxy carrying the held view")
         for port in (east.sidecar.listen_port if east.sidecar else 0, strict.listen_port):
             result = await run_load(port, authority=SERVICE, count=200, max_seconds=20)
             assert_no_failures(result, f"port {port}")
             assert result.versions == {"v1": 200}
+
+
+async def _matching(layout: TwoClusters, pred: Callable[[pb.Release], bool]) -> pb.Release | None:
+    release = await layout.client.get_release(LANE)
+    return release if pred(release) else None
 
 
 async def test_clusters_are_listed_and_one_gone_for_good_can_be_forgotten(fresh: TwoClusters) -> None:
