@@ -49,19 +49,43 @@ DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 
 class _ViewHistory:
-    """Which view produced a given (type, version): bounded, newest kept."""
+    """Which view produced a given (type, version): bounded, newest kept; the entries a
+    cache key's renders added go with the key (unless another key rendered them too)."""
 
     def __init__(self, size: int = _HISTORY) -> None:
         self._size = size
         self._views: OrderedDict[tuple[str, str], xv.RoutingView] = OrderedDict()
+        self._keys: dict[str, set[tuple[str, str]]] = {}  # cache key -> entries it rendered
+        self._users: dict[tuple[str, str], set[str]] = {}  # entry -> keys that rendered it
 
-    def remember(self, resources: Resources, view: xv.RoutingView) -> None:
+    def remember(self, resources: Resources, view: xv.RoutingView, *, key: str = "") -> None:
+        mine = self._keys.setdefault(key, set())
         for type_url in PUSH_ORDER:
-            key = (type_url, resources[type_url].version)
-            self._views[key] = view
-            self._views.move_to_end(key)
+            entry = (type_url, resources[type_url].version)
+            self._views[entry] = view
+            self._views.move_to_end(entry)
+            mine.add(entry)
+            self._users.setdefault(entry, set()).add(key)
         while len(self._views) > self._size:
-            self._views.popitem(last=False)
+            dropped, _ = self._views.popitem(last=False)
+            for user in self._users.pop(dropped, ()):
+                self._keys[user].discard(dropped)
+
+    def forget(self, key: str) -> None:
+        """`key`'s last proxy left: drop what only its renders added."""
+        for entry in self._keys.pop(key, ()):
+            users = self._users.get(entry)
+            if users is not None:
+                users.discard(key)
+                if not users:
+                    del self._users[entry]
+                    self._views.pop(entry, None)
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._views)
 
     def get(self, type_url: str, version: str) -> xv.RoutingView | None:
         return self._views.get((type_url, version))
@@ -107,6 +131,7 @@ class DataPlane:
         self._silence_timer: asyncio.TimerHandle | None = None
         self.synced = asyncio.Event()  # set once the first snapshot is in the cache
         cache.on_key_requested(self._render_key)
+        cache.on_key_released(self._release_key)
         self._agents = agents
         if agents is not None:
             agents.on_report(self._changed.set)
@@ -183,12 +208,21 @@ class DataPlane:
             return
         try:
             resources = render(self._view, listen_port=self._port_of(key), listen_address=self._listen_address)
-            self._history.remember(resources, self._view)
+            self._history.remember(resources, self._view, key=key)
             self._cache.set_snapshot(key, resources)
         except ValueError:
             # A view validation should have refused (or an inconsistent render): keep serving
             # the last good snapshot rather than push a broken one or stop the loop.
             log.exception("cannot render the view for %s; proxies keep their last configuration", key)
+
+    def _release_key(self, key: str) -> None:
+        """The last proxy of `key` left: nothing is kept for it (rendered again on request)."""
+        self._cache.clear_snapshot(key)
+        self._history.forget(key)
+
+    def kept_keys(self) -> frozenset[str]:
+        """Cache keys this replica keeps per-key state for (their views' history)."""
+        return self._history.keys()
 
     # ------------------------------------------------------------------ proxies -> status
 

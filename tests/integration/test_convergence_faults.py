@@ -28,6 +28,8 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER
 
 from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+from .test_xds_churn import client as churn_client
+from .test_xds_churn import ready as churn_ready
 
 
 @contextlib.asynccontextmanager
@@ -340,3 +342,40 @@ async def _serves_alice_at_10(proxy: EnvoyProcess) -> bool:
     return (
         "alice" in _header_values(configs) and BIG_REGEX not in json.dumps(configs) and await gray_weight(proxy) == 10
     )
+
+
+async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(store: EtcdStore, envoy: Any) -> None:
+    """300 short-lived ADS clients, each with its own listen port (a separate process, every
+    way a stream can end): once they are gone the replica's cache and DataPlane keep only
+    the long-lived Envoy's key, and a change afterwards renders what it rendered before."""
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        plane = await es.enter_async_context(replica(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        steady = await envoy(ads_port=plane.xds_port, node_id="steady")
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await poll_release(stub, "rel", lambda r: r.status.reached)
+        before = plane.cache.keys()
+        assert before == plane.cache.requested_keys() == plane.dataplane.kept_keys() == {str(steady.listen_port)}
+
+        churn = await churn_client(f"127.0.0.1:{plane.xds_port}", "churn", count=300, live=0, seed=3)
+        try:
+            async with asyncio.timeout(60):
+                await churn_ready(churn)
+                while len(plane.tracker.proxies()) != 1:
+                    await asyncio.sleep(0.05)
+            assert plane.cache.requested_keys() == before
+            assert plane.cache.keys() == before, f"{len(plane.cache.keys()) - len(before)} keys kept"
+            assert plane.dataplane.kept_keys() == before
+        finally:
+            churn.kill()
+            await churn.wait()
+
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await poll_release(stub, "rel", lambda r: r.status.reached and r.status.weight == 50)
+        assert plane.cache.keys() == plane.dataplane.kept_keys() == before  # one key rendered, as before
+        assert await gray_weight(steady) == 50
