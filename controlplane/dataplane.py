@@ -32,7 +32,7 @@ from graylane.controlplane.agents import AgentHub
 from graylane.controlplane.errors import Conflict, FailedPrecondition, GraylaneError
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
-from graylane.controlplane.store import Compacted, ReplicaProgress, Snapshot
+from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import effective_view, render
@@ -103,7 +103,7 @@ class DataPlane:
         agents: AgentHub | None = None,
         identity: str = "",
         is_leader: Callable[[], bool] | None = None,
-        on_progress: Callable[[dict[str, ReplicaProgress]], None] | None = None,
+        on_progress: Callable[[dict[str, ReplicaProgress], ReplicaFleet], None] | None = None,
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
     ) -> None:
         self._releases = releases
@@ -124,8 +124,10 @@ class DataPlane:
         self._stale_seconds = stale_proxy_seconds
         self._targets: dict[str, tuple[str, float]] = {}  # release -> (target fingerprint, first seen)
         self._wake: asyncio.TimerHandle | None = None
-        # Other replicas' progress as last read, and those that went silent since (with when).
+        # Other replicas' progress (and fleets) as last read, and those that went silent or
+        # left since (with when).
         self._published: dict[str, dict[str, ReplicaProgress]] = {}
+        self._published_fleet: dict[str, ReplicaFleet] = {}
         self._silent: dict[str, _Silent] = {}
         self._published_nodes: dict[str, frozenset[str]] = {}
         self._silence_timer: asyncio.TimerHandle | None = None
@@ -331,7 +333,8 @@ class DataPlane:
             counted[r.name] = (progress, fp, since)
         if self._on_progress is not None:
             self._on_progress(
-                {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+                {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()},
+                self._fleet(proxies),
             )
         leading = self._is_leader is None or self._is_leader()
         deadlines: list[float] = []
@@ -354,34 +357,54 @@ class DataPlane:
             delay = max(0.0, deadline - now) + 0.01
             self._wake = asyncio.get_running_loop().call_later(delay, self._changed.set)
 
+    def _fleet(self, proxies: list[ProxyStatus]) -> ReplicaFleet:
+        """The proxies this replica counts, as published for the others: node ids of its own
+        streams, and a count per agent cluster (agents' proxies reconnect with their agent)."""
+        clusters = {}
+        if self._agents is not None:
+            clusters = {name: len(session.proxies) for name, session in self._agents.sessions.items()}
+        return ReplicaFleet(clusters=clusters, nodes=frozenset(p.node_id for p in proxies))
+
     def _remember_silent(self, snap: Snapshot) -> None:
         """Replicas whose progress vanished (their lease expired: killed, stalled, cut off)
         stay in the fleet, as last published, until the stale-proxy timeout declares their
-        proxies gone; one that comes back is counted from what it publishes again."""
+        proxies gone or they are seen reconnected elsewhere; one that comes back is counted
+        from what it publishes again. A replica that left on purpose (its "left" record) is
+        remembered the same way at once, without a warning: its proxies are reconnecting."""
         now = time.time()
-        current = snap.replica_progress
+        current = {i: p for i, p in snap.replica_progress.items() if not _left(snap, i)}
         for identity, progress in self._published.items():
-            if identity not in current and identity != self._identity and identity not in self._silent:
-                # Its `replicas/` key (the node ids of its proxies) went with the same lease.
-                vanished_nodes = frozenset(n.partition("@")[0] for n in self._published_nodes.get(identity, ()))
+            if identity in current or identity == self._identity or identity in self._silent:
+                continue
+            fleet = self._published_fleet.get(identity, ReplicaFleet())
+            # Its `replicas/` key (node ids of proxies with an admin address) went with it too.
+            nodes = fleet.nodes | {n.partition("@")[0] for n in self._published_nodes.get(identity, ())}
+            left = _left(snap, identity)
+            if left:
+                log.info("replica %s left; its %d proxies count until they reconnect", identity, _size(fleet))
+            else:
                 log.warning(
-                    "replica %s went silent (proxies %s); they count as not converged for %gs",
+                    "replica %s went silent (%d proxies: %s); they count as not converged for %gs"
+                    " unless they reconnect",
                     identity,
-                    ", ".join(sorted(vanished_nodes)) or "unknown",
+                    _size(fleet),
+                    ", ".join(sorted(nodes)[: views.NAMES_SHOWN]) or "agents' only",
                     self._stale_seconds,
                 )
-                self._silent[identity] = _Silent(progress, now, vanished_nodes)
+            self._silent[identity] = _Silent(progress, now, frozenset(nodes), dict(fleet.clusters), left)
+        # Declared gone a stale period after they went (named as gone), forgotten after two.
         for identity in list(self._silent):
-            if identity in current or now - self._silent[identity].at >= self._stale_seconds:
+            if identity in current or now - self._silent[identity].at >= 2 * self._stale_seconds:
                 del self._silent[identity]
         self._published = dict(current)
+        self._published_fleet = {i: f for i, f in snap.replica_fleet.items() if i in current}
         self._published_nodes = dict(snap.replica_nodes)
         if self._silence_timer is not None:
             self._silence_timer.cancel()
             self._silence_timer = None
         if self._silent:
             first = min(silent.at for silent in self._silent.values())
-            delay = first + self._stale_seconds - now + 0.01
+            delay = first + 2 * self._stale_seconds - now + 0.01
             self._silence_timer = asyncio.get_running_loop().call_later(delay, self._on_silence_due)
 
     def _on_silence_due(self) -> None:
@@ -396,29 +419,25 @@ class DataPlane:
         last published. Proxies counted against another value of the target (a replica not
         caught up, or gone quiet) are lagging until the stale-proxy timeout, then gone."""
         snap = self._snap
-        sources: list[tuple[str, ReplicaProgress]] = []
+        sources: list[tuple[str, ReplicaProgress, float]] = []  # (name, count, when it went quiet)
         for identity, progress in snap.replica_progress.items() if snap is not None else ():
             counted = progress.get(release)
             if identity != self._identity and counted is not None:
-                sources.append((f"replica {identity}", counted))
+                sources.append((f"replica {identity}", counted, since))
         # A silent replica's proxies that reconnected (here or to a live replica) count there.
-        connected = {p.node_id for p in self._tracker.proxies().values()}
-        connected |= {n.partition("@")[0] for n in (snap.replica_proxies if snap is not None else ())}
-        for identity, silent in sorted(self._silent.items()):
+        for identity, silent, nodes, count in self._not_reconnected():
             counted = silent.progress.get(release)
             if counted is None:
                 continue
-            still = sorted(silent.nodes - connected)
-            if silent.nodes:
-                # Its proxies known by node id: count those not seen again, and name them.
-                counted = replace(counted, proxies=len(still), converged=min(len(still), counted.converged))
-            names = f" ({', '.join(still[: views.NAMES_SHOWN])})" if still else ""
-            sources.append((f"replica {identity}, silent for {now - silent.at:.0f}s{names}", counted))
+            counted = replace(counted, proxies=min(count, counted.proxies), converged=min(count, counted.converged))
+            names = f": {', '.join(nodes[: views.NAMES_SHOWN])}" if nodes else ""
+            how = "left" if silent.left else "silent"
+            sources.append((f"replica {identity} ({how} {now - silent.at:.0f}s ago{names})", counted, silent.at))
         proxies, converged, gone = local.proxies, local.converged, local.gone
         lagging, gone_names = list(local.lagging), list(local.gone_names)
         deadline = local.next_deadline
-        due = since + self._stale_seconds
-        for name, counted in sources:
+        for name, counted, quiet in sources:
+            due = min(since, quiet) + self._stale_seconds
             carrying = counted.converged if counted.lane == fingerprint else 0
             behind = counted.proxies - carrying
             proxies += carrying
@@ -443,6 +462,40 @@ class DataPlane:
             gone_names=tuple(gone_names),
             next_deadline=deadline,
         )
+
+    def _not_reconnected(self) -> list[tuple[str, _Silent, list[str], int]]:
+        """Per silent (or left) replica: the node ids of its own proxies not connected again
+        anywhere, and how many of its proxies (those and its agents') are not seen again.
+
+        An agent cluster's proxies count as reconnected up to the number that cluster now
+        reports here or at a live replica, each reconnected proxy used once."""
+        snap = self._snap
+        live = [
+            f
+            for i, f in (snap.replica_fleet.items() if snap is not None else ())
+            if i in self._published and i != self._identity
+        ]
+        connected = {p.node_id for p in self._tracker.proxies().values()}
+        connected.update(n.partition("@")[0] for n in (snap.replica_proxies if snap is not None else ()))
+        reported: dict[str, int] = {}
+        for fleet in live:
+            connected |= fleet.nodes
+            for name, count in fleet.clusters.items():
+                reported[name] = reported.get(name, 0) + count
+        for name, session in self._agents.sessions.items() if self._agents is not None else ():
+            reported[name] = reported.get(name, 0) + len(session.proxies)
+        found = []
+        for identity, silent in sorted(self._silent.items()):
+            nodes = sorted(silent.nodes - connected)
+            count = len(nodes)
+            for name, was in sorted(silent.clusters.items()):
+                back = min(was, reported.get(name, 0))
+                reported[name] = reported.get(name, 0) - back
+                count += was - back
+                if was > back and len(nodes) < views.NAMES_SHOWN:
+                    nodes.append(f"{was - back} of cluster {name}")
+            found.append((identity, silent, nodes, count))
+        return found
 
     async def _advance_timed_pause(self, release: model.Release) -> None:
         """A batch with a duration pause moves on once reached and the duration has passed.
@@ -617,6 +670,17 @@ class _Silent:
     progress: dict[str, ReplicaProgress]
     at: float
     nodes: frozenset[str]
+    clusters: dict[str, int]
+    left: bool = False
+
+
+def _left(snap: Snapshot, identity: str) -> bool:
+    fleet = snap.replica_fleet.get(identity)
+    return fleet is not None and fleet.left
+
+
+def _size(fleet: ReplicaFleet) -> int:
+    return sum(fleet.clusters.values()) + len(fleet.nodes)
 
 
 def _proxy_name(p: ProxyStatus) -> str:

@@ -4,9 +4,12 @@ Owns: writing, under a lease this replica keeps alive, `replicas/<identity>` (no
 admin address of every proxy connected to this replica), so the leader can read every
 proxy's statistics wherever the proxy is connected, and `progress/<identity>` (per live
 release: how many of the proxies this replica serves, its own and its agents', carry the
-release's lane), so the leader counts convergence over every replica. A replica that dies
-takes its entries with it. Written when they change; the lease is refreshed every
-`refresh_seconds`.
+release's lane; and which proxies those are, as a count per agent cluster and the node ids
+of its own streams), so the leader counts convergence over every replica and recognises a
+gone replica's proxies where they reconnect. A replica that dies takes its entries with it;
+one that stops on purpose replaces its progress with a short-lived "left" record (its
+proxies are reconnecting elsewhere) in the step that revokes its lease. Written when they
+change; the lease is refreshed every `refresh_seconds`.
 
 Concurrency: one asyncio loop; `run()` is cancellable and survives every etcd failure: a
 lease that expired while the process stalled is replaced and the keys written again.
@@ -15,16 +18,22 @@ lease that expired while the process stalled is replaced and the keys written ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
-from graylane.controlplane.store import EtcdStore, ReplicaProgress
+from graylane.controlplane.store import EtcdStore, ReplicaFleet, ReplicaProgress
 from graylane.controlplane.traffic import admin_addresses
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
 
 _LEASE_LOST_PAUSE_SECONDS = 0.1
+_LEAVE_SECONDS = 2.0  # a clean stop spends at most this saying that it left
+
+
+def _size(fleet: ReplicaFleet) -> int:
+    return sum(fleet.clusters.values()) + len(fleet.nodes)
 
 
 class ReplicaRegistry:
@@ -42,20 +51,43 @@ class ReplicaRegistry:
         self.identity = identity
         self._ttl = ttl_seconds
         self._refresh = refresh_seconds
-        self._progress: dict[str, ReplicaProgress] = {}
+        self._progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] = ({}, ReplicaFleet())
         self._progress_changed = asyncio.Event()
+        self._lease = 0  # the lease last granted (revoked on a clean stop)
 
-    def set_progress(self, progress: dict[str, ReplicaProgress]) -> None:
-        """This replica's counts per live release (written by `run()` when they change)."""
-        if progress != self._progress:
-            self._progress = dict(progress)
+    def set_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet | None = None) -> None:
+        """This replica's counts per live release and the proxies it counts (written by
+        `run()` when they change)."""
+        fleet = fleet or ReplicaFleet()
+        if (progress, fleet) != self._progress:
+            self._progress = (dict(progress), fleet)
             self._progress_changed.set()
 
+    async def _leave(self, lease: int) -> None:
+        """Stopping on purpose: say so (what it counted, marked `left`, under a lease of its
+        own that outlives this one by a TTL, so the leader sees it) and revoke the lease."""
+        fleet = self._progress[1]
+        marker = await self._store.grant_lease(self._ttl)
+        await self._store.put_replica_progress(
+            self.identity, {}, marker, fleet=ReplicaFleet(clusters=fleet.clusters, nodes=fleet.nodes, left=True)
+        )
+        await self._store.revoke_lease(lease)
+        log.info("%s left: its %d proxies reconnect to other replicas", self.identity, _size(fleet))
+
     async def run(self) -> None:
+        try:
+            await self._publish()
+        finally:
+            if self._lease:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_LEAVE_SECONDS):
+                        await asyncio.shield(self._leave(self._lease))
+
+    async def _publish(self) -> None:
         lease = 0
         seen = -1
         written: dict[str, str] | None = None
-        written_progress: dict[str, ReplicaProgress] | None = None
+        written_progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] | None = None
         refreshed = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -63,7 +95,7 @@ class ReplicaRegistry:
             try:
                 if not lease or loop.time() - refreshed >= self._refresh:
                     if not lease or await self._store.keep_alive(lease) == 0:
-                        lease = await self._store.grant_lease(self._ttl)
+                        lease = self._lease = await self._store.grant_lease(self._ttl)
                         written = written_progress = None
                     refreshed = loop.time()
                 proxies = admin_addresses(self._tracker)
@@ -73,7 +105,7 @@ class ReplicaRegistry:
                 self._progress_changed.clear()
                 progress = self._progress
                 if progress != written_progress:
-                    await self._store.put_replica_progress(self.identity, progress, lease)
+                    await self._store.put_replica_progress(self.identity, progress[0], lease, fleet=progress[1])
                     written_progress = progress
             except LeaseLost as exc:
                 # Expired while this process stalled: the next pass grants a new lease and

@@ -4,5 +4,6 @@ Public surface: `EtcdStore`, `Snapshot`, `ReplicaProgress`, `Compacted`, `connec
 """
 
 from graylane.controlplane.store._etcd import Compacted, EtcdStore, ReplicaProgress, Snapshot, connect
+from graylane.controlplane.store._etcd import ReplicaFleet as ReplicaFleet
 
 __all__ = ["Compacted", "EtcdStore", "ReplicaProgress", "Snapshot", "connect"]

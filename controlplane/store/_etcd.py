@@ -119,6 +119,17 @@ class ReplicaProgress:
     converged: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaFleet:
+    """Which proxies one replica counts, enough to recognise them once they reconnect
+    elsewhere: its agents' proxies as a count per cluster, and the node ids of its own
+    streams. `left`: the replica stopped on purpose (its proxies are reconnecting)."""
+
+    clusters: Mapping[str, int] = field(default_factory=dict)
+    nodes: frozenset[str] = frozenset()
+    left: bool = False
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the control plane routes from, read at one etcd revision."""
@@ -136,6 +147,8 @@ class Snapshot:
     cluster_endpoints: tuple[model.ClusterEndpoints, ...] = ()  # endpoints tagged with their cluster
     # replica identity -> release -> what that replica counts (see `ReplicaProgress`)
     replica_progress: dict[str, dict[str, ReplicaProgress]] = field(default_factory=dict, compare=False)
+    # replica identity -> the proxies it counts (see `ReplicaFleet`)
+    replica_fleet: dict[str, ReplicaFleet] = field(default_factory=dict, compare=False)
     by_name: dict[str, model.Release] = field(default_factory=dict, compare=False)
 
 
@@ -332,6 +345,7 @@ class EtcdStore:
         replica_proxies: dict[str, str] = {}
         replica_nodes: dict[str, frozenset[str]] = {}
         replica_progress: dict[str, dict[str, ReplicaProgress]] = {}
+        replica_fleet: dict[str, ReplicaFleet] = {}
         for kv in resp.kvs:
             kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
             if kind == "services":
@@ -342,11 +356,19 @@ class EtcdStore:
                 msg = _load(kv.value, pb.Release())
                 releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
             elif kind == "progress":
-                with contextlib.suppress(ValueError, TypeError):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    value = json.loads(kv.value)
+                    # Before the fleet was published the value was the releases alone.
+                    counts = value["releases"] if {"releases", "clusters", "nodes"} <= value.keys() else value
                     replica_progress[rest] = {
                         str(name): ReplicaProgress(str(lane), int(proxies), int(converged))
-                        for name, (lane, proxies, converged) in json.loads(kv.value).items()
+                        for name, (lane, proxies, converged) in counts.items()
                     }
+                    replica_fleet[rest] = ReplicaFleet(
+                        clusters={str(c): int(n) for c, n in value.get("clusters", {}).items()},
+                        nodes=frozenset(str(n) for n in value.get("nodes", ())),
+                        left=bool(value.get("left", False)),
+                    )
             elif kind == "replicas":
                 with contextlib.suppress(ValueError):
                     replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
@@ -370,6 +392,7 @@ class EtcdStore:
             replica_proxies=replica_proxies,
             replica_nodes=replica_nodes,
             replica_progress=replica_progress,
+            replica_fleet=replica_fleet,
             by_name={r.name: r for r in releases},
         )
 
@@ -523,9 +546,20 @@ class EtcdStore:
         value = json.dumps(dict(sorted(proxies.items()))).encode()
         await self._txn([], [self._put(self._key("replicas", identity), value, lease=lease)])
 
-    async def put_replica_progress(self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int) -> None:
-        """What one replica counts per live release (see `ReplicaProgress`), under its lease."""
-        value = json.dumps({name: [p.lane, p.proxies, p.converged] for name, p in sorted(progress.items())})
+    async def put_replica_progress(
+        self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int, *, fleet: ReplicaFleet | None = None
+    ) -> None:
+        """What one replica counts per live release (see `ReplicaProgress`) and which proxies
+        (see `ReplicaFleet`), under its lease."""
+        fleet = fleet or ReplicaFleet()
+        value = json.dumps(
+            {
+                "releases": {name: [p.lane, p.proxies, p.converged] for name, p in sorted(progress.items())},
+                "clusters": dict(sorted(fleet.clusters.items())),
+                "nodes": sorted(fleet.nodes),
+                "left": fleet.left,
+            }
+        )
         await self._txn([], [self._put(self._key("progress", identity), value.encode(), lease=lease)])
 
     # ----------------------------------------------------------------- leader

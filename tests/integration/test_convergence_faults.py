@@ -234,10 +234,10 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
 async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_named(
     store: EtcdStore, envoy: Any
 ) -> None:
-    """Two replicas on one etcd, an Envoy on each. The follower dies abruptly (its tasks
-    cancelled, its lease left to expire) with its Envoy still serving the old weight: the
-    next batch is not reached when the dead replica's keys expire, only at the stale
-    timeout, and status names the replica and its proxy."""
+    """Two replicas on one etcd, an Envoy on each. The follower stops (its tasks cancelled)
+    and its Envoy, with nowhere else to connect, goes on serving the old weight: the next
+    batch is not reached once the follower's keys are gone, only at the stale timeout, and
+    status names the replica and its proxy."""
     ttl, stale = 2, 6.0
     async with contextlib.AsyncExitStack() as es:
         v1 = await es.enter_async_context(Upstream("checkout", "v1"))
@@ -265,7 +265,7 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
         first = await poll_release(stub, "rel", lambda r: r.status.reached)
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
 
-        running.cancel()  # abrupt: nothing revokes the follower's lease
+        running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
         started = time.monotonic()
@@ -285,6 +285,104 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
         assert any("on-follower" in n for n in done.status.convergence.gone_names)
         assert await gray_weight(orphan) == 10
         assert await reached_events(stub, "rel") == [("next", 0), ("reached", 0), ("next", 1), ("reached", 1)]
+
+
+class _Switch:
+    """A loopback TCP forwarder whose upstream port can be changed: new connections go to
+    the current one (an Envoy's one ADS address, moved from one replica to another)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> _Switch:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+
+
+async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_until_the_stale_timeout(
+    store: EtcdStore, envoy: Any
+) -> None:
+    """Two replicas; an Envoy on the follower. The follower stops cleanly (what SIGTERM does:
+    its tasks cancelled, so it says it left and revokes its lease) while a batch is pending;
+    its Envoy reconnects to the leader, and the batch is reached once it ACKed there, long
+    before the stale timeout (a silent replica's proxies would count for all of it)."""
+    ttl, stale = 2, 30.0
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        leader = await es.enter_async_context(replica(store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale))
+        async with asyncio.timeout(10):
+            await leader.election.leading.wait()
+        follower = ControlPlane(
+            store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", leader_ttl_seconds=ttl, stale_proxy_seconds=stale
+        )
+        running = asyncio.create_task(follower.run())
+        async with asyncio.timeout(10):
+            await follower.ready.wait()
+        switch = await es.enter_async_context(_Switch(follower.xds_port))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{leader.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        await register(stub, "checkout", v1, v2)
+        mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
+        moving = await envoy(ads_port=switch.port, node_id="moving")
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
+        # The follower's count is published before it stops (the leader reads it from etcd).
+        await until(lambda: _published_by(store, follower.election.identity))
+
+        switch.upstream = leader.xds_port  # where the Envoy reconnects once its stream ends
+        running.cancel()  # a clean stop, as on SIGTERM
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        started = time.monotonic()
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=15)
+        assert time.monotonic() - started < stale / 2, "counted as a silent replica until the stale timeout"
+        assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2)
+        assert done.status.convergence.gone == 0
+        assert await gray_weight(moving) == 50 and await gray_weight(mine) == 50
+        assert [p.node_id for p in leader.tracker.proxies().values()].count("moving") == 1
+
+
+async def _published_by(store: EtcdStore, identity: str) -> bool:
+    snap = await store.snapshot()
+    fleet = snap.replica_fleet.get(identity)
+    return fleet is not None and "moving" in fleet.nodes
 
 
 def _header_values(configs: list[dict[str, Any]], authority: str = "checkout") -> set[str]:
