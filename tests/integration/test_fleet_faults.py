@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.envoy import DELTA, SOTW, EnvoyProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
@@ -366,8 +366,9 @@ async def streams_of(plane: ControlPlane, node: str, count: int) -> bool:
     return len(plane.tracker.of_node(node)) == count
 
 
+@pytest.mark.parametrize("protocol", [SOTW, DELTA])
 async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted_once(
-    store: EtcdStore, envoy: Any
+    store: EtcdStore, envoy: Any, protocol: str
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
         v1 = await es.enter_async_context(Upstream("checkout", "v1"))
@@ -376,8 +377,8 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
         channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
         stub = api_grpc.ReleaseServiceStub(channel)
         await register(stub, "checkout", v1, v2)
-        first = await envoy(ads_port=plane.xds_port, node_id="e1")
-        other = await envoy(ads_port=plane.xds_port, node_id="e2")
+        first = await envoy(ads_port=plane.xds_port, node_id="e1", protocol=protocol)
+        other = await envoy(ads_port=plane.xds_port, node_id="e2", protocol=protocol)
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
@@ -391,7 +392,7 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
         assert (alone.status.convergence.proxies, alone.status.convergence.converged) == (1, 1), alone.status
         assert await gray_weight(other) == 50
 
-        again = await envoy(ads_port=plane.xds_port, node_id="e1")
+        again = await envoy(ads_port=plane.xds_port, node_id="e1", protocol=protocol)
         assert await gray_weight(again) == 50  # LIVE on the current config
         both = await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == 2, timeout=10)
         assert both.status.reached and both.status.convergence.converged == 2, both.status
@@ -512,8 +513,15 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
         load = await load_process(steady.listen_port, 12)
 
         for i in range(10):
-            # Alternately torn down LIVE and while still fetching; every third by SIGKILL.
-            churn = EnvoyProcess(binary=envoy_binary, ads_port=plane.xds_port, node_id="churn", wait_ready=i % 2 == 0)
+            # Alternately torn down LIVE (SotW) and while still fetching (delta); every third
+            # by SIGKILL.
+            churn = EnvoyProcess(
+                binary=envoy_binary,
+                ads_port=plane.xds_port,
+                node_id="churn",
+                wait_ready=i % 2 == 0,
+                protocol=SOTW if i % 2 == 0 else DELTA,
+            )
             await churn.start()
             if i % 3 == 0:
                 envoy_kill9(churn)
