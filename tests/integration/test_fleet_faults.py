@@ -452,6 +452,60 @@ async def _both_weight(a: EnvoyProcess, b: EnvoyProcess, weight: int) -> bool:
     return await gray_weight(a) == weight and await gray_weight(b) == weight
 
 
+async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same_node_id(
+    serve: StartServe, envoy: Any
+) -> None:
+    """Two replicas, an Envoy on each, both saying node id "twin". The leader is killed -9:
+    its Envoy keeps serving batch 0 (config_dump) and nothing reconnected, so the next
+    batch must not be reached before the stale timeout because the *other* "twin" is
+    connected to the live replica."""
+    ttl, stale = 2, 30.0
+    async with contextlib.AsyncExitStack() as es:
+        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+        a, _ = await serve(leader_ttl=ttl, stale=stale)
+        async with asyncio.timeout(10):
+            while not leads(a):
+                await asyncio.sleep(0.05)
+        b, stub = await serve(leader_ttl=ttl, stale=stale)
+        await register(stub, "checkout", v1, v2)
+        orphan = await envoy(ads_port=a.xds_port, node_id="twin", node_cluster="on-a")
+        live = await envoy(ads_port=b.xds_port, node_id="twin", node_cluster="on-b")
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
+        load = await load_process(orphan.listen_port, ttl + 8)
+
+        a.signal(signal.SIGKILL)
+        a.proc.wait(timeout=10)
+        killed = time.monotonic()
+        async with asyncio.timeout(ttl + 10):
+            while not leads(b):
+                await asyncio.sleep(0.05)
+        await stub.NextBatch(api.ActionRequest(name="rel"))
+        await until(lambda: weight_is(live, 50))
+        false_reached = None
+        async with asyncio.timeout(ttl + 10):
+            while time.monotonic() - killed < ttl + 4:  # past the dead replica's leases
+                got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+                assert await gray_weight(orphan) == 10
+                if got.status.reached:
+                    c = got.status.convergence
+                    false_reached = (c.proxies, c.converged, c.gone, time.monotonic() - killed)
+                    break
+                await asyncio.sleep(0.1)
+        result = await load_result(load)
+        assert result["failed"] == 0 and result["sent"] > 300, result
+        assert a.proc.poll() is not None and b.proc.poll() is None
+        if false_reached is not None:
+            pytest.xfail(
+                "BUG controlplane/dataplane.py DataPlane._with_other_replicas takes a silent replica's "
+                "proxy for reconnected when any live proxy has its node id: reached with "
+                f"(proxies, converged, gone, s after kill) = {false_reached} while the orphan serves batch 0"
+            )
+        assert not got.status.reached and got.status.convergence.converged == 1, got.status
+
+
 # ------------------------------------------------------------------ 5. NACK after reconnect
 
 
