@@ -164,17 +164,22 @@ class DataPlane:
     # ------------------------------------------------------------------ store -> cache
 
     async def _follow_store(self) -> None:
+        """Read the live state once, then apply the watch's changes to it key by key; after
+        a compaction or a lost watch, read it afresh (nothing between is lost: the new read
+        is at a revision after every change the old watch missed)."""
         revision = 0
         while True:
             try:
-                snap = await self._store.snapshot()
-                self._apply(snap)
-                revision = snap.revision
-                async for _ in self._store.watch(start_revision=revision + 1):
-                    snap = await self._store.snapshot()
-                    if snap.revision > revision:
-                        self._apply(snap)
-                        revision = snap.revision
+                state = await self._store.live_state()
+                self._releases.follow(state)
+                self._apply(state.snapshot())
+                revision = state.revision
+                async for events in self._store.watch(start_revision=revision + 1):
+                    changed = state.apply(events)
+                    revision = state.revision
+                    if changed:
+                        self._apply(state.snapshot(), view_may_change=_may_change_view(changed))
+                    self._releases.followed(state)
             except Compacted:
                 log.info("watch compacted at %d: re-reading", revision)
             except GraylaneError as exc:
@@ -183,13 +188,15 @@ class DataPlane:
             except Exception:  # never end the loop: the replica keeps serving its last view
                 log.exception("following the store failed; retrying")
                 await asyncio.sleep(_RETRY_SECONDS)
+            finally:
+                self._releases.follow(None)
 
-    def _apply(self, snap: Snapshot) -> None:
+    def _apply(self, snap: Snapshot, *, view_may_change: bool = True) -> None:
         self._snap = snap
         self._remember_silent(snap)
-        if self._agents is not None:
+        if self._agents is not None and (view_may_change or not self._agents.settled):
             self._agents.publish(snap)
-        view = views.build_view(snap)
+        view = views.build_view(snap) if view_may_change or self._view is None else self._view
         if view != self._view:
             self._view = view
             self._effective = effective_view(view)
@@ -662,10 +669,39 @@ class DataPlane:
                 )
 
 
+# Kinds whose values never reach a routing view (what proxies and replicas count).
+_COUNTING_KINDS = frozenset({"progress", "replicas"})
+
+
+def _may_change_view(changed: dict[str, dict[str, tuple[object, object]]]) -> bool:
+    """Whether a watch batch (kind -> key -> (old, new)) can change the routing view: not
+    when only counts changed, or only releases' status fields the view does not read."""
+    for kind, keys in changed.items():
+        if kind in _COUNTING_KINDS:
+            continue
+        if kind != "releases":
+            return True
+        for old, new in keys.values():
+            if _routing_of(old) != _routing_of(new):
+                return True
+    return False
+
+
+def _routing_of(release: object) -> object:
+    """What `views.build_view` reads of one release: its served lane and its placement."""
+    if not isinstance(release, model.Release):
+        return None
+    lane = views.served_lane(release)
+    if lane is None:
+        return None
+    return (lane, release.spec.gray_clusters, release.spec.services)
+
+
 @dataclass(frozen=True, slots=True)
 class _Silent:
-    """A replica whose published progress vanished: what it last published, when it went,
-    and the node ids of its proxies (empty when they stated no admin address)."""
+    """A replica whose published progress vanished (or that left): what it last published,
+    when it went, the node ids of its own proxies, its agents' proxies per cluster, and
+    whether it said it left."""
 
     progress: dict[str, ReplicaProgress]
     at: float

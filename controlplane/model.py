@@ -445,7 +445,8 @@ def _condition_from_proto(where: str, c: pb.Condition, *, stored: bool) -> Condi
     if op is MatchOp.PRESENT:
         if c.value:
             raise InvalidArgument(f"{where}.value", "must be empty for a present condition")
-    elif op is MatchOp.REGEX:
+    elif op is MatchOp.REGEX and not stored:
+        # Compiled when it was accepted; a stored regex is trusted (no RE2 compile per read).
         _check_regex(f"{where}.value", c.value)
     elif not c.value:
         raise InvalidArgument(f"{where}.value", "is required")

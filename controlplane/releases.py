@@ -14,6 +14,7 @@ Must not import: etcd (use `controlplane.store`), graylane.xds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,11 +28,14 @@ from graylane.controlplane.errors import (
     NotFound,
 )
 from graylane.controlplane.machine import Action, Cause
-from graylane.controlplane.store import EtcdStore, Snapshot
+from graylane.controlplane.store import EtcdStore, LiveState, Snapshot
 
 log = logging.getLogger(__name__)
 
 _RETRIES = 8
+# How long a create waits for the store follower to reach the revision it read before it
+# reads every release itself.
+_FOLLOWER_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,45 @@ class Releases:
 
     def __init__(self, store: EtcdStore) -> None:
         self._store = store
+        # The store follower's state (None: no follower runs), and a wake-up for callers
+        # waiting for it to reach a revision.
+        self._live: LiveState | None = None
+        self._advanced = asyncio.Event()
+
+    def follow(self, state: LiveState | None) -> None:
+        """The store follower's live state from now on (None: it stopped following)."""
+        self._live = state
+        self.followed(state)
+
+    def followed(self, state: LiveState | None) -> None:
+        """The follower applied changes up to `state.revision`."""
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def _checked(self, name: str, spec: model.ReleaseSpec) -> Snapshot:
+        """Check `spec` against the registry at one revision R, and against every live
+        release as the store follower knows them at R or later (the same check as a whole
+        snapshot read at R, without reading and parsing every release per call). Without a
+        follower, or when it lags by more than a second, the whole live state is read."""
+        registry = await self._store.registry_for(name, spec)
+        live = await self._live_at(registry.revision)
+        if live is None:
+            snap = await self._store.snapshot()
+            check_against_registry(name, spec, snap)
+            return snap
+        fresh = registry.by_name.get(name)
+        others = tuple(r for r in live.releases if r.name != name)
+        check_against_registry(name, spec, replace(registry, releases=others + ((fresh,) if fresh is not None else ())))
+        return registry
+
+    async def _live_at(self, revision: int) -> Snapshot | None:
+        try:
+            async with asyncio.timeout(_FOLLOWER_WAIT_SECONDS):
+                while (live := self._live) is not None and live.revision < revision:
+                    await self._advanced.wait()
+        except TimeoutError:
+            return None
+        return live.snapshot() if live is not None else None
 
     @property
     def store(self) -> EtcdStore:
@@ -105,7 +148,10 @@ class Releases:
 
     async def create(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
         model.check_name("name", name)
-        check_against_registry(name, spec, await self._store.snapshot())
+        await self._checked(name, spec)
+        return await self._create_checked(name, spec, cause)
+
+    async def _create_checked(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
         now = _now()
         release = model.Release(
             name=name,
@@ -120,11 +166,10 @@ class Releases:
         """Create the release, or replace its spec (a finished one starts over as PENDING)."""
         model.check_name("name", name)
         for _ in range(_RETRIES):
-            snap = await self._store.snapshot()
-            check_against_registry(name, spec, snap)
+            snap = await self._checked(name, spec)
             current = snap.by_name.get(name)
             if current is None:
-                return await self.create(name, spec, cause)
+                return await self._create_checked(name, spec, cause)
             if current.spec == spec and not current.status.phase.terminal:
                 return current  # nothing to change: apply is idempotent
             try:
@@ -195,11 +240,18 @@ class Releases:
         `change` returns the new status and, when the change is worth recording (a batch
         reached), the event's action and cause; or None when there is nothing to write.
         """
+        # First from the store follower's state (no read when nothing changes, the common
+        # case of a convergence pass); the write is guarded by that value's revision, so a
+        # stale one only costs a Conflict and a fresh read.
+        hint = self._live.snapshot().by_name.get(name) if self._live is not None else None
         for _ in range(_RETRIES):
-            try:
-                current = await self._store.get_release(name)
-            except NotFound:
-                return None
+            if hint is not None:
+                current, hint = hint, None
+            else:
+                try:
+                    current = await self._store.get_release(name)
+                except NotFound:
+                    return None
             update = change(current)
             if update is None or update.status == current.status:
                 return None

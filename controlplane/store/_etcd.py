@@ -38,6 +38,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC
+from typing import cast
 
 import grpc
 from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
@@ -214,6 +215,7 @@ class EtcdStore:
         self._watch = rpc_pb2_grpc.WatchStub(channel)
         self._maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
         self._lease = rpc_pb2_grpc.LeaseStub(channel)
+        self.full_reads = 0  # reads of every live key (snapshot, live_state): counted for the bench
 
     @property
     def prefix(self) -> str:
@@ -337,64 +339,55 @@ class EtcdStore:
 
     async def snapshot(self, *, revision: int = 0) -> Snapshot:
         """Everything the control plane routes from, in one consistent read (no history)."""
+        return (await self.live_state(revision=revision)).snapshot()
+
+    async def live_state(self, *, revision: int = 0) -> LiveState:
+        """The live kinds read in one consistent read, parsed once and kept by key, so a
+        follower can apply watch events to it (`LiveState.apply`) instead of re-reading."""
+        self.full_reads += 1
         resp = await self._read_kinds(_LIVE_KINDS, revision=revision)
-        services, versions, releases = [], [], []
-        clusters: list[model.ClusterInfo] = []
-        known_clusters: list[model.ClusterInfo] = []
-        cluster_endpoints: list[model.ClusterEndpoints] = []
-        replica_proxies: dict[str, str] = {}
-        replica_nodes: dict[str, frozenset[str]] = {}
-        replica_progress: dict[str, dict[str, ReplicaProgress]] = {}
-        replica_fleet: dict[str, ReplicaFleet] = {}
-        for kv in resp.kvs:
-            kind, _, rest = kv.key.decode()[len(self._prefix) :].partition("/")
-            if kind == "services":
-                services.append(model.service_from_proto(_load(kv.value, pb.Service()), stored=True))  # type: ignore[arg-type]
-            elif kind == "versions":
-                versions.append(model.version_from_proto(_load(kv.value, pb.Version()), stored=True))  # type: ignore[arg-type]
-            elif kind == "releases":
-                msg = _load(kv.value, pb.Release())
-                releases.append(model.release_from_proto(msg, revision=kv.mod_revision))  # type: ignore[arg-type]
-            elif kind == "progress":
-                with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    value = json.loads(kv.value)
-                    # Before the fleet was published the value was the releases alone.
-                    counts = value["releases"] if {"releases", "clusters", "nodes"} <= value.keys() else value
-                    replica_progress[rest] = {
-                        str(name): ReplicaProgress(str(lane), int(proxies), int(converged))
-                        for name, (lane, proxies, converged) in counts.items()
-                    }
-                    replica_fleet[rest] = ReplicaFleet(
-                        clusters={str(c): int(n) for c, n in value.get("clusters", {}).items()},
-                        nodes=frozenset(str(n) for n in value.get("nodes", ())),
-                        left=bool(value.get("left", False)),
-                    )
-            elif kind == "replicas":
-                with contextlib.suppress(ValueError):
-                    replica_proxies.update({str(k): str(v) for k, v in json.loads(kv.value).items()})
-                    replica_nodes[rest] = frozenset(str(k) for k in json.loads(kv.value))
-            elif kind == "clusters":
-                clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
-            elif kind == "knownclusters":
-                with contextlib.suppress(InvalidArgument):  # an unreadable record names no gateway
-                    known_clusters.append(model.hello_from_proto(_load(kv.value, apb.AgentHello())))  # type: ignore[arg-type]
-            elif kind == "clusterendpoints":
-                snapshot = _load(kv.value, apb.EndpointSnapshot())
-                cluster_endpoints += model.cluster_endpoints_from_proto(rest, snapshot)  # type: ignore[arg-type]
+        state = LiveState(self._prefix, revision=resp.revision)
+        state.load(resp.kvs)
+        return state
+
+    async def registry_for(self, name: str, spec: model.ReleaseSpec) -> Snapshot:
+        """What a release spec is checked against in the registry, in one read: its services,
+        its gray versions and the release `name` itself (in `releases` when it exists).
+        Other releases are not read: callers check lanes against a follower's state."""
+        keys = [self._key("services", n) for n in sorted({spec.entry, *(s.service for s in spec.services)})]
+        keys += [self._key("versions", s.service, s.gray_version) for s in spec.services]
+        keys.append(self.release_key(name))
+        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k)) for k in keys]
+        resp = await self._txn([], ops)
+        services: list[model.Service] = []
+        versions: list[model.Version] = []
+        releases: list[model.Release] = []
+        for op in resp.responses:
+            for kv in op.response_range.kvs:
+                where = self._split_key(kv.key)
+                if where is None:
+                    continue
+                value = _parse(where[0], where[1], kv)
+                if isinstance(value, model.Service):
+                    services.append(value)
+                elif isinstance(value, model.Version):
+                    versions.append(value)
+                elif isinstance(value, model.Release):
+                    releases.append(value)
         return Snapshot(
-            revision=resp.revision,
+            revision=int(resp.header.revision),
             services=tuple(services),
             versions=tuple(versions),
             releases=tuple(releases),
-            clusters=tuple(clusters),
-            known_clusters=tuple(known_clusters),
-            cluster_endpoints=tuple(cluster_endpoints),
-            replica_proxies=replica_proxies,
-            replica_nodes=replica_nodes,
-            replica_progress=replica_progress,
-            replica_fleet=replica_fleet,
             by_name={r.name: r for r in releases},
         )
+
+    def _split_key(self, key: bytes) -> tuple[str, str] | None:
+        text = key.decode()
+        if not text.startswith(self._prefix):
+            return None
+        kind, sep, rest = text[len(self._prefix) :].partition("/")
+        return (kind, rest) if sep else None
 
     async def get_release(self, name: str) -> model.Release:
         kv = await self._get(self.release_key(name))
@@ -684,6 +677,150 @@ class EtcdStore:
                 else:
                     msg = _load(ev.kv.value, pb.Release())
                     yield model.release_from_proto(msg, revision=ev.kv.mod_revision)  # type: ignore[arg-type]
+
+
+def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
+    """One stored value of a live kind as the domain value `Snapshot` holds (None: skip it).
+
+    Values were validated when they were written: decoding trusts them (no size limits, no
+    regex compiles), and clamps what an older version may have let in.
+    """
+    if kind == "services":
+        return model.service_from_proto(_load(kv.value, pb.Service()), stored=True)  # type: ignore[arg-type]
+    if kind == "versions":
+        return model.version_from_proto(_load(kv.value, pb.Version()), stored=True)  # type: ignore[arg-type]
+    if kind == "releases":
+        return model.release_from_proto(_load(kv.value, pb.Release()), revision=kv.mod_revision)  # type: ignore[arg-type]
+    if kind == "progress":
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            value = json.loads(kv.value)
+            # Before the fleet was published the value was the releases alone.
+            counts = value["releases"] if {"releases", "clusters", "nodes"} <= value.keys() else value
+            releases = {
+                str(name): ReplicaProgress(str(lane), int(proxies), int(converged))
+                for name, (lane, proxies, converged) in counts.items()
+            }
+            fleet = ReplicaFleet(
+                clusters={str(c): int(n) for c, n in value.get("clusters", {}).items()},
+                nodes=frozenset(str(n) for n in value.get("nodes", ())),
+                left=bool(value.get("left", False)),
+            )
+            return releases, fleet
+        return None
+    if kind == "replicas":
+        with contextlib.suppress(ValueError, AttributeError):
+            return {str(k): str(v) for k, v in json.loads(kv.value).items()}
+        return None
+    if kind == "clusters":
+        return model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
+    if kind == "knownclusters":
+        with contextlib.suppress(InvalidArgument):  # an unreadable record names no gateway
+            return model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
+        return None
+    if kind == "clusterendpoints":
+        return model.cluster_endpoints_from_proto(rest, _load(kv.value, apb.EndpointSnapshot()))  # type: ignore[arg-type]
+    return None
+
+
+class LiveState:
+    """The live kinds at one revision, parsed once and kept by key.
+
+    Fed by a full read (`EtcdStore.live_state`), then by the watch's events in order
+    (`apply`): only the changed keys are parsed, deleted keys dropped. A gap (compaction,
+    lost watch) cannot be patched: the follower reads a new `LiveState`.
+
+    Concurrency: owned by one task (the store follower); `snapshot()` values are immutable.
+    """
+
+    def __init__(self, prefix: str, *, revision: int) -> None:
+        self._prefix = prefix
+        self.revision = revision
+        self._kinds: dict[str, dict[str, object]] = {kind: {} for kind in _LIVE_KINDS}
+        self._sorted: set[str] = set(_LIVE_KINDS)  # kinds whose dicts are in key order
+        self._snap: Snapshot | None = None
+
+    def _split(self, key: bytes) -> tuple[str, str] | None:
+        text = key.decode()
+        if not text.startswith(self._prefix):
+            return None
+        kind, sep, rest = text[len(self._prefix) :].partition("/")
+        return (kind, rest) if sep and kind in self._kinds else None
+
+    def load(self, kvs: Iterable[kv_pb2.KeyValue]) -> None:
+        for kv in kvs:
+            where = self._split(kv.key)
+            if where is not None:
+                self._set(where[0], where[1], _parse(where[0], where[1], kv))
+        self._snap = None
+
+    def _set(self, kind: str, rest: str, value: object) -> None:
+        values = self._kinds[kind]
+        if value is None:
+            values.pop(rest, None)
+            return
+        if rest not in values:
+            self._sorted.discard(kind)
+        values[rest] = value
+
+    def apply(self, events: Sequence[kv_pb2.Event]) -> dict[str, dict[str, tuple[object, object]]]:
+        """Apply one watch batch; per changed kind, key -> (old value, new value) (None: absent).
+
+        Keys outside the live kinds (history, the leader key) only move the revision.
+        """
+        changed: dict[str, dict[str, tuple[object, object]]] = {}
+        for ev in events:
+            kv = ev.kv
+            self.revision = max(self.revision, kv.mod_revision)
+            where = self._split(kv.key)
+            if where is None:
+                continue
+            kind, rest = where
+            old = self._kinds[kind].get(rest)
+            new = None if ev.type == kv_pb2.Event.DELETE else _parse(kind, rest, kv)
+            self._set(kind, rest, new)
+            first = changed.setdefault(kind, {}).get(rest)
+            changed[kind][rest] = (old if first is None else first[0], new)
+        if changed:
+            self._snap = None
+        elif self._snap is not None:
+            self._snap = replace(self._snap, revision=self.revision)
+        return changed
+
+    def _values(self, kind: str) -> list[tuple[str, object]]:
+        values = self._kinds[kind]
+        if kind not in self._sorted:
+            self._kinds[kind] = values = dict(sorted(values.items()))
+            self._sorted.add(kind)
+        return list(values.items())
+
+    def snapshot(self) -> Snapshot:
+        """The state as a `Snapshot` (kinds in key order, as a fresh read gives them)."""
+        if self._snap is not None and self._snap.revision == self.revision:
+            return self._snap
+        releases = cast("tuple[model.Release, ...]", tuple(v for _, v in self._values("releases")))
+        replica_proxies: dict[str, str] = {}
+        replica_nodes: dict[str, frozenset[str]] = {}
+        for identity, proxies in self._values("replicas"):
+            replica_proxies.update(proxies)  # type: ignore[call-overload]
+            replica_nodes[identity] = frozenset(proxies)  # type: ignore[call-overload]
+        cluster_endpoints: list[model.ClusterEndpoints] = []
+        for _, items in self._values("clusterendpoints"):
+            cluster_endpoints += cast("tuple[model.ClusterEndpoints, ...]", items)
+        self._snap = Snapshot(
+            revision=self.revision,
+            services=tuple(v for _, v in self._values("services")),  # type: ignore[misc]
+            versions=tuple(v for _, v in self._values("versions")),  # type: ignore[misc]
+            releases=releases,
+            clusters=tuple(v for _, v in self._values("clusters")),  # type: ignore[misc]
+            known_clusters=tuple(v for _, v in self._values("knownclusters")),  # type: ignore[misc]
+            cluster_endpoints=tuple(cluster_endpoints),
+            replica_proxies=replica_proxies,
+            replica_nodes=replica_nodes,
+            replica_progress={i: p[0] for i, p in self._values("progress")},  # type: ignore[index]
+            replica_fleet={i: p[1] for i, p in self._values("progress")},  # type: ignore[index]
+            by_name={r.name: r for r in releases},
+        )
+        return self._snap
 
 
 @dataclass

@@ -1,0 +1,350 @@
+"""Store and API scale benchmark (issue 12's store/API goals), bounded in time, loopback only.
+
+1. follow: the cost of keeping up with one etcd write at 1,000 releases and 10,000 history
+   events: a full re-read of the live state (what every watch batch cost before) against
+   applying the watch batch to the kept state, with and without the view rebuild;
+2. reads: full reads of the live state caused by 100 API actions, next to the watch batches
+   they made (each was a full re-read before);
+3. creates: ApplyRelease with 8 in flight up to 1,000 releases (creates/s overall, first and
+   last 100);
+4. cold start: a replica started on that store: API answering, and a fresh Envoy fully
+   configured after it connects;
+5. NextBatch -> `reached` visible through GetRelease with real Envoys.
+
+`run(...)` returns a markdown section for bench/RESULTS.md; `python bench/store_bench.py`
+prints it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from graylane.controlplane import model, views
+from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.machine import Action as Move
+from graylane.controlplane.machine import Cause
+from graylane.controlplane.releases import Releases
+from graylane.controlplane.store import EtcdStore, connect
+from graylane.controlplane.store._etcd import _dump
+from graylane.v1 import release_pb2 as pb
+
+RELEASES = 1000
+EVENTS = 10_000
+LIVE = 100  # of RELEASES, moved to PROGRESSING (routed: lanes in the view)
+IN_FLIGHT = 8
+ACTIONS = 100
+FOLLOW_REPS = 30
+REACHED_STEPS = 19
+
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spec(i: int, *, prefix: str = "s") -> pb.ReleaseSpec:
+    name = f"{prefix}{i:04d}"
+    return pb.ReleaseSpec(
+        lane=f"lane-{prefix}{i:04d}",
+        entry=name,
+        services=[pb.ServiceVersions(service=name, base_version="v1", gray_version="v2")],
+        match=[pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value="^u[0-9]+$")])],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in range(5, 101, 5)],
+    )
+
+
+async def register(store: EtcdStore, n: int, *, prefix: str = "s", port: int = 18080) -> None:
+    """n services (v1 stable, v2 gray), each version with one endpoint."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int) -> None:
+        async with sem:
+            name = f"{prefix}{i:04d}"
+            await store.put_service(model.Service(name=name, stable_version="v1"))
+            for v in ("v1", "v2"):
+                ep = model.Endpoint(address="127.0.0.1", port=port)
+                await store.put_version(model.Version(service=name, name=v, endpoints=(ep,)))
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def create_all(target: str, n: int, *, prefix: str = "s") -> list[float]:
+    """ApplyRelease n releases, IN_FLIGHT at once; each create's completion time (s from start)."""
+    done: list[float] = []
+    queue = list(range(n))
+    t0 = time.perf_counter()
+    async with ReleaseClient.connect(target, actor="bench") as client:
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop(0)
+                await client.apply_release(pb.Release(name=f"r-{prefix}{i:04d}", spec=spec(i, prefix=prefix)))
+                done.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    return sorted(done)
+
+
+async def fill_history(store: EtcdStore, names: Sequence[str], total: int) -> None:
+    """`total` history events spread over `names` (notes, as analysis writes them)."""
+    per = max(1, total // len(names))
+    now = datetime.now(UTC)
+    sem = asyncio.Semaphore(16)
+
+    async def one(name: str) -> None:
+        async with sem:
+            ops = []
+            for seq in range(1000, 1000 + per):
+                e = model.Event(
+                    release=name,
+                    sequence=seq,
+                    at=now,
+                    action="analysis",
+                    actor="bench",
+                    reason="x" * 80,
+                    from_phase=model.Phase.PROGRESSING,
+                    to_phase=model.Phase.PROGRESSING,
+                    from_batch=0,
+                    to_batch=0,
+                    weight=5,
+                )
+                ops.append(store._put(store._event_key(name, seq), _dump(model.event_to_proto(e))))
+            for i in range(0, len(ops), 100):
+                await store._txn([], ops[i : i + 100])
+
+    await asyncio.gather(*(one(n) for n in names))
+
+
+async def bench_follow(store: EtcdStore, name: str) -> dict[str, float]:
+    """Full re-read vs applying one status write's watch batch to the kept state."""
+    full, full_view, delta, delta_view = [], [], [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        snap = await store.snapshot()
+        full.append((time.perf_counter() - t0) * 1000)
+        views.build_view(snap)
+        full_view.append((time.perf_counter() - t0) * 1000)
+    state = await store.live_state()
+    releases = Releases(store)
+    watch = store.watch(start_revision=state.revision + 1)
+    for i in range(FOLLOW_REPS):
+        await releases.update_status(
+            name,
+            lambda r, i=i: releases_status(r, i),  # a convergence-like status write
+        )
+        events = await anext(watch)
+        t0 = time.perf_counter()
+        state.apply(events)
+        snap = state.snapshot()
+        delta.append((time.perf_counter() - t0) * 1000)
+        views.build_view(snap)
+        delta_view.append((time.perf_counter() - t0) * 1000)
+    await watch.aclose()
+    return {
+        "full": med(full),
+        "full_view": med(full_view),
+        "delta": med(delta),
+        "delta_view": med(delta_view),
+        "keys": float(len(snap.releases) + len(snap.services) + len(snap.versions)),
+    }
+
+
+def releases_status(r: model.Release, i: int) -> object:
+    from dataclasses import replace
+
+    from graylane.controlplane.releases import StatusUpdate
+
+    return StatusUpdate(replace(r.status, proxies=i + 1, converged=i))
+
+
+async def until(pred: Callable[[], bool], timeout: float = 15.0, poll: float = 0.002) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(poll)
+
+
+async def bench_actions(plane: ControlPlane, store: EtcdStore, names: Sequence[str]) -> dict[str, float]:
+    """100 API actions (next / pause / resume on live releases): full reads vs watch batches."""
+    batches = 0
+    await asyncio.sleep(0.5)
+    start = (await store.registry_for(names[0], model.spec_from_proto(spec(0)))).revision
+
+    async def count() -> None:
+        nonlocal batches
+        async for _ in store.watch(start_revision=start + 1):
+            batches += 1
+
+    counter = asyncio.create_task(count())
+    reads0 = store.full_reads
+    async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="bench") as client:
+        cycle = (Action.PAUSE, Action.RESUME, Action.NEXT)
+        for i in range(ACTIONS):
+            await client.act(cycle[i % 3], names[(i // 3) % len(names)])
+        await asyncio.sleep(1.0)  # convergence writes and their watch batches settle
+    counter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await counter
+    return {"reads": float(store.full_reads - reads0), "batches": float(batches)}
+
+
+async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str) -> list[float]:
+    samples = []
+    async with contextlib.AsyncExitStack() as stack:
+        for k in range(envoys):
+            await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}"))
+        client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
+        await plane.dataplane.wait_current(timeout=30)
+        for _ in range(REACHED_STEPS):
+            r = await client.get_release(name)
+            if r.status.batch + 1 >= len(r.spec.batches):
+                await client.act(Action.RESTART if r.status.phase == pb.ROLLED_BACK else Action.ROLLBACK, name)
+                continue
+            await client.act(Action.NEXT, name)
+            t0 = time.perf_counter()
+            async with asyncio.timeout(15):
+                while not (await client.get_release(name)).status.reached:
+                    await asyncio.sleep(0.001)
+            samples.append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
+async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple[list[list[str]], list[float]]:
+    """Fill a store, then start a replica on it: API ready, a fresh Envoy configured."""
+    rows: list[list[str]] = []
+    reached: list[float] = []
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-store-bench-")))
+        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+        store = await connect(etcd.endpoint)
+        stack.push_async_callback(store.close)
+        print(f"store bench: registering {releases} services", flush=True)
+        await register(store, releases)
+        names = [f"r-s{i:04d}" for i in range(releases)]
+        async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running() as plane:
+            target = f"127.0.0.1:{plane.api_port}"
+            print(f"  creating {releases} releases, {IN_FLIGHT} in flight", flush=True)
+            done = await create_all(target, releases)
+            total = done[-1]
+            first = done[min(99, len(done) - 1)]
+            last = total - done[-101] if len(done) > 100 else total
+            rows.append(
+                [
+                    f"ApplyRelease creates, {IN_FLIGHT} in flight, to {releases:,} releases",
+                    f"{len(done) / total:.1f}/s overall; first 100: {min(100, len(done)) / first:.1f}/s; "
+                    f"last 100: {100 / last:.1f}/s",
+                ]
+            )
+            cause = Cause(actor="bench")
+            for name in names[:LIVE]:
+                await plane.releases.act(name, Move.NEXT, cause)
+            print(f"  history: {events} events", flush=True)
+            await fill_history(store, names, events)
+            f = await bench_follow(store, names[0])
+            rows.append(
+                [
+                    f"one status write at {releases:,} releases / {events:,} events: full re-read + parse "
+                    "(what each watch batch cost before)",
+                    f"{f['full']:.1f} ms (+ view build: {f['full_view']:.1f} ms)",
+                ]
+            )
+            rows.append(
+                [
+                    "the same write applied to the kept state (only the changed key parsed)",
+                    f"{f['delta']:.2f} ms (+ view build: {f['delta_view']:.1f} ms, skipped when no lane changes)",
+                ]
+            )
+            a = await bench_actions(plane, store, names[:LIVE])
+            rows.append(
+                [
+                    f"full reads of the live state for {ACTIONS} API actions (pause / resume / next)",
+                    f"{a['reads']:.0f} (watch batches meanwhile: {a['batches']:.0f}: each was a full read before)",
+                ]
+            )
+        # Cold start: a new replica on the same data (etcd answers already).
+        store.full_reads = 0
+        await store.probe(timeout=5)
+        t0 = time.perf_counter()
+        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
+        runner = asyncio.create_task(plane.run())
+
+        async def stop() -> None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+        stack.push_async_callback(stop)
+        await plane.ready.wait()
+        async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="bench") as client:
+            await client.get_release(names[0])
+            api_s = time.perf_counter() - t0
+            await until(lambda: plane.dataplane.view is not None, timeout=30)
+            view_s = time.perf_counter() - t0
+            envoy = await stack.enter_async_context(
+                EnvoyProcess(ads_port=plane.xds_port, node_id="cold-envoy", wait_ready=False)
+            )
+            t1 = time.perf_counter()
+            await until(lambda: any(p.node_id == "cold-envoy" for p in plane.tracker.proxies().values()), timeout=30)
+            t_conn = time.perf_counter()
+            await until(plane.dataplane.proxies_current, timeout=60)
+            t_conf = time.perf_counter()
+            rows.append(
+                [
+                    f"cold start at {releases:,} releases / {events:,} events: API answers GetRelease",
+                    f"{api_s * 1000:.0f} ms after start (etcd already answering); first view built at "
+                    f"{view_s * 1000:.0f} ms",
+                ]
+            )
+            rows.append(
+                [
+                    "cold start: a fresh Envoy fully configured (every type ACKed, current routes)",
+                    f"{(t_conf - t_conn) * 1000:.0f} ms after its stream opened ({(t_conf - t1) * 1000:.0f} ms "
+                    "after the process started)",
+                ]
+            )
+            del envoy
+            reached = await bench_reached(f"127.0.0.1:{plane.api_port}", plane, 0, names[-1])
+    return rows, reached
+
+
+def section(rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join(
+        [
+            "## 7. Store and API at 1,000 releases",
+            "",
+            "`make bench` (bench/store_bench.py): embedded etcd, one control plane in the bench process, "
+            f"{RELEASES:,} services (v1 stable, v2 gray) and releases created through the API, {LIVE} of them "
+            f"progressing, {EVENTS:,} history events; real Envoys for the cold start and `reached`. Medians.",
+            "",
+            "| measurement | value |",
+            "|---|---|",
+            *(f"| {a} | {b} |" for a, b in rows),
+            "",
+        ]
+    )
+
+
+async def main(argv: Sequence[str] = ()) -> str:
+    sizes = [int(a) for a in argv[:2]]
+    rows, reached = await cold_start(**dict(zip(("releases", "events"), sizes, strict=False)))
+    if reached:
+        rows.append(
+            [
+                "NextBatch -> `reached` in GetRelease (polled every 1 ms), 1 real Envoy (the cold-start one)",
+                f"p50 {med(reached):.1f} ms, max {max(reached):.1f} ms ({len(reached)} steps)",
+            ]
+        )
+    return section(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(print(asyncio.run(main(sys.argv[1:]))))
