@@ -53,6 +53,7 @@ from graylane.xds.view import (
 )
 from scale import bench_fleet, describe  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
+from store_bench import main as store_bench  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SERVICE = "checkout"
@@ -547,6 +548,7 @@ async def main() -> int:
     parser.add_argument("--fleet-only", action="store_true", help="only the default fleet")
     parser.add_argument("--render-only", action="store_true", help="only the render and plan costs")
     parser.add_argument("--streams", type=int, default=0, help="fleet size override")
+    parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     args = parser.parse_args()
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING)
@@ -559,6 +561,11 @@ async def main() -> int:
         section = render_section(bench_render())
         print(section)
         RESULTS.write_text(replace_section(RESULTS.read_text(), "1. Render cost", section))
+        return 0
+    if args.store_only:
+        section = await store_bench()
+        print(section)
+        RESULTS.write_text(replace_section(RESULTS.read_text(), "7. Store and API at 1,000 releases", section))
         return 0
     if args.scale or args.fleet_only:
         section = await run_fleet(fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""))
@@ -575,7 +582,9 @@ async def main() -> int:
     section = await run_fleet(fleet_size, title, command)
     print("6. stats scraper", flush=True)
     scraper_text = await bench_scraper()
-    text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text
+    print("7. store and API at 1,000 releases", flush=True)
+    store_text = await store_bench()
+    text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text + "\n" + store_text
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
     # The last --scale run, the fault suite's results and the hand-written notes.

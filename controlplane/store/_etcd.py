@@ -393,15 +393,11 @@ class EtcdStore:
         kv = await self._get(self.release_key(name))
         if kv is None:
             raise NotFound(f"release {name!r} not found")
-        msg = _load(kv.value, pb.Release())
-        return model.release_from_proto(msg, revision=kv.mod_revision)  # type: ignore[arg-type]
+        return _releases.decode(kv)
 
     async def list_releases(self) -> list[model.Release]:
         resp = await self._range(self._key("releases") + b"/")
-        return [
-            model.release_from_proto(_load(kv.value, pb.Release()), revision=kv.mod_revision)  # type: ignore[arg-type]
-            for kv in resp.kvs
-        ]
+        return [_releases.decode(kv) for kv in resp.kvs]
 
     async def history(self, name: str) -> list[model.Event]:
         """The release's events in order, however many (read in pages at one revision)."""
@@ -675,8 +671,33 @@ class EtcdStore:
                 if ev.type == kv_pb2.Event.DELETE:
                     yield None
                 else:
-                    msg = _load(ev.kv.value, pb.Release())
-                    yield model.release_from_proto(msg, revision=ev.kv.mod_revision)  # type: ignore[arg-type]
+                    yield _releases.decode(ev.kv)
+
+
+class _ReleaseCache:
+    """Decoded releases by their exact stored bytes and mod_revision, newest kept (bounded).
+
+    The follower decodes every release write as it arrives; readers of the same value
+    (GetRelease, a transition's read) then reuse it instead of parsing the JSON again.
+    Release values are immutable, so sharing them is safe.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: dict[tuple[bytes, int], model.Release] = {}
+
+    def decode(self, kv: kv_pb2.KeyValue) -> model.Release:
+        key = (kv.value, kv.mod_revision)
+        found = self._items.get(key)
+        if found is None:
+            found = model.release_from_proto(_load(kv.value, pb.Release()), revision=kv.mod_revision)  # type: ignore[arg-type]
+            if len(self._items) >= self._size:
+                del self._items[next(iter(self._items))]
+            self._items[key] = found
+        return found
+
+
+_releases = _ReleaseCache()
 
 
 def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
@@ -690,7 +711,7 @@ def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
     if kind == "versions":
         return model.version_from_proto(_load(kv.value, pb.Version()), stored=True)  # type: ignore[arg-type]
     if kind == "releases":
-        return model.release_from_proto(_load(kv.value, pb.Release()), revision=kv.mod_revision)  # type: ignore[arg-type]
+        return _releases.decode(kv)
     if kind == "progress":
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             value = json.loads(kv.value)

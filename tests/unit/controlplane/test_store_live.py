@@ -1,0 +1,72 @@
+"""LiveState: the follower's kept state, patched from watch events (no etcd needed)."""
+
+from __future__ import annotations
+
+import json
+
+from etcd3.etcdrpc import kv_pb2
+from graylane.controlplane import model
+from graylane.controlplane.store import LiveState, ReplicaProgress
+from graylane.controlplane.store._etcd import _dump
+
+PREFIX = "/t/"
+
+
+def _kv(key: str, value: bytes, revision: int) -> kv_pb2.KeyValue:
+    return kv_pb2.KeyValue(key=(PREFIX + key).encode(), value=value, mod_revision=revision, create_revision=revision)
+
+
+def _put(key: str, value: bytes, revision: int) -> kv_pb2.Event:
+    return kv_pb2.Event(type=kv_pb2.Event.PUT, kv=_kv(key, value, revision))
+
+
+def _delete(key: str, revision: int) -> kv_pb2.Event:
+    return kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=_kv(key, b"", revision))
+
+
+def _service(name: str, stable: str = "v1") -> bytes:
+    return _dump(model.service_to_proto(model.Service(name=name, stable_version=stable)))
+
+
+def test_puts_and_deletes_patch_only_their_keys_and_keep_key_order() -> None:
+    state = LiveState(PREFIX, revision=1)
+    state.load([_kv("services/b", _service("b"), 1)])
+    first = state.snapshot()
+    changed = state.apply([_put("services/a", _service("a"), 2), _put("services/b", _service("b", "v2"), 2)])
+    snap = state.snapshot()
+    assert snap.revision == 2
+    assert [(s.name, s.stable_version) for s in snap.services] == [("a", "v1"), ("b", "v2")]
+    assert set(changed["services"]) == {"a", "b"}
+    old_b, new_b = changed["services"]["b"]
+    assert isinstance(old_b, model.Service) and old_b.stable_version == "v1"
+    assert isinstance(new_b, model.Service) and new_b.stable_version == "v2"
+    assert first.services[0].stable_version == "v1"  # an earlier snapshot is not touched
+    state.apply([_delete("services/a", 3)])
+    assert [s.name for s in state.snapshot().services] == ["b"]
+
+
+def test_keys_outside_the_live_kinds_only_move_the_revision() -> None:
+    state = LiveState(PREFIX, revision=5)
+    state.load([_kv("services/a", _service("a"), 5)])
+    before = state.snapshot()
+    assert state.apply([_put("events/rel/0000000000000001", b"{}", 9), _put("leader", b"me", 9)]) == {}
+    after = state.snapshot()
+    assert after.revision == 9
+    assert after.services == before.services
+
+
+def test_replicas_and_progress_are_decoded_and_replaced() -> None:
+    state = LiveState(PREFIX, revision=1)
+    state.apply(
+        [
+            _put("replicas/r1", json.dumps({"n1": "127.0.0.1:1"}).encode(), 2),
+            _put("progress/r1", json.dumps({"rel": ["fp", 2, 1]}).encode(), 2),
+        ]
+    )
+    snap = state.snapshot()
+    assert snap.replica_proxies == {"n1": "127.0.0.1:1"}
+    assert snap.replica_nodes == {"r1": frozenset({"n1"})}
+    assert snap.replica_progress == {"r1": {"rel": ReplicaProgress("fp", 2, 1)}}
+    state.apply([_put("progress/r1", b"not json", 3), _delete("replicas/r1", 3)])
+    snap = state.snapshot()
+    assert snap.replica_progress == {} and snap.replica_proxies == {} and snap.replica_nodes == {}
