@@ -22,9 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from graylane.controlplane import model, views
@@ -128,6 +128,7 @@ class DataPlane:
         # left since (with when).
         self._published: dict[str, dict[str, ReplicaProgress]] = {}
         self._published_fleet: dict[str, ReplicaFleet] = {}
+        self._seen_alive = 0.0  # when the replicas in `_published` were last seen publishing
         self._silent: dict[str, _Silent] = {}
         self._published_nodes: dict[str, frozenset[str]] = {}
         self._silence_timer: asyncio.TimerHandle | None = None
@@ -398,12 +399,14 @@ class DataPlane:
                     ", ".join(sorted(nodes)[: views.NAMES_SHOWN]) or "agents' only",
                     self._stale_seconds,
                 )
-            self._silent[identity] = _Silent(progress, now, frozenset(nodes), dict(fleet.clusters), left)
+            already = self._connected_elsewhere(self._published_fleet, exclude=identity, before=self._seen_alive)
+            self._silent[identity] = _Silent(progress, now, frozenset(nodes), dict(fleet.clusters), left, already)
         # Declared gone a stale period after they went (named as gone), forgotten after two.
         for identity in list(self._silent):
             if identity in current or now - self._silent[identity].at >= 2 * self._stale_seconds:
                 del self._silent[identity]
         self._published = dict(current)
+        self._seen_alive = now
         self._published_fleet = {i: f for i, f in snap.replica_fleet.items() if i in current}
         self._published_nodes = dict(snap.replica_nodes)
         if self._silence_timer is not None:
@@ -428,9 +431,18 @@ class DataPlane:
         snap = self._snap
         sources: list[tuple[str, ReplicaProgress, float]] = []  # (name, count, when it went quiet)
         for identity, progress in snap.replica_progress.items() if snap is not None else ():
+            assert snap is not None
+            if identity == self._identity or _left(snap, identity):
+                continue
             counted = progress.get(release)
-            if identity != self._identity and counted is not None:
-                sources.append((f"replica {identity}", counted, since))
+            if counted is None:
+                # It has not counted this release yet (a new one, or it is behind): its
+                # proxies are there all the same, and none is known to carry the release.
+                size = _size(snap.replica_fleet.get(identity, ReplicaFleet()))
+                if size == 0:
+                    continue
+                counted = ReplicaProgress("-", size, 0)
+            sources.append((f"replica {identity}", counted, since))
         # A silent replica's proxies that reconnected (here or to a live replica) count there.
         for identity, silent, nodes, count in self._not_reconnected():
             counted = silent.progress.get(release)
@@ -482,18 +494,27 @@ class DataPlane:
             for i, f in (snap.replica_fleet.items() if snap is not None else ())
             if i in self._published and i != self._identity
         ]
-        connected = {p.node_id for p in self._tracker.proxies().values()}
-        connected.update(n.partition("@")[0] for n in (snap.replica_proxies if snap is not None else ()))
+        connected = self._connected_elsewhere(
+            {i: f for i, f in (snap.replica_fleet.items() if snap is not None else ()) if i in self._published},
+            exclude=self._identity,
+        )
         reported: dict[str, int] = {}
         for fleet in live:
-            connected |= fleet.nodes
             for name, count in fleet.clusters.items():
                 reported[name] = reported.get(name, 0) + count
         for name, session in self._agents.sessions.items() if self._agents is not None else ():
             reported[name] = reported.get(name, 0) + len(session.proxies)
         found = []
+        used: Counter[str] = Counter()
         for identity, silent in sorted(self._silent.items()):
-            nodes = sorted(silent.nodes - connected)
+            # A proxy is one stream: a silent replica's node counts as reconnected only for a
+            # stream beyond those that already shared its node id, each such stream used once.
+            nodes = []
+            for node in sorted(silent.nodes):
+                if connected[node] - silent.already[node] - used[node] > 0:
+                    used[node] += 1
+                else:
+                    nodes.append(node)
             count = len(nodes)
             for name, was in sorted(silent.clusters.items()):
                 back = min(was, reported.get(name, 0))
@@ -502,6 +523,19 @@ class DataPlane:
                 if was > back and len(nodes) < views.NAMES_SHOWN:
                     nodes.append(f"{was - back} of cluster {name}")
             found.append((identity, silent, nodes, count))
+        return found
+
+    def _connected_elsewhere(
+        self, fleets: dict[str, ReplicaFleet], *, exclude: str, before: float | None = None
+    ) -> Counter[str]:
+        """Open streams per node id: this replica's own (those connected before `before`, when
+        given) and one per node id each other replica in `fleets` publishes."""
+        found: Counter[str] = Counter(
+            p.node_id for p in self._tracker.proxies().values() if before is None or p.connected_at < before
+        )
+        for identity, fleet in fleets.items():
+            if identity not in (exclude, self._identity):
+                found.update(fleet.nodes)
         return found
 
     async def _advance_timed_pause(self, release: model.Release) -> None:
@@ -708,6 +742,9 @@ class _Silent:
     nodes: frozenset[str]
     clusters: dict[str, int]
     left: bool = False
+    # Streams per node id connected elsewhere (here or at live replicas) while it was still
+    # alive: those are other proxies that happen to share a node id, never its reconnections.
+    already: Counter[str] = field(default_factory=Counter)
 
 
 def _left(snap: Snapshot, identity: str) -> bool:

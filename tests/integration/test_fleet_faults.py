@@ -234,12 +234,10 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
             for r in (done, later)
             if r.status.convergence.gone != 1 or not any("on-a-orphan" in n for n in r.status.convergence.gone_names)
         ]
-        if named:
-            pytest.xfail(
-                "BUG controlplane/dataplane.py DataPlane._remember_silent drops a silent replica "
-                "stale_proxy_seconds after it went silent, so _with_other_replicas neither counts "
-                f"nor names its proxies (reached with gone/gone_names {named} while on-a-orphan serves batch 0)"
-            )
+        assert not named, (
+            "a silent replica's proxies must stay counted, then named as gone "
+            f"after the stale timeout (reached with gone/gone_names {named} while on-a-orphan serves batch 0)"
+        )
 
 
 # ------------------------------------------------------------------ 2. leader replica SIGSTOP
@@ -350,12 +348,10 @@ async def test_a_new_releases_batch_waits_for_a_live_replica_that_has_not_counte
         await until(lambda: weight_is(on_b, 10))
         done = await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         assert done.status.convergence.proxies == 2
-        if false_reached:
-            pytest.xfail(
-                "BUG controlplane/dataplane.py DataPlane._with_other_replicas skips a live replica "
-                "that has not yet published progress for a new release: reached with "
-                f"(proxies, converged, on-b's gray weight) = {false_reached[0]} while the follower was live"
-            )
+        assert not false_reached, (
+            "a live replica that has not counted a new release yet must hold it back: reached with "
+            f"(proxies, converged, on-b's gray weight) = {false_reached[0]} while the follower was live"
+        )
         assert await transitions(stub, "rel") == ["create", "next", "reached"]
 
 
@@ -497,12 +493,11 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
         result = await load_result(load)
         assert result["failed"] == 0 and result["sent"] > 300, result
         assert a.proc.poll() is not None and b.proc.poll() is None
-        if false_reached is not None:
-            pytest.xfail(
-                "BUG controlplane/dataplane.py DataPlane._with_other_replicas takes a silent replica's "
-                "proxy for reconnected when any live proxy has its node id: reached with "
-                f"(proxies, converged, gone, s after kill) = {false_reached} while the orphan serves batch 0"
-            )
+        assert false_reached is None, (
+            "a silent replica's proxy is not reconnected because a live proxy shares its node id: "
+            "reached with "
+            f"(proxies, converged, gone, s after kill) = {false_reached} while the orphan serves batch 0"
+        )
         assert not got.status.reached and got.status.convergence.converged == 1, got.status
 
 
