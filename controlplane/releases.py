@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from graylane.controlplane import machine, model
 from graylane.controlplane.errors import (
+    AlreadyExists,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
@@ -117,21 +118,21 @@ class Releases:
         self._advanced.set()
         self._advanced = asyncio.Event()
 
-    async def _checked(self, name: str, spec: model.ReleaseSpec) -> Snapshot:
+    async def _checked(self, name: str, spec: model.ReleaseSpec) -> tuple[Snapshot, int]:
         """Check `spec` against the registry at one revision R, and against every live
         release as the store follower knows them at R or later (the same check as a whole
         snapshot read at R, without reading and parsing every release per call). Without a
         follower, or when it lags by more than a second, the whole live state is read."""
-        registry = await self._store.registry_for(name, spec)
+        registry, claimed = await self._store.registry_for(name, spec)
         live = await self._live_at(registry.revision)
         if live is None:
             snap = await self._store.snapshot()
             check_against_registry(name, spec, snap)
-            return snap
+            return snap, claimed
         fresh = registry.by_name.get(name)
         others = tuple(r for r in live.releases if r.name != name)
         check_against_registry(name, spec, replace(registry, releases=others + ((fresh,) if fresh is not None else ())))
-        return registry
+        return registry, claimed
 
     async def _live_at(self, revision: int) -> Snapshot | None:
         try:
@@ -148,10 +149,17 @@ class Releases:
 
     async def create(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
         model.check_name("name", name)
-        await self._checked(name, spec)
-        return await self._create_checked(name, spec, cause)
+        for _ in range(_RETRIES):
+            _, claimed = await self._checked(name, spec)
+            try:
+                return await self._create_checked(name, spec, cause, claimed)
+            except Conflict:
+                continue  # the lane was claimed since the check: check again
+        raise Conflict(f"lane {spec.lane!r} kept changing; try again")
 
-    async def _create_checked(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
+    async def _create_checked(
+        self, name: str, spec: model.ReleaseSpec, cause: Cause, lane_claimed: int
+    ) -> model.Release:
         now = _now()
         release = model.Release(
             name=name,
@@ -160,22 +168,23 @@ class Releases:
             created=now,
         )
         after, event = machine.record(release, release.status, action="create", cause=cause, now=now)
-        return await self._store.create_release(after, event)
+        return await self._store.create_release(after, event, lane_claimed=lane_claimed)
 
     async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
         """Create the release, or replace its spec (a finished one starts over as PENDING)."""
         model.check_name("name", name)
         for _ in range(_RETRIES):
-            snap = await self._checked(name, spec)
+            snap, claimed = await self._checked(name, spec)
             current = snap.by_name.get(name)
-            if current is None:
-                return await self._create_checked(name, spec, cause)
-            if current.spec == spec and not current.status.phase.terminal:
-                return current  # nothing to change: apply is idempotent
             try:
-                return await self._store.update_release(*self._respec(current, spec, cause))
-            except (Conflict, NotFound):
-                continue  # changed or deleted since the snapshot: decide again
+                if current is None:
+                    return await self._create_checked(name, spec, cause, claimed)
+                if current.spec == spec and not current.status.phase.terminal:
+                    return current  # nothing to change: apply is idempotent
+                after, events = self._respec(current, spec, cause)
+                return await self._store.update_release(after, events, lane_claimed=claimed)
+            except (Conflict, NotFound, AlreadyExists):
+                continue  # changed, deleted, created or its lane claimed since the check: decide again
         raise Conflict(f"release {name!r} kept changing; try again")
 
     @staticmethod
@@ -243,7 +252,7 @@ class Releases:
         # First from the store follower's state (no read when nothing changes, the common
         # case of a convergence pass); the write is guarded by that value's revision, so a
         # stale one only costs a Conflict and a fresh read.
-        hint = self._live.snapshot().by_name.get(name) if self._live is not None else None
+        hint = self._live.release(name) if self._live is not None else None
         for _ in range(_RETRIES):
             if hint is not None:
                 current, hint = hint, None

@@ -13,6 +13,8 @@ Key layout (below the prefix):
     clusterendpoints/<name>              EndpointSnapshot the agent reported, under its lease
     knownclusters/<name>                 AgentHello last registered for the cluster (no lease: kept)
     leader                               identity of the replica that advances releases, under its lease
+    lanes/<lane>                         name of the release that last claimed the lane (a create or an
+                                         apply writes it, guarded by the value it checked against)
     replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
     progress/<identity>                  {release: [lane fingerprint, proxies, converged]} as that replica
                                          counts its own proxies and its agents', under its lease
@@ -350,15 +352,20 @@ class EtcdStore:
         state.load(resp.kvs)
         return state
 
-    async def registry_for(self, name: str, spec: model.ReleaseSpec) -> Snapshot:
+    async def registry_for(self, name: str, spec: model.ReleaseSpec) -> tuple[Snapshot, int]:
         """What a release spec is checked against in the registry, in one read: its services,
-        its gray versions and the release `name` itself (in `releases` when it exists).
-        Other releases are not read: callers check lanes against a follower's state."""
+        its gray versions and the release `name` itself (in `releases` when it exists); and
+        the mod_revision of the lane's claim (0: never claimed), for `create_release` and
+        `update_release` to guard on. Other releases are not read: callers check lanes
+        against a follower's state (or a full read) at this revision or later."""
         keys = [self._key("services", n) for n in sorted({spec.entry, *(s.service for s in spec.services)})]
         keys += [self._key("versions", s.service, s.gray_version) for s in spec.services]
         keys.append(self.release_key(name))
+        keys.append(self._key("lanes", spec.lane))
         ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k)) for k in keys]
         resp = await self._txn([], ops)
+        claim = resp.responses[-1].response_range.kvs
+        claimed = int(claim[0].mod_revision) if claim else 0
         services: list[model.Service] = []
         versions: list[model.Version] = []
         releases: list[model.Release] = []
@@ -374,13 +381,29 @@ class EtcdStore:
                     versions.append(value)
                 elif isinstance(value, model.Release):
                     releases.append(value)
-        return Snapshot(
+        snap = Snapshot(
             revision=int(resp.header.revision),
             services=tuple(services),
             versions=tuple(versions),
             releases=tuple(releases),
             by_name={r.name: r for r in releases},
         )
+        return snap, claimed
+
+    def _lane_claim(self, release: model.Release, claimed: int) -> tuple[rpc_pb2.Compare, rpc_pb2.RequestOp]:
+        """Guard: the lane's claim is as the caller checked it (at mod_revision `claimed`, 0:
+        absent); and the write that claims it for `release`. Two writers that checked the
+        lane free against the same state cannot both claim it."""
+        key = self._key("lanes", release.spec.lane)
+        if claimed:
+            same = rpc_pb2.Compare(
+                key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=claimed
+            )
+        else:
+            same = rpc_pb2.Compare(
+                key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+            )
+        return same, self._put(key, release.name.encode())
 
     def _split_key(self, key: bytes) -> tuple[str, str] | None:
         text = key.decode()
@@ -572,19 +595,28 @@ class EtcdStore:
         current = await self._get(self._key("leader"))
         return current.value.decode() if current is not None else None
 
-    async def create_release(self, release: model.Release, event: model.Event) -> model.Release:
+    async def create_release(
+        self, release: model.Release, event: model.Event, *, lane_claimed: int | None = None
+    ) -> model.Release:
+        """Create `release` with its event. With `lane_claimed` (from `registry_for`) the
+        lane is claimed in the same txn: Conflict when another writer claimed it since."""
         key = self.release_key(release.name)
         absent = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
         )
-        resp = await self._txn(
-            [absent],
-            [
-                self._put(key, _dump(model.release_to_proto(release))),
-                self._put(self._event_key(release.name, event.sequence), _dump(model.event_to_proto(event))),
-            ],
-        )
+        compare = [absent]
+        ops = [
+            self._put(key, _dump(model.release_to_proto(release))),
+            self._put(self._event_key(release.name, event.sequence), _dump(model.event_to_proto(event))),
+        ]
+        if lane_claimed is not None:
+            guard, claim = self._lane_claim(release, lane_claimed)
+            compare.append(guard)
+            ops.append(claim)
+        resp = await self._txn(compare, ops)
         if not resp.succeeded:
+            if lane_claimed is not None and await self._get(key) is None:
+                raise Conflict(f"lane {release.spec.lane!r} was claimed concurrently; check again")
             raise AlreadyExists(f"release {release.name!r} already exists")
         return _at(release, resp.header.revision)
 
@@ -594,16 +626,23 @@ class EtcdStore:
         events: Iterable[model.Event],
         *,
         services: Iterable[model.Service] = (),
+        lane_claimed: int | None = None,
     ) -> model.Release:
-        """Write `release` if it is still at `release.revision`, with its events, in one txn."""
+        """Write `release` if it is still at `release.revision`, with its events, in one txn
+        (claiming its lane as `create_release` does, when `lane_claimed` is given)."""
         key = self.release_key(release.name)
         guard = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision
         )
+        compare = [guard]
         ops = [self._put(key, _dump(model.release_to_proto(release)))]
         ops += [self._put(self._event_key(e.release, e.sequence), _dump(model.event_to_proto(e))) for e in events]
         ops += [self._put(self._key("services", s.name), _dump(model.service_to_proto(s))) for s in services]
-        resp = await self._txn([guard], ops)
+        if lane_claimed is not None:
+            lane_guard, claim = self._lane_claim(release, lane_claimed)
+            compare.append(lane_guard)
+            ops.append(claim)
+        resp = await self._txn(compare, ops)
         if not resp.succeeded:
             current = await self._get(key)
             if current is None:
@@ -685,6 +724,9 @@ class _ReleaseCache:
     def __init__(self, size: int = 4096) -> None:
         self._size = size
         self._items: dict[tuple[bytes, int], model.Release] = {}
+
+    def clear(self) -> None:
+        self._items.clear()
 
     def decode(self, kv: kv_pb2.KeyValue) -> model.Release:
         key = (kv.value, kv.mod_revision)
@@ -806,6 +848,11 @@ class LiveState:
         elif self._snap is not None:
             self._snap = replace(self._snap, revision=self.revision)
         return changed
+
+    def release(self, name: str) -> model.Release | None:
+        """One release as last applied (no snapshot built)."""
+        found = self._kinds["releases"].get(name)
+        return found if isinstance(found, model.Release) else None
 
     def _values(self, kind: str) -> list[tuple[str, object]]:
         values = self._kinds[kind]

@@ -510,3 +510,21 @@ async def test_a_service_text_above_the_limit_already_in_etcd_is_still_read(
     listed = await stub.ListServices(api.ListServicesRequest())
     assert sorted(s.name for s in listed.services) == ["checkout", "legacy"]
     assert len((await store.snapshot()).services) == 2
+
+
+async def test_concurrent_creates_of_one_lane_let_exactly_one_in(stub: api_grpc.ReleaseServiceStub) -> None:
+    await register(stub)
+
+    async def create(i: int) -> grpc.StatusCode:
+        try:
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=f"same-lane-{i}", spec=canary((10,))))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() != grpc.StatusCode.INVALID_ARGUMENT or "is used by release" in (exc.details() or "")
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(create(i) for i in range(8)))
+    assert codes.count(grpc.StatusCode.OK) == 1
+    assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 7
+    listed = await stub.ListReleases(api.ListReleasesRequest())
+    assert len(listed.releases) == 1
