@@ -349,7 +349,11 @@ class EtcdStore:
         self.full_reads += 1
         resp = await self._read_kinds(_LIVE_KINDS, revision=revision)
         state = LiveState(self._prefix, revision=resp.revision)
-        state.load(resp.kvs)
+        for start in range(0, len(resp.kvs), _PAGE):
+            # Decoded in slices of one page, yielding between them: at thousands of keys
+            # decoding takes a good part of a second, and xDS and the API keep going.
+            state.load(resp.kvs[start : start + _PAGE])
+            await asyncio.sleep(0)
         return state
 
     async def registry_for(self, name: str, spec: model.ReleaseSpec) -> tuple[Snapshot, int]:
