@@ -378,7 +378,7 @@ class EtcdStore:
                 where = self._split_key(kv.key)
                 if where is None:
                     continue
-                value = _parse(where[0], where[1], kv)
+                value = _parse_or_skip(where[0], where[1], kv)
                 if isinstance(value, model.Service):
                     services.append(value)
                 elif isinstance(value, model.Version):
@@ -746,6 +746,17 @@ class _ReleaseCache:
 _releases = _ReleaseCache()
 
 
+def _parse_or_skip(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
+    """`_parse`, except that a value this version cannot read (written by hand, or by an older
+    Graylane under looser rules: a name ending in a newline, say) is skipped with an error
+    naming its key, so one bad record never makes the whole store unreadable."""
+    try:
+        return _parse(kind, rest, kv)
+    except Exception as exc:  # a decoding failure of any kind: skip the record, keep serving
+        log.error("skipping unreadable %s record %r (revision %d): %s", kind, rest, kv.mod_revision, exc)
+        return None
+
+
 def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
     """One stored value of a live kind as the domain value `Snapshot` holds (None: skip it).
 
@@ -817,7 +828,7 @@ class LiveState:
         for kv in kvs:
             where = self._split(kv.key)
             if where is not None:
-                self._set(where[0], where[1], _parse(where[0], where[1], kv))
+                self._set(where[0], where[1], _parse_or_skip(where[0], where[1], kv))
         self._snap = None
 
     def _set(self, kind: str, rest: str, value: object) -> None:
@@ -843,7 +854,7 @@ class LiveState:
                 continue
             kind, rest = where
             old = self._kinds[kind].get(rest)
-            new = None if ev.type == kv_pb2.Event.DELETE else _parse(kind, rest, kv)
+            new = None if ev.type == kv_pb2.Event.DELETE else _parse_or_skip(kind, rest, kv)
             self._set(kind, rest, new)
             first = changed.setdefault(kind, {}).get(rest)
             changed[kind][rest] = (old if first is None else first[0], new)

@@ -425,3 +425,28 @@ async def _says_exited(port: int) -> bool:
 
 async def _is_200(port: int) -> bool:
     return (await asyncio.to_thread(_health, port))[0] == 200
+
+
+# ----------------------------------------------------------------------- unreadable records
+
+
+async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(store: EtcdStore) -> None:
+    """A service named `evil\\n` (accepted by an older Graylane, or written by hand) no longer
+    passes the name rule; reading it must skip that one record, not fail every snapshot."""
+    from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
+    from google.protobuf import json_format
+    from graylane.v1 import release_pb2 as pb
+
+    await store.put_service(model.Service(name="good", stable_version="v1"))
+    bad = json_format.MessageToJson(pb.Service(name="evil\n", stable_version="v1")).encode()
+    kv = rpc_pb2_grpc.KVStub(store._channel)
+    await kv.Put(rpc_pb2.PutRequest(key=(store.prefix + "services/evil\n").encode(), value=bad))
+    snap = await store.snapshot()
+    assert [s.name for s in snap.services] == ["good"]
+    # and a follower fed by the watch skips it the same way
+    state = await store.live_state()
+    await kv.Put(rpc_pb2.PutRequest(key=(store.prefix + "services/evil2\n").encode(), value=bad))
+    async for events in store.watch(start_revision=state.revision + 1):
+        state.apply(events)
+        break
+    assert [s.name for s in state.snapshot().services] == ["good"]
