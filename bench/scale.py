@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import gc
 import os
 import pathlib
 import resource
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from fleet import FleetSpec, Prober, Worker
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -58,6 +60,10 @@ class FleetResult:
     lag_change_ms: float = 0.0
     lag_max_ms: float = 0.0
     api_ms: list[float] = field(default_factory=list)
+    api_change_ms: list[float] = field(default_factory=list)  # calls that ended during the changes
+    lag_change_p99_ms: float = float("nan")
+    gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
+    gc_max_ms: list[float] = field(default_factory=list)
     api_errors: int = 0
     stream_errors: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -73,6 +79,7 @@ class LagProbe:
         self.tick = tick
         self.max_ms = 0.0
         self.phase_max_ms = 0.0
+        self.samples: list[float] = []  # this phase's lags
 
     async def run(self) -> None:
         while True:
@@ -81,10 +88,37 @@ class LagProbe:
             lag = (time.perf_counter() - t0 - self.tick) * 1000
             self.max_ms = max(self.max_ms, lag)
             self.phase_max_ms = max(self.phase_max_ms, lag)
+            self.samples.append(lag)
 
     def phase(self) -> float:
         out, self.phase_max_ms = self.phase_max_ms, 0.0
+        self.samples = []
         return out
+
+
+class GcPauses:
+    """Collector pauses in this process (the control plane's), by generation, while installed."""
+
+    def __init__(self) -> None:
+        self.total_ms = [0.0, 0.0, 0.0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._t0) * 1000
+        gen = info["generation"]
+        self.total_ms[gen] += ms
+        self.max_ms[gen] = max(self.max_ms[gen], ms)
 
 
 def cpu_seconds() -> float:
@@ -136,6 +170,7 @@ async def bench_fleet(
     res = FleetResult(streams, n_workers, services, envoys, delta_every)
     entry = "svc-0000"
     async with contextlib.AsyncExitStack() as stack:
+        gc_pauses = stack.enter_context(GcPauses())
         local = await stack.enter_async_context(local_control_plane(prefix="graylane-fleet-"))
         plane = local.plane
         client = await stack.enter_async_context(ReleaseClient.connect(local.api_target, actor="bench"))
@@ -196,9 +231,13 @@ async def bench_fleet(
         stack.push_async_callback(stop_workers)
         prober = Prober(local.api_target, RELEASE, max_calls=100_000, max_seconds=budget + 60)
 
+        changes_window = [0.0, 0.0]
+
         async def stop_prober() -> None:
             calls = await prober.stop()
             res.api_ms = [ms for _, ms, code in calls if code == "OK"]
+            start, end = changes_window
+            res.api_change_ms = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
             res.api_errors = sum(1 for *_, code in calls if code != "OK")
 
         stack.push_async_callback(stop_prober)
@@ -225,10 +264,10 @@ async def bench_fleet(
 
         def envoy_route_versions() -> dict[str, str]:
             out = {e.node_id: "" for e in real}
-            for p in plane.tracker.proxies().values():  # keyed by stream: look nodes up by id
-                if p.node_id in out:
+            for node_id in out:  # the tracker is keyed by stream: look nodes up by id
+                for p in plane.tracker.of_node(node_id):
                     ack = p.acked.get(resources.ROUTE)
-                    out[p.node_id] = ack.version if ack else ""
+                    out[node_id] = ack.version if ack else ""
             return out
 
         # Changes: NextBatch, then wait for every client to see the new weight.
@@ -236,6 +275,7 @@ async def bench_fleet(
         if profiler is not None:
             profiler.enable()
         if res.configured >= streams:
+            changes_window[0] = time.time()
             for _ in range(changes):
                 if time.monotonic() - started > budget:
                     res.notes.append("stopped changes: time budget")
@@ -243,7 +283,13 @@ async def bench_fleet(
                 before = envoy_route_versions()
                 cpu0 = cpu_seconds()
                 t0 = time.time()
-                rel = await client.act(Action.NEXT, RELEASE)
+                try:
+                    rel = await client.act(Action.NEXT, RELEASE)
+                except grpc.aio.AioRpcError as exc:  # noted, not fatal: the run still reports
+                    res.notes.append(f"NextBatch failed: {exc.code().name} {exc.details()}")
+                    print(f"  NextBatch failed: {exc.code().name} {exc.details()}", flush=True)
+                    await asyncio.sleep(1.0)
+                    continue
                 weight = rel.status.weight
                 envoy_done: dict[str, float] = {}
                 change_deadline = time.monotonic() + change_timeout
@@ -268,6 +314,8 @@ async def bench_fleet(
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
+            changes_window[1] = time.time()
+            res.lag_change_p99_ms = pct(probe.samples, 0.99)
             res.lag_change_ms = probe.phase()
             if profiler is not None:
                 profiler.disable()
@@ -302,6 +350,7 @@ async def bench_fleet(
         res.error_details = dict(sorted(details.items(), key=lambda kv: -kv[1])[:5])
         res.rss_mib, res.hwm_mib = rss_mib()
         res.lag_max_ms = probe.max_ms
+        res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
     res.elapsed_s = time.monotonic() - started
     return res
 
@@ -346,10 +395,20 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
             "event-loop lag max: connect / changes / whole run",
             f"{res.lag_connect_ms:.0f} / {res.lag_change_ms:.0f} / {res.lag_max_ms:.0f} ms",
         ),
+        ("event-loop lag p99 during the changes (10 ms probe)", f"{res.lag_change_p99_ms:.0f} ms"),
+        (
+            "API GetRelease p50 / p99 / max during the changes",
+            f"{pct(res.api_change_ms, 0.5):.1f} / {pct(res.api_change_ms, 0.99):.1f} / "
+            f"{max(res.api_change_ms, default=float('nan')):.0f} ms ({len(res.api_change_ms)} calls)",
+        ),
         (
             "API GetRelease p50 / p99 / max (separate process, whole run)",
             f"{pct(res.api_ms, 0.5):.1f} / {pct(res.api_ms, 0.99):.1f} / {api_max:.0f} ms "
             f"({len(res.api_ms)} calls, {res.api_errors} failed)",
+        ),
+        (
+            "garbage-collector pauses, whole run: total / longest, gen 0 / 1 / 2",
+            " / ".join(f"{t:.0f} / {m:.0f} ms" for t, m in zip(res.gc_total_ms, res.gc_max_ms, strict=False)),
         ),
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
         ("run time", f"{res.elapsed_s:.0f} s"),

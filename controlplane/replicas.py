@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.store import EtcdStore, ReplicaFleet, ReplicaProgress
@@ -86,7 +87,7 @@ class ReplicaRegistry:
     async def _publish(self) -> None:
         lease = 0
         seen = -1
-        written: dict[str, str] | None = None
+        written: Mapping[str, str] | None = None
         written_progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] | None = None
         refreshed = 0.0
         loop = asyncio.get_running_loop()
@@ -98,8 +99,9 @@ class ReplicaRegistry:
                         lease = self._lease = await self._store.grant_lease(self._ttl)
                         written = written_progress = None
                     refreshed = loop.time()
+                # The same mapping while no stream opened or ended (ACKs wake this loop too).
                 proxies = admin_addresses(self._tracker)
-                if proxies != written:
+                if proxies is not written and proxies != written:
                     await self._store.put_replica_proxies(self.identity, proxies, lease)
                     written = proxies
                 self._progress_changed.clear()

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,12 +96,18 @@ class PushAckTimer:
 
     def __init__(self, *, per_type: int = 16) -> None:
         self._per_type = per_type
-        self._pending: dict[tuple[str, str], OrderedDict[str, float]] = {}
+        # proxy -> type_url -> version -> push time: forgetting a proxy is one pop.
+        self._pending: dict[str, dict[str, OrderedDict[str, float]]] = {}
 
     def pushed(self, node_id: str, type_url: str, version: str, at: float) -> None:
-        pending = self._pending.setdefault((node_id, type_url), OrderedDict())
+        by_type = self._pending.get(node_id)
+        if by_type is None:
+            by_type = self._pending[node_id] = {}
+        pending = by_type.get(type_url)
+        if pending is None:
+            pending = by_type[type_url] = OrderedDict()
         pending.setdefault(version, at)
-        while len(pending) > self._per_type:
+        if len(pending) > self._per_type:
             pending.popitem(last=False)
 
     def acked(self, node_id: str, type_url: str, version: str, at: float) -> float | None:
@@ -109,7 +115,7 @@ class PushAckTimer:
 
         Older versions still pending are dropped: the proxy has moved past them.
         """
-        pending = self._pending.get((node_id, type_url))
+        pending = self._pending.get(node_id, {}).get(type_url)
         if pending is None or version not in pending:
             return None
         while pending:
@@ -119,16 +125,15 @@ class PushAckTimer:
         return None  # unreachable: `version` was in `pending`
 
     def nacked(self, node_id: str, type_url: str, version: str) -> None:
-        pending = self._pending.get((node_id, type_url))
+        pending = self._pending.get(node_id, {}).get(type_url)
         if pending is not None:
             pending.pop(version, None)
 
     def forget(self, node_id: str) -> None:
-        for key in [k for k in self._pending if k[0] == node_id]:
-            del self._pending[key]
+        self._pending.pop(node_id, None)
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self._pending.values())
+        return sum(len(p) for by_type in self._pending.values() for p in by_type.values())
 
 
 def otlp_traces_url(endpoint: str) -> str:
@@ -184,8 +189,13 @@ class Telemetry:
             callbacks=[self._observe_proxies],
             description="Envoy proxies with an open xDS stream to this process",
         )
-        self._pushes = meter.create_counter(
-            METRIC_XDS_PUSHES, description="xDS responses sent to proxies, by resource type"
+        self._push_counts: Counter[str] = Counter()  # type_url -> responses sent
+        self._nack_counts: Counter[str] = Counter()  # type_url -> responses rejected
+        self._type_attributes: dict[str, Mapping[str, str]] = {}
+        meter.create_observable_counter(
+            METRIC_XDS_PUSHES,
+            callbacks=[self._observe_pushes],
+            description="xDS responses sent to proxies, by resource type",
         )
         self._push_ack = meter.create_histogram(
             METRIC_XDS_PUSH_ACK,
@@ -193,8 +203,10 @@ class Telemetry:
             description="Time from an xDS push to the proxy's ACK of that version, by resource type",
             explicit_bucket_boundaries_advisory=PUSH_ACK_BUCKETS,
         )
-        self._nacks = meter.create_counter(
-            METRIC_XDS_NACKS, description="xDS responses proxies rejected (NACK), by resource type"
+        meter.create_observable_counter(
+            METRIC_XDS_NACKS,
+            callbacks=[self._observe_nacks],
+            description="xDS responses proxies rejected (NACK), by resource type",
         )
         meter.create_observable_gauge(
             METRIC_RELEASES, callbacks=[self._observe_releases], description="Releases by phase"
@@ -226,7 +238,7 @@ class Telemetry:
 
         Returns the function that stops listening.
         """
-        self._proxies = lambda: len(tracker.proxies())
+        self._proxies = lambda: len(tracker)
         stop: Callable[[], None] = tracker.add_listener(self.proxy_event)
         return stop
 
@@ -243,20 +255,31 @@ class Telemetry:
     # -------------------------------------------------------------------- events
 
     def proxy_event(self, event: ProxyEvent) -> None:
-        """A tracker listener: count and time pushes, ACKs and NACKs."""
-        attributes = {"type": type_name(event.type_url)}
-        if event.kind == PUSHED:
-            self._pushes.add(1, attributes)
+        """A tracker listener: count and time pushes, ACKs and NACKs.
+
+        Runs on every push and ACK of every stream (twice per proxy per change): the
+        attribute sets are built once per type, and only ACK latency goes through the SDK
+        per event; pushes and NACKs are plain counts the SDK reads when it collects.
+        """
+        kind = event.kind
+        if kind == PUSHED:
+            self._push_counts[event.type_url] += 1
             self._timer.pushed(event.stream, event.type_url, event.version, self._clock())
-        elif event.kind == ACKED:
+        elif kind == ACKED:
             elapsed = self._timer.acked(event.stream, event.type_url, event.version, self._clock())
             if elapsed is not None:
-                self._push_ack.record(elapsed, attributes)
-        elif event.kind == NACKED:
-            self._nacks.add(1, attributes)
+                self._push_ack.record(elapsed, self._attributes(event.type_url))
+        elif kind == NACKED:
+            self._nack_counts[event.type_url] += 1
             self._timer.nacked(event.stream, event.type_url, event.version)
-        elif event.kind == DISCONNECTED:
+        elif kind == DISCONNECTED:
             self._timer.forget(event.stream)
+
+    def _attributes(self, type_url: str) -> Mapping[str, str]:
+        attributes = self._type_attributes.get(type_url)
+        if attributes is None:
+            attributes = self._type_attributes[type_url] = {"type": type_name(type_url)}
+        return attributes
 
     def analysis_outcome(self, outcome: str, release: str) -> None:
         """Count one analysis verdict of `release`: `outcome` is pass, fail or inconclusive."""
@@ -329,6 +352,14 @@ class Telemetry:
     def _observe_proxies(self, options: CallbackOptions) -> Iterator[Observation]:
         if self._proxies is not None:
             yield Observation(self._proxies())
+
+    def _observe_pushes(self, options: CallbackOptions) -> Iterator[Observation]:
+        for type_url, count in tuple(self._push_counts.items()):
+            yield Observation(count, self._attributes(type_url))
+
+    def _observe_nacks(self, options: CallbackOptions) -> Iterator[Observation]:
+        for type_url, count in tuple(self._nack_counts.items()):
+            yield Observation(count, self._attributes(type_url))
 
     def _observe_releases(self, options: CallbackOptions) -> Iterator[Observation]:
         counts = self._releases() if self._releases is not None else None

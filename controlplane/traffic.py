@@ -11,8 +11,10 @@ Nothing is stored: every call reads the proxies now, so the numbers are Envoy's 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from graylane.agent.stats import ADMIN_METADATA, EnvoyStatsScraper, TrafficCounters, TrafficKey
 from graylane.controlplane import model
@@ -26,19 +28,30 @@ class TrafficReport:
     unreachable: tuple[str, ...]  # node ids whose admin endpoint did not answer
 
 
-def admin_addresses(tracker: ProxyTracker) -> dict[str, str]:
-    """node id -> admin "host:port" of every connected proxy that states one.
+def admin_addresses(tracker: ProxyTracker) -> Mapping[str, str]:
+    """node id -> admin "host:port" of every connected proxy that states one (read-only).
 
     Keyed by node id (stable across reconnects, so counter series stay continuous); a second
     proxy with the same node id and another admin address is keyed "<node id>@<address>".
+    Computed again only when a stream opened or ended since the last call (the registry
+    and the scraper ask every second and on every tracker change, and ACKs change nothing
+    here).
     """
+    cached = _admin_cache.get(tracker)
+    if cached is not None and cached[0] == tracker.membership:
+        return cached[1]
     found: dict[str, str] = {}
     for proxy in sorted(tracker.proxies().values(), key=lambda p: p.connected_at):
         address = proxy.metadata.get(ADMIN_METADATA)
         if isinstance(address, str) and address:
             name = proxy.node_id if found.get(proxy.node_id, address) == address else f"{proxy.node_id}@{address}"
             found[name] = address
-    return found
+    result = MappingProxyType(found)
+    _admin_cache[tracker] = (tracker.membership, result)
+    return result
+
+
+_admin_cache: weakref.WeakKeyDictionary[ProxyTracker, tuple[int, Mapping[str, str]]] = weakref.WeakKeyDictionary()
 
 
 def for_release(

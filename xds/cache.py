@@ -44,9 +44,13 @@ log = logging.getLogger(__name__)
 _V = TypeVar("_V")
 
 DEFAULT_KEY = "default"
-# A snapshot change wakes the streams of its key in batches of this many, yielding to the
-# loop between batches, so a change fanned out to thousands of streams never holds it.
+# A snapshot change wakes the streams of its key in batches, yielding to the loop between
+# batches, so a change fanned out to thousands of streams never holds it. The first batch
+# has FANOUT_BATCH streams; later ones are sized so that the loop pass running a batch's
+# pushes (and whatever else is ready) takes about FANOUT_SLICE seconds.
 FANOUT_BATCH = 100
+FANOUT_SLICE = 0.008
+_FANOUT_MIN, _FANOUT_MAX = 10, 2000
 LISTEN_PORT_METADATA = "listen_port"
 
 
@@ -224,12 +228,22 @@ class SnapshotCache:
         A woken stream reads the latest snapshot whenever it runs, so a later change
         overtaking this one loses nothing; a watch closed meanwhile is skipped.
         """
-        for start in range(0, len(watches), FANOUT_BATCH):
+        loop = asyncio.get_running_loop()
+        batch, start = FANOUT_BATCH, 0
+        while start < len(watches):
+            began = loop.time()
             await asyncio.sleep(0)
+            # The pass just run held the previous batch's pushes: size the next one to the slice.
+            took = loop.time() - began
+            if took > FANOUT_SLICE:
+                batch = max(_FANOUT_MIN, int(batch * FANOUT_SLICE / took))
+            elif took < FANOUT_SLICE / 2:
+                batch = min(_FANOUT_MAX, batch * 2)
             live = self._watches.get(key, set())
-            for watch in watches[start : start + FANOUT_BATCH]:
+            for watch in watches[start : start + batch]:
                 if watch in live:
                     watch.on_change()
+            start += batch
 
     def snapshot(self, key: str) -> Resources | None:
         return self._snapshots.get(key)

@@ -128,6 +128,10 @@ class _TypeState:
     subscription: object = WILDCARD_KEY
     # delta: the shared selection `sent_versions` equals exactly, if any (diffs are shared).
     synced: _Selection | None = None
+    # The shared selections whose content `sent` / `acked` hold exactly, if any: streams in
+    # the same state share one plan, keyed by these identities (`_Plans`).
+    sent_selection: _Selection | None = None
+    acked_selection: _Selection | None = None
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -151,6 +155,16 @@ class _TypeState:
             store: Mapping[str, Any] = getattr(self, attr)
             if any(n not in names for n in store):
                 setattr(self, attr, {n: v for n, v in store.items() if n in names})
+                if attr == "sent":
+                    self.sent_selection = None
+                elif attr == "acked":
+                    self.acked_selection = None
+
+    def shareable(self) -> bool:
+        """Whether `sent` and `acked` are each empty or exactly a shared selection."""
+        return (self.acked_selection is not None or not self.acked) and (
+            self.sent_selection is not None or not self.sent
+        )
 
 
 @dataclass(eq=False)
@@ -200,7 +214,52 @@ class _Diff:
 
 
 _SELECTIONS_LIMIT = 1024
+_PLANS_LIMIT = 256
 _DIFFS_LIMIT = 1024
+
+
+class _Plans:
+    """Plans by (target snapshot, per type the shared selections ACKed and sent); LRU.
+
+    A fleet holds a few distinct states, and every stream in one state shares its plan:
+    finding it costs a tuple of a few identities, not a walk over every held resource.
+    Entries hold the objects they are keyed by, so an id is never reused while its entry
+    lives.
+    """
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[tuple[object, ...], tuple[Plan, tuple[object, ...]]] = OrderedDict()
+
+    def get(self, target: Resources, types: Mapping[str, _TypeState]) -> Plan:
+        key: list[object] = [id(target)]
+        refs: list[object] = [target]
+        for type_url in PUSH_ORDER:
+            st = types.get(type_url)
+            if st is None:
+                continue
+            if not st.shareable():  # this stream holds content no shared selection names
+                acked = {t: s.acked for t, s in types.items()}
+                sent = {t: s.sent for t, s in types.items()}
+                return plan(target, acked=acked, sent=sent)
+            key += (type_url, id(st.acked_selection), id(st.sent_selection))
+            refs += (st.acked_selection, st.sent_selection)
+        found = self._plans.get(tuple(key))
+        if found is not None and found[1][0] is target:
+            self._plans.move_to_end(tuple(key))
+            return found[0]
+        planned = plan(
+            target,
+            acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
+            sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
+        )
+        self._plans[tuple(key)] = (planned, tuple(refs))
+        while len(self._plans) > _PLANS_LIMIT:
+            self._plans.popitem(last=False)
+        return planned
+
+
+def _items(selection: _Selection | None) -> Mapping[str, Message]:
+    return selection.items if selection is not None else {}
 
 
 class _Selections:
@@ -211,6 +270,7 @@ class _Selections:
     """
 
     def __init__(self) -> None:
+        self.plans = _Plans()
         self._selections: OrderedDict[tuple[int, str, object], tuple[_Selection, Plan]] = OrderedDict()
         self._diffs: OrderedDict[tuple[int, int], tuple[_Diff, _Selection, _Selection]] = OrderedDict()
 
@@ -370,9 +430,7 @@ class _Stream(Generic[Req, Resp]):
         target = self.cache.snapshot(self.key)
         if target is None:
             return None
-        acked = {t: s.acked for t, s in self.types.items()}
-        sent = {t: s.sent for t, s in self.types.items()}
-        return plan(target, acked=acked, sent=sent)
+        return self.selections.plans.get(target, self.types)
 
     def target(self) -> Resources | None:
         return self.cache.snapshot(self.key)
@@ -474,6 +532,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         # `sent` and `sent_versions` are never mutated in place (shared selections).
         st.acked = st.sent
         st.acked_versions = st.sent_versions
+        st.acked_selection = st.sent_selection
         self.record_ack(st, request.version_info, st.acked_versions)
 
     def _adopt_presented(self, st: _TypeState, version: str) -> None:
@@ -487,6 +546,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         st.sent_versions = {n: content_version(m) for n, m in items.items()}
         st.acked = st.sent
         st.acked_versions = st.sent_versions
+        st.sent_selection = st.acked_selection = None  # content resolved, not a shared selection
         self.record_ack(st, version, st.acked_versions)
 
     def _resolve_set(self, st: _TypeState, version: str) -> Mapping[str, Message] | None:
@@ -508,6 +568,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         nonce = self.next_nonce()
         st.sent = selection.items
         st.sent_versions = selection.versions
+        st.sent_selection = selection
         st.sotw_version = selection.version
         st.latest_nonce = nonce
         self.record_push(st, Push(st.type_url, selection.version, nonce, selection.names))
@@ -538,6 +599,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
                 st.acked[name] = message
                 st.acked_versions[name] = version
         if request.initial_resource_versions:
+            st.sent_selection = st.acked_selection = None
             versions = dict(request.initial_resource_versions)
             self.record_ack(st, set_version(versions), dict(st.acked_versions))
 
@@ -573,6 +635,11 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         for name in pending.removed:
             st.acked.pop(name, None)
             st.acked_versions.pop(name, None)
+        synced = st.synced
+        # Nothing else in flight and the ACKed content is exactly the shared selection the
+        # stream was last synced to: plan with it (content versions are content hashes).
+        exact = not st.pending and synced is not None and st.acked_versions == synced.versions
+        st.acked_selection = synced if exact else None
         self.record_ack(st, pending.version, dict(st.acked_versions))
 
     def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
@@ -588,6 +655,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             diff = _make_diff(selection, st.sent_versions)
         if not diff.changed and not diff.removed and not (first and not selection.items and st.wildcard):
             st.synced = selection  # nothing to send: the stream holds exactly this selection
+            st.sent_selection = selection
             return None
         if not selection.remembered:
             self.cache.history.remember(st.type_url, selection.items)
@@ -599,6 +667,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         st.sent.update(diff.changed)
         st.sent_versions.update({n: selection.versions[n] for n in diff.changed})
         st.synced = selection  # removed what it lacks, updated what differed: equal now
+        st.sent_selection = selection
         st.latest_nonce = nonce
         st.pending[nonce] = _Pending(selection.version, diff.changed, diff.removed, selection.versions)
         self.record_push(st, Push(st.type_url, selection.version, nonce, diff.names, diff.removed))

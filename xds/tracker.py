@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -116,31 +117,90 @@ class ProxyStatus:
         return ack is not None and ack.resources.get(name) == version
 
 
+@dataclass(slots=True, eq=False)
+class _Record:
+    """The mutable state of one open stream; read as a frozen `ProxyStatus` (`view`).
+
+    Pushes and ACKs update it in place (a fleet sends and ACKs on every stream on every
+    change); the frozen value is built only when someone reads it, and kept until the next
+    change of this stream.
+    """
+
+    node_id: str
+    cluster: str
+    key: str
+    protocol: str
+    metadata: Mapping[str, Any]
+    stream: str
+    connected_at: float
+    acked: dict[str, TypeAck] = field(default_factory=dict)
+    last_nack: Nack | None = None
+    pushes: deque[Push] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
+    frozen: ProxyStatus | None = None
+
+    def view(self) -> ProxyStatus:
+        if self.frozen is None:
+            self.frozen = ProxyStatus(
+                node_id=self.node_id,
+                cluster=self.cluster,
+                key=self.key,
+                protocol=self.protocol,
+                connected=True,
+                metadata=self.metadata,
+                acked=MappingProxyType(dict(self.acked)),
+                last_nack=self.last_nack,
+                pushes=tuple(self.pushes),
+                stream=self.stream,
+                connected_at=self.connected_at,
+            )
+        return self.frozen
+
+
 class ProxyTracker:
-    """Per-stream ACK/NACK state, readable as frozen values and awaitable for changes."""
+    """Per-stream ACK/NACK state, readable as frozen values and awaitable for changes.
+
+    `seq` counts every change; `membership` counts only streams opening and ending (what
+    readers that care about who is connected, not what they hold, recompute on). Waiters
+    are woken once per loop iteration however many changes it made (a fan-out changes
+    thousands of streams in a few iterations).
+    """
 
     def __init__(self) -> None:
-        self._proxies: dict[str, ProxyStatus] = {}  # stream id -> status, open streams only
+        self._proxies: dict[str, _Record] = {}  # stream id -> state, open streams only
         self._by_node: dict[str, set[str]] = {}  # node id -> its open streams
         self._seq = 0
-        # Replaced on every change: waiters hold the event of the sequence they saw.
+        self._membership = 0
+        # Replaced on every wake: waiters hold the event of the sequence they saw.
         self._changed = asyncio.Event()
+        self._wake_loop: asyncio.AbstractEventLoop | None = None  # where a wake is scheduled
         self._listeners: list[ProxyListener] = []
+        self._view: tuple[int, Mapping[str, ProxyStatus]] | None = None
 
     @property
     def seq(self) -> int:
         return self._seq
 
+    @property
+    def membership(self) -> int:
+        """Changes whenever a stream opens or ends (and only then)."""
+        return self._membership
+
     def proxies(self) -> Mapping[str, ProxyStatus]:
-        """stream id -> status of every stream open now."""
-        return MappingProxyType(dict(self._proxies))
+        """stream id -> status of every stream open now (one mapping per change sequence)."""
+        if self._view is None or self._view[0] != self._seq:
+            self._view = (self._seq, MappingProxyType({s: r.view() for s, r in self._proxies.items()}))
+        return self._view[1]
+
+    def __len__(self) -> int:
+        return len(self._proxies)
 
     def get(self, stream: str) -> ProxyStatus | None:
-        return self._proxies.get(stream)
+        record = self._proxies.get(stream)
+        return record.view() if record is not None else None
 
     def of_node(self, node_id: str) -> tuple[ProxyStatus, ...]:
         """The open streams presenting `node_id` (usually one), oldest first."""
-        found = (self._proxies[s] for s in self._by_node.get(node_id, ()) if s in self._proxies)
+        found = (self._proxies[s].view() for s in self._by_node.get(node_id, ()) if s in self._proxies)
         return tuple(sorted(found, key=lambda p: p.connected_at))
 
     def duplicate_node_ids(self) -> frozenset[str]:
@@ -180,60 +240,61 @@ class ProxyTracker:
                 len(streams),
                 ", ".join(sorted(streams)),
             )
-        status = ProxyStatus(
+        self._proxies[stream] = _Record(
             node_id=node.id,
             cluster=node.cluster,
             key=key,
             protocol=protocol,
-            connected=True,
             metadata=MappingProxyType(json_format.MessageToDict(node.metadata)),
             stream=stream,
             connected_at=now(),
         )
-        self._update(status)
+        self._membership += 1
+        self._bump()
         self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
 
     def disconnected(self, stream: str) -> None:
         """The stream ended: its state is released now (a no-op for an unknown stream)."""
-        status = self._proxies.pop(stream, None)
-        if status is None:
+        record = self._proxies.pop(stream, None)
+        if record is None:
             return
-        streams = self._by_node.get(status.node_id)
+        streams = self._by_node.get(record.node_id)
         if streams is not None:
             streams.discard(stream)
             if not streams:
-                del self._by_node[status.node_id]
+                del self._by_node[record.node_id]
+        self._membership += 1
         self._bump()
-        self._tell(ProxyEvent(DISCONNECTED, status.node_id, stream=stream))
+        self._tell(ProxyEvent(DISCONNECTED, record.node_id, stream=stream))
 
     def pushed(self, stream: str, push: Push) -> None:
-        status = self._proxies.get(stream)
-        if status is not None:
-            self._update(replace(status, pushes=(*status.pushes, push)[-PUSH_LOG_SIZE:]))
-            self._tell(ProxyEvent(PUSHED, status.node_id, push.type_url, push.version, stream=stream))
+        record = self._proxies.get(stream)
+        if record is not None:
+            record.pushes.append(push)
+            record.frozen = None
+            self._bump()
+            self._tell(ProxyEvent(PUSHED, record.node_id, push.type_url, push.version, stream=stream))
 
     def acked(self, stream: str, type_url: str, ack: TypeAck) -> None:
-        status = self._proxies.get(stream)
-        if status is None:
+        record = self._proxies.get(stream)
+        if record is None:
             return
-        acked = dict(status.acked)
         # A read-only view is kept as given (the server passes versions it never mutates,
         # shared by every stream that ACKed the same set); anything else is copied.
         if not isinstance(ack.resources, MappingProxyType):
             ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
-        acked[type_url] = ack
-        self._update(replace(status, acked=MappingProxyType(acked)))
-        self._tell(ProxyEvent(ACKED, status.node_id, type_url, ack.version, stream=stream))
+        record.acked[type_url] = ack
+        record.frozen = None
+        self._bump()
+        self._tell(ProxyEvent(ACKED, record.node_id, type_url, ack.version, stream=stream))
 
     def nacked(self, stream: str, nack: Nack) -> None:
-        status = self._proxies.get(stream)
-        if status is not None:
-            self._update(replace(status, last_nack=replace(nack, stream=stream)))
-            self._tell(ProxyEvent(NACKED, status.node_id, nack.type_url, nack.version, stream=stream))
-
-    def _update(self, status: ProxyStatus) -> None:
-        self._proxies[status.stream] = status
-        self._bump()
+        record = self._proxies.get(stream)
+        if record is not None:
+            record.last_nack = replace(nack, stream=stream)
+            record.frozen = None
+            self._bump()
+            self._tell(ProxyEvent(NACKED, record.node_id, nack.type_url, nack.version, stream=stream))
 
     def _tell(self, event: ProxyEvent) -> None:
         for listener in tuple(self._listeners):
@@ -244,6 +305,18 @@ class ProxyTracker:
 
     def _bump(self) -> None:
         self._seq += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._wake()
+            return
+        if self._wake_loop is loop:
+            return  # a wake is already scheduled on this loop
+        self._wake_loop = loop
+        loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_loop = None
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
