@@ -200,31 +200,124 @@ async def bench_actions(plane: ControlPlane, store: EtcdStore, names: Sequence[s
     return {"reads": float(store.full_reads - reads0), "batches": float(batches)}
 
 
-async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str) -> list[float]:
-    samples = []
-    async with contextlib.AsyncExitStack() as stack:
-        for k in range(envoys):
-            await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}"))
-        client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
-        await plane.dataplane.wait_current(timeout=30)
-        for _ in range(REACHED_STEPS):
-            r = await client.get_release(name)
-            if r.status.batch + 1 >= len(r.spec.batches):
-                await client.act(Action.RESTART if r.status.phase == pb.ROLLED_BACK else Action.ROLLBACK, name)
-                continue
-            await client.act(Action.NEXT, name)
-            t0 = time.perf_counter()
-            async with asyncio.timeout(15):
-                while not (await client.get_release(name)).status.reached:
-                    await asyncio.sleep(REACHED_POLL)
-            samples.append((time.perf_counter() - t0) * 1000)
-    return samples
+class LagProbe:
+    """How late the event loop runs a 1 ms timer: the longest any one step held the loop."""
+
+    def __init__(self, tick: float = 0.001) -> None:
+        self._tick = tick
+        self.max_lag = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self._tick)
+            self.max_lag = max(self.max_lag, loop.time() - t0 - self._tick)
+
+    def reset(self) -> float:
+        lag, self.max_lag = self.max_lag, 0.0
+        return lag * 1000
+
+    async def __aenter__(self) -> LagProbe:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
-async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple[list[list[str]], list[float]]:
+def _route_version(plane: ControlPlane) -> str:
+    from graylane.xds.resources import ROUTE
+
+    versions = sorted({p.key for p in plane.tracker.proxies().values()})
+    snaps = [plane.dataplane._cache.snapshot(k) for k in versions]
+    return ",".join(s[ROUTE].version for s in snaps if s is not None)
+
+
+async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str) -> dict[str, list[float]]:
+    """NextBatch on `name`, REACHED_STEPS times: to every proxy ACKed (the tracker), to
+    `reached` in GetRelease, the loop's longest stall meanwhile, and each convergence pass."""
+    out: dict[str, list[float]] = {"reached": [], "acked": [], "lag": [], "passes": []}
+    dp = plane.dataplane
+    original = dp.reconcile
+
+    async def timed() -> None:
+        t0 = time.perf_counter()
+        await original()
+        out["passes"].append((time.perf_counter() - t0) * 1000)
+
+    dp.reconcile = timed  # type: ignore[method-assign]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for k in range(envoys):
+                await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}"))
+            client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
+            probe = await stack.enter_async_context(LagProbe())
+            await dp.wait_current(timeout=30)
+            for _ in range(REACHED_STEPS):
+                r = await client.get_release(name)
+                if r.status.batch + 1 >= len(r.spec.batches):
+                    await client.act(Action.RESTART if r.status.phase == pb.ROLLED_BACK else Action.ROLLBACK, name)
+                    await dp.wait_current(timeout=30)
+                    continue
+                before = _route_version(plane)
+                acked: list[float] = []
+
+                async def all_acked(t0: float, before: str = before, acked: list[float] = acked) -> None:
+                    await until(lambda: _route_version(plane) != before and dp.proxies_current(), poll=0.0005)
+                    acked.append((time.perf_counter() - t0) * 1000)
+
+                await asyncio.sleep(0.05)
+                probe.reset()
+                t0 = time.perf_counter()
+                await client.act(Action.NEXT, name)
+                waiter = asyncio.create_task(all_acked(t0))
+                async with asyncio.timeout(15):
+                    while not (await client.get_release(name)).status.reached:
+                        await asyncio.sleep(REACHED_POLL)
+                out["reached"].append((time.perf_counter() - t0) * 1000)
+                await waiter
+                out["acked"].extend(acked)
+                out["lag"].append(probe.reset())
+    finally:
+        dp.reconcile = original  # type: ignore[method-assign]
+    return out
+
+
+def p99(values: Sequence[float]) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * 0.99))] if s else float("nan")
+
+
+def reached_rows(label: str, r: dict[str, list[float]]) -> list[list[str]]:
+    passes = r["passes"]
+    return [
+        [
+            f"NextBatch -> `reached` in GetRelease (polled every 5 ms), {label}",
+            f"p50 {med(r['reached']):.1f} ms, max {max(r['reached']):.1f} ms ({len(r['reached'])} steps)",
+        ],
+        [
+            f"NextBatch -> every Envoy ACKed the new routes, {label}",
+            f"p50 {med(r['acked']):.1f} ms, p99 {p99(r['acked']):.1f} ms",
+        ],
+        [
+            f"longest event-loop stall during a NextBatch (1 ms probe), {label}",
+            f"median of steps {med(r['lag']):.1f} ms, max {max(r['lag']):.1f} ms",
+        ],
+        [
+            f"convergence pass (reconcile, wall, status writes included), {label}",
+            f"p50 {med(passes):.2f} ms, max {max(passes):.1f} ms ({len(passes)} passes)",
+        ],
+    ]
+
+
+async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: int = LIVE) -> list[list[str]]:
     """Fill a store, then start a replica on it: API ready, a fresh Envoy configured."""
     rows: list[list[str]] = []
-    reached: list[float] = []
     async with contextlib.AsyncExitStack() as stack:
         tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-store-bench-")))
         etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
@@ -248,7 +341,7 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple
                 ]
             )
             cause = Cause(actor="bench")
-            for name in names[:LIVE]:
+            for name in names[:live]:
                 await plane.releases.act(name, Move.NEXT, cause)
             print(f"  history: {events} events", flush=True)
             await fill_history(store, names, events)
@@ -266,7 +359,7 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple
                     f"{f['delta']:.2f} ms (+ view build: {f['delta_view']:.1f} ms, skipped when no lane changes)",
                 ]
             )
-            a = await bench_actions(plane, store, names[:LIVE])
+            a = await bench_actions(plane, store, names[:live])
             rows.append(
                 [
                     f"full reads of the live state for {ACTIONS} API actions (pause / resume / next)",
@@ -316,7 +409,9 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple
                 ]
             )
             del envoy
-            reached = await bench_reached(f"127.0.0.1:{plane.api_port}", plane, 0, names[-1])
+            api = f"127.0.0.1:{plane.api_port}"
+            rows += reached_rows("1 real Envoy", await bench_reached(api, plane, 0, names[-1]))
+            rows += reached_rows("5 real Envoys", await bench_reached(api, plane, 4, names[-1]))
         await stop()
         waited = await cold_start_with_waiting_envoy(store)
         rows.append(
@@ -327,7 +422,7 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS) -> tuple
                 "after it connected)",
             ]
         )
-    return rows, reached
+    return rows
 
 
 async def cold_start_with_waiting_envoy(store: EtcdStore) -> tuple[float, float]:
@@ -371,15 +466,8 @@ def section(rows: Sequence[Sequence[str]]) -> str:
 
 
 async def main(argv: Sequence[str] = ()) -> str:
-    sizes = [int(a) for a in argv[:2]]
-    rows, reached = await cold_start(**dict(zip(("releases", "events"), sizes, strict=False)))
-    if reached:
-        rows.append(
-            [
-                "NextBatch -> `reached` in GetRelease (polled every 5 ms), 1 real Envoy (the cold-start one)",
-                f"p50 {med(reached):.1f} ms, max {max(reached):.1f} ms ({len(reached)} steps)",
-            ]
-        )
+    sizes = [int(a) for a in argv[:3]]
+    rows = await cold_start(**dict(zip(("releases", "events", "live"), sizes, strict=False)))
     return section(rows)
 
 

@@ -9,9 +9,11 @@ Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders), `relea
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 
 from graylane.controlplane import model
 from graylane.controlplane.store import Snapshot
@@ -190,8 +192,22 @@ def _version_endpoints(
     )
 
 
-def lanes_by_name(view: xv.RoutingView) -> dict[str, xv.Lane]:
-    return {lane.name: lane for lane in view.lanes}
+_LANES_KEPT = 64
+# Views are immutable values: each one's lane index is built once (keyed by identity, the
+# view held so the identity stays its own). A convergence pass asks it per release and per
+# view a proxy carries, so rebuilding it there made a pass quadratic in the live releases.
+_lanes_index: OrderedDict[int, tuple[xv.RoutingView, Mapping[str, xv.Lane]]] = OrderedDict()
+
+
+def lanes_by_name(view: xv.RoutingView) -> Mapping[str, xv.Lane]:
+    found = _lanes_index.get(id(view))
+    if found is not None and found[0] is view:
+        return found[1]
+    lanes = MappingProxyType({lane.name: lane for lane in view.lanes})
+    _lanes_index[id(view)] = (view, lanes)
+    if len(_lanes_index) > _LANES_KEPT:
+        _lanes_index.popitem(last=False)
+    return lanes
 
 
 Target = tuple[xv.Lane | None, tuple[tuple[str, str], ...]]
@@ -245,10 +261,23 @@ class Progress:
     gone: int = 0  # declared gone by the stale-proxy rule
     gone_names: tuple[str, ...] = ()
     next_deadline: float | None = None  # unix time the next lagging proxy would be declared gone
+    rejecting: int = 0  # of the lagging proxies, those whose last word was a NACK
 
     @property
     def reached(self) -> bool:
         return self.applied and self.proxies > 0 and self.converged == self.proxies
+
+
+ProxyGroups = Sequence[tuple[xv.RoutingView | None, Sequence[ProxyFacts]]]
+
+
+def group_by_carried(proxies: Iterable[ProxyFacts]) -> ProxyGroups:
+    """Proxies grouped by the view they carry (by identity: the view history hands out one
+    object per rendered configuration), so a count asks each view once, not each proxy."""
+    groups: dict[int, tuple[xv.RoutingView | None, list[ProxyFacts]]] = {}
+    for p in proxies:
+        groups.setdefault(id(p.carried), (p.carried, []))[1].append(p)
+    return tuple(groups.values())
 
 
 def release_progress(
@@ -269,28 +298,53 @@ def release_progress(
     (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
     named in `gone_names`.
     """
+    return grouped_progress(
+        release,
+        intended=intended,
+        effective=effective,
+        groups=group_by_carried(proxies),
+        target_since=target_since,
+        now=now,
+        stale_seconds=stale_seconds,
+    )
+
+
+def grouped_progress(
+    release: model.Release,
+    *,
+    intended: xv.RoutingView,
+    effective: xv.RoutingView,
+    groups: ProxyGroups,
+    target_since: float,
+    now: float,
+    stale_seconds: float,
+) -> Progress:
+    """`release_progress` over proxies already grouped by the view they carry: a group
+    whose view carries the target counts whole; only the others are looked at one by one."""
     want = target_in(intended, release)
     applied = want == target_in(effective, release)
-    count = converged = gone = 0
+    count = converged = gone = rejecting = 0
     lagging: list[str] = []
     gone_names: list[str] = []
     deadline: float | None = None
-    for p in proxies:
-        if p.carried is not None and target_in(p.carried, release) == want:
+    for carried, members in groups:
+        if carried is not None and target_in(carried, release) == want:
+            count += len(members)
+            converged += len(members)
+            continue
+        for p in members:
+            why = f"rejected: {p.problem[:_MESSAGE_SHOWN]}" if p.problem else "has not ACKed it"
+            due = max(target_since, p.since) + stale_seconds
+            if now >= due:
+                gone += 1
+                if len(gone_names) < NAMES_SHOWN:
+                    gone_names.append(f"{p.name}: {why} within {stale_seconds:g}s")
+                continue
             count += 1
-            converged += 1
-            continue
-        why = f"rejected: {p.problem[:_MESSAGE_SHOWN]}" if p.problem else "has not ACKed it"
-        due = max(target_since, p.since) + stale_seconds
-        if now >= due:
-            gone += 1
-            if len(gone_names) < NAMES_SHOWN:
-                gone_names.append(f"{p.name}: {why} within {stale_seconds:g}s")
-            continue
-        count += 1
-        deadline = due if deadline is None else min(deadline, due)
-        if len(lagging) < NAMES_SHOWN:
-            lagging.append(f"{p.name}: {why}")
+            rejecting += 1 if p.problem else 0
+            deadline = due if deadline is None else min(deadline, due)
+            if len(lagging) < NAMES_SHOWN:
+                lagging.append(f"{p.name}: {why}")
     return Progress(
         proxies=count,
         converged=converged,
@@ -299,6 +353,7 @@ def release_progress(
         gone=gone,
         gone_names=tuple(gone_names),
         next_deadline=deadline,
+        rejecting=rejecting,
     )
 
 
