@@ -497,7 +497,9 @@ def replace_section(text: str, title: str, section: str) -> str:
     return text[:start] + section + ("" if end < 0 else text[end + 1 :])
 
 
-async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: str, command: str) -> str:
+async def run_fleet(
+    size: tuple[int, int, int, int, int, float, float], title: str, command: str, *, replicas: int = 1
+) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
     print(f"fleet: {streams} streams over {-(-streams // per_worker)} processes", flush=True)
     result = await bench_fleet(
@@ -508,6 +510,7 @@ async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: s
         changes=changes,
         connect_timeout=connect_timeout,
         budget=budget,
+        replicas=replicas,
     )
     rows = describe(result)
     rows += [("note", n) for n in result.notes]
@@ -548,6 +551,13 @@ async def main() -> int:
     parser.add_argument("--fleet-only", action="store_true", help="only the default fleet")
     parser.add_argument("--render-only", action="store_true", help="only the render and plan costs")
     parser.add_argument("--streams", type=int, default=0, help="fleet size override")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --scale or --fleet-only: this many replicas on one etcd (the others `graylane serve` processes), "
+        "the fleet dealt out between them",
+    )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     args = parser.parse_args()
     started = time.monotonic()
@@ -557,6 +567,13 @@ async def main() -> int:
         fleet_size = (args.streams, *fleet_size[1:])
     title = "5. Fleet at scale" if args.scale else "4. Fleet"
     command = "bench/run.py --scale" if args.scale else "bench/run.py --fleet-only" if args.fleet_only else "make bench"
+    if args.replicas > 1:
+        title = (
+            f"5b. Fleet at scale over {args.replicas} replicas"
+            if args.scale
+            else f"4b. Fleet over {args.replicas} replicas"
+        )
+        command += f" --replicas {args.replicas}"
     if args.render_only:
         section = render_section(bench_render())
         print(section)
@@ -568,7 +585,9 @@ async def main() -> int:
         RESULTS.write_text(replace_section(RESULTS.read_text(), "7. Store and API at 1,000 releases", section))
         return 0
     if args.scale or args.fleet_only:
-        section = await run_fleet(fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""))
+        section = await run_fleet(
+            fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""), replicas=args.replicas
+        )
         print(section)
         old = RESULTS.read_text() if RESULTS.exists() else "# Graylane benchmarks\n"
         RESULTS.write_text(replace_section(old, title, section))
@@ -588,7 +607,8 @@ async def main() -> int:
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
     # The last --scale run, the fault suite's results and the hand-written notes.
-    for kept in (scale_title, FAULTS_TITLE, NOTES_TITLE):
+    replica_titles = [line[3:] for line in old.splitlines() if line.startswith(("## 4b. ", "## 5b. "))]
+    for kept in (scale_title, *replica_titles, FAULTS_TITLE, NOTES_TITLE):
         if f"## {kept}" in old:
             start = old.find(f"## {kept}")
             end = old.find("\n## ", start + 3)

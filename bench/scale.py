@@ -15,13 +15,21 @@ Measures, each bounded in time:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import cProfile
 import gc
 import os
 import pathlib
 import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +70,11 @@ class FleetResult:
     api_ms: list[float] = field(default_factory=list)
     api_change_ms: list[float] = field(default_factory=list)  # calls that ended during the changes
     lag_change_p99_ms: float = float("nan")
+    # replicas > 1: replica -> per change (client latencies ms, CPU ms); replica 0 is in-process
+    per_replica: dict[int, list[tuple[list[float], float]]] = field(default_factory=dict)
+    others_idle_cpu_pct: list[float] = field(default_factory=list)
+    others_rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    replica_streams: list[int] = field(default_factory=list)
     gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
     gc_max_ms: list[float] = field(default_factory=list)
     api_errors: int = 0
@@ -80,11 +93,13 @@ class LagProbe:
         self.max_ms = 0.0
         self.phase_max_ms = 0.0
         self.samples: list[float] = []  # this phase's lags
+        self.last_tick = time.perf_counter()
 
     async def run(self) -> None:
         while True:
             t0 = time.perf_counter()
             await asyncio.sleep(self.tick)
+            self.last_tick = time.perf_counter()
             lag = (time.perf_counter() - t0 - self.tick) * 1000
             self.max_ms = max(self.max_ms, lag)
             self.phase_max_ms = max(self.phase_max_ms, lag)
@@ -119,6 +134,108 @@ class GcPauses:
         gen = info["generation"]
         self.total_ms[gen] += ms
         self.max_ms[gen] = max(self.max_ms[gen], ms)
+
+
+class StallSampler:
+    """A thread that samples the loop thread's stack while the loop has not ticked for `after` s.
+
+    The lag probe says how long the loop was held; this says what held it: each sample is
+    the innermost frames of the loop thread (graylane code first), counted.
+    """
+
+    def __init__(self, probe: LagProbe, *, after: float = 0.04, every: float = 0.01) -> None:
+        self.probe = probe
+        self.after = after
+        self.every = every
+        self.samples: collections.Counter[str] = collections.Counter()
+        self._thread_id = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-sampler", daemon=True)
+
+    def __enter__(self) -> StallSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            if time.perf_counter() - self.probe.last_tick < self.after:
+                continue
+            frame = sys._current_frames().get(self._thread_id)
+            stack = traceback.extract_stack(frame) if frame is not None else []
+            ours = [f for f in stack if "/work/main/" in f.filename and "/bench/" not in f.filename]
+            where = ours[-3:] if ours else stack[-3:]
+            names = (f"{pathlib.Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(where))
+            self.samples[" < ".join(names)] += 1
+
+    def top(self, n: int = 8) -> list[tuple[str, int]]:
+        return self.samples.most_common(n)
+
+
+class ServeReplica:
+    """Another replica: `graylane serve` on the bench's etcd, in its own process group."""
+
+    def __init__(self, etcd: str, log_path: pathlib.Path) -> None:
+        self.api_port, self.xds_port = _free_port(), _free_port()
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(pathlib.Path(sys.executable).parent / "graylane"),
+                    "serve",
+                    "--etcd",
+                    etcd,
+                    "--listen",
+                    f"127.0.0.1:{self.api_port}",
+                    "--xds-listen",
+                    f"127.0.0.1:{self.xds_port}",
+                    "--http-listen",
+                    f"127.0.0.1:{_free_port()}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def ready(self, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.xds_port)
+                    writer.close()
+                    return
+                await asyncio.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> tuple[float, float]:
+        status = dict(
+            line.split(":", 1) for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+        )
+        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+    async def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 15.0)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def cpu_seconds() -> float:
@@ -164,6 +281,7 @@ async def bench_fleet(
     change_timeout: float = 20.0,
     idle_seconds: float = 5.0,
     budget: float = 300.0,
+    replicas: int = 1,
 ) -> FleetResult:
     started = time.monotonic()
     n_workers = max(1, -(-streams // per_worker))
@@ -194,6 +312,7 @@ async def bench_fleet(
         probe = LagProbe()
         lag_task = asyncio.create_task(probe.run())
         stack.callback(lag_task.cancel)
+        sampler = stack.enter_context(StallSampler(probe)) if os.environ.get("GRAYLANE_BENCH_STALLS") else None
 
         # The real Envoys first (each on its own snapshot key), then the fleet.
         real = []
@@ -207,14 +326,23 @@ async def bench_fleet(
             )
         probe.phase()
 
-        target = f"127.0.0.1:{plane.xds_port}"
+        # With replicas > 1, the others are `graylane serve` processes on the same etcd, and
+        # the workers are dealt out round-robin: worker w dials replica w % replicas.
+        others: list[ServeReplica] = []
+        for r in range(1, replicas):
+            other = ServeReplica(local.etcd.endpoint, pathlib.Path(tempfile.gettempdir()) / f"graylane-bench-r{r}.log")
+            others.append(other)
+            stack.push_async_callback(other.stop)
+        for other in others:
+            await other.ready()
+        targets = [f"127.0.0.1:{plane.xds_port}", *(f"127.0.0.1:{o.xds_port}" for o in others)]
         workers: list[Worker] = []
         t_connect = time.monotonic()
         for w in range(n_workers):
             first = w * per_worker
             count = min(per_worker, streams - first)
             spec = FleetSpec(
-                target=target,
+                target=targets[w % len(targets)],
                 first=first,
                 count=count,
                 delta_every=delta_every,
@@ -260,6 +388,12 @@ async def bench_fleet(
                 break
             await asyncio.sleep(0.5)
         res.lag_connect_ms = probe.phase()
+        if os.environ.get("GRAYLANE_BENCH_GC_FREEZE"):
+            # Experiment: what the collector costs once the connected fleet's objects are
+            # out of its reach (gc.freeze moves every tracked object to the permanent generation).
+            gc.collect()
+            gc.freeze()
+            res.notes.append(f"GRAYLANE_BENCH_GC_FREEZE: gc.freeze() after connect ({gc.get_freeze_count():,} objects)")
         print(f"  fleet {streams}: configured {res.configured} in {time.monotonic() - t_connect:.1f} s", flush=True)
 
         def envoy_route_versions() -> dict[str, str]:
@@ -282,6 +416,7 @@ async def bench_fleet(
                     break
                 before = envoy_route_versions()
                 cpu0 = cpu_seconds()
+                others_cpu0 = [o.cpu_seconds() for o in others]
                 t0 = time.time()
                 try:
                     rel = await client.act(Action.NEXT, RELEASE)
@@ -298,11 +433,19 @@ async def bench_fleet(
                     for node, version in envoy_route_versions().items():
                         if node not in envoy_done and version != before[node]:
                             envoy_done[node] = time.time()
-                    seen = [x for part in await asyncio.gather(*(w.ask("seen", weight) for w in workers)) for x in part]
+                    parts = await asyncio.gather(*(w.ask("seen", weight) for w in workers))
+                    seen = [x for part in parts for x in part]
                     if all(x is not None for x in seen) and len(envoy_done) == len(real):
                         break
                     await asyncio.sleep(0.05)
                 cpu = cpu_seconds() - cpu0
+                if others:
+                    for r in range(replicas):
+                        mine = [x for w, part in enumerate(parts) if w % replicas == r for x in part]
+                        cpu_r = cpu if r == 0 else others[r - 1].cpu_seconds() - others_cpu0[r - 1]
+                        res.per_replica.setdefault(r, []).append(
+                            ([(x - t0) * 1000 for x in mine if x is not None], cpu_r * 1000)
+                        )
                 lat = [(x - t0) * 1000 for x in seen if x is not None]
                 res.change_ms.append(lat)
                 res.missing.append(sum(1 for x in seen if x is None))
@@ -317,6 +460,10 @@ async def bench_fleet(
             changes_window[1] = time.time()
             res.lag_change_p99_ms = pct(probe.samples, 0.99)
             res.lag_change_ms = probe.phase()
+            if sampler is not None:
+                print("  loop held > 40 ms during connect+changes, samples (10 ms apart):", flush=True)
+                for where, count in sampler.top(12):
+                    print(f"    {count:5d}  {where}", flush=True)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
@@ -329,9 +476,14 @@ async def bench_fleet(
             prober.pause(True)
             await asyncio.sleep(0.5)
             cpu0 = cpu_seconds()
+            others_idle_cpu0 = [o.cpu_seconds() for o in others]
             t0 = time.monotonic()
             await asyncio.sleep(idle_seconds)
             res.idle_cpu_pct = 100 * (cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            res.others_idle_cpu_pct = [
+                100 * (o.cpu_seconds() - c0) / (time.monotonic() - t0)
+                for o, c0 in zip(others, others_idle_cpu0, strict=True)
+            ]
             prober.pause(False)
             if idle_profiler is not None:
                 idle_profiler.disable()
@@ -349,6 +501,10 @@ async def bench_fleet(
                 details[k] = details.get(k, 0) + v
         res.error_details = dict(sorted(details.items(), key=lambda kv: -kv[1])[:5])
         res.rss_mib, res.hwm_mib = rss_mib()
+        res.others_rss_mib = [o.rss_mib() for o in others]
+        res.replica_streams = [
+            sum(w.spec.count for i, w in enumerate(workers) if i % replicas == r) for r in range(replicas)
+        ]
         res.lag_max_ms = probe.max_ms
         res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
     res.elapsed_s = time.monotonic() - started
@@ -413,6 +569,23 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
         ("run time", f"{res.elapsed_s:.0f} s"),
     ]
+    for r, changes in sorted(res.per_replica.items()):
+        p50 = med([pct(lat, 0.5) for lat, _ in changes if lat])
+        p99 = med([pct(lat, 0.99) for lat, _ in changes if lat])
+        cpu = med([c for _, c in changes])
+        if r == 0:
+            where = f"in the bench process; idle {res.idle_cpu_pct:.1f} %, RSS {res.rss_mib:.0f} MiB"
+        else:
+            rss, hwm = res.others_rss_mib[r - 1]
+            idle = res.others_idle_cpu_pct[r - 1] if res.others_idle_cpu_pct else float("nan")
+            where = f"`graylane serve` process; idle {idle:.1f} %, RSS {rss:.0f} / peak {hwm:.0f} MiB"
+        rows.insert(
+            -1,
+            (
+                f"replica {r}: streams, change p50 / p99 (median over changes), CPU per change",
+                f"{res.replica_streams[r]:,} streams; {p50:.0f} / {p99:.0f} ms; {cpu:.0f} ms ({where})",
+            ),
+        )
     if res.error_details:
         causes = "; ".join(f"{k} x{v}" for k, v in res.error_details.items())
         rows.insert(-1, ("stream error causes (code: status details, top 5)", causes))

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 _LEASE_LOST_PAUSE_SECONDS = 0.1
 _LEAVE_SECONDS = 2.0  # a clean stop spends at most this saying that it left
+# The proxy list is written at most this often: while a fleet connects, streams open every
+# millisecond, and each write lists (and encodes) every proxy of this replica.
+_PROXIES_MIN_INTERVAL = 0.5
 
 
 def _size(fleet: ReplicaFleet) -> int:
@@ -90,6 +93,7 @@ class ReplicaRegistry:
         written: Mapping[str, str] | None = None
         written_progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] | None = None
         refreshed = 0.0
+        proxies_written_at = -_PROXIES_MIN_INTERVAL
         loop = asyncio.get_running_loop()
         while True:
             pause = self._refresh
@@ -100,10 +104,15 @@ class ReplicaRegistry:
                         written = written_progress = None
                     refreshed = loop.time()
                 # The same mapping while no stream opened or ended (ACKs wake this loop too).
-                proxies = admin_addresses(self._tracker)
-                if proxies is not written and proxies != written:
-                    await self._store.put_replica_proxies(self.identity, proxies, lease)
-                    written = proxies
+                wait = proxies_written_at + _PROXIES_MIN_INTERVAL - loop.time()
+                if written is not None and wait > 0:
+                    pause = min(pause, wait)  # look again once the interval is over
+                else:
+                    proxies = admin_addresses(self._tracker)
+                    if proxies is not written and proxies != written:
+                        await self._store.put_replica_proxies(self.identity, proxies, lease)
+                        written = proxies
+                        proxies_written_at = loop.time()
                 self._progress_changed.clear()
                 progress = self._progress
                 if progress != written_progress:

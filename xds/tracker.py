@@ -133,7 +133,8 @@ class _Record:
     metadata: Mapping[str, Any]
     stream: str
     connected_at: float
-    acked: dict[str, TypeAck] = field(default_factory=dict)
+    # Replaced on each ACK, never mutated: the frozen views share it.
+    acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
     last_nack: Nack | None = None
     pushes: deque[Push] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
     frozen: ProxyStatus | None = None
@@ -147,7 +148,7 @@ class _Record:
                 protocol=self.protocol,
                 connected=True,
                 metadata=self.metadata,
-                acked=MappingProxyType(dict(self.acked)),
+                acked=self.acked,
                 last_nack=self.last_nack,
                 pushes=tuple(self.pushes),
                 stream=self.stream,
@@ -174,6 +175,9 @@ class ProxyTracker:
         self._changed = asyncio.Event()
         self._wake_loop: asyncio.AbstractEventLoop | None = None  # where a wake is scheduled
         self._listeners: list[ProxyListener] = []
+        # The frozen values readers get, brought up to date on read for the streams changed since.
+        self._views: dict[str, ProxyStatus] = {}
+        self._dirty: set[str] = set()
         self._view: tuple[int, Mapping[str, ProxyStatus]] | None = None
 
     @property
@@ -188,7 +192,15 @@ class ProxyTracker:
     def proxies(self) -> Mapping[str, ProxyStatus]:
         """stream id -> status of every stream open now (one mapping per change sequence)."""
         if self._view is None or self._view[0] != self._seq:
-            self._view = (self._seq, MappingProxyType({s: r.view() for s, r in self._proxies.items()}))
+            views, records = self._views, self._proxies
+            for stream in self._dirty:
+                record = records.get(stream)
+                if record is not None:
+                    views[stream] = record.view()
+                else:
+                    views.pop(stream, None)
+            self._dirty.clear()
+            self._view = (self._seq, MappingProxyType(dict(views)))
         return self._view[1]
 
     def __len__(self) -> int:
@@ -250,6 +262,7 @@ class ProxyTracker:
             connected_at=now(),
         )
         self._membership += 1
+        self._dirty.add(stream)
         self._bump()
         self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
 
@@ -264,6 +277,7 @@ class ProxyTracker:
             if not streams:
                 del self._by_node[record.node_id]
         self._membership += 1
+        self._dirty.add(stream)
         self._bump()
         self._tell(ProxyEvent(DISCONNECTED, record.node_id, stream=stream))
 
@@ -272,6 +286,7 @@ class ProxyTracker:
         if record is not None:
             record.pushes.append(push)
             record.frozen = None
+            self._dirty.add(stream)
             self._bump()
             self._tell(ProxyEvent(PUSHED, record.node_id, push.type_url, push.version, stream=stream))
 
@@ -283,8 +298,9 @@ class ProxyTracker:
         # shared by every stream that ACKed the same set); anything else is copied.
         if not isinstance(ack.resources, MappingProxyType):
             ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
-        record.acked[type_url] = ack
+        record.acked = MappingProxyType({**record.acked, type_url: ack})
         record.frozen = None
+        self._dirty.add(stream)
         self._bump()
         self._tell(ProxyEvent(ACKED, record.node_id, type_url, ack.version, stream=stream))
 
@@ -293,6 +309,7 @@ class ProxyTracker:
         if record is not None:
             record.last_nack = replace(nack, stream=stream)
             record.frozen = None
+            self._dirty.add(stream)
             self._bump()
             self._tell(ProxyEvent(NACKED, record.node_id, nack.type_url, nack.version, stream=stream))
 
