@@ -559,6 +559,7 @@ async def main() -> int:
         "the fleet dealt out between them",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
+    parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
     args = parser.parse_args()
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING)
@@ -578,6 +579,14 @@ async def main() -> int:
         section = render_section(bench_render())
         print(section)
         RESULTS.write_text(replace_section(RESULTS.read_text(), "1. Render cost", section))
+        return 0
+    if args.e2e_only:
+        samples = (await bench_e2e())["samples"]
+        assert isinstance(samples, dict)
+        for bucket, values in samples.items():
+            ordered = sorted(values)
+            if ordered:
+                print(f"{bucket}: p50 {statistics.median(ordered):.1f} ms, max {ordered[-1]:.1f} ms ({len(ordered)})")
         return 0
     if args.store_only:
         section = await store_bench()

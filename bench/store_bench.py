@@ -505,6 +505,14 @@ def section(rows: Sequence[Sequence[str]]) -> str:
             "430); every watch batch was a full read of the live state (360 ms at 276 releases, regexes "
             "compiled on each read); NextBatch -> reached (section 2, one release) 16.3 ms.",
             "",
+            "Before the incremental convergence pass and the off-loop view build (parent commit 3127e98, this bench, "
+            "same machine, load average ~5 on 2 cores shared with other work): NextBatch -> reached p50 342.8 ms "
+            "(1 Envoy) / 1732.6 ms (5 Envoys); -> every Envoy ACKed p50 286.4 / p99 456.2 ms (1) and p50 1492.7 / "
+            "p99 2674.4 ms (5); longest loop stall per step: median 125.3 ms, max 354.2 ms (1) / median 1093.5 ms, "
+            "max 2380.7 ms (5); convergence pass p50 16.2 ms (1) / 61.8 ms (5). Full recount, pure part, with the "
+            "parent's views.py: 100 releases x 1 / 5 / 1,000 proxies 1.3 / 2.7 / 449 ms; 1,000 releases x 1 / 5 / "
+            "1,000 proxies 211 / 481 / 27,616 ms. These figures swing 2-5x between runs on this shared machine.",
+            "",
             "| measurement | value |",
             "|---|---|",
             *(f"| {a} | {b} |" for a, b in rows),
