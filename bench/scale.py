@@ -77,6 +77,7 @@ class FleetResult:
     replica_streams: list[int] = field(default_factory=list)
     gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
     gc_max_ms: list[float] = field(default_factory=list)
+    gc_count: list[int] = field(default_factory=list)
     api_errors: int = 0
     stream_errors: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -117,6 +118,7 @@ class GcPauses:
     def __init__(self) -> None:
         self.total_ms = [0.0, 0.0, 0.0]
         self.max_ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
         self._t0 = 0.0
 
     def __enter__(self) -> GcPauses:
@@ -133,6 +135,7 @@ class GcPauses:
         ms = (time.perf_counter() - self._t0) * 1000
         gen = info["generation"]
         self.total_ms[gen] += ms
+        self.count[gen] += 1
         self.max_ms[gen] = max(self.max_ms[gen], ms)
 
 
@@ -475,6 +478,16 @@ async def bench_fleet(
             # The API prober pauses: its ~50 GetRelease/s are load, not the fleet's idle cost.
             prober.pause(True)
             await asyncio.sleep(0.5)
+            # The last change's ACKs may still be arriving (clients see a weight before the
+            # control plane has read their ACKs): idle starts once the tracker is quiet for 1 s.
+            quiet_deadline = time.monotonic() + 30.0
+            while time.monotonic() < quiet_deadline:
+                seq = plane.tracker.seq
+                await asyncio.sleep(1.0)
+                if plane.tracker.seq == seq:
+                    break
+            else:
+                res.notes.append("idle measured while the tracker still changed (not quiet within 30 s)")
             cpu0 = cpu_seconds()
             others_idle_cpu0 = [o.cpu_seconds() for o in others]
             t0 = time.monotonic()
@@ -507,6 +520,7 @@ async def bench_fleet(
         ]
         res.lag_max_ms = probe.max_ms
         res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
+        res.gc_count = list(gc_pauses.count)
     res.elapsed_s = time.monotonic() - started
     return res
 
@@ -563,8 +577,11 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
             f"({len(res.api_ms)} calls, {res.api_errors} failed)",
         ),
         (
-            "garbage-collector pauses, whole run: total / longest, gen 0 / 1 / 2",
-            " / ".join(f"{t:.0f} / {m:.0f} ms" for t, m in zip(res.gc_total_ms, res.gc_max_ms, strict=False)),
+            "garbage-collector pauses, whole run: count, total / longest, gen 0 / 1 / 2",
+            "; ".join(
+                f"{n:,} x, {t:.0f} / {m:.0f} ms"
+                for n, t, m in zip(res.gc_count, res.gc_total_ms, res.gc_max_ms, strict=False)
+            ),
         ),
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
         ("run time", f"{res.elapsed_s:.0f} s"),

@@ -450,7 +450,9 @@ class _Stream(Generic[Req, Resp]):
         st.acked_version = version
         ack = TypeAck(version, MappingProxyType(versions))
         self.tracker.acked(self.stream_id, st.type_url, ack)
-        log.info("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
+        # DEBUG: every proxy ACKs every change (10,000 lines a change at fleet size); the
+        # tracker and the push-to-ACK metric carry the same facts.
+        log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
         self.tracker.nacked(self.stream_id, Nack(st.type_url, version, nonce, message, now(), stream=self.stream_id))
@@ -458,7 +460,7 @@ class _Stream(Generic[Req, Resp]):
 
     def record_push(self, st: _TypeState, push: Push) -> None:
         self.tracker.pushed(self.stream_id, push)
-        log.info(
+        log.debug(
             "push %s %s version %s nonce %s: %d resources, %d removed",
             self.stream_id,
             _short(st.type_url),
