@@ -238,7 +238,7 @@ class Telemetry:
 
         Returns the function that stops listening.
         """
-        self._proxies = lambda: len(tracker)
+        self._proxies = tracker.open_streams
         stop: Callable[[], None] = tracker.add_listener(self.proxy_event)
         return stop
 

@@ -203,7 +203,8 @@ class ProxyTracker:
             self._view = (self._seq, MappingProxyType(dict(views)))
         return self._view[1]
 
-    def __len__(self) -> int:
+    def open_streams(self) -> int:
+        """How many streams are open now (without building their statuses)."""
         return len(self._proxies)
 
     def get(self, stream: str) -> ProxyStatus | None:
