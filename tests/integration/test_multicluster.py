@@ -191,6 +191,12 @@ class RawAgent:
                         elif not then:
                             return received, None
             except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core":
+                    # The client's write of the hello raced the server's refusal: grpc reports
+                    # the failed send, and the call itself holds the status the server sent.
+                    async with asyncio.timeout(5):
+                        code, details = await call.code(), await call.details()
+                    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
                 return received, exc
             finally:
                 outbox.put_nowait(None)  # ends the request stream, so nothing is left pending
