@@ -39,6 +39,20 @@ async def replica(store: EtcdStore, **options: Any) -> AsyncIterator[ControlPlan
         yield running
 
 
+async def checkout_replica(
+    es: contextlib.AsyncExitStack, store: EtcdStore, **options: Any
+) -> tuple[ControlPlane, api_grpc.ReleaseServiceStub, Upstream, Upstream]:
+    """Upstreams of checkout v1 and v2, one replica, and a stub with both versions registered;
+    all of it closed with `es`."""
+    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+    plane = await es.enter_async_context(replica(store, **options))
+    channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+    stub = api_grpc.ReleaseServiceStub(channel)
+    await register(stub, "checkout", v1, v2)
+    return plane, stub, v1, v2
+
+
 async def route_dump(proxy: EnvoyProcess) -> list[dict[str, Any]]:
     status, body = await proxy.admin_get("/config_dump?resource=dynamic_route_configs")
     assert status == 200, body
@@ -112,12 +126,7 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
     other Envoy is moved back to what the strict one serves (no lane), status says weight 0
     is served, and traffic through both never fails."""
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
@@ -155,12 +164,7 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
 ) -> None:
     stale = 2.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store, stale_proxy_seconds=stale))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store, stale_proxy_seconds=stale)
         proxy = await envoy(ads_port=plane.xds_port, node_id="real")
         # A fake ADS client: asks for listeners once, then never ACKs anything.
         xds = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}"))
@@ -400,12 +404,7 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
     accepted: alice's rule at 10 %, served to both Envoys and shown in status (not "no
     lane", which a batch index of the edited spec would give)."""
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
@@ -447,12 +446,7 @@ async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(st
     way a stream can end): once they are gone the replica's cache and DataPlane keep only
     the long-lived Envoy's key, and a change afterwards renders what it rendered before."""
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))

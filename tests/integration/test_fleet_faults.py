@@ -33,7 +33,14 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
 from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
-from .test_convergence_faults import gray_weight, load_process, load_result, reached_events, replica, until
+from .test_convergence_faults import (
+    checkout_replica,
+    gray_weight,
+    load_process,
+    load_result,
+    reached_events,
+    until,
+)
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -367,12 +374,7 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
     store: EtcdStore, envoy: Any, protocol: str
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         first = await envoy(ads_port=plane.xds_port, node_id="e1", protocol=protocol)
         other = await envoy(ads_port=plane.xds_port, node_id="e2", protocol=protocol)
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
@@ -410,12 +412,7 @@ async def test_two_envoys_with_one_node_id_are_two_proxies_and_one_nack_is_not_h
     ACK does not make the batch reached."""
     caplog.set_level(logging.WARNING, logger="graylane.xds")
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="twin", node_cluster="relaxed-pool")
         strict = await envoy(
             ads_port=plane.xds_port, node_id="twin", node_cluster="strict-pool", runtime=STRICT_RUNTIME
@@ -508,12 +505,7 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
     store: EtcdStore, envoy: Any
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         load = await load_process(relaxed.listen_port, 10)
@@ -549,12 +541,7 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
     store: EtcdStore, envoy: Any, envoy_binary: pathlib.Path
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
