@@ -51,7 +51,7 @@ from graylane.xds.view import (
     ServiceRoute,
     VersionEndpoints,
 )
-from scale import bench_fleet, describe  # noqa: E402
+from scale import bench_fleet, describe, pct  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
 from store_bench import main as store_bench  # noqa: E402
 
@@ -83,17 +83,6 @@ LOAD_BUDGET_SECONDS = 60.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation between closest ranks."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def med(values: Sequence[float]) -> float:

@@ -526,6 +526,7 @@ async def bench_fleet(
 
 
 def pct(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between closest ranks."""
     s = sorted(values)
     if not s:
         return float("nan")
