@@ -122,6 +122,22 @@ async def serve(tmp_path: pathlib.Path, etcd_endpoint: str, store: EtcdStore) ->
                 served.stop()
 
 
+async def leader_and_follower(
+    es: contextlib.AsyncExitStack, serve: StartServe, **options: Any
+) -> tuple[Served, Served, api_grpc.ReleaseServiceStub]:
+    """Upstreams of checkout v1 and v2 (closed with `es`), a replica `a` that leads, then a
+    replica `b`; the stub talks to `b`, with both versions registered."""
+    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+    a, _ = await serve(**options)
+    async with asyncio.timeout(10):
+        while not leads(a):
+            await asyncio.sleep(0.05)
+    b, stub = await serve(**options)
+    await register(stub, "checkout", v1, v2)
+    return a, b, stub
+
+
 def leader_lines(served: Served) -> list[str]:
     """The replica's own log lines about taking or losing the leadership, in order."""
     return [
@@ -166,14 +182,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
     stale-proxy timeout, which names it."""
     ttl, stale = 2, 14.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        a, _ = await serve(leader_ttl=ttl, stale=stale)
-        async with asyncio.timeout(10):
-            while not leads(a):
-                await asyncio.sleep(0.05)
-        b, stub = await serve(leader_ttl=ttl, stale=stale)
-        await register(stub, "checkout", v1, v2)
+        a, b, stub = await leader_and_follower(es, serve, leader_ttl=ttl, stale=stale)
         moved = await envoy(ads_port=a.xds_port, node_id="on-a-moved")
         orphan = await envoy(ads_port=a.xds_port, node_id="on-a-orphan")
         on_b = await envoy(ads_port=b.xds_port, node_id="on-b")
@@ -259,14 +268,7 @@ async def test_leader_replica_stopped_past_its_lease_then_resumed(
     afterwards, one event per transition, and status matches both Envoys' config_dump."""
     ttl, stale, stall = 2, 30.0, 6.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        a, _ = await serve(leader_ttl=ttl, stale=stale)
-        async with asyncio.timeout(10):
-            while not leads(a):
-                await asyncio.sleep(0.05)
-        b, stub = await serve(leader_ttl=ttl, stale=stale)
-        await register(stub, "checkout", v1, v2)
+        a, b, stub = await leader_and_follower(es, serve, leader_ttl=ttl, stale=stale)
         on_a = await envoy(ads_port=a.xds_port, node_id="on-a")
         on_b = await envoy(ads_port=b.xds_port, node_id="on-b")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
@@ -454,14 +456,7 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
     connected to the live replica."""
     ttl, stale = 2, 30.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        a, _ = await serve(leader_ttl=ttl, stale=stale)
-        async with asyncio.timeout(10):
-            while not leads(a):
-                await asyncio.sleep(0.05)
-        b, stub = await serve(leader_ttl=ttl, stale=stale)
-        await register(stub, "checkout", v1, v2)
+        a, b, stub = await leader_and_follower(es, serve, leader_ttl=ttl, stale=stale)
         orphan = await envoy(ads_port=a.xds_port, node_id="twin", node_cluster="on-a")
         live = await envoy(ads_port=b.xds_port, node_id="twin", node_cluster="on-b")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
