@@ -25,7 +25,7 @@ from typing import TypeVar
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from graylane.xds.plan import eds_name, listener_route_configs, route_clusters, uses_eds
@@ -34,6 +34,7 @@ from graylane.xds.resources import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SCOPED_ROUTE,
     Resources,
     content_version,
     set_version,
@@ -101,7 +102,11 @@ def listen_port_key(node: base_pb2.Node) -> str:
 
 
 def consistency_gaps(resources: Resources) -> tuple[str, ...]:
-    """Every dangling reference in a snapshot, as readable strings (empty: consistent)."""
+    """Every dangling reference in a snapshot, as readable strings (empty: consistent).
+
+    A listener using scoped routes (SRDS) with no scopes at all is consistent: it serves
+    nothing yet (a view without services), and scopes may come later.
+    """
     clusters = resources[CLUSTER].items
     endpoints = resources[ENDPOINT].items
     routes = resources[ROUTE].items
@@ -117,6 +122,11 @@ def consistency_gaps(resources: Resources) -> tuple[str, ...]:
         assert isinstance(listener, listener_pb2.Listener)
         for rc in sorted(listener_route_configs(listener) - routes.keys()):
             gaps.append(f"route config {rc!r} of listener {name!r} is missing")
+    scopes = resources[SCOPED_ROUTE].items
+    for name, scope in sorted(scopes.items()):
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        if scope.route_configuration_name not in routes:
+            gaps.append(f"route config {scope.route_configuration_name!r} of scope {name!r} is missing")
     for name, rc_msg in sorted(routes.items()):
         assert isinstance(rc_msg, route_pb2.RouteConfiguration)
         for cluster_name in sorted(route_clusters(rc_msg) - clusters.keys()):

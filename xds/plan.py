@@ -12,8 +12,13 @@ The invariant: a proxy never holds a route that points at a cluster it does not 
   ACKed or been sent (a route sent but not yet ACKed may be applied any moment);
 * endpoints for exactly those clusters;
 * a new or changed RouteConfiguration only once every cluster it references is ACKed in
-  CDS and, for EDS clusters, ACKed in EDS; until then the proxy keeps the one it has;
-* a new or changed Listener only once the route configs it names are in the plan.
+  CDS and, for EDS clusters, ACKed in EDS; until then the proxy keeps the one it has.
+  Routes are split per service, so one service's new cluster holds back only that
+  service's route config;
+* a new or changed scope (ScopedRouteConfiguration) only once the route config it names
+  is in the plan, so a scope never points at routes the proxy cannot get;
+* a new or changed Listener only once the route configs it names through RDS are in the
+  plan (a listener using scoped routes names no route config: its scopes do).
 
 Each ACK re-runs the plan: that releases the held routes, and once the routes moved away
 and were ACKed, lets the old cluster go.
@@ -30,12 +35,12 @@ from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf.message import Message
-from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, Resources
 
 # type_url -> resource name -> message: what a proxy has ACKed, or been sent.
 Held = Mapping[str, Mapping[str, Message]]
@@ -92,7 +97,10 @@ def _route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str
 
 
 def listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
-    """The RDS route_config_names a Listener's HTTP connection managers subscribe to."""
+    """The RDS route_config_names a Listener's HTTP connection managers subscribe to.
+
+    A manager using scoped routes names none here: its scopes name its route configs.
+    """
     return _listener_routes_memo.get(listener, _listener_route_configs)
 
 
@@ -193,6 +201,26 @@ def _plan_routes(target: Resources, acked: Held, sent: Held, held: set[tuple[str
     return routes
 
 
+def _plan_scopes(
+    target: Resources,
+    routes: Mapping[str, Message],
+    acked: Held,
+    sent: Held,
+    held: set[tuple[str, str]],
+) -> dict[str, Message]:
+    scopes: dict[str, Message] = {}
+    for name, scope in target[SCOPED_ROUTE].items.items():
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        if scope.route_configuration_name in routes:
+            scopes[name] = scope
+            continue
+        held.add((SCOPED_ROUTE, name))
+        previous = _first(name, _get(sent, SCOPED_ROUTE), _get(acked, SCOPED_ROUTE))
+        if previous is not None:
+            scopes[name] = previous
+    return scopes
+
+
 def _plan_listeners(
     target: Resources,
     routes: Mapping[str, Message],
@@ -258,6 +286,7 @@ def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     clusters = _plan_clusters(target, acked, sent)
     endpoints = _plan_endpoints(target, clusters, acked, sent)
     routes = _plan_routes(target, acked, sent, held)
+    scopes = _plan_scopes(target, routes, acked, sent, held)
     listeners = _plan_listeners(target, routes, acked, sent, held)
-    planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
+    planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, SCOPED_ROUTE: scopes, ROUTE: routes}
     return Plan(Resources.of({t: planned[t] for t in PUSH_ORDER}), frozenset(held))

@@ -1,6 +1,6 @@
 """Typed sets of Envoy resources and their content-derived versions.
 
-Owns: the four resource types Graylane serves (CDS, EDS, LDS, RDS), the `Resources`
+Owns: the five resource types Graylane serves (CDS, EDS, LDS, SRDS, RDS), the `Resources`
 value that `render` returns and the snapshot cache stores, and the version of a resource
 (a hash of its deterministic serialisation, so every replica and agent derives the same
 version for the same content and a reconnect to another replica re-sends nothing).
@@ -25,7 +25,7 @@ from types import MappingProxyType
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -33,16 +33,22 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 
 # The order in which a change is pushed on one ADS stream (make-before-break): clusters
-# and their endpoints before the listeners and routes that use them.
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+# and their endpoints before the listeners and routes that use them. Scopes come before
+# the route configs they name because that is the order Envoy subscribes in (the listener
+# names the SRDS config, each scope names one RDS resource, and Envoy asks for a route
+# config only once it holds the scope naming it); the plan sends a new scope only once
+# the route config it names may be sent too, so the route config follows at once.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
     {
         CLUSTER: cluster_pb2.Cluster,
         ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
         LISTENER: listener_pb2.Listener,
+        SCOPED_ROUTE: scoped_route_pb2.ScopedRouteConfiguration,
         ROUTE: route_pb2.RouteConfiguration,
     }
 )

@@ -9,9 +9,14 @@ this proxy changed. ACKs, NACKs and pushes are reported to a `ProxyTracker`.
 Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
 * one nonce per response; each stream's loop owns its nonces;
 * SotW: a request whose response_nonce is not the latest nonce sent for its type is stale
-  and ignored; ACK vs NACK is the presence of error_detail; LDS/CDS are wildcard, EDS/RDS
-  answer the requested names; a response is sent only when its version differs from what
-  the proxy has;
+  and ignored; ACK vs NACK is the presence of error_detail; LDS/CDS/SRDS are wildcard (a
+  resource missing from a response is removed, so each response is the whole set),
+  EDS/RDS answer the requested names; a response is sent only when its version differs
+  from what the proxy has. EDS/RDS responses carry only the resources that changed (see
+  `_SotwStream.respond`): Envoy leaves a subscribed EDS/RDS resource that a response
+  does not carry as it is, so re-sending all 10,000 route configs for one change would
+  buy nothing. Their version_info is still the version of the stream's whole selection,
+  so an ACKed version means "holds that whole set", as for the wildcard types;
 * delta: only changed resources plus removed_resources names; subscribe / unsubscribe /
   wildcard; per-resource versions; each response is ACKed on its own, so every
   outstanding nonce is tracked (a delta response is incremental: dropping an "older" ACK
@@ -53,6 +58,7 @@ from graylane.xds.resources import (
     CLUSTER,
     LISTENER,
     PUSH_ORDER,
+    SCOPED_ROUTE,
     Resources,
     content_version,
     packed,
@@ -62,7 +68,9 @@ from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck,
 
 log = logging.getLogger(__name__)
 
-WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
+# Envoy subscribes to listeners, clusters and scopes (SRDS) as wildcards and drops any of
+# them that a SotW response leaves out.
+WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, SCOPED_ROUTE})
 WILDCARD = "*"
 WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
 
@@ -273,6 +281,7 @@ class _Selections:
         self.plans = _Plans()
         self._selections: OrderedDict[tuple[int, str, object], tuple[_Selection, Plan]] = OrderedDict()
         self._diffs: OrderedDict[tuple[int, int], tuple[_Diff, _Selection, _Selection]] = OrderedDict()
+        self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
 
     def get(self, planned: Plan, st: _TypeState) -> _Selection:
         key = (id(planned), st.type_url, st.subscription)
@@ -302,6 +311,43 @@ class _Selections:
             self._diffs.popitem(last=False)
         return found
 
+    def sotw_partial(self, acked: _Selection, sent: _Selection, new: _Selection) -> _Diff:
+        """The SotW EDS/RDS response from a stream that ACKed `acked` and was sent `sent`
+        to `new` (shared by every stream in that state; `removed` is always empty)."""
+        key = (id(acked), id(sent), id(new))
+        hit = self._partials.get(key)
+        if hit is not None and hit[1][0] is acked and hit[1][1] is sent and hit[1][2] is new:
+            self._partials.move_to_end(key)
+            return hit[0]
+        found = _make_sotw_partial(new, acked.versions, sent.versions)
+        self._partials[key] = (found, (acked, sent, new))
+        while len(self._partials) > _DIFFS_LIMIT:
+            self._partials.popitem(last=False)
+        return found
+
+
+def _make_sotw_partial(new: _Selection, acked_versions: Mapping[str, str], sent_versions: Mapping[str, str]) -> _Diff:
+    """A SotW response carrying every resource of `new` the proxy may not hold as it is.
+
+    That is each resource whose version differs from the one ACKed *or* from the one last
+    sent. Against `sent` alone, a resource whose response was NACKed (or will be: the
+    NACK may still be on its way, and then arrives with a stale nonce) would never be
+    sent again, and the ACK of a later response would claim a set the proxy rejected.
+    Against `acked` alone, a resource sent since and changed back would stay at the
+    version sent. With both, an ACK of this response means the proxy holds all of `new`.
+    """
+    changed = {
+        n: m
+        for n, m in new.items.items()
+        if acked_versions.get(n) != new.versions[n] or sent_versions.get(n) != new.versions[n]
+    }
+    response = discovery_pb2.DiscoveryResponse(
+        version_info=new.version,
+        resources=[_pack(m) for m in changed.values()],
+        type_url=new.type_url,
+    )
+    return _Diff(changed, (), response.SerializeToString())
+
 
 def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
     changed = {n: m for n, m in new.items.items() if sent_versions.get(n) != new.versions[n]}
@@ -325,6 +371,13 @@ def _nothing(type_url: str) -> _Selection:
     if type_url not in _NOTHING:
         _NOTHING[type_url] = _Selection(type_url, {}, {}, set_version({}), blocked=False)
     return _NOTHING[type_url]
+
+
+def _as_selection(type_url: str, selection: _Selection | None, items: Mapping[str, Message]) -> _Selection | None:
+    """The shared selection a stream's held `items` are exactly, if any (nothing is one too)."""
+    if selection is not None:
+        return selection
+    return None if items else _nothing(type_url)
 
 
 def _with_nonce(body: bytes, nonce: str) -> bytes:
@@ -567,14 +620,27 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         if not selection.remembered:
             self.cache.history.remember(st.type_url, selection.items)
             selection.remembered = True
+        if st.wildcard:
+            body, names = selection.sotw_body(), selection.names
+        else:
+            # EDS/RDS: only what the proxy may lack. A response may carry nothing at all
+            # (the subscription shrank, or a change was reverted): it still moves the
+            # stream's version, and its ACK says the proxy holds the new selection.
+            acked = _as_selection(st.type_url, st.acked_selection, st.acked)
+            sent = _as_selection(st.type_url, st.sent_selection, st.sent)
+            if acked is not None and sent is not None:
+                partial = self.selections.sotw_partial(acked, sent, selection)
+            else:
+                partial = _make_sotw_partial(selection, st.acked_versions, st.sent_versions)
+            body, names = partial.body, partial.names
         nonce = self.next_nonce()
         st.sent = selection.items
         st.sent_versions = selection.versions
         st.sent_selection = selection
         st.sotw_version = selection.version
         st.latest_nonce = nonce
-        self.record_push(st, Push(st.type_url, selection.version, nonce, selection.names))
-        return _with_nonce(selection.sotw_body(), nonce)
+        self.record_push(st, Push(st.type_url, selection.version, nonce, names))
+        return _with_nonce(body, nonce)
 
 
 class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
