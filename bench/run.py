@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.py, bench/scale.py
 
@@ -40,7 +41,6 @@ from graylane.xds import plan as xds_plan
 from graylane.xds import resources
 from graylane.xds.render import forget_reused, render
 from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
     Condition,
     Endpoint,
     Lane,
@@ -130,9 +130,21 @@ def bench_render() -> list[dict[str, object]]:
     for n, max_reps, max_seconds in RENDER_PLAN:
         view = make_view(n)
         res = render(view, listen_port=10000)  # warm-up, and the sizes
-        route = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
-        route_bytes = len(route.SerializeToString(deterministic=True))
-        weighted = sum(1 for vh in route.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters"))
+        # Routes are split per service (one RouteConfiguration each, behind SRDS scopes).
+        routes: list[Any] = list(res[resources.ROUTE].items.values())
+        route_bytes = sum(len(resources.encoded(rc).packed.value) for rc in routes)
+        weighted = sum(
+            1 for rc in routes for vh in rc.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters")
+        )
+        # What one lane's weight change re-sends of RDS (SotW and delta): the changed route configs.
+        bumped = list(view.lanes)
+        bumped[0] = dataclasses.replace(bumped[0], weight=bumped[0].weight + 10)
+        after = render(dataclasses.replace(view, lanes=tuple(bumped)), listen_port=10000)[resources.ROUTE]
+        change_route_bytes = sum(
+            len(resources.encoded(after.items[name]).packed.value)
+            for name in after
+            if res[resources.ROUTE].versions.get(name) != after.versions[name]
+        )
         times: list[float] = []
         deadline = time.perf_counter() + max_seconds
         changed: list[float] = []
@@ -174,6 +186,7 @@ def bench_render() -> list[dict[str, object]]:
             "change_ms": med(changed),
             "p90_ms": pct(times, 0.9),
             "route_bytes": route_bytes,
+            "change_route_bytes": change_route_bytes,
         }
         print(f"  render {n:>5} services: {row['median_ms']:.2f} ms median over {len(times)}", flush=True)
         out.append(row)
@@ -333,7 +346,8 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
         "and its own lane (header rule + weight 20). Time per full render (nothing reused; includes serialising "
         "and hashing every resource once), and per render of the same view with one lane's weight changed "
         "(unchanged clusters, endpoint sets and virtual hosts reused from the previous render); "
-        "size of the serialized RouteConfiguration. "
+        "size of all the serialized RouteConfigurations (one per service, behind SRDS scopes) and of those "
+        "one lane's weight change re-sends (bench/route_bytes.py measures the same through the ADS server). "
         "`plan` is `graylane.xds.plan.plan` for a "
         "stream holding the previous render (median of 5): computed once per distinct (target, ACKed, sent) "
         "state, and then shared by every stream in that state.",
@@ -349,7 +363,8 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
                 "full render median ms",
                 "p90 ms",
                 "one lane changed ms",
-                "RouteConfiguration bytes",
+                "RouteConfiguration bytes (all)",
+                "re-sent per weight change",
                 "plan ms (computed)",
                 "plan ms (shared)",
             ],
@@ -363,6 +378,7 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
                     f"{r['p90_ms']:.2f}",
                     f"{r['change_ms']:.2f}",
                     f"{r['route_bytes']:,}",
+                    f"{r.get('change_route_bytes', 0):,}",
                     f"{r['plan_ms']:.2f}",
                     f"{r['plan_shared_ms']:.3f}",
                 ]
