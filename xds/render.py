@@ -467,10 +467,13 @@ def _scope(service: str) -> scoped_route_pb2.ScopedRouteConfiguration:
 
 def _route_config(service: ServiceRoute, index: _Index) -> route_pb2.RouteConfiguration:
     """The route config of one service: exactly its virtual host (remote versions rewritten)."""
-    vhost = _virtual_host(service, index)
+    # Built in place: wrapping a finished VirtualHost would copy it once more.
+    config = route_pb2.RouteConfiguration(name=route_config_name(service.name))
+    vhost = config.virtual_hosts.add(name=service.name, domains=[service.name, f"{service.name}:*"])
+    vhost.routes.extend(_service_routes(service, index))
     if index.remote_versions(service.name):
         _rewrite_remote(vhost, index)  # before the message is shared: never mutated after
-    return route_pb2.RouteConfiguration(name=route_config_name(service.name), virtual_hosts=[vhost])
+    return config
 
 
 def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> None:
@@ -499,7 +502,8 @@ def _remote_authority(view: _Index, cluster: str) -> str:
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _virtual_host(service: ServiceRoute, index: _Index) -> route_components_pb2.VirtualHost:
+def _service_routes(service: ServiceRoute, index: _Index) -> list[route_components_pb2.Route]:
+    """The routes of `service`'s virtual host, in the order of the module docstring."""
     entering = index.entering.get(service.name, [])
     routes = _lane_routes(service, index.versioned.get(service.name, ()))
     if entering:
@@ -515,11 +519,7 @@ def _virtual_host(service: ServiceRoute, index: _Index) -> route_components_pb2.
             cluster=cluster_name(service.name, service.base_version),
         )
     )
-    return route_components_pb2.VirtualHost(
-        name=service.name,
-        domains=[service.name, f"{service.name}:*"],
-        routes=routes,
-    )
+    return routes
 
 
 def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
