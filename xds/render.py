@@ -69,7 +69,15 @@ from graylane.xds.view import (
     route_config_name,
 )
 
-__all__ = ["ServiceResources", "effective_view", "referenced_clusters", "render", "render_gateway", "render_service"]
+__all__ = [
+    "ServiceResources",
+    "ViewIndex",
+    "effective_view",
+    "referenced_clusters",
+    "render",
+    "render_gateway",
+    "render_service",
+]
 
 _MessageT = TypeVar("_MessageT", bound=Message)
 
@@ -106,7 +114,7 @@ def effective_view(view: RoutingView) -> RoutingView:
     The control plane compares ``effective_view(v) == v`` to tell whether a batch is
     really applied.
     """
-    index = _Index(view)
+    index = ViewIndex(view)
     lanes = tuple(
         dataclasses.replace(
             lane,
@@ -159,12 +167,14 @@ def forget_reused() -> None:
     _reuse.rotate()
 
 
-class _Index:
+class ViewIndex:
     """Lookups over one view, built once per render so rendering is linear in its size.
 
     `endpoints`: (service, version) -> VersionEndpoints (the first, as `RoutingView` finds);
     `entering`: service -> lanes entering there; `versioned`: service -> (lane, version) of
-    lanes with a version of it; both in the view's lane order.
+    lanes with a version of it; both in the view's lane order; `remote_by_service`:
+    service -> its versions reached through another cluster's gateway. Build it from
+    `effective_view(view)`, as `render` does, before calling `render_service`.
     """
 
     def __init__(self, view: RoutingView) -> None:
@@ -226,7 +236,7 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     weights add up to more than 100.
     """
     view = effective_view(view)
-    index = _Index(view)
+    index = ViewIndex(view)
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
     route_configs: dict[str, Message] = {}
@@ -250,7 +260,7 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     )
 
 
-def render_service(service: ServiceRoute, index: _Index, *, connect_timeout_ms: int) -> ServiceResources:
+def render_service(service: ServiceRoute, index: ViewIndex, *, connect_timeout_ms: int) -> ServiceResources:
     """The route config, scope, clusters and endpoints of one service (messages reused).
 
     Depends only on the service, the lanes entering at it or holding a version of it, and
@@ -338,7 +348,7 @@ def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset
 # ------------------------------------------------------------------- clusters, endpoints
 
 
-def _service_cluster_keys(service: ServiceRoute, index: _Index) -> list[tuple[str, str]]:
+def _service_cluster_keys(service: ServiceRoute, index: ViewIndex) -> list[tuple[str, str]]:
     """(version, lane) of every cluster of `service`: its base for traffic outside lanes,
     and each lane's own cluster where the lane has a version of the service or enters at it
     (where its rules and its weighted share are routed and tagged).
@@ -465,7 +475,7 @@ def _scope(service: str) -> scoped_route_pb2.ScopedRouteConfiguration:
 # -------------------------------------------------------------------------------- routes
 
 
-def _route_config(service: ServiceRoute, index: _Index) -> route_pb2.RouteConfiguration:
+def _route_config(service: ServiceRoute, index: ViewIndex) -> route_pb2.RouteConfiguration:
     """The route config of one service: exactly its virtual host (remote versions rewritten)."""
     # Built in place: wrapping a finished VirtualHost would copy it once more.
     config = route_pb2.RouteConfiguration(name=route_config_name(service.name))
@@ -476,7 +486,7 @@ def _route_config(service: ServiceRoute, index: _Index) -> route_pb2.RouteConfig
     return config
 
 
-def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> None:
+def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: ViewIndex) -> None:
     """Requests to a version that runs only in another cluster name it in their authority.
 
     That cluster's gateway serves versions (see `render_gateway`); lane tags and every
@@ -495,14 +505,14 @@ def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> No
                     weight.host_rewrite_literal = authority
 
 
-def _remote_authority(view: _Index, cluster: str) -> str:
+def _remote_authority(view: ViewIndex, cluster: str) -> str:
     parsed = parse_cluster_name(cluster)
     if parsed is None or not view.remote(parsed[0], parsed[1]):
         return ""
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _service_routes(service: ServiceRoute, index: _Index) -> list[route_components_pb2.Route]:
+def _service_routes(service: ServiceRoute, index: ViewIndex) -> list[route_components_pb2.Route]:
     """The routes of `service`'s virtual host, in the order of the module docstring."""
     entering = index.entering.get(service.name, [])
     routes = _lane_routes(service, index.versioned.get(service.name, ()))

@@ -22,7 +22,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf.message import Message
 from graylane.xds import resources
 from graylane.xds.cache import consistency_gaps
-from graylane.xds.render import effective_view, referenced_clusters, render, render_gateway
+from graylane.xds.render import (
+    ViewIndex,
+    effective_view,
+    referenced_clusters,
+    render,
+    render_gateway,
+    render_service,
+)
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
     SCOPED_ROUTES_NAME,
@@ -1407,3 +1414,30 @@ def test_gateway_uses_no_deprecated_field() -> None:
     for typed in render_gw().by_type.values():
         for message in typed.items.values():
             assert list(deprecated_fields(message)) == []
+
+
+def test_render_is_the_union_of_each_services_own_resources() -> None:
+    view = effective_view(RICH_VIEW)
+    res = render_view(view)
+    index = ViewIndex(view)
+    seen: dict[str, set[str]] = {t: set() for t in res.by_type}
+    for service in view.services:
+        own = render_service(service, index, connect_timeout_ms=view.connect_timeout_ms)
+        assert own.route_config.name == own.scope.name == route_config_name(service.name)
+        assert [vh.name for vh in own.route_config.virtual_hosts] == [service.name]
+        assert own.clusters.keys() == own.assignments.keys()
+        assert all(parse_cluster_name(name)[0] == service.name for name in own.clusters)  # type: ignore[index]
+        # Every cluster the service's routes use is its own, so its route config waits for nothing else.
+        assert referenced_clusters(own.route_config) <= own.clusters.keys()
+        for type_url, items in (
+            (resources.CLUSTER, own.clusters),
+            (resources.ENDPOINT, own.assignments),
+            (resources.ROUTE, {own.route_config.name: own.route_config}),
+            (resources.SCOPED_ROUTE, {own.scope.name: own.scope}),
+        ):
+            assert not seen[type_url] & items.keys()  # no resource belongs to two services
+            seen[type_url] |= items.keys()
+            for name, message in items.items():
+                assert resources.content_version(message) == res[type_url].versions[name]
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
+        assert seen[type_url] == set(res[type_url].items)
