@@ -28,9 +28,8 @@ so a request whose two carriers disagree still has exactly one lane.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import re2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -144,12 +143,13 @@ class _Reuse:
         self._previous: dict[Hashable, Message] = {}
         self._current: dict[Hashable, Message] = {}
 
-    def get(self, key: Hashable, build: Callable[[], _MessageT]) -> _MessageT:
+    def get(self, key: Hashable, build: Callable[..., _MessageT], *args: Any) -> _MessageT:
+        """The message reused for `key`, or `build(*args)` (no closure is made on a hit)."""
         found = self._current.get(key)
         if found is None:
             found = self._previous.get(key)
             if found is None:
-                found = build()
+                found = build(*args)
             self._current[key] = found
         return found  # type: ignore[return-value]
 
@@ -274,17 +274,13 @@ def render_service(service: ServiceRoute, index: ViewIndex, *, connect_timeout_m
         # already holds would not be sent again.
         name = cluster_name(service.name, version, lane)
         endpoints = index.endpoints_of(service.name, version)
-        clusters[name] = _reuse.get(
-            ("cluster", name, connect_timeout_ms), functools.partial(_cluster, name, name, connect_timeout_ms)
-        )
-        assignments[name] = _reuse.get(("cla", name, endpoints), functools.partial(_load_assignment, name, endpoints))
+        clusters[name] = _reuse.get(("cluster", name, connect_timeout_ms), _cluster, name, name, connect_timeout_ms)
+        assignments[name] = _reuse.get(("cla", name, endpoints), _load_assignment, name, endpoints)
     entering = tuple(index.entering.get(service.name, ()))
     versioned = tuple(index.versioned.get(service.name, ()))
     remote = index.remote_versions(service.name)
-    route_config = _reuse.get(
-        ("routes", service, entering, versioned, remote), functools.partial(_route_config, service, index)
-    )
-    scope = _reuse.get(("scope", service.name), functools.partial(_scope, service.name))
+    route_config = _reuse.get(("routes", service, entering, versioned, remote), _route_config, service, index)
+    scope = _reuse.get(("scope", service.name), _scope, service.name)
     return ServiceResources(route_config, scope, clusters, assignments)
 
 
