@@ -71,6 +71,7 @@ from graylane.xds.view import (
 __all__ = [
     "ServiceResources",
     "ViewIndex",
+    "effective_lane",
     "effective_view",
     "referenced_clusters",
     "render",
@@ -114,18 +115,18 @@ def effective_view(view: RoutingView) -> RoutingView:
     really applied.
     """
     index = ViewIndex(view)
-    lanes = tuple(
-        dataclasses.replace(
-            lane,
-            versions=tuple(
-                (service, version) for service, version in lane.versions if index.endpoints_of(service, version)
-            ),
-        )
-        for lane in view.lanes
-    )
+    lanes = tuple(effective_lane(lane, index) for lane in view.lanes)
     if lanes == view.lanes:
         return view
     return dataclasses.replace(view, lanes=lanes)
+
+
+def effective_lane(lane: Lane, index: ViewIndex) -> Lane:
+    """`lane` keeping only its gray versions with endpoints in `index` (itself if it keeps all)."""
+    versions = tuple((service, version) for service, version in lane.versions if index.endpoints_of(service, version))
+    if len(versions) == len(lane.versions):
+        return lane
+    return dataclasses.replace(lane, versions=versions)
 
 
 class _Reuse:
@@ -139,9 +140,14 @@ class _Reuse:
     never mutate what render returns (nor does render, after building).
     """
 
-    def __init__(self) -> None:
-        self._previous: dict[Hashable, Message] = {}
+    def __init__(self, previous: dict[Hashable, Message] | None = None) -> None:
+        self._previous: dict[Hashable, Message] = previous if previous is not None else {}
         self._current: dict[Hashable, Message] = {}
+
+    @property
+    def used(self) -> dict[Hashable, Message]:
+        """What the renders since the last rotation used (the next one's `previous`)."""
+        return self._current
 
     def get(self, key: Hashable, build: Callable[..., _MessageT], *args: Any) -> _MessageT:
         """The message reused for `key`, or `build(*args)` (no closure is made on a hit)."""
@@ -260,12 +266,16 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
     )
 
 
-def render_service(service: ServiceRoute, index: ViewIndex, *, connect_timeout_ms: int) -> ServiceResources:
+def render_service(
+    service: ServiceRoute, index: ViewIndex, *, connect_timeout_ms: int, reuse: _Reuse | None = None
+) -> ServiceResources:
     """The route config, scope, clusters and endpoints of one service (messages reused).
 
     Depends only on the service, the lanes entering at it or holding a version of it, and
     the endpoints of its versions, so an unchanged service yields the same objects.
+    `reuse`: where messages are reused from (default: the module's, rotated by `render`).
     """
+    memo = reuse if reuse is not None else _reuse
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
     for version, lane in _service_cluster_keys(service, index):
@@ -274,13 +284,13 @@ def render_service(service: ServiceRoute, index: ViewIndex, *, connect_timeout_m
         # already holds would not be sent again.
         name = cluster_name(service.name, version, lane)
         endpoints = index.endpoints_of(service.name, version)
-        clusters[name] = _reuse.get(("cluster", name, connect_timeout_ms), _cluster, name, name, connect_timeout_ms)
-        assignments[name] = _reuse.get(("cla", name, endpoints), _load_assignment, name, endpoints)
+        clusters[name] = memo.get(("cluster", name, connect_timeout_ms), _cluster, name, name, connect_timeout_ms)
+        assignments[name] = memo.get(("cla", name, endpoints), _load_assignment, name, endpoints)
     entering = tuple(index.entering.get(service.name, ()))
     versioned = tuple(index.versioned.get(service.name, ()))
     remote = index.remote_versions(service.name)
-    route_config = _reuse.get(("routes", service, entering, versioned, remote), _route_config, service, index)
-    scope = _reuse.get(("scope", service.name), _scope, service.name)
+    route_config = memo.get(("routes", service, entering, versioned, remote), _route_config, service, index)
+    scope = memo.get(("scope", service.name), _scope, service.name)
     return ServiceResources(route_config, scope, clusters, assignments)
 
 

@@ -1,0 +1,168 @@
+"""The control-plane cost of one release's change, stage by stage, at 1,000 and 10,000 services.
+
+`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7]`
+
+For a view of n services and n/10 live lanes (bench/run.py `make_view`), one lane's weight
+changes, and this measures (median over reps, ms):
+
+* render: `Renderer.render` (incremental, from the previous view) where `graylane.xds.render`
+  has one, else the pure `render` (what the control plane ran before);
+* set_snapshot: `SnapshotCache.set_snapshot` of the new render over the previous one;
+* push: one SotW and one delta stream that hold (ACKed) exactly the previous render, through
+  the real ADS server's stream objects: plan + selections + the response bodies;
+* ack: the same streams handling the ACK of those responses (and re-planning).
+
+Also the full render (`render` of the whole view, nothing reused). Bounded: reps per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from envoy.service.discovery.v3 import discovery_pb2
+from graylane.xds import render as xds_render
+from graylane.xds import resources
+from graylane.xds import server as xds_server
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.tracker import ProxyTracker
+from graylane.xds.view import RoutingView
+from run import make_view  # noqa: E402
+
+WILDCARD = xds_server.WILDCARD_TYPES
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+class _Streams:
+    """One SotW and one delta stream, driven by hand (no grpc), in sync with the cache."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self.tracker = ProxyTracker()
+        selections = xds_server._Selections()
+        self.sotw = xds_server._SotwStream(cache, self.tracker, selections)
+        self.delta = xds_server._DeltaStream(cache, self.tracker, selections)
+        for stream in (self.sotw, self.delta):
+            stream.key = "default"
+            stream.stream_id = f"bench-{stream.protocol}"
+
+    def subscribe(self) -> None:
+        target = self.cache.snapshot("default")
+        assert target is not None
+        for t in resources.PUSH_ORDER:
+            names = [] if t in WILDCARD else sorted(target[t].items)
+            self.sotw.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
+            self.delta.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=names))
+
+    def push(self) -> list[tuple[Any, list[bytes]]]:
+        return [(self.sotw, self.sotw.push()), (self.delta, self.delta.push())]
+
+    def ack(self, pushed: list[tuple[Any, list[bytes]]]) -> None:
+        for stream, bodies in pushed:
+            for body in bodies:
+                if stream is self.sotw:
+                    resp = discovery_pb2.DiscoveryResponse.FromString(body)
+                    names = [] if resp.type_url in WILDCARD else sorted(self.sotw.types[resp.type_url].names)
+                    stream.handle(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=resp.type_url,
+                            version_info=resp.version_info,
+                            response_nonce=resp.nonce,
+                            resource_names=names,
+                        )
+                    )
+                else:
+                    dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+                    stream.handle(
+                        discovery_pb2.DeltaDiscoveryRequest(type_url=dresp.type_url, response_nonce=dresp.nonce)
+                    )
+            # ...and what the stream sends after the ACKs (make-before-break releases).
+            more = stream.push()
+            if more:
+                self.ack([(stream, more)])
+
+
+def bump(view: RoutingView, step: int) -> RoutingView:
+    """`view` with one lane's weight changed (every other object shared)."""
+    lanes = list(view.lanes)
+    lanes[0] = dataclasses.replace(lanes[0], weight=(lanes[0].weight + step) % 90 + 1)
+    return dataclasses.replace(view, lanes=tuple(lanes))
+
+
+def measure(n: int, reps: int) -> dict[str, float]:
+    view = make_view(n)
+    renderer_cls = getattr(xds_render, "Renderer", None)
+    if renderer_cls is not None:
+        renderer = renderer_cls(listen_port=10000)
+        do_render: Callable[[RoutingView], resources.Resources] = renderer.render
+    else:
+
+        def do_render(v: RoutingView) -> resources.Resources:
+            return xds_render.render(v, listen_port=10000)
+
+    full: list[float] = []
+    for _ in range(max(1, reps // 2)):
+        xds_render.forget_reused()
+        gc.collect()
+        t0 = time.perf_counter()
+        xds_render.render(view, listen_port=10000)
+        full.append(_ms(t0))
+    cache = SnapshotCache()
+    cache.set_snapshot("default", do_render(view))
+    streams = _Streams(cache)
+    streams.subscribe()
+    streams.ack(streams.push())
+    stages: dict[str, list[float]] = {"render": [], "set_snapshot": [], "push": [], "ack": []}
+    for step in range(1, reps + 1):
+        view = bump(view, step)
+        gc.collect()
+        t0 = time.perf_counter()
+        target = do_render(view)
+        stages["render"].append(_ms(t0))
+        t0 = time.perf_counter()
+        cache.set_snapshot("default", target)
+        stages["set_snapshot"].append(_ms(t0))
+        t0 = time.perf_counter()
+        pushed = streams.push()
+        stages["push"].append(_ms(t0))
+        sizes = [len(b) for _, bodies in pushed for b in bodies]
+        t0 = time.perf_counter()
+        streams.ack(pushed)
+        stages["ack"].append(_ms(t0))
+    out = {k: statistics.median(v) for k, v in stages.items()}
+    out["full_render"] = statistics.median(full)
+    out["total"] = out["render"] + out["set_snapshot"] + out["push"] + out["ack"]
+    out["bytes"] = float(sum(sizes))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--services", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    print("| services | full render ms | render ms | set_snapshot ms | push ms | ack ms | total ms | bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in args.services:
+        r = measure(n, args.reps)
+        print(
+            f"| {n} | {r['full_render']:.1f} | {r['render']:.2f} | {r['set_snapshot']:.2f} | {r['push']:.2f} | "
+            f"{r['ack']:.2f} | {r['total']:.2f} | {int(r['bytes'])} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
