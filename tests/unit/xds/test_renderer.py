@@ -1,4 +1,4 @@
-"""Unit tests for graylane.xds.renderer: the incremental render equals the pure one.
+"""The incremental path equals the full one: render, plan and the snapshot check.
 
 Random change sequences (services, versions, endpoints and remote `via_cluster` versions,
 lanes added / removed / changed, rules, cohorts, invalid weights, whole views rebuilt with
@@ -14,9 +14,13 @@ import dataclasses
 import random
 
 import pytest
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from graylane.xds import resources
+from graylane.xds.cache import InconsistentSnapshot, SnapshotCache, consistency_gaps
+from graylane.xds.plan import _plan, plan_derived
 from graylane.xds.render import effective_view, render
 from graylane.xds.renderer import Renderer
+from graylane.xds.resources import Resources
 from graylane.xds.view import (
     Cohort,
     Condition,
@@ -203,3 +207,70 @@ def test_ports_share_the_rendered_services() -> None:
     assert one[resources.ROUTE] is two[resources.ROUTE]
     assert one[resources.LISTENER].version != two[resources.LISTENER].version
     _same(two, render(view, listen_port=2))
+
+
+def _renders(seed: int, steps: int = 60) -> list[resources.Resources]:
+    """The renderer's outputs over one random change sequence (views that render)."""
+    rng = random.Random(seed)
+    renderer = Renderer(listen_port=PORT)
+    view = _view(rng)
+    out = []
+    for _ in range(steps):
+        try:
+            out.append(renderer.render(view))
+        except ValueError:
+            pass
+        view = _change(rng, view)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_derived_plan_equals_the_full_plan(seed: int) -> None:
+    derived = 0
+    outputs = _renders(seed)
+    for before, target in zip(outputs, outputs[1:], strict=False):
+        holding = {t: before[t] for t in resources.PUSH_ORDER}
+        fast = plan_derived(target, holding)
+        if fast is None:
+            continue
+        derived += 1
+        held_items = {t: before[t].items for t in resources.PUSH_ORDER}
+        slow = _plan(target, acked=held_items, sent=held_items)
+        assert fast.held == slow.held
+        for t in resources.PUSH_ORDER:
+            assert dict(fast.resources[t].versions) == dict(slow.resources[t].versions), t
+            assert fast.resources[t].version == slow.resources[t].version
+            planned = fast.resources[t]
+            assert planned is target[t] or planned is before[t] or planned.derives_from(before[t])
+    assert derived > 0
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_derived_snapshots_are_checked_like_full_ones(seed: int) -> None:
+    """set_snapshot's O(changes) check refuses exactly what the full check refuses."""
+    rng = random.Random(seed)
+    cache = SnapshotCache()
+    for target in _renders(seed):
+        stored = cache.snapshot("k")
+        candidate = target
+        if stored is not None and rng.random() < 0.5:
+            # Break the derived snapshot: drop, or add, something a reference needs.
+            t = rng.choice([resources.CLUSTER, resources.ENDPOINT, resources.ROUTE])
+            names = sorted(target[t].items)
+            if names and rng.random() < 0.7:
+                candidate = Resources(
+                    target.by_type | {t: target[t].replaced({}, [rng.choice(names)])}, target.base_versions
+                )
+            elif t == resources.ENDPOINT:
+                orphan = ClusterLoadAssignment(cluster_name="orphan")
+                candidate = Resources(
+                    target.by_type | {t: target[t].replaced({"orphan": orphan})}, target.base_versions
+                )
+        gaps = consistency_gaps(candidate)
+        if gaps:
+            with pytest.raises(InconsistentSnapshot):
+                cache.set_snapshot("k", candidate)
+            assert cache.snapshot("k") is stored
+        else:
+            cache.set_snapshot("k", candidate)
+            assert cache.snapshot("k") is candidate
