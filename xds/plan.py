@@ -322,6 +322,9 @@ def plan_derived(target: Resources, holding: Mapping[str, TypedResources]) -> Pl
     * a changed or added scope (listener) waits until the route config it names is planned.
     Unchanged resources need no check: they referred to resources of `holding`, and still do.
     """
+    if all(t in holding and holding[t].version == target[t].version for t in PUSH_ORDER):
+        # The stream holds the (consistent) target itself: nothing to hold back or keep.
+        return Plan(target, frozenset())
     if not target.base_versions:
         return None
     changed: dict[str, frozenset[str]] = {}

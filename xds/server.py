@@ -53,13 +53,14 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
-from graylane.xds.plan import Plan, plan
+from graylane.xds.plan import Plan, plan, plan_derived
 from graylane.xds.resources import (
     CLUSTER,
     LISTENER,
     PUSH_ORDER,
     SCOPED_ROUTE,
     Resources,
+    TypedResources,
     content_version,
     packed,
     set_version,
@@ -191,6 +192,10 @@ class _Selection:
     blocked: bool
     remembered: bool = False  # its set is in the cache's content history
     _sotw_body: bytes | None = None
+    # The planned set itself, where the selection is all of it (a wildcard, or names equal
+    # to the planned ones): then `items` / `versions` are its own, and a selection whose
+    # set derives from another's differs from it by `typed.changed` / `typed.removed`.
+    typed: TypedResources | None = None
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -255,7 +260,7 @@ class _Plans:
         if found is not None and found[1][0] is target:
             self._plans.move_to_end(tuple(key))
             return found[0]
-        planned = plan(
+        planned = _plan_held(target, types) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
@@ -264,6 +269,24 @@ class _Plans:
         while len(self._plans) > _PLANS_LIMIT:
             self._plans.popitem(last=False)
         return planned
+
+
+def _plan_held(target: Resources, types: Mapping[str, _TypeState]) -> Plan | None:
+    """`plan_derived` for a stream that ACKed and was sent, for every type, exactly one
+    whole planned set's content (the common case: in sync with the previous target); else
+    None."""
+    holding: dict[str, TypedResources] = {}
+    for type_url in PUSH_ORDER:
+        st = types.get(type_url)
+        if st is None or st.acked_selection is None or st.sent_selection is None:
+            return None
+        typed, sent = st.acked_selection.typed, st.sent_selection.typed
+        # Two selections of one content (a re-plan that changed nothing for this type)
+        # are one holding: versions are content hashes.
+        if typed is None or sent is None or (typed is not sent and typed.version != sent.version):
+            return None
+        holding[type_url] = typed
+    return plan_derived(target, holding)
 
 
 def _items(selection: _Selection | None) -> Mapping[str, Message]:
@@ -289,11 +312,19 @@ class _Selections:
         if hit is not None and hit[1] is planned:
             self._selections.move_to_end(key)
             return hit[0]
-        items = st.select(planned.resources[st.type_url].items)
-        known = planned.resources[st.type_url].versions
-        versions = {name: known[name] for name in items}
-        blocked = any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
-        selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
+        typed = planned.resources[st.type_url]
+        if st.wildcard or st.names == typed.items.keys():
+            # All of the planned set: no copy, no walk (its version is already known).
+            blocked = any(t == st.type_url and n not in typed.items and st.wants(n) for t, n in planned.held)
+            selection = _Selection(
+                st.type_url, typed.shared_items(), typed.shared_versions(), typed.version, blocked, typed=typed
+            )
+        else:
+            items = st.select(typed.items)
+            known = typed.versions
+            versions = {name: known[name] for name in items}
+            blocked = any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
+            selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
         self._selections[key] = (selection, planned)
         while len(self._selections) > _SELECTIONS_LIMIT:
             self._selections.popitem(last=False)
@@ -305,7 +336,7 @@ class _Selections:
         if hit is not None and hit[1] is old and hit[2] is new:
             self._diffs.move_to_end(key)
             return hit[0]
-        found = _make_diff(new, old.versions)
+        found = _derived_diff(old, new, delta=True) or _make_diff(new, old.versions)
         self._diffs[key] = (found, old, new)
         while len(self._diffs) > _DIFFS_LIMIT:
             self._diffs.popitem(last=False)
@@ -319,7 +350,11 @@ class _Selections:
         if hit is not None and hit[1][0] is acked and hit[1][1] is sent and hit[1][2] is new:
             self._partials.move_to_end(key)
             return hit[0]
-        found = _make_sotw_partial(new, acked.versions, sent.versions)
+        found = None
+        if acked is sent or acked.version == sent.version:
+            found = _derived_diff(acked, new, delta=False)
+        if found is None:
+            found = _make_sotw_partial(new, acked.versions, sent.versions)
         self._partials[key] = (found, (acked, sent, new))
         while len(self._partials) > _DIFFS_LIMIT:
             self._partials.popitem(last=False)
@@ -347,6 +382,36 @@ def _make_sotw_partial(new: _Selection, acked_versions: Mapping[str, str], sent_
         type_url=new.type_url,
     )
     return _Diff(changed, (), response.SerializeToString())
+
+
+def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | None:
+    """The response from `old` to `new` in O(changes) where `new`'s set derives from `old`'s
+    (None otherwise): a delta response (changed and removed), or a SotW EDS/RDS one
+    (changed only; `version_info` the whole selection's)."""
+    if old.typed is None or new.typed is None:
+        return None
+    if old.typed.version == new.typed.version:
+        names: list[str] = []  # one content: nothing differs
+    elif new.typed.derives_from(old.typed):
+        names = sorted(new.typed.changed)
+    else:
+        return None
+    changed = {name: new.items[name] for name in names}
+    if not delta:
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
+        )
+        return _Diff(changed, (), response.SerializeToString())
+    removed = tuple(sorted(new.typed.removed)) if names else ()
+    delta_response = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=new.version,
+        resources=[
+            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
+        ],
+        removed_resources=list(removed),
+        type_url=new.type_url,
+    )
+    return _Diff(changed, removed, delta_response.SerializeToString())
 
 
 def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
@@ -498,6 +563,13 @@ class _Stream(Generic[Req, Resp]):
         """
         return self.selections.get(planned, st)
 
+    def _remember(self, selection: _Selection) -> None:
+        if selection.typed is not None:
+            self.cache.history.remember_set(selection.typed)
+        else:
+            self.cache.history.remember(selection.type_url, selection.items)
+        selection.remembered = True
+
     def record_ack(self, st: _TypeState, version: str, versions: Mapping[str, str]) -> None:
         """Report the ACK; `versions` (the content versions now held) is never mutated later."""
         st.acked_version = version
@@ -618,8 +690,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         if selection.blocked or selection.version == st.sotw_version:
             return None
         if not selection.remembered:
-            self.cache.history.remember(st.type_url, selection.items)
-            selection.remembered = True
+            self._remember(selection)
         if st.wildcard:
             body, names = selection.sotw_body(), selection.names
         else:
@@ -726,8 +797,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             st.sent_selection = selection
             return None
         if not selection.remembered:
-            self.cache.history.remember(st.type_url, selection.items)
-            selection.remembered = True
+            self._remember(selection)
         nonce = self.next_nonce()
         for name in diff.removed:
             st.sent.pop(name, None)
