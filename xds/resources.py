@@ -148,7 +148,18 @@ class TypedResources:
     empty `changed` / `removed`).
     """
 
-    __slots__ = ("type_url", "items", "versions", "base_version", "changed", "removed", "_items", "_versions", "_sum")
+    __slots__ = (
+        "type_url",
+        "items",
+        "versions",
+        "base_version",
+        "changed",
+        "removed",
+        "names_token",
+        "_items",
+        "_versions",
+        "_sum",
+    )
 
     type_url: str
     items: Mapping[str, Message]
@@ -156,6 +167,9 @@ class TypedResources:
     base_version: str
     changed: frozenset[str]
     removed: frozenset[str]
+    # The same object in a set derived from this one with the same names (only contents
+    # changed): a reader that found the names equal to something need not compare again.
+    names_token: object
 
     def __init__(self, type_url: str, items: Mapping[str, Message]) -> None:
         self._init(type_url, dict(items), {n: encoded(m).version for n, m in items.items()}, None, "", _EMPTY, _EMPTY)
@@ -179,6 +193,7 @@ class TypedResources:
         self.base_version = base_version
         self.changed = changed
         self.removed = removed
+        self.names_token = object()
 
     @property
     def version(self) -> str:
@@ -197,6 +212,7 @@ class TypedResources:
         versions: dict[str, str] = self._versions
         changed: list[str] = []
         removed: list[str] = []
+        added = False
         for name, message in upserts.items():
             version = encoded(message).version
             old = self._versions.get(name)
@@ -206,6 +222,8 @@ class TypedResources:
                 items, versions = dict(self._items), dict(self._versions)
             if old is not None:
                 total -= _item_digest(name, old)
+            else:
+                added = True
             total += _item_digest(name, version)
             items[name] = message
             versions[name] = version
@@ -228,7 +246,17 @@ class TypedResources:
         out._init(
             self.type_url, items, versions, total % _SET_MODULUS, self.version, frozenset(changed), frozenset(removed)
         )
+        if not added and not removed:
+            out.names_token = self.names_token
         return out
+
+    def shared_items(self) -> dict[str, Message]:
+        """The items as the set's own dict, shared with every holder: never mutate it."""
+        return self._items
+
+    def shared_versions(self) -> dict[str, str]:
+        """The versions as the set's own dict, shared with every holder: never mutate it."""
+        return self._versions
 
     def derives_from(self, base: TypedResources) -> bool:
         """Whether `changed` / `removed` are exactly what differs from `base`."""

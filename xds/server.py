@@ -305,6 +305,22 @@ class _Selections:
         self._selections: OrderedDict[tuple[int, str, object], tuple[_Selection, Plan]] = OrderedDict()
         self._diffs: OrderedDict[tuple[int, int], tuple[_Diff, _Selection, _Selection]] = OrderedDict()
         self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
+        # id(subscription) -> (subscription, names_token of a set whose names it equals)
+        self._names: OrderedDict[int, tuple[object, object]] = OrderedDict()
+
+    def _whole(self, subscription: object, typed: TypedResources) -> bool:
+        """Whether the named `subscription` is exactly `typed`'s names (compared once per
+        subscription object and set of names, not once per change)."""
+        hit = self._names.get(id(subscription))
+        if hit is not None and hit[0] is subscription and hit[1] is typed.names_token:
+            return True
+        if not isinstance(subscription, frozenset) or subscription != typed.items.keys():
+            return False
+        self._names[id(subscription)] = (subscription, typed.names_token)
+        self._names.move_to_end(id(subscription))
+        while len(self._names) > _SELECTIONS_LIMIT:
+            self._names.popitem(last=False)
+        return True
 
     def get(self, planned: Plan, st: _TypeState) -> _Selection:
         key = (id(planned), st.type_url, st.subscription)
@@ -313,7 +329,7 @@ class _Selections:
             self._selections.move_to_end(key)
             return hit[0]
         typed = planned.resources[st.type_url]
-        if st.wildcard or st.names == typed.items.keys():
+        if st.wildcard or self._whole(st.subscription, typed):
             # All of the planned set: no copy, no walk (its version is already known).
             blocked = any(t == st.type_url and n not in typed.items and st.wants(n) for t, n in planned.held)
             selection = _Selection(
