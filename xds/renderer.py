@@ -138,9 +138,10 @@ class Renderer:
 
     def forget(self, listen_port: int) -> None:
         """Nothing more is rendered for `listen_port` (its next render is built afresh)."""
-        with self._lock:
-            self._last.pop(listen_port, None)
-            self._listeners.pop(listen_port, None)
+        # No lock (the loop must not wait for a render in a worker thread): a render racing
+        # with this may keep the port's last output, which is still a valid base.
+        self._last.pop(listen_port, None)
+        self._listeners.pop(listen_port, None)
 
     # ------------------------------------------------------------------------ output
 
@@ -230,11 +231,11 @@ class Renderer:
             recompute |= state.raw_versioned.get(service, set())
         recompute |= self._follow_lanes(state, old_view.lanes, view.lanes)
         dirty |= self._follow_effective(state, view, recompute)
-        state.view = view
         if state.trimmed:
             state.effective = dataclasses.replace(view, lanes=tuple(state.eff_lanes[lane.name] for lane in view.lanes))
         else:
             state.effective = view
+        state.view = view  # after `effective`: `effective_view` reads them without the lock
         self._rerender(state, dirty)
 
     def _follow_services(self, state: _State, old: tuple[ServiceRoute, ...], new: tuple[ServiceRoute, ...]) -> set[str]:
