@@ -35,10 +35,38 @@ from graylane.xds import resources
 from graylane.xds import server as xds_server
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.tracker import ProxyTracker
-from graylane.xds.view import RoutingView
-from run import make_view  # noqa: E402
+from graylane.xds.view import (
+    Condition,
+    Endpoint,
+    Lane,
+    MatchKind,
+    MatchOp,
+    RoutingView,
+    Rule,
+    ServiceRoute,
+    VersionEndpoints,
+)
 
 WILDCARD = xds_server.WILDCARD_TYPES
+
+
+def make_view(n: int) -> RoutingView:
+    """n services on v1 (two endpoints each); every 10th also has a v2 and its own lane
+    (entry = that service, header rule x-canary: always, weight 20)."""
+    services = []
+    endpoints = []
+    lanes = []
+    rule = Rule((Condition(MatchKind.HEADER, "x-canary", MatchOp.EXACT, "always"),))
+    for i in range(n):
+        name = f"svc-{i:04d}"
+        services.append(ServiceRoute(name=name, base_version="v1"))
+        port = 20000 + (i % 20000)
+        endpoints.append(VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", port), Endpoint("127.0.0.2", port))))
+        if i % 10 == 0:
+            endpoints.append(VersionEndpoints(name, "v2", (Endpoint("127.0.0.3", port),)))
+            lanes.append(Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
+    lanes.sort(key=lambda lane: lane.name)
+    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
 
 
 def _ms(t0: float) -> float:
@@ -110,7 +138,9 @@ def bump(view: RoutingView, step: int) -> RoutingView:
     return dataclasses.replace(view, lanes=tuple(lanes))
 
 
-def measure(n: int, reps: int) -> dict[str, float]:
+def measure(n: int, reps: int, *, full_reps: int | None = None) -> dict[str, float]:
+    """Stage medians (ms) for one lane's change at n services; `full_reps` full renders too
+    (default reps // 2; 0: none)."""
     view = make_view(n)
     try:
         from graylane.xds.renderer import Renderer
@@ -125,7 +155,7 @@ def measure(n: int, reps: int) -> dict[str, float]:
             return xds_render.render(v, listen_port=10000)
 
     full: list[float] = []
-    for _ in range(max(1, reps // 2)):
+    for _ in range(max(1, reps // 2) if full_reps is None else full_reps):
         xds_render.forget_reused()
         gc.collect()
         t0 = time.perf_counter()
@@ -152,7 +182,7 @@ def measure(n: int, reps: int) -> dict[str, float]:
         sizes = [len(b) for _, bodies in pushed for b in bodies]
         stages["ack"].append(streams.ack(pushed) * 1000)
     out = {k: statistics.median(v) for k, v in stages.items()}
-    out["full_render"] = statistics.median(full)
+    out["full_render"] = statistics.median(full) if full else float("nan")
     out["total"] = out["render"] + out["set_snapshot"] + out["push"] + out["ack"]
     out["bytes"] = float(sum(sizes))
     return out
