@@ -1,9 +1,10 @@
 """The control-plane cost of one release's change, stage by stage, at 1,000 and 10,000 services.
 
-`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7]`
+`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7] [--change new-lane]`
 
-For a view of n services and n/10 live lanes (bench/run.py `make_view`), one lane's weight
-changes, and this measures (median over reps, ms):
+For a view of n services and n/10 live lanes (`make_view`, section 1 of bench/run.py), one
+lane's weight changes (or, with `--change new-lane`, a release starts: a new version with
+endpoints and a lane entering at it), and this measures (median over reps, ms):
 
 * render: `Renderer.render` (incremental, from the previous view) where `graylane.xds.render`
   has one, else the pure `render` (what the control plane ran before);
@@ -138,9 +139,23 @@ def bump(view: RoutingView, step: int) -> RoutingView:
     return dataclasses.replace(view, lanes=tuple(lanes))
 
 
-def measure(n: int, reps: int, *, full_reps: int | None = None) -> dict[str, float]:
-    """Stage medians (ms) for one lane's change at n services; `full_reps` full renders too
-    (default reps // 2; 0: none)."""
+def add_lane(view: RoutingView, step: int) -> RoutingView:
+    """`view` with a new release: a new version (endpoints: new clusters) of one service that
+    has no lane yet, and a lane entering there at 10 % (routes wait for the new clusters)."""
+    service = view.services[(step * 10 + 1) % len(view.services)].name
+    version = f"v9-{step}"
+    endpoints = (*view.endpoints, VersionEndpoints(service, version, (Endpoint("127.0.0.9", 9000 + step),)))
+    lane = Lane(name=f"{service}-{version}", entry=service, weight=10, versions=((service, version),))
+    lanes = tuple(sorted((*view.lanes, lane), key=lambda item: item.name))
+    return dataclasses.replace(view, endpoints=endpoints, lanes=lanes)
+
+
+CHANGES: dict[str, Callable[[RoutingView, int], RoutingView]] = {"weight": bump, "new-lane": add_lane}
+
+
+def measure(n: int, reps: int, *, full_reps: int | None = None, change: str = "weight") -> dict[str, float]:
+    """Stage medians (ms) for one change (CHANGES) at n services; `full_reps` full renders
+    too (default reps // 2; 0: none)."""
     view = make_view(n)
     try:
         from graylane.xds.renderer import Renderer
@@ -168,7 +183,7 @@ def measure(n: int, reps: int, *, full_reps: int | None = None) -> dict[str, flo
     streams.ack(streams.push())
     stages: dict[str, list[float]] = {"render": [], "set_snapshot": [], "push": [], "ack": []}
     for step in range(1, reps + 1):
-        view = bump(view, step)
+        view = CHANGES[change](view, step)
         gc.collect()
         t0 = time.perf_counter()
         target = do_render(view)
@@ -192,11 +207,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--services", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--change", choices=sorted(CHANGES), default="weight")
     args = parser.parse_args()
     print("| services | full render ms | render ms | set_snapshot ms | push ms | ack ms | total ms | bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.services:
-        r = measure(n, args.reps)
+        r = measure(n, args.reps, change=args.change)
         print(
             f"| {n} | {r['full_render']:.1f} | {r['render']:.2f} | {r['set_snapshot']:.2f} | {r['push']:.2f} | "
             f"{r['ack']:.2f} | {r['total']:.2f} | {int(r['bytes'])} |",

@@ -336,11 +336,18 @@ class _Selections:
                 st.type_url, typed.shared_items(), typed.shared_versions(), typed.version, blocked, typed=typed
             )
         else:
-            items = st.select(typed.items)
-            known = typed.versions
-            versions = {name: known[name] for name in items}
-            blocked = any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
-            selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
+            blocked = any(t == st.type_url and st.wants(n) and n not in typed.items for t, n in planned.held)
+            drop = typed.items.keys() - st.names
+            if len(drop) <= len(st.names):
+                # Most of the set (a subscription catching up with new names): the set less
+                # what is not wanted, its version in O(dropped).
+                part = typed.replaced({}, drop)
+                selection = _Selection(st.type_url, part.shared_items(), part.shared_versions(), part.version, blocked)
+            else:
+                items = st.select(typed.items)
+                known = typed.versions
+                versions = {name: known[name] for name in items}
+                selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
         self._selections[key] = (selection, planned)
         while len(self._selections) > _SELECTIONS_LIMIT:
             self._selections.popitem(last=False)
