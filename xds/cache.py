@@ -8,6 +8,10 @@ reconnects presenting a version it already has is recognised and not re-sent any
 Versions are the opaque content-derived strings of `graylane.xds.resources`, compared only
 for equality: every replica that holds the same content agrees on them.
 
+A snapshot derived from the key's stored one (`Resources.replaced`, as the incremental
+`graylane.xds.renderer.Renderer` makes them) is checked for consistency and remembered in
+O(changes): per key, how many resources refer to each name is kept up to date.
+
 Concurrency: single asyncio loop; every method is called from that loop's thread. Waking
 the watches of a key with many streams continues in a task owned by the cache, in batches.
 Must not import: etcd, graylane.controlplane, graylane.agent.

@@ -5,6 +5,13 @@ value that `render` returns and the snapshot cache stores, and the version of a 
 (a hash of its deterministic serialisation, so every replica and agent derives the same
 version for the same content and a reconnect to another replica re-sends nothing).
 
+Derived sets: a `TypedResources` (and a `Resources`) may be built from the previous one by
+a few changes (`replaced`); it then records what it was derived from (the base's set
+version, never the base object) and which names changed or went, and its set version (an
+order-free sum of per-item digests) is updated in O(changes). Readers holding the base
+(the cache's consistency check, the plan, the ADS server's selections and diffs) follow
+the change in O(changes) instead of walking every item.
+
 Serialised once: a message that enters a `TypedResources` is encoded once (bytes, content
 version, and the packed `Any` the ADS server sends) and the encoding is shared by every
 stream and every later plan that holds the same message object. Messages held in a

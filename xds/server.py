@@ -26,6 +26,12 @@ Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
   initial_resource_versions), to this replica or another, is not re-sent them: versions
   are content hashes, matched against the snapshot and the cache's content history.
 
+Cost of a change: streams in one state share one plan, one selection per subscription and
+one response body per type (`_Selections`). Where the new snapshot derives from the one a
+stream holds (the common case: in sync before the change), the plan (`plan_derived`), the
+selections (the planned sets themselves) and the bodies (the sets' changed / removed
+names) cost what changed, not what the snapshot holds.
+
 Concurrency: one asyncio loop; one task per stream plus its request reader, both
 cancelled when the stream ends. However a stream ends (the client cancels or vanishes,
 grpc cancels the handler, the server closes, bad node metadata), `_Stream.stop()` releases
