@@ -250,7 +250,7 @@ class DataPlane:
             else:
                 built = await asyncio.to_thread(self._build, snap, self._built, names, keys)
             self._unbuilt = set()
-            if small:
+            if small and built.rendered is not None:  # a build that rendered nothing says nothing of render
                 self._small_cost = built.cost
         self._snap = snap
         self._remember_silent(snap)
