@@ -150,6 +150,7 @@ class BuiltView:
     services_from: tuple[model.Service, ...]
     # release name -> (the value its lane was derived from, the lane it is served: None none)
     releases: Mapping[str, tuple[model.Release, xv.Lane | None]]
+    lanes: Mapping[str, xv.Lane]  # release name -> its served lane, for those served one
     # (versions, agents' endpoints, clusters, placement) the endpoints were derived from
     endpoints_from: tuple[object, ...]
 
@@ -191,8 +192,7 @@ def build_view_from(
         if old is not None and services == old.services:
             services = old.services
     # Lanes: derived again only for releases that may have changed.
-    releases, lanes_changed = _served_lanes(previous, snap, changed)
-    lanes_by_release = {name: lane for name, (_, lane) in releases.items() if lane is not None}
+    releases, lanes_by_release, lanes_changed = _served_lanes(previous, snap, changed)
     if old is not None and not lanes_changed:
         lanes = old.lanes
     else:
@@ -222,22 +222,23 @@ def build_view_from(
         cluster=cluster,
         services_from=snap.services,
         releases=releases,
+        lanes=lanes_by_release,
         endpoints_from=endpoints_from,
     )
 
 
 def _served_lanes(
     previous: BuiltView | None, snap: Snapshot, changed: Iterable[str] | None
-) -> tuple[Mapping[str, tuple[model.Release, xv.Lane | None]], bool]:
+) -> tuple[Mapping[str, tuple[model.Release, xv.Lane | None]], Mapping[str, xv.Lane], bool]:
     """Per release, the value read and its served lane (kept for releases not changed);
-    and whether any served lane differs from `previous`'s."""
-    if previous is None:
-        return {r.name: (r, served_lane(r)) for r in snap.releases}, True
-    kept = previous.releases
-    if changed is None:
-        # Every release compared by identity: a kept value keeps its lane.
+    the served lanes by release; and whether any served lane differs from `previous`'s."""
+    if previous is None or changed is None:
+        # Every release looked at; with a previous build, compared by identity: a kept
+        # value keeps its lane, and an equal lane stays the previous object (renders may
+        # tell by identity that it did not change).
+        kept = previous.releases if previous is not None else {}
         out: dict[str, tuple[model.Release, xv.Lane | None]] = {}
-        differs = len(kept) != len(snap.releases)
+        differs = previous is None or len(kept) != len(snap.releases)
         for r in snap.releases:
             before = kept.get(r.name)
             if before is not None and before[0] is r:
@@ -245,35 +246,40 @@ def _served_lanes(
                 continue
             lane = served_lane(r)
             if before is not None and before[1] == lane:
-                lane = before[1]  # equal: the previous object, so renders can tell by identity
+                lane = before[1]
             else:
                 differs = True
             out[r.name] = (r, lane)
         differs = differs or kept.keys() != out.keys()
-        return out, differs
+        return out, {name: lane for name, (_, lane) in out.items() if lane is not None}, differs
     names = set(changed)
     if not names:
-        return kept, False
+        return previous.releases, previous.lanes, False
     by_name = snap.by_name if len(snap.by_name) == len(snap.releases) else {r.name: r for r in snap.releases}
-    updated = dict(kept)
+    releases = dict(previous.releases)
+    lanes = dict(previous.lanes)
     differs = False
     for name in names:
         found = by_name.get(name)
-        before = kept.get(name)
+        before = releases.get(name)
         if found is None:
             if before is not None:
-                del updated[name]
-                differs = differs or before[1] is not None
+                del releases[name]
+                differs = lanes.pop(name, None) is not None or differs
             continue
         if before is not None and before[0] is found:
             continue
         lane = served_lane(found)
         if before is not None and before[1] == lane:
             lane = before[1]
-        elif before is not None or lane is not None:
-            differs = True
-        updated[name] = (found, lane)
-    return MappingProxyType(updated), differs
+        else:
+            differs = differs or before is not None or lane is not None
+            if lane is None:
+                lanes.pop(name, None)
+            else:
+                lanes[name] = lane
+        releases[name] = (found, lane)
+    return MappingProxyType(releases), MappingProxyType(lanes), differs
 
 
 def _placement(
