@@ -52,9 +52,11 @@ _RETRY_SECONDS = 1.0
 # at 10).
 _OFF_LOOP_SERVICES = 200
 # A small change (this many changed keys at most) is built and rendered on the loop while
-# the last small one took at most _ON_LOOP_SECONDS of CPU: the hop to a thread, and the
-# GIL shared with the loop meanwhile, cost more than such work (measured at 1,000 services:
-# 34 ms off the loop for 17 ms of work, the loop slowed as well).
+# the last small one, per watched key, times the keys watched now comes to at most
+# _ON_LOOP_SECONDS of CPU: the hop to a thread, and the GIL shared with the loop meanwhile,
+# cost more than such work (measured at 1,000 services: 34 ms off the loop for 17 ms of
+# work, the loop slowed as well). Each listen port is rendered apart: per key, so a fleet
+# with more ports goes to the thread.
 _SMALL_CHANGE = 16
 _ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
@@ -133,7 +135,7 @@ class DataPlane:
         self._built: views.BuiltView | None = None  # what `_view` was built from
         # Releases changed since the last build (None: unknown, every one compared by identity).
         self._unbuilt: set[str] | None = None
-        self._small_cost = math.inf  # CPU seconds the last small change's build and render took
+        self._key_cost = math.inf  # CPU seconds per key the last small change's build and render took
         self._effective: xv.RoutingView | None = None
         self._changed = asyncio.Event()
         # (stream, nonce) of every NACK handled, for streams still open (agents: (cluster, ...)).
@@ -244,14 +246,15 @@ class DataPlane:
         if self._view is None or changed is None or _may_change_view(changed):
             names = frozenset(self._unbuilt) if self._unbuilt is not None else None
             small = self._built is not None and changed is not None and _changed_keys(changed) <= _SMALL_CHANGE
-            if len(snap.services) < _OFF_LOOP_SERVICES or (small and self._small_cost <= _ON_LOOP_SECONDS):
+            cheap = not keys or self._key_cost * len(keys) <= _ON_LOOP_SECONDS  # (no key: nothing to render)
+            if len(snap.services) < _OFF_LOOP_SERVICES or (small and cheap):
                 built = self._build(snap, self._built, names, keys)
                 await asyncio.sleep(0)  # the build and the first key's snapshot in two loop steps
             else:
                 built = await asyncio.to_thread(self._build, snap, self._built, names, keys)
             self._unbuilt = set()
-            if small and built.rendered is not None:  # a build that rendered nothing says nothing of render
-                self._small_cost = built.cost
+            if small and built.rendered is not None and keys:  # one that rendered nothing says nothing of render
+                self._key_cost = built.cost / len(keys)
         self._snap = snap
         self._remember_silent(snap)
         if self._agents is not None and (built is not None or not self._agents.settled):
