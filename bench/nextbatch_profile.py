@@ -51,7 +51,9 @@ def _record(stage: str, t0: float, t1: float) -> None:
 
 
 def _time_sync(owner: Any, name: str, stage: str) -> None:
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
+    if original is None:  # not in this version of the code (the profile also runs on older trees)
+        return
 
     @functools.wraps(original)
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -85,6 +87,7 @@ def instrument() -> None:
     _time_async(dataplane.DataPlane, "_apply", "dataplane: _apply (whole, awaits included)")
     _time_sync(dataplane.DataPlane, "_build", "dataplane: _build (view + render + effective)")
     _time_sync(views, "build_view_from", "views: build_view_from")
+    _time_sync(views, "build_view", "views: build_view (from scratch)")
     _time_sync(dataplane, "render", "xds: render (one key)")
     _time_sync(dataplane, "effective_view", "xds: effective_view")
     _time_sync(dataplane._ViewHistory, "remember", "dataplane: _ViewHistory.remember (+ set versions)")
