@@ -530,6 +530,23 @@ def section(rows: Sequence[Sequence[str]]) -> str:
             "parent's views.py: 100 releases x 1 / 5 / 1,000 proxies 1.3 / 2.7 / 449 ms; 1,000 releases x 1 / 5 / "
             "1,000 proxies 211 / 481 / 27,616 ms. These figures swing 2-5x between runs on this shared machine.",
             "",
+            "Before the view built from the previous one (views.build_view_from), small changes built and rendered "
+            "on the loop, snapshots sharing unchanged kinds and status writes starting from the last one written "
+            "(parent commit 4454c6a), runs alternated with this commit's on the same machine while other benches "
+            "ran (load average 2-12 on 2 cores); ranges over runs, median of runs in brackets. Parent, 7 runs: "
+            "NextBatch -> reached p50 103-213 (145) ms with 1 Envoy, 294-609 (509) ms with 5; -> every Envoy ACKed "
+            "p50 89-190 (130) / 257-582 (464) ms; longest loop stall, median of steps 12-44 (20) / 58-160 (124) ms. "
+            "This commit, 6 runs: reached 99-331 (168) / 426-630 (516) ms; ACKed 86-306 (146) / 387-517 (477) ms; "
+            "stall 20-73 (49) / 101-154 (128) ms. End to end, the change does not stand out from the noise; stage by "
+            "stage it does (bench/nextbatch_profile.py, 1 Envoy, 3 alternated pairs): the view build 20-40 ms "
+            "(from scratch, in a worker thread) -> 0.4 ms; view and render 52-102 ms in the thread -> 23-25 ms on "
+            "the loop; the first push 82-202 -> 51-53 ms after the NextBatch; reached 214-635 -> 162-178 ms. The "
+            "same code with only the on-loop budget changed (10 ms: the render of 1,000 services stays in the "
+            "thread; 25 ms: on the loop), alternated: reached p50 184 / 198 -> 99 / 123 ms (this bench) and "
+            "164 / 252 -> 79 / 81 ms (the profile); the loop stall grows by about the render (12-25 ms of CPU at "
+            "1,000 services, more wall time on a loaded machine). With 5 Envoys (5 listen ports, each rendered "
+            "apart) the render stays in the thread.",
+            "",
             "| measurement | value |",
             "|---|---|",
             *(f"| {a} | {b} |" for a, b in rows),
