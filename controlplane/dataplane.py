@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -46,9 +47,18 @@ ACTOR = "graylane/dataplane"
 DEFAULT_LISTEN_PORT = 10000
 _HISTORY = 512
 _RETRY_SECONDS = 1.0
-# From this many services on, a view is built and rendered in a worker thread (below it the
-# hop costs more than the work: tens of milliseconds at 1,000 services, well under 1 ms at 10).
+# From this many services on, a full view build and render goes to a worker thread (below it
+# the hop costs more than the work: tens of milliseconds at 1,000 services, well under 1 ms
+# at 10).
 _OFF_LOOP_SERVICES = 200
+# A small change (this many changed keys at most) is built and rendered on the loop while
+# the last small one, per watched key, times the keys watched now comes to at most
+# _ON_LOOP_SECONDS of CPU: the hop to a thread, and the GIL shared with the loop meanwhile,
+# cost more than such work (measured at 1,000 services: 34 ms off the loop for 17 ms of
+# work, the loop slowed as well). Each listen port is rendered apart: per key, so a fleet
+# with more ports goes to the thread.
+_SMALL_CHANGE = 16
+_ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 
@@ -123,6 +133,10 @@ class DataPlane:
         self._renderer = Renderer(listen_address=listen_address)  # incremental, shared by every port
         self._snap: Snapshot | None = None
         self._view: xv.RoutingView | None = None
+        self._built: views.BuiltView | None = None  # what `_view` was built from
+        # Releases changed since the last build (None: unknown, every one compared by identity).
+        self._unbuilt: set[str] | None = None
+        self._key_cost = math.inf  # CPU seconds per key the last small change's build and render took
         self._effective: xv.RoutingView | None = None
         self._changed = asyncio.Event()
         # (stream, nonce) of every NACK handled, for streams still open (agents: (cluster, ...)).
@@ -189,7 +203,7 @@ class DataPlane:
             try:
                 state = await self._store.live_state()
                 self._releases.follow(state)
-                await self._apply(state.snapshot())
+                await self._apply(state.snapshot(), changed=None)
                 # What the full read decoded lives as long as the process follows it: moved
                 # out of the collector's scans, whose full passes otherwise held the loop
                 # 100+ ms at 1,000 releases (values, not cycles: freed by refcount as ever).
@@ -199,7 +213,7 @@ class DataPlane:
                     changed = state.apply(events)
                     revision = state.revision
                     if changed:
-                        await self._apply(state.snapshot(), view_may_change=_may_change_view(changed))
+                        await self._apply(state.snapshot(), changed=changed)
                     self._releases.followed(state)
             except Compacted:
                 log.info("watch compacted at %d: re-reading", revision)
@@ -212,54 +226,74 @@ class DataPlane:
             finally:
                 self._releases.follow(None)
 
-    async def _apply(self, snap: Snapshot, *, view_may_change: bool = True) -> None:
+    async def _apply(self, snap: Snapshot, *, changed: _Changed | None) -> None:
         """Build the view of `snap` and render it for every watched key, then set both.
 
-        Building and rendering are pure over immutable values; past `_OFF_LOOP_SERVICES`
-        services they run in a worker thread so the loop keeps answering (ACKs, the API)
-        meanwhile. The store follower awaits each apply before the next watch batch, so
-        results land in store order; the snapshot, view and renders are set together, so a
-        convergence pass never counts a release against a view older than its value."""
+        `changed`: what the watch batch changed since the last snapshot applied (None: a
+        full read). The view is built from the previous one and the releases changed since
+        it was built, and only when the batch can change it. Building and rendering are
+        pure over immutable values; a full build past `_OFF_LOOP_SERVICES` services, or a
+        big or costly change, runs in a worker thread so the loop keeps answering (ACKs,
+        the API) meanwhile. The store follower awaits each apply before the next watch
+        batch, so results land in store order; the snapshot, view and renders are set
+        together, so a convergence pass never counts a release against a view older than
+        its value."""
+        if changed is None:
+            self._unbuilt = None
+        elif self._unbuilt is not None:
+            self._unbuilt.update(changed.get("releases", ()))
         keys = sorted(self._cache.requested_keys())
-        if not view_may_change and self._view is not None:
-            built = None
-        elif len(snap.services) >= _OFF_LOOP_SERVICES:
-            built = await asyncio.to_thread(self._build, snap, self._view, keys)
-        else:
-            built = self._build(snap, self._view, keys)
+        built: _Build | None = None
+        if self._view is None or changed is None or _may_change_view(changed):
+            names = frozenset(self._unbuilt) if self._unbuilt is not None else None
+            small = self._built is not None and changed is not None and _changed_keys(changed) <= _SMALL_CHANGE
+            cheap = not keys or self._key_cost * len(keys) <= _ON_LOOP_SECONDS  # (no key: nothing to render)
+            if len(snap.services) < _OFF_LOOP_SERVICES or (small and cheap):
+                built = self._build(snap, self._built, names, keys)
+                await asyncio.sleep(0)  # the build and the first key's snapshot in two loop steps
+            else:
+                built = await asyncio.to_thread(self._build, snap, self._built, names, keys)
+            self._unbuilt = set()
+            if small and built.rendered is not None and keys:  # one that rendered nothing says nothing of render
+                self._key_cost = built.cost / len(keys)
         self._snap = snap
         self._remember_silent(snap)
-        if self._agents is not None and (view_may_change or not self._agents.settled):
+        if self._agents is not None and (built is not None or not self._agents.settled):
             self._agents.publish(snap)
         if built is not None:
-            view, effective, rendered = built
-            self._view, self._effective = view, effective
-            for i, (key, resources) in enumerate(rendered.items()):
-                if i:
-                    await asyncio.sleep(0)  # one key's snapshot per loop step: each is tens of ms at scale
-                self._set_rendered(key, view, resources)
-            # Keys first asked for while the view was being built were rendered from the
-            # previous one: render them again from this one.
-            for key in sorted(self._cache.requested_keys() - rendered.keys()):
-                self._render_key(key)
+            self._built = built.built
+            if built.rendered is not None:
+                view = built.built.view
+                self._view, self._effective = view, built.effective
+                for i, (key, resources) in enumerate(built.rendered.items()):
+                    if i:
+                        await asyncio.sleep(0)  # one key's snapshot per loop step: each is tens of ms at scale
+                    self._set_rendered(key, view, resources)
+                # Keys first asked for while the view was being built were rendered from the
+                # previous one: render them again from this one.
+                for key in sorted(self._cache.requested_keys() - built.rendered.keys()):
+                    self._render_key(key)
         self.synced.set()
         self._changed.set()
 
     def _build(
-        self, snap: Snapshot, previous: xv.RoutingView | None, keys: list[str]
-    ) -> tuple[xv.RoutingView, xv.RoutingView, dict[str, Resources | ValueError]] | None:
-        """Pure: `snap`'s view, its effective view and its render per key (None: the view is
-        `previous`). Touches no state of this object: it may run in a worker thread."""
-        view = views.build_view(snap)
-        if view == previous:
-            return None
+        self, snap: Snapshot, previous: views.BuiltView | None, changed: frozenset[str] | None, keys: list[str]
+    ) -> _Build:
+        """Pure: `snap`'s view built from `previous` (see `views.build_view_from`), and, when
+        it is not `previous`'s view, its effective view and its render per key. Touches no
+        state of this object: it may run in a worker thread."""
+        began = time.thread_time()
+        built = views.build_view_from(previous, snap, changed=changed)
+        view = built.view
+        if previous is not None and view is previous.view:
+            return _Build(built, None, None, time.thread_time() - began)
         rendered: dict[str, Resources | ValueError] = {}
         for key in keys:
             try:
                 rendered[key] = self._renderer.render(view, listen_port=self._port_of(key))
             except ValueError as exc:
                 rendered[key] = exc
-        return view, self._renderer.effective_view(view), rendered
+        return _Build(built, self._renderer.effective_view(view), rendered, time.thread_time() - began)
 
     def _set_rendered(self, key: str, view: xv.RoutingView, resources: Resources | ValueError) -> None:
         try:
@@ -861,9 +895,27 @@ class _Count:
 
 # Kinds whose values never reach a routing view (what proxies and replicas count).
 _COUNTING_KINDS = frozenset({"progress", "replicas"})
+# What a watch batch changed: kind -> key -> (old value, new value) (None: absent).
+_Changed = dict[str, dict[str, tuple[object, object]]]
 
 
-def _may_change_view(changed: dict[str, dict[str, tuple[object, object]]]) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Build:
+    """A view build: the view (and what it was built from); its effective view and render
+    per key, None when the view is the previous one; the CPU seconds it took."""
+
+    built: views.BuiltView
+    effective: xv.RoutingView | None
+    rendered: dict[str, Resources | ValueError] | None
+    cost: float
+
+
+def _changed_keys(changed: _Changed) -> int:
+    """Changed keys of the kinds a view is built from."""
+    return sum(len(keys) for kind, keys in changed.items() if kind not in _COUNTING_KINDS)
+
+
+def _may_change_view(changed: _Changed) -> bool:
     """Whether a watch batch (kind -> key -> (old, new)) can change the routing view: not
     when only counts changed, or only releases' status fields the view does not read."""
     for kind, keys in changed.items():

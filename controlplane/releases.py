@@ -107,6 +107,10 @@ class Releases:
         # waiting for it to reach a revision.
         self._live: LiveState | None = None
         self._advanced = asyncio.Event()
+        # Status writes of this replica the follower has not applied yet: a later write
+        # starts from them, not from the older value the follower still holds (which
+        # would cost a refused transaction and a read each time).
+        self._written: dict[str, model.Release] = {}
 
     def follow(self, state: LiveState | None) -> None:
         """The store follower's live state from now on (None: it stopped following)."""
@@ -115,6 +119,9 @@ class Releases:
 
     def followed(self, state: LiveState | None) -> None:
         """The follower applied changes up to `state.revision`."""
+        if self._written:
+            seen = state.revision if state is not None else None
+            self._written = {n: r for n, r in self._written.items() if seen is not None and r.revision > seen}
         self._advanced.set()
         self._advanced = asyncio.Event()
 
@@ -253,6 +260,9 @@ class Releases:
         # case of a convergence pass); the write is guarded by that value's revision, so a
         # stale one only costs a Conflict and a fresh read.
         hint = self._live.release(name) if self._live is not None else None
+        mine = self._written.get(name)
+        if mine is not None and (hint is None or mine.revision > hint.revision):
+            hint = mine
         for _ in range(_RETRIES):
             if hint is not None:
                 current, hint = hint, None
@@ -272,11 +282,14 @@ class Releases:
                 )
                 events = [event]
             try:
-                return await self._store.update_release(after, events)
+                written = await self._store.update_release(after, events)
             except Conflict:
                 continue
             except NotFound:
                 return None  # deleted meanwhile: no status to write
+            if self._live is not None:
+                self._written[name] = written
+            return written
         log.warning("status of %s kept changing; giving up this round", name)
         return None
 

@@ -1,6 +1,7 @@
 """Routing views and convergence: pure functions from etcd state and proxy facts.
 
-Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders), `release_progress`
+Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders; `build_view_from`
+builds it from the previous one and the releases that changed), `release_progress`
 (how many proxies carry a release's current batch, and whether it is reached) and
 `blame_nack` (which lanes a rejected configuration introduced). No I/O here;
 `controlplane.dataplane` runs these against etcd and the xDS server.
@@ -132,9 +133,171 @@ def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
     runs only in other clusters is reached through their gateways. A release's placement
     (`gray_clusters`) limits where its gray versions are taken from.
     """
-    services = tuple(
-        xv.ServiceRoute(name=s.name, base_version=s.stable_version) for s in sorted(snap.services, key=lambda s: s.name)
+    return build_view_from(None, snap, cluster=cluster).view
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltView:
+    """A view and what it was built from, so the next one is built from what changed.
+
+    Immutable: a build never touches the previous `BuiltView`, so one may run in a worker
+    thread while the loop still reads the last one. `view` shares every unchanged part
+    with the previous view (see `build_view_from`).
+    """
+
+    view: xv.RoutingView
+    cluster: str
+    services_from: tuple[model.Service, ...]
+    # release name -> (the value its lane was derived from, the lane it is served: None none)
+    releases: Mapping[str, tuple[model.Release, xv.Lane | None]]
+    lanes: Mapping[str, xv.Lane]  # release name -> its served lane, for those served one
+    # (versions, agents' endpoints, clusters, placement) the endpoints were derived from
+    endpoints_from: tuple[object, ...]
+
+
+def build_view_from(
+    previous: BuiltView | None,
+    snap: Snapshot,
+    *,
+    changed: Iterable[str] | None = None,
+    cluster: str = "",
+) -> BuiltView:
+    """`build_view(snap)`, built from `previous` (the build of an earlier snapshot).
+
+    `changed`: the names of the releases whose values may differ from those `previous`
+    was built from (None: any may; each is then compared by identity, which a store
+    follower keeps for values it did not re-read). Only those are looked at again.
+
+    Unchanged parts are the same objects as in `previous.view`: the `services` tuple
+    while no service changed, the `endpoints` tuple while no version, agent endpoint,
+    cluster or placement changed, the `Lane` of every release whose served lane is equal,
+    the `lanes` tuple while none changed, and the view itself when nothing did. Renders
+    may rely on that identity as a shortcut; equality is what the result guarantees (the
+    same value as a build from scratch).
+    """
+    if previous is not None and previous.cluster != cluster:
+        previous = None
+    old = previous.view if previous is not None else None
+    # Services: compared element by element, which is by identity first for kept values.
+    if previous is not None and old is not None and snap.services == previous.services_from:
+        services = old.services
+    else:
+        kept_routes = {s.name: s for s in old.services} if old is not None else {}
+        routes = []
+        for s in sorted(snap.services, key=lambda s: s.name):
+            route = xv.ServiceRoute(name=s.name, base_version=s.stable_version)
+            kept_route = kept_routes.get(s.name)
+            routes.append(kept_route if kept_route == route else route)
+        services = tuple(routes)
+        if old is not None and services == old.services:
+            services = old.services
+    # Lanes: derived again only for releases that may have changed.
+    releases, lanes_by_release, lanes_changed = _served_lanes(previous, snap, changed)
+    if old is not None and not lanes_changed:
+        lanes = old.lanes
+    else:
+        lanes = tuple(lanes_by_release[name] for name in sorted(lanes_by_release))
+        if old is not None and lanes == old.lanes:
+            lanes = old.lanes
+    # Endpoints: from the registry, the agents, the gateways and the placement of lanes.
+    placement = _placement(releases, lanes_by_release)
+    endpoints_from = (snap.versions, snap.cluster_endpoints, snap.clusters, placement)
+    if previous is not None and old is not None and endpoints_from == previous.endpoints_from:
+        endpoints = old.endpoints
+    else:
+        endpoints = _endpoints(snap, cluster, placement)
+        if old is not None:
+            kept_endpoints = {(e.service, e.version): e for e in old.endpoints}
+            endpoints = tuple(
+                same if (same := kept_endpoints.get((e.service, e.version))) == e else e for e in endpoints
+            )
+            if endpoints == old.endpoints:
+                endpoints = old.endpoints
+    if old is not None and services is old.services and endpoints is old.endpoints and lanes is old.lanes:
+        view = old
+    else:
+        view = xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes)
+    return BuiltView(
+        view=view,
+        cluster=cluster,
+        services_from=snap.services,
+        releases=releases,
+        lanes=lanes_by_release,
+        endpoints_from=endpoints_from,
     )
+
+
+def _served_lanes(
+    previous: BuiltView | None, snap: Snapshot, changed: Iterable[str] | None
+) -> tuple[Mapping[str, tuple[model.Release, xv.Lane | None]], Mapping[str, xv.Lane], bool]:
+    """Per release, the value read and its served lane (kept for releases not changed);
+    the served lanes by release; and whether any served lane differs from `previous`'s."""
+    if previous is None or changed is None:
+        # Every release looked at; with a previous build, compared by identity: a kept
+        # value keeps its lane, and an equal lane stays the previous object (renders may
+        # tell by identity that it did not change).
+        kept = previous.releases if previous is not None else {}
+        out: dict[str, tuple[model.Release, xv.Lane | None]] = {}
+        differs = previous is None or len(kept) != len(snap.releases)
+        for r in snap.releases:
+            before = kept.get(r.name)
+            if before is not None and before[0] is r:
+                out[r.name] = before
+                continue
+            lane = served_lane(r)
+            if before is not None and before[1] == lane:
+                lane = before[1]
+            else:
+                differs = True
+            out[r.name] = (r, lane)
+        differs = differs or kept.keys() != out.keys()
+        return out, {name: lane for name, (_, lane) in out.items() if lane is not None}, differs
+    names = set(changed)
+    if not names:
+        return previous.releases, previous.lanes, False
+    by_name = snap.by_name if len(snap.by_name) == len(snap.releases) else {r.name: r for r in snap.releases}
+    releases = dict(previous.releases)
+    lanes = dict(previous.lanes)
+    differs = False
+    for name in names:
+        found = by_name.get(name)
+        before = releases.get(name)
+        if found is None:
+            if before is not None:
+                del releases[name]
+                differs = lanes.pop(name, None) is not None or differs
+            continue
+        if before is not None and before[0] is found:
+            continue
+        lane = served_lane(found)
+        if before is not None and before[1] == lane:
+            lane = before[1]
+        else:
+            differs = differs or before is not None or lane is not None
+            if lane is None:
+                lanes.pop(name, None)
+            else:
+                lanes[name] = lane
+        releases[name] = (found, lane)
+    return MappingProxyType(releases), MappingProxyType(lanes), differs
+
+
+def _placement(
+    releases: Mapping[str, tuple[model.Release, xv.Lane | None]], lanes: Mapping[str, xv.Lane]
+) -> Mapping[tuple[str, str], frozenset[str]]:
+    """Where the gray versions of served releases may run (first release by name wins)."""
+    placement: dict[tuple[str, str], frozenset[str]] = {}
+    placed = sorted(name for name in lanes if releases[name][0].spec.gray_clusters)
+    for name in placed:
+        spec = releases[name][0].spec
+        for s in spec.services:
+            placement.setdefault((s.service, s.gray_version), frozenset(spec.gray_clusters))
+    return placement
+
+
+def _endpoints(
+    snap: Snapshot, cluster: str, placement: Mapping[tuple[str, str], frozenset[str]]
+) -> tuple[xv.VersionEndpoints, ...]:
     gateways = {c.name: xv.Endpoint(c.gateway_host, c.gateway_port) for c in snap.clusters}
     runs: dict[tuple[str, str], dict[str, set[xv.Endpoint]]] = {}
     for v in snap.versions:
@@ -145,20 +308,11 @@ def build_view(snap: Snapshot, *, cluster: str = "") -> xv.RoutingView:
         where = runs.setdefault((ce.service, ce.version), {})
         for e in ce.endpoints:
             where.setdefault(e.cluster, set()).add(xv.Endpoint(e.address, e.port))
-    served = {r.name: lane for r in snap.releases if (lane := served_lane(r)) is not None}
-    routed_releases = sorted((r for r in snap.releases if r.name in served), key=lambda r: r.name)
-    placement: dict[tuple[str, str], frozenset[str]] = {}
-    for r in routed_releases:
-        if r.spec.gray_clusters:
-            for s in r.spec.services:
-                placement.setdefault((s.service, s.gray_version), frozenset(r.spec.gray_clusters))
-    endpoints = tuple(
+    return tuple(
         _version_endpoints(service, version, runs[key], cluster, gateways, placement.get(key))
         for key in sorted(runs)
         for service, version in (key,)
     )
-    lanes = tuple(served[r.name] for r in routed_releases)
-    return xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes)
 
 
 def _version_endpoints(

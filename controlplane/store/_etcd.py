@@ -807,7 +807,12 @@ class LiveState:
     (`apply`): only the changed keys are parsed, deleted keys dropped. A gap (compaction,
     lost watch) cannot be patched: the follower reads a new `LiveState`.
 
-    Concurrency: owned by one task (the store follower); `snapshot()` values are immutable.
+    A snapshot shares with the previous one the values (tuples, mappings) of every kind
+    that did not change since, the very objects: a change costs what it changes, and
+    readers may tell an unchanged kind by identity.
+
+    Concurrency: owned by one task (the store follower); `snapshot()` values are immutable
+    (the mappings in a snapshot are shared between snapshots: read them, never write).
     """
 
     def __init__(self, prefix: str, *, revision: int) -> None:
@@ -815,6 +820,7 @@ class LiveState:
         self.revision = revision
         self._kinds: dict[str, dict[str, object]] = {kind: {} for kind in _LIVE_KINDS}
         self._sorted: set[str] = set(_LIVE_KINDS)  # kinds whose dicts are in key order
+        self._parts: dict[str, tuple[object, ...]] = {}  # kind -> what snapshots hold of it, until it changes
         self._snap: Snapshot | None = None
 
     def _split(self, key: bytes) -> tuple[str, str] | None:
@@ -833,6 +839,7 @@ class LiveState:
 
     def _set(self, kind: str, rest: str, value: object) -> None:
         values = self._kinds[kind]
+        self._parts.pop(kind, None)
         if value is None:
             values.pop(rest, None)
             return
@@ -876,32 +883,54 @@ class LiveState:
             self._sorted.add(kind)
         return list(values.items())
 
+    def _part(self, kind: str) -> tuple[object, ...]:
+        """What a snapshot holds of `kind`, made once per change of the kind."""
+        found = self._parts.get(kind)
+        if found is not None:
+            return found
+        items = self._values(kind)
+        if kind == "releases":
+            releases = tuple(v for _, v in items)
+            found = (releases, {r.name: r for r in releases})  # type: ignore[attr-defined]
+        elif kind == "replicas":
+            replica_proxies: dict[str, str] = {}
+            replica_nodes: dict[str, frozenset[str]] = {}
+            for identity, proxies in items:
+                replica_proxies.update(proxies)  # type: ignore[call-overload]
+                replica_nodes[identity] = frozenset(proxies)  # type: ignore[call-overload]
+            found = (replica_proxies, replica_nodes)
+        elif kind == "clusterendpoints":
+            cluster_endpoints: list[model.ClusterEndpoints] = []
+            for _, each in items:
+                cluster_endpoints += cast("tuple[model.ClusterEndpoints, ...]", each)
+            found = (tuple(cluster_endpoints),)
+        elif kind == "progress":
+            found = ({i: p[0] for i, p in items}, {i: p[1] for i, p in items})  # type: ignore[index]
+        else:
+            found = (tuple(v for _, v in items),)
+        self._parts[kind] = found
+        return found
+
     def snapshot(self) -> Snapshot:
         """The state as a `Snapshot` (kinds in key order, as a fresh read gives them)."""
         if self._snap is not None and self._snap.revision == self.revision:
             return self._snap
-        releases = cast("tuple[model.Release, ...]", tuple(v for _, v in self._values("releases")))
-        replica_proxies: dict[str, str] = {}
-        replica_nodes: dict[str, frozenset[str]] = {}
-        for identity, proxies in self._values("replicas"):
-            replica_proxies.update(proxies)  # type: ignore[call-overload]
-            replica_nodes[identity] = frozenset(proxies)  # type: ignore[call-overload]
-        cluster_endpoints: list[model.ClusterEndpoints] = []
-        for _, items in self._values("clusterendpoints"):
-            cluster_endpoints += cast("tuple[model.ClusterEndpoints, ...]", items)
+        releases, by_name = self._part("releases")
+        replica_proxies, replica_nodes = self._part("replicas")
+        replica_progress, replica_fleet = self._part("progress")
         self._snap = Snapshot(
             revision=self.revision,
-            services=tuple(v for _, v in self._values("services")),  # type: ignore[misc]
-            versions=tuple(v for _, v in self._values("versions")),  # type: ignore[misc]
-            releases=releases,
-            clusters=tuple(v for _, v in self._values("clusters")),  # type: ignore[misc]
-            known_clusters=tuple(v for _, v in self._values("knownclusters")),  # type: ignore[misc]
-            cluster_endpoints=tuple(cluster_endpoints),
-            replica_proxies=replica_proxies,
-            replica_nodes=replica_nodes,
-            replica_progress={i: p[0] for i, p in self._values("progress")},  # type: ignore[index]
-            replica_fleet={i: p[1] for i, p in self._values("progress")},  # type: ignore[index]
-            by_name={r.name: r for r in releases},
+            services=self._part("services")[0],  # type: ignore[arg-type]
+            versions=self._part("versions")[0],  # type: ignore[arg-type]
+            releases=releases,  # type: ignore[arg-type]
+            clusters=self._part("clusters")[0],  # type: ignore[arg-type]
+            known_clusters=self._part("knownclusters")[0],  # type: ignore[arg-type]
+            cluster_endpoints=self._part("clusterendpoints")[0],  # type: ignore[arg-type]
+            replica_proxies=replica_proxies,  # type: ignore[arg-type]
+            replica_nodes=replica_nodes,  # type: ignore[arg-type]
+            replica_progress=replica_progress,  # type: ignore[arg-type]
+            replica_fleet=replica_fleet,  # type: ignore[arg-type]
+            by_name=by_name,  # type: ignore[arg-type]
         )
         return self._snap
 

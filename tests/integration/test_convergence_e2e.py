@@ -239,3 +239,60 @@ async def test_a_batch_is_reached_only_once_the_proxies_of_every_replica_carry_i
             ("next", 1),
             ("reached", 1),
         ]
+
+
+async def test_a_next_batch_writes_only_its_own_release_and_reached_right_after_the_ack(
+    store: EtcdStore, envoy: Any
+) -> None:
+    """Five live releases served to one Envoy: a NextBatch on one of them writes that
+    release's key twice (the move, then `reached` once the Envoy ACKed) and no other
+    release's key; the status of every other release stays as it was."""
+    async with contextlib.AsyncExitStack() as es:
+        plane = await es.enter_async_context(control_plane(store))
+        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
+        stub = api_grpc.ReleaseServiceStub(channel)
+        names = [f"rel{i}" for i in range(5)]
+        for i, name in enumerate(names):
+            v1 = await es.enter_async_context(Upstream(f"svc{i}", "v1"))
+            v2 = await es.enter_async_context(Upstream(f"svc{i}", "v2"))
+            await register(stub, f"svc{i}", v1, v2)
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec(f"svc{i}", f"lane{i}")))
+        await envoy(ads_port=plane.xds_port, node_id="writes")
+        for name in names:
+            await stub.NextBatch(api.ActionRequest(name=name, actor="ci"))
+        for name in names:
+            await poll_release(stub, name, lambda r: r.status.reached and r.status.convergence.converged == 1)
+        await plane.dataplane.wait_current()
+        await asyncio.sleep(0.7)  # past the grace after the last move: nothing is left to write
+        before = {name: await stub.GetRelease(api.GetReleaseRequest(name=name)) for name in names}
+        start = max(r.revision for r in before.values())  # the latest release write so far
+        writes: list[str] = []
+
+        async def count() -> None:
+            async for events in store.watch(start_revision=start + 1):
+                for ev in events:
+                    key = ev.kv.key.decode()[len(store.prefix) :]
+                    if key.startswith("releases/"):
+                        writes.append(key.removeprefix("releases/"))
+
+        counter = asyncio.create_task(count())
+        try:
+            moved = await stub.NextBatch(api.ActionRequest(name="rel2", actor="ci"))
+            assert moved.status.batch == 1
+            done = await poll_release(stub, "rel2", lambda r: r.status.reached and r.status.batch == 1)
+            await asyncio.sleep(0.7)  # anything a pass would still write after the grace
+        finally:
+            counter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await counter
+        assert set(writes) == {"rel2"}, writes  # no other release's status is written
+        took = done.status.batch_reached.ToMilliseconds() - done.status.batch_started.ToMilliseconds()
+        if took < 500:  # the ACK came within the grace after the move (_MOVE_GRACE_SECONDS)
+            assert writes == ["rel2", "rel2"]  # the move, then `reached`: nothing in between
+        else:  # a slow machine: the names of the proxy yet to ACK may be written in between
+            assert len(writes) <= 3, writes
+        for name in names:
+            if name != "rel2":
+                after = await stub.GetRelease(api.GetReleaseRequest(name=name))
+                assert after.revision == before[name].revision
+                assert after.status == before[name].status

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -450,3 +450,47 @@ async def test_a_record_this_version_cannot_read_is_skipped_not_fatal(store: Etc
         state.apply(events)
         break
     assert [s.name for s in state.snapshot().services] == ["good"]
+
+
+class _Counting(EtcdStore):
+    """A real store that counts release reads and writes."""
+
+    reads = 0
+    writes = 0
+
+    async def get_release(self, name: str) -> model.Release:
+        self.reads += 1
+        return await super().get_release(name)
+
+    async def update_release(self, release: model.Release, events: object, **options: object) -> model.Release:
+        self.writes += 1
+        return await super().update_release(release, events, **options)  # type: ignore[arg-type]
+
+
+async def test_status_writes_ahead_of_the_follower_start_from_the_last_one_written(store: EtcdStore) -> None:
+    """Convergence writes status again before the store follower has applied its previous
+    write: it starts from what it wrote (one transaction each), not from the follower's
+    older value (a refused transaction and a read each time); a value written by someone
+    else meanwhile is still caught by the guard."""
+    counting = _Counting(store._channel, prefix=store.prefix)
+    await _release(counting)
+    releases = Releases(counting)
+    releases.follow(await counting.live_state())  # a follower that stays behind from here on
+    counting.reads = counting.writes = 0
+
+    def reason(text: str) -> Callable[[model.Release], StatusUpdate]:
+        return lambda current: StatusUpdate(status=replace(current.status, reason=text))
+
+    for text in ("one", "two", "three"):
+        written = await releases.update_status("rel", reason(text))
+        assert written is not None and written.status.reason == text
+    assert (counting.writes, counting.reads) == (3, 0)
+    other = await counting.get_release("rel")
+    await counting.update_release(replace(other, status=replace(other.status, reason="elsewhere")), [])
+    counting.reads = counting.writes = 0
+    written = await releases.update_status("rel", reason("four"))
+    assert written is not None and written.status.reason == "four"
+    assert (counting.writes, counting.reads) == (2, 1)  # refused once, read, written
+    releases.follow(await counting.live_state())  # caught up: its value is the newest again
+    written = await releases.update_status("rel", reason("five"))
+    assert written is not None and written.status.reason == "five"

@@ -70,3 +70,42 @@ def test_replicas_and_progress_are_decoded_and_replaced() -> None:
     state.apply([_put("progress/r1", b"not json", 3), _delete("replicas/r1", 3)])
     snap = state.snapshot()
     assert snap.replica_progress == {} and snap.replica_proxies == {} and snap.replica_nodes == {}
+
+
+def _release_value(name: str, phase: int) -> bytes:
+    from graylane.v1 import release_pb2 as pb
+
+    spec = pb.ReleaseSpec(
+        lane=f"lane-{name}",
+        entry="a",
+        services=[pb.ServiceVersions(service="a", base_version="v1", gray_version="v2")],
+        batches=[pb.Batch(weight=10, pause=pb.Pause(manual=True))],
+    )
+    return _dump(pb.Release(name=name, spec=spec, status=pb.ReleaseStatus(phase=phase)))
+
+
+def test_a_snapshot_shares_every_kind_that_did_not_change_with_the_previous_one() -> None:
+    from graylane.v1 import release_pb2 as pb
+
+    state = LiveState(PREFIX, revision=1)
+    state.load(
+        [
+            _kv("services/a", _service("a"), 1),
+            _kv("releases/r1", _release_value("r1", pb.PROGRESSING), 1),
+            _kv("releases/r2", _release_value("r2", pb.PROGRESSING), 1),
+            _kv("replicas/x", json.dumps({"n1": "127.0.0.1:1"}).encode(), 1),
+        ]
+    )
+    first = state.snapshot()
+    state.apply([_put("releases/r2", _release_value("r2", pb.PAUSED), 2)])
+    second = state.snapshot()
+    assert second.services is first.services and second.versions is first.versions
+    assert second.replica_proxies is first.replica_proxies and second.replica_nodes is first.replica_nodes
+    assert second.releases is not first.releases
+    assert second.releases[0] is first.releases[0]  # r1: the value decoded once, kept
+    assert second.by_name["r2"].status.phase is model.Phase.PAUSED
+    assert first.by_name["r2"].status.phase is model.Phase.PROGRESSING  # the earlier snapshot is not touched
+    state.apply([_put("services/b", _service("b"), 3)])
+    third = state.snapshot()
+    assert third.releases is second.releases and third.by_name is second.by_name
+    assert [s.name for s in third.services] == ["a", "b"]

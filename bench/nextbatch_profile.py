@@ -1,0 +1,224 @@
+"""Where the milliseconds of one NextBatch go, stage by stage, at 1,000 services/releases.
+
+The same set-up as bench/store_bench.py (embedded etcd, 1,000 services and releases created
+through the API, 100 progressing, real Envoys), then NextBatch on one release, `steps`
+times. Every stage of the path is timed by wrapping it in this process (nothing in the
+product is changed): the API write, the watch batch and the kept state, the view build,
+render, the snapshot cache, each stream's plan, selection, serialisation and send, the
+RDS ACK, the convergence pass and its status write. Printed per stage: when it first
+started after the NextBatch call (median over steps), how many calls per step, their sum
+and the median call, and the thread it ran on; then one step's timeline.
+
+    .venv/bin/python -P bench/nextbatch_profile.py [envoys=1] [steps=10]
+
+Wall times on a shared machine: compare stages within one run, and runs at like load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import pathlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import store_bench as sb  # noqa: E402
+from graylane.controlplane import dataplane, views  # noqa: E402
+from graylane.controlplane.app import ControlPlane  # noqa: E402
+from graylane.controlplane.client import Action, ReleaseClient  # noqa: E402
+from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
+from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
+from graylane.controlplane.machine import Action as Move  # noqa: E402
+from graylane.controlplane.machine import Cause  # noqa: E402
+from graylane.controlplane.store import _etcd, connect  # noqa: E402
+from graylane.xds import cache, server, tracker  # noqa: E402
+from graylane.xds.resources import ROUTE  # noqa: E402
+
+STEPS = 10
+LOG: list[tuple[float, float, str, str]] = []  # (start, end, stage, thread)
+
+
+def _record(stage: str, t0: float, t1: float) -> None:
+    thread = "loop" if threading.current_thread() is threading.main_thread() else "worker"
+    LOG.append((t0, t1, stage, thread))
+
+
+def _time_sync(owner: Any, name: str, stage: str) -> None:
+    original = getattr(owner, name, None)
+    if original is None:  # not in this version of the code (the profile also runs on older trees)
+        return
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _record(stage, t0, time.perf_counter())
+
+    setattr(owner, name, timed)
+
+
+def _time_async(owner: Any, name: str, stage: str) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            _record(stage, t0, time.perf_counter())
+
+    setattr(owner, name, timed)
+
+
+def instrument() -> None:
+    """Wrap every stage of the path (class and module attributes, this process only)."""
+    _time_async(_etcd.EtcdStore, "update_release", "etcd: release write (txn)")
+    _time_sync(_etcd.LiveState, "snapshot", "store: LiveState.snapshot")
+    _time_async(dataplane.DataPlane, "_apply", "dataplane: _apply (whole, awaits included)")
+    _time_sync(dataplane.DataPlane, "_build", "dataplane: _build (view + render + effective)")
+    _time_sync(views, "build_view_from", "views: build_view_from")
+    _time_sync(views, "build_view", "views: build_view (from scratch)")
+    _time_sync(dataplane, "render", "xds: render (one key)")
+    _time_sync(dataplane, "effective_view", "xds: effective_view")
+    _time_sync(dataplane._ViewHistory, "remember", "dataplane: _ViewHistory.remember (+ set versions)")
+    _time_sync(cache.SnapshotCache, "set_snapshot", "xds: cache.set_snapshot (whole)")
+    _time_sync(cache, "check_consistency", "xds: cache.check_consistency")
+    _time_sync(cache._History, "remember", "xds: cache content history")
+    _time_sync(server._Stream, "push", "xds: stream push (plan + selections + bodies)")
+    _time_sync(server._Plans, "get", "xds: plan (_Plans.get)")
+    _time_sync(server._Selections, "get", "xds: selection")
+    _time_sync(server._Selection, "sotw_body", "xds: SotW body serialise")
+    _time_async(dataplane.DataPlane, "reconcile", "reconcile (whole, status write included)")
+    _time_sync(dataplane.DataPlane, "_refresh_facts", "reconcile: _refresh_facts")
+    _time_async(dataplane.DataPlane, "_write_progress", "reconcile: _write_progress")
+    acked = tracker.ProxyTracker.acked
+
+    def acked_timed(self: tracker.ProxyTracker, stream: str, type_url: str, ack: tracker.TypeAck) -> None:
+        t = time.perf_counter()
+        acked(self, stream, type_url, ack)
+        if type_url == ROUTE:
+            _record("tracker: RDS ACK handled", t, t)
+
+    tracker.ProxyTracker.acked = acked_timed  # type: ignore[method-assign]
+    run = server._Stream.run
+
+    async def run_timed(self: Any, requests: AsyncIterator[Any], send: Callable[[bytes], Awaitable[None]]) -> None:
+        async def send_timed(data: bytes) -> None:
+            t = time.perf_counter()
+            await send(data)
+            _record(f"grpc: send ({'>' if len(data) > 100_000 else '<='}100 kB)", t, time.perf_counter())
+
+        await run(self, requests, send_timed)
+
+    server._Stream.run = run_timed  # type: ignore[method-assign]
+    apply = _etcd.LiveState.apply
+
+    def apply_timed(self: _etcd.LiveState, events: Any) -> dict[str, dict[str, tuple[object, object]]]:
+        t = time.perf_counter()
+        changed = apply(self, events)
+        _record("store: watch batch applied (" + ",".join(sorted(changed)) + ")", t, time.perf_counter())
+        return changed
+
+    _etcd.LiveState.apply = apply_timed  # type: ignore[method-assign]
+
+
+def report(envoys: int, steps: list[dict[str, list[tuple[float, float, str]]]], marks: list[dict[str, float]]) -> str:
+    lines = [f"=== NextBatch at 1,000 services / releases ({sb.LIVE} live), {envoys} Envoy(s), {len(steps)} steps ==="]
+    for key in marks[0]:
+        lines.append(f"  {key:58s} at {statistics.median(m[key] for m in marks):8.2f} ms")
+    stages = {stage for step in steps for stage in step}
+    ordered = sorted(stages, key=lambda s: statistics.median(step[s][0][0] for step in steps if s in step))
+    lines.append(f"  {'stage':58s} {'first@':>8s} {'calls':>6s} {'sum ms':>8s} {'median':>8s} thread")
+    for stage in ordered:
+        firsts = [step[stage][0][0] for step in steps if stage in step]
+        calls = [len(step.get(stage, ())) for step in steps]
+        sums = [sum(d for _, d, _ in step.get(stage, ())) for step in steps]
+        each = [d for step in steps for _, d, _ in step.get(stage, ())]
+        threads = ",".join(sorted({t for step in steps for _, _, t in step.get(stage, ())}))
+        lines.append(
+            f"  {stage:58s} {statistics.median(firsts):8.2f} {statistics.median(calls):6.1f} "
+            f"{statistics.median(sums):8.2f} {statistics.median(each):8.3f} {threads}"
+        )
+    step = steps[len(steps) // 2]
+    lines.append("  one step's timeline (ms after the NextBatch call, duration ms; _write_progress calls left out):")
+    for start, took, stage in sorted((s, d, stage) for stage, xs in step.items() for s, d, _ in xs):
+        if stage != "reconcile: _write_progress":
+            lines.append(f"    {start:8.2f} {took:8.3f}  {stage}")
+    return "\n".join(lines)
+
+
+async def main(envoys: int, count: int) -> str:
+    instrument()
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-nextbatch-")))
+        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+        store = await connect(etcd.endpoint)
+        stack.push_async_callback(store.close)
+        await sb.register(store, sb.RELEASES)
+        names = [f"r-s{i:04d}" for i in range(sb.RELEASES)]
+        plane = await stack.enter_async_context(
+            ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running()
+        )
+        target = f"127.0.0.1:{plane.api_port}"
+        await sb.create_all(target, sb.RELEASES)
+        for name in names[: sb.LIVE]:
+            await plane.releases.act(name, Move.NEXT, Cause(actor="bench"))
+        for k in range(envoys):
+            await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"profile-{k}"))
+        client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
+        dp = plane.dataplane
+        await dp.wait_current(timeout=60)
+        name = names[sb.LIVE - 1]
+        steps: list[dict[str, list[tuple[float, float, str]]]] = []
+        marks: list[dict[str, float]] = []
+        while len(steps) < count:
+            r = await client.get_release(name)
+            if r.status.batch + 1 >= len(r.spec.batches):
+                await client.act(Action.ROLLBACK, name)
+                await dp.wait_current(timeout=30)
+                await client.act(Action.RESTART, name)
+                await dp.wait_current(timeout=30)
+                continue
+            await asyncio.sleep(0.3)  # the previous step's writes and passes settle
+            LOG.clear()
+            before = sb._route_version(plane)
+            t0 = time.perf_counter()
+            await client.act(Action.NEXT, name)
+            t_act = time.perf_counter()
+            t_acked: float | None = None
+            async with asyncio.timeout(15):
+                while True:
+                    if t_acked is None and sb._route_version(plane) != before and dp.proxies_current():
+                        t_acked = time.perf_counter()
+                    if (await client.get_release(name)).status.reached:
+                        break
+                    await asyncio.sleep(0.001)
+            t_reached = time.perf_counter()
+            await asyncio.sleep(0.6)  # what the step still causes (grace writes, progress)
+            step: dict[str, list[tuple[float, float, str]]] = {}
+            for start, end, stage, thread in LOG:
+                step.setdefault(stage, []).append(((start - t0) * 1000, (end - start) * 1000, thread))
+            steps.append(step)
+            marks.append(
+                {
+                    "NextBatch call returned": (t_act - t0) * 1000,
+                    "every Envoy ACKed the new routes (polled)": ((t_acked or t_reached) - t0) * 1000,
+                    "`reached` seen in GetRelease (polled every 1 ms)": (t_reached - t0) * 1000,
+                }
+            )
+        return report(envoys, steps, marks)
+
+
+if __name__ == "__main__":
+    args = [int(a) for a in sys.argv[1:3]]
+    print(asyncio.run(main(args[0] if args else 1, args[1] if len(args) > 1 else STEPS)))
