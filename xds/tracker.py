@@ -12,7 +12,9 @@ log of what was pushed to it. A NACK is data: it is recorded here, never raised.
 Readers get frozen `ProxyStatus` values (`proxies()`), and wait for changes with a change
 sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. That is how
 the control plane computes convergence ("have all proxies of this cluster ACKed the route
-version that carries batch i?") and pauses a release on a NACK.
+version that carries batch i?") and pauses a release on a NACK. A reader that keeps its own
+state per stream asks `changed_since(seq)` for the streams changed after the sequence it
+last read, so its work per change is what changed, not the whole fleet.
 
 Listeners (`add_listener`) hear each change as a small `ProxyEvent`, synchronously and after
 the state is updated: that is how telemetry counts pushes, ACKs and NACKs and times push to
@@ -40,6 +42,7 @@ from google.protobuf import json_format
 log = logging.getLogger(__name__)
 
 SOTW = "sotw"
+_JOURNAL_SLACK = 1024  # ended streams remembered beyond the open ones (see `changed_since`)
 DELTA = "delta"
 PUSH_LOG_SIZE = 64
 
@@ -179,6 +182,11 @@ class ProxyTracker:
         self._views: dict[str, ProxyStatus] = {}
         self._dirty: set[str] = set()
         self._view: tuple[int, Mapping[str, ProxyStatus]] | None = None
+        # stream id -> the sequence of its last change, in the order of those changes (an
+        # entry moves to the end when its stream changes again), ended streams included
+        # until pruned; `_horizon`: the newest sequence pruned with them.
+        self._journal: dict[str, int] = {}
+        self._horizon = 0
 
     @property
     def seq(self) -> int:
@@ -202,6 +210,21 @@ class ProxyTracker:
             self._dirty.clear()
             self._view = (self._seq, MappingProxyType(dict(views)))
         return self._view[1]
+
+    def changed_since(self, seq: int) -> list[str] | None:
+        """Stream ids that opened, changed or ended after change `seq`, newest first; None
+        when the tracker no longer remembers that far back (read `proxies()` whole then).
+
+        An id listed here is either open (`get` answers it) or ended (`get` answers None).
+        """
+        if seq < self._horizon:
+            return None
+        found = []
+        for stream in reversed(self._journal):
+            if self._journal[stream] <= seq:
+                break
+            found.append(stream)
+        return found
 
     def open_streams(self) -> int:
         """How many streams are open now (without building their statuses)."""
@@ -263,8 +286,7 @@ class ProxyTracker:
             connected_at=now(),
         )
         self._membership += 1
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
         self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
 
     def disconnected(self, stream: str) -> None:
@@ -278,8 +300,8 @@ class ProxyTracker:
             if not streams:
                 del self._by_node[record.node_id]
         self._membership += 1
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
+        self._prune_journal()
         self._tell(ProxyEvent(DISCONNECTED, record.node_id, stream=stream))
 
     def pushed(self, stream: str, push: Push) -> None:
@@ -287,8 +309,7 @@ class ProxyTracker:
         if record is not None:
             record.pushes.append(push)
             record.frozen = None
-            self._dirty.add(stream)
-            self._bump()
+            self._touch(stream)
             self._tell(ProxyEvent(PUSHED, record.node_id, push.type_url, push.version, stream=stream))
 
     def acked(self, stream: str, type_url: str, ack: TypeAck) -> None:
@@ -301,8 +322,7 @@ class ProxyTracker:
             ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
         record.acked = MappingProxyType({**record.acked, type_url: ack})
         record.frozen = None
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
         self._tell(ProxyEvent(ACKED, record.node_id, type_url, ack.version, stream=stream))
 
     def nacked(self, stream: str, nack: Nack) -> None:
@@ -310,8 +330,7 @@ class ProxyTracker:
         if record is not None:
             record.last_nack = replace(nack, stream=stream)
             record.frozen = None
-            self._dirty.add(stream)
-            self._bump()
+            self._touch(stream)
             self._tell(ProxyEvent(NACKED, record.node_id, nack.type_url, nack.version, stream=stream))
 
     def _tell(self, event: ProxyEvent) -> None:
@@ -320,6 +339,28 @@ class ProxyTracker:
                 listener(event)
             except Exception:
                 log.exception("proxy listener %r failed on %s", listener, event)
+
+    def _touch(self, stream: str) -> None:
+        """`stream` changed: a new sequence, noted for `proxies()` and `changed_since`."""
+        self._dirty.add(stream)
+        self._bump()
+        journal = self._journal
+        journal.pop(stream, None)
+        journal[stream] = self._seq
+
+    def _prune_journal(self) -> None:
+        """Forget ended streams once they outnumber the open ones (plus some slack): a reader
+        that last read before the newest of them reads everything again."""
+        journal = self._journal
+        if len(journal) <= 2 * len(self._proxies) + _JOURNAL_SLACK:
+            return
+        kept: dict[str, int] = {}
+        for stream, seq in journal.items():
+            if stream in self._proxies:
+                kept[stream] = seq
+            else:
+                self._horizon = max(self._horizon, seq)
+        self._journal = kept
 
     def _bump(self) -> None:
         self._seq += 1
