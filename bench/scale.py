@@ -46,6 +46,7 @@ RELEASE = "fleet"
 LANE = "fleet-v2"
 WEIGHTS = tuple(range(5, 101, 5))
 FLEET_LISTEN_PORT = 15000
+_TREE = str(pathlib.Path(__file__).resolve().parent.parent) + "/"  # graylane's own frames start with this
 
 
 @dataclass
@@ -169,7 +170,7 @@ class StallSampler:
                 continue
             frame = sys._current_frames().get(self._thread_id)
             stack = traceback.extract_stack(frame) if frame is not None else []
-            ours = [f for f in stack if "/work/main/" in f.filename and "/bench/" not in f.filename]
+            ours = [f for f in stack if f.filename.startswith(_TREE) and "/bench/" not in f.filename]
             where = ours[-3:] if ours else stack[-3:]
             names = (f"{pathlib.Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(where))
             self.samples[" < ".join(names)] += 1
@@ -232,6 +233,11 @@ class ServeReplica:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5.0)
+
+
+def _tracked_types() -> collections.Counter[str]:
+    """Objects the collector tracks, by type name."""
+    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def _free_port() -> int:
@@ -398,6 +404,9 @@ async def bench_fleet(
             gc.freeze()
             res.notes.append(f"GRAYLANE_BENCH_GC_FREEZE: gc.freeze() after connect ({gc.get_freeze_count():,} objects)")
         print(f"  fleet {streams}: configured {res.configured} in {time.monotonic() - t_connect:.1f} s", flush=True)
+        # Which kinds of tracked objects the changes leave behind (they make the collector's
+        # full passes longer and more frequent): counted before and after the changes.
+        gc_types = _tracked_types() if os.environ.get("GRAYLANE_BENCH_GC_TYPES") else None
 
         def envoy_route_versions() -> dict[str, str]:
             out = {e.node_id: "" for e in real}
@@ -470,6 +479,13 @@ async def bench_fleet(
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
+            if gc_types is not None:
+                after = _tracked_types()
+                grown = sorted(((after[k] - gc_types.get(k, 0), k) for k in after), reverse=True)[:12]
+                total = f"{sum(gc_types.values()):,} -> {sum(after.values()):,}"
+                print(f"  tracked objects {total}; grown most:", flush=True)
+                for n, kind in grown:
+                    print(f"    {n:+9,}  {kind}", flush=True)
 
             # Idle: the fleet connected, nothing changing.
             idle_profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_IDLE_PROFILE") else None

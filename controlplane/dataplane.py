@@ -855,40 +855,40 @@ class _OwnProxies:
         moved = False
         nacked = []
         for stream in changed:
-            status = tracker.get(stream)
-            if self._set(stream, status):
+            # Read without building the stream's frozen status: only its first sight does.
+            version = tracker.acked_version(stream, ROUTE)
+            nack = tracker.last_nack(stream)
+            if self._set(stream, version, nack.message if nack is not None else ""):
                 moved = True
-            if status is not None and status.last_nack is not None:
+            if nack is not None:
                 nacked.append(stream)
         return moved, nacked
 
-    def _set(self, stream: str, status: ProxyStatus | None) -> bool:
+    def _set(self, stream: str, version: str | None, problem: str) -> bool:
+        """Stream `stream` now holds route `version` (None: it ended) with NACK message `problem`."""
         old = self._proxies.get(stream)
-        if status is None:
+        if version is None:
             if old is None:
                 return False
             del self._proxies[stream]
             self._leave(old[0], stream)
             return True
-        ack = status.acked.get(ROUTE)
-        version = ack.version if ack is not None else ""
-        problem = status.last_nack.message if status.last_nack is not None else ""
         if old is not None:
             if old[0] == version and old[1].problem == problem:
                 return False
             self._leave(old[0], stream)
+            name, since, node = old[1].name, old[1].since, old[2]
+        else:
+            status = self._tracker.get(stream)
+            assert status is not None  # open: it has a version
+            name, since, node = _proxy_name(status), status.connected_at, status.node_id
         # `carried` is the group's (looked up by version on each read), not the member's.
-        facts = views.ProxyFacts(
-            name=old[1].name if old is not None else _proxy_name(status),
-            carried=None,
-            since=status.connected_at,
-            problem=problem,
-        )
+        facts = views.ProxyFacts(name=name, carried=None, since=since, problem=problem)
         group = self._groups.get(version)
         if group is None:
             group = self._groups[version] = views.ProxyGroup()
         group.add(stream, facts)
-        self._proxies[stream] = (version, facts, status.node_id)
+        self._proxies[stream] = (version, facts, node)
         return True
 
     def _leave(self, version: str, stream: str) -> None:

@@ -100,6 +100,9 @@ class Push:
     removed: tuple[str, ...] = ()  # delta removed_resources
 
 
+_PushRow = tuple[str, str, str, tuple[str, ...], tuple[str, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyStatus:
     node_id: str
@@ -136,10 +139,13 @@ class _Record:
     metadata: Mapping[str, Any]
     stream: str
     connected_at: float
-    # Replaced on each ACK, never mutated: the frozen views share it.
-    acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
+    # Updated in place on each ACK (a fleet ACKs four types per change); views copy it.
+    acked: dict[str, TypeAck] = field(default_factory=dict)
     last_nack: Nack | None = None
-    pushes: deque[Push] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
+    # Each push as a plain tuple of strings (`_PushRow`): the collector stops tracking those
+    # after one young pass, so a fleet's push logs (up to PUSH_LOG_SIZE per stream, hundreds
+    # of thousands at 10,000 streams) are not scanned by its full passes; Push on read.
+    pushes: deque[_PushRow] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
     frozen: ProxyStatus | None = None
 
     def view(self) -> ProxyStatus:
@@ -151,9 +157,9 @@ class _Record:
                 protocol=self.protocol,
                 connected=True,
                 metadata=self.metadata,
-                acked=self.acked,
+                acked=MappingProxyType(dict(self.acked)),
                 last_nack=self.last_nack,
-                pushes=tuple(self.pushes),
+                pushes=tuple(Push(*row) for row in self.pushes),
                 stream=self.stream,
                 connected_at=self.connected_at,
             )
@@ -225,6 +231,20 @@ class ProxyTracker:
                 break
             found.append(stream)
         return found
+
+    def acked_version(self, stream: str, type_url: str) -> str | None:
+        """The version of `type_url` the open `stream` last ACKed ("" none; None: not open),
+        without building its status (a reader of many streams' changes asks this)."""
+        record = self._proxies.get(stream)
+        if record is None:
+            return None
+        ack = record.acked.get(type_url)
+        return ack.version if ack is not None else ""
+
+    def last_nack(self, stream: str) -> Nack | None:
+        """The last NACK of the open `stream` (None: none, or not open)."""
+        record = self._proxies.get(stream)
+        return record.last_nack if record is not None else None
 
     def open_streams(self) -> int:
         """How many streams are open now (without building their statuses)."""
@@ -307,7 +327,7 @@ class ProxyTracker:
     def pushed(self, stream: str, push: Push) -> None:
         record = self._proxies.get(stream)
         if record is not None:
-            record.pushes.append(push)
+            record.pushes.append((push.type_url, push.version, push.nonce, push.resources, push.removed))
             record.frozen = None
             self._touch(stream)
             self._tell(ProxyEvent(PUSHED, record.node_id, push.type_url, push.version, stream=stream))
@@ -320,7 +340,7 @@ class ProxyTracker:
         # shared by every stream that ACKed the same set); anything else is copied.
         if not isinstance(ack.resources, MappingProxyType):
             ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
-        record.acked = MappingProxyType({**record.acked, type_url: ack})
+        record.acked[type_url] = ack
         record.frozen = None
         self._touch(stream)
         self._tell(ProxyEvent(ACKED, record.node_id, type_url, ack.version, stream=stream))
