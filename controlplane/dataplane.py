@@ -139,6 +139,8 @@ class DataPlane:
         self._groups: views.ProxyGroups = ()
         self._facts_seq = 0
         self._nack_streams: set[str] = set()  # own streams holding a NACK not yet looked at
+        self._progress_sent: tuple[dict[str, ReplicaProgress], ReplicaFleet, float] | None = None
+        self._fleet_sent: ReplicaFleet | None = None
         self._counts: dict[str, _Count] = {}
         self._settled: dict[str, tuple[model.Release, xv.RoutingView, views.Progress]] = {}
         # Other replicas' progress (and fleets) as last read, and those that went silent or
@@ -413,13 +415,13 @@ class DataPlane:
             )
             self._counts[r.name] = _Count(r, view, effective, facts_seq, progress, fp, since)
             counted[r.name] = (progress, fp, since)
-        if self._on_progress is not None:
-            self._on_progress(
-                {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()},
-                self._fleet(),
-            )
-        leading = self._is_leader is None or self._is_leader()
         deadlines: list[float] = []
+        if self._on_progress is not None:
+            mine = {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+            held_until = self._publish_progress(mine, self._fleet(), now)
+            if held_until is not None:
+                deadlines.append(held_until)
+        leading = self._is_leader is None or self._is_leader()
         for release in followed:
             progress, fingerprint, since = counted[release.name]
             total = self._with_other_replicas(release.name, progress, fingerprint, since, now)
@@ -457,6 +459,26 @@ class DataPlane:
             self._facts_seq += 1
         return self._facts_seq
 
+    def _publish_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet, now: float) -> float | None:
+        """Hand this replica's count to `on_progress` (it writes it to etcd for the leader):
+        at once when anything but a converged count moved, or when a release became fully
+        converged here; a count that only grew towards it at most every
+        `_PROGRESS_INTERVAL_SECONDS` (a fleet's ACKs move it on every pass, and each write
+        carries every node id). Returns when to publish what was held back (None: nothing).
+
+        Held back, the published count is behind in the safe direction only: fewer
+        converged of the same proxies and targets, so no replica reads more than ACKs show."""
+        assert self._on_progress is not None
+        last = self._progress_sent
+        if last is not None and last[0] == progress and last[1] is fleet:
+            return None
+        due = last[2] + _PROGRESS_INTERVAL_SECONDS if last is not None else now
+        if last is not None and now < due and _only_grew(last[0], progress) and last[1] is fleet:
+            return due
+        self._on_progress(progress, fleet)
+        self._progress_sent = (progress, fleet, now)
+        return None
+
     def _wake_at(self, deadline: float | None, now: float) -> None:
         """Reconcile again when the first lagging proxy would be declared gone."""
         if self._wake is not None:
@@ -472,7 +494,12 @@ class DataPlane:
         clusters = {}
         if self._agents is not None:
             clusters = {name: len(session.proxies) for name, session in self._agents.sessions.items()}
-        return ReplicaFleet(clusters=clusters, nodes=self._own.nodes())
+        nodes = self._own.nodes()
+        kept = self._fleet_sent
+        if kept is not None and kept.nodes is nodes and kept.clusters == clusters:
+            return kept  # the same object while nothing changed: compared by identity downstream
+        self._fleet_sent = ReplicaFleet(clusters=clusters, nodes=nodes)
+        return self._fleet_sent
 
     def _remember_silent(self, snap: Snapshot) -> None:
         """Replicas whose progress vanished (their lease expired: killed, stalled, cut off)
@@ -834,6 +861,7 @@ class _OwnProxies:
         self._proxies: dict[str, tuple[str, views.ProxyFacts, str]] = {}  # stream -> (route version, facts, node)
         self._groups: dict[str, views.ProxyGroup] = {}  # route version ("": none ACKed) -> its streams
         self._nodes: tuple[int, frozenset[str]] | None = None  # (tracker membership, node ids)
+        self._node_streams: Counter[str] = Counter()  # node id -> its streams here
 
     def __contains__(self, stream: object) -> bool:
         return stream in self._proxies
@@ -872,6 +900,9 @@ class _OwnProxies:
                 return False
             del self._proxies[stream]
             self._leave(old[0], stream)
+            self._node_streams[old[2]] -= 1
+            if not self._node_streams[old[2]]:
+                del self._node_streams[old[2]]
             return True
         if old is not None:
             if old[0] == version and old[1].problem == problem:
@@ -882,6 +913,7 @@ class _OwnProxies:
             status = self._tracker.get(stream)
             assert status is not None  # open: it has a version
             name, since, node = _proxy_name(status), status.connected_at, status.node_id
+            self._node_streams[node] += 1
         # `carried` is the group's (looked up by version on each read), not the member's.
         facts = views.ProxyFacts(name=name, carried=None, since=since, problem=problem)
         group = self._groups.get(version)
@@ -909,13 +941,31 @@ class _OwnProxies:
         """The node ids of the streams as last refreshed (made again only when one opened or ended)."""
         membership = self._tracker.membership
         if self._nodes is None or self._nodes[0] != membership:
-            self._nodes = (membership, frozenset(node for _, _, node in self._proxies.values()))
+            self._nodes = (membership, frozenset(self._node_streams))
         return self._nodes[1]
 
 
 # How long after a release's target moves its "0 of N converged" status is taken as said by
 # the move itself (the names of the proxies yet to ACK are written after it, if still due).
 _MOVE_GRACE_SECONDS = 0.5
+
+
+# A count that only grew (more proxies converged, not all yet) is published at most this often.
+_PROGRESS_INTERVAL_SECONDS = 0.25
+
+
+def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgress]) -> bool:
+    """Whether `after` differs from `before` only by converged counts that grew and are
+    still short of their proxies (the same releases, targets and proxy counts)."""
+    if before.keys() != after.keys():
+        return False
+    for name, now in after.items():
+        was = before[name]
+        if now.lane != was.lane or now.proxies != was.proxies or now.converged < was.converged:
+            return False
+        if now.converged != was.converged and now.converged >= now.proxies:
+            return False
+    return True
 
 
 def _implied_by_move(status: model.ReleaseStatus, p: views.Progress) -> bool:

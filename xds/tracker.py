@@ -113,9 +113,15 @@ class ProxyStatus:
     metadata: Mapping[str, Any]
     acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
     last_nack: Nack | None = None
-    pushes: tuple[Push, ...] = ()
+    # The push log as plain tuples (see `_Record.pushes`); read it as `pushes`.
+    push_log: tuple[_PushRow, ...] = ()
     stream: str = ""  # the stream id: the proxy's identity in `ProxyTracker.proxies()`
     connected_at: float = 0.0  # unix time the stream opened
+
+    @property
+    def pushes(self) -> tuple[Push, ...]:
+        """What was pushed to the proxy, oldest first (the last PUSH_LOG_SIZE responses)."""
+        return tuple(Push(*row) for row in self.push_log)
 
     def has_acked(self, type_url: str, name: str, version: str) -> bool:
         """Whether the proxy holds resource `name` of `type_url` at content `version`."""
@@ -159,7 +165,7 @@ class _Record:
                 metadata=self.metadata,
                 acked=MappingProxyType(dict(self.acked)),
                 last_nack=self.last_nack,
-                pushes=tuple(Push(*row) for row in self.pushes),
+                push_log=tuple(self.pushes),
                 stream=self.stream,
                 connected_at=self.connected_at,
             )

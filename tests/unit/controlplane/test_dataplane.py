@@ -183,3 +183,14 @@ def test_status_names_do_not_depend_on_the_order_proxies_are_counted_in() -> Non
     (p,) = results
     assert p.lagging == tuple(f"p{i:02d}: has not ACKed it" for i in range(10))
     assert model.Phase.PROGRESSING.routes_lane
+
+
+def test_only_a_count_growing_short_of_its_proxies_may_be_published_late() -> None:
+    rp = dataplane.ReplicaProgress
+    before = {"r": rp("fp", 10, 3)}
+    assert dataplane._only_grew(before, {"r": rp("fp", 10, 7)})
+    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 10)})  # fully converged here: at once
+    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 2)})  # fell
+    assert not dataplane._only_grew(before, {"r": rp("fp", 11, 4)})  # a proxy joined
+    assert not dataplane._only_grew(before, {"r": rp("other", 10, 4)})  # another target
+    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 4), "s": rp("fp", 1, 0)})
