@@ -140,6 +140,9 @@ class DataPlane:
         self._facts_seq = 0
         self._nack_streams: set[str] = set()  # own streams holding a NACK not yet looked at
         self._progress_sent: tuple[dict[str, ReplicaProgress], ReplicaFleet, float] | None = None
+        self._written: dict[
+            str, tuple[float, str, views.Progress]
+        ] = {}  # release -> (when, target, count) last written
         self._fleet_sent: ReplicaFleet | None = None
         self._counts: dict[str, _Count] = {}
         self._settled: dict[str, tuple[model.Release, xv.RoutingView, views.Progress]] = {}
@@ -388,6 +391,7 @@ class DataPlane:
         self._targets = {n: t for n, t in self._targets.items() if n in names}
         self._counts = {n: c for n, c in self._counts.items() if n in names}
         self._settled = {n: c for n, c in self._settled.items() if n in names}
+        self._written = {n: w for n, w in self._written.items() if n in names}
         # This replica's count per followed release, made once: published, and summed by the leader.
         counted: dict[str, tuple[views.Progress, str, float]] = {}
         for r in followed:
@@ -432,12 +436,20 @@ class DataPlane:
             unchanged = settled is not None and settled[0] is release and settled[1] is view and settled[2] == total
             fresh_until = since + _MOVE_GRACE_SECONDS if now < since + _MOVE_GRACE_SECONDS else None
             updated = None
-            if leading and not unchanged:
+            written = self._written.get(release.name)
+            if leading and not unchanged and written is not None and _converging(written, fingerprint, total, now):
+                # Only more proxies carry it, not all yet: that count is written at most every
+                # _PROGRESS_INTERVAL_SECONDS (a fleet's ACKs moved it on every pass, and each
+                # write is an etcd transaction every replica's watch reads back).
+                deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
+            elif leading and not unchanged:
                 updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
                 if deferred and fresh_until is not None:
                     deadlines.append(fresh_until)
                 elif updated is None:
                     self._settled[release.name] = (release, view, total)
+                else:
+                    self._written[release.name] = (now, fingerprint, total)
             if views.routed(release):
                 await self._advance_timed_pause(updated or release)
         self._wake_at(min(deadlines) if deadlines else None, now)
@@ -966,6 +978,20 @@ def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgr
         if now.converged != was.converged and now.converged >= now.proxies:
             return False
     return True
+
+
+def _converging(written: tuple[float, str, views.Progress], fingerprint: str, p: views.Progress, now: float) -> bool:
+    """Whether `p` only adds converged proxies to the count last `written` (same target,
+    proxies, gone and rejecting; not reached) within the write interval: a status that may
+    wait, as it says less than the ACKs show, never more."""
+    at, target, was = written
+    return (
+        now < at + _PROGRESS_INTERVAL_SECONDS
+        and target == fingerprint
+        and not p.reached
+        and p.converged >= was.converged
+        and (p.proxies, p.gone, p.rejecting) == (was.proxies, was.gone, was.rejecting)
+    )
 
 
 def _implied_by_move(status: model.ReleaseStatus, p: views.Progress) -> bool:

@@ -194,3 +194,15 @@ def test_only_a_count_growing_short_of_its_proxies_may_be_published_late() -> No
     assert not dataplane._only_grew(before, {"r": rp("fp", 11, 4)})  # a proxy joined
     assert not dataplane._only_grew(before, {"r": rp("other", 10, 4)})  # another target
     assert not dataplane._only_grew(before, {"r": rp("fp", 10, 4), "s": rp("fp", 1, 0)})
+
+
+def test_a_status_that_only_gains_converged_proxies_may_wait_reached_never() -> None:
+    was = views.Progress(proxies=10, converged=3, applied=True)
+    written = (100.0, "fp", was)
+    assert dataplane._converging(written, "fp", replace(was, converged=7), 100.1)
+    assert not dataplane._converging(written, "fp", replace(was, converged=7), 100.0 + 0.3)  # interval over
+    assert not dataplane._converging(written, "fp", replace(was, converged=10), 100.1)  # reached: at once
+    assert not dataplane._converging(written, "other", replace(was, converged=7), 100.1)
+    assert not dataplane._converging(written, "fp", replace(was, converged=7, rejecting=1), 100.1)
+    assert not dataplane._converging(written, "fp", replace(was, converged=2), 100.1)
+    assert not dataplane._converging(written, "fp", replace(was, proxies=11, converged=7), 100.1)
