@@ -235,6 +235,31 @@ class ServeReplica:
                 self.proc.wait(5.0)
 
 
+_ETCD_COUNTERS = (
+    "etcd_mvcc_put_total",
+    "etcd_mvcc_txn_total",
+    "etcd_mvcc_range_total",
+    "etcd_disk_wal_fsync_duration_seconds_sum",
+    "etcd_disk_wal_fsync_duration_seconds_count",
+    "etcd_network_client_grpc_received_bytes_total",
+    "etcd_debugging_mvcc_watch_stream_total",
+    "process_cpu_seconds_total",
+)
+
+
+def _etcd_counters(endpoint: str) -> dict[str, float]:
+    """A few of etcd's own counters (its /metrics), summed over their labels."""
+    import urllib.request
+
+    found: dict[str, float] = {}
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in _ETCD_COUNTERS:
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def _tracked_types() -> collections.Counter[str]:
     """Objects the collector tracks, by type name."""
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
@@ -416,6 +441,24 @@ async def bench_fleet(
                     out[node_id] = ack.version if ack else ""
             return out
 
+        # Diagnosis of the API's latency: the same etcd read GetRelease makes, from inside the
+        # control plane's loop (no API hop), timed during the changes.
+        store_ms: list[tuple[float, float]] = []
+        store_probe = None
+        if os.environ.get("GRAYLANE_BENCH_STORE_PROBE"):
+
+            async def probe_store() -> None:
+                while True:
+                    t = time.perf_counter()
+                    with contextlib.suppress(Exception):
+                        await local.store.get_release(RELEASE)
+                    store_ms.append((time.time(), (time.perf_counter() - t) * 1000))
+                    await asyncio.sleep(0.02)
+
+            store_probe = asyncio.create_task(probe_store())
+            stack.callback(store_probe.cancel)
+        etcd_before = _etcd_counters(local.etcd.endpoint) if store_probe is not None else {}
+
         # Changes: NextBatch, then wait for every client to see the new weight.
         profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_PROFILE") else None
         if profiler is not None:
@@ -470,6 +513,16 @@ async def bench_fleet(
                 )
                 await asyncio.sleep(0.5)
             changes_window[1] = time.time()
+            if store_probe is not None:
+                inside = [ms for t, ms in store_ms if changes_window[0] <= t <= changes_window[1]]
+                after_counts = _etcd_counters(local.etcd.endpoint)
+                moved = {k: after_counts[k] - etcd_before.get(k, 0.0) for k in after_counts}
+                print(f"  etcd during the changes: {moved}", flush=True)
+                print(
+                    f"  in-loop store.get_release during the changes: p50 {pct(inside, 0.5):.1f} / "
+                    f"p99 {pct(inside, 0.99):.1f} / max {max(inside, default=float('nan')):.0f} ms ({len(inside)})",
+                    flush=True,
+                )
             res.lag_change_p99_ms = pct(probe.samples, 0.99)
             res.lag_change_ms = probe.phase()
             if sampler is not None:
