@@ -120,6 +120,7 @@ class GcPauses:
         self.total_ms = [0.0, 0.0, 0.0]
         self.max_ms = [0.0, 0.0, 0.0]
         self.count = [0, 0, 0]
+        self.full: list[tuple[float, float]] = []  # (when it ended, monotonic; ms) of each full pass
         self._t0 = 0.0
 
     def __enter__(self) -> GcPauses:
@@ -138,6 +139,8 @@ class GcPauses:
         self.total_ms[gen] += ms
         self.count[gen] += 1
         self.max_ms[gen] = max(self.max_ms[gen], ms)
+        if gen == 2:
+            self.full.append((time.monotonic(), ms))
 
 
 class StallSampler:
@@ -422,6 +425,7 @@ async def bench_fleet(
                 break
             await asyncio.sleep(0.5)
         res.lag_connect_ms = probe.phase()
+        connected_at = time.monotonic()
         if os.environ.get("GRAYLANE_BENCH_GC_FREEZE"):
             # Experiment: what the collector costs once the connected fleet's objects are
             # out of its reach (gc.freeze moves every tracked object to the permanent generation).
@@ -590,6 +594,12 @@ async def bench_fleet(
         res.lag_max_ms = probe.max_ms
         res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
         res.gc_count = list(gc_pauses.count)
+        during_connect = [ms for t, ms in gc_pauses.full if t <= connected_at]
+        res.notes.append(
+            f"full GC passes while connecting: {len(during_connect)} ({sum(during_connect):.0f} ms); "
+            f"after: {len(gc_pauses.full) - len(during_connect)} "
+            f"({sum(ms for t, ms in gc_pauses.full if t > connected_at):.0f} ms)"
+        )
     res.elapsed_s = time.monotonic() - started
     return res
 
