@@ -334,6 +334,7 @@ class CollectorTuning:
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._on_collect)
+        self._loop = None  # a pass already handed to the loop does nothing now
         CollectorTuning._installed -= 1
         if CollectorTuning._installed == 0:
             gc.set_threshold(*CollectorTuning._previous_threshold)
@@ -352,6 +353,8 @@ class CollectorTuning:
         return (changes - opened_net) // 2
 
     def after_full_pass(self) -> None:
+        if self._loop is None:
+            return
         ended = self.ended_since_thaw()
         if ended >= max(_THAW_MIN_ENDED, self._tracker.open_streams() // 2):
             gc.unfreeze()
