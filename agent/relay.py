@@ -18,7 +18,8 @@ from graylane.agent.wire import BadView, view_from_proto
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
-from graylane.xds.render import render, render_gateway
+from graylane.xds.render import render_gateway
+from graylane.xds.renderer import Renderer
 from graylane.xds.resources import ROUTE
 from graylane.xds.tracker import ProxyTracker
 
@@ -44,6 +45,7 @@ class Relay:
         self._address = listen_address
         self._default_port = default_listen_port
         self._keys: set[str] = set()
+        self._renderer = Renderer(listen_address=listen_address)  # incremental, shared by every port
         self.version = ""  # the ClusterView version in force
         self.view: xv.RoutingView | None = None
         # (type URL, resource version) -> the view version it was rendered from
@@ -69,6 +71,7 @@ class Relay:
         """The last proxy of `key` left: stop rendering it (rendered again if one returns)."""
         self._keys.discard(key)
         self.cache.clear_snapshot(key)
+        self._renderer.forget(self._port_of(key))
 
     def _port_of(self, key: str) -> int:
         return self._default_port if key == DEFAULT_KEY or not key.isdigit() else int(key)
@@ -82,7 +85,7 @@ class Relay:
             if self.gateway_port is not None and port == self.gateway_port:
                 resources = render_gateway(self.view, listen_port=port, listen_address=self._address)
             else:
-                resources = render(self.view, listen_port=port, listen_address=self._address)
+                resources = self._renderer.render(self.view, listen_port=port)
         except ValueError:
             log.exception("cannot render view %s for %s; proxies keep their configuration", self.version, key)
             return

@@ -2,11 +2,13 @@
 
 Each worker process runs one asyncio loop with `count` clients; each client holds one ADS
 stream (state-of-the-world or delta), subscribes like Envoy does (CDS and LDS wildcard,
-EDS for the clusters it was sent, RDS for the route config), ACKs every response, and
-records the wall-clock instant it first sees each weight of one lane's split at one entry
-service. Clients never decode the same resource version twice in one process: what a
-version carries (cluster names, the weight) is cached by version, so the fleet's own CPU
-stays small next to the control plane's.
+EDS for the clusters it was sent, SRDS wildcard once it holds the listener, RDS for the
+route configs its scopes name), ACKs every response, and records the wall-clock instant
+it first sees each weight of one lane's split at one entry service (in the entry's own
+route config, `graylane/<entry>`; a SotW RDS response carries only the route configs that
+changed, so a response without it leaves the weight as it was). Clients never decode the
+same content twice in one process: what a version carries (cluster names, scope targets,
+the weight) is cached, so the fleet's own CPU stays small next to the control plane's.
 
 The parent talks to a worker over a Pipe, one command at a time:
   ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
@@ -30,7 +32,7 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 
@@ -38,7 +40,8 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-ROUTE_CONFIG = "graylane"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+ROUTE_CONFIG_PREFIX = "graylane/"  # graylane.xds.view.route_config_name(service)
 
 RECONNECT_DELAY = 1.0
 STREAMS_PER_CHANNEL = 10  # HTTP/2 connections are shared by this many streams
@@ -62,7 +65,34 @@ class _Decoded:
     def __init__(self, spec: FleetSpec) -> None:
         self.spec = spec
         self.cluster_sets: dict[str, tuple[str, ...]] = {}
-        self.weights: dict[str, int] = {}
+        self.scope_sets: dict[str, tuple[str, ...]] = {}
+        self.weights: dict[bytes, int] = {}
+        self.entry_route = ROUTE_CONFIG_PREFIX + spec.entry
+        # A serialised RouteConfiguration starts with its name (field 1): the entry's is
+        # found without decoding the others.
+        name = self.entry_route.encode()
+        self.entry_prefix = b"\x0a" + bytes((len(name),)) + name
+
+    def route_configs(self, version: str, resources: Any) -> tuple[str, ...]:
+        """The route configs a SotW SRDS response's scopes name (the whole set: SRDS is wildcard)."""
+        found = self.scope_sets.get(version)
+        if found is None:
+            names = []
+            for any_msg in resources:
+                scope = scoped_route_pb2.ScopedRouteConfiguration()
+                any_msg.Unpack(scope)
+                names.append(scope.route_configuration_name)
+            found = tuple(sorted(names))
+            self.scope_sets[version] = found
+        return found
+
+    def route_config_of_scope(self, any_msg: Any) -> str:
+        scope = scoped_route_pb2.ScopedRouteConfiguration()
+        any_msg.Unpack(scope)
+        return str(scope.route_configuration_name)
+
+    def is_entry(self, any_msg: Any) -> bool:
+        return bool(any_msg.value.startswith(self.entry_prefix))
 
     def eds_names(self, version: str, resources: Any) -> tuple[str, ...]:
         found = self.cluster_sets.get(version)
@@ -77,8 +107,9 @@ class _Decoded:
             self.cluster_sets[version] = found
         return found
 
-    def weight(self, version: str, any_msg: Any) -> int:
-        found = self.weights.get(version)
+    def weight(self, any_msg: Any) -> int:
+        """The lane's weight in the entry's route config (cached by its bytes)."""
+        found = self.weights.get(any_msg.value)
         if found is None:
             rc = route_pb2.RouteConfiguration()
             any_msg.Unpack(rc)
@@ -92,7 +123,7 @@ class _Decoded:
                             found = w.weight.value
                     if found:
                         break
-            self.weights[version] = found
+            self.weights[any_msg.value] = found
         return found
 
 
@@ -158,10 +189,12 @@ class _Fleet:
             await call.write(Req(node=self.node(client), type_url=CLUSTER))
             await call.write(Req(type_url=LISTENER))
             client.connected = True
-            eds_nonce = ""
-            eds_version = ""
+            # The latest EDS / RDS response (version, nonce) and the names subscribed.
+            eds: tuple[str, str] = ("", "")
+            rds: tuple[str, str] = ("", "")
             eds_names: tuple[str, ...] | None = None
-            rds_requested = False
+            rds_names: tuple[str, ...] | None = None
+            srds_requested = False
             while (resp := await call.read()) is not grpc.aio.EOF:
                 t = resp.type_url
                 ack = Req(type_url=t, version_info=resp.version_info, response_nonce=resp.nonce)
@@ -171,27 +204,32 @@ class _Fleet:
                     if names != eds_names:
                         eds_names = names
                         await call.write(
-                            Req(
-                                type_url=ENDPOINT,
-                                version_info=eds_version,
-                                response_nonce=eds_nonce,
-                                resource_names=names,
-                            )
+                            Req(type_url=ENDPOINT, version_info=eds[0], response_nonce=eds[1], resource_names=names)
                         )
                 elif t == ENDPOINT:
-                    eds_nonce, eds_version = resp.nonce, resp.version_info
+                    eds = (resp.version_info, resp.nonce)
                     ack.resource_names.extend(eds_names or ())
                     await call.write(ack)
                 elif t == LISTENER:
                     await call.write(ack)
-                    if not rds_requested:
-                        rds_requested = True
-                        await call.write(Req(type_url=ROUTE, resource_names=[ROUTE_CONFIG]))
+                    if not srds_requested:  # the listener's scoped routes subscribe to SRDS
+                        srds_requested = True
+                        await call.write(Req(type_url=SCOPED_ROUTE))
+                elif t == SCOPED_ROUTE:
+                    names = self.decoded.route_configs(resp.version_info, resp.resources)
+                    await call.write(ack)
+                    if names != rds_names:  # each scope subscribes to its route config
+                        rds_names = names
+                        await call.write(
+                            Req(type_url=ROUTE, version_info=rds[0], response_nonce=rds[1], resource_names=names)
+                        )
                 elif t == ROUTE:
-                    ack.resource_names.append(ROUTE_CONFIG)
+                    rds = (resp.version_info, resp.nonce)
+                    ack.resource_names.extend(rds_names or ())
                     await call.write(ack)
                     for any_msg in resp.resources:
-                        client.saw(self.decoded.weight(resp.version_info, any_msg))
+                        if self.decoded.is_entry(any_msg):
+                            client.saw(self.decoded.weight(any_msg))
         finally:
             call.cancel()
 
@@ -201,10 +239,10 @@ class _Fleet:
         try:
             await call.write(Req(node=self.node(client), type_url=CLUSTER))
             await call.write(Req(type_url=LISTENER))
-            await call.write(Req(type_url=ROUTE, resource_names_subscribe=[ROUTE_CONFIG]))
             client.connected = True
             subscribed: set[str] = set()
-            eds_started = False
+            scopes: dict[str, str] = {}  # scope name -> the route config it names
+            eds_started = srds_started = False
             while (resp := await call.read()) is not grpc.aio.EOF:
                 t = resp.type_url
                 await call.write(Req(type_url=t, response_nonce=resp.nonce))
@@ -218,10 +256,28 @@ class _Fleet:
                         await call.write(
                             Req(type_url=ENDPOINT, resource_names_subscribe=added, resource_names_unsubscribe=gone)
                         )
+                elif t == LISTENER and not srds_started:
+                    srds_started = True
+                    await call.write(Req(type_url=SCOPED_ROUTE))  # wildcard
+                elif t == SCOPED_ROUTE:
+                    before = set(scopes.values())
+                    for r in resp.resources:
+                        scopes[r.name] = self.decoded.route_config_of_scope(r.resource)
+                    for name in resp.removed_resources:
+                        scopes.pop(name, None)
+                    after = set(scopes.values())
+                    if after != before:
+                        await call.write(
+                            Req(
+                                type_url=ROUTE,
+                                resource_names_subscribe=sorted(after - before),
+                                resource_names_unsubscribe=sorted(before - after),
+                            )
+                        )
                 elif t == ROUTE:
                     for r in resp.resources:
-                        if r.name == ROUTE_CONFIG:
-                            client.saw(self.decoded.weight(r.version, r.resource))
+                        if r.name == self.decoded.entry_route:
+                            client.saw(self.decoded.weight(r.resource))
         finally:
             call.cancel()
 

@@ -27,9 +27,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.py, bench/scale.py
 
+from change_cost import make_view  # noqa: E402
+from change_cost import measure as measure_change  # noqa: E402
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import local_control_plane
@@ -39,18 +42,6 @@ from graylane.v1 import release_pb2 as pb
 from graylane.xds import plan as xds_plan
 from graylane.xds import resources
 from graylane.xds.render import forget_reused, render
-from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
-    Condition,
-    Endpoint,
-    Lane,
-    MatchKind,
-    MatchOp,
-    RoutingView,
-    Rule,
-    ServiceRoute,
-    VersionEndpoints,
-)
 from scale import bench_fleet, describe, pct  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
 from store_bench import main as store_bench  # noqa: E402
@@ -69,6 +60,7 @@ RENDER_PLAN = (  # (services, max reps, max seconds)
     (10000, 5, 25.0),
 )
 PLAN_REPS = 5
+CHANGE_REPS = 7
 RENDER_MIN_REPS = 3
 E2E_BUDGET_SECONDS = 60.0  # the latency loops (after setup)
 ROLLBACK_CYCLES = 30  # rollback -> restart -> next cycles after the first pass
@@ -106,33 +98,26 @@ def cpu_model() -> str:
 # --------------------------------------------------------------------------- 1. render
 
 
-def make_view(n: int) -> RoutingView:
-    """n services on v1 (two endpoints each); every 10th also has a v2 and its own lane
-    (entry = that service, header rule x-canary: always, weight 20)."""
-    services = []
-    endpoints = []
-    lanes = []
-    rule = Rule((Condition(MatchKind.HEADER, "x-canary", MatchOp.EXACT, "always"),))
-    for i in range(n):
-        name = f"svc-{i:04d}"
-        services.append(ServiceRoute(name=name, base_version="v1"))
-        port = 20000 + (i % 20000)
-        endpoints.append(VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", port), Endpoint("127.0.0.2", port))))
-        if i % 10 == 0:
-            endpoints.append(VersionEndpoints(name, "v2", (Endpoint("127.0.0.3", port),)))
-            lanes.append(Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
-    lanes.sort(key=lambda lane: lane.name)
-    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
-
-
 def bench_render() -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     for n, max_reps, max_seconds in RENDER_PLAN:
         view = make_view(n)
         res = render(view, listen_port=10000)  # warm-up, and the sizes
-        route = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
-        route_bytes = len(route.SerializeToString(deterministic=True))
-        weighted = sum(1 for vh in route.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters"))
+        # Routes are split per service (one RouteConfiguration each, behind SRDS scopes).
+        routes: list[Any] = list(res[resources.ROUTE].items.values())
+        route_bytes = sum(len(resources.encoded(rc).packed.value) for rc in routes)
+        weighted = sum(
+            1 for rc in routes for vh in rc.virtual_hosts for r in vh.routes if r.route.HasField("weighted_clusters")
+        )
+        # What one lane's weight change re-sends of RDS (SotW and delta): the changed route configs.
+        bumped = list(view.lanes)
+        bumped[0] = dataclasses.replace(bumped[0], weight=bumped[0].weight + 10)
+        after = render(dataclasses.replace(view, lanes=tuple(bumped)), listen_port=10000)[resources.ROUTE]
+        change_route_bytes = sum(
+            len(resources.encoded(after.items[name]).packed.value)
+            for name in after
+            if res[resources.ROUTE].versions.get(name) != after.versions[name]
+        )
         times: list[float] = []
         deadline = time.perf_counter() + max_seconds
         changed: list[float] = []
@@ -162,7 +147,14 @@ def bench_render() -> list[dict[str, object]]:
             t0 = time.perf_counter()
             xds_plan.plan(target, acked=held, sent=held)
             shared.append((time.perf_counter() - t0) * 1000)
+        # The incremental path the control plane runs (bench/change_cost.py): Renderer,
+        # set_snapshot, and one SotW plus one delta stream in sync (plan, selections, bodies).
+        stages = measure_change(n, reps=CHANGE_REPS, full_reps=0)
         row = {
+            "inc_render_ms": stages["render"],
+            "inc_snapshot_ms": stages["set_snapshot"],
+            "inc_push_ms": stages["push"],
+            "inc_ack_ms": stages["ack"],
             "plan_ms": med(computed),
             "plan_shared_ms": med(shared),
             "services": n,
@@ -174,6 +166,7 @@ def bench_render() -> list[dict[str, object]]:
             "change_ms": med(changed),
             "p90_ms": pct(times, 0.9),
             "route_bytes": route_bytes,
+            "change_route_bytes": change_route_bytes,
         }
         print(f"  render {n:>5} services: {row['median_ms']:.2f} ms median over {len(times)}", flush=True)
         out.append(row)
@@ -333,10 +326,17 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
         "and its own lane (header rule + weight 20). Time per full render (nothing reused; includes serialising "
         "and hashing every resource once), and per render of the same view with one lane's weight changed "
         "(unchanged clusters, endpoint sets and virtual hosts reused from the previous render); "
-        "size of the serialized RouteConfiguration. "
+        "size of all the serialized RouteConfigurations (one per service, behind SRDS scopes) and of those "
+        "one lane's weight change re-sends (bench/route_bytes.py measures the same through the ADS server). "
         "`plan` is `graylane.xds.plan.plan` for a "
         "stream holding the previous render (median of 5): computed once per distinct (target, ACKed, sent) "
-        "state, and then shared by every stream in that state.",
+        "state, and then shared by every stream in that state. "
+        "The last four columns are the path the control plane runs for one lane's weight change "
+        "(bench/change_cost.py, median of 7): `Renderer.render` from the previous view "
+        "(`graylane.xds.renderer`: only the touched services), `SnapshotCache.set_snapshot` (derived snapshot: "
+        "O(changes) check and history), then one SotW and one delta stream in sync with the previous snapshot "
+        "through the real ADS server's stream objects: plan + selections + response bodies, and the handling "
+        "of the proxies' ACKs (re-plan included).",
         "",
     ]
     parts.append(
@@ -348,10 +348,15 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
                 "runs",
                 "full render median ms",
                 "p90 ms",
-                "one lane changed ms",
-                "RouteConfiguration bytes",
+                "one lane changed ms (pure render)",
+                "RouteConfiguration bytes (all)",
+                "re-sent per weight change",
                 "plan ms (computed)",
                 "plan ms (shared)",
+                "incremental: render ms",
+                "set_snapshot ms",
+                "plan+selections+bodies ms (2 streams)",
+                "ACKs ms (2 streams)",
             ],
             [
                 [
@@ -363,8 +368,13 @@ def render_section(render_rows: list[dict[str, object]]) -> str:
                     f"{r['p90_ms']:.2f}",
                     f"{r['change_ms']:.2f}",
                     f"{r['route_bytes']:,}",
+                    f"{r.get('change_route_bytes', 0):,}",
                     f"{r['plan_ms']:.2f}",
                     f"{r['plan_shared_ms']:.3f}",
+                    f"{r['inc_render_ms']:.2f}",
+                    f"{r['inc_snapshot_ms']:.2f}",
+                    f"{r['inc_push_ms']:.2f}",
+                    f"{r['inc_ack_ms']:.2f}",
                 ]
                 for r in render_rows
             ],

@@ -36,7 +36,7 @@ from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
-from graylane.xds.render import effective_view, render
+from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 
@@ -120,6 +120,7 @@ class DataPlane:
         self._listen_address = listen_address
         self._default_port = default_listen_port
         self._history = _ViewHistory()
+        self._renderer = Renderer(listen_address=listen_address)  # incremental, shared by every port
         self._snap: Snapshot | None = None
         self._view: xv.RoutingView | None = None
         self._effective: xv.RoutingView | None = None
@@ -262,10 +263,10 @@ class DataPlane:
         rendered: dict[str, Resources | ValueError] = {}
         for key in keys:
             try:
-                rendered[key] = render(view, listen_port=self._port_of(key), listen_address=self._listen_address)
+                rendered[key] = self._renderer.render(view, listen_port=self._port_of(key))
             except ValueError as exc:
                 rendered[key] = exc
-        return view, effective_view(view), rendered
+        return view, self._renderer.effective_view(view), rendered
 
     def _set_rendered(self, key: str, view: xv.RoutingView, resources: Resources | ValueError) -> None:
         try:
@@ -287,8 +288,8 @@ class DataPlane:
         if self._view is None:
             return
         try:
-            resources: Resources | ValueError = render(
-                self._view, listen_port=self._port_of(key), listen_address=self._listen_address
+            resources: Resources | ValueError = self._renderer.render(
+                self._view, listen_port=self._port_of(key), wait=False
             )
         except ValueError as exc:
             resources = exc
@@ -298,6 +299,7 @@ class DataPlane:
         """The last proxy of `key` left: nothing is kept for it (rendered again on request)."""
         self._cache.clear_snapshot(key)
         self._history.forget(key)
+        self._renderer.forget(self._port_of(key))
 
     def kept_keys(self) -> frozenset[str]:
         """Cache keys this replica keeps per-key state for (their views' history)."""

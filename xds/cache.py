@@ -8,6 +8,10 @@ reconnects presenting a version it already has is recognised and not re-sent any
 Versions are the opaque content-derived strings of `graylane.xds.resources`, compared only
 for equality: every replica that holds the same content agrees on them.
 
+A snapshot derived from the key's stored one (`Resources.replaced`, as the incremental
+`graylane.xds.renderer.Renderer` makes them) is checked for consistency and remembered in
+O(changes): per key, how many resources refer to each name is kept up to date.
+
 Concurrency: single asyncio loop; every method is called from that loop's thread. Waking
 the watches of a key with many streams continues in a task owned by the cache, in batches.
 Must not import: etcd, graylane.controlplane, graylane.agent.
@@ -18,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from graylane.xds.plan import eds_name, listener_route_configs, route_clusters, uses_eds
@@ -34,7 +38,9 @@ from graylane.xds.resources import (
     ENDPOINT,
     LISTENER,
     ROUTE,
+    SCOPED_ROUTE,
     Resources,
+    TypedResources,
     content_version,
     set_version,
 )
@@ -101,7 +107,11 @@ def listen_port_key(node: base_pb2.Node) -> str:
 
 
 def consistency_gaps(resources: Resources) -> tuple[str, ...]:
-    """Every dangling reference in a snapshot, as readable strings (empty: consistent)."""
+    """Every dangling reference in a snapshot, as readable strings (empty: consistent).
+
+    A listener using scoped routes (SRDS) with no scopes at all is consistent: it serves
+    nothing yet (a view without services), and scopes may come later.
+    """
     clusters = resources[CLUSTER].items
     endpoints = resources[ENDPOINT].items
     routes = resources[ROUTE].items
@@ -117,6 +127,11 @@ def consistency_gaps(resources: Resources) -> tuple[str, ...]:
         assert isinstance(listener, listener_pb2.Listener)
         for rc in sorted(listener_route_configs(listener) - routes.keys()):
             gaps.append(f"route config {rc!r} of listener {name!r} is missing")
+    scopes = resources[SCOPED_ROUTE].items
+    for name, scope in sorted(scopes.items()):
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        if scope.route_configuration_name not in routes:
+            gaps.append(f"route config {scope.route_configuration_name!r} of scope {name!r} is missing")
     for name, rc_msg in sorted(routes.items()):
         assert isinstance(rc_msg, route_pb2.RouteConfiguration)
         for cluster_name in sorted(route_clusters(rc_msg) - clusters.keys()):
@@ -128,6 +143,93 @@ def check_consistency(resources: Resources) -> None:
     gaps = consistency_gaps(resources)
     if gaps:
         raise InconsistentSnapshot(gaps)
+
+
+# What a resource refers to, by the kind of name: an EDS cluster wants its load
+# assignment; a listener (plain RDS) and a scope name route configs; a route config
+# routes to clusters.
+_EDS, _ROUTES, _CLUSTERS = "eds", "routes", "clusters"
+
+
+def _references(type_url: str, message: Message) -> tuple[str, Iterable[str]] | None:
+    if type_url == CLUSTER:
+        assert isinstance(message, cluster_pb2.Cluster)
+        return (_EDS, (eds_name(message),)) if uses_eds(message) else None
+    if type_url == LISTENER:
+        assert isinstance(message, listener_pb2.Listener)
+        return _ROUTES, listener_route_configs(message)
+    if type_url == SCOPED_ROUTE:
+        assert isinstance(message, scoped_route_pb2.ScopedRouteConfiguration)
+        return _ROUTES, (message.route_configuration_name,)
+    if type_url == ROUTE:
+        assert isinstance(message, route_pb2.RouteConfiguration)
+        return _CLUSTERS, route_clusters(message)
+    return None
+
+
+class _References:
+    """How many resources of one consistent snapshot refer to each name, by kind.
+
+    Lets a snapshot derived from the stored one (`Resources.base_versions`) be checked in
+    O(changes): only names whose counts or presence changed can have become dangling.
+    """
+
+    def __init__(self, resources: Resources) -> None:
+        self.counts: dict[str, Counter[str]] = {_EDS: Counter(), _ROUTES: Counter(), _CLUSTERS: Counter()}
+        for type_url, typed in resources.by_type.items():
+            for message in typed.items.values():
+                refs = _references(type_url, message)
+                if refs is not None:
+                    self.counts[refs[0]].update(refs[1])
+
+    def follow(self, stored: Resources, new: Resources) -> bool:
+        """Whether `new`, derived from the consistent `stored`, is consistent; if so, count
+        `new` from now on. False: not derived, or a gap (check it in full)."""
+        if not new.base_versions:
+            return False
+        delta: dict[str, Counter[str]] = {kind: Counter() for kind in self.counts}
+        touched: dict[str, set[str]] = {kind: set() for kind in self.counts}
+        for type_url, typed in new.by_type.items():
+            before = stored.by_type.get(type_url)
+            if before is None or new.base_versions.get(type_url) != before.version:
+                return False
+            if typed is before or typed.version == before.version:
+                continue
+            if not typed.derives_from(before):
+                return False
+            for name in typed.changed | typed.removed:
+                old = before.items.get(name)
+                refs = _references(type_url, old) if old is not None else None
+                if refs is not None:
+                    delta[refs[0]].subtract(refs[1])
+                    touched[refs[0]].update(refs[1])
+            for name in typed.changed:
+                refs = _references(type_url, typed.items[name])
+                if refs is not None:
+                    delta[refs[0]].update(refs[1])
+                    touched[refs[0]].update(refs[1])
+            # A resource added or removed may be what a reference names.
+            kind = {ENDPOINT: _EDS, ROUTE: _ROUTES, CLUSTER: _CLUSTERS}.get(type_url)
+            if kind is not None:
+                touched[kind] |= typed.changed | typed.removed
+        endpoints, routes, clusters = new[ENDPOINT].items, new[ROUTE].items, new[CLUSTER].items
+        for name in touched[_EDS]:
+            if (self.counts[_EDS][name] + delta[_EDS][name] > 0) != (name in endpoints):
+                return False
+        for name in touched[_ROUTES]:
+            if self.counts[_ROUTES][name] + delta[_ROUTES][name] > 0 and name not in routes:
+                return False
+        for name in touched[_CLUSTERS]:
+            if self.counts[_CLUSTERS][name] + delta[_CLUSTERS][name] > 0 and name not in clusters:
+                return False
+        for kind, changes in delta.items():
+            counts = self.counts[kind]
+            for name, change in changes.items():
+                if change:
+                    counts[name] += change
+                    if counts[name] <= 0:
+                        del counts[name]
+        return True
 
 
 class Watch:
@@ -143,12 +245,31 @@ class Watch:
 
 
 class _History:
-    """Bounded, content-addressed memory of resources and of per-type sets sent or stored."""
+    """Bounded, content-addressed memory of resources and of per-type sets sent or stored.
 
-    def __init__(self, size: int) -> None:
+    Whole sets are kept as the (immutable) `TypedResources` themselves, the `set_limit`
+    latest; a set derived from one already kept adds only its changed messages.
+    """
+
+    def __init__(self, size: int, set_limit: int = 64) -> None:
         self._size = size
+        self._set_limit = set_limit
         self._messages: OrderedDict[tuple[str, str], Message] = OrderedDict()
         self._sets: OrderedDict[tuple[str, str], tuple[tuple[str, str], ...]] = OrderedDict()
+        self._typed: OrderedDict[tuple[str, str], TypedResources] = OrderedDict()
+
+    def remember_set(self, typed: TypedResources) -> None:
+        """Remember a whole set (O(changes) if the set it derives from is remembered)."""
+        key = (typed.type_url, typed.version)
+        if key in self._typed:
+            self._typed.move_to_end(key)
+            return
+        derived = bool(typed.base_version) and (typed.type_url, typed.base_version) in self._typed
+        for name in typed.changed if derived else typed.items:
+            self._put(self._messages, (typed.type_url, typed.versions[name]), typed.items[name])
+        self._typed[key] = typed
+        while len(self._typed) > self._set_limit:
+            self._typed.popitem(last=False)
 
     def remember(self, type_url: str, items: Mapping[str, Message]) -> str:
         versions = {name: content_version(msg) for name, msg in items.items()}
@@ -162,6 +283,9 @@ class _History:
         return self._messages.get((type_url, version))
 
     def resolve_set(self, type_url: str, version: str) -> Mapping[str, Message] | None:
+        typed = self._typed.get((type_url, version))
+        if typed is not None:
+            return typed.items
         entries = self._sets.get((type_url, version))
         if entries is None:
             return None
@@ -191,6 +315,7 @@ class SnapshotCache:
     ) -> None:
         self.key_for_node = key_for_node
         self._snapshots: dict[str, Resources] = {}
+        self._references: dict[str, _References] = {}  # of each key's stored snapshot
         self._watches: dict[str, set[Watch]] = {}
         self._requested: Counter[str] = Counter()
         self._key_requested: list[Callable[[str], None]] = []
@@ -199,11 +324,20 @@ class SnapshotCache:
         self._fan_outs: set[asyncio.Task[None]] = set()
 
     def set_snapshot(self, key: str, resources: Resources) -> None:
-        """Store a consistent snapshot for `key` and wake its streams; raises InconsistentSnapshot."""
-        check_consistency(resources)
-        for typed in resources.by_type.values():
-            self.history.remember(typed.type_url, typed.items)
+        """Store a consistent snapshot for `key` and wake its streams; raises InconsistentSnapshot.
+
+        A snapshot derived from the stored one (`Resources.replaced`) is checked and
+        remembered in O(changes); any other in full.
+        """
         previous = self._snapshots.get(key)
+        if resources is previous:
+            return
+        references = self._references.get(key)
+        if previous is None or references is None or not references.follow(previous, resources):
+            check_consistency(resources)
+            self._references[key] = _References(resources)
+        for typed in resources.by_type.values():
+            self.history.remember_set(typed)
         self._snapshots[key] = resources
         if previous is not None and _same_versions(previous, resources):
             return
@@ -250,6 +384,7 @@ class SnapshotCache:
 
     def clear_snapshot(self, key: str) -> None:
         self._snapshots.pop(key, None)
+        self._references.pop(key, None)
 
     def requested_keys(self) -> frozenset[str]:
         """Keys of the proxies connected now."""

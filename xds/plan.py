@@ -12,8 +12,13 @@ The invariant: a proxy never holds a route that points at a cluster it does not 
   ACKed or been sent (a route sent but not yet ACKed may be applied any moment);
 * endpoints for exactly those clusters;
 * a new or changed RouteConfiguration only once every cluster it references is ACKed in
-  CDS and, for EDS clusters, ACKed in EDS; until then the proxy keeps the one it has;
-* a new or changed Listener only once the route configs it names are in the plan.
+  CDS and, for EDS clusters, ACKed in EDS; until then the proxy keeps the one it has.
+  Routes are split per service, so one service's new cluster holds back only that
+  service's route config;
+* a new or changed scope (ScopedRouteConfiguration) only once the route config it names
+  is in the plan, so a scope never points at routes the proxy cannot get;
+* a new or changed Listener only once the route configs it names through RDS are in the
+  plan (a listener using scoped routes names no route config: its scopes do).
 
 Each ACK re-runs the plan: that releases the held routes, and once the routes moved away
 and were ACKed, lets the old cluster go.
@@ -26,16 +31,26 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf.message import Message
-from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
+from graylane.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SCOPED_ROUTE,
+    Resources,
+    TypedResources,
+)
 
 # type_url -> resource name -> message: what a proxy has ACKed, or been sent.
 Held = Mapping[str, Mapping[str, Message]]
@@ -92,7 +107,10 @@ def _route_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str
 
 
 def listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
-    """The RDS route_config_names a Listener's HTTP connection managers subscribe to."""
+    """The RDS route_config_names a Listener's HTTP connection managers subscribe to.
+
+    A manager using scoped routes names none here: its scopes name its route configs.
+    """
     return _listener_routes_memo.get(listener, _listener_route_configs)
 
 
@@ -193,6 +211,26 @@ def _plan_routes(target: Resources, acked: Held, sent: Held, held: set[tuple[str
     return routes
 
 
+def _plan_scopes(
+    target: Resources,
+    routes: Mapping[str, Message],
+    acked: Held,
+    sent: Held,
+    held: set[tuple[str, str]],
+) -> dict[str, Message]:
+    scopes: dict[str, Message] = {}
+    for name, scope in target[SCOPED_ROUTE].items.items():
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        if scope.route_configuration_name in routes:
+            scopes[name] = scope
+            continue
+        held.add((SCOPED_ROUTE, name))
+        previous = _first(name, _get(sent, SCOPED_ROUTE), _get(acked, SCOPED_ROUTE))
+        if previous is not None:
+            scopes[name] = previous
+    return scopes
+
+
 def _plan_listeners(
     target: Resources,
     routes: Mapping[str, Message],
@@ -258,6 +296,106 @@ def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     clusters = _plan_clusters(target, acked, sent)
     endpoints = _plan_endpoints(target, clusters, acked, sent)
     routes = _plan_routes(target, acked, sent, held)
+    scopes = _plan_scopes(target, routes, acked, sent, held)
     listeners = _plan_listeners(target, routes, acked, sent, held)
-    planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, ROUTE: routes}
-    return Plan(Resources.of({t: planned[t] for t in PUSH_ORDER}), frozenset(held))
+    planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, SCOPED_ROUTE: scopes, ROUTE: routes}
+    # Where the plan is the target's own set, it is that set (the same object): the
+    # stream then holds the target's sets, and the next target, derived from them, is
+    # planned by `plan_derived`.
+    by_type = {t: target[t] if planned[t] == target[t].items else TypedResources(t, planned[t]) for t in PUSH_ORDER}
+    if all(by_type[t] is target[t] for t in PUSH_ORDER):
+        return Plan(target, frozenset(held))
+    return Plan(Resources(MappingProxyType(by_type)), frozenset(held))
+
+
+def plan_derived(target: Resources, holding: Mapping[str, TypedResources]) -> Plan | None:
+    """`plan(target, acked=holding, sent=holding)` in O(changes), or None where it does not apply.
+
+    Applies when the stream has ACKed and been sent exactly `holding` and `target` was
+    derived from a configuration with those sets (`Resources.base_versions`): `holding`
+    is then a consistent snapshot the cache held, `target` is consistent too, and only
+    what changed between them can be held back or kept:
+    * a removed cluster stays while a route config the proxy holds routes to it; the only
+      held route configs that can are those the target changed or removed;
+    * a changed or added route config waits until its clusters are ACKed (with their
+      endpoints); one the proxy does not hold yet is left out until then;
+    * a changed or added scope (listener) waits until the route config it names is planned.
+    Unchanged resources need no check: they referred to resources of `holding`, and still do.
+    """
+    if all(t in holding and holding[t].version == target[t].version for t in PUSH_ORDER):
+        # The stream holds the (consistent) target itself: nothing to hold back or keep.
+        return Plan(target, frozenset())
+    if not target.base_versions:
+        return None
+    changed: dict[str, frozenset[str]] = {}
+    removed: dict[str, frozenset[str]] = {}
+    for type_url in PUSH_ORDER:
+        held_set, typed = holding.get(type_url), target.by_type.get(type_url)
+        if held_set is None or typed is None or target.base_versions.get(type_url) != held_set.version:
+            return None
+        if typed.version == held_set.version:
+            changed[type_url] = removed[type_url] = frozenset()
+        elif typed.derives_from(held_set):
+            changed[type_url], removed[type_url] = typed.changed, typed.removed
+        else:
+            return None
+    # Per type: names whose planned content is the one the proxy holds (or, where it holds
+    # none, that are left out) although the target changed them.
+    restore: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
+    held: set[tuple[str, str]] = set()
+    old_routes = holding[ROUTE].items
+    if removed[CLUSTER]:
+        live: set[str] = set()
+        for name in changed[ROUTE] | removed[ROUTE]:
+            rc = old_routes.get(name)
+            if rc is not None:
+                assert isinstance(rc, route_pb2.RouteConfiguration)
+                live |= route_clusters(rc)
+        kept = removed[CLUSTER] & live
+        restore[CLUSTER] |= kept
+        for name in sorted(kept):
+            cluster = holding[CLUSTER].items[name]
+            assert isinstance(cluster, cluster_pb2.Cluster)
+            if uses_eds(cluster):
+                eds = eds_name(cluster)
+                if eds in removed[ENDPOINT]:
+                    restore[ENDPOINT].add(eds)
+    acked = {CLUSTER: holding[CLUSTER].items, ENDPOINT: holding[ENDPOINT].items}
+    new_routes = target[ROUTE].items
+    for name in changed[ROUTE]:
+        rc = new_routes[name]
+        assert isinstance(rc, route_pb2.RouteConfiguration)
+        if not all(_cluster_ready(c, acked) for c in route_clusters(rc)):
+            held.add((ROUTE, name))
+            restore[ROUTE].add(name)
+    # Route configs planned: the target's, but a held one the proxy does not hold is out.
+    missing = {name for name in restore[ROUTE] if name not in old_routes}
+    for name in changed[SCOPED_ROUTE]:
+        scope = target[SCOPED_ROUTE].items[name]
+        assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
+        rc_name = scope.route_configuration_name
+        if rc_name not in new_routes or rc_name in missing:
+            held.add((SCOPED_ROUTE, name))
+            restore[SCOPED_ROUTE].add(name)
+    for name in changed[LISTENER]:
+        listener = target[LISTENER].items[name]
+        assert isinstance(listener, listener_pb2.Listener)
+        if any(rc_name not in new_routes or rc_name in missing for rc_name in listener_route_configs(listener)):
+            held.add((LISTENER, name))
+            restore[LISTENER].add(name)
+    if not held and not restore[CLUSTER]:
+        return Plan(target, frozenset())
+    by_type: dict[str, TypedResources] = {}
+    for type_url in PUSH_ORDER:
+        back = restore[type_url]
+        if not back:
+            by_type[type_url] = target[type_url]
+            continue
+        items = target[type_url].items
+        by_type[type_url] = holding[type_url].replaced(
+            {name: items[name] for name in changed[type_url] - back}, removed[type_url] - back
+        )
+    return Plan(
+        Resources(MappingProxyType(by_type), MappingProxyType({t: holding[t].version for t in PUSH_ORDER})),
+        frozenset(held),
+    )

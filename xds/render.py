@@ -28,16 +28,15 @@ so a request whose two carriers disagree still has exactly one lane.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import re2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -51,6 +50,7 @@ from graylane.xds.view import (
     BAGGAGE_KEY,
     LANE_HEADER,
     ROUTE_CONFIG_NAME,
+    SCOPED_ROUTES_NAME,
     Cohort,
     Condition,
     Endpoint,
@@ -65,9 +65,19 @@ from graylane.xds.view import (
     gateway_authority,
     listener_name,
     parse_cluster_name,
+    route_config_name,
 )
 
-__all__ = ["effective_view", "referenced_clusters", "render", "render_gateway"]
+__all__ = [
+    "ServiceResources",
+    "ViewIndex",
+    "effective_lane",
+    "effective_view",
+    "referenced_clusters",
+    "render",
+    "render_gateway",
+    "render_service",
+]
 
 _MessageT = TypeVar("_MessageT", bound=Message)
 
@@ -104,19 +114,19 @@ def effective_view(view: RoutingView) -> RoutingView:
     The control plane compares ``effective_view(v) == v`` to tell whether a batch is
     really applied.
     """
-    index = _Index(view)
-    lanes = tuple(
-        dataclasses.replace(
-            lane,
-            versions=tuple(
-                (service, version) for service, version in lane.versions if index.endpoints_of(service, version)
-            ),
-        )
-        for lane in view.lanes
-    )
+    index = ViewIndex(view)
+    lanes = tuple(effective_lane(lane, index) for lane in view.lanes)
     if lanes == view.lanes:
         return view
     return dataclasses.replace(view, lanes=lanes)
+
+
+def effective_lane(lane: Lane, index: ViewIndex) -> Lane:
+    """`lane` keeping only its gray versions with endpoints in `index` (itself if it keeps all)."""
+    versions = tuple((service, version) for service, version in lane.versions if index.endpoints_of(service, version))
+    if len(versions) == len(lane.versions):
+        return lane
+    return dataclasses.replace(lane, versions=versions)
 
 
 class _Reuse:
@@ -130,16 +140,22 @@ class _Reuse:
     never mutate what render returns (nor does render, after building).
     """
 
-    def __init__(self) -> None:
-        self._previous: dict[Hashable, Message] = {}
+    def __init__(self, previous: dict[Hashable, Message] | None = None) -> None:
+        self._previous: dict[Hashable, Message] = previous if previous is not None else {}
         self._current: dict[Hashable, Message] = {}
 
-    def get(self, key: Hashable, build: Callable[[], _MessageT]) -> _MessageT:
+    @property
+    def used(self) -> dict[Hashable, Message]:
+        """What the renders since the last rotation used (the next one's `previous`)."""
+        return self._current
+
+    def get(self, key: Hashable, build: Callable[..., _MessageT], *args: Any) -> _MessageT:
+        """The message reused for `key`, or `build(*args)` (no closure is made on a hit)."""
         found = self._current.get(key)
         if found is None:
             found = self._previous.get(key)
             if found is None:
-                found = build()
+                found = build(*args)
             self._current[key] = found
         return found  # type: ignore[return-value]
 
@@ -157,18 +173,25 @@ def forget_reused() -> None:
     _reuse.rotate()
 
 
-class _Index:
+class ViewIndex:
     """Lookups over one view, built once per render so rendering is linear in its size.
 
     `endpoints`: (service, version) -> VersionEndpoints (the first, as `RoutingView` finds);
     `entering`: service -> lanes entering there; `versioned`: service -> (lane, version) of
-    lanes with a version of it; both in the view's lane order.
+    lanes with a version of it; both in the view's lane order; `remote_by_service`:
+    service -> its versions reached through another cluster's gateway. Build it from
+    `effective_view(view)`, as `render` does, before calling `render_service`.
     """
 
     def __init__(self, view: RoutingView) -> None:
         self.endpoints: dict[tuple[str, str], VersionEndpoints] = {}
         for ve in view.endpoints:
             self.endpoints.setdefault((ve.service, ve.version), ve)
+        remote: dict[str, set[str]] = {}
+        for (service, version), ve in self.endpoints.items():
+            if ve.via_cluster:
+                remote.setdefault(service, set()).add(version)
+        self.remote_by_service = {service: tuple(sorted(versions)) for service, versions in remote.items()}
         self.entering: dict[str, list[Lane]] = {}
         self.versioned: dict[str, list[tuple[Lane, str]]] = {}
         for lane in view.lanes:
@@ -187,38 +210,88 @@ class _Index:
         found = self.endpoints.get((service, version))
         return found is not None and bool(found.via_cluster)
 
+    def remote_versions(self, service: str) -> tuple[str, ...]:
+        """Versions of `service` reached through another cluster's gateway, sorted."""
+        return self.remote_by_service.get(service, ())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServiceResources:
+    """Everything one service contributes to a proxy's resources (shared, read-only).
+
+    `route_config` holds exactly the service's virtual host; `scope` keys the service's
+    name to it; `clusters` and `assignments` are the service's clusters (base and lanes)
+    and their endpoints, by name.
+    """
+
+    route_config: route_pb2.RouteConfiguration
+    scope: scoped_route_pb2.ScopedRouteConfiguration
+    clusters: dict[str, Message]
+    assignments: dict[str, Message]
+
 
 def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
     """Every resource a proxy needs for `view`, listening on listen_address:listen_port.
+
+    Routes are split per service: one RouteConfiguration per service, each reached
+    through a scope (SRDS) keyed by the service's name, so a change to one service's
+    routes re-sends that service's route config alone, over SotW as over delta.
 
     Raises ValueError for a view that validation should have rejected: a PATH condition
     with PRESENT, two PATH conditions in one rule, or lanes entering one service whose
     weights add up to more than 100.
     """
     view = effective_view(view)
-    index = _Index(view)
+    index = ViewIndex(view)
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
-    timeout = view.connect_timeout_ms
-    for service, version, lane in _cluster_keys(view, index):
-        # Each cluster has its own EDS resource, even where two hold the same endpoints: a
-        # new cluster warms only once Envoy receives its endpoints, and a resource the proxy
-        # already holds would not be sent again.
-        name = cluster_name(service, version, lane)
-        endpoints = index.endpoints_of(service, version)
-        clusters[name] = _reuse.get(("cluster", name, timeout), functools.partial(_cluster, name, name, timeout))
-        assignments[name] = _reuse.get(("cla", name, endpoints), functools.partial(_load_assignment, name, endpoints))
-    listener = _listener(listen_address, listen_port)
-    route_config = _route_config(view, index)
+    route_configs: dict[str, Message] = {}
+    scopes: dict[str, Message] = {}
+    for service in sorted(view.services, key=lambda s: s.name):
+        rendered = render_service(service, index, connect_timeout_ms=view.connect_timeout_ms)
+        clusters.update(rendered.clusters)
+        assignments.update(rendered.assignments)
+        route_configs[rendered.route_config.name] = rendered.route_config
+        scopes[rendered.scope.name] = rendered.scope
+    listener = _listener(listen_address, listen_port, scoped=True)
     _reuse.rotate()
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
             resources.ENDPOINT: assignments,
             resources.LISTENER: {listener.name: listener},
-            resources.ROUTE: {route_config.name: route_config},
+            resources.SCOPED_ROUTE: scopes,
+            resources.ROUTE: route_configs,
         }
     )
+
+
+def render_service(
+    service: ServiceRoute, index: ViewIndex, *, connect_timeout_ms: int, reuse: _Reuse | None = None
+) -> ServiceResources:
+    """The route config, scope, clusters and endpoints of one service (messages reused).
+
+    Depends only on the service, the lanes entering at it or holding a version of it, and
+    the endpoints of its versions, so an unchanged service yields the same objects.
+    `reuse`: where messages are reused from (default: the module's, rotated by `render`).
+    """
+    memo = reuse if reuse is not None else _reuse
+    clusters: dict[str, Message] = {}
+    assignments: dict[str, Message] = {}
+    for version, lane in _service_cluster_keys(service, index):
+        # Each cluster has its own EDS resource, even where two hold the same endpoints: a
+        # new cluster warms only once Envoy receives its endpoints, and a resource the proxy
+        # already holds would not be sent again.
+        name = cluster_name(service.name, version, lane)
+        endpoints = index.endpoints_of(service.name, version)
+        clusters[name] = memo.get(("cluster", name, connect_timeout_ms), _cluster, name, name, connect_timeout_ms)
+        assignments[name] = memo.get(("cla", name, endpoints), _load_assignment, name, endpoints)
+    entering = tuple(index.entering.get(service.name, ()))
+    versioned = tuple(index.versioned.get(service.name, ()))
+    remote = index.remote_versions(service.name)
+    route_config = memo.get(("routes", service, entering, versioned, remote), _route_config, service, index)
+    scope = memo.get(("scope", service.name), _scope, service.name)
+    return ServiceResources(route_config, scope, clusters, assignments)
 
 
 def render_gateway(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
@@ -228,6 +301,11 @@ def render_gateway(view: RoutingView, *, listen_port: int, listen_address: str =
     matching `gateway_authority(service, version)` and restoring the service's name as the
     authority. The gateway decides nothing: the lane was decided where the request entered,
     and its tags pass through to the service, whose own hops follow them.
+
+    Its routes stay in one RouteConfiguration (plain RDS, no scopes): they change only
+    when a version starts or stops running in this cluster (endpoints), never with a
+    release's weights or rules, so splitting them would save nothing on the changes that
+    matter.
     """
     clusters: dict[str, Message] = {}
     assignments: dict[str, Message] = {}
@@ -246,7 +324,7 @@ def render_gateway(view: RoutingView, *, listen_port: int, listen_address: str =
                 name=f"{ve.service}|{ve.version}", domains=[authority, f"{authority}:*"], routes=[route]
             )
         )
-    listener = _listener(listen_address, listen_port)
+    listener = _listener(listen_address, listen_port, scoped=False)
     route_config = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
     return resources.Resources.of(
         {
@@ -276,21 +354,20 @@ def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset
 # ------------------------------------------------------------------- clusters, endpoints
 
 
-def _cluster_keys(view: RoutingView, index: _Index) -> list[tuple[str, str, str]]:
-    """(service, version, lane) of every cluster: each service's base for traffic outside
-    lanes, and each lane's own cluster at the services it has a version of, or enters at
+def _service_cluster_keys(service: ServiceRoute, index: ViewIndex) -> list[tuple[str, str]]:
+    """(version, lane) of every cluster of `service`: its base for traffic outside lanes,
+    and each lane's own cluster where the lane has a version of the service or enters at it
     (where its rules and its weighted share are routed and tagged).
 
     Lane traffic at other services falls back to their base cluster. A cluster per lane at
     every service would count those hops per lane too, but costs lanes x services
     clusters: 101,000 for 1,000 services and 100 lanes (an 11 s render).
     """
-    keys = {(s.name, s.base_version, "") for s in view.services}
-    for s in view.services:
-        for lane, version in index.versioned.get(s.name, ()):
-            keys.add((s.name, version or s.base_version, lane.name))
-        for lane in index.entering.get(s.name, ()):
-            keys.add((s.name, lane.version_for(s.name) or s.base_version, lane.name))
+    keys = {(service.base_version, "")}
+    for lane, version in index.versioned.get(service.name, ()):
+        keys.add((version or service.base_version, lane.name))
+    for lane in index.entering.get(service.name, ()):
+        keys.add((lane.version_for(service.name) or service.base_version, lane.name))
     return sorted(keys)  # sorted: set order depends on the process's hash seed
 
 
@@ -347,12 +424,15 @@ def _pack(message: Message) -> any_pb2.Any:
     )
 
 
-def _listener(address: str, port: int) -> listener_pb2.Listener:
+def _listener(address: str, port: int, *, scoped: bool) -> listener_pb2.Listener:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=_STAT_PREFIX,
-        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))],
     )
+    if scoped:
+        manager.scoped_routes.CopyFrom(_scoped_routes())
+    else:
+        manager.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME))
     return listener_pb2.Listener(
         name=listener_name(port),
         address=_socket_address(address, port),
@@ -364,32 +444,55 @@ def _listener(address: str, port: int) -> listener_pb2.Listener:
     )
 
 
+def _scoped_routes() -> hcm_pb2.ScopedRoutes:
+    """Scopes from SRDS, keyed by the request's authority without its port.
+
+    ``checkout`` and ``checkout:8080`` both key to the scope ``checkout``. Scope keys
+    match exactly (virtual-host domains matched case-insensitively): service names are
+    lower-case DNS labels, so a request must name its service in lower case (see README).
+    """
+    extractor = hcm_pb2.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder.HeaderValueExtractor(
+        name=":authority", element_separator=":", index=0
+    )
+    return hcm_pb2.ScopedRoutes(
+        name=SCOPED_ROUTES_NAME,
+        scope_key_builder=hcm_pb2.ScopedRoutes.ScopeKeyBuilder(
+            fragments=[hcm_pb2.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder(header_value_extractor=extractor)]
+        ),
+        rds_config_source=_ads(),
+        scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=_ads()),
+    )
+
+
+def _scope(service: str) -> scoped_route_pb2.ScopedRouteConfiguration:
+    """The scope of one service: its name (the authority without port) -> its route config.
+
+    Eager (not on-demand): Envoy fetches every scope's route config up front, so the first
+    request to a service never waits for a fetch.
+    """
+    key = scoped_route_pb2.ScopedRouteConfiguration.Key(
+        fragments=[scoped_route_pb2.ScopedRouteConfiguration.Key.Fragment(string_key=service)]
+    )
+    return scoped_route_pb2.ScopedRouteConfiguration(
+        name=route_config_name(service), route_configuration_name=route_config_name(service), key=key
+    )
+
+
 # -------------------------------------------------------------------------------- routes
 
 
-def _route_config(view: RoutingView, index: _Index) -> route_pb2.RouteConfiguration:
-    services = sorted(view.services, key=lambda s: s.name)
-    if any(ve.via_cluster for ve in view.endpoints):
-        vhosts = [_virtual_host(service, index) for service in services]
-        for vhost in vhosts:
-            _rewrite_remote(vhost, index)  # rewrites in place: these are never reused
-    else:
-        vhosts = [
-            _reuse.get(
-                (
-                    "vhost",
-                    service,
-                    tuple(index.entering.get(service.name, ())),
-                    tuple(index.versioned.get(service.name, ())),
-                ),
-                functools.partial(_virtual_host, service, index),
-            )
-            for service in services
-        ]
-    return route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
+def _route_config(service: ServiceRoute, index: ViewIndex) -> route_pb2.RouteConfiguration:
+    """The route config of one service: exactly its virtual host (remote versions rewritten)."""
+    # Built in place: wrapping a finished VirtualHost would copy it once more.
+    config = route_pb2.RouteConfiguration(name=route_config_name(service.name))
+    vhost = config.virtual_hosts.add(name=service.name, domains=[service.name, f"{service.name}:*"])
+    vhost.routes.extend(_service_routes(service, index))
+    if index.remote_versions(service.name):
+        _rewrite_remote(vhost, index)  # before the message is shared: never mutated after
+    return config
 
 
-def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> None:
+def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: ViewIndex) -> None:
     """Requests to a version that runs only in another cluster name it in their authority.
 
     That cluster's gateway serves versions (see `render_gateway`); lane tags and every
@@ -408,14 +511,15 @@ def _rewrite_remote(vhost: route_components_pb2.VirtualHost, view: _Index) -> No
                     weight.host_rewrite_literal = authority
 
 
-def _remote_authority(view: _Index, cluster: str) -> str:
+def _remote_authority(view: ViewIndex, cluster: str) -> str:
     parsed = parse_cluster_name(cluster)
     if parsed is None or not view.remote(parsed[0], parsed[1]):
         return ""
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _virtual_host(service: ServiceRoute, index: _Index) -> route_components_pb2.VirtualHost:
+def _service_routes(service: ServiceRoute, index: ViewIndex) -> list[route_components_pb2.Route]:
+    """The routes of `service`'s virtual host, in the order of the module docstring."""
     entering = index.entering.get(service.name, [])
     routes = _lane_routes(service, index.versioned.get(service.name, ()))
     if entering:
@@ -431,11 +535,7 @@ def _virtual_host(service: ServiceRoute, index: _Index) -> route_components_pb2.
             cluster=cluster_name(service.name, service.base_version),
         )
     )
-    return route_components_pb2.VirtualHost(
-        name=service.name,
-        domains=[service.name, f"{service.name}:*"],
-        routes=routes,
-    )
+    return routes
 
 
 def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:

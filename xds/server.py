@@ -9,9 +9,14 @@ this proxy changed. ACKs, NACKs and pushes are reported to a `ProxyTracker`.
 Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
 * one nonce per response; each stream's loop owns its nonces;
 * SotW: a request whose response_nonce is not the latest nonce sent for its type is stale
-  and ignored; ACK vs NACK is the presence of error_detail; LDS/CDS are wildcard, EDS/RDS
-  answer the requested names; a response is sent only when its version differs from what
-  the proxy has;
+  and ignored; ACK vs NACK is the presence of error_detail; LDS/CDS/SRDS are wildcard (a
+  resource missing from a response is removed, so each response is the whole set),
+  EDS/RDS answer the requested names; a response is sent only when its version differs
+  from what the proxy has. EDS/RDS responses carry only the resources that changed (see
+  `_SotwStream.respond`): Envoy leaves a subscribed EDS/RDS resource that a response
+  does not carry as it is, so re-sending all 10,000 route configs for one change would
+  buy nothing. Their version_info is still the version of the stream's whole selection,
+  so an ACKed version means "holds that whole set", as for the wildcard types;
 * delta: only changed resources plus removed_resources names; subscribe / unsubscribe /
   wildcard; per-resource versions; each response is ACKed on its own, so every
   outstanding nonce is tracked (a delta response is incremental: dropping an "older" ACK
@@ -20,6 +25,12 @@ Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
 * a proxy that reconnects presenting versions it already has (SotW version_info, delta
   initial_resource_versions), to this replica or another, is not re-sent them: versions
   are content hashes, matched against the snapshot and the cache's content history.
+
+Cost of a change: streams in one state share one plan, one selection per subscription and
+one response body per type (`_Selections`). Where the new snapshot derives from the one a
+stream holds (the common case: in sync before the change), the plan (`plan_derived`), the
+selections (the planned sets themselves) and the bodies (the sets' changed / removed
+names) cost what changed, not what the snapshot holds.
 
 Concurrency: one asyncio loop; one task per stream plus its request reader, both
 cancelled when the stream ends. However a stream ends (the client cancels or vanishes,
@@ -48,12 +59,14 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
-from graylane.xds.plan import Plan, plan
+from graylane.xds.plan import Plan, plan, plan_derived
 from graylane.xds.resources import (
     CLUSTER,
     LISTENER,
     PUSH_ORDER,
+    SCOPED_ROUTE,
     Resources,
+    TypedResources,
     content_version,
     packed,
     set_version,
@@ -62,7 +75,9 @@ from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck,
 
 log = logging.getLogger(__name__)
 
-WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
+# Envoy subscribes to listeners, clusters and scopes (SRDS) as wildcards and drops any of
+# them that a SotW response leaves out.
+WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, SCOPED_ROUTE})
 WILDCARD = "*"
 WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
 
@@ -183,6 +198,10 @@ class _Selection:
     blocked: bool
     remembered: bool = False  # its set is in the cache's content history
     _sotw_body: bytes | None = None
+    # The planned set itself, where the selection is all of it (a wildcard, or names equal
+    # to the planned ones): then `items` / `versions` are its own, and a selection whose
+    # set derives from another's differs from it by `typed.changed` / `typed.removed`.
+    typed: TypedResources | None = None
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -247,7 +266,7 @@ class _Plans:
         if found is not None and found[1][0] is target:
             self._plans.move_to_end(tuple(key))
             return found[0]
-        planned = plan(
+        planned = _plan_held(target, types) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
@@ -256,6 +275,24 @@ class _Plans:
         while len(self._plans) > _PLANS_LIMIT:
             self._plans.popitem(last=False)
         return planned
+
+
+def _plan_held(target: Resources, types: Mapping[str, _TypeState]) -> Plan | None:
+    """`plan_derived` for a stream that ACKed and was sent, for every type, exactly one
+    whole planned set's content (the common case: in sync with the previous target); else
+    None."""
+    holding: dict[str, TypedResources] = {}
+    for type_url in PUSH_ORDER:
+        st = types.get(type_url)
+        if st is None or st.acked_selection is None or st.sent_selection is None:
+            return None
+        typed, sent = st.acked_selection.typed, st.sent_selection.typed
+        # Two selections of one content (a re-plan that changed nothing for this type)
+        # are one holding: versions are content hashes.
+        if typed is None or sent is None or (typed is not sent and typed.version != sent.version):
+            return None
+        holding[type_url] = typed
+    return plan_derived(target, holding)
 
 
 def _items(selection: _Selection | None) -> Mapping[str, Message]:
@@ -273,6 +310,23 @@ class _Selections:
         self.plans = _Plans()
         self._selections: OrderedDict[tuple[int, str, object], tuple[_Selection, Plan]] = OrderedDict()
         self._diffs: OrderedDict[tuple[int, int], tuple[_Diff, _Selection, _Selection]] = OrderedDict()
+        self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
+        # id(subscription) -> (subscription, names_token of a set whose names it equals)
+        self._names: OrderedDict[int, tuple[object, object]] = OrderedDict()
+
+    def _whole(self, subscription: object, typed: TypedResources) -> bool:
+        """Whether the named `subscription` is exactly `typed`'s names (compared once per
+        subscription object and set of names, not once per change)."""
+        hit = self._names.get(id(subscription))
+        if hit is not None and hit[0] is subscription and hit[1] is typed.names_token:
+            return True
+        if not isinstance(subscription, frozenset) or subscription != typed.items.keys():
+            return False
+        self._names[id(subscription)] = (subscription, typed.names_token)
+        self._names.move_to_end(id(subscription))
+        while len(self._names) > _SELECTIONS_LIMIT:
+            self._names.popitem(last=False)
+        return True
 
     def get(self, planned: Plan, st: _TypeState) -> _Selection:
         key = (id(planned), st.type_url, st.subscription)
@@ -280,11 +334,26 @@ class _Selections:
         if hit is not None and hit[1] is planned:
             self._selections.move_to_end(key)
             return hit[0]
-        items = st.select(planned.resources[st.type_url].items)
-        known = planned.resources[st.type_url].versions
-        versions = {name: known[name] for name in items}
-        blocked = any(t == st.type_url and st.wants(n) and n not in items for t, n in planned.held)
-        selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
+        typed = planned.resources[st.type_url]
+        if st.wildcard or self._whole(st.subscription, typed):
+            # All of the planned set: no copy, no walk (its version is already known).
+            blocked = any(t == st.type_url and n not in typed.items and st.wants(n) for t, n in planned.held)
+            selection = _Selection(
+                st.type_url, typed.shared_items(), typed.shared_versions(), typed.version, blocked, typed=typed
+            )
+        else:
+            blocked = any(t == st.type_url and st.wants(n) and n not in typed.items for t, n in planned.held)
+            drop = typed.items.keys() - st.names
+            if len(drop) <= len(st.names):
+                # Most of the set (a subscription catching up with new names): the set less
+                # what is not wanted, its version in O(dropped).
+                part = typed.replaced({}, drop)
+                selection = _Selection(st.type_url, part.shared_items(), part.shared_versions(), part.version, blocked)
+            else:
+                items = st.select(typed.items)
+                known = typed.versions
+                versions = {name: known[name] for name in items}
+                selection = _Selection(st.type_url, items, versions, set_version(versions), blocked)
         self._selections[key] = (selection, planned)
         while len(self._selections) > _SELECTIONS_LIMIT:
             self._selections.popitem(last=False)
@@ -296,11 +365,82 @@ class _Selections:
         if hit is not None and hit[1] is old and hit[2] is new:
             self._diffs.move_to_end(key)
             return hit[0]
-        found = _make_diff(new, old.versions)
+        found = _derived_diff(old, new, delta=True) or _make_diff(new, old.versions)
         self._diffs[key] = (found, old, new)
         while len(self._diffs) > _DIFFS_LIMIT:
             self._diffs.popitem(last=False)
         return found
+
+    def sotw_partial(self, acked: _Selection, sent: _Selection, new: _Selection) -> _Diff:
+        """The SotW EDS/RDS response from a stream that ACKed `acked` and was sent `sent`
+        to `new` (shared by every stream in that state; `removed` is always empty)."""
+        key = (id(acked), id(sent), id(new))
+        hit = self._partials.get(key)
+        if hit is not None and hit[1][0] is acked and hit[1][1] is sent and hit[1][2] is new:
+            self._partials.move_to_end(key)
+            return hit[0]
+        found = None
+        if acked is sent or acked.version == sent.version:
+            found = _derived_diff(acked, new, delta=False)
+        if found is None:
+            found = _make_sotw_partial(new, acked.versions, sent.versions)
+        self._partials[key] = (found, (acked, sent, new))
+        while len(self._partials) > _DIFFS_LIMIT:
+            self._partials.popitem(last=False)
+        return found
+
+
+def _make_sotw_partial(new: _Selection, acked_versions: Mapping[str, str], sent_versions: Mapping[str, str]) -> _Diff:
+    """A SotW response carrying every resource of `new` the proxy may not hold as it is.
+
+    That is each resource whose version differs from the one ACKed *or* from the one last
+    sent. Against `sent` alone, a resource whose response was NACKed (or will be: the
+    NACK may still be on its way, and then arrives with a stale nonce) would never be
+    sent again, and the ACK of a later response would claim a set the proxy rejected.
+    Against `acked` alone, a resource sent since and changed back would stay at the
+    version sent. With both, an ACK of this response means the proxy holds all of `new`.
+    """
+    changed = {
+        n: m
+        for n, m in new.items.items()
+        if acked_versions.get(n) != new.versions[n] or sent_versions.get(n) != new.versions[n]
+    }
+    response = discovery_pb2.DiscoveryResponse(
+        version_info=new.version,
+        resources=[_pack(m) for m in changed.values()],
+        type_url=new.type_url,
+    )
+    return _Diff(changed, (), response.SerializeToString())
+
+
+def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | None:
+    """The response from `old` to `new` in O(changes) where `new`'s set derives from `old`'s
+    (None otherwise): a delta response (changed and removed), or a SotW EDS/RDS one
+    (changed only; `version_info` the whole selection's)."""
+    if old.typed is None or new.typed is None:
+        return None
+    if old.typed.version == new.typed.version:
+        names: list[str] = []  # one content: nothing differs
+    elif new.typed.derives_from(old.typed):
+        names = sorted(new.typed.changed)
+    else:
+        return None
+    changed = {name: new.items[name] for name in names}
+    if not delta:
+        response = discovery_pb2.DiscoveryResponse(
+            version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
+        )
+        return _Diff(changed, (), response.SerializeToString())
+    removed = tuple(sorted(new.typed.removed)) if names else ()
+    delta_response = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=new.version,
+        resources=[
+            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
+        ],
+        removed_resources=list(removed),
+        type_url=new.type_url,
+    )
+    return _Diff(changed, removed, delta_response.SerializeToString())
 
 
 def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
@@ -325,6 +465,13 @@ def _nothing(type_url: str) -> _Selection:
     if type_url not in _NOTHING:
         _NOTHING[type_url] = _Selection(type_url, {}, {}, set_version({}), blocked=False)
     return _NOTHING[type_url]
+
+
+def _as_selection(type_url: str, selection: _Selection | None, items: Mapping[str, Message]) -> _Selection | None:
+    """The shared selection a stream's held `items` are exactly, if any (nothing is one too)."""
+    if selection is not None:
+        return selection
+    return None if items else _nothing(type_url)
 
 
 def _with_nonce(body: bytes, nonce: str) -> bytes:
@@ -444,6 +591,13 @@ class _Stream(Generic[Req, Resp]):
         releases it.
         """
         return self.selections.get(planned, st)
+
+    def _remember(self, selection: _Selection) -> None:
+        if selection.typed is not None:
+            self.cache.history.remember_set(selection.typed)
+        else:
+            self.cache.history.remember(selection.type_url, selection.items)
+        selection.remembered = True
 
     def record_ack(self, st: _TypeState, version: str, versions: Mapping[str, str]) -> None:
         """Report the ACK; `versions` (the content versions now held) is never mutated later."""
@@ -565,16 +719,28 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         if selection.blocked or selection.version == st.sotw_version:
             return None
         if not selection.remembered:
-            self.cache.history.remember(st.type_url, selection.items)
-            selection.remembered = True
+            self._remember(selection)
+        if st.wildcard:
+            body, names = selection.sotw_body(), selection.names
+        else:
+            # EDS/RDS: only what the proxy may lack. A response may carry nothing at all
+            # (the subscription shrank, or a change was reverted): it still moves the
+            # stream's version, and its ACK says the proxy holds the new selection.
+            acked = _as_selection(st.type_url, st.acked_selection, st.acked)
+            sent = _as_selection(st.type_url, st.sent_selection, st.sent)
+            if acked is not None and sent is not None:
+                partial = self.selections.sotw_partial(acked, sent, selection)
+            else:
+                partial = _make_sotw_partial(selection, st.acked_versions, st.sent_versions)
+            body, names = partial.body, partial.names
         nonce = self.next_nonce()
         st.sent = selection.items
         st.sent_versions = selection.versions
         st.sent_selection = selection
         st.sotw_version = selection.version
         st.latest_nonce = nonce
-        self.record_push(st, Push(st.type_url, selection.version, nonce, selection.names))
-        return _with_nonce(selection.sotw_body(), nonce)
+        self.record_push(st, Push(st.type_url, selection.version, nonce, names))
+        return _with_nonce(body, nonce)
 
 
 class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
@@ -660,8 +826,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             st.sent_selection = selection
             return None
         if not selection.remembered:
-            self.cache.history.remember(st.type_url, selection.items)
-            selection.remembered = True
+            self._remember(selection)
         nonce = self.next_nonce()
         for name in diff.removed:
             st.sent.pop(name, None)

@@ -175,7 +175,21 @@ def parse_cluster_name(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+# The one RouteConfiguration of a gateway (`render_gateway`). A proxy's own listener
+# instead splits its routes per service (`route_config_name`) behind scoped routes.
 ROUTE_CONFIG_NAME = "graylane"
+# The name of the scoped-routes configuration (SRDS) of a proxy's listener.
+SCOPED_ROUTES_NAME = "graylane"
+
+
+def route_config_name(service: str) -> str:
+    """The RouteConfiguration holding exactly `service`'s virtual host (and its scope's name).
+
+    Service names are lower-case DNS labels, so the name is unambiguous and never equals
+    the gateway's single ROUTE_CONFIG_NAME.
+    """
+    return f"{ROUTE_CONFIG_NAME}/{service}"
+
 
 # The authority suffix of requests sent to another cluster's gateway.
 GATEWAY_DOMAIN = "graylane.gateway"

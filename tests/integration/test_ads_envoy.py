@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,13 +26,13 @@ from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUT
 from graylane.xds.server import AdsServer
 from graylane.xds.tracker import ProxyStatus, ProxyTracker, Push
 from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
     Endpoint,
     Lane,
     RoutingView,
     ServiceRoute,
     VersionEndpoints,
     cluster_name,
+    route_config_name,
 )
 
 if TYPE_CHECKING:
@@ -298,7 +299,7 @@ async def test_ads_restart_keeps_serving_and_resends_nothing(
 def with_oversized_regex(resources: Resources) -> Resources:
     """The same snapshot, plus a route whose RE2 program (404) exceeds Envoy's limit (100)."""
     rc = route_pb2.RouteConfiguration()
-    rc.CopyFrom(resources[ROUTE].items[ROUTE_CONFIG_NAME])
+    rc.CopyFrom(resources[ROUTE].items[route_config_name(SERVICE)])
     bad = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
             prefix="/",
@@ -313,7 +314,7 @@ def with_oversized_regex(resources: Resources) -> Resources:
     )
     rc.virtual_hosts[0].routes.insert(0, bad)
     items = {t: dict(resources[t].items) for t in PUSH_ORDER}
-    items[ROUTE][ROUTE_CONFIG_NAME] = rc
+    items[ROUTE][route_config_name(SERVICE)] = rc
     return Resources.of(items)
 
 
@@ -334,3 +335,95 @@ async def test_a_rejected_config_is_recorded_as_a_nack(
     assert status.acked[ROUTE].resources == dict(good[ROUTE].versions)
     assert status.acked[LISTENER].resources == dict(good[LISTENER].versions)
     assert await served_version(http_get, proxy) == "v1"
+
+
+# ------------------------------------------------------------- routes split per service
+
+
+def services_view(upstreams: dict[str, Upstream], *, weight: int = 0, gray: Upstream | None = None) -> RoutingView:
+    """One base version per service; with `gray`, a lane at service a (a's v2) at `weight`."""
+    endpoints = [
+        VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", u.port),)) for name, u in sorted(upstreams.items())
+    ]
+    lanes: tuple[Lane, ...] = ()
+    if gray is not None:
+        endpoints.append(VersionEndpoints(SERVICE, "v2", (Endpoint("127.0.0.1", gray.port),)))
+        lanes = (Lane("gray", SERVICE, weight, ((SERVICE, "v2"),)),)
+    return RoutingView(
+        services=tuple(ServiceRoute(name, "v1") for name in sorted(upstreams)),
+        endpoints=tuple(endpoints),
+        lanes=lanes,
+    )
+
+
+async def test_a_weight_change_sends_exactly_one_route_config(
+    ads: Ads, envoy: StartEnvoy, http_get: HttpGet, upstream: MakeUpstream, v1: Upstream, protocol: str
+) -> None:
+    ups = {SERVICE: v1, **{name: await upstream(name, "v1") for name in ("b", "c", "d")}}
+    gray = await upstream(SERVICE, "v2")
+    ads.apply(services_view(ups, weight=10, gray=gray))
+    proxy = await start_envoy(envoy, ads, protocol)
+    before = len(ads.by_node(proxy.node_id).pushes)  # type: ignore[union-attr]
+
+    ads.apply(services_view(ups, weight=20, gray=gray))
+    status = await ads.converged(proxy)
+    changes = [(p.type_url, p.resources, p.removed) for p in status.pushes[before:]]
+    assert changes == [(ROUTE, (route_config_name(SERVICE),), ())]
+    # The other services' route configs, absent from that response, are still served: a
+    # SotW RDS response without a subscribed route config leaves it as it is.
+    for name in ("b", "c", "d"):
+        result = await http_get(proxy.listen_port, name)
+        assert result.status == 200 and result.json()["service"] == name, result
+    status, body = await proxy.admin_get("/config_dump?resource=dynamic_route_configs")
+    assert status == 200
+    held = sorted(c["route_config"]["name"] for c in json.loads(body)["configs"])
+    assert held == [route_config_name(n) for n in sorted(ups)]
+    assert await ads.wait_for(proxy.node_id, lambda s: s.last_nack is None)
+
+
+async def test_services_added_and_removed_fail_no_request_to_the_others(
+    ads: Ads, envoy: StartEnvoy, http_get: HttpGet, upstream: MakeUpstream, v1: Upstream, protocol: str
+) -> None:
+    ups = {SERVICE: v1, "b": await upstream("b", "v1"), "c": await upstream("c", "v1")}
+    ads.apply(services_view(ups))
+    proxy = await start_envoy(envoy, ads, protocol)
+    failures: list[str] = []
+    answered: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def load(name: str) -> None:
+        for _ in range(3000):  # bounded in count (and by the test's deadlines in time)
+            if stop.is_set():
+                return
+            try:
+                result = await http_get(proxy.listen_port, name, timeout=2.0)
+            except (OSError, TimeoutError) as exc:
+                failures.append(f"{name}: {exc!r}")
+                continue
+            if result.status != 200 or result.json()["service"] != name:
+                failures.append(f"{name}: {result.status} {result.body[:100]!r}")
+            answered[name] += 1
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while not predicate():
+                await asyncio.sleep(0.01)
+
+    workers = [asyncio.create_task(load(name)) for name in (SERVICE, "b") for _ in range(2)]
+    try:
+        await until(lambda: min(answered[SERVICE], answered["b"]) >= 20)
+        # d comes, c goes, in one change.
+        ups["d"] = await upstream("d", "v1")
+        del ups["c"]
+        ads.apply(services_view(ups))
+        status = await ads.converged(proxy)
+        mark = answered.copy()
+        await until(lambda: all(answered[n] >= mark[n] + 20 for n in (SERVICE, "b")))
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert failures == []
+    assert (await http_get(proxy.listen_port, "d")).json()["service"] == "d"
+    assert (await http_get(proxy.listen_port, "c")).status == 404  # its scope is gone
+    assert "c|v1" not in status.acked[CLUSTER].resources
+    assert sorted(status.acked[ROUTE].resources) == [route_config_name(n) for n in (SERVICE, "b", "d")]

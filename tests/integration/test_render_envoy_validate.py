@@ -11,7 +11,8 @@ missing, it skips on a developer machine and fails under CI=true.
    tags the next hop sees.
 
 EDS clusters are turned into STATIC clusters with their ClusterLoadAssignment inline, and
-the listener's RDS into an inline route_config, so no xDS server is needed.
+the listener's scopes (SRDS) into an inline scope list whose scopes carry their route
+configs inline (same scope keys, same key builder), so no xDS server is needed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -35,7 +37,6 @@ from graylane.controlplane.local.envoy import free_port
 from graylane.xds import resources
 from graylane.xds.render import render
 from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
     Condition,
     Endpoint,
     Lane,
@@ -45,6 +46,7 @@ from graylane.xds.view import (
     Rule,
     ServiceRoute,
     VersionEndpoints,
+    route_config_name,
 )
 
 pytestmark = pytest.mark.envoy
@@ -62,15 +64,22 @@ def static_bootstrap(res: resources.Resources) -> dict[str, Any]:
         cluster.ClearField("eds_cluster_config")
         cluster.load_assignment.CopyFrom(res[resources.ENDPOINT].items[name])
         bootstrap.static_resources.clusters.append(cluster)
-    route_config = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+    scopes = []
+    for name in res[resources.SCOPED_ROUTE]:
+        scope = scoped_route_pb2.ScopedRouteConfiguration()
+        scope.CopyFrom(res[resources.SCOPED_ROUTE].items[name])
+        scope.route_configuration.CopyFrom(res[resources.ROUTE].items[scope.route_configuration_name])
+        scope.ClearField("route_configuration_name")
+        scopes.append(scope)
     for name in res[resources.LISTENER]:
         listener = listener_pb2.Listener()
         listener.CopyFrom(res[resources.LISTENER].items[name])
         network_filter = listener.filter_chains[0].filters[0]
         manager = hcm_pb2.HttpConnectionManager()
         assert network_filter.typed_config.Unpack(manager)
-        manager.ClearField("rds")
-        manager.route_config.CopyFrom(route_config)
+        assert manager.HasField("scoped_routes")
+        manager.scoped_routes.ClearField("scoped_rds")
+        manager.scoped_routes.scoped_route_configurations_list.scoped_route_configurations.extend(scopes)
         network_filter.typed_config.Pack(manager)
         bootstrap.static_resources.listeners.append(listener)
     return json_format.MessageToDict(bootstrap)
@@ -188,7 +197,7 @@ def test_envoy_accepts_rendered_resources(envoy_binary: Path, tmp_path: Path, vi
 def test_validate_mode_is_not_a_rubber_stamp(envoy_binary: Path, tmp_path: Path) -> None:
     """A route to an unknown cluster must fail, or the test above proves nothing."""
     res = render(rich_view(), listen_port=10000)
-    route_config: Any = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+    route_config: Any = res[resources.ROUTE].items[route_config_name("gateway")]
     route_config.virtual_hosts[0].routes[-1].route.cluster = "no|such"
     result = validate(envoy_binary, tmp_path, res)
     assert result.returncode != 0
@@ -221,16 +230,22 @@ async def echo_upstream(name: str) -> tuple[asyncio.Server, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
-async def get_with_headers(
-    port: int, host: str, path: str = "/", headers: Sequence[tuple[str, str]] = ()
-) -> dict[str, Any]:
-    """One GET on a fresh connection; returns the echo upstream's JSON answer."""
+async def raw_get(port: int, host: str, path: str = "/", headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """One GET on a fresh connection; the whole response."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     lines = [f"GET {path} HTTP/1.1", f"host: {host}", "connection: close"]
     lines += [f"{k}: {v}" for k, v in headers]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     response = await reader.read()
     writer.close()
+    return response
+
+
+async def get_with_headers(
+    port: int, host: str, path: str = "/", headers: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """One GET on a fresh connection; returns the echo upstream's JSON answer."""
+    response = await raw_get(port, host, path, headers)
     status, _, body = response.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 200"), response
     result: dict[str, Any] = json.loads(body)
@@ -366,6 +381,9 @@ TRAFFIC_CASES: list[tuple[str, str, list[tuple[str, str]], tuple[str, list[str],
     ("stock", "/", [("baggage", "graylane=green")], ("stock|v2", [], ["graylane=green"])),
     ("stock", "/", [("baggage", "a=1"), ("baggage", "graylane=green")], ("stock|v2", [], ["a=1", "graylane=green"])),
     ("stock", "/", [], ("stock|v1", [], [])),
+    # The scope key is the authority without its port.
+    ("stock:8080", "/", [], ("stock|v1", [], [])),
+    ("gateway:80", "/", [("x-graylane", "blue")], ("gateway|v2", ["blue"], [])),
 ]
 
 
@@ -381,3 +399,11 @@ async def test_traffic_follows_the_routing_semantics(envoy_port: int) -> None:
         if actual != expected:
             failures.append(f"{host}{path} {headers}: got {actual}, want {expected}")
     assert not failures, "\n".join(failures)
+
+
+async def test_a_host_finds_its_scope_only_spelled_as_the_service_is_named(envoy_port: int) -> None:
+    """Scope keys match exactly, unlike virtual-host domains: service names are lower-case
+    DNS labels, and a Host spelled otherwise (or naming no service) finds no route."""
+    for host in ("STOCK", "Stock:8080", "nosuch"):
+        response = await raw_get(envoy_port, host)
+        assert response.startswith(b"HTTP/1.1 404"), (host, response[:200])

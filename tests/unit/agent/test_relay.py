@@ -10,7 +10,7 @@ from graylane.agent.relay import Relay
 from graylane.agent.wire import cluster_view
 from graylane.xds import view as xv
 from graylane.xds.cache import SnapshotCache
-from graylane.xds.resources import LISTENER, ROUTE
+from graylane.xds.resources import LISTENER, ROUTE, set_version
 from graylane.xds.tracker import SOTW, Nack, ProxyTracker, TypeAck
 
 SIDECAR, GATEWAY = 10001, 9000
@@ -127,3 +127,27 @@ def test_a_key_nobody_asks_for_any_more_is_no_longer_rendered() -> None:
     assert cache.keys() == {"20000"}
     relay.apply(cluster_view(dataclasses.replace(VIEW, lanes=())))  # a change renders the live key only
     assert cache.keys() == {"20000"}
+
+
+def test_a_proxy_holding_only_some_services_route_configs_carries_no_view() -> None:
+    """Routes are split per service (one route config per scope): a proxy that has not yet
+    subscribed to every scope's route config ACKs a smaller set, which no view rendered, so
+    it is reported on no view (unsure means not reached) until it holds them all."""
+    two = dataclasses.replace(
+        VIEW,
+        services=(*VIEW.services, xv.ServiceRoute("cart", "v1")),
+        endpoints=(*VIEW.endpoints, xv.VersionEndpoints("cart", "v1", (xv.Endpoint("127.0.0.1", 8091),))),
+    )
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker)
+    tracker.connected(node("sidecar", SIDECAR), stream="sidecar", key=str(SIDECAR), protocol=SOTW)
+    cache.watch(str(SIDECAR), lambda: None)
+    applied = cluster_view(two)
+    relay.apply(applied)
+    snapshot = cache.snapshot(str(SIDECAR))
+    assert snapshot is not None and len(snapshot[ROUTE]) == 2
+    only_checkout = {xv.route_config_name("checkout"): snapshot[ROUTE].versions[xv.route_config_name("checkout")]}
+    tracker.acked("sidecar", ROUTE, TypeAck(version=set_version(only_checkout), resources=only_checkout))
+    assert [p.view_version for p in relay.report().proxies] == [""]
+    ack(tracker, cache, "sidecar", str(SIDECAR))
+    assert [p.view_version for p in relay.report().proxies] == [applied.version]

@@ -13,8 +13,8 @@ from graylane.xds.cache import (
     consistency_gaps,
     listen_port_key,
 )
-from graylane.xds.render import render
-from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from graylane.xds.render import render, render_gateway
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
 VIEW = RoutingView(
@@ -25,6 +25,7 @@ VIEW = RoutingView(
     ),
 )
 GOOD = render(VIEW, listen_port=10000)
+GATEWAY = render_gateway(VIEW, listen_port=10000)
 GRAY = render(
     RoutingView(VIEW.services, VIEW.endpoints, (Lane("g", "a", 10, (("a", "v2"),)),)),
     listen_port=10000,
@@ -43,7 +44,8 @@ def test_a_rendered_snapshot_is_consistent() -> None:
     ("broken", "missing"),
     [
         (without(GOOD, ENDPOINT), "EDS resource 'a|v1' for EDS cluster is missing"),
-        (without(GOOD, ROUTE), "route config 'graylane' of listener 'graylane_http_10000' is missing"),
+        (without(GOOD, ROUTE), "route config 'graylane/a' of scope 'graylane/a' is missing"),
+        (without(GATEWAY, ROUTE), "route config 'graylane' of listener 'graylane_http_10000' is missing"),
         (
             Resources.of(
                 {
@@ -52,7 +54,7 @@ def test_a_rendered_snapshot_is_consistent() -> None:
                     ENDPOINT: GOOD[ENDPOINT].items,
                 }
             ),
-            "cluster 'a|v2|g' routed to by 'graylane' is missing",
+            "cluster 'a|v2|g' routed to by 'graylane/a' is missing",
         ),
         (
             # The gray lane's cluster a|v2|g has its own EDS resource, named like it.
@@ -69,9 +71,28 @@ def test_set_snapshot_rejects_dangling_references(broken: Resources, missing: st
     assert cache.snapshot("k") is None
 
 
-def test_listeners_alone_are_inconsistent_without_routes() -> None:
-    only_listener = Resources.of({LISTENER: GOOD[LISTENER].items})
+def test_a_listener_naming_a_route_config_is_inconsistent_without_it() -> None:
+    only_listener = Resources.of({LISTENER: GATEWAY[LISTENER].items})
     assert consistency_gaps(only_listener) != ()
+
+
+def test_a_listener_with_scoped_routes_and_no_scopes_is_consistent() -> None:
+    # A view without services: the listener serves nothing (404) until scopes come.
+    assert consistency_gaps(render(RoutingView((), ()), listen_port=10000)) == ()
+    assert consistency_gaps(Resources.of({LISTENER: GOOD[LISTENER].items})) == ()
+
+
+def test_a_scope_without_its_route_config_is_a_gap_even_with_other_route_configs() -> None:
+    two = render(
+        RoutingView((*VIEW.services, ServiceRoute("b", "v1")), (*VIEW.endpoints, VersionEndpoints("b", "v1", ()))),
+        listen_port=10000,
+    )
+    routes = {n: m for n, m in two[ROUTE].items.items() if n != "graylane/b"}
+    broken = Resources.of({**{t: two[t].items for t in two.by_type}, ROUTE: routes})
+    assert consistency_gaps(broken) == ("route config 'graylane/b' of scope 'graylane/b' is missing",)
+    scopes = {n: m for n, m in two[SCOPED_ROUTE].items.items() if n != "graylane/b"}
+    # A route config no scope names is only unused, not dangling.
+    assert consistency_gaps(Resources.of({**{t: two[t].items for t in two.by_type}, SCOPED_ROUTE: scopes})) == ()
 
 
 def test_watchers_of_a_key_are_woken_only_by_a_change_of_that_key() -> None:

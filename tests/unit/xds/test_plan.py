@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 from google.protobuf.message import Message
 from graylane.xds.plan import Held, listener_route_configs, plan, route_clusters
-from graylane.xds.render import render
-from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
+from graylane.xds.render import render, render_gateway
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, Resources
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
     Endpoint,
@@ -17,6 +17,7 @@ from graylane.xds.view import (
     VersionEndpoints,
     cluster_name,
     listener_name,
+    route_config_name,
 )
 
 PORT = 10000
@@ -39,6 +40,7 @@ def view(*, base: str = "v1", gray: str | None = None, weight: int = 50) -> Rout
 ONLY_V1 = render(view(), listen_port=PORT)
 V1_AND_V2 = render(view(gray="v2"), listen_port=PORT)
 ONLY_V2 = render(view(base="v2"), listen_port=PORT)
+RC_A = route_config_name("a")  # service a's route config, and its scope
 
 
 def held(resources: Resources, *types: str) -> dict[str, Mapping[str, Message]]:
@@ -55,13 +57,15 @@ def merge(*states: Held) -> Held:
 
 
 def route(resources: Resources) -> Message:
-    return resources[ROUTE].items[ROUTE_CONFIG_NAME]
+    return resources[ROUTE].items[RC_A]
 
 
 def test_reference_helpers() -> None:
     assert route_clusters(route(V1_AND_V2)) == {V1, V2_GRAY}
     listener = V1_AND_V2[LISTENER].items[listener_name(PORT)]
-    assert listener_route_configs(listener) == {ROUTE_CONFIG_NAME}  # type: ignore[arg-type]
+    assert listener_route_configs(listener) == set()  # type: ignore[arg-type]  # its scopes name them
+    gateway = render_gateway(view(), listen_port=PORT)[LISTENER].items[listener_name(PORT)]
+    assert listener_route_configs(gateway) == {ROUTE_CONFIG_NAME}  # type: ignore[arg-type]
 
 
 def test_fresh_proxy_gets_clusters_and_endpoints_but_no_route_or_listener_yet() -> None:
@@ -69,8 +73,10 @@ def test_fresh_proxy_gets_clusters_and_endpoints_but_no_route_or_listener_yet() 
     assert set(p.resources[CLUSTER].items) == {V1}
     assert set(p.resources[ENDPOINT].items) == {V1}
     assert len(p.resources[ROUTE]) == 0
-    assert len(p.resources[LISTENER]) == 0
-    assert p.held == {(ROUTE, ROUTE_CONFIG_NAME), (LISTENER, listener_name(PORT))}
+    assert len(p.resources[SCOPED_ROUTE]) == 0  # a scope waits for the route config it names
+    # The listener names no route config (its scopes do): it may come, and warms on SRDS.
+    assert set(p.resources[LISTENER].items) == {listener_name(PORT)}
+    assert p.held == {(ROUTE, RC_A), (SCOPED_ROUTE, RC_A)}
 
 
 def test_fully_acked_proxy_gets_the_whole_target() -> None:
@@ -87,17 +93,17 @@ def test_new_route_waits_until_its_new_cluster_is_acked_in_cds_and_eds() -> None
     assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY}
     assert set(p.resources[ENDPOINT].items) == {V1, V2_GRAY}  # V2_GRAY's own EDS resource
     assert route(p.resources) == route(ONLY_V1)  # the proxy keeps its old route
-    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+    assert (ROUTE, RC_A) in p.held
 
     cds_acked = merge(old, held(V1_AND_V2, CLUSTER))
     p = plan(V1_AND_V2, acked=cds_acked, sent=cds_acked)
     assert route(p.resources) == route(ONLY_V1)  # V2_GRAY's endpoints not ACKed yet
-    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+    assert (ROUTE, RC_A) in p.held
 
     eds_acked = merge(old, held(V1_AND_V2, ENDPOINT))
     p = plan(V1_AND_V2, acked=eds_acked, sent=eds_acked)
     assert route(p.resources) == route(ONLY_V1)  # V2_GRAY itself not ACKed yet
-    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+    assert (ROUTE, RC_A) in p.held
 
     both_acked = merge(cds_acked, held(V1_AND_V2, ENDPOINT))
     p = plan(V1_AND_V2, acked=both_acked, sent=both_acked)
@@ -110,7 +116,7 @@ def test_cluster_removal_waits_until_the_routes_moved_away_and_were_acked() -> N
     p = plan(ONLY_V2, acked=old, sent=old)
     # Promoted v2 serves outside the lane through a new cluster, V2: the route waits for it.
     assert route(p.resources) == route(V1_AND_V2)
-    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+    assert (ROUTE, RC_A) in p.held
     assert set(p.resources[CLUSTER].items) == {V1, V2, V2_GRAY}  # the live route still uses V1, V2_GRAY
     # V2 has its own EDS resource, new to the proxy although V2_GRAY's holds the same endpoints.
     assert set(p.resources[ENDPOINT].items) == {V1, V2, V2_GRAY}
@@ -119,7 +125,7 @@ def test_cluster_removal_waits_until_the_routes_moved_away_and_were_acked() -> N
     cds_acked = merge(old, held(ONLY_V2, CLUSTER))
     p = plan(ONLY_V2, acked=cds_acked, sent=cds_acked)
     assert route(p.resources) == route(V1_AND_V2)
-    assert (ROUTE, ROUTE_CONFIG_NAME) in p.held
+    assert (ROUTE, RC_A) in p.held
 
     both_acked = merge(cds_acked, held(ONLY_V2, ENDPOINT))
     p = plan(ONLY_V2, acked=both_acked, sent=both_acked)
@@ -147,7 +153,8 @@ def test_a_route_sent_but_not_acked_also_keeps_its_clusters() -> None:
 
 
 def test_listener_waits_for_its_route_config_but_keeps_the_one_the_proxy_has() -> None:
-    other_port = render(view(), listen_port=PORT + 1)
+    # A listener naming its route config through RDS (a gateway's).
+    other_port = render_gateway(view(), listen_port=PORT + 1)
     acked = merge(held(ONLY_V1, CLUSTER, ENDPOINT, LISTENER))
     target = Resources.of(
         {
@@ -161,3 +168,52 @@ def test_listener_waits_for_its_route_config_but_keeps_the_one_the_proxy_has() -
     # No route config is plannable (v2 not ACKed, none held): the new listener waits.
     assert set(p.resources[LISTENER].items) == set()
     assert (LISTENER, listener_name(PORT + 1)) in p.held
+
+
+# Two services: b is added (new clusters) while a's weight changes.
+def two(*, with_b: bool, weight: int = 50) -> Resources:
+    base = view(gray="v2", weight=weight)
+    services = (*base.services, ServiceRoute("b", "v1")) if with_b else base.services
+    endpoints = (*base.endpoints, VersionEndpoints("b", "v1", (Endpoint("127.0.0.1", 2001),)))
+    return render(RoutingView(services=services, endpoints=endpoints, lanes=base.lanes), listen_port=PORT)
+
+
+RC_B = route_config_name("b")
+
+
+def test_a_new_services_scope_and_routes_wait_for_its_clusters_without_holding_other_services() -> None:
+    old = held(two(with_b=False), *PUSH_ORDER)
+    target = two(with_b=True, weight=60)
+    p = plan(target, acked=old, sent=old)
+    # a's new weight needs no new cluster: it goes now; only b's route config and scope wait.
+    assert p.resources[ROUTE].items[RC_A] is target[ROUTE].items[RC_A]
+    assert p.held == {(ROUTE, RC_B), (SCOPED_ROUTE, RC_B)}
+    assert set(p.resources[SCOPED_ROUTE].items) == {RC_A}
+    assert set(p.resources[CLUSTER].items) == {V1, V2_GRAY, "b|v1"}
+
+    acked = merge(old, held(target, CLUSTER, ENDPOINT))
+    p = plan(target, acked=acked, sent=acked)
+    assert p.held == frozenset()
+    assert p.resources[SCOPED_ROUTE].items[RC_B] is target[SCOPED_ROUTE].items[RC_B]
+    assert p.resources[ROUTE].items[RC_B] is target[ROUTE].items[RC_B]
+
+
+def test_a_held_route_config_the_proxy_has_keeps_its_scope() -> None:
+    old = held(render(view(), listen_port=PORT), *PUSH_ORDER)
+    p = plan(V1_AND_V2, acked=old, sent=old)
+    assert (ROUTE, RC_A) in p.held  # waits for V2_GRAY
+    assert set(p.resources[SCOPED_ROUTE].items) == {RC_A}  # its old route config stands in
+    assert (SCOPED_ROUTE, RC_A) not in p.held
+
+
+def test_a_removed_services_clusters_stay_while_its_route_config_is_live() -> None:
+    old = held(two(with_b=True), *PUSH_ORDER)
+    target = two(with_b=False)
+    p = plan(target, acked=old, sent=old)
+    # The scope goes at once (SRDS is the whole set); b's clusters stay while the proxy
+    # still holds b's route config (until it unsubscribes from it, after the scope is gone).
+    assert set(p.resources[SCOPED_ROUTE].items) == {RC_A}
+    assert "b|v1" in p.resources[CLUSTER].items
+    unsubscribed = {t: {n: m for n, m in items.items() if n != RC_B} for t, items in old.items()}
+    p = plan(target, acked=unsubscribed, sent=unsubscribed)
+    assert "b|v1" not in p.resources[CLUSTER].items

@@ -22,9 +22,17 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf.message import Message
 from graylane.xds import resources
 from graylane.xds.cache import consistency_gaps
-from graylane.xds.render import effective_view, referenced_clusters, render, render_gateway
+from graylane.xds.render import (
+    ViewIndex,
+    effective_view,
+    referenced_clusters,
+    render,
+    render_gateway,
+    render_service,
+)
 from graylane.xds.view import (
     ROUTE_CONFIG_NAME,
+    SCOPED_ROUTES_NAME,
     Cohort,
     Condition,
     Endpoint,
@@ -37,6 +45,7 @@ from graylane.xds.view import (
     VersionEndpoints,
     gateway_authority,
     parse_cluster_name,
+    route_config_name,
 )
 
 PORT = 15001
@@ -108,9 +117,17 @@ def addresses(res: resources.Resources, eds: str) -> list[tuple[str, int]]:
 
 
 def route_config(res: resources.Resources) -> route_pb2.RouteConfiguration:
-    message = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
-    assert isinstance(message, route_pb2.RouteConfiguration)
-    return message
+    """The gateway's one route config; for a proxy, its per-service ones merged in order."""
+    if ROUTE_CONFIG_NAME in res[resources.ROUTE].items:
+        message = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+        assert isinstance(message, route_pb2.RouteConfiguration)
+        return message
+    merged = route_pb2.RouteConfiguration()
+    for name in res[resources.ROUTE]:
+        split = res[resources.ROUTE].items[name]
+        assert isinstance(split, route_pb2.RouteConfiguration)
+        merged.virtual_hosts.extend(split.virtual_hosts)
+    return merged
 
 
 def routes_of(res: resources.Resources, service: str) -> list[route_components_pb2.Route]:
@@ -374,7 +391,7 @@ def test_every_routed_cluster_exists_and_every_cluster_has_endpoints_resource() 
 # ------------------------------------------------------------------------------------- LDS
 
 
-def test_listener_serves_rds_through_the_router() -> None:
+def test_listener_serves_scoped_rds_through_the_router() -> None:
     res = render(make_view(), listen_port=18080, listen_address="0.0.0.0")
     (name,) = list(res[resources.LISTENER])
     listener = item(res, resources.LISTENER, name)
@@ -388,9 +405,17 @@ def test_listener_serves_rds_through_the_router() -> None:
     manager = hcm_pb2.HttpConnectionManager()
     assert network_filter.typed_config.Unpack(manager)
     assert manager.stat_prefix == "graylane"
-    assert manager.rds.route_config_name == ROUTE_CONFIG_NAME
-    assert manager.rds.config_source.HasField("ads")
-    assert manager.rds.config_source.resource_api_version == config_source_pb2.ApiVersion.V3
+    assert not manager.HasField("rds")
+    scoped = manager.scoped_routes
+    assert scoped.name == SCOPED_ROUTES_NAME
+    (fragment,) = scoped.scope_key_builder.fragments
+    extractor = fragment.header_value_extractor
+    # The authority without its port: "cart" and "cart:8080" both key to the scope "cart".
+    assert (extractor.name, extractor.element_separator, extractor.index) == (":authority", ":", 0)
+    for source in (scoped.rds_config_source, scoped.scoped_rds.scoped_rds_config_source):
+        assert source.HasField("ads")
+        assert source.resource_api_version == config_source_pb2.ApiVersion.V3
+    assert not scoped.HasField("scoped_route_configurations_list")
     (router,) = manager.http_filters
     assert router.name == "envoy.filters.http.router"
     assert router.typed_config.Unpack(router_pb2.Router())
@@ -399,15 +424,49 @@ def test_listener_serves_rds_through_the_router() -> None:
 # ------------------------------------------------------------------------------- RDS shape
 
 
-def test_one_virtual_host_per_service_sorted_with_port_wildcard() -> None:
-    config = route_config(render_view(make_view()))
+def test_one_route_config_per_service_holding_exactly_its_virtual_host() -> None:
+    res = render_view(make_view())
 
-    assert config.name == ROUTE_CONFIG_NAME
-    assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [
-        ("cart", ["cart", "cart:*"]),
-        ("gateway", ["gateway", "gateway:*"]),
-        ("stock", ["stock", "stock:*"]),
-    ]
+    assert list(res[resources.ROUTE]) == ["graylane/cart", "graylane/gateway", "graylane/stock"]
+    for service in ("cart", "gateway", "stock"):
+        config = item(res, resources.ROUTE, route_config_name(service))
+        assert config.name == f"graylane/{service}"
+        assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [(service, [service, f"{service}:*"])]
+
+
+def test_one_eager_scope_per_service_keyed_by_its_name_naming_its_route_config() -> None:
+    res = render_view(make_view())
+
+    assert list(res[resources.SCOPED_ROUTE]) == list(res[resources.ROUTE])
+    for service in ("cart", "gateway", "stock"):
+        scope = item(res, resources.SCOPED_ROUTE, route_config_name(service))
+        assert scope.route_configuration_name == route_config_name(service)
+        assert [f.string_key for f in scope.key.fragments] == [service]
+        assert not scope.on_demand
+        assert not scope.HasField("route_configuration")  # fetched by RDS, so it changes alone
+    assert consistency_gaps(res) == ()
+
+
+def test_a_weight_change_changes_only_the_entry_services_route_config() -> None:
+    before = render_view(make_view(lane("blue", weight=10, versions=(("cart", "v2"),))))
+    after = render_view(make_view(lane("blue", weight=20, versions=(("cart", "v2"),))))
+
+    changed = {
+        n for n in after[resources.ROUTE] if after[resources.ROUTE].versions[n] != before[resources.ROUTE].versions[n]
+    }
+    assert changed == {"graylane/gateway"}
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.LISTENER, resources.SCOPED_ROUTE):
+        assert after[type_url].versions == before[type_url].versions
+
+
+def test_scope_keys_are_the_validated_lower_case_service_names() -> None:
+    # Scope keys match the authority exactly (virtual-host domains did so case-insensitively).
+    # Service names are validated lower-case DNS labels (controlplane.model), so the scope of
+    # a service is its name as clients address it; a mixed-case Host finds no scope (404).
+    res = render_view(make_view())
+    keys = [f.string_key for s in res[resources.SCOPED_ROUTE].items.values() for f in s.key.fragments]  # type: ignore[attr-defined]
+    assert keys == ["cart", "gateway", "stock"]
+    assert all(key == key.lower() for key in keys)
 
 
 def test_without_lanes_every_service_routes_to_base() -> None:
@@ -1355,3 +1414,30 @@ def test_gateway_uses_no_deprecated_field() -> None:
     for typed in render_gw().by_type.values():
         for message in typed.items.values():
             assert list(deprecated_fields(message)) == []
+
+
+def test_render_is_the_union_of_each_services_own_resources() -> None:
+    view = effective_view(RICH_VIEW)
+    res = render_view(view)
+    index = ViewIndex(view)
+    seen: dict[str, set[str]] = {t: set() for t in res.by_type}
+    for service in view.services:
+        own = render_service(service, index, connect_timeout_ms=view.connect_timeout_ms)
+        assert own.route_config.name == own.scope.name == route_config_name(service.name)
+        assert [vh.name for vh in own.route_config.virtual_hosts] == [service.name]
+        assert own.clusters.keys() == own.assignments.keys()
+        assert all(parse_cluster_name(name)[0] == service.name for name in own.clusters)  # type: ignore[index]
+        # Every cluster the service's routes use is its own, so its route config waits for nothing else.
+        assert referenced_clusters(own.route_config) <= own.clusters.keys()
+        for type_url, items in (
+            (resources.CLUSTER, own.clusters),
+            (resources.ENDPOINT, own.assignments),
+            (resources.ROUTE, {own.route_config.name: own.route_config}),
+            (resources.SCOPED_ROUTE, {own.scope.name: own.scope}),
+        ):
+            assert not seen[type_url] & items.keys()  # no resource belongs to two services
+            seen[type_url] |= items.keys()
+            for name, message in items.items():
+                assert resources.content_version(message) == res[type_url].versions[name]
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
+        assert seen[type_url] == set(res[type_url].items)

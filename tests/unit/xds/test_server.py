@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
-from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, MESSAGE_TYPES, ROUTE, SCOPED_ROUTE, Resources
 from graylane.xds.server import AdsServer, _DeltaStream, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
@@ -185,23 +186,173 @@ async def test_sotw_reconnect_presenting_current_versions_is_not_resent(ads: Ads
     call.cancel()
 
 
-async def test_routes_wait_for_cluster_and_endpoint_acks(ads: Ads) -> None:
+async def test_scopes_and_routes_wait_for_cluster_and_endpoint_acks(ads: Ads) -> None:
     call = ads.stub.StreamAggregatedResources()
     await call.write(sotw(CLUSTER, node=True))
-    await call.write(sotw(LISTENER))
     cds = await read(call)
-    assert cds.type_url == CLUSTER  # no LDS yet: its route would point at unACKed clusters
+    assert cds.type_url == CLUSTER
+    await call.write(sotw(LISTENER))
+    lds = await read(call)
+    assert lds.type_url == LISTENER  # names no route config: it warms on its scopes
+    await call.write(sotw(LISTENER, version=lds.version_info, nonce=lds.nonce))
+    await call.write(sotw(SCOPED_ROUTE))  # wildcard, as Envoy asks
     await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
     await call.write(sotw(ENDPOINT, ("a|v1",)))
     eds = await read(call)
-    assert eds.type_url == ENDPOINT
+    assert eds.type_url == ENDPOINT  # no scope yet: its routes would use unACKed clusters
     await call.write(sotw(ENDPOINT, ("a|v1",), version=eds.version_info, nonce=eds.nonce))
-    lds = await read(call)
-    assert lds.type_url == LISTENER
-    await call.write(sotw(LISTENER, version=lds.version_info, nonce=lds.nonce))
-    await call.write(sotw(ROUTE, ("graylane",)))
+    srds = await read(call)
+    assert srds.type_url == SCOPED_ROUTE and len(srds.resources) == 1
+    await call.write(sotw(SCOPED_ROUTE, version=srds.version_info, nonce=srds.nonce))
+    await call.write(sotw(ROUTE, ("graylane/a",)))
     rds = await read(call)
     assert rds.type_url == ROUTE and len(rds.resources) == 1
+    call.cancel()
+
+
+async def configure_sotw(
+    ads: Ads,
+    call: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+) -> dict[str, discovery_pb2.DiscoveryResponse]:
+    """Subscribe the way Envoy does (CDS -> EDS names, LDS -> SRDS -> RDS names), ACK all."""
+    latest: dict[str, discovery_pb2.DiscoveryResponse] = {}
+
+    async def step(type_url: str, names: tuple[str, ...] = (), node: bool = False) -> Any:
+        await call.write(sotw(type_url, names, node=node))
+        response = await read(call)
+        assert response.type_url == type_url
+        await call.write(sotw(type_url, names, version=response.version_info, nonce=response.nonce))
+        latest[type_url] = response
+        return [unpack(r) for r in response.resources]
+
+    clusters = await step(CLUSTER, node=True)
+    await step(ENDPOINT, tuple(sorted(c.name for c in clusters)))
+    await step(LISTENER)
+    scopes = await step(SCOPED_ROUTE)
+    await step(ROUTE, tuple(sorted(s.route_configuration_name for s in scopes)))
+    await wait_for(ads, lambda s: ROUTE in s.acked)
+    return latest
+
+
+def unpack(packed: Any) -> Any:
+    message = MESSAGE_TYPES[packed.type_url]()
+    packed.Unpack(message)
+    return message
+
+
+async def test_sotw_rds_sends_only_the_changed_route_config_versioned_as_the_whole_set(ads: Ads) -> None:
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    call = ads.stub.StreamAggregatedResources()
+    first = await configure_sotw(ads, call)
+    assert sorted(unpack(r).name for r in first[ROUTE].resources) == ["graylane/a", "graylane/b"]
+    status = await wait_for(ads, lambda s: ROUTE in s.acked)
+    target = ads.cache.snapshot(DEFAULT_KEY)
+    assert target is not None and status.acked[ROUTE].version == target[ROUTE].version
+
+    # A lane at a: a's routes change (after its new cluster warms); b's route config is not re-sent.
+    ads.cache.set_snapshot(DEFAULT_KEY, gray := snapshot(gray=True, second_service=True))
+    cds = await read(call)
+    assert cds.type_url == CLUSTER
+    await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
+    names = ("a|v1", "a|v2|g", "b|v1")
+    await call.write(sotw(ENDPOINT, names, version=first[ENDPOINT].version_info, nonce=first[ENDPOINT].nonce))
+    eds = await read(call)
+    assert eds.type_url == ENDPOINT
+    assert [unpack(r).cluster_name for r in eds.resources] == ["a|v2|g"]  # only the new one
+    await call.write(sotw(ENDPOINT, names, version=eds.version_info, nonce=eds.nonce))
+    rds = await read(call)
+    assert rds.type_url == ROUTE
+    assert [unpack(r).name for r in rds.resources] == ["graylane/a"]
+    assert rds.version_info == gray[ROUTE].version  # the version of the whole selection
+    await call.write(sotw(ROUTE, ("graylane/a", "graylane/b"), version=rds.version_info, nonce=rds.nonce))
+    status = await wait_for(ads, lambda s: s.acked[ROUTE].version == gray[ROUTE].version)
+    assert status.acked[ROUTE].resources == dict(gray[ROUTE].versions)
+    call.cancel()
+
+
+async def test_sotw_scopes_are_the_whole_set_and_a_shrunk_rds_subscription_moves_the_version(ads: Ads) -> None:
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    call = ads.stub.StreamAggregatedResources()
+    first = await configure_sotw(ads, call)
+
+    assert first[ROUTE].version_info == ads.status().acked[ROUTE].version
+    ads.cache.set_snapshot(DEFAULT_KEY, one := snapshot())  # b goes away
+    srds = await read(call)
+    assert srds.type_url == SCOPED_ROUTE
+    assert [unpack(r).name for r in srds.resources] == ["graylane/a"]  # the whole set, without b
+    # The RDS selection lost b: a response with nothing to carry moves the version.
+    rds = await read(call)
+    assert rds.type_url == ROUTE and list(rds.resources) == []
+    assert rds.version_info == one[ROUTE].version
+    await call.write(sotw(SCOPED_ROUTE, version=srds.version_info, nonce=srds.nonce))
+    # Envoy drops b's scope and with it its RDS subscription (and ACKs).
+    await call.write(sotw(ROUTE, ("graylane/a",), version=rds.version_info, nonce=rds.nonce))
+    status = await wait_for(ads, lambda s: s.acked[ROUTE].version == one[ROUTE].version)
+    assert status.acked[ROUTE].resources == dict(one[ROUTE].versions)
+    # With b's routes gone from the proxy, b's cluster goes too.
+    cds = await read(call)
+    assert cds.type_url == CLUSTER and [unpack(r).name for r in cds.resources] == ["a|v1"]
+    call.cancel()
+
+
+async def test_sotw_a_route_config_whose_response_was_nacked_is_sent_again_with_the_next_change(ads: Ads) -> None:
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    call = ads.stub.StreamAggregatedResources()
+    first = await configure_sotw(ads, call)
+    names = ("graylane/a", "graylane/b")
+
+    # b's endpoints move (EDS only) and a gets a lane: a's route config is NACKed.
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(gray=True, second_service=True))
+    cds = await read(call)
+    await call.write(sotw(CLUSTER, version=cds.version_info, nonce=cds.nonce))
+    eds_names = ("a|v1", "a|v2|g", "b|v1")
+    await call.write(sotw(ENDPOINT, eds_names, version=first[ENDPOINT].version_info, nonce=first[ENDPOINT].nonce))
+    eds = await read(call)
+    await call.write(sotw(ENDPOINT, eds_names, version=eds.version_info, nonce=eds.nonce))
+    rds = await read(call)
+    assert [unpack(r).name for r in rds.resources] == ["graylane/a"]
+    # Before the NACK arrives, the lane goes away again and b changes: the next response
+    # must carry a's route config again (the proxy may hold neither version the server sent).
+    ads.cache.set_snapshot(DEFAULT_KEY, third := snapshot(second_service=True))
+    again = await read(call)
+    assert again.type_url == ROUTE
+    assert [unpack(r).name for r in again.resources] == ["graylane/a"]
+    await call.write(sotw(ROUTE, names, version=first[ROUTE].version_info, nonce=rds.nonce, error="bad a"))  # stale
+    await call.write(sotw(ROUTE, names, version=again.version_info, nonce=again.nonce))
+    status = await wait_for(ads, lambda s: s.acked[ROUTE].version == third[ROUTE].version)
+    assert status.last_nack is None  # the stale NACK was ignored; the ACK covers a as re-sent
+    call.cancel()
+
+
+async def test_delta_with_many_route_configs_sends_only_the_changed_one(ads: Ads) -> None:
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(second_service=True))
+    call = ads.stub.DeltaAggregatedResources()
+    await call.write(delta(CLUSTER, node=True))
+    cds = await dread(call)
+    await call.write(delta(CLUSTER, nonce=cds.nonce))
+    await call.write(delta(ENDPOINT, ("a|v1", "b|v1")))
+    eds = await dread(call)
+    await call.write(delta(ENDPOINT, nonce=eds.nonce))
+    await call.write(delta(SCOPED_ROUTE))  # legacy wildcard, as Envoy asks
+    srds = await dread(call)
+    assert srds.type_url == SCOPED_ROUTE and sorted(r.name for r in srds.resources) == ["graylane/a", "graylane/b"]
+    await call.write(delta(SCOPED_ROUTE, nonce=srds.nonce))
+    await call.write(delta(ROUTE, ("graylane/a", "graylane/b")))
+    rds = await dread(call)
+    assert sorted(r.name for r in rds.resources) == ["graylane/a", "graylane/b"]
+    await call.write(delta(ROUTE, nonce=rds.nonce))
+    await wait_for(ads, lambda s: ROUTE in s.acked)
+
+    # A lane at a: only a's route config changes; b's is not re-sent.
+    ads.cache.set_snapshot(DEFAULT_KEY, snapshot(gray=True, second_service=True))
+    cds = await dread(call)
+    await call.write(delta(CLUSTER, nonce=cds.nonce))
+    await call.write(delta(ENDPOINT, ("a|v2|g",)))
+    eds = await dread(call)
+    await call.write(delta(ENDPOINT, nonce=eds.nonce))
+    rds = await dread(call)
+    assert rds.type_url == ROUTE
+    assert [r.name for r in rds.resources] == ["graylane/a"] and list(rds.removed_resources) == []
     call.cancel()
 
 

@@ -1,0 +1,276 @@
+"""The incremental path equals the full one: render, plan and the snapshot check.
+
+Random change sequences (services, versions, endpoints and remote `via_cluster` versions,
+lanes added / removed / changed, rules, cohorts, invalid weights, whole views rebuilt with
+equal but new objects, lanes reordered, connect timeouts) are rendered both ways; every
+step must give the same names and content versions per type, the same effective view,
+the same ValueError, and a Resources derived from the previous step's (changed / removed
+exactly the difference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from graylane.xds import resources
+from graylane.xds.cache import InconsistentSnapshot, SnapshotCache, consistency_gaps
+from graylane.xds.plan import _plan, plan_derived
+from graylane.xds.render import effective_view, render
+from graylane.xds.renderer import Renderer
+from graylane.xds.resources import Resources
+from graylane.xds.view import (
+    Cohort,
+    Condition,
+    Endpoint,
+    Lane,
+    MatchKind,
+    MatchOp,
+    RoutingView,
+    Rule,
+    ServiceRoute,
+    VersionEndpoints,
+)
+
+PORT = 15001
+SERVICES = [f"s{i}" for i in range(8)]
+VERSIONS = ["v1", "v2", "v3"]
+LANE_NAMES = [f"lane{i}" for i in range(6)]
+
+
+def _rule(rng: random.Random) -> Rule:
+    kind = rng.choice([MatchKind.HEADER, MatchKind.COOKIE, MatchKind.QUERY, MatchKind.PATH])
+    op = rng.choice([MatchOp.EXACT, MatchOp.PREFIX] if kind is MatchKind.PATH else list(MatchOp))
+    value = "" if op is MatchOp.PRESENT else rng.choice(["a", "/b", "c.*"])
+    return Rule((Condition(kind, "" if kind is MatchKind.PATH else "x-k", op, value),))
+
+
+def _lane(rng: random.Random, name: str) -> Lane:
+    services = sorted(rng.sample(SERVICES, rng.randint(0, 3)))
+    return Lane(
+        name=name,
+        entry=rng.choice(SERVICES + ["ghost"]),
+        weight=rng.choice([0, 0, 5, 10, 30, 60]),
+        versions=tuple((s, rng.choice(VERSIONS)) for s in services),
+        rules=tuple(_rule(rng) for _ in range(rng.randint(0, 2))),
+        cohort=rng.choice([None, None, Cohort(MatchKind.HEADER, "x-user")]),
+    )
+
+
+def _endpoints(rng: random.Random, service: str, version: str) -> VersionEndpoints:
+    count = rng.choice([0, 1, 1, 2])
+    return VersionEndpoints(
+        service,
+        version,
+        tuple(Endpoint(f"10.0.0.{rng.randint(1, 3)}", 8000 + rng.randint(0, 2)) for _ in range(count)),
+        via_cluster=rng.choice(["", "", "", "east"]),
+    )
+
+
+def _view(rng: random.Random) -> RoutingView:
+    services = tuple(ServiceRoute(s, rng.choice(VERSIONS)) for s in sorted(rng.sample(SERVICES, 5)))
+    endpoints = tuple(_endpoints(rng, s, v) for s in SERVICES for v in VERSIONS if rng.random() < 0.5)
+    lanes = tuple(_lane(rng, n) for n in sorted(rng.sample(LANE_NAMES, 3)))
+    return RoutingView(services, endpoints, lanes)
+
+
+def _change(rng: random.Random, view: RoutingView) -> RoutingView:
+    """One random change; every object it does not touch is the same object."""
+    op = rng.randrange(11)
+    services, endpoints, lanes = list(view.services), list(view.endpoints), list(view.lanes)
+    if op == 0:  # a service added or removed
+        names = {s.name for s in services}
+        missing = [s for s in SERVICES if s not in names]
+        if missing and (rng.random() < 0.5 or not services):
+            services.append(ServiceRoute(rng.choice(missing), rng.choice(VERSIONS)))
+            services.sort(key=lambda s: s.name)
+        elif services:
+            services.pop(rng.randrange(len(services)))
+    elif op == 1 and services:  # a base version changed
+        i = rng.randrange(len(services))
+        services[i] = ServiceRoute(services[i].name, rng.choice(VERSIONS))
+    elif op in (2, 3):  # endpoints added, removed or changed (remote or not)
+        key = (rng.choice(SERVICES), rng.choice(VERSIONS))
+        found = [i for i, ve in enumerate(endpoints) if (ve.service, ve.version) == key]
+        if found and rng.random() < 0.4:
+            endpoints.pop(found[0])
+        elif found:
+            endpoints[found[0]] = _endpoints(rng, *key)
+        else:
+            endpoints.append(_endpoints(rng, *key))
+    elif op in (4, 5, 6):  # a lane's weight, rules, cohort or versions changed
+        if lanes:
+            i = rng.randrange(len(lanes))
+            fresh = _lane(rng, lanes[i].name)
+            field = rng.choice(["weight", "rules", "cohort", "versions", "entry", "all"])
+            lanes[i] = fresh if field == "all" else dataclasses.replace(lanes[i], **{field: getattr(fresh, field)})
+    elif op == 7:  # a lane added or removed
+        names = {lane.name for lane in lanes}
+        missing = [n for n in LANE_NAMES if n not in names]
+        if missing and (rng.random() < 0.5 or not lanes):
+            lanes.append(_lane(rng, rng.choice(missing)))
+            lanes.sort(key=lambda lane: lane.name)
+        elif lanes:
+            lanes.pop(rng.randrange(len(lanes)))
+    elif op == 8:  # the same view rebuilt: equal objects, none identical
+        return RoutingView(
+            tuple(dataclasses.replace(s) for s in services),
+            tuple(dataclasses.replace(ve) for ve in endpoints),
+            tuple(dataclasses.replace(lane) for lane in lanes),
+            view.connect_timeout_ms,
+        )
+    elif op == 9:  # rare: lanes reordered, or the connect timeout changed
+        if rng.random() < 0.5:
+            rng.shuffle(lanes)
+        else:
+            return dataclasses.replace(view, connect_timeout_ms=rng.choice([250, 1000, 1500]))
+    else:  # several at once
+        for _ in range(3):
+            view = _change(rng, view)
+        return view
+    return RoutingView(tuple(services), tuple(endpoints), tuple(lanes), view.connect_timeout_ms)
+
+
+def _same(incremental: resources.Resources, full: resources.Resources) -> None:
+    for t in resources.PUSH_ORDER:
+        assert dict(incremental[t].versions) == dict(full[t].versions), t
+        assert incremental[t].version == full[t].version, t
+
+
+def _check_derived(out: resources.Resources, before: resources.Resources | None) -> None:
+    if before is None or out is before or not out.base_versions:
+        return
+    for t in resources.PUSH_ORDER:
+        assert out.base_versions[t] == before[t].version
+        typed = out[t]
+        if typed.version == before[t].version:
+            continue
+        assert typed.derives_from(before[t])
+        changed = {n for n, v in typed.versions.items() if before[t].versions.get(n) != v}
+        removed = set(before[t].versions) - set(typed.versions)
+        assert typed.changed == changed, t
+        assert typed.removed == removed, t
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_render_equals_the_full_render_over_random_changes(seed: int) -> None:
+    rng = random.Random(seed)
+    renderer = Renderer(listen_port=PORT)
+    view = _view(rng)
+    before: resources.Resources | None = None
+    for _ in range(60):
+        try:
+            full: resources.Resources | None = render(view, listen_port=PORT)
+        except ValueError as exc:
+            full, error = None, str(exc)
+        if full is None:
+            with pytest.raises(ValueError) as raised:
+                renderer.render(view)
+            assert str(raised.value) == error
+            before = None
+        else:
+            out = renderer.render(view)
+            _same(out, full)
+            _check_derived(out, before)
+            assert renderer.effective_view(view) == effective_view(view)
+            before = out
+        view = _change(rng, view)
+
+
+def test_a_weight_change_rerenders_one_route_config_and_shares_everything_else() -> None:
+    rng = random.Random(7)
+    view = _view(rng)
+    while any(sum(lane.weight for lane in view.lanes if lane.entry == s) > 100 for s in SERVICES):
+        view = _view(rng)
+    view = RoutingView(
+        view.services,
+        view.endpoints,
+        (Lane("a", view.services[0].name, 10, ()),),
+    )
+    renderer = Renderer(listen_port=PORT)
+    first = renderer.render(view)
+    second = renderer.render(dataclasses.replace(view, lanes=(dataclasses.replace(view.lanes[0], weight=20),)))
+    assert second[resources.ROUTE].changed == {f"graylane/{view.services[0].name}"}
+    assert second[resources.ROUTE].removed == frozenset()
+    for t in (resources.CLUSTER, resources.ENDPOINT, resources.SCOPED_ROUTE, resources.LISTENER):
+        assert second[t] is first[t]
+    assert renderer.render(second_view := dataclasses.replace(view)) is not None
+    assert renderer.effective_view(second_view) == second_view
+
+
+def test_ports_share_the_rendered_services() -> None:
+    view = RoutingView((ServiceRoute("a", "v1"),), (VersionEndpoints("a", "v1", (Endpoint("10.0.0.1", 1),)),))
+    renderer = Renderer()
+    one, two = renderer.render(view, listen_port=1), renderer.render(view, listen_port=2)
+    assert one[resources.ROUTE] is two[resources.ROUTE]
+    assert one[resources.LISTENER].version != two[resources.LISTENER].version
+    _same(two, render(view, listen_port=2))
+
+
+def _renders(seed: int, steps: int = 60) -> list[resources.Resources]:
+    """The renderer's outputs over one random change sequence (views that render)."""
+    rng = random.Random(seed)
+    renderer = Renderer(listen_port=PORT)
+    view = _view(rng)
+    out = []
+    for _ in range(steps):
+        try:
+            out.append(renderer.render(view))
+        except ValueError:
+            pass
+        view = _change(rng, view)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_derived_plan_equals_the_full_plan(seed: int) -> None:
+    derived = 0
+    outputs = _renders(seed)
+    for before, target in zip(outputs, outputs[1:], strict=False):
+        holding = {t: before[t] for t in resources.PUSH_ORDER}
+        fast = plan_derived(target, holding)
+        if fast is None:
+            continue
+        derived += 1
+        held_items = {t: before[t].items for t in resources.PUSH_ORDER}
+        slow = _plan(target, acked=held_items, sent=held_items)
+        assert fast.held == slow.held
+        for t in resources.PUSH_ORDER:
+            assert dict(fast.resources[t].versions) == dict(slow.resources[t].versions), t
+            assert fast.resources[t].version == slow.resources[t].version
+            planned = fast.resources[t]
+            assert planned is target[t] or planned is before[t] or planned.derives_from(before[t])
+    assert derived > 0
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_derived_snapshots_are_checked_like_full_ones(seed: int) -> None:
+    """set_snapshot's O(changes) check refuses exactly what the full check refuses."""
+    rng = random.Random(seed)
+    cache = SnapshotCache()
+    for target in _renders(seed):
+        stored = cache.snapshot("k")
+        candidate = target
+        if stored is not None and rng.random() < 0.5:
+            # Break the derived snapshot: drop, or add, something a reference needs.
+            t = rng.choice([resources.CLUSTER, resources.ENDPOINT, resources.ROUTE])
+            names = sorted(target[t].items)
+            if names and rng.random() < 0.7:
+                candidate = Resources(
+                    target.by_type | {t: target[t].replaced({}, [rng.choice(names)])}, target.base_versions
+                )
+            elif t == resources.ENDPOINT:
+                orphan = ClusterLoadAssignment(cluster_name="orphan")
+                candidate = Resources(
+                    target.by_type | {t: target[t].replaced({"orphan": orphan})}, target.base_versions
+                )
+        gaps = consistency_gaps(candidate)
+        if gaps:
+            with pytest.raises(InconsistentSnapshot):
+                cache.set_snapshot("k", candidate)
+            assert cache.snapshot("k") is stored
+        else:
+            cache.set_snapshot("k", candidate)
+            assert cache.snapshot("k") is candidate
