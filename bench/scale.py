@@ -46,6 +46,7 @@ RELEASE = "fleet"
 LANE = "fleet-v2"
 WEIGHTS = tuple(range(5, 101, 5))
 FLEET_LISTEN_PORT = 15000
+_TREE = str(pathlib.Path(__file__).resolve().parent.parent) + "/"  # graylane's own frames start with this
 
 
 @dataclass
@@ -95,9 +96,19 @@ class LagProbe:
         self.phase_max_ms = 0.0
         self.samples: list[float] = []  # this phase's lags
         self.last_tick = time.perf_counter()
+        # Cleared while idle is measured: the probe's 100 wakes a second are ~1.4 % of a core.
+        self.running = asyncio.Event()
+        self.running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self.running.is_set()
 
     async def run(self) -> None:
         while True:
+            if self.paused:
+                await self.running.wait()
+                self.last_tick = time.perf_counter()  # a pause is not a stall
             t0 = time.perf_counter()
             await asyncio.sleep(self.tick)
             self.last_tick = time.perf_counter()
@@ -119,6 +130,7 @@ class GcPauses:
         self.total_ms = [0.0, 0.0, 0.0]
         self.max_ms = [0.0, 0.0, 0.0]
         self.count = [0, 0, 0]
+        self.full: list[tuple[float, float]] = []  # (when it ended, monotonic; ms) of each full pass
         self._t0 = 0.0
 
     def __enter__(self) -> GcPauses:
@@ -137,6 +149,8 @@ class GcPauses:
         self.total_ms[gen] += ms
         self.count[gen] += 1
         self.max_ms[gen] = max(self.max_ms[gen], ms)
+        if gen == 2:
+            self.full.append((time.monotonic(), ms))
 
 
 class StallSampler:
@@ -164,12 +178,12 @@ class StallSampler:
         self._thread.join(1.0)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            if time.perf_counter() - self.probe.last_tick < self.after:
+        while not self._stop.wait(self.every if not self.probe.paused else 0.5):
+            if self.probe.paused or time.perf_counter() - self.probe.last_tick < self.after:
                 continue
             frame = sys._current_frames().get(self._thread_id)
             stack = traceback.extract_stack(frame) if frame is not None else []
-            ours = [f for f in stack if "/work/main/" in f.filename and "/bench/" not in f.filename]
+            ours = [f for f in stack if f.filename.startswith(_TREE) and "/bench/" not in f.filename]
             where = ours[-3:] if ours else stack[-3:]
             names = (f"{pathlib.Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(where))
             self.samples[" < ".join(names)] += 1
@@ -232,6 +246,36 @@ class ServeReplica:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5.0)
+
+
+_ETCD_COUNTERS = (
+    "etcd_mvcc_put_total",
+    "etcd_mvcc_txn_total",
+    "etcd_mvcc_range_total",
+    "etcd_disk_wal_fsync_duration_seconds_sum",
+    "etcd_disk_wal_fsync_duration_seconds_count",
+    "etcd_network_client_grpc_received_bytes_total",
+    "etcd_debugging_mvcc_watch_stream_total",
+    "process_cpu_seconds_total",
+)
+
+
+def _etcd_counters(endpoint: str) -> dict[str, float]:
+    """A few of etcd's own counters (its /metrics), summed over their labels."""
+    import urllib.request
+
+    found: dict[str, float] = {}
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in _ETCD_COUNTERS:
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def _tracked_types() -> collections.Counter[str]:
+    """Objects the collector tracks, by type name."""
+    return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
 
 
 def _free_port() -> int:
@@ -391,6 +435,7 @@ async def bench_fleet(
                 break
             await asyncio.sleep(0.5)
         res.lag_connect_ms = probe.phase()
+        connected_at = time.monotonic()
         if os.environ.get("GRAYLANE_BENCH_GC_FREEZE"):
             # Experiment: what the collector costs once the connected fleet's objects are
             # out of its reach (gc.freeze moves every tracked object to the permanent generation).
@@ -398,6 +443,9 @@ async def bench_fleet(
             gc.freeze()
             res.notes.append(f"GRAYLANE_BENCH_GC_FREEZE: gc.freeze() after connect ({gc.get_freeze_count():,} objects)")
         print(f"  fleet {streams}: configured {res.configured} in {time.monotonic() - t_connect:.1f} s", flush=True)
+        # Which kinds of tracked objects the changes leave behind (they make the collector's
+        # full passes longer and more frequent): counted before and after the changes.
+        gc_types = _tracked_types() if os.environ.get("GRAYLANE_BENCH_GC_TYPES") else None
 
         def envoy_route_versions() -> dict[str, str]:
             out = {e.node_id: "" for e in real}
@@ -406,6 +454,24 @@ async def bench_fleet(
                     ack = p.acked.get(resources.ROUTE)
                     out[node_id] = ack.version if ack else ""
             return out
+
+        # Diagnosis of the API's latency: the same etcd read GetRelease makes, from inside the
+        # control plane's loop (no API hop), timed during the changes.
+        store_ms: list[tuple[float, float]] = []
+        store_probe = None
+        if os.environ.get("GRAYLANE_BENCH_STORE_PROBE"):
+
+            async def probe_store() -> None:
+                while True:
+                    t = time.perf_counter()
+                    with contextlib.suppress(Exception):
+                        await local.store.get_release(RELEASE)
+                    store_ms.append((time.time(), (time.perf_counter() - t) * 1000))
+                    await asyncio.sleep(0.02)
+
+            store_probe = asyncio.create_task(probe_store())
+            stack.callback(store_probe.cancel)
+        etcd_before = _etcd_counters(local.etcd.endpoint) if store_probe is not None else {}
 
         # Changes: NextBatch, then wait for every client to see the new weight.
         profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_PROFILE") else None
@@ -461,6 +527,16 @@ async def bench_fleet(
                 )
                 await asyncio.sleep(0.5)
             changes_window[1] = time.time()
+            if store_probe is not None:
+                inside = [ms for t, ms in store_ms if changes_window[0] <= t <= changes_window[1]]
+                after_counts = _etcd_counters(local.etcd.endpoint)
+                moved = {k: after_counts[k] - etcd_before.get(k, 0.0) for k in after_counts}
+                print(f"  etcd during the changes: {moved}", flush=True)
+                print(
+                    f"  in-loop store.get_release during the changes: p50 {pct(inside, 0.5):.1f} / "
+                    f"p99 {pct(inside, 0.99):.1f} / max {max(inside, default=float('nan')):.0f} ms ({len(inside)})",
+                    flush=True,
+                )
             res.lag_change_p99_ms = pct(probe.samples, 0.99)
             res.lag_change_ms = probe.phase()
             if sampler is not None:
@@ -470,6 +546,13 @@ async def bench_fleet(
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
+            if gc_types is not None:
+                after = _tracked_types()
+                grown = sorted(((after[k] - gc_types.get(k, 0), k) for k in after), reverse=True)[:12]
+                total = f"{sum(gc_types.values()):,} -> {sum(after.values()):,}"
+                print(f"  tracked objects {total}; grown most:", flush=True)
+                for n, kind in grown:
+                    print(f"    {n:+9,}  {kind}", flush=True)
 
             # Idle: the fleet connected, nothing changing.
             idle_profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_IDLE_PROFILE") else None
@@ -488,11 +571,13 @@ async def bench_fleet(
                     break
             else:
                 res.notes.append("idle measured while the tracker still changed (not quiet within 30 s)")
+            probe.running.clear()  # the bench's own probes are not the fleet's idle cost
             cpu0 = cpu_seconds()
             others_idle_cpu0 = [o.cpu_seconds() for o in others]
             t0 = time.monotonic()
             await asyncio.sleep(idle_seconds)
             res.idle_cpu_pct = 100 * (cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            probe.running.set()
             res.others_idle_cpu_pct = [
                 100 * (o.cpu_seconds() - c0) / (time.monotonic() - t0)
                 for o, c0 in zip(others, others_idle_cpu0, strict=True)
@@ -521,6 +606,12 @@ async def bench_fleet(
         res.lag_max_ms = probe.max_ms
         res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
         res.gc_count = list(gc_pauses.count)
+        during_connect = [ms for t, ms in gc_pauses.full if t <= connected_at]
+        res.notes.append(
+            f"full GC passes while connecting: {len(during_connect)} ({sum(during_connect):.0f} ms); "
+            f"after: {len(gc_pauses.full) - len(during_connect)} "
+            f"({sum(ms for t, ms in gc_pauses.full if t > connected_at):.0f} ms)"
+        )
     res.elapsed_s = time.monotonic() - started
     return res
 
@@ -560,7 +651,10 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("clients that missed a change (sum)", str(sum(res.missing))),
         ("weight change -> real Envoy ACKed (median)", f"{med(res.envoy_ms):.0f} ms"),
         ("control-plane CPU per change (median)", f"{med(res.cpu_ms):.0f} ms"),
-        ("control-plane CPU idle (fleet connected, API prober paused)", f"{res.idle_cpu_pct:.1f} % of a core"),
+        (
+            "control-plane CPU idle (fleet connected, API prober and loop-lag probe paused)",
+            f"{res.idle_cpu_pct:.1f} % of a core",
+        ),
         ("control-plane RSS now / peak", f"{res.rss_mib:.0f} / {res.hwm_mib:.0f} MiB"),
         (
             "event-loop lag max: connect / changes / whole run",

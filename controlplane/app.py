@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -75,8 +76,10 @@ class ControlPlane:
         otlp_endpoint: str | None = None,
         embedded_etcd: EtcdProcess | None = None,
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
+        tune_collector: bool = True,
     ) -> None:
         self.store = store
+        self._tune_collector = tune_collector
         self._embedded_etcd = embedded_etcd
         # Why this replica cannot use etcd now (None: it can); health says NOT_SERVING meanwhile.
         self.store_problem: str | None = None
@@ -183,6 +186,8 @@ class ControlPlane:
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if self._tune_collector:
+                stack.enter_context(CollectorTuning(self.tracker))
             if self._http_listen is not None:
                 self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
             stack.push_async_callback(self.telemetry.flush)
@@ -286,6 +291,82 @@ class ControlPlane:
                 for service in (SERVICE_NAME, ""):
                     await health_servicer.set(service, status)
             await asyncio.sleep(_PROBE_SECONDS)
+
+
+class CollectorTuning:
+    """Keeps the garbage collector's full passes short while a fleet is connected.
+
+    A replica serving 10,000 proxies holds over a million long-lived objects (streams, their
+    state, rendered views); a full (generation-2) pass scans them all with the loop held
+    (1-1.5 s each at that size), and a fleet's changes start one every few changes. Right
+    after each full pass, what survived it is moved to the permanent generation
+    (`gc.freeze`), so the next one scans only what was made since.
+
+    The price: a frozen object that later becomes cyclic garbage (the state of a stream that
+    ended, say) is not reclaimed while frozen. So once the streams that ended since the last
+    thaw reach half of those open (and at least `_THAW_MIN_ENDED`), the next full pass is let
+    to scan everything (`gc.unfreeze`) and reclaims them; freezing resumes after it. Young
+    passes are also made rarer (every `_YOUNG_THRESHOLD` allocations instead of 700), so
+    fewer of a change's short-lived objects live long enough to be promoted.
+
+    Process-wide (the collector is): the first replica of a process installs it, the last
+    one to stop removes it and thaws everything.
+    """
+
+    _installed = 0
+    _previous_threshold: tuple[int, int, int] = gc.get_threshold()
+
+    def __init__(self, tracker: ProxyTracker) -> None:
+        self._tracker = tracker
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._baseline = (tracker.membership, tracker.open_streams())
+        self.freezes = 0
+        self.thaws = 0
+
+    def __enter__(self) -> CollectorTuning:
+        self._loop = asyncio.get_running_loop()
+        if CollectorTuning._installed == 0:
+            CollectorTuning._previous_threshold = gc.get_threshold()
+            gc.set_threshold(_YOUNG_THRESHOLD, *CollectorTuning._previous_threshold[1:])
+        CollectorTuning._installed += 1
+        gc.callbacks.append(self._on_collect)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_collect)
+        self._loop = None  # a pass already handed to the loop does nothing now
+        CollectorTuning._installed -= 1
+        if CollectorTuning._installed == 0:
+            gc.set_threshold(*CollectorTuning._previous_threshold)
+            gc.unfreeze()
+
+    def _on_collect(self, phase: str, info: Mapping[str, int]) -> None:
+        # Runs inside the collector, on whichever thread allocated: act on the loop.
+        if phase == "stop" and info.get("generation") == 2 and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.after_full_pass)
+
+    def ended_since_thaw(self) -> int:
+        """Streams that ended since the last thaw (opens plus ends is the membership count)."""
+        membership, open_then = self._baseline
+        changes = self._tracker.membership - membership
+        opened_net = self._tracker.open_streams() - open_then
+        return (changes - opened_net) // 2
+
+    def after_full_pass(self) -> None:
+        if self._loop is None:
+            return
+        ended = self.ended_since_thaw()
+        if ended >= max(_THAW_MIN_ENDED, self._tracker.open_streams() // 2):
+            gc.unfreeze()
+            self._baseline = (self._tracker.membership, self._tracker.open_streams())
+            self.thaws += 1
+        else:
+            gc.freeze()
+            self.freezes += 1
+
+
+_YOUNG_THRESHOLD = 5_000
+_THAW_MIN_ENDED = 1_000
 
 
 async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:

@@ -148,10 +148,17 @@ class DataPlane:
         self._wake: asyncio.TimerHandle | None = None
         # Incremental convergence: the proxy facts as last built (and what they were built
         # from), each release's last count, and the (release, view, numbers) last found written.
-        self._facts_marks: tuple[object, ...] = ()
-        self._facts_list: list[views.ProxyFacts] = []
+        self._own = _OwnProxies(tracker)
+        self._agent_facts: list[views.ProxyFacts] = []
+        self._carried_marks: tuple[object, ...] = ()
         self._groups: views.ProxyGroups = ()
         self._facts_seq = 0
+        self._nack_streams: set[str] = set()  # own streams holding a NACK not yet looked at
+        self._progress_sent: tuple[dict[str, ReplicaProgress], ReplicaFleet, float] | None = None
+        self._written: dict[
+            str, tuple[float, str, views.Progress]
+        ] = {}  # release -> (when, target, count) last written
+        self._fleet_sent: ReplicaFleet | None = None
         self._counts: dict[str, _Count] = {}
         self._settled: dict[str, tuple[model.Release, xv.RoutingView, views.Progress]] = {}
         # Other replicas' progress (and fleets) as last read, and those that went silent or
@@ -375,32 +382,19 @@ class DataPlane:
             while not self.proxies_current():
                 await asyncio.sleep(0.02)
 
-    def _carried(self, proxy: ProxyStatus) -> xv.RoutingView | None:
-        ack = proxy.acked.get(ROUTE)
-        return self._history.get(ROUTE, ack.version) if ack is not None else None
-
-    def _facts(self, proxies: list[ProxyStatus]) -> list[views.ProxyFacts]:
-        """Every proxy this replica counts: its own streams and its agents' proxies."""
-        facts = [
-            views.ProxyFacts(
-                name=_proxy_name(p),
-                carried=self._carried(p),
-                since=p.connected_at,
-                problem=p.last_nack.message if p.last_nack is not None else "",
-            )
-            for p in proxies
-        ]
-        if self._agents is not None:
-            for session in self._agents.sessions.values():
-                for node_id, version in sorted(session.proxies.items()):
-                    nack = session.nacks.get(node_id)
-                    facts.append(
-                        views.ProxyFacts(
-                            name=f"{node_id} (cluster {session.info.name})",
-                            carried=session.views.get(version),
-                            problem=nack.last_nack.message if nack is not None else "",
-                        )
+    def _agent_proxy_facts(self) -> list[views.ProxyFacts]:
+        """The agents' proxies, as their agents last reported them."""
+        facts = []
+        for session in self._agents.sessions.values() if self._agents is not None else ():
+            for node_id, version in sorted(session.proxies.items()):
+                nack = session.nacks.get(node_id)
+                facts.append(
+                    views.ProxyFacts(
+                        name=f"{node_id} (cluster {session.info.name})",
+                        carried=session.views.get(version),
+                        problem=nack.last_nack.message if nack is not None else "",
                     )
+                )
         return facts
 
     def _target_since(self, release: model.Release, fingerprint: str, now: float) -> float:
@@ -420,15 +414,20 @@ class DataPlane:
         snap, view, effective = self._snap, self._view, self._effective
         if snap is None or view is None or effective is None:
             return
-        proxies = list(self._tracker.proxies().values())
-        await self._handle_nacks(snap, proxies)
-        facts_seq = self._refresh_facts(proxies)
+        facts_seq = self._refresh_facts()
+        if self._nack_streams:
+            found = (self._tracker.get(stream) for stream in sorted(self._nack_streams))
+            await self._handle_nacks(snap, [p for p in found if p is not None])
+            self._nack_streams.clear()  # kept when handling failed: looked at again next pass
+        elif self._agents is not None and self._agents.sessions:
+            await self._handle_nacks(snap, [])
         now = time.time()
         followed = [r for r in snap.releases if views.followed(r)]
         names = {r.name for r in followed}
         self._targets = {n: t for n, t in self._targets.items() if n in names}
         self._counts = {n: c for n, c in self._counts.items() if n in names}
         self._settled = {n: c for n, c in self._settled.items() if n in names}
+        self._written = {n: w for n, w in self._written.items() if n in names}
         # This replica's count per followed release, made once: published, and summed by the leader.
         counted: dict[str, tuple[views.Progress, str, float]] = {}
         for r in followed:
@@ -456,13 +455,13 @@ class DataPlane:
             )
             self._counts[r.name] = _Count(r, view, effective, facts_seq, progress, fp, since)
             counted[r.name] = (progress, fp, since)
-        if self._on_progress is not None:
-            self._on_progress(
-                {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()},
-                self._fleet(proxies),
-            )
-        leading = self._is_leader is None or self._is_leader()
         deadlines: list[float] = []
+        if self._on_progress is not None:
+            mine = {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+            held_until = self._publish_progress(mine, self._fleet(), now)
+            if held_until is not None:
+                deadlines.append(held_until)
+        leading = self._is_leader is None or self._is_leader()
         for release in followed:
             progress, fingerprint, since = counted[release.name]
             total = self._with_other_replicas(release.name, progress, fingerprint, since, now)
@@ -473,29 +472,60 @@ class DataPlane:
             unchanged = settled is not None and settled[0] is release and settled[1] is view and settled[2] == total
             fresh_until = since + _MOVE_GRACE_SECONDS if now < since + _MOVE_GRACE_SECONDS else None
             updated = None
-            if leading and not unchanged:
+            written = self._written.get(release.name)
+            if leading and not unchanged and written is not None and _converging(written, fingerprint, total, now):
+                # Only more proxies carry it, not all yet: that count is written at most every
+                # _PROGRESS_INTERVAL_SECONDS (a fleet's ACKs moved it on every pass, and each
+                # write is an etcd transaction every replica's watch reads back).
+                deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
+            elif leading and not unchanged:
                 updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
                 if deferred and fresh_until is not None:
                     deadlines.append(fresh_until)
                 elif updated is None:
                     self._settled[release.name] = (release, view, total)
+                else:
+                    self._written[release.name] = (now, fingerprint, total)
             if views.routed(release):
                 await self._advance_timed_pause(updated or release)
         self._wake_at(min(deadlines) if deadlines else None, now)
 
-    def _refresh_facts(self, proxies: list[ProxyStatus]) -> int:
-        """Rebuild the proxy facts (grouped by carried view) when a proxy or an agent report
-        changed since the last pass; return the facts' sequence (it moves on each change)."""
-        marks = (self._history.generation, *proxies)
-        facts = self._facts(proxies) if self._agents is not None or marks != self._facts_marks else self._facts_list
-        # Tuple equality tests identity first: the tracker hands out one frozen status per
-        # stream until that stream changes, and one view object per rendered configuration.
-        if facts != self._facts_list or self._facts_seq == 0:
-            self._facts_list = facts
-            self._groups = views.group_by_carried(facts)
+    def _refresh_facts(self) -> int:
+        """Bring the proxy facts (grouped by carried view) up to date: this replica's streams
+        from what the tracker changed since the last pass, the views their route versions
+        name, and the agents' proxies; return the facts' sequence (it moves on each change)."""
+        moved, nacked = self._own.refresh()
+        self._nack_streams.update(nacked)
+        own = self._own.groups(lambda version: self._history.get(ROUTE, version))
+        agent_facts = self._agent_proxy_facts() if self._agents is not None else []
+        # Tuple equality tests identity first: one view object per rendered configuration.
+        marks = tuple(g.carried for g in own)
+        if moved or marks != self._carried_marks or agent_facts != self._agent_facts or self._facts_seq == 0:
+            self._carried_marks = marks
+            self._agent_facts = agent_facts
+            self._groups = (*own, *views.group_by_carried(agent_facts))
             self._facts_seq += 1
-        self._facts_marks = marks
         return self._facts_seq
+
+    def _publish_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet, now: float) -> float | None:
+        """Hand this replica's count to `on_progress` (it writes it to etcd for the leader):
+        at once when anything but a converged count moved, or when a release became fully
+        converged here; a count that only grew towards it at most every
+        `_PROGRESS_INTERVAL_SECONDS` (a fleet's ACKs move it on every pass, and each write
+        carries every node id). Returns when to publish what was held back (None: nothing).
+
+        Held back, the published count is behind in the safe direction only: fewer
+        converged of the same proxies and targets, so no replica reads more than ACKs show."""
+        assert self._on_progress is not None
+        last = self._progress_sent
+        if last is not None and last[0] == progress and last[1] is fleet:
+            return None
+        due = last[2] + _PROGRESS_INTERVAL_SECONDS if last is not None else now
+        if last is not None and now < due and _only_grew(last[0], progress) and last[1] is fleet:
+            return due
+        self._on_progress(progress, fleet)
+        self._progress_sent = (progress, fleet, now)
+        return None
 
     def _wake_at(self, deadline: float | None, now: float) -> None:
         """Reconcile again when the first lagging proxy would be declared gone."""
@@ -506,13 +536,18 @@ class DataPlane:
             delay = max(0.0, deadline - now) + 0.01
             self._wake = asyncio.get_running_loop().call_later(delay, self._changed.set)
 
-    def _fleet(self, proxies: list[ProxyStatus]) -> ReplicaFleet:
+    def _fleet(self) -> ReplicaFleet:
         """The proxies this replica counts, as published for the others: node ids of its own
         streams, and a count per agent cluster (agents' proxies reconnect with their agent)."""
         clusters = {}
         if self._agents is not None:
             clusters = {name: len(session.proxies) for name, session in self._agents.sessions.items()}
-        return ReplicaFleet(clusters=clusters, nodes=frozenset(p.node_id for p in proxies))
+        nodes = self._own.nodes()
+        kept = self._fleet_sent
+        if kept is not None and kept.nodes is nodes and kept.clusters == clusters:
+            return kept  # the same object while nothing changed: compared by identity downstream
+        self._fleet_sent = ReplicaFleet(clusters=clusters, nodes=nodes)
+        return self._fleet_sent
 
     def _remember_silent(self, snap: Snapshot) -> None:
         """Replicas whose progress vanished (their lease expired: killed, stalled, cut off)
@@ -771,17 +806,16 @@ class DataPlane:
         written = await self._releases.update_status(counted_on.name, change)
         return written, deferred
 
-    def _prune_handled(self, proxies: list[ProxyStatus]) -> None:
+    def _prune_handled(self) -> None:
         """Keep the handled-NACK keys of live streams and reporting agents only."""
-        live = {p.stream for p in proxies}
-        if self._agents is not None:
-            live |= {f"agent:{name}" for name in self._agents.sessions}
-        self._handled_nacks = {k for k in self._handled_nacks if k[0] in live}
+        agents = {f"agent:{name}" for name in self._agents.sessions} if self._agents is not None else set()
+        self._handled_nacks = {k for k in self._handled_nacks if k[0] in self._own or k[0] in agents}
 
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         """Pause the releases whose lanes a rejected configuration introduced: for this
-        replica's own proxies and for those the agents report from their clusters."""
-        self._prune_handled(proxies)
+        replica's own proxies (`proxies`: those changed since they were last looked at) and
+        for those the agents report from their clusters."""
+        self._prune_handled()
         for proxy in proxies:
             nack = proxy.last_nack
             if nack is None or (proxy.stream, nack.nonce) in self._handled_nacks:
@@ -860,9 +894,140 @@ class DataPlane:
                 )
 
 
+class _OwnProxies:
+    """This replica's own streams as convergence counts them, grouped by the route version
+    each ACKed, kept up to date from the streams the tracker changed since the last read.
+
+    A pass then costs what changed (at 10,000 streams, rebuilding every proxy's facts on
+    every pass held the loop for most of each change); a group's view is looked up by its
+    version on each read, so a view remembered or forgotten since is seen at once.
+    """
+
+    def __init__(self, tracker: ProxyTracker) -> None:
+        self._tracker = tracker
+        self._seq: int | None = None  # the tracker's sequence last read (None: never)
+        self._proxies: dict[str, tuple[str, views.ProxyFacts, str]] = {}  # stream -> (route version, facts, node)
+        self._groups: dict[str, views.ProxyGroup] = {}  # route version ("": none ACKed) -> its streams
+        self._nodes: tuple[int, frozenset[str]] | None = None  # (tracker membership, node ids)
+        self._node_streams: Counter[str] = Counter()  # node id -> its streams here
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._proxies
+
+    def __len__(self) -> int:
+        return len(self._proxies)
+
+    def refresh(self) -> tuple[bool, list[str]]:
+        """Take in the tracker's changes: whether any stream's facts changed, and the
+        changed streams that hold a NACK."""
+        tracker = self._tracker
+        seq = tracker.seq
+        if seq == self._seq:
+            return False, []
+        changed = tracker.changed_since(self._seq) if self._seq is not None else None
+        if changed is None:  # first read, or too far behind: everything
+            changed = [*tracker.proxies(), *self._proxies]
+        self._seq = seq
+        moved = False
+        nacked = []
+        for stream in changed:
+            # Read without building the stream's frozen status: only its first sight does.
+            version = tracker.acked_version(stream, ROUTE)
+            nack = tracker.last_nack(stream)
+            if self._set(stream, version, nack.message if nack is not None else ""):
+                moved = True
+            if nack is not None:
+                nacked.append(stream)
+        return moved, nacked
+
+    def _set(self, stream: str, version: str | None, problem: str) -> bool:
+        """Stream `stream` now holds route `version` (None: it ended) with NACK message `problem`."""
+        old = self._proxies.get(stream)
+        if version is None:
+            if old is None:
+                return False
+            del self._proxies[stream]
+            self._leave(old[0], stream)
+            self._node_streams[old[2]] -= 1
+            if not self._node_streams[old[2]]:
+                del self._node_streams[old[2]]
+            return True
+        if old is not None:
+            if old[0] == version and old[1].problem == problem:
+                return False
+            self._leave(old[0], stream)
+            name, since, node = old[1].name, old[1].since, old[2]
+        else:
+            status = self._tracker.get(stream)
+            assert status is not None  # open: it has a version
+            name, since, node = _proxy_name(status), status.connected_at, status.node_id
+            self._node_streams[node] += 1
+        # `carried` is the group's (looked up by version on each read), not the member's.
+        facts = views.ProxyFacts(name=name, carried=None, since=since, problem=problem)
+        group = self._groups.get(version)
+        if group is None:
+            group = self._groups[version] = views.ProxyGroup()
+        group.add(stream, facts)
+        self._proxies[stream] = (version, facts, node)
+        return True
+
+    def _leave(self, version: str, stream: str) -> None:
+        group = self._groups[version]
+        group.remove(stream)
+        if not len(group):
+            del self._groups[version]
+
+    def groups(self, carried: Callable[[str], xv.RoutingView | None]) -> list[views.ProxyGroup]:
+        """The groups, each with the view its route version names now (`carried(version)`)."""
+        found = []
+        for version, group in self._groups.items():
+            group.carried = carried(version) if version else None
+            found.append(group)
+        return found
+
+    def nodes(self) -> frozenset[str]:
+        """The node ids of the streams as last refreshed (made again only when one opened or ended)."""
+        membership = self._tracker.membership
+        if self._nodes is None or self._nodes[0] != membership:
+            self._nodes = (membership, frozenset(self._node_streams))
+        return self._nodes[1]
+
+
 # How long after a release's target moves its "0 of N converged" status is taken as said by
 # the move itself (the names of the proxies yet to ACK are written after it, if still due).
 _MOVE_GRACE_SECONDS = 0.5
+
+
+# A count that only grew (more proxies converged, not all yet) is published at most this often.
+_PROGRESS_INTERVAL_SECONDS = 0.25
+
+
+def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgress]) -> bool:
+    """Whether `after` differs from `before` only by converged counts that grew and are
+    still short of their proxies (the same releases, targets and proxy counts)."""
+    if before.keys() != after.keys():
+        return False
+    for name, now in after.items():
+        was = before[name]
+        if now.lane != was.lane or now.proxies != was.proxies or now.converged < was.converged:
+            return False
+        if now.converged != was.converged and now.converged >= now.proxies:
+            return False
+    return True
+
+
+def _converging(written: tuple[float, str, views.Progress], fingerprint: str, p: views.Progress, now: float) -> bool:
+    """Whether `p` only adds converged proxies to the count last `written` (same target,
+    proxies, gone and rejecting; not reached) within the write interval: a status that may
+    wait, as it says less than the ACKs show, never more."""
+    at, target, was = written
+    return (
+        now < at + _PROGRESS_INTERVAL_SECONDS
+        and target == fingerprint
+        and not p.reached
+        and p.converged >= was.converged
+        and (p.proxies, p.gone, p.rejecting) == (was.proxies, was.gone, was.rejecting)
+    )
 
 
 def _implied_by_move(status: model.ReleaseStatus, p: views.Progress) -> bool:

@@ -9,7 +9,10 @@ builds it from the previous one and the releases that changed), `release_progres
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -406,12 +409,18 @@ class ProxyFacts:
     problem: str = ""  # Envoy's message of its last NACK ("" none)
 
 
+def _shown(p: ProxyFacts) -> tuple[str, str]:
+    """The order proxies are named in a status: by name (then message), so the names shown
+    do not depend on the order the proxies were counted in."""
+    return (p.name, p.problem)
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     proxies: int  # proxies counted: those of the fleet not declared gone
     converged: int
     applied: bool  # the target as intended is what was rendered (no version lacks endpoints)
-    lagging: tuple[str, ...] = ()  # first NAMES_SHOWN of the proxies - converged, with why
+    lagging: tuple[str, ...] = ()  # first NAMES_SHOWN by name of the proxies - converged, with why
     gone: int = 0  # declared gone by the stale-proxy rule
     gone_names: tuple[str, ...] = ()
     next_deadline: float | None = None  # unix time the next lagging proxy would be declared gone
@@ -422,15 +431,85 @@ class Progress:
         return self.applied and self.proxies > 0 and self.converged == self.proxies
 
 
-ProxyGroups = Sequence[tuple[xv.RoutingView | None, Sequence[ProxyFacts]]]
+class ProxyGroup:
+    """Proxies that carry one view (`carried`), by key, with what a count needs of them kept
+    as members come and go: how many reject, the earliest connection, the first names.
+
+    A count asks each group once whether its view carries a release's target; a group that
+    does not is summed from these figures, so a pass costs the groups, not the proxies (only
+    once proxies may be declared gone are the members looked at one by one). The owner may
+    set `carried` again (the view a route version names may become known or forgotten).
+    """
+
+    __slots__ = ("carried", "_members", "_rejecting", "_since", "_first")
+
+    def __init__(self, carried: xv.RoutingView | None = None) -> None:
+        self.carried = carried
+        self._members: dict[str, ProxyFacts] = {}
+        self._rejecting = 0
+        self._since: float | None = None  # the earliest `since` (None: not known now)
+        self._first: list[ProxyFacts] | None = None  # the NAMES_SHOWN first by `_shown` (None: not known now)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    @property
+    def members(self) -> Mapping[str, ProxyFacts]:
+        return MappingProxyType(self._members)
+
+    @property
+    def rejecting(self) -> int:
+        return self._rejecting
+
+    def add(self, key: str, p: ProxyFacts) -> None:
+        """Add (or replace) the member `key`."""
+        if key in self._members:
+            self.remove(key)
+        self._members[key] = p
+        if p.problem:
+            self._rejecting += 1
+        if self._since is not None and p.since < self._since:
+            self._since = p.since
+        first = self._first
+        if first is not None and (len(first) < NAMES_SHOWN or _shown(p) < _shown(first[-1])):
+            bisect.insort(first, p, key=_shown)
+            del first[NAMES_SHOWN:]
+
+    def remove(self, key: str) -> None:
+        p = self._members.pop(key, None)
+        if p is None:
+            return
+        if p.problem:
+            self._rejecting -= 1
+        if self._since is not None and p.since <= self._since:
+            self._since = None
+        if self._first is not None and any(q is p for q in self._first):
+            self._first = None
+
+    def earliest_since(self) -> float:
+        if self._since is None:
+            self._since = min((p.since for p in self._members.values()), default=math.inf)
+        return self._since
+
+    def first_named(self) -> Sequence[ProxyFacts]:
+        """The NAMES_SHOWN members named first (in status order)."""
+        if self._first is None:
+            self._first = heapq.nsmallest(NAMES_SHOWN, self._members.values(), key=_shown)
+        return self._first
+
+
+ProxyGroups = Sequence[ProxyGroup]
 
 
 def group_by_carried(proxies: Iterable[ProxyFacts]) -> ProxyGroups:
     """Proxies grouped by the view they carry (by identity: the view history hands out one
     object per rendered configuration), so a count asks each view once, not each proxy."""
-    groups: dict[int, tuple[xv.RoutingView | None, list[ProxyFacts]]] = {}
-    for p in proxies:
-        groups.setdefault(id(p.carried), (p.carried, []))[1].append(p)
+    groups: dict[int, ProxyGroup] = {}
+    for i, p in enumerate(proxies):
+        group = groups.get(id(p.carried))
+        if group is None:
+            group = groups[id(p.carried)] = ProxyGroup(p.carried)
+        group.add(str(i), p)
     return tuple(groups.values())
 
 
@@ -450,7 +529,7 @@ def release_progress(
     lane counts: a rolled-back release is carried once its lane is gone). A proxy that has
     not carried it for `stale_seconds` after the later of the target appearing
     (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
-    named in `gone_names`.
+    named in `gone_names`. The result does not depend on the order of `proxies`.
     """
     return grouped_progress(
         release,
@@ -474,41 +553,63 @@ def grouped_progress(
     stale_seconds: float,
 ) -> Progress:
     """`release_progress` over proxies already grouped by the view they carry: a group
-    whose view carries the target counts whole; only the others are looked at one by one."""
+    whose view carries the target counts whole, and so does one that does not while none
+    of its proxies can be stale yet; only then are the members looked at one by one."""
     want = target_in(intended, release)
     applied = want == target_in(effective, release)
     count = converged = gone = rejecting = 0
-    lagging: list[str] = []
-    gone_names: list[str] = []
-    deadline: float | None = None
-    for carried, members in groups:
-        if carried is not None and target_in(carried, release) == want:
-            count += len(members)
-            converged += len(members)
+    behind: list[ProxyGroup] = []
+    for group in groups:
+        if not len(group):
             continue
-        for p in members:
-            why = f"rejected: {p.problem[:_MESSAGE_SHOWN]}" if p.problem else "has not ACKed it"
-            due = max(target_since, p.since) + stale_seconds
-            if now >= due:
-                gone += 1
-                if len(gone_names) < NAMES_SHOWN:
-                    gone_names.append(f"{p.name}: {why} within {stale_seconds:g}s")
-                continue
-            count += 1
-            rejecting += 1 if p.problem else 0
-            deadline = due if deadline is None else min(deadline, due)
-            if len(lagging) < NAMES_SHOWN:
-                lagging.append(f"{p.name}: {why}")
+        carried = group.carried
+        if carried is not None and target_in(carried, release) == want:
+            count += len(group)
+            converged += len(group)
+        else:
+            behind.append(group)
+    if not behind:
+        return Progress(proxies=count, converged=converged, applied=applied)
+    lagging: list[ProxyFacts] = []
+    gone_found: list[ProxyFacts] = []
+    deadline: float | None = None
+    if now < target_since + stale_seconds:
+        # Nobody can be gone before the target is stale_seconds old (a proxy's deadline is
+        # the later of the target appearing and the proxy connecting, plus stale_seconds).
+        for group in behind:
+            count += len(group)
+            rejecting += group.rejecting
+            lagging.extend(group.first_named())
+        deadline = max(target_since, min(g.earliest_since() for g in behind)) + stale_seconds
+    else:
+        for group in behind:
+            for p in group.members.values():
+                due = max(target_since, p.since) + stale_seconds
+                if now >= due:
+                    gone += 1
+                    gone_found.append(p)
+                    continue
+                count += 1
+                rejecting += 1 if p.problem else 0
+                deadline = due if deadline is None else min(deadline, due)
+                lagging.append(p)
     return Progress(
         proxies=count,
         converged=converged,
         applied=applied,
-        lagging=tuple(lagging),
+        lagging=tuple(f"{p.name}: {_why(p)}" for p in heapq.nsmallest(NAMES_SHOWN, lagging, key=_shown)),
         gone=gone,
-        gone_names=tuple(gone_names),
+        gone_names=tuple(
+            f"{p.name}: {_why(p)} within {stale_seconds:g}s"
+            for p in heapq.nsmallest(NAMES_SHOWN, gone_found, key=_shown)
+        ),
         next_deadline=deadline,
         rejecting=rejecting,
     )
+
+
+def _why(p: ProxyFacts) -> str:
+    return f"rejected: {p.problem[:_MESSAGE_SHOWN]}" if p.problem else "has not ACKed it"
 
 
 def blame_nack(rejected: xv.RoutingView | None, accepted: xv.RoutingView | None) -> frozenset[str]:

@@ -12,7 +12,9 @@ log of what was pushed to it. A NACK is data: it is recorded here, never raised.
 Readers get frozen `ProxyStatus` values (`proxies()`), and wait for changes with a change
 sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. That is how
 the control plane computes convergence ("have all proxies of this cluster ACKed the route
-version that carries batch i?") and pauses a release on a NACK.
+version that carries batch i?") and pauses a release on a NACK. A reader that keeps its own
+state per stream asks `changed_since(seq)` for the streams changed after the sequence it
+last read, so its work per change is what changed, not the whole fleet.
 
 Listeners (`add_listener`) hear each change as a small `ProxyEvent`, synchronously and after
 the state is updated: that is how telemetry counts pushes, ACKs and NACKs and times push to
@@ -40,6 +42,7 @@ from google.protobuf import json_format
 log = logging.getLogger(__name__)
 
 SOTW = "sotw"
+_JOURNAL_SLACK = 1024  # ended streams remembered beyond the open ones (see `changed_since`)
 DELTA = "delta"
 PUSH_LOG_SIZE = 64
 
@@ -97,6 +100,9 @@ class Push:
     removed: tuple[str, ...] = ()  # delta removed_resources
 
 
+_PushRow = tuple[str, str, str, tuple[str, ...], tuple[str, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyStatus:
     node_id: str
@@ -107,9 +113,15 @@ class ProxyStatus:
     metadata: Mapping[str, Any]
     acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
     last_nack: Nack | None = None
-    pushes: tuple[Push, ...] = ()
+    # The push log as plain tuples (see `_Record.pushes`); read it as `pushes`.
+    push_log: tuple[_PushRow, ...] = ()
     stream: str = ""  # the stream id: the proxy's identity in `ProxyTracker.proxies()`
     connected_at: float = 0.0  # unix time the stream opened
+
+    @property
+    def pushes(self) -> tuple[Push, ...]:
+        """What was pushed to the proxy, oldest first (the last PUSH_LOG_SIZE responses)."""
+        return tuple(Push(*row) for row in self.push_log)
 
     def has_acked(self, type_url: str, name: str, version: str) -> bool:
         """Whether the proxy holds resource `name` of `type_url` at content `version`."""
@@ -133,10 +145,13 @@ class _Record:
     metadata: Mapping[str, Any]
     stream: str
     connected_at: float
-    # Replaced on each ACK, never mutated: the frozen views share it.
-    acked: Mapping[str, TypeAck] = field(default_factory=lambda: MappingProxyType({}))
+    # Updated in place on each ACK (a fleet ACKs four types per change); views copy it.
+    acked: dict[str, TypeAck] = field(default_factory=dict)
     last_nack: Nack | None = None
-    pushes: deque[Push] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
+    # Each push as a plain tuple of strings (`_PushRow`): the collector stops tracking those
+    # after one young pass, so a fleet's push logs (up to PUSH_LOG_SIZE per stream, hundreds
+    # of thousands at 10,000 streams) are not scanned by its full passes; Push on read.
+    pushes: deque[_PushRow] = field(default_factory=lambda: deque(maxlen=PUSH_LOG_SIZE))
     frozen: ProxyStatus | None = None
 
     def view(self) -> ProxyStatus:
@@ -148,9 +163,9 @@ class _Record:
                 protocol=self.protocol,
                 connected=True,
                 metadata=self.metadata,
-                acked=self.acked,
+                acked=MappingProxyType(dict(self.acked)),
                 last_nack=self.last_nack,
-                pushes=tuple(self.pushes),
+                push_log=tuple(self.pushes),
                 stream=self.stream,
                 connected_at=self.connected_at,
             )
@@ -179,6 +194,11 @@ class ProxyTracker:
         self._views: dict[str, ProxyStatus] = {}
         self._dirty: set[str] = set()
         self._view: tuple[int, Mapping[str, ProxyStatus]] | None = None
+        # stream id -> the sequence of its last change, in the order of those changes (an
+        # entry moves to the end when its stream changes again), ended streams included
+        # until pruned; `_horizon`: the newest sequence pruned with them.
+        self._journal: dict[str, int] = {}
+        self._horizon = 0
 
     @property
     def seq(self) -> int:
@@ -202,6 +222,35 @@ class ProxyTracker:
             self._dirty.clear()
             self._view = (self._seq, MappingProxyType(dict(views)))
         return self._view[1]
+
+    def changed_since(self, seq: int) -> list[str] | None:
+        """Stream ids that opened, changed or ended after change `seq`, newest first; None
+        when the tracker no longer remembers that far back (read `proxies()` whole then).
+
+        An id listed here is either open (`get` answers it) or ended (`get` answers None).
+        """
+        if seq < self._horizon:
+            return None
+        found = []
+        for stream in reversed(self._journal):
+            if self._journal[stream] <= seq:
+                break
+            found.append(stream)
+        return found
+
+    def acked_version(self, stream: str, type_url: str) -> str | None:
+        """The version of `type_url` the open `stream` last ACKed ("" none; None: not open),
+        without building its status (a reader of many streams' changes asks this)."""
+        record = self._proxies.get(stream)
+        if record is None:
+            return None
+        ack = record.acked.get(type_url)
+        return ack.version if ack is not None else ""
+
+    def last_nack(self, stream: str) -> Nack | None:
+        """The last NACK of the open `stream` (None: none, or not open)."""
+        record = self._proxies.get(stream)
+        return record.last_nack if record is not None else None
 
     def open_streams(self) -> int:
         """How many streams are open now (without building their statuses)."""
@@ -263,8 +312,7 @@ class ProxyTracker:
             connected_at=now(),
         )
         self._membership += 1
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
         self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
 
     def disconnected(self, stream: str) -> None:
@@ -278,17 +326,16 @@ class ProxyTracker:
             if not streams:
                 del self._by_node[record.node_id]
         self._membership += 1
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
+        self._prune_journal()
         self._tell(ProxyEvent(DISCONNECTED, record.node_id, stream=stream))
 
     def pushed(self, stream: str, push: Push) -> None:
         record = self._proxies.get(stream)
         if record is not None:
-            record.pushes.append(push)
+            record.pushes.append((push.type_url, push.version, push.nonce, push.resources, push.removed))
             record.frozen = None
-            self._dirty.add(stream)
-            self._bump()
+            self._touch(stream)
             self._tell(ProxyEvent(PUSHED, record.node_id, push.type_url, push.version, stream=stream))
 
     def acked(self, stream: str, type_url: str, ack: TypeAck) -> None:
@@ -299,10 +346,9 @@ class ProxyTracker:
         # shared by every stream that ACKed the same set); anything else is copied.
         if not isinstance(ack.resources, MappingProxyType):
             ack = replace(ack, resources=MappingProxyType(dict(ack.resources)))
-        record.acked = MappingProxyType({**record.acked, type_url: ack})
+        record.acked[type_url] = ack
         record.frozen = None
-        self._dirty.add(stream)
-        self._bump()
+        self._touch(stream)
         self._tell(ProxyEvent(ACKED, record.node_id, type_url, ack.version, stream=stream))
 
     def nacked(self, stream: str, nack: Nack) -> None:
@@ -310,8 +356,7 @@ class ProxyTracker:
         if record is not None:
             record.last_nack = replace(nack, stream=stream)
             record.frozen = None
-            self._dirty.add(stream)
-            self._bump()
+            self._touch(stream)
             self._tell(ProxyEvent(NACKED, record.node_id, nack.type_url, nack.version, stream=stream))
 
     def _tell(self, event: ProxyEvent) -> None:
@@ -320,6 +365,28 @@ class ProxyTracker:
                 listener(event)
             except Exception:
                 log.exception("proxy listener %r failed on %s", listener, event)
+
+    def _touch(self, stream: str) -> None:
+        """`stream` changed: a new sequence, noted for `proxies()` and `changed_since`."""
+        self._dirty.add(stream)
+        self._bump()
+        journal = self._journal
+        journal.pop(stream, None)
+        journal[stream] = self._seq
+
+    def _prune_journal(self) -> None:
+        """Forget ended streams once they outnumber the open ones (plus some slack): a reader
+        that last read before the newest of them reads everything again."""
+        journal = self._journal
+        if len(journal) <= 2 * len(self._proxies) + _JOURNAL_SLACK:
+            return
+        kept: dict[str, int] = {}
+        for stream, seq in journal.items():
+            if stream in self._proxies:
+                kept[stream] = seq
+            else:
+                self._horizon = max(self._horizon, seq)
+        self._journal = kept
 
     def _bump(self) -> None:
         self._seq += 1
