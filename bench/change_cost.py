@@ -98,6 +98,13 @@ class _Streams:
     def push(self) -> list[tuple[Any, list[bytes]]]:
         return [(self.sotw, self.sotw.push()), (self.delta, self.delta.push())]
 
+    @staticmethod
+    def wanted(stream: Any, type_url: str) -> list[str]:
+        """The EDS / RDS names a proxy asks for, as Envoy does: one per cluster it was sent,
+        one per scope it was sent (the scope and its route config share the name)."""
+        source = resources.CLUSTER if type_url == resources.ENDPOINT else resources.SCOPED_ROUTE
+        return sorted(set(stream.types[source].sent) | stream.types[type_url].names)
+
     def ack(self, pushed: list[tuple[Any, list[bytes]]]) -> float:
         """ACK every response (and what the streams send after the ACKs); the seconds the
         streams spent handling them (building the requests is the proxy's work: not counted)."""
@@ -107,7 +114,7 @@ class _Streams:
             for body in bodies:
                 if stream is self.sotw:
                     resp = discovery_pb2.DiscoveryResponse.FromString(body)
-                    names = [] if resp.type_url in WILDCARD else sorted(self.sotw.types[resp.type_url].names)
+                    names = [] if resp.type_url in WILDCARD else self.wanted(stream, resp.type_url)
                     requests.append(
                         discovery_pb2.DiscoveryRequest(
                             type_url=resp.type_url,
@@ -118,8 +125,12 @@ class _Streams:
                     )
                 else:
                     dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+                    st = stream.types[dresp.type_url]
+                    new = [] if st.wildcard else sorted(set(self.wanted(stream, dresp.type_url)) - st.names)
                     requests.append(
-                        discovery_pb2.DeltaDiscoveryRequest(type_url=dresp.type_url, response_nonce=dresp.nonce)
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            type_url=dresp.type_url, response_nonce=dresp.nonce, resource_names_subscribe=new
+                        )
                     )
             t0 = time.perf_counter()
             for request in requests:
