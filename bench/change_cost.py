@@ -132,6 +132,29 @@ class _Streams:
                             type_url=dresp.type_url, response_nonce=dresp.nonce, resource_names_subscribe=new
                         )
                     )
+            # Like Envoy: new clusters (scopes) it was sent make it ask for their endpoints
+            # (route configs) even when no EDS (RDS) response came in this round.
+            answered = {request.type_url for request in requests}
+            for type_url in (resources.ENDPOINT, resources.ROUTE):
+                st = stream.types[type_url]
+                names = self.wanted(stream, type_url)
+                if type_url in answered or set(names) == st.names:
+                    continue
+                if stream is self.sotw:
+                    requests.append(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=type_url,
+                            version_info=st.sotw_version,
+                            response_nonce=st.latest_nonce,
+                            resource_names=names,
+                        )
+                    )
+                else:
+                    requests.append(
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            type_url=type_url, resource_names_subscribe=sorted(set(names) - st.names)
+                        )
+                    )
             t0 = time.perf_counter()
             for request in requests:
                 stream.handle(request)
