@@ -1,6 +1,6 @@
 """The control-plane cost of one release's change, stage by stage, at 1,000 and 10,000 services.
 
-`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7] [--change new-lane]`
+`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7] [--change new-lane] [--xds DIR]`
 
 For a view of n services and n/10 live lanes (`make_view`, section 1 of bench/run.py), one
 lane's weight changes (or, with `--change new-lane`, a release starts: a new version with
@@ -30,13 +30,31 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from envoy.service.discovery.v3 import discovery_pb2
-from graylane.xds import render as xds_render
-from graylane.xds import resources
-from graylane.xds import server as xds_server
-from graylane.xds.cache import SnapshotCache
-from graylane.xds.tracker import ProxyTracker
-from graylane.xds.view import (
+
+def _use_xds(directory: str) -> None:
+    """Make `graylane.xds` the package in `directory` (as bench/route_bytes.py --xds)."""
+    import types
+
+    import graylane
+
+    module = types.ModuleType("graylane.xds")
+    module.__path__ = [str(pathlib.Path(directory).resolve())]
+    sys.modules["graylane.xds"] = module
+    graylane.xds = module  # type: ignore[attr-defined]
+
+
+# `--xds DIR`: measure another revision's xds/ (`git archive <commit> xds | tar -x -C DIR/..`),
+# before / after from one script. Read before anything imports graylane.xds.
+if __name__ == "__main__" and "--xds" in sys.argv:
+    _use_xds(sys.argv[sys.argv.index("--xds") + 1])
+
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+from graylane.xds import render as xds_render  # noqa: E402
+from graylane.xds import resources  # noqa: E402
+from graylane.xds import server as xds_server  # noqa: E402
+from graylane.xds.cache import SnapshotCache  # noqa: E402
+from graylane.xds.tracker import ProxyTracker  # noqa: E402
+from graylane.xds.view import (  # noqa: E402
     Condition,
     Endpoint,
     Lane,
@@ -242,6 +260,7 @@ def main() -> None:
     parser.add_argument("--services", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--change", choices=sorted(CHANGES), default="weight")
+    parser.add_argument("--xds", help="another revision's xds/ directory (see the module docstring)")
     args = parser.parse_args()
     print("| services | full render ms | render ms | set_snapshot ms | push ms | ack ms | total ms | bytes |")
     print("|---|---|---|---|---|---|---|---|")
