@@ -424,8 +424,10 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
         return None
     if old.typed.version == new.typed.version:
         names: list[str] = []  # one content: nothing differs
+        removed: tuple[str, ...] = ()
     elif new.typed.derives_from(old.typed):
         names = sorted(new.typed.changed)
+        removed = tuple(sorted(new.typed.removed))
     else:
         return None
     changed = {name: new.items[name] for name in names}
@@ -434,7 +436,6 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
             version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
         )
         return _Diff(changed, (), response.SerializeToString())
-    removed = tuple(sorted(new.typed.removed)) if names else ()
     delta_response = discovery_pb2.DeltaDiscoveryResponse(
         system_version_info=new.version,
         resources=[
