@@ -1,6 +1,6 @@
 """The control-plane cost of one release's change, stage by stage, at 1,000 and 10,000 services.
 
-`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7] [--change new-lane]`
+`.venv/bin/python -P bench/change_cost.py [--services 1000 10000] [--reps 7] [--change new-lane] [--xds DIR]`
 
 For a view of n services and n/10 live lanes (`make_view`, section 1 of bench/run.py), one
 lane's weight changes (or, with `--change new-lane`, a release starts: a new version with
@@ -30,13 +30,31 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from envoy.service.discovery.v3 import discovery_pb2
-from graylane.xds import render as xds_render
-from graylane.xds import resources
-from graylane.xds import server as xds_server
-from graylane.xds.cache import SnapshotCache
-from graylane.xds.tracker import ProxyTracker
-from graylane.xds.view import (
+
+def _use_xds(directory: str) -> None:
+    """Make `graylane.xds` the package in `directory` (as bench/route_bytes.py --xds)."""
+    import types
+
+    import graylane
+
+    module = types.ModuleType("graylane.xds")
+    module.__path__ = [str(pathlib.Path(directory).resolve())]
+    sys.modules["graylane.xds"] = module
+    graylane.xds = module  # type: ignore[attr-defined]
+
+
+# `--xds DIR`: measure another revision's xds/ (`git archive <commit> xds | tar -x -C DIR/..`),
+# before / after from one script. Read before anything imports graylane.xds.
+if __name__ == "__main__" and "--xds" in sys.argv:
+    _use_xds(sys.argv[sys.argv.index("--xds") + 1])
+
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+from graylane.xds import render as xds_render  # noqa: E402
+from graylane.xds import resources  # noqa: E402
+from graylane.xds import server as xds_server  # noqa: E402
+from graylane.xds.cache import SnapshotCache  # noqa: E402
+from graylane.xds.tracker import ProxyTracker  # noqa: E402
+from graylane.xds.view import (  # noqa: E402
     Condition,
     Endpoint,
     Lane,
@@ -98,6 +116,13 @@ class _Streams:
     def push(self) -> list[tuple[Any, list[bytes]]]:
         return [(self.sotw, self.sotw.push()), (self.delta, self.delta.push())]
 
+    @staticmethod
+    def wanted(stream: Any, type_url: str) -> list[str]:
+        """The EDS / RDS names a proxy asks for, as Envoy does: one per cluster it was sent,
+        one per scope it was sent (the scope and its route config share the name)."""
+        source = resources.CLUSTER if type_url == resources.ENDPOINT else resources.SCOPED_ROUTE
+        return sorted(set(stream.types[source].sent) | stream.types[type_url].names)
+
     def ack(self, pushed: list[tuple[Any, list[bytes]]]) -> float:
         """ACK every response (and what the streams send after the ACKs); the seconds the
         streams spent handling them (building the requests is the proxy's work: not counted)."""
@@ -107,7 +132,7 @@ class _Streams:
             for body in bodies:
                 if stream is self.sotw:
                     resp = discovery_pb2.DiscoveryResponse.FromString(body)
-                    names = [] if resp.type_url in WILDCARD else sorted(self.sotw.types[resp.type_url].names)
+                    names = [] if resp.type_url in WILDCARD else self.wanted(stream, resp.type_url)
                     requests.append(
                         discovery_pb2.DiscoveryRequest(
                             type_url=resp.type_url,
@@ -118,8 +143,35 @@ class _Streams:
                     )
                 else:
                     dresp = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+                    st = stream.types[dresp.type_url]
+                    new = [] if st.wildcard else sorted(set(self.wanted(stream, dresp.type_url)) - st.names)
                     requests.append(
-                        discovery_pb2.DeltaDiscoveryRequest(type_url=dresp.type_url, response_nonce=dresp.nonce)
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            type_url=dresp.type_url, response_nonce=dresp.nonce, resource_names_subscribe=new
+                        )
+                    )
+            # Like Envoy: new clusters (scopes) it was sent make it ask for their endpoints
+            # (route configs) even when no EDS (RDS) response came in this round.
+            answered = {request.type_url for request in requests}
+            for type_url in (resources.ENDPOINT, resources.ROUTE):
+                st = stream.types[type_url]
+                names = self.wanted(stream, type_url)
+                if type_url in answered or set(names) == st.names:
+                    continue
+                if stream is self.sotw:
+                    requests.append(
+                        discovery_pb2.DiscoveryRequest(
+                            type_url=type_url,
+                            version_info=st.sotw_version,
+                            response_nonce=st.latest_nonce,
+                            resource_names=names,
+                        )
+                    )
+                else:
+                    requests.append(
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            type_url=type_url, resource_names_subscribe=sorted(set(names) - st.names)
+                        )
                     )
             t0 = time.perf_counter()
             for request in requests:
@@ -208,6 +260,7 @@ def main() -> None:
     parser.add_argument("--services", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--change", choices=sorted(CHANGES), default="weight")
+    parser.add_argument("--xds", help="another revision's xds/ directory (see the module docstring)")
     args = parser.parse_args()
     print("| services | full render ms | render ms | set_snapshot ms | push ms | ack ms | total ms | bytes |")
     print("|---|---|---|---|---|---|---|---|")

@@ -4,7 +4,7 @@ One SotW client and one delta client (hand-built requests over grpc.aio on 127.0
 subscribe the way Envoy does: CDS and LDS wildcard, EDS for the clusters they hold, and
 for a listener naming a route config (RDS) that name, for one using scoped routes SRDS
 (wildcard) and then RDS for the route configs the scopes name. Once both ACKed the whole
-snapshot of `make_view(n)` (bench/run.py section 1: n services, every 10th with a lane),
+snapshot of `make_view(n)` (bench/change_cost.py, section 1 of bench/run.py: n services, every 10th with a lane),
 one lane's weight changes; the figure is the size of every DiscoveryResponse each client
 receives until it ACKed the new snapshot again (serialised bytes, without gRPC framing).
 
@@ -42,7 +42,7 @@ def use_xds(directory: str) -> None:
 
 
 def make_view(n: int) -> Any:
-    """bench/run.py's section-1 view (kept in step with `make_view` there)."""
+    """The section-1 view of bench/run.py (kept in step with `make_view` in bench/change_cost.py)."""
     from graylane.xds.view import (
         Condition,
         Endpoint,

@@ -272,6 +272,43 @@ def _held_refs(held: Held) -> tuple[object, ...]:
     return tuple(tuple(items.values()) for items in held.values())
 
 
+def _consistent(
+    holding: Mapping[str, TypedResources],
+    changes: Mapping[str, tuple[frozenset[str], ...]],
+    warming: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether `holding`, each set of which is the base's or the target's (both consistent),
+    has no dangling reference (but the endpoints of the `warming` clusters). Only a
+    resource the target changed or removed can refer across the two (an unchanged one
+    refers to names both hold), so only those are checked.
+    """
+    clusters, endpoints = holding[CLUSTER].items, holding[ENDPOINT].items
+    routes = holding[ROUTE].items
+    for type_url, (names, gone) in changes.items():
+        items = holding[type_url].items
+        for name in names | gone:
+            message = items.get(name)
+            if message is None:
+                continue
+            if type_url == CLUSTER:
+                assert isinstance(message, cluster_pb2.Cluster)
+                if uses_eds(message) and eds_name(message) not in endpoints and name not in warming:
+                    return False
+            elif type_url == ROUTE:
+                assert isinstance(message, route_pb2.RouteConfiguration)
+                if not route_clusters(message) <= clusters.keys():
+                    return False
+            elif type_url == SCOPED_ROUTE:
+                assert isinstance(message, scoped_route_pb2.ScopedRouteConfiguration)
+                if message.route_configuration_name not in routes:
+                    return False
+            elif type_url == LISTENER:
+                assert isinstance(message, listener_pb2.Listener)
+                if not listener_route_configs(message) <= routes.keys():
+                    return False
+    return True
+
+
 def plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     """The resources one proxy may be sent now, given what it ACKed and was sent.
 
@@ -311,10 +348,12 @@ def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
 def plan_derived(target: Resources, holding: Mapping[str, TypedResources]) -> Plan | None:
     """`plan(target, acked=holding, sent=holding)` in O(changes), or None where it does not apply.
 
-    Applies when the stream has ACKed and been sent exactly `holding` and `target` was
-    derived from a configuration with those sets (`Resources.base_versions`): `holding`
-    is then a consistent snapshot the cache held, `target` is consistent too, and only
-    what changed between them can be held back or kept:
+    Applies when the stream has ACKed and been sent exactly `holding`, each of whose sets
+    is the target's own (content) or the one the target's derives from
+    (`Resources.base_versions`): in sync with the previous snapshot, or part way to the
+    new one (clusters ACKed, routes still held). The target is consistent (the cache
+    checked it), and so is the base; the holding is checked to be consistent too, in
+    O(changes). Then only what changed can be held back or kept:
     * a removed cluster stays while a route config the proxy holds routes to it; the only
       held route configs that can are those the target changed or removed;
     * a changed or added route config waits until its clusters are ACKed (with their
@@ -327,18 +366,33 @@ def plan_derived(target: Resources, holding: Mapping[str, TypedResources]) -> Pl
         return Plan(target, frozenset())
     if not target.base_versions:
         return None
+    # Per type, what the target changed from its base, and from what the stream holds.
+    base_changes: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
     changed: dict[str, frozenset[str]] = {}
     removed: dict[str, frozenset[str]] = {}
     for type_url in PUSH_ORDER:
         held_set, typed = holding.get(type_url), target.by_type.get(type_url)
-        if held_set is None or typed is None or target.base_versions.get(type_url) != held_set.version:
+        base = target.base_versions.get(type_url)
+        if held_set is None or typed is None or base is None:
             return None
-        if typed.version == held_set.version:
-            changed[type_url] = removed[type_url] = frozenset()
-        elif typed.derives_from(held_set):
-            changed[type_url], removed[type_url] = typed.changed, typed.removed
+        if typed.version == base:
+            base_changes[type_url] = (frozenset(), frozenset())
+        elif typed.base_version == base:
+            base_changes[type_url] = (typed.changed, typed.removed)
         else:
             return None
+        if held_set.version == typed.version:
+            changed[type_url] = removed[type_url] = frozenset()
+        elif held_set.version == base:
+            changed[type_url], removed[type_url] = base_changes[type_url]
+        else:
+            return None
+    # A cluster the target added may still lack its endpoints in what the stream holds
+    # (CDS ACKed, EDS on its way): harmless where the stream holds the base's route
+    # configs, none of which routes to it (the target's that do are changed ones, checked).
+    warming = target[CLUSTER].added if holding[ROUTE].version == target.base_versions[ROUTE] else frozenset()
+    if not _consistent(holding, base_changes, warming):
+        return None
     # Per type: names whose planned content is the one the proxy holds (or, where it holds
     # none, that are left out) although the target changed them.
     restore: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
@@ -351,7 +405,7 @@ def plan_derived(target: Resources, holding: Mapping[str, TypedResources]) -> Pl
             if rc is not None:
                 assert isinstance(rc, route_pb2.RouteConfiguration)
                 live |= route_clusters(rc)
-        kept = removed[CLUSTER] & live
+        kept = {name for name in live if name not in target[CLUSTER].items and name in holding[CLUSTER].items}
         restore[CLUSTER] |= kept
         for name in sorted(kept):
             cluster = holding[CLUSTER].items[name]

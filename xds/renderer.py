@@ -29,6 +29,8 @@ graylane.controlplane, graylane.agent.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import operator
 import threading
 from collections.abc import Hashable, Iterable, Sequence
 from types import MappingProxyType
@@ -310,6 +312,12 @@ class Renderer:
             changed.add(lane.name)
         if len(state.raw_lanes) != len(new):
             raise _Full
+        if len(old) == len(new):
+            # Lanes replaced in place (a weight, a rule...): no position moved. The indexes
+            # where the two differ, found at C speed; each must hold the same name.
+            moved = itertools.compress(range(len(new)), map(operator.is_not, old, new))
+            if all(old[i].name == new[i].name for i in moved):
+                return changed
         position = {lane.name: i for i, lane in enumerate(new)}
         survivors_before = [name for name in state.position if name in position]
         survivors_before.sort(key=state.position.__getitem__)

@@ -170,6 +170,7 @@ class TypedResources:
         "base_version",
         "changed",
         "removed",
+        "added",
         "names_token",
         "_items",
         "_versions",
@@ -182,6 +183,7 @@ class TypedResources:
     base_version: str
     changed: frozenset[str]
     removed: frozenset[str]
+    added: frozenset[str]  # the names of `changed` the base did not hold
     # The same object in a set derived from this one with the same names (only contents
     # changed): a reader that found the names equal to something need not compare again.
     names_token: object
@@ -208,6 +210,7 @@ class TypedResources:
         self.base_version = base_version
         self.changed = changed
         self.removed = removed
+        self.added = _EMPTY
         self.names_token = object()
 
     @property
@@ -227,7 +230,7 @@ class TypedResources:
         versions: dict[str, str] = self._versions
         changed: list[str] = []
         removed: list[str] = []
-        added = False
+        added: list[str] = []
         for name, message in upserts.items():
             version = encoded(message).version
             old = self._versions.get(name)
@@ -238,7 +241,7 @@ class TypedResources:
             if old is not None:
                 total -= _item_digest(name, old)
             else:
-                added = True
+                added.append(name)
             total += _item_digest(name, version)
             items[name] = message
             versions[name] = version
@@ -261,6 +264,7 @@ class TypedResources:
         out._init(
             self.type_url, items, versions, total % _SET_MODULUS, self.version, frozenset(changed), frozenset(removed)
         )
+        out.added = frozenset(added)
         if not added and not removed:
             out.names_token = self.names_token
         return out

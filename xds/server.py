@@ -198,9 +198,10 @@ class _Selection:
     blocked: bool
     remembered: bool = False  # its set is in the cache's content history
     _sotw_body: bytes | None = None
-    # The planned set itself, where the selection is all of it (a wildcard, or names equal
-    # to the planned ones): then `items` / `versions` are its own, and a selection whose
-    # set derives from another's differs from it by `typed.changed` / `typed.removed`.
+    # The selection as a set: the planned set itself where the selection is all of it (a
+    # wildcard, or names equal to the planned ones), or that set less a few names; `items`
+    # / `versions` are its own, and a selection whose set derives from another's differs
+    # from it by `typed.changed` / `typed.removed`.
     typed: TypedResources | None = None
 
     @functools.cached_property
@@ -348,7 +349,9 @@ class _Selections:
                 # Most of the set (a subscription catching up with new names): the set less
                 # what is not wanted, its version in O(dropped).
                 part = typed.replaced({}, drop)
-                selection = _Selection(st.type_url, part.shared_items(), part.shared_versions(), part.version, blocked)
+                selection = _Selection(
+                    st.type_url, part.shared_items(), part.shared_versions(), part.version, blocked, typed=part
+                )
             else:
                 items = st.select(typed.items)
                 known = typed.versions
@@ -421,8 +424,10 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
         return None
     if old.typed.version == new.typed.version:
         names: list[str] = []  # one content: nothing differs
+        removed: tuple[str, ...] = ()
     elif new.typed.derives_from(old.typed):
         names = sorted(new.typed.changed)
+        removed = tuple(sorted(new.typed.removed))
     else:
         return None
     changed = {name: new.items[name] for name in names}
@@ -431,7 +436,6 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
             version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
         )
         return _Diff(changed, (), response.SerializeToString())
-    removed = tuple(sorted(new.typed.removed)) if names else ()
     delta_response = discovery_pb2.DeltaDiscoveryResponse(
         system_version_info=new.version,
         resources=[

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.service.discovery.v3 import discovery_pb2
 from graylane.xds import resources
 from graylane.xds.cache import InconsistentSnapshot, SnapshotCache, consistency_gaps
 from graylane.xds.plan import _plan, plan_derived
 from graylane.xds.render import effective_view, render
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import Resources
+from graylane.xds.server import WILDCARD_TYPES, _DeltaStream, _Selections, _SotwStream
+from graylane.xds.tracker import ProxyTracker
 from graylane.xds.view import (
     Cohort,
     Condition,
@@ -274,3 +278,133 @@ def test_derived_snapshots_are_checked_like_full_ones(seed: int) -> None:
         else:
             cache.set_snapshot("k", candidate)
             assert cache.snapshot("k") is candidate
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_derived_plan_of_a_stream_part_way_equals_the_full_plan(seed: int) -> None:
+    """A stream holding, per type, the previous snapshot's set or the new one's (clusters
+    ACKed, routes still held...): the derived plan is the full plan, or None where what the
+    stream holds would be inconsistent."""
+    rng = random.Random(seed)
+    derived = refused = 0
+    outputs = _renders(seed)
+    for before, target in zip(outputs, outputs[1:], strict=False):
+        if not target.base_versions:
+            continue
+        for _ in range(4):
+            holding = {t: rng.choice([before[t], target[t]]) for t in resources.PUSH_ORDER}
+            fast = plan_derived(target, holding)
+            held_items = {t: holding[t].items for t in resources.PUSH_ORDER}
+            mixed = Resources.of(held_items)
+            if fast is None:
+                refused += 1
+                assert consistency_gaps(mixed) or any(
+                    holding[t].version not in (target[t].version, target.base_versions[t]) for t in resources.PUSH_ORDER
+                ), "a consistent holding of base/target sets is planned incrementally"
+                continue
+            derived += 1
+            slow = _plan(target, acked=held_items, sent=held_items)
+            assert fast.held == slow.held
+            for t in resources.PUSH_ORDER:
+                assert dict(fast.resources[t].versions) == dict(slow.resources[t].versions), t
+    assert derived > 0
+
+
+class _Proxy:
+    """One stream driven by hand like Envoy: wildcard CDS/LDS/SRDS, EDS for the clusters it
+    holds, RDS for the scopes it holds; ACKs everything; records what it is sent."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        stream.key, stream.stream_id = "k", f"p-{stream.protocol}"
+        self.log: list[tuple[str, str, tuple[tuple[str, str], ...], tuple[str, ...]]] = []
+
+    def wanted(self, type_url: str) -> set[str]:
+        source = resources.CLUSTER if type_url == resources.ENDPOINT else resources.SCOPED_ROUTE
+        return set(self.stream.types[source].sent)
+
+    def request(self, type_url: str, *, nonce: str = "", version: str = "") -> Any:
+        names = [] if type_url in WILDCARD_TYPES else sorted(self.wanted(type_url))
+        if self.stream.protocol == "sotw":
+            return discovery_pb2.DiscoveryRequest(
+                type_url=type_url, version_info=version, response_nonce=nonce, resource_names=names
+            )
+        st = self.stream.types.get(type_url)
+        held = st.names if st is not None else set()
+        return discovery_pb2.DeltaDiscoveryRequest(
+            type_url=type_url,
+            response_nonce=nonce,
+            resource_names_subscribe=sorted(set(names) - held),
+            resource_names_unsubscribe=sorted(held - set(names)),
+        )
+
+    def settle(self) -> None:
+        for _ in range(20):
+            bodies = self.stream.push()
+            requests = []
+            for body in bodies:
+                if self.stream.protocol == "sotw":
+                    r = discovery_pb2.DiscoveryResponse.FromString(body)
+                    got = tuple(sorted((a.TypeName(), resources.content_version(_unpack(a))) for a in r.resources))
+                    self.log.append((r.type_url, r.version_info, got, ()))
+                    requests.append(self.request(r.type_url, nonce=r.nonce, version=r.version_info))
+                else:
+                    d = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+                    got = tuple(sorted((x.name, x.version) for x in d.resources))
+                    self.log.append((d.type_url, d.system_version_info, got, tuple(d.removed_resources)))
+                    requests.append(self.request(d.type_url, nonce=d.nonce))
+            for type_url in (resources.ENDPOINT, resources.ROUTE):
+                st = self.stream.types[type_url]
+                if type_url not in {r.type_url for r in requests} and self.wanted(type_url) != st.names:
+                    requests.append(self.request(type_url, nonce=st.latest_nonce, version=st.sotw_version))
+            if not requests:
+                return
+            for request in requests:
+                self.stream.handle(request)
+        raise AssertionError("the stream never settled")
+
+
+def _unpack(packed: Any) -> Any:
+    message = resources.MESSAGE_TYPES["type.googleapis.com/" + packed.TypeName()]()
+    packed.Unpack(message)
+    return message
+
+
+def _fleet(cache: SnapshotCache) -> list[_Proxy]:
+    selections = _Selections()
+    proxies = [
+        _Proxy(_SotwStream(cache, ProxyTracker(), selections)),
+        _Proxy(_DeltaStream(cache, ProxyTracker(), selections)),
+    ]
+    for proxy in proxies:
+        for t in resources.PUSH_ORDER:
+            proxy.stream.handle(proxy.request(t))
+    return proxies
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streams_are_sent_the_same_from_derived_snapshots_as_from_full_ones(seed: int) -> None:
+    """Two caches over one random change sequence, one fed the Renderer's derived snapshots,
+    one the pure render's: every SotW and delta response carries the same resources, versions
+    and removals, in the same order of pushes."""
+    rng = random.Random(seed)
+    renderer = Renderer(listen_port=PORT)
+    derived, full = SnapshotCache(), SnapshotCache()
+    fleets: list[list[_Proxy]] = []
+    view = _view(rng)
+    for _ in range(40):
+        try:
+            pure = render(view, listen_port=PORT)
+        except ValueError:
+            view = _change(rng, view)
+            continue
+        derived.set_snapshot("k", renderer.render(view))
+        full.set_snapshot("k", pure)
+        if not fleets:
+            fleets = [_fleet(derived), _fleet(full)]
+        for proxies in fleets:
+            for proxy in proxies:
+                proxy.settle()
+        view = _change(rng, view)
+    for fast, slow in zip(fleets[0], fleets[1], strict=True):
+        assert fast.log == slow.log
