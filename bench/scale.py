@@ -720,11 +720,14 @@ async def bench_fleet(
 def _thread_cpu() -> dict[str, tuple[str, float]]:
     """This process's threads: id -> (name, user+system CPU seconds), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
     out = {}
     for task in pathlib.Path("/proc/self/task").iterdir():
         with contextlib.suppress(OSError):
             stat = (task / "stat").read_text()
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            name = python_names.get(int(task.name), name)  # e.g. gRPC's poller: "Thread-N (_poll_wrapper)"
+            name = "etcd threads" if name.startswith("etcd") else name
             fields = stat[stat.rindex(")") + 2 :].split()
             out[task.name] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
