@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import cProfile
 import gc
@@ -36,10 +37,12 @@ from typing import Any
 
 import grpc
 from fleet import FleetSpec, Prober, Worker
+from graylane.controlplane import model
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds import resources
 
 RELEASE = "fleet"
@@ -546,6 +549,37 @@ async def bench_fleet(
             sync_thread = threading.Thread(target=probe_sync, daemon=True)
             sync_thread.start()
             stack.callback(sync_stop.set)
+
+            # GetRelease served by a blocking gRPC server (its own completion queue, a thread
+            # per call) whose handler runs the same read on the control plane's loop: does
+            # the API's own hop through the asyncio server wait behind the fleet too?
+            loop = asyncio.get_running_loop()
+
+            class Bridged(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
+                def GetRelease(self, request: Any, context: Any) -> pb.Release:  # noqa: N802
+                    got = asyncio.run_coroutine_threadsafe(local.store.get_release(request.name), loop).result(10)
+                    return model.release_to_proto(got)
+
+            bridge = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+            api_grpc.add_ReleaseServiceServicer_to_server(Bridged(), bridge)
+            bridge_port = bridge.add_insecure_port("127.0.0.1:0")
+            bridge.start()
+            stack.callback(bridge.stop, None)
+            bridged_prober = Prober(f"127.0.0.1:{bridge_port}", RELEASE, max_calls=100_000, max_seconds=budget + 60)
+
+            async def stop_bridged() -> None:
+                calls = await bridged_prober.stop()
+                start, end = changes_window
+                inside = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
+                print(
+                    f"  GetRelease via a blocking server bridged to the loop, during the changes: "
+                    f"p50 {pct(inside, 0.5):.1f} / p99 {pct(inside, 0.99):.1f} / max "
+                    f"{max(inside, default=float('nan')):.0f} ms ({len(inside)} calls, "
+                    f"{sum(1 for *_, code in calls if code != 'OK')} failed)",
+                    flush=True,
+                )
+
+            stack.push_async_callback(stop_bridged)
             stack.callback(store_probe.cancel)
         etcd_before = _etcd_counters(local.etcd.endpoint) if store_probe is not None else {}
         threads_before = _thread_cpu() if store_probe is not None else {}
@@ -621,6 +655,7 @@ async def bench_fleet(
                     f"({len(sync_inside)})",
                     flush=True,
                 )
+                bridged_prober.pause(True)  # its figures are read when the stack closes
                 assert iterations is not None
                 slow = sorted(store_reads, reverse=True)[:8]
                 print(
