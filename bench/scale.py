@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import cProfile
 import gc
@@ -36,10 +37,12 @@ from typing import Any
 
 import grpc
 from fleet import FleetSpec, Prober, Worker
+from graylane.controlplane import model
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds import resources
 
 RELEASE = "fleet"
@@ -121,6 +124,56 @@ class LagProbe:
         out, self.phase_max_ms = self.phase_max_ms, 0.0
         self.samples = []
         return out
+
+
+class LoopIterations:
+    """Counts the loop's passes (one selector poll each) and times each pass's work, while installed.
+
+    Diagnosis: a coroutine awaiting a gRPC call resumes only after the pass that reads the
+    completion and the next one that runs it, so its latency is passes x pass length, which
+    a timer probe (one wake) does not show.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.work_ms: list[float] = []  # per pass: from the poll's return to the next poll
+        self.ready: list[int] = []  # per pass: handles ready after the poll
+        self._returned = 0.0
+        self._loop: Any = None
+        self._select: Any = None
+
+    def __enter__(self) -> LoopIterations:
+        self._loop = asyncio.get_running_loop()
+        selector = self._loop._selector
+        self._select = selector.select
+
+        def select(timeout: float | None = None) -> Any:
+            now = time.perf_counter()
+            if self._returned:
+                self.work_ms.append((now - self._returned) * 1000)
+            out = self._select(timeout)
+            self._returned = time.perf_counter()
+            self.count += 1
+            self.ready.append(len(self._loop._ready) + len(out))
+            return out
+
+        selector.select = select
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop._selector.select = self._select
+
+    def longest_since(self, first: int) -> float:
+        return max(self.work_ms[max(0, first - 1) :], default=0.0)
+
+    def describe(self) -> str:
+        busy = [w for w in self.work_ms if w > 1.0]
+        return (
+            f"loop passes {self.count:,}: work per pass p50 {pct(self.work_ms, 0.5):.2f} / p99 "
+            f"{pct(self.work_ms, 0.99):.1f} / max {max(self.work_ms, default=0):.0f} ms; busy passes (>1 ms) "
+            f"{len(busy):,} p50 {pct(busy, 0.5):.1f} ms; ready handles p50 {pct(self.ready, 0.5):.0f} / p99 "
+            f"{pct(self.ready, 0.99):.0f} / max {max(self.ready, default=0)}"
+        )
 
 
 class GcPauses:
@@ -459,19 +512,77 @@ async def bench_fleet(
         # control plane's loop (no API hop), timed during the changes.
         store_ms: list[tuple[float, float]] = []
         store_probe = None
-        if os.environ.get("GRAYLANE_BENCH_STORE_PROBE"):
+        iterations = LoopIterations() if os.environ.get("GRAYLANE_BENCH_STORE_PROBE") else None
+        store_reads: list[tuple[float, int, float]] = []  # (ms, loop passes, longest pass ms)
+        if iterations is not None:
+            stack.enter_context(iterations)
 
             async def probe_store() -> None:
                 while True:
                     t = time.perf_counter()
+                    first = iterations.count
                     with contextlib.suppress(Exception):
                         await local.store.get_release(RELEASE)
-                    store_ms.append((time.time(), (time.perf_counter() - t) * 1000))
+                    ms = (time.perf_counter() - t) * 1000
+                    store_ms.append((time.time(), ms))
+                    store_reads.append((ms, iterations.count - first, iterations.longest_since(first)))
                     await asyncio.sleep(0.02)
 
             store_probe = asyncio.create_task(probe_store())
+            # The same read on a synchronous channel in a thread (its own completion queue):
+            # tells the process's shared asyncio completion path from gRPC core and etcd.
+            sync_stop = threading.Event()
+            sync_ms: list[tuple[float, float]] = []
+
+            def probe_sync() -> None:
+                from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
+
+                with grpc.insecure_channel(local.etcd.endpoint) as channel:
+                    kv = rpc_pb2_grpc.KVStub(channel)
+                    req = rpc_pb2.RangeRequest(key=local.store.release_key(RELEASE))
+                    while not sync_stop.wait(0.02):
+                        t = time.perf_counter()
+                        with contextlib.suppress(grpc.RpcError):
+                            kv.Range(req, timeout=10)
+                        sync_ms.append((time.time(), (time.perf_counter() - t) * 1000))
+
+            sync_thread = threading.Thread(target=probe_sync, daemon=True)
+            sync_thread.start()
+            stack.callback(sync_stop.set)
+
+            # GetRelease served by a blocking gRPC server (its own completion queue, a thread
+            # per call) whose handler runs the same read on the control plane's loop: does
+            # the API's own hop through the asyncio server wait behind the fleet too?
+            loop = asyncio.get_running_loop()
+
+            class Bridged(api_grpc.ReleaseServiceServicer):  # type: ignore[misc]
+                def GetRelease(self, request: Any, context: Any) -> pb.Release:  # noqa: N802
+                    got = asyncio.run_coroutine_threadsafe(local.store.get_release(request.name), loop).result(10)
+                    return model.release_to_proto(got)
+
+            bridge = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+            api_grpc.add_ReleaseServiceServicer_to_server(Bridged(), bridge)
+            bridge_port = bridge.add_insecure_port("127.0.0.1:0")
+            bridge.start()
+            stack.callback(bridge.stop, None)
+            bridged_prober = Prober(f"127.0.0.1:{bridge_port}", RELEASE, max_calls=100_000, max_seconds=budget + 60)
+
+            async def stop_bridged() -> None:
+                calls = await bridged_prober.stop()
+                start, end = changes_window
+                inside = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
+                print(
+                    f"  GetRelease via a blocking server bridged to the loop, during the changes: "
+                    f"p50 {pct(inside, 0.5):.1f} / p99 {pct(inside, 0.99):.1f} / max "
+                    f"{max(inside, default=float('nan')):.0f} ms ({len(inside)} calls, "
+                    f"{sum(1 for *_, code in calls if code != 'OK')} failed)",
+                    flush=True,
+                )
+
+            stack.push_async_callback(stop_bridged)
             stack.callback(store_probe.cancel)
         etcd_before = _etcd_counters(local.etcd.endpoint) if store_probe is not None else {}
+        threads_before = _thread_cpu() if store_probe is not None else {}
 
         # Changes: NextBatch, then wait for every client to see the new weight.
         profiler = cProfile.Profile() if os.environ.get("GRAYLANE_BENCH_PROFILE") else None
@@ -535,6 +646,31 @@ async def bench_fleet(
                 print(
                     f"  in-loop store.get_release during the changes: p50 {pct(inside, 0.5):.1f} / "
                     f"p99 {pct(inside, 0.99):.1f} / max {max(inside, default=float('nan')):.0f} ms ({len(inside)})",
+                    flush=True,
+                )
+                sync_inside = [ms for t, ms in sync_ms if changes_window[0] <= t <= changes_window[1]]
+                print(
+                    f"  thread sync-channel etcd read during the changes: p50 {pct(sync_inside, 0.5):.1f} / "
+                    f"p99 {pct(sync_inside, 0.99):.1f} / max {max(sync_inside, default=float('nan')):.0f} ms "
+                    f"({len(sync_inside)})",
+                    flush=True,
+                )
+                bridged_prober.pause(True)  # its figures are read when the stack closes
+                assert iterations is not None
+                slow = sorted(store_reads, reverse=True)[:8]
+                print(
+                    "  slowest in-loop reads (ms, loop passes during it, longest pass ms): "
+                    + ", ".join(f"{ms:.0f}/{n}/{longest:.0f}" for ms, n, longest in slow),
+                    flush=True,
+                )
+                print(f"  {iterations.describe()}", flush=True)
+                threads = _thread_cpu()
+                spent = collections.Counter()
+                for tid, (name, cpu_s) in threads.items():
+                    spent[name] += cpu_s - threads_before.get(tid, (name, 0.0))[1]
+                print(
+                    "  CPU by thread name during the changes: "
+                    + ", ".join(f"{name} {cpu_s:.2f} s" for name, cpu_s in spent.most_common(8)),
                     flush=True,
                 )
             res.lag_change_p99_ms = pct(probe.samples, 0.99)
@@ -614,6 +750,22 @@ async def bench_fleet(
         )
     res.elapsed_s = time.monotonic() - started
     return res
+
+
+def _thread_cpu() -> dict[str, tuple[str, float]]:
+    """This process's threads: id -> (name, user+system CPU seconds), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            name = python_names.get(int(task.name), name)  # e.g. gRPC's poller: "Thread-N (_poll_wrapper)"
+            name = "etcd threads" if name.startswith("etcd") else name
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[task.name] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
 
 
 def pct(values: Sequence[float], q: float) -> float:
