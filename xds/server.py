@@ -48,7 +48,7 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -56,7 +56,6 @@ from typing import Any, Generic, TypeVar
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
 from graylane.xds.plan import Plan, plan, plan_derived
@@ -68,8 +67,10 @@ from graylane.xds.resources import (
     Resources,
     TypedResources,
     content_version,
-    packed,
+    delta_body,
+    entry,
     set_version,
+    sotw_body,
 )
 from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, new_stream_id, now
 
@@ -209,14 +210,15 @@ class _Selection:
         return tuple(self.items)
 
     def sotw_body(self) -> bytes:
-        """The DiscoveryResponse without its nonce, serialised once."""
+        """The DiscoveryResponse without its nonce, built once from the resources' entries
+        (a join at C speed where the selection is a whole set: its entries are kept)."""
         if self._sotw_body is None:
-            response = discovery_pb2.DiscoveryResponse(
-                version_info=self.version,
-                resources=[_pack(m) for m in self.items.values()],
-                type_url=self.type_url,
-            )
-            self._sotw_body = response.SerializeToString()
+            typed = self.typed
+            if typed is not None and typed.shared_items() is self.items:
+                entries: Iterable[bytes] = typed.entries().values()
+            else:
+                entries = [entry(m) for m in self.items.values()]
+            self._sotw_body = sotw_body(self.version, self.type_url, entries)
         return self._sotw_body
 
 
@@ -408,12 +410,7 @@ def _make_sotw_partial(new: _Selection, acked_versions: Mapping[str, str], sent_
         for n, m in new.items.items()
         if acked_versions.get(n) != new.versions[n] or sent_versions.get(n) != new.versions[n]
     }
-    response = discovery_pb2.DiscoveryResponse(
-        version_info=new.version,
-        resources=[_pack(m) for m in changed.values()],
-        type_url=new.type_url,
-    )
-    return _Diff(changed, (), response.SerializeToString())
+    return _Diff(changed, (), sotw_body(new.version, new.type_url, [entry(m) for m in changed.values()]))
 
 
 def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | None:
@@ -432,33 +429,20 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
         return None
     changed = {name: new.items[name] for name in names}
     if not delta:
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
-        )
-        return _Diff(changed, (), response.SerializeToString())
-    delta_response = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=new.version,
-        resources=[
-            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
-        ],
-        removed_resources=list(removed),
-        type_url=new.type_url,
-    )
-    return _Diff(changed, removed, delta_response.SerializeToString())
+        return _Diff(changed, (), sotw_body(new.version, new.type_url, [entry(m) for m in changed.values()]))
+    return _delta_diff(new, changed, removed)
 
 
 def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
     changed = {n: m for n, m in new.items.items() if sent_versions.get(n) != new.versions[n]}
     removed = tuple(sorted(n for n in sent_versions if n not in new.items))
-    response = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=new.version,
-        resources=[
-            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
-        ],
-        removed_resources=list(removed),
-        type_url=new.type_url,
-    )
-    return _Diff(changed, removed, response.SerializeToString())
+    return _delta_diff(new, changed, removed)
+
+
+def _delta_diff(new: _Selection, changed: dict[str, Message], removed: tuple[str, ...]) -> _Diff:
+    versions = new.versions
+    body = delta_body(new.version, new.type_url, [(n, versions[n], entry(m)) for n, m in changed.items()], removed)
+    return _Diff(changed, removed, body)
 
 
 _NOTHING: dict[str, _Selection] = {}
@@ -659,11 +643,6 @@ class _Stream(Generic[Req, Resp]):
 
     def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
         raise NotImplementedError
-
-
-def _pack(message: Message) -> any_pb2.Any:
-    # Serialised once per resource content and shared by every stream (resources.packed).
-    return packed(message)
 
 
 class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):
