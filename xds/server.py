@@ -45,10 +45,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
 import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -118,6 +120,10 @@ class _Pending:
     resources: Mapping[str, Message]  # shared with other streams: read-only
     removed: tuple[str, ...]
     versions: Mapping[str, str]  # content versions of `resources` (and maybe more)
+    # The diff went from `base` (what the stream was synced to) to `to`, when `base` is a
+    # shared selection (see `_DeltaStream._ack_or_nack`).
+    base: _Selection | None = None
+    to: _Selection | None = None
 
 
 @dataclass
@@ -126,7 +132,9 @@ class _TypeState:
 
     type_url: str
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: AbstractSet[str] = field(default_factory=frozenset)
+    # SotW: the key of the resource names of the last request (`_Selections.names_of`).
+    names_key: bytes = b""
     subscribed: bool = False  # a request for this type was seen on the stream
     sent: dict[str, Message] = field(default_factory=dict)  # content the proxy has or will
     sent_versions: dict[str, str] = field(default_factory=dict)  # includes unresolved ones
@@ -155,26 +163,34 @@ class _TypeState:
     def select(self, items: Mapping[str, Message]) -> dict[str, Message]:
         return {n: m for n, m in sorted(items.items()) if self.wants(n)}
 
-    def subscribe(self, *, wildcard: bool, names: set[str]) -> None:
-        """Set the subscription; forget what the proxy no longer wants (only on a change)."""
+    def subscribe(self, *, wildcard: bool, names: AbstractSet[str]) -> None:
+        """Set the subscription; forget what the proxy no longer wants (only on a change).
+
+        `names` is kept as given (never mutated here; SotW streams share one frozenset per
+        distinct list of names). A change that only adds names keeps what the stream holds,
+        and the delta selection it is synced to: its sent content did not change.
+        """
         subscription: object = WILDCARD_KEY if wildcard else frozenset(names)
         self.wildcard = wildcard
         self.names = names
         if subscription == self.subscription:
             return
         self.subscription = subscription
-        self.synced = None
         if wildcard:
             return
-        # Copy on write: `sent` / `acked` may be mappings shared with other streams.
-        for attr in ("sent", "sent_versions", "acked", "acked_versions"):
-            store: Mapping[str, Any] = getattr(self, attr)
-            if any(n not in names for n in store):
-                setattr(self, attr, {n: v for n, v in store.items() if n in names})
-                if attr == "sent":
-                    self.sent_selection = None
-                elif attr == "acked":
-                    self.acked_selection = None
+        wanted: frozenset[str] = subscription  # type: ignore[assignment]
+        # Copy on write: `sent` / `acked` may be mappings shared with other streams. The
+        # keys of `sent` are among those of `sent_versions` (and `acked` has those of
+        # `acked_versions`), so each pair is checked at C speed by its versions.
+        if not wanted.issuperset(self.sent_versions):
+            self.sent = {n: m for n, m in self.sent.items() if n in wanted}
+            self.sent_versions = {n: v for n, v in self.sent_versions.items() if n in wanted}
+            self.sent_selection = None
+            self.synced = None
+        if not wanted.issuperset(self.acked_versions):
+            self.acked = {n: m for n, m in self.acked.items() if n in wanted}
+            self.acked_versions = {n: v for n, v in self.acked_versions.items() if n in wanted}
+            self.acked_selection = None
 
     def shareable(self) -> bool:
         """Whether `sent` and `acked` are each empty or exactly a shared selection."""
@@ -238,6 +254,8 @@ class _Diff:
 _SELECTIONS_LIMIT = 1024
 _PLANS_LIMIT = 256
 _DIFFS_LIMIT = 1024
+_INTERNED_LIMIT = 64  # distinct lists of names a fleet sends at once: a few
+_NAMES_KEYED = 64  # shorter lists of names are cheaper to read than to key
 
 
 class _Plans:
@@ -316,6 +334,46 @@ class _Selections:
         self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
         # id(subscription) -> (subscription, names_token of a set whose names it equals)
         self._names: OrderedDict[int, tuple[object, object]] = OrderedDict()
+        # key of a SotW request's names -> those names (`names_of`), shared by the streams
+        self._interned: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+        self.names_keyed = _NAMES_KEYED  # from how many names `names_of` keys them
+
+    def names_of(self, request: discovery_pb2.DiscoveryRequest, last: bytes) -> tuple[bytes, frozenset[str] | None]:
+        """The key of a SotW request's resource names, and the names as a frozenset, None
+        when the key is `last` (the same names as the stream's previous request of the type).
+
+        Envoy repeats every subscribed EDS / RDS name in every request (each ACK), 10,000 of
+        them at fleet size: building a set from them costs ~2 ms per stream per ACK. The key
+        is a digest of the request's serialisation less its per-request fields (version,
+        nonce, node, error: the names and the type remain), made at C speed; equal names give
+        one key, and streams sending the same names share one frozenset.
+        """
+        if len(request.resource_names) < self.names_keyed:
+            return b"", frozenset(request.resource_names)
+        version, nonce = request.version_info, request.response_nonce
+        if request.HasField("node") or request.HasField("error_detail"):
+            only = discovery_pb2.DiscoveryRequest()
+            only.CopyFrom(request)
+            only.ClearField("node")
+            only.ClearField("error_detail")
+            request = only
+        request.version_info = ""
+        request.response_nonce = ""
+        try:
+            key = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        finally:
+            request.version_info, request.response_nonce = version, nonce
+        if key == last:
+            return key, None
+        names = self._interned.get(key)
+        if names is None:
+            names = frozenset(request.resource_names)
+            self._interned[key] = names
+            while len(self._interned) > _INTERNED_LIMIT:
+                self._interned.popitem(last=False)
+        else:
+            self._interned.move_to_end(key)
+        return key, names
 
     def _whole(self, subscription: object, typed: TypedResources) -> bool:
         """Whether the named `subscription` is exactly `typed`'s names (compared once per
@@ -655,10 +713,13 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             return
         first = not st.subscribed
         st.subscribed = True
-        names = set(request.resource_names)
-        wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
-        names.discard(WILDCARD)
-        st.subscribe(wildcard=wildcard, names=names)
+        key, names = self.selections.names_of(request, st.names_key)
+        if names is not None:  # not the names of the previous request of this type
+            wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
+            if WILDCARD in names:
+                names = names - {WILDCARD}
+            st.subscribe(wildcard=wildcard, names=names)
+            st.names_key = key
         if request.response_nonce:
             self._ack_or_nack(st, request)
         elif first and request.version_info:
@@ -737,7 +798,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         st.subscribed = True
         if first:
             self._first_request(st, request)
-        self._subscribe(st, request)
+        self._subscribe(st, request, first=first)
 
     def _first_request(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         # Legacy wildcard: a first LDS/CDS request that names nothing.
@@ -754,9 +815,10 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             versions = dict(request.initial_resource_versions)
             self.record_ack(st, set_version(versions), dict(st.acked_versions))
 
-    def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest, *, first: bool) -> None:
         if not request.resource_names_subscribe and not request.resource_names_unsubscribe:
-            st.subscribe(wildcard=st.wildcard, names=st.names)
+            if first:  # the first request sets the subscription even when it names nothing
+                st.subscribe(wildcard=st.wildcard, names=st.names)
             return
         wildcard, names = st.wildcard, set(st.names)
         for name in request.resource_names_subscribe:
@@ -779,6 +841,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if request.HasField("error_detail"):
             self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message)
             return
+        # What the proxy had ACKed before this response, as a shared selection, if known.
+        before = st.acked_selection if st.acked_selection is not None or st.acked else _nothing(st.type_url)
         for name, message in pending.resources.items():
             if st.wants(name):
                 st.acked[name] = message
@@ -789,9 +853,24 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         synced = st.synced
         # Nothing else in flight and the ACKed content is exactly the shared selection the
         # stream was last synced to: plan with it (content versions are content hashes).
-        exact = not st.pending and synced is not None and st.acked_versions == synced.versions
+        # Known without comparing when the response went from what the proxy had ACKed
+        # (`before`; one content if one set version: versions are content hashes) to the
+        # selection the stream is still synced to: the ACKed content is then that selection
+        # (a subscription that dropped a name the response carried unsynced the stream).
+        base = pending.base
+        known = (
+            synced is not None
+            and pending.to is synced
+            and base is not None
+            and before is not None
+            and (base is before or base.version == before.version)
+        )
+        exact = not st.pending and synced is not None and (known or st.acked_versions == synced.versions)
         st.acked_selection = synced if exact else None
-        self.record_ack(st, pending.version, dict(st.acked_versions))
+        if exact and synced is not None:
+            self.record_ack(st, pending.version, synced.versions)  # equal; shared, never mutated
+        else:
+            self.record_ack(st, pending.version, dict(st.acked_versions))
 
     def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
         selection = self.selection(st, planned)
@@ -819,7 +898,9 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         st.synced = selection  # removed what it lacks, updated what differed: equal now
         st.sent_selection = selection
         st.latest_nonce = nonce
-        st.pending[nonce] = _Pending(selection.version, diff.changed, diff.removed, selection.versions)
+        st.pending[nonce] = _Pending(
+            selection.version, diff.changed, diff.removed, selection.versions, synced, selection
+        )
         self.record_push(st, Push(st.type_url, selection.version, nonce, diff.names, diff.removed))
         return _with_nonce(diff.body, nonce)
 

@@ -1,0 +1,135 @@
+"""The ADS streams' shortcuts on the request path, driven by hand (no grpc): what they skip
+must be what a full reading would have found.
+
+* SotW: a request repeating the names of the previous one is not read again, and streams
+  sending the same names share one frozenset; a change of names is still seen.
+* delta: an ACK known to make the proxy hold the synced selection is not compared, and a
+  NACKed response in between makes it compare (the proxy lacks what it rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.render import render
+from graylane.xds.resources import CLUSTER, ENDPOINT, Resources, content_version
+from graylane.xds.server import _DeltaStream, _Selections, _SotwStream
+from graylane.xds.tracker import ProxyTracker
+from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
+
+
+def _snapshot(services: int, *, lane: bool = False, port: int = 1000) -> Resources:
+    routes = tuple(ServiceRoute(f"s{i}", "v1") for i in range(services))
+    endpoints = [VersionEndpoints(f"s{i}", "v1", (Endpoint("127.0.0.1", port + i),)) for i in range(services)]
+    lanes: tuple[Lane, ...] = ()
+    if lane:
+        endpoints.append(VersionEndpoints("s0", "v2", (Endpoint("127.0.0.2", port),)))
+        lanes = (Lane("g", "s0", 10, (("s0", "v2"),)),)
+    return render(RoutingView(services=routes, endpoints=tuple(endpoints), lanes=lanes), listen_port=10000)
+
+
+def _open(stream: Any, name: str) -> Any:
+    stream.key, stream.stream_id = "k", name
+    stream.tracker.connected(base_pb2.Node(id=name), stream=name, key="k", protocol=stream.protocol)
+    return stream
+
+
+def _acked(stream: Any, type_url: str) -> dict[str, str]:
+    status = stream.tracker.get(stream.stream_id)
+    return dict(status.acked[type_url].resources)
+
+
+def _sotw_eds(stream: Any, names: list[str], *, nonce: str = "", version: str = "") -> None:
+    stream.handle(
+        discovery_pb2.DiscoveryRequest(
+            type_url=ENDPOINT, resource_names=names, response_nonce=nonce, version_info=version
+        )
+    )
+
+
+def test_sotw_repeated_names_are_not_read_again_and_equal_names_are_shared() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(8))
+    selections = _Selections()
+    selections.names_keyed = 1  # key every list of names (as 10,000 names are)
+    one = _open(_SotwStream(cache, ProxyTracker(), selections), "one")
+    two = _open(_SotwStream(cache, ProxyTracker(), selections), "two")
+    names = sorted(cache.snapshot("k")[ENDPOINT].items)
+    _sotw_eds(one, names)
+    _sotw_eds(two, names)
+    a, b = one.types[ENDPOINT], two.types[ENDPOINT]
+    assert a.names == set(names) and a.names is b.names  # one frozenset for equal lists
+    first = a.subscription
+    (body,) = [r for r in one.push() if discovery_pb2.DiscoveryResponse.FromString(r).type_url == ENDPOINT]
+    sent = discovery_pb2.DiscoveryResponse.FromString(body)
+    _sotw_eds(one, names, nonce=sent.nonce, version=sent.version_info)  # the ACK repeats the names
+    assert a.subscription is first and a.acked_version == sent.version_info
+    assert _acked(one, ENDPOINT) == dict(cache.snapshot("k")[ENDPOINT].versions)
+    # Fewer names: seen, and what the proxy no longer wants is forgotten.
+    _sotw_eds(one, names[:3], nonce=sent.nonce, version=sent.version_info)
+    assert a.names == set(names[:3]) and set(a.acked) == set(names[:3]) and set(a.sent) == set(names[:3])
+    # The same names again after a change: seen again.
+    _sotw_eds(one, names, nonce=sent.nonce, version=sent.version_info)
+    assert a.names == set(names)
+    # A first request carrying the node, and a wildcard among many names.
+    three = _open(_SotwStream(cache, ProxyTracker(), selections), "three")
+    three.handle(
+        discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="three"), type_url=CLUSTER, resource_names=["*", "x"])
+    )
+    assert three.types[CLUSTER].wildcard and three.types[CLUSTER].names == {"x"}
+    _sotw_eds(three, names)
+    assert three.types[ENDPOINT].names is a.names
+
+
+def _delta_cds(stream: Any, *, nonce: str = "", nack: bool = False) -> None:
+    stream.handle(
+        discovery_pb2.DeltaDiscoveryRequest(
+            type_url=CLUSTER,
+            response_nonce=nonce,
+            error_detail=status_pb2.Status(code=3, message="rejected") if nack else None,
+        )
+    )
+
+
+def _delta_push(stream: Any) -> discovery_pb2.DeltaDiscoveryResponse:
+    for body in stream.push():
+        response = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+        if response.type_url == CLUSTER:
+            return response
+    raise AssertionError("no CDS response")
+
+
+def test_delta_ack_after_a_nack_is_what_the_proxy_holds_not_the_synced_selection() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(2))
+    stream = _open(_DeltaStream(cache, ProxyTracker()), "d")
+    _delta_cds(stream)
+    held: dict[str, str] = {}
+
+    def apply(response: discovery_pb2.DeltaDiscoveryResponse) -> None:
+        for resource in response.resources:
+            held[resource.name] = resource.version
+        for name in response.removed_resources:
+            held.pop(name, None)
+
+    r0 = _delta_push(stream)
+    _delta_cds(stream, nonce=r0.nonce)
+    apply(r0)
+    st = stream.types[CLUSTER]
+    assert st.acked_selection is st.synced and _acked(stream, CLUSTER) == held  # in sync: known
+    cache.set_snapshot("k", _snapshot(3))  # a new cluster...
+    r1 = _delta_push(stream)
+    _delta_cds(stream, nonce=r1.nonce, nack=True)  # ...that the proxy rejects
+    cache.set_snapshot("k", _snapshot(3, lane=True))  # then one more
+    r2 = _delta_push(stream)
+    assert "s2|v1" not in {r.name for r in r2.resources}  # the rejected cluster is not resent
+    _delta_cds(stream, nonce=r2.nonce)
+    apply(r2)
+    assert _acked(stream, CLUSTER) == held == dict(st.acked_versions)
+    assert "s2|v1" not in held and st.acked_selection is None
+    expected = {n: content_version(m) for n, m in cache.snapshot("k")[CLUSTER].items.items()}
+    assert held != expected
