@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import hashlib
 import itertools
 import logging
 from collections import OrderedDict
@@ -83,6 +82,7 @@ log = logging.getLogger(__name__)
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, SCOPED_ROUTE})
 WILDCARD = "*"
 WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
+_NO_NAMES: frozenset[str] = frozenset()
 
 # gRPC server options for the xDS port. A fleet reconnecting at once (a replica restarted)
 # opens thousands of streams in a second; C-core cancels calls the application has not
@@ -132,7 +132,7 @@ class _TypeState:
 
     type_url: str
     wildcard: bool = False
-    names: AbstractSet[str] = field(default_factory=frozenset)
+    names: AbstractSet[str] = _NO_NAMES  # one object: subscriptions change from it shared
     # SotW: the key of the resource names of the last request (`_Selections.names_of`).
     names_key: bytes = b""
     subscribed: bool = False  # a request for this type was seen on the stream
@@ -163,20 +163,25 @@ class _TypeState:
     def select(self, items: Mapping[str, Message]) -> dict[str, Message]:
         return {n: m for n, m in sorted(items.items()) if self.wants(n)}
 
-    def subscribe(self, *, wildcard: bool, names: AbstractSet[str]) -> None:
+    def subscribe(self, *, wildcard: bool, names: AbstractSet[str], grows: bool = False) -> None:
         """Set the subscription; forget what the proxy no longer wants (only on a change).
 
-        `names` is kept as given (never mutated here; SotW streams share one frozenset per
-        distinct list of names). A change that only adds names keeps what the stream holds,
-        and the delta selection it is synced to: its sent content did not change.
+        `names` is kept as given (never mutated; streams share one frozenset per distinct
+        subscription, see `_Selections`). A change that drops nothing the stream holds keeps
+        its content, and the delta selection it is synced to: its sent content did not
+        change. `grows`: the caller knows the new names contain the current named
+        subscription's; nothing is then checked, since everything a stream with a named
+        subscription holds is wanted (every path that adds content adds wanted names, and
+        every narrowing goes through here).
         """
         subscription: object = WILDCARD_KEY if wildcard else frozenset(names)
         self.wildcard = wildcard
         self.names = names
         if subscription == self.subscription:
             return
+        grows = grows and isinstance(self.subscription, frozenset)
         self.subscription = subscription
-        if wildcard:
+        if wildcard or grows:
             return
         wanted: frozenset[str] = subscription  # type: ignore[assignment]
         # Copy on write: `sent` / `acked` may be mappings shared with other streams. The
@@ -254,6 +259,7 @@ class _Diff:
 _SELECTIONS_LIMIT = 1024
 _PLANS_LIMIT = 256
 _DIFFS_LIMIT = 1024
+_NamesChange = tuple[int, frozenset[str], frozenset[str]]  # (id of the names, added, removed)
 _INTERNED_LIMIT = 64  # distinct lists of names a fleet sends at once: a few
 _NAMES_KEYED = 64  # shorter lists of names are cheaper to read than to key
 
@@ -334,19 +340,23 @@ class _Selections:
         self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
         # id(subscription) -> (subscription, names_token of a set whose names it equals)
         self._names: OrderedDict[int, tuple[object, object]] = OrderedDict()
-        # key of a SotW request's names -> those names (`names_of`), shared by the streams
-        self._interned: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+        # key of a SotW request's names -> (that key, those names), shared by the streams
+        self._interned: OrderedDict[bytes, tuple[bytes, frozenset[str]]] = OrderedDict()
         self.names_keyed = _NAMES_KEYED  # from how many names `names_of` keys them
+        self._grows: OrderedDict[tuple[int, int], tuple[object, frozenset[str], bool]] = OrderedDict()
+        self._changed_names: OrderedDict[_NamesChange, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
 
     def names_of(self, request: discovery_pb2.DiscoveryRequest, last: bytes) -> tuple[bytes, frozenset[str] | None]:
         """The key of a SotW request's resource names, and the names as a frozenset, None
-        when the key is `last` (the same names as the stream's previous request of the type).
+        when the key equals `last` (the same names as the stream's previous request of the
+        type).
 
         Envoy repeats every subscribed EDS / RDS name in every request (each ACK), 10,000 of
         them at fleet size: building a set from them costs ~2 ms per stream per ACK. The key
-        is a digest of the request's serialisation less its per-request fields (version,
-        nonce, node, error: the names and the type remain), made at C speed; equal names give
-        one key, and streams sending the same names share one frozenset.
+        is the request serialised less its per-request fields (version, nonce, node, error:
+        the names and the type remain), at C speed; equal keys are equal lists of names.
+        Streams sending the same names share one key object and one frozenset (interned), so
+        the usual case, the names of the previous request, is one memcmp.
         """
         if len(request.resource_names) < self.names_keyed:
             return b"", frozenset(request.resource_names)
@@ -360,20 +370,53 @@ class _Selections:
         request.version_info = ""
         request.response_nonce = ""
         try:
-            key = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+            key = request.SerializeToString(deterministic=True)
         finally:
             request.version_info, request.response_nonce = version, nonce
         if key == last:
-            return key, None
-        names = self._interned.get(key)
-        if names is None:
-            names = frozenset(request.resource_names)
-            self._interned[key] = names
+            return last, None
+        interned = self._interned.get(key)
+        if interned is None:
+            interned = (key, frozenset(request.resource_names))
+            self._interned[key] = interned
             while len(self._interned) > _INTERNED_LIMIT:
                 self._interned.popitem(last=False)
         else:
             self._interned.move_to_end(key)
-        return key, names
+        return interned
+
+    def grows(self, old: object, new: frozenset[str]) -> bool:
+        """Whether the named subscription `old` is within `new` (compared once per pair of
+        interned subscriptions: a fleet in one state moves from one to the other)."""
+        if not isinstance(old, frozenset) or len(old) > len(new):
+            return False
+        key = (id(old), id(new))
+        hit = self._grows.get(key)
+        if hit is not None and hit[0] is old and hit[1] is new:
+            self._grows.move_to_end(key)
+            return hit[2]
+        value = old <= new
+        self._grows[key] = (old, new, value)
+        while len(self._grows) > _INTERNED_LIMIT:
+            self._grows.popitem(last=False)
+        return value
+
+    def changed_names(self, old: frozenset[str], add: AbstractSet[str], remove: AbstractSet[str]) -> frozenset[str]:
+        """`old` with the names of a delta request's (un)subscribe applied (unsubscribe wins),
+        as one frozenset shared by the streams making the same change to the same names: in
+        O(changes) for all but the first of them."""
+        if old.issuperset(add) and old.isdisjoint(remove):
+            return old
+        key = (id(old), frozenset(add), frozenset(remove))
+        hit = self._changed_names.get(key)
+        if hit is not None and hit[0] is old:
+            self._changed_names.move_to_end(key)
+            return hit[1]
+        new = (old | add) - remove
+        self._changed_names[key] = (old, new)
+        while len(self._changed_names) > _INTERNED_LIMIT:
+            self._changed_names.popitem(last=False)
+        return new
 
     def _whole(self, subscription: object, typed: TypedResources) -> bool:
         """Whether the named `subscription` is exactly `typed`'s names (compared once per
@@ -718,7 +761,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
             if WILDCARD in names:
                 names = names - {WILDCARD}
-            st.subscribe(wildcard=wildcard, names=names)
+            st.subscribe(wildcard=wildcard, names=names, grows=self.selections.grows(st.subscription, names))
             st.names_key = key
         if request.response_nonce:
             self._ack_or_nack(st, request)
@@ -820,18 +863,22 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             if first:  # the first request sets the subscription even when it names nothing
                 st.subscribe(wildcard=st.wildcard, names=st.names)
             return
-        wildcard, names = st.wildcard, set(st.names)
+        wildcard = st.wildcard
+        add: set[str] = set()
+        remove: set[str] = set()
         for name in request.resource_names_subscribe:
             if name == WILDCARD:
                 wildcard = True
             else:
-                names.add(name)
+                add.add(name)
         for name in request.resource_names_unsubscribe:
             if name == WILDCARD:
                 wildcard = False
             else:
-                names.discard(name)
-        st.subscribe(wildcard=wildcard, names=names)
+                remove.add(name)
+        old = frozenset(st.names)  # the same object: delta names are the shared frozensets
+        names = self.selections.changed_names(old, add, remove)
+        st.subscribe(wildcard=wildcard, names=names, grows=old.isdisjoint(remove))
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         pending = st.pending.pop(request.response_nonce, None)

@@ -372,6 +372,9 @@ class _Proxy:
         """What the stream's shortcuts claim holds: the names it keeps are the ones last
         requested (SotW), an ACKed selection is the ACKed content, the tracker has it."""
         st = self.stream.types[request.type_url]
+        if not st.wildcard:  # a named subscription holds only what it wants
+            assert set(st.sent_versions) <= st.names and set(st.acked_versions) <= st.names
+            assert set(st.sent) <= set(st.sent_versions) and set(st.acked) == set(st.acked_versions)
         if self.stream.protocol == "sotw":
             if not st.wildcard:
                 assert set(st.names) == set(request.resource_names) - {"*"}

@@ -133,3 +133,33 @@ def test_delta_ack_after_a_nack_is_what_the_proxy_holds_not_the_synced_selection
     assert "s2|v1" not in held and st.acked_selection is None
     expected = {n: content_version(m) for n, m in cache.snapshot("k")[CLUSTER].items.items()}
     assert held != expected
+
+
+def _delta_eds(stream: Any, *, subscribe: list[str] = [], unsubscribe: list[str] = []) -> None:  # noqa: B006
+    stream.handle(
+        discovery_pb2.DeltaDiscoveryRequest(
+            type_url=ENDPOINT, resource_names_subscribe=subscribe, resource_names_unsubscribe=unsubscribe
+        )
+    )
+
+
+def test_delta_subscription_changes_are_shared_and_an_unsubscribe_drops_what_is_held() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(6))
+    selections = _Selections()
+    one = _open(_DeltaStream(cache, ProxyTracker(), selections), "one")
+    two = _open(_DeltaStream(cache, ProxyTracker(), selections), "two")
+    names = sorted(cache.snapshot("k")[ENDPOINT].items)
+    for stream in (one, two):
+        _delta_eds(stream, subscribe=names[:4])
+        stream.push()
+    a, b = one.types[ENDPOINT], two.types[ENDPOINT]
+    assert a.names == set(names[:4]) and set(a.sent) == set(names[:4])
+    for stream in (one, two):
+        _delta_eds(stream, subscribe=names[4:])  # more names: one shared frozenset
+    assert a.names is b.names and a.names == set(names) and a.synced is not None
+    _delta_eds(one, subscribe=[names[0]])  # nothing new: the same object
+    assert a.names is b.names
+    _delta_eds(one, subscribe=["extra"], unsubscribe=[names[1], "extra"])  # unsubscribe wins
+    assert a.names == set(names) - {names[1]}
+    assert names[1] not in a.sent and names[1] not in a.sent_versions and a.synced is None
