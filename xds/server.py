@@ -343,6 +343,7 @@ class _Selections:
         # key of a SotW request's names -> (that key, those names), shared by the streams
         self._interned: OrderedDict[bytes, tuple[bytes, frozenset[str]]] = OrderedDict()
         self.names_keyed = _NAMES_KEYED  # from how many names `names_of` keys them
+        self._held: OrderedDict[int, _Selection] = OrderedDict()  # id(set) -> `held(set)`
         self._grows: OrderedDict[tuple[int, int], tuple[object, frozenset[str], bool]] = OrderedDict()
         self._changed_names: OrderedDict[_NamesChange, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
 
@@ -384,6 +385,21 @@ class _Selections:
         else:
             self._interned.move_to_end(key)
         return interned
+
+    def held(self, typed: TypedResources) -> _Selection:
+        """The whole set `typed` as what a stream holds (one object per set, so streams
+        holding it share plans)."""
+        found = self._held.get(id(typed))
+        if found is not None and found.typed is typed:
+            self._held.move_to_end(id(typed))
+            return found
+        found = _Selection(
+            typed.type_url, typed.shared_items(), typed.shared_versions(), typed.version, False, typed=typed
+        )
+        self._held[id(typed)] = found
+        while len(self._held) > _SELECTIONS_LIMIT:
+            self._held.popitem(last=False)
+        return found
 
     def grows(self, old: object, new: frozenset[str]) -> bool:
         """Whether the named subscription `old` is within `new` (compared once per pair of
@@ -781,23 +797,35 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
     def _adopt_presented(self, st: _TypeState, version: str) -> None:
         """A reconnecting proxy presents the version it holds: learn its content if we can."""
         st.sotw_version = version
-        items = self._resolve_set(st, version)
-        if items is None:
+        resolved = self._resolve_set(st, version)
+        if resolved is None:
             log.info("%s presents unknown %s version %s", self.node.id, _short(st.type_url), version)
             return
-        st.sent = dict(items)
-        st.sent_versions = {n: content_version(m) for n, m in items.items()}
+        if isinstance(resolved, _Selection):
+            # The whole target set (a fleet reconnecting to a restarted replica): held as a
+            # shared selection, so the stream plans with its peers (`_Plans`, in O(changes))
+            # instead of planning alone over everything it holds on every change.
+            st.sent, st.sent_versions = resolved.items, resolved.versions
+            st.sent_selection = st.acked_selection = resolved
+        else:
+            st.sent = dict(resolved)
+            st.sent_versions = {n: content_version(m) for n, m in resolved.items()}
+            st.sent_selection = st.acked_selection = None  # content resolved, not a shared selection
         st.acked = st.sent
         st.acked_versions = st.sent_versions
-        st.sent_selection = st.acked_selection = None  # content resolved, not a shared selection
         self.record_ack(st, version, st.acked_versions)
 
-    def _resolve_set(self, st: _TypeState, version: str) -> Mapping[str, Message] | None:
+    def _resolve_set(self, st: _TypeState, version: str) -> _Selection | Mapping[str, Message] | None:
         target = self.target()
         if target is not None:
-            items = st.select(target[st.type_url].items)
-            if set_version({n: content_version(m) for n, m in items.items()}) == version:
-                return items
+            typed = target[st.type_url]
+            if st.wildcard or typed.items.keys() <= st.names:  # all of the set is wanted
+                if typed.version == version:
+                    return self.selections.held(typed)
+            else:
+                items = st.select(typed.items)
+                if set_version({n: typed.versions[n] for n in items}) == version:
+                    return items
         remembered: Mapping[str, Message] | None = self.cache.history.resolve_set(st.type_url, version)
         return remembered
 
@@ -856,7 +884,12 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if request.initial_resource_versions:
             st.sent_selection = st.acked_selection = None
             versions = dict(request.initial_resource_versions)
-            self.record_ack(st, set_version(versions), dict(st.acked_versions))
+            # The target's set version where the proxy holds exactly the target's set (a
+            # fleet reconnecting to a restarted replica): known, not summed item by item.
+            target = self.target()
+            typed = target[st.type_url] if target is not None else None
+            known = typed is not None and versions == typed.versions
+            self.record_ack(st, typed.version if known and typed else set_version(versions), dict(st.acked_versions))
 
     def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest, *, first: bool) -> None:
         if not request.resource_names_subscribe and not request.resource_names_unsubscribe:

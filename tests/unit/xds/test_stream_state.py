@@ -16,7 +16,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.render import render
-from graylane.xds.resources import CLUSTER, ENDPOINT, Resources, content_version
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources, content_version
 from graylane.xds.server import _DeltaStream, _Selections, _SotwStream
 from graylane.xds.tracker import ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
@@ -163,3 +163,55 @@ def test_delta_subscription_changes_are_shared_and_an_unsubscribe_drops_what_is_
     _delta_eds(one, subscribe=["extra"], unsubscribe=[names[1], "extra"])  # unsubscribe wins
     assert a.names == set(names) - {names[1]}
     assert names[1] not in a.sent and names[1] not in a.sent_versions and a.synced is None
+
+
+def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
+    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(5))
+    selections = _Selections()
+    synced = _open(_SotwStream(cache, ProxyTracker(), selections), "synced")
+    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+    for t in order:
+        names = [] if t in (CLUSTER, LISTENER, SCOPED_ROUTE) else sorted(cache.snapshot("k")[t].items)
+        synced.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
+    for _ in range(10):  # make-before-break: a few rounds until everything is ACKed
+        bodies = synced.push()
+        if not bodies:
+            break
+        for body in bodies:
+            r = discovery_pb2.DiscoveryResponse.FromString(body)
+            names = list(synced.types[r.type_url].names)
+            synced.handle(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=r.type_url, version_info=r.version_info, response_nonce=r.nonce, resource_names=names
+                )
+            )
+    assert synced.push() == [] and synced.types[ROUTE].sent
+    back = []
+    for name in ("again-1", "again-2"):
+        stream = _open(_SotwStream(cache, ProxyTracker(), selections), name)
+        for t in order:
+            st = synced.types[t]
+            names = [] if st.wildcard else sorted(st.names)
+            stream.handle(
+                discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
+            )
+        assert stream.push() == []  # holds it all: nothing is sent
+        assert all(stream.types[t].acked_selection is not None for t in order)
+        back.append(stream)
+    assert back[0].current_plan() is back[1].current_plan()
+    for t in order:
+        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+    cache.set_snapshot("k", _snapshot(5, lane=True))
+
+    def strip(bodies: list[bytes]) -> list[tuple[str, str, int]]:
+        out = []
+        for body in bodies:
+            r = discovery_pb2.DiscoveryResponse.FromString(body)
+            out.append((r.type_url, r.version_info, len(r.resources)))
+        return out
+
+    expected = strip(synced.push())
+    assert expected and all(strip(stream.push()) == expected for stream in back)
