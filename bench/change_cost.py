@@ -15,7 +15,9 @@ endpoints and a lane entering at it), and this measures (median over reps, ms):
 * ack: the same streams handling the ACK of those responses (and re-planning); the requests
   are parsed from their bytes first, as the server's streams get them (not counted);
 * with `--streams K` (K > 1), K streams per protocol in one state: the push + ACK of each
-  stream after the first of its protocol (µs, median), i.e. what one more proxy costs.
+  stream after the first of its protocol (µs, median), i.e. what one more proxy costs;
+  with `--reconnected` those streams open as proxies reconnecting with the versions they
+  hold (a replica restarted), and "reconnect ms" is what opening one cost.
 
 Also the full render (`render` of the whole view, nothing reused). Bounded: reps per size.
 """
@@ -124,6 +126,37 @@ class _Streams:
                     stream.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
                 else:
                     stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=names))
+
+    def reconnect(self) -> float:
+        """The streams after the first SotW / delta pair open as proxies reconnecting with
+        what the first pair holds (SotW: each type's version_info; delta: the initial
+        resource versions), as after a replica restart; the seconds that took, per stream."""
+        spent = 0.0
+        for stream in self.streams[2:]:
+            peer = self.sotw if stream.protocol == "sotw" else self.delta
+            requests: list[Any] = []
+            for t in resources.PUSH_ORDER:
+                st = peer.types[t]
+                names = [] if st.wildcard else sorted(st.names)
+                if stream.protocol == "sotw":
+                    requests.append(
+                        discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
+                    )
+                else:
+                    requests.append(
+                        discovery_pb2.DeltaDiscoveryRequest(
+                            type_url=t, resource_names_subscribe=names, initial_resource_versions=st.acked_versions
+                        )
+                    )
+            requests = [type(request).FromString(request.SerializeToString()) for request in requests]
+            t0 = time.perf_counter()
+            for request in requests:
+                stream.handle(request)
+            more = stream.push()
+            spent += time.perf_counter() - t0
+            if more:
+                spent += self.ack([(stream, more)])
+        return spent / max(1, len(self.streams) - 2)
 
     def push(self) -> list[tuple[Any, list[bytes]]]:
         return [(stream, stream.push()) for stream in self.streams]
@@ -237,12 +270,20 @@ CHANGES: dict[str, Callable[[RoutingView, int], RoutingView]] = {"weight": bump,
 
 
 def measure(
-    n: int, reps: int, *, full_reps: int | None = None, change: str = "weight", streams_per: int = 1
+    n: int,
+    reps: int,
+    *,
+    full_reps: int | None = None,
+    change: str = "weight",
+    streams_per: int = 1,
+    reconnected: bool = False,
 ) -> dict[str, float]:
     """Stage medians (ms) for one change (CHANGES) at n services; `full_reps` full renders
     too (default reps // 2; 0: none). With `streams_per` > 1, also the push + ACK of each
     further SotW / delta stream in the same state (µs, median): what each stream costs on
-    its own, once the first of its state paid for what they share."""
+    its own, once the first of its state paid for what they share. `reconnected`: those
+    further streams open as reconnecting proxies (`_Streams.reconnect`; "reconnect" is the
+    ms each took)."""
     view = make_view(n)
     try:
         from graylane.xds.renderer import Renderer
@@ -266,8 +307,16 @@ def measure(
     cache = SnapshotCache()
     cache.set_snapshot("default", do_render(view))
     streams = _Streams(cache, per=streams_per)
-    streams.subscribe()
-    streams.ack(streams.push())
+    reconnect_s = 0.0
+    if reconnected:
+        streams.streams[2:], later = [], streams.streams[2:]
+        streams.subscribe()
+        streams.ack(streams.push())
+        streams.streams[2:] = later
+        reconnect_s = streams.reconnect()
+    else:
+        streams.subscribe()
+        streams.ack(streams.push())
     stages: dict[str, list[float]] = {"render": [], "set_snapshot": [], "push": [], "ack": []}
     extra: dict[str, list[float]] = {"sotw": [], "delta": []}
     for step in range(1, reps + 1):
@@ -293,6 +342,8 @@ def measure(
     out["bytes"] = float(sum(sizes))
     for protocol, values in extra.items():
         out[f"extra_{protocol}"] = statistics.median(values) if values else float("nan")
+    if reconnected:
+        out["reconnect"] = reconnect_s * 1000
     return out
 
 
@@ -305,19 +356,25 @@ def main() -> None:
     parser.add_argument(
         "--streams", type=int, default=1, help="streams per protocol (> 1: the cost of each further stream too)"
     )
+    parser.add_argument(
+        "--reconnected", action="store_true", help="the further streams reconnect presenting their versions"
+    )
     args = parser.parse_args()
     per = args.streams > 1
     head = "| services | full render ms | render ms | set_snapshot ms | push ms | ack ms | total ms | bytes |"
-    print(head + (" +SotW stream µs | +delta stream µs |" if per else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if per else ""))
+    head += (" +SotW stream µs | +delta stream µs |" if per else "") + (" reconnect ms |" if args.reconnected else "")
+    print(head)
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if per else "") + ("---|" if args.reconnected else ""))
     for n in args.services:
-        r = measure(n, args.reps, change=args.change, streams_per=args.streams)
+        r = measure(n, args.reps, change=args.change, streams_per=args.streams, reconnected=args.reconnected)
         row = (
             f"| {n} | {r['full_render']:.1f} | {r['render']:.2f} | {r['set_snapshot']:.2f} | {r['push']:.2f} | "
             f"{r['ack']:.2f} | {r['total']:.2f} | {int(r['bytes'])} |"
         )
         if per:
             row += f" {r['extra_sotw']:.0f} | {r['extra_delta']:.0f} |"
+        if args.reconnected:
+            row += f" {r['reconnect']:.1f} |"
         print(row, flush=True)
 
 

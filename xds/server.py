@@ -966,6 +966,11 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if not diff.changed and not diff.removed and not (first and not selection.items and st.wildcard):
             st.synced = selection  # nothing to send: the stream holds exactly this selection
             st.sent_selection = selection
+            if st.acked_selection is None and not st.pending and st.acked_versions == selection.versions:
+                # A proxy that reconnected holding it all (initial_resource_versions): no
+                # response will come to be ACKed, so say now that its ACKed content is this
+                # shared selection, or it would plan alone over all it holds on every change.
+                st.acked_selection = selection
             return None
         if not selection.remembered:
             self._remember(selection)
