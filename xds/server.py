@@ -563,6 +563,7 @@ def _delta_diff(new: _Selection, changed: dict[str, Message], removed: tuple[str
 
 
 _NOTHING: dict[str, _Selection] = {}
+_NO_DIFF = _Diff({}, (), b"")  # nothing differs (never sent: a stream sends no empty diff)
 
 
 def _nothing(type_url: str) -> _Selection:
@@ -729,15 +730,6 @@ class _Stream(Generic[Req, Resp]):
             len(push.removed),
         )
 
-    def resolve_initial(self, st: _TypeState, name: str, version: str) -> Message | None:
-        """The content of resource `name` at content `version`, if this replica knows it."""
-        target = self.target()
-        if target is not None and target[st.type_url].versions.get(name) == version:
-            known: Message = target[st.type_url].items[name]
-            return known
-        remembered: Message | None = self.cache.history.message(st.type_url, version)
-        return remembered
-
     # -- per protocol ----------------------------------------------------------------------
 
     def handle(self, request: Req) -> None:
@@ -874,22 +866,33 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
     def _first_request(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         # Legacy wildcard: a first LDS/CDS request that names nothing.
         st.wildcard = st.type_url in WILDCARD_TYPES and not request.resource_names_subscribe
-        for name, version in request.initial_resource_versions.items():
+        if not request.initial_resource_versions:
+            return
+        versions = dict(request.initial_resource_versions)
+        target = self.target()
+        typed = target[st.type_url] if target is not None else None
+        if typed is not None and versions == typed.versions:
+            # Exactly the target's set (a fleet reconnecting to a restarted replica): held
+            # as the shared selection of that set (the stream's own dicts equal to it, as
+            # delta streams update theirs in place), so it plans with its peers at once.
+            held = self.selections.held(typed)
+            st.sent, st.sent_versions = dict(typed.shared_items()), versions
+            st.acked, st.acked_versions = dict(typed.shared_items()), dict(versions)
+            st.sent_selection = st.acked_selection = st.synced = held
+            self.record_ack(st, typed.version, held.versions)
+            return
+        known: Mapping[str, str] = typed.versions if typed is not None else {}
+        items: Mapping[str, Message] = typed.items if typed is not None else {}
+        history = self.cache.history
+        for name, version in versions.items():
             st.sent_versions[name] = version
-            message = self.resolve_initial(st, name, version)
+            message = items[name] if known.get(name) == version else history.message(st.type_url, version)
             if message is not None:
                 st.sent[name] = message
                 st.acked[name] = message
                 st.acked_versions[name] = version
-        if request.initial_resource_versions:
-            st.sent_selection = st.acked_selection = None
-            versions = dict(request.initial_resource_versions)
-            # The target's set version where the proxy holds exactly the target's set (a
-            # fleet reconnecting to a restarted replica): known, not summed item by item.
-            target = self.target()
-            typed = target[st.type_url] if target is not None else None
-            known = typed is not None and versions == typed.versions
-            self.record_ack(st, typed.version if known and typed else set_version(versions), dict(st.acked_versions))
+        st.sent_selection = st.acked_selection = None
+        self.record_ack(st, set_version(versions), dict(st.acked_versions))
 
     def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest, *, first: bool) -> None:
         if not request.resource_names_subscribe and not request.resource_names_unsubscribe:
@@ -961,6 +964,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if synced is not None:
             # The stream holds exactly an earlier shared selection: the diff is shared too.
             diff = self.selections.diff(synced, selection)
+        elif st.sent_versions and st.sent_versions == selection.versions:  # C speed: a proxy reconnected
+            diff = _NO_DIFF
         else:
             diff = _make_diff(selection, st.sent_versions)
         if not diff.changed and not diff.removed and not (first and not selection.items and st.wildcard):

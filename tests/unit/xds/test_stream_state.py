@@ -215,3 +215,68 @@ def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_pee
 
     expected = strip(synced.push())
     assert expected and all(strip(stream.push()) == expected for stream in back)
+
+
+def _settle_delta(stream: Any) -> None:
+    for _ in range(10):
+        bodies = stream.push()
+        if not bodies:
+            return
+        for body in bodies:
+            r = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            st = stream.types[r.type_url]
+            wanted: set[str] = set()
+            if r.type_url == ENDPOINT:
+                wanted = set(stream.types[CLUSTER].sent)
+            elif r.type_url == ROUTE:
+                wanted = set(stream.types[SCOPED_ROUTE].sent)
+            stream.handle(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=r.type_url, response_nonce=r.nonce, resource_names_subscribe=sorted(wanted - st.names)
+                )
+            )
+        for t, source in ((ENDPOINT, CLUSTER), (ROUTE, SCOPED_ROUTE)):
+            new = sorted(set(stream.types[source].sent) - stream.types[t].names)
+            if new:
+                stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=new))
+    raise AssertionError("the stream never settled")
+
+
+def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(5))
+    selections = _Selections()
+    synced = _open(_DeltaStream(cache, ProxyTracker(), selections), "synced")
+    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+    for t in order:
+        synced.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t))
+    _settle_delta(synced)
+    back = []
+    for name in ("again-1", "again-2"):
+        stream = _open(_DeltaStream(cache, ProxyTracker(), selections), name)
+        for t in order:
+            st = synced.types[t]
+            stream.handle(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=t,
+                    resource_names_subscribe=[] if st.wildcard else sorted(st.names),
+                    initial_resource_versions=st.acked_versions,
+                )
+            )
+        assert stream.push() == []
+        assert all(stream.types[t].acked_selection is not None for t in order)
+        back.append(stream)
+    assert back[0].current_plan() is back[1].current_plan()
+    for t in order:
+        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+    cache.set_snapshot("k", _snapshot(5, lane=True))
+
+    def strip(bodies: list[bytes]) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        out = []
+        for body in bodies:
+            r = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            out.append((r.type_url, tuple(x.name for x in r.resources), tuple(r.removed_resources)))
+        return out
+
+    expected = strip(synced.push())
+    assert expected and all(strip(stream.push()) == expected for stream in back)
