@@ -871,7 +871,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         versions = dict(request.initial_resource_versions)
         target = self.target()
         typed = target[st.type_url] if target is not None else None
-        if typed is not None and versions == typed.versions:
+        if typed is not None and versions == typed.shared_versions():
             # Exactly the target's set (a fleet reconnecting to a restarted replica): held
             # as the shared selection of that set (the stream's own dicts equal to it, as
             # delta streams update theirs in place), so it plans with its peers at once.
@@ -900,18 +900,14 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
                 st.subscribe(wildcard=st.wildcard, names=st.names)
             return
         wildcard = st.wildcard
-        add: set[str] = set()
-        remove: set[str] = set()
-        for name in request.resource_names_subscribe:
-            if name == WILDCARD:
-                wildcard = True
-            else:
-                add.add(name)
-        for name in request.resource_names_unsubscribe:
-            if name == WILDCARD:
-                wildcard = False
-            else:
-                remove.add(name)
+        add = set(request.resource_names_subscribe)
+        remove = set(request.resource_names_unsubscribe)
+        if WILDCARD in add:
+            wildcard = True
+            add.discard(WILDCARD)
+        if WILDCARD in remove:  # after a subscribe to it in the same request: it wins
+            wildcard = False
+            remove.discard(WILDCARD)
         old = frozenset(st.names)  # the same object: delta names are the shared frozensets
         names = self.selections.changed_names(old, add, remove)
         st.subscribe(wildcard=wildcard, names=names, grows=old.isdisjoint(remove))
