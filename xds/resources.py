@@ -12,9 +12,11 @@ order-free sum of per-item digests) is updated in O(changes). Readers holding th
 (the cache's consistency check, the plan, the ADS server's selections and diffs) follow
 the change in O(changes) instead of walking every item.
 
-Serialised once: a message that enters a `TypedResources` is encoded once (bytes, content
-version, and the packed `Any` the ADS server sends) and the encoding is shared by every
-stream and every later plan that holds the same message object. Messages held in a
+Serialised once: a message that enters a `TypedResources` is encoded once (content version,
+and its wire entry: the packed Any as an element of a response's repeated field 2) and the
+encoding is shared by every stream and every later plan that holds the same message object.
+Response bodies are joins of entries (`sotw_body`, `delta_body`), byte for byte what
+protobuf would serialise; a set keeps its entries once asked for (`entries`). Messages held in a
 `Resources` are frozen by convention: nothing mutates them after render.
 
 Must not import: etcd, graylane.controlplane, graylane.agent.

@@ -30,7 +30,13 @@ Cost of a change: streams in one state share one plan, one selection per subscri
 one response body per type (`_Selections`). Where the new snapshot derives from the one a
 stream holds (the common case: in sync before the change), the plan (`plan_derived`), the
 selections (the planned sets themselves) and the bodies (the sets' changed / removed
-names) cost what changed, not what the snapshot holds.
+names) cost what changed, not what the snapshot holds. What each further stream in that
+state costs is O(changes) too, but for what the protocol itself carries: a SotW request
+repeats every subscribed name (keyed by its bytes: one memcmp when unchanged, and streams
+with equal names share one frozenset, `_Selections.names_of`) and a SotW wildcard response
+is the whole set (joined once from per-resource wire entries; each stream copies it to add
+its nonce). A proxy that reconnects presenting exactly the target's sets holds them as
+shared selections at once and plans with its peers.
 
 Concurrency: one asyncio loop; one task per stream plus its request reader, both
 cancelled when the stream ends. However a stream ends (the client cancels or vanishes,
