@@ -12,9 +12,11 @@ order-free sum of per-item digests) is updated in O(changes). Readers holding th
 (the cache's consistency check, the plan, the ADS server's selections and diffs) follow
 the change in O(changes) instead of walking every item.
 
-Serialised once: a message that enters a `TypedResources` is encoded once (bytes, content
-version, and the packed `Any` the ADS server sends) and the encoding is shared by every
-stream and every later plan that holds the same message object. Messages held in a
+Serialised once: a message that enters a `TypedResources` is encoded once (content version,
+and its wire entry: the packed Any as an element of a response's repeated field 2) and the
+encoding is shared by every stream and every later plan that holds the same message object.
+Response bodies are joins of entries (`sotw_body`, `delta_body`), byte for byte what
+protobuf would serialise; a set keeps its entries once asked for (`entries`). Messages held in a
 `Resources` are frozen by convention: nothing mutates them after render.
 
 Must not import: etcd, graylane.controlplane, graylane.agent.
@@ -62,7 +64,13 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = MappingProxyType(
 
 
 class Encoded(NamedTuple):
-    """One message's deterministic bytes, content version and packed Any (shared, read-only).
+    """One message's content version and its wire entry (shared, read-only).
+
+    `entry` is the message packed in an Any, in the wire form of one element of a repeated
+    Any field numbered 2 (tag, length, the Any's bytes): the `resources` of a
+    DiscoveryResponse, and the `resource` of a delta Resource, are both field 2. A
+    response body is then a join of entries (`sotw_body`), at C speed, with no Any
+    objects built per response.
 
     A NamedTuple, not a dataclass: a full render encodes tens of thousands of messages
     (two per service for the routes alone), and a tuple is several times cheaper to make.
@@ -70,7 +78,15 @@ class Encoded(NamedTuple):
 
     message: Message
     version: str
-    packed: any_pb2.Any
+    entry: bytes
+
+    @property
+    def packed(self) -> any_pb2.Any:
+        """The message packed in an Any (a new object: responses are built from `entry`)."""
+        start = 1  # past the tag, then past the length's varint
+        while self.entry[start] & 0x80:
+            start += 1
+        return any_pb2.Any.FromString(self.entry[start + 1 :])
 
 
 # Encodings by message identity. Each entry holds its message, so an id cannot be reused
@@ -81,14 +97,34 @@ ENCODED_LIMIT = 250_000
 _TYPE_URLS: dict[str, str] = {}  # message full name -> its type URL
 
 
+_ANY_HEADS: dict[str, bytes] = {}  # message full name -> Any field 1 (its type URL) and field 2's tag
+
+
+def varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf base-128 varint."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_bytes(number: int, data: bytes) -> bytes:
+    """One length-delimited field (string, bytes or message) in wire form."""
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
 def _encode(message: Message) -> Encoded:
     data = message.SerializeToString(deterministic=True)
     full_name = message.DESCRIPTOR.full_name
-    type_url = _TYPE_URLS.get(full_name)
-    if type_url is None:
-        type_url = _TYPE_URLS[full_name] = "type.googleapis.com/" + full_name
-    packed = any_pb2.Any(type_url=type_url, value=data)
-    return Encoded(message, hashlib.sha256(data).hexdigest()[:16], packed)
+    head = _ANY_HEADS.get(full_name)
+    if head is None:
+        head = _ANY_HEADS[full_name] = field_bytes(1, ("type.googleapis.com/" + full_name).encode()) + b"\x12"
+    any_bytes = head + varint(len(data)) + data
+    return Encoded(message, hashlib.sha256(data).hexdigest()[:16], b"\x12" + varint(len(any_bytes)) + any_bytes)
 
 
 def encoded(message: Message) -> Encoded:
@@ -112,12 +148,46 @@ def content_version(message: Message) -> str:
     return _encode(message).version
 
 
-def packed(message: Message) -> any_pb2.Any:
-    """`message` packed in an Any, shared by every response that carries it."""
+def entry(message: Message) -> bytes:
+    """`message` packed in an Any as one field-2 entry (`Encoded.entry`), shared by every
+    response that carries it."""
     hit = _ENCODED.get(id(message))
     if hit is not None and hit.message is message:
-        return hit.packed
-    return _encode(message).packed
+        return hit.entry
+    return _encode(message).entry
+
+
+def packed(message: Message) -> any_pb2.Any:
+    """`message` packed in an Any (a new object; see `entry`)."""
+    return encoded(message).packed
+
+
+def sotw_body(version: str, type_url: str, entries: Iterable[bytes]) -> bytes:
+    """A DiscoveryResponse of `entries` (`Encoded.entry` each) without its nonce: the bytes
+    protobuf serialises for `DiscoveryResponse(version_info=version, resources=[...],
+    type_url=type_url)` (fields in number order, empty strings left out)."""
+    parts = [field_bytes(1, version.encode())] if version else []
+    parts.extend(entries)  # from a dict's values: at C speed
+    if type_url:
+        parts.append(field_bytes(4, type_url.encode()))
+    return b"".join(parts)
+
+
+def delta_body(
+    version: str, type_url: str, resources: Iterable[tuple[str, str, bytes]], removed: Iterable[str]
+) -> bytes:
+    """A DeltaDiscoveryResponse without its nonce, from (name, content version, entry) per
+    resource: the bytes protobuf serialises for the same fields (in number order, empty
+    strings left out)."""
+    parts = [field_bytes(1, version.encode())] if version else []
+    for name, resource_version, wire in resources:
+        # A Resource: version (1), the packed message (2: the entry as is), name (3).
+        body = (field_bytes(1, resource_version.encode()) if resource_version else b"") + wire
+        parts.append(field_bytes(2, (body + field_bytes(3, name.encode())) if name else body))
+    if type_url:
+        parts.append(field_bytes(4, type_url.encode()))
+    parts.extend(field_bytes(6, name.encode()) for name in removed)
+    return b"".join(parts)
 
 
 # The version of a set is the sum, modulo 2**128, of a 128-bit digest of each (name,
@@ -175,6 +245,7 @@ class TypedResources:
         "_items",
         "_versions",
         "_sum",
+        "_entries",
     )
 
     type_url: str
@@ -207,6 +278,7 @@ class TypedResources:
         self.items = MappingProxyType(items)
         self.versions = MappingProxyType(versions)
         self._sum = total
+        self._entries: dict[str, bytes] | None = None
         self.base_version = base_version
         self.changed = changed
         self.removed = removed
@@ -264,6 +336,15 @@ class TypedResources:
         out._init(
             self.type_url, items, versions, total % _SET_MODULUS, self.version, frozenset(changed), frozenset(removed)
         )
+        if self._entries is not None:
+            # Kept up to date once asked for (the wildcard types' bodies): a dict copy, in
+            # the same order as `items` (replaced names keep their place, new ones follow).
+            entries = dict(self._entries)
+            for name in changed:
+                entries[name] = entry(items[name])
+            for name in removed:
+                del entries[name]
+            out._entries = entries
         out.added = frozenset(added)
         if not added and not removed:
             out.names_token = self.names_token
@@ -276,6 +357,13 @@ class TypedResources:
     def shared_versions(self) -> dict[str, str]:
         """The versions as the set's own dict, shared with every holder: never mutate it."""
         return self._versions
+
+    def entries(self) -> Mapping[str, bytes]:
+        """name -> `Encoded.entry`, in the order of `items` (built on first use, then carried
+        to the sets derived from this one in O(changes) plus a dict copy)."""
+        if self._entries is None:
+            self._entries = {name: entry(message) for name, message in self._items.items()}
+        return self._entries
 
     def derives_from(self, base: TypedResources) -> bool:
         """Whether `changed` / `removed` are exactly what differs from `base`."""

@@ -30,7 +30,13 @@ Cost of a change: streams in one state share one plan, one selection per subscri
 one response body per type (`_Selections`). Where the new snapshot derives from the one a
 stream holds (the common case: in sync before the change), the plan (`plan_derived`), the
 selections (the planned sets themselves) and the bodies (the sets' changed / removed
-names) cost what changed, not what the snapshot holds.
+names) cost what changed, not what the snapshot holds. What each further stream in that
+state costs is O(changes) too, but for what the protocol itself carries: a SotW request
+repeats every subscribed name (keyed by its bytes: one memcmp when unchanged, and streams
+with equal names share one frozenset, `_Selections.names_of`) and a SotW wildcard response
+is the whole set (joined once from per-resource wire entries; each stream copies it to add
+its nonce). A proxy that reconnects presenting exactly the target's sets holds them as
+shared selections at once and plans with its peers.
 
 Concurrency: one asyncio loop; one task per stream plus its request reader, both
 cancelled when the stream ends. However a stream ends (the client cancels or vanishes,
@@ -48,7 +54,8 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -56,7 +63,6 @@ from typing import Any, Generic, TypeVar
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
 from graylane.xds.plan import Plan, plan, plan_derived
@@ -68,8 +74,10 @@ from graylane.xds.resources import (
     Resources,
     TypedResources,
     content_version,
-    packed,
+    delta_body,
+    entry,
     set_version,
+    sotw_body,
 )
 from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, new_stream_id, now
 
@@ -80,6 +88,7 @@ log = logging.getLogger(__name__)
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, SCOPED_ROUTE})
 WILDCARD = "*"
 WILDCARD_KEY = ("*",)  # the subscription key of a wildcard subscription
+_NO_NAMES: frozenset[str] = frozenset()
 
 # gRPC server options for the xDS port. A fleet reconnecting at once (a replica restarted)
 # opens thousands of streams in a second; C-core cancels calls the application has not
@@ -117,6 +126,10 @@ class _Pending:
     resources: Mapping[str, Message]  # shared with other streams: read-only
     removed: tuple[str, ...]
     versions: Mapping[str, str]  # content versions of `resources` (and maybe more)
+    # The diff went from `base` (what the stream was synced to) to `to`, when `base` is a
+    # shared selection (see `_DeltaStream._ack_or_nack`).
+    base: _Selection | None = None
+    to: _Selection | None = None
 
 
 @dataclass
@@ -125,7 +138,9 @@ class _TypeState:
 
     type_url: str
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: AbstractSet[str] = _NO_NAMES  # one object: subscriptions change from it shared
+    # SotW: the key of the resource names of the last request (`_Selections.names_of`).
+    names_key: bytes = b""
     subscribed: bool = False  # a request for this type was seen on the stream
     sent: dict[str, Message] = field(default_factory=dict)  # content the proxy has or will
     sent_versions: dict[str, str] = field(default_factory=dict)  # includes unresolved ones
@@ -154,26 +169,39 @@ class _TypeState:
     def select(self, items: Mapping[str, Message]) -> dict[str, Message]:
         return {n: m for n, m in sorted(items.items()) if self.wants(n)}
 
-    def subscribe(self, *, wildcard: bool, names: set[str]) -> None:
-        """Set the subscription; forget what the proxy no longer wants (only on a change)."""
+    def subscribe(self, *, wildcard: bool, names: AbstractSet[str], grows: bool = False) -> None:
+        """Set the subscription; forget what the proxy no longer wants (only on a change).
+
+        `names` is kept as given (never mutated; streams share one frozenset per distinct
+        subscription, see `_Selections`). A change that drops nothing the stream holds keeps
+        its content, and the delta selection it is synced to: its sent content did not
+        change. `grows`: the caller knows the new names contain the current named
+        subscription's; nothing is then checked, since everything a stream with a named
+        subscription holds is wanted (every path that adds content adds wanted names, and
+        every narrowing goes through here).
+        """
         subscription: object = WILDCARD_KEY if wildcard else frozenset(names)
         self.wildcard = wildcard
         self.names = names
         if subscription == self.subscription:
             return
+        grows = grows and isinstance(self.subscription, frozenset)
         self.subscription = subscription
-        self.synced = None
-        if wildcard:
+        if wildcard or grows:
             return
-        # Copy on write: `sent` / `acked` may be mappings shared with other streams.
-        for attr in ("sent", "sent_versions", "acked", "acked_versions"):
-            store: Mapping[str, Any] = getattr(self, attr)
-            if any(n not in names for n in store):
-                setattr(self, attr, {n: v for n, v in store.items() if n in names})
-                if attr == "sent":
-                    self.sent_selection = None
-                elif attr == "acked":
-                    self.acked_selection = None
+        wanted: frozenset[str] = subscription  # type: ignore[assignment]
+        # Copy on write: `sent` / `acked` may be mappings shared with other streams. The
+        # keys of `sent` are among those of `sent_versions` (and `acked` has those of
+        # `acked_versions`), so each pair is checked at C speed by its versions.
+        if not wanted.issuperset(self.sent_versions):
+            self.sent = {n: m for n, m in self.sent.items() if n in wanted}
+            self.sent_versions = {n: v for n, v in self.sent_versions.items() if n in wanted}
+            self.sent_selection = None
+            self.synced = None
+        if not wanted.issuperset(self.acked_versions):
+            self.acked = {n: m for n, m in self.acked.items() if n in wanted}
+            self.acked_versions = {n: v for n, v in self.acked_versions.items() if n in wanted}
+            self.acked_selection = None
 
     def shareable(self) -> bool:
         """Whether `sent` and `acked` are each empty or exactly a shared selection."""
@@ -209,14 +237,15 @@ class _Selection:
         return tuple(self.items)
 
     def sotw_body(self) -> bytes:
-        """The DiscoveryResponse without its nonce, serialised once."""
+        """The DiscoveryResponse without its nonce, built once from the resources' entries
+        (a join at C speed where the selection is a whole set: its entries are kept)."""
         if self._sotw_body is None:
-            response = discovery_pb2.DiscoveryResponse(
-                version_info=self.version,
-                resources=[_pack(m) for m in self.items.values()],
-                type_url=self.type_url,
-            )
-            self._sotw_body = response.SerializeToString()
+            typed = self.typed
+            if typed is not None and typed.shared_items() is self.items:
+                entries: Iterable[bytes] = typed.entries().values()
+            else:
+                entries = [entry(m) for m in self.items.values()]
+            self._sotw_body = sotw_body(self.version, self.type_url, entries)
         return self._sotw_body
 
 
@@ -236,6 +265,9 @@ class _Diff:
 _SELECTIONS_LIMIT = 1024
 _PLANS_LIMIT = 256
 _DIFFS_LIMIT = 1024
+_NamesChange = tuple[int, frozenset[str], frozenset[str]]  # (id of the names, added, removed)
+_INTERNED_LIMIT = 64  # distinct lists of names a fleet sends at once: a few
+_NAMES_KEYED = 64  # shorter lists of names are cheaper to read than to key
 
 
 class _Plans:
@@ -314,6 +346,99 @@ class _Selections:
         self._partials: OrderedDict[tuple[int, int, int], tuple[_Diff, tuple[_Selection, ...]]] = OrderedDict()
         # id(subscription) -> (subscription, names_token of a set whose names it equals)
         self._names: OrderedDict[int, tuple[object, object]] = OrderedDict()
+        # key of a SotW request's names -> (that key, those names), shared by the streams
+        self._interned: OrderedDict[bytes, tuple[bytes, frozenset[str]]] = OrderedDict()
+        self.names_keyed = _NAMES_KEYED  # from how many names `names_of` keys them
+        self._held: OrderedDict[int, _Selection] = OrderedDict()  # id(set) -> `held(set)`
+        self._grows: OrderedDict[tuple[int, int], tuple[object, frozenset[str], bool]] = OrderedDict()
+        self._changed_names: OrderedDict[_NamesChange, tuple[frozenset[str], frozenset[str]]] = OrderedDict()
+
+    def names_of(self, request: discovery_pb2.DiscoveryRequest, last: bytes) -> tuple[bytes, frozenset[str] | None]:
+        """The key of a SotW request's resource names, and the names as a frozenset, None
+        when the key equals `last` (the same names as the stream's previous request of the
+        type).
+
+        Envoy repeats every subscribed EDS / RDS name in every request (each ACK), 10,000 of
+        them at fleet size: building a set from them costs ~2 ms per stream per ACK. The key
+        is the request serialised less its per-request fields (version, nonce, node, error:
+        the names and the type remain), at C speed; equal keys are equal lists of names.
+        Streams sending the same names share one key object and one frozenset (interned), so
+        the usual case, the names of the previous request, is one memcmp.
+        """
+        if len(request.resource_names) < self.names_keyed:
+            return b"", frozenset(request.resource_names)
+        version, nonce = request.version_info, request.response_nonce
+        if request.HasField("node") or request.HasField("error_detail"):
+            only = discovery_pb2.DiscoveryRequest()
+            only.CopyFrom(request)
+            only.ClearField("node")
+            only.ClearField("error_detail")
+            request = only
+        request.version_info = ""
+        request.response_nonce = ""
+        try:
+            key = request.SerializeToString(deterministic=True)
+        finally:
+            request.version_info, request.response_nonce = version, nonce
+        if key == last:
+            return last, None
+        interned = self._interned.get(key)
+        if interned is None:
+            interned = (key, frozenset(request.resource_names))
+            self._interned[key] = interned
+            while len(self._interned) > _INTERNED_LIMIT:
+                self._interned.popitem(last=False)
+        else:
+            self._interned.move_to_end(key)
+        return interned
+
+    def held(self, typed: TypedResources) -> _Selection:
+        """The whole set `typed` as what a stream holds (one object per set, so streams
+        holding it share plans)."""
+        found = self._held.get(id(typed))
+        if found is not None and found.typed is typed:
+            self._held.move_to_end(id(typed))
+            return found
+        found = _Selection(
+            typed.type_url, typed.shared_items(), typed.shared_versions(), typed.version, False, typed=typed
+        )
+        self._held[id(typed)] = found
+        while len(self._held) > _SELECTIONS_LIMIT:
+            self._held.popitem(last=False)
+        return found
+
+    def grows(self, old: object, new: frozenset[str]) -> bool:
+        """Whether the named subscription `old` is within `new` (compared once per pair of
+        interned subscriptions: a fleet in one state moves from one to the other)."""
+        if not isinstance(old, frozenset) or len(old) > len(new):
+            return False
+        key = (id(old), id(new))
+        hit = self._grows.get(key)
+        if hit is not None and hit[0] is old and hit[1] is new:
+            self._grows.move_to_end(key)
+            return hit[2]
+        value = old <= new
+        self._grows[key] = (old, new, value)
+        while len(self._grows) > _INTERNED_LIMIT:
+            self._grows.popitem(last=False)
+        return value
+
+    def changed_names(self, old: frozenset[str], add: AbstractSet[str], remove: AbstractSet[str]) -> frozenset[str]:
+        """`old` with the names of a delta request's (un)subscribe applied (unsubscribe wins),
+        as one frozenset shared by the streams making the same change to the same names: in
+        O(changes) for all but the first of them."""
+        if old.issuperset(add) and old.isdisjoint(remove):
+            return old
+        key = (id(old), frozenset(add), frozenset(remove))
+        hit = self._changed_names.get(key)
+        if hit is not None and hit[0] is old:
+            self._changed_names.move_to_end(key)
+            return hit[1]
+        new = (old | add) - remove
+        self._changed_names[key] = (old, new)
+        while len(self._changed_names) > _INTERNED_LIMIT:
+            self._changed_names.popitem(last=False)
+        return new
 
     def _whole(self, subscription: object, typed: TypedResources) -> bool:
         """Whether the named `subscription` is exactly `typed`'s names (compared once per
@@ -408,12 +533,7 @@ def _make_sotw_partial(new: _Selection, acked_versions: Mapping[str, str], sent_
         for n, m in new.items.items()
         if acked_versions.get(n) != new.versions[n] or sent_versions.get(n) != new.versions[n]
     }
-    response = discovery_pb2.DiscoveryResponse(
-        version_info=new.version,
-        resources=[_pack(m) for m in changed.values()],
-        type_url=new.type_url,
-    )
-    return _Diff(changed, (), response.SerializeToString())
+    return _Diff(changed, (), sotw_body(new.version, new.type_url, [entry(m) for m in changed.values()]))
 
 
 def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | None:
@@ -432,36 +552,24 @@ def _derived_diff(old: _Selection, new: _Selection, *, delta: bool) -> _Diff | N
         return None
     changed = {name: new.items[name] for name in names}
     if not delta:
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=new.version, resources=[_pack(m) for m in changed.values()], type_url=new.type_url
-        )
-        return _Diff(changed, (), response.SerializeToString())
-    delta_response = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=new.version,
-        resources=[
-            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
-        ],
-        removed_resources=list(removed),
-        type_url=new.type_url,
-    )
-    return _Diff(changed, removed, delta_response.SerializeToString())
+        return _Diff(changed, (), sotw_body(new.version, new.type_url, [entry(m) for m in changed.values()]))
+    return _delta_diff(new, changed, removed)
 
 
 def _make_diff(new: _Selection, sent_versions: Mapping[str, str]) -> _Diff:
     changed = {n: m for n, m in new.items.items() if sent_versions.get(n) != new.versions[n]}
     removed = tuple(sorted(n for n in sent_versions if n not in new.items))
-    response = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info=new.version,
-        resources=[
-            discovery_pb2.Resource(name=n, version=new.versions[n], resource=_pack(m)) for n, m in changed.items()
-        ],
-        removed_resources=list(removed),
-        type_url=new.type_url,
-    )
-    return _Diff(changed, removed, response.SerializeToString())
+    return _delta_diff(new, changed, removed)
+
+
+def _delta_diff(new: _Selection, changed: dict[str, Message], removed: tuple[str, ...]) -> _Diff:
+    versions = new.versions
+    body = delta_body(new.version, new.type_url, [(n, versions[n], entry(m)) for n, m in changed.items()], removed)
+    return _Diff(changed, removed, body)
 
 
 _NOTHING: dict[str, _Selection] = {}
+_NO_DIFF = _Diff({}, (), b"")  # nothing differs (never sent: a stream sends no empty diff)
 
 
 def _nothing(type_url: str) -> _Selection:
@@ -628,15 +736,6 @@ class _Stream(Generic[Req, Resp]):
             len(push.removed),
         )
 
-    def resolve_initial(self, st: _TypeState, name: str, version: str) -> Message | None:
-        """The content of resource `name` at content `version`, if this replica knows it."""
-        target = self.target()
-        if target is not None and target[st.type_url].versions.get(name) == version:
-            known: Message = target[st.type_url].items[name]
-            return known
-        remembered: Message | None = self.cache.history.message(st.type_url, version)
-        return remembered
-
     # -- per protocol ----------------------------------------------------------------------
 
     def handle(self, request: Req) -> None:
@@ -661,11 +760,6 @@ class _Stream(Generic[Req, Resp]):
         raise NotImplementedError
 
 
-def _pack(message: Message) -> any_pb2.Any:
-    # Serialised once per resource content and shared by every stream (resources.packed).
-    return packed(message)
-
-
 class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):
     protocol = SOTW
 
@@ -676,10 +770,13 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             return
         first = not st.subscribed
         st.subscribed = True
-        names = set(request.resource_names)
-        wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
-        names.discard(WILDCARD)
-        st.subscribe(wildcard=wildcard, names=names)
+        key, names = self.selections.names_of(request, st.names_key)
+        if names is not None:  # not the names of the previous request of this type
+            wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
+            if WILDCARD in names:
+                names = names - {WILDCARD}
+            st.subscribe(wildcard=wildcard, names=names, grows=self.selections.grows(st.subscription, names))
+            st.names_key = key
         if request.response_nonce:
             self._ack_or_nack(st, request)
         elif first and request.version_info:
@@ -698,23 +795,35 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
     def _adopt_presented(self, st: _TypeState, version: str) -> None:
         """A reconnecting proxy presents the version it holds: learn its content if we can."""
         st.sotw_version = version
-        items = self._resolve_set(st, version)
-        if items is None:
+        resolved = self._resolve_set(st, version)
+        if resolved is None:
             log.info("%s presents unknown %s version %s", self.node.id, _short(st.type_url), version)
             return
-        st.sent = dict(items)
-        st.sent_versions = {n: content_version(m) for n, m in items.items()}
+        if isinstance(resolved, _Selection):
+            # The whole target set (a fleet reconnecting to a restarted replica): held as a
+            # shared selection, so the stream plans with its peers (`_Plans`, in O(changes))
+            # instead of planning alone over everything it holds on every change.
+            st.sent, st.sent_versions = resolved.items, resolved.versions
+            st.sent_selection = st.acked_selection = resolved
+        else:
+            st.sent = dict(resolved)
+            st.sent_versions = {n: content_version(m) for n, m in resolved.items()}
+            st.sent_selection = st.acked_selection = None  # content resolved, not a shared selection
         st.acked = st.sent
         st.acked_versions = st.sent_versions
-        st.sent_selection = st.acked_selection = None  # content resolved, not a shared selection
         self.record_ack(st, version, st.acked_versions)
 
-    def _resolve_set(self, st: _TypeState, version: str) -> Mapping[str, Message] | None:
+    def _resolve_set(self, st: _TypeState, version: str) -> _Selection | Mapping[str, Message] | None:
         target = self.target()
         if target is not None:
-            items = st.select(target[st.type_url].items)
-            if set_version({n: content_version(m) for n, m in items.items()}) == version:
-                return items
+            typed = target[st.type_url]
+            if st.wildcard or typed.items.keys() <= st.names:  # all of the set is wanted
+                if typed.version == version:
+                    return self.selections.held(typed)
+            else:
+                items = st.select(typed.items)
+                if set_version({n: typed.versions[n] for n in items}) == version:
+                    return items
         remembered: Mapping[str, Message] | None = self.cache.history.resolve_set(st.type_url, version)
         return remembered
 
@@ -758,39 +867,56 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         st.subscribed = True
         if first:
             self._first_request(st, request)
-        self._subscribe(st, request)
+        self._subscribe(st, request, first=first)
 
     def _first_request(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         # Legacy wildcard: a first LDS/CDS request that names nothing.
         st.wildcard = st.type_url in WILDCARD_TYPES and not request.resource_names_subscribe
-        for name, version in request.initial_resource_versions.items():
+        if not request.initial_resource_versions:
+            return
+        versions = dict(request.initial_resource_versions)
+        target = self.target()
+        typed = target[st.type_url] if target is not None else None
+        if typed is not None and versions == typed.shared_versions():
+            # Exactly the target's set (a fleet reconnecting to a restarted replica): held
+            # as the shared selection of that set (the stream's own dicts equal to it, as
+            # delta streams update theirs in place), so it plans with its peers at once.
+            held = self.selections.held(typed)
+            st.sent, st.sent_versions = dict(typed.shared_items()), versions
+            st.acked, st.acked_versions = dict(typed.shared_items()), dict(versions)
+            st.sent_selection = st.acked_selection = st.synced = held
+            self.record_ack(st, typed.version, held.versions)
+            return
+        known: Mapping[str, str] = typed.versions if typed is not None else {}
+        items: Mapping[str, Message] = typed.items if typed is not None else {}
+        history = self.cache.history
+        for name, version in versions.items():
             st.sent_versions[name] = version
-            message = self.resolve_initial(st, name, version)
+            message = items[name] if known.get(name) == version else history.message(st.type_url, version)
             if message is not None:
                 st.sent[name] = message
                 st.acked[name] = message
                 st.acked_versions[name] = version
-        if request.initial_resource_versions:
-            st.sent_selection = st.acked_selection = None
-            versions = dict(request.initial_resource_versions)
-            self.record_ack(st, set_version(versions), dict(st.acked_versions))
+        st.sent_selection = st.acked_selection = None
+        self.record_ack(st, set_version(versions), dict(st.acked_versions))
 
-    def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def _subscribe(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest, *, first: bool) -> None:
         if not request.resource_names_subscribe and not request.resource_names_unsubscribe:
-            st.subscribe(wildcard=st.wildcard, names=st.names)
+            if first:  # the first request sets the subscription even when it names nothing
+                st.subscribe(wildcard=st.wildcard, names=st.names)
             return
-        wildcard, names = st.wildcard, set(st.names)
-        for name in request.resource_names_subscribe:
-            if name == WILDCARD:
-                wildcard = True
-            else:
-                names.add(name)
-        for name in request.resource_names_unsubscribe:
-            if name == WILDCARD:
-                wildcard = False
-            else:
-                names.discard(name)
-        st.subscribe(wildcard=wildcard, names=names)
+        wildcard = st.wildcard
+        add = set(request.resource_names_subscribe)
+        remove = set(request.resource_names_unsubscribe)
+        if WILDCARD in add:
+            wildcard = True
+            add.discard(WILDCARD)
+        if WILDCARD in remove:  # after a subscribe to it in the same request: it wins
+            wildcard = False
+            remove.discard(WILDCARD)
+        old = frozenset(st.names)  # the same object: delta names are the shared frozensets
+        names = self.selections.changed_names(old, add, remove)
+        st.subscribe(wildcard=wildcard, names=names, grows=old.isdisjoint(remove))
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         pending = st.pending.pop(request.response_nonce, None)
@@ -800,6 +926,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if request.HasField("error_detail"):
             self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message)
             return
+        # What the proxy had ACKed before this response, as a shared selection, if known.
+        before = st.acked_selection if st.acked_selection is not None or st.acked else _nothing(st.type_url)
         for name, message in pending.resources.items():
             if st.wants(name):
                 st.acked[name] = message
@@ -810,9 +938,24 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         synced = st.synced
         # Nothing else in flight and the ACKed content is exactly the shared selection the
         # stream was last synced to: plan with it (content versions are content hashes).
-        exact = not st.pending and synced is not None and st.acked_versions == synced.versions
+        # Known without comparing when the response went from what the proxy had ACKed
+        # (`before`; one content if one set version: versions are content hashes) to the
+        # selection the stream is still synced to: the ACKed content is then that selection
+        # (a subscription that dropped a name the response carried unsynced the stream).
+        base = pending.base
+        known = (
+            synced is not None
+            and pending.to is synced
+            and base is not None
+            and before is not None
+            and (base is before or base.version == before.version)
+        )
+        exact = not st.pending and synced is not None and (known or st.acked_versions == synced.versions)
         st.acked_selection = synced if exact else None
-        self.record_ack(st, pending.version, dict(st.acked_versions))
+        if exact and synced is not None:
+            self.record_ack(st, pending.version, synced.versions)  # equal; shared, never mutated
+        else:
+            self.record_ack(st, pending.version, dict(st.acked_versions))
 
     def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
         selection = self.selection(st, planned)
@@ -823,11 +966,18 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         if synced is not None:
             # The stream holds exactly an earlier shared selection: the diff is shared too.
             diff = self.selections.diff(synced, selection)
+        elif st.sent_versions and st.sent_versions == selection.versions:  # C speed: a proxy reconnected
+            diff = _NO_DIFF
         else:
             diff = _make_diff(selection, st.sent_versions)
         if not diff.changed and not diff.removed and not (first and not selection.items and st.wildcard):
             st.synced = selection  # nothing to send: the stream holds exactly this selection
             st.sent_selection = selection
+            if st.acked_selection is None and not st.pending and st.acked_versions == selection.versions:
+                # A proxy that reconnected holding it all (initial_resource_versions): no
+                # response will come to be ACKed, so say now that its ACKed content is this
+                # shared selection, or it would plan alone over all it holds on every change.
+                st.acked_selection = selection
             return None
         if not selection.remembered:
             self._remember(selection)
@@ -840,7 +990,9 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         st.synced = selection  # removed what it lacks, updated what differed: equal now
         st.sent_selection = selection
         st.latest_nonce = nonce
-        st.pending[nonce] = _Pending(selection.version, diff.changed, diff.removed, selection.versions)
+        st.pending[nonce] = _Pending(
+            selection.version, diff.changed, diff.removed, selection.versions, synced, selection
+        )
         self.record_push(st, Push(st.type_url, selection.version, nonce, diff.names, diff.removed))
         return _with_nonce(diff.body, nonce)
 

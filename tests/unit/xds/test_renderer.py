@@ -15,6 +15,7 @@ import random
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.service.discovery.v3 import discovery_pb2
 from graylane.xds import resources
@@ -317,6 +318,9 @@ class _Proxy:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         stream.key, stream.stream_id = "k", f"p-{stream.protocol}"
+        stream.tracker.connected(
+            base_pb2.Node(id=stream.stream_id), stream=stream.stream_id, key="k", protocol=stream.protocol
+        )
         self.log: list[tuple[str, str, tuple[tuple[str, str], ...], tuple[str, ...]]] = []
 
     def wanted(self, type_url: str) -> set[str]:
@@ -361,7 +365,25 @@ class _Proxy:
                 return
             for request in requests:
                 self.stream.handle(request)
+                self.check(request)
         raise AssertionError("the stream never settled")
+
+    def check(self, request: Any) -> None:
+        """What the stream's shortcuts claim holds: the names it keeps are the ones last
+        requested (SotW), an ACKed selection is the ACKed content, the tracker has it."""
+        st = self.stream.types[request.type_url]
+        if not st.wildcard:  # a named subscription holds only what it wants
+            assert set(st.sent_versions) <= st.names and set(st.acked_versions) <= st.names
+            assert set(st.sent) <= set(st.sent_versions) and set(st.acked) == set(st.acked_versions)
+        if self.stream.protocol == "sotw":
+            if not st.wildcard:
+                assert set(st.names) == set(request.resource_names) - {"*"}
+        elif st.acked_selection is not None:
+            assert dict(st.acked_versions) == dict(st.acked_selection.versions)
+        status = self.stream.tracker.get(self.stream.stream_id)
+        ack = status.acked.get(request.type_url) if status is not None else None
+        if ack is not None:
+            assert dict(ack.resources) == dict(st.acked_versions)
 
 
 def _unpack(packed: Any) -> Any:
@@ -370,8 +392,10 @@ def _unpack(packed: Any) -> Any:
     return message
 
 
-def _fleet(cache: SnapshotCache) -> list[_Proxy]:
+def _fleet(cache: SnapshotCache, *, names_keyed: int | None = None) -> list[_Proxy]:
     selections = _Selections()
+    if names_keyed is not None:
+        selections.names_keyed = names_keyed
     proxies = [
         _Proxy(_SotwStream(cache, ProxyTracker(), selections)),
         _Proxy(_DeltaStream(cache, ProxyTracker(), selections)),
@@ -401,7 +425,9 @@ def test_streams_are_sent_the_same_from_derived_snapshots_as_from_full_ones(seed
         derived.set_snapshot("k", renderer.render(view))
         full.set_snapshot("k", pure)
         if not fleets:
-            fleets = [_fleet(derived), _fleet(full)]
+            # The fleet on derived snapshots keys every SotW request's names (as at fleet
+            # size); the other reads them (too few to key).
+            fleets = [_fleet(derived, names_keyed=0), _fleet(full)]
         for proxies in fleets:
             for proxy in proxies:
                 proxy.settle()

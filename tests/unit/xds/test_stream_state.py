@@ -1,0 +1,282 @@
+"""The ADS streams' shortcuts on the request path, driven by hand (no grpc): what they skip
+must be what a full reading would have found.
+
+* SotW: a request repeating the names of the previous one is not read again, and streams
+  sending the same names share one frozenset; a change of names is still seen.
+* delta: an ACK known to make the proxy hold the synced selection is not compared, and a
+  NACKed response in between makes it compare (the proxy lacks what it rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.render import render
+from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources, content_version
+from graylane.xds.server import _DeltaStream, _Selections, _SotwStream
+from graylane.xds.tracker import ProxyTracker
+from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
+
+
+def _snapshot(services: int, *, lane: bool = False, port: int = 1000) -> Resources:
+    routes = tuple(ServiceRoute(f"s{i}", "v1") for i in range(services))
+    endpoints = [VersionEndpoints(f"s{i}", "v1", (Endpoint("127.0.0.1", port + i),)) for i in range(services)]
+    lanes: tuple[Lane, ...] = ()
+    if lane:
+        endpoints.append(VersionEndpoints("s0", "v2", (Endpoint("127.0.0.2", port),)))
+        lanes = (Lane("g", "s0", 10, (("s0", "v2"),)),)
+    return render(RoutingView(services=routes, endpoints=tuple(endpoints), lanes=lanes), listen_port=10000)
+
+
+def _open(stream: Any, name: str) -> Any:
+    stream.key, stream.stream_id = "k", name
+    stream.tracker.connected(base_pb2.Node(id=name), stream=name, key="k", protocol=stream.protocol)
+    return stream
+
+
+def _acked(stream: Any, type_url: str) -> dict[str, str]:
+    status = stream.tracker.get(stream.stream_id)
+    return dict(status.acked[type_url].resources)
+
+
+def _sotw_eds(stream: Any, names: list[str], *, nonce: str = "", version: str = "") -> None:
+    stream.handle(
+        discovery_pb2.DiscoveryRequest(
+            type_url=ENDPOINT, resource_names=names, response_nonce=nonce, version_info=version
+        )
+    )
+
+
+def test_sotw_repeated_names_are_not_read_again_and_equal_names_are_shared() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(8))
+    selections = _Selections()
+    selections.names_keyed = 1  # key every list of names (as 10,000 names are)
+    one = _open(_SotwStream(cache, ProxyTracker(), selections), "one")
+    two = _open(_SotwStream(cache, ProxyTracker(), selections), "two")
+    names = sorted(cache.snapshot("k")[ENDPOINT].items)
+    _sotw_eds(one, names)
+    _sotw_eds(two, names)
+    a, b = one.types[ENDPOINT], two.types[ENDPOINT]
+    assert a.names == set(names) and a.names is b.names  # one frozenset for equal lists
+    first = a.subscription
+    (body,) = [r for r in one.push() if discovery_pb2.DiscoveryResponse.FromString(r).type_url == ENDPOINT]
+    sent = discovery_pb2.DiscoveryResponse.FromString(body)
+    _sotw_eds(one, names, nonce=sent.nonce, version=sent.version_info)  # the ACK repeats the names
+    assert a.subscription is first and a.acked_version == sent.version_info
+    assert _acked(one, ENDPOINT) == dict(cache.snapshot("k")[ENDPOINT].versions)
+    # Fewer names: seen, and what the proxy no longer wants is forgotten.
+    _sotw_eds(one, names[:3], nonce=sent.nonce, version=sent.version_info)
+    assert a.names == set(names[:3]) and set(a.acked) == set(names[:3]) and set(a.sent) == set(names[:3])
+    # The same names again after a change: seen again.
+    _sotw_eds(one, names, nonce=sent.nonce, version=sent.version_info)
+    assert a.names == set(names)
+    # A first request carrying the node, and a wildcard among many names.
+    three = _open(_SotwStream(cache, ProxyTracker(), selections), "three")
+    three.handle(
+        discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="three"), type_url=CLUSTER, resource_names=["*", "x"])
+    )
+    assert three.types[CLUSTER].wildcard and three.types[CLUSTER].names == {"x"}
+    _sotw_eds(three, names)
+    assert three.types[ENDPOINT].names is a.names
+
+
+def _delta_cds(stream: Any, *, nonce: str = "", nack: bool = False) -> None:
+    stream.handle(
+        discovery_pb2.DeltaDiscoveryRequest(
+            type_url=CLUSTER,
+            response_nonce=nonce,
+            error_detail=status_pb2.Status(code=3, message="rejected") if nack else None,
+        )
+    )
+
+
+def _delta_push(stream: Any) -> discovery_pb2.DeltaDiscoveryResponse:
+    for body in stream.push():
+        response = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+        if response.type_url == CLUSTER:
+            return response
+    raise AssertionError("no CDS response")
+
+
+def test_delta_ack_after_a_nack_is_what_the_proxy_holds_not_the_synced_selection() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(2))
+    stream = _open(_DeltaStream(cache, ProxyTracker()), "d")
+    _delta_cds(stream)
+    held: dict[str, str] = {}
+
+    def apply(response: discovery_pb2.DeltaDiscoveryResponse) -> None:
+        for resource in response.resources:
+            held[resource.name] = resource.version
+        for name in response.removed_resources:
+            held.pop(name, None)
+
+    r0 = _delta_push(stream)
+    _delta_cds(stream, nonce=r0.nonce)
+    apply(r0)
+    st = stream.types[CLUSTER]
+    assert st.acked_selection is st.synced and _acked(stream, CLUSTER) == held  # in sync: known
+    cache.set_snapshot("k", _snapshot(3))  # a new cluster...
+    r1 = _delta_push(stream)
+    _delta_cds(stream, nonce=r1.nonce, nack=True)  # ...that the proxy rejects
+    cache.set_snapshot("k", _snapshot(3, lane=True))  # then one more
+    r2 = _delta_push(stream)
+    assert "s2|v1" not in {r.name for r in r2.resources}  # the rejected cluster is not resent
+    _delta_cds(stream, nonce=r2.nonce)
+    apply(r2)
+    assert _acked(stream, CLUSTER) == held == dict(st.acked_versions)
+    assert "s2|v1" not in held and st.acked_selection is None
+    expected = {n: content_version(m) for n, m in cache.snapshot("k")[CLUSTER].items.items()}
+    assert held != expected
+
+
+def _delta_eds(stream: Any, *, subscribe: list[str] = [], unsubscribe: list[str] = []) -> None:  # noqa: B006
+    stream.handle(
+        discovery_pb2.DeltaDiscoveryRequest(
+            type_url=ENDPOINT, resource_names_subscribe=subscribe, resource_names_unsubscribe=unsubscribe
+        )
+    )
+
+
+def test_delta_subscription_changes_are_shared_and_an_unsubscribe_drops_what_is_held() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(6))
+    selections = _Selections()
+    one = _open(_DeltaStream(cache, ProxyTracker(), selections), "one")
+    two = _open(_DeltaStream(cache, ProxyTracker(), selections), "two")
+    names = sorted(cache.snapshot("k")[ENDPOINT].items)
+    for stream in (one, two):
+        _delta_eds(stream, subscribe=names[:4])
+        stream.push()
+    a, b = one.types[ENDPOINT], two.types[ENDPOINT]
+    assert a.names == set(names[:4]) and set(a.sent) == set(names[:4])
+    for stream in (one, two):
+        _delta_eds(stream, subscribe=names[4:])  # more names: one shared frozenset
+    assert a.names is b.names and a.names == set(names) and a.synced is not None
+    _delta_eds(one, subscribe=[names[0]])  # nothing new: the same object
+    assert a.names is b.names
+    _delta_eds(one, subscribe=["extra"], unsubscribe=[names[1], "extra"])  # unsubscribe wins
+    assert a.names == set(names) - {names[1]}
+    assert names[1] not in a.sent and names[1] not in a.sent_versions and a.synced is None
+
+
+def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
+    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(5))
+    selections = _Selections()
+    synced = _open(_SotwStream(cache, ProxyTracker(), selections), "synced")
+    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+    for t in order:
+        names = [] if t in (CLUSTER, LISTENER, SCOPED_ROUTE) else sorted(cache.snapshot("k")[t].items)
+        synced.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
+    for _ in range(10):  # make-before-break: a few rounds until everything is ACKed
+        bodies = synced.push()
+        if not bodies:
+            break
+        for body in bodies:
+            r = discovery_pb2.DiscoveryResponse.FromString(body)
+            names = list(synced.types[r.type_url].names)
+            synced.handle(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=r.type_url, version_info=r.version_info, response_nonce=r.nonce, resource_names=names
+                )
+            )
+    assert synced.push() == [] and synced.types[ROUTE].sent
+    back = []
+    for name in ("again-1", "again-2"):
+        stream = _open(_SotwStream(cache, ProxyTracker(), selections), name)
+        for t in order:
+            st = synced.types[t]
+            names = [] if st.wildcard else sorted(st.names)
+            stream.handle(
+                discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
+            )
+        assert stream.push() == []  # holds it all: nothing is sent
+        assert all(stream.types[t].acked_selection is not None for t in order)
+        back.append(stream)
+    assert back[0].current_plan() is back[1].current_plan()
+    for t in order:
+        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+    cache.set_snapshot("k", _snapshot(5, lane=True))
+
+    def strip(bodies: list[bytes]) -> list[tuple[str, str, int]]:
+        out = []
+        for body in bodies:
+            r = discovery_pb2.DiscoveryResponse.FromString(body)
+            out.append((r.type_url, r.version_info, len(r.resources)))
+        return out
+
+    expected = strip(synced.push())
+    assert expected and all(strip(stream.push()) == expected for stream in back)
+
+
+def _settle_delta(stream: Any) -> None:
+    for _ in range(10):
+        bodies = stream.push()
+        if not bodies:
+            return
+        for body in bodies:
+            r = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            st = stream.types[r.type_url]
+            wanted: set[str] = set()
+            if r.type_url == ENDPOINT:
+                wanted = set(stream.types[CLUSTER].sent)
+            elif r.type_url == ROUTE:
+                wanted = set(stream.types[SCOPED_ROUTE].sent)
+            stream.handle(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=r.type_url, response_nonce=r.nonce, resource_names_subscribe=sorted(wanted - st.names)
+                )
+            )
+        for t, source in ((ENDPOINT, CLUSTER), (ROUTE, SCOPED_ROUTE)):
+            new = sorted(set(stream.types[source].sent) - stream.types[t].names)
+            if new:
+                stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=new))
+    raise AssertionError("the stream never settled")
+
+
+def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(5))
+    selections = _Selections()
+    synced = _open(_DeltaStream(cache, ProxyTracker(), selections), "synced")
+    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+    for t in order:
+        synced.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t))
+    _settle_delta(synced)
+    back = []
+    for name in ("again-1", "again-2"):
+        stream = _open(_DeltaStream(cache, ProxyTracker(), selections), name)
+        for t in order:
+            st = synced.types[t]
+            stream.handle(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=t,
+                    resource_names_subscribe=[] if st.wildcard else sorted(st.names),
+                    initial_resource_versions=st.acked_versions,
+                )
+            )
+        assert stream.push() == []
+        assert all(stream.types[t].acked_selection is not None for t in order)
+        back.append(stream)
+    assert back[0].current_plan() is back[1].current_plan()
+    for t in order:
+        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+    cache.set_snapshot("k", _snapshot(5, lane=True))
+
+    def strip(bodies: list[bytes]) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        out = []
+        for body in bodies:
+            r = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            out.append((r.type_url, tuple(x.name for x in r.resources), tuple(r.removed_resources)))
+        return out
+
+    expected = strip(synced.push())
+    assert expected and all(strip(stream.push()) == expected for stream in back)
