@@ -39,7 +39,7 @@ from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
-from graylane.xds.tracker import ProxyStatus, ProxyTracker
+from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
 
 log = logging.getLogger(__name__)
 
@@ -357,27 +357,31 @@ class DataPlane:
     # ------------------------------------------------------------------ proxies -> status
 
     async def _follow_proxies(self) -> None:
-        seen = -1
-        while True:
-            waiter = asyncio.create_task(self._tracker.wait_for_change(seen))
-            changed = asyncio.create_task(self._changed.wait())
-            try:
-                await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                changed.cancel()
-            self._changed.clear()
-            seen = self._tracker.seq
-            try:
-                await self.reconcile()
-            except GraylaneError as exc:
-                log.warning("cannot write release status (%s); retrying", exc)
-                await asyncio.sleep(_RETRY_SECONDS)
-                self._changed.set()
-            except Exception:  # never end the loop: status is written again on the next pass
-                log.exception("reconciling release status failed; retrying")
-                await asyncio.sleep(_RETRY_SECONDS)
-                self._changed.set()
+        # Woken straight from the tracker's events (no task per wait): an ACK starts the
+        # pass that may write `reached` in the next loop step.
+        remove = self._tracker.add_listener(self._on_proxy_event)
+        self._changed.set()
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                try:
+                    await self.reconcile()
+                except GraylaneError as exc:
+                    log.warning("cannot write release status (%s); retrying", exc)
+                    await asyncio.sleep(_RETRY_SECONDS)
+                    self._changed.set()
+                except Exception:  # never end the loop: status is written again on the next pass
+                    log.exception("reconciling release status failed; retrying")
+                    await asyncio.sleep(_RETRY_SECONDS)
+                    self._changed.set()
+        finally:
+            remove()
+
+    def _on_proxy_event(self, event: ProxyEvent) -> None:
+        """A stream opened, ended, ACKed or NACKed (a push alone changes no count)."""
+        if event.kind != PUSHED:
+            self._changed.set()
 
     def proxies_current(self) -> bool:
         """Every connected proxy holds the routes rendered from the latest view (and there is one)."""
