@@ -60,6 +60,8 @@ _OFF_LOOP_SERVICES = 200
 _SMALL_CHANGE = 16
 _ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
+# Status writes of one convergence pass in flight at once (see `DataPlane._write_all`).
+_WRITES_IN_FLIGHT = 16
 
 
 class _ViewHistory:
@@ -256,12 +258,8 @@ class DataPlane:
         its value."""
         if changed is None:
             self._unbuilt = None
-            self._releases_changed = None
-        else:
-            if self._unbuilt is not None:
-                self._unbuilt.update(changed.get("releases", ()))
-            if self._releases_changed is not None:
-                self._releases_changed.update(changed.get("releases", ()))
+        elif self._unbuilt is not None:
+            self._unbuilt.update(changed.get("releases", ()))
         keys = sorted(self._cache.requested_keys())
         built: _Build | None = None
         if self._view is None or changed is None or _may_change_view(changed):
@@ -277,6 +275,11 @@ class DataPlane:
             if small and built.rendered is not None and keys:  # one that rendered nothing says nothing of render
                 self._key_cost = built.cost / len(keys)
         self._snap = snap
+        # Noted with the snapshot they lead to (a pass may run while this one is built).
+        if changed is None:
+            self._releases_changed = None
+        elif self._releases_changed is not None:
+            self._releases_changed.update(changed.get("releases", ()))
         self._remember_silent(snap)
         if self._agents is not None and (built is not None or not self._agents.settled):
             self._agents.publish(snap)
@@ -504,7 +507,7 @@ class DataPlane:
                 due.append((not (total.reached and not r.status.reached), name, r, want, total))
         # A release whose count changed is written first (a batch just reached leads).
         due.sort(key=lambda d: (d[0], d[1]))
-        updated_releases: dict[str, model.Release] = {}
+        writes: list[tuple[str, model.Release, views.Target, views.Progress, str, float | None]] = []
         for _, name, release, want, total in due:
             _, fingerprint, since = counted[name]
             fresh_until = since + _MOVE_GRACE_SECONDS if now < since + _MOVE_GRACE_SECONDS else None
@@ -515,7 +518,16 @@ class DataPlane:
                 # write is an etcd transaction every replica's watch reads back).
                 deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
                 continue
-            updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
+            writes.append((name, release, want, total, fingerprint, fresh_until))
+        updated_releases: dict[str, model.Release] = {}
+        failed: BaseException | None = None
+        for (name, release, want, total, fingerprint, fresh_until), result in zip(
+            writes, await self._write_all(view, writes), strict=True
+        ):
+            if isinstance(result, BaseException):
+                failed = failed or result
+                continue
+            updated, deferred = result
             if deferred and fresh_until is not None:
                 deadlines.append(fresh_until)
             elif updated is None:
@@ -523,6 +535,8 @@ class DataPlane:
             else:
                 self._written[name] = (now, fingerprint, total)
                 updated_releases[name] = updated
+        if failed is not None:
+            raise failed
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
@@ -535,12 +549,44 @@ class DataPlane:
                 await self._advance_timed_pause(updated_releases.get(name, release))
         self._wake_at(min(deadlines) if deadlines else None, now)
 
+    async def _write_all(
+        self,
+        view: xv.RoutingView,
+        writes: list[tuple[str, model.Release, views.Target, views.Progress, str, float | None]],
+    ) -> list[tuple[model.Release | None, bool] | BaseException]:
+        """Write each release's convergence, up to `_WRITES_IN_FLIGHT` at once in the given
+        order (each its own guarded transaction: etcd commits those in flight together,
+        where one after another a pass that moved every release's proxy count held a
+        `reached` behind a hundred fsyncs). Every write runs to its end; what failed is
+        returned in its place."""
+        if len(writes) <= 1:  # the common pass: no task for it
+            return [
+                await self._write_progress(release, view, total, fingerprint, fresh=fresh)
+                for _, release, _, total, fingerprint, fresh in writes
+            ]
+        gate = asyncio.Semaphore(_WRITES_IN_FLIGHT)
+
+        async def write(
+            release: model.Release, total: views.Progress, fingerprint: str, fresh: float | None
+        ) -> tuple[model.Release | None, bool]:
+            async with gate:
+                return await self._write_progress(release, view, total, fingerprint, fresh=fresh)
+
+        return await asyncio.gather(
+            *(write(release, total, fingerprint, fresh) for _, release, _, total, fingerprint, fresh in writes),
+            return_exceptions=True,
+        )
+
     def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
         """`snap`'s followed releases by name, kept from the last pass: only the releases
         watch batches changed since are looked at again (a pass at 1,000 releases asked
         each one otherwise)."""
         if snap.releases is self._followed_from:
             return self._followed
+        if snap is not self._snap:
+            # Older than the changes noted (they lead to `self._snap`): filtered whole, and
+            # the notes kept for the pass that counts `self._snap`.
+            return {r.name: r for r in snap.releases if views.followed(r)}
         changed = self._releases_changed
         if changed is None or self._followed_from is None or len(snap.by_name) != len(snap.releases):
             followed = {r.name: r for r in snap.releases if views.followed(r)}
