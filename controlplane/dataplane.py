@@ -60,8 +60,6 @@ _OFF_LOOP_SERVICES = 200
 _SMALL_CHANGE = 16
 _ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
-# Status writes of one convergence pass in flight at once (see `DataPlane._write_all`).
-_WRITES_IN_FLIGHT = 16
 
 
 class _ViewHistory:
@@ -520,14 +518,8 @@ class DataPlane:
                 continue
             writes.append((name, release, want, total, fingerprint, fresh_until))
         updated_releases: dict[str, model.Release] = {}
-        failed: BaseException | None = None
-        for (name, release, want, total, fingerprint, fresh_until), result in zip(
-            writes, await self._write_all(view, writes), strict=True
-        ):
-            if isinstance(result, BaseException):
-                failed = failed or result
-                continue
-            updated, deferred = result
+        for name, release, want, total, fingerprint, fresh_until in writes:
+            updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
             if deferred and fresh_until is not None:
                 deadlines.append(fresh_until)
             elif updated is None:
@@ -535,8 +527,6 @@ class DataPlane:
             else:
                 self._written[name] = (now, fingerprint, total)
                 updated_releases[name] = updated
-        if failed is not None:
-            raise failed
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
@@ -548,34 +538,6 @@ class DataPlane:
             if views.routed(release):
                 await self._advance_timed_pause(updated_releases.get(name, release))
         self._wake_at(min(deadlines) if deadlines else None, now)
-
-    async def _write_all(
-        self,
-        view: xv.RoutingView,
-        writes: list[tuple[str, model.Release, views.Target, views.Progress, str, float | None]],
-    ) -> list[tuple[model.Release | None, bool] | BaseException]:
-        """Write each release's convergence, up to `_WRITES_IN_FLIGHT` at once in the given
-        order (each its own guarded transaction: etcd commits those in flight together,
-        where one after another a pass that moved every release's proxy count held a
-        `reached` behind a hundred fsyncs). Every write runs to its end; what failed is
-        returned in its place."""
-        if len(writes) <= 1:  # the common pass: no task for it
-            return [
-                await self._write_progress(release, view, total, fingerprint, fresh=fresh)
-                for _, release, _, total, fingerprint, fresh in writes
-            ]
-        gate = asyncio.Semaphore(_WRITES_IN_FLIGHT)
-
-        async def write(
-            release: model.Release, total: views.Progress, fingerprint: str, fresh: float | None
-        ) -> tuple[model.Release | None, bool]:
-            async with gate:
-                return await self._write_progress(release, view, total, fingerprint, fresh=fresh)
-
-        return await asyncio.gather(
-            *(write(release, total, fingerprint, fresh) for _, release, _, total, fingerprint, fresh in writes),
-            return_exceptions=True,
-        )
 
     def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
         """`snap`'s followed releases by name, kept from the last pass: only the releases
