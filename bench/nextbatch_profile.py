@@ -83,6 +83,7 @@ def _time_async(owner: Any, name: str, stage: str) -> None:
 def instrument() -> None:
     """Wrap every stage of the path (class and module attributes, this process only)."""
     _time_async(_etcd.EtcdStore, "update_release", "etcd: release write (txn)")
+    _time_async(_etcd.EtcdStore, "get_release", "etcd: release read (API, GetRelease polls included)")
     _time_sync(_etcd.LiveState, "snapshot", "store: LiveState.snapshot")
     _time_async(dataplane.DataPlane, "_apply", "dataplane: _apply (whole, awaits included)")
     _time_sync(dataplane.DataPlane, "_build", "dataplane: _build (view + render + effective)")
@@ -118,7 +119,14 @@ def instrument() -> None:
             await send(data)
             _record(f"grpc: send ({'>' if len(data) > 100_000 else '<='}100 kB)", t, time.perf_counter())
 
-        await run(self, requests, send_timed)
+        async def received() -> AsyncIterator[Any]:
+            async for request in requests:
+                t = time.perf_counter()
+                if getattr(request, "type_url", "") == ROUTE:
+                    _record("grpc: RDS request received", t, t)
+                yield request
+
+        await run(self, received(), send_timed)
 
     server._Stream.run = run_timed  # type: ignore[method-assign]
     apply = _etcd.LiveState.apply

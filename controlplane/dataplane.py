@@ -39,7 +39,7 @@ from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
-from graylane.xds.tracker import ProxyStatus, ProxyTracker
+from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,16 @@ class DataPlane:
         ] = {}  # release -> (when, target, count) last written
         self._fleet_sent: ReplicaFleet | None = None
         self._counts: dict[str, _Count] = {}
-        self._settled: dict[str, tuple[model.Release, xv.RoutingView, views.Progress]] = {}
+        # release -> (the value, its target and the numbers) last looked at with nothing to write
+        self._settled: dict[str, tuple[model.Release, views.Target, views.Progress]] = {}
+        self._counted_names: frozenset[str] = frozenset()
+        # The followed releases by name, the releases tuple they were taken from, and the
+        # names of releases changed by watch batches since (None: unknown, all looked at).
+        self._followed: dict[str, model.Release] = {}
+        self._followed_from: tuple[model.Release, ...] | None = None
+        self._releases_changed: set[str] | None = None
+        # (view, effective view, facts sequence) -> what `_uniform` found for them
+        self._uniform_for: tuple[xv.RoutingView, xv.RoutingView, int, _Uniform | None] | None = None
         # Other replicas' progress (and fleets) as last read, and those that went silent or
         # left since (with when).
         self._published: dict[str, dict[str, ReplicaProgress]] = {}
@@ -264,6 +273,11 @@ class DataPlane:
             if small and built.rendered is not None and keys:  # one that rendered nothing says nothing of render
                 self._key_cost = built.cost / len(keys)
         self._snap = snap
+        # Noted with the snapshot they lead to (a pass may run while this one is built).
+        if changed is None:
+            self._releases_changed = None
+        elif self._releases_changed is not None:
+            self._releases_changed.update(changed.get("releases", ()))
         self._remember_silent(snap)
         if self._agents is not None and (built is not None or not self._agents.settled):
             self._agents.publish(snap)
@@ -281,7 +295,9 @@ class DataPlane:
                 for key in sorted(self._cache.requested_keys() - built.rendered.keys()):
                     self._render_key(key)
         self.synced.set()
-        self._changed.set()
+        if changed is None or not _only_own_count(changed, self._identity):
+            # This replica's own published count is never read back by its own passes.
+            self._changed.set()
 
     def _build(
         self, snap: Snapshot, previous: views.BuiltView | None, changed: frozenset[str] | None, keys: list[str]
@@ -342,27 +358,31 @@ class DataPlane:
     # ------------------------------------------------------------------ proxies -> status
 
     async def _follow_proxies(self) -> None:
-        seen = -1
-        while True:
-            waiter = asyncio.create_task(self._tracker.wait_for_change(seen))
-            changed = asyncio.create_task(self._changed.wait())
-            try:
-                await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                changed.cancel()
-            self._changed.clear()
-            seen = self._tracker.seq
-            try:
-                await self.reconcile()
-            except GraylaneError as exc:
-                log.warning("cannot write release status (%s); retrying", exc)
-                await asyncio.sleep(_RETRY_SECONDS)
-                self._changed.set()
-            except Exception:  # never end the loop: status is written again on the next pass
-                log.exception("reconciling release status failed; retrying")
-                await asyncio.sleep(_RETRY_SECONDS)
-                self._changed.set()
+        # Woken straight from the tracker's events (no task per wait): an ACK starts the
+        # pass that may write `reached` in the next loop step.
+        remove = self._tracker.add_listener(self._on_proxy_event)
+        self._changed.set()
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                try:
+                    await self.reconcile()
+                except GraylaneError as exc:
+                    log.warning("cannot write release status (%s); retrying", exc)
+                    await asyncio.sleep(_RETRY_SECONDS)
+                    self._changed.set()
+                except Exception:  # never end the loop: status is written again on the next pass
+                    log.exception("reconciling release status failed; retrying")
+                    await asyncio.sleep(_RETRY_SECONDS)
+                    self._changed.set()
+        finally:
+            remove()
+
+    def _on_proxy_event(self, event: ProxyEvent) -> None:
+        """A stream opened, ended, ACKed or NACKed (a push alone changes no count)."""
+        if event.kind != PUSHED:
+            self._changed.set()
 
     def proxies_current(self) -> bool:
         """Every connected proxy holds the routes rendered from the latest view (and there is one)."""
@@ -422,16 +442,30 @@ class DataPlane:
         elif self._agents is not None and self._agents.sessions:
             await self._handle_nacks(snap, [])
         now = time.time()
-        followed = [r for r in snap.releases if views.followed(r)]
-        names = {r.name for r in followed}
-        self._targets = {n: t for n, t in self._targets.items() if n in names}
-        self._counts = {n: c for n, c in self._counts.items() if n in names}
-        self._settled = {n: c for n, c in self._settled.items() if n in names}
-        self._written = {n: w for n, w in self._written.items() if n in names}
+        followed = self._followed_releases(snap)
+        if followed.keys() != self._counted_names:
+            names = self._counted_names = frozenset(followed)
+            self._targets = {n: t for n, t in self._targets.items() if n in names}
+            self._counts = {n: c for n, c in self._counts.items() if n in names}
+            self._settled = {n: c for n, c in self._settled.items() if n in names}
+            self._written = {n: w for n, w in self._written.items() if n in names}
+        # Lanes every proxy's view carries as `view` has them: a release there is counted
+        # whole without looking at it (None: some proxy carries no known view).
+        uniform = self._uniform(view, effective, facts_seq)
+        others = bool(self._silent) or any(i != self._identity for i in snap.replica_progress)
+        leading = self._is_leader is None or self._is_leader()
+        deadlines: list[float] = []
         # This replica's count per followed release, made once: published, and summed by the leader.
         counted: dict[str, tuple[views.Progress, str, float]] = {}
-        for r in followed:
-            kept = self._counts.get(r.name)
+        due: list[tuple[bool, str, model.Release, views.Target, views.Progress]] = []
+        for name, r in followed.items():
+            want = views.target_in(view, r)
+            kept = self._counts.get(name)
+            if kept is not None and kept.want == want:
+                fp, since = kept.fingerprint, kept.since
+            else:
+                fp = views.fingerprint(want)
+                since = self._target_since(r, fp, now)
             if (
                 kept is not None
                 and kept.release is r
@@ -440,55 +474,117 @@ class DataPlane:
                 and kept.facts_seq == facts_seq
                 and (kept.progress.next_deadline is None or now < kept.progress.next_deadline)
             ):
-                counted[r.name] = (kept.progress, kept.fingerprint, kept.since)
+                progress = kept.progress
+            else:
+                if (
+                    uniform is not None
+                    and r.status.phase is not model.Phase.SUCCEEDED  # its target reads the services too
+                    and r.spec.lane not in uniform[1]
+                ):
+                    progress = uniform[0]
+                else:
+                    progress = views.grouped_progress(
+                        r,
+                        intended=view,
+                        effective=effective,
+                        groups=self._groups,
+                        target_since=since,
+                        now=now,
+                        stale_seconds=self._stale_seconds,
+                    )
+                self._counts[name] = _Count(r, view, effective, facts_seq, progress, fp, since, want)
+            counted[name] = (progress, fp, since)
+            total = self._with_other_replicas(name, progress, fp, since, now) if others else progress
+            if total.next_deadline is not None:
+                deadlines.append(total.next_deadline)
+            settled = self._settled.get(name)
+            # Looked at with these very numbers, for this target, already: nothing to write.
+            if settled is not None and settled[0] is r and settled[1] == want and settled[2] == total:
                 continue
-            fp = views.fingerprint(views.target_in(view, r))
-            since = self._target_since(r, fp, now)
-            progress = views.grouped_progress(
-                r,
-                intended=view,
-                effective=effective,
-                groups=self._groups,
-                target_since=since,
-                now=now,
-                stale_seconds=self._stale_seconds,
-            )
-            self._counts[r.name] = _Count(r, view, effective, facts_seq, progress, fp, since)
-            counted[r.name] = (progress, fp, since)
-        deadlines: list[float] = []
+            if leading:
+                due.append((not (total.reached and not r.status.reached), name, r, want, total))
+        # A release whose count changed is written first (a batch just reached leads).
+        due.sort(key=lambda d: (d[0], d[1]))
+        writes: list[tuple[str, model.Release, views.Target, views.Progress, str, float | None]] = []
+        for _, name, release, want, total in due:
+            _, fingerprint, since = counted[name]
+            fresh_until = since + _MOVE_GRACE_SECONDS if now < since + _MOVE_GRACE_SECONDS else None
+            written = self._written.get(name)
+            if written is not None and _converging(written, fingerprint, total, now):
+                # Only more proxies carry it, not all yet: that count is written at most every
+                # _PROGRESS_INTERVAL_SECONDS (a fleet's ACKs moved it on every pass, and each
+                # write is an etcd transaction every replica's watch reads back).
+                deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
+                continue
+            writes.append((name, release, want, total, fingerprint, fresh_until))
+        updated_releases: dict[str, model.Release] = {}
+        for name, release, want, total, fingerprint, fresh_until in writes:
+            updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
+            if deferred and fresh_until is not None:
+                deadlines.append(fresh_until)
+            elif updated is None:
+                self._settled[name] = (release, want, total)
+            else:
+                self._written[name] = (now, fingerprint, total)
+                updated_releases[name] = updated
+        # Published after this pass's status writes: another replica reads it only once it
+        # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
             mine = {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
             held_until = self._publish_progress(mine, self._fleet(), now)
             if held_until is not None:
                 deadlines.append(held_until)
-        leading = self._is_leader is None or self._is_leader()
-        for release in followed:
-            progress, fingerprint, since = counted[release.name]
-            total = self._with_other_replicas(release.name, progress, fingerprint, since, now)
-            if total.next_deadline is not None:
-                deadlines.append(total.next_deadline)
-            settled = self._settled.get(release.name)
-            # Looked at with these very numbers already: nothing to write.
-            unchanged = settled is not None and settled[0] is release and settled[1] is view and settled[2] == total
-            fresh_until = since + _MOVE_GRACE_SECONDS if now < since + _MOVE_GRACE_SECONDS else None
-            updated = None
-            written = self._written.get(release.name)
-            if leading and not unchanged and written is not None and _converging(written, fingerprint, total, now):
-                # Only more proxies carry it, not all yet: that count is written at most every
-                # _PROGRESS_INTERVAL_SECONDS (a fleet's ACKs moved it on every pass, and each
-                # write is an etcd transaction every replica's watch reads back).
-                deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
-            elif leading and not unchanged:
-                updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
-                if deferred and fresh_until is not None:
-                    deadlines.append(fresh_until)
-                elif updated is None:
-                    self._settled[release.name] = (release, view, total)
-                else:
-                    self._written[release.name] = (now, fingerprint, total)
+        for name, release in followed.items():
             if views.routed(release):
-                await self._advance_timed_pause(updated or release)
+                await self._advance_timed_pause(updated_releases.get(name, release))
         self._wake_at(min(deadlines) if deadlines else None, now)
+
+    def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
+        """`snap`'s followed releases by name, kept from the last pass: only the releases
+        watch batches changed since are looked at again (a pass at 1,000 releases asked
+        each one otherwise)."""
+        if snap.releases is self._followed_from:
+            return self._followed
+        if snap is not self._snap:
+            # Older than the changes noted (they lead to `self._snap`): filtered whole, and
+            # the notes kept for the pass that counts `self._snap`.
+            return {r.name: r for r in snap.releases if views.followed(r)}
+        changed = self._releases_changed
+        if changed is None or self._followed_from is None or len(snap.by_name) != len(snap.releases):
+            followed = {r.name: r for r in snap.releases if views.followed(r)}
+        else:
+            followed = dict(self._followed)
+            for name in changed:
+                r = snap.by_name.get(name)
+                if r is not None and views.followed(r):
+                    followed[name] = r
+                else:
+                    followed.pop(name, None)
+        self._followed, self._followed_from, self._releases_changed = followed, snap.releases, set()
+        return followed
+
+    def _uniform(self, view: xv.RoutingView, effective: xv.RoutingView, facts_seq: int) -> _Uniform | None:
+        """The count of a release whose lane every proxy's view has as `view` has it (and
+        `effective` too): every proxy, all converged; and the lane names for which that
+        does not hold. None when some proxy carries no known view (nothing is uniform)."""
+        kept = self._uniform_for
+        if kept is not None and kept[0] is view and kept[1] is effective and kept[2] == facts_seq:
+            return kept[3]
+        found: _Uniform | None
+        proxies = 0
+        differ = _lanes_differ(view, effective)
+        for group in self._groups:
+            if not len(group):
+                continue
+            if group.carried is None:
+                found = None
+                break
+            proxies += len(group)
+            differ |= _lanes_differ(view, group.carried)
+        else:
+            found = (views.Progress(proxies=proxies, converged=proxies, applied=True), frozenset(differ))
+        self._uniform_for = (view, effective, facts_seq, found)
+        return found
 
     def _refresh_facts(self) -> int:
         """Bring the proxy facts (grouped by carried view) up to date: this replica's streams
@@ -1056,6 +1152,7 @@ class _Count:
     progress: views.Progress
     fingerprint: str
     since: float
+    want: views.Target  # the target `fingerprint` digests
 
 
 # Kinds whose values never reach a routing view (what proxies and replicas count).
@@ -1073,6 +1170,26 @@ class _Build:
     effective: xv.RoutingView | None
     rendered: dict[str, Resources | ValueError] | None
     cost: float
+
+
+# (the count of a release every proxy carries as intended, lane names it does not hold for)
+_Uniform = tuple[views.Progress, frozenset[str]]
+
+
+def _lanes_differ(a: xv.RoutingView, b: xv.RoutingView) -> set[str]:
+    """Names of the lanes that differ between two views (the views share every unchanged
+    `Lane` object, so most compare by identity)."""
+    if a is b or a.lanes is b.lanes:
+        return set()
+    in_a, in_b = views.lanes_by_name(a), views.lanes_by_name(b)
+    differ = {name for name, lane in in_a.items() if (other := in_b.get(name)) is not lane and other != lane}
+    differ.update(in_b.keys() - in_a.keys())
+    return differ
+
+
+def _only_own_count(changed: _Changed, identity: str) -> bool:
+    """Whether a watch batch changed nothing but this replica's own published count."""
+    return changed.keys() == {"progress"} and changed["progress"].keys() == {identity}
 
 
 def _changed_keys(changed: _Changed) -> int:

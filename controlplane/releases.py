@@ -210,21 +210,51 @@ class Releases:
         return after, [event]
 
     async def act(self, name: str, action: Action, cause: Cause, *, expected_revision: int = 0) -> model.Release:
+        # First from the latest value this replica knows (no read on the NextBatch path);
+        # the write is guarded by its revision, and a move the table forbids on it is
+        # decided again on a fresh read, so a follower behind costs a read, never a wrong
+        # answer.
+        hint = self._latest(name)
         for _ in range(_RETRIES):
-            current = await self._store.get_release(name)
+            if hint is not None and (not expected_revision or hint.revision == expected_revision):
+                current, hinted = hint, True
+            else:
+                current, hinted = await self._store.get_release(name), False
+            hint = None
             if expected_revision and current.revision != expected_revision:
                 raise Conflict(
                     f"release {name!r} is at revision {current.revision}, not the expected {expected_revision}"
                 )
-            after, event = machine.transition(current, action, cause=cause, now=_now())
+            try:
+                after, event = machine.transition(current, action, cause=cause, now=_now())
+            except FailedPrecondition:
+                if hinted:
+                    continue
+                raise
             stable = await self._stable_updates(after)
             try:
-                return await self._store.update_release(after, [event], services=stable)
+                written = await self._store.update_release(after, [event], services=stable)
             except Conflict:
                 if expected_revision:
                     raise
                 continue
+            except NotFound:
+                if hinted:
+                    continue  # deleted since the follower saw it: the fresh read says so
+                raise
+            if self._live is not None:
+                self._written[name] = written  # the next act or status write starts from it
+            return written
         raise Conflict(f"release {name!r} kept changing; try again")
+
+    def _latest(self, name: str) -> model.Release | None:
+        """The newest value of `name` this replica knows without a read: the store
+        follower's, or its own status write the follower has not applied yet (None: none)."""
+        hint = self._live.release(name) if self._live is not None else None
+        mine = self._written.get(name)
+        if mine is not None and (hint is None or mine.revision > hint.revision):
+            hint = mine
+        return hint
 
     async def _stable_updates(self, release: model.Release) -> list[model.Service]:
         """On success the gray versions become the services' stable versions."""
@@ -259,10 +289,7 @@ class Releases:
         # First from the store follower's state (no read when nothing changes, the common
         # case of a convergence pass); the write is guarded by that value's revision, so a
         # stale one only costs a Conflict and a fresh read.
-        hint = self._live.release(name) if self._live is not None else None
-        mine = self._written.get(name)
-        if mine is not None and (hint is None or mine.revision > hint.revision):
-            hint = mine
+        hint = self._latest(name)
         for _ in range(_RETRIES):
             if hint is not None:
                 current, hint = hint, None

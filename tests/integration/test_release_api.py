@@ -11,7 +11,11 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
+from graylane.controlplane import model
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.errors import Conflict, FailedPrecondition
+from graylane.controlplane.machine import Action, Cause
+from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
@@ -528,3 +532,35 @@ async def test_concurrent_creates_of_one_lane_let_exactly_one_in(stub: api_grpc.
     assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) == 7
     listed = await stub.ListReleases(api.ListReleasesRequest())
     assert len(listed.releases) == 1
+
+
+async def test_actions_starting_from_a_follower_that_is_behind_decide_on_the_fresh_value(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore
+) -> None:
+    """`Releases.act` starts from the store follower's value; a follower that never moves
+    on (frozen here) must cost a read, never a wrong move or a wrong refusal."""
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    releases = Releases(store)
+    releases.follow(await store.live_state())  # frozen at batch 0, PROGRESSING
+    cause = Cause(actor="test")
+    await stub.Pause(api.ActionRequest(name="rel"))
+    # The follower says PROGRESSING (resume refused there): the fresh value is PAUSED.
+    resumed = await releases.act("rel", Action.RESUME, cause)
+    assert resumed.status.phase is model.Phase.PROGRESSING
+    # The follower's batch 0 is stale twice over: the move lands once, on the fresh value.
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    moved = await releases.act("rel", Action.NEXT, cause)
+    assert moved.status.batch == 2
+    # Its own write is where the next one starts; a stale expected revision still aborts.
+    again = await releases.act("rel", Action.NEXT, cause, expected_revision=moved.revision)
+    assert again.status.batch == 3
+    with pytest.raises(Conflict):
+        await releases.act("rel", Action.PAUSE, cause, expected_revision=moved.revision)
+    # A move the fresh value forbids is still refused.
+    await stub.Promote(api.ActionRequest(name="rel"))
+    with pytest.raises(FailedPrecondition):
+        await releases.act("rel", Action.NEXT, cause)
+    got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
+    assert got.status.phase == pb.SUCCEEDED
