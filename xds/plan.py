@@ -197,58 +197,56 @@ def _cluster_ready(name: str, acked: Held) -> bool:
     return not uses_eds(cluster) or eds_name(cluster) in _get(acked, ENDPOINT)
 
 
-def _plan_routes(target: Resources, acked: Held, sent: Held, held: set[tuple[str, str]]) -> dict[str, Message]:
-    routes: dict[str, Message] = {}
-    for name, rc in target[ROUTE].items.items():
+def _plan_ready(
+    type_url: str,
+    target: Resources,
+    ready: Callable[[Message], bool],
+    acked: Held,
+    sent: Held,
+    held: set[tuple[str, str]],
+) -> dict[str, Message]:
+    """The target's resources of `type_url` that are `ready` to go; each one that is not is
+    held (recorded in `held`) and the proxy keeps what it was sent or ACKed of it, if anything."""
+    planned: dict[str, Message] = {}
+    for name, message in target[type_url].items.items():
+        if ready(message):
+            planned[name] = message
+            continue
+        held.add((type_url, name))
+        previous = _first(name, _get(sent, type_url), _get(acked, type_url))
+        if previous is not None:
+            planned[name] = previous
+    return planned
+
+
+def _routes_ready(acked: Held) -> Callable[[Message], bool]:
+    """A route config may go once every cluster it routes to is ACKed (with its endpoints)."""
+
+    def ready(rc: Message) -> bool:
         assert isinstance(rc, route_pb2.RouteConfiguration)
-        if all(_cluster_ready(c, acked) for c in route_clusters(rc)):
-            routes[name] = rc
-            continue
-        held.add((ROUTE, name))
-        previous = _first(name, _get(sent, ROUTE), _get(acked, ROUTE))
-        if previous is not None:
-            routes[name] = previous
-    return routes
+        return all(_cluster_ready(c, acked) for c in route_clusters(rc))
+
+    return ready
 
 
-def _plan_scopes(
-    target: Resources,
-    routes: Mapping[str, Message],
-    acked: Held,
-    sent: Held,
-    held: set[tuple[str, str]],
-) -> dict[str, Message]:
-    scopes: dict[str, Message] = {}
-    for name, scope in target[SCOPED_ROUTE].items.items():
+def _scope_ready(routes: Mapping[str, Message]) -> Callable[[Message], bool]:
+    """A scope may go once the route config it names is in the plan."""
+
+    def ready(scope: Message) -> bool:
         assert isinstance(scope, scoped_route_pb2.ScopedRouteConfiguration)
-        if scope.route_configuration_name in routes:
-            scopes[name] = scope
-            continue
-        held.add((SCOPED_ROUTE, name))
-        previous = _first(name, _get(sent, SCOPED_ROUTE), _get(acked, SCOPED_ROUTE))
-        if previous is not None:
-            scopes[name] = previous
-    return scopes
+        return scope.route_configuration_name in routes
+
+    return ready
 
 
-def _plan_listeners(
-    target: Resources,
-    routes: Mapping[str, Message],
-    acked: Held,
-    sent: Held,
-    held: set[tuple[str, str]],
-) -> dict[str, Message]:
-    listeners: dict[str, Message] = {}
-    for name, listener in target[LISTENER].items.items():
+def _listener_ready(routes: Mapping[str, Message]) -> Callable[[Message], bool]:
+    """A listener may go once the route configs its connection managers name are in the plan."""
+
+    def ready(listener: Message) -> bool:
         assert isinstance(listener, listener_pb2.Listener)
-        if listener_route_configs(listener) <= routes.keys():
-            listeners[name] = listener
-            continue
-        held.add((LISTENER, name))
-        previous = _first(name, _get(sent, LISTENER), _get(acked, LISTENER))
-        if previous is not None:
-            listeners[name] = previous
-    return listeners
+        return listener_route_configs(listener) <= routes.keys()
+
+    return ready
 
 
 # A plan depends only on which message objects the target, the ACKed and the sent sets
@@ -332,9 +330,9 @@ def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
     held: set[tuple[str, str]] = set()
     clusters = _plan_clusters(target, acked, sent)
     endpoints = _plan_endpoints(target, clusters, acked, sent)
-    routes = _plan_routes(target, acked, sent, held)
-    scopes = _plan_scopes(target, routes, acked, sent, held)
-    listeners = _plan_listeners(target, routes, acked, sent, held)
+    routes = _plan_ready(ROUTE, target, _routes_ready(acked), acked, sent, held)
+    scopes = _plan_ready(SCOPED_ROUTE, target, _scope_ready(routes), acked, sent, held)
+    listeners = _plan_ready(LISTENER, target, _listener_ready(routes), acked, sent, held)
     planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, SCOPED_ROUTE: scopes, ROUTE: routes}
     # Where the plan is the target's own set, it is that set (the same object): the
     # stream then holds the target's sets, and the next target, derived from them, is
