@@ -36,23 +36,12 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-
-def _use_xds(directory: str) -> None:
-    """Make `graylane.xds` the package in `directory` (as bench/route_bytes.py --xds)."""
-    import types
-
-    import graylane
-
-    module = types.ModuleType("graylane.xds")
-    module.__path__ = [str(pathlib.Path(directory).resolve())]
-    sys.modules["graylane.xds"] = module
-    graylane.xds = module  # type: ignore[attr-defined]
-
+from xds_swap import use_xds  # noqa: E402
 
 # `--xds DIR`: measure another revision's xds/ (`git archive <commit> xds | tar -x -C DIR/..`),
 # before / after from one script. Read before anything imports graylane.xds.
 if __name__ == "__main__" and "--xds" in sys.argv:
-    _use_xds(sys.argv[sys.argv.index("--xds") + 1])
+    use_xds(sys.argv[sys.argv.index("--xds") + 1])
 
 from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 from graylane.xds import render as xds_render  # noqa: E402

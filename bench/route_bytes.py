@@ -25,49 +25,13 @@ import dataclasses
 import pathlib
 import sys
 import time
-import types
 from typing import Any
 
 DEADLINE = 120.0
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-def use_xds(directory: str) -> None:
-    """Make `graylane.xds` the package in `directory` (before anything imports it)."""
-    import graylane
-
-    module = types.ModuleType("graylane.xds")
-    module.__path__ = [str(pathlib.Path(directory).resolve())]
-    sys.modules["graylane.xds"] = module
-    graylane.xds = module  # type: ignore[attr-defined]
-
-
-def make_view(n: int) -> Any:
-    """The section-1 view of bench/run.py (kept in step with `make_view` in bench/change_cost.py)."""
-    from graylane.xds.view import (
-        Condition,
-        Endpoint,
-        Lane,
-        MatchKind,
-        MatchOp,
-        RoutingView,
-        Rule,
-        ServiceRoute,
-        VersionEndpoints,
-    )
-
-    services, endpoints, lanes = [], [], []
-    rule = Rule((Condition(MatchKind.HEADER, "x-canary", MatchOp.EXACT, "always"),))
-    for i in range(n):
-        name = f"svc-{i:04d}"
-        services.append(ServiceRoute(name=name, base_version="v1"))
-        port = 20000 + (i % 20000)
-        endpoints.append(VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", port), Endpoint("127.0.0.2", port))))
-        if i % 10 == 0:
-            endpoints.append(VersionEndpoints(name, "v2", (Endpoint("127.0.0.3", port),)))
-            lanes.append(Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
-    lanes.sort(key=lambda lane: lane.name)
-    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
-
+from xds_swap import use_xds  # noqa: E402
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -214,6 +178,7 @@ def _EOF() -> Any:  # noqa: N802
 
 async def measure(n: int) -> dict[str, Any]:
     import grpc
+    from change_cost import make_view  # after --xds chose the package it imports
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import ads_pb2_grpc
     from graylane.xds import resources
