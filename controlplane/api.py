@@ -245,22 +245,22 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             await _abort(context, exc)
 
     async def _watch(self, name: str) -> AsyncIterator[model.Release]:
-        current = await self._store.get_release(name)
+        current, revision = await self._store.get_release_at(name)
         yield current
-        revision = current.revision
         while True:
             try:
                 async for release in self._store.watch_release(name, start_revision=revision + 1):
                     if release is None:
                         return
                     revision = release.revision
+                    current = release
                     yield release
             except Compacted:
                 # History is gone: re-read the release and go on from where it is now.
-                current = await self._store.get_release(name)
-                if current.revision != revision:
+                seen = current.revision
+                current, revision = await self._store.get_release_at(name)
+                if current.revision != seen:
                     yield current
-                revision = current.revision
 
     # ------------------------------------------------------------- registry
 

@@ -478,10 +478,17 @@ class EtcdStore:
         return (kind, rest) if sep else None
 
     async def get_release(self, name: str) -> model.Release:
-        kv = await self._get(self.release_key(name))
-        if kv is None:
+        return (await self.get_release_at(name))[0]
+
+    async def get_release_at(self, name: str) -> tuple[model.Release, int]:
+        """The release and the store's revision it was read at (a watch from that revision + 1
+        misses nothing and starts in step with etcd: one from the release's own, older
+        revision would first wait for etcd's catch-up pass of lagging watchers, up to 100 ms)."""
+        resp = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=self.release_key(name)))
+        kvs = resp.kvs  # type: ignore[attr-defined]
+        if not kvs:
             raise NotFound(f"release {name!r} not found")
-        return _releases.decode(kv)
+        return _releases.decode(kvs[0]), int(resp.header.revision)  # type: ignore[attr-defined]
 
     async def list_releases(self) -> list[model.Release]:
         resp = await self._range(self._key("releases") + b"/")
