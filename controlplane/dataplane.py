@@ -1253,9 +1253,9 @@ def _proxy_name(p: ProxyStatus) -> str:
 def _target_words(release: model.Release) -> str:
     phase = release.status.phase
     if phase is model.Phase.ROLLED_BACK:
-        return "the rollback (lane removed)"
+        return "the rollback (lane drained: no request admitted)"
     if phase is model.Phase.SUCCEEDED:
         return "the promotion (gray version stable, lane removed)"
     if phase is model.Phase.FAILED:
-        return "the failure (lane removed)"
+        return "the failure (lane drained: no request admitted)"
     return f"batch {release.status.batch}"
