@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import pytest
 from graylane.controlplane import model, views
 from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
 from graylane.xds import view as xv
@@ -108,3 +109,26 @@ def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
     assert views.served_lane(held) == accepted  # not the edited rules, not "no lane"
     assert model.served_weight_of(held.spec, held.status) == 10
     assert model.release_from_proto(model.release_to_proto(held), revision=1).status.held_lane == kept
+
+
+def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_reached() -> None:
+    from graylane.controlplane.errors import InvalidArgument
+    from graylane.controlplane.releases import check_against_registry
+    from graylane.controlplane.store import Snapshot
+
+    def snap(*releases: Release) -> Snapshot:
+        return Snapshot(
+            revision=1,
+            services=(model.Service("checkout", "v1"),),
+            versions=(model.Version("checkout", "v1"), model.Version("checkout", "v2")),
+            releases=releases,
+            by_name={r.name: r for r in releases},
+        )
+
+    rolled = release(Phase.ROLLED_BACK, 1)
+    spec = replace(rolled.spec)
+    with pytest.raises(InvalidArgument) as refused:
+        check_against_registry("next", spec, snap(rolled))
+    assert refused.value.field == "spec.lane" and "draining" in str(refused.value)
+    check_against_registry("next", spec, snap(replace(rolled, status=replace(rolled.status, reached=True))))
+    check_against_registry("r", spec, snap(rolled))  # the release itself, restarted
