@@ -12,16 +12,14 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
-from graylane.controlplane.closing import ClosingInterceptor
+from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -410,18 +408,3 @@ async def serve(options: ServeOptions) -> None:
         stack.push_async_callback(plane.telemetry.aclose)
         await run_until_signalled(plane.run())
         log.info("control plane stopped")
-
-
-async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` until it ends or SIGTERM/SIGINT arrives, then cancel it and wait for it."""
-    runner = asyncio.create_task(main)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner
