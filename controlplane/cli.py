@@ -34,6 +34,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 import grpc
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane.client import Action, ReleaseClient
@@ -73,10 +74,40 @@ OUTPUT_FORMATS: Final = ("table", "json", "yaml")
 
 def to_dict(message: Message) -> dict[str, Any]:
     """Proto field names, and zero values included: `.status.batch` of 0 is the first
-    batch, and a script should see it rather than a missing key."""
-    return json_format.MessageToDict(
+    batch, and a script should see it rather than a missing key. 64-bit integers are
+    numbers, as every other count is (protobuf's JSON mapping writes them as strings, so
+    `.revision` and `.status.events` read "12" beside `.status.batch` 1)."""
+    data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _int64_as_numbers(message.DESCRIPTOR, data)
+    return data
+
+
+_INT64_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:  # a message Descriptor (upb or Python)
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.message_type.full_name.startswith("google.protobuf."):
+                continue  # well-known types have their own JSON forms (timestamps, durations)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    _int64_as_numbers(field.message_type, item)
 
 
 def render_json(data: object) -> str:

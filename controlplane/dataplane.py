@@ -738,12 +738,12 @@ class DataPlane:
             if now >= due:
                 gone += behind
                 if len(gone_names) < views.NAMES_SHOWN:
-                    gone_names.append(f"{behind} proxies of {name}: not ACKed within {self._stale_seconds:g}s")
+                    gone_names.append(f"{_proxies(behind)} of {name}: not ACKed within {self._stale_seconds:g}s")
                 continue
             proxies += behind
             deadline = due if deadline is None else min(deadline, due)
             if len(lagging) < views.NAMES_SHOWN:
-                lagging.append(f"{behind} proxies of {name}: not carrying it yet")
+                lagging.append(f"{_proxies(behind)} of {name}: not carrying it yet")
         return replace(
             local,
             proxies=proxies,
@@ -882,7 +882,7 @@ class DataPlane:
                 return StatusUpdate(status)
             now = datetime.now(UTC)  # the pause counts from the instant the event records
             what = _target_words(current)
-            status = replace(status, batch_reached=now, reason=f"{what} reached by {p.proxies} proxies")
+            status = replace(status, batch_reached=now, reason=f"{what} reached by {_proxies(p.proxies)}")
             details = {"proxies": str(p.proxies), "weight": str(model.served_weight_of(current.spec, current.status))}
             if p.gone:
                 details["gone"] = str(p.gone)
@@ -1258,4 +1258,9 @@ def _target_words(release: model.Release) -> str:
         return "the promotion (gray version stable, lane removed)"
     if phase is model.Phase.FAILED:
         return "the failure (lane drained: no request admitted)"
-    return f"batch {release.status.batch}"
+    # 1-based over the count, as `graylane status` shows it (the API's `batch` is 0-based).
+    return f"batch {release.status.batch + 1}/{len(release.spec.batches)}"
+
+
+def _proxies(n: int) -> str:
+    return f"{n} proxy" if n == 1 else f"{n} proxies"

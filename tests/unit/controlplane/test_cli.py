@@ -304,12 +304,12 @@ def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
         "gone_names": [],
     }
     assert data["spec"]["batches"][0] == {"weight": 10, "pause": {"manual": True}}
-    assert data["revision"] == "42"  # proto JSON writes 64-bit integers as strings
+    assert data["revision"] == 42  # 64-bit integers are numbers, like every other count
 
 
 def test_json_is_indented_and_sorted() -> None:
     text = cli.render(_release(), "json", cli.render_release)
-    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": "42",\n  "spec": {')
+    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": 42,\n  "spec": {')
 
 
 def test_release_as_yaml_matches_json() -> None:
