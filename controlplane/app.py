@@ -383,7 +383,14 @@ async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve(options: ServeOptions) -> None:
-    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
+    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly. The
+    signals are caught from the first instant: one that arrives while the embedded etcd
+    starts stops that etcd too, instead of killing the process and leaving it behind."""
+    await run_until_signalled(_serve(options))
+    log.info("control plane stopped")
+
+
+async def _serve(options: ServeOptions) -> None:
     async with contextlib.AsyncExitStack() as stack:
         etcd: EtcdProcess | None = None
         if options.embedded_etcd:
@@ -406,5 +413,4 @@ async def serve(options: ServeOptions) -> None:
             stale_proxy_seconds=options.stale_proxy_seconds,
         )
         stack.push_async_callback(plane.telemetry.aclose)
-        await run_until_signalled(plane.run())
-        log.info("control plane stopped")
+        await plane.run()

@@ -119,3 +119,67 @@ def test_unreachable_server_is_a_clear_error() -> None:
     out = graylane(f"127.0.0.1:{free_port()}", "get")
     assert out.returncode == 1
     assert "cannot reach graylane" in out.stderr
+
+
+def _etcd_pids(data_dir: pathlib.Path) -> list[int]:
+    """etcd processes serving `data_dir` (from /proc: the embedded etcd is not our child)."""
+    pids = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"etcd") and str(data_dir).encode() in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_a_killed_serve_takes_its_embedded_etcd_along_and_starts_again_on_the_same_data(
+    served: tuple[str, subprocess.Popen[bytes], pathlib.Path], repo_root: pathlib.Path
+) -> None:
+    """kill -9 of `graylane serve`: its embedded etcd must not live on holding the data dir,
+    or the next start on that dir waits for an etcd that can never start."""
+    server, proc, tmp = served
+    assert graylane(server, "apply", "-f", str(repo_root / "deploy" / "examples" / "release.yaml")).returncode == 0
+    data = (tmp / "state" / "etcd").resolve()
+    assert len(_etcd_pids(data)) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _etcd_pids(data):
+        assert time.monotonic() < deadline, "the embedded etcd outlived its graylane serve"
+        time.sleep(0.05)
+    api = free_port()
+    with (tmp / "serve-again.log").open("wb") as log:
+        again = subprocess.Popen(
+            [
+                str(BIN / "graylane"),
+                "serve",
+                "--data-dir",
+                str(tmp / "state"),
+                "--listen",
+                f"127.0.0.1:{api}",
+                "--xds-listen",
+                f"127.0.0.1:{free_port()}",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while (got := graylane(f"127.0.0.1:{api}", "get", "checkout-v2", "-o", "json")).returncode != 0:
+            assert again.poll() is None, (tmp / "serve-again.log").read_text()
+            assert time.monotonic() < deadline, "graylane serve did not start again on the same data in 30 s"
+            time.sleep(0.1)
+        assert json.loads(got.stdout)["name"] == "checkout-v2"  # the state survived the kill
+        # SIGTERM now: a clean stop takes the etcd along too.
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=20) == 0
+        assert _etcd_pids(data) == []
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+            again.wait()
