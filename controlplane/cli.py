@@ -558,7 +558,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         type=_host_port(any_port=True),  # port 0: any free port (the log names it)
         default=defaults.http_listen,
         metavar="HOST:PORT",
-        help=f"HTTP address of /metrics, /healthz and the dashboard (default {defaults.http_listen})",
+        help=f"HTTP address of /metrics and /healthz (default {defaults.http_listen})",
     )
     parser.add_argument(
         "--otlp-endpoint",

@@ -1,10 +1,11 @@
 """DataPlane: keeps Envoy configuration in step with etcd, and release status in step with Envoy.
 
 Owns two loops of one control-plane replica:
-* follow the store: watch the key prefix from a revision; on every change re-read one
-  consistent snapshot, build the routing view, render it for every proxy group (by the
-  proxy's listen port) and set it in the xDS snapshot cache. After a compaction or a lost
-  connection it re-reads and continues, so no change is missed.
+* follow the store: watch the key prefix from a revision and apply each batch of changes
+  to the kept state (one consistent snapshot per revision), build the routing view from
+  the previous one, render what changed for every proxy group (by the proxy's listen
+  port) and set it in the xDS snapshot cache. After a compaction or a lost watch it
+  re-reads the whole prefix and continues, so no change is missed.
 * follow the proxies: whenever a proxy ACKs or NACKs (the xDS tracker), an agent reports,
   or the view changes, count per live release the proxies carrying its current batch (this
   replica's and its agents'), publish that count for the other replicas, and, on the

@@ -27,7 +27,7 @@ writes its event (and, on success, the services' new stable versions), so a fail
 conflicting call changes nothing.
 
 Concurrency: one grpc.aio channel per store; all methods are coroutines safe to call
-concurrently from one event loop. Must not import graylane.xds.
+concurrently from one event loop. Must not import: graylane.xds.
 """
 
 from __future__ import annotations

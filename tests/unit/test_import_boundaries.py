@@ -18,7 +18,12 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PACKAGES = {"controlplane": "graylane.controlplane", "agent": "graylane.agent", "xds": "graylane.xds"}
+PACKAGES = {
+    "controlplane": "graylane.controlplane",
+    "agent": "graylane.agent",
+    "xds": "graylane.xds",
+    "deploy": "graylane.deploy",
+}
 # How the rules name things -> the import prefixes they forbid.
 NAMES = {
     "etcd": ("etcd3",),
@@ -31,7 +36,7 @@ NAMES = {
     "graylane.agent": ("graylane.agent",),
     "graylane.controlplane": ("graylane.controlplane",),
 }
-_RULE = re.compile(r"Must not import:\s*(.*?)\.(?:\s|$)")
+_RULE = re.compile(r"Must not import:?\s*(.*?)\.(?:\s|$)")
 _ITEM = re.compile(r"\s*(?P<name>[\w. ]+?)\s*(?:\((?P<note>[^)]*)\))?\s*(?:,|$)")
 
 
