@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import ipaddress
 import math
 import re
@@ -152,7 +153,7 @@ class PolicyResolver(aiohttp.abc.AbstractResolver):
         kept = [r for r in found if self._policy.refuses_address(str(r["host"])) is None]
         if not kept:
             reasons = "; ".join(filter(None, (self._policy.refuses_address(str(r["host"])) for r in found)))
-            raise OSError(f"{host} resolves only to refused addresses ({reasons})")
+            raise OSError(errno.EACCES, f"{host} resolves only to refused addresses ({reasons})")
         return kept
 
     async def close(self) -> None:
