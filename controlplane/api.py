@@ -262,6 +262,16 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the credential now: {exc}")
             raise AssertionError("unreachable") from exc
         needed = auth.required_role(method)
+        named = metadata.get(CLUSTER_METADATA, "")
+        if (
+            is_agent
+            and identity is not None
+            and identity.role is auth.Role.AGENT
+            and named
+            and named != identity.cluster
+        ):
+            # The agent names a cluster its credential is not for: no credential for that cluster.
+            identity = None
         if identity is None and needed is not None:
             if is_agent:
                 cluster = metadata.get(CLUSTER_METADATA, "")

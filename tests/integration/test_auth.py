@@ -302,9 +302,11 @@ async def test_a_name_resolving_to_a_refused_address_is_not_called() -> None:
 
 
 async def _agent_call(
-    plane: ControlPlane, cluster: str, token: str
+    plane: ControlPlane, cluster: str, token: str, *, hello_cluster: str = ""
 ) -> tuple[grpc.aio.AioRpcError | _Status | None, list[apb.ControlMessage]]:
-    hello = apb.AgentMessage(hello=apb.AgentHello(cluster=cluster, gateway_address="127.0.0.1:9000", agent_id="x"))
+    hello = apb.AgentMessage(
+        hello=apb.AgentHello(cluster=hello_cluster or cluster, gateway_address="127.0.0.1:9000", agent_id="x")
+    )
     endpoints = apb.AgentMessage(endpoints=apb.EndpointSnapshot())
 
     async def requests() -> AsyncIterator[apb.AgentMessage]:
@@ -351,10 +353,15 @@ async def test_a_rogue_agent_cannot_report_for_another_cluster(secured: Secured,
     # No credential, another cluster's credential, a user's token: refused before a write.
     err, _ = await _agent_call(secured.plane, "east", "")
     assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # Naming the cluster the credential is not for: no credential for that cluster.
     err, _ = await _agent_call(secured.plane, "east", "west-secret#with-a-hash")
-    assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
     err, _ = await _agent_call(secured.plane, "west", east)
+    assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # Naming its own cluster in the metadata but another in the hello: refused before a write.
+    err, _ = await _agent_call(secured.plane, "east", east, hello_cluster="west")
     assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "hello.cluster" in (err.details() or "")
     err, _ = await _agent_call(secured.plane, "west", secured.admin)
     assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
     assert await store.known_clusters() == frozenset()

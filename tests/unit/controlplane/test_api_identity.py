@@ -1,0 +1,60 @@
+"""What `controlplane.api` does with the identity of a call: the actor it records, and
+what a viewer is shown of webhook answers."""
+
+from __future__ import annotations
+
+import contextvars
+from datetime import UTC, datetime
+from typing import Any
+
+from graylane.controlplane import api, auth, model
+from graylane.v1 import release_service_pb2 as api_pb
+
+
+class _Context:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5555"
+
+
+def _event() -> model.Event:
+    return model.Event(
+        release="rel",
+        sequence=3,
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+        action="webhook",
+        actor="graylane/analysis",
+        reason="waiting: pre-rollout webhook HTTP 500: secret internals",
+        from_phase=model.Phase.PENDING,
+        to_phase=model.Phase.PENDING,
+        from_batch=-1,
+        to_batch=-1,
+        weight=0,
+        details={"webhook.pre.error": "HTTP 500: stack trace with a password", "webhook.pre.status": "500"},
+    )
+
+
+def _as(identity: auth.Identity | None, fn: Any, *args: Any) -> Any:
+    def run() -> Any:
+        api._identity.set(identity)
+        return fn(*args)
+
+    return contextvars.copy_context().run(run)
+
+
+def test_the_actor_is_the_identity_when_authenticated() -> None:
+    request = api_pb.ActionRequest(name="rel", actor="mallory", reason="ok")
+    ci = auth.Identity(name="token:ci", role=auth.Role.OPERATOR)
+    cause = _as(ci, api._cause, request, _Context())
+    assert (cause.actor, cause.reason) == ("token:ci", "ok")
+    # Open (no auth): the old behaviour, the request's actor.
+    assert _as(None, api._cause, request, _Context()).actor == "mallory"
+
+
+def test_viewers_do_not_see_webhook_answers() -> None:
+    viewer = auth.Identity(name="token:v", role=auth.Role.VIEWER)
+    operator = auth.Identity(name="token:o", role=auth.Role.OPERATOR)
+    hidden = _as(viewer, api._event_for_caller, _event())
+    assert "password" not in str(hidden) and "secret internals" not in str(hidden)
+    assert hidden.details["webhook.pre.status"] == "500"
+    shown = _as(operator, api._event_for_caller, _event())
+    assert "password" in shown.details["webhook.pre.error"]
