@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 from graylane.controlplane import auth, model
+from graylane.controlplane.closing import until_set
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -74,6 +76,7 @@ _cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_
 _identity: contextvars.ContextVar[auth.Identity | None] = contextvars.ContextVar("graylane_identity", default=None)
 
 DEFAULT_MAX_STREAMS_PER_IDENTITY = 64
+DEFAULT_RECHECK_SECONDS = 5.0  # a stream whose token is revoked ends within this (and the cache's second)
 _CACHE_SECONDS = 1.0  # a revoked token stops working on every replica within this
 _CACHE_ENTRIES = 4096
 _DENIED_LOG_SECONDS = 1.0
@@ -213,7 +216,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticator: Authenticator | None = None,
         on_denied: Callable[[str, str], None] = lambda code, method: None,
         max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
+        recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
     ) -> None:
+        self._recheck_seconds = recheck_seconds
         self._auth = authenticator or Authenticator(None, enabled=False, agent_tokens=agent_tokens)
         self._on_denied = on_denied
         self._denied_log = DeniedLog()
@@ -235,7 +240,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # Open: the old behaviour, nothing to check.
             caller = metadata.get(ACTOR_METADATA, "")
 
-            async def setup(context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
+            async def setup(context: grpc.aio.ServicerContext) -> _Held | None:
                 _caller.set(caller)
                 _cluster.set(None)
                 _identity.set(None)
@@ -253,9 +258,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _check(
         self, method: str, metadata: Mapping[str, str], is_agent: bool, context: grpc.aio.ServicerContext
-    ) -> Callable[[], None] | None:
-        """Identify and authorize the call (aborting it when refused). Returns what gives
-        back the stream slot the call holds, if it holds one."""
+    ) -> _Held | None:
+        """Identify and authorize the call (aborting it when refused). For a stream, returns
+        what it holds: its slot, and the check that ends it if its credential is revoked."""
         try:
             identity = await self._auth.identify(metadata, context.auth_context())
         except Unavailable as exc:
@@ -294,9 +299,33 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             why = f"{identity.name} holds {held} streams already (the limit per identity is {self._max_streams})"
             await self._deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, method, identity.name, why)
         self._streams[identity.name] = held + 1
-        return functools.partial(self._release_stream, identity.name)
+        revoked = asyncio.Event()
+        peer = context.auth_context()
+        recheck = asyncio.ensure_future(self._recheck(identity, metadata, peer, revoked))
+        return _Held(release=functools.partial(self._release_stream, identity.name, recheck), revoked=revoked)
 
-    def _release_stream(self, name: str) -> None:
+    async def _recheck(
+        self,
+        identity: auth.Identity,
+        metadata: Mapping[str, str],
+        peer: Mapping[str, Iterable[bytes]],
+        revoked: asyncio.Event,
+    ) -> None:
+        """While a stream lasts, check its credential again now and then: a revoked token
+        ends the streams it opened (an agent's included), not only its next calls. An etcd
+        that cannot answer is no revocation: the stream goes on."""
+        while True:
+            await asyncio.sleep(self._recheck_seconds)
+            try:
+                again = await self._auth.identify(metadata, peer)
+            except Unavailable:
+                continue
+            if again is None or again.name != identity.name or again.role is not identity.role:
+                revoked.set()
+                return
+
+    def _release_stream(self, name: str, recheck: asyncio.Future[None]) -> None:
+        recheck.cancel()
         held = self._streams.get(name, 0) - 1
         if held > 0:
             self._streams[name] = held
@@ -311,12 +340,20 @@ def _streams(method: str) -> bool:
     return method.rsplit("/", 1)[-1] in _STREAMING
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What a call holds while it runs: `release()` gives it back; `revoked` set ends a stream."""
+
+    release: Callable[[], None]
+    revoked: asyncio.Event | None = None
+
+
 def _around(
     handler: grpc.RpcMethodHandler,
-    setup: Callable[[grpc.aio.ServicerContext], Awaitable[Callable[[], None] | None]],
+    setup: Callable[[grpc.aio.ServicerContext], Awaitable[_Held | None]],
 ) -> grpc.RpcMethodHandler:
     """`handler` with `await setup(context)` run first, in the handler's own task (so the
-    context variables it sets are the handler's); what setup returns runs after it."""
+    context variables it sets are the handler's); what setup returns is released after."""
     if handler.request_streaming and handler.response_streaming:
         inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -329,24 +366,30 @@ def _around(
     if inspect.isasyncgenfunction(inner):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            done = await setup(context)
+            held = await setup(context)
             try:
-                async for response in inner(request, context):
+                if held is None or held.revoked is None:
+                    async for response in inner(request, context):
+                        yield response
+                    return
+                async for response in until_set(inner(request, context), held.revoked):
                     yield response
+                if held.revoked.is_set():
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential of this stream was revoked")
             finally:
-                if done is not None:
-                    done()
+                if held is not None:
+                    held.release()
 
         behaviour: Callable[..., Any] = streaming
     else:
 
         async def plain(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            done = await setup(context)
+            held = await setup(context)
             try:
                 return await inner(request, context)
             finally:
-                if done is not None:
-                    done()
+                if held is not None:
+                    held.release()
 
         behaviour = plain
     return make(

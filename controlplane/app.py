@@ -25,6 +25,7 @@ from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, Ag
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import (
     DEFAULT_MAX_STREAMS_PER_IDENTITY,
+    DEFAULT_RECHECK_SECONDS,
     Authenticator,
     CallerInterceptor,
     ReleaseServicer,
@@ -94,7 +95,9 @@ class ControlPlane:
         max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
         max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
         webhook_policy: WebhookPolicy | None = None,
+        stream_recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
     ) -> None:
+        self._stream_recheck_seconds = stream_recheck_seconds
         self.store = store
         # Who callers are: with `auth`, every API call needs a token or a certificate a
         # token record names; without it the API is open (a loopback try-out).
@@ -183,6 +186,7 @@ class ControlPlane:
                     authenticator=self.authenticator,
                     on_denied=self.telemetry.denied_call,
                     max_streams_per_identity=max_streams,
+                    recheck_seconds=self._stream_recheck_seconds,
                 ),
                 self._closing,
             ],

@@ -69,6 +69,7 @@ async def secured(store: EtcdStore) -> AsyncIterator[Secured]:
         agent_tokens={"west": "west-secret#with-a-hash"},
         max_streams_per_identity=2,
         max_receive_message_bytes=256 * 1024,
+        stream_recheck_seconds=0.2,
     )
     async with plane.running():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
@@ -307,12 +308,11 @@ async def _agent_call(
     hello = apb.AgentMessage(
         hello=apb.AgentHello(cluster=hello_cluster or cluster, gateway_address="127.0.0.1:9000", agent_id="x")
     )
-    endpoints = apb.AgentMessage(endpoints=apb.EndpointSnapshot())
+    done = asyncio.Event()
 
     async def requests() -> AsyncIterator[apb.AgentMessage]:
-        yield hello
-        yield endpoints
-        await asyncio.sleep(5)
+        yield hello  # only the hello: a refusal then never races a second write
+        await done.wait()
 
     metadata = [("x-graylane-cluster", cluster)]
     if token:
@@ -333,6 +333,8 @@ async def _agent_call(
             if exc.code() is grpc.StatusCode.INTERNAL and await call.code() is not grpc.StatusCode.INTERNAL:
                 return _Status(await call.code(), await call.details()), got
             return exc, got
+        finally:
+            done.set()
     return None, got
 
 
@@ -419,3 +421,35 @@ async def test_bootstrap_writes_one_admin_token_per_installation(store: EtcdStor
         stub = api_grpc.ReleaseServiceStub(channel)
         listed = await stub.ListTokens(api.ListTokensRequest(), metadata=bearer(token))
         assert [(t.name, t.role) for t in listed.tokens] == [("bootstrap-admin", "admin")]
+
+
+async def test_revoking_a_token_ends_the_streams_it_opened(secured: Secured, store: EtcdStore) -> None:
+    viewer = await secured.token("watcher", "viewer")
+    agent = await secured.token("east-agent", "agent", cluster="east")
+    await secured.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()), metadata=bearer(secured.admin))
+    watch = secured.stub.Watch(api.WatchRequest(name="rel"), metadata=bearer(viewer))
+    assert (await anext(aiter(watch))).name == "rel"
+
+    stop = asyncio.Event()
+
+    async def requests() -> AsyncIterator[apb.AgentMessage]:
+        yield apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a"))
+        await stop.wait()
+
+    metadata = (("x-graylane-cluster", "east"), *bearer(agent))
+    stream = agent_pb2_grpc.AgentServiceStub(secured.channel).Connect(requests(), metadata=metadata)
+    try:
+        assert (await anext(aiter(stream))).welcome.cluster == "east"
+        for name in ("watcher", "east-agent"):
+            await secured.stub.RevokeToken(api.RevokeTokenRequest(id=name), metadata=bearer(secured.admin))
+        async with asyncio.timeout(10):
+            for call in (watch, stream):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call:
+                        pass
+                assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert "revoked" in (err.value.details() or "")
+    finally:
+        stop.set()
+        watch.cancel()
+        stream.cancel()
