@@ -456,11 +456,14 @@ def _event_for_caller(e: model.Event) -> pb.Event:
     message = model.event_to_proto(e)
     if _sees_webhook_answers():
         return message
-    for key in list(message.details):
-        if key.startswith("webhook.") and key.endswith((".error", ".body")) and message.details[key]:
+    for key, value in list(message.details.items()):
+        if not key.startswith("webhook."):
+            continue
+        if key.endswith(".body") and value:
             message.details[key] = _HIDDEN
-    if "webhook" in message.reason and "HTTP" in message.reason:
-        message.reason = _HIDDEN
+        elif key.endswith(".error") and value.startswith("HTTP ") and ": " in value:
+            # `HTTP 500: <the start of the answer>`: the status stays, the answer goes.
+            message.details[key] = f"{value.split(': ', 1)[0]} {_HIDDEN}"
     return message
 
 

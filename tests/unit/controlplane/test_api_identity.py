@@ -23,7 +23,7 @@ def _event() -> model.Event:
         at=datetime(2026, 1, 1, tzinfo=UTC),
         action="webhook",
         actor="graylane/analysis",
-        reason="waiting: pre-rollout webhook HTTP 500: secret internals",
+        reason="waiting: pre-rollout webhook pre failed",
         from_phase=model.Phase.PENDING,
         to_phase=model.Phase.PENDING,
         from_batch=-1,
@@ -54,7 +54,7 @@ def test_viewers_do_not_see_webhook_answers() -> None:
     viewer = auth.Identity(name="token:v", role=auth.Role.VIEWER)
     operator = auth.Identity(name="token:o", role=auth.Role.OPERATOR)
     hidden = _as(viewer, api._event_for_caller, _event())
-    assert "password" not in str(hidden) and "secret internals" not in str(hidden)
+    assert "password" not in str(hidden) and hidden.reason == "waiting: pre-rollout webhook pre failed"
     assert hidden.details["webhook.pre.status"] == "500"
     shown = _as(operator, api._event_for_caller, _event())
     assert "password" in shown.details["webhook.pre.error"]
