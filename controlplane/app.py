@@ -94,11 +94,11 @@ class ControlPlane:
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
         max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
         max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
-        webhook_policy: WebhookPolicy | None = None,
         stream_recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
+        webhook_policy: WebhookPolicy | None = None,
     ) -> None:
-        self._stream_recheck_seconds = stream_recheck_seconds
         self.store = store
+        self._stream_recheck_seconds = stream_recheck_seconds
         # Who callers are: with `auth`, every API call needs a token or a certificate a
         # token record names; without it the API is open (a loopback try-out).
         self.authenticator = Authenticator(store, enabled=auth, agent_tokens=agent_tokens)
