@@ -131,7 +131,10 @@ class Authenticator:
 
     def forget(self, token_id: str = "") -> None:
         """Drop cached records (after a revoke here, it takes effect on this replica at once)."""
-        self._records.pop(token_id, None) if token_id else self._records.clear()
+        if token_id:
+            self._records.pop(token_id, None)
+        else:
+            self._records.clear()
         self._subjects = None
 
     async def _record(self, token_id: str) -> auth.TokenRecord | None:

@@ -4,9 +4,12 @@ what a viewer is shown of webhook answers."""
 from __future__ import annotations
 
 import contextvars
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
+import pytest
 from graylane.controlplane import api, auth, model
 from graylane.v1 import release_service_pb2 as api_pb
 
@@ -58,3 +61,18 @@ def test_viewers_do_not_see_webhook_answers() -> None:
     assert hidden.details["webhook.pre.status"] == "500"
     shown = _as(operator, api._event_for_caller, _event())
     assert "password" in shown.details["webhook.pre.error"]
+
+
+def test_denied_calls_are_logged_at_most_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    denied = api.DeniedLog(clock=lambda: now[0])
+    code = grpc.StatusCode.UNAUTHENTICATED
+    with caplog.at_level(logging.WARNING, logger="graylane.controlplane.api"):
+        for _ in range(5):
+            denied(code, "/graylane.v1.ReleaseService/NextBatch", "ipv4:10.0.0.9:1", "", "no valid credential")
+        now[0] += 1.5
+        denied(code, "/graylane.v1.ReleaseService/Pause", "ipv4:10.0.0.9:1", "token:v", "needs role operator")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "NextBatch" in lines[0] and "no credential" in lines[0]
+    assert "Pause" in lines[1] and "(4 more refused since the last line)" in lines[1]
