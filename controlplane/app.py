@@ -479,13 +479,23 @@ async def bootstrap_admin(store: EtcdStore, path: Path) -> bool:
     record = token_record(
         name=BOOTSTRAP_TOKEN_NAME, role="admin", made=made, created_by="graylane serve --auth (bootstrap)"
     )
-    if not await store.create_bootstrap_token(record):
-        return False
+    # Written aside first: a token etcd accepted is never lost to a failed write, and a
+    # restart (etcd refuses a second one) leaves the file of the first start as it was.
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    pending = path.with_name(path.name + ".new")
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
         out.write(made.token + "\n")
+    try:
+        created = await store.create_bootstrap_token(record)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    if not created:
+        pending.unlink(missing_ok=True)
+        return False
+    pending.replace(path)
     log.warning("auth: first start, admin token %s written to %s (mode 0600)", record.token_id, path)
     return True
 

@@ -735,8 +735,9 @@ class EtcdStore:
     async def delete_release(self, name: str, *, actor: str = "", reason: str = "", at: str = "") -> Tombstone:
         """Delete the release and keep its history under a tombstone (`graylane tombstones`).
 
-        The events are copied first, in transactions of at most `_TOMBSTONE_OPS` keys (below
-        etcd's default limit of 128 operations per transaction), under the generation's
+        The events are copied first, in transactions of at most `_TOMBSTONE_OPS` keys and
+        `_TOMBSTONE_BYTES` (below etcd's default limits of 128 operations and 1.5 MiB per
+        request; an event is at most a few KiB), under the generation's
         `create_revision`; events never change once written, so a copy that is repeated or
         left half done by a crash is harmless and invisible (nothing lists it without its
         header). One transaction, guarded by the release's `mod_revision`, then deletes the
@@ -754,8 +755,16 @@ class EtcdStore:
                 self._put(self._tombstone_event_key(name, generation, e.key.rsplit(b"/", 1)[-1].decode()), e.value)
                 for e in events.kvs
             ]
-            for i in range(0, len(copies), _TOMBSTONE_OPS):
-                await self._txn([], copies[i : i + _TOMBSTONE_OPS])
+            batch: list[rpc_pb2.RequestOp] = []
+            size = 0
+            for op in copies:
+                if batch and (len(batch) >= _TOMBSTONE_OPS or size + op.ByteSize() > _TOMBSTONE_BYTES):
+                    await self._txn([], batch)
+                    batch, size = [], 0
+                batch.append(op)
+                size += op.ByteSize()
+            if batch:
+                await self._txn([], batch)
             tomb = Tombstone(
                 release=name,
                 generation=generation,
@@ -1111,6 +1120,7 @@ class LiveState:
 
 
 _TOMBSTONE_OPS = 100
+_TOMBSTONE_BYTES = 512 * 1024
 _TOMBSTONE_RETRIES = 5
 
 

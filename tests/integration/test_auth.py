@@ -219,6 +219,25 @@ async def test_a_revoked_token_stops_working_on_another_replica(secured: Secured
                 await asyncio.sleep(0.1)
 
 
+async def test_a_long_history_is_kept_whole(store: EtcdStore) -> None:
+    """More events than etcd takes in one transaction (128 operations) are kept, in order."""
+    from graylane.controlplane import model
+    from graylane.controlplane.machine import Action, Cause
+    from graylane.controlplane.releases import Releases
+
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    await store.put_version(model.Version(service="checkout", name="v2"))
+    releases = Releases(store)
+    await releases.create("rel", model.spec_from_proto(canary()), Cause(actor="t"))
+    await releases.act("rel", Action.NEXT, Cause(actor="t"))
+    for i in range(149):
+        await releases.act("rel", Action.PAUSE if i % 2 == 0 else Action.RESUME, Cause(actor="t", reason="x" * 3000))
+    tomb = await store.delete_release("rel", actor="t")
+    kept_tomb, events = await store.tombstone_history("rel")
+    assert tomb.events == kept_tomb.events == len(events) == 151
+    assert [e.sequence for e in events] == list(range(151))
+
+
 async def test_delete_keeps_the_history_under_a_tombstone(secured: Secured) -> None:
     md = bearer(secured.admin)
     await secured.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()), metadata=md)
@@ -416,6 +435,10 @@ async def test_bootstrap_writes_one_admin_token_per_installation(store: EtcdStor
     token = path.read_text().strip()
     assert not await bootstrap_admin(store, tmp_path / "again.token")
     assert not (tmp_path / "again.token").exists()
+    # A restart with the same file leaves it as the first start wrote it.
+    assert not await bootstrap_admin(store, path)
+    assert path.read_text().strip() == token
+    assert sorted(p.name for p in path.parent.iterdir()) == ["admin.token"]
     plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None, auth=True)
     async with plane.running(), grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
         stub = api_grpc.ReleaseServiceStub(channel)
