@@ -295,8 +295,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         _caller.set(identity.name if identity is not None else "")
         _identity.set(identity if self._auth.enabled else None)
         _cluster.set(identity.cluster if identity is not None and is_agent else None)
-        if identity is None or not _streams(method):
+        if identity is None:
             return None
+        finished = functools.partial(self._finished, method, identity.name)
+        if not _streams(method):
+            return _Held(release=_nothing, finished=finished)
         held = self._streams.get(identity.name, 0)
         if held >= self._max_streams:
             why = f"{identity.name} holds {held} streams already (the limit per identity is {self._max_streams})"
@@ -305,7 +308,14 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         revoked = asyncio.Event()
         peer = context.auth_context()
         recheck = asyncio.ensure_future(self._recheck(identity, metadata, peer, revoked))
-        return _Held(release=functools.partial(self._release_stream, identity.name, recheck), revoked=revoked)
+        release = functools.partial(self._release_stream, identity.name, recheck)
+        return _Held(release=release, revoked=revoked, finished=finished)
+
+    def _finished(self, method: str, who: str, context: grpc.aio.ServicerContext) -> None:
+        """A call the handler refused for its scope is a denied call too: logged and counted."""
+        if context.code() == grpc.StatusCode.PERMISSION_DENIED:
+            self._on_denied("permission_denied", method)
+            self._denied_log(grpc.StatusCode.PERMISSION_DENIED, method, context.peer(), who, context.details() or "")
 
     async def _recheck(
         self,
@@ -349,6 +359,16 @@ class _Held:
 
     release: Callable[[], None]
     revoked: asyncio.Event | None = None
+    finished: Callable[[grpc.aio.ServicerContext], None] | None = None
+
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        self.release()
+        if self.finished is not None:
+            self.finished(context)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _around(
@@ -381,7 +401,7 @@ def _around(
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential of this stream was revoked")
             finally:
                 if held is not None:
-                    held.release()
+                    held.end(context)
 
         behaviour: Callable[..., Any] = streaming
     else:
@@ -392,7 +412,7 @@ def _around(
                 return await inner(request, context)
             finally:
                 if held is not None:
-                    held.release()
+                    held.end(context)
 
         behaviour = plain
     return make(

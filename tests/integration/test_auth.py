@@ -101,6 +101,11 @@ def canary(*, hooks: Sequence[pb.Webhook] = ()) -> pb.ReleaseSpec:
     return spec
 
 
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 async def refused(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call  # type: ignore[misc]
@@ -181,6 +186,11 @@ async def test_scopes_limit_a_token_to_its_releases(secured: Secured) -> None:
     await secured.stub.NextBatch(api.ActionRequest(name="mine"), metadata=bearer(scoped))
     err = await refused(secured.stub.NextBatch(api.ActionRequest(name="theirs"), metadata=bearer(scoped)))
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED and "outside the identity's scope" in (err.details() or "")
+    text = await asyncio.to_thread(_scrape, secured.plane.http_port)
+    assert any(
+        line.startswith("graylane_api_denied_total{") and "NextBatch" in line and 'code="permission_denied"' in line
+        for line in text.splitlines()
+    ), text
     listed = await secured.stub.ListReleases(api.ListReleasesRequest(), metadata=bearer(scoped))
     assert [r.name for r in listed.releases] == ["mine"]
     # A scope of services admits the releases whose services are all in it.
