@@ -466,6 +466,12 @@ def _check_scope(name: str, services: Iterable[str]) -> None:
         raise OutOfScope(f"{identity.name} may not act on release {name!r}: it is outside the identity's scope")
 
 
+def _check_service_scope(service: str) -> None:
+    identity = _identity.get()
+    if identity is not None and identity.scoped and service not in identity.services:
+        raise OutOfScope(f"{identity.name} may not register service {service!r}: it is outside the identity's scope")
+
+
 def _sees_webhook_answers() -> bool:
     identity = _identity.get()
     return identity is None or identity.role >= auth.Role.OPERATOR
@@ -673,6 +679,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     @unary
     async def PutService(self, request: api_pb.PutServiceRequest, context: grpc.aio.ServicerContext) -> pb.Service:
         service = model.service_from_proto(request.service)
+        _check_service_scope(service.name)
         await self._store.put_service(service)
         return model.service_to_proto(service)
 
@@ -686,6 +693,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     @unary
     async def PutVersion(self, request: api_pb.PutVersionRequest, context: grpc.aio.ServicerContext) -> pb.Version:
         version = model.version_from_proto(request.version)
+        _check_service_scope(version.service)
         if await self._store.get_service(version.service) is None:
             raise InvalidArgument("version.service", f"service {version.service!r} is not registered")
         await self._store.put_version(version)

@@ -198,6 +198,17 @@ async def test_scopes_limit_a_token_to_its_releases(secured: Secured) -> None:
     await secured.stub.NextBatch(api.ActionRequest(name="theirs"), metadata=bearer(by_service))
     err = await refused(secured.stub.Pause(api.ActionRequest(name="mine"), metadata=bearer(by_service)))
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    # A scoped admin registers only its own services' versions.
+    cart_admin = await secured.token("cart-admin", "admin", services=["cart"])
+    await secured.stub.PutVersion(
+        api.PutVersionRequest(version=pb.Version(service="cart", name="v3")), metadata=bearer(cart_admin)
+    )
+    err = await refused(
+        secured.stub.PutVersion(
+            api.PutVersionRequest(version=pb.Version(service="checkout", name="v3")), metadata=bearer(cart_admin)
+        )
+    )
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_a_revoked_token_stops_working(secured: Secured) -> None:
