@@ -167,7 +167,10 @@ class Authenticator:
         if token:
             agent = self._agents.get(auth.hash_secret(token))
             if agent is not None:
-                return agent[1]
+                # An `--agent-tokens` line is a credential for its cluster only: presented
+                # for another (`x-graylane-cluster`), it is no credential at all.
+                named = metadata.get(CLUSTER_METADATA, "")
+                return agent[1] if not named or named == agent[0] else None
             parts = auth.split_token(token) if self.enabled else None
             if parts is not None:
                 record = await self._record(parts[0])
@@ -270,16 +273,6 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the credential now: {exc}")
             raise AssertionError("unreachable") from exc
         needed = auth.required_role(method)
-        named = metadata.get(CLUSTER_METADATA, "")
-        if (
-            is_agent
-            and identity is not None
-            and identity.role is auth.Role.AGENT
-            and named
-            and named != identity.cluster
-        ):
-            # The agent names a cluster its credential is not for: no credential for that cluster.
-            identity = None
         if identity is None and needed is not None:
             if is_agent:
                 cluster = metadata.get(CLUSTER_METADATA, "")

@@ -395,11 +395,12 @@ async def test_a_rogue_agent_cannot_report_for_another_cluster(secured: Secured,
     # No credential, another cluster's credential, a user's token: refused before a write.
     err, _ = await _agent_call(secured.plane, "east", "")
     assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
-    # Naming the cluster the credential is not for: no credential for that cluster.
+    # An `--agent-tokens` line presented for another cluster is no credential for it.
     err, _ = await _agent_call(secured.plane, "east", "west-secret#with-a-hash")
     assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # A token bound to east, saying hello as west: refused before a write.
     err, _ = await _agent_call(secured.plane, "west", east)
-    assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
     # Naming its own cluster in the metadata but another in the hello: refused before a write.
     err, _ = await _agent_call(secured.plane, "east", east, hello_cluster="west")
     assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
