@@ -187,7 +187,7 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
     argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
-            "--data-dir", "/var/lib/graylane"]  # fmt: skip
+            "--data-dir", "/var/lib/graylane", "--auth"]  # fmt: skip
     assert cli.main(argv) == 0
     assert received == [
         ServeOptions(
@@ -195,8 +195,33 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             listen=HostPort("0.0.0.0", 9000),
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
+            auth=True,
         )
     ]
+
+
+def test_serve_beyond_loopback_needs_auth_or_insecure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    for flag in ("--listen", "--xds-listen", "--http-listen"):
+        assert cli.main(["serve", flag, "10.0.0.7:9000"]) == 2
+        assert "10.0.0.7:9000 is reachable beyond this machine" in capsys.readouterr().err
+    assert received == []
+    assert cli.main(["serve", "--listen", "0.0.0.0:9000", "--insecure"]) == 0
+    assert cli.main(["serve", "--listen", "localhost:9000", "--xds-listen", "[::1]:9001"]) == 0
+    assert [o.insecure for o in received] == [True, False]
+
+
+def test_tables_escape_control_characters() -> None:
+    table = cli.render_table(("A", "B"), [["ok", "evil\x1b[2J\nfake row\u202e"]])
+    assert "\x1b" not in table and "\n" not in table.splitlines()[1]
+    assert table.splitlines()[1].endswith("evil\\x1b[2J\\nfake row\\u202e")
 
 
 def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
