@@ -51,12 +51,37 @@ from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+# Health is answered for the whole server ("") and each service by name: both need etcd.
+HEALTH_NAMES = (SERVICE_NAME, AGENT_SERVICE_NAME, "")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def serve_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Reflection under both names clients ask for: v1alpha (grpcio-reflection's) and v1
+    (what newer grpcurl and Postman try first). The two protocols' messages are the same on
+    the wire (v1 is v1alpha under a new package), so one servicer answers both."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
+
+
 _GRACE_SECONDS = 5.0
 # etcd is probed with one linearizable read (it needs a quorum) this often; a probe that
 # fails or takes longer than its timeout marks the replica NOT_SERVING until one succeeds.
@@ -212,9 +237,7 @@ class ControlPlane:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.agents), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        serve_reflection(server, (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME))
         return server, health_servicer
 
     @contextlib.asynccontextmanager
@@ -258,8 +281,8 @@ class ControlPlane:
             await xds_server.start()
             log.info("xDS (ADS) on %s", self._xds_listen.rsplit(":", 1)[0] + f":{self.xds_port}")
         await server.start()
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in HEALTH_NAMES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("ReleaseService on %s", self._api_listen.rsplit(":", 1)[0] + f":{self.api_port}")
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -334,7 +357,7 @@ class ControlPlane:
                 status = health_pb2.HealthCheckResponse.SERVING
                 if problem is not None:
                     status = health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in (SERVICE_NAME, ""):
+                for service in HEALTH_NAMES:
                     await health_servicer.set(service, status)
             await asyncio.sleep(_PROBE_SECONDS)
 
