@@ -889,10 +889,10 @@ def _applied_label(obj: Message) -> str:
 
 async def _apply_one(client: ReleaseClient, obj: ManifestObject, args: argparse.Namespace) -> Message:
     if isinstance(obj, release_pb2.Service):
-        return await client.put_service(obj)
+        return await client.put_service(obj, move_stable=args.move_stable)
     if isinstance(obj, release_pb2.Version):
         return await client.put_version(obj)
-    return await client.apply_release(obj, reason=args.reason)
+    return await client.apply_release(obj, reason=args.reason, restart=args.restart)
 
 
 async def _apply(client: ReleaseClient, args: argparse.Namespace, objects: Sequence[ManifestObject]) -> int:
@@ -924,6 +924,17 @@ def _add_apply(subparsers: Subparsers) -> None:
     parser = _client_parser(subparsers, "apply", "create or update services, versions and releases from YAML")
     parser.add_argument(
         "-f", "--filename", dest="file", required=True, metavar="FILE", help="manifest file, or - for stdin"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="a finished release whose spec changed starts over from the first batch (refused without it)",
+    )
+    parser.add_argument(
+        "--move-stable",
+        action="store_true",
+        help="a service whose stable version changed moves all its traffic there (refused without it; "
+        "back to the old version undoes a promote)",
     )
     _add_reason_flag(parser)
     _add_output_flag(parser)
