@@ -17,7 +17,7 @@ from collections import OrderedDict
 from graylane.agent.wire import BadView, view_from_proto
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
-from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.render import render_gateway
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import ROUTE
@@ -71,7 +71,7 @@ class Relay:
         """The last proxy of `key` left: stop rendering it (rendered again if one returns)."""
         self._keys.discard(key)
         self.cache.clear_snapshot(key)
-        self._renderer.forget(self._port_of(key))
+        self._renderer.forget(self._port_of(key), proxyless=key == PROXYLESS_KEY)
 
     def _port_of(self, key: str) -> int:
         return self._default_port if key == DEFAULT_KEY or not key.isdigit() else int(key)
@@ -85,7 +85,7 @@ class Relay:
             if self.gateway_port is not None and port == self.gateway_port:
                 resources = render_gateway(self.view, listen_port=port, listen_address=self._address)
             else:
-                resources = self._renderer.render(self.view, listen_port=port)
+                resources = self._renderer.render(self.view, listen_port=port, proxyless=key == PROXYLESS_KEY)
         except ValueError:
             log.exception("cannot render view %s for %s; proxies keep their configuration", self.version, key)
             return

@@ -36,7 +36,7 @@ from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
-from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
 from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
@@ -313,7 +313,9 @@ class DataPlane:
         rendered: dict[str, Resources | ValueError] = {}
         for key in keys:
             try:
-                rendered[key] = self._renderer.render(view, listen_port=self._port_of(key))
+                rendered[key] = self._renderer.render(
+                    view, listen_port=self._port_of(key), proxyless=key == PROXYLESS_KEY
+                )
             except ValueError as exc:
                 rendered[key] = exc
         return _Build(built, self._renderer.effective_view(view), rendered, time.thread_time() - began)
@@ -339,7 +341,7 @@ class DataPlane:
             return
         try:
             resources: Resources | ValueError = self._renderer.render(
-                self._view, listen_port=self._port_of(key), wait=False
+                self._view, listen_port=self._port_of(key), wait=False, proxyless=key == PROXYLESS_KEY
             )
         except ValueError as exc:
             resources = exc
@@ -349,7 +351,7 @@ class DataPlane:
         """The last proxy of `key` left: nothing is kept for it (rendered again on request)."""
         self._cache.clear_snapshot(key)
         self._history.forget(key)
-        self._renderer.forget(self._port_of(key))
+        self._renderer.forget(self._port_of(key), proxyless=key == PROXYLESS_KEY)
 
     def kept_keys(self) -> frozenset[str]:
         """Cache keys this replica keeps per-key state for (their views' history)."""

@@ -23,6 +23,20 @@ The invariant: a proxy never holds a route that points at a cluster it does not 
 Each ACK re-runs the plan: that releases the held routes, and once the routes moved away
 and were ACKed, lets the old cluster go.
 
+That is for a proxy that subscribes to every cluster (Envoy: CDS wildcard, before LDS).
+A client that asks for clusters by name (proxyless gRPC: LDS -> RDS -> CDS -> EDS, each
+by the names the previous one gave it) cannot ACK a cluster before a route names it, so
+waiting for that ACK would hold its routes, and so its listener, forever. For such a
+client (`on_demand`):
+
+* a route config may go once every cluster it routes to is in the plan with its
+  endpoints: the client's request for it is answered at once with a cluster that has
+  endpoints (the client queues calls to a cluster until it has them, and fails none);
+* a cluster the client still subscribes to stays in the plan, with its endpoints, even
+  once the target dropped it: the client unsubscribes when no route and no call in flight
+  uses it, which is its own make-before-break; removing it earlier would fail the calls
+  still picking it.
+
 Pure: no I/O, no clocks. Must not import: etcd, graylane.controlplane, graylane.agent.
 """
 
@@ -119,14 +133,16 @@ def _listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
     chains = [*listener.filter_chains]
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
-    for chain in chains:
-        for flt in chain.filters:
-            if not flt.typed_config.TypeName() == _HCM_NAME:
-                continue
-            hcm = hcm_pb2.HttpConnectionManager()
-            flt.typed_config.Unpack(hcm)
-            if hcm.HasField("rds"):
-                names.add(hcm.rds.route_config_name)
+    managers = [flt.typed_config for chain in chains for flt in chain.filters]
+    if listener.HasField("api_listener"):  # a proxyless gRPC client's listener
+        managers.append(listener.api_listener.api_listener)
+    for config in managers:
+        if not config.TypeName() == _HCM_NAME:
+            continue
+        hcm = hcm_pb2.HttpConnectionManager()
+        config.Unpack(hcm)
+        if hcm.HasField("rds"):
+            names.add(hcm.rds.route_config_name)
     return frozenset(names)
 
 
@@ -167,9 +183,12 @@ def _live_route_clusters(acked: Held, sent: Held) -> frozenset[str]:
     return frozenset(out)
 
 
-def _plan_clusters(target: Resources, acked: Held, sent: Held) -> dict[str, Message]:
+def _plan_clusters(target: Resources, acked: Held, sent: Held, *, on_demand: bool) -> dict[str, Message]:
     clusters = dict(target[CLUSTER].items)
-    for name in sorted(_live_route_clusters(acked, sent) - clusters.keys()):
+    live = set(_live_route_clusters(acked, sent))
+    if on_demand:  # a named subscription: whatever the client holds, it still subscribes to
+        live |= _get(acked, CLUSTER).keys() | _get(sent, CLUSTER).keys()
+    for name in sorted(live - clusters.keys()):
         kept = _first(name, _get(acked, CLUSTER), _get(sent, CLUSTER))
         if kept is not None:
             clusters[name] = kept
@@ -225,6 +244,24 @@ def _routes_ready(acked: Held) -> Callable[[Message], bool]:
     def ready(rc: Message) -> bool:
         assert isinstance(rc, route_pb2.RouteConfiguration)
         return all(_cluster_ready(c, acked) for c in route_clusters(rc))
+
+    return ready
+
+
+def _routes_resolvable(clusters: Mapping[str, Message], endpoints: Mapping[str, Message]) -> Callable[[Message], bool]:
+    """For a client that asks for clusters by name: a route config may go once every
+    cluster it routes to is planned with its endpoints (served as soon as it is asked for)."""
+
+    def resolvable(name: str) -> bool:
+        cluster = clusters.get(name)
+        if cluster is None:
+            return False
+        assert isinstance(cluster, cluster_pb2.Cluster)
+        return not uses_eds(cluster) or eds_name(cluster) in endpoints
+
+    def ready(rc: Message) -> bool:
+        assert isinstance(rc, route_pb2.RouteConfiguration)
+        return all(resolvable(c) for c in route_clusters(rc))
 
     return ready
 
@@ -307,30 +344,32 @@ def _consistent(
     return True
 
 
-def plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
+def plan(target: Resources, *, acked: Held, sent: Held, on_demand: bool = False) -> Plan:
     """The resources one proxy may be sent now, given what it ACKed and was sent.
 
     `acked` and `sent` map type_url -> name -> message for this proxy's stream; `sent` is
     what the proxy has or is about to apply (the latest responses, ACKed or not).
+    `on_demand`: the proxy asks for clusters by name (see the module docstring).
     Streams in the same state share one Plan (a value: never mutate it).
     """
-    key = (id(target), _held_key(acked), _held_key(sent))
+    key = (id(target), _held_key(acked), _held_key(sent), on_demand)
     hit = _plans.get(key)
     if hit is not None and hit[1][0] is target:
         _plans.move_to_end(key)
         return hit[0]
-    planned = _plan(target, acked=acked, sent=sent)
+    planned = _plan(target, acked=acked, sent=sent, on_demand=on_demand)
     _plans[key] = (planned, (target, _held_refs(acked), _held_refs(sent)))
     while len(_plans) > _PLAN_MEMO_LIMIT:
         _plans.popitem(last=False)
     return planned
 
 
-def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
+def _plan(target: Resources, *, acked: Held, sent: Held, on_demand: bool = False) -> Plan:
     held: set[tuple[str, str]] = set()
-    clusters = _plan_clusters(target, acked, sent)
+    clusters = _plan_clusters(target, acked, sent, on_demand=on_demand)
     endpoints = _plan_endpoints(target, clusters, acked, sent)
-    routes = _plan_ready(ROUTE, target, _routes_ready(acked), acked, sent, held)
+    ready = _routes_resolvable(clusters, endpoints) if on_demand else _routes_ready(acked)
+    routes = _plan_ready(ROUTE, target, ready, acked, sent, held)
     scopes = _plan_ready(SCOPED_ROUTE, target, _scope_ready(routes), acked, sent, held)
     listeners = _plan_ready(LISTENER, target, _listener_ready(routes), acked, sent, held)
     planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, SCOPED_ROUTE: scopes, ROUTE: routes}

@@ -35,7 +35,7 @@ import re2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -61,6 +61,7 @@ from graylane.xds.view import (
     Rule,
     ServiceRoute,
     VersionEndpoints,
+    api_listener_names,
     cluster_name,
     gateway_authority,
     listener_name,
@@ -70,6 +71,7 @@ from graylane.xds.view import (
 
 __all__ = [
     "ServiceResources",
+    "api_listeners",
     "ViewIndex",
     "effective_lane",
     "effective_view",
@@ -89,6 +91,9 @@ _NUM_RETRIES = 2
 _STAT_PREFIX = "graylane"
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 _ROUTER_FILTER = "envoy.filters.http.router"
+
+# The one locality every endpoint set is in (proxyless gRPC needs a locality to be named).
+_LOCALITY = base_pb2.Locality(zone="graylane")
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -230,8 +235,14 @@ class ServiceResources:
     assignments: dict[str, Message]
 
 
-def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
+def render(
+    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1", proxyless: bool = False
+) -> resources.Resources:
     """Every resource a proxy needs for `view`, listening on listen_address:listen_port.
+
+    `proxyless`: for gRPC clients that speak xDS themselves: instead of the socket
+    listener, one client-side Listener per service (`api_listeners`) naming the same
+    per-service route configs; clusters, endpoints, routes and scopes are the same.
 
     Routes are split per service: one RouteConfiguration per service, each reached
     through a scope (SRDS) keyed by the service's name, so a change to one service's
@@ -253,13 +264,17 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
         assignments.update(rendered.assignments)
         route_configs[rendered.route_config.name] = rendered.route_config
         scopes[rendered.scope.name] = rendered.scope
-    listener = _listener(listen_address, listen_port, scoped=True)
+    if proxyless:
+        listeners = api_listeners(s.name for s in view.services)
+    else:
+        listener = _listener(listen_address, listen_port, scoped=True)
+        listeners = {listener.name: listener}
     _reuse.rotate()
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
             resources.ENDPOINT: assignments,
-            resources.LISTENER: {listener.name: listener},
+            resources.LISTENER: listeners,
             resources.SCOPED_ROUTE: scopes,
             resources.ROUTE: route_configs,
         }
@@ -395,14 +410,20 @@ def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.C
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
     if ordered:
+        # gRPC clients drop a locality without a weight and an endpoint without one (Envoy
+        # defaults both to 1, and ignores locality weights unless the cluster asks for them):
+        # one locality, weight 1, and weight 1 for each endpoint, read the same by both.
         assignment.endpoints.append(
             endpoint_components_pb2.LocalityLbEndpoints(
+                locality=_LOCALITY,
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port))
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port)),
+                        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                     )
                     for e in ordered
-                ]
+                ],
             )
         )
     return assignment
@@ -442,6 +463,42 @@ def _listener(address: str, port: int, *, scoped: bool) -> listener_pb2.Listener
             )
         ],
     )
+
+
+def api_listeners(services: Iterable[str]) -> dict[str, Message]:
+    """The client-side Listeners of proxyless gRPC clients, by name, for `services`.
+
+    gRPC resolves `xds:///<service>` by asking for the Listener `<service>` (or its xdstp
+    name), reads the HttpConnectionManager in its `api_listener`, fetches the route config
+    it names over ADS and routes each call as Envoy would (weighted clusters, header
+    matches); the router filter must be the last filter. Each service's listener names
+    that service's own route config, the one Envoy's scope for it names too, so both kinds
+    of client are served the same routes from one render.
+    """
+    found: dict[str, Message] = {}
+    for service in sorted(services):
+        message = _api_listener_memo.get(service)
+        if message is None:
+            message = _api_listener_memo[service] = _api_listener(service)
+        for name in api_listener_names(service):
+            found[name] = message[name]
+    if len(_api_listener_memo) > 4 * max(len(found), 1024):
+        _api_listener_memo.clear()
+    return found
+
+
+# service -> its two listeners by name (immutable once built; they depend on the name only)
+_api_listener_memo: dict[str, dict[str, listener_pb2.Listener]] = {}
+
+
+def _api_listener(service: str) -> dict[str, listener_pb2.Listener]:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=_STAT_PREFIX,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config_name(service)),
+        http_filters=[hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))],
+    )
+    api = api_listener_pb2.ApiListener(api_listener=_pack(manager))
+    return {name: listener_pb2.Listener(name=name, api_listener=api) for name in api_listener_names(service)}
 
 
 def _scoped_routes() -> hcm_pb2.ScopedRoutes:
@@ -774,9 +831,12 @@ def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
 
 
 def _header_present(name: str, *, present: bool = True) -> route_components_pb2.HeaderMatcher:
-    # present_match=false means "the header is absent" (it is a oneof member, so an
-    # explicit false is kept on the wire and in JSON).
-    return route_components_pb2.HeaderMatcher(name=name, present_match=present)
+    # "Absent" is "present, inverted": every client reads it the same. `present_match:
+    # false` alone means absent to Envoy but present to grpc-js (which ignores the value),
+    # so a route meant for requests without the header would never match there.
+    if present:
+        return route_components_pb2.HeaderMatcher(name=name, present_match=True)
+    return route_components_pb2.HeaderMatcher(name=name, present_match=True, invert_match=True)
 
 
 def _header_regex(name: str, regex: str) -> route_components_pb2.HeaderMatcher:

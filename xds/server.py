@@ -64,7 +64,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
+from graylane.xds.cache import PROXYLESS_KEY, InvalidNodeMetadata, SnapshotCache, Watch
 from graylane.xds.plan import Plan, plan, plan_derived
 from graylane.xds.resources import (
     CLUSTER,
@@ -282,8 +282,10 @@ class _Plans:
     def __init__(self) -> None:
         self._plans: OrderedDict[tuple[object, ...], tuple[Plan, tuple[object, ...]]] = OrderedDict()
 
-    def get(self, target: Resources, types: Mapping[str, _TypeState]) -> Plan:
-        key: list[object] = [id(target)]
+    def get(self, target: Resources, types: Mapping[str, _TypeState], *, on_demand: bool = False) -> Plan:
+        """The plan of a stream subscribed as `types` say; `on_demand`: it asks for clusters
+        by name (`graylane.xds.plan`)."""
+        key: list[object] = [id(target), on_demand]
         refs: list[object] = [target]
         for type_url in PUSH_ORDER:
             st = types.get(type_url)
@@ -292,17 +294,19 @@ class _Plans:
             if not st.shareable():  # this stream holds content no shared selection names
                 acked = {t: s.acked for t, s in types.items()}
                 sent = {t: s.sent for t, s in types.items()}
-                return plan(target, acked=acked, sent=sent)
+                return plan(target, acked=acked, sent=sent, on_demand=on_demand)
             key += (type_url, id(st.acked_selection), id(st.sent_selection))
             refs += (st.acked_selection, st.sent_selection)
         found = self._plans.get(tuple(key))
         if found is not None and found[1][0] is target:
             self._plans.move_to_end(tuple(key))
             return found[0]
-        planned = _plan_held(target, types) or plan(
+        # `plan_derived` knows only clusters subscribed as a whole (it waits for their ACKs).
+        planned = (None if on_demand else _plan_held(target, types)) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
+            on_demand=on_demand,
         )
         self._plans[tuple(key)] = (planned, tuple(refs))
         while len(self._plans) > _PLANS_LIMIT:
@@ -689,7 +693,16 @@ class _Stream(Generic[Req, Resp]):
         target = self.cache.snapshot(self.key)
         if target is None:
             return None
-        return self.selections.plans.get(target, self.types)
+        return self.selections.plans.get(target, self.types, on_demand=self.clusters_on_demand())
+
+    def clusters_on_demand(self) -> bool:
+        """Whether this client asks for clusters by name (proxyless gRPC), so cannot ACK a
+        cluster before a route names it. Envoy subscribes to all clusters first; a
+        proxyless client is known by its node before it asks for any cluster."""
+        st = self.types.get(CLUSTER)
+        if st is not None and st.subscribed:
+            return not st.wildcard
+        return self.key == PROXYLESS_KEY
 
     def target(self) -> Resources | None:
         return self.cache.snapshot(self.key)
@@ -833,7 +846,9 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             return None
         if not selection.remembered:
             self._remember(selection)
-        if st.wildcard:
+        if st.wildcard or st.type_url in WILDCARD_TYPES:
+            # Listeners, clusters and scopes are whole-state types even when subscribed by
+            # name (proxyless gRPC): a subscribed one a response leaves out is removed.
             body, names = selection.sotw_body(), selection.names
         else:
             # EDS/RDS: only what the proxy may lack. A response may carry nothing at all

@@ -206,3 +206,19 @@ def gateway_authority(service: str, version: str) -> str:
 
 def listener_name(port: int) -> str:
     return f"graylane_http_{port}"
+
+
+# Proxyless gRPC clients ask for a Listener named after their target: `xds:///checkout`
+# asks for `checkout`, and a bootstrap whose `client_default_listener_resource_name_template`
+# is XDSTP_LISTENER_TEMPLATE asks for `xdstp://graylane/envoy.config.listener.v3.Listener/checkout`.
+XDSTP_AUTHORITY = "graylane"
+XDSTP_LISTENER_TEMPLATE = f"xdstp://{XDSTP_AUTHORITY}/envoy.config.listener.v3.Listener/%s"
+
+
+def api_listener_names(service: str) -> tuple[str, str]:
+    """The names a proxyless client's Listener for `service` goes by: plain, then xdstp.
+
+    Both name the service's own route config (`route_config_name`), whose virtual host
+    matches the authority `service` (and `service:<port>`) the client sends.
+    """
+    return service, XDSTP_LISTENER_TEMPLATE % service

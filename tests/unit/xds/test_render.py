@@ -154,6 +154,15 @@ def header(match: route_components_pb2.RouteMatch, name: str) -> route_component
     return found[0]
 
 
+def is_absent(matcher: route_components_pb2.HeaderMatcher) -> bool:
+    """ "Header absent" as every client reads it: present, inverted (never present_match false)."""
+    return matcher.present_match is True and matcher.invert_match is True
+
+
+def is_present(matcher: route_components_pb2.HeaderMatcher) -> bool:
+    return matcher.present_match is True and matcher.invert_match is False
+
+
 def tags(options: object) -> dict[str, tuple[str, int]]:
     return {o.header.key: (o.header.value, o.append_action) for o in options}  # type: ignore[attr-defined]
 
@@ -548,7 +557,7 @@ def test_lane_baggage_route_applies_only_without_the_lane_header() -> None:
     r = named(render_view(RICH_VIEW), "cart", "lane/blue/baggage")
 
     absent = header(r.match, "x-graylane")
-    assert absent.HasField("present_match") and absent.present_match is False
+    assert is_absent(absent)
     assert header(r.match, "baggage").string_match.HasField("safe_regex")
     assert r.route.cluster == "cart|v2|blue"
 
@@ -641,7 +650,7 @@ def test_tagged_traffic_not_claimed_by_a_lane_stays_on_base_at_the_entry() -> No
 
     (present,) = by_header.match.headers
     assert (present.name, present.present_match) == ("x-graylane", True)
-    assert header(by_baggage.match, "x-graylane").present_match is False
+    assert is_absent(header(by_baggage.match, "x-graylane"))
     for r in (by_header, by_baggage):
         assert r.route.cluster == "gateway|v1"
         assert not r.request_headers_to_add  # never re-tagged into another lane
@@ -683,8 +692,8 @@ def test_rule_routes_tag_without_destroying_baggage() -> None:
     with_baggage = rule_route(c, has_baggage=True)
     without = rule_route(c, has_baggage=False)
 
-    assert header(with_baggage.match, "baggage").present_match is True
-    assert header(without.match, "baggage").present_match is False
+    assert is_present(header(with_baggage.match, "baggage"))
+    assert is_absent(header(without.match, "baggage"))
     assert tags(with_baggage.request_headers_to_add) == {
         "x-graylane": ("blue", OVERWRITE),
         "baggage": ("%REQ(baggage)%,graylane=blue", OVERWRITE),
@@ -829,7 +838,7 @@ def test_conditions_of_a_rule_are_anded_in_one_match() -> None:
     assert r.match.prefix == "/api"
     assert header(r.match, "x-user").string_match.exact == "42"
     assert header(r.match, "cookie").string_match.HasField("safe_regex")
-    assert header(r.match, "baggage").present_match is False
+    assert is_absent(header(r.match, "baggage"))
 
 
 def test_rules_are_ored_as_separate_routes() -> None:
@@ -933,7 +942,7 @@ def test_split_lists_lanes_in_view_order_then_base_remainder() -> None:
     r = split_of(render_view(RICH_VIEW), has_baggage=False)
 
     assert r.match.prefix == "/"
-    assert header(r.match, "baggage").present_match is False
+    assert is_absent(header(r.match, "baggage"))
     # green has no gateway version: its share goes to base through green's own cluster,
     # still tagged green.
     assert weights(r) == [("gateway|v2|blue", 20), ("gateway|v1|green", 10), ("gateway|v1", 70)]
@@ -952,7 +961,7 @@ def test_split_tags_each_lane_share_and_leaves_base_untagged() -> None:
         }
         assert tags(green.request_headers_to_add)["x-graylane"] == ("green", OVERWRITE)
         assert not base.request_headers_to_add
-        assert header(r.match, "baggage").present_match is has_baggage
+        assert (is_present if has_baggage else is_absent)(header(r.match, "baggage"))
         assert not r.request_headers_to_add
 
 
