@@ -733,8 +733,12 @@ class _Stream(Generic[Req, Resp]):
         # tracker and the push-to-ACK metric carry the same facts.
         log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
-    def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
-        self.tracker.nacked(self.stream_id, Nack(st.type_url, version, nonce, message, now(), stream=self.stream_id))
+    def record_nack(self, st: _TypeState, version: str, nonce: str, message: str, resources: Mapping[str, str]) -> None:
+        """Report the NACK; `resources`: the content versions of what was rejected (kept)."""
+        nack = Nack(
+            st.type_url, version, nonce, message, now(), stream=self.stream_id, resources=MappingProxyType(resources)
+        )
+        self.tracker.nacked(self.stream_id, nack)
         log.warning("NACK %s %s version %s: %s", self.stream_id, _short(st.type_url), version, message)
 
     def record_push(self, st: _TypeState, push: Push) -> None:
@@ -797,7 +801,10 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
         if request.HasField("error_detail"):
-            self.record_nack(st, st.sotw_version, request.response_nonce, request.error_detail.message)
+            # `sent_versions` is never mutated in place: what the rejected response made it.
+            self.record_nack(
+                st, st.sotw_version, request.response_nonce, request.error_detail.message, st.sent_versions
+            )
             return
         # `sent` and `sent_versions` are never mutated in place (shared selections).
         st.acked = st.sent
@@ -939,7 +946,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             log.debug("unknown %s nonce %s from %s", _short(st.type_url), request.response_nonce, self.node.id)
             return
         if request.HasField("error_detail"):
-            self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message)
+            rejected = {n: pending.versions[n] for n in pending.resources if n in pending.versions}
+            self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message, rejected)
             return
         # What the proxy had ACKed before this response, as a shared selection, if known.
         before = st.acked_selection if st.acked_selection is not None or st.acked else _nothing(st.type_url)

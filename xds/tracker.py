@@ -87,6 +87,9 @@ class Nack:
     # The stream that sent it (set by the tracker). Nonces restart at 1 on every stream, so
     # (stream, nonce) identifies one NACK; (node id, nonce) does not.
     stream: str = ""
+    # name -> content version of the resources the rejected response carried: a client that
+    # subscribes by name (proxyless gRPC) rejects a part of a set, which no set version names.
+    resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +249,12 @@ class ProxyTracker:
             return None
         ack = record.acked.get(type_url)
         return ack.version if ack is not None else ""
+
+    def acked_resources(self, stream: str, type_url: str) -> Mapping[str, str]:
+        """The content versions of `type_url` the open `stream` holds (empty: none)."""
+        record = self._proxies.get(stream)
+        ack = record.acked.get(type_url) if record is not None else None
+        return ack.resources if ack is not None else MappingProxyType({})
 
     def last_nack(self, stream: str) -> Nack | None:
         """The last NACK of the open `stream` (None: none, or not open)."""

@@ -120,7 +120,7 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
             tracker.acked(rng.choice(streams), ROUTE, TypeAck(f"v{rng.randrange(3)}"))
         if rng.random() < 0.1:
             own.refresh()
-            groups = own.groups(by_version.get)
+            groups = own.groups(lambda version, _part: by_version.get(version))
             r = release(rng.randrange(3))
             intended = view_at(r.status.batch)
             for now in (clock[0], target_since + stale + rng.random() * 30):  # before and after proxies go stale
