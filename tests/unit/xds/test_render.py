@@ -1450,3 +1450,37 @@ def test_render_is_the_union_of_each_services_own_resources() -> None:
                 assert resources.content_version(message) == res[type_url].versions[name]
     for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
         assert seen[type_url] == set(res[type_url].items)
+
+
+# ------------------------------------------------------------------------- proxyless gRPC
+
+
+def test_proxyless_render_has_one_client_listener_per_service_naming_its_route_config() -> None:
+    from envoy.extensions.filters.http.router.v3 import router_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+    from graylane.xds.view import XDSTP_LISTENER_TEMPLATE, api_listener_names
+
+    res = render(RICH_VIEW, listen_port=10000, proxyless=True)
+    services = sorted(s.name for s in RICH_VIEW.services)
+    assert set(res[resources.LISTENER].items) == {n for s in services for n in api_listener_names(s)}
+    assert api_listener_names("cart") == ("cart", XDSTP_LISTENER_TEMPLATE % "cart")
+    listener = res[resources.LISTENER].items["cart"]
+    assert not listener.HasField("address") and not listener.filter_chains
+    manager = hcm.HttpConnectionManager()
+    assert listener.api_listener.api_listener.Unpack(manager)
+    assert manager.rds.route_config_name == "graylane/cart"
+    assert manager.rds.config_source.HasField("ads")
+    (router,) = manager.http_filters  # gRPC wants the router last (here: alone)
+    assert router.typed_config.Is(router_pb2.Router.DESCRIPTOR)
+    # Everything else is what Envoys get, byte for byte.
+    envoy = render(RICH_VIEW, listen_port=10000)
+    for t in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
+        assert res[t].version == envoy[t].version
+
+
+def test_endpoints_carry_a_locality_and_weights_that_grpc_clients_require() -> None:
+    res = render(RICH_VIEW, listen_port=10000)
+    for assignment in res[resources.ENDPOINT].items.values():
+        for locality in assignment.endpoints:
+            assert locality.HasField("locality") and locality.load_balancing_weight.value == 1
+            assert all(e.load_balancing_weight.value == 1 for e in locality.lb_endpoints)
