@@ -1,8 +1,10 @@
 # Graylane: two commands on a fresh machine.
 #   make demo   runs the main job: a full-link release through the chain a..e, then unattended
-#               releases judged on live metrics, then two clusters with one agent each
+#               releases judged on live metrics, then two clusters with one agent each, then
+#               proxyless gRPC clients (Python and Node) with no Envoy
 #   make test   runs the whole suite
-# Each creates .venv and installs what it needs (etcd-server through apt-get when missing).
+# Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
+# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -50,6 +52,7 @@ demo: $(STAMP) etcd node
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
+	$(BIN)/graylane demo --grpc
 
 test: $(STAMP) etcd node
 	$(BIN)/python -P protos/generate.py --check

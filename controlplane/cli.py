@@ -1035,7 +1035,8 @@ def _add_demo(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the product locally with real etcd and Envoys: a full-link release through the chain a..e "
-        "(default), two clusters (--clusters 2), or unattended releases judged on live metrics (--unattended)",
+        "(default), two clusters (--clusters 2), unattended releases judged on live metrics (--unattended), "
+        "or proxyless gRPC clients (--grpc)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
     parser.add_argument(
@@ -1051,6 +1052,11 @@ def _add_demo(subparsers: Subparsers) -> None:
         action="store_true",
         help="a healthy release promoted on its own, then a failing one rolled back on its own",
     )
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="proxyless gRPC, no Envoy: greeter services a > b > c and grpcio / grpc-js-xds clients routed over xDS",
+    )
     parser.set_defaults(handler=_demo)
 
 
@@ -1058,6 +1064,10 @@ def _demo(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.grpc:
+        from graylane.controlplane.demo_grpc import run_grpc_demo
+
+        return asyncio.run(run_grpc_demo(calls_per_step=args.requests // 2))
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
+from graylane.xds.cache import PROXYLESS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,9 @@ class ProxyTracker:
             raise ValueError(f"stream {stream!r} is already connected")
         streams = self._by_node.setdefault(node.id, set())
         streams.add(stream)
-        if len(streams) > 1:
+        # A proxyless gRPC process opens one stream per channel target, all with its one node
+        # id: expected there (each stream still counts as its own proxy).
+        if len(streams) > 1 and key != PROXYLESS_KEY:
             log.warning(
                 "node id %r has %d open xDS streams (%s): each is tracked as its own proxy; "
                 "give every Envoy a unique node id",

@@ -53,6 +53,7 @@ _LOOPBACK: Final = "127.0.0.1"
 _CALL_TIMEOUT_SECONDS: Final = 5.0
 _START_TIMEOUT_SECONDS: Final = 20.0
 _JS_CLIENT: Final = Path(__file__).with_name("greeter_client.js")
+_PASSED_ON: Final = frozenset({"x-user", "x-canary"})
 
 
 def bootstrap(xds_port: int, *, node_id: str, xdstp: bool = False) -> str:
@@ -123,8 +124,11 @@ class _Greeter:
             call = self._channel.unary_unary(
                 GREETER_METHOD, request_serializer=_identity, response_deserializer=_identity
             )
+            # Application headers a later entry's rules may match on go along (the lane
+            # itself is the interceptor's job).
+            passed = [(k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON]
             try:
-                answer = await call(request, timeout=_CALL_TIMEOUT_SECONDS)
+                answer = await call(request, timeout=_CALL_TIMEOUT_SECONDS, metadata=passed)
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), f"{self.spec.key} -> {self.spec.next_hop}: {exc.details()}")
             hops += json.loads(answer)["hops"]
