@@ -786,6 +786,12 @@ def _rule_match(rule: Rule) -> route_components_pb2.RouteMatch:
             match.headers.append(_header_regex("cookie", _cookie_regex(condition)))
         elif condition.kind is MatchKind.QUERY:
             match.query_parameters.append(_query_condition(condition))
+    if match.query_parameters:
+        # A gRPC call has no query string, and grpc-js does not read query_parameters at
+        # all (the route would match every call). Every HTTP request has a `:path`, which
+        # gRPC clients never see among the headers they match: so Envoy reads the rule as
+        # written and no proxyless client ever matches it.
+        match.headers.append(_header_present(":path"))
     return match
 
 

@@ -21,6 +21,11 @@ Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
   wildcard; per-resource versions; each response is ACKed on its own, so every
   outstanding nonce is tracked (a delta response is incremental: dropping an "older" ACK
   would lose what it carried);
+* proxyless gRPC clients subscribe to every type by name (LDS -> RDS -> CDS -> EDS): a
+  named LDS/CDS SotW response still carries the whole subscribed selection (those types
+  are whole-state: a subscribed resource left out is deleted), and such a stream is
+  planned `on_demand` (`graylane.xds.plan`): its routes go once their clusters can be
+  served, not once it ACKed clusters it has not been told of yet;
 * the node comes from the first request of a stream (later ones may omit it);
 * a proxy that reconnects presenting versions it already has (SotW version_info, delta
   initial_resource_versions), to this replica or another, is not re-sent them: versions

@@ -100,6 +100,9 @@ def greeter_spec(batches: tuple[int, ...], rules: list[pb.MatchRule] | None = No
 
 
 CANARY_RULE = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-canary", op=pb.EXACT, value="always")])
+# A gRPC call has no query string: a rule on one must never match it (grpc-js would read
+# a route with query_parameters as matching every call).
+QUERY_RULE = pb.MatchRule(conditions=[pb.Condition(kind=pb.QUERY, name="preview", op=pb.PRESENT)])
 
 
 async def test_split_rule_and_rollback_reach_python_and_node_clients_with_no_failed_call(store: EtcdStore) -> None:
@@ -130,7 +133,8 @@ async def test_split_rule_and_rollback_reach_python_and_node_clients_with_no_fai
         for client in clients:
             await client.send({"op": "start", "concurrency": 2})
 
-        await p.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=greeter_spec((10, 50), [CANARY_RULE])))
+        spec = greeter_spec((10, 50), [QUERY_RULE, CANARY_RULE])
+        await p.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec))
         for weight in (10, 50):
             r = await p.act(p.stub.NextBatch)
             r = await p.until(lambda r: r.status.reached and r.status.weight == weight)  # noqa: B023
