@@ -165,6 +165,13 @@ def cluster_name(service: str, version: str, lane: str = "") -> str:
     return f"{service}{CLUSTER_SEPARATOR}{version}"
 
 
+def cohort_cluster_name(service: str) -> str:
+    """The ring-hash cluster of `service`'s cohort split for proxyless gRPC clients
+    (`graylane.xds.render`): every version the split reaches, weighted by its share. It
+    has no version, so `parse_cluster_name` reads it as no version's cluster (None)."""
+    return f"{service}{CLUSTER_SEPARATOR}{CLUSTER_SEPARATOR}cohort"
+
+
 def parse_cluster_name(name: str) -> tuple[str, str, str] | None:
     """(service, version, lane) of a cluster named by `cluster_name`, else None."""
     parts = name.split(CLUSTER_SEPARATOR)

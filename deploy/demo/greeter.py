@@ -198,6 +198,8 @@ class ClientProtocol:
     * ``{"op": "ready", "timeout": s}``: one call waiting for the channel to be ready;
     * ``{"op": "call", "count": n, "concurrency": c, "metadata": [[k, v], ...], "max_seconds": s}``:
       `count` calls (fewer if `max_seconds` passes), answering ok / failed / paths / errors;
+    * ``{"op": "keyed", "header": h, "keys": [k, ...], "concurrency": c}``: one call per key
+      with header `h` set to it, answering ok / failed and ``by_key``: key -> path;
     * ``{"op": "start", "concurrency": c, "metadata": [...]}`` then ``{"op": "stop"}``:
       calls without pause in the background (bounded: at most 10 minutes) until stopped,
       then the same answer;
@@ -246,6 +248,24 @@ class ClientProtocol:
             began = time.monotonic()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return tally.result(seconds=round(time.monotonic() - began, 3))
+        if op == "keyed":
+            header = str(command["header"])
+            keys = [str(k) for k in command["keys"]][:10_000]
+            by_key: dict[str, str] = {}
+            tally = _Tally()
+            pending = iter(keys)
+
+            async def keyed() -> None:
+                for key in pending:
+                    one = _Tally()
+                    await self._one(one, [*metadata, (header, key)])
+                    tally.ok += one.ok
+                    tally.failed += one.failed
+                    tally.errors.update(one.errors)
+                    by_key[key] = next(iter(one.paths), "")
+
+            await asyncio.gather(*(keyed() for _ in range(concurrency)))
+            return tally.result(by_key=by_key)
         if op == "start":
             tally, stop = _Tally(), asyncio.Event()
             end_at = time.monotonic() + 600
@@ -300,6 +320,7 @@ class _Child:
         self._env = dict(env)
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr_tail: list[str] = []
+        self._stderr: asyncio.Task[None] | None = None  # reads the child's stderr until it closes
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -310,7 +331,7 @@ class _Child:
             env=self._env,
             start_new_session=True,
         )
-        asyncio.get_running_loop().create_task(self._drain_stderr())
+        self._stderr = asyncio.create_task(self._drain_stderr())
 
     async def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -328,17 +349,19 @@ class _Child:
 
     async def stop(self) -> None:
         proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            async with asyncio.timeout(5):
-                await proc.wait()
-        except TimeoutError:
+        if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._stderr is not None:
+            self._stderr.cancel()
+            await asyncio.gather(self._stderr, return_exceptions=True)
 
 
 def _python_argv(*args: str) -> list[str]:

@@ -71,6 +71,27 @@ async function handle(command) {
     tally.seconds = (Date.now() - began) / 1000;
     return tally;
   }
+  if (command.op === 'keyed') {
+    const tally = newTally();
+    const byKey = {};
+    const keys = (command.keys || []).slice(0, 10000);
+    let next = 0;
+    const worker = async () => {
+      while (next < keys.length) {
+        const key = String(keys[next]);
+        next += 1;
+        const single = newTally();
+        await one(single, [...pairs, [command.header, key]], false);
+        tally.ok += single.ok;
+        tally.failed += single.failed;
+        Object.assign(tally.errors, single.errors);
+        byKey[key] = Object.keys(single.paths)[0] || '';
+      }
+    };
+    await Promise.all(Array.from({ length: concurrency }, worker));
+    tally.by_key = byKey;
+    return tally;
+  }
   if (command.op === 'start') {
     const tally = newTally();
     const state = { stop: false };

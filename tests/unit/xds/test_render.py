@@ -848,9 +848,9 @@ def test_rules_are_ored_as_separate_routes() -> None:
     assert second.match.prefix == "/"
     (query,) = second.match.query_parameters
     assert query.name == "preview"
-    # `:path` present: true of every HTTP request, never of a gRPC call as gRPC clients
+    # `:method` present: true of every HTTP request, never of a gRPC call as gRPC clients
     # match it, so no proxyless client reads a query rule as matching.
-    assert [h.name for h in second.match.headers] == [":path", "baggage"]
+    assert [h.name for h in second.match.headers] == [":method", "baggage"]
     assert is_present(second.match.headers[0])
 
 
@@ -1487,3 +1487,33 @@ def test_endpoints_carry_a_locality_and_weights_that_grpc_clients_require() -> N
         for locality in assignment.endpoints:
             assert locality.HasField("locality") and locality.load_balancing_weight.value == 1
             assert all(e.load_balancing_weight.value == 1 for e in locality.lb_endpoints)
+
+
+def test_a_header_cohort_gets_a_ring_hash_route_for_grpc_core_clients() -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    res = render_view(cohort_view(Cohort(MatchKind.HEADER, "x-user-id")))
+    ring = named(res, "gateway", "split/ring")
+    assert ring.route.cluster == "gateway||cohort"
+    assert list(ring.route.hash_policy) == [HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))]
+    method, path = ring.match.headers
+    assert (method.name, path.name) == (":method", ":path")
+    assert is_absent(method) and is_present(path)  # never Envoy's (every request has a method)
+    (gateway,) = [vh for vh in route_config(res).virtual_hosts if vh.name == "gateway"]
+    names = [r.name for r in gateway.routes if r.name.startswith("split/")]
+    assert names == ["split/ring", "split/with-baggage", "split/without-baggage"]
+    cluster = item(res, resources.CLUSTER, "gateway||cohort")
+    assert cluster.lb_policy == cluster_pb2.Cluster.LbPolicy.RING_HASH
+    assert cluster.ring_hash_lb_config.minimum_ring_size.value == cluster.ring_hash_lb_config.maximum_ring_size.value
+    (locality,) = item(res, resources.ENDPOINT, "gateway||cohort").endpoints
+    weights_by_port = {
+        e.endpoint.address.socket_address.port_value: e.load_balancing_weight.value for e in locality.lb_endpoints
+    }
+    assert weights_by_port == {8002: 20 * 10_000, 8001: 80 * 10_000}  # the lane's share, the base's rest
+
+
+def test_no_ring_route_for_a_cookie_cohort_or_without_a_cohort() -> None:
+    for cohort in (Cohort(MatchKind.COOKIE, "uid"), None):
+        res = render_view(cohort_view(cohort))
+        assert "gateway||cohort" not in res[resources.CLUSTER].items
+        assert all(r.name != "split/ring" for vh in route_config(res).virtual_hosts for r in vh.routes)
