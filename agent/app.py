@@ -43,7 +43,7 @@ from graylane.agent.session import (
 )
 from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.wire import cluster_view, view_from_proto
-from graylane.controlplane.app import run_until_signalled
+from graylane.controlplane.closing import run_until_signalled
 from graylane.controlplane.http import HttpServer, metrics_route
 from graylane.controlplane.telemetry import agent_telemetry
 from graylane.v1 import agent_pb2 as apb

@@ -12,16 +12,24 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 
 import grpc
 from graylane.agent.stats import EnvoyStatsScraper
+from graylane.controlplane import auth
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
-from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
-from graylane.controlplane.closing import ClosingInterceptor
+from graylane.controlplane.api import (
+    DEFAULT_MAX_STREAMS_PER_IDENTITY,
+    DEFAULT_RECHECK_SECONDS,
+    Authenticator,
+    CallerInterceptor,
+    ReleaseServicer,
+    token_record,
+)
+from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -36,18 +44,44 @@ from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.telemetry import Telemetry, releases_by_phase
 from graylane.controlplane.traffic import TrafficReader, admin_addresses
+from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+# Health is answered for the whole server ("") and each service by name: both need etcd.
+HEALTH_NAMES = (SERVICE_NAME, AGENT_SERVICE_NAME, "")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def serve_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Reflection under both names clients ask for: v1alpha (grpcio-reflection's) and v1
+    (what newer grpcurl and Postman try first). The two protocols' messages are the same on
+    the wire (v1 is v1alpha under a new package), so one servicer answers both."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
+
+
 _GRACE_SECONDS = 5.0
 # etcd is probed with one linearizable read (it needs a quorum) this often; a probe that
 # fails or takes longer than its timeout marks the replica NOT_SERVING until one succeeds.
@@ -57,6 +91,8 @@ _RESTART_SECONDS = 1.0  # first pause before a failed background loop starts aga
 _MAX_RESTART_SECONDS = 30.0
 WINDOW_SAMPLES = 600  # one sample a second per series: ten minutes
 WINDOW_KEYS = 10_000
+DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_CONNECTION_IDLE_SECONDS = 300.0
 
 
 class ControlPlane:
@@ -77,8 +113,22 @@ class ControlPlane:
         embedded_etcd: EtcdProcess | None = None,
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
         tune_collector: bool = True,
+        auth: bool = False,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+        max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
+        max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
+        stream_recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
+        webhook_policy: WebhookPolicy | None = None,
     ) -> None:
         self.store = store
+        self._stream_recheck_seconds = stream_recheck_seconds
+        # Who callers are: with `auth`, every API call needs a token or a certificate a
+        # token record names; without it the API is open (a loopback try-out).
+        self.authenticator = Authenticator(store, enabled=auth, agent_tokens=agent_tokens)
+        # A loopback try-out (no auth) may call webhooks on this machine; beyond that, only
+        # what the operator allowed.
+        self._webhook_policy = webhook_policy or WebhookPolicy(allow_loopback=not auth)
+        self._api_limits = (max_receive_message_bytes, max_streams_per_identity, max_connection_idle_seconds)
         self._tune_collector = tune_collector
         self._embedded_etcd = embedded_etcd
         # Why this replica cannot use etcd now (None: it can); health says NOT_SERVING meanwhile.
@@ -118,6 +168,7 @@ class ControlPlane:
             self.windows,
             self.election,
             tick_seconds=analysis_tick_seconds,
+            webhook_policy=self._webhook_policy,
             on_verdict=lambda release, outcome: self.telemetry.analysis_outcome(outcome.value, release),
         )
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
@@ -150,25 +201,43 @@ class ControlPlane:
         return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        max_receive, max_streams, idle_seconds = self._api_limits
         server = grpc.aio.server(
             interceptors=[
                 *self.telemetry.server_interceptors(),
-                CallerInterceptor(agent_tokens=self._agent_tokens),
+                CallerInterceptor(
+                    authenticator=self.authenticator,
+                    on_denied=self.telemetry.denied_call,
+                    max_streams_per_identity=max_streams,
+                    recheck_seconds=self._stream_recheck_seconds,
+                ),
                 self._closing,
-            ]
+            ],
+            options=[
+                ("grpc.max_receive_message_length", max_receive),
+                # A connection with no call open is closed after this (streams keep theirs).
+                ("grpc.max_connection_idle_ms", round(idle_seconds * 1000)),
+                # The server pings too, so a vanished client's streams (and the stream
+                # slots they hold) end within about 40 s instead of at TCP's pace.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
         )
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
             ReleaseServicer(
-                self.releases, traffic=traffic, windows=self.windows, is_leader=lambda: self.election.is_leader
+                self.releases,
+                traffic=traffic,
+                windows=self.windows,
+                is_leader=lambda: self.election.is_leader,
+                authenticator=self.authenticator,
+                webhook_policy=self._webhook_policy,
             ),
             server,
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.agents), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        serve_reflection(server, (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME))
         return server, health_servicer
 
     @contextlib.asynccontextmanager
@@ -212,8 +281,8 @@ class ControlPlane:
             await xds_server.start()
             log.info("xDS (ADS) on %s", self._xds_listen.rsplit(":", 1)[0] + f":{self.xds_port}")
         await server.start()
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in HEALTH_NAMES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("ReleaseService on %s", self._api_listen.rsplit(":", 1)[0] + f":{self.api_port}")
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -288,7 +357,7 @@ class ControlPlane:
                 status = health_pb2.HealthCheckResponse.SERVING
                 if problem is not None:
                     status = health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in (SERVICE_NAME, ""):
+                for service in HEALTH_NAMES:
                     await health_servicer.set(service, status)
             await asyncio.sleep(_PROBE_SECONDS)
 
@@ -385,7 +454,14 @@ async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve(options: ServeOptions) -> None:
-    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
+    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly. The
+    signals are caught from the first instant: one that arrives while the embedded etcd
+    starts stops that etcd too, instead of killing the process and leaving it behind."""
+    await run_until_signalled(_serve(options))
+    log.info("control plane stopped")
+
+
+async def _serve(options: ServeOptions) -> None:
     async with contextlib.AsyncExitStack() as stack:
         etcd: EtcdProcess | None = None
         if options.embedded_etcd:
@@ -395,6 +471,8 @@ async def serve(options: ServeOptions) -> None:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
         store = await connect(endpoints, prefix=options.etcd_prefix)
         stack.push_async_callback(store.close)
+        if options.auth:
+            await bootstrap_admin(store, options.token_file)
         plane = ControlPlane(
             store,
             api_listen=str(options.listen),
@@ -406,22 +484,44 @@ async def serve(options: ServeOptions) -> None:
             otlp_endpoint=options.otlp_endpoint,
             embedded_etcd=etcd,
             stale_proxy_seconds=options.stale_proxy_seconds,
+            auth=options.auth,
+            max_receive_message_bytes=options.max_receive_message_bytes,
+            max_streams_per_identity=options.max_streams_per_identity,
+            max_connection_idle_seconds=options.max_connection_idle_seconds,
+            webhook_policy=WebhookPolicy.parse(options.webhook_allow, allow_loopback=not options.auth),
         )
         stack.push_async_callback(plane.telemetry.aclose)
-        await run_until_signalled(plane.run())
-        log.info("control plane stopped")
+        await plane.run()
 
 
-async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` until it ends or SIGTERM/SIGINT arrives, then cancel it and wait for it."""
-    runner = asyncio.create_task(main)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner
+BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
+
+
+async def bootstrap_admin(store: EtcdStore, path: Path) -> bool:
+    """On the first `--auth` start of an installation, make an admin token and write it to
+    `path` (mode 0600, never logged). Once per installation: etcd keeps a marker, so another
+    replica or a restart makes none (revoke it once you made your own admin tokens).
+    Returns whether it made one."""
+    made = auth.new_token()
+    record = token_record(
+        name=BOOTSTRAP_TOKEN_NAME, role="admin", made=made, created_by="graylane serve --auth (bootstrap)"
+    )
+    # Written aside first: a token etcd accepted is never lost to a failed write, and a
+    # restart (etcd refuses a second one) leaves the file of the first start as it was.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pending = path.with_name(path.name + ".new")
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        out.write(made.token + "\n")
+    try:
+        created = await store.create_bootstrap_token(record)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    if not created:
+        pending.unlink(missing_ok=True)
+        return False
+    pending.replace(path)
+    log.warning("auth: first start, admin token %s written to %s (mode 0600)", record.token_id, path)
+    return True

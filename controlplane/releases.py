@@ -78,7 +78,15 @@ def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -
             )
     shared_entry = 0
     for other in snap.releases:
-        if other.name == name or other.status.phase.terminal:
+        if other.name == name:
+            continue
+        if other.status.phase.terminal:
+            if model.draining(other.status) and other.spec.lane == spec.lane:
+                raise InvalidArgument(
+                    "spec.lane",
+                    f"lane {spec.lane!r} is still draining from rolled-back release {other.name!r}: "
+                    "it is free once every proxy has stopped admitting to it (`graylane status` says reached)",
+                )
             continue
         if other.spec.lane == spec.lane:
             raise InvalidArgument("spec.lane", f"lane {spec.lane!r} is used by release {other.name!r}")

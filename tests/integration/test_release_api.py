@@ -253,6 +253,21 @@ async def test_health_and_reflection_answer(store: EtcdStore) -> None:
             names = {s.name for s in answer.list_services_response.service}
             assert "graylane.v1.ReleaseService" in names
             await call.done_writing()
+            # v1, as newer grpcurl asks first: the same messages under the v1 service name.
+            v1 = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )()
+            await v1.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="graylane.v1.ReleaseService"))
+            described = await v1.read()
+            assert described.file_descriptor_response.file_descriptor_proto  # the service's own file
+            await v1.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = {s.name for s in (await v1.read()).list_services_response.service}
+            assert {"graylane.v1.AgentService", "grpc.reflection.v1.ServerReflection"} <= listed
+            await v1.done_writing()
+            agents = await health.Check(health_pb2.HealthCheckRequest(service="graylane.v1.AgentService"))
+            assert agents.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

