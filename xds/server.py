@@ -70,7 +70,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
 from graylane.xds.cache import PROXYLESS_KEY, InvalidNodeMetadata, SnapshotCache, Watch
-from graylane.xds.plan import Plan, plan, plan_derived
+from graylane.xds.plan import Plan, plan, plan_derived, plan_wanted
 from graylane.xds.resources import (
     CLUSTER,
     LISTENER,
@@ -290,7 +290,13 @@ class _Plans:
     def get(self, target: Resources, types: Mapping[str, _TypeState], *, on_demand: bool = False) -> Plan:
         """The plan of a stream subscribed as `types` say; `on_demand`: it asks for clusters
         by name (`graylane.xds.plan`)."""
-        key: list[object] = [id(target), on_demand]
+        if on_demand:
+            # Planned over what the stream asks for, whatever it holds: O(its subscription).
+            wanted = {t: None if st.wildcard else st.names for t, st in types.items() if st.subscribed}
+            acked = {t: s.acked for t, s in types.items()}
+            sent = {t: s.sent for t, s in types.items()}
+            return plan_wanted(target, acked=acked, sent=sent, wanted=wanted)
+        key: list[object] = [id(target)]
         refs: list[object] = [target]
         for type_url in PUSH_ORDER:
             st = types.get(type_url)
@@ -299,19 +305,17 @@ class _Plans:
             if not st.shareable():  # this stream holds content no shared selection names
                 acked = {t: s.acked for t, s in types.items()}
                 sent = {t: s.sent for t, s in types.items()}
-                return plan(target, acked=acked, sent=sent, on_demand=on_demand)
+                return plan(target, acked=acked, sent=sent)
             key += (type_url, id(st.acked_selection), id(st.sent_selection))
             refs += (st.acked_selection, st.sent_selection)
         found = self._plans.get(tuple(key))
         if found is not None and found[1][0] is target:
             self._plans.move_to_end(tuple(key))
             return found[0]
-        # `plan_derived` knows only clusters subscribed as a whole (it waits for their ACKs).
-        planned = (None if on_demand else _plan_held(target, types)) or plan(
+        planned = _plan_held(target, types) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
-            on_demand=on_demand,
         )
         self._plans[tuple(key)] = (planned, tuple(refs))
         while len(self._plans) > _PLANS_LIMIT:

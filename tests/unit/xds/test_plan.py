@@ -265,3 +265,25 @@ def test_a_route_naming_a_cluster_without_endpoints_waits_even_by_name() -> None
     p = plan(broken, acked={}, sent={}, on_demand=True)
     assert (ROUTE, RC_A) in p.held
     assert "a" not in p.resources[LISTENER].items  # its route config is not planned
+
+
+def test_planning_over_what_a_client_asks_for_equals_the_whole_plan_selected() -> None:
+    from graylane.xds.plan import plan_wanted
+
+    target = PROXYLESS_V1_AND_V2
+    # gRPC's first step: the listener only. Its route config is ready (its clusters can be
+    # served) although the client has asked for no cluster yet.
+    first = plan_wanted(target, acked={}, sent={}, wanted={LISTENER: frozenset({"a"})})
+    assert set(first.resources[LISTENER].items) == {"a"}
+    assert len(first.resources[ROUTE]) == 0 and first.held == frozenset()
+    # Then everything by name: the same content as the whole on-demand plan, for those names.
+    wanted = {
+        LISTENER: frozenset({"a"}),
+        ROUTE: frozenset({RC_A}),
+        CLUSTER: frozenset({V1, V2_GRAY}),
+        ENDPOINT: frozenset({V1, V2_GRAY}),
+    }
+    part = plan_wanted(target, acked={}, sent={}, wanted=wanted)
+    whole = plan(target, acked={}, sent={}, on_demand=True)
+    for t, names in wanted.items():
+        assert part.resources[t].items == {n: whole.resources[t].items[n] for n in names}
