@@ -82,9 +82,11 @@ def is_proxyless(node: base_pb2.Node) -> bool:
     """Whether `node` is a proxyless gRPC client rather than an Envoy.
 
     gRPC clients name themselves in `user_agent_name` ("gRPC Python", "grpc-node-js",
-    "gRPC Go", "gRPC Java") and announce GRPC_CLIENT_FEATURE; Envoy's agent is "envoy".
+    "gRPC Go", "gRPC Java") and announce GRPC_CLIENT_FEATURE; Envoy names itself "envoy",
+    and is never taken for one whatever features it announces.
     """
-    return node.user_agent_name.lower().startswith("grpc") or GRPC_CLIENT_FEATURE in node.client_features
+    agent = node.user_agent_name.lower()
+    return agent.startswith("grpc") or (agent != "envoy" and GRPC_CLIENT_FEATURE in node.client_features)
 
 
 def listen_port_key(node: base_pb2.Node) -> str:

@@ -159,6 +159,8 @@ def test_proxyless_grpc_clients_have_their_own_key_whatever_their_metadata() -> 
     with_port.user_agent_name = "gRPC Go"
     assert listen_port_key(with_port) == PROXYLESS_KEY  # a listen_port means nothing to it
     assert not is_proxyless(base_pb2.Node(id="e", user_agent_name="envoy"))
+    envoy_with_feature = base_pb2.Node(id="e", user_agent_name="envoy", client_features=[by_feature.client_features[0]])
+    assert not is_proxyless(envoy_with_feature)
 
 
 @pytest.mark.parametrize(
