@@ -135,7 +135,6 @@ class ControlPlane:
         self.store_problem: str | None = None
         self.releases = Releases(store)
         self._agent_tokens = dict(agent_tokens or {})
-        self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds)
         self._api_listen = api_listen
         self._xds_listen = xds_listen
         self.api_port = 0
@@ -147,6 +146,8 @@ class ControlPlane:
         # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
         # every replica publishes what it counts of its own proxies and agents.
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
+        # Agents' metrics are shared with the other replicas under this replica's identity.
+        self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds, identity=self.election.identity)
         # The registry refreshes every second: a TTL of 3 s at least leaves two refreshes to spare.
         self.replicas = ReplicaRegistry(
             store, self.tracker, identity=self.election.identity, ttl_seconds=max(leader_ttl_seconds, 3)
@@ -178,6 +179,9 @@ class ControlPlane:
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
+        self.dataplane.on_shared_metrics(
+            lambda cluster, raw: self.metrics.ingest_agent_report(cluster, agent_pb2.MetricsReport.FromString(raw))
+        )
         self.agents.on_guard(self._guarded)
         # Own telemetry: /metrics on the HTTP server (None: no HTTP server), traces over OTLP
         # when an endpoint is configured.

@@ -26,9 +26,10 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from graylane.controlplane import model, views
 from graylane.controlplane.agents import AgentHub
@@ -214,6 +215,7 @@ class DataPlane:
         # Several replicas: each publishes what it counts (`on_progress`), and the leader
         # alone writes status from its own count plus the others' (None: a lone replica).
         self._identity = identity
+        self._on_shared_metrics: Callable[[str, bytes], object] | None = None
         self._is_leader = is_leader
         self._on_progress = on_progress
 
@@ -253,6 +255,7 @@ class DataPlane:
                 gc.freeze()
                 revision = state.revision
                 async for events in self._store.watch(start_revision=revision + 1):
+                    self._file_shared_metrics(events)
                     changed = state.apply(events)
                     revision = state.revision
                     if changed:
@@ -268,6 +271,21 @@ class DataPlane:
                 await asyncio.sleep(_RETRY_SECONDS)
             finally:
                 self._releases.follow(None)
+
+    def on_shared_metrics(self, callback: Callable[[str, bytes], object]) -> None:
+        """`callback(cluster, serialised MetricsReport)` for each agent report another replica
+        shared through etcd (`AgentHub.metrics_reported`); this replica's own are skipped."""
+        self._on_shared_metrics = callback
+
+    def _file_shared_metrics(self, events: Sequence[Any]) -> None:  # one etcd watch batch
+        if self._on_shared_metrics is None:
+            return
+        for cluster, origin, report in self._store.agent_metrics_in(events):
+            if origin != self._identity:
+                try:
+                    self._on_shared_metrics(cluster, report)
+                except Exception:  # one bad record never stops the follower
+                    log.exception("a metrics report shared for cluster %s could not be filed", cluster)
 
     async def _apply(self, snap: Snapshot, *, changed: _Changed | None) -> None:
         """Build the view of `snap` and render it for every watched key, then set both.

@@ -574,6 +574,24 @@ class EtcdStore:
         except LeaseLost:
             pass  # already expired: nothing is attached to it any more
 
+    async def put_agent_metrics(self, cluster: str, origin: str, report: bytes, lease: int) -> None:
+        """Share one agent metrics report (serialised `MetricsReport`) with the other replicas:
+        written over the cluster's last one under the agent's lease; each write reaches every
+        replica's watch as an event (`agent_metrics_in`), so none is lost to the overwrite.
+        `origin` is the writing replica, which has filed the report already."""
+        value = origin.encode() + b"\n" + report
+        await self._txn([], [self._put(self._key("agentmetrics", cluster), value, lease=lease)])
+
+    def agent_metrics_in(self, events: Sequence[kv_pb2.Event]) -> list[tuple[str, str, bytes]]:
+        """(cluster, origin replica, serialised MetricsReport) of each shared report in a watch batch."""
+        prefix = self._key("agentmetrics") + b"/"
+        out = []
+        for ev in events:
+            if ev.type == kv_pb2.Event.PUT and ev.kv.key.startswith(prefix):
+                origin, _, report = ev.kv.value.partition(b"\n")
+                out.append((ev.kv.key[len(prefix) :].decode(), origin.decode(), report))
+        return out
+
     async def register_cluster(self, info: model.ClusterInfo, lease: int) -> None:
         """Claim `info.name` for this agent under `lease`.
 
