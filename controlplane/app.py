@@ -13,11 +13,11 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import grpc
-from graylane.agent.stats import EnvoyStatsScraper
+from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, EnvoyStatsScraper
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
@@ -31,10 +31,12 @@ from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
 from graylane.controlplane.options import ServeOptions
+from graylane.controlplane.proxyauth import ProxyAuthenticator
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.telemetry import Telemetry, releases_by_phase
+from graylane.controlplane.tls import ServerTls, add_port
 from graylane.controlplane.traffic import TrafficReader, admin_addresses
 from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
@@ -77,8 +79,17 @@ class ControlPlane:
         embedded_etcd: EtcdProcess | None = None,
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
         tune_collector: bool = True,
+        tls: ServerTls | None = None,
+        xds_auth: ProxyAuthenticator | None = None,
+        admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         self.store = store
+        # One certificate for every port (API and agents, xDS, HTTP); with a client CA,
+        # every port requires a client certificate it signed.
+        self._tls = tls
+        # Who may receive xDS configuration (None: every proxy that connects, as before).
+        self._xds_auth = xds_auth
+        self._admin_allow = admin_allow
         self._tune_collector = tune_collector
         self._embedded_etcd = embedded_etcd
         # Why this replica cannot use etcd now (None: it can); health says NOT_SERVING meanwhile.
@@ -90,6 +101,7 @@ class ControlPlane:
         self._xds_listen = xds_listen
         self.api_port = 0
         self.xds_port = 0
+        self.ads: AdsServer | None = None
         self.ready = asyncio.Event()
         self._closing = ClosingInterceptor()  # ends the API's response streams on stop
         self.cache = SnapshotCache()
@@ -123,7 +135,7 @@ class ControlPlane:
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
         # deltas agents send for theirs.
         self.metrics = MetricsCollector(
-            EnvoyAdminSource(self._scrape_targets),
+            EnvoyAdminSource(self._scrape_targets, admin_allow=admin_allow),
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
@@ -144,7 +156,7 @@ class ControlPlane:
 
     def http_server(self, listen: str) -> HttpServer:
         """The replica's one HTTP server with its routes registered (`run()` starts it)."""
-        server = HttpServer(listen=listen)
+        server = HttpServer(listen=listen, ssl_context=self._tls.ssl_context() if self._tls is not None else None)
         metrics_route(server, self.telemetry.metrics_text)
         health_route(server, self.ready.is_set, problem=lambda: self.store_problem)
         return server
@@ -191,12 +203,12 @@ class ControlPlane:
             if self._http_listen is not None:
                 self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
             stack.push_async_callback(self.telemetry.flush)
-            scraper = await stack.enter_async_context(EnvoyStatsScraper())
+            scraper = await stack.enter_async_context(EnvoyStatsScraper(admin_allow=self._admin_allow))
             await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
 
     async def _run(self, traffic: TrafficReader | None) -> None:
         server, health_servicer = self._api_server(traffic)
-        self.api_port = server.add_insecure_port(self._api_listen)
+        self.api_port = add_port(server, self._api_listen, self._tls)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")
         xds_server, ads = None, None
@@ -204,9 +216,9 @@ class ControlPlane:
             # Envoys get their own server (and port): separate flow control and limits, and
             # the API can later require credentials the proxies do not carry.
             xds_server = grpc.aio.server(options=SERVER_OPTIONS)
-            ads = AdsServer(self.cache, tracker=self.tracker)
+            self.ads = ads = AdsServer(self.cache, tracker=self.tracker, gate=self._xds_auth)
             ads.add_to_server(xds_server)
-            self.xds_port = xds_server.add_insecure_port(self._xds_listen)
+            self.xds_port = add_port(xds_server, self._xds_listen, self._tls)
             if self.xds_port == 0:
                 raise OSError(f"cannot listen on {self._xds_listen}")
             await xds_server.start()
@@ -406,10 +418,27 @@ async def serve(options: ServeOptions) -> None:
             otlp_endpoint=options.otlp_endpoint,
             embedded_etcd=etcd,
             stale_proxy_seconds=options.stale_proxy_seconds,
+            tls=options.tls,
+            xds_auth=xds_authenticator(
+                cluster=options.xds_cluster,
+                tokens=options.xds_tokens,
+                mutual=options.tls is not None and options.tls.mutual,
+            ),
+            admin_allow=AdminAllowList.parse(options.admin_allow),
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await run_until_signalled(plane.run())
         log.info("control plane stopped")
+
+
+def xds_authenticator(
+    *, cluster: str, tokens: Sequence[tuple[str, str | None, str]], mutual: bool
+) -> ProxyAuthenticator | None:
+    """The gate of an xDS port: on as soon as proxies have credentials to show (tokens, or
+    client certificates under mutual TLS); None keeps the port open to every proxy."""
+    if not tokens and not mutual:
+        return None
+    return ProxyAuthenticator(cluster=cluster, tokens=tokens)
 
 
 async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:

@@ -18,6 +18,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_XDS_PORT,
 )
+from graylane.controlplane.tls import ServerTls, check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,14 @@ class HostPort:
         return f"{host}:{self.port}"
 
 
+#: The cluster a control plane's own xDS port serves (its proxies' node.cluster under auth).
+DEFAULT_XDS_CLUSTER = "local"
+#: Admin endpoints fetched by default: loopback only (the bootstraps' admin listens there).
+DEFAULT_ADMIN_ALLOW: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+#: A proxy token shorter than this is refused when the file is read: it could be guessed.
+MIN_TOKEN_LENGTH = 16
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServeOptions:
     """What one control-plane process needs to start.
@@ -89,6 +98,14 @@ class ServeOptions:
     stale_proxy_seconds: float = 30.0
     # Where Graylane's keys live in etcd; another prefix lets installations share one etcd.
     etcd_prefix: str = "/graylane/v1/"
+    # TLS on every port (API and agents, xDS, HTTP); None: plain text.
+    tls: ServerTls | None = None
+    # Proxies' tokens (cluster, node or None for any node, token); with these or with mutual
+    # TLS, an xDS client must prove it is a proxy of `xds_cluster` (see controlplane.proxyauth).
+    xds_tokens: tuple[tuple[str, str | None, str], ...] = ()
+    xds_cluster: str = DEFAULT_XDS_CLUSTER
+    # Where proxies' self-reported admin endpoints may be fetched (`CIDR[:PORT]` items).
+    admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
 
     @property
     def embedded_etcd(self) -> bool:
@@ -110,3 +127,36 @@ def parse_agent_tokens(text: str, *, source: str) -> tuple[tuple[str, str], ...]
     if len({c for c, _ in pairs}) != len(pairs):
         raise ValueError(f"{source}: a cluster is listed twice")
     return tuple(pairs)
+
+
+def parse_xds_tokens(text: str, *, source: str) -> tuple[tuple[str, str | None, str], ...]:
+    """`cluster: token` (any node of the cluster) and `cluster/node: token` lines into
+    (cluster, node or None, token) triples; ValueError names the file, line and problem.
+
+    A line is a comment only when it starts with `#`: a token may hold any character, a `#`
+    included. Surrounding quotes are taken off.
+    """
+    found: list[tuple[str, str | None, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        name, token = name.strip(), token.strip()
+        if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+            token = token[1:-1]
+        cluster, _, node = name.partition("/")
+        try:
+            if not sep:
+                raise ValueError("expected `cluster: token` or `cluster/node: token`")
+            check_name("cluster", cluster)
+            if node:
+                check_name("node", node)
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
+        except ValueError as exc:
+            raise ValueError(f"{source}:{number}: {exc}") from None
+        found.append((cluster, node or None, token))
+    if len({t for _, _, t in found}) != len(found):
+        raise ValueError(f"{source}: a token is listed twice")
+    return tuple(found)
