@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from graylane.controlplane import model, views
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.client import Action, ReleaseClient
-from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.machine import Action as Move
@@ -38,6 +38,7 @@ from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.store._etcd import _dump, _releases
+from graylane.controlplane.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv
 
@@ -249,9 +250,19 @@ def _route_version(plane: ControlPlane) -> str:
     return ",".join(s[ROUTE].version for s in snaps if s is not None)
 
 
-async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str) -> dict[str, list[float]]:
+async def bench_reached(
+    target: str,
+    plane: ControlPlane,
+    envoys: int,
+    name: str,
+    *,
+    envoy_tls: EnvoyTls | None = None,
+    client_tls: ClientTls | None = None,
+) -> dict[str, list[float]]:
     """NextBatch on `name`, REACHED_STEPS times: to every proxy ACKed (the tracker), to
-    `reached` in GetRelease, the loop's longest stall meanwhile, and each convergence pass."""
+    `reached` in GetRelease, the loop's longest stall meanwhile, and each convergence pass.
+    With `envoy_tls` / `client_tls` the Envoys (of cluster "local") and the API client use
+    mutual TLS (bench/tls_bench.py)."""
     out: dict[str, list[float]] = {"reached": [], "acked": [], "lag": [], "passes": []}
     dp = plane.dataplane
     original = dp.reconcile
@@ -265,8 +276,10 @@ async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str
     try:
         async with contextlib.AsyncExitStack() as stack:
             for k in range(envoys):
-                await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}"))
-            client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
+                await stack.enter_async_context(
+                    EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}", node_cluster="local", tls=envoy_tls)
+                )
+            client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench", tls=client_tls))
             probe = await stack.enter_async_context(LagProbe())
             await dp.wait_current(timeout=30)
             for _ in range(REACHED_STEPS):
