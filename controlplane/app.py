@@ -407,6 +407,8 @@ async def serve(options: ServeOptions) -> None:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
         store = await connect(endpoints, prefix=options.etcd_prefix)
         stack.push_async_callback(store.close)
+        if options.tls is None and (options.agent_tokens or options.xds_tokens):
+            log.warning("agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")
         plane = ControlPlane(
             store,
             api_listen=str(options.listen),

@@ -497,7 +497,8 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
     ):
         return (
             f"cannot reach graylane at {server} (is `graylane serve` running there? "
-            f"set --server or GRAYLANE_SERVER): {details}"
+            f"set --server or GRAYLANE_SERVER; a server with TLS needs --ca, and with client "
+            f"certificates --cert/--key too): {details}"
         )
     if code == grpc.StatusCode.UNAVAILABLE and _server_answered(details):
         return f"UNAVAILABLE: {details} (graylane at {server} answered: its store is out of reach; retry shortly)"

@@ -458,3 +458,43 @@ async def test_follow_prints_changes_until_a_terminal_phase() -> None:
 
 async def test_follow_returns_none_when_the_stream_ends_early() -> None:
     assert await cli.follow(_stream(_release()), lambda release: None) is None
+
+
+# --- TLS flags --------------------------------------------------------------------------
+
+
+def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--client-ca", "ca.pem"]) == cli.EXIT_USAGE
+    assert "--client-ca needs --tls-cert" in capsys.readouterr().err
+    assert cli.main(["serve", "--tls-cert", "server.pem"]) == cli.EXIT_USAGE
+    assert "go together" in capsys.readouterr().err
+    missing = tmp_path / "nope.pem"
+    assert cli.main(["serve", "--tls-cert", str(missing), "--tls-key", str(missing)]) == cli.EXIT_USAGE
+    assert "nope.pem" in capsys.readouterr().err
+    tokens = tmp_path / "tokens"
+    tokens.write_text("local: short\n")
+    assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
+    assert "at least 16" in capsys.readouterr().err
+    assert cli.main(["serve", "--admin-allow", "not-a-network"]) == cli.EXIT_USAGE
+    assert "CIDR" in capsys.readouterr().err
+
+
+def test_client_tls_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = cli.build_parser().parse_args(["get"])
+    assert cli.client_tls(args) is None
+    monkeypatch.setenv("GRAYLANE_CA", "/etc/graylane/ca.pem")
+    tls = cli.client_tls(cli.build_parser().parse_args(["get"]))
+    assert tls is not None and str(tls.ca) == "/etc/graylane/ca.pem" and tls.cert is None
+    args = cli.build_parser().parse_args(["get", "--cert", "c.pem", "--key", "k.pem"])
+    tls = cli.client_tls(args)
+    assert tls is not None and (str(tls.cert), str(tls.key)) == ("c.pem", "k.pem")
+
+
+def test_certs_writes_a_local_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "east", "--user", "ci"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    for name in ("ca.pem", "server.pem", "envoy-east.pem", "agent-east.pem", "user-ci.pem"):
+        assert (tmp_path / name).exists() and name in out
+    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "a/b"]) == cli.EXIT_USAGE
