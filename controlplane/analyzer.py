@@ -36,7 +36,13 @@ from graylane.controlplane.analysis import AnalysisSpec, Decision, Outcome, Step
 from graylane.controlplane.errors import Conflict, FailedPrecondition, NotFound, Unavailable
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases
-from graylane.controlplane.webhooks import WebhookKind, WebhookResult, call_webhook
+from graylane.controlplane.webhooks import (
+    PolicyResolver,
+    WebhookKind,
+    WebhookPolicy,
+    WebhookResult,
+    call_webhook,
+)
 from graylane.controlplane.windows import Aggregate, SeriesKey
 
 log = logging.getLogger(__name__)
@@ -130,7 +136,10 @@ class Analyzer:
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         clock: Callable[[], float] = time.time,
         on_verdict: Callable[[str, Outcome], None] | None = None,
+        webhook_policy: WebhookPolicy | None = None,
     ) -> None:
+        # Tests and embedders that name no policy keep loopback webhooks (what they serve on).
+        self._policy = webhook_policy or WebhookPolicy(allow_loopback=True)
         self._releases = releases
         self._store = releases.store
         self._windows = windows
@@ -141,7 +150,8 @@ class Analyzer:
         self._session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(self._policy))
+        async with aiohttp.ClientSession(connector=connector) as session:
             self._session = session
             while True:
                 if self._leadership.is_leader:
@@ -270,7 +280,9 @@ class Analyzer:
             "at": datetime.now(UTC).isoformat(),
         }
         hooks = [h for h in release.spec.analysis.webhooks if h.kind is kind]
-        return list(await asyncio.gather(*(call_webhook(self._session, h, payload) for h in hooks)))
+        return list(
+            await asyncio.gather(*(call_webhook(self._session, h, payload, policy=self._policy) for h in hooks))
+        )
 
     async def _last_event(self, name: str) -> model.Event | None:
         events = await self._store.history(name)

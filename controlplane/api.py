@@ -12,18 +12,21 @@ identified; authentication will live there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
-import hmac
+import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import grpc
-from graylane.controlplane import model
+from google.protobuf import json_format
+from graylane.controlplane import auth, model
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -31,14 +34,16 @@ from graylane.controlplane.errors import (
     GraylaneError,
     InvalidArgument,
     NotFound,
+    OutOfScope,
     Unavailable,
     UnsupportedEtcd,
 )
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.metrics import SeriesSummary, release_series
 from graylane.controlplane.releases import Releases
-from graylane.controlplane.store import Compacted
+from graylane.controlplane.store import Compacted, EtcdStore, Tombstone
 from graylane.controlplane.traffic import TrafficReader
+from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api_pb
@@ -50,6 +55,7 @@ STATUS_OF: Mapping[type[GraylaneError], grpc.StatusCode] = MappingProxyType(
     {
         InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
         NotFound: grpc.StatusCode.NOT_FOUND,
+        OutOfScope: grpc.StatusCode.PERMISSION_DENIED,
         AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
         FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
         Conflict: grpc.StatusCode.ABORTED,
@@ -64,6 +70,13 @@ CLUSTER_METADATA = "x-graylane-cluster"
 AGENT_SERVICE = "/graylane.v1.AgentService/"
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("graylane_caller", default="")
 _cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_cluster", default=None)
+# The authenticated identity of the call (None: the server runs open, callers are not checked).
+_identity: contextvars.ContextVar[auth.Identity | None] = contextvars.ContextVar("graylane_identity", default=None)
+
+DEFAULT_MAX_STREAMS_PER_IDENTITY = 64
+_CACHE_SECONDS = 1.0  # a revoked token stops working on every replica within this
+_CACHE_ENTRIES = 4096
+_DENIED_LOG_SECONDS = 1.0
 
 
 def status_for(exc: GraylaneError) -> grpc.StatusCode:
@@ -78,42 +91,257 @@ def authenticated_cluster() -> str | None:
     return _cluster.get()
 
 
-def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, details)
+def current_identity() -> auth.Identity | None:
+    """The authenticated caller of the current call (None: the server runs open)."""
+    return _identity.get()
 
-    return grpc.stream_stream_rpc_method_handler(refuse)
+
+class Authenticator:
+    """Turns a call's credentials into an `Identity`.
+
+    Credentials, in order: a bearer token of `--agent-tokens` (an agent of that cluster), a
+    bearer `glt_` token (its record read from etcd, kept `_CACHE_SECONDS`), a verified client
+    certificate whose CN or SAN a record names. `enabled` False: the server runs open, every
+    caller may do anything (agents are still checked against `agent_tokens` when given).
+    """
+
+    def __init__(
+        self,
+        store: EtcdStore | None,
+        *,
+        enabled: bool,
+        agent_tokens: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if enabled and store is None:
+            raise ValueError("authentication needs the store that holds the token records")
+        self.enabled = enabled
+        self._store = store
+        self._agents = auth.agent_identities(agent_tokens or {})
+        self._clock = clock
+        self._records: dict[str, tuple[float, auth.TokenRecord | None]] = {}
+        self._subjects: tuple[float, list[auth.TokenRecord]] | None = None
+
+    @property
+    def checks_agents(self) -> bool:
+        return self.enabled or bool(self._agents)
+
+    def forget(self, token_id: str = "") -> None:
+        """Drop cached records (after a revoke here, it takes effect on this replica at once)."""
+        self._records.pop(token_id, None) if token_id else self._records.clear()
+        self._subjects = None
+
+    async def _record(self, token_id: str) -> auth.TokenRecord | None:
+        now = self._clock()
+        cached = self._records.get(token_id)
+        if cached is not None and now - cached[0] < _CACHE_SECONDS:
+            return cached[1]
+        assert self._store is not None
+        record = await self._store.get_token(token_id)
+        if len(self._records) >= _CACHE_ENTRIES:
+            self._records.clear()  # bounded: a flood of made-up ids cannot grow it
+        self._records[token_id] = (now, record)
+        return record
+
+    async def _subject_records(self) -> list[auth.TokenRecord]:
+        now = self._clock()
+        if self._subjects is None or now - self._subjects[0] >= _CACHE_SECONDS:
+            assert self._store is not None
+            self._subjects = (now, [r for r in await self._store.list_tokens() if r.subject])
+        return self._subjects[1]
+
+    async def identify(
+        self, metadata: Mapping[str, str], auth_context: Mapping[str, Iterable[bytes]]
+    ) -> auth.Identity | None:
+        """The caller's identity, or None when it presented no valid credential.
+
+        Raises `Unavailable` when etcd cannot be asked (the caller is neither let in nor
+        told its credential is wrong)."""
+        token = auth.bearer(metadata)
+        if token:
+            agent = self._agents.get(auth.hash_secret(token))
+            if agent is not None:
+                return agent[1]
+            parts = auth.split_token(token) if self.enabled else None
+            if parts is not None:
+                record = await self._record(parts[0])
+                if record is not None and record.matches(parts[1]):
+                    return record.identity()
+            return None
+        if self.enabled and auth.peer_names(auth_context).names:
+            return auth.identity_from_peer(auth_context, await self._subject_records())
+        return None
+
+
+class DeniedLog:
+    """One log line per refused call, at most one a second; the rest are counted in the next."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def __call__(self, code: grpc.StatusCode, method: str, peer: str, who: str, why: str) -> None:
+        now = self._clock()
+        if now - self._last < _DENIED_LOG_SECONDS:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more refused since the last line)" if self._suppressed else ""
+        self._last, self._suppressed = now, 0
+        log.warning("refused %s from %s (%s): %s: %s%s", method, peer, who or "no credential", code.name, why, more)
 
 
 class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The one place every call is identified and, where credentials are configured, checked.
 
-    Callers are named by metadata `x-graylane-actor`, else their peer. Agents present
-    `x-graylane-cluster: <name>` and `authorization: Bearer <token>`; with `agent_tokens`
-    set (cluster -> token) a missing or wrong token is UNAUTHENTICATED before the stream
-    starts. Without tokens (a local, single-machine set-up) agents are not checked.
+    The check runs around the handler, not before it: a grpc.aio interceptor sees the
+    metadata but not the connection's auth context, which the client certificate is in.
+
+    Auth on: a call without a valid credential is UNAUTHENTICATED; a role too low is
+    PERMISSION_DENIED naming the role needed; a response stream beyond
+    `max_streams_per_identity` open ones of the same identity is RESOURCE_EXHAUSTED. Each
+    refusal is logged (`DeniedLog`) and counted (`on_denied(code, method)`).
+    Auth off: callers are named by metadata `x-graylane-actor`, else their peer; agents
+    present `x-graylane-cluster: <name>` and `authorization: Bearer <token>`, checked only
+    when `--agent-tokens` are configured.
     """
 
-    def __init__(self, *, agent_tokens: Mapping[str, str] | None = None) -> None:
-        self._agent_tokens = dict(agent_tokens or {})
+    def __init__(
+        self,
+        *,
+        agent_tokens: Mapping[str, str] | None = None,
+        authenticator: Authenticator | None = None,
+        on_denied: Callable[[str, str], None] = lambda code, method: None,
+        max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
+    ) -> None:
+        self._auth = authenticator or Authenticator(None, enabled=False, agent_tokens=agent_tokens)
+        self._on_denied = on_denied
+        self._denied_log = DeniedLog()
+        self._max_streams = max_streams_per_identity
+        self._streams: dict[str, int] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        _caller.set(str(metadata.get(ACTOR_METADATA, "")))
-        _cluster.set(None)
-        if handler_call_details.method.startswith(AGENT_SERVICE) and self._agent_tokens:
-            cluster = str(metadata.get(CLUSTER_METADATA, ""))
-            token = str(metadata.get(AUTHORIZATION_METADATA, "")).removeprefix("Bearer ").strip()
-            expected = self._agent_tokens.get(cluster)
-            if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
-                log.warning("refused an agent for cluster %r: bad or missing credential", cluster)
-                return _refuse(grpc.StatusCode.UNAUTHENTICATED, f"no valid credential for cluster {cluster!r}")
-            _cluster.set(cluster)
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        metadata = {str(k): str(v) for k, v in (handler_call_details.invocation_metadata or ())}
+        is_agent = method.startswith(AGENT_SERVICE)
+        if not self._auth.enabled and not (is_agent and self._auth.checks_agents):
+            # Open: the old behaviour, nothing to check.
+            caller = metadata.get(ACTOR_METADATA, "")
+
+            async def setup(context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
+                _caller.set(caller)
+                _cluster.set(None)
+                _identity.set(None)
+                return None
+
+            return _around(handler, setup)
+        return _around(handler, functools.partial(self._check, method, metadata, is_agent))
+
+    async def _deny(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, method: str, who: str, why: str
+    ) -> None:
+        self._on_denied(code.name.lower(), method)
+        self._denied_log(code, method, context.peer(), who, why)
+        await context.abort(code, why)
+
+    async def _check(
+        self, method: str, metadata: Mapping[str, str], is_agent: bool, context: grpc.aio.ServicerContext
+    ) -> Callable[[], None] | None:
+        """Identify and authorize the call (aborting it when refused). Returns what gives
+        back the stream slot the call holds, if it holds one."""
+        try:
+            identity = await self._auth.identify(metadata, context.auth_context())
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot check the credential now: {exc}")
+            raise AssertionError("unreachable") from exc
+        needed = auth.required_role(method)
+        if identity is None and needed is not None:
+            if is_agent:
+                cluster = metadata.get(CLUSTER_METADATA, "")
+                why = f"no valid credential for cluster {cluster!r}"
+            else:
+                why = "no valid credential: send `authorization: Bearer <token>` or a client certificate"
+            await self._deny(context, grpc.StatusCode.UNAUTHENTICATED, method, "", why)
+        if identity is not None:
+            try:
+                auth.authorize(identity, method)
+            except auth.Denied as exc:
+                await self._deny(context, grpc.StatusCode.PERMISSION_DENIED, method, identity.name, str(exc))
+        _caller.set(identity.name if identity is not None else "")
+        _identity.set(identity if self._auth.enabled else None)
+        _cluster.set(identity.cluster if identity is not None and is_agent else None)
+        if identity is None or not _streams(method):
+            return None
+        held = self._streams.get(identity.name, 0)
+        if held >= self._max_streams:
+            why = f"{identity.name} holds {held} streams already (the limit per identity is {self._max_streams})"
+            await self._deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, method, identity.name, why)
+        self._streams[identity.name] = held + 1
+        return functools.partial(self._release_stream, identity.name)
+
+    def _release_stream(self, name: str) -> None:
+        held = self._streams.get(name, 0) - 1
+        if held > 0:
+            self._streams[name] = held
+        else:
+            self._streams.pop(name, None)
+
+
+_STREAMING = frozenset({"Watch", "WatchMetrics", "Connect"})
+
+
+def _streams(method: str) -> bool:
+    return method.rsplit("/", 1)[-1] in _STREAMING
+
+
+def _around(
+    handler: grpc.RpcMethodHandler,
+    setup: Callable[[grpc.aio.ServicerContext], Awaitable[Callable[[], None] | None]],
+) -> grpc.RpcMethodHandler:
+    """`handler` with `await setup(context)` run first, in the handler's own task (so the
+    context variables it sets are the handler's); what setup returns runs after it."""
+    if handler.request_streaming and handler.response_streaming:
+        inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        inner, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        inner, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        inner, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+    if inspect.isasyncgenfunction(inner):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            done = await setup(context)
+            try:
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                if done is not None:
+                    done()
+
+        behaviour: Callable[..., Any] = streaming
+    else:
+
+        async def plain(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            done = await setup(context)
+            try:
+                return await inner(request, context)
+            finally:
+                if done is not None:
+                    done()
+
+        behaviour = plain
+    return make(
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -142,9 +370,75 @@ def unary(fn: F) -> F:
 
 
 def _cause(request: Any, context: grpc.aio.ServicerContext) -> Cause:
-    actor = model.check_text("actor", getattr(request, "actor", ""), limit=model.MAX_LABEL_BYTES)
     reason = model.check_text("reason", getattr(request, "reason", ""))
+    identity = _identity.get()
+    if identity is not None:
+        # Authenticated: the actor is who the credential says, whatever the request claims.
+        return Cause(actor=identity.name, reason=reason)
+    actor = model.check_text("actor", getattr(request, "actor", ""), limit=model.MAX_LABEL_BYTES)
     return Cause(actor=actor or _caller.get() or f"grpc:{context.peer()}", reason=reason)
+
+
+def _in_scope(name: str, services: Iterable[str]) -> bool:
+    identity = _identity.get()
+    return identity is None or identity.may_touch(name, services)
+
+
+def _check_scope(name: str, services: Iterable[str]) -> None:
+    identity = _identity.get()
+    if identity is not None and not identity.may_touch(name, services):
+        raise OutOfScope(f"{identity.name} may not act on release {name!r}: it is outside the identity's scope")
+
+
+def _sees_webhook_answers() -> bool:
+    identity = _identity.get()
+    return identity is None or identity.role >= auth.Role.OPERATOR
+
+
+# Event details that may carry what a webhook's server answered: shown to operators and up.
+_HIDDEN = "(hidden: a webhook's answer is shown to role operator and above)"
+
+
+def _event_for_caller(e: model.Event) -> pb.Event:
+    message = model.event_to_proto(e)
+    if _sees_webhook_answers():
+        return message
+    for key in list(message.details):
+        if key.startswith("webhook.") and key.endswith((".error", ".body")) and message.details[key]:
+            message.details[key] = _HIDDEN
+    if "webhook" in message.reason and "HTTP" in message.reason:
+        message.reason = _HIDDEN
+    return message
+
+
+def _token_to_proto(r: auth.TokenRecord) -> api_pb.Token:
+    return api_pb.Token(
+        id=r.token_id,
+        name=r.name,
+        role=r.role.label,
+        services=sorted(r.services),
+        releases=sorted(r.releases),
+        cluster=r.cluster,
+        subject=r.subject,
+        created_at=r.created_at,
+        created_by=r.created_by,
+    )
+
+
+def _tombstone_to_proto(t: Tombstone) -> api_pb.Tombstone:
+    message = api_pb.Tombstone(
+        release=t.release,
+        generation=t.generation,
+        deleted_at=t.deleted_at,
+        deleted_by=t.deleted_by,
+        reason=t.reason,
+        events=t.events,
+        phase=t.phase,
+    )
+    if t.final:
+        with contextlib.suppress(json_format.ParseError):
+            json_format.Parse(t.final, message.release_at_delete)
+    return message
 
 
 class ReleaseServicer(api_grpc.ReleaseServiceServicer):
@@ -156,7 +450,11 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         windows: Windows | None = None,
         is_leader: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.time,
+        authenticator: Authenticator | None = None,
+        webhook_policy: WebhookPolicy | None = None,
     ) -> None:
+        self._authenticator = authenticator
+        self._webhook_policy = webhook_policy
         self._releases = releases
         self._store = releases.store
         self._traffic = traffic
@@ -166,41 +464,68 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
 
     # ------------------------------------------------------------- releases
 
+    def _spec(self, message: pb.ReleaseSpec) -> model.ReleaseSpec:
+        spec = model.spec_from_proto(message)
+        if self._webhook_policy is not None and spec.analysis is not None:
+            for i, hook in enumerate(spec.analysis.webhooks):
+                self._webhook_policy.check_url(f"spec.analysis.webhooks[{i}].url", hook.url)
+        return spec
+
     @unary
     async def CreateRelease(
         self, request: api_pb.CreateReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.Release:
-        spec = model.spec_from_proto(request.spec)
+        spec = self._spec(request.spec)
+        _check_scope(request.name, (s.service for s in spec.services))
         r = await self._releases.create(request.name, spec, _cause(request, context))
         return model.release_to_proto(r)
 
     @unary
     async def ApplyRelease(self, request: api_pb.ApplyReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        spec = model.spec_from_proto(request.spec)
+        spec = self._spec(request.spec)
+        _check_scope(request.name, (s.service for s in spec.services))
+        if _identity.get() is not None:
+            # The release as it stands must be in scope too: no taking over another's release.
+            with contextlib.suppress(NotFound):
+                await self._scoped_release(request.name)
         r = await self._releases.apply(request.name, spec, _cause(request, context))
         return model.release_to_proto(r)
 
     @unary
     async def GetRelease(self, request: api_pb.GetReleaseRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return model.release_to_proto(await self._store.get_release(request.name))
+        return model.release_to_proto(await self._scoped_release(request.name))
 
     @unary
     async def ListReleases(
         self, request: api_pb.ListReleasesRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.ListReleasesResponse:
-        releases = await self._store.list_releases()
+        releases = [r for r in await self._store.list_releases() if _in_scope(r.name, _services_of(r))]
         return api_pb.ListReleasesResponse(releases=[model.release_to_proto(r) for r in releases])
 
     @unary
     async def DeleteRelease(
         self, request: api_pb.DeleteReleaseRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.DeleteReleaseResponse:
-        await self._store.delete_release(request.name)
+        await self._scoped_release(request.name)
+        cause = _cause(request, context)
+        tomb = await self._store.delete_release(
+            request.name, actor=cause.actor, reason=cause.reason, at=datetime.now(UTC).isoformat()
+        )
+        log.info(
+            "release %s deleted by %s; its %d events are kept under a tombstone", request.name, cause.actor, tomb.events
+        )
         return api_pb.DeleteReleaseResponse()
+
+    async def _scoped_release(self, name: str) -> model.Release:
+        release = await self._store.get_release(name)
+        _check_scope(name, _services_of(release))
+        return release
 
     async def _act(
         self, action: Action, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Release:
+        if (identity := _identity.get()) is not None and identity.scoped:
+            await self._scoped_release(request.name)
         r = await self._releases.act(
             request.name, action, _cause(request, context), expected_revision=request.expected_revision
         )
@@ -234,8 +559,10 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     async def History(
         self, request: api_pb.HistoryRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.HistoryResponse:
+        if (identity := _identity.get()) is not None and identity.scoped:
+            await self._scoped_release(request.name)
         events = await self._store.history(request.name)
-        return api_pb.HistoryResponse(events=[model.event_to_proto(e) for e in events])
+        return api_pb.HistoryResponse(events=[_event_for_caller(e) for e in events])
 
     async def Watch(self, request: api_pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Release]:
         try:
@@ -245,7 +572,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             await _abort(context, exc)
 
     async def _watch(self, name: str) -> AsyncIterator[model.Release]:
-        current = await self._store.get_release(name)
+        current = await self._scoped_release(name)
         yield current
         revision = current.revision
         while True:
@@ -331,8 +658,73 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     ) -> api_pb.ForgetClusterResponse:
         name = model.check_name("name", request.name)
         await self._store.forget_cluster(name)
-        log.info("cluster %s forgotten by %s", name, request.actor or _caller.get() or context.peer())
+        log.info("cluster %s forgotten by %s", name, _cause(request, context).actor)
         return api_pb.ForgetClusterResponse()
+
+    # ------------------------------------------------------------- tombstones
+
+    @unary
+    async def ListTombstones(
+        self, request: api_pb.ListTombstonesRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListTombstonesResponse:
+        tombs = await self._store.list_tombstones(request.name)
+        return api_pb.ListTombstonesResponse(tombstones=[_tombstone_to_proto(t) for t in tombs])
+
+    @unary
+    async def TombstoneHistory(
+        self, request: api_pb.TombstoneHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.HistoryResponse:
+        _, events = await self._store.tombstone_history(request.name, request.generation)
+        return api_pb.HistoryResponse(events=[model.event_to_proto(e) for e in events])
+
+    # ------------------------------------------------------------- tokens
+
+    @unary
+    async def CreateToken(
+        self, request: api_pb.CreateTokenRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.CreateTokenResponse:
+        made = auth.new_token() if not request.subject else None
+        record = token_record(
+            name=request.name,
+            role=request.role,
+            services=request.services,
+            releases=request.releases,
+            cluster=request.cluster,
+            subject=request.subject,
+            made=made,
+            created_by=_cause(request, context).actor,
+        )
+        await self._store.create_token(record)
+        if self._authenticator is not None:
+            self._authenticator.forget(record.token_id)
+        log.info(
+            "token %s (%s, role %s) created by %s", record.token_id, record.name, record.role.label, record.created_by
+        )
+        return api_pb.CreateTokenResponse(token=_token_to_proto(record), secret=made.token if made else "")
+
+    @unary
+    async def ListTokens(
+        self, request: api_pb.ListTokensRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.ListTokensResponse:
+        records = sorted(await self._store.list_tokens(), key=lambda r: (r.name, r.token_id))
+        return api_pb.ListTokensResponse(tokens=[_token_to_proto(r) for r in records])
+
+    @unary
+    async def RevokeToken(
+        self, request: api_pb.RevokeTokenRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb.RevokeTokenResponse:
+        wanted = request.id.strip()
+        if not wanted:
+            raise InvalidArgument("id", "is required (a token's id or name)")
+        matches = [r for r in await self._store.list_tokens() if wanted in (r.token_id, r.name)]
+        if not matches:
+            raise NotFound(f"no token with id or name {wanted!r}")
+        for record in matches:
+            await self._store.delete_token(record.token_id)
+            if self._authenticator is not None:
+                self._authenticator.forget(record.token_id)
+            log.info("token %s (%s) revoked by %s", record.token_id, record.name, _cause(request, context).actor)
+        return api_pb.RevokeTokenResponse()
 
     # ------------------------------------------------------------- traffic
 
@@ -340,7 +732,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     async def GetTraffic(
         self, request: api_pb.GetTrafficRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.GetTrafficResponse:
-        release = await self._store.get_release(request.name)
+        release = await self._scoped_release(request.name)
         if self._traffic is None:
             raise FailedPrecondition("this replica serves no proxies, so it has no traffic to count")
         report = await self._traffic.read(release)
@@ -382,7 +774,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         self, request: api_pb.GetMetricsRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.MetricsResponse:
         window_s, _ = _metrics_durations(request)
-        return self._metrics(await self._store.get_release(request.name), window_s)
+        return self._metrics(await self._scoped_release(request.name), window_s)
 
     async def WatchMetrics(
         self, request: api_pb.GetMetricsRequest, context: grpc.aio.ServicerContext
@@ -393,11 +785,57 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             deadline = loop.time()
             while True:
                 # Re-read each time: the release's services may change, or it may be deleted.
-                yield self._metrics(await self._store.get_release(request.name), window_s)
+                yield self._metrics(await self._scoped_release(request.name), window_s)
                 deadline = max(deadline + every_s, loop.time())
                 await asyncio.sleep(deadline - loop.time())
         except GraylaneError as exc:
             await _abort(context, exc)
+
+
+def _services_of(release: model.Release) -> list[str]:
+    return [s.service for s in release.spec.services]
+
+
+def token_record(
+    *,
+    name: str,
+    role: str,
+    services: Iterable[str] = (),
+    releases: Iterable[str] = (),
+    cluster: str = "",
+    subject: str = "",
+    made: auth.NewToken | None,
+    created_by: str,
+) -> auth.TokenRecord:
+    """A validated token record (InvalidArgument naming the field otherwise)."""
+    try:
+        parsed_role = auth.Role.parse(role)
+    except ValueError as exc:
+        raise InvalidArgument("role", str(exc)) from exc
+    for field_name, values in (("services", services), ("releases", releases)):
+        for i, value in enumerate(values):
+            model.check_name(f"{field_name}[{i}]", value)
+    if cluster:
+        model.check_name("cluster", cluster)
+    subject = model.check_text("subject", subject, limit=model.MAX_LABEL_BYTES)
+    if subject and not subject.isprintable():
+        raise InvalidArgument("subject", "must be printable text")
+    record = auth.TokenRecord(
+        token_id=made.token_id if made is not None else auth.new_token().token_id,
+        name=name,
+        role=parsed_role,
+        services=frozenset(services),
+        releases=frozenset(releases),
+        cluster=cluster,
+        subject=subject,
+        secret_hash=made.secret_hash if made is not None else "",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        created_by=created_by,
+    )
+    try:
+        return auth.check_record(record)
+    except ValueError as exc:
+        raise InvalidArgument("token", str(exc)) from exc
 
 
 DEFAULT_METRICS_WINDOW_SECONDS = 60.0

@@ -12,15 +12,24 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, EnvoyStatsScraper
+from graylane.controlplane import auth
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
-from graylane.controlplane.api import CallerInterceptor, ReleaseServicer
+from graylane.controlplane.api import (
+    DEFAULT_MAX_STREAMS_PER_IDENTITY,
+    Authenticator,
+    CallerInterceptor,
+    ReleaseServicer,
+    token_record,
+)
 from graylane.controlplane.closing import ClosingInterceptor
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
@@ -38,6 +47,7 @@ from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.telemetry import Telemetry, releases_by_phase
 from graylane.controlplane.tls import ServerTls, add_port
 from graylane.controlplane.traffic import TrafficReader, admin_addresses
+from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.cache import SnapshotCache
@@ -59,6 +69,8 @@ _RESTART_SECONDS = 1.0  # first pause before a failed background loop starts aga
 _MAX_RESTART_SECONDS = 30.0
 WINDOW_SAMPLES = 600  # one sample a second per series: ten minutes
 WINDOW_KEYS = 10_000
+DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_CONNECTION_IDLE_SECONDS = 300.0
 
 
 class ControlPlane:
@@ -79,11 +91,23 @@ class ControlPlane:
         embedded_etcd: EtcdProcess | None = None,
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
         tune_collector: bool = True,
+        auth: bool = False,
+        max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
+        max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
+        max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
+        webhook_policy: WebhookPolicy | None = None,
         tls: ServerTls | None = None,
         xds_auth: ProxyAuthenticator | None = None,
         admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         self.store = store
+        # Who callers are: with `auth`, every API call needs a token or a certificate a
+        # token record names; without it the API is open (a loopback try-out).
+        self.authenticator = Authenticator(store, enabled=auth, agent_tokens=agent_tokens)
+        # A loopback try-out (no auth) may call webhooks on this machine; beyond that, only
+        # what the operator allowed.
+        self._webhook_policy = webhook_policy or WebhookPolicy(allow_loopback=not auth)
+        self._api_limits = (max_receive_message_bytes, max_streams_per_identity, max_connection_idle_seconds)
         # One certificate for every port (API and agents, xDS, HTTP); with a client CA,
         # every port requires a client certificate it signed.
         self._tls = tls
@@ -130,6 +154,7 @@ class ControlPlane:
             self.windows,
             self.election,
             tick_seconds=analysis_tick_seconds,
+            webhook_policy=self._webhook_policy,
             on_verdict=lambda release, outcome: self.telemetry.analysis_outcome(outcome.value, release),
         )
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
@@ -162,16 +187,35 @@ class ControlPlane:
         return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        max_receive, max_streams, idle_seconds = self._api_limits
         server = grpc.aio.server(
             interceptors=[
                 *self.telemetry.server_interceptors(),
-                CallerInterceptor(agent_tokens=self._agent_tokens),
+                CallerInterceptor(
+                    authenticator=self.authenticator,
+                    on_denied=self.telemetry.denied_call,
+                    max_streams_per_identity=max_streams,
+                ),
                 self._closing,
-            ]
+            ],
+            options=[
+                ("grpc.max_receive_message_length", max_receive),
+                # A connection with no call open is closed after this (streams keep theirs).
+                ("grpc.max_connection_idle_ms", round(idle_seconds * 1000)),
+                # The server pings too, so a vanished client's streams (and the stream
+                # slots they hold) end within about 40 s instead of at TCP's pace.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
         )
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
             ReleaseServicer(
-                self.releases, traffic=traffic, windows=self.windows, is_leader=lambda: self.election.is_leader
+                self.releases,
+                traffic=traffic,
+                windows=self.windows,
+                is_leader=lambda: self.election.is_leader,
+                authenticator=self.authenticator,
+                webhook_policy=self._webhook_policy,
             ),
             server,
         )
@@ -407,8 +451,10 @@ async def serve(options: ServeOptions) -> None:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
         store = await connect(endpoints, prefix=options.etcd_prefix)
         stack.push_async_callback(store.close)
-        if options.tls is None and (options.agent_tokens or options.xds_tokens):
-            log.warning("agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")
+        if options.tls is None and (options.auth or options.agent_tokens or options.xds_tokens):
+            log.warning("API, agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")
+        if options.auth:
+            await bootstrap_admin(store, options.token_file)
         plane = ControlPlane(
             store,
             api_listen=str(options.listen),
@@ -420,6 +466,11 @@ async def serve(options: ServeOptions) -> None:
             otlp_endpoint=options.otlp_endpoint,
             embedded_etcd=etcd,
             stale_proxy_seconds=options.stale_proxy_seconds,
+            auth=options.auth,
+            max_receive_message_bytes=options.max_receive_message_bytes,
+            max_streams_per_identity=options.max_streams_per_identity,
+            max_connection_idle_seconds=options.max_connection_idle_seconds,
+            webhook_policy=WebhookPolicy.parse(options.webhook_allow, allow_loopback=not options.auth),
             tls=options.tls,
             xds_auth=xds_authenticator(
                 cluster=options.xds_cluster,
@@ -441,6 +492,29 @@ def xds_authenticator(
     if not tokens and not mutual:
         return None
     return ProxyAuthenticator(cluster=cluster, tokens=tokens)
+
+
+BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
+
+
+async def bootstrap_admin(store: EtcdStore, path: Path) -> bool:
+    """On the first `--auth` start of an installation, make an admin token and write it to
+    `path` (mode 0600, never logged). Once per installation: etcd keeps a marker, so another
+    replica or a restart makes none (revoke it once you made your own admin tokens).
+    Returns whether it made one."""
+    made = auth.new_token()
+    record = token_record(
+        name=BOOTSTRAP_TOKEN_NAME, role="admin", made=made, created_by="graylane serve --auth (bootstrap)"
+    )
+    if not await store.create_bootstrap_token(record):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        out.write(made.token + "\n")
+    log.warning("auth: first start, admin token %s written to %s (mode 0600)", record.token_id, path)
+    return True
 
 
 async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:

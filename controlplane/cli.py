@@ -94,8 +94,19 @@ def render_yaml(data: object) -> str:
     return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).rstrip("\n")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters (and bidi overrides, which reorder what a terminal
+    shows) written as escapes: text a caller chose (a reason, an actor, a webhook's answer)
+    cannot move the cursor, rewrite earlier lines or fake a row."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns two spaces apart, without trailing blanks."""
+    """Left-aligned columns two spaces apart, without trailing blanks; every cell escaped."""
+    rows = [[escape_control(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)]
     return "\n".join(line.rstrip() for line in lines)
@@ -163,7 +174,7 @@ def event_row(event: release_pb2.Event) -> list[str]:
 
 def status_line(release: release_pb2.Release) -> str:
     """One human line: name, phase, batch i/n, weight, convergence, reason, last NACK."""
-    return f"{release.name}: {status_summary(release)}"
+    return escape_control(f"{release.name}: {status_summary(release)}")
 
 
 def status_summary(release: release_pb2.Release) -> str:
@@ -362,7 +373,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) ->
     parser.add_argument(
         "--actor",
         default=default(default_actor()),
-        help="who is acting, recorded in the release history (env GRAYLANE_ACTOR; default $USER@hostname)",
+        help="who is acting, recorded in the release history by a server without --auth "
+        "(env GRAYLANE_ACTOR; default $USER@hostname)",
     )
     parser.add_argument(
         "--timeout",
@@ -370,6 +382,19 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) ->
         metavar="SECONDS",
         default=default(DEFAULT_RPC_TIMEOUT_SECONDS),
         help="deadline of each call",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(""),
+        metavar="TOKEN",
+        help="API token, sent as `authorization: Bearer` (env GRAYLANE_TOKEN); a server with "
+        "--auth records its identity as the actor",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=default(""),
+        metavar="FILE",
+        help="file holding the API token (e.g. the bootstrap admin.token)",
     )
     _add_client_tls_flags(parser, defaults=defaults, what="the control plane's API")
 
@@ -510,14 +535,29 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
     return f"{code.name}: {details}" if details else code.name
 
 
+def _read_token(args: argparse.Namespace) -> str:
+    """--token, else --token-file, else GRAYLANE_TOKEN ("" for an open server)."""
+    token = getattr(args, "token", "") or ""
+    path = getattr(args, "token_file", "") or ""
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from exc
+    return token or os.environ.get("GRAYLANE_TOKEN", "").strip()
+
+
 def _print_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {escape_control(message)}", file=sys.stderr)
 
 
 async def _run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
     try:
+        token = _read_token(args)
         tls = client_tls(args)
-        async with ReleaseClient.connect(args.server, actor=args.actor, timeout=args.timeout, tls=tls) as client:
+        async with ReleaseClient.connect(
+            args.server, actor=args.actor, token=token, timeout=args.timeout, tls=tls
+        ) as client:
             return await handler(client, args)
     except grpc.aio.AioRpcError as exc:
         _print_error(describe_rpc_error(exc, server=args.server))
@@ -551,6 +591,13 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         xds_tokens=args.xds_tokens,
         xds_cluster=args.xds_cluster,
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
+        auth=args.auth,
+        insecure=args.insecure,
+        bootstrap_token_file=Path(args.bootstrap_token_file) if args.bootstrap_token_file else None,
+        max_receive_message_bytes=args.max_message_bytes,
+        max_streams_per_identity=args.max_streams_per_identity,
+        max_connection_idle_seconds=args.idle_timeout,
+        webhook_allow=tuple(_names(",".join(args.webhook_allow))),
     )
 
 
@@ -559,8 +606,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
+    from graylane.controlplane.webhooks import WebhookPolicy
 
     options = serve_options(args)
+    try:
+        options.check_exposure()
+        WebhookPolicy.parse(options.webhook_allow)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(options))
     return EXIT_OK
@@ -650,6 +703,53 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=defaults.agent_lease_ttl_seconds,
         metavar="SECONDS",
         help="how long a silent agent's cluster and endpoints live on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a token or a client certificate on every API call (see `graylane token`); "
+        "the first start writes an admin token to --bootstrap-token-file",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen/--xds-listen/--http-listen without --auth (and a non-loopback "
+        "--xds-listen without --client-ca or --xds-tokens)",
+    )
+    parser.add_argument(
+        "--bootstrap-token-file",
+        default="",
+        metavar="FILE",
+        help="where the first --auth start writes an admin token, mode 0600 (default DATA_DIR/admin.token)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_receive_message_bytes,
+        metavar="BYTES",
+        help="largest API request accepted (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-streams-per-identity",
+        type=int,
+        default=defaults.max_streams_per_identity,
+        metavar="N",
+        help="open Watch/WatchMetrics/agent streams one identity may hold (with --auth; default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=defaults.max_connection_idle_seconds,
+        metavar="SECONDS",
+        help="close an API connection with no call open for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="HOST|CIDR[,...]",
+        help="webhook destinations allowed beyond the default policy (which refuses link-local, "
+        "metadata and, with --auth, loopback addresses); repeatable",
     )
     _add_server_tls_flags(parser, ports="the API (and agent), xDS and HTTP ports")
     parser.add_argument(
@@ -1153,15 +1253,130 @@ def _action_builder(action: Action) -> SubcommandBuilder:
 
 
 async def _delete(client: ReleaseClient, args: argparse.Namespace) -> int:
-    await client.delete_release(args.name)
-    print(f"release/{args.name} deleted")
+    await client.delete_release(args.name, reason=args.reason)
+    print(f"release/{args.name} deleted (its history is kept: `graylane tombstones {args.name}`)")
     return EXIT_OK
 
 
 def _add_delete(subparsers: Subparsers) -> None:
-    parser = _client_parser(subparsers, "delete", "delete a release (its routes go away)")
+    parser = _client_parser(subparsers, "delete", "delete a release (its routes go away; its history is kept)")
     parser.add_argument("name", metavar="NAME")
+    _add_reason_flag(parser)
     parser.set_defaults(handler=_client_command(_delete))
+
+
+TOMBSTONE_HEADER: Final = ("RELEASE", "GENERATION", "DELETED", "BY", "PHASE", "EVENTS", "REASON")
+
+
+def render_tombstones(response: release_service_pb2.ListTombstonesResponse) -> str:
+    rows = [
+        [
+            t.release,
+            str(t.generation),
+            t.deleted_at or "-",
+            t.deleted_by or "-",
+            t.phase,
+            str(t.events),
+            t.reason or "-",
+        ]
+        for t in response.tombstones
+    ]
+    return render_table(TOMBSTONE_HEADER, rows)
+
+
+async def _tombstones(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if args.history:
+        if not args.name:
+            raise UsageError("--history needs the release's NAME")
+        emit(args, await client.tombstone_history(args.name, args.generation), render_history)
+    else:
+        emit(args, await client.list_tombstones(args.name or ""), render_tombstones)
+    return EXIT_OK
+
+
+def _add_tombstones(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "tombstones", "deleted releases and the history each kept (admins)")
+    parser.add_argument("name", metavar="NAME", nargs="?", default="")
+    parser.add_argument("--history", action="store_true", help="print the kept history of NAME")
+    parser.add_argument("--generation", type=int, default=0, help="which deletion of NAME (default: the latest)")
+    _add_output_flag(parser)
+    parser.set_defaults(handler=_client_command(_tombstones))
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+TOKEN_HEADER: Final = ("ID", "NAME", "ROLE", "SCOPE", "SUBJECT", "CREATED", "BY")
+
+
+def _scope_label(token: release_service_pb2.Token) -> str:
+    parts = []
+    if token.cluster:
+        parts.append(f"cluster={token.cluster}")
+    if token.services:
+        parts.append("services=" + ",".join(token.services))
+    if token.releases:
+        parts.append("releases=" + ",".join(token.releases))
+    return " ".join(parts) or "*"
+
+
+def render_tokens(response: release_service_pb2.ListTokensResponse) -> str:
+    rows = [
+        [t.id, t.name, t.role, _scope_label(t), t.subject or "-", t.created_at or "-", t.created_by or "-"]
+        for t in response.tokens
+    ]
+    return render_table(TOKEN_HEADER, rows)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+async def _token(client: ReleaseClient, args: argparse.Namespace) -> int:
+    if args.token_command == "create":
+        made = await client.create_token(
+            args.name,
+            args.role,
+            services=_names(args.services),
+            releases=_names(args.releases),
+            cluster=args.cluster,
+            subject=args.subject,
+        )
+        if args.output != "table":
+            emit(args, made, lambda m: "")
+            return EXIT_OK
+        print(f"token {made.token.id} ({made.token.name}, role {made.token.role}) created", file=sys.stderr)
+        if made.secret:
+            print("the secret is shown once; keep it now:", file=sys.stderr)
+            print(made.secret)
+    elif args.token_command == "list":
+        emit(args, await client.list_tokens(), render_tokens)
+    else:
+        await client.revoke_token(args.id)
+        print(f"token {args.id} revoked")
+    return EXIT_OK
+
+
+def _add_token(subparsers: Subparsers) -> None:
+    parser = _client_parser(subparsers, "token", "API tokens: create, list, revoke (admins)")
+    commands = parser.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = commands.add_parser("create", help="make a token (its secret is printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin", "agent"))
+    create.add_argument("--services", default="", metavar="A,B", help="scope: releases whose services are all here")
+    create.add_argument("--releases", default="", metavar="X,Y", help="scope: these releases")
+    create.add_argument("--cluster", default="", help="agent tokens: the cluster it reports for")
+    create.add_argument(
+        "--subject", default="", help="grant the role to a client certificate with this CN or SAN (no secret)"
+    )
+    _add_output_flag(create)
+    listing = commands.add_parser("list", help="every token (ids, names, roles; never secrets)")
+    _add_output_flag(listing)
+    revoke = commands.add_parser("revoke", help="revoke a token by id or name")
+    revoke.add_argument("id", metavar="ID|NAME")
+    for sub in (create, listing, revoke):
+        _add_connection_flags(sub, defaults=False)
+    revoke.set_defaults(output="table")
+    parser.set_defaults(handler=_client_command(_token))
 
 
 # --- services and versions --------------------------------------------------------------
@@ -1277,6 +1492,8 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_status,
     *(_action_builder(action) for action in Action),
     _add_delete,
+    _add_tombstones,
+    _add_token,
     _add_history,
     _add_traffic,
     _add_metrics,

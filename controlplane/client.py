@@ -10,7 +10,7 @@ no etcd or xds code.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -55,10 +55,14 @@ class ReleaseClient:
     the caller iterates).
     """
 
-    def __init__(self, channel: grpc.aio.Channel, *, actor: str = "", timeout: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, actor: str = "", token: str = "", timeout: float) -> None:
         self._stub: Any = ReleaseServiceStub(channel)
         self._actor = actor
-        self._metadata = ((ACTOR_METADATA, actor),) if actor else ()
+        metadata: list[tuple[str, str]] = [(ACTOR_METADATA, actor)] if actor else []
+        if token:
+            # A server with auth records the token's identity; the actor is then ignored.
+            metadata.append(("authorization", f"Bearer {token}"))
+        self._metadata = tuple(metadata)
         self._timeout = timeout
 
     @classmethod
@@ -68,12 +72,13 @@ class ReleaseClient:
         target: str,
         *,
         actor: str = "",
+        token: str = "",
         timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS,
         tls: ClientTls | None = None,
     ) -> AsyncIterator[ReleaseClient]:
         """A client over a channel to `target`: TLS (mutual with a certificate) with `tls`."""
         async with open_channel(target, tls, options=_CHANNEL_OPTIONS) as channel:
-            yield cls(channel, actor=actor, timeout=timeout)
+            yield cls(channel, actor=actor, token=token, timeout=timeout)
 
     async def _unary(self, rpc: str, request: Any) -> Any:
         return await getattr(self._stub, rpc)(request, timeout=self._timeout, metadata=self._metadata)
@@ -95,9 +100,45 @@ class ReleaseClient:
         result: release_pb2.Release = await self._unary("ApplyRelease", request)
         return result
 
-    async def delete_release(self, name: str) -> None:
-        request = release_service_pb2.DeleteReleaseRequest(name=name, actor=self._actor)
+    async def delete_release(self, name: str, *, reason: str = "") -> None:
+        request = release_service_pb2.DeleteReleaseRequest(name=name, actor=self._actor, reason=reason)
         await self._unary("DeleteRelease", request)
+
+    async def list_tombstones(self, name: str = "") -> release_service_pb2.ListTombstonesResponse:
+        result: release_service_pb2.ListTombstonesResponse = await self._unary(
+            "ListTombstones", release_service_pb2.ListTombstonesRequest(name=name)
+        )
+        return result
+
+    async def tombstone_history(self, name: str, generation: int = 0) -> release_service_pb2.HistoryResponse:
+        request = release_service_pb2.TombstoneHistoryRequest(name=name, generation=generation)
+        result: release_service_pb2.HistoryResponse = await self._unary("TombstoneHistory", request)
+        return result
+
+    async def create_token(
+        self,
+        name: str,
+        role: str,
+        *,
+        services: Sequence[str] = (),
+        releases: Sequence[str] = (),
+        cluster: str = "",
+        subject: str = "",
+    ) -> release_service_pb2.CreateTokenResponse:
+        request = release_service_pb2.CreateTokenRequest(
+            name=name, role=role, services=services, releases=releases, cluster=cluster, subject=subject
+        )
+        result: release_service_pb2.CreateTokenResponse = await self._unary("CreateToken", request)
+        return result
+
+    async def list_tokens(self) -> release_service_pb2.ListTokensResponse:
+        result: release_service_pb2.ListTokensResponse = await self._unary(
+            "ListTokens", release_service_pb2.ListTokensRequest()
+        )
+        return result
+
+    async def revoke_token(self, token: str) -> None:
+        await self._unary("RevokeToken", release_service_pb2.RevokeTokenRequest(id=token))
 
     async def act(
         self,

@@ -25,6 +25,10 @@ class NotFound(GraylaneError):
     pass
 
 
+class OutOfScope(GraylaneError):
+    """The caller's identity is scoped to other services or releases. Maps to PERMISSION_DENIED."""
+
+
 class AlreadyExists(GraylaneError):
     pass
 

@@ -8,6 +8,8 @@ so the CLI can build options without loading the server.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,17 +108,75 @@ class ServeOptions:
     xds_cluster: str = DEFAULT_XDS_CLUSTER
     # Where proxies' self-reported admin endpoints may be fetched (`CIDR[:PORT]` items).
     admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
+    # Callers must present a token or a client certificate that a token record names.
+    auth: bool = False
+    # Listen on a non-loopback address without auth (refused otherwise).
+    insecure: bool = False
+    # Where a fresh `--auth` installation's first admin token is written (mode 0600);
+    # None: DATA_DIR/admin.token.
+    bootstrap_token_file: Path | None = None
+    # API server limits: the largest request, response streams (Watch, WatchMetrics, agent
+    # streams) one identity may hold open, and how long a connection with no call lives.
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_streams_per_identity: int = 64
+    max_connection_idle_seconds: float = 300.0
+    # Webhook destinations allowed beyond the default policy (host names or CIDRs).
+    webhook_allow: tuple[str, ...] = ()
+
+    @property
+    def token_file(self) -> Path:
+        return self.bootstrap_token_file or self.data_dir / "admin.token"
+
+    def exposed(self) -> list[str]:
+        """The listen addresses reachable from beyond this machine."""
+        return [str(a) for a in (self.listen, self.xds_listen, self.http_listen) if not is_loopback_host(a.host)]
+
+    def check_exposure(self) -> None:
+        """ValueError when a non-loopback address would serve without auth and no --insecure."""
+        exposed = self.exposed()
+        if exposed and not self.auth and not self.insecure:
+            raise ValueError(
+                f"{', '.join(exposed)} is reachable beyond this machine, and without --auth anyone who "
+                "reaches it may roll back, delete or rewrite releases; add --auth (see `graylane token`), "
+                "or --insecure to run open anyway"
+            )
+        if not is_loopback_host(self.xds_listen.host) and not self.xds_authenticated and not self.insecure:
+            raise ValueError(
+                f"xDS on {self.xds_listen} is reachable beyond this machine, and without proxy credentials "
+                "anyone who reaches it reads every route and may NACK to pause releases; add --client-ca "
+                "(with --tls-cert/--tls-key) or --xds-tokens, or --insecure to run open anyway"
+            )
+
+    @property
+    def xds_authenticated(self) -> bool:
+        """Whether xDS clients must prove they are proxies (client certificates or tokens)."""
+        return bool(self.xds_tokens) or (self.tls is not None and self.tls.mutual)
 
     @property
     def embedded_etcd(self) -> bool:
         return not self.etcd_endpoints
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve anywhere
+
+
 def parse_agent_tokens(text: str, *, source: str) -> tuple[tuple[str, str], ...]:
     """`cluster: token` lines (YAML mapping) into pairs; ValueError names the problem."""
     pairs: list[tuple[str, str]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        # A comment is a line that starts with `#`, or a ` #` (as in YAML): a `#` inside a
+        # token is part of the token.
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        line = re.split(r"\s#", line, maxsplit=1)[0].strip()
         if not line:
             continue
         cluster, sep, token = line.partition(":")

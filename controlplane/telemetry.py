@@ -60,6 +60,7 @@ METRIC_RELEASES = "graylane_releases"
 METRIC_ANALYSIS = "graylane_analysis_total"
 METRIC_AGENTS_CONNECTED = "graylane_agents_connected"
 METRIC_STORE_UP = "graylane_store_up"
+METRIC_DENIED_CALLS = "graylane_api_denied_total"
 
 #: Outcomes `analysis_outcome` accepts (the `outcome` label).
 ANALYSIS_OUTCOMES = frozenset({"pass", "fail", "inconclusive"})
@@ -214,6 +215,10 @@ class Telemetry:
         self._analysis = meter.create_counter(
             METRIC_ANALYSIS, description="Analysis verdicts by outcome (pass, fail, inconclusive) and release"
         )
+        self._denied = meter.create_counter(
+            METRIC_DENIED_CALLS,
+            description="API calls refused: unauthenticated, or the identity lacks the role, scope or cluster",
+        )
         meter.create_observable_gauge(
             METRIC_AGENTS_CONNECTED,
             callbacks=[self._observe_agents],
@@ -286,6 +291,10 @@ class Telemetry:
         if outcome not in ANALYSIS_OUTCOMES:
             raise ValueError(f"outcome {outcome!r}: expected one of {sorted(ANALYSIS_OUTCOMES)}")
         self._analysis.add(1, {"outcome": outcome, "release": release})
+
+    def denied_call(self, code: str, method: str) -> None:
+        """Count one refused API call (`code`: unauthenticated, permission_denied, resource_exhausted)."""
+        self._denied.add(1, {"code": code, "method": method})
 
     # -------------------------------------------------------------------- export
 

@@ -14,6 +14,16 @@ Semantics of a call:
   failed call, it says what happened: attempts, last status, elapsed time, error text and
   the start of the response body.
 
+Where a webhook may point (`WebhookPolicy`): http or https only, a URL of at most
+`MAX_URL_BYTES`, and never an address of the machine itself (loopback), a link-local one
+(169.254.0.0/16, fe80::/10: cloud metadata services live there) or a known metadata
+service (`METADATA_HOSTS`, fd00:ec2::254, 100.100.100.200), unless the operator allowed it
+(`--webhook-allow HOST|CIDR`; `allow_loopback` for a loopback try-out). It is checked
+twice: on the URL as written when a release is applied (a literal address or a metadata
+name is refused with INVALID_ARGUMENT), and on every address the name resolves to when
+the call is made (`PolicyResolver`), so a name that points at a refused address later
+(DNS rebinding) is refused too.
+
 Concurrency: a coroutine on the caller's loop and `aiohttp.ClientSession` (the caller owns
 the session and its connection pool). Must not import: etcd, grpc, graylane.xds, graylane.agent.
 """
@@ -22,19 +32,132 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
+import ipaddress
 import math
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
 from graylane.controlplane.errors import InvalidArgument
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_TIMEOUT_S = 300.0
 MAX_RETRIES = 10
 MAX_BODY_BYTES = 1024  # of a response, kept for the history
+MAX_URL_BYTES = 2048
+# Names of cloud metadata services, refused whatever they resolve to.
+METADATA_HOSTS = frozenset(
+    {"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "metadata.azure.com"}
+)
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200")
+)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PolicyRefused(Exception):
+    """A webhook address the policy does not allow."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookPolicy:
+    """Where webhooks may be sent (see the module). `allow_hosts` are host names allowed as
+    they are; `allow_networks` are address ranges allowed even when refused by default."""
+
+    allow_hosts: frozenset[str] = frozenset()
+    allow_networks: tuple[Network, ...] = ()
+    allow_loopback: bool = False
+
+    @classmethod
+    def parse(cls, allowed: Iterable[str], *, allow_loopback: bool = False) -> WebhookPolicy:
+        """From `--webhook-allow` values: a CIDR or address, else a host name. ValueError if bad."""
+        hosts: set[str] = set()
+        networks: list[Network] = []
+        for item in allowed:
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                if not _HOST.fullmatch(item):
+                    raise ValueError(f"{item!r} is neither an address range (CIDR) nor a host name") from None
+                hosts.add(item.lower().rstrip("."))
+        return cls(allow_hosts=frozenset(hosts), allow_networks=tuple(networks), allow_loopback=allow_loopback)
+
+    def refuses_address(self, address: str) -> str | None:
+        """Why `address` (an IP literal) is refused, or None when it is allowed."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return f"{address!r} is not an IP address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.allow_networks):
+            return None
+        if ip in _METADATA_ADDRESSES:
+            return f"{ip} is a cloud metadata service"
+        if ip.is_loopback:
+            return None if self.allow_loopback else f"{ip} is a loopback address (this machine)"
+        if ip.is_link_local:
+            return f"{ip} is link-local (where metadata services live)"
+        if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+            return f"{ip} is not a unicast address"
+        return None
+
+    def refuses_host(self, host: str) -> str | None:
+        """Why the URL's host as written is refused (None: allowed so far; its addresses are
+        checked again when the call resolves it)."""
+        name = host.lower().rstrip(".")
+        if name in self.allow_hosts:
+            return None
+        try:
+            ipaddress.ip_address(name.split("%", 1)[0])
+        except ValueError:
+            if name in METADATA_HOSTS:
+                return f"{host} is a cloud metadata service"
+            if name in ("localhost", "ip6-localhost") or name.endswith(".localhost"):
+                return None if self.allow_loopback else f"{host} is this machine"
+            return None
+        return self.refuses_address(name)
+
+    def check_url(self, field_name: str, url: str) -> None:
+        """InvalidArgument when the URL's host is refused."""
+        host = urlsplit(url).hostname or ""
+        if (why := self.refuses_host(host)) is not None:
+            raise InvalidArgument(field_name, f"{why}: refused by the webhook policy (see --webhook-allow)")
+
+
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+
+class PolicyResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver, keeping only the addresses the policy allows; a name left with
+    none fails the connection (aiohttp does not call a resolver for an IP literal: those
+    are checked before the call)."""
+
+    def __init__(self, policy: WebhookPolicy) -> None:
+        self._policy = policy
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        if host.lower().rstrip(".") in self._policy.allow_hosts:
+            return list(await self._inner.resolve(host, port, family))
+        found = await self._inner.resolve(host, port, family)
+        kept = [r for r in found if self._policy.refuses_address(str(r["host"])) is None]
+        if not kept:
+            reasons = "; ".join(filter(None, (self._policy.refuses_address(str(r["host"])) for r in found)))
+            raise OSError(errno.EACCES, f"{host} resolves only to refused addresses ({reasons})")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class WebhookKind(enum.Enum):
@@ -77,6 +200,8 @@ def check_webhook(hook: Webhook, *, where: str = "webhook") -> Webhook:
 def _check_url(field_name: str, url: str) -> None:
     if not url:
         raise InvalidArgument(field_name, "is required")
+    if len(url.encode()) > MAX_URL_BYTES:
+        raise InvalidArgument(field_name, f"is {len(url.encode())} bytes, above the limit of {MAX_URL_BYTES}")
     if any(c.isspace() for c in url):
         raise InvalidArgument(field_name, f"{url!r} contains whitespace")
     try:
@@ -131,10 +256,16 @@ async def call_webhook(
     *,
     backoff_s: float = 0.2,
     max_backoff_s: float = 2.0,
+    policy: WebhookPolicy | None = None,
 ) -> WebhookResult:
-    """POST `payload` as JSON to `hook.url`; never raises for a failed call (see the module)."""
+    """POST `payload` as JSON to `hook.url`; never raises for a failed call (see the module).
+
+    With `policy`, a host it refuses is not called: the result says why (the session should
+    also resolve through a `PolicyResolver` of the same policy)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
+    if policy is not None and (why := policy.refuses_host(urlsplit(hook.url).hostname or "")) is not None:
+        return _result(hook, False, 0, None, 0.0, f"not called: {why} (refused by the webhook policy)", "")
     attempts = 0
     status: int | None = None
     body = ""

@@ -15,6 +15,11 @@ Key layout (below the prefix):
     leader                               identity of the replica that advances releases, under its lease
     lanes/<lane>                         name of the release that last claimed the lane (a create or an
                                          apply writes it, guarded by the value it checked against)
+    tombstones/<release>/<generation>    a deleted release: its last state, who deleted it, why (JSON);
+                                         generation is the create_revision of its release key
+    tombstoneevents/<release>/<generation>/<sequence>  its events, kept by the delete
+    bootstrapped                         id of the first admin token `serve --auth` made (once per installation)
+    tokens/<id>                          an API token record (JSON; the SHA-256 of its secret, never the secret)
     replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
     progress/<identity>                  {release: [lane fingerprint, proxies, converged]} as that replica
                                          counts its own proxies and its agents', under its lease
@@ -50,7 +55,7 @@ import grpc
 from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from graylane.controlplane import model
+from graylane.controlplane import auth, model
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -727,20 +732,120 @@ class EtcdStore:
             )
         return _at(release, resp.header.revision)
 
-    async def delete_release(self, name: str) -> None:
-        key = self.release_key(name)
-        exists = rpc_pb2.Compare(
-            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.GREATER, create_revision=0
+    async def delete_release(self, name: str, *, actor: str = "", reason: str = "", at: str = "") -> Tombstone:
+        """Delete the release and keep its history under a tombstone (`graylane tombstones`).
+
+        The events are copied first, in transactions of at most `_TOMBSTONE_OPS` keys (below
+        etcd's default limit of 128 operations per transaction), under the generation's
+        `create_revision`; events never change once written, so a copy that is repeated or
+        left half done by a crash is harmless and invisible (nothing lists it without its
+        header). One transaction, guarded by the release's `mod_revision`, then deletes the
+        release and its live events and writes the header: readers see the release, or its
+        tombstone, never neither. A change in between fails the guard: copy again, retry.
+        """
+        for _ in range(_TOMBSTONE_RETRIES):
+            kv = await self._get(self.release_key(name))
+            if kv is None:
+                raise NotFound(f"release {name!r} not found")
+            release = _releases.decode(kv)
+            events = await self._range(self._key("events", name) + b"/", revision=kv.mod_revision)
+            generation = int(kv.create_revision)
+            copies = [
+                self._put(self._tombstone_event_key(name, generation, e.key.rsplit(b"/", 1)[-1].decode()), e.value)
+                for e in events.kvs
+            ]
+            for i in range(0, len(copies), _TOMBSTONE_OPS):
+                await self._txn([], copies[i : i + _TOMBSTONE_OPS])
+            tomb = Tombstone(
+                release=name,
+                generation=generation,
+                deleted_at=at,
+                deleted_by=actor,
+                reason=reason,
+                events=len(events.kvs),
+                phase=release.status.phase.name,
+                final=json_format.MessageToJson(model.release_to_proto(release), indent=None),
+            )
+            guard = rpc_pb2.Compare(
+                key=kv.key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=kv.mod_revision
+            )
+            resp = await self._txn(
+                [guard],
+                [
+                    rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=kv.key)),
+                    self._delete_prefix(self._key("events", name) + b"/"),
+                    self._put(self._tombstone_key(name, generation), json.dumps(tomb.to_json()).encode()),
+                ],
+            )
+            if resp.succeeded:
+                return tomb
+        raise Conflict(f"release {name!r} kept changing while it was being deleted; try again")
+
+    def _tombstone_key(self, name: str, generation: int) -> bytes:
+        return self._key("tombstones", name, f"{generation:016d}")
+
+    def _tombstone_event_key(self, name: str, generation: int, sequence: str) -> bytes:
+        return self._key("tombstoneevents", name, f"{generation:016d}", sequence)
+
+    async def list_tombstones(self, name: str = "") -> list[Tombstone]:
+        """Deleted releases (of one name, or all), oldest generation first per name."""
+        prefix = self._key("tombstones", name) + b"/" if name else self._key("tombstones") + b"/"
+        resp = await self._range(prefix)
+        out = []
+        for kv in resp.kvs:
+            try:
+                out.append(Tombstone.from_json(json.loads(kv.value)))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("skipping unreadable tombstone %r: %s", kv.key, exc)
+        return out
+
+    async def tombstone_history(self, name: str, generation: int = 0) -> tuple[Tombstone, list[model.Event]]:
+        """The history a delete kept (generation 0: the latest deleted one of that name)."""
+        tombs = await self.list_tombstones(name)
+        tombs = [t for t in tombs if t.release == name and (not generation or t.generation == generation)]
+        if not tombs:
+            raise NotFound(f"no deleted release {name!r}" + (f" of generation {generation}" if generation else ""))
+        tomb = tombs[-1]
+        resp = await self._range(self._key("tombstoneevents", name, f"{tomb.generation:016d}") + b"/")
+        events = [_event_from_proto(_load(kv.value, pb.Event())) for kv in resp.kvs]  # type: ignore[arg-type]
+        return tomb, events[: tomb.events]
+
+    # ----------------------------------------------------------------- tokens
+
+    async def create_token(self, record: auth.TokenRecord) -> None:
+        """Store a token record; ALREADY_EXISTS if its id or its name is taken."""
+        key = self._key("tokens", record.token_id)
+        if any(r.name == record.name for r in await self.list_tokens()):
+            raise AlreadyExists(f"a token named {record.name!r} exists (revoke it first)")
+        absent = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
         )
-        resp = await self._txn(
-            [exists],
-            [
-                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key)),
-                self._delete_prefix(self._key("events", name) + b"/"),
-            ],
-        )
+        resp = await self._txn([absent], [self._put(key, json.dumps(record.to_json()).encode())])
         if not resp.succeeded:
-            raise NotFound(f"release {name!r} not found")
+            raise AlreadyExists(f"token id {record.token_id} exists")
+
+    async def create_bootstrap_token(self, record: auth.TokenRecord) -> bool:
+        """Store the installation's first admin token, unless one was ever made (False)."""
+        marker = self._key("bootstrapped")
+        absent = rpc_pb2.Compare(
+            key=marker, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
+        put_record = self._put(self._key("tokens", record.token_id), json.dumps(record.to_json()).encode())
+        resp = await self._txn([absent], [put_record, self._put(marker, record.token_id.encode())])
+        return bool(resp.succeeded)
+
+    async def get_token(self, token_id: str) -> auth.TokenRecord | None:
+        kv = await self._get(self._key("tokens", token_id))
+        return _token_or_none(kv.value) if kv is not None else None
+
+    async def list_tokens(self) -> list[auth.TokenRecord]:
+        resp = await self._range(self._key("tokens") + b"/")
+        return [r for kv in resp.kvs if (r := _token_or_none(kv.value)) is not None]
+
+    async def delete_token(self, token_id: str) -> None:
+        resp = await self._call(self._kv.DeleteRange, rpc_pb2.DeleteRangeRequest(key=self._key("tokens", token_id)))
+        if not resp.deleted:  # type: ignore[attr-defined]
+            raise NotFound(f"no token with id {token_id!r}")
 
     # ----------------------------------------------------------------- watches
 
@@ -1003,6 +1108,58 @@ class LiveState:
             by_name=by_name,  # type: ignore[arg-type]
         )
         return self._snap
+
+
+_TOMBSTONE_OPS = 100
+_TOMBSTONE_RETRIES = 5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tombstone:
+    """What a delete keeps of a release: its last state (`final`, proto JSON), who deleted
+    it and why, and how many events its history holds."""
+
+    release: str
+    generation: int
+    deleted_at: str
+    deleted_by: str
+    reason: str
+    events: int
+    phase: str
+    final: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "release": self.release,
+            "generation": self.generation,
+            "deleted_at": self.deleted_at,
+            "deleted_by": self.deleted_by,
+            "reason": self.reason,
+            "events": self.events,
+            "phase": self.phase,
+            "final": self.final,
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Tombstone:
+        return cls(
+            release=str(value["release"]),
+            generation=int(value["generation"]),
+            deleted_at=str(value.get("deleted_at", "")),
+            deleted_by=str(value.get("deleted_by", "")),
+            reason=str(value.get("reason", "")),
+            events=int(value.get("events", 0)),
+            phase=str(value.get("phase", "")),
+            final=str(value.get("final", "")),
+        )
+
+
+def _token_or_none(value: bytes) -> auth.TokenRecord | None:
+    try:
+        return auth.TokenRecord.from_json(json.loads(value))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("skipping an unreadable token record: %s", exc)
+        return None
 
 
 @dataclass

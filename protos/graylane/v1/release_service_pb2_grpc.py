@@ -147,6 +147,31 @@ class ReleaseServiceStub:
                 request_serializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
                 _registered_method=True)
+        self.ListTombstones = channel.unary_unary(
+                '/graylane.v1.ReleaseService/ListTombstones',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.ListTombstonesRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.ListTombstonesResponse.FromString,
+                _registered_method=True)
+        self.TombstoneHistory = channel.unary_unary(
+                '/graylane.v1.ReleaseService/TombstoneHistory',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.TombstoneHistoryRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.HistoryResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/graylane.v1.ReleaseService/CreateToken',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/graylane.v1.ReleaseService/ListTokens',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/graylane.v1.ReleaseService/RevokeToken',
+                request_serializer=graylane_dot_v1_dot_release__service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=graylane_dot_v1_dot_release__service__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ReleaseServiceServicer:
@@ -298,6 +323,38 @@ class ReleaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTombstones(self, request, context):
+        """Deleted releases: DeleteRelease keeps each one's history under a tombstone (admins).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TombstoneHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """API tokens (admins). The secret is returned once, by CreateToken; etcd keeps its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReleaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -410,6 +467,31 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
                     servicer.WatchMetrics,
                     request_deserializer=graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.FromString,
                     response_serializer=graylane_dot_v1_dot_release__service__pb2.MetricsResponse.SerializeToString,
+            ),
+            'ListTombstones': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTombstones,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.ListTombstonesRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.ListTombstonesResponse.SerializeToString,
+            ),
+            'TombstoneHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.TombstoneHistory,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.TombstoneHistoryRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.HistoryResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.CreateTokenRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.ListTokensRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=graylane_dot_v1_dot_release__service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=graylane_dot_v1_dot_release__service__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1008,6 +1090,141 @@ class ReleaseService:
             '/graylane.v1.ReleaseService/WatchMetrics',
             graylane_dot_v1_dot_release__service__pb2.GetMetricsRequest.SerializeToString,
             graylane_dot_v1_dot_release__service__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTombstones(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/ListTombstones',
+            graylane_dot_v1_dot_release__service__pb2.ListTombstonesRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.ListTombstonesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TombstoneHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/TombstoneHistory',
+            graylane_dot_v1_dot_release__service__pb2.TombstoneHistoryRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/CreateToken',
+            graylane_dot_v1_dot_release__service__pb2.CreateTokenRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/ListTokens',
+            graylane_dot_v1_dot_release__service__pb2.ListTokensRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/graylane.v1.ReleaseService/RevokeToken',
+            graylane_dot_v1_dot_release__service__pb2.RevokeTokenRequest.SerializeToString,
+            graylane_dot_v1_dot_release__service__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

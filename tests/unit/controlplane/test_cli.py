@@ -179,15 +179,17 @@ def test_the_command_table_is_the_extension_point(capsys: pytest.CaptureFixture[
 # --- serve -----------------------------------------------------------------------------
 
 
-def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     received: list[ServeOptions] = []
 
     async def serve(options: ServeOptions) -> None:
         received.append(options)
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    tokens = tmp_path / "xds-tokens"
+    tokens.write_text("local: proxy-token-0123456789\n")
     argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
-            "--data-dir", "/var/lib/graylane"]  # fmt: skip
+            "--data-dir", "/var/lib/graylane", "--auth", "--xds-tokens", str(tokens)]  # fmt: skip
     assert cli.main(argv) == 0
     assert received == [
         ServeOptions(
@@ -195,8 +197,56 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             listen=HostPort("0.0.0.0", 9000),
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
+            auth=True,
+            xds_tokens=(("local", None, "proxy-token-0123456789"),),
         )
     ]
+
+
+def test_xds_beyond_loopback_needs_proxy_credentials_or_insecure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    # --auth protects the API, not the xDS port: proxies need credentials of their own.
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001"]) == 2
+    assert "xDS on 10.0.0.7:9001 is reachable beyond this machine" in capsys.readouterr().err
+    certs = tmp_path / "certs"
+    assert cli.main(["certs", "--out", str(certs)]) == 0
+    tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem")]
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *tls]) == 2  # TLS alone proves nothing
+    mutual = [*tls, "--client-ca", str(certs / "ca.pem")]
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *mutual]) == 0
+    assert cli.main(["serve", "--xds-listen", "10.0.0.7:9001", "--insecure"]) == 0
+    assert len(received) == 2 and received[0].xds_authenticated and not received[1].xds_authenticated
+
+
+def test_serve_beyond_loopback_needs_auth_or_insecure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    for flag in ("--listen", "--xds-listen", "--http-listen"):
+        assert cli.main(["serve", flag, "10.0.0.7:9000"]) == 2
+        assert "10.0.0.7:9000 is reachable beyond this machine" in capsys.readouterr().err
+    assert received == []
+    assert cli.main(["serve", "--listen", "0.0.0.0:9000", "--insecure"]) == 0
+    assert cli.main(["serve", "--listen", "localhost:9000", "--xds-listen", "[::1]:9001"]) == 0
+    assert [o.insecure for o in received] == [True, False]
+
+
+def test_tables_escape_control_characters() -> None:
+    table = cli.render_table(("A", "B"), [["ok", "evil\x1b[2J\nfake row\u202e"]])
+    assert "\x1b" not in table and "\n" not in table.splitlines()[1]
+    assert table.splitlines()[1].endswith("evil\\x1b[2J\\nfake row\\u202e")
 
 
 def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
