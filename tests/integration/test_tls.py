@@ -24,6 +24,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
+from graylane.controlplane import auth
+from graylane.controlplane.api import token_record
 from graylane.controlplane.app import ControlPlane, xds_authenticator
 from graylane.controlplane.certs import make_local_certs
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
@@ -31,7 +33,9 @@ from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.proxyauth import TOKEN_METADATA
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.tls import ClientTls, ServerTls, open_channel
+from graylane.controlplane.tls import ClientTls, ServerTls, agent_uri, open_channel, user_uri
+from graylane.v1 import agent_pb2 as apb
+from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
@@ -48,7 +52,7 @@ TOKEN = "local-proxy-token-0123456789"
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("certs")
-    make_local_certs(directory, clusters=["local", "east"], users=["admin"])
+    make_local_certs(directory, clusters=["local", "east"], users=["admin", "alice"])
     return directory
 
 
@@ -452,3 +456,66 @@ def test_the_cli_reaches_a_mutual_tls_server_with_its_certificate_only(served_tl
     assert no_cert.returncode == 1
     half = graylane("get", "--cert", str(certs / "user-admin.pem"))
     assert half.returncode == 2 and "needs its key" in half.stderr
+
+
+# ------------------------------------------------------------------ certificates as API identities
+
+
+async def _agent_hello(port: int, tls: ClientTls, cluster: str) -> grpc.StatusCode:
+    """An AgentService stream with a certificate and no token: its status (OK: welcomed)."""
+
+    async def requests() -> AsyncIterator[apb.AgentMessage]:
+        yield apb.AgentMessage(hello=apb.AgentHello(cluster=cluster, gateway_address="127.0.0.1:9000", agent_id="x"))
+        await asyncio.Event().wait()
+
+    async with open_channel(f"127.0.0.1:{port}", tls) as channel:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests(), metadata=[("x-graylane-cluster", cluster)])
+        try:
+            async with asyncio.timeout(10):
+                async for message in call:
+                    if message.HasField("welcome"):
+                        return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError:
+            pass
+        finally:
+            call.cancel()
+        return await call.code()
+
+
+async def test_with_auth_a_certificate_is_an_identity_only_where_a_record_names_it(
+    store: EtcdStore, certs: Path
+) -> None:
+    made = auth.new_token()
+    await store.create_token(token_record(name="root", role="admin", made=made, created_by="test"))
+    admin = (("authorization", f"Bearer {made.token}"),)
+    async with contextlib.AsyncExitStack() as es:
+        plane = await es.enter_async_context(mtls_plane(store, certs, auth=True))
+        # The TLS layer wants a certificate from everyone; the admin's token rides on one
+        # that no record names.
+        stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
+        service = pb.Service(name="checkout", stable_version="v1")
+        await stub.PutService(api.PutServiceRequest(service=service), metadata=admin)
+        for v in ("v1", "v2"):
+            await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service="checkout", name=v)), metadata=admin)
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")), metadata=admin)
+        with pytest.raises(grpc.aio.AioRpcError) as nobody:
+            await stub.GetRelease(api.GetReleaseRequest(name="rel"))  # a certificate alone grants nothing
+        assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for name, role, extra in (("alice", "operator", {}), ("east-agent", "agent", {"cluster": "east"})):
+            subject = user_uri("alice") if name == "alice" else agent_uri("east")
+            await stub.CreateToken(
+                api.CreateTokenRequest(name=name, role=role, subject=subject, **extra),  # type: ignore[arg-type]
+                metadata=admin,
+            )
+        alice = await es.enter_async_context(api_stub(plane, client(certs, "user-alice")))
+        moved = await alice.NextBatch(api.ActionRequest(name="rel", actor="someone-else"))
+        assert moved.status.weight == 10
+        history = await alice.History(api.HistoryRequest(name="rel"))
+        assert history.events[-1].actor == "cert:alice"
+        with pytest.raises(grpc.aio.AioRpcError) as operator:
+            await alice.DeleteRelease(api.DeleteReleaseRequest(name="rel"))
+        assert operator.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # An agent's certificate opens its own cluster's AgentService stream, no other.
+        assert await _agent_hello(plane.api_port, client(certs, "agent-east"), "east") == grpc.StatusCode.OK
+        code = await _agent_hello(plane.api_port, client(certs, "agent-east"), "west")
+        assert code == grpc.StatusCode.PERMISSION_DENIED
