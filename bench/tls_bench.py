@@ -62,6 +62,7 @@ async def one_replica(etcd: str, certs: Path | None, envoys: int, prefix: str) -
 
 async def run(rounds: int = 3) -> str:
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="graylane-tls-bench-") as tmp:
         certs = Path(tmp) / "certs"
@@ -80,10 +81,12 @@ async def run(rounds: int = 3) -> str:
                         slot = results.setdefault((variant, envoys), {"acked": [], "reached": []})
                         slot["acked"] += out["acked"]
                         slot["reached"] += out["reached"]
-    return section(results, rounds, time.monotonic() - started)
+    return section(results, rounds, time.monotonic() - started, load_before)
 
 
-def section(results: dict[tuple[str, int], dict[str, list[float]]], rounds: int, seconds: float) -> str:
+def section(
+    results: dict[tuple[str, int], dict[str, list[float]]], rounds: int, seconds: float, load_before: float
+) -> str:
     def med(values: Sequence[float]) -> str:
         return f"{statistics.median(values):.1f}" if values else "-"
 
@@ -106,7 +109,7 @@ def section(results: dict[tuple[str, int], dict[str, list[float]]], rounds: int,
             "replica on plain text and one with mutual TLS on every port (API client, Envoys' ADS and the xDS gate "
             f"checking each Envoy's certificate), each with 1 then 5 real Envoys, {REACHED_STEPS} NextBatch calls per "
             f"replica and Envoy count. Medians in ms over every step (p99 beside). Run took {seconds:.0f} s; load "
-            f"average at the end {load:.1f} on {os.cpu_count()} cores.",
+            f"average {load_before:.1f} at the start, {load:.1f} at the end, on {os.cpu_count()} cores.",
             "",
             f"| measurement | {PLAIN} | {MTLS} | difference |",
             "|---|---|---|---|",
