@@ -44,9 +44,10 @@ from graylane.agent.session import (
 from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.stats import AdminAllowList
 from graylane.agent.wire import cluster_view, view_from_proto
-from graylane.controlplane.app import run_until_signalled, xds_authenticator
+from graylane.controlplane.closing import run_until_signalled
 from graylane.controlplane.http import HttpServer, metrics_route
 from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW
+from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.telemetry import agent_telemetry
 from graylane.controlplane.tls import ClientTls, ServerTls, add_port
 from graylane.v1 import agent_pb2 as apb

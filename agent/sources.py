@@ -1,7 +1,7 @@
 """Where an agent learns its cluster's endpoints: the `EndpointSource` role and a file source.
 
-Owns: `EndpointSource` (an async stream of complete, validated endpoint sets; a Kubernetes
-source will implement the same protocol) and `FileEndpointSource`, which reads a YAML
+Owns: `EndpointSource` (an async stream of complete, validated endpoint sets; any other
+source, e.g. one reading Kubernetes, would implement the same protocol) and `FileEndpointSource`, which reads a YAML
 file, validates it with the control plane's own rules (so an endpoint the control plane
 would refuse is caught here first), and follows the file for changes. A file that does not
 parse or does not validate is logged and skipped: the last good set stays in force.

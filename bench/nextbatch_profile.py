@@ -32,7 +32,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import store_bench as sb  # noqa: E402
 from graylane.controlplane import dataplane, views  # noqa: E402
 from graylane.controlplane.app import ControlPlane  # noqa: E402
-from graylane.controlplane.client import Action, ReleaseClient  # noqa: E402
 from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
 from graylane.controlplane.machine import Action as Move  # noqa: E402
@@ -158,7 +157,9 @@ def report(envoys: int, steps: list[dict[str, list[tuple[float, float, str]]]], 
             f"{statistics.median(sums):8.2f} {statistics.median(each):8.3f} {threads}"
         )
     step = steps[len(steps) // 2]
-    lines.append("  one step's timeline (ms after the NextBatch call, duration ms; _write_progress calls left out):")
+    lines.append(
+        "  one step's timeline (ms after the client's NextBatch call, duration ms; _write_progress calls left out):"
+    )
     for start, took, stage in sorted((s, d, stage) for stage, xs in step.items() for s, d, _ in xs):
         if stage != "reconcile: _write_progress":
             lines.append(f"    {start:8.2f} {took:8.3f}  {stage}")
@@ -183,45 +184,38 @@ async def main(envoys: int, count: int) -> str:
             await plane.releases.act(name, Move.NEXT, Cause(actor="bench"))
         for k in range(envoys):
             await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"profile-{k}"))
-        client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench"))
+        client = await sb._Client.start(target)  # the pipeline, in its own process
+        stack.push_async_callback(client.close)
         dp = plane.dataplane
         await dp.wait_current(timeout=60)
         name = names[sb.LIVE - 1]
         steps: list[dict[str, list[tuple[float, float, str]]]] = []
         marks: list[dict[str, float]] = []
         while len(steps) < count:
-            r = await client.get_release(name)
-            if r.status.batch + 1 >= len(r.spec.batches):
-                await client.act(Action.ROLLBACK, name)
+            r = await client.ask(f"get {name}")
+            if r["batch"] + 1 >= r["batches"]:
+                await client.ask(f"act rollback {name}")
                 await dp.wait_current(timeout=30)
-                await client.act(Action.RESTART, name)
+                await client.ask(f"act restart {name}")
                 await dp.wait_current(timeout=30)
                 continue
             await asyncio.sleep(0.3)  # the previous step's writes and passes settle
             LOG.clear()
-            before = sb._route_version(plane)
-            t0 = time.perf_counter()
-            await client.act(Action.NEXT, name)
-            t_act = time.perf_counter()
-            t_acked: float | None = None
-            async with asyncio.timeout(15):
-                while True:
-                    if t_acked is None and sb._route_version(plane) != before and dp.proxies_current():
-                        t_acked = time.perf_counter()
-                    if (await client.get_release(name)).status.reached:
-                        break
-                    await asyncio.sleep(0.001)
-            t_reached = time.perf_counter()
+            out = await client.ask(f"next {name}")
+            await dp.wait_current(timeout=30)
             await asyncio.sleep(0.6)  # what the step still causes (grace writes, progress)
+            t0 = out["t0"]
             step: dict[str, list[tuple[float, float, str]]] = {}
             for start, end, stage, thread in LOG:
                 step.setdefault(stage, []).append(((start - t0) * 1000, (end - start) * 1000, thread))
             steps.append(step)
+            acks = [s for s, _, _ in step.get("tracker: RDS ACK handled", [])]
             marks.append(
                 {
-                    "NextBatch call returned": (t_act - t0) * 1000,
-                    "every Envoy ACKed the new routes (polled)": ((t_acked or t_reached) - t0) * 1000,
-                    "`reached` seen in GetRelease (polled every 1 ms)": (t_reached - t0) * 1000,
+                    "NextBatch call returned (client process)": (out["reply"] - t0) * 1000,
+                    "the last Envoy's RDS ACK handled": max(acks) if acks else float("nan"),
+                    "`reached` seen on a Watch stream (client process)": (out["watch"] - t0) * 1000,
+                    "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
                 }
             )
         return report(envoys, steps, marks)

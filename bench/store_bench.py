@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import pathlib
 import statistics
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from graylane.controlplane import model, views
 from graylane.controlplane.app import ControlPlane
@@ -242,12 +244,67 @@ class LagProbe:
                 await self._task
 
 
-def _route_version(plane: ControlPlane) -> str:
+def _route_versions(plane: ControlPlane) -> dict[str, str]:
+    """Each Envoy stream -> the ROUTE set version its snapshot key carries now."""
     from graylane.xds.resources import ROUTE
 
-    versions = sorted({p.key for p in plane.tracker.proxies().values()})
-    snaps = [plane.dataplane._cache.snapshot(k) for k in versions]
-    return ",".join(s[ROUTE].version for s in snaps if s is not None)
+    out: dict[str, str] = {}
+    for stream, proxy in plane.tracker.proxies().items():
+        snap = plane.dataplane._cache.snapshot(proxy.key)
+        if snap is not None:
+            out[stream] = snap[ROUTE].version
+    return out
+
+
+def _route_version(plane: ControlPlane) -> str:
+    """Every snapshot key's ROUTE version, joined (bench/nextbatch_profile.py polls it)."""
+    return ",".join(sorted(set(_route_versions(plane).values())))
+
+
+class _Client:
+    """bench/nextbatch_client.py in its own process: the pipeline that calls NextBatch."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, target: str, *, tls: ClientTls | None = None) -> _Client:
+        script = pathlib.Path(__file__).with_name("nextbatch_client.py")
+        tls_args = [str(p) for p in (tls.ca, tls.cert, tls.key)] if tls is not None else []
+        if tls is not None and None in (tls.ca, tls.cert, tls.key):
+            raise ValueError("the bench client's TLS needs a CA, a certificate and its key")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-P",
+            str(script),
+            target,
+            str(REACHED_POLL),
+            *tls_args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        return cls(proc)
+
+    async def ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(30):
+            answer = await self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"nextbatch client ended (rc {await self.proc.wait()})")
+        result: dict[str, Any] = json.loads(answer)
+        return result
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
 
 
 async def bench_reached(
@@ -259,56 +316,65 @@ async def bench_reached(
     envoy_tls: EnvoyTls | None = None,
     client_tls: ClientTls | None = None,
 ) -> dict[str, list[float]]:
-    """NextBatch on `name`, REACHED_STEPS times: to every proxy ACKed (the tracker), to
-    `reached` in GetRelease, the loop's longest stall meanwhile, and each convergence pass.
-    With `envoy_tls` / `client_tls` the Envoys (of cluster "local") and the API client use
-    mutual TLS (bench/tls_bench.py)."""
-    out: dict[str, list[float]] = {"reached": [], "acked": [], "lag": [], "passes": []}
+    """NextBatch on `name`, REACHED_STEPS times, called from another process (as a pipeline
+    would): to every Envoy ACKed (the instant the control plane handled the last Envoy's ACK
+    of the new routes, from a hook on the tracker, no polling), to `reached` seen on a Watch
+    stream and through GetRelease polled every REACHED_POLL s, the loop's longest stall
+    meanwhile, and each convergence pass. With `envoy_tls` / `client_tls` the Envoys (of
+    cluster "local") and the client use mutual TLS (bench/tls_bench.py)."""
+    from graylane.xds.resources import ROUTE
+
+    out: dict[str, list[float]] = {"reached": [], "watched": [], "acked": [], "lag": [], "passes": []}
     dp = plane.dataplane
     original = dp.reconcile
+    tracker = plane.tracker
+    original_acked = tracker.acked
+    acks: list[tuple[float, str, str]] = []  # (instant, stream, ROUTE version)
 
     async def timed() -> None:
         t0 = time.perf_counter()
         await original()
         out["passes"].append((time.perf_counter() - t0) * 1000)
 
+    def noting(stream: str, type_url: str, ack: Any) -> None:
+        if type_url == ROUTE:
+            acks.append((time.perf_counter(), stream, ack.version))
+        original_acked(stream, type_url, ack)
+
     dp.reconcile = timed  # type: ignore[method-assign]
+    tracker.acked = noting  # type: ignore[method-assign]
     try:
         async with contextlib.AsyncExitStack() as stack:
             for k in range(envoys):
                 await stack.enter_async_context(
                     EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}", node_cluster="local", tls=envoy_tls)
                 )
-            client = await stack.enter_async_context(ReleaseClient.connect(target, actor="bench", tls=client_tls))
+            client = await _Client.start(target, tls=client_tls)
+            stack.push_async_callback(client.close)
             probe = await stack.enter_async_context(LagProbe())
             await dp.wait_current(timeout=30)
             for _ in range(REACHED_STEPS):
-                r = await client.get_release(name)
-                if r.status.batch + 1 >= len(r.spec.batches):
-                    await client.act(Action.RESTART if r.status.phase == pb.ROLLED_BACK else Action.ROLLBACK, name)
+                r = await client.ask(f"get {name}")
+                if r["batch"] + 1 >= r["batches"]:
+                    await client.ask(f"act {'restart' if r['phase'] == 'ROLLED_BACK' else 'rollback'} {name}")
                     await dp.wait_current(timeout=30)
                     continue
-                before = _route_version(plane)
-                acked: list[float] = []
-
-                async def all_acked(t0: float, before: str = before, acked: list[float] = acked) -> None:
-                    await until(lambda: _route_version(plane) != before and dp.proxies_current(), poll=0.0005)
-                    acked.append((time.perf_counter() - t0) * 1000)
-
                 await asyncio.sleep(0.05)
                 probe.reset()
-                t0 = time.perf_counter()
-                await client.act(Action.NEXT, name)
-                waiter = asyncio.create_task(all_acked(t0))
-                async with asyncio.timeout(15):
-                    while not (await client.get_release(name)).status.reached:
-                        await asyncio.sleep(REACHED_POLL)
-                out["reached"].append((time.perf_counter() - t0) * 1000)
-                await waiter
-                out["acked"].extend(acked)
+                acks.clear()
+                step = await client.ask(f"next {name}")
+                await dp.wait_current(timeout=30)
+                targets = _route_versions(plane)
+                last = max(
+                    min(t for t, s, v in acks if s == stream and v == version) for stream, version in targets.items()
+                )
+                out["acked"].append((last - step["t0"]) * 1000)
+                out["watched"].append((step["watch"] - step["t0"]) * 1000)
+                out["reached"].append((step["poll"] - step["t0"]) * 1000)
                 out["lag"].append(probe.reset())
     finally:
         dp.reconcile = original  # type: ignore[method-assign]
+        tracker.acked = original_acked  # type: ignore[method-assign]
     return out
 
 
@@ -321,8 +387,12 @@ def reached_rows(label: str, r: dict[str, list[float]]) -> list[list[str]]:
     passes = r["passes"]
     return [
         [
-            f"NextBatch -> `reached` in GetRelease (polled every 5 ms), {label}",
-            f"p50 {med(r['reached']):.1f} ms, max {max(r['reached']):.1f} ms ({len(r['reached'])} steps)",
+            f"NextBatch -> `reached` on a Watch stream (client in another process), {label}",
+            f"p50 {med(r['watched']):.1f} ms, p99 {p99(r['watched']):.1f} ms ({len(r['watched'])} steps)",
+        ],
+        [
+            f"NextBatch -> `reached` in GetRelease (polled every 5 ms, same client), {label}",
+            f"p50 {med(r['reached']):.1f} ms, max {max(r['reached']):.1f} ms",
         ],
         [
             f"NextBatch -> every Envoy ACKed the new routes, {label}",

@@ -22,11 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from graylane.controlplane.app import ControlPlane, xds_authenticator
+from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.certs import make_local_certs
 from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
+from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.store import connect
 from graylane.controlplane.tls import ClientTls, ServerTls
 from graylane.v1 import release_pb2 as pb

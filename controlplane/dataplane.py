@@ -1,10 +1,11 @@
 """DataPlane: keeps Envoy configuration in step with etcd, and release status in step with Envoy.
 
 Owns two loops of one control-plane replica:
-* follow the store: watch the key prefix from a revision; on every change re-read one
-  consistent snapshot, build the routing view, render it for every proxy group (by the
-  proxy's listen port) and set it in the xDS snapshot cache. After a compaction or a lost
-  connection it re-reads and continues, so no change is missed.
+* follow the store: watch the key prefix from a revision and apply each batch of changes
+  to the kept state (one consistent snapshot per revision), build the routing view from
+  the previous one, render what changed for every proxy group (by the proxy's listen
+  port) and set it in the xDS snapshot cache. After a compaction or a lost watch it
+  re-reads the whole prefix and continues, so no change is missed.
 * follow the proxies: whenever a proxy ACKs or NACKs (the xDS tracker), an agent reports,
   or the view changes, count per live release the proxies carrying its current batch (this
   replica's and its agents'), publish that count for the other replicas, and, on the
@@ -738,12 +739,12 @@ class DataPlane:
             if now >= due:
                 gone += behind
                 if len(gone_names) < views.NAMES_SHOWN:
-                    gone_names.append(f"{behind} proxies of {name}: not ACKed within {self._stale_seconds:g}s")
+                    gone_names.append(f"{_proxies(behind)} of {name}: not ACKed within {self._stale_seconds:g}s")
                 continue
             proxies += behind
             deadline = due if deadline is None else min(deadline, due)
             if len(lagging) < views.NAMES_SHOWN:
-                lagging.append(f"{behind} proxies of {name}: not carrying it yet")
+                lagging.append(f"{_proxies(behind)} of {name}: not carrying it yet")
         return replace(
             local,
             proxies=proxies,
@@ -882,7 +883,7 @@ class DataPlane:
                 return StatusUpdate(status)
             now = datetime.now(UTC)  # the pause counts from the instant the event records
             what = _target_words(current)
-            status = replace(status, batch_reached=now, reason=f"{what} reached by {p.proxies} proxies")
+            status = replace(status, batch_reached=now, reason=f"{what} reached by {_proxies(p.proxies)}")
             details = {"proxies": str(p.proxies), "weight": str(model.served_weight_of(current.spec, current.status))}
             if p.gone:
                 details["gone"] = str(p.gone)
@@ -1253,9 +1254,14 @@ def _proxy_name(p: ProxyStatus) -> str:
 def _target_words(release: model.Release) -> str:
     phase = release.status.phase
     if phase is model.Phase.ROLLED_BACK:
-        return "the rollback (lane removed)"
+        return "the rollback (lane drained: no request admitted)"
     if phase is model.Phase.SUCCEEDED:
         return "the promotion (gray version stable, lane removed)"
     if phase is model.Phase.FAILED:
-        return "the failure (lane removed)"
-    return f"batch {release.status.batch}"
+        return "the failure (lane drained: no request admitted)"
+    # 1-based over the count, as `graylane status` shows it (the API's `batch` is 0-based).
+    return f"batch {release.status.batch + 1}/{len(release.spec.batches)}"
+
+
+def _proxies(n: int) -> str:
+    return f"{n} proxy" if n == 1 else f"{n} proxies"

@@ -11,7 +11,7 @@ from typing import Final
 DEFAULT_API_PORT: Final = 7400
 #: The port the control plane's embedded xDS (ADS) server listens on for Envoys.
 DEFAULT_XDS_PORT: Final = 7401
-#: The control plane's HTTP server: /metrics, /healthz and the dashboard.
+#: The control plane's HTTP server: /metrics and /healthz.
 DEFAULT_HTTP_PORT: Final = 7403
 #: etcd's client port, assumed when `--etcd` names a host without a port.
 DEFAULT_ETCD_PORT: Final = 2379

@@ -68,7 +68,7 @@ async def _follow(
     while True:
         events = await store.history(name)
         for e in events[printed:]:
-            line = f"  #{e.sequence:<3} {e.action:<9} by {e.actor:<18} batch {e.to_batch} ({e.weight}%)"
+            line = f"  #{e.sequence:<3} {e.action:<9} by {e.actor:<18} batch {e.to_batch + 1} ({e.weight}%)"
             if e.details.get("verdict"):
                 line += f"  verdict {e.details['verdict']:<12} {_evidence(dict(e.details))}"
             elif e.reason:

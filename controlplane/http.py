@@ -1,4 +1,4 @@
-"""The one HTTP server of a Graylane process: `/metrics`, `/healthz`, later the dashboard.
+"""The one HTTP server of a Graylane process: `/metrics` and `/healthz`.
 
 Owns an aiohttp application on one address and its lifecycle (`async with HttpServer(...)`
 or `start()`/`stop()`). Routes are registered by name before the server starts (aiohttp

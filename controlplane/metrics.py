@@ -17,8 +17,9 @@ increasing, agent reports included (stamped on arrival: one clock for every seri
 window [now - w, now] means the same for every cluster whatever the agents' clocks say).
 
 Concurrency: one asyncio loop. The collector's task appends; API handlers read `Windows`
-in the same loop between awaits, so no locks. Must not import: etcd, graylane.xds (the
-proxies come in as a `targets` callable).
+in the same loop between awaits, so no locks. Must not import: etcd, graylane.xds (except
+graylane.xds.view, whose cluster names the stats are keyed by; the proxies come in as a
+`targets` callable).
 """
 
 from __future__ import annotations

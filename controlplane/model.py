@@ -224,6 +224,18 @@ def held(status: ReleaseStatus) -> bool:
     return status.phase is Phase.PAUSED and status.last_nack is not None and status.held_batch is not None
 
 
+def draining(status: ReleaseStatus) -> bool:
+    """A rolled-back (or failed) release whose proxies do not all carry that yet.
+
+    Its lane stays in the routing view, admitting nothing (weight 0, no rules), so a request
+    the entry admitted before it stopped keeps its lane on the later hops instead of
+    falling to base half-way (Envoys of one chain apply a change at different instants).
+    The lane goes once every proxy carries the drained lane (`reached`). A rollback that
+    follows a NACK drains nothing: the lane goes at once, as the rejecting proxy has it.
+    """
+    return status.phase in (Phase.ROLLED_BACK, Phase.FAILED) and not status.reached and status.last_nack is None
+
+
 def served_weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
     """The weight proxies are served: the asked weight, or the held lane's under a NACK."""
     if held(status):

@@ -84,7 +84,7 @@ class ServeOptions:
     etcd_endpoints: tuple[HostPort, ...] = ()
     listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_API_PORT))
     xds_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_XDS_PORT))
-    # The HTTP server: /metrics (Prometheus), /healthz, the dashboard.
+    # The HTTP server: /metrics (Prometheus) and /healthz.
     http_listen: HostPort = field(default=HostPort(DEFAULT_LISTEN_HOST, DEFAULT_HTTP_PORT))
     # OTLP/HTTP base URL for traces (like OTEL_EXPORTER_OTLP_ENDPOINT, which is used when
     # this is None); with neither, no traces.

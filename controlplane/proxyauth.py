@@ -46,6 +46,16 @@ class ProxyIdentity:
         return f"{self.cluster}/{self.node or '*'} ({self.via})"
 
 
+def xds_authenticator(
+    *, cluster: str, tokens: Sequence[tuple[str, str | None, str]], mutual: bool
+) -> ProxyAuthenticator | None:
+    """The gate of an xDS port: on as soon as proxies have credentials to show (tokens, or
+    client certificates under mutual TLS); None keeps the port open to every proxy."""
+    if not tokens and not mutual:
+        return None
+    return ProxyAuthenticator(cluster=cluster, tokens=tokens)
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 

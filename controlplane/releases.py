@@ -15,6 +15,7 @@ Must not import: etcd (use `controlplane.store`), graylane.xds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -78,7 +79,15 @@ def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -
             )
     shared_entry = 0
     for other in snap.releases:
-        if other.name == name or other.status.phase.terminal:
+        if other.name == name:
+            continue
+        if other.status.phase.terminal:
+            if model.draining(other.status) and other.spec.lane == spec.lane:
+                raise InvalidArgument(
+                    "spec.lane",
+                    f"lane {spec.lane!r} is still draining from rolled-back release {other.name!r}: "
+                    "it is free once every proxy has stopped admitting to it (`graylane status` says reached)",
+                )
             continue
         if other.spec.lane == spec.lane:
             raise InvalidArgument("spec.lane", f"lane {spec.lane!r} is used by release {other.name!r}")
@@ -177,17 +186,30 @@ class Releases:
         after, event = machine.record(release, release.status, action="create", cause=cause, now=now)
         return await self._store.create_release(after, event, lane_claimed=lane_claimed)
 
-    async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
-        """Create the release, or replace its spec (a finished one starts over as PENDING)."""
+    async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause, *, restart: bool = False) -> model.Release:
+        """Create the release, or replace its spec. Applying the spec it has changes nothing,
+        finished or not; a finished release with a changed spec starts over as PENDING only
+        with `restart` (a pipeline re-applying its file must not start a rollout again)."""
         model.check_name("name", name)
+        with contextlib.suppress(NotFound):
+            if (existing := await self._store.get_release(name)).spec == spec:
+                # Nothing to change: apply is idempotent, before any check (after a promote the
+                # file's base version is no longer stable, and that is no reason to refuse).
+                return existing
         for _ in range(_RETRIES):
             snap, claimed = await self._checked(name, spec)
             current = snap.by_name.get(name)
             try:
                 if current is None:
                     return await self._create_checked(name, spec, cause, claimed)
-                if current.spec == spec and not current.status.phase.terminal:
-                    return current  # nothing to change: apply is idempotent
+                if current.spec == spec:
+                    return current
+                phase = current.status.phase
+                if phase.terminal and not restart:
+                    raise FailedPrecondition(
+                        f"release {name!r} is {phase.name}: applying a changed spec starts it over from the "
+                        "first batch; say so with restart (graylane apply --restart)"
+                    )
                 after, events = self._respec(current, spec, cause)
                 return await self._store.update_release(after, events, lane_claimed=claimed)
             except (Conflict, NotFound, AlreadyExists):

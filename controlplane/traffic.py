@@ -3,8 +3,9 @@
 Owns: asking every connected proxy that states its admin endpoint (node metadata
 `admin_address`) for its counters, summing them, and keeping the ones that concern one
 release: its lane's traffic at every service the lane reached, and the traffic outside
-any lane at those services (the baseline beside it). Single-cluster mode; with agents,
-the counts arrive from them instead (next issues).
+any lane at those services (the baseline beside it). It reads the proxies connected to
+this replica; proxies behind agents are not read (their metrics reach the control plane
+through the agents' reports instead, see `controlplane.metrics`).
 
 Nothing is stored: every call reads the proxies now, so the numbers are Envoy's own.
 """

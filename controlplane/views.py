@@ -15,7 +15,7 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from types import MappingProxyType
 
@@ -64,12 +64,17 @@ def followed(release: model.Release) -> bool:
 def served_lane(release: model.Release) -> xv.Lane | None:
     """The lane the proxies are to be served for `release` (None: no lane).
 
+    A rolled-back release is served its drained lane until every proxy carries it
+    (`model.draining`).
+
     A release held by a NACK keeps the lane its proxies last accepted (`held_lane`: rules,
     weight and versions as they were, even if the spec was edited since), so a rejected
     change is never half-applied: proxies that accepted it are moved back to what the
     rejecting proxy still serves, and status says which lane that is.
     """
     st = release.status
+    if model.draining(st):
+        return replace(lane_of(release, weight=0), rules=(), cohort=None)
     if not st.phase.routes_lane:
         return None
     if model.held(st):
@@ -525,8 +530,8 @@ def release_progress(
 ) -> Progress:
     """How many proxies carry the release's target, which do not and why.
 
-    A proxy carries it when its accepted view has the target as `intended` has it (an absent
-    lane counts: a rolled-back release is carried once its lane is gone). A proxy that has
+    A proxy carries it when its accepted view has the target as `intended` has it (a
+    rolled-back release's target is its drained lane, see `model.draining`). A proxy that has
     not carried it for `stale_seconds` after the later of the target appearing
     (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
     named in `gone_names`. The result does not depend on the order of `proxies`.

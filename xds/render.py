@@ -1,7 +1,7 @@
 """Render a RoutingView into the Envoy resources one proxy serves.
 
 Owns: the translation of routing intent (services, versions, endpoints, gray lanes) into
-CDS, EDS, LDS and RDS resources, following DESIGN.md "Routing semantics". Pure:
+CDS, EDS, LDS, RDS and SRDS resources, following docs/ARCHITECTURE.md's routing section. Pure:
 RoutingView -> Resources, no I/O, no clocks, no hidden state; the same view renders to
 byte-identical resources (and so the same content versions) on every replica and agent.
 

@@ -117,6 +117,12 @@ class EtcdProcess:
             "--logger",
             "zap",
         ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # The embedded etcd dies with the process that started it, kill -9 included: an
+            # orphan would keep the data dir's lock and the next `graylane serve` on it would
+            # wait for an etcd that can never start. (util-linux, on every Debian system.)
+            args = [setpriv, "--pdeathsig", "TERM", "--", *args]
         env = dict(os.environ)
         # A data dir written by an earlier start keeps its cluster; these are ignored then.
         log_file = self._log_path.open("ab")

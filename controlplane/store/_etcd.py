@@ -32,7 +32,7 @@ writes its event (and, on success, the services' new stable versions), so a fail
 conflicting call changes nothing.
 
 Concurrency: one grpc.aio channel per store; all methods are coroutines safe to call
-concurrently from one event loop. Must not import graylane.xds.
+concurrently from one event loop. Must not import: graylane.xds.
 """
 
 from __future__ import annotations
@@ -483,10 +483,17 @@ class EtcdStore:
         return (kind, rest) if sep else None
 
     async def get_release(self, name: str) -> model.Release:
-        kv = await self._get(self.release_key(name))
-        if kv is None:
+        return (await self.get_release_at(name))[0]
+
+    async def get_release_at(self, name: str) -> tuple[model.Release, int]:
+        """The release and the store's revision it was read at (a watch from that revision + 1
+        misses nothing and starts in step with etcd: one from the release's own, older
+        revision would first wait for etcd's catch-up pass of lagging watchers, up to 100 ms)."""
+        resp = await self._call(self._kv.Range, rpc_pb2.RangeRequest(key=self.release_key(name)))
+        kvs = resp.kvs  # type: ignore[attr-defined]
+        if not kvs:
             raise NotFound(f"release {name!r} not found")
-        return _releases.decode(kv)
+        return _releases.decode(kvs[0]), int(resp.header.revision)  # type: ignore[attr-defined]
 
     async def list_releases(self) -> list[model.Release]:
         resp = await self._range(self._key("releases") + b"/")
@@ -735,8 +742,9 @@ class EtcdStore:
     async def delete_release(self, name: str, *, actor: str = "", reason: str = "", at: str = "") -> Tombstone:
         """Delete the release and keep its history under a tombstone (`graylane tombstones`).
 
-        The events are copied first, in transactions of at most `_TOMBSTONE_OPS` keys (below
-        etcd's default limit of 128 operations per transaction), under the generation's
+        The events are copied first, in transactions of at most `_TOMBSTONE_OPS` keys and
+        `_TOMBSTONE_BYTES` (below etcd's default limits of 128 operations and 1.5 MiB per
+        request; an event is at most a few KiB), under the generation's
         `create_revision`; events never change once written, so a copy that is repeated or
         left half done by a crash is harmless and invisible (nothing lists it without its
         header). One transaction, guarded by the release's `mod_revision`, then deletes the
@@ -754,8 +762,16 @@ class EtcdStore:
                 self._put(self._tombstone_event_key(name, generation, e.key.rsplit(b"/", 1)[-1].decode()), e.value)
                 for e in events.kvs
             ]
-            for i in range(0, len(copies), _TOMBSTONE_OPS):
-                await self._txn([], copies[i : i + _TOMBSTONE_OPS])
+            batch: list[rpc_pb2.RequestOp] = []
+            size = 0
+            for op in copies:
+                if batch and (len(batch) >= _TOMBSTONE_OPS or size + op.ByteSize() > _TOMBSTONE_BYTES):
+                    await self._txn([], batch)
+                    batch, size = [], 0
+                batch.append(op)
+                size += op.ByteSize()
+            if batch:
+                await self._txn([], batch)
             tomb = Tombstone(
                 release=name,
                 generation=generation,
@@ -1111,6 +1127,7 @@ class LiveState:
 
 
 _TOMBSTONE_OPS = 100
+_TOMBSTONE_BYTES = 512 * 1024
 _TOMBSTONE_RETRIES = 5
 
 

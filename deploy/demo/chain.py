@@ -73,6 +73,7 @@ class ChainAnswer:
     path: str = ""
     hops: tuple[Hop, ...] = ()
     error: str = ""
+    timed_out: bool = False  # no answer within the request's time (a slow machine, not a refusal)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +93,21 @@ class ChainAnswer:
             if isinstance(h, dict)
         )
         return cls(status, str(body.get("path", "")), hops, str(body.get("error", "")))
+
+
+async def get_once(
+    session: aiohttp.ClientSession, url: str, headers: Mapping[str, str], *, timeout: float
+) -> ChainAnswer:
+    """One GET, never raising: a timeout is an answer that says so (`timed_out`), any other
+    failure is status 0 with the error."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.get(url, headers=headers) as response:
+                return ChainAnswer.from_response(response.status, await response.read())
+    except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
+        return ChainAnswer(0, error=f"no answer within {timeout:.1f}s", timed_out=True)
+    except aiohttp.ClientError as exc:
+        return ChainAnswer(0, error=f"{type(exc).__name__}: {exc}")
 
 
 class Chain:
@@ -275,12 +291,7 @@ class Chain:
         self.answered += 1
         sent = {**(headers or {}), "Host": self.entry}
         url = f"http://{_LOOPBACK}:{self._edge.listen_port}{path}"
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._session.get(url, headers=sent) as response:
-                    return ChainAnswer.from_response(response.status, await response.read())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return ChainAnswer(0, error=f"{type(exc).__name__}: {exc}")
+        return await get_once(self._session, url, sent, timeout=timeout)
 
     async def run(
         self,

@@ -69,6 +69,7 @@ async def secured(store: EtcdStore) -> AsyncIterator[Secured]:
         agent_tokens={"west": "west-secret#with-a-hash"},
         max_streams_per_identity=2,
         max_receive_message_bytes=256 * 1024,
+        stream_recheck_seconds=0.2,
     )
     async with plane.running():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
@@ -98,6 +99,11 @@ def canary(*, hooks: Sequence[pb.Webhook] = ()) -> pb.ReleaseSpec:
         spec.analysis.max_error_rate = 0.05
         spec.analysis.webhooks.extend(hooks)
     return spec
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
 
 
 async def refused(call: object) -> grpc.aio.AioRpcError:
@@ -180,12 +186,28 @@ async def test_scopes_limit_a_token_to_its_releases(secured: Secured) -> None:
     await secured.stub.NextBatch(api.ActionRequest(name="mine"), metadata=bearer(scoped))
     err = await refused(secured.stub.NextBatch(api.ActionRequest(name="theirs"), metadata=bearer(scoped)))
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED and "outside the identity's scope" in (err.details() or "")
+    text = await asyncio.to_thread(_scrape, secured.plane.http_port)
+    assert any(
+        line.startswith("graylane_api_denied_total{") and "NextBatch" in line and 'code="permission_denied"' in line
+        for line in text.splitlines()
+    ), text
     listed = await secured.stub.ListReleases(api.ListReleasesRequest(), metadata=bearer(scoped))
     assert [r.name for r in listed.releases] == ["mine"]
     # A scope of services admits the releases whose services are all in it.
     by_service = await secured.token("carts", "operator", services=["cart"])
     await secured.stub.NextBatch(api.ActionRequest(name="theirs"), metadata=bearer(by_service))
     err = await refused(secured.stub.Pause(api.ActionRequest(name="mine"), metadata=bearer(by_service)))
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    # A scoped admin registers only its own services' versions.
+    cart_admin = await secured.token("cart-admin", "admin", services=["cart"])
+    await secured.stub.PutVersion(
+        api.PutVersionRequest(version=pb.Version(service="cart", name="v3")), metadata=bearer(cart_admin)
+    )
+    err = await refused(
+        secured.stub.PutVersion(
+            api.PutVersionRequest(version=pb.Version(service="checkout", name="v3")), metadata=bearer(cart_admin)
+        )
+    )
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -216,6 +238,25 @@ async def test_a_revoked_token_stops_working_on_another_replica(secured: Secured
                     assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
                     break
                 await asyncio.sleep(0.1)
+
+
+async def test_a_long_history_is_kept_whole(store: EtcdStore) -> None:
+    """More events than etcd takes in one transaction (128 operations) are kept, in order."""
+    from graylane.controlplane import model
+    from graylane.controlplane.machine import Action, Cause
+    from graylane.controlplane.releases import Releases
+
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    await store.put_version(model.Version(service="checkout", name="v2"))
+    releases = Releases(store)
+    await releases.create("rel", model.spec_from_proto(canary()), Cause(actor="t"))
+    await releases.act("rel", Action.NEXT, Cause(actor="t"))
+    for i in range(149):
+        await releases.act("rel", Action.PAUSE if i % 2 == 0 else Action.RESUME, Cause(actor="t", reason="x" * 3000))
+    tomb = await store.delete_release("rel", actor="t")
+    kept_tomb, events = await store.tombstone_history("rel")
+    assert tomb.events == kept_tomb.events == len(events) == 151
+    assert [e.sequence for e in events] == list(range(151))
 
 
 async def test_delete_keeps_the_history_under_a_tombstone(secured: Secured) -> None:
@@ -302,15 +343,16 @@ async def test_a_name_resolving_to_a_refused_address_is_not_called() -> None:
 
 
 async def _agent_call(
-    plane: ControlPlane, cluster: str, token: str
+    plane: ControlPlane, cluster: str, token: str, *, hello_cluster: str = ""
 ) -> tuple[grpc.aio.AioRpcError | _Status | None, list[apb.ControlMessage]]:
-    hello = apb.AgentMessage(hello=apb.AgentHello(cluster=cluster, gateway_address="127.0.0.1:9000", agent_id="x"))
-    endpoints = apb.AgentMessage(endpoints=apb.EndpointSnapshot())
+    hello = apb.AgentMessage(
+        hello=apb.AgentHello(cluster=hello_cluster or cluster, gateway_address="127.0.0.1:9000", agent_id="x")
+    )
+    done = asyncio.Event()
 
     async def requests() -> AsyncIterator[apb.AgentMessage]:
-        yield hello
-        yield endpoints
-        await asyncio.sleep(5)
+        yield hello  # only the hello: a refusal then never races a second write
+        await done.wait()
 
     metadata = [("x-graylane-cluster", cluster)]
     if token:
@@ -331,6 +373,8 @@ async def _agent_call(
             if exc.code() is grpc.StatusCode.INTERNAL and await call.code() is not grpc.StatusCode.INTERNAL:
                 return _Status(await call.code(), await call.details()), got
             return exc, got
+        finally:
+            done.set()
     return None, got
 
 
@@ -351,10 +395,16 @@ async def test_a_rogue_agent_cannot_report_for_another_cluster(secured: Secured,
     # No credential, another cluster's credential, a user's token: refused before a write.
     err, _ = await _agent_call(secured.plane, "east", "")
     assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # An `--agent-tokens` line presented for another cluster is no credential for it.
     err, _ = await _agent_call(secured.plane, "east", "west-secret#with-a-hash")
-    assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert err is not None and err.code() is grpc.StatusCode.UNAUTHENTICATED
+    # A token bound to east, saying hello as west: refused before a write.
     err, _ = await _agent_call(secured.plane, "west", east)
     assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
+    # Naming its own cluster in the metadata but another in the hello: refused before a write.
+    err, _ = await _agent_call(secured.plane, "east", east, hello_cluster="west")
+    assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "hello.cluster" in (err.details() or "")
     err, _ = await _agent_call(secured.plane, "west", secured.admin)
     assert err is not None and err.code() is grpc.StatusCode.PERMISSION_DENIED
     assert await store.known_clusters() == frozenset()
@@ -407,8 +457,44 @@ async def test_bootstrap_writes_one_admin_token_per_installation(store: EtcdStor
     token = path.read_text().strip()
     assert not await bootstrap_admin(store, tmp_path / "again.token")
     assert not (tmp_path / "again.token").exists()
+    # A restart with the same file leaves it as the first start wrote it.
+    assert not await bootstrap_admin(store, path)
+    assert path.read_text().strip() == token
+    assert sorted(p.name for p in path.parent.iterdir()) == ["admin.token"]
     plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None, auth=True)
     async with plane.running(), grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
         stub = api_grpc.ReleaseServiceStub(channel)
         listed = await stub.ListTokens(api.ListTokensRequest(), metadata=bearer(token))
         assert [(t.name, t.role) for t in listed.tokens] == [("bootstrap-admin", "admin")]
+
+
+async def test_revoking_a_token_ends_the_streams_it_opened(secured: Secured, store: EtcdStore) -> None:
+    viewer = await secured.token("watcher", "viewer")
+    agent = await secured.token("east-agent", "agent", cluster="east")
+    await secured.stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()), metadata=bearer(secured.admin))
+    watch = secured.stub.Watch(api.WatchRequest(name="rel"), metadata=bearer(viewer))
+    assert (await anext(aiter(watch))).name == "rel"
+
+    stop = asyncio.Event()
+
+    async def requests() -> AsyncIterator[apb.AgentMessage]:
+        yield apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a"))
+        await stop.wait()
+
+    metadata = (("x-graylane-cluster", "east"), *bearer(agent))
+    stream = agent_pb2_grpc.AgentServiceStub(secured.channel).Connect(requests(), metadata=metadata)
+    try:
+        assert (await anext(aiter(stream))).welcome.cluster == "east"
+        for name in ("watcher", "east-agent"):
+            await secured.stub.RevokeToken(api.RevokeTokenRequest(id=name), metadata=bearer(secured.admin))
+        async with asyncio.timeout(10):
+            for call in (watch, stream):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call:
+                        pass
+                assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert "revoked" in (err.value.details() or "")
+    finally:
+        stop.set()
+        watch.cancel()
+        stream.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 
 import etcd3
@@ -253,6 +253,21 @@ async def test_health_and_reflection_answer(store: EtcdStore) -> None:
             names = {s.name for s in answer.list_services_response.service}
             assert "graylane.v1.ReleaseService" in names
             await call.done_writing()
+            # v1, as newer grpcurl asks first: the same messages under the v1 service name.
+            v1 = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )()
+            await v1.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="graylane.v1.ReleaseService"))
+            described = await v1.read()
+            assert described.file_descriptor_response.file_descriptor_proto  # the service's own file
+            await v1.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = {s.name for s in (await v1.read()).list_services_response.service}
+            assert {"graylane.v1.AgentService", "grpc.reflection.v1.ServerReflection"} <= listed
+            await v1.done_writing()
+            agents = await health.Check(health_pb2.HealthCheckRequest(service="graylane.v1.AgentService"))
+            assert agents.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -564,3 +579,44 @@ async def test_actions_starting_from_a_follower_that_is_behind_decide_on_the_fre
         await releases.act("rel", Action.NEXT, cause)
     got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
     assert got.status.phase == pb.SUCCEEDED
+
+
+async def test_re_applying_after_a_promote_changes_nothing_and_undoing_it_is_explicit(
+    stub: api_grpc.ReleaseServiceStub,
+) -> None:
+    """The release file applied again after a promote (services, versions, release): the
+    stable version stays promoted and the release stays finished; moving the stable version
+    back (undoing the promote) and starting a changed release over each need their flag."""
+    await register(stub)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    await stub.NextBatch(api.ActionRequest(name="rel"))
+    promoted = await stub.Promote(api.ActionRequest(name="rel"))
+    assert promoted.status.phase == pb.SUCCEEDED
+
+    def stable() -> Awaitable[api.ListServicesResponse]:
+        return stub.ListServices(api.ListServicesRequest())
+
+    assert [s.stable_version for s in (await stable()).services] == ["v2"]
+    with pytest.raises(grpc.aio.AioRpcError) as moved:
+        await register(stub)  # the file's Service still says v1
+    assert moved.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "service.stable_version" in (moved.value.details() or "")
+    same = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
+    assert (same.status.phase, same.revision) == (pb.SUCCEEDED, promoted.revision)  # nothing written
+    assert [s.stable_version for s in (await stable()).services] == ["v2"]
+
+    await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service="checkout", name="v3")))
+    changed = canary((20, 100))
+    changed.services[0].base_version, changed.services[0].gray_version = "v2", "v3"
+    with pytest.raises(grpc.aio.AioRpcError) as finished:
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=changed))
+    assert finished.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "restart" in (
+        finished.value.details() or ""
+    )
+
+    # Undo the promote: v1 stable again, said so explicitly.
+    undo = pb.Service(name="checkout", stable_version="v1")
+    await stub.PutService(api.PutServiceRequest(service=undo, move_stable=True))
+    assert [s.stable_version for s in (await stable()).services] == ["v1"]
+    again = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary((20, 100)), restart=True))
+    assert (again.status.phase, again.status.batch) == (pb.PENDING, -1)

