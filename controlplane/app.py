@@ -481,7 +481,12 @@ async def _serve(options: ServeOptions) -> None:
             endpoints = etcd.endpoint
         else:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
-        store = await connect(endpoints, prefix=options.etcd_prefix)
+        etcd_tls = options.etcd_tls if not options.embedded_etcd else None
+        store = await connect(
+            endpoints,
+            prefix=options.etcd_prefix,
+            credentials=etcd_tls.grpc_credentials() if etcd_tls is not None else None,
+        )
         stack.push_async_callback(store.close)
         if options.tls is None and (options.auth or options.agent_tokens or options.xds_tokens):
             log.warning("API, agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")

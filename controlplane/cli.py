@@ -504,6 +504,21 @@ def server_tls(args: argparse.Namespace) -> ServerTls | None:
     return tls
 
 
+def etcd_tls(args: argparse.Namespace) -> ClientTls | None:
+    """TLS to an external etcd from --etcd-ca/--etcd-cert/--etcd-key; None: plain text."""
+    ca, cert, key = args.etcd_ca, args.etcd_cert, args.etcd_key
+    if ca is None and cert is None and key is None:
+        return None
+    if not args.etcd:
+        raise UsageError("--etcd-ca/--etcd-cert/--etcd-key are for an external etcd (--etcd)")
+    try:
+        tls = ClientTls(ca=Path(ca) if ca else None, cert=Path(cert) if cert else None, key=Path(key) if key else None)
+        tls.grpc_credentials()  # read the files now: a bad path is a usage error
+    except TlsConfigError as exc:
+        raise UsageError(f"etcd TLS: {exc}") from None
+    return tls
+
+
 def _add_server_tls_flags(parser: argparse.ArgumentParser, *, ports: str) -> None:
     parser.add_argument("--tls-cert", metavar="FILE", help=f"serve TLS with this certificate on {ports}")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
@@ -642,6 +657,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         http_listen=args.http_listen,
         otlp_endpoint=args.otlp_endpoint,
         tls=server_tls(args),
+        etcd_tls=etcd_tls(args),
         xds_tokens=args.xds_tokens,
         xds_cluster=args.xds_cluster,
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
@@ -804,6 +820,9 @@ def _add_serve(subparsers: Subparsers) -> None:
         "metadata and, with --auth, loopback addresses); repeatable",
     )
     _add_server_tls_flags(parser, ports="the API (and agent), xDS and HTTP ports")
+    parser.add_argument("--etcd-ca", metavar="FILE", help="CA to verify the external etcd with; turns TLS to it on")
+    parser.add_argument("--etcd-cert", metavar="FILE", help="client certificate for an etcd with --client-cert-auth")
+    parser.add_argument("--etcd-key", metavar="FILE", help="its private key")
     parser.add_argument(
         "--xds-cluster",
         default=defaults.xds_cluster,

@@ -20,7 +20,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_XDS_PORT,
 )
-from graylane.controlplane.tls import ServerTls, check_name
+from graylane.controlplane.tls import ClientTls, ServerTls, check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,9 @@ class ServeOptions:
     etcd_prefix: str = "/graylane/v1/"
     # TLS on every port (API and agents, xDS, HTTP); None: plain text.
     tls: ServerTls | None = None
+    # TLS to an external etcd (its CA, and a client certificate if it requires one); None:
+    # plain text. The embedded etcd listens on loopback in plain text.
+    etcd_tls: ClientTls | None = None
     # Proxies' tokens (cluster, node or None for any node, token); with these or with mutual
     # TLS, an xDS client must prove it is a proxy of `xds_cluster` (see controlplane.proxyauth).
     xds_tokens: tuple[tuple[str, str | None, str], ...] = ()

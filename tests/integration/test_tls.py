@@ -24,15 +24,17 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
-from graylane.controlplane import auth
+from graylane.controlplane import auth, model
 from graylane.controlplane.api import token_record
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.certs import make_local_certs
+from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
+from graylane.controlplane.local.etcd import EtcdProcess, EtcdTls
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.proxyauth import TOKEN_METADATA, xds_authenticator
-from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.tls import ClientTls, ServerTls, agent_uri, open_channel, user_uri
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
@@ -519,3 +521,33 @@ async def test_with_auth_a_certificate_is_an_identity_only_where_a_record_names_
         assert await _agent_hello(plane.api_port, client(certs, "agent-east"), "east") == grpc.StatusCode.OK
         code = await _agent_hello(plane.api_port, client(certs, "agent-east"), "west")
         assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ------------------------------------------------------------------ etcd over TLS
+
+
+async def test_the_store_reaches_an_etcd_that_requires_client_certificates(certs: Path, tmp_path: Path) -> None:
+    tls = EtcdTls(
+        cert=certs / "server.pem",
+        key=certs / "server-key.pem",
+        ca=certs / "ca.pem",
+        client_ca=certs / "ca.pem",
+        probe_cert=certs / "user-admin.pem",
+        probe_key=certs / "user-admin-key.pem",
+    )
+    async with EtcdProcess(data_dir=tmp_path / "etcd", tls=tls) as etcd:
+        good = client(certs, "user-admin").grpc_credentials()
+        store = await connect(etcd.endpoint, prefix="/tls-test/v1/", credentials=good)
+        try:
+            await store.put_service(model.Service(name="checkout", stable_version="v1"))
+            assert [s.name for s in await store.list_services()] == ["checkout"]
+            plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+            async with plane.running(), api_stub(plane, None) as stub:
+                listed = await stub.ListServices(api.ListServicesRequest())
+                assert [s.name for s in listed.services] == ["checkout"]
+        finally:
+            await store.close()
+        # Plain text, no client certificate, or a CA that did not sign etcd's: no store.
+        for credentials in (None, ClientTls(ca=certs / "ca.pem").grpc_credentials()):
+            with pytest.raises(Unavailable):
+                await connect(etcd.endpoint, prefix="/tls-test/v1/", timeout=2, credentials=credentials)

@@ -578,6 +578,11 @@ def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
     assert "at least 16" in capsys.readouterr().err
     assert cli.main(["serve", "--admin-allow", "not-a-network"]) == cli.EXIT_USAGE
     assert "CIDR" in capsys.readouterr().err
+    assert cli.main(["serve", "--etcd-ca", "ca.pem"]) == cli.EXIT_USAGE  # the embedded etcd is local
+    assert "external etcd" in capsys.readouterr().err
+    assert cli.main(["serve", "--etcd", "10.0.0.1:2379", "--etcd-ca", str(missing)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "etcd TLS" in err and "nope.pem" in err
 
 
 def test_client_tls_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
