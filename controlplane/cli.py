@@ -49,6 +49,7 @@ from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
     HostPort,
     ServeOptions,
+    is_loopback_host,
     parse_agent_tokens,
     parse_xds_tokens,
 )
@@ -964,6 +965,11 @@ def _add_agent(subparsers: Subparsers) -> None:
     )
     _add_client_tls_flags(parser, defaults=False, what="the control plane")
     _add_server_tls_flags(parser, ports="this agent's xDS and HTTP ports")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --xds-listen without proxy credentials (--client-ca or --xds-tokens)",
+    )
     parser.set_defaults(handler=_agent)
 
 
@@ -993,6 +999,13 @@ def _agent(args: argparse.Namespace) -> int:
     token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
+    tls, xds_tokens = server_tls(args), args.xds_tokens
+    if not is_loopback_host(args.xds_listen.host) and not xds_tokens and not (tls and tls.mutual) and not args.insecure:
+        raise UsageError(
+            f"xDS on {args.xds_listen} is reachable beyond this machine, and without proxy credentials anyone "
+            "who reaches it reads every route of this cluster and may NACK to pause releases; add --client-ca "
+            "(with --tls-cert/--tls-key) or --xds-tokens, or --insecure to run open anyway"
+        )
     _configure_logging(args, default="info")
     options = AgentOptions(
         cluster=args.cluster,
@@ -1009,8 +1022,8 @@ def _agent(args: argparse.Namespace) -> int:
         otlp_endpoint=args.otlp_endpoint,
         backoff_cap_seconds=args.reconnect_max,
         control_plane_tls=client_tls(args),
-        tls=server_tls(args),
-        xds_tokens=args.xds_tokens,
+        tls=tls,
+        xds_tokens=xds_tokens,
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
     )
     asyncio.run(run_agent(options))

@@ -2,8 +2,8 @@
 
 Owns: finding the `etcd` binary (Debian's etcd-server, 3.4.x), picking free loopback ports,
 starting it in its own process group with its data in a given folder, waiting until it
-answers, and stopping it by PID. It does not talk the etcd API itself beyond a health
-probe over HTTP; the store does that.
+answers, and stopping it by PID; optionally its client port over TLS (`EtcdTls`). It does not
+talk the etcd API itself beyond a health probe over HTTP(S); the store does that.
 """
 
 from __future__ import annotations

@@ -585,6 +585,15 @@ def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
     assert "etcd TLS" in err and "nope.pem" in err
 
 
+def test_an_agent_serving_xds_beyond_loopback_needs_proxy_credentials_or_insecure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["agent", "--cluster", "east", "--control-plane", "127.0.0.1:7400", "--gateway-address", "10.0.0.9:15443",
+            "--xds-listen", "10.0.0.9:7402"]  # fmt: skip
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "xDS on 10.0.0.9:7402 is reachable beyond this machine" in capsys.readouterr().err
+
+
 def test_client_tls_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     args = cli.build_parser().parse_args(["get"])
     assert cli.client_tls(args) is None
