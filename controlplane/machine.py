@@ -66,9 +66,9 @@ TRANSITIONS: Mapping[Action, Move] = MappingProxyType(
 _HINTS: Mapping[Phase, str] = MappingProxyType(
     {
         Phase.PAUSED: "resume it first",
-        Phase.SUCCEEDED: "it has finished; apply it again to start a new rollout",
-        Phase.ROLLED_BACK: "restart it, or apply it again",
-        Phase.FAILED: "restart it, or apply it again",
+        Phase.SUCCEEDED: "it has finished; apply it with --restart to start a new rollout",
+        Phase.ROLLED_BACK: "restart it, or apply it with --restart",
+        Phase.FAILED: "restart it, or apply it with --restart",
         Phase.PENDING: "start it with next",
     }
 )

@@ -188,11 +188,12 @@ class Releases:
 
     async def apply(self, name: str, spec: model.ReleaseSpec, cause: Cause, *, restart: bool = False) -> model.Release:
         """Create the release, or replace its spec. Applying the spec it has changes nothing,
-        finished or not; a finished release with a changed spec starts over as PENDING only
-        with `restart` (a pipeline re-applying its file must not start a rollout again)."""
+        finished or not; a finished release starts over as PENDING only with `restart` (a
+        pipeline re-applying its file must not start a rollout again)."""
         model.check_name("name", name)
         with contextlib.suppress(NotFound):
-            if (existing := await self._store.get_release(name)).spec == spec:
+            existing = await self._store.get_release(name)
+            if existing.spec == spec and not (restart and existing.status.phase.terminal):
                 # Nothing to change: apply is idempotent, before any check (after a promote the
                 # file's base version is no longer stable, and that is no reason to refuse).
                 return existing
@@ -202,7 +203,7 @@ class Releases:
             try:
                 if current is None:
                     return await self._create_checked(name, spec, cause, claimed)
-                if current.spec == spec:
+                if current.spec == spec and not (restart and current.status.phase.terminal):
                     return current
                 phase = current.status.phase
                 if phase.terminal and not restart:

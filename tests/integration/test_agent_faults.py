@@ -204,7 +204,7 @@ async def fresh(layout: TwoClusters) -> AsyncIterator[TwoClusters]:
 
 
 async def start_release(layout: TwoClusters, weight: int) -> pb.Release:
-    await layout.client.apply_release(gray_in_west_release(), reason="test")
+    await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
     release = await layout.client.get_release(LANE)
     while release.status.weight != weight:
         await layout.client.act(Action.NEXT, LANE)
@@ -243,7 +243,7 @@ async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: Tw
         assert "cannot keep view" in agent.log_text()
         # Saves work again: the next view is kept and the health clears.
         (state / "view.json").rmdir()
-        await layout.client.apply_release(gray_in_west_release(), reason="test")
+        await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
         await layout.client.act(Action.NEXT, LANE)  # the lane enters every cluster's view
 
         async def saved() -> dict[str, Any] | None:

@@ -111,7 +111,7 @@ def assert_no_failures(result: LoadResult, where: str) -> None:
 
 async def start_release(layout: TwoClusters, weight: int) -> pb.Release:
     """Apply the gray-in-west release and step it to the batch of `weight`, reached by all 4 proxies."""
-    await layout.client.apply_release(gray_in_west_release(), reason="test")
+    await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
     release = await layout.client.get_release(LANE)
     while release.status.weight != weight:
         await layout.client.act(Action.NEXT, LANE)
@@ -340,7 +340,7 @@ async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and
         release.spec.match.append(
             pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
         )
-        await layout.client.apply_release(release, reason="test")
+        await layout.client.apply_release(release, reason="test", restart=True)
         await layout.client.act(Action.NEXT, LANE)
 
         async def paused() -> pb.Release | None:
