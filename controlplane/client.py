@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import grpc
 from graylane.controlplane.defaults import ACTOR_METADATA, DEFAULT_RPC_TIMEOUT_SECONDS
+from graylane.controlplane.tls import ClientTls, open_channel
 from graylane.v1 import release_pb2, release_service_pb2
 from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
 
@@ -67,9 +68,16 @@ class ReleaseClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, target: str, *, actor: str = "", token: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
+        cls,
+        target: str,
+        *,
+        actor: str = "",
+        token: str = "",
+        timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS,
+        tls: ClientTls | None = None,
     ) -> AsyncIterator[ReleaseClient]:
-        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+        """A client over a channel to `target`: TLS (mutual with a certificate) with `tls`."""
+        async with open_channel(target, tls, options=_CHANNEL_OPTIONS) as channel:
             yield cls(channel, actor=actor, token=token, timeout=timeout)
 
     async def _unary(self, rpc: str, request: Any) -> Any:

@@ -59,11 +59,11 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -112,6 +112,24 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+
+class ProxyRefused(Exception):
+    """A proxy's credentials do not admit it: its stream ends with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProxyGate(Protocol):
+    """Decides, from a stream's first node and its peer (the call's auth context: the
+    verified client certificate, if any), whether the proxy is served."""
+
+    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> base_pb2.Node:
+        """The node to serve and record (credentials taken out of it), or raise ProxyRefused."""
+        ...
 
 
 class _Signal(enum.Enum):
@@ -628,6 +646,10 @@ class _Stream(Generic[Req, Resp]):
         self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
         self._snapshot_changed = False
         self._stopped = False
+        # Set by the server when a gate is configured: the proxy is admitted (or refused)
+        # on its first request, before the tracker or the cache ever see it, so a refused
+        # stream's ACKs and NACKs count for nothing.
+        self.admit: Callable[[base_pb2.Node], base_pb2.Node] | None = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -669,7 +691,7 @@ class _Stream(Generic[Req, Resp]):
     def _start(self, request: Req) -> None:
         if self.stream_id or self._stopped:
             return
-        self.node.CopyFrom(request.node)
+        self.node.CopyFrom(request.node if self.admit is None else self.admit(request.node))  # raises ProxyRefused
         self.key = self.cache.key_for_node(self.node)  # raises InvalidNodeMetadata
         self.stream_id = new_stream_id(self.node.id)
         self.tracker.connected(self.node, stream=self.stream_id, key=self.key, protocol=self.protocol)
@@ -1030,11 +1052,19 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker."""
+    """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker.
 
-    def __init__(self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None) -> None:
+    With a `gate`, every stream's proxy is admitted or refused on its first request
+    (`ProxyGate`); `refused` counts the refusals. Without one, every proxy is served.
+    """
+
+    def __init__(
+        self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None, gate: ProxyGate | None = None
+    ) -> None:
         self.cache = cache
         self.tracker = tracker if tracker is not None else ProxyTracker()
+        self._gate = gate
+        self.refused = 0
         self._streams: set[_Stream[Any, Any]] = set()
         self._closed = False
         self._selections = _Selections()
@@ -1059,12 +1089,18 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     ) -> None:
         if self._closed:
             return
+        if self._gate is not None:
+            stream.admit = functools.partial(self._gate.admit, peer=context.auth_context())
         self._streams.add(stream)
         try:
             await stream.run(requests, context.write)
         except InvalidNodeMetadata as exc:
             log.warning("refused an xDS stream from node %r: %s", stream.node.id, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProxyRefused as exc:
+            self.refused += 1
+            log.warning("refused an xDS stream from %s: %s", context.peer(), exc.message)
+            await context.abort(exc.code, exc.message)
         finally:
             stream.stop()
             self._streams.discard(stream)
