@@ -37,7 +37,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.client import USER_ACTIONS, Action, ReleaseClient
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
@@ -1640,7 +1640,7 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_apply,
     _add_get,
     _add_status,
-    *(_action_builder(action) for action in Action),
+    *(_action_builder(action) for action in USER_ACTIONS),
     _add_delete,
     _add_tombstones,
     _add_token,
