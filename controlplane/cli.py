@@ -44,7 +44,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_ETCD_PORT,
     DEFAULT_RPC_TIMEOUT_SECONDS,
 )
-from graylane.controlplane.manifest import ManifestError, ManifestObject, load_manifest
+from graylane.controlplane.manifest import ManifestError, ManifestObject, duration_seconds, load_manifest
 from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
     HostPort,
@@ -1259,19 +1259,14 @@ def _add_traffic(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_traffic))
 
 
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str) -> float:
     """Seconds of `90`, `60s`, `1m30s`, `500ms` or `1h`."""
-    value = text.strip()
     try:
-        seconds = float(value)
+        seconds: float | None = float(text.strip())  # bare seconds, as on the command line
     except ValueError:
-        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 60s, 5m, 1m30s)") from None
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        seconds = duration_seconds(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 60s, 5m, 1m30s)")
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
     return seconds
