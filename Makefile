@@ -11,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench protos lint typecheck etcd node clean
+.PHONY: demo test chaos bench protos lint typecheck etcd prometheus node clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ etcd:
 	  echo "installing etcd-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 	@etcd --version | head -1
+
+# Prometheus from Debian: the tests' real Prometheus for `serve --prometheus-url`.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # Node and @grpc/grpc-js-xds: the second proxyless gRPC client of the tests and the demo
 # (Debian's nodejs and npm through apt-get when missing; the packages from the npm registry,
@@ -54,7 +60,7 @@ demo: $(STAMP) etcd node
 	$(BIN)/graylane demo --clusters 2
 	$(BIN)/graylane demo --grpc
 
-test: $(STAMP) etcd node
+test: $(STAMP) etcd prometheus node
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

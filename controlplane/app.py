@@ -37,7 +37,7 @@ from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_T
 from graylane.controlplane.leader import LeaderElection
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.machine import Cause
-from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
+from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector, MetricsSource, PrometheusQuerySource
 from graylane.controlplane.options import ServeOptions
 from graylane.controlplane.proxyauth import ProxyAuthenticator, xds_authenticator
 from graylane.controlplane.releases import Releases
@@ -124,6 +124,7 @@ class ControlPlane:
         tls: ServerTls | None = None,
         xds_auth: ProxyAuthenticator | None = None,
         admin_allow: AdminAllowList = LOOPBACK_ONLY,
+        metrics_source: MetricsSource | None = None,
     ) -> None:
         self.store = store
         self._stream_recheck_seconds = stream_recheck_seconds
@@ -187,7 +188,10 @@ class ControlPlane:
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
         # deltas agents send for theirs.
         self.metrics = MetricsCollector(
-            EnvoyAdminSource(self._scrape_targets, admin_allow=admin_allow),
+            # Where this replica's own Envoys' series come from: their admin endpoints, or the
+            # configured source (a Prometheus that scrapes them): never both, or every request
+            # would count twice.
+            metrics_source or EnvoyAdminSource(self._scrape_targets, admin_allow=admin_allow),
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
@@ -496,6 +500,14 @@ async def _serve(options: ServeOptions) -> None:
             log.warning("API, agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")
         if options.auth:
             await bootstrap_admin(store, options.token_file)
+        prometheus = None
+        if options.prometheus_url:
+            prometheus = PrometheusQuerySource(
+                options.prometheus_url,
+                interval=options.prometheus_interval_seconds,
+                selector=options.prometheus_selector,
+            )
+            stack.push_async_callback(prometheus.aclose)
         plane = ControlPlane(
             store,
             api_listen=str(options.listen),
@@ -519,6 +531,7 @@ async def _serve(options: ServeOptions) -> None:
                 mutual=options.tls is not None and options.tls.mutual,
             ),
             admin_allow=AdminAllowList.parse(options.admin_allow),
+            metrics_source=prometheus,
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await plane.run()

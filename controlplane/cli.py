@@ -546,6 +546,26 @@ def _add_server_tls_flags(parser: argparse.ArgumentParser, *, ports: str) -> Non
         help="fetch an Envoy's self-reported admin_address for metrics only inside these networks "
         "(repeat the flag; default 127.0.0.0/8 and ::1/128, loopback only)",
     )
+    parser.add_argument(
+        "--prometheus-url",
+        default="",
+        metavar="URL",
+        help="take the Envoys' metrics from this Prometheus (which scrapes their /stats/prometheus) "
+        "instead of their admin endpoints, e.g. http://prometheus:9090",
+    )
+    parser.add_argument(
+        "--prometheus-interval",
+        type=parse_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="how often Prometheus is asked; at least its scrape interval (default 30s)",
+    )
+    parser.add_argument(
+        "--prometheus-selector",
+        default="",
+        metavar="MATCHERS",
+        help='label matchers added to every query, e.g. job="envoy",namespace="shop"',
+    )
 
 
 def _client_parser(subparsers: Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -662,6 +682,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         xds_tokens=args.xds_tokens,
         xds_cluster=args.xds_cluster,
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
+        prometheus_url=args.prometheus_url,
+        prometheus_interval_seconds=args.prometheus_interval,
+        prometheus_selector=args.prometheus_selector,
         auth=args.auth,
         insecure=args.insecure,
         bootstrap_token_file=Path(args.bootstrap_token_file) if args.bootstrap_token_file else None,

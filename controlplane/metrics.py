@@ -4,8 +4,8 @@ Owns:
 - `MetricsSource`, the role of anything that yields one tick's `Sample` per `SeriesKey`,
   and two mechanisms: `EnvoyAdminSource` (reads Envoy admin endpoints every tick and turns
   their cumulative counters and histograms into deltas, per proxy and series, then sums the
-  proxies) and `PrometheusQuerySource` (instant `increase()` queries against Prometheus's
-  HTTP API over Envoy's standard metric names, for teams that already scrape their Envoys).
+  proxies) and `PrometheusQuerySource` (the same counters read from a Prometheus
+  that already scrapes the Envoys, `serve --prometheus-url`; deltas taken between answers).
 - `MetricsCollector`: the cancellable loop that appends every source's samples to one
   `Windows` each interval, and `ingest_agent_report` for the deltas agents send up
   (`AgentMessage.metrics`), filed under the agent's cluster.
@@ -222,24 +222,58 @@ class PrometheusError(Exception):
     """Prometheus did not answer, or answered something other than an instant vector."""
 
 
-def prometheus_queries(range_s: float, *, label: str = PROMETHEUS_CLUSTER_LABEL, selector: str = "") -> dict[str, str]:
-    """The three instant queries of one tick: requests, errors and latency buckets added
-    per Envoy cluster over the last `range_s` seconds, summed over every scraped Envoy.
+def prometheus_queries(*, selector: str = "") -> dict[str, str]:
+    """The instant queries of one answer: the Envoys' cumulative counters as Prometheus last
+    scraped them, one series per Envoy (`instance`) and Envoy cluster: requests, each failure
+    counter (keyed `errors/<metric>`) and the latency buckets. Deltas are taken here, between
+    answers (`CounterDeltas`), not with `increase()`: increases over consecutive short ranges
+    extrapolate at both edges and lose what falls between two ranges' samples, so their sum
+    missed or doubled a third of the requests against a real Prometheus.
 
     `selector` adds label matchers to every metric (`namespace="shop"`).
     """
-    if not (math.isfinite(range_s) and range_s > 0):
-        raise ValueError(f"query range {range_s} must be positive")
-    window = f"[{max(1, round(range_s * 1000))}ms]"
     extra = f",{selector}" if selector else ""
-    errors = "|".join(_PROM_ERRORS)
-    return {
-        "requests": f"sum by ({label}) (increase({_PROM_REQUESTS}{{{selector}}}{window}))",
-        "errors": (
-            f'sum by ({label}) (increase({{__name__=~"{errors}",envoy_response_code_class=~"5|"{extra}}}{window}))'
-        ),
-        "latency": f"sum by ({label}, le) (increase({_PROM_LATENCY}{{{selector}}}{window}))",
-    }
+    queries = {"requests": f"{_PROM_REQUESTS}{{{selector}}}", "latency": f"{_PROM_LATENCY}{{{selector}}}"}
+    for metric in _PROM_ERRORS:
+        # Several names in one selector would do, but keeping them apart keeps every series
+        # identity whole (the name is part of it).
+        queries[f"errors/{metric}"] = f'{metric}{{envoy_response_code_class=~"5|"{extra}}}'
+    return queries
+
+
+class CounterDeltas:
+    """What each cumulative series (one Envoy's counter, by its whole label set) gained since
+    the previous answer. A series that went down was reset (its Envoy restarted) and gained
+    its new value. A series seen for the first time gained its whole value when its Envoy
+    (`instance`) was already read at the previous answer: Envoy makes a counter when it
+    first counts (the first 5xx of a cluster, a new cluster), so it started at 0 since.
+    A series of an Envoy not read before only sets its baseline: Prometheus cannot tell
+    when such a counter counted what it holds."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def step(
+        self, answer: Iterable[tuple[Mapping[str, str], float]], *, known: frozenset[str] = frozenset()
+    ) -> list[tuple[dict[str, str], float]]:
+        """The gains of `answer`; `known`: the instances read at the previous answer."""
+        seen: dict[tuple[tuple[str, str], ...], float] = {}
+        out: list[tuple[dict[str, str], float]] = []
+        for labels, value in answer:
+            identity = tuple(sorted(labels.items()))
+            seen[identity] = value
+            before = self._last.get(identity)
+            if before is not None:
+                out.append((dict(labels), value - before if value >= before else value))
+            elif labels.get("instance", "") in known:
+                out.append((dict(labels), value))
+        self._last = seen  # a series that vanished (its Envoy gone) is forgotten
+        return out
+
+
+def instances(answer: Iterable[tuple[Mapping[str, str], float]]) -> frozenset[str]:
+    """The Envoys (`instance` label) an answer read."""
+    return frozenset(labels.get("instance", "") for labels, _ in answer)
 
 
 def parse_vector(document: Any) -> list[tuple[dict[str, str], float]]:
@@ -266,7 +300,7 @@ def parse_vector(document: Any) -> list[tuple[dict[str, str], float]]:
 
 
 def _count(value: float) -> int:
-    """increase() extrapolates, so counts arrive as floats (and, rarely, a hair below 0)."""
+    """Prometheus answers in floats: whole counts, kept at or above 0."""
     return max(0, round(value))
 
 
@@ -280,7 +314,8 @@ def samples_from_prometheus(
     cluster: str = "",
     label: str = PROMETHEUS_CLUSTER_LABEL,
 ) -> dict[SeriesKey, Sample]:
-    """One tick's samples from the three query answers (see `prometheus_queries`).
+    """One answer's samples from the counters' deltas (see `prometheus_queries`), summed
+    over the Envoys per Graylane cluster.
 
     A series is a Graylane cluster present in the requests answer; errors and buckets of
     other clusters are ignored. Bucket counts are made cumulative-monotone after rounding.
@@ -329,10 +364,11 @@ class PrometheusQuerySource:
     """Samples from a Prometheus that already scrapes the Envoys (`/stats/prometheus`).
 
     Prometheus holds a point per scrape (often every 15 s), so this source answers at most
-    every `interval` seconds (default 30): each answer covers exactly the time since the
-    previous one (`increase(...[<that>ms])` evaluated at `at - delay`), so back-to-back
-    answers never overlap; ticks in between return nothing. `delay` leaves Prometheus time
-    to scrape the end of the range.
+    every `interval` seconds (default 30). Each answer reads the Envoys' cumulative counters
+    as Prometheus last scraped them at `at - delay` and files what they gained since the
+    previous answer (`CounterDeltas`, per Envoy and counter), so consecutive answers add up
+    to exactly what the Envoys counted; ticks in between return nothing. `delay` leaves
+    Prometheus time to scrape up to the answer's instant.
 
     Envoy's default `envoy.cluster_name` tag stops at the cluster name's first dot, so
     versions or lanes with dots (``1.2.3``) need the bootstrap to override that tag (or
@@ -359,26 +395,32 @@ class PrometheusQuerySource:
         self._delay = delay
         self._cluster = cluster
         self._label = label
-        self._selector = selector
+        self._queries = prometheus_queries(selector=selector)
+        self._deltas = {name: CounterDeltas() for name in self._queries}
         self._headers = dict(headers or {})
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
-        self._last: float | None = None
+        self._last: float | None = None  # the instant of the last answer (None: none yet)
+        self._instances: frozenset[str] = frozenset()  # the Envoys the last answer read
 
     async def collect(self, at: float) -> dict[SeriesKey, Sample]:
-        if self._last is None:
-            self._last = at
+        if self._last is not None and at - self._last < self._interval:
             return {}
-        if at - self._last < self._interval:
-            return {}
-        interval = at - self._last
-        queries = prometheus_queries(interval, label=self._label, selector=self._selector)
-        answers = await asyncio.gather(*(self._query(q, at - self._delay) for q in queries.values()))
-        self._last = at  # only after success: a failed tick leaves its range to the next
-        found = dict(zip(queries, answers, strict=True))
+        answers = await asyncio.gather(*(self._query(q, at - self._delay) for q in self._queries.values()))
+        # Only after every query answered: a failed tick leaves its gains to the next answer.
+        known = self._instances
+        gained = {
+            name: self._deltas[name].step(answer, known=known)
+            for name, answer in zip(self._queries, answers, strict=True)
+        }
+        self._instances = instances(answers[list(self._queries).index("requests")])
+        previous, self._last = self._last, at
+        if previous is None:
+            return {}  # the baselines
+        errors = [item for name, delta in gained.items() if name.startswith("errors/") for item in delta]
         return samples_from_prometheus(
-            found["requests"], found["errors"], found["latency"],
-            at=at, interval_s=interval, cluster=self._cluster, label=self._label,
+            gained["requests"], errors, gained["latency"],
+            at=at, interval_s=at - previous, cluster=self._cluster, label=self._label,
         )  # fmt: skip
 
     async def _query(self, query: str, at: float) -> list[tuple[dict[str, str], float]]:

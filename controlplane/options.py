@@ -111,6 +111,12 @@ class ServeOptions:
     xds_cluster: str = DEFAULT_XDS_CLUSTER
     # Where proxies' self-reported admin endpoints may be fetched (`CIDR[:PORT]` items).
     admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
+    # Metrics from a Prometheus that already scrapes the Envoys, instead of their admin
+    # endpoints ("": read the admins): its base URL, how often it is asked (each answer
+    # covers the time since the last), and label matchers added to every query.
+    prometheus_url: str = ""
+    prometheus_interval_seconds: float = 30.0
+    prometheus_selector: str = ""
     # Callers must present a token or a client certificate that a token record names.
     auth: bool = False
     # Listen on a non-loopback address without auth (refused otherwise).

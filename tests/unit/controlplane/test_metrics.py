@@ -11,9 +11,11 @@ import pytest
 from graylane.agent.stats import ClusterStats, TrafficCounters
 from graylane.controlplane import model
 from graylane.controlplane.metrics import (
+    CounterDeltas,
     MetricsCollector,
     PrometheusError,
     _SeriesDelta,
+    instances,
     parse_vector,
     prometheus_queries,
     release_keys,
@@ -78,19 +80,31 @@ def test_a_counter_reset_counts_what_the_restarted_envoy_saw() -> None:
 # --------------------------------------------------------------------------- Prometheus
 
 
-def test_queries_cover_the_range_in_ms_per_cluster_name() -> None:
-    q = prometheus_queries(15.0)
-    assert q["requests"] == "sum by (envoy_cluster_name) (increase(envoy_cluster_upstream_rq_total{}[15000ms]))"
-    assert q["latency"] == (
-        "sum by (envoy_cluster_name, le) (increase(envoy_cluster_upstream_rq_time_bucket{}[15000ms]))"
-    )
-    assert 'envoy_response_code_class=~"5|"' in q["errors"]
-    assert "envoy_cluster_upstream_rq_xx" in q["errors"] and "envoy_cluster_upstream_rq_timeout" in q["errors"]
-    scoped = prometheus_queries(0.25, label="cluster", selector='namespace="shop"')
-    assert scoped["requests"] == 'sum by (cluster) (increase(envoy_cluster_upstream_rq_total{namespace="shop"}[250ms]))'
-    assert scoped["errors"].endswith(',namespace="shop"}[250ms]))')
-    with pytest.raises(ValueError):
-        prometheus_queries(0)
+def test_queries_read_the_envoys_counters_per_series() -> None:
+    q = prometheus_queries()
+    assert q["requests"] == "envoy_cluster_upstream_rq_total{}"
+    assert q["latency"] == "envoy_cluster_upstream_rq_time_bucket{}"
+    errors = [v for k, v in q.items() if k.startswith("errors/")]
+    assert len(errors) == 4 and all('envoy_response_code_class=~"5|"' in e for e in errors)
+    assert "increase(" not in "".join(q.values())  # deltas are taken here, exactly
+    scoped = prometheus_queries(selector='namespace="shop"')
+    assert scoped["requests"] == 'envoy_cluster_upstream_rq_total{namespace="shop"}'
+    assert scoped["errors/envoy_cluster_upstream_rq_timeout"].endswith(',namespace="shop"}')
+
+
+def test_counter_deltas_take_a_baseline_then_gains_and_survive_a_reset() -> None:
+    deltas = CounterDeltas()
+    a = {"envoy_cluster_name": "checkout|v1", "instance": "e1"}
+    b = {"envoy_cluster_name": "checkout|v1", "instance": "e2"}
+    fivexx = {"envoy_cluster_name": "checkout|v1", "instance": "e1", "envoy_response_code_class": "5"}
+    assert deltas.step([(a, 100.0)]) == []  # first sight of e1: only the baseline
+    known = instances([(a, 100.0)])
+    # e2 is an Envoy not read before: its baseline; e1's first 5xx counter started at 0 since.
+    assert deltas.step([(a, 130.0), (b, 7.0), (fivexx, 4.0)], known=known) == [(a, 30.0), (fivexx, 4.0)]
+    known = instances([(a, 130.0), (b, 7.0)])
+    assert deltas.step([(a, 5.0), (b, 10.0), (fivexx, 4.0)], known=known) == [(a, 5.0), (b, 3.0), (fivexx, 0.0)]
+    assert deltas.step([(b, 10.0)], known=known) == [(b, 0.0)]
+    assert deltas.step([(a, 9.0)], known=frozenset({"e2"})) == []  # e1 vanished in between: a new baseline
 
 
 def vector(*elements: tuple[Mapping[str, str], str]) -> dict[str, object]:
