@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench protos lint typecheck etcd clean
+.PHONY: demo test chaos bench protos lint typecheck etcd ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,31 @@ etcd:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 	@etcd --version | head -1
 
-demo: $(STAMP) etcd
+# The dashboard's chart library (uPlot) from the npm registry into .venv (never committed);
+# the control plane serves it under /ui/vendor/.
+UPLOT_VERSION := 1.6.32
+UIVENDOR := $(VENV)/ui-vendor/node_modules/uplot/dist/uPlot.esm.js
+ui: $(UIVENDOR)
+$(UIVENDOR):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	mkdir -p $(VENV)/ui-vendor
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/ui-vendor uplot@$(UPLOT_VERSION)
+	touch $@
+
+# The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+demo: $(STAMP) etcd ui
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
 
-test: $(STAMP) etcd
+test: $(STAMP) etcd ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -30,6 +30,7 @@ from graylane.controlplane.api import (
     token_record,
 )
 from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
+from graylane.controlplane.dashboard import Dashboard, loopback_target
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -188,6 +189,13 @@ class ControlPlane:
         self.telemetry.observe_releases(self._releases_by_phase)
         self.telemetry.observe_agents(lambda: len(self.agents.sessions))
         self.telemetry.observe_store(lambda: self.store_problem is None)
+        # The web dashboard on the HTTP server: it reads and acts through this replica's own
+        # API, with the logged-in user's token.
+        self.dashboard = Dashboard(
+            api_target=loopback_target(api_listen, lambda: self.api_port),
+            identify=lambda token: self.authenticator.identify({"authorization": f"Bearer {token}"}, {}),
+            auth_enabled=auth,
+        )
 
     def _releases_by_phase(self) -> dict[str, int] | None:
         snap = self.dataplane.snapshot
@@ -198,6 +206,7 @@ class ControlPlane:
         server = HttpServer(listen=listen)
         metrics_route(server, self.telemetry.metrics_text)
         health_route(server, self.ready.is_set, problem=lambda: self.store_problem)
+        self.dashboard.add_routes(server)
         return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -259,6 +268,7 @@ class ControlPlane:
                 stack.enter_context(CollectorTuning(self.tracker))
             if self._http_listen is not None:
                 self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
+                stack.push_async_callback(self.dashboard.close)
             stack.push_async_callback(self.telemetry.flush)
             scraper = await stack.enter_async_context(EnvoyStatsScraper())
             await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)

@@ -1,0 +1,516 @@
+"""The web dashboard: pages under `/ui/` on the control plane's HTTP server, and the thin JSON
+and server-sent-events layer behind them.
+
+Owns: login sessions (a token kept server-side behind an HttpOnly, SameSite=Strict cookie,
+with a per-session CSRF token every action must echo in a header), the routes that turn a
+page's request into one call of the gRPC API, and serving the static page files and the
+vendored chart library. It computes nothing itself: every number is an API message (the
+CLI's `to_dict`), fetched over loopback with the logged-in user's token, so the API's own
+role checks, scopes and validation messages apply to the browser exactly as to the CLI.
+
+Live updates are server-sent events fed by the API's Watch and WatchMetrics streams (the
+releases list, for which the API has no stream, is a ListReleases a second).
+
+Must not import: etcd, xds, agent code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from aiohttp import web
+from google.protobuf.message import Message
+from graylane.controlplane import auth, machine
+from graylane.controlplane.cli import render_yaml, to_dict
+from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.errors import Unavailable
+from graylane.controlplane.http import HttpServer
+from graylane.controlplane.manifest import ManifestError, load_manifest
+from graylane.v1 import release_pb2
+
+log = logging.getLogger(__name__)
+
+COOKIE: Final = "graylane_session"
+CSRF_HEADER: Final = "X-Graylane-CSRF"
+# The chart library, installed from the npm registry by `make` (never committed).
+VENDOR_DIR: Final = Path(sys.prefix) / "ui-vendor" / "node_modules" / "uplot" / "dist"
+VENDOR_FILES: Final = ("uPlot.esm.js", "uPlot.min.css")
+VENDOR_HINT: Final = "the chart library is not installed: run `make ui` (npm install uplot into .venv/ui-vendor)"
+STATIC_DIR: Final = Path(__file__).resolve().parent / "ui"
+_STATIC_TYPES: Final = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+_SESSION_SECONDS = 12 * 3600.0
+_MAX_SESSIONS = 1000
+_LIST_EVERY_SECONDS = 1.0
+_RETRY_SECONDS = 1.0
+_MAX_RETRY_SECONDS = 10.0
+_HEARTBEAT_SECONDS = 15.0
+_MAX_BODY_BYTES = 1024 * 1024
+_OPEN_ACTOR = "dashboard"
+
+_HTTP_STATUS: Final = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+# The API method behind each action, so the page can say which role a button needs (the
+# same table the API's interceptor checks).
+_ACTION_METHODS: Final = {
+    Action.NEXT: "NextBatch",
+    Action.PAUSE: "Pause",
+    Action.RESUME: "Resume",
+    Action.ROLLBACK: "Rollback",
+    Action.PROMOTE: "Promote",
+    Action.RESTART: "Restart",
+}
+_RS = "/graylane.v1.ReleaseService/"
+
+
+@dataclass
+class Session:
+    """One browser's login: the token stays here, the browser holds only `sid`."""
+
+    sid: str
+    token: str
+    identity: str
+    role: str
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    created: float = field(default_factory=time.monotonic)
+    services: tuple[str, ...] = ()
+    releases: tuple[str, ...] = ()
+
+    def public(self, *, auth_enabled: bool) -> dict[str, Any]:
+        return {
+            "auth": auth_enabled,
+            "identity": self.identity,
+            "role": self.role,
+            "csrf": self.csrf,
+            "scope": {"services": list(self.services), "releases": list(self.releases)},
+            "needs": {action.value: _needed_role(_ACTION_METHODS[action]) for action in Action}
+            | {"apply": _needed_role("ApplyRelease")},
+            # The phases each action is legal from: the state machine's own table, so the
+            # page disables a button for the same reason the API would refuse it.
+            "sources": {
+                action.value: sorted(p.name for p in machine.TRANSITIONS[machine.Action(action.value)].sources)
+                for action in Action
+            },
+        }
+
+
+def _needed_role(method: str) -> str:
+    role = auth.required_role(_RS + method)
+    return role.label if role is not None else ""
+
+
+def _error(status: int, message: str, *, code: str = "") -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status)
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
+    code = exc.code()
+    return _error(_HTTP_STATUS.get(code, 502), exc.details() or code.name, code=code.name)
+
+
+def _sse(event: str, data: object) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class Dashboard:
+    """The dashboard's routes over one loopback channel to this replica's gRPC API.
+
+    `api_target` is called when the first request needs the API (the API's port is known
+    only once the replica serves); `identify` turns a bearer token into an identity with the
+    API's own Authenticator; `auth_enabled` False is the open loopback mode, where no login
+    is needed and actions are recorded as `dashboard`.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_target: Callable[[], str],
+        identify: Callable[[str], Awaitable[auth.Identity | None]],
+        auth_enabled: bool,
+        vendor_dir: Path = VENDOR_DIR,
+    ) -> None:
+        self._api_target = api_target
+        self._identify = identify
+        self._auth = auth_enabled
+        self._vendor_dir = vendor_dir
+        self._sessions: dict[str, Session] = {}
+        self._channel: grpc.aio.Channel | None = None
+
+    # --- wiring -----------------------------------------------------------------------
+
+    def add_routes(self, server: HttpServer) -> None:
+        r = server.add_route
+        r("GET", "/ui", self._redirect, name="ui-root")
+        r("GET", "/ui/", self._index, name="ui")
+        r("GET", "/ui/static/{file}", self._static, name="ui-static")
+        r("GET", "/ui/vendor/{file}", self._vendor, name="ui-vendor")
+        r("GET", "/ui/api/session", self._session, name="ui-session")
+        r("POST", "/ui/api/login", self._login, name="ui-login")
+        r("POST", "/ui/api/logout", self._logout, name="ui-logout")
+        r("GET", "/ui/api/releases", self._releases, name="ui-releases")
+        r("GET", "/ui/api/releases/{name}", self._release, name="ui-release")
+        r("GET", "/ui/api/releases/{name}/yaml", self._release_yaml, name="ui-release-yaml")
+        r("POST", "/ui/api/releases/{name}/{action}", self._act, name="ui-act")
+        r("POST", "/ui/api/apply", self._apply, name="ui-apply")
+        r("GET", "/ui/api/clusters", self._clusters, name="ui-clusters")
+        r("GET", "/ui/events/releases", self._list_events, name="ui-list-events")
+        r("GET", "/ui/events/releases/{name}", self._release_events, name="ui-release-events")
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    def _client(self, session: Session) -> ReleaseClient:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._api_target())
+        return ReleaseClient(self._channel, actor="" if self._auth else _OPEN_ACTOR, token=session.token, timeout=10.0)
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, v in self._sessions.items() if now - v.created > _SESSION_SECONDS]:
+            del self._sessions[sid]
+        while len(self._sessions) >= _MAX_SESSIONS:  # bounded: the oldest login goes first
+            del self._sessions[next(iter(self._sessions))]
+
+    def _current(self, request: web.Request) -> Session | None:
+        sid = request.cookies.get(COOKIE, "")
+        session = self._sessions.get(sid)
+        if session is not None and time.monotonic() - session.created > _SESSION_SECONDS:
+            del self._sessions[sid]
+            return None
+        return session
+
+    def _new_session(self, response: web.StreamResponse, **kw: Any) -> Session:
+        self._expire()
+        session = Session(sid=secrets.token_urlsafe(32), **kw)
+        self._sessions[session.sid] = session
+        response.set_cookie(
+            COOKIE, session.sid, path="/ui", httponly=True, samesite="Strict", max_age=int(_SESSION_SECONDS)
+        )
+        return session
+
+    def _require(self, request: web.Request, *, action: bool = False) -> Session | web.Response:
+        session = self._current(request)
+        if session is None:
+            return _error(401, "log in first", code="UNAUTHENTICATED")
+        if action and not secrets.compare_digest(request.headers.get(CSRF_HEADER, ""), session.csrf):
+            return _error(403, f"missing or wrong {CSRF_HEADER} header (reload the page)", code="CSRF")
+        return session
+
+    async def _session(self, request: web.Request) -> web.Response:
+        session = self._current(request)
+        if session is not None:
+            return web.json_response(session.public(auth_enabled=self._auth))
+        if self._auth:
+            return _error(401, "log in with a token", code="UNAUTHENTICATED")
+        # Open mode: everyone is let in; the session only carries the CSRF token.
+        response = web.json_response({})
+        session = self._new_session(response, token="", identity=_OPEN_ACTOR, role="admin")
+        response.text = json.dumps(session.public(auth_enabled=False))
+        return response
+
+    async def _login(self, request: web.Request) -> web.Response:
+        if not self._auth:
+            return await self._session(request)
+        try:
+            body = await request.json()
+            token = str(body.get("token", "")).strip()
+        except (ValueError, AttributeError):
+            return _error(400, 'expected JSON {"token": ...}')
+        if not token:
+            return _error(400, "enter a token")
+        try:
+            identity = await self._identify(token)
+        except Unavailable as exc:
+            return _error(503, f"cannot check the token now: {exc}", code="UNAVAILABLE")
+        if identity is None:
+            return _error(401, "this token is not valid (unknown, revoked or mistyped)", code="UNAUTHENTICATED")
+        if identity.role is auth.Role.AGENT:
+            return _error(403, "an agent token cannot log in to the dashboard", code="PERMISSION_DENIED")
+        old = self._current(request)
+        if old is not None:
+            del self._sessions[old.sid]
+        response = web.json_response({})
+        session = self._new_session(
+            response,
+            token=token,
+            identity=identity.name,
+            role=identity.role.label,
+            services=tuple(sorted(identity.services)),
+            releases=tuple(sorted(identity.releases)),
+        )
+        log.info("dashboard: %s logged in", identity.name)
+        response.text = json.dumps(session.public(auth_enabled=True))
+        return response
+
+    async def _logout(self, request: web.Request) -> web.Response:
+        found = self._require(request, action=True)
+        if isinstance(found, web.Response):
+            return found
+        self._sessions.pop(found.sid, None)
+        response = web.json_response({"ok": True})
+        response.del_cookie(COOKIE, path="/ui")
+        return response
+
+    # --- static files -----------------------------------------------------------------
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/")
+
+    async def _index(self, request: web.Request) -> web.FileResponse:
+        return self._file(STATIC_DIR / "index.html")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file"]
+        path = STATIC_DIR / name
+        if "/" in name or path.suffix not in _STATIC_TYPES or not path.is_file():
+            raise web.HTTPNotFound()
+        return self._file(path)
+
+    async def _vendor(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file"]
+        if name not in VENDOR_FILES:
+            raise web.HTTPNotFound()
+        path = self._vendor_dir / name
+        if not path.is_file():
+            return web.Response(status=404, text=VENDOR_HINT)
+        return self._file(path)
+
+    @staticmethod
+    def _file(path: Path) -> web.FileResponse:
+        response = web.FileResponse(path)
+        response.content_type = _STATIC_TYPES.get(path.suffix, "application/octet-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def _call(
+        self, request: web.Request, read: Callable[[ReleaseClient], Awaitable[object]], *, action: bool = False
+    ) -> web.Response:
+        found = self._require(request, action=action)
+        if isinstance(found, web.Response):
+            return found
+        try:
+            result = await read(self._client(found))
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc)
+        return web.json_response(result)
+
+    async def _releases(self, request: web.Request) -> web.Response:
+        async def read(client: ReleaseClient) -> object:
+            return to_dict(await client.list_releases())
+
+        return await self._call(request, read)
+
+    async def _release_page(self, client: ReleaseClient, name: str, release: release_pb2.Release) -> dict[str, Any]:
+        history = await client.history(name)
+        versions: dict[str, list[dict[str, Any]]] = {}
+        for service in release.spec.services:
+            listed = await client.list_versions(service.service)
+            wanted = {service.base_version, service.gray_version}
+            versions[service.service] = [to_dict(v) for v in listed.versions if v.name in wanted]
+        return {"release": to_dict(release), "history": to_dict(history)["events"], "versions": versions}
+
+    async def _release(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+
+        async def read(client: ReleaseClient) -> object:
+            return await self._release_page(client, name, await client.get_release(name))
+
+        return await self._call(request, read)
+
+    async def _release_yaml(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+
+        async def read(client: ReleaseClient) -> object:
+            release = await client.get_release(name)
+            return {"yaml": _manifest_yaml(release)}
+
+        return await self._call(request, read)
+
+    async def _clusters(self, request: web.Request) -> web.Response:
+        async def read(client: ReleaseClient) -> object:
+            return to_dict(await client.list_clusters())
+
+        return await self._call(request, read)
+
+    # --- actions ----------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > _MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=_MAX_BODY_BYTES, actual_size=request.content_length)
+        try:
+            body = await request.json()
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    async def _act(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            action = Action(request.match_info["action"])
+        except ValueError:
+            return _error(404, f"no action {request.match_info['action']!r}")
+        body = await self._body(request)
+        reason = str(body.get("reason", "")) or f"from the dashboard: {action.value}"
+        expected = body.get("expected_revision", 0)
+
+        async def call(client: ReleaseClient) -> object:
+            release = await client.act(
+                action, name, reason=reason, expected_revision=expected if isinstance(expected, int) else 0
+            )
+            return to_dict(release)
+
+        return await self._call(request, call, action=True)
+
+    async def _apply(self, request: web.Request) -> web.Response:
+        """Apply a manifest (the YAML the page shows): its shape is checked by the manifest
+        loader, its values by the API, whose INVALID_ARGUMENT message the page shows."""
+        body = await self._body(request)
+        text = str(body.get("yaml", ""))
+        restart = bool(body.get("restart", False))
+        try:
+            objects = load_manifest(text, source="manifest")
+        except ManifestError as exc:
+            found = self._require(request, action=True)
+            if isinstance(found, web.Response):
+                return found
+            return _error(400, str(exc), code="INVALID_MANIFEST")
+        releases = [o for o in objects if isinstance(o, release_pb2.Release)]
+        if len(releases) != 1 or len(objects) != 1:
+            return _error(400, "the dashboard applies exactly one Release document", code="INVALID_MANIFEST")
+
+        async def call(client: ReleaseClient) -> object:
+            applied = await client.apply_release(releases[0], reason="from the dashboard", restart=restart)
+            return to_dict(applied)
+
+        return await self._call(request, call, action=True)
+
+    # --- live -------------------------------------------------------------------------
+
+    async def _stream(
+        self, request: web.Request, feeds: Callable[[ReleaseClient], list[AsyncIterator[bytes]]]
+    ) -> web.StreamResponse:
+        found = self._require(request)
+        if isinstance(found, web.Response):
+            return found
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        client = self._client(found)
+
+        async def pump(feed: AsyncIterator[bytes]) -> None:
+            async for chunk in feed:
+                await queue.put(chunk)
+
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            async with asyncio.TaskGroup() as tasks:
+                pumps = [tasks.create_task(pump(f)) for f in feeds(client)]
+                try:
+                    while True:
+                        try:
+                            chunk = await asyncio.wait_for(queue.get(), _HEARTBEAT_SECONDS)
+                        except TimeoutError:
+                            chunk = b": keep-alive\n\n"
+                        await response.write(chunk)
+                finally:
+                    for task in pumps:
+                        task.cancel()
+        return response
+
+    async def _retrying(self, name: str, run: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+        """`run()`'s events; when the API call behind it fails (a restart, etcd out of reach),
+        an `error` event says why and the call is made again after a pause that doubles."""
+        pause = _RETRY_SECONDS
+        while True:
+            try:
+                async for chunk in run():
+                    pause = _RETRY_SECONDS
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                yield _sse("problem", {"feed": name, "code": code.name, "error": exc.details() or code.name})
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _MAX_RETRY_SECONDS)
+
+    async def _list_events(self, request: web.Request) -> web.StreamResponse:
+        def feeds(client: ReleaseClient) -> list[AsyncIterator[bytes]]:
+            async def releases() -> AsyncIterator[bytes]:
+                last = b""
+                while True:
+                    chunk = _sse("releases", to_dict(await client.list_releases()))
+                    if chunk != last:
+                        last = chunk
+                        yield chunk
+                    await asyncio.sleep(_LIST_EVERY_SECONDS)
+
+            return [self._retrying("releases", releases)]
+
+        return await self._stream(request, feeds)
+
+    async def _release_events(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        try:
+            window = min(max(float(request.query.get("window", "5")), 1.0), 600.0)
+        except ValueError:
+            window = 5.0
+
+        def feeds(client: ReleaseClient) -> list[AsyncIterator[bytes]]:
+            async def release() -> AsyncIterator[bytes]:
+                async for current in client.watch(name):
+                    yield _sse("release", await self._release_page(client, name, current))
+
+            async def metrics() -> AsyncIterator[bytes]:
+                async for answer in client.watch_metrics(name, window=window, every=1.0):
+                    yield _sse("metrics", to_dict(answer))
+
+            return [self._retrying("release", release), self._retrying("metrics", metrics)]
+
+        return await self._stream(request, feeds)
+
+
+def _manifest_yaml(release: release_pb2.Release) -> str:
+    """The release as the manifest `graylane apply -f` reads: its name and spec only."""
+    spec: Message = release.spec
+    return render_yaml({"kind": "Release", "name": release.name, "spec": to_dict(spec)})
+
+
+def loopback_target(api_listen: str, port: Callable[[], int]) -> Callable[[], str]:
+    """How this process reaches its own API: the listen host (127.0.0.1 for a wildcard)."""
+    host = api_listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    shown = f"[{host}]" if ":" in host else host
+    return lambda: f"{shown}:{port()}"

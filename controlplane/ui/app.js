@@ -1,0 +1,462 @@
+// The Graylane dashboard: one page, routed by the URL's fragment. Every number shown is an
+// API message relayed by the control plane (/ui/api/..., /ui/events/...); this file only
+// lays them out. Text from the server is always set as text, never parsed as HTML.
+
+const main = document.getElementById("main");
+let session = null;
+let closePage = () => {};
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
+  return el;
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = {};
+  if (method !== "GET") {
+    headers["Content-Type"] = "application/json";
+    if (session) headers["X-Graylane-CSRF"] = session.csrf;
+  }
+  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), credentials: "same-origin" });
+  let data = {};
+  try { data = await r.json(); } catch { /* an empty or non-JSON body */ }
+  if (r.status === 401 && path !== "/ui/api/login") { session = null; showLogin(data.error); }
+  if (!r.ok) throw Object.assign(new Error(data.error || r.statusText), { status: r.status, code: data.code || "" });
+  return data;
+}
+
+function age(ts) {
+  if (!ts) return "";
+  const s = Math.max(0, (Date.now() - Date.parse(ts)) / 1000);
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+function fmt(x, digits = 1) {
+  return x === undefined || x === null ? "–" : Number(x).toFixed(digits);
+}
+
+// --- login ---------------------------------------------------------------------------
+
+function showLogin(message = "") {
+  closePage();
+  document.getElementById("who").textContent = "";
+  document.getElementById("logout").hidden = true;
+  const token = h("input", { id: "token", type: "password", autocomplete: "off", placeholder: "glt_…" });
+  const error = h("p", { id: "login-error", class: "error" }, message || "");
+  const form = h("form", { class: "login", onsubmit: async (e) => {
+    e.preventDefault();
+    error.textContent = "";
+    try {
+      session = await api("/ui/api/login", { method: "POST", body: { token: token.value } });
+      token.value = "";
+      start();
+    } catch (err) { error.textContent = err.message; }
+  } },
+    h("h1", {}, "Log in"),
+    h("p", { class: "muted" }, "Paste an API token (", h("code", {}, "graylane token create"), "). It is kept by the control plane, not in this browser."),
+    token, h("button", { id: "login", type: "submit" }, "Log in"), error);
+  main.replaceChildren(form);
+  token.focus();
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  try { await api("/ui/api/logout", { method: "POST", body: {} }); } catch { /* gone already */ }
+  session = null;
+  showLogin("Logged out.");
+});
+
+// --- live streams ----------------------------------------------------------------------
+
+function live(path, handlers, onProblem) {
+  const source = new EventSource(path);
+  for (const [event, fn] of Object.entries(handlers)) source.addEventListener(event, (e) => fn(JSON.parse(e.data)));
+  source.addEventListener("problem", (e) => onProblem(JSON.parse(e.data)));
+  source.onerror = () => onProblem({ error: "connection to the control plane lost; retrying" });
+  return () => source.close();
+}
+
+// --- releases list ---------------------------------------------------------------------
+
+const PHASES = ["PENDING", "PROGRESSING", "PAUSED", "SUCCEEDED", "ROLLED_BACK", "FAILED"];
+
+function lastEventText(r) {
+  return r.status.reason || "";
+}
+
+function releasesPage() {
+  const filter = h("select", { id: "phase-filter" }, h("option", { value: "" }, "every phase"), PHASES.map((p) => h("option", { value: p }, p)));
+  const body = h("tbody");
+  const problem = h("p", { class: "error", id: "problem" });
+  let latest = [];
+  const render = () => {
+    const rows = latest.filter((r) => !filter.value || r.status.phase === filter.value).map((r) => {
+      const c = r.status.convergence || {};
+      const batches = r.spec.batches.length;
+      return h("tr", { dataset: { name: r.name } },
+        h("td", {}, h("a", { href: `#/release/${encodeURIComponent(r.name)}` }, r.name)),
+        h("td", { class: `phase phase-${r.status.phase}` }, r.status.phase),
+        h("td", {}, r.spec.strategy),
+        h("td", { class: "batch" }, r.status.batch < 0 ? `– / ${batches}` : `${r.status.batch + 1} / ${batches}`),
+        h("td", { class: "weight" }, `${r.status.weight} %`),
+        h("td", { class: "converged" }, `${c.converged || 0} / ${c.proxies || 0}`),
+        h("td", {}, age(r.created)),
+        h("td", {}, lastEventText(r)));
+    });
+    body.replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No release."))]));
+  };
+  filter.addEventListener("change", render);
+  main.replaceChildren(h("h1", {}, "Releases"), h("p", {}, "Phase: ", filter), problem,
+    h("table", { id: "releases" }, h("thead", {}, h("tr", {}, ["Release", "Phase", "Strategy", "Batch", "Weight", "Converged / proxies", "Age", "Last event"].map((t) => h("th", {}, t)))), body));
+  return live("/ui/events/releases", { releases: (d) => { problem.textContent = ""; latest = d.releases; render(); } }, (p) => { problem.textContent = p.error; });
+}
+
+// --- charts ------------------------------------------------------------------------------
+
+const MAX_POINTS = 10000;
+const CHARTS = [
+  ["share", "Traffic share (%)", (s) => 100 * s.traffic_share],
+  ["rps", "Requests/s", (s) => s.throughput_rps],
+  ["errors", "Error rate (%)", (s) => 100 * s.error_rate],
+  ["p50", "Latency p50 (ms)", (s) => s.p50_ms ?? null],
+  ["p99", "Latency p99 (ms)", (s) => s.p99_ms ?? null],
+  ["requests", "Requests in window", (s) => s.requests],
+];
+const COLORS = ["#1565c0", "#e65100", "#2e7d32", "#6a1b9a", "#00838f", "#ad1457", "#5d4037", "#9e9d24"];
+
+let uplotModule;
+async function loadUplot() {
+  if (uplotModule === undefined) {
+    uplotModule = await import("/ui/vendor/uPlot.esm.js").then((m) => m.default, () => null);
+  }
+  return uplotModule;
+}
+
+class Charts {
+  constructor(box) {
+    this.box = box;
+    this.t = [];
+    this.keys = [];
+    this.values = {};  // chart id -> key -> array aligned with t
+    this.plots = {};
+    this.verdicts = [];
+  }
+
+  key(s) {
+    return `${s.service} ${s.version}${s.lane ? ` lane=${s.lane}` : ""}${s.cluster ? ` @${s.cluster}` : ""}`;
+  }
+
+  async add(metrics) {
+    const uPlot = await loadUplot();
+    if (!uPlot) {
+      this.box.replaceChildren(h("p", { class: "error", id: "charts-missing" }, "Charts need the uPlot library, which is not installed: run `make ui` (it installs uplot from the npm registry into .venv/ui-vendor), then reload."));
+      return;
+    }
+    const at = Date.parse(metrics.until) / 1000;
+    if (this.t.length && at <= this.t[this.t.length - 1]) return;
+    let rebuild = false;
+    for (const s of metrics.series) {
+      const k = this.key(s);
+      if (!this.keys.includes(k)) { this.keys.push(k); rebuild = true; }
+    }
+    this.t.push(at);
+    for (const [id, , read] of CHARTS) {
+      const byKey = (this.values[id] ??= {});
+      for (const k of this.keys) (byKey[k] ??= new Array(this.t.length - 1).fill(null)).push(null);
+      for (const s of metrics.series) byKey[this.key(s)][this.t.length - 1] = read(s);
+    }
+    if (this.t.length > MAX_POINTS) {
+      this.t.shift();
+      for (const byKey of Object.values(this.values)) for (const arr of Object.values(byKey)) arr.shift();
+    }
+    if (rebuild) this.build(uPlot); else this.update();
+  }
+
+  setVerdicts(events) {
+    this.verdicts = events.filter((e) => e.details && e.details.verdict).map((e) => ({ t: Date.parse(e.at) / 1000, verdict: e.details.verdict }));
+    for (const p of Object.values(this.plots)) p.redraw(false);
+  }
+
+  data(id) {
+    return [this.t, ...this.keys.map((k) => this.values[id][k])];
+  }
+
+  build(uPlot) {
+    for (const p of Object.values(this.plots)) p.destroy();
+    this.plots = {};
+    const verdictMarks = {
+      hooks: { draw: [(u) => {
+        const ctx = u.ctx;
+        ctx.save();
+        for (const v of this.verdicts) {
+          const x = u.valToPos(v.t, "x", true);
+          if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+          ctx.strokeStyle = v.verdict === "pass" ? "#2e7d32" : v.verdict === "fail" ? "#b3261e" : "#9aa3b0";
+          ctx.lineWidth = 2;
+          ctx.setLineDash([4, 3]);
+          ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
+        }
+        ctx.restore();
+      }] },
+    };
+    const cells = CHARTS.map(([id, title]) => {
+      const cell = h("div", { class: "chart", id: `chart-${id}` }, h("h3", {}, title));
+      const opts = {
+        width: 460, height: 200, plugins: [verdictMarks],
+        series: [{}, ...this.keys.map((k, i) => ({ label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false }))],
+        axes: [{}, { size: 50 }],
+        legend: { live: false },
+      };
+      this.plots[id] = new uPlot(opts, this.data(id), cell);
+      return cell;
+    });
+    this.box.replaceChildren(...cells);
+  }
+
+  update() {
+    for (const [id] of CHARTS) this.plots[id]?.setData(this.data(id));
+  }
+
+  destroy() {
+    for (const p of Object.values(this.plots)) p.destroy();
+  }
+}
+
+// --- one release -------------------------------------------------------------------------
+
+const ACTIONS = [
+  ["next", "Next batch"], ["pause", "Pause"], ["resume", "Resume"], ["rollback", "Roll back"], ["promote", "Promote"], ["restart", "Restart"],
+];
+const ROLE_RANK = { viewer: 1, operator: 2, admin: 3 };
+
+// The phases each action is legal from come from the control plane's state machine.
+function phaseReason(action, r) {
+  const p = r.status.phase;
+  const from = session.sources[action];
+  return from.includes(p) ? "" : `not while ${p} (only when ${from.join(" or ")})`;
+}
+
+function roleReason(action, r) {
+  const needs = session.needs[action];
+  if (ROLE_RANK[session.role] < ROLE_RANK[needs]) return `needs role ${needs} (you are ${session.role})`;
+  const scope = session.scope;
+  if (scope.services.length || scope.releases.length) {
+    const services = r.spec.services.map((s) => s.service);
+    const inScope = scope.releases.includes(r.name) || (scope.services.length && services.every((s) => scope.services.includes(s)));
+    if (!inScope) return "outside your token's scope";
+  }
+  return "";
+}
+
+async function confirmAction(text) {
+  const dialog = document.getElementById("confirm");
+  document.getElementById("confirm-text").textContent = text;
+  document.getElementById("confirm-reason").value = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok" ? document.getElementById("confirm-reason").value : null), { once: true });
+  });
+}
+
+function conditionText(c) {
+  const what = c.kind === "PATH" ? "path" : `${c.kind.toLowerCase()} ${c.name}`;
+  return c.op === "PRESENT" ? `${what} present` : `${what} ${c.op.toLowerCase()} "${c.value}"`;
+}
+
+function pauseText(p) {
+  if (!p) return "";
+  if (p.manual) return "manual";
+  if (p.duration) return p.duration;
+  return "";
+}
+
+function releasePage(name) {
+  const title = h("h1", {}, `Release ${name}`);
+  const cards = h("div", { class: "cards" });
+  const plan = h("ol", { class: "plan", id: "plan" });
+  const actions = h("div", { class: "actions", id: "actions" });
+  const actionError = h("p", { class: "error", id: "action-error" });
+  const problem = h("p", { class: "error", id: "problem" });
+  const chartBox = h("div", { class: "charts", id: "charts" }, h("p", { class: "muted" }, "Waiting for metrics…"));
+  const rules = h("div", { id: "rules" });
+  const proxies = h("div", { id: "proxies" });
+  const history = h("ul", { class: "timeline", id: "history" });
+  const versions = h("div", { id: "versions" });
+  const edit = h("a", { href: `#/edit/${encodeURIComponent(name)}` }, "Edit / YAML");
+  main.replaceChildren(title, problem, cards, h("h2", {}, "Batch plan"), plan, h("h2", {}, "Actions"), actions, actionError, edit,
+    h("h2", {}, "Traffic per version"), chartBox, h("h2", {}, "Rules"), rules, h("h2", {}, "Proxies"), proxies,
+    h("h2", {}, "Versions"), versions, h("h2", {}, "History"), history);
+  const charts = new Charts(chartBox);
+  let current = null;
+
+  const act = async (action, label) => {
+    const reason = await confirmAction(`${label}: release ${name}?`);
+    if (reason === null) return;
+    actionError.textContent = "";
+    try {
+      await api(`/ui/api/releases/${encodeURIComponent(name)}/${action}`, { method: "POST", body: { reason, expected_revision: current.revision } });
+    } catch (err) { actionError.textContent = `${label} refused: ${err.message}`; }
+  };
+
+  const render = (page) => {
+    const r = page.release;
+    current = r;
+    problem.textContent = "";
+    const s = r.status;
+    const c = s.convergence || {};
+    cards.replaceChildren(
+      h("div", { class: "card" }, "Phase", h("b", { id: "rel-phase", class: `phase phase-${s.phase}` }, s.phase)),
+      h("div", { class: "card" }, "Strategy", h("b", {}, r.spec.strategy)),
+      h("div", { class: "card" }, "Batch", h("b", { id: "rel-batch" }, s.batch < 0 ? "–" : `${s.batch + 1} / ${r.spec.batches.length}`)),
+      h("div", { class: "card" }, "Weight", h("b", { id: "rel-weight" }, `${s.weight} %`), s.served_weight !== s.weight ? `served ${s.served_weight} %` : ""),
+      h("div", { class: "card" }, "Converged / proxies", h("b", { id: "rel-converged" }, `${c.converged} / ${c.proxies}`), s.reached ? "reached" : "not reached"),
+      h("div", { class: "card" }, "Why", h("span", { id: "rel-reason" }, s.reason)),
+    );
+    plan.replaceChildren(...r.spec.batches.map((b, i) => h("li", { class: i === s.batch ? "current" : i < s.batch ? "done" : "", dataset: { batch: i } },
+      `${i + 1}. ${b.weight} %`, h("br"), h("small", {}, pauseText(b.pause)))));
+    actions.replaceChildren(...ACTIONS.map(([action, label]) => {
+      const why = roleReason(action, r) || phaseReason(action, r);
+      return h("button", { dataset: { action }, disabled: Boolean(why), title: why || `${label} (needs ${session.needs[action]})`, onclick: () => act(action, label) }, label);
+    }), h("span", { class: "muted", id: "disabled-reasons" }, ACTIONS.map(([action, label]) => {
+      const why = roleReason(action, r) || phaseReason(action, r);
+      return why ? `${label}: ${why}. ` : "";
+    }).join("")));
+    rules.replaceChildren(r.spec.match.length
+      ? h("ul", {}, r.spec.match.map((rule) => h("li", {}, rule.conditions.map(conditionText).join(" AND "))))
+      : h("p", { class: "muted" }, "No rule: requests join the lane by weight only."),
+      h("p", { class: "muted" }, `A request matching any rule (OR) joins lane ${r.spec.lane} at entry ${r.spec.entry}.`));
+    const lagging = (c.lagging || []).map((l) => h("li", {}, l));
+    const gone = (c.gone_names || []).map((g) => h("li", {}, `${g} (gone: no ACK within the stale-proxy timeout)`));
+    const nack = s.last_nack && s.last_nack.node ? h("p", { class: "error", id: "nack" }, `Last NACK from ${s.last_nack.node} (cluster ${s.last_nack.cluster || "local"}): ${s.last_nack.message}`) : null;
+    proxies.replaceChildren(h("p", {}, `${c.converged} of ${c.proxies} proxies carry the current batch.`),
+      lagging.length ? h("div", {}, h("b", {}, "Lagging or rejected:"), h("ul", { id: "lagging" }, lagging)) : null,
+      gone.length ? h("ul", {}, gone) : null, nack);
+    const vrows = [];
+    for (const [service, list] of Object.entries(page.versions)) for (const v of list) {
+      const m = v.metadata || {};
+      vrows.push(h("tr", {}, h("td", {}, service), h("td", {}, v.name), h("td", {}, m.author || ""), h("td", {}, m.created || ""), h("td", {}, m.change_summary || ""), h("td", {}, m.image || "")));
+    }
+    versions.replaceChildren(h("table", {}, h("thead", {}, h("tr", {}, ["Service", "Version", "Author", "Date", "Summary", "Image"].map((t) => h("th", {}, t)))), h("tbody", {}, vrows)));
+    history.replaceChildren(...page.history.slice().reverse().map((e) => {
+      const details = Object.entries(e.details || {}).map(([k, v]) => `${k}=${v}`).join("  ");
+      return h("li", { class: e.details && e.details.verdict ? `verdict-${e.details.verdict}` : "" },
+        h("b", {}, e.action), ` ${e.at.replace("T", " ").replace(/\.\d+Z$/, "Z")} by ${e.actor}: `,
+        `${e.from_phase} → ${e.to_phase}, batch ${e.from_batch + 1} → ${e.to_batch + 1}, weight ${e.weight} %`,
+        e.reason ? h("div", {}, e.reason) : null, details ? h("div", { class: "details" }, details) : null);
+    }));
+    charts.setVerdicts(page.history);
+  };
+  const stop = live(`/ui/events/releases/${encodeURIComponent(name)}`, {
+    release: render,
+    metrics: (m) => charts.add(m),
+  }, (p) => { problem.textContent = p.error; });
+  return () => { stop(); charts.destroy(); };
+}
+
+// --- create or edit ----------------------------------------------------------------------
+
+const TEMPLATE = `kind: Release
+name: checkout-v2
+spec:
+  lane: checkout-v2
+  entry: checkout
+  strategy: CANARY
+  services:
+  - service: checkout
+    base_version: v1
+    gray_version: v2
+  match:            # OR of rules; the conditions of one rule are AND-ed
+  - conditions:
+    - {kind: HEADER, name: x-user, op: EXACT, value: tester}
+  batches:
+  - {weight: 10, pause: {manual: true}}
+  - {weight: 50, pause: {duration: 30s}}
+  - {weight: 100, pause: {manual: true}}
+`;
+
+function editPage(name) {
+  const text = h("textarea", { id: "yaml", rows: 28, spellcheck: "false" });
+  const error = h("p", { class: "error", id: "apply-error" });
+  const done = h("p", { id: "apply-done" });
+  const restart = h("input", { type: "checkbox", id: "restart" });
+  const download = h("a", { href: "#", id: "export", onclick: (e) => {
+    e.preventDefault();
+    const url = URL.createObjectURL(new Blob([text.value], { type: "application/yaml" }));
+    const a = h("a", { href: url, download: `${name || "release"}.yaml` });
+    a.click();
+    URL.revokeObjectURL(url);
+  } }, "Export YAML");
+  const apply = h("button", { id: "apply", onclick: async () => {
+    error.textContent = ""; done.textContent = "";
+    try {
+      const r = await api("/ui/api/apply", { method: "POST", body: { yaml: text.value, restart: restart.checked } });
+      done.replaceChildren("Applied: ", h("a", { href: `#/release/${encodeURIComponent(r.name)}` }, `release ${r.name}`), ` (${r.status.phase}).`);
+    } catch (err) { error.textContent = err.message; }
+  } }, "Apply");
+  if (ROLE_RANK[session.role] < ROLE_RANK[session.needs.apply]) {
+    apply.disabled = true;
+    apply.title = `needs role ${session.needs.apply} (you are ${session.role})`;
+  }
+  main.replaceChildren(h("h1", {}, name ? `Edit release ${name}` : "New release"),
+    h("p", { class: "muted" }, "The manifest `graylane apply -f` reads: entry, services, rules (OR of AND-ed conditions), batches with pauses, analysis. The control plane checks it with the API's own validation."),
+    text, h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done);
+  if (name) {
+    api(`/ui/api/releases/${encodeURIComponent(name)}/yaml`).then((d) => { text.value = d.yaml + "\n"; }, (err) => { error.textContent = err.message; });
+  } else {
+    text.value = TEMPLATE;
+  }
+  return () => {};
+}
+
+// --- clusters ---------------------------------------------------------------------------
+
+function clustersPage() {
+  const box = h("div", { id: "clusters" }, h("p", { class: "muted" }, "Loading…"));
+  const problem = h("p", { class: "error" });
+  main.replaceChildren(h("h1", {}, "Clusters"), problem, box);
+  const load = async () => {
+    try {
+      const d = await api("/ui/api/clusters");
+      problem.textContent = "";
+      box.replaceChildren(d.clusters.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Cluster", "Agent", "Connected", "Gateway", "Endpoints (service/version: count)"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, d.clusters.map((c) => h("tr", { dataset: { name: c.name } }, h("td", {}, c.name), h("td", {}, `${c.agent_id} ${c.agent_version}`),
+          h("td", { class: c.connected ? "" : "phase-FAILED" }, c.connected ? "connected" : "not connected"), h("td", {}, c.gateway_address),
+          h("td", {}, c.versions.map((v) => `${v.service}/${v.version}: ${v.endpoints}`).join(", ")))))) :
+        h("p", { class: "muted" }, "No agent has registered a cluster: this control plane serves its own proxies only (their counts are on each release)."));
+    } catch (err) { problem.textContent = err.message; }
+  };
+  load();
+  const timer = setInterval(load, 1000);
+  return () => clearInterval(timer);
+}
+
+// --- routing -----------------------------------------------------------------------------
+
+function route() {
+  closePage();
+  if (!session) return;
+  const [, page, arg] = location.hash.split("/").map(decodeURIComponent);
+  if (page === "release" && arg) closePage = releasePage(arg);
+  else if (page === "edit" && arg) closePage = editPage(arg);
+  else if (page === "new") closePage = editPage("");
+  else if (page === "clusters") closePage = clustersPage();
+  else closePage = releasesPage();
+}
+
+function start() {
+  document.getElementById("who").textContent = session.auth ? `${session.identity} (${session.role})` : "open mode (no login)";
+  document.getElementById("logout").hidden = !session.auth;
+  route();
+}
+
+window.addEventListener("hashchange", route);
+api("/ui/api/session").then((s) => { session = s; start(); }, (err) => { if (err.status !== 401) showLogin(err.message); });
