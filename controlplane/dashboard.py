@@ -17,7 +17,6 @@ Must not import: etcd, xds, agent code.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -154,9 +153,10 @@ class Dashboard:
         self._api_target = api_target
         self._identify = identify
         self._auth = auth_enabled
-        self._vendor_dir = vendor_dir
+        self.vendor_dir = vendor_dir
         self._sessions: dict[str, Session] = {}
         self._channel: grpc.aio.Channel | None = None
+        self._streams: set[asyncio.Task[Any]] = set()
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -174,11 +174,16 @@ class Dashboard:
         r("GET", "/ui/api/releases/{name}/yaml", self._release_yaml, name="ui-release-yaml")
         r("POST", "/ui/api/releases/{name}/{action}", self._act, name="ui-act")
         r("POST", "/ui/api/apply", self._apply, name="ui-apply")
+        r("POST", "/ui/api/yaml", self._to_yaml, name="ui-to-yaml")
         r("GET", "/ui/api/clusters", self._clusters, name="ui-clusters")
         r("GET", "/ui/events/releases", self._list_events, name="ui-list-events")
         r("GET", "/ui/events/releases/{name}", self._release_events, name="ui-release-events")
 
     async def close(self) -> None:
+        # Event streams last as long as the browser keeps the page open: end them now, or
+        # the HTTP server would wait its whole shutdown timeout for them.
+        for task in list(self._streams):
+            task.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
@@ -296,7 +301,7 @@ class Dashboard:
         name = request.match_info["file"]
         if name not in VENDOR_FILES:
             raise web.HTTPNotFound()
-        path = self._vendor_dir / name
+        path = self.vendor_dir / name
         if not path.is_file():
             return web.Response(status=404, text=VENDOR_HINT)
         return self._file(path)
@@ -391,6 +396,20 @@ class Dashboard:
 
         return await self._call(request, call, action=True)
 
+    async def _to_yaml(self, request: web.Request) -> web.Response:
+        """A release form's fields as the manifest YAML it applies, checked for shape by the
+        loader `graylane apply -f` uses (its messages name the field)."""
+        found = self._require(request)
+        if isinstance(found, web.Response):
+            return found
+        body = await self._body(request)
+        text = render_yaml({"kind": "Release", "name": body.get("name", ""), "spec": body.get("spec", {})})
+        try:
+            load_manifest(text, source="form")
+        except ManifestError as exc:
+            return web.json_response({"yaml": text, "error": str(exc)})
+        return web.json_response({"yaml": text, "error": ""})
+
     async def _apply(self, request: web.Request) -> web.Response:
         """Apply a manifest (the YAML the page shows): its shape is checked by the manifest
         loader, its values by the API, whose INVALID_ARGUMENT message the page shows."""
@@ -428,24 +447,34 @@ class Dashboard:
         await response.prepare(request)
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
         client = self._client(found)
+        me = asyncio.current_task()
+        if me is not None:
+            self._streams.add(me)
 
         async def pump(feed: AsyncIterator[bytes]) -> None:
-            async for chunk in feed:
-                await queue.put(chunk)
+            try:
+                async for chunk in feed:
+                    await queue.put(chunk)
+            except Exception as exc:  # a bug, not the API's refusal: say so, keep serving
+                log.exception("dashboard: an event feed failed")
+                await queue.put(_sse("problem", {"error": f"this feed stopped: {exc}; reload the page"}))
 
-        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-            async with asyncio.TaskGroup() as tasks:
-                pumps = [tasks.create_task(pump(f)) for f in feeds(client)]
+        pumps = [asyncio.create_task(pump(f)) for f in feeds(client)]
+        try:
+            while True:
                 try:
-                    while True:
-                        try:
-                            chunk = await asyncio.wait_for(queue.get(), _HEARTBEAT_SECONDS)
-                        except TimeoutError:
-                            chunk = b": keep-alive\n\n"
-                        await response.write(chunk)
-                finally:
-                    for task in pumps:
-                        task.cancel()
+                    chunk = await asyncio.wait_for(queue.get(), _HEARTBEAT_SECONDS)
+                except TimeoutError:
+                    chunk = b": keep-alive\n\n"
+                await response.write(chunk)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the browser left, or the server stops: either way this stream is over
+        finally:
+            if me is not None:
+                self._streams.discard(me)
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
         return response
 
     async def _retrying(self, name: str, run: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:

@@ -186,6 +186,15 @@ class Charts {
     for (const p of Object.values(this.plots)) p.redraw(false);
   }
 
+  width() {
+    const column = this.box.clientWidth || 960;
+    return Math.max(320, Math.floor(column >= 960 ? column / 2 - 40 : column - 24));
+  }
+
+  resize() {
+    for (const p of Object.values(this.plots)) p.setSize({ width: this.width(), height: 200 });
+  }
+
   data(id) {
     return [this.t, ...this.keys.map((k) => this.values[id][k])];
   }
@@ -211,7 +220,7 @@ class Charts {
     const cells = CHARTS.map(([id, title]) => {
       const cell = h("div", { class: "chart", id: `chart-${id}` }, h("h3", {}, title));
       const opts = {
-        width: 460, height: 200, plugins: [verdictMarks],
+        width: this.width(), height: 200, plugins: [verdictMarks],
         series: [{}, ...this.keys.map((k, i) => ({ label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: false }))],
         axes: [{}, { size: 50 }],
         legend: { live: false },
@@ -296,6 +305,8 @@ function releasePage(name) {
     h("h2", {}, "Traffic per version"), chartBox, h("h2", {}, "Rules"), rules, h("h2", {}, "Proxies"), proxies,
     h("h2", {}, "Versions"), versions, h("h2", {}, "History"), history);
   const charts = new Charts(chartBox);
+  const onResize = () => charts.resize();
+  window.addEventListener("resize", onResize);
   let current = null;
 
   const act = async (action, label) => {
@@ -314,22 +325,25 @@ function releasePage(name) {
     const s = r.status;
     const c = s.convergence || {};
     cards.replaceChildren(
-      h("div", { class: "card" }, "Phase", h("b", { id: "rel-phase", class: `phase phase-${s.phase}` }, s.phase)),
-      h("div", { class: "card" }, "Strategy", h("b", {}, r.spec.strategy)),
-      h("div", { class: "card" }, "Batch", h("b", { id: "rel-batch" }, s.batch < 0 ? "–" : `${s.batch + 1} / ${r.spec.batches.length}`)),
-      h("div", { class: "card" }, "Weight", h("b", { id: "rel-weight" }, `${s.weight} %`), s.served_weight !== s.weight ? `served ${s.served_weight} %` : ""),
-      h("div", { class: "card" }, "Converged / proxies", h("b", { id: "rel-converged" }, `${c.converged} / ${c.proxies}`), s.reached ? "reached" : "not reached"),
-      h("div", { class: "card" }, "Why", h("span", { id: "rel-reason" }, s.reason)),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Phase"), h("b", { id: "rel-phase", class: `phase phase-${s.phase}` }, s.phase)),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Strategy"), h("b", {}, r.spec.strategy)),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Batch"), h("b", { id: "rel-batch" }, s.batch < 0 ? "–" : `${s.batch + 1} / ${r.spec.batches.length}`)),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Weight"), h("b", { id: "rel-weight" }, `${s.weight} %`), s.served_weight !== s.weight ? `served ${s.served_weight} %` : ""),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Converged / proxies"), h("b", { id: "rel-converged" }, `${c.converged} / ${c.proxies}`), s.reached ? "reached" : "not reached"),
+      h("div", { class: "card" }, h("span", { class: "label" }, "Why"), h("span", { id: "rel-reason", class: "value" }, s.reason)),
     );
     plan.replaceChildren(...r.spec.batches.map((b, i) => h("li", { class: i === s.batch ? "current" : i < s.batch ? "done" : "", dataset: { batch: i } },
       `${i + 1}. ${b.weight} %`, h("br"), h("small", {}, pauseText(b.pause)))));
-    actions.replaceChildren(...ACTIONS.map(([action, label]) => {
-      const why = roleReason(action, r) || phaseReason(action, r);
-      return h("button", { dataset: { action }, disabled: Boolean(why), title: why || `${label} (needs ${session.needs[action]})`, onclick: () => act(action, label) }, label);
-    }), h("span", { class: "muted", id: "disabled-reasons" }, ACTIONS.map(([action, label]) => {
-      const why = roleReason(action, r) || phaseReason(action, r);
-      return why ? `${label}: ${why}. ` : "";
-    }).join("")));
+    // Buttons are rebuilt only when what they allow changes, so a live update cannot
+    // swap a button away under the user's click.
+    const reasons = ACTIONS.map(([action]) => roleReason(action, r) || phaseReason(action, r));
+    const signature = JSON.stringify(reasons);
+    if (signature !== actions.dataset.signature) {
+      actions.dataset.signature = signature;
+      actions.replaceChildren(...ACTIONS.map(([action, label], i) => h("button", {
+        dataset: { action }, disabled: Boolean(reasons[i]), title: reasons[i] || `${label} (needs ${session.needs[action]})`, onclick: () => act(action, label),
+      }, label)), h("span", { class: "muted", id: "disabled-reasons" }, ACTIONS.map(([, label], i) => (reasons[i] ? `${label}: ${reasons[i]}. ` : "")).join("")));
+    }
     rules.replaceChildren(r.spec.match.length
       ? h("ul", {}, r.spec.match.map((rule) => h("li", {}, rule.conditions.map(conditionText).join(" AND "))))
       : h("p", { class: "muted" }, "No rule: requests join the lane by weight only."),
@@ -359,40 +373,149 @@ function releasePage(name) {
     release: render,
     metrics: (m) => charts.add(m),
   }, (p) => { problem.textContent = p.error; });
-  return () => { stop(); charts.destroy(); };
+  return () => { stop(); charts.destroy(); window.removeEventListener("resize", onResize); };
 }
 
 // --- create or edit ----------------------------------------------------------------------
 
-const TEMPLATE = `kind: Release
-name: checkout-v2
-spec:
-  lane: checkout-v2
-  entry: checkout
-  strategy: CANARY
-  services:
-  - service: checkout
-    base_version: v1
-    gray_version: v2
-  match:            # OR of rules; the conditions of one rule are AND-ed
-  - conditions:
-    - {kind: HEADER, name: x-user, op: EXACT, value: tester}
-  batches:
-  - {weight: 10, pause: {manual: true}}
-  - {weight: 50, pause: {duration: 30s}}
-  - {weight: 100, pause: {manual: true}}
-`;
+const TEMPLATE_SPEC = {
+  lane: "checkout-v2", entry: "checkout", strategy: "CANARY",
+  services: [{ service: "checkout", base_version: "v1", gray_version: "v2" }],
+  match: [{ conditions: [{ kind: "HEADER", name: "x-user", op: "EXACT", value: "tester" }] }],
+  batches: [{ weight: 10, pause: { manual: true } }, { weight: 50, pause: { duration: "30s" } }, { weight: 100, pause: { manual: true } }],
+};
+const KINDS = ["HEADER", "COOKIE", "QUERY", "PATH"];
+const OPS = ["EXACT", "PREFIX", "REGEX", "PRESENT"];
+const STRATEGIES = ["CANARY", "BLUE_GREEN", "AB"];
+
+function select(values, value, attrs = {}) {
+  return h("select", attrs, values.map((v) => h("option", { value: v, selected: v === value }, v)));
+}
+
+// A form over the fields most releases set; what it does not show (cohort, placement,
+// webhooks, the finer analysis knobs) is kept from the loaded spec and stays editable in
+// the YAML below, which is what Apply sends.
+class ReleaseForm {
+  constructor(onChange) {
+    this.onChange = onChange;
+    this.root = h("div", { id: "form", class: "form" });
+    this.root.addEventListener("input", () => this.changed());
+    this.root.addEventListener("change", () => this.changed());
+  }
+
+  changed() { this.onChange(this.read()); }
+
+  load(name, spec) {
+    this.name = name;
+    this.spec = structuredClone(spec);
+    this.render();
+  }
+
+  read() {
+    const q = (sel) => [...this.root.querySelectorAll(sel)];
+    const spec = structuredClone(this.spec);
+    spec.lane = this.root.querySelector("[name=lane]").value;
+    spec.entry = this.root.querySelector("[name=entry]").value;
+    spec.strategy = this.root.querySelector("[name=strategy]").value;
+    spec.services = q(".svc-row").map((row) => ({
+      service: row.querySelector("[name=service]").value, base_version: row.querySelector("[name=base]").value, gray_version: row.querySelector("[name=gray]").value,
+    }));
+    spec.match = q(".rule").map((rule) => ({ conditions: [...rule.querySelectorAll(".cond")].map((c) => {
+      const cond = { kind: c.querySelector("[name=kind]").value, op: c.querySelector("[name=op]").value };
+      const name = c.querySelector("[name=cname]").value, value = c.querySelector("[name=value]").value;
+      if (name) cond.name = name;
+      if (value) cond.value = value;
+      return cond;
+    }) }));
+    spec.batches = q(".batch-row").map((row) => {
+      const w = row.querySelector("[name=weight]").value;
+      const manual = row.querySelector("[name=pause]").value === "manual";
+      return { weight: w === "" ? 0 : Number(w), pause: manual ? { manual: true } : { duration: row.querySelector("[name=duration]").value } };
+    });
+    if (this.root.querySelector("[name=analysis]").checked) {
+      const a = { ...(spec.analysis || {}) };
+      for (const [key, kind] of [["interval", "text"], ["min_requests", "int"], ["max_error_rate", "num"], ["max_p99_ms", "num"], ["failure_limit", "int"]]) {
+        const v = this.root.querySelector(`[name=a_${key}]`).value.trim();
+        if (v === "") delete a[key];
+        else a[key] = kind === "text" ? v : Number(v);
+      }
+      a.baseline = this.root.querySelector("[name=a_baseline]").checked;
+      spec.analysis = a;
+    } else {
+      delete spec.analysis;
+    }
+    return { name: this.root.querySelector("[name=name]").value, spec };
+  }
+
+  render() {
+    const s = this.spec;
+    const field = (label, input) => h("label", { class: "field" }, label, " ", input);
+    const svc = (v = {}) => h("div", { class: "svc-row" },
+      field("service", h("input", { name: "service", value: v.service || "" })),
+      field("base", h("input", { name: "base", value: v.base_version || "", size: 8 })),
+      field("gray", h("input", { name: "gray", value: v.gray_version || "", size: 8 })),
+      h("button", { type: "button", onclick: (e) => { e.target.parentNode.remove(); this.changed(); } }, "remove"));
+    const cond = (c = {}) => h("span", { class: "cond" },
+      select(KINDS, c.kind || "HEADER", { name: "kind" }), h("input", { name: "cname", value: c.name || "", placeholder: "name", size: 10 }),
+      select(OPS, c.op || "EXACT", { name: "op" }), h("input", { name: "value", value: c.value || "", placeholder: "value", size: 10 }),
+      h("button", { type: "button", title: "remove this condition", onclick: (e) => { e.target.parentNode.remove(); this.changed(); } }, "×"));
+    const rule = (r = { conditions: [{}] }) => {
+      const conds = h("span", { class: "conds" }, r.conditions.map(cond));
+      return h("div", { class: "rule" }, h("b", {}, "rule: "), conds,
+        h("button", { type: "button", class: "add-and", onclick: () => { conds.append(cond()); this.changed(); } }, "+ AND"),
+        h("button", { type: "button", onclick: (e) => { e.target.parentNode.remove(); this.changed(); } }, "remove rule"));
+    };
+    const batch = (b = { weight: 100, pause: { manual: true } }) => {
+      const manual = !b.pause || b.pause.manual || !b.pause.duration;
+      return h("div", { class: "batch-row" },
+        field("weight %", h("input", { name: "weight", type: "number", value: b.weight ?? 0, min: 0, max: 100, style: "width:5em" })),
+        field("pause", select(["manual", "duration"], manual ? "manual" : "duration", { name: "pause" })),
+        h("input", { name: "duration", value: manual ? "30s" : b.pause.duration, size: 6 }),
+        h("button", { type: "button", onclick: (e) => { e.target.parentNode.remove(); this.changed(); } }, "remove"));
+    };
+    const services = h("div", {}, (s.services || []).map(svc));
+    const rules = h("div", { id: "rules-form" }, (s.match || []).map(rule));
+    const batches = h("div", { id: "batches-form" }, (s.batches || []).map(batch));
+    const a = s.analysis || {};
+    this.root.replaceChildren(
+      h("div", {}, field("name", h("input", { name: "name", value: this.name || "", readonly: Boolean(this.name && this.fixedName) })),
+        field("lane", h("input", { name: "lane", value: s.lane || "" })), field("entry", h("input", { name: "entry", value: s.entry || "" })),
+        field("strategy", select(STRATEGIES, s.strategy || "CANARY", { name: "strategy" }))),
+      h("h2", {}, "Services"), services, h("button", { type: "button", onclick: () => { services.append(svc()); this.changed(); } }, "+ service"),
+      h("h2", {}, "Rules (a request matching any rule joins the lane)"), rules,
+      h("button", { type: "button", id: "add-rule", onclick: () => { rules.append(rule()); this.changed(); } }, "+ OR rule"),
+      h("h2", {}, "Batches"), batches, h("button", { type: "button", id: "add-batch", onclick: () => { batches.append(batch()); this.changed(); } }, "+ batch"),
+      h("h2", {}, h("label", {}, h("input", { type: "checkbox", name: "analysis", checked: Boolean(s.analysis) }), " Automated analysis")),
+      h("div", {}, field("interval", h("input", { name: "a_interval", value: a.interval || "", placeholder: "60s", size: 6 })),
+        field("min requests", h("input", { name: "a_min_requests", value: a.min_requests ?? "", placeholder: "100", size: 6 })),
+        field("max error rate", h("input", { name: "a_max_error_rate", value: a.max_error_rate ?? "", placeholder: "0.05", size: 6 })),
+        field("max p99 ms", h("input", { name: "a_max_p99_ms", value: a.max_p99_ms ?? "", size: 6 })),
+        field("failure limit", h("input", { name: "a_failure_limit", value: a.failure_limit ?? "", placeholder: "2", size: 4 })),
+        field("compare with base", h("input", { type: "checkbox", name: "a_baseline", checked: Boolean(a.baseline) }))));
+  }
+}
 
 function editPage(name) {
-  const text = h("textarea", { id: "yaml", rows: 28, spellcheck: "false" });
+  const text = h("textarea", { id: "yaml", rows: 24, spellcheck: "false" });
+  const shape = h("p", { class: "error", id: "form-error" });
   const error = h("p", { class: "error", id: "apply-error" });
   const done = h("p", { id: "apply-done" });
   const restart = h("input", { type: "checkbox", id: "restart" });
+  let pending = 0;
+  const form = new ReleaseForm(async (value) => {
+    const mine = ++pending;
+    try {
+      const r = await api("/ui/api/yaml", { method: "POST", body: value });
+      if (mine !== pending) return;  // a later edit's answer wins
+      text.value = r.yaml + "\n";
+      shape.textContent = r.error;
+    } catch (err) { shape.textContent = err.message; }
+  });
+  form.fixedName = Boolean(name);
   const download = h("a", { href: "#", id: "export", onclick: (e) => {
     e.preventDefault();
     const url = URL.createObjectURL(new Blob([text.value], { type: "application/yaml" }));
-    const a = h("a", { href: url, download: `${name || "release"}.yaml` });
-    a.click();
+    h("a", { href: url, download: `${name || "release"}.yaml` }).click();
     URL.revokeObjectURL(url);
   } }, "Export YAML");
   const apply = h("button", { id: "apply", onclick: async () => {
@@ -406,13 +529,14 @@ function editPage(name) {
     apply.disabled = true;
     apply.title = `needs role ${session.needs.apply} (you are ${session.role})`;
   }
-  main.replaceChildren(h("h1", {}, name ? `Edit release ${name}` : "New release"),
-    h("p", { class: "muted" }, "The manifest `graylane apply -f` reads: entry, services, rules (OR of AND-ed conditions), batches with pauses, analysis. The control plane checks it with the API's own validation."),
-    text, h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done);
+  main.replaceChildren(h("h1", {}, name ? `Edit release ${name}` : "New release"), form.root, shape,
+    h("h2", {}, "YAML (what Apply sends; edit it for the fields the form does not show)"), text,
+    h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done);
   if (name) {
-    api(`/ui/api/releases/${encodeURIComponent(name)}/yaml`).then((d) => { text.value = d.yaml + "\n"; }, (err) => { error.textContent = err.message; });
+    api(`/ui/api/releases/${encodeURIComponent(name)}`).then((d) => { form.load(name, d.release.spec); form.changed(); }, (err) => { error.textContent = err.message; });
   } else {
-    text.value = TEMPLATE;
+    form.load("checkout-v2", TEMPLATE_SPEC);
+    form.changed();
   }
   return () => {};
 }

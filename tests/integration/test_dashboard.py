@@ -27,6 +27,7 @@ from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
+from graylane.controlplane.manifest import load_manifest
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 
@@ -66,14 +67,32 @@ class Browser:
     async def open(self, path: str) -> None:
         await self.run(self.driver.get, self.base + path)
 
+    async def _on(self, css: str, act: Callable[[Any], T], *, timeout: float = 10.0) -> T:
+        """`act(element)` on the first match of `css`, found afresh each try: the live page
+        replaces elements as updates arrive, so a found element may go stale before use."""
+        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.common.by import By
+
+        def once() -> tuple[bool, Any]:
+            try:
+                found = self.driver.find_elements(By.CSS_SELECTOR, css)
+                return (True, act(found[0])) if found else (False, None)
+            except StaleElementReferenceException:
+                return False, None
+
+        try:
+            async with asyncio.timeout(timeout):
+                while not (result := await self.run(once))[0]:
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"{css}: not found after {timeout} s") from None
+        return result[1]  # type: ignore[no-any-return]
+
     async def text(self, css: str) -> str:
-        def read() -> str:
-            from selenium.webdriver.common.by import By
-
-            found = self.driver.find_elements(By.CSS_SELECTOR, css)
-            return str(found[0].text) if found else ""
-
-        return await self.run(read)
+        """What the element shows: its text, or the value of a form field."""
+        return await self._on(
+            css, lambda e: str(e.get_property("value") if e.tag_name in ("textarea", "input") else e.text)
+        )
 
     async def until(self, css: str, check: Callable[[str], bool], *, timeout: float = 10.0) -> str:
         seen = ""
@@ -85,22 +104,18 @@ class Browser:
             raise AssertionError(f"{css}: still {seen!r} after {timeout} s") from None
         return seen
 
-    async def element(self, css: str) -> Any:
-        from selenium.webdriver.common.by import By
-
-        await self.until(css, lambda _: True)
-        async with asyncio.timeout(10):
-            while not (found := await self.run(self.driver.find_elements, By.CSS_SELECTOR, css)):
-                await asyncio.sleep(0.1)
-        return found[0]
+    async def attribute(self, css: str, name: str) -> str | None:
+        return await self._on(css, lambda e: e.get_attribute(name))
 
     async def click(self, css: str) -> None:
-        await self.run((await self.element(css)).click)
+        await self._on(css, lambda e: e.click())
 
     async def type(self, css: str, text: str) -> None:
-        element = await self.element(css)
-        await self.run(element.clear)
-        await self.run(element.send_keys, text)
+        def clear_and_type(e: Any) -> None:
+            e.clear()
+            e.send_keys(text)
+
+        await self._on(css, clear_and_type)
 
     async def script(self, source: str, *args: Any) -> Any:
         return await self.run(self.driver.execute_script, source, *args)
@@ -194,7 +209,7 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
     try:
         # Without a session every read is refused and the page asks for a token.
         await b.open("/ui/")
-        await b.element("#token")
+        await b.text("#token")
         await b.type("#token", "glt_0000000000000000_not-a-real-token-aaaaaaaaaaaaaaaaaaaaaaaaa")
         await b.click("#login")
         await b.until("#login-error", lambda t: "not valid" in t)
@@ -205,9 +220,10 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         await b.until("#releases tr[data-name=rel] .phase", lambda t: t == "PENDING")
         await b.open("/ui/#/release/rel")
         await b.until("#rel-phase", lambda t: t == "PENDING")
-        next_button = await b.element("#actions button[data-action=next]")
-        assert await b.run(next_button.get_attribute, "disabled") is not None
-        assert "needs role operator (you are viewer)" in await b.run(next_button.get_attribute, "title")
+        assert await b.attribute("#actions button[data-action=next]", "disabled") is not None
+        assert "needs role operator (you are viewer)" in (
+            await b.attribute("#actions button[data-action=next]", "title") or ""
+        )
         refused = await b.script(
             """return fetch('/ui/api/session').then(r => r.json()).then(s => fetch('/ui/api/releases/rel/next', {
                  method: 'POST', body: '{}',
@@ -216,7 +232,7 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         )
         assert refused == [403, "PERMISSION_DENIED"], refused
         await b.click("#logout")
-        await b.element("#token")
+        await b.text("#token")
 
         # An operator acts: next batch from the page, with confirmation; Envoy's routes follow.
         await b.login(stack.tokens["operator"])
@@ -230,7 +246,7 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         share = await stack.v2_share()
         assert 0.35 < share < 0.65, share
         # The charts draw the metrics stream under the live traffic.
-        await b.element("#chart-share canvas")
+        await b.text("#chart-share canvas")
         await b.until("#history", lambda t: "token:operator-1" in t)
 
         # A batch moved by someone else shows up on the open page.
@@ -248,29 +264,50 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         await b.until("#rel-phase", lambda t: t == "ROLLED_BACK")
         await b.until("#rel-converged", lambda t: t == "1 / 1", timeout=15)
         assert await stack.v2_share() == 0.0
-        next_button = await b.element("#actions button[data-action=next]")
-        assert "not while ROLLED_BACK" in await b.run(next_button.get_attribute, "title")
+        assert "not while ROLLED_BACK" in (await b.attribute("#actions button[data-action=next]", "title") or "")
 
         await b.open("/ui/#/releases")
         await b.until("#releases tr[data-name=rel] .phase", lambda t: t == "ROLLED_BACK")
         await b.screenshot("releases", tmp_path)
 
-        # The API's own validation message, shown inline under the editor.
-        bad = spec((10, 150))
+        # The form writes the YAML view; the API's own validation message is shown inline.
+        await b.open("/ui/#/new")
+        await b.until("#yaml", lambda t: "name: checkout-v2" in t)
+        await b.type("#form [name=name]", "bad")
+        await b.type("#batches-form .batch-row [name=weight]", "150")
+        await b.click("#add-rule")
+        await b.until("#yaml", lambda t: "name: bad" in t and "weight: 150" in t and t.count("- conditions:") == 2)
+        yaml_text = await b.script("return document.getElementById('yaml').value")
+        (bad,) = load_manifest(yaml_text)
         async with stack.client("operator") as operator:
             with pytest.raises(grpc.aio.AioRpcError) as refused_by_api:
-                await operator.apply_release(pb.Release(name="bad", spec=bad))
+                await operator.apply_release(bad)  # type: ignore[arg-type]
         assert refused_by_api.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        await b.open("/ui/#/new")
-        yaml_text = await b.script("return document.getElementById('yaml').value")
-        await b.script(
-            "document.getElementById('yaml').value = arguments[0]",
-            yaml_text.replace("name: checkout-v2\n", "name: bad\n", 1).replace("weight: 50", "weight: 150"),
-        )
         await b.click("#apply")
         shown = await b.until("#apply-error", lambda t: bool(t))
         assert shown == refused_by_api.value.details(), shown
         await b.screenshot("edit", tmp_path)
+
+        # An existing release loads into the form, and its YAML applies as it is.
+        await b.open("/ui/#/edit/rel")
+        await b.until("#yaml", lambda t: "name: rel" in t and "weight: 50" in t)
+        await b.click("#apply")
+        await b.until("#apply-done", lambda t: "Applied" in t and "ROLLED_BACK" in t)
+
+        # An action without the session's CSRF header is refused before it reaches the API.
+        status = await b.script(
+            """return fetch('/ui/api/releases/rel/restart', {method: 'POST', body: '{}',
+                 headers: {'Content-Type': 'application/json'}}).then(r => r.status);"""
+        )
+        assert status == 403
+
+        # Without the chart library the page says how to install it instead of failing.
+        stack.plane.dashboard.vendor_dir = tmp_path / "no-such-dir"
+        await b.open("/ui/#/release/rel")
+        await b.run(b.driver.refresh)
+        await b.until("#charts-missing", lambda t: "make ui" in t)
+        await b.until("#rel-phase", lambda t: t == "ROLLED_BACK")
+
         await b.open("/ui/#/clusters")
         await b.until("#clusters", lambda t: "No agent" in t)
     finally:
