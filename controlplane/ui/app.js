@@ -178,6 +178,7 @@ class Charts {
       this.t.shift();
       for (const byKey of Object.values(this.values)) for (const arr of Object.values(byKey)) arr.shift();
     }
+    this.box.dataset.points = this.t.length;
     if (rebuild) this.build(uPlot); else this.update();
   }
 
@@ -281,9 +282,9 @@ function conditionText(c) {
   return c.op === "PRESENT" ? `${what} present` : `${what} ${c.op.toLowerCase()} "${c.value}"`;
 }
 
-function pauseText(p) {
+function pauseText(p, analysed) {
   if (!p) return "";
-  if (p.manual) return "manual";
+  if (p.manual) return analysed ? "analysis or next" : "manual next";
   if (p.duration) return p.duration;
   return "";
 }
@@ -333,7 +334,7 @@ function releasePage(name) {
       h("div", { class: "card" }, h("span", { class: "label" }, "Why"), h("span", { id: "rel-reason", class: "value" }, s.reason)),
     );
     plan.replaceChildren(...r.spec.batches.map((b, i) => h("li", { class: i === s.batch ? "current" : i < s.batch ? "done" : "", dataset: { batch: i } },
-      `${i + 1}. ${b.weight} %`, h("br"), h("small", {}, pauseText(b.pause)))));
+      `${i + 1}. ${b.weight} %`, h("br"), h("small", {}, pauseText(b.pause, Boolean(r.spec.analysis))))));
     // Buttons are rebuilt only when what they allow changes, so a live update cannot
     // swap a button away under the user's click.
     const reasons = ACTIONS.map(([action]) => roleReason(action, r) || phaseReason(action, r));
@@ -361,10 +362,11 @@ function releasePage(name) {
     }
     versions.replaceChildren(h("table", {}, h("thead", {}, h("tr", {}, ["Service", "Version", "Author", "Date", "Summary", "Image"].map((t) => h("th", {}, t)))), h("tbody", {}, vrows)));
     history.replaceChildren(...page.history.slice().reverse().map((e) => {
-      const details = Object.entries(e.details || {}).map(([k, v]) => `${k}=${v}`).join("  ");
+      const details = Object.entries(e.details || {}).sort(([a], [b]) => a.localeCompare(b)).map(([k, v]) => `${k}=${v}`).join("  ");
+      const batch = (i) => (i < 0 ? "–" : i + 1);
       return h("li", { class: e.details && e.details.verdict ? `verdict-${e.details.verdict}` : "" },
         h("b", {}, e.action), ` ${e.at.replace("T", " ").replace(/\.\d+Z$/, "Z")} by ${e.actor}: `,
-        `${e.from_phase} → ${e.to_phase}, batch ${e.from_batch + 1} → ${e.to_batch + 1}, weight ${e.weight} %`,
+        `${e.from_phase} → ${e.to_phase}, batch ${batch(e.from_batch)} → ${batch(e.to_batch)}, weight ${e.weight} %`,
         e.reason ? h("div", {}, e.reason) : null, details ? h("div", { class: "details" }, details) : null);
     }));
     charts.setVerdicts(page.history);

@@ -126,8 +126,17 @@ class Browser:
         await self.click("#login")
         await self.until("#who", lambda t: "(" in t)
 
-    async def screenshot(self, name: str, tmp: Path) -> None:
-        target = REPO / "docs" / "screenshots" if os.environ.get("GRAYLANE_SCREENSHOTS") == "1" else tmp
+    async def screenshot(self, name: str, tmp: Path, *, points: int = 0) -> None:
+        """Save the page as PNG (under docs/screenshots/ with GRAYLANE_SCREENSHOTS=1, where
+        a release page first waits for `points` seconds of chart data, to show a curve)."""
+        target = tmp
+        if os.environ.get("GRAYLANE_SCREENSHOTS") == "1":
+            target = REPO / "docs" / "screenshots"
+            if points:
+                await self.until("#charts", lambda _: True)
+                async with asyncio.timeout(points + 15):
+                    while int(await self.attribute("#charts", "data-points") or 0) < points:
+                        await asyncio.sleep(0.5)
         target.mkdir(parents=True, exist_ok=True)
         await self.run(self.driver.save_screenshot, str(target / f"{name}.png"))
 
@@ -313,3 +322,69 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
     finally:
         stop.set()
         await load
+
+
+ANALYSED = """
+kind: Release
+name: rel
+spec:
+  lane: checkout-v2
+  entry: checkout
+  services: [{service: checkout, base_version: v1, gray_version: v2}]
+  batches: [{weight: 30}, {weight: 100}]
+  analysis: {interval: 1s, min_requests: 10, max_error_rate: 0.05}
+"""
+
+
+async def test_open_mode_needs_no_login_and_marks_analysis_verdicts(
+    store: EtcdStore, envoy: Any, tmp_path: Path
+) -> None:
+    """Without --auth the dashboard is open, as the API is; actions are recorded as
+    `dashboard`. A release judged on live metrics shows its verdicts on the timeline."""
+    driver = await asyncio.to_thread(_webdriver)
+    try:
+        async with contextlib.AsyncExitStack() as es:
+            v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
+            v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
+            plane = ControlPlane(
+                store,
+                api_listen="127.0.0.1:0",
+                xds_listen="127.0.0.1:0",
+                http_listen="127.0.0.1:0",
+                leader_ttl_seconds=2,
+                analysis_tick_seconds=0.1,
+            )
+            await es.enter_async_context(plane.running())
+            proxy = await envoy(ads_port=plane.xds_port, protocol="sotw", node_id="envoy-open")
+            client = await es.enter_async_context(ReleaseClient.connect(f"127.0.0.1:{plane.api_port}"))
+            await client.put_service(pb.Service(name=SERVICE, stable_version="v1"))
+            for up, name in ((v1, "v1"), (v2, "v2")):
+                endpoints = [pb.Endpoint(address="127.0.0.1", port=up.port)]
+                await client.put_version(pb.Version(service=SERVICE, name=name, endpoints=endpoints))
+            stop = asyncio.Event()
+            load = asyncio.create_task(
+                run_load(proxy.listen_port, authority=SERVICE, count=20_000, max_seconds=40, rate=200, stop=stop)
+            )
+            try:
+                b = Browser(driver, f"http://127.0.0.1:{plane.http_port}")
+                await b.open("/ui/#/new")
+                await b.until("#who", lambda t: "open mode" in t)
+                assert await b.attribute("#logout", "hidden") is not None
+                # The YAML view is what Apply sends; typed in, it is applied as it is.
+                await b.until("#yaml", lambda t: "kind: Release" in t)
+                await b.script("document.getElementById('yaml').value = arguments[0]", ANALYSED)
+                await b.click("#apply")
+                await b.until("#apply-done", lambda t: "Applied" in t)
+                await b.click("#apply-done a")
+                # Nobody touches it afterwards: analysis passes each batch on live traffic.
+                await b.until("#rel-phase", lambda t: t == "SUCCEEDED", timeout=30)
+                timeline = await b.text("#history")
+                assert "create" in timeline and "by dashboard" in timeline, timeline
+                assert "verdict=pass" in await b.text("#history li.verdict-pass")
+                await b.text("#chart-p99 canvas")
+                await b.screenshot("release-analysis", tmp_path, points=20)
+            finally:
+                stop.set()
+                await load
+    finally:
+        await asyncio.to_thread(driver.quit)
