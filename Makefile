@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench protos lint typecheck etcd ui browser clean
+.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ demo: $(STAMP) etcd ui
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
+
+# The unattended demo, then its control plane, Envoy and dashboard left up until Ctrl-C.
+demo-dashboard: $(STAMP) etcd ui
+	$(BIN)/graylane demo --unattended --keep-running
 
 test: $(STAMP) etcd ui browser
 	$(BIN)/python -P protos/generate.py --check

@@ -525,15 +525,18 @@ function editPage(name) {
     try {
       const r = await api("/ui/api/apply", { method: "POST", body: { yaml: text.value, restart: restart.checked } });
       done.replaceChildren("Applied: ", h("a", { href: `#/release/${encodeURIComponent(r.name)}` }, `release ${r.name}`), ` (${r.status.phase}).`);
-    } catch (err) { error.textContent = err.message; }
+    } catch (err) {
+      error.textContent = err.message;
+      error.scrollIntoView({ block: "center" });
+    }
   } }, "Apply");
   if (ROLE_RANK[session.role] < ROLE_RANK[session.needs.apply]) {
     apply.disabled = true;
     apply.title = `needs role ${session.needs.apply} (you are ${session.role})`;
   }
   main.replaceChildren(h("h1", {}, name ? `Edit release ${name}` : "New release"), form.root, shape,
-    h("h2", {}, "YAML (what Apply sends; edit it for the fields the form does not show)"), text,
-    h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done);
+    h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done,
+    h("h2", {}, "YAML (what Apply sends; edit it for the fields the form does not show)"), text);
   if (name) {
     api(`/ui/api/releases/${encodeURIComponent(name)}`).then((d) => { form.load(name, d.release.spec); form.changed(); }, (err) => { error.textContent = err.message; });
   } else {
