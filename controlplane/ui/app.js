@@ -116,7 +116,7 @@ function releasesPage() {
   };
   filter.addEventListener("change", render);
   main.replaceChildren(h("h1", {}, "Releases"), h("p", {}, "Phase: ", filter), problem,
-    h("table", { id: "releases" }, h("thead", {}, h("tr", {}, ["Release", "Phase", "Strategy", "Batch", "Weight", "Converged / proxies", "Age", "Last event"].map((t) => h("th", {}, t)))), body));
+    h("table", { id: "releases" }, h("thead", {}, h("tr", {}, ["Release", "Phase", "Strategy", "Batch", "Weight", "Converged / proxies", "Age", "Why (last change)"].map((t) => h("th", {}, t)))), body));
   return live("/ui/events/releases", { releases: (d) => { problem.textContent = ""; latest = d.releases; render(); } }, (p) => { problem.textContent = p.error; });
 }
 
