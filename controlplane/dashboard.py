@@ -17,6 +17,7 @@ Must not import: etcd, xds, agent code.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
@@ -219,7 +220,28 @@ class Dashboard:
         )
         return session
 
+    def _refusal(self, request: web.Request, *, post: bool) -> web.Response | None:
+        """Checks before any session is looked at.
+
+        Open mode has no credential to steal, so a page elsewhere must not reach it through
+        DNS rebinding (a name of its own re-pointed at 127.0.0.1): the Host must be an
+        address or localhost. A POST must be JSON (a form on another site cannot send that
+        without the browser asking us first, which we never allow) and, when the browser
+        names its Origin, come from this very origin."""
+        if not self._auth and not _local_host(request.host):
+            return _error(403, f"open mode answers only on an address or localhost, not {request.host!r}", code="HOST")
+        if post:
+            if request.content_type != "application/json":
+                return _error(415, "expected application/json", code="CONTENT_TYPE")
+            origin = request.headers.get("Origin")
+            if origin is not None and origin != f"{request.scheme}://{request.host}":
+                return _error(403, f"cross-origin request from {origin!r} refused", code="ORIGIN")
+        return None
+
     def _require(self, request: web.Request, *, action: bool = False) -> Session | web.Response:
+        refused = self._refusal(request, post=request.method == "POST")
+        if refused is not None:
+            return refused
         session = self._current(request)
         if session is None:
             return _error(401, "log in first", code="UNAUTHENTICATED")
@@ -228,6 +250,9 @@ class Dashboard:
         return session
 
     async def _session(self, request: web.Request) -> web.Response:
+        refused = self._refusal(request, post=request.method == "POST")
+        if refused is not None:
+            return refused
         session = self._current(request)
         if session is not None:
             return web.json_response(session.public(auth_enabled=self._auth))
@@ -242,6 +267,9 @@ class Dashboard:
     async def _login(self, request: web.Request) -> web.Response:
         if not self._auth:
             return await self._session(request)
+        refused = self._refusal(request, post=True)
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
             token = str(body.get("token", "")).strip()
@@ -326,6 +354,8 @@ class Dashboard:
         try:
             result = await read(self._client(found))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
+                self._sessions.pop(found.sid, None)  # revoked: the page asks for a token again
             return _rpc_error(exc)
         return web.json_response(result)
 
@@ -335,14 +365,25 @@ class Dashboard:
 
         return await self._call(request, read)
 
-    async def _release_page(self, client: ReleaseClient, name: str, release: release_pb2.Release) -> dict[str, Any]:
-        history = await client.history(name)
-        versions: dict[str, list[dict[str, Any]]] = {}
-        for service in release.spec.services:
-            listed = await client.list_versions(service.service)
-            wanted = {service.base_version, service.gray_version}
-            versions[service.service] = [to_dict(v) for v in listed.versions if v.name in wanted]
-        return {"release": to_dict(release), "history": to_dict(history)["events"], "versions": versions}
+    async def _release_page(
+        self, client: ReleaseClient, name: str, release: release_pb2.Release, cache: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The release with its history and its versions' metadata. `cache` (one per event
+        stream) keeps the history until the release has written another event, and the
+        versions until its spec changes, so convergence updates cost one message each."""
+        cache = {} if cache is None else cache
+        if cache.get("events") != release.status.events:
+            cache["history"] = to_dict(await client.history(name))["events"]
+            cache["events"] = release.status.events
+        if cache.get("generation") != release.status.generation:
+            versions: dict[str, list[dict[str, Any]]] = {}
+            for service in release.spec.services:
+                listed = await client.list_versions(service.service)
+                wanted = {service.base_version, service.gray_version}
+                versions[service.service] = [to_dict(v) for v in listed.versions if v.name in wanted]
+            cache["versions"] = versions
+            cache["generation"] = release.status.generation
+        return {"release": to_dict(release), "history": cache["history"], "versions": cache["versions"]}
 
     async def _release(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -413,15 +454,15 @@ class Dashboard:
     async def _apply(self, request: web.Request) -> web.Response:
         """Apply a manifest (the YAML the page shows): its shape is checked by the manifest
         loader, its values by the API, whose INVALID_ARGUMENT message the page shows."""
+        found = self._require(request, action=True)
+        if isinstance(found, web.Response):
+            return found
         body = await self._body(request)
         text = str(body.get("yaml", ""))
         restart = bool(body.get("restart", False))
         try:
             objects = load_manifest(text, source="manifest")
         except ManifestError as exc:
-            found = self._require(request, action=True)
-            if isinstance(found, web.Response):
-                return found
             return _error(400, str(exc), code="INVALID_MANIFEST")
         releases = [o for o in objects if isinstance(o, release_pb2.Release)]
         if len(releases) != 1 or len(objects) != 1:
@@ -518,8 +559,9 @@ class Dashboard:
 
         def feeds(client: ReleaseClient) -> list[AsyncIterator[bytes]]:
             async def release() -> AsyncIterator[bytes]:
+                cache: dict[str, Any] = {}
                 async for current in client.watch(name):
-                    yield _sse("release", await self._release_page(client, name, current))
+                    yield _sse("release", await self._release_page(client, name, current, cache))
 
             async def metrics() -> AsyncIterator[bytes]:
                 async for answer in client.watch_metrics(name, window=window, every=1.0):
@@ -534,6 +576,19 @@ def _manifest_yaml(release: release_pb2.Release) -> str:
     """The release as the manifest `graylane apply -f` reads: its name and spec only."""
     spec: Message = release.spec
     return render_yaml({"kind": "Release", "name": release.name, "spec": to_dict(spec)})
+
+
+def _local_host(host: str) -> bool:
+    """Whether a Host header names an IP address or localhost (with or without a port)."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.removeprefix("[").split("]")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def loopback_target(api_listen: str, port: Callable[[], int]) -> Callable[[], str]:
