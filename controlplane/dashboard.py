@@ -53,6 +53,8 @@ _STATIC_TYPES: Final = {".html": "text/html", ".js": "text/javascript", ".css": 
 _SESSION_SECONDS = 12 * 3600.0
 _MAX_SESSIONS = 1000
 _LIST_EVERY_SECONDS = 1.0
+# Totals are read from every proxy's admin endpoint: less often than the windows.
+_TRAFFIC_EVERY_SECONDS = 2.0
 _RETRY_SECONDS = 1.0
 _MAX_RETRY_SECONDS = 10.0
 _HEARTBEAT_SECONDS = 15.0
@@ -519,14 +521,16 @@ class Dashboard:
         return response
 
     async def _retrying(self, name: str, run: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-        """`run()`'s events; when the API call behind it fails (a restart, etcd out of reach),
-        an `error` event says why and the call is made again after a pause that doubles."""
+        """`run()`'s events until it ends; when the API call behind it fails (etcd out of
+        reach, the release not there yet), a `problem` event says why and the call is made
+        again after a pause that doubles. A refused credential ends it."""
         pause = _RETRY_SECONDS
         while True:
             try:
                 async for chunk in run():
                     pause = _RETRY_SECONDS
                     yield chunk
+                return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 yield _sse("problem", {"feed": name, "code": code.name, "error": exc.details() or code.name})
@@ -562,12 +566,31 @@ class Dashboard:
                 cache: dict[str, Any] = {}
                 async for current in client.watch(name):
                     yield _sse("release", await self._release_page(client, name, current, cache))
+                # Watch ends when the release is deleted (or the replica stops).
+                yield _sse("problem", {"feed": "release", "error": f"release {name} is gone (deleted?)"})
 
             async def metrics() -> AsyncIterator[bytes]:
                 async for answer in client.watch_metrics(name, window=window, every=1.0):
                     yield _sse("metrics", to_dict(answer))
 
-            return [self._retrying("release", release), self._retrying("metrics", metrics)]
+            async def traffic() -> AsyncIterator[bytes]:
+                while True:
+                    try:
+                        counts = to_dict(await client.get_traffic(name))
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        # A replica without proxies of its own has no counters: say so once.
+                        yield _sse("traffic", {"unavailable": exc.details() or ""})
+                        return
+                    yield _sse("traffic", counts)
+                    await asyncio.sleep(_TRAFFIC_EVERY_SECONDS)
+
+            return [
+                self._retrying("release", release),
+                self._retrying("metrics", metrics),
+                self._retrying("traffic", traffic),
+            ]
 
         return await self._stream(request, feeds)
 

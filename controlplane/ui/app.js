@@ -297,13 +297,15 @@ function releasePage(name) {
   const actionError = h("p", { class: "error", id: "action-error" });
   const problem = h("p", { class: "error", id: "problem" });
   const chartBox = h("div", { class: "charts", id: "charts" }, h("p", { class: "muted" }, "Waiting for metrics…"));
+  const totals = h("div", { id: "totals" });
   const rules = h("div", { id: "rules" });
   const proxies = h("div", { id: "proxies" });
   const history = h("ul", { class: "timeline", id: "history" });
   const versions = h("div", { id: "versions" });
   const edit = h("a", { href: `#/edit/${encodeURIComponent(name)}` }, "Edit / YAML");
   main.replaceChildren(title, problem, cards, h("h2", {}, "Batch plan"), plan, h("h2", {}, "Actions"), actions, actionError, edit,
-    h("h2", {}, "Traffic per version"), chartBox, h("h2", {}, "Rules"), rules, h("h2", {}, "Proxies"), proxies,
+    h("h2", {}, "Traffic per version"), chartBox, h("h2", {}, "Total requests (counted by the proxies since each started)"), totals,
+    h("h2", {}, "Rules"), rules, h("h2", {}, "Proxies"), proxies,
     h("h2", {}, "Versions"), versions, h("h2", {}, "History"), history);
   const charts = new Charts(chartBox);
   const onResize = () => charts.resize();
@@ -374,6 +376,12 @@ function releasePage(name) {
   const stop = live(`/ui/events/releases/${encodeURIComponent(name)}`, {
     release: render,
     metrics: (m) => charts.add(m),
+    traffic: (t) => {
+      if (t.unavailable !== undefined) { totals.replaceChildren(h("p", { class: "muted" }, t.unavailable)); return; }
+      totals.replaceChildren(h("table", {}, h("thead", {}, h("tr", {}, ["Service", "Version", "Lane", "Requests", "2xx", "4xx", "5xx", "No response"].map((x) => h("th", {}, x)))),
+        h("tbody", {}, t.counts.map((c) => h("tr", {}, [c.service, c.version, c.lane || "–", c.requests, c.responses_2xx, c.responses_4xx, c.responses_5xx, c.failures].map((x) => h("td", {}, x)))))),
+        h("p", { class: "muted" }, `${t.proxies} proxies read${t.unreachable.length ? `; unreachable: ${t.unreachable.join(", ")}` : ""}`));
+    },
   }, (p) => { problem.textContent = p.error; });
   return () => { stop(); charts.destroy(); window.removeEventListener("resize", onResize); };
 }

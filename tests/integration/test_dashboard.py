@@ -256,6 +256,7 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         assert 0.35 < share < 0.65, share
         # The charts draw the metrics stream under the live traffic.
         await b.text("#chart-share canvas")
+        await b.until("#totals", lambda t: "checkout v2 checkout-v2" in t)
         await b.until("#history", lambda t: "token:operator-1" in t)
 
         # A batch moved by someone else shows up on the open page.

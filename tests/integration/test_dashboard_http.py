@@ -124,7 +124,7 @@ async def test_event_stream_sends_the_release_and_its_metrics(store: EtcdStore) 
             assert r.headers["Content-Type"] == "text/event-stream"
             async with asyncio.timeout(10):
                 event = ""
-                while not {"release", "metrics"} <= seen.keys():
+                while not {"release", "metrics", "traffic"} <= seen.keys():
                     line = (await r.content.readline()).decode().rstrip("\n")
                     if line.startswith("event: "):
                         event = line.removeprefix("event: ")
@@ -132,6 +132,8 @@ async def test_event_stream_sends_the_release_and_its_metrics(store: EtcdStore) 
                         seen[event] = json.loads(line.removeprefix("data: "))
         assert seen["release"]["release"]["name"] == "rel"
         assert "series" in seen["metrics"] and "until" in seen["metrics"]
+        # This replica serves no proxies (no xDS), so the API has no totals: the page says why.
+        assert "serves no proxies" in seen["traffic"]["unavailable"]
 
 
 async def test_open_mode_needs_no_login_but_refuses_other_host_names(store: EtcdStore, tmp_path: Path) -> None:
