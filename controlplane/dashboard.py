@@ -213,12 +213,20 @@ class Dashboard:
             return None
         return session
 
-    def _new_session(self, response: web.StreamResponse, **kw: Any) -> Session:
+    def _new_session(self, request: web.Request, response: web.StreamResponse, **kw: Any) -> Session:
         self._expire()
         session = Session(sid=secrets.token_urlsafe(32), **kw)
         self._sessions[session.sid] = session
+        # Secure when this server itself saw TLS; plain HTTP is meant for loopback, where
+        # a Secure cookie would not be sent back at all.
         response.set_cookie(
-            COOKIE, session.sid, path="/ui", httponly=True, samesite="Strict", max_age=int(_SESSION_SECONDS)
+            COOKIE,
+            session.sid,
+            path="/ui",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            max_age=int(_SESSION_SECONDS),
         )
         return session
 
@@ -262,7 +270,7 @@ class Dashboard:
             return _error(401, "log in with a token", code="UNAUTHENTICATED")
         # Open mode: everyone is let in; the session only carries the CSRF token.
         response = web.json_response({})
-        session = self._new_session(response, token="", identity=_OPEN_ACTOR, role="admin")
+        session = self._new_session(request, response, token="", identity=_OPEN_ACTOR, role="admin")
         response.text = json.dumps(session.public(auth_enabled=False))
         return response
 
@@ -292,6 +300,7 @@ class Dashboard:
             del self._sessions[old.sid]
         response = web.json_response({})
         session = self._new_session(
+            request,
             response,
             token=token,
             identity=identity.name,
@@ -359,7 +368,8 @@ class Dashboard:
             if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
                 self._sessions.pop(found.sid, None)  # revoked: the page asks for a token again
             return _rpc_error(exc)
-        return web.json_response(result)
+        # What one identity may read must not be kept by a shared cache on the way.
+        return web.json_response(result, headers={"Cache-Control": "no-store"})
 
     async def _releases(self, request: web.Request) -> web.Response:
         async def read(client: ReleaseClient) -> object:
