@@ -32,6 +32,8 @@ from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 
 from tests.conftest import require_binary
+from tests.integration.test_agent_registry import EAST, runs
+from tests.integration.test_agent_registry import connect as connect_agent
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -318,8 +320,6 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         await b.until("#charts-missing", lambda t: "make ui" in t)
         await b.until("#rel-phase", lambda t: t == "ROLLED_BACK")
 
-        await b.open("/ui/#/clusters")
-        await b.until("#clusters", lambda t: "No agent" in t)
     finally:
         stop.set()
         await load
@@ -384,6 +384,16 @@ async def test_open_mode_needs_no_login_and_marks_analysis_verdicts(
                 assert "verdict=pass" in await b.text("#history li.verdict-pass")
                 await b.text("#chart-p99 canvas")
                 await b.screenshot("release-analysis", tmp_path, points=20)
+                stop.set()
+                await load
+
+                # Clusters: an agent registered the way the AgentService does it.
+                await b.open("/ui/#/clusters")
+                await b.until("#clusters", lambda t: "No agent" in t)
+                await connect_agent(plane.agents, EAST, runs("east", "v2", 9999))
+                row = await b.until("#clusters tr[data-name=east]", lambda t: "checkout/v2: 1" in t, timeout=5)
+                assert "agent-east" in row and "connected" in row and "127.0.0.1:7001" in row, row
+                await b.screenshot("clusters", tmp_path)
             finally:
                 stop.set()
                 await load
