@@ -327,6 +327,29 @@ class ReleaseForm {
     return { name: this.root.querySelector("[name=name]").value, spec };
   }
 
+  // Point at the input a server message names ("spec.batches[1].weight: ..."), if the form
+  // shows that field; the message itself stays where it is shown.
+  mark(message) {
+    for (const el of this.root.querySelectorAll(".invalid")) { el.classList.remove("invalid"); el.removeAttribute("title"); }
+    const path = (message.match(/^(?:[^:]*: )?((?:spec\.)?[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): /) || [])[1];
+    if (!path) return null;
+    const parts = [...path.matchAll(/([a-z_]+)(?:\[(\d+)\])?/g)].map((m) => [m[1], m[2] === undefined ? null : Number(m[2])]);
+    if (parts[0][0] === "spec") parts.shift();
+    const [[field, index], [sub, subIndex] = [], [leaf] = []] = parts;
+    const nth = (sel, i) => this.root.querySelectorAll(sel)[i];
+    const names = { service: "service", base_version: "base", gray_version: "gray", name: "cname", value: "value", kind: "kind", op: "op" };
+    let input = null;
+    if (field === "batches" && index !== null) input = nth(".batch-row", index)?.querySelector(sub === "pause" ? "[name=duration]" : "[name=weight]");
+    else if (field === "services" && index !== null) input = nth(".svc-row", index)?.querySelector(`[name=${names[sub] || "service"}]`);
+    else if (field === "match" && index !== null) {
+      const cond = subIndex !== null && subIndex !== undefined ? nth(".rule", index)?.querySelectorAll(".cond")[subIndex] : null;
+      input = cond ? cond.querySelector(`[name=${names[leaf] || "cname"}]`) : nth(".rule", index);
+    } else if (field === "analysis") input = this.root.querySelector(`[name=a_${sub}]`) || this.root.querySelector("[name=analysis]");
+    else input = this.root.querySelector(`[name=${field}]`);
+    if (input) { input.classList.add("invalid"); input.title = message; }
+    return input;
+  }
+
   render() {
     const s = this.spec;
     const field = (label, input) => h("label", { class: "field" }, label, " ", input);
@@ -389,6 +412,7 @@ function editPage(name) {
       if (mine !== pending) return;  // a later edit's answer wins
       text.value = r.yaml + "\n";
       shape.textContent = r.error;
+      form.mark(r.error);
     } catch (err) { shape.textContent = err.message; }
   });
   form.fixedName = Boolean(name);
@@ -405,7 +429,7 @@ function editPage(name) {
       done.replaceChildren("Applied: ", h("a", { href: `#/release/${encodeURIComponent(r.name)}` }, `release ${r.name}`), ` (${r.status.phase}).`);
     } catch (err) {
       error.textContent = err.message;
-      error.scrollIntoView({ block: "center" });
+      (form.mark(err.message) || error).scrollIntoView({ block: "center" });
     }
   } }, "Apply");
   if (ROLE_RANK[session.role] < ROLE_RANK[session.needs.apply]) {
@@ -414,7 +438,7 @@ function editPage(name) {
   }
   main.replaceChildren(h("h1", {}, name ? `Edit release ${name}` : "New release"), form.root, shape,
     h("p", {}, apply, " ", h("label", {}, restart, " restart a finished release from its first batch"), " ", download), error, done,
-    h("h2", {}, "YAML (what Apply sends; edit it for the fields the form does not show)"), text);
+    h("h2", {}, "YAML: what Apply sends"), h("p", { class: "muted" }, "Edit it for the fields the form does not show (cohort, placement, webhooks); a change in the form writes it anew."), text);
   if (name) {
     api(`/ui/api/releases/${encodeURIComponent(name)}`).then((d) => { form.load(name, d.release.spec); form.changed(); }, (err) => { error.textContent = err.message; });
   } else {

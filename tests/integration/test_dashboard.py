@@ -298,6 +298,10 @@ async def test_operator_moves_a_release_and_a_viewer_is_refused(stack: Stack, tm
         await b.click("#apply")
         shown = await b.until("#apply-error", lambda t: bool(t))
         assert shown == refused_by_api.value.details(), shown
+        # The field it names is marked in the form.
+        assert shown.startswith("spec.match[1].conditions[0].name: "), shown
+        marked = await b.attribute("#rules-form .rule:nth-child(2) .cond [name=cname]", "class")
+        assert "invalid" in (marked or ""), marked
         await b.screenshot("edit", tmp_path)
 
         # An existing release loads into the form, and its YAML applies as it is.
