@@ -159,7 +159,7 @@ class Dashboard:
         self.vendor_dir = vendor_dir
         self._sessions: dict[str, Session] = {}
         self._channel: grpc.aio.Channel | None = None
-        self._streams: set[asyncio.Task[Any]] = set()
+        self._streams: dict[asyncio.Task[Any], str] = {}  # open event streams: their session
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -317,6 +317,10 @@ class Dashboard:
         if isinstance(found, web.Response):
             return found
         self._sessions.pop(found.sid, None)
+        # The session's open event streams carry its token: they end with it.
+        for task, sid in list(self._streams.items()):
+            if sid == found.sid:
+                task.cancel()
         response = web.json_response({"ok": True})
         response.del_cookie(COOKIE, path="/ui")
         return response
@@ -502,7 +506,7 @@ class Dashboard:
         client = self._client(found)
         me = asyncio.current_task()
         if me is not None:
-            self._streams.add(me)
+            self._streams[me] = found.sid
 
         async def pump(feed: AsyncIterator[bytes]) -> None:
             try:
@@ -524,7 +528,7 @@ class Dashboard:
             pass  # the browser left, or the server stops: either way this stream is over
         finally:
             if me is not None:
-                self._streams.discard(me)
+                self._streams.pop(me, None)
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)

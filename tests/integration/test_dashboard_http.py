@@ -117,7 +117,7 @@ async def test_login_session_csrf_and_the_apis_refusals(store: EtcdStore) -> Non
 
 async def test_event_stream_sends_the_release_and_its_metrics(store: EtcdStore) -> None:
     async with serving(store, auth_enabled=True) as (plane, tokens), browser(plane) as http:
-        status, _ = await post(http, "/ui/api/login", {"token": tokens["viewer"]})
+        status, session = await post(http, "/ui/api/login", {"token": tokens["viewer"]})
         assert status == 200
         seen: dict[str, Any] = {}
         async with http.get("/ui/events/releases/rel") as r:
@@ -130,6 +130,12 @@ async def test_event_stream_sends_the_release_and_its_metrics(store: EtcdStore) 
                         event = line.removeprefix("event: ")
                     elif line.startswith("data: "):
                         seen[event] = json.loads(line.removeprefix("data: "))
+            # Logging out ends the session's open streams (they carry its token).
+            status, _ = await post(http, "/ui/api/logout", {}, **{CSRF_HEADER: session["csrf"]})
+            assert status == 200
+            async with asyncio.timeout(5):
+                while await r.content.readline():
+                    pass
         assert seen["release"]["release"]["name"] == "rel"
         assert "series" in seen["metrics"] and "until" in seen["metrics"]
         # This replica serves no proxies (no xDS), so the API has no totals: the page says why.
