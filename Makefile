@@ -1,15 +1,17 @@
 # Graylane: two commands on a fresh machine.
 #   make demo   runs the main job: a full-link release through the chain a..e, then unattended
-#               releases judged on live metrics, then two clusters with one agent each
+#               releases judged on live metrics, then two clusters with one agent each, then
+#               proxyless gRPC clients (Python and Node) with no Envoy
 #   make test   runs the whole suite
-# Each creates .venv and installs what it needs (etcd-server through apt-get when missing).
+# Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
+# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd ui browser clean
+.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd node ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,23 @@ etcd:
 	  echo "installing etcd-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 	@etcd --version | head -1
+
+# Node and @grpc/grpc-js-xds: the second proxyless gRPC client of the tests and the demo
+# (Debian's nodejs and npm through apt-get when missing; the packages from the npm registry,
+# pinned by deploy/demo/package-lock.json, into .venv/node).
+NODE_DIR   := $(VENV)/node
+NODE_STAMP := $(NODE_DIR)/.installed
+
+$(NODE_STAMP): deploy/demo/package.json deploy/demo/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	mkdir -p $(NODE_DIR)
+	cp deploy/demo/package.json deploy/demo/package-lock.json $(NODE_DIR)/
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node: $(NODE_STAMP)
 
 # The dashboard's chart library (uPlot) from the npm registry into .venv (never committed);
 # the control plane serves it under /ui/vendor/.
@@ -48,16 +67,17 @@ browser:
 	  echo "installing chromium and chromium-driver (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-demo: $(STAMP) etcd ui
+demo: $(STAMP) etcd node ui
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
+	$(BIN)/graylane demo --grpc
 
 # The unattended demo, then its control plane, Envoy and dashboard left up until Ctrl-C.
 demo-dashboard: $(STAMP) etcd ui
 	$(BIN)/graylane demo --unattended --keep-running
 
-test: $(STAMP) etcd ui browser
+test: $(STAMP) etcd node ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -86,7 +106,7 @@ TYPEROOT := $(VENV)/typecheck
 typecheck: $(STAMP)
 	@rm -rf $(TYPEROOT) && mkdir -p $(TYPEROOT)/graylane
 	@ln -s $(CURDIR)/protos/graylane/* $(TYPEROOT)/graylane/
-	@for d in controlplane agent xds deploy; do ln -s $(CURDIR)/$$d $(TYPEROOT)/graylane/$$d; done
+	@for d in controlplane agent xds deploy lanes; do ln -s $(CURDIR)/$$d $(TYPEROOT)/graylane/$$d; done
 	cd $(TYPEROOT) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 	  --cache-dir $(CURDIR)/.mypy_cache -p graylane
 

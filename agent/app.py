@@ -42,10 +42,14 @@ from graylane.agent.session import (
     ControlPlaneSession,
 )
 from graylane.agent.sources import EndpointSource, FileEndpointSource
+from graylane.agent.stats import AdminAllowList
 from graylane.agent.wire import cluster_view, view_from_proto
 from graylane.controlplane.closing import run_until_signalled
 from graylane.controlplane.http import HttpServer, metrics_route
+from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW
+from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.telemetry import agent_telemetry
+from graylane.controlplane.tls import ClientTls, ServerTls, add_port
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
@@ -90,6 +94,17 @@ class AgentOptions:
     backoff_cap_seconds: float = 5.0
     http_listen: str | None = None  # /metrics and /healthz; None: no HTTP server
     otlp_endpoint: str | None = None
+    # TLS of the connection to the control plane (its CA, and this agent's certificate for
+    # mutual TLS); None: plain text.
+    control_plane_tls: ClientTls | None = None
+    # TLS of what this agent serves (its xDS port and HTTP server); with a client CA, both
+    # require a client certificate it signed.
+    tls: ServerTls | None = None
+    # Proxies' tokens (cluster, node or None, token): with these or mutual TLS, only proxies
+    # proving they belong to this cluster are served (see controlplane.proxyauth).
+    xds_tokens: tuple[tuple[str, str | None, str], ...] = ()
+    # Where this cluster's Envoys' self-reported admin endpoints may be fetched.
+    admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
 
 
 class Agent:
@@ -133,6 +148,7 @@ class Agent:
             backoff=Backoff(base=options.backoff_base_seconds, cap=options.backoff_cap_seconds),
             answer_timeout_seconds=options.answer_timeout_seconds,
             keepalive_seconds=options.keepalive_seconds,
+            tls=options.control_plane_tls,
         )
         self.ready = asyncio.Event()
         self.health = AgentHealth(state=self.state, session=self.session, guard=self.guard, ready=self.ready.is_set)
@@ -142,6 +158,7 @@ class Agent:
         self._held: apb.ClusterView | None = None  # a view that dropped this cluster's own endpoints
         self._hold_until: float | None = None
         self.xds_port = 0
+        self.ads: AdsServer | None = None
 
     def _dropped_own(self, message: apb.ClusterView) -> list[tuple[str, str]]:
         """(service, version)s served now from this cluster's own endpoints, still reported by
@@ -196,7 +213,12 @@ class Agent:
     async def run(self) -> None:
         # The cluster's proxies are scraped every second; deltas go up while connected.
         observe = self.error_rate.observe if self.error_rate is not None else None
-        metrics = MetricsReporter(self.tracker, send=self.session.send_metrics, observe=observe)
+        metrics = MetricsReporter(
+            self.tracker,
+            send=self.session.send_metrics,
+            observe=observe,
+            admin_allow=AdminAllowList.parse(self.options.admin_allow),
+        )
         last_good = self.state.load_view()
         if last_good is not None and self.relay.apply(last_good):
             self._control_view = last_good
@@ -207,15 +229,25 @@ class Agent:
                      self.state.view_file)  # fmt: skip
         http = None
         if self.options.http_listen is not None:
-            http = HttpServer(listen=self.options.http_listen)
+            tls = self.options.tls
+            http = HttpServer(listen=self.options.http_listen, ssl_context=tls.ssl_context() if tls else None)
             metrics_route(http, self.telemetry.metrics_text)
             self.health.route(http)
             await http.start()
             self.http_port = http.port
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        ads = AdsServer(self.cache, tracker=self.tracker)
+        options = self.options
+        self.ads = ads = AdsServer(
+            self.cache,
+            tracker=self.tracker,
+            gate=xds_authenticator(
+                cluster=options.cluster,
+                tokens=options.xds_tokens,
+                mutual=options.tls is not None and options.tls.mutual,
+            ),
+        )
         ads.add_to_server(server)
-        self.xds_port = server.add_insecure_port(self.options.xds_listen)
+        self.xds_port = add_port(server, options.xds_listen, options.tls)
         if self.xds_port == 0:
             raise OSError(f"cannot listen on {self.options.xds_listen}")
         await server.start()

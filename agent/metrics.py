@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 
+from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList
 from graylane.controlplane.metrics import DEFAULT_INTERVAL_SECONDS, EnvoyAdminSource, report_from_samples
 from graylane.controlplane.traffic import admin_addresses
 from graylane.v1 import agent_pb2 as apb
@@ -39,6 +40,7 @@ class MetricsReporter:
         interval: float = DEFAULT_INTERVAL_SECONDS,
         timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
+        admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         if not (math.isfinite(interval) and interval > 0):
             raise ValueError(f"interval {interval} must be positive")
@@ -47,7 +49,9 @@ class MetricsReporter:
         self._interval = interval
         self._clock = clock
         self._source = EnvoyAdminSource(
-            lambda: {node: (admin, "") for node, admin in admin_addresses(tracker).items()}, timeout=timeout
+            lambda: {node: (admin, "") for node, admin in admin_addresses(tracker).items()},
+            timeout=timeout,
+            admin_allow=admin_allow,
         )
         self._last_at = -math.inf
         self.ticks = 0  # readings of the proxies done

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from graylane.agent.wire import BadView, view_from_proto
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
-from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.render import render_gateway
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import ROUTE
@@ -50,6 +51,9 @@ class Relay:
         self.view: xv.RoutingView | None = None
         # (type URL, resource version) -> the view version it was rendered from
         self._rendered: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # The same, for proxyless clients' sets, with each set's content versions: such a
+        # client holds a part of a set, whose version no render produced (`_view_of`).
+        self._parts: OrderedDict[tuple[str, str], tuple[str, Mapping[str, str]]] = OrderedDict()
         cache.on_key_requested(self._render_key)
         cache.on_key_released(self._release_key)
 
@@ -71,7 +75,7 @@ class Relay:
         """The last proxy of `key` left: stop rendering it (rendered again if one returns)."""
         self._keys.discard(key)
         self.cache.clear_snapshot(key)
-        self._renderer.forget(self._port_of(key))
+        self._renderer.forget(self._port_of(key), proxyless=key == PROXYLESS_KEY)
 
     def _port_of(self, key: str) -> int:
         return self._default_port if key == DEFAULT_KEY or not key.isdigit() else int(key)
@@ -85,16 +89,32 @@ class Relay:
             if self.gateway_port is not None and port == self.gateway_port:
                 resources = render_gateway(self.view, listen_port=port, listen_address=self._address)
             else:
-                resources = self._renderer.render(self.view, listen_port=port)
+                resources = self._renderer.render(self.view, listen_port=port, proxyless=key == PROXYLESS_KEY)
         except ValueError:
             log.exception("cannot render view %s for %s; proxies keep their configuration", self.version, key)
             return
         for type_url, typed in resources.by_type.items():
             self._rendered[(type_url, typed.version)] = self.version
             self._rendered.move_to_end((type_url, typed.version))
+            if key == PROXYLESS_KEY:
+                self._parts[(type_url, typed.version)] = (self.version, typed.shared_versions())
+                self._parts.move_to_end((type_url, typed.version))
         while len(self._rendered) > _HISTORY:
             self._rendered.popitem(last=False)
+        while len(self._parts) > _HISTORY:
+            self._parts.popitem(last=False)
         self.cache.set_snapshot(key, resources)
+
+    def _view_of(self, type_url: str, version: str, part: Mapping[str, str]) -> str:
+        """The view version a proxy's `type_url` `version` (holding `part`) came from: that
+        of the set, or the newest whose set holds the part ("" unknown)."""
+        found = self._rendered.get((type_url, version), "")
+        if found or not part:
+            return found
+        for (t, _), (view_version, versions) in reversed(self._parts.items()):
+            if t == type_url and all(versions.get(n) == v for n, v in part.items()):
+                return view_version
+        return ""
 
     def report(self) -> apb.ProxyReport:
         """Every connected local proxy with the view version its routes came from, and the
@@ -106,7 +126,7 @@ class Relay:
             node_id = stream if proxy.node_id in duplicates else proxy.node_id
             ack = proxy.acked.get(ROUTE)
             state = apb.ProxyState(
-                node_id=node_id, view_version=self._rendered.get((ROUTE, ack.version), "") if ack else ""
+                node_id=node_id, view_version=self._view_of(ROUTE, ack.version, ack.resources) if ack else ""
             )
             if proxy.last_nack is not None:
                 state.last_nack.node = node_id
@@ -114,6 +134,7 @@ class Relay:
                 state.last_nack.version = proxy.last_nack.version
                 state.last_nack.message = proxy.last_nack.message
                 state.last_nack.at.FromNanoseconds(int(proxy.last_nack.at * 1e9))
-                state.nacked_view_version = self._rendered.get((proxy.last_nack.type_url, proxy.last_nack.version), "")
+                nack = proxy.last_nack
+                state.nacked_view_version = self._view_of(nack.type_url, nack.version, nack.resources)
             states.append(state)
         return apb.ProxyReport(proxies=states)

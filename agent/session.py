@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from graylane.controlplane.tls import ClientTls, open_channel
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,8 +80,10 @@ class ControlPlaneSession:
         backoff: Backoff | None = None,
         answer_timeout_seconds: float = DEFAULT_ANSWER_TIMEOUT_SECONDS,
         keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS,
+        tls: ClientTls | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls  # None: plain text
         self.answer_timeout_seconds = answer_timeout_seconds
         self.keepalive_seconds = keepalive_seconds
         self.hello = hello
@@ -188,7 +191,7 @@ class ControlPlaneSession:
 
     async def _stream(self) -> None:
         metadata = (("x-graylane-cluster", self.hello.cluster), ("authorization", f"Bearer {self.token}"))
-        async with grpc.aio.insecure_channel(self.target, options=self._channel_options()) as channel:
+        async with open_channel(self.target, self.tls, options=self._channel_options()) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
             outbox.put_nowait(apb.AgentMessage(hello=self.hello))

@@ -24,7 +24,11 @@ where ``cluster.<name>.<suffix>`` matches one of them exactly.
 
 The agent runs this for its cluster's Envoys; in single-cluster mode the control plane
 runs it for the Envoys it serves, finding each admin endpoint in the node metadata
-(`ADMIN_METADATA`).
+(`ADMIN_METADATA`). That address is what a proxy says of itself, so it is fetched only when
+it is inside the `AdminAllowList` (`--admin-allow`; default loopback only): an IP literal in
+a listed network, on the listed port if one is given. Any other address is reported
+unreachable without a request, so no proxy can make Graylane fetch an address it chose (a
+cloud metadata service, another tenant's Envoy) and take the answer for metrics.
 
 Bounded: `read_all` reads at most `max_concurrency` admin endpoints at once, and an
 endpoint that did not answer is not asked again until its backoff (doubling from
@@ -40,6 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +55,8 @@ from typing import Any
 
 import aiohttp
 from graylane.xds.view import parse_cluster_name
+
+log = logging.getLogger(__name__)
 
 # Node metadata key holding "host:port" of the Envoy's admin endpoint (set in the bootstraps
 # under deploy/envoy/).
@@ -210,6 +218,70 @@ class StatsUnavailable(Exception):
     """An Envoy's admin endpoint did not answer (in time, or with 200)."""
 
 
+class AdminNotAllowed(StatsUnavailable):
+    """An admin address outside the allow-list: it was not fetched."""
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAllowList:
+    """Where admin endpoints may be fetched: (network, port or None for any port) pairs."""
+
+    entries: tuple[tuple[IpNetwork, int | None], ...]
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> AdminAllowList:
+        """`CIDR` or `CIDR:PORT` (IPv6 with a port: `[CIDR]:PORT`); ValueError names the item."""
+        return cls(tuple(_allow_entry(item) for item in items))
+
+    def allows(self, admin: str) -> bool:
+        """Whether `admin` ("ip:port" or "[ipv6]:port") is inside a listed network and port.
+        A host name is never allowed: what it resolves to is not ours to decide."""
+        host, sep, port_text = admin.rpartition(":")
+        if not sep or not port_text.isdigit():
+            return False
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            return False
+        port = int(port_text)
+        return any(address in net and (allowed is None or allowed == port) for net, allowed in self.entries)
+
+    def __str__(self) -> str:
+        return ", ".join(str(net) if port is None else f"{net}:{port}" for net, port in self.entries) or "nothing"
+
+
+def _allow_entry(item: str) -> tuple[IpNetwork, int | None]:
+    text = item.strip()
+    port: int | None = None
+    if text.startswith("["):
+        text, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{item!r}: expected [IPv6 CIDR]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        text, _, port_text = text.partition(":")
+    else:
+        port_text = ""
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{item!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    try:
+        return ipaddress.ip_network(text, strict=False), port
+    except ValueError:
+        raise ValueError(f"{item!r}: expected CIDR[:PORT], e.g. 10.0.0.0/8:15000 or 127.0.0.1") from None
+
+
+#: The default: Envoys on this host only (their admin listens on loopback in the bootstraps).
+LOOPBACK_ONLY = AdminAllowList.parse(("127.0.0.0/8", "::1/128"))
+
+
+_REFUSED_LOGGED = 1_000  # refused addresses remembered, so each is logged once (bounded)
+
+
 class EnvoyStatsScraper:
     """Reads Graylane's per-cluster counters from Envoy admin endpoints.
 
@@ -224,8 +296,11 @@ class EnvoyStatsScraper:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         self._timeout = timeout
+        self.admin_allow = admin_allow
+        self._refused: set[str] = set()  # addresses refused and logged (bounded below)
         self._session: aiohttp.ClientSession | None = None
         self._limit = asyncio.Semaphore(max_concurrency)
         self._backoff_s = backoff_s
@@ -258,6 +333,13 @@ class EnvoyStatsScraper:
         """Counters (and, with `latency`, histograms) of the Envoy at `admin` ("host:port")."""
         if self._session is None:
             raise RuntimeError("use EnvoyStatsScraper as an async context manager")
+        if not self.admin_allow.allows(admin):
+            if admin not in self._refused:
+                if len(self._refused) >= _REFUSED_LOGGED:
+                    self._refused.clear()
+                self._refused.add(admin)
+                log.warning("not reading the admin endpoint %s: outside --admin-allow (%s)", admin, self.admin_allow)
+            raise AdminNotAllowed(f"{admin}: outside the admin allow-list")
         url = f"http://{admin}/stats"
         params = {
             "format": "json",
@@ -286,7 +368,9 @@ class EnvoyStatsScraper:
     ) -> tuple[dict[str, dict[TrafficKey, ClusterStats]], tuple[str, ...]]:
         """Per proxy (node id -> admin address) its reading, and the unreachable ones
         (those that failed now, and those still backing off from an earlier failure)."""
-        unreachable: list[str] = sorted(n for n, a in admins.items() if self.backing_off(a))
+        unreachable: list[str] = sorted(
+            n for n, a in admins.items() if self.backing_off(a) or not self.admin_allow.allows(a)
+        )
         skipped = set(unreachable)
         names = sorted(n for n in admins if n not in skipped)
         for gone in self._failing.keys() - set(admins.values()):

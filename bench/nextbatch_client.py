@@ -12,7 +12,9 @@ on stdin, answers leave as one JSON line each on stdout:
     act ACTION NAME      any other action (rollback, restart), answered with the release.
     get NAME             {"batch", "batches", "phase", "reached"}.
 
-    python -P bench/nextbatch_client.py API_TARGET [POLL]
+    python -P bench/nextbatch_client.py API_TARGET [POLL [CA CERT KEY]]
+
+With CA, CERT and KEY the client speaks mutual TLS (bench/tls_bench.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 
 TIMEOUT = 15.0
@@ -58,9 +62,9 @@ async def _next(client: ReleaseClient, name: str, poll: float) -> dict[str, floa
     return {"t0": t0, "reply": reply, "watch": watched, "poll": polled}
 
 
-async def main(target: str, poll: float) -> None:
+async def main(target: str, poll: float, tls: ClientTls | None = None) -> None:
     loop = asyncio.get_running_loop()
-    async with ReleaseClient.connect(target, actor="bench") as client:
+    async with ReleaseClient.connect(target, actor="bench", tls=tls) as client:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             words = line.split()
             answer: dict[str, object]
@@ -81,4 +85,6 @@ async def main(target: str, poll: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.005))
+    tls_files = [Path(a) for a in sys.argv[3:6]]
+    tls = ClientTls(ca=tls_files[0], cert=tls_files[1], key=tls_files[2]) if len(tls_files) == 3 else None
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.005, tls))

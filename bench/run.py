@@ -45,6 +45,8 @@ from graylane.xds.render import forget_reused, render
 from scale import bench_fleet, describe, pct  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
 from store_bench import main as store_bench  # noqa: E402
+from tls_bench import TITLE as TLS_TITLE  # noqa: E402
+from tls_bench import run as tls_bench  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SERVICE = "checkout"
@@ -566,6 +568,9 @@ async def main() -> int:
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
+    parser.add_argument(
+        "--tls", action="store_true", help="only the TLS overhead on NextBatch -> ACKed (bench/tls_bench.py)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     logging.basicConfig(level=logging.WARNING)
@@ -593,6 +598,11 @@ async def main() -> int:
             ordered = sorted(values)
             if ordered:
                 print(f"{bucket}: p50 {statistics.median(ordered):.1f} ms, max {ordered[-1]:.1f} ms ({len(ordered)})")
+        return 0
+    if args.tls:
+        section = await tls_bench()
+        print(section)
+        RESULTS.write_text(replace_section(RESULTS.read_text(), TLS_TITLE, section))
         return 0
     if args.store_only:
         section = await store_bench()
@@ -623,7 +633,7 @@ async def main() -> int:
     scale_title = "5. Fleet at scale"
     # The last --scale run, the fault suite's results and the hand-written notes.
     replica_titles = [line[3:] for line in old.splitlines() if line.startswith(("## 4b. ", "## 5b. "))]
-    for kept in (scale_title, *replica_titles, FAULTS_TITLE, NOTES_TITLE):
+    for kept in (scale_title, *replica_titles, TLS_TITLE, FAULTS_TITLE, NOTES_TITLE):
         if f"## {kept}" in old:
             start = old.find(f"## {kept}")
             end = old.find("\n## ", start + 3)

@@ -32,7 +32,7 @@ from typing import Any
 from graylane.controlplane import model, views
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.client import Action, ReleaseClient
-from graylane.controlplane.local.envoy import EnvoyProcess
+from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.machine import Action as Move
@@ -40,6 +40,7 @@ from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.store._etcd import _dump, _releases
+from graylane.controlplane.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv
 
@@ -267,14 +268,18 @@ class _Client:
         self.proc = proc
 
     @classmethod
-    async def start(cls, target: str) -> _Client:
+    async def start(cls, target: str, *, tls: ClientTls | None = None) -> _Client:
         script = pathlib.Path(__file__).with_name("nextbatch_client.py")
+        tls_args = [str(p) for p in (tls.ca, tls.cert, tls.key)] if tls is not None else []
+        if tls is not None and None in (tls.ca, tls.cert, tls.key):
+            raise ValueError("the bench client's TLS needs a CA, a certificate and its key")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-P",
             str(script),
             target,
             str(REACHED_POLL),
+            *tls_args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -302,12 +307,21 @@ class _Client:
             await self.proc.wait()
 
 
-async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str) -> dict[str, list[float]]:
+async def bench_reached(
+    target: str,
+    plane: ControlPlane,
+    envoys: int,
+    name: str,
+    *,
+    envoy_tls: EnvoyTls | None = None,
+    client_tls: ClientTls | None = None,
+) -> dict[str, list[float]]:
     """NextBatch on `name`, REACHED_STEPS times, called from another process (as a pipeline
     would): to every Envoy ACKed (the instant the control plane handled the last Envoy's ACK
     of the new routes, from a hook on the tracker, no polling), to `reached` seen on a Watch
     stream and through GetRelease polled every REACHED_POLL s, the loop's longest stall
-    meanwhile, and each convergence pass."""
+    meanwhile, and each convergence pass. With `envoy_tls` / `client_tls` the Envoys (of
+    cluster "local") and the client use mutual TLS (bench/tls_bench.py)."""
     from graylane.xds.resources import ROUTE
 
     out: dict[str, list[float]] = {"reached": [], "watched": [], "acked": [], "lag": [], "passes": []}
@@ -332,8 +346,10 @@ async def bench_reached(target: str, plane: ControlPlane, envoys: int, name: str
     try:
         async with contextlib.AsyncExitStack() as stack:
             for k in range(envoys):
-                await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}"))
-            client = await _Client.start(target)
+                await stack.enter_async_context(
+                    EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}", node_cluster="local", tls=envoy_tls)
+                )
+            client = await _Client.start(target, tls=client_tls)
             stack.push_async_callback(client.close)
             probe = await stack.enter_async_context(LagProbe())
             await dp.wait_current(timeout=30)

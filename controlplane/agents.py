@@ -113,8 +113,13 @@ class AgentHub:
         lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
         settle_seconds: float | None = None,
+        identity: str = "",
     ) -> None:
         self.store = store
+        # This replica, as its shared agent metrics name it ("": not shared, one replica).
+        self.identity = identity
+        self._sharing: set[asyncio.Task[None]] = set()
+        self.share_failures = 0
         self.lease_ttl_seconds = lease_ttl_seconds
         # Three heartbeats per lease TTL at least, so one late heartbeat never expires a lease.
         self.heartbeat_seconds = min(heartbeat_seconds, lease_ttl_seconds / 3)
@@ -149,6 +154,27 @@ class AgentHub:
 
     def metrics_reported(self, session: AgentSession, report: apb.MetricsReport) -> None:
         self._on_metrics(session.info.name, report)
+        if self.identity:
+            # Shared through etcd with the other replicas (they file it on their watch), so
+            # the leader judges every cluster's traffic whichever replica its agent reaches,
+            # and a new leader has the history. Best effort: a report that cannot be shared
+            # is missing on the others only.
+            task = asyncio.create_task(self._share_metrics(session, report.SerializeToString()))
+            self._sharing.add(task)
+            task.add_done_callback(self._sharing.discard)
+
+    async def _share_metrics(self, session: AgentSession, report: bytes) -> None:
+        try:
+            await self.store.put_agent_metrics(session.info.name, self.identity, report, session.lease)
+        except Exception as exc:  # never the agent's stream: its metrics are filed here anyway
+            self.share_failures += 1
+            log.log(
+                logging.WARNING if self.share_failures == 1 else logging.DEBUG,
+                "cannot share cluster %s's metrics with the other replicas: %s (%d so far)",
+                session.info.name,
+                exc,
+                self.share_failures,
+            )
 
     def on_guard(self, callback: Callable[[str, apb.GuardReport], Awaitable[None]]) -> None:
         """`await callback(cluster, report)` for every local-guard action an agent reports."""

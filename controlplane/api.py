@@ -29,6 +29,7 @@ import grpc
 from google.protobuf import json_format
 from graylane.controlplane import auth, model
 from graylane.controlplane.closing import until_set
+from graylane.controlplane.defaults import ACTOR_METADATA
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -66,10 +67,8 @@ STATUS_OF: Mapping[type[GraylaneError], grpc.StatusCode] = MappingProxyType(
     }
 )
 
-ACTOR_METADATA = "x-graylane-actor"
 AUTHORIZATION_METADATA = "authorization"
 CLUSTER_METADATA = "x-graylane-cluster"
-AGENT_SERVICE = "/graylane.v1.AgentService/"
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("graylane_caller", default="")
 _cluster: contextvars.ContextVar[str | None] = contextvars.ContextVar("graylane_cluster", default=None)
 # The authenticated identity of the call (None: the server runs open, callers are not checked).
@@ -241,7 +240,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = handler_call_details.method
         metadata = {str(k): str(v) for k, v in (handler_call_details.invocation_metadata or ())}
-        is_agent = method.startswith(AGENT_SERVICE)
+        is_agent = method.startswith(auth.AGENT_SERVICE_PREFIX)
         if not self._auth.enabled and not (is_agent and self._auth.checks_agents):
             # Open: the old behaviour, nothing to check.
             caller = metadata.get(ACTOR_METADATA, "")

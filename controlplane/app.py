@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
-from graylane.agent.stats import EnvoyStatsScraper
+from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, EnvoyStatsScraper
 from graylane.controlplane import auth
 from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
 from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
@@ -40,10 +40,12 @@ from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector
 from graylane.controlplane.options import ServeOptions
+from graylane.controlplane.proxyauth import ProxyAuthenticator, xds_authenticator
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.telemetry import Telemetry, releases_by_phase
+from graylane.controlplane.tls import ServerTls, add_port
 from graylane.controlplane.traffic import TrafficReader, admin_addresses
 from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
@@ -120,6 +122,9 @@ class ControlPlane:
         max_connection_idle_seconds: float = DEFAULT_MAX_CONNECTION_IDLE_SECONDS,
         stream_recheck_seconds: float = DEFAULT_RECHECK_SECONDS,
         webhook_policy: WebhookPolicy | None = None,
+        tls: ServerTls | None = None,
+        xds_auth: ProxyAuthenticator | None = None,
+        admin_allow: AdminAllowList = LOOPBACK_ONLY,
     ) -> None:
         self.store = store
         self._stream_recheck_seconds = stream_recheck_seconds
@@ -130,17 +135,23 @@ class ControlPlane:
         # what the operator allowed.
         self._webhook_policy = webhook_policy or WebhookPolicy(allow_loopback=not auth)
         self._api_limits = (max_receive_message_bytes, max_streams_per_identity, max_connection_idle_seconds)
+        # One certificate for every port (API and agents, xDS, HTTP); with a client CA,
+        # every port requires a client certificate it signed.
+        self._tls = tls
+        # Who may receive xDS configuration (None: every proxy that connects, as before).
+        self._xds_auth = xds_auth
+        self._admin_allow = admin_allow
         self._tune_collector = tune_collector
         self._embedded_etcd = embedded_etcd
         # Why this replica cannot use etcd now (None: it can); health says NOT_SERVING meanwhile.
         self.store_problem: str | None = None
         self.releases = Releases(store)
         self._agent_tokens = dict(agent_tokens or {})
-        self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds)
         self._api_listen = api_listen
         self._xds_listen = xds_listen
         self.api_port = 0
         self.xds_port = 0
+        self.ads: AdsServer | None = None
         self.ready = asyncio.Event()
         self._closing = ClosingInterceptor()  # ends the API's response streams on stop
         self.cache = SnapshotCache()
@@ -148,6 +159,8 @@ class ControlPlane:
         # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
         # every replica publishes what it counts of its own proxies and agents.
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
+        # Agents' metrics are shared with the other replicas under this replica's identity.
+        self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds, identity=self.election.identity)
         # The registry refreshes every second: a TTL of 3 s at least leaves two refreshes to spare.
         self.replicas = ReplicaRegistry(
             store, self.tracker, identity=self.election.identity, ttl_seconds=max(leader_ttl_seconds, 3)
@@ -175,10 +188,13 @@ class ControlPlane:
         # The series: this replica's own Envoys scraped every second (cluster ""), and the
         # deltas agents send for theirs.
         self.metrics = MetricsCollector(
-            EnvoyAdminSource(self._scrape_targets),
+            EnvoyAdminSource(self._scrape_targets, admin_allow=admin_allow),
             self.windows,
         )
         self.agents.on_metrics(self.metrics.ingest_agent_report)
+        self.dataplane.on_shared_metrics(
+            lambda cluster, raw: self.metrics.ingest_agent_report(cluster, agent_pb2.MetricsReport.FromString(raw))
+        )
         self.agents.on_guard(self._guarded)
         # Own telemetry: /metrics on the HTTP server (None: no HTTP server), traces over OTLP
         # when an endpoint is configured.
@@ -203,7 +219,7 @@ class ControlPlane:
 
     def http_server(self, listen: str) -> HttpServer:
         """The replica's one HTTP server with its routes registered (`run()` starts it)."""
-        server = HttpServer(listen=listen)
+        server = HttpServer(listen=listen, ssl_context=self._tls.ssl_context() if self._tls is not None else None)
         metrics_route(server, self.telemetry.metrics_text)
         health_route(server, self.ready.is_set, problem=lambda: self.store_problem)
         self.dashboard.add_routes(server)
@@ -270,12 +286,12 @@ class ControlPlane:
                 self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
                 stack.push_async_callback(self.dashboard.close)
             stack.push_async_callback(self.telemetry.flush)
-            scraper = await stack.enter_async_context(EnvoyStatsScraper())
+            scraper = await stack.enter_async_context(EnvoyStatsScraper(admin_allow=self._admin_allow))
             await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
 
     async def _run(self, traffic: TrafficReader | None) -> None:
         server, health_servicer = self._api_server(traffic)
-        self.api_port = server.add_insecure_port(self._api_listen)
+        self.api_port = add_port(server, self._api_listen, self._tls)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")
         xds_server, ads = None, None
@@ -283,9 +299,9 @@ class ControlPlane:
             # Envoys get their own server (and port): separate flow control and limits, and
             # the API can later require credentials the proxies do not carry.
             xds_server = grpc.aio.server(options=SERVER_OPTIONS)
-            ads = AdsServer(self.cache, tracker=self.tracker)
+            self.ads = ads = AdsServer(self.cache, tracker=self.tracker, gate=self._xds_auth)
             ads.add_to_server(xds_server)
-            self.xds_port = xds_server.add_insecure_port(self._xds_listen)
+            self.xds_port = add_port(xds_server, self._xds_listen, self._tls)
             if self.xds_port == 0:
                 raise OSError(f"cannot listen on {self._xds_listen}")
             await xds_server.start()
@@ -479,8 +495,15 @@ async def _serve(options: ServeOptions) -> None:
             endpoints = etcd.endpoint
         else:
             endpoints = ",".join(str(e) for e in options.etcd_endpoints)
-        store = await connect(endpoints, prefix=options.etcd_prefix)
+        etcd_tls = options.etcd_tls if not options.embedded_etcd else None
+        store = await connect(
+            endpoints,
+            prefix=options.etcd_prefix,
+            credentials=etcd_tls.grpc_credentials() if etcd_tls is not None else None,
+        )
         stack.push_async_callback(store.close)
+        if options.tls is None and (options.auth or options.agent_tokens or options.xds_tokens):
+            log.warning("API, agent and proxy tokens travel in clear text: serve TLS (--tls-cert, --tls-key)")
         if options.auth:
             await bootstrap_admin(store, options.token_file)
         plane = ControlPlane(
@@ -499,6 +522,13 @@ async def _serve(options: ServeOptions) -> None:
             max_streams_per_identity=options.max_streams_per_identity,
             max_connection_idle_seconds=options.max_connection_idle_seconds,
             webhook_policy=WebhookPolicy.parse(options.webhook_allow, allow_loopback=not options.auth),
+            tls=options.tls,
+            xds_auth=xds_authenticator(
+                cluster=options.xds_cluster,
+                tokens=options.xds_tokens,
+                mutual=options.tls is not None and options.tls.mutual,
+            ),
+            admin_allow=AdminAllowList.parse(options.admin_allow),
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await plane.run()

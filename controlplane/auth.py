@@ -91,6 +91,7 @@ class Identity:
 
 _RS = "/graylane.v1.ReleaseService/"
 _AS = "/graylane.v1.AgentService/"
+AGENT_SERVICE_PREFIX = _AS  # every AgentService method's path starts with it
 _HEALTH = "/grpc.health.v1.Health/"
 _REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 

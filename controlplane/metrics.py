@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from graylane.agent.stats import ClusterStats, EnvoyStatsScraper, TrafficKey
+from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, ClusterStats, EnvoyStatsScraper, TrafficKey
 from graylane.controlplane import model
 from graylane.controlplane.windows import Aggregate, CounterDelta, Histogram, Sample, Scrape, SeriesKey, Windows
 from graylane.v1 import agent_pb2 as apb
@@ -135,9 +135,10 @@ class EnvoyAdminSource:
     bounded by what the proxies report.
     """
 
-    def __init__(self, targets: Targets, *, timeout: float = 2.0) -> None:
+    def __init__(self, targets: Targets, *, timeout: float = 2.0, admin_allow: AdminAllowList = LOOPBACK_ONLY) -> None:
         self._targets = targets
         self._timeout = timeout
+        self._admin_allow = admin_allow  # admin addresses outside it are never fetched
         self._stack = contextlib.AsyncExitStack()
         self._scraper: EnvoyStatsScraper | None = None
         self._series: dict[str, dict[SeriesKey, _SeriesDelta]] = {}  # node id -> key -> delta
@@ -152,7 +153,9 @@ class EnvoyAdminSource:
         self._last_at = at
         scraper = self._scraper
         if scraper is None:
-            scraper = self._scraper = await self._stack.enter_async_context(EnvoyStatsScraper(timeout=self._timeout))
+            scraper = self._scraper = await self._stack.enter_async_context(
+                EnvoyStatsScraper(timeout=self._timeout, admin_allow=self._admin_allow)
+            )
         targets = dict(self._targets())
         for gone in self._series.keys() - targets.keys():
             del self._series[gone]

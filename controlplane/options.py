@@ -20,6 +20,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_XDS_PORT,
 )
+from graylane.controlplane.tls import ClientTls, ServerTls, check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,14 @@ class HostPort:
         return f"{host}:{self.port}"
 
 
+#: The cluster a control plane's own xDS port serves (its proxies' node.cluster under auth).
+DEFAULT_XDS_CLUSTER = "local"
+#: Admin endpoints fetched by default: loopback only (the bootstraps' admin listens there).
+DEFAULT_ADMIN_ALLOW: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+#: A proxy token shorter than this is refused when the file is read: it could be guessed.
+MIN_TOKEN_LENGTH = 16
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServeOptions:
     """What one control-plane process needs to start.
@@ -91,6 +100,17 @@ class ServeOptions:
     stale_proxy_seconds: float = 30.0
     # Where Graylane's keys live in etcd; another prefix lets installations share one etcd.
     etcd_prefix: str = "/graylane/v1/"
+    # TLS on every port (API and agents, xDS, HTTP); None: plain text.
+    tls: ServerTls | None = None
+    # TLS to an external etcd (its CA, and a client certificate if it requires one); None:
+    # plain text. The embedded etcd listens on loopback in plain text.
+    etcd_tls: ClientTls | None = None
+    # Proxies' tokens (cluster, node or None for any node, token); with these or with mutual
+    # TLS, an xDS client must prove it is a proxy of `xds_cluster` (see controlplane.proxyauth).
+    xds_tokens: tuple[tuple[str, str | None, str], ...] = ()
+    xds_cluster: str = DEFAULT_XDS_CLUSTER
+    # Where proxies' self-reported admin endpoints may be fetched (`CIDR[:PORT]` items).
+    admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
     # Callers must present a token or a client certificate that a token record names.
     auth: bool = False
     # Listen on a non-loopback address without auth (refused otherwise).
@@ -123,6 +143,17 @@ class ServeOptions:
                 "reaches it may roll back, delete or rewrite releases; add --auth (see `graylane token`), "
                 "or --insecure to run open anyway"
             )
+        if not is_loopback_host(self.xds_listen.host) and not self.xds_authenticated and not self.insecure:
+            raise ValueError(
+                f"xDS on {self.xds_listen} is reachable beyond this machine, and without proxy credentials "
+                "anyone who reaches it reads every route and may NACK to pause releases; add --client-ca "
+                "(with --tls-cert/--tls-key) or --xds-tokens, or --insecure to run open anyway"
+            )
+
+    @property
+    def xds_authenticated(self) -> bool:
+        """Whether xDS clients must prove they are proxies (client certificates or tokens)."""
+        return bool(self.xds_tokens) or (self.tls is not None and self.tls.mutual)
 
     @property
     def embedded_etcd(self) -> bool:
@@ -159,3 +190,36 @@ def parse_agent_tokens(text: str, *, source: str) -> tuple[tuple[str, str], ...]
     if len({c for c, _ in pairs}) != len(pairs):
         raise ValueError(f"{source}: a cluster is listed twice")
     return tuple(pairs)
+
+
+def parse_xds_tokens(text: str, *, source: str) -> tuple[tuple[str, str | None, str], ...]:
+    """`cluster: token` (any node of the cluster) and `cluster/node: token` lines into
+    (cluster, node or None, token) triples; ValueError names the file, line and problem.
+
+    A line is a comment only when it starts with `#`: a token may hold any character, a `#`
+    included. Surrounding quotes are taken off.
+    """
+    found: list[tuple[str, str | None, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        name, token = name.strip(), token.strip()
+        if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+            token = token[1:-1]
+        cluster, _, node = name.partition("/")
+        try:
+            if not sep:
+                raise ValueError("expected `cluster: token` or `cluster/node: token`")
+            check_name("cluster", cluster)
+            if node:
+                check_name("node", node)
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
+        except ValueError as exc:
+            raise ValueError(f"{source}:{number}: {exc}") from None
+        found.append((cluster, node or None, token))
+    if len({t for _, _, t in found}) != len(found):
+        raise ValueError(f"{source}: a token is listed twice")
+    return tuple(found)

@@ -50,7 +50,7 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger(__name__)
 
 CONTROL_PLANE_SERVICE = "graylane-controlplane"
-AGENT_SERVICE = "graylane-agent"
+AGENT_TELEMETRY_NAME = "graylane-agent"  # the agent's OpenTelemetry service.name
 
 METRIC_PROXIES_CONNECTED = "graylane_proxies_connected"
 METRIC_XDS_PUSHES = "graylane_xds_pushes_total"
@@ -386,7 +386,7 @@ class Telemetry:
 
 def agent_telemetry(tracker: ProxyTracker, *, otlp_endpoint: str | None = None) -> Telemetry:
     """The telemetry of a cluster agent: its proxies, pushes, ACK latency and NACKs."""
-    telemetry = Telemetry(service_name=AGENT_SERVICE, otlp_endpoint=otlp_endpoint)
+    telemetry = Telemetry(service_name=AGENT_TELEMETRY_NAME, otlp_endpoint=otlp_endpoint)
     telemetry.observe_proxies(tracker)
     return telemetry
 

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 _V = TypeVar("_V")
 
 DEFAULT_KEY = "default"
+# Proxyless gRPC clients (grpcio, grpc-java, grpc-go, grpc-js-xds) share one snapshot: the
+# same clusters, endpoints and routes as Envoys, with a client-side Listener per service
+# (`graylane.xds.render.api_listeners`) instead of a socket listener.
+PROXYLESS_KEY = "proxyless"
+# Every gRPC implementation announces this client feature (gRFC A27); Envoy never does.
+GRPC_CLIENT_FEATURE = "envoy.lb.does_not_support_overprovisioning"
 # A snapshot change wakes the streams of its key in batches, yielding to the loop between
 # batches, so a change fanned out to thousands of streams never holds it. The first batch
 # has FANOUT_BATCH streams; later ones are sized so that the loop pass running a batch's
@@ -72,14 +78,28 @@ class InvalidNodeMetadata(ValueError):
     """A proxy's node metadata cannot be served; the message names the field and the value."""
 
 
+def is_proxyless(node: base_pb2.Node) -> bool:
+    """Whether `node` is a proxyless gRPC client rather than an Envoy.
+
+    gRPC clients name themselves in `user_agent_name` ("gRPC Python", "grpc-node-js",
+    "gRPC Go", "gRPC Java") and announce GRPC_CLIENT_FEATURE; Envoy names itself "envoy",
+    and is never taken for one whatever features it announces.
+    """
+    agent = node.user_agent_name.lower()
+    return agent.startswith("grpc") or (agent != "envoy" and GRPC_CLIENT_FEATURE in node.client_features)
+
+
 def listen_port_key(node: base_pb2.Node) -> str:
-    """Group proxies by the `listen_port` in their node metadata; DEFAULT_KEY without one.
+    """Group proxies by the `listen_port` in their node metadata; DEFAULT_KEY without one;
+    PROXYLESS_KEY for proxyless gRPC clients (a `listen_port` means nothing to them).
 
     A port is an integer 1..65535, given as a number or a string of digits; the key is its
     decimal form, so 8080 and "8080" share a key. Anything else raises InvalidNodeMetadata
     (the server ends the stream with INVALID_ARGUMENT) rather than inventing a listener or
     silently serving the default one.
     """
+    if is_proxyless(node):
+        return PROXYLESS_KEY
     fields = node.metadata.fields
     if LISTEN_PORT_METADATA not in fields:
         return DEFAULT_KEY

@@ -23,13 +23,28 @@ The invariant: a proxy never holds a route that points at a cluster it does not 
 Each ACK re-runs the plan: that releases the held routes, and once the routes moved away
 and were ACKed, lets the old cluster go.
 
+That is for a proxy that subscribes to every cluster (Envoy: CDS wildcard, before LDS).
+A client that asks for clusters by name (proxyless gRPC: LDS -> RDS -> CDS -> EDS, each
+by the names the previous one gave it) cannot ACK a cluster before a route names it, so
+waiting for that ACK would hold its routes, and so its listener, forever. For such a
+client (`on_demand`):
+
+* a route config may go once every cluster it routes to is in the plan with its
+  endpoints: the client's request for it is answered at once with a cluster that has
+  endpoints (the client queues calls to a cluster until it has them, and fails none);
+* a cluster the client still subscribes to stays in the plan, with its endpoints, even
+  once the target dropped it: the client unsubscribes when no route and no call in flight
+  uses it, which is its own make-before-break; removing it earlier would fail the calls
+  still picking it.
+
 Pure: no I/O, no clocks. Must not import: etcd, graylane.controlplane, graylane.agent.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TypeVar
@@ -119,14 +134,16 @@ def _listener_route_configs(listener: listener_pb2.Listener) -> frozenset[str]:
     chains = [*listener.filter_chains]
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
-    for chain in chains:
-        for flt in chain.filters:
-            if not flt.typed_config.TypeName() == _HCM_NAME:
-                continue
-            hcm = hcm_pb2.HttpConnectionManager()
-            flt.typed_config.Unpack(hcm)
-            if hcm.HasField("rds"):
-                names.add(hcm.rds.route_config_name)
+    managers = [flt.typed_config for chain in chains for flt in chain.filters]
+    if listener.HasField("api_listener"):  # a proxyless gRPC client's listener
+        managers.append(listener.api_listener.api_listener)
+    for config in managers:
+        if not config.TypeName() == _HCM_NAME:
+            continue
+        hcm = hcm_pb2.HttpConnectionManager()
+        config.Unpack(hcm)
+        if hcm.HasField("rds"):
+            names.add(hcm.rds.route_config_name)
     return frozenset(names)
 
 
@@ -167,9 +184,12 @@ def _live_route_clusters(acked: Held, sent: Held) -> frozenset[str]:
     return frozenset(out)
 
 
-def _plan_clusters(target: Resources, acked: Held, sent: Held) -> dict[str, Message]:
+def _plan_clusters(target: Resources, acked: Held, sent: Held, *, on_demand: bool) -> dict[str, Message]:
     clusters = dict(target[CLUSTER].items)
-    for name in sorted(_live_route_clusters(acked, sent) - clusters.keys()):
+    live = set(_live_route_clusters(acked, sent))
+    if on_demand:  # a named subscription: whatever the client holds, it still subscribes to
+        live |= _get(acked, CLUSTER).keys() | _get(sent, CLUSTER).keys()
+    for name in sorted(live - clusters.keys()):
         kept = _first(name, _get(acked, CLUSTER), _get(sent, CLUSTER))
         if kept is not None:
             clusters[name] = kept
@@ -229,6 +249,27 @@ def _routes_ready(acked: Held) -> Callable[[Message], bool]:
     return ready
 
 
+def _routes_resolvable(
+    clusters: tuple[Mapping[str, Message], ...], endpoints: tuple[Mapping[str, Message], ...]
+) -> Callable[[Message], bool]:
+    """For a client that asks for clusters by name: a route config may go once every
+    cluster it routes to is planned (or in the target) with its endpoints, so it is served
+    as soon as it is asked for. The mappings are looked in, in order."""
+
+    def resolvable(name: str) -> bool:
+        cluster = _first(name, *clusters)
+        if cluster is None:
+            return False
+        assert isinstance(cluster, cluster_pb2.Cluster)
+        return not uses_eds(cluster) or any(eds_name(cluster) in found for found in endpoints)
+
+    def ready(rc: Message) -> bool:
+        assert isinstance(rc, route_pb2.RouteConfiguration)
+        return all(resolvable(c) for c in route_clusters(rc))
+
+    return ready
+
+
 def _scope_ready(routes: Mapping[str, Message]) -> Callable[[Message], bool]:
     """A scope may go once the route config it names is in the plan."""
 
@@ -244,9 +285,50 @@ def _listener_ready(routes: Mapping[str, Message]) -> Callable[[Message], bool]:
 
     def ready(listener: Message) -> bool:
         assert isinstance(listener, listener_pb2.Listener)
-        return listener_route_configs(listener) <= routes.keys()
+        return all(name in routes for name in listener_route_configs(listener))
 
     return ready
+
+
+class _ServableRoutes(Mapping[str, Message]):
+    """The route configs planned, and those of the whole target that would be planned if
+    asked for (ready, or held with a version the proxy was sent or ACKed)."""
+
+    def __init__(
+        self,
+        planned: Mapping[str, Message],
+        every: Mapping[str, Message],
+        ready: Callable[[Message], bool],
+        acked: Held,
+        sent: Held,
+    ) -> None:
+        self._planned, self._every, self._ready = planned, every, ready
+        self._held = (_get(sent, ROUTE), _get(acked, ROUTE))
+
+    def __getitem__(self, name: str) -> Message:
+        found = self._planned.get(name)
+        if found is not None:
+            return found
+        message = self._every[name]  # KeyError: not in the target
+        if self._ready(message):
+            return message
+        previous = _first(name, *self._held)
+        if previous is None:
+            raise KeyError(name)
+        return previous
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[str(name)]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:  # O(target): the planning looks names up, never lists them
+        return (name for name in self._every if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 # A plan depends only on which message objects the target, the ACKed and the sent sets
@@ -307,32 +389,67 @@ def _consistent(
     return True
 
 
-def plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
+def plan(target: Resources, *, acked: Held, sent: Held, on_demand: bool = False) -> Plan:
     """The resources one proxy may be sent now, given what it ACKed and was sent.
 
     `acked` and `sent` map type_url -> name -> message for this proxy's stream; `sent` is
     what the proxy has or is about to apply (the latest responses, ACKed or not).
+    `on_demand`: the proxy asks for clusters by name (see the module docstring).
     Streams in the same state share one Plan (a value: never mutate it).
     """
-    key = (id(target), _held_key(acked), _held_key(sent))
+    key = (id(target), _held_key(acked), _held_key(sent), on_demand)
     hit = _plans.get(key)
     if hit is not None and hit[1][0] is target:
         _plans.move_to_end(key)
         return hit[0]
-    planned = _plan(target, acked=acked, sent=sent)
+    planned = _plan(target, acked=acked, sent=sent, on_demand=on_demand)
     _plans[key] = (planned, (target, _held_refs(acked), _held_refs(sent)))
     while len(_plans) > _PLAN_MEMO_LIMIT:
         _plans.popitem(last=False)
     return planned
 
 
-def _plan(target: Resources, *, acked: Held, sent: Held) -> Plan:
+def plan_wanted(target: Resources, *, acked: Held, sent: Held, wanted: Mapping[str, AbstractSet[str] | None]) -> Plan:
+    """`plan(target, on_demand=True)` for a client that asks for resources by name,
+    planned over only what it asks for (`wanted`: type_url -> names, None: all of them),
+    so its cost is what it subscribes to, not the whole target: a gRPC client of one
+    service planned over 10,000 services' resources cost 170 ms per change.
+
+    A route config it asks for may name clusters it has not asked for yet: they are
+    looked up in the whole target (that is what it will be served when it asks).
+    """
+    restricted: dict[str, TypedResources] = {}
+    for type_url in PUSH_ORDER:
+        names = wanted.get(type_url, frozenset())
+        typed = target[type_url]
+        if names is None or (len(names) >= len(typed.items) and names >= typed.items.keys()):
+            restricted[type_url] = typed
+        else:
+            items = typed.items
+            restricted[type_url] = TypedResources(type_url, {n: items[n] for n in sorted(names) if n in items})
+    return _plan(Resources(MappingProxyType(restricted)), acked=acked, sent=sent, on_demand=True, whole=target)
+
+
+def _plan(
+    target: Resources, *, acked: Held, sent: Held, on_demand: bool = False, whole: Resources | None = None
+) -> Plan:
     held: set[tuple[str, str]] = set()
-    clusters = _plan_clusters(target, acked, sent)
+    clusters = _plan_clusters(target, acked, sent, on_demand=on_demand)
     endpoints = _plan_endpoints(target, clusters, acked, sent)
-    routes = _plan_ready(ROUTE, target, _routes_ready(acked), acked, sent, held)
-    scopes = _plan_ready(SCOPED_ROUTE, target, _scope_ready(routes), acked, sent, held)
-    listeners = _plan_ready(LISTENER, target, _listener_ready(routes), acked, sent, held)
+    if on_demand:
+        # What the client would be served on asking: the plan's, or the whole target's.
+        every = whole if whole is not None else target
+        ready = _routes_resolvable((clusters, every[CLUSTER].items), (endpoints, every[ENDPOINT].items))
+    else:
+        ready = _routes_ready(acked)
+    routes = _plan_ready(ROUTE, target, ready, acked, sent, held)
+    servable: Mapping[str, Message] = routes
+    if on_demand and whole is not None:
+        # A listener the client asks for may name a route config it has not asked for yet
+        # (it asks once it has the listener): that one counts if it would be planned.
+        servable = _ServableRoutes(routes, whole[ROUTE].items, ready, acked, sent)
+    scopes = _plan_ready(SCOPED_ROUTE, target, _scope_ready(servable), acked, sent, held)
+    listeners = _plan_ready(LISTENER, target, _listener_ready(servable), acked, sent, held)
     planned = {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners, SCOPED_ROUTE: scopes, ROUTE: routes}
     # Where the plan is the target's own set, it is that set (the same object): the
     # stream then holds the target's sets, and the next target, derived from them, is

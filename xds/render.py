@@ -35,7 +35,7 @@ import re2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -61,7 +61,9 @@ from graylane.xds.view import (
     Rule,
     ServiceRoute,
     VersionEndpoints,
+    api_listener_names,
     cluster_name,
+    cohort_cluster_name,
     gateway_authority,
     listener_name,
     parse_cluster_name,
@@ -70,6 +72,7 @@ from graylane.xds.view import (
 
 __all__ = [
     "ServiceResources",
+    "api_listeners",
     "ViewIndex",
     "effective_lane",
     "effective_view",
@@ -89,6 +92,23 @@ _NUM_RETRIES = 2
 _STAT_PREFIX = "graylane"
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
 _ROUTER_FILTER = "envoy.filters.http.router"
+
+# The one locality every endpoint set is in (proxyless gRPC needs a locality to be named).
+_LOCALITY = base_pb2.Locality(zone="graylane")
+
+# Every HTTP request Envoy routes has a `:method`; gRPC clients route a call on its
+# metadata before its method is set (measured: grpcio and grpc-js see no `:method`): so a
+# route asking for it is read by Envoy alone.
+_ENVOY_ONLY_HEADER = ":method"
+# The proxyless clients a cohort's ring-hash route is for: those that see the call's
+# `:path` among its headers but no `:method` (gRPC C-core: grpcio and the other wrapped
+# languages). grpc-js sees no `:path` and goes on to the weighted split: its ring-hash
+# picks can wait for ever on an endpoint not connected yet (measured, one call in a few
+# hundred), and a failed call costs more than a cohort kept.
+_RING_CLIENTS = (
+    route_components_pb2.HeaderMatcher(name=_ENVOY_ONLY_HEADER, present_match=True, invert_match=True),
+    route_components_pb2.HeaderMatcher(name=":path", present_match=True),
+)
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -230,8 +250,14 @@ class ServiceResources:
     assignments: dict[str, Message]
 
 
-def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1") -> resources.Resources:
+def render(
+    view: RoutingView, *, listen_port: int, listen_address: str = "127.0.0.1", proxyless: bool = False
+) -> resources.Resources:
     """Every resource a proxy needs for `view`, listening on listen_address:listen_port.
+
+    `proxyless`: for gRPC clients that speak xDS themselves: instead of the socket
+    listener, one client-side Listener per service (`api_listeners`) naming the same
+    per-service route configs; clusters, endpoints, routes and scopes are the same.
 
     Routes are split per service: one RouteConfiguration per service, each reached
     through a scope (SRDS) keyed by the service's name, so a change to one service's
@@ -253,13 +279,17 @@ def render(view: RoutingView, *, listen_port: int, listen_address: str = "127.0.
         assignments.update(rendered.assignments)
         route_configs[rendered.route_config.name] = rendered.route_config
         scopes[rendered.scope.name] = rendered.scope
-    listener = _listener(listen_address, listen_port, scoped=True)
+    if proxyless:
+        listeners = api_listeners(s.name for s in view.services)
+    else:
+        listener = _listener(listen_address, listen_port, scoped=True)
+        listeners = {listener.name: listener}
     _reuse.rotate()
     return resources.Resources.of(
         {
             resources.CLUSTER: clusters,
             resources.ENDPOINT: assignments,
-            resources.LISTENER: {listener.name: listener},
+            resources.LISTENER: listeners,
             resources.SCOPED_ROUTE: scopes,
             resources.ROUTE: route_configs,
         }
@@ -286,10 +316,18 @@ def render_service(
         endpoints = index.endpoints_of(service.name, version)
         clusters[name] = memo.get(("cluster", name, connect_timeout_ms), _cluster, name, name, connect_timeout_ms)
         assignments[name] = memo.get(("cla", name, endpoints), _load_assignment, name, endpoints)
+    split = _cohort_split(service, index)
+    if split is not None:
+        name = cohort_cluster_name(service.name)
+        weights = tuple(sorted(split.items(), key=lambda item: (item[0].address, item[0].port)))
+        clusters[name] = memo.get(("ring", name, connect_timeout_ms), _ring_hash_cluster, name, connect_timeout_ms)
+        assignments[name] = memo.get(("weighted", name, weights), _weighted_assignment, name, weights)
     entering = tuple(index.entering.get(service.name, ()))
     versioned = tuple(index.versioned.get(service.name, ()))
     remote = index.remote_versions(service.name)
-    route_config = memo.get(("routes", service, entering, versioned, remote), _route_config, service, index)
+    route_config = memo.get(
+        ("routes", service, entering, versioned, remote, split is not None), _route_config, service, index
+    )
     scope = memo.get(("scope", service.name), _scope, service.name)
     return ServiceResources(route_config, scope, clusters, assignments)
 
@@ -395,14 +433,20 @@ def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.C
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
     if ordered:
+        # gRPC clients drop a locality without a weight and an endpoint without one (Envoy
+        # defaults both to 1, and ignores locality weights unless the cluster asks for them):
+        # one locality, weight 1, and weight 1 for each endpoint, read the same by both.
         assignment.endpoints.append(
             endpoint_components_pb2.LocalityLbEndpoints(
+                locality=_LOCALITY,
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port))
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port)),
+                        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                     )
                     for e in ordered
-                ]
+                ],
             )
         )
     return assignment
@@ -442,6 +486,42 @@ def _listener(address: str, port: int, *, scoped: bool) -> listener_pb2.Listener
             )
         ],
     )
+
+
+def api_listeners(services: Iterable[str]) -> dict[str, Message]:
+    """The client-side Listeners of proxyless gRPC clients, by name, for `services`.
+
+    gRPC resolves `xds:///<service>` by asking for the Listener `<service>` (or its xdstp
+    name), reads the HttpConnectionManager in its `api_listener`, fetches the route config
+    it names over ADS and routes each call as Envoy would (weighted clusters, header
+    matches); the router filter must be the last filter. Each service's listener names
+    that service's own route config, the one Envoy's scope for it names too, so both kinds
+    of client are served the same routes from one render.
+    """
+    found: dict[str, Message] = {}
+    for service in sorted(services):
+        message = _api_listener_memo.get(service)
+        if message is None:
+            message = _api_listener_memo[service] = _api_listener(service)
+        for name in api_listener_names(service):
+            found[name] = message[name]
+    if len(_api_listener_memo) > 4 * max(len(found), 1024):
+        _api_listener_memo.clear()
+    return found
+
+
+# service -> its two listeners by name (immutable once built; they depend on the name only)
+_api_listener_memo: dict[str, dict[str, listener_pb2.Listener]] = {}
+
+
+def _api_listener(service: str) -> dict[str, listener_pb2.Listener]:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=_STAT_PREFIX,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config_name(service)),
+        http_filters=[hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))],
+    )
+    api = api_listener_pb2.ApiListener(api_listener=_pack(manager))
+    return {name: listener_pb2.Listener(name=name, api_listener=api) for name in api_listener_names(service)}
 
 
 def _scoped_routes() -> hcm_pb2.ScopedRoutes:
@@ -527,7 +607,7 @@ def _service_routes(service: ServiceRoute, index: ViewIndex) -> list[route_compo
         for lane in entering:
             for position, rule in enumerate(lane.rules):
                 routes += _rule_routes(service, lane, rule, position)
-        routes += _split_routes(service, entering)
+        routes += _split_routes(service, entering, ring=_cohort_split(service, index) is not None)
     routes.append(
         _route(
             "default",
@@ -604,8 +684,17 @@ def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int) -> l
     return routes
 
 
-def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route_components_pb2.Route]:
-    """Step 4: the batch weights of the lanes entering at `service`, gray share tagged."""
+def _split_routes(
+    service: ServiceRoute, entering: Sequence[Lane], *, ring: bool = False
+) -> list[route_components_pb2.Route]:
+    """Step 4: the batch weights of the lanes entering at `service`, gray share tagged.
+
+    `ring`: the split has a header cohort and a ring-hash cluster for proxyless clients
+    (`_cohort_split`). gRPC picks among weighted clusters at random on every call (it has
+    nothing like `use_hash_policy`), so a cohort would not stay in the lane there: one more
+    route, first, hashes the cohort key onto the ring-hash cluster for the clients that
+    match it (`_RING_CLIENTS`); the others, and Envoy, go on to the weighted split.
+    """
     weighted = [lane for lane in entering if lane.weight > 0]
     total = sum(lane.weight for lane in weighted)
     if total > 100:
@@ -614,6 +703,10 @@ def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route
         return []
     cohort = _entry_cohort(service, weighted)
     routes = []
+    if ring and cohort is not None:
+        route = _route("split/ring", _match_all(*_RING_CLIENTS), cluster=cohort_cluster_name(service.name))
+        route.route.hash_policy.append(_hash_policy(cohort))
+        routes.append(route)
     for has_baggage in (True, False):
         split = route_components_pb2.WeightedCluster()
         if cohort is not None:
@@ -642,6 +735,74 @@ def _split_routes(service: ServiceRoute, entering: Sequence[Lane]) -> list[route
             route.route.hash_policy.append(_hash_policy(cohort))
         routes.append(route)
     return routes
+
+
+# The ring of a cohort split: one size, whatever the weights, so a key's point stays put and
+# a version's points only grow with its weight (gRPC caps rings at 4,096 entries by default).
+_RING_SIZE = 4096
+# Endpoint weights of a cohort split: a version's share (percent) times this, over its endpoints.
+_SHARE_SCALE = 10_000
+
+
+def _cohort_split(service: ServiceRoute, index: ViewIndex) -> dict[Endpoint, int] | None:
+    """The endpoints of `service`'s ring-hash cohort split and their weights, or None where
+    there is none: no lane splits there by a header cohort, or a version it reaches has no
+    endpoints or runs in another cluster (a gateway needs the authority rewritten per
+    version, which one cluster cannot do); proxyless calls are then split at random.
+
+    Each version's endpoints share its part of the split (a lane's weight, the base the
+    rest), so a call's version follows its key's point on the ring. As the batch grows, the
+    lane's endpoints gain points and the base's lose them, the ring's size fixed: a key in
+    the lane stays in it.
+    """
+    weighted = [lane for lane in index.entering.get(service.name, ()) if lane.weight > 0]
+    if not weighted or len({lane.cohort for lane in weighted}) != 1:
+        return None
+    cohort = weighted[0].cohort
+    total = sum(lane.weight for lane in weighted)
+    if cohort is None or cohort.kind is not MatchKind.HEADER or total > 100:
+        return None
+    shares: dict[str, int] = {}
+    for lane in weighted:
+        version = lane.version_for(service.name) or service.base_version
+        shares[version] = shares.get(version, 0) + lane.weight
+    if total < 100:
+        shares[service.base_version] = shares.get(service.base_version, 0) + 100 - total
+    weights: dict[Endpoint, int] = {}
+    for version, share in sorted(shares.items()):
+        endpoints = sorted(set(index.endpoints_of(service.name, version)), key=lambda e: (e.address, e.port))
+        if not endpoints or index.remote(service.name, version):
+            return None
+        each = max(1, round(share * _SHARE_SCALE / len(endpoints)))
+        for endpoint in endpoints:
+            weights[endpoint] = weights.get(endpoint, 0) + each
+    return weights
+
+
+def _ring_hash_cluster(name: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
+    cluster = _cluster(name, name, connect_timeout_ms)
+    cluster.lb_policy = cluster_pb2.Cluster.LbPolicy.RING_HASH
+    cluster.ring_hash_lb_config.minimum_ring_size.value = _RING_SIZE
+    cluster.ring_hash_lb_config.maximum_ring_size.value = _RING_SIZE
+    return cluster
+
+
+def _weighted_assignment(name: str, weights: Sequence[tuple[Endpoint, int]]) -> endpoint_pb2.ClusterLoadAssignment:
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    assignment.endpoints.append(
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=_LOCALITY,
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port)),
+                    load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
+                )
+                for e, weight in weights
+            ],
+        )
+    )
+    return assignment
 
 
 def _entry_cohort(service: ServiceRoute, weighted: Sequence[Lane]) -> Cohort | None:
@@ -729,6 +890,11 @@ def _rule_match(rule: Rule) -> route_components_pb2.RouteMatch:
             match.headers.append(_header_regex("cookie", _cookie_regex(condition)))
         elif condition.kind is MatchKind.QUERY:
             match.query_parameters.append(_query_condition(condition))
+    if match.query_parameters:
+        # A gRPC call has no query string, and grpc-js does not read query_parameters at
+        # all (the route would match every call): asking for _ENVOY_ONLY_HEADER too, Envoy
+        # reads the rule as written and no proxyless client ever matches it.
+        match.headers.append(_header_present(_ENVOY_ONLY_HEADER))
     return match
 
 
@@ -774,9 +940,12 @@ def _header_exact(name: str, value: str) -> route_components_pb2.HeaderMatcher:
 
 
 def _header_present(name: str, *, present: bool = True) -> route_components_pb2.HeaderMatcher:
-    # present_match=false means "the header is absent" (it is a oneof member, so an
-    # explicit false is kept on the wire and in JSON).
-    return route_components_pb2.HeaderMatcher(name=name, present_match=present)
+    # "Absent" is "present, inverted": every client reads it the same. `present_match:
+    # false` alone means absent to Envoy but present to grpc-js (which ignores the value),
+    # so a route meant for requests without the header would never match there.
+    if present:
+        return route_components_pb2.HeaderMatcher(name=name, present_match=True)
+    return route_components_pb2.HeaderMatcher(name=name, present_match=True, invert_match=True)
 
 
 def _header_regex(name: str, regex: str) -> route_components_pb2.HeaderMatcher:

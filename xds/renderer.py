@@ -49,11 +49,12 @@ from graylane.xds.resources import (
     Resources,
     TypedResources,
 )
-from graylane.xds.view import Lane, RoutingView, ServiceRoute, VersionEndpoints
+from graylane.xds.view import Lane, RoutingView, ServiceRoute, VersionEndpoints, api_listener_names
 
 __all__ = ["Renderer"]
 
 _SERVICE_TYPES = (CLUSTER, ENDPOINT, SCOPED_ROUTE, ROUTE)
+_PROXYLESS = -1  # where the last proxyless output is kept among the ports' outputs
 _T = TypeVar("_T")
 
 
@@ -112,11 +113,17 @@ class Renderer:
         self._state: _State | None = None
         self._last: dict[int, Resources] = {}
         self._listeners: dict[int, TypedResources] = {}
+        # Proxyless clients' listeners (one pair per service), and the services they are for.
+        self._api_services: frozenset[str] = frozenset()
+        self._api_listeners = TypedResources(LISTENER, {})
 
     # ------------------------------------------------------------------------ public
 
-    def render(self, view: RoutingView, *, listen_port: int | None = None, wait: bool = True) -> Resources:
-        """Every resource a proxy listening on `listen_port` needs for `view`.
+    def render(
+        self, view: RoutingView, *, listen_port: int | None = None, wait: bool = True, proxyless: bool = False
+    ) -> Resources:
+        """Every resource a proxy listening on `listen_port` needs for `view`; with
+        `proxyless`, what proxyless gRPC clients need instead (`render(proxyless=True)`).
 
         Raises ValueError where `render` does (and then forgets its state: the next render
         starts afresh). With `wait=False`, a render already running in another thread is not
@@ -124,10 +131,10 @@ class Renderer:
         """
         port = self.listen_port if listen_port is None else listen_port
         if not self._lock.acquire(blocking=wait):
-            return _render.render(view, listen_port=port, listen_address=self.listen_address)
+            return _render.render(view, listen_port=port, listen_address=self.listen_address, proxyless=proxyless)
         try:
             state = self._update(view)
-            return self._output(state, port)
+            return self._output_proxyless(state) if proxyless else self._output(state, port)
         finally:
             self._lock.release()
 
@@ -138,20 +145,37 @@ class Renderer:
             return state.effective
         return effective_view(view)
 
-    def forget(self, listen_port: int) -> None:
-        """Nothing more is rendered for `listen_port` (its next render is built afresh)."""
+    def forget(self, listen_port: int, *, proxyless: bool = False) -> None:
+        """Nothing more is rendered for `listen_port` (or for proxyless clients): its next
+        render is built afresh."""
         # No lock (the loop must not wait for a render in a worker thread): a render racing
         # with this may keep the port's last output, which is still a valid base.
+        if proxyless:
+            self._last.pop(_PROXYLESS, None)
+            return
         self._last.pop(listen_port, None)
         self._listeners.pop(listen_port, None)
 
     # ------------------------------------------------------------------------ output
+
+    def _output_proxyless(self, state: _State) -> Resources:
+        names = frozenset(state.services)
+        if names != self._api_services:
+            old = self._api_services
+            added = _render.api_listeners(names - old)
+            gone = [n for service in old - names for n in api_listener_names(service)]
+            self._api_listeners = self._api_listeners.replaced(added, gone)
+            self._api_services = names
+        return self._derive(_PROXYLESS, self._api_listeners, state)
 
     def _output(self, state: _State, port: int) -> Resources:
         listener = self._listeners.get(port)
         if listener is None:
             message = _render._listener(self.listen_address, port, scoped=True)
             listener = self._listeners[port] = TypedResources(LISTENER, {message.name: message})
+        return self._derive(port, listener, state)
+
+    def _derive(self, port: int, listener: TypedResources, state: _State) -> Resources:
         by_type = {t: listener if t == LISTENER else state.typed[t] for t in PUSH_ORDER}
         last = self._last.get(port)
         if last is not None and all(last.by_type[t] is by_type[t] for t in PUSH_ORDER):

@@ -21,6 +21,11 @@ Protocol rules kept here (Envoy's "xDS REST and gRPC protocol"):
   wildcard; per-resource versions; each response is ACKed on its own, so every
   outstanding nonce is tracked (a delta response is incremental: dropping an "older" ACK
   would lose what it carried);
+* proxyless gRPC clients subscribe to every type by name (LDS -> RDS -> CDS -> EDS): a
+  named LDS/CDS SotW response still carries the whole subscribed selection (those types
+  are whole-state: a subscribed resource left out is deleted), and such a stream is
+  planned `on_demand` (`graylane.xds.plan`): its routes go once their clusters can be
+  served, not once it ACKed clusters it has not been told of yet;
 * the node comes from the first request of a stream (later ones may omit it);
 * a proxy that reconnects presenting versions it already has (SotW version_info, delta
   initial_resource_versions), to this replica or another, is not re-sent them: versions
@@ -54,18 +59,18 @@ import functools
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import Message
-from graylane.xds.cache import InvalidNodeMetadata, SnapshotCache, Watch
-from graylane.xds.plan import Plan, plan, plan_derived
+from graylane.xds.cache import PROXYLESS_KEY, InvalidNodeMetadata, SnapshotCache, Watch
+from graylane.xds.plan import Plan, plan, plan_derived, plan_wanted
 from graylane.xds.resources import (
     CLUSTER,
     LISTENER,
@@ -107,6 +112,24 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+
+class ProxyRefused(Exception):
+    """A proxy's credentials do not admit it: its stream ends with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProxyGate(Protocol):
+    """Decides, from a stream's first node and its peer (the call's auth context: the
+    verified client certificate, if any), whether the proxy is served."""
+
+    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> base_pb2.Node:
+        """The node to serve and record (credentials taken out of it), or raise ProxyRefused."""
+        ...
 
 
 class _Signal(enum.Enum):
@@ -282,7 +305,15 @@ class _Plans:
     def __init__(self) -> None:
         self._plans: OrderedDict[tuple[object, ...], tuple[Plan, tuple[object, ...]]] = OrderedDict()
 
-    def get(self, target: Resources, types: Mapping[str, _TypeState]) -> Plan:
+    def get(self, target: Resources, types: Mapping[str, _TypeState], *, on_demand: bool = False) -> Plan:
+        """The plan of a stream subscribed as `types` say; `on_demand`: it asks for clusters
+        by name (`graylane.xds.plan`)."""
+        if on_demand:
+            # Planned over what the stream asks for, whatever it holds: O(its subscription).
+            wanted = {t: None if st.wildcard else st.names for t, st in types.items() if st.subscribed}
+            acked = {t: s.acked for t, s in types.items()}
+            sent = {t: s.sent for t, s in types.items()}
+            return plan_wanted(target, acked=acked, sent=sent, wanted=wanted)
         key: list[object] = [id(target)]
         refs: list[object] = [target]
         for type_url in PUSH_ORDER:
@@ -615,6 +646,10 @@ class _Stream(Generic[Req, Resp]):
         self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
         self._snapshot_changed = False
         self._stopped = False
+        # Set by the server when a gate is configured: the proxy is admitted (or refused)
+        # on its first request, before the tracker or the cache ever see it, so a refused
+        # stream's ACKs and NACKs count for nothing.
+        self.admit: Callable[[base_pb2.Node], base_pb2.Node] | None = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -656,7 +691,7 @@ class _Stream(Generic[Req, Resp]):
     def _start(self, request: Req) -> None:
         if self.stream_id or self._stopped:
             return
-        self.node.CopyFrom(request.node)
+        self.node.CopyFrom(request.node if self.admit is None else self.admit(request.node))  # raises ProxyRefused
         self.key = self.cache.key_for_node(self.node)  # raises InvalidNodeMetadata
         self.stream_id = new_stream_id(self.node.id)
         self.tracker.connected(self.node, stream=self.stream_id, key=self.key, protocol=self.protocol)
@@ -689,7 +724,16 @@ class _Stream(Generic[Req, Resp]):
         target = self.cache.snapshot(self.key)
         if target is None:
             return None
-        return self.selections.plans.get(target, self.types)
+        return self.selections.plans.get(target, self.types, on_demand=self.clusters_on_demand())
+
+    def clusters_on_demand(self) -> bool:
+        """Whether this client asks for clusters by name (proxyless gRPC), so cannot ACK a
+        cluster before a route names it. Envoy subscribes to all clusters first; a
+        proxyless client is known by its node before it asks for any cluster."""
+        st = self.types.get(CLUSTER)
+        if st is not None and st.subscribed:
+            return not st.wildcard
+        return self.key == PROXYLESS_KEY
 
     def target(self) -> Resources | None:
         return self.cache.snapshot(self.key)
@@ -720,8 +764,12 @@ class _Stream(Generic[Req, Resp]):
         # tracker and the push-to-ACK metric carry the same facts.
         log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
-    def record_nack(self, st: _TypeState, version: str, nonce: str, message: str) -> None:
-        self.tracker.nacked(self.stream_id, Nack(st.type_url, version, nonce, message, now(), stream=self.stream_id))
+    def record_nack(self, st: _TypeState, version: str, nonce: str, message: str, resources: Mapping[str, str]) -> None:
+        """Report the NACK; `resources`: the content versions of what was rejected (kept)."""
+        nack = Nack(
+            st.type_url, version, nonce, message, now(), stream=self.stream_id, resources=MappingProxyType(resources)
+        )
+        self.tracker.nacked(self.stream_id, nack)
         log.warning("NACK %s %s version %s: %s", self.stream_id, _short(st.type_url), version, message)
 
     def record_push(self, st: _TypeState, push: Push) -> None:
@@ -784,7 +832,10 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
         if request.HasField("error_detail"):
-            self.record_nack(st, st.sotw_version, request.response_nonce, request.error_detail.message)
+            # `sent_versions` is never mutated in place: what the rejected response made it.
+            self.record_nack(
+                st, st.sotw_version, request.response_nonce, request.error_detail.message, st.sent_versions
+            )
             return
         # `sent` and `sent_versions` are never mutated in place (shared selections).
         st.acked = st.sent
@@ -833,7 +884,9 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             return None
         if not selection.remembered:
             self._remember(selection)
-        if st.wildcard:
+        if st.wildcard or st.type_url in WILDCARD_TYPES:
+            # Listeners, clusters and scopes are whole-state types even when subscribed by
+            # name (proxyless gRPC): a subscribed one a response leaves out is removed.
             body, names = selection.sotw_body(), selection.names
         else:
             # EDS/RDS: only what the proxy may lack. A response may carry nothing at all
@@ -924,7 +977,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             log.debug("unknown %s nonce %s from %s", _short(st.type_url), request.response_nonce, self.node.id)
             return
         if request.HasField("error_detail"):
-            self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message)
+            rejected = {n: pending.versions[n] for n in pending.resources if n in pending.versions}
+            self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message, rejected)
             return
         # What the proxy had ACKed before this response, as a shared selection, if known.
         before = st.acked_selection if st.acked_selection is not None or st.acked else _nothing(st.type_url)
@@ -998,11 +1052,19 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker."""
+    """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker.
 
-    def __init__(self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None) -> None:
+    With a `gate`, every stream's proxy is admitted or refused on its first request
+    (`ProxyGate`); `refused` counts the refusals. Without one, every proxy is served.
+    """
+
+    def __init__(
+        self, cache: SnapshotCache, *, tracker: ProxyTracker | None = None, gate: ProxyGate | None = None
+    ) -> None:
         self.cache = cache
         self.tracker = tracker if tracker is not None else ProxyTracker()
+        self._gate = gate
+        self.refused = 0
         self._streams: set[_Stream[Any, Any]] = set()
         self._closed = False
         self._selections = _Selections()
@@ -1027,12 +1089,18 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     ) -> None:
         if self._closed:
             return
+        if self._gate is not None:
+            stream.admit = functools.partial(self._gate.admit, peer=context.auth_context())
         self._streams.add(stream)
         try:
             await stream.run(requests, context.write)
         except InvalidNodeMetadata as exc:
             log.warning("refused an xDS stream from node %r: %s", stream.node.id, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProxyRefused as exc:
+            self.refused += 1
+            log.warning("refused an xDS stream from %s: %s", context.peer(), exc.message)
+            await context.abort(exc.code, exc.message)
         finally:
             stream.stop()
             self._streams.discard(stream)

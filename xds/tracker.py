@@ -38,6 +38,7 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
+from graylane.xds.cache import PROXYLESS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class Nack:
     # The stream that sent it (set by the tracker). Nonces restart at 1 on every stream, so
     # (stream, nonce) identifies one NACK; (node id, nonce) does not.
     stream: str = ""
+    # name -> content version of the resources the rejected response carried: a client that
+    # subscribes by name (proxyless gRPC) rejects a part of a set, which no set version names.
+    resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +251,12 @@ class ProxyTracker:
         ack = record.acked.get(type_url)
         return ack.version if ack is not None else ""
 
+    def acked_resources(self, stream: str, type_url: str) -> Mapping[str, str]:
+        """The content versions of `type_url` the open `stream` holds (empty: none)."""
+        record = self._proxies.get(stream)
+        ack = record.acked.get(type_url) if record is not None else None
+        return ack.resources if ack is not None else MappingProxyType({})
+
     def last_nack(self, stream: str) -> Nack | None:
         """The last NACK of the open `stream` (None: none, or not open)."""
         record = self._proxies.get(stream)
@@ -294,7 +304,9 @@ class ProxyTracker:
             raise ValueError(f"stream {stream!r} is already connected")
         streams = self._by_node.setdefault(node.id, set())
         streams.add(stream)
-        if len(streams) > 1:
+        # A proxyless gRPC process opens one stream per channel target, all with its one node
+        # id: expected there (each stream still counts as its own proxy).
+        if len(streams) > 1 and key != PROXYLESS_KEY:
             log.warning(
                 "node id %r has %d open xDS streams (%s): each is tracked as its own proxy; "
                 "give every Envoy a unique node id",

@@ -165,6 +165,13 @@ def cluster_name(service: str, version: str, lane: str = "") -> str:
     return f"{service}{CLUSTER_SEPARATOR}{version}"
 
 
+def cohort_cluster_name(service: str) -> str:
+    """The ring-hash cluster of `service`'s cohort split for proxyless gRPC clients
+    (`graylane.xds.render`): every version the split reaches, weighted by its share. It
+    has no version, so `parse_cluster_name` reads it as no version's cluster (None)."""
+    return f"{service}{CLUSTER_SEPARATOR}{CLUSTER_SEPARATOR}cohort"
+
+
 def parse_cluster_name(name: str) -> tuple[str, str, str] | None:
     """(service, version, lane) of a cluster named by `cluster_name`, else None."""
     parts = name.split(CLUSTER_SEPARATOR)
@@ -206,3 +213,19 @@ def gateway_authority(service: str, version: str) -> str:
 
 def listener_name(port: int) -> str:
     return f"graylane_http_{port}"
+
+
+# Proxyless gRPC clients ask for a Listener named after their target: `xds:///checkout`
+# asks for `checkout`, and a bootstrap whose `client_default_listener_resource_name_template`
+# is XDSTP_LISTENER_TEMPLATE asks for `xdstp://graylane/envoy.config.listener.v3.Listener/checkout`.
+XDSTP_AUTHORITY = "graylane"
+XDSTP_LISTENER_TEMPLATE = f"xdstp://{XDSTP_AUTHORITY}/envoy.config.listener.v3.Listener/%s"
+
+
+def api_listener_names(service: str) -> tuple[str, str]:
+    """The names a proxyless client's Listener for `service` goes by: plain, then xdstp.
+
+    Both name the service's own route config (`route_config_name`), whose virtual host
+    matches the authority `service` (and `service:<port>`) the client sends.
+    """
+    return service, XDSTP_LISTENER_TEMPLATE % service

@@ -1,7 +1,8 @@
 """Start and stop a local Envoy process pointed at an ADS server.
 
 Owns: filling a bootstrap template from `graylane.deploy/envoy` (`ads-sotw.yaml` or
-`ads-delta.yaml`), running the `envoy` binary of the environment in its own process group
+`ads-delta.yaml`, or their `-mtls` twins for mutual TLS to the xDS port, with an optional
+node token in the node metadata), running the `envoy` binary of the environment in its own process group
 with a unique `--base-id`, waiting until its admin `/ready` answers LIVE, and stopping it
 by PID (SIGTERM, then SIGKILL after a deadline). Used by the demo and the integration
 tests. Everything binds 127.0.0.1.
@@ -21,6 +22,7 @@ import string
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -31,7 +33,20 @@ log = logging.getLogger(__name__)
 SOTW = "sotw"
 DELTA = "delta"
 _TEMPLATES = {SOTW: "ads-sotw.yaml", DELTA: "ads-delta.yaml"}
+_MTLS_TEMPLATES = {SOTW: "ads-sotw-mtls.yaml", DELTA: "ads-delta-mtls.yaml"}
 _LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EnvoyTls:
+    """Mutual TLS to the xDS port: Envoy's certificate and key, the CA it trusts, and the
+    name the xDS server's certificate must carry (a DNS SAN; `graylane certs` puts
+    localhost in it)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    server_name: str = "localhost"
 
 
 class EnvoyError(RuntimeError):
@@ -56,19 +71,36 @@ def bootstrap(
     admin_port: int,
     ads_host: str,
     ads_port: int,
+    tls: EnvoyTls | None = None,
+    xds_token: str | None = None,
 ) -> str:
-    """The bootstrap YAML for one Envoy, from the template for `protocol` (SOTW or DELTA)."""
+    """The bootstrap YAML for one Envoy, from the template for `protocol` (SOTW or DELTA):
+    mutual TLS to the xDS port with `tls`, and `xds_token` in the node metadata if given."""
     if protocol not in _TEMPLATES:
         raise ValueError(f"protocol: {protocol!r} is not one of {sorted(_TEMPLATES)}")
-    source = importlib.resources.files("graylane.deploy") / "envoy" / _TEMPLATES[protocol]
-    return string.Template(source.read_text()).substitute(
+    name = (_TEMPLATES if tls is None else _MTLS_TEMPLATES)[protocol]
+    source = importlib.resources.files("graylane.deploy") / "envoy" / name
+    tls_values = {}
+    if tls is not None:
+        tls_values = {
+            "tls_cert": str(tls.cert.resolve()),
+            "tls_key": str(tls.key.resolve()),
+            "tls_ca": str(tls.ca.resolve()),
+            "ads_server_name": tls.server_name,
+        }
+    text = string.Template(source.read_text()).substitute(
         node_id=node_id,
         node_cluster=node_cluster,
         listen_port=listen_port,
         admin_port=admin_port,
         ads_host=ads_host,
         ads_port=ads_port,
+        **tls_values,
     )
+    if xds_token is not None:
+        # One more metadata key, as a JSON string (JSON is YAML), under the template's own.
+        text = text.replace("\n  metadata:\n", f"\n  metadata:\n    graylane_token: {json.dumps(xds_token)}\n", 1)
+    return text
 
 
 async def http_get(port: int, path: str = "/", *, host: str = "localhost") -> tuple[int, bytes]:
@@ -132,8 +164,12 @@ class EnvoyProcess:
         log_level: str = "warn",
         binary: Path | None = None,
         runtime: Mapping[str, str | int | float | bool] | None = None,
+        tls: EnvoyTls | None = None,
+        xds_token: str | None = None,
     ) -> None:
         self.protocol = protocol
+        self.tls = tls
+        self.xds_token = xds_token
         # Static runtime overrides (e.g. a stricter re2.max_program_size.error_level).
         self.runtime = dict(runtime or {})
         self.node_id = node_id
@@ -210,6 +246,8 @@ class EnvoyProcess:
             admin_port=self.admin_port,
             ads_host=self.ads_host,
             ads_port=self.ads_port,
+            tls=self.tls,
+            xds_token=self.xds_token,
         )
         if self.runtime:
             # JSON is YAML: one flow-style block appended to the template.

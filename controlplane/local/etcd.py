@@ -2,8 +2,8 @@
 
 Owns: finding the `etcd` binary (Debian's etcd-server, 3.4.x), picking free loopback ports,
 starting it in its own process group with its data in a given folder, waiting until it
-answers, and stopping it by PID. It does not talk the etcd API itself beyond a health
-probe over HTTP; the store does that.
+answers, and stopping it by PID; optionally its client port over TLS (`EtcdTls`). It does not
+talk the etcd API itself beyond a health probe over HTTP(S); the store does that.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import os
 import pathlib
 import shutil
 import signal
+import ssl
 import subprocess
+from dataclasses import dataclass
 from types import TracebackType
 
 from graylane.controlplane.local.ports import free_port
@@ -40,8 +42,12 @@ def find_etcd() -> str | None:
     return None
 
 
-def _healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+def _healthy(port: int, context: ssl.SSLContext | None = None) -> bool:
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=1.0, context=context)
     try:
         conn.request("GET", "/health")
         resp = conn.getresponse()
@@ -50,6 +56,26 @@ def _healthy(port: int) -> bool:
         return False
     finally:
         conn.close()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EtcdTls:
+    """TLS of an etcd's client port: its certificate and key, and the CA client certificates
+    must chain to (None: any client). `probe_cert`/`probe_key` (a client certificate the CA
+    signed) let the start-up health check through when client certificates are required."""
+
+    cert: pathlib.Path
+    key: pathlib.Path
+    ca: pathlib.Path
+    client_ca: pathlib.Path | None = None
+    probe_cert: pathlib.Path | None = None
+    probe_key: pathlib.Path | None = None
+
+    def probe_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if self.probe_cert is not None and self.probe_key is not None:
+            context.load_cert_chain(self.probe_cert, self.probe_key)
+        return context
 
 
 class EtcdProcess:
@@ -64,8 +90,12 @@ class EtcdProcess:
         name: str = "graylane",
         initial_cluster: str = "",
         start_timeout: float = 30.0,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # Clients over TLS (and, with `tls.client_ca`, with a certificate it signed); peers stay
+        # plain on loopback.
+        self.tls = tls
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self._name = name
@@ -94,7 +124,7 @@ class EtcdProcess:
         if binary is None:
             raise FileNotFoundError(INSTALL_HINT)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             binary,
@@ -117,6 +147,10 @@ class EtcdProcess:
             "--logger",
             "zap",
         ]
+        if self.tls is not None:
+            args += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
+            if self.tls.client_ca is not None:
+                args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.client_ca)]
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
             # The embedded etcd dies with the process that started it, kill -9 included: an
@@ -134,7 +168,8 @@ class EtcdProcess:
         log_file.close()
         try:
             async with asyncio.timeout(self._start_timeout):
-                while not await asyncio.to_thread(_healthy, self.client_port):
+                probe = self.tls.probe_context() if self.tls is not None else None
+                while not await asyncio.to_thread(_healthy, self.client_port, probe):
                     if self._proc.poll() is not None:
                         tail = self._log_path.read_text(errors="replace")[-2000:]
                         raise RuntimeError(f"etcd exited with {self._proc.returncode}:\n{tail}")

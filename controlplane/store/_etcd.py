@@ -234,8 +234,12 @@ class _Blocking:
     issued from the loop: a stalled loop stops refreshing leases as before.
     """
 
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = list(CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=_BLOCKING_THREADS, thread_name_prefix="etcd")
         # Keep-alives on threads of their own: calls hung on an etcd without quorum must not
         # hold a lease's refresh back until it expires.
@@ -257,7 +261,14 @@ class _Blocking:
 
 
 class EtcdStore:
-    def __init__(self, channel: grpc.aio.Channel, *, prefix: str = DEFAULT_PREFIX, blocking_target: str = "") -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        blocking_target: str = "",
+        blocking_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         if not prefix.endswith("/"):
             prefix += "/"
         self._channel = channel
@@ -268,7 +279,7 @@ class EtcdStore:
         self._lease = rpc_pb2_grpc.LeaseStub(channel)
         self._blocking: _Blocking | None = None
         if blocking_target:
-            self._blocking = _Blocking(blocking_target)
+            self._blocking = _Blocking(blocking_target, blocking_credentials)
             self._blocking.adopt(self._kv, rpc_pb2_grpc.KVStub(self._blocking.channel))
             self._blocking.adopt(self._maintenance, rpc_pb2_grpc.MaintenanceStub(self._blocking.channel))
             self._blocking.adopt(self._lease, self._blocking.lease)
@@ -573,6 +584,24 @@ class EtcdStore:
             await self._call(self._lease.LeaseRevoke, rpc_pb2.LeaseRevokeRequest(ID=lease))
         except LeaseLost:
             pass  # already expired: nothing is attached to it any more
+
+    async def put_agent_metrics(self, cluster: str, origin: str, report: bytes, lease: int) -> None:
+        """Share one agent metrics report (serialised `MetricsReport`) with the other replicas:
+        written over the cluster's last one under the agent's lease; each write reaches every
+        replica's watch as an event (`agent_metrics_in`), so none is lost to the overwrite.
+        `origin` is the writing replica, which has filed the report already."""
+        value = origin.encode() + b"\n" + report
+        await self._txn([], [self._put(self._key("agentmetrics", cluster), value, lease=lease)])
+
+    def agent_metrics_in(self, events: Sequence[kv_pb2.Event]) -> list[tuple[str, str, bytes]]:
+        """(cluster, origin replica, serialised MetricsReport) of each shared report in a watch batch."""
+        prefix = self._key("agentmetrics") + b"/"
+        out = []
+        for ev in events:
+            if ev.type == kv_pb2.Event.PUT and ev.kv.key.startswith(prefix):
+                origin, _, report = ev.kv.value.partition(b"\n")
+                out.append((ev.kv.key[len(prefix) :].decode(), origin.decode(), report))
+        return out
 
     async def register_cluster(self, info: model.ClusterInfo, lease: int) -> None:
         """Claim `info.name` for this agent under `lease`.
@@ -1254,11 +1283,23 @@ def _keep_alive_blocking(stub: rpc_pb2_grpc.LeaseStub, lease: int, deadline: flo
     return int(resp.TTL) if resp is not None else 0
 
 
-async def connect(endpoints: str, *, prefix: str = DEFAULT_PREFIX, timeout: float = 10.0) -> EtcdStore:
-    """Open a store and check the server: reachable in `timeout`, and not a refused version."""
+async def connect(
+    endpoints: str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    timeout: float = 10.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> EtcdStore:
+    """Open a store and check the server: reachable in `timeout`, and not a refused version.
+
+    `credentials`: TLS to etcd (an etcd serving https, and requiring client certificates
+    when it runs with --client-cert-auth); None: plain text."""
     target = _target(endpoints)
-    channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
-    store = EtcdStore(channel, prefix=prefix, blocking_target=target)
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+    else:
+        channel = grpc.aio.secure_channel(target, credentials, options=list(CHANNEL_OPTIONS))
+    store = EtcdStore(channel, prefix=prefix, blocking_target=target, blocking_credentials=credentials)
     try:
         async with asyncio.timeout(timeout):
             while True:

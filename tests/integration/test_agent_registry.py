@@ -7,6 +7,7 @@ the way the AgentService stream drives it, so each step is observed on its own.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,7 @@ from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.errors import AlreadyExists
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.windows import SeriesKey
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
@@ -164,3 +166,40 @@ async def test_a_local_guard_action_is_recorded_on_the_release(store: EtcdStore)
     event = next(e for e in await store.history("rel") if e.action == "guard")
     assert event.actor == "graylane/agent/east" and event.details["cluster"] == "east"
     assert "error rate 12 %" in event.reason
+
+
+async def test_an_agents_metrics_reach_every_replica_whichever_it_is_connected_to(store: EtcdStore) -> None:
+    """The leader judges releases on its own metrics windows: an agent connected to another
+    replica must reach them too (shared through etcd), and a new leader has their history."""
+    first = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    second = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=None)
+    async with first.running(), second.running():
+        report = apb.MetricsReport(
+            interval_seconds=1.0,
+            series=[apb.SeriesDelta(service="checkout", version="v2", lane="gray", requests=40, errors=3)],
+        )
+        report.at.GetCurrentTime()
+        messages = [
+            apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a1")),
+            apb.AgentMessage(metrics=report),
+        ]
+
+        async def requests() -> AsyncIterator[apb.AgentMessage]:
+            for m in messages:
+                yield m
+            await asyncio.sleep(30)  # the stream stays open while the test looks
+
+        def east(plane: ControlPlane) -> list[SeriesKey]:
+            return [k for k in plane.windows.keys() if k.cluster == "east"]
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.api_port}") as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests())
+            async with asyncio.timeout(10):
+                while not (east(second) and east(first)):
+                    await asyncio.sleep(0.05)
+            call.cancel()
+        key = SeriesKey("checkout", "v2", "gray", "east")
+        for plane in (first, second):
+            assert east(plane) == [key]
+            window = plane.windows.window(key, 0, time.time() + 1)
+            assert (window.requests, window.errors) == (40, 3)  # filed once on each replica

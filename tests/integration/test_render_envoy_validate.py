@@ -18,6 +18,7 @@ configs inline (same scope keys, same key builder), so no xDS server is needed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -37,6 +38,7 @@ from graylane.controlplane.local.envoy import free_port
 from graylane.xds import resources
 from graylane.xds.render import render
 from graylane.xds.view import (
+    Cohort,
     Condition,
     Endpoint,
     Lane,
@@ -170,6 +172,14 @@ def rich_view() -> RoutingView:
     )
 
 
+def cohort_view() -> RoutingView:
+    """The rich view with a header cohort at each entry: Envoy's hashed split, and the
+    ring-hash cluster and route of proxyless gRPC clients beside it."""
+    view = rich_view()
+    cohort = Cohort(MatchKind.HEADER, "x-user-id")
+    return dataclasses.replace(view, lanes=tuple(dataclasses.replace(lane, cohort=cohort) for lane in view.lanes))
+
+
 def validate(envoy_binary: Path, tmp_path: Path, res: resources.Resources) -> subprocess.CompletedProcess[str]:
     config = write_bootstrap(tmp_path, res)
     return subprocess.run(
@@ -185,9 +195,10 @@ def validate(envoy_binary: Path, tmp_path: Path, res: resources.Resources) -> su
     "view",
     [
         rich_view(),
+        cohort_view(),
         RoutingView(services=(ServiceRoute("only", "v1"),), endpoints=()),
     ],
-    ids=["rich", "no-lanes-no-endpoints"],
+    ids=["rich", "rich-cohort", "no-lanes-no-endpoints"],
 )
 def test_envoy_accepts_rendered_resources(envoy_binary: Path, tmp_path: Path, view: RoutingView) -> None:
     result = validate(envoy_binary, tmp_path, render(view, listen_port=10000))

@@ -23,6 +23,7 @@ PACKAGES = {
     "agent": "graylane.agent",
     "xds": "graylane.xds",
     "deploy": "graylane.deploy",
+    "lanes": "graylane.lanes",
 }
 # How the rules name things -> the import prefixes they forbid.
 NAMES = {

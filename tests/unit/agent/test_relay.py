@@ -151,3 +151,38 @@ def test_a_proxy_holding_only_some_services_route_configs_carries_no_view() -> N
     assert [p.view_version for p in relay.report().proxies] == [""]
     ack(tracker, cache, "sidecar", str(SIDECAR))
     assert [p.view_version for p in relay.report().proxies] == [applied.version]
+
+
+def test_a_proxyless_client_holding_part_of_a_route_set_is_reported_on_its_view() -> None:
+    from types import MappingProxyType
+
+    from graylane.xds.cache import PROXYLESS_KEY
+
+    two = dataclasses.replace(
+        VIEW,
+        services=(*VIEW.services, xv.ServiceRoute("search", "v1")),
+        endpoints=(*VIEW.endpoints, xv.VersionEndpoints("search", "v1", (xv.Endpoint("127.0.0.1", 8082),))),
+    )
+    cache, tracker = SnapshotCache(), ProxyTracker()
+    relay = Relay(cache, tracker)
+    grpc_node = base_pb2.Node(id="grpc", user_agent_name="gRPC Python")
+    tracker.connected(grpc_node, stream="grpc", key=PROXYLESS_KEY, protocol=SOTW)
+    cache.watch(PROXYLESS_KEY, lambda: None)
+    first = cluster_view(two)
+    relay.apply(first)
+    snapshot = cache.snapshot(PROXYLESS_KEY)
+    assert snapshot is not None and "checkout" in snapshot[LISTENER].items
+    rc = xv.route_config_name("checkout")
+    part = {rc: snapshot[ROUTE].versions[rc]}  # it asked for checkout's routes only
+    tracker.acked("grpc", ROUTE, TypeAck(set_version(part), MappingProxyType(part)))
+    assert [p.view_version for p in relay.report().proxies] == [first.version]
+
+    second = cluster_view(dataclasses.replace(two, lanes=(dataclasses.replace(VIEW.lanes[0], weight=50),)))
+    relay.apply(second)
+    assert [p.view_version for p in relay.report().proxies] == [first.version]  # not yet ACKed
+    rejected = cache.snapshot(PROXYLESS_KEY)
+    assert rejected is not None
+    bad = {rc: rejected[ROUTE].versions[rc]}
+    tracker.nacked("grpc", Nack(ROUTE, set_version(bad), "3", "no", at=0.0, resources=MappingProxyType(bad)))
+    [state] = relay.report().proxies
+    assert (state.view_version, state.nacked_view_version) == (first.version, second.version)

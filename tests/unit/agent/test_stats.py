@@ -6,9 +6,13 @@ import asyncio
 import json
 import socket
 
+import pytest
 from aiohttp import web
 from graylane.agent.stats import (
+    LOOPBACK_ONLY,
     METRICS_FILTER,
+    AdminAllowList,
+    AdminNotAllowed,
     ClusterStats,
     EnvoyStatsScraper,
     TrafficCounters,
@@ -184,5 +188,55 @@ async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
             good, unreachable = await scraper.read_all(admins)
         assert sorted(good) == sorted(admins) and unreachable == ()
         assert 1 <= peak <= 3
+    finally:
+        await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- allow-list
+
+
+def test_the_default_allow_list_is_loopback_only() -> None:
+    for admin in ("127.0.0.1:9901", "127.3.0.1:1", "[::1]:9901"):
+        assert LOOPBACK_ONLY.allows(admin), admin
+    for admin in ("169.254.169.254:80", "10.0.0.5:9901", "localhost:9901", "[fe80::1]:9901", "127.0.0.1", "x:y"):
+        assert not LOOPBACK_ONLY.allows(admin), admin
+
+
+def test_an_allow_list_entry_may_pin_a_port() -> None:
+    allow = AdminAllowList.parse(["10.0.0.0/8:15000", "[fd00::/8]:15000", "192.168.1.7"])
+    assert allow.allows("10.9.8.7:15000") and allow.allows("[fd00::5]:15000") and allow.allows("192.168.1.7:1")
+    assert not allow.allows("10.9.8.7:15001") and not allow.allows("127.0.0.1:15000")
+    for bad in ("10.0.0.0/33", "10.0.0.0/8:0", "fd00::/8:15000", "nowhere"):
+        with pytest.raises(ValueError, match="CIDR|port|IPv6"):
+            AdminAllowList.parse([bad])
+
+
+async def test_an_address_outside_the_allow_list_is_never_fetched() -> None:
+    hits = 0
+
+    async def stats(request: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        return web.json_response({"stats": []})
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        allow = AdminAllowList.parse([f"127.0.0.1/32:{port + 1 if port < 65535 else port - 1}"])
+        async with EnvoyStatsScraper(admin_allow=allow) as scraper:
+            good, unreachable = await scraper.read_all({"rogue": f"127.0.0.1:{port}"})
+            assert good == {} and unreachable == ("rogue",)
+            with pytest.raises(AdminNotAllowed):
+                await scraper.read(f"127.0.0.1:{port}")
+            assert not scraper.backing_off(f"127.0.0.1:{port}")  # refused, not failed
+        assert hits == 0
+        async with EnvoyStatsScraper() as scraper:  # the default (loopback) allows it
+            good, unreachable = await scraper.read_all({"local": f"127.0.0.1:{port}"})
+        assert list(good) == ["local"] and hits == 1
     finally:
         await runner.cleanup()

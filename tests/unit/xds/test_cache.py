@@ -7,10 +7,12 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 from graylane.xds.cache import (
     DEFAULT_KEY,
+    PROXYLESS_KEY,
     InconsistentSnapshot,
     InvalidNodeMetadata,
     SnapshotCache,
     consistency_gaps,
+    is_proxyless,
     listen_port_key,
 )
 from graylane.xds.render import render, render_gateway
@@ -145,6 +147,20 @@ def test_listen_port_key() -> None:
     assert listen_port_key(node()) == DEFAULT_KEY
     assert listen_port_key(node(listen_port="08080")) == listen_port_key(node(listen_port=8080)) == "8080"
     assert listen_port_key(node(listen_port=1)) == "1" and listen_port_key(node(listen_port="65535")) == "65535"
+
+
+def test_proxyless_grpc_clients_have_their_own_key_whatever_their_metadata() -> None:
+    grpc_python = base_pb2.Node(id="c", user_agent_name="gRPC Python")
+    grpc_js = base_pb2.Node(id="c", user_agent_name="grpc-node-js")
+    by_feature = base_pb2.Node(id="c", client_features=["envoy.lb.does_not_support_overprovisioning"])
+    for n in (grpc_python, grpc_js, by_feature):
+        assert is_proxyless(n) and listen_port_key(n) == PROXYLESS_KEY
+    with_port = node(listen_port="oops")
+    with_port.user_agent_name = "gRPC Go"
+    assert listen_port_key(with_port) == PROXYLESS_KEY  # a listen_port means nothing to it
+    assert not is_proxyless(base_pb2.Node(id="e", user_agent_name="envoy"))
+    envoy_with_feature = base_pb2.Node(id="e", user_agent_name="envoy", client_features=[by_feature.client_features[0]])
+    assert not is_proxyless(envoy_with_feature)
 
 
 @pytest.mark.parametrize(

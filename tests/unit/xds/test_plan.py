@@ -217,3 +217,73 @@ def test_a_removed_services_clusters_stay_while_its_route_config_is_live() -> No
     unsubscribed = {t: {n: m for n, m in items.items() if n != RC_B} for t, items in old.items()}
     p = plan(target, acked=unsubscribed, sent=unsubscribed)
     assert "b|v1" not in p.resources[CLUSTER].items
+
+
+# ------------------------------------------------------- clients that ask for clusters by name
+
+PROXYLESS_V1 = render(view(), listen_port=PORT, proxyless=True)
+PROXYLESS_V1_AND_V2 = render(view(gray="v2"), listen_port=PORT, proxyless=True)
+PROXYLESS_ONLY_V2 = render(view(base="v2"), listen_port=PORT, proxyless=True)
+
+
+def test_api_listener_names_its_route_config() -> None:
+    listener = PROXYLESS_V1[LISTENER].items["a"]
+    assert listener_route_configs(listener) == {RC_A}  # type: ignore[arg-type]
+
+
+def test_a_client_asking_by_name_gets_listener_and_routes_before_any_cluster_is_acked() -> None:
+    # gRPC's order: LDS, then RDS, then CDS and EDS for the names the routes give. Waiting
+    # for cluster ACKs would hold the routes, and so the listener, forever.
+    p = plan(PROXYLESS_V1, acked={}, sent={}, on_demand=True)
+    assert {"a", "xdstp://graylane/envoy.config.listener.v3.Listener/a"} <= set(p.resources[LISTENER].items)
+    assert set(p.resources[ROUTE].items) == {RC_A}
+    # ...and every cluster those routes name is there, with its endpoints, when asked for.
+    assert route_clusters(route(p.resources)) <= p.resources[CLUSTER].items.keys()
+    assert route_clusters(route(p.resources)) <= p.resources[ENDPOINT].items.keys()
+    assert p.held == frozenset()
+    # The same target for a proxy that subscribes to every cluster waits for its ACKs.
+    assert (ROUTE, RC_A) in plan(PROXYLESS_V1, acked={}, sent={}).held
+
+
+def test_a_client_asking_by_name_keeps_a_dropped_cluster_while_it_subscribes_to_it() -> None:
+    # It held the gray lane's cluster; the target dropped it (rolled back). The client
+    # unsubscribes once no route and no call uses it: until then it stays, with endpoints.
+    state = held(PROXYLESS_V1_AND_V2, CLUSTER, ENDPOINT, ROUTE, LISTENER)
+    rolled_back = render(view(), listen_port=PORT, proxyless=True)
+    p = plan(rolled_back, acked=state, sent=state, on_demand=True)
+    assert V2_GRAY in p.resources[CLUSTER].items and V2_GRAY in p.resources[ENDPOINT].items
+    assert route_clusters(route(p.resources)) == {V1}  # the new routes go at once
+    # Once it no longer subscribes to it (the stream forgets what it held of it), it goes.
+    dropped = {t: {n: m for n, m in items.items() if n != V2_GRAY} for t, items in state.items()}
+    assert V2_GRAY not in plan(rolled_back, acked=dropped, sent=dropped, on_demand=True).resources[CLUSTER].items
+
+
+def test_a_route_naming_a_cluster_without_endpoints_waits_even_by_name() -> None:
+    only_v2 = dict(PROXYLESS_ONLY_V2[ENDPOINT].items)
+    del only_v2[cluster_name("a", "v2")]
+    broken = Resources.of({t: ({**PROXYLESS_ONLY_V2[t].items} if t != ENDPOINT else only_v2) for t in PUSH_ORDER})
+    p = plan(broken, acked={}, sent={}, on_demand=True)
+    assert (ROUTE, RC_A) in p.held
+    assert "a" not in p.resources[LISTENER].items  # its route config is not planned
+
+
+def test_planning_over_what_a_client_asks_for_equals_the_whole_plan_selected() -> None:
+    from graylane.xds.plan import plan_wanted
+
+    target = PROXYLESS_V1_AND_V2
+    # gRPC's first step: the listener only. Its route config is ready (its clusters can be
+    # served) although the client has asked for no cluster yet.
+    first = plan_wanted(target, acked={}, sent={}, wanted={LISTENER: frozenset({"a"})})
+    assert set(first.resources[LISTENER].items) == {"a"}
+    assert len(first.resources[ROUTE]) == 0 and first.held == frozenset()
+    # Then everything by name: the same content as the whole on-demand plan, for those names.
+    wanted = {
+        LISTENER: frozenset({"a"}),
+        ROUTE: frozenset({RC_A}),
+        CLUSTER: frozenset({V1, V2_GRAY}),
+        ENDPOINT: frozenset({V1, V2_GRAY}),
+    }
+    part = plan_wanted(target, acked={}, sent={}, wanted=wanted)
+    whole = plan(target, acked={}, sent={}, on_demand=True)
+    for t, names in wanted.items():
+        assert part.resources[t].items == {n: whole.resources[t].items[n] for n in names}

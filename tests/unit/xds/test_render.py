@@ -154,6 +154,15 @@ def header(match: route_components_pb2.RouteMatch, name: str) -> route_component
     return found[0]
 
 
+def is_absent(matcher: route_components_pb2.HeaderMatcher) -> bool:
+    """ "Header absent" as every client reads it: present, inverted (never present_match false)."""
+    return matcher.present_match is True and matcher.invert_match is True
+
+
+def is_present(matcher: route_components_pb2.HeaderMatcher) -> bool:
+    return matcher.present_match is True and matcher.invert_match is False
+
+
 def tags(options: object) -> dict[str, tuple[str, int]]:
     return {o.header.key: (o.header.value, o.append_action) for o in options}  # type: ignore[attr-defined]
 
@@ -548,7 +557,7 @@ def test_lane_baggage_route_applies_only_without_the_lane_header() -> None:
     r = named(render_view(RICH_VIEW), "cart", "lane/blue/baggage")
 
     absent = header(r.match, "x-graylane")
-    assert absent.HasField("present_match") and absent.present_match is False
+    assert is_absent(absent)
     assert header(r.match, "baggage").string_match.HasField("safe_regex")
     assert r.route.cluster == "cart|v2|blue"
 
@@ -641,7 +650,7 @@ def test_tagged_traffic_not_claimed_by_a_lane_stays_on_base_at_the_entry() -> No
 
     (present,) = by_header.match.headers
     assert (present.name, present.present_match) == ("x-graylane", True)
-    assert header(by_baggage.match, "x-graylane").present_match is False
+    assert is_absent(header(by_baggage.match, "x-graylane"))
     for r in (by_header, by_baggage):
         assert r.route.cluster == "gateway|v1"
         assert not r.request_headers_to_add  # never re-tagged into another lane
@@ -683,8 +692,8 @@ def test_rule_routes_tag_without_destroying_baggage() -> None:
     with_baggage = rule_route(c, has_baggage=True)
     without = rule_route(c, has_baggage=False)
 
-    assert header(with_baggage.match, "baggage").present_match is True
-    assert header(without.match, "baggage").present_match is False
+    assert is_present(header(with_baggage.match, "baggage"))
+    assert is_absent(header(without.match, "baggage"))
     assert tags(with_baggage.request_headers_to_add) == {
         "x-graylane": ("blue", OVERWRITE),
         "baggage": ("%REQ(baggage)%,graylane=blue", OVERWRITE),
@@ -829,7 +838,7 @@ def test_conditions_of_a_rule_are_anded_in_one_match() -> None:
     assert r.match.prefix == "/api"
     assert header(r.match, "x-user").string_match.exact == "42"
     assert header(r.match, "cookie").string_match.HasField("safe_regex")
-    assert header(r.match, "baggage").present_match is False
+    assert is_absent(header(r.match, "baggage"))
 
 
 def test_rules_are_ored_as_separate_routes() -> None:
@@ -839,7 +848,10 @@ def test_rules_are_ored_as_separate_routes() -> None:
     assert second.match.prefix == "/"
     (query,) = second.match.query_parameters
     assert query.name == "preview"
-    assert [h.name for h in second.match.headers] == ["baggage"]
+    # `:method` present: true of every HTTP request, never of a gRPC call as gRPC clients
+    # match it, so no proxyless client reads a query rule as matching.
+    assert [h.name for h in second.match.headers] == [":method", "baggage"]
+    assert is_present(second.match.headers[0])
 
 
 def cookie_regex(op: MatchOp, value: str = "", name: str = "session") -> str:
@@ -933,7 +945,7 @@ def test_split_lists_lanes_in_view_order_then_base_remainder() -> None:
     r = split_of(render_view(RICH_VIEW), has_baggage=False)
 
     assert r.match.prefix == "/"
-    assert header(r.match, "baggage").present_match is False
+    assert is_absent(header(r.match, "baggage"))
     # green has no gateway version: its share goes to base through green's own cluster,
     # still tagged green.
     assert weights(r) == [("gateway|v2|blue", 20), ("gateway|v1|green", 10), ("gateway|v1", 70)]
@@ -952,7 +964,7 @@ def test_split_tags_each_lane_share_and_leaves_base_untagged() -> None:
         }
         assert tags(green.request_headers_to_add)["x-graylane"] == ("green", OVERWRITE)
         assert not base.request_headers_to_add
-        assert header(r.match, "baggage").present_match is has_baggage
+        assert (is_present if has_baggage else is_absent)(header(r.match, "baggage"))
         assert not r.request_headers_to_add
 
 
@@ -1441,3 +1453,67 @@ def test_render_is_the_union_of_each_services_own_resources() -> None:
                 assert resources.content_version(message) == res[type_url].versions[name]
     for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
         assert seen[type_url] == set(res[type_url].items)
+
+
+# ------------------------------------------------------------------------- proxyless gRPC
+
+
+def test_proxyless_render_has_one_client_listener_per_service_naming_its_route_config() -> None:
+    from envoy.extensions.filters.http.router.v3 import router_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+    from graylane.xds.view import XDSTP_LISTENER_TEMPLATE, api_listener_names
+
+    res = render(RICH_VIEW, listen_port=10000, proxyless=True)
+    services = sorted(s.name for s in RICH_VIEW.services)
+    assert set(res[resources.LISTENER].items) == {n for s in services for n in api_listener_names(s)}
+    assert api_listener_names("cart") == ("cart", XDSTP_LISTENER_TEMPLATE % "cart")
+    listener = res[resources.LISTENER].items["cart"]
+    assert not listener.HasField("address") and not listener.filter_chains
+    manager = hcm.HttpConnectionManager()
+    assert listener.api_listener.api_listener.Unpack(manager)
+    assert manager.rds.route_config_name == "graylane/cart"
+    assert manager.rds.config_source.HasField("ads")
+    (router,) = manager.http_filters  # gRPC wants the router last (here: alone)
+    assert router.typed_config.Is(router_pb2.Router.DESCRIPTOR)
+    # Everything else is what Envoys get, byte for byte.
+    envoy = render(RICH_VIEW, listen_port=10000)
+    for t in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
+        assert res[t].version == envoy[t].version
+
+
+def test_endpoints_carry_a_locality_and_weights_that_grpc_clients_require() -> None:
+    res = render(RICH_VIEW, listen_port=10000)
+    for assignment in res[resources.ENDPOINT].items.values():
+        for locality in assignment.endpoints:
+            assert locality.HasField("locality") and locality.load_balancing_weight.value == 1
+            assert all(e.load_balancing_weight.value == 1 for e in locality.lb_endpoints)
+
+
+def test_a_header_cohort_gets_a_ring_hash_route_for_grpc_core_clients() -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    res = render_view(cohort_view(Cohort(MatchKind.HEADER, "x-user-id")))
+    ring = named(res, "gateway", "split/ring")
+    assert ring.route.cluster == "gateway||cohort"
+    assert list(ring.route.hash_policy) == [HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))]
+    method, path = ring.match.headers
+    assert (method.name, path.name) == (":method", ":path")
+    assert is_absent(method) and is_present(path)  # never Envoy's (every request has a method)
+    (gateway,) = [vh for vh in route_config(res).virtual_hosts if vh.name == "gateway"]
+    names = [r.name for r in gateway.routes if r.name.startswith("split/")]
+    assert names == ["split/ring", "split/with-baggage", "split/without-baggage"]
+    cluster = item(res, resources.CLUSTER, "gateway||cohort")
+    assert cluster.lb_policy == cluster_pb2.Cluster.LbPolicy.RING_HASH
+    assert cluster.ring_hash_lb_config.minimum_ring_size.value == cluster.ring_hash_lb_config.maximum_ring_size.value
+    (locality,) = item(res, resources.ENDPOINT, "gateway||cohort").endpoints
+    weights_by_port = {
+        e.endpoint.address.socket_address.port_value: e.load_balancing_weight.value for e in locality.lb_endpoints
+    }
+    assert weights_by_port == {8002: 20 * 10_000, 8001: 80 * 10_000}  # the lane's share, the base's rest
+
+
+def test_no_ring_route_for_a_cookie_cohort_or_without_a_cohort() -> None:
+    for cohort in (Cohort(MatchKind.COOKIE, "uid"), None):
+        res = render_view(cohort_view(cohort))
+        assert "gateway||cohort" not in res[resources.CLUSTER].items
+        assert all(r.name != "split/ring" for vh in route_config(res).virtual_hosts for r in vh.routes)

@@ -214,6 +214,26 @@ def test_ports_share_the_rendered_services() -> None:
     _same(two, render(view, listen_port=2))
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_incremental_proxyless_render_equals_the_full_one_and_shares_the_routes(seed: int) -> None:
+    rng = random.Random(seed)
+    renderer = Renderer(listen_port=PORT)
+    view = _view(rng)
+    for _ in range(40):
+        try:
+            full = render(view, listen_port=PORT, proxyless=True)
+        except ValueError:
+            view = _change(rng, view)
+            continue
+        out = renderer.render(view, proxyless=True)
+        _same(out, full)
+        envoy = renderer.render(view)
+        # One render of the view: the proxyless clients' routes are the Envoys' objects.
+        for t in (resources.CLUSTER, resources.ENDPOINT, resources.ROUTE, resources.SCOPED_ROUTE):
+            assert out[t] is envoy[t]
+        view = _change(rng, view)
+
+
 def _renders(seed: int, steps: int = 60) -> list[resources.Resources]:
     """The renderer's outputs over one random change sequence (views that render)."""
     rng = random.Random(seed)

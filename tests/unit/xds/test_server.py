@@ -21,7 +21,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, MESSAGE_TYPES, ROUTE, SCOPED_ROUTE, Resources
-from graylane.xds.server import AdsServer, _DeltaStream, _SotwStream
+from graylane.xds.server import AdsServer, ProxyRefused, _DeltaStream, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -563,3 +563,71 @@ async def test_a_node_with_a_bad_listen_port_is_refused_by_name(ads: Ads, listen
     assert (raised.value.details() or "").startswith("node.metadata.listen_port: ")
     assert str(listen_port if not isinstance(listen_port, float) else 80.5) in (raised.value.details() or "")
     assert dict(ads.tracker.proxies()) == {} and ads.cache.requested_keys() == frozenset()
+
+
+# ------------------------------------------------------------------ the gate
+
+
+class _Gate:
+    """A ProxyGate admitting every node but "rogue", with its `secret` metadata taken out."""
+
+    def __init__(self) -> None:
+        self.peers: list[object] = []
+
+    def admit(self, node: base_pb2.Node, *, peer: Any) -> base_pb2.Node:
+        self.peers.append(peer)
+        if node.id == "rogue":
+            raise ProxyRefused(grpc.StatusCode.PERMISSION_DENIED, "rogue may not")
+        clean = base_pb2.Node()
+        clean.CopyFrom(node)
+        if "secret" in clean.metadata.fields:
+            del clean.metadata.fields["secret"]
+        return clean
+
+
+@pytest.mark.parametrize("protocol", ["sotw", "delta"])
+async def test_a_refused_stream_is_ended_before_its_nack_counts_and_a_gate_cleans_the_node(protocol: str) -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot(DEFAULT_KEY, snapshot())
+    gate = _Gate()
+    server = grpc.aio.server()
+    ads_server = AdsServer(cache, gate=gate)
+    ads_server.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    nack = status_pb2.Status(code=3, message="rejected")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            rogue = base_pb2.Node(id="rogue", cluster="test")
+
+            async def one(request: Any) -> AsyncIterator[Any]:
+                yield request
+                await asyncio.Event().wait()
+
+            fields = {"node": rogue, "type_url": ROUTE, "response_nonce": "1", "error_detail": nack}
+            if protocol == "sotw":
+                call = stub.StreamAggregatedResources(one(discovery_pb2.DiscoveryRequest(**fields)))
+            else:
+                call = stub.DeltaAggregatedResources(one(discovery_pb2.DeltaDiscoveryRequest(**fields)))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async with asyncio.timeout(TIMEOUT):
+                    async for _ in call:
+                        pass
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert refused.value.details() == "rogue may not"
+            assert ads_server.tracker.proxies() == {} and ads_server.refused == 1
+            assert ads_server.tracker.membership == 0  # never counted, not even for an instant
+
+            good = base_pb2.Node(id="proxy-1", cluster="test")
+            good.metadata.fields["secret"].string_value = "s3cret"
+            good.metadata.fields["admin_address"].string_value = "127.0.0.1:9901"
+            call = stub.StreamAggregatedResources(one(discovery_pb2.DiscoveryRequest(node=good, type_url=LISTENER)))
+            async with asyncio.timeout(TIMEOUT):
+                await call.read()
+            (status,) = ads_server.tracker.proxies().values()
+            assert dict(status.metadata) == {"admin_address": "127.0.0.1:9901"}
+            assert len(gate.peers) == 2
+            call.cancel()
+    finally:
+        await server.stop(grace=None)
