@@ -132,6 +132,10 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> web.Response:
     return _error(_HTTP_STATUS.get(code, 502), exc.details() or code.name, code=code.name)
 
 
+class _NotServing(Exception):
+    """The API is not serving in this process (yet, or any more)."""
+
+
 def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -139,8 +143,8 @@ def _sse(event: str, data: object) -> bytes:
 class Dashboard:
     """The dashboard's routes over one loopback channel to this replica's gRPC API.
 
-    `api_target` is called when the first request needs the API (the API's port is known
-    only once the replica serves); `identify` turns a bearer token into an identity with the
+    `api_target` is called when the first request needs the API, and names how this process
+    reaches its own API (None: not serving yet); `identify` turns a bearer token into an identity with the
     API's own Authenticator; `auth_enabled` False is the open loopback mode, where no login
     is needed and actions are recorded as `dashboard`.
     """
@@ -148,7 +152,7 @@ class Dashboard:
     def __init__(
         self,
         *,
-        api_target: Callable[[], str],
+        api_target: Callable[[], str | None],
         identify: Callable[[str], Awaitable[auth.Identity | None]],
         auth_enabled: bool,
         vendor_dir: Path = VENDOR_DIR,
@@ -193,7 +197,10 @@ class Dashboard:
 
     def _client(self, session: Session) -> ReleaseClient:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._api_target())
+            target = self._api_target()
+            if target is None:
+                raise _NotServing()
+            self._channel = grpc.aio.insecure_channel(target)
         return ReleaseClient(self._channel, actor="" if self._auth else _OPEN_ACTOR, token=session.token, timeout=10.0)
 
     # --- sessions ---------------------------------------------------------------------
@@ -368,6 +375,8 @@ class Dashboard:
             return found
         try:
             result = await read(self._client(found))
+        except _NotServing:
+            return _error(503, "the control plane is starting or stopping", code="UNAVAILABLE")
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
                 self._sessions.pop(found.sid, None)  # revoked: the page asks for a token again
@@ -498,12 +507,15 @@ class Dashboard:
         found = self._require(request)
         if isinstance(found, web.Response):
             return found
+        try:
+            client = self._client(found)
+        except _NotServing:
+            return _error(503, "the control plane is starting or stopping", code="UNAVAILABLE")
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-        client = self._client(found)
         me = asyncio.current_task()
         if me is not None:
             self._streams[me] = found.sid
@@ -626,12 +638,3 @@ def _local_host(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def loopback_target(api_listen: str, port: Callable[[], int]) -> Callable[[], str]:
-    """How this process reaches its own API: the listen host (127.0.0.1 for a wildcard)."""
-    host = api_listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    shown = f"[{host}]" if ":" in host else host
-    return lambda: f"{shown}:{port()}"

@@ -19,9 +19,11 @@ import pytest
 from graylane.controlplane import auth
 from graylane.controlplane.api import token_record
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.certs import make_local_certs
 from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.dashboard import COOKIE, CSRF_HEADER
 from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.tls import ClientTls, ServerTls
 from graylane.v1 import release_pb2 as pb
 
 pytestmark = pytest.mark.etcd
@@ -38,16 +40,20 @@ def spec() -> pb.ReleaseSpec:
 
 
 @contextlib.asynccontextmanager
-async def serving(store: EtcdStore, *, auth_enabled: bool) -> AsyncIterator[tuple[ControlPlane, dict[str, str]]]:
+async def serving(
+    store: EtcdStore, *, auth_enabled: bool, tls: ServerTls | None = None, client_tls: ClientTls | None = None
+) -> AsyncIterator[tuple[ControlPlane, dict[str, str]]]:
     tokens: dict[str, str] = {}
     if auth_enabled:
         for role in ("admin", "viewer"):
             made = auth.new_token()
             await store.create_token(token_record(name=f"{role}-1", role=role, made=made, created_by="test"))
             tokens[role] = made.token
-    plane = ControlPlane(store, api_listen="127.0.0.1:0", http_listen="127.0.0.1:0", auth=auth_enabled)
+    plane = ControlPlane(store, api_listen="127.0.0.1:0", http_listen="127.0.0.1:0", auth=auth_enabled, tls=tls)
     async with plane.running():
-        async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", token=tokens.get("admin", "")) as admin:
+        async with ReleaseClient.connect(
+            f"127.0.0.1:{plane.api_port}", token=tokens.get("admin", ""), tls=client_tls
+        ) as admin:
             await admin.put_service(pb.Service(name="checkout", stable_version="v1"))
             for name in ("v1", "v2"):
                 meta = pb.VersionMetadata(author="dev@example.com", change_summary=f"{name} build")
@@ -167,3 +173,28 @@ async def test_open_mode_needs_no_login_but_refuses_other_host_names(store: Etcd
         plane.dashboard.vendor_dir = tmp_path / "missing"
         async with http.get("/ui/vendor/uPlot.esm.js") as r:
             assert r.status == 404 and "make ui" in await r.text()
+
+
+async def test_behind_mutual_tls_the_dashboard_still_reaches_its_api(store: EtcdStore, tmp_path: Path) -> None:
+    """The API port wants a client certificate the dashboard has none of: it calls its API
+    over the process's private socket instead, still with the user's token."""
+    make_local_certs(tmp_path, users=["admin", "alice"])
+    tls = ServerTls(cert=tmp_path / "server.pem", key=tmp_path / "server-key.pem", client_ca=tmp_path / "ca.pem")
+    admin_tls = ClientTls(ca=tmp_path / "ca.pem", cert=tmp_path / "user-admin.pem", key=tmp_path / "user-admin-key.pem")
+    alice = ClientTls(ca=tmp_path / "ca.pem", cert=tmp_path / "user-alice.pem", key=tmp_path / "user-alice-key.pem")
+    async with serving(store, auth_enabled=True, tls=tls, client_tls=admin_tls) as (plane, tokens):
+        async with aiohttp.ClientSession(
+            base_url=f"https://127.0.0.1:{plane.http_port}",
+            cookie_jar=aiohttp.CookieJar(unsafe=True),
+            connector=aiohttp.TCPConnector(ssl=alice.ssl_context()),
+        ) as http:
+            async with http.post(
+                "/ui/api/login",
+                data=json.dumps({"token": tokens["viewer"]}),
+                headers={"Content-Type": "application/json"},
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert r.cookies[COOKIE]["secure"]
+            async with http.get("/ui/api/releases/rel") as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["release"]["status"]["phase"] == "PENDING"
