@@ -5,8 +5,9 @@ Owns: login sessions (a token kept server-side behind an HttpOnly, SameSite=Stri
 with a per-session CSRF token every action must echo in a header), the routes that turn a
 page's request into one call of the gRPC API, and serving the static page files and the
 vendored chart library. It computes nothing itself: every number is an API message (the
-CLI's `to_dict`), fetched over loopback with the logged-in user's token, so the API's own
-role checks, scopes and validation messages apply to the browser exactly as to the CLI.
+CLI's `to_dict`), fetched from this replica's API (over a private Unix socket) with the
+logged-in user's token, so the API's own role checks, scopes and validation messages apply
+to the browser exactly as to the CLI.
 
 Live updates are server-sent events fed by the API's Watch and WatchMetrics streams (the
 releases list, for which the API has no stream, is a ListReleases a second).
