@@ -1537,7 +1537,8 @@ def _add_demo(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--keep-running",
         action="store_true",
-        help="after the demo, keep its control plane, Envoys and dashboard up until Ctrl-C (not with --clusters 2)",
+        help="after the demo, keep its control plane, Envoys and dashboard up until Ctrl-C "
+        "(the default and --unattended demos)",
     )
     parser.add_argument(
         "--clusters",
