@@ -11,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench protos lint typecheck etcd prometheus node clean
+.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd prometheus node ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,13 +54,36 @@ $(NODE_STAMP): deploy/demo/package.json deploy/demo/package-lock.json
 
 node: $(NODE_STAMP)
 
-demo: $(STAMP) etcd node
+# The dashboard's chart library (uPlot) from the npm registry into .venv (never committed);
+# the control plane serves it under /ui/vendor/.
+UPLOT_VERSION := 1.6.32
+UIVENDOR := $(VENV)/ui-vendor/node_modules/uplot/dist/uPlot.esm.js
+ui: $(UIVENDOR)
+$(UIVENDOR):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	mkdir -p $(VENV)/ui-vendor
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/ui-vendor uplot@$(UPLOT_VERSION)
+	touch $@
+
+# The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+demo: $(STAMP) etcd node ui
 	$(BIN)/graylane demo
 	$(BIN)/graylane demo --unattended
 	$(BIN)/graylane demo --clusters 2
 	$(BIN)/graylane demo --grpc
 
-test: $(STAMP) etcd prometheus node
+# The unattended demo, then its control plane, Envoy and dashboard left up until Ctrl-C.
+demo-dashboard: $(STAMP) etcd ui
+	$(BIN)/graylane demo --unattended --keep-running
+
+test: $(STAMP) etcd prometheus node ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from graylane.controlplane.api import (
     token_record,
 )
 from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
+from graylane.controlplane.dashboard import Dashboard
 from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
 from graylane.controlplane.errors import GraylaneError, Unavailable
 from graylane.controlplane.http import HttpServer, health_route, metrics_route
@@ -208,6 +210,17 @@ class ControlPlane:
         self.telemetry.observe_releases(self._releases_by_phase)
         self.telemetry.observe_agents(lambda: len(self.agents.sessions))
         self.telemetry.observe_store(lambda: self.store_problem is None)
+        # The web dashboard on the HTTP server: it reads and acts through this replica's own
+        # API, with the logged-in user's token.
+        # It reaches the API over a Unix socket in a private folder (mode 0700) rather than
+        # the API's own address, which may want TLS or a client certificate it does not have;
+        # the socket is as private as the process, and every call still carries the user's token.
+        self._local_api: str | None = None  # the socket's target, once the API serves on it
+        self.dashboard = Dashboard(
+            api_target=lambda: self._local_api,
+            identify=lambda token: self.authenticator.identify({"authorization": f"Bearer {token}"}, {}),
+            auth_enabled=auth,
+        )
 
     def _releases_by_phase(self) -> dict[str, int] | None:
         snap = self.dataplane.snapshot
@@ -218,6 +231,7 @@ class ControlPlane:
         server = HttpServer(listen=listen, ssl_context=self._tls.ssl_context() if self._tls is not None else None)
         metrics_route(server, self.telemetry.metrics_text)
         health_route(server, self.ready.is_set, problem=lambda: self.store_problem)
+        self.dashboard.add_routes(server)
         return server
 
     def _api_server(self, traffic: TrafficReader | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -277,17 +291,25 @@ class ControlPlane:
         async with contextlib.AsyncExitStack() as stack:
             if self._tune_collector:
                 stack.enter_context(CollectorTuning(self.tracker))
+            local_api = None
             if self._http_listen is not None:
+                private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-api-")))
+                local_api = f"unix:{private / 'api.sock'}"
                 self.http_port = (await stack.enter_async_context(self.http_server(self._http_listen))).port
+                stack.push_async_callback(self.dashboard.close)
             stack.push_async_callback(self.telemetry.flush)
             scraper = await stack.enter_async_context(EnvoyStatsScraper(admin_allow=self._admin_allow))
-            await self._run(TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None)
+            await self._run(
+                TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None, local_api=local_api
+            )
 
-    async def _run(self, traffic: TrafficReader | None) -> None:
+    async def _run(self, traffic: TrafficReader | None, *, local_api: str | None = None) -> None:
         server, health_servicer = self._api_server(traffic)
         self.api_port = add_port(server, self._api_listen, self._tls)
         if self.api_port == 0:
             raise OSError(f"cannot listen on {self._api_listen}")
+        if local_api is not None and server.add_insecure_port(local_api) == 0:
+            raise OSError(f"cannot listen on {local_api}")
         xds_server, ads = None, None
         if self._xds_listen is not None:
             # Envoys get their own server (and port): separate flow control and limits, and
@@ -304,6 +326,7 @@ class ControlPlane:
         for service in HEALTH_NAMES:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("ReleaseService on %s", self._api_listen.rsplit(":", 1)[0] + f":{self.api_port}")
+        self._local_api = local_api
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._start_background(tasks)
@@ -313,6 +336,7 @@ class ControlPlane:
         finally:
             # Streams (Watch, agents, Envoys' ADS) end now, so their clients reconnect to
             # another replica at once; unary calls in flight get the grace period.
+            self._local_api = None
             await health_servicer.enter_graceful_shutdown()
             self._closing.close()
             if ads is not None:

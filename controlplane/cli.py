@@ -1558,6 +1558,12 @@ def _add_demo(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--requests", type=int, default=1000, help="requests sent at each step (bounded)")
     parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the demo, keep its control plane, Envoys and dashboard up until Ctrl-C "
+        "(the default and --unattended demos)",
+    )
+    parser.add_argument(
         "--clusters",
         type=int,
         choices=(1, 2),
@@ -1636,7 +1642,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.unattended:
         from graylane.controlplane.demo_unattended import run_unattended_demo
 
-        return asyncio.run(run_unattended_demo())
+        return asyncio.run(run_unattended_demo(keep_running=args.keep_running))
     if args.clusters == 2:
         from graylane.controlplane.demo_clusters import run_two_cluster_demo
 
@@ -1644,7 +1650,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from graylane.controlplane.demo import run_demo
 
-    return asyncio.run(run_demo(requests_per_step=args.requests))
+    return asyncio.run(run_demo(requests_per_step=args.requests, keep_running=args.keep_running))
 
 
 # --- the table of commands, and main ---------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.dataplane import DataPlane
-from graylane.controlplane.local.stack import local_control_plane
+from graylane.controlplane.local.stack import keep_serving, local_control_plane
 from graylane.controlplane.manifest import load_manifest
 from graylane.deploy.demo.chain import Chain, ChainAnswer
 from graylane.v1 import release_pb2 as pb
@@ -150,7 +150,7 @@ def _print_row(step: Step, stable: str, lane: str) -> None:
     )
 
 
-async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
+async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP, keep_running: bool = False) -> int:
     release = _example_release()
     name, spec = release.name, release.spec
     versions = {sv.service: ("v1", sv.gray_version) for sv in spec.services}
@@ -158,6 +158,7 @@ async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
         local = await stack.enter_async_context(local_control_plane(prefix="graylane-demo-"))
         plane = local.plane
         print(f"etcd {local.etcd.endpoint} | API {local.api_target} | xDS 127.0.0.1:{plane.xds_port}")
+        print(f"dashboard {local.dashboard_url}")
         client = await stack.enter_async_context(ReleaseClient.connect(local.api_target, actor="demo"))
         chain = await stack.enter_async_context(Chain(xds_port=plane.xds_port, client=client, versions=versions))
         print(
@@ -269,4 +270,6 @@ async def run_demo(*, requests_per_step: int = REQUESTS_PER_STEP) -> int:
             print(slow_machine_note(slow, STEP_SECONDS))
         # Timeouts say nothing about routing; a demo that could judge too little says so.
         judged = len(steps) * requests_per_step - slow
+        if keep_running:
+            await keep_serving(local)
         return 0 if failed == 0 and wrong == 0 and judged >= slow else 1

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.stack import local_control_plane
+from graylane.controlplane.local.stack import keep_serving, local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
@@ -83,7 +83,7 @@ async def _follow(
         await asyncio.sleep(0.2)
 
 
-async def run_unattended_demo() -> int:
+async def run_unattended_demo(*, keep_running: bool = False) -> int:
     async with contextlib.AsyncExitStack() as stack:
         local = await stack.enter_async_context(local_control_plane(prefix="graylane-unattended-"))
         plane = local.plane
@@ -96,6 +96,7 @@ async def run_unattended_demo() -> int:
             )
         envoy = await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id="demo-envoy"))
         print(f"etcd {local.etcd.endpoint} | API {local.api_target} | Envoy 127.0.0.1:{envoy.listen_port}")
+        print(f"dashboard {local.dashboard_url}")
         async with asyncio.timeout(15):
             await plane.election.leading.wait()
         print(f"leader: {plane.election.identity}; traffic: 300 req/s through Envoy for the whole demo\n")
@@ -144,4 +145,6 @@ async def run_unattended_demo() -> int:
             "demo " + ("passed" if ok else "FAILED") + ": v2 promoted on its own, v3 rolled back on its own, "
             "base never failed"
         )
+        if keep_running:
+            await keep_serving(local)
         return 0 if ok else 1

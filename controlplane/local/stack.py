@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +30,25 @@ class LocalPlane:
     def api_target(self) -> str:
         return f"127.0.0.1:{self.plane.api_port}"
 
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.plane.http_port}/ui/"
+
+
+async def keep_serving(local: LocalPlane) -> None:
+    """`demo --keep-running`: after the scenario, leave everything up (the dashboard shows
+    what happened) until SIGINT or SIGTERM, then return so the caller stops it all in order."""
+    print(f"\nstill serving: dashboard {local.dashboard_url} (open mode, loopback); Ctrl-C stops it", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
 
 @contextlib.asynccontextmanager
 async def local_control_plane(*, prefix: str = "graylane-", ready_timeout: float = 15.0) -> AsyncIterator[LocalPlane]:
@@ -37,7 +57,8 @@ async def local_control_plane(*, prefix: str = "graylane-", ready_timeout: float
         etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
         store = await connect(etcd.endpoint)
         stack.push_async_callback(store.close)
-        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
+        # With its HTTP server, so the dashboard (open mode: no auth, loopback only) shows the run.
+        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", http_listen="127.0.0.1:0")
         runner = asyncio.create_task(plane.run())
 
         async def stop_plane() -> None:
