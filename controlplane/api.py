@@ -715,6 +715,13 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         snap = await self._store.snapshot()
         known = {c.name: c for c in snap.known_clusters}
         live = {c.name: c for c in snap.clusters}
+        # Agents' proxies, as every replica publishes the clusters of the agents it holds (a
+        # replica that left on purpose: its agents are reconnecting and counted where they land).
+        proxies: dict[str, int] = {}
+        for fleet in snap.replica_fleet.values():
+            if not fleet.left:
+                for cluster, n in fleet.clusters.items():
+                    proxies[cluster] = proxies.get(cluster, 0) + n
         counts: dict[str, dict[tuple[str, str], int]] = {}
         for item in snap.cluster_endpoints:
             for e in item.endpoints:
@@ -735,6 +742,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
                         api_pb.ClusterVersion(service=service, version=version, endpoints=n)
                         for (service, version), n in sorted(counts.get(name, {}).items())
                     ],
+                    proxies=proxies.get(name, 0),
                 )
             )
         return api_pb.ListClustersResponse(clusters=clusters)

@@ -324,11 +324,12 @@ def render_clusters(response: release_service_pb2.ListClustersResponse) -> str:
             "yes" if c.connected else "no",
             c.gateway_address or "-",
             c.agent_version or "-",
+            str(c.proxies),
             ",".join(f"{v.service}/{v.version}:{v.endpoints}" for v in c.versions) or "-",
         ]
         for c in response.clusters
     ]
-    return render_table(("NAME", "CONNECTED", "GATEWAY", "AGENT", "ENDPOINTS"), rows)
+    return render_table(("NAME", "CONNECTED", "GATEWAY", "AGENT", "PROXIES", "ENDPOINTS"), rows)
 
 
 def render_versions(response: release_service_pb2.ListVersionsResponse) -> str:

@@ -458,9 +458,10 @@ function clustersPage() {
     try {
       const d = await api("/ui/api/clusters");
       problem.textContent = "";
-      box.replaceChildren(d.clusters.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Cluster", "Agent", "Connected", "Gateway", "Endpoints (service/version: count)"].map((t) => h("th", {}, t)))),
+      box.replaceChildren(d.clusters.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Cluster", "Agent", "Connected", "Gateway", "Proxies", "Endpoints (service/version: count)"].map((t) => h("th", {}, t)))),
         h("tbody", {}, d.clusters.map((c) => h("tr", { dataset: { name: c.name } }, h("td", {}, c.name), h("td", {}, `${c.agent_id} ${c.agent_version}`),
           h("td", { class: c.connected ? "" : "phase-FAILED" }, c.connected ? "connected" : "not connected"), h("td", {}, c.gateway_address),
+          h("td", { class: "proxies" }, String(c.proxies)),
           h("td", {}, c.versions.map((v) => `${v.service}/${v.version}: ${v.endpoints}`).join(", ")))))) :
         h("p", { class: "muted" }, "No agent has registered a cluster: this control plane serves its own proxies only (their counts are on each release)."));
     } catch (err) { problem.textContent = err.message; }

@@ -29,6 +29,7 @@ from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.manifest import load_manifest
 from graylane.controlplane.store import EtcdStore
+from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 from tests.conftest import require_binary
@@ -394,9 +395,14 @@ async def test_open_mode_needs_no_login_and_marks_analysis_verdicts(
                 # Clusters: an agent registered the way the AgentService does it.
                 await b.open("/ui/#/clusters")
                 await b.until("#clusters", lambda t: "No agent" in t)
-                await connect_agent(plane.agents, EAST, runs("east", "v2", 9999))
+                session = await connect_agent(plane.agents, EAST, runs("east", "v2", 9999))
                 row = await b.until("#clusters tr[data-name=east]", lambda t: "checkout/v2: 1" in t, timeout=5)
                 assert "agent-east" in row and "connected" in row and "127.0.0.1:7001" in row, row
+                # Its agent reports two Envoys: the page counts them (as the replicas publish them).
+                plane.agents.reported(
+                    session, apb.ProxyReport(proxies=[apb.ProxyState(node_id=f"east-envoy-{i}") for i in (1, 2)])
+                )
+                await b.until("#clusters tr[data-name=east] td.proxies", lambda t: t == "2", timeout=10)
                 await b.screenshot("clusters", tmp_path)
             finally:
                 stop.set()

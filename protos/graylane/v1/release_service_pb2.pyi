@@ -148,20 +148,22 @@ class ClusterVersion(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., endpoints: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("name", "connected", "gateway_address", "agent_id", "agent_version", "versions")
+    __slots__ = ("name", "connected", "gateway_address", "agent_id", "agent_version", "versions", "proxies")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PROXIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     connected: bool
     gateway_address: str
     agent_id: str
     agent_version: str
     versions: _containers.RepeatedCompositeFieldContainer[ClusterVersion]
-    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., gateway_address: _Optional[str] = ..., agent_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ClusterVersion, _Mapping]]] = ...) -> None: ...
+    proxies: int
+    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., gateway_address: _Optional[str] = ..., agent_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ClusterVersion, _Mapping]]] = ..., proxies: _Optional[int] = ...) -> None: ...
 
 class ListClustersResponse(_message.Message):
     __slots__ = ("clusters",)

@@ -438,6 +438,7 @@ def test_clusters_table() -> None:
                 connected=True,
                 gateway_address="127.0.0.1:15443",
                 agent_version="0.1.0",
+                proxies=3,
                 versions=[
                     api.ClusterVersion(service="checkout", version="v1", endpoints=2),
                     api.ClusterVersion(service="search", version="v1", endpoints=1),
@@ -447,9 +448,9 @@ def test_clusters_table() -> None:
         ]
     )
     assert cli.render_clusters(clusters).splitlines() == [
-        "NAME  CONNECTED  GATEWAY          AGENT  ENDPOINTS",
-        "east  yes        127.0.0.1:15443  0.1.0  checkout/v1:2,search/v1:1",
-        "old   no         10.0.0.9:15443   -      -",
+        "NAME  CONNECTED  GATEWAY          AGENT  PROXIES  ENDPOINTS",
+        "east  yes        127.0.0.1:15443  0.1.0  3        checkout/v1:2,search/v1:1",
+        "old   no         10.0.0.9:15443   -      0        -",
     ]
 
 
