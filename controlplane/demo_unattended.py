@@ -53,10 +53,22 @@ def _evidence(details: dict[str, str]) -> str:
     def get(key: str) -> str:
         return details.get(f"{SERVICE}.{key}", "n/a")
 
+    def share(key: str) -> str:  # a rate as a percentage ("0.0795" -> "8.0 %")
+        try:
+            return f"{float(get(key)) * 100:.1f} %"
+        except ValueError:
+            return get(key)
+
+    def number(key: str, digits: int) -> str:
+        try:
+            return f"{float(get(key)):.{digits}g}"
+        except ValueError:
+            return get(key)
+
     return (
-        f"gray {get('gray.requests')} req, {get('gray.error_rate')} errors, p50 {get('gray.p50_ms')} ms | "
-        f"base {get('base.requests')} req, {get('base.error_rate')} errors | "
-        f"p(errors) {get('errors.p_value')}, max_error_rate {get('spec.max_error_rate')}"
+        f"gray {get('gray.requests')} req, {share('gray.error_rate')} errors, p50 {number('gray.p50_ms', 3)} ms | "
+        f"base {get('base.requests')} req, {share('base.error_rate')} errors | "
+        f"p(errors) {number('errors.p_value', 2)}, max error rate {share('spec.max_error_rate')}"
     )
 
 
