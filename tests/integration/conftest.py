@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,3 +155,23 @@ async def _http_get(port: int, host: str, path: str = "/", *, timeout: float = 5
 def http_get() -> HttpGet:
     """`await http_get(port, host, path="/")`: one GET on a fresh connection."""
     return _http_get
+
+
+# ------------------------------------------------------------------------------ graylane serve
+
+BIN = Path(sys.executable).parent
+
+
+def start_serve(log_path: Path, *args: str, api: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """`graylane serve *args` in its own process group, its API, xDS and HTTP on free loopback
+    ports (the API's: `api`, or a free one), logging to `log_path`: the process, the API port."""
+    from graylane.controlplane.local.ports import free_port
+
+    api = api or free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "graylane"), "serve", "--listen", f"127.0.0.1:{api}",
+             "--xds-listen", f"127.0.0.1:{free_port()}", "--http-listen", "127.0.0.1:0", *args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return proc, api

@@ -7,7 +7,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from graylane.controlplane.local.envoy import free_port
 
-BIN = pathlib.Path(sys.executable).parent
+from tests.integration.conftest import BIN, start_serve
 
 
 def graylane(server: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,25 +30,7 @@ def graylane(server: str, *args: str, input: str | None = None) -> subprocess.Co
 @pytest.fixture
 def served(tmp_path: pathlib.Path, etcd_endpoint: str) -> Iterator[tuple[str, subprocess.Popen[bytes], pathlib.Path]]:
     # etcd_endpoint only makes sure the etcd binary exists (fail under CI, skip elsewhere).
-    api, xds = free_port(), free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "graylane"),
-                "serve",
-                "--data-dir",
-                str(tmp_path / "state"),
-                "--listen",
-                f"127.0.0.1:{api}",
-                "--xds-listen",
-                f"127.0.0.1:{xds}",
-                "--http-listen",
-                "127.0.0.1:0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, api = start_serve(tmp_path / "serve.log", "--data-dir", str(tmp_path / "state"))
     server = f"127.0.0.1:{api}"
     deadline = time.monotonic() + 30
     while graylane(server, "get").returncode != 0:
@@ -126,31 +107,17 @@ def test_serve_with_auth_through_the_cli(tmp_path: pathlib.Path, etcd_endpoint: 
     """`serve --auth` writes the first admin token (0600); the CLI makes an operator token
     with it; the history records the token, not `--actor`; control characters in a reason
     come out escaped."""
-    api = free_port()
     token_file = tmp_path / "admin.token"
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "graylane"),
-                "serve",
-                "--auth",
-                "--etcd",
-                etcd_endpoint,
-                "--etcd-prefix",
-                f"/graylane-test/{uuid.uuid4().hex}/v1/",
-                "--bootstrap-token-file",
-                str(token_file),
-                "--listen",
-                f"127.0.0.1:{api}",
-                "--xds-listen",
-                f"127.0.0.1:{free_port()}",
-                "--http-listen",
-                "127.0.0.1:0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, api = start_serve(
+        tmp_path / "serve.log",
+        "--auth",
+        "--etcd",
+        etcd_endpoint,
+        "--etcd-prefix",
+        f"/graylane-test/{uuid.uuid4().hex}/v1/",
+        "--bootstrap-token-file",
+        str(token_file),
+    )
     server = f"127.0.0.1:{api}"
     try:
         deadline = time.monotonic() + 30
@@ -235,25 +202,7 @@ def test_a_killed_serve_takes_its_embedded_etcd_along_and_starts_again_on_the_sa
     while _etcd_pids(data):
         assert time.monotonic() < deadline, "the embedded etcd outlived its graylane serve"
         time.sleep(0.05)
-    api = free_port()
-    with (tmp / "serve-again.log").open("wb") as log:
-        again = subprocess.Popen(
-            [
-                str(BIN / "graylane"),
-                "serve",
-                "--data-dir",
-                str(tmp / "state"),
-                "--listen",
-                f"127.0.0.1:{api}",
-                "--xds-listen",
-                f"127.0.0.1:{free_port()}",
-                "--http-listen",
-                "127.0.0.1:0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    again, api = start_serve(tmp / "serve-again.log", "--data-dir", str(tmp / "state"))
     try:
         deadline = time.monotonic() + 30
         while (got := graylane(f"127.0.0.1:{api}", "get", "checkout-v2", "-o", "json")).returncode != 0:

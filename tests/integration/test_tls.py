@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -43,6 +42,8 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER, ROUTE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.integration.conftest import BIN, start_serve
 
 from .test_convergence_e2e import poll_release, register, spec
 
@@ -380,8 +381,6 @@ async def _open_stream(port: int, n: base_pb2.Node) -> AsyncIterator[None]:
 
 # ------------------------------------------------------------------ the CLI end to end
 
-BIN = Path(sys.executable).parent
-
 
 @pytest.fixture
 def served_tls(tmp_path: Path, etcd_endpoint: str) -> Iterator[tuple[str, Path]]:
@@ -390,31 +389,13 @@ def served_tls(tmp_path: Path, etcd_endpoint: str) -> Iterator[tuple[str, Path]]
         [str(BIN / "graylane"), "certs", "--out", str(certs)], capture_output=True, text=True, timeout=60
     )
     assert made.returncode == 0, made.stderr
-    api, xds = free_port(), free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "graylane"),
-                "serve",
-                "--data-dir",
-                str(tmp_path / "state"),
-                "--listen",
-                f"127.0.0.1:{api}",
-                "--xds-listen",
-                f"127.0.0.1:{xds}",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--tls-cert",
-                str(certs / "server.pem"),
-                "--tls-key",
-                str(certs / "server-key.pem"),
-                "--client-ca",
-                str(certs / "ca.pem"),
-            ],  # fmt: skip
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, api = start_serve(
+        tmp_path / "serve.log",
+        "--data-dir", str(tmp_path / "state"),
+        "--tls-cert", str(certs / "server.pem"),
+        "--tls-key", str(certs / "server-key.pem"),
+        "--client-ca", str(certs / "ca.pem"),
+    )  # fmt: skip
     try:
         yield f"127.0.0.1:{api}", certs
     finally:
