@@ -43,10 +43,12 @@ from graylane.controlplane.defaults import (
     DEFAULT_DATA_DIR,
     DEFAULT_ETCD_PORT,
     DEFAULT_RPC_TIMEOUT_SECONDS,
+    DEFAULT_XDS_PORT,
 )
 from graylane.controlplane.manifest import ManifestError, ManifestObject, duration_seconds, load_manifest
 from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
+    DEFAULT_XDS_CLUSTER,
     HostPort,
     ServeOptions,
     is_loopback_host,
@@ -859,6 +861,12 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1..65535)")
+    return int(text)
+
+
 def _identity_name(text: str) -> str:
     from graylane.controlplane.tls import check_name
 
@@ -1055,6 +1063,88 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 # --- certs -----------------------------------------------------------------------------
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from graylane.controlplane.local.envoy import DELTA, SOTW, EnvoyTls, bootstrap
+
+    tls_files = (args.ca, args.cert, args.key)
+    if any(tls_files) and not all(tls_files):
+        raise UsageError("--ca, --cert and --key go together (mutual TLS to the xDS port)")
+    tls = (
+        EnvoyTls(cert=Path(args.cert), key=Path(args.key), ca=Path(args.ca), server_name=args.server_name)
+        if all(tls_files)
+        else None
+    )
+    token = Path(args.xds_token_file).read_text().strip() if args.xds_token_file else None
+    print(
+        bootstrap(
+            protocol=DELTA if args.delta else SOTW,
+            node_id=args.node,
+            node_cluster=args.cluster,
+            listen_port=args.listen_port,
+            admin_port=args.admin_port,
+            ads_host=args.xds.host,
+            ads_port=args.xds.port,
+            tls=tls,
+            xds_token=token,
+        ),
+        end="",
+    )
+    return EXIT_OK
+
+
+def _add_bootstrap(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bootstrap",
+        help="print a ready Envoy bootstrap for a Graylane xDS port (envoy -c FILE)",
+        description="Print the bootstrap YAML of one Envoy: its node, the port its proxy listener takes "
+        "traffic on (node metadata listen_port), its admin address (metrics are read there), and ADS "
+        "to the control plane's or an agent's xDS port, state of the world or delta, over mutual TLS "
+        "when --ca/--cert/--key are given.",
+    )
+    parser.add_argument(
+        "--node", required=True, type=_identity_name, metavar="NAME", help="the node id (unique per Envoy)"
+    )
+    parser.add_argument(
+        "--cluster",
+        default=DEFAULT_XDS_CLUSTER,
+        type=_identity_name,
+        metavar="NAME",
+        help="node.cluster: the cluster whose configuration it receives (default %(default)s)",
+    )
+    parser.add_argument(
+        "--listen-port", type=_port, default=10000, metavar="PORT", help="proxy listener (default %(default)s)"
+    )
+    parser.add_argument(
+        "--admin-port", type=_port, default=9901, metavar="PORT", help="admin on 127.0.0.1 (default %(default)s)"
+    )
+    parser.add_argument(
+        "--xds",
+        type=_host_port(DEFAULT_XDS_PORT),
+        default=HostPort("127.0.0.1", DEFAULT_XDS_PORT),
+        metavar="HOST:PORT",
+        help=f"the xDS (ADS) address (default 127.0.0.1:{DEFAULT_XDS_PORT})",
+    )
+    parser.add_argument("--delta", action="store_true", help="delta xDS instead of state of the world")
+    parser.add_argument("--ca", default="", metavar="FILE", help="CA the xDS server's certificate is checked against")
+    parser.add_argument(
+        "--cert", default="", metavar="FILE", help="this Envoy's certificate (graylane certs: envoy-CLUSTER.pem)"
+    )
+    parser.add_argument("--key", default="", metavar="FILE", help="its key")
+    parser.add_argument(
+        "--server-name",
+        default="localhost",
+        metavar="NAME",
+        help="the name the xDS certificate carries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--xds-token-file",
+        default="",
+        metavar="FILE",
+        help="a node token (--xds-tokens on the server) put in the node metadata",
+    )
+    parser.set_defaults(handler=_bootstrap)
 
 
 def _add_certs(subparsers: Subparsers) -> None:
@@ -1662,6 +1752,7 @@ COMMANDS: Final[tuple[SubcommandBuilder, ...]] = (
     _add_serve,
     _add_agent,
     _add_certs,
+    _add_bootstrap,
     _add_apply,
     _add_get,
     _add_status,
