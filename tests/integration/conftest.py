@@ -19,13 +19,14 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
+from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
 
 LOOPBACK = "127.0.0.1"
 
@@ -56,59 +57,6 @@ async def envoy(envoy_binary: Path) -> AsyncIterator[StartEnvoy]:
 
 
 # ------------------------------------------------------------------------------ upstream
-
-
-@dataclass
-class Upstream:
-    """An HTTP/1.1 server (keep-alive) naming its service and version in every answer."""
-
-    service: str
-    version: str
-    port: int = 0
-    requests: int = 0
-    _server: asyncio.Server | None = field(default=None, repr=False)
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set, repr=False)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        body = json.dumps({"service": self.service, "version": self.version}).encode()
-        self._writers.add(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = _content_length(head)
-                if length:
-                    await reader.readexactly(length)
-                self.requests += 1
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    + f"content-length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-
-def _content_length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return 0
 
 
 MakeUpstream = Callable[[str, str], Awaitable[Upstream]]
@@ -175,3 +123,24 @@ def start_serve(log_path: Path, *args: str, api: int | None = None) -> tuple[sub
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     return proc, api
+
+
+# ------------------------------------------------------------------------------ waiting
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool] | bool], *, timeout: float = 15.0, what: str = "the condition"
+) -> None:
+    """Poll `predicate` (sync or async) every 50 ms until it holds; AssertionError naming
+    `what` after `timeout` seconds. Tests wait on conditions, never on bare sleeps."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                held = predicate()
+                if not isinstance(held, bool):
+                    held = await held
+                if held:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None

@@ -27,6 +27,8 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER
 
+from tests.integration.conftest import eventually
+
 from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
 from .test_xds_churn import client as churn_client
 from .test_xds_churn import ready as churn_ready
@@ -86,12 +88,6 @@ async def untagged_target(proxy: EnvoyProcess, authority: str = "checkout") -> s
     return str(routes[-1]["route"].get("cluster", "")) if routes else ""
 
 
-async def until(pred: Any, *, timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await pred():
-            await asyncio.sleep(0.05)
-
-
 async def reached_events(stub: Any, name: str) -> list[tuple[str, int]]:
     history = await stub.History(api.HistoryRequest(name=name))
     return [(e.action, e.to_batch) for e in history.events if e.action in ("next", "reached", "rollback", "promote")]
@@ -141,7 +137,7 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
         assert held.status.HasField("held_batch") and held.status.held_batch == -1
         assert (held.status.weight, held.status.served_weight) == (10, 0)
         # Both Envoys end up on what the strict one accepted: no lane, and status counts it.
-        await until(lambda: _both_at(relaxed, strict, 0))
+        await eventually(lambda: _both_at(relaxed, strict, 0))
         carried = await poll_release(
             stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2
         )
@@ -182,7 +178,7 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await until(lambda: _weight_is(proxy, 10))
+        await eventually(lambda: _weight_is(proxy, 10))
         lagging = await poll_release(stub, "rel", lambda r: r.status.convergence.converged == 1)
         assert not lagging.status.reached and lagging.status.convergence.proxies == 2
         assert any(name.startswith("mute (cluster fake") for name in lagging.status.convergence.lagging)
@@ -274,7 +270,7 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
             await running
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await until(lambda: _weight_is(mine, 50))
+        await eventually(lambda: _weight_is(mine, 50))
         assert await gray_weight(orphan) == 10  # still on the old batch: nobody serves it now
         # Past the dead replica's lease (its keys are gone), before the stale timeout.
         await asyncio.sleep(max(0.0, ttl + 2.0 - (time.monotonic() - started)))  # pacing: outlive the lease
@@ -367,7 +363,7 @@ async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_u
         first = await poll_release(stub, "rel", lambda r: r.status.reached)
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
         # The follower's count is published before it stops (the leader reads it from etcd).
-        await until(lambda: _published_by(store, follower.election.identity))
+        await eventually(lambda: _published_by(store, follower.election.identity))
 
         switch.upstream = leader.xds_port  # where the Envoy reconnects once its stream ends
         running.cancel()  # a clean stop, as on SIGTERM
@@ -425,7 +421,7 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
         assert [(s.service, s.gray_version) for s in lane.services] == [("checkout", "v2")]
         # Both Envoys serve the accepted lane, and status counts them carrying it.
         for proxy in (relaxed, strict):
-            await until(lambda p=proxy: _serves_alice_at_10(p))
+            await eventually(lambda p=proxy: _serves_alice_at_10(p))
         await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2)
         for proxy in (relaxed, strict):
             result = await run_load(

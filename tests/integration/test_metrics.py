@@ -26,6 +26,8 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
+from tests.integration.conftest import eventually
+
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
 SERVICE = "checkout"
@@ -65,15 +67,6 @@ def release_spec() -> pb.ReleaseSpec:
     )
 
 
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not await predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
-
-
 def by_version(response: api.MetricsResponse) -> dict[str, api.SeriesWindow]:
     return {s.version: s for s in response.series}
 
@@ -94,7 +87,7 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         async def reached() -> bool:
             return bool((await stub.GetRelease(api.GetReleaseRequest(name="rel"))).status.reached)
 
-        await until(reached, 15, "the 50 % batch to be reached")
+        await eventually(reached, timeout=15, what="the 50 % batch to be reached")
 
         # The agent's reporter over the same proxies, into windows of its own, as an agent
         # would feed a control plane (filed under cluster "east").
@@ -110,7 +103,7 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         async def read_once() -> bool:
             return plane.metrics.ticks >= ticks + 2 and reporter.ticks >= 1
 
-        await until(read_once, 5, "both pipelines to read the Envoy")
+        await eventually(read_once, timeout=5, what="both pipelines to read the Envoy")
         load = await run_load(
             proxy.listen_port, authority=SERVICE, count=REQUESTS, rate=300, concurrency=8, max_seconds=20
         )
@@ -126,7 +119,7 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
                 and all(sum(s.bucket_counts) == s.requests for s in seen.values())  # histograms flushed
             )
 
-        await until(all_counted, 10, "every request to show in the window")
+        await eventually(all_counted, timeout=10, what="every request to show in the window")
         response = await stub.GetMetrics(api.GetMetricsRequest(name="rel"))
         assert response.leader in (True, False)
         assert (response.until.ToNanoseconds() - response.since.ToNanoseconds()) / 1e9 == pytest.approx(60.0)
@@ -161,7 +154,7 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         async def agent_counted() -> bool:
             return {v: agent_total(v) for v in ("v1", "v2")} == sent_to
 
-        await until(agent_counted, 5, "the agent's reports to count every request")
+        await eventually(agent_counted, timeout=5, what="the agent's reports to count every request")
 
         # WatchMetrics streams the same view, again and again.
         request = api.GetMetricsRequest(name="rel")
@@ -243,7 +236,7 @@ async def test_an_agents_metrics_reach_the_windows_under_its_cluster(store: Etcd
             async def filed() -> bool:
                 return key in plane.windows
 
-            await until(filed, 5, "the agent's series")
+            await eventually(filed, timeout=5, what="the agent's series")
             window = plane.windows.window(key, 0.0, math.inf)
             assert (window.requests, window.errors, window.latency) == (10, 2, latency)
         finally:
