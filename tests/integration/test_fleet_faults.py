@@ -32,6 +32,8 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
+from tests.integration.conftest import eventually
+
 from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
 from .test_convergence_faults import (
     checkout_replica,
@@ -39,7 +41,6 @@ from .test_convergence_faults import (
     load_process,
     load_result,
     reached_events,
-    until,
 )
 
 BIN = pathlib.Path(sys.executable).parent
@@ -205,7 +206,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
 
         await stub.NextBatch(api.ActionRequest(name="rel"))
         asked = time.monotonic()
-        await until(lambda: weight_is(on_b, 50))
+        await eventually(lambda: weight_is(on_b, 50))
         # Past the dead replica's lease (its keys are gone): its Envoys are still on batch 0.
         async with asyncio.timeout(ttl + 10):
             while time.monotonic() - killed < ttl + 3:
@@ -222,7 +223,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
         # counts there; the orphan still holds the batch back.
         await moved.stop()
         again = await envoy(ads_port=b.xds_port, node_id="on-a-moved")
-        await until(lambda: weight_is(again, 50))
+        await eventually(lambda: weight_is(again, 50))
         await poll_release(stub, "rel", lambda r: r.status.convergence.converged == 2, timeout=10)
         while time.monotonic() - asked < stale * 0.8:
             got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
@@ -287,7 +288,7 @@ async def test_leader_replica_stopped_past_its_lease_then_resumed(
             identity_b = await store.leader()
             assert identity_b and identity_b != identity_a
             await stub.NextBatch(api.ActionRequest(name="rel"))
-            await until(lambda: weight_is(on_b, 50))
+            await eventually(lambda: weight_is(on_b, 50))
             # The stopped replica's Envoy serves batch 0: the batch is not reached.
             while time.monotonic() - stopped < stall:
                 got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
@@ -297,7 +298,7 @@ async def test_leader_replica_stopped_past_its_lease_then_resumed(
         finally:
             a.signal(signal.SIGCONT)
         # Resumed: it hears of the batch and serves it to its Envoy; the batch is reached.
-        await until(lambda: weight_is(on_a, 50), timeout=15)
+        await eventually(lambda: weight_is(on_a, 50), timeout=15)
         done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=15)
         assert done.status.weight == 50 and done.status.convergence.gone == 0, done.status
         await poll_release(stub, "rel", lambda r: r.status.convergence.converged == r.status.convergence.proxies == 2)
@@ -354,7 +355,7 @@ async def test_a_new_releases_batch_waits_for_a_live_replica_that_has_not_counte
         finally:
             b.signal(signal.SIGCONT)
         assert b.proc.poll() is None and a.proc.poll() is None
-        await until(lambda: weight_is(on_b, 10))
+        await eventually(lambda: weight_is(on_b, 10))
         done = await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         assert done.status.convergence.proxies == 2
         assert not false_reached, (
@@ -386,7 +387,7 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
         await asyncio.sleep(0.3)  # traffic pacing: some load before the kill
 
         envoy_kill9(first)
-        await until(lambda: streams_of(plane, "e1", 0))  # its stream ended with it
+        await eventually(lambda: streams_of(plane, "e1", 0))  # its stream ended with it
         await stub.NextBatch(api.ActionRequest(name="rel"))
         alone = await poll_release(stub, "rel", lambda r: r.status.reached)
         assert (alone.status.convergence.proxies, alone.status.convergence.converged) == (1, 1), alone.status
@@ -432,7 +433,7 @@ async def test_two_envoys_with_one_node_id_are_two_proxies_and_one_nack_is_not_h
         assert (nack.node, nack.cluster, nack.stream) == ("twin", "strict-pool", strict_stream), nack
         assert "program size" in nack.message
         # Both end up on what the strict one accepted (no lane); both counted, not reached.
-        await until(lambda: _both_weight(relaxed, strict, 0))
+        await eventually(lambda: _both_weight(relaxed, strict, 0))
         carried = await poll_release(
             stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2
         )
@@ -471,7 +472,7 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
             while not leads(b):
                 await asyncio.sleep(0.05)
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await until(lambda: weight_is(live, 50))
+        await eventually(lambda: weight_is(live, 50))
         false_reached = None
         async with asyncio.timeout(ttl + 10):
             while time.monotonic() - killed < ttl + 4:  # past the dead replica's leases
@@ -512,7 +513,7 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
         assert first.status.last_nack.node == "strict"
 
         envoy_kill9(strict)
-        await until(lambda: streams_of(plane, "strict", 0))
+        await eventually(lambda: streams_of(plane, "strict", 0))
         restarted = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         assert await gray_weight(restarted) == 0  # held: it is served what it accepted
         await stub.Resume(api.ActionRequest(name="rel"))
@@ -522,7 +523,7 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
             lambda r: r.status.phase == pb.PAUSED and r.status.last_nack.stream != first.status.last_nack.stream,
         )
         assert second.status.last_nack.node == "strict" and "program size" in second.status.last_nack.message
-        await until(lambda: _both_weight(relaxed, restarted, 0))
+        await eventually(lambda: _both_weight(relaxed, restarted, 0))
         await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2)
         result = await load_result(load)
         assert result["failed"] == 0 and result["sent"] > 300, result
@@ -558,7 +559,7 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
                 envoy_kill9(churn)
             await churn.stop()
         last = await envoy(ads_port=plane.xds_port, node_id="churn")
-        await until(lambda: _proxy_count(plane, 2))
+        await eventually(lambda: _proxy_count(plane, 2))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         done = await poll_release(stub, "rel", lambda r: r.status.reached)
         assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2), done.status
