@@ -170,11 +170,15 @@ class AgentHub:
             self.share_failures += 1
             log.log(
                 logging.WARNING if self.share_failures == 1 else logging.DEBUG,
-                "cannot share cluster %s's metrics with the other replicas: %s (%d so far)",
+                "cannot share cluster %s's metrics with the other replicas: %s (%d in a row)",
                 session.info.name,
                 exc,
                 self.share_failures,
             )
+        else:
+            if self.share_failures:
+                log.info("agents' metrics are shared again after %d failed reports", self.share_failures)
+            self.share_failures = 0  # the next outage warns again
 
     def on_guard(self, callback: Callable[[str, apb.GuardReport], Awaitable[None]]) -> None:
         """`await callback(cluster, report)` for every local-guard action an agent reports."""
