@@ -673,14 +673,14 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     async def PutService(self, request: api_pb.PutServiceRequest, context: grpc.aio.ServicerContext) -> pb.Service:
         service = model.service_from_proto(request.service)
         _check_service_scope(service.name)
-        current = await self._store.get_service(service.name)
+        current, revision = await self._store.get_service_at(service.name)
         if current is not None and current.stable_version != service.stable_version and not request.move_stable:
             raise FailedPrecondition(
                 f"service.stable_version: {service.name!r} serves {current.stable_version!r} as stable; "
                 f"{service.stable_version!r} would move all of its traffic there (after a promote, back to the "
                 "old version undoes it): say so with move_stable (graylane apply --move-stable)"
             )
-        await self._store.put_service(service)
+        await self._store.put_service(service, if_revision=revision)
         return model.service_to_proto(service)
 
     @unary

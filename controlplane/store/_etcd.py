@@ -526,10 +526,15 @@ class EtcdStore:
         return out
 
     async def get_service(self, name: str) -> model.Service | None:
+        return (await self.get_service_at(name))[0]
+
+    async def get_service_at(self, name: str) -> tuple[model.Service | None, int]:
+        """The service and the revision it was last written at (0: not registered), for a
+        `put_service(..., if_revision=...)` that must not overwrite a concurrent change."""
         kv = await self._get(self._key("services", name))
         if kv is None:
-            return None
-        return model.service_from_proto(_load(kv.value, pb.Service()), stored=True)  # type: ignore[arg-type]
+            return None, 0
+        return model.service_from_proto(_load(kv.value, pb.Service()), stored=True), int(kv.mod_revision)  # type: ignore[arg-type]
 
     async def list_services(self) -> list[model.Service]:
         resp = await self._range(self._key("services") + b"/")
@@ -542,8 +547,25 @@ class EtcdStore:
 
     # ----------------------------------------------------------------- writes
 
-    async def put_service(self, service: model.Service) -> None:
-        await self._txn([], [self._put(self._key("services", service.name), _dump(model.service_to_proto(service)))])
+    async def put_service(self, service: model.Service, *, if_revision: int | None = None) -> None:
+        """Write `service`; with `if_revision`, only if the key is still at that revision (0:
+        still absent), else Conflict and nothing written: a check made on the value read
+        (PutService's stable-version guard) holds for the value replaced."""
+        key = self._key("services", service.name)
+        compare = (
+            []
+            if if_revision is None
+            else [
+                rpc_pb2.Compare(
+                    key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=if_revision
+                )
+            ]
+        )
+        resp = await self._txn(compare, [self._put(key, _dump(model.service_to_proto(service)))])
+        if not resp.succeeded:
+            raise Conflict(
+                f"service {service.name!r} was changed by another request meanwhile; read it again and retry"
+            )
 
     async def put_version(self, version: model.Version) -> None:
         key = self._key("versions", version.service, version.name)

@@ -620,3 +620,25 @@ async def test_re_applying_after_a_promote_changes_nothing_and_undoing_it_is_exp
     assert [s.stable_version for s in (await stable()).services] == ["v1"]
     again = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary((20, 100)), restart=True))
     assert (again.status.phase, again.status.batch) == (pb.PENDING, -1)
+
+
+async def test_put_service_never_overwrites_a_change_it_did_not_see(store: EtcdStore) -> None:
+    """PutService checks the stable version it read; the write is guarded by that read's
+    revision, so a promote landing in between is not silently undone (Conflict, nothing
+    written), and a write from the current revision goes through."""
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    seen, revision = await store.get_service_at("checkout")
+    assert seen is not None and seen.stable_version == "v1" and revision > 0
+    await store.put_service(model.Service(name="checkout", stable_version="v2"))  # a promote, meanwhile
+    with pytest.raises(Conflict, match="'checkout'"):
+        await store.put_service(
+            model.Service(name="checkout", stable_version="v1", description="x"), if_revision=revision
+        )
+    now, latest = await store.get_service_at("checkout")
+    assert now is not None and (now.stable_version, now.description) == ("v2", "") and latest > revision
+    await store.put_service(model.Service(name="checkout", stable_version="v2", description="x"), if_revision=latest)
+    assert (await store.get_service("checkout")) == model.Service(name="checkout", stable_version="v2", description="x")
+    with pytest.raises(Conflict):  # "still absent" is a revision too
+        await store.put_service(model.Service(name="cart", stable_version="v1"), if_revision=latest)
+    await store.put_service(model.Service(name="cart", stable_version="v1"), if_revision=0)
+    assert (await store.get_service_at("cart"))[1] > latest
