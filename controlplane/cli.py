@@ -51,6 +51,7 @@ from graylane.controlplane.options import (
     DEFAULT_XDS_CLUSTER,
     HostPort,
     ServeOptions,
+    XdsCredential,
     is_loopback_host,
     parse_agent_tokens,
     parse_xds_tokens,
@@ -876,7 +877,7 @@ def _identity_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _xds_tokens(path: str) -> tuple[tuple[str, str | None, str], ...]:
+def _xds_tokens(path: str) -> tuple[XdsCredential, ...]:
     try:
         return parse_xds_tokens(Path(path).read_text(), source=path)
     except OSError as exc:
