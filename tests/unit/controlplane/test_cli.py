@@ -198,7 +198,7 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
             auth=True,
-            xds_tokens=(("local", None, "proxy-token-0123456789"),),
+            xds_tokens=(("local", None, "proxy-token-0123456789", None),),
         )
     ]
 
