@@ -61,6 +61,7 @@ class Relay:
         # (scope, type URL, version) -> view version, for scoped proxies' sets: kept apart, as
         # an unchanged scoped set maps to the newest view (within its scope, what it serves)
         self._scoped: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._scoped_parts: dict[tuple[str, str, str], Mapping[str, str]] = {}
         cache.on_key_requested(self._render_key)
         cache.on_key_released(self._release_key)
         if isinstance(cache, ScopedSnapshotCache):
@@ -118,13 +119,16 @@ class Relay:
         view_version = self._rendered.get((ROUTE, full[ROUTE].version), "")
         if not view_version:
             return
-        mark = key.partition(SCOPE_SEPARATOR)[2]
+        base, _, mark = key.partition(SCOPE_SEPARATOR)
         for type_url, typed in scoped.by_type.items():
             entry = (mark, type_url, typed.version)
             self._scoped[entry] = view_version
             self._scoped.move_to_end(entry)
+            if base == PROXYLESS_KEY:  # such clients hold parts of a set (`_view_of`)
+                self._scoped_parts[entry] = typed.shared_versions()
         while len(self._scoped) > _HISTORY:
-            self._scoped.popitem(last=False)
+            dropped, _ = self._scoped.popitem(last=False)
+            self._scoped_parts.pop(dropped, None)
 
     def _view_of(self, type_url: str, version: str, part: Mapping[str, str], key: str = "") -> str:
         """The view version a proxy's `type_url` `version` (holding `part`) came from: that
@@ -132,7 +136,16 @@ class Relay:
         scoped `key`, the view of that scope's set."""
         _, scope = parse_scoped_key(key)
         if scope is not None:
-            return self._scoped.get((key.partition(SCOPE_SEPARATOR)[2], type_url, version), "")
+            mark = key.partition(SCOPE_SEPARATOR)[2]
+            found = self._scoped.get((mark, type_url, version), "")
+            if found or not part:
+                return found
+            for entry, view_version in reversed(self._scoped.items()):
+                versions = self._scoped_parts.get(entry)
+                if entry[:2] == (mark, type_url) and versions is not None:
+                    if all(versions.get(n) == v for n, v in part.items()):
+                        return view_version
+            return ""
         found = self._rendered.get((type_url, version), "")
         if found or not part:
             return found

@@ -538,9 +538,11 @@ def _add_server_tls_flags(parser: argparse.ArgumentParser, *, ports: str) -> Non
         type=_xds_tokens,
         default=(),
         metavar="FILE",
-        help="`cluster: token` or `cluster/node: token` lines; with this (or --client-ca) an Envoy is "
+        help="`cluster[/node]: token` lines; with this (or --client-ca) an Envoy is "
         "served only if it proves it is a proxy of the served cluster (a client certificate, or the "
-        "token in node.metadata.graylane_token). Default: every Envoy is served",
+        "token in node.metadata.graylane_token). `cluster[/node] [a,b]: token` serves that token's "
+        "proxies services a and b only; a token-less `cluster[/node] [a,b]` line scopes the client "
+        "certificates naming that proxy identity. Default: every Envoy is served, unscoped",
     )
     parser.add_argument(
         "--admin-allow",

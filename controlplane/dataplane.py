@@ -84,6 +84,7 @@ class _ViewHistory:
         self.generation = 0  # moves on every change: what `get` answers may have changed
         # (scope, type, version) -> view, for scoped proxies' configurations (`remember_scoped`)
         self._scoped: OrderedDict[tuple[str, str, str], xv.RoutingView] = OrderedDict()
+        self._scoped_sets: dict[tuple[str, str, str], Mapping[str, str]] = {}
 
     def remember(self, resources: Resources, view: xv.RoutingView, *, key: str = "") -> None:
         self.generation += 1
@@ -136,7 +137,9 @@ class _ViewHistory:
     def get(self, type_url: str, version: str) -> xv.RoutingView | None:
         return self._views.get((type_url, version))
 
-    def remember_scoped(self, scope: Scope, resources: Resources, view: xv.RoutingView) -> None:
+    def remember_scoped(
+        self, scope: Scope, resources: Resources, view: xv.RoutingView, *, proxyless: bool = False
+    ) -> None:
         """`resources` (a scoped configuration, `graylane.xds.scope`) came from `view`.
 
         Kept apart from the node groups' renders, by scope: a scoped set equal to some
@@ -149,11 +152,27 @@ class _ViewHistory:
             entry = (mark, type_url, resources[type_url].version)
             self._scoped[entry] = view
             self._scoped.move_to_end(entry)
+            if proxyless:  # (as for PROXYLESS_KEY: such clients hold parts of a set)
+                self._scoped_sets[entry] = resources[type_url].shared_versions()
         while len(self._scoped) > self._size:
-            self._scoped.popitem(last=False)
+            dropped, _ = self._scoped.popitem(last=False)
+            self._scoped_sets.pop(dropped, None)
 
     def get_scoped(self, scope: Scope, type_url: str, version: str) -> xv.RoutingView | None:
         return self._scoped.get((scoped_key("", scope), type_url, version))
+
+    def containing_scoped(self, scope: Scope, type_url: str, part: Mapping[str, str]) -> xv.RoutingView | None:
+        """`containing`, among the sets rendered for proxyless clients of `scope`."""
+        if not part:
+            return None
+        mark = scoped_key("", scope)
+        for entry in reversed(self._scoped):
+            if entry[0] != mark or entry[1] != type_url:
+                continue
+            versions = self._scoped_sets.get(entry)
+            if versions is not None and all(versions.get(name) == v for name, v in part.items()):
+                return self._scoped[entry]
+        return None
 
 
 class DataPlane:
@@ -404,9 +423,9 @@ class DataPlane:
 
     def _remember_derived(self, key: str, full: Resources, scoped: Resources) -> None:
         view = self._history.get(ROUTE, full[ROUTE].version)
-        scope = parse_scoped_key(key)[1]
+        base, scope = parse_scoped_key(key)
         if view is not None and scope is not None:
-            self._history.remember_scoped(scope, scoped, view)
+            self._history.remember_scoped(scope, scoped, view, proxyless=base == PROXYLESS_KEY)
 
     def _port_of(self, key: str) -> int:
         if key == DEFAULT_KEY or not key.isdigit():
@@ -691,7 +710,9 @@ class DataPlane:
         A scoped proxy's group names its scope too (`scoped_key(version, scope)`)."""
         version, scope = parse_scoped_key(version)
         if scope is not None:
-            return self._history.get_scoped(scope, ROUTE, version)
+            return self._history.get_scoped(scope, ROUTE, version) or self._history.containing_scoped(
+                scope, ROUTE, part
+            )
         found = self._history.get(ROUTE, version)
         if found is not None or not part:
             return found
@@ -1033,10 +1054,15 @@ class DataPlane:
             if scope is not None:
                 # A scoped proxy's sets: its views in between may have changed lanes of
                 # services it never sees, so only lanes of its scope's services are blamed.
-                rejected = self._history.get_scoped(scope, nack.type_url, nack.version)
-                accepted = (
-                    self._history.get_scoped(scope, nack.type_url, accepted_ack.version) if accepted_ack else None
+                history = self._history
+                rejected = history.get_scoped(scope, nack.type_url, nack.version) or history.containing_scoped(
+                    scope, nack.type_url, nack.resources
                 )
+                accepted = None
+                if accepted_ack is not None:
+                    accepted = history.get_scoped(
+                        scope, nack.type_url, accepted_ack.version
+                    ) or history.containing_scoped(scope, nack.type_url, accepted_ack.resources)
                 only = scope
             else:
                 rejected = self._history.get(nack.type_url, nack.version)

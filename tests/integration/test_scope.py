@@ -17,7 +17,9 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from graylane.agent.app import Agent, AgentOptions
 from graylane.controlplane.app import ControlPlane
@@ -32,6 +34,7 @@ from graylane.controlplane.tls import open_channel
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
+from graylane.xds.plan import route_clusters
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 
 from tests.integration.conftest import eventually
@@ -44,8 +47,10 @@ pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 SERVICES = ("checkout", "search")
 CHECKOUT_TOKEN = "checkout-only-token-0123456789"
 WHOLE_TOKEN = "whole-cluster-token-0123456789"
+BOTH_TOKEN = "checkout-and-search-token-0123456789"
 TOKENS = (
     XdsCredential("local", None, CHECKOUT_TOKEN, frozenset({"checkout"})),
+    XdsCredential("local", None, BOTH_TOKEN, frozenset(SERVICES)),
     XdsCredential("local", None, WHOLE_TOKEN),
     # Client certificates of cluster local: checkout only (no certificate extension needed).
     XdsCredential("local", None, "", frozenset({"checkout"})),
@@ -412,5 +417,87 @@ async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_servi
             # Its ACK reaches the release.
             proxy.hold_routes = False
             proxy.release_held()
+            shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
+            assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
+
+
+class ProxylessClient(SotwClient):
+    """A scripted proxyless gRPC client: asks for listeners by name (its channel targets),
+    then for the route configs, clusters and load assignments they name, and ACKs each."""
+
+    def __init__(self, port: int, node: base_pb2.Node, targets: list[str]) -> None:
+        super().__init__(port, node)
+        self._targets = targets
+
+    async def __aenter__(self) -> SotwClient:
+        self._call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel).StreamAggregatedResources(
+            self._requests()
+        )
+        request = discovery_pb2.DiscoveryRequest(type_url=LISTENER, resource_names=self._targets)
+        request.node.CopyFrom(self._node)
+        self._subscribed[LISTENER] = self._targets
+        self._queue.put_nowait(request)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for response in self._call:
+            self.received[response.type_url] = response
+            self.ack(response, self._subscribed.get(response.type_url))
+            if response.type_url == LISTENER:
+                routes = set()
+                for packed in response.resources:
+                    listener = listener_pb2.Listener()
+                    packed.Unpack(listener)
+                    manager = hcm_pb2.HttpConnectionManager()
+                    listener.api_listener.api_listener.Unpack(manager)
+                    routes.add(manager.rds.route_config_name)
+                self.ask(ROUTE, sorted(routes), self.received.get(ROUTE))
+            elif response.type_url == ROUTE:
+                clusters: set[str] = set()
+                for packed in response.resources:
+                    config = route_pb2.RouteConfiguration()
+                    packed.Unpack(config)
+                    clusters |= route_clusters(config)
+                if sorted(clusters) != self._subscribed.get(CLUSTER):
+                    self.ask(CLUSTER, sorted(clusters), self.received.get(CLUSTER))
+            elif response.type_url == CLUSTER:
+                names = sorted(names_in(response.resources, cluster_pb2.Cluster))
+                if names != self._subscribed.get(ENDPOINT):
+                    self.ask(ENDPOINT, names, self.received.get(ENDPOINT))
+
+    def _names(self, type_url: str) -> list[str] | None:
+        return self._subscribed.get(type_url)
+
+
+async def test_a_scoped_proxyless_client_gets_its_services_and_carries_their_releases(store: EtcdStore) -> None:
+    async with scoped_plane(store) as (plane, stub):
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+        grpc_node = node("grpc-shop", CHECKOUT_TOKEN)
+        grpc_node.user_agent_name = "gRPC Python"
+        async with ProxylessClient(plane.xds_port, grpc_node, ["checkout", "search"]) as client:
+            await eventually(lambda: ENDPOINT in client.received, what="the proxyless client configured")
+            assert names_in(client.received[LISTENER].resources, listener_pb2.Listener) == {"checkout"}
+            (status,) = plane.tracker.of_node("grpc-shop")
+            assert status.key == "proxyless@checkout"
+            await stub.NextBatch(api.ActionRequest(name="find"))
+            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+            assert find.status.convergence.proxies == 0
+            await stub.NextBatch(api.ActionRequest(name="shop"))
+            shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
+            assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
+            assert "search" not in str(client.received)
+
+
+async def test_a_scoped_proxyless_client_holding_part_of_its_scope_carries_its_releases(store: EtcdStore) -> None:
+    """Its route set is a part of its scope's (it asks for one target of two): the view it
+    carries is found from that part, as for an unscoped proxyless client."""
+    async with scoped_plane(store) as (plane, stub):
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
+        grpc_node = node("grpc-both", BOTH_TOKEN)
+        grpc_node.user_agent_name = "gRPC Python"
+        async with ProxylessClient(plane.xds_port, grpc_node, ["checkout"]):
+            await stub.NextBatch(api.ActionRequest(name="shop"))
             shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
             assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
