@@ -629,7 +629,9 @@ class DataPlane:
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
-            mine = {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+            mine = {
+                name: ReplicaProgress(fp, p.proxies, p.converged, p.scoped_out) for name, (p, fp, _) in counted.items()
+            }
             held_until = self._publish_progress(mine, self._fleet(), now)
             if held_until is not None:
                 deadlines.append(held_until)
@@ -847,11 +849,13 @@ class DataPlane:
             how = "left" if silent.left else "silent"
             sources.append((f"replica {identity} ({how} {now - silent.at:.0f}s ago{names})", counted, silent.at))
         proxies, converged, gone = local.proxies, local.converged, local.gone
+        scoped_out = local.scoped_out
         lagging, gone_names = list(local.lagging), list(local.gone_names)
         deadline = local.next_deadline
         for name, counted, quiet in sources:
             due = min(since, quiet) + self._stale_seconds
             carrying = counted.converged if counted.lane == fingerprint else 0
+            scoped_out += counted.scoped_out if counted.lane == fingerprint else 0
             behind = counted.proxies - carrying
             proxies += carrying
             converged += carrying
@@ -874,6 +878,7 @@ class DataPlane:
             gone=gone,
             gone_names=tuple(gone_names),
             next_deadline=deadline,
+            scoped_out=scoped_out,
         )
 
     def _not_reconnected(self) -> list[tuple[str, _Silent, list[str], int]]:
@@ -1283,7 +1288,11 @@ def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgr
         return False
     for name, now in after.items():
         was = before[name]
-        if now.lane != was.lane or now.proxies != was.proxies or now.converged < was.converged:
+        if (
+            now.lane != was.lane
+            or (now.proxies, now.scoped_out) != (was.proxies, was.scoped_out)
+            or now.converged < was.converged
+        ):
             return False
         if now.converged != was.converged and now.converged >= now.proxies:
             return False
