@@ -13,7 +13,7 @@ clusters and their load assignments `service|version[|lane]` (and a cohort's
 client's Listener `service` (or its xdstp name). The socket listener is kept (it names
 no service: it routes by scope, so out-of-scope hosts find no route). A route config that
 names no single service (a gateway's `graylane`) keeps only the virtual hosts whose every
-cluster is in scope. Routes of a service route only to that service's clusters, so a
+cluster is in scope (maybe none). Routes of a service route only to that service's clusters, so a
 filtered configuration is as consistent as the one it came from.
 
 Cost: keys of identical scopes are one key, so 10,000 proxies with 3 distinct scopes
@@ -91,14 +91,13 @@ def _in_scope(type_url: str, name: str, message: Message, services: Scope) -> Me
 
 def _route_config_in_scope(message: Message, config: route_pb2.RouteConfiguration, services: Scope) -> Message | None:
     """A route config of several services (a gateway's, `message`, and `config` a copy of
-    it) with only the virtual hosts whose every cluster is in scope (None: none is)."""
+    it) with only the virtual hosts whose every cluster is in scope (kept with none: the
+    listener that names it stays consistent, and routes nothing)."""
     dropped = []
     for i, vhost in enumerate(config.virtual_hosts):
         clusters = route_clusters(route_pb2.RouteConfiguration(virtual_hosts=[vhost]))
         if not clusters or not all(service_of(CLUSTER, c) in services for c in clusters):
             dropped.append(i)
-    if len(dropped) == len(config.virtual_hosts):
-        return None
     if not dropped:
         return message
     for i in reversed(dropped):

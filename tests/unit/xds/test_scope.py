@@ -151,3 +151,12 @@ def test_a_gateways_route_config_keeps_the_virtual_hosts_of_its_scope() -> None:
     hosts = [d for vhost in config.virtual_hosts for d in vhost.domains]
     assert hosts and all(".a." in h for h in hosts), hosts
     assert set(scoped[CLUSTER].items) == {n for n in full[CLUSTER].items if n.startswith("a|")}
+
+
+def test_a_gateway_scoped_to_no_service_it_serves_stays_consistent() -> None:
+    from graylane.xds.render import render_gateway
+
+    scoped = filter_resources(render_gateway(VIEW, listen_port=PORT), frozenset({"ghost"}))
+    check_consistency(scoped)
+    (config,) = scoped[ROUTE].items.values()
+    assert not config.virtual_hosts and not scoped[CLUSTER].items
