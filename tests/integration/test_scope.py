@@ -21,6 +21,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
 from graylane.agent.app import Agent, AgentOptions
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.certs import make_local_certs
@@ -266,6 +267,7 @@ class SotwClient:
         self.hold_routes = False
         self.received: dict[str, discovery_pb2.DiscoveryResponse] = {}
         self._subscribed: dict[str, list[str]] = {}  # type -> names (EDS, RDS)
+        self.acked: dict[str, str] = {}  # type -> the version last ACKed
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SotwClient:
@@ -295,6 +297,7 @@ class SotwClient:
             yield await self._queue.get()
 
     def ack(self, response: discovery_pb2.DiscoveryResponse, names: list[str] | None = None) -> None:
+        self.acked[response.type_url] = response.version_info
         request = discovery_pb2.DiscoveryRequest(
             type_url=response.type_url, version_info=response.version_info, response_nonce=response.nonce
         )
@@ -340,6 +343,20 @@ class SotwClient:
         if self.held is not None:
             self.ack(self.held, self._names(ROUTE))
             self.held = None
+
+    def nack_held(self, message: str) -> None:
+        """Reject the held route configs, keeping the ones ACKed before (as Envoy does)."""
+        assert self.held is not None
+        accepted = self.acked.get(ROUTE, "")
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=ROUTE,
+            version_info=accepted,
+            response_nonce=self.held.nonce,
+            resource_names=self._names(ROUTE) or [],
+            error_detail=status_pb2.Status(code=3, message=message),
+        )
+        self._queue.put_nowait(request)
+        self.held = None
 
 
 async def test_a_scoped_client_asking_by_name_for_another_services_resources_gets_nothing(store: EtcdStore) -> None:
@@ -501,3 +518,27 @@ async def test_a_scoped_proxyless_client_holding_part_of_its_scope_carries_its_r
             await stub.NextBatch(api.ActionRequest(name="shop"))
             shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
             assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
+
+
+async def test_a_scoped_proxys_nack_pauses_only_releases_of_its_services(store: EtcdStore) -> None:
+    """While it holds checkout's new routes, search's release moves (outside its scope: its
+    configuration does not change); its NACK then pauses checkout's release alone, though
+    the views between what it accepted and what it rejected changed search's lane too."""
+    async with scoped_plane(store) as (plane, stub):
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+        async with SotwClient(plane.xds_port, node("picky-shop", CHECKOUT_TOKEN)) as proxy:
+            await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
+            proxy.hold_routes = True
+            await stub.NextBatch(api.ActionRequest(name="shop"))
+            await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
+            await stub.NextBatch(api.ActionRequest(name="find"))
+            await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+            proxy.nack_held("route rejected by a picky proxy")
+            shop = await poll_release(stub, "shop", lambda r: r.status.phase == pb.PAUSED)
+            assert shop.status.last_nack.node == "picky-shop"
+            find = await stub.GetRelease(api.GetReleaseRequest(name="find"))
+            assert find.status.phase == pb.PROGRESSING and not find.status.HasField("last_nack")
+            await stub.NextBatch(api.ActionRequest(name="find"))
+            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
+            assert find.status.phase == pb.PROGRESSING
