@@ -46,12 +46,12 @@ from graylane.agent.stats import AdminAllowList
 from graylane.agent.wire import cluster_view, view_from_proto
 from graylane.controlplane.closing import run_until_signalled
 from graylane.controlplane.http import HttpServer, metrics_route
-from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW
+from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW, XdsCredential
 from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.telemetry import agent_telemetry
 from graylane.controlplane.tls import ClientTls, ServerTls, add_port
 from graylane.v1 import agent_pb2 as apb
-from graylane.xds.cache import SnapshotCache
+from graylane.xds.scope import ScopedSnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 
@@ -100,9 +100,10 @@ class AgentOptions:
     # TLS of what this agent serves (its xDS port and HTTP server); with a client CA, both
     # require a client certificate it signed.
     tls: ServerTls | None = None
-    # Proxies' tokens (cluster, node or None, token): with these or mutual TLS, only proxies
-    # proving they belong to this cluster are served (see controlplane.proxyauth).
-    xds_tokens: tuple[tuple[str, str | None, str], ...] = ()
+    # Proxies' tokens and scopes (`parse_xds_tokens`): with these or mutual TLS, only proxies
+    # proving they belong to this cluster are served, each only its scope's services (see
+    # controlplane.proxyauth).
+    xds_tokens: tuple[XdsCredential, ...] = ()
     # Where this cluster's Envoys' self-reported admin endpoints may be fetched.
     admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
 
@@ -120,7 +121,7 @@ class Agent:
             source = FileEndpointSource(options.endpoints_file)
         self.source = source
         self.state = StateDir(options.state_dir, cluster=options.cluster, control_plane=options.control_plane)
-        self.cache = SnapshotCache()
+        self.cache = ScopedSnapshotCache()
         self.tracker = ProxyTracker()
         self.telemetry = agent_telemetry(self.tracker, otlp_endpoint=options.otlp_endpoint)
         self.http_port = 0

@@ -4,7 +4,10 @@ Owns: the view in force (from the control plane, from disk after a restart, or a
 guard's override), rendering it with `graylane.xds.render` for every proxy group (keyed,
 like the control plane, by the listener port in the node metadata; the gateway's port
 renders with `render_gateway`), and the mapping from the route versions proxies ACK back
-to the view versions they came from, for the control plane's convergence count.
+to the view versions they came from, for the control plane's convergence count. Proxies
+scoped to some services are served by the cache (`graylane.xds.scope.ScopedSnapshotCache`
+derives their configuration from their group's render); the relay maps their versions too
+and reports their scope.
 
 Concurrency: one asyncio loop. Holds no release logic: it applies views.
 """
@@ -21,7 +24,8 @@ from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.render import render_gateway
 from graylane.xds.renderer import Renderer
-from graylane.xds.resources import ROUTE
+from graylane.xds.resources import ROUTE, Resources
+from graylane.xds.scope import SCOPE_SEPARATOR, ScopedSnapshotCache, parse_scoped_key
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
@@ -54,8 +58,14 @@ class Relay:
         # The same, for proxyless clients' sets, with each set's content versions: such a
         # client holds a part of a set, whose version no render produced (`_view_of`).
         self._parts: OrderedDict[tuple[str, str], tuple[str, Mapping[str, str]]] = OrderedDict()
+        # (scope, type URL, version) -> view version, for scoped proxies' sets: kept apart, as
+        # an unchanged scoped set maps to the newest view (within its scope, what it serves)
+        self._scoped: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self._scoped_parts: dict[tuple[str, str, str], Mapping[str, str]] = {}
         cache.on_key_requested(self._render_key)
         cache.on_key_released(self._release_key)
+        if isinstance(cache, ScopedSnapshotCache):
+            cache.on_derived(self._remember_derived)
 
     def apply(self, message: apb.ClusterView) -> bool:
         """Serve `message` to every local proxy; False (and nothing changes) for a bad view."""
@@ -105,9 +115,37 @@ class Relay:
             self._parts.popitem(last=False)
         self.cache.set_snapshot(key, resources)
 
-    def _view_of(self, type_url: str, version: str, part: Mapping[str, str]) -> str:
+    def _remember_derived(self, key: str, full: Resources, scoped: Resources) -> None:
+        view_version = self._rendered.get((ROUTE, full[ROUTE].version), "")
+        if not view_version:
+            return
+        base, _, mark = key.partition(SCOPE_SEPARATOR)
+        for type_url, typed in scoped.by_type.items():
+            entry = (mark, type_url, typed.version)
+            self._scoped[entry] = view_version
+            self._scoped.move_to_end(entry)
+            if base == PROXYLESS_KEY:  # such clients hold parts of a set (`_view_of`)
+                self._scoped_parts[entry] = typed.shared_versions()
+        while len(self._scoped) > _HISTORY:
+            dropped, _ = self._scoped.popitem(last=False)
+            self._scoped_parts.pop(dropped, None)
+
+    def _view_of(self, type_url: str, version: str, part: Mapping[str, str], key: str = "") -> str:
         """The view version a proxy's `type_url` `version` (holding `part`) came from: that
-        of the set, or the newest whose set holds the part ("" unknown)."""
+        of the set, or the newest whose set holds the part ("" unknown); for a proxy of a
+        scoped `key`, the view of that scope's set."""
+        _, scope = parse_scoped_key(key)
+        if scope is not None:
+            mark = key.partition(SCOPE_SEPARATOR)[2]
+            found = self._scoped.get((mark, type_url, version), "")
+            if found or not part:
+                return found
+            for entry, view_version in reversed(self._scoped.items()):
+                versions = self._scoped_parts.get(entry)
+                if entry[:2] == (mark, type_url) and versions is not None:
+                    if all(versions.get(n) == v for n, v in part.items()):
+                        return view_version
+            return ""
         found = self._rendered.get((type_url, version), "")
         if found or not part:
             return found
@@ -126,7 +164,9 @@ class Relay:
             node_id = stream if proxy.node_id in duplicates else proxy.node_id
             ack = proxy.acked.get(ROUTE)
             state = apb.ProxyState(
-                node_id=node_id, view_version=self._view_of(ROUTE, ack.version, ack.resources) if ack else ""
+                node_id=node_id,
+                view_version=self._view_of(ROUTE, ack.version, ack.resources, proxy.key) if ack else "",
+                scope=sorted(parse_scoped_key(proxy.key)[1] or ()),
             )
             if proxy.last_nack is not None:
                 state.last_nack.node = node_id
@@ -135,6 +175,6 @@ class Relay:
                 state.last_nack.message = proxy.last_nack.message
                 state.last_nack.at.FromNanoseconds(int(proxy.last_nack.at * 1e9))
                 nack = proxy.last_nack
-                state.nacked_view_version = self._view_of(nack.type_url, nack.version, nack.resources)
+                state.nacked_view_version = self._view_of(nack.type_url, nack.version, nack.resources, proxy.key)
             states.append(state)
         return apb.ProxyReport(proxies=states)

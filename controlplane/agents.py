@@ -67,6 +67,7 @@ class AgentSession:
     views: OrderedDict[str, xv.RoutingView] = field(default_factory=OrderedDict)  # version -> view
     proxies: dict[str, str] = field(default_factory=dict)  # node id -> ACKed view version
     nacks: dict[str, apb.ProxyState] = field(default_factory=dict)  # node id -> its state, with a NACK
+    scopes: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> its scope (scoped proxies only)
     endpoints: tuple[model.ClusterEndpoints, ...] = ()  # the last set reported
     reported_revision: int = 0  # the etcd revision holding that set (0: none yet on this stream)
 
@@ -97,6 +98,7 @@ class AgentNack:
     nack: pb.Nack
     rejected: xv.RoutingView | None  # None: a view this replica no longer (or never) sent
     accepted: xv.RoutingView | None
+    scope: frozenset[str] | None = None  # a scoped proxy's services: only their lanes are blamed
 
 
 async def _no_guard(cluster: str, report: apb.GuardReport) -> None:
@@ -357,6 +359,7 @@ class AgentHub:
     def reported(self, session: AgentSession, report: apb.ProxyReport) -> None:
         session.proxies = {p.node_id: p.view_version for p in report.proxies}
         session.nacks = {p.node_id: p for p in report.proxies if p.HasField("last_nack")}
+        session.scopes = {p.node_id: frozenset(p.scope) for p in report.proxies if p.scope}
         self._on_report()
 
     def nacks(self) -> list[AgentNack]:
@@ -371,6 +374,7 @@ class AgentHub:
                         nack=state.last_nack,
                         rejected=session.views.get(state.nacked_view_version),
                         accepted=session.views.get(state.view_version),
+                        scope=session.scopes.get(node_id),
                     )
                 )
         return found

@@ -51,7 +51,7 @@ from graylane.controlplane.traffic import TrafficReader, admin_addresses
 from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
-from graylane.xds.cache import SnapshotCache
+from graylane.xds.scope import ScopedSnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer
 from graylane.xds.tracker import ProxyTracker
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -156,7 +156,7 @@ class ControlPlane:
         self.ads: AdsServer | None = None
         self.ready = asyncio.Event()
         self._closing = ClosingInterceptor()  # ends the API's response streams on stop
-        self.cache = SnapshotCache()
+        self.cache = ScopedSnapshotCache()
         self.tracker = ProxyTracker()
         # One leader (etcd lease) writes convergence and judges the metrics windows it keeps;
         # every replica publishes what it counts of its own proxies and agents.

@@ -51,6 +51,7 @@ from graylane.controlplane.options import (
     DEFAULT_XDS_CLUSTER,
     HostPort,
     ServeOptions,
+    XdsCredential,
     is_loopback_host,
     parse_agent_tokens,
     parse_xds_tokens,
@@ -537,9 +538,11 @@ def _add_server_tls_flags(parser: argparse.ArgumentParser, *, ports: str) -> Non
         type=_xds_tokens,
         default=(),
         metavar="FILE",
-        help="`cluster: token` or `cluster/node: token` lines; with this (or --client-ca) an Envoy is "
+        help="`cluster[/node]: token` lines; with this (or --client-ca) an Envoy is "
         "served only if it proves it is a proxy of the served cluster (a client certificate, or the "
-        "token in node.metadata.graylane_token). Default: every Envoy is served",
+        "token in node.metadata.graylane_token). `cluster[/node] [a,b]: token` serves that token's "
+        "proxies services a and b only; a token-less `cluster[/node] [a,b]` line scopes the client "
+        "certificates naming that proxy identity. Default: every Envoy is served, unscoped",
     )
     parser.add_argument(
         "--admin-allow",
@@ -876,7 +879,7 @@ def _identity_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _xds_tokens(path: str) -> tuple[tuple[str, str | None, str], ...]:
+def _xds_tokens(path: str) -> tuple[XdsCredential, ...]:
     try:
         return parse_xds_tokens(Path(path).read_text(), source=path)
     except OSError as exc:

@@ -41,6 +41,7 @@ from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.renderer import Renderer
 from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
+from graylane.xds.scope import Scope, ScopedSnapshotCache, parse_scoped_key, scoped_key
 from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class _ViewHistory:
         # entry -> the content versions of that set (the set's own dict, never mutated)
         self._sets: dict[tuple[str, str], Mapping[str, str]] = {}
         self.generation = 0  # moves on every change: what `get` answers may have changed
+        # (scope, type, version) -> view, for scoped proxies' configurations (`remember_scoped`)
+        self._scoped: OrderedDict[tuple[str, str, str], xv.RoutingView] = OrderedDict()
+        self._scoped_sets: dict[tuple[str, str, str], Mapping[str, str]] = {}
 
     def remember(self, resources: Resources, view: xv.RoutingView, *, key: str = "") -> None:
         self.generation += 1
@@ -132,6 +136,43 @@ class _ViewHistory:
 
     def get(self, type_url: str, version: str) -> xv.RoutingView | None:
         return self._views.get((type_url, version))
+
+    def remember_scoped(
+        self, scope: Scope, resources: Resources, view: xv.RoutingView, *, proxyless: bool = False
+    ) -> None:
+        """`resources` (a scoped configuration, `graylane.xds.scope`) came from `view`.
+
+        Kept apart from the node groups' renders, by scope: a scoped set equal to some
+        node group's (its scope holds every service there is) must not make that group's
+        proxies look as if they carried a newer view. A set the scope's renders leave
+        unchanged maps to the newest view: within its scope, that is what it serves."""
+        self.generation += 1
+        mark = scoped_key("", scope)
+        for type_url in PUSH_ORDER:
+            entry = (mark, type_url, resources[type_url].version)
+            self._scoped[entry] = view
+            self._scoped.move_to_end(entry)
+            if proxyless:  # (as for PROXYLESS_KEY: such clients hold parts of a set)
+                self._scoped_sets[entry] = resources[type_url].shared_versions()
+        while len(self._scoped) > self._size:
+            dropped, _ = self._scoped.popitem(last=False)
+            self._scoped_sets.pop(dropped, None)
+
+    def get_scoped(self, scope: Scope, type_url: str, version: str) -> xv.RoutingView | None:
+        return self._scoped.get((scoped_key("", scope), type_url, version))
+
+    def containing_scoped(self, scope: Scope, type_url: str, part: Mapping[str, str]) -> xv.RoutingView | None:
+        """`containing`, among the sets rendered for proxyless clients of `scope`."""
+        if not part:
+            return None
+        mark = scoped_key("", scope)
+        for entry in reversed(self._scoped):
+            if entry[0] != mark or entry[1] != type_url:
+                continue
+            versions = self._scoped_sets.get(entry)
+            if versions is not None and all(versions.get(name) == v for name, v in part.items()):
+                return self._scoped[entry]
+        return None
 
 
 class DataPlane:
@@ -209,6 +250,10 @@ class DataPlane:
         self.synced = asyncio.Event()  # set once the first snapshot is in the cache
         cache.on_key_requested(self._render_key)
         cache.on_key_released(self._release_key)
+        if isinstance(cache, ScopedSnapshotCache):
+            # Scoped proxies are served a filtered render of their node group (the cache
+            # derives it): only the view each scoped version came from is noted here.
+            cache.on_derived(self._remember_derived)
         self._agents = agents
         if agents is not None:
             agents.on_report(self._changed.set)
@@ -376,6 +421,12 @@ class DataPlane:
             # the last good snapshot rather than push a broken one or stop the loop.
             log.exception("cannot render the view for %s; proxies keep their last configuration", key)
 
+    def _remember_derived(self, key: str, full: Resources, scoped: Resources) -> None:
+        view = self._history.get(ROUTE, full[ROUTE].version)
+        base, scope = parse_scoped_key(key)
+        if view is not None and scope is not None:
+            self._history.remember_scoped(scope, scoped, view, proxyless=base == PROXYLESS_KEY)
+
     def _port_of(self, key: str) -> int:
         if key == DEFAULT_KEY or not key.isdigit():
             return self._default_port
@@ -460,6 +511,7 @@ class DataPlane:
                         name=f"{node_id} (cluster {session.info.name})",
                         carried=session.views.get(version),
                         problem=nack.last_nack.message if nack is not None else "",
+                        scope=session.scopes.get(node_id),
                     )
                 )
         return facts
@@ -577,7 +629,9 @@ class DataPlane:
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
-            mine = {name: ReplicaProgress(fp, p.proxies, p.converged) for name, (p, fp, _) in counted.items()}
+            mine = {
+                name: ReplicaProgress(fp, p.proxies, p.converged, p.scoped_out) for name, (p, fp, _) in counted.items()
+            }
             held_until = self._publish_progress(mine, self._fleet(), now)
             if held_until is not None:
                 deadlines.append(held_until)
@@ -623,7 +677,8 @@ class DataPlane:
         for group in self._groups:
             if not len(group):
                 continue
-            if group.carried is None:
+            if group.carried is None or group.scope is not None:
+                # (a scoped group does not carry every release: each is counted apart)
                 found = None
                 break
             proxies += len(group)
@@ -653,7 +708,13 @@ class DataPlane:
     def _carried(self, version: str, part: Mapping[str, str]) -> xv.RoutingView | None:
         """The view a proxy's ACKed route `version` (holding `part`) was rendered from: the
         view of that set, or for a proxyless client (which holds a part of a set) the
-        newest view whose route set holds that part, looked up once per history change."""
+        newest view whose route set holds that part, looked up once per history change.
+        A scoped proxy's group names its scope too (`scoped_key(version, scope)`)."""
+        version, scope = parse_scoped_key(version)
+        if scope is not None:
+            return self._history.get_scoped(scope, ROUTE, version) or self._history.containing_scoped(
+                scope, ROUTE, part
+            )
         found = self._history.get(ROUTE, version)
         if found is not None or not part:
             return found
@@ -788,11 +849,13 @@ class DataPlane:
             how = "left" if silent.left else "silent"
             sources.append((f"replica {identity} ({how} {now - silent.at:.0f}s ago{names})", counted, silent.at))
         proxies, converged, gone = local.proxies, local.converged, local.gone
+        scoped_out = local.scoped_out
         lagging, gone_names = list(local.lagging), list(local.gone_names)
         deadline = local.next_deadline
         for name, counted, quiet in sources:
             due = min(since, quiet) + self._stale_seconds
             carrying = counted.converged if counted.lane == fingerprint else 0
+            scoped_out += counted.scoped_out if counted.lane == fingerprint else 0
             behind = counted.proxies - carrying
             proxies += carrying
             converged += carrying
@@ -815,6 +878,7 @@ class DataPlane:
             gone=gone,
             gone_names=tuple(gone_names),
             next_deadline=deadline,
+            scoped_out=scoped_out,
         )
 
     def _not_reconnected(self) -> list[tuple[str, _Silent, list[str], int]]:
@@ -990,10 +1054,25 @@ class DataPlane:
                 stream=proxy.stream,
                 cluster=proxy.cluster,
             )
-            rejected = self._history.get(nack.type_url, nack.version)
-            accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
+            scope = parse_scoped_key(proxy.key)[1]
             only: frozenset[str] | None = None
-            if rejected is None and nack.resources:
+            if scope is not None:
+                # A scoped proxy's sets: its views in between may have changed lanes of
+                # services it never sees, so only lanes of its scope's services are blamed.
+                history = self._history
+                rejected = history.get_scoped(scope, nack.type_url, nack.version) or history.containing_scoped(
+                    scope, nack.type_url, nack.resources
+                )
+                accepted = None
+                if accepted_ack is not None:
+                    accepted = history.get_scoped(
+                        scope, nack.type_url, accepted_ack.version
+                    ) or history.containing_scoped(scope, nack.type_url, accepted_ack.resources)
+                only = scope
+            else:
+                rejected = self._history.get(nack.type_url, nack.version)
+                accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
+            if rejected is None and nack.resources and scope is None:
                 # A proxyless client rejected a part of a set: the views holding that part and
                 # the part it accepted, blaming only lanes of the services the parts differ in
                 # (views in between may have changed other services' lanes).
@@ -1020,7 +1099,7 @@ class DataPlane:
                 at=found.nack.at.ToDatetime(tzinfo=UTC),
                 cluster=found.cluster,
             )
-            await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted)
+            await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted, only=found.scope)
 
     async def _hold_for_nack(
         self,
@@ -1079,8 +1158,10 @@ class _OwnProxies:
     def __init__(self, tracker: ProxyTracker) -> None:
         self._tracker = tracker
         self._seq: int | None = None  # the tracker's sequence last read (None: never)
-        self._proxies: dict[str, tuple[str, views.ProxyFacts, str]] = {}  # stream -> (route version, facts, node)
-        self._groups: dict[str, views.ProxyGroup] = {}  # route version ("": none ACKed) -> its streams
+        # stream -> (group, facts, node, scope or None); a group is the route version ACKed,
+        # with the scope for a scoped proxy (`scoped_key(version, scope)`)
+        self._proxies: dict[str, tuple[str, views.ProxyFacts, str, Scope | None]] = {}
+        self._groups: dict[str, views.ProxyGroup] = {}  # group ("": none ACKed) -> its streams
         # route version -> the content versions it holds (what a proxyless client's part is)
         self._parts: dict[str, Mapping[str, str]] = {}
         self._nodes: tuple[int, frozenset[str]] | None = None  # (tracker membership, node ids)
@@ -1128,6 +1209,8 @@ class _OwnProxies:
                 del self._node_streams[old[2]]
             return True
         if old is not None:
+            scope = old[3]
+            version = scoped_key(version, scope)  # (not ACKed yet: "@scope", its own group)
             if old[0] == version and old[1].problem == problem:
                 return False
             self._leave(old[0], stream)
@@ -1136,15 +1219,17 @@ class _OwnProxies:
             status = self._tracker.get(stream)
             assert status is not None  # open: it has a version
             name, since, node = _proxy_name(status), status.connected_at, status.node_id
+            scope = parse_scoped_key(status.key)[1]
+            version = scoped_key(version, scope)  # (not ACKed yet: "@scope", its own group)
             self._node_streams[node] += 1
         # `carried` is the group's (looked up by version on each read), not the member's.
         facts = views.ProxyFacts(name=name, carried=None, since=since, problem=problem)
         group = self._groups.get(version)
         if group is None:
-            group = self._groups[version] = views.ProxyGroup()
+            group = self._groups[version] = views.ProxyGroup(scope=scope)
             self._parts[version] = self._tracker.acked_resources(stream, ROUTE)
         group.add(stream, facts)
-        self._proxies[stream] = (version, facts, node)
+        self._proxies[stream] = (version, facts, node, scope)
         return True
 
     def _leave(self, version: str, stream: str) -> None:
@@ -1203,7 +1288,11 @@ def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgr
         return False
     for name, now in after.items():
         was = before[name]
-        if now.lane != was.lane or now.proxies != was.proxies or now.converged < was.converged:
+        if (
+            now.lane != was.lane
+            or (now.proxies, now.scoped_out) != (was.proxies, was.scoped_out)
+            or now.converged < was.converged
+        ):
             return False
         if now.converged != was.converged and now.converged >= now.proxies:
             return False

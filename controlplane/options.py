@@ -12,6 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
@@ -105,9 +106,9 @@ class ServeOptions:
     # TLS to an external etcd (its CA, and a client certificate if it requires one); None:
     # plain text. The embedded etcd listens on loopback in plain text.
     etcd_tls: ClientTls | None = None
-    # Proxies' tokens (cluster, node or None for any node, token); with these or with mutual
+    # Proxies' tokens and scopes (`parse_xds_tokens`); with these or with mutual
     # TLS, an xDS client must prove it is a proxy of `xds_cluster` (see controlplane.proxyauth).
-    xds_tokens: tuple[tuple[str, str | None, str], ...] = ()
+    xds_tokens: tuple[XdsCredential, ...] = ()
     xds_cluster: str = DEFAULT_XDS_CLUSTER
     # Where proxies' self-reported admin endpoints may be fetched (`CIDR[:PORT]` items).
     admin_allow: tuple[str, ...] = DEFAULT_ADMIN_ALLOW
@@ -198,14 +199,36 @@ def parse_agent_tokens(text: str, *, source: str) -> tuple[tuple[str, str], ...]
     return tuple(pairs)
 
 
-def parse_xds_tokens(text: str, *, source: str) -> tuple[tuple[str, str | None, str], ...]:
-    """`cluster: token` (any node of the cluster) and `cluster/node: token` lines into
-    (cluster, node or None, token) triples; ValueError names the file, line and problem.
+class XdsCredential(NamedTuple):
+    """One line of an `--xds-tokens` file: a proxy identity (a cluster, and a node or None
+    for any node of it), its token ("" for a line that only scopes the client certificates
+    naming that identity), and the services it may receive (None: all of its cluster's)."""
+
+    cluster: str
+    node: str | None
+    token: str
+    services: frozenset[str] | None = None
+
+
+# `cluster[/node]`, then an optional `[service,service]` scope.
+_XDS_IDENTITY = re.compile(r"(?P<name>[^\s\[\]]*)\s*(?:\[(?P<scope>[^\]]*)\])?")
+_SERVICE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # as a release names one
+
+
+def parse_xds_tokens(text: str, *, source: str) -> tuple[XdsCredential, ...]:
+    """An `--xds-tokens` file into its credentials; ValueError names the file, line and problem.
+
+    Lines (see graylane.controlplane.proxyauth):
+    * `cluster: token` - any proxy of the cluster; `cluster/node: token` - that node only;
+    * `cluster[/node] [a,b]: token` - the same, scoped: the proxy receives services a and b
+      only (their routes, clusters and endpoints, gray versions and lanes included);
+    * `cluster[/node] [a,b]` (no token) - scopes the client certificates naming that
+      identity (`spiffe://graylane/proxy/cluster[/node]`), which need no new extension.
 
     A line is a comment only when it starts with `#`: a token may hold any character, a `#`
     included. Surrounding quotes are taken off.
     """
-    found: list[tuple[str, str | None, str]] = []
+    found: list[XdsCredential] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -214,18 +237,46 @@ def parse_xds_tokens(text: str, *, source: str) -> tuple[tuple[str, str | None, 
         name, token = name.strip(), token.strip()
         if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
             token = token[1:-1]
-        cluster, _, node = name.partition("/")
         try:
-            if not sep:
-                raise ValueError("expected `cluster: token` or `cluster/node: token`")
+            match = _XDS_IDENTITY.fullmatch(name)
+            if not sep and (match is None or match["scope"] is None):
+                raise ValueError(
+                    "expected `cluster: token`, `cluster/node: token`, `cluster[/node] [services]: token`, "
+                    "or `cluster[/node] [services]` (scoping client certificates)"
+                )
+            if match is None:
+                raise ValueError(
+                    f"{name!r}: expected `cluster[/node] [service,...]` before the `:` "
+                    "(`[` and `]` only around the services)"
+                )
+            cluster, _, node = match["name"].partition("/")
+            services = _parse_scope(match["scope"])
             check_name("cluster", cluster)
             if node:
                 check_name("node", node)
-            if len(token) < MIN_TOKEN_LENGTH:
+            if sep and len(token) < MIN_TOKEN_LENGTH:
                 raise ValueError(f"a token must be at least {MIN_TOKEN_LENGTH} characters")
         except ValueError as exc:
             raise ValueError(f"{source}:{number}: {exc}") from None
-        found.append((cluster, node or None, token))
-    if len({t for _, _, t in found}) != len(found):
+        found.append(XdsCredential(cluster, node or None, token, services))
+    tokens = [c.token for c in found if c.token]
+    if len(set(tokens)) != len(tokens):
         raise ValueError(f"{source}: a token is listed twice")
+    scoped = [(c.cluster, c.node) for c in found if not c.token]
+    if len(set(scoped)) != len(scoped):
+        raise ValueError(f"{source}: a certificate identity is scoped twice")
     return tuple(found)
+
+
+def _parse_scope(text: str | None) -> frozenset[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if names == [""]:
+        raise ValueError("a scope `[...]` names at least one service (leave it out for all of them)")
+    for name in names:
+        if not _SERVICE.fullmatch(name):
+            raise ValueError(
+                f"scope: service {name!r} is not a service name (lower-case letters, digits and '-', at most 63)"
+            )
+    return frozenset(names)

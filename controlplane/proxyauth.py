@@ -11,7 +11,17 @@ proves an identity that names the cluster this xDS port serves:
   (`graylane.controlplane.options.parse_xds_tokens`),
 
 and its node agrees with that identity: `node.cluster` is the identity's cluster and, when
-the identity names a node, `node.id` is that node. Anything else ends the stream before the
+the identity names a node, `node.id` is that node.
+
+Scopes: a credential may name the services its proxy may receive. A token's line says so
+itself (`cluster[/node] [a,b]: token`); a certificate identity is scoped by a token-less
+line of the same file (`cluster[/node] [a,b]`), so a scope needs no certificate extension
+and can change without re-issuing certificates, and one file says what every proxy
+credential may see. A certificate naming a node takes its node's line, else its cluster's;
+one naming only the cluster takes the cluster's line alone (the node id it then sends is
+its own claim, so it cannot pick a wider scope by picking a node). No line: the whole
+cluster. A scoped proxy is served its services' listeners' routes, scopes, route configs,
+clusters and endpoints only (`graylane.xds.scope`), whatever names it asks for. Anything else ends the stream before the
 tracker or the cache see it (UNAUTHENTICATED without a credential, PERMISSION_DENIED with
 the wrong one), so a refused stream is sent nothing and its ACKs and NACKs count for
 nothing. The token is taken out of the node before it is recorded anywhere.
@@ -28,8 +38,9 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from graylane.controlplane.options import XdsCredential
 from graylane.controlplane.tls import PROXY, check_name, peer_identities
-from graylane.xds.server import ProxyRefused
+from graylane.xds.server import Admitted, ProxyRefused
 
 TOKEN_METADATA = "graylane_token"
 
@@ -41,14 +52,17 @@ class ProxyIdentity:
     cluster: str
     node: str | None = None
     via: str = "token"  # "certificate" or "token", for messages
+    services: frozenset[str] | None = None  # the scope (None: every service of the cluster)
 
     def __str__(self) -> str:
-        return f"{self.cluster}/{self.node or '*'} ({self.via})"
+        scope = f" [{','.join(sorted(self.services))}]" if self.services is not None else ""
+        return f"{self.cluster}/{self.node or '*'}{scope} ({self.via})"
 
 
-def xds_authenticator(
-    *, cluster: str, tokens: Sequence[tuple[str, str | None, str]], mutual: bool
-) -> ProxyAuthenticator | None:
+Credentials = Sequence[XdsCredential | tuple[str, str | None, str]]
+
+
+def xds_authenticator(*, cluster: str, tokens: Credentials, mutual: bool) -> ProxyAuthenticator | None:
     """The gate of an xDS port: on as soon as proxies have credentials to show (tokens, or
     client certificates under mutual TLS); None keeps the port open to every proxy."""
     if not tokens and not mutual:
@@ -63,16 +77,28 @@ def _digest(token: str) -> bytes:
 class ProxyAuthenticator:
     """Admits the proxies of `cluster` (see the module docstring)."""
 
-    def __init__(self, *, cluster: str, tokens: Sequence[tuple[str, str | None, str]] = ()) -> None:
-        """`tokens`: (cluster, node or None for any node, token), as `parse_xds_tokens` reads them."""
+    def __init__(self, *, cluster: str, tokens: Credentials = ()) -> None:
+        """`tokens`: as `parse_xds_tokens` reads them (plain (cluster, node, token) triples
+        are unscoped tokens)."""
         self.cluster = check_name("cluster", cluster)
-        self._tokens = {_digest(token): ProxyIdentity(c, n) for c, n, token in tokens}
+        self._tokens: dict[bytes, ProxyIdentity] = {}
+        # (cluster, node or None) -> the scope of the certificates naming that identity
+        self._certificate_scopes: dict[tuple[str, str | None], frozenset[str]] = {}
+        for line in tokens:
+            c = XdsCredential(*line)
+            if c.token:
+                self._tokens[_digest(c.token)] = ProxyIdentity(c.cluster, c.node, services=c.services)
+            elif c.services is not None:
+                self._certificate_scopes[(c.cluster, c.node)] = c.services
 
     def identify(self, node: base_pb2.Node, peer: Mapping[str, Sequence[bytes]]) -> ProxyIdentity:
         for identity in peer_identities(peer):
             if identity.kind == PROXY:
                 cluster, *named = identity.parts
-                return ProxyIdentity(cluster, named[0] if named else None, via="certificate")
+                node = named[0] if named else None
+                scopes = self._certificate_scopes
+                services = scopes.get((cluster, node), scopes.get((cluster, None)) if node is not None else None)
+                return ProxyIdentity(cluster, node, via="certificate", services=services)
         field = node.metadata.fields.get(TOKEN_METADATA)
         if field is not None and field.WhichOneof("kind") == "string_value":
             found = self._tokens.get(_digest(field.string_value))
@@ -85,7 +111,7 @@ class ProxyAuthenticator:
             f"{self.cluster!r}, or node.metadata.{TOKEN_METADATA})",
         )
 
-    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> base_pb2.Node:
+    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> Admitted:
         identity = self.identify(node, peer)
         if identity.cluster != self.cluster:
             raise ProxyRefused(
@@ -100,8 +126,8 @@ class ProxyAuthenticator:
         if identity.node is not None and node.id != identity.node:
             raise ProxyRefused(grpc.StatusCode.PERMISSION_DENIED, f"node {node.id!r} proves {identity}")
         if TOKEN_METADATA not in node.metadata.fields:
-            return node
+            return Admitted(node, identity.services)
         clean = base_pb2.Node()
         clean.CopyFrom(node)
         del clean.metadata.fields[TOKEN_METADATA]
-        return clean
+        return Admitted(clean, identity.services)

@@ -412,6 +412,7 @@ class ProxyFacts:
     carried: xv.RoutingView | None  # the view its ACKed routes were rendered from (None: unknown)
     since: float = 0.0  # unix time it connected (0: unknown)
     problem: str = ""  # Envoy's message of its last NACK ("" none)
+    scope: frozenset[str] | None = None  # the services its credential scopes it to (None: all)
 
 
 def _shown(p: ProxyFacts) -> tuple[str, str]:
@@ -430,10 +431,13 @@ class Progress:
     gone_names: tuple[str, ...] = ()
     next_deadline: float | None = None  # unix time the next lagging proxy would be declared gone
     rejecting: int = 0  # of the lagging proxies, those whose last word was a NACK
+    # Proxies left out because their scope holds none of the release's services: they
+    # neither block it nor serve it (counted only so that a fleet of them reaches it).
+    scoped_out: int = 0
 
     @property
     def reached(self) -> bool:
-        return self.applied and self.proxies > 0 and self.converged == self.proxies
+        return self.applied and (self.proxies > 0 or self.scoped_out > 0) and self.converged == self.proxies
 
 
 class ProxyGroup:
@@ -446,10 +450,13 @@ class ProxyGroup:
     set `carried` again (the view a route version names may become known or forgotten).
     """
 
-    __slots__ = ("carried", "_members", "_rejecting", "_since", "_first")
+    __slots__ = ("carried", "scope", "_members", "_rejecting", "_since", "_first")
 
-    def __init__(self, carried: xv.RoutingView | None = None) -> None:
+    def __init__(self, carried: xv.RoutingView | None = None, *, scope: frozenset[str] | None = None) -> None:
         self.carried = carried
+        # The services its proxies may receive (None: all): a release of none of them is
+        # not theirs to carry (`grouped_progress`).
+        self.scope = scope
         self._members: dict[str, ProxyFacts] = {}
         self._rejecting = 0
         self._since: float | None = None  # the earliest `since` (None: not known now)
@@ -509,11 +516,11 @@ ProxyGroups = Sequence[ProxyGroup]
 def group_by_carried(proxies: Iterable[ProxyFacts]) -> ProxyGroups:
     """Proxies grouped by the view they carry (by identity: the view history hands out one
     object per rendered configuration), so a count asks each view once, not each proxy."""
-    groups: dict[int, ProxyGroup] = {}
+    groups: dict[tuple[int, frozenset[str] | None], ProxyGroup] = {}
     for i, p in enumerate(proxies):
-        group = groups.get(id(p.carried))
+        group = groups.get((id(p.carried), p.scope))
         if group is None:
-            group = groups[id(p.carried)] = ProxyGroup(p.carried)
+            group = groups[(id(p.carried), p.scope)] = ProxyGroup(p.carried, scope=p.scope)
         group.add(str(i), p)
     return tuple(groups.values())
 
@@ -562,11 +569,18 @@ def grouped_progress(
     of its proxies can be stale yet; only then are the members looked at one by one."""
     want = target_in(intended, release)
     applied = want == target_in(effective, release)
-    count = converged = gone = rejecting = 0
+    count = converged = gone = rejecting = scoped_out = 0
     behind: list[ProxyGroup] = []
+    touched: frozenset[str] | None = None
     for group in groups:
         if not len(group):
             continue
+        if group.scope is not None:
+            if touched is None:
+                touched = services_of(release)
+            if group.scope.isdisjoint(touched):
+                scoped_out += len(group)
+                continue
         carried = group.carried
         if carried is not None and target_in(carried, release) == want:
             count += len(group)
@@ -574,7 +588,7 @@ def grouped_progress(
         else:
             behind.append(group)
     if not behind:
-        return Progress(proxies=count, converged=converged, applied=applied)
+        return Progress(proxies=count, converged=converged, applied=applied, scoped_out=scoped_out)
     lagging: list[ProxyFacts] = []
     gone_found: list[ProxyFacts] = []
     deadline: float | None = None
@@ -610,7 +624,14 @@ def grouped_progress(
         ),
         next_deadline=deadline,
         rejecting=rejecting,
+        scoped_out=scoped_out,
     )
+
+
+def services_of(release: model.Release) -> frozenset[str]:
+    """The services a release's routes touch: those it runs a gray version of, and its entry
+    (where its lane's rules and weighted share are routed)."""
+    return frozenset({s.service for s in release.spec.services} | {release.spec.entry})
 
 
 def _why(p: ProxyFacts) -> str:

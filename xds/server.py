@@ -84,6 +84,7 @@ from graylane.xds.resources import (
     set_version,
     sotw_body,
 )
+from graylane.xds.scope import ScopedSnapshotCache, parse_scoped_key, scoped_key
 from graylane.xds.tracker import DELTA, SOTW, Nack, ProxyTracker, Push, TypeAck, new_stream_id, now
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,21 @@ class ProxyRefused(Exception):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A proxy a gate admits: the node to serve and record (credentials taken out of it),
+    and the services it may receive (None: every service its node group is rendered)."""
+
+    node: base_pb2.Node
+    services: frozenset[str] | None = None
+
+
 class ProxyGate(Protocol):
     """Decides, from a stream's first node and its peer (the call's auth context: the
-    verified client certificate, if any), whether the proxy is served."""
+    verified client certificate, if any), whether the proxy is served, and what of."""
 
-    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> base_pb2.Node:
-        """The node to serve and record (credentials taken out of it), or raise ProxyRefused."""
+    def admit(self, node: base_pb2.Node, *, peer: Mapping[str, Sequence[bytes]]) -> Admitted:
+        """The proxy as admitted, or raise ProxyRefused."""
         ...
 
 
@@ -649,7 +659,7 @@ class _Stream(Generic[Req, Resp]):
         # Set by the server when a gate is configured: the proxy is admitted (or refused)
         # on its first request, before the tracker or the cache ever see it, so a refused
         # stream's ACKs and NACKs count for nothing.
-        self.admit: Callable[[base_pb2.Node], base_pb2.Node] | None = None
+        self.admit: Callable[[base_pb2.Node], Admitted] | None = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -691,8 +701,15 @@ class _Stream(Generic[Req, Resp]):
     def _start(self, request: Req) -> None:
         if self.stream_id or self._stopped:
             return
-        self.node.CopyFrom(request.node if self.admit is None else self.admit(request.node))  # raises ProxyRefused
-        self.key = self.cache.key_for_node(self.node)  # raises InvalidNodeMetadata
+        admitted = Admitted(request.node) if self.admit is None else self.admit(request.node)  # raises ProxyRefused
+        self.node.CopyFrom(admitted.node)
+        # A scoped proxy is served its node group's configuration cut to its services, from
+        # a key of its own (shared by every proxy of that group and scope).
+        self.key = scoped_key(self.cache.key_for_node(self.node), admitted.services)  # raises InvalidNodeMetadata
+        if admitted.services is not None and not isinstance(self.cache, ScopedSnapshotCache):
+            # A plain cache would hand the key to its owner as a node group: the whole cluster.
+            message = f"node {self.node.id!r} is scoped to services and this port cannot scope"
+            raise ProxyRefused(grpc.StatusCode.PERMISSION_DENIED, message)
         self.stream_id = new_stream_id(self.node.id)
         self.tracker.connected(self.node, stream=self.stream_id, key=self.key, protocol=self.protocol)
         log.info("%s stream open: %s key %s", self.protocol, self.stream_id, self.key)
@@ -733,7 +750,7 @@ class _Stream(Generic[Req, Resp]):
         st = self.types.get(CLUSTER)
         if st is not None and st.subscribed:
             return not st.wildcard
-        return self.key == PROXYLESS_KEY
+        return parse_scoped_key(self.key)[0] == PROXYLESS_KEY
 
     def target(self) -> Resources | None:
         return self.cache.snapshot(self.key)
@@ -1055,7 +1072,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     """Serves a SnapshotCache to Envoys over ADS (SotW and delta), reporting to a tracker.
 
     With a `gate`, every stream's proxy is admitted or refused on its first request
-    (`ProxyGate`); `refused` counts the refusals. Without one, every proxy is served.
+    (`ProxyGate`); `refused` counts the refusals. Without one, every proxy is served. A
+    proxy the gate scopes to some services is served from its scoped key
+    (`graylane.xds.scope`): `cache` must then be a `ScopedSnapshotCache`, else it is refused.
     """
 
     def __init__(

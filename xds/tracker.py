@@ -39,6 +39,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 from graylane.xds.cache import PROXYLESS_KEY
+from graylane.xds.scope import SCOPE_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ class ProxyTracker:
         streams.add(stream)
         # A proxyless gRPC process opens one stream per channel target, all with its one node
         # id: expected there (each stream still counts as its own proxy).
-        if len(streams) > 1 and key != PROXYLESS_KEY:
+        if len(streams) > 1 and key.partition(SCOPE_SEPARATOR)[0] != PROXYLESS_KEY:
             log.warning(
                 "node id %r has %d open xDS streams (%s): each is tracked as its own proxy; "
                 "give every Envoy a unique node id",

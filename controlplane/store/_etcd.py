@@ -21,7 +21,7 @@ Key layout (below the prefix):
     bootstrapped                         id of the first admin token `serve --auth` made (once per installation)
     tokens/<id>                          an API token record (JSON; the SHA-256 of its secret, never the secret)
     replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
-    progress/<identity>                  {release: [lane fingerprint, proxies, converged]} as that replica
+    progress/<identity>                  {release: [lane fingerprint, proxies, converged(, scoped out)]} as that replica
                                          counts its own proxies and its agents', under its lease
 
 An agent's keys live on an etcd lease kept alive by the replica holding the agent's
@@ -133,6 +133,9 @@ class ReplicaProgress:
     lane: str
     proxies: int
     converged: int
+    # Proxies whose scope holds none of the release's services (left out of `proxies`);
+    # written only when some are, so replicas that predate it read every other count.
+    scoped_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,7 +706,10 @@ class EtcdStore:
         fleet = fleet or ReplicaFleet()
         value = json.dumps(
             {
-                "releases": {name: [p.lane, p.proxies, p.converged] for name, p in sorted(progress.items())},
+                "releases": {
+                    name: [p.lane, p.proxies, p.converged] + ([p.scoped_out] if p.scoped_out else [])
+                    for name, p in sorted(progress.items())
+                },
                 "clusters": dict(sorted(fleet.clusters.items())),
                 "nodes": sorted(fleet.nodes),
                 "left": fleet.left,
@@ -1017,8 +1023,8 @@ def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
             # Before the fleet was published the value was the releases alone.
             counts = value["releases"] if {"releases", "clusters", "nodes"} <= value.keys() else value
             releases = {
-                str(name): ReplicaProgress(str(lane), int(proxies), int(converged))
-                for name, (lane, proxies, converged) in counts.items()
+                str(name): ReplicaProgress(str(lane), int(proxies), int(converged), *(int(n) for n in rest[:1]))
+                for name, (lane, proxies, converged, *rest) in counts.items()
             }
             fleet = ReplicaFleet(
                 clusters={str(c): int(n) for c, n in value.get("clusters", {}).items()},

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from graylane.v1 import release_pb2 as graylane_dot_v1_dot_release__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17graylane/v1/agent.proto\x12\x0bgraylane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19graylane/v1/release.proto\"_\n\nAgentHello\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x17\n\x0fgateway_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\"^\n\x10VersionEndpoints\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\tendpoints\x18\x03 \x03(\x0b\x32\x15.graylane.v1.Endpoint\"C\n\x10\x45ndpointSnapshot\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.graylane.v1.VersionEndpoints\"v\n\nProxyState\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cview_version\x18\x02 \x01(\t\x12$\n\tlast_nack\x18\x03 \x01(\x0b\x32\x11.graylane.v1.Nack\x12\x1b\n\x13nacked_view_version\x18\x04 \x01(\t\"7\n\x0bProxyReport\x12(\n\x07proxies\x18\x01 \x03(\x0b\x32\x17.graylane.v1.ProxyState\"\x0b\n\tHeartbeat\"T\n\x0bGuardReport\x12\r\n\x05lanes\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x0bSeriesDelta\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04\x12\x18\n\x10\x62ucket_bounds_ms\x18\x06 \x03(\x01\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\"{\n\rMetricsReport\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\x01\x12(\n\x06series\x18\x03 \x03(\x0b\x32\x18.graylane.v1.SeriesDelta\"\xa8\x02\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.graylane.v1.AgentHelloH\x00\x12\x32\n\tendpoints\x18\x02 \x01(\x0b\x32\x1d.graylane.v1.EndpointSnapshotH\x00\x12+\n\x07proxies\x18\x03 \x01(\x0b\x32\x18.graylane.v1.ProxyReportH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.graylane.v1.HeartbeatH\x00\x12)\n\x05guard\x18\x05 \x01(\x0b\x32\x18.graylane.v1.GuardReportH\x00\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.graylane.v1.MetricsReportH\x00\x42\x06\n\x04kind\"1\n\x0bViewService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\"p\n\rViewEndpoints\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\tendpoints\x18\x03 \x03(\x0b\x32\x15.graylane.v1.Endpoint\x12\x13\n\x0bvia_cluster\x18\x04 \x01(\t\"\xb3\x01\n\x08ViewLane\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12.\n\x08versions\x18\x04 \x03(\x0b\x32\x1c.graylane.v1.ServiceVersions\x12%\n\x05rules\x18\x05 \x03(\x0b\x32\x16.graylane.v1.MatchRule\x12#\n\x06\x63ohort\x18\x06 \x01(\x0b\x32\x13.graylane.v1.Cohort\"\x8e\x01\n\x0bRoutingView\x12*\n\x08services\x18\x01 \x03(\x0b\x32\x18.graylane.v1.ViewService\x12-\n\tendpoints\x18\x02 \x03(\x0b\x32\x1a.graylane.v1.ViewEndpoints\x12$\n\x05lanes\x18\x03 \x03(\x0b\x32\x15.graylane.v1.ViewLane\"F\n\x0b\x43lusterView\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x04view\x18\x02 \x01(\x0b\x32\x18.graylane.v1.RoutingView\"T\n\x07Welcome\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\r\"k\n\x0e\x43ontrolMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.graylane.v1.WelcomeH\x00\x12(\n\x04view\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ClusterViewH\x00\x42\x06\n\x04kind2U\n\x0c\x41gentService\x12\x45\n\x07\x43onnect\x12\x19.graylane.v1.AgentMessage\x1a\x1b.graylane.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17graylane/v1/agent.proto\x12\x0bgraylane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19graylane/v1/release.proto\"_\n\nAgentHello\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x17\n\x0fgateway_address\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\"^\n\x10VersionEndpoints\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\tendpoints\x18\x03 \x03(\x0b\x32\x15.graylane.v1.Endpoint\"C\n\x10\x45ndpointSnapshot\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.graylane.v1.VersionEndpoints\"\x85\x01\n\nProxyState\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cview_version\x18\x02 \x01(\t\x12$\n\tlast_nack\x18\x03 \x01(\x0b\x32\x11.graylane.v1.Nack\x12\x1b\n\x13nacked_view_version\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x03(\t\"7\n\x0bProxyReport\x12(\n\x07proxies\x18\x01 \x03(\x0b\x32\x17.graylane.v1.ProxyState\"\x0b\n\tHeartbeat\"T\n\x0bGuardReport\x12\r\n\x05lanes\x18\x01 \x03(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x0bSeriesDelta\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04lane\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04\x12\x18\n\x10\x62ucket_bounds_ms\x18\x06 \x03(\x01\x12\x15\n\rbucket_counts\x18\x07 \x03(\x04\"{\n\rMetricsReport\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\x01\x12(\n\x06series\x18\x03 \x03(\x0b\x32\x18.graylane.v1.SeriesDelta\"\xa8\x02\n\x0c\x41gentMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.graylane.v1.AgentHelloH\x00\x12\x32\n\tendpoints\x18\x02 \x01(\x0b\x32\x1d.graylane.v1.EndpointSnapshotH\x00\x12+\n\x07proxies\x18\x03 \x01(\x0b\x32\x18.graylane.v1.ProxyReportH\x00\x12+\n\theartbeat\x18\x04 \x01(\x0b\x32\x16.graylane.v1.HeartbeatH\x00\x12)\n\x05guard\x18\x05 \x01(\x0b\x32\x18.graylane.v1.GuardReportH\x00\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.graylane.v1.MetricsReportH\x00\x42\x06\n\x04kind\"1\n\x0bViewService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\t\"p\n\rViewEndpoints\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\tendpoints\x18\x03 \x03(\x0b\x32\x15.graylane.v1.Endpoint\x12\x13\n\x0bvia_cluster\x18\x04 \x01(\t\"\xb3\x01\n\x08ViewLane\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12.\n\x08versions\x18\x04 \x03(\x0b\x32\x1c.graylane.v1.ServiceVersions\x12%\n\x05rules\x18\x05 \x03(\x0b\x32\x16.graylane.v1.MatchRule\x12#\n\x06\x63ohort\x18\x06 \x01(\x0b\x32\x13.graylane.v1.Cohort\"\x8e\x01\n\x0bRoutingView\x12*\n\x08services\x18\x01 \x03(\x0b\x32\x18.graylane.v1.ViewService\x12-\n\tendpoints\x18\x02 \x03(\x0b\x32\x1a.graylane.v1.ViewEndpoints\x12$\n\x05lanes\x18\x03 \x03(\x0b\x32\x15.graylane.v1.ViewLane\"F\n\x0b\x43lusterView\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x04view\x18\x02 \x01(\x0b\x32\x18.graylane.v1.RoutingView\"T\n\x07Welcome\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x19\n\x11lease_ttl_seconds\x18\x03 \x01(\r\"k\n\x0e\x43ontrolMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.graylane.v1.WelcomeH\x00\x12(\n\x04view\x18\x02 \x01(\x0b\x32\x18.graylane.v1.ClusterViewH\x00\x42\x06\n\x04kind2U\n\x0c\x41gentService\x12\x45\n\x07\x43onnect\x12\x19.graylane.v1.AgentMessage\x1a\x1b.graylane.v1.ControlMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,34 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONENDPOINTS']._serialized_end=291
   _globals['_ENDPOINTSNAPSHOT']._serialized_start=293
   _globals['_ENDPOINTSNAPSHOT']._serialized_end=360
-  _globals['_PROXYSTATE']._serialized_start=362
-  _globals['_PROXYSTATE']._serialized_end=480
-  _globals['_PROXYREPORT']._serialized_start=482
-  _globals['_PROXYREPORT']._serialized_end=537
-  _globals['_HEARTBEAT']._serialized_start=539
-  _globals['_HEARTBEAT']._serialized_end=550
-  _globals['_GUARDREPORT']._serialized_start=552
-  _globals['_GUARDREPORT']._serialized_end=636
-  _globals['_SERIESDELTA']._serialized_start=639
-  _globals['_SERIESDELTA']._serialized_end=783
-  _globals['_METRICSREPORT']._serialized_start=785
-  _globals['_METRICSREPORT']._serialized_end=908
-  _globals['_AGENTMESSAGE']._serialized_start=911
-  _globals['_AGENTMESSAGE']._serialized_end=1207
-  _globals['_VIEWSERVICE']._serialized_start=1209
-  _globals['_VIEWSERVICE']._serialized_end=1258
-  _globals['_VIEWENDPOINTS']._serialized_start=1260
-  _globals['_VIEWENDPOINTS']._serialized_end=1372
-  _globals['_VIEWLANE']._serialized_start=1375
-  _globals['_VIEWLANE']._serialized_end=1554
-  _globals['_ROUTINGVIEW']._serialized_start=1557
-  _globals['_ROUTINGVIEW']._serialized_end=1699
-  _globals['_CLUSTERVIEW']._serialized_start=1701
-  _globals['_CLUSTERVIEW']._serialized_end=1771
-  _globals['_WELCOME']._serialized_start=1773
-  _globals['_WELCOME']._serialized_end=1857
-  _globals['_CONTROLMESSAGE']._serialized_start=1859
-  _globals['_CONTROLMESSAGE']._serialized_end=1966
-  _globals['_AGENTSERVICE']._serialized_start=1968
-  _globals['_AGENTSERVICE']._serialized_end=2053
+  _globals['_PROXYSTATE']._serialized_start=363
+  _globals['_PROXYSTATE']._serialized_end=496
+  _globals['_PROXYREPORT']._serialized_start=498
+  _globals['_PROXYREPORT']._serialized_end=553
+  _globals['_HEARTBEAT']._serialized_start=555
+  _globals['_HEARTBEAT']._serialized_end=566
+  _globals['_GUARDREPORT']._serialized_start=568
+  _globals['_GUARDREPORT']._serialized_end=652
+  _globals['_SERIESDELTA']._serialized_start=655
+  _globals['_SERIESDELTA']._serialized_end=799
+  _globals['_METRICSREPORT']._serialized_start=801
+  _globals['_METRICSREPORT']._serialized_end=924
+  _globals['_AGENTMESSAGE']._serialized_start=927
+  _globals['_AGENTMESSAGE']._serialized_end=1223
+  _globals['_VIEWSERVICE']._serialized_start=1225
+  _globals['_VIEWSERVICE']._serialized_end=1274
+  _globals['_VIEWENDPOINTS']._serialized_start=1276
+  _globals['_VIEWENDPOINTS']._serialized_end=1388
+  _globals['_VIEWLANE']._serialized_start=1391
+  _globals['_VIEWLANE']._serialized_end=1570
+  _globals['_ROUTINGVIEW']._serialized_start=1573
+  _globals['_ROUTINGVIEW']._serialized_end=1715
+  _globals['_CLUSTERVIEW']._serialized_start=1717
+  _globals['_CLUSTERVIEW']._serialized_end=1787
+  _globals['_WELCOME']._serialized_start=1789
+  _globals['_WELCOME']._serialized_end=1873
+  _globals['_CONTROLMESSAGE']._serialized_start=1875
+  _globals['_CONTROLMESSAGE']._serialized_end=1982
+  _globals['_AGENTSERVICE']._serialized_start=1984
+  _globals['_AGENTSERVICE']._serialized_end=2069
 # @@protoc_insertion_point(module_scope)

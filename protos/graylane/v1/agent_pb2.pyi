@@ -39,16 +39,18 @@ class EndpointSnapshot(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionEndpoints, _Mapping]]] = ...) -> None: ...
 
 class ProxyState(_message.Message):
-    __slots__ = ("node_id", "view_version", "last_nack", "nacked_view_version")
+    __slots__ = ("node_id", "view_version", "last_nack", "nacked_view_version", "scope")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_FIELD_NUMBER: _ClassVar[int]
     NACKED_VIEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     view_version: str
     last_nack: _release_pb2.Nack
     nacked_view_version: str
-    def __init__(self, node_id: _Optional[str] = ..., view_version: _Optional[str] = ..., last_nack: _Optional[_Union[_release_pb2.Nack, _Mapping]] = ..., nacked_view_version: _Optional[str] = ...) -> None: ...
+    scope: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., view_version: _Optional[str] = ..., last_nack: _Optional[_Union[_release_pb2.Nack, _Mapping]] = ..., nacked_view_version: _Optional[str] = ..., scope: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProxyReport(_message.Message):
     __slots__ = ("proxies",)

@@ -198,7 +198,7 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
             xds_listen=HostPort("::", 9001),
             data_dir=Path("/var/lib/graylane"),
             auth=True,
-            xds_tokens=(("local", None, "proxy-token-0123456789"),),
+            xds_tokens=(("local", None, "proxy-token-0123456789", None),),
         )
     ]
 
@@ -577,6 +577,9 @@ def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
     tokens.write_text("local: short\n")
     assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
     assert "at least 16" in capsys.readouterr().err
+    tokens.write_text("local [checkout]: 0123456789abcdefgh\nlocal/x []\n")  # a scope of no service
+    assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
+    assert f"{tokens}:2: a scope `[...]` names at least one service" in capsys.readouterr().err
     assert cli.main(["serve", "--admin-allow", "not-a-network"]) == cli.EXIT_USAGE
     assert "CIDR" in capsys.readouterr().err
     assert cli.main(["serve", "--etcd-ca", "ca.pem"]) == cli.EXIT_USAGE  # the embedded etcd is local

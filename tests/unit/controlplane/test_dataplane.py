@@ -137,7 +137,7 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
                 assert got == full, (step, now)
                 facts = [
                     replace(f, carried=by_version.get(version) if version else None)
-                    for version, f, _ in own._proxies.values()
+                    for version, f, _, _ in own._proxies.values()
                 ]
                 assert got == one_by_one(facts, r, since=target_since, now=now, stale=stale)
             assert own.nodes() == frozenset(p.node_id for p in tracker.proxies().values())

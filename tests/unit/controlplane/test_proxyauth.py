@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
+from graylane.controlplane.options import parse_xds_tokens
 from graylane.controlplane.proxyauth import TOKEN_METADATA, ProxyAuthenticator
 from graylane.controlplane.tls import agent_uri, proxy_uri, user_uri
 from graylane.xds.server import ProxyRefused
@@ -33,15 +34,16 @@ def refused(n: base_pb2.Node, peer: dict[str, list[bytes]]) -> ProxyRefused:
 
 
 def test_a_proxy_certificate_of_the_served_cluster_is_admitted() -> None:
-    assert GATE.admit(node(), peer=mtls(proxy_uri("east"))) == node()
-    assert GATE.admit(node("envoy-1"), peer=mtls(proxy_uri("east", "envoy-1"))).id == "envoy-1"
+    assert GATE.admit(node(), peer=mtls(proxy_uri("east"))).node == node()
+    assert GATE.admit(node("envoy-1"), peer=mtls(proxy_uri("east", "envoy-1"))).node.id == "envoy-1"
 
 
 def test_a_token_admits_and_is_taken_out_of_the_node() -> None:
     admitted = GATE.admit(node("envoy-7", token=TOKEN), peer={})
-    assert TOKEN_METADATA not in admitted.metadata.fields
-    assert admitted.metadata.fields["admin_address"].string_value == "127.0.0.1:9901"
-    assert GATE.admit(node("envoy-1", token=NODE_TOKEN), peer={}).id == "envoy-1"
+    assert TOKEN_METADATA not in admitted.node.metadata.fields
+    assert admitted.node.metadata.fields["admin_address"].string_value == "127.0.0.1:9901"
+    assert admitted.services is None  # unscoped: the whole cluster
+    assert GATE.admit(node("envoy-1", token=NODE_TOKEN), peer={}).node.id == "envoy-1"
 
 
 @pytest.mark.parametrize(
@@ -73,3 +75,30 @@ def test_another_clusters_token_is_refused() -> None:
     with pytest.raises(ProxyRefused) as caught:
         gate.admit(node(cluster="west", token=TOKEN), peer={})
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+SCOPED = ProxyAuthenticator(
+    cluster="east",
+    tokens=parse_xds_tokens(
+        "east [a]: scoped-token-0123456789\n"
+        "east/envoy-1 [a, b]: node-scoped-0123456789\n"
+        "east [c]\n"  # certificates of east naming no node, or a node without a line of its own
+        "east/envoy-2 [d]\n",
+        source="t",
+    ),
+)
+
+
+def test_a_scoped_token_admits_its_services_only() -> None:
+    assert SCOPED.admit(node("envoy-7", token="scoped-token-0123456789"), peer={}).services == {"a"}
+    assert SCOPED.admit(node("envoy-1", token="node-scoped-0123456789"), peer={}).services == {"a", "b"}
+
+
+def test_a_certificate_takes_its_nodes_scope_else_its_clusters() -> None:
+    assert SCOPED.admit(node("envoy-2"), peer=mtls(proxy_uri("east", "envoy-2"))).services == {"d"}
+    assert SCOPED.admit(node("envoy-3"), peer=mtls(proxy_uri("east", "envoy-3"))).services == {"c"}
+    # A certificate for any node of east: the node id is its own claim, so claiming envoy-2
+    # does not buy envoy-2's scope.
+    assert SCOPED.admit(node("envoy-2"), peer=mtls(proxy_uri("east"))).services == {"c"}
+    # No scope line at all: the whole cluster, as before.
+    assert GATE.admit(node("envoy-2"), peer=mtls(proxy_uri("east", "envoy-2"))).services is None

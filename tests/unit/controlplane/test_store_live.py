@@ -60,13 +60,16 @@ def test_replicas_and_progress_are_decoded_and_replaced() -> None:
     state.apply(
         [
             _put("replicas/r1", json.dumps({"n1": "127.0.0.1:1"}).encode(), 2),
-            _put("progress/r1", json.dumps({"rel": ["fp", 2, 1]}).encode(), 2),
+            # (a fourth number: proxies scoped away from the release, written only when some are)
+            _put("progress/r1", json.dumps({"rel": ["fp", 2, 1], "other": ["fp", 0, 0, 3]}).encode(), 2),
         ]
     )
     snap = state.snapshot()
     assert snap.replica_proxies == {"n1": "127.0.0.1:1"}
     assert snap.replica_nodes == {"r1": frozenset({"n1"})}
-    assert snap.replica_progress == {"r1": {"rel": ReplicaProgress("fp", 2, 1)}}
+    assert snap.replica_progress == {
+        "r1": {"rel": ReplicaProgress("fp", 2, 1), "other": ReplicaProgress("fp", 0, 0, scoped_out=3)}
+    }
     state.apply([_put("progress/r1", b"not json", 3), _delete("replicas/r1", 3)])
     snap = state.snapshot()
     assert snap.replica_progress == {} and snap.replica_proxies == {} and snap.replica_nodes == {}

@@ -100,15 +100,26 @@ def test_tls_settings_name_the_file_they_cannot_read(tmp_path: Path) -> None:
 
 def test_xds_tokens_keep_hashes_inside_tokens_and_name_bad_lines() -> None:
     text = "# proxies\neast: 'tok#en-0123456789abcdef'\neast/envoy-1: plain-0123456789abcdef  \n\n"
+    text += "east/envoy-2 [checkout, payments]: scoped-0123456789abcdef\neast [web]\n"
     assert parse_xds_tokens(text, source="t") == (
-        ("east", None, "tok#en-0123456789abcdef"),
-        ("east", "envoy-1", "plain-0123456789abcdef"),
+        ("east", None, "tok#en-0123456789abcdef", None),
+        ("east", "envoy-1", "plain-0123456789abcdef", None),
+        ("east", "envoy-2", "scoped-0123456789abcdef", frozenset({"checkout", "payments"})),
+        ("east", None, "", frozenset({"web"})),  # scopes east's client certificates
     )
     for bad, message in (
         ("east 0123456789abcdef", "t:1: expected"),
         ("east: short", "t:1: a token must be at least 16"),
-        ("ea st: 0123456789abcdef", "t:1: cluster"),
+        ("ea st: 0123456789abcdef", "t:1: 'ea st': expected `cluster"),
         ("east: 0123456789abcdef\nwest: 0123456789abcdef", "listed twice"),
+        ("east\neast []: 0123456789abcdef", "t:1: expected"),
+        ("east []: 0123456789abcdef", "t:1: a scope `.*` names at least one service"),
+        ("# c\neast [a,Bad]: 0123456789abcdef", "t:2: scope: service 'Bad' is not a service name"),
+        ("east [a,,b]", "t:1: scope: service '' is not"),
+        ("east [a] [b]: 0123456789abcdef", "t:1: 'east \\[a\\] \\[b\\]': expected"),
+        ("east [a: 0123456789abcdef", "t:1: 'east \\[a': expected"),
+        ("e/st/x [a]", "t:1: node 'st/x'"),
+        ("east [a]\neast [b]", "a certificate identity is scoped twice"),
     ):
         with pytest.raises(ValueError, match=message):
             parse_xds_tokens(bad, source="t")

@@ -132,3 +132,27 @@ def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_
     assert refused.value.field == "spec.lane" and "draining" in str(refused.value)
     check_against_registry("next", spec, snap(replace(rolled, status=replace(rolled.status, reached=True))))
     check_against_registry("r", spec, snap(rolled))  # the release itself, restarted
+
+
+def test_a_scoped_proxy_counts_only_for_releases_of_its_services() -> None:
+    r = release(batch=0)  # a release of checkout
+    intended = view_with(views.lane_of(r))
+
+    def at(*proxies: views.ProxyFacts) -> views.Progress:
+        return views.release_progress(
+            r, intended=intended, effective=intended, proxies=proxies, target_since=100.0, now=110.0, stale_seconds=30
+        )
+
+    elsewhere = views.ProxyFacts("web-only", None, since=100.0, scope=frozenset({"web"}))
+    # Scoped to another service: it neither blocks the release nor is counted as serving it,
+    # and a fleet of such proxies alone still reaches it.
+    alone = at(elsewhere)
+    assert (alone.proxies, alone.converged, alone.scoped_out, alone.reached) == (0, 0, 1, True)
+    mixed = at(elsewhere, views.ProxyFacts("all", None, since=100.0))
+    assert (mixed.proxies, mixed.converged, mixed.reached) == (1, 0, False)
+    # Scoped to checkout: it must carry the release like any other proxy.
+    mine = views.ProxyFacts("checkout-only", None, since=100.0, scope=frozenset({"checkout", "web"}))
+    waiting = at(elsewhere, mine)
+    assert (waiting.proxies, waiting.converged, waiting.reached) == (1, 0, False)
+    carried = at(elsewhere, replace(mine, carried=intended))
+    assert (carried.proxies, carried.converged, carried.reached) == (1, 1, True)

@@ -21,7 +21,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, MESSAGE_TYPES, ROUTE, SCOPED_ROUTE, Resources
-from graylane.xds.server import AdsServer, ProxyRefused, _DeltaStream, _SotwStream
+from graylane.xds.server import Admitted, AdsServer, ProxyRefused, _DeltaStream, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -574,7 +574,7 @@ class _Gate:
     def __init__(self) -> None:
         self.peers: list[object] = []
 
-    def admit(self, node: base_pb2.Node, *, peer: Any) -> base_pb2.Node:
+    def admit(self, node: base_pb2.Node, *, peer: Any) -> Admitted:
         self.peers.append(peer)
         if node.id == "rogue":
             raise ProxyRefused(grpc.StatusCode.PERMISSION_DENIED, "rogue may not")
@@ -582,7 +582,7 @@ class _Gate:
         clean.CopyFrom(node)
         if "secret" in clean.metadata.fields:
             del clean.metadata.fields["secret"]
-        return clean
+        return Admitted(clean)
 
 
 @pytest.mark.parametrize("protocol", ["sotw", "delta"])
