@@ -174,10 +174,10 @@ def _alias_bomb(levels: int = 10) -> str:
 
 
 def test_an_alias_bomb_is_refused_before_it_expands() -> None:
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not wall: a loaded machine must not fail it
     with pytest.raises(ManifestError, match=r"bomb\.yaml: document 1: .*aliases \(\*name\) are not allowed"):
         load_manifest(_alias_bomb(), source="bomb.yaml")
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 def test_any_alias_or_merge_key_is_refused() -> None:
@@ -190,12 +190,12 @@ def test_any_alias_or_merge_key_is_refused() -> None:
 
 
 def test_deep_nesting_and_oversized_manifests_are_refused_fast() -> None:
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not wall: a loaded machine must not fail it
     with pytest.raises(ManifestError, match=f"nested deeper than {MAX_DEPTH} levels"):
         load_manifest("spec: " + "[" * 5_000 + "]" * 5_000)
     with pytest.raises(ManifestError, match=f"above the limit of {MAX_MANIFEST_BYTES}"):
         load_manifest("# padding\n" * (MAX_MANIFEST_BYTES // 10 + 1))
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 def test_the_agents_endpoints_file_refuses_aliases_too() -> None:
@@ -207,7 +207,7 @@ def test_the_agents_endpoints_file_refuses_aliases_too() -> None:
 def test_graylane_apply_reads_an_alias_bomb_file_and_refuses_it_fast(tmp_path: Path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(_alias_bomb())
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not wall: a loaded machine must not fail it
     with pytest.raises(UsageError, match=r"bomb\.yaml: document 1: .*aliases"):
         read_manifest(str(path))
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
