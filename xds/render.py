@@ -417,39 +417,56 @@ def _ads() -> config_source_pb2.ConfigSource:
 
 
 def _cluster(name: str, eds: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.DiscoveryType.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=eds),
-        connect_timeout=duration_pb2.Duration(
-            seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
-        ),
-        lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
-    )
+    # Merged from a template per timeout and then named: building the nested messages from
+    # keywords on every call cost 5x as much (11,000 clusters at 10,000 services).
+    template = _cluster_templates.get(connect_timeout_ms)
+    if template is None:
+        template = _cluster_templates[connect_timeout_ms] = cluster_pb2.Cluster(
+            type=cluster_pb2.Cluster.DiscoveryType.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+            connect_timeout=duration_pb2.Duration(
+                seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
+            ),
+            lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
+        )
+    cluster = cluster_pb2.Cluster(name=name)
+    cluster.MergeFrom(template)
+    cluster.eds_cluster_config.service_name = eds
+    return cluster
+
+
+# connect timeout (ms) -> a nameless cluster with every other field set (never mutated)
+_cluster_templates: dict[int, cluster_pb2.Cluster] = {}
 
 
 def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints of one cluster, deduplicated and sorted; none is a valid answer."""
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
+    ordered = sorted(set(endpoints), key=_endpoint_order)
     if ordered:
         # gRPC clients drop a locality without a weight and an endpoint without one (Envoy
         # defaults both to 1, and ignores locality weights unless the cluster asks for them):
         # one locality, weight 1, and weight 1 for each endpoint, read the same by both.
-        assignment.endpoints.append(
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=_LOCALITY,
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port)),
-                        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                    )
-                    for e in ordered
-                ],
-            )
-        )
+        locality = assignment.endpoints.add()
+        locality.MergeFrom(_LOCALITY_ENDPOINTS)
+        for e in ordered:
+            lb = locality.lb_endpoints.add()
+            lb.MergeFrom(_WEIGHT_ONE_ENDPOINT)
+            socket = lb.endpoint.address.socket_address
+            socket.address = e.address
+            socket.port_value = e.port
     return assignment
+
+
+def _endpoint_order(endpoint: Endpoint) -> tuple[str, int]:
+    return endpoint.address, endpoint.port
+
+
+# Merged into each new message and then completed (cheaper than keyword construction).
+_LOCALITY_ENDPOINTS = endpoint_components_pb2.LocalityLbEndpoints(
+    locality=_LOCALITY, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
+)
+_WEIGHT_ONE_ENDPOINT = endpoint_components_pb2.LbEndpoint(load_balancing_weight=wrappers_pb2.UInt32Value(value=1))
 
 
 def _socket_address(address: str, port: int) -> address_pb2.Address:
@@ -550,12 +567,10 @@ def _scope(service: str) -> scoped_route_pb2.ScopedRouteConfiguration:
     Eager (not on-demand): Envoy fetches every scope's route config up front, so the first
     request to a service never waits for a fetch.
     """
-    key = scoped_route_pb2.ScopedRouteConfiguration.Key(
-        fragments=[scoped_route_pb2.ScopedRouteConfiguration.Key.Fragment(string_key=service)]
-    )
-    return scoped_route_pb2.ScopedRouteConfiguration(
-        name=route_config_name(service), route_configuration_name=route_config_name(service), key=key
-    )
+    name = route_config_name(service)
+    scope = scoped_route_pb2.ScopedRouteConfiguration(name=name, route_configuration_name=name)
+    scope.key.fragments.add(string_key=service)  # in place: a built Key would be copied in
+    return scope
 
 
 # -------------------------------------------------------------------------------- routes
@@ -831,16 +846,27 @@ def _route(
     headers_to_add: Sequence[base_pb2.HeaderValueOption] = (),
 ) -> route_components_pb2.Route:
     """A route to one cluster or a weighted split, with the shared retry policy."""
-    action = route_components_pb2.RouteAction(
+    # Built in place from a template: keyword construction copied the match and the action
+    # once more and built the retry policy anew (18,000 routes at 10,000 services).
+    route = route_components_pb2.Route(name=name)
+    route.match.CopyFrom(match)
+    route.MergeFrom(_ROUTE_TEMPLATE)
+    if weighted_clusters is not None:
+        route.route.weighted_clusters.CopyFrom(weighted_clusters)
+    else:
+        route.route.cluster = cluster
+    if headers_to_add:
+        route.request_headers_to_add.extend(headers_to_add)
+    return route
+
+
+_ROUTE_TEMPLATE = route_components_pb2.Route(
+    route=route_components_pb2.RouteAction(
         retry_policy=route_components_pb2.RetryPolicy(
             retry_on=_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=_NUM_RETRIES)
         )
     )
-    if weighted_clusters is not None:
-        action.weighted_clusters.CopyFrom(weighted_clusters)
-    else:
-        action.cluster = cluster
-    return route_components_pb2.Route(name=name, match=match, route=action, request_headers_to_add=headers_to_add)
+)
 
 
 def _baggage_suffix(has_baggage: bool) -> str:
