@@ -137,6 +137,16 @@ def instrument() -> None:
         return changed
 
     _etcd.LiveState.apply = apply_timed  # type: ignore[method-assign]
+    watch_release = _etcd.EtcdStore.watch_release
+
+    async def watch_release_timed(self: _etcd.EtcdStore, name: str, *, start_revision: int) -> AsyncIterator[Any]:
+        async for release in watch_release(self, name, start_revision=start_revision):
+            t = time.perf_counter()
+            reached = release is not None and release.status.reached
+            _record(f"api: Watch's etcd watch yields ({'reached' if reached else 'not reached'})", t, t)
+            yield release
+
+    _etcd.EtcdStore.watch_release = watch_release_timed  # type: ignore[method-assign]
 
 
 def report(envoys: int, steps: list[dict[str, list[tuple[float, float, str]]]], marks: list[dict[str, float]]) -> str:
