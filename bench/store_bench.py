@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -378,6 +380,47 @@ async def bench_reached(
     return out
 
 
+def etcd_disk(endpoint: str) -> tuple[float, float, float, float]:
+    """etcd's own disk timings from its /metrics (cumulative): WAL fsync seconds and count,
+    backend commit seconds and count."""
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5).read().decode()
+
+    def summed(name: str) -> tuple[float, float]:
+        found = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(name + "_")}
+        return found.get(name + "_sum", 0.0), found.get(name + "_count", 0.0)
+
+    return (*summed("etcd_disk_wal_fsync_duration_seconds"), *summed("etcd_disk_backend_commit_duration_seconds"))
+
+
+def fdatasync_ms(folder: pathlib.Path, count: int = 200) -> float:
+    """This disk's own cost of making a 4 KiB write durable (median fdatasync, ms)."""
+    path = folder / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    took = []
+    try:
+        for i in range(count):
+            os.pwrite(fd, b"x" * 4096, (i % 16) * 4096)
+            t0 = time.perf_counter()
+            os.fdatasync(fd)
+            took.append((time.perf_counter() - t0) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(took)
+
+
+def disk_row(before: tuple[float, ...], after: tuple[float, ...], raw_ms: float) -> list[str]:
+    wal_s, wal_n = after[0] - before[0], after[1] - before[1]
+    commit_s, commit_n = after[2] - before[2], after[3] - before[3]
+    return [
+        "etcd's disk during the NextBatch steps (etcd's /metrics; the data dir on the same disk as the "
+        "bench's temporary files)",
+        f"WAL fsync mean {wal_s / max(wal_n, 1) * 1000:.2f} ms ({wal_n:.0f} fsyncs), backend commit mean "
+        f"{commit_s / max(commit_n, 1) * 1000:.2f} ms ({commit_n:.0f}); this disk's fdatasync of 4 KiB, median: "
+        f"{raw_ms:.2f} ms",
+    ]
+
+
 def p99(values: Sequence[float]) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(len(s) * 0.99))] if s else float("nan")
@@ -511,8 +554,11 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: in
             )
             del envoy
             api = f"127.0.0.1:{plane.api_port}"
+            disk_before = await asyncio.to_thread(etcd_disk, etcd.endpoint)
             rows += reached_rows("1 real Envoy", await bench_reached(api, plane, 0, names[-1]))
             rows += reached_rows("5 real Envoys", await bench_reached(api, plane, 4, names[-1]))
+            disk_after = await asyncio.to_thread(etcd_disk, etcd.endpoint)
+            rows.append(disk_row(disk_before, disk_after, await asyncio.to_thread(fdatasync_ms, tmp)))
         await stop()
         waited = await cold_start_with_waiting_envoy(store)
         rows.append(
