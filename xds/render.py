@@ -43,6 +43,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 from graylane.xds import resources
 from graylane.xds.view import (
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 _MessageT = TypeVar("_MessageT", bound=Message)
+_Routes = RepeatedCompositeFieldContainer[route_components_pb2.Route]  # a virtual host's routes
 
 # Retried failures are those where the request never reached the upstream application,
 # so a retry is always safe; it hides endpoint churn during a batch change.
@@ -581,7 +583,7 @@ def _route_config(service: ServiceRoute, index: ViewIndex) -> route_pb2.RouteCon
     # Built in place: wrapping a finished VirtualHost would copy it once more.
     config = route_pb2.RouteConfiguration(name=route_config_name(service.name))
     vhost = config.virtual_hosts.add(name=service.name, domains=[service.name, f"{service.name}:*"])
-    vhost.routes.extend(_service_routes(service, index))
+    _service_routes(service, index, vhost.routes)
     if index.remote_versions(service.name):
         _rewrite_remote(vhost, index)  # before the message is shared: never mutated after
     return config
@@ -613,24 +615,27 @@ def _remote_authority(view: ViewIndex, cluster: str) -> str:
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _service_routes(service: ServiceRoute, index: ViewIndex) -> list[route_components_pb2.Route]:
-    """The routes of `service`'s virtual host, in the order of the module docstring."""
+def _service_routes(service: ServiceRoute, index: ViewIndex, into: _Routes) -> None:
+    """The routes of `service`'s virtual host, in the order of the module docstring, added
+    to `into` (each helper builds its routes in place: a route appended to a repeated field
+    is copied, 18,000 of them at 10,000 services)."""
     entering = index.entering.get(service.name, [])
-    routes = _lane_routes(service, index.versioned.get(service.name, ()))
+    _lane_routes(service, index.versioned.get(service.name, ()), into)
     if entering:
-        routes += _tagged_elsewhere_routes(service)
+        _tagged_elsewhere_routes(service, into)
         for lane in entering:
             for position, rule in enumerate(lane.rules):
-                routes += _rule_routes(service, lane, rule, position)
-        routes += _split_routes(service, entering, ring=_cohort_split(service, index) is not None)
-    routes.append(
-        _route(
-            "default",
-            route_components_pb2.RouteMatch(prefix="/"),
-            cluster=cluster_name(service.name, service.base_version),
-        )
+                _rule_routes(service, lane, rule, position, into)
+        _split_routes(service, entering, into, ring=_cohort_split(service, index) is not None)
+    _route(
+        "default",
+        _MATCH_ANY,
+        cluster=cluster_name(service.name, service.base_version),
+        into=into,
     )
-    return routes
+
+
+_MATCH_ANY = route_components_pb2.RouteMatch(prefix="/")  # copied into each route, never mutated
 
 
 def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
@@ -640,68 +645,58 @@ def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
     return cluster_name(service.name, version, lane.name)
 
 
-def _lane_routes(service: ServiceRoute, versioned: Sequence[tuple[Lane, str]]) -> list[route_components_pb2.Route]:
+def _lane_routes(service: ServiceRoute, versioned: Sequence[tuple[Lane, str]], into: _Routes) -> None:
     """Step 1: requests tagged with a live lane that has a version of `service` (lanes
     without one: their tagged traffic reaches base via steps 2 or 5)."""
-    routes: list[route_components_pb2.Route] = []
     for lane, _version in versioned:
         cluster = _lane_cluster(service, lane)
-        routes.append(
-            _route(
-                f"lane/{lane.name}/header",
-                _match_all(_header_exact(LANE_HEADER, lane.name)),
-                cluster=cluster,
-            )
-        )
-        routes.append(
-            _route(
-                f"lane/{lane.name}/baggage",
-                _match_all(
-                    _header_present(LANE_HEADER, present=False),
-                    _header_regex(BAGGAGE_HEADER, _baggage_member_regex(lane.name)),
-                ),
-                cluster=cluster,
-            )
-        )
-    return routes
-
-
-def _tagged_elsewhere_routes(service: ServiceRoute) -> list[route_components_pb2.Route]:
-    """Step 2: tagged traffic not claimed above stays on base, never re-split."""
-    base = cluster_name(service.name, service.base_version)
-    return [
-        _route("tagged/header", _match_all(_header_present(LANE_HEADER)), cluster=base),
         _route(
-            "tagged/baggage",
+            f"lane/{lane.name}/header",
+            _match_all(_header_exact(LANE_HEADER, lane.name)),
+            cluster=cluster,
+            into=into,
+        )
+        _route(
+            f"lane/{lane.name}/baggage",
             _match_all(
                 _header_present(LANE_HEADER, present=False),
-                _header_regex(BAGGAGE_HEADER, _baggage_any_member_regex()),
+                _header_regex(BAGGAGE_HEADER, _baggage_member_regex(lane.name)),
             ),
-            cluster=base,
+            cluster=cluster,
+            into=into,
+        )
+
+
+def _tagged_elsewhere_routes(service: ServiceRoute, into: _Routes) -> None:
+    """Step 2: tagged traffic not claimed above stays on base, never re-split."""
+    base = cluster_name(service.name, service.base_version)
+    _route("tagged/header", _match_all(_header_present(LANE_HEADER)), cluster=base, into=into)
+    _route(
+        "tagged/baggage",
+        _match_all(
+            _header_present(LANE_HEADER, present=False),
+            _header_regex(BAGGAGE_HEADER, _baggage_any_member_regex()),
         ),
-    ]
+        cluster=base,
+        into=into,
+    )
 
 
-def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int) -> list[route_components_pb2.Route]:
+def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int, into: _Routes) -> None:
     """Step 3: one entry rule, as a route pair (with / without an incoming baggage)."""
-    routes = []
     for has_baggage in (True, False):
         match = _rule_match(rule)
         match.headers.append(_header_present(BAGGAGE_HEADER, present=has_baggage))
-        routes.append(
-            _route(
-                f"rule/{lane.name}/{index}/{_baggage_suffix(has_baggage)}",
-                match,
-                cluster=_lane_cluster(service, lane),
-                headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
-            )
+        _route(
+            f"rule/{lane.name}/{index}/{_baggage_suffix(has_baggage)}",
+            match,
+            cluster=_lane_cluster(service, lane),
+            headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
+            into=into,
         )
-    return routes
 
 
-def _split_routes(
-    service: ServiceRoute, entering: Sequence[Lane], *, ring: bool = False
-) -> list[route_components_pb2.Route]:
+def _split_routes(service: ServiceRoute, entering: Sequence[Lane], into: _Routes, *, ring: bool = False) -> None:
     """Step 4: the batch weights of the lanes entering at `service`, gray share tagged.
 
     `ring`: the split has a header cohort and a ring-hash cluster for proxyless clients
@@ -715,13 +710,11 @@ def _split_routes(
     if total > 100:
         raise ValueError(f"lanes entering at {service.name!r} weigh {total} in total, above 100")
     if not weighted:
-        return []
+        return
     cohort = _entry_cohort(service, weighted)
-    routes = []
     if ring and cohort is not None:
-        route = _route("split/ring", _match_all(*_RING_CLIENTS), cluster=cohort_cluster_name(service.name))
+        route = _route("split/ring", _match_all(*_RING_CLIENTS), cluster=cohort_cluster_name(service.name), into=into)
         route.route.hash_policy.append(_hash_policy(cohort))
-        routes.append(route)
     for has_baggage in (True, False):
         split = route_components_pb2.WeightedCluster()
         if cohort is not None:
@@ -745,11 +738,10 @@ def _split_routes(
             f"split/{_baggage_suffix(has_baggage)}",
             _match_all(_header_present(BAGGAGE_HEADER, present=has_baggage)),
             weighted_clusters=split,
+            into=into,
         )
         if cohort is not None:
             route.route.hash_policy.append(_hash_policy(cohort))
-        routes.append(route)
-    return routes
 
 
 # The ring of a cohort split: one size, whatever the weights, so a key's point stays put and
@@ -844,11 +836,13 @@ def _route(
     cluster: str = "",
     weighted_clusters: route_components_pb2.WeightedCluster | None = None,
     headers_to_add: Sequence[base_pb2.HeaderValueOption] = (),
+    into: _Routes | None = None,
 ) -> route_components_pb2.Route:
-    """A route to one cluster or a weighted split, with the shared retry policy."""
+    """A route to one cluster or a weighted split, with the shared retry policy: added to
+    `into` (a virtual host's routes) when given, and returned."""
     # Built in place from a template: keyword construction copied the match and the action
     # once more and built the retry policy anew (18,000 routes at 10,000 services).
-    route = route_components_pb2.Route(name=name)
+    route = into.add(name=name) if into is not None else route_components_pb2.Route(name=name)
     route.match.CopyFrom(match)
     route.MergeFrom(_ROUTE_TEMPLATE)
     if weighted_clusters is not None:
