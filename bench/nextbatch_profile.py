@@ -42,6 +42,10 @@ from graylane.xds.resources import ROUTE  # noqa: E402
 
 STEPS = 10
 LOG: list[tuple[float, float, str, str]] = []  # (start, end, stage, thread)
+# Release writes during the steps: revision -> (issued, answer back on the loop), and when
+# the store follower applied each revision from its watch: which comes first?
+WRITES: dict[int, tuple[float, float]] = {}
+APPLIED: dict[int, float] = {}
 
 
 def _record(stage: str, t0: float, t1: float) -> None:
@@ -129,17 +133,44 @@ def instrument() -> None:
 
     server._Stream.run = run_timed  # type: ignore[method-assign]
     apply = _etcd.LiveState.apply
+    update_release = _etcd.EtcdStore.update_release
+
+    async def update_release_noted(self: _etcd.EtcdStore, release: Any, events: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        written = await update_release(self, release, events, **kwargs)
+        WRITES[written.revision] = (t0, time.perf_counter())
+        return written
+
+    _etcd.EtcdStore.update_release = update_release_noted  # type: ignore[method-assign]
 
     def apply_timed(self: _etcd.LiveState, events: Any) -> dict[str, dict[str, tuple[object, object]]]:
         t = time.perf_counter()
+        for ev in events:
+            APPLIED.setdefault(ev.kv.mod_revision, t)
         changed = apply(self, events)
         _record("store: watch batch applied (" + ",".join(sorted(changed)) + ")", t, time.perf_counter())
         return changed
 
     _etcd.LiveState.apply = apply_timed  # type: ignore[method-assign]
+    watch_release = _etcd.EtcdStore.watch_release
+
+    async def watch_release_timed(self: _etcd.EtcdStore, name: str, *, start_revision: int) -> AsyncIterator[Any]:
+        async for release in watch_release(self, name, start_revision=start_revision):
+            t = time.perf_counter()
+            reached = release is not None and release.status.reached
+            _record(f"api: Watch's etcd watch yields ({'reached' if reached else 'not reached'})", t, t)
+            yield release
+
+    _etcd.EtcdStore.watch_release = watch_release_timed  # type: ignore[method-assign]
 
 
-def report(envoys: int, steps: list[dict[str, list[tuple[float, float, str]]]], marks: list[dict[str, float]]) -> str:
+def report(
+    envoys: int,
+    steps: list[dict[str, list[tuple[float, float, str]]]],
+    marks: list[dict[str, float]],
+    race_revisions: list[int],
+) -> str:
+    races = [WRITES[r] for r in race_revisions]
     lines = [f"=== NextBatch at 1,000 services / releases ({sb.LIVE} live), {envoys} Envoy(s), {len(steps)} steps ==="]
     for key in marks[0]:
         lines.append(f"  {key:58s} at {statistics.median(m[key] for m in marks):8.2f} ms")
@@ -155,6 +186,15 @@ def report(envoys: int, steps: list[dict[str, list[tuple[float, float, str]]]], 
         lines.append(
             f"  {stage:58s} {statistics.median(firsts):8.2f} {statistics.median(calls):6.1f} "
             f"{statistics.median(sums):8.2f} {statistics.median(each):8.3f} {threads}"
+        )
+    answers = [(t1 - t0) * 1000 for t0, t1 in races]
+    watched = [(APPLIED[r] - WRITES[r][0]) * 1000 for r in race_revisions]
+    if races:
+        first = sum(APPLIED[r] < WRITES[r][1] for r in race_revisions)
+        lines.append(
+            f"  release writes in the steps: {len(races)}; the follower applied the revision from its watch "
+            f"before the answer reached the loop in {first}; answer p50 {statistics.median(answers):.2f} ms, "
+            f"watch applied p50 {statistics.median(watched):.2f} ms after the write was issued"
         )
     step = steps[len(steps) // 2]
     lines.append(
@@ -191,6 +231,7 @@ async def main(envoys: int, count: int) -> str:
         name = names[sb.LIVE - 1]
         steps: list[dict[str, list[tuple[float, float, str]]]] = []
         marks: list[dict[str, float]] = []
+        race_revisions: list[int] = []
         while len(steps) < count:
             r = await client.ask(f"get {name}")
             if r["batch"] + 1 >= r["batches"]:
@@ -201,6 +242,7 @@ async def main(envoys: int, count: int) -> str:
                 continue
             await asyncio.sleep(0.3)  # the previous step's writes and passes settle
             LOG.clear()
+            earlier = set(WRITES)
             out = await client.ask(f"next {name}")
             await dp.wait_current(timeout=30)
             await asyncio.sleep(0.6)  # what the step still causes (grace writes, progress)
@@ -209,6 +251,7 @@ async def main(envoys: int, count: int) -> str:
             for start, end, stage, thread in LOG:
                 step.setdefault(stage, []).append(((start - t0) * 1000, (end - start) * 1000, thread))
             steps.append(step)
+            race_revisions += [r for r in WRITES if r not in earlier and r in APPLIED]
             acks = [s for s, _, _ in step.get("tracker: RDS ACK handled", [])]
             marks.append(
                 {
@@ -218,7 +261,7 @@ async def main(envoys: int, count: int) -> str:
                     "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
                 }
             )
-        return report(envoys, steps, marks)
+        return report(envoys, steps, marks, race_revisions)
 
 
 if __name__ == "__main__":

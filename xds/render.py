@@ -43,6 +43,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 from graylane.xds import resources
 from graylane.xds.view import (
@@ -83,6 +84,7 @@ __all__ = [
 ]
 
 _MessageT = TypeVar("_MessageT", bound=Message)
+_Routes = RepeatedCompositeFieldContainer[route_components_pb2.Route]  # a virtual host's routes
 
 # Retried failures are those where the request never reached the upstream application,
 # so a retry is always safe; it hides endpoint churn during a batch change.
@@ -417,39 +419,56 @@ def _ads() -> config_source_pb2.ConfigSource:
 
 
 def _cluster(name: str, eds: str, connect_timeout_ms: int) -> cluster_pb2.Cluster:
-    return cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.DiscoveryType.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=eds),
-        connect_timeout=duration_pb2.Duration(
-            seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
-        ),
-        lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
-    )
+    # Merged from a template per timeout and then named: building the nested messages from
+    # keywords on every call cost 5x as much (11,000 clusters at 10,000 services).
+    template = _cluster_templates.get(connect_timeout_ms)
+    if template is None:
+        template = _cluster_templates[connect_timeout_ms] = cluster_pb2.Cluster(
+            type=cluster_pb2.Cluster.DiscoveryType.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+            connect_timeout=duration_pb2.Duration(
+                seconds=connect_timeout_ms // 1000, nanos=(connect_timeout_ms % 1000) * 1_000_000
+            ),
+            lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
+        )
+    cluster = cluster_pb2.Cluster(name=name)
+    cluster.MergeFrom(template)
+    cluster.eds_cluster_config.service_name = eds
+    return cluster
+
+
+# connect timeout (ms) -> a nameless cluster with every other field set (never mutated)
+_cluster_templates: dict[int, cluster_pb2.Cluster] = {}
 
 
 def _load_assignment(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints of one cluster, deduplicated and sorted; none is a valid answer."""
     assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    ordered = sorted(set(endpoints), key=lambda e: (e.address, e.port))
+    ordered = sorted(set(endpoints), key=_endpoint_order)
     if ordered:
         # gRPC clients drop a locality without a weight and an endpoint without one (Envoy
         # defaults both to 1, and ignores locality weights unless the cluster asks for them):
         # one locality, weight 1, and weight 1 for each endpoint, read the same by both.
-        assignment.endpoints.append(
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=_LOCALITY,
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(e.address, e.port)),
-                        load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
-                    )
-                    for e in ordered
-                ],
-            )
-        )
+        locality = assignment.endpoints.add()
+        locality.MergeFrom(_LOCALITY_ENDPOINTS)
+        for e in ordered:
+            lb = locality.lb_endpoints.add()
+            lb.MergeFrom(_WEIGHT_ONE_ENDPOINT)
+            socket = lb.endpoint.address.socket_address
+            socket.address = e.address
+            socket.port_value = e.port
     return assignment
+
+
+def _endpoint_order(endpoint: Endpoint) -> tuple[str, int]:
+    return endpoint.address, endpoint.port
+
+
+# Merged into each new message and then completed (cheaper than keyword construction).
+_LOCALITY_ENDPOINTS = endpoint_components_pb2.LocalityLbEndpoints(
+    locality=_LOCALITY, load_balancing_weight=wrappers_pb2.UInt32Value(value=1)
+)
+_WEIGHT_ONE_ENDPOINT = endpoint_components_pb2.LbEndpoint(load_balancing_weight=wrappers_pb2.UInt32Value(value=1))
 
 
 def _socket_address(address: str, port: int) -> address_pb2.Address:
@@ -550,12 +569,10 @@ def _scope(service: str) -> scoped_route_pb2.ScopedRouteConfiguration:
     Eager (not on-demand): Envoy fetches every scope's route config up front, so the first
     request to a service never waits for a fetch.
     """
-    key = scoped_route_pb2.ScopedRouteConfiguration.Key(
-        fragments=[scoped_route_pb2.ScopedRouteConfiguration.Key.Fragment(string_key=service)]
-    )
-    return scoped_route_pb2.ScopedRouteConfiguration(
-        name=route_config_name(service), route_configuration_name=route_config_name(service), key=key
-    )
+    name = route_config_name(service)
+    scope = scoped_route_pb2.ScopedRouteConfiguration(name=name, route_configuration_name=name)
+    scope.key.fragments.add(string_key=service)  # in place: a built Key would be copied in
+    return scope
 
 
 # -------------------------------------------------------------------------------- routes
@@ -566,7 +583,7 @@ def _route_config(service: ServiceRoute, index: ViewIndex) -> route_pb2.RouteCon
     # Built in place: wrapping a finished VirtualHost would copy it once more.
     config = route_pb2.RouteConfiguration(name=route_config_name(service.name))
     vhost = config.virtual_hosts.add(name=service.name, domains=[service.name, f"{service.name}:*"])
-    vhost.routes.extend(_service_routes(service, index))
+    _service_routes(service, index, vhost.routes)
     if index.remote_versions(service.name):
         _rewrite_remote(vhost, index)  # before the message is shared: never mutated after
     return config
@@ -598,24 +615,27 @@ def _remote_authority(view: ViewIndex, cluster: str) -> str:
     return gateway_authority(parsed[0], parsed[1])
 
 
-def _service_routes(service: ServiceRoute, index: ViewIndex) -> list[route_components_pb2.Route]:
-    """The routes of `service`'s virtual host, in the order of the module docstring."""
+def _service_routes(service: ServiceRoute, index: ViewIndex, into: _Routes) -> None:
+    """The routes of `service`'s virtual host, in the order of the module docstring, added
+    to `into` (each helper builds its routes in place: a route appended to a repeated field
+    is copied, 18,000 of them at 10,000 services)."""
     entering = index.entering.get(service.name, [])
-    routes = _lane_routes(service, index.versioned.get(service.name, ()))
+    _lane_routes(service, index.versioned.get(service.name, ()), into)
     if entering:
-        routes += _tagged_elsewhere_routes(service)
+        _tagged_elsewhere_routes(service, into)
         for lane in entering:
             for position, rule in enumerate(lane.rules):
-                routes += _rule_routes(service, lane, rule, position)
-        routes += _split_routes(service, entering, ring=_cohort_split(service, index) is not None)
-    routes.append(
-        _route(
-            "default",
-            route_components_pb2.RouteMatch(prefix="/"),
-            cluster=cluster_name(service.name, service.base_version),
-        )
+                _rule_routes(service, lane, rule, position, into)
+        _split_routes(service, entering, into, ring=_cohort_split(service, index) is not None)
+    _route(
+        "default",
+        _MATCH_ANY,
+        cluster=cluster_name(service.name, service.base_version),
+        into=into,
     )
-    return routes
+
+
+_MATCH_ANY = route_components_pb2.RouteMatch(prefix="/")  # copied into each route, never mutated
 
 
 def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
@@ -625,68 +645,58 @@ def _lane_cluster(service: ServiceRoute, lane: Lane) -> str:
     return cluster_name(service.name, version, lane.name)
 
 
-def _lane_routes(service: ServiceRoute, versioned: Sequence[tuple[Lane, str]]) -> list[route_components_pb2.Route]:
+def _lane_routes(service: ServiceRoute, versioned: Sequence[tuple[Lane, str]], into: _Routes) -> None:
     """Step 1: requests tagged with a live lane that has a version of `service` (lanes
     without one: their tagged traffic reaches base via steps 2 or 5)."""
-    routes: list[route_components_pb2.Route] = []
     for lane, _version in versioned:
         cluster = _lane_cluster(service, lane)
-        routes.append(
-            _route(
-                f"lane/{lane.name}/header",
-                _match_all(_header_exact(LANE_HEADER, lane.name)),
-                cluster=cluster,
-            )
-        )
-        routes.append(
-            _route(
-                f"lane/{lane.name}/baggage",
-                _match_all(
-                    _header_present(LANE_HEADER, present=False),
-                    _header_regex(BAGGAGE_HEADER, _baggage_member_regex(lane.name)),
-                ),
-                cluster=cluster,
-            )
-        )
-    return routes
-
-
-def _tagged_elsewhere_routes(service: ServiceRoute) -> list[route_components_pb2.Route]:
-    """Step 2: tagged traffic not claimed above stays on base, never re-split."""
-    base = cluster_name(service.name, service.base_version)
-    return [
-        _route("tagged/header", _match_all(_header_present(LANE_HEADER)), cluster=base),
         _route(
-            "tagged/baggage",
+            f"lane/{lane.name}/header",
+            _match_all(_header_exact(LANE_HEADER, lane.name)),
+            cluster=cluster,
+            into=into,
+        )
+        _route(
+            f"lane/{lane.name}/baggage",
             _match_all(
                 _header_present(LANE_HEADER, present=False),
-                _header_regex(BAGGAGE_HEADER, _baggage_any_member_regex()),
+                _header_regex(BAGGAGE_HEADER, _baggage_member_regex(lane.name)),
             ),
-            cluster=base,
+            cluster=cluster,
+            into=into,
+        )
+
+
+def _tagged_elsewhere_routes(service: ServiceRoute, into: _Routes) -> None:
+    """Step 2: tagged traffic not claimed above stays on base, never re-split."""
+    base = cluster_name(service.name, service.base_version)
+    _route("tagged/header", _match_all(_header_present(LANE_HEADER)), cluster=base, into=into)
+    _route(
+        "tagged/baggage",
+        _match_all(
+            _header_present(LANE_HEADER, present=False),
+            _header_regex(BAGGAGE_HEADER, _baggage_any_member_regex()),
         ),
-    ]
+        cluster=base,
+        into=into,
+    )
 
 
-def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int) -> list[route_components_pb2.Route]:
+def _rule_routes(service: ServiceRoute, lane: Lane, rule: Rule, index: int, into: _Routes) -> None:
     """Step 3: one entry rule, as a route pair (with / without an incoming baggage)."""
-    routes = []
     for has_baggage in (True, False):
         match = _rule_match(rule)
         match.headers.append(_header_present(BAGGAGE_HEADER, present=has_baggage))
-        routes.append(
-            _route(
-                f"rule/{lane.name}/{index}/{_baggage_suffix(has_baggage)}",
-                match,
-                cluster=_lane_cluster(service, lane),
-                headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
-            )
+        _route(
+            f"rule/{lane.name}/{index}/{_baggage_suffix(has_baggage)}",
+            match,
+            cluster=_lane_cluster(service, lane),
+            headers_to_add=_lane_tags(lane.name, has_baggage=has_baggage),
+            into=into,
         )
-    return routes
 
 
-def _split_routes(
-    service: ServiceRoute, entering: Sequence[Lane], *, ring: bool = False
-) -> list[route_components_pb2.Route]:
+def _split_routes(service: ServiceRoute, entering: Sequence[Lane], into: _Routes, *, ring: bool = False) -> None:
     """Step 4: the batch weights of the lanes entering at `service`, gray share tagged.
 
     `ring`: the split has a header cohort and a ring-hash cluster for proxyless clients
@@ -700,13 +710,11 @@ def _split_routes(
     if total > 100:
         raise ValueError(f"lanes entering at {service.name!r} weigh {total} in total, above 100")
     if not weighted:
-        return []
+        return
     cohort = _entry_cohort(service, weighted)
-    routes = []
     if ring and cohort is not None:
-        route = _route("split/ring", _match_all(*_RING_CLIENTS), cluster=cohort_cluster_name(service.name))
+        route = _route("split/ring", _match_all(*_RING_CLIENTS), cluster=cohort_cluster_name(service.name), into=into)
         route.route.hash_policy.append(_hash_policy(cohort))
-        routes.append(route)
     for has_baggage in (True, False):
         split = route_components_pb2.WeightedCluster()
         if cohort is not None:
@@ -730,11 +738,10 @@ def _split_routes(
             f"split/{_baggage_suffix(has_baggage)}",
             _match_all(_header_present(BAGGAGE_HEADER, present=has_baggage)),
             weighted_clusters=split,
+            into=into,
         )
         if cohort is not None:
             route.route.hash_policy.append(_hash_policy(cohort))
-        routes.append(route)
-    return routes
 
 
 # The ring of a cohort split: one size, whatever the weights, so a key's point stays put and
@@ -829,18 +836,31 @@ def _route(
     cluster: str = "",
     weighted_clusters: route_components_pb2.WeightedCluster | None = None,
     headers_to_add: Sequence[base_pb2.HeaderValueOption] = (),
+    into: _Routes | None = None,
 ) -> route_components_pb2.Route:
-    """A route to one cluster or a weighted split, with the shared retry policy."""
-    action = route_components_pb2.RouteAction(
+    """A route to one cluster or a weighted split, with the shared retry policy: added to
+    `into` (a virtual host's routes) when given, and returned."""
+    # Built in place from a template: keyword construction copied the match and the action
+    # once more and built the retry policy anew (18,000 routes at 10,000 services).
+    route = into.add(name=name) if into is not None else route_components_pb2.Route(name=name)
+    route.match.CopyFrom(match)
+    route.MergeFrom(_ROUTE_TEMPLATE)
+    if weighted_clusters is not None:
+        route.route.weighted_clusters.CopyFrom(weighted_clusters)
+    else:
+        route.route.cluster = cluster
+    if headers_to_add:
+        route.request_headers_to_add.extend(headers_to_add)
+    return route
+
+
+_ROUTE_TEMPLATE = route_components_pb2.Route(
+    route=route_components_pb2.RouteAction(
         retry_policy=route_components_pb2.RetryPolicy(
             retry_on=_RETRY_ON, num_retries=wrappers_pb2.UInt32Value(value=_NUM_RETRIES)
         )
     )
-    if weighted_clusters is not None:
-        action.weighted_clusters.CopyFrom(weighted_clusters)
-    else:
-        action.cluster = cluster
-    return route_components_pb2.Route(name=name, match=match, route=action, request_headers_to_add=headers_to_add)
+)
 
 
 def _baggage_suffix(has_baggage: bool) -> str:

@@ -102,14 +102,20 @@ _ANY_HEADS: dict[str, bytes] = {}  # message full name -> Any field 1 (its type 
 
 def varint(value: int) -> bytes:
     """`value` (>= 0) as a protobuf base-128 varint."""
-    if value < 0x80:
-        return bytes((value,))
+    if value < _SMALL_VARINTS:
+        return _varints[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# Every varint below 2**14 (two bytes), made once: lengths of most resources, and the tags;
+# a full render of 10,000 services encodes 84,000 of them.
+_SMALL_VARINTS = 1 << 14
+_varints = [bytes((v,)) if v < 0x80 else bytes(((v & 0x7F) | 0x80, v >> 7)) for v in range(_SMALL_VARINTS)]
 
 
 def field_bytes(number: int, data: bytes) -> bytes:

@@ -25,6 +25,7 @@ from graylane.xds.cache import consistency_gaps
 from graylane.xds.render import (
     ViewIndex,
     effective_view,
+    forget_reused,
     referenced_clusters,
     render,
     render_gateway,
@@ -1517,3 +1518,27 @@ def test_no_ring_route_for_a_cookie_cohort_or_without_a_cohort() -> None:
         res = render_view(cohort_view(cohort))
         assert "gateway||cohort" not in res[resources.CLUSTER].items
         assert all(r.name != "split/ring" for vh in route_config(res).virtual_hosts for r in vh.routes)
+
+
+def test_what_one_render_builds_never_changes_what_the_next_builds() -> None:
+    # Clusters, endpoint sets and routes start as copies of shared templates that are then
+    # completed (a ring-hash cluster, a gateway's host rewrite, a cohort's hash policy):
+    # completing one must never reach the template, or every later render would carry it.
+    plain = make_view(lane("blue", weight=20, versions=(("gateway", "v2"),)))
+
+    def versions() -> dict[str, str]:
+        forget_reused()  # built afresh from the templates, nothing reused
+        out = render_view(plain)
+        return {t: out[t].version for t in resources.PUSH_ORDER}
+
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    before = versions()
+    for view in (cohort_view(Cohort(MatchKind.HEADER, "x-user-id")), REMOTE_VIEW, RICH_VIEW):
+        forget_reused()
+        render_view(view)
+        render_gateway(view, listen_port=PORT + 1)
+    assert versions() == before
+    cluster = item(render_view(plain), resources.CLUSTER, "gateway|v1")
+    assert cluster.lb_policy == cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN
+    assert not cluster.HasField("ring_hash_lb_config")
