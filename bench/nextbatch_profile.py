@@ -36,7 +36,7 @@ from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
 from graylane.controlplane.machine import Action as Move  # noqa: E402
 from graylane.controlplane.machine import Cause  # noqa: E402
-from graylane.controlplane.store import _etcd, connect  # noqa: E402
+from graylane.controlplane.store import LiveState, _etcd, connect  # noqa: E402
 from graylane.xds import cache, server, tracker  # noqa: E402
 from graylane.xds.resources import ROUTE  # noqa: E402
 
@@ -87,7 +87,7 @@ def instrument() -> None:
     """Wrap every stage of the path (class and module attributes, this process only)."""
     _time_async(_etcd.EtcdStore, "update_release", "etcd: release write (txn)")
     _time_async(_etcd.EtcdStore, "get_release", "etcd: release read (API, GetRelease polls included)")
-    _time_sync(_etcd.LiveState, "snapshot", "store: LiveState.snapshot")
+    _time_sync(LiveState, "snapshot", "store: LiveState.snapshot")
     _time_async(dataplane.DataPlane, "_apply", "dataplane: _apply (whole, awaits included)")
     _time_sync(dataplane.DataPlane, "_build", "dataplane: _build (view + render + effective)")
     _time_sync(views, "build_view_from", "views: build_view_from")
@@ -132,7 +132,7 @@ def instrument() -> None:
         await run(self, received(), send_timed)
 
     server._Stream.run = run_timed  # type: ignore[method-assign]
-    apply = _etcd.LiveState.apply
+    apply = LiveState.apply
     update_release = _etcd.EtcdStore.update_release
 
     async def update_release_noted(self: _etcd.EtcdStore, release: Any, events: Any, **kwargs: Any) -> Any:
@@ -143,7 +143,7 @@ def instrument() -> None:
 
     _etcd.EtcdStore.update_release = update_release_noted  # type: ignore[method-assign]
 
-    def apply_timed(self: _etcd.LiveState, events: Any) -> dict[str, dict[str, tuple[object, object]]]:
+    def apply_timed(self: LiveState, events: Any) -> dict[str, dict[str, tuple[object, object]]]:
         t = time.perf_counter()
         for ev in events:
             APPLIED.setdefault(ev.kv.mod_revision, t)
@@ -151,7 +151,7 @@ def instrument() -> None:
         _record("store: watch batch applied (" + ",".join(sorted(changed)) + ")", t, time.perf_counter())
         return changed
 
-    _etcd.LiveState.apply = apply_timed  # type: ignore[method-assign]
+    LiveState.apply = apply_timed  # type: ignore[method-assign]
     watch_release = _etcd.EtcdStore.watch_release
 
     async def watch_release_timed(self: _etcd.EtcdStore, name: str, *, start_revision: int) -> AsyncIterator[Any]:

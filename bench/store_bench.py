@@ -41,7 +41,7 @@ from graylane.controlplane.machine import Action as Move
 from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore, connect
-from graylane.controlplane.store._etcd import _dump, _releases
+from graylane.controlplane.store._codec import _dump, _releases
 from graylane.controlplane.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv

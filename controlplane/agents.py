@@ -42,7 +42,7 @@ from graylane.agent.wire import cluster_view
 from graylane.controlplane import model, views
 from graylane.controlplane.api import authenticated_cluster, status_for
 from graylane.controlplane.errors import GraylaneError, InvalidArgument, LeaseLost, Unavailable
-from graylane.controlplane.store import EtcdStore, Snapshot
+from graylane.controlplane.store import AgentStore, Snapshot
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
@@ -110,7 +110,7 @@ class AgentHub:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: AgentStore,
         *,
         lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,

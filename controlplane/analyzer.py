@@ -36,6 +36,7 @@ from graylane.controlplane.analysis import AnalysisSpec, Decision, Outcome, Step
 from graylane.controlplane.errors import Conflict, FailedPrecondition, NotFound, Unavailable
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.releases import Releases
+from graylane.controlplane.store import ReleaseStore
 from graylane.controlplane.webhooks import (
     PolicyResolver,
     WebhookKind,
@@ -141,7 +142,7 @@ class Analyzer:
         # Tests and embedders that name no policy keep loopback webhooks (what they serve on).
         self._policy = webhook_policy or WebhookPolicy(allow_loopback=True)
         self._releases = releases
-        self._store = releases.store
+        self._store: ReleaseStore = releases.store
         self._windows = windows
         self._leadership = leadership
         self._tick_seconds = tick_seconds

@@ -44,7 +44,7 @@ from graylane.controlplane.errors import (
 from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.metrics import SeriesSummary, release_series
 from graylane.controlplane.releases import Releases
-from graylane.controlplane.store import Compacted, EtcdStore, Tombstone
+from graylane.controlplane.store import Compacted, TokenStore, Tombstone
 from graylane.controlplane.traffic import TrafficReader
 from graylane.controlplane.webhooks import WebhookPolicy
 from graylane.controlplane.windows import Windows
@@ -109,7 +109,7 @@ class Authenticator:
 
     def __init__(
         self,
-        store: EtcdStore | None,
+        store: TokenStore | None,
         *,
         enabled: bool,
         agent_tokens: Mapping[str, str] | None = None,

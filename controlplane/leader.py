@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
-from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.store import LeaderStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _MAX_RETRY_SECONDS = 10.0
 
 
 class LeaderElection:
-    def __init__(self, store: EtcdStore, *, identity: str = "", ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(self, store: LeaderStore, *, identity: str = "", ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
         self._store = store
         self.identity = identity or f"replica-{uuid.uuid4().hex[:12]}"
         self.ttl_seconds = ttl_seconds

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Mapping
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
-from graylane.controlplane.store import EtcdStore, ReplicaFleet, ReplicaProgress
+from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore
 from graylane.controlplane.traffic import admin_addresses
 from graylane.xds.tracker import ProxyTracker
 
@@ -43,7 +43,7 @@ def _size(fleet: ReplicaFleet) -> int:
 class ReplicaRegistry:
     def __init__(
         self,
-        store: EtcdStore,
+        store: ReplicaStore,
         tracker: ProxyTracker,
         *,
         identity: str,

@@ -18,8 +18,8 @@ import pytest
 from graylane.controlplane import model
 from graylane.controlplane.errors import LeaseLost, NotFound, Unavailable
 from graylane.controlplane.local.etcd import EtcdProcess
-from graylane.controlplane.store import EtcdStore, _etcd, connect
-from graylane.controlplane.store._etcd import CHANNEL_OPTIONS
+from graylane.controlplane.store import EtcdStore, _client, connect
+from graylane.controlplane.store._client import CHANNEL_OPTIONS
 
 
 @pytest.fixture
@@ -100,8 +100,8 @@ def test_a_call_queued_past_its_deadline_is_unavailable_without_being_sent() -> 
         return 1
 
     with pytest.raises(grpc.RpcError) as raised:
-        _etcd._before(time.monotonic() - 0.1, call)
+        _client._before(time.monotonic() - 0.1, call)
     assert sent == []
-    assert isinstance(_etcd._unavailable(raised.value), Unavailable)
-    assert _etcd._before(time.monotonic() + 5.0, call) == 1
+    assert isinstance(_client._unavailable(raised.value), Unavailable)
+    assert _client._before(time.monotonic() + 5.0, call) == 1
     assert 4.0 < sent[0] <= 5.0

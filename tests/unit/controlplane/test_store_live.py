@@ -7,7 +7,7 @@ import json
 from etcd3.etcdrpc import kv_pb2
 from graylane.controlplane import model
 from graylane.controlplane.store import LiveState, ReplicaProgress
-from graylane.controlplane.store._etcd import _dump
+from graylane.controlplane.store._codec import _dump
 
 PREFIX = "/t/"
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 from graylane.controlplane.errors import UnsupportedEtcd
-from graylane.controlplane.store._etcd import _range_end, refuse_version
+from graylane.controlplane.store._client import _range_end, refuse_version
 
 
 @pytest.mark.parametrize("version", ["3.5.0", "3.5.1", "3.5.2"])

@@ -1,0 +1,111 @@
+"""The control plane's replicas in etcd: their proxies, what each counts, and the leader.
+
+Keys (below the prefix):
+    replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
+    progress/<identity>                  {release: [lane fingerprint, proxies, converged(, scoped out)]} as that replica
+                                         counts its own proxies and its agents', under its lease
+    leader                               identity of the replica that advances releases, under its lease
+
+Must not import: graylane.xds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from etcd3.etcdrpc import rpc_pb2
+from graylane.controlplane.store._client import EtcdClient, LeaseHolder
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaProgress:
+    """How many of one replica's proxies carry a release's lane, and which lane it counted
+    against (a fingerprint: counts made against another value of the lane are stale)."""
+
+    lane: str
+    proxies: int
+    converged: int
+    # Proxies whose scope holds none of the release's services (left out of `proxies`);
+    # written only when some are, so replicas that predate it read every other count.
+    scoped_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaFleet:
+    """Which proxies one replica counts, enough to recognise them once they reconnect
+    elsewhere: its agents' proxies as a count per cluster, and the node ids of its own
+    streams. `left`: the replica stopped on purpose (its proxies are reconnecting)."""
+
+    clusters: Mapping[str, int] = field(default_factory=dict)
+    nodes: frozenset[str] = frozenset()
+    left: bool = False
+
+
+class ReplicaStore(LeaseHolder, Protocol):
+    """What a replica publishes of itself, under its lease."""
+
+    async def put_replica_proxies(self, identity: str, proxies: Mapping[str, str], lease: int) -> None: ...
+
+    async def put_replica_progress(
+        self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int, *, fleet: ReplicaFleet | None = None
+    ) -> None: ...
+
+
+class LeaderStore(LeaseHolder, Protocol):
+    """What the leader election uses."""
+
+    async def campaign(self, identity: str, lease: int) -> str: ...
+
+    async def leader(self) -> str | None: ...
+
+
+class ReplicaRecords(EtcdClient):
+    """Replicas' proxies and progress, and the leader key."""
+
+    async def put_replica_proxies(self, identity: str, proxies: Mapping[str, str], lease: int) -> None:
+        """The proxies connected to one replica (node id -> admin address), under its lease."""
+        value = json.dumps(dict(sorted(proxies.items()))).encode()
+        await self._txn([], [self._put(self._key("replicas", identity), value, lease=lease)])
+
+    async def put_replica_progress(
+        self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int, *, fleet: ReplicaFleet | None = None
+    ) -> None:
+        """What one replica counts per live release (see `ReplicaProgress`) and which proxies
+        (see `ReplicaFleet`), under its lease."""
+        fleet = fleet or ReplicaFleet()
+        value = json.dumps(
+            {
+                "releases": {
+                    name: [p.lane, p.proxies, p.converged] + ([p.scoped_out] if p.scoped_out else [])
+                    for name, p in sorted(progress.items())
+                },
+                "clusters": dict(sorted(fleet.clusters.items())),
+                "nodes": sorted(fleet.nodes),
+                "left": fleet.left,
+            }
+        )
+        await self._txn([], [self._put(self._key("progress", identity), value.encode(), lease=lease)])
+
+    # ----------------------------------------------------------------- leader
+
+    async def campaign(self, identity: str, lease: int) -> str:
+        """Try to become the leader under `lease`; the leader's identity afterwards.
+
+        One key, `leader`, created only if absent and bound to the winner's lease: it
+        disappears when the leader resigns (revokes) or stops refreshing its lease.
+        """
+        key = self._key("leader")
+        absent = rpc_pb2.Compare(
+            key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
+        )
+        resp = await self._txn([absent], [self._put(key, identity.encode(), lease=lease)])
+        if resp.succeeded:
+            return identity
+        return await self.leader() or ""
+
+    async def leader(self) -> str | None:
+        current = await self._get(self._key("leader"))
+        return current.value.decode() if current is not None else None
