@@ -407,20 +407,29 @@ class ControlPlane:
 
 
 class CollectorTuning:
-    """Keeps the garbage collector's full passes short while a fleet is connected.
+    """Keeps the garbage collector's passes short while a fleet is connected.
 
     A replica serving 10,000 proxies holds over a million long-lived objects (streams, their
     state, rendered views); a full (generation-2) pass scans them all with the loop held
-    (1-1.5 s each at that size), and a fleet's changes start one every few changes. Right
-    after each full pass, what survived it is moved to the permanent generation
-    (`gc.freeze`), so the next one scans only what was made since.
+    (0.35-1.5 s each at that size). So what survives a pass is moved to the permanent
+    generation (`gc.freeze`), which no pass scans: after every full pass, and after every
+    middle (generation-1) pass too, so the objects of a connect wave are frozen a few
+    thousand allocations after they are made instead of waiting for the full passes that
+    would otherwise scan them (two while 10,000 streams connect, one more after). A full
+    pass then scans only what survived since the last middle pass. Freezing is a list
+    splice (O(1)); young passes are made rarer (every `_YOUNG_THRESHOLD` allocations
+    instead of 700), so fewer of a change's short-lived objects live long enough to be
+    promoted.
 
     The price: a frozen object that later becomes cyclic garbage (the state of a stream that
-    ended, say) is not reclaimed while frozen. So once the streams that ended since the last
-    thaw reach half of those open (and at least `_THAW_MIN_ENDED`), the next full pass is let
-    to scan everything (`gc.unfreeze`) and reclaims them; freezing resumes after it. Young
-    passes are also made rarer (every `_YOUNG_THRESHOLD` allocations instead of 700), so
-    fewer of a change's short-lived objects live long enough to be promoted.
+    ended, a change's short-lived cycle caught by a freeze) is not reclaimed while frozen;
+    garbage freed by reference counting is freed as always. Two bounds, checked after each
+    full pass, let the next full pass scan everything (`gc.unfreeze`; no freeze until that
+    pass has run) and reclaim it: the streams that ended since the last thaw reach half of
+    those open (and at least `_THAW_MIN_ENDED`), or the frozen objects per open stream
+    (plus `_STREAM_SLACK`, so that a replica's own objects count) reach `_THAW_GROWTH` times
+    what they were after the last thaw (a connect wave grows both; garbage only the first).
+    So frozen garbage stays within about the live state's own size.
 
     Process-wide (the collector is): the first replica of a process installs it, the last
     one to stop removes it and thaws everything.
@@ -433,7 +442,10 @@ class CollectorTuning:
         self._tracker = tracker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._baseline = (tracker.membership, tracker.open_streams())
-        self.freezes = 0
+        self._per_stream = 0.0  # frozen objects per open stream after the last thaw (0: not yet known)
+        self._thawed = False  # unfrozen, waiting for the full pass that reclaims the garbage
+        self.freezes = 0  # after full passes
+        self.young_freezes = 0  # after middle passes
         self.thaws = 0
 
     def __enter__(self) -> CollectorTuning:
@@ -455,8 +467,10 @@ class CollectorTuning:
 
     def _on_collect(self, phase: str, info: Mapping[str, int]) -> None:
         # Runs inside the collector, on whichever thread allocated: act on the loop.
-        if phase == "stop" and info.get("generation") == 2 and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.after_full_pass)
+        generation = info.get("generation")
+        if phase != "stop" or generation == 0 or self._loop is None or self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self.after_full_pass if generation == 2 else self.after_middle_pass)
 
     def ended_since_thaw(self) -> int:
         """Streams that ended since the last thaw (opens plus ends is the membership count)."""
@@ -465,21 +479,40 @@ class CollectorTuning:
         opened_net = self._tracker.open_streams() - open_then
         return (changes - opened_net) // 2
 
+    def _frozen_per_stream(self) -> float:
+        return gc.get_freeze_count() / (self._tracker.open_streams() + _STREAM_SLACK)
+
+    def _should_thaw(self) -> bool:
+        if self.ended_since_thaw() >= max(_THAW_MIN_ENDED, self._tracker.open_streams() // 2):
+            return True
+        return self._per_stream > 0 and self._frozen_per_stream() >= _THAW_GROWTH * self._per_stream
+
+    def after_middle_pass(self) -> None:
+        if self._loop is None or self._thawed:
+            return
+        gc.freeze()
+        self.young_freezes += 1
+
     def after_full_pass(self) -> None:
         if self._loop is None:
             return
-        ended = self.ended_since_thaw()
-        if ended >= max(_THAW_MIN_ENDED, self._tracker.open_streams() // 2):
+        if not self._thawed and self._should_thaw():
             gc.unfreeze()
+            self._thawed = True
             self._baseline = (self._tracker.membership, self._tracker.open_streams())
             self.thaws += 1
-        else:
-            gc.freeze()
-            self.freezes += 1
+            return
+        gc.freeze()
+        self.freezes += 1
+        if self._thawed or self._per_stream == 0:
+            self._thawed = False
+            self._per_stream = self._frozen_per_stream()
 
 
 _YOUNG_THRESHOLD = 5_000
 _THAW_MIN_ENDED = 1_000
+_THAW_GROWTH = 2.0
+_STREAM_SLACK = 1_000
 
 
 async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
