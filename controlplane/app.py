@@ -411,25 +411,25 @@ class CollectorTuning:
 
     A replica serving 10,000 proxies holds over a million long-lived objects (streams, their
     state, rendered views); a full (generation-2) pass scans them all with the loop held
-    (0.35-1.5 s each at that size). So what survives a pass is moved to the permanent
-    generation (`gc.freeze`), which no pass scans: after every full pass, and after every
-    middle (generation-1) pass too, so the objects of a connect wave are frozen a few
-    thousand allocations after they are made instead of waiting for the full passes that
-    would otherwise scan them (two while 10,000 streams connect, one more after). A full
-    pass then scans only what survived since the last middle pass. Freezing is a list
-    splice (O(1)); young passes are made rarer (every `_YOUNG_THRESHOLD` allocations
-    instead of 700), so fewer of a change's short-lived objects live long enough to be
-    promoted.
+    (0.35-1.5 s each at that size), and a middle (generation-1) pass scans what the young
+    passes promoted since the last one: during a change to 10,000 streams, each stream's
+    new state (the old one freed, which lets the young generation grow past its threshold),
+    240,000 objects and 230 ms of CPU in one measured pass. So what survives any pass is
+    moved at once to the permanent generation (`gc.freeze`, a list splice), which no pass
+    scans: each object is scanned by one young pass, the one after it was made, and never
+    again while frozen. Young passes are also made rarer (every `_YOUNG_THRESHOLD`
+    allocations instead of 700), so fewer of a change's short-lived objects are alive at one.
 
     The price: a frozen object that later becomes cyclic garbage (the state of a stream that
-    ended, a change's short-lived cycle caught by a freeze) is not reclaimed while frozen;
-    garbage freed by reference counting is freed as always. Two bounds, checked after each
-    full pass, let the next full pass scan everything (`gc.unfreeze`; no freeze until that
-    pass has run) and reclaim it: the streams that ended since the last thaw reach half of
-    those open (and at least `_THAW_MIN_ENDED`), or the frozen objects per open stream
-    (plus `_STREAM_SLACK`, so that a replica's own objects count) reach `_THAW_GROWTH` times
-    what they were after the last thaw (a connect wave grows both; garbage only the first).
-    So frozen garbage stays within about the live state's own size.
+    ended, a cycle that was still in use at its young pass) is not reclaimed while frozen;
+    garbage freed by reference counting (most of it) is freed as always. Two bounds, checked
+    on the loop after each middle and full pass, thaw everything (`gc.unfreeze`) and run one
+    full pass at once to reclaim it (a deliberate stall of that pass's length: 0.3-0.7 s at
+    10,000 streams), after which freezing resumes: the streams that ended since the last
+    thaw reach half of those open (and at least `_THAW_MIN_ENDED`), or the frozen objects
+    per open stream (plus `_STREAM_SLACK`, so that a replica's own objects count) reach
+    `_THAW_GROWTH` times what they were after the last thaw (a connect wave grows both;
+    garbage only the first). So frozen garbage stays within about the live state's size.
 
     Process-wide (the collector is): the first replica of a process installs it, the last
     one to stop removes it and thaws everything.
@@ -443,9 +443,9 @@ class CollectorTuning:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._baseline = (tracker.membership, tracker.open_streams())
         self._per_stream = 0.0  # frozen objects per open stream after the last thaw (0: not yet known)
-        self._thawed = False  # unfrozen, waiting for the full pass that reclaims the garbage
+        self._thawing = False  # between a thaw and the end of its full pass: nothing is frozen
         self.freezes = 0  # after full passes
-        self.young_freezes = 0  # after middle passes
+        self.young_freezes = 0  # after young and middle passes
         self.thaws = 0
 
     def __enter__(self) -> CollectorTuning:
@@ -466,11 +466,20 @@ class CollectorTuning:
             gc.unfreeze()
 
     def _on_collect(self, phase: str, info: Mapping[str, int]) -> None:
-        # Runs inside the collector, on whichever thread allocated: act on the loop.
-        generation = info.get("generation")
-        if phase != "stop" or generation == 0 or self._loop is None or self._loop.is_closed():
+        # Runs inside the collector, on whichever thread allocated. The pass is over at
+        # "stop", so its survivors can be frozen here and now (before anything else
+        # allocates); reading the tracker is left to the loop.
+        if phase != "stop" or self._loop is None or self._loop.is_closed():
             return
-        self._loop.call_soon_threadsafe(self.after_full_pass if generation == 2 else self.after_middle_pass)
+        generation = info.get("generation")
+        if generation == 2:
+            self._loop.call_soon_threadsafe(self.after_full_pass)
+            return
+        if not self._thawing:
+            gc.freeze()
+            self.young_freezes += 1
+        if generation == 1:
+            self._loop.call_soon_threadsafe(self.check)
 
     def ended_since_thaw(self) -> int:
         """Streams that ended since the last thaw (opens plus ends is the membership count)."""
@@ -487,25 +496,26 @@ class CollectorTuning:
             return True
         return self._per_stream > 0 and self._frozen_per_stream() >= _THAW_GROWTH * self._per_stream
 
-    def after_middle_pass(self) -> None:
-        if self._loop is None or self._thawed:
+    def check(self) -> None:
+        """Thaw and collect everything now if a bound is reached (see the class)."""
+        if self._loop is None or self._thawing or not self._should_thaw():
             return
-        gc.freeze()
-        self.young_freezes += 1
+        gc.unfreeze()
+        self._thawing = True
+        self._baseline = (self._tracker.membership, self._tracker.open_streams())
+        self.thaws += 1
+        gc.collect()  # its end calls `after_full_pass`, which freezes again
 
     def after_full_pass(self) -> None:
         if self._loop is None:
             return
-        if not self._thawed and self._should_thaw():
-            gc.unfreeze()
-            self._thawed = True
-            self._baseline = (self._tracker.membership, self._tracker.open_streams())
-            self.thaws += 1
+        if not self._thawing and self._should_thaw():
+            self.check()
             return
         gc.freeze()
         self.freezes += 1
-        if self._thawed or self._per_stream == 0:
-            self._thawed = False
+        if self._thawing or self._per_stream == 0:
+            self._thawing = False
             self._per_stream = self._frozen_per_stream()
 
 

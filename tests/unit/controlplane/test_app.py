@@ -1,19 +1,30 @@
-"""app: the collector tuning freezes what survives middle and full passes, and thaws after churn or growth."""
+"""app: the collector tuning freezes what survives every pass, and thaws (with one full pass)
+after churn or growth of the frozen objects per stream."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 from envoy.config.core.v3 import base_pb2
 from graylane.controlplane import app
 from graylane.xds.tracker import SOTW, ProxyTracker
 
 
-async def _after_collect() -> None:
-    gc.collect()
-    for _ in range(3):  # the callback hands the work to the loop
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def _settle() -> None:
+    for _ in range(3):  # the collector's callback hands the work to the loop
         await asyncio.sleep(0)
+
+
+async def _after_collect(generation: int = 2) -> None:
+    gc.collect(generation)
+    await _settle()
 
 
 def test_full_passes_freeze_their_survivors_and_churn_thaws_them() -> None:
@@ -31,11 +42,19 @@ def test_full_passes_freeze_their_survivors_and_churn_thaws_them() -> None:
                     tracker.connected(base_pb2.Node(id=f"c{i}"), stream=f"c{i}#1", key="k", protocol=SOTW)
                     tracker.disconnected(f"c{i}#1")
                 assert tuning.ended_since_thaw() == app._THAW_MIN_ENDED
-                await _after_collect()
-                assert tuning.thaws == 1 and gc.get_freeze_count() == 0
+                # A frozen cycle: only a pass over everything reclaims it.
+                cycle = _Cycle()
+                gone = weakref.ref(cycle)
+                gc.freeze()
+                del cycle
+                gc.collect()  # frozen: this pass does not reclaim it
+                assert gone() is not None
+                await _settle()  # the bound is seen; the thaw collects at once, then freezes
+                assert tuning.thaws == 1 and tuning.freezes == 2
+                assert gone() is None and gc.get_freeze_count() > 0
                 assert tuning.ended_since_thaw() == 0
                 await _after_collect()
-                assert tuning.freezes == 2
+                assert tuning.freezes == 3 and tuning.thaws == 1
             assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
         finally:
             gc.unfreeze()
@@ -43,27 +62,25 @@ def test_full_passes_freeze_their_survivors_and_churn_thaws_them() -> None:
     asyncio.run(main())
 
 
-def test_middle_passes_freeze_their_survivors_unless_a_thaw_waits_for_its_full_pass() -> None:
+def test_young_and_middle_passes_freeze_their_survivors_at_once() -> None:
     async def main() -> None:
         tracker = ProxyTracker()
         try:
             with app.CollectorTuning(tracker) as tuning:
+                for generation in (0, 1):
+                    gc.unfreeze()
+                    kept = [[i] for i in range(1000)]  # survivors of the pass below
+                    young = tuning.young_freezes
+                    gc.collect(generation)
+                    # Frozen inside the collector's callback, before anything else runs.
+                    assert tuning.young_freezes == young + 1 and gc.get_freeze_count() > len(kept)
+                # Nothing is frozen between a thaw and the end of its full pass.
+                tuning._thawing = True
                 gc.unfreeze()
-                kept = [[i] for i in range(1000)]  # survivors of the middle pass below
-                gc.collect(1)
-                for _ in range(3):
-                    await asyncio.sleep(0)
-                assert tuning.young_freezes >= 1 and gc.get_freeze_count() > 0
-                assert gc.is_tracked(kept[0])
-                # A thaw waits for the full pass that scans everything: no freeze before it.
-                tuning._thawed = True
-                gc.unfreeze()
-                gc.collect(1)
-                for _ in range(3):
-                    await asyncio.sleep(0)
+                gc.collect(0)
                 assert gc.get_freeze_count() == 0
                 await _after_collect()  # that full pass: freezing resumes
-                assert gc.get_freeze_count() > 0 and not tuning._thawed
+                assert gc.get_freeze_count() > 0 and not tuning._thawing
         finally:
             gc.unfreeze()
 
@@ -78,13 +95,14 @@ def test_frozen_objects_growing_faster_than_the_streams_thaw_them() -> None:
                 await _after_collect()
                 per_stream = tuning._per_stream
                 assert tuning.freezes == 1 and per_stream > 0
-                # Garbage-like growth with no new stream: more than double per open stream.
+                # Growth with no new stream (what frozen garbage would look like): past the bound.
                 grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * app._THAW_GROWTH) + 1)]
-                gc.freeze()  # as the middle passes do with what survives them
-                await _after_collect()
-                assert tuning.thaws == 1 and gc.get_freeze_count() == 0
-                await _after_collect()
-                assert tuning.freezes == 2 and tuning._per_stream >= per_stream
+                gc.freeze()
+                await _after_collect(1)  # checked after a middle pass: thaw and one full pass now
+                assert tuning.thaws == 1 and tuning.freezes == 2
+                assert tuning._per_stream >= per_stream  # the new baseline: all of it is live
+                await _after_collect(1)
+                assert tuning.thaws == 1
                 del grown
         finally:
             gc.unfreeze()
