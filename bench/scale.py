@@ -203,7 +203,7 @@ class GcPauses:
         self.full: list[tuple[float, float]] = []  # (when it ended, monotonic; ms) of each full pass
         # per generation: the pass with the most CPU of the thread it ran on (wall can include
         # the OS running other processes): (CPU ms, wall ms, objects in the scanned generations
-        # at its start (-1: not counted for young passes), objects it collected)
+        # at its start, objects it collected)
         self.worst_cpu: list[tuple[float, float, int, int]] = [(0.0, 0.0, 0, 0)] * 3
         self._t0 = 0.0
         self._c0 = 0.0
@@ -219,7 +219,7 @@ class GcPauses:
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             gen = info["generation"]
-            self._scanned = sum(len(gc.get_objects(generation=g)) for g in range(gen + 1)) if gen else -1
+            self._scanned = sum(len(gc.get_objects(generation=g)) for g in range(gen + 1))
             self._t0 = time.perf_counter()
             self._c0 = time.thread_time()
             return

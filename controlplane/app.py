@@ -447,9 +447,12 @@ class CollectorTuning:
         self.freezes = 0  # after full passes
         self.young_freezes = 0  # after young and middle passes
         self.thaws = 0
+        self._young_passes = 0
+        self._driver: asyncio.Task[None] | None = None
 
     def __enter__(self) -> CollectorTuning:
         self._loop = asyncio.get_running_loop()
+        self._driver = self._loop.create_task(self._drive_young_passes())
         if CollectorTuning._installed == 0:
             CollectorTuning._previous_threshold = gc.get_threshold()
             gc.set_threshold(_YOUNG_THRESHOLD, *CollectorTuning._previous_threshold[1:])
@@ -459,6 +462,9 @@ class CollectorTuning:
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._on_collect)
+        if self._driver is not None:
+            self._driver.cancel()
+            self._driver = None
         self._loop = None  # a pass already handed to the loop does nothing now
         CollectorTuning._installed -= 1
         if CollectorTuning._installed == 0:
@@ -476,10 +482,26 @@ class CollectorTuning:
             self._loop.call_soon_threadsafe(self.after_full_pass)
             return
         if not self._thawing:
-            gc.freeze()
+            gc.freeze()  # also zeroes the generations' counts: no middle or full pass follows
             self.young_freezes += 1
-        if generation == 1:
+        self._young_passes += 1
+        if self._young_passes % _CHECK_EVERY == 0:
             self._loop.call_soon_threadsafe(self.check)
+
+    async def _drive_young_passes(self) -> None:
+        """While streams change, a young pass every `_YOUNG_SECONDS` at most, from the loop.
+
+        The allocation count that starts young passes is net of objects freed, old ones
+        included: while a change replaces every stream's state, the young generation grows far
+        past `_YOUNG_THRESHOLD` objects before a pass starts, and that pass holds the loop for
+        as long as it takes to scan them. Passes started on time keep each one short; idle
+        (no stream changing), this waits on the tracker and costs nothing.
+        """
+        seq = self._tracker.seq
+        while True:
+            seq = await self._tracker.wait_for_change(seq)
+            gc.collect(0)
+            await asyncio.sleep(_YOUNG_SECONDS)
 
     def ended_since_thaw(self) -> int:
         """Streams that ended since the last thaw (opens plus ends is the membership count)."""
@@ -522,6 +544,8 @@ class CollectorTuning:
 _YOUNG_THRESHOLD = 5_000
 _THAW_MIN_ENDED = 1_000
 _THAW_GROWTH = 2.0
+_CHECK_EVERY = 10  # young passes between two checks of the thaw bounds
+_YOUNG_SECONDS = 0.05
 _STREAM_SLACK = 1_000
 
 

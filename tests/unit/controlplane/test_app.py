@@ -98,12 +98,47 @@ def test_frozen_objects_growing_faster_than_the_streams_thaw_them() -> None:
                 # Growth with no new stream (what frozen garbage would look like): past the bound.
                 grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * app._THAW_GROWTH) + 1)]
                 gc.freeze()
-                await _after_collect(1)  # checked after a middle pass: thaw and one full pass now
+                for _ in range(app._CHECK_EVERY):  # checked every few young passes
+                    gc.collect(0)
+                await _settle()  # thawed, and one full pass run at once
                 assert tuning.thaws == 1 and tuning.freezes == 2
                 assert tuning._per_stream >= per_stream  # the new baseline: all of it is live
-                await _after_collect(1)
+                for _ in range(app._CHECK_EVERY):
+                    gc.collect(0)
+                await _settle()
                 assert tuning.thaws == 1
                 del grown
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
+
+
+def test_young_passes_are_started_from_the_loop_while_streams_change() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        passes: list[int] = []
+
+        def count(phase: str, info: dict[str, int]) -> None:
+            if phase == "stop" and info["generation"] == 0:
+                passes.append(1)
+
+        try:
+            with app.CollectorTuning(tracker):
+                gc.callbacks.append(count)
+                try:
+                    await asyncio.sleep(3 * app._YOUNG_SECONDS)
+                    idle = len(passes)
+                    assert idle == 0  # nothing changes: the driver waits on the tracker
+                    deadline = asyncio.get_running_loop().time() + 5.0
+                    i = 0
+                    while len(passes) < idle + 3:  # each change of a stream lets one more pass start
+                        assert asyncio.get_running_loop().time() < deadline
+                        tracker.connected(base_pb2.Node(id=f"s{i}"), stream=f"s{i}#1", key="k", protocol=SOTW)
+                        i += 1
+                        await asyncio.sleep(app._YOUNG_SECONDS)
+                finally:
+                    gc.callbacks.remove(count)
         finally:
             gc.unfreeze()
 
