@@ -54,6 +54,7 @@ graylane.agent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import itertools
@@ -631,6 +632,40 @@ def _with_nonce(body: bytes, nonce: str) -> bytes:
     return body + b"\x2a" + bytes((len(data),)) + data
 
 
+T = TypeVar("T")
+
+
+class _Inbox(Generic[T]):
+    """A stream's events in order, for its one reader: an asyncio.Queue without the running
+    loop looked up on every call (asyncio.get_running_loop() makes a getpid() system call
+    each time; every stream waits here twice per change, for the change and for its ACK)."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def put_nowait(self, item: T) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> T:
+        while not self._items:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:  # cancelled while waiting
+                    self._waiter = None
+        return self._items.popleft()
+
+
 class _Stream(Generic[Req, Resp]):
     """State and logic shared by the SotW and delta stream loops of one proxy."""
 
@@ -646,7 +681,7 @@ class _Stream(Generic[Req, Resp]):
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
-        self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
+        self._events: _Inbox[Req | _Signal] = _Inbox()
         self._snapshot_changed = False
         self._stopped = False
         # Set by the server when a gate is configured: the proxy is admitted (or refused)
