@@ -808,7 +808,8 @@ class _Stream(Generic[Req, Resp]):
         self.tracker.acked(self.stream_id, st.type_url, ack)
         # DEBUG: every proxy ACKs every change (10,000 lines a change at fleet size); the
         # tracker and the push-to-ACK metric carry the same facts.
-        log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
+        if log.isEnabledFor(logging.DEBUG):  # the arguments cost too, on every stream's every ACK
+            log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str, resources: Mapping[str, str]) -> None:
         """Report the NACK; `resources`: the content versions of what was rejected (kept)."""
@@ -820,15 +821,16 @@ class _Stream(Generic[Req, Resp]):
 
     def record_push(self, st: _TypeState, push: Push) -> None:
         self.tracker.pushed(self.stream_id, push)
-        log.debug(
-            "push %s %s version %s nonce %s: %d resources, %d removed",
-            self.stream_id,
-            _short(st.type_url),
-            push.version,
-            push.nonce,
-            len(push.resources),
-            len(push.removed),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "push %s %s version %s nonce %s: %d resources, %d removed",
+                self.stream_id,
+                _short(st.type_url),
+                push.version,
+                push.nonce,
+                len(push.resources),
+                len(push.removed),
+            )
 
     # -- per protocol ----------------------------------------------------------------------
 
