@@ -428,8 +428,8 @@ class CollectorTuning:
     10,000 streams), after which freezing resumes: the streams that ended since the last
     thaw reach half of those open (and at least `_THAW_MIN_ENDED`), or the frozen objects
     per open stream (plus `_STREAM_SLACK`, so that a replica's own objects count) reach
-    `_THAW_GROWTH` times what they were after the last thaw (a connect wave grows both;
-    garbage only the first). So frozen garbage stays within about the live state's size.
+    `_THAW_GROWTH` times what they were after the last thaw, or at the first check (at least
+    `_MIN_PER_STREAM`; a connect wave grows both; garbage only the first). So frozen garbage stays within about the live state's size.
 
     Process-wide (the collector is): the first replica of a process installs it, the last
     one to stop removes it and thaws everything.
@@ -518,9 +518,18 @@ class CollectorTuning:
             return True
         return self._per_stream > 0 and self._frozen_per_stream() >= _THAW_GROWTH * self._per_stream
 
+    def _set_per_stream(self) -> None:
+        self._per_stream = max(self._frozen_per_stream(), _MIN_PER_STREAM)
+
     def check(self) -> None:
         """Thaw and collect everything now if a bound is reached (see the class)."""
-        if self._loop is None or self._thawing or not self._should_thaw():
+        if self._loop is None or self._thawing:
+            return
+        if self._per_stream == 0:
+            # No full pass runs on its own any more (freezing zeroes the counts): the first
+            # check sets the growth bound's baseline.
+            self._set_per_stream()
+        if not self._should_thaw():
             return
         gc.unfreeze()
         self._thawing = True
@@ -538,7 +547,7 @@ class CollectorTuning:
         self.freezes += 1
         if self._thawing or self._per_stream == 0:
             self._thawing = False
-            self._per_stream = self._frozen_per_stream()
+            self._set_per_stream()
 
 
 _YOUNG_THRESHOLD = 5_000
@@ -547,6 +556,8 @@ _THAW_GROWTH = 2.0
 _CHECK_EVERY = 10  # young passes between two checks of the thaw bounds
 _YOUNG_SECONDS = 0.05
 _STREAM_SLACK = 1_000
+# The growth bound's least baseline: a small process is not thawed for every few objects it keeps.
+_MIN_PER_STREAM = 100.0
 
 
 async def _supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:

@@ -143,3 +143,25 @@ def test_young_passes_are_started_from_the_loop_while_streams_change() -> None:
             gc.unfreeze()
 
     asyncio.run(main())
+
+
+def test_the_growth_bound_needs_no_full_pass_to_set_its_baseline() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        try:
+            with app.CollectorTuning(tracker) as tuning:
+                for _ in range(app._CHECK_EVERY):  # young passes only, as a serving replica has
+                    gc.collect(0)
+                await _settle()
+                per_stream = tuning._per_stream
+                assert per_stream >= app._MIN_PER_STREAM and tuning.freezes == 0
+                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * app._THAW_GROWTH) + 1)]
+                for _ in range(app._CHECK_EVERY):
+                    gc.collect(0)
+                await _settle()
+                assert tuning.thaws == 1 and tuning.freezes == 1
+                del grown
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
