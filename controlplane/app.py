@@ -429,7 +429,8 @@ class CollectorTuning:
     thaw reach half of those open (and at least `_THAW_MIN_ENDED`), or the frozen objects
     per open stream (plus `_STREAM_SLACK`, so that a replica's own objects count) reach
     `_THAW_GROWTH` times what they were after the last thaw, or at the first check (at least
-    `_MIN_PER_STREAM`; a connect wave grows both; garbage only the first). So frozen garbage stays within about the live state's size.
+    `_MIN_PER_STREAM`; a connect wave grows both; garbage only the first). So frozen
+    garbage stays within about the live state's size.
 
     Process-wide (the collector is): the first replica of a process installs it, the last
     one to stop removes it and thaws everything.
