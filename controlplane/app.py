@@ -423,7 +423,7 @@ class CollectorTuning:
     The price: a frozen object that later becomes cyclic garbage (the state of a stream that
     ended, a cycle that was still in use at its young pass) is not reclaimed while frozen;
     garbage freed by reference counting (most of it) is freed as always. Two bounds, checked
-    on the loop after each middle and full pass, thaw everything (`gc.unfreeze`) and run one
+    on the loop every `_CHECK_EVERY` young passes, thaw everything (`gc.unfreeze`) and run one
     full pass at once to reclaim it (a deliberate stall of that pass's length: 0.3-0.7 s at
     10,000 streams), after which freezing resumes: the streams that ended since the last
     thaw reach half of those open (and at least `_THAW_MIN_ENDED`), or the frozen objects
