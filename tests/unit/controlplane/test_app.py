@@ -1,5 +1,5 @@
 """app: the collector tuning freezes what survives every pass, and thaws (with one full pass)
-after churn or growth of the frozen objects per stream."""
+after churn or growth of the allocated blocks per stream."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_young_and_middle_passes_freeze_their_survivors_at_once() -> None:
     asyncio.run(main())
 
 
-def test_frozen_objects_growing_faster_than_the_streams_thaw_them() -> None:
+def test_allocated_blocks_growing_faster_than_the_streams_thaw_everything() -> None:
     async def main() -> None:
         tracker = ProxyTracker()
         try:
@@ -95,8 +95,9 @@ def test_frozen_objects_growing_faster_than_the_streams_thaw_them() -> None:
                 await _after_collect()
                 per_stream = tuning._per_stream
                 assert tuning.freezes == 1 and per_stream > 0
-                # Growth with no new stream (what frozen garbage would look like): past the bound.
-                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * app._THAW_GROWTH) + 1)]
+                # Growth with no new stream (what frozen garbage would look like): past the bound
+                # (each one-element list is at least two blocks: the list and its items).
+                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * (app._THAW_GROWTH - 1) / 2) + 1000)]
                 gc.freeze()
                 for _ in range(app._CHECK_EVERY):  # checked every few young passes
                     gc.collect(0)
@@ -155,7 +156,7 @@ def test_the_growth_bound_needs_no_full_pass_to_set_its_baseline() -> None:
                 await _settle()
                 per_stream = tuning._per_stream
                 assert per_stream >= app._MIN_PER_STREAM and tuning.freezes == 0
-                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * app._THAW_GROWTH) + 1)]
+                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * (app._THAW_GROWTH - 1) / 2) + 1000)]
                 for _ in range(app._CHECK_EVERY):
                     gc.collect(0)
                 await _settle()
