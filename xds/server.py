@@ -54,6 +54,7 @@ graylane.agent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import itertools
@@ -259,6 +260,9 @@ class _Selection:
     blocked: bool
     remembered: bool = False  # its set is in the cache's content history
     _sotw_body: bytes | None = None
+    # The tracker's record of an ACK of exactly this selection at `version`: one frozen value
+    # shared by every stream that ACKs it (a change to 10,000 streams made 20,000 objects).
+    _ack: TypeAck | None = None
     # The selection as a set: the planned set itself where the selection is all of it (a
     # wildcard, or names equal to the planned ones), or that set less a few names; `items`
     # / `versions` are its own, and a selection whose set derives from another's differs
@@ -638,6 +642,40 @@ def _with_nonce(body: bytes, nonce: str) -> bytes:
     return body + b"\x2a" + bytes((len(data),)) + data
 
 
+T = TypeVar("T")
+
+
+class _Inbox(Generic[T]):
+    """A stream's events in order, for its one reader: an asyncio.Queue without the running
+    loop looked up on every call (asyncio.get_running_loop() makes a getpid() system call
+    each time; every stream waits here twice per change, for the change and for its ACK)."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def put_nowait(self, item: T) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> T:
+        while not self._items:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:  # cancelled while waiting
+                    self._waiter = None
+        return self._items.popleft()
+
+
 class _Stream(Generic[Req, Resp]):
     """State and logic shared by the SotW and delta stream loops of one proxy."""
 
@@ -653,7 +691,7 @@ class _Stream(Generic[Req, Resp]):
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
-        self._events: asyncio.Queue[Req | _Signal] = asyncio.Queue()
+        self._events: _Inbox[Req | _Signal] = _Inbox()
         self._snapshot_changed = False
         self._stopped = False
         # Set by the server when a gate is configured: the proxy is admitted (or refused)
@@ -772,14 +810,23 @@ class _Stream(Generic[Req, Resp]):
             self.cache.history.remember(selection.type_url, selection.items)
         selection.remembered = True
 
-    def record_ack(self, st: _TypeState, version: str, versions: Mapping[str, str]) -> None:
-        """Report the ACK; `versions` (the content versions now held) is never mutated later."""
+    def record_ack(
+        self, st: _TypeState, version: str, versions: Mapping[str, str], selection: _Selection | None = None
+    ) -> None:
+        """Report the ACK; `versions` (the content versions now held) is never mutated later;
+        `selection`: the shared selection they are, if any."""
         st.acked_version = version
-        ack = TypeAck(version, MappingProxyType(versions))
+        if selection is not None and selection.versions is versions and selection.version == version:
+            ack = selection._ack
+            if ack is None:
+                ack = selection._ack = TypeAck(version, MappingProxyType(versions))
+        else:
+            ack = TypeAck(version, MappingProxyType(versions))
         self.tracker.acked(self.stream_id, st.type_url, ack)
         # DEBUG: every proxy ACKs every change (10,000 lines a change at fleet size); the
         # tracker and the push-to-ACK metric carry the same facts.
-        log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
+        if log.isEnabledFor(logging.DEBUG):  # the arguments cost too, on every stream's every ACK
+            log.debug("ACK %s %s version %s", self.stream_id, _short(st.type_url), version)
 
     def record_nack(self, st: _TypeState, version: str, nonce: str, message: str, resources: Mapping[str, str]) -> None:
         """Report the NACK; `resources`: the content versions of what was rejected (kept)."""
@@ -791,15 +838,16 @@ class _Stream(Generic[Req, Resp]):
 
     def record_push(self, st: _TypeState, push: Push) -> None:
         self.tracker.pushed(self.stream_id, push)
-        log.debug(
-            "push %s %s version %s nonce %s: %d resources, %d removed",
-            self.stream_id,
-            _short(st.type_url),
-            push.version,
-            push.nonce,
-            len(push.resources),
-            len(push.removed),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "push %s %s version %s nonce %s: %d resources, %d removed",
+                self.stream_id,
+                _short(st.type_url),
+                push.version,
+                push.nonce,
+                len(push.resources),
+                len(push.removed),
+            )
 
     # -- per protocol ----------------------------------------------------------------------
 
@@ -858,7 +906,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
         st.acked = st.sent
         st.acked_versions = st.sent_versions
         st.acked_selection = st.sent_selection
-        self.record_ack(st, request.version_info, st.acked_versions)
+        self.record_ack(st, request.version_info, st.acked_versions, st.acked_selection)
 
     def _adopt_presented(self, st: _TypeState, version: str) -> None:
         """A reconnecting proxy presents the version it holds: learn its content if we can."""
@@ -1024,7 +1072,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
         exact = not st.pending and synced is not None and (known or st.acked_versions == synced.versions)
         st.acked_selection = synced if exact else None
         if exact and synced is not None:
-            self.record_ack(st, pending.version, synced.versions)  # equal; shared, never mutated
+            self.record_ack(st, pending.version, synced.versions, synced)  # equal; shared, never mutated
         else:
             self.record_ack(st, pending.version, dict(st.acked_versions))
 

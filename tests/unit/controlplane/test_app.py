@@ -1,19 +1,30 @@
-"""app: the collector tuning freezes what survives each full pass, and thaws after churn."""
+"""app: the collector tuning freezes what survives every pass, and thaws (with one full pass)
+after churn or growth of the allocated blocks per stream."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 from envoy.config.core.v3 import base_pb2
 from graylane.controlplane import app
 from graylane.xds.tracker import SOTW, ProxyTracker
 
 
-async def _after_collect() -> None:
-    gc.collect()
-    for _ in range(3):  # the callback hands the work to the loop
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def _settle() -> None:
+    for _ in range(3):  # the collector's callback hands the work to the loop
         await asyncio.sleep(0)
+
+
+async def _after_collect(generation: int = 2) -> None:
+    gc.collect(generation)
+    await _settle()
 
 
 def test_full_passes_freeze_their_survivors_and_churn_thaws_them() -> None:
@@ -31,12 +42,126 @@ def test_full_passes_freeze_their_survivors_and_churn_thaws_them() -> None:
                     tracker.connected(base_pb2.Node(id=f"c{i}"), stream=f"c{i}#1", key="k", protocol=SOTW)
                     tracker.disconnected(f"c{i}#1")
                 assert tuning.ended_since_thaw() == app._THAW_MIN_ENDED
-                await _after_collect()
-                assert tuning.thaws == 1 and gc.get_freeze_count() == 0
+                # A frozen cycle: only a pass over everything reclaims it.
+                cycle = _Cycle()
+                gone = weakref.ref(cycle)
+                gc.freeze()
+                del cycle
+                gc.collect()  # frozen: this pass does not reclaim it
+                assert gone() is not None
+                await _settle()  # the bound is seen; the thaw collects at once, then freezes
+                assert tuning.thaws == 1 and tuning.freezes == 2
+                assert gone() is None and gc.get_freeze_count() > 0
                 assert tuning.ended_since_thaw() == 0
                 await _after_collect()
-                assert tuning.freezes == 2
+                assert tuning.freezes == 3 and tuning.thaws == 1
             assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
+
+
+def test_young_and_middle_passes_freeze_their_survivors_at_once() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        try:
+            with app.CollectorTuning(tracker) as tuning:
+                for generation in (0, 1):
+                    gc.unfreeze()
+                    kept = [[i] for i in range(1000)]  # survivors of the pass below
+                    young = tuning.young_freezes
+                    gc.collect(generation)
+                    # Frozen inside the collector's callback, before anything else runs.
+                    assert tuning.young_freezes == young + 1 and gc.get_freeze_count() > len(kept)
+                # Nothing is frozen between a thaw and the end of its full pass.
+                tuning._thawing = True
+                gc.unfreeze()
+                gc.collect(0)
+                assert gc.get_freeze_count() == 0
+                await _after_collect()  # that full pass: freezing resumes
+                assert gc.get_freeze_count() > 0 and not tuning._thawing
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
+
+
+def test_allocated_blocks_growing_faster_than_the_streams_thaw_everything() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        try:
+            with app.CollectorTuning(tracker) as tuning:
+                await _after_collect()
+                per_stream = tuning._per_stream
+                assert tuning.freezes == 1 and per_stream > 0
+                # Growth with no new stream (what frozen garbage would look like): past the bound
+                # (each one-element list is at least two blocks: the list and its items).
+                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * (app._THAW_GROWTH - 1) / 2) + 1000)]
+                gc.freeze()
+                for _ in range(app._CHECK_EVERY):  # checked every few young passes
+                    gc.collect(0)
+                await _settle()  # thawed, and one full pass run at once
+                assert tuning.thaws == 1 and tuning.freezes == 2
+                assert tuning._per_stream >= per_stream  # the new baseline: all of it is live
+                for _ in range(app._CHECK_EVERY):
+                    gc.collect(0)
+                await _settle()
+                assert tuning.thaws == 1
+                del grown
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
+
+
+def test_young_passes_are_started_from_the_loop_while_streams_change() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        passes: list[int] = []
+
+        def count(phase: str, info: dict[str, int]) -> None:
+            if phase == "stop" and info["generation"] == 0:
+                passes.append(1)
+
+        try:
+            with app.CollectorTuning(tracker):
+                gc.callbacks.append(count)
+                try:
+                    await asyncio.sleep(3 * app._YOUNG_SECONDS)
+                    idle = len(passes)
+                    assert idle == 0  # nothing changes: the driver waits on the tracker
+                    deadline = asyncio.get_running_loop().time() + 5.0
+                    i = 0
+                    while len(passes) < idle + 3:  # each change of a stream lets one more pass start
+                        assert asyncio.get_running_loop().time() < deadline
+                        tracker.connected(base_pb2.Node(id=f"s{i}"), stream=f"s{i}#1", key="k", protocol=SOTW)
+                        i += 1
+                        await asyncio.sleep(app._YOUNG_SECONDS)
+                finally:
+                    gc.callbacks.remove(count)
+        finally:
+            gc.unfreeze()
+
+    asyncio.run(main())
+
+
+def test_the_growth_bound_needs_no_full_pass_to_set_its_baseline() -> None:
+    async def main() -> None:
+        tracker = ProxyTracker()
+        try:
+            with app.CollectorTuning(tracker) as tuning:
+                for _ in range(app._CHECK_EVERY):  # young passes only, as a serving replica has
+                    gc.collect(0)
+                await _settle()
+                per_stream = tuning._per_stream
+                assert per_stream >= app._MIN_PER_STREAM and tuning.freezes == 0
+                grown = [[i] for i in range(int(per_stream * app._STREAM_SLACK * (app._THAW_GROWTH - 1) / 2) + 1000)]
+                for _ in range(app._CHECK_EVERY):
+                    gc.collect(0)
+                await _settle()
+                assert tuning.thaws == 1 and tuning.freezes == 1
+                del grown
         finally:
             gc.unfreeze()
 

@@ -21,7 +21,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, MESSAGE_TYPES, ROUTE, SCOPED_ROUTE, Resources
-from graylane.xds.server import Admitted, AdsServer, ProxyRefused, _DeltaStream, _SotwStream
+from graylane.xds.server import Admitted, AdsServer, ProxyRefused, _DeltaStream, _Inbox, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -631,3 +631,26 @@ async def test_a_refused_stream_is_ended_before_its_nack_counts_and_a_gate_clean
             call.cancel()
     finally:
         await server.stop(grace=None)
+
+
+def test_stream_inbox_keeps_order_wakes_its_reader_and_survives_a_cancelled_wait() -> None:
+    async def main() -> None:
+        inbox: _Inbox[int] = _Inbox()
+        inbox.put_nowait(1)
+        inbox.put_nowait(2)
+        assert [await inbox.get(), await inbox.get()] == [1, 2]
+        reader = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        assert not reader.done()
+        inbox.put_nowait(3)
+        assert await asyncio.wait_for(reader, 5) == 3
+        waiting = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        inbox.put_nowait(4)  # no reader now: kept for the next one
+        inbox.put_nowait(5)
+        assert [await inbox.get(), await inbox.get()] == [4, 5]
+
+    asyncio.run(main())

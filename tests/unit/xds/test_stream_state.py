@@ -280,3 +280,20 @@ def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_pe
 
     expected = strip(synced.push())
     assert expected and all(strip(stream.push()) == expected for stream in back)
+
+
+def test_streams_acking_one_shared_selection_share_one_recorded_ack() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(8))
+    selections = _Selections()
+    tracker = ProxyTracker()
+    streams = [_open(_SotwStream(cache, tracker, selections), f"s{i}") for i in range(2)]
+    names = sorted(cache.snapshot("k")[ENDPOINT].items)
+    for stream in streams:
+        _sotw_eds(stream, names)
+        (body,) = [r for r in stream.push() if discovery_pb2.DiscoveryResponse.FromString(r).type_url == ENDPOINT]
+        sent = discovery_pb2.DiscoveryResponse.FromString(body)
+        _sotw_eds(stream, names, nonce=sent.nonce, version=sent.version_info)
+    one, two = (tracker.get(s.stream_id).acked[ENDPOINT] for s in streams)
+    assert one is two and one.version == sent.version_info
+    assert dict(one.resources) == dict(cache.snapshot("k")[ENDPOINT].versions)
