@@ -33,7 +33,7 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import Message
 from graylane.controlplane import auth, machine
-from graylane.controlplane.cli import render_yaml, to_dict
+from graylane.controlplane.cli.output import render_yaml, to_dict
 from graylane.controlplane.client import USER_ACTIONS, Action, ReleaseClient
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.http import HttpServer

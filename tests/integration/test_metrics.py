@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from graylane.agent.metrics import MetricsReporter
-from graylane.controlplane import cli
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.cli import base, commands, output
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.metrics import MetricsCollector, report_from_samples
@@ -141,9 +141,9 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         assert base.p50_ms <= base.p90_ms <= base.p99_ms
         assert len(gray.bucket_counts) == len(gray.bucket_bounds_ms) + 1
         assert base.throughput_rps > 0 and gray.throughput_rps > 0
-        table = cli.render_metrics(response)
+        table = output.render_metrics(response)
         print(table)  # shown with -s
-        assert table.splitlines()[0].split() == list(cli.METRICS_HEADER)
+        assert table.splitlines()[0].split() == list(output.METRICS_HEADER)
 
         # The agent's reporter counted the same requests.
         def agent_total(version: str) -> int:
@@ -184,8 +184,8 @@ def _cli_json(port: int) -> Any:
 
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        code = cli.main(["--server", f"127.0.0.1:{port}", "metrics", "rel", "--window", "60s", "-o", "json"])
-    assert code == cli.EXIT_OK
+        code = commands.main(["--server", f"127.0.0.1:{port}", "metrics", "rel", "--window", "60s", "-o", "json"])
+    assert code == base.EXIT_OK
     return json.loads(buffer.getvalue())
 
 
