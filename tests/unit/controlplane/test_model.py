@@ -9,7 +9,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane import views
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.model import (
+from graylane.controlplane.model.codec import release_from_proto, spec_to_proto
+from graylane.controlplane.model.validation import (
     MAX_ANALYSIS_INTERVAL,
     MAX_BATCHES,
     MAX_CONDITIONS,
@@ -21,17 +22,14 @@ from graylane.controlplane.model import (
     MAX_VALUE_BYTES,
     MAX_VERSION_ENDPOINTS,
     MAX_WEBHOOKS,
-    Cohort,
-    MatchKind,
     check_text,
     cookie_regex,
     lane_regex,
-    release_from_proto,
     service_from_proto,
     spec_from_proto,
-    spec_to_proto,
     version_from_proto,
 )
+from graylane.controlplane.model.values import Cohort, MatchKind
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import render, view
 
