@@ -18,20 +18,13 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from aiohttp import web
+from graylane.controlplane.address import HostPort
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SHUTDOWN_SECONDS = 5.0
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[v6]:PORT` -> (host, port); port 0 asks for a free one."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{listen!r}: expected HOST:PORT")
-    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 class HttpServer:
@@ -41,7 +34,8 @@ class HttpServer:
     clients with a certificate its CA signed)."""
 
     def __init__(self, *, listen: str, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._host, self._port = split_listen(listen)
+        address = HostPort.parse(listen, any_port=True)  # port 0 asks for a free one
+        self._host, self._port = address.host, address.port
         self._ssl = ssl_context
         self._app = web.Application()
         self._runner: web.AppRunner | None = None

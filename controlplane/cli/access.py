@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.cli.base import (
     EXIT_OK,
     Subparsers,
@@ -30,7 +31,6 @@ from graylane.controlplane.defaults import (
 )
 from graylane.controlplane.options import (
     DEFAULT_XDS_CLUSTER,
-    HostPort,
 )
 
 

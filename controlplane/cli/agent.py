@@ -10,6 +10,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.cli.base import (
     EXIT_OK,
     Subparsers,
@@ -22,7 +23,6 @@ from graylane.controlplane.cli.base import (
 from graylane.controlplane.cli.serve import add_server_tls_flags, otlp_url, server_tls
 from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
-    HostPort,
     is_loopback_host,
 )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final, TypeAlias
 
 import grpc
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.cli.output import OUTPUT_FORMATS, escape_control
 from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.defaults import (
@@ -24,9 +25,6 @@ from graylane.controlplane.defaults import (
     DEFAULT_RPC_TIMEOUT_SECONDS,
 )
 from graylane.controlplane.manifest import duration_seconds
-from graylane.controlplane.options import (
-    HostPort,
-)
 from graylane.controlplane.tls import ClientTls, TlsConfigError
 
 EXIT_OK: Final = 0

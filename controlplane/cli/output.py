@@ -18,9 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from graylane.controlplane.options import (
-    HostPort,
-)
+from graylane.controlplane.address import HostPort
 from graylane.v1 import release_pb2, release_service_pb2
 
 _M = TypeVar("_M", bound=Message)

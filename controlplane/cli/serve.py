@@ -12,6 +12,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.cli.base import (
     EXIT_OK,
     Subparsers,
@@ -28,7 +29,6 @@ from graylane.controlplane.defaults import (
 )
 from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
-    HostPort,
     ServeOptions,
     parse_agent_tokens,
     parse_xds_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.errors import InvalidArgument
 from graylane.controlplane.model.validation import check_name, check_version_name, endpoint_from_proto, valid_address
 from graylane.controlplane.model.values import ClusterEndpoints, ClusterInfo, Endpoint
@@ -17,14 +18,13 @@ from graylane.v1 import release_pb2 as pb
 
 def split_host_port(field_name: str, value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[addr]:port`) into its parts, or InvalidArgument naming the field."""
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port_text.isdigit() or not valid_address(host):
-        raise InvalidArgument(field_name, f"{value!r} is not host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise InvalidArgument(field_name, f"{port} is not a valid port (1..65535)")
-    return host, port
+    try:
+        address = HostPort.parse(value)
+    except ValueError as exc:
+        raise InvalidArgument(field_name, str(exc)) from None
+    if not valid_address(address.host):
+        raise InvalidArgument(field_name, f"{address.host!r} is not an IP address or host name")
+    return address.host, address.port
 
 
 def hello_from_proto(hello: apb.AgentHello) -> ClusterInfo:

@@ -198,7 +198,15 @@ async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
 def test_the_default_allow_list_is_loopback_only() -> None:
     for admin in ("127.0.0.1:9901", "127.3.0.1:1", "[::1]:9901"):
         assert LOOPBACK_ONLY.allows(admin), admin
-    for admin in ("169.254.169.254:80", "10.0.0.5:9901", "localhost:9901", "[fe80::1]:9901", "127.0.0.1", "x:y"):
+    for admin in (
+        "169.254.169.254:80",
+        "10.0.0.5:9901",
+        "localhost:9901",
+        "[fe80::1]:9901",
+        "127.0.0.1",
+        "x:y",
+        "::1:9901",
+    ):
         assert not LOOPBACK_ONLY.allows(admin), admin
 
 
