@@ -5,6 +5,9 @@
 * `upstream`: tiny asyncio HTTP/1.1 servers that answer 200 with
   {"service": ..., "version": ...}, so a test can see which version served a request.
 * `http_get`: a raw asyncio HTTP/1.1 client (one connection per request).
+* `control_plane(store)`: one in-process replica on free loopback ports; `register(stub,
+  service, v1, v2)`: a service and its versions, each version's endpoint its upstream's.
+* `start_serve`: a `graylane serve` process; `eventually`: poll a condition with a deadline.
 
 A missing Envoy skips the tests that need it on a developer machine and fails them under
 CI=true (see `require_binary` in tests/conftest.py for the same rule for etcd).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
 from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
+from graylane.controlplane.store import EtcdStore
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
+from graylane.v1 import release_service_pb2_grpc as api_grpc
 
 LOOPBACK = "127.0.0.1"
 
@@ -103,6 +112,36 @@ async def _http_get(port: int, host: str, path: str = "/", *, timeout: float = 5
 def http_get() -> HttpGet:
     """`await http_get(port, host, path="/")`: one GET on a fresh connection."""
     return _http_get
+
+
+# ------------------------------------------------------------------------------ a control plane
+
+
+@contextlib.asynccontextmanager
+async def control_plane(store: EtcdStore, *, xds_port: int = 0) -> AsyncIterator[ControlPlane]:
+    """One replica on free loopback ports (or a given xDS port), serving inside the block."""
+    async with ControlPlane(store, api_listen=f"{LOOPBACK}:0", xds_listen=f"{LOOPBACK}:{xds_port}").running() as plane:
+        yield plane
+
+
+async def register(
+    stub: api_grpc.ReleaseServiceStub, service: str, *upstreams: Upstream, versions: tuple[str, ...] = ("v1", "v2")
+) -> None:
+    """`service` with stable version v1, and its `versions`: a version served by one of
+    `upstreams` (by its `version`) gets that upstream's endpoint, the others none."""
+    ports = {up.version: up.port for up in upstreams}
+    assert set(ports) <= set(versions), f"upstreams of versions {sorted(ports)} not all in {versions}"
+    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
+    for name in versions:
+        endpoints = [pb.Endpoint(address=LOOPBACK, port=ports[name])] if name in ports else []
+        await stub.PutVersion(
+            api.PutVersionRequest(version=pb.Version(service=service, name=name, endpoints=endpoints))
+        )
+
+
+def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
+    """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
+    return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0
 
 
 # ------------------------------------------------------------------------------ graylane serve

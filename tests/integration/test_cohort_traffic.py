@@ -23,7 +23,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from .test_canary_e2e import binomial_bound, control_plane, register
+from tests.integration.conftest import binomial_bound, control_plane, register
 
 SERVICE = "checkout"
 LANE = "checkout-v2"
@@ -59,7 +59,7 @@ async def single_service(
         plane = await es.enter_async_context(control_plane(store))
         channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
         stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        await register(stub, SERVICE, v1, v2)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-cohort")
         yield stub, proxy
 

@@ -19,24 +19,12 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import PUSH_ORDER
 
-from .test_canary_e2e import control_plane
+from tests.integration.conftest import control_plane, register
 
 # An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the
 # stricter limit one proxy below is configured with, so that proxy rejects the route.
 BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
 STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
-
-
-async def register(stub: Any, service: str, v1: Upstream, v2: Upstream) -> None:
-    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
-    for up in (v1, v2):
-        await stub.PutVersion(
-            api.PutVersionRequest(
-                version=pb.Version(
-                    service=service, name=up.version, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)]
-                )
-            )
-        )
 
 
 def spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:

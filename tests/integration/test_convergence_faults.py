@@ -27,9 +27,9 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, register
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, spec
 from .test_xds_churn import client as churn_client
 from .test_xds_churn import ready as churn_ready
 

@@ -32,9 +32,9 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, register
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, spec
 from .test_convergence_faults import (
     checkout_replica,
     gray_weight,

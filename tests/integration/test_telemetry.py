@@ -29,7 +29,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+from tests.integration.conftest import register
+
+from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, spec
 
 Series = dict[str, list[Sample]]
 

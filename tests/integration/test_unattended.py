@@ -32,7 +32,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from .test_canary_e2e import register
+from tests.integration.conftest import register
 
 SERVICE = "checkout"
 FAST = {"leader_ttl_seconds": 2, "analysis_tick_seconds": 0.1}
@@ -67,7 +67,7 @@ async def stack(store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
         await es.enter_async_context(plane.running())
         channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
         stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        await register(stub, SERVICE, v1, v2)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-unattended")
         yield Stack(plane, stub, proxy, v1, v2)
 
