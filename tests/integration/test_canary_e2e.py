@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -22,7 +21,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import binomial_bound, control_plane, register
+from tests.integration.conftest import binomial_bound, checkout_replica
 
 SERVICE = "checkout"
 
@@ -69,12 +68,7 @@ def spec(
 @pytest.fixture(params=["sotw", "delta"])
 async def stack(request: pytest.FixtureRequest, store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
-        v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
-        plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, SERVICE, v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         proxy = await envoy(ads_port=plane.xds_port, protocol=request.param, node_id=f"envoy-{request.param}")
         yield Stack(plane, stub, proxy, v1, v2)
 

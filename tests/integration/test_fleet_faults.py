@@ -32,11 +32,18 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import eventually, register
-
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, spec
-from .test_convergence_faults import (
+from tests.integration.conftest import (
+    api_stub,
     checkout_replica,
+    eventually,
+    first_batch_reached,
+    poll_release,
+    register,
+    stop_group,
+)
+
+from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, spec
+from .test_convergence_faults import (
     gray_weight,
     load_process,
     load_result,
@@ -87,11 +94,7 @@ class Served:
         os.killpg(self.proc.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGCONT)
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc)
 
 
 StartServe = Callable[..., Awaitable[tuple[Served, Any]]]
@@ -106,8 +109,7 @@ async def serve(tmp_path: pathlib.Path, etcd_endpoint: str, store: EtcdStore) ->
         async def start(*, leader_ttl: int, stale: float) -> tuple[Served, Any]:
             served = Served(tmp_path, etcd_endpoint, store.prefix, leader_ttl=leader_ttl, stale=stale)
             started.append(served)
-            channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{served.api_port}"))
-            stub = api_grpc.ReleaseServiceStub(channel)
+            stub = await api_stub(es, served)
             async with asyncio.timeout(30):
                 while True:
                     assert served.proc.poll() is None, served.log()
@@ -539,9 +541,7 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
     async with contextlib.AsyncExitStack() as es:
         plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        await poll_release(stub, "rel", lambda r: r.status.reached)
+        await first_batch_reached(stub, spec("checkout", "lane"))
         load = await load_process(steady.listen_port, 12)
 
         for i in range(10):

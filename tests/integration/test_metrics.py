@@ -25,7 +25,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import binomial_bound, control_plane, eventually, register
+from tests.integration.conftest import api_stub, binomial_bound, control_plane, eventually, register
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -56,8 +56,7 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
         v2.error_rate, v2.delay = V2_ERROR_RATE, V2_DELAY_S
         plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
+        stub = await api_stub(es, plane)
         await register(stub, SERVICE, v1, v2)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-metrics")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=release_spec()))

@@ -43,9 +43,9 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER, ROUTE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.conftest import BIN, register, start_serve
+from tests.integration.conftest import BIN, poll_release, register, start_serve
 
-from .test_convergence_e2e import poll_release, spec
+from .test_convergence_e2e import spec
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
