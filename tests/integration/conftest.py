@@ -174,6 +174,23 @@ async def register(
         )
 
 
+# An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the
+# stricter limit of an Envoy started with STRICT_RUNTIME, which so rejects a route using it.
+BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
+STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
+
+
+def lane_spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
+    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches 10/50/100, each manual."""
+    return pb.ReleaseSpec(
+        lane=lane,
+        entry=service,
+        services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
+        match=rules or [],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
+    )
+
+
 async def poll_release(
     stub: api_grpc.ReleaseServiceStub, name: str, pred: Callable[[pb.Release], bool], timeout: float = 15
 ) -> pb.Release:

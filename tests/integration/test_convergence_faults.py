@@ -25,14 +25,16 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.xds.resources import LISTENER
 
 from tests.integration.conftest import (
+    BIG_REGEX,
+    STRICT_RUNTIME,
     checkout_replica,
     eventually,
     first_batch_reached,
+    lane_spec,
     poll_release,
     serving_replica,
 )
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, spec
 from .test_xds_churn import client as churn_client
 from .test_xds_churn import ready as churn_ready
 
@@ -124,7 +126,7 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
         rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[rule])))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict"
@@ -171,7 +173,7 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
             while not any(p.node_id == "mute" for p in plane.tracker.proxies().values()):
                 await asyncio.sleep(0.02)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await eventually(lambda: _weight_is(proxy, 10))
@@ -197,7 +199,7 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
         plane, stub, _ = await serving_replica(es, store, "checkout", "search")
         proxies = [await envoy(ads_port=plane.xds_port, node_id=f"e{i}") for i in range(2)]
         for name, service in (("back", "checkout"), ("forward", "search")):
-            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec(service, f"lane-{name}")))
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=lane_spec(service, f"lane-{name}")))
             await stub.NextBatch(api.ActionRequest(name=name))
             await poll_release(stub, name, lambda r: r.status.reached)
 
@@ -233,7 +235,7 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
         follower, running = await follower_of(leader, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         orphan = await envoy(ads_port=follower.xds_port, node_id="on-follower")
-        first = await first_batch_reached(stub, spec("checkout", "lane"))
+        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
 
         running.cancel()
@@ -317,7 +319,7 @@ async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_u
         switch = await es.enter_async_context(_Switch(follower.xds_port))
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         moving = await envoy(ads_port=switch.port, node_id="moving")
-        first = await first_batch_reached(stub, spec("checkout", "lane"))
+        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
         # The follower's count is published before it stops (the leader reads it from etcd).
         await eventually(lambda: _published_by(store, follower.election.identity))
@@ -361,10 +363,10 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
-        await first_batch_reached(stub, spec("checkout", "lane", rules=[alice]))
+        await first_batch_reached(stub, lane_spec("checkout", "lane", rules=[alice]))
 
         big = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[big])))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[big])))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict", held.status
         lane = held.status.held_lane
@@ -399,7 +401,7 @@ async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(st
     async with contextlib.AsyncExitStack() as es:
         plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
-        await first_batch_reached(stub, spec("checkout", "lane"))
+        await first_batch_reached(stub, lane_spec("checkout", "lane"))
         before = plane.cache.keys()
         assert before == plane.cache.requested_keys() == plane.dataplane.kept_keys() == {str(steady.listen_port)}
 
