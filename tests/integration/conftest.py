@@ -180,6 +180,11 @@ BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[
 STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
 
 
+def big_rule() -> pb.MatchRule:
+    """A rule matching header x-user against BIG_REGEX: what a STRICT_RUNTIME Envoy rejects."""
+    return pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+
+
 def lane_spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
     """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches 10/50/100, each manual."""
     return pb.ReleaseSpec(

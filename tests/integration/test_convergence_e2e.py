@@ -20,9 +20,9 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import PUSH_ORDER
 
 from tests.integration.conftest import (
-    BIG_REGEX,
     STRICT_RUNTIME,
     api_stub,
+    big_rule,
     checkout_replica,
     control_plane,
     first_batch_reached,
@@ -38,11 +38,9 @@ async def test_nack_pauses_its_release_names_the_proxy_and_others_progress(store
         plane, stub, _ = await serving_replica(es, store, "checkout", "search")
         proxy = await envoy(ads_port=plane.xds_port, node_id="strict-envoy", runtime=STRICT_RUNTIME)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="good", spec=lane_spec("search", "good")))
-        await stub.NextBatch(api.ActionRequest(name="good"))
-        await poll_release(stub, "good", lambda r: r.status.reached)
+        await first_batch_reached(stub, lane_spec("search", "good"), name="good")
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        rule = big_rule()
         await stub.ApplyRelease(
             api.ApplyReleaseRequest(name="bad", spec=lane_spec("checkout", "bad-lane", rules=[rule]))
         )

@@ -27,6 +27,7 @@ from graylane.xds.resources import LISTENER
 from tests.integration.conftest import (
     BIG_REGEX,
     STRICT_RUNTIME,
+    big_rule,
     checkout_replica,
     eventually,
     first_batch_reached,
@@ -125,7 +126,7 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        rule = big_rule()
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
@@ -365,7 +366,7 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
         alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
         await first_batch_reached(stub, lane_spec("checkout", "lane", rules=[alice]))
 
-        big = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        big = big_rule()
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[big])))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict", held.status

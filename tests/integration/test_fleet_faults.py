@@ -33,9 +33,9 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
 from tests.integration.conftest import (
-    BIG_REGEX,
     STRICT_RUNTIME,
     api_stub,
+    big_rule,
     checkout_replica,
     eventually,
     first_batch_reached,
@@ -429,7 +429,7 @@ async def test_two_envoys_with_one_node_id_are_two_proxies_and_one_nack_is_not_h
         strict_stream = next(p.stream for p in plane.tracker.of_node("twin") if p.cluster == "strict-pool")
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        rule = big_rule()
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
@@ -510,7 +510,7 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         load = await load_process(relaxed.listen_port, 10)
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        rule = big_rule()
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         first = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)

@@ -52,7 +52,7 @@ from graylane.v1 import release_service_pb2 as api
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
-from tests.integration.conftest import BIG_REGEX, STRICT_RUNTIME
+from tests.integration.conftest import STRICT_RUNTIME, big_rule
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
@@ -337,9 +337,7 @@ async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and
     )
     async with strict:
         release = gray_in_west_release()
-        release.spec.match.append(
-            pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        )
+        release.spec.match.append(big_rule())
         await layout.client.apply_release(release, reason="test", restart=True)
         await layout.client.act(Action.NEXT, LANE)
 

@@ -27,7 +27,15 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.integration.conftest import BIG_REGEX, STRICT_RUNTIME, api_stub, lane_spec, poll_release, serving_replica
+from tests.integration.conftest import (
+    STRICT_RUNTIME,
+    api_stub,
+    big_rule,
+    first_batch_reached,
+    lane_spec,
+    poll_release,
+    serving_replica,
+)
 
 Series = dict[str, list[Sample]]
 
@@ -82,10 +90,8 @@ async def test_metrics_carry_proxies_pushes_ack_latency_nacks_and_releases(store
         # An Envoy with a stricter RE2 limit: it ACKs ordinary routes and NACKs the big regex.
         await envoy(ads_port=plane.xds_port, node_id="strict-envoy", runtime=STRICT_RUNTIME)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="good", spec=lane_spec("search", "good")))
-        await stub.NextBatch(api.ActionRequest(name="good"))
-        await poll_release(stub, "good", lambda r: r.status.reached)
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+        await first_batch_reached(stub, lane_spec("search", "good"), name="good")
+        rule = big_rule()
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="bad", spec=lane_spec("checkout", "bad", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="bad"))
         await poll_release(stub, "bad", lambda r: r.status.phase == pb.PAUSED)
