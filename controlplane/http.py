@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 from aiohttp import web
 from graylane.controlplane.address import HostPort
+from graylane.controlplane.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SHUTDOWN_SECONDS = 5.0
 
 
-class HttpServer:
+class HttpServer(Lifecycle):
     """An aiohttp server bound to one address. `port` is the bound port once started.
 
     With an `ssl_context` it serves HTTPS only (and, when the context requires one, only to
@@ -75,15 +75,6 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-
-    async def __aenter__(self) -> HttpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _paths(self) -> set[str]:
         return {r.canonical for r in self._app.router.resources()}
