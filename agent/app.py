@@ -44,6 +44,7 @@ from graylane.agent.session import (
 from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.stats import AdminAllowList
 from graylane.agent.wire import cluster_view, view_from_proto
+from graylane.controlplane.address import HostPort
 from graylane.controlplane.closing import run_until_signalled
 from graylane.controlplane.http import HttpServer, metrics_route
 from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW, XdsCredential
@@ -125,7 +126,7 @@ class Agent:
         self.tracker = ProxyTracker()
         self.telemetry = agent_telemetry(self.tracker, otlp_endpoint=options.otlp_endpoint)
         self.http_port = 0
-        gateway_port = options.gateway_listen_port or int(options.gateway_address.rpartition(":")[2])
+        gateway_port = options.gateway_listen_port or HostPort.parse(options.gateway_address).port
         self.relay = Relay(self.cache, self.tracker, gateway_port=gateway_port)
         self.error_rate: LaneErrorRate | None = None
         if abort_check is None:

@@ -37,7 +37,8 @@ reported unreachable without a request. A fleet of dead admins costs a few reque
 minute each, not one a tick.
 
 Concurrency: one asyncio loop; a scraper owns one aiohttp session (keep-alive to every
-admin endpoint it reads). Must not import: etcd, graylane.controlplane.
+admin endpoint it reads). Must not import: etcd, graylane.controlplane (except
+graylane.controlplane.address, the one HOST:PORT parser).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from graylane.controlplane.address import HostPort
 from graylane.xds.view import parse_cluster_name
 
 log = logging.getLogger(__name__)
@@ -239,15 +241,12 @@ class AdminAllowList:
     def allows(self, admin: str) -> bool:
         """Whether `admin` ("ip:port" or "[ipv6]:port") is inside a listed network and port.
         A host name is never allowed: what it resolves to is not ours to decide."""
-        host, sep, port_text = admin.rpartition(":")
-        if not sep or not port_text.isdigit():
-            return False
         try:
-            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            target = HostPort.parse(admin)
+            address = ipaddress.ip_address(target.host)
         except ValueError:
             return False
-        port = int(port_text)
-        return any(address in net and (allowed is None or allowed == port) for net, allowed in self.entries)
+        return any(address in net and (allowed is None or allowed == target.port) for net, allowed in self.entries)
 
     def __str__(self) -> str:
         return ", ".join(str(net) if port is None else f"{net}:{port}" for net, port in self.entries) or "nothing"

@@ -137,14 +137,7 @@ class _Streams:
                             type_url=t, resource_names_subscribe=names, initial_resource_versions=st.acked_versions
                         )
                     )
-            requests = [type(request).FromString(request.SerializeToString()) for request in requests]
-            t0 = time.perf_counter()
-            for request in requests:
-                stream.handle(request)
-            more = stream.push()
-            spent += time.perf_counter() - t0
-            if more:
-                spent += self.ack([(stream, more)])
+            spent += self.deliver(stream, requests)
         return spent / max(1, len(self.streams) - 2)
 
     def push(self) -> list[tuple[Any, list[bytes]]]:
@@ -176,7 +169,6 @@ class _Streams:
         """`ack`, the seconds per stream."""
         out = []
         for stream, bodies in pushed:
-            spent = 0.0
             requests: list[Any] = []
             sotw = stream.protocol == "sotw"
             for body in bodies:
@@ -223,18 +215,20 @@ class _Streams:
                             type_url=type_url, resource_names_subscribe=sorted(set(names) - st.names)
                         )
                     )
-            # As a server reads them: parsed from the bytes on the wire (not counted either).
-            requests = [type(request).FromString(request.SerializeToString()) for request in requests]
-            t0 = time.perf_counter()
-            for request in requests:
-                stream.handle(request)
-            # ...and what the stream sends after the ACKs (make-before-break releases).
-            more = stream.push()
-            spent += time.perf_counter() - t0
-            if more:
-                spent += self.ack([(stream, more)])
-            out.append(spent)
+            out.append(self.deliver(stream, requests))
         return out
+
+    def deliver(self, stream: Any, requests: list[Any]) -> float:
+        """`stream` handles `requests` and sends what follows them (make-before-break
+        releases), which is ACKed in turn: the seconds the stream spent. The requests are
+        parsed from their bytes first, as a server reads them (not counted either)."""
+        requests = [type(request).FromString(request.SerializeToString()) for request in requests]
+        t0 = time.perf_counter()
+        for request in requests:
+            stream.handle(request)
+        more = stream.push()
+        spent = time.perf_counter() - t0
+        return spent + self.ack([(stream, more)]) if more else spent
 
 
 def bump(view: RoutingView, step: int) -> RoutingView:

@@ -77,13 +77,7 @@ class _Decoded:
         """The route configs a SotW SRDS response's scopes name (the whole set: SRDS is wildcard)."""
         found = self.scope_sets.get(version)
         if found is None:
-            names = []
-            for any_msg in resources:
-                scope = scoped_route_pb2.ScopedRouteConfiguration()
-                any_msg.Unpack(scope)
-                names.append(scope.route_configuration_name)
-            found = tuple(sorted(names))
-            self.scope_sets[version] = found
+            found = self.scope_sets[version] = tuple(sorted(self.route_config_of_scope(m) for m in resources))
         return found
 
     def route_config_of_scope(self, any_msg: Any) -> str:
@@ -95,17 +89,18 @@ class _Decoded:
         return bool(any_msg.value.startswith(self.entry_prefix))
 
     def eds_names(self, version: str, resources: Any) -> tuple[str, ...]:
+        """The EDS names a SotW CDS response's clusters ask for (cached by version)."""
         found = self.cluster_sets.get(version)
         if found is None:
-            names = []
-            for any_msg in resources:
-                c = cluster_pb2.Cluster()
-                any_msg.Unpack(c)
-                if c.type == cluster_pb2.Cluster.EDS:
-                    names.append(c.eds_cluster_config.service_name or c.name)
-            found = tuple(sorted(names))
-            self.cluster_sets[version] = found
+            eds = [c for c in map(self._cluster, resources) if c.type == cluster_pb2.Cluster.EDS]
+            found = self.cluster_sets[version] = tuple(sorted(c.eds_cluster_config.service_name or c.name for c in eds))
         return found
+
+    @staticmethod
+    def _cluster(any_msg: Any) -> cluster_pb2.Cluster:
+        c = cluster_pb2.Cluster()
+        any_msg.Unpack(c)
+        return c
 
     def weight(self, any_msg: Any) -> int:
         """The lane's weight in the entry's route config (cached by its bytes)."""

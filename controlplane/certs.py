@@ -170,21 +170,12 @@ def make_local_certs(
     written = [Issued("CA", directory / CA_CERT, directory / CA_KEY)]
     names = list(dict.fromkeys((*LOCAL_HOSTS, *hosts)))
     written.append(ca.write(directory, "server", "graylane", sans=[_san(n) for n in names], server=True, days=days))
+
+    def client(name: str, uri: str) -> Issued:
+        """A client certificate whose identity is `uri` (its CN and its only SAN)."""
+        return ca.write(directory, name, uri, sans=[x509.UniformResourceIdentifier(uri)], server=False, days=days)
+
     for cluster in clusters:
-        uri = proxy_uri(cluster)
-        written.append(
-            ca.write(directory, f"envoy-{cluster}", uri, sans=[x509.UniformResourceIdentifier(uri)], server=False,
-                     days=days)
-        )  # fmt: skip
-        uri = agent_uri(cluster)
-        written.append(
-            ca.write(directory, f"agent-{cluster}", uri, sans=[x509.UniformResourceIdentifier(uri)], server=False,
-                     days=days)
-        )  # fmt: skip
-    for user in users:
-        uri = user_uri(user)
-        written.append(
-            ca.write(directory, f"user-{user}", uri, sans=[x509.UniformResourceIdentifier(uri)], server=False,
-                     days=days)
-        )  # fmt: skip
+        written += [client(f"envoy-{cluster}", proxy_uri(cluster)), client(f"agent-{cluster}", agent_uri(cluster))]
+    written += [client(f"user-{user}", user_uri(user)) for user in users]
     return written

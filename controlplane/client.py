@@ -24,7 +24,8 @@ from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
 # (the analyzer's own move). Re-exported here: `from graylane.controlplane.client import Action`.
 USER_ACTIONS: Final = tuple(a for a in Action if a is not Action.FAIL)
 
-_ACTION_RPCS: Final = {
+# The ReleaseService method behind each action (the dashboard names the role each needs).
+ACTION_RPCS: Final = {
     Action.NEXT: "NextBatch",
     Action.PAUSE: "Pause",
     Action.RESUME: "Resume",
@@ -145,7 +146,7 @@ class ReleaseClient:
         request = release_service_pb2.ActionRequest(
             name=name, actor=self._actor, reason=reason, expected_revision=expected_revision
         )
-        result: release_pb2.Release = await self._unary(_ACTION_RPCS[action], request)
+        result: release_pb2.Release = await self._unary(ACTION_RPCS[action], request)
         return result
 
     async def history(self, name: str) -> release_service_pb2.HistoryResponse:

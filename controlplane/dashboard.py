@@ -33,8 +33,8 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import Message
 from graylane.controlplane import auth, machine
-from graylane.controlplane.cli import render_yaml, to_dict
-from graylane.controlplane.client import USER_ACTIONS, Action, ReleaseClient
+from graylane.controlplane.cli.output import render_yaml, to_dict
+from graylane.controlplane.client import ACTION_RPCS, USER_ACTIONS, ReleaseClient
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.http import HttpServer
 from graylane.controlplane.manifest import ManifestError, load_manifest
@@ -75,16 +75,6 @@ _HTTP_STATUS: Final = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-# The API method behind each action, so the page can say which role a button needs (the
-# same table the API's interceptor checks).
-_ACTION_METHODS: Final = {
-    Action.NEXT: "NextBatch",
-    Action.PAUSE: "Pause",
-    Action.RESUME: "Resume",
-    Action.ROLLBACK: "Rollback",
-    Action.PROMOTE: "Promote",
-    Action.RESTART: "Restart",
-}
 _RS = "/graylane.v1.ReleaseService/"
 _USER_ACTIONS: Final = {action.value: action for action in USER_ACTIONS}
 
@@ -109,7 +99,7 @@ class Session:
             "role": self.role,
             "csrf": self.csrf,
             "scope": {"services": list(self.services), "releases": list(self.releases)},
-            "needs": {action.value: _needed_role(_ACTION_METHODS[action]) for action in USER_ACTIONS}
+            "needs": {action.value: _needed_role(ACTION_RPCS[action]) for action in USER_ACTIONS}
             | {"apply": _needed_role("ApplyRelease")},
             # The phases each action is legal from: the state machine's own table, so the
             # page disables a button for the same reason the API would refuse it.

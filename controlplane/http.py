@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 
 from aiohttp import web
+from graylane.controlplane.address import HostPort
+from graylane.controlplane.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +27,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SHUTDOWN_SECONDS = 5.0
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[v6]:PORT` -> (host, port); port 0 asks for a free one."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{listen!r}: expected HOST:PORT")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-class HttpServer:
+class HttpServer(Lifecycle):
     """An aiohttp server bound to one address. `port` is the bound port once started.
 
     With an `ssl_context` it serves HTTPS only (and, when the context requires one, only to
     clients with a certificate its CA signed)."""
 
     def __init__(self, *, listen: str, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._host, self._port = split_listen(listen)
+        address = HostPort.parse(listen, any_port=True)  # port 0 asks for a free one
+        self._host, self._port = address.host, address.port
         self._ssl = ssl_context
         self._app = web.Application()
         self._runner: web.AppRunner | None = None
@@ -81,15 +75,6 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-
-    async def __aenter__(self) -> HttpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _paths(self) -> set[str]:
         return {r.canonical for r in self._app.router.resources()}

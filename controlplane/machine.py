@@ -18,7 +18,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from graylane.controlplane.errors import FailedPrecondition
-from graylane.controlplane.model import Event, Phase, Release, ReleaseStatus, weight_of
+from graylane.controlplane.model.values import Event, Phase, Release, ReleaseStatus, weight_of
 
 
 class Action(enum.Enum):

@@ -1,7 +1,7 @@
 """Options of a control-plane process, as plain frozen values.
 
-Owns `ServeOptions` (what `graylane serve` hands to `graylane.controlplane.app.serve`) and
-`HostPort`, the parsed form of every `HOST:PORT` flag. Parsing here is pure and raises
+Owns `ServeOptions` (what `graylane serve` hands to `graylane.controlplane.app.serve`);
+its addresses are `graylane.controlplane.address.HostPort`. Parsing here is pure and raises
 `ValueError` with a message fit for a command line; it imports no gRPC, etcd or xds code,
 so the CLI can build options without loading the server.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from graylane.controlplane.address import HostPort as HostPort  # re-exported: ServeOptions' addresses are HostPorts
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
@@ -22,48 +24,6 @@ from graylane.controlplane.defaults import (
     DEFAULT_XDS_PORT,
 )
 from graylane.controlplane.tls import ClientTls, ServerTls, check_name
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """A TCP address. `host` is a name or an IP literal, IPv6 without brackets."""
-
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, *, default_port: int | None = None, any_port: bool = False) -> HostPort:
-        """Parse `host:port`, `[v6]:port`, or a bare host when `default_port` is given.
-
-        `any_port`: port 0 is allowed and means "any free port" (for an address we listen on
-        and log, never one we connect to)."""
-        text = text.strip()
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]")
-            if not sep or (rest and not rest.startswith(":")):
-                raise ValueError(f"{text!r}: expected [IPv6]:PORT")
-            port_text = rest[1:] if rest else ""
-        elif text.count(":") == 1:
-            host, _, port_text = text.partition(":")
-        elif ":" in text:
-            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
-        else:
-            host, port_text = text, ""
-        if not host:
-            raise ValueError(f"{text!r}: missing host")
-        if not port_text:
-            if default_port is None:
-                raise ValueError(f"{text!r}: expected HOST:PORT")
-            return cls(host, default_port)
-        lowest = 0 if any_port else 1
-        if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
-            raise ValueError(f"{text!r}: port must be a number from {lowest} to 65535")
-        return cls(host, int(port_text))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
 
 #: The cluster a control plane's own xDS port serves (its proxies' node.cluster under auth).
 DEFAULT_XDS_CLUSTER = "local"
@@ -157,6 +117,8 @@ class ServeOptions:
                 "(with --tls-cert/--tls-key) or --xds-tokens, or --insecure to run open anyway"
             )
 
+        check_certificate_scopes(self.xds_tokens, mutual=self.tls is not None and self.tls.mutual)
+
     @property
     def xds_authenticated(self) -> bool:
         """Whether xDS clients must prove they are proxies (client certificates or tokens)."""
@@ -165,6 +127,18 @@ class ServeOptions:
     @property
     def embedded_etcd(self) -> bool:
         return not self.etcd_endpoints
+
+
+def check_certificate_scopes(credentials: Sequence[XdsCredential], *, mutual: bool) -> None:
+    """ValueError when `--xds-tokens` holds only token-less lines (scopes of client
+    certificates) but no client certificate is asked for: the gate would be on and could
+    admit no proxy at all."""
+    if credentials and not mutual and not any(c.token for c in credentials):
+        raise ValueError(
+            "--xds-tokens: every line is a token-less scope of client certificates, but without "
+            "--client-ca no proxy presents one, so every proxy would be refused; add --client-ca "
+            "(with --tls-cert/--tls-key) or give the lines tokens"
+        )
 
 
 def is_loopback_host(host: str) -> bool:

@@ -24,8 +24,8 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
+from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-class EnvoyProcess:
+class EnvoyProcess(Lifecycle):
     """`async with EnvoyProcess(ads_port=...) as envoy:` a running, LIVE Envoy.
 
     Keyword-only options; ports default to free loopback ports. `ready_timeout` bounds the
@@ -189,18 +189,6 @@ class EnvoyProcess:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
-
-    async def __aenter__(self) -> EnvoyProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         binary = self._binary or find_envoy()

@@ -19,8 +19,8 @@ import signal
 import ssl
 import subprocess
 from dataclasses import dataclass
-from types import TracebackType
 
+from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class EtcdTls:
         return context
 
 
-class EtcdProcess:
+class EtcdProcess(Lifecycle):
     """`async with EtcdProcess(data_dir=...) as etcd:` then `etcd.endpoint` is `127.0.0.1:PORT`."""
 
     def __init__(
@@ -200,20 +200,8 @@ class EtcdProcess:
                 os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
 
-    async def __aenter__(self) -> EtcdProcess:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-
-class EtcdCluster:
+class EtcdCluster(Lifecycle):
     """Several etcd members on loopback that form one cluster (fault tests: kill a member,
     lose the quorum, bring members back). `endpoints` is `host:port,host:port,...`."""
 
@@ -246,15 +234,3 @@ class EtcdCluster:
 
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.members), return_exceptions=True)
-
-    async def __aenter__(self) -> EtcdCluster:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

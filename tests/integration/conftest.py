@@ -5,6 +5,12 @@
 * `upstream`: tiny asyncio HTTP/1.1 servers that answer 200 with
   {"service": ..., "version": ...}, so a test can see which version served a request.
 * `http_get`: a raw asyncio HTTP/1.1 client (one connection per request).
+* `control_plane(store)`: one in-process replica on free loopback ports; `api_stub` its API;
+  `register(stub, service, v1, v2)`: a service and its versions, each version's endpoint its
+  upstream's; `serving_replica(es, store, *services)`: all three for v1 and v2 of each
+  service (`checkout_replica`: of checkout).
+* `poll_release(stub, name, pred)`, `first_batch_reached(stub, spec)`: a release's status.
+* `start_serve`: a `graylane serve` process, `stop_group` to end one; `eventually`: poll a condition with a deadline.
 
 A missing Envoy skips the tests that need it on a developer machine and fails them under
 CI=true (see `require_binary` in tests/conftest.py for the same rule for etcd).
@@ -15,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,10 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
 from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
+from graylane.controlplane.store import EtcdStore
+from graylane.v1 import release_pb2 as pb
+from graylane.v1 import release_service_pb2 as api
+from graylane.v1 import release_service_pb2_grpc as api_grpc
 
 LOOPBACK = "127.0.0.1"
 
@@ -105,6 +119,107 @@ def http_get() -> HttpGet:
     return _http_get
 
 
+# ------------------------------------------------------------------------------ a control plane
+
+
+@contextlib.asynccontextmanager
+async def control_plane(store: EtcdStore, *, xds_port: int = 0, **options: Any) -> AsyncIterator[ControlPlane]:
+    """One replica on free loopback ports (or a given xDS port), serving inside the block;
+    `options` are ControlPlane's (leader_ttl_seconds=..., stale_proxy_seconds=...)."""
+    plane = ControlPlane(store, api_listen=f"{LOOPBACK}:0", xds_listen=f"{LOOPBACK}:{xds_port}", **options)
+    async with plane.running() as running:
+        yield running
+
+
+async def api_stub(es: contextlib.AsyncExitStack, plane: ControlPlane) -> api_grpc.ReleaseServiceStub:
+    """A ReleaseService client of `plane`, its channel closed with `es`."""
+    channel = await es.enter_async_context(grpc.aio.insecure_channel(f"{LOOPBACK}:{plane.api_port}"))
+    return api_grpc.ReleaseServiceStub(channel)
+
+
+async def serving_replica(
+    es: contextlib.AsyncExitStack, store: EtcdStore, *services: str, **options: Any
+) -> tuple[ControlPlane, api_grpc.ReleaseServiceStub, dict[tuple[str, str], Upstream]]:
+    """Upstreams of v1 and v2 of each of `services`, one replica (`options` as
+    `control_plane`'s), and a stub with every version registered: the replica, the stub and
+    the upstreams by (service, version); all of it closed with `es`."""
+    ups = {(s, v): await es.enter_async_context(Upstream(s, v)) for s in services for v in ("v1", "v2")}
+    plane = await es.enter_async_context(control_plane(store, **options))
+    stub = await api_stub(es, plane)
+    for s in services:
+        await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
+    return plane, stub, ups
+
+
+async def checkout_replica(
+    es: contextlib.AsyncExitStack, store: EtcdStore, **options: Any
+) -> tuple[ControlPlane, api_grpc.ReleaseServiceStub, Upstream, Upstream]:
+    """`serving_replica` of checkout alone: the replica, the stub, and its v1 and v2 upstreams."""
+    plane, stub, ups = await serving_replica(es, store, "checkout", **options)
+    return plane, stub, ups[("checkout", "v1")], ups[("checkout", "v2")]
+
+
+async def register(
+    stub: api_grpc.ReleaseServiceStub, service: str, *upstreams: Upstream, versions: tuple[str, ...] = ("v1", "v2")
+) -> None:
+    """`service` with stable version v1, and its `versions`: a version served by one of
+    `upstreams` (by its `version`) gets that upstream's endpoint, the others none."""
+    ports = {up.version: up.port for up in upstreams}
+    assert set(ports) <= set(versions), f"upstreams of versions {sorted(ports)} not all in {versions}"
+    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
+    for name in versions:
+        endpoints = [pb.Endpoint(address=LOOPBACK, port=ports[name])] if name in ports else []
+        await stub.PutVersion(
+            api.PutVersionRequest(version=pb.Version(service=service, name=name, endpoints=endpoints))
+        )
+
+
+# An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the
+# stricter limit of an Envoy started with STRICT_RUNTIME, which so rejects a route using it.
+BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
+STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
+
+
+def big_rule() -> pb.MatchRule:
+    """A rule matching header x-user against BIG_REGEX: what a STRICT_RUNTIME Envoy rejects."""
+    return pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
+
+
+def lane_spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
+    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches 10/50/100, each manual."""
+    return pb.ReleaseSpec(
+        lane=lane,
+        entry=service,
+        services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
+        match=rules or [],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
+    )
+
+
+async def poll_release(
+    stub: api_grpc.ReleaseServiceStub, name: str, pred: Callable[[pb.Release], bool], timeout: float = 15
+) -> pb.Release:
+    """The release `name` once `pred` holds for it (read every 20 ms; TimeoutError after `timeout`)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            r = await stub.GetRelease(api.GetReleaseRequest(name=name))
+            if pred(r):
+                return r
+            await asyncio.sleep(0.02)
+
+
+async def first_batch_reached(stub: api_grpc.ReleaseServiceStub, spec: pb.ReleaseSpec, name: str = "rel") -> pb.Release:
+    """Apply release `name`, move it to its first batch, and return it once every proxy has it."""
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec))
+    await stub.NextBatch(api.ActionRequest(name=name))
+    return await poll_release(stub, name, lambda r: r.status.reached)
+
+
+def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
+    """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
+    return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0
+
+
 # ------------------------------------------------------------------------------ graylane serve
 
 BIN = Path(sys.executable).parent
@@ -123,6 +238,25 @@ def start_serve(log_path: Path, *args: str, api: int | None = None) -> tuple[sub
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     return proc, api
+
+
+def stop_group(proc: subprocess.Popen[bytes], *, grace: float = 0.0) -> None:
+    """End the process group `proc` leads, if it still runs: SIGTERM and up to `grace`
+    seconds to stop on its own (0: none), then SIGKILL (after SIGCONT, so that a group a
+    test stopped can die too)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if grace:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 # ------------------------------------------------------------------------------ waiting

@@ -60,6 +60,13 @@ async def connect(
     return session
 
 
+async def east_agent_saying(message: apb.AgentMessage) -> AsyncIterator[apb.AgentMessage]:
+    """An agent stream of cluster east: its hello, `message`, then open while the test looks."""
+    yield apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a1"))
+    yield message
+    await asyncio.sleep(30)
+
+
 def views(session: AgentSession) -> list[apb.ClusterView]:
     sent = []
     while not session.outbox.empty():
@@ -147,18 +154,8 @@ async def test_a_local_guard_action_is_recorded_on_the_release(store: EtcdStore)
         await plane.releases.create("rel", spec, Cause(actor="test"))
         guard = apb.GuardReport(lanes=["checkout-v2"], reason="error rate 12 % above the abort threshold")
         guard.at.GetCurrentTime()
-        messages = [
-            apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a1")),
-            apb.AgentMessage(guard=guard),
-        ]
-
-        async def requests() -> AsyncIterator[apb.AgentMessage]:
-            for m in messages:
-                yield m
-            await asyncio.sleep(30)  # keep the stream open while the test reads the history
-
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
-            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests())
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(east_agent_saying(apb.AgentMessage(guard=guard)))
             async with asyncio.timeout(10):
                 while not [e for e in await store.history("rel") if e.action == "guard"]:
                     await asyncio.sleep(0.05)
@@ -179,21 +176,12 @@ async def test_an_agents_metrics_reach_every_replica_whichever_it_is_connected_t
             series=[apb.SeriesDelta(service="checkout", version="v2", lane="gray", requests=40, errors=3)],
         )
         report.at.GetCurrentTime()
-        messages = [
-            apb.AgentMessage(hello=apb.AgentHello(cluster="east", gateway_address="127.0.0.1:9000", agent_id="a1")),
-            apb.AgentMessage(metrics=report),
-        ]
-
-        async def requests() -> AsyncIterator[apb.AgentMessage]:
-            for m in messages:
-                yield m
-            await asyncio.sleep(30)  # the stream stays open while the test looks
 
         def east(plane: ControlPlane) -> list[SeriesKey]:
             return [k for k in plane.windows.keys() if k.cluster == "east"]
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{second.api_port}") as channel:
-            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(requests())
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(east_agent_saying(apb.AgentMessage(metrics=report)))
             async with asyncio.timeout(10):
                 while not (east(second) and east(first)):
                     await asyncio.sleep(0.05)

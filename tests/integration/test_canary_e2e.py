@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -23,12 +21,9 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
+from tests.integration.conftest import binomial_bound, checkout_replica
+
 SERVICE = "checkout"
-
-
-def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
-    """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
-    return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0
 
 
 @dataclass
@@ -57,13 +52,6 @@ class Stack:
                 await asyncio.sleep(0.02)
 
 
-async def register(stub: api_grpc.ReleaseServiceStub, v1: Upstream, v2: Upstream | None) -> None:
-    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=SERVICE, stable_version="v1")))
-    for up, name in ((v1, "v1"), (v2, "v2")):
-        eps = [pb.Endpoint(address="127.0.0.1", port=up.port)] if up is not None else []
-        await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service=SERVICE, name=name, endpoints=eps)))
-
-
 def spec(
     weights: tuple[int, ...] = (10, 20, 50, 100), rules: list[pb.MatchRule] | None = None, strategy: int = pb.CANARY
 ) -> pb.ReleaseSpec:
@@ -77,22 +65,10 @@ def spec(
     )
 
 
-@contextlib.asynccontextmanager
-async def control_plane(store: EtcdStore, *, xds_port: int = 0) -> AsyncIterator[ControlPlane]:
-    """One replica on free loopback ports (or a given xDS port), serving inside the block."""
-    async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen=f"127.0.0.1:{xds_port}").running() as plane:
-        yield plane
-
-
 @pytest.fixture(params=["sotw", "delta"])
 async def stack(request: pytest.FixtureRequest, store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
-        v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
-        plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         proxy = await envoy(ads_port=plane.xds_port, protocol=request.param, node_id=f"envoy-{request.param}")
         yield Stack(plane, stub, proxy, v1, v2)
 

@@ -24,7 +24,7 @@ from graylane.controlplane.store import EtcdStore
 from graylane.deploy.demo.chain import Chain, ChainAnswer
 from graylane.v1 import release_pb2 as pb
 
-from .test_canary_e2e import control_plane
+from tests.integration.conftest import control_plane
 
 STABLE = "a:v1>b:v1>c:v1>d:v1>e:v1"
 LANE = "gray-bc"

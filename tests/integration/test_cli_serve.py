@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from graylane.controlplane.local.envoy import free_port
 
-from tests.integration.conftest import BIN, start_serve
+from tests.integration.conftest import BIN, start_serve, stop_group
 
 
 def graylane(server: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,9 +40,7 @@ def served(tmp_path: pathlib.Path, etcd_endpoint: str) -> Iterator[tuple[str, su
     try:
         yield server, proc, tmp_path
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def test_release_through_the_cli_then_graceful_stop(
@@ -165,13 +163,7 @@ def test_serve_with_auth_through_the_cli(tmp_path: pathlib.Path, etcd_endpoint: 
         tombs = graylane(server, *admin, "tombstones", "checkout-v2", "--history", "-o", "json")
         assert tombs.returncode == 0 and len(json.loads(tombs.stdout)["events"]) == 2
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, grace=30)
 
 
 def _etcd_pids(data_dir: pathlib.Path) -> list[int]:
@@ -215,6 +207,4 @@ def test_a_killed_serve_takes_its_embedded_etcd_along_and_starts_again_on_the_sa
         assert again.wait(timeout=20) == 0
         assert _etcd_pids(data) == []
     finally:
-        if again.poll() is None:
-            os.killpg(again.pid, signal.SIGKILL)
-            again.wait()
+        stop_group(again)

@@ -17,13 +17,12 @@ import grpc
 import pytest
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from .test_canary_e2e import binomial_bound, control_plane, register
+from tests.integration.conftest import binomial_bound, checkout_replica
 
 SERVICE = "checkout"
 LANE = "checkout-v2"
@@ -54,12 +53,7 @@ async def single_service(
     store: EtcdStore, envoy: Any
 ) -> AsyncIterator[tuple[api_grpc.ReleaseServiceStub, EnvoyProcess]]:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
-        v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
-        plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-cohort")
         yield stub, proxy
 

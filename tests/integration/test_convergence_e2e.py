@@ -19,63 +19,31 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import PUSH_ORDER
 
-from .test_canary_e2e import control_plane
-
-# An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the
-# stricter limit one proxy below is configured with, so that proxy rejects the route.
-BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
-STRICT_RUNTIME = {"re2.max_program_size.error_level": 60}
-
-
-async def register(stub: Any, service: str, v1: Upstream, v2: Upstream) -> None:
-    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
-    for up in (v1, v2):
-        await stub.PutVersion(
-            api.PutVersionRequest(
-                version=pb.Version(
-                    service=service, name=up.version, endpoints=[pb.Endpoint(address="127.0.0.1", port=up.port)]
-                )
-            )
-        )
-
-
-def spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
-    return pb.ReleaseSpec(
-        lane=lane,
-        entry=service,
-        services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
-        match=rules or [],
-        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
-    )
-
-
-async def poll_release(stub: Any, name: str, pred: Any, timeout: float = 15) -> pb.Release:
-    async with asyncio.timeout(timeout):
-        while True:
-            r = await stub.GetRelease(api.GetReleaseRequest(name=name))
-            if pred(r):
-                return r
-            await asyncio.sleep(0.02)
+from tests.integration.conftest import (
+    STRICT_RUNTIME,
+    api_stub,
+    big_rule,
+    checkout_replica,
+    control_plane,
+    first_batch_reached,
+    lane_spec,
+    poll_release,
+    register,
+    serving_replica,
+)
 
 
 async def test_nack_pauses_its_release_names_the_proxy_and_others_progress(store: EtcdStore, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        ups = {
-            (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
-        }
-        plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        for s in ("checkout", "search"):
-            await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
+        plane, stub, _ = await serving_replica(es, store, "checkout", "search")
         proxy = await envoy(ads_port=plane.xds_port, node_id="strict-envoy", runtime=STRICT_RUNTIME)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="good", spec=spec("search", "good")))
-        await stub.NextBatch(api.ActionRequest(name="good"))
-        await poll_release(stub, "good", lambda r: r.status.reached)
+        await first_batch_reached(stub, lane_spec("search", "good"), name="good")
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="bad", spec=spec("checkout", "bad-lane", rules=[rule])))
+        rule = big_rule()
+        await stub.ApplyRelease(
+            api.ApplyReleaseRequest(name="bad", spec=lane_spec("checkout", "bad-lane", rules=[rule]))
+        )
         await stub.NextBatch(api.ActionRequest(name="bad"))
         bad = await poll_release(stub, "bad", lambda r: r.status.phase == pb.PAUSED)
         assert bad.status.last_nack.node == "strict-envoy"
@@ -106,7 +74,7 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
             async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as ch:
                 stub = api_grpc.ReleaseServiceStub(ch)
                 await register(stub, "checkout", v1, v2)
-                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
                 await stub.NextBatch(api.ActionRequest(name="rel"))
                 proxy: EnvoyProcess = await envoy(ads_port=xds_port, protocol=protocol, node_id="steady")
                 await poll_release(stub, "rel", lambda r: r.status.reached)
@@ -144,7 +112,7 @@ async def test_envoy_started_while_control_plane_is_down_serves_once_it_is_back(
             async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as ch:
                 stub = api_grpc.ReleaseServiceStub(ch)
                 await register(stub, "checkout", v1, v2)
-                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
                 await stub.NextBatch(api.ActionRequest(name="rel"))
         # Control plane down; a (re)started Envoy has nothing yet.
         proxy: EnvoyProcess = await envoy(ads_port=xds_port, node_id="late", wait_ready=False)
@@ -161,14 +129,9 @@ async def test_envoy_started_while_control_plane_is_down_serves_once_it_is_back(
 
 async def test_duration_pauses_advance_on_their_own_once_reached(store: EtcdStore, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        plane, stub, v1, v2 = await checkout_replica(es, store)
         await envoy(ads_port=plane.xds_port, node_id="timed")
-        timed = spec("checkout", "lane")
+        timed = lane_spec("checkout", "lane")
         for b in timed.batches[:2]:
             b.pause.duration.FromMilliseconds(500)
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=timed))
@@ -206,16 +169,13 @@ async def test_a_batch_is_reached_only_once_the_proxies_of_every_replica_carry_i
             await leader.election.leading.wait()
         follower = await es.enter_async_context(control_plane(store))
         assert not follower.election.is_leader
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{follower.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
+        stub = await api_stub(es, follower)
         await register(stub, "checkout", v1, v2)
         await envoy(ads_port=leader.xds_port, node_id="on-leader")
         frozen = await envoy(ads_port=follower.xds_port, node_id="on-follower")
         assert frozen.pid is not None
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
 
         os.kill(frozen.pid, signal.SIGSTOP)
@@ -249,14 +209,13 @@ async def test_a_next_batch_writes_only_its_own_release_and_reached_right_after_
     release's key; the status of every other release stays as it was."""
     async with contextlib.AsyncExitStack() as es:
         plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
+        stub = await api_stub(es, plane)
         names = [f"rel{i}" for i in range(5)]
         for i, name in enumerate(names):
             v1 = await es.enter_async_context(Upstream(f"svc{i}", "v1"))
             v2 = await es.enter_async_context(Upstream(f"svc{i}", "v2"))
             await register(stub, f"svc{i}", v1, v2)
-            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec(f"svc{i}", f"lane{i}")))
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=lane_spec(f"svc{i}", f"lane{i}")))
         await envoy(ads_port=plane.xds_port, node_id="writes")
         for name in names:
             await stub.NextBatch(api.ActionRequest(name=name, actor="ci"))

@@ -11,7 +11,6 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,39 +19,39 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
-from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import (
+    BIG_REGEX,
+    STRICT_RUNTIME,
+    big_rule,
+    checkout_replica,
+    eventually,
+    first_batch_reached,
+    lane_spec,
+    poll_release,
+    serving_replica,
+)
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
 from .test_xds_churn import client as churn_client
 from .test_xds_churn import ready as churn_ready
 
 
-@contextlib.asynccontextmanager
-async def replica(store: EtcdStore, **options: Any) -> AsyncIterator[ControlPlane]:
-    plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", **options)
-    async with plane.running() as running:
-        yield running
-
-
-async def checkout_replica(
-    es: contextlib.AsyncExitStack, store: EtcdStore, **options: Any
-) -> tuple[ControlPlane, api_grpc.ReleaseServiceStub, Upstream, Upstream]:
-    """Upstreams of checkout v1 and v2, one replica, and a stub with both versions registered;
-    all of it closed with `es`."""
-    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-    plane = await es.enter_async_context(replica(store, **options))
-    channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-    stub = api_grpc.ReleaseServiceStub(channel)
-    await register(stub, "checkout", v1, v2)
-    return plane, stub, v1, v2
+async def follower_of(
+    leader: ControlPlane, store: EtcdStore, **options: Any
+) -> tuple[ControlPlane, asyncio.Task[None]]:
+    """Once `leader` leads, a second replica beside it that the test stops itself (the
+    replica, and the task running it to cancel)."""
+    async with asyncio.timeout(10):
+        await leader.election.leading.wait()
+    follower = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", **options)
+    running = asyncio.create_task(follower.run())
+    async with asyncio.timeout(10):
+        await follower.ready.wait()
+    return follower, running
 
 
 async def route_dump(proxy: EnvoyProcess) -> list[dict[str, Any]]:
@@ -127,8 +126,8 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[rule])))
+        rule = big_rule()
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict"
@@ -175,7 +174,7 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
             while not any(p.node_id == "mute" for p in plane.tracker.proxies().values()):
                 await asyncio.sleep(0.02)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await eventually(lambda: _weight_is(proxy, 10))
@@ -198,17 +197,10 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
     store: EtcdStore, envoy: Any
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        ups = {
-            (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
-        }
-        plane = await es.enter_async_context(replica(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        for s in ("checkout", "search"):
-            await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
+        plane, stub, _ = await serving_replica(es, store, "checkout", "search")
         proxies = [await envoy(ads_port=plane.xds_port, node_id=f"e{i}") for i in range(2)]
         for name, service in (("back", "checkout"), ("forward", "search")):
-            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=spec(service, f"lane-{name}")))
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=lane_spec(service, f"lane-{name}")))
             await stub.NextBatch(api.ActionRequest(name=name))
             await poll_release(stub, name, lambda r: r.status.reached)
 
@@ -240,29 +232,11 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
     status names the replica and its proxy."""
     ttl, stale = 2, 6.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        leader = await es.enter_async_context(replica(store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale))
-        async with asyncio.timeout(10):
-            await leader.election.leading.wait()
-        follower = ControlPlane(
-            store,
-            api_listen="127.0.0.1:0",
-            xds_listen="127.0.0.1:0",
-            leader_ttl_seconds=ttl,
-            stale_proxy_seconds=stale,
-        )
-        running = asyncio.create_task(follower.run())
-        async with asyncio.timeout(10):
-            await follower.ready.wait()
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{leader.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
+        leader, stub, _, _ = await checkout_replica(es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
+        follower, running = await follower_of(leader, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         orphan = await envoy(ads_port=follower.xds_port, node_id="on-follower")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
 
         running.cancel()
@@ -341,26 +315,12 @@ async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_u
     before the stale timeout (a silent replica's proxies would count for all of it)."""
     ttl, stale = 2, 30.0
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        leader = await es.enter_async_context(replica(store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale))
-        async with asyncio.timeout(10):
-            await leader.election.leading.wait()
-        follower = ControlPlane(
-            store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", leader_ttl_seconds=ttl, stale_proxy_seconds=stale
-        )
-        running = asyncio.create_task(follower.run())
-        async with asyncio.timeout(10):
-            await follower.ready.wait()
+        leader, stub, _, _ = await checkout_replica(es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
+        follower, running = await follower_of(leader, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
         switch = await es.enter_async_context(_Switch(follower.xds_port))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{leader.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, "checkout", v1, v2)
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         moving = await envoy(ads_port=switch.port, node_id="moving")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        first = await poll_release(stub, "rel", lambda r: r.status.reached)
+        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
         # The follower's count is published before it stops (the leader reads it from etcd).
         await eventually(lambda: _published_by(store, follower.election.identity))
@@ -404,12 +364,10 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[alice])))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        await poll_release(stub, "rel", lambda r: r.status.reached)
+        await first_batch_reached(stub, lane_spec("checkout", "lane", rules=[alice]))
 
-        big = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[big])))
+        big = big_rule()
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[big])))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict", held.status
         lane = held.status.held_lane
@@ -444,9 +402,7 @@ async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(st
     async with contextlib.AsyncExitStack() as es:
         plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        await poll_release(stub, "rel", lambda r: r.status.reached)
+        await first_batch_reached(stub, lane_spec("checkout", "lane"))
         before = plane.cache.keys()
         assert before == plane.cache.requested_keys() == plane.dataplane.kept_keys() == {str(steady.listen_port)}
 

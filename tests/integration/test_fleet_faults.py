@@ -32,11 +32,20 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import eventually
-
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
-from .test_convergence_faults import (
+from tests.integration.conftest import (
+    STRICT_RUNTIME,
+    api_stub,
+    big_rule,
     checkout_replica,
+    eventually,
+    first_batch_reached,
+    lane_spec,
+    poll_release,
+    register,
+    stop_group,
+)
+
+from .test_convergence_faults import (
     gray_weight,
     load_process,
     load_result,
@@ -87,11 +96,7 @@ class Served:
         os.killpg(self.proc.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGCONT)
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc)
 
 
 StartServe = Callable[..., Awaitable[tuple[Served, Any]]]
@@ -106,8 +111,7 @@ async def serve(tmp_path: pathlib.Path, etcd_endpoint: str, store: EtcdStore) ->
         async def start(*, leader_ttl: int, stale: float) -> tuple[Served, Any]:
             served = Served(tmp_path, etcd_endpoint, store.prefix, leader_ttl=leader_ttl, stale=stale)
             started.append(served)
-            channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{served.api_port}"))
-            stub = api_grpc.ReleaseServiceStub(channel)
+            stub = await api_stub(es, served)
             async with asyncio.timeout(30):
                 while True:
                     assert served.proc.poll() is None, served.log()
@@ -187,7 +191,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
         moved = await envoy(ads_port=a.xds_port, node_id="on-a-moved")
         orphan = await envoy(ads_port=a.xds_port, node_id="on-a-orphan")
         on_b = await envoy(ads_port=b.xds_port, node_id="on-b")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         # Every replica's proxies counted (the race test below covers the first moments).
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 3)
@@ -272,7 +276,7 @@ async def test_leader_replica_stopped_past_its_lease_then_resumed(
         a, b, stub = await leader_and_follower(es, serve, leader_ttl=ttl, stale=stale)
         on_a = await envoy(ads_port=a.xds_port, node_id="on-a")
         on_b = await envoy(ads_port=b.xds_port, node_id="on-b")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         identity_a = await store.leader()
@@ -342,7 +346,7 @@ async def test_a_new_releases_batch_waits_for_a_live_replica_that_has_not_counte
         b.signal(signal.SIGSTOP)
         stopped = time.monotonic()
         try:
-            await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
             await stub.NextBatch(api.ActionRequest(name="rel"))
             while time.monotonic() - stopped < 1.5:
                 got = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
@@ -380,7 +384,7 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
         plane, stub, v1, v2 = await checkout_replica(es, store)
         first = await envoy(ads_port=plane.xds_port, node_id="e1", protocol=protocol)
         other = await envoy(ads_port=plane.xds_port, node_id="e2", protocol=protocol)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         load = await load_process(other.listen_port, 8)
@@ -425,8 +429,8 @@ async def test_two_envoys_with_one_node_id_are_two_proxies_and_one_nack_is_not_h
         strict_stream = next(p.stream for p in plane.tracker.of_node("twin") if p.cluster == "strict-pool")
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[rule])))
+        rule = big_rule()
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         nack = held.status.last_nack
@@ -460,7 +464,7 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
         a, b, stub = await leader_and_follower(es, serve, leader_ttl=ttl, stale=stale)
         orphan = await envoy(ads_port=a.xds_port, node_id="twin", node_cluster="on-a")
         live = await envoy(ads_port=b.xds_port, node_id="twin", node_cluster="on-b")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         load = await load_process(orphan.listen_port, ttl + 8)
@@ -506,8 +510,8 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
         strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
         load = await load_process(relaxed.listen_port, 10)
 
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane", rules=[rule])))
+        rule = big_rule()
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         first = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert first.status.last_nack.node == "strict"
@@ -539,9 +543,7 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
     async with contextlib.AsyncExitStack() as es:
         plane, stub, v1, v2 = await checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
-        await stub.NextBatch(api.ActionRequest(name="rel"))
-        await poll_release(stub, "rel", lambda r: r.status.reached)
+        await first_batch_reached(stub, lane_spec("checkout", "lane"))
         load = await load_process(steady.listen_port, 12)
 
         for i in range(10):

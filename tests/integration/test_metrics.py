@@ -13,8 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from graylane.agent.metrics import MetricsReporter
-from graylane.controlplane import cli
-from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.cli import base, commands, output
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.metrics import MetricsCollector, report_from_samples
@@ -26,7 +25,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import api_stub, binomial_bound, control_plane, eventually, register
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -35,26 +34,6 @@ LANE = "checkout-v2"
 REQUESTS = 1200
 V2_ERROR_RATE = 0.10
 V2_DELAY_S = 0.03
-
-
-def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
-    """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
-    return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0
-
-
-@contextlib.asynccontextmanager
-async def control_plane(store: EtcdStore) -> AsyncIterator[ControlPlane]:
-    async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running() as plane:
-        yield plane
-
-
-async def register(stub: api_grpc.ReleaseServiceStub, v1: Upstream, v2: Upstream) -> None:
-    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=SERVICE, stable_version="v1")))
-    for up in (v1, v2):
-        endpoint = pb.Endpoint(address="127.0.0.1", port=up.port)
-        await stub.PutVersion(
-            api.PutVersionRequest(version=pb.Version(service=SERVICE, name=up.version, endpoints=[endpoint]))
-        )
 
 
 def release_spec() -> pb.ReleaseSpec:
@@ -77,9 +56,8 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
         v2.error_rate, v2.delay = V2_ERROR_RATE, V2_DELAY_S
         plane = await es.enter_async_context(control_plane(store))
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        stub = await api_stub(es, plane)
+        await register(stub, SERVICE, v1, v2)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-metrics")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=release_spec()))
         await stub.NextBatch(api.ActionRequest(name="rel", actor="test"))
@@ -141,9 +119,9 @@ async def test_windows_show_each_versions_errors_latency_and_share(store: EtcdSt
         assert base.p50_ms <= base.p90_ms <= base.p99_ms
         assert len(gray.bucket_counts) == len(gray.bucket_bounds_ms) + 1
         assert base.throughput_rps > 0 and gray.throughput_rps > 0
-        table = cli.render_metrics(response)
+        table = output.render_metrics(response)
         print(table)  # shown with -s
-        assert table.splitlines()[0].split() == list(cli.METRICS_HEADER)
+        assert table.splitlines()[0].split() == list(output.METRICS_HEADER)
 
         # The agent's reporter counted the same requests.
         def agent_total(version: str) -> int:
@@ -184,8 +162,8 @@ def _cli_json(port: int) -> Any:
 
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        code = cli.main(["--server", f"127.0.0.1:{port}", "metrics", "rel", "--window", "60s", "-o", "json"])
-    assert code == cli.EXIT_OK
+        code = commands.main(["--server", f"127.0.0.1:{port}", "metrics", "rel", "--window", "60s", "-o", "json"])
+    assert code == base.EXIT_OK
     return json.loads(buffer.getvalue())
 
 

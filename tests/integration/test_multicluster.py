@@ -52,11 +52,11 @@ from graylane.v1 import release_service_pb2 as api
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
+from tests.integration.conftest import STRICT_RUNTIME, big_rule
+
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
 TTL = 3
-# A header regex Envoy accepts at its default RE2 limit and rejects at a stricter one (60).
-BIG_REGEX = "(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda)-[0-9]{3,5}"
 PROBE = "probe"  # a cluster name with a token, for speaking the agent protocol by hand
 PROBE_TOKEN = "probe-token-0123456789"
 LIVE = (pb.PENDING, pb.PROGRESSING, pb.PAUSED)
@@ -333,13 +333,11 @@ async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and
         node_id="strict",
         node_cluster=EAST,
         binary=layout.envoy_binary,
-        runtime={"re2.max_program_size.error_level": 60},
+        runtime=STRICT_RUNTIME,
     )
     async with strict:
         release = gray_in_west_release()
-        release.spec.match.append(
-            pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        )
+        release.spec.match.append(big_rule())
         await layout.client.apply_release(release, reason="test", restart=True)
         await layout.client.act(Action.NEXT, LANE)
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -28,6 +26,7 @@ from graylane.controlplane.store import EtcdStore
 from graylane.controlplane.windows import SeriesKey
 
 from tests.conftest import require_binary
+from tests.integration.conftest import stop_group
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -67,13 +66,7 @@ def prometheus_scraping(admin_port: int, tmp: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=10)
         log.close()
 
 

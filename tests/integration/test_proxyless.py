@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,15 +31,11 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 from tests.conftest import require_binary
+from tests.integration.conftest import binomial_bound
 
 pytestmark = pytest.mark.etcd
 
 LANE = "greeter-v2"
-
-
-def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
-    """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
-    return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0
 
 
 def share(result: dict[str, Any], path: str) -> float:

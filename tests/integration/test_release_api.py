@@ -22,6 +22,8 @@ from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.integration.conftest import register
+
 
 @pytest.fixture
 async def stub(store: EtcdStore) -> AsyncIterator[api_grpc.ReleaseServiceStub]:
@@ -36,12 +38,6 @@ async def stub(store: EtcdStore) -> AsyncIterator[api_grpc.ReleaseServiceStub]:
         await task
 
 
-async def register(stub: api_grpc.ReleaseServiceStub, service: str = "checkout") -> None:
-    await stub.PutService(api.PutServiceRequest(service=pb.Service(name=service, stable_version="v1")))
-    for v in ("v1", "v2"):
-        await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service=service, name=v)))
-
-
 def canary(weights: tuple[int, ...] = (10, 20, 50, 100)) -> pb.ReleaseSpec:
     return pb.ReleaseSpec(
         lane="checkout-v2",
@@ -54,7 +50,7 @@ def canary(weights: tuple[int, ...] = (10, 20, 50, 100)) -> pb.ReleaseSpec:
 
 
 async def test_lifecycle_through_grpc_with_history(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(), actor="ci"))
     assert (r.status.phase, r.status.batch, r.status.weight) == (pb.PENDING, -1, 0)
 
@@ -98,7 +94,7 @@ async def test_lifecycle_through_grpc_with_history(stub: api_grpc.ReleaseService
 
 
 async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary((50, 100))))
     phases = []
     for _ in range(3):
@@ -146,7 +142,7 @@ async def test_walking_past_the_last_batch_succeeds(stub: api_grpc.ReleaseServic
 async def test_bad_input_names_the_field_and_changes_nothing(
     stub: api_grpc.ReleaseServiceStub, mutate: object, field: str
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     spec = canary()
     mutate(spec)  # type: ignore[operator]
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -165,7 +161,7 @@ async def test_missing_release_is_not_found(stub: api_grpc.ReleaseServiceStub) -
 
 
 async def test_expected_revision_guards_concurrent_change(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     await stub.NextBatch(api.ActionRequest(name="rel"))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -176,7 +172,7 @@ async def test_expected_revision_guards_concurrent_change(stub: api_grpc.Release
 
 
 async def test_concurrent_actions_each_land_exactly_once(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(tuple(range(5, 101, 5)))))
     await asyncio.gather(*(stub.NextBatch(api.ActionRequest(name="rel")) for _ in range(8)))
     r = await stub.GetRelease(api.GetReleaseRequest(name="rel"))
@@ -186,7 +182,7 @@ async def test_concurrent_actions_each_land_exactly_once(stub: api_grpc.ReleaseS
 
 
 async def test_watch_streams_each_change(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     call = stub.Watch(api.WatchRequest(name="rel"))
     first = await call.read()
@@ -209,7 +205,7 @@ async def test_watch_continues_after_compaction(stub: api_grpc.ReleaseServiceStu
     """A watcher that falls behind a compaction re-reads and goes on, losing no final state."""
     from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
-    await register(stub)
+    await register(stub, "checkout")
     r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     for _ in range(3):
         r = await stub.NextBatch(api.ActionRequest(name="rel"))
@@ -277,7 +273,7 @@ async def test_health_and_reflection_answer(store: EtcdStore) -> None:
 async def test_lanes_entering_one_service_cannot_ask_for_more_than_all_of_it(
     stub: api_grpc.ReleaseServiceStub,
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service="checkout", name="v3")))
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="one", spec=canary((10, 60))))
     other = canary((10, 60))
@@ -301,7 +297,7 @@ async def test_stopping_a_replica_ends_its_watches_with_unavailable(store: EtcdS
         await plane.ready.wait()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as channel:
         stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub)
+        await register(stub, "checkout")
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
         watch = stub.Watch(api.WatchRequest(name="rel"))
         metrics = stub.WatchMetrics(api.GetMetricsRequest(name="rel"))
@@ -397,7 +393,7 @@ def _analysis(edit):  # type: ignore[no-untyped-def]
 async def test_bad_input_from_issue_11_is_refused_naming_the_field(
     stub: api_grpc.ReleaseServiceStub, store: EtcdStore, mutate: object, field: str
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     before = await _stored(store)
     spec = canary()
     spec.batches[1].pause.CopyFrom(pb.Pause(duration=Duration(seconds=60)))
@@ -415,7 +411,7 @@ async def test_bad_input_from_issue_11_is_refused_naming_the_field(
 
 
 async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     before = await _stored(store)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel\n", spec=canary()))
@@ -455,7 +451,7 @@ async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseS
 async def test_bad_services_and_versions_are_refused_and_nothing_written(
     stub: api_grpc.ReleaseServiceStub, store: EtcdStore, request_: object, field: str
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     before = await _stored(store)
     call = stub.PutService if isinstance(request_, api.PutServiceRequest) else stub.PutVersion
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -471,7 +467,7 @@ async def test_bad_services_and_versions_are_refused_and_nothing_written(
 async def test_an_oversized_reason_or_actor_is_refused_and_nothing_written(
     stub: api_grpc.ReleaseServiceStub, store: EtcdStore, changes: dict[str, str], field: str
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     before = await _stored(store)
     for call in (
@@ -491,7 +487,7 @@ async def test_an_out_of_range_pause_already_in_etcd_is_read_clamped(
     stub: api_grpc.ReleaseServiceStub, store: EtcdStore, etcd_endpoint: str
 ) -> None:
     """A value an older version let in: every read still works, with the pause at its bound."""
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     key = store.release_key("rel")
     host, port = etcd_endpoint.removeprefix("http://").rsplit(":", 1)
@@ -514,7 +510,7 @@ async def test_an_out_of_range_pause_already_in_etcd_is_read_clamped(
 async def test_a_service_text_above_the_limit_already_in_etcd_is_still_read(
     stub: api_grpc.ReleaseServiceStub, store: EtcdStore, etcd_endpoint: str
 ) -> None:
-    await register(stub)
+    await register(stub, "checkout")
     host, port = etcd_endpoint.removeprefix("http://").rsplit(":", 1)
     client = etcd3.client(host=host, port=int(port))
     old = pb.Service(name="legacy", stable_version="v1", description="d" * 10_000)
@@ -532,7 +528,7 @@ async def test_a_service_text_above_the_limit_already_in_etcd_is_still_read(
 
 
 async def test_concurrent_creates_of_one_lane_let_exactly_one_in(stub: api_grpc.ReleaseServiceStub) -> None:
-    await register(stub)
+    await register(stub, "checkout")
 
     async def create(i: int) -> grpc.StatusCode:
         try:
@@ -554,7 +550,7 @@ async def test_actions_starting_from_a_follower_that_is_behind_decide_on_the_fre
 ) -> None:
     """`Releases.act` starts from the store follower's value; a follower that never moves
     on (frozen here) must cost a read, never a wrong move or a wrong refusal."""
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     await stub.NextBatch(api.ActionRequest(name="rel"))
     releases = Releases(store)
@@ -587,7 +583,7 @@ async def test_re_applying_after_a_promote_changes_nothing_and_undoing_it_is_exp
     """The release file applied again after a promote (services, versions, release): the
     stable version stays promoted and the release stays finished; moving the stable version
     back (undoing the promote) and starting a changed release over each need their flag."""
-    await register(stub)
+    await register(stub, "checkout")
     await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))
     await stub.NextBatch(api.ActionRequest(name="rel"))
     promoted = await stub.Promote(api.ActionRequest(name="rel"))
@@ -598,7 +594,7 @@ async def test_re_applying_after_a_promote_changes_nothing_and_undoing_it_is_exp
 
     assert [s.stable_version for s in (await stable()).services] == ["v2"]
     with pytest.raises(grpc.aio.AioRpcError) as moved:
-        await register(stub)  # the file's Service still says v1
+        await register(stub, "checkout")  # the file's Service still says v1
     assert moved.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "service.stable_version" in (moved.value.details() or "")
     same = await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary()))

@@ -35,6 +35,8 @@ from graylane.controlplane.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, ReplicaProgress, Snapshot, connect
 from graylane.xds.tracker import ProxyTracker
 
+from tests.integration.conftest import stop_group
+
 BIN = pathlib.Path(sys.executable).parent
 
 
@@ -283,10 +285,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGCONT)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 async def _until(what: str, check: object, *, within: float) -> float:

@@ -19,17 +19,23 @@ from aiohttp import web
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.http import HttpServer
 from graylane.controlplane.local.envoy import free_port
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
-from graylane.v1 import release_service_pb2_grpc as api_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .test_convergence_e2e import BIG_REGEX, STRICT_RUNTIME, poll_release, register, spec
+from tests.integration.conftest import (
+    STRICT_RUNTIME,
+    api_stub,
+    big_rule,
+    first_batch_reached,
+    lane_spec,
+    poll_release,
+    serving_replica,
+)
 
 Series = dict[str, list[Sample]]
 
@@ -77,27 +83,16 @@ async def scrape_until(port: int, ready: Callable[[Series], bool], timeout: floa
 
 async def test_metrics_carry_proxies_pushes_ack_latency_nacks_and_releases(store: EtcdStore, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        ups = {
-            (s, v): await es.enter_async_context(Upstream(s, v)) for s in ("checkout", "search") for v in ("v1", "v2")
-        }
-        plane = await es.enter_async_context(
-            ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", http_listen="127.0.0.1:0").running()
-        )
+        plane, stub, _ = await serving_replica(es, store, "checkout", "search", http_listen="127.0.0.1:0")
         assert plane.http_port > 0
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{plane.http_port}/healthz") as r:
             assert (r.status, await r.text()) == (200, "ok\n")
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        for s in ("checkout", "search"):
-            await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
         # An Envoy with a stricter RE2 limit: it ACKs ordinary routes and NACKs the big regex.
         await envoy(ads_port=plane.xds_port, node_id="strict-envoy", runtime=STRICT_RUNTIME)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="good", spec=spec("search", "good")))
-        await stub.NextBatch(api.ActionRequest(name="good"))
-        await poll_release(stub, "good", lambda r: r.status.reached)
-        rule = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="bad", spec=spec("checkout", "bad", rules=[rule])))
+        await first_batch_reached(stub, lane_spec("search", "good"), name="good")
+        rule = big_rule()
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="bad", spec=lane_spec("checkout", "bad", rules=[rule])))
         await stub.NextBatch(api.ActionRequest(name="bad"))
         await poll_release(stub, "bad", lambda r: r.status.phase == pb.PAUSED)
 
@@ -177,8 +172,7 @@ async def test_unary_calls_are_traced_to_an_otlp_receiver(store: EtcdStore) -> N
             ControlPlane(store, api_listen="127.0.0.1:0", otlp_endpoint=f"http://127.0.0.1:{collector.port}").running()
         )
         assert plane.telemetry.tracing
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
+        stub = await api_stub(es, plane)
         traceparent = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
         await stub.PutService(
             api.PutServiceRequest(service=pb.Service(name="checkout", stable_version="v1")), metadata=traceparent

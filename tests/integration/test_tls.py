@@ -43,9 +43,7 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER, ROUTE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.conftest import BIN, start_serve
-
-from .test_convergence_e2e import poll_release, register, spec
+from tests.integration.conftest import BIN, lane_spec, poll_release, register, start_serve
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -149,7 +147,7 @@ async def test_envoy_over_mtls_ads_gets_routes_and_reaches_each_batch(
         plane = await es.enter_async_context(mtls_plane(store, certs))
         stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
         await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         proxy: EnvoyProcess = await envoy(
             ads_port=plane.xds_port, protocol=protocol, node_id="tls-envoy", node_cluster="local", tls=envoy_tls(certs)
         )
@@ -215,7 +213,7 @@ async def test_a_rogue_xds_streams_nack_changes_nothing(store: EtcdStore, certs:
         plane = await es.enter_async_context(mtls_plane(store, certs))
         stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
         await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
         await envoy(ads_port=plane.xds_port, node_id="real", node_cluster="local", tls=envoy_tls(certs))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached)
@@ -480,7 +478,7 @@ async def test_with_auth_a_certificate_is_an_identity_only_where_a_record_names_
         await stub.PutService(api.PutServiceRequest(service=service), metadata=admin)
         for v in ("v1", "v2"):
             await stub.PutVersion(api.PutVersionRequest(version=pb.Version(service="checkout", name=v)), metadata=admin)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec("checkout", "lane")), metadata=admin)
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")), metadata=admin)
         with pytest.raises(grpc.aio.AioRpcError) as nobody:
             await stub.GetRelease(api.GetReleaseRequest(name="rel"))  # a certificate alone grants nothing
         assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from aiohttp import web
 from graylane.controlplane.app import ControlPlane
@@ -32,7 +31,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from .test_canary_e2e import register
+from tests.integration.conftest import api_stub, register
 
 SERVICE = "checkout"
 FAST = {"leader_ttl_seconds": 2, "analysis_tick_seconds": 0.1}
@@ -65,9 +64,8 @@ async def stack(store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
         v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
         plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", **FAST)  # type: ignore[arg-type]
         await es.enter_async_context(plane.running())
-        channel = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}"))
-        stub = api_grpc.ReleaseServiceStub(channel)
-        await register(stub, v1, v2)
+        stub = await api_stub(es, plane)
+        await register(stub, SERVICE, v1, v2)
         proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-unattended")
         yield Stack(plane, stub, proxy, v1, v2)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -163,6 +165,20 @@ async def test_a_dead_admin_is_backed_off_doubling_and_forgiven_by_an_answer() -
         assert not scraper.backing_off(dead)
 
 
+@contextlib.asynccontextmanager
+async def admin_stats(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[int]:
+    """An admin endpoint whose /stats `handler` answers, on a free loopback port (yielded)."""
+    app = web.Application()
+    app.router.add_get("/stats", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
 async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
     running = 0
     peak = 0
@@ -175,21 +191,12 @@ async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
         running -= 1
         return web.json_response({"stats": []})
 
-    app = web.Application()
-    app.router.add_get("/stats", stats)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with admin_stats(stats) as port:
         admins = {f"proxy-{i}": f"127.0.0.1:{port}" for i in range(12)}
         async with EnvoyStatsScraper(max_concurrency=3) as scraper:
             good, unreachable = await scraper.read_all(admins)
         assert sorted(good) == sorted(admins) and unreachable == ()
         assert 1 <= peak <= 3
-    finally:
-        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- allow-list
@@ -198,7 +205,15 @@ async def test_read_all_asks_at_most_max_concurrency_admins_at_once() -> None:
 def test_the_default_allow_list_is_loopback_only() -> None:
     for admin in ("127.0.0.1:9901", "127.3.0.1:1", "[::1]:9901"):
         assert LOOPBACK_ONLY.allows(admin), admin
-    for admin in ("169.254.169.254:80", "10.0.0.5:9901", "localhost:9901", "[fe80::1]:9901", "127.0.0.1", "x:y"):
+    for admin in (
+        "169.254.169.254:80",
+        "10.0.0.5:9901",
+        "localhost:9901",
+        "[fe80::1]:9901",
+        "127.0.0.1",
+        "x:y",
+        "::1:9901",
+    ):
         assert not LOOPBACK_ONLY.allows(admin), admin
 
 
@@ -219,14 +234,7 @@ async def test_an_address_outside_the_allow_list_is_never_fetched() -> None:
         hits += 1
         return web.json_response({"stats": []})
 
-    app = web.Application()
-    app.router.add_get("/stats", stats)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with admin_stats(stats) as port:
         allow = AdminAllowList.parse([f"127.0.0.1/32:{port + 1 if port < 65535 else port - 1}"])
         async with EnvoyStatsScraper(admin_allow=allow) as scraper:
             good, unreachable = await scraper.read_all({"rogue": f"127.0.0.1:{port}"})
@@ -238,5 +246,3 @@ async def test_an_address_outside_the_allow_list_is_never_fetched() -> None:
         async with EnvoyStatsScraper() as scraper:  # the default (loopback) allows it
             good, unreachable = await scraper.read_all({"local": f"127.0.0.1:{port}"})
         assert list(good) == ["local"] and hits == 1
-    finally:
-        await runner.cleanup()

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import yaml
 from google.protobuf import timestamp_pb2
-from graylane.controlplane import cli
+from graylane.controlplane.cli import base, commands, output, releases, serve
 from graylane.controlplane.defaults import DEFAULT_API_PORT
 from graylane.controlplane.options import HostPort, ServeOptions
 from graylane.v1 import release_pb2 as pb
@@ -94,7 +94,7 @@ def _free_port() -> int:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    args = cli.parse_args(argv)
+    args = commands.parse_args(argv)
     assert isinstance(args, argparse.Namespace), f"{argv} did not parse"
     return args
 
@@ -155,23 +155,23 @@ def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     [[], ["status"], ["next"], ["get", "-o", "xml"], ["apply"], ["frobnicate"], ["serve", "--listen", "nope"]],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(argv) == 2
+    assert commands.main(argv) == 2
     assert "usage: graylane" in capsys.readouterr().err
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--help"]) == 0
+    assert commands.main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in ("serve", "apply", "get", "status", "next", "rollback", "history", "versions"):
         assert command in out
 
 
 def test_the_command_table_is_the_extension_point(capsys: pytest.CaptureFixture[str]) -> None:
-    def add_hello(subparsers: cli.Subparsers) -> None:
+    def add_hello(subparsers: base.Subparsers) -> None:
         parser = subparsers.add_parser("hello")
         parser.set_defaults(handler=lambda args: print("hi") or 0)
 
-    args = cli.build_parser((*cli.COMMANDS, add_hello)).parse_args(["hello"])
+    args = commands.build_parser((*commands.COMMANDS, add_hello)).parse_args(["hello"])
     assert args.handler(args) == 0
     assert capsys.readouterr().out == "hi\n"
 
@@ -190,7 +190,7 @@ def test_serve_builds_options_and_runs_app_serve(monkeypatch: pytest.MonkeyPatch
     tokens.write_text("local: proxy-token-0123456789\n")
     argv = ["serve", "--etcd", "10.0.0.1:2379,etcd-b", "--listen", "0.0.0.0:9000", "--xds-listen", "[::]:9001",
             "--data-dir", "/var/lib/graylane", "--auth", "--xds-tokens", str(tokens)]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert commands.main(argv) == 0
     assert received == [
         ServeOptions(
             etcd_endpoints=(HostPort("10.0.0.1", 2379), HostPort("etcd-b", 2379)),
@@ -213,15 +213,15 @@ def test_xds_beyond_loopback_needs_proxy_credentials_or_insecure(
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
     # --auth protects the API, not the xDS port: proxies need credentials of their own.
-    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001"]) == 2
+    assert commands.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001"]) == 2
     assert "xDS on 10.0.0.7:9001 is reachable beyond this machine" in capsys.readouterr().err
     certs = tmp_path / "certs"
-    assert cli.main(["certs", "--out", str(certs)]) == 0
+    assert commands.main(["certs", "--out", str(certs)]) == 0
     tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem")]
-    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *tls]) == 2  # TLS alone proves nothing
+    assert commands.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *tls]) == 2  # TLS alone proves nothing
     mutual = [*tls, "--client-ca", str(certs / "ca.pem")]
-    assert cli.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *mutual]) == 0
-    assert cli.main(["serve", "--xds-listen", "10.0.0.7:9001", "--insecure"]) == 0
+    assert commands.main(["serve", "--auth", "--xds-listen", "10.0.0.7:9001", *mutual]) == 0
+    assert commands.main(["serve", "--xds-listen", "10.0.0.7:9001", "--insecure"]) == 0
     assert len(received) == 2 and received[0].xds_authenticated and not received[1].xds_authenticated
 
 
@@ -235,32 +235,32 @@ def test_serve_beyond_loopback_needs_auth_or_insecure(
 
     monkeypatch.setitem(sys.modules, "graylane.controlplane.app", types.SimpleNamespace(serve=serve))
     for flag in ("--listen", "--xds-listen", "--http-listen"):
-        assert cli.main(["serve", flag, "10.0.0.7:9000"]) == 2
+        assert commands.main(["serve", flag, "10.0.0.7:9000"]) == 2
         assert "10.0.0.7:9000 is reachable beyond this machine" in capsys.readouterr().err
     assert received == []
-    assert cli.main(["serve", "--listen", "0.0.0.0:9000", "--insecure"]) == 0
-    assert cli.main(["serve", "--listen", "localhost:9000", "--xds-listen", "[::1]:9001"]) == 0
+    assert commands.main(["serve", "--listen", "0.0.0.0:9000", "--insecure"]) == 0
+    assert commands.main(["serve", "--listen", "localhost:9000", "--xds-listen", "[::1]:9001"]) == 0
     assert [o.insecure for o in received] == [True, False]
 
 
 def test_tables_escape_control_characters() -> None:
-    table = cli.render_table(("A", "B"), [["ok", "evil\x1b[2J\nfake row\u202e"]])
+    table = output.render_table(("A", "B"), [["ok", "evil\x1b[2J\nfake row\u202e"]])
     assert "\x1b" not in table and "\n" not in table.splitlines()[1]
     assert table.splitlines()[1].endswith("evil\\x1b[2J\\nfake row\\u202e")
 
 
 def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cli.serve_options(_parse(["serve"])) == ServeOptions()
+    assert serve.serve_options(_parse(["serve"])) == ServeOptions()
 
 
 def test_serve_http_and_otlp_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert ServeOptions().http_listen == HostPort("127.0.0.1", 7403) and ServeOptions().otlp_endpoint is None
-    options = cli.serve_options(
+    options = serve.serve_options(
         _parse(["serve", "--http-listen", "0.0.0.0:9090", "--otlp-endpoint", "http://collector:4318"])
     )
     assert (options.http_listen, options.otlp_endpoint) == (HostPort("0.0.0.0", 9090), "http://collector:4318")
-    assert cli.serve_options(_parse(["serve", "--http-listen", "127.0.0.1:0"])).http_listen.port == 0
-    assert cli.main(["serve", "--otlp-endpoint", "collector:4318"]) == 2
+    assert serve.serve_options(_parse(["serve", "--http-listen", "127.0.0.1:0"])).http_listen.port == 0
+    assert commands.main(["serve", "--otlp-endpoint", "collector:4318"]) == 2
     assert "expected an http(s) URL" in capsys.readouterr().err
 
 
@@ -268,7 +268,7 @@ def test_serve_http_and_otlp_options(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_apply_reads_the_example() -> None:
-    kinds = [type(obj).__name__ for obj in cli.read_manifest(str(EXAMPLE))]
+    kinds = [type(obj).__name__ for obj in releases.read_manifest(str(EXAMPLE))]
     assert kinds == ["Service", "Version", "Version", "Release"]
 
 
@@ -276,7 +276,7 @@ def test_apply_rejects_a_bad_manifest_before_sending(tmp_path: Path, capsys: pyt
     bad = tmp_path / "release.yaml"
     bad.write_text(EXAMPLE.read_text().replace("gray_version: v2", "gray_versoin: v2"))
     # Nothing listens on this port: had apply sent anything, it would exit 1, "cannot reach".
-    code = cli.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", str(bad)])
+    code = commands.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", str(bad)])
     err = capsys.readouterr().err
     assert code == 2
     assert f"error: {bad}: document 4: spec.services[0].gray_versoin: unknown field" in err
@@ -285,19 +285,19 @@ def test_apply_rejects_a_bad_manifest_before_sending(tmp_path: Path, capsys: pyt
 
 def test_apply_reports_bad_yaml_from_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(read=lambda: "kind: Service\nname: [a\n"))
-    assert cli.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", "-"]) == 2
+    assert commands.main(["--server", f"127.0.0.1:{_free_port()}", "apply", "-f", "-"]) == 2
     assert "error: <stdin>: document 1: invalid YAML at line" in capsys.readouterr().err
 
 
 def test_apply_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["apply", "-f", str(tmp_path / "nope.yaml")]) == 2
+    assert commands.main(["apply", "-f", str(tmp_path / "nope.yaml")]) == 2
     assert "error: cannot read" in capsys.readouterr().err
 
 
 def test_applied_labels() -> None:
-    assert cli._applied_label(pb.Service(name="checkout")) == "service/checkout applied"
-    assert cli._applied_label(pb.Version(service="checkout", name="v2")) == "version/checkout/v2 applied"
-    label = cli._applied_label(_release(phase=pb.PENDING, batch=-1, weight=0))
+    assert releases._applied_label(pb.Service(name="checkout")) == "service/checkout applied"
+    assert releases._applied_label(pb.Version(service="checkout", name="v2")) == "version/checkout/v2 applied"
+    label = releases._applied_label(_release(phase=pb.PENDING, batch=-1, weight=0))
     assert label == "release/checkout-v2 applied: PENDING, batch 0/4, weight 0%, not reached (1/3 proxies converged)"
 
 
@@ -306,7 +306,7 @@ def test_applied_labels() -> None:
 
 def test_unreachable_server_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     server = f"127.0.0.1:{_free_port()}"
-    assert cli.main(["--server", server, "--timeout", "5", "get"]) == 1
+    assert commands.main(["--server", server, "--timeout", "5", "get"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot reach graylane at {server}")
 
@@ -334,14 +334,14 @@ def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     ],
 )
 def test_rpc_errors_are_described(code: grpc.StatusCode, details: str, message: str) -> None:
-    assert cli.describe_rpc_error(_rpc_error(code, details), server="cp:7400").startswith(message)
+    assert base.describe_rpc_error(_rpc_error(code, details), server="cp:7400").startswith(message)
 
 
 # --- output ----------------------------------------------------------------------------
 
 
 def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
-    data = json.loads(cli.render(_release(batch=0, weight=10), "json", cli.render_release))
+    data = json.loads(output.render(_release(batch=0, weight=10), "json", output.render_release))
     assert data["name"] == "checkout-v2"
     assert data["status"]["phase"] == "PROGRESSING"
     assert data["status"]["batch"] == 0  # the first batch, not a missing key
@@ -358,14 +358,14 @@ def test_release_as_json_uses_proto_names_and_keeps_zero_values() -> None:
 
 
 def test_json_is_indented_and_sorted() -> None:
-    text = cli.render(_release(), "json", cli.render_release)
+    text = output.render(_release(), "json", output.render_release)
     assert text.startswith('{\n  "name": "checkout-v2",\n  "revision": 42,\n  "spec": {')
 
 
 def test_release_as_yaml_matches_json() -> None:
     release = _release()
-    as_yaml = yaml.safe_load(cli.render(release, "yaml", cli.render_release))
-    as_json = json.loads(cli.render(release, "json", cli.render_release))
+    as_yaml = yaml.safe_load(output.render(release, "yaml", output.render_release))
+    as_json = json.loads(output.render(release, "json", output.render_release))
     assert as_yaml == as_json
 
 
@@ -380,7 +380,7 @@ def test_release_table() -> None:
             ),
         ]
     )
-    assert cli.render(listing, "table", cli.render_releases).splitlines() == [
+    assert output.render(listing, "table", output.render_releases).splitlines() == [
         "NAME         PHASE        BATCH  WEIGHT  REACHED  LANE         STRATEGY",
         "checkout-v2  PROGRESSING  2/4    20%     no 1/3   checkout-v2  CANARY",
         "search-bg    SUCCEEDED    1/1    100%    yes 0/0  s            BLUE_GREEN",
@@ -388,7 +388,7 @@ def test_release_table() -> None:
 
 
 def test_history_table() -> None:
-    assert cli.render(_history(), "table", cli.render_history).splitlines() == [
+    assert output.render(_history(), "table", output.render_history).splitlines() == [
         "SEQ  TIME                  ACTION  ACTOR       FROM->TO              BATCH  WEIGHT  REASON",
         "0    2024-05-01T10:00:00Z  apply   ana@laptop  PENDING               0      0%      -",
         "1    2024-05-01T10:00:30Z  next    ci          PENDING->PROGRESSING  0->1   10%     smoke tests green",
@@ -396,19 +396,19 @@ def test_history_table() -> None:
 
 
 def test_history_json_and_yaml() -> None:
-    data = json.loads(cli.render(_history(), "json", cli.render_history))
+    data = json.loads(output.render(_history(), "json", output.render_history))
     second = data["events"][1]
     assert second["action"] == "next"
     assert second["from_phase"] == "PENDING"
     assert second["to_batch"] == 0
     assert second["at"] == "2024-05-01T10:00:30Z"
     assert second["details"] == {"error_rate": "0.1%"}
-    assert yaml.safe_load(cli.render(_history(), "yaml", cli.render_history)) == data
+    assert yaml.safe_load(output.render(_history(), "yaml", output.render_history)) == data
 
 
 def test_services_and_versions_tables() -> None:
     services = api.ListServicesResponse(services=[pb.Service(name="checkout", stable_version="v1")])
-    assert cli.render_services(services).splitlines() == [
+    assert output.render_services(services).splitlines() == [
         "NAME      STABLE  DESCRIPTION",
         "checkout  v1      -",
     ]
@@ -425,7 +425,7 @@ def test_services_and_versions_tables() -> None:
             )
         ]
     )
-    assert cli.render_versions(versions).splitlines()[1].split() == [
+    assert output.render_versions(versions).splitlines()[1].split() == [
         "checkout", "v2", "127.0.0.1:18082,[fd00::2]:80@eu", "checkout:1.15", "-", "2024-05-01T10:00:00Z", "-",
     ]  # fmt: skip
 
@@ -447,7 +447,7 @@ def test_clusters_table() -> None:
             api.ClusterStatus(name="old", gateway_address="10.0.0.9:15443"),
         ]
     )
-    assert cli.render_clusters(clusters).splitlines() == [
+    assert output.render_clusters(clusters).splitlines() == [
         "NAME  CONNECTED  GATEWAY          AGENT  PROXIES  ENDPOINTS",
         "east  yes        127.0.0.1:15443  0.1.0  3        checkout/v1:2,search/v1:1",
         "old   no         10.0.0.9:15443   -      0        -",
@@ -464,7 +464,7 @@ def test_status_line_with_reason_and_nack() -> None:
             message="unknown cluster checkout|v2",
         )
     )
-    assert cli.status_line(release) == (
+    assert output.status_line(release) == (
         "checkout-v2: PAUSED, batch 2/4, weight 20%, not reached (1/3 proxies converged), "
         "reason: a proxy rejected the routes, "
         "last NACK: envoy-1 rejected RouteConfiguration r42: unknown cluster checkout|v2"
@@ -472,7 +472,7 @@ def test_status_line_with_reason_and_nack() -> None:
 
 
 def test_status_line_reached() -> None:
-    assert cli.status_line(_release(reached=True)) == (
+    assert output.status_line(_release(reached=True)) == (
         "checkout-v2: PROGRESSING, batch 2/4, weight 20%, reached (1/3 proxies converged)"
     )
 
@@ -494,9 +494,9 @@ async def test_follow_prints_changes_until_a_terminal_phase() -> None:
     done = _release(phase=pb.SUCCEEDED, batch=3, weight=100, reached=True)
     never_read = _release(phase=pb.PENDING)
 
-    last = await cli.follow(
+    last = await releases.follow(
         _stream(pending, first, same_status_new_revision, done, never_read),
-        lambda release: shown.append(cli.status_line(release)),
+        lambda release: shown.append(output.status_line(release)),
     )
 
     assert last == done
@@ -508,11 +508,11 @@ async def test_follow_prints_changes_until_a_terminal_phase() -> None:
 
 
 async def test_follow_returns_none_when_the_stream_ends_early() -> None:
-    assert await cli.follow(_stream(_release()), lambda release: None) is None
+    assert await releases.follow(_stream(_release()), lambda release: None) is None
 
 
 def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--version"]) == 0
+    assert commands.main(["--version"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("graylane ") and out != "graylane unknown"
 
@@ -523,15 +523,15 @@ def test_log_level_from_the_flag_else_the_environment_else_the_command(monkeypat
     seen: list[object] = []
     monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.append(kw["level"]))
     monkeypatch.delenv("GRAYLANE_LOG_LEVEL", raising=False)
-    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
-    cli._configure_logging(argparse.Namespace(log_level="debug"), default="info")
+    base.configure_logging(argparse.Namespace(log_level=None), default="info")
+    base.configure_logging(argparse.Namespace(log_level="debug"), default="info")
     monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "ERROR")
-    cli._configure_logging(argparse.Namespace(log_level=None), default="info")
+    base.configure_logging(argparse.Namespace(log_level=None), default="info")
     assert seen == ["INFO", "DEBUG", "ERROR"]
     monkeypatch.setenv("GRAYLANE_LOG_LEVEL", "loud")
-    with pytest.raises(cli.UsageError, match="GRAYLANE_LOG_LEVEL"):
-        cli._configure_logging(argparse.Namespace(log_level=None), default="info")
-    assert cli.main(["--log-level", "loud", "demo"]) == 2
+    with pytest.raises(base.UsageError, match="GRAYLANE_LOG_LEVEL"):
+        base.configure_logging(argparse.Namespace(log_level=None), default="info")
+    assert commands.main(["--log-level", "loud", "demo"]) == 2
 
 
 def test_demo_without_envoy_says_so_in_one_line(tmp_path: Path) -> None:
@@ -566,25 +566,32 @@ def test_demo_without_envoy_says_so_in_one_line(tmp_path: Path) -> None:
 def test_tls_flag_mistakes_are_usage_errors_before_anything_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["serve", "--client-ca", "ca.pem"]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--client-ca", "ca.pem"]) == base.EXIT_USAGE
     assert "--client-ca needs --tls-cert" in capsys.readouterr().err
-    assert cli.main(["serve", "--tls-cert", "server.pem"]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--tls-cert", "server.pem"]) == base.EXIT_USAGE
     assert "go together" in capsys.readouterr().err
     missing = tmp_path / "nope.pem"
-    assert cli.main(["serve", "--tls-cert", str(missing), "--tls-key", str(missing)]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--tls-cert", str(missing), "--tls-key", str(missing)]) == base.EXIT_USAGE
     assert "nope.pem" in capsys.readouterr().err
     tokens = tmp_path / "tokens"
     tokens.write_text("local: short\n")
-    assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--xds-tokens", str(tokens)]) == base.EXIT_USAGE
     assert "at least 16" in capsys.readouterr().err
     tokens.write_text("local [checkout]: 0123456789abcdefgh\nlocal/x []\n")  # a scope of no service
-    assert cli.main(["serve", "--xds-tokens", str(tokens)]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--xds-tokens", str(tokens)]) == base.EXIT_USAGE
     assert f"{tokens}:2: a scope `[...]` names at least one service" in capsys.readouterr().err
-    assert cli.main(["serve", "--admin-allow", "not-a-network"]) == cli.EXIT_USAGE
+    tokens.write_text("local/x [checkout]\n")  # scopes certificates, but none is asked for
+    for command in (
+        ["serve"],
+        ["agent", "--cluster", "east", "--control-plane", "127.0.0.1:1", "--gateway-address", "127.0.0.1:2"],
+    ):
+        assert commands.main([*command, "--xds-tokens", str(tokens)]) == base.EXIT_USAGE
+        assert "without --client-ca no proxy presents one" in capsys.readouterr().err
+    assert commands.main(["serve", "--admin-allow", "not-a-network"]) == base.EXIT_USAGE
     assert "CIDR" in capsys.readouterr().err
-    assert cli.main(["serve", "--etcd-ca", "ca.pem"]) == cli.EXIT_USAGE  # the embedded etcd is local
+    assert commands.main(["serve", "--etcd-ca", "ca.pem"]) == base.EXIT_USAGE  # the embedded etcd is local
     assert "external etcd" in capsys.readouterr().err
-    assert cli.main(["serve", "--etcd", "10.0.0.1:2379", "--etcd-ca", str(missing)]) == cli.EXIT_USAGE
+    assert commands.main(["serve", "--etcd", "10.0.0.1:2379", "--etcd-ca", str(missing)]) == base.EXIT_USAGE
     err = capsys.readouterr().err
     assert "etcd TLS" in err and "nope.pem" in err
 
@@ -594,24 +601,24 @@ def test_an_agent_serving_xds_beyond_loopback_needs_proxy_credentials_or_insecur
 ) -> None:
     argv = ["agent", "--cluster", "east", "--control-plane", "127.0.0.1:7400", "--gateway-address", "10.0.0.9:15443",
             "--xds-listen", "10.0.0.9:7402"]  # fmt: skip
-    assert cli.main(argv) == cli.EXIT_USAGE
+    assert commands.main(argv) == base.EXIT_USAGE
     assert "xDS on 10.0.0.9:7402 is reachable beyond this machine" in capsys.readouterr().err
 
 
 def test_client_tls_comes_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = cli.build_parser().parse_args(["get"])
-    assert cli.client_tls(args) is None
+    args = commands.build_parser().parse_args(["get"])
+    assert base.client_tls(args) is None
     monkeypatch.setenv("GRAYLANE_CA", "/etc/graylane/ca.pem")
-    tls = cli.client_tls(cli.build_parser().parse_args(["get"]))
+    tls = base.client_tls(commands.build_parser().parse_args(["get"]))
     assert tls is not None and str(tls.ca) == "/etc/graylane/ca.pem" and tls.cert is None
-    args = cli.build_parser().parse_args(["get", "--cert", "c.pem", "--key", "k.pem"])
-    tls = cli.client_tls(args)
+    args = commands.build_parser().parse_args(["get", "--cert", "c.pem", "--key", "k.pem"])
+    tls = base.client_tls(args)
     assert tls is not None and (str(tls.cert), str(tls.key)) == ("c.pem", "k.pem")
 
 
 def test_certs_writes_a_local_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "east", "--user", "ci"]) == cli.EXIT_OK
+    assert commands.main(["certs", "--out", str(tmp_path), "--cluster", "east", "--user", "ci"]) == base.EXIT_OK
     out = capsys.readouterr().out
     for name in ("ca.pem", "server.pem", "envoy-east.pem", "agent-east.pem", "user-ci.pem"):
         assert (tmp_path / name).exists() and name in out
-    assert cli.main(["certs", "--out", str(tmp_path), "--cluster", "a/b"]) == cli.EXIT_USAGE
+    assert commands.main(["certs", "--out", str(tmp_path), "--cluster", "a/b"]) == base.EXIT_USAGE

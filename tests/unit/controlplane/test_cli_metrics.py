@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from graylane.controlplane import cli
+from graylane.controlplane.cli import base, commands, output
 from graylane.v1 import release_service_pb2 as api
 
 
@@ -13,19 +13,21 @@ from graylane.v1 import release_service_pb2 as api
     ("text", "seconds"), [("60", 60.0), ("60s", 60.0), ("1m30s", 90.0), ("500ms", 0.5), ("2h", 7200.0), ("1.5s", 1.5)]
 )
 def test_durations(text: str, seconds: float) -> None:
-    assert cli.parse_duration(text) == seconds
+    assert base.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "1d", "s", "-5s", "0", "5 s", "1m-2s"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_duration(text)
+        base.parse_duration(text)
 
 
 def test_metrics_arguments() -> None:
-    args = cli.build_parser().parse_args(["metrics", "rel", "--window", "2m", "--watch", "--every", "5s", "-o", "json"])
+    args = commands.build_parser().parse_args(
+        ["metrics", "rel", "--window", "2m", "--watch", "--every", "5s", "-o", "json"]
+    )
     assert (args.name, args.window, args.watch, args.every, args.output) == ("rel", 120.0, True, 5.0, "json")
-    plain = cli.build_parser().parse_args(["metrics", "rel"])
+    plain = commands.build_parser().parse_args(["metrics", "rel"])
     assert (plain.window, plain.watch, plain.every, plain.output) == (None, False, None, "table")
 
 
@@ -45,8 +47,8 @@ def _response() -> api.MetricsResponse:
 
 
 def test_metrics_table() -> None:
-    lines = cli.render_metrics(_response()).splitlines()
-    assert lines[0].split() == list(cli.METRICS_HEADER)
+    lines = output.render_metrics(_response()).splitlines()
+    assert lines[0].split() == list(output.METRICS_HEADER)
     assert lines[1].split() == ["checkout", "v1", "-", "-", "600", "0.00%", "10.0", "2.5ms", "4.5ms", "5.0ms", "50.0%"]
     gray = ["checkout", "v2", "checkout-v2", "east", "600", "10.00%", "10.0", "-", "-", "-", "50.0%"]
     assert lines[2].split() == gray
@@ -57,5 +59,5 @@ def test_metrics_table_without_traffic_and_not_leader() -> None:
     response = _response()
     del response.series[:]
     response.leader = False
-    text = cli.render_metrics(response)
+    text = output.render_metrics(response)
     assert text.startswith("no traffic in the window\n") and "not the leader" in text

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from graylane.controlplane.errors import FailedPrecondition
 from graylane.controlplane.machine import TRANSITIONS, Action, Cause, transition
-from graylane.controlplane.model import (
+from graylane.controlplane.model.values import (
     Batch,
     Phase,
     Release,

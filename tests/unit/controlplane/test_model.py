@@ -9,7 +9,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane import views
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.model import (
+from graylane.controlplane.model.agent_codec import split_host_port
+from graylane.controlplane.model.codec import release_from_proto, spec_to_proto
+from graylane.controlplane.model.validation import (
     MAX_ANALYSIS_INTERVAL,
     MAX_BATCHES,
     MAX_CONDITIONS,
@@ -21,17 +23,14 @@ from graylane.controlplane.model import (
     MAX_VALUE_BYTES,
     MAX_VERSION_ENDPOINTS,
     MAX_WEBHOOKS,
-    Cohort,
-    MatchKind,
     check_text,
     cookie_regex,
     lane_regex,
-    release_from_proto,
     service_from_proto,
     spec_from_proto,
-    spec_to_proto,
     version_from_proto,
 )
+from graylane.controlplane.model.values import Cohort, MatchKind
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import render, view
 
@@ -312,3 +311,17 @@ def test_stored_services_and_versions_are_read_without_the_size_limits() -> None
     assert service_from_proto(big, stored=True).description == "d" * 10_000
     version = pb.Version(service="cart", name="v1", metadata=pb.VersionMetadata(change_summary="c" * 10_000))
     assert version_from_proto(version, stored=True).change_summary == "c" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [("gw.east:15443", ("gw.east", 15443)), ("10.0.0.9:1", ("10.0.0.9", 1)), ("[fd00::9]:15443", ("fd00::9", 15443))],
+)
+def test_an_agent_gateway_address_is_read_as_every_address_is(text: str, parts: tuple[str, int]) -> None:
+    assert split_host_port("hello.gateway_address", text) == parts
+
+
+@pytest.mark.parametrize("text", ["nowhere", "fd00::9:15443", "gw:0", "gw:70000", "gw_east:80", "[fd00::9]"])
+def test_a_bad_gateway_address_is_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="hello.gateway_address"):
+        split_host_port("hello.gateway_address", text)

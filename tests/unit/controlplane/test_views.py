@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 from graylane.controlplane import model, views
-from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
+from graylane.controlplane.model.values import (
+    Batch,
+    Phase,
+    Release,
+    ReleaseSpec,
+    ReleaseStatus,
+    ServiceVersions,
+    Strategy,
+)
 from graylane.xds import view as xv
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)

@@ -9,7 +9,15 @@ from datetime import UTC, datetime
 
 import pytest
 from graylane.controlplane import model, views
-from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
+from graylane.controlplane.model.values import (
+    Batch,
+    Phase,
+    Release,
+    ReleaseSpec,
+    ReleaseStatus,
+    ServiceVersions,
+    Strategy,
+)
 from graylane.controlplane.store import Snapshot
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)

@@ -1,30 +1,37 @@
-"""Release domain values, and the one place API messages become them.
+"""The one place API messages become domain values: `spec_from_proto` and friends check
+every field (names, limits, RE2 programs within Envoy's size limit) and raise
+`InvalidArgument` naming the field. `stored=True` reads back what etcd holds: it passed
+these checks when written, so size limits are skipped and out-of-range durations clamped.
 
-Owns: the frozen values the control plane works on (`ReleaseSpec`, `ReleaseStatus`,
-`Release`, `Event`, `Service`, `Version`), their validation (`spec_from_proto` and
-friends raise `InvalidArgument` naming the field) and their conversion back to protos.
-Inside the control plane these values are trusted; nothing else reads raw requests.
-
-Must not import: etcd (that is `controlplane.store`), graylane.xds.
+Must not import: etcd, graylane.xds.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence, Sized
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence, Sized
+from datetime import UTC, timedelta
 
 import re2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from graylane.controlplane.analysis import AnalysisSpec, OnInconclusive, check_analysis_spec
 from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.model.values import (
+    Batch,
+    Cohort,
+    Condition,
+    Endpoint,
+    MatchKind,
+    MatchOp,
+    ReleaseSpec,
+    Service,
+    ServiceVersions,
+    Strategy,
+    Version,
+)
 from graylane.controlplane.webhooks import MAX_TIMEOUT_S as WEBHOOK_MAX_TIMEOUT_S
 from graylane.controlplane.webhooks import Webhook, WebhookKind
-from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 # Every pattern below is applied with `fullmatch`: `re.match` with `$` would accept a
@@ -70,244 +77,6 @@ _OWS = "[ \t]*"
 _COOKIE_BEFORE = "(?:.*[;,])?" + _OWS
 _BAGGAGE_BEFORE = "(?:.*,)?" + _OWS
 _REST = "(?:[;,].*)?"
-
-
-class Phase(enum.Enum):
-    PENDING = pb.PENDING
-    PROGRESSING = pb.PROGRESSING
-    PAUSED = pb.PAUSED
-    SUCCEEDED = pb.SUCCEEDED
-    ROLLED_BACK = pb.ROLLED_BACK
-    FAILED = pb.FAILED
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.FAILED)
-
-    @property
-    def routes_lane(self) -> bool:
-        """Whether a release in this phase has a live lane in the routing view."""
-        return self in (Phase.PROGRESSING, Phase.PAUSED)
-
-
-class Strategy(enum.Enum):
-    CANARY = pb.CANARY
-    BLUE_GREEN = pb.BLUE_GREEN
-    AB = pb.AB
-
-
-class MatchKind(enum.Enum):
-    HEADER = pb.HEADER
-    COOKIE = pb.COOKIE
-    QUERY = pb.QUERY
-    PATH = pb.PATH
-
-
-class MatchOp(enum.Enum):
-    EXACT = pb.EXACT
-    PREFIX = pb.PREFIX
-    REGEX = pb.REGEX
-    PRESENT = pb.PRESENT
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    kind: MatchKind
-    name: str
-    op: MatchOp
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    weight: int
-    pause: timedelta | None  # None: wait for a manual `next`
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceVersions:
-    service: str
-    base_version: str
-    gray_version: str
-
-
-@dataclass(frozen=True, slots=True)
-class Cohort:
-    """The key whose consistent hash makes the batch decision sticky (HEADER or COOKIE)."""
-
-    kind: MatchKind
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseSpec:
-    lane: str
-    entry: str
-    services: tuple[ServiceVersions, ...]
-    strategy: Strategy
-    match: tuple[tuple[Condition, ...], ...]
-    batches: tuple[Batch, ...]
-    gray_clusters: tuple[str, ...] = ()
-    cohort: Cohort | None = None
-    analysis: AnalysisSpec | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Nack:
-    node: str
-    type_url: str
-    version: str
-    message: str
-    at: datetime
-    stream: str = ""  # the xDS stream (one proxy) that sent it
-    cluster: str = ""  # the proxy's Envoy cluster
-
-
-@dataclass(frozen=True, slots=True)
-class HeldLane:
-    """A release's lane as proxies accepted it (kept while a NACK holds the release, so a
-    rejected edit of the spec falls back to it rather than to no lane)."""
-
-    entry: str
-    weight: int
-    match: tuple[tuple[Condition, ...], ...]
-    versions: tuple[tuple[str, str], ...]  # (service, gray version), sorted
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseStatus:
-    phase: Phase = Phase.PENDING
-    batch: int = -1
-    reason: str = ""
-    reached: bool = False
-    proxies: int = 0
-    converged: int = 0
-    target_version: str = ""  # digest of this release's own target (not a global version)
-    last_nack: Nack | None = None
-    batch_started: datetime | None = None
-    batch_reached: datetime | None = None
-    events: int = 0
-    generation: int = 1
-    lagging: tuple[str, ...] = ()  # first few proxies not carrying the target, with why
-    gone: int = 0  # proxies declared gone by the stale-proxy rule (not in `proxies`)
-    gone_names: tuple[str, ...] = ()
-    # While a NACK holds the release (PAUSED with last_nack): the batch its proxies keep
-    # being served, -1 for none (no lane). Meaningless otherwise.
-    held_batch: int | None = None
-    # While held: the lane its proxies accepted (None: none, or held before this was kept).
-    held_lane: HeldLane | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    name: str
-    spec: ReleaseSpec
-    status: ReleaseStatus
-    created: datetime
-    revision: int = 0  # etcd mod_revision it was read at; 0 for a value not yet stored
-
-    def weight(self) -> int:
-        """The gray share the current phase and batch ask for."""
-        return weight_of(self.spec, self.status)
-
-
-def weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
-    if status.phase is Phase.SUCCEEDED:
-        return 100
-    if not status.phase.routes_lane or status.batch < 0:
-        return 0
-    return spec.batches[status.batch].weight
-
-
-def held(status: ReleaseStatus) -> bool:
-    """A NACK holds the release at what its proxies last accepted (until resumed)."""
-    return status.phase is Phase.PAUSED and status.last_nack is not None and status.held_batch is not None
-
-
-def draining(status: ReleaseStatus) -> bool:
-    """A rolled-back (or failed) release whose proxies do not all carry that yet.
-
-    Its lane stays in the routing view, admitting nothing (weight 0, no rules), so a request
-    the entry admitted before it stopped keeps its lane on the later hops instead of
-    falling to base half-way (Envoys of one chain apply a change at different instants).
-    The lane goes once every proxy carries the drained lane (`reached`). A rollback that
-    follows a NACK drains nothing: the lane goes at once, as the rejecting proxy has it.
-    """
-    return status.phase in (Phase.ROLLED_BACK, Phase.FAILED) and not status.reached and status.last_nack is None
-
-
-def served_weight_of(spec: ReleaseSpec, status: ReleaseStatus) -> int:
-    """The weight proxies are served: the asked weight, or the held lane's under a NACK."""
-    if held(status):
-        if status.held_lane is not None:
-            return status.held_lane.weight
-        batch = status.held_batch if status.held_batch is not None else -1
-        return spec.batches[batch].weight if 0 <= batch < len(spec.batches) else 0
-    return weight_of(spec, status)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    release: str
-    sequence: int
-    at: datetime
-    action: str
-    actor: str
-    reason: str
-    from_phase: Phase
-    to_phase: Phase
-    from_batch: int
-    to_batch: int
-    weight: int
-    details: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    name: str
-    stable_version: str
-    description: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    address: str
-    port: int
-    cluster: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterInfo:
-    """A cluster as its agent announced it: where other clusters reach its services."""
-
-    name: str
-    gateway_host: str
-    gateway_port: int
-    agent_id: str
-    agent_version: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterEndpoints:
-    """The endpoints one agent reports for one version in its cluster."""
-
-    service: str
-    version: str
-    endpoints: tuple[Endpoint, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Version:
-    service: str
-    name: str
-    image: str = ""
-    author: str = ""
-    created: datetime | None = None
-    change_summary: str = ""
-    endpoints: tuple[Endpoint, ...] = ()
-
-
-# --------------------------------------------------------------------------- validation
 
 
 def check_name(field_name: str, value: str, *, pattern: re.Pattern[str] = _NAME) -> str:
@@ -475,7 +244,7 @@ def _condition_from_proto(where: str, c: pb.Condition, *, stored: bool) -> Condi
     return Condition(kind=kind, name=name, op=op, value=c.value)
 
 
-def _rules_from_proto(rules: Sequence[pb.MatchRule], *, stored: bool) -> tuple[tuple[Condition, ...], ...]:
+def rules_from_proto(rules: Sequence[pb.MatchRule], *, stored: bool) -> tuple[tuple[Condition, ...], ...]:
     if not stored:
         _check_count("spec.match", rules, MAX_RULES, "rules")
     out = []
@@ -579,7 +348,7 @@ def spec_from_proto(spec: pb.ReleaseSpec, *, stored: bool = False) -> ReleaseSpe
         raise InvalidArgument(
             "spec.entry", f"{entry!r} is not one of the release's services ({', '.join(sorted(seen))})"
         )
-    match = _rules_from_proto(spec.match, stored=stored)
+    match = rules_from_proto(spec.match, stored=stored)
     if strategy is Strategy.AB and not match:
         raise InvalidArgument("spec.match", "an AB release needs at least one rule")
     clusters = tuple(
@@ -598,13 +367,12 @@ def spec_from_proto(spec: pb.ReleaseSpec, *, stored: bool = False) -> ReleaseSpe
     )
 
 
-_WEBHOOK_KINDS = {
+WEBHOOK_KINDS = {
     pb.PRE_ROLLOUT: WebhookKind.PRE_ROLLOUT,
     pb.CONFIRM_BATCH: WebhookKind.CONFIRM_BATCH,
     pb.POST_ROLLOUT: WebhookKind.POST_ROLLOUT,
     pb.ROLLBACK: WebhookKind.ROLLBACK,
 }
-_WEBHOOK_KIND_VALUES = {v: k for k, v in _WEBHOOK_KINDS.items()}
 
 
 def analysis_from_proto(a: pb.Analysis, *, where: str = "spec.analysis", stored: bool = False) -> AnalysisSpec:
@@ -615,7 +383,7 @@ def analysis_from_proto(a: pb.Analysis, *, where: str = "spec.analysis", stored:
     hooks = []
     for i, h in enumerate(a.webhooks):
         at = f"{where}.webhooks[{i}]"
-        kind = _WEBHOOK_KINDS.get(h.kind)
+        kind = WEBHOOK_KINDS.get(h.kind)
         if kind is None:
             raise InvalidArgument(f"{at}.kind", "is required (PRE_ROLLOUT, CONFIRM_BATCH, ...)")
         if not stored:
@@ -659,31 +427,6 @@ def analysis_from_proto(a: pb.Analysis, *, where: str = "spec.analysis", stored:
     return check_analysis_spec(spec, where=where)
 
 
-def analysis_to_proto(a: AnalysisSpec | None) -> pb.Analysis | None:
-    if a is None:
-        return None
-    message = pb.Analysis(
-        min_requests=a.min_requests,
-        baseline=a.baseline,
-        alpha=a.alpha,
-        min_effect=a.min_effect,
-        error_rate_margin=a.error_rate_margin,
-        failure_limit=a.failure_limit,
-        inconclusive_limit=a.inconclusive_limit,
-        on_inconclusive=a.on_inconclusive.value,
-        passes_to_advance=a.passes_to_advance,
-    )
-    message.interval.FromTimedelta(timedelta(seconds=a.interval_s))
-    if a.max_error_rate is not None:
-        message.max_error_rate = a.max_error_rate
-    if a.max_p99_ms is not None:
-        message.max_p99_ms = a.max_p99_ms
-    for h in a.webhooks:
-        hook = message.webhooks.add(name=h.name, kind=_WEBHOOK_KIND_VALUES[h.kind], url=h.url, retries=h.retries)
-        hook.timeout.FromTimedelta(timedelta(seconds=h.timeout_s))
-    return message
-
-
 def _cohort_from_proto(spec: pb.ReleaseSpec) -> Cohort:
     c = spec.cohort
     if c.header and c.cookie:
@@ -724,7 +467,7 @@ def valid_address(address: str) -> bool:
     return len(address) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in address.split("."))
 
 
-def _endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
+def endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
     if not valid_address(e.address):
         raise InvalidArgument(f"{where}.address", f"{e.address!r} is not an IP address or host name")
     if not 0 < e.port < 65536:
@@ -750,7 +493,7 @@ def version_from_proto(v: pb.Version, *, stored: bool = False) -> Version:
         _MIN_TIMESTAMP_S <= md.created.seconds <= _MAX_TIMESTAMP_S and 0 <= md.created.nanos < 1_000_000_000
     ):
         raise InvalidArgument("version.metadata.created", "is not a valid time (years 1 to 9999)")
-    endpoints = tuple(_endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints))
+    endpoints = tuple(endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints))
     if len(set(endpoints)) != len(endpoints):
         raise InvalidArgument("version.endpoints", "an endpoint is listed twice")
     return Version(
@@ -761,275 +504,4 @@ def version_from_proto(v: pb.Version, *, stored: bool = False) -> Version:
         created=md.created.ToDatetime(tzinfo=UTC) if md.HasField("created") else None,
         change_summary=md.change_summary,
         endpoints=endpoints,
-    )
-
-
-# ------------------------------------------------------------------------ to protos
-
-
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
-def _dt(ts: Timestamp, present: bool) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if present else None
-
-
-def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
-    batches = []
-    for b in spec.batches:
-        if b.pause is None:
-            pause = pb.Pause(manual=True)
-        else:
-            d = Duration()
-            d.FromTimedelta(b.pause)
-            pause = pb.Pause(duration=d)
-        batches.append(pb.Batch(weight=b.weight, pause=pause))
-    return pb.ReleaseSpec(
-        lane=spec.lane,
-        entry=spec.entry,
-        services=[
-            pb.ServiceVersions(service=s.service, base_version=s.base_version, gray_version=s.gray_version)
-            for s in spec.services
-        ],
-        strategy=spec.strategy.value,
-        match=_rules_to_proto(spec.match),
-        batches=batches,
-        placement=pb.Placement(gray_clusters=list(spec.gray_clusters)),
-        cohort=_cohort_to_proto(spec.cohort),
-        analysis=analysis_to_proto(spec.analysis),
-    )
-
-
-def _cohort_to_proto(cohort: Cohort | None) -> pb.Cohort | None:
-    if cohort is None:
-        return None
-    if cohort.kind is MatchKind.HEADER:
-        return pb.Cohort(header=cohort.name)
-    return pb.Cohort(cookie=cohort.name)
-
-
-def status_to_proto(release: Release) -> pb.ReleaseStatus:
-    st = release.status
-    nack = None
-    if st.last_nack is not None:
-        n = st.last_nack
-        nack = pb.Nack(
-            node=n.node,
-            type_url=n.type_url,
-            version=n.version,
-            message=n.message,
-            at=_ts(n.at),
-            stream=n.stream,
-            cluster=n.cluster,
-        )
-    return pb.ReleaseStatus(
-        phase=st.phase.value,
-        batch=st.batch,
-        weight=release.weight(),
-        reached=st.reached,
-        reason=st.reason,
-        convergence=pb.ProxyConvergence(
-            proxies=st.proxies,
-            converged=st.converged,
-            target_version=st.target_version,
-            lagging=st.lagging,
-            gone=st.gone,
-            gone_names=st.gone_names,
-        ),
-        last_nack=nack,
-        batch_started=_ts(st.batch_started),
-        batch_reached=_ts(st.batch_reached),
-        events=st.events,
-        generation=st.generation,
-        served_weight=served_weight_of(release.spec, st),
-        held_batch=st.held_batch,
-        held_lane=_held_lane_to_proto(st.held_lane) if held(st) else None,
-    )
-
-
-def _rules_to_proto(match: tuple[tuple[Condition, ...], ...]) -> list[pb.MatchRule]:
-    return [
-        pb.MatchRule(
-            conditions=[pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value) for c in rule]
-        )
-        for rule in match
-    ]
-
-
-def _held_lane_to_proto(lane: HeldLane | None) -> pb.HeldLane | None:
-    if lane is None:
-        return None
-    return pb.HeldLane(
-        entry=lane.entry,
-        weight=lane.weight,
-        match=_rules_to_proto(lane.match),
-        services=[pb.ServiceVersions(service=s, gray_version=v) for s, v in lane.versions],
-    )
-
-
-def _held_lane_from_proto(msg: pb.HeldLane) -> HeldLane:
-    return HeldLane(
-        entry=msg.entry,
-        weight=msg.weight,
-        match=_rules_from_proto(msg.match, stored=True),
-        versions=tuple(sorted((s.service, s.gray_version) for s in msg.services)),
-    )
-
-
-def release_to_proto(release: Release) -> pb.Release:
-    return pb.Release(
-        name=release.name,
-        spec=spec_to_proto(release.spec),
-        status=status_to_proto(release),
-        revision=release.revision,
-        created=_ts(release.created),
-    )
-
-
-def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
-    """Rebuild a stored release. Stored specs were validated on the way in."""
-    st = msg.status
-    nack = None
-    if st.HasField("last_nack"):
-        n = st.last_nack
-        nack = Nack(
-            node=n.node,
-            type_url=n.type_url,
-            version=n.version,
-            message=n.message,
-            at=n.at.ToDatetime(tzinfo=UTC),
-            stream=n.stream,
-            cluster=n.cluster,
-        )
-    status = ReleaseStatus(
-        phase=Phase(st.phase),
-        batch=st.batch,
-        reason=st.reason,
-        reached=st.reached,
-        proxies=st.convergence.proxies,
-        converged=st.convergence.converged,
-        target_version=st.convergence.target_version,
-        last_nack=nack,
-        batch_started=_dt(st.batch_started, st.HasField("batch_started")),
-        batch_reached=_dt(st.batch_reached, st.HasField("batch_reached")),
-        events=st.events,
-        generation=st.generation,
-        lagging=tuple(st.convergence.lagging),
-        gone=st.convergence.gone,
-        gone_names=tuple(st.convergence.gone_names),
-        held_batch=st.held_batch if st.HasField("held_batch") else None,
-        held_lane=_held_lane_from_proto(st.held_lane) if st.HasField("held_lane") else None,
-    )
-    return Release(
-        name=msg.name,
-        spec=spec_from_proto(msg.spec, stored=True),
-        status=status,
-        created=msg.created.ToDatetime(tzinfo=UTC),
-        revision=revision,
-    )
-
-
-def event_to_proto(e: Event) -> pb.Event:
-    return pb.Event(
-        release=e.release,
-        sequence=e.sequence,
-        at=_ts(e.at),
-        action=e.action,
-        actor=e.actor,
-        reason=e.reason,
-        from_phase=e.from_phase.value,
-        to_phase=e.to_phase.value,
-        from_batch=e.from_batch,
-        to_batch=e.to_batch,
-        weight=e.weight,
-        details=dict(e.details),
-    )
-
-
-def service_to_proto(s: Service) -> pb.Service:
-    return pb.Service(name=s.name, stable_version=s.stable_version, description=s.description)
-
-
-def version_to_proto(v: Version) -> pb.Version:
-    return pb.Version(
-        service=v.service,
-        name=v.name,
-        metadata=pb.VersionMetadata(
-            image=v.image,
-            author=v.author,
-            created=_ts(v.created),
-            change_summary=v.change_summary,
-        ),
-        endpoints=[pb.Endpoint(address=e.address, port=e.port, cluster=e.cluster) for e in v.endpoints],
-    )
-
-
-# ------------------------------------------------------------------------ agents
-
-
-def split_host_port(field_name: str, value: str) -> tuple[str, int]:
-    """`host:port` (IPv6 as `[addr]:port`) into its parts, or InvalidArgument naming the field."""
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port_text.isdigit() or not valid_address(host):
-        raise InvalidArgument(field_name, f"{value!r} is not host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise InvalidArgument(field_name, f"{port} is not a valid port (1..65535)")
-    return host, port
-
-
-def hello_from_proto(hello: apb.AgentHello) -> ClusterInfo:
-    host, port = split_host_port("hello.gateway_address", hello.gateway_address)
-    if not hello.agent_id:
-        raise InvalidArgument("hello.agent_id", "is required")
-    return ClusterInfo(
-        name=check_name("hello.cluster", hello.cluster),
-        gateway_host=host,
-        gateway_port=port,
-        agent_id=hello.agent_id,
-        agent_version=hello.agent_version,
-    )
-
-
-def cluster_endpoints_from_proto(cluster: str, snapshot: apb.EndpointSnapshot) -> tuple[ClusterEndpoints, ...]:
-    """Validate an agent's endpoint snapshot; every endpoint is tagged with `cluster`."""
-    out: list[ClusterEndpoints] = []
-    seen: set[tuple[str, str]] = set()
-    for i, v in enumerate(snapshot.versions):
-        where = f"endpoints.versions[{i}]"
-        key = (check_name(f"{where}.service", v.service), check_version_name(f"{where}.version", v.version))
-        if key in seen:
-            raise InvalidArgument(f"{where}.version", f"{key[0]} {key[1]} is listed twice")
-        seen.add(key)
-        endpoints = []
-        for j, e in enumerate(v.endpoints):
-            checked = _endpoint_from_proto(f"{where}.endpoints[{j}]", e)
-            endpoints.append(Endpoint(address=checked.address, port=checked.port, cluster=cluster))
-        out.append(ClusterEndpoints(service=key[0], version=key[1], endpoints=tuple(dict.fromkeys(endpoints))))
-    return tuple(out)
-
-
-def cluster_to_proto(c: ClusterInfo) -> apb.AgentHello:
-    host = f"[{c.gateway_host}]" if ":" in c.gateway_host else c.gateway_host
-    return apb.AgentHello(
-        cluster=c.name, gateway_address=f"{host}:{c.gateway_port}", agent_id=c.agent_id, agent_version=c.agent_version
-    )
-
-
-def cluster_endpoints_to_proto(items: Sequence[ClusterEndpoints]) -> apb.EndpointSnapshot:
-    return apb.EndpointSnapshot(
-        versions=[
-            apb.VersionEndpoints(
-                service=i.service,
-                version=i.version,
-                endpoints=[pb.Endpoint(address=e.address, port=e.port) for e in i.endpoints],
-            )
-            for i in items
-        ]
     )

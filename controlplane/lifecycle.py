@@ -1,0 +1,28 @@
+"""`Lifecycle`: the small async lifecycle of what Graylane starts and stops — a child
+process (Envoy, etcd), a group of them, an HTTP server. A subclass writes `start()` and
+`stop()`; `async with` starts it on entry and stops it on exit, whatever ended the block.
+
+Must not import: etcd, graylane.xds, graylane.agent.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+
+class Lifecycle:
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
