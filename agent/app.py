@@ -45,12 +45,12 @@ from graylane.agent.sources import EndpointSource, FileEndpointSource
 from graylane.agent.stats import AdminAllowList
 from graylane.agent.wire import cluster_view, view_from_proto
 from graylane.controlplane.address import HostPort
-from graylane.controlplane.closing import run_until_signalled
-from graylane.controlplane.http import HttpServer, metrics_route
+from graylane.controlplane.api.closing import run_until_signalled
+from graylane.controlplane.api.http import HttpServer, metrics_route
+from graylane.controlplane.api.proxyauth import xds_authenticator
+from graylane.controlplane.api.tls import ClientTls, ServerTls, add_port
 from graylane.controlplane.options import DEFAULT_ADMIN_ALLOW, XdsCredential
-from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.telemetry import agent_telemetry
-from graylane.controlplane.tls import ClientTls, ServerTls, add_port
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.scope import ScopedSnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer

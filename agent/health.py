@@ -25,7 +25,7 @@ from aiohttp import web
 from graylane.agent.guard import LocalGuard
 from graylane.agent.lkg import StateDir
 from graylane.agent.session import ControlPlaneSession
-from graylane.controlplane.http import HttpServer
+from graylane.controlplane.api.http import HttpServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList
-from graylane.controlplane.metrics import DEFAULT_INTERVAL_SECONDS, EnvoyAdminSource, report_from_samples
-from graylane.controlplane.traffic import admin_addresses
+from graylane.controlplane.progression.metrics import DEFAULT_INTERVAL_SECONDS, EnvoyAdminSource, report_from_samples
+from graylane.controlplane.reconcile.traffic import admin_addresses
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.tracker import ProxyTracker
 

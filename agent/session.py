@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-from graylane.controlplane.tls import ClientTls, open_channel
+from graylane.controlplane.api.tls import ClientTls, open_channel
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -29,9 +29,9 @@ from typing import Protocol
 
 import yaml
 from google.protobuf import json_format
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.manifest import ManifestLoader
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.manifest import ManifestLoader
 from graylane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)

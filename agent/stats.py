@@ -106,7 +106,7 @@ class TrafficCounters:
 @dataclass(frozen=True, slots=True)
 class ClusterStats:
     """One read of one series (a Graylane cluster of one Envoy), cumulative since the Envoy
-    started: a `graylane.controlplane.windows.Scrape` without its time."""
+    started: a `graylane.controlplane.progression.windows.Scrape` without its time."""
 
     counters: TrafficCounters
     latency: LatencyBuckets = ()  # () until Envoy has flushed the cluster's histogram once

@@ -6,7 +6,7 @@ its page in headless Chromium (`make browser`) and reports:
 * first contentful paint of the release page, and when its live data was first shown;
 * building the six charts of the release page at 10,000 samples x 4 series, and the time of
   one live update at that size (a new sample shifted in and drawn, as each second brings),
-  through the page's own chart code (controlplane/ui/charts.js).
+  through the page's own chart code (controlplane/api/ui/charts.js).
 
 Run from the repository root: `.venv/bin/python -P bench/dashboard_speed.py`. Bounded: it
 stops after one page load and 50 updates (well under a minute).
@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
 

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from graylane.controlplane.client import Action, ReleaseClient
-from graylane.controlplane.tls import ClientTls
+from graylane.controlplane.api.client import Action, ReleaseClient
+from graylane.controlplane.api.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 
 TIMEOUT = 15.0

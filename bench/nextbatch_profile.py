@@ -30,12 +30,12 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import store_bench as sb  # noqa: E402
-from graylane.controlplane import dataplane, views  # noqa: E402
 from graylane.controlplane.app import ControlPlane  # noqa: E402
+from graylane.controlplane.domain.machine import Action as Move  # noqa: E402
+from graylane.controlplane.domain.machine import Cause  # noqa: E402
 from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
-from graylane.controlplane.machine import Action as Move  # noqa: E402
-from graylane.controlplane.machine import Cause  # noqa: E402
+from graylane.controlplane.reconcile import dataplane, views  # noqa: E402
 from graylane.controlplane.store import LiveState, _etcd, connect  # noqa: E402
 from graylane.xds import cache, server, tracker  # noqa: E402
 from graylane.xds.resources import ROUTE  # noqa: E402

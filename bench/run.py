@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.
 
 from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load

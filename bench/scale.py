@@ -37,8 +37,8 @@ from typing import Any
 
 import grpc
 from fleet import FleetSpec, Prober, Worker
-from graylane.controlplane import model
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.api.client import Action, ReleaseClient
+from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb

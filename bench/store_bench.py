@@ -31,18 +31,19 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from graylane.controlplane import model, views
+from graylane.controlplane.api.client import Action, ReleaseClient
+from graylane.controlplane.api.tls import ClientTls
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Action as Move
+from graylane.controlplane.domain.machine import Cause
+from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.ports import free_port
-from graylane.controlplane.machine import Action as Move
-from graylane.controlplane.machine import Cause
-from graylane.controlplane.releases import Releases
+from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.store._codec import _dump, _releases
-from graylane.controlplane.tls import ClientTls
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv
 
@@ -181,7 +182,7 @@ async def bench_follow(store: EtcdStore, name: str) -> dict[str, float]:
 def releases_status(r: model.Release, i: int) -> object:
     from dataclasses import replace
 
-    from graylane.controlplane.releases import StatusUpdate
+    from graylane.controlplane.domain.releases import StatusUpdate
 
     return StatusUpdate(replace(r.status, proxies=i + 1, converged=i))
 

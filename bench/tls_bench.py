@@ -23,14 +23,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from graylane.controlplane.api.certs import make_local_certs
+from graylane.controlplane.api.client import ReleaseClient
+from graylane.controlplane.api.proxyauth import xds_authenticator
+from graylane.controlplane.api.tls import ClientTls, ServerTls
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.certs import make_local_certs
-from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
-from graylane.controlplane.proxyauth import xds_authenticator
 from graylane.controlplane.store import connect
-from graylane.controlplane.tls import ClientTls, ServerTls
 from graylane.v1 import release_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/store_bench.py

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import grpc
 from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, EnvoyStatsScraper
-from graylane.controlplane import auth
-from graylane.controlplane.agents import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
-from graylane.controlplane.analyzer import DEFAULT_TICK_SECONDS, Analyzer
-from graylane.controlplane.api import (
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.agent_service import DEFAULT_LEASE_TTL_SECONDS, AgentHub, AgentServicer
+from graylane.controlplane.api.closing import ClosingInterceptor, run_until_signalled
+from graylane.controlplane.api.dashboard import Dashboard
+from graylane.controlplane.api.http import HttpServer, health_route, metrics_route
+from graylane.controlplane.api.proxyauth import ProxyAuthenticator, xds_authenticator
+from graylane.controlplane.api.release_service import (
     DEFAULT_MAX_STREAMS_PER_IDENTITY,
     DEFAULT_RECHECK_SECONDS,
     Authenticator,
@@ -31,26 +34,28 @@ from graylane.controlplane.api import (
     ReleaseServicer,
     token_record,
 )
-from graylane.controlplane.closing import ClosingInterceptor, run_until_signalled
-from graylane.controlplane.dashboard import Dashboard
-from graylane.controlplane.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
+from graylane.controlplane.api.tls import ServerTls, add_port
+from graylane.controlplane.domain.machine import Cause
+from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import GraylaneError, Unavailable
-from graylane.controlplane.http import HttpServer, health_route, metrics_route
-from graylane.controlplane.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
-from graylane.controlplane.leader import LeaderElection
 from graylane.controlplane.local.etcd import EtcdProcess
-from graylane.controlplane.machine import Cause
-from graylane.controlplane.metrics import EnvoyAdminSource, MetricsCollector, MetricsSource, PrometheusQuerySource
 from graylane.controlplane.options import ServeOptions
-from graylane.controlplane.proxyauth import ProxyAuthenticator, xds_authenticator
-from graylane.controlplane.releases import Releases
-from graylane.controlplane.replicas import ReplicaRegistry
+from graylane.controlplane.progression.analyzer import DEFAULT_TICK_SECONDS, Analyzer
+from graylane.controlplane.progression.metrics import (
+    EnvoyAdminSource,
+    MetricsCollector,
+    MetricsSource,
+    PrometheusQuerySource,
+)
+from graylane.controlplane.progression.webhooks import WebhookPolicy
+from graylane.controlplane.progression.windows import Windows
+from graylane.controlplane.reconcile.dataplane import DEFAULT_STALE_PROXY_SECONDS, DataPlane
+from graylane.controlplane.reconcile.leader import DEFAULT_TTL_SECONDS as DEFAULT_LEADER_TTL_SECONDS
+from graylane.controlplane.reconcile.leader import LeaderElection
+from graylane.controlplane.reconcile.replicas import ReplicaRegistry
+from graylane.controlplane.reconcile.traffic import TrafficReader, admin_addresses
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.telemetry import Telemetry, releases_by_phase
-from graylane.controlplane.tls import ServerTls, add_port
-from graylane.controlplane.traffic import TrafficReader, admin_addresses
-from graylane.controlplane.webhooks import WebhookPolicy
-from graylane.controlplane.windows import Windows
 from graylane.v1 import agent_pb2, agent_pb2_grpc, release_service_pb2, release_service_pb2_grpc
 from graylane.xds.scope import ScopedSnapshotCache
 from graylane.xds.server import SERVER_OPTIONS, AdsServer

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from graylane.controlplane.address import HostPort as HostPort  # re-exported: ServeOptions' addresses are HostPorts
+from graylane.controlplane.api.tls import ClientTls, ServerTls, check_name
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_DATA_DIR,
@@ -23,7 +24,6 @@ from graylane.controlplane.defaults import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_XDS_PORT,
 )
-from graylane.controlplane.tls import ClientTls, ServerTls, check_name
 
 #: The cluster a control plane's own xDS port serves (its proxies' node.cluster under auth).
 DEFAULT_XDS_CLUSTER = "local"
@@ -192,7 +192,7 @@ _SERVICE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # as a release nam
 def parse_xds_tokens(text: str, *, source: str) -> tuple[XdsCredential, ...]:
     """An `--xds-tokens` file into its credentials; ValueError names the file, line and problem.
 
-    Lines (see graylane.controlplane.proxyauth):
+    Lines (see graylane.controlplane.api.proxyauth):
     * `cluster: token` - any proxy of the cluster; `cluster/node: token` - that node only;
     * `cluster[/node] [a,b]: token` - the same, scoped: the proxy receives services a and b
       only (their routes, clusters and endpoints, gray versions and lanes included);

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-from graylane.controlplane.model.values import Phase
+from graylane.controlplane.domain.model.values import Phase
 from graylane.xds.tracker import ACKED, DISCONNECTED, NACKED, PUSHED, ProxyEvent, ProxyTracker
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader

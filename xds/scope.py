@@ -4,7 +4,7 @@ Owns: the scoped snapshot key (`scoped_key`: a node group's key plus the service
 credential may receive, `8080@checkout,payments`), `filter_resources` (a rendered
 configuration cut down to a scope's services), and `ScopedSnapshotCache`, the snapshot
 cache that serves scoped keys by deriving them from their node group's snapshot. It is
-the one place both the control plane (`graylane.controlplane.dataplane`) and an agent's
+the one place both the control plane (`graylane.controlplane.reconcile.dataplane`) and an agent's
 relay (`graylane.agent.relay`) get scoping from: neither renders a scoped key itself.
 
 A scope filters by resource name, which names its service (`graylane.xds.view`):

@@ -8,7 +8,7 @@ codes, in one place) and `output` (`-o table|json|yaml`). `commands` holds the t
 commands and `main`.
 
 The CLI talks to a control plane only through `ReleaseClient` (the public gRPC API), reads
-manifests through `graylane.controlplane.manifest`, and starts a server or an agent only
+manifests through `graylane.controlplane.domain.manifest`, and starts a server or an agent only
 inside the command's handler, so a client command never loads server code.
 Must not import: etcd, graylane.xds.
 

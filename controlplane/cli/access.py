@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from graylane.controlplane.address import HostPort
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.cli.base import (
     EXIT_OK,
     Subparsers,
@@ -25,7 +26,6 @@ from graylane.controlplane.cli.base import (
     port_number,
 )
 from graylane.controlplane.cli.output import emit, render_tokens
-from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.defaults import (
     DEFAULT_XDS_PORT,
 )
@@ -148,7 +148,7 @@ def add_certs(subparsers: Subparsers) -> None:
 
 def _certs(args: argparse.Namespace) -> int:
     # Imported here: the cryptography package is needed by this command only.
-    from graylane.controlplane.certs import make_local_certs
+    from graylane.controlplane.api.certs import make_local_certs
 
     if not 1 <= args.days <= 3650:
         raise UsageError(f"--days {args.days}: expected 1 to 3650")

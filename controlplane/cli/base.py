@@ -18,14 +18,14 @@ from typing import Final, TypeAlias
 
 import grpc
 from graylane.controlplane.address import HostPort
+from graylane.controlplane.api.client import ReleaseClient
+from graylane.controlplane.api.tls import ClientTls, TlsConfigError
 from graylane.controlplane.cli.output import OUTPUT_FORMATS, escape_control
-from graylane.controlplane.client import ReleaseClient
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_RPC_TIMEOUT_SECONDS,
 )
-from graylane.controlplane.manifest import duration_seconds
-from graylane.controlplane.tls import ClientTls, TlsConfigError
+from graylane.controlplane.domain.manifest import duration_seconds
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -265,7 +265,7 @@ def port_number(text: str) -> int:
 
 
 def identity_name(text: str) -> str:
-    from graylane.controlplane.tls import check_name
+    from graylane.controlplane.api.tls import check_name
 
     try:
         return check_name("cluster", text)

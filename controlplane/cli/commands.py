@@ -14,6 +14,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Final
 
+from graylane.controlplane.api.client import USER_ACTIONS
 from graylane.controlplane.cli.access import add_bootstrap, add_certs, add_token
 from graylane.controlplane.cli.agent import add_agent
 from graylane.controlplane.cli.base import (
@@ -41,7 +42,6 @@ from graylane.controlplane.cli.releases import (
     add_traffic,
 )
 from graylane.controlplane.cli.serve import add_serve
-from graylane.controlplane.client import USER_ACTIONS
 
 #: One builder per subcommand, in `--help` order. A new command is a builder listed here
 #: (its heavy modules imported inside the handler, so the client stays light).

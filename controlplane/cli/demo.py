@@ -98,18 +98,18 @@ def demo_prerequisites(*, envoy: bool = True) -> list[str]:
 
 def _run_demo(args: argparse.Namespace) -> int:
     if args.grpc:
-        from graylane.controlplane.demo_grpc import run_grpc_demo
+        from graylane.deploy.demo.run_grpc import run_grpc_demo
 
         return asyncio.run(run_grpc_demo(calls_per_step=args.requests // 2))
     if args.unattended:
-        from graylane.controlplane.demo_unattended import run_unattended_demo
+        from graylane.deploy.demo.run_unattended import run_unattended_demo
 
         return asyncio.run(run_unattended_demo(keep_running=args.keep_running))
     if args.clusters == 2:
-        from graylane.controlplane.demo_clusters import run_two_cluster_demo
+        from graylane.deploy.demo.run_clusters import run_two_cluster_demo
 
         return asyncio.run(run_two_cluster_demo(requests_per_step=args.requests))
 
-    from graylane.controlplane.demo import run_demo
+    from graylane.deploy.demo.run_chain import run_demo
 
     return asyncio.run(run_demo(requests_per_step=args.requests, keep_running=args.keep_running))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.cli.base import EXIT_OK, Subparsers, add_output_flag, client_command, client_parser
 from graylane.controlplane.cli.output import emit, render_clusters, render_services, render_versions
-from graylane.controlplane.client import ReleaseClient
 
 
 async def _services(client: ReleaseClient, args: argparse.Namespace) -> int:

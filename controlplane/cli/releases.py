@@ -14,6 +14,7 @@ from typing import Final
 
 import yaml
 from google.protobuf.message import Message
+from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.cli.base import (
     EXIT_ERROR,
     EXIT_OK,
@@ -43,8 +44,7 @@ from graylane.controlplane.cli.output import (
     status_summary,
     to_dict,
 )
-from graylane.controlplane.client import Action, ReleaseClient
-from graylane.controlplane.manifest import ManifestError, ManifestObject, load_manifest
+from graylane.controlplane.domain.manifest import ManifestError, ManifestObject, load_manifest
 from graylane.v1 import release_pb2
 
 TERMINAL_PHASES: Final = frozenset({release_pb2.SUCCEEDED, release_pb2.ROLLED_BACK, release_pb2.FAILED})

@@ -13,6 +13,7 @@ import asyncio
 from pathlib import Path
 
 from graylane.controlplane.address import HostPort
+from graylane.controlplane.api.tls import ClientTls, ServerTls, TlsConfigError
 from graylane.controlplane.cli.base import (
     EXIT_OK,
     Subparsers,
@@ -34,7 +35,6 @@ from graylane.controlplane.options import (
     parse_agent_tokens,
     parse_xds_tokens,
 )
-from graylane.controlplane.tls import ClientTls, ServerTls, TlsConfigError
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -158,7 +158,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here: the server pulls in etcd and xds, which the client never needs.
     from graylane.controlplane.app import serve
-    from graylane.controlplane.webhooks import WebhookPolicy
+    from graylane.controlplane.progression.webhooks import WebhookPolicy
 
     options = serve_options(args)
     try:

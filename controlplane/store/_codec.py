@@ -13,7 +13,7 @@ from datetime import UTC
 from etcd3.etcdrpc import kv_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.v1 import release_pb2 as pb
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from graylane.controlplane.store._client import EtcdClient, LeaseHolder
 from graylane.controlplane.store._codec import _dump, _load

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from etcd3.etcdrpc import rpc_pb2
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Conflict
 from graylane.controlplane.store._client import EtcdClient
 from graylane.controlplane.store._codec import _dump, _load

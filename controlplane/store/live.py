@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, cast
 
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import InvalidArgument, Unavailable
 from graylane.controlplane.store._client import _PAGE, EtcdClient, _range_end, _Ranged
 from graylane.controlplane.store._codec import _load, _releases

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from google.protobuf import json_format
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import AlreadyExists, Conflict, NotFound
 from graylane.controlplane.store._client import _PAGE, EtcdClient
 from graylane.controlplane.store._codec import _at, _dump, _event_from_proto, _load, _releases

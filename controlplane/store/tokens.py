@@ -14,7 +14,7 @@ import logging
 from typing import Protocol
 
 from etcd3.etcdrpc import rpc_pb2
-from graylane.controlplane import auth
+from graylane.controlplane.api import auth
 from graylane.controlplane.errors import AlreadyExists, NotFound
 from graylane.controlplane.store._client import EtcdClient
 

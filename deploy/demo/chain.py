@@ -29,7 +29,7 @@ from typing import Final
 from urllib.parse import unquote
 
 import aiohttp
-from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.local.envoy import SOTW, EnvoyProcess
 from graylane.deploy.demo.service import ChainService
 from graylane.v1 import release_pb2 as pb

@@ -43,7 +43,7 @@ from typing import Any, Final, TypeVar
 
 import grpc
 import yaml
-from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.local.traffic import LoadResult, run_load

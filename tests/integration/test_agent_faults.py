@@ -32,7 +32,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from graylane.controlplane.client import Action
+from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.ports import free_port
 from graylane.deploy.demo import clusters
 from graylane.deploy.demo.clusters import (

@@ -1,4 +1,4 @@
-"""Agent registration in etcd and the settling of a starting replica (controlplane/agents.py, the store).
+"""Agent registration in etcd and the settling of a starting replica (controlplane/api/agent_service.py, the store).
 
 Real etcd (a key prefix per test), no processes of our own: the AgentHub is driven by hand
 the way the AgentService stream drives it, so each step is observed on its own.
@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from graylane.controlplane import model
-from graylane.controlplane.agents import AgentHub, AgentSession
+from graylane.controlplane.api.agent_service import AgentHub, AgentSession
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.errors import AlreadyExists
-from graylane.controlplane.machine import Cause
+from graylane.controlplane.progression.windows import SeriesKey
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.windows import SeriesKey
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

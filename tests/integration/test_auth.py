@@ -18,11 +18,11 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from graylane.controlplane import auth
-from graylane.controlplane.api import token_record
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.release_service import token_record
 from graylane.controlplane.app import ControlPlane, bootstrap_admin
+from graylane.controlplane.progression.webhooks import PolicyResolver, Webhook, WebhookKind, WebhookPolicy, call_webhook
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.webhooks import PolicyResolver, Webhook, WebhookKind, WebhookPolicy, call_webhook
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
@@ -242,9 +242,9 @@ async def test_a_revoked_token_stops_working_on_another_replica(secured: Secured
 
 async def test_a_long_history_is_kept_whole(store: EtcdStore) -> None:
     """More events than etcd takes in one transaction (128 operations) are kept, in order."""
-    from graylane.controlplane import model
-    from graylane.controlplane.machine import Action, Cause
-    from graylane.controlplane.releases import Releases
+    from graylane.controlplane.domain import model
+    from graylane.controlplane.domain.machine import Action, Cause
+    from graylane.controlplane.domain.releases import Releases
 
     await store.put_service(model.Service(name="checkout", stable_version="v1"))
     await store.put_version(model.Version(service="checkout", name="v2"))

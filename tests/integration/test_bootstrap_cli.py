@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from graylane.controlplane import model
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.domain import model
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.store import EtcdStore
 

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
+from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import http_get
 from graylane.controlplane.store import EtcdStore
 from graylane.deploy.demo.chain import Chain, ChainAnswer

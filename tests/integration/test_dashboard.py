@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from graylane.controlplane import auth
-from graylane.controlplane.api import token_record
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.client import Action, ReleaseClient
+from graylane.controlplane.api.release_service import token_record
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.domain.manifest import load_manifest
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.manifest import load_manifest
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb

@@ -16,14 +16,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from graylane.controlplane import auth
-from graylane.controlplane.api import token_record
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.certs import make_local_certs
+from graylane.controlplane.api.client import ReleaseClient
+from graylane.controlplane.api.dashboard import COOKIE, CSRF_HEADER
+from graylane.controlplane.api.release_service import token_record
+from graylane.controlplane.api.tls import ClientTls, ServerTls
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.certs import make_local_certs
-from graylane.controlplane.client import ReleaseClient
-from graylane.controlplane.dashboard import COOKIE, CSRF_HEADER
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.tls import ClientTls, ServerTls
 from graylane.v1 import release_pb2 as pb
 
 pytestmark = pytest.mark.etcd

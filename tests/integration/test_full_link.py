@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.store import EtcdStore
 from graylane.deploy.demo.chain import ChainAnswer
 from graylane.v1 import release_pb2 as pb

@@ -16,9 +16,9 @@ from graylane.agent.metrics import MetricsReporter
 from graylane.controlplane.cli import base, commands, output
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.metrics import MetricsCollector, report_from_samples
+from graylane.controlplane.progression.metrics import MetricsCollector, report_from_samples
+from graylane.controlplane.progression.windows import Histogram, Sample, SeriesKey, Windows
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.windows import Histogram, Sample, SeriesKey, Windows
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

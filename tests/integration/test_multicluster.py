@@ -28,7 +28,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from graylane.controlplane.client import Action
+from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.deploy.demo.clusters import (

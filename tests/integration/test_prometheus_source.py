@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from graylane.controlplane import model
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.domain import model
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.metrics import EnvoyAdminSource, PrometheusQuerySource
+from graylane.controlplane.progression.metrics import EnvoyAdminSource, PrometheusQuerySource
+from graylane.controlplane.progression.windows import SeriesKey
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.windows import SeriesKey
 
 from tests.conftest import require_binary
 from tests.integration.conftest import stop_group

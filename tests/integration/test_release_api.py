@@ -11,11 +11,11 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
-from graylane.controlplane import model
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Action, Cause
+from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import Conflict, FailedPrecondition
-from graylane.controlplane.machine import Action, Cause
-from graylane.controlplane.releases import Releases
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api

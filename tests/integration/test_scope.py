@@ -23,24 +23,23 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from graylane.agent.app import Agent, AgentOptions
+from graylane.controlplane.api.certs import make_local_certs
+from graylane.controlplane.api.proxyauth import TOKEN_METADATA, xds_authenticator
+from graylane.controlplane.api.tls import open_channel
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.certs import make_local_certs
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.options import XdsCredential
-from graylane.controlplane.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.store import EtcdStore
-from graylane.controlplane.tls import open_channel
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.plan import route_clusters
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, lane_spec, poll_release, register
 
-from .test_convergence_e2e import poll_release, register, spec
 from .test_tls import client, envoy_tls, server_tls
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
@@ -128,8 +127,8 @@ async def walk_to(stub: Any, name: str, weight: int) -> pb.Release:
 async def releases_reach_with_a_scoped_proxy(stub: Any, proxy: EnvoyProcess) -> None:
     """Checkout's release is carried by the checkout-only proxy and serves its split there;
     search's reaches with that proxy connected, not counting it."""
-    await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
-    await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
     before = await run_load(proxy.listen_port, authority="checkout", count=40, max_seconds=10)
     assert before.versions == {"v1": 40}, (before.statuses, before.errors)
     shop = await walk_to(stub, "shop", 100)
@@ -410,8 +409,8 @@ async def test_a_scoped_client_asking_by_name_for_another_services_resources_get
 
 async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_services(store: EtcdStore) -> None:
     async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
         async with SotwClient(plane.xds_port, node("scripted-shop", CHECKOUT_TOKEN)) as proxy:
             await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
             proxy.hold_routes = True
@@ -489,8 +488,8 @@ class ProxylessClient(SotwClient):
 
 async def test_a_scoped_proxyless_client_gets_its_services_and_carries_their_releases(store: EtcdStore) -> None:
     async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
         grpc_node = node("grpc-shop", CHECKOUT_TOKEN)
         grpc_node.user_agent_name = "gRPC Python"
         async with ProxylessClient(plane.xds_port, grpc_node, ["checkout", "search"]) as client:
@@ -511,7 +510,7 @@ async def test_a_scoped_proxyless_client_holding_part_of_its_scope_carries_its_r
     """Its route set is a part of its scope's (it asks for one target of two): the view it
     carries is found from that part, as for an unscoped proxyless client."""
     async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
         grpc_node = node("grpc-both", BOTH_TOKEN)
         grpc_node.user_agent_name = "gRPC Python"
         async with ProxylessClient(plane.xds_port, grpc_node, ["checkout"]):
@@ -525,8 +524,8 @@ async def test_a_scoped_proxys_nack_pauses_only_releases_of_its_services(store: 
     configuration does not change); its NACK then pauses checkout's release alone, though
     the views between what it accepted and what it rejected changed search's lane too."""
     async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=spec("checkout", "shop")))
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=spec("search", "find")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
         async with SotwClient(plane.xds_port, node("picky-shop", CHECKOUT_TOKEN)) as proxy:
             await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
             proxy.hold_routes = True

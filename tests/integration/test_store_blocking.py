@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import LeaseLost, NotFound, Unavailable
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.store import EtcdStore, _client, connect

@@ -23,15 +23,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
-from graylane.controlplane import model
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Cause
+from graylane.controlplane.domain.releases import Releases, StatusUpdate
 from graylane.controlplane.errors import LeaseLost, NotFound, Unavailable
 from graylane.controlplane.local.etcd import EtcdCluster, EtcdProcess
 from graylane.controlplane.local.ports import free_port
-from graylane.controlplane.machine import Cause
-from graylane.controlplane.releases import Releases, StatusUpdate
-from graylane.controlplane.replicas import ReplicaRegistry
+from graylane.controlplane.reconcile.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, ReplicaProgress, Snapshot, connect
 from graylane.xds.tracker import ProxyTracker
 

@@ -16,8 +16,8 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from graylane.controlplane.api.http import HttpServer
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.http import HttpServer
 from graylane.controlplane.local.envoy import free_port
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb

@@ -23,18 +23,19 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
-from graylane.controlplane import auth, model
-from graylane.controlplane.api import token_record
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.certs import make_local_certs
+from graylane.controlplane.api.proxyauth import TOKEN_METADATA, xds_authenticator
+from graylane.controlplane.api.release_service import token_record
+from graylane.controlplane.api.tls import ClientTls, ServerTls, agent_uri, open_channel, user_uri
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.certs import make_local_certs
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
 from graylane.controlplane.local.etcd import EtcdProcess, EtcdTls
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
-from graylane.controlplane.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.store import EtcdStore, connect
-from graylane.controlplane.tls import ClientTls, ServerTls, agent_uri, open_channel, user_uri
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

@@ -5,7 +5,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from graylane.controlplane.analysis import (
+from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.progression.analysis import (
     AnalysisSpec,
     Decision,
     OnInconclusive,
@@ -20,9 +21,8 @@ from graylane.controlplane.analysis import (
     relative_effect,
     two_proportion_z,
 )
-from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.webhooks import Webhook, WebhookKind
-from graylane.controlplane.windows import Aggregate, Histogram, Sample, aggregate
+from graylane.controlplane.progression.webhooks import Webhook, WebhookKind
+from graylane.controlplane.progression.windows import Aggregate, Histogram, Sample, aggregate
 
 SINCE, UNTIL = 1_000.0, 1_060.0
 

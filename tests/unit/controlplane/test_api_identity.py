@@ -10,7 +10,9 @@ from typing import Any
 
 import grpc
 import pytest
-from graylane.controlplane import api, auth, model
+from graylane.controlplane.api import auth
+from graylane.controlplane.api import release_service as api
+from graylane.controlplane.domain import model
 from graylane.v1 import release_service_pb2 as api_pb
 
 
@@ -67,7 +69,7 @@ def test_denied_calls_are_logged_at_most_once_a_second(caplog: pytest.LogCapture
     now = [100.0]
     denied = api.DeniedLog(clock=lambda: now[0])
     code = grpc.StatusCode.UNAUTHENTICATED
-    with caplog.at_level(logging.WARNING, logger="graylane.controlplane.api"):
+    with caplog.at_level(logging.WARNING, logger="graylane.controlplane.api.release_service"):
         for _ in range(5):
             denied(code, "/graylane.v1.ReleaseService/NextBatch", "ipv4:10.0.0.9:1", "", "no valid credential")
         now[0] += 1.5

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from graylane.controlplane import auth
-from graylane.controlplane.auth import Denied, Identity, Role, TokenRecord
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.auth import Denied, Identity, Role, TokenRecord
 
 RS = "/graylane.v1.ReleaseService/"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from graylane.controlplane.closing import until_set
+from graylane.controlplane.api.closing import until_set
 
 
 async def test_items_pass_through_until_the_stream_ends() -> None:

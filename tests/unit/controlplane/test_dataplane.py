@@ -7,8 +7,17 @@ from dataclasses import replace
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from graylane.controlplane import dataplane, model, views
-from graylane.controlplane.model import Batch, Phase, Release, ReleaseSpec, ReleaseStatus, ServiceVersions, Strategy
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.model import (
+    Batch,
+    Phase,
+    Release,
+    ReleaseSpec,
+    ReleaseStatus,
+    ServiceVersions,
+    Strategy,
+)
+from graylane.controlplane.reconcile import dataplane, views
 from graylane.xds import tracker as tr
 from graylane.xds import view as xv
 from graylane.xds.resources import ROUTE

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
-from graylane.controlplane import demo
+from graylane.deploy.demo import run_chain as demo
 from graylane.deploy.demo.chain import get_once
 
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from graylane.controlplane.errors import FailedPrecondition
-from graylane.controlplane.machine import TRANSITIONS, Action, Cause, transition
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain.machine import TRANSITIONS, Action, Cause, transition
+from graylane.controlplane.domain.model.values import (
     Batch,
     Phase,
     Release,
@@ -14,6 +13,7 @@ from graylane.controlplane.model.values import (
     ServiceVersions,
     Strategy,
 )
+from graylane.controlplane.errors import FailedPrecondition
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 WHO = Cause(actor="tester", reason="because")

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from graylane.agent.sources import EndpointFileError, parse_endpoints
 from graylane.controlplane.cli.base import UsageError
 from graylane.controlplane.cli.releases import read_manifest
-from graylane.controlplane.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, ManifestError, load_manifest
+from graylane.controlplane.domain.manifest import MAX_DEPTH, MAX_MANIFEST_BYTES, ManifestError, load_manifest
 from graylane.v1 import release_pb2 as pb
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "examples" / "release.yaml"

@@ -1,4 +1,4 @@
-"""The metrics pipeline's pure parts (controlplane/metrics.py): deltas, Prometheus queries
+"""The metrics pipeline's pure parts (controlplane/progression/metrics.py): deltas, Prometheus queries
 and answers, agent reports, the collector over fake sources, and a release's series."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Mapping
 
 import pytest
 from graylane.agent.stats import ClusterStats, TrafficCounters
-from graylane.controlplane import model
-from graylane.controlplane.metrics import (
+from graylane.controlplane.domain import model
+from graylane.controlplane.progression.metrics import (
     CounterDeltas,
     MetricsCollector,
     PrometheusError,
@@ -25,7 +25,7 @@ from graylane.controlplane.metrics import (
     samples_from_report,
     scrape_of,
 )
-from graylane.controlplane.windows import Histogram, Sample, SeriesKey, Windows
+from graylane.controlplane.progression.windows import Histogram, Sample, SeriesKey, Windows
 from graylane.v1 import agent_pb2 as apb
 
 BOUNDS = (1.0, 5.0, 25.0)

@@ -7,11 +7,9 @@ from datetime import timedelta
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from graylane.controlplane import views
-from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.model.agent_codec import split_host_port
-from graylane.controlplane.model.codec import release_from_proto, spec_to_proto
-from graylane.controlplane.model.validation import (
+from graylane.controlplane.domain.model.agent_codec import split_host_port
+from graylane.controlplane.domain.model.codec import release_from_proto, spec_to_proto
+from graylane.controlplane.domain.model.validation import (
     MAX_ANALYSIS_INTERVAL,
     MAX_BATCHES,
     MAX_CONDITIONS,
@@ -30,7 +28,9 @@ from graylane.controlplane.model.validation import (
     spec_from_proto,
     version_from_proto,
 )
-from graylane.controlplane.model.values import Cohort, MatchKind
+from graylane.controlplane.domain.model.values import Cohort, MatchKind
+from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.reconcile import views
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import render, view
 

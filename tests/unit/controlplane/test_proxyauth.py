@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
+from graylane.controlplane.api.proxyauth import TOKEN_METADATA, ProxyAuthenticator
+from graylane.controlplane.api.tls import agent_uri, proxy_uri, user_uri
 from graylane.controlplane.options import parse_xds_tokens
-from graylane.controlplane.proxyauth import TOKEN_METADATA, ProxyAuthenticator
-from graylane.controlplane.tls import agent_uri, proxy_uri, user_uri
 from graylane.xds.server import ProxyRefused
 
 TOKEN = "east-token-0123456789"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from etcd3.etcdrpc import kv_pb2
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.store import LiveState, ReplicaProgress
 from graylane.controlplane.store._codec import _dump
 

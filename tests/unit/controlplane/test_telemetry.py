@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from graylane.controlplane.model.values import Phase
+from graylane.controlplane.domain.model.values import Phase
 from graylane.controlplane.telemetry import (
     METRIC_AGENTS_CONNECTED,
     METRIC_ANALYSIS,

@@ -10,9 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from graylane.controlplane.certs import make_local_certs
-from graylane.controlplane.options import parse_xds_tokens
-from graylane.controlplane.tls import (
+from graylane.controlplane.api.certs import make_local_certs
+from graylane.controlplane.api.tls import (
     AGENT,
     PROXY,
     USER,
@@ -25,6 +24,7 @@ from graylane.controlplane.tls import (
     proxy_uri,
     user_uri,
 )
+from graylane.controlplane.options import parse_xds_tokens
 
 
 def test_identity_uris_round_trip_and_refuse_what_they_do_not_name() -> None:

@@ -6,8 +6,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
-from graylane.controlplane import model, views
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.model.values import (
     Batch,
     Phase,
     Release,
@@ -16,6 +16,7 @@ from graylane.controlplane.model.values import (
     ServiceVersions,
     Strategy,
 )
+from graylane.controlplane.reconcile import views
 from graylane.xds import view as xv
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -120,8 +121,8 @@ def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
 
 
 def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_reached() -> None:
+    from graylane.controlplane.domain.releases import check_against_registry
     from graylane.controlplane.errors import InvalidArgument
-    from graylane.controlplane.releases import check_against_registry
     from graylane.controlplane.store import Snapshot
 
     def snap(*releases: Release) -> Snapshot:

@@ -8,8 +8,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
-from graylane.controlplane import model, views
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.model.values import (
     Batch,
     Phase,
     Release,
@@ -18,6 +18,7 @@ from graylane.controlplane.model.values import (
     ServiceVersions,
     Strategy,
 )
+from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import Snapshot
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)

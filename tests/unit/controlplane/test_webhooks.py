@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.webhooks import Webhook, WebhookKind, WebhookPolicy, call_webhook, check_webhook
+from graylane.controlplane.progression.webhooks import Webhook, WebhookKind, WebhookPolicy, call_webhook, check_webhook
 
 BACKOFF = 0.01  # keeps retries fast; the schedule itself is not what these tests measure
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from graylane.controlplane.windows import (
+from graylane.controlplane.progression.windows import (
     ENVOY_DEFAULT_BOUNDS_MS,
     MAX_VALUES_PER_SAMPLE,
     Aggregate,

@@ -27,9 +27,12 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
-from graylane.controlplane import auth, model
-from graylane.controlplane.closing import until_set
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.closing import until_set
 from graylane.controlplane.defaults import ACTOR_METADATA
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Action, Cause
+from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -41,13 +44,11 @@ from graylane.controlplane.errors import (
     Unavailable,
     UnsupportedEtcd,
 )
-from graylane.controlplane.machine import Action, Cause
-from graylane.controlplane.metrics import SeriesSummary, release_series
-from graylane.controlplane.releases import Releases
+from graylane.controlplane.progression.metrics import SeriesSummary, release_series
+from graylane.controlplane.progression.webhooks import WebhookPolicy
+from graylane.controlplane.progression.windows import Windows
+from graylane.controlplane.reconcile.traffic import TrafficReader
 from graylane.controlplane.store import Compacted, TokenStore, Tombstone
-from graylane.controlplane.traffic import TrafficReader
-from graylane.controlplane.webhooks import WebhookPolicy
-from graylane.controlplane.windows import Windows
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api_pb
 from graylane.v1 import release_service_pb2_grpc as api_grpc

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 
 import grpc
 from graylane.agent.wire import cluster_view
-from graylane.controlplane import model, views
-from graylane.controlplane.api import authenticated_cluster, status_for
+from graylane.controlplane.api.release_service import authenticated_cluster, status_for
+from graylane.controlplane.domain import model
 from graylane.controlplane.errors import GraylaneError, InvalidArgument, LeaseLost, Unavailable
+from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import AgentStore, Snapshot
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc

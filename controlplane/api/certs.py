@@ -2,7 +2,7 @@
 
 Owns making (with the `cryptography` package) one CA and, signed by it, the server
 certificate every Graylane port presents and the client certificates of Envoys, agents and
-CLI users, each naming its identity in a URI SAN (`graylane.controlplane.tls` reads them
+CLI users, each naming its identity in a URI SAN (`graylane.controlplane.api.tls` reads them
 back). Keys are ECDSA P-256: small, fast to verify, and accepted by gRPC, Envoy and
 OpenSSL alike. An existing CA in the output directory is kept and signs the new
 certificates, so clusters and users can be added later; leaves are written again.
@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from graylane.controlplane.tls import agent_uri, proxy_uri, user_uri
+from graylane.controlplane.api.tls import agent_uri, proxy_uri, user_uri
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server.pem", "server-key.pem"

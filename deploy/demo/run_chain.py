@@ -29,10 +29,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from graylane.controlplane.client import Action, ReleaseClient
-from graylane.controlplane.dataplane import DataPlane
+from graylane.controlplane.api.client import Action, ReleaseClient
+from graylane.controlplane.domain.manifest import load_manifest
 from graylane.controlplane.local.stack import keep_serving, local_control_plane
-from graylane.controlplane.manifest import load_manifest
+from graylane.controlplane.reconcile.dataplane import DataPlane
 from graylane.deploy.demo.chain import Chain, ChainAnswer
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv

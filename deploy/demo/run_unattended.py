@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from datetime import timedelta
 
-from graylane.controlplane.client import ReleaseClient
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.stack import keep_serving, local_control_plane
 from graylane.controlplane.local.traffic import LoadResult, run_load

@@ -23,8 +23,8 @@ import logging
 from collections.abc import Mapping
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
+from graylane.controlplane.reconcile.traffic import admin_addresses
 from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore
-from graylane.controlplane.traffic import admin_addresses
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)

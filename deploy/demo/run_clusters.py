@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from graylane.controlplane.client import Action
+from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.traffic import LoadResult
 from graylane.deploy.demo.clusters import (

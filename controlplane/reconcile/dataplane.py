@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from graylane.controlplane import model, views
-from graylane.controlplane.agents import AgentHub
+from graylane.controlplane.api.agent_service import AgentHub
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Action, Cause
+from graylane.controlplane.domain.releases import Releases, StatusUpdate
 from graylane.controlplane.errors import Conflict, FailedPrecondition, GraylaneError
-from graylane.controlplane.machine import Action, Cause
-from graylane.controlplane.releases import Releases, StatusUpdate
+from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache

@@ -11,9 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from graylane.controlplane.analysis import AnalysisSpec
-from graylane.controlplane.model.validation import WEBHOOK_KINDS, rules_from_proto, spec_from_proto
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain.model.validation import WEBHOOK_KINDS, rules_from_proto, spec_from_proto
+from graylane.controlplane.domain.model.values import (
     Cohort,
     Condition,
     Event,
@@ -29,6 +28,7 @@ from graylane.controlplane.model.values import (
     held,
     served_weight_of,
 )
+from graylane.controlplane.progression.analysis import AnalysisSpec
 from graylane.v1 import release_pb2 as pb
 
 _WEBHOOK_KIND_VALUES = {v: k for k, v in WEBHOOK_KINDS.items()}

@@ -12,14 +12,14 @@ Inside the control plane these values are trusted; nothing else reads raw reques
 Must not import: etcd (that is `controlplane.store`), graylane.xds.
 """
 
-from graylane.controlplane.model.agent_codec import (
+from graylane.controlplane.domain.model.agent_codec import (
     cluster_endpoints_from_proto,
     cluster_endpoints_to_proto,
     cluster_to_proto,
     hello_from_proto,
     split_host_port,
 )
-from graylane.controlplane.model.codec import (
+from graylane.controlplane.domain.model.codec import (
     analysis_to_proto,
     event_to_proto,
     release_from_proto,
@@ -29,7 +29,7 @@ from graylane.controlplane.model.codec import (
     status_to_proto,
     version_to_proto,
 )
-from graylane.controlplane.model.validation import (
+from graylane.controlplane.domain.model.validation import (
     MAX_ANALYSIS_INTERVAL,
     MAX_BATCHES,
     MAX_CONDITIONS,
@@ -61,7 +61,7 @@ from graylane.controlplane.model.validation import (
     valid_address,
     version_from_proto,
 )
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain.model.values import (
     Batch,
     ClusterEndpoints,
     ClusterInfo,

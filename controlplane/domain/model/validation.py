@@ -15,9 +15,7 @@ from datetime import UTC, timedelta
 
 import re2
 from google.protobuf.duration_pb2 import Duration
-from graylane.controlplane.analysis import AnalysisSpec, OnInconclusive, check_analysis_spec
-from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.model.values import (
+from graylane.controlplane.domain.model.values import (
     Batch,
     Cohort,
     Condition,
@@ -30,8 +28,10 @@ from graylane.controlplane.model.values import (
     Strategy,
     Version,
 )
-from graylane.controlplane.webhooks import MAX_TIMEOUT_S as WEBHOOK_MAX_TIMEOUT_S
-from graylane.controlplane.webhooks import Webhook, WebhookKind
+from graylane.controlplane.errors import InvalidArgument
+from graylane.controlplane.progression.analysis import AnalysisSpec, OnInconclusive, check_analysis_spec
+from graylane.controlplane.progression.webhooks import MAX_TIMEOUT_S as WEBHOOK_MAX_TIMEOUT_S
+from graylane.controlplane.progression.webhooks import Webhook, WebhookKind
 from graylane.v1 import release_pb2 as pb
 
 # Every pattern below is applied with `fullmatch`: `re.match` with `$` would accept a

@@ -14,14 +14,14 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import grpc
+from graylane.controlplane.api.tls import ClientTls, open_channel
 from graylane.controlplane.defaults import ACTOR_METADATA, DEFAULT_RPC_TIMEOUT_SECONDS
-from graylane.controlplane.machine import Action as Action  # re-exported: the verbs callers use
-from graylane.controlplane.tls import ClientTls, open_channel
+from graylane.controlplane.domain.machine import Action as Action  # re-exported: the verbs callers use
 from graylane.v1 import release_pb2, release_service_pb2
 from graylane.v1.release_service_pb2_grpc import ReleaseServiceStub
 
 # The verbs that move a release are the state machine's; callers may use all but FAIL
-# (the analyzer's own move). Re-exported here: `from graylane.controlplane.client import Action`.
+# (the analyzer's own move). Re-exported here: `from graylane.controlplane.api.client import Action`.
 USER_ACTIONS: Final = tuple(a for a in Action if a is not Action.FAIL)
 
 # The ReleaseService method behind each action (the dashboard names the role each needs).

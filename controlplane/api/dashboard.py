@@ -32,12 +32,13 @@ from typing import Any, Final
 import grpc
 from aiohttp import web
 from google.protobuf.message import Message
-from graylane.controlplane import auth, machine
+from graylane.controlplane.api import auth
+from graylane.controlplane.api.client import ACTION_RPCS, USER_ACTIONS, ReleaseClient
+from graylane.controlplane.api.http import HttpServer
 from graylane.controlplane.cli.output import render_yaml, to_dict
-from graylane.controlplane.client import ACTION_RPCS, USER_ACTIONS, ReleaseClient
+from graylane.controlplane.domain import machine
+from graylane.controlplane.domain.manifest import ManifestError, load_manifest
 from graylane.controlplane.errors import Unavailable
-from graylane.controlplane.http import HttpServer
-from graylane.controlplane.manifest import ManifestError, load_manifest
 from graylane.v1 import release_pb2
 
 log = logging.getLogger(__name__)

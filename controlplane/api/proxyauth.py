@@ -5,7 +5,7 @@ on its first request, and the `--xds-tokens` file format. A proxy is admitted wh
 proves an identity that names the cluster this xDS port serves:
 
 * a client certificate (mutual TLS) with a proxy identity
-  (`spiffe://graylane/proxy/<cluster>[/<node>]`, see `graylane.controlplane.tls`), or
+  (`spiffe://graylane/proxy/<cluster>[/<node>]`, see `graylane.controlplane.api.tls`), or
 * a token in its node metadata (`graylane_token`) listed in the `--xds-tokens` file, as
   `cluster: token` (any node of the cluster) or `cluster/node: token` lines
   (`graylane.controlplane.options.parse_xds_tokens`),
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from graylane.controlplane.api.tls import PROXY, check_name, peer_identities
 from graylane.controlplane.options import XdsCredential
-from graylane.controlplane.tls import PROXY, check_name, peer_identities
 from graylane.xds.server import Admitted, ProxyRefused
 
 TOKEN_METADATA = "graylane_token"

@@ -36,8 +36,16 @@ from typing import Any, Protocol
 
 import aiohttp
 from graylane.agent.stats import LOOPBACK_ONLY, AdminAllowList, ClusterStats, EnvoyStatsScraper, TrafficKey
-from graylane.controlplane import model
-from graylane.controlplane.windows import Aggregate, CounterDelta, Histogram, Sample, Scrape, SeriesKey, Windows
+from graylane.controlplane.domain import model
+from graylane.controlplane.progression.windows import (
+    Aggregate,
+    CounterDelta,
+    Histogram,
+    Sample,
+    Scrape,
+    SeriesKey,
+    Windows,
+)
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds.view import parse_cluster_name
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from graylane.controlplane.address import HostPort
+from graylane.controlplane.domain.model.validation import (
+    check_name,
+    check_version_name,
+    endpoint_from_proto,
+    valid_address,
+)
+from graylane.controlplane.domain.model.values import ClusterEndpoints, ClusterInfo, Endpoint
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.model.validation import check_name, check_version_name, endpoint_from_proto, valid_address
-from graylane.controlplane.model.values import ClusterEndpoints, ClusterInfo, Endpoint
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from types import MappingProxyType
 
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.controlplane.store import Snapshot
 from graylane.xds import view as xv
 

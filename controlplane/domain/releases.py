@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from graylane.controlplane import machine, model
+from graylane.controlplane.domain import machine, model
+from graylane.controlplane.domain.machine import Action, Cause
 from graylane.controlplane.errors import (
     AlreadyExists,
     Conflict,
@@ -29,7 +30,6 @@ from graylane.controlplane.errors import (
     InvalidArgument,
     NotFound,
 )
-from graylane.controlplane.machine import Action, Cause
 from graylane.controlplane.store import EtcdStore, LiveState, Snapshot
 
 log = logging.getLogger(__name__)

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from graylane.controlplane.errors import InvalidArgument
-from graylane.controlplane.webhooks import Webhook, check_webhook
-from graylane.controlplane.windows import Aggregate, expand
+from graylane.controlplane.progression.webhooks import Webhook, check_webhook
+from graylane.controlplane.progression.windows import Aggregate, expand
 
 
 class OnInconclusive(enum.Enum):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 
+from graylane.controlplane.domain.model.values import Event, Phase, Release, ReleaseStatus, weight_of
 from graylane.controlplane.errors import FailedPrecondition
-from graylane.controlplane.model.values import Event, Phase, Release, ReleaseStatus, weight_of
 
 
 class Action(enum.Enum):

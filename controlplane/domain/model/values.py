@@ -2,7 +2,7 @@
 (`ReleaseSpec`, `ReleaseStatus`, `Release`, `Event`, `Service`, `Version`, the agents'
 `ClusterInfo` and `ClusterEndpoints`), and the pure functions of them (the weight a
 release asks for and the one its proxies are served). Built only by
-`graylane.controlplane.model.validation` and the codecs, so inside the control plane they
+`graylane.controlplane.domain.model.validation` and the codecs, so inside the control plane they
 are trusted.
 
 Must not import: etcd, graylane.xds.
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from graylane.controlplane.analysis import AnalysisSpec
+from graylane.controlplane.progression.analysis import AnalysisSpec
 from graylane.v1 import release_pb2 as pb
 
 

@@ -23,7 +23,7 @@ import contextlib
 from collections import Counter
 from typing import Any
 
-from graylane.controlplane.client import Action, ReleaseClient
+from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.stack import local_control_plane
 from graylane.deploy.demo.greeter import ClientProcess, GreeterProcess, ServerSpec, node_binary, node_modules
 from graylane.v1 import release_pb2 as pb

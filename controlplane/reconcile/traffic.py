@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from graylane.agent.stats import ADMIN_METADATA, EnvoyStatsScraper, TrafficCounters, TrafficKey
-from graylane.controlplane import model
+from graylane.controlplane.domain import model
 from graylane.xds.tracker import ProxyTracker
 
 

@@ -31,20 +31,28 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import aiohttp
-from graylane.controlplane import model
-from graylane.controlplane.analysis import AnalysisSpec, Decision, Outcome, Step, Verdict, judge, next_decision
+from graylane.controlplane.domain import model
+from graylane.controlplane.domain.machine import Action, Cause
+from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import Conflict, FailedPrecondition, NotFound, Unavailable
-from graylane.controlplane.machine import Action, Cause
-from graylane.controlplane.releases import Releases
-from graylane.controlplane.store import ReleaseStore
-from graylane.controlplane.webhooks import (
+from graylane.controlplane.progression.analysis import (
+    AnalysisSpec,
+    Decision,
+    Outcome,
+    Step,
+    Verdict,
+    judge,
+    next_decision,
+)
+from graylane.controlplane.progression.webhooks import (
     PolicyResolver,
     WebhookKind,
     WebhookPolicy,
     WebhookResult,
     call_webhook,
 )
-from graylane.controlplane.windows import Aggregate, SeriesKey
+from graylane.controlplane.progression.windows import Aggregate, SeriesKey
+from graylane.controlplane.store import ReleaseStore
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ DEFAULT_TICK_SECONDS = 0.25
 
 
 class MetricWindows(Protocol):
-    """What the analyzer reads: the leader's series (graylane.controlplane.windows.Windows)."""
+    """What the analyzer reads: the leader's series (graylane.controlplane.progression.windows.Windows)."""
 
     def keys(self) -> tuple[SeriesKey, ...]: ...
 

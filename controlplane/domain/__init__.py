@@ -1,0 +1,1 @@
+"""Release domain: values, the state machine, manifests and release operations."""

@@ -1,0 +1,1 @@
+"""Judging live metrics and moving releases forward on their own."""

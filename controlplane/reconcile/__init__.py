@@ -1,0 +1,1 @@
+"""Keeping proxies in step with etcd, and status in step with proxies."""
