@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from graylane.agent.guard import (
+from graylane.agent.defaults import (
+    DEFAULT_AGENT_XDS_PORT,
+    DEFAULT_ANSWER_TIMEOUT_SECONDS,
+    DEFAULT_GUARD_AFTER_SECONDS,
     DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_RECONNECT_MAX_SECONDS,
+)
+from graylane.agent.guard import (
     DEFAULT_MIN_REQUESTS,
     DEFAULT_WINDOW_SECONDS,
     AbortCheck,
@@ -36,7 +42,6 @@ from graylane.agent.lkg import StateDir
 from graylane.agent.metrics import MetricsReporter
 from graylane.agent.relay import Relay
 from graylane.agent.session import (
-    DEFAULT_ANSWER_TIMEOUT_SECONDS,
     DEFAULT_KEEPALIVE_SECONDS,
     Backoff,
     ControlPlaneSession,
@@ -59,7 +64,6 @@ from graylane.xds.tracker import ProxyTracker
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
-DEFAULT_AGENT_XDS_PORT = 7402
 _GUARD_TICK_SECONDS = 0.5
 _DEFAULT_HOLD_SECONDS = 10.0  # before a welcome said the control plane's lease TTL
 
@@ -81,7 +85,7 @@ class AgentOptions:
     # (a load balancer in front, say).
     gateway_listen_port: int | None = None
     token: str = ""
-    guard_after_seconds: float = 30.0
+    guard_after_seconds: float = DEFAULT_GUARD_AFTER_SECONDS
     # The local guard's abort condition: the gray versions of a lane failing this share of
     # at least `guard_min_requests` requests over the last `guard_window_seconds`.
     guard_max_error_rate: float = DEFAULT_MAX_ERROR_RATE
@@ -92,7 +96,7 @@ class AgentOptions:
     answer_timeout_seconds: float = DEFAULT_ANSWER_TIMEOUT_SECONDS
     keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS
     backoff_base_seconds: float = 0.1
-    backoff_cap_seconds: float = 5.0
+    backoff_cap_seconds: float = DEFAULT_RECONNECT_MAX_SECONDS
     http_listen: str | None = None  # /metrics and /healthz; None: no HTTP server
     otlp_endpoint: str | None = None
     # TLS of the connection to the control plane (its CA, and this agent's certificate for

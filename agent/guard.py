@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
+from graylane.agent.defaults import DEFAULT_MAX_ERROR_RATE
 from graylane.v1 import agent_pb2 as apb
 from graylane.xds import view as xv
 
@@ -38,7 +39,6 @@ class ExplainedAbortCheck(AbortCheck, Protocol):
     def explain(self, lane: xv.Lane) -> str: ...
 
 
-DEFAULT_MAX_ERROR_RATE = 0.5
 DEFAULT_MIN_REQUESTS = 10
 DEFAULT_WINDOW_SECONDS = 10.0
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from graylane.agent.defaults import DEFAULT_ANSWER_TIMEOUT_SECONDS
 from graylane.controlplane.api.tls import ClientTls, open_channel
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
@@ -41,7 +42,6 @@ _REFUSED = {
 }
 
 
-DEFAULT_ANSWER_TIMEOUT_SECONDS = 5.0
 DEFAULT_KEEPALIVE_SECONDS = 2.0
 
 

@@ -10,6 +10,14 @@ import asyncio
 import os
 from pathlib import Path
 
+from graylane.agent.defaults import (
+    DEFAULT_AGENT_STATE_DIR,
+    DEFAULT_AGENT_XDS_PORT,
+    DEFAULT_ANSWER_TIMEOUT_SECONDS,
+    DEFAULT_GUARD_AFTER_SECONDS,
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_RECONNECT_MAX_SECONDS,
+)
 from graylane.controlplane.address import HostPort
 from graylane.controlplane.cli.base import (
     EXIT_OK,
@@ -51,13 +59,13 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--xds-listen",
         type=host_port(),
-        default=HostPort("127.0.0.1", 7402),
+        default=HostPort("127.0.0.1", DEFAULT_AGENT_XDS_PORT),
         metavar="HOST:PORT",
         help="xDS address for this cluster's Envoys (default %(default)s)",
     )
     parser.add_argument(
         "--state-dir",
-        default=".graylane-agent",
+        default=DEFAULT_AGENT_STATE_DIR,
         metavar="DIR",
         help="last-known-good view and agent id (default ./%(default)s)",
     )
@@ -67,14 +75,14 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--guard-after",
         type=float,
-        default=30.0,
+        default=DEFAULT_GUARD_AFTER_SECONDS,
         metavar="SECONDS",
         help="how long the control plane may be away before the local guard may act",
     )
     parser.add_argument(
         "--guard-error-rate",
         type=_share,
-        default=0.5,
+        default=DEFAULT_MAX_ERROR_RATE,
         metavar="SHARE",
         help="the local guard routes a lane to base when its gray versions fail this share of requests "
         "(0-1, over the last 10 s, at least 10 requests; default %(default)s)",
@@ -82,7 +90,7 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--control-plane-timeout",
         type=_positive_seconds,
-        default=5.0,
+        default=DEFAULT_ANSWER_TIMEOUT_SECONDS,
         metavar="SECONDS",
         help="a control plane that answers nothing this long counts as gone, connection open or not "
         "(default %(default)s)",
@@ -90,7 +98,7 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--reconnect-max",
         type=_positive_seconds,
-        default=5.0,
+        default=DEFAULT_RECONNECT_MAX_SECONDS,
         metavar="SECONDS",
         help="longest wait between attempts to reach the control plane (default %(default)s)",
     )
