@@ -77,7 +77,6 @@ __all__ = [
     "ViewIndex",
     "effective_lane",
     "effective_view",
-    "referenced_clusters",
     "render",
     "render_gateway",
     "render_service",
@@ -374,21 +373,6 @@ def render_gateway(view: RoutingView, *, listen_port: int, listen_address: str =
             resources.ROUTE: {route_config.name: route_config},
         }
     )
-
-
-def referenced_clusters(route_config: route_pb2.RouteConfiguration) -> frozenset[str]:
-    """Every cluster name `route_config` routes to (direct and weighted)."""
-    found: set[str] = set()
-    for vhost in route_config.virtual_hosts:
-        for route in vhost.routes:
-            if not route.HasField("route"):
-                continue
-            action = route.route
-            if action.HasField("cluster"):
-                found.add(action.cluster)
-            elif action.HasField("weighted_clusters"):
-                found.update(weight.name for weight in action.weighted_clusters.clusters)
-    return frozenset(found)
 
 
 # ------------------------------------------------------------------- clusters, endpoints

@@ -22,11 +22,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf.message import Message
 from graylane.xds import resources
 from graylane.xds.cache import consistency_gaps
+from graylane.xds.plan import route_clusters
 from graylane.xds.render import (
     ViewIndex,
     effective_view,
     forget_reused,
-    referenced_clusters,
     render,
     render_gateway,
     render_service,
@@ -251,7 +251,7 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
     res = render_view(view)
 
     assert not [n for n in res[resources.CLUSTER].items if n.startswith("stock|v3")]
-    assert not [n for n in referenced_clusters(route_config(res)) if n.startswith("stock|v3")]
+    assert not [n for n in route_clusters(route_config(res)) if n.startswith("stock|v3")]
     assert not [n for n in res[resources.ENDPOINT].items if n.startswith("stock|v3")]
     # blue keeps no version of stock: no lane route there, its traffic takes stock's base.
     assert route_names(res, "stock") == ["default"]
@@ -393,7 +393,7 @@ def test_every_routed_cluster_exists_and_every_cluster_has_endpoints_resource() 
     res = render_view(RICH_VIEW)
     clusters = res[resources.CLUSTER].items
 
-    assert referenced_clusters(route_config(res)) <= set(clusters)
+    assert route_clusters(route_config(res)) <= set(clusters)
     eds_names = {c.eds_cluster_config.service_name for c in clusters.values()}  # type: ignore[attr-defined]
     assert set(res[resources.ENDPOINT].items) == eds_names
 
@@ -1159,10 +1159,10 @@ def test_a_weight_change_changes_only_routes() -> None:
         assert before[type_url].version == after[type_url].version
 
 
-# ------------------------------------------------------------------------ referenced_clusters
+# ------------------------------------------------------------------------ route_clusters
 
 
-def test_referenced_clusters_covers_direct_and_weighted_routes() -> None:
+def test_route_clusters_covers_direct_and_weighted_routes() -> None:
     config = route_pb2.RouteConfiguration(
         virtual_hosts=[
             route_components_pb2.VirtualHost(
@@ -1184,11 +1184,11 @@ def test_referenced_clusters_covers_direct_and_weighted_routes() -> None:
             )
         ]
     )
-    assert referenced_clusters(config) == frozenset({"a", "b"})
+    assert route_clusters(config) == frozenset({"a", "b"})
 
 
-def test_referenced_clusters_of_a_rendering() -> None:
-    assert referenced_clusters(route_config(render_view(RICH_VIEW))) == {
+def test_route_clusters_of_a_rendering() -> None:
+    assert route_clusters(route_config(render_view(RICH_VIEW))) == {
         "cart|v1",
         "cart|v2|blue",
         "gateway|v1",
@@ -1374,7 +1374,7 @@ def test_gateway_clusters_and_endpoints_are_those_of_its_local_versions() -> Non
         assert (cluster.connect_timeout.seconds, cluster.connect_timeout.nanos) == (2, 500_000_000)  # type: ignore[attr-defined]
     assert addresses(res, "cart|v1") == [("10.0.0.1", 8010), ("10.0.0.1", 8011)]  # sorted, deduplicated
     assert addresses(res, "stock|v2") == [("10.0.0.1", 8022)]
-    assert referenced_clusters(route_config(res)) == set(res[resources.CLUSTER].items)
+    assert route_clusters(route_config(res)) == set(res[resources.CLUSTER].items)
     assert consistency_gaps(res) == ()
 
 
@@ -1441,7 +1441,7 @@ def test_render_is_the_union_of_each_services_own_resources() -> None:
         assert own.clusters.keys() == own.assignments.keys()
         assert all(parse_cluster_name(name)[0] == service.name for name in own.clusters)  # type: ignore[index]
         # Every cluster the service's routes use is its own, so its route config waits for nothing else.
-        assert referenced_clusters(own.route_config) <= own.clusters.keys()
+        assert route_clusters(own.route_config) <= own.clusters.keys()
         for type_url, items in (
             (resources.CLUSTER, own.clusters),
             (resources.ENDPOINT, own.assignments),
