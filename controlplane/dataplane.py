@@ -864,13 +864,16 @@ class DataPlane:
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         """Pause the releases whose lanes a rejected configuration introduced: for this
         replica's own proxies (`proxies`: those changed since they were last looked at) and
-        for those the agents report from their clusters."""
+        for those the agents report from their clusters.
+
+        A NACK counts as handled once its pause is written: a write that failed (etcd
+        unreachable) raises out of the pass, and the next pass looks at it again (a pause
+        already written is not written twice: `Releases.hold_for_nack` is idempotent)."""
         self._prune_handled()
         for proxy in proxies:
             nack = proxy.last_nack
             if nack is None or (proxy.stream, nack.nonce) in self._handled_nacks:
                 continue
-            self._handled_nacks.add((proxy.stream, nack.nonce))
             record = model.Nack(
                 node=proxy.node_id,
                 type_url=nack.type_url,
@@ -885,6 +888,7 @@ class DataPlane:
             await self._hold_for_nack(
                 snap, record, rejected=judged.rejected, accepted=judged.accepted, only=judged.services
             )
+            self._handled_nacks.add((proxy.stream, nack.nonce))
         for found in self._agents.nacks() if self._agents is not None else ():
             # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
             node = f"{found.cluster}/{found.node_id}"
@@ -894,7 +898,6 @@ class DataPlane:
             )
             if key in self._handled_nacks:
                 continue
-            self._handled_nacks.add(key)
             record = model.Nack(
                 node=node,
                 type_url=found.nack.type_url,
@@ -904,6 +907,7 @@ class DataPlane:
                 cluster=found.cluster,
             )
             await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted, only=found.scope)
+            self._handled_nacks.add(key)
 
     async def _hold_for_nack(
         self,
