@@ -16,13 +16,13 @@ Owns two loops of one control-plane replica:
 Serving the view to this replica's own proxies (render per proxy group, snapshots, and the
 bounded history that names the view behind each ACK or NACK) is `graylane.xds.local.
 LocalServing`'s, the component an agent's relay uses too; what a NACK does (pause the lanes
-it blames) is the policy kept here.
+it blames) is the policy kept here. It moves no release forward: a batch whose duration
+pause is over is moved by the leader's tick (`graylane.controlplane.analyzer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import math
@@ -35,8 +35,8 @@ from typing import Any
 
 from graylane.controlplane import model, views
 from graylane.controlplane.agents import AgentHub
-from graylane.controlplane.errors import Conflict, FailedPrecondition, GraylaneError
-from graylane.controlplane.machine import Action, Cause
+from graylane.controlplane.errors import GraylaneError
+from graylane.controlplane.machine import Cause
 from graylane.controlplane.releases import Releases, StatusUpdate
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
@@ -458,7 +458,6 @@ class DataPlane:
                 deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
                 continue
             writes.append((name, release, want, total, fingerprint, fresh_until))
-        updated_releases: dict[str, model.Release] = {}
         for name, release, want, total, fingerprint, fresh_until in writes:
             updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
             if deferred and fresh_until is not None:
@@ -467,7 +466,6 @@ class DataPlane:
                 self._settled[name] = (release, want, total)
             else:
                 self._written[name] = (now, fingerprint, total)
-                updated_releases[name] = updated
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
@@ -477,9 +475,6 @@ class DataPlane:
             held_until = self._publish_progress(mine, self._fleet(), now)
             if held_until is not None:
                 deadlines.append(held_until)
-        for name, release in followed.items():
-            if views.routed(release):
-                await self._advance_timed_pause(updated_releases.get(name, release))
         self._wake_at(min(deadlines) if deadlines else None, now)
 
     def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
@@ -765,28 +760,6 @@ class DataPlane:
             if identity not in (exclude, self._identity):
                 found.update(fleet.nodes)
         return found
-
-    async def _advance_timed_pause(self, release: model.Release) -> None:
-        """A batch with a duration pause moves on once reached and the duration has passed.
-
-        The move is guarded by the revision it was decided on, so replicas racing to make
-        it produce exactly one transition.
-        """
-        due = views.pause_due(release)
-        if due is None:
-            return
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            asyncio.get_running_loop().call_later(wait, self._changed.set)
-            return
-        pause = release.spec.batches[release.status.batch].pause
-        cause = Cause(
-            actor=ACTOR,
-            reason=f"batch {release.status.batch + 1} held {pause} after it was reached",
-            details={"pause_seconds": f"{pause.total_seconds() if pause else 0:g}"},
-        )
-        with contextlib.suppress(Conflict, FailedPrecondition):
-            await self._releases.act(release.name, Action.NEXT, cause, expected_revision=release.revision)
 
     async def _write_progress(
         self,
