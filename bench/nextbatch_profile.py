@@ -37,7 +37,12 @@ from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
 from graylane.controlplane.reconcile import dataplane, views  # noqa: E402
 from graylane.controlplane.store import LiveState, _etcd, connect  # noqa: E402
-from graylane.xds import cache, server, tracker  # noqa: E402
+from graylane.xds import (  # noqa: E402
+    cache,
+    local,  # noqa: E402
+    server,
+    tracker,
+)
 from graylane.xds.resources import ROUTE  # noqa: E402
 
 STEPS = 10
@@ -94,7 +99,7 @@ def instrument() -> None:
     _time_sync(views, "build_view", "views: build_view (from scratch)")
     _time_sync(dataplane, "render", "xds: render (one key)")
     _time_sync(dataplane, "effective_view", "xds: effective_view")
-    _time_sync(dataplane._ViewHistory, "remember", "dataplane: _ViewHistory.remember (+ set versions)")
+    _time_sync(local.ViewHistory, "remember", "xds.local: ViewHistory.remember (+ set versions)")
     _time_sync(cache.SnapshotCache, "set_snapshot", "xds: cache.set_snapshot (whole)")
     _time_sync(cache, "check_consistency", "xds: cache.check_consistency")
     _time_sync(cache._History, "remember", "xds: cache content history")

@@ -49,7 +49,7 @@ from graylane.xds.resources import (
     Resources,
     TypedResources,
 )
-from graylane.xds.view import Lane, RoutingView, ServiceRoute, VersionEndpoints, api_listener_names
+from graylane.xds.view import DEFAULT_LISTEN_PORT, Lane, RoutingView, ServiceRoute, VersionEndpoints, api_listener_names
 
 __all__ = ["Renderer"]
 
@@ -106,7 +106,7 @@ class Renderer:
     `graylane.xds.render.effective_view(view)`, free for the view last rendered.
     """
 
-    def __init__(self, *, listen_port: int = 10000, listen_address: str = "127.0.0.1") -> None:
+    def __init__(self, *, listen_port: int = DEFAULT_LISTEN_PORT, listen_address: str = "127.0.0.1") -> None:
         self.listen_port = listen_port
         self.listen_address = listen_address
         self._lock = threading.Lock()

@@ -141,6 +141,10 @@ class RoutingView:
         return found is not None and bool(found.via_cluster)
 
 
+# The listener port of proxies whose node metadata names none (their cache key is
+# `graylane.xds.cache.DEFAULT_KEY`): the one default of the control plane and the agents.
+DEFAULT_LISTEN_PORT = 10000
+
 # Header and baggage names that carry the lane decision between hops.
 LANE_HEADER = "x-graylane"
 BAGGAGE_HEADER = "baggage"

@@ -1,8 +1,11 @@
 """Unattended progression: the leader judges live metrics and moves releases on its own.
 
-Owns the leader's tick. Each tick re-reads every release with an `analysis` from etcd
-(nothing lives only in memory, so a new leader carries on where the old one stopped) and
-takes at most one step per release, in a fixed order:
+Owns the leader's tick, the one place that moves a release forward unasked (the API moves
+it when asked). Each tick re-reads every release from etcd (nothing lives only in memory,
+so a new leader carries on where the old one stopped) and takes at most one step per
+release. A release without an `analysis` moves on only by the clock: a reached batch
+whose duration pause is over goes to the next batch (`views.pause_due`). One with an
+`analysis` takes, in a fixed order:
 
 1. PENDING: run the pre-rollout webhooks; when all succeed, start the first batch.
 2. PROGRESSING with the batch reached (every proxy ACKed it) and its pause over: once per
@@ -52,11 +55,15 @@ from graylane.controlplane.progression.webhooks import (
     call_webhook,
 )
 from graylane.controlplane.progression.windows import Aggregate, SeriesKey
+from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import ReleaseStore
 
 log = logging.getLogger(__name__)
 
 ACTOR = "graylane/analysis"
+# The actor of a move made because a duration pause ended: the name history has always
+# given it (it was the data plane's until this tick took it over), kept for readers of history.
+TIMED_PAUSE_ACTOR = "graylane/dataplane"
 ANALYSIS_EVENT = "analysis"
 WEBHOOK_EVENT = "webhook"
 DEFAULT_TICK_SECONDS = 0.25
@@ -172,10 +179,11 @@ class Analyzer:
 
     async def tick(self) -> None:
         for release in await self._store.list_releases():
-            if release.spec.analysis is None:
-                continue
             try:
-                await self._step(release)
+                if release.spec.analysis is None:
+                    await self._timed_pause(release)
+                else:
+                    await self._step(release)
             except (Conflict, FailedPrecondition, NotFound) as exc:
                 log.info("release %s moved under the analyzer (%s); next tick", release.name, exc)
 
@@ -189,6 +197,20 @@ class Analyzer:
             await self._after(release)
 
     # ----------------------------------------------------------------- steps
+
+    async def _timed_pause(self, release: model.Release) -> None:
+        """A reached batch with a duration pause moves on once the duration has passed;
+        guarded by the revision it was decided on, so it moves exactly once."""
+        due = views.pause_due(release)
+        if due is None or datetime.fromtimestamp(self._clock(), UTC) < due:
+            return
+        pause = release.spec.batches[release.status.batch].pause
+        cause = Cause(
+            actor=TIMED_PAUSE_ACTOR,
+            reason=f"batch {release.status.batch + 1} held {pause} after it was reached",
+            details={"pause_seconds": f"{pause.total_seconds() if pause else 0:g}"},
+        )
+        await self._releases.act(release.name, Action.NEXT, cause, expected_revision=release.revision)
 
     async def _start(self, release: model.Release) -> None:
         results = await self._hooks(release, WebhookKind.PRE_ROLLOUT)

@@ -13,43 +13,43 @@ Owns two loops of one control-plane replica:
   proxies carry it); pause a release whose change a proxy rejected, naming the proxy and
   Envoy's message.
 
-It remembers, for a bounded number of rendered configurations, the view each was rendered
-from (keyed by content versions), so an ACK or NACK names a view without guesswork.
+Serving the view to this replica's own proxies (render per proxy group, snapshots, and the
+bounded history that names the view behind each ACK or NACK) is `graylane.xds.local.
+LocalServing`'s, the component an agent's relay uses too; what a NACK does (pause the lanes
+it blames) is the policy kept here. It moves no release forward: a batch whose duration
+pause is over is moved by the leader's tick (`graylane.controlplane.progression.analyzer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import math
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from graylane.controlplane.api.agent_service import AgentHub
 from graylane.controlplane.domain import model
-from graylane.controlplane.domain.machine import Action, Cause
+from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.domain.releases import Releases, StatusUpdate
-from graylane.controlplane.errors import Conflict, FailedPrecondition, GraylaneError
+from graylane.controlplane.errors import GraylaneError
 from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
-from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
-from graylane.xds.renderer import Renderer
-from graylane.xds.resources import PUSH_ORDER, ROUTE, Resources
-from graylane.xds.scope import Scope, ScopedSnapshotCache, parse_scoped_key, scoped_key
+from graylane.xds.cache import SnapshotCache
+from graylane.xds.local import LocalServing
+from graylane.xds.resources import ROUTE, Resources
+from graylane.xds.scope import Scope, parse_scoped_key, scoped_key
 from graylane.xds.tracker import PUSHED, ProxyEvent, ProxyStatus, ProxyTracker
 
 log = logging.getLogger(__name__)
 
 ACTOR = "graylane/dataplane"
-DEFAULT_LISTEN_PORT = 10000
-_HISTORY = 512
 _RETRY_SECONDS = 1.0
 # From this many services on, a full view build and render goes to a worker thread (below it
 # the hop costs more than the work: tens of milliseconds at 1,000 services, well under 1 ms
@@ -66,116 +66,6 @@ _ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 
-class _ViewHistory:
-    """Which view produced a given (type, version): bounded, newest kept; the entries a
-    cache key's renders added go with the key (unless another key rendered them too).
-
-    Proxyless gRPC clients subscribe to resources by name, so what they ACK is a part of a
-    rendered set, whose version no render produced: for the sets rendered for them
-    (PROXYLESS_KEY), the content versions of each set are kept too, and `containing` finds
-    the newest view whose set holds a given part."""
-
-    def __init__(self, size: int = _HISTORY) -> None:
-        self._size = size
-        self._views: OrderedDict[tuple[str, str], xv.RoutingView] = OrderedDict()
-        self._keys: dict[str, set[tuple[str, str]]] = {}  # cache key -> entries it rendered
-        self._users: dict[tuple[str, str], set[str]] = {}  # entry -> keys that rendered it
-        # entry -> the content versions of that set (the set's own dict, never mutated)
-        self._sets: dict[tuple[str, str], Mapping[str, str]] = {}
-        self.generation = 0  # moves on every change: what `get` answers may have changed
-        # (scope, type, version) -> view, for scoped proxies' configurations (`remember_scoped`)
-        self._scoped: OrderedDict[tuple[str, str, str], xv.RoutingView] = OrderedDict()
-        self._scoped_sets: dict[tuple[str, str, str], Mapping[str, str]] = {}
-
-    def remember(self, resources: Resources, view: xv.RoutingView, *, key: str = "") -> None:
-        self.generation += 1
-        mine = self._keys.setdefault(key, set())
-        for type_url in PUSH_ORDER:
-            entry = (type_url, resources[type_url].version)
-            self._views[entry] = view
-            self._views.move_to_end(entry)
-            mine.add(entry)
-            self._users.setdefault(entry, set()).add(key)
-            if key == PROXYLESS_KEY:
-                self._sets[entry] = resources[type_url].shared_versions()
-        while len(self._views) > self._size:
-            dropped, _ = self._views.popitem(last=False)
-            self._sets.pop(dropped, None)
-            for user in self._users.pop(dropped, ()):
-                self._keys[user].discard(dropped)
-
-    def containing(self, type_url: str, part: Mapping[str, str]) -> xv.RoutingView | None:
-        """The newest view whose rendered `type_url` set holds every resource of `part` at
-        its content version (None: none remembered, or `part` is empty)."""
-        if not part:
-            return None
-        for entry in reversed(self._views):
-            if entry[0] != type_url:
-                continue
-            versions = self._sets.get(entry)
-            if versions is not None and all(versions.get(name) == v for name, v in part.items()):
-                return self._views[entry]
-        return None
-
-    def forget(self, key: str) -> None:
-        """`key`'s last proxy left: drop what only its renders added."""
-        self.generation += 1
-        for entry in self._keys.pop(key, ()):
-            users = self._users.get(entry)
-            if users is not None:
-                users.discard(key)
-                if not users:
-                    del self._users[entry]
-                    self._views.pop(entry, None)
-                    self._sets.pop(entry, None)
-
-    def keys(self) -> frozenset[str]:
-        return frozenset(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._views)
-
-    def get(self, type_url: str, version: str) -> xv.RoutingView | None:
-        return self._views.get((type_url, version))
-
-    def remember_scoped(
-        self, scope: Scope, resources: Resources, view: xv.RoutingView, *, proxyless: bool = False
-    ) -> None:
-        """`resources` (a scoped configuration, `graylane.xds.scope`) came from `view`.
-
-        Kept apart from the node groups' renders, by scope: a scoped set equal to some
-        node group's (its scope holds every service there is) must not make that group's
-        proxies look as if they carried a newer view. A set the scope's renders leave
-        unchanged maps to the newest view: within its scope, that is what it serves."""
-        self.generation += 1
-        mark = scoped_key("", scope)
-        for type_url in PUSH_ORDER:
-            entry = (mark, type_url, resources[type_url].version)
-            self._scoped[entry] = view
-            self._scoped.move_to_end(entry)
-            if proxyless:  # (as for PROXYLESS_KEY: such clients hold parts of a set)
-                self._scoped_sets[entry] = resources[type_url].shared_versions()
-        while len(self._scoped) > self._size:
-            dropped, _ = self._scoped.popitem(last=False)
-            self._scoped_sets.pop(dropped, None)
-
-    def get_scoped(self, scope: Scope, type_url: str, version: str) -> xv.RoutingView | None:
-        return self._scoped.get((scoped_key("", scope), type_url, version))
-
-    def containing_scoped(self, scope: Scope, type_url: str, part: Mapping[str, str]) -> xv.RoutingView | None:
-        """`containing`, among the sets rendered for proxyless clients of `scope`."""
-        if not part:
-            return None
-        mark = scoped_key("", scope)
-        for entry in reversed(self._scoped):
-            if entry[0] != mark or entry[1] != type_url:
-                continue
-            versions = self._scoped_sets.get(entry)
-            if versions is not None and all(versions.get(name) == v for name, v in part.items()):
-                return self._scoped[entry]
-        return None
-
-
 class DataPlane:
     def __init__(
         self,
@@ -184,7 +74,7 @@ class DataPlane:
         tracker: ProxyTracker,
         *,
         listen_address: str = "127.0.0.1",
-        default_listen_port: int = DEFAULT_LISTEN_PORT,
+        default_listen_port: int = xv.DEFAULT_LISTEN_PORT,
         agents: AgentHub | None = None,
         identity: str = "",
         is_leader: Callable[[], bool] | None = None,
@@ -195,12 +85,12 @@ class DataPlane:
         self._store = releases.store
         self._cache = cache
         self._tracker = tracker
-        self._listen_address = listen_address
-        self._default_port = default_listen_port
-        self._history = _ViewHistory()
-        self._renderer = Renderer(listen_address=listen_address)  # incremental, shared by every port
+        # The view in force, rendered per proxy group, and the views behind what proxies ACK
+        # or NACK (tagged by the view itself: convergence compares views by identity).
+        self._serving: LocalServing[xv.RoutingView] = LocalServing(
+            cache, listen_address=listen_address, default_listen_port=default_listen_port
+        )
         self._snap: Snapshot | None = None
-        self._view: xv.RoutingView | None = None
         self._built: views.BuiltView | None = None  # what `_view` was built from
         # Releases changed since the last build (None: unknown, every one compared by identity).
         self._unbuilt: set[str] | None = None
@@ -219,8 +109,6 @@ class DataPlane:
         self._own = _OwnProxies(tracker)
         self._agent_facts: list[views.ProxyFacts] = []
         self._carried_marks: tuple[object, ...] = ()
-        # route version of a proxyless client -> (history generation, the view it names)
-        self._partial_carried: dict[str, tuple[int, xv.RoutingView | None]] = {}
         self._groups: views.ProxyGroups = ()
         self._facts_seq = 0
         self._nack_streams: set[str] = set()  # own streams holding a NACK not yet looked at
@@ -249,12 +137,6 @@ class DataPlane:
         self._published_nodes: dict[str, frozenset[str]] = {}
         self._silence_timer: asyncio.TimerHandle | None = None
         self.synced = asyncio.Event()  # set once the first snapshot is in the cache
-        cache.on_key_requested(self._render_key)
-        cache.on_key_released(self._release_key)
-        if isinstance(cache, ScopedSnapshotCache):
-            # Scoped proxies are served a filtered render of their node group (the cache
-            # derives it): only the view each scoped version came from is noted here.
-            cache.on_derived(self._remember_derived)
         self._agents = agents
         if agents is not None:
             agents.on_report(self._changed.set)
@@ -271,7 +153,7 @@ class DataPlane:
 
     @property
     def view(self) -> xv.RoutingView | None:
-        return self._view
+        return self._serving.view
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -351,7 +233,7 @@ class DataPlane:
             self._unbuilt.update(changed.get("releases", ()))
         keys = sorted(self._cache.requested_keys())
         built: _Build | None = None
-        if self._view is None or changed is None or _may_change_view(changed):
+        if self._serving.view is None or changed is None or _may_change_view(changed):
             names = frozenset(self._unbuilt) if self._unbuilt is not None else None
             small = self._built is not None and changed is not None and _changed_keys(changed) <= _SMALL_CHANGE
             cheap = not keys or self._key_cost * len(keys) <= _ON_LOOP_SECONDS  # (no key: nothing to render)
@@ -376,15 +258,16 @@ class DataPlane:
             self._built = built.built
             if built.rendered is not None:
                 view = built.built.view
-                self._view, self._effective = view, built.effective
+                self._effective = built.effective
+                self._serving.install(view, view)
                 for i, (key, resources) in enumerate(built.rendered.items()):
                     if i:
                         await asyncio.sleep(0)  # one key's snapshot per loop step: each is tens of ms at scale
-                    self._set_rendered(key, view, resources)
+                    self._serving.set_rendered(key, view, resources)
                 # Keys first asked for while the view was being built were rendered from the
                 # previous one: render them again from this one.
                 for key in sorted(self._cache.requested_keys() - built.rendered.keys()):
-                    self._render_key(key)
+                    self._serving.render_key(key)
         self.synced.set()
         if changed is None or not _only_own_count(changed, self._identity):
             # This replica's own published count is never read back by its own passes.
@@ -404,55 +287,14 @@ class DataPlane:
         rendered: dict[str, Resources | ValueError] = {}
         for key in keys:
             try:
-                rendered[key] = self._renderer.render(
-                    view, listen_port=self._port_of(key), proxyless=key == PROXYLESS_KEY
-                )
+                rendered[key] = self._serving.render(view, key)
             except ValueError as exc:
                 rendered[key] = exc
-        return _Build(built, self._renderer.effective_view(view), rendered, time.thread_time() - began)
-
-    def _set_rendered(self, key: str, view: xv.RoutingView, resources: Resources | ValueError) -> None:
-        try:
-            if isinstance(resources, ValueError):
-                raise resources
-            self._history.remember(resources, view, key=key)
-            self._cache.set_snapshot(key, resources)
-        except ValueError:
-            # A view validation should have refused (or an inconsistent render): keep serving
-            # the last good snapshot rather than push a broken one or stop the loop.
-            log.exception("cannot render the view for %s; proxies keep their last configuration", key)
-
-    def _remember_derived(self, key: str, full: Resources, scoped: Resources) -> None:
-        view = self._history.get(ROUTE, full[ROUTE].version)
-        base, scope = parse_scoped_key(key)
-        if view is not None and scope is not None:
-            self._history.remember_scoped(scope, scoped, view, proxyless=base == PROXYLESS_KEY)
-
-    def _port_of(self, key: str) -> int:
-        if key == DEFAULT_KEY or not key.isdigit():
-            return self._default_port
-        return int(key)
-
-    def _render_key(self, key: str) -> None:
-        if self._view is None:
-            return
-        try:
-            resources: Resources | ValueError = self._renderer.render(
-                self._view, listen_port=self._port_of(key), wait=False, proxyless=key == PROXYLESS_KEY
-            )
-        except ValueError as exc:
-            resources = exc
-        self._set_rendered(key, self._view, resources)
-
-    def _release_key(self, key: str) -> None:
-        """The last proxy of `key` left: nothing is kept for it (rendered again on request)."""
-        self._cache.clear_snapshot(key)
-        self._history.forget(key)
-        self._renderer.forget(self._port_of(key), proxyless=key == PROXYLESS_KEY)
+        return _Build(built, self._serving.effective_view(view), rendered, time.thread_time() - began)
 
     def kept_keys(self) -> frozenset[str]:
         """Cache keys this replica keeps per-key state for (their views' history)."""
-        return self._history.keys()
+        return self._serving.kept_keys()
 
     # ------------------------------------------------------------------ proxies -> status
 
@@ -531,7 +373,7 @@ class DataPlane:
         Incremental: a release is counted again only when its value, the view or the proxy
         facts changed since its last count (or a lagging proxy's stale deadline passed), and
         its status is looked at again only when its count or its value changed."""
-        snap, view, effective = self._snap, self._view, self._effective
+        snap, view, effective = self._snap, self._serving.view, self._effective
         if snap is None or view is None or effective is None:
             return
         facts_seq = self._refresh_facts()
@@ -617,7 +459,6 @@ class DataPlane:
                 deadlines.append(written[0] + _PROGRESS_INTERVAL_SECONDS)
                 continue
             writes.append((name, release, want, total, fingerprint, fresh_until))
-        updated_releases: dict[str, model.Release] = {}
         for name, release, want, total, fingerprint, fresh_until in writes:
             updated, deferred = await self._write_progress(release, view, total, fingerprint, fresh=fresh_until)
             if deferred and fresh_until is not None:
@@ -626,7 +467,6 @@ class DataPlane:
                 self._settled[name] = (release, want, total)
             else:
                 self._written[name] = (now, fingerprint, total)
-                updated_releases[name] = updated
         # Published after this pass's status writes: another replica reads it only once it
         # leads, and the transaction would otherwise queue at etcd beside a `reached` write.
         if self._on_progress is not None:
@@ -636,9 +476,6 @@ class DataPlane:
             held_until = self._publish_progress(mine, self._fleet(), now)
             if held_until is not None:
                 deadlines.append(held_until)
-        for name, release in followed.items():
-            if views.routed(release):
-                await self._advance_timed_pause(updated_releases.get(name, release))
         self._wake_at(min(deadlines) if deadlines else None, now)
 
     def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
@@ -707,26 +544,11 @@ class DataPlane:
         return self._facts_seq
 
     def _carried(self, version: str, part: Mapping[str, str]) -> xv.RoutingView | None:
-        """The view a proxy's ACKed route `version` (holding `part`) was rendered from: the
-        view of that set, or for a proxyless client (which holds a part of a set) the
-        newest view whose route set holds that part, looked up once per history change.
-        A scoped proxy's group names its scope too (`scoped_key(version, scope)`)."""
+        """The view a proxy's ACKed route `version` (holding `part`) was rendered from
+        (`LocalServing.view_of`). A scoped proxy's group names its scope too
+        (`scoped_key(version, scope)`)."""
         version, scope = parse_scoped_key(version)
-        if scope is not None:
-            return self._history.get_scoped(scope, ROUTE, version) or self._history.containing_scoped(
-                scope, ROUTE, part
-            )
-        found = self._history.get(ROUTE, version)
-        if found is not None or not part:
-            return found
-        memo = self._partial_carried.get(version)
-        if memo is not None and memo[0] == self._history.generation:
-            return memo[1]
-        found = self._history.containing(ROUTE, part)
-        self._partial_carried[version] = (self._history.generation, found)
-        while len(self._partial_carried) > _HISTORY:
-            self._partial_carried.pop(next(iter(self._partial_carried)))
-        return found
+        return self._serving.view_of(ROUTE, version, part, scope=scope)
 
     def _publish_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet, now: float) -> float | None:
         """Hand this replica's count to `on_progress` (it writes it to etcd for the leader):
@@ -940,28 +762,6 @@ class DataPlane:
                 found.update(fleet.nodes)
         return found
 
-    async def _advance_timed_pause(self, release: model.Release) -> None:
-        """A batch with a duration pause moves on once reached and the duration has passed.
-
-        The move is guarded by the revision it was decided on, so replicas racing to make
-        it produce exactly one transition.
-        """
-        due = views.pause_due(release)
-        if due is None:
-            return
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            asyncio.get_running_loop().call_later(wait, self._changed.set)
-            return
-        pause = release.spec.batches[release.status.batch].pause
-        cause = Cause(
-            actor=ACTOR,
-            reason=f"batch {release.status.batch + 1} held {pause} after it was reached",
-            details={"pause_seconds": f"{pause.total_seconds() if pause else 0:g}"},
-        )
-        with contextlib.suppress(Conflict, FailedPrecondition):
-            await self._releases.act(release.name, Action.NEXT, cause, expected_revision=release.revision)
-
     async def _write_progress(
         self,
         counted_on: model.Release,
@@ -1038,14 +838,16 @@ class DataPlane:
     async def _handle_nacks(self, snap: Snapshot, proxies: list[ProxyStatus]) -> None:
         """Pause the releases whose lanes a rejected configuration introduced: for this
         replica's own proxies (`proxies`: those changed since they were last looked at) and
-        for those the agents report from their clusters."""
+        for those the agents report from their clusters.
+
+        A NACK counts as handled once its pause is written: a write that failed (etcd
+        unreachable) raises out of the pass, and the next pass looks at it again (a pause
+        already written is not written twice: `Releases.hold_for_nack` is idempotent)."""
         self._prune_handled()
         for proxy in proxies:
             nack = proxy.last_nack
             if nack is None or (proxy.stream, nack.nonce) in self._handled_nacks:
                 continue
-            self._handled_nacks.add((proxy.stream, nack.nonce))
-            accepted_ack = proxy.acked.get(nack.type_url)
             record = model.Nack(
                 node=proxy.node_id,
                 type_url=nack.type_url,
@@ -1055,33 +857,12 @@ class DataPlane:
                 stream=proxy.stream,
                 cluster=proxy.cluster,
             )
-            scope = parse_scoped_key(proxy.key)[1]
-            only: frozenset[str] | None = None
-            if scope is not None:
-                # A scoped proxy's sets: its views in between may have changed lanes of
-                # services it never sees, so only lanes of its scope's services are blamed.
-                history = self._history
-                rejected = history.get_scoped(scope, nack.type_url, nack.version) or history.containing_scoped(
-                    scope, nack.type_url, nack.resources
-                )
-                accepted = None
-                if accepted_ack is not None:
-                    accepted = history.get_scoped(
-                        scope, nack.type_url, accepted_ack.version
-                    ) or history.containing_scoped(scope, nack.type_url, accepted_ack.resources)
-                only = scope
-            else:
-                rejected = self._history.get(nack.type_url, nack.version)
-                accepted = self._history.get(nack.type_url, accepted_ack.version) if accepted_ack else None
-            if rejected is None and nack.resources and scope is None:
-                # A proxyless client rejected a part of a set: the views holding that part and
-                # the part it accepted, blaming only lanes of the services the parts differ in
-                # (views in between may have changed other services' lanes).
-                held = accepted_ack.resources if accepted_ack is not None else {}
-                rejected = self._history.containing(nack.type_url, nack.resources)
-                accepted = self._history.containing(nack.type_url, held) if held else None
-                only = _services_named(n for n, v in nack.resources.items() if held.get(n) != v)
-            await self._hold_for_nack(snap, record, rejected=rejected, accepted=accepted, only=only)
+            judged = self._serving.rejection(proxy)
+            assert judged is not None  # (it holds a NACK)
+            await self._hold_for_nack(
+                snap, record, rejected=judged.rejected, accepted=judged.accepted, only=judged.services
+            )
+            self._handled_nacks.add((proxy.stream, nack.nonce))
         for found in self._agents.nacks() if self._agents is not None else ():
             # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
             node = f"{found.cluster}/{found.node_id}"
@@ -1091,7 +872,6 @@ class DataPlane:
             )
             if key in self._handled_nacks:
                 continue
-            self._handled_nacks.add(key)
             record = model.Nack(
                 node=node,
                 type_url=found.nack.type_url,
@@ -1101,6 +881,7 @@ class DataPlane:
                 cluster=found.cluster,
             )
             await self._hold_for_nack(snap, record, rejected=found.rejected, accepted=found.accepted, only=found.scope)
+            self._handled_nacks.add(key)
 
     async def _hold_for_nack(
         self,
@@ -1264,22 +1045,6 @@ _MOVE_GRACE_SECONDS = 0.5
 
 # A count that only grew (more proxies converged, not all yet) is published at most this often.
 _PROGRESS_INTERVAL_SECONDS = 0.25
-
-
-def _services_named(names: Iterable[str]) -> frozenset[str]:
-    """The services resources of these names belong to: a route config ``graylane/<service>``,
-    a cluster or its endpoints ``<service>|<version>[|<lane>]``, a proxyless listener
-    ``<service>`` (or its xdstp name)."""
-    found: set[str] = set()
-    for name in names:
-        parsed = xv.parse_cluster_name(name)
-        if parsed is not None:
-            found.add(parsed[0])
-        elif name.startswith(xv.ROUTE_CONFIG_NAME + "/"):
-            found.add(name.split("/", 1)[1])
-        else:
-            found.add(name.rsplit("/", 1)[-1])
-    return frozenset(found)
 
 
 def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgress]) -> bool:

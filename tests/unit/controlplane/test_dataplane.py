@@ -236,39 +236,3 @@ def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
         "0 proxies",
         "2 proxies",
     )
-
-
-def _two_services(weight: int) -> xv.RoutingView:
-    eps = tuple(
-        xv.VersionEndpoints(s, v, (xv.Endpoint("127.0.0.1", 1000 + i),))
-        for i, (s, v) in enumerate((("a", "v1"), ("a", "v2"), ("b", "v1")))
-    )
-    lanes = (xv.Lane("gray", "a", weight, (("a", "v2"),)),) if weight else ()
-    return xv.RoutingView((xv.ServiceRoute("a", "v1"), xv.ServiceRoute("b", "v1")), eps, lanes)
-
-
-def test_a_proxyless_part_of_a_route_set_names_the_newest_view_holding_it() -> None:
-    from graylane.xds.cache import PROXYLESS_KEY
-    from graylane.xds.render import render
-
-    history = dataplane._ViewHistory()
-    views_by_weight = {w: _two_services(w) for w in (0, 10, 50)}
-    rendered = {w: render(v, listen_port=1, proxyless=True) for w, v in views_by_weight.items()}
-    for w in (0, 10, 50):
-        history.remember(rendered[w], views_by_weight[w], key=PROXYLESS_KEY)
-
-    def part(w: int, *names: str) -> dict[str, str]:
-        return {n: rendered[w][ROUTE].versions[n] for n in names}
-
-    # A client of `a` at 10 % carries the 10 % view; at 50 %, the newest.
-    assert history.containing(ROUTE, part(10, "graylane/a")) is views_by_weight[10]
-    assert history.containing(ROUTE, part(50, "graylane/a")) is views_by_weight[50]
-    # A client of `b` only: its routes never changed, so it carries the newest view.
-    assert history.containing(ROUTE, part(0, "graylane/b")) is views_by_weight[50]
-    assert history.containing(ROUTE, {}) is None
-    assert history.containing(ROUTE, {"graylane/a": "no such content"}) is None
-
-
-def test_services_named_by_resource_names() -> None:
-    names = ["graylane/a", "b|v1", "c|v2|gray", "d", "xdstp://graylane/envoy.config.listener.v3.Listener/e"]
-    assert dataplane._services_named(names) == {"a", "b", "c", "d", "e"}
