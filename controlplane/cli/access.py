@@ -32,6 +32,7 @@ from graylane.controlplane.defaults import (
 from graylane.controlplane.options import (
     DEFAULT_XDS_CLUSTER,
 )
+from graylane.xds.view import DEFAULT_LISTEN_PORT
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -83,7 +84,11 @@ def add_bootstrap(subparsers: Subparsers) -> None:
         help="node.cluster: the cluster whose configuration it receives (default %(default)s)",
     )
     parser.add_argument(
-        "--listen-port", type=port_number, default=10000, metavar="PORT", help="proxy listener (default %(default)s)"
+        "--listen-port",
+        type=port_number,
+        default=DEFAULT_LISTEN_PORT,
+        metavar="PORT",
+        help="proxy listener (default %(default)s)",
     )
     parser.add_argument(
         "--admin-port", type=port_number, default=9901, metavar="PORT", help="admin on 127.0.0.1 (default %(default)s)"
