@@ -1,7 +1,7 @@
 """Commands that set up who may talk to whom: `token` (API tokens), `certs` (a local CA and
 its certificates) and `bootstrap` (an Envoy's bootstrap for a Graylane xDS port). The
 cryptography and Envoy helpers are imported when their command runs.
-Must not import: etcd, graylane.xds.
+Must not import: etcd, graylane.xds (except graylane.xds.view, for names).
 """
 
 from __future__ import annotations
