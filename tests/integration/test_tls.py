@@ -100,6 +100,20 @@ async def api_stub(plane: ControlPlane, tls: ClientTls | None) -> AsyncIterator[
         yield api_grpc.ReleaseServiceStub(channel)
 
 
+async def mtls_checkout_release(
+    es: contextlib.AsyncExitStack, store: EtcdStore, certs: Path
+) -> tuple[ControlPlane, Any]:
+    """An mTLS replica with checkout's v1 and v2 upstreams registered and release "rel"
+    applied (not yet moved), all closed with `es`: the replica and an admin's stub."""
+    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+    plane = await es.enter_async_context(mtls_plane(store, certs))
+    stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
+    await register(stub, "checkout", v1, v2)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+    return plane, stub
+
+
 async def rogue_nack(port: int, tls: ClientTls | None, node: base_pb2.Node) -> grpc.StatusCode:
     """Open an ADS stream and send, as its first request, a NACK of the route type: what a
     rogue process did to pause every live release. The status the stream ended with."""
@@ -143,12 +157,7 @@ async def test_envoy_over_mtls_ads_gets_routes_and_reaches_each_batch(
     store: EtcdStore, certs: Path, envoy: Any, protocol: str
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(mtls_plane(store, certs))
-        stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
-        await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        plane, stub = await mtls_checkout_release(es, store, certs)
         proxy: EnvoyProcess = await envoy(
             ads_port=plane.xds_port, protocol=protocol, node_id="tls-envoy", node_cluster="local", tls=envoy_tls(certs)
         )
@@ -209,12 +218,7 @@ async def test_each_port_refuses_plain_text_wrong_ca_and_certificate_less_client
 
 async def test_a_rogue_xds_streams_nack_changes_nothing(store: EtcdStore, certs: Path, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(mtls_plane(store, certs))
-        stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
-        await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        plane, stub = await mtls_checkout_release(es, store, certs)
         await envoy(ads_port=plane.xds_port, node_id="real", node_cluster="local", tls=envoy_tls(certs))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached)
