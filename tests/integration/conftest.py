@@ -8,7 +8,7 @@
 * `control_plane(store)`: one in-process replica on free loopback ports; `api_stub` its API;
   `register(stub, service, v1, v2)`: a service and its versions, each version's endpoint its
   upstream's; `serving_replica(es, store, *services)`: all three for v1 and v2 of each
-  service (`checkout_replica`: of checkout).
+  service (`checkout_replica`: of checkout; `checkout_stack`: and an Envoy on it).
 * `poll_release(stub, name, pred)`, `first_batch_reached(stub, spec)`: a release's status.
 * `start_serve`: a `graylane serve` process, `stop_group` to end one; `eventually`: poll a condition with a deadline.
 
@@ -29,7 +29,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -157,6 +157,37 @@ async def checkout_replica(
     """`serving_replica` of checkout alone: the replica, the stub, and its v1 and v2 upstreams."""
     plane, stub, ups = await serving_replica(es, store, "checkout", **options)
     return plane, stub, ups[("checkout", "v1")], ups[("checkout", "v2")]
+
+
+@dataclass
+class CheckoutStack:
+    """`checkout_replica` with one Envoy on its xDS port."""
+
+    plane: ControlPlane
+    stub: api_grpc.ReleaseServiceStub
+    envoy: EnvoyProcess
+    v1: Upstream
+    v2: Upstream
+
+
+Stack = TypeVar("Stack", bound=CheckoutStack)
+
+
+async def checkout_stack(
+    es: contextlib.AsyncExitStack,
+    store: EtcdStore,
+    envoy: StartEnvoy,
+    kind: type[Stack],
+    *,
+    node_id: str,
+    protocol: str = "sotw",
+    **options: Any,
+) -> Stack:
+    """`checkout_replica(es, store, **options)` and an Envoy `node_id` speaking `protocol`
+    to it (started with the `envoy` fixture), as a `kind`: a test's subclass adds its steps."""
+    plane, stub, v1, v2 = await checkout_replica(es, store, **options)
+    proxy = await envoy(ads_port=plane.xds_port, protocol=protocol, node_id=node_id)
+    return kind(plane, stub, proxy, v1, v2)
 
 
 async def register(
