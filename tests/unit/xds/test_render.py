@@ -220,6 +220,19 @@ RICH_VIEW = make_view(
     ),
 )
 
+# RICH_VIEW's clusters, sorted: blue has cart v2 and gateway v2, green has stock v2. green
+# also enters at gateway, where its rules and share go to base through green's own cluster.
+# Elsewhere a lane has no cluster: its traffic takes the service's base cluster.
+RICH_VIEW_CLUSTERS = [
+    "cart|v1",
+    "cart|v2|blue",
+    "gateway|v1",
+    "gateway|v1|green",
+    "gateway|v2|blue",
+    "stock|v1",
+    "stock|v2|green",
+]
+
 
 # --------------------------------------------------------------------------- effective view
 
@@ -265,18 +278,7 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
 
 def test_clusters_are_each_base_and_one_per_lane_where_it_has_a_version_or_enters() -> None:
     res = render_view(RICH_VIEW)
-    # blue has cart v2 and gateway v2, green has stock v2. green also enters at gateway,
-    # where its rules and share go to base through green's own cluster. Elsewhere a lane
-    # has no cluster: its traffic takes the service's base cluster.
-    assert list(res[resources.CLUSTER]) == [
-        "cart|v1",
-        "cart|v2|blue",
-        "gateway|v1",
-        "gateway|v1|green",
-        "gateway|v2|blue",
-        "stock|v1",
-        "stock|v2|green",
-    ]
+    assert list(res[resources.CLUSTER]) == RICH_VIEW_CLUSTERS
 
 
 def test_cluster_is_eds_over_ads() -> None:
@@ -1189,15 +1191,7 @@ def test_route_clusters_covers_direct_and_weighted_routes() -> None:
 
 
 def test_route_clusters_of_a_rendering() -> None:
-    assert route_clusters(route_config(render_view(RICH_VIEW))) == {
-        "cart|v1",
-        "cart|v2|blue",
-        "gateway|v1",
-        "gateway|v1|green",
-        "gateway|v2|blue",
-        "stock|v1",
-        "stock|v2|green",
-    }
+    assert route_clusters(route_config(render_view(RICH_VIEW))) == set(RICH_VIEW_CLUSTERS)
 
 
 # ------------------------------------------------------------- versions in other clusters
