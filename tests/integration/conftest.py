@@ -9,6 +9,7 @@
   `register(stub, service, v1, v2)`: a service and its versions, each version's endpoint its
   upstream's; `serving_replica(es, store, *services)`: all three for v1 and v2 of each
   service (`checkout_replica`: of checkout; `checkout_stack`: and an Envoy on it).
+* `east_agent(es, api_port, state, upstreams)`: an in-process agent of cluster east, serving.
 * `poll_release(stub, name, pred)`, `first_batch_reached(stub, spec)`: a release's status.
 * `start_serve`: a `graylane serve` process, `stop_group` to end one; `eventually`: poll a condition with a deadline.
 
@@ -26,10 +27,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
@@ -41,6 +42,9 @@ from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
+
+if TYPE_CHECKING:
+    from graylane.agent.app import Agent
 
 LOOPBACK = "127.0.0.1"
 
@@ -203,6 +207,51 @@ async def register(
         await stub.PutVersion(
             api.PutVersionRequest(version=pb.Version(service=service, name=name, endpoints=endpoints))
         )
+
+
+async def east_agent(
+    es: contextlib.AsyncExitStack, api_port: int, state: Path, upstreams: Iterable[Upstream], **options: Any
+) -> Agent:
+    """An in-process agent of cluster "east": its control plane the API on `api_port`, its
+    endpoints those of `upstreams` (written to a file in `state`), its xDS on a free loopback
+    port. Returned once it serves a view; cancelled with `es`. `options` are AgentOptions'
+    (control_plane_tls=, tls=, xds_tokens=...)."""
+    from graylane.agent.app import Agent, AgentOptions
+    from graylane.controlplane.local.ports import free_port
+
+    endpoints = state / "east.yaml"
+    endpoints.write_text(
+        "versions:\n"
+        + "".join(
+            f"  - service: {up.service}\n    version: {up.version}\n"
+            f"    endpoints:\n      - {{address: {LOOPBACK}, port: {up.port}}}\n"
+            for up in upstreams
+        )
+    )
+    agent = Agent(
+        AgentOptions(
+            cluster="east",
+            control_plane=f"{LOOPBACK}:{api_port}",
+            gateway_address=f"{LOOPBACK}:{free_port()}",
+            state_dir=state / "agent",
+            endpoints_file=endpoints,
+            xds_listen=f"{LOOPBACK}:0",
+            **options,
+        )
+    )
+    task = asyncio.create_task(agent.run())
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    es.push_async_callback(cancel)
+    await eventually(
+        lambda: agent.session.connected.is_set() and bool(agent.xds_port) and bool(agent.relay.version),
+        what="the agent serving",
+    )
+    return agent
 
 
 # An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the

@@ -22,12 +22,11 @@ from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from graylane.agent.app import Agent, AgentOptions
 from graylane.controlplane.api.certs import make_local_certs
 from graylane.controlplane.api.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.api.tls import open_channel
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.local.envoy import EnvoyProcess, free_port
+from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.options import XdsCredential
@@ -38,7 +37,7 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.plan import route_clusters
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 
-from tests.integration.conftest import eventually, lane_spec, poll_release, register
+from tests.integration.conftest import east_agent, eventually, lane_spec, poll_release, register
 
 from .test_tls import client, envoy_tls, server_tls
 
@@ -184,30 +183,12 @@ async def test_an_agents_relay_serves_a_scoped_envoy_its_services_only(
         stub = api_grpc.ReleaseServiceStub(channel)
         for s in SERVICES:
             await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
-        endpoints = tmp_path / "east.yaml"
-        endpoints.write_text(
-            "versions:\n"
-            + "".join(
-                f"  - service: {s}\n    version: {v}\n    endpoints:\n      - {{address: 127.0.0.1, port: {up.port}}}\n"
-                for (s, v), up in ups.items()
-            )
-        )
-        agent = Agent(
-            AgentOptions(
-                cluster="east",
-                control_plane=f"127.0.0.1:{plane.api_port}",
-                gateway_address=f"127.0.0.1:{free_port()}",
-                state_dir=tmp_path / "agent",
-                endpoints_file=endpoints,
-                xds_listen="127.0.0.1:0",
-                xds_tokens=(XdsCredential("east", "east-shop", CHECKOUT_TOKEN, frozenset({"checkout"})),),
-            )
-        )
-        task = asyncio.create_task(agent.run())
-        es.push_async_callback(_cancel, task)
-        await eventually(
-            lambda: agent.session.connected.is_set() and bool(agent.xds_port) and bool(agent.relay.version),
-            what="the agent serving",
+        agent = await east_agent(
+            es,
+            plane.api_port,
+            tmp_path,
+            ups.values(),
+            xds_tokens=(XdsCredential("east", "east-shop", CHECKOUT_TOKEN, frozenset({"checkout"})),),
         )
         proxy: EnvoyProcess = await envoy(
             ads_port=agent.xds_port, node_id="east-shop", node_cluster="east", xds_token=CHECKOUT_TOKEN
@@ -217,12 +198,6 @@ async def test_an_agents_relay_serves_a_scoped_envoy_its_services_only(
         await releases_reach_with_a_scoped_proxy(stub, proxy)
         (reported,) = agent.relay.report().proxies
         assert list(reported.scope) == ["checkout"] and reported.view_version == agent.relay.version
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # ------------------------------------------------------------------ scripted ADS clients

@@ -21,7 +21,6 @@ from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
 from graylane.controlplane.api import auth
 from graylane.controlplane.api.certs import make_local_certs
@@ -31,7 +30,7 @@ from graylane.controlplane.api.tls import ClientTls, ServerTls, agent_uri, open_
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Unavailable
-from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
+from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess, EtcdTls
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
@@ -44,7 +43,7 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER, ROUTE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.conftest import BIN, lane_spec, poll_release, register, start_serve
+from tests.integration.conftest import BIN, east_agent, lane_spec, poll_release, register, start_serve
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -280,28 +279,14 @@ async def test_an_agent_over_mtls_serves_its_clusters_envoys_over_mtls(
         plane = await es.enter_async_context(mtls_plane(store, certs))
         stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
         await stub.PutService(api.PutServiceRequest(service=pb.Service(name="checkout", stable_version="v1")))
-        endpoints = tmp_path / "east.yaml"
-        endpoints.write_text(
-            "versions:\n  - service: checkout\n    version: v1\n"
-            f"    endpoints:\n      - {{address: 127.0.0.1, port: {v1.port}}}\n"
+        agent = await east_agent(
+            es,
+            plane.api_port,
+            tmp_path,
+            [v1],
+            control_plane_tls=client(certs, "agent-east"),
+            tls=server_tls(certs),
         )
-        agent = Agent(
-            AgentOptions(
-                cluster="east",
-                control_plane=f"127.0.0.1:{plane.api_port}",
-                gateway_address=f"127.0.0.1:{free_port()}",
-                state_dir=tmp_path / "agent",
-                endpoints_file=endpoints,
-                xds_listen="127.0.0.1:0",
-                control_plane_tls=client(certs, "agent-east"),
-                tls=server_tls(certs),
-            )
-        )
-        task = asyncio.create_task(agent.run())
-        es.push_async_callback(_cancel, task)
-        async with asyncio.timeout(15):
-            while not (agent.session.connected.is_set() and agent.xds_port and agent.relay.version):
-                await asyncio.sleep(0.05)
         proxy: EnvoyProcess = await envoy(
             ads_port=agent.xds_port, node_id="east-envoy", node_cluster="east", tls=envoy_tls(certs, "east")
         )
@@ -311,12 +296,6 @@ async def test_an_agent_over_mtls_serves_its_clusters_envoys_over_mtls(
         code = await rogue_nack(agent.xds_port, client(certs, "envoy-local"), node("rogue", cluster="local"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert await rogue_nack(agent.xds_port, None, node("rogue", cluster="east")) == grpc.StatusCode.UNAVAILABLE
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # ------------------------------------------------------------------ metrics trust
