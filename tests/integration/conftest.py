@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
 from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
@@ -239,14 +240,7 @@ async def east_agent(
             **options,
         )
     )
-    task = asyncio.create_task(agent.run())
-
-    async def cancel() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    es.push_async_callback(cancel)
+    es.push_async_callback(cancel_and_wait, asyncio.create_task(agent.run()))
     await eventually(
         lambda: agent.session.connected.is_set() and bool(agent.xds_port) and bool(agent.relay.version),
         what="the agent serving",

@@ -26,6 +26,7 @@ from graylane.controlplane.api.certs import make_local_certs
 from graylane.controlplane.api.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.api.tls import open_channel
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
@@ -261,9 +262,7 @@ class SotwClient:
     async def __aexit__(self, *exc: object) -> None:
         self._call.cancel()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._channel.close()
 
     async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
