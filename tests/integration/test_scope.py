@@ -381,34 +381,41 @@ async def test_a_scoped_client_asking_by_name_for_another_services_resources_get
         call.cancel()
 
 
-async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_services(store: EtcdStore) -> None:
+@contextlib.asynccontextmanager
+async def shop_and_find_held(store: EtcdStore, node_id: str) -> AsyncIterator[tuple[Any, SotwClient]]:
+    """`scoped_plane` with release shop (of checkout) and find (of search) applied, and a
+    scripted proxy `node_id` scoped to checkout that ACKed its routes and now holds new
+    ones unACKed: the API stub and the proxy."""
     async with scoped_plane(store) as (plane, stub):
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
-        async with SotwClient(plane.xds_port, node("scripted-shop", CHECKOUT_TOKEN)) as proxy:
+        async with SotwClient(plane.xds_port, node(node_id, CHECKOUT_TOKEN)) as proxy:
             await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
             proxy.hold_routes = True
-            # Search is outside its scope: reached while it is connected (and never counted).
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
-            assert find.status.convergence.proxies == 0
-            # Checkout is in its scope: its new routes are pushed, not ACKed: not reached.
-            await stub.NextBatch(api.ActionRequest(name="shop"))
-            await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
-            shop = await poll_release(
-                stub, "shop", lambda r: r.status.weight == 10 and r.status.convergence.proxies == 1
-            )
-            assert not shop.status.reached and shop.status.convergence.converged == 0
-            assert any("scripted-shop" in lag for lag in shop.status.convergence.lagging), shop.status.convergence
-            # Another search batch still reaches meanwhile: the held proxy does not block it.
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
-            assert not (await stub.GetRelease(api.GetReleaseRequest(name="shop"))).status.reached
-            # Its ACK reaches the release.
-            proxy.hold_routes = False
-            proxy.release_held()
-            shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
-            assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
+            yield stub, proxy
+
+
+async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_services(store: EtcdStore) -> None:
+    async with shop_and_find_held(store, "scripted-shop") as (stub, proxy):
+        # Search is outside its scope: reached while it is connected (and never counted).
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+        assert find.status.convergence.proxies == 0
+        # Checkout is in its scope: its new routes are pushed, not ACKed: not reached.
+        await stub.NextBatch(api.ActionRequest(name="shop"))
+        await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
+        shop = await poll_release(stub, "shop", lambda r: r.status.weight == 10 and r.status.convergence.proxies == 1)
+        assert not shop.status.reached and shop.status.convergence.converged == 0
+        assert any("scripted-shop" in lag for lag in shop.status.convergence.lagging), shop.status.convergence
+        # Another search batch still reaches meanwhile: the held proxy does not block it.
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
+        assert not (await stub.GetRelease(api.GetReleaseRequest(name="shop"))).status.reached
+        # Its ACK reaches the release.
+        proxy.hold_routes = False
+        proxy.release_held()
+        shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
+        assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
 
 
 class ProxylessClient(SotwClient):
@@ -497,21 +504,16 @@ async def test_a_scoped_proxys_nack_pauses_only_releases_of_its_services(store: 
     """While it holds checkout's new routes, search's release moves (outside its scope: its
     configuration does not change); its NACK then pauses checkout's release alone, though
     the views between what it accepted and what it rejected changed search's lane too."""
-    async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
-        async with SotwClient(plane.xds_port, node("picky-shop", CHECKOUT_TOKEN)) as proxy:
-            await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
-            proxy.hold_routes = True
-            await stub.NextBatch(api.ActionRequest(name="shop"))
-            await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
-            proxy.nack_held("route rejected by a picky proxy")
-            shop = await poll_release(stub, "shop", lambda r: r.status.phase == pb.PAUSED)
-            assert shop.status.last_nack.node == "picky-shop"
-            find = await stub.GetRelease(api.GetReleaseRequest(name="find"))
-            assert find.status.phase == pb.PROGRESSING and not find.status.HasField("last_nack")
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
-            assert find.status.phase == pb.PROGRESSING
+    async with shop_and_find_held(store, "picky-shop") as (stub, proxy):
+        await stub.NextBatch(api.ActionRequest(name="shop"))
+        await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+        proxy.nack_held("route rejected by a picky proxy")
+        shop = await poll_release(stub, "shop", lambda r: r.status.phase == pb.PAUSED)
+        assert shop.status.last_nack.node == "picky-shop"
+        find = await stub.GetRelease(api.GetReleaseRequest(name="find"))
+        assert find.status.phase == pb.PROGRESSING and not find.status.HasField("last_nack")
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
+        assert find.status.phase == pb.PROGRESSING
