@@ -94,7 +94,7 @@ async def upstream() -> AsyncIterator[MakeUpstream]:
 
     yield make
     for server in started:
-        await server.close()
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- http client
