@@ -450,14 +450,23 @@ def reached_rows(label: str, r: dict[str, list[float]]) -> list[list[str]]:
     ]
 
 
+async def fresh_store(
+    stack: contextlib.AsyncExitStack, *, under: pathlib.Path | None = None
+) -> tuple[pathlib.Path, EtcdProcess, EtcdStore]:
+    """A new etcd with its data in a temporary folder (in `under`, else the system's) and a
+    store on it, all closed with `stack`: the folder, the etcd and the store."""
+    tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(dir=under, prefix="graylane-store-bench-")))
+    etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+    store = await connect(etcd.endpoint)
+    stack.push_async_callback(store.close)
+    return tmp, etcd, store
+
+
 async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: int = LIVE) -> list[list[str]]:
     """Fill a store, then start a replica on it: API ready, a fresh Envoy configured."""
     rows: list[list[str]] = []
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-store-bench-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
+        tmp, etcd, store = await fresh_store(stack)
         print(f"store bench: registering {releases} services", flush=True)
         await register(store, releases)
         names = [f"r-s{i:04d}" for i in range(releases)]
@@ -576,10 +585,7 @@ async def reached_on_tmpfs(*, releases: int = RELEASES, live: int = LIVE) -> lis
         return [["NextBatch with etcd's data on tmpfs", "not measured: no writable /dev/shm"]]
     rows: list[list[str]] = []
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(dir=TMPFS, prefix="graylane-store-bench-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
+        _, etcd, store = await fresh_store(stack, under=TMPFS)
         print(f"store bench: etcd on tmpfs, {releases} services and releases", flush=True)
         await register(store, releases)
         names = [f"r-s{i:04d}" for i in range(releases)]
