@@ -38,6 +38,7 @@ from graylane.controlplane.domain import model
 from graylane.controlplane.domain.machine import Action as Move
 from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.domain.releases import Releases
+from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.ports import free_port
@@ -211,9 +212,7 @@ async def bench_actions(plane: ControlPlane, store: EtcdStore, names: Sequence[s
         for i in range(ACTIONS):
             await client.act(cycle[i % 3], names[(i // 3) % len(names)])
         await asyncio.sleep(1.0)  # convergence writes and their watch batches settle
-    counter.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await counter
+    await cancel_and_wait(counter)
     return {"reads": float(store.full_reads - reads0), "batches": float(batches)}
 
 
@@ -242,9 +241,7 @@ class LagProbe:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
 
 def _route_versions(plane: ControlPlane) -> dict[str, str]:
@@ -453,14 +450,23 @@ def reached_rows(label: str, r: dict[str, list[float]]) -> list[list[str]]:
     ]
 
 
+async def fresh_store(
+    stack: contextlib.AsyncExitStack, *, under: pathlib.Path | None = None
+) -> tuple[pathlib.Path, EtcdProcess, EtcdStore]:
+    """A new etcd with its data in a temporary folder (in `under`, else the system's) and a
+    store on it, all closed with `stack`: the folder, the etcd and the store."""
+    tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(dir=under, prefix="graylane-store-bench-")))
+    etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
+    store = await connect(etcd.endpoint)
+    stack.push_async_callback(store.close)
+    return tmp, etcd, store
+
+
 async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: int = LIVE) -> list[list[str]]:
     """Fill a store, then start a replica on it: API ready, a fresh Envoy configured."""
     rows: list[list[str]] = []
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-store-bench-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
+        tmp, etcd, store = await fresh_store(stack)
         print(f"store bench: registering {releases} services", flush=True)
         await register(store, releases)
         names = [f"r-s{i:04d}" for i in range(releases)]
@@ -518,13 +524,7 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: in
         t0 = time.perf_counter()
         plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0")
         runner = asyncio.create_task(plane.run())
-
-        async def stop() -> None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-        stack.push_async_callback(stop)
+        stack.push_async_callback(cancel_and_wait, runner)
         await plane.ready.wait()
         async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="bench") as client:
             await client.get_release(names[0])
@@ -560,7 +560,7 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: in
             rows += reached_rows("5 real Envoys", await bench_reached(api, plane, 4, names[-1]))
             disk_after = await asyncio.to_thread(etcd_disk, etcd.endpoint)
             rows.append(disk_row(disk_before, disk_after, await asyncio.to_thread(fdatasync_ms, tmp)))
-        await stop()
+        await cancel_and_wait(runner)
         waited = await cold_start_with_waiting_envoy(store)
         rows.append(
             [
@@ -585,10 +585,7 @@ async def reached_on_tmpfs(*, releases: int = RELEASES, live: int = LIVE) -> lis
         return [["NextBatch with etcd's data on tmpfs", "not measured: no writable /dev/shm"]]
     rows: list[list[str]] = []
     async with contextlib.AsyncExitStack() as stack:
-        tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(dir=TMPFS, prefix="graylane-store-bench-")))
-        etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
-        store = await connect(etcd.endpoint)
-        stack.push_async_callback(store.close)
+        _, etcd, store = await fresh_store(stack, under=TMPFS)
         print(f"store bench: etcd on tmpfs, {releases} services and releases", flush=True)
         await register(store, releases)
         names = [f"r-s{i:04d}" for i in range(releases)]

@@ -1,12 +1,15 @@
 """`Lifecycle`: the small async lifecycle of what Graylane starts and stops — a child
 process (Envoy, etcd), a group of them, an HTTP server. A subclass writes `start()` and
 `stop()`; `async with` starts it on entry and stops it on exit, whatever ended the block.
+`cancel_and_wait`: the stop of what runs as an asyncio task.
 
 Must not import: etcd, graylane.xds, graylane.agent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from types import TracebackType
 from typing import Self
 
@@ -26,3 +29,11 @@ class Lifecycle:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def cancel_and_wait(task: asyncio.Task[object]) -> None:
+    """Cancel `task` and return once it has ended: its own CancelledError is the expected
+    end, not an error (any other exception it ends with is raised)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

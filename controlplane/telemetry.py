@@ -29,11 +29,12 @@ import logging
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from graylane.controlplane.api.closing import Continuation
 from graylane.controlplane.domain.model.values import Phase
 from graylane.xds.tracker import ACKED, DISCONNECTED, NACKED, PUSHED, ProxyEvent, ProxyTracker
 from opentelemetry import propagate, trace
@@ -418,9 +419,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._tracer = tracer
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:

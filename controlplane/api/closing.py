@@ -7,6 +7,7 @@ another replica once it has passed. `ClosingInterceptor` wraps every handler tha
 its responses: once `close()` is called, each such stream ends (UNAVAILABLE) after the
 message it is producing, and the client reconnects elsewhere straight away.
 
+`Continuation` is the type every server interceptor of the control plane is handed.
 `run_until_signalled` is how a process (`graylane serve`, `graylane agent`) stops: on
 SIGTERM/SIGINT its main coroutine is cancelled and waited for, so its stops run.
 """
@@ -23,6 +24,11 @@ from typing import Any, TypeVar
 import grpc
 
 T = TypeVar("T")
+
+#: What gRPC hands a server interceptor's `intercept_service`: the lookup of the next
+#: interceptor's (in the end the method's) handler. The control plane's interceptors
+#: (this module's, release_service's auth, telemetry's tracing) all take one.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 
 async def until_set(stream: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T]:
@@ -60,11 +66,9 @@ class ClosingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._closing.set()
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+        handler = await continuation(details)
         if handler is None or not handler.response_streaming:
             return handler
         if handler.request_streaming:

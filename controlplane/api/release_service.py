@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 from graylane.controlplane.api import auth
-from graylane.controlplane.api.closing import until_set
+from graylane.controlplane.api.closing import Continuation, until_set
 from graylane.controlplane.defaults import ACTOR_METADATA
 from graylane.controlplane.domain import model
 from graylane.controlplane.domain.machine import Action, Cause
@@ -232,15 +232,13 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._streams: dict[str, int] = {}
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+        handler = await continuation(details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        metadata = {str(k): str(v) for k, v in (handler_call_details.invocation_metadata or ())}
+        method = details.method
+        metadata = {str(k): str(v) for k, v in (details.invocation_metadata or ())}
         is_agent = method.startswith(auth.AGENT_SERVICE_PREFIX)
         if not self._auth.enabled and not (is_agent and self._auth.checks_agents):
             # Open: the old behaviour, nothing to check.

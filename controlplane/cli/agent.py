@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from graylane.agent.defaults import (
@@ -126,24 +127,25 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_agent)
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 3600 seconds")
-    return value
+def _number_up_to(high: float, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a number more than 0 and at most `high` (of `unit`, in messages)."""
+    of_unit = f" of {unit}" if unit else ""
+    in_unit = f" {unit}" if unit else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number{of_unit}") from None
+        if not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most {high:g}{in_unit}")
+        return value
+
+    return parse
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 1")
-    return value
+_positive_seconds = _number_up_to(3600, "seconds")
+_share = _number_up_to(1)
 
 
 def _agent(args: argparse.Namespace) -> int:

@@ -14,13 +14,14 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from graylane.controlplane.address import HostPort
 from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.api.tls import ClientTls, TlsConfigError
-from graylane.controlplane.cli.output import OUTPUT_FORMATS, escape_control
+from graylane.controlplane.cli.output import OUTPUT_FORMATS, emit, escape_control
 from graylane.controlplane.defaults import (
     DEFAULT_API_PORT,
     DEFAULT_RPC_TIMEOUT_SECONDS,
@@ -256,6 +257,32 @@ def client_command(handler: ClientHandler) -> Handler:
         return asyncio.run(_run_client(handler, args))
 
     return run
+
+
+_Read = TypeVar("_Read", bound=Message)
+
+
+def add_read_command(
+    subparsers: Subparsers,
+    name: str,
+    help: str,
+    read: Callable[[ReleaseClient, argparse.Namespace], Awaitable[_Read]],
+    table: Callable[[_Read], str],
+    *arguments: str,
+) -> argparse.ArgumentParser:
+    """`graylane NAME [ARG...] [-o FORMAT]`: prints what one read of the API returns, as
+    `table` or JSON/YAML. Each of `arguments` is a positional (its metavar upper-cased)."""
+    parser = client_parser(subparsers, name, help)
+    for argument in arguments:
+        parser.add_argument(argument, metavar=argument.upper())
+    add_output_flag(parser)
+
+    async def run(client: ReleaseClient, args: argparse.Namespace) -> int:
+        emit(args, await read(client, args), table)
+        return EXIT_OK
+
+    parser.set_defaults(handler=client_command(run))
+    return parser
 
 
 def port_number(text: str) -> int:

@@ -24,6 +24,7 @@ from graylane.controlplane.cli.base import (
     Subparsers,
     UsageError,
     add_output_flag,
+    add_read_command,
     add_reason_flag,
     client_command,
     client_parser,
@@ -195,27 +196,26 @@ def add_status(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=client_command(_status))
 
 
-async def _history(client: ReleaseClient, args: argparse.Namespace) -> int:
-    emit(args, await client.history(args.name), render_history)
-    return EXIT_OK
-
-
 def add_history(subparsers: Subparsers) -> None:
-    parser = client_parser(subparsers, "history", "show the events of a release")
-    parser.add_argument("name", metavar="NAME")
-    add_output_flag(parser)
-    parser.set_defaults(handler=client_command(_history))
-
-
-async def _traffic(client: ReleaseClient, args: argparse.Namespace) -> int:
-    emit(args, await client.get_traffic(args.name), render_traffic)
-    return EXIT_OK
+    add_read_command(
+        subparsers,
+        "history",
+        "show the events of a release",
+        lambda client, args: client.history(args.name),
+        render_history,
+        "name",
+    )
 
 
 def add_traffic(subparsers: Subparsers) -> None:
-    parser = client_parser(subparsers, "traffic", "requests per service, version and lane, from the proxies")
-    parser.add_argument("name", metavar="NAME")
-    add_output_flag(parser)
+    add_read_command(
+        subparsers,
+        "traffic",
+        "requests per service, version and lane, from the proxies",
+        lambda client, args: client.get_traffic(args.name),
+        render_traffic,
+        "name",
+    )
 
 
 async def _metrics(client: ReleaseClient, args: argparse.Namespace) -> int:

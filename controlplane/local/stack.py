@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.store import EtcdStore, connect
 
@@ -59,14 +60,7 @@ async def local_control_plane(*, prefix: str = "graylane-", ready_timeout: float
         stack.push_async_callback(store.close)
         # With its HTTP server, so the dashboard (open mode: no auth, loopback only) shows the run.
         plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", http_listen="127.0.0.1:0")
-        runner = asyncio.create_task(plane.run())
-
-        async def stop_plane() -> None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
-
-        stack.push_async_callback(stop_plane)
+        stack.push_async_callback(cancel_and_wait, asyncio.create_task(plane.run()))
         async with asyncio.timeout(ready_timeout):
             await plane.ready.wait()
         yield LocalPlane(etcd, store, plane)

@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import json
 import random
-from types import TracebackType
+
+from graylane.controlplane.lifecycle import Lifecycle
 
 
-class Upstream:
+class Upstream(Lifecycle):
+    """`async with Upstream("checkout", "v2") as up:` serves on `up.port` inside the block."""
+
     def __init__(self, service: str, version: str, *, port: int = 0) -> None:
         self.service = service
         self.version = version
@@ -26,12 +29,11 @@ class Upstream:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> Upstream:
+    async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
@@ -40,14 +42,6 @@ class Upstream:
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
         self._server = None
-
-    async def __aenter__(self) -> Upstream:
-        return await self.start()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)

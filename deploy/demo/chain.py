@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 from urllib.parse import unquote
 
 import aiohttp
 from graylane.controlplane.api.client import ReleaseClient
+from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.envoy import SOTW, EnvoyProcess
 from graylane.deploy.demo.service import ChainService
 from graylane.v1 import release_pb2 as pb
@@ -110,7 +110,7 @@ async def get_once(
         return ChainAnswer(0, error=f"{type(exc).__name__}: {exc}")
 
 
-class Chain:
+class Chain(Lifecycle):
     """`async with Chain(xds_port=..., client=..., versions={"b": ("v1", "v2")}) as chain:`.
 
     `services` are called in order, each calling the next through its sidecar. Every
@@ -181,15 +181,6 @@ class Chain:
 
     # ----------------------------------------------------------------------- lifecycle
 
-    async def __aenter__(self) -> Chain:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         if self._stack is not None:
             raise RuntimeError("the chain is already started")
@@ -228,7 +219,7 @@ class Chain:
             await self._until_serving()
             self._stack = stack.pop_all()
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         """Stop the Envoys (by PID), then the services; idempotent."""
         stack, self._stack = self._stack, None
         if stack is not None:

@@ -38,12 +38,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import grpc
 import yaml
 from graylane.controlplane.api.client import ReleaseClient
+from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.local.traffic import LoadResult, run_load
@@ -395,7 +395,7 @@ def gray_in_west_release(
     )
 
 
-class TwoClusters:
+class TwoClusters(Lifecycle):
     """`async with TwoClusters(etcd_endpoint=..., workdir=...) as layout:` east and west, serving.
 
     `extra_tokens` adds credentials for more cluster names (tests use one to speak the
@@ -460,17 +460,14 @@ class TwoClusters:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> TwoClusters:
+    async def start(self) -> None:
         try:
             await self._start()
         except BaseException:
-            await self._stack.aclose()
+            await self.stop()
             raise
-        return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def stop(self) -> None:
         await self._stack.aclose()
 
     async def _start(self) -> None:

@@ -32,10 +32,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import grpc
+from graylane.controlplane.lifecycle import Lifecycle
 from graylane.lanes import LaneClientInterceptor, LaneServerInterceptor, current_lane
 
 __all__ = [
@@ -376,25 +376,22 @@ def _env(xds_port: int, node_id: str, *, xdstp: bool = False) -> dict[str, str]:
     return env
 
 
-class GreeterProcess:
+class GreeterProcess(Lifecycle):
     """`serve` in a child process: `ports` maps "service:version" to its port once started."""
 
     def __init__(self, specs: Sequence[ServerSpec], *, xds_port: int, node_id: str = "greeters") -> None:
         self._child = _Child(_python_argv("serve", *(s.arg() for s in specs)), _env(xds_port, node_id))
         self.ports: dict[str, int] = {}
 
-    async def __aenter__(self) -> GreeterProcess:
+    async def start(self) -> None:
         await self._child.start()
         try:
             self.ports = {k: int(v) for k, v in (await self._child.read(_START_TIMEOUT_SECONDS))["ports"].items()}
         except BaseException:
-            await self._child.stop()
+            await self.stop()
             raise
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def stop(self) -> None:
         await self._child.stop()
 
 
@@ -408,7 +405,7 @@ def node_binary() -> str | None:
     return shutil.which("node")
 
 
-class ClientProcess:
+class ClientProcess(Lifecycle):
     """A proxyless client of `xds:///<target>` in a child process: grpcio ("python") or
     @grpc/grpc-js-xds ("node"), driven by `ClientProtocol` commands."""
 
@@ -427,13 +424,10 @@ class ClientProcess:
         self.kind = kind
         self._child = _Child(argv, env)
 
-    async def __aenter__(self) -> ClientProcess:
+    async def start(self) -> None:
         await self._child.start()
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def stop(self) -> None:
         if self._child.proc is not None and self._child.proc.stdin is not None:
             with contextlib.suppress(ConnectionError):
                 self._child.proc.stdin.write(b'{"op": "exit"}\n')

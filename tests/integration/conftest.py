@@ -8,7 +8,8 @@
 * `control_plane(store)`: one in-process replica on free loopback ports; `api_stub` its API;
   `register(stub, service, v1, v2)`: a service and its versions, each version's endpoint its
   upstream's; `serving_replica(es, store, *services)`: all three for v1 and v2 of each
-  service (`checkout_replica`: of checkout).
+  service (`checkout_replica`: of checkout; `checkout_stack`: and an Envoy on it).
+* `east_agent(es, api_port, state, upstreams)`: an in-process agent of cluster east, serving.
 * `poll_release(stub, name, pred)`, `first_batch_reached(stub, spec)`: a release's status.
 * `start_serve`: a `graylane serve` process, `stop_group` to end one; `eventually`: poll a condition with a deadline.
 
@@ -26,14 +27,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
 from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
@@ -41,6 +43,9 @@ from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
+
+if TYPE_CHECKING:
+    from graylane.agent.app import Agent
 
 LOOPBACK = "127.0.0.1"
 
@@ -89,7 +94,7 @@ async def upstream() -> AsyncIterator[MakeUpstream]:
 
     yield make
     for server in started:
-        await server.close()
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- http client
@@ -159,6 +164,37 @@ async def checkout_replica(
     return plane, stub, ups[("checkout", "v1")], ups[("checkout", "v2")]
 
 
+@dataclass
+class CheckoutStack:
+    """`checkout_replica` with one Envoy on its xDS port."""
+
+    plane: ControlPlane
+    stub: api_grpc.ReleaseServiceStub
+    envoy: EnvoyProcess
+    v1: Upstream
+    v2: Upstream
+
+
+Stack = TypeVar("Stack", bound=CheckoutStack)
+
+
+async def checkout_stack(
+    es: contextlib.AsyncExitStack,
+    store: EtcdStore,
+    envoy: StartEnvoy,
+    kind: type[Stack],
+    *,
+    node_id: str,
+    protocol: str = "sotw",
+    **options: Any,
+) -> Stack:
+    """`checkout_replica(es, store, **options)` and an Envoy `node_id` speaking `protocol`
+    to it (started with the `envoy` fixture), as a `kind`: a test's subclass adds its steps."""
+    plane, stub, v1, v2 = await checkout_replica(es, store, **options)
+    proxy = await envoy(ads_port=plane.xds_port, protocol=protocol, node_id=node_id)
+    return kind(plane, stub, proxy, v1, v2)
+
+
 async def register(
     stub: api_grpc.ReleaseServiceStub, service: str, *upstreams: Upstream, versions: tuple[str, ...] = ("v1", "v2")
 ) -> None:
@@ -172,6 +208,44 @@ async def register(
         await stub.PutVersion(
             api.PutVersionRequest(version=pb.Version(service=service, name=name, endpoints=endpoints))
         )
+
+
+async def east_agent(
+    es: contextlib.AsyncExitStack, api_port: int, state: Path, upstreams: Iterable[Upstream], **options: Any
+) -> Agent:
+    """An in-process agent of cluster "east": its control plane the API on `api_port`, its
+    endpoints those of `upstreams` (written to a file in `state`), its xDS on a free loopback
+    port. Returned once it serves a view; cancelled with `es`. `options` are AgentOptions'
+    (control_plane_tls=, tls=, xds_tokens=...)."""
+    from graylane.agent.app import Agent, AgentOptions
+    from graylane.controlplane.local.ports import free_port
+
+    endpoints = state / "east.yaml"
+    endpoints.write_text(
+        "versions:\n"
+        + "".join(
+            f"  - service: {up.service}\n    version: {up.version}\n"
+            f"    endpoints:\n      - {{address: {LOOPBACK}, port: {up.port}}}\n"
+            for up in upstreams
+        )
+    )
+    agent = Agent(
+        AgentOptions(
+            cluster="east",
+            control_plane=f"{LOOPBACK}:{api_port}",
+            gateway_address=f"{LOOPBACK}:{free_port()}",
+            state_dir=state / "agent",
+            endpoints_file=endpoints,
+            xds_listen=f"{LOOPBACK}:0",
+            **options,
+        )
+    )
+    es.push_async_callback(cancel_and_wait, asyncio.create_task(agent.run()))
+    await eventually(
+        lambda: agent.session.connected.is_set() and bool(agent.xds_port) and bool(agent.relay.version),
+        what="the agent serving",
+    )
+    return agent
 
 
 # An RE2 program of size 67: within Graylane's (and Envoy's default) limit of 100, above the

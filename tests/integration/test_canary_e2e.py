@@ -8,32 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import LoadResult, run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
-from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import binomial_bound, checkout_replica
+from tests.integration.conftest import CheckoutStack, binomial_bound, checkout_stack
 
 SERVICE = "checkout"
 
 
-@dataclass
-class Stack:
-    plane: ControlPlane
-    stub: api_grpc.ReleaseServiceStub
-    envoy: EnvoyProcess
-    v1: Upstream
-    v2: Upstream
-
+class Stack(CheckoutStack):
     async def load(self, count: int = 2000, **kw: Any) -> LoadResult:
         kw.setdefault("max_seconds", 30)
         kw.setdefault("concurrency", 16)
@@ -68,9 +56,7 @@ def spec(
 @pytest.fixture(params=["sotw", "delta"])
 async def stack(request: pytest.FixtureRequest, store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, v1, v2 = await checkout_replica(es, store)
-        proxy = await envoy(ads_port=plane.xds_port, protocol=request.param, node_id=f"envoy-{request.param}")
-        yield Stack(plane, stub, proxy, v1, v2)
+        yield await checkout_stack(es, store, envoy, Stack, protocol=request.param, node_id=f"envoy-{request.param}")
 
 
 async def test_split_matches_each_batch_weight(stack: Stack) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -31,6 +32,24 @@ from tests.integration.conftest import (
     register,
     serving_replica,
 )
+
+
+@contextlib.asynccontextmanager
+async def checkout_on_first_batch(
+    es: contextlib.AsyncExitStack, store: EtcdStore, xds_port: int
+) -> AsyncIterator[api_grpc.ReleaseServiceStub]:
+    """A replica serving xDS on `xds_port` while the block runs, checkout's v1 and v2
+    upstreams (closed with `es`) registered, and release "rel" moved to its first batch:
+    a stub of the replica. A restart test starts the next replica on the same port."""
+    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+    async with control_plane(store, xds_port=xds_port) as plane:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as ch:
+            stub = api_grpc.ReleaseServiceStub(ch)
+            await register(stub, "checkout", v1, v2)
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+            await stub.NextBatch(api.ActionRequest(name="rel"))
+            yield stub
 
 
 async def test_nack_pauses_its_release_names_the_proxy_and_others_progress(store: EtcdStore, envoy: Any) -> None:
@@ -68,16 +87,9 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
 ) -> None:
     xds_port = free_port()
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        async with control_plane(store, xds_port=xds_port) as plane:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as ch:
-                stub = api_grpc.ReleaseServiceStub(ch)
-                await register(stub, "checkout", v1, v2)
-                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
-                await stub.NextBatch(api.ActionRequest(name="rel"))
-                proxy: EnvoyProcess = await envoy(ads_port=xds_port, protocol=protocol, node_id="steady")
-                await poll_release(stub, "rel", lambda r: r.status.reached)
+        async with checkout_on_first_batch(es, store, xds_port) as stub:
+            proxy: EnvoyProcess = await envoy(ads_port=xds_port, protocol=protocol, node_id="steady")
+            await poll_release(stub, "rel", lambda r: r.status.reached)
             stop = asyncio.Event()
             load = asyncio.create_task(
                 run_load(proxy.listen_port, authority="checkout", count=100_000, max_seconds=30, rate=200, stop=stop)
@@ -106,14 +118,8 @@ async def test_control_plane_restart_keeps_envoy_serving_and_resends_nothing(
 async def test_envoy_started_while_control_plane_is_down_serves_once_it_is_back(store: EtcdStore, envoy: Any) -> None:
     xds_port = free_port()
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        async with control_plane(store, xds_port=xds_port) as plane:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.api_port}") as ch:
-                stub = api_grpc.ReleaseServiceStub(ch)
-                await register(stub, "checkout", v1, v2)
-                await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
-                await stub.NextBatch(api.ActionRequest(name="rel"))
+        async with checkout_on_first_batch(es, store, xds_port):
+            pass  # the release waits in etcd at its first batch; the replica stops here
         # Control plane down; a (re)started Envoy has nothing yet.
         proxy: EnvoyProcess = await envoy(ads_port=xds_port, node_id="late", wait_ready=False)
         async with control_plane(store, xds_port=xds_port):

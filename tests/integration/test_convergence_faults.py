@@ -204,23 +204,19 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
             await stub.NextBatch(api.ActionRequest(name=name))
             await poll_release(stub, name, lambda r: r.status.reached)
 
-        await stub.Rollback(api.ActionRequest(name="back"))
-        back = await poll_release(stub, "back", lambda r: r.status.reached)
-        assert back.status.phase == pb.ROLLED_BACK
-        assert (back.status.convergence.proxies, back.status.convergence.converged) == (2, 2)
-        for p in proxies:
-            assert await gray_weight(p, "checkout") == 0
-            assert "v1" in await untagged_target(p, "checkout")
-
-        await stub.Promote(api.ActionRequest(name="forward"))
-        forward = await poll_release(stub, "forward", lambda r: r.status.reached)
-        assert forward.status.phase == pb.SUCCEEDED
-        assert (forward.status.convergence.proxies, forward.status.convergence.converged) == (2, 2)
-        for p in proxies:
-            assert await gray_weight(p, "search") == 0
-            assert "v2" in await untagged_target(p, "search")
-        assert await reached_events(stub, "back") == [("next", 0), ("reached", 0), ("rollback", 0), ("reached", 0)]
-        assert await reached_events(stub, "forward") == [("next", 0), ("reached", 0), ("promote", 0), ("reached", 0)]
+        # Each end is reached once both Envoys serve it: no lane, untagged traffic on `kept`.
+        for act, name, action, phase, service, kept in (
+            (stub.Rollback, "back", "rollback", pb.ROLLED_BACK, "checkout", "v1"),
+            (stub.Promote, "forward", "promote", pb.SUCCEEDED, "search", "v2"),
+        ):
+            await act(api.ActionRequest(name=name))
+            done = await poll_release(stub, name, lambda r: r.status.reached)
+            assert done.status.phase == phase
+            assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2)
+            for p in proxies:
+                assert await gray_weight(p, service) == 0
+                assert kept in await untagged_target(p, service)
+            assert await reached_events(stub, name) == [("next", 0), ("reached", 0), (action, 0), ("reached", 0)]
 
 
 async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_named(

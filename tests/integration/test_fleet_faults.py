@@ -158,6 +158,22 @@ def leads(served: Served) -> bool:
     return bool(lines) and " is the leader" in lines[-1]
 
 
+async def load_never_failed(load: asyncio.subprocess.Process) -> None:
+    """Wait for a background load run to end: it sent over 300 requests, none failed."""
+    result = await load_result(load)
+    assert result["failed"] == 0 and result["sent"] > 300, result
+
+
+async def kill_leader(a: Served, b: Served, ttl: float) -> float:
+    """SIGKILL replica `a`, the leader, and wait (up to its lease `ttl` + 10 s) until `b`
+    leads: the time of the kill."""
+    a.signal(signal.SIGKILL)
+    a.proc.wait(timeout=10)
+    killed = time.monotonic()
+    await eventually(lambda: leads(b), timeout=ttl + 10, what="the other replica leading")
+    return killed
+
+
 async def transitions(stub: Any, name: str) -> list[str]:
     history = await stub.History(api.HistoryRequest(name=name))
     return [e.action for e in history.events]
@@ -200,12 +216,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
         load_orphan = await load_process(orphan.listen_port, stale + 8)
         load_b = await load_process(on_b.listen_port, stale + 8)
         await asyncio.sleep(0.5)  # traffic pacing: some load before the kill
-        a.signal(signal.SIGKILL)
-        a.proc.wait(timeout=10)
-        killed = time.monotonic()
-        async with asyncio.timeout(ttl + 10):
-            while not leads(b):
-                await asyncio.sleep(0.05)
+        killed = await kill_leader(a, b, ttl)
         assert b.proc.poll() is None
 
         await stub.NextBatch(api.ActionRequest(name="rel"))
@@ -220,8 +231,7 @@ async def test_leader_replica_kill9_keeps_its_envoys_counted_until_they_carry_th
                 await asyncio.sleep(0.1)
         assert got.status.convergence.proxies == 3 and got.status.convergence.converged == 1, got.status
         assert any("on-a-moved" in n and "on-a-orphan" in n for n in got.status.convergence.lagging), got.status
-        result = await load_result(load_moved)
-        assert result["failed"] == 0 and result["sent"] > 300, result
+        await load_never_failed(load_moved)
 
         # One Envoy restarts against the live replica (same node id): it carries the batch and
         # counts there; the orphan still holds the batch back.
@@ -403,8 +413,7 @@ async def test_envoy_killed_mid_rollout_comes_back_on_the_current_config_counted
         assert both.status.reached and both.status.convergence.converged == 2, both.status
         assert both.status.convergence.gone == 0 and not both.status.convergence.lagging
         assert len(plane.tracker.of_node("e1")) == 1 and len(plane.tracker.proxies()) == 2
-        result = await load_result(load)
-        assert result["failed"] == 0 and result["sent"] > 300, result
+        await load_never_failed(load)
         assert await transitions(stub, "rel") == ["create", "next", "reached", "next", "reached"]
 
 
@@ -469,12 +478,7 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
         await poll_release(stub, "rel", lambda r: r.status.reached and r.status.convergence.converged == 2)
         load = await load_process(orphan.listen_port, ttl + 8)
 
-        a.signal(signal.SIGKILL)
-        a.proc.wait(timeout=10)
-        killed = time.monotonic()
-        async with asyncio.timeout(ttl + 10):
-            while not leads(b):
-                await asyncio.sleep(0.05)
+        killed = await kill_leader(a, b, ttl)
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await eventually(lambda: weight_is(live, 50))
         false_reached = None
@@ -487,8 +491,7 @@ async def test_a_dead_replicas_envoy_is_not_taken_for_a_live_envoy_with_the_same
                     false_reached = (c.proxies, c.converged, c.gone, time.monotonic() - killed)
                     break
                 await asyncio.sleep(0.1)
-        result = await load_result(load)
-        assert result["failed"] == 0 and result["sent"] > 300, result
+        await load_never_failed(load)
         assert a.proc.poll() is not None and b.proc.poll() is None
         assert false_reached is None, (
             "a silent replica's proxy is not reconnected because a live proxy shares its node id: "
@@ -529,8 +532,7 @@ async def test_a_restarted_envoy_that_nacks_again_after_resume_pauses_the_releas
         assert second.status.last_nack.node == "strict" and "program size" in second.status.last_nack.message
         await eventually(lambda: _both_weight(relaxed, restarted, 0))
         await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2)
-        result = await load_result(load)
-        assert result["failed"] == 0 and result["sent"] > 300, result
+        await load_never_failed(load)
         assert await transitions(stub, "rel") == ["create", "next", "pause", "resume", "pause"]
 
 
@@ -568,8 +570,7 @@ async def test_an_envoy_restarted_ten_times_leaves_exactly_the_live_proxies(
         assert done.status.convergence.gone == 0
         assert await gray_weight(last) == 50 and await gray_weight(steady) == 50
         assert len(plane.tracker.of_node("churn")) == 1 and len(plane.tracker.proxies()) == 2
-        result = await load_result(load)
-        assert result["failed"] == 0 and result["sent"] > 300, result
+        await load_never_failed(load)
         assert await transitions(stub, "rel") == ["create", "next", "reached", "next", "reached"]
 
 

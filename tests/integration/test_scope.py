@@ -22,12 +22,12 @@ from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from graylane.agent.app import Agent, AgentOptions
 from graylane.controlplane.api.certs import make_local_certs
 from graylane.controlplane.api.proxyauth import TOKEN_METADATA, xds_authenticator
 from graylane.controlplane.api.tls import open_channel
 from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.local.envoy import EnvoyProcess, free_port
+from graylane.controlplane.lifecycle import cancel_and_wait
+from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.options import XdsCredential
@@ -38,7 +38,7 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.plan import route_clusters
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 
-from tests.integration.conftest import eventually, lane_spec, poll_release, register
+from tests.integration.conftest import east_agent, eventually, lane_spec, poll_release, register
 
 from .test_tls import client, envoy_tls, server_tls
 
@@ -184,30 +184,12 @@ async def test_an_agents_relay_serves_a_scoped_envoy_its_services_only(
         stub = api_grpc.ReleaseServiceStub(channel)
         for s in SERVICES:
             await register(stub, s, ups[(s, "v1")], ups[(s, "v2")])
-        endpoints = tmp_path / "east.yaml"
-        endpoints.write_text(
-            "versions:\n"
-            + "".join(
-                f"  - service: {s}\n    version: {v}\n    endpoints:\n      - {{address: 127.0.0.1, port: {up.port}}}\n"
-                for (s, v), up in ups.items()
-            )
-        )
-        agent = Agent(
-            AgentOptions(
-                cluster="east",
-                control_plane=f"127.0.0.1:{plane.api_port}",
-                gateway_address=f"127.0.0.1:{free_port()}",
-                state_dir=tmp_path / "agent",
-                endpoints_file=endpoints,
-                xds_listen="127.0.0.1:0",
-                xds_tokens=(XdsCredential("east", "east-shop", CHECKOUT_TOKEN, frozenset({"checkout"})),),
-            )
-        )
-        task = asyncio.create_task(agent.run())
-        es.push_async_callback(_cancel, task)
-        await eventually(
-            lambda: agent.session.connected.is_set() and bool(agent.xds_port) and bool(agent.relay.version),
-            what="the agent serving",
+        agent = await east_agent(
+            es,
+            plane.api_port,
+            tmp_path,
+            ups.values(),
+            xds_tokens=(XdsCredential("east", "east-shop", CHECKOUT_TOKEN, frozenset({"checkout"})),),
         )
         proxy: EnvoyProcess = await envoy(
             ads_port=agent.xds_port, node_id="east-shop", node_cluster="east", xds_token=CHECKOUT_TOKEN
@@ -217,12 +199,6 @@ async def test_an_agents_relay_serves_a_scoped_envoy_its_services_only(
         await releases_reach_with_a_scoped_proxy(stub, proxy)
         (reported,) = agent.relay.report().proxies
         assert list(reported.scope) == ["checkout"] and reported.view_version == agent.relay.version
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # ------------------------------------------------------------------ scripted ADS clients
@@ -286,9 +262,7 @@ class SotwClient:
     async def __aexit__(self, *exc: object) -> None:
         self._call.cancel()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._channel.close()
 
     async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
@@ -407,34 +381,41 @@ async def test_a_scoped_client_asking_by_name_for_another_services_resources_get
         call.cancel()
 
 
-async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_services(store: EtcdStore) -> None:
+@contextlib.asynccontextmanager
+async def shop_and_find_held(store: EtcdStore, node_id: str) -> AsyncIterator[tuple[Any, SotwClient]]:
+    """`scoped_plane` with release shop (of checkout) and find (of search) applied, and a
+    scripted proxy `node_id` scoped to checkout that ACKed its routes and now holds new
+    ones unACKed: the API stub and the proxy."""
     async with scoped_plane(store) as (plane, stub):
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
         await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
-        async with SotwClient(plane.xds_port, node("scripted-shop", CHECKOUT_TOKEN)) as proxy:
+        async with SotwClient(plane.xds_port, node(node_id, CHECKOUT_TOKEN)) as proxy:
             await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
             proxy.hold_routes = True
-            # Search is outside its scope: reached while it is connected (and never counted).
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
-            assert find.status.convergence.proxies == 0
-            # Checkout is in its scope: its new routes are pushed, not ACKed: not reached.
-            await stub.NextBatch(api.ActionRequest(name="shop"))
-            await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
-            shop = await poll_release(
-                stub, "shop", lambda r: r.status.weight == 10 and r.status.convergence.proxies == 1
-            )
-            assert not shop.status.reached and shop.status.convergence.converged == 0
-            assert any("scripted-shop" in lag for lag in shop.status.convergence.lagging), shop.status.convergence
-            # Another search batch still reaches meanwhile: the held proxy does not block it.
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
-            assert not (await stub.GetRelease(api.GetReleaseRequest(name="shop"))).status.reached
-            # Its ACK reaches the release.
-            proxy.hold_routes = False
-            proxy.release_held()
-            shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
-            assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
+            yield stub, proxy
+
+
+async def test_a_release_waits_for_a_scoped_proxy_only_when_it_touches_its_services(store: EtcdStore) -> None:
+    async with shop_and_find_held(store, "scripted-shop") as (stub, proxy):
+        # Search is outside its scope: reached while it is connected (and never counted).
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+        assert find.status.convergence.proxies == 0
+        # Checkout is in its scope: its new routes are pushed, not ACKed: not reached.
+        await stub.NextBatch(api.ActionRequest(name="shop"))
+        await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
+        shop = await poll_release(stub, "shop", lambda r: r.status.weight == 10 and r.status.convergence.proxies == 1)
+        assert not shop.status.reached and shop.status.convergence.converged == 0
+        assert any("scripted-shop" in lag for lag in shop.status.convergence.lagging), shop.status.convergence
+        # Another search batch still reaches meanwhile: the held proxy does not block it.
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
+        assert not (await stub.GetRelease(api.GetReleaseRequest(name="shop"))).status.reached
+        # Its ACK reaches the release.
+        proxy.hold_routes = False
+        proxy.release_held()
+        shop = await poll_release(stub, "shop", lambda r: r.status.reached and r.status.weight == 10)
+        assert shop.status.convergence.proxies == shop.status.convergence.converged == 1
 
 
 class ProxylessClient(SotwClient):
@@ -523,21 +504,16 @@ async def test_a_scoped_proxys_nack_pauses_only_releases_of_its_services(store: 
     """While it holds checkout's new routes, search's release moves (outside its scope: its
     configuration does not change); its NACK then pauses checkout's release alone, though
     the views between what it accepted and what it rejected changed search's lane too."""
-    async with scoped_plane(store) as (plane, stub):
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="shop", spec=lane_spec("checkout", "shop")))
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="find", spec=lane_spec("search", "find")))
-        async with SotwClient(plane.xds_port, node("picky-shop", CHECKOUT_TOKEN)) as proxy:
-            await eventually(lambda: plane.dataplane.proxies_current(), what="the scripted proxy ACKing its routes")
-            proxy.hold_routes = True
-            await stub.NextBatch(api.ActionRequest(name="shop"))
-            await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
-            proxy.nack_held("route rejected by a picky proxy")
-            shop = await poll_release(stub, "shop", lambda r: r.status.phase == pb.PAUSED)
-            assert shop.status.last_nack.node == "picky-shop"
-            find = await stub.GetRelease(api.GetReleaseRequest(name="find"))
-            assert find.status.phase == pb.PROGRESSING and not find.status.HasField("last_nack")
-            await stub.NextBatch(api.ActionRequest(name="find"))
-            find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
-            assert find.status.phase == pb.PROGRESSING
+    async with shop_and_find_held(store, "picky-shop") as (stub, proxy):
+        await stub.NextBatch(api.ActionRequest(name="shop"))
+        await eventually(lambda: proxy.held is not None, what="checkout's new routes pushed")
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 10)
+        proxy.nack_held("route rejected by a picky proxy")
+        shop = await poll_release(stub, "shop", lambda r: r.status.phase == pb.PAUSED)
+        assert shop.status.last_nack.node == "picky-shop"
+        find = await stub.GetRelease(api.GetReleaseRequest(name="find"))
+        assert find.status.phase == pb.PROGRESSING and not find.status.HasField("last_nack")
+        await stub.NextBatch(api.ActionRequest(name="find"))
+        find = await poll_release(stub, "find", lambda r: r.status.reached and r.status.weight == 50)
+        assert find.status.phase == pb.PROGRESSING

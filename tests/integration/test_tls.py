@@ -21,7 +21,6 @@ from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from graylane.agent.app import Agent, AgentOptions
 from graylane.agent.stats import AdminAllowList
 from graylane.controlplane.api import auth
 from graylane.controlplane.api.certs import make_local_certs
@@ -31,7 +30,7 @@ from graylane.controlplane.api.tls import ClientTls, ServerTls, agent_uri, open_
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Unavailable
-from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls, free_port
+from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess, EtcdTls
 from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.local.upstream import Upstream
@@ -44,7 +43,7 @@ from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds.resources import LISTENER, ROUTE
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.conftest import BIN, lane_spec, poll_release, register, start_serve
+from tests.integration.conftest import BIN, east_agent, lane_spec, poll_release, register, start_serve
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
@@ -100,6 +99,20 @@ async def api_stub(plane: ControlPlane, tls: ClientTls | None) -> AsyncIterator[
         yield api_grpc.ReleaseServiceStub(channel)
 
 
+async def mtls_checkout_release(
+    es: contextlib.AsyncExitStack, store: EtcdStore, certs: Path
+) -> tuple[ControlPlane, Any]:
+    """An mTLS replica with checkout's v1 and v2 upstreams registered and release "rel"
+    applied (not yet moved), all closed with `es`: the replica and an admin's stub."""
+    v1 = await es.enter_async_context(Upstream("checkout", "v1"))
+    v2 = await es.enter_async_context(Upstream("checkout", "v2"))
+    plane = await es.enter_async_context(mtls_plane(store, certs))
+    stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
+    await register(stub, "checkout", v1, v2)
+    await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+    return plane, stub
+
+
 async def rogue_nack(port: int, tls: ClientTls | None, node: base_pb2.Node) -> grpc.StatusCode:
     """Open an ADS stream and send, as its first request, a NACK of the route type: what a
     rogue process did to pause every live release. The status the stream ended with."""
@@ -143,12 +156,7 @@ async def test_envoy_over_mtls_ads_gets_routes_and_reaches_each_batch(
     store: EtcdStore, certs: Path, envoy: Any, protocol: str
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(mtls_plane(store, certs))
-        stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
-        await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        plane, stub = await mtls_checkout_release(es, store, certs)
         proxy: EnvoyProcess = await envoy(
             ads_port=plane.xds_port, protocol=protocol, node_id="tls-envoy", node_cluster="local", tls=envoy_tls(certs)
         )
@@ -209,12 +217,7 @@ async def test_each_port_refuses_plain_text_wrong_ca_and_certificate_less_client
 
 async def test_a_rogue_xds_streams_nack_changes_nothing(store: EtcdStore, certs: Path, envoy: Any) -> None:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream("checkout", "v1"))
-        v2 = await es.enter_async_context(Upstream("checkout", "v2"))
-        plane = await es.enter_async_context(mtls_plane(store, certs))
-        stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
-        await register(stub, "checkout", v1, v2)
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        plane, stub = await mtls_checkout_release(es, store, certs)
         await envoy(ads_port=plane.xds_port, node_id="real", node_cluster="local", tls=envoy_tls(certs))
         await stub.NextBatch(api.ActionRequest(name="rel"))
         await poll_release(stub, "rel", lambda r: r.status.reached)
@@ -276,28 +279,14 @@ async def test_an_agent_over_mtls_serves_its_clusters_envoys_over_mtls(
         plane = await es.enter_async_context(mtls_plane(store, certs))
         stub = await es.enter_async_context(api_stub(plane, client(certs, "user-admin")))
         await stub.PutService(api.PutServiceRequest(service=pb.Service(name="checkout", stable_version="v1")))
-        endpoints = tmp_path / "east.yaml"
-        endpoints.write_text(
-            "versions:\n  - service: checkout\n    version: v1\n"
-            f"    endpoints:\n      - {{address: 127.0.0.1, port: {v1.port}}}\n"
+        agent = await east_agent(
+            es,
+            plane.api_port,
+            tmp_path,
+            [v1],
+            control_plane_tls=client(certs, "agent-east"),
+            tls=server_tls(certs),
         )
-        agent = Agent(
-            AgentOptions(
-                cluster="east",
-                control_plane=f"127.0.0.1:{plane.api_port}",
-                gateway_address=f"127.0.0.1:{free_port()}",
-                state_dir=tmp_path / "agent",
-                endpoints_file=endpoints,
-                xds_listen="127.0.0.1:0",
-                control_plane_tls=client(certs, "agent-east"),
-                tls=server_tls(certs),
-            )
-        )
-        task = asyncio.create_task(agent.run())
-        es.push_async_callback(_cancel, task)
-        async with asyncio.timeout(15):
-            while not (agent.session.connected.is_set() and agent.xds_port and agent.relay.version):
-                await asyncio.sleep(0.05)
         proxy: EnvoyProcess = await envoy(
             ads_port=agent.xds_port, node_id="east-envoy", node_cluster="east", tls=envoy_tls(certs, "east")
         )
@@ -307,12 +296,6 @@ async def test_an_agent_over_mtls_serves_its_clusters_envoys_over_mtls(
         code = await rogue_nack(agent.xds_port, client(certs, "envoy-local"), node("rogue", cluster="local"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert await rogue_nack(agent.xds_port, None, node("rogue", cluster="east")) == grpc.StatusCode.UNAVAILABLE
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 # ------------------------------------------------------------------ metrics trust

@@ -15,36 +15,25 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from graylane.controlplane.app import ControlPlane
-from graylane.controlplane.local.envoy import EnvoyProcess, free_port
+from graylane.controlplane.local.envoy import free_port
 from graylane.controlplane.local.traffic import LoadResult, run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
-from graylane.v1 import release_service_pb2_grpc as api_grpc
 
-from tests.integration.conftest import api_stub, register
+from tests.integration.conftest import CheckoutStack, checkout_stack
 
 SERVICE = "checkout"
 FAST = {"leader_ttl_seconds": 2, "analysis_tick_seconds": 0.1}
 
 
-@dataclass
-class Stack:
-    plane: ControlPlane
-    stub: api_grpc.ReleaseServiceStub
-    envoy: EnvoyProcess
-    v1: Upstream
-    v2: Upstream
-
+class Stack(CheckoutStack):
     async def phase_reaches(self, phases: set[int], *, timeout: float) -> pb.Release:
         async with asyncio.timeout(timeout):
             while True:
@@ -60,14 +49,7 @@ class Stack:
 @contextlib.asynccontextmanager
 async def stack(store: EtcdStore, envoy: Any) -> AsyncIterator[Stack]:
     async with contextlib.AsyncExitStack() as es:
-        v1 = await es.enter_async_context(Upstream(SERVICE, "v1"))
-        v2 = await es.enter_async_context(Upstream(SERVICE, "v2"))
-        plane = ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", **FAST)  # type: ignore[arg-type]
-        await es.enter_async_context(plane.running())
-        stub = await api_stub(es, plane)
-        await register(stub, SERVICE, v1, v2)
-        proxy = await envoy(ads_port=plane.xds_port, node_id="envoy-unattended")
-        yield Stack(plane, stub, proxy, v1, v2)
+        yield await checkout_stack(es, store, envoy, Stack, node_id="envoy-unattended", **FAST)
 
 
 def analysed_spec(weights: tuple[int, ...], **analysis: Any) -> pb.ReleaseSpec:

@@ -176,6 +176,12 @@ def test_the_command_table_is_the_extension_point(capsys: pytest.CaptureFixture[
     assert capsys.readouterr().out == "hi\n"
 
 
+def test_every_command_has_a_handler() -> None:
+    # `graylane traffic` once parsed and then failed with AttributeError: no handler set.
+    (subcommands,) = (a for a in commands.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert [name for name, parser in subcommands.choices.items() if parser.get_default("handler") is None] == []
+
+
 # --- serve -----------------------------------------------------------------------------
 
 

@@ -4,31 +4,18 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from graylane.controlplane.domain.machine import TRANSITIONS, Action, Cause, transition
-from graylane.controlplane.domain.model.values import (
-    Batch,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    ServiceVersions,
-    Strategy,
-)
+from graylane.controlplane.domain.model.values import Phase, Release
 from graylane.controlplane.errors import FailedPrecondition
+
+from tests.unit.controlplane.conftest import canary_release
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 WHO = Cause(actor="tester", reason="because")
 
 
 def release(phase: Phase = Phase.PENDING, batch: int = -1, weights: tuple[int, ...] = (10, 20, 50, 100)) -> Release:
-    spec = ReleaseSpec(
-        lane="l",
-        entry="a",
-        services=(ServiceVersions("a", "v1", "v2"),),
-        strategy=Strategy.CANARY,
-        match=(),
-        batches=tuple(Batch(w, None) for w in weights),
-    )
-    return Release("r", spec, ReleaseStatus(phase=phase, batch=batch, events=3), created=NOW)
+    """The machine's starting point: a four-batch canary that has written three events."""
+    return canary_release(phase, batch, weights=weights, created=NOW, events=3)
 
 
 def test_next_walks_every_batch_then_succeeds() -> None:

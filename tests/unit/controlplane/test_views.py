@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import pytest
 from graylane.controlplane.domain import model
-from graylane.controlplane.domain.model.values import (
-    Batch,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    ServiceVersions,
-    Strategy,
-)
+from graylane.controlplane.domain.model.values import Phase, Release
 from graylane.controlplane.reconcile import views
 from graylane.xds import view as xv
 
-NOW = datetime(2026, 12, 1, tzinfo=UTC)
+from tests.unit.controlplane.conftest import NOW, canary_release
+
 NACK = model.Nack(node="strict", type_url="rds", version="v", message="too big", at=NOW)
-
-
-def release(phase: Phase = Phase.PROGRESSING, batch: int = 1, **status: object) -> Release:
-    spec = ReleaseSpec(
-        lane="lane",
-        entry="checkout",
-        services=(ServiceVersions("checkout", "v1", "v2"),),
-        strategy=Strategy.CANARY,
-        match=(),
-        batches=tuple(Batch(w, None) for w in (10, 50, 100)),
-    )
-    return Release("r", spec, ReleaseStatus(phase=phase, batch=batch, **status), created=NOW)  # type: ignore[arg-type]
 
 
 def view_with(*lanes: xv.Lane, base: str = "v1") -> xv.RoutingView:
@@ -40,23 +20,23 @@ def view_with(*lanes: xv.Lane, base: str = "v1") -> xv.RoutingView:
 
 
 def test_a_held_release_serves_the_batch_its_proxies_accepted() -> None:
-    held = release(Phase.PAUSED, 1, last_nack=NACK, held_batch=0)
-    assert views.served_lane(held) == views.lane_of(release(batch=0))
+    held = canary_release(Phase.PAUSED, 1, last_nack=NACK, held_batch=0)
+    assert views.served_lane(held) == views.lane_of(canary_release(batch=0))
     assert model.served_weight_of(held.spec, held.status) == 10
     assert model.weight_of(held.spec, held.status) == 50
-    never = release(Phase.PAUSED, 0, last_nack=NACK, held_batch=-1)
+    never = canary_release(Phase.PAUSED, 0, last_nack=NACK, held_batch=-1)
     assert views.served_lane(never) is None and model.served_weight_of(never.spec, never.status) == 0
 
 
 def test_accepted_batch_finds_the_batch_a_proxy_carries() -> None:
-    r = release(batch=1)
-    assert views.accepted_batch(r, view_with(views.lane_of(release(batch=0)))) == 0
+    r = canary_release(batch=1)
+    assert views.accepted_batch(r, view_with(views.lane_of(canary_release(batch=0)))) == 0
     assert views.accepted_batch(r, view_with()) == -1
     assert views.accepted_batch(r, None) == -1
 
 
 def test_a_proxy_that_never_carries_the_target_is_lagging_then_gone_and_named() -> None:
-    r = release(batch=0)
+    r = canary_release(batch=0)
     intended = view_with(views.lane_of(r))
     proxies = [
         views.ProxyFacts("good", intended, since=100.0),
@@ -77,9 +57,9 @@ def test_a_proxy_that_never_carries_the_target_is_lagging_then_gone_and_named() 
 
 
 def test_a_rollback_is_carried_once_its_lane_admits_nothing_and_a_promote_once_the_lane_is_gone() -> None:
-    lane = views.lane_of(release(batch=0))
-    rolled = release(Phase.ROLLED_BACK, 0)
-    promoted = release(Phase.SUCCEEDED, 0)
+    lane = views.lane_of(canary_release(batch=0))
+    rolled = canary_release(Phase.ROLLED_BACK, 0)
+    promoted = canary_release(Phase.SUCCEEDED, 0)
     assert views.followed(rolled) and not views.followed(replace(rolled, status=replace(rolled.status, reached=True)))
     drained = replace(lane, weight=0, rules=(), cohort=None)
     for r, carried_end in ((rolled, view_with(drained)), (promoted, view_with(base="v2"))):
@@ -95,7 +75,7 @@ def test_a_rolled_back_lane_drains_until_reached_then_goes() -> None:
     proxy carries that (`reached`) it goes. After a NACK it goes at once."""
     rule = (model.Condition(model.MatchKind.HEADER, "x-user", model.MatchOp.EXACT, "bob"),)
     for phase in (Phase.ROLLED_BACK, Phase.FAILED):
-        r = release(phase, 1)
+        r = canary_release(phase, 1)
         r = replace(r, spec=replace(r.spec, match=(rule,)))
         served = views.served_lane(r)
         assert served is not None
@@ -104,14 +84,14 @@ def test_a_rolled_back_lane_drains_until_reached_then_goes() -> None:
         assert views.served_lane(done) is None
         nacked = replace(r, status=replace(r.status, last_nack=NACK))
         assert views.served_lane(nacked) is None
-    assert views.served_lane(release(Phase.SUCCEEDED, 1)) is None
+    assert views.served_lane(canary_release(Phase.SUCCEEDED, 1)) is None
 
 
 def test_a_held_lane_is_served_as_accepted_after_the_spec_was_edited() -> None:
     bob = xv.Rule((xv.Condition(xv.MatchKind.HEADER, "x-user", xv.MatchOp.EXACT, "bob"),))
-    accepted = replace(views.lane_of(release(batch=0)), rules=(bob,))
+    accepted = replace(views.lane_of(canary_release(batch=0)), rules=(bob,))
     rule = (model.Condition(model.MatchKind.HEADER, "x-user", model.MatchOp.EXACT, "alice"),)
-    edited = release(Phase.PAUSED, 1, last_nack=NACK, held_batch=-1)
+    edited = canary_release(Phase.PAUSED, 1, last_nack=NACK, held_batch=-1)
     edited = replace(edited, spec=replace(edited.spec, match=(rule,)))
     kept = views.held_lane_from(accepted)
     held = replace(edited, status=replace(edited.status, held_lane=kept))
@@ -134,7 +114,7 @@ def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_
             by_name={r.name: r for r in releases},
         )
 
-    rolled = release(Phase.ROLLED_BACK, 1)
+    rolled = canary_release(Phase.ROLLED_BACK, 1)
     spec = replace(rolled.spec)
     with pytest.raises(InvalidArgument) as refused:
         check_against_registry("next", spec, snap(rolled))
@@ -144,7 +124,7 @@ def test_a_draining_lane_name_is_refused_to_a_new_release_until_the_rollback_is_
 
 
 def test_a_scoped_proxy_counts_only_for_releases_of_its_services() -> None:
-    r = release(batch=0)  # a release of checkout
+    r = canary_release(batch=0)  # a release of checkout
     intended = view_with(views.lane_of(r))
 
     def at(*proxies: views.ProxyFacts) -> views.Progress:

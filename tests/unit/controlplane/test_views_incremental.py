@@ -5,48 +5,39 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import pytest
 from graylane.controlplane.domain import model
-from graylane.controlplane.domain.model.values import (
-    Batch,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    ServiceVersions,
-    Strategy,
-)
 from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import Snapshot
 
-NOW = datetime(2026, 12, 1, tzinfo=UTC)
+from tests.unit.controlplane.conftest import NOW
+
 SERVICES = [f"s{i}" for i in range(12)]
 CLUSTERS = ["east", "west"]
 
 
-def _spec(rng: random.Random, i: int) -> ReleaseSpec:
+def _spec(rng: random.Random, i: int) -> model.ReleaseSpec:
     picked = rng.sample(SERVICES, rng.randint(1, 3))
     match = ()
     if rng.random() < 0.5:
         match = ((model.Condition(model.MatchKind.HEADER, "x-user", model.MatchOp.EXACT, f"u{rng.randint(0, 3)}"),),)
-    return ReleaseSpec(
+    return model.ReleaseSpec(
         lane=f"lane-{i}",
         entry=picked[0],
-        services=tuple(ServiceVersions(s, "v1", rng.choice(["v2", "v3"])) for s in sorted(picked)),
-        strategy=Strategy.CANARY,
+        services=tuple(model.ServiceVersions(s, "v1", rng.choice(["v2", "v3"])) for s in sorted(picked)),
+        strategy=model.Strategy.CANARY,
         match=match,
-        batches=tuple(Batch(w, None) for w in (10, 50, 100)),
+        batches=tuple(model.Batch(w, None) for w in (10, 50, 100)),
         gray_clusters=tuple(rng.sample(CLUSTERS, rng.randint(1, 2))) if rng.random() < 0.3 else (),
     )
 
 
-def _status(rng: random.Random) -> ReleaseStatus:
-    phase = rng.choice(list(Phase))
-    batch = rng.randint(-1, 2) if phase is not Phase.PENDING else -1
-    status = ReleaseStatus(phase=phase, batch=batch, proxies=rng.randint(0, 3))
-    if phase is Phase.PAUSED and rng.random() < 0.4:
+def _status(rng: random.Random) -> model.ReleaseStatus:
+    phase = rng.choice(list(model.Phase))
+    batch = rng.randint(-1, 2) if phase is not model.Phase.PENDING else -1
+    status = model.ReleaseStatus(phase=phase, batch=batch, proxies=rng.randint(0, 3))
+    if phase is model.Phase.PAUSED and rng.random() < 0.4:
         nack = model.Nack(node="n", type_url="rds", version="v", message="no", at=NOW)
         held_lane = None
         if rng.random() < 0.5:
@@ -55,8 +46,8 @@ def _status(rng: random.Random) -> ReleaseStatus:
     return status
 
 
-def _release(rng: random.Random, i: int) -> Release:
-    return Release(f"r{i:02d}", _spec(rng, i), _status(rng), created=NOW)
+def _release(rng: random.Random, i: int) -> model.Release:
+    return model.Release(f"r{i:02d}", _spec(rng, i), _status(rng), created=NOW)
 
 
 def _version(rng: random.Random, service: str, version: str) -> model.Version:
@@ -79,7 +70,7 @@ def _agent_endpoints(rng: random.Random) -> tuple[model.ClusterEndpoints, ...]:
 def _snapshot(
     services: dict[str, model.Service],
     versions: dict[tuple[str, str], model.Version],
-    releases: dict[str, Release],
+    releases: dict[str, model.Release],
     clusters: tuple[model.ClusterInfo, ...],
     agent: tuple[model.ClusterEndpoints, ...],
 ) -> Snapshot:
@@ -174,7 +165,7 @@ def test_built_from_the_previous_view_equals_a_build_from_scratch_and_keeps_what
 
 def test_a_status_only_change_keeps_the_very_same_view() -> None:
     rng = random.Random(1)
-    r = Release("r", _spec(rng, 0), ReleaseStatus(phase=Phase.PROGRESSING, batch=0), created=NOW)
+    r = model.Release("r", _spec(rng, 0), model.ReleaseStatus(phase=model.Phase.PROGRESSING, batch=0), created=NOW)
     services = {s: model.Service(s, "v1") for s in SERVICES}
     versions = {(s, v): _version(rng, s, v) for s in SERVICES for v in ("v1", "v2", "v3")}
     built = views.build_view_from(None, _snapshot(services, versions, {"r": r}, (), ()))

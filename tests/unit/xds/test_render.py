@@ -220,6 +220,19 @@ RICH_VIEW = make_view(
     ),
 )
 
+# RICH_VIEW's clusters, sorted: blue has cart v2 and gateway v2, green has stock v2. green
+# also enters at gateway, where its rules and share go to base through green's own cluster.
+# Elsewhere a lane has no cluster: its traffic takes the service's base cluster.
+RICH_VIEW_CLUSTERS = [
+    "cart|v1",
+    "cart|v2|blue",
+    "gateway|v1",
+    "gateway|v1|green",
+    "gateway|v2|blue",
+    "stock|v1",
+    "stock|v2|green",
+]
+
 
 # --------------------------------------------------------------------------- effective view
 
@@ -265,18 +278,7 @@ def test_render_serves_empty_gray_versions_from_base() -> None:
 
 def test_clusters_are_each_base_and_one_per_lane_where_it_has_a_version_or_enters() -> None:
     res = render_view(RICH_VIEW)
-    # blue has cart v2 and gateway v2, green has stock v2. green also enters at gateway,
-    # where its rules and share go to base through green's own cluster. Elsewhere a lane
-    # has no cluster: its traffic takes the service's base cluster.
-    assert list(res[resources.CLUSTER]) == [
-        "cart|v1",
-        "cart|v2|blue",
-        "gateway|v1",
-        "gateway|v1|green",
-        "gateway|v2|blue",
-        "stock|v1",
-        "stock|v2|green",
-    ]
+    assert list(res[resources.CLUSTER]) == RICH_VIEW_CLUSTERS
 
 
 def test_cluster_is_eds_over_ads() -> None:
@@ -862,66 +864,67 @@ def cookie_regex(op: MatchOp, value: str = "", name: str = "session") -> str:
     return regex
 
 
-@pytest.mark.parametrize(
-    ("cookie", "matches"),
-    [
-        ("session=abc", True),
-        ("a=1; session=abc", True),
-        ("session=abc; b=2", True),
-        ("a=1; session=abc; b=2", True),
-        ("a=1,session=abc", True),  # two Cookie lines joined by Envoy
-        ("session=abcd", False),
-        ("session=ab", False),
-        ("xsession=abc", False),
-        ("a=session=abc", False),
-        ("session=", False),
-        ("", False),
-    ],
-)
-def test_cookie_exact(cookie: str, matches: bool) -> None:
-    assert fullmatch(cookie_regex(MatchOp.EXACT, "abc"), cookie) is matches
+# (op, value): the cookie headers the regex for `session <op> value` matches, and those it must not.
+COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
+    (
+        MatchOp.EXACT,
+        "abc",
+        [
+            ("session=abc", True),
+            ("a=1; session=abc", True),
+            ("session=abc; b=2", True),
+            ("a=1; session=abc; b=2", True),
+            ("a=1,session=abc", True),  # two Cookie lines joined by Envoy
+            ("session=abcd", False),
+            ("session=ab", False),
+            ("xsession=abc", False),
+            ("a=session=abc", False),
+            ("session=", False),
+            ("", False),
+        ],
+    ),
+    (
+        MatchOp.PREFIX,
+        "beta-",
+        [
+            ("session=beta-1", True),
+            ("a=1; session=beta-; b=2", True),
+            ("session=beta", False),
+            ("session=alpha-beta-1", False),
+            ("a=beta-1; session=x", False),
+        ],
+    ),
+    (
+        MatchOp.REGEX,
+        "u[0-9]+|gold",
+        [
+            ("session=u42", True),
+            ("a=1; session=u7; b=2", True),
+            ("session=u42x", False),  # the regex must match the whole value
+            ("session=xu42", False),
+            ("session=gold", True),  # alternation stays inside the value
+            ("session=x; gold=1", False),
+        ],
+    ),
+    (
+        MatchOp.PRESENT,
+        "",
+        [
+            ("session=", True),
+            ("a=1; session=x", True),
+            ("sessions=x", False),
+            ("a=session", False),
+        ],
+    ),
+]
 
 
 @pytest.mark.parametrize(
-    ("cookie", "matches"),
-    [
-        ("session=beta-1", True),
-        ("a=1; session=beta-; b=2", True),
-        ("session=beta", False),
-        ("session=alpha-beta-1", False),
-        ("a=beta-1; session=x", False),
-    ],
+    ("op", "value", "cookie", "matches"),
+    [(op, value, cookie, matches) for op, value, cases in COOKIE_CASES for cookie, matches in cases],
 )
-def test_cookie_prefix(cookie: str, matches: bool) -> None:
-    assert fullmatch(cookie_regex(MatchOp.PREFIX, "beta-"), cookie) is matches
-
-
-@pytest.mark.parametrize(
-    ("cookie", "matches"),
-    [
-        ("session=u42", True),
-        ("a=1; session=u7; b=2", True),
-        ("session=u42x", False),  # the regex must match the whole value
-        ("session=xu42", False),
-        ("session=gold", True),  # alternation stays inside the value
-        ("session=x; gold=1", False),
-    ],
-)
-def test_cookie_regex(cookie: str, matches: bool) -> None:
-    assert fullmatch(cookie_regex(MatchOp.REGEX, "u[0-9]+|gold"), cookie) is matches
-
-
-@pytest.mark.parametrize(
-    ("cookie", "matches"),
-    [
-        ("session=", True),
-        ("a=1; session=x", True),
-        ("sessions=x", False),
-        ("a=session", False),
-    ],
-)
-def test_cookie_present(cookie: str, matches: bool) -> None:
-    assert fullmatch(cookie_regex(MatchOp.PRESENT), cookie) is matches
+def test_cookie_match(op: MatchOp, value: str, cookie: str, matches: bool) -> None:
+    assert fullmatch(cookie_regex(op, value), cookie) is matches
 
 
 def test_cookie_names_and_values_are_escaped() -> None:
@@ -1188,15 +1191,7 @@ def test_route_clusters_covers_direct_and_weighted_routes() -> None:
 
 
 def test_route_clusters_of_a_rendering() -> None:
-    assert route_clusters(route_config(render_view(RICH_VIEW))) == {
-        "cart|v1",
-        "cart|v2|blue",
-        "gateway|v1",
-        "gateway|v1|green",
-        "gateway|v2|blue",
-        "stock|v1",
-        "stock|v2|green",
-    }
+    assert route_clusters(route_config(render_view(RICH_VIEW))) == set(RICH_VIEW_CLUSTERS)
 
 
 # ------------------------------------------------------------- versions in other clusters
