@@ -165,15 +165,23 @@ def test_delta_subscription_changes_are_shared_and_an_unsubscribe_drops_what_is_
     assert names[1] not in a.sent and names[1] not in a.sent_versions and a.synced is None
 
 
-def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
-    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
-    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+PEER_ORDER = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+
+
+def _first_of_peers(stream_class: Any) -> tuple[SnapshotCache, _Selections, Any]:
+    """A cache holding a 5-service snapshot, the selections its peers will share, and the
+    first peer's stream ("synced") opened on them; the tests open the others alike."""
     cache = SnapshotCache()
     cache.set_snapshot("k", _snapshot(5))
     selections = _Selections()
-    synced = _open(_SotwStream(cache, ProxyTracker(), selections), "synced")
-    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
-    for t in order:
+    return cache, selections, _open(stream_class(cache, ProxyTracker(), selections), "synced")
+
+
+def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
+    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+    cache, selections, synced = _first_of_peers(_SotwStream)
+    for t in PEER_ORDER:
         names = [] if t in (CLUSTER, LISTENER, SCOPED_ROUTE) else sorted(cache.snapshot("k")[t].items)
         synced.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
     for _ in range(10):  # make-before-break: a few rounds until everything is ACKed
@@ -192,17 +200,17 @@ def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_pee
     back = []
     for name in ("again-1", "again-2"):
         stream = _open(_SotwStream(cache, ProxyTracker(), selections), name)
-        for t in order:
+        for t in PEER_ORDER:
             st = synced.types[t]
             names = [] if st.wildcard else sorted(st.names)
             stream.handle(
                 discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
             )
         assert stream.push() == []  # holds it all: nothing is sent
-        assert all(stream.types[t].acked_selection is not None for t in order)
+        assert all(stream.types[t].acked_selection is not None for t in PEER_ORDER)
         back.append(stream)
     assert back[0].current_plan() is back[1].current_plan()
-    for t in order:
+    for t in PEER_ORDER:
         assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
     cache.set_snapshot("k", _snapshot(5, lane=True))
 
@@ -243,18 +251,14 @@ def _settle_delta(stream: Any) -> None:
 
 
 def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
-    cache = SnapshotCache()
-    cache.set_snapshot("k", _snapshot(5))
-    selections = _Selections()
-    synced = _open(_DeltaStream(cache, ProxyTracker(), selections), "synced")
-    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
-    for t in order:
+    cache, selections, synced = _first_of_peers(_DeltaStream)
+    for t in PEER_ORDER:
         synced.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t))
     _settle_delta(synced)
     back = []
     for name in ("again-1", "again-2"):
         stream = _open(_DeltaStream(cache, ProxyTracker(), selections), name)
-        for t in order:
+        for t in PEER_ORDER:
             st = synced.types[t]
             stream.handle(
                 discovery_pb2.DeltaDiscoveryRequest(
@@ -264,10 +268,10 @@ def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_pe
                 )
             )
         assert stream.push() == []
-        assert all(stream.types[t].acked_selection is not None for t in order)
+        assert all(stream.types[t].acked_selection is not None for t in PEER_ORDER)
         back.append(stream)
     assert back[0].current_plan() is back[1].current_plan()
-    for t in order:
+    for t in PEER_ORDER:
         assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
     cache.set_snapshot("k", _snapshot(5, lane=True))
 
