@@ -85,6 +85,28 @@ def cond(kind: xv.MatchKind, name: str, op: xv.MatchOp, value: str = "") -> xv.C
     return xv.Condition(kind, name, op, value)
 
 
+def every_op(
+    kind: xv.MatchKind,
+    exact: tuple[str, str],
+    prefix: tuple[str, str],
+    regex: tuple[str, str],
+    present: str,
+    *,
+    path: tuple[xv.MatchOp, str],
+) -> xv.Rule:
+    """One rule with a `kind` condition of every op ((name, value) pairs; `present` a name)
+    and a path condition."""
+    return xv.Rule(
+        (
+            cond(kind, exact[0], xv.MatchOp.EXACT, exact[1]),
+            cond(kind, prefix[0], xv.MatchOp.PREFIX, prefix[1]),
+            cond(kind, regex[0], xv.MatchOp.REGEX, regex[1]),
+            cond(kind, present, xv.MatchOp.PRESENT),
+            cond(xv.MatchKind.PATH, "", *path),
+        )
+    )
+
+
 def eps(port: int) -> tuple[xv.Endpoint, ...]:
     return (xv.Endpoint("127.0.0.1", port),)
 
@@ -97,32 +119,24 @@ def rich_view() -> xv.RoutingView:
     on the base cluster (green has no gateway version), an empty gray version and an
     empty base."""
     every_condition = (
-        xv.Rule(
-            (
-                cond(xv.MatchKind.HEADER, "X-User", xv.MatchOp.EXACT, "42"),
-                cond(xv.MatchKind.HEADER, "x-org", xv.MatchOp.PREFIX, "acme-"),
-                cond(xv.MatchKind.HEADER, "x-tier", xv.MatchOp.REGEX, "gold|platinum"),
-                cond(xv.MatchKind.HEADER, "x-beta", xv.MatchOp.PRESENT),
-                cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/api"),
-            )
+        every_op(
+            xv.MatchKind.HEADER,
+            ("X-User", "42"),
+            ("x-org", "acme-"),
+            ("x-tier", "gold|platinum"),
+            "x-beta",
+            path=(xv.MatchOp.PREFIX, "/api"),
         ),
-        xv.Rule(
-            (
-                cond(xv.MatchKind.QUERY, "a", xv.MatchOp.EXACT, "1"),
-                cond(xv.MatchKind.QUERY, "b", xv.MatchOp.PREFIX, "x"),
-                cond(xv.MatchKind.QUERY, "c", xv.MatchOp.REGEX, "[0-9]{1,4}"),
-                cond(xv.MatchKind.QUERY, "d", xv.MatchOp.PRESENT),
-                cond(xv.MatchKind.PATH, "", xv.MatchOp.EXACT, "/checkout"),
-            )
+        every_op(
+            xv.MatchKind.QUERY, ("a", "1"), ("b", "x"), ("c", "[0-9]{1,4}"), "d", path=(xv.MatchOp.EXACT, "/checkout")
         ),
-        xv.Rule(
-            (
-                cond(xv.MatchKind.COOKIE, "session", xv.MatchOp.EXACT, "a.b"),
-                cond(xv.MatchKind.COOKIE, "user", xv.MatchOp.PREFIX, "beta-"),
-                cond(xv.MatchKind.COOKIE, "grp", xv.MatchOp.REGEX, "u[0-9]+|vip"),
-                cond(xv.MatchKind.COOKIE, "canary", xv.MatchOp.PRESENT),
-                cond(xv.MatchKind.PATH, "", xv.MatchOp.REGEX, "/items/[0-9]+"),
-            )
+        every_op(
+            xv.MatchKind.COOKIE,
+            ("session", "a.b"),
+            ("user", "beta-"),
+            ("grp", "u[0-9]+|vip"),
+            "canary",
+            path=(xv.MatchOp.REGEX, "/items/[0-9]+"),
         ),
     )
     return xv.RoutingView(
