@@ -276,14 +276,16 @@ def big_rule() -> pb.MatchRule:
     return pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
 
 
-def lane_spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
-    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches 10/50/100, each manual."""
+def lane_spec(
+    service: str, lane: str, *, rules: list[pb.MatchRule] | None = None, weights: Iterable[int] = (10, 50, 100)
+) -> pb.ReleaseSpec:
+    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches of `weights`, each manual."""
     return pb.ReleaseSpec(
         lane=lane,
         entry=service,
         services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
         match=rules or [],
-        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
     )
 
 
