@@ -177,13 +177,17 @@ class _Fleet:
             self.reconnects += 1
             await asyncio.sleep(RECONNECT_DELAY)
 
+    async def _subscribe(self, client: _Client, call: Any, request: Any) -> None:
+        """Open a stream as Envoy does: CDS and LDS wildcard, the node on the first request."""
+        await call.write(request(node=self.node(client), type_url=CLUSTER))
+        await call.write(request(type_url=LISTENER))
+        client.connected = True
+
     async def _sotw(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         Req = discovery_pb2.DiscoveryRequest
         call = stub.StreamAggregatedResources()
         try:
-            await call.write(Req(node=self.node(client), type_url=CLUSTER))
-            await call.write(Req(type_url=LISTENER))
-            client.connected = True
+            await self._subscribe(client, call, Req)
             # A parent's response names what its child subscribes to (CDS -> EDS, SRDS -> RDS);
             # per child, its latest response (version, nonce) and the names subscribed.
             children = {CLUSTER: ENDPOINT, SCOPED_ROUTE: ROUTE}
@@ -225,9 +229,7 @@ class _Fleet:
         Req = discovery_pb2.DeltaDiscoveryRequest
         call = stub.DeltaAggregatedResources()
         try:
-            await call.write(Req(node=self.node(client), type_url=CLUSTER))
-            await call.write(Req(type_url=LISTENER))
-            client.connected = True
+            await self._subscribe(client, call, Req)
             subscribed: set[str] = set()
             scopes: dict[str, str] = {}  # scope name -> the route config it names
             eds_started = srds_started = False
