@@ -25,18 +25,13 @@ class _PauseFailsOnce(EtcdStore):
     failed = 0
 
     async def update_release(
-        self,
-        release: model.Release,
-        events: Iterable[model.Event],
-        *,
-        services: Iterable[model.Service] = (),
-        lane_claimed: int | None = None,
+        self, release: model.Release, events: Iterable[model.Event], **options: Any
     ) -> model.Release:
         events = list(events)
         if not self.failed and any(e.action == "pause" for e in events):
             self.failed += 1
             raise Unavailable("etcd unreachable (injected)")
-        return await super().update_release(release, events, services=services, lane_claimed=lane_claimed)
+        return await super().update_release(release, events, **options)
 
 
 @pytest.fixture
