@@ -47,40 +47,32 @@ from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 from graylane.xds import render as xds_render  # noqa: E402
 from graylane.xds import resources  # noqa: E402
 from graylane.xds import server as xds_server  # noqa: E402
+from graylane.xds import view as xv  # noqa: E402
 from graylane.xds.cache import SnapshotCache  # noqa: E402
 from graylane.xds.tracker import ProxyTracker  # noqa: E402
-from graylane.xds.view import (  # noqa: E402
-    Condition,
-    Endpoint,
-    Lane,
-    MatchKind,
-    MatchOp,
-    RoutingView,
-    Rule,
-    ServiceRoute,
-    VersionEndpoints,
-)
 
 WILDCARD = xds_server.WILDCARD_TYPES
 
 
-def make_view(n: int) -> RoutingView:
+def make_view(n: int) -> xv.RoutingView:
     """n services on v1 (two endpoints each); every 10th also has a v2 and its own lane
     (entry = that service, header rule x-canary: always, weight 20)."""
     services = []
     endpoints = []
     lanes = []
-    rule = Rule((Condition(MatchKind.HEADER, "x-canary", MatchOp.EXACT, "always"),))
+    rule = xv.Rule((xv.Condition(xv.MatchKind.HEADER, "x-canary", xv.MatchOp.EXACT, "always"),))
     for i in range(n):
         name = f"svc-{i:04d}"
-        services.append(ServiceRoute(name=name, base_version="v1"))
+        services.append(xv.ServiceRoute(name=name, base_version="v1"))
         port = 20000 + (i % 20000)
-        endpoints.append(VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", port), Endpoint("127.0.0.2", port))))
+        endpoints.append(
+            xv.VersionEndpoints(name, "v1", (xv.Endpoint("127.0.0.1", port), xv.Endpoint("127.0.0.2", port)))
+        )
         if i % 10 == 0:
-            endpoints.append(VersionEndpoints(name, "v2", (Endpoint("127.0.0.3", port),)))
-            lanes.append(Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
+            endpoints.append(xv.VersionEndpoints(name, "v2", (xv.Endpoint("127.0.0.3", port),)))
+            lanes.append(xv.Lane(name=f"{name}-v2", entry=name, weight=20, versions=((name, "v2"),), rules=(rule,)))
     lanes.sort(key=lambda lane: lane.name)
-    return RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
+    return xv.RoutingView(services=tuple(services), endpoints=tuple(endpoints), lanes=tuple(lanes))
 
 
 def _ms(t0: float) -> float:
@@ -231,25 +223,25 @@ class _Streams:
         return spent + self.ack([(stream, more)]) if more else spent
 
 
-def bump(view: RoutingView, step: int) -> RoutingView:
+def bump(view: xv.RoutingView, step: int) -> xv.RoutingView:
     """`view` with one lane's weight changed (every other object shared)."""
     lanes = list(view.lanes)
     lanes[0] = dataclasses.replace(lanes[0], weight=(lanes[0].weight + step) % 90 + 1)
     return dataclasses.replace(view, lanes=tuple(lanes))
 
 
-def add_lane(view: RoutingView, step: int) -> RoutingView:
+def add_lane(view: xv.RoutingView, step: int) -> xv.RoutingView:
     """`view` with a new release: a new version (endpoints: new clusters) of one service that
     has no lane yet, and a lane entering there at 10 % (routes wait for the new clusters)."""
     service = view.services[(step * 10 + 1) % len(view.services)].name
     version = f"v9-{step}"
-    endpoints = (*view.endpoints, VersionEndpoints(service, version, (Endpoint("127.0.0.9", 9000 + step),)))
-    lane = Lane(name=f"{service}-{version}", entry=service, weight=10, versions=((service, version),))
+    endpoints = (*view.endpoints, xv.VersionEndpoints(service, version, (xv.Endpoint("127.0.0.9", 9000 + step),)))
+    lane = xv.Lane(name=f"{service}-{version}", entry=service, weight=10, versions=((service, version),))
     lanes = tuple(sorted((*view.lanes, lane), key=lambda item: item.name))
     return dataclasses.replace(view, endpoints=endpoints, lanes=lanes)
 
 
-CHANGES: dict[str, Callable[[RoutingView, int], RoutingView]] = {"weight": bump, "new-lane": add_lane}
+CHANGES: dict[str, Callable[[xv.RoutingView, int], xv.RoutingView]] = {"weight": bump, "new-lane": add_lane}
 
 
 def measure(
@@ -274,10 +266,10 @@ def measure(
         Renderer = None  # type: ignore[assignment,misc]  # noqa: N806
     if Renderer is not None:
         renderer = Renderer(listen_port=10000)
-        do_render: Callable[[RoutingView], resources.Resources] = renderer.render
+        do_render: Callable[[xv.RoutingView], resources.Resources] = renderer.render
     else:
 
-        def do_render(v: RoutingView) -> resources.Resources:
+        def do_render(v: xv.RoutingView) -> resources.Resources:
             return xds_render.render(v, listen_port=10000)
 
     full: list[float] = []

@@ -177,54 +177,51 @@ class _Fleet:
             self.reconnects += 1
             await asyncio.sleep(RECONNECT_DELAY)
 
+    async def _subscribe(self, client: _Client, call: Any, request: Any) -> None:
+        """Open a stream as Envoy does: CDS and LDS wildcard, the node on the first request."""
+        await call.write(request(node=self.node(client), type_url=CLUSTER))
+        await call.write(request(type_url=LISTENER))
+        client.connected = True
+
     async def _sotw(self, client: _Client, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         Req = discovery_pb2.DiscoveryRequest
         call = stub.StreamAggregatedResources()
         try:
-            await call.write(Req(node=self.node(client), type_url=CLUSTER))
-            await call.write(Req(type_url=LISTENER))
-            client.connected = True
-            # The latest EDS / RDS response (version, nonce) and the names subscribed.
-            eds: tuple[str, str] = ("", "")
-            rds: tuple[str, str] = ("", "")
-            eds_names: tuple[str, ...] | None = None
-            rds_names: tuple[str, ...] | None = None
+            await self._subscribe(client, call, Req)
+            # A parent's response names what its child subscribes to (CDS -> EDS, SRDS -> RDS);
+            # per child, its latest response (version, nonce) and the names subscribed.
+            children = {CLUSTER: ENDPOINT, SCOPED_ROUTE: ROUTE}
+            latest: dict[str, tuple[str, str]] = {ENDPOINT: ("", ""), ROUTE: ("", "")}
+            subscribed: dict[str, tuple[str, ...] | None] = {ENDPOINT: None, ROUTE: None}
             srds_requested = False
             while (resp := await call.read()) is not grpc.aio.EOF:
                 t = resp.type_url
                 ack = Req(type_url=t, version_info=resp.version_info, response_nonce=resp.nonce)
-                if t == CLUSTER:
-                    names = self.decoded.eds_names(resp.version_info, resp.resources)
+                if (child := children.get(t)) is not None:
+                    if t == CLUSTER:
+                        names = self.decoded.eds_names(resp.version_info, resp.resources)
+                    else:
+                        names = self.decoded.route_configs(resp.version_info, resp.resources)
                     await call.write(ack)
-                    if names != eds_names:
-                        eds_names = names
+                    if names != subscribed[child]:
+                        subscribed[child] = names
+                        version, nonce = latest[child]
                         await call.write(
-                            Req(type_url=ENDPOINT, version_info=eds[0], response_nonce=eds[1], resource_names=names)
+                            Req(type_url=child, version_info=version, response_nonce=nonce, resource_names=names)
                         )
-                elif t == ENDPOINT:
-                    eds = (resp.version_info, resp.nonce)
-                    ack.resource_names.extend(eds_names or ())
+                elif t in subscribed:
+                    latest[t] = (resp.version_info, resp.nonce)
+                    ack.resource_names.extend(subscribed[t] or ())
                     await call.write(ack)
+                    if t == ROUTE:
+                        for any_msg in resp.resources:
+                            if self.decoded.is_entry(any_msg):
+                                client.saw(self.decoded.weight(any_msg))
                 elif t == LISTENER:
                     await call.write(ack)
                     if not srds_requested:  # the listener's scoped routes subscribe to SRDS
                         srds_requested = True
                         await call.write(Req(type_url=SCOPED_ROUTE))
-                elif t == SCOPED_ROUTE:
-                    names = self.decoded.route_configs(resp.version_info, resp.resources)
-                    await call.write(ack)
-                    if names != rds_names:  # each scope subscribes to its route config
-                        rds_names = names
-                        await call.write(
-                            Req(type_url=ROUTE, version_info=rds[0], response_nonce=rds[1], resource_names=names)
-                        )
-                elif t == ROUTE:
-                    rds = (resp.version_info, resp.nonce)
-                    ack.resource_names.extend(rds_names or ())
-                    await call.write(ack)
-                    for any_msg in resp.resources:
-                        if self.decoded.is_entry(any_msg):
-                            client.saw(self.decoded.weight(any_msg))
         finally:
             call.cancel()
 
@@ -232,9 +229,7 @@ class _Fleet:
         Req = discovery_pb2.DeltaDiscoveryRequest
         call = stub.DeltaAggregatedResources()
         try:
-            await call.write(Req(node=self.node(client), type_url=CLUSTER))
-            await call.write(Req(type_url=LISTENER))
-            client.connected = True
+            await self._subscribe(client, call, Req)
             subscribed: set[str] = set()
             scopes: dict[str, str] = {}  # scope name -> the route config it names
             eds_started = srds_started = False

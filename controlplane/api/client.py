@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from graylane.controlplane.api.tls import ClientTls, open_channel
 from graylane.controlplane.defaults import ACTOR_METADATA, DEFAULT_RPC_TIMEOUT_SECONDS
 from graylane.controlplane.domain.machine import Action as Action  # re-exported: the verbs callers use
@@ -37,6 +38,8 @@ ACTION_RPCS: Final = {
 
 # A release's history may hold several MB of reasons (gRPC's default limit is 4 MB).
 _CHANNEL_OPTIONS: Final = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+Answer = TypeVar("Answer", bound=Message)
 
 
 class ReleaseClient:
@@ -73,18 +76,19 @@ class ReleaseClient:
         async with open_channel(target, tls, options=_CHANNEL_OPTIONS) as channel:
             yield cls(channel, actor=actor, token=token, timeout=timeout)
 
-    async def _unary(self, rpc: str, request: Any) -> Any:
-        return await getattr(self._stub, rpc)(request, timeout=self._timeout, metadata=self._metadata)
+    async def _unary(self, rpc: str, request: Message, answer: type[Answer]) -> Answer:
+        """Call `rpc` with the deadline and metadata; the stubs are untyped, so the caller names
+        the response type (`answer`) for mypy to check against what it returns."""
+        result = await getattr(self._stub, rpc)(request, timeout=self._timeout, metadata=self._metadata)
+        return cast(Answer, result)
 
     async def get_release(self, name: str) -> release_pb2.Release:
         request = release_service_pb2.GetReleaseRequest(name=name)
-        result: release_pb2.Release = await self._unary("GetRelease", request)
-        return result
+        return await self._unary("GetRelease", request, release_pb2.Release)
 
     async def list_releases(self) -> release_service_pb2.ListReleasesResponse:
         request = release_service_pb2.ListReleasesRequest()
-        result: release_service_pb2.ListReleasesResponse = await self._unary("ListReleases", request)
-        return result
+        return await self._unary("ListReleases", request, release_service_pb2.ListReleasesResponse)
 
     async def apply_release(
         self, release: release_pb2.Release, *, reason: str = "", restart: bool = False
@@ -92,23 +96,22 @@ class ReleaseClient:
         request = release_service_pb2.ApplyReleaseRequest(
             name=release.name, spec=release.spec, actor=self._actor, reason=reason, restart=restart
         )
-        result: release_pb2.Release = await self._unary("ApplyRelease", request)
-        return result
+        return await self._unary("ApplyRelease", request, release_pb2.Release)
 
     async def delete_release(self, name: str, *, reason: str = "") -> None:
         request = release_service_pb2.DeleteReleaseRequest(name=name, actor=self._actor, reason=reason)
-        await self._unary("DeleteRelease", request)
+        await self._unary("DeleteRelease", request, release_service_pb2.DeleteReleaseResponse)
 
     async def list_tombstones(self, name: str = "") -> release_service_pb2.ListTombstonesResponse:
-        result: release_service_pb2.ListTombstonesResponse = await self._unary(
-            "ListTombstones", release_service_pb2.ListTombstonesRequest(name=name)
+        return await self._unary(
+            "ListTombstones",
+            release_service_pb2.ListTombstonesRequest(name=name),
+            release_service_pb2.ListTombstonesResponse,
         )
-        return result
 
     async def tombstone_history(self, name: str, generation: int = 0) -> release_service_pb2.HistoryResponse:
         request = release_service_pb2.TombstoneHistoryRequest(name=name, generation=generation)
-        result: release_service_pb2.HistoryResponse = await self._unary("TombstoneHistory", request)
-        return result
+        return await self._unary("TombstoneHistory", request, release_service_pb2.HistoryResponse)
 
     async def create_token(
         self,
@@ -123,17 +126,17 @@ class ReleaseClient:
         request = release_service_pb2.CreateTokenRequest(
             name=name, role=role, services=services, releases=releases, cluster=cluster, subject=subject
         )
-        result: release_service_pb2.CreateTokenResponse = await self._unary("CreateToken", request)
-        return result
+        return await self._unary("CreateToken", request, release_service_pb2.CreateTokenResponse)
 
     async def list_tokens(self) -> release_service_pb2.ListTokensResponse:
-        result: release_service_pb2.ListTokensResponse = await self._unary(
-            "ListTokens", release_service_pb2.ListTokensRequest()
+        return await self._unary(
+            "ListTokens", release_service_pb2.ListTokensRequest(), release_service_pb2.ListTokensResponse
         )
-        return result
 
     async def revoke_token(self, token: str) -> None:
-        await self._unary("RevokeToken", release_service_pb2.RevokeTokenRequest(id=token))
+        await self._unary(
+            "RevokeToken", release_service_pb2.RevokeTokenRequest(id=token), release_service_pb2.RevokeTokenResponse
+        )
 
     async def act(
         self,
@@ -146,13 +149,11 @@ class ReleaseClient:
         request = release_service_pb2.ActionRequest(
             name=name, actor=self._actor, reason=reason, expected_revision=expected_revision
         )
-        result: release_pb2.Release = await self._unary(ACTION_RPCS[action], request)
-        return result
+        return await self._unary(ACTION_RPCS[action], request, release_pb2.Release)
 
     async def history(self, name: str) -> release_service_pb2.HistoryResponse:
         request = release_service_pb2.HistoryRequest(name=name)
-        result: release_service_pb2.HistoryResponse = await self._unary("History", request)
-        return result
+        return await self._unary("History", request, release_service_pb2.HistoryResponse)
 
     async def watch(self, name: str) -> AsyncIterator[release_pb2.Release]:
         """The release now, then each change; ends when the server ends the stream.
@@ -167,37 +168,32 @@ class ReleaseClient:
 
     async def put_service(self, service: release_pb2.Service, *, move_stable: bool = False) -> release_pb2.Service:
         request = release_service_pb2.PutServiceRequest(service=service, move_stable=move_stable)
-        result: release_pb2.Service = await self._unary("PutService", request)
-        return result
+        return await self._unary("PutService", request, release_pb2.Service)
 
     async def list_services(self) -> release_service_pb2.ListServicesResponse:
         request = release_service_pb2.ListServicesRequest()
-        result: release_service_pb2.ListServicesResponse = await self._unary("ListServices", request)
-        return result
+        return await self._unary("ListServices", request, release_service_pb2.ListServicesResponse)
 
     async def put_version(self, version: release_pb2.Version) -> release_pb2.Version:
         request = release_service_pb2.PutVersionRequest(version=version)
-        result: release_pb2.Version = await self._unary("PutVersion", request)
-        return result
+        return await self._unary("PutVersion", request, release_pb2.Version)
 
     async def list_versions(self, service: str) -> release_service_pb2.ListVersionsResponse:
         request = release_service_pb2.ListVersionsRequest(service=service)
-        result: release_service_pb2.ListVersionsResponse = await self._unary("ListVersions", request)
-        return result
+        return await self._unary("ListVersions", request, release_service_pb2.ListVersionsResponse)
 
     async def list_clusters(self) -> release_service_pb2.ListClustersResponse:
-        result: release_service_pb2.ListClustersResponse = await self._unary(
-            "ListClusters", release_service_pb2.ListClustersRequest()
+        return await self._unary(
+            "ListClusters", release_service_pb2.ListClustersRequest(), release_service_pb2.ListClustersResponse
         )
-        return result
 
     async def forget_cluster(self, name: str, *, actor: str = "") -> None:
-        await self._unary("ForgetCluster", release_service_pb2.ForgetClusterRequest(name=name, actor=actor))
+        request = release_service_pb2.ForgetClusterRequest(name=name, actor=actor)
+        await self._unary("ForgetCluster", request, release_service_pb2.ForgetClusterResponse)
 
     async def get_traffic(self, name: str) -> release_service_pb2.GetTrafficResponse:
         request = release_service_pb2.GetTrafficRequest(name=name)
-        result: release_service_pb2.GetTrafficResponse = await self._unary("GetTraffic", request)
-        return result
+        return await self._unary("GetTraffic", request, release_service_pb2.GetTrafficResponse)
 
     @staticmethod
     def _metrics_request(name: str, window: float | None, every: float | None) -> release_service_pb2.GetMetricsRequest:
@@ -210,10 +206,9 @@ class ReleaseClient:
 
     async def get_metrics(self, name: str, *, window: float | None = None) -> release_service_pb2.MetricsResponse:
         """The release's series over the last `window` seconds (the server's default: 60)."""
-        result: release_service_pb2.MetricsResponse = await self._unary(
-            "GetMetrics", self._metrics_request(name, window, None)
+        return await self._unary(
+            "GetMetrics", self._metrics_request(name, window, None), release_service_pb2.MetricsResponse
         )
-        return result
 
     async def watch_metrics(
         self, name: str, *, window: float | None = None, every: float | None = None

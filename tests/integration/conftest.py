@@ -11,6 +11,8 @@
   service (`checkout_replica`: of checkout; `checkout_stack`: and an Envoy on it).
 * `east_agent(es, api_port, state, upstreams)`: an in-process agent of cluster east, serving.
 * `poll_release(stub, name, pred)`, `first_batch_reached(stub, spec)`: a release's status.
+* `faulty_store(etcd_endpoint, Kind)`: an EtcdStore subclass that injects a fault, on a prefix of
+  its own.
 * `start_serve`: a `graylane serve` process, `stop_group` to end one; `eventually`: poll a condition with a deadline.
 
 A missing Envoy skips the tests that need it on a developer machine and fails them under
@@ -27,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,7 @@ from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
 from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
-from graylane.controlplane.store import EtcdStore
+from graylane.controlplane.store import EtcdStore, connect
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
@@ -125,6 +128,20 @@ def http_get() -> HttpGet:
 
 
 # ------------------------------------------------------------------------------ a control plane
+
+
+FaultyStore = TypeVar("FaultyStore", bound=EtcdStore)
+
+
+@contextlib.asynccontextmanager
+async def faulty_store(etcd_endpoint: str, kind: type[FaultyStore]) -> AsyncIterator[FaultyStore]:
+    """A `kind` (an EtcdStore that injects a fault) under a key prefix of its own, on the
+    connection of a plain store closed after the block."""
+    plain = await connect(etcd_endpoint, prefix=f"/graylane-test/{uuid.uuid4().hex}/v1/")
+    try:
+        yield kind(plain._channel, prefix=plain.prefix)
+    finally:
+        await plain.close()
 
 
 @contextlib.asynccontextmanager
@@ -259,14 +276,16 @@ def big_rule() -> pb.MatchRule:
     return pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.REGEX, value=BIG_REGEX)])
 
 
-def lane_spec(service: str, lane: str, *, rules: list[pb.MatchRule] | None = None) -> pb.ReleaseSpec:
-    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches 10/50/100, each manual."""
+def lane_spec(
+    service: str, lane: str, *, rules: list[pb.MatchRule] | None = None, weights: Iterable[int] = (10, 50, 100)
+) -> pb.ReleaseSpec:
+    """A canary of `service` v1 -> v2 on `lane` (optionally with `rules`), batches of `weights`, each manual."""
     return pb.ReleaseSpec(
         lane=lane,
         entry=service,
         services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
         match=rules or [],
-        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
+        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
     )
 
 

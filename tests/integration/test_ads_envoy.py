@@ -20,20 +20,12 @@ import pytest
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.type.matcher.v3 import regex_pb2
 from graylane.controlplane.local.envoy import DELTA, SOTW, EnvoyProcess, free_port
+from graylane.xds import view as xv
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Resources
 from graylane.xds.server import AdsServer
 from graylane.xds.tracker import ProxyStatus, ProxyTracker, Push
-from graylane.xds.view import (
-    Endpoint,
-    Lane,
-    RoutingView,
-    ServiceRoute,
-    VersionEndpoints,
-    cluster_name,
-    route_config_name,
-)
 
 if TYPE_CHECKING:
     from tests.integration.conftest import HttpGet, MakeUpstream, StartEnvoy, Upstream
@@ -41,9 +33,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.envoy
 
 SERVICE = "a"
-V1 = cluster_name(SERVICE, "v1")
-V2 = cluster_name(SERVICE, "v2")
-V2_GRAY = cluster_name(SERVICE, "v2", "gray")  # the lane's own cluster for v2
+V1 = xv.cluster_name(SERVICE, "v1")
+V2 = xv.cluster_name(SERVICE, "v2")
+V2_GRAY = xv.cluster_name(SERVICE, "v2", "gray")  # the lane's own cluster for v2
 DEADLINE = 10.0
 
 
@@ -51,7 +43,7 @@ DEADLINE = 10.0
 class Ads:
     """One control-plane replica: cache, tracker and grpc.aio server on a fixed port."""
 
-    view: RoutingView
+    view: xv.RoutingView
     port: int = field(default_factory=free_port)
     cache: SnapshotCache = field(default_factory=SnapshotCache)
     tracker: ProxyTracker = field(default_factory=ProxyTracker)
@@ -64,7 +56,7 @@ class Ads:
     def render(self, key: str) -> Resources:
         return render(self.view, listen_port=int(key))
 
-    def apply(self, view: RoutingView) -> None:
+    def apply(self, view: xv.RoutingView) -> None:
         self.view = view
         for key in self.cache.requested_keys():
             self.cache.set_snapshot(key, self.render(key))
@@ -108,13 +100,13 @@ class Ads:
 
 def view_of(
     upstreams: dict[str, list[Upstream]], *, base: str = "v1", gray: str | None = None, weight: int = 0
-) -> RoutingView:
+) -> xv.RoutingView:
     endpoints = tuple(
-        VersionEndpoints(SERVICE, version, tuple(Endpoint("127.0.0.1", u.port) for u in ups))
+        xv.VersionEndpoints(SERVICE, version, tuple(xv.Endpoint("127.0.0.1", u.port) for u in ups))
         for version, ups in sorted(upstreams.items())
     )
-    lanes = (Lane("gray", SERVICE, weight, ((SERVICE, gray),)),) if gray else ()
-    return RoutingView(services=(ServiceRoute(SERVICE, base),), endpoints=endpoints, lanes=lanes)
+    lanes = (xv.Lane("gray", SERVICE, weight, ((SERVICE, gray),)),) if gray else ()
+    return xv.RoutingView(services=(xv.ServiceRoute(SERVICE, base),), endpoints=endpoints, lanes=lanes)
 
 
 @pytest.fixture
@@ -299,7 +291,7 @@ async def test_ads_restart_keeps_serving_and_resends_nothing(
 def with_oversized_regex(resources: Resources) -> Resources:
     """The same snapshot, plus a route whose RE2 program (404) exceeds Envoy's limit (100)."""
     rc = route_pb2.RouteConfiguration()
-    rc.CopyFrom(resources[ROUTE].items[route_config_name(SERVICE)])
+    rc.CopyFrom(resources[ROUTE].items[xv.route_config_name(SERVICE)])
     bad = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
             prefix="/",
@@ -314,7 +306,7 @@ def with_oversized_regex(resources: Resources) -> Resources:
     )
     rc.virtual_hosts[0].routes.insert(0, bad)
     items = {t: dict(resources[t].items) for t in PUSH_ORDER}
-    items[ROUTE][route_config_name(SERVICE)] = rc
+    items[ROUTE][xv.route_config_name(SERVICE)] = rc
     return Resources.of(items)
 
 
@@ -340,17 +332,17 @@ async def test_a_rejected_config_is_recorded_as_a_nack(
 # ------------------------------------------------------------- routes split per service
 
 
-def services_view(upstreams: dict[str, Upstream], *, weight: int = 0, gray: Upstream | None = None) -> RoutingView:
+def services_view(upstreams: dict[str, Upstream], *, weight: int = 0, gray: Upstream | None = None) -> xv.RoutingView:
     """One base version per service; with `gray`, a lane at service a (a's v2) at `weight`."""
     endpoints = [
-        VersionEndpoints(name, "v1", (Endpoint("127.0.0.1", u.port),)) for name, u in sorted(upstreams.items())
+        xv.VersionEndpoints(name, "v1", (xv.Endpoint("127.0.0.1", u.port),)) for name, u in sorted(upstreams.items())
     ]
-    lanes: tuple[Lane, ...] = ()
+    lanes: tuple[xv.Lane, ...] = ()
     if gray is not None:
-        endpoints.append(VersionEndpoints(SERVICE, "v2", (Endpoint("127.0.0.1", gray.port),)))
-        lanes = (Lane("gray", SERVICE, weight, ((SERVICE, "v2"),)),)
-    return RoutingView(
-        services=tuple(ServiceRoute(name, "v1") for name in sorted(upstreams)),
+        endpoints.append(xv.VersionEndpoints(SERVICE, "v2", (xv.Endpoint("127.0.0.1", gray.port),)))
+        lanes = (xv.Lane("gray", SERVICE, weight, ((SERVICE, "v2"),)),)
+    return xv.RoutingView(
+        services=tuple(xv.ServiceRoute(name, "v1") for name in sorted(upstreams)),
         endpoints=tuple(endpoints),
         lanes=lanes,
     )
@@ -368,7 +360,7 @@ async def test_a_weight_change_sends_exactly_one_route_config(
     ads.apply(services_view(ups, weight=20, gray=gray))
     status = await ads.converged(proxy)
     changes = [(p.type_url, p.resources, p.removed) for p in status.pushes[before:]]
-    assert changes == [(ROUTE, (route_config_name(SERVICE),), ())]
+    assert changes == [(ROUTE, (xv.route_config_name(SERVICE),), ())]
     # The other services' route configs, absent from that response, are still served: a
     # SotW RDS response without a subscribed route config leaves it as it is.
     for name in ("b", "c", "d"):
@@ -377,7 +369,7 @@ async def test_a_weight_change_sends_exactly_one_route_config(
     status, body = await proxy.admin_get("/config_dump?resource=dynamic_route_configs")
     assert status == 200
     held = sorted(c["route_config"]["name"] for c in json.loads(body)["configs"])
-    assert held == [route_config_name(n) for n in sorted(ups)]
+    assert held == [xv.route_config_name(n) for n in sorted(ups)]
     assert await ads.wait_for(proxy.node_id, lambda s: s.last_nack is None)
 
 
@@ -426,4 +418,4 @@ async def test_services_added_and_removed_fail_no_request_to_the_others(
     assert (await http_get(proxy.listen_port, "d")).json()["service"] == "d"
     assert (await http_get(proxy.listen_port, "c")).status == 404  # its scope is gone
     assert "c|v1" not in status.acked[CLUSTER].resources
-    assert sorted(status.acked[ROUTE].resources) == [route_config_name(n) for n in (SERVICE, "b", "d")]
+    assert sorted(status.acked[ROUTE].resources) == [xv.route_config_name(n) for n in (SERVICE, "b", "d")]

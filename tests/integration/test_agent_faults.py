@@ -35,15 +35,6 @@ import pytest_asyncio
 from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.ports import free_port
 from graylane.deploy.demo import clusters
-from graylane.deploy.demo.clusters import (
-    LANE,
-    RULE_HEADER,
-    SERVICE,
-    AgentProcess,
-    TwoClusters,
-    gray_in_west_release,
-    poll,
-)
 from graylane.v1 import release_pb2 as pb
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
@@ -54,7 +45,7 @@ CONTROL_PLANE_TIMEOUT = 2.0
 LIVE = (pb.PENDING, pb.PROGRESSING, pb.PAUSED)
 
 
-class TunedAgent(AgentProcess):
+class TunedAgent(clusters.AgentProcess):
     """`graylane agent` with a short guard delay and control-plane timeout."""
 
     def arguments(self) -> list[str]:
@@ -83,7 +74,7 @@ async def metric(port: int, name: str) -> float | None:
     return None
 
 
-async def healthz(agent: AgentProcess) -> dict[str, Any] | None:
+async def healthz(agent: clusters.AgentProcess) -> dict[str, Any] | None:
     """The agent's /healthz document once it answers (None before)."""
     agent.check_alive()
     try:
@@ -103,8 +94,8 @@ def write_view_of(state: Path, cluster: str) -> None:
     from graylane.xds import view as xv
 
     view = xv.RoutingView(
-        services=(xv.ServiceRoute(SERVICE, "v1"),),
-        endpoints=(xv.VersionEndpoints(SERVICE, "v1", (xv.Endpoint("127.0.0.1", 9),)),),
+        services=(xv.ServiceRoute(clusters.SERVICE, "v1"),),
+        endpoints=(xv.VersionEndpoints(clusters.SERVICE, "v1", (xv.Endpoint("127.0.0.1", 9),)),),
     )
     StateDir(state, cluster=cluster).save_view(cluster_view(view))
 
@@ -132,7 +123,7 @@ async def test_an_agent_with_a_broken_state_file_starts_serves_nothing_stale_and
         file.mkdir()
     else:
         write_view_of(state, "west")
-    agent = AgentProcess(
+    agent = clusters.AgentProcess(
         cluster="east",
         control_plane=f"127.0.0.1:{free_port()}",  # nobody there: only the state dir speaks
         gateway_address=f"127.0.0.1:{free_port()}",
@@ -143,7 +134,7 @@ async def test_an_agent_with_a_broken_state_file_starts_serves_nothing_stale_and
     )
     try:
         await agent.start()
-        document = await poll(lambda: healthz(agent), timeout=15, what="agent /healthz")
+        document = await clusters.poll(lambda: healthz(agent), timeout=15, what="agent /healthz")
         assert document["status"] == "degraded", document
         lkg = document["last_known_good"]
         assert lkg["served_at_start"] == ""  # nothing stale
@@ -170,10 +161,10 @@ async def test_an_agent_with_a_broken_state_file_starts_serves_nothing_stale_and
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def layout(
     etcd_endpoint: str, envoy_binary: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[TwoClusters]:
+) -> AsyncIterator[clusters.TwoClusters]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(clusters, "AgentProcess", TunedAgent)
-        async with TwoClusters(
+        async with clusters.TwoClusters(
             etcd_endpoint=etcd_endpoint,
             workdir=tmp_path_factory.mktemp("agent-faults"),
             lease_ttl_seconds=TTL,
@@ -186,13 +177,13 @@ async def layout(
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def fresh(layout: TwoClusters) -> AsyncIterator[TwoClusters]:
+async def fresh(layout: clusters.TwoClusters) -> AsyncIterator[clusters.TwoClusters]:
     """The layout healthy, with no live release; the control plane running again after."""
     await layout.wait_registered(clusters.EAST, clusters.WEST)
     with contextlib.suppress(grpc.aio.AioRpcError):
-        release = await layout.client.get_release(LANE)
+        release = await layout.client.get_release(clusters.LANE)
         if release.status.phase in LIVE:
-            await layout.client.act(Action.ROLLBACK, LANE, reason="test isolation")
+            await layout.client.act(Action.ROLLBACK, clusters.LANE, reason="test isolation")
     try:
         yield layout
     finally:
@@ -203,22 +194,22 @@ async def fresh(layout: TwoClusters) -> AsyncIterator[TwoClusters]:
         layout.west.upstream.error_rate = 0.0
 
 
-async def start_release(layout: TwoClusters, weight: int) -> pb.Release:
-    await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
-    release = await layout.client.get_release(LANE)
+async def start_release(layout: clusters.TwoClusters, weight: int) -> pb.Release:
+    await layout.client.apply_release(clusters.gray_in_west_release(), reason="test", restart=True)
+    release = await layout.client.get_release(clusters.LANE)
     while release.status.weight != weight:
-        await layout.client.act(Action.NEXT, LANE)
-        release = await layout.client.get_release(LANE)
-    return await layout.until_reached(LANE, weight=weight)
+        await layout.client.act(Action.NEXT, clusters.LANE)
+        release = await layout.client.get_release(clusters.LANE)
+    return await layout.until_reached(clusters.LANE, weight=weight)
 
 
-async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: TwoClusters) -> None:
+async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: clusters.TwoClusters) -> None:
     layout = fresh
     state = layout.workdir / "spare-agent"
     (state / "view.json").mkdir(parents=True)  # every save of the view fails
     token = layout.workdir / "spare.token"
     token.write_text("spare-token-0123456789\n")
-    agent = AgentProcess(
+    agent = clusters.AgentProcess(
         cluster="spare",
         control_plane=layout.serve.target,
         gateway_address=f"127.0.0.1:{free_port()}",
@@ -234,7 +225,7 @@ async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: Tw
             document = await healthz(agent)
             return document if document and document["last_known_good"]["save_failures"] else None
 
-        document = await poll(failed_save, timeout=20, what="a failed save in /healthz")
+        document = await clusters.poll(failed_save, timeout=20, what="a failed save in /healthz")
         assert document["status"] == "degraded"
         assert str(state / "view.json") in document["last_known_good"]["last_save_error"]
         assert document["control_plane"]["connected"]
@@ -243,15 +234,15 @@ async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: Tw
         assert "cannot keep view" in agent.log_text()
         # Saves work again: the next view is kept and the health clears.
         (state / "view.json").rmdir()
-        await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
-        await layout.client.act(Action.NEXT, LANE)  # the lane enters every cluster's view
+        await layout.client.apply_release(clusters.gray_in_west_release(), reason="test", restart=True)
+        await layout.client.act(Action.NEXT, clusters.LANE)  # the lane enters every cluster's view
 
         async def saved() -> dict[str, Any] | None:
             document = await healthz(agent)
             return document if document and document["last_known_good"]["last_saved_at"] else None
 
         try:
-            document = await poll(saved, timeout=20, what="a good save in /healthz")
+            document = await clusters.poll(saved, timeout=20, what="a good save in /healthz")
         except TimeoutError:
             raise AssertionError(agent.log_tail()) from None
         assert document["last_known_good"]["last_save_error"] == ""
@@ -265,7 +256,7 @@ async def test_a_view_that_cannot_be_saved_shows_in_health_and_metrics(fresh: Tw
 
 
 async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_plane_is_stopped(
-    fresh: TwoClusters,
+    fresh: clusters.TwoClusters,
 ) -> None:
     layout = fresh
     await start_release(layout, weight=10)
@@ -273,11 +264,13 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
     west.upstream.error_rate = 1.0  # the gray version (v2, in west) fails everything
     stop = asyncio.Event()
     lane_traffic = asyncio.create_task(
-        layout.load(west, count=1_000_000, max_seconds=90, rate=50, concurrency=2, headers=RULE_HEADER, stop=stop)
+        layout.load(
+            west, count=1_000_000, max_seconds=90, rate=50, concurrency=2, headers=clusters.RULE_HEADER, stop=stop
+        )
     )
     try:
         # The agent's Envoy counts the gray failures before the control plane goes.
-        await poll(
+        await clusters.poll(
             lambda: asyncio.sleep(0, result=True if west.upstream.requests >= 20 else None),
             timeout=15,
             what="gray requests",
@@ -287,10 +280,12 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
         stopped_at = time.monotonic()
 
         async def at_base() -> bool | None:
-            result = await layout.load(west, count=5, max_seconds=5, headers=RULE_HEADER, keep_versions=True)
+            result = await layout.load(west, count=5, max_seconds=5, headers=clusters.RULE_HEADER, keep_versions=True)
             return True if result.ok == 5 and result.versions == {"v1": 5} else None
 
-        await poll(at_base, timeout=CONTROL_PLANE_TIMEOUT + GUARD_AFTER + 10, what="the lane at base", interval=0.2)
+        await clusters.poll(
+            at_base, timeout=CONTROL_PLANE_TIMEOUT + GUARD_AFTER + 10, what="the lane at base", interval=0.2
+        )
         took = time.monotonic() - stopped_at
         # Counted from the control plane's last answer (at most one health check before the stop).
         assert took >= GUARD_AFTER - 1.2, took
@@ -298,7 +293,7 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
             f"guard: lane at base {took:.1f}s after SIGSTOP (timeout {CONTROL_PLANE_TIMEOUT}s + guard {GUARD_AFTER}s)"
         )
         document = await healthz(west.agent)
-        assert document is not None and document["guard"]["lanes_at_base"] == [LANE], document
+        assert document is not None and document["guard"]["lanes_at_base"] == [clusters.LANE], document
         assert not document["control_plane"]["connected"]
         assert (
             "local guard: the control plane is away; routing lanes ['checkout-west'] to base" in west.agent.log_text()
@@ -310,15 +305,15 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
 
         async def recorded() -> pb.Event | None:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                for event in (await layout.client.history(LANE)).events:
+                for event in (await layout.client.history(clusters.LANE)).events:
                     if event.action == "guard":
                         return event
             return None
 
-        event = await poll(recorded, timeout=30, what="the guard's report in the history")
+        event = await clusters.poll(recorded, timeout=30, what="the guard's report in the history")
         assert event.actor == "graylane/agent/west" and "control plane unreachable" in event.reason
-        assert f"{LANE}: " in event.reason and "gray requests failed" in event.reason, event.reason
-        guard_events = [e for e in (await layout.client.history(LANE)).events if e.action == "guard"]
+        assert f"{clusters.LANE}: " in event.reason and "gray requests failed" in event.reason, event.reason
+        guard_events = [e for e in (await layout.client.history(clusters.LANE)).events if e.action == "guard"]
         assert len(guard_events) == 1
     finally:
         stop.set()
@@ -345,7 +340,9 @@ async def load_process(port: int, seconds: float, headers: dict[str, str]) -> as
     )  # fmt: skip
 
 
-async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_agent_lease(fresh: TwoClusters) -> None:
+async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_agent_lease(
+    fresh: clusters.TwoClusters,
+) -> None:
     layout = fresh
     await start_release(layout, weight=50)  # east's traffic crosses to west and back
     stall = 15.0
@@ -355,7 +352,7 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
         # 2 s before the stall, the stall, 8 s after the control plane runs again.
         await load_process(cluster.sidecar.listen_port, 2 + stall + 8, headers)
         for cluster in (layout.east, layout.west)
-        for headers in ({}, RULE_HEADER)
+        for headers in ({}, clusters.RULE_HEADER)
         if cluster.sidecar is not None
     ]
     try:

@@ -83,6 +83,14 @@ async def until_reached(client: ReleaseClient, name: str, timeout: float = 15) -
             await asyncio.sleep(0.02)
 
 
+async def lane_opened(client: ReleaseClient, *, reason: str = "", timeout: float = 15) -> pb.Release:
+    """full_link_release applied and its first batch (the lane, rules only) reached."""
+    release = full_link_release()
+    await client.apply_release(release)
+    await client.act(Action.NEXT, release.name, reason=reason)
+    return await until_reached(client, release.name, timeout=timeout)
+
+
 def failures(answers: list[ChainAnswer]) -> list[ChainAnswer]:
     return [a for a in answers if not a.ok][:3]
 
@@ -119,10 +127,7 @@ async def test_a_full_link_lane_keeps_matching_requests_on_gray_through_every_ho
     store: EtcdStore, envoy_binary: Path, propagate_lane_header: bool
 ) -> None:
     async with chain_stack(store, envoy_binary, propagate_lane_header=propagate_lane_header) as (chain, client, _):
-        release = full_link_release()
-        await client.apply_release(release)
-        await client.act(Action.NEXT, release.name, reason="test: open the lane (rules only)")
-        r = await until_reached(client, release.name)
+        r = await lane_opened(client, reason="test: open the lane (rules only)")
         assert r.status.weight == 0 and r.status.convergence.proxies == len(chain.envoys)
 
         tester = await chain.request({**TESTER, "baggage": "tenant=acme"})
@@ -145,8 +150,8 @@ async def test_a_full_link_lane_keeps_matching_requests_on_gray_through_every_ho
         assert all(h.lane == "" and "graylane" not in h.baggage_members() for a in plain for h in a.hops)
 
         # The last batch sends everyone into the lane: the entry tags the whole share.
-        await client.act(Action.NEXT, release.name, reason="test: everyone")
-        await until_reached(client, release.name)
+        await client.act(Action.NEXT, r.name, reason="test: everyone")
+        await until_reached(client, r.name)
         everyone = await chain.run(100, headers_for=lambda i: {"x-user": f"user-{i}"}, timeout=30)
         assert len(everyone) == 100 and {a.path for a in everyone} == {LANE_PATH}, failures(everyone)
         assert all(h.baggage_members().get("graylane") == LANE for a in everyone for h in a.hops[1:])
@@ -159,10 +164,7 @@ async def test_the_first_batch_and_the_promote_reach_every_proxy_within_seconds(
     store: EtcdStore, envoy_binary: Path, protocol: str
 ) -> None:
     async with chain_stack(store, envoy_binary, protocol=protocol) as (chain, client, plane):
-        release = full_link_release()
-        await client.apply_release(release)
-        await client.act(Action.NEXT, release.name)
-        await until_reached(client, release.name, timeout=5)
+        release = await lane_opened(client, timeout=5)
         await client.act(Action.PROMOTE, release.name, reason="test: ship it")
         dataplane = plane.dataplane
 

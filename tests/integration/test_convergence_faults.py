@@ -24,17 +24,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.xds.resources import LISTENER
 
-from tests.integration.conftest import (
-    BIG_REGEX,
-    STRICT_RUNTIME,
-    big_rule,
-    checkout_replica,
-    eventually,
-    first_batch_reached,
-    lane_spec,
-    poll_release,
-    serving_replica,
-)
+from tests.integration import conftest as conftest
 
 from .test_xds_churn import client as churn_client
 from .test_xds_churn import ready as churn_ready
@@ -121,23 +111,25 @@ async def test_a_nack_holds_the_release_at_what_the_rejecting_proxy_serves_on_ev
     other Envoy is moved back to what the strict one serves (no lane), status says weight 0
     is served, and traffic through both never fails."""
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, v1, v2 = await checkout_replica(es, store)
+        plane, stub, v1, v2 = await conftest.checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
-        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
+        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=conftest.STRICT_RUNTIME)
         loads = [await load_process(p.listen_port, 6) for p in (relaxed, strict)]
 
-        rule = big_rule()
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[rule])))
+        rule = conftest.big_rule()
+        await stub.ApplyRelease(
+            api.ApplyReleaseRequest(name="rel", spec=conftest.lane_spec("checkout", "lane", rules=[rule]))
+        )
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
+        held = await conftest.poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict"
         assert held.status.last_nack.stream.startswith("strict")
         assert "program size" in held.status.last_nack.message
         assert held.status.HasField("held_batch") and held.status.held_batch == -1
         assert (held.status.weight, held.status.served_weight) == (10, 0)
         # Both Envoys end up on what the strict one accepted: no lane, and status counts it.
-        await eventually(lambda: _both_at(relaxed, strict, 0))
-        carried = await poll_release(
+        await conftest.eventually(lambda: _both_at(relaxed, strict, 0))
+        carried = await conftest.poll_release(
             stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2
         )
         assert not carried.status.reached  # held is not the batch asked for
@@ -159,7 +151,7 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
 ) -> None:
     stale = 2.0
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, v1, v2 = await checkout_replica(es, store, stale_proxy_seconds=stale)
+        plane, stub, v1, v2 = await conftest.checkout_replica(es, store, stale_proxy_seconds=stale)
         proxy = await envoy(ads_port=plane.xds_port, node_id="real")
         # A fake ADS client: asks for listeners once, then never ACKs anything.
         xds = await es.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{plane.xds_port}"))
@@ -174,14 +166,14 @@ async def test_a_proxy_that_never_acks_blocks_until_the_stale_timeout_then_is_na
             while not any(p.node_id == "mute" for p in plane.tracker.proxies().values()):
                 await asyncio.sleep(0.02)
 
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=conftest.lane_spec("checkout", "lane")))
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await eventually(lambda: _weight_is(proxy, 10))
-        lagging = await poll_release(stub, "rel", lambda r: r.status.convergence.converged == 1)
+        await conftest.eventually(lambda: _weight_is(proxy, 10))
+        lagging = await conftest.poll_release(stub, "rel", lambda r: r.status.convergence.converged == 1)
         assert not lagging.status.reached and lagging.status.convergence.proxies == 2
         assert any(name.startswith("mute (cluster fake") for name in lagging.status.convergence.lagging)
-        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
+        done = await conftest.poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
         assert time.monotonic() - started >= stale * 0.9
         assert (done.status.convergence.proxies, done.status.convergence.converged) == (1, 1)
         assert done.status.convergence.gone == 1
@@ -197,12 +189,14 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
     store: EtcdStore, envoy: Any
 ) -> None:
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, _ = await serving_replica(es, store, "checkout", "search")
+        plane, stub, _ = await conftest.serving_replica(es, store, "checkout", "search")
         proxies = [await envoy(ads_port=plane.xds_port, node_id=f"e{i}") for i in range(2)]
         for name, service in (("back", "checkout"), ("forward", "search")):
-            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=lane_spec(service, f"lane-{name}")))
+            await stub.ApplyRelease(
+                api.ApplyReleaseRequest(name=name, spec=conftest.lane_spec(service, f"lane-{name}"))
+            )
             await stub.NextBatch(api.ActionRequest(name=name))
-            await poll_release(stub, name, lambda r: r.status.reached)
+            await conftest.poll_release(stub, name, lambda r: r.status.reached)
 
         # Each end is reached once both Envoys serve it: no lane, untagged traffic on `kept`.
         for act, name, action, phase, service, kept in (
@@ -210,7 +204,7 @@ async def test_rollback_and_promote_are_reached_once_the_envoys_carry_the_end_st
             (stub.Promote, "forward", "promote", pb.SUCCEEDED, "search", "v2"),
         ):
             await act(api.ActionRequest(name=name))
-            done = await poll_release(stub, name, lambda r: r.status.reached)
+            done = await conftest.poll_release(stub, name, lambda r: r.status.reached)
             assert done.status.phase == phase
             assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2)
             for p in proxies:
@@ -228,11 +222,13 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
     status names the replica and its proxy."""
     ttl, stale = 2, 6.0
     async with contextlib.AsyncExitStack() as es:
-        leader, stub, _, _ = await checkout_replica(es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
+        leader, stub, _, _ = await conftest.checkout_replica(
+            es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale
+        )
         follower, running = await follower_of(leader, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         orphan = await envoy(ads_port=follower.xds_port, node_id="on-follower")
-        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
+        first = await conftest.first_batch_reached(stub, conftest.lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
 
         running.cancel()
@@ -240,7 +236,7 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
             await running
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await eventually(lambda: _weight_is(mine, 50))
+        await conftest.eventually(lambda: _weight_is(mine, 50))
         assert await gray_weight(orphan) == 10  # still on the old batch: nobody serves it now
         # Past the dead replica's lease (its keys are gone), before the stale timeout.
         await asyncio.sleep(max(0.0, ttl + 2.0 - (time.monotonic() - started)))  # pacing: outlive the lease
@@ -248,7 +244,7 @@ async def test_a_dead_replicas_proxies_count_until_the_stale_timeout_and_are_nam
         assert not pending.status.reached, pending.status
         assert pending.status.convergence.proxies == 2 and pending.status.convergence.converged == 1
         assert any("on-follower" in name for name in pending.status.convergence.lagging), pending.status
-        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
+        done = await conftest.poll_release(stub, "rel", lambda r: r.status.reached, timeout=stale + 10)
         assert time.monotonic() - started >= stale * 0.9
         assert done.status.convergence.gone == 1
         assert any(f"replica {follower.election.identity}" in n for n in done.status.convergence.gone_names)
@@ -311,15 +307,17 @@ async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_u
     before the stale timeout (a silent replica's proxies would count for all of it)."""
     ttl, stale = 2, 30.0
     async with contextlib.AsyncExitStack() as es:
-        leader, stub, _, _ = await checkout_replica(es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
+        leader, stub, _, _ = await conftest.checkout_replica(
+            es, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale
+        )
         follower, running = await follower_of(leader, store, leader_ttl_seconds=ttl, stale_proxy_seconds=stale)
         switch = await es.enter_async_context(_Switch(follower.xds_port))
         mine = await envoy(ads_port=leader.xds_port, node_id="on-leader")
         moving = await envoy(ads_port=switch.port, node_id="moving")
-        first = await first_batch_reached(stub, lane_spec("checkout", "lane"))
+        first = await conftest.first_batch_reached(stub, conftest.lane_spec("checkout", "lane"))
         assert (first.status.convergence.proxies, first.status.convergence.converged) == (2, 2)
         # The follower's count is published before it stops (the leader reads it from etcd).
-        await eventually(lambda: _published_by(store, follower.election.identity))
+        await conftest.eventually(lambda: _published_by(store, follower.election.identity))
 
         switch.upstream = leader.xds_port  # where the Envoy reconnects once its stream ends
         running.cancel()  # a clean stop, as on SIGTERM
@@ -327,7 +325,7 @@ async def test_a_cleanly_stopped_replicas_proxy_counts_where_it_reconnects_not_u
             await running
         started = time.monotonic()
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        done = await poll_release(stub, "rel", lambda r: r.status.reached, timeout=15)
+        done = await conftest.poll_release(stub, "rel", lambda r: r.status.reached, timeout=15)
         assert time.monotonic() - started < stale / 2, "counted as a silent replica until the stale timeout"
         assert (done.status.convergence.proxies, done.status.convergence.converged) == (2, 2)
         assert done.status.convergence.gone == 0
@@ -356,15 +354,17 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
     accepted: alice's rule at 10 %, served to both Envoys and shown in status (not "no
     lane", which a batch index of the edited spec would give)."""
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, v1, v2 = await checkout_replica(es, store)
+        plane, stub, v1, v2 = await conftest.checkout_replica(es, store)
         relaxed = await envoy(ads_port=plane.xds_port, node_id="relaxed")
-        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=STRICT_RUNTIME)
+        strict = await envoy(ads_port=plane.xds_port, node_id="strict", runtime=conftest.STRICT_RUNTIME)
         alice = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="alice")])
-        await first_batch_reached(stub, lane_spec("checkout", "lane", rules=[alice]))
+        await conftest.first_batch_reached(stub, conftest.lane_spec("checkout", "lane", rules=[alice]))
 
-        big = big_rule()
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane", rules=[big])))
-        held = await poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
+        big = conftest.big_rule()
+        await stub.ApplyRelease(
+            api.ApplyReleaseRequest(name="rel", spec=conftest.lane_spec("checkout", "lane", rules=[big]))
+        )
+        held = await conftest.poll_release(stub, "rel", lambda r: r.status.phase == pb.PAUSED)
         assert held.status.last_nack.node == "strict", held.status
         lane = held.status.held_lane
         assert held.status.HasField("held_lane"), held.status
@@ -375,8 +375,10 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
         assert [(s.service, s.gray_version) for s in lane.services] == [("checkout", "v2")]
         # Both Envoys serve the accepted lane, and status counts them carrying it.
         for proxy in (relaxed, strict):
-            await eventually(lambda p=proxy: _serves_alice_at_10(p))
-        await poll_release(stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2)
+            await conftest.eventually(lambda p=proxy: _serves_alice_at_10(p))
+        await conftest.poll_release(
+            stub, "rel", lambda r: r.status.convergence.proxies == r.status.convergence.converged == 2
+        )
         for proxy in (relaxed, strict):
             result = await run_load(
                 proxy.listen_port, authority="checkout", count=20, max_seconds=10, headers={"x-user": "alice"}
@@ -387,7 +389,9 @@ async def test_a_rejected_rules_edit_holds_the_lane_the_proxies_accepted(store: 
 async def _serves_alice_at_10(proxy: EnvoyProcess) -> bool:
     configs = await route_dump(proxy)
     return (
-        "alice" in _header_values(configs) and BIG_REGEX not in json.dumps(configs) and await gray_weight(proxy) == 10
+        "alice" in _header_values(configs)
+        and conftest.BIG_REGEX not in json.dumps(configs)
+        and await gray_weight(proxy) == 10
     )
 
 
@@ -396,9 +400,9 @@ async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(st
     way a stream can end): once they are gone the replica's cache and DataPlane keep only
     the long-lived Envoy's key, and a change afterwards renders what it rendered before."""
     async with contextlib.AsyncExitStack() as es:
-        plane, stub, v1, v2 = await checkout_replica(es, store)
+        plane, stub, v1, v2 = await conftest.checkout_replica(es, store)
         steady = await envoy(ads_port=plane.xds_port, node_id="steady")
-        await first_batch_reached(stub, lane_spec("checkout", "lane"))
+        await conftest.first_batch_reached(stub, conftest.lane_spec("checkout", "lane"))
         before = plane.cache.keys()
         assert before == plane.cache.requested_keys() == plane.dataplane.kept_keys() == {str(steady.listen_port)}
 
@@ -416,6 +420,6 @@ async def test_short_lived_proxies_with_distinct_ports_leave_no_per_key_state(st
             await churn.wait()
 
         await stub.NextBatch(api.ActionRequest(name="rel"))
-        await poll_release(stub, "rel", lambda r: r.status.reached and r.status.weight == 50)
+        await conftest.poll_release(stub, "rel", lambda r: r.status.reached and r.status.weight == 50)
         assert plane.cache.keys() == plane.dataplane.kept_keys() == before  # one key rendered, as before
         assert await gray_weight(steady) == 50

@@ -33,6 +33,7 @@ from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 from tests.conftest import require_binary
+from tests.integration.conftest import lane_spec
 from tests.integration.test_agent_registry import EAST, runs
 from tests.integration.test_agent_registry import connect as connect_agent
 
@@ -163,14 +164,8 @@ class Stack:
 
 
 def spec(weights: tuple[int, ...] = (50, 100)) -> pb.ReleaseSpec:
-    return pb.ReleaseSpec(
-        lane="checkout-v2",
-        entry=SERVICE,
-        services=[pb.ServiceVersions(service=SERVICE, base_version="v1", gray_version="v2")],
-        strategy=pb.CANARY,
-        match=[pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")])],
-        batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
-    )
+    tester = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")])
+    return lane_spec(SERVICE, "checkout-v2", rules=[tester], weights=weights)  # a canary (the default strategy)
 
 
 @pytest.fixture

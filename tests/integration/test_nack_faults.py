@@ -5,18 +5,17 @@ lane's rule, one control-plane replica."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Unavailable
-from graylane.controlplane.store import EtcdStore, connect
+from graylane.controlplane.store import EtcdStore
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 
-from tests.integration.conftest import STRICT_RUNTIME, big_rule, checkout_replica, lane_spec, poll_release
+from tests.integration.conftest import STRICT_RUNTIME, big_rule, checkout_replica, faulty_store, lane_spec, poll_release
 
 
 class _PauseFailsOnce(EtcdStore):
@@ -26,28 +25,19 @@ class _PauseFailsOnce(EtcdStore):
     failed = 0
 
     async def update_release(
-        self,
-        release: model.Release,
-        events: Iterable[model.Event],
-        *,
-        services: Iterable[model.Service] = (),
-        lane_claimed: int | None = None,
+        self, release: model.Release, events: Iterable[model.Event], **options: Any
     ) -> model.Release:
         events = list(events)
         if not self.failed and any(e.action == "pause" for e in events):
             self.failed += 1
             raise Unavailable("etcd unreachable (injected)")
-        return await super().update_release(release, events, services=services, lane_claimed=lane_claimed)
+        return await super().update_release(release, events, **options)
 
 
 @pytest.fixture
 async def flaky(etcd_endpoint: str) -> AsyncIterator[_PauseFailsOnce]:
-    plain = await connect(etcd_endpoint, prefix=f"/graylane-test/{uuid.uuid4().hex}/v1/")
-    store = _PauseFailsOnce(plain._channel, prefix=plain.prefix)
-    try:
+    async with faulty_store(etcd_endpoint, _PauseFailsOnce) as store:
         yield store
-    finally:
-        await plain.close()
 
 
 async def test_a_nack_whose_pause_failed_to_write_pauses_once_etcd_answers(flaky: _PauseFailsOnce, envoy: Any) -> None:

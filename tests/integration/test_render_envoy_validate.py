@@ -36,20 +36,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import json_format
 from graylane.controlplane.local.envoy import free_port
 from graylane.xds import resources
+from graylane.xds import view as xv
 from graylane.xds.render import render
-from graylane.xds.view import (
-    Cohort,
-    Condition,
-    Endpoint,
-    Lane,
-    MatchKind,
-    MatchOp,
-    RoutingView,
-    Rule,
-    ServiceRoute,
-    VersionEndpoints,
-    route_config_name,
-)
 
 pytestmark = pytest.mark.envoy
 
@@ -93,90 +81,104 @@ def write_bootstrap(tmp_path: Path, res: resources.Resources) -> Path:
     return path
 
 
-def cond(kind: MatchKind, name: str, op: MatchOp, value: str = "") -> Condition:
-    return Condition(kind, name, op, value)
+def cond(kind: xv.MatchKind, name: str, op: xv.MatchOp, value: str = "") -> xv.Condition:
+    return xv.Condition(kind, name, op, value)
 
 
-def eps(port: int) -> tuple[Endpoint, ...]:
-    return (Endpoint("127.0.0.1", port),)
+def every_op(
+    kind: xv.MatchKind,
+    exact: tuple[str, str],
+    prefix: tuple[str, str],
+    regex: tuple[str, str],
+    present: str,
+    *,
+    path: tuple[xv.MatchOp, str],
+) -> xv.Rule:
+    """One rule with a `kind` condition of every op ((name, value) pairs; `present` a name)
+    and a path condition."""
+    return xv.Rule(
+        (
+            cond(kind, exact[0], xv.MatchOp.EXACT, exact[1]),
+            cond(kind, prefix[0], xv.MatchOp.PREFIX, prefix[1]),
+            cond(kind, regex[0], xv.MatchOp.REGEX, regex[1]),
+            cond(kind, present, xv.MatchOp.PRESENT),
+            cond(xv.MatchKind.PATH, "", *path),
+        )
+    )
+
+
+def eps(port: int) -> tuple[xv.Endpoint, ...]:
+    return (xv.Endpoint("127.0.0.1", port),)
 
 
 # ----------------------------------------------------------------------------- validate
 
 
-def rich_view() -> RoutingView:
+def rich_view() -> xv.RoutingView:
     """Two lanes at one entry, every match kind and op, a weighted split with two shares
     on the base cluster (green has no gateway version), an empty gray version and an
     empty base."""
     every_condition = (
-        Rule(
-            (
-                cond(MatchKind.HEADER, "X-User", MatchOp.EXACT, "42"),
-                cond(MatchKind.HEADER, "x-org", MatchOp.PREFIX, "acme-"),
-                cond(MatchKind.HEADER, "x-tier", MatchOp.REGEX, "gold|platinum"),
-                cond(MatchKind.HEADER, "x-beta", MatchOp.PRESENT),
-                cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"),
-            )
+        every_op(
+            xv.MatchKind.HEADER,
+            ("X-User", "42"),
+            ("x-org", "acme-"),
+            ("x-tier", "gold|platinum"),
+            "x-beta",
+            path=(xv.MatchOp.PREFIX, "/api"),
         ),
-        Rule(
-            (
-                cond(MatchKind.QUERY, "a", MatchOp.EXACT, "1"),
-                cond(MatchKind.QUERY, "b", MatchOp.PREFIX, "x"),
-                cond(MatchKind.QUERY, "c", MatchOp.REGEX, "[0-9]{1,4}"),
-                cond(MatchKind.QUERY, "d", MatchOp.PRESENT),
-                cond(MatchKind.PATH, "", MatchOp.EXACT, "/checkout"),
-            )
+        every_op(
+            xv.MatchKind.QUERY, ("a", "1"), ("b", "x"), ("c", "[0-9]{1,4}"), "d", path=(xv.MatchOp.EXACT, "/checkout")
         ),
-        Rule(
-            (
-                cond(MatchKind.COOKIE, "session", MatchOp.EXACT, "a.b"),
-                cond(MatchKind.COOKIE, "user", MatchOp.PREFIX, "beta-"),
-                cond(MatchKind.COOKIE, "grp", MatchOp.REGEX, "u[0-9]+|vip"),
-                cond(MatchKind.COOKIE, "canary", MatchOp.PRESENT),
-                cond(MatchKind.PATH, "", MatchOp.REGEX, "/items/[0-9]+"),
-            )
+        every_op(
+            xv.MatchKind.COOKIE,
+            ("session", "a.b"),
+            ("user", "beta-"),
+            ("grp", "u[0-9]+|vip"),
+            "canary",
+            path=(xv.MatchOp.REGEX, "/items/[0-9]+"),
         ),
     )
-    return RoutingView(
+    return xv.RoutingView(
         services=(
-            ServiceRoute("gateway", "v1"),
-            ServiceRoute("cart", "v1"),
-            ServiceRoute("stock", "v1"),
-            ServiceRoute("empty", "v1"),
+            xv.ServiceRoute("gateway", "v1"),
+            xv.ServiceRoute("cart", "v1"),
+            xv.ServiceRoute("stock", "v1"),
+            xv.ServiceRoute("empty", "v1"),
         ),
         endpoints=(
-            VersionEndpoints("gateway", "v1", eps(9001)),
-            VersionEndpoints("gateway", "v2", eps(9002)),
-            VersionEndpoints("cart", "v1", eps(9011)),
-            VersionEndpoints("cart", "v2", eps(9012)),
-            VersionEndpoints("stock", "v1", eps(9021)),
-            VersionEndpoints("stock", "v2", eps(9022)),
+            xv.VersionEndpoints("gateway", "v1", eps(9001)),
+            xv.VersionEndpoints("gateway", "v2", eps(9002)),
+            xv.VersionEndpoints("cart", "v1", eps(9011)),
+            xv.VersionEndpoints("cart", "v2", eps(9012)),
+            xv.VersionEndpoints("stock", "v1", eps(9021)),
+            xv.VersionEndpoints("stock", "v2", eps(9022)),
         ),
         lanes=(
-            Lane(
+            xv.Lane(
                 "blue",
                 "gateway",
                 20,
                 (("cart", "v2"), ("gateway", "v2"), ("stock", "v9")),
                 every_condition,
             ),
-            Lane(
+            xv.Lane(
                 "green-2024-release",
                 "gateway",
                 15,
                 (("stock", "v2"),),
-                (Rule((cond(MatchKind.HEADER, "x-green", MatchOp.PRESENT),)),),
+                (xv.Rule((cond(xv.MatchKind.HEADER, "x-green", xv.MatchOp.PRESENT),)),),
             ),
-            Lane("other-entry", "cart", 100, (("cart", "v2"),)),
+            xv.Lane("other-entry", "cart", 100, (("cart", "v2"),)),
         ),
     )
 
 
-def cohort_view() -> RoutingView:
+def cohort_view() -> xv.RoutingView:
     """The rich view with a header cohort at each entry: Envoy's hashed split, and the
     ring-hash cluster and route of proxyless gRPC clients beside it."""
     view = rich_view()
-    cohort = Cohort(MatchKind.HEADER, "x-user-id")
+    cohort = xv.Cohort(xv.MatchKind.HEADER, "x-user-id")
     return dataclasses.replace(view, lanes=tuple(dataclasses.replace(lane, cohort=cohort) for lane in view.lanes))
 
 
@@ -196,11 +198,11 @@ def validate(envoy_binary: Path, tmp_path: Path, res: resources.Resources) -> su
     [
         rich_view(),
         cohort_view(),
-        RoutingView(services=(ServiceRoute("only", "v1"),), endpoints=()),
+        xv.RoutingView(services=(xv.ServiceRoute("only", "v1"),), endpoints=()),
     ],
     ids=["rich", "rich-cohort", "no-lanes-no-endpoints"],
 )
-def test_envoy_accepts_rendered_resources(envoy_binary: Path, tmp_path: Path, view: RoutingView) -> None:
+def test_envoy_accepts_rendered_resources(envoy_binary: Path, tmp_path: Path, view: xv.RoutingView) -> None:
     result = validate(envoy_binary, tmp_path, render(view, listen_port=10000))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -208,7 +210,7 @@ def test_envoy_accepts_rendered_resources(envoy_binary: Path, tmp_path: Path, vi
 def test_validate_mode_is_not_a_rubber_stamp(envoy_binary: Path, tmp_path: Path) -> None:
     """A route to an unknown cluster must fail, or the test above proves nothing."""
     res = render(rich_view(), listen_port=10000)
-    route_config: Any = res[resources.ROUTE].items[route_config_name("gateway")]
+    route_config: Any = res[resources.ROUTE].items[xv.route_config_name("gateway")]
     route_config.virtual_hosts[0].routes[-1].route.cluster = "no|such"
     result = validate(envoy_binary, tmp_path, res)
     assert result.returncode != 0
@@ -287,33 +289,33 @@ async def upstreams() -> AsyncIterator[dict[str, int]]:
         await server.wait_closed()
 
 
-def traffic_view(ports: dict[str, int]) -> RoutingView:
+def traffic_view(ports: dict[str, int]) -> xv.RoutingView:
     """blue: rules only (weight 0); green: weight 100 and no gateway version, so every
     untagged, unmatched request at the gateway stays on gateway|v1 but joins green."""
-    return RoutingView(
-        services=(ServiceRoute("gateway", "v1"), ServiceRoute("cart", "v1"), ServiceRoute("stock", "v1")),
+    return xv.RoutingView(
+        services=(xv.ServiceRoute("gateway", "v1"), xv.ServiceRoute("cart", "v1"), xv.ServiceRoute("stock", "v1")),
         endpoints=tuple(
-            VersionEndpoints(service, version, eps(ports[f"{service}|{version}"]))
+            xv.VersionEndpoints(service, version, eps(ports[f"{service}|{version}"]))
             for service, version in (name.split("|") for name in sorted(ports))
         ),
         lanes=(
-            Lane(
+            xv.Lane(
                 "blue",
                 "gateway",
                 0,
                 (("cart", "v2"), ("gateway", "v2")),
                 (
-                    Rule((cond(MatchKind.HEADER, "x-user", MatchOp.EXACT, "42"),)),
-                    Rule((cond(MatchKind.COOKIE, "session", MatchOp.PREFIX, "beta-"),)),
-                    Rule(
+                    xv.Rule((cond(xv.MatchKind.HEADER, "x-user", xv.MatchOp.EXACT, "42"),)),
+                    xv.Rule((cond(xv.MatchKind.COOKIE, "session", xv.MatchOp.PREFIX, "beta-"),)),
+                    xv.Rule(
                         (
-                            cond(MatchKind.QUERY, "preview", MatchOp.PRESENT),
-                            cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"),
+                            cond(xv.MatchKind.QUERY, "preview", xv.MatchOp.PRESENT),
+                            cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/api"),
                         )
                     ),
                 ),
             ),
-            Lane("green", "gateway", 100, (("stock", "v2"),)),
+            xv.Lane("green", "gateway", 100, (("stock", "v2"),)),
         ),
     )
 

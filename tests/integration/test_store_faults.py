@@ -17,7 +17,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -35,7 +34,7 @@ from graylane.controlplane.reconcile.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, ReplicaProgress, Snapshot, connect
 from graylane.xds.tracker import ProxyTracker
 
-from tests.integration.conftest import stop_group
+from tests.integration.conftest import faulty_store, stop_group
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -197,12 +196,8 @@ class _DeletedAfterRead(EtcdStore):
 
 @pytest.fixture
 async def racing(etcd_endpoint: str) -> AsyncIterator[_DeletedAfterRead]:
-    plain = await connect(etcd_endpoint, prefix=f"/graylane-test/{uuid.uuid4().hex}/v1/")
-    racing = _DeletedAfterRead(plain._channel, prefix=plain.prefix)
-    try:
-        yield racing
-    finally:
-        await plain.close()
+    async with faulty_store(etcd_endpoint, _DeletedAfterRead) as store:
+        yield store
 
 
 async def test_delete_racing_a_status_write_ends_cleanly(racing: _DeletedAfterRead) -> None:

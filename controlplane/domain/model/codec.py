@@ -11,23 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from graylane.controlplane.domain.model import values
 from graylane.controlplane.domain.model.validation import WEBHOOK_KINDS, rules_from_proto, spec_from_proto
-from graylane.controlplane.domain.model.values import (
-    Cohort,
-    Condition,
-    Event,
-    HeldLane,
-    MatchKind,
-    Nack,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    Service,
-    Version,
-    held,
-    served_weight_of,
-)
 from graylane.controlplane.progression.analysis import AnalysisSpec
 from graylane.v1 import release_pb2 as pb
 
@@ -46,7 +31,7 @@ def _dt(ts: Timestamp, present: bool) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if present else None
 
 
-def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
+def spec_to_proto(spec: values.ReleaseSpec) -> pb.ReleaseSpec:
     batches = []
     for b in spec.batches:
         if b.pause is None:
@@ -72,15 +57,15 @@ def spec_to_proto(spec: ReleaseSpec) -> pb.ReleaseSpec:
     )
 
 
-def _cohort_to_proto(cohort: Cohort | None) -> pb.Cohort | None:
+def _cohort_to_proto(cohort: values.Cohort | None) -> pb.Cohort | None:
     if cohort is None:
         return None
-    if cohort.kind is MatchKind.HEADER:
+    if cohort.kind is values.MatchKind.HEADER:
         return pb.Cohort(header=cohort.name)
     return pb.Cohort(cookie=cohort.name)
 
 
-def status_to_proto(release: Release) -> pb.ReleaseStatus:
+def status_to_proto(release: values.Release) -> pb.ReleaseStatus:
     st = release.status
     nack = None
     if st.last_nack is not None:
@@ -113,13 +98,13 @@ def status_to_proto(release: Release) -> pb.ReleaseStatus:
         batch_reached=_ts(st.batch_reached),
         events=st.events,
         generation=st.generation,
-        served_weight=served_weight_of(release.spec, st),
+        served_weight=values.served_weight_of(release.spec, st),
         held_batch=st.held_batch,
-        held_lane=_held_lane_to_proto(st.held_lane) if held(st) else None,
+        held_lane=_held_lane_to_proto(st.held_lane) if values.held(st) else None,
     )
 
 
-def _rules_to_proto(match: tuple[tuple[Condition, ...], ...]) -> list[pb.MatchRule]:
+def _rules_to_proto(match: tuple[tuple[values.Condition, ...], ...]) -> list[pb.MatchRule]:
     return [
         pb.MatchRule(
             conditions=[pb.Condition(kind=c.kind.value, name=c.name, op=c.op.value, value=c.value) for c in rule]
@@ -128,7 +113,7 @@ def _rules_to_proto(match: tuple[tuple[Condition, ...], ...]) -> list[pb.MatchRu
     ]
 
 
-def _held_lane_to_proto(lane: HeldLane | None) -> pb.HeldLane | None:
+def _held_lane_to_proto(lane: values.HeldLane | None) -> pb.HeldLane | None:
     if lane is None:
         return None
     return pb.HeldLane(
@@ -139,8 +124,8 @@ def _held_lane_to_proto(lane: HeldLane | None) -> pb.HeldLane | None:
     )
 
 
-def _held_lane_from_proto(msg: pb.HeldLane) -> HeldLane:
-    return HeldLane(
+def _held_lane_from_proto(msg: pb.HeldLane) -> values.HeldLane:
+    return values.HeldLane(
         entry=msg.entry,
         weight=msg.weight,
         match=rules_from_proto(msg.match, stored=True),
@@ -148,7 +133,7 @@ def _held_lane_from_proto(msg: pb.HeldLane) -> HeldLane:
     )
 
 
-def release_to_proto(release: Release) -> pb.Release:
+def release_to_proto(release: values.Release) -> pb.Release:
     return pb.Release(
         name=release.name,
         spec=spec_to_proto(release.spec),
@@ -158,13 +143,13 @@ def release_to_proto(release: Release) -> pb.Release:
     )
 
 
-def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
+def release_from_proto(msg: pb.Release, *, revision: int) -> values.Release:
     """Rebuild a stored release. Stored specs were validated on the way in."""
     st = msg.status
     nack = None
     if st.HasField("last_nack"):
         n = st.last_nack
-        nack = Nack(
+        nack = values.Nack(
             node=n.node,
             type_url=n.type_url,
             version=n.version,
@@ -173,8 +158,8 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
             stream=n.stream,
             cluster=n.cluster,
         )
-    status = ReleaseStatus(
-        phase=Phase(st.phase),
+    status = values.ReleaseStatus(
+        phase=values.Phase(st.phase),
         batch=st.batch,
         reason=st.reason,
         reached=st.reached,
@@ -192,7 +177,7 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
         held_batch=st.held_batch if st.HasField("held_batch") else None,
         held_lane=_held_lane_from_proto(st.held_lane) if st.HasField("held_lane") else None,
     )
-    return Release(
+    return values.Release(
         name=msg.name,
         spec=spec_from_proto(msg.spec, stored=True),
         status=status,
@@ -201,7 +186,7 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> Release:
     )
 
 
-def event_to_proto(e: Event) -> pb.Event:
+def event_to_proto(e: values.Event) -> pb.Event:
     return pb.Event(
         release=e.release,
         sequence=e.sequence,
@@ -218,11 +203,11 @@ def event_to_proto(e: Event) -> pb.Event:
     )
 
 
-def service_to_proto(s: Service) -> pb.Service:
+def service_to_proto(s: values.Service) -> pb.Service:
     return pb.Service(name=s.name, stable_version=s.stable_version, description=s.description)
 
 
-def version_to_proto(v: Version) -> pb.Version:
+def version_to_proto(v: values.Version) -> pb.Version:
     return pb.Version(
         service=v.service,
         name=v.name,

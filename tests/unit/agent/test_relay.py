@@ -81,11 +81,17 @@ def test_reports_each_proxy_against_the_view_its_routes_came_from() -> None:
     assert [p.node_id for p in relay.report().proxies] == ["gateway"]
 
 
-def test_a_nack_is_reported_with_the_view_it_rejected() -> None:
+def _relay_and_sidecar() -> tuple[SnapshotCache, ProxyTracker, Relay]:
+    """A relay on a fresh cache and tracker, and one connected sidecar watching its port's key."""
     cache, tracker = SnapshotCache(), ProxyTracker()
     relay = Relay(cache, tracker)
     tracker.connected(node("sidecar", SIDECAR), stream="sidecar", key=str(SIDECAR), protocol=SOTW)
     cache.watch(str(SIDECAR), lambda: None)
+    return cache, tracker, relay
+
+
+def test_a_nack_is_reported_with_the_view_it_rejected() -> None:
+    cache, tracker, relay = _relay_and_sidecar()
     first = cluster_view(VIEW)
     relay.apply(first)
     ack(tracker, cache, "sidecar", str(SIDECAR))
@@ -129,19 +135,21 @@ def test_a_key_nobody_asks_for_any_more_is_no_longer_rendered() -> None:
     assert cache.keys() == {"20000"}
 
 
+def _with_service(name: str, port: int) -> xv.RoutingView:
+    """VIEW and one more service, `name` at v1 on 127.0.0.1:`port`."""
+    return dataclasses.replace(
+        VIEW,
+        services=(*VIEW.services, xv.ServiceRoute(name, "v1")),
+        endpoints=(*VIEW.endpoints, xv.VersionEndpoints(name, "v1", (xv.Endpoint("127.0.0.1", port),))),
+    )
+
+
 def test_a_proxy_holding_only_some_services_route_configs_carries_no_view() -> None:
     """Routes are split per service (one route config per scope): a proxy that has not yet
     subscribed to every scope's route config ACKs a smaller set, which no view rendered, so
     it is reported on no view (unsure means not reached) until it holds them all."""
-    two = dataclasses.replace(
-        VIEW,
-        services=(*VIEW.services, xv.ServiceRoute("cart", "v1")),
-        endpoints=(*VIEW.endpoints, xv.VersionEndpoints("cart", "v1", (xv.Endpoint("127.0.0.1", 8091),))),
-    )
-    cache, tracker = SnapshotCache(), ProxyTracker()
-    relay = Relay(cache, tracker)
-    tracker.connected(node("sidecar", SIDECAR), stream="sidecar", key=str(SIDECAR), protocol=SOTW)
-    cache.watch(str(SIDECAR), lambda: None)
+    two = _with_service("cart", 8091)
+    cache, tracker, relay = _relay_and_sidecar()
     applied = cluster_view(two)
     relay.apply(applied)
     snapshot = cache.snapshot(str(SIDECAR))
@@ -158,11 +166,7 @@ def test_a_proxyless_client_holding_part_of_a_route_set_is_reported_on_its_view(
 
     from graylane.xds.cache import PROXYLESS_KEY
 
-    two = dataclasses.replace(
-        VIEW,
-        services=(*VIEW.services, xv.ServiceRoute("search", "v1")),
-        endpoints=(*VIEW.endpoints, xv.VersionEndpoints("search", "v1", (xv.Endpoint("127.0.0.1", 8082),))),
-    )
+    two = _with_service("search", 8082)
     cache, tracker = SnapshotCache(), ProxyTracker()
     relay = Relay(cache, tracker)
     grpc_node = base_pb2.Node(id="grpc", user_agent_name="gRPC Python")

@@ -9,35 +9,27 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from graylane.controlplane.domain.model.values import (
-    Batch,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    ServiceVersions,
-    Strategy,
-)
+from graylane.controlplane.domain.model import values
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def canary_release(
-    phase: Phase = Phase.PROGRESSING,
+    phase: values.Phase = values.Phase.PROGRESSING,
     batch: int = 1,
     *,
     weights: tuple[int, ...] = (10, 50, 100),
     created: datetime = NOW,
     **status: Any,
-) -> Release:
+) -> values.Release:
     """Release "r": canary of checkout v1 -> v2 in lane "lane", no match rules, one batch a
     weight; `status` holds the ReleaseStatus fields besides phase and batch."""
-    spec = ReleaseSpec(
+    spec = values.ReleaseSpec(
         lane="lane",
         entry="checkout",
-        services=(ServiceVersions("checkout", "v1", "v2"),),
-        strategy=Strategy.CANARY,
+        services=(values.ServiceVersions("checkout", "v1", "v2"),),
+        strategy=values.Strategy.CANARY,
         match=(),
-        batches=tuple(Batch(w, None) for w in weights),
+        batches=tuple(values.Batch(w, None) for w in weights),
     )
-    return Release("r", spec, ReleaseStatus(phase=phase, batch=batch, **status), created=created)
+    return values.Release("r", spec, values.ReleaseStatus(phase=phase, batch=batch, **status), created=created)

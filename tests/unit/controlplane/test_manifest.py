@@ -21,6 +21,18 @@ def _rule(kind: pb.MatchKind, name: str, op: pb.MatchOp, value: str) -> pb.Match
     return pb.MatchRule(conditions=[pb.Condition(kind=kind, name=name, op=op, value=value)])
 
 
+def _checkout_version(name: str, tag: str, summary: str, port: int) -> pb.Version:
+    """A checkout version as the example file writes it: payments-team's image `tag`, one endpoint."""
+    return pb.Version(
+        service="checkout",
+        name=name,
+        metadata=pb.VersionMetadata(
+            image=f"registry.example.com/checkout:{tag}", author="payments-team", change_summary=summary
+        ),
+        endpoints=[pb.Endpoint(address="127.0.0.1", port=port)],
+    )
+
+
 def test_example_file_parses_into_the_expected_protos() -> None:
     objects = load_manifest(EXAMPLE.read_text(), source=str(EXAMPLE))
 
@@ -31,26 +43,8 @@ def test_example_file_parses_into_the_expected_protos() -> None:
             stable_version="v1",
             description="Checkout API (cart totals, payment hand-off)",
         ),
-        pb.Version(
-            service="checkout",
-            name="v1",
-            metadata=pb.VersionMetadata(
-                image="registry.example.com/checkout:1.14.2",
-                author="payments-team",
-                change_summary="current production build",
-            ),
-            endpoints=[pb.Endpoint(address="127.0.0.1", port=18081)],
-        ),
-        pb.Version(
-            service="checkout",
-            name="v2",
-            metadata=pb.VersionMetadata(
-                image="registry.example.com/checkout:1.15.0",
-                author="payments-team",
-                change_summary="new tax rounding; retries payment hand-off once",
-            ),
-            endpoints=[pb.Endpoint(address="127.0.0.1", port=18082)],
-        ),
+        _checkout_version("v1", "1.14.2", "current production build", 18081),
+        _checkout_version("v2", "1.15.0", "new tax rounding; retries payment hand-off once", 18082),
         pb.Release(
             name="checkout-v2",
             spec=pb.ReleaseSpec(

@@ -5,42 +5,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from google.protobuf.message import Message
+from graylane.xds import view as xv
 from graylane.xds.plan import Held, listener_route_configs, plan, route_clusters
 from graylane.xds.render import render, render_gateway
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, Resources
-from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
-    Endpoint,
-    Lane,
-    RoutingView,
-    ServiceRoute,
-    VersionEndpoints,
-    cluster_name,
-    listener_name,
-    route_config_name,
-)
 
 PORT = 10000
-V1 = cluster_name("a", "v1")
-V2 = cluster_name("a", "v2")
+V1 = xv.cluster_name("a", "v1")
+V2 = xv.cluster_name("a", "v2")
 # The gray lane's own cluster for v2, with its own EDS resource (named like it) holding
 # v2's endpoints: every cluster has its own, so a new cluster always gets its endpoints sent.
-V2_GRAY = cluster_name("a", "v2", "gray")
+V2_GRAY = xv.cluster_name("a", "v2", "gray")
 
 
-def view(*, base: str = "v1", gray: str | None = None, weight: int = 50) -> RoutingView:
+def view(*, base: str = "v1", gray: str | None = None, weight: int = 50) -> xv.RoutingView:
     endpoints = (
-        VersionEndpoints("a", "v1", (Endpoint("127.0.0.1", 1001),)),
-        VersionEndpoints("a", "v2", (Endpoint("127.0.0.1", 1002),)),
+        xv.VersionEndpoints("a", "v1", (xv.Endpoint("127.0.0.1", 1001),)),
+        xv.VersionEndpoints("a", "v2", (xv.Endpoint("127.0.0.1", 1002),)),
     )
-    lanes = (Lane("gray", "a", weight, (("a", gray),)),) if gray else ()
-    return RoutingView(services=(ServiceRoute("a", base),), endpoints=endpoints, lanes=lanes)
+    lanes = (xv.Lane("gray", "a", weight, (("a", gray),)),) if gray else ()
+    return xv.RoutingView(services=(xv.ServiceRoute("a", base),), endpoints=endpoints, lanes=lanes)
 
 
 ONLY_V1 = render(view(), listen_port=PORT)
 V1_AND_V2 = render(view(gray="v2"), listen_port=PORT)
 ONLY_V2 = render(view(base="v2"), listen_port=PORT)
-RC_A = route_config_name("a")  # service a's route config, and its scope
+RC_A = xv.route_config_name("a")  # service a's route config, and its scope
 
 
 def held(resources: Resources, *types: str) -> dict[str, Mapping[str, Message]]:
@@ -62,10 +52,10 @@ def route(resources: Resources) -> Message:
 
 def test_reference_helpers() -> None:
     assert route_clusters(route(V1_AND_V2)) == {V1, V2_GRAY}
-    listener = V1_AND_V2[LISTENER].items[listener_name(PORT)]
+    listener = V1_AND_V2[LISTENER].items[xv.listener_name(PORT)]
     assert listener_route_configs(listener) == set()  # type: ignore[arg-type]  # its scopes name them
-    gateway = render_gateway(view(), listen_port=PORT)[LISTENER].items[listener_name(PORT)]
-    assert listener_route_configs(gateway) == {ROUTE_CONFIG_NAME}  # type: ignore[arg-type]
+    gateway = render_gateway(view(), listen_port=PORT)[LISTENER].items[xv.listener_name(PORT)]
+    assert listener_route_configs(gateway) == {xv.ROUTE_CONFIG_NAME}  # type: ignore[arg-type]
 
 
 def test_fresh_proxy_gets_clusters_and_endpoints_but_no_route_or_listener_yet() -> None:
@@ -75,7 +65,7 @@ def test_fresh_proxy_gets_clusters_and_endpoints_but_no_route_or_listener_yet() 
     assert len(p.resources[ROUTE]) == 0
     assert len(p.resources[SCOPED_ROUTE]) == 0  # a scope waits for the route config it names
     # The listener names no route config (its scopes do): it may come, and warms on SRDS.
-    assert set(p.resources[LISTENER].items) == {listener_name(PORT)}
+    assert set(p.resources[LISTENER].items) == {xv.listener_name(PORT)}
     assert p.held == {(ROUTE, RC_A), (SCOPED_ROUTE, RC_A)}
 
 
@@ -167,18 +157,18 @@ def test_listener_waits_for_its_route_config_but_keeps_the_one_the_proxy_has() -
     p = plan(target, acked=acked, sent=acked)
     # No route config is plannable (v2 not ACKed, none held): the new listener waits.
     assert set(p.resources[LISTENER].items) == set()
-    assert (LISTENER, listener_name(PORT + 1)) in p.held
+    assert (LISTENER, xv.listener_name(PORT + 1)) in p.held
 
 
 # Two services: b is added (new clusters) while a's weight changes.
 def two(*, with_b: bool, weight: int = 50) -> Resources:
     base = view(gray="v2", weight=weight)
-    services = (*base.services, ServiceRoute("b", "v1")) if with_b else base.services
-    endpoints = (*base.endpoints, VersionEndpoints("b", "v1", (Endpoint("127.0.0.1", 2001),)))
-    return render(RoutingView(services=services, endpoints=endpoints, lanes=base.lanes), listen_port=PORT)
+    services = (*base.services, xv.ServiceRoute("b", "v1")) if with_b else base.services
+    endpoints = (*base.endpoints, xv.VersionEndpoints("b", "v1", (xv.Endpoint("127.0.0.1", 2001),)))
+    return render(xv.RoutingView(services=services, endpoints=endpoints, lanes=base.lanes), listen_port=PORT)
 
 
-RC_B = route_config_name("b")
+RC_B = xv.route_config_name("b")
 
 
 def test_a_new_services_scope_and_routes_wait_for_its_clusters_without_holding_other_services() -> None:
@@ -260,7 +250,7 @@ def test_a_client_asking_by_name_keeps_a_dropped_cluster_while_it_subscribes_to_
 
 def test_a_route_naming_a_cluster_without_endpoints_waits_even_by_name() -> None:
     only_v2 = dict(PROXYLESS_ONLY_V2[ENDPOINT].items)
-    del only_v2[cluster_name("a", "v2")]
+    del only_v2[xv.cluster_name("a", "v2")]
     broken = Resources.of({t: ({**PROXYLESS_ONLY_V2[t].items} if t != ENDPOINT else only_v2) for t in PUSH_ORDER})
     p = plan(broken, acked={}, sent={}, on_demand=True)
     assert (ROUTE, RC_A) in p.held

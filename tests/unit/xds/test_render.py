@@ -21,6 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf.message import Message
 from graylane.xds import resources
+from graylane.xds import view as xv
 from graylane.xds.cache import consistency_gaps
 from graylane.xds.plan import route_clusters
 from graylane.xds.render import (
@@ -31,23 +32,6 @@ from graylane.xds.render import (
     render_gateway,
     render_service,
 )
-from graylane.xds.view import (
-    ROUTE_CONFIG_NAME,
-    SCOPED_ROUTES_NAME,
-    Cohort,
-    Condition,
-    Endpoint,
-    Lane,
-    MatchKind,
-    MatchOp,
-    RoutingView,
-    Rule,
-    ServiceRoute,
-    VersionEndpoints,
-    gateway_authority,
-    parse_cluster_name,
-    route_config_name,
-)
 
 PORT = 15001
 ENVOY_MAX_PROGRAM_SIZE = 100  # Envoy's default re2.max_program_size.error_level
@@ -57,26 +41,26 @@ OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR
 # ------------------------------------------------------------------------------ helpers
 
 
-def eps(*ports: int) -> tuple[Endpoint, ...]:
-    return tuple(Endpoint("10.0.0.1", p) for p in ports)
+def eps(*ports: int) -> tuple[xv.Endpoint, ...]:
+    return tuple(xv.Endpoint("10.0.0.1", p) for p in ports)
 
 
-def make_view(*lanes: Lane, connect_timeout_ms: int = 1000) -> RoutingView:
+def make_view(*lanes: xv.Lane, connect_timeout_ms: int = 1000) -> xv.RoutingView:
     """gateway -> cart -> stock; every version listed here has endpoints except stock v3."""
-    return RoutingView(
+    return xv.RoutingView(
         services=(
-            ServiceRoute("stock", "v1"),
-            ServiceRoute("gateway", "v1"),
-            ServiceRoute("cart", "v1"),
+            xv.ServiceRoute("stock", "v1"),
+            xv.ServiceRoute("gateway", "v1"),
+            xv.ServiceRoute("cart", "v1"),
         ),
         endpoints=(
-            VersionEndpoints("gateway", "v1", eps(8001)),
-            VersionEndpoints("gateway", "v2", eps(8002)),
-            VersionEndpoints("cart", "v1", eps(8011, 8010)),
-            VersionEndpoints("cart", "v2", eps(8012)),
-            VersionEndpoints("stock", "v1", eps(8021)),
-            VersionEndpoints("stock", "v2", eps(8022)),
-            VersionEndpoints("stock", "v3", ()),
+            xv.VersionEndpoints("gateway", "v1", eps(8001)),
+            xv.VersionEndpoints("gateway", "v2", eps(8002)),
+            xv.VersionEndpoints("cart", "v1", eps(8011, 8010)),
+            xv.VersionEndpoints("cart", "v2", eps(8012)),
+            xv.VersionEndpoints("stock", "v1", eps(8021)),
+            xv.VersionEndpoints("stock", "v2", eps(8022)),
+            xv.VersionEndpoints("stock", "v3", ()),
         ),
         lanes=lanes,
         connect_timeout_ms=connect_timeout_ms,
@@ -89,18 +73,18 @@ def lane(
     entry: str = "gateway",
     weight: int = 0,
     versions: tuple[tuple[str, str], ...] = (),
-    rules: tuple[Rule, ...] = (),
-    cohort: Cohort | None = None,
-) -> Lane:
-    return Lane(name=name, entry=entry, weight=weight, versions=versions, rules=rules, cohort=cohort)
+    rules: tuple[xv.Rule, ...] = (),
+    cohort: xv.Cohort | None = None,
+) -> xv.Lane:
+    return xv.Lane(name=name, entry=entry, weight=weight, versions=versions, rules=rules, cohort=cohort)
 
 
-def rule(*conditions: Condition) -> Rule:
-    return Rule(conditions)
+def rule(*conditions: xv.Condition) -> xv.Rule:
+    return xv.Rule(conditions)
 
 
-def cond(kind: MatchKind, name: str, op: MatchOp, value: str = "") -> Condition:
-    return Condition(kind, name, op, value)
+def cond(kind: xv.MatchKind, name: str, op: xv.MatchOp, value: str = "") -> xv.Condition:
+    return xv.Condition(kind, name, op, value)
 
 
 def item(res: resources.Resources, type_url: str, name: str) -> Any:
@@ -119,8 +103,8 @@ def addresses(res: resources.Resources, eds: str) -> list[tuple[str, int]]:
 
 def route_config(res: resources.Resources) -> route_pb2.RouteConfiguration:
     """The gateway's one route config; for a proxy, its per-service ones merged in order."""
-    if ROUTE_CONFIG_NAME in res[resources.ROUTE].items:
-        message = res[resources.ROUTE].items[ROUTE_CONFIG_NAME]
+    if xv.ROUTE_CONFIG_NAME in res[resources.ROUTE].items:
+        message = res[resources.ROUTE].items[xv.ROUTE_CONFIG_NAME]
         assert isinstance(message, route_pb2.RouteConfiguration)
         return message
     merged = route_pb2.RouteConfiguration()
@@ -193,7 +177,7 @@ def fullmatch(regex: str, value: str) -> bool:
     return re2.fullmatch(regex, value) is not None
 
 
-def render_view(view: RoutingView) -> resources.Resources:
+def render_view(view: xv.RoutingView) -> resources.Resources:
     return render(view, listen_port=PORT)
 
 
@@ -205,18 +189,18 @@ RICH_VIEW = make_view(
         versions=(("cart", "v2"), ("gateway", "v2")),
         rules=(
             rule(
-                cond(MatchKind.HEADER, "X-User", MatchOp.EXACT, "42"),
-                cond(MatchKind.COOKIE, "session", MatchOp.PREFIX, "beta-"),
-                cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"),
+                cond(xv.MatchKind.HEADER, "X-User", xv.MatchOp.EXACT, "42"),
+                cond(xv.MatchKind.COOKIE, "session", xv.MatchOp.PREFIX, "beta-"),
+                cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/api"),
             ),
-            rule(cond(MatchKind.QUERY, "preview", MatchOp.PRESENT)),
+            rule(cond(xv.MatchKind.QUERY, "preview", xv.MatchOp.PRESENT)),
         ),
     ),
     lane(
         "green",
         weight=10,
         versions=(("stock", "v2"),),
-        rules=(rule(cond(MatchKind.HEADER, "x-tier", MatchOp.REGEX, "gold|platinum")),),
+        rules=(rule(cond(xv.MatchKind.HEADER, "x-tier", xv.MatchOp.REGEX, "gold|platinum")),),
     ),
 )
 
@@ -299,11 +283,11 @@ def test_load_assignments_sort_and_deduplicate_endpoints() -> None:
     view = dataclasses.replace(
         make_view(),
         endpoints=(
-            VersionEndpoints(
+            xv.VersionEndpoints(
                 "cart",
                 "v1",
-                (Endpoint("10.0.0.2", 80), Endpoint("10.0.0.1", 81), Endpoint("10.0.0.1", 80))
-                + (Endpoint("10.0.0.2", 80),),
+                (xv.Endpoint("10.0.0.2", 80), xv.Endpoint("10.0.0.1", 81), xv.Endpoint("10.0.0.1", 80))
+                + (xv.Endpoint("10.0.0.2", 80),),
             ),
         ),
     )
@@ -419,7 +403,7 @@ def test_listener_serves_scoped_rds_through_the_router() -> None:
     assert manager.stat_prefix == "graylane"
     assert not manager.HasField("rds")
     scoped = manager.scoped_routes
-    assert scoped.name == SCOPED_ROUTES_NAME
+    assert scoped.name == xv.SCOPED_ROUTES_NAME
     (fragment,) = scoped.scope_key_builder.fragments
     extractor = fragment.header_value_extractor
     # The authority without its port: "cart" and "cart:8080" both key to the scope "cart".
@@ -441,7 +425,7 @@ def test_one_route_config_per_service_holding_exactly_its_virtual_host() -> None
 
     assert list(res[resources.ROUTE]) == ["graylane/cart", "graylane/gateway", "graylane/stock"]
     for service in ("cart", "gateway", "stock"):
-        config = item(res, resources.ROUTE, route_config_name(service))
+        config = item(res, resources.ROUTE, xv.route_config_name(service))
         assert config.name == f"graylane/{service}"
         assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [(service, [service, f"{service}:*"])]
 
@@ -451,8 +435,8 @@ def test_one_eager_scope_per_service_keyed_by_its_name_naming_its_route_config()
 
     assert list(res[resources.SCOPED_ROUTE]) == list(res[resources.ROUTE])
     for service in ("cart", "gateway", "stock"):
-        scope = item(res, resources.SCOPED_ROUTE, route_config_name(service))
-        assert scope.route_configuration_name == route_config_name(service)
+        scope = item(res, resources.SCOPED_ROUTE, xv.route_config_name(service))
+        assert scope.route_configuration_name == xv.route_config_name(service)
         assert [f.string_key for f in scope.key.fragments] == [service]
         assert not scope.on_demand
         assert not scope.HasField("route_configuration")  # fetched by RDS, so it changes alone
@@ -684,14 +668,14 @@ def test_no_tagged_route_where_no_lane_enters() -> None:
 # ----------------------------------------------------------------------- step 3: entry rules
 
 
-def rule_route(c: Condition, *, has_baggage: bool = False) -> route_components_pb2.Route:
+def rule_route(c: xv.Condition, *, has_baggage: bool = False) -> route_components_pb2.Route:
     view = make_view(lane("blue", versions=(("gateway", "v2"),), rules=(rule(c),)))
     suffix = "with-baggage" if has_baggage else "without-baggage"
     return named(render_view(view), "gateway", f"rule/blue/0/{suffix}")
 
 
 def test_rule_routes_tag_without_destroying_baggage() -> None:
-    c = cond(MatchKind.HEADER, "x-user", MatchOp.EXACT, "42")
+    c = cond(xv.MatchKind.HEADER, "x-user", xv.MatchOp.EXACT, "42")
     with_baggage = rule_route(c, has_baggage=True)
     without = rule_route(c, has_baggage=False)
 
@@ -713,7 +697,7 @@ def test_rule_routes_tag_without_destroying_baggage() -> None:
 
 def test_rule_of_a_lane_without_entry_version_routes_to_base_but_tags() -> None:
     view = make_view(
-        lane("blue", versions=(("cart", "v2"),), rules=(rule(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b")),))
+        lane("blue", versions=(("cart", "v2"),), rules=(rule(cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/b")),))
     )
     r = named(render_view(view), "gateway", "rule/blue/0/without-baggage")
 
@@ -727,7 +711,7 @@ def test_at_the_entry_of_a_lane_without_a_version_of_it_rules_and_share_go_to_th
             "blue",
             weight=25,
             versions=(("cart", "v2"),),
-            rules=(rule(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b")),),
+            rules=(rule(cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/b")),),
         )
     )
     res = render_view(view)
@@ -758,13 +742,13 @@ def test_at_the_entry_of_a_lane_without_a_version_of_it_rules_and_share_go_to_th
 @pytest.mark.parametrize(
     ("op", "value", "field", "expected"),
     [
-        (MatchOp.EXACT, "42", "exact", "42"),
-        (MatchOp.PREFIX, "4", "prefix", "4"),
-        (MatchOp.REGEX, "[0-9]+", "safe_regex", "[0-9]+"),
+        (xv.MatchOp.EXACT, "42", "exact", "42"),
+        (xv.MatchOp.PREFIX, "4", "prefix", "4"),
+        (xv.MatchOp.REGEX, "[0-9]+", "safe_regex", "[0-9]+"),
     ],
 )
-def test_header_condition(op: MatchOp, value: str, field: str, expected: str) -> None:
-    r = rule_route(cond(MatchKind.HEADER, "X-User", op, value))
+def test_header_condition(op: xv.MatchOp, value: str, field: str, expected: str) -> None:
+    r = rule_route(cond(xv.MatchKind.HEADER, "X-User", op, value))
     matcher = header(r.match, "x-user")  # Envoy header names are lower case
 
     assert matcher.string_match.WhichOneof("match_pattern") == field
@@ -774,49 +758,49 @@ def test_header_condition(op: MatchOp, value: str, field: str, expected: str) ->
 
 
 def test_header_present_condition() -> None:
-    matcher = header(rule_route(cond(MatchKind.HEADER, "x-beta", MatchOp.PRESENT)).match, "x-beta")
+    matcher = header(rule_route(cond(xv.MatchKind.HEADER, "x-beta", xv.MatchOp.PRESENT)).match, "x-beta")
     assert matcher.WhichOneof("header_match_specifier") == "present_match"
     assert matcher.present_match is True
 
 
 @pytest.mark.parametrize(
     ("op", "value", "field"),
-    [(MatchOp.EXACT, "1", "exact"), (MatchOp.PREFIX, "on", "prefix"), (MatchOp.REGEX, "1|on", "safe_regex")],
+    [(xv.MatchOp.EXACT, "1", "exact"), (xv.MatchOp.PREFIX, "on", "prefix"), (xv.MatchOp.REGEX, "1|on", "safe_regex")],
 )
-def test_query_condition(op: MatchOp, value: str, field: str) -> None:
-    (matcher,) = rule_route(cond(MatchKind.QUERY, "preview", op, value)).match.query_parameters
+def test_query_condition(op: xv.MatchOp, value: str, field: str) -> None:
+    (matcher,) = rule_route(cond(xv.MatchKind.QUERY, "preview", op, value)).match.query_parameters
 
     assert matcher.name == "preview"
     assert matcher.string_match.WhichOneof("match_pattern") == field
 
 
 def test_query_present_condition() -> None:
-    (matcher,) = rule_route(cond(MatchKind.QUERY, "preview", MatchOp.PRESENT)).match.query_parameters
+    (matcher,) = rule_route(cond(xv.MatchKind.QUERY, "preview", xv.MatchOp.PRESENT)).match.query_parameters
     assert matcher.WhichOneof("query_parameter_match_specifier") == "present_match"
     assert matcher.present_match is True
 
 
 def test_path_exact_condition() -> None:
-    r = rule_route(cond(MatchKind.PATH, "", MatchOp.EXACT, "/api/v2"))
+    r = rule_route(cond(xv.MatchKind.PATH, "", xv.MatchOp.EXACT, "/api/v2"))
     assert r.match.WhichOneof("path_specifier") == "path"
     assert r.match.path == "/api/v2"
 
 
 def test_path_prefix_condition() -> None:
-    r = rule_route(cond(MatchKind.PATH, "", MatchOp.PREFIX, "/api"))
+    r = rule_route(cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/api"))
     assert r.match.WhichOneof("path_specifier") == "prefix"
     assert r.match.prefix == "/api"
 
 
 def test_path_regex_condition() -> None:
-    r = rule_route(cond(MatchKind.PATH, "", MatchOp.REGEX, "/items/[0-9]+"))
+    r = rule_route(cond(xv.MatchKind.PATH, "", xv.MatchOp.REGEX, "/items/[0-9]+"))
     assert r.match.WhichOneof("path_specifier") == "safe_regex"
     assert r.match.safe_regex.regex == "/items/[0-9]+"
 
 
 def test_path_present_is_rejected() -> None:
     with pytest.raises(ValueError, match="PATH"):
-        rule_route(cond(MatchKind.PATH, "", MatchOp.PRESENT))
+        rule_route(cond(xv.MatchKind.PATH, "", xv.MatchOp.PRESENT))
 
 
 def test_two_path_conditions_in_one_rule_are_rejected() -> None:
@@ -825,8 +809,8 @@ def test_two_path_conditions_in_one_rule_are_rejected() -> None:
             "blue",
             rules=(
                 rule(
-                    cond(MatchKind.PATH, "", MatchOp.PREFIX, "/a"),
-                    cond(MatchKind.PATH, "", MatchOp.PREFIX, "/b"),
+                    cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/a"),
+                    cond(xv.MatchKind.PATH, "", xv.MatchOp.PREFIX, "/b"),
                 ),
             ),
         )
@@ -857,17 +841,17 @@ def test_rules_are_ored_as_separate_routes() -> None:
     assert is_present(second.match.headers[0])
 
 
-def cookie_regex(op: MatchOp, value: str = "", name: str = "session") -> str:
-    r = rule_route(cond(MatchKind.COOKIE, name, op, value))
+def cookie_regex(op: xv.MatchOp, value: str = "", name: str = "session") -> str:
+    r = rule_route(cond(xv.MatchKind.COOKIE, name, op, value))
     regex: str = header(r.match, "cookie").string_match.safe_regex.regex
     assert re2.compile(regex).programsize <= ENVOY_MAX_PROGRAM_SIZE
     return regex
 
 
 # (op, value): the cookie headers the regex for `session <op> value` matches, and those it must not.
-COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
+COOKIE_CASES: list[tuple[xv.MatchOp, str, list[tuple[str, bool]]]] = [
     (
-        MatchOp.EXACT,
+        xv.MatchOp.EXACT,
         "abc",
         [
             ("session=abc", True),
@@ -884,7 +868,7 @@ COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
         ],
     ),
     (
-        MatchOp.PREFIX,
+        xv.MatchOp.PREFIX,
         "beta-",
         [
             ("session=beta-1", True),
@@ -895,7 +879,7 @@ COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
         ],
     ),
     (
-        MatchOp.REGEX,
+        xv.MatchOp.REGEX,
         "u[0-9]+|gold",
         [
             ("session=u42", True),
@@ -907,7 +891,7 @@ COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
         ],
     ),
     (
-        MatchOp.PRESENT,
+        xv.MatchOp.PRESENT,
         "",
         [
             ("session=", True),
@@ -923,12 +907,12 @@ COOKIE_CASES: list[tuple[MatchOp, str, list[tuple[str, bool]]]] = [
     ("op", "value", "cookie", "matches"),
     [(op, value, cookie, matches) for op, value, cases in COOKIE_CASES for cookie, matches in cases],
 )
-def test_cookie_match(op: MatchOp, value: str, cookie: str, matches: bool) -> None:
+def test_cookie_match(op: xv.MatchOp, value: str, cookie: str, matches: bool) -> None:
     assert fullmatch(cookie_regex(op, value), cookie) is matches
 
 
 def test_cookie_names_and_values_are_escaped() -> None:
-    regex = cookie_regex(MatchOp.EXACT, "a.b+c", name="s.id")
+    regex = cookie_regex(xv.MatchOp.EXACT, "a.b+c", name="s.id")
     assert fullmatch(regex, "s.id=a.b+c")
     assert not fullmatch(regex, "sXid=aXbbc")
 
@@ -1004,20 +988,20 @@ def test_weights_above_100_at_one_entry_are_rejected() -> None:
 HashPolicy = route_components_pb2.RouteAction.HashPolicy
 
 
-def cohort_view(cohort: Cohort | None) -> RoutingView:
+def cohort_view(cohort: xv.Cohort | None) -> xv.RoutingView:
     return make_view(lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=cohort))
 
 
 @pytest.mark.parametrize(
     ("cohort", "expected"),
     [
-        (Cohort(MatchKind.HEADER, "X-User-Id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
-        (Cohort(MatchKind.HEADER, "x-user-id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
-        (Cohort(MatchKind.COOKIE, "uid"), HashPolicy(cookie=HashPolicy.Cookie(name="uid"))),
-        (Cohort(MatchKind.COOKIE, "Session.ID"), HashPolicy(cookie=HashPolicy.Cookie(name="Session.ID"))),
+        (xv.Cohort(xv.MatchKind.HEADER, "X-User-Id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
+        (xv.Cohort(xv.MatchKind.HEADER, "x-user-id"), HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))),
+        (xv.Cohort(xv.MatchKind.COOKIE, "uid"), HashPolicy(cookie=HashPolicy.Cookie(name="uid"))),
+        (xv.Cohort(xv.MatchKind.COOKIE, "Session.ID"), HashPolicy(cookie=HashPolicy.Cookie(name="Session.ID"))),
     ],
 )
-def test_a_cohort_hashes_both_split_routes_on_its_key(cohort: Cohort, expected: Any) -> None:
+def test_a_cohort_hashes_both_split_routes_on_its_key(cohort: xv.Cohort, expected: Any) -> None:
     res = render_view(cohort_view(cohort))
     for has_baggage in (True, False):
         r = split_of(res, has_baggage=has_baggage)
@@ -1030,7 +1014,7 @@ def test_a_cohort_hashes_both_split_routes_on_its_key(cohort: Cohort, expected: 
 
 
 def test_a_cookie_cohort_never_sets_a_cookie() -> None:
-    res = render_view(cohort_view(Cohort(MatchKind.COOKIE, "uid")))
+    res = render_view(cohort_view(xv.Cohort(xv.MatchKind.COOKIE, "uid")))
     (policy,) = split_of(res, has_baggage=False).route.hash_policy
 
     assert policy.WhichOneof("policy_specifier") == "cookie"
@@ -1048,7 +1032,7 @@ def test_without_a_cohort_the_split_has_no_hash_policy() -> None:
 
 
 def test_a_cohort_hashes_only_the_split_routes() -> None:
-    view = cohort_view(Cohort(MatchKind.HEADER, "x-user-id"))
+    view = cohort_view(xv.Cohort(xv.MatchKind.HEADER, "x-user-id"))
     view = dataclasses.replace(view, lanes=(dataclasses.replace(view.lanes[0], rules=RICH_VIEW.lanes[0].rules),))
     for vhost in route_config(render_view(view)).virtual_hosts:
         for r in vhost.routes:
@@ -1057,7 +1041,7 @@ def test_a_cohort_hashes_only_the_split_routes() -> None:
 
 
 def test_lanes_sharing_a_cohort_at_one_entry_share_one_hash_policy() -> None:
-    cohort = Cohort(MatchKind.HEADER, "x-user-id")
+    cohort = xv.Cohort(xv.MatchKind.HEADER, "x-user-id")
     res = render_view(
         make_view(
             lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=cohort),
@@ -1073,11 +1057,11 @@ def test_lanes_sharing_a_cohort_at_one_entry_share_one_hash_policy() -> None:
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        (Cohort(MatchKind.HEADER, "x-user-id"), Cohort(MatchKind.HEADER, "x-tenant")),
-        (Cohort(MatchKind.HEADER, "uid"), Cohort(MatchKind.COOKIE, "uid")),
+        (xv.Cohort(xv.MatchKind.HEADER, "x-user-id"), xv.Cohort(xv.MatchKind.HEADER, "x-tenant")),
+        (xv.Cohort(xv.MatchKind.HEADER, "uid"), xv.Cohort(xv.MatchKind.COOKIE, "uid")),
     ],
 )
-def test_lanes_entering_one_service_with_different_cohorts_are_rejected(first: Cohort, second: Cohort) -> None:
+def test_lanes_entering_one_service_with_different_cohorts_are_rejected(first: xv.Cohort, second: xv.Cohort) -> None:
     view = make_view(
         lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=first),
         lane("green", weight=10, versions=(("cart", "v2"),), cohort=second),
@@ -1089,8 +1073,14 @@ def test_lanes_entering_one_service_with_different_cohorts_are_rejected(first: C
 def test_lanes_entering_different_services_may_use_different_cohorts() -> None:
     res = render_view(
         make_view(
-            lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=Cohort(MatchKind.HEADER, "x-user-id")),
-            lane("green", entry="cart", weight=10, versions=(("cart", "v2"),), cohort=Cohort(MatchKind.COOKIE, "uid")),
+            lane("blue", weight=20, versions=(("gateway", "v2"),), cohort=xv.Cohort(xv.MatchKind.HEADER, "x-user-id")),
+            lane(
+                "green",
+                entry="cart",
+                weight=10,
+                versions=(("cart", "v2"),),
+                cohort=xv.Cohort(xv.MatchKind.COOKIE, "uid"),
+            ),
         )
     )
     gateway_split = named(res, "gateway", "split/without-baggage")
@@ -1103,7 +1093,7 @@ def test_lanes_entering_different_services_may_use_different_cohorts() -> None:
 
 def test_a_cohort_change_changes_only_routes() -> None:
     before = render_view(cohort_view(None))
-    after = render_view(cohort_view(Cohort(MatchKind.COOKIE, "uid")))
+    after = render_view(cohort_view(xv.Cohort(xv.MatchKind.COOKIE, "uid")))
 
     assert before[resources.ROUTE].version != after[resources.ROUTE].version
     for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.LISTENER):
@@ -1196,7 +1186,7 @@ def test_route_clusters_of_a_rendering() -> None:
 
 # ------------------------------------------------------------- versions in other clusters
 
-GW = Endpoint("192.0.2.7", 15443)  # the gateway of cluster "east"
+GW = xv.Endpoint("192.0.2.7", 15443)  # the gateway of cluster "east"
 # RICH_VIEW where gateway v2 and cart v2 (both gray in blue) and stock v1 (base) run only
 # in cluster "east"; every other version runs here.
 REMOTE = {("gateway", "v2"), ("cart", "v2"), ("stock", "v1")}
@@ -1220,10 +1210,10 @@ def rewrite(message: Any) -> str | None:
 
 
 def expected_rewrite(cluster: str) -> str | None:
-    parsed = parse_cluster_name(cluster)
+    parsed = xv.parse_cluster_name(cluster)
     assert parsed is not None
     service, version, _ = parsed
-    return gateway_authority(service, version) if (service, version) in REMOTE else None
+    return xv.gateway_authority(service, version) if (service, version) in REMOTE else None
 
 
 def test_routes_to_a_version_in_another_cluster_carry_its_gateway_authority() -> None:
@@ -1231,13 +1221,13 @@ def test_routes_to_a_version_in_another_cluster_carry_its_gateway_authority() ->
 
     direct = {(vhost.name, r.name): r.route for vhost in route_config(res).virtual_hosts for r in vhost.routes}
     # Lane traffic to a remote gray version, or to a remote base it falls back to.
-    assert rewrite(direct["cart", "lane/blue/header"]) == gateway_authority("cart", "v2")
-    assert rewrite(direct["cart", "lane/blue/baggage"]) == gateway_authority("cart", "v2")
-    assert rewrite(direct["gateway", "rule/blue/0/with-baggage"]) == gateway_authority("gateway", "v2")
+    assert rewrite(direct["cart", "lane/blue/header"]) == xv.gateway_authority("cart", "v2")
+    assert rewrite(direct["cart", "lane/blue/baggage"]) == xv.gateway_authority("cart", "v2")
+    assert rewrite(direct["gateway", "rule/blue/0/with-baggage"]) == xv.gateway_authority("gateway", "v2")
     # blue has no version of stock: its traffic there takes the default route to the
     # remote base.
     assert ("stock", "lane/blue/header") not in direct
-    assert rewrite(direct["stock", "default"]) == gateway_authority("stock", "v1")
+    assert rewrite(direct["stock", "default"]) == xv.gateway_authority("stock", "v1")
     # Local versions keep the service's own authority.
     for key in [
         ("cart", "default"),
@@ -1256,7 +1246,7 @@ def test_weighted_entries_to_a_version_in_another_cluster_carry_its_gateway_auth
         blue, green, base = r.route.weighted_clusters.clusters
 
         assert rewrite(r.route) is None  # per entry, never for the whole split
-        assert (blue.name, rewrite(blue)) == ("gateway|v2|blue", gateway_authority("gateway", "v2"))
+        assert (blue.name, rewrite(blue)) == ("gateway|v2|blue", xv.gateway_authority("gateway", "v2"))
         assert (green.name, rewrite(green)) == ("gateway|v1|green", None)
         assert (base.name, rewrite(base)) == ("gateway|v1", None)
         # The lane tags still ride along with the rewritten entry.
@@ -1307,14 +1297,14 @@ def test_without_remote_versions_nothing_is_rewritten() -> None:
 
 # What a cluster's gateway serves: local versions with endpoints. cart v2 runs only in
 # "east" (left out: this gateway cannot serve it), stock v3 has no endpoints (left out).
-GATEWAY_VIEW = RoutingView(
-    services=(ServiceRoute("stock", "v1"), ServiceRoute("cart", "v1")),
+GATEWAY_VIEW = xv.RoutingView(
+    services=(xv.ServiceRoute("stock", "v1"), xv.ServiceRoute("cart", "v1")),
     endpoints=(
-        VersionEndpoints("stock", "v3", ()),
-        VersionEndpoints("stock", "v2", eps(8022)),
-        VersionEndpoints("stock", "v1", eps(8021)),
-        VersionEndpoints("cart", "v2", (GW,), via_cluster="east"),
-        VersionEndpoints("cart", "v1", eps(8011, 8010, 8011)),
+        xv.VersionEndpoints("stock", "v3", ()),
+        xv.VersionEndpoints("stock", "v2", eps(8022)),
+        xv.VersionEndpoints("stock", "v1", eps(8021)),
+        xv.VersionEndpoints("cart", "v2", (GW,), via_cluster="east"),
+        xv.VersionEndpoints("cart", "v1", eps(8011, 8010, 8011)),
     ),
     lanes=(
         lane(
@@ -1322,7 +1312,7 @@ GATEWAY_VIEW = RoutingView(
             entry="cart",
             weight=30,
             versions=(("cart", "v2"), ("stock", "v2")),
-            rules=(rule(cond(MatchKind.HEADER, "x-user", MatchOp.EXACT, "42")),),
+            rules=(rule(cond(xv.MatchKind.HEADER, "x-user", xv.MatchOp.EXACT, "42")),),
         ),
     ),
     connect_timeout_ms=2500,
@@ -1330,16 +1320,16 @@ GATEWAY_VIEW = RoutingView(
 GATEWAY_PORT = 15443
 
 
-def render_gw(view: RoutingView = GATEWAY_VIEW) -> resources.Resources:
+def render_gw(view: xv.RoutingView = GATEWAY_VIEW) -> resources.Resources:
     return render_gateway(view, listen_port=GATEWAY_PORT)
 
 
 def test_gateway_has_one_virtual_host_per_local_version_with_endpoints() -> None:
     config = route_config(render_gw())
 
-    assert config.name == ROUTE_CONFIG_NAME
+    assert config.name == xv.ROUTE_CONFIG_NAME
     assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [
-        (f"{svc}|{ver}", [gateway_authority(svc, ver), gateway_authority(svc, ver) + ":*"])
+        (f"{svc}|{ver}", [xv.gateway_authority(svc, ver), xv.gateway_authority(svc, ver) + ":*"])
         for svc, ver in [("cart", "v1"), ("stock", "v1"), ("stock", "v2")]
     ]
 
@@ -1380,13 +1370,13 @@ def test_gateway_leaves_out_remote_versions_and_versions_without_endpoints() -> 
 
     for service, version in [("cart", "v2"), ("stock", "v3")]:
         assert f"{service}|{version}" not in vhosts
-        assert gateway_authority(service, version) not in domains
+        assert xv.gateway_authority(service, version) not in domains
         assert not [n for n in res[resources.CLUSTER] if n.startswith(f"{service}|{version}")]
         assert not [n for n in res[resources.ENDPOINT] if n.startswith(f"{service}|{version}")]
 
 
 def test_gateway_with_no_local_version_serves_an_empty_route_config() -> None:
-    view = dataclasses.replace(GATEWAY_VIEW, endpoints=(VersionEndpoints("cart", "v1", (GW,), via_cluster="east"),))
+    view = dataclasses.replace(GATEWAY_VIEW, endpoints=(xv.VersionEndpoints("cart", "v1", (GW,), via_cluster="east"),))
     res = render_gw(view)
 
     assert len(res[resources.CLUSTER]) == 0
@@ -1404,7 +1394,7 @@ def test_gateway_listener_serves_rds_on_the_given_address() -> None:
     assert listener.address.socket_address.port_value == GATEWAY_PORT
     manager = hcm_pb2.HttpConnectionManager()
     assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
-    assert manager.rds.route_config_name == ROUTE_CONFIG_NAME
+    assert manager.rds.route_config_name == xv.ROUTE_CONFIG_NAME
     default = item(render_gw(), resources.LISTENER, f"graylane_http_{GATEWAY_PORT}")
     assert default.address.socket_address.address == "127.0.0.1"
 
@@ -1431,10 +1421,10 @@ def test_render_is_the_union_of_each_services_own_resources() -> None:
     seen: dict[str, set[str]] = {t: set() for t in res.by_type}
     for service in view.services:
         own = render_service(service, index, connect_timeout_ms=view.connect_timeout_ms)
-        assert own.route_config.name == own.scope.name == route_config_name(service.name)
+        assert own.route_config.name == own.scope.name == xv.route_config_name(service.name)
         assert [vh.name for vh in own.route_config.virtual_hosts] == [service.name]
         assert own.clusters.keys() == own.assignments.keys()
-        assert all(parse_cluster_name(name)[0] == service.name for name in own.clusters)  # type: ignore[index]
+        assert all(xv.parse_cluster_name(name)[0] == service.name for name in own.clusters)  # type: ignore[index]
         # Every cluster the service's routes use is its own, so its route config waits for nothing else.
         assert route_clusters(own.route_config) <= own.clusters.keys()
         for type_url, items in (
@@ -1488,7 +1478,7 @@ def test_endpoints_carry_a_locality_and_weights_that_grpc_clients_require() -> N
 def test_a_header_cohort_gets_a_ring_hash_route_for_grpc_core_clients() -> None:
     from envoy.config.cluster.v3 import cluster_pb2
 
-    res = render_view(cohort_view(Cohort(MatchKind.HEADER, "x-user-id")))
+    res = render_view(cohort_view(xv.Cohort(xv.MatchKind.HEADER, "x-user-id")))
     ring = named(res, "gateway", "split/ring")
     assert ring.route.cluster == "gateway||cohort"
     assert list(ring.route.hash_policy) == [HashPolicy(header=HashPolicy.Header(header_name="x-user-id"))]
@@ -1509,7 +1499,7 @@ def test_a_header_cohort_gets_a_ring_hash_route_for_grpc_core_clients() -> None:
 
 
 def test_no_ring_route_for_a_cookie_cohort_or_without_a_cohort() -> None:
-    for cohort in (Cohort(MatchKind.COOKIE, "uid"), None):
+    for cohort in (xv.Cohort(xv.MatchKind.COOKIE, "uid"), None):
         res = render_view(cohort_view(cohort))
         assert "gateway||cohort" not in res[resources.CLUSTER].items
         assert all(r.name != "split/ring" for vh in route_config(res).virtual_hosts for r in vh.routes)
@@ -1529,7 +1519,7 @@ def test_what_one_render_builds_never_changes_what_the_next_builds() -> None:
     from envoy.config.cluster.v3 import cluster_pb2
 
     before = versions()
-    for view in (cohort_view(Cohort(MatchKind.HEADER, "x-user-id")), REMOTE_VIEW, RICH_VIEW):
+    for view in (cohort_view(xv.Cohort(xv.MatchKind.HEADER, "x-user-id")), REMOTE_VIEW, RICH_VIEW):
         forget_reused()
         render_view(view)
         render_gateway(view, listen_port=PORT + 1)

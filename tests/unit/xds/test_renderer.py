@@ -19,6 +19,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.service.discovery.v3 import discovery_pb2
 from graylane.xds import resources
+from graylane.xds import view as xv
 from graylane.xds.cache import InconsistentSnapshot, SnapshotCache, consistency_gaps
 from graylane.xds.plan import _plan, plan_derived
 from graylane.xds.render import effective_view, render
@@ -26,18 +27,6 @@ from graylane.xds.renderer import Renderer
 from graylane.xds.resources import Resources
 from graylane.xds.server import WILDCARD_TYPES, _DeltaStream, _Selections, _SotwStream
 from graylane.xds.tracker import ProxyTracker
-from graylane.xds.view import (
-    Cohort,
-    Condition,
-    Endpoint,
-    Lane,
-    MatchKind,
-    MatchOp,
-    RoutingView,
-    Rule,
-    ServiceRoute,
-    VersionEndpoints,
-)
 
 PORT = 15001
 SERVICES = [f"s{i}" for i in range(8)]
@@ -45,43 +34,43 @@ VERSIONS = ["v1", "v2", "v3"]
 LANE_NAMES = [f"lane{i}" for i in range(6)]
 
 
-def _rule(rng: random.Random) -> Rule:
-    kind = rng.choice([MatchKind.HEADER, MatchKind.COOKIE, MatchKind.QUERY, MatchKind.PATH])
-    op = rng.choice([MatchOp.EXACT, MatchOp.PREFIX] if kind is MatchKind.PATH else list(MatchOp))
-    value = "" if op is MatchOp.PRESENT else rng.choice(["a", "/b", "c.*"])
-    return Rule((Condition(kind, "" if kind is MatchKind.PATH else "x-k", op, value),))
+def _rule(rng: random.Random) -> xv.Rule:
+    kind = rng.choice([xv.MatchKind.HEADER, xv.MatchKind.COOKIE, xv.MatchKind.QUERY, xv.MatchKind.PATH])
+    op = rng.choice([xv.MatchOp.EXACT, xv.MatchOp.PREFIX] if kind is xv.MatchKind.PATH else list(xv.MatchOp))
+    value = "" if op is xv.MatchOp.PRESENT else rng.choice(["a", "/b", "c.*"])
+    return xv.Rule((xv.Condition(kind, "" if kind is xv.MatchKind.PATH else "x-k", op, value),))
 
 
-def _lane(rng: random.Random, name: str) -> Lane:
+def _lane(rng: random.Random, name: str) -> xv.Lane:
     services = sorted(rng.sample(SERVICES, rng.randint(0, 3)))
-    return Lane(
+    return xv.Lane(
         name=name,
         entry=rng.choice(SERVICES + ["ghost"]),
         weight=rng.choice([0, 0, 5, 10, 30, 60]),
         versions=tuple((s, rng.choice(VERSIONS)) for s in services),
         rules=tuple(_rule(rng) for _ in range(rng.randint(0, 2))),
-        cohort=rng.choice([None, None, Cohort(MatchKind.HEADER, "x-user")]),
+        cohort=rng.choice([None, None, xv.Cohort(xv.MatchKind.HEADER, "x-user")]),
     )
 
 
-def _endpoints(rng: random.Random, service: str, version: str) -> VersionEndpoints:
+def _endpoints(rng: random.Random, service: str, version: str) -> xv.VersionEndpoints:
     count = rng.choice([0, 1, 1, 2])
-    return VersionEndpoints(
+    return xv.VersionEndpoints(
         service,
         version,
-        tuple(Endpoint(f"10.0.0.{rng.randint(1, 3)}", 8000 + rng.randint(0, 2)) for _ in range(count)),
+        tuple(xv.Endpoint(f"10.0.0.{rng.randint(1, 3)}", 8000 + rng.randint(0, 2)) for _ in range(count)),
         via_cluster=rng.choice(["", "", "", "east"]),
     )
 
 
-def _view(rng: random.Random) -> RoutingView:
-    services = tuple(ServiceRoute(s, rng.choice(VERSIONS)) for s in sorted(rng.sample(SERVICES, 5)))
+def _view(rng: random.Random) -> xv.RoutingView:
+    services = tuple(xv.ServiceRoute(s, rng.choice(VERSIONS)) for s in sorted(rng.sample(SERVICES, 5)))
     endpoints = tuple(_endpoints(rng, s, v) for s in SERVICES for v in VERSIONS if rng.random() < 0.5)
     lanes = tuple(_lane(rng, n) for n in sorted(rng.sample(LANE_NAMES, 3)))
-    return RoutingView(services, endpoints, lanes)
+    return xv.RoutingView(services, endpoints, lanes)
 
 
-def _change(rng: random.Random, view: RoutingView) -> RoutingView:
+def _change(rng: random.Random, view: xv.RoutingView) -> xv.RoutingView:
     """One random change; every object it does not touch is the same object."""
     op = rng.randrange(11)
     services, endpoints, lanes = list(view.services), list(view.endpoints), list(view.lanes)
@@ -89,13 +78,13 @@ def _change(rng: random.Random, view: RoutingView) -> RoutingView:
         names = {s.name for s in services}
         missing = [s for s in SERVICES if s not in names]
         if missing and (rng.random() < 0.5 or not services):
-            services.append(ServiceRoute(rng.choice(missing), rng.choice(VERSIONS)))
+            services.append(xv.ServiceRoute(rng.choice(missing), rng.choice(VERSIONS)))
             services.sort(key=lambda s: s.name)
         elif services:
             services.pop(rng.randrange(len(services)))
     elif op == 1 and services:  # a base version changed
         i = rng.randrange(len(services))
-        services[i] = ServiceRoute(services[i].name, rng.choice(VERSIONS))
+        services[i] = xv.ServiceRoute(services[i].name, rng.choice(VERSIONS))
     elif op in (2, 3):  # endpoints added, removed or changed (remote or not)
         key = (rng.choice(SERVICES), rng.choice(VERSIONS))
         found = [i for i, ve in enumerate(endpoints) if (ve.service, ve.version) == key]
@@ -120,7 +109,7 @@ def _change(rng: random.Random, view: RoutingView) -> RoutingView:
         elif lanes:
             lanes.pop(rng.randrange(len(lanes)))
     elif op == 8:  # the same view rebuilt: equal objects, none identical
-        return RoutingView(
+        return xv.RoutingView(
             tuple(dataclasses.replace(s) for s in services),
             tuple(dataclasses.replace(ve) for ve in endpoints),
             tuple(dataclasses.replace(lane) for lane in lanes),
@@ -135,7 +124,7 @@ def _change(rng: random.Random, view: RoutingView) -> RoutingView:
         for _ in range(3):
             view = _change(rng, view)
         return view
-    return RoutingView(tuple(services), tuple(endpoints), tuple(lanes), view.connect_timeout_ms)
+    return xv.RoutingView(tuple(services), tuple(endpoints), tuple(lanes), view.connect_timeout_ms)
 
 
 def _same(incremental: resources.Resources, full: resources.Resources) -> None:
@@ -189,10 +178,10 @@ def test_a_weight_change_rerenders_one_route_config_and_shares_everything_else()
     view = _view(rng)
     while any(sum(lane.weight for lane in view.lanes if lane.entry == s) > 100 for s in SERVICES):
         view = _view(rng)
-    view = RoutingView(
+    view = xv.RoutingView(
         view.services,
         view.endpoints,
-        (Lane("a", view.services[0].name, 10, ()),),
+        (xv.Lane("a", view.services[0].name, 10, ()),),
     )
     renderer = Renderer(listen_port=PORT)
     first = renderer.render(view)
@@ -206,7 +195,9 @@ def test_a_weight_change_rerenders_one_route_config_and_shares_everything_else()
 
 
 def test_ports_share_the_rendered_services() -> None:
-    view = RoutingView((ServiceRoute("a", "v1"),), (VersionEndpoints("a", "v1", (Endpoint("10.0.0.1", 1),)),))
+    view = xv.RoutingView(
+        (xv.ServiceRoute("a", "v1"),), (xv.VersionEndpoints("a", "v1", (xv.Endpoint("10.0.0.1", 1),)),)
+    )
     renderer = Renderer()
     one, two = renderer.render(view, listen_port=1), renderer.render(view, listen_port=2)
     assert one[resources.ROUTE] is two[resources.ROUTE]

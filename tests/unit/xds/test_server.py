@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -79,6 +79,18 @@ async def ads() -> AsyncIterator[Ads]:
     await server.stop(grace=None)
 
 
+_Request = TypeVar("_Request", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+
+
+def _from_node_or_nack(request: _Request, node: bool, error: str | None) -> _Request:
+    """`request` carrying NODE (a stream's first request) and, given `error`, as a NACK."""
+    if node:
+        request.node.CopyFrom(NODE)
+    if error is not None:
+        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return request
+
+
 def sotw(
     type_url: str,
     names: tuple[str, ...] = (),
@@ -91,11 +103,7 @@ def sotw(
     request = discovery_pb2.DiscoveryRequest(
         type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
     )
-    if node:
-        request.node.CopyFrom(NODE)
-    if error is not None:
-        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-    return request
+    return _from_node_or_nack(request, node, error)
 
 
 async def read(call: grpc.aio.StreamStreamCall) -> discovery_pb2.DiscoveryResponse:  # type: ignore[type-arg]
@@ -373,11 +381,7 @@ def delta(
         initial_resource_versions=initial or {},
         response_nonce=nonce,
     )
-    if node:
-        request.node.CopyFrom(NODE)
-    if error is not None:
-        request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-    return request
+    return _from_node_or_nack(request, node, error)
 
 
 async def dread(call: grpc.aio.StreamStreamCall) -> discovery_pb2.DeltaDiscoveryResponse:  # type: ignore[type-arg]

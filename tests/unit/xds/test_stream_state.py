@@ -9,6 +9,7 @@ must be what a full reading would have found.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -165,15 +166,43 @@ def test_delta_subscription_changes_are_shared_and_an_unsubscribe_drops_what_is_
     assert names[1] not in a.sent and names[1] not in a.sent_versions and a.synced is None
 
 
-def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
-    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
-    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+PEER_ORDER = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+
+
+def _first_of_peers(stream_class: Any) -> tuple[SnapshotCache, _Selections, Any]:
+    """A cache holding a 5-service snapshot, the selections its peers will share, and the
+    first peer's stream ("synced") opened on them; the tests open the others alike."""
     cache = SnapshotCache()
     cache.set_snapshot("k", _snapshot(5))
     selections = _Selections()
-    synced = _open(_SotwStream(cache, ProxyTracker(), selections), "synced")
-    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
-    for t in order:
+    return cache, selections, _open(stream_class(cache, ProxyTracker(), selections), "synced")
+
+
+def _reconnected_peers(
+    stream_class: Any, cache: SnapshotCache, selections: _Selections, synced: Any, reconnect: Callable[[str, Any], Any]
+) -> list[Any]:
+    """Two more peers opened on `selections`, each presenting what `synced` holds (per type,
+    `reconnect(type_url, synced's state)`): each is sent nothing, holds every type, and both
+    share one plan that holds the target's versions."""
+    back = []
+    for name in ("again-1", "again-2"):
+        stream = _open(stream_class(cache, ProxyTracker(), selections), name)
+        for t in PEER_ORDER:
+            stream.handle(reconnect(t, synced.types[t]))
+        assert stream.push() == []  # holds it all: nothing is sent
+        assert all(stream.types[t].acked_selection is not None for t in PEER_ORDER)
+        back.append(stream)
+    assert back[0].current_plan() is back[1].current_plan()
+    for t in PEER_ORDER:
+        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+    return back
+
+
+def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
+    """Proxies presenting the target's versions (a restarted replica) hold shared selections:
+    one plan for all of them, and after a change they are sent what an in-sync proxy is."""
+    cache, selections, synced = _first_of_peers(_SotwStream)
+    for t in PEER_ORDER:
         names = [] if t in (CLUSTER, LISTENER, SCOPED_ROUTE) else sorted(cache.snapshot("k")[t].items)
         synced.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=names))
     for _ in range(10):  # make-before-break: a few rounds until everything is ACKed
@@ -189,21 +218,12 @@ def test_sotw_streams_reconnecting_with_the_current_versions_plan_with_their_pee
                 )
             )
     assert synced.push() == [] and synced.types[ROUTE].sent
-    back = []
-    for name in ("again-1", "again-2"):
-        stream = _open(_SotwStream(cache, ProxyTracker(), selections), name)
-        for t in order:
-            st = synced.types[t]
-            names = [] if st.wildcard else sorted(st.names)
-            stream.handle(
-                discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
-            )
-        assert stream.push() == []  # holds it all: nothing is sent
-        assert all(stream.types[t].acked_selection is not None for t in order)
-        back.append(stream)
-    assert back[0].current_plan() is back[1].current_plan()
-    for t in order:
-        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+
+    def reconnect(t: str, st: Any) -> discovery_pb2.DiscoveryRequest:
+        names = [] if st.wildcard else sorted(st.names)
+        return discovery_pb2.DiscoveryRequest(type_url=t, version_info=st.sotw_version, resource_names=names)
+
+    back = _reconnected_peers(_SotwStream, cache, selections, synced, reconnect)
     cache.set_snapshot("k", _snapshot(5, lane=True))
 
     def strip(bodies: list[bytes]) -> list[tuple[str, str, int]]:
@@ -243,32 +263,19 @@ def _settle_delta(stream: Any) -> None:
 
 
 def test_delta_streams_reconnecting_with_the_current_versions_plan_with_their_peers() -> None:
-    cache = SnapshotCache()
-    cache.set_snapshot("k", _snapshot(5))
-    selections = _Selections()
-    synced = _open(_DeltaStream(cache, ProxyTracker(), selections), "synced")
-    order = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
-    for t in order:
+    cache, selections, synced = _first_of_peers(_DeltaStream)
+    for t in PEER_ORDER:
         synced.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t))
     _settle_delta(synced)
-    back = []
-    for name in ("again-1", "again-2"):
-        stream = _open(_DeltaStream(cache, ProxyTracker(), selections), name)
-        for t in order:
-            st = synced.types[t]
-            stream.handle(
-                discovery_pb2.DeltaDiscoveryRequest(
-                    type_url=t,
-                    resource_names_subscribe=[] if st.wildcard else sorted(st.names),
-                    initial_resource_versions=st.acked_versions,
-                )
-            )
-        assert stream.push() == []
-        assert all(stream.types[t].acked_selection is not None for t in order)
-        back.append(stream)
-    assert back[0].current_plan() is back[1].current_plan()
-    for t in order:
-        assert _acked(back[0], t) == dict(cache.snapshot("k")[t].versions)
+
+    def reconnect(t: str, st: Any) -> discovery_pb2.DeltaDiscoveryRequest:
+        return discovery_pb2.DeltaDiscoveryRequest(
+            type_url=t,
+            resource_names_subscribe=[] if st.wildcard else sorted(st.names),
+            initial_resource_versions=st.acked_versions,
+        )
+
+    back = _reconnected_peers(_DeltaStream, cache, selections, synced, reconnect)
     cache.set_snapshot("k", _snapshot(5, lane=True))
 
     def strip(bodies: list[bytes]) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
