@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from graylane.controlplane.api.agent_service import AgentHub
 from graylane.controlplane.domain import model
@@ -39,7 +39,7 @@ from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.domain.releases import Releases, StatusUpdate
 from graylane.controlplane.errors import GraylaneError
 from graylane.controlplane.reconcile import views
-from graylane.controlplane.store import Compacted, ReplicaFleet, ReplicaProgress, Snapshot
+from graylane.controlplane.store import Compacted, LiveSource, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.local import LocalServing
@@ -66,6 +66,13 @@ _ON_LOOP_SECONDS = 0.025
 DEFAULT_STALE_PROXY_SECONDS = 30.0
 
 
+class FollowedStore(LiveSource, Protocol):
+    """What the store follower reads: the live state and its watch, and the agents'
+    metrics reports other replicas shared in a watch batch."""
+
+    def agent_metrics_in(self, events: Sequence[Any]) -> list[tuple[str, str, bytes]]: ...
+
+
 class DataPlane:
     def __init__(
         self,
@@ -73,6 +80,7 @@ class DataPlane:
         cache: SnapshotCache,
         tracker: ProxyTracker,
         *,
+        store: FollowedStore,
         listen_address: str = "127.0.0.1",
         default_listen_port: int = xv.DEFAULT_LISTEN_PORT,
         agents: AgentHub | None = None,
@@ -82,7 +90,7 @@ class DataPlane:
         stale_proxy_seconds: float = DEFAULT_STALE_PROXY_SECONDS,
     ) -> None:
         self._releases = releases
-        self._store = releases.store
+        self._store = store
         self._cache = cache
         self._tracker = tracker
         # The view in force, rendered per proxy group, and the views behind what proxies ACK
