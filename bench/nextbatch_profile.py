@@ -35,7 +35,7 @@ from graylane.controlplane.domain.machine import Action as Move  # noqa: E402
 from graylane.controlplane.domain.machine import Cause  # noqa: E402
 from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
-from graylane.controlplane.reconcile import dataplane, views  # noqa: E402
+from graylane.controlplane.reconcile import convergence, dataplane, views  # noqa: E402
 from graylane.controlplane.store import LiveState, _etcd, connect  # noqa: E402
 from graylane.xds import (  # noqa: E402
     cache,
@@ -107,9 +107,9 @@ def instrument() -> None:
     _time_sync(server._Plans, "get", "xds: plan (_Plans.get)")
     _time_sync(server._Selections, "get", "xds: selection")
     _time_sync(server._Selection, "sotw_body", "xds: SotW body serialise")
-    _time_async(dataplane.DataPlane, "reconcile", "reconcile (whole, status write included)")
-    _time_sync(dataplane.DataPlane, "_refresh_facts", "reconcile: _refresh_facts")
-    _time_async(dataplane.DataPlane, "_write_progress", "reconcile: _write_progress")
+    _time_async(convergence.Convergence, "reconcile", "reconcile (whole, status write included)")
+    _time_sync(convergence.Convergence, "_refresh_facts", "reconcile: _refresh_facts")
+    _time_async(convergence.Convergence, "_write_progress", "reconcile: _write_progress")
     acked = tracker.ProxyTracker.acked
 
     def acked_timed(self: tracker.ProxyTracker, stream: str, type_url: str, ack: tracker.TypeAck) -> None:

@@ -177,6 +177,7 @@ class ControlPlane:
             self.releases,
             self.cache,
             self.tracker,
+            store=store,
             agents=self.agents,
             identity=self.election.identity,
             is_leader=lambda: self.election.is_leader,
@@ -189,6 +190,7 @@ class ControlPlane:
             self.releases,
             self.windows,
             self.election,
+            store=store,
             tick_seconds=analysis_tick_seconds,
             webhook_policy=self._webhook_policy,
             on_verdict=lambda release, outcome: self.telemetry.analysis_outcome(outcome.value, release),
@@ -266,6 +268,7 @@ class ControlPlane:
         release_service_pb2_grpc.add_ReleaseServiceServicer_to_server(
             ReleaseServicer(
                 self.releases,
+                store=self.store,
                 traffic=traffic,
                 windows=self.windows,
                 is_leader=lambda: self.election.is_leader,

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -48,7 +48,14 @@ from graylane.controlplane.progression.metrics import SeriesSummary, release_ser
 from graylane.controlplane.progression.webhooks import WebhookPolicy
 from graylane.controlplane.progression.windows import Windows
 from graylane.controlplane.reconcile.traffic import TrafficReader
-from graylane.controlplane.store import Compacted, TokenStore, Tombstone
+from graylane.controlplane.store import (
+    Compacted,
+    InventoryStore,
+    ReleaseStore,
+    Snapshot,
+    TokenStore,
+    Tombstone,
+)
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api_pb
 from graylane.v1 import release_service_pb2_grpc as api_grpc
@@ -517,11 +524,22 @@ def _tombstone_to_proto(t: Tombstone) -> api_pb.Tombstone:
     return message
 
 
+class ApiStore(ReleaseStore, InventoryStore, TokenStore, Protocol):
+    """What the API reads and writes past `Releases`: releases, their history and
+    tombstones, the registry, tokens, the live state at one revision (clusters) and the
+    forgetting of a cluster."""
+
+    async def snapshot(self, *, revision: int = 0) -> Snapshot: ...
+
+    async def forget_cluster(self, name: str) -> None: ...
+
+
 class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     def __init__(
         self,
         releases: Releases,
         *,
+        store: ApiStore,
         traffic: TrafficReader | None = None,
         windows: Windows | None = None,
         is_leader: Callable[[], bool] = lambda: True,
@@ -532,7 +550,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         self._authenticator = authenticator
         self._webhook_policy = webhook_policy
         self._releases = releases
-        self._store = releases.store
+        self._store = store
         self._traffic = traffic
         self._windows = windows  # the metrics series this replica keeps (None: none)
         self._is_leader = is_leader

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from graylane.controlplane.domain import machine, model
 from graylane.controlplane.domain.machine import Action, Cause
@@ -30,7 +31,7 @@ from graylane.controlplane.errors import (
     InvalidArgument,
     NotFound,
 )
-from graylane.controlplane.store import EtcdStore, LiveState, Snapshot
+from graylane.controlplane.store import LiveState, ReleaseStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,19 @@ def check_against_registry(name: str, spec: model.ReleaseSpec, snap: Snapshot) -
         )
 
 
+class RegistryStore(ReleaseStore, Protocol):
+    """What `Releases` uses of the store: the releases, and the registry (services and
+    versions, at one revision) a release is checked against."""
+
+    async def snapshot(self, *, revision: int = 0) -> Snapshot: ...
+
+    async def get_service(self, name: str) -> model.Service | None: ...
+
+
 class Releases:
     """The operations the API exposes, over one store."""
 
-    def __init__(self, store: EtcdStore) -> None:
+    def __init__(self, store: RegistryStore) -> None:
         self._store = store
         # The store follower's state (None: no follower runs), and a wake-up for callers
         # waiting for it to reach a revision.
@@ -158,10 +168,6 @@ class Releases:
         except TimeoutError:
             return None
         return live.snapshot() if live is not None else None
-
-    @property
-    def store(self) -> EtcdStore:
-        return self._store
 
     async def create(self, name: str, spec: model.ReleaseSpec, cause: Cause) -> model.Release:
         model.check_name("name", name)

@@ -149,6 +149,7 @@ class Analyzer:
         windows: MetricWindows,
         leadership: Leadership,
         *,
+        store: ReleaseStore,
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         clock: Callable[[], float] = time.time,
         on_verdict: Callable[[str, Outcome], None] | None = None,
@@ -157,7 +158,7 @@ class Analyzer:
         # Tests and embedders that name no policy keep loopback webhooks (what they serve on).
         self._policy = webhook_policy or WebhookPolicy(allow_loopback=True)
         self._releases = releases
-        self._store: ReleaseStore = releases.store
+        self._store = store  # releases and their history, read on each tick
         self._windows = windows
         self._leadership = leadership
         self._tick_seconds = tick_seconds

@@ -1,4 +1,4 @@
-"""dataplane: the incremental proxy facts count exactly what a full recount counts."""
+"""reconcile (convergence, progress): the incremental proxy facts count exactly what a full recount counts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from graylane.controlplane.domain.model import (
     ServiceVersions,
     Strategy,
 )
-from graylane.controlplane.reconcile import dataplane, views
+from graylane.controlplane.reconcile import convergence, progress, views
 from graylane.xds import tracker as tr
 from graylane.xds import view as xv
 from graylane.xds.resources import ROUTE
@@ -52,7 +52,7 @@ def full_recount(
         ack = p.acked.get(ROUTE)
         facts.append(
             views.ProxyFacts(
-                name=dataplane._proxy_name(p),
+                name=convergence._proxy_name(p),
                 carried=by_version.get(ack.version) if ack is not None else None,
                 since=p.connected_at,
                 problem=p.last_nack.message if p.last_nack is not None else "",
@@ -101,7 +101,7 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
     clock = [1000.0]
     monkeypatch.setattr(tr, "now", lambda: clock[0])
     tracker = ProxyTracker()
-    own = dataplane._OwnProxies(tracker)
+    own = convergence._OwnProxies(tracker)
     by_version = {f"v{b}": view_at(b) for b in range(3)}
     streams: list[str] = []
     target_since = 1000.0
@@ -195,26 +195,26 @@ def test_status_names_do_not_depend_on_the_order_proxies_are_counted_in() -> Non
 
 
 def test_only_a_count_growing_short_of_its_proxies_may_be_published_late() -> None:
-    rp = dataplane.ReplicaProgress
+    rp = progress.ReplicaProgress
     before = {"r": rp("fp", 10, 3)}
-    assert dataplane._only_grew(before, {"r": rp("fp", 10, 7)})
-    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 10)})  # fully converged here: at once
-    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 2)})  # fell
-    assert not dataplane._only_grew(before, {"r": rp("fp", 11, 4)})  # a proxy joined
-    assert not dataplane._only_grew(before, {"r": rp("other", 10, 4)})  # another target
-    assert not dataplane._only_grew(before, {"r": rp("fp", 10, 4), "s": rp("fp", 1, 0)})
+    assert progress._only_grew(before, {"r": rp("fp", 10, 7)})
+    assert not progress._only_grew(before, {"r": rp("fp", 10, 10)})  # fully converged here: at once
+    assert not progress._only_grew(before, {"r": rp("fp", 10, 2)})  # fell
+    assert not progress._only_grew(before, {"r": rp("fp", 11, 4)})  # a proxy joined
+    assert not progress._only_grew(before, {"r": rp("other", 10, 4)})  # another target
+    assert not progress._only_grew(before, {"r": rp("fp", 10, 4), "s": rp("fp", 1, 0)})
 
 
 def test_a_status_that_only_gains_converged_proxies_may_wait_reached_never() -> None:
     was = views.Progress(proxies=10, converged=3, applied=True)
     written = (100.0, "fp", was)
-    assert dataplane._converging(written, "fp", replace(was, converged=7), 100.1)
-    assert not dataplane._converging(written, "fp", replace(was, converged=7), 100.0 + 0.3)  # interval over
-    assert not dataplane._converging(written, "fp", replace(was, converged=10), 100.1)  # reached: at once
-    assert not dataplane._converging(written, "other", replace(was, converged=7), 100.1)
-    assert not dataplane._converging(written, "fp", replace(was, converged=7, rejecting=1), 100.1)
-    assert not dataplane._converging(written, "fp", replace(was, converged=2), 100.1)
-    assert not dataplane._converging(written, "fp", replace(was, proxies=11, converged=7), 100.1)
+    assert convergence._converging(written, "fp", replace(was, converged=7), 100.1)
+    assert not convergence._converging(written, "fp", replace(was, converged=7), 100.0 + 0.3)  # interval over
+    assert not convergence._converging(written, "fp", replace(was, converged=10), 100.1)  # reached: at once
+    assert not convergence._converging(written, "other", replace(was, converged=7), 100.1)
+    assert not convergence._converging(written, "fp", replace(was, converged=7, rejecting=1), 100.1)
+    assert not convergence._converging(written, "fp", replace(was, converged=2), 100.1)
+    assert not convergence._converging(written, "fp", replace(was, proxies=11, converged=7), 100.1)
 
 
 def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
@@ -230,8 +230,8 @@ def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
     )
     status = model.ReleaseStatus(phase=model.Phase.PROGRESSING, batch=0)
     first = model.Release("r", spec, status, created=datetime.now(UTC))
-    assert dataplane._target_words(first) == "batch 1/3"
-    assert (dataplane._proxies(1), dataplane._proxies(0), dataplane._proxies(2)) == (
+    assert convergence._target_words(first) == "batch 1/3"
+    assert (progress.n_proxies(1), progress.n_proxies(0), progress.n_proxies(2)) == (
         "1 proxy",
         "0 proxies",
         "2 proxies",
