@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from graylane.controlplane.api.client import ReleaseClient
-from graylane.controlplane.local.stack import local_control_plane
+from graylane.deploy.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
 
 _CHART_SCRIPT = """

@@ -35,9 +35,9 @@ from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.stack import local_control_plane
-from graylane.controlplane.local.traffic import LoadResult, run_load
-from graylane.controlplane.local.upstream import Upstream
+from graylane.deploy.local.stack import local_control_plane
+from graylane.deploy.local.traffic import LoadResult, run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import plan as xds_plan
 from graylane.xds import resources

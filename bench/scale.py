@@ -40,7 +40,7 @@ from fleet import FleetSpec, Prober, Worker
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.stack import local_control_plane
+from graylane.deploy.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2_grpc as api_grpc
 from graylane.xds import resources

@@ -46,9 +46,9 @@ from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.ports import free_port
-from graylane.controlplane.local.traffic import LoadResult, run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore, Snapshot, connect
+from graylane.deploy.local.traffic import LoadResult, run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

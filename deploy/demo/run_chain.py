@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain.manifest import load_manifest
-from graylane.controlplane.local.stack import keep_serving, local_control_plane
 from graylane.controlplane.reconcile.dataplane import DataPlane
 from graylane.deploy.demo.chain import Chain, ChainAnswer
+from graylane.deploy.local.stack import keep_serving, local_control_plane
 from graylane.v1 import release_pb2 as pb
 from graylane.xds import view as xv
 

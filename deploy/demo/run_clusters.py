@@ -23,7 +23,6 @@ from pathlib import Path
 
 from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.etcd import EtcdProcess
-from graylane.controlplane.local.traffic import LoadResult
 from graylane.deploy.demo.clusters import (
     LANE,
     RULE_HEADER,
@@ -34,6 +33,7 @@ from graylane.deploy.demo.clusters import (
     gray_in_west_release,
     poll,
 )
+from graylane.deploy.local.traffic import LoadResult
 from graylane.v1 import release_pb2 as pb
 
 REQUESTS_PER_STEP = 1000

@@ -24,8 +24,8 @@ from collections import Counter
 from typing import Any
 
 from graylane.controlplane.api.client import Action, ReleaseClient
-from graylane.controlplane.local.stack import local_control_plane
 from graylane.deploy.demo.greeter import ClientProcess, GreeterProcess, ServerSpec, node_binary, node_modules
+from graylane.deploy.local.stack import local_control_plane
 from graylane.v1 import release_pb2 as pb
 
 NAME = "gray-b"

@@ -22,10 +22,10 @@ from datetime import timedelta
 
 from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.stack import keep_serving, local_control_plane
-from graylane.controlplane.local.traffic import LoadResult, run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.stack import keep_serving, local_control_plane
+from graylane.deploy.local.traffic import LoadResult, run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 
 SERVICE = "checkout"

@@ -41,8 +41,8 @@ from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
-from graylane.controlplane.local.upstream import Upstream  # the one upstream of tests and demos
 from graylane.controlplane.store import EtcdStore, connect
+from graylane.deploy.local.upstream import Upstream  # the one upstream of tests and demos
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc

@@ -324,7 +324,7 @@ async def test_the_local_guard_routes_a_failing_lane_to_base_while_the_control_p
 
 _LOAD = """
 import asyncio, json, sys
-from graylane.controlplane.local.traffic import run_load
+from graylane.deploy.local.traffic import run_load
 port, seconds, headers = int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3])
 r = asyncio.run(run_load(port, authority="checkout", count=10**9, max_seconds=seconds, rate=100, concurrency=4,
                          headers=headers))

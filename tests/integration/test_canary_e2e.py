@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import LoadResult, run_load
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 

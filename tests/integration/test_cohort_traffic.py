@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc

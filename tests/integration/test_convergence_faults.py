@@ -18,8 +18,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.traffic import run_load
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.xds.resources import LISTENER
@@ -84,7 +84,7 @@ async def reached_events(stub: Any, name: str) -> list[tuple[str, int]]:
 
 _LOAD = """
 import asyncio, json, sys
-from graylane.controlplane.local.traffic import run_load
+from graylane.deploy.local.traffic import run_load
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
 r = asyncio.run(run_load(port, authority="checkout", count=10**9, max_seconds=seconds, rate=100, concurrency=4))
 print(json.dumps({"sent": r.sent, "failed": r.failed, "errors": dict(r.errors)}))

@@ -26,9 +26,9 @@ from graylane.controlplane.api.release_service import token_record
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.domain.manifest import load_manifest
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 

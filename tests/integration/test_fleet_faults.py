@@ -26,8 +26,8 @@ import pytest
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import DELTA, SOTW, EnvoyProcess
 from graylane.controlplane.local.ports import free_port
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc

@@ -14,11 +14,11 @@ import grpc
 import pytest
 from graylane.agent.metrics import MetricsReporter
 from graylane.controlplane.cli import base, commands, output
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.progression.metrics import MetricsCollector, report_from_samples
 from graylane.controlplane.progression.windows import Histogram, Sample, SeriesKey, Windows
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

@@ -30,7 +30,6 @@ import pytest
 import pytest_asyncio
 from graylane.controlplane.api.client import Action
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.deploy.demo.clusters import (
     EAST,
     LANE,
@@ -45,6 +44,7 @@ from graylane.deploy.demo.clusters import (
     graylane_command,
     poll,
 )
+from graylane.deploy.local.traffic import LoadResult, run_load
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

@@ -19,11 +19,11 @@ import pytest
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.ports import free_port
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.progression.metrics import EnvoyAdminSource, PrometheusQuerySource
 from graylane.controlplane.progression.windows import SeriesKey
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 
 from tests.conftest import require_binary
 from tests.integration.conftest import stop_group

@@ -28,10 +28,10 @@ from graylane.controlplane.api.tls import open_channel
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.options import XdsCredential
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc

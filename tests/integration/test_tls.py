@@ -32,9 +32,9 @@ from graylane.controlplane.domain import model
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess, EtcdTls
-from graylane.controlplane.local.traffic import run_load
-from graylane.controlplane.local.upstream import Upstream
 from graylane.controlplane.store import EtcdStore, connect
+from graylane.deploy.local.traffic import run_load
+from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from graylane.controlplane.local.envoy import free_port
-from graylane.controlplane.local.traffic import LoadResult, run_load
 from graylane.controlplane.store import EtcdStore
+from graylane.deploy.local.traffic import LoadResult, run_load
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 
