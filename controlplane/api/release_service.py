@@ -203,7 +203,7 @@ class Authenticator:
                 return agent[1] if not named or named == agent[0] else None
             if token.startswith(_DELEGATED_PREFIX):
                 token_id = token.removeprefix(_DELEGATED_PREFIX).partition("_")[0]
-                if not hmac.compare_digest(self.delegated(token_id), token):
+                if not hmac.compare_digest(self.delegated(token_id).encode(), token.encode()):
                     return None
                 return await self.identity_of(token_id)
             parts = auth.split_token(token) if self.enabled else None
