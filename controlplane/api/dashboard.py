@@ -219,7 +219,7 @@ class Dashboard:
         self._denied_log = DeniedLog()
         self.limiter = limiter or LoginLimiter()
         self.vendor_dir = vendor_dir
-        self._stream_recheck_seconds = stream_recheck_seconds
+        self.stream_recheck_seconds = stream_recheck_seconds
         self._clock = clock
         self._ring: KeyRing | None = None
         self._ring_read = -math.inf  # monotonic time of the last read of the ring
@@ -711,7 +711,7 @@ class Dashboard:
             """Ends the stream once its session is logged out (on any replica) or its token
             revoked; an etcd that cannot answer ends nothing."""
             while True:
-                await asyncio.sleep(self._stream_recheck_seconds)
+                await asyncio.sleep(self.stream_recheck_seconds)
                 try:
                     if await self._current(request) is not None:
                         continue

@@ -7,6 +7,7 @@ cookie can be taken from replica A to replica B.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -267,3 +268,24 @@ async def test_etcd_away_at_login_is_a_clear_503_and_the_session_is_back_with_it
             assert (status, body["identity"]) == (200, "token:viewer-1")
     finally:
         await plain.close()
+
+
+async def test_a_logout_on_one_replica_ends_the_sessions_live_page_on_the_other(store: EtcdStore) -> None:
+    tokens = await tokens_for(store, "admin", "viewer")
+    async with replica(store) as a, replica(store) as b, browser() as user:
+        await applied(a, tokens["admin"])
+        a.dashboard.stream_recheck_seconds = 0.2
+        assert (await user.login(a, tokens["viewer"]))[0] == 200
+        url = f"http://127.0.0.1:{a.http_port}/ui/events/releases/rel"
+        async with user.http.get(url, headers={"Cookie": f"{COOKIE}={user.cookie}"}) as stream:
+            assert stream.status == 200
+            async with asyncio.timeout(10):
+                while not (await stream.content.readline()).startswith(b"event: release"):
+                    pass
+            status, _, _ = await user.post(b, "/ui/api/logout", {}, **{CSRF_HEADER: user.csrf})
+            assert status == 200
+            lines: list[bytes] = []
+            async with asyncio.timeout(5):
+                while line := await stream.content.readline():
+                    lines.append(line)
+        assert any(b"this session has ended" in line for line in lines), lines
