@@ -10,8 +10,9 @@ to the browser exactly as to the CLI.
 
 Sessions work on every replica and survive restarts: the HttpOnly, SameSite=Strict cookie
 carries (session id, token id, identity, expiry) signed with an HMAC key ring the replicas
-share through etcd (`controlplane.api.sessions`; made once, rotated after a day, old keys
-verify until their cookies expire). The browser never holds the token: each request
+share through etcd (`controlplane.api.sessions`; made once, a new key added after a day,
+which signs once every replica has read the ring; old keys verify until their cookies
+expire). The browser never holds the token: each request
 re-checks the token's record by id (through the API's one-second cache), so a revoked token
 ends its sessions on every replica within a second, and this replica's API is called with a
 credential for that token id only this process can make. Logout writes the session id to
@@ -85,10 +86,12 @@ STATIC_DIR: Final = Path(__file__).resolve().parent / "ui"
 _STATIC_TYPES: Final = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 _SESSION_SECONDS = 12 * 3600.0
-# A signing key older than this is replaced at the next login; the old one verifies the
-# cookies it signed until they expire.
+# A key older than this is followed by a new one at the next login; the old one verifies
+# the cookies it signed until they expire.
 _ROTATE_SECONDS = 24 * 3600.0
 _RING_REFRESH_SECONDS = 60.0  # re-read the key ring this often (and at once for an unknown key id, at most 1/s)
+# A new key signs only after every replica has re-read the ring (and some clock skew).
+_SETTLE_SECONDS = _RING_REFRESH_SECONDS + 30.0
 _LOGOUT_CHECK_SECONDS = 1.0  # a logout on another replica takes effect here within this
 _MAX_CHECKED = 4096
 _STREAM_RECHECK_SECONDS = 5.0  # an open event stream of a session logged out or revoked ends within this
@@ -359,25 +362,26 @@ class Dashboard:
 
     async def _new_session(
         self, request: web.Request, response: web.StreamResponse, *, token_id: str, identity: str
-    ) -> tuple[SessionClaims, KeyRing]:
+    ) -> tuple[SessionClaims, KeyRing, str]:
         ring = await self._keys.session_keys()
         now = self._clock()
-        if now - ring.signing.created > _ROTATE_SECONDS:
-            ring = await self._keys.rotate_session_keys(ring, keep_seconds=_SESSION_SECONDS + 60.0)
+        if now - ring.newest.created > _ROTATE_SECONDS:
+            ring = await self._keys.rotate_session_keys(ring, keep_seconds=_SETTLE_SECONDS + _SESSION_SECONDS + 60.0)
         self._ring, self._ring_read = ring, time.monotonic()
+        key = ring.signer(now=now, settle_seconds=_SETTLE_SECONDS)
         claims = new_claims(token_id=token_id, identity=identity, now=now, lifetime=_SESSION_SECONDS)
         # Secure when this server itself saw TLS; plain HTTP is meant for loopback, where
         # a Secure cookie would not be sent back at all.
         response.set_cookie(
             COOKIE,
-            sign(claims, ring.signing),
+            sign(claims, key),
             path="/ui",
             httponly=True,
             samesite="Strict",
             secure=request.secure,
             max_age=int(_SESSION_SECONDS),
         )
-        return claims, ring
+        return claims, ring, key.key_id
 
     def _refusal(self, request: web.Request, *, post: bool) -> web.Response | None:
         """Checks before any session is looked at.
@@ -423,10 +427,10 @@ class Dashboard:
                 return _error(401, "log in with a token", code="UNAUTHENTICATED")
             # Open mode: everyone is let in; the session only carries the CSRF token.
             response = web.json_response({})
-            claims, ring = await self._new_session(request, response, token_id="", identity=_OPEN_ACTOR)
+            claims, ring, key_id = await self._new_session(request, response, token_id="", identity=_OPEN_ACTOR)
         except Unavailable as exc:
             return _error(503, f"cannot check the session now: {exc}", code="UNAVAILABLE")
-        session = self._session_of(claims, ring, ring.signing.key_id, role="admin")
+        session = self._session_of(claims, ring, key_id, role="admin")
         response.text = json.dumps(session.public(auth_enabled=False))
         return response
 
@@ -472,13 +476,13 @@ class Dashboard:
             old = await self._current(request)
             if old is not None:  # a new login ends the one this browser had
                 await self._end(old)
-            claims, ring = await self._new_session(request, response, token_id=parts[0], identity=identity.name)
+            claims, ring, key_id = await self._new_session(request, response, token_id=parts[0], identity=identity.name)
         except Unavailable as exc:
             return _error(503, f"cannot make a session now: {exc}", code="UNAVAILABLE")
         session = self._session_of(
             claims,
             ring,
-            ring.signing.key_id,
+            key_id,
             role=identity.role.label,
             services=tuple(sorted(identity.services)),
             releases=tuple(sorted(identity.releases)),

@@ -69,20 +69,28 @@ def new_key(*, now: float) -> SessionKey:
 
 @dataclass(frozen=True, slots=True)
 class KeyRing:
-    """The keys in force, newest first: the first signs, all verify."""
+    """The keys in force, newest first; all verify.
+
+    A new key signs only once it has settled (`signer`): every replica re-reads the ring
+    within that time, so none meets a cookie signed by a key it has not read yet."""
 
     keys: tuple[SessionKey, ...]
 
     @property
-    def signing(self) -> SessionKey:
+    def newest(self) -> SessionKey:
         return self.keys[0]
+
+    def signer(self, *, now: float, settle_seconds: float) -> SessionKey:
+        """The newest key made at least `settle_seconds` ago (a ring's first key signs at once)."""
+        return next((k for k in self.keys if now - k.created >= settle_seconds), self.keys[-1])
 
     def get(self, key_id: str) -> SessionKey | None:
         return next((k for k in self.keys if k.key_id == key_id), None)
 
     def rotated(self, *, now: float, keep_seconds: float) -> KeyRing:
-        """A new signing key before the old ones; keys retired longer than `keep_seconds`
-        ago (every cookie they signed has expired) are dropped."""
+        """A new key before the old ones; keys whose successor was made longer than
+        `keep_seconds` ago (the settling time and a session's life: every cookie they signed
+        has expired) are dropped."""
         kept = [self.keys[0]] + [
             k for prev, k in zip(self.keys, self.keys[1:], strict=False) if now - prev.created < keep_seconds
         ]
@@ -163,7 +171,7 @@ def verify(cookie: str, ring: KeyRing, *, now: float) -> SessionClaims | None:
 
 def csrf_of(claims: SessionClaims, ring: KeyRing, key_id: str) -> str:
     """The session's CSRF token: a MAC of its id under the key that signed it."""
-    key = ring.get(key_id) or ring.signing
+    key = ring.get(key_id) or ring.newest
     return _b64(_mac(key, f"csrf.{claims.sid}"))[:32]
 
 

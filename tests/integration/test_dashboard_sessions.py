@@ -289,3 +289,19 @@ async def test_a_logout_on_one_replica_ends_the_sessions_live_page_on_the_other(
                 while line := await stream.content.readline():
                     lines.append(line)
         assert any(b"this session has ended" in line for line in lines), lines
+
+
+async def test_a_key_rotation_ends_no_session(store: EtcdStore) -> None:
+    tokens = await tokens_for(store, "viewer")
+    async with replica(store) as a, replica(store) as b, browser() as old, browser() as new:
+        assert (await old.login(a, tokens["viewer"]))[0] == 200
+        ring = await store.session_keys()
+        rotated = await store.rotate_session_keys(ring, keep_seconds=3600.0)
+        assert rotated.keys[1:] == ring.keys and rotated.newest != ring.newest
+        # Rotating again from the ring seen before is a no-op: the guard sees it changed.
+        assert await store.rotate_session_keys(ring, keep_seconds=3600.0) == rotated
+        # A login now still signs with the settled key, which A (not re-read yet) knows.
+        assert (await new.login(b, tokens["viewer"]))[0] == 200
+        for user in (old, new):
+            for plane in (a, b):
+                assert (await user.get(plane, "/ui/api/session"))[0] == 200
