@@ -20,7 +20,11 @@ from typing import Protocol
 
 from etcd3.etcdrpc import rpc_pb2
 from graylane.controlplane.api import sessions
+from graylane.controlplane.errors import LeaseLost
 from graylane.controlplane.store._client import EtcdClient
+
+_LEASE_REUSE_SECONDS = 3600
+_LONGEST_SESSION_SECONDS = 12 * 3600
 
 
 class SessionStore(Protocol):
@@ -74,10 +78,29 @@ class SessionRecords(EtcdClient):
         resp = await self._txn([same], [self._put(key, json.dumps(ring.to_json()).encode())])
         return ring if resp.succeeded else await self.session_keys()
 
+    # The lease logouts are written under, and until when (monotonic) it lasts.
+    _logout_lease: tuple[int, float] | None = None
+
     async def end_session(self, sid: str, *, seconds: float) -> None:
-        """Record a logout until the session would have expired anyway (its lease then drops it)."""
-        lease = await self.grant_lease(max(1, math.ceil(seconds)))
-        await self._txn([], [self._put(self._key("dashboard", "logouts", sid), b"1", lease=lease)])
+        """Record a logout at least until the session would have expired anyway.
+
+        Logouts share a lease granted for the longest session and an hour, used while it
+        outlives the session it holds: one lease an hour rather than one per logout (a
+        logout is then kept up to half a day past its session, a few bytes)."""
+        key = self._key("dashboard", "logouts", sid)
+        for _ in range(2):
+            now = time.monotonic()
+            held = self._logout_lease
+            if held is None or held[1] < now + seconds:
+                ttl = max(math.ceil(seconds), _LONGEST_SESSION_SECONDS) + _LEASE_REUSE_SECONDS
+                held = (await self.grant_lease(ttl), now + ttl)
+                self._logout_lease = held
+            try:
+                await self._txn([], [self._put(key, b"1", lease=held[0])])
+                return
+            except LeaseLost:
+                self._logout_lease = None  # gone early (etcd restored from a backup?): again on a new one
+        raise LeaseLost("etcd dropped the logouts' lease twice")
 
     async def session_ended(self, sid: str) -> bool:
         return await self._get(self._key("dashboard", "logouts", sid)) is not None

@@ -305,3 +305,19 @@ async def test_a_key_rotation_ends_no_session(store: EtcdStore) -> None:
         for user in (old, new):
             for plane in (a, b):
                 assert (await user.get(plane, "/ui/api/session"))[0] == 200
+
+
+async def test_logouts_share_one_lease_and_outlive_their_sessions(store: EtcdStore) -> None:
+    tokens = await tokens_for(store, "viewer")
+    async with replica(store) as a, browser() as first, browser() as second:
+        sids = []
+        for user in (first, second):
+            assert (await user.login(a, tokens["viewer"]))[0] == 200
+            sids.append(json.loads(base64.urlsafe_b64decode(user.cookie.split(".")[2] + "=="))["sid"])
+            assert (await user.post(a, "/ui/api/logout", {}, **{CSRF_HEADER: user.csrf}))[0] == 200
+        kvs = [await store._get(store._key("dashboard", "logouts", sid)) for sid in sids]
+        assert all(kv is not None for kv in kvs)
+        leases = {kv.lease for kv in kvs if kv is not None}
+        assert len(leases) == 1 and 0 not in leases
+        ttl = await store.keep_alive(leases.pop())
+        assert ttl > 12 * 3600
