@@ -300,6 +300,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> _Held | None:
         """Identify and authorize the call (aborting it when refused). For a stream, returns
         what it holds: its slot, and the check that ends it if its credential is revoked."""
+        if auth.bearer(metadata).startswith(_DELEGATED_PREFIX) and not context.peer().startswith("unix:"):
+            # The dashboard's delegated credential is for this process's private socket only.
+            metadata = {k: v for k, v in metadata.items() if k != AUTHORIZATION_METADATA}
         try:
             identity = await self._auth.identify(metadata, context.auth_context())
         except Unavailable as exc:

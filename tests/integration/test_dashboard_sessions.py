@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from graylane.controlplane.api import auth
 from graylane.controlplane.api.client import ReleaseClient
@@ -321,3 +322,17 @@ async def test_logouts_share_one_lease_and_outlive_their_sessions(store: EtcdSto
         assert len(leases) == 1 and 0 not in leases
         ttl = await store.keep_alive(leases.pop())
         assert ttl > 12 * 3600
+
+
+async def test_the_dashboards_delegated_credential_is_refused_off_its_private_socket(store: EtcdStore) -> None:
+    tokens = await tokens_for(store, "viewer")
+    async with replica(store) as a:
+        parts = auth.split_token(tokens["viewer"])
+        assert parts is not None
+        delegated = a.authenticator.delegated(parts[0])
+        async with ReleaseClient.connect(f"127.0.0.1:{a.api_port}", token=delegated) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.list_releases()
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        async with ReleaseClient.connect(f"127.0.0.1:{a.api_port}", token=tokens["viewer"]) as client:
+            await client.list_releases()
