@@ -411,7 +411,7 @@ class Dashboard:
             return _error(503, f"cannot check the session now: {exc}", code="UNAVAILABLE")
         if session is None:
             return _error(401, "log in first", code="UNAUTHENTICATED")
-        if action and not secrets.compare_digest(request.headers.get(CSRF_HEADER, ""), session.csrf):
+        if action and not secrets.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), session.csrf.encode()):
             return _error(403, f"missing or wrong {CSRF_HEADER} header (reload the page)", code="CSRF")
         return session
 
@@ -448,7 +448,7 @@ class Dashboard:
         if not token:
             return _error(400, "enter a token")
         address = request.remote or ""
-        wait = self.limiter.retry_after(address, now=time.monotonic())
+        wait = self.limiter.take(address, now=time.monotonic())
         if wait > 0:
             seconds = math.ceil(wait)
             why = f"too many failed logins from {address}: try again in {seconds} s"
@@ -459,18 +459,18 @@ class Dashboard:
         try:
             identity = await self._identify(token)
         except Unavailable as exc:
+            self.limiter.give_back(address, now=time.monotonic())
             return _error(503, f"cannot check the token now: {exc}", code="UNAVAILABLE")
         parts = auth.split_token(token)
         if identity is None or parts is None:
-            self.limiter.failed(address, now=time.monotonic())
             why = "this token is not valid (unknown, revoked or mistyped)"
             self._denied(grpc.StatusCode.UNAUTHENTICATED, address, why)
             return _error(401, why, code="UNAUTHENTICATED")
         if identity.role is auth.Role.AGENT:
-            self.limiter.failed(address, now=time.monotonic())
             why = "an agent token cannot log in to the dashboard"
             self._denied(grpc.StatusCode.PERMISSION_DENIED, address, why, who=identity.name)
             return _error(403, why, code="PERMISSION_DENIED")
+        self.limiter.give_back(address, now=time.monotonic())
         response = web.json_response({})
         try:
             old = await self._current(request)

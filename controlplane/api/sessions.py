@@ -200,8 +200,10 @@ class _Bucket:
 
 class LoginLimiter:
     """Failed logins per client: `burst` failures at once, then one more each
-    `refill_seconds`. Only failures take from the bucket; a refused attempt (429) takes
-    nothing, so waiting the time it names is always enough.
+    `refill_seconds`. An attempt takes from the bucket before its token is checked (so
+    attempts made at once cannot all pass the check before any has failed) and gives it
+    back when it succeeds; a refused attempt (429) takes nothing, so waiting the time it
+    names is always enough.
 
     Bounded: at most `max_clients` buckets; full buckets are forgotten first (they say
     nothing a new bucket would not), then the oldest."""
@@ -224,10 +226,24 @@ class LoginLimiter:
         bucket = self._level(client_key(address), now)
         return 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) * self.refill_seconds
 
+    def take(self, address: str, *, now: float) -> float:
+        """Take one attempt: 0 when taken, else the seconds to wait (nothing taken)."""
+        wait = self.retry_after(address, now=now)
+        if wait == 0.0:
+            self._add(client_key(address), -1.0, now)
+        return wait
+
+    def give_back(self, address: str, *, now: float) -> None:
+        """The attempt taken succeeded (or could not be checked): it does not count."""
+        self._add(client_key(address), 1.0, now)
+
     def failed(self, address: str, *, now: float) -> None:
-        key = client_key(address)
+        """One failure counted without a `take` before it."""
+        self._add(client_key(address), -1.0, now)
+
+    def _add(self, key: str, tokens: float, now: float) -> None:
         bucket = self._level(key, now)
-        bucket.tokens = max(0.0, bucket.tokens - 1.0)
+        bucket.tokens = min(float(self.burst), max(0.0, bucket.tokens + tokens))
         self._buckets.pop(key, None)
         self._buckets[key] = bucket  # newest last
         if len(self._buckets) > self._max:

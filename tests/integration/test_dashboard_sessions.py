@@ -336,3 +336,11 @@ async def test_the_dashboards_delegated_credential_is_refused_off_its_private_so
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
         async with ReleaseClient.connect(f"127.0.0.1:{a.api_port}", token=tokens["viewer"]) as client:
             await client.list_releases()
+
+
+async def test_failed_logins_sent_at_once_are_limited_as_well(store: EtcdStore) -> None:
+    tokens = await tokens_for(store, "viewer")
+    async with replica(store) as a, browser() as user:
+        wrong = tokens["viewer"][:-4] + "AAAA"
+        answers = await asyncio.gather(*(user.login(a, wrong) for _ in range(12)))
+        assert sorted(status for status, _, _ in answers) == [401] * 5 + [429] * 7

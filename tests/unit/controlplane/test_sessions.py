@@ -72,3 +72,11 @@ def test_a_new_key_signs_only_once_every_replica_can_have_read_it() -> None:
     second = first.rotated(now=DAY, keep_seconds=DAY)
     assert second.signer(now=DAY + 89, settle_seconds=90.0) == first.newest
     assert second.signer(now=DAY + 90, settle_seconds=90.0) == second.newest
+
+
+def test_attempts_made_at_once_take_from_the_bucket_before_they_are_checked() -> None:
+    limiter = LoginLimiter(burst=5, refill_seconds=10.0)
+    taken = [limiter.take("192.0.2.1", now=0.0) for _ in range(8)]
+    assert taken[:5] == [0.0] * 5 and all(wait > 0 for wait in taken[5:])
+    limiter.give_back("192.0.2.1", now=0.0)  # one of them was a good token
+    assert limiter.take("192.0.2.1", now=0.0) == 0.0
