@@ -227,7 +227,11 @@ class ControlPlane:
         self.dashboard = Dashboard(
             api_target=lambda: self._local_api,
             identify=lambda token: self.authenticator.identify({"authorization": f"Bearer {token}"}, {}),
+            identity_of=self.authenticator.identity_of,
+            delegate=self.authenticator.delegated,
+            keys=store,
             auth_enabled=auth,
+            on_denied=lambda code, method: self.telemetry.denied_call(code, method),
         )
 
     def _releases_by_phase(self) -> dict[str, int] | None:

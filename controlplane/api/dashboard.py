@@ -1,13 +1,34 @@
 """The web dashboard: pages under `/ui/` on the control plane's HTTP server, and the thin JSON
 and server-sent-events layer behind them.
 
-Owns: login sessions (a token kept server-side behind an HttpOnly, SameSite=Strict cookie,
-with a per-session CSRF token every action must echo in a header), the routes that turn a
+Owns: login sessions, the login rate limit, the routes that turn a
 page's request into one call of the gRPC API, and serving the static page files and the
 vendored chart library. It computes nothing itself: every number is an API message (the
 CLI's `to_dict`), fetched from this replica's API (over a private Unix socket) with the
 logged-in user's token, so the API's own role checks, scopes and validation messages apply
 to the browser exactly as to the CLI.
+
+Sessions work on every replica and survive restarts: the HttpOnly, SameSite=Strict cookie
+carries (session id, token id, identity, expiry) signed with an HMAC key ring the replicas
+share through etcd (`controlplane.api.sessions`; made once, a new key added after a day,
+which signs once every replica has read the ring; old keys verify until their cookies
+expire). The browser never holds the token: each request
+re-checks the token's record by id (through the API's one-second cache), so a revoked token
+ends its sessions on every replica within a second, and this replica's API is called with a
+credential for that token id only this process can make. Logout writes the session id to
+etcd until the session would have expired (checked at most once a second per session; at
+once on the replica that served it). The CSRF token every action must echo in a header is a
+MAC of the session id, so any replica checks it.
+
+While etcd is away, a session is served only from what this replica already knows: the key
+ring it holds, and a token record and logout check at most a second old. Past that second a
+request answers 503 (etcd unavailable) rather than trusting a token that may have been
+revoked; the cookie stays valid, so the user is back without logging in when etcd answers.
+Open event streams go on (the API tolerates etcd's absence for its own rechecks). A login
+needs etcd (the token's record, the key ring): without it, 503.
+
+Failed logins are limited per client address (`LoginLimiter`: 5 at once, then one each
+10 s), answered 429 with Retry-After, logged and counted in the API's denied-calls metric.
 
 Live updates are server-sent events fed by the API's Watch and WatchMetrics streams (the
 releases list, for which the API has no stream, is a ListReleases a second).
@@ -21,13 +42,14 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import grpc
 from aiohttp import web
@@ -35,6 +57,17 @@ from google.protobuf.message import Message
 from graylane.controlplane.api import auth
 from graylane.controlplane.api.client import ACTION_RPCS, USER_ACTIONS, ReleaseClient
 from graylane.controlplane.api.http import HttpServer
+from graylane.controlplane.api.release_service import DeniedLog
+from graylane.controlplane.api.sessions import (
+    KeyRing,
+    LoginLimiter,
+    SessionClaims,
+    cookie_key_id,
+    csrf_of,
+    new_claims,
+    sign,
+    verify,
+)
 from graylane.controlplane.cli.output import render_yaml, to_dict
 from graylane.controlplane.domain import machine
 from graylane.controlplane.domain.manifest import ManifestError, load_manifest
@@ -53,7 +86,16 @@ STATIC_DIR: Final = Path(__file__).resolve().parent / "ui"
 _STATIC_TYPES: Final = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 _SESSION_SECONDS = 12 * 3600.0
-_MAX_SESSIONS = 1000
+# A key older than this is followed by a new one at the next login; the old one verifies
+# the cookies it signed until they expire.
+_ROTATE_SECONDS = 24 * 3600.0
+_RING_REFRESH_SECONDS = 60.0  # re-read the key ring this often (and at once for an unknown key id, at most 1/s)
+# A new key signs only after every replica has re-read the ring (and some clock skew).
+_SETTLE_SECONDS = _RING_REFRESH_SECONDS + 30.0
+_LOGOUT_CHECK_SECONDS = 1.0  # a logout on another replica takes effect here within this
+_MAX_CHECKED = 4096
+_STREAM_RECHECK_SECONDS = 5.0  # an open event stream of a session logged out or revoked ends within this
+_LOGIN = "/ui/api/login"
 _LIST_EVERY_SECONDS = 1.0
 # Totals are read from every proxy's admin endpoint: less often than the windows.
 _TRAFFIC_EVERY_SECONDS = 2.0
@@ -77,19 +119,33 @@ _HTTP_STATUS: Final = {
 }
 
 _RS = "/graylane.v1.ReleaseService/"
+_END: Final = b""  # queued to end an event stream
 _USER_ACTIONS: Final = {action.value: action for action in USER_ACTIONS}
+
+
+class SessionKeys(Protocol):
+    """What sessions keep in the store (`controlplane.store.SessionStore`)."""
+
+    async def session_keys(self) -> KeyRing: ...
+
+    async def rotate_session_keys(self, seen: KeyRing, *, keep_seconds: float) -> KeyRing: ...
+
+    async def end_session(self, sid: str, *, seconds: float) -> None: ...
+
+    async def session_ended(self, sid: str) -> bool: ...
 
 
 @dataclass
 class Session:
-    """One browser's login: the token stays here, the browser holds only `sid`."""
+    """One browser's login as checked for this request: its claims (from the signed cookie)
+    with the role and scope its token's record has now."""
 
     sid: str
-    token: str
+    token_id: str
     identity: str
     role: str
-    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    created: float = field(default_factory=time.monotonic)
+    csrf: str
+    expires: float
     services: tuple[str, ...] = ()
     releases: tuple[str, ...] = ()
 
@@ -146,14 +202,32 @@ class Dashboard:
         *,
         api_target: Callable[[], str | None],
         identify: Callable[[str], Awaitable[auth.Identity | None]],
+        identity_of: Callable[[str], Awaitable[auth.Identity | None]],
+        delegate: Callable[[str], str],
+        keys: SessionKeys,
         auth_enabled: bool,
+        on_denied: Callable[[str, str], None] = lambda code, method: None,
+        limiter: LoginLimiter | None = None,
         vendor_dir: Path = VENDOR_DIR,
+        stream_recheck_seconds: float = _STREAM_RECHECK_SECONDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._api_target = api_target
         self._identify = identify
+        self._identity_of = identity_of
+        self._delegate = delegate
+        self._keys = keys
         self._auth = auth_enabled
+        self._on_denied = on_denied
+        self._denied_log = DeniedLog()
+        self.limiter = limiter or LoginLimiter()
         self.vendor_dir = vendor_dir
-        self._sessions: dict[str, Session] = {}
+        self.stream_recheck_seconds = stream_recheck_seconds
+        self._clock = clock
+        self._ring: KeyRing | None = None
+        self._ring_read = -math.inf  # monotonic time of the last read of the ring
+        self._ended: dict[str, float] = {}  # sessions logged out here: their expiry
+        self._not_ended: dict[str, float] = {}  # sessions seen not logged out: when (monotonic)
         self._channel: grpc.aio.Channel | None = None
         self._streams: dict[asyncio.Task[Any], str] = {}  # open event streams: their session
 
@@ -193,41 +267,121 @@ class Dashboard:
             if target is None:
                 raise _NotServing()
             self._channel = grpc.aio.insecure_channel(target)
-        return ReleaseClient(self._channel, actor="" if self._auth else _OPEN_ACTOR, token=session.token, timeout=10.0)
+        token = self._delegate(session.token_id) if self._auth else ""
+        return ReleaseClient(self._channel, actor="" if self._auth else _OPEN_ACTOR, token=token, timeout=10.0)
 
     # --- sessions ---------------------------------------------------------------------
 
-    def _expire(self) -> None:
+    async def _key_ring(self, key_id: str = "") -> KeyRing:
+        """The shared key ring: read again after `_RING_REFRESH_SECONDS`, or at once (at most
+        once a second) for a key id it lacks, made by another replica's rotation. While
+        etcd is away the ring already read serves; with none read yet, `Unavailable`."""
+        since = time.monotonic() - self._ring_read
+        stale = since >= _RING_REFRESH_SECONDS or (
+            key_id and self._ring is not None and self._ring.get(key_id) is None and since >= 1.0
+        )
+        if self._ring is None or stale:
+            try:
+                self._ring = await self._keys.session_keys()
+                self._ring_read = time.monotonic()
+            except Unavailable:
+                if self._ring is None:
+                    raise
+        return self._ring
+
+    async def _ended_session(self, sid: str) -> bool:
+        """Whether the session was logged out (here at once; elsewhere within a second)."""
+        if sid in self._ended:
+            return True
         now = time.monotonic()
-        for sid in [s for s, v in self._sessions.items() if now - v.created > _SESSION_SECONDS]:
-            del self._sessions[sid]
-        while len(self._sessions) >= _MAX_SESSIONS:  # bounded: the oldest login goes first
-            del self._sessions[next(iter(self._sessions))]
+        seen = self._not_ended.get(sid)
+        if seen is not None and now - seen < _LOGOUT_CHECK_SECONDS:
+            return False
+        ended = await self._keys.session_ended(sid)
+        if len(self._not_ended) >= _MAX_CHECKED:
+            self._not_ended.clear()  # bounded: many browsers cost re-reads, not memory
+        if ended:
+            self._note_ended(sid, self._clock() + _SESSION_SECONDS)
+        else:
+            self._not_ended[sid] = now
+        return ended
 
-    def _current(self, request: web.Request) -> Session | None:
-        sid = request.cookies.get(COOKIE, "")
-        session = self._sessions.get(sid)
-        if session is not None and time.monotonic() - session.created > _SESSION_SECONDS:
-            del self._sessions[sid]
+    def _note_ended(self, sid: str, expires: float) -> None:
+        self._not_ended.pop(sid, None)
+        if len(self._ended) >= _MAX_CHECKED:
+            now = self._clock()
+            for old in [k for k, v in self._ended.items() if v <= now]:
+                del self._ended[old]
+            while len(self._ended) >= _MAX_CHECKED:  # the store still knows them: re-read
+                del self._ended[next(iter(self._ended))]
+        self._ended[sid] = expires
+
+    async def _current(self, request: web.Request) -> Session | None:
+        """The request's session, checked: the cookie's MAC and expiry, that it was not
+        logged out, and (with auth) that its token's record still exists for the same
+        identity. Raises `Unavailable` when etcd is needed and cannot answer."""
+        cookie = request.cookies.get(COOKIE, "")
+        if not cookie:
             return None
-        return session
+        key_id = cookie_key_id(cookie)
+        if not key_id:
+            return None
+        ring = await self._key_ring(key_id)
+        claims = verify(cookie, ring, now=self._clock())
+        if claims is None or await self._ended_session(claims.sid):
+            return None
+        if not self._auth:
+            if claims.token_id:
+                return None
+            return self._session_of(claims, ring, key_id, role="admin")
+        if not claims.token_id:
+            return None  # an open-mode cookie, from before --auth
+        identity = await self._identity_of(claims.token_id)
+        if identity is None or identity.name != claims.identity or identity.role is auth.Role.AGENT:
+            return None
+        return self._session_of(
+            claims,
+            ring,
+            key_id,
+            role=identity.role.label,
+            services=tuple(sorted(identity.services)),
+            releases=tuple(sorted(identity.releases)),
+        )
 
-    def _new_session(self, request: web.Request, response: web.StreamResponse, **kw: Any) -> Session:
-        self._expire()
-        session = Session(sid=secrets.token_urlsafe(32), **kw)
-        self._sessions[session.sid] = session
+    @staticmethod
+    def _session_of(claims: SessionClaims, ring: KeyRing, key_id: str, *, role: str, **scope: Any) -> Session:
+        return Session(
+            sid=claims.sid,
+            token_id=claims.token_id,
+            identity=claims.identity,
+            role=role,
+            csrf=csrf_of(claims, ring, key_id),
+            expires=claims.expires,
+            **scope,
+        )
+
+    async def _new_session(
+        self, request: web.Request, response: web.StreamResponse, *, token_id: str, identity: str
+    ) -> tuple[SessionClaims, KeyRing, str]:
+        ring = await self._keys.session_keys()
+        now = self._clock()
+        if now - ring.newest.created > _ROTATE_SECONDS:
+            ring = await self._keys.rotate_session_keys(ring, keep_seconds=_SETTLE_SECONDS + _SESSION_SECONDS + 60.0)
+        self._ring, self._ring_read = ring, time.monotonic()
+        key = ring.signer(now=now, settle_seconds=_SETTLE_SECONDS)
+        claims = new_claims(token_id=token_id, identity=identity, now=now, lifetime=_SESSION_SECONDS)
         # Secure when this server itself saw TLS; plain HTTP is meant for loopback, where
         # a Secure cookie would not be sent back at all.
         response.set_cookie(
             COOKIE,
-            session.sid,
+            sign(claims, key),
             path="/ui",
             httponly=True,
             samesite="Strict",
             secure=request.secure,
             max_age=int(_SESSION_SECONDS),
         )
-        return session
+        return claims, ring, key.key_id
 
     def _refusal(self, request: web.Request, *, post: bool) -> web.Response | None:
         """Checks before any session is looked at.
@@ -247,14 +401,17 @@ class Dashboard:
                 return _error(403, f"cross-origin request from {origin!r} refused", code="ORIGIN")
         return None
 
-    def _require(self, request: web.Request, *, action: bool = False) -> Session | web.Response:
+    async def _require(self, request: web.Request, *, action: bool = False) -> Session | web.Response:
         refused = self._refusal(request, post=request.method == "POST")
         if refused is not None:
             return refused
-        session = self._current(request)
+        try:
+            session = await self._current(request)
+        except Unavailable as exc:
+            return _error(503, f"cannot check the session now: {exc}", code="UNAVAILABLE")
         if session is None:
             return _error(401, "log in first", code="UNAUTHENTICATED")
-        if action and not secrets.compare_digest(request.headers.get(CSRF_HEADER, ""), session.csrf):
+        if action and not secrets.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), session.csrf.encode()):
             return _error(403, f"missing or wrong {CSRF_HEADER} header (reload the page)", code="CSRF")
         return session
 
@@ -262,14 +419,18 @@ class Dashboard:
         refused = self._refusal(request, post=request.method == "POST")
         if refused is not None:
             return refused
-        session = self._current(request)
-        if session is not None:
-            return web.json_response(session.public(auth_enabled=self._auth))
-        if self._auth:
-            return _error(401, "log in with a token", code="UNAUTHENTICATED")
-        # Open mode: everyone is let in; the session only carries the CSRF token.
-        response = web.json_response({})
-        session = self._new_session(request, response, token="", identity=_OPEN_ACTOR, role="admin")
+        try:
+            session = await self._current(request)
+            if session is not None:
+                return web.json_response(session.public(auth_enabled=self._auth))
+            if self._auth:
+                return _error(401, "log in with a token", code="UNAUTHENTICATED")
+            # Open mode: everyone is let in; the session only carries the CSRF token.
+            response = web.json_response({})
+            claims, ring, key_id = await self._new_session(request, response, token_id="", identity=_OPEN_ACTOR)
+        except Unavailable as exc:
+            return _error(503, f"cannot check the session now: {exc}", code="UNAVAILABLE")
+        session = self._session_of(claims, ring, key_id, role="admin")
         response.text = json.dumps(session.public(auth_enabled=False))
         return response
 
@@ -286,23 +447,42 @@ class Dashboard:
             return _error(400, 'expected JSON {"token": ...}')
         if not token:
             return _error(400, "enter a token")
+        address = request.remote or ""
+        wait = self.limiter.take(address, now=time.monotonic())
+        if wait > 0:
+            seconds = math.ceil(wait)
+            why = f"too many failed logins from {address}: try again in {seconds} s"
+            self._denied(grpc.StatusCode.RESOURCE_EXHAUSTED, address, why)
+            response = _error(429, why, code="RESOURCE_EXHAUSTED")
+            response.headers["Retry-After"] = str(seconds)
+            return response
         try:
             identity = await self._identify(token)
         except Unavailable as exc:
+            self.limiter.give_back(address, now=time.monotonic())
             return _error(503, f"cannot check the token now: {exc}", code="UNAVAILABLE")
-        if identity is None:
-            return _error(401, "this token is not valid (unknown, revoked or mistyped)", code="UNAUTHENTICATED")
+        parts = auth.split_token(token)
+        if identity is None or parts is None:
+            why = "this token is not valid (unknown, revoked or mistyped)"
+            self._denied(grpc.StatusCode.UNAUTHENTICATED, address, why)
+            return _error(401, why, code="UNAUTHENTICATED")
         if identity.role is auth.Role.AGENT:
-            return _error(403, "an agent token cannot log in to the dashboard", code="PERMISSION_DENIED")
-        old = self._current(request)
-        if old is not None:
-            del self._sessions[old.sid]
+            why = "an agent token cannot log in to the dashboard"
+            self._denied(grpc.StatusCode.PERMISSION_DENIED, address, why, who=identity.name)
+            return _error(403, why, code="PERMISSION_DENIED")
+        self.limiter.give_back(address, now=time.monotonic())
         response = web.json_response({})
-        session = self._new_session(
-            request,
-            response,
-            token=token,
-            identity=identity.name,
+        try:
+            old = await self._current(request)
+            if old is not None:  # a new login ends the one this browser had
+                await self._end(old)
+            claims, ring, key_id = await self._new_session(request, response, token_id=parts[0], identity=identity.name)
+        except Unavailable as exc:
+            return _error(503, f"cannot make a session now: {exc}", code="UNAVAILABLE")
+        session = self._session_of(
+            claims,
+            ring,
+            key_id,
             role=identity.role.label,
             services=tuple(sorted(identity.services)),
             releases=tuple(sorted(identity.releases)),
@@ -311,15 +491,28 @@ class Dashboard:
         response.text = json.dumps(session.public(auth_enabled=True))
         return response
 
+    def _denied(self, code: grpc.StatusCode, address: str, why: str, *, who: str = "") -> None:
+        """A refused login, logged and counted as the API's refused calls are."""
+        self._on_denied(code.name.lower(), _LOGIN)
+        self._denied_log(code, _LOGIN, address, who, why)
+
+    async def _end(self, session: Session) -> None:
+        """Log `session` out on every replica (`Unavailable` when etcd cannot record it)."""
+        await self._keys.end_session(session.sid, seconds=session.expires - self._clock())
+        self._note_ended(session.sid, session.expires)
+        # The session's open event streams carry its credential: they end with it.
+        for task, sid in list(self._streams.items()):
+            if sid == session.sid:
+                task.cancel()
+
     async def _logout(self, request: web.Request) -> web.Response:
-        found = self._require(request, action=True)
+        found = await self._require(request, action=True)
         if isinstance(found, web.Response):
             return found
-        self._sessions.pop(found.sid, None)
-        # The session's open event streams carry its token: they end with it.
-        for task, sid in list(self._streams.items()):
-            if sid == found.sid:
-                task.cancel()
+        try:
+            await self._end(found)
+        except Unavailable as exc:
+            return _error(503, f"cannot log out now (try again): {exc}", code="UNAVAILABLE")
         response = web.json_response({"ok": True})
         response.del_cookie(COOKIE, path="/ui")
         return response
@@ -362,7 +555,7 @@ class Dashboard:
     async def _call(
         self, request: web.Request, read: Callable[[ReleaseClient], Awaitable[object]], *, action: bool = False
     ) -> web.Response:
-        found = self._require(request, action=action)
+        found = await self._require(request, action=action)
         if isinstance(found, web.Response):
             return found
         try:
@@ -370,9 +563,7 @@ class Dashboard:
         except _NotServing:
             return _error(503, "the control plane is starting or stopping", code="UNAVAILABLE")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
-                self._sessions.pop(found.sid, None)  # revoked: the page asks for a token again
-            return _rpc_error(exc)
+            return _rpc_error(exc)  # UNAUTHENTICATED (revoked): the page asks for a token again
         # What one identity may read must not be kept by a shared cache on the way.
         return web.json_response(result, headers={"Cache-Control": "no-store"})
 
@@ -457,7 +648,7 @@ class Dashboard:
     async def _to_yaml(self, request: web.Request) -> web.Response:
         """A release form's fields as the manifest YAML it applies, checked for shape by the
         loader `graylane apply -f` uses (its messages name the field)."""
-        found = self._require(request)
+        found = await self._require(request)
         if isinstance(found, web.Response):
             return found
         body = await self._body(request)
@@ -471,7 +662,7 @@ class Dashboard:
     async def _apply(self, request: web.Request) -> web.Response:
         """Apply a manifest (the YAML the page shows): its shape is checked by the manifest
         loader, its values by the API, whose INVALID_ARGUMENT message the page shows."""
-        found = self._require(request, action=True)
+        found = await self._require(request, action=True)
         if isinstance(found, web.Response):
             return found
         body = await self._body(request)
@@ -496,7 +687,7 @@ class Dashboard:
     async def _stream(
         self, request: web.Request, feeds: Callable[[ReleaseClient], list[AsyncIterator[bytes]]]
     ) -> web.StreamResponse:
-        found = self._require(request)
+        found = await self._require(request)
         if isinstance(found, web.Response):
             return found
         try:
@@ -520,13 +711,30 @@ class Dashboard:
                 log.exception("dashboard: an event feed failed")
                 await queue.put(_sse("problem", {"error": f"this feed stopped: {exc}; reload the page"}))
 
+        async def recheck() -> None:
+            """Ends the stream once its session is logged out (on any replica) or its token
+            revoked; an etcd that cannot answer ends nothing."""
+            while True:
+                await asyncio.sleep(self.stream_recheck_seconds)
+                try:
+                    if await self._current(request) is not None:
+                        continue
+                except Unavailable:
+                    continue
+                await queue.put(_sse("problem", {"error": "this session has ended: log in again"}))
+                await queue.put(_END)
+                return
+
         pumps = [asyncio.create_task(pump(f)) for f in feeds(client)]
+        pumps.append(asyncio.create_task(recheck()))
         try:
             while True:
                 try:
                     chunk = await asyncio.wait_for(queue.get(), _HEARTBEAT_SECONDS)
                 except TimeoutError:
                     chunk = b": keep-alive\n\n"
+                if chunk == _END:
+                    break
                 await response.write(chunk)
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the browser left, or the server stops: either way this stream is over

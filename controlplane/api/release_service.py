@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
+import hmac
 import inspect
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -87,6 +90,7 @@ DEFAULT_RECHECK_SECONDS = 5.0  # a stream whose token is revoked ends within thi
 _CACHE_SECONDS = 1.0  # a revoked token stops working on every replica within this
 _CACHE_ENTRIES = 4096
 _DENIED_LOG_SECONDS = 1.0
+_DELEGATED_PREFIX = "gld_"
 
 
 def status_for(exc: GraylaneError) -> grpc.StatusCode:
@@ -111,7 +115,8 @@ class Authenticator:
 
     Credentials, in order: a bearer token of `--agent-tokens` (an agent of that cluster), a
     bearer `glt_` token (its record read from etcd, kept `_CACHE_SECONDS`), a verified client
-    certificate whose CN or SAN a record names. `enabled` False: the server runs open, every
+    certificate whose CN or SAN a record names; and the dashboard's `delegated` credential
+    for a token by id (signed with a key of this process only). `enabled` False: the server runs open, every
     caller may do anything (agents are still checked against `agent_tokens` when given).
     """
 
@@ -131,6 +136,9 @@ class Authenticator:
         self._clock = clock
         self._records: dict[str, tuple[float, auth.TokenRecord | None]] = {}
         self._subjects: tuple[float, list[auth.TokenRecord]] | None = None
+        # Signs the credentials this process's dashboard calls its own API with on a
+        # session's behalf (`delegated`): made here, never stored or sent off the host.
+        self._delegation_key = secrets.token_bytes(32)
 
     @property
     def checks_agents(self) -> bool:
@@ -163,6 +171,21 @@ class Authenticator:
             self._subjects = (now, [r for r in await self._store.list_tokens() if r.subject])
         return self._subjects[1]
 
+    def delegated(self, token_id: str) -> str:
+        """A bearer credential for the token `token_id`, valid in this process only: the
+        dashboard's sessions hold a token's id, not its secret, and call this replica's API
+        with it. Each call re-reads the token's record, so a revoked token's is refused."""
+        mac = hmac.new(self._delegation_key, token_id.encode(), hashlib.sha256).hexdigest()
+        return f"{_DELEGATED_PREFIX}{token_id}_{mac}"
+
+    async def identity_of(self, token_id: str) -> auth.Identity | None:
+        """The identity of the bearer token `token_id` while its record exists (through the
+        same one-second cache as every call); None when it is gone. Raises `Unavailable`."""
+        if not self.enabled:
+            return None
+        record = await self._record(token_id)
+        return record.identity() if record is not None and record.secret_hash else None
+
     async def identify(
         self, metadata: Mapping[str, str], auth_context: Mapping[str, Iterable[bytes]]
     ) -> auth.Identity | None:
@@ -178,6 +201,11 @@ class Authenticator:
                 # for another (`x-graylane-cluster`), it is no credential at all.
                 named = metadata.get(CLUSTER_METADATA, "")
                 return agent[1] if not named or named == agent[0] else None
+            if token.startswith(_DELEGATED_PREFIX):
+                token_id = token.removeprefix(_DELEGATED_PREFIX).partition("_")[0]
+                if not hmac.compare_digest(self.delegated(token_id).encode(), token.encode()):
+                    return None
+                return await self.identity_of(token_id)
             parts = auth.split_token(token) if self.enabled else None
             if parts is not None:
                 record = await self._record(parts[0])
@@ -272,6 +300,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> _Held | None:
         """Identify and authorize the call (aborting it when refused). For a stream, returns
         what it holds: its slot, and the check that ends it if its credential is revoked."""
+        if auth.bearer(metadata).startswith(_DELEGATED_PREFIX) and not context.peer().startswith("unix:"):
+            # The dashboard's delegated credential is for this process's private socket only.
+            metadata = {k: v for k, v in metadata.items() if k != AUTHORIZATION_METADATA}
         try:
             identity = await self._auth.identify(metadata, context.auth_context())
         except Unavailable as exc:

@@ -9,6 +9,7 @@ kind builds on it, each with the Protocol its callers depend on:
     agents     clusters/, clusterendpoints/, knownclusters/, agentmetrics/  `AgentStore`
     replicas   replicas/, progress/, leader                                 `ReplicaStore`, `LeaderStore`
     tokens     tokens/, bootstrapped                                        `TokenStore`
+    sessions   dashboard/keys, dashboard/logouts/                          `SessionStore`
     live       the live kinds at one revision (`Snapshot`, `LiveState`)     `LiveSource`
 
 Keys are below the prefix (default `/graylane/v1/`), values in proto JSON or JSON so
@@ -23,6 +24,7 @@ from graylane.controlplane.store.inventory import InventoryStore
 from graylane.controlplane.store.live import LiveSource, LiveState, Snapshot
 from graylane.controlplane.store.releases import ReleaseStore, Tombstone
 from graylane.controlplane.store.replicas import LeaderStore, ReplicaFleet, ReplicaProgress, ReplicaStore
+from graylane.controlplane.store.sessions import SessionStore
 from graylane.controlplane.store.tokens import TokenStore
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "ReplicaFleet",
     "ReplicaProgress",
     "ReplicaStore",
+    "SessionStore",
     "Snapshot",
     "TokenStore",
     "Tombstone",

@@ -1,11 +1,11 @@
 """EtcdStore: every record kind of the store over one connection, for the composition root.
 
 Owns the assembly only: `EtcdStore` joins the record classes (`ReleaseRecords`,
-`Inventory`, `AgentRecords`, `ReplicaRecords`, `TokenRecords`, `LiveReads`), each an
+`Inventory`, `AgentRecords`, `ReplicaRecords`, `TokenRecords`, `SessionRecords`, `LiveReads`), each an
 `EtcdClient` over the same channels, and `connect` opens one and checks the server. The
 records, their keys and guards live in the modules named after them; code that uses one
 kind depends on that kind's Protocol (`ReleaseStore`, `InventoryStore`, `AgentStore`,
-`ReplicaStore`, `LeaderStore`, `TokenStore`, `LiveSource`), not on `EtcdStore`.
+`ReplicaStore`, `LeaderStore`, `TokenStore`, `SessionStore`, `LiveSource`), not on `EtcdStore`.
 
 Must not import: graylane.xds.
 """
@@ -22,10 +22,11 @@ from graylane.controlplane.store.inventory import Inventory
 from graylane.controlplane.store.live import LiveReads
 from graylane.controlplane.store.releases import ReleaseRecords
 from graylane.controlplane.store.replicas import ReplicaRecords
+from graylane.controlplane.store.sessions import SessionRecords
 from graylane.controlplane.store.tokens import TokenRecords
 
 
-class EtcdStore(ReleaseRecords, Inventory, AgentRecords, ReplicaRecords, TokenRecords, LiveReads):
+class EtcdStore(ReleaseRecords, Inventory, AgentRecords, ReplicaRecords, TokenRecords, SessionRecords, LiveReads):
     """The whole store: every record kind on one connection (one instance, one pair of
     channels, one thread pool). Built by `connect` (with the blocking path) or directly
     on a grpc.aio channel (without it)."""
