@@ -7,7 +7,7 @@ kind builds on it, each with the Protocol its callers depend on:
     releases   releases/, events/, lanes/, tombstones/, tombstoneevents/   `ReleaseStore`
     inventory  services/, versions/                                         `InventoryStore`
     agents     clusters/, clusterendpoints/, knownclusters/, agentmetrics/  `AgentStore`
-    replicas   replicas/, progress/, leader                                 `ReplicaStore`, `LeaderStore`
+    replicas   replicas/, progress/, traffic/, leader            `ReplicaStore`, `TrafficStore`, `LeaderStore`
     tokens     tokens/, bootstrapped                                        `TokenStore`
     live       the live kinds at one revision (`Snapshot`, `LiveState`)     `LiveSource`
 
@@ -22,7 +22,14 @@ from graylane.controlplane.store.agents import AgentStore
 from graylane.controlplane.store.inventory import InventoryStore
 from graylane.controlplane.store.live import LiveSource, LiveState, Snapshot
 from graylane.controlplane.store.releases import ReleaseStore, Tombstone
-from graylane.controlplane.store.replicas import LeaderStore, ReplicaFleet, ReplicaProgress, ReplicaStore
+from graylane.controlplane.store.replicas import (
+    LeaderStore,
+    ReplicaFleet,
+    ReplicaProgress,
+    ReplicaStore,
+    ReplicaTraffic,
+    TrafficStore,
+)
 from graylane.controlplane.store.tokens import TokenStore
 
 __all__ = [
@@ -39,8 +46,10 @@ __all__ = [
     "ReplicaFleet",
     "ReplicaProgress",
     "ReplicaStore",
+    "ReplicaTraffic",
     "Snapshot",
     "TokenStore",
+    "TrafficStore",
     "Tombstone",
     "connect",
 ]
