@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.reconcile.traffic import admin_addresses
-from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore, ReplicaTraffic
+from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore, ReplicaTraffic, TrafficCounts
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,11 @@ class ReplicaRegistry:
             self._progress = (dict(progress), fleet)
             self._progress_changed.set()
 
-    def set_traffic(self, traffic: ReplicaTraffic) -> None:
-        """This replica's proxies' counters (written by `run()`; the caller hands them over
-        only when they changed, at most every few seconds, which bounds the writes)."""
-        self._traffic = traffic
+    def set_traffic(self, counts: TrafficCounts, nodes: frozenset[str], at: float) -> None:
+        """This replica's proxies' summed counters, the node ids they come from and when they
+        were read (written by `run()`; the caller hands them over only when they changed, at
+        most every few seconds, which bounds the writes)."""
+        self._traffic = ReplicaTraffic(counts=counts, nodes=nodes, at=at)
         self._progress_changed.set()
 
     async def _leave(self, lease: int) -> None:

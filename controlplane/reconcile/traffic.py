@@ -31,12 +31,15 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from graylane.agent.stats import ADMIN_METADATA, EnvoyStatsScraper, TrafficCounters, TrafficKey, merge
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import GraylaneError
-from graylane.controlplane.store import ReplicaTraffic, TrafficStore
 from graylane.xds.tracker import ProxyTracker
+
+if TYPE_CHECKING:  # the agent imports `admin_addresses` from here and must not load the etcd client
+    from graylane.controlplane.store import ReplicaTraffic, TrafficStore
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,8 @@ def merge_replicas(
 
 class TrafficReader:
     """Reads this replica's proxies now and, with a `store`, adds the other replicas' records;
-    `publish()` (a background loop) hands this replica's record to `publish_to`."""
+    `publish()` (a background loop) hands this replica's counters, the node ids they come
+    from and the wall time they were read to `publish_to`."""
 
     def __init__(
         self,
@@ -163,7 +167,7 @@ class TrafficReader:
         *,
         store: TrafficStore | None = None,
         identity: str = "",
-        publish_to: Callable[[ReplicaTraffic], None] | None = None,
+        publish_to: Callable[[Mapping[TrafficKey, tuple[int, ...]], frozenset[str], float], None] | None = None,
         followed: Callable[[str], model.Release | None] = lambda name: None,
         publish_seconds: float = PUBLISH_SECONDS,
     ) -> None:
@@ -222,7 +226,7 @@ class TrafficReader:
                 }
                 nodes = frozenset(own)
                 if last != (counts, nodes):
-                    self._publish_to(ReplicaTraffic(counts=counts, nodes=nodes, at=time.time()))
+                    self._publish_to(counts, nodes, time.time())
                     last = (counts, nodes)
             except Exception:  # a proxy's odd answer must not stop the publishing
                 log.exception("cannot read this replica's proxies for the traffic record; retrying")

@@ -28,6 +28,7 @@ from graylane.controlplane.store.replicas import (
     ReplicaProgress,
     ReplicaStore,
     ReplicaTraffic,
+    TrafficCounts,
     TrafficStore,
 )
 from graylane.controlplane.store.tokens import TokenStore
@@ -49,6 +50,7 @@ __all__ = [
     "ReplicaTraffic",
     "Snapshot",
     "TokenStore",
+    "TrafficCounts",
     "TrafficStore",
     "Tombstone",
     "connect",
