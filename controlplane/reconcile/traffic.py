@@ -17,8 +17,10 @@ reach it answers this replica's numbers and says the others' are unknown.
 Write rate: a record is written only when the counters or the node set changed, and at
 most once per `PUBLISH_SECONDS` (2 s) per replica, whatever the number of releases: with
 R replicas, at most R/2 writes per second. Its size grows with the (service, version, lane)
-series that carried traffic, not with proxies: at 1,000 releases of 3 services each about
-5,000 series of about 40 bytes, ~200 KB per write, under etcd's 1.5 MiB request limit.
+series that carried traffic (and by a node id per proxy): 1,000 releases of 3 services of
+their own, every lane and base series busy, 100 proxies: 6,000 series, 316 KB per write
+(at most ~160 KB/s per replica into etcd and to every watcher), under etcd's 1.5 MiB
+request limit.
 """
 
 from __future__ import annotations
