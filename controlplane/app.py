@@ -35,6 +35,7 @@ from graylane.controlplane.api.release_service import (
     token_record,
 )
 from graylane.controlplane.api.tls import ServerTls, add_port
+from graylane.controlplane.domain import model
 from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import GraylaneError, Unavailable
@@ -312,9 +313,21 @@ class ControlPlane:
                 stack.push_async_callback(self.dashboard.close)
             stack.push_async_callback(self.telemetry.flush)
             scraper = await stack.enter_async_context(EnvoyStatsScraper(admin_allow=self._admin_allow))
-            await self._run(
-                TrafficReader(self.tracker, scraper) if self._xds_listen is not None else None, local_api=local_api
-            )
+            traffic = None
+            if self._xds_listen is not None:
+                traffic = TrafficReader(
+                    self.tracker,
+                    scraper,
+                    store=self.store,
+                    identity=self.election.identity,
+                    publish_to=self.replicas.set_traffic,
+                    followed=self._followed_release,
+                )
+            await self._run(traffic, local_api=local_api)
+
+    def _followed_release(self, name: str) -> model.Release | None:
+        snap = self.dataplane.snapshot
+        return snap.by_name.get(name) if snap is not None else None
 
     async def _run(self, traffic: TrafficReader | None, *, local_api: str | None = None) -> None:
         server, health_servicer = self._api_server(traffic)
@@ -343,6 +356,8 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._start_background(tasks)
+                if traffic is not None:
+                    tasks.create_task(_supervised("traffic record", traffic.publish))
                 tasks.create_task(self._watch_store(health_servicer))
                 self.ready.set()
                 await asyncio.Event().wait()  # until cancelled

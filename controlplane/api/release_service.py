@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 from graylane.controlplane.api import auth
 from graylane.controlplane.api.closing import Continuation, until_set
 from graylane.controlplane.defaults import ACTOR_METADATA
@@ -875,11 +875,28 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     async def GetTraffic(
         self, request: api_pb.GetTrafficRequest, context: grpc.aio.ServicerContext
     ) -> api_pb.GetTrafficResponse:
-        release = await self._scoped_release(request.name)
         if self._traffic is None:
+            await self._scoped_release(request.name)
             raise FailedPrecondition("this replica serves no proxies, so it has no traffic to count")
+        try:
+            release = await self._scoped_release(request.name)
+        except Unavailable:
+            # etcd out of reach: the release as this replica follows it, so its own proxies'
+            # numbers still answer (the report says the other replicas' are unknown).
+            followed = self._traffic.followed(request.name)
+            if followed is None:
+                raise
+            _check_scope(request.name, _services_of(followed))
+            release = followed
         report = await self._traffic.read(release)
+        oldest = None
+        if report.oldest_seconds is not None:
+            oldest = duration_pb2.Duration()
+            oldest.FromMilliseconds(round(report.oldest_seconds * 1000))
         return api_pb.GetTrafficResponse(
+            replicas=report.replicas,
+            oldest=oldest,
+            note=report.note,
             counts=[
                 api_pb.TrafficCount(
                     service=service,

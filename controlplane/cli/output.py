@@ -218,9 +218,15 @@ def render_traffic(response: release_service_pb2.GetTrafficResponse) -> str:
         for c in response.counts
     ]
     table = render_table(("SERVICE", "VERSION", "LANE", "REQUESTS", "2XX", "4XX", "5XX", "FAILED"), rows)
-    footer = f"\n{response.proxies} proxies read"
+    footer = f"\n{response.proxies} proxies counted"
+    if response.replicas:
+        footer += f" on {response.replicas} replica{'s' if response.replicas != 1 else ''}"
+    if response.HasField("oldest"):
+        footer += f"; other replicas as published, the oldest {response.oldest.ToMilliseconds() / 1000:.1f}s ago"
     if response.unreachable:
         footer += "; unreachable: " + ", ".join(response.unreachable)
+    if response.note:
+        footer += f"\nnote: {response.note}"
     return table + footer
 
 

@@ -6,9 +6,11 @@ proxy's statistics wherever the proxy is connected, and `progress/<identity>` (p
 release: how many of the proxies this replica serves, its own and its agents', carry the
 release's lane; and which proxies those are, as a count per agent cluster and the node ids
 of its own streams), so the leader counts convergence over every replica and recognises a
-gone replica's proxies where they reconnect. A replica that dies takes its entries with it;
-one that stops on purpose replaces its progress with a short-lived "left" record (its
-proxies are reconnecting elsewhere) in the step that revokes its lease. Written when they
+gone replica's proxies where they reconnect; and `traffic/<identity>` (its own proxies'
+request counters, handed over by `TrafficReader.publish`), so GetTraffic on any replica
+sums them. A replica that dies takes its entries with it; one that stops on purpose
+replaces its progress with a short-lived "left" record (its proxies are reconnecting
+elsewhere) in the step that revokes its lease. Written when they
 change; the lease is refreshed every `refresh_seconds`.
 
 Concurrency: one asyncio loop; `run()` is cancellable and survives every etcd failure: a
@@ -24,7 +26,7 @@ from collections.abc import Mapping
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.reconcile.traffic import admin_addresses
-from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore
+from graylane.controlplane.store import ReplicaFleet, ReplicaProgress, ReplicaStore, ReplicaTraffic, TrafficCounts
 from graylane.xds.tracker import ProxyTracker
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class ReplicaRegistry:
         self._refresh = refresh_seconds
         self._progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] = ({}, ReplicaFleet())
         self._progress_changed = asyncio.Event()
+        self._traffic: ReplicaTraffic | None = None
         self._lease = 0  # the lease last granted (revoked on a clean stop)
 
     def set_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet | None = None) -> None:
@@ -66,6 +69,13 @@ class ReplicaRegistry:
         if (progress, fleet) != self._progress:
             self._progress = (dict(progress), fleet)
             self._progress_changed.set()
+
+    def set_traffic(self, counts: TrafficCounts, nodes: frozenset[str], at: float) -> None:
+        """This replica's proxies' summed counters, the node ids they come from and when they
+        were read (written by `run()`; the caller hands them over only when they changed, at
+        most every few seconds, which bounds the writes)."""
+        self._traffic = ReplicaTraffic(counts=counts, nodes=nodes, at=at)
+        self._progress_changed.set()
 
     async def _leave(self, lease: int) -> None:
         """Stopping on purpose: say so (what it counted, marked `left`, under a lease of its
@@ -92,6 +102,7 @@ class ReplicaRegistry:
         seen = -1
         written: Mapping[str, str] | None = None
         written_progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] | None = None
+        written_traffic: ReplicaTraffic | None = None
         refreshed = 0.0
         proxies_written_at = -_PROXIES_MIN_INTERVAL
         loop = asyncio.get_running_loop()
@@ -101,7 +112,7 @@ class ReplicaRegistry:
                 if not lease or loop.time() - refreshed >= self._refresh:
                     if not lease or await self._store.keep_alive(lease) == 0:
                         lease = self._lease = await self._store.grant_lease(self._ttl)
-                        written = written_progress = None
+                        written = written_progress = written_traffic = None
                     refreshed = loop.time()
                 # The same mapping while no stream opened or ended (ACKs wake this loop too).
                 wait = proxies_written_at + _PROXIES_MIN_INTERVAL - loop.time()
@@ -118,18 +129,22 @@ class ReplicaRegistry:
                 if progress != written_progress:
                     await self._store.put_replica_progress(self.identity, progress[0], lease, fleet=progress[1])
                     written_progress = progress
+                traffic = self._traffic
+                if traffic is not None and traffic is not written_traffic:
+                    await self._store.put_replica_traffic(self.identity, traffic, lease)
+                    written_traffic = traffic
             except LeaseLost as exc:
                 # Expired while this process stalled: the next pass grants a new lease and
                 # writes the keys again.
                 log.warning("this replica's lease is gone (%s); registering again", exc)
-                lease, written, written_progress = 0, None, None
+                lease, written, written_progress, written_traffic = 0, None, None, None
                 pause = min(self._refresh, _LEASE_LOST_PAUSE_SECONDS)
             except GraylaneError as exc:
                 log.warning("cannot publish this replica's proxies: %s", exc)
-                lease, written, written_progress = 0, None, None
+                lease, written, written_progress, written_traffic = 0, None, None, None
             except Exception:
                 log.exception("cannot publish this replica's proxies; retrying")
-                lease, written, written_progress = 0, None, None
+                lease, written, written_progress, written_traffic = 0, None, None, None
             waiter = asyncio.ensure_future(self._tracker.wait_for_change(seen))
             progressed = asyncio.ensure_future(self._progress_changed.wait())
             try:

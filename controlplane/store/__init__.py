@@ -7,7 +7,7 @@ kind builds on it, each with the Protocol its callers depend on:
     releases   releases/, events/, lanes/, tombstones/, tombstoneevents/   `ReleaseStore`
     inventory  services/, versions/                                         `InventoryStore`
     agents     clusters/, clusterendpoints/, knownclusters/, agentmetrics/  `AgentStore`
-    replicas   replicas/, progress/, leader                                 `ReplicaStore`, `LeaderStore`
+    replicas   replicas/, progress/, traffic/, leader            `ReplicaStore`, `TrafficStore`, `LeaderStore`
     tokens     tokens/, bootstrapped                                        `TokenStore`
     sessions   dashboard/keys, dashboard/logouts/                          `SessionStore`
     live       the live kinds at one revision (`Snapshot`, `LiveState`)     `LiveSource`
@@ -23,7 +23,15 @@ from graylane.controlplane.store.agents import AgentStore
 from graylane.controlplane.store.inventory import InventoryStore
 from graylane.controlplane.store.live import LiveSource, LiveState, Snapshot
 from graylane.controlplane.store.releases import ReleaseStore, Tombstone
-from graylane.controlplane.store.replicas import LeaderStore, ReplicaFleet, ReplicaProgress, ReplicaStore
+from graylane.controlplane.store.replicas import (
+    LeaderStore,
+    ReplicaFleet,
+    ReplicaProgress,
+    ReplicaStore,
+    ReplicaTraffic,
+    TrafficCounts,
+    TrafficStore,
+)
 from graylane.controlplane.store.sessions import SessionStore
 from graylane.controlplane.store.tokens import TokenStore
 
@@ -42,8 +50,11 @@ __all__ = [
     "ReplicaProgress",
     "ReplicaStore",
     "SessionStore",
+    "ReplicaTraffic",
     "Snapshot",
     "TokenStore",
+    "TrafficCounts",
+    "TrafficStore",
     "Tombstone",
     "connect",
 ]

@@ -4,6 +4,9 @@ Keys (below the prefix):
     replicas/<identity>                  {node id: admin address} of the proxies on that replica, under its lease
     progress/<identity>                  {release: [lane fingerprint, proxies, converged(, scoped out)]} as that replica
                                          counts its own proxies and its agents', under its lease
+    traffic/<identity>                   {"at": unix time, "nodes": [node id], "counts": {"service|version|lane":
+                                         [requests, 2xx, 4xx, 5xx, failures]}}: the summed counters of the
+                                         proxies on that replica (nonzero ones), under its lease
     leader                               identity of the replica that advances releases, under its lease
 
 Must not import: graylane.xds.
@@ -44,6 +47,22 @@ class ReplicaFleet:
     left: bool = False
 
 
+TrafficCounts = Mapping[tuple[str, str, str], tuple[int, ...]]  # (service, version, lane) -> counters
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaTraffic:
+    """One replica's proxies' request counters summed, and which proxies (node ids) they are,
+    so a reader can tell a proxy counted in two records (it moved between replicas).
+    `at`: the writer's wall clock when it read them (for the age shown to users only);
+    `revision`: the etcd revision of the record (set when read), which orders records."""
+
+    counts: TrafficCounts
+    nodes: frozenset[str]
+    at: float
+    revision: int = 0
+
+
 class ReplicaStore(LeaseHolder, Protocol):
     """What a replica publishes of itself, under its lease."""
 
@@ -52,6 +71,14 @@ class ReplicaStore(LeaseHolder, Protocol):
     async def put_replica_progress(
         self, identity: str, progress: Mapping[str, ReplicaProgress], lease: int, *, fleet: ReplicaFleet | None = None
     ) -> None: ...
+
+    async def put_replica_traffic(self, identity: str, traffic: ReplicaTraffic, lease: int) -> None: ...
+
+
+class TrafficStore(Protocol):
+    """What GetTraffic reads of the other replicas."""
+
+    async def replica_traffic(self) -> dict[str, ReplicaTraffic]: ...
 
 
 class LeaderStore(LeaseHolder, Protocol):
@@ -88,6 +115,37 @@ class ReplicaRecords(EtcdClient):
             }
         )
         await self._txn([], [self._put(self._key("progress", identity), value.encode(), lease=lease)])
+
+    async def put_replica_traffic(self, identity: str, traffic: ReplicaTraffic, lease: int) -> None:
+        """One replica's proxies' summed counters (see `ReplicaTraffic`), under its lease."""
+        value = json.dumps(
+            {
+                "at": round(traffic.at, 3),
+                "nodes": sorted(traffic.nodes),
+                "counts": {"|".join(key): list(c) for key, c in sorted(traffic.counts.items())},
+            },
+            separators=(",", ":"),
+        )
+        await self._txn([], [self._put(self._key("traffic", identity), value.encode(), lease=lease)])
+
+    async def replica_traffic(self) -> dict[str, ReplicaTraffic]:
+        """Every live replica's published traffic record, by identity (unreadable ones skipped)."""
+        prefix = self._key("traffic") + b"/"
+        found: dict[str, ReplicaTraffic] = {}
+        for kv in (await self._range(prefix)).kvs:
+            identity = kv.key[len(prefix) :].decode()
+            try:
+                doc = json.loads(kv.value)
+                counts: dict[tuple[str, str, str], tuple[int, ...]] = {}
+                for name, values in doc["counts"].items():
+                    service, version, lane = name.split("|")
+                    counts[(service, version, lane)] = tuple(int(v) for v in values)
+                found[identity] = ReplicaTraffic(
+                    counts=counts, nodes=frozenset(doc["nodes"]), at=float(doc["at"]), revision=kv.mod_revision
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # written by another version of the record: not counted
+        return found
 
     # ----------------------------------------------------------------- leader
 

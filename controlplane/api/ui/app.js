@@ -250,7 +250,7 @@ function releasePage(name) {
       if (t.unavailable !== undefined) { totals.replaceChildren(h("p", { class: "muted" }, t.unavailable)); return; }
       totals.replaceChildren(h("table", {}, h("thead", {}, h("tr", {}, ["Service", "Version", "Lane", "Requests", "2xx", "4xx", "5xx", "No response"].map((x) => h("th", {}, x)))),
         h("tbody", {}, t.counts.map((c) => h("tr", {}, [c.service, c.version, c.lane || "–", c.requests, c.responses_2xx, c.responses_4xx, c.responses_5xx, c.failures].map((x) => h("td", {}, x)))))),
-        h("p", { class: "muted" }, `${t.proxies} proxies read${t.unreachable.length ? `; unreachable: ${t.unreachable.join(", ")}` : ""}`));
+        h("p", { class: "muted" }, `${t.proxies} proxies counted on ${t.replicas} replica(s)${t.oldest ? `; other replicas as published, the oldest ${t.oldest} ago` : ""}${t.unreachable.length ? `; unreachable: ${t.unreachable.join(", ")}` : ""}${t.note ? `. Note: ${t.note}` : ""}`));
     },
   }, (p) => { problem.textContent = p.error; });
   return () => { stop(); charts.destroy(); window.removeEventListener("resize", onResize); };

@@ -210,14 +210,20 @@ class TrafficCount(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., lane: _Optional[str] = ..., requests: _Optional[int] = ..., responses_2xx: _Optional[int] = ..., responses_4xx: _Optional[int] = ..., responses_5xx: _Optional[int] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class GetTrafficResponse(_message.Message):
-    __slots__ = ("counts", "proxies", "unreachable")
+    __slots__ = ("counts", "proxies", "unreachable", "replicas", "oldest", "note")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     PROXIES_FIELD_NUMBER: _ClassVar[int]
     UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     counts: _containers.RepeatedCompositeFieldContainer[TrafficCount]
     proxies: int
     unreachable: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, counts: _Optional[_Iterable[_Union[TrafficCount, _Mapping]]] = ..., proxies: _Optional[int] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas: int
+    oldest: _duration_pb2.Duration
+    note: str
+    def __init__(self, counts: _Optional[_Iterable[_Union[TrafficCount, _Mapping]]] = ..., proxies: _Optional[int] = ..., unreachable: _Optional[_Iterable[str]] = ..., replicas: _Optional[int] = ..., oldest: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GetMetricsRequest(_message.Message):
     __slots__ = ("name", "window", "every")

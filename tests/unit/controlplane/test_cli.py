@@ -628,3 +628,19 @@ def test_certs_writes_a_local_set(tmp_path: Path, capsys: pytest.CaptureFixture[
     for name in ("ca.pem", "server.pem", "envoy-east.pem", "agent-east.pem", "user-ci.pem"):
         assert (tmp_path / name).exists() and name in out
     assert commands.main(["certs", "--out", str(tmp_path), "--cluster", "a/b"]) == base.EXIT_USAGE
+
+
+def test_traffic_footer_names_the_replicas_the_oldest_part_and_what_is_left_out() -> None:
+    counts = [api.TrafficCount(service="checkout", version="v1", requests=7, responses_2xx=7)]
+    summed = api.GetTrafficResponse(counts=counts, proxies=3, replicas=2)
+    summed.oldest.FromMilliseconds(1400)
+    assert output.render_traffic(summed).splitlines()[-1] == (
+        "3 proxies counted on 2 replicas; other replicas as published, the oldest 1.4s ago"
+    )
+    alone = api.GetTrafficResponse(
+        counts=counts, proxies=1, replicas=1, note="other replicas' numbers unknown (etcd: down)"
+    )
+    assert output.render_traffic(alone).splitlines()[-2:] == [
+        "1 proxies counted on 1 replica",
+        "note: other replicas' numbers unknown (etcd: down)",
+    ]

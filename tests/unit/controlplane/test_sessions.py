@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 from graylane.controlplane.api import sessions
-from graylane.controlplane.api.sessions import KeyRing, LoginLimiter, client_key, new_claims, new_key, sign, verify
+from graylane.controlplane.api.sessions import (
+    KeyRing,
+    LoginLimiter,
+    client_key,
+    new_claims,
+    new_key,
+    sign,
+    verify,
+)
 
 DAY = 86400.0
 
