@@ -326,7 +326,8 @@ async def bench_reached(
 
     out: dict[str, list[float]] = {"reached": [], "watched": [], "acked": [], "lag": [], "passes": []}
     dp = plane.dataplane
-    original = dp.reconcile
+    passes = dp._convergence  # the convergence pass: counting, and the status write
+    original = passes.reconcile
     tracker = plane.tracker
     original_acked = tracker.acked
     acks: list[tuple[float, str, str]] = []  # (instant, stream, ROUTE version)
@@ -341,7 +342,7 @@ async def bench_reached(
             acks.append((time.perf_counter(), stream, ack.version))
         original_acked(stream, type_url, ack)
 
-    dp.reconcile = timed  # type: ignore[method-assign]
+    passes.reconcile = timed  # type: ignore[method-assign]
     tracker.acked = noting  # type: ignore[method-assign]
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -373,7 +374,7 @@ async def bench_reached(
                 out["reached"].append((step["poll"] - step["t0"]) * 1000)
                 out["lag"].append(probe.reset())
     finally:
-        dp.reconcile = original  # type: ignore[method-assign]
+        passes.reconcile = original  # type: ignore[method-assign]
         tracker.acked = original_acked  # type: ignore[method-assign]
     return out
 
