@@ -38,22 +38,14 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 from graylane.xds import render as _render
+from graylane.xds import resources
 from graylane.xds.render import ServiceResources, ViewIndex, effective_lane, effective_view, render_service
-from graylane.xds.resources import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    PUSH_ORDER,
-    ROUTE,
-    SCOPED_ROUTE,
-    Resources,
-    TypedResources,
-)
+from graylane.xds.resources import Resources, TypedResources
 from graylane.xds.view import DEFAULT_LISTEN_PORT, Lane, RoutingView, ServiceRoute, VersionEndpoints, api_listener_names
 
 __all__ = ["Renderer"]
 
-_SERVICE_TYPES = (CLUSTER, ENDPOINT, SCOPED_ROUTE, ROUTE)
+_SERVICE_TYPES = (resources.CLUSTER, resources.ENDPOINT, resources.SCOPED_ROUTE, resources.ROUTE)
 _PROXYLESS = -1  # where the last proxyless output is kept among the ports' outputs
 _T = TypeVar("_T")
 
@@ -115,7 +107,7 @@ class Renderer:
         self._listeners: dict[int, TypedResources] = {}
         # Proxyless clients' listeners (one pair per service), and the services they are for.
         self._api_services: frozenset[str] = frozenset()
-        self._api_listeners = TypedResources(LISTENER, {})
+        self._api_listeners = TypedResources(resources.LISTENER, {})
 
     # ------------------------------------------------------------------------ public
 
@@ -172,13 +164,13 @@ class Renderer:
         listener = self._listeners.get(port)
         if listener is None:
             message = _render._listener(self.listen_address, port, scoped=True)
-            listener = self._listeners[port] = TypedResources(LISTENER, {message.name: message})
+            listener = self._listeners[port] = TypedResources(resources.LISTENER, {message.name: message})
         return self._derive(port, listener, state)
 
     def _derive(self, port: int, listener: TypedResources, state: _State) -> Resources:
-        by_type = {t: listener if t == LISTENER else state.typed[t] for t in PUSH_ORDER}
+        by_type = {t: listener if t == resources.LISTENER else state.typed[t] for t in resources.PUSH_ORDER}
         last = self._last.get(port)
-        if last is not None and all(last.by_type[t] is by_type[t] for t in PUSH_ORDER):
+        if last is not None and all(last.by_type[t] is by_type[t] for t in resources.PUSH_ORDER):
             return last
         out = last.derived(by_type) if last is not None else Resources(MappingProxyType(by_type))
         self._last[port] = out
@@ -417,17 +409,17 @@ class Renderer:
 
 
 def _add(items: dict[str, dict[str, Message]], out: ServiceResources) -> None:
-    items[CLUSTER].update(out.clusters)
-    items[ENDPOINT].update(out.assignments)
-    items[SCOPED_ROUTE][out.scope.name] = out.scope
-    items[ROUTE][out.route_config.name] = out.route_config
+    items[resources.CLUSTER].update(out.clusters)
+    items[resources.ENDPOINT].update(out.assignments)
+    items[resources.SCOPED_ROUTE][out.scope.name] = out.scope
+    items[resources.ROUTE][out.route_config.name] = out.route_config
 
 
 def _remove(names: dict[str, set[str]], out: ServiceResources) -> None:
-    names[CLUSTER].update(out.clusters)
-    names[ENDPOINT].update(out.assignments)
-    names[SCOPED_ROUTE].add(out.scope.name)
-    names[ROUTE].add(out.route_config.name)
+    names[resources.CLUSTER].update(out.clusters)
+    names[resources.ENDPOINT].update(out.assignments)
+    names[resources.SCOPED_ROUTE].add(out.scope.name)
+    names[resources.ROUTE].add(out.route_config.name)
 
 
 def _link(state: _State, lane: Lane) -> None:
