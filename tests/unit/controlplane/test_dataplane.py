@@ -8,38 +8,18 @@ from dataclasses import replace
 import pytest
 from envoy.config.core.v3 import base_pb2
 from graylane.controlplane.domain import model
-from graylane.controlplane.domain.model import (
-    Batch,
-    Phase,
-    Release,
-    ReleaseSpec,
-    ReleaseStatus,
-    ServiceVersions,
-    Strategy,
-)
+from graylane.controlplane.domain.model import Release
 from graylane.controlplane.reconcile import convergence, progress, views
 from graylane.xds import tracker as tr
 from graylane.xds import view as xv
 from graylane.xds.resources import ROUTE
 from graylane.xds.tracker import Nack, ProxyTracker, TypeAck
 
-from tests.unit.controlplane.test_views import NOW
-
-
-def release(batch: int) -> Release:
-    spec = ReleaseSpec(
-        lane="lane",
-        entry="checkout",
-        services=(ServiceVersions("checkout", "v1", "v2"),),
-        strategy=Strategy.CANARY,
-        match=(),
-        batches=tuple(Batch(w, None) for w in (10, 50, 100)),
-    )
-    return Release("r", spec, ReleaseStatus(phase=Phase.PROGRESSING, batch=batch), created=NOW)
+from tests.unit.controlplane.conftest import canary_release
 
 
 def view_at(batch: int) -> xv.RoutingView:
-    lane = views.lane_of(release(batch))
+    lane = views.lane_of(canary_release(batch=batch))
     return xv.RoutingView(services=(xv.ServiceRoute("checkout", "v1"),), endpoints=(), lanes=(lane,))
 
 
@@ -130,7 +110,7 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
         if rng.random() < 0.1:
             own.refresh()
             groups = own.groups(lambda version, _part: by_version.get(version))
-            r = release(rng.randrange(3))
+            r = canary_release(batch=rng.randrange(3))
             intended = view_at(r.status.batch)
             for now in (clock[0], target_since + stale + rng.random() * 30):  # before and after proxies go stale
                 got = views.grouped_progress(
@@ -177,7 +157,7 @@ def test_a_proxy_group_keeps_its_summary_as_members_come_and_go() -> None:
 
 
 def test_status_names_do_not_depend_on_the_order_proxies_are_counted_in() -> None:
-    r = release(1)
+    r = canary_release(batch=1)
     intended = view_at(1)
     facts = [views.ProxyFacts(f"p{i:02d}", view_at(0) if i % 2 else None, since=float(i)) for i in range(30)]
     results = set()
@@ -218,19 +198,7 @@ def test_a_status_that_only_gains_converged_proxies_may_wait_reached_never() -> 
 
 
 def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
-    from datetime import UTC, datetime
-
-    spec = model.ReleaseSpec(
-        lane="l",
-        entry="checkout",
-        services=(model.ServiceVersions("checkout", "v1", "v2"),),
-        strategy=model.Strategy.CANARY,
-        match=(),
-        batches=tuple(model.Batch(w, None) for w in (10, 50, 100)),
-    )
-    status = model.ReleaseStatus(phase=model.Phase.PROGRESSING, batch=0)
-    first = model.Release("r", spec, status, created=datetime.now(UTC))
-    assert convergence._target_words(first) == "batch 1/3"
+    assert convergence._target_words(canary_release(batch=0)) == "batch 1/3"
     assert (progress.n_proxies(1), progress.n_proxies(0), progress.n_proxies(2)) == (
         "1 proxy",
         "0 proxies",
