@@ -333,32 +333,30 @@ class Dashboard:
         if not self._auth:
             if claims.token_id:
                 return None
-            return self._session_of(claims, ring, key_id, role="admin")
+            return self._session_of(claims, ring, key_id, None)
         if not claims.token_id:
             return None  # an open-mode cookie, from before --auth
         identity = await self._identity_of(claims.token_id)
         if identity is None or identity.name != claims.identity or identity.role is auth.Role.AGENT:
             return None
-        return self._session_of(
-            claims,
-            ring,
-            key_id,
-            role=identity.role.label,
-            services=tuple(sorted(identity.services)),
-            releases=tuple(sorted(identity.releases)),
-        )
+        return self._session_of(claims, ring, key_id, identity)
 
     @staticmethod
-    def _session_of(claims: SessionClaims, ring: KeyRing, key_id: str, *, role: str, **scope: Any) -> Session:
-        return Session(
+    def _session_of(claims: SessionClaims, ring: KeyRing, key_id: str, identity: auth.Identity | None) -> Session:
+        """The session of `claims` with `identity`'s role and scope (None: open mode, admin)."""
+        session = Session(
             sid=claims.sid,
             token_id=claims.token_id,
             identity=claims.identity,
-            role=role,
+            role="admin",
             csrf=csrf_of(claims, ring, key_id),
             expires=claims.expires,
-            **scope,
         )
+        if identity is not None:
+            session.role = identity.role.label
+            session.services = tuple(sorted(identity.services))
+            session.releases = tuple(sorted(identity.releases))
+        return session
 
     async def _new_session(
         self, request: web.Request, response: web.StreamResponse, *, token_id: str, identity: str
@@ -430,7 +428,7 @@ class Dashboard:
             claims, ring, key_id = await self._new_session(request, response, token_id="", identity=_OPEN_ACTOR)
         except Unavailable as exc:
             return _error(503, f"cannot check the session now: {exc}", code="UNAVAILABLE")
-        session = self._session_of(claims, ring, key_id, role="admin")
+        session = self._session_of(claims, ring, key_id, None)
         response.text = json.dumps(session.public(auth_enabled=False))
         return response
 
@@ -479,14 +477,7 @@ class Dashboard:
             claims, ring, key_id = await self._new_session(request, response, token_id=parts[0], identity=identity.name)
         except Unavailable as exc:
             return _error(503, f"cannot make a session now: {exc}", code="UNAVAILABLE")
-        session = self._session_of(
-            claims,
-            ring,
-            key_id,
-            role=identity.role.label,
-            services=tuple(sorted(identity.services)),
-            releases=tuple(sorted(identity.releases)),
-        )
+        session = self._session_of(claims, ring, key_id, identity)
         log.info("dashboard: %s logged in", identity.name)
         response.text = json.dumps(session.public(auth_enabled=True))
         return response
