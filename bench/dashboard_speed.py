@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from graylane.controlplane.api.client import ReleaseClient
-from graylane.deploy.local.stack import local_control_plane
+from graylane.deploy.local.stack import local_control_plane, register_service
 from graylane.v1 import release_pb2 as pb
 
 _CHART_SCRIPT = """
@@ -100,9 +100,7 @@ def _measure(driver: Any, url: str) -> dict[str, Any]:
 async def main() -> int:
     async with local_control_plane(prefix="graylane-dashspeed-") as local:
         async with ReleaseClient.connect(local.api_target, actor="bench") as client:
-            await client.put_service(pb.Service(name="checkout", stable_version="v1"))
-            for name in ("v1", "v2"):
-                await client.put_version(pb.Version(service="checkout", name=name))
+            await register_service(client, "checkout")
             spec = pb.ReleaseSpec(
                 lane="l",
                 entry="checkout",

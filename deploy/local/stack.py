@@ -3,6 +3,7 @@
 Owns the start-up and tear-down order shared by `graylane demo` and the benchmarks:
 etcd first, then the store, then the replica (API and xDS on free ports); stopped in
 reverse. Tests build their own from fixtures; this is for whole-product runs.
+`register_service` puts a service and its versions through any control plane's API.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import contextlib
 import pathlib
 import signal
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
+from graylane.controlplane.api.client import ReleaseClient
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.store import EtcdStore, connect
+from graylane.v1 import release_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class LocalPlane:
     @property
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.plane.http_port}/ui/"
+
+
+async def register_service(client: ReleaseClient, service: str, versions: Iterable[str] = ("v1", "v2")) -> None:
+    """`service` with stable version v1, and each of `versions` (without endpoints)."""
+    await client.put_service(pb.Service(name=service, stable_version="v1"))
+    for name in versions:
+        await client.put_version(pb.Version(service=service, name=name))
 
 
 async def keep_serving(local: LocalPlane) -> None:

@@ -26,6 +26,7 @@ from graylane.controlplane.api.sessions import KeyRing, LoginLimiter
 from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.errors import Unavailable
 from graylane.controlplane.store import EtcdStore, connect
+from graylane.deploy.local.stack import register_service
 from graylane.v1 import release_pb2 as pb
 
 from tests.integration.conftest import eventually
@@ -91,9 +92,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 async def applied(plane: ControlPlane, token: str) -> None:
     async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", token=token) as admin:
-        await admin.put_service(pb.Service(name="checkout", stable_version="v1"))
-        for name in ("v1", "v2"):
-            await admin.put_version(pb.Version(service="checkout", name=name))
+        await register_service(admin, "checkout")
         spec = pb.ReleaseSpec(
             lane="checkout-v2",
             entry="checkout",
