@@ -101,12 +101,14 @@ class ChildProcess:
     """One graylane subprocess in its own process group, its output appended to a log file.
 
     Signals go to the process group of the PID it started (its own session), so nothing
-    else on the machine is touched.
+    else on the machine is touched. Its `arguments` are fixed when it is made: a restart runs
+    the same command, on the same ports.
     """
 
-    def __init__(self, *, name: str, log_path: Path) -> None:
+    def __init__(self, *, name: str, log_path: Path, arguments: list[str]) -> None:
         self.name = name
         self.log_path = log_path
+        self._arguments = arguments
         self._process: asyncio.subprocess.Process | None = None
         self.starts = 0
 
@@ -119,7 +121,8 @@ class ChildProcess:
         return self._process is not None and self._process.returncode is None
 
     def arguments(self) -> list[str]:
-        raise NotImplementedError
+        """The `graylane` command's arguments."""
+        return list(self._arguments)
 
     async def spawn(self) -> None:
         if self.running:
@@ -204,26 +207,14 @@ class ServeProcess(ChildProcess):
         api_port: int | None = None,
         xds_port: int | None = None,
     ) -> None:
-        super().__init__(name="graylane serve", log_path=workdir / "serve.log")
-        self.etcd_endpoint = etcd_endpoint
-        self.etcd_prefix = etcd_prefix
-        self.workdir = workdir
-        self.agent_tokens_file = agent_tokens_file
-        self.agent_lease_ttl_seconds = agent_lease_ttl_seconds
         self.api_port = api_port or free_port()
         self.xds_port = xds_port or free_port()
-
-    @property
-    def target(self) -> str:
-        return f"{_LOOPBACK}:{self.api_port}"
-
-    def arguments(self) -> list[str]:
         args = [
             "serve",
             "--etcd",
-            self.etcd_endpoint,
+            etcd_endpoint,
             "--etcd-prefix",
-            self.etcd_prefix,
+            etcd_prefix,
             "--listen",
             self.target,
             "--xds-listen",
@@ -231,13 +222,17 @@ class ServeProcess(ChildProcess):
             "--http-listen",
             f"{_LOOPBACK}:0",  # not the default 7403: runs side by side must not clash
             "--data-dir",
-            str(self.workdir / "serve-state"),
+            str(workdir / "serve-state"),
             "--agent-lease-ttl",
-            str(self.agent_lease_ttl_seconds),
+            str(agent_lease_ttl_seconds),
         ]
-        if self.agent_tokens_file is not None:
-            args += ["--agent-tokens", str(self.agent_tokens_file)]
-        return args
+        if agent_tokens_file is not None:
+            args += ["--agent-tokens", str(agent_tokens_file)]
+        super().__init__(name="graylane serve", log_path=workdir / "serve.log", arguments=args)
+
+    @property
+    def target(self) -> str:
+        return f"{_LOOPBACK}:{self.api_port}"
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start and return once the API answers SERVING on its health service."""
@@ -276,40 +271,32 @@ class AgentProcess(ChildProcess):
         reconnect_max_seconds: float = 0.5,
         log_path: Path | None = None,
     ) -> None:
-        super().__init__(name=f"agent {cluster}", log_path=log_path or state_dir.parent / f"agent-{cluster}.log")
-        self.cluster = cluster
-        self.control_plane = control_plane
-        self.gateway_address = gateway_address
         self.state_dir = state_dir
-        self.endpoints_file = endpoints_file
-        self.token_file = token_file
         self.xds_port = xds_port or free_port()
         self.http_port = free_port()  # the agent's /metrics and /healthz
-        self.reconnect_max_seconds = reconnect_max_seconds
-
-    def arguments(self) -> list[str]:
         args = [
             "agent",
             "--cluster",
-            self.cluster,
+            cluster,
             "--control-plane",
-            self.control_plane,
+            control_plane,
             "--gateway-address",
-            self.gateway_address,
+            gateway_address,
             "--xds-listen",
             f"{_LOOPBACK}:{self.xds_port}",
             "--state-dir",
-            str(self.state_dir),
+            str(state_dir),
             "--reconnect-max",
-            f"{self.reconnect_max_seconds:g}",
+            f"{reconnect_max_seconds:g}",
             "--http-listen",
             f"{_LOOPBACK}:{self.http_port}",
         ]
-        if self.endpoints_file is not None:
-            args += ["--endpoints", str(self.endpoints_file)]
-        if self.token_file is not None:
-            args += ["--token-file", str(self.token_file)]
-        return args
+        if endpoints_file is not None:
+            args += ["--endpoints", str(endpoints_file)]
+        if token_file is not None:
+            args += ["--token-file", str(token_file)]
+        log_path = log_path or state_dir.parent / f"agent-{cluster}.log"
+        super().__init__(name=f"agent {cluster}", log_path=log_path, arguments=args)
 
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start and return once its xDS port accepts connections (the control plane may be away)."""
