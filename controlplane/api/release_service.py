@@ -555,6 +555,21 @@ def _tombstone_to_proto(t: Tombstone) -> api_pb.Tombstone:
     return message
 
 
+_ActionRpc = Callable[["ReleaseServicer", api_pb.ActionRequest, grpc.aio.ServicerContext], Awaitable[pb.Release]]
+
+
+def _action_rpc(action: Action) -> _ActionRpc:
+    """The handler of an ActionRequest RPC: `action` on the named release."""
+
+    @unary
+    async def handle(
+        self: ReleaseServicer, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Release:
+        return await self._act(action, request, context)
+
+    return handle
+
+
 class ApiStore(ReleaseStore, InventoryStore, TokenStore, Protocol):
     """What the API reads and writes past `Releases`: releases, their history and
     tombstones, the registry, tokens, the live state at one revision (clusters) and the
@@ -656,29 +671,13 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         )
         return model.release_to_proto(r)
 
-    @unary
-    async def NextBatch(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.NEXT, request, context)
-
-    @unary
-    async def Pause(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.PAUSE, request, context)
-
-    @unary
-    async def Resume(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.RESUME, request, context)
-
-    @unary
-    async def Rollback(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.ROLLBACK, request, context)
-
-    @unary
-    async def Promote(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.PROMOTE, request, context)
-
-    @unary
-    async def Restart(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.RESTART, request, context)
+    # The six ActionRequest RPCs differ only in the action they ask for.
+    NextBatch = _action_rpc(Action.NEXT)
+    Pause = _action_rpc(Action.PAUSE)
+    Resume = _action_rpc(Action.RESUME)
+    Rollback = _action_rpc(Action.ROLLBACK)
+    Promote = _action_rpc(Action.PROMOTE)
+    Restart = _action_rpc(Action.RESTART)
 
     @unary
     async def History(
