@@ -58,13 +58,12 @@ class AgentHealth(Collector):
     def document(self) -> dict[str, Any]:
         """The body of `/healthz`."""
         state, session = self._state, self._session
-        problems = []
-        if state.load_note:
-            problems.append(f"last-known-good view ignored at start: {state.load_note}")
-        if state.last_save_error:
-            problems.append(f"last-known-good view not saved: {state.last_save_error}")
-        if state.id_note:
-            problems.append(f"agent id replaced: {state.id_note}")
+        notes = {
+            "last-known-good view ignored at start": state.load_note,
+            "last-known-good view not saved": state.last_save_error,
+            "agent id replaced": state.id_note,
+        }
+        problems = [f"{what}: {note}" for what, note in notes.items() if note]
         since = session.disconnected_since
         away = None if since is None else round(time.monotonic() - since, 3)
         if away is not None:

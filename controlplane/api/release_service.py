@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -539,20 +540,31 @@ def _token_to_proto(r: auth.TokenRecord) -> api_pb.Token:
     )
 
 
+# Every field of a tombstone but `final` (proto JSON, parsed into `release_at_delete`).
+_TOMBSTONE_FIELDS = ("release", "generation", "deleted_at", "deleted_by", "reason", "events", "phase")
+
+
 def _tombstone_to_proto(t: Tombstone) -> api_pb.Tombstone:
-    message = api_pb.Tombstone(
-        release=t.release,
-        generation=t.generation,
-        deleted_at=t.deleted_at,
-        deleted_by=t.deleted_by,
-        reason=t.reason,
-        events=t.events,
-        phase=t.phase,
-    )
+    message = api_pb.Tombstone(**model.fields_of(t, _TOMBSTONE_FIELDS))
     if t.final:
         with contextlib.suppress(json_format.ParseError):
             json_format.Parse(t.final, message.release_at_delete)
     return message
+
+
+_ActionRpc = Callable[["ReleaseServicer", api_pb.ActionRequest, grpc.aio.ServicerContext], Awaitable[pb.Release]]
+
+
+def _action_rpc(action: Action) -> _ActionRpc:
+    """The handler of an ActionRequest RPC: `action` on the named release."""
+
+    @unary
+    async def handle(
+        self: ReleaseServicer, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Release:
+        return await self._act(action, request, context)
+
+    return handle
 
 
 class ApiStore(ReleaseStore, InventoryStore, TokenStore, Protocol):
@@ -656,29 +668,13 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         )
         return model.release_to_proto(r)
 
-    @unary
-    async def NextBatch(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.NEXT, request, context)
-
-    @unary
-    async def Pause(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.PAUSE, request, context)
-
-    @unary
-    async def Resume(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.RESUME, request, context)
-
-    @unary
-    async def Rollback(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.ROLLBACK, request, context)
-
-    @unary
-    async def Promote(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.PROMOTE, request, context)
-
-    @unary
-    async def Restart(self, request: api_pb.ActionRequest, context: grpc.aio.ServicerContext) -> pb.Release:
-        return await self._act(Action.RESTART, request, context)
+    # The six ActionRequest RPCs differ only in the action they ask for.
+    NextBatch = _action_rpc(Action.NEXT)
+    Pause = _action_rpc(Action.PAUSE)
+    Resume = _action_rpc(Action.RESUME)
+    Rollback = _action_rpc(Action.ROLLBACK)
+    Promote = _action_rpc(Action.PROMOTE)
+    Restart = _action_rpc(Action.RESTART)
 
     @unary
     async def History(
@@ -828,14 +824,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
     ) -> api_pb.CreateTokenResponse:
         made = auth.new_token() if not request.subject else None
         record = token_record(
-            name=request.name,
-            role=request.role,
-            services=request.services,
-            releases=request.releases,
-            cluster=request.cluster,
-            subject=request.subject,
-            made=made,
-            created_by=_cause(request, context).actor,
+            **model.fields_of(request, _TOKEN_REQUEST_FIELDS), made=made, created_by=_cause(request, context).actor
         )
         await self._store.create_token(record)
         if self._authenticator is not None:
@@ -898,16 +887,7 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
             oldest=oldest,
             note=report.note,
             counts=[
-                api_pb.TrafficCount(
-                    service=service,
-                    version=version,
-                    lane=lane,
-                    requests=c.requests,
-                    responses_2xx=c.responses_2xx,
-                    responses_4xx=c.responses_4xx,
-                    responses_5xx=c.responses_5xx,
-                    failures=c.failures,
-                )
+                api_pb.TrafficCount(service=service, version=version, lane=lane, **dataclasses.asdict(c))
                 for (service, version, lane), c in sorted(
                     report.counts.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])
                 )
@@ -954,6 +934,10 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
 
 def _services_of(release: model.Release) -> list[str]:
     return [s.service for s in release.spec.services]
+
+
+# The fields of a CreateTokenRequest, each a keyword of `token_record`.
+_TOKEN_REQUEST_FIELDS = ("name", "role", "services", "releases", "cluster", "subject")
 
 
 def token_record(

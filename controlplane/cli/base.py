@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final, TypeAlias, TypeVar
+from typing import Concatenate, Final, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -266,19 +266,20 @@ def add_read_command(
     subparsers: Subparsers,
     name: str,
     help: str,
-    read: Callable[[ReleaseClient, argparse.Namespace], Awaitable[_Read]],
+    read: Callable[Concatenate[ReleaseClient, ...], Awaitable[_Read]],
     table: Callable[[_Read], str],
     *arguments: str,
 ) -> argparse.ArgumentParser:
     """`graylane NAME [ARG...] [-o FORMAT]`: prints what one read of the API returns, as
-    `table` or JSON/YAML. Each of `arguments` is a positional (its metavar upper-cased)."""
+    `table` or JSON/YAML. Each of `arguments` is a positional (its metavar upper-cased),
+    passed in order to `read`, a method of `ReleaseClient` such as `ReleaseClient.history`."""
     parser = client_parser(subparsers, name, help)
     for argument in arguments:
         parser.add_argument(argument, metavar=argument.upper())
     add_output_flag(parser)
 
     async def run(client: ReleaseClient, args: argparse.Namespace) -> int:
-        emit(args, await read(client, args), table)
+        emit(args, await read(client, *(getattr(args, argument) for argument in arguments)), table)
         return EXIT_OK
 
     parser.set_defaults(handler=client_command(run))

@@ -12,7 +12,7 @@ from graylane.controlplane.cli.output import render_clusters, render_services, r
 
 
 def add_services(subparsers: Subparsers) -> None:
-    add_read_command(subparsers, "services", "list services", lambda client, _: client.list_services(), render_services)
+    add_read_command(subparsers, "services", "list services", ReleaseClient.list_services, render_services)
 
 
 def add_versions(subparsers: Subparsers) -> None:
@@ -20,7 +20,7 @@ def add_versions(subparsers: Subparsers) -> None:
         subparsers,
         "versions",
         "list the versions of a service",
-        lambda client, args: client.list_versions(args.service),
+        ReleaseClient.list_versions,
         render_versions,
         "service",
     )
@@ -34,7 +34,7 @@ def add_clusters(subparsers: Subparsers) -> None:
         subparsers,
         "clusters",
         "list the clusters agents registered, connected or not",
-        lambda client, _: client.list_clusters(),
+        ReleaseClient.list_clusters,
         render_clusters,
     )
 

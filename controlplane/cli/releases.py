@@ -201,7 +201,7 @@ def add_history(subparsers: Subparsers) -> None:
         subparsers,
         "history",
         "show the events of a release",
-        lambda client, args: client.history(args.name),
+        ReleaseClient.history,
         render_history,
         "name",
     )
@@ -212,7 +212,7 @@ def add_traffic(subparsers: Subparsers) -> None:
         subparsers,
         "traffic",
         "requests per service, version and lane, from the proxies",
-        lambda client, args: client.get_traffic(args.name),
+        ReleaseClient.get_traffic,
         render_traffic,
         "name",
     )

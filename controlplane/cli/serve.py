@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final, NamedTuple, TypeVar
 
 from graylane.controlplane.address import HostPort
 from graylane.controlplane.api.tls import ClientTls, ServerTls, TlsConfigError
@@ -35,6 +37,8 @@ from graylane.controlplane.options import (
     parse_agent_tokens,
     parse_xds_tokens,
 )
+
+_Parsed = TypeVar("_Parsed")
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -124,23 +128,22 @@ def _etcd_endpoints(text: str) -> tuple[HostPort, ...]:
     return tuple(parse(part) for part in text.split(",") if part.strip())
 
 
+def otlp_url(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an http(s) URL such as http://127.0.0.1:4318")
+    return text
+
+
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
+        **{flag.field: getattr(args, flag.field) for flag in _OPTION_FLAGS},
         etcd_endpoints=args.etcd,
-        listen=args.listen,
-        xds_listen=args.xds_listen,
         data_dir=Path(args.data_dir),
         agent_tokens=args.agent_tokens,
-        agent_lease_ttl_seconds=args.agent_lease_ttl,
-        etcd_prefix=args.etcd_prefix,
-        leader_ttl_seconds=args.leader_ttl,
-        stale_proxy_seconds=args.stale_proxy_seconds,
-        http_listen=args.http_listen,
-        otlp_endpoint=args.otlp_endpoint,
         tls=server_tls(args),
         etcd_tls=etcd_tls(args),
         xds_tokens=args.xds_tokens,
-        xds_cluster=args.xds_cluster,
         admin_allow=tuple(args.admin_allow) if args.admin_allow else DEFAULT_ADMIN_ALLOW,
         prometheus_url=args.prometheus_url,
         prometheus_interval_seconds=args.prometheus_interval,
@@ -148,9 +151,6 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         auth=args.auth,
         insecure=args.insecure,
         bootstrap_token_file=Path(args.bootstrap_token_file) if args.bootstrap_token_file else None,
-        max_receive_message_bytes=args.max_message_bytes,
-        max_streams_per_identity=args.max_streams_per_identity,
-        max_connection_idle_seconds=args.idle_timeout,
         webhook_allow=tuple(comma_list(",".join(args.webhook_allow))),
     )
 
@@ -171,6 +171,95 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _OptionFlag(NamedTuple):
+    """A `serve` flag that sets one ServeOptions field as it is; its default is the field's."""
+
+    flag: str
+    field: str
+    parse: Callable[[str], object]
+    metavar: str
+    help: str
+
+
+_OPTION_FLAGS: Final = (
+    _OptionFlag("--listen", "listen", host_port(), "HOST:PORT", "API address (default %(default)s)"),
+    _OptionFlag("--xds-listen", "xds_listen", host_port(), "HOST:PORT", "xDS address for Envoys (default %(default)s)"),
+    _OptionFlag(
+        "--http-listen",
+        "http_listen",
+        host_port(any_port=True),  # port 0: any free port (the log names it)
+        "HOST:PORT",
+        "HTTP address of /metrics and /healthz (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--otlp-endpoint",
+        "otlp_endpoint",
+        otlp_url,
+        "URL",
+        "send traces over OTLP/HTTP to this base URL, e.g. http://127.0.0.1:4318 "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no traces)",
+    ),
+    _OptionFlag(
+        "--etcd-prefix",
+        "etcd_prefix",
+        str,
+        "PREFIX",
+        "key prefix in etcd, so installations can share one etcd (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--leader-ttl",
+        "leader_ttl_seconds",
+        int,
+        "SECONDS",
+        "leader lease: a killed leader is replaced within it (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--stale-proxy-seconds",
+        "stale_proxy_seconds",
+        float,
+        "SECONDS",
+        "a proxy that has not ACKed a release's target within this is declared gone for "
+        "convergence and named in status (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--agent-lease-ttl",
+        "agent_lease_ttl_seconds",
+        int,
+        "SECONDS",
+        "how long a silent agent's cluster and endpoints live on (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--max-message-bytes",
+        "max_receive_message_bytes",
+        int,
+        "BYTES",
+        "largest API request accepted (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--max-streams-per-identity",
+        "max_streams_per_identity",
+        int,
+        "N",
+        "open Watch/WatchMetrics/agent streams one identity may hold (with --auth; default %(default)s)",
+    ),
+    _OptionFlag(
+        "--idle-timeout",
+        "max_connection_idle_seconds",
+        float,
+        "SECONDS",
+        "close an API connection with no call open for this long (default %(default)s)",
+    ),
+    _OptionFlag(
+        "--xds-cluster",
+        "xds_cluster",
+        identity_name,
+        "NAME",
+        "the cluster this control plane's own xDS port serves: under --xds-tokens or "
+        "--client-ca its Envoys must prove they are proxies of it (default %(default)s)",
+    ),
+)
+
+
 def add_serve(subparsers: Subparsers) -> None:
     defaults = ServeOptions()
     parser = subparsers.add_parser(
@@ -186,35 +275,15 @@ def add_serve(subparsers: Subparsers) -> None:
         metavar="HOST:PORT[,HOST:PORT]",
         help="external etcd endpoints (default: an embedded etcd)",
     )
-    parser.add_argument(
-        "--listen",
-        type=host_port(),
-        default=defaults.listen,
-        metavar="HOST:PORT",
-        help=f"API address (default {defaults.listen})",
-    )
-    parser.add_argument(
-        "--xds-listen",
-        type=host_port(),
-        default=defaults.xds_listen,
-        metavar="HOST:PORT",
-        help=f"xDS address for Envoys (default {defaults.xds_listen})",
-    )
-    parser.add_argument(
-        "--http-listen",
-        type=host_port(any_port=True),  # port 0: any free port (the log names it)
-        default=defaults.http_listen,
-        metavar="HOST:PORT",
-        help=f"HTTP address of /metrics and /healthz (default {defaults.http_listen})",
-    )
-    parser.add_argument(
-        "--otlp-endpoint",
-        type=otlp_url,
-        default=defaults.otlp_endpoint,
-        metavar="URL",
-        help="send traces over OTLP/HTTP to this base URL, e.g. http://127.0.0.1:4318 "
-        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no traces)",
-    )
+    for option in _OPTION_FLAGS:
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            type=option.parse,
+            default=getattr(defaults, option.field),
+            metavar=option.metavar,
+            help=option.help,
+        )
     parser.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,
@@ -222,39 +291,11 @@ def add_serve(subparsers: Subparsers) -> None:
         help=f"local state, e.g. the embedded etcd (default ./{DEFAULT_DATA_DIR})",
     )
     parser.add_argument(
-        "--etcd-prefix",
-        default=defaults.etcd_prefix,
-        metavar="PREFIX",
-        help="key prefix in etcd, so installations can share one etcd (default %(default)s)",
-    )
-    parser.add_argument(
-        "--leader-ttl",
-        type=int,
-        default=defaults.leader_ttl_seconds,
-        metavar="SECONDS",
-        help="leader lease: a killed leader is replaced within it (default %(default)s)",
-    )
-    parser.add_argument(
-        "--stale-proxy-seconds",
-        type=float,
-        default=defaults.stale_proxy_seconds,
-        metavar="SECONDS",
-        help="a proxy that has not ACKed a release's target within this is declared gone for "
-        "convergence and named in status (default %(default)s)",
-    )
-    parser.add_argument(
         "--agent-tokens",
         type=_agent_tokens,
         default=(),
         metavar="FILE",
         help="`cluster: token` lines; agents must present their cluster's token (default: not checked)",
-    )
-    parser.add_argument(
-        "--agent-lease-ttl",
-        type=int,
-        default=defaults.agent_lease_ttl_seconds,
-        metavar="SECONDS",
-        help="how long a silent agent's cluster and endpoints live on (default %(default)s)",
     )
     parser.add_argument(
         "--auth",
@@ -275,27 +316,6 @@ def add_serve(subparsers: Subparsers) -> None:
         help="where the first --auth start writes an admin token, mode 0600 (default DATA_DIR/admin.token)",
     )
     parser.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=defaults.max_receive_message_bytes,
-        metavar="BYTES",
-        help="largest API request accepted (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-streams-per-identity",
-        type=int,
-        default=defaults.max_streams_per_identity,
-        metavar="N",
-        help="open Watch/WatchMetrics/agent streams one identity may hold (with --auth; default %(default)s)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=defaults.max_connection_idle_seconds,
-        metavar="SECONDS",
-        help="close an API connection with no call open for this long (default %(default)s)",
-    )
-    parser.add_argument(
         "--webhook-allow",
         action="append",
         default=[],
@@ -307,24 +327,25 @@ def add_serve(subparsers: Subparsers) -> None:
     parser.add_argument("--etcd-ca", metavar="FILE", help="CA to verify the external etcd with; turns TLS to it on")
     parser.add_argument("--etcd-cert", metavar="FILE", help="client certificate for an etcd with --client-cert-auth")
     parser.add_argument("--etcd-key", metavar="FILE", help="its private key")
-    parser.add_argument(
-        "--xds-cluster",
-        default=defaults.xds_cluster,
-        type=identity_name,
-        metavar="NAME",
-        help="the cluster this control plane's own xDS port serves: under --xds-tokens or "
-        "--client-ca its Envoys must prove they are proxies of it (default %(default)s)",
-    )
     parser.set_defaults(handler=_serve)
 
 
-def _xds_tokens(path: str) -> tuple[XdsCredential, ...]:
-    try:
-        return parse_xds_tokens(Path(path).read_text(), source=path)
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def _parsed_file(parse: Callable[..., _Parsed]) -> Callable[[str], _Parsed]:
+    """An argparse type: the path of a file whose text `parse(text, source=path)` reads."""
+
+    def read(path: str) -> _Parsed:
+        try:
+            return parse(Path(path).read_text(), source=path)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return read
+
+
+_xds_tokens: Callable[[str], tuple[XdsCredential, ...]] = _parsed_file(parse_xds_tokens)
+_agent_tokens: Callable[[str], tuple[tuple[str, str], ...]] = _parsed_file(parse_agent_tokens)
 
 
 def _admin_allow(text: str) -> str:
@@ -336,19 +357,3 @@ def _admin_allow(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def otlp_url(text: str) -> str:
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in ("http", "https") or not rest:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an http(s) URL such as http://127.0.0.1:4318")
-    return text
-
-
-def _agent_tokens(path: str) -> tuple[tuple[str, str], ...]:
-    try:
-        return parse_agent_tokens(Path(path).read_text(), source=path)
-    except OSError as exc:
-        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc

@@ -223,12 +223,9 @@ def _errors_vs_base(spec: AnalysisSpec, gray: Aggregate, base: Aggregate, detail
     details["errors.p_value"] = _num(p)
     details["errors.diff"] = _num(diff)
     said = f"gray error rate {_pct(x1 / n1)} vs base {_pct(x2 / n2)} (p={_num(p)})"
+    margin = _pct(spec.error_rate_margin)
     if p < spec.alpha and diff > spec.error_rate_margin:
-        return _Check(
-            "baseline_errors",
-            Outcome.FAIL,
-            f"{said}: significantly worse, by more than the {_pct(spec.error_rate_margin)} margin",
-        )
+        return _Check("baseline_errors", Outcome.FAIL, f"{said}: significantly worse, by more than the {margin} margin")
     return _Check("baseline_errors", Outcome.PASS, f"{said}: not worse beyond the margin")
 
 
@@ -260,12 +257,9 @@ def _latency_vs_base(spec: AnalysisSpec, gray: Aggregate, base: Aggregate, detai
     details["latency.effect"] = _num(effect)
     details["latency.p99_ratio"] = _num(g99 / b99) if g99 is not None and b99 else "n/a"
     said = f"gray p50 {_ms(g50)} vs base {_ms(b50)} ({effect:+.1%}, p={_num(p)})"
+    limit = f"min_effect {spec.min_effect:.0%}"
     if p < spec.alpha and effect > spec.min_effect:
-        return _Check(
-            "baseline_latency",
-            Outcome.FAIL,
-            f"{said}: significantly slower, by more than min_effect {spec.min_effect:.0%}",
-        )
+        return _Check("baseline_latency", Outcome.FAIL, f"{said}: significantly slower, by more than {limit}")
     return _Check("baseline_latency", Outcome.PASS, f"{said}: not slower beyond min_effect")
 
 
@@ -441,25 +435,17 @@ def next_decision(history: Sequence[Verdict], spec: AnalysisSpec) -> Decision:
         return Decision(Step.WAIT, "no analysis has run in this batch yet", details)
     last = history[-1]
     if tally.failed >= spec.failure_limit:
-        return Decision(
-            Step.ROLLBACK,
-            f"{tally.failed} of {tally.checks} checks failed in this batch (failure_limit {spec.failure_limit}); "
-            f"last: {last.reason}",
-            details,
-        )
-    if tally.inconclusive_streak >= spec.inconclusive_limit:
+        step = Step.ROLLBACK
+        why = f"{tally.failed} of {tally.checks} checks failed in this batch (failure_limit {spec.failure_limit})"
+    elif tally.inconclusive_streak >= spec.inconclusive_limit:
         step = Step.PAUSE if spec.on_inconclusive is OnInconclusive.PAUSE else Step.ROLLBACK
-        return Decision(
-            step,
+        why = (
             f"{tally.inconclusive_streak} inconclusive checks in a row (inconclusive_limit "
-            f"{spec.inconclusive_limit}, on_inconclusive {spec.on_inconclusive.value}); last: {last.reason}",
-            details,
+            f"{spec.inconclusive_limit}, on_inconclusive {spec.on_inconclusive.value})"
         )
-    if tally.pass_streak >= spec.passes_to_advance:
-        return Decision(
-            Step.ADVANCE,
-            f"{tally.pass_streak} passing checks in a row (passes_to_advance {spec.passes_to_advance}); "
-            f"last: {last.reason}",
-            details,
-        )
-    return Decision(Step.WAIT, f"last check {last.outcome.value}: {last.reason}", details)
+    elif tally.pass_streak >= spec.passes_to_advance:
+        step = Step.ADVANCE
+        why = f"{tally.pass_streak} passing checks in a row (passes_to_advance {spec.passes_to_advance})"
+    else:
+        return Decision(Step.WAIT, f"last check {last.outcome.value}: {last.reason}", details)
+    return Decision(step, f"{why}; last: {last.reason}", details)

@@ -161,10 +161,15 @@ class ReleaseRecords(EtcdClient):
         )
         return snap, claimed
 
-    def _lane_claim(self, release: model.Release, claimed: int) -> tuple[rpc_pb2.Compare, rpc_pb2.RequestOp]:
+    def _lane_claim(
+        self, release: model.Release, claimed: int | None
+    ) -> tuple[list[rpc_pb2.Compare], list[rpc_pb2.RequestOp]]:
         """Guard: the lane's claim is as the caller checked it (at mod_revision `claimed`, 0:
         absent); and the write that claims it for `release`. Two writers that checked the
-        lane free against the same state cannot both claim it."""
+        lane free against the same state cannot both claim it. `claimed` None: no claim, no
+        guard (the txn leaves the lane alone)."""
+        if claimed is None:
+            return [], []
         key = self._key("lanes", release.spec.lane)
         if claimed:
             same = rpc_pb2.Compare(
@@ -174,7 +179,7 @@ class ReleaseRecords(EtcdClient):
             same = rpc_pb2.Compare(
                 key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
             )
-        return same, self._put(key, release.name.encode())
+        return [same], [self._put(key, release.name.encode())]
 
     async def get_release(self, name: str) -> model.Release:
         return (await self.get_release_at(name))[0]
@@ -217,16 +222,12 @@ class ReleaseRecords(EtcdClient):
         absent = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
         )
-        compare = [absent]
         ops = [
             self._put(key, _dump(model.release_to_proto(release))),
             self._put(self._event_key(release.name, event.sequence), _dump(model.event_to_proto(event))),
         ]
-        if lane_claimed is not None:
-            guard, claim = self._lane_claim(release, lane_claimed)
-            compare.append(guard)
-            ops.append(claim)
-        resp = await self._txn(compare, ops)
+        lane_guards, claims = self._lane_claim(release, lane_claimed)
+        resp = await self._txn([absent, *lane_guards], ops + claims)
         if not resp.succeeded:
             if lane_claimed is not None and await self._get(key) is None:
                 raise Conflict(f"lane {release.spec.lane!r} was claimed concurrently; check again")
@@ -247,15 +248,11 @@ class ReleaseRecords(EtcdClient):
         guard = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision
         )
-        compare = [guard]
         ops = [self._put(key, _dump(model.release_to_proto(release)))]
         ops += [self._put(self._event_key(e.release, e.sequence), _dump(model.event_to_proto(e))) for e in events]
         ops += [self._put(self._key("services", s.name), _dump(model.service_to_proto(s))) for s in services]
-        if lane_claimed is not None:
-            lane_guard, claim = self._lane_claim(release, lane_claimed)
-            compare.append(lane_guard)
-            ops.append(claim)
-        resp = await self._txn(compare, ops)
+        lane_guards, claims = self._lane_claim(release, lane_claimed)
+        resp = await self._txn([guard, *lane_guards], ops + claims)
         if not resp.succeeded:
             current = await self._get(key)
             if current is None:

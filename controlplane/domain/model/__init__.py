@@ -22,6 +22,7 @@ from graylane.controlplane.domain.model.agent_codec import (
 from graylane.controlplane.domain.model.codec import (
     analysis_to_proto,
     event_to_proto,
+    fields_of,
     release_from_proto,
     release_to_proto,
     service_to_proto,
@@ -137,6 +138,7 @@ __all__ = [
     "draining",
     "endpoint_from_proto",
     "event_to_proto",
+    "fields_of",
     "held",
     "hello_from_proto",
     "lane_regex",

@@ -7,7 +7,9 @@ Must not import: etcd, graylane.xds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +19,28 @@ from graylane.controlplane.progression.analysis import AnalysisSpec
 from graylane.v1 import release_pb2 as pb
 
 _WEBHOOK_KIND_VALUES = {v: k for k, v in WEBHOOK_KINDS.items()}
+
+# The fields a value and its message name alike and hold as they are, copied by `fields_of`;
+# the others (times, enums, nested messages) are converted one by one.
+_NACK_FIELDS = ("node", "type_url", "version", "message", "stream", "cluster")
+_CONVERGENCE_FIELDS = ("proxies", "converged", "target_version", "lagging", "gone", "gone_names")
+_EVENT_FIELDS = ("release", "sequence", "action", "actor", "reason", "from_batch", "to_batch", "weight")
+_ANALYSIS_FIELDS = (
+    "min_requests",
+    "baseline",
+    "alpha",
+    "min_effect",
+    "error_rate_margin",
+    "failure_limit",
+    "inconclusive_limit",
+    "passes_to_advance",
+)
+
+
+def fields_of(value: object, names: Iterable[str]) -> dict[str, Any]:
+    """`value`'s attributes `names`, as the keyword arguments of a message or a value that
+    names them alike."""
+    return {name: getattr(value, name) for name in names}
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
@@ -69,30 +93,14 @@ def status_to_proto(release: values.Release) -> pb.ReleaseStatus:
     st = release.status
     nack = None
     if st.last_nack is not None:
-        n = st.last_nack
-        nack = pb.Nack(
-            node=n.node,
-            type_url=n.type_url,
-            version=n.version,
-            message=n.message,
-            at=_ts(n.at),
-            stream=n.stream,
-            cluster=n.cluster,
-        )
+        nack = pb.Nack(**fields_of(st.last_nack, _NACK_FIELDS), at=_ts(st.last_nack.at))
     return pb.ReleaseStatus(
         phase=st.phase.value,
         batch=st.batch,
         weight=release.weight(),
         reached=st.reached,
         reason=st.reason,
-        convergence=pb.ProxyConvergence(
-            proxies=st.proxies,
-            converged=st.converged,
-            target_version=st.target_version,
-            lagging=st.lagging,
-            gone=st.gone,
-            gone_names=st.gone_names,
-        ),
+        convergence=pb.ProxyConvergence(**fields_of(st, _CONVERGENCE_FIELDS)),
         last_nack=nack,
         batch_started=_ts(st.batch_started),
         batch_reached=_ts(st.batch_reached),
@@ -148,16 +156,7 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> values.Release:
     st = msg.status
     nack = None
     if st.HasField("last_nack"):
-        n = st.last_nack
-        nack = values.Nack(
-            node=n.node,
-            type_url=n.type_url,
-            version=n.version,
-            message=n.message,
-            at=n.at.ToDatetime(tzinfo=UTC),
-            stream=n.stream,
-            cluster=n.cluster,
-        )
+        nack = values.Nack(**fields_of(st.last_nack, _NACK_FIELDS), at=st.last_nack.at.ToDatetime(tzinfo=UTC))
     status = values.ReleaseStatus(
         phase=values.Phase(st.phase),
         batch=st.batch,
@@ -188,17 +187,10 @@ def release_from_proto(msg: pb.Release, *, revision: int) -> values.Release:
 
 def event_to_proto(e: values.Event) -> pb.Event:
     return pb.Event(
-        release=e.release,
-        sequence=e.sequence,
+        **fields_of(e, _EVENT_FIELDS),
         at=_ts(e.at),
-        action=e.action,
-        actor=e.actor,
-        reason=e.reason,
         from_phase=e.from_phase.value,
         to_phase=e.to_phase.value,
-        from_batch=e.from_batch,
-        to_batch=e.to_batch,
-        weight=e.weight,
         details=dict(e.details),
     )
 
@@ -224,17 +216,7 @@ def version_to_proto(v: values.Version) -> pb.Version:
 def analysis_to_proto(a: AnalysisSpec | None) -> pb.Analysis | None:
     if a is None:
         return None
-    message = pb.Analysis(
-        min_requests=a.min_requests,
-        baseline=a.baseline,
-        alpha=a.alpha,
-        min_effect=a.min_effect,
-        error_rate_margin=a.error_rate_margin,
-        failure_limit=a.failure_limit,
-        inconclusive_limit=a.inconclusive_limit,
-        on_inconclusive=a.on_inconclusive.value,
-        passes_to_advance=a.passes_to_advance,
-    )
+    message = pb.Analysis(**fields_of(a, _ANALYSIS_FIELDS), on_inconclusive=a.on_inconclusive.value)
     message.interval.FromTimedelta(timedelta(seconds=a.interval_s))
     if a.max_error_rate is not None:
         message.max_error_rate = a.max_error_rate
