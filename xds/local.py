@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Generic, TypeVar
 
+from graylane.xds import multimap
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.render import render_gateway
@@ -99,13 +100,9 @@ class ViewHistory(Generic[T]):
         """`key`'s last proxy left: drop what only its renders added."""
         self.generation += 1
         for entry in self._keys.pop(key, ()):
-            users = self._users.get(entry)
-            if users is not None:
-                users.discard(key)
-                if not users:
-                    del self._users[entry]
-                    self._views.pop(entry, None)
-                    self._sets.pop(entry, None)
+            if multimap.discard(self._users, entry, key):
+                self._views.pop(entry, None)
+                self._sets.pop(entry, None)
 
     def keys(self) -> frozenset[str]:
         return frozenset(self._keys)
