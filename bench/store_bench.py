@@ -250,7 +250,7 @@ def _route_versions(plane: ControlPlane) -> dict[str, str]:
 
     out: dict[str, str] = {}
     for stream, proxy in plane.tracker.proxies().items():
-        snap = plane.dataplane._cache.snapshot(proxy.key)
+        snap = plane.cache.snapshot(proxy.key)
         if snap is not None:
             out[stream] = snap[ROUTE].version
     return out
