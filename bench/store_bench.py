@@ -250,7 +250,7 @@ def _route_versions(plane: ControlPlane) -> dict[str, str]:
 
     out: dict[str, str] = {}
     for stream, proxy in plane.tracker.proxies().items():
-        snap = plane.dataplane._cache.snapshot(proxy.key)
+        snap = plane.cache.snapshot(proxy.key)
         if snap is not None:
             out[stream] = snap[ROUTE].version
     return out
@@ -308,7 +308,6 @@ class _Client:
 
 
 async def bench_reached(
-    target: str,
     plane: ControlPlane,
     envoys: int,
     name: str,
@@ -350,7 +349,7 @@ async def bench_reached(
                 await stack.enter_async_context(
                     EnvoyProcess(ads_port=plane.xds_port, node_id=f"reach-{k}", node_cluster="local", tls=envoy_tls)
                 )
-            client = await _Client.start(target, tls=client_tls)
+            client = await _Client.start(f"127.0.0.1:{plane.api_port}", tls=client_tls)
             stack.push_async_callback(client.close)
             probe = await stack.enter_async_context(LagProbe())
             await dp.wait_current(timeout=30)
@@ -555,10 +554,9 @@ async def cold_start(*, releases: int = RELEASES, events: int = EVENTS, live: in
                 ]
             )
             del envoy
-            api = f"127.0.0.1:{plane.api_port}"
             disk_before = await asyncio.to_thread(etcd_disk, etcd.endpoint)
-            rows += reached_rows("1 real Envoy", await bench_reached(api, plane, 0, names[-1]))
-            rows += reached_rows("5 real Envoys", await bench_reached(api, plane, 4, names[-1]))
+            rows += reached_rows("1 real Envoy", await bench_reached(plane, 0, names[-1]))
+            rows += reached_rows("5 real Envoys", await bench_reached(plane, 4, names[-1]))
             disk_after = await asyncio.to_thread(etcd_disk, etcd.endpoint)
             rows.append(disk_row(disk_before, disk_after, await asyncio.to_thread(fdatasync_ms, tmp)))
         await cancel_and_wait(runner)
@@ -597,8 +595,8 @@ async def reached_on_tmpfs(*, releases: int = RELEASES, live: int = LIVE) -> lis
                 await plane.releases.act(name, Move.NEXT, Cause(actor="bench"))
             disk_before = await asyncio.to_thread(etcd_disk, etcd.endpoint)
             where = "etcd data on tmpfs"
-            rows += reached_rows(f"1 real Envoy, {where}", await bench_reached(api, plane, 1, names[-1]))
-            rows += reached_rows(f"5 real Envoys, {where}", await bench_reached(api, plane, 5, names[-1]))
+            rows += reached_rows(f"1 real Envoy, {where}", await bench_reached(plane, 1, names[-1]))
+            rows += reached_rows(f"5 real Envoys, {where}", await bench_reached(plane, 5, names[-1]))
             disk_after = await asyncio.to_thread(etcd_disk, etcd.endpoint)
             wal_n = disk_after[1] - disk_before[1]
             rows.append(

@@ -57,7 +57,7 @@ async def one_replica(etcd: str, certs: Path | None, envoys: int, prefix: str) -
             target = f"127.0.0.1:{plane.api_port}"
             async with ReleaseClient.connect(target, actor="bench", tls=client_tls) as client:
                 await client.apply_release(pb.Release(name=name, spec=spec(0)))
-            return await bench_reached(target, plane, envoys, name, envoy_tls=envoy_tls, client_tls=client_tls)
+            return await bench_reached(plane, envoys, name, envoy_tls=envoy_tls, client_tls=client_tls)
     finally:
         await store.close()
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Generic, TypeVar
 
+from graylane.xds import multimap
 from graylane.xds import view as xv
 from graylane.xds.cache import DEFAULT_KEY, PROXYLESS_KEY, SnapshotCache
 from graylane.xds.render import render_gateway
@@ -99,13 +100,9 @@ class ViewHistory(Generic[T]):
         """`key`'s last proxy left: drop what only its renders added."""
         self.generation += 1
         for entry in self._keys.pop(key, ()):
-            users = self._users.get(entry)
-            if users is not None:
-                users.discard(key)
-                if not users:
-                    del self._users[entry]
-                    self._views.pop(entry, None)
-                    self._sets.pop(entry, None)
+            if multimap.discard(self._users, entry, key):
+                self._views.pop(entry, None)
+                self._sets.pop(entry, None)
 
     def keys(self) -> frozenset[str]:
         return frozenset(self._keys)
@@ -179,6 +176,7 @@ def services_named(names: Iterable[str]) -> frozenset[str]:
     return frozenset(found)
 
 
+@dataclass(eq=False)
 class LocalServing(Generic[T]):
     """One view served to every local proxy group through `cache`, and the views behind
     what the proxies ACK and NACK.
@@ -188,30 +186,26 @@ class LocalServing(Generic[T]):
     per key on the loop, so a group asked for meanwhile is rendered from the installed view.
     """
 
-    def __init__(
-        self,
-        cache: SnapshotCache,
-        *,
-        listen_address: str = "127.0.0.1",
-        default_listen_port: int = DEFAULT_LISTEN_PORT,
-        gateway_port: int | None = None,
-        history_size: int = DEFAULT_HISTORY,
-    ) -> None:
-        self.cache = cache
-        self._address = listen_address
-        self._default_port = default_listen_port
-        self.gateway_port = gateway_port
-        self._renderer = Renderer(listen_address=listen_address)  # incremental, shared by every port
-        self._history: ViewHistory[T] = ViewHistory(history_size)
-        self._size = history_size
-        self._view: xv.RoutingView | None = None
-        self._tag: T | None = None
-        # (type, version) of a proxyless client's part -> (history generation, the view it names)
-        self._partial: dict[tuple[str, str], tuple[int, T | None]] = {}
-        cache.on_key_requested(self.render_key)
-        cache.on_key_released(self._release_key)
-        if isinstance(cache, ScopedSnapshotCache):
-            cache.on_derived(self._remember_derived)
+    cache: SnapshotCache
+    _: KW_ONLY
+    listen_address: str = "127.0.0.1"
+    default_listen_port: int = DEFAULT_LISTEN_PORT
+    gateway_port: int | None = None
+    history_size: int = DEFAULT_HISTORY
+    _renderer: Renderer = field(init=False)  # incremental, shared by every port
+    _history: ViewHistory[T] = field(init=False)
+    _view: xv.RoutingView | None = field(init=False, default=None)
+    _tag: T | None = field(init=False, default=None)
+    # (type, version) of a proxyless client's part -> (history generation, the view it names)
+    _partial: dict[tuple[str, str], tuple[int, T | None]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._renderer = Renderer(listen_address=self.listen_address)
+        self._history = ViewHistory(self.history_size)
+        self.cache.on_key_requested(self.render_key)
+        self.cache.on_key_released(self._release_key)
+        if isinstance(self.cache, ScopedSnapshotCache):
+            self.cache.on_derived(self._remember_derived)
 
     @property
     def view(self) -> xv.RoutingView | None:
@@ -232,7 +226,7 @@ class LocalServing(Generic[T]):
     def port_of(self, key: str) -> int:
         """The listener port of a proxy group's cache key."""
         if key == DEFAULT_KEY or not key.isdigit():
-            return self._default_port
+            return self.default_listen_port
         return int(key)
 
     def render(self, view: xv.RoutingView, key: str, *, wait: bool = True) -> Resources:
@@ -240,7 +234,7 @@ class LocalServing(Generic[T]):
         worker thread; `wait=False` never blocks on a render running in one."""
         port = self.port_of(key)
         if self.gateway_port is not None and port == self.gateway_port:
-            return render_gateway(view, listen_port=port, listen_address=self._address)
+            return render_gateway(view, listen_port=port, listen_address=self.listen_address)
         return self._renderer.render(view, listen_port=port, wait=wait, proxyless=key == PROXYLESS_KEY)
 
     def effective_view(self, view: xv.RoutingView) -> xv.RoutingView:
@@ -314,7 +308,7 @@ class LocalServing(Generic[T]):
             return memo[1]
         found = history.containing(type_url, part)
         self._partial[(type_url, version)] = (history.generation, found)
-        while len(self._partial) > self._size:
+        while len(self._partial) > self.history_size:
             self._partial.pop(next(iter(self._partial)))
         return found
 

@@ -34,6 +34,7 @@ from collections.abc import Set as AbstractSet
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
+from graylane.xds import multimap
 from graylane.xds.cache import SnapshotCache, Watch, listen_port_key
 from graylane.xds.plan import route_clusters
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources
@@ -255,11 +256,7 @@ class ScopedSnapshotCache(SnapshotCache):
         base, services = parse_scoped_key(key)
         if services is None:
             return
-        keys = self._scoped.get(base)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._scoped[base]
+        multimap.discard(self._scoped, base, key)
         self._derived.pop(key, None)
         self.clear_snapshot(key)
         for callback in list(self._on_scope_released):

@@ -1175,33 +1175,21 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register ADS on `server`; responses go out as bytes the streams serialised (shared)."""
         handlers = {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                response_serializer=_as_bytes,
-            ),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                response_serializer=_as_bytes,
-            ),
+            "StreamAggregatedResources": self._handler(_SotwStream, discovery_pb2.DiscoveryRequest),
+            "DeltaAggregatedResources": self._handler(_DeltaStream, discovery_pb2.DeltaDiscoveryRequest),
         }
         service = "envoy.service.discovery.v3.AggregatedDiscoveryService"
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
-    async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
-    ) -> None:
-        await self._serve(_SotwStream(self.cache, self.tracker, self._selections), request_iterator, context)
+    def _handler(self, kind: type[_Stream[Req, Any]], request: type[Req]) -> grpc.RpcMethodHandler:
+        """The gRPC method of one ADS variant (SotW or delta): each call serves a new `kind` stream."""
 
-    async def DeltaAggregatedResources(  # noqa: N802 (gRPC method name)
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse],
-    ) -> None:
-        await self._serve(_DeltaStream(self.cache, self.tracker, self._selections), request_iterator, context)
+        async def serve(requests: AsyncIterator[Req], context: grpc.aio.ServicerContext[Req, Any]) -> None:
+            await self._serve(kind(self.cache, self.tracker, self._selections), requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            serve, request_deserializer=request.FromString, response_serializer=_as_bytes
+        )
 
 
 def _as_bytes(response: bytes) -> bytes:

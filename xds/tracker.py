@@ -38,6 +38,7 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
+from graylane.xds import multimap
 from graylane.xds.cache import PROXYLESS_KEY
 from graylane.xds.scope import SCOPE_SEPARATOR
 
@@ -333,11 +334,7 @@ class ProxyTracker:
         record = self._proxies.pop(stream, None)
         if record is None:
             return
-        streams = self._by_node.get(record.node_id)
-        if streams is not None:
-            streams.discard(stream)
-            if not streams:
-                del self._by_node[record.node_id]
+        multimap.discard(self._by_node, record.node_id, stream)
         self._membership += 1
         self._touch(stream)
         self._prune_journal()

@@ -47,7 +47,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -188,6 +188,7 @@ def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+@dataclass(eq=False)
 class Dashboard:
     """The dashboard's routes over one loopback channel to this replica's gRPC API.
 
@@ -197,39 +198,27 @@ class Dashboard:
     is needed and actions are recorded as `dashboard`.
     """
 
-    def __init__(
-        self,
-        *,
-        api_target: Callable[[], str | None],
-        identify: Callable[[str], Awaitable[auth.Identity | None]],
-        identity_of: Callable[[str], Awaitable[auth.Identity | None]],
-        delegate: Callable[[str], str],
-        keys: SessionKeys,
-        auth_enabled: bool,
-        on_denied: Callable[[str, str], None] = lambda code, method: None,
-        limiter: LoginLimiter | None = None,
-        vendor_dir: Path = VENDOR_DIR,
-        stream_recheck_seconds: float = _STREAM_RECHECK_SECONDS,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._api_target = api_target
-        self._identify = identify
-        self._identity_of = identity_of
-        self._delegate = delegate
-        self._keys = keys
-        self._auth = auth_enabled
-        self._on_denied = on_denied
-        self._denied_log = DeniedLog()
-        self.limiter = limiter or LoginLimiter()
-        self.vendor_dir = vendor_dir
-        self.stream_recheck_seconds = stream_recheck_seconds
-        self._clock = clock
-        self._ring: KeyRing | None = None
-        self._ring_read = -math.inf  # monotonic time of the last read of the ring
-        self._ended: dict[str, float] = {}  # sessions logged out here: their expiry
-        self._not_ended: dict[str, float] = {}  # sessions seen not logged out: when (monotonic)
-        self._channel: grpc.aio.Channel | None = None
-        self._streams: dict[asyncio.Task[Any], str] = {}  # open event streams: their session
+    _: KW_ONLY
+    api_target: Callable[[], str | None]
+    identify: Callable[[str], Awaitable[auth.Identity | None]]
+    identity_of: Callable[[str], Awaitable[auth.Identity | None]]
+    delegate: Callable[[str], str]
+    keys: SessionKeys
+    auth_enabled: bool
+    on_denied: Callable[[str, str], None] = lambda code, method: None
+    limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    vendor_dir: Path = VENDOR_DIR
+    stream_recheck_seconds: float = _STREAM_RECHECK_SECONDS
+    clock: Callable[[], float] = time.time
+    _denied_log: DeniedLog = field(init=False, default_factory=DeniedLog)
+    _ring: KeyRing | None = field(init=False, default=None)
+    _ring_read: float = field(init=False, default=-math.inf)  # monotonic time of the last read of the ring
+    _ended: dict[str, float] = field(init=False, default_factory=dict)  # sessions logged out here: their expiry
+    # sessions seen not logged out: when (monotonic)
+    _not_ended: dict[str, float] = field(init=False, default_factory=dict)
+    _channel: grpc.aio.Channel | None = field(init=False, default=None)
+    # open event streams: their session
+    _streams: dict[asyncio.Task[Any], str] = field(init=False, default_factory=dict)
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -263,12 +252,12 @@ class Dashboard:
 
     def _client(self, session: Session) -> ReleaseClient:
         if self._channel is None:
-            target = self._api_target()
+            target = self.api_target()
             if target is None:
                 raise _NotServing()
             self._channel = grpc.aio.insecure_channel(target)
-        token = self._delegate(session.token_id) if self._auth else ""
-        return ReleaseClient(self._channel, actor="" if self._auth else _OPEN_ACTOR, token=token, timeout=10.0)
+        token = self.delegate(session.token_id) if self.auth_enabled else ""
+        return ReleaseClient(self._channel, actor="" if self.auth_enabled else _OPEN_ACTOR, token=token, timeout=10.0)
 
     # --- sessions ---------------------------------------------------------------------
 
@@ -282,7 +271,7 @@ class Dashboard:
         )
         if self._ring is None or stale:
             try:
-                self._ring = await self._keys.session_keys()
+                self._ring = await self.keys.session_keys()
                 self._ring_read = time.monotonic()
             except Unavailable:
                 if self._ring is None:
@@ -297,11 +286,11 @@ class Dashboard:
         seen = self._not_ended.get(sid)
         if seen is not None and now - seen < _LOGOUT_CHECK_SECONDS:
             return False
-        ended = await self._keys.session_ended(sid)
+        ended = await self.keys.session_ended(sid)
         if len(self._not_ended) >= _MAX_CHECKED:
             self._not_ended.clear()  # bounded: many browsers cost re-reads, not memory
         if ended:
-            self._note_ended(sid, self._clock() + _SESSION_SECONDS)
+            self._note_ended(sid, self.clock() + _SESSION_SECONDS)
         else:
             self._not_ended[sid] = now
         return ended
@@ -309,7 +298,7 @@ class Dashboard:
     def _note_ended(self, sid: str, expires: float) -> None:
         self._not_ended.pop(sid, None)
         if len(self._ended) >= _MAX_CHECKED:
-            now = self._clock()
+            now = self.clock()
             for old in [k for k, v in self._ended.items() if v <= now]:
                 del self._ended[old]
             while len(self._ended) >= _MAX_CHECKED:  # the store still knows them: re-read
@@ -327,16 +316,16 @@ class Dashboard:
         if not key_id:
             return None
         ring = await self._key_ring(key_id)
-        claims = verify(cookie, ring, now=self._clock())
+        claims = verify(cookie, ring, now=self.clock())
         if claims is None or await self._ended_session(claims.sid):
             return None
-        if not self._auth:
+        if not self.auth_enabled:
             if claims.token_id:
                 return None
             return self._session_of(claims, ring, key_id, None)
         if not claims.token_id:
             return None  # an open-mode cookie, from before --auth
-        identity = await self._identity_of(claims.token_id)
+        identity = await self.identity_of(claims.token_id)
         if identity is None or identity.name != claims.identity or identity.role is auth.Role.AGENT:
             return None
         return self._session_of(claims, ring, key_id, identity)
@@ -361,10 +350,10 @@ class Dashboard:
     async def _new_session(
         self, request: web.Request, response: web.StreamResponse, *, token_id: str, identity: str
     ) -> tuple[SessionClaims, KeyRing, str]:
-        ring = await self._keys.session_keys()
-        now = self._clock()
+        ring = await self.keys.session_keys()
+        now = self.clock()
         if now - ring.newest.created > _ROTATE_SECONDS:
-            ring = await self._keys.rotate_session_keys(ring, keep_seconds=_SETTLE_SECONDS + _SESSION_SECONDS + 60.0)
+            ring = await self.keys.rotate_session_keys(ring, keep_seconds=_SETTLE_SECONDS + _SESSION_SECONDS + 60.0)
         self._ring, self._ring_read = ring, time.monotonic()
         key = ring.signer(now=now, settle_seconds=_SETTLE_SECONDS)
         claims = new_claims(token_id=token_id, identity=identity, now=now, lifetime=_SESSION_SECONDS)
@@ -389,7 +378,7 @@ class Dashboard:
         address or localhost. A POST must be JSON (a form on another site cannot send that
         without the browser asking us first, which we never allow) and, when the browser
         names its Origin, come from this very origin."""
-        if not self._auth and not _local_host(request.host):
+        if not self.auth_enabled and not _local_host(request.host):
             return _error(403, f"open mode answers only on an address or localhost, not {request.host!r}", code="HOST")
         if post:
             if request.content_type != "application/json":
@@ -420,8 +409,8 @@ class Dashboard:
         try:
             session = await self._current(request)
             if session is not None:
-                return web.json_response(session.public(auth_enabled=self._auth))
-            if self._auth:
+                return web.json_response(session.public(auth_enabled=self.auth_enabled))
+            if self.auth_enabled:
                 return _error(401, "log in with a token", code="UNAUTHENTICATED")
             # Open mode: everyone is let in; the session only carries the CSRF token.
             response = web.json_response({})
@@ -433,7 +422,7 @@ class Dashboard:
         return response
 
     async def _login(self, request: web.Request) -> web.Response:
-        if not self._auth:
+        if not self.auth_enabled:
             return await self._session(request)
         refused = self._refusal(request, post=True)
         if refused is not None:
@@ -455,7 +444,7 @@ class Dashboard:
             response.headers["Retry-After"] = str(seconds)
             return response
         try:
-            identity = await self._identify(token)
+            identity = await self.identify(token)
         except Unavailable as exc:
             self.limiter.give_back(address, now=time.monotonic())
             return _error(503, f"cannot check the token now: {exc}", code="UNAVAILABLE")
@@ -484,12 +473,12 @@ class Dashboard:
 
     def _denied(self, code: grpc.StatusCode, address: str, why: str, *, who: str = "") -> None:
         """A refused login, logged and counted as the API's refused calls are."""
-        self._on_denied(code.name.lower(), _LOGIN)
+        self.on_denied(code.name.lower(), _LOGIN)
         self._denied_log(code, _LOGIN, address, who, why)
 
     async def _end(self, session: Session) -> None:
         """Log `session` out on every replica (`Unavailable` when etcd cannot record it)."""
-        await self._keys.end_session(session.sid, seconds=session.expires - self._clock())
+        await self.keys.end_session(session.sid, seconds=session.expires - self.clock())
         self._note_ended(session.sid, session.expires)
         # The session's open event streams carry its credential: they end with it.
         for task, sid in list(self._streams.items()):

@@ -88,7 +88,6 @@ class DataPlane:
     ) -> None:
         self._releases = releases
         self._store = store
-        self._cache = cache
         self._tracker = tracker
         # The view in force, rendered per proxy group, and the views behind what proxies ACK
         # or NACK (tagged by the view itself: convergence compares views by identity).
@@ -206,7 +205,7 @@ class DataPlane:
             self._unbuilt = None
         elif self._unbuilt is not None:
             self._unbuilt.update(changed.get("releases", ()))
-        keys = sorted(self._cache.requested_keys())
+        keys = sorted(self._serving.cache.requested_keys())
         built: _Build | None = None
         if self._serving.view is None or changed is None or _may_change_view(changed):
             names = frozenset(self._unbuilt) if self._unbuilt is not None else None
@@ -237,7 +236,7 @@ class DataPlane:
                     self._serving.set_rendered(key, view, resources)
                 # Keys first asked for while the view was being built were rendered from the
                 # previous one: render them again from this one.
-                for key in sorted(self._cache.requested_keys() - built.rendered.keys()):
+                for key in sorted(self._serving.cache.requested_keys() - built.rendered.keys()):
                     self._serving.render_key(key)
         self.synced.set()
         if changed is None or not _only_own_count(changed, self._identity):
@@ -302,7 +301,7 @@ class DataPlane:
         if not proxies:
             return False
         for p in proxies:
-            snap = self._cache.snapshot(p.key)
+            snap = self._serving.cache.snapshot(p.key)
             ack = p.acked.get(ROUTE)
             if snap is None or ack is None or ack.version != snap[ROUTE].version:
                 return False

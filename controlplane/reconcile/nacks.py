@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Container
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 
 from graylane.controlplane.api.agent_service import AgentHub
@@ -30,25 +31,19 @@ from graylane.xds.tracker import ProxyStatus
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class NackPolicy:
-    def __init__(
-        self,
-        releases: Releases,
-        serving: LocalServing[xv.RoutingView],
-        *,
-        actor: str,
-        agents: AgentHub | None = None,
-    ) -> None:
-        self._releases = releases
-        self._serving = serving
-        self._actor = actor
-        self._agents = agents
-        # (stream, nonce) of every NACK handled, for streams still open (agents: (cluster, ...)).
-        self._handled: set[tuple[str, str]] = set()
+    releases: Releases
+    serving: LocalServing[xv.RoutingView]
+    _: KW_ONLY
+    actor: str
+    agents: AgentHub | None = None
+    # (stream, nonce) of every NACK handled, for streams still open (agents: (cluster, ...)).
+    _handled: set[tuple[str, str]] = field(init=False, default_factory=set)
 
     def _prune(self, own: Container[str]) -> None:
         """Keep the handled-NACK keys of live streams (`own`) and reporting agents only."""
-        agents = {f"agent:{name}" for name in self._agents.sessions} if self._agents is not None else set()
+        agents = {f"agent:{name}" for name in self.agents.sessions} if self.agents is not None else set()
         self._handled = {k for k in self._handled if k[0] in own or k[0] in agents}
 
     async def handle(self, snap: Snapshot, proxies: list[ProxyStatus], *, own: Container[str]) -> None:
@@ -73,11 +68,11 @@ class NackPolicy:
                 stream=proxy.stream,
                 cluster=proxy.cluster,
             )
-            judged = self._serving.rejection(proxy)
+            judged = self.serving.rejection(proxy)
             assert judged is not None  # (it holds a NACK)
             await self._hold(snap, record, rejected=judged.rejected, accepted=judged.accepted, only=judged.services)
             self._handled.add((proxy.stream, nack.nonce))
-        for found in self._agents.nacks() if self._agents is not None else ():
+        for found in self.agents.nacks() if self.agents is not None else ():
             # An agent's proxy: named with its cluster; each NACK (by its time) handled once.
             node = f"{found.cluster}/{found.node_id}"
             key = (
@@ -133,10 +128,10 @@ class NackPolicy:
         for release in snap.releases:
             if release.spec.lane in blamed and views.routed(release):
                 lane = views.lanes_by_name(accepted).get(release.spec.lane)
-                await self._releases.hold_for_nack(
+                await self.releases.hold_for_nack(
                     release.name,
                     record,
                     held_batch=views.accepted_batch(release, accepted),
                     held_lane=views.held_lane_from(lane) if lane is not None else None,
-                    cause=Cause(actor=self._actor),
+                    cause=Cause(actor=self.actor),
                 )

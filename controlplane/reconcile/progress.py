@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 
 from graylane.controlplane.api.agent_service import AgentHub
 from graylane.controlplane.reconcile import views
@@ -95,36 +95,29 @@ class ProgressPublisher:
         return self._fleet_kept
 
 
+@dataclass(eq=False)
 class OtherReplicas:
     """The other replicas' counts as last read from the store, and those gone silent."""
 
-    def __init__(
-        self,
-        tracker: ProxyTracker,
-        *,
-        identity: str,
-        agents: AgentHub | None,
-        stale_seconds: float,
-        on_due: Callable[[], None],
-    ) -> None:
-        self._tracker = tracker
-        self._identity = identity
-        self._agents = agents
-        self._stale_seconds = stale_seconds
-        self._on_due = on_due  # a silent replica's time is up: count again
-        self._snap: Snapshot | None = None  # the last snapshot remembered
-        # Other replicas' progress (and fleets) as last read, and those that went silent or
-        # left since (with when).
-        self._published: dict[str, dict[str, ReplicaProgress]] = {}
-        self._published_fleet: dict[str, ReplicaFleet] = {}
-        self._seen_alive = 0.0  # when the replicas in `_published` were last seen publishing
-        self._silent: dict[str, _Silent] = {}
-        self._published_nodes: dict[str, frozenset[str]] = {}
-        self._silence_timer: asyncio.TimerHandle | None = None
+    tracker: ProxyTracker
+    _: KW_ONLY
+    identity: str
+    agents: AgentHub | None
+    stale_seconds: float
+    on_due: Callable[[], None]  # a silent replica's time is up: count again
+    _snap: Snapshot | None = field(init=False, default=None)  # the last snapshot remembered
+    # Other replicas' progress (and fleets) as last read, and those that went silent or
+    # left since (with when).
+    _published: dict[str, dict[str, ReplicaProgress]] = field(init=False, default_factory=dict)
+    _published_fleet: dict[str, ReplicaFleet] = field(init=False, default_factory=dict)
+    _seen_alive: float = field(init=False, default=0.0)  # when the replicas in `_published` were last seen publishing
+    _silent: dict[str, _Silent] = field(init=False, default_factory=dict)
+    _published_nodes: dict[str, frozenset[str]] = field(init=False, default_factory=dict)
+    _silence_timer: asyncio.TimerHandle | None = field(init=False, default=None)
 
     def any_other(self, snap: Snapshot) -> bool:
         """Whether any other replica publishes a count, or one gone silent is still kept."""
-        return bool(self._silent) or any(i != self._identity for i in snap.replica_progress)
+        return bool(self._silent) or any(i != self.identity for i in snap.replica_progress)
 
     def remember(self, snap: Snapshot) -> None:
         """Replicas whose progress vanished (their lease expired: killed, stalled, cut off)
@@ -136,7 +129,7 @@ class OtherReplicas:
         now = time.time()
         current = {i: p for i, p in snap.replica_progress.items() if not _left(snap, i)}
         for identity, progress in self._published.items():
-            if identity in current or identity == self._identity or identity in self._silent:
+            if identity in current or identity == self.identity or identity in self._silent:
                 continue
             fleet = self._published_fleet.get(identity, ReplicaFleet())
             # Its `replicas/` key (node ids of proxies with an admin address) went with it too.
@@ -151,13 +144,13 @@ class OtherReplicas:
                     identity,
                     _size(fleet),
                     ", ".join(sorted(nodes)[: views.NAMES_SHOWN]) or "agents' only",
-                    self._stale_seconds,
+                    self.stale_seconds,
                 )
             already = self._connected_elsewhere(self._published_fleet, exclude=identity, before=self._seen_alive)
             self._silent[identity] = _Silent(progress, now, frozenset(nodes), dict(fleet.clusters), left, already)
         # Declared gone a stale period after they went (named as gone), forgotten after two.
         for identity in list(self._silent):
-            if identity in current or now - self._silent[identity].at >= 2 * self._stale_seconds:
+            if identity in current or now - self._silent[identity].at >= 2 * self.stale_seconds:
                 del self._silent[identity]
         self._published = dict(current)
         self._seen_alive = now
@@ -168,13 +161,13 @@ class OtherReplicas:
             self._silence_timer = None
         if self._silent:
             first = min(silent.at for silent in self._silent.values())
-            delay = first + 2 * self._stale_seconds - now + 0.01
+            delay = first + 2 * self.stale_seconds - now + 0.01
             self._silence_timer = asyncio.get_running_loop().call_later(delay, self._on_silence_due)
 
     def _on_silence_due(self) -> None:
         if self._snap is not None:
             self.remember(self._snap)
-        self._on_due()
+        self.on_due()
 
     def merged(self, release: str, local: views.Progress, fingerprint: str, since: float, now: float) -> views.Progress:
         """`local` plus what the other replicas publish for `release`, and what silent ones
@@ -184,7 +177,7 @@ class OtherReplicas:
         sources: list[tuple[str, ReplicaProgress, float]] = []  # (name, count, when it went quiet)
         for identity, progress in snap.replica_progress.items() if snap is not None else ():
             assert snap is not None
-            if identity == self._identity or _left(snap, identity):
+            if identity == self.identity or _left(snap, identity):
                 continue
             counted = progress.get(release)
             if counted is None:
@@ -209,7 +202,7 @@ class OtherReplicas:
         lagging, gone_names = list(local.lagging), list(local.gone_names)
         deadline = local.next_deadline
         for name, counted, quiet in sources:
-            due = min(since, quiet) + self._stale_seconds
+            due = min(since, quiet) + self.stale_seconds
             carrying = counted.converged if counted.lane == fingerprint else 0
             scoped_out += counted.scoped_out if counted.lane == fingerprint else 0
             behind = counted.proxies - carrying
@@ -220,7 +213,7 @@ class OtherReplicas:
             if now >= due:
                 gone += behind
                 if len(gone_names) < views.NAMES_SHOWN:
-                    gone_names.append(f"{n_proxies(behind)} of {name}: not ACKed within {self._stale_seconds:g}s")
+                    gone_names.append(f"{n_proxies(behind)} of {name}: not ACKed within {self.stale_seconds:g}s")
                 continue
             proxies += behind
             deadline = due if deadline is None else min(deadline, due)
@@ -249,17 +242,17 @@ class OtherReplicas:
         live = [
             f
             for i, f in (snap.replica_fleet.items() if snap is not None else ())
-            if i in self._published and i != self._identity
+            if i in self._published and i != self.identity
         ]
         connected = self._connected_elsewhere(
             {i: f for i, f in (snap.replica_fleet.items() if snap is not None else ()) if i in self._published},
-            exclude=self._identity,
+            exclude=self.identity,
         )
         reported: dict[str, int] = {}
         for fleet in live:
             for name, count in fleet.clusters.items():
                 reported[name] = reported.get(name, 0) + count
-        for name, session in self._agents.sessions.items() if self._agents is not None else ():
+        for name, session in self.agents.sessions.items() if self.agents is not None else ():
             reported[name] = reported.get(name, 0) + len(session.proxies)
         found = []
         used: Counter[str] = Counter()
@@ -288,10 +281,10 @@ class OtherReplicas:
         """Open streams per node id: this replica's own (those connected before `before`, when
         given) and one per node id each other replica in `fleets` publishes."""
         found: Counter[str] = Counter(
-            p.node_id for p in self._tracker.proxies().values() if before is None or p.connected_at < before
+            p.node_id for p in self.tracker.proxies().values() if before is None or p.connected_at < before
         )
         for identity, fleet in fleets.items():
-            if identity not in (exclude, self._identity):
+            if identity not in (exclude, self.identity):
                 found.update(fleet.nodes)
         return found
 

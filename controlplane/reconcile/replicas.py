@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, field
 
 from graylane.controlplane.errors import GraylaneError, LeaseLost
 from graylane.controlplane.reconcile.traffic import admin_addresses
@@ -42,25 +43,20 @@ def _size(fleet: ReplicaFleet) -> int:
     return sum(fleet.clusters.values()) + len(fleet.nodes)
 
 
+@dataclass(eq=False)
 class ReplicaRegistry:
-    def __init__(
-        self,
-        store: ReplicaStore,
-        tracker: ProxyTracker,
-        *,
-        identity: str,
-        ttl_seconds: int = 5,
-        refresh_seconds: float = 1.0,
-    ) -> None:
-        self._store = store
-        self._tracker = tracker
-        self.identity = identity
-        self._ttl = ttl_seconds
-        self._refresh = refresh_seconds
-        self._progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] = ({}, ReplicaFleet())
-        self._progress_changed = asyncio.Event()
-        self._traffic: ReplicaTraffic | None = None
-        self._lease = 0  # the lease last granted (revoked on a clean stop)
+    store: ReplicaStore
+    tracker: ProxyTracker
+    _: KW_ONLY
+    identity: str
+    ttl_seconds: int = 5
+    refresh_seconds: float = 1.0
+    _progress: tuple[dict[str, ReplicaProgress], ReplicaFleet] = field(
+        init=False, default_factory=lambda: ({}, ReplicaFleet())
+    )
+    _progress_changed: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _traffic: ReplicaTraffic | None = field(init=False, default=None)
+    _lease: int = field(init=False, default=0)  # the lease last granted (revoked on a clean stop)
 
     def set_progress(self, progress: dict[str, ReplicaProgress], fleet: ReplicaFleet | None = None) -> None:
         """This replica's counts per live release and the proxies it counts (written by
@@ -81,11 +77,11 @@ class ReplicaRegistry:
         """Stopping on purpose: say so (what it counted, marked `left`, under a lease of its
         own that outlives this one by a TTL, so the leader sees it) and revoke the lease."""
         fleet = self._progress[1]
-        marker = await self._store.grant_lease(self._ttl)
-        await self._store.put_replica_progress(
+        marker = await self.store.grant_lease(self.ttl_seconds)
+        await self.store.put_replica_progress(
             self.identity, {}, marker, fleet=ReplicaFleet(clusters=fleet.clusters, nodes=fleet.nodes, left=True)
         )
-        await self._store.revoke_lease(lease)
+        await self.store.revoke_lease(lease)
         log.info("%s left: its %d proxies reconnect to other replicas", self.identity, _size(fleet))
 
     async def run(self) -> None:
@@ -107,11 +103,11 @@ class ReplicaRegistry:
         proxies_written_at = -_PROXIES_MIN_INTERVAL
         loop = asyncio.get_running_loop()
         while True:
-            pause = self._refresh
+            pause = self.refresh_seconds
             try:
-                if not lease or loop.time() - refreshed >= self._refresh:
-                    if not lease or await self._store.keep_alive(lease) == 0:
-                        lease = self._lease = await self._store.grant_lease(self._ttl)
+                if not lease or loop.time() - refreshed >= self.refresh_seconds:
+                    if not lease or await self.store.keep_alive(lease) == 0:
+                        lease = self._lease = await self.store.grant_lease(self.ttl_seconds)
                         written = written_progress = written_traffic = None
                     refreshed = loop.time()
                 # The same mapping while no stream opened or ended (ACKs wake this loop too).
@@ -119,37 +115,37 @@ class ReplicaRegistry:
                 if written is not None and wait > 0:
                     pause = min(pause, wait)  # look again once the interval is over
                 else:
-                    proxies = admin_addresses(self._tracker)
+                    proxies = admin_addresses(self.tracker)
                     if proxies is not written and proxies != written:
-                        await self._store.put_replica_proxies(self.identity, proxies, lease)
+                        await self.store.put_replica_proxies(self.identity, proxies, lease)
                         written = proxies
                         proxies_written_at = loop.time()
                 self._progress_changed.clear()
                 progress = self._progress
                 if progress != written_progress:
-                    await self._store.put_replica_progress(self.identity, progress[0], lease, fleet=progress[1])
+                    await self.store.put_replica_progress(self.identity, progress[0], lease, fleet=progress[1])
                     written_progress = progress
                 traffic = self._traffic
                 if traffic is not None and traffic is not written_traffic:
-                    await self._store.put_replica_traffic(self.identity, traffic, lease)
+                    await self.store.put_replica_traffic(self.identity, traffic, lease)
                     written_traffic = traffic
             except LeaseLost as exc:
                 # Expired while this process stalled: the next pass grants a new lease and
                 # writes the keys again.
                 log.warning("this replica's lease is gone (%s); registering again", exc)
                 lease, written, written_progress, written_traffic = 0, None, None, None
-                pause = min(self._refresh, _LEASE_LOST_PAUSE_SECONDS)
+                pause = min(self.refresh_seconds, _LEASE_LOST_PAUSE_SECONDS)
             except GraylaneError as exc:
                 log.warning("cannot publish this replica's proxies: %s", exc)
                 lease, written, written_progress, written_traffic = 0, None, None, None
             except Exception:
                 log.exception("cannot publish this replica's proxies; retrying")
                 lease, written, written_progress, written_traffic = 0, None, None, None
-            waiter = asyncio.ensure_future(self._tracker.wait_for_change(seen))
+            waiter = asyncio.ensure_future(self.tracker.wait_for_change(seen))
             progressed = asyncio.ensure_future(self._progress_changed.wait())
             try:
                 await asyncio.wait({waiter, progressed}, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
                 progressed.cancel()
-            seen = self._tracker.seq
+            seen = self.tracker.seq

@@ -31,7 +31,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -157,34 +157,25 @@ def merge_replicas(
     return MergedTraffic(counts, proxies, replicas, oldest, tuple(sorted(set_aside)))
 
 
+@dataclass(eq=False)
 class TrafficReader:
     """Reads this replica's proxies now and, with a `store`, adds the other replicas' records;
     `publish()` (a background loop) hands this replica's counters, the node ids they come
     from and the wall time they were read to `publish_to`."""
 
-    def __init__(
-        self,
-        tracker: ProxyTracker,
-        scraper: EnvoyStatsScraper,
-        *,
-        store: TrafficStore | None = None,
-        identity: str = "",
-        publish_to: Callable[[Mapping[TrafficKey, tuple[int, ...]], frozenset[str], float], None] | None = None,
-        followed: Callable[[str], model.Release | None] = lambda name: None,
-        publish_seconds: float = PUBLISH_SECONDS,
-    ) -> None:
-        self._tracker = tracker
-        self._scraper = scraper
-        self._store = store
-        self._identity = identity
-        self._publish_to = publish_to
-        self._publish_seconds = publish_seconds
-        # The release as this replica follows it, for GetTraffic while etcd is out of reach.
-        self.followed = followed
+    tracker: ProxyTracker
+    scraper: EnvoyStatsScraper
+    _: KW_ONLY
+    store: TrafficStore | None = None
+    identity: str = ""
+    publish_to: Callable[[Mapping[TrafficKey, tuple[int, ...]], frozenset[str], float], None] | None = None
+    # The release as this replica follows it, for GetTraffic while etcd is out of reach.
+    followed: Callable[[str], model.Release | None] = lambda name: None
+    publish_seconds: float = PUBLISH_SECONDS
 
     async def _read_own(self) -> tuple[dict[str, dict[TrafficKey, TrafficCounters]], frozenset[str], tuple[str, ...]]:
-        admins = admin_addresses(self._tracker)
-        readings, unreachable = await self._scraper.read_all(admins, latency=False)
+        admins = admin_addresses(self.tracker)
+        readings, unreachable = await self.scraper.read_all(admins, latency=False)
         own = {node: {key: s.counters for key, s in r.items()} for node, r in readings.items()}
         return own, frozenset(admins), unreachable
 
@@ -192,18 +183,18 @@ class TrafficReader:
         own, own_nodes, unreachable = await self._read_own()
         others: dict[str, ReplicaTraffic] = {}
         note = ""
-        if self._store is not None:
+        if self.store is not None:
             try:
                 async with asyncio.timeout(_OTHERS_TIMEOUT_SECONDS):
-                    others = await self._store.replica_traffic()
+                    others = await self.store.replica_traffic()
             except (GraylaneError, TimeoutError) as exc:
                 note = f"other replicas' numbers unknown (etcd: {exc or 'no answer in time'}); this replica's only"
-            others.pop(self._identity, None)  # this replica's own numbers are read now
+            others.pop(self.identity, None)  # this replica's own numbers are read now
         merged = merge_replicas(own, own_nodes, others)
         if merged.set_aside:
             note = (
                 "left out, their proxies are now counted by another replica (republished within "
-                f"{self._publish_seconds:.0f} s): " + ", ".join(merged.set_aside)
+                f"{self.publish_seconds:.0f} s): " + ", ".join(merged.set_aside)
             )
         return TrafficReport(
             counts=for_release(merged.counts, release.spec),
@@ -217,7 +208,7 @@ class TrafficReader:
     async def publish(self) -> None:
         """Every `publish_seconds`, read this replica's proxies and hand their summed nonzero
         counters over when they or the set of proxies changed (see the module docstring)."""
-        if self._publish_to is None:
+        if self.publish_to is None:
             return
         last: tuple[object, frozenset[str]] | None = None
         while True:
@@ -228,8 +219,8 @@ class TrafficReader:
                 }
                 nodes = frozenset(own)
                 if last != (counts, nodes):
-                    self._publish_to(counts, nodes, time.time())
+                    self.publish_to(counts, nodes, time.time())
                     last = (counts, nodes)
             except Exception:  # a proxy's odd answer must not stop the publishing
                 log.exception("cannot read this replica's proxies for the traffic record; retrying")
-            await asyncio.sleep(self._publish_seconds)
+            await asyncio.sleep(self.publish_seconds)

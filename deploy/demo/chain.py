@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -139,11 +140,12 @@ class Chain(Lifecycle):
             s: tuple(dict.fromkeys((STABLE_VERSION, *(versions or {}).get(s, ())))) for s in services
         }
         self.propagate_lane_header = propagate_lane_header
-        self._xds_port = xds_port
         self._client = client
-        self._protocol = protocol
-        self._binary = envoy_binary
         self._ready_timeout = ready_timeout
+        # Every Envoy of the chain (the sidecars and the edge) starts alike but for its node id.
+        self._envoy = functools.partial(
+            EnvoyProcess, ads_port=xds_port, protocol=protocol, binary=envoy_binary, ready_timeout=ready_timeout
+        )
         self._instances: dict[tuple[str, str], ChainService] = {}
         self._sidecars: dict[str, EnvoyProcess] = {}
         self._edge: EnvoyProcess | None = None
@@ -187,8 +189,8 @@ class Chain(Lifecycle):
         async with contextlib.AsyncExitStack() as stack:
             # Envoys are created first (not started) only to know their listener ports.
             for service in self.services[:-1]:
-                self._sidecars[service] = self._envoy(f"sidecar-{service}")
-            self._edge = self._envoy("edge")
+                self._sidecars[service] = self._envoy(node_id=f"sidecar-{service}")
+            self._edge = self._envoy(node_id="edge")
             stack.callback(self._forget)
 
             for index, service in enumerate(self.services):
@@ -234,15 +236,6 @@ class Chain(Lifecycle):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-    def _envoy(self, node_id: str) -> EnvoyProcess:
-        return EnvoyProcess(
-            ads_port=self._xds_port,
-            node_id=node_id,
-            protocol=self._protocol,
-            binary=self._binary,
-            ready_timeout=self._ready_timeout,
-        )
 
     async def _register(self) -> None:
         for service in self.services:

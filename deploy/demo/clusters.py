@@ -47,6 +47,7 @@ from graylane.controlplane.lifecycle import Lifecycle
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.ports import free_port
 from graylane.controlplane.store import EtcdStore, Snapshot, connect
+from graylane.deploy.local.stack import header_rule, manual_canary
 from graylane.deploy.local.traffic import LoadResult, run_load
 from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
@@ -362,23 +363,13 @@ def gray_in_west_release(
     name: str = LANE, *, weights: tuple[int, ...] = (10, 50, 100), gray_clusters: tuple[str, ...] = (WEST,)
 ) -> pb.Release:
     """Canary of checkout v1 -> v2, gray version placed in west; `x-canary: always` joins the lane."""
-    return pb.Release(
-        name=name,
-        spec=pb.ReleaseSpec(
-            lane=name,
-            entry=SERVICE,
-            services=[pb.ServiceVersions(service=SERVICE, base_version="v1", gray_version="v2")],
-            strategy=pb.CANARY,
-            match=[
-                pb.MatchRule(
-                    conditions=[
-                        pb.Condition(kind=pb.HEADER, name=k, op=pb.EXACT, value=v) for k, v in RULE_HEADER.items()
-                    ]
-                )
-            ],
-            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
-            placement=pb.Placement(gray_clusters=list(gray_clusters)),
-        ),
+    return manual_canary(
+        name,
+        entry=SERVICE,
+        grays=[(SERVICE, "v2")],
+        weights=weights,
+        rules=[header_rule(RULE_HEADER)],
+        gray_clusters=gray_clusters,
     )
 
 

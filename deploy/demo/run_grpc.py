@@ -25,7 +25,7 @@ from typing import Any
 
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.deploy.demo.greeter import ClientProcess, GreeterProcess, ServerSpec, node_binary, node_modules
-from graylane.deploy.local.stack import local_control_plane
+from graylane.deploy.local.stack import header_rule, local_control_plane, manual_canary
 from graylane.v1 import release_pb2 as pb
 
 NAME = "gray-b"
@@ -38,20 +38,13 @@ PHASES = {v: k for k, v in pb.Phase.items()}
 
 
 def _release() -> pb.Release:
-    return pb.Release(
-        name=NAME,
-        spec=pb.ReleaseSpec(
-            lane=LANE,
-            entry="b",
-            services=[pb.ServiceVersions(service="b", base_version="v1", gray_version="v2")],
-            strategy=pb.CANARY,
-            match=[
-                pb.MatchRule(
-                    conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value=TESTER_HEADER[1])]
-                )
-            ],
-            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 50, 100)],
-        ),
+    return manual_canary(
+        NAME,
+        lane=LANE,
+        entry="b",
+        grays=[("b", "v2")],
+        weights=(10, 50, 100),
+        rules=[header_rule(dict([TESTER_HEADER]))],
     )
 
 

@@ -25,6 +25,7 @@ import random
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
@@ -52,6 +53,7 @@ _TRACER: Final = _PROVIDER.get_tracer("graylane.deploy.demo")
 _PROPAGATOR: Final = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
 
+@dataclass(eq=False)
 class ChainService:
     """`async with ChainService(service="b", version="v2", next_hop="c", sidecar_port=p):`.
 
@@ -64,31 +66,24 @@ class ChainService:
     `error_rate` may be changed while serving (a knob for rollback demos and tests).
     """
 
-    def __init__(
-        self,
-        *,
-        service: str,
-        version: str,
-        next_hop: str | None = None,
-        sidecar_port: int | None = None,
-        port: int = 0,
-        propagate_lane_header: bool = True,
-        forward_headers: tuple[str, ...] = ("x-user", "x-user-id"),
-        error_rate: float = 0.0,
-    ) -> None:
-        if next_hop and sidecar_port is None:
-            raise ValueError(f"{service}:{version}: next_hop {next_hop!r} needs a sidecar_port")
-        self.service = service
-        self.version = version
-        self.next_hop = next_hop or None
-        self.sidecar_port = sidecar_port
-        self.port = port
-        self.propagate_lane_header = propagate_lane_header
-        self.forward_headers = tuple(h.lower() for h in forward_headers)
-        self.error_rate = error_rate
-        self.requests = 0
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+    _: KW_ONLY
+    service: str
+    version: str
+    next_hop: str | None = None
+    sidecar_port: int | None = None
+    port: int = 0
+    propagate_lane_header: bool = True
+    forward_headers: tuple[str, ...] = ("x-user", "x-user-id")
+    error_rate: float = 0.0
+    requests: int = field(init=False, default=0)
+    _runner: web.AppRunner | None = field(init=False, default=None)
+    _session: aiohttp.ClientSession | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.next_hop and self.sidecar_port is None:
+            raise ValueError(f"{self.name}: next_hop {self.next_hop!r} needs a sidecar_port")
+        self.next_hop = self.next_hop or None
+        self.forward_headers = tuple(h.lower() for h in self.forward_headers)
 
     @property
     def name(self) -> str:

@@ -3,7 +3,8 @@
 Owns the start-up and tear-down order shared by `graylane demo` and the benchmarks:
 etcd first, then the store, then the replica (API and xDS on free ports); stopped in
 reverse. Tests build their own from fixtures; this is for whole-product runs.
-`register_service` puts a service and its versions through any control plane's API.
+`register_service` puts a service and its versions through any control plane's API;
+`manual_canary` is the release the demos and tests apply to it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import pathlib
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from graylane.controlplane.api.client import ReleaseClient
@@ -44,6 +45,41 @@ async def register_service(client: ReleaseClient, service: str, versions: Iterab
     await client.put_service(pb.Service(name=service, stable_version="v1"))
     for name in versions:
         await client.put_version(pb.Version(service=service, name=name))
+
+
+def header_rule(headers: Mapping[str, str]) -> pb.MatchRule:
+    """A rule that joins the requests carrying every one of `headers` with exactly its value."""
+    return pb.MatchRule(
+        conditions=[pb.Condition(kind=pb.HEADER, name=k, op=pb.EXACT, value=v) for k, v in headers.items()]
+    )
+
+
+def manual_canary(
+    name: str,
+    *,
+    entry: str,
+    grays: Iterable[tuple[str, str]],
+    weights: Iterable[int],
+    lane: str = "",
+    rules: Iterable[pb.MatchRule] = (),
+    gray_clusters: Iterable[str] = (),
+) -> pb.Release:
+    """Canary `name` in `lane` (default: `name`) from `entry`: each (service, gray version) of
+    `grays` over base v1, a batch per weight, each moved on by hand (a manual pause); with
+    `gray_clusters`, the gray versions run in those clusters only."""
+    clusters = list(gray_clusters)
+    return pb.Release(
+        name=name,
+        spec=pb.ReleaseSpec(
+            lane=lane or name,
+            entry=entry,
+            services=[pb.ServiceVersions(service=s, base_version="v1", gray_version=g) for s, g in grays],
+            strategy=pb.CANARY,
+            match=list(rules),
+            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
+            placement=pb.Placement(gray_clusters=clusters) if clusters else None,
+        ),
+    )
 
 
 async def keep_serving(local: LocalPlane) -> None:

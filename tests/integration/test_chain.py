@@ -22,6 +22,7 @@ from graylane.controlplane.app import ControlPlane
 from graylane.controlplane.local.envoy import http_get
 from graylane.controlplane.store import EtcdStore
 from graylane.deploy.demo.chain import Chain, ChainAnswer
+from graylane.deploy.local.stack import header_rule, manual_canary
 from graylane.v1 import release_pb2 as pb
 
 from tests.integration.conftest import control_plane
@@ -58,19 +59,13 @@ async def chain_stack(
 
 
 def full_link_release() -> pb.Release:
-    return pb.Release(
-        name="gray-bc",
-        spec=pb.ReleaseSpec(
-            lane=LANE,
-            entry="b",
-            services=[
-                pb.ServiceVersions(service="b", base_version="v1", gray_version="v2"),
-                pb.ServiceVersions(service="c", base_version="v1", gray_version="v2"),
-            ],
-            strategy=pb.CANARY,
-            match=[pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")])],
-            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (0, 100)],
-        ),
+    return manual_canary(
+        "gray-bc",
+        lane=LANE,
+        entry="b",
+        grays=[("b", "v2"), ("c", "v2")],
+        weights=(0, 100),
+        rules=[header_rule({"x-user": "tester"})],
     )
 
 
@@ -181,17 +176,10 @@ async def test_the_first_batch_and_the_promote_reach_every_proxy_within_seconds(
 
 
 async def test_the_service_cli_serves_until_sigterm() -> None:
+    service = [sys.executable, "-P", "-m", "graylane.deploy.demo.service"]
+    argv = [*service, "--service", "e", "--version", "v3", "--port", "0"]
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-P",
-        "-m",
-        "graylane.deploy.demo.service",
-        "--service",
-        "e",
-        "--version",
-        "v3",
-        "--port",
-        "0",
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -17,6 +17,7 @@ from pathlib import Path
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.store import EtcdStore
 from graylane.deploy.demo.chain import ChainAnswer
+from graylane.deploy.local.stack import header_rule, manual_canary
 from graylane.v1 import release_pb2 as pb
 
 from .test_chain import chain_stack
@@ -30,31 +31,6 @@ TESTER = {"x-user": "tester"}
 def bound(n: int, p: float, z: float = 3.29) -> float:
     """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
     return z * math.sqrt(p * (1 - p) / n)
-
-
-def release(
-    name: str,
-    *,
-    lane: str,
-    entry: str,
-    grays: Sequence[tuple[str, str]],
-    weights: Sequence[int],
-    rules: Sequence[pb.MatchRule] = (),
-) -> pb.Release:
-    return pb.Release(
-        name=name,
-        spec=pb.ReleaseSpec(
-            lane=lane,
-            entry=entry,
-            services=[pb.ServiceVersions(service=s, base_version="v1", gray_version=g) for s, g in grays],
-            match=list(rules),
-            batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
-        ),
-    )
-
-
-def rule_for_testers() -> pb.MatchRule:
-    return pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-user", op=pb.EXACT, value="tester")])
 
 
 async def until_reached(client: ReleaseClient, name: str, timeout: float = 20) -> None:
@@ -80,8 +56,8 @@ async def test_rules_send_the_whole_chain_into_the_lane_and_the_weight_splits_th
     async with chain_stack(store, envoy_binary) as (chain, client, _):
         await start(
             client,
-            release(
-                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[20], rules=[rule_for_testers()]
+            manual_canary(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[20], rules=[header_rule(TESTER)]
             ),
         )
         # Every sixth request is a tester's; the others are plain traffic.
@@ -128,8 +104,8 @@ async def test_baggage_survives_end_to_end_and_carries_the_lane(store: EtcdStore
     async with chain_stack(store, envoy_binary) as (chain, client, _):
         await start(
             client,
-            release(
-                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[0], rules=[rule_for_testers()]
+            manual_canary(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[0], rules=[header_rule(TESTER)]
             ),
         )
         inside = await chain.request({**TESTER, "baggage": "tenant=acme"})
@@ -146,8 +122,8 @@ async def test_an_app_that_only_propagates_baggage_stays_in_its_lane(store: Etcd
     async with chain_stack(store, envoy_binary, propagate_lane_header=False) as (chain, client, _):
         await start(
             client,
-            release(
-                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[30], rules=[rule_for_testers()]
+            manual_canary(
+                "bc", lane=BC, entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[30], rules=[header_rule(TESTER)]
             ),
         )
         tester = await chain.request(TESTER)
@@ -165,8 +141,12 @@ async def test_two_overlapping_lanes_are_isolated_and_one_rolls_back_under_load(
     versions = {"b": ("v1", "v2"), "c": ("v1", "v2", "v3"), "d": ("v1", "v2")}
     x_path, y_path = BC_PATH, "a:v1>b:v1>c:v3>d:v2>e:v1"
     async with chain_stack(store, envoy_binary, versions=versions) as (chain, client, plane):
-        await start(client, release("x", lane="lane-x", entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[30]))
-        await start(client, release("y", lane="lane-y", entry="c", grays=[("c", "v3"), ("d", "v2")], weights=[30]))
+        await start(
+            client, manual_canary("x", lane="lane-x", entry="b", grays=[("b", "v2"), ("c", "v2")], weights=[30])
+        )
+        await start(
+            client, manual_canary("y", lane="lane-y", entry="c", grays=[("c", "v3"), ("d", "v2")], weights=[30])
+        )
         answers = await chain.run(1500, timeout=90)
         assert failures(answers) == []
         paths = Counter(a.path for a in answers)

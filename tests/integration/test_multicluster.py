@@ -633,16 +633,9 @@ async def test_invalid_hello_is_refused_naming_the_field(fresh: TwoClusters) -> 
 async def test_demo_with_two_clusters_answers_every_request(etcd_endpoint: str, envoy_binary: Path) -> None:
     """`graylane demo --clusters 2` (with its own etcd): exit 0 means every request got a 200."""
     del etcd_endpoint, envoy_binary  # only that both binaries exist
+    argv = [*graylane_command(), "demo", "--clusters", "2", "--requests", "300"]
     process = await asyncio.create_subprocess_exec(
-        *graylane_command(),
-        "demo",
-        "--clusters",
-        "2",
-        "--requests",
-        "300",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
     )
     try:
         async with asyncio.timeout(90):

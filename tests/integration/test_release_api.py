@@ -145,10 +145,7 @@ async def test_bad_input_names_the_field_and_changes_nothing(
     await register(stub, "checkout")
     spec = canary()
     mutate(spec)  # type: ignore[operator]
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec))
-    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert field in (err.value.details() or "")
+    assert field in await _invalid(stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec)))
     listed = await stub.ListReleases(api.ListReleasesRequest())
     assert list(listed.releases) == []
 
@@ -279,10 +276,7 @@ async def test_lanes_entering_one_service_cannot_ask_for_more_than_all_of_it(
     other = canary((10, 60))
     other.lane = "checkout-v3"
     other.services[0].gray_version = "v3"
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other))
-    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "spec.entry" in (err.value.details() or "")
+    assert "spec.entry" in await _invalid(stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other)))
     del other.batches[1]  # 10 + 60 fits
     r = await stub.ApplyRelease(api.ApplyReleaseRequest(name="two", spec=other))
     assert r.status.phase == pb.PENDING
@@ -317,6 +311,14 @@ async def test_stopping_a_replica_ends_its_watches_with_unavailable(store: EtcdS
 
 
 # ------------------------------------------------------------------ bad input (issue 11)
+
+
+async def _invalid(call: Awaitable[object]) -> str:
+    """Await `call`, which must be refused as INVALID_ARGUMENT; the refusal's details."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    return err.value.details() or ""
 
 
 async def _stored(store: EtcdStore) -> tuple[object, ...]:
@@ -402,10 +404,7 @@ async def test_bad_input_from_issue_11_is_refused_naming_the_field(
         stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=spec)),
         stub.CreateRelease(api.CreateReleaseRequest(name="rel", spec=spec)),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call
-        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert field in (err.value.details() or "")
+        assert field in await _invalid(call)
     after = await _stored(store)
     assert after == before and after[0] == ()  # nothing written
 
@@ -413,10 +412,8 @@ async def test_bad_input_from_issue_11_is_refused_naming_the_field(
 async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> None:
     await register(stub, "checkout")
     before = await _stored(store)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel\n", spec=canary()))
-    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert (err.value.details() or "").startswith("name: ")
+    refusal = await _invalid(stub.ApplyRelease(api.ApplyReleaseRequest(name="rel\n", spec=canary())))
+    assert refusal.startswith("name: ")
     assert await _stored(store) == before
 
 
@@ -454,10 +451,7 @@ async def test_bad_services_and_versions_are_refused_and_nothing_written(
     await register(stub, "checkout")
     before = await _stored(store)
     call = stub.PutService if isinstance(request_, api.PutServiceRequest) else stub.PutVersion
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(request_)  # type: ignore[operator]
-    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert (err.value.details() or "").startswith(field)
+    assert (await _invalid(call(request_))).startswith(field)  # type: ignore[operator]
     assert await _stored(store) == before
 
 
@@ -474,10 +468,7 @@ async def test_an_oversized_reason_or_actor_is_refused_and_nothing_written(
         stub.NextBatch(api.ActionRequest(name="rel", **changes)),
         stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=canary(weights=(5, 100)), **changes)),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await call
-        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert (err.value.details() or "").startswith(field)
+        assert (await _invalid(call)).startswith(field)
     assert await _stored(store) == before
     history = await stub.History(api.HistoryRequest(name="rel"))
     assert len(history.events) == 1

@@ -140,19 +140,12 @@ def rich_view() -> xv.RoutingView:
         ),
     )
     return xv.RoutingView(
-        services=(
-            xv.ServiceRoute("gateway", "v1"),
-            xv.ServiceRoute("cart", "v1"),
-            xv.ServiceRoute("stock", "v1"),
-            xv.ServiceRoute("empty", "v1"),
-        ),
-        endpoints=(
-            xv.VersionEndpoints("gateway", "v1", eps(9001)),
-            xv.VersionEndpoints("gateway", "v2", eps(9002)),
-            xv.VersionEndpoints("cart", "v1", eps(9011)),
-            xv.VersionEndpoints("cart", "v2", eps(9012)),
-            xv.VersionEndpoints("stock", "v1", eps(9021)),
-            xv.VersionEndpoints("stock", "v2", eps(9022)),
+        services=tuple(xv.ServiceRoute(s, "v1") for s in ("gateway", "cart", "stock", "empty")),
+        # v1 and v2 of every service but "empty" have one endpoint each: gateway 9001, 9002, cart 9011, ...
+        endpoints=tuple(
+            xv.VersionEndpoints(s, f"v{n}", eps(9000 + 10 * i + n))
+            for i, s in enumerate(("gateway", "cart", "stock"))
+            for n in (1, 2)
         ),
         lanes=(
             xv.Lane(

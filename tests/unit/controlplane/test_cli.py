@@ -10,6 +10,7 @@ import sys
 import types
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,9 +29,9 @@ def _ts(seconds: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=seconds)
 
 
-def _release(
-    *, phase: pb.Phase = pb.PROGRESSING, batch: int = 1, weight: int = 20, reached: bool = False, reason: str = ""
-) -> pb.Release:
+def _release(**status: Any) -> pb.Release:
+    """Release "checkout-v2", batches 10/20/50/100 %, 1 of 3 proxies converged; `status` holds
+    the ReleaseStatus fields that differ from PROGRESSING at batch 1 (20 %)."""
     return pb.Release(
         name="checkout-v2",
         spec=pb.ReleaseSpec(
@@ -40,12 +41,8 @@ def _release(
             batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in (10, 20, 50, 100)],
         ),
         status=pb.ReleaseStatus(
-            phase=phase,
-            batch=batch,
-            weight=weight,
-            reached=reached,
-            reason=reason,
             convergence=pb.ProxyConvergence(proxies=3, converged=1, target_version="r42"),
+            **{"phase": pb.PROGRESSING, "batch": 1, "weight": 20, **status},
         ),
         revision=42,
     )
