@@ -9,7 +9,7 @@ no etcd or xds code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar, cast
 
@@ -114,18 +114,8 @@ class ReleaseClient:
         return await self._unary("TombstoneHistory", request, release_service_pb2.HistoryResponse)
 
     async def create_token(
-        self,
-        name: str,
-        role: str,
-        *,
-        services: Sequence[str] = (),
-        releases: Sequence[str] = (),
-        cluster: str = "",
-        subject: str = "",
+        self, request: release_service_pb2.CreateTokenRequest
     ) -> release_service_pb2.CreateTokenResponse:
-        request = release_service_pb2.CreateTokenRequest(
-            name=name, role=role, services=services, releases=releases, cluster=cluster, subject=subject
-        )
         return await self._unary("CreateToken", request, release_service_pb2.CreateTokenResponse)
 
     async def list_tokens(self) -> release_service_pb2.ListTokensResponse:

@@ -32,6 +32,7 @@ from graylane.controlplane.defaults import (
 from graylane.controlplane.options import (
     DEFAULT_XDS_CLUSTER,
 )
+from graylane.v1 import release_service_pb2
 from graylane.xds.view import DEFAULT_LISTEN_PORT
 
 
@@ -175,12 +176,14 @@ def _certs(args: argparse.Namespace) -> int:
 async def _token(client: ReleaseClient, args: argparse.Namespace) -> int:
     if args.token_command == "create":
         made = await client.create_token(
-            args.name,
-            args.role,
-            services=comma_list(args.services),
-            releases=comma_list(args.releases),
-            cluster=args.cluster,
-            subject=args.subject,
+            release_service_pb2.CreateTokenRequest(
+                name=args.name,
+                role=args.role,
+                services=comma_list(args.services),
+                releases=comma_list(args.releases),
+                cluster=args.cluster,
+                subject=args.subject,
+            )
         )
         if args.output != "table":
             emit(args, made, lambda m: "")
