@@ -1,7 +1,7 @@
 """Routing views and convergence: pure functions from etcd state and proxy facts.
 
 Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders; `build_view_from`
-builds it from the previous one and the releases that changed), `release_progress`
+builds it from the previous one and the releases that changed), `grouped_progress`
 (how many proxies carry a release's current batch, and whether it is reached) and
 `blame_nack` (which lanes a rejected configuration introduced). No I/O here;
 `controlplane.dataplane` runs these against etcd and the xDS server.
@@ -525,35 +525,6 @@ def group_by_carried(proxies: Iterable[ProxyFacts]) -> ProxyGroups:
     return tuple(groups.values())
 
 
-def release_progress(
-    release: model.Release,
-    *,
-    intended: xv.RoutingView,
-    effective: xv.RoutingView,
-    proxies: Iterable[ProxyFacts],
-    target_since: float,
-    now: float,
-    stale_seconds: float,
-) -> Progress:
-    """How many proxies carry the release's target, which do not and why.
-
-    A proxy carries it when its accepted view has the target as `intended` has it (a
-    rolled-back release's target is its drained lane, see `model.draining`). A proxy that has
-    not carried it for `stale_seconds` after the later of the target appearing
-    (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
-    named in `gone_names`. The result does not depend on the order of `proxies`.
-    """
-    return grouped_progress(
-        release,
-        intended=intended,
-        effective=effective,
-        groups=group_by_carried(proxies),
-        target_since=target_since,
-        now=now,
-        stale_seconds=stale_seconds,
-    )
-
-
 def grouped_progress(
     release: model.Release,
     *,
@@ -564,9 +535,17 @@ def grouped_progress(
     now: float,
     stale_seconds: float,
 ) -> Progress:
-    """`release_progress` over proxies already grouped by the view they carry: a group
-    whose view carries the target counts whole, and so does one that does not while none
-    of its proxies can be stale yet; only then are the members looked at one by one."""
+    """How many proxies carry the release's target, which do not and why, over proxies
+    grouped by the view they carry (`group_by_carried`).
+
+    A proxy carries it when its accepted view has the target as `intended` has it (a
+    rolled-back release's target is its drained lane, see `model.draining`). A proxy that has
+    not carried it for `stale_seconds` after the later of the target appearing
+    (`target_since`) and the proxy connecting is declared gone: left out of `proxies`, and
+    named in `gone_names`. The result does not depend on the order of the proxies.
+
+    A group whose view carries the target counts whole, and so does one that does not while
+    none of its proxies can be stale yet; only then are the members looked at one by one."""
     want = target_in(intended, release)
     applied = want == target_in(effective, release)
     count = converged = gone = rejecting = scoped_out = 0

@@ -39,8 +39,9 @@ def full_recount(
             )
         )
     intended = view_at(r.status.batch)
-    return views.release_progress(
-        r, intended=intended, effective=intended, proxies=facts, target_since=since, now=now, stale_seconds=stale
+    groups = views.group_by_carried(facts)
+    return views.grouped_progress(
+        r, intended=intended, effective=intended, groups=groups, target_since=since, now=now, stale_seconds=stale
     )
 
 
@@ -163,9 +164,10 @@ def test_status_names_do_not_depend_on_the_order_proxies_are_counted_in() -> Non
     results = set()
     for seed in range(5):
         random.Random(seed).shuffle(facts)
+        groups = views.group_by_carried(facts)
         results.add(
-            views.release_progress(
-                r, intended=intended, effective=intended, proxies=facts, target_since=0.0, now=1.0, stale_seconds=30
+            views.grouped_progress(
+                r, intended=intended, effective=intended, groups=groups, target_since=0.0, now=1.0, stale_seconds=30
             )
         )
     assert len(results) == 1

@@ -44,8 +44,9 @@ def test_a_proxy_that_never_carries_the_target_is_lagging_then_gone_and_named() 
     ]
 
     def at(now: float) -> views.Progress:
-        return views.release_progress(
-            r, intended=intended, effective=intended, proxies=proxies, target_since=100.0, now=now, stale_seconds=30
+        groups = views.group_by_carried(proxies)
+        return views.grouped_progress(
+            r, intended=intended, effective=intended, groups=groups, target_since=100.0, now=now, stale_seconds=30
         )
 
     early = at(110.0)
@@ -128,8 +129,9 @@ def test_a_scoped_proxy_counts_only_for_releases_of_its_services() -> None:
     intended = view_with(views.lane_of(r))
 
     def at(*proxies: views.ProxyFacts) -> views.Progress:
-        return views.release_progress(
-            r, intended=intended, effective=intended, proxies=proxies, target_since=100.0, now=110.0, stale_seconds=30
+        groups = views.group_by_carried(proxies)
+        return views.grouped_progress(
+            r, intended=intended, effective=intended, groups=groups, target_since=100.0, now=110.0, stale_seconds=30
         )
 
     elsewhere = views.ProxyFacts("web-only", None, since=100.0, scope=frozenset({"web"}))
