@@ -327,6 +327,14 @@ async def _stored(store: EtcdStore) -> tuple[object, ...]:
     return snap.releases, snap.services, snap.versions
 
 
+@pytest.fixture
+async def registered(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> tuple[object, ...]:
+    """The service checkout registered; what the store holds then (`_stored`), which a
+    refused call must leave as it is."""
+    await register(stub, "checkout")
+    return await _stored(store)
+
+
 def _condition(**fields: object) -> pb.Condition:
     return pb.Condition(**{"kind": pb.HEADER, "name": "x-canary", "op": pb.EXACT, "value": "1", **fields})
 
@@ -393,10 +401,8 @@ def _analysis(edit):  # type: ignore[no-untyped-def]
     ],
 )
 async def test_bad_input_from_issue_11_is_refused_naming_the_field(
-    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, mutate: object, field: str
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, registered: tuple[object, ...], mutate: object, field: str
 ) -> None:
-    await register(stub, "checkout")
-    before = await _stored(store)
     spec = canary()
     spec.batches[1].pause.CopyFrom(pb.Pause(duration=Duration(seconds=60)))
     mutate(spec)  # type: ignore[operator]
@@ -406,15 +412,15 @@ async def test_bad_input_from_issue_11_is_refused_naming_the_field(
     ):
         assert field in await _invalid(call)
     after = await _stored(store)
-    assert after == before and after[0] == ()  # nothing written
+    assert after == registered and after[0] == ()  # nothing written
 
 
-async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseServiceStub, store: EtcdStore) -> None:
-    await register(stub, "checkout")
-    before = await _stored(store)
+async def test_a_release_named_with_a_newline_is_refused(
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, registered: tuple[object, ...]
+) -> None:
     refusal = await _invalid(stub.ApplyRelease(api.ApplyReleaseRequest(name="rel\n", spec=canary())))
     assert refusal.startswith("name: ")
-    assert await _stored(store) == before
+    assert await _stored(store) == registered
 
 
 @pytest.mark.parametrize(
@@ -446,13 +452,11 @@ async def test_a_release_named_with_a_newline_is_refused(stub: api_grpc.ReleaseS
     ],
 )
 async def test_bad_services_and_versions_are_refused_and_nothing_written(
-    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, request_: object, field: str
+    stub: api_grpc.ReleaseServiceStub, store: EtcdStore, registered: tuple[object, ...], request_: object, field: str
 ) -> None:
-    await register(stub, "checkout")
-    before = await _stored(store)
     call = stub.PutService if isinstance(request_, api.PutServiceRequest) else stub.PutVersion
     assert (await _invalid(call(request_))).startswith(field)  # type: ignore[operator]
-    assert await _stored(store) == before
+    assert await _stored(store) == registered
 
 
 @pytest.mark.parametrize(
