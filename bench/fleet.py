@@ -13,6 +13,7 @@ the weight) is cached, so the fleet's own CPU stays small next to the control pl
 The parent talks to a worker over a Pipe, one command at a time:
   ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
   ("seen", weight)   -> list of first-seen wall-clock times (None where not seen yet)
+  ("missing", weight) -> how many clients have not seen it yet (an int: cheap to poll)
   ("stop",)          -> final status; the worker exits.
 
 Also here: an API prober process (GetRelease in a loop, bounded in count and time).
@@ -311,6 +312,8 @@ class _Fleet:
                     conn.send(self.status())
                 elif cmd[0] == "seen":
                     conn.send([c.seen.get(cmd[1]) for c in self.clients])
+                elif cmd[0] == "missing":
+                    conn.send(sum(1 for c in self.clients if cmd[1] not in c.seen))
                 elif cmd[0] == "stop":
                     break
         finally:

@@ -657,6 +657,10 @@ class _Inbox(Generic[T]):
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def idle(self) -> bool:
+        """Whether the reader is parked on an empty inbox (nothing queued, nothing woken)."""
+        return self._waiter is not None and not self._items
+
     def put_nowait(self, item: T) -> None:
         self._items.append(item)
         waiter, self._waiter = self._waiter, None
@@ -676,6 +680,20 @@ class _Inbox(Generic[T]):
         return self._items.popleft()
 
 
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """Responses to a request the reader handled itself (see `_Stream._read`), to send in order."""
+
+    responses: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """An error raised handling a request on the reader's task: the loop raises it."""
+
+    error: Exception
+
+
 class _Stream(Generic[Req, Resp]):
     """State and logic shared by the SotW and delta stream loops of one proxy."""
 
@@ -691,7 +709,7 @@ class _Stream(Generic[Req, Resp]):
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
-        self._events: _Inbox[Req | _Signal] = _Inbox()
+        self._events: _Inbox[Req | _Signal | _Ready | _Failed] = _Inbox()
         self._snapshot_changed = False
         self._stopped = False
         # Set by the server when a gate is configured: the proxy is admitted (or refused)
@@ -707,10 +725,16 @@ class _Stream(Generic[Req, Resp]):
             while (event := await self._events.get()) is not _Signal.END_OF_STREAM and not self._stopped:
                 if isinstance(event, _Signal):
                     self._snapshot_changed = False
+                    responses = self.push()
+                elif isinstance(event, _Ready):
+                    responses = event.responses
+                elif isinstance(event, _Failed):
+                    raise event.error
                 else:
                     self._start(event)
                     self.handle(event)
-                for response in self.push():
+                    responses = self.push()
+                for response in responses:
                     await send(response)
         finally:
             # Release the stream before anything can suspend this task: a second
@@ -721,11 +745,31 @@ class _Stream(Generic[Req, Resp]):
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, requests: AsyncIterator[Req]) -> None:
+        """Hand each request to the loop; or, while the loop is parked with nothing queued,
+        handle it here, where it arrived (the loop wakes only if there is something to send).
+
+        Every proxy ACKs every change, and the ACK usually needs no answer: handled here it
+        costs no wake of the loop's task (10,000 a change at fleet size). The order is the
+        loop's: a request is handled here only when the loop would handle it next and at
+        once, and what it leaves to send is queued before anything that arrives after it.
+        A stream's first request (the admission) always goes through the loop.
+        """
+        events = self._events
         try:
             async for request in requests:
-                self._events.put_nowait(request)
+                if self.stream_id and not self._stopped and events.idle():
+                    try:
+                        self.handle(request)
+                        responses = self.push()
+                    except Exception as exc:  # raised by the loop, as if it had handled it
+                        events.put_nowait(_Failed(exc))
+                        return
+                    if responses:
+                        events.put_nowait(_Ready(responses))
+                else:
+                    events.put_nowait(request)
         finally:
-            self._events.put_nowait(_Signal.END_OF_STREAM)
+            events.put_nowait(_Signal.END_OF_STREAM)
 
     def end(self) -> None:
         """Finish the loop after whatever it is doing now (the server is closing)."""

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # A count that only grew (more proxies converged, not all yet) is published, and written as a
 # release's status (`convergence`), at most this often.
 PROGRESS_INTERVAL_SECONDS = 0.25
+# ...and this replica's own record, which lists every node id it serves, at most every
+# PROGRESS_INTERVAL_SECONDS or this long per node, whichever is longer (1 s at 10,000
+# streams): each write is encoded here and decoded again by every replica's watch, ~1 ms
+# per 1,000 nodes each way, and a growing count is all it would carry.
+_PUBLISH_SECONDS_PER_NODE = 0.0001
 
 
 def _only_grew(before: dict[str, ReplicaProgress], after: dict[str, ReplicaProgress]) -> bool:
@@ -66,8 +71,9 @@ class ProgressPublisher:
         """Hand this replica's count to `on_progress` (it writes it to etcd for the leader):
         at once when anything but a converged count moved, or when a release became fully
         converged here; a count that only grew towards it at most every
-        `PROGRESS_INTERVAL_SECONDS` (a fleet's ACKs move it on every pass, and each write
-        carries every node id). Returns when to publish what was held back (None: nothing).
+        `PROGRESS_INTERVAL_SECONDS`, longer for a large fleet (a fleet's ACKs move it on
+        every pass, and each write carries every node id: `_PUBLISH_SECONDS_PER_NODE`).
+        Returns when to publish what was held back (None: nothing).
 
         Held back, the published count is behind in the safe direction only: fewer
         converged of the same proxies and targets, so no replica reads more than ACKs show."""
@@ -75,7 +81,8 @@ class ProgressPublisher:
         last = self._sent
         if last is not None and last[0] == progress and last[1] is fleet:
             return None
-        due = last[2] + PROGRESS_INTERVAL_SECONDS if last is not None else now
+        interval = max(PROGRESS_INTERVAL_SECONDS, len(nodes) * _PUBLISH_SECONDS_PER_NODE)
+        due = last[2] + interval if last is not None else now
         if last is not None and now < due and _only_grew(last[0], progress) and last[1] is fleet:
             return due
         self._on_progress(progress, fleet)
