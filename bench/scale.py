@@ -551,6 +551,14 @@ async def bench_fleet(
     entry = "svc-0000"
     async with contextlib.AsyncExitStack() as stack:
         gc_pauses = stack.enter_context(GcPauses())
+        if os.environ.get("GRAYLANE_BENCH_SEND_SLOTS"):
+            # Experiment: the ADS server's bound on streams pushing at once (a huge number: no bound).
+            from graylane.xds.server import AdsServer
+
+            defaults = AdsServer.__init__.__kwdefaults__
+            stack.callback(defaults.__setitem__, "send_slots", defaults["send_slots"])
+            defaults["send_slots"] = int(os.environ["GRAYLANE_BENCH_SEND_SLOTS"])
+            res.notes.append(f"GRAYLANE_BENCH_SEND_SLOTS: {defaults['send_slots']} streams push at once")
         trace = None
         if os.environ.get("GRAYLANE_BENCH_API_TRACE"):
             trace = ApiTrace()  # before the API's servicer is made
