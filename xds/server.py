@@ -116,8 +116,8 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 # At most this many streams push at once (`_SendSlots`): enough to keep gRPC's writer
 # busy, few enough that another call's events queue behind little. Measured at 10,000
-# streams (bench/RESULTS.md, section 5 and Notes): 256 left the API's p99 during a change at
-# 400-670 ms, 64 at 185 ms.
+# streams (`GRAYLANE_BENCH_SEND_SLOTS=N bench/run.py --scale`, shared machine): the API's
+# GetRelease during the changes p99 3.3-4.1 s unbounded, 400-670 ms with 256, 185-281 ms with 64.
 SEND_SLOTS = 64
 SEND_SLOT_HOLD = 1.0  # seconds a stuck write may hold a slot
 
