@@ -364,6 +364,9 @@ class Worker:
 # --------------------------------------------------------------------------- API prober
 
 
+PROBE_ID_METADATA = "x-graylane-probe"  # the prober's call index, for bench/scale.py's API trace
+
+
 def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, gap: float, conn: Any) -> None:
     from graylane.v1 import release_service_pb2, release_service_pb2_grpc
 
@@ -385,7 +388,11 @@ def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, 
                 t0 = time.perf_counter()
                 code = "OK"
                 try:
-                    await stub.GetRelease(release_service_pb2.GetReleaseRequest(name=release), timeout=10.0)
+                    await stub.GetRelease(
+                        release_service_pb2.GetReleaseRequest(name=release),
+                        timeout=10.0,
+                        metadata=((PROBE_ID_METADATA, str(len(out))),),
+                    )
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
                 out.append((time.time(), (time.perf_counter() - t0) * 1000, code))

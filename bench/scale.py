@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import cProfile
 import gc
+import itertools
 import os
 import pathlib
 import resource
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fleet import FleetSpec, Prober, Worker
+from fleet import PROBE_ID_METADATA, FleetSpec, Prober, Worker
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -279,6 +280,133 @@ class StallSampler:
         return self.samples.most_common(n)
 
 
+class ApiTrace:
+    """Where a GetRelease waits (GRAYLANE_BENCH_API_TRACE): server-side instants of each
+    prober call, matched to the prober's send / receive instants by its call index.
+
+    Instants (wall clock, one host): handler entered; the etcd read's thread starts and ends
+    (the blocking channel's Range of the release key); handler resumed after the read;
+    handler returned; the call done on the server (reply and status written). Patches the
+    API servicer's class and the etcd client's thread hop for the process; `close` restores."""
+
+    def __init__(self) -> None:
+        from graylane.controlplane.api import release_service
+        from graylane.controlplane.store import _client
+
+        self.calls: dict[int, dict[str, float]] = {}
+        self.reads: list[tuple[float, float]] = []  # (thread start, thread end) of the release's Range
+        self.changes: list[float] = []  # each NextBatch's start (wall clock)
+        self.release_key = b""  # set once the store exists
+        self._patched: list[tuple[Any, str, Any]] = []
+        servicer = release_service.ReleaseServicer
+        get_release = servicer.GetRelease
+        scoped = servicer._scoped_release
+        calls = self.calls
+
+        async def traced_get(this: Any, request: Any, context: Any) -> Any:
+            marks: dict[str, float] = {"enter": time.time()}
+            for key, value in context.invocation_metadata() or ():
+                if key == PROBE_ID_METADATA:
+                    calls[int(value)] = marks
+                    context.add_done_callback(lambda _ctx: marks.__setitem__("done", time.time()))
+            try:
+                return await get_release(this, request, context)
+            finally:
+                marks["return"] = time.time()
+
+        async def traced_scoped(this: Any, name: str) -> Any:
+            marks_before = time.time()
+            try:
+                return await scoped(this, name)
+            finally:
+                for marks in calls.values():  # the call whose handler is in this read
+                    if "read_end" not in marks and marks.get("enter", 0.0) <= marks_before:
+                        marks["read_start"], marks["read_end"] = marks_before, time.time()
+
+        caller = release_service.CallerInterceptor
+        intercept = caller.intercept_service
+        accepted: dict[int, float] = {}
+        self.accepted = accepted
+
+        async def traced_intercept(this: Any, continuation: Any, details: Any) -> Any:
+            for key, value in details.invocation_metadata or ():
+                if key == PROBE_ID_METADATA:
+                    accepted[int(value)] = time.time()
+            return await intercept(this, continuation, details)
+
+        before = _client._before
+        reads = self.reads
+
+        def traced_before(deadline: float, call: Any) -> Any:
+            start = time.time()
+            try:
+                return before(deadline, call)
+            finally:
+                args = getattr(call, "args", ())
+                if (
+                    args
+                    and getattr(args[0], "key", None) == self.release_key
+                    and not getattr(args[0], "range_end", b"")
+                ):
+                    reads.append((start, time.time()))
+
+        for owner, name, value in (
+            (caller, "intercept_service", traced_intercept),
+            (servicer, "GetRelease", traced_get),
+            (servicer, "_scoped_release", traced_scoped),
+            (_client, "_before", traced_before),
+        ):
+            self._patched.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, value)
+
+    def close(self) -> None:
+        for owner, name, value in reversed(self._patched):
+            setattr(owner, name, value)
+
+    def report(self, prober_calls: Sequence[tuple[float, float, str]], window: Sequence[float]) -> list[str]:
+        """Per segment p50 / p99 / max (ms) over the calls that ended in `window`, and the slowest calls."""
+        segments = (
+            "send->accepted",
+            "accepted->enter",
+            "enter->thread",
+            "thread",
+            "thread->resumed",
+            "resumed->return",
+            "return->done",
+            "done->client",
+        )
+        rows: list[tuple[float, list[float]]] = []
+        for index, (t_end, ms, code) in enumerate(prober_calls):
+            marks = self.calls.get(index)
+            if code != "OK" or marks is None or not window[0] <= t_end <= window[1] or "done" not in marks:
+                continue
+            t_send = t_end - ms / 1000
+            read = next((r for r in self.reads if marks.get("read_start", 0) <= r[0] <= marks.get("read_end", 0)), None)
+            thread_start, thread_end = read if read is not None else (marks["read_start"], marks["read_end"])
+            instants = (
+                t_send,
+                self.accepted.get(index, marks["enter"]),
+                marks["enter"],
+                thread_start,
+                thread_end,
+                marks["read_end"],
+                marks["return"],
+                marks["done"],
+                t_end,
+            )
+            since = max((t for t in self.changes if t <= t_send), default=t_send)
+            rows.append((ms, [(b - a) * 1000 for a, b in itertools.pairwise(instants)] + [(t_send - since) * 1000]))
+        out = [f"API trace, {len(rows)} calls during the changes (ms: p50 / p99 / max):"]
+        for i, name in enumerate(segments):
+            values = [parts[i] for _, parts in rows]
+            top = max(values, default=float("nan"))
+            out.append(f"    {name:16s} {pct(values, 0.5):8.1f} / {pct(values, 0.99):8.1f} / {top:8.1f}")
+        out.append("  slowest calls: total = " + " + ".join(segments) + " (sent this long after a NextBatch began)")
+        for ms, parts in sorted(rows, key=lambda r: -r[0])[:8]:
+            out.append(f"    {ms:8.1f} = " + " + ".join(f"{x:.1f}" for x in parts[:-1]) + f" ({parts[-1]:.0f})")
+        return out
+
+
 class ServeReplica:
     """Another replica: `graylane serve` on the bench's etcd, in its own process group."""
 
@@ -423,7 +551,21 @@ async def bench_fleet(
     entry = "svc-0000"
     async with contextlib.AsyncExitStack() as stack:
         gc_pauses = stack.enter_context(GcPauses())
+        if os.environ.get("GRAYLANE_BENCH_SEND_SLOTS"):
+            # Experiment: the ADS server's bound on streams pushing at once (a huge number: no bound).
+            from graylane.xds.server import AdsServer
+
+            defaults = AdsServer.__init__.__kwdefaults__
+            stack.callback(defaults.__setitem__, "send_slots", defaults["send_slots"])
+            defaults["send_slots"] = int(os.environ["GRAYLANE_BENCH_SEND_SLOTS"])
+            res.notes.append(f"GRAYLANE_BENCH_SEND_SLOTS: {defaults['send_slots']} streams push at once")
+        trace = None
+        if os.environ.get("GRAYLANE_BENCH_API_TRACE"):
+            trace = ApiTrace()  # before the API's servicer is made
+            stack.callback(trace.close)
         local = await stack.enter_async_context(local_control_plane(prefix="graylane-fleet-"))
+        if trace is not None:
+            trace.release_key = local.store.release_key(RELEASE)
         plane = local.plane
         client = await stack.enter_async_context(ReleaseClient.connect(local.api_target, actor="bench"))
         sem = asyncio.Semaphore(16)
@@ -502,6 +644,8 @@ async def bench_fleet(
             start, end = changes_window
             res.api_change_ms = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
             res.api_errors = sum(1 for *_, code in calls if code != "OK")
+            if trace is not None:
+                print("\n".join(trace.report(calls, changes_window)), flush=True)
 
         stack.push_async_callback(stop_prober)
 
@@ -634,6 +778,8 @@ async def bench_fleet(
                 cpu0 = cpu_seconds()
                 others_cpu0 = [o.cpu_seconds() for o in others]
                 t0 = time.time()
+                if trace is not None:
+                    trace.changes.append(t0)
                 try:
                     rel = await client.act(Action.NEXT, RELEASE)
                 except grpc.aio.AioRpcError as exc:  # noted, not fatal: the run still reports

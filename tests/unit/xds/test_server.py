@@ -21,7 +21,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import DEFAULT_KEY, SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, MESSAGE_TYPES, ROUTE, SCOPED_ROUTE, Resources
-from graylane.xds.server import Admitted, AdsServer, ProxyRefused, _DeltaStream, _Inbox, _SotwStream
+from graylane.xds.server import Admitted, AdsServer, ProxyRefused, _DeltaStream, _Inbox, _SendSlots, _SotwStream
 from graylane.xds.tracker import ProxyStatus, ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -658,3 +658,65 @@ def test_stream_inbox_keeps_order_wakes_its_reader_and_survives_a_cancelled_wait
         assert [await inbox.get(), await inbox.get()] == [4, 5]
 
     asyncio.run(main())
+
+
+# -- the bound on streams pushing at once --------------------------------------------------
+
+
+async def test_send_slots_bound_and_order() -> None:
+    slots = _SendSlots(2, hold=60.0)
+    first, second = await slots.take(), await slots.take()
+    order: list[int] = []
+
+    async def wait(i: int) -> int:
+        token = await slots.take()
+        order.append(i)
+        return token
+
+    waiting = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert order == []  # both slots held: nobody else gets one
+    slots.give_back(first)
+    slots.give_back(first)  # a second give-back of one token frees nothing
+    await asyncio.sleep(0)
+    assert order == [0]
+    slots.give_back(second)
+    await asyncio.sleep(0)
+    assert order == [0, 1]  # served in the order they asked
+    for token in await asyncio.gather(*waiting[:2]):
+        slots.give_back(token)
+    slots.give_back(await waiting[2])
+    assert order == [0, 1, 2]
+    assert {await slots.take(), await slots.take()}  # both free again, at once
+
+
+async def test_send_slots_a_cancelled_waiter_passes_its_slot_on() -> None:
+    slots = _SendSlots(1, hold=60.0)
+    held = await slots.take()
+    cancelled = asyncio.create_task(slots.take())
+    after = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.give_back(held)  # handed to `cancelled`...
+    cancelled.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    async with asyncio.timeout(TIMEOUT):
+        slots.give_back(await after)  # the slot went on to the next waiter
+
+
+async def test_send_slots_a_stuck_holder_is_forgotten_after_hold() -> None:
+    slots = _SendSlots(1, hold=0.05)
+    stuck = await slots.take()  # never given back: a proxy that stopped reading
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with asyncio.timeout(TIMEOUT):
+        token = await slots.take()
+    assert loop.time() - began >= 0.04
+    slots.give_back(stuck)  # late: counts for nothing
+    slots.give_back(token)
+    again, extra = asyncio.create_task(slots.take()), asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    assert again.done() and not extra.done()  # still one slot, not two
+    slots.give_back(again.result())
+    async with asyncio.timeout(TIMEOUT):
+        slots.give_back(await extra)
