@@ -23,6 +23,7 @@ moves a release forward: a batch whose duration pause is over is moved by the le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -37,7 +38,7 @@ from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import GraylaneError
 from graylane.controlplane.reconcile import views
 from graylane.controlplane.reconcile.convergence import Convergence
-from graylane.controlplane.store import Compacted, LiveSource, ReplicaFleet, ReplicaProgress, Snapshot
+from graylane.controlplane.store import Commit, Compacted, LiveSource, ReplicaFleet, ReplicaProgress, Snapshot
 from graylane.xds import view as xv
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.local import LocalServing
@@ -157,13 +158,24 @@ class DataPlane:
                 # 100+ ms at 1,000 releases (values, not cycles: freed by refcount as ever).
                 gc.freeze()
                 revision = state.revision
-                async for events in self._store.watch(start_revision=revision + 1):
-                    self._file_shared_metrics(events)
-                    changed = state.apply(events)
-                    revision = state.revision
-                    if changed:
-                        await self._apply(state.snapshot(), changed=changed)
-                    self._releases.followed(state)
+                changes = self._store.watch_with_commits(start_revision=revision + 1)
+                async with contextlib.aclosing(changes):
+                    async for item in changes:
+                        if isinstance(item, Commit):
+                            # This replica's own write, from etcd's answer: applied now when it
+                            # is the next revision (its watch events are then no-ops), so the
+                            # push does not wait for the watch's return trip.
+                            found = state.apply_committed(item.revision, item.puts)
+                            if found is None:
+                                continue
+                            changed = found
+                        else:
+                            self._file_shared_metrics(item)
+                            changed = state.apply(item)
+                        revision = state.revision
+                        if changed:
+                            await self._apply(state.snapshot(), changed=changed)
+                        self._releases.followed(state)
             except Compacted:
                 log.info("watch compacted at %d: re-reading", revision)
             except GraylaneError as exc:
