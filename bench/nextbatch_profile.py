@@ -19,24 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
+import os
 import pathlib
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import store_bench as sb  # noqa: E402
+from graylane.controlplane.api.release_service import ReleaseServicer  # noqa: E402
 from graylane.controlplane.app import ControlPlane  # noqa: E402
 from graylane.controlplane.domain.machine import Action as Move  # noqa: E402
 from graylane.controlplane.domain.machine import Cause  # noqa: E402
 from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.local.etcd import EtcdProcess  # noqa: E402
 from graylane.controlplane.reconcile import convergence, dataplane, views  # noqa: E402
-from graylane.controlplane.store import LiveState, _etcd, connect  # noqa: E402
+from graylane.controlplane.store import LiveState, _client, _etcd, connect  # noqa: E402
 from graylane.xds import (  # noqa: E402
     cache,
     local,  # noqa: E402
@@ -91,6 +95,38 @@ def _time_async(owner: Any, name: str, stage: str) -> None:
 def instrument() -> None:
     """Wrap every stage of the path (class and module attributes, this process only)."""
     _time_async(_etcd.EtcdStore, "update_release", "etcd: release write (txn)")
+    _time_async(ReleaseServicer, "NextBatch", "api: NextBatch handler (entered .. returned)")
+    before = _client._before
+
+    def before_timed(deadline: float, call: Callable[..., Any]) -> Any:
+        # In the etcd worker thread: the blocking call itself, without the hops to and from the loop.
+        method = getattr(getattr(call, "func", None), "_method", b"?")
+        name = method.decode().rsplit("/", 1)[-1] if isinstance(method, bytes) else str(method)
+        t0 = time.perf_counter()
+        try:
+            return before(deadline, call)
+        finally:
+            _record(f"etcd thread: {name} call (in the worker)", t0, time.perf_counter())
+
+    _client._before = before_timed
+    watch = ReleaseServicer._watch
+
+    async def watch_timed(self: ReleaseServicer, name: str) -> AsyncIterator[Any]:
+        async for release in watch(self, name):
+            t = time.perf_counter()
+            _record(f"api: Watch stream yields ({'reached' if release.status.reached else 'not reached'})", t, t)
+            yield release
+
+    ReleaseServicer._watch = watch_timed  # type: ignore[method-assign]
+    started: list[float] = []
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            _record(f"gc: generation {info.get('generation')} pass", started[0], time.perf_counter())
+
+    gc.callbacks.append(collected)
     _time_async(_etcd.EtcdStore, "get_release", "etcd: release read (API, GetRelease polls included)")
     _time_sync(LiveState, "snapshot", "store: LiveState.snapshot")
     _time_async(dataplane.DataPlane, "_apply", "dataplane: _apply (whole, awaits included)")
@@ -159,14 +195,82 @@ def instrument() -> None:
     LiveState.apply = apply_timed  # type: ignore[method-assign]
     watch_release = _etcd.EtcdStore.watch_release
 
-    async def watch_release_timed(self: _etcd.EtcdStore, name: str, *, start_revision: int) -> AsyncIterator[Any]:
-        async for release in watch_release(self, name, start_revision=start_revision):
+    async def watch_release_timed(self: _etcd.EtcdStore, name: str, **kwargs: Any) -> AsyncIterator[Any]:
+        async for release in watch_release(self, name, **kwargs):
             t = time.perf_counter()
             reached = release is not None and release.status.reached
-            _record(f"api: Watch's etcd watch yields ({'reached' if reached else 'not reached'})", t, t)
+            _record(f"store: watch_release yields ({'reached' if reached else 'not reached'})", t, t)
             yield release
 
     _etcd.EtcdStore.watch_release = watch_release_timed  # type: ignore[method-assign]
+
+
+def etcd_server(endpoint: str) -> dict[str, float]:
+    """etcd's own cumulative timings from its /metrics (started with ETCD_METRICS=extensive):
+    gRPC handling of Txn and Range (sum, count), WAL fsync and backend commit (sum, count)."""
+    text = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for wanted, label in (
+            ('grpc_server_handling_seconds_sum{grpc_method="Txn"', "txn_s"),
+            ('grpc_server_handling_seconds_count{grpc_method="Txn"', "txn_n"),
+            ('grpc_server_handling_seconds_sum{grpc_method="Range"', "range_s"),
+            ('grpc_server_handling_seconds_count{grpc_method="Range"', "range_n"),
+            ("etcd_disk_wal_fsync_duration_seconds_sum", "wal_s"),
+            ("etcd_disk_wal_fsync_duration_seconds_count", "wal_n"),
+            ("etcd_disk_backend_commit_duration_seconds_sum", "commit_s"),
+            ("etcd_disk_backend_commit_duration_seconds_count", "commit_n"),
+        ):
+            if name.startswith(wanted):
+                out[label] = out.get(label, 0.0) + float(value)
+    return out
+
+
+def etcd_rows(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    def mean(kind: str) -> str:
+        n = after.get(kind + "_n", 0) - before.get(kind + "_n", 0)
+        s = after.get(kind + "_s", 0) - before.get(kind + "_s", 0)
+        return f"{s / n * 1000:.3f} ms mean over {n:.0f}" if n else "none"
+
+    return [
+        f"  etcd's own time during the steps (its /metrics): Txn handled {mean('txn')}; Range {mean('range')}; "
+        f"WAL fsync {mean('wal')}; backend commit {mean('commit')}"
+    ]
+
+
+async def etcd_floor(store: Any, count: int = 40) -> list[str]:
+    """One release-sized put in a transaction, `count` times each way, the loop otherwise
+    idle: from a plain thread (the call alone), through the store (the worker thread and
+    the hop back to the loop), and on the loop's own grpc.aio channel."""
+    from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
+
+    key = (store.prefix + "bench-floor").encode()
+    req = rpc_pb2.TxnRequest(success=[store._put(key, b"x" * 2048)])
+    stub = rpc_pb2_grpc.KVStub(store._blocking.channel)
+
+    def in_thread() -> list[float]:
+        took = []
+        for _ in range(count):
+            t = time.perf_counter()
+            stub.Txn(req, timeout=5)
+            took.append((time.perf_counter() - t) * 1000)
+        return took
+
+    plain = await asyncio.to_thread(in_thread)
+    hop, aio = [], []
+    for _ in range(count):
+        t = time.perf_counter()
+        await store._txn([], list(req.success))
+        hop.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        await store._kv.Txn(req, timeout=5)
+        aio.append((time.perf_counter() - t) * 1000)
+    return [
+        f"  one put txn, loop idle, median of {count}: blocking stub in a thread {statistics.median(plain):.2f} ms; "
+        f"the store's path (thread + hop to the loop) {statistics.median(hop):.2f} ms; the loop's grpc.aio channel "
+        f"{statistics.median(aio):.2f} ms"
+    ]
 
 
 def report(
@@ -201,13 +305,16 @@ def report(
             f"before the answer reached the loop in {first}; answer p50 {statistics.median(answers):.2f} ms, "
             f"watch applied p50 {statistics.median(watched):.2f} ms after the write was issued"
         )
-    step = steps[len(steps) // 2]
-    lines.append(
-        "  one step's timeline (ms after the client's NextBatch call, duration ms; _write_progress calls left out):"
-    )
-    for start, took, stage in sorted((s, d, stage) for stage, xs in step.items() for s, d, _ in xs):
-        if stage != "reconcile: _write_progress":
-            lines.append(f"    {start:8.2f} {took:8.3f}  {stage}")
+    last_acks = [m["the last Envoy's RDS ACK handled"] for m in marks]
+    lines.append("  the last Envoy's RDS ACK per step, ms: " + " ".join(f"{a:.1f}" for a in last_acks))
+    slowest = max(range(len(steps)), key=lambda i: last_acks[i])
+    for title, step in (("one step's", steps[len(steps) // 2]), ("the slowest step's", steps[slowest])):
+        lines.append(
+            f"  {title} timeline (ms after the client's NextBatch call, duration ms; _write_progress calls left out):"
+        )
+        for start, took, stage in sorted((s, d, stage) for stage, xs in step.items() for s, d, _ in xs):
+            if stage != "reconcile: _write_progress" and start < 400:
+                lines.append(f"    {start:8.2f} {took:8.3f}  {stage}")
     return "\n".join(lines)
 
 
@@ -215,9 +322,13 @@ async def main(envoys: int, count: int) -> str:
     instrument()
     async with contextlib.AsyncExitStack() as stack:
         tmp = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graylane-nextbatch-")))
+        os.environ["ETCD_METRICS"] = "extensive"  # gRPC handling times per method, for etcd's own share
         etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
         store = await connect(etcd.endpoint)
         stack.push_async_callback(store.close)
+        if os.environ.get("GRAYLANE_PROFILE_TXN_ON_LOOP") and store._blocking is not None:
+            # A/B: transactions on the loop's grpc.aio channel instead of a worker thread.
+            store._blocking.methods.pop(store._kv.Txn, None)
         await sb.register(store, sb.RELEASES)
         names = [f"r-s{i:04d}" for i in range(sb.RELEASES)]
         plane = await stack.enter_async_context(
@@ -237,6 +348,7 @@ async def main(envoys: int, count: int) -> str:
         steps: list[dict[str, list[tuple[float, float, str]]]] = []
         marks: list[dict[str, float]] = []
         race_revisions: list[int] = []
+        server_before: dict[str, float] | None = None
         while len(steps) < count:
             r = await client.ask(f"get {name}")
             if r["batch"] + 1 >= r["batches"]:
@@ -246,6 +358,8 @@ async def main(envoys: int, count: int) -> str:
                 await dp.wait_current(timeout=30)
                 continue
             await asyncio.sleep(0.3)  # the previous step's writes and passes settle
+            if server_before is None:
+                server_before = await asyncio.to_thread(etcd_server, etcd.endpoint)
             LOG.clear()
             earlier = set(WRITES)
             out = await client.ask(f"next {name}")
@@ -258,17 +372,23 @@ async def main(envoys: int, count: int) -> str:
             steps.append(step)
             race_revisions += [r for r in WRITES if r not in earlier and r in APPLIED]
             acks = [s for s, _, _ in step.get("tracker: RDS ACK handled", [])]
+            sets = [s for s, _, _ in step.get("xds: cache.set_snapshot (whole)", [])]
             marks.append(
                 {
                     "NextBatch call returned (client process)": (out["reply"] - t0) * 1000,
                     "the last Envoy's RDS ACK handled": max(acks) if acks else float("nan"),
+                    "the last listen port's snapshot set": max(sets) if sets else float("nan"),
                     "`reached` seen on a Watch stream (client process)": (out["watch"] - t0) * 1000,
                     "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
                 }
             )
-        return report(envoys, steps, marks, race_revisions)
+        server_after = await asyncio.to_thread(etcd_server, etcd.endpoint)
+        extra = etcd_rows(server_before or {}, server_after) + await etcd_floor(store)
+        return report(envoys, steps, marks, race_revisions) + "\n" + "\n".join(extra)
 
 
 if __name__ == "__main__":
+    if os.environ.get("GRAYLANE_PROFILE_SWITCH_INTERVAL"):  # A/B runs of the GIL's switch interval
+        sys.setswitchinterval(float(os.environ["GRAYLANE_PROFILE_SWITCH_INTERVAL"]))
     args = [int(a) for a in sys.argv[1:3]]
     print(asyncio.run(main(args[0] if args else 1, args[1] if len(args) > 1 else STEPS)))

@@ -698,7 +698,9 @@ class ReleaseServicer(api_grpc.ReleaseServiceServicer):
         yield current
         while True:
             try:
-                async for release in self._store.watch_release(name, start_revision=revision + 1):
+                async for release in self._store.watch_release(
+                    name, start_revision=revision + 1, after=current.revision
+                ):
                     if release is None:
                         return
                     revision = release.revision

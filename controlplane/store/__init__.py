@@ -17,7 +17,7 @@ Keys are below the prefix (default `/graylane/v1/`), values in proto JSON or JSO
 for the composition root; `connect` opens it.
 """
 
-from graylane.controlplane.store._client import Compacted, EtcdClient, LeaseHolder
+from graylane.controlplane.store._client import Commit, Compacted, EtcdClient, LeaseHolder
 from graylane.controlplane.store._etcd import EtcdStore, connect
 from graylane.controlplane.store.agents import AgentStore
 from graylane.controlplane.store.inventory import InventoryStore
@@ -37,6 +37,7 @@ from graylane.controlplane.store.tokens import TokenStore
 
 __all__ = [
     "AgentStore",
+    "Commit",
     "Compacted",
     "EtcdClient",
     "EtcdStore",

@@ -4,7 +4,8 @@ leases and watches on etcd v3, spoken natively on grpc.aio.
 Owns: the channels (the loop's grpc.aio one, and a blocking one whose calls run in a few
 threads, `_Blocking`), the call deadline, the translation of every etcd failure into
 `Unavailable` or `LeaseLost` (one seam: `_unavailable`), ranges read page by page at one
-revision, transactions, leases, watches that resume from a revision, and the refusal of
+revision, transactions (and telling listeners of this client's own committed puts at
+once, `on_committed`), leases, watches that resume from a revision, and the refusal of
 etcd versions with the 3.5.0-3.5.2 data-inconsistency bug. It knows a key only as
 `prefix + kind/...`; what each kind holds and how its writes are guarded belongs to the
 record modules built on `EtcdClient` (releases, inventory, agents, replicas, tokens, live).
@@ -16,13 +17,14 @@ concurrently from one event loop. Must not import: graylane.xds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -77,6 +79,20 @@ def refuse_version(version: str) -> None:
             f"etcd {version} is affected by the 3.5.0-3.5.2 data-inconsistency bug "
             "(a crash can lose a committed transaction); use 3.4.x or 3.5.3 and later"
         )
+
+
+# `callback(revision, puts, guards)`: see `EtcdClient.on_committed`.
+Committed = Callable[[int, Sequence[kv_pb2.KeyValue], Mapping[bytes, int]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """A transaction of puts this client had etcd commit, as its answer told it (see
+    `EtcdClient.on_committed`): the revision, the puts, the guards it required."""
+
+    revision: int
+    puts: Sequence[kv_pb2.KeyValue]
+    guards: Mapping[bytes, int]
 
 
 class Compacted(Exception):
@@ -198,6 +214,7 @@ class EtcdClient:
             self._blocking.adopt(self._maintenance, rpc_pb2_grpc.MaintenanceStub(self._blocking.channel))
             self._blocking.adopt(self._lease, self._blocking.lease)
         self.full_reads = 0  # reads of every live key (snapshot, live_state): counted for the bench
+        self._committed: list[Committed] = []
 
     @property
     def prefix(self) -> str:
@@ -281,7 +298,50 @@ class EtcdClient:
         self, compare: Sequence[rpc_pb2.Compare], success: Sequence[rpc_pb2.RequestOp]
     ) -> rpc_pb2.TxnResponse:
         req = rpc_pb2.TxnRequest(compare=list(compare), success=list(success))
-        return await self._call(self._kv.Txn, req)
+        resp: rpc_pb2.TxnResponse = await self._call(self._kv.Txn, req)
+        if self._committed and resp.succeeded and success and all(op.HasField("request_put") for op in success):
+            self._tell_committed(int(resp.header.revision), success, compare)
+        return resp
+
+    def on_committed(self, callback: Committed) -> Callable[[], None]:
+        """Call `callback(revision, puts, guards)` for each transaction of this client that
+        etcd committed and that only puts keys, as soon as its answer is back (before the
+        watch brings the same revision): `puts` as the watch would show them (key, value,
+        lease, `mod_revision` the transaction's revision; create_revision and version are
+        not known, 0), `guards` the key -> mod_revision the transaction required (0: the
+        key absent). A failed transaction, or one that reads or deletes, tells nothing.
+        Called on the loop, in the writer's task: a callback must be quick and not raise.
+        Returns the function that removes it."""
+        self._committed.append(callback)
+
+        def remove() -> None:
+            if callback in self._committed:
+                self._committed.remove(callback)
+
+        return remove
+
+    def _tell_committed(
+        self, revision: int, success: Sequence[rpc_pb2.RequestOp], compare: Sequence[rpc_pb2.Compare]
+    ) -> None:
+        puts = [
+            kv_pb2.KeyValue(
+                key=op.request_put.key, value=op.request_put.value, lease=op.request_put.lease, mod_revision=revision
+            )
+            for op in success
+        ]
+        guards: dict[bytes, int] = {}
+        for c in compare:
+            if c.result != rpc_pb2.Compare.EQUAL:
+                continue
+            if c.target == rpc_pb2.Compare.MOD:
+                guards[c.key] = int(c.mod_revision)
+            elif c.target == rpc_pb2.Compare.CREATE and c.create_revision == 0:
+                guards[c.key] = 0
+        for callback in list(self._committed):
+            try:
+                callback(revision, puts, guards)
+            except Exception:  # a listener's failure is never the writer's: the watch still brings it
+                log.exception("a listener of committed writes failed")
 
     @staticmethod
     def _put(key: bytes, value: bytes, *, lease: int = 0) -> rpc_pb2.RequestOp:
@@ -370,6 +430,44 @@ class EtcdClient:
         finally:
             requests.put_nowait(None)
             call.cancel()
+
+    async def watch_with_commits(
+        self, *, start_revision: int, key: bytes | None = None
+    ) -> AsyncGenerator[list[rpc_pb2.Event] | Commit, None]:
+        """`watch`'s batches, and between them this client's own committed writes (of `key`
+        only, when given) as soon as their answers are back, in the order both reach the
+        loop: a commit usually comes before the watch brings its revision, sometimes after.
+        Ends when the watch ends; raises what it raises. Close it (`contextlib.aclosing`)
+        to stop the watch at once."""
+        inbox: collections.deque[list[rpc_pb2.Event] | Commit] = collections.deque()
+        wake = asyncio.Event()
+
+        def committed(revision: int, puts: Sequence[kv_pb2.KeyValue], guards: Mapping[bytes, int]) -> None:
+            if key is None or any(kv.key == key for kv in puts):
+                inbox.append(Commit(revision, puts, guards))
+                wake.set()
+
+        async def read() -> None:
+            async for events in self.watch(start_revision=start_revision, key=key):
+                inbox.append(events)
+                wake.set()
+
+        remove = self.on_committed(committed)
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: wake.set())
+        try:
+            while True:
+                while inbox:
+                    yield inbox.popleft()
+                if reader.done():
+                    reader.result()  # the watch's error, if it ended on one
+                    return
+                await wake.wait()
+                wake.clear()
+        finally:
+            remove()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
 
 @dataclass

@@ -16,14 +16,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, cast
 
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import InvalidArgument, Unavailable
-from graylane.controlplane.store._client import _PAGE, EtcdClient, _range_end, _Ranged
+from graylane.controlplane.store._client import _PAGE, Commit, EtcdClient, _range_end, _Ranged
 from graylane.controlplane.store._codec import _load, _releases
 from graylane.controlplane.store.replicas import ReplicaFleet, ReplicaProgress
 from graylane.v1 import agent_pb2 as apb
@@ -46,13 +46,18 @@ _LIVE_KINDS = (
 
 class LiveSource(Protocol):
     """What a follower of the store uses: one full read, then the watch from its revision + 1
-    (`Compacted` from the watch: read again)."""
+    (`Compacted` from the watch: read again), with this replica's own committed writes as
+    soon as etcd answers them (`watch_with_commits`, see `LiveState.apply_committed`)."""
 
     async def snapshot(self, *, revision: int = 0) -> Snapshot: ...
 
     async def live_state(self, *, revision: int = 0) -> LiveState: ...
 
     def watch(self, *, start_revision: int, key: bytes | None = None) -> AsyncIterator[list[rpc_pb2.Event]]: ...
+
+    def watch_with_commits(
+        self, *, start_revision: int, key: bytes | None = None
+    ) -> AsyncGenerator[list[rpc_pb2.Event] | Commit, None]: ...
 
 
 @dataclass(frozen=True)
@@ -231,11 +236,18 @@ class LiveState:
     def apply(self, events: Sequence[kv_pb2.Event]) -> dict[str, dict[str, tuple[object, object]]]:
         """Apply one watch batch; per changed kind, key -> (old value, new value) (None: absent).
 
-        Keys outside the live kinds (history, the leader key) only move the revision.
+        Keys outside the live kinds (history, the leader key) only move the revision. Events
+        of a revision the state already holds (this replica's own write, applied from its
+        transaction's answer by `apply_committed`) change nothing.
         """
         changed: dict[str, dict[str, tuple[object, object]]] = {}
+        # (etcd never splits one revision's events between watch responses: a batch holds all
+        # of a revision or none of it)
+        held = self.revision
         for ev in events:
             kv = ev.kv
+            if kv.mod_revision <= held:
+                continue
             self.revision = max(self.revision, kv.mod_revision)
             where = self._split(kv.key)
             if where is None:
@@ -248,9 +260,21 @@ class LiveState:
             changed[kind][rest] = (old if first is None else first[0], new)
         if changed:
             self._snap = None
-        elif self._snap is not None:
+        elif self._snap is not None and self._snap.revision != self.revision:
             self._snap = replace(self._snap, revision=self.revision)
         return changed
+
+    def apply_committed(
+        self, revision: int, puts: Sequence[kv_pb2.KeyValue]
+    ) -> dict[str, dict[str, tuple[object, object]]] | None:
+        """Apply a transaction of puts etcd committed at `revision` (this replica's own write,
+        from its answer), as `apply` would its watch events, when `revision` is the next one
+        after the state's: the state is then exactly etcd's at `revision`, and the watch's
+        events for it are no-ops. None when the state is further behind (other changes come
+        first: the watch brings them and this one in order)."""
+        if revision != self.revision + 1:
+            return None
+        return self.apply([kv_pb2.Event(type=kv_pb2.Event.PUT, kv=kv) for kv in puts])
 
     def release(self, name: str) -> model.Release | None:
         """One release as last applied (no snapshot built)."""

@@ -17,6 +17,7 @@ conflicting call changes nothing. Must not import: graylane.xds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -27,7 +28,7 @@ from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from google.protobuf import json_format
 from graylane.controlplane.domain import model
 from graylane.controlplane.errors import AlreadyExists, Conflict, NotFound
-from graylane.controlplane.store._client import _PAGE, EtcdClient
+from graylane.controlplane.store._client import _PAGE, Commit, EtcdClient
 from graylane.controlplane.store._codec import _at, _dump, _event_from_proto, _load, _releases
 from graylane.controlplane.store.live import Snapshot, _parse_or_skip
 from graylane.v1 import release_pb2 as pb
@@ -111,7 +112,9 @@ class ReleaseStore(Protocol):
 
     async def tombstone_history(self, name: str, generation: int = 0) -> tuple[Tombstone, list[model.Event]]: ...
 
-    def watch_release(self, name: str, *, start_revision: int) -> AsyncIterator[model.Release | None]: ...
+    def watch_release(
+        self, name: str, *, start_revision: int, after: int = 0
+    ) -> AsyncIterator[model.Release | None]: ...
 
 
 class ReleaseRecords(EtcdClient):
@@ -350,11 +353,32 @@ class ReleaseRecords(EtcdClient):
         events = [_event_from_proto(_load(kv.value, pb.Event())) for kv in resp.kvs]  # type: ignore[arg-type]
         return tomb, events[: tomb.events]
 
-    async def watch_release(self, name: str, *, start_revision: int) -> AsyncIterator[model.Release | None]:
-        """Each new value of one release (None once it is deleted)."""
-        async for events in self.watch(start_revision=start_revision, key=self.release_key(name)):
-            for ev in events:
-                if ev.type == kv_pb2.Event.DELETE:
-                    yield None
+    async def watch_release(
+        self, name: str, *, start_revision: int, after: int = 0
+    ) -> AsyncIterator[model.Release | None]:
+        """Each new value of one release (None once it is deleted).
+
+        `after`: the mod_revision of the value the caller holds (0: none). This replica's own
+        write of the release is yielded as soon as etcd answers it, before the watch's return
+        trip, when it was guarded on the value last yielded (so no value comes between them);
+        the watch then skips it. Every other change comes from the watch, in order."""
+        last = after
+        key = self.release_key(name)
+        changes = self.watch_with_commits(start_revision=start_revision, key=key)
+        async with contextlib.aclosing(changes):
+            async for item in changes:
+                if isinstance(item, Commit):
+                    if not last or item.guards.get(key) != last:
+                        continue  # not known to follow the value last yielded: the watch brings it
+                    kvs = [kv for kv in item.puts if kv.key == key]
+                    events = [kv_pb2.Event(type=kv_pb2.Event.PUT, kv=kv) for kv in kvs]
                 else:
-                    yield _releases.decode(ev.kv)
+                    events = item
+                for ev in events:
+                    if ev.kv.mod_revision <= last:
+                        continue  # yielded already, from this replica's own write
+                    last = ev.kv.mod_revision
+                    if ev.type == kv_pb2.Event.DELETE:
+                        yield None
+                    else:
+                        yield _releases.decode(ev.kv)

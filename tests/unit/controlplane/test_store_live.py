@@ -112,3 +112,33 @@ def test_a_snapshot_shares_every_kind_that_did_not_change_with_the_previous_one(
     third = state.snapshot()
     assert third.releases is second.releases and third.by_name is second.by_name
     assert [s.name for s in third.services] == ["a", "b"]
+
+
+def test_an_own_committed_write_applies_at_once_and_its_watch_events_are_then_no_ops() -> None:
+    state = LiveState(PREFIX, revision=4)
+    state.load([_kv("services/a", _service("a"), 4)])
+    before = state.snapshot()
+    puts = [_kv("services/a", _service("a", "v2"), 5), _kv("events/a/0000000000000001", b"{}", 5)]
+    changed = state.apply_committed(5, puts)
+    assert changed is not None and set(changed) == {"services"}
+    assert state.revision == 5
+    assert [s.stable_version for s in state.snapshot().services] == ["v2"]
+    # The watch brings the same revision later: nothing changes, the snapshot is the same one.
+    after = state.snapshot()
+    assert state.apply([_put("services/a", _service("a", "v2"), 5)]) == {}
+    assert state.snapshot() is after and before.services[0].stable_version == "v1"
+    # The next revision from the watch applies as ever.
+    assert set(state.apply([_put("services/b", _service("b"), 6)])) == {"services"}
+    assert state.revision == 6
+
+
+def test_an_own_write_behind_other_changes_waits_for_the_watch() -> None:
+    state = LiveState(PREFIX, revision=4)
+    state.load([_kv("services/a", _service("a"), 4)])
+    snap = state.snapshot()
+    # Revision 5 (someone else's) is not applied yet: 6 must not jump ahead of it.
+    assert state.apply_committed(6, [_kv("services/a", _service("a", "v3"), 6)]) is None
+    assert state.revision == 4 and state.snapshot() is snap
+    assert set(state.apply([_put("services/b", _service("b"), 5)])) == {"services"}
+    changed = state.apply([_put("services/a", _service("a", "v3"), 6)])
+    assert set(changed["services"]) == {"a"} and state.revision == 6
