@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import pytest
 from graylane.controlplane.app import ControlPlane
+from graylane.controlplane.domain import model
 from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, find_envoy
 from graylane.controlplane.local.envoy import http_get as envoy_http_get
@@ -286,6 +287,18 @@ def lane_spec(
         services=[pb.ServiceVersions(service=service, base_version="v1", gray_version="v2")],
         match=rules or [],
         batches=[pb.Batch(weight=w, pause=pb.Pause(manual=True)) for w in weights],
+    )
+
+
+def checkout_canary(weights: Iterable[int]) -> model.ReleaseSpec:
+    """The store-level spec of a canary of checkout v1 -> v2 through `weights`, batches without pauses."""
+    return model.ReleaseSpec(
+        lane="checkout-v2",
+        entry="checkout",
+        services=(model.ServiceVersions(service="checkout", base_version="v1", gray_version="v2"),),
+        strategy=model.Strategy.CANARY,
+        match=(),
+        batches=tuple(model.Batch(weight=w, pause=None) for w in weights),
     )
 
 

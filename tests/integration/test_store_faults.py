@@ -34,7 +34,7 @@ from graylane.controlplane.reconcile.replicas import ReplicaRegistry
 from graylane.controlplane.store import EtcdStore, ReplicaProgress, Snapshot, connect
 from graylane.xds.tracker import ProxyTracker
 
-from tests.integration.conftest import faulty_store, stop_group
+from tests.integration.conftest import checkout_canary, faulty_store, stop_group
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -43,17 +43,6 @@ async def _registered(store: EtcdStore) -> None:
     await store.put_service(model.Service(name="checkout", stable_version="v1"))
     for v in ("v1", "v2"):
         await store.put_version(model.Version(service="checkout", name=v))
-
-
-def _spec() -> model.ReleaseSpec:
-    return model.ReleaseSpec(
-        lane="checkout-v2",
-        entry="checkout",
-        services=(model.ServiceVersions(service="checkout", base_version="v1", gray_version="v2"),),
-        strategy=model.Strategy.CANARY,
-        match=(),
-        batches=(model.Batch(weight=10, pause=None), model.Batch(weight=100, pause=None)),
-    )
 
 
 def _event(sequence: int, reason: str = "") -> model.Event:
@@ -74,7 +63,7 @@ def _event(sequence: int, reason: str = "") -> model.Event:
 
 async def _release(store: EtcdStore, name: str = "rel") -> model.Release:
     await _registered(store)
-    return await Releases(store).create(name, _spec(), Cause(actor="ci"))
+    return await Releases(store).create(name, checkout_canary((10, 100)), Cause(actor="ci"))
 
 
 async def _lease_of(store: EtcdStore, key: bytes) -> int:
@@ -216,7 +205,7 @@ async def test_delete_racing_a_status_write_ends_cleanly(racing: _DeletedAfterRe
     # ApplyRelease whose release is deleted between its read and its write creates it anew.
     await _release(racing)
     racing.delete_after_snapshot = "rel"
-    spec = replace(_spec(), batches=(model.Batch(weight=20, pause=None),))
+    spec = replace(checkout_canary((10, 100)), batches=(model.Batch(weight=20, pause=None),))
     applied = await releases.apply("rel", spec, Cause(actor="ci"))
     assert applied.spec == spec and applied.status.phase is model.Phase.PENDING
 
@@ -346,7 +335,7 @@ async def test_quorum_loss_degrades_and_recovers(
         store = await connect(cluster.endpoints, prefix=prefix)
         try:
             await _registered(store)
-            await Releases(store).create("rel", _spec(), Cause(actor="ci"))
+            await Releases(store).create("rel", checkout_canary((10, 100)), Cause(actor="ci"))
             assert _graylane(first, "next", "rel").returncode == 0
             before = _graylane(first, "history", "rel", "-o", "json").stdout
 

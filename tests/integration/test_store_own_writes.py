@@ -21,7 +21,7 @@ from graylane.controlplane.domain.releases import Releases
 from graylane.controlplane.errors import Conflict
 from graylane.controlplane.store import EtcdStore, connect
 
-from tests.integration.conftest import control_plane, eventually, faulty_store
+from tests.integration.conftest import checkout_canary, control_plane, eventually, faulty_store
 
 HELD_SECONDS = 2.0  # every watch batch is held this long: what comes sooner came from an answer
 SOON = 1.0
@@ -59,22 +59,11 @@ async def held(etcd_endpoint: str) -> AsyncIterator[HeldWatch]:
         yield store
 
 
-def _spec() -> model.ReleaseSpec:
-    return model.ReleaseSpec(
-        lane="checkout-v2",
-        entry="checkout",
-        services=(model.ServiceVersions(service="checkout", base_version="v1", gray_version="v2"),),
-        strategy=model.Strategy.CANARY,
-        match=(),
-        batches=tuple(model.Batch(weight=w, pause=None) for w in (10, 50, 100)),
-    )
-
-
 async def _release(store: EtcdStore) -> model.Release:
     await store.put_service(model.Service(name="checkout", stable_version="v1"))
     for v in ("v1", "v2"):
         await store.put_version(model.Version(service="checkout", name=v))
-    return await Releases(store).create("rel", _spec(), Cause(actor="ci"))
+    return await Releases(store).create("rel", checkout_canary((10, 50, 100)), Cause(actor="ci"))
 
 
 async def test_committed_puts_are_told_at_once_and_a_failed_transaction_tells_nothing(held: HeldWatch) -> None:
