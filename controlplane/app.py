@@ -35,6 +35,7 @@ from graylane.controlplane.api.release_service import (
     token_record,
 )
 from graylane.controlplane.api.tls import ServerTls, add_port
+from graylane.controlplane.defaults import DEFAULT_LOOP_LAG_INTERVAL_SECONDS
 from graylane.controlplane.domain import model
 from graylane.controlplane.domain.machine import Cause
 from graylane.controlplane.domain.releases import Releases
@@ -134,6 +135,7 @@ class ControlPlane:
         xds_auth: ProxyAuthenticator | None = None,
         admin_allow: AdminAllowList = LOOPBACK_ONLY,
         metrics_source: MetricsSource | None = None,
+        loop_lag_interval: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS,
     ) -> None:
         self.store = store
         self._stream_recheck_seconds = stream_recheck_seconds
@@ -214,7 +216,7 @@ class ControlPlane:
         # when an endpoint is configured.
         self._http_listen = http_listen
         self.http_port = 0
-        self.telemetry = Telemetry(otlp_endpoint=otlp_endpoint)
+        self.telemetry = Telemetry(otlp_endpoint=otlp_endpoint, loop_lag_interval=loop_lag_interval)
         self.telemetry.observe_proxies(self.tracker)
         self.telemetry.observe_releases(self._releases_by_phase)
         self.telemetry.observe_agents(lambda: len(self.agents.sessions))
@@ -403,6 +405,7 @@ class ControlPlane:
             ("replica registry", self.replicas.run),
             ("analysis", self.analyzer.run),
             ("metrics", self.metrics.run),
+            ("loop lag probe", self.telemetry.loop_lag.run),
         ):
             tasks.create_task(_supervised(name, run))
 
@@ -668,6 +671,7 @@ async def _serve(options: ServeOptions) -> None:
             ),
             admin_allow=AdminAllowList.parse(options.admin_allow),
             metrics_source=prometheus,
+            loop_lag_interval=options.loop_lag_interval_seconds,
         )
         stack.push_async_callback(plane.telemetry.aclose)
         await plane.run()

@@ -22,6 +22,7 @@ from graylane.controlplane.defaults import (
     DEFAULT_DATA_DIR,
     DEFAULT_HTTP_PORT,
     DEFAULT_LISTEN_HOST,
+    DEFAULT_LOOP_LAG_INTERVAL_SECONDS,
     DEFAULT_XDS_PORT,
 )
 
@@ -92,6 +93,8 @@ class ServeOptions:
     max_connection_idle_seconds: float = 300.0
     # Webhook destinations allowed beyond the default policy (host names or CIDRs).
     webhook_allow: tuple[str, ...] = ()
+    # The event-loop lag probe's timer period (graylane_event_loop_lag_* on /metrics).
+    loop_lag_interval_seconds: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS
 
     @property
     def token_file(self) -> Path:

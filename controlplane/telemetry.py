@@ -9,7 +9,8 @@ Owns, per `Telemetry` (one per control-plane replica or agent):
   OpenTelemetry providers either.
 * the instruments, under stable Prometheus names (the `METRIC_*` constants are the exported
   family names): proxies and agents connected, xDS pushes, push-to-ACK latency, NACKs,
-  releases by phase, analysis outcomes.
+  releases by phase, analysis outcomes, and the event loop's lag (`LoopLag`, a timer
+  probe the process runs: how long steps held the loop).
 * a `TracerProvider` exporting spans over OTLP/HTTP only when an endpoint is configured
   (`otlp_endpoint=` or `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
   and the gRPC server interceptor that opens a span per unary API call. Without an endpoint
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import grpc
 from graylane.controlplane.api.closing import Continuation
+from graylane.controlplane.defaults import DEFAULT_LOOP_LAG_INTERVAL_SECONDS
 from graylane.controlplane.domain.model.values import Phase
 from graylane.xds.tracker import ACKED, DISCONNECTED, NACKED, PUSHED, ProxyEvent, ProxyTracker
 from opentelemetry import propagate, trace
@@ -62,6 +64,9 @@ METRIC_ANALYSIS = "graylane_analysis_total"
 METRIC_AGENTS_CONNECTED = "graylane_agents_connected"
 METRIC_STORE_UP = "graylane_store_up"
 METRIC_DENIED_CALLS = "graylane_api_denied_total"
+METRIC_LOOP_LAG = "graylane_event_loop_lag_seconds"
+METRIC_LOOP_LAG_MAX = "graylane_event_loop_lag_max_seconds"
+METRIC_LOOP_LAG_CPU = "graylane_event_loop_lag_cpu_seconds"
 
 #: Outcomes `analysis_outcome` accepts (the `outcome` label).
 ANALYSIS_OUTCOMES = frozenset({"pass", "fail", "inconclusive"})
@@ -69,6 +74,10 @@ ANALYSIS_OUTCOMES = frozenset({"pass", "fail", "inconclusive"})
 # Envoy ACKs a push in about a millisecond on one host; a slow proxy or a big route table
 # takes seconds. Buckets from half a millisecond to half a minute.
 PUSH_ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# How late the loop woke the lag probe's timer: from a few milliseconds (the OS scheduling
+# other work) to seconds (a step that holds the loop).
+LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _OTLP_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _TRACES_PATH = "/v1/traces"
@@ -154,6 +163,58 @@ def configured_otlp_endpoint(option: str | None, environ: Mapping[str, str] = os
     return next((environ[name] for name in _OTLP_ENV if environ.get(name)), None)
 
 
+class LoopLag:
+    """How late the event loop wakes a timer, the cost every other task sees while a step
+    holds the loop (a long render or serialisation, a collector pass) or the OS runs
+    other processes instead.
+
+    `run()` sleeps `interval` seconds in a loop and hands each wake's lateness to
+    `on_lag` (the histogram). The longest lateness since the last `take_longest()` is kept
+    with the loop thread's own CPU time over that same sleep: near the lateness when a
+    step of this process held the loop, near zero when the process waited for a core.
+    `take_longest` resets it, like prom-client's event-loop maximum: one scraper reads the
+    longest stall of each scrape interval.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS,
+        on_lag: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"loop lag interval {interval!r}: expected a positive number of seconds")
+        self.interval = interval
+        self._on_lag = on_lag
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._longest = (0.0, 0.0)  # (lateness, loop-thread CPU over that sleep) since the last take
+
+    def woke(self, lateness: float, cpu: float) -> None:
+        """One wake `lateness` seconds after it was due, the loop thread having spent `cpu`
+        seconds of CPU since the sleep began."""
+        lateness = max(0.0, lateness)
+        if self._on_lag is not None:
+            self._on_lag(lateness)
+        if lateness > self._longest[0]:
+            self._longest = (lateness, max(0.0, cpu))
+
+    def take_longest(self) -> tuple[float, float]:
+        """(lateness, its loop-thread CPU) of the latest wake since the last call; resets."""
+        out, self._longest = self._longest, (0.0, 0.0)
+        return out
+
+    async def run(self) -> None:
+        """Probe until cancelled; run it on the loop it measures."""
+        clock, cpu_clock, interval = self._clock, self._cpu_clock, self.interval
+        while True:
+            started, cpu_started = clock(), cpu_clock()
+            await asyncio.sleep(interval)
+            self.woke(clock() - started - interval, cpu_clock() - cpu_started)
+
+
 class Telemetry:
     """Metrics (for `/metrics`) and traces of one control-plane replica or agent.
 
@@ -170,6 +231,7 @@ class Telemetry:
         otlp_endpoint: str | None = None,
         span_exporter: SpanExporter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        loop_lag_interval: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS,
     ) -> None:
         resource = Resource.create({SERVICE_NAME: service_name})
         self.registry = CollectorRegistry(auto_describe=True)
@@ -229,6 +291,28 @@ class Telemetry:
             METRIC_STORE_UP,
             callbacks=[self._observe_store],
             description="1 while this replica can use etcd (a quorum answers), 0 while it cannot",
+        )
+        # The loop-lag probe's wakes; its task is the owner's (`loop_lag.run`, in its TaskGroup).
+        lag_histogram = meter.create_histogram(
+            METRIC_LOOP_LAG,
+            unit="s",
+            description="How late the event loop woke the lag probe's timer (every wake)",
+            explicit_bucket_boundaries_advisory=LOOP_LAG_BUCKETS,
+        )
+        self.loop_lag = LoopLag(interval=loop_lag_interval, on_lag=lag_histogram.record)
+        self._lag_read: tuple[float, float] | None = None  # taken by the first gauge, read by the second
+        meter.create_observable_gauge(
+            METRIC_LOOP_LAG_MAX,
+            callbacks=[self._observe_lag_max],
+            unit="s",
+            description="The event loop's longest lateness since the previous scrape (reset by each scrape)",
+        )
+        meter.create_observable_gauge(
+            METRIC_LOOP_LAG_CPU,
+            callbacks=[self._observe_lag_cpu],
+            unit="s",
+            description="The loop thread's own CPU time during that longest lateness: near it when a step "
+            "of this process held the loop, near zero when the process waited for a core",
         )
 
         self._tracing = self._tracer_provider(resource, otlp_endpoint, span_exporter)
@@ -383,6 +467,16 @@ class Telemetry:
     def _observe_store(self, options: CallbackOptions) -> Iterator[Observation]:
         if self._store_up is not None:
             yield Observation(int(self._store_up()))
+
+    # The two lag gauges are one reading: the first callback of a collection takes (and
+    # resets) it, the second reports its CPU part and clears it for the next collection.
+    def _observe_lag_max(self, options: CallbackOptions) -> Iterator[Observation]:
+        self._lag_read = self.loop_lag.take_longest()
+        yield Observation(self._lag_read[0])
+
+    def _observe_lag_cpu(self, options: CallbackOptions) -> Iterator[Observation]:
+        read, self._lag_read = self._lag_read, None
+        yield Observation((read or self.loop_lag.take_longest())[1])
 
 
 def agent_telemetry(tracker: ProxyTracker, *, otlp_endpoint: str | None = None) -> Telemetry:

@@ -267,6 +267,13 @@ def test_serve_http_and_otlp_options(capsys: pytest.CaptureFixture[str]) -> None
     assert "expected an http(s) URL" in capsys.readouterr().err
 
 
+def test_serve_loop_lag_interval_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ServeOptions().loop_lag_interval_seconds == 0.05
+    assert serve.serve_options(_parse(["serve", "--loop-lag-interval", "10ms"])).loop_lag_interval_seconds == 0.01
+    assert commands.main(["serve", "--loop-lag-interval", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
 # --- apply: nothing is sent unless the whole file parses --------------------------------
 
 

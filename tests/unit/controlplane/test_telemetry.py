@@ -3,7 +3,9 @@ instruments, and the Prometheus text they export (parsed with prometheus_client'
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -11,11 +13,15 @@ from graylane.controlplane.domain.model.values import Phase
 from graylane.controlplane.telemetry import (
     METRIC_AGENTS_CONNECTED,
     METRIC_ANALYSIS,
+    METRIC_LOOP_LAG,
+    METRIC_LOOP_LAG_CPU,
+    METRIC_LOOP_LAG_MAX,
     METRIC_PROXIES_CONNECTED,
     METRIC_RELEASES,
     METRIC_XDS_NACKS,
     METRIC_XDS_PUSH_ACK,
     METRIC_XDS_PUSHES,
+    LoopLag,
     PushAckTimer,
     Telemetry,
     agent_telemetry,
@@ -232,3 +238,55 @@ def test_a_failing_listener_is_logged_and_never_breaks_the_tracker(caplog: pytes
         tracker.connected(base_pb2.Node(id="n"), stream="n", key="k", protocol="sotw")
     assert tracker.get("n") is not None and heard == [ProxyEvent(CONNECTED, "n", stream="n")]
     assert "proxy listener" in caplog.text
+
+
+# --------------------------------------------------------------------------- event-loop lag
+
+
+def test_loop_lag_keeps_the_latest_wake_with_its_cpu_until_taken() -> None:
+    seen: list[float] = []
+    lag = LoopLag(interval=0.01, on_lag=seen.append)
+    lag.woke(0.002, 0.0)
+    lag.woke(0.120, 0.110)  # a step of ours held the loop
+    lag.woke(0.030, 0.001)  # later, a shorter wait for a core
+    lag.woke(-0.0001, 0.0)  # a timer's early wake reads as none
+    assert seen == [0.002, 0.120, 0.030, 0.0]
+    assert lag.take_longest() == (0.120, 0.110)
+    assert lag.take_longest() == (0.0, 0.0)
+    with pytest.raises(ValueError, match="positive"):
+        LoopLag(interval=0)
+
+
+def test_loop_lag_is_exported_and_each_scrape_reads_its_own_interval() -> None:
+    telemetry = Telemetry()
+    telemetry.loop_lag.woke(0.004, 0.0)
+    telemetry.loop_lag.woke(0.080, 0.075)
+    first = samples(telemetry)
+    assert [s.value for s in first[METRIC_LOOP_LAG_MAX]] == [0.080]
+    assert [s.value for s in first[METRIC_LOOP_LAG_CPU]] == [0.075]
+    assert value(telemetry, f"{METRIC_LOOP_LAG}_count") == 2
+    assert value(telemetry, f"{METRIC_LOOP_LAG}_bucket", le="0.005") == 1
+    assert value(telemetry, f"{METRIC_LOOP_LAG}_bucket", le="0.1") == 2
+    # The next scrape covers what happened since this one: nothing.
+    assert value(telemetry, METRIC_LOOP_LAG_MAX) == 0.0
+    assert value(telemetry, METRIC_LOOP_LAG_CPU) == 0.0
+
+
+async def test_loop_lag_probe_reads_a_step_that_holds_the_loop() -> None:
+    lag = LoopLag(interval=0.005)
+    probe = asyncio.create_task(lag.run())
+    try:
+        await asyncio.sleep(0.02)  # the probe sleeps
+        held_until = time.thread_time() + 0.1
+        while time.thread_time() < held_until:  # a step that holds the loop for 100 ms of CPU
+            pass
+        deadline = time.monotonic() + 5.0
+        longest = (0.0, 0.0)
+        while longest[0] < 0.09 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            got = lag.take_longest()
+            longest = max(longest, got)
+        assert longest[0] >= 0.09, longest
+        assert longest[1] >= 0.09, longest  # the loop thread's own CPU, not a wait for a core
+    finally:
+        probe.cancel()
