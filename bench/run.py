@@ -42,6 +42,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.xds import plan as xds_plan
 from graylane.xds import resources
 from graylane.xds.render import forget_reused, render
+from replicas import LAG_INTERVAL, bench_replicas, describe_replicas  # noqa: E402
 from scale import bench_fleet, describe, pct  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
 from store_bench import main as store_bench  # noqa: E402
@@ -505,9 +506,7 @@ def replace_section(text: str, title: str, section: str) -> str:
     return text[:start] + section + ("" if end < 0 else text[end + 1 :])
 
 
-async def run_fleet(
-    size: tuple[int, int, int, int, int, float, float], title: str, command: str, *, replicas: int = 1
-) -> str:
+async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: str, command: str) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
     print(f"fleet: {streams} streams over {-(-streams // per_worker)} processes", flush=True)
     result = await bench_fleet(
@@ -518,11 +517,73 @@ async def run_fleet(
         changes=changes,
         connect_timeout=connect_timeout,
         budget=budget,
-        replicas=replicas,
     )
     rows = describe(result)
     rows += [("note", n) for n in result.notes]
     return fleet_section(title, command, rows)
+
+
+def _tree() -> str:
+    """The commit measured, marked when the tree has changes beyond it."""
+    import subprocess
+
+    here = pathlib.Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent, check=False)
+    return head.stdout.strip() + (" with uncommitted changes" if dirty.returncode else "")
+
+
+def _load() -> str:
+    return pathlib.Path("/proc/loadavg").read_text().split()[0]
+
+
+async def run_replicas(
+    size: tuple[int, int, int, int, int, float, float], title: str, command: str, *, replicas: int, api_replica: bool
+) -> str:
+    streams, per_worker, services, envoys, changes, connect_timeout, budget = size
+    tree, load_before, began = _tree(), _load(), datetime.datetime.now(datetime.UTC).strftime("%H:%M")
+    extra = " and an API replica" if api_replica else ""
+    print(f"fleet: {streams} streams over {replicas} replicas{extra}", flush=True)
+    result = await bench_replicas(
+        streams=streams,
+        per_worker=per_worker,
+        services=services,
+        envoys=envoys,
+        changes=changes,
+        connect_timeout=connect_timeout,
+        budget=budget,
+        replicas=replicas,
+        api_replica=api_replica,
+    )
+    rows = describe_replicas(result) + [("note", n) for n in result.notes]
+    layout = (
+        f"{replicas} `graylane serve` replicas on one etcd, none in the bench process, the fleet's worker processes "
+        f"dealt out round-robin between them (worker w dials replica w % {replicas}; the real Envoys likewise)"
+        + (
+            ", and one more replica that no proxy connects to: the API's (the probers and the NextBatch calls go "
+            "to it; started first, it is the leader)"
+            if api_replica
+            else "; an API prober process per replica, the NextBatch calls to r0"
+        )
+    )
+    return "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"`{command}` at {tree}, {datetime.date.today()} {began}-"
+            f"{datetime.datetime.now(datetime.UTC).strftime('%H:%M')} UTC (load average {load_before} -> {_load()}), "
+            "2 cores: fake ADS clients in worker "
+            "processes (bench/fleet.py; 10 streams per HTTP/2 connection; SotW, every 4th delta; each ACKs every "
+            "response and records the wall-clock instant it first sees the lane's weight), "
+            f"{envoys} real Envoys (one SotW, one delta), {layout}. Event-loop lag from each replica's /metrics "
+            f"(graylane_event_loop_lag_max_seconds; `--loop-lag-interval {LAG_INTERVAL}`, so a stall reads short by "
+            "up to that); CPU and RSS from /proc. bench/replicas.py. The machine is shared with other engineers' "
+            "runs: noisy.",
+            "",
+            table(["measurement", "value"], [list(r) for r in rows]),
+            "",
+        ]
+    )
 
 
 NOTES_TITLE = "Notes"  # a hand-written section of RESULTS.md, kept by every run
@@ -563,8 +624,13 @@ async def main() -> int:
         "--replicas",
         type=int,
         default=1,
-        help="with --scale or --fleet-only: this many replicas on one etcd (the others `graylane serve` processes), "
-        "the fleet dealt out between them",
+        help="with --scale or --fleet-only: this many `graylane serve` replicas on one etcd (none in the bench "
+        "process), the fleet dealt out between them (bench/replicas.py)",
+    )
+    parser.add_argument(
+        "--api-replica",
+        action="store_true",
+        help="with --replicas: one more replica that no proxy connects to serves the API (and is the leader)",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
@@ -579,13 +645,14 @@ async def main() -> int:
         fleet_size = (args.streams, *fleet_size[1:])
     title = "5. Fleet at scale" if args.scale else "4. Fleet"
     command = "bench/run.py --scale" if args.scale else "bench/run.py --fleet-only" if args.fleet_only else "make bench"
-    if args.replicas > 1:
-        title = (
-            f"5b. Fleet at scale over {args.replicas} replicas"
-            if args.scale
-            else f"4b. Fleet over {args.replicas} replicas"
-        )
+    if args.replicas > 1 or args.api_replica:
+        part = "5" if args.scale else "4"
+        at_scale = " at scale" if args.scale else ""
+        title = f"{part}b. Fleet{at_scale} over {args.replicas} replicas"
         command += f" --replicas {args.replicas}"
+        if args.api_replica:
+            title = f"{part}c. Fleet{at_scale} over {args.replicas} replicas and an API replica"
+            command += " --api-replica"
     if args.render_only:
         section = render_section(bench_render())
         print(section)
@@ -610,9 +677,13 @@ async def main() -> int:
         RESULTS.write_text(replace_section(RESULTS.read_text(), "7. Store and API at 1,000 releases", section))
         return 0
     if args.scale or args.fleet_only:
-        section = await run_fleet(
-            fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""), replicas=args.replicas
-        )
+        command += f" --streams {args.streams}" if args.streams else ""
+        if args.replicas > 1 or args.api_replica:
+            section = await run_replicas(
+                fleet_size, title, command, replicas=args.replicas, api_replica=args.api_replica
+            )
+        else:
+            section = await run_fleet(fleet_size, title, command)
         print(section)
         old = RESULTS.read_text() if RESULTS.exists() else "# Graylane benchmarks\n"
         RESULTS.write_text(replace_section(old, title, section))
@@ -632,7 +703,8 @@ async def main() -> int:
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
     # The last --scale run, the fault suite's results and the hand-written notes.
-    replica_titles = [line[3:] for line in old.splitlines() if line.startswith(("## 4b. ", "## 5b. "))]
+    replica_heads = ("## 4b. ", "## 5b. ", "## 4c. ", "## 5c. ")
+    replica_titles = [line[3:] for line in old.splitlines() if line.startswith(replica_heads)]
     for kept in (scale_title, *replica_titles, TLS_TITLE, FAULTS_TITLE, NOTES_TITLE):
         if f"## {kept}" in old:
             start = old.find(f"## {kept}")

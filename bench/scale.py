@@ -1,5 +1,7 @@
 """The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py).
 
+Several replicas, each a `graylane serve` process: bench/replicas.py.
+
 Measures, each bounded in time:
 * connect: from the first worker starting to every fake client configured (CDS+EDS+LDS+RDS);
 * change: NextBatch on one release -> each client first sees the new weight (p50 / p99 / max,
@@ -24,11 +26,8 @@ import itertools
 import os
 import pathlib
 import resource
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -79,11 +78,6 @@ class FleetResult:
     api_ms: list[float] = field(default_factory=list)
     api_change_ms: list[float] = field(default_factory=list)  # calls that ended during the changes
     lag_change_p99_ms: float = float("nan")
-    # replicas > 1: replica -> per change (client latencies ms, CPU ms); replica 0 is in-process
-    per_replica: dict[int, list[tuple[list[float], float]]] = field(default_factory=dict)
-    others_idle_cpu_pct: list[float] = field(default_factory=list)
-    others_rss_mib: list[tuple[float, float]] = field(default_factory=list)
-    replica_streams: list[int] = field(default_factory=list)
     gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
     gc_max_ms: list[float] = field(default_factory=list)
     gc_count: list[int] = field(default_factory=list)
@@ -407,62 +401,6 @@ class ApiTrace:
         return out
 
 
-class ServeReplica:
-    """Another replica: `graylane serve` on the bench's etcd, in its own process group."""
-
-    def __init__(self, etcd: str, log_path: pathlib.Path) -> None:
-        self.api_port, self.xds_port = _free_port(), _free_port()
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(pathlib.Path(sys.executable).parent / "graylane"),
-                    "serve",
-                    "--etcd",
-                    etcd,
-                    "--listen",
-                    f"127.0.0.1:{self.api_port}",
-                    "--xds-listen",
-                    f"127.0.0.1:{self.xds_port}",
-                    "--http-listen",
-                    f"127.0.0.1:{_free_port()}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def ready(self, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(OSError):
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.xds_port)
-                    writer.close()
-                    return
-                await asyncio.sleep(0.2)
-
-    def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_mib(self) -> tuple[float, float]:
-        status = dict(
-            line.split(":", 1) for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
-        )
-        return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
-
-    async def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 15.0)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5.0)
-
-
 _ETCD_COUNTERS = (
     "etcd_mvcc_put_total",
     "etcd_mvcc_txn_total",
@@ -491,6 +429,11 @@ def _etcd_counters(endpoint: str) -> dict[str, float]:
 def _tracked_types() -> collections.Counter[str]:
     """Objects the collector tracks, by type name."""
     return collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+
+
+def _clock_text(t: float) -> str:
+    """A wall-clock instant as the control plane's log prints it (UTC, milliseconds)."""
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
 def _free_port() -> int:
@@ -543,7 +486,6 @@ async def bench_fleet(
     change_timeout: float = 20.0,
     idle_seconds: float = 5.0,
     budget: float = 300.0,
-    replicas: int = 1,
 ) -> FleetResult:
     started = time.monotonic()
     n_workers = max(1, -(-streams // per_worker))
@@ -603,23 +545,13 @@ async def bench_fleet(
         probe.phase()
         probe.cpu_phase()
 
-        # With replicas > 1, the others are `graylane serve` processes on the same etcd, and
-        # the workers are dealt out round-robin: worker w dials replica w % replicas.
-        others: list[ServeReplica] = []
-        for r in range(1, replicas):
-            other = ServeReplica(local.etcd.endpoint, pathlib.Path(tempfile.gettempdir()) / f"graylane-bench-r{r}.log")
-            others.append(other)
-            stack.push_async_callback(other.stop)
-        for other in others:
-            await other.ready()
-        targets = [f"127.0.0.1:{plane.xds_port}", *(f"127.0.0.1:{o.xds_port}" for o in others)]
         workers: list[Worker] = []
         t_connect = time.monotonic()
         for w in range(n_workers):
             first = w * per_worker
             count = min(per_worker, streams - first)
             spec = FleetSpec(
-                target=targets[w % len(targets)],
+                target=f"127.0.0.1:{plane.xds_port}",
                 first=first,
                 count=count,
                 delta_every=delta_every,
@@ -776,7 +708,6 @@ async def bench_fleet(
                     break
                 before = envoy_route_versions()
                 cpu0 = cpu_seconds()
-                others_cpu0 = [o.cpu_seconds() for o in others]
                 t0 = time.time()
                 if trace is not None:
                     trace.changes.append(t0)
@@ -803,13 +734,6 @@ async def bench_fleet(
                 parts = await asyncio.gather(*(w.ask("seen", weight) for w in workers))
                 seen: list[float | None] = [x for part in parts for x in part]
                 cpu = cpu_seconds() - cpu0
-                if others:
-                    for r in range(replicas):
-                        mine = [x for w, part in enumerate(parts) if w % replicas == r for x in part]
-                        cpu_r = cpu if r == 0 else others[r - 1].cpu_seconds() - others_cpu0[r - 1]
-                        res.per_replica.setdefault(r, []).append(
-                            ([(x - t0) * 1000 for x in mine if x is not None], cpu_r * 1000)
-                        )
                 lat = [(x - t0) * 1000 for x in seen if x is not None]
                 res.change_ms.append(lat)
                 res.missing.append(sum(1 for x in seen if x is None))
@@ -817,7 +741,7 @@ async def bench_fleet(
                 res.cpu_ms.append(cpu * 1000)
                 print(
                     f"  change to {weight} %: {len(lat)}/{streams} saw it, p50 {pct(lat, 0.5):.0f} ms "
-                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms",
+                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms (sent {_clock_text(t0)})",
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
@@ -894,15 +818,10 @@ async def bench_fleet(
                 res.notes.append("idle measured while the tracker still changed (not quiet within 30 s)")
             probe.running.clear()  # the bench's own probes are not the fleet's idle cost
             cpu0 = cpu_seconds()
-            others_idle_cpu0 = [o.cpu_seconds() for o in others]
             t0 = time.monotonic()
             await asyncio.sleep(idle_seconds)
             res.idle_cpu_pct = 100 * (cpu_seconds() - cpu0) / (time.monotonic() - t0)
             probe.running.set()
-            res.others_idle_cpu_pct = [
-                100 * (o.cpu_seconds() - c0) / (time.monotonic() - t0)
-                for o, c0 in zip(others, others_idle_cpu0, strict=True)
-            ]
             prober.pause(False)
             if idle_profiler is not None:
                 idle_profiler.disable()
@@ -920,10 +839,6 @@ async def bench_fleet(
                 details[k] = details.get(k, 0) + v
         res.error_details = dict(sorted(details.items(), key=lambda kv: -kv[1])[:5])
         res.rss_mib, res.hwm_mib = rss_mib()
-        res.others_rss_mib = [o.rss_mib() for o in others]
-        res.replica_streams = [
-            sum(w.spec.count for i, w in enumerate(workers) if i % replicas == r) for r in range(replicas)
-        ]
         res.lag_max_ms = probe.max_ms
         res.cpu_lag_max_ms = probe.cpu_max_ms
         res.gc_total_ms, res.gc_max_ms = list(gc_pauses.total_ms), list(gc_pauses.max_ms)
@@ -1024,23 +939,6 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
         ("run time", f"{res.elapsed_s:.0f} s"),
     ]
-    for r, changes in sorted(res.per_replica.items()):
-        p50 = med([pct(lat, 0.5) for lat, _ in changes if lat])
-        p99 = med([pct(lat, 0.99) for lat, _ in changes if lat])
-        cpu = med([c for _, c in changes])
-        if r == 0:
-            where = f"in the bench process; idle {res.idle_cpu_pct:.1f} %, RSS {res.rss_mib:.0f} MiB"
-        else:
-            rss, hwm = res.others_rss_mib[r - 1]
-            idle = res.others_idle_cpu_pct[r - 1] if res.others_idle_cpu_pct else float("nan")
-            where = f"`graylane serve` process; idle {idle:.1f} %, RSS {rss:.0f} / peak {hwm:.0f} MiB"
-        rows.insert(
-            -1,
-            (
-                f"replica {r}: streams, change p50 / p99 (median over changes), CPU per change",
-                f"{res.replica_streams[r]:,} streams; {p50:.0f} / {p99:.0f} ms; {cpu:.0f} ms ({where})",
-            ),
-        )
     if res.error_details:
         causes = "; ".join(f"{k} x{v}" for k, v in res.error_details.items())
         rows.insert(-1, ("stream error causes (code: status details, top 5)", causes))
