@@ -34,8 +34,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from fleet import FleetSpec, Prober, Worker
@@ -169,11 +170,22 @@ class ReplicasResult:
     change_ms: list[list[float]] = field(default_factory=list)  # per change: every client's latency
     missing: list[int] = field(default_factory=list)
     envoy_ms: list[float] = field(default_factory=list)
+    fleet_cpu_ms: list[float] = field(default_factory=list)  # per change: the fake clients' worker processes
     stream_errors: int = 0
     error_codes: dict[str, int] = field(default_factory=dict)
     error_details: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+
+
+def _process_cpu(pids: Iterable[int | None]) -> float:
+    """User+system CPU seconds of these processes so far (0 for one that is gone)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, TypeError):
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def _rds_accepted(envoy: EnvoyProcess) -> float:
@@ -204,7 +216,10 @@ async def bench_replicas(
     change_timeout: float = 20.0,
     idle_seconds: float = 5.0,
     budget: float = 300.0,
+    worker: Callable[[FleetSpec], Any] = Worker,
 ) -> ReplicasResult:
+    """`worker` makes one worker process of fake clients from its spec (fleet.Worker: Python;
+    anything with the same `ask`/`stop` and a `process.pid`)."""
     started = time.monotonic()
     # Each fleet replica gets as many workers (and so streams) as the others.
     n_workers = -(-max(1, -(-streams // per_worker)) // replicas) * replicas
@@ -254,7 +269,7 @@ async def bench_replicas(
             real.append(await stack.enter_async_context(envoy))
             figures[home.name].envoys += 1
 
-        workers: list[Worker] = []
+        workers: list[Any] = []
         t_connect = time.monotonic()
         for w in range(n_workers):
             first = w * per_worker
@@ -271,7 +286,7 @@ async def bench_replicas(
                 connect_rate=connect_rate / n_workers,
                 listen_port=FLEET_LISTEN_PORT,
             )
-            workers.append(Worker(spec))
+            workers.append(worker(spec))
 
         async def stop_workers() -> None:
             await asyncio.gather(*(w.stop() for w in workers))
@@ -318,6 +333,7 @@ async def bench_replicas(
                     break
                 before = await asyncio.gather(*(_rds_accepted(e) for e in real))
                 cpu0 = [r.cpu_seconds() for r in serving]
+                fleet_cpu0 = _process_cpu(w.process.pid for w in workers)
                 t0 = time.time()
                 try:
                     rel = await client.act(Action.NEXT, RELEASE)
@@ -339,6 +355,7 @@ async def bench_replicas(
                     await asyncio.sleep(0.05)
                 parts = await asyncio.gather(*(w.ask("seen", weight) for w in workers))
                 cpu = [r.cpu_seconds() - c0 for r, c0 in zip(serving, cpu0, strict=True)]
+                res.fleet_cpu_ms.append((_process_cpu(w.process.pid for w in workers) - fleet_cpu0) * 1000)
                 for replica, spent in zip(serving, cpu, strict=True):
                     figures[replica.name].cpu_ms.append(spent * 1000)
                 for r, replica in enumerate(fleet):
@@ -354,7 +371,7 @@ async def bench_replicas(
                     f"  change to {weight} %: {len(lat)}/{streams} saw it, p50 {pct(lat, 0.5):.0f} ms "
                     f"p99 {pct(lat, 0.99):.0f} ms ({per}); CPU "
                     + ", ".join(f"{r.name} {c * 1000:.0f}" for r, c in zip(serving, cpu, strict=True))
-                    + f" ms (sent {_clock_text(t0)})",
+                    + f" ms, fake clients {res.fleet_cpu_ms[-1]:.0f} ms (sent {_clock_text(t0)})",
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
@@ -426,6 +443,10 @@ def describe_replicas(res: ReplicasResult) -> list[tuple[str, str]]:
         (
             "control-plane CPU per change, all replicas together (median)",
             f"{med([sum(c) for c in zip(*(r.cpu_ms for r in res.replicas), strict=True)]):.0f} ms",
+        ),
+        (
+            "fake clients' CPU per change, all worker processes (median; the same 2 cores)",
+            f"{med(res.fleet_cpu_ms):.0f} ms",
         ),
         ("API GetRelease p50 / p99 / max during the changes, every prober", f"{_ms(api)} ({len(api)} calls)"),
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
