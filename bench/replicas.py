@@ -52,6 +52,14 @@ from scale import FLEET_LISTEN_PORT, LANE, RELEASE, _clock_text, _free_port, _st
 LAG_INTERVAL = "10ms"
 
 
+def _end_with_parent() -> None:
+    """In the replica's child process before exec: SIGTERM when the bench process dies, so a
+    bench killed from outside (its exit stack never runs) leaves no replica behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 class ServeReplica:
     """One `graylane serve` on the bench's etcd, in its own process group, logging to a file."""
 
@@ -78,6 +86,7 @@ class ServeReplica:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_end_with_parent,
             )
 
     @property
