@@ -216,7 +216,8 @@ class ControlPlane:
         # when an endpoint is configured.
         self._http_listen = http_listen
         self.http_port = 0
-        self.telemetry = Telemetry(otlp_endpoint=otlp_endpoint, loop_lag_interval=loop_lag_interval)
+        self.telemetry = Telemetry(otlp_endpoint=otlp_endpoint)
+        self._loop_lag = self.telemetry.observe_loop(interval=loop_lag_interval)
         self.telemetry.observe_proxies(self.tracker)
         self.telemetry.observe_releases(self._releases_by_phase)
         self.telemetry.observe_agents(lambda: len(self.agents.sessions))
@@ -405,7 +406,7 @@ class ControlPlane:
             ("replica registry", self.replicas.run),
             ("analysis", self.analyzer.run),
             ("metrics", self.metrics.run),
-            ("loop lag probe", self.telemetry.loop_lag.run),
+            ("loop lag probe", self._loop_lag.run),
         ):
             tasks.create_task(_supervised(name, run))
 

@@ -219,7 +219,7 @@ class Telemetry:
     """Metrics (for `/metrics`) and traces of one control-plane replica or agent.
 
     Sources are attached after construction (`observe_proxies`, `observe_releases`,
-    `observe_agents`), so one class serves the control plane and the agent: a gauge with no
+    `observe_agents`, `observe_loop`), so one class serves the control plane and the agent: a gauge with no
     source exports no series. Concurrency: one asyncio loop; instruments are also safe to
     use from threads (the SDK locks).
     """
@@ -231,7 +231,6 @@ class Telemetry:
         otlp_endpoint: str | None = None,
         span_exporter: SpanExporter | None = None,
         clock: Callable[[], float] = time.monotonic,
-        loop_lag_interval: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS,
     ) -> None:
         resource = Resource.create({SERVICE_NAME: service_name})
         self.registry = CollectorRegistry(auto_describe=True)
@@ -292,14 +291,14 @@ class Telemetry:
             callbacks=[self._observe_store],
             description="1 while this replica can use etcd (a quorum answers), 0 while it cannot",
         )
-        # The loop-lag probe's wakes; its task is the owner's (`loop_lag.run`, in its TaskGroup).
-        lag_histogram = meter.create_histogram(
+        # The loop-lag probe's wakes (a histogram with no wakes exports no series).
+        self._lag_histogram = meter.create_histogram(
             METRIC_LOOP_LAG,
             unit="s",
             description="How late the event loop woke the lag probe's timer (every wake)",
             explicit_bucket_boundaries_advisory=LOOP_LAG_BUCKETS,
         )
-        self.loop_lag = LoopLag(interval=loop_lag_interval, on_lag=lag_histogram.record)
+        self._loop_lag: LoopLag | None = None
         self._lag_read: tuple[float, float] | None = None  # taken by the first gauge, read by the second
         meter.create_observable_gauge(
             METRIC_LOOP_LAG_MAX,
@@ -341,6 +340,12 @@ class Telemetry:
 
     def observe_store(self, up: Callable[[], bool]) -> None:
         self._store_up = up
+
+    def observe_loop(self, *, interval: float = DEFAULT_LOOP_LAG_INTERVAL_SECONDS) -> LoopLag:
+        """The event loop's lag, from the probe returned: the caller runs its `run()` on the
+        loop it measures, in its TaskGroup. Without it, no lag series are exported."""
+        self._loop_lag = LoopLag(interval=interval, on_lag=self._lag_histogram.record)
+        return self._loop_lag
 
     # -------------------------------------------------------------------- events
 
@@ -471,12 +476,14 @@ class Telemetry:
     # The two lag gauges are one reading: the first callback of a collection takes (and
     # resets) it, the second reports its CPU part and clears it for the next collection.
     def _observe_lag_max(self, options: CallbackOptions) -> Iterator[Observation]:
-        self._lag_read = self.loop_lag.take_longest()
-        yield Observation(self._lag_read[0])
+        if self._loop_lag is not None:
+            self._lag_read = self._loop_lag.take_longest()
+            yield Observation(self._lag_read[0])
 
     def _observe_lag_cpu(self, options: CallbackOptions) -> Iterator[Observation]:
         read, self._lag_read = self._lag_read, None
-        yield Observation((read or self.loop_lag.take_longest())[1])
+        if self._loop_lag is not None:
+            yield Observation((read or self._loop_lag.take_longest())[1])
 
 
 def agent_telemetry(tracker: ProxyTracker, *, otlp_endpoint: str | None = None) -> Telemetry:

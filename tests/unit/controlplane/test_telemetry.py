@@ -259,8 +259,11 @@ def test_loop_lag_keeps_the_latest_wake_with_its_cpu_until_taken() -> None:
 
 def test_loop_lag_is_exported_and_each_scrape_reads_its_own_interval() -> None:
     telemetry = Telemetry()
-    telemetry.loop_lag.woke(0.004, 0.0)
-    telemetry.loop_lag.woke(0.080, 0.075)
+    names = samples(telemetry)
+    assert not {METRIC_LOOP_LAG_MAX, METRIC_LOOP_LAG_CPU, f"{METRIC_LOOP_LAG}_count"} & set(names)  # no probe
+    lag = telemetry.observe_loop(interval=0.01)
+    lag.woke(0.004, 0.0)
+    lag.woke(0.080, 0.075)
     first = samples(telemetry)
     assert [s.value for s in first[METRIC_LOOP_LAG_MAX]] == [0.080]
     assert [s.value for s in first[METRIC_LOOP_LAG_CPU]] == [0.075]
