@@ -58,6 +58,23 @@ REACHED_STEPS = 19
 REACHED_POLL = 0.005  # as bench/run.py polls GetRelease
 
 
+def envoy_all_stats() -> None:
+    """A/B switch (GRAYLANE_BENCH_ENVOY_ALL_STATS=1): the benches' Envoys make every statistic
+    Envoy has, as the bootstraps did before their `stats_matcher` (this process only)."""
+    original = EnvoyProcess._bootstrap
+
+    def unmatched(self: EnvoyProcess) -> str:
+        text = original(self)
+        start = text.index("  stats_matcher:\n")
+        return text[:start] + text[text.index("  histogram_bucket_settings:", start) :]
+
+    EnvoyProcess._bootstrap = unmatched  # type: ignore[method-assign]
+
+
+if os.environ.get("GRAYLANE_BENCH_ENVOY_ALL_STATS"):
+    envoy_all_stats()
+
+
 def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
