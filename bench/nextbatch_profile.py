@@ -284,6 +284,12 @@ async def etcd_floor(store: Any, count: int = 40) -> list[str]:
     ]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _ENVOY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\] \[[^]]*\] (.*)$")
 
 
@@ -425,6 +431,7 @@ async def main(envoys: int, count: int) -> str:
         marks: list[dict[str, float]] = []
         race_revisions: list[int] = []
         server_before: dict[str, float] | None = None
+        envoy_cpu_before: tuple[float, list[float]] | None = None
         while len(steps) < count:
             r = await client.ask(f"get {name}")
             if r["batch"] + 1 >= r["batches"]:
@@ -436,6 +443,7 @@ async def main(envoys: int, count: int) -> str:
             await asyncio.sleep(0.3)  # the previous step's writes and passes settle
             if server_before is None:
                 server_before = await asyncio.to_thread(etcd_server, etcd.endpoint)
+                envoy_cpu_before = (time.perf_counter(), [cpu_seconds(e.pid) for e in fleet])
             LOG.clear()
             earlier = set(WRITES)
             out = await client.ask(f"next {name}")
@@ -463,6 +471,13 @@ async def main(envoys: int, count: int) -> str:
             extra_lines = envoy_trace(fleet, [m["t0"] for m in marks], wall_offset)
         else:
             extra_lines = []
+        if envoy_cpu_before is not None:
+            took = time.perf_counter() - envoy_cpu_before[0]
+            used = [cpu_seconds(e.pid) - b for e, b in zip(fleet, envoy_cpu_before[1], strict=True)]
+            extra_lines.append(
+                "  each Envoy's CPU over the steps (/proc), % of a core: "
+                + " ".join(f"{100 * u / took:.1f}" for u in used)
+            )
         server_after = await asyncio.to_thread(etcd_server, etcd.endpoint)
         extra = etcd_rows(server_before or {}, server_after) + await etcd_floor(store)
         return report(envoys, steps, marks, race_revisions) + "\n" + "\n".join(extra + extra_lines)
