@@ -748,6 +748,26 @@ def section(rows: Sequence[Sequence[str]]) -> str:
             "disk), Envoy's ACK 2.5-3 ms after the push, the view build and render 0.9 ms, and GetRelease's own "
             "read of etcd.",
             "",
+            "Envoy's statistics and its xDS thread (session nbpath, 2026-12-01 evening). With 5 Envoys the slow "
+            "steps' ACKs came 50-180 ms after the push while the control plane's loop was idle. Each Envoy's own "
+            "log (bench/nextbatch_profile.py with GRAYLANE_PROFILE_ENVOY_TRACE=1: config:trace, microsecond "
+            "stamps) put Envoy's own receive -> ACK at p50 1.3-1.8 ms, and the routes' arrival 60-155 ms after "
+            "our send; main:trace showed why: each once-a-second stats flush held Envoy's main thread, where it "
+            "also handles xDS, for 75-190 ms with Envoy's full set of statistics for ~1,100 clusters, and a "
+            "response arriving meanwhile waited. The bootstraps now make only the per-cluster statistics "
+            "Graylane reads, and a few for operators (stats_matcher; README). Alternated profile runs, 5 Envoys, "
+            "10 steps each (load 16 -> 3 -> 6), the last Envoy's ACK, median (range) of steps: every statistic "
+            "48.8 (20-119) and 23.3 (16-43) ms; the matcher 21.1 (17-49) ms. This bench, alternated at a0625d8 "
+            "(22:05-22:14 UTC, load 2.8-4.7), 5 Envoys, -> every Envoy ACKed p50 / p99 (the slowest of 17 steps), "
+            "etcd data on disk and on tmpfs: whole set 17.1 / 66.3 and 22.5 / 192.7 ms; the matcher 21.0 / 28.3 "
+            "and 17.6 / 69.9 ms, then 16.1 / 79.0 and 19.2 / 36.3 ms (the table below); 1 Envoy within the noise "
+            "(p50 10.7-12.0 ms both ways). Still above the goal: with 5 Envoys the ACKs reach the tracker 2.5-5 ms "
+            "after Envoy sent them (the loop runs the convergence pass that the new view starts, and the ACKs' "
+            "completions wait for it and for the GIL), and with 1 Envoy the path's parts outside our code (the "
+            "client's gRPC call to the handler ~0.9 ms, etcd's own Txn ~1.1 ms, Envoy's receive -> ACK ~1.3 ms) "
+            "leave ~1.7 ms for ours, which take ~4 ms on this machine. GRAYLANE_BENCH_ENVOY_ALL_STATS=1 runs this "
+            "bench with Envoy's whole set, for comparison.",
+            "",
             "| measurement | value |",
             "|---|---|",
             *(f"| {a} | {b} |" for a, b in rows),
