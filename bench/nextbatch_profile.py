@@ -12,16 +12,27 @@ and the median call, and the thread it ran on; then one step's timeline.
     .venv/bin/python -P bench/nextbatch_profile.py [envoys=1] [steps=10]
 
 Wall times on a shared machine: compare stages within one run, and runs at like load.
+
+Switches (environment): GRAYLANE_PROFILE_ENVOY_TRACE=1 reads each Envoy's own log of its
+xDS stream (config:trace, or the components in GRAYLANE_PROFILE_ENVOY_LOG) and prints per
+step when each Envoy received the routes and sent its ACK (GRAYLANE_PROFILE_ENVOY_KEEP=DIR
+keeps the logs); GRAYLANE_PROFILE_ENVOY_CONCURRENCY=N sets the Envoys' worker threads;
+GRAYLANE_BENCH_ENVOY_ALL_STATS=1 drops the bootstraps' stats_matcher (bench/store_bench.py);
+GRAYLANE_PROFILE_SET_SLICE=SECONDS sets the data plane's slice of loop time (0: a loop step
+after the build and between keys, as before 2026-12-01 evening);
+GRAYLANE_PROFILE_TXN_ON_LOOP=1 and GRAYLANE_PROFILE_SWITCH_INTERVAL=SECONDS as below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import gc
 import os
 import pathlib
+import re
 import statistics
 import sys
 import tempfile
@@ -273,6 +284,56 @@ async def etcd_floor(store: Any, count: int = 40) -> list[str]:
     ]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_ENVOY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\] \[[^]]*\] (.*)$")
+
+
+def envoy_trace(fleet: list[EnvoyProcess], t0s: list[float], wall_offset: float) -> list[str]:
+    """From each Envoy's config:trace log: per step, when the RDS response arrived and when
+    Envoy sent its ACK (ms after the client's NextBatch call; wall clock mapped onto this
+    process's perf_counter)."""
+    per_envoy: list[list[tuple[float, str]]] = []
+    for envoy in fleet:
+        text = (pathlib.Path(envoy._workdir.name) / "envoy.log").read_text(errors="replace") if envoy._workdir else ""
+        if os.environ.get("GRAYLANE_PROFILE_ENVOY_KEEP"):
+            pathlib.Path(os.environ["GRAYLANE_PROFILE_ENVOY_KEEP"], f"{envoy.node_id}.log").write_text(text)
+        events = []
+        for line in text.splitlines():
+            m = _ENVOY_LINE.match(line)
+            if not m or "RouteConfiguration" not in m.group(2):
+                continue
+            stamp = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp() - wall_offset
+            msg = m.group(2)
+            kind = "recv" if msg.startswith("Received gRPC message") else ""
+            kind = "send" if "Sending DiscoveryRequest" in msg else kind
+            if kind:
+                events.append((stamp, kind))
+        per_envoy.append(events)
+    lines = ["  Envoy's own log (config:trace), per step: RDS response received -> ACK sent, ms after the call:"]
+    recv_to_ack = []
+    for i, t0 in enumerate(t0s):
+        parts = []
+        for k, events in enumerate(per_envoy):
+            recv = next((t for t, kind in events if kind == "recv" and t0 <= t < t0 + 0.5), None)
+            ack = next((t for t, kind in events if kind == "send" and recv is not None and t >= recv), None)
+            if recv is None or ack is None:
+                parts.append(f"e{k} ?")
+                continue
+            recv_to_ack.append((ack - recv) * 1000)
+            parts.append(f"e{k} {(recv - t0) * 1000:.1f}->{(ack - t0) * 1000:.1f}")
+        lines.append(f"    step {i}: " + "; ".join(parts))
+    if recv_to_ack:
+        lines.append(
+            f"  Envoy received -> ACK sent: p50 {statistics.median(recv_to_ack):.2f} ms, max {max(recv_to_ack):.2f} ms"
+        )
+    return lines
+
+
 def report(
     envoys: int,
     steps: list[dict[str, list[tuple[float, float, str]]]],
@@ -281,7 +342,7 @@ def report(
 ) -> str:
     races = [WRITES[r] for r in race_revisions]
     lines = [f"=== NextBatch at 1,000 services / releases ({sb.LIVE} live), {envoys} Envoy(s), {len(steps)} steps ==="]
-    for key in marks[0]:
+    for key in (k for k in marks[0] if k != "t0"):
         lines.append(f"  {key:58s} at {statistics.median(m[key] for m in marks):8.2f} ms")
     stages = {stage for step in steps for stage in step}
     ordered = sorted(stages, key=lambda s: statistics.median(step[s][0][0] for step in steps if s in step))
@@ -338,8 +399,29 @@ async def main(envoys: int, count: int) -> str:
         await sb.create_all(target, sb.RELEASES)
         for name in names[: sb.LIVE]:
             await plane.releases.act(name, Move.NEXT, Cause(actor="bench"))
-        for k in range(envoys):
-            await stack.enter_async_context(EnvoyProcess(ads_port=plane.xds_port, node_id=f"profile-{k}"))
+        concurrency = os.environ.get("GRAYLANE_PROFILE_ENVOY_CONCURRENCY")
+        traced = bool(os.environ.get("GRAYLANE_PROFILE_ENVOY_TRACE"))
+        # Envoy's own log of its xDS stream (config:trace), with microsecond wall-clock stamps:
+        # when each response arrived and when its ACK left, read back after the steps.
+        trace_args = [
+            "--component-log-level",
+            os.environ.get("GRAYLANE_PROFILE_ENVOY_LOG", "config:trace"),
+            "--log-format",
+            "[%Y-%m-%d %T.%f] [%n] %v",
+        ]
+        fleet = [
+            await stack.enter_async_context(
+                EnvoyProcess(
+                    ads_port=plane.xds_port,
+                    node_id=f"profile-{k}",
+                    concurrency=int(concurrency) if concurrency else None,
+                    extra_args=trace_args if traced else (),
+                    log_level="info" if traced else "warn",
+                )
+            )
+            for k in range(envoys)
+        ]
+        wall_offset = time.time() - time.perf_counter()
         client = await sb._Client.start(target)  # the pipeline, in its own process
         stack.push_async_callback(client.close)
         dp = plane.dataplane
@@ -349,6 +431,7 @@ async def main(envoys: int, count: int) -> str:
         marks: list[dict[str, float]] = []
         race_revisions: list[int] = []
         server_before: dict[str, float] | None = None
+        envoy_cpu_before: tuple[float, list[float]] | None = None
         while len(steps) < count:
             r = await client.ask(f"get {name}")
             if r["batch"] + 1 >= r["batches"]:
@@ -360,6 +443,7 @@ async def main(envoys: int, count: int) -> str:
             await asyncio.sleep(0.3)  # the previous step's writes and passes settle
             if server_before is None:
                 server_before = await asyncio.to_thread(etcd_server, etcd.endpoint)
+                envoy_cpu_before = (time.perf_counter(), [cpu_seconds(e.pid) for e in fleet])
             LOG.clear()
             earlier = set(WRITES)
             out = await client.ask(f"next {name}")
@@ -380,14 +464,28 @@ async def main(envoys: int, count: int) -> str:
                     "the last listen port's snapshot set": max(sets) if sets else float("nan"),
                     "`reached` seen on a Watch stream (client process)": (out["watch"] - t0) * 1000,
                     "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
+                    "t0": t0,
                 }
+            )
+        if traced:
+            extra_lines = envoy_trace(fleet, [m["t0"] for m in marks], wall_offset)
+        else:
+            extra_lines = []
+        if envoy_cpu_before is not None:
+            took = time.perf_counter() - envoy_cpu_before[0]
+            used = [cpu_seconds(e.pid) - b for e, b in zip(fleet, envoy_cpu_before[1], strict=True)]
+            extra_lines.append(
+                "  each Envoy's CPU over the steps (/proc), % of a core: "
+                + " ".join(f"{100 * u / took:.1f}" for u in used)
             )
         server_after = await asyncio.to_thread(etcd_server, etcd.endpoint)
         extra = etcd_rows(server_before or {}, server_after) + await etcd_floor(store)
-        return report(envoys, steps, marks, race_revisions) + "\n" + "\n".join(extra)
+        return report(envoys, steps, marks, race_revisions) + "\n" + "\n".join(extra + extra_lines)
 
 
 if __name__ == "__main__":
+    if os.environ.get("GRAYLANE_PROFILE_SET_SLICE"):  # A/B: the data plane's slice of loop time
+        dataplane._SET_SLICE_SECONDS = float(os.environ["GRAYLANE_PROFILE_SET_SLICE"])
     if os.environ.get("GRAYLANE_PROFILE_SWITCH_INTERVAL"):  # A/B runs of the GIL's switch interval
         sys.setswitchinterval(float(os.environ["GRAYLANE_PROFILE_SWITCH_INTERVAL"]))
     args = [int(a) for a in sys.argv[1:3]]

@@ -58,6 +58,23 @@ REACHED_STEPS = 19
 REACHED_POLL = 0.005  # as bench/run.py polls GetRelease
 
 
+def envoy_all_stats() -> None:
+    """A/B switch (GRAYLANE_BENCH_ENVOY_ALL_STATS=1): the benches' Envoys make every statistic
+    Envoy has, as the bootstraps did before their `stats_matcher` (this process only)."""
+    original = EnvoyProcess._bootstrap
+
+    def unmatched(self: EnvoyProcess) -> str:
+        text = original(self)
+        start = text.index("  stats_matcher:\n")
+        return text[:start] + text[text.index("  histogram_bucket_settings:", start) :]
+
+    EnvoyProcess._bootstrap = unmatched  # type: ignore[method-assign]
+
+
+if os.environ.get("GRAYLANE_BENCH_ENVOY_ALL_STATS"):
+    envoy_all_stats()
+
+
 def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -730,6 +747,31 @@ def section(rows: Sequence[Sequence[str]]) -> str:
             "two etcd transactions (the NextBatch, then `reached`), 4-5 ms each here (etcd's WAL fsync on this "
             "disk), Envoy's ACK 2.5-3 ms after the push, the view build and render 0.9 ms, and GetRelease's own "
             "read of etcd.",
+            "",
+            "Envoy's statistics and its xDS thread (session nbpath, 2026-12-01 evening). With 5 Envoys the slow "
+            "steps' ACKs came 50-180 ms after the push while the control plane's loop was idle. Each Envoy's own "
+            "log (bench/nextbatch_profile.py with GRAYLANE_PROFILE_ENVOY_TRACE=1: config:trace, microsecond "
+            "stamps) put Envoy's own receive -> ACK at p50 1.3-1.8 ms, and the routes' arrival 60-155 ms after "
+            "our send; main:trace showed why: each once-a-second stats flush held Envoy's main thread, where it "
+            "also handles xDS, for 75-190 ms with Envoy's full set of statistics for ~1,100 clusters, and a "
+            "response arriving meanwhile waited. The bootstraps now make only the per-cluster statistics "
+            "Graylane reads, and a few for operators (stats_matcher; README). Alternated profile runs, 5 Envoys, "
+            "10 steps each (load 16 -> 3 -> 6), the last Envoy's ACK, median (range) of steps: every statistic "
+            "48.8 (20-119) and 23.3 (16-43) ms; the matcher 21.1 (17-49) ms. This bench, alternated at a0625d8 "
+            "(22:05-22:14 UTC, load 2.8-4.7), 5 Envoys, -> every Envoy ACKed p50 / p99 (the slowest of 17 steps), "
+            "etcd data on disk and on tmpfs: whole set 17.1 / 66.3 and 22.5 / 192.7 ms; the matcher 21.0 / 28.3 "
+            "and 17.6 / 69.9 ms, then 16.1 / 79.0 and 19.2 / 36.3 ms (the table below); 1 Envoy within the noise "
+            "(p50 10.7-12.0 ms both ways). Still above the goal: with 5 Envoys the ACKs reach the tracker 2.5-5 ms "
+            "after Envoy sent them (the loop runs the convergence pass that the new view starts, and the ACKs' "
+            "completions wait for it and for the GIL), and with 1 Envoy the path's parts outside our code (the "
+            "client's gRPC call to the handler ~0.9 ms, etcd's own Txn ~1.1 ms, Envoy's receive -> ACK ~1.3 ms) "
+            "leave ~1.7 ms for ours, which take ~4 ms on this machine. GRAYLANE_BENCH_ENVOY_ALL_STATS=1 runs this "
+            "bench with Envoy's whole set, for comparison. Each Envoy's CPU over the profile's steps (/proc, 5 "
+            "Envoys): 7.4-8.2 % of a core with the whole set, 3.1-3.4 % with the matcher. Envoy's worker threads, "
+            "two alternated profile pairs (22:20, 22:26 UTC): with --concurrency 1 the last ACK's median step was "
+            "17.5 and 14.0 ms against 22.1 and 19.2 ms with Envoy's default (2 workers here); xDS is on Envoy's "
+            "main thread either way, and the worker count is a traffic decision, so the bench keeps Envoy's "
+            "default.",
             "",
             "| measurement | value |",
             "|---|---|",

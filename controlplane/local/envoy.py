@@ -21,7 +21,7 @@ import signal
 import string
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +145,9 @@ class EnvoyProcess(Lifecycle):
     Keyword-only options; ports default to free loopback ports. `ready_timeout` bounds the
     wait for `/ready` (Envoy turns LIVE only once its first CDS and LDS have arrived, so
     the ADS server should already serve a snapshot for this proxy). `wait_ready=False`
-    returns as soon as the admin port answers at all.
+    returns as soon as the admin port answers at all. `concurrency` sets Envoy's worker
+    threads (default: one per core); `extra_args` go to the command line as they are (the
+    benches' log levels and formats).
     """
 
     def __init__(
@@ -166,8 +168,14 @@ class EnvoyProcess(Lifecycle):
         runtime: Mapping[str, str | int | float | bool] | None = None,
         tls: EnvoyTls | None = None,
         xds_token: str | None = None,
+        concurrency: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.protocol = protocol
+        # Worker threads (Envoy's default: one per core the process may use). xDS is handled
+        # on Envoy's main thread either way.
+        self.concurrency = concurrency
+        self._extra_args = tuple(extra_args)
         self.tls = tls
         self.xds_token = xds_token
         # Static runtime overrides (e.g. a stricter re2.max_program_size.error_level).
@@ -207,6 +215,8 @@ class EnvoyProcess(Lifecycle):
             self._log_level,
             "--log-path",
             str(Path(self._workdir.name) / "envoy.log"),
+            *(["--concurrency", str(self.concurrency)] if self.concurrency is not None else []),
+            *self._extra_args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,

