@@ -454,8 +454,10 @@ class NodeWorker:
             "streams_per_channel": streams_per_channel,
             "descriptors": str(descriptor_set()),
         }
+        # GRAYLANE_FLEET_NODE_ARGS: node's own options for a run (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p").
+        node_args = os.environ.get("GRAYLANE_FLEET_NODE_ARGS", "").split()
         self.process = subprocess.Popen(
-            ["node", str(NODE_DIR / "worker.js"), json.dumps(args)],
+            ["node", *node_args, str(NODE_DIR / "worker.js"), json.dumps(args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=NODE_DIR,

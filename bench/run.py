@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.
 
 from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
+from fleet import FLEET_IMPLS  # noqa: E402
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.deploy.local.stack import local_control_plane
@@ -478,12 +479,18 @@ FLEET_DEFAULT = (1000, 500, 100, 2, 5, 90.0, 240.0)
 FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
 
 
-def fleet_section(title: str, command: str, rows: list[tuple[str, str]]) -> str:
+FLEET_SOURCES = {
+    "node": "the Node fleet, bench/fleet_node/worker.js (@grpc/grpc-js) driven by bench/fleet.py",
+    "python": "the Python fleet, bench/fleet.py (grpc.aio)",
+}
+
+
+def fleet_section(title: str, command: str, rows: list[tuple[str, str]], fleet_impl: str) -> str:
     return "\n".join(
         [
             f"## {title}",
             "",
-            f"`{command}`: fake ADS clients in worker processes (bench/fleet.py; 10 streams per "
+            f"`{command}`: fake ADS clients in worker processes ({FLEET_SOURCES[fleet_impl]}; 10 streams per "
             "HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
             "wall-clock instant it first sees the lane's weight), 2 real Envoys (one SotW, one delta), "
             "one control plane in the bench process with embedded etcd, loopback. The machine is "
@@ -506,10 +513,15 @@ def replace_section(text: str, title: str, section: str) -> str:
 
 
 async def run_fleet(
-    size: tuple[int, int, int, int, int, float, float], title: str, command: str, *, replicas: int = 1
+    size: tuple[int, int, int, int, int, float, float],
+    title: str,
+    command: str,
+    *,
+    replicas: int = 1,
+    fleet_impl: str = "node",
 ) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
-    print(f"fleet: {streams} streams over {-(-streams // per_worker)} processes", flush=True)
+    print(f"fleet: {streams} streams over {-(-streams // per_worker)} {fleet_impl} processes", flush=True)
     result = await bench_fleet(
         streams=streams,
         per_worker=per_worker,
@@ -519,10 +531,11 @@ async def run_fleet(
         connect_timeout=connect_timeout,
         budget=budget,
         replicas=replicas,
+        fleet_impl=fleet_impl,
     )
     rows = describe(result)
     rows += [("note", n) for n in result.notes]
-    return fleet_section(title, command, rows)
+    return fleet_section(title, command, rows, fleet_impl)
 
 
 NOTES_TITLE = "Notes"  # a hand-written section of RESULTS.md, kept by every run
@@ -566,6 +579,13 @@ async def main() -> int:
         help="with --scale or --fleet-only: this many replicas on one etcd (the others `graylane serve` processes), "
         "the fleet dealt out between them",
     )
+    parser.add_argument(
+        "--fleet-impl",
+        choices=FLEET_IMPLS,
+        default="node",
+        help="the fake ADS clients of the fleet sections: Node (bench/fleet_node, cheaper per message) or "
+        "Python (bench/fleet.py's grpc.aio workers)",
+    )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
     parser.add_argument(
@@ -586,6 +606,8 @@ async def main() -> int:
             else f"4b. Fleet over {args.replicas} replicas"
         )
         command += f" --replicas {args.replicas}"
+    if args.fleet_impl != "node":
+        command += f" --fleet-impl {args.fleet_impl}"
     if args.render_only:
         section = render_section(bench_render())
         print(section)
@@ -611,7 +633,11 @@ async def main() -> int:
         return 0
     if args.scale or args.fleet_only:
         section = await run_fleet(
-            fleet_size, title, command + (f" --streams {args.streams}" if args.streams else ""), replicas=args.replicas
+            fleet_size,
+            title,
+            command + (f" --streams {args.streams}" if args.streams else ""),
+            replicas=args.replicas,
+            fleet_impl=args.fleet_impl,
         )
         print(section)
         old = RESULTS.read_text() if RESULTS.exists() else "# Graylane benchmarks\n"
@@ -623,7 +649,7 @@ async def main() -> int:
     print("2+3. end to end (etcd, control plane, envoy)", flush=True)
     e2e = await bench_e2e()
     print("4. fleet", flush=True)
-    section = await run_fleet(fleet_size, title, command)
+    section = await run_fleet(fleet_size, title, command, fleet_impl=args.fleet_impl)
     print("6. stats scraper", flush=True)
     scraper_text = await bench_scraper()
     print("7. store and API at 1,000 releases", flush=True)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fleet import PROBE_ID_METADATA, FleetSpec, Prober, Worker
+from fleet import PROBE_ID_METADATA, FleetSpec, NodeWorker, Prober, Worker, worker_class
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -67,6 +67,8 @@ class FleetResult:
     missing: list[int] = field(default_factory=list)  # per change: clients that never saw it
     envoy_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # control-plane CPU per change
+    fleet_impl: str = "python"  # which fake clients ran: bench/fleet.py's Worker or NodeWorker
+    fleet_cpu_ms: list[float] = field(default_factory=list)  # the fleet's worker processes' CPU per change
     idle_cpu_pct: float = float("nan")
     rss_mib: float = 0.0
     hwm_mib: float = 0.0
@@ -526,7 +528,7 @@ def release_spec(entry: str) -> pb.ReleaseSpec:
     )
 
 
-async def _statuses(workers: Sequence[Worker]) -> list[dict[str, Any]]:
+async def _statuses(workers: Sequence[Worker | NodeWorker]) -> list[dict[str, Any]]:
     return list(await asyncio.gather(*(w.ask("status") for w in workers)))
 
 
@@ -544,10 +546,12 @@ async def bench_fleet(
     idle_seconds: float = 5.0,
     budget: float = 300.0,
     replicas: int = 1,
+    fleet_impl: str = "python",
 ) -> FleetResult:
     started = time.monotonic()
     n_workers = max(1, -(-streams // per_worker))
-    res = FleetResult(streams, n_workers, services, envoys, delta_every)
+    res = FleetResult(streams, n_workers, services, envoys, delta_every, fleet_impl=fleet_impl)
+    make_worker = worker_class(fleet_impl)
     entry = "svc-0000"
     async with contextlib.AsyncExitStack() as stack:
         gc_pauses = stack.enter_context(GcPauses())
@@ -613,7 +617,7 @@ async def bench_fleet(
         for other in others:
             await other.ready()
         targets = [f"127.0.0.1:{plane.xds_port}", *(f"127.0.0.1:{o.xds_port}" for o in others)]
-        workers: list[Worker] = []
+        workers: list[Worker | NodeWorker] = []
         t_connect = time.monotonic()
         for w in range(n_workers):
             first = w * per_worker
@@ -628,7 +632,7 @@ async def bench_fleet(
                 connect_rate=connect_rate / n_workers,
                 listen_port=FLEET_LISTEN_PORT,
             )
-            workers.append(Worker(spec))
+            workers.append(make_worker(spec))
 
         async def stop_workers() -> None:
             await asyncio.gather(*(w.stop() for w in workers))
@@ -777,6 +781,7 @@ async def bench_fleet(
                 before = envoy_route_versions()
                 cpu0 = cpu_seconds()
                 others_cpu0 = [o.cpu_seconds() for o in others]
+                fleet_cpu0 = sum(w.cpu_seconds() for w in workers)
                 t0 = time.time()
                 if trace is not None:
                     trace.changes.append(t0)
@@ -803,6 +808,7 @@ async def bench_fleet(
                 parts = await asyncio.gather(*(w.ask("seen", weight) for w in workers))
                 seen: list[float | None] = [x for part in parts for x in part]
                 cpu = cpu_seconds() - cpu0
+                res.fleet_cpu_ms.append((sum(w.cpu_seconds() for w in workers) - fleet_cpu0) * 1000)
                 if others:
                     for r in range(replicas):
                         mine = [x for w, part in enumerate(parts) if w % replicas == r for x in part]
@@ -817,7 +823,7 @@ async def bench_fleet(
                 res.cpu_ms.append(cpu * 1000)
                 print(
                     f"  change to {weight} %: {len(lat)}/{streams} saw it, p50 {pct(lat, 0.5):.0f} ms "
-                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms",
+                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms, fleet's {res.fleet_cpu_ms[-1]:.0f} ms",
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
@@ -981,7 +987,7 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         return pct(v, 0.5)
 
     rows = [
-        ("streams (fake ADS clients) / worker processes", f"{res.streams:,} / {res.workers}"),
+        ("streams (fake ADS clients) / worker processes", f"{res.streams:,} / {res.workers} ({res.fleet_impl})"),
         ("of which delta", f"every {res.delta_every}th" if res.delta_every else "none"),
         ("real Envoys (own snapshot keys)", str(res.envoys)),
         ("services", str(res.services)),
@@ -993,6 +999,10 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("clients that missed a change (sum)", str(sum(res.missing))),
         ("weight change -> real Envoy ACKed (median)", f"{med(res.envoy_ms):.0f} ms"),
         ("control-plane CPU per change (median)", f"{med(res.cpu_ms):.0f} ms"),
+        (
+            f"fake clients' CPU per change (median; the {res.fleet_impl} fleet's worker processes, /proc)",
+            f"{med(res.fleet_cpu_ms):.0f} ms",
+        ),
         (
             "control-plane CPU idle (fleet connected, API prober and loop-lag probe paused)",
             f"{res.idle_cpu_pct:.1f} % of a core",

@@ -51,11 +51,9 @@ const Cluster = T('envoy.config.cluster.v3.Cluster');
 const RouteConfiguration = T('envoy.config.route.v3.RouteConfiguration');
 const ScopedRouteConfiguration = T('envoy.config.route.v3.ScopedRouteConfiguration');
 
-// Requests are encoded here and handed to grpc-js as bytes; responses are decoded by grpc-js
-// through these (one decode per message, on the stream's own read).
-const passBytes = (buf) => buf;
-const decodeSotw = (buf) => Response.decode(buf);
-const decodeDelta = (buf) => DeltaResponse.decode(buf);
+// Calls go through grpc-js's channel-level Call (what its client stubs and interceptors sit on):
+// messages in and out are bytes, encoded and decoded here, without the per-message layers of a
+// stub's Node stream, which cost about as much CPU as the rest of a client's work.
 const encodeSotw = (fields) => Buffer.from(Request.encode(fields).finish());
 const encodeDelta = (fields) => Buffer.from(DeltaRequest.encode(fields).finish());
 
@@ -141,11 +139,15 @@ class Decoded {
   }
 }
 
-/** Names sorted, with a string key to compare whole sets by (fleet.py compares tuples). */
+/** Names sorted, with a string key to compare whole sets by (fleet.py compares tuples), and the
+ * set encoded once as a DiscoveryRequest's resource_names: a SotW ACK carries every name it
+ * subscribes to, and appending these bytes to the rest of the ACK is the same message (repeated
+ * fields concatenate) without encoding each name again per ACK. */
 function sortedSet(names) {
   const sorted = [...names].sort();
-  return { names: sorted, key: sorted.join('\n') };
+  return { names: sorted, key: sorted.join('\n'), encoded: encodeSotw({ resource_names: sorted }) };
 }
+const NO_NAMES = sortedSet([]);
 
 class Client {
   constructor(index, delta) {
@@ -204,10 +206,14 @@ class Fleet {
       const due = Math.min(this.clients.length, Math.floor(((Date.now() - t0) / 1000) * rate) + 1);
       while (!this.stopping && next < due) {
         if (next % perChannel === 0) {
-          channel = new grpc.Client(spec.target, grpc.credentials.createInsecure(), {
+          channel = new grpc.Channel(spec.target, grpc.credentials.createInsecure(), {
             'grpc.max_receive_message_length': 64 * 1024 * 1024,
             // Its own connection, not the process-wide pool's shared one.
             'grpc.use_local_subchannel_pool': 1,
+            // Per-call bookkeeping an ADS client does without (Envoy neither retries a stream's
+            // messages nor keeps channelz): each costs CPU on every message or call here.
+            'grpc.enable_retries': 0,
+            'grpc.enable_channelz': 0,
           });
           this.channels.push(channel);
         }
@@ -223,7 +229,6 @@ class Fleet {
     if (this.stopping) return;
     const ended = (status) => {
       client.connected = false;
-      client.call = null;
       if (this.stopping) return;
       let code = 'ended';
       if (status.code !== grpc.status.OK) {
@@ -240,24 +245,48 @@ class Fleet {
     else this.sotw(client, channel, ended);
   }
 
-  open(client, channel, method, decode, ended) {
-    const call = channel.makeBidiStreamRequest(method, passBytes, decode, new grpc.Metadata(), {});
-    client.call = call;
+  /** One ADS call: `onMessage(bytes)` per response; `ended(status)` once. */
+  open(client, channel, method, onMessage, ended) {
+    const call = channel.createCall(method, Infinity, null, null, grpc.propagate.DEFAULTS);
     let done = false;
-    const finish = (status) => {
-      if (!done) {
+    call.start(new grpc.Metadata(), {
+      onReceiveMetadata() {},
+      onReceiveMessage(bytes) {
+        call.startRead(); // one response is delivered per startRead
+        if (!done) onMessage(bytes);
+      },
+      onReceiveStatus(status) {
+        if (done) return;
         done = true;
+        client.call = null;
         ended(status);
-      }
+      },
+    });
+    call.startRead();
+    // One message in flight at a time, the next sent from the previous one's callback: the call
+    // holds a single message until it is under way (a second would replace the first).
+    const queue = [];
+    let writing = false;
+    const sent = () => {
+      if (queue.length && !done) call.sendMessageWithContext({ callback: sent }, queue.shift());
+      else writing = false;
     };
-    call.on('status', finish);
-    // A failed call emits 'error' (and 'status'): the listener keeps it from being thrown.
-    call.on('error', (err) => finish({ code: err.code === undefined ? grpc.status.UNKNOWN : err.code, details: err.details || err.message }));
-    return call;
+    const stream = {
+      write: (bytes) => {
+        if (writing) queue.push(bytes);
+        else {
+          writing = true;
+          call.sendMessageWithContext({ callback: sent }, bytes);
+        }
+      },
+      cancel: () => call.cancelWithStatus(grpc.status.CANCELLED, 'fleet stopped'),
+    };
+    client.call = stream;
+    return stream;
   }
 
   sotw(client, channel, ended) {
-    const call = this.open(client, channel, SOTW_METHOD, decodeSotw, ended);
+    const call = this.open(client, channel, SOTW_METHOD, (bytes) => onResponse(Response.decode(bytes)), ended);
     // As Envoy opens a stream: CDS and LDS wildcard, the node on the first request.
     call.write(encodeSotw({ node: client.node, type_url: CLUSTER }));
     call.write(encodeSotw({ type_url: LISTENER }));
@@ -267,7 +296,7 @@ class Fleet {
     const latest = { [ENDPOINT]: ['', ''], [ROUTE]: ['', ''] };
     const subscribed = { [ENDPOINT]: null, [ROUTE]: null };
     let srdsRequested = false;
-    call.on('data', (resp) => {
+    const onResponse = (resp) => {
       const t = resp.type_url;
       const ack = { type_url: t, version_info: resp.version_info, response_nonce: resp.nonce };
       if (t === CLUSTER || t === SCOPED_ROUTE) {
@@ -280,12 +309,12 @@ class Fleet {
         if (subscribed[child] === null || set.key !== subscribed[child].key) {
           subscribed[child] = set;
           const [version, nonce] = latest[child];
-          call.write(encodeSotw({ type_url: child, version_info: version, response_nonce: nonce, resource_names: set.names }));
+          const head = encodeSotw({ type_url: child, version_info: version, response_nonce: nonce });
+          call.write(Buffer.concat([head, set.encoded]));
         }
       } else if (t === ENDPOINT || t === ROUTE) {
         latest[t] = [resp.version_info, resp.nonce];
-        ack.resource_names = subscribed[t] ? subscribed[t].names : [];
-        call.write(encodeSotw(ack));
+        call.write(Buffer.concat([encodeSotw(ack), (subscribed[t] || NO_NAMES).encoded]));
         if (t === ROUTE) {
           for (const any of resp.resources) {
             if (this.decoded.isEntry(any)) client.saw(this.decoded.weight(any));
@@ -299,11 +328,11 @@ class Fleet {
           call.write(encodeSotw({ type_url: SCOPED_ROUTE }));
         }
       }
-    });
+    };
   }
 
   delta(client, channel, ended) {
-    const call = this.open(client, channel, DELTA_METHOD, decodeDelta, ended);
+    const call = this.open(client, channel, DELTA_METHOD, (bytes) => onResponse(DeltaResponse.decode(bytes)), ended);
     call.write(encodeDelta({ node: client.node, type_url: CLUSTER }));
     call.write(encodeDelta({ type_url: LISTENER }));
     client.connected = true;
@@ -311,7 +340,7 @@ class Fleet {
     const scopes = new Map(); // scope name -> the route config it names
     let edsStarted = false;
     let srdsStarted = false;
-    call.on('data', (resp) => {
+    const onResponse = (resp) => {
       const t = resp.type_url;
       call.write(encodeDelta({ type_url: t, response_nonce: resp.nonce }));
       if (t === CLUSTER) {
@@ -341,7 +370,7 @@ class Fleet {
           if (r.name === this.decoded.entryRoute && r.resource) client.saw(this.decoded.weight(r.resource));
         }
       }
-    });
+    };
   }
 
   status() {
