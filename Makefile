@@ -4,7 +4,8 @@
 #               proxyless gRPC clients (Python and Node) with no Envoy
 #   make test   runs the whole suite
 # Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
-# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node).
+# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node; the bench's Node fleet
+# into bench/fleet_node/node_modules).
 
 PYTHON ?= python3
 VENV   := .venv

@@ -408,6 +408,25 @@ class Fleet {
 const fleet = new Fleet();
 fleet.start();
 
+// GRAYLANE_FLEET_NODE_PROFILE=<dir>: a CPU profile of the changes phase only (from the first
+// `missing`, which the bench asks only while a change spreads, to `stop`), into <dir>.
+const profileDir = process.env.GRAYLANE_FLEET_NODE_PROFILE;
+let profiler = null;
+function profileStart() {
+  if (!profileDir || profiler !== null) return;
+  const inspector = require('inspector');
+  profiler = new inspector.Session();
+  profiler.connect();
+  profiler.post('Profiler.enable', () => profiler.post('Profiler.start'));
+}
+function profileStop(then) {
+  if (profiler === null) return then();
+  profiler.post('Profiler.stop', (err, result) => {
+    if (!err) fs.writeFileSync(`${profileDir}/fleet-${spec.first}.cpuprofile`, JSON.stringify(result.profile));
+    then();
+  });
+}
+
 let stopped = false;
 function answer(id, result) {
   process.stdout.write(JSON.stringify({ id, result }) + '\n');
@@ -416,12 +435,14 @@ function stop(id) {
   if (stopped) return;
   stopped = true;
   const final = fleet.stop();
-  if (id !== null) {
-    // Exit once the answer is flushed to the pipe.
-    process.stdout.write(JSON.stringify({ id, result: final }) + '\n', () => process.exit(0));
-  } else {
-    process.exit(0);
-  }
+  profileStop(() => {
+    if (id !== null) {
+      // Exit once the answer is flushed to the pipe.
+      process.stdout.write(JSON.stringify({ id, result: final }) + '\n', () => process.exit(0));
+    } else {
+      process.exit(0);
+    }
+  });
 }
 
 const lines = readline.createInterface({ input: process.stdin, terminal: false });
@@ -431,6 +452,7 @@ lines.on('line', (line) => {
   if (name === 'status') answer(id, fleet.status());
   else if (name === 'seen') answer(id, fleet.clients.map((c) => (c.seen.has(arg) ? c.seen.get(arg) : null)));
   else if (name === 'missing') {
+    profileStart();
     let n = 0;
     for (const c of fleet.clients) n += c.seen.has(arg) ? 0 : 1;
     answer(id, n);
