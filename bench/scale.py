@@ -1,4 +1,5 @@
-"""The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py).
+"""The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py's
+workers: Python, or Node with fleet_impl="node").
 
 Measures, each bounded in time:
 * connect: from the first worker starting to every fake client configured (CDS+EDS+LDS+RDS);
@@ -6,6 +7,8 @@ Measures, each bounded in time:
   wall clock across processes on one host), and the real Envoys ACK the new routes;
 * control-plane CPU per change (this process's user+sys time from the call until every
   client has it), RSS (VmRSS, and VmHWM the peak), the event-loop lag probe's max;
+* the fake clients' CPU per change (their worker processes' user+sys time over the same span,
+  from /proc): on a shared machine it competes with the control plane's;
 * API: GetRelease p50 / p99 / max from a separate process throughout;
 * idle: control-plane CPU over a few seconds with the whole fleet connected and nothing changing
   (the API prober paused);
