@@ -4,14 +4,15 @@
 #               proxyless gRPC clients (Python and Node) with no Envoy
 #   make test   runs the whole suite
 # Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
-# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node).
+# when missing; @grpc/grpc-js-xds from the npm registry into .venv/node; the bench's Node fleet
+# into bench/fleet_node/node_modules).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd prometheus node ui browser clean
+.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd prometheus node fleet-node ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,22 @@ $(NODE_STAMP): deploy/demo/package.json deploy/demo/package-lock.json
 
 node: $(NODE_STAMP)
 
+# The scale bench's fake ADS clients in Node (bench/fleet_node/worker.js): @grpc/grpc-js and
+# protobufjs, pinned by its package-lock.json, into bench/fleet_node/node_modules (gitignored);
+# Debian's nodejs and npm through apt-get when missing. `make test` needs it for the Node
+# fleet's test, `make bench` for the fleet (bench/run.py --fleet-impl node, the default).
+FLEET_NODE       := bench/fleet_node
+FLEET_NODE_STAMP := $(FLEET_NODE)/node_modules/.installed
+
+$(FLEET_NODE_STAMP): $(FLEET_NODE)/package.json $(FLEET_NODE)/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	cd $(FLEET_NODE) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+fleet-node: $(FLEET_NODE_STAMP)
+
 # The dashboard's chart library (uPlot) from the npm registry into .venv (never committed);
 # the control plane serves it under /ui/vendor/.
 UPLOT_VERSION := 1.6.32
@@ -83,7 +100,7 @@ demo: $(STAMP) etcd node ui
 demo-dashboard: $(STAMP) etcd ui
 	$(BIN)/graylane demo --unattended --keep-running
 
-test: $(STAMP) etcd prometheus node ui browser
+test: $(STAMP) etcd prometheus node fleet-node ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -95,7 +112,7 @@ test: $(STAMP) etcd prometheus node ui browser
 chaos: $(STAMP) etcd
 	$(BIN)/pytest -q -m chaos --durations=0
 
-bench: $(STAMP) etcd
+bench: $(STAMP) etcd fleet-node
 	$(BIN)/python -P bench/run.py $(ARGS)
 
 protos: $(STAMP)
@@ -117,4 +134,4 @@ typecheck: $(STAMP)
 	  --cache-dir $(CURDIR)/.mypy_cache -p graylane
 
 clean:
-	rm -rf $(VENV) .graylane
+	rm -rf $(VENV) .graylane $(FLEET_NODE)/node_modules

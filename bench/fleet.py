@@ -10,11 +10,17 @@ changed, so a response without it leaves the weight as it was). Clients never de
 same content twice in one process: what a version carries (cluster names, scope targets,
 the weight) is cached, so the fleet's own CPU stays small next to the control plane's.
 
-The parent talks to a worker over a Pipe, one command at a time:
+The parent talks to a worker over a Pipe, one command at a time (a NodeWorker, the same
+clients in Node from bench/fleet_node/worker.js, answers the same commands as JSON lines on its
+stdin/stdout):
   ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
   ("seen", weight)   -> list of first-seen wall-clock times (None where not seen yet)
   ("missing", weight) -> how many clients have not seen it yet (an int: cheap to poll)
   ("stop",)          -> final status; the worker exits.
+
+`Worker` or `NodeWorker` (`worker_class(impl)`): the fleet's own CPU is a bench artefact (in
+production the proxies run elsewhere), and grpc.aio's per-message cost made the Python fleet
+cost as much CPU per change as the control plane; the Node fleet is the cheaper default.
 
 Also here: an API prober process (GetRelease in a loop, bounded in count and time).
 """
@@ -22,10 +28,18 @@ Also here: an API prober process (GetRelease in a loop, bounded in count and tim
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
+import itertools
+import json
 import multiprocessing
 import multiprocessing.connection
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +49,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import descriptor_pb2, struct_pb2
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -46,6 +60,7 @@ ROUTE_CONFIG_PREFIX = "graylane/"  # graylane.xds.view.route_config_name(service
 
 RECONNECT_DELAY = 1.0
 STREAMS_PER_CHANNEL = 10  # HTTP/2 connections are shared by this many streams
+NODE_DIR = pathlib.Path(__file__).resolve().parent / "fleet_node"  # the Node worker and its node_modules
 
 
 @dataclass(frozen=True)
@@ -359,6 +374,152 @@ class Worker:
             self.process.kill()
             self.process.join(2.0)
         return final
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """A process's user+system CPU seconds, all its threads (from /proc; 0 once it is gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, TypeError):
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- Node workers
+
+
+def node_fleet_missing() -> str | None:
+    """Why the Node fleet cannot run here (None: it can)."""
+    if shutil.which("node") is None:
+        return "node is missing: apt-get install nodejs npm (the Makefile's bench setup does)"
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        return f"{NODE_DIR}/node_modules is missing: cd {NODE_DIR} && npm ci (the Makefile's bench setup does)"
+    return None
+
+
+_DESCRIPTORS: pathlib.Path | None = None
+
+
+def descriptor_set() -> pathlib.Path:
+    """A FileDescriptorSet of the xDS and Envoy messages the Node worker reads and writes, from
+    the installed Python protos (the descriptors the control plane serialises with), written
+    once per process into a temporary file."""
+    global _DESCRIPTORS
+    if _DESCRIPTORS is not None and _DESCRIPTORS.exists():
+        return _DESCRIPTORS
+    out = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(fd: Any) -> None:  # dependencies first, each file once
+        if fd.name in seen:
+            return
+        seen.add(fd.name)
+        for dep in fd.dependencies:
+            add(dep)
+        fd.CopyToProto(out.file.add())
+
+    for module in (discovery_pb2, base_pb2, cluster_pb2, route_pb2, scoped_route_pb2):
+        add(module.DESCRIPTOR)
+    fd, name = tempfile.mkstemp(prefix="graylane-fleet-", suffix=".fds")
+    with os.fdopen(fd, "wb") as f:
+        f.write(out.SerializeToString())
+    _DESCRIPTORS = pathlib.Path(name)
+    atexit.register(_DESCRIPTORS.unlink, missing_ok=True)
+    return _DESCRIPTORS
+
+
+class NodeWorker:
+    """One Node worker process (bench/fleet_node/worker.js) with the same `ask`/`stop` as
+    `Worker`: commands go as JSON lines on its stdin, answers come back on its stdout, matched
+    by a sequence number (an answer to an ask that timed out is skipped, not taken for the next)."""
+
+    def __init__(self, spec: FleetSpec, *, streams_per_channel: int = STREAMS_PER_CHANNEL) -> None:
+        reason = node_fleet_missing()
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.spec = spec
+        args = {
+            "target": spec.target,
+            "first": spec.first,
+            "count": spec.count,
+            "delta_every": spec.delta_every,
+            "entry": spec.entry,
+            "lane_cluster_part": spec.lane_cluster_part,
+            "connect_rate": spec.connect_rate,
+            "listen_port": spec.listen_port,
+            "streams_per_channel": streams_per_channel,
+            "descriptors": str(descriptor_set()),
+        }
+        # GRAYLANE_FLEET_NODE_ARGS: node's own options for a run (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p").
+        node_args = os.environ.get("GRAYLANE_FLEET_NODE_ARGS", "").split()
+        self.process = subprocess.Popen(
+            ["node", *node_args, str(NODE_DIR / "worker.js"), json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=NODE_DIR,
+        )
+        self._ids = itertools.count()
+        self._reader: asyncio.StreamReader | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _attach(self) -> asyncio.StreamReader:
+        reader = asyncio.StreamReader(limit=64 * 1024 * 1024)  # `seen` is one line per worker
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.process.stdout)
+        return reader
+
+    async def ask(self, *cmd: Any, timeout: float = 30.0) -> Any:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._reader is None:
+                self._reader = await self._attach()
+            ident = next(self._ids)
+            assert self.process.stdin is not None
+            self.process.stdin.write((json.dumps([ident, *cmd]) + "\n").encode())
+            self.process.stdin.flush()
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self._reader.readline()
+                    if not line:
+                        raise EOFError(f"fleet worker {self.process.pid} exited ({self.process.poll()})")
+                    answer = json.loads(line)
+                    if answer["id"] == ident:
+                        return answer["result"]
+
+    async def stop(self, timeout: float = 20.0) -> dict[str, Any] | None:
+        final: dict[str, Any] | None = None
+        with contextlib.suppress(Exception):
+            final = await self.ask("stop", timeout=timeout)
+        with contextlib.suppress(OSError):
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # the worker also stops on its stdin's end
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await loop.run_in_executor(None, self.process.wait, 5.0)
+        if self.process.poll() is None:
+            self.process.kill()
+            await loop.run_in_executor(None, self.process.wait, 2.0)
+        return final
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+
+FLEET_IMPLS = ("node", "python")
+
+
+def worker_class(impl: str) -> type[Worker] | type[NodeWorker]:
+    """The worker for a --fleet-impl name."""
+    if impl == "node":
+        return NodeWorker
+    if impl == "python":
+        return Worker
+    raise ValueError(f"fleet implementation {impl!r}: one of {FLEET_IMPLS}")
 
 
 # --------------------------------------------------------------------------- API prober

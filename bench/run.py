@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.
 
 from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
+from fleet import FLEET_IMPLS, worker_class  # noqa: E402
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.deploy.local.stack import local_control_plane
@@ -479,12 +480,18 @@ FLEET_DEFAULT = (1000, 500, 100, 2, 5, 90.0, 240.0)
 FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
 
 
-def fleet_section(title: str, command: str, rows: list[tuple[str, str]]) -> str:
+FLEET_SOURCES = {
+    "node": "the Node fleet, bench/fleet_node/worker.js (@grpc/grpc-js) driven by bench/fleet.py",
+    "python": "the Python fleet, bench/fleet.py (grpc.aio)",
+}
+
+
+def fleet_section(title: str, command: str, rows: list[tuple[str, str]], fleet_impl: str) -> str:
     return "\n".join(
         [
             f"## {title}",
             "",
-            f"`{command}`: fake ADS clients in worker processes (bench/fleet.py; 10 streams per "
+            f"`{command}`: fake ADS clients in worker processes ({FLEET_SOURCES[fleet_impl]}; 10 streams per "
             "HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
             "wall-clock instant it first sees the lane's weight), 2 real Envoys (one SotW, one delta), "
             "one control plane in the bench process with embedded etcd, loopback. The machine is "
@@ -506,9 +513,15 @@ def replace_section(text: str, title: str, section: str) -> str:
     return text[:start] + section + ("" if end < 0 else text[end + 1 :])
 
 
-async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: str, command: str) -> str:
+async def run_fleet(
+    size: tuple[int, int, int, int, int, float, float],
+    title: str,
+    command: str,
+    *,
+    fleet_impl: str = "node",
+) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
-    print(f"fleet: {streams} streams over {-(-streams // per_worker)} processes", flush=True)
+    print(f"fleet: {streams} streams over {-(-streams // per_worker)} {fleet_impl} processes", flush=True)
     result = await bench_fleet(
         streams=streams,
         per_worker=per_worker,
@@ -517,10 +530,11 @@ async def run_fleet(size: tuple[int, int, int, int, int, float, float], title: s
         changes=changes,
         connect_timeout=connect_timeout,
         budget=budget,
+        fleet_impl=fleet_impl,
     )
     rows = describe(result)
     rows += [("note", n) for n in result.notes]
-    return fleet_section(title, command, rows)
+    return fleet_section(title, command, rows, fleet_impl)
 
 
 def _tree() -> str:
@@ -539,7 +553,13 @@ def _load() -> str:
 
 
 async def run_replicas(
-    size: tuple[int, int, int, int, int, float, float], title: str, command: str, *, replicas: int, api_replica: bool
+    size: tuple[int, int, int, int, int, float, float],
+    title: str,
+    command: str,
+    *,
+    replicas: int,
+    api_replica: bool,
+    fleet_impl: str = "node",
 ) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
     tree, load_before, began = _tree(), _load(), datetime.datetime.now(datetime.UTC).strftime("%H:%M")
@@ -555,6 +575,7 @@ async def run_replicas(
         budget=budget,
         replicas=replicas,
         api_replica=api_replica,
+        worker=worker_class(fleet_impl),
     )
     rows = describe_replicas(result) + [("note", n) for n in result.notes]
     layout = (
@@ -573,9 +594,9 @@ async def run_replicas(
             "",
             f"`{command}` at {tree}, {datetime.date.today()} {began}-"
             f"{datetime.datetime.now(datetime.UTC).strftime('%H:%M')} UTC (load average {load_before} -> {_load()}), "
-            "2 cores: fake ADS clients in worker "
-            "processes (bench/fleet.py; 10 streams per HTTP/2 connection; SotW, every 4th delta; each ACKs every "
-            "response and records the wall-clock instant it first sees the lane's weight), "
+            f"2 cores: fake ADS clients in worker processes ({FLEET_SOURCES[fleet_impl]}; "
+            "10 streams per HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
+            "wall-clock instant it first sees the lane's weight), "
             f"{envoys} real Envoys (one SotW, one delta), {layout}. Event-loop lag from each replica's /metrics "
             f"(graylane_event_loop_lag_max_seconds; `--loop-lag-interval {LAG_INTERVAL}`, so a stall reads short by "
             "up to that); CPU and RSS from /proc. bench/replicas.py. The machine is shared with other engineers' "
@@ -622,6 +643,9 @@ async def main() -> int:
     parser.add_argument("--render-only", action="store_true", help="only the render and plan costs")
     parser.add_argument("--streams", type=int, default=0, help="fleet size override")
     parser.add_argument(
+        "--per-worker", type=int, default=0, help="fake clients per fleet worker process (override of the default)"
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=1,
@@ -632,6 +656,13 @@ async def main() -> int:
         "--api-replica",
         action="store_true",
         help="with --replicas: one more replica that no proxy connects to serves the API (and is the leader)",
+    )
+    parser.add_argument(
+        "--fleet-impl",
+        choices=FLEET_IMPLS,
+        default="node",
+        help="the fake ADS clients of the fleet sections: Node (bench/fleet_node, cheaper per message) or "
+        "Python (bench/fleet.py's grpc.aio workers)",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
@@ -644,6 +675,14 @@ async def main() -> int:
     fleet_size = FLEET_SCALE if args.scale else FLEET_DEFAULT
     if args.streams:
         fleet_size = (args.streams, *fleet_size[1:])
+    if args.per_worker:
+        fleet_size = (fleet_size[0], args.per_worker, *fleet_size[2:])
+    elif args.fleet_impl == "node":
+        # One Node worker per core: its single thread handles a few thousand streams, and fewer,
+        # busier processes spend less of their CPU on being woken and scheduled (10,000 streams:
+        # 1,960 ms of worker CPU per change over 2 processes against 2,570-2,970 over 8).
+        per_core = -(-fleet_size[0] // (os.cpu_count() or 1))
+        fleet_size = (fleet_size[0], max(fleet_size[1], per_core), *fleet_size[2:])
     title = "5. Fleet at scale" if args.scale else "4. Fleet"
     command = "bench/run.py --scale" if args.scale else "bench/run.py --fleet-only" if args.fleet_only else "make bench"
     if args.replicas > 1 or args.api_replica:
@@ -654,6 +693,8 @@ async def main() -> int:
         if args.api_replica:
             title = f"{part}c. Fleet{at_scale} over {args.replicas} replicas and an API replica"
             command += " --api-replica"
+    if args.fleet_impl != "node":
+        command += f" --fleet-impl {args.fleet_impl}"
     if args.render_only:
         section = render_section(bench_render())
         print(section)
@@ -679,12 +720,18 @@ async def main() -> int:
         return 0
     if args.scale or args.fleet_only:
         command += f" --streams {args.streams}" if args.streams else ""
+        command += f" --per-worker {args.per_worker}" if args.per_worker else ""
         if args.replicas > 1 or args.api_replica:
             section = await run_replicas(
-                fleet_size, title, command, replicas=args.replicas, api_replica=args.api_replica
+                fleet_size,
+                title,
+                command,
+                replicas=args.replicas,
+                api_replica=args.api_replica,
+                fleet_impl=args.fleet_impl,
             )
         else:
-            section = await run_fleet(fleet_size, title, command)
+            section = await run_fleet(fleet_size, title, command, fleet_impl=args.fleet_impl)
         print(section)
         old = RESULTS.read_text() if RESULTS.exists() else "# Graylane benchmarks\n"
         RESULTS.write_text(replace_section(old, title, section))
@@ -695,7 +742,7 @@ async def main() -> int:
     print("2+3. end to end (etcd, control plane, envoy)", flush=True)
     e2e = await bench_e2e()
     print("4. fleet", flush=True)
-    section = await run_fleet(fleet_size, title, command)
+    section = await run_fleet(fleet_size, title, command, fleet_impl=args.fleet_impl)
     print("6. stats scraper", flush=True)
     scraper_text = await bench_scraper()
     print("7. store and API at 1,000 releases", flush=True)

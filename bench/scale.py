@@ -1,4 +1,5 @@
-"""The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py).
+"""The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py's
+workers: Python, or Node with fleet_impl="node").
 
 Several replicas, each a `graylane serve` process: bench/replicas.py.
 
@@ -8,6 +9,8 @@ Measures, each bounded in time:
   wall clock across processes on one host), and the real Envoys ACK the new routes;
 * control-plane CPU per change (this process's user+sys time from the call until every
   client has it), RSS (VmRSS, and VmHWM the peak), the event-loop lag probe's max;
+* the fake clients' CPU per change (their worker processes' user+sys time over the same span,
+  from /proc): on a shared machine it competes with the control plane's;
 * API: GetRelease p50 / p99 / max from a separate process throughout;
 * idle: control-plane CPU over a few seconds with the whole fleet connected and nothing changing
   (the API prober paused);
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fleet import PROBE_ID_METADATA, FleetSpec, Prober, Worker
+from fleet import PROBE_ID_METADATA, FleetSpec, NodeWorker, Prober, Worker, worker_class
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -66,6 +69,8 @@ class FleetResult:
     missing: list[int] = field(default_factory=list)  # per change: clients that never saw it
     envoy_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # control-plane CPU per change
+    fleet_impl: str = "python"  # which fake clients ran: bench/fleet.py's Worker or NodeWorker
+    fleet_cpu_ms: list[float] = field(default_factory=list)  # the fleet's worker processes' CPU per change
     idle_cpu_pct: float = float("nan")
     rss_mib: float = 0.0
     hwm_mib: float = 0.0
@@ -469,7 +474,7 @@ def release_spec(entry: str) -> pb.ReleaseSpec:
     )
 
 
-async def _statuses(workers: Sequence[Worker]) -> list[dict[str, Any]]:
+async def _statuses(workers: Sequence[Worker | NodeWorker]) -> list[dict[str, Any]]:
     return list(await asyncio.gather(*(w.ask("status") for w in workers)))
 
 
@@ -486,10 +491,12 @@ async def bench_fleet(
     change_timeout: float = 20.0,
     idle_seconds: float = 5.0,
     budget: float = 300.0,
+    fleet_impl: str = "python",
 ) -> FleetResult:
     started = time.monotonic()
     n_workers = max(1, -(-streams // per_worker))
-    res = FleetResult(streams, n_workers, services, envoys, delta_every)
+    res = FleetResult(streams, n_workers, services, envoys, delta_every, fleet_impl=fleet_impl)
+    make_worker = worker_class(fleet_impl)
     entry = "svc-0000"
     async with contextlib.AsyncExitStack() as stack:
         gc_pauses = stack.enter_context(GcPauses())
@@ -545,7 +552,7 @@ async def bench_fleet(
         probe.phase()
         probe.cpu_phase()
 
-        workers: list[Worker] = []
+        workers: list[Worker | NodeWorker] = []
         t_connect = time.monotonic()
         for w in range(n_workers):
             first = w * per_worker
@@ -560,7 +567,7 @@ async def bench_fleet(
                 connect_rate=connect_rate / n_workers,
                 listen_port=FLEET_LISTEN_PORT,
             )
-            workers.append(Worker(spec))
+            workers.append(make_worker(spec))
 
         async def stop_workers() -> None:
             await asyncio.gather(*(w.stop() for w in workers))
@@ -708,6 +715,7 @@ async def bench_fleet(
                     break
                 before = envoy_route_versions()
                 cpu0 = cpu_seconds()
+                fleet_cpu0 = sum(w.cpu_seconds() for w in workers)
                 t0 = time.time()
                 if trace is not None:
                     trace.changes.append(t0)
@@ -734,6 +742,7 @@ async def bench_fleet(
                 parts = await asyncio.gather(*(w.ask("seen", weight) for w in workers))
                 seen: list[float | None] = [x for part in parts for x in part]
                 cpu = cpu_seconds() - cpu0
+                res.fleet_cpu_ms.append((sum(w.cpu_seconds() for w in workers) - fleet_cpu0) * 1000)
                 lat = [(x - t0) * 1000 for x in seen if x is not None]
                 res.change_ms.append(lat)
                 res.missing.append(sum(1 for x in seen if x is None))
@@ -741,7 +750,8 @@ async def bench_fleet(
                 res.cpu_ms.append(cpu * 1000)
                 print(
                     f"  change to {weight} %: {len(lat)}/{streams} saw it, p50 {pct(lat, 0.5):.0f} ms "
-                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms (sent {_clock_text(t0)})",
+                    f"p99 {pct(lat, 0.99):.0f} ms; CPU {cpu * 1000:.0f} ms, fleet's {res.fleet_cpu_ms[-1]:.0f} ms "
+                    f"(sent {_clock_text(t0)})",
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
@@ -896,7 +906,7 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         return pct(v, 0.5)
 
     rows = [
-        ("streams (fake ADS clients) / worker processes", f"{res.streams:,} / {res.workers}"),
+        ("streams (fake ADS clients) / worker processes", f"{res.streams:,} / {res.workers} ({res.fleet_impl})"),
         ("of which delta", f"every {res.delta_every}th" if res.delta_every else "none"),
         ("real Envoys (own snapshot keys)", str(res.envoys)),
         ("services", str(res.services)),
@@ -908,6 +918,10 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
         ("clients that missed a change (sum)", str(sum(res.missing))),
         ("weight change -> real Envoy ACKed (median)", f"{med(res.envoy_ms):.0f} ms"),
         ("control-plane CPU per change (median)", f"{med(res.cpu_ms):.0f} ms"),
+        (
+            f"fake clients' CPU per change (median; the {res.fleet_impl} fleet's worker processes, /proc)",
+            f"{med(res.fleet_cpu_ms):.0f} ms",
+        ),
         (
             "control-plane CPU idle (fleet connected, API prober and loop-lag probe paused)",
             f"{res.idle_cpu_pct:.1f} % of a core",
