@@ -337,28 +337,35 @@ class _Plans:
             acked = {t: s.acked for t, s in types.items()}
             sent = {t: s.sent for t, s in types.items()}
             return plan_wanted(target, acked=acked, sent=sent, wanted=wanted)
+        # Every stream looks its plan up on every change: the key is built in one pass, and
+        # what the entry holds only on a miss.
         key: list[object] = [id(target)]
-        refs: list[object] = [target]
         for type_url in PUSH_ORDER:
             st = types.get(type_url)
             if st is None:
                 continue
-            if not st.shareable():  # this stream holds content no shared selection names
+            acked_selection, sent_selection = st.acked_selection, st.sent_selection
+            if (acked_selection is None and st.acked) or (sent_selection is None and st.sent):
+                # This stream holds content no shared selection names (`_TypeState.shareable`).
                 acked = {t: s.acked for t, s in types.items()}
                 sent = {t: s.sent for t, s in types.items()}
                 return plan(target, acked=acked, sent=sent)
-            key += (type_url, id(st.acked_selection), id(st.sent_selection))
-            refs += (st.acked_selection, st.sent_selection)
-        found = self._plans.get(tuple(key))
+            key += (type_url, id(acked_selection), id(sent_selection))
+        frozen_key = tuple(key)
+        found = self._plans.get(frozen_key)
         if found is not None and found[1][0] is target:
-            self._plans.move_to_end(tuple(key))
+            self._plans.move_to_end(frozen_key)
             return found[0]
+        refs: list[object] = [target]
+        for type_url in PUSH_ORDER:
+            if type_url in types:
+                refs += (types[type_url].acked_selection, types[type_url].sent_selection)
         planned = _plan_held(target, types) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
         )
-        self._plans[tuple(key)] = (planned, tuple(refs))
+        self._plans[frozen_key] = (planned, tuple(refs))
         while len(self._plans) > _PLANS_LIMIT:
             self._plans.popitem(last=False)
         return planned
@@ -640,6 +647,10 @@ def _as_selection(type_url: str, selection: _Selection | None, items: Mapping[st
     return None if items else _nothing(type_url)
 
 
+# Field 5 (length-delimited) and a one-byte length, per length: a nonce's tag and length.
+_NONCE_TAGS = tuple(b"\x2a" + bytes((n,)) for n in range(128))
+
+
 def _with_nonce(body: bytes, nonce: str) -> bytes:
     """`body` (a serialised response without a nonce) with field 5, `nonce`, appended.
 
@@ -647,8 +658,7 @@ def _with_nonce(body: bytes, nonce: str) -> bytes:
     string); protobuf's wire format lets fields follow in any order.
     """
     data = nonce.encode()
-    assert len(data) < 128  # one-byte length: nonces are decimal counters
-    return body + b"\x2a" + bytes((len(data),)) + data
+    return body + _NONCE_TAGS[len(data)] + data  # one-byte length: nonces are decimal counters
 
 
 T = TypeVar("T")
