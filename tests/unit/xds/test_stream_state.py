@@ -7,6 +7,8 @@ must be what a full reading would have found.
   NACKed response in between makes it compare (the proxy lacks what it rejected).
 * both: an ACK of a stream the last push settled on the target is not planned again (a
   full push then sends nothing), and an ACK that may release held routes is.
+* a change's pushes wait in line for a send slot unwoken, and a slot granted to a stream
+  that ended goes on to the next one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from google.rpc import status_pb2
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources, content_version
-from graylane.xds.server import _DeltaStream, _Selections, _SotwStream
+from graylane.xds.server import _DeltaStream, _Selections, _SendSlots, _SotwStream
 from graylane.xds.tracker import ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
@@ -402,3 +404,22 @@ def test_acks_of_a_settled_stream_are_not_planned_again_and_held_routes_still_go
         assert ROUTE.encode() in body
         assert _ack_all(stream, [body]) == [False]
         assert dict(stream.types[ROUTE].acked_versions) == dict(cache.snapshot("k")[ROUTE].versions)
+
+
+async def test_a_slot_granted_to_a_stream_that_ended_goes_to_the_next_in_line() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(2))
+    slots = _SendSlots(1, hold=60.0)
+    streams = [_open(_SotwStream(cache, ProxyTracker()), f"s{i}") for i in range(3)]
+    for stream in streams:
+        stream.send_slots = slots
+        stream._on_snapshot()
+        stream._on_snapshot()  # a second change before the push folds into it
+    queued = [list(stream._events._items) for stream in streams]
+    assert [len(q) for q in queued] == [1, 0, 0]  # one slot: the others wait, not woken
+    streams[1].stop()  # ends while it waits in line
+    streams[0].stop()  # ends with its granted slot unused
+    streams[0]._give_back_granted()
+    (granted,) = streams[2]._events._items  # the slot skipped the ended stream
+    slots.give_back(granted.token)
+    assert not slots._waiters and slots._free == 1
