@@ -337,28 +337,35 @@ class _Plans:
             acked = {t: s.acked for t, s in types.items()}
             sent = {t: s.sent for t, s in types.items()}
             return plan_wanted(target, acked=acked, sent=sent, wanted=wanted)
+        # Every stream looks its plan up on every change: the key is built in one pass, and
+        # what the entry holds only on a miss.
         key: list[object] = [id(target)]
-        refs: list[object] = [target]
         for type_url in PUSH_ORDER:
             st = types.get(type_url)
             if st is None:
                 continue
-            if not st.shareable():  # this stream holds content no shared selection names
+            acked_selection, sent_selection = st.acked_selection, st.sent_selection
+            if (acked_selection is None and st.acked) or (sent_selection is None and st.sent):
+                # This stream holds content no shared selection names (`_TypeState.shareable`).
                 acked = {t: s.acked for t, s in types.items()}
                 sent = {t: s.sent for t, s in types.items()}
                 return plan(target, acked=acked, sent=sent)
-            key += (type_url, id(st.acked_selection), id(st.sent_selection))
-            refs += (st.acked_selection, st.sent_selection)
-        found = self._plans.get(tuple(key))
+            key += (type_url, id(acked_selection), id(sent_selection))
+        frozen_key = tuple(key)
+        found = self._plans.get(frozen_key)
         if found is not None and found[1][0] is target:
-            self._plans.move_to_end(tuple(key))
+            self._plans.move_to_end(frozen_key)
             return found[0]
+        refs: list[object] = [target]
+        for type_url in PUSH_ORDER:
+            if type_url in types:
+                refs += (types[type_url].acked_selection, types[type_url].sent_selection)
         planned = _plan_held(target, types) or plan(
             target,
             acked={t: _items(types[t].acked_selection) for t in PUSH_ORDER if t in types},
             sent={t: _items(types[t].sent_selection) for t in PUSH_ORDER if t in types},
         )
-        self._plans[tuple(key)] = (planned, tuple(refs))
+        self._plans[frozen_key] = (planned, tuple(refs))
         while len(self._plans) > _PLANS_LIMIT:
             self._plans.popitem(last=False)
         return planned
@@ -640,6 +647,10 @@ def _as_selection(type_url: str, selection: _Selection | None, items: Mapping[st
     return None if items else _nothing(type_url)
 
 
+# Field 5 (length-delimited) and a one-byte length, per length: a nonce's tag and length.
+_NONCE_TAGS = tuple(b"\x2a" + bytes((n,)) for n in range(128))
+
+
 def _with_nonce(body: bytes, nonce: str) -> bytes:
     """`body` (a serialised response without a nonce) with field 5, `nonce`, appended.
 
@@ -647,8 +658,7 @@ def _with_nonce(body: bytes, nonce: str) -> bytes:
     string); protobuf's wire format lets fields follow in any order.
     """
     data = nonce.encode()
-    assert len(data) < 128  # one-byte length: nonces are decimal counters
-    return body + b"\x2a" + bytes((len(data),)) + data
+    return body + _NONCE_TAGS[len(data)] + data  # one-byte length: nonces are decimal counters
 
 
 T = TypeVar("T")
@@ -669,6 +679,12 @@ class _Inbox(Generic[T]):
     def idle(self) -> bool:
         """Whether the reader is parked on an empty inbox (nothing queued, nothing woken)."""
         return self._waiter is not None and not self._items
+
+    def drain(self) -> list[T]:
+        """Take everything queued."""
+        items = list(self._items)
+        self._items.clear()
+        return items
 
     def put_nowait(self, item: T) -> None:
         self._items.append(item)
@@ -697,6 +713,13 @@ class _Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class _Granted:
+    """The snapshot changed, and a send slot (`token`) is held for the push (`_Stream._on_snapshot`)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Failed:
     """An error raised handling a request on the reader's task: the loop raises it."""
 
@@ -714,27 +737,37 @@ class _SendSlots:
     (seconds at 10,000 streams) although the loop itself is never held long. With at most
     `slots` streams sending, what queues ahead of another call is one slot's worth.
 
-    A slot is held from before the first write to after the last one completes. A proxy that
-    stops reading (flow control) could hold one for good: a slot held for `hold` seconds is
-    given back (the write goes on; only the bound forgets it), so stuck proxies slow a fan-out
-    down and never stop it.
+    A change's pushes queue here without waking their streams (`reserve`): a slot is handed
+    to the next stream in line as one is given back, so each stream wakes once per change,
+    with its slot. A slot is held from before the first write to after the last one
+    completes. A proxy that stops reading (flow control) could hold one for good: a slot
+    held for `hold` seconds is given back (the write goes on; only the bound forgets it), so
+    stuck proxies slow a fan-out down and never stop it.
 
     Concurrency: the loop's thread only; waiters are served in order.
     """
 
-    __slots__ = ("_free", "_held", "_hold", "_timer", "_tokens", "_waiters")
+    __slots__ = ("_free", "_held", "_hold", "_loop", "_timer", "_tokens", "_waiters")
 
     def __init__(self, slots: int, *, hold: float) -> None:
         self._free = slots
         self._hold = hold
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # A waiter is a future (`take`) or a function handed the token (`reserve`).
+        self._waiters: collections.deque[asyncio.Future[None] | Callable[[int], bool]] = collections.deque()
         self._held: dict[int, float] = {}  # token -> loop time taken, oldest first
         self._tokens = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        # Looked up once: asyncio.get_running_loop() makes a getpid() system call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def take(self) -> int:
         """Wait for a slot; the token is for `give_back`."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if self._free > 0 and not self._waiters:
             self._free -= 1
         else:
@@ -746,6 +779,24 @@ class _SendSlots:
                 if waiter.done() and not waiter.cancelled():
                     self._hand_on()  # handed a slot, then cancelled before using it
                 raise
+        return self._token(loop)
+
+    def reserve(self, grant: Callable[[int], bool]) -> None:
+        """Call `grant(token)` with a slot: now if one is free, else once one is (in order
+        with `take`'s waiters). Costs a waiting stream no wake: a change queues thousands of
+        streams here, and each is woken once, holding its slot (see `_Stream._on_snapshot`).
+        `grant` must not raise; it returns False when it no longer wants the slot (its
+        stream ended), which then goes on at once to the next waiter."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            token = self._token(self._running_loop())
+            if not grant(token):
+                del self._held[token]
+                self._free += 1
+        else:
+            self._waiters.append(grant)
+
+    def _token(self, loop: asyncio.AbstractEventLoop) -> int:
         token = next(self._tokens)
         self._held[token] = loop.time()
         if self._timer is None:
@@ -759,9 +810,15 @@ class _SendSlots:
     def _hand_on(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+            else:
+                token = self._token(self._running_loop())
+                if waiter(token):
+                    return
+                del self._held[token]  # its stream ended while it waited: the next one
         self._free += 1
 
     def _expire(self) -> None:
@@ -791,9 +848,14 @@ class _Stream(Generic[Req, Resp]):
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self._watch: Watch | None = None
-        self._events: _Inbox[Req | _Signal | _Ready | _Failed] = _Inbox()
+        self._events: _Inbox[Req | _Signal | _Ready | _Failed | _Granted] = _Inbox()
         self._snapshot_changed = False
         self._stopped = False
+        # The target the last push left every subscribed type holding as it is (nothing
+        # held back, nothing kept), and whether a request since may have changed what to
+        # send (`_needs_push`).
+        self._settled: Resources | None = None
+        self._replan = True
         # Set by the server when a gate is configured: the proxy is admitted (or refused)
         # on its first request, before the tracker or the cache ever see it, so a refused
         # stream's ACKs and NACKs count for nothing.
@@ -806,17 +868,22 @@ class _Stream(Generic[Req, Resp]):
     async def run(self, requests: AsyncIterator[Req], send: Callable[[bytes], Awaitable[None]]) -> None:
         reader = asyncio.create_task(self._read(requests))
         try:
-            while (event := await self._events.get()) is not _Signal.END_OF_STREAM and not self._stopped:
+            while True:
+                event = await self._events.get()
+                if event is _Signal.END_OF_STREAM or self._stopped:
+                    if isinstance(event, _Granted) and self.send_slots is not None:
+                        self.send_slots.give_back(event.token)
+                    break
                 token = -1
                 try:
-                    if isinstance(event, _Signal):
-                        # A change's pushes wait for a slot before they are planned, so the
+                    if isinstance(event, _Granted):
+                        # A change's push was granted its slot before it is planned (so the
                         # fan-out's own work, not only its writes, comes a slot's worth at a
-                        # time; changes arriving meanwhile fold into this push.
-                        if self.send_slots is not None:
-                            token = await self.send_slots.take()
-                        if self._stopped:  # ended while it waited for a slot
-                            break
+                        # time); changes arriving meanwhile fold into this push.
+                        token = event.token
+                        self._snapshot_changed = False
+                        responses = self.push()
+                    elif isinstance(event, _Signal):  # a change, without a slot bound
                         self._snapshot_changed = False
                         responses = self.push()
                     elif isinstance(event, _Ready):
@@ -826,7 +893,7 @@ class _Stream(Generic[Req, Resp]):
                     else:
                         self._start(event)
                         self.handle(event)
-                        responses = self.push()
+                        responses = self.push() if self._needs_push() else []
                     if responses and token < 0 and self.send_slots is not None:
                         token = await self.send_slots.take()
                     for response in responses:
@@ -839,6 +906,7 @@ class _Stream(Generic[Req, Resp]):
             # cancellation (the client going away while the reader is awaited) must not
             # leave a ghost proxy in the tracker or a watch in the cache.
             self.stop()
+            self._give_back_granted()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
@@ -858,7 +926,7 @@ class _Stream(Generic[Req, Resp]):
                 if self.stream_id and not self._stopped and events.idle():
                     try:
                         self.handle(request)
-                        responses = self.push()
+                        responses = self.push() if self._needs_push() else []
                     except Exception as exc:  # raised by the loop, as if it had handled it
                         events.put_nowait(_Failed(exc))
                         return
@@ -876,7 +944,36 @@ class _Stream(Generic[Req, Resp]):
     def _on_snapshot(self) -> None:
         if not self._snapshot_changed:
             self._snapshot_changed = True
-            self._events.put_nowait(_Signal.SNAPSHOT_CHANGED)
+            if self.send_slots is None:
+                self._events.put_nowait(_Signal.SNAPSHOT_CHANGED)
+            else:
+                # Woken once a slot is its own, not to wait for one (`_SendSlots.reserve`).
+                self.send_slots.reserve(self._granted)
+
+    def _granted(self, token: int) -> bool:
+        if self._stopped:
+            return False
+        self._events.put_nowait(_Granted(token))
+        return True
+
+    def _give_back_granted(self) -> None:
+        """Slots granted to this stream that its loop, now over, never used."""
+        if self.send_slots is None:
+            return
+        for event in self._events.drain():
+            if isinstance(event, _Granted):
+                self.send_slots.give_back(event.token)
+
+    def _needs_push(self) -> bool:
+        """Whether a request just handled may leave something to send: not when the last
+        push settled the stream on the current target and the request was a plain ACK or
+        a stale one (subscriptions unchanged, nothing rejected). Every proxy ACKs every
+        change; planning each ACK again costs a plan lookup and a selection per type.
+
+        Sound because a plan that is the target itself, nothing held back and nothing kept
+        for live routes (`graylane.xds.plan`), stays so as the proxy ACKs what it was sent:
+        readiness only grows with ACKs, and the routes it holds become the target's."""
+        return self._replan or self._settled is None or self.target() is not self._settled
 
     def _start(self, request: Req) -> None:
         if self.stream_id or self._stopped:
@@ -998,9 +1095,13 @@ class _Stream(Generic[Req, Resp]):
 
     def push(self) -> list[bytes]:
         """The serialised responses to send now, in PUSH_ORDER."""
-        planned = self.current_plan()
-        if planned is None:
+        self._replan = False
+        self._settled = None
+        target = self.cache.snapshot(self.key)
+        if target is None:
             return []
+        on_demand = self.clusters_on_demand()
+        planned = self.selections.plans.get(target, self.types, on_demand=on_demand)
         responses = []
         for type_url in PUSH_ORDER:
             st = self.types.get(type_url)
@@ -1009,6 +1110,8 @@ class _Stream(Generic[Req, Resp]):
             response = self.respond(st, planned)
             if response is not None:
                 responses.append(response)
+        if planned.resources is target and not planned.held and not on_demand:
+            self._settled = target  # every subscribed type now holds (or was sent) the target's
         return responses
 
     def respond(self, st: _TypeState, planned: Plan) -> bytes | None:
@@ -1030,8 +1133,13 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
             wildcard = st.type_url in WILDCARD_TYPES and (not names or WILDCARD in names)
             if WILDCARD in names:
                 names = names - {WILDCARD}
+            before = st.subscription
             st.subscribe(wildcard=wildcard, names=names, grows=self.selections.grows(st.subscription, names))
             st.names_key = key
+            if st.subscription is not before and st.subscription != before:
+                self._replan = True
+        if first:
+            self._replan = True
         if request.response_nonce:
             self._ack_or_nack(st, request)
         elif first and request.version_info:
@@ -1039,6 +1147,7 @@ class _SotwStream(_Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.Discover
 
     def _ack_or_nack(self, st: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
         if request.HasField("error_detail"):
+            self._replan = True
             # `sent_versions` is never mutated in place: what the rejected response made it.
             self.record_nack(
                 st, st.sotw_version, request.response_nonce, request.error_detail.message, st.sent_versions
@@ -1125,6 +1234,8 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             self._ack_or_nack(st, request)
         first = not st.subscribed
         st.subscribed = True
+        if first or request.resource_names_subscribe or request.resource_names_unsubscribe:
+            self._replan = True
         if first:
             self._first_request(st, request)
         self._subscribe(st, request, first=first)
@@ -1184,6 +1295,7 @@ class _DeltaStream(_Stream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.De
             log.debug("unknown %s nonce %s from %s", _short(st.type_url), request.response_nonce, self.node.id)
             return
         if request.HasField("error_detail"):
+            self._replan = True
             rejected = {n: pending.versions[n] for n in pending.resources if n in pending.versions}
             self.record_nack(st, pending.version, request.response_nonce, request.error_detail.message, rejected)
             return
@@ -1337,10 +1449,6 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         async def serve(requests: AsyncIterator[Req], context: grpc.aio.ServicerContext[Req, Any]) -> None:
             await self._serve(kind(self.cache, self.tracker, self._selections), requests, context)
 
-        return grpc.stream_stream_rpc_method_handler(
-            serve, request_deserializer=request.FromString, response_serializer=_as_bytes
-        )
-
-
-def _as_bytes(response: bytes) -> bytes:
-    return response
+        # No response serializer: the streams hand gRPC the bytes they serialised (shared
+        # bodies), which it sends as they are (a serializer would be a Python call per write).
+        return grpc.stream_stream_rpc_method_handler(serve, request_deserializer=request.FromString)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
@@ -57,9 +57,12 @@ ACKED = "acked"
 NACKED = "nacked"
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyEvent:
-    """One change of one proxy, as listeners hear it (a value; the state is in `proxies()`)."""
+class ProxyEvent(NamedTuple):
+    """One change of one proxy, as listeners hear it (a value; the state is in `proxies()`).
+
+    A named tuple, as `Push` is: a fan-out makes two per stream per change, and a frozen
+    dataclass costs four times as much to make (its fields are set through object.__setattr__).
+    """
 
     kind: str  # CONNECTED, DISCONNECTED, PUSHED, ACKED or NACKED
     node_id: str
@@ -95,9 +98,8 @@ class Nack:
     resources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-@dataclass(frozen=True, slots=True)
-class Push:
-    """One response sent to a proxy (a bounded log, newest last)."""
+class Push(NamedTuple):
+    """One response sent to a proxy (a bounded log, newest last); one per stream per change."""
 
     type_url: str
     version: str

@@ -478,16 +478,18 @@ class _OwnProxies:
             if old[0] == version and old[1].problem == problem:
                 return False
             self._leave(old[0], stream)
-            name, since, node = old[1].name, old[1].since, old[2]
+            node, facts = old[2], old[1]
+            if facts.problem != problem:  # else the same facts, in a new group (one ACK per change)
+                facts = views.ProxyFacts(name=facts.name, carried=None, since=facts.since, problem=problem)
         else:
             status = self._tracker.get(stream)
             assert status is not None  # open: it has a version
-            name, since, node = _proxy_name(status), status.connected_at, status.node_id
+            node = status.node_id
             scope = parse_scoped_key(status.key)[1]
             version = scoped_key(version, scope)  # (not ACKed yet: "@scope", its own group)
             self._node_streams[node] += 1
-        # `carried` is the group's (looked up by version on each read), not the member's.
-        facts = views.ProxyFacts(name=name, carried=None, since=since, problem=problem)
+            # `carried` is the group's (looked up by version on each read), not the member's.
+            facts = views.ProxyFacts(name=_proxy_name(status), carried=None, since=status.connected_at, problem=problem)
         group = self._groups.get(version)
         if group is None:
             group = self._groups[version] = views.ProxyGroup(scope=scope)

@@ -401,6 +401,7 @@ def fingerprint(target: Target) -> str:
 
 
 NAMES_SHOWN = 10  # proxies named in a status (lagging, gone); the counts say how many in all
+_FIRST_KEPT = 8 * NAMES_SHOWN  # first members a group keeps (`ProxyGroup.first_named`)
 _MESSAGE_SHOWN = 200
 
 
@@ -460,7 +461,11 @@ class ProxyGroup:
         self._members: dict[str, ProxyFacts] = {}
         self._rejecting = 0
         self._since: float | None = None  # the earliest `since` (None: not known now)
-        self._first: list[ProxyFacts] | None = None  # the NAMES_SHOWN first by `_shown` (None: not known now)
+        # The first members by `_shown`, up to _FIRST_KEPT of them (None: not known now): at
+        # least NAMES_SHOWN, or every member. Kept beyond NAMES_SHOWN so that members leaving
+        # (a fan-out moves every proxy from one group to the next) rarely empty it: each
+        # refill walks every member.
+        self._first: list[ProxyFacts] | None = None
 
     def __len__(self) -> int:
         return len(self._members)
@@ -483,9 +488,9 @@ class ProxyGroup:
         if self._since is not None and p.since < self._since:
             self._since = p.since
         first = self._first
-        if first is not None and (len(first) < NAMES_SHOWN or _shown(p) < _shown(first[-1])):
+        if first is not None and (len(first) == len(self._members) - 1 or _shown(p) < _shown(first[-1])):
             bisect.insort(first, p, key=_shown)
-            del first[NAMES_SHOWN:]
+            del first[_FIRST_KEPT:]
 
     def remove(self, key: str) -> None:
         p = self._members.pop(key, None)
@@ -495,8 +500,18 @@ class ProxyGroup:
             self._rejecting -= 1
         if self._since is not None and p.since <= self._since:
             self._since = None
-        if self._first is not None and any(q is p for q in self._first):
-            self._first = None
+        first = self._first
+        if first is None or not first or p.name > first[-1].name:
+            return  # not among the first (ordered by name first)
+        shown = _shown(p)
+        i = bisect.bisect_left(first, shown, key=_shown)
+        while i < len(first) and _shown(first[i]) == shown:
+            if first[i] is p:
+                del first[i]
+                if len(first) < NAMES_SHOWN and len(first) < len(self._members):
+                    self._first = None  # too few left to name: found again when asked
+                return
+            i += 1
 
     def earliest_since(self) -> float:
         if self._since is None:
@@ -506,8 +521,8 @@ class ProxyGroup:
     def first_named(self) -> Sequence[ProxyFacts]:
         """The NAMES_SHOWN members named first (in status order)."""
         if self._first is None:
-            self._first = heapq.nsmallest(NAMES_SHOWN, self._members.values(), key=_shown)
-        return self._first
+            self._first = heapq.nsmallest(_FIRST_KEPT, self._members.values(), key=_shown)
+        return self._first[:NAMES_SHOWN]
 
 
 ProxyGroups = Sequence[ProxyGroup]

@@ -135,17 +135,20 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
     assert checks > 100
 
 
-def test_a_proxy_group_keeps_its_summary_as_members_come_and_go() -> None:
+@pytest.mark.parametrize("population", [60, 400])  # fewer members than it keeps first, and more
+def test_a_proxy_group_keeps_its_summary_as_members_come_and_go(population: int) -> None:
     rng = random.Random(3)
     group = views.ProxyGroup()
     members: dict[str, views.ProxyFacts] = {}
     for i in range(4000):
-        key = f"p{rng.randrange(60)}"
+        key = f"p{rng.randrange(population)}"
         if rng.random() < 0.4:
             group.remove(key)
             members.pop(key, None)
         else:
-            f = views.ProxyFacts(f"name-{rng.randrange(100)}", None, since=rng.random(), problem=rng.choice(["", "x"]))
+            f = views.ProxyFacts(
+                f"name-{rng.randrange(max(100, population))}", None, since=rng.random(), problem=rng.choice(["", "x"])
+            )
             group.add(key, f)
             members[key] = f
         if i % 3 == 0:

@@ -704,6 +704,42 @@ async def test_send_slots_a_cancelled_waiter_passes_its_slot_on() -> None:
         slots.give_back(await after)  # the slot went on to the next waiter
 
 
+async def test_send_slots_reserved_are_granted_in_order_with_takers() -> None:
+    slots = _SendSlots(1, hold=60.0)
+    granted: list[tuple[str, int]] = []
+
+    def grant(name: str, *, wants: bool = True) -> Callable[[int], bool]:
+        def on_grant(token: int) -> bool:
+            if wants:
+                granted.append((name, token))
+            return wants
+
+        return on_grant
+
+    slots.reserve(grant("a"))  # free: granted at once
+    assert [name for name, _ in granted] == ["a"]
+    taker = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    slots.reserve(grant("b"))
+    # Streams that ended while they waited: each passes the slot on, without recursion.
+    for _ in range(5_000):
+        slots.reserve(grant("gone", wants=False))
+    slots.reserve(grant("c"))
+    slots.give_back(granted[0][1])
+    async with asyncio.timeout(TIMEOUT):
+        token = await taker  # served before "b", which asked after it
+    assert [name for name, _ in granted] == ["a"]
+    slots.give_back(token)
+    assert [name for name, _ in granted] == ["a", "b"]
+    slots.give_back(granted[1][1])
+    assert [name for name, _ in granted] == ["a", "b", "c"]
+    slots.give_back(granted[2][1])
+    slots.reserve(grant("refuses", wants=False))  # a free slot it refuses stays free
+    assert not slots._waiters
+    async with asyncio.timeout(TIMEOUT):
+        slots.give_back(await slots.take())
+
+
 async def test_send_slots_a_stuck_holder_is_forgotten_after_hold() -> None:
     slots = _SendSlots(1, hold=0.05)
     stuck = await slots.take()  # never given back: a proxy that stopped reading

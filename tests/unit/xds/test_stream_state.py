@@ -5,6 +5,10 @@ must be what a full reading would have found.
   sending the same names share one frozenset; a change of names is still seen.
 * delta: an ACK known to make the proxy hold the synced selection is not compared, and a
   NACKed response in between makes it compare (the proxy lacks what it rejected).
+* both: an ACK of a stream the last push settled on the target is not planned again (a
+  full push then sends nothing), and an ACK that may release held routes is.
+* a change's pushes wait in line for a send slot unwoken, and a slot granted to a stream
+  that ended goes on to the next one.
 """
 
 from __future__ import annotations
@@ -18,18 +22,18 @@ from google.rpc import status_pb2
 from graylane.xds.cache import SnapshotCache
 from graylane.xds.render import render
 from graylane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, Resources, content_version
-from graylane.xds.server import _DeltaStream, _Selections, _SotwStream
+from graylane.xds.server import _DeltaStream, _Selections, _SendSlots, _SotwStream
 from graylane.xds.tracker import ProxyTracker
 from graylane.xds.view import Endpoint, Lane, RoutingView, ServiceRoute, VersionEndpoints
 
 
-def _snapshot(services: int, *, lane: bool = False, port: int = 1000) -> Resources:
+def _snapshot(services: int, *, lane: bool = False, port: int = 1000, weight: int = 10) -> Resources:
     routes = tuple(ServiceRoute(f"s{i}", "v1") for i in range(services))
     endpoints = [VersionEndpoints(f"s{i}", "v1", (Endpoint("127.0.0.1", port + i),)) for i in range(services)]
     lanes: tuple[Lane, ...] = ()
     if lane:
         endpoints.append(VersionEndpoints("s0", "v2", (Endpoint("127.0.0.2", port),)))
-        lanes = (Lane("g", "s0", 10, (("s0", "v2"),)),)
+        lanes = (Lane("g", "s0", weight, (("s0", "v2"),)),)
     return render(RoutingView(services=routes, endpoints=tuple(endpoints), lanes=lanes), listen_port=10000)
 
 
@@ -304,3 +308,118 @@ def test_streams_acking_one_shared_selection_share_one_recorded_ack() -> None:
     one, two = (tracker.get(s.stream_id).acked[ENDPOINT] for s in streams)
     assert one is two and one.version == sent.version_info
     assert dict(one.resources) == dict(cache.snapshot("k")[ENDPOINT].versions)
+
+
+def _ack_all(stream: Any, bodies: list[bytes]) -> list[bool]:
+    """Answer each response as a proxy would (an ACK naming what it subscribes to); per ACK,
+    whether the stream said something may be left to send, after checking that when it says
+    not, a full push indeed sends nothing."""
+    said = []
+    for body in bodies:
+        if stream.protocol == "sotw":
+            response = discovery_pb2.DiscoveryResponse.FromString(body)
+            st = stream.types[response.type_url]
+            names = [] if st.wildcard else sorted(st.names)
+            stream.handle(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=response.type_url,
+                    resource_names=names,
+                    response_nonce=response.nonce,
+                    version_info=response.version_info,
+                )
+            )
+        else:
+            delta = discovery_pb2.DeltaDiscoveryResponse.FromString(body)
+            stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=delta.type_url, response_nonce=delta.nonce))
+        needed = stream._needs_push()
+        if not needed:
+            assert stream.push() == []
+        said.append(needed)
+        if CLUSTER.encode() in body:
+            needed = _warm(stream)  # as Envoy: the new clusters' endpoints are asked for
+            if not needed:
+                assert stream.push() == []
+            said[-1] = said[-1] or needed
+    return said
+
+
+def _warm(stream: Any) -> bool:
+    """Subscribe to the endpoints of every cluster sent (what Envoy asks for once it has them)."""
+    st = stream.types[ENDPOINT]
+    names = sorted(stream.types[CLUSTER].sent)
+    if stream.protocol == "sotw":
+        stream.handle(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ENDPOINT, resource_names=names, response_nonce=st.latest_nonce, version_info=st.sotw_version
+            )
+        )
+    else:
+        stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names))
+    return bool(stream._needs_push())
+
+
+def _converge(stream: Any) -> list[bool]:
+    """Push and ACK until nothing is left to send; what each ACK said (see `_ack_all`)."""
+    said: list[bool] = []
+    bodies = stream.push()
+    for _ in range(10):
+        if not bodies:
+            return said
+        said += _ack_all(stream, bodies)
+        bodies = stream.push() if said[-1] else []
+    raise AssertionError("did not converge")
+
+
+def test_acks_of_a_settled_stream_are_not_planned_again_and_held_routes_still_go() -> None:
+    for stream_class in (_SotwStream, _DeltaStream):
+        cache = SnapshotCache()
+        cache.set_snapshot("k", _snapshot(3))
+        stream = _open(stream_class(cache, ProxyTracker(), _Selections()), stream_class.protocol)
+        for t in (CLUSTER, LISTENER):
+            if stream_class is _SotwStream:
+                stream.handle(discovery_pb2.DiscoveryRequest(type_url=t))
+            else:
+                stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t))
+        for t, names in ((ENDPOINT, cache.snapshot("k")[ENDPOINT].items), (ROUTE, cache.snapshot("k")[ROUTE].items)):
+            if stream_class is _SotwStream:
+                stream.handle(discovery_pb2.DiscoveryRequest(type_url=t, resource_names=sorted(names)))
+            else:
+                stream.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=t, resource_names_subscribe=sorted(names)))
+        _converge(stream)
+        # A lane: a new cluster, its endpoints and a changed route, held until both are ACKed.
+        cache.set_snapshot("k", _snapshot(3, lane=True))
+        first = stream.push()
+        routes = [b for b in first if ROUTE.encode() in b]
+        assert not routes  # held back: its new cluster is not ACKed yet
+        said = _ack_all(stream, first)
+        assert said[0]  # the CDS ACK may release what was held: planned again
+        said += _converge(stream)
+        held = {t: dict(stream.types[t].acked_versions) for t in (CLUSTER, ENDPOINT, ROUTE)}
+        assert held == {t: dict(cache.snapshot("k")[t].versions) for t in held}
+        assert not said[-1]  # the last ACK, of the target itself: nothing planned
+        # A change that holds nothing back (the lane at another weight): one route response,
+        # whose ACK is not planned again.
+        cache.set_snapshot("k", _snapshot(3, lane=True, weight=20))
+        (body,) = stream.push()
+        assert ROUTE.encode() in body
+        assert _ack_all(stream, [body]) == [False]
+        assert dict(stream.types[ROUTE].acked_versions) == dict(cache.snapshot("k")[ROUTE].versions)
+
+
+async def test_a_slot_granted_to_a_stream_that_ended_goes_to_the_next_in_line() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(2))
+    slots = _SendSlots(1, hold=60.0)
+    streams = [_open(_SotwStream(cache, ProxyTracker()), f"s{i}") for i in range(3)]
+    for stream in streams:
+        stream.send_slots = slots
+        stream._on_snapshot()
+        stream._on_snapshot()  # a second change before the push folds into it
+    queued = [list(stream._events._items) for stream in streams]
+    assert [len(q) for q in queued] == [1, 0, 0]  # one slot: the others wait, not woken
+    streams[1].stop()  # ends while it waits in line
+    streams[0].stop()  # ends with its granted slot unused
+    streams[0]._give_back_granted()
+    (granted,) = streams[2]._events._items  # the slot skipped the ended stream
+    slots.give_back(granted.token)
+    assert not slots._waiters and slots._free == 1
