@@ -344,7 +344,22 @@ class _Fleet:
                 conn.send(final)
 
 
+# The fleet and the API prober stand in for proxies and CI jobs on other machines. Started as
+# children of the bench they would share its session, and with the kernel's per-session CPU
+# groups (sched_autogroup) the prober would wait for a core behind the fleet's workers inside
+# one group. Each gets a session of its own, as a separately launched program has.
+# GRAYLANE_BENCH_SHARED_SESSION=1 keeps them in the bench's session (for comparison).
+OWN_SESSIONS = not os.environ.get("GRAYLANE_BENCH_SHARED_SESSION")
+
+
+def _own_session() -> None:
+    if OWN_SESSIONS:
+        with contextlib.suppress(OSError):
+            os.setsid()
+
+
 def _worker_main(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> None:
+    _own_session()
     asyncio.run(_Fleet(spec).run(conn))
 
 
@@ -461,6 +476,7 @@ class NodeWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=NODE_DIR,
+            start_new_session=OWN_SESSIONS,
         )
         self._ids = itertools.count()
         self._reader: asyncio.StreamReader | None = None
@@ -530,6 +546,8 @@ PROBE_ID_METADATA = "x-graylane-probe"  # the prober's call index, for bench/sca
 
 def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, gap: float, conn: Any) -> None:
     from graylane.v1 import release_service_pb2, release_service_pb2_grpc
+
+    _own_session()
 
     async def run() -> list[tuple[float, float, str]]:
         out: list[tuple[float, float, str]] = []
