@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from graylane.controlplane.local.envoy import EnvoyProcess, free_port
+from graylane.controlplane.reconcile import convergence
 from graylane.controlplane.store import EtcdStore
 from graylane.deploy.local.traffic import run_load
 from graylane.deploy.local.upstream import Upstream
@@ -261,3 +262,55 @@ async def test_a_next_batch_writes_only_its_own_release_and_reached_right_after_
                 after = await stub.GetRelease(api.GetReleaseRequest(name=name))
                 assert after.revision == before[name].revision
                 assert after.status == before[name].status
+
+
+async def test_a_proxy_joining_rewrites_every_count_over_several_passes_and_loses_none(
+    store: EtcdStore, envoy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy that connects changes the count of every live release. With no write slice
+    (convergence._WRITE_SLICE_SECONDS = 0) a pass writes one count-only status and leaves
+    the rest to the next pass, run at once, so a `reached` that came due meanwhile would be
+    written ahead of them; none of the counts is lost on the way: every release ends
+    with both proxies counted and converged."""
+    monkeypatch.setattr(convergence, "_WRITE_SLICE_SECONDS", 0.0)
+    async with contextlib.AsyncExitStack() as es:
+        plane = await es.enter_async_context(control_plane(store))
+        stub = await api_stub(es, plane)
+        names = [f"rel{i}" for i in range(4)]
+        for i, name in enumerate(names):
+            v1 = await es.enter_async_context(Upstream(f"svc{i}", "v1"))
+            v2 = await es.enter_async_context(Upstream(f"svc{i}", "v2"))
+            await register(stub, f"svc{i}", v1, v2)
+            await stub.ApplyRelease(api.ApplyReleaseRequest(name=name, spec=lane_spec(f"svc{i}", f"lane{i}")))
+            await stub.NextBatch(api.ActionRequest(name=name, actor="ci"))
+        await envoy(ads_port=plane.xds_port, node_id="first")
+        for name in names:
+            await poll_release(stub, name, lambda r: r.status.reached and r.status.convergence.converged == 1)
+        passes = plane.dataplane._convergence
+        reconcile, write = passes.reconcile, passes._write_progress
+        written_per_pass: list[int] = []
+
+        async def counted_pass() -> None:
+            written_per_pass.append(0)
+            await reconcile()
+
+        async def counted_write(*args: Any, **kwargs: Any) -> Any:
+            out = await write(*args, **kwargs)
+            if out[0] is not None:
+                written_per_pass[-1] += 1
+            return out
+
+        monkeypatch.setattr(passes, "reconcile", counted_pass)
+        monkeypatch.setattr(passes, "_write_progress", counted_write)
+        await envoy(ads_port=plane.xds_port, node_id="second")
+        for name in names:
+            done = await poll_release(
+                stub,
+                name,
+                lambda r: r.status.convergence.proxies == 2 and r.status.convergence.converged == 2,
+            )
+            assert done.status.reached and not done.status.convergence.lagging
+        # Every write after the second Envoy joined is a count only (the batches were
+        # reached already): one per pass, over several passes.
+        assert max(written_per_pass) == 1, written_per_pass
+        assert sum(written_per_pass) >= len(names), written_per_pass
