@@ -2,7 +2,9 @@
 
 The set-up of bench/store_bench.py's tmpfs rows (embedded etcd with its data in /dev/shm,
 1,000 services and releases created through the API, 100 progressing), then its NextBatch
-steps (`store_bench.bench_reached`) with 1 and then 5 real Envoys. Every convergence pass
+steps (`store_bench.bench_reached`) with 1 and then 5 real Envoys; then NextBatch steps
+at the moment a second Envoy ACKed its routes, and at the moment it left (each time every
+live release's count changes and is written: ROUNDS of each). Every convergence pass
 and every status write it makes is timed (wrapped in this process; nothing in the product
 changes), with the bench's own marks (an Envoy starting, each API call of the client), and
 each slow pass is printed with what it did: its writes (how many, how long each took,
@@ -10,6 +12,7 @@ which fields each changed) and what ran meanwhile.
 
     .venv/bin/python -P bench/convergence_tail.py [slow_ms=50]
 
+GRAYLANE_BENCH_WRITE_SLICE=inf gives the passes as before 9a6f780 (bench/store_bench.py).
 Run it under the bench lock: `flock /tmp/graylane-bench.lock .venv/bin/python -P bench/convergence_tail.py`.
 """
 
@@ -36,6 +39,9 @@ from graylane.controlplane.local.envoy import EnvoyProcess  # noqa: E402
 from graylane.controlplane.reconcile import convergence  # noqa: E402
 
 T0 = time.perf_counter()
+# store_bench.bench_reached's runs, by their Envoys (GRAYLANE_TAIL_ENVOYS=1,5; empty: none)
+ENVOYS = tuple(int(n) for n in os.environ.get("GRAYLANE_TAIL_ENVOYS", "1,5").split(",") if n)
+ROUNDS = 8  # NextBatch steps at a joining and at a leaving Envoy
 MARKS: list[tuple[float, str]] = []  # (instant, what the bench did)
 PASSES: list[dict[str, Any]] = []  # one per convergence pass
 _current: list[dict[str, Any]] = []  # the pass running now (passes never overlap: one task runs them)
@@ -137,6 +143,52 @@ def _bulk_spans() -> list[tuple[float, int]]:
     return spans
 
 
+async def next_during_bulk(plane: ControlPlane, name: str, rounds: int) -> dict[str, list[float]]:
+    """NextBatch (in-process, `Releases.act`, as the API handler calls it) on `name` at the
+    moment a second Envoy has ACKed the routes, and again at the moment its stream closes:
+    each time every live release's count changes and is written. To `reached` in the
+    follower's state, ms."""
+    out: dict[str, list[float]] = {"ack": [], "leave": []}
+    cause = Cause(actor="bench")
+
+    async def step() -> float:
+        r = plane.releases._latest(name)
+        assert r is not None
+        if r.status.batch + 1 >= len(r.spec.batches):
+            back = Move.RESTART if r.status.phase is model.Phase.ROLLED_BACK else Move.ROLLBACK
+            await plane.releases.act(name, back, cause)
+            await sb.until(lambda: (x := plane.releases._latest(name)) is not None and x.status.reached, 30)
+            r = plane.releases._latest(name)
+            assert r is not None
+        batch = r.status.batch + 1
+        t0 = time.perf_counter()
+        await plane.releases.act(name, Move.NEXT, cause)
+
+        def reached() -> bool:
+            x = plane.releases._latest(name)
+            return x is not None and x.status.batch == batch and x.status.reached
+
+        await sb.until(reached, 30, poll=0.0005)
+        return (time.perf_counter() - t0) * 1000
+
+    def streams() -> int:
+        return sum(1 for p in plane.tracker.proxies().values() if p.connected)
+
+    async with EnvoyProcess(ads_port=plane.xds_port, node_id="base", node_cluster="local"):
+        await plane.dataplane.wait_current(timeout=30)
+        await asyncio.sleep(1.5)  # the base Envoy's own writes are done
+        for k in range(rounds):
+            async with EnvoyProcess(ads_port=plane.xds_port, node_id=f"join-{k}", node_cluster="local"):
+                # Its routes ACKed: every live release's count gains a converged proxy.
+                await plane.dataplane.wait_current(timeout=30)
+                out["ack"].append(await step())
+                await asyncio.sleep(1.5)  # the join's writes are done
+            await sb.until(lambda: streams() == 1, 30, poll=0.0005)
+            out["leave"].append(await step())
+            await asyncio.sleep(1.5)
+    return out
+
+
 async def run(slow_ms: float) -> str:
     instrument()
     out: list[str] = []
@@ -149,7 +201,7 @@ async def run(slow_ms: float) -> str:
             for name in names[: sb.LIVE]:
                 await plane.releases.act(name, Move.NEXT, Cause(actor="bench"))
             await asyncio.sleep(1.0)
-            for envoys in (1, 5):
+            for envoys in ENVOYS:
                 PASSES.clear()
                 MARKS.clear()
                 MARKS.append((time.perf_counter(), f"bench_reached with {envoys} Envoy(s) begins"))
@@ -182,6 +234,25 @@ async def run(slow_ms: float) -> str:
                 for p in PASSES:
                     if (p["t1"] - p["t0"]) * 1000 >= slow_ms:
                         out += describe(p)
+            PASSES.clear()
+            MARKS.clear()
+            during = await next_during_bulk(plane, names[-2], ROUNDS)
+            walls = [(p["t1"] - p["t0"]) * 1000 for p in PASSES]
+            for what, took in during.items():
+                out.append(
+                    f"== NextBatch at a 2nd Envoy's {what} (count-only writes of every live release due): "
+                    f"-> reached in the follower's state, ms: "
+                    + " ".join(f"{t:.0f}" for t in took)
+                    + f" (median {statistics.median(took):.1f})"
+                )
+            out.append(
+                f"  passes meanwhile: {len(walls)}, p50 {statistics.median(walls):.2f} ms, max {max(walls):.1f} ms"
+            )
+            for p in PASSES:
+                if (p["t1"] - p["t0"]) * 1000 >= slow_ms:
+                    out += describe(p)
+            spans = _bulk_spans()
+            out.append("  bulks, first write -> last, ms: " + " ".join(f"{a:.0f} ({n} writes)" for a, n in spans))
     return "\n".join(out)
 
 

@@ -73,6 +73,12 @@ def envoy_all_stats() -> None:
 
 if os.environ.get("GRAYLANE_BENCH_ENVOY_ALL_STATS"):
     envoy_all_stats()
+if os.environ.get("GRAYLANE_BENCH_WRITE_SLICE"):
+    # A/B switch: the convergence pass's slice for count-only status writes (seconds; "inf":
+    # every due write in one pass, as before 9a6f780), this process only.
+    from graylane.controlplane.reconcile import convergence
+
+    convergence._WRITE_SLICE_SECONDS = float(os.environ["GRAYLANE_BENCH_WRITE_SLICE"])
 
 
 def med(values: Sequence[float]) -> float:
