@@ -44,7 +44,17 @@ from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.v1 import release_pb2 as pb
-from scale import FLEET_LISTEN_PORT, LANE, RELEASE, _clock_text, _free_port, _statuses, pct, release_spec
+from scale import (
+    RELEASE,
+    _clock_text,
+    _free_port,
+    _statuses,
+    add_services,
+    pct,
+    release_spec,
+    start_workers,
+    wait_configured,
+)
 
 # The replicas' loop-lag probe period: the one-process bench's probe (10 ms), so a stall is
 # read short by at most that. It costs each replica ~1.3 % of a core while idle (measured on
@@ -253,19 +263,7 @@ async def bench_replicas(
         res.replicas = list(figures.values())
         api_targets = serving[:1] if api_replica else fleet  # who answers the probers
         client = await stack.enter_async_context(ReleaseClient.connect(serving[0].api_target, actor="bench"))
-        sem = asyncio.Semaphore(16)
-
-        async def add_service(i: int) -> None:
-            name = f"svc-{i:04d}"
-            async with sem:
-                await client.put_service(pb.Service(name=name, stable_version="v1"))
-                for v in ("v1", "v2") if i == 0 else ("v1",):
-                    port = 20000 + i % 20000
-                    await client.put_version(
-                        pb.Version(service=name, name=v, endpoints=[pb.Endpoint(address="127.0.0.1", port=port)])
-                    )
-
-        await asyncio.gather(*(add_service(i) for i in range(services)))
+        await add_services(client, services)
         await client.apply_release(pb.Release(name=RELEASE, spec=release_spec(entry)))
         await client.act(Action.NEXT, RELEASE)
 
@@ -278,24 +276,19 @@ async def bench_replicas(
             real.append(await stack.enter_async_context(envoy))
             figures[home.name].envoys += 1
 
-        workers: list[Any] = []
         t_connect = time.monotonic()
-        for w in range(n_workers):
-            first = w * per_worker
-            count = min(per_worker, streams - first)
-            home = fleet[w % len(fleet)]
-            figures[home.name].streams += count
-            spec = FleetSpec(
-                target=f"127.0.0.1:{home.xds_port}",
-                first=first,
-                count=count,
-                delta_every=delta_every,
-                entry=entry,
-                lane_cluster_part=f"|{LANE}",
-                connect_rate=connect_rate / n_workers,
-                listen_port=FLEET_LISTEN_PORT,
-            )
-            workers.append(worker(spec))
+        workers = start_workers(
+            worker,
+            streams=streams,
+            per_worker=per_worker,
+            n_workers=n_workers,
+            target_of=lambda w: f"127.0.0.1:{fleet[w % len(fleet)].xds_port}",
+            delta_every=delta_every,
+            entry=entry,
+            connect_rate=connect_rate,
+        )
+        for w, started_worker in enumerate(workers):
+            figures[fleet[w % len(fleet)].name].streams += started_worker.spec.count
 
         async def stop_workers() -> None:
             await asyncio.gather(*(w.stop() for w in workers))
@@ -317,19 +310,9 @@ async def bench_replicas(
 
         stack.push_async_callback(stop_probers)
 
-        deadline = t_connect + connect_timeout
-        while True:
-            st = await _statuses(workers)
-            res.configured = sum(s["configured"] for s in st)
-            if res.configured >= streams:
-                res.connect_s = time.monotonic() - t_connect
-                break
-            if time.monotonic() > deadline or time.monotonic() - started > budget:
-                res.notes.append(
-                    f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{streams} configured"
-                )
-                break
-            await asyncio.sleep(0.5)
+        await wait_configured(
+            workers, res, t_connect=t_connect, connect_timeout=connect_timeout, started=started, budget=budget
+        )
         print(f"  fleet {streams}: configured {res.configured} in {time.monotonic() - t_connect:.1f} s", flush=True)
         for replica in serving:  # the longest lag so far, and a fresh start for the changes'
             figures[replica.name].lag_connect = await replica.loop_lag()

@@ -478,6 +478,76 @@ async def _statuses(workers: Sequence[Worker | NodeWorker]) -> list[dict[str, An
     return list(await asyncio.gather(*(w.ask("status") for w in workers)))
 
 
+async def add_services(client: ReleaseClient, services: int) -> None:
+    """`services` services on v1 (16 registrations in flight); the first also has a v2."""
+    sem = asyncio.Semaphore(16)
+
+    async def add_service(i: int) -> None:
+        name = f"svc-{i:04d}"
+        async with sem:
+            await client.put_service(pb.Service(name=name, stable_version="v1"))
+            for v in ("v1", "v2") if i == 0 else ("v1",):
+                port = 20000 + i % 20000
+                await client.put_version(
+                    pb.Version(service=name, name=v, endpoints=[pb.Endpoint(address="127.0.0.1", port=port)])
+                )
+
+    await asyncio.gather(*(add_service(i) for i in range(services)))
+
+
+def start_workers(
+    make_worker: Any,
+    *,
+    streams: int,
+    per_worker: int,
+    n_workers: int,
+    target_of: Any,
+    delta_every: int,
+    entry: str,
+    connect_rate: float,
+) -> list[Any]:
+    """The fleet's worker processes: worker w runs clients w * per_worker onwards and dials
+    `target_of(w)` (host:port); together they start `connect_rate` clients a second."""
+    workers = []
+    for w in range(n_workers):
+        first = w * per_worker
+        spec = FleetSpec(
+            target=target_of(w),
+            first=first,
+            count=min(per_worker, streams - first),
+            delta_every=delta_every,
+            entry=entry,
+            lane_cluster_part=f"|{LANE}",
+            connect_rate=connect_rate / n_workers,
+            listen_port=FLEET_LISTEN_PORT,
+        )
+        workers.append(make_worker(spec))
+    return workers
+
+
+async def wait_configured(
+    workers: Sequence[Any], res: Any, *, t_connect: float, connect_timeout: float, started: float, budget: float
+) -> None:
+    """Until every client has its routes (`res.configured`, `res.connect_s`), or the connect
+    timeout or the bench's budget runs out (a note in `res.notes`)."""
+    deadline = t_connect + connect_timeout
+    while True:
+        st = await _statuses(workers)
+        res.configured = sum(s["configured"] for s in st)
+        if res.configured >= res.streams:
+            res.connect_s = time.monotonic() - t_connect
+            return
+        if st and any(s["errors"] for s in st):
+            codes = [s.get("error_details") for s in st]
+            print(f"  connect: {res.configured} configured, stream errors {codes}", flush=True)
+        if time.monotonic() > deadline or time.monotonic() - started > budget:
+            res.notes.append(
+                f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{res.streams} configured"
+            )
+            return
+        await asyncio.sleep(0.5)
+
+
 async def bench_fleet(
     *,
     streams: int,
@@ -517,20 +587,7 @@ async def bench_fleet(
             trace.release_key = local.store.release_key(RELEASE)
         plane = local.plane
         client = await stack.enter_async_context(ReleaseClient.connect(local.api_target, actor="bench"))
-        sem = asyncio.Semaphore(16)
-
-        async def add_service(i: int) -> None:
-            name = f"svc-{i:04d}"
-            async with sem:
-                await client.put_service(pb.Service(name=name, stable_version="v1"))
-                versions = ("v1", "v2") if i == 0 else ("v1",)
-                for v in versions:
-                    port = 20000 + i % 20000
-                    await client.put_version(
-                        pb.Version(service=name, name=v, endpoints=[pb.Endpoint(address="127.0.0.1", port=port)])
-                    )
-
-        await asyncio.gather(*(add_service(i) for i in range(services)))
+        await add_services(client, services)
         await client.apply_release(pb.Release(name=RELEASE, spec=release_spec(entry)))
         await client.act(Action.NEXT, RELEASE)
 
@@ -552,22 +609,17 @@ async def bench_fleet(
         probe.phase()
         probe.cpu_phase()
 
-        workers: list[Worker | NodeWorker] = []
         t_connect = time.monotonic()
-        for w in range(n_workers):
-            first = w * per_worker
-            count = min(per_worker, streams - first)
-            spec = FleetSpec(
-                target=f"127.0.0.1:{plane.xds_port}",
-                first=first,
-                count=count,
-                delta_every=delta_every,
-                entry=entry,
-                lane_cluster_part=f"|{LANE}",
-                connect_rate=connect_rate / n_workers,
-                listen_port=FLEET_LISTEN_PORT,
-            )
-            workers.append(make_worker(spec))
+        workers: list[Worker | NodeWorker] = start_workers(
+            make_worker,
+            streams=streams,
+            per_worker=per_worker,
+            n_workers=n_workers,
+            target_of=lambda w: f"127.0.0.1:{plane.xds_port}",
+            delta_every=delta_every,
+            entry=entry,
+            connect_rate=connect_rate,
+        )
 
         async def stop_workers() -> None:
             await asyncio.gather(*(w.stop() for w in workers))
@@ -589,22 +641,9 @@ async def bench_fleet(
         stack.push_async_callback(stop_prober)
 
         # Connect: until every client has its routes.
-        deadline = t_connect + connect_timeout
-        while True:
-            st = await _statuses(workers)
-            res.configured = sum(s["configured"] for s in st)
-            if res.configured >= streams:
-                res.connect_s = time.monotonic() - t_connect
-                break
-            if st and any(s["errors"] for s in st):
-                codes = [s["error_details"] for s in st]
-                print(f"  connect: {res.configured} configured, stream errors {codes}", flush=True)
-            if time.monotonic() > deadline or time.monotonic() - started > budget:
-                res.notes.append(
-                    f"connect phase stopped at {connect_timeout:.0f} s: {res.configured}/{streams} configured"
-                )
-                break
-            await asyncio.sleep(0.5)
+        await wait_configured(
+            workers, res, t_connect=t_connect, connect_timeout=connect_timeout, started=started, budget=budget
+        )
         res.lag_connect_ms = probe.phase()
         res.cpu_lag_connect_ms = probe.cpu_phase()
         connected_at = time.monotonic()
