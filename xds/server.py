@@ -344,13 +344,11 @@ class _Plans:
             st = types.get(type_url)
             if st is None:
                 continue
-            acked_selection, sent_selection = st.acked_selection, st.sent_selection
-            if (acked_selection is None and st.acked) or (sent_selection is None and st.sent):
-                # This stream holds content no shared selection names (`_TypeState.shareable`).
+            if not st.shareable():  # this stream holds content no shared selection names
                 acked = {t: s.acked for t, s in types.items()}
                 sent = {t: s.sent for t, s in types.items()}
                 return plan(target, acked=acked, sent=sent)
-            key += (type_url, id(acked_selection), id(sent_selection))
+            key += (type_url, id(st.acked_selection), id(st.sent_selection))
         frozen_key = tuple(key)
         found = self._plans.get(frozen_key)
         if found is not None and found[1][0] is target:
@@ -1015,10 +1013,13 @@ class _Stream(Generic[Req, Resp]):
         return str(next(self._nonces))
 
     def current_plan(self) -> Plan | None:
-        target = self.cache.snapshot(self.key)
+        target = self.target()
         if target is None:
             return None
-        return self.selections.plans.get(target, self.types, on_demand=self.clusters_on_demand())
+        return self._plan_for(target, on_demand=self.clusters_on_demand())
+
+    def _plan_for(self, target: Resources, *, on_demand: bool) -> Plan:
+        return self.selections.plans.get(target, self.types, on_demand=on_demand)
 
     def clusters_on_demand(self) -> bool:
         """Whether this client asks for clusters by name (proxyless gRPC), so cannot ACK a
@@ -1097,11 +1098,11 @@ class _Stream(Generic[Req, Resp]):
         """The serialised responses to send now, in PUSH_ORDER."""
         self._replan = False
         self._settled = None
-        target = self.cache.snapshot(self.key)
+        target = self.target()
         if target is None:
             return []
         on_demand = self.clusters_on_demand()
-        planned = self.selections.plans.get(target, self.types, on_demand=on_demand)
+        planned = self._plan_for(target, on_demand=on_demand)
         responses = []
         for type_url in PUSH_ORDER:
             st = self.types.get(type_url)
