@@ -452,6 +452,8 @@ class NodeWorker:
     `Worker`: commands go as JSON lines on its stdin, answers come back on its stdout, matched
     by a sequence number (an answer to an ask that timed out is skipped, not taken for the next)."""
 
+    SCRIPT = "worker.js"  # in NODE_DIR
+
     def __init__(self, spec: FleetSpec, *, streams_per_channel: int = STREAMS_PER_CHANNEL) -> None:
         reason = node_fleet_missing()
         if reason is not None:
@@ -472,7 +474,7 @@ class NodeWorker:
         # GRAYLANE_FLEET_NODE_ARGS: node's own options for a run (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p").
         node_args = os.environ.get("GRAYLANE_FLEET_NODE_ARGS", "").split()
         self.process = subprocess.Popen(
-            ["node", *node_args, str(NODE_DIR / "worker.js"), json.dumps(args)],
+            ["node", *node_args, str(NODE_DIR / self.SCRIPT), json.dumps(args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=NODE_DIR,
@@ -526,11 +528,20 @@ class NodeWorker:
         return process_cpu_seconds(self.process.pid)
 
 
-FLEET_IMPLS = ("node", "python")
+class H2Worker(NodeWorker):
+    """The same clients on Node's core http2 module with gRPC framing and the xDS envelopes by
+    hand (bench/fleet_node/h2worker.js): same spec, commands and answers as NodeWorker."""
+
+    SCRIPT = "h2worker.js"
+
+
+FLEET_IMPLS = ("h2", "node", "python")
 
 
 def worker_class(impl: str) -> type[Worker] | type[NodeWorker]:
     """The worker for a --fleet-impl name."""
+    if impl == "h2":
+        return H2Worker
     if impl == "node":
         return NodeWorker
     if impl == "python":

@@ -1,4 +1,5 @@
-"""The scale bench's Node fleet (bench/fleet_node/worker.js through bench/fleet.py's NodeWorker)
+"""The scale bench's Node fleets (bench/fleet_node/worker.js on grpc-js through bench/fleet.py's
+NodeWorker, and bench/fleet_node/h2worker.js on Node's core http2 through its H2Worker), each
 against a real control plane on a real etcd: every client is configured as the Python fleet's
 would be (the control plane sees each node, on the protocol and snapshot key it asked for, with
 every type ACKed and nothing NACKed) and each sees a weight change.
@@ -57,7 +58,8 @@ async def until(check: Any, timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-async def test_node_fleet_configures_every_client_and_sees_a_weight_change(store: EtcdStore) -> None:
+@pytest.mark.parametrize("impl", ["node", "h2"])
+async def test_node_fleet_configures_every_client_and_sees_a_weight_change(store: EtcdStore, impl: str) -> None:
     fleet = load_fleet()
     require_binary(None if fleet.node_fleet_missing() else "node", str(fleet.node_fleet_missing()))
     async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running() as plane:
@@ -79,7 +81,7 @@ async def test_node_fleet_configures_every_client_and_sees_a_weight_change(store
             first = await client.act(Action.NEXT, "fleet")
             assert first.status.weight == 10
 
-            worker = fleet.NodeWorker(
+            worker = fleet.worker_class(impl)(
                 fleet.FleetSpec(
                     target=f"127.0.0.1:{plane.xds_port}",
                     first=0,
