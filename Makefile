@@ -12,7 +12,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd prometheus node fleet-node ui browser clean
+.PHONY: demo demo-dashboard test chaos bench protos lint typecheck etcd prometheus node fleet-node fleet-c ui browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,20 @@ $(FLEET_NODE_STAMP): $(FLEET_NODE)/package.json $(FLEET_NODE)/package-lock.json
 
 fleet-node: $(FLEET_NODE_STAMP)
 
+# The scale bench's fake ADS clients in C (bench/fleet_c/worker.c, `--fleet-impl c`): gcc and
+# Debian's libnghttp2-dev (apt-get when its header is missing) into bench/fleet_c/graylane-fleet-c
+# (gitignored). `make test` needs it for the fleet's test, `make bench` for the fleet.
+FLEET_C     := bench/fleet_c
+FLEET_C_BIN := $(FLEET_C)/graylane-fleet-c
+
+$(FLEET_C_BIN): $(FLEET_C)/worker.c
+	@test -f /usr/include/nghttp2/nghttp2.h || { \
+	  echo "installing libnghttp2-dev (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnghttp2-dev >/dev/null; }
+	gcc -O2 -Wall -Wextra -Werror -o $@ $< -lnghttp2
+
+fleet-c: $(FLEET_C_BIN)
+
 # The dashboard's chart library (uPlot) from the npm registry into .venv (never committed);
 # the control plane serves it under /ui/vendor/.
 UPLOT_VERSION := 1.6.32
@@ -100,7 +114,7 @@ demo: $(STAMP) etcd node ui
 demo-dashboard: $(STAMP) etcd ui
 	$(BIN)/graylane demo --unattended --keep-running
 
-test: $(STAMP) etcd prometheus node fleet-node ui browser
+test: $(STAMP) etcd prometheus node fleet-node fleet-c ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -112,7 +126,7 @@ test: $(STAMP) etcd prometheus node fleet-node ui browser
 chaos: $(STAMP) etcd
 	$(BIN)/pytest -q -m chaos --durations=0
 
-bench: $(STAMP) etcd fleet-node
+bench: $(STAMP) etcd fleet-node fleet-c
 	$(BIN)/python -P bench/run.py $(ARGS)
 
 protos: $(STAMP)
@@ -134,4 +148,4 @@ typecheck: $(STAMP)
 	  --cache-dir $(CURDIR)/.mypy_cache -p graylane
 
 clean:
-	rm -rf $(VENV) .graylane $(FLEET_NODE)/node_modules
+	rm -rf $(VENV) .graylane $(FLEET_NODE)/node_modules $(FLEET_C_BIN)

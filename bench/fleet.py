@@ -61,6 +61,7 @@ ROUTE_CONFIG_PREFIX = "graylane/"  # graylane.xds.view.route_config_name(service
 RECONNECT_DELAY = 1.0
 STREAMS_PER_CHANNEL = 10  # HTTP/2 connections are shared by this many streams
 NODE_DIR = pathlib.Path(__file__).resolve().parent / "fleet_node"  # the Node worker and its node_modules
+C_WORKER = pathlib.Path(__file__).resolve().parent / "fleet_c" / "graylane-fleet-c"  # `make fleet-c` builds it
 
 
 @dataclass(frozen=True)
@@ -535,11 +536,41 @@ class H2Worker(NodeWorker):
     SCRIPT = "h2worker.js"
 
 
-FLEET_IMPLS = ("h2", "node", "python")
+def c_fleet_missing() -> str | None:
+    """Why the C fleet cannot run here (None: it can)."""
+    if not os.access(C_WORKER, os.X_OK):
+        return f"{C_WORKER} is missing: make fleet-c (gcc and libnghttp2-dev, the Makefile installs the latter)"
+    return None
+
+
+class CWorker(NodeWorker):
+    """The same clients in C (bench/fleet_c/worker.c: libnghttp2, epoll, gRPC framing and protobuf
+    by hand): the spec as arguments, the same commands and answers on stdin/stdout as NodeWorker."""
+
+    def __init__(self, spec: FleetSpec, *, streams_per_channel: int = STREAMS_PER_CHANNEL) -> None:
+        reason = c_fleet_missing()
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.spec = spec
+        host, _, port = spec.target.rpartition(":")
+        argv = [str(C_WORKER), host, port, str(spec.first), str(spec.count), str(spec.delta_every), spec.entry]
+        argv += [spec.lane_cluster_part, repr(float(spec.connect_rate)), str(spec.listen_port)]
+        argv.append(str(streams_per_channel))
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=OWN_SESSIONS
+        )
+        self._ids = itertools.count()
+        self._reader: asyncio.StreamReader | None = None
+        self._lock: asyncio.Lock | None = None
+
+
+FLEET_IMPLS = ("c", "h2", "node", "python")
 
 
 def worker_class(impl: str) -> type[Worker] | type[NodeWorker]:
     """The worker for a --fleet-impl name."""
+    if impl == "c":
+        return CWorker
     if impl == "h2":
         return H2Worker
     if impl == "node":

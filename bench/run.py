@@ -481,6 +481,8 @@ FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
 
 
 FLEET_SOURCES = {
+    "c": "the C fleet, bench/fleet_c/worker.c (libnghttp2, epoll, gRPC framing and protobuf by hand) driven by "
+    "bench/fleet.py",
     "h2": "the Node fleet on core http2, bench/fleet_node/h2worker.js (gRPC framing by hand) driven by bench/fleet.py",
     "node": "the Node fleet, bench/fleet_node/worker.js (@grpc/grpc-js) driven by bench/fleet.py",
     "python": "the Python fleet, bench/fleet.py (grpc.aio)",
@@ -678,7 +680,7 @@ async def main() -> int:
         fleet_size = (args.streams, *fleet_size[1:])
     if args.per_worker:
         fleet_size = (fleet_size[0], args.per_worker, *fleet_size[2:])
-    elif args.fleet_impl in ("h2", "node"):
+    elif args.fleet_impl in ("c", "h2", "node"):
         # One Node worker per core: its single thread handles a few thousand streams, and fewer,
         # busier processes spend less of their CPU on being woken and scheduled (10,000 streams:
         # 1,960 ms of worker CPU per change over 2 processes against 2,570-2,970 over 8).

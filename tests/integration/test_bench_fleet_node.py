@@ -58,10 +58,11 @@ async def until(check: Any, timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("impl", ["node", "h2"])
+@pytest.mark.parametrize("impl", ["node", "h2", "c"])
 async def test_node_fleet_configures_every_client_and_sees_a_weight_change(store: EtcdStore, impl: str) -> None:
     fleet = load_fleet()
-    require_binary(None if fleet.node_fleet_missing() else "node", str(fleet.node_fleet_missing()))
+    missing = fleet.c_fleet_missing() if impl == "c" else fleet.node_fleet_missing()
+    require_binary(None if missing else "node", str(missing))
     async with ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running() as plane:
         async with ReleaseClient.connect(f"127.0.0.1:{plane.api_port}", actor="test") as client:
             for i in range(3):
