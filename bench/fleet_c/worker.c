@@ -356,7 +356,7 @@ static nameset_t *NO_NAMES;
 static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
 static nameset_t *nameset_of(const char **names, int n) {
-  qsort(names, n, sizeof(*names), cmp_str);
+  if (n) qsort(names, n, sizeof(*names), cmp_str);
   buf_t key = {0};
   for (int i = 0; i < n; i++) {
     buf_add(&key, names[i], strlen(names[i]));
@@ -368,7 +368,7 @@ static nameset_t *nameset_of(const char **names, int n) {
     memset(set, 0, sizeof(*set));
     set->n = n;
     set->names = xmalloc(sizeof(char *) * n);
-    memcpy(set->names, names, sizeof(char *) * n);
+    if (n) memcpy(set->names, names, sizeof(char *) * n);
     for (int i = 0; i < n; i++) pb_str(&set->encoded, 3, set->names[i]);
     s = map_put(&namesets, key.p ? key.p : (uint8_t *)"", key.len, set);
   }

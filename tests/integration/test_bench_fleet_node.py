@@ -1,11 +1,12 @@
-"""The scale bench's Node fleets (bench/fleet_node/worker.js on grpc-js through bench/fleet.py's
-NodeWorker, and bench/fleet_node/h2worker.js on Node's core http2 through its H2Worker), each
-against a real control plane on a real etcd: every client is configured as the Python fleet's
-would be (the control plane sees each node, on the protocol and snapshot key it asked for, with
-every type ACKed and nothing NACKed) and each sees a weight change.
+"""The scale bench's compiled and Node fleets against a real control plane on a real etcd, each
+run the same way (bench/fleet.py's worker_class: "node" is bench/fleet_node/worker.js on grpc-js,
+"h2" bench/fleet_node/h2worker.js on Node's core http2, "c" bench/fleet_c/worker.c on libnghttp2):
+every client is configured as the Python fleet's would be (the control plane sees each node, on
+the protocol and snapshot key it asked for, with every type ACKed and nothing NACKed) and each sees
+a weight change.
 
-A missing node or bench/fleet_node/node_modules (the Makefile's bench setup) skips this on a
-developer machine and fails it under CI=true.
+A missing node, bench/fleet_node/node_modules or bench/fleet_c/graylane-fleet-c (the Makefile's
+fleet-node and fleet-c targets) skips its case on a developer machine and fails it under CI=true.
 """
 
 from __future__ import annotations
