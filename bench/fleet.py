@@ -10,17 +10,19 @@ changed, so a response without it leaves the weight as it was). Clients never de
 same content twice in one process: what a version carries (cluster names, scope targets,
 the weight) is cached, so the fleet's own CPU stays small next to the control plane's.
 
-The parent talks to a worker over a Pipe, one command at a time (a NodeWorker, the same
-clients in Node from bench/fleet_node/worker.js, answers the same commands as JSON lines on its
-stdin/stdout):
+The parent talks to a worker over a Pipe, one command at a time (the other workers, the same
+clients in another process, answer the same commands as JSON lines on their stdin/stdout:
+NodeWorker runs bench/fleet_node/worker.js on grpc-js, H2Worker bench/fleet_node/h2worker.js on
+Node's core http2, CWorker bench/fleet_c/worker.c on libnghttp2):
   ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
   ("seen", weight)   -> list of first-seen wall-clock times (None where not seen yet)
   ("missing", weight) -> how many clients have not seen it yet (an int: cheap to poll)
   ("stop",)          -> final status; the worker exits.
 
-`Worker` or `NodeWorker` (`worker_class(impl)`): the fleet's own CPU is a bench artefact (in
-production the proxies run elsewhere), and grpc.aio's per-message cost made the Python fleet
-cost as much CPU per change as the control plane; the Node fleet is the cheaper default.
+`worker_class(impl)` picks one: the fleet's own CPU is a bench artefact (in production the
+proxies run elsewhere) taken from the control plane on the same 2 cores, so it should be small;
+grpc.aio's per-message cost made the Python fleet cost as much CPU per change as the control
+plane, and grpc-js's about half of it.
 
 Also here: an API prober process (GetRelease in a loop, bounded in count and time).
 """

@@ -7,12 +7,15 @@
  * as worker.js (see its header).
  *
  * Why: the fleet runs on the bench's 2 cores beside the control plane, so its CPU per weight
- * change is a bench artefact taken from the control plane. A profile of worker.js under a
- * fan-out put most of its CPU in grpc-js's per-message and per-call layers and in protobufjs
- * decoding whole DiscoveryResponses; here a response costs one pass over its top-level fields
- * (type_url, version_info, nonce, each resource's bytes), and a request is a few bytes written
- * by hand. A resource's content is still decoded with protobufjs, once per distinct bytes per
- * process (as worker.js and fleet.py do).
+ * change is a bench artefact taken from the control plane. A CPU profile of worker.js over the
+ * changes of a 10,000-stream --scale run (GRAYLANE_FLEET_NODE_PROFILE) put about three quarters
+ * of its main thread in JS layers: Node's buffers, streams and events (~26 %), grpc-js (~17 %),
+ * the garbage collector (~14 %), our JS (~13 %) and protobufjs (~4 %), the rest native (nghttp2,
+ * socket writes). Here a response costs one pass over its top-level fields (type_url,
+ * version_info, nonce, each resource's bytes) and a request is a few bytes written by hand; a
+ * resource's content is still decoded with protobufjs, once per distinct bytes per process (as
+ * worker.js and fleet.py do). Measured: about a quarter less CPU per change than worker.js; the
+ * per-frame JS of Node's http2 and the collector remain, so bench/fleet_c/worker.c goes further.
  *
  * Wire behaviour a gRPC server sees: one HTTP/2 connection per `streams_per_channel` clients,
  * POSTs with content-type application/grpc and te: trailers, identity encoding only (the server
