@@ -63,7 +63,10 @@ ROUTE_CONFIG_PREFIX = "graylane/"  # graylane.xds.view.route_config_name(service
 RECONNECT_DELAY = 1.0
 STREAMS_PER_CHANNEL = 10  # HTTP/2 connections are shared by this many streams
 NODE_DIR = pathlib.Path(__file__).resolve().parent / "fleet_node"  # the Node worker and its node_modules
-C_WORKER = pathlib.Path(__file__).resolve().parent / "fleet_c" / "graylane-fleet-c"  # `make fleet-c` builds it
+# `make fleet-c` builds it; GRAYLANE_FLEET_C_BIN runs another build instead (for A/B runs).
+C_WORKER = pathlib.Path(
+    os.environ.get("GRAYLANE_FLEET_C_BIN") or pathlib.Path(__file__).resolve().parent / "fleet_c" / "graylane-fleet-c"
+)
 
 
 @dataclass(frozen=True)
