@@ -5,7 +5,8 @@
 #   make test   runs the whole suite
 # Each creates .venv and installs what it needs (etcd-server, nodejs and npm through apt-get
 # when missing; @grpc/grpc-js-xds from the npm registry into .venv/node; the bench's Node fleet
-# into bench/fleet_node/node_modules).
+# into bench/fleet_node/node_modules; the bench's C fleet built with gcc against Debian's
+# libnghttp2-dev, installed through apt-get when missing).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -58,7 +59,7 @@ node: $(NODE_STAMP)
 # The scale bench's fake ADS clients in Node (bench/fleet_node/worker.js): @grpc/grpc-js and
 # protobufjs, pinned by its package-lock.json, into bench/fleet_node/node_modules (gitignored);
 # Debian's nodejs and npm through apt-get when missing. `make test` needs it for the Node
-# fleet's test, `make bench` for the fleet (bench/run.py --fleet-impl node, the default).
+# fleet's test, `make bench` for `bench/run.py --fleet-impl node` or `h2`.
 FLEET_NODE       := bench/fleet_node
 FLEET_NODE_STAMP := $(FLEET_NODE)/node_modules/.installed
 
@@ -73,7 +74,8 @@ fleet-node: $(FLEET_NODE_STAMP)
 
 # The scale bench's fake ADS clients in C (bench/fleet_c/worker.c, `--fleet-impl c`): gcc and
 # Debian's libnghttp2-dev (apt-get when its header is missing) into bench/fleet_c/graylane-fleet-c
-# (gitignored). `make test` needs it for the fleet's test, `make bench` for the fleet.
+# (gitignored). `make test` needs it for the fleet's test, `make bench` for the fleet (the
+# default --fleet-impl).
 FLEET_C     := bench/fleet_c
 FLEET_C_BIN := $(FLEET_C)/graylane-fleet-c
 

@@ -480,6 +480,11 @@ FLEET_DEFAULT = (1000, 500, 100, 2, 5, 90.0, 240.0)
 FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
 
 
+# The fleet sections' fake clients unless --fleet-impl says otherwise: the C worker costs the
+# fewest of the 2 cores per change (10,000 streams, alternated runs: 430 ms of worker CPU per
+# change against 1,710-1,980 ms for the grpc-js one and 1,760 for the Node http2 one).
+DEFAULT_FLEET = "c"
+
 FLEET_SOURCES = {
     "c": "the C fleet, bench/fleet_c/worker.c (libnghttp2, epoll, gRPC framing and protobuf by hand) driven by "
     "bench/fleet.py",
@@ -521,7 +526,7 @@ async def run_fleet(
     title: str,
     command: str,
     *,
-    fleet_impl: str = "node",
+    fleet_impl: str = DEFAULT_FLEET,
 ) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
     print(f"fleet: {streams} streams over {-(-streams // per_worker)} {fleet_impl} processes", flush=True)
@@ -562,7 +567,7 @@ async def run_replicas(
     *,
     replicas: int,
     api_replica: bool,
-    fleet_impl: str = "node",
+    fleet_impl: str = DEFAULT_FLEET,
 ) -> str:
     streams, per_worker, services, envoys, changes, connect_timeout, budget = size
     tree, load_before, began = _tree(), _load(), datetime.datetime.now(datetime.UTC).strftime("%H:%M")
@@ -663,9 +668,10 @@ async def main() -> int:
     parser.add_argument(
         "--fleet-impl",
         choices=FLEET_IMPLS,
-        default="node",
-        help="the fake ADS clients of the fleet sections: Node (bench/fleet_node, cheaper per message) or "
-        "Python (bench/fleet.py's grpc.aio workers)",
+        default=DEFAULT_FLEET,
+        help="the fake ADS clients of the fleet sections: c (bench/fleet_c, libnghttp2; the cheapest), h2 "
+        "(bench/fleet_node/h2worker.js, Node's core http2), node (bench/fleet_node/worker.js, grpc-js) or "
+        "python (bench/fleet.py's grpc.aio workers)",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
@@ -681,7 +687,7 @@ async def main() -> int:
     if args.per_worker:
         fleet_size = (fleet_size[0], args.per_worker, *fleet_size[2:])
     elif args.fleet_impl in ("c", "h2", "node"):
-        # One Node worker per core: its single thread handles a few thousand streams, and fewer,
+        # One worker per core (C or Node): its single thread handles a few thousand streams, and fewer,
         # busier processes spend less of their CPU on being woken and scheduled (10,000 streams:
         # 1,960 ms of worker CPU per change over 2 processes against 2,570-2,970 over 8).
         per_core = -(-fleet_size[0] // (os.cpu_count() or 1))
@@ -696,7 +702,7 @@ async def main() -> int:
         if args.api_replica:
             title = f"{part}c. Fleet{at_scale} over {args.replicas} replicas and an API replica"
             command += " --api-replica"
-    if args.fleet_impl != "node":
+    if args.fleet_impl != DEFAULT_FLEET:
         command += f" --fleet-impl {args.fleet_impl}"
     if args.render_only:
         section = render_section(bench_render())
