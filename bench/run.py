@@ -481,8 +481,9 @@ FLEET_SCALE = (10_000, 1250, 100, 2, 5, 300.0, 600.0)
 
 
 # The fleet sections' fake clients unless --fleet-impl says otherwise: the C worker costs the
-# fewest of the 2 cores per change (10,000 streams, alternated runs: 430 ms of worker CPU per
-# change against 1,710-1,980 ms for the grpc-js one and 1,760 for the Node http2 one).
+# fewest of the 2 cores per change (--scale, 10,000 streams, alternated runs: 280-340 ms of
+# worker CPU per change, 370-470 without its 2 ms event batching, against 1,710-1,980 ms for
+# the grpc-js worker and 1,140 for the Node http2 one).
 DEFAULT_FLEET = "c"
 
 FLEET_SOURCES = {
