@@ -358,6 +358,20 @@ class _Fleet:
 OWN_SESSIONS = not os.environ.get("GRAYLANE_BENCH_SHARED_SESSION")
 
 
+# GRAYLANE_BENCH_FLEET_NICE=N (0-19): each fleet worker's CPU group (its session's autogroup)
+# gets that nice value, so the fake proxies take the cores the control plane leaves idle, as
+# proxies on other machines would take none of them. Unset: the same weight as any program.
+FLEET_NICE = os.environ.get("GRAYLANE_BENCH_FLEET_NICE", "")
+
+
+def lower_priority(pid: int | str = "self") -> None:
+    """The fleet's FLEET_NICE on `pid`'s autogroup (nothing when unset or not a session leader)."""
+    if not FLEET_NICE or not OWN_SESSIONS:
+        return
+    with contextlib.suppress(OSError):
+        pathlib.Path(f"/proc/{pid}/autogroup").write_text(FLEET_NICE)
+
+
 def _own_session() -> None:
     if OWN_SESSIONS:
         with contextlib.suppress(OSError):
@@ -366,6 +380,7 @@ def _own_session() -> None:
 
 def _worker_main(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> None:
     _own_session()
+    lower_priority()
     asyncio.run(_Fleet(spec).run(conn))
 
 
@@ -486,6 +501,7 @@ class NodeWorker:
             cwd=NODE_DIR,
             start_new_session=OWN_SESSIONS,
         )
+        lower_priority(self.process.pid)
         self._ids = itertools.count()
         self._reader: asyncio.StreamReader | None = None
         self._lock: asyncio.Lock | None = None
@@ -564,6 +580,7 @@ class CWorker(NodeWorker):
         self.process = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=OWN_SESSIONS
         )
+        lower_priority(self.process.pid)
         self._ids = itertools.count()
         self._reader: asyncio.StreamReader | None = None
         self._lock: asyncio.Lock | None = None

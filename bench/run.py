@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/fleet.py, bench/scale.py
 
+import fleet  # noqa: E402
 from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
 from fleet import FLEET_IMPLS, worker_class  # noqa: E402
@@ -495,12 +496,19 @@ FLEET_SOURCES = {
 }
 
 
+def fleet_source(impl: str) -> str:
+    """The fleet as the section headers name it, with its scheduling weight when lowered."""
+    if fleet.FLEET_NICE and fleet.OWN_SESSIONS:
+        return f"{FLEET_SOURCES[impl]}; each worker's CPU group at nice {fleet.FLEET_NICE} (GRAYLANE_BENCH_FLEET_NICE)"
+    return FLEET_SOURCES[impl]
+
+
 def fleet_section(title: str, command: str, rows: list[tuple[str, str]], fleet_impl: str) -> str:
     return "\n".join(
         [
             f"## {title}",
             "",
-            f"`{command}`: fake ADS clients in worker processes ({FLEET_SOURCES[fleet_impl]}; 10 streams per "
+            f"`{command}`: fake ADS clients in worker processes ({fleet_source(fleet_impl)}; 10 streams per "
             "HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
             "wall-clock instant it first sees the lane's weight), 2 real Envoys (one SotW, one delta), "
             "one control plane in the bench process with embedded etcd, loopback. The machine is "
@@ -603,7 +611,7 @@ async def run_replicas(
             "",
             f"`{command}` at {tree}, {datetime.date.today()} {began}-"
             f"{datetime.datetime.now(datetime.UTC).strftime('%H:%M')} UTC (load average {load_before} -> {_load()}), "
-            f"2 cores: fake ADS clients in worker processes ({FLEET_SOURCES[fleet_impl]}; "
+            f"2 cores: fake ADS clients in worker processes ({fleet_source(fleet_impl)}; "
             "10 streams per HTTP/2 connection; SotW, every 4th delta; each ACKs every response and records the "
             "wall-clock instant it first sees the lane's weight), "
             f"{envoys} real Envoys (one SotW, one delta), {layout}. Event-loop lag from each replica's /metrics "
