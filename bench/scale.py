@@ -279,6 +279,46 @@ class StallSampler:
         return self.samples.most_common(n)
 
 
+class FactsReads:
+    """Each call of the convergence pass's read of changed streams (`_OwnProxies.refresh`):
+    the loop thread's CPU of each, while installed (with GRAYLANE_BENCH_STALLS)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, bool]] = []  # (CPU ms, stopped short: streams left for the next slice)
+        self._saved: Any = None
+
+    def __enter__(self) -> FactsReads:
+        from graylane.controlplane.reconcile import convergence
+
+        cls = convergence._OwnProxies
+        self._saved = refresh = cls.refresh
+        calls = self.calls
+
+        def timed(this: Any, **kwargs: Any) -> Any:
+            c0 = time.thread_time()
+            seq0 = this._seq
+            out = refresh(this, **kwargs)
+            if seq0 != this._seq or not kwargs.get("take_new", True):  # it read something
+                calls.append(((time.thread_time() - c0) * 1000, bool(this.behind)))
+            return out
+
+        cls.refresh = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from graylane.controlplane.reconcile import convergence
+
+        convergence._OwnProxies.refresh = self._saved
+
+    def describe(self) -> str:
+        cpu = [c for c, _ in self.calls]
+        sliced = sum(1 for _, short in self.calls if short)
+        return (
+            f"convergence facts reads: {len(cpu):,} calls, CPU p50 {pct(cpu, 0.5):.2f} / p99 {pct(cpu, 0.99):.1f} / "
+            f"max {max(cpu, default=0):.1f} ms; {sliced:,} stopped short (slice)"
+        )
+
+
 class ApiTrace:
     """Where a GetRelease waits (GRAYLANE_BENCH_API_TRACE): server-side instants of each
     prober call, matched to the prober's send / receive instants by its call index.
@@ -578,6 +618,15 @@ async def bench_fleet(
             stack.callback(defaults.__setitem__, "send_slots", defaults["send_slots"])
             defaults["send_slots"] = int(os.environ["GRAYLANE_BENCH_SEND_SLOTS"])
             res.notes.append(f"GRAYLANE_BENCH_SEND_SLOTS: {defaults['send_slots']} streams push at once")
+        if os.environ.get("GRAYLANE_BENCH_FACTS_SLICE"):
+            # Experiment: how long of the loop a convergence pass reads changed streams at a
+            # time (inf: all of them in one step, as before the slices).
+            from graylane.controlplane.reconcile import convergence
+
+            stack.callback(setattr, convergence, "_FACTS_SLICE_SECONDS", convergence._FACTS_SLICE_SECONDS)
+            convergence._FACTS_SLICE_SECONDS = float(os.environ["GRAYLANE_BENCH_FACTS_SLICE"])
+            res.notes.append(f"GRAYLANE_BENCH_FACTS_SLICE: {convergence._FACTS_SLICE_SECONDS} s per slice of streams")
+        facts_reads = stack.enter_context(FactsReads()) if os.environ.get("GRAYLANE_BENCH_STALLS") else None
         trace = None
         if os.environ.get("GRAYLANE_BENCH_API_TRACE"):
             trace = ApiTrace()  # before the API's servicer is made
@@ -837,6 +886,8 @@ async def bench_fleet(
                 print("  loop held > 40 ms during connect+changes, samples (10 ms apart):", flush=True)
                 for where, count in sampler.top(12):
                     print(f"    {count:5d}  {where}", flush=True)
+            if facts_reads is not None:
+                print("  " + facts_reads.describe(), flush=True)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])
