@@ -491,7 +491,7 @@ class _OwnProxies:
         moved = False
         nacked = []
         for i in range(start, len(left)):
-            if (i - start) % _CLOCK_EVERY == _CLOCK_EVERY - 1 and time.perf_counter() > until:
+            if i > start and (i - start) % _CLOCK_EVERY == 0 and time.perf_counter() > until:  # (one read at least)
                 end = i
                 break
             stream = left[i]
