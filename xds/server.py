@@ -860,6 +860,10 @@ class _Stream(Generic[Req, Resp]):
         self.admit: Callable[[base_pb2.Node], Admitted] | None = None
         # Set by the server: the process-wide bound on streams sending at once (`_SendSlots`).
         self.send_slots: _SendSlots | None = None
+        # The loop is awaiting a write (a proxy that stopped reading holds it until its flow
+        # control window opens), and a slot granted meanwhile was passed on (`_granted`).
+        self._writing = False
+        self._ask_again = False
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -894,11 +898,17 @@ class _Stream(Generic[Req, Resp]):
                         responses = self.push() if self._needs_push() else []
                     if responses and token < 0 and self.send_slots is not None:
                         token = await self.send_slots.take()
+                    self._writing = True
                     for response in responses:
                         await send(response)
                 finally:
+                    self._writing = False
                     if token >= 0 and self.send_slots is not None:
                         self.send_slots.give_back(token)
+                    if self._ask_again and not self._stopped and self.send_slots is not None:
+                        # A change came while this stream was still writing: its push now.
+                        self._ask_again = False
+                        self.send_slots.reserve(self._granted)
         finally:
             # Release the stream before anything can suspend this task: a second
             # cancellation (the client going away while the reader is awaited) must not
@@ -950,6 +960,14 @@ class _Stream(Generic[Req, Resp]):
 
     def _granted(self, token: int) -> bool:
         if self._stopped:
+            return False
+        if self._writing:
+            # Still writing an earlier push: a proxy that stopped reading holds that write,
+            # and its slot only until `SEND_SLOT_HOLD`; it must not take another slot on
+            # every change, each held for as long, out of the fan-out's few. The slot goes
+            # on to the next stream now, and this one asks again once its write completes
+            # (the change stays noted: later ones fold into that push).
+            self._ask_again = True
             return False
         self._events.put_nowait(_Granted(token))
         return True
