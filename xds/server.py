@@ -115,10 +115,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 # At most this many streams push at once (`_SendSlots`): enough to keep gRPC's writer
-# busy, few enough that another call's events queue behind little. Measured at 10,000
-# streams (`GRAYLANE_BENCH_SEND_SLOTS=N bench/run.py --scale`, shared machine): the API's
-# GetRelease during the changes p99 3.3-4.1 s unbounded, 400-670 ms with 256, 185-281 ms with 64.
-SEND_SLOTS = 64
+# busy, few enough that another call's events queue behind little. A change keeps the loop
+# busy from start to end either way; the bound sets how many streams' writes, ACKs and
+# next pushes land in one loop pass, and so how long each of an API call's 4-5 trips
+# through the loop waits. Measured at 10,000 streams (`GRAYLANE_BENCH_SEND_SLOTS=N
+# bench/run.py --scale`, shared machine): the API's GetRelease during the changes p99
+# 3.3-4.1 s unbounded, 400-670 ms with 256, 185-281 ms with 64; alternated runs on
+# 2026-12-02 (load 2-7): 64 (4 runs) API p50 43-63 / p99 136-206 ms, change p99
+# 3.2-3.9 s, 3.6-4.1 s of CPU per change, the loop's longest pass 31-44 ms of its CPU;
+# 16 (3 runs) 18-22 / 82-107 ms, 2.6-3.1 s, 3.0-3.5 s, 17-29 ms; 32 and 8 in between
+# and beside (8: API p99 69 ms, change p99 3.3 s, one run).
+SEND_SLOTS = 16
 SEND_SLOT_HOLD = 1.0  # seconds a stuck write may hold a slot
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
