@@ -279,6 +279,121 @@ class StallSampler:
         return self.samples.most_common(n)
 
 
+class LongHandles:
+    """The loop's longest single steps (GRAYLANE_BENCH_HANDLES): each callback or task step
+    the loop runs (asyncio's Handle._run) timed in the loop thread's CPU, the longest kept
+    with what ran. Tells one long step from a pass of many short ones (the lag probe sees
+    both as a late wake). Costs a few us per step while installed."""
+
+    def __init__(self, keep: int = 10, over_ms: float = 5.0) -> None:
+        self.keep = keep
+        self.over_ms = over_ms
+        self.longest: list[tuple[float, float, str]] = []  # (CPU ms, wall ms, what), longest first
+        self.count = 0
+        self.over = 0  # steps over `over_ms` of CPU
+        self._saved: Any = None
+
+    def __enter__(self) -> LongHandles:
+        from asyncio import events
+
+        self._saved = run = events.Handle._run
+        me = self
+
+        def timed(handle: Any) -> None:
+            task = getattr(handle._callback, "__self__", None)
+            # Where a task resumes is known only before its step (cheap: a few attribute reads).
+            before = _where(task) if isinstance(task, asyncio.Task) else ""
+            c0, t0 = time.thread_time(), time.perf_counter()
+            try:
+                run(handle)
+            finally:
+                cpu = (time.thread_time() - c0) * 1000
+                me.count += 1
+                if cpu > me.over_ms:
+                    me.over += 1
+                    if len(me.longest) < me.keep or cpu > me.longest[-1][0]:
+                        what = _describe_callback(handle._callback, before)
+                        me.longest.append((cpu, (time.perf_counter() - t0) * 1000, what))
+                        me.longest.sort(key=lambda x: -x[0])
+                        del me.longest[me.keep :]
+
+        events.Handle._run = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from asyncio import events
+
+        events.Handle._run = self._saved  # type: ignore[method-assign]
+
+    def describe(self) -> list[str]:
+        out = [f"loop steps: {self.count:,}, over {self.over_ms:g} ms of CPU: {self.over:,}; longest (CPU / wall ms):"]
+        out += [f"    {cpu:6.1f} / {wall:6.1f}  {what}" for cpu, wall, what in self.longest]
+        return out
+
+
+def _describe_callback(callback: Any, before: str = "") -> str:
+    """A task step as its innermost coroutine frames where it resumed (`before`) and where it
+    stopped next, else the callback's name."""
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        return f"task {task.get_coro().__qualname__}: {before} -> {_where(task)}"
+    return getattr(callback, "__qualname__", repr(callback))
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """The innermost frame outside asyncio the task's coroutine chain is suspended in."""
+    coro: Any = task.get_coro()
+    where = "done"
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        if "/asyncio/" not in frame.f_code.co_filename:  # asyncio's own frames say nothing
+            where = f"{pathlib.Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return where
+
+
+class FactsReads:
+    """Each call of the convergence pass's read of changed streams (`_OwnProxies.refresh`):
+    the loop thread's CPU of each, while installed (with GRAYLANE_BENCH_STALLS)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, bool]] = []  # (CPU ms, stopped short: streams left for the next slice)
+        self._saved: Any = None
+
+    def __enter__(self) -> FactsReads:
+        from graylane.controlplane.reconcile import convergence
+
+        cls = convergence._OwnProxies
+        self._saved = refresh = cls.refresh
+        calls = self.calls
+
+        def timed(this: Any, **kwargs: Any) -> Any:
+            c0 = time.thread_time()
+            seq0 = this._seq
+            out = refresh(this, **kwargs)
+            if seq0 != this._seq or not kwargs.get("take_new", True):  # it read something
+                calls.append(((time.thread_time() - c0) * 1000, bool(this.behind)))
+            return out
+
+        cls.refresh = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from graylane.controlplane.reconcile import convergence
+
+        convergence._OwnProxies.refresh = self._saved
+
+    def describe(self) -> str:
+        cpu = [c for c, _ in self.calls]
+        sliced = sum(1 for _, short in self.calls if short)
+        return (
+            f"convergence facts reads: {len(cpu):,} calls, CPU p50 {pct(cpu, 0.5):.2f} / p99 {pct(cpu, 0.99):.1f} / "
+            f"max {max(cpu, default=0):.1f} ms; {sliced:,} stopped short (slice)"
+        )
+
+
 class ApiTrace:
     """Where a GetRelease waits (GRAYLANE_BENCH_API_TRACE): server-side instants of each
     prober call, matched to the prober's send / receive instants by its call index.
@@ -578,6 +693,16 @@ async def bench_fleet(
             stack.callback(defaults.__setitem__, "send_slots", defaults["send_slots"])
             defaults["send_slots"] = int(os.environ["GRAYLANE_BENCH_SEND_SLOTS"])
             res.notes.append(f"GRAYLANE_BENCH_SEND_SLOTS: {defaults['send_slots']} streams push at once")
+        if os.environ.get("GRAYLANE_BENCH_FACTS_SLICE"):
+            # Experiment: how long of the loop a convergence pass reads changed streams at a
+            # time (inf: all of them in one step, as before the slices).
+            from graylane.controlplane.reconcile import convergence
+
+            stack.callback(setattr, convergence, "_FACTS_SLICE_SECONDS", convergence._FACTS_SLICE_SECONDS)
+            convergence._FACTS_SLICE_SECONDS = float(os.environ["GRAYLANE_BENCH_FACTS_SLICE"])
+            res.notes.append(f"GRAYLANE_BENCH_FACTS_SLICE: {convergence._FACTS_SLICE_SECONDS} s per slice of streams")
+        facts_reads = stack.enter_context(FactsReads()) if os.environ.get("GRAYLANE_BENCH_STALLS") else None
+        long_handles = stack.enter_context(LongHandles()) if os.environ.get("GRAYLANE_BENCH_HANDLES") else None
         trace = None
         if os.environ.get("GRAYLANE_BENCH_API_TRACE"):
             trace = ApiTrace()  # before the API's servicer is made
@@ -837,6 +962,10 @@ async def bench_fleet(
                 print("  loop held > 40 ms during connect+changes, samples (10 ms apart):", flush=True)
                 for where, count in sampler.top(12):
                     print(f"    {count:5d}  {where}", flush=True)
+            if facts_reads is not None:
+                print("  " + facts_reads.describe(), flush=True)
+            if long_handles is not None:
+                print("\n".join("  " + line for line in long_handles.describe()), flush=True)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(os.environ["GRAYLANE_BENCH_PROFILE"])

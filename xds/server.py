@@ -115,10 +115,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 # At most this many streams push at once (`_SendSlots`): enough to keep gRPC's writer
-# busy, few enough that another call's events queue behind little. Measured at 10,000
-# streams (`GRAYLANE_BENCH_SEND_SLOTS=N bench/run.py --scale`, shared machine): the API's
-# GetRelease during the changes p99 3.3-4.1 s unbounded, 400-670 ms with 256, 185-281 ms with 64.
-SEND_SLOTS = 64
+# busy, few enough that another call's events queue behind little. A change keeps the loop
+# busy from start to end either way; the bound sets how many streams' writes, ACKs and
+# next pushes land in one loop pass, and so how long each of an API call's 4-5 trips
+# through the loop waits. Measured at 10,000 streams (`GRAYLANE_BENCH_SEND_SLOTS=N
+# bench/run.py --scale`, shared machine): the API's GetRelease during the changes p99
+# 3.3-4.1 s unbounded, 400-670 ms with 256, 185-281 ms with 64; alternated runs on
+# 2026-12-02 (load 2-7): 64 (4 runs) API p50 43-63 / p99 136-206 ms, change p99
+# 3.2-3.9 s, 3.6-4.1 s of CPU per change, the loop's longest pass 31-44 ms of its CPU;
+# 16 (3 runs) 18-22 / 82-107 ms, 2.6-3.1 s, 3.0-3.5 s, 17-29 ms; 32 and 8 in between
+# and beside (8: API p99 69 ms, change p99 3.3 s, one run).
+SEND_SLOTS = 16
 SEND_SLOT_HOLD = 1.0  # seconds a stuck write may hold a slot
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
@@ -860,6 +867,10 @@ class _Stream(Generic[Req, Resp]):
         self.admit: Callable[[base_pb2.Node], Admitted] | None = None
         # Set by the server: the process-wide bound on streams sending at once (`_SendSlots`).
         self.send_slots: _SendSlots | None = None
+        # The loop is awaiting a write (a proxy that stopped reading holds it until its flow
+        # control window opens), and a slot granted meanwhile was passed on (`_granted`).
+        self._writing = False
+        self._ask_again = False
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -894,11 +905,17 @@ class _Stream(Generic[Req, Resp]):
                         responses = self.push() if self._needs_push() else []
                     if responses and token < 0 and self.send_slots is not None:
                         token = await self.send_slots.take()
+                    self._writing = True
                     for response in responses:
                         await send(response)
                 finally:
+                    self._writing = False
                     if token >= 0 and self.send_slots is not None:
                         self.send_slots.give_back(token)
+                    if self._ask_again and not self._stopped and self.send_slots is not None:
+                        # A change came while this stream was still writing: its push now.
+                        self._ask_again = False
+                        self.send_slots.reserve(self._granted)
         finally:
             # Release the stream before anything can suspend this task: a second
             # cancellation (the client going away while the reader is awaited) must not
@@ -950,6 +967,14 @@ class _Stream(Generic[Req, Resp]):
 
     def _granted(self, token: int) -> bool:
         if self._stopped:
+            return False
+        if self._writing:
+            # Still writing an earlier push: a proxy that stopped reading holds that write,
+            # and its slot only until `SEND_SLOT_HOLD`; it must not take another slot on
+            # every change, each held for as long, out of the fan-out's few. The slot goes
+            # on to the next stream now, and this one asks again once its write completes
+            # (the change stays noted: later ones fold into that push).
+            self._ask_again = True
             return False
         self._events.put_nowait(_Granted(token))
         return True

@@ -266,6 +266,13 @@ class ProxyTracker:
         record = self._proxies.get(stream)
         return record.last_nack if record is not None else None
 
+    def connections(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """(node id, metadata) of every open stream, in the order they connected, without
+        building their statuses: after a fan-out every stream's status is stale, and
+        `proxies()` then builds 10,000 of them (~40 ms of the loop) for a reader that wants
+        only who is connected."""
+        return [(record.node_id, record.metadata) for record in self._proxies.values()]
+
     def open_streams(self) -> int:
         """How many streams are open now (without building their statuses)."""
         return len(self._proxies)

@@ -72,10 +72,10 @@ def admin_addresses(tracker: ProxyTracker) -> Mapping[str, str]:
     if cached is not None and cached[0] == tracker.membership:
         return cached[1]
     found: dict[str, str] = {}
-    for proxy in sorted(tracker.proxies().values(), key=lambda p: p.connected_at):
-        address = proxy.metadata.get(ADMIN_METADATA)
+    for node_id, metadata in tracker.connections():  # oldest first
+        address = metadata.get(ADMIN_METADATA)
         if isinstance(address, str) and address:
-            name = proxy.node_id if found.get(proxy.node_id, address) == address else f"{proxy.node_id}@{address}"
+            name = node_id if found.get(node_id, address) == address else f"{node_id}@{address}"
             found[name] = address
     result = MappingProxyType(found)
     _admin_cache[tracker] = (tracker.membership, result)

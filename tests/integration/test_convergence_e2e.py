@@ -19,7 +19,7 @@ from graylane.deploy.local.upstream import Upstream
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
 from graylane.v1 import release_service_pb2_grpc as api_grpc
-from graylane.xds.resources import PUSH_ORDER
+from graylane.xds.resources import PUSH_ORDER, ROUTE
 
 from tests.integration.conftest import (
     STRICT_RUNTIME,
@@ -314,3 +314,37 @@ async def test_a_proxy_joining_rewrites_every_count_over_several_passes_and_lose
         # reached already): one per pass, over several passes.
         assert max(written_per_pass) == 1, written_per_pass
         assert sum(written_per_pass) >= len(names), written_per_pass
+
+
+async def test_a_pass_reading_one_stream_per_slice_counts_every_proxy(
+    store: EtcdStore, envoy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads the changed streams a slice at a time, the loop running between slices
+    (convergence._FACTS_SLICE_SECONDS); with every slice one stream long, the counts are
+    still exact: `reached` only once all three Envoys ACKed each batch, three converged."""
+    monkeypatch.setattr(convergence, "_FACTS_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(convergence, "_CLOCK_EVERY", 1)
+    async with contextlib.AsyncExitStack() as es:
+        plane, stub, _ = await serving_replica(es, store, "checkout")
+        for i in range(3):
+            await envoy(ads_port=plane.xds_port, node_id=f"sliced-{i}")
+        passes = plane.dataplane._convergence
+        refresh = passes._own.refresh
+        reads: list[bool] = []
+
+        def counted_refresh(**kwargs: Any) -> Any:
+            out = refresh(**kwargs)
+            reads.append(passes._own.behind)
+            return out
+
+        monkeypatch.setattr(passes._own, "refresh", counted_refresh)
+        await stub.ApplyRelease(api.ApplyReleaseRequest(name="rel", spec=lane_spec("checkout", "lane")))
+        for batch in range(3):
+            await stub.NextBatch(api.ActionRequest(name="rel"))
+            done = await poll_release(stub, "rel", lambda r, b=batch: r.status.batch == b and r.status.reached)
+            assert done.status.convergence.proxies == 3
+            assert done.status.convergence.converged == 3
+            for proxy in plane.tracker.proxies().values():  # `reached` means every proxy has it
+                snap = plane.cache.snapshot(proxy.key)
+                assert snap is not None and proxy.acked[ROUTE].version == snap[ROUTE].version
+        assert any(reads), "no pass read its streams over several slices"

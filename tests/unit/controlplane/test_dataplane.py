@@ -135,6 +135,52 @@ def test_incremental_facts_count_what_a_full_recount_counts(seed: int, monkeypat
     assert checks > 100
 
 
+def _facts_of(own: convergence._OwnProxies) -> dict[str, tuple[str, str, float, str, str]]:
+    return {s: (v, f.name, f.since, f.problem, node) for s, (v, f, node, _) in own._proxies.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_facts_read_in_slices_with_changes_between_them_end_as_one_read(seed: int) -> None:
+    """A refresh that runs out of time leaves the rest for the next call (take_new=False
+    reads only those, and a call that takes new changes keeps them); whatever changes
+    between the slices, the facts then end as a refresh in one go finds them."""
+    rng = random.Random(seed)
+    tracker = ProxyTracker()
+    own = convergence._OwnProxies(tracker)
+    streams: list[str] = []
+
+    def change() -> None:
+        roll = rng.random()
+        if roll < 0.1 or not streams:
+            stream = tr.new_stream_id(f"node-{rng.randrange(500)}")
+            tracker.connected(base_pb2.Node(id=stream.partition("#")[0]), stream=stream, key="k", protocol="sotw")
+            streams.append(stream)
+        elif roll < 0.15:
+            tracker.disconnected(streams.pop(rng.randrange(len(streams))))
+        elif roll < 0.2:
+            tracker.nacked(rng.choice(streams), Nack(ROUTE, "v9", "1", f"bad {rng.randrange(3)}", 0.0))
+        else:
+            tracker.acked(rng.choice(streams), ROUTE, TypeAck(f"v{rng.randrange(3)}"))
+
+    slices = 0
+    for _ in range(20):
+        for _ in range(rng.randrange(50, 600)):
+            change()
+        own.refresh(until=0.0)  # the clock is past: one slice of streams, the rest left
+        while own.behind:
+            slices += 1
+            for _ in range(rng.randrange(20)):
+                change()
+            # (a new pass may take in what changed since before the last one read all)
+            own.refresh(until=0.0, take_new=rng.random() < 0.2)
+        own.refresh()
+        fresh = convergence._OwnProxies(tracker)
+        fresh.refresh()
+        assert _facts_of(own) == _facts_of(fresh)
+        assert {v: len(g) for v, g in own._groups.items()} == {v: len(g) for v, g in fresh._groups.items()}
+    assert slices > 20  # most refreshes did stop short
+
+
 @pytest.mark.parametrize("population", [60, 400])  # fewer members than it keeps first, and more
 def test_a_proxy_group_keeps_its_summary_as_members_come_and_go(population: int) -> None:
     rng = random.Random(3)

@@ -8,12 +8,13 @@ must be what a full reading would have found.
 * both: an ACK of a stream the last push settled on the target is not planned again (a
   full push then sends nothing), and an ACK that may release held routes is.
 * a change's pushes wait in line for a send slot unwoken, and a slot granted to a stream
-  that ended goes on to the next one.
+  that ended, or that is still writing an earlier push, goes on to the next one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -423,3 +424,62 @@ async def test_a_slot_granted_to_a_stream_that_ended_goes_to_the_next_in_line() 
     (granted,) = streams[2]._events._items  # the slot skipped the ended stream
     slots.give_back(granted.token)
     assert not slots._waiters and slots._free == 1
+
+
+async def test_a_stream_still_writing_passes_its_grant_on_and_pushes_once_the_write_completes() -> None:
+    """A proxy that stopped reading holds a write (flow control), and its slot until `hold`.
+    On a later change the slot it is granted goes on at once to the next stream in line
+    instead of being held for as long again; once its write completes it asks again and
+    pushes what changed meanwhile."""
+    cache = SnapshotCache()
+    cache.set_snapshot("k", _snapshot(2))
+    slots = _SendSlots(1, hold=0.05)
+    stuck: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    sent: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    async def send_a(body: bytes) -> None:
+        sent["a"].append(body)
+        if len(sent["a"]) == 2:  # the proxy stops reading: its second write never completes until set
+            await stuck
+
+    async def send_b(body: bytes) -> None:
+        sent["b"].append(body)
+
+    async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        yield discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+        await asyncio.Event().wait()
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not done():
+                await asyncio.sleep(0.001)
+
+    a = _open(_SotwStream(cache, ProxyTracker()), "a")
+    b = _open(_SotwStream(cache, ProxyTracker()), "b")
+    a.send_slots = b.send_slots = slots
+    tasks = [asyncio.create_task(a.run(requests(), send_a)), asyncio.create_task(b.run(requests(), send_b))]
+    try:
+        await until(lambda: len(sent["a"]) == 1 and len(sent["b"]) == 1)
+        cache.set_snapshot("k", _snapshot(3))
+        a._on_snapshot()  # a takes the one slot and its write sticks
+        await until(lambda: len(sent["a"]) == 2)
+        b._on_snapshot()  # waits in line until a's slot is forgotten (`hold`)
+        await until(lambda: len(sent["b"]) == 2)
+        cache.set_snapshot("k", _snapshot(4))
+        a._on_snapshot()
+        b._on_snapshot()
+        # a, still writing, passed the slot on at once: b holds it, a holds none.
+        assert [type(e).__name__ for e in b._events._items] == ["_Granted"]
+        assert not a._events._items
+        await until(lambda: len(sent["b"]) == 3)
+        assert not slots._held
+        stuck.set_result(None)  # the proxy reads again: a's write completes, and a pushes the latest
+        await until(lambda: len(sent["a"]) == 3)
+        latest = discovery_pb2.DiscoveryResponse.FromString(sent["a"][2])
+        assert latest.version_info == cache.snapshot("k")[CLUSTER].version
+        await until(lambda: not slots._held)
+        assert slots._free == 1 and not slots._waiters
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

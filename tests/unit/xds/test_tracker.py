@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from graylane.xds import tracker as tr
 from graylane.xds.tracker import Nack, ProxyTracker, Push, TypeAck
@@ -78,3 +79,25 @@ def test_replaying_changed_since_gives_the_same_state_as_reading_everything() ->
             seq = t.seq
             full = {s: (p.acked[ROUTE].version if ROUTE in p.acked else "") for s, p in t.proxies().items()}
             assert mirror == full
+
+
+def test_connections_are_the_open_streams_oldest_first_as_proxies_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(3)
+    t = ProxyTracker()
+    clock = [100.0]
+    monkeypatch.setattr(tr, "now", lambda: clock[0])
+    open_streams: list[str] = []
+    for i in range(400):
+        clock[0] += rng.random()
+        if rng.random() < 0.3 and open_streams:
+            t.disconnected(open_streams.pop(rng.randrange(len(open_streams))))
+            continue
+        stream = tr.new_stream_id(f"n{rng.randrange(60)}")  # node ids repeat: several streams each
+        node = base_pb2.Node(id=stream.partition("#")[0])
+        node.metadata.update({"i": i})
+        t.connected(node, stream=stream, key="k", protocol=tr.SOTW)
+        open_streams.append(stream)
+        t.acked(stream, ROUTE, TypeAck(f"v{i}"))
+        if i % 7 == 0:
+            ordered = sorted(t.proxies().values(), key=lambda p: p.connected_at)
+            assert t.connections() == [(p.node_id, p.metadata) for p in ordered]
