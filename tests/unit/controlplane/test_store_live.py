@@ -142,3 +142,52 @@ def test_an_own_write_behind_other_changes_waits_for_the_watch() -> None:
     assert set(state.apply([_put("services/b", _service("b"), 5)])) == {"services"}
     changed = state.apply([_put("services/a", _service("a", "v3"), 6)])
     assert set(changed["services"]) == {"a"} and state.revision == 6
+
+
+def _release(name: str, batch: int) -> bytes:
+    from dataclasses import replace
+
+    from tests.unit.controlplane.conftest import canary_release
+
+    return _dump(model.release_to_proto(replace(canary_release(batch=batch), name=name)))
+
+
+def test_replaced_releases_are_patched_into_the_part_as_a_fresh_read_would_hold_them() -> None:
+    """A release's new value (a NextBatch, a status write) is put in its place in the next
+    snapshot instead of the whole releases' part being made again; adds, deletes and a key
+    whose value names another release still remake it. Each snapshot must equal a fresh
+    read of the same keys, and earlier snapshots stay as they were."""
+    state = LiveState(PREFIX, revision=1)
+    state.load([_kv(f"releases/r{i}", _release(f"r{i}", 0), 1) for i in range(5)])
+    kept: dict[str, tuple[str, bytes, int]] = {f"r{i}": (f"releases/r{i}", _release(f"r{i}", 0), 1) for i in range(5)}
+    seen = []
+    steps: list[list[kv_pb2.Event]] = [
+        [_put("releases/r2", _release("r2", 1), 2)],
+        [_put("releases/r0", _release("r0", 1), 3), _put("releases/r4", _release("r4", 1), 3)],
+        [_put("releases/r2", _release("r2", 2), 4)],
+        [_put("releases/r10", _release("r10", 0), 5)],  # an added key: remade
+        [_put("releases/r3", _release("r3", 2), 6)],
+        [_delete("releases/r1", 7)],
+        [_put("releases/r3", _release("other", 2), 8)],  # names another release: remade
+        [_put("releases/r4", _release("r4", 2), 9), _put("releases/r0", _release("r0", 2), 9)],
+    ]
+    for events in steps:
+        state.apply(events)
+        for ev in events:
+            name = ev.kv.key.decode()[len(PREFIX) :].split("/", 1)[1]
+            if ev.type == kv_pb2.Event.DELETE:
+                kept.pop(name)
+            else:
+                kept[name] = (f"releases/{name}", ev.kv.value, ev.kv.mod_revision)
+        snap = state.snapshot()
+        fresh = LiveState(PREFIX, revision=snap.revision)
+        fresh.load([_kv(key, value, rev) for key, value, rev in kept.values()])
+        want = fresh.snapshot()
+        assert snap.releases == want.releases
+        assert snap.by_name == want.by_name
+        assert all(snap.by_name[r.name] is r for r in snap.releases if r.name != "other")
+        seen.append((snap, [(r.name, r.status.batch) for r in snap.releases]))
+    for snap, names in seen:  # an earlier snapshot is never written to
+        assert [(r.name, r.status.batch) for r in snap.releases] == names
+    unchanged = state.snapshot()
+    assert state.snapshot() is unchanged
