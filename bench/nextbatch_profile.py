@@ -77,6 +77,8 @@ LOG: list[tuple[float, float, str, str]] = []  # (start, end, stage, thread)
 # Release writes during the steps: revision -> (issued, answer back on the loop), and when
 # the store follower applied each revision from its watch: which comes first?
 WRITES: dict[int, tuple[float, float]] = {}
+WRITE_VARIANT: dict[int, str] = {}  # revision -> the variant of the step that wrote it
+VARIANT = ["as is"]  # the variant of the step under way
 APPLIED: dict[int, float] = {}
 
 
@@ -203,6 +205,7 @@ def instrument() -> None:
         t0 = time.perf_counter()
         written = await update_release(self, release, events, **kwargs)
         WRITES[written.revision] = (t0, time.perf_counter())
+        WRITE_VARIANT[written.revision] = VARIANT[0]
         return written
 
     _etcd.EtcdStore.update_release = update_release_noted  # type: ignore[method-assign]
@@ -330,6 +333,18 @@ def _variants(store: Any) -> list[tuple[str, Callable[[], None], Callable[[], No
     return [("as is", lambda: None, restore)] + [(n, known[n], restore) for n in names]
 
 
+def run_queue_wait_ms(pid: int | None, tid: int | None = None) -> float:
+    """Milliseconds the threads of process `pid` (or its thread `tid`) have waited on a run
+    queue so far, runnable but without a core (/proc/.../schedstat): what a shared machine
+    adds to every step besides this code's own work."""
+    tasks = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
+    total = 0
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(pathlib.Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+    return total / 1e6
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU seconds of a process so far (/proc/PID/stat)."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -389,8 +404,16 @@ def report(
 ) -> str:
     races = [WRITES[r] for r in race_revisions]
     lines = [f"=== NextBatch at 1,000 services / releases ({sb.LIVE} live), {envoys} Envoy(s), {len(steps)} steps ==="]
-    for key in (k for k in marks[0] if k not in ("t0", "cpu")):
+    for key in (k for k in marks[0] if k not in ("t0", "cpu") and not k.startswith("wait")):
         lines.append(f"  {key:58s} at {statistics.median(m[key] for m in marks):8.2f} ms")
+    lines.append(
+        "  run-queue wait per step (runnable, no core; ms, median / max): "
+        + "; ".join(
+            f"{k[5:]} {statistics.median(m[k] for m in marks):.2f} / {max(m[k] for m in marks):.2f}"
+            for k in marks[0]
+            if k.startswith("wait")
+        )
+    )
     if variants and len(variants) > 1:
         lines.append("  per variant (alternated step by step), median ms [CPU of this process per step, median ms]:")
         for k, variant in enumerate(variants):
@@ -400,9 +423,12 @@ def report(
             cells = [
                 f"{key.split(' (')[0]} {statistics.median(m[key] for m in mine):.2f}"
                 for key in mine[0]
-                if key not in ("t0", "cpu")
+                if key not in ("t0", "cpu") and not key.startswith("wait")
             ]
             cpu = statistics.median(m["cpu"] for m in mine)
+            answers = [(WRITES[r][1] - WRITES[r][0]) * 1000 for r in race_revisions if WRITE_VARIANT.get(r) == variant]
+            if answers:
+                cells.append(f"release write answered p50 {statistics.median(answers):.2f}")
             lines.append(f"    {variant:10s} ({len(mine)} steps): " + "; ".join(cells) + f" [{cpu:.2f}]")
     stages = {stage for step in steps for stage in step}
     ordered = sorted(stages, key=lambda s: statistics.median(step[s][0][0] for step in steps if s in step))
@@ -512,9 +538,15 @@ async def main(envoys: int, count: int) -> str:
             LOG.clear()
             earlier = set(WRITES)
             cpu0 = time.process_time()
+            waits0 = [run_queue_wait_ms(os.getpid(), threading.get_native_id()), run_queue_wait_ms(etcd.pid)]
+            waits0 += [run_queue_wait_ms(e.pid) for e in fleet]
+            VARIANT[0] = variant[0]
             if profiler is not None:
                 profiler.enable()
             out = await client.ask(f"next {name}")
+            # (from the call to `reached` seen both ways: the path itself, not the settling after it)
+            waits = [run_queue_wait_ms(os.getpid(), threading.get_native_id()), run_queue_wait_ms(etcd.pid)]
+            waits = [a - b for a, b in zip(waits + [run_queue_wait_ms(e.pid) for e in fleet], waits0, strict=True)]
             await dp.wait_current(timeout=30)
             if profiler is not None:
                 profiler.disable()
@@ -538,6 +570,9 @@ async def main(envoys: int, count: int) -> str:
                     "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
                     "t0": t0,
                     "cpu": cpu,
+                    "wait loop": waits[0],
+                    "wait etcd": waits[1],
+                    "wait envoys": sum(waits[2:]),
                 }
             )
         if traced:
