@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from etcd3.etcdrpc import kv_pb2
 from graylane.controlplane.domain import model
@@ -191,3 +192,48 @@ def test_replaced_releases_are_patched_into_the_part_as_a_fresh_read_would_hold_
         assert [(r.name, r.status.batch) for r in snap.releases] == names
     unchanged = state.snapshot()
     assert state.snapshot() is unchanged
+
+
+def test_a_release_this_process_wrote_decodes_as_a_parse_would_without_parsing(monkeypatch: object) -> None:
+    """`_releases.encode` remembers the message behind the bytes it stores: the watch's (or
+    the answer's) copy of that value is decoded from it, equal to a parse of the JSON."""
+    from dataclasses import replace
+
+    import pytest
+    from graylane.controlplane.domain.machine import Action, Cause, transition
+    from graylane.controlplane.store import _codec
+
+    from tests.unit.controlplane.conftest import canary_release
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    cache = _codec._ReleaseCache(written=5)
+    from graylane.controlplane.progression.analysis import AnalysisSpec
+
+    r = replace(canary_release(model.Phase.PENDING, -1), name="r-wrote")
+    # Doubles (the analysis thresholds) print as the shortest repr: read back exactly.
+    analysis = AnalysisSpec(max_error_rate=1 / 3, max_p99_ms=123.456789, alpha=0.0123, min_effect=0.1 + 0.2)
+    r = replace(r, spec=replace(r.spec, analysis=analysis))
+    values = []
+    for action in (Action.NEXT, Action.NEXT, Action.PAUSE, Action.RESUME, Action.ROLLBACK):
+        r, _ = transition(r, action, cause=Cause(actor="a", reason="why ✓"), now=datetime.now(UTC))
+        values.append(r)
+    stored = [cache.encode(v) for v in values]
+    parsed = []
+    load = _codec._load
+
+    def counted(data: bytes, message: object) -> object:
+        parsed.append(data)
+        return load(data, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_codec, "_load", counted)
+    for i, value in enumerate(stored):
+        kv = _kv("releases/r-wrote", value, 10 + i)
+        got = cache.decode(kv)
+        fresh = _codec._ReleaseCache().decode(kv)  # parses
+        assert got == fresh == replace(values[i], revision=10 + i)
+        assert cache.decode(kv) is got
+    # Only the fresh caches parsed; a sixth write pushes the oldest out (5 kept): parsed again.
+    assert len(parsed) == len(stored)
+    cache.encode(replace(values[-1], name="r-other"))
+    assert cache.decode(_kv("releases/r-wrote", stored[0], 99)) == replace(values[0], revision=99)
+    assert len(parsed) == len(stored) + 1
