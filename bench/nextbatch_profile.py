@@ -21,17 +21,29 @@ GRAYLANE_BENCH_ENVOY_ALL_STATS=1 drops the bootstraps' stats_matcher (bench/stor
 GRAYLANE_PROFILE_SET_SLICE=SECONDS sets the data plane's slice of loop time (0: a loop step
 after the build and between keys, as before 2026-12-01 evening);
 GRAYLANE_PROFILE_TXN_ON_LOOP=1 and GRAYLANE_PROFILE_SWITCH_INTERVAL=SECONDS as below.
+
+GRAYLANE_PROFILE_ALTERNATE=NAME[,NAME...] alternates variants step by step in this one
+process (step i runs variant i % (names + 1), 0 the code as it is), so each is measured
+under the same load and set-up; the marks are then printed per variant as well. Variants:
+`aio_txn` (transactions on the loop's grpc.aio channel), `aio_unary` (every unary call
+there), `blocking` (every unary call in the worker threads, whatever the store would pick).
+GRAYLANE_PROFILE_CPROFILE=N runs cProfile on the loop's thread from each NextBatch call to the
+last Envoy's ACK, and prints the N functions with the most own time over the steps (the
+profiler's cost inflates every figure: read it for shares, not for wall time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
 import datetime
 import functools
 import gc
+import io
 import os
 import pathlib
+import pstats
 import re
 import statistics
 import sys
@@ -65,6 +77,8 @@ LOG: list[tuple[float, float, str, str]] = []  # (start, end, stage, thread)
 # Release writes during the steps: revision -> (issued, answer back on the loop), and when
 # the store follower applied each revision from its watch: which comes first?
 WRITES: dict[int, tuple[float, float]] = {}
+WRITE_VARIANT: dict[int, str] = {}  # revision -> the variant of the step that wrote it
+VARIANT = ["as is"]  # the variant of the step under way
 APPLIED: dict[int, float] = {}
 
 
@@ -191,6 +205,7 @@ def instrument() -> None:
         t0 = time.perf_counter()
         written = await update_release(self, release, events, **kwargs)
         WRITES[written.revision] = (t0, time.perf_counter())
+        WRITE_VARIANT[written.revision] = VARIANT[0]
         return written
 
     _etcd.EtcdStore.update_release = update_release_noted  # type: ignore[method-assign]
@@ -284,6 +299,52 @@ async def etcd_floor(store: Any, count: int = 40) -> list[str]:
     ]
 
 
+def _variants(store: Any) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """(name, switch on, switch off) for each variant GRAYLANE_PROFILE_ALTERNATE names."""
+    blocking = store._blocking
+    saved = dict(blocking.methods) if blocking is not None else {}
+    policy = getattr(store, "_aio_when", None)
+
+    def restore() -> None:
+        if blocking is not None:
+            blocking.methods.clear()
+            blocking.methods.update(saved)
+        if policy is not None:
+            store._aio_when = policy
+
+    def aio(*methods: object) -> Callable[[], None]:
+        def on() -> None:
+            for method in methods:
+                if blocking is not None:
+                    blocking.methods.pop(method, None)
+
+        return on
+
+    def always_blocking() -> None:
+        if policy is not None:
+            store._aio_when = None
+
+    known = {
+        "aio_txn": aio(store._kv.Txn),
+        "aio_unary": aio(*saved),
+        "blocking": always_blocking,
+    }
+    names = [n for n in os.environ.get("GRAYLANE_PROFILE_ALTERNATE", "").split(",") if n]
+    return [("as is", lambda: None, restore)] + [(n, known[n], restore) for n in names]
+
+
+def run_queue_wait_ms(pid: int | None, tid: int | None = None) -> float:
+    """Milliseconds the threads of process `pid` (or its thread `tid`) have waited on a run
+    queue so far, runnable but without a core (/proc/.../schedstat): what a shared machine
+    adds to every step besides this code's own work."""
+    tasks = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
+    total = 0
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(pathlib.Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+    return total / 1e6
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU seconds of a process so far (/proc/PID/stat)."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -339,11 +400,36 @@ def report(
     steps: list[dict[str, list[tuple[float, float, str]]]],
     marks: list[dict[str, float]],
     race_revisions: list[int],
+    variants: list[str] | None = None,
 ) -> str:
     races = [WRITES[r] for r in race_revisions]
     lines = [f"=== NextBatch at 1,000 services / releases ({sb.LIVE} live), {envoys} Envoy(s), {len(steps)} steps ==="]
-    for key in (k for k in marks[0] if k != "t0"):
+    for key in (k for k in marks[0] if k not in ("t0", "cpu") and not k.startswith("wait")):
         lines.append(f"  {key:58s} at {statistics.median(m[key] for m in marks):8.2f} ms")
+    lines.append(
+        "  run-queue wait per step (runnable, no core; ms, median / max): "
+        + "; ".join(
+            f"{k[5:]} {statistics.median(m[k] for m in marks):.2f} / {max(m[k] for m in marks):.2f}"
+            for k in marks[0]
+            if k.startswith("wait")
+        )
+    )
+    if variants and len(variants) > 1:
+        lines.append("  per variant (alternated step by step), median ms [CPU of this process per step, median ms]:")
+        for k, variant in enumerate(variants):
+            mine = [m for i, m in enumerate(marks) if i % len(variants) == k]
+            if not mine:
+                continue
+            cells = [
+                f"{key.split(' (')[0]} {statistics.median(m[key] for m in mine):.2f}"
+                for key in mine[0]
+                if key not in ("t0", "cpu") and not key.startswith("wait")
+            ]
+            cpu = statistics.median(m["cpu"] for m in mine)
+            answers = [(WRITES[r][1] - WRITES[r][0]) * 1000 for r in race_revisions if WRITE_VARIANT.get(r) == variant]
+            if answers:
+                cells.append(f"release write answered p50 {statistics.median(answers):.2f}")
+            lines.append(f"    {variant:10s} ({len(mine)} steps): " + "; ".join(cells) + f" [{cpu:.2f}]")
     stages = {stage for step in steps for stage in step}
     ordered = sorted(stages, key=lambda s: statistics.median(step[s][0][0] for step in steps if s in step))
     lines.append(f"  {'stage':58s} {'first@':>8s} {'calls':>6s} {'sum ms':>8s} {'median':>8s} thread")
@@ -387,6 +473,7 @@ async def main(envoys: int, count: int) -> str:
         etcd = await stack.enter_async_context(EtcdProcess(data_dir=tmp / "etcd"))
         store = await connect(etcd.endpoint)
         stack.push_async_callback(store.close)
+        variants = _variants(store)
         if os.environ.get("GRAYLANE_PROFILE_TXN_ON_LOOP") and store._blocking is not None:
             # A/B: transactions on the loop's grpc.aio channel instead of a worker thread.
             store._blocking.methods.pop(store._kv.Txn, None)
@@ -432,6 +519,8 @@ async def main(envoys: int, count: int) -> str:
         race_revisions: list[int] = []
         server_before: dict[str, float] | None = None
         envoy_cpu_before: tuple[float, list[float]] | None = None
+        top = int(os.environ.get("GRAYLANE_PROFILE_CPROFILE", "0"))
+        profiler = cProfile.Profile() if top else None
         while len(steps) < count:
             r = await client.ask(f"get {name}")
             if r["batch"] + 1 >= r["batches"]:
@@ -444,11 +533,26 @@ async def main(envoys: int, count: int) -> str:
             if server_before is None:
                 server_before = await asyncio.to_thread(etcd_server, etcd.endpoint)
                 envoy_cpu_before = (time.perf_counter(), [cpu_seconds(e.pid) for e in fleet])
+            variant = variants[len(steps) % len(variants)]
+            variant[1]()
             LOG.clear()
             earlier = set(WRITES)
+            cpu0 = time.process_time()
+            waits0 = [run_queue_wait_ms(os.getpid(), threading.get_native_id()), run_queue_wait_ms(etcd.pid)]
+            waits0 += [run_queue_wait_ms(e.pid) for e in fleet]
+            VARIANT[0] = variant[0]
+            if profiler is not None:
+                profiler.enable()
             out = await client.ask(f"next {name}")
+            # (from the call to `reached` seen both ways: the path itself, not the settling after it)
+            waits = [run_queue_wait_ms(os.getpid(), threading.get_native_id()), run_queue_wait_ms(etcd.pid)]
+            waits = [a - b for a, b in zip(waits + [run_queue_wait_ms(e.pid) for e in fleet], waits0, strict=True)]
             await dp.wait_current(timeout=30)
+            if profiler is not None:
+                profiler.disable()
             await asyncio.sleep(0.6)  # what the step still causes (grace writes, progress)
+            cpu = (time.process_time() - cpu0) * 1000
+            variant[2]()
             t0 = out["t0"]
             step: dict[str, list[tuple[float, float, str]]] = {}
             for start, end, stage, thread in LOG:
@@ -465,12 +569,21 @@ async def main(envoys: int, count: int) -> str:
                     "`reached` seen on a Watch stream (client process)": (out["watch"] - t0) * 1000,
                     "`reached` seen in GetRelease (polled every 5 ms)": (out["poll"] - t0) * 1000,
                     "t0": t0,
+                    "cpu": cpu,
+                    "wait loop": waits[0],
+                    "wait etcd": waits[1],
+                    "wait envoys": sum(waits[2:]),
                 }
             )
         if traced:
             extra_lines = envoy_trace(fleet, [m["t0"] for m in marks], wall_offset)
         else:
             extra_lines = []
+        if profiler is not None:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+            extra_lines.append(f"  cProfile of the loop's thread over {len(steps)} steps (NextBatch call to the ACK):")
+            extra_lines += ["    " + line for line in text.getvalue().splitlines() if line.strip()]
         if envoy_cpu_before is not None:
             took = time.perf_counter() - envoy_cpu_before[0]
             used = [cpu_seconds(e.pid) - b for e, b in zip(fleet, envoy_cpu_before[1], strict=True)]
@@ -480,7 +593,11 @@ async def main(envoys: int, count: int) -> str:
             )
         server_after = await asyncio.to_thread(etcd_server, etcd.endpoint)
         extra = etcd_rows(server_before or {}, server_after) + await etcd_floor(store)
-        return report(envoys, steps, marks, race_revisions) + "\n" + "\n".join(extra + extra_lines)
+        return (
+            report(envoys, steps, marks, race_revisions, [v[0] for v in variants])
+            + "\n"
+            + "\n".join(extra + extra_lines)
+        )
 
 
 if __name__ == "__main__":

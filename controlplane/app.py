@@ -105,6 +105,10 @@ WINDOW_SAMPLES = 600  # one sample a second per series: ten minutes
 WINDOW_KEYS = 10_000
 DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_CONNECTION_IDLE_SECONDS = 300.0
+# The store's unary calls go on the loop's grpc.aio channel while this replica serves at
+# most this many streams (ADS and agents), in a worker thread beyond (see the store's
+# `_Blocking`): a fan-out to a few dozen streams queues a few dozen completions.
+_LOOP_CHANNEL_STREAMS = 32
 
 
 class ControlPlane:
@@ -172,6 +176,9 @@ class ControlPlane:
         self.election = LeaderElection(store, ttl_seconds=leader_ttl_seconds)
         # Agents' metrics are shared with the other replicas under this replica's identity.
         self.agents = AgentHub(store, lease_ttl_seconds=agent_lease_ttl_seconds, identity=self.election.identity)
+        store.unary_on_loop_while(
+            lambda: self.tracker.open_streams() + len(self.agents.sessions) <= _LOOP_CHANNEL_STREAMS
+        )
         # The registry refreshes every second: a TTL of 3 s at least leaves two refreshes to spare.
         self.replicas = ReplicaRegistry(
             store, self.tracker, identity=self.election.identity, ttl_seconds=max(leader_ttl_seconds, 3)

@@ -207,6 +207,10 @@ class LiveState:
         self._kinds: dict[str, dict[str, object]] = {kind: {} for kind in _LIVE_KINDS}
         self._sorted: set[str] = set(_LIVE_KINDS)  # kinds whose dicts are in key order
         self._parts: dict[str, tuple[object, ...]] = {}  # kind -> what snapshots hold of it, until it changes
+        # Releases whose values were replaced (same key, same name) since the releases' part
+        # was made, and each release's place in it: the next part is patched, not remade.
+        self._replaced: set[str] = set()
+        self._release_at: dict[str, int] = {}
         self._snap: Snapshot | None = None
 
     def _split(self, key: bytes) -> tuple[str, str] | None:
@@ -225,6 +229,18 @@ class LiveState:
 
     def _set(self, kind: str, rest: str, value: object) -> None:
         values = self._kinds[kind]
+        if (
+            kind == "releases"
+            and kind in self._parts
+            and isinstance(value, model.Release)
+            and value.name == rest
+            and rest in self._release_at
+        ):
+            # One release's new value (a NextBatch, a status write): the part is patched in
+            # place of that release when the next snapshot is made (the key set is the same).
+            self._replaced.add(rest)
+            values[rest] = value
+            return
         self._parts.pop(kind, None)
         if value is None:
             values.pop(rest, None)
@@ -292,11 +308,17 @@ class LiveState:
         """What a snapshot holds of `kind`, made once per change of the kind."""
         found = self._parts.get(kind)
         if found is not None:
+            if kind == "releases" and self._replaced:
+                found = self._patched_releases(found)
             return found
         items = self._values(kind)
         if kind == "releases":
             releases = tuple(v for _, v in items)
-            found = (releases, {r.name: r for r in releases})  # type: ignore[attr-defined]
+            by_name = {r.name: r for r in releases}  # type: ignore[attr-defined]
+            # (a key whose value names another release is never patched: `_set` remakes the part)
+            self._release_at = {name: i for i, (name, _) in enumerate(items) if by_name.get(name) is releases[i]}
+            self._replaced.clear()
+            found = (releases, by_name)
         elif kind == "replicas":
             replica_proxies: dict[str, str] = {}
             replica_nodes: dict[str, frozenset[str]] = {}
@@ -314,6 +336,23 @@ class LiveState:
         else:
             found = (tuple(v for _, v in items),)
         self._parts[kind] = found
+        return found
+
+    def _patched_releases(self, part: tuple[object, ...]) -> tuple[object, ...]:
+        """The releases' part with the values replaced since it was made put in their places:
+        what `_part` would make from scratch, in C-speed copies (at 1,000 releases a remake
+        cost 0.35-0.7 ms of the loop on every NextBatch and every status write)."""
+        releases, by_name = cast("tuple[tuple[model.Release, ...], dict[str, model.Release]]", part)
+        values = self._kinds["releases"]
+        patched = list(releases)
+        names = dict(by_name)
+        for name in self._replaced:
+            value = cast(model.Release, values[name])
+            patched[self._release_at[name]] = value
+            names[name] = value
+        self._replaced.clear()
+        found = (tuple(patched), names)
+        self._parts["releases"] = found
         return found
 
     def snapshot(self) -> Snapshot:

@@ -226,7 +226,7 @@ class ReleaseRecords(EtcdClient):
             key=key, target=rpc_pb2.Compare.CREATE, result=rpc_pb2.Compare.EQUAL, create_revision=0
         )
         ops = [
-            self._put(key, _dump(model.release_to_proto(release))),
+            self._put(key, _releases.encode(release)),
             self._put(self._event_key(release.name, event.sequence), _dump(model.event_to_proto(event))),
         ]
         lane_guards, claims = self._lane_claim(release, lane_claimed)
@@ -251,7 +251,7 @@ class ReleaseRecords(EtcdClient):
         guard = rpc_pb2.Compare(
             key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=release.revision
         )
-        ops = [self._put(key, _dump(model.release_to_proto(release)))]
+        ops = [self._put(key, _releases.encode(release))]
         ops += [self._put(self._event_key(e.release, e.sequence), _dump(model.event_to_proto(e))) for e in events]
         ops += [self._put(self._key("services", s.name), _dump(model.service_to_proto(s))) for s in services]
         lane_guards, claims = self._lane_claim(release, lane_claimed)

@@ -105,3 +105,59 @@ def test_a_call_queued_past_its_deadline_is_unavailable_without_being_sent() -> 
     assert isinstance(_client._unavailable(raised.value), Unavailable)
     assert _client._before(time.monotonic() + 5.0, call) == 1
     assert 4.0 < sent[0] <= 5.0
+
+
+async def test_unary_calls_go_on_the_loop_channel_while_the_owner_says_so(
+    both: tuple[EtcdStore, EtcdStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`unary_on_loop_while`: asked before each call; true sends it on the grpc.aio channel
+    (no worker thread), false (or no predicate) in a thread; the answers are the same."""
+    store, plain = both
+    in_thread: list[float] = []
+    before = _client._before
+
+    def counted(deadline: float, call: object) -> object:
+        in_thread.append(deadline)
+        return before(deadline, call)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_client, "_before", counted)
+    on_loop = True
+    asked = 0
+
+    def small() -> bool:
+        nonlocal asked
+        asked += 1
+        return on_loop
+
+    store.unary_on_loop_while(small)
+    await store.put_service(model.Service(name="checkout", stable_version="v1"))
+    assert (await store.get_service("checkout")) == (await plain.get_service("checkout"))
+    with pytest.raises(NotFound):
+        await store.get_release("absent")
+    assert in_thread == [] and asked >= 3
+    on_loop = False
+    assert (await store.get_service("checkout")) == (await plain.get_service("checkout"))
+    with pytest.raises(NotFound):
+        await store.get_release("absent")
+    assert len(in_thread) >= 2
+    store.unary_on_loop_while(None)
+    seen = len(in_thread)
+    await store.list_services()
+    assert len(in_thread) > seen
+
+
+async def test_etcd_gone_is_unavailable_on_the_loop_channel_too(tmp_path: pathlib.Path) -> None:
+    etcd = EtcdProcess(data_dir=tmp_path / "etcd")
+    await etcd.start()
+    store = await connect(etcd.endpoint, prefix="/graylane-test/gone-loop/v1/")
+    store.unary_on_loop_while(lambda: True)
+    try:
+        await store.put_service(model.Service(name="checkout", stable_version="v1"))
+        etcd.kill()
+        with pytest.raises(Unavailable):
+            await store.get_release("rel")
+        with pytest.raises(Unavailable):
+            await store.list_releases()
+    finally:
+        await store.close()
+        await etcd.stop()

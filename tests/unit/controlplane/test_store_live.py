@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from etcd3.etcdrpc import kv_pb2
 from graylane.controlplane.domain import model
@@ -142,3 +143,97 @@ def test_an_own_write_behind_other_changes_waits_for_the_watch() -> None:
     assert set(state.apply([_put("services/b", _service("b"), 5)])) == {"services"}
     changed = state.apply([_put("services/a", _service("a", "v3"), 6)])
     assert set(changed["services"]) == {"a"} and state.revision == 6
+
+
+def _release(name: str, batch: int) -> bytes:
+    from dataclasses import replace
+
+    from tests.unit.controlplane.conftest import canary_release
+
+    return _dump(model.release_to_proto(replace(canary_release(batch=batch), name=name)))
+
+
+def test_replaced_releases_are_patched_into_the_part_as_a_fresh_read_would_hold_them() -> None:
+    """A release's new value (a NextBatch, a status write) is put in its place in the next
+    snapshot instead of the whole releases' part being made again; adds, deletes and a key
+    whose value names another release still remake it. Each snapshot must equal a fresh
+    read of the same keys, and earlier snapshots stay as they were."""
+    state = LiveState(PREFIX, revision=1)
+    state.load([_kv(f"releases/r{i}", _release(f"r{i}", 0), 1) for i in range(5)])
+    kept: dict[str, tuple[str, bytes, int]] = {f"r{i}": (f"releases/r{i}", _release(f"r{i}", 0), 1) for i in range(5)}
+    seen = []
+    steps: list[list[kv_pb2.Event]] = [
+        [_put("releases/r2", _release("r2", 1), 2)],
+        [_put("releases/r0", _release("r0", 1), 3), _put("releases/r4", _release("r4", 1), 3)],
+        [_put("releases/r2", _release("r2", 2), 4)],
+        [_put("releases/r10", _release("r10", 0), 5)],  # an added key: remade
+        [_put("releases/r3", _release("r3", 2), 6)],
+        [_delete("releases/r1", 7)],
+        [_put("releases/r3", _release("other", 2), 8)],  # names another release: remade
+        [_put("releases/r4", _release("r4", 2), 9), _put("releases/r0", _release("r0", 2), 9)],
+    ]
+    for events in steps:
+        state.apply(events)
+        for ev in events:
+            name = ev.kv.key.decode()[len(PREFIX) :].split("/", 1)[1]
+            if ev.type == kv_pb2.Event.DELETE:
+                kept.pop(name)
+            else:
+                kept[name] = (f"releases/{name}", ev.kv.value, ev.kv.mod_revision)
+        snap = state.snapshot()
+        fresh = LiveState(PREFIX, revision=snap.revision)
+        fresh.load([_kv(key, value, rev) for key, value, rev in kept.values()])
+        want = fresh.snapshot()
+        assert snap.releases == want.releases
+        assert snap.by_name == want.by_name
+        assert all(snap.by_name[r.name] is r for r in snap.releases if r.name != "other")
+        seen.append((snap, [(r.name, r.status.batch) for r in snap.releases]))
+    for snap, names in seen:  # an earlier snapshot is never written to
+        assert [(r.name, r.status.batch) for r in snap.releases] == names
+    unchanged = state.snapshot()
+    assert state.snapshot() is unchanged
+
+
+def test_a_release_this_process_wrote_decodes_as_a_parse_would_without_parsing(monkeypatch: object) -> None:
+    """`_releases.encode` remembers the message behind the bytes it stores: the watch's (or
+    the answer's) copy of that value is decoded from it, equal to a parse of the JSON."""
+    from dataclasses import replace
+
+    import pytest
+    from graylane.controlplane.domain.machine import Action, Cause, transition
+    from graylane.controlplane.store import _codec
+
+    from tests.unit.controlplane.conftest import canary_release
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    cache = _codec._ReleaseCache(written=5)
+    from graylane.controlplane.progression.analysis import AnalysisSpec
+
+    r = replace(canary_release(model.Phase.PENDING, -1), name="r-wrote")
+    # Doubles (the analysis thresholds) print as the shortest repr: read back exactly.
+    analysis = AnalysisSpec(max_error_rate=1 / 3, max_p99_ms=123.456789, alpha=0.0123, min_effect=0.1 + 0.2)
+    r = replace(r, spec=replace(r.spec, analysis=analysis))
+    values = []
+    for action in (Action.NEXT, Action.NEXT, Action.PAUSE, Action.RESUME, Action.ROLLBACK):
+        r, _ = transition(r, action, cause=Cause(actor="a", reason="why ✓"), now=datetime.now(UTC))
+        values.append(r)
+    stored = [cache.encode(v) for v in values]
+    parsed = []
+    load = _codec._load
+
+    def counted(data: bytes, message: object) -> object:
+        parsed.append(data)
+        return load(data, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_codec, "_load", counted)
+    for i, value in enumerate(stored):
+        kv = _kv("releases/r-wrote", value, 10 + i)
+        got = cache.decode(kv)
+        fresh = _codec._ReleaseCache().decode(kv)  # parses
+        assert got == fresh == replace(values[i], revision=10 + i)
+        assert cache.decode(kv) is got
+    # Only the fresh caches parsed; a sixth write pushes the oldest out (5 kept): parsed again.
+    assert len(parsed) == len(stored)
+    cache.encode(replace(values[-1], name="r-other"))
+    assert cache.decode(_kv("releases/r-wrote", stored[0], 99)) == replace(values[0], revision=99)
+    assert len(parsed) == len(stored) + 1
