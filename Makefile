@@ -59,7 +59,7 @@ node: $(NODE_STAMP)
 # The scale bench's fake ADS clients in Node (bench/fleet_node/worker.js): @grpc/grpc-js and
 # protobufjs, pinned by its package-lock.json, into bench/fleet_node/node_modules (gitignored);
 # Debian's nodejs and npm through apt-get when missing. `make test` needs it for the Node
-# fleet's test, `make bench` for `bench/run.py --fleet-impl node` or `h2`.
+# fleet's test, `make bench` for `bench/run.py --fleet-impl node`.
 FLEET_NODE       := bench/fleet_node
 FLEET_NODE_STAMP := $(FLEET_NODE)/node_modules/.installed
 

@@ -12,8 +12,8 @@ the weight) is cached, so the fleet's own CPU stays small next to the control pl
 
 The parent talks to a worker over a Pipe, one command at a time (the other workers, the same
 clients in another process, answer the same commands as JSON lines on their stdin/stdout:
-NodeWorker runs bench/fleet_node/worker.js on grpc-js, H2Worker bench/fleet_node/h2worker.js on
-Node's core http2, CWorker bench/fleet_c/worker.c on libnghttp2):
+NodeWorker runs bench/fleet_node/worker.js on grpc-js, CWorker bench/fleet_c/worker.c on
+libnghttp2):
   ("status",)        -> {"connected", "configured", "errors", "reconnects", "error_codes"}
   ("seen", weight)   -> list of first-seen wall-clock times (None where not seen yet)
   ("missing", weight) -> how many clients have not seen it yet (an int: cheap to poll)
@@ -473,8 +473,6 @@ class NodeWorker:
     `Worker`: commands go as JSON lines on its stdin, answers come back on its stdout, matched
     by a sequence number (an answer to an ask that timed out is skipped, not taken for the next)."""
 
-    SCRIPT = "worker.js"  # in NODE_DIR
-
     def __init__(self, spec: FleetSpec, *, streams_per_channel: int = STREAMS_PER_CHANNEL) -> None:
         reason = node_fleet_missing()
         if reason is not None:
@@ -495,7 +493,7 @@ class NodeWorker:
         # GRAYLANE_FLEET_NODE_ARGS: node's own options for a run (e.g. "--cpu-prof --cpu-prof-dir=/tmp/p").
         node_args = os.environ.get("GRAYLANE_FLEET_NODE_ARGS", "").split()
         self.process = subprocess.Popen(
-            ["node", *node_args, str(NODE_DIR / self.SCRIPT), json.dumps(args)],
+            ["node", *node_args, str(NODE_DIR / "worker.js"), json.dumps(args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=NODE_DIR,
@@ -550,13 +548,6 @@ class NodeWorker:
         return process_cpu_seconds(self.process.pid)
 
 
-class H2Worker(NodeWorker):
-    """The same clients on Node's core http2 module with gRPC framing and the xDS envelopes by
-    hand (bench/fleet_node/h2worker.js): same spec, commands and answers as NodeWorker."""
-
-    SCRIPT = "h2worker.js"
-
-
 def c_fleet_missing() -> str | None:
     """Why the C fleet cannot run here (None: it can)."""
     if not os.access(C_WORKER, os.X_OK):
@@ -586,15 +577,13 @@ class CWorker(NodeWorker):
         self._lock: asyncio.Lock | None = None
 
 
-FLEET_IMPLS = ("c", "h2", "node", "python")
+FLEET_IMPLS = ("c", "node", "python")
 
 
 def worker_class(impl: str) -> type[Worker] | type[NodeWorker]:
     """The worker for a --fleet-impl name."""
     if impl == "c":
         return CWorker
-    if impl == "h2":
-        return H2Worker
     if impl == "node":
         return NodeWorker
     if impl == "python":

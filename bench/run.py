@@ -490,7 +490,6 @@ DEFAULT_FLEET = "c"
 FLEET_SOURCES = {
     "c": "the C fleet, bench/fleet_c/worker.c (libnghttp2, epoll, gRPC framing and protobuf by hand) driven by "
     "bench/fleet.py",
-    "h2": "the Node fleet on core http2, bench/fleet_node/h2worker.js (gRPC framing by hand) driven by bench/fleet.py",
     "node": "the Node fleet, bench/fleet_node/worker.js (@grpc/grpc-js) driven by bench/fleet.py",
     "python": "the Python fleet, bench/fleet.py (grpc.aio)",
 }
@@ -678,8 +677,8 @@ async def main() -> int:
         "--fleet-impl",
         choices=FLEET_IMPLS,
         default=DEFAULT_FLEET,
-        help="the fake ADS clients of the fleet sections: c (bench/fleet_c, libnghttp2; the cheapest), h2 "
-        "(bench/fleet_node/h2worker.js, Node's core http2), node (bench/fleet_node/worker.js, grpc-js) or "
+        help="the fake ADS clients of the fleet sections: c (bench/fleet_c, libnghttp2; the cheapest), "
+        "node (bench/fleet_node/worker.js, grpc-js) or "
         "python (bench/fleet.py's grpc.aio workers)",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
@@ -695,7 +694,7 @@ async def main() -> int:
         fleet_size = (args.streams, *fleet_size[1:])
     if args.per_worker:
         fleet_size = (fleet_size[0], args.per_worker, *fleet_size[2:])
-    elif args.fleet_impl in ("c", "h2", "node"):
+    elif args.fleet_impl in ("c", "node"):
         # One worker per core (C or Node): its single thread handles a few thousand streams, and fewer,
         # busier processes spend less of their CPU on being woken and scheduled (10,000 streams:
         # 1,960 ms of worker CPU per change over 2 processes against 2,570-2,970 over 8).

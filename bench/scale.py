@@ -1,5 +1,5 @@
 """The fleet benchmark: one control plane (in this process), many ADS streams (bench/fleet.py's
-workers: Python, Node with fleet_impl="node" (grpc-js) or "h2" (core http2), or C with "c").
+workers: Python, Node with fleet_impl="node" (grpc-js), or C with "c").
 
 Several replicas, each a `graylane serve` process: bench/replicas.py.
 

@@ -1,6 +1,6 @@
 """The scale bench's compiled and Node fleets against a real control plane on a real etcd, each
 run the same way (bench/fleet.py's worker_class: "node" is bench/fleet_node/worker.js on grpc-js,
-"h2" bench/fleet_node/h2worker.js on Node's core http2, "c" bench/fleet_c/worker.c on libnghttp2):
+"c" bench/fleet_c/worker.c on libnghttp2):
 every client is configured as the Python fleet's would be (the control plane sees each node, on
 the protocol and snapshot key it asked for, with every type ACKed and nothing NACKed) and each sees
 a weight change.
@@ -59,7 +59,7 @@ async def until(check: Any, timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("impl", ["node", "h2", "c"])
+@pytest.mark.parametrize("impl", ["node", "c"])
 async def test_node_fleet_configures_every_client_and_sees_a_weight_change(store: EtcdStore, impl: str) -> None:
     fleet = load_fleet()
     missing = fleet.c_fleet_missing() if impl == "c" else fleet.node_fleet_missing()
