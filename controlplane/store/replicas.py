@@ -140,6 +140,22 @@ class _SortedJson:
         return self._text
 
 
+_nodes_encoded: tuple[frozenset[str], str] | None = None  # the last node set and its JSON
+
+
+def _encoded_nodes(nodes: frozenset[str]) -> str:
+    """`nodes` sorted, as JSON; kept for the last set written (held, so compared by identity).
+    Not `_SortedJson`: for a list of short ids, sorting and encoding it whole (~2.8 ms at
+    10,000) measured cheaper than the kept encoder's set differences and join (~4 ms)."""
+    global _nodes_encoded
+    kept = _nodes_encoded
+    if kept is not None and kept[0] is nodes:
+        return kept[1]
+    text = json.dumps(sorted(nodes))
+    _nodes_encoded = (nodes, text)
+    return text
+
+
 # Per replica identity (a process normally publishes one; tests run several), the kept
 # encodings of its proxy map and of its node set; a few kept, the oldest dropped.
 _KEPT_IDENTITIES = 4
@@ -177,13 +193,12 @@ class ReplicaRecords(EtcdClient):
             for name, p in sorted(progress.items())
         }
         # The same text as json.dumps of the whole record (same keys, order and separators),
-        # with the node list kept encoded between writes: it is the bulk of the record
-        # (10,000 ids: ~5 ms to sort and encode), a fleet's ACKs rewrite the counts many
-        # times while the set of streams stays the same, and while it connects the set only
-        # grows by a few ids per write.
+        # with the node list encoded once per set of nodes: it is the bulk of the record
+        # (10,000 ids: ~3-5 ms to sort and encode), and a fleet's ACKs rewrite the counts
+        # many times while the set of streams stays the same.
         value = (
             f'{{"releases": {json.dumps(releases)}, "clusters": {json.dumps(dict(sorted(fleet.clusters.items())))}, '
-            f'"nodes": {_encoder("nodes", identity).encode(fleet.nodes)}, "left": {json.dumps(fleet.left)}}}'
+            f'"nodes": {_encoded_nodes(fleet.nodes)}, "left": {json.dumps(fleet.left)}}}'
         )
         await self._txn([], [self._put(self._key("progress", identity), value.encode(), lease=lease)])
 
