@@ -1,0 +1,69 @@
+"""The replica records' kept encodings write the same bytes as encoding the whole record."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import MappingProxyType
+
+from graylane.controlplane.store.replicas import _encoder, _SortedJson
+
+
+def _old_proxies(proxies: dict[str, str]) -> str:
+    return json.dumps(dict(sorted(proxies.items())))
+
+
+def _old_nodes(nodes: frozenset[str]) -> str:
+    return json.dumps(sorted(nodes))
+
+
+def test_a_map_that_grows_shrinks_and_changes_encodes_as_json_dumps_of_it_sorted() -> None:
+    rng = random.Random(12)
+    encoder = _SortedJson(as_object=True)
+    assert encoder.encode({}) == "{}" == _old_proxies({})
+    proxies: dict[str, str] = {}
+    names = [f"node-{i}" for i in range(3000)] + ['quo"te', "back\\slash", "ünï-cödé", "tab\tid", ""]
+    rng.shuffle(names)
+    for step in range(60):
+        if step % 7 == 6:  # some streams end
+            for name in rng.sample(sorted(proxies), min(len(proxies), rng.randint(1, 40))):
+                del proxies[name]
+        elif step % 11 == 10:  # a proxy came back with another admin address
+            for name in rng.sample(sorted(proxies), min(len(proxies), 5)):
+                proxies[name] = f"127.0.0.2:{rng.randint(1, 65535)}"
+        else:  # more connect: a few, or a burst past the insert limit
+            for name in names[: rng.choice([1, 3, 30, 400])]:
+                proxies[name] = f"127.0.0.1:{rng.randint(1, 65535)}"
+            del names[: len(proxies)]
+        assert encoder.encode(MappingProxyType(dict(proxies))) == _old_proxies(proxies)
+    # The same dict changed in place is encoded again, not taken as is.
+    same = {"b": "1", "a": "2"}
+    assert encoder.encode(same) == _old_proxies(same)
+    same["c"] = "3"
+    assert encoder.encode(same) == _old_proxies(same)
+    assert encoder.encode({}) == "{}"
+
+
+def test_a_node_set_encodes_as_json_dumps_of_it_sorted() -> None:
+    rng = random.Random(7)
+    encoder = _SortedJson(as_object=False)
+    nodes: set[str] = set()
+    for step in range(50):
+        if step % 5 == 4:
+            nodes -= set(rng.sample(sorted(nodes), min(len(nodes), 20)))
+        else:
+            nodes |= {f"n{rng.randint(0, 5000)}" for _ in range(rng.choice([1, 10, 600]))}
+        fixed = frozenset(nodes)
+        assert encoder.encode(fixed) == _old_nodes(fixed)
+        assert encoder.encode(fixed) == _old_nodes(fixed)  # kept, by identity
+    assert encoder.encode(frozenset()) == "[]"
+
+
+def test_each_identity_keeps_its_own_encodings_and_only_a_few_are_kept() -> None:
+    a, b = _encoder("proxies", "ra"), _encoder("proxies", "rb")
+    assert a is not b and _encoder("proxies", "ra") is a and _encoder("nodes", "ra") is not a
+    assert a.encode({"x": "1"}) == '{"x": "1"}' and b.encode({"y": "2"}) == '{"y": "2"}'
+    for i in range(20):
+        _encoder("nodes", f"other-{i}")
+    fresh = _encoder("proxies", "ra")  # dropped: a new one, still correct
+    assert fresh.encode({"x": "1", "z": "3"}) == '{"x": "1", "z": "3"}'
