@@ -90,36 +90,28 @@ class LeaderStore(LeaseHolder, Protocol):
     async def leader(self) -> str | None: ...
 
 
-class _SortedJson:
-    """The JSON text of one string set (a list) or string map (an object), sorted by key,
-    exactly as `json.dumps(sorted(keys))` / `json.dumps(dict(sorted(items)))` writes it,
-    kept between writes: each entry is encoded once and kept with the sorted key order, so
-    a write encodes only the entries that changed and joins the kept ones. While a fleet
-    connects the set only grows, a few ids per write, and the whole encode (10,000 entries:
-    ~15 ms for the map) was one loop step per write; this is a join (~3 ms)."""
+class _KeptMapJson:
+    """The JSON text of one string map (node id -> admin address), exactly as
+    `json.dumps(dict(sorted(items)))` writes it, kept between writes: each entry is encoded
+    once and kept with the sorted key order, so a write encodes only the entries that changed
+    and joins the kept ones. While a fleet connects the map only grows, a few ids per write,
+    and the whole encode (10,000 entries: ~15 ms) was one loop step per write; this is a join
+    (~3-5 ms). The map is compared entry by entry each time: it may have changed in place."""
 
     # More new keys than this in one write: sort all keys again instead of inserting each.
     _INSERT_LIMIT = 256
 
-    def __init__(self, *, as_object: bool) -> None:
-        self._as_object = as_object
-        self._source: frozenset[str] | None = None  # the last set (immutable: compared by identity)
-        self._text = "{}" if as_object else "[]"
-        self._values: dict[str, str] = {}  # key -> value (for a list: key -> key)
+    def __init__(self) -> None:
+        self._text = "{}"
+        self._values: dict[str, str] = {}  # key -> value
         self._fragments: dict[str, str] = {}  # key -> its encoded entry
         self._order: list[str] = []  # the keys, sorted
 
-    def encode(self, entries: Mapping[str, str] | frozenset[str]) -> str:
-        if entries is self._source:
-            return self._text  # a map may have changed in place: only a set is taken as is
+    def encode(self, entries: Mapping[str, str]) -> str:
         values = self._values
         fragments = self._fragments
-        if isinstance(entries, Mapping):
-            changed = [(k, v) for k, v in entries.items() if values.get(k, None) != v]
-            gone = values.keys() - entries.keys()
-        else:
-            changed = [(k, k) for k in entries - values.keys()]
-            gone = values.keys() - entries
+        changed = [(k, v) for k, v in entries.items() if values.get(k, None) != v]
+        gone = values.keys() - entries.keys()
         if gone:
             for key in gone:
                 del values[key], fragments[key]
@@ -127,16 +119,14 @@ class _SortedJson:
         added = [k for k, _ in changed if k not in values]
         for key, value in changed:
             values[key] = value
-            fragments[key] = f"{json.dumps(key)}: {json.dumps(value)}" if self._as_object else json.dumps(key)
+            fragments[key] = f"{json.dumps(key)}: {json.dumps(value)}"
         if len(added) > self._INSERT_LIMIT:
             self._order = sorted(values)
         else:
             for key in added:
                 bisect.insort(self._order, key)
         if changed or gone:
-            body = ", ".join([fragments[k] for k in self._order])
-            self._text = f"{{{body}}}" if self._as_object else f"[{body}]"
-        self._source = None if isinstance(entries, Mapping) else entries
+            self._text = "{" + ", ".join([fragments[k] for k in self._order]) + "}"
         return self._text
 
 
@@ -145,8 +135,9 @@ _nodes_encoded: tuple[frozenset[str], str] | None = None  # the last node set an
 
 def _encoded_nodes(nodes: frozenset[str]) -> str:
     """`nodes` sorted, as JSON; kept for the last set written (held, so compared by identity).
-    Not `_SortedJson`: for a list of short ids, sorting and encoding it whole (~2.8 ms at
-    10,000) measured cheaper than the kept encoder's set differences and join (~4 ms)."""
+    Not kept entry by entry like the proxy map (`_KeptMapJson`): for a list of short ids,
+    sorting and encoding it whole (~2.8 ms at 10,000) measured cheaper than a kept encoder's
+    set differences and join (~4 ms)."""
     global _nodes_encoded
     kept = _nodes_encoded
     if kept is not None and kept[0] is nodes:
@@ -157,19 +148,18 @@ def _encoded_nodes(nodes: frozenset[str]) -> str:
 
 
 # Per replica identity (a process normally publishes one; tests run several), the kept
-# encodings of its proxy map and of its node set; a few kept, the oldest dropped.
+# encoding of its proxy map; a few kept, the least recently used dropped.
 _KEPT_IDENTITIES = 4
-_encoders: dict[tuple[str, str], _SortedJson] = {}
+_proxy_maps: dict[str, _KeptMapJson] = {}
 
 
-def _encoder(kind: str, identity: str) -> _SortedJson:
-    key = (kind, identity)
-    found = _encoders.pop(key, None)
+def _proxy_map(identity: str) -> _KeptMapJson:
+    found = _proxy_maps.pop(identity, None)
     if found is None:
-        found = _SortedJson(as_object=kind == "proxies")
-        while len(_encoders) >= 2 * _KEPT_IDENTITIES:
-            del _encoders[next(iter(_encoders))]
-    _encoders[key] = found  # most recently used last
+        found = _KeptMapJson()
+        while len(_proxy_maps) >= _KEPT_IDENTITIES:
+            del _proxy_maps[next(iter(_proxy_maps))]
+    _proxy_maps[identity] = found  # most recently used last
     return found
 
 
@@ -179,7 +169,7 @@ class ReplicaRecords(EtcdClient):
     async def put_replica_proxies(self, identity: str, proxies: Mapping[str, str], lease: int) -> None:
         """The proxies connected to one replica (node id -> admin address), under its lease."""
         # The same text as json.dumps(dict(sorted(proxies.items()))), encoded incrementally.
-        value = _encoder("proxies", identity).encode(proxies).encode()
+        value = _proxy_map(identity).encode(proxies).encode()
         await self._txn([], [self._put(self._key("replicas", identity), value, lease=lease)])
 
     async def put_replica_progress(

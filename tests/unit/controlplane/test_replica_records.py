@@ -6,20 +6,16 @@ import json
 import random
 from types import MappingProxyType
 
-from graylane.controlplane.store.replicas import _encoder, _SortedJson
+from graylane.controlplane.store.replicas import _KeptMapJson, _proxy_map
 
 
 def _old_proxies(proxies: dict[str, str]) -> str:
     return json.dumps(dict(sorted(proxies.items())))
 
 
-def _old_nodes(nodes: frozenset[str]) -> str:
-    return json.dumps(sorted(nodes))
-
-
 def test_a_map_that_grows_shrinks_and_changes_encodes_as_json_dumps_of_it_sorted() -> None:
     rng = random.Random(12)
-    encoder = _SortedJson(as_object=True)
+    encoder = _KeptMapJson()
     assert encoder.encode({}) == "{}" == _old_proxies({})
     proxies: dict[str, str] = {}
     names = [f"node-{i}" for i in range(3000)] + ['quo"te', "back\\slash", "ünï-cödé", "tab\tid", ""]
@@ -44,26 +40,12 @@ def test_a_map_that_grows_shrinks_and_changes_encodes_as_json_dumps_of_it_sorted
     assert encoder.encode({}) == "{}"
 
 
-def test_a_node_set_encodes_as_json_dumps_of_it_sorted() -> None:
-    rng = random.Random(7)
-    encoder = _SortedJson(as_object=False)
-    nodes: set[str] = set()
-    for step in range(50):
-        if step % 5 == 4:
-            nodes -= set(rng.sample(sorted(nodes), min(len(nodes), 20)))
-        else:
-            nodes |= {f"n{rng.randint(0, 5000)}" for _ in range(rng.choice([1, 10, 600]))}
-        fixed = frozenset(nodes)
-        assert encoder.encode(fixed) == _old_nodes(fixed)
-        assert encoder.encode(fixed) == _old_nodes(fixed)  # kept, by identity
-    assert encoder.encode(frozenset()) == "[]"
-
-
 def test_each_identity_keeps_its_own_encodings_and_only_a_few_are_kept() -> None:
-    a, b = _encoder("proxies", "ra"), _encoder("proxies", "rb")
-    assert a is not b and _encoder("proxies", "ra") is a and _encoder("nodes", "ra") is not a
+    a, b = _proxy_map("ra"), _proxy_map("rb")
+    assert a is not b and _proxy_map("ra") is a
     assert a.encode({"x": "1"}) == '{"x": "1"}' and b.encode({"y": "2"}) == '{"y": "2"}'
     for i in range(20):
-        _encoder("nodes", f"other-{i}")
-    fresh = _encoder("proxies", "ra")  # dropped: a new one, still correct
+        _proxy_map(f"other-{i}")
+    fresh = _proxy_map("ra")  # dropped: a new one, still correct
+    assert fresh is not a
     assert fresh.encode({"x": "1", "z": "3"}) == '{"x": "1", "z": "3"}'
