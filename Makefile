@@ -116,12 +116,14 @@ demo: $(STAMP) etcd node ui
 demo-dashboard: $(STAMP) etcd ui
 	$(BIN)/graylane demo --unattended --keep-running
 
+# Two pytest workers (pytest-xdist), each taking whole test files: module fixtures (a two-cluster
+# layout, an Envoy) are set up once per file, as in one process.
 test: $(STAMP) etcd prometheus node fleet-node fleet-c ui browser
 	$(BIN)/python -P protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(MAKE) --no-print-directory typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The long fault scenarios (etcd quorum loss, replica kill -9 / SIGSTOP, control-plane stalls
 # with agents): real processes, each bounded in time; left out of `make test` for its 10 minutes.

@@ -345,12 +345,12 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
 ) -> None:
     layout = fresh
     await start_release(layout, weight=50)  # east's traffic crosses to west and back
-    stall = 15.0
+    stall = 3 * TTL  # every agent lease lapses in etcd well before the control plane runs again
     mark = layout.serve.log_mark()
     agent_marks = layout.log_marks()
+    load_seconds = 2 + stall + 8  # 2 s before the stall, the stall, 8 s after the control plane runs again
     loads = [
-        # 2 s before the stall, the stall, 8 s after the control plane runs again.
-        await load_process(cluster.sidecar.listen_port, 2 + stall + 8, headers)
+        await load_process(cluster.sidecar.listen_port, load_seconds, headers)
         for cluster in (layout.east, layout.west)
         for headers in ({}, clusters.RULE_HEADER)
         if cluster.sidecar is not None
@@ -373,7 +373,8 @@ async def test_no_request_fails_across_a_control_plane_stall_longer_than_the_age
     for result in results:
         print("stall load:", result)
     for result in results:
-        assert result["sent"] > 2000 and result["ok"] == result["sent"], results
+        # Paced at 100/s: most of the run's requests went out (none held back by the stall).
+        assert result["sent"] > 80 * load_seconds and result["ok"] == result["sent"], results
     assert "did not run for" in layout.serve.log_text()[mark:] or "lapsed" in layout.serve.log_text()[mark:]
     # The control plane held its views: no agent had to hold one that dropped its own endpoints.
     for name, at in agent_marks.items():

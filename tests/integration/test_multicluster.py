@@ -171,6 +171,15 @@ class RawAgent:
 
         Without an error, returns once a view arrived after the last message was sent.
         """
+        for _ in range(_LOST_STATUS_ATTEMPTS - 1):
+            received, error = await self._exchange_once(hello, then, timeout)
+            if received or not _status_lost(error):
+                return received, error
+        return await self._exchange_once(hello, then, timeout)
+
+    async def _exchange_once(
+        self, hello: apb.AgentHello, then: tuple[apb.AgentMessage, ...], timeout: float
+    ) -> tuple[list[apb.ControlMessage], grpc.aio.AioRpcError | None]:
         outbox: asyncio.Queue[apb.AgentMessage | None] = asyncio.Queue()
         outbox.put_nowait(apb.AgentMessage(hello=hello))
 
@@ -191,17 +200,23 @@ class RawAgent:
                         elif not then:
                             return received, None
             except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core":
-                    # The client's write of the hello raced the server's refusal: grpc reports
-                    # the failed send, and the call itself holds the status the server sent.
-                    async with asyncio.timeout(5):
-                        code, details = await call.code(), await call.details()
-                    exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
                 return received, exc
             finally:
                 outbox.put_nowait(None)  # ends the request stream, so nothing is left pending
                 call.cancel()
         return received, None
+
+
+# A refusal made from the headers alone (no credential) can cross the client's write of the
+# hello: grpc then fails that write and ends the call INTERNAL, and the status the server sent
+# is lost on the client's side. Nothing was written by then, so the exchange is made again.
+_LOST_STATUS_ATTEMPTS = 5
+
+
+def _status_lost(error: grpc.aio.AioRpcError | None) -> bool:
+    return (
+        error is not None and error.code() is grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+    )
 
 
 def probe_hello(**fields: str) -> apb.AgentHello:

@@ -32,6 +32,9 @@ pytestmark = [pytest.mark.etcd, pytest.mark.envoy]
 
 PROMETHEUS_HINT = "the `prometheus` binary is not on PATH; install it (Debian: `apt-get install prometheus`; make does)"
 REQUESTS = 600
+# The source answers every INTERVAL s about Prometheus as of DELAY s before; Prometheus
+# scrapes every second, so each answer finds the scrapes up to its instant.
+INTERVAL, DELAY = 1.5, 1.0
 
 
 @contextlib.contextmanager
@@ -88,7 +91,7 @@ async def test_a_prometheus_that_scrapes_the_envoys_feeds_the_windows(
         v1 = await stack.enter_async_context(Upstream("checkout", "v1"))
         admin_port = free_port()
         prometheus_url = stack.enter_context(prometheus_scraping(admin_port, tmp_path))
-        source = PrometheusQuerySource(prometheus_url, interval=3.0, delay=1.5)
+        source = PrometheusQuerySource(prometheus_url, interval=INTERVAL, delay=DELAY)
         stack.push_async_callback(source.aclose)
         plane = await stack.enter_async_context(
             ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0", metrics_source=source).running()
@@ -119,5 +122,5 @@ async def test_a_prometheus_that_scrapes_the_envoys_feeds_the_windows(
         async with asyncio.timeout(40):
             while window().requests < REQUESTS:
                 await asyncio.sleep(0.2)
-        await asyncio.sleep(4)  # one answer more adds nothing
+        await asyncio.sleep(2 * INTERVAL + 0.5)  # two answers more add nothing
         assert (window().requests, window().errors) == (REQUESTS, load.statuses[500])
