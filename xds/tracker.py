@@ -7,7 +7,9 @@ once with all its state: `proxies()` holds exactly the streams open now.
 
 Owns: per open stream, its node, its metadata, per resource type the last
 ACKed version (and per-resource versions), the last NACK with Envoy's message, and a short
-log of what was pushed to it. A NACK is data: it is recorded here, never raised.
+log of what was pushed to it. A NACK is data: it is recorded here, never raised. Per
+metadata key a reader asks for (`metadata_index`): the open streams that state a value
+under it, per node id, kept as streams open and end.
 
 Readers get frozen `ProxyStatus` values (`proxies()`), and wait for changes with a change
 sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. That is how
