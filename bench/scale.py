@@ -291,6 +291,7 @@ class LongHandles:
         self.longest: list[tuple[float, float, str]] = []  # (CPU ms, wall ms, what), longest first
         self.count = 0
         self.over = 0  # steps over `over_ms` of CPU
+        self.phases: list[tuple[str, int, int, list[tuple[float, float, str]]]] = []  # closed by `phase`
         self._saved: Any = None
 
     def __enter__(self) -> LongHandles:
@@ -325,9 +326,20 @@ class LongHandles:
 
         events.Handle._run = self._saved  # type: ignore[method-assign]
 
+    def phase(self, name: str) -> None:
+        """Close the steps counted since the last call under `name` (the bench's phases:
+        setup, connect, changes), so that each is reported on its own."""
+        self.phases.append((name, self.count, self.over, list(self.longest)))
+        self.count = self.over = 0
+        self.longest = []
+
     def describe(self) -> list[str]:
-        out = [f"loop steps: {self.count:,}, over {self.over_ms:g} ms of CPU: {self.over:,}; longest (CPU / wall ms):"]
-        out += [f"    {cpu:6.1f} / {wall:6.1f}  {what}" for cpu, wall, what in self.longest]
+        out = []
+        for name, count, over, longest in self.phases or [("whole run", self.count, self.over, self.longest)]:
+            out.append(
+                f"loop steps, {name}: {count:,}, over {self.over_ms:g} ms of CPU: {over:,}; longest (CPU / wall ms):"
+            )
+            out += [f"    {cpu:6.1f} / {wall:6.1f}  {what}" for cpu, wall, what in longest]
         return out
 
 
@@ -733,6 +745,8 @@ async def bench_fleet(
             )
         probe.phase()
         probe.cpu_phase()
+        if long_handles is not None:
+            long_handles.phase("setup (services, release, real Envoys)")
 
         t_connect = time.monotonic()
         workers: list[Worker | NodeWorker] = start_workers(
@@ -771,6 +785,8 @@ async def bench_fleet(
         )
         res.lag_connect_ms = probe.phase()
         res.cpu_lag_connect_ms = probe.cpu_phase()
+        if long_handles is not None:
+            long_handles.phase("connect")
         connected_at = time.monotonic()
         if os.environ.get("GRAYLANE_BENCH_GC_FREEZE"):
             # Experiment: what the collector costs once the connected fleet's objects are
@@ -965,6 +981,7 @@ async def bench_fleet(
             if facts_reads is not None:
                 print("  " + facts_reads.describe(), flush=True)
             if long_handles is not None:
+                long_handles.phase("changes")
                 print("\n".join("  " + line for line in long_handles.describe()), flush=True)
             if profiler is not None:
                 profiler.disable()
