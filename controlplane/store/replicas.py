@@ -152,7 +152,9 @@ class _KeptSetJson:
         if items is self._set:
             return self._text
         added = items - self._set
-        gone = self._set - items
+        # The ids gone only when some are (len(old) + len(added) - len(new) of them): a
+        # connecting fleet only adds, and each difference is a pass over every id.
+        gone = self._set - items if len(self._set) + len(added) > len(items) else frozenset()
         if len(added) + len(gone) > self._PLACE_LIMIT:
             self._order = sorted(items)
             self._encoded = [json.dumps(i) for i in self._order]
