@@ -82,6 +82,7 @@ class FleetResult:
     cpu_lag_max_ms: float = 0.0
     api_ms: list[float] = field(default_factory=list)
     api_change_ms: list[float] = field(default_factory=list)  # calls that ended during the changes
+    api_connect_ms: list[float] = field(default_factory=list)  # calls that ended while the fleet connected
     lag_change_p99_ms: float = float("nan")
     gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
     gc_max_ms: list[float] = field(default_factory=list)
@@ -291,6 +292,7 @@ class LongHandles:
         self.longest: list[tuple[float, float, str]] = []  # (CPU ms, wall ms, what), longest first
         self.count = 0
         self.over = 0  # steps over `over_ms` of CPU
+        self.phases: list[tuple[str, int, int, list[tuple[float, float, str]]]] = []  # closed by `phase`
         self._saved: Any = None
 
     def __enter__(self) -> LongHandles:
@@ -325,9 +327,20 @@ class LongHandles:
 
         events.Handle._run = self._saved  # type: ignore[method-assign]
 
+    def phase(self, name: str) -> None:
+        """Close the steps counted since the last call under `name` (the bench's phases:
+        setup, connect, changes), so that each is reported on its own."""
+        self.phases.append((name, self.count, self.over, list(self.longest)))
+        self.count = self.over = 0
+        self.longest = []
+
     def describe(self) -> list[str]:
-        out = [f"loop steps: {self.count:,}, over {self.over_ms:g} ms of CPU: {self.over:,}; longest (CPU / wall ms):"]
-        out += [f"    {cpu:6.1f} / {wall:6.1f}  {what}" for cpu, wall, what in self.longest]
+        out = []
+        for name, count, over, longest in self.phases or [("whole run", self.count, self.over, self.longest)]:
+            out.append(
+                f"loop steps, {name}: {count:,}, over {self.over_ms:g} ms of CPU: {over:,}; longest (CPU / wall ms):"
+            )
+            out += [f"    {cpu:6.1f} / {wall:6.1f}  {what}" for cpu, wall, what in longest]
         return out
 
 
@@ -733,6 +746,8 @@ async def bench_fleet(
             )
         probe.phase()
         probe.cpu_phase()
+        if long_handles is not None:
+            long_handles.phase("setup (services, release, real Envoys)")
 
         t_connect = time.monotonic()
         workers: list[Worker | NodeWorker] = start_workers(
@@ -753,12 +768,15 @@ async def bench_fleet(
         prober = Prober(local.api_target, RELEASE, max_calls=100_000, max_seconds=budget + 60)
 
         changes_window = [0.0, 0.0]
+        connect_window = [time.time(), 0.0]  # from the first worker started to all configured
 
         async def stop_prober() -> None:
             calls = await prober.stop()
             res.api_ms = [ms for _, ms, code in calls if code == "OK"]
             start, end = changes_window
             res.api_change_ms = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
+            start, end = connect_window
+            res.api_connect_ms = [ms for t, ms, code in calls if code == "OK" and start <= t <= end]
             res.api_errors = sum(1 for *_, code in calls if code != "OK")
             if trace is not None:
                 print("\n".join(trace.report(calls, changes_window)), flush=True)
@@ -769,8 +787,11 @@ async def bench_fleet(
         await wait_configured(
             workers, res, t_connect=t_connect, connect_timeout=connect_timeout, started=started, budget=budget
         )
+        connect_window[1] = time.time()
         res.lag_connect_ms = probe.phase()
         res.cpu_lag_connect_ms = probe.cpu_phase()
+        if long_handles is not None:
+            long_handles.phase("connect")
         connected_at = time.monotonic()
         if os.environ.get("GRAYLANE_BENCH_GC_FREEZE"):
             # Experiment: what the collector costs once the connected fleet's objects are
@@ -965,6 +986,7 @@ async def bench_fleet(
             if facts_reads is not None:
                 print("  " + facts_reads.describe(), flush=True)
             if long_handles is not None:
+                long_handles.phase("changes")
                 print("\n".join("  " + line for line in long_handles.describe()), flush=True)
             if profiler is not None:
                 profiler.disable()
@@ -1101,6 +1123,11 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
             f"({res.cpu_lag_connect_ms:.0f} / {res.cpu_lag_change_ms:.0f} / {res.cpu_lag_max_ms:.0f} ms CPU)",
         ),
         ("event-loop lag p99 during the changes (10 ms probe)", f"{res.lag_change_p99_ms:.0f} ms"),
+        (
+            "API GetRelease p50 / p99 / max while the fleet connects",
+            f"{pct(res.api_connect_ms, 0.5):.1f} / {pct(res.api_connect_ms, 0.99):.1f} / "
+            f"{max(res.api_connect_ms, default=float('nan')):.0f} ms ({len(res.api_connect_ms)} calls)",
+        ),
         (
             "API GetRelease p50 / p99 / max during the changes",
             f"{pct(res.api_change_ms, 0.5):.1f} / {pct(res.api_change_ms, 0.99):.1f} / "

@@ -7,7 +7,9 @@ once with all its state: `proxies()` holds exactly the streams open now.
 
 Owns: per open stream, its node, its metadata, per resource type the last
 ACKed version (and per-resource versions), the last NACK with Envoy's message, and a short
-log of what was pushed to it. A NACK is data: it is recorded here, never raised.
+log of what was pushed to it. A NACK is data: it is recorded here, never raised. Per
+metadata key a reader asks for (`metadata_index`): the open streams that state a value
+under it, per node id, kept as streams open and end.
 
 Readers get frozen `ProxyStatus` values (`proxies()`), and wait for changes with a change
 sequence: `seq = tracker.seq; ...; seq = await tracker.wait_for_change(seq)`. That is how
@@ -137,6 +139,44 @@ class ProxyStatus:
         return ack is not None and ack.resources.get(name) == version
 
 
+class MetadataIndex:
+    """The open streams whose node metadata holds a non-empty string under one key, per node
+    id, kept as streams open and end (`ProxyTracker.metadata_index`): a reader of, say, every
+    proxy's admin address reads again only the node ids whose streams came or went since it
+    last asked (`take_changed`), not every open stream (10,000 of them while a fleet connects,
+    one at a time). One reader per key: `take_changed` hands the changes over once."""
+
+    __slots__ = ("key", "_by_node", "_changed")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._by_node: dict[str, dict[str, str]] = {}  # node id -> {stream: value}, oldest stream first
+        self._changed: set[str] = set()
+
+    def values(self, node_id: str) -> tuple[str, ...]:
+        """The values of `node_id`'s open streams that state one, oldest stream first."""
+        streams = self._by_node.get(node_id)
+        return tuple(streams.values()) if streams else ()
+
+    def take_changed(self) -> set[str]:
+        """The node ids whose streams with a value opened or ended since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def _add(self, node_id: str, stream: str, metadata: Mapping[str, Any]) -> None:
+        value = metadata.get(self.key)
+        if isinstance(value, str) and value:
+            self._by_node.setdefault(node_id, {})[stream] = value
+            self._changed.add(node_id)
+
+    def _remove(self, node_id: str, stream: str) -> None:
+        streams = self._by_node.get(node_id)
+        if streams is not None and streams.pop(stream, None) is not None:
+            self._changed.add(node_id)
+            if not streams:
+                del self._by_node[node_id]
+
+
 @dataclass(slots=True, eq=False)
 class _Record:
     """The mutable state of one open stream; read as a frozen `ProxyStatus` (`view`).
@@ -207,6 +247,7 @@ class ProxyTracker:
         # until pruned; `_horizon`: the newest sequence pruned with them.
         self._journal: dict[str, int] = {}
         self._horizon = 0
+        self._indexes: dict[str, MetadataIndex] = {}  # metadata key -> its index (`metadata_index`)
 
     @property
     def seq(self) -> int:
@@ -273,6 +314,17 @@ class ProxyTracker:
         only who is connected."""
         return [(record.node_id, record.metadata) for record in self._proxies.values()]
 
+    def metadata_index(self, key: str) -> MetadataIndex:
+        """The index of the open streams' values of metadata `key` (see `MetadataIndex`),
+        made on the first call (every node id then counts as changed) and kept up to date
+        from then on as streams open and end."""
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = MetadataIndex(key)
+            for record in self._proxies.values():  # oldest first
+                index._add(record.node_id, record.stream, record.metadata)
+        return index
+
     def open_streams(self) -> int:
         """How many streams are open now (without building their statuses)."""
         return len(self._proxies)
@@ -334,6 +386,8 @@ class ProxyTracker:
             stream=stream,
             connected_at=now(),
         )
+        for index in self._indexes.values():
+            index._add(node.id, stream, self._proxies[stream].metadata)
         self._membership += 1
         self._touch(stream)
         self._tell(ProxyEvent(CONNECTED, node.id, stream=stream))
@@ -344,6 +398,8 @@ class ProxyTracker:
         if record is None:
             return
         multimap.discard(self._by_node, record.node_id, stream)
+        for index in self._indexes.values():
+            index._remove(record.node_id, stream)
         self._membership += 1
         self._touch(stream)
         self._prune_journal()

@@ -117,13 +117,12 @@ class ReplicaRegistry:
                 else:
                     proxies = admin_addresses(self.tracker)
                     if proxies is not written and proxies != written:
-                        # Listing the proxies and encoding them are each a few ms at 10,000
-                        # streams: two loop steps rather than one, so that streams and API
-                        # calls waiting meanwhile run between them.
-                        await asyncio.sleep(0)
                         await self.store.put_replica_proxies(self.identity, proxies, lease)
                         written = proxies
-                        proxies_written_at = loop.time()
+                    # Looked at now, written or not: the next look once the interval is over
+                    # (an unchanged mapping, say a fleet whose proxies state no admin
+                    # address, was looked at again on every tracker change).
+                    proxies_written_at = loop.time()
                 self._progress_changed.clear()
                 progress = self._progress
                 if progress != written_progress:

@@ -6,7 +6,7 @@ import json
 import random
 from types import MappingProxyType
 
-from graylane.controlplane.store.replicas import _KeptMapJson, _proxy_map
+from graylane.controlplane.store.replicas import _KeptMapJson, _KeptSetJson, _node_set, _proxy_map
 
 
 def _old_proxies(proxies: dict[str, str]) -> str:
@@ -49,3 +49,32 @@ def test_each_identity_keeps_its_own_encodings_and_only_a_few_are_kept() -> None
     fresh = _proxy_map("ra")  # dropped: a new one, still correct
     assert fresh is not a
     assert fresh.encode({"x": "1", "z": "3"}) == '{"x": "1", "z": "3"}'
+
+
+def test_a_node_set_that_grows_and_shrinks_encodes_as_json_dumps_of_it_sorted() -> None:
+    rng = random.Random(8)
+    encoder = _KeptSetJson()
+    assert encoder.encode(frozenset()) == "[]"
+    names = [f"fleet-{i}" for i in range(3000)] + ['quo"te', "back\\slash", "ünï-cödé", "tab\tid", ""]
+    rng.shuffle(names)
+    nodes: set[str] = set()
+    for step in range(80):
+        if step % 6 == 5:  # some streams end
+            nodes -= set(rng.sample(sorted(nodes), min(len(nodes), rng.randint(1, 30))))
+        elif step % 13 == 12:  # many end at once: past the limit, all encoded again
+            nodes -= set(rng.sample(sorted(nodes), len(nodes) // 2))
+        else:  # more connect: a few, or a burst past the limit
+            take = rng.choice([1, 2, 20, 300])
+            nodes |= set(names[:take])
+            del names[:take]
+        current = frozenset(nodes)
+        text = encoder.encode(current)
+        assert text == json.dumps(sorted(current))
+        assert encoder.encode(current) is text  # the same set: kept
+    assert encoder.encode(frozenset()) == "[]"
+
+
+def test_each_identity_keeps_its_own_node_set() -> None:
+    a, b = _node_set("sa"), _node_set("sb")
+    assert a is not b and _node_set("sa") is a
+    assert a.encode(frozenset({"x", "w"})) == '["w", "x"]' and b.encode(frozenset({"y"})) == '["y"]'

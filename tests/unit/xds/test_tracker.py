@@ -101,3 +101,33 @@ def test_connections_are_the_open_streams_oldest_first_as_proxies_has_them(monke
         if i % 7 == 0:
             ordered = sorted(t.proxies().values(), key=lambda p: p.connected_at)
             assert t.connections() == [(p.node_id, p.metadata) for p in ordered]
+
+
+def test_a_metadata_index_follows_the_streams_that_state_the_key_per_node_oldest_first() -> None:
+    t = ProxyTracker()
+
+    def open_with(stream: str, **metadata: object) -> None:
+        node = base_pb2.Node(id=stream.partition("#")[0])
+        node.metadata.update(metadata)
+        t.connected(node, stream=stream, key="k", protocol=tr.SOTW)
+
+    open_with("a#1", admin="1.1.1.1:1")
+    open_with("b#2")  # states no value: not indexed
+    open_with("c#3", admin="")  # an empty one neither
+    open_with("d#4", admin=7)  # nor a number
+    index = t.metadata_index("admin")  # made now, from the streams already open
+    assert t.metadata_index("admin") is index
+    assert index.take_changed() == {"a"} and index.take_changed() == set()
+    assert index.values("a") == ("1.1.1.1:1",) and index.values("b") == index.values("c") == ()
+    open_with("a#5", admin="2.2.2.2:2")
+    open_with("b#6")
+    assert index.take_changed() == {"a"}
+    assert index.values("a") == ("1.1.1.1:1", "2.2.2.2:2")
+    t.disconnected("a#1")
+    t.disconnected("b#2")
+    t.disconnected("b#6")
+    assert index.take_changed() == {"a"} and index.values("a") == ("2.2.2.2:2",)
+    t.disconnected("a#5")
+    assert index.take_changed() == {"a"} and index.values("a") == ()
+    t.disconnected("a#5")  # an unknown stream: nothing
+    assert index.take_changed() == set()
