@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.api.tls import ClientTls
 from graylane.controlplane.app import ControlPlane
@@ -412,6 +413,16 @@ async def bench_reached(
             scrapes.append((began, time.perf_counter()))
 
     EnvoyAdminSource.collect = collect_noted  # type: ignore[method-assign]
+    # GRAYLANE_BENCH_SCRAPE_CONCURRENCY=N: the scraper reads at most N admin endpoints at once
+    # (A/B: one Envoy's main thread busy with its /stats at a time, against all of them).
+    original_scraper_init = EnvoyStatsScraper.__init__
+    if os.environ.get("GRAYLANE_BENCH_SCRAPE_CONCURRENCY"):
+        limit = int(os.environ["GRAYLANE_BENCH_SCRAPE_CONCURRENCY"])
+
+        def scraper_init(self: EnvoyStatsScraper, *args: Any, **kwargs: Any) -> None:
+            original_scraper_init(self, *args, **{**kwargs, "max_concurrency": limit})
+
+        EnvoyStatsScraper.__init__ = scraper_init  # type: ignore[method-assign]
     passes.reconcile = timed  # type: ignore[method-assign]
     tracker.acked = noting  # type: ignore[method-assign]
     plane.cache.set_snapshot = set_noted  # type: ignore[method-assign]
@@ -475,6 +486,7 @@ async def bench_reached(
         tracker.acked = original_acked  # type: ignore[method-assign]
         plane.cache.set_snapshot = original_set  # type: ignore[method-assign]
         EnvoyAdminSource.collect = original_collect  # type: ignore[method-assign]
+        EnvoyStatsScraper.__init__ = original_scraper_init  # type: ignore[method-assign]
         gc.callbacks.remove(collected)
     return out
 
