@@ -31,8 +31,7 @@ process (step i runs variant i % (names + 1), 0 the code as it is), so each is m
 under the same load and set-up; the marks are then printed per variant as well. Variants:
 `aio_txn` (transactions on the loop's grpc.aio channel), `aio_unary` (every unary call
 there), `blocking` (every unary call in the worker threads, whatever the store would pick),
-`no_publish` (this replica's count not handed to the registry: no progress write),
-`publish_at_once` (a lone leader hands its count over at once, as before 2026-12-02).
+`no_publish` (this replica's count not handed to the registry: no progress write).
 GRAYLANE_PROFILE_CPROFILE=N runs cProfile on the loop's thread from each NextBatch call to the
 last Envoy's ACK, and prints the N functions with the most own time over the steps (the
 profiler's cost inflates every figure: read it for shares, not for wall time).
@@ -359,21 +358,8 @@ def _variants(store: Any) -> list[tuple[str, Callable[[], None], Callable[[], No
         "blocking": always_blocking,
     }
     names = [n for n in os.environ.get("GRAYLANE_PROFILE_ALTERNATE", "").split(",") if n]
-    hold = getattr(convergence, "_ALONE_HOLD_SECONDS", None)
-
-    def publish_at_once() -> None:
-        # A lone leader hands its count over at once, as before 2026-12-02 (two progress
-        # writes per NextBatch, beside the step's own transactions).
-        convergence._ALONE_HOLD_SECONDS = 0.0  # type: ignore[attr-defined]
-
-    def restore_hold() -> None:
-        if hold is not None:
-            convergence._ALONE_HOLD_SECONDS = hold  # type: ignore[attr-defined]
-        restore()
-
     known["no_publish"] = no_publish
-    known["publish_at_once"] = publish_at_once
-    offs = {"no_publish": restore_publisher, "publish_at_once": restore_hold}
+    offs = {"no_publish": restore_publisher}
     return [("as is", lambda: None, restore)] + [(n, known[n], offs.get(n, restore)) for n in names]
 
 

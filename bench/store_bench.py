@@ -910,10 +910,6 @@ def section(rows: Sequence[Sequence[str]]) -> str:
 
 
 async def main(argv: Sequence[str] = ()) -> str:
-    if os.environ.get("GRAYLANE_BENCH_ALONE_HOLD"):  # A/B: a lone leader's hold of its count (0: at once)
-        from graylane.controlplane.reconcile import convergence
-
-        convergence._ALONE_HOLD_SECONDS = float(os.environ["GRAYLANE_BENCH_ALONE_HOLD"])
     sizes = [int(a) for a in argv[:3]]
     rows = count_rows()
     rows += await cold_start(**dict(zip(("releases", "events", "live"), sizes, strict=False)))

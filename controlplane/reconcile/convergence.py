@@ -14,9 +14,6 @@ changed since its last count, and written only when its numbers change (a count 
 grows is written at most every `PROGRESS_INTERVAL_SECONDS`). A batch just reached is written
 first; count-only writes go on for `_WRITE_SLICE_SECONDS` of a pass, and the rest are the
 next pass's, so a `reached` never waits behind a whole fleet's worth of count changes.
-A leader that no other replica publishes beside keeps its own count back for up to
-`_ALONE_HOLD_SECONDS` while the count last handed over says no more than the current one
-(nobody reads it then, and its two writes per NextBatch queued at etcd beside `reached`).
 
 Concurrency: one asyncio loop; `reconcile` is one pass, run by `DataPlane`'s proxy
 follower, which retries it on any error (nothing here ends a loop).
@@ -112,10 +109,6 @@ class Convergence:
         self._releases_changed: set[str] | None = None
         # (view, effective view, facts sequence) -> what `_uniform` found for them
         self._uniform_for: tuple[xv.RoutingView, xv.RoutingView, int, _Uniform | None] | None = None
-        # The count last handed to the publisher, with the node ids it went with, and since
-        # when a lone leader keeps a newer one back (`_hold_alone`).
-        self._handed: tuple[dict[str, ReplicaProgress], frozenset[str]] | None = None
-        self._alone_since: float | None = None
         # Other replicas' counts (and those gone silent), merged into each release's.
         self._replicas = OtherReplicas(
             tracker, identity=identity, agents=agents, stale_seconds=stale_seconds, on_due=wake
@@ -289,38 +282,10 @@ class Convergence:
                 if made is None or made[0] is not p or made[1] != fp:
                     made = self._published[name] = (p, fp, ReplicaProgress(fp, p.proxies, p.converged, p.scoped_out))
                 mine[name] = made[2]
-            nodes = self._own.nodes()
-            if leading and not others and self._hold_alone(mine, nodes, now):
-                assert self._alone_since is not None
-                deadlines.append(self._alone_since + _ALONE_HOLD_SECONDS)
-            else:
-                self._alone_since = None
-                held_until = self._publisher.publish(mine, nodes, now)
-                if held_until is not None:
-                    deadlines.append(held_until)
-                else:  # handed over (or the same as handed over before)
-                    self._handed = (mine, nodes)
+            held_until = self._publisher.publish(mine, self._own.nodes(), now)
+            if held_until is not None:
+                deadlines.append(held_until)
         self._wake_at(min(deadlines) if deadlines else None, now)
-
-    def _hold_alone(self, mine: dict[str, ReplicaProgress], nodes: frozenset[str], now: float) -> bool:
-        """Whether this replica, leading with no other replica publishing, keeps its count
-        back for now (up to `_ALONE_HOLD_SECONDS` from the first count kept back): nobody
-        reads it then, and each NextBatch made two writes of it (the target moved, then
-        converged) whose transactions and watch batches landed between the ACK and the
-        `reached` write (~3 ms of the path here). Only a count the last one handed over
-        does not overstate is kept back (`_handed_is_safe`), with the same proxies (a new
-        or gone stream is published at once, as is any count once another replica appears
-        or leadership moves: both start a pass)."""
-        handed = self._handed
-        if handed is None or handed[1] is not nodes or handed[0] == mine:
-            return False
-        if self._agents is not None and self._agents.sessions:
-            return False  # (the fleet published also names the agents' clusters)
-        if not _handed_is_safe(handed[0], mine):
-            return False
-        if self._alone_since is None:
-            self._alone_since = now
-        return now < self._alone_since + _ALONE_HOLD_SECONDS
 
     def _followed_releases(self, snap: Snapshot) -> dict[str, model.Release]:
         """`snap`'s followed releases by name, kept from the last pass: only the releases
@@ -630,28 +595,6 @@ _CLOCK_EVERY = 64
 # How long after a release's target moves its "0 of N converged" status is taken as said by
 # the move itself (the names of the proxies yet to ACK are written after it, if still due).
 _MOVE_GRACE_SECONDS = 0.5
-
-
-# How long a lone leader keeps a changed count back before handing it to the registry
-# (`Convergence._hold_alone`; 0: at once, as other replicas do).
-_ALONE_HOLD_SECONDS = PROGRESS_INTERVAL_SECONDS
-
-
-def _handed_is_safe(handed: Mapping[str, ReplicaProgress], now: Mapping[str, ReplicaProgress]) -> bool:
-    """Whether the count `handed` over says no more than `now` does, read as the leader
-    reads another replica's (`OtherReplicas.merged`): for every release it names, either
-    counted against another target (its proxies then count as not carrying the current
-    one) or the same proxies with no more of them converged. A target that moves back to
-    the one handed over, its proxies not there yet, is published at once."""
-    for name, was in handed.items():
-        current = now.get(name)
-        if current is None:
-            return False  # no longer counted here: not kept back
-        if current.lane == was.lane and (
-            (current.proxies, current.scoped_out) != (was.proxies, was.scoped_out) or current.converged < was.converged
-        ):
-            return False
-    return True
 
 
 def _converging(written: tuple[float, str, views.Progress], fingerprint: str, p: views.Progress, now: float) -> bool:
