@@ -20,13 +20,18 @@ keeps the logs); GRAYLANE_PROFILE_ENVOY_CONCURRENCY=N sets the Envoys' worker th
 GRAYLANE_BENCH_ENVOY_ALL_STATS=1 drops the bootstraps' stats_matcher (bench/store_bench.py);
 GRAYLANE_PROFILE_SET_SLICE=SECONDS sets the data plane's slice of loop time (0: a loop step
 after the build and between keys, as before 2026-12-01 evening);
-GRAYLANE_PROFILE_TXN_ON_LOOP=1 and GRAYLANE_PROFILE_SWITCH_INTERVAL=SECONDS as below.
+GRAYLANE_PROFILE_TXN_ON_LOOP=1 and GRAYLANE_PROFILE_SWITCH_INTERVAL=SECONDS as below;
+GRAYLANE_PROFILE_GAP / _SETTLE (seconds before and after each step: 0.3 / 0.6; the bench's
+own are 0.05 / 0), GRAYLANE_PROFILE_SLOWEST=N (timelines of the N slowest steps) and
+GRAYLANE_PROFILE_START=1 (step a release not yet live, as the bench does: its first step
+adds a cluster).
 
 GRAYLANE_PROFILE_ALTERNATE=NAME[,NAME...] alternates variants step by step in this one
 process (step i runs variant i % (names + 1), 0 the code as it is), so each is measured
 under the same load and set-up; the marks are then printed per variant as well. Variants:
 `aio_txn` (transactions on the loop's grpc.aio channel), `aio_unary` (every unary call
-there), `blocking` (every unary call in the worker threads, whatever the store would pick).
+there), `blocking` (every unary call in the worker threads, whatever the store would pick),
+`no_publish` (this replica's count not handed to the registry: no progress write).
 GRAYLANE_PROFILE_CPROFILE=N runs cProfile on the loop's thread from each NextBatch call to the
 last Envoy's ACK, and prints the N functions with the most own time over the steps (the
 profiler's cost inflates every figure: read it for shares, not for wall time).
@@ -73,6 +78,11 @@ from graylane.xds import (  # noqa: E402
 from graylane.xds.resources import ROUTE  # noqa: E402
 
 STEPS = 10
+# Seconds before each step and after it (the bench's own steps: 0.05 and 0; env
+# GRAYLANE_PROFILE_GAP / GRAYLANE_PROFILE_SETTLE): with the bench's spacing, what a step
+# leaves behind (grace writes, progress) falls into the next one.
+GAP = float(os.environ.get("GRAYLANE_PROFILE_GAP", "0.3"))
+SETTLE = float(os.environ.get("GRAYLANE_PROFILE_SETTLE", "0.6"))
 LOG: list[tuple[float, float, str, str]] = []  # (start, end, stage, thread)
 # Release writes during the steps: revision -> (issued, answer back on the loop), and when
 # the store follower applied each revision from its watch: which comes first?
@@ -80,6 +90,7 @@ WRITES: dict[int, tuple[float, float]] = {}
 WRITE_VARIANT: dict[int, str] = {}  # revision -> the variant of the step that wrote it
 VARIANT = ["as is"]  # the variant of the step under way
 APPLIED: dict[int, float] = {}
+PLANE: list[Any] = []  # the control plane under test (variants reach into it)
 
 
 def _record(stage: str, t0: float, t1: float) -> None:
@@ -187,12 +198,15 @@ def instrument() -> None:
             t = time.perf_counter()
             await send(data)
             _record(f"grpc: send ({'>' if len(data) > 100_000 else '<='}100 kB)", t, time.perf_counter())
+            if len(data) > 100_000:
+                _record(f"grpc: send of {len(data) // 1000} kB", t, time.perf_counter())
 
         async def received() -> AsyncIterator[Any]:
             async for request in requests:
                 t = time.perf_counter()
-                if getattr(request, "type_url", "") == ROUTE:
-                    _record("grpc: RDS request received", t, t)
+                kind = getattr(request, "type_url", "").rsplit(".", 1)[-1]
+                if kind:  # (RouteConfiguration: the RDS ACK, or a request)
+                    _record(f"grpc: {kind} request received", t, t)
                 yield request
 
         await run(self, received(), send_timed)
@@ -324,13 +338,29 @@ def _variants(store: Any) -> list[tuple[str, Callable[[], None], Callable[[], No
         if policy is not None:
             store._aio_when = None
 
+    saved_publisher: list[Any] = []
+
+    def no_publish() -> None:
+        # This replica's count is not handed to the registry (no progress/<identity> write
+        # beside the step's own transactions): what that write costs the path.
+        passes = PLANE[0].dataplane._convergence
+        saved_publisher[:] = [passes._publisher]
+        passes._publisher = None
+
+    def restore_publisher() -> None:
+        if saved_publisher:
+            PLANE[0].dataplane._convergence._publisher = saved_publisher.pop()
+        restore()
+
     known = {
         "aio_txn": aio(store._kv.Txn),
         "aio_unary": aio(*saved),
         "blocking": always_blocking,
     }
     names = [n for n in os.environ.get("GRAYLANE_PROFILE_ALTERNATE", "").split(",") if n]
-    return [("as is", lambda: None, restore)] + [(n, known[n], restore) for n in names]
+    known["no_publish"] = no_publish
+    offs = {"no_publish": restore_publisher}
+    return [("as is", lambda: None, restore)] + [(n, known[n], offs.get(n, restore)) for n in names]
 
 
 def run_queue_wait_ms(pid: int | None, tid: int | None = None) -> float:
@@ -454,8 +484,17 @@ def report(
         )
     last_acks = [m["the last Envoy's RDS ACK handled"] for m in marks]
     lines.append("  the last Envoy's RDS ACK per step, ms: " + " ".join(f"{a:.1f}" for a in last_acks))
-    slowest = max(range(len(steps)), key=lambda i: last_acks[i])
-    for title, step in (("one step's", steps[len(steps) // 2]), ("the slowest step's", steps[slowest])):
+    watched = [m["`reached` seen on a Watch stream (client process)"] for m in marks]
+    lines.append("  `reached` on the Watch per step, ms: " + " ".join(f"{a:.1f}" for a in watched))
+    lines.append(
+        "  run-queue wait per step, loop / etcd / envoys, ms: "
+        + " ".join(f"{m['wait loop']:.0f}/{m['wait etcd']:.0f}/{m['wait envoys']:.0f}" for m in marks)
+    )
+    shown_slow = int(os.environ.get("GRAYLANE_PROFILE_SLOWEST", "1"))
+    slow = sorted(range(len(steps)), key=lambda i: -last_acks[i])[:shown_slow]
+    shown = [("one step's", steps[len(steps) // 2])]
+    shown += [(f"a slow step's (#{i}, ACK {last_acks[i]:.1f} ms)", steps[i]) for i in slow]
+    for title, step in shown:
         lines.append(
             f"  {title} timeline (ms after the client's NextBatch call, duration ms; _write_progress calls left out):"
         )
@@ -482,6 +521,7 @@ async def main(envoys: int, count: int) -> str:
         plane = await stack.enter_async_context(
             ControlPlane(store, api_listen="127.0.0.1:0", xds_listen="127.0.0.1:0").running()
         )
+        PLANE[:] = [plane]
         target = f"127.0.0.1:{plane.api_port}"
         await sb.create_all(target, sb.RELEASES)
         for name in names[: sb.LIVE]:
@@ -513,7 +553,9 @@ async def main(envoys: int, count: int) -> str:
         stack.push_async_callback(client.close)
         dp = plane.dataplane
         await dp.wait_current(timeout=60)
-        name = names[sb.LIVE - 1]
+        # GRAYLANE_PROFILE_START=1: a release not yet live (as the bench's), whose first step
+        # starts it and so adds its gray cluster (CDS, EDS, then RDS, in that order).
+        name = names[-1] if os.environ.get("GRAYLANE_PROFILE_START") else names[sb.LIVE - 1]
         steps: list[dict[str, list[tuple[float, float, str]]]] = []
         marks: list[dict[str, float]] = []
         race_revisions: list[int] = []
@@ -529,7 +571,7 @@ async def main(envoys: int, count: int) -> str:
                 await client.ask(f"act restart {name}")
                 await dp.wait_current(timeout=30)
                 continue
-            await asyncio.sleep(0.3)  # the previous step's writes and passes settle
+            await asyncio.sleep(GAP)  # the previous step's writes and passes settle
             if server_before is None:
                 server_before = await asyncio.to_thread(etcd_server, etcd.endpoint)
                 envoy_cpu_before = (time.perf_counter(), [cpu_seconds(e.pid) for e in fleet])
@@ -550,7 +592,7 @@ async def main(envoys: int, count: int) -> str:
             await dp.wait_current(timeout=30)
             if profiler is not None:
                 profiler.disable()
-            await asyncio.sleep(0.6)  # what the step still causes (grace writes, progress)
+            await asyncio.sleep(SETTLE)  # what the step still causes (grace writes, progress)
             cpu = (time.process_time() - cpu0) * 1000
             variant[2]()
             t0 = out["t0"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import pathlib
@@ -31,6 +32,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from graylane.agent.stats import EnvoyStatsScraper
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.api.tls import ClientTls
 from graylane.controlplane.app import ControlPlane
@@ -42,6 +44,7 @@ from graylane.controlplane.lifecycle import cancel_and_wait
 from graylane.controlplane.local.envoy import EnvoyProcess, EnvoyTls
 from graylane.controlplane.local.etcd import EtcdProcess
 from graylane.controlplane.local.ports import free_port
+from graylane.controlplane.progression.metrics import EnvoyAdminSource
 from graylane.controlplane.reconcile import views
 from graylane.controlplane.store import EtcdStore, connect
 from graylane.controlplane.store._codec import _dump, _releases
@@ -344,9 +347,23 @@ async def bench_reached(
     stream and through GetRelease polled every REACHED_POLL s, the loop's longest stall
     meanwhile, and each convergence pass. With `envoy_tls` / `client_tls` the Envoys (of
     cluster "local") and the client use mutual TLS (bench/tls_bench.py)."""
-    from graylane.xds.resources import ROUTE
+    from graylane.xds.resources import CLUSTER, ROUTE
 
-    out: dict[str, list[float]] = {"reached": [], "watched": [], "acked": [], "lag": [], "passes": []}
+    # "routes_only": the acked figure of the steps that changed no cluster (a weight change);
+    # the others (the step that starts the release adds its gray cluster) also wait for
+    # Envoy's CDS of every cluster, then EDS, then RDS, in that order.
+    out: dict[str, list[float]] = {
+        "reached": [],
+        "watched": [],
+        "acked": [],
+        "lag": [],
+        "passes": [],
+        "routes_only": [],
+    }
+
+    def cluster_versions() -> set[str]:
+        return {snap[CLUSTER].version for p in tracker.proxies().values() if (snap := plane.cache.snapshot(p.key))}
+
     dp = plane.dataplane
     passes = dp._convergence  # the convergence pass: counting, and the status write
     original = passes.reconcile
@@ -364,8 +381,52 @@ async def bench_reached(
             acks.append((time.perf_counter(), stream, ack.version))
         original_acked(stream, type_url, ack)
 
+    # Per step, on stderr: when the snapshots were set, and each collector pass (generation, ms).
+    sets: list[float] = []
+    collections: list[tuple[int, float]] = []
+    gc_began = [0.0]
+    original_set = plane.cache.set_snapshot
+
+    def set_noted(key: str, resources: Any) -> None:
+        original_set(key, resources)
+        sets.append(time.perf_counter())
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_began[0] = time.perf_counter()
+        else:
+            collections.append((info.get("generation", -1), (time.perf_counter() - gc_began[0]) * 1000))
+
+    # The metrics scraper's reads of each Envoy's admin /stats (served on Envoy's main
+    # thread, which also applies xDS): when each ran, per step; GRAYLANE_BENCH_NO_SCRAPE=1
+    # leaves them out (A/B runs: whether they stretch the ACKs).
+    scrapes: list[tuple[float, float]] = []
+    original_collect = EnvoyAdminSource.collect
+
+    async def collect_noted(self: EnvoyAdminSource, at: float) -> Any:
+        if os.environ.get("GRAYLANE_BENCH_NO_SCRAPE"):
+            return {}
+        began = time.perf_counter()
+        try:
+            return await original_collect(self, at)
+        finally:
+            scrapes.append((began, time.perf_counter()))
+
+    EnvoyAdminSource.collect = collect_noted  # type: ignore[method-assign]
+    # GRAYLANE_BENCH_SCRAPE_CONCURRENCY=N: the scraper reads at most N admin endpoints at once
+    # (A/B: one Envoy's main thread busy with its /stats at a time, against all of them).
+    original_scraper_init = EnvoyStatsScraper.__init__
+    if os.environ.get("GRAYLANE_BENCH_SCRAPE_CONCURRENCY"):
+        limit = int(os.environ["GRAYLANE_BENCH_SCRAPE_CONCURRENCY"])
+
+        def scraper_init(self: EnvoyStatsScraper, *args: Any, **kwargs: Any) -> None:
+            original_scraper_init(self, *args, **{**kwargs, "max_concurrency": limit})
+
+        EnvoyStatsScraper.__init__ = scraper_init  # type: ignore[method-assign]
     passes.reconcile = timed  # type: ignore[method-assign]
     tracker.acked = noting  # type: ignore[method-assign]
+    plane.cache.set_snapshot = set_noted  # type: ignore[method-assign]
+    gc.callbacks.append(collected)
     try:
         async with contextlib.AsyncExitStack() as stack:
             for k in range(envoys):
@@ -376,15 +437,22 @@ async def bench_reached(
             stack.push_async_callback(client.close)
             probe = await stack.enter_async_context(LagProbe())
             await dp.wait_current(timeout=30)
+            after = "start"  # what came before the step (printed per step on stderr)
             for _ in range(REACHED_STEPS):
                 r = await client.ask(f"get {name}")
                 if r["batch"] + 1 >= r["batches"]:
                     await client.ask(f"act {'restart' if r['phase'] == 'ROLLED_BACK' else 'rollback'} {name}")
                     await dp.wait_current(timeout=30)
+                    after = "rollback/restart"
                     continue
                 await asyncio.sleep(0.05)
                 probe.reset()
                 acks.clear()
+                waits0 = run_queue_waits()
+                sets.clear()
+                collections.clear()
+                scrapes.clear()
+                clusters_before = cluster_versions()
                 step = await client.ask(f"next {name}")
                 await dp.wait_current(timeout=30)
                 targets = _route_versions(plane)
@@ -395,10 +463,59 @@ async def bench_reached(
                 out["watched"].append((step["watch"] - step["t0"]) * 1000)
                 out["reached"].append((step["poll"] - step["t0"]) * 1000)
                 out["lag"].append(probe.reset())
+                routes_only = cluster_versions() == clusters_before
+                if routes_only:
+                    out["routes_only"].append(out["acked"][-1])
+                waited = waits_since(waits0)
+                print(
+                    f"reached step {len(out['acked']) - 1} ({len(targets)} Envoys, after {after}"
+                    f"{'' if routes_only else ', clusters changed'}): acked "
+                    f"{out['acked'][-1]:.1f} watched {out['watched'][-1]:.1f} polled {out['reached'][-1]:.1f} "
+                    f"lag {out['lag'][-1]:.1f} ms; run-queue wait, {waited}; "
+                    f"reply {(step['reply'] - step['t0']) * 1000:.1f} set "
+                    + " ".join(f"{(t - step['t0']) * 1000:.1f}" for t in sets)
+                    + "; gc "
+                    + " ".join(f"g{g}:{ms:.1f}" for g, ms in collections)
+                    + "; scrapes "
+                    + " ".join(f"{(a - step['t0']) * 1000:.1f}..{(b - step['t0']) * 1000:.1f}" for a, b in scrapes),
+                    file=sys.stderr,
+                )
+                after = "a step"
     finally:
         passes.reconcile = original  # type: ignore[method-assign]
         tracker.acked = original_acked  # type: ignore[method-assign]
+        plane.cache.set_snapshot = original_set  # type: ignore[method-assign]
+        EnvoyAdminSource.collect = original_collect  # type: ignore[method-assign]
+        EnvoyStatsScraper.__init__ = original_scraper_init  # type: ignore[method-assign]
+        gc.callbacks.remove(collected)
     return out
+
+
+def run_queue_waits() -> dict[str, tuple[str, float]]:
+    """Milliseconds spent runnable without a core so far, per process id (with its name;
+    this one is "self"), from /proc/*/task/*/schedstat: how much of a step was a wait for a
+    free core, and whose."""
+    waits: dict[str, tuple[str, float]] = {}
+    me = str(os.getpid())
+    for task in pathlib.Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = task.parts[2]
+            name, ms = waits.get(pid) or ("self" if pid == me else (task.parents[2] / "comm").read_text().strip(), 0.0)
+            waits[pid] = (name, ms + int(task.read_text().split()[1]) / 1e6)
+    return waits
+
+
+def waits_since(before: dict[str, tuple[str, float]], top: int = 3) -> str:
+    """This process's and the machine's run-queue wait since `before`, and the `top` other
+    processes' (one started since counts whole)."""
+    grew = {pid: (name, ms - before.get(pid, ("", 0.0))[1]) for pid, (name, ms) in run_queue_waits().items()}
+    mine = sum(ms for name, ms in grew.values() if name == "self")
+    others = sorted(((ms, f"{pid} {name}") for pid, (name, ms) in grew.items() if name != "self"), reverse=True)
+    return (
+        f"this process / machine {mine:.1f} / {sum(ms for _, ms in grew.values()):.1f} ms (most: "
+        + ", ".join(f"{who} {ms:.1f}" for ms, who in others[:top])
+        + ")"
+    )
 
 
 def etcd_disk(endpoint: str) -> tuple[float, float, float, float]:
@@ -461,6 +578,11 @@ def reached_rows(label: str, r: dict[str, list[float]]) -> list[list[str]]:
         [
             f"NextBatch -> every Envoy ACKed the new routes, {label}",
             f"p50 {med(r['acked']):.1f} ms, p99 {p99(r['acked']):.1f} ms",
+        ],
+        [
+            f"of which the steps that changed routes only (no cluster added or removed), {label}",
+            f"p50 {med(r['routes_only']):.1f} ms, p99 {p99(r['routes_only']):.1f} ms "
+            f"({len(r['routes_only'])} of {len(r['acked'])} steps; the others also waited for CDS and EDS)",
         ],
         [
             f"longest event-loop stall during a NextBatch (1 ms probe), {label}",
