@@ -61,6 +61,11 @@ from scale import (
 # an empty process), which the idle rows include.
 LAG_INTERVAL = "10ms"
 
+# GRAYLANE_BENCH_API_NICE=N (-20..19): the API replica's CPU group (its session's autogroup)
+# gets that nice value, as an operator gives the replica that serves the API a CPU share of
+# its own; unset, it competes for the cores like any program.
+API_NICE = os.environ.get("GRAYLANE_BENCH_API_NICE", "")
+
 
 def _end_with_parent() -> None:
     """In the replica's child process before exec: SIGTERM when the bench process dies, so a
@@ -98,6 +103,10 @@ class ServeReplica:
                 start_new_session=True,
                 preexec_fn=_end_with_parent,
             )
+
+    def set_group_nice(self, nice: str) -> None:
+        """The replica's CPU group (its session's autogroup) at nice `nice`."""
+        pathlib.Path(f"/proc/{self.proc.pid}/autogroup").write_text(nice)
 
     @property
     def api_target(self) -> str:
@@ -255,6 +264,8 @@ async def bench_replicas(
         serving: list[ServeReplica] = []
         for name in names:
             replica = ServeReplica(name, etcd.endpoint, logs / f"graylane-bench-{name}.log")
+            if name == "api" and API_NICE:
+                replica.set_group_nice(API_NICE)
             stack.push_async_callback(replica.stop)
             serving.append(replica)
             await replica.ready()

@@ -44,7 +44,7 @@ from graylane.v1 import release_pb2 as pb
 from graylane.xds import plan as xds_plan
 from graylane.xds import resources
 from graylane.xds.render import forget_reused, render
-from replicas import LAG_INTERVAL, bench_replicas, describe_replicas  # noqa: E402
+from replicas import API_NICE, LAG_INTERVAL, bench_replicas, describe_replicas  # noqa: E402
 from scale import bench_fleet, describe, pct  # noqa: E402
 from scraper import scrape_cpu  # noqa: E402
 from store_bench import main as store_bench  # noqa: E402
@@ -600,6 +600,7 @@ async def run_replicas(
         + (
             ", and one more replica that no proxy connects to: the API's (the probers and the NextBatch calls go "
             "to it; started first, it is the leader)"
+            + (f"; its CPU group at nice {API_NICE} (GRAYLANE_BENCH_API_NICE)" if API_NICE else "")
             if api_replica
             else "; an API prober process per replica, the NextBatch calls to r0"
         )
