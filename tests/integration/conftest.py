@@ -321,6 +321,22 @@ async def first_batch_reached(stub: api_grpc.ReleaseServiceStub, spec: pb.Releas
     return await poll_release(stub, name, lambda r: r.status.reached)
 
 
+# A refusal made from a stream's headers alone (no or a wrong credential) can cross the
+# client's write of its first message: grpc then fails that write and ends the call INTERNAL
+# on the client's side, and the status the server sent is lost (`call.code()` says INTERNAL
+# too). Nothing was written by then, so a test makes such an exchange again, a few times.
+LOST_STATUS_ATTEMPTS = 5
+
+
+def status_lost(error: BaseException | None) -> bool:
+    """Whether `error` is grpc's failed first write, not the server's answer (see above)."""
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() is grpc.StatusCode.INTERNAL
+        and error.details() == "Internal error from Core"
+    )
+
+
 def binomial_bound(n: int, p: float, z: float = 3.29) -> float:
     """Half-width of the two-sided 99.9 % normal interval for a share over n trials."""
     return z * math.sqrt(p * (1 - p) / n) if 0 < p < 1 else 0.0

@@ -52,7 +52,7 @@ from graylane.v1 import release_service_pb2 as api
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
-from tests.integration.conftest import STRICT_RUNTIME, big_rule
+from tests.integration.conftest import LOST_STATUS_ATTEMPTS, STRICT_RUNTIME, big_rule, status_lost
 
 pytestmark = [pytest.mark.etcd, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
@@ -171,9 +171,9 @@ class RawAgent:
 
         Without an error, returns once a view arrived after the last message was sent.
         """
-        for _ in range(_LOST_STATUS_ATTEMPTS - 1):
+        for _ in range(LOST_STATUS_ATTEMPTS - 1):
             received, error = await self._exchange_once(hello, then, timeout)
-            if received or not _status_lost(error):
+            if received or not status_lost(error):
                 return received, error
         return await self._exchange_once(hello, then, timeout)
 
@@ -205,18 +205,6 @@ class RawAgent:
                 outbox.put_nowait(None)  # ends the request stream, so nothing is left pending
                 call.cancel()
         return received, None
-
-
-# A refusal made from the headers alone (no credential) can cross the client's write of the
-# hello: grpc then fails that write and ends the call INTERNAL, and the status the server sent
-# is lost on the client's side. Nothing was written by then, so the exchange is made again.
-_LOST_STATUS_ATTEMPTS = 5
-
-
-def _status_lost(error: grpc.aio.AioRpcError | None) -> bool:
-    return (
-        error is not None and error.code() is grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
-    )
 
 
 def probe_hello(**fields: str) -> apb.AgentHello:
