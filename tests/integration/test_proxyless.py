@@ -100,6 +100,13 @@ CANARY_RULE = pb.MatchRule(conditions=[pb.Condition(kind=pb.HEADER, name="x-cana
 QUERY_RULE = pb.MatchRule(conditions=[pb.Condition(kind=pb.QUERY, name="preview", op=pb.PRESENT)])
 
 
+# How far a client's split strays beyond a binomial one's, as a factor on its bound. grpcio
+# (C-core) spread wider than independent picks would: over 12 runs of 1,000 calls, its share's
+# standard deviation was 1.55x the binomial one at 10 % and 1.23x at 50 % (grpc-js: within it),
+# so a 99.9 % binomial bound failed one run in a few dozen with nothing wrong.
+_SPREAD = {"python": 2.0, "node": 1.0}
+
+
 async def test_split_rule_and_rollback_reach_python_and_node_clients_with_no_failed_call(store: EtcdStore) -> None:
     require_node()
     async with contextlib.AsyncExitStack() as es:
@@ -139,7 +146,8 @@ async def test_split_rule_and_rollback_reach_python_and_node_clients_with_no_fai
                 result = await client.calls(1000, concurrency=16)
                 assert result["failed"] == 0, (client.kind, result)
                 got = share(result, "greeter:v2")
-                assert abs(got - weight / 100) <= binomial_bound(result["ok"], weight / 100), (client.kind, weight, got)
+                bound = binomial_bound(result["ok"], weight / 100) * _SPREAD[client.kind]
+                assert abs(got - weight / 100) <= bound, (client.kind, weight, got)
 
         # The rule: every matching call joins the lane (read as Envoy reads it).
         for client in clients:
