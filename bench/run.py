@@ -35,6 +35,8 @@ import fleet  # noqa: E402
 from change_cost import make_view  # noqa: E402
 from change_cost import measure as measure_change  # noqa: E402
 from fleet import FLEET_IMPLS, worker_class  # noqa: E402
+from floor import TITLE as FLOOR_TITLE  # noqa: E402
+from floor import floor_section  # noqa: E402
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.deploy.local.stack import local_control_plane
@@ -683,6 +685,9 @@ async def main() -> int:
         "python (bench/fleet.py's grpc.aio workers)",
     )
     parser.add_argument("--store-only", action="store_true", help="only the store/API section (bench/store_bench.py)")
+    parser.add_argument(
+        "--floor-only", action="store_true", help="only the NextBatch path's floor (bench/floor.py, section 7b)"
+    )
     parser.add_argument("--e2e-only", action="store_true", help="only section 2's latencies, printed (nothing written)")
     parser.add_argument(
         "--tls", action="store_true", help="only the TLS overhead on NextBatch -> ACKed (bench/tls_bench.py)"
@@ -731,6 +736,11 @@ async def main() -> int:
         print(section)
         RESULTS.write_text(replace_section(RESULTS.read_text(), TLS_TITLE, section))
         return 0
+    if args.floor_only:
+        section = await floor_section(_tree(), "bench/run.py --floor-only")
+        print(section)
+        RESULTS.write_text(replace_section(RESULTS.read_text(), FLOOR_TITLE, section))
+        return 0
     if args.store_only:
         section = await store_bench()
         print(section)
@@ -765,7 +775,11 @@ async def main() -> int:
     scraper_text = await bench_scraper()
     print("7. store and API at 1,000 releases", flush=True)
     store_text = await store_bench()
-    text = report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text + "\n" + store_text
+    print("7b. the NextBatch path's floor", flush=True)
+    floor_text = await floor_section(_tree(), "make bench")
+    text = (
+        report(render_rows, e2e, started) + "\n" + section + "\n" + scraper_text + "\n" + store_text + "\n" + floor_text
+    )
     old = RESULTS.read_text() if RESULTS.exists() else ""
     scale_title = "5. Fleet at scale"
     # The last --scale run, the fault suite's results and the hand-written notes.
