@@ -634,6 +634,42 @@ def _prober_main(target: str, release: str, max_calls: int, max_seconds: float, 
     conn.send(asyncio.run(run()))
 
 
+def _sleeper_main(period: float, max_seconds: float, conn: Any) -> None:
+    _own_session()
+    woke: list[tuple[float, float]] = []
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline and not conn.poll():
+        t0 = time.perf_counter()
+        time.sleep(period)
+        woke.append((time.time(), (time.perf_counter() - t0 - period) * 1000))
+    conn.send(woke)
+
+
+class Sleeper:
+    """A process of its own that only sleeps `period` s at a time and notes how late it
+    wakes (ms): nothing of Graylane in it, so what it sees is the machine's scheduling, the
+    least delay any process here (an API replica, etcd, a prober) pays for each wake-up."""
+
+    def __init__(self, *, period: float = 0.01, max_seconds: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_sleeper_main, args=(period, max_seconds, child), daemon=True)
+        self.process.start()
+
+    async def stop(self) -> list[tuple[float, float]]:
+        """(wall-clock instant, ms late) of every wake-up."""
+        loop = asyncio.get_running_loop()
+        self.conn.send("stop")
+        result: list[tuple[float, float]] = []
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(30):
+                result = await loop.run_in_executor(None, self.conn.recv)
+        await loop.run_in_executor(None, self.process.join, 5.0)
+        if self.process.is_alive():
+            self.process.kill()
+        return result
+
+
 class Prober:
     """GetRelease in a loop in its own process, every `gap` s, until stopped or bounded."""
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fleet import FleetSpec, Prober, Worker
+from fleet import FleetSpec, Prober, Sleeper, Worker
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.local.envoy import EnvoyProcess
 from graylane.controlplane.local.etcd import EtcdProcess
@@ -52,6 +52,7 @@ from scale import (
     add_services,
     pct,
     release_spec,
+    sleeper_row,
     start_workers,
     wait_configured,
 )
@@ -204,6 +205,7 @@ class ReplicasResult:
     error_details: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    sleeper_change_ms: list[float] = field(default_factory=list)  # fleet.Sleeper, during the changes
 
 
 def _process_cpu(pids: Iterable[int | None]) -> float:
@@ -320,6 +322,13 @@ async def bench_replicas(
                 mine.api_errors = sum(1 for *_, code in calls if code != "OK")
 
         stack.push_async_callback(stop_probers)
+        sleeper = Sleeper(max_seconds=budget + 60)
+
+        async def stop_sleeper() -> None:
+            start, end = changes_window
+            res.sleeper_change_ms = [ms for t, ms in await sleeper.stop() if start <= t <= end]
+
+        stack.push_async_callback(stop_sleeper)
 
         await wait_configured(
             workers, res, t_connect=t_connect, connect_timeout=connect_timeout, started=started, budget=budget
@@ -452,6 +461,11 @@ def describe_replicas(res: ReplicasResult) -> list[tuple[str, str]]:
             f"{med(res.fleet_cpu_ms):.0f} ms",
         ),
         ("API GetRelease p50 / p99 / max during the changes, every prober", f"{_ms(api)} ({len(api)} calls)"),
+        (
+            "a process doing nothing but sleep 10 ms at a time: how late it woke during the changes, p50 / p99 / max "
+            "(the machine's scheduling: nothing of Graylane in it)",
+            sleeper_row(res.sleeper_change_ms),
+        ),
         ("stream errors (ended or failed streams)", f"{res.stream_errors} {res.error_codes or ''}".strip()),
     ]
     for r in res.replicas:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from fleet import PROBE_ID_METADATA, FleetSpec, NodeWorker, Prober, Worker, worker_class
+from fleet import PROBE_ID_METADATA, FleetSpec, NodeWorker, Prober, Sleeper, Worker, worker_class
 from graylane.controlplane.api.client import Action, ReleaseClient
 from graylane.controlplane.domain import model
 from graylane.controlplane.local.envoy import EnvoyProcess
@@ -83,6 +83,8 @@ class FleetResult:
     api_ms: list[float] = field(default_factory=list)
     api_change_ms: list[float] = field(default_factory=list)  # calls that ended during the changes
     api_connect_ms: list[float] = field(default_factory=list)  # calls that ended while the fleet connected
+    # How late a process that only sleeps 10 ms at a time woke during the changes (fleet.Sleeper).
+    sleeper_change_ms: list[float] = field(default_factory=list)
     lag_change_p99_ms: float = float("nan")
     gc_total_ms: list[float] = field(default_factory=list)  # per generation, whole run
     gc_max_ms: list[float] = field(default_factory=list)
@@ -782,6 +784,13 @@ async def bench_fleet(
                 print("\n".join(trace.report(calls, changes_window)), flush=True)
 
         stack.push_async_callback(stop_prober)
+        sleeper = Sleeper(max_seconds=budget + 60)
+
+        async def stop_sleeper() -> None:
+            start, end = changes_window
+            res.sleeper_change_ms = [ms for t, ms in await sleeper.stop() if start <= t <= end]
+
+        stack.push_async_callback(stop_sleeper)
 
         # Connect: until every client has its routes.
         await wait_configured(
@@ -1084,6 +1093,11 @@ def pct(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def sleeper_row(late: Sequence[float]) -> str:
+    top = max(late, default=float("nan"))
+    return f"{pct(late, 0.5):.1f} / {pct(late, 0.99):.1f} / {top:.0f} ms ({len(late)} wake-ups)"
+
+
 def describe(res: FleetResult) -> list[tuple[str, str]]:
     """Rows (measurement, value) for RESULTS.md."""
     all_lat = [x for per in res.change_ms for x in per]
@@ -1132,6 +1146,11 @@ def describe(res: FleetResult) -> list[tuple[str, str]]:
             "API GetRelease p50 / p99 / max during the changes",
             f"{pct(res.api_change_ms, 0.5):.1f} / {pct(res.api_change_ms, 0.99):.1f} / "
             f"{max(res.api_change_ms, default=float('nan')):.0f} ms ({len(res.api_change_ms)} calls)",
+        ),
+        (
+            "a process doing nothing but sleep 10 ms at a time: how late it woke during the changes, p50 / p99 / max "
+            "(the machine's scheduling: nothing of Graylane in it)",
+            sleeper_row(res.sleeper_change_ms),
         ),
         (
             "API GetRelease p50 / p99 / max (separate process, whole run)",
