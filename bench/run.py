@@ -711,10 +711,11 @@ async def main() -> int:
     if args.replicas > 1 or args.api_replica:
         part = "5" if args.scale else "4"
         at_scale = " at scale" if args.scale else ""
-        title = f"{part}b. Fleet{at_scale} over {args.replicas} replicas"
+        over = "one replica" if args.replicas == 1 else f"{args.replicas} replicas"
+        title = f"{part}b. Fleet{at_scale} over {over}"
         command += f" --replicas {args.replicas}"
         if args.api_replica:
-            title = f"{part}c. Fleet{at_scale} over {args.replicas} replicas and an API replica"
+            title = f"{part}c. Fleet{at_scale} over {over} and an API replica"
             command += " --api-replica"
     if args.fleet_impl != DEFAULT_FLEET:
         command += f" --fleet-impl {args.fleet_impl}"
