@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -645,22 +646,22 @@ def _sleeper_main(period: float, max_seconds: float, conn: Any) -> None:
     conn.send(woke)
 
 
-class Sleeper:
-    """A process of its own that only sleeps `period` s at a time and notes how late it
-    wakes (ms): nothing of Graylane in it, so what it sees is the machine's scheduling, the
-    least delay any process here (an API replica, etcd, a prober) pays for each wake-up."""
+class _PipedProcess:
+    """A spawned process that runs `target(*args, conn)` and sends one result back when told
+    to stop (or when its own bound ends)."""
 
-    def __init__(self, *, period: float = 0.01, max_seconds: float) -> None:
+    def __init__(self, target: Callable[..., None], *args: object) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_sleeper_main, args=(period, max_seconds, child), daemon=True)
+        self.process = ctx.Process(target=target, args=(*args, child), daemon=True)
         self.process.start()
 
-    async def stop(self) -> list[tuple[float, float]]:
-        """(wall-clock instant, ms late) of every wake-up."""
+    async def _stop(self) -> Any:
+        """Tell it to stop and take its result (None if none came within 30 s)."""
         loop = asyncio.get_running_loop()
-        self.conn.send("stop")
-        result: list[tuple[float, float]] = []
+        with contextlib.suppress(OSError):  # it may have ended on its own bound, its result sent
+            self.conn.send("stop")
+        result = None
         with contextlib.suppress(Exception):
             async with asyncio.timeout(30):
                 result = await loop.run_in_executor(None, self.conn.recv)
@@ -670,29 +671,29 @@ class Sleeper:
         return result
 
 
-class Prober:
+class Sleeper(_PipedProcess):
+    """A process of its own that only sleeps `period` s at a time and notes how late it
+    wakes (ms): nothing of Graylane in it, so what it sees is the machine's scheduling, the
+    least delay any process here (an API replica, etcd, a prober) pays for each wake-up."""
+
+    def __init__(self, *, period: float = 0.01, max_seconds: float) -> None:
+        super().__init__(_sleeper_main, period, max_seconds)
+
+    async def stop(self) -> list[tuple[float, float]]:
+        """(wall-clock instant, ms late) of every wake-up."""
+        return list(await self._stop() or [])
+
+
+class Prober(_PipedProcess):
     """GetRelease in a loop in its own process, every `gap` s, until stopped or bounded."""
 
     def __init__(self, target: str, release: str, *, max_calls: int, max_seconds: float, gap: float = 0.02) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_prober_main, args=(target, release, max_calls, max_seconds, gap, child), daemon=True
-        )
-        self.process.start()
+        super().__init__(_prober_main, target, release, max_calls, max_seconds, gap)
 
     def pause(self, paused: bool) -> None:
         """Stop calling (an idle measurement should not count the prober's own load), or go on."""
         self.conn.send("pause" if paused else "resume")
 
     async def stop(self) -> list[tuple[float, float, str]]:
-        loop = asyncio.get_running_loop()
-        self.conn.send("stop")
-        result: list[tuple[float, float, str]] = []
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(30):
-                result = await loop.run_in_executor(None, self.conn.recv)
-        await loop.run_in_executor(None, self.process.join, 5.0)
-        if self.process.is_alive():
-            self.process.kill()
-        return result
+        """(wall-clock end, ms, status code name) of every call."""
+        return list(await self._stop() or [])
