@@ -140,7 +140,7 @@ def effective_view(view: RoutingView) -> RoutingView:
     really applied. Staged lanes are trimmed the same way, so the clusters staged for a
     lane are exactly those it has once live.
     """
-    index = ViewIndex(view)
+    index = ViewIndex(view, lanes=False)
     lanes = tuple(effective_lane(lane, index) for lane in view.lanes)
     staged = tuple(effective_lane(lane, index) for lane in view.staged)
     if lanes == view.lanes and staged == view.staged:
@@ -150,9 +150,17 @@ def effective_view(view: RoutingView) -> RoutingView:
 
 def effective_lane(lane: Lane, index: ViewIndex) -> Lane:
     """`lane` keeping only its gray versions with endpoints in `index` (itself if it keeps all)."""
-    versions = tuple((service, version) for service, version in lane.versions if index.endpoints_of(service, version))
-    if len(versions) == len(lane.versions):
+    endpoints = index.endpoints
+    for key in lane.versions:
+        found = endpoints.get(key)
+        if found is None or not found.endpoints:
+            break
+    else:
+        # Kept whole, the common case, found without building anything: a view is made
+        # effective on every change, over every live and staged lane (900 staged at 1,000
+        # releases made a create's build 5x dearer the other way).
         return lane
+    versions = tuple((service, version) for service, version in lane.versions if index.endpoints_of(service, version))
     return dataclasses.replace(lane, versions=versions)
 
 
@@ -212,7 +220,8 @@ class ViewIndex:
     `render_service`.
     """
 
-    def __init__(self, view: RoutingView) -> None:
+    def __init__(self, view: RoutingView, *, lanes: bool = True) -> None:
+        """`lanes=False`: the endpoint lookups alone (what `effective_view` needs)."""
         self.endpoints: dict[tuple[str, str], VersionEndpoints] = {}
         for ve in view.endpoints:
             self.endpoints.setdefault((ve.service, ve.version), ve)
@@ -225,11 +234,11 @@ class ViewIndex:
         self.versioned: dict[str, list[tuple[Lane, str]]] = {}
         self.staged_entering: dict[str, list[Lane]] = {}
         self.staged_versioned: dict[str, list[tuple[Lane, str]]] = {}
-        for lanes, entering, versioned in (
-            (view.lanes, self.entering, self.versioned),
-            (view.staged, self.staged_entering, self.staged_versioned),
+        for of_kind, entering, versioned in (
+            (view.lanes if lanes else (), self.entering, self.versioned),
+            (view.staged if lanes else (), self.staged_entering, self.staged_versioned),
         ):
-            for lane in lanes:
+            for lane in of_kind:
                 entering.setdefault(lane.entry, []).append(lane)
                 seen: set[str] = set()
                 for service, version in lane.versions:
