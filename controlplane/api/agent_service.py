@@ -332,8 +332,11 @@ class AgentHub:
 
     def _view_for(self, snap: Snapshot, cluster: str) -> xv.RoutingView:
         """`views.build_view(snap, cluster=cluster)`, built from the cluster's last build
-        (each release compared by identity: a store follower keeps unchanged values)."""
-        built = self._built[cluster] = views.build_view_from(self._built.get(cluster), snap, cluster=cluster)
+        (each release compared by identity: a store follower keeps unchanged values). No
+        staged lanes: the view message has no field for them (a create changes nothing)."""
+        built = self._built[cluster] = views.build_view_from(
+            self._built.get(cluster), snap, cluster=cluster, stage=False
+        )
         return built.view
 
     def carried(self) -> list[xv.RoutingView | None]:
