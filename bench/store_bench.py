@@ -982,19 +982,21 @@ def section(rows: Sequence[Sequence[str]]) -> str:
             "default.",
             "",
             "Staged clusters (a PENDING release's gray clusters and endpoints rendered at creation, no route: "
-            "the start's NextBatch sends RDS only; docs/ARCHITECTURE.md §7), at bfb65b8/c7d7db1, 4 runs with "
-            "staging alternated with 4 with GRAYLANE_BENCH_NO_STAGE=1 (05:13-05:33 UTC, load 1.5-3.7; the third "
-            "pair with GRAYLANE_BENCH_NO_SCRAPE=1). The start step, 1 Envoy, -> every Envoy ACKed: 51.8-69.0 ms "
-            "(8 samples, disk and tmpfs) -> 10.8-23.9 ms, and every step is routes-only (19 of 19); so the p99 "
-            "of the 19 steps, 1 Envoy, disk: 56.7-67.1 -> 17.8-25.4 ms (tmpfs 51.8-69.0 -> 13.4-53.1 ms); p50 "
-            "unchanged (8.9-11.1 / 10.2-11.8 ms). The cost: every Envoy holds the 900 pending releases' clusters "
-            "too (2,000 clusters against 1,100; CDS 88 against 39 kB), and with 5 Envoys the tail grew: p99 "
-            "26.4-81.6 -> 124-128 ms in the 3 scraped pairs on disk (41.9 / 43.5 without the scraper); in those "
-            "slow steps the control plane set the snapshots 6-17 ms after the NextBatch as in the others, the "
-            "ACKs came 60-150 ms later while the machine's run queue waited 400-1,000 ms (5 Envoys' stats "
-            "flushes and admin /stats reads over 1.8x the clusters). A release's create now builds the view and "
-            "renders its service: creates 134 / 95 / 112 / 159 per s against 175 / 159 / 175 / 163 (the fourth "
-            "pair after effective_view stopped building per lane: 1.86 -> 0.57 ms per view at 900 staged).",
+            "the start's NextBatch sends RDS only; docs/ARCHITECTURE.md §7), 5 runs with staging alternated with "
+            "5 with GRAYLANE_BENCH_NO_STAGE=1 at bfb65b8..3f81498 (05:13-05:47 UTC, load 1.5-3.7; the third pair "
+            "with GRAYLANE_BENCH_NO_SCRAPE=1), not staged -> staged. The start step, 1 Envoy, -> every Envoy "
+            "ACKed: 51.8-88.5 -> 10.8-23.9 ms (10 samples each, disk and tmpfs), and every step is routes-only "
+            "(19 of 19); the p99 of the 19 steps, 1 Envoy: 56.7-88.5 -> 17.8-25.4 ms on disk, 51.8-71.7 -> "
+            "13.4-53.1 ms on tmpfs; p50 unchanged (8.9-11.1 / 10.2-11.8 ms). With 5 Envoys (no start among their "
+            "steps) p50 15.4-18.3 / 14.7-18.8 ms, and the p99 is the machine's: 26-261 / 42-222 ms on disk, "
+            "24-427 / 67-160 ms on tmpfs (slow steps: snapshots set 6-17 ms after the NextBatch as in the others, "
+            "the ACKs 60-400 ms later while the machine's run queue waited 0.4-1 s); staged was the slower tail in "
+            "3 of the 4 scraped pairs: each Envoy holds 2,000 clusters against 1,100 (CDS 88 against 39 kB), and "
+            "likely its stats flushes and admin /stats reads walk more (not measured apart). The full render "
+            "of this store's view: 127-179 ms "
+            "(CPU 93-126) staged, 88-148 ms (CPU 71-93) without the staged lanes, same runs. A create now builds "
+            "the view and renders its service: 95-159 per s (159 and 134 in the two runs after effective_view "
+            "stopped building per lane) against 154-175 per s.",
             "",
             "| measurement | value |",
             "|---|---|",
