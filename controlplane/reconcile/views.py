@@ -197,7 +197,6 @@ class BuiltView:
     staged: Mapping[str, xv.Lane]  # release name -> its staged lane, for those staged one
     # (versions, agents' endpoints, clusters, placement) the endpoints were derived from
     endpoints_from: tuple[object, ...]
-    stage: bool = True  # built with staged lanes (see `build_view_from`)
 
 
 def build_view_from(
@@ -206,13 +205,8 @@ def build_view_from(
     *,
     changed: Iterable[str] | None = None,
     cluster: str = "",
-    stage: bool = True,
 ) -> BuiltView:
     """`build_view(snap)`, built from `previous` (the build of an earlier snapshot).
-
-    `stage`: stage the releases that will go live (`staged_lane`); False for a view whose
-    consumer has no use for them (an agent's: the AgentService's view message has no
-    field for them), so a release created changes nothing there.
 
     `changed`: the names of the releases whose values may differ from those `previous`
     was built from (None: any may; each is then compared by identity, which a store
@@ -226,7 +220,7 @@ def build_view_from(
     may rely on that identity as a shortcut; equality is what the result guarantees (the
     same value as a build from scratch).
     """
-    if previous is not None and (previous.cluster != cluster or previous.stage != stage):
+    if previous is not None and previous.cluster != cluster:
         previous = None
     old = previous.view if previous is not None else None
     # Services: compared element by element, which is by identity first for kept values.
@@ -244,7 +238,7 @@ def build_view_from(
             services = old.services
     # Lanes: derived again only for releases that may have changed.
     releases, lanes_by_release, staged_by_release, lanes_changed, staged_changed = _served_lanes(
-        previous, snap, changed, stage=stage
+        previous, snap, changed
     )
     if old is not None and not lanes_changed:
         lanes = old.lanes
@@ -290,18 +284,16 @@ def build_view_from(
         lanes=lanes_by_release,
         staged=staged_by_release,
         endpoints_from=endpoints_from,
-        stage=stage,
     )
 
 
 _Lanes = tuple[model.Release, xv.Lane | None, xv.Lane | None]
 
 
-def _lanes_of(release: model.Release, before: _Lanes | None, stage: bool) -> _Lanes:
-    """`release`'s served and staged lanes (none staged unless `stage`), each the object of
-    `before` where equal."""
+def _lanes_of(release: model.Release, before: _Lanes | None) -> _Lanes:
+    """`release`'s served and staged lanes, each the object of `before` where equal."""
     lane = served_lane(release)
-    staged = staged_lane(release) if lane is None and stage else None
+    staged = staged_lane(release) if lane is None else None
     if before is not None:
         if before[1] == lane:
             lane = before[1]
@@ -311,7 +303,7 @@ def _lanes_of(release: model.Release, before: _Lanes | None, stage: bool) -> _La
 
 
 def _served_lanes(
-    previous: BuiltView | None, snap: Snapshot, changed: Iterable[str] | None, *, stage: bool
+    previous: BuiltView | None, snap: Snapshot, changed: Iterable[str] | None
 ) -> tuple[Mapping[str, _Lanes], Mapping[str, xv.Lane], Mapping[str, xv.Lane], bool, bool]:
     """Per release, the value read and its served and staged lanes (kept for releases not
     changed); the served lanes by release; the staged lanes by release; and whether any
@@ -328,7 +320,7 @@ def _served_lanes(
             if before is not None and before[0] is r:
                 out[r.name] = before
                 continue
-            lanes_now = out[r.name] = _lanes_of(r, before, stage)
+            lanes_now = out[r.name] = _lanes_of(r, before)
             if before is None or before[1] is not lanes_now[1]:
                 differs = differs or before is not None or lanes_now[1] is not None
             if before is None or before[2] is not lanes_now[2]:
@@ -361,7 +353,7 @@ def _served_lanes(
             continue
         if before is not None and before[0] is found:
             continue
-        now = releases[name] = _lanes_of(found, before, stage)
+        now = releases[name] = _lanes_of(found, before)
         if before is None or before[1] is not now[1]:
             differs = differs or before is not None or now[1] is not None
             _set_or_pop(lanes, name, now[1])

@@ -239,18 +239,3 @@ def test_a_release_held_at_no_lane_by_a_nack_is_staged_again() -> None:
     assert views.served_lane(r) is None
     staged = views.staged_lane(r)
     assert staged is not None and staged.weight == 0 and staged.rules == ()
-
-
-def test_a_build_without_staging_is_not_changed_by_a_pending_release() -> None:
-    rng = random.Random(6)
-    services = {s: model.Service(s, "v1") for s in SERVICES}
-    versions = {(s, v): _version(rng, s, v) for s in SERVICES for v in ("v1", "v2", "v3")}
-    live = model.Release("a", _spec(rng, 0), model.ReleaseStatus(phase=model.Phase.PROGRESSING, batch=0), created=NOW)
-    built = views.build_view_from(None, _snapshot(services, versions, {"a": live}, (), ()), stage=False)
-    pending = model.Release("b", _spec(rng, 1), model.ReleaseStatus(), created=NOW)
-    snap = _snapshot(services, versions, {"a": live, "b": pending}, (), ())
-    after = views.build_view_from(built, snap, changed={"b"}, stage=False)
-    assert after.view is built.view and after.view.staged == ()
-    # A staged build from it starts afresh (a previous build of the other kind is not used).
-    staged = views.build_view_from(after, snap, changed={"b"})
-    assert staged.view == views.build_view(snap) and len(staged.view.staged) == 1
