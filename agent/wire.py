@@ -49,6 +49,7 @@ def view_to_proto(view: xv.RoutingView) -> apb.RoutingView:
             for ve in view.endpoints
         ],
         lanes=[_lane_to_proto(lane) for lane in view.lanes],
+        staged=[_lane_to_proto(lane) for lane in view.staged],
     )
 
 
@@ -90,6 +91,7 @@ def view_from_proto(message: apb.RoutingView) -> xv.RoutingView:
                 for ve in message.endpoints
             ),
             lanes=tuple(_lane_from_proto(lane) for lane in message.lanes),
+            staged=tuple(_lane_from_proto(lane) for lane in message.staged),
         )
     except KeyError as exc:
         raise BadView(f"unknown match kind or op {exc}") from exc

@@ -14,7 +14,9 @@ What a difference touches:
 * the endpoints of (service, version) added, removed or changed: that service, and every
   lane with a gray version of it (its effective versions may change);
 * a lane added, removed or changed, or whose effective versions changed: its entry and
-  every service it has an effective version of, before and after.
+  every service it has an effective version of, before and after;
+* the same for a staged lane (`RoutingView.staged`: clusters only, no routes; their order
+  does not matter, since it adds clusters to a set).
 Views are compared by identity first (the control plane keeps unchanged tuples and
 objects from one view to the next) and then by equality, so correctness never depends on
 identity; a change of connect timeout, lanes reordered, or duplicate names renders
@@ -77,6 +79,12 @@ class _State:
         self.entering: dict[str, set[str]] = {}  # service -> lanes entering there
         self.exact = True  # no two services, lanes or endpoint entries share a name
         self.versions_of: dict[str, set[str]] = {}  # service -> versions with endpoints entries
+        # Staged lanes, kept like the live ones above (no positions: they add clusters only).
+        self.raw_staged: dict[str, Lane] = {}
+        self.eff_staged: dict[str, Lane] = {}
+        self.staged_trimmed: set[str] = set()
+        self.staged_versioned: dict[str, set[str]] = {}  # service -> staged lanes with a gray version of it
+        self.staged_entering: dict[str, set[str]] = {}  # service -> staged lanes entering there
         self.index = ViewIndex(RoutingView((), ()))
         self.per_service: dict[str, _Service] = {}
         self.typed: dict[str, TypedResources] = {}
@@ -209,10 +217,19 @@ class Renderer:
             if state.eff_lanes[name] is not lane:
                 state.trimmed.add(name)
             _link(state, lane)
+        for lane in view.staged:
+            state.raw_staged.setdefault(lane.name, lane)
+        for lane in effective.staged:
+            state.eff_staged.setdefault(lane.name, lane)
+        for name, lane in state.raw_staged.items():
+            if state.eff_staged[name] is not lane:
+                state.staged_trimmed.add(name)
+            _link_staged(state, lane)
         for service_name, version in index.endpoints:
             state.versions_of.setdefault(service_name, set()).add(version)
         state.exact = (
             len(state.raw_lanes) == len(view.lanes)
+            and len(state.raw_staged) == len(view.staged)
             and len(index.endpoints) == len(view.endpoints)
             and len({s.name for s in view.services}) == len(view.services)
         )
@@ -241,16 +258,23 @@ class Renderer:
         if len(state.services) != len(view.services):
             raise _Full  # duplicate service names
         recompute: set[str] = set()  # lanes whose effective versions may change
+        recompute_staged: set[str] = set()  # the same of staged lanes
         touched = self._follow_endpoints(state, old_view.endpoints, view.endpoints)
         if len(state.index.endpoints) != len(view.endpoints):
             raise _Full  # two entries for one (service, version): the first wins, in view order
         for service in touched:
             dirty.add(service)
             recompute |= state.raw_versioned.get(service, set())
+            recompute_staged |= state.staged_versioned.get(service, set())
         recompute |= self._follow_lanes(state, old_view.lanes, view.lanes)
-        dirty |= self._follow_effective(state, view, recompute)
-        if state.trimmed:
-            state.effective = dataclasses.replace(view, lanes=tuple(state.eff_lanes[lane.name] for lane in view.lanes))
+        recompute_staged |= self._follow_staged(state, old_view.staged, view.staged)
+        dirty |= self._follow_effective(state, view, recompute, recompute_staged)
+        if state.trimmed or state.staged_trimmed:
+            state.effective = dataclasses.replace(
+                view,
+                lanes=tuple(state.eff_lanes[lane.name] for lane in view.lanes),
+                staged=tuple(state.eff_staged[lane.name] for lane in view.staged),
+            )
         else:
             state.effective = view
         state.view = view  # after `effective`: `effective_view` reads them without the lock
@@ -343,10 +367,53 @@ class Renderer:
         state.position = position
         return changed
 
-    def _follow_effective(self, state: _State, view: RoutingView, names: Iterable[str]) -> set[str]:
-        """Recompute the effective lanes `names`; the services whose lane lookups changed."""
+    def _follow_staged(self, state: _State, old: tuple[Lane, ...], new: tuple[Lane, ...]) -> set[str]:
+        """Update the raw staged lanes; the names of those added, removed or changed."""
+        if old is new:
+            return set()
+        gone, came = _by_identity(old, new)
+        changed: set[str] = set()
+        for lane in gone:
+            if state.raw_staged.get(lane.name) is lane:
+                del state.raw_staged[lane.name]
+                _unlink_staged(state, lane)
+            changed.add(lane.name)
+        for lane in came:
+            if lane.name in state.raw_staged:
+                raise _Full  # two staged lanes of one name
+            state.raw_staged[lane.name] = lane
+            _link_staged(state, lane)
+            changed.add(lane.name)
+        if len(state.raw_staged) != len(new):
+            raise _Full
+        return changed
+
+    def _follow_effective(
+        self, state: _State, view: RoutingView, names: Iterable[str], staged: Iterable[str] = ()
+    ) -> set[str]:
+        """Recompute the effective lanes `names` and staged lanes `staged`; the services
+        whose lane lookups changed."""
         index = state.index
         dirty: set[str] = set()
+        for name in staged:
+            was = state.eff_staged.get(name)
+            raw = state.raw_staged.get(name)
+            now = effective_lane(raw, index) if raw is not None else None
+            if now is None:
+                state.eff_staged.pop(name, None)
+                state.staged_trimmed.discard(name)
+            else:
+                state.eff_staged[name] = now
+                if now is raw:
+                    state.staged_trimmed.discard(name)
+                else:
+                    state.staged_trimmed.add(name)
+            if now == was:
+                continue
+            for lane in (was, now):
+                if lane is not None:
+                    dirty.add(lane.entry)
+                    dirty.update(service for service, _version in lane.versions)
         for name in names:
             was = state.eff_lanes.get(name)
             raw = state.raw_lanes.get(name)
@@ -387,6 +454,19 @@ class Renderer:
                 versioned.append((lane, version))
         _set_or_drop(index.entering, service, entering)
         _set_or_drop(index.versioned, service, versioned)
+        # Staged lanes: by name (they only add clusters to a set: order does not matter).
+        candidates = state.staged_entering.get(service, set()) | state.staged_versioned.get(service, set())
+        staged_entering: list[Lane] = []
+        staged_versioned: list[tuple[Lane, str]] = []
+        for name in sorted(n for n in candidates if n in state.eff_staged):
+            lane = state.eff_staged[name]
+            if lane.entry == service:
+                staged_entering.append(lane)
+            version = lane.version_for(service)
+            if version is not None:
+                staged_versioned.append((lane, version))
+        _set_or_drop(index.staged_entering, service, staged_entering)
+        _set_or_drop(index.staged_versioned, service, staged_versioned)
 
     def _rerender(self, state: _State, dirty: set[str]) -> None:
         upserts: dict[str, dict[str, Message]] = {t: {} for t in _SERVICE_TYPES}
@@ -432,6 +512,18 @@ def _unlink(state: _State, lane: Lane) -> None:
     state.entering.get(lane.entry, set()).discard(lane.name)
     for service, _version in lane.versions:
         state.raw_versioned.get(service, set()).discard(lane.name)
+
+
+def _link_staged(state: _State, lane: Lane) -> None:
+    state.staged_entering.setdefault(lane.entry, set()).add(lane.name)
+    for service, _version in lane.versions:
+        state.staged_versioned.setdefault(service, set()).add(lane.name)
+
+
+def _unlink_staged(state: _State, lane: Lane) -> None:
+    state.staged_entering.get(lane.entry, set()).discard(lane.name)
+    for service, _version in lane.versions:
+        state.staged_versioned.get(service, set()).discard(lane.name)
 
 
 def _set_or_drop(table: dict[str, list[_T]], key: str, value: list[_T]) -> None:

@@ -114,9 +114,9 @@ class Lane:
 class RoutingView:
     """The whole routing intent for the proxies of one cluster.
 
-    `lanes` are in a stable order (the control plane sorts them by release name) so the
-    rendered routes, and hence the content-derived versions, are identical on every
-    replica.
+    `lanes` (and `staged`) are in a stable order (the control plane sorts them by release
+    name) so the rendered routes, and hence the content-derived versions, are identical on
+    every replica.
     """
 
     services: tuple[ServiceRoute, ...]
@@ -124,6 +124,11 @@ class RoutingView:
     lanes: tuple[Lane, ...] = ()
     # Knobs that are the same for every route; defaults suit loopback tests and demos.
     connect_timeout_ms: int = field(default=1000)
+    # Lanes about to go live (a release created, not started): each one's clusters and
+    # endpoints are rendered as they will be once it is in `lanes`, and no route reaches
+    # them (only `name`, `entry` and `versions` are read). Its start then changes routes
+    # alone, as any later batch does: Envoy has warmed the clusters long before.
+    staged: tuple[Lane, ...] = ()
 
     def endpoints_of(self, service: str, version: str) -> tuple[Endpoint, ...]:
         found = self.version_endpoints(service, version)

@@ -332,7 +332,9 @@ class AgentHub:
 
     def _view_for(self, snap: Snapshot, cluster: str) -> xv.RoutingView:
         """`views.build_view(snap, cluster=cluster)`, built from the cluster's last build
-        (each release compared by identity: a store follower keeps unchanged values)."""
+        (each release compared by identity: a store follower keeps unchanged values). Staged
+        lanes included: the agent serves their clusters too, so a start there also changes
+        routes alone."""
         built = self._built[cluster] = views.build_view_from(self._built.get(cluster), snap, cluster=cluster)
         return built.view
 

@@ -384,10 +384,14 @@ def _may_change_view(changed: _Changed) -> bool:
 
 
 def _routing_of(release: object) -> object:
-    """What `views.build_view` reads of one release: its served lane and its placement."""
+    """What `views.build_view` reads of one release: its served lane (or the lane staged
+    for it, `views.staged_lane`) and its placement."""
     if not isinstance(release, model.Release):
         return None
     lane = views.served_lane(release)
     if lane is None:
-        return None
+        staged = views.staged_lane(release)
+        if staged is None:
+            return None
+        return (None, staged, release.spec.gray_clusters, release.spec.services)
     return (lane, release.spec.gray_clusters, release.spec.services)

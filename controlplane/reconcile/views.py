@@ -1,7 +1,8 @@
 """Routing views and convergence: pure functions from etcd state and proxy facts.
 
 Owns: `build_view` (a store `Snapshot` -> the `RoutingView` xds renders; `build_view_from`
-builds it from the previous one and the releases that changed), `grouped_progress`
+builds it from the previous one and the releases that changed; `served_lane` and
+`staged_lane` say what each release puts in it), `grouped_progress`
 (how many proxies carry a release's current batch, and whether it is reached) and
 `blame_nack` (which lanes a rejected configuration introduced). No I/O here;
 `controlplane.dataplane` runs these against etcd and the xDS server.
@@ -86,6 +87,38 @@ def served_lane(release: model.Release) -> xv.Lane | None:
     return lane_of(release)
 
 
+def staged_lane(release: model.Release) -> xv.Lane | None:
+    """The lane whose clusters are rendered ahead for `release` (None: none), with no route.
+
+    A release that will go live and has no lane now: created and not started (PENDING),
+    or held by a NACK at "no lane" (its start rejected; staged as before the start). Its
+    gray versions' clusters and endpoints, and its own cluster at the entry, are rendered
+    as they will be once it is live (`RoutingView.staged`), so the start's NextBatch
+    changes routes alone (RDS), like any later batch. Nothing reaches those clusters:
+    tagged and untagged traffic go to base exactly as without them.
+
+    The rest follows from the view, make-before-break as ever: on the start the staged
+    lane becomes the live one with the same clusters; a pending release deleted (or its
+    spec edited) drops its staged clusters, which no route uses; a finished release is
+    never staged, so a release started over from ROLLED_BACK or FAILED by `restart` gets
+    its clusters with its routes as before, and one applied again with `--restart`
+    (PENDING) is staged again; a rolled-back lane drains as before (`served_lane`).
+
+    Only the name, entry and versions matter (weight 0, no rules, no cohort), so the
+    staged value stays put while the release waits.
+    """
+    st = release.status
+    if st.phase.terminal or served_lane(release) is not None:
+        return None
+    spec = release.spec
+    return xv.Lane(
+        name=spec.lane,
+        entry=spec.entry,
+        weight=0,
+        versions=tuple(sorted((s.service, s.gray_version) for s in spec.services)),
+    )
+
+
 def held_lane_of(release: model.Release, held: model.HeldLane) -> xv.Lane:
     """The lane `held` describes, under the release's lane name and cohort."""
     base = lane_of(release, weight=held.weight)
@@ -157,9 +190,11 @@ class BuiltView:
     view: xv.RoutingView
     cluster: str
     services_from: tuple[model.Service, ...]
-    # release name -> (the value its lane was derived from, the lane it is served: None none)
-    releases: Mapping[str, tuple[model.Release, xv.Lane | None]]
+    # release name -> (the value its lanes were derived from, the lane it is served, the
+    # lane staged for it: None none)
+    releases: Mapping[str, tuple[model.Release, xv.Lane | None, xv.Lane | None]]
     lanes: Mapping[str, xv.Lane]  # release name -> its served lane, for those served one
+    staged: Mapping[str, xv.Lane]  # release name -> its staged lane, for those staged one
     # (versions, agents' endpoints, clusters, placement) the endpoints were derived from
     endpoints_from: tuple[object, ...]
 
@@ -180,7 +215,8 @@ def build_view_from(
     Unchanged parts are the same objects as in `previous.view`: the `services` tuple
     while no service changed, the `endpoints` tuple while no version, agent endpoint,
     cluster or placement changed, the `Lane` of every release whose served lane is equal,
-    the `lanes` tuple while none changed, and the view itself when nothing did. Renders
+    the `lanes` tuple while none changed (the same of staged lanes and the `staged`
+    tuple), and the view itself when nothing did. Renders
     may rely on that identity as a shortcut; equality is what the result guarantees (the
     same value as a build from scratch).
     """
@@ -201,15 +237,23 @@ def build_view_from(
         if old is not None and services == old.services:
             services = old.services
     # Lanes: derived again only for releases that may have changed.
-    releases, lanes_by_release, lanes_changed = _served_lanes(previous, snap, changed)
+    releases, lanes_by_release, staged_by_release, lanes_changed, staged_changed = _served_lanes(
+        previous, snap, changed
+    )
     if old is not None and not lanes_changed:
         lanes = old.lanes
     else:
         lanes = tuple(lanes_by_release[name] for name in sorted(lanes_by_release))
         if old is not None and lanes == old.lanes:
             lanes = old.lanes
+    if old is not None and not staged_changed:
+        staged = old.staged
+    else:
+        staged = tuple(staged_by_release[name] for name in sorted(staged_by_release))
+        if old is not None and staged == old.staged:
+            staged = old.staged
     # Endpoints: from the registry, the agents, the gateways and the placement of lanes.
-    placement = _placement(releases, lanes_by_release)
+    placement = _placement(releases, lanes_by_release, staged_by_release)
     endpoints_from = (snap.versions, snap.cluster_endpoints, snap.clusters, placement)
     if previous is not None and old is not None and endpoints_from == previous.endpoints_from:
         endpoints = old.endpoints
@@ -222,52 +266,82 @@ def build_view_from(
             )
             if endpoints == old.endpoints:
                 endpoints = old.endpoints
-    if old is not None and services is old.services and endpoints is old.endpoints and lanes is old.lanes:
+    if (
+        old is not None
+        and services is old.services
+        and endpoints is old.endpoints
+        and lanes is old.lanes
+        and staged is old.staged
+    ):
         view = old
     else:
-        view = xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes)
+        view = xv.RoutingView(services=services, endpoints=endpoints, lanes=lanes, staged=staged)
     return BuiltView(
         view=view,
         cluster=cluster,
         services_from=snap.services,
         releases=releases,
         lanes=lanes_by_release,
+        staged=staged_by_release,
         endpoints_from=endpoints_from,
     )
 
 
+_Lanes = tuple[model.Release, xv.Lane | None, xv.Lane | None]
+
+
+def _lanes_of(release: model.Release, before: _Lanes | None) -> _Lanes:
+    """`release`'s served and staged lanes, each the object of `before` where equal."""
+    lane = served_lane(release)
+    staged = staged_lane(release) if lane is None else None
+    if before is not None:
+        if before[1] == lane:
+            lane = before[1]
+        if before[2] == staged:
+            staged = before[2]
+    return release, lane, staged
+
+
 def _served_lanes(
     previous: BuiltView | None, snap: Snapshot, changed: Iterable[str] | None
-) -> tuple[Mapping[str, tuple[model.Release, xv.Lane | None]], Mapping[str, xv.Lane], bool]:
-    """Per release, the value read and its served lane (kept for releases not changed);
-    the served lanes by release; and whether any served lane differs from `previous`'s."""
+) -> tuple[Mapping[str, _Lanes], Mapping[str, xv.Lane], Mapping[str, xv.Lane], bool, bool]:
+    """Per release, the value read and its served and staged lanes (kept for releases not
+    changed); the served lanes by release; the staged lanes by release; and whether any
+    served lane, or any staged lane, differs from `previous`'s."""
     if previous is None or changed is None:
         # Every release looked at; with a previous build, compared by identity: a kept
-        # value keeps its lane, and an equal lane stays the previous object (renders may
+        # value keeps its lanes, and an equal lane stays the previous object (renders may
         # tell by identity that it did not change).
         kept = previous.releases if previous is not None else {}
-        out: dict[str, tuple[model.Release, xv.Lane | None]] = {}
-        differs = previous is None or len(kept) != len(snap.releases)
+        out: dict[str, _Lanes] = {}
+        differs = staged_differs = previous is None or len(kept) != len(snap.releases)
         for r in snap.releases:
             before = kept.get(r.name)
             if before is not None and before[0] is r:
                 out[r.name] = before
                 continue
-            lane = served_lane(r)
-            if before is not None and before[1] == lane:
-                lane = before[1]
-            else:
-                differs = True
-            out[r.name] = (r, lane)
-        differs = differs or kept.keys() != out.keys()
-        return out, {name: lane for name, (_, lane) in out.items() if lane is not None}, differs
+            lanes_now = out[r.name] = _lanes_of(r, before)
+            if before is None or before[1] is not lanes_now[1]:
+                differs = differs or before is not None or lanes_now[1] is not None
+            if before is None or before[2] is not lanes_now[2]:
+                staged_differs = staged_differs or before is not None or lanes_now[2] is not None
+        if kept.keys() != out.keys():
+            differs = staged_differs = True
+        return (
+            out,
+            {name: lane for name, (_, lane, _s) in out.items() if lane is not None},
+            {name: staged for name, (_, _l, staged) in out.items() if staged is not None},
+            differs,
+            staged_differs,
+        )
     names = set(changed)
     if not names:
-        return previous.releases, previous.lanes, False
+        return previous.releases, previous.lanes, previous.staged, False, False
     by_name = snap.by_name if len(snap.by_name) == len(snap.releases) else {r.name: r for r in snap.releases}
     releases = _copied(previous.releases)
     lanes = _copied(previous.lanes)
-    differs = False
+    staged_lanes = _copied(previous.staged)
+    differs = staged_differs = False
     for name in names:
         found = by_name.get(name)
         before = releases.get(name)
@@ -275,20 +349,31 @@ def _served_lanes(
             if before is not None:
                 del releases[name]
                 differs = lanes.pop(name, None) is not None or differs
+                staged_differs = staged_lanes.pop(name, None) is not None or staged_differs
             continue
         if before is not None and before[0] is found:
             continue
-        lane = served_lane(found)
-        if before is not None and before[1] == lane:
-            lane = before[1]
-        else:
-            differs = differs or before is not None or lane is not None
-            if lane is None:
-                lanes.pop(name, None)
-            else:
-                lanes[name] = lane
-        releases[name] = (found, lane)
-    return MappingProxyType(releases), MappingProxyType(lanes), differs
+        now = releases[name] = _lanes_of(found, before)
+        if before is None or before[1] is not now[1]:
+            differs = differs or before is not None or now[1] is not None
+            _set_or_pop(lanes, name, now[1])
+        if before is None or before[2] is not now[2]:
+            staged_differs = staged_differs or before is not None or now[2] is not None
+            _set_or_pop(staged_lanes, name, now[2])
+    return (
+        MappingProxyType(releases),
+        MappingProxyType(lanes),
+        MappingProxyType(staged_lanes),
+        differs,
+        staged_differs,
+    )
+
+
+def _set_or_pop(table: dict[str, xv.Lane], name: str, lane: xv.Lane | None) -> None:
+    if lane is None:
+        table.pop(name, None)
+    else:
+        table[name] = lane
 
 
 _K = TypeVar("_K")
@@ -305,15 +390,28 @@ def _copied(mapping: Mapping[_K, _V]) -> dict[_K, _V]:
 
 
 def _placement(
-    releases: Mapping[str, tuple[model.Release, xv.Lane | None]], lanes: Mapping[str, xv.Lane]
+    releases: Mapping[str, _Lanes], lanes: Mapping[str, xv.Lane], staged: Mapping[str, xv.Lane]
 ) -> Mapping[tuple[str, str], frozenset[str]]:
-    """Where the gray versions of served releases may run (first release by name wins)."""
+    """Where the gray versions of served releases may run (first release by name wins).
+
+    Then staged releases, for versions no served release places: their staged endpoints
+    are those they will be served once live (so the start changes no endpoints), and a
+    release waiting to start never moves the endpoints of a version a live one routes to.
+    """
     placement: dict[tuple[str, str], frozenset[str]] = {}
     placed = sorted(name for name in lanes if releases[name][0].spec.gray_clusters)
     for name in placed:
         spec = releases[name][0].spec
         for s in spec.services:
             placement.setdefault((s.service, s.gray_version), frozenset(spec.gray_clusters))
+    staged_placed = sorted(name for name in staged if releases[name][0].spec.gray_clusters)
+    if staged_placed:
+        served = {version for lane in lanes.values() for version in lane.versions}
+        for name in staged_placed:
+            spec = releases[name][0].spec
+            for s in spec.services:
+                if (s.service, s.gray_version) not in served:
+                    placement.setdefault((s.service, s.gray_version), frozenset(spec.gray_clusters))
     return placement
 
 

@@ -49,6 +49,7 @@ from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import agent_pb2_grpc
 from graylane.v1 import release_pb2 as pb
 from graylane.v1 import release_service_pb2 as api
+from graylane.xds import view as xv
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binom
 
@@ -323,6 +324,48 @@ async def test_east_envoys_never_receive_west_local_resources(fresh: TwoClusters
     assert kept["cluster"] == EAST  # the file names its cluster (agent/lkg.py)
     ports = {e.get("port") for ve in kept["view"]["view"]["endpoints"] for e in ve.get("endpoints", [])}
     assert west.upstream.port not in ports and {east.upstream.port, west.gateway_port} <= ports
+
+
+async def _active_clusters(envoy: EnvoyProcess) -> dict[str, tuple[str, str]]:
+    """Envoy's own word: its active dynamic clusters, name -> (version_info, last_updated)."""
+    status, body = await envoy.admin_get("/config_dump?resource=dynamic_active_clusters")
+    assert status == 200, body[:200]
+    return {c["cluster"]["name"]: (c["version_info"], c["last_updated"]) for c in json.loads(body).get("configs", [])}
+
+
+async def test_a_pending_release_is_staged_at_the_agents_envoys_and_its_start_sends_routes_only(
+    fresh: TwoClusters,
+) -> None:
+    """Staged clusters reach the Envoys an agent serves too: a release created (not started)
+    has its gray cluster active in every Envoy of both clusters, no request reaches v2, and
+    the start leaves every Envoy's clusters as they were (it changes routes only)."""
+    layout = fresh
+    envoys = [e for c in (layout.east, layout.west) for e in (c.sidecar, c.gateway) if e is not None]
+    await layout.client.apply_release(gray_in_west_release(), reason="test", restart=True)
+    assert (await layout.client.get_release(LANE)).status.phase == pb.PENDING
+    gray = xv.cluster_name(SERVICE, "v2", LANE)
+
+    async def staged() -> bool | None:
+        sidecars = [c.sidecar for c in (layout.east, layout.west) if c.sidecar is not None]
+        for sidecar in sidecars:
+            if gray not in await _active_clusters(sidecar):
+                return None
+        return True
+
+    await poll(staged, timeout=20, what="the gray cluster active at both sidecars")
+    # Staged, not routed: the lane's rule does not take a request to v2 before the start.
+    v2_before = layout.west.upstream.requests
+    for cluster in (layout.east, layout.west):
+        result = await layout.load(cluster, count=200, headers=RULE_HEADER)
+        assert_no_failures(result, f"{cluster.name}, rule header, pending")
+        assert result.versions == {"v1": result.sent}, (cluster.name, result.versions)
+    assert layout.west.upstream.requests == v2_before
+
+    before = {e.node_id: await _active_clusters(e) for e in envoys}
+    await layout.client.act(Action.NEXT, LANE)
+    await layout.until_reached(LANE, weight=10)
+    after = {e.node_id: await _active_clusters(e) for e in envoys}
+    assert after == before  # no CDS change anywhere: the start sent routes alone
 
 
 async def test_a_nack_from_an_agents_proxy_pauses_the_release_naming_cluster_and_node(fresh: TwoClusters) -> None:

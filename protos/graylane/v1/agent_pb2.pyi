@@ -153,14 +153,16 @@ class ViewLane(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entry: _Optional[str] = ..., weight: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[_release_pb2.ServiceVersions, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[_release_pb2.MatchRule, _Mapping]]] = ..., cohort: _Optional[_Union[_release_pb2.Cohort, _Mapping]] = ...) -> None: ...
 
 class RoutingView(_message.Message):
-    __slots__ = ("services", "endpoints", "lanes")
+    __slots__ = ("services", "endpoints", "lanes", "staged")
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     services: _containers.RepeatedCompositeFieldContainer[ViewService]
     endpoints: _containers.RepeatedCompositeFieldContainer[ViewEndpoints]
     lanes: _containers.RepeatedCompositeFieldContainer[ViewLane]
-    def __init__(self, services: _Optional[_Iterable[_Union[ViewService, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[ViewEndpoints, _Mapping]]] = ..., lanes: _Optional[_Iterable[_Union[ViewLane, _Mapping]]] = ...) -> None: ...
+    staged: _containers.RepeatedCompositeFieldContainer[ViewLane]
+    def __init__(self, services: _Optional[_Iterable[_Union[ViewService, _Mapping]]] = ..., endpoints: _Optional[_Iterable[_Union[ViewEndpoints, _Mapping]]] = ..., lanes: _Optional[_Iterable[_Union[ViewLane, _Mapping]]] = ..., staged: _Optional[_Iterable[_Union[ViewLane, _Mapping]]] = ...) -> None: ...
 
 class ClusterView(_message.Message):
     __slots__ = ("version", "view")

@@ -39,6 +39,7 @@ VIEW = xv.RoutingView(
         ),
         xv.Lane(name="blue", entry="cart", weight=0, versions=(), cohort=xv.Cohort(Kind.HEADER, "x-user")),
     ),
+    staged=(xv.Lane(name="next", entry="cart", weight=0, versions=(("cart", "v5"),)),),
 )
 
 
@@ -46,6 +47,14 @@ def test_round_trip_is_exact() -> None:
     assert view_from_proto(view_to_proto(VIEW)) == VIEW
     message = cluster_view(VIEW)
     assert view_from_proto(message.view) == VIEW
+
+
+def test_staged_lanes_travel_and_change_the_version() -> None:
+    # A release created (not started) stages its clusters at the agents' Envoys as well.
+    assert view_from_proto(view_to_proto(VIEW)).staged == VIEW.staged
+    unstaged = dataclasses.replace(VIEW, staged=())
+    assert view_from_proto(view_to_proto(unstaged)).staged == ()
+    assert cluster_view(unstaged).version != cluster_view(VIEW).version
 
 
 def test_every_match_kind_and_op_survives() -> None:

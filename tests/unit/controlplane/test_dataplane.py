@@ -255,3 +255,17 @@ def test_reasons_count_batches_from_one_and_say_proxy_for_one() -> None:
         "0 proxies",
         "2 proxies",
     )
+
+
+def test_a_pending_release_created_edited_or_deleted_may_change_the_view_its_status_writes_not() -> None:
+    from graylane.controlplane.reconcile.dataplane import _may_change_view
+
+    pending = canary_release(model.Phase.PENDING, batch=-1)
+    edited = replace(pending, spec=replace(pending.spec, entry="cart"))
+    counted = replace(pending, status=replace(pending.status, proxies=3), revision=9)
+    assert _may_change_view({"releases": {"r": (None, pending)}})  # created: its clusters are staged
+    assert _may_change_view({"releases": {"r": (pending, edited)}})
+    assert _may_change_view({"releases": {"r": (pending, None)}})  # deleted: its staged clusters go
+    assert not _may_change_view({"releases": {"r": (pending, counted)}})
+    started = replace(pending, status=replace(pending.status, phase=model.Phase.PROGRESSING, batch=0))
+    assert _may_change_view({"releases": {"r": (pending, started)}})

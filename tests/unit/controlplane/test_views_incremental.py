@@ -157,6 +157,12 @@ def test_built_from_the_previous_view_equals_a_build_from_scratch_and_keeps_what
         for lane in built.view.lanes:
             if kept.get(lane.name) == lane:
                 assert lane is kept[lane.name], f"seed {seed} step {step}: lane {lane.name} rebuilt"
+        if built.view.staged == old.staged:
+            assert built.view.staged is old.staged
+        kept = {lane.name: lane for lane in old.staged}
+        for lane in built.view.staged:
+            if kept.get(lane.name) == lane:
+                assert lane is kept[lane.name], f"seed {seed} step {step}: staged lane {lane.name} rebuilt"
         if "services" not in kinds:
             assert built.view.services is old.services
         if not kinds & {"versions", "clusterendpoints", "clusters", "releases"}:
@@ -177,3 +183,59 @@ def test_a_status_only_change_keeps_the_very_same_view() -> None:
     assert again.view is not built.view
     assert again.view.services is built.view.services and again.view.endpoints is built.view.endpoints
     assert again.view.lanes[0].weight == 50
+
+
+def test_a_pending_release_is_staged_and_its_start_moves_it_to_the_lanes() -> None:
+    rng = random.Random(3)
+    spec = _spec(rng, 0)
+    pending = model.Release("r", spec, model.ReleaseStatus(), created=NOW)
+    services = {s: model.Service(s, "v1") for s in SERVICES}
+    versions = {(s, v): _version(rng, s, v) for s in SERVICES for v in ("v1", "v2", "v3")}
+    built = views.build_view_from(None, _snapshot(services, versions, {"r": pending}, (), ()))
+    assert built.view.lanes == ()
+    gray = tuple(sorted((s.service, s.gray_version) for s in spec.services))
+    assert built.view.staged == (views.xv.Lane(name="lane-0", entry=spec.entry, weight=0, versions=gray),)
+    # A status write that is not a move keeps the very same view.
+    counted = replace(pending, revision=2)
+    same = views.build_view_from(built, _snapshot(services, versions, {"r": counted}, (), ()), changed={"r"})
+    assert same.view is built.view
+    # The start: live, no longer staged; the versions and entry are the staged ones.
+    started = replace(counted, status=replace(counted.status, phase=model.Phase.PROGRESSING, batch=0))
+    live = views.build_view_from(same, _snapshot(services, versions, {"r": started}, (), ()), changed={"r"})
+    assert live.view.staged == ()
+    assert [(lane.name, lane.entry, lane.versions, lane.weight) for lane in live.view.lanes] == [
+        ("lane-0", spec.entry, gray, 10)
+    ]
+    assert live.view.services is built.view.services and live.view.endpoints is built.view.endpoints
+    # Deleted while pending: the staged lane goes.
+    gone = views.build_view_from(built, _snapshot(services, versions, {}, (), ()), changed={"r"})
+    assert gone.view.staged == () and gone.view.lanes == ()
+
+
+@pytest.mark.parametrize(
+    ("phase", "staged"),
+    [
+        (model.Phase.PENDING, True),
+        (model.Phase.PROGRESSING, False),
+        (model.Phase.PAUSED, False),
+        (model.Phase.SUCCEEDED, False),
+        (model.Phase.ROLLED_BACK, False),
+        (model.Phase.FAILED, False),
+    ],
+)
+def test_only_a_release_that_will_go_live_is_staged(phase: model.Phase, staged: bool) -> None:
+    rng = random.Random(4)
+    batch = -1 if phase is model.Phase.PENDING else 0
+    # reached: a finished release's lane is drained (a rolled-back one not yet reached drains).
+    r = model.Release("r", _spec(rng, 0), model.ReleaseStatus(phase=phase, batch=batch, reached=True), created=NOW)
+    assert (views.staged_lane(r) is not None) is staged
+
+
+def test_a_release_held_at_no_lane_by_a_nack_is_staged_again() -> None:
+    rng = random.Random(5)
+    nack = model.Nack(node="n", type_url="rds", version="v", message="no", at=NOW)
+    status = model.ReleaseStatus(phase=model.Phase.PAUSED, batch=0, last_nack=nack, held_batch=-1)
+    r = model.Release("r", _spec(rng, 0), status, created=NOW)
+    assert views.served_lane(r) is None
+    staged = views.staged_lane(r)
+    assert staged is not None and staged.weight == 0 and staged.rules == ()

@@ -455,6 +455,54 @@ def test_a_weight_change_changes_only_the_entry_services_route_config() -> None:
         assert after[type_url].versions == before[type_url].versions
 
 
+# ------------------------------------------------------------------------- staged lanes
+
+
+def test_a_staged_lane_has_its_clusters_and_endpoints_and_no_route() -> None:
+    staged = lane("blue", versions=(("cart", "v2"), ("stock", "v2")))
+    plain = render_view(make_view())
+    res = render_view(dataclasses.replace(make_view(), staged=(staged,)))
+
+    # The clusters it will have once live: its gray versions and its own one at the entry.
+    added = set(res[resources.CLUSTER]) - set(plain[resources.CLUSTER])
+    assert added == {"cart|v2|blue", "stock|v2|blue", "gateway|v1|blue"}
+    assert set(res[resources.ENDPOINT]) - set(plain[resources.ENDPOINT]) == added
+    assert addresses(res, "cart|v2|blue") == [("10.0.0.1", 8012)]
+    # ...and not one route changes: tagged and untagged traffic go where they went.
+    for type_url in (resources.ROUTE, resources.SCOPED_ROUTE, resources.LISTENER):
+        assert res[type_url].versions == plain[type_url].versions
+    assert not [n for n in route_clusters(route_config(res)) if n.endswith("|blue")]
+    assert consistency_gaps(res) == ()
+
+
+def test_a_staged_lane_going_live_changes_routes_only() -> None:
+    versions = (("cart", "v2"), ("stock", "v2"))
+    before = render_view(dataclasses.replace(make_view(), staged=(lane("blue", versions=versions),)))
+    beta = rule(cond(xv.MatchKind.HEADER, "x-beta", xv.MatchOp.EXACT, "1"))
+    after = render_view(make_view(lane("blue", weight=10, versions=versions, rules=(beta,))))
+
+    for type_url in (resources.CLUSTER, resources.ENDPOINT, resources.LISTENER, resources.SCOPED_ROUTE):
+        assert after[type_url].versions == before[type_url].versions, type_url
+    assert after[resources.ROUTE].version != before[resources.ROUTE].version
+    # And back (held at no lane, or a pending release deleted once no route uses it).
+    assert render_view(make_view())[resources.CLUSTER].version != before[resources.CLUSTER].version
+
+
+def test_a_staged_gray_version_without_endpoints_is_staged_as_it_will_be_served() -> None:
+    # stock v3 has no endpoints: live, the lane would serve stock from base (no cluster).
+    view = dataclasses.replace(make_view(), staged=(lane("blue", versions=(("cart", "v2"), ("stock", "v3"))),))
+    res = render_view(view)
+    assert not [n for n in res[resources.CLUSTER] if n.startswith("stock|v3")]
+    assert "cart|v2|blue" in res[resources.CLUSTER].items
+    assert effective_view(view).staged == (lane("blue", versions=(("cart", "v2"),)),)
+
+
+def test_a_staged_lane_sharing_a_live_lanes_clusters_adds_nothing() -> None:
+    live = lane("blue", weight=10, versions=(("cart", "v2"),))
+    res = render_view(dataclasses.replace(make_view(live), staged=(lane("blue", versions=(("cart", "v2"),)),)))
+    assert res[resources.CLUSTER].versions == render_view(make_view(live))[resources.CLUSTER].versions
+
+
 def test_scope_keys_are_the_validated_lower_case_service_names() -> None:
     # Scope keys match the authority exactly (virtual-host domains did so case-insensitively).
     # Service names are validated lower-case DNS labels (controlplane.model), so the scope of

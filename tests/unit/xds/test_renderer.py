@@ -2,7 +2,8 @@
 
 Random change sequences (services, versions, endpoints and remote `via_cluster` versions,
 lanes added / removed / changed, rules, cohorts, invalid weights, whole views rebuilt with
-equal but new objects, lanes reordered, connect timeouts) are rendered both ways; every
+equal but new objects, lanes reordered, connect timeouts, staged lanes added / removed /
+changed / started) are rendered both ways; every
 step must give the same names and content versions per type, the same effective view,
 the same ValueError, and a Resources derived from the previous step's (changed / removed
 exactly the difference).
@@ -32,6 +33,7 @@ PORT = 15001
 SERVICES = [f"s{i}" for i in range(8)]
 VERSIONS = ["v1", "v2", "v3"]
 LANE_NAMES = [f"lane{i}" for i in range(6)]
+STAGED_NAMES = [f"staged{i}" for i in range(4)] + ["lane0"]  # one may share a live lane's name
 
 
 def _rule(rng: random.Random) -> xv.Rule:
@@ -67,13 +69,20 @@ def _view(rng: random.Random) -> xv.RoutingView:
     services = tuple(xv.ServiceRoute(s, rng.choice(VERSIONS)) for s in sorted(rng.sample(SERVICES, 5)))
     endpoints = tuple(_endpoints(rng, s, v) for s in SERVICES for v in VERSIONS if rng.random() < 0.5)
     lanes = tuple(_lane(rng, n) for n in sorted(rng.sample(LANE_NAMES, 3)))
-    return xv.RoutingView(services, endpoints, lanes)
+    staged = tuple(_staged(rng, n) for n in sorted(rng.sample(STAGED_NAMES, 2)))
+    return xv.RoutingView(services, endpoints, lanes, staged=staged)
+
+
+def _staged(rng: random.Random, name: str) -> xv.Lane:
+    """A staged lane as the control plane builds one: weight 0, no rules, no cohort."""
+    return dataclasses.replace(_lane(rng, name), weight=0, rules=(), cohort=None)
 
 
 def _change(rng: random.Random, view: xv.RoutingView) -> xv.RoutingView:
     """One random change; every object it does not touch is the same object."""
-    op = rng.randrange(11)
+    op = rng.randrange(14)
     services, endpoints, lanes = list(view.services), list(view.endpoints), list(view.lanes)
+    staged = list(view.staged)
     if op == 0:  # a service added or removed
         names = {s.name for s in services}
         missing = [s for s in SERVICES if s not in names]
@@ -114,17 +123,45 @@ def _change(rng: random.Random, view: xv.RoutingView) -> xv.RoutingView:
             tuple(dataclasses.replace(ve) for ve in endpoints),
             tuple(dataclasses.replace(lane) for lane in lanes),
             view.connect_timeout_ms,
+            tuple(dataclasses.replace(lane) for lane in staged),
         )
     elif op == 9:  # rare: lanes reordered, or the connect timeout changed
         if rng.random() < 0.5:
             rng.shuffle(lanes)
         else:
             return dataclasses.replace(view, connect_timeout_ms=rng.choice([250, 1000, 1500]))
+    elif op == 11:  # a staged lane added, removed or changed
+        names = {lane.name for lane in staged}
+        missing = [n for n in STAGED_NAMES if n not in names]
+        if missing and (rng.random() < 0.5 or not staged):
+            staged.append(_staged(rng, rng.choice(missing)))
+            staged.sort(key=lambda lane: lane.name)
+        elif staged and rng.random() < 0.5:
+            staged.pop(rng.randrange(len(staged)))
+        elif staged:
+            i = rng.randrange(len(staged))
+            fresh = _staged(rng, staged[i].name)
+            field = rng.choice(["versions", "entry"])
+            staged[i] = dataclasses.replace(staged[i], **{field: getattr(fresh, field)})
+    elif op == 12:  # a staged lane starts: live with its versions and entry, no longer staged
+        names = {lane.name for lane in lanes}
+        ready = [i for i, lane in enumerate(staged) if lane.name not in names]
+        if ready:
+            lane = staged.pop(rng.choice(ready))
+            lanes.append(dataclasses.replace(lane, weight=rng.choice([5, 10]), rules=_lane(rng, lane.name).rules))
+            lanes.sort(key=lambda lane: lane.name)
+    elif op == 13:  # a live lane held back to no lane: staged again
+        names = {lane.name for lane in staged}
+        held = [i for i, lane in enumerate(lanes) if lane.name not in names]
+        if held:
+            lane = lanes.pop(rng.choice(held))
+            staged.append(dataclasses.replace(lane, weight=0, rules=(), cohort=None))
+            staged.sort(key=lambda lane: lane.name)
     else:  # several at once
         for _ in range(3):
             view = _change(rng, view)
         return view
-    return xv.RoutingView(tuple(services), tuple(endpoints), tuple(lanes), view.connect_timeout_ms)
+    return xv.RoutingView(tuple(services), tuple(endpoints), tuple(lanes), view.connect_timeout_ms, tuple(staged))
 
 
 def _same(incremental: resources.Resources, full: resources.Resources) -> None:
