@@ -396,43 +396,9 @@ class Renderer:
         index = state.index
         dirty: set[str] = set()
         for name in staged:
-            was = state.eff_staged.get(name)
-            raw = state.raw_staged.get(name)
-            now = effective_lane(raw, index) if raw is not None else None
-            if now is None:
-                state.eff_staged.pop(name, None)
-                state.staged_trimmed.discard(name)
-            else:
-                state.eff_staged[name] = now
-                if now is raw:
-                    state.staged_trimmed.discard(name)
-                else:
-                    state.staged_trimmed.add(name)
-            if now == was:
-                continue
-            for lane in (was, now):
-                if lane is not None:
-                    dirty.add(lane.entry)
-                    dirty.update(service for service, _version in lane.versions)
+            _follow_lane(name, state.raw_staged, state.eff_staged, state.staged_trimmed, index, dirty)
         for name in names:
-            was = state.eff_lanes.get(name)
-            raw = state.raw_lanes.get(name)
-            now = effective_lane(raw, index) if raw is not None else None
-            if now is None:
-                state.eff_lanes.pop(name, None)
-                state.trimmed.discard(name)
-            else:
-                state.eff_lanes[name] = now
-                if now is raw:
-                    state.trimmed.discard(name)
-                else:
-                    state.trimmed.add(name)
-            if now == was:
-                continue
-            for lane in (was, now):
-                if lane is not None:
-                    dirty.add(lane.entry)
-                    dirty.update(service for service, _version in lane.versions)
+            _follow_lane(name, state.raw_lanes, state.eff_lanes, state.trimmed, index, dirty)
         for service in dirty:
             self._reindex(state, service)
         return dirty
@@ -512,6 +478,37 @@ def _unlink(state: _State, lane: Lane) -> None:
     state.entering.get(lane.entry, set()).discard(lane.name)
     for service, _version in lane.versions:
         state.raw_versioned.get(service, set()).discard(lane.name)
+
+
+def _follow_lane(
+    name: str,
+    raw: dict[str, Lane],
+    effective: dict[str, Lane],
+    trimmed: set[str],
+    index: ViewIndex,
+    dirty: set[str],
+) -> None:
+    """Recompute lane `name`'s effective form from `raw` into `effective` (and whether it is
+    `trimmed`); a lane that changed adds its entry and versioned services to `dirty`. The
+    same for live lanes and staged ones, each with its own tables."""
+    was = effective.get(name)
+    lane = raw.get(name)
+    now = effective_lane(lane, index) if lane is not None else None
+    if now is None:
+        effective.pop(name, None)
+        trimmed.discard(name)
+    else:
+        effective[name] = now
+        if now is lane:
+            trimmed.discard(name)
+        else:
+            trimmed.add(name)
+    if now == was:
+        return
+    for changed in (was, now):
+        if changed is not None:
+            dirty.add(changed.entry)
+            dirty.update(service for service, _version in changed.versions)
 
 
 def _link_staged(state: _State, lane: Lane) -> None:

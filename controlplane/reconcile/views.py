@@ -240,18 +240,8 @@ def build_view_from(
     releases, lanes_by_release, staged_by_release, lanes_changed, staged_changed = _served_lanes(
         previous, snap, changed
     )
-    if old is not None and not lanes_changed:
-        lanes = old.lanes
-    else:
-        lanes = tuple(lanes_by_release[name] for name in sorted(lanes_by_release))
-        if old is not None and lanes == old.lanes:
-            lanes = old.lanes
-    if old is not None and not staged_changed:
-        staged = old.staged
-    else:
-        staged = tuple(staged_by_release[name] for name in sorted(staged_by_release))
-        if old is not None and staged == old.staged:
-            staged = old.staged
+    lanes = _in_name_order(lanes_by_release, old.lanes if old is not None else None, lanes_changed)
+    staged = _in_name_order(staged_by_release, old.staged if old is not None else None, staged_changed)
     # Endpoints: from the registry, the agents, the gateways and the placement of lanes.
     placement = _placement(releases, lanes_by_release, staged_by_release)
     endpoints_from = (snap.versions, snap.cluster_endpoints, snap.clusters, placement)
@@ -285,6 +275,17 @@ def build_view_from(
         staged=staged_by_release,
         endpoints_from=endpoints_from,
     )
+
+
+def _in_name_order(
+    by_release: Mapping[str, xv.Lane], old: tuple[xv.Lane, ...] | None, changed: bool
+) -> tuple[xv.Lane, ...]:
+    """`by_release`'s lanes in release-name order; `old` itself when nothing changed or the
+    result equals it (later stages compare by identity first)."""
+    if old is not None and not changed:
+        return old
+    lanes = tuple(by_release[name] for name in sorted(by_release))
+    return old if old is not None and lanes == old else lanes
 
 
 _Lanes = tuple[model.Release, xv.Lane | None, xv.Lane | None]

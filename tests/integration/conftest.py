@@ -192,6 +192,15 @@ class CheckoutStack:
     v1: Upstream
     v2: Upstream
 
+    async def until_reached(self, timeout: float = 15, name: str = "rel") -> pb.Release:
+        """Poll the API until release `name`'s current batch is reported reached by every proxy."""
+        async with asyncio.timeout(timeout):
+            while True:
+                r = await self.stub.GetRelease(api.GetReleaseRequest(name=name))
+                if r.status.reached:
+                    return r
+                await asyncio.sleep(0.02)
+
 
 Stack = TypeVar("Stack", bound=CheckoutStack)
 

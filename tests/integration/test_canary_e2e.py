@@ -30,15 +30,6 @@ class Stack(CheckoutStack):
     async def act(self, call: Callable[..., Awaitable[pb.Release]], **kw: Any) -> pb.Release:
         return await call(api.ActionRequest(name="rel", actor="test", **kw))
 
-    async def until_reached(self, timeout: float = 15) -> pb.Release:
-        """Poll the API until the current batch is reported reached by every proxy."""
-        async with asyncio.timeout(timeout):
-            while True:
-                r = await self.stub.GetRelease(api.GetReleaseRequest(name="rel"))
-                if r.status.reached:
-                    return r
-                await asyncio.sleep(0.02)
-
 
 def spec(
     weights: tuple[int, ...] = (10, 20, 50, 100), rules: list[pb.MatchRule] | None = None, strategy: int = pb.CANARY

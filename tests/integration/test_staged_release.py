@@ -63,14 +63,6 @@ class Stack(CheckoutStack):
         (found,) = [p for p in self.plane.tracker.proxies().values() if p.connected]
         return found
 
-    async def until_reached(self, timeout: float = 15) -> pb.Release:
-        async with asyncio.timeout(timeout):
-            while True:
-                r = await self.stub.GetRelease(api.GetReleaseRequest(name="rel"))
-                if r.status.reached:
-                    return r
-                await asyncio.sleep(0.02)
-
 
 def spec() -> pb.ReleaseSpec:
     return pb.ReleaseSpec(
