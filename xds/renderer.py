@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import operator
 import threading
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -337,21 +337,7 @@ class Renderer:
         """Update the raw lanes; the names of lanes added, removed or changed."""
         if old is new:
             return set()
-        gone, came = _by_identity(old, new)
-        changed: set[str] = set()
-        for lane in gone:
-            if state.raw_lanes.get(lane.name) is lane:
-                del state.raw_lanes[lane.name]
-                _unlink(state, lane)
-            changed.add(lane.name)
-        for lane in came:
-            if lane.name in state.raw_lanes:
-                raise _Full  # two lanes of one name
-            state.raw_lanes[lane.name] = lane
-            _link(state, lane)
-            changed.add(lane.name)
-        if len(state.raw_lanes) != len(new):
-            raise _Full
+        changed = _swap_raw(state, state.raw_lanes, old, new, link=_link, unlink=_unlink)
         if len(old) == len(new):
             # Lanes replaced in place (a weight, a rule...): no position moved. The indexes
             # where the two differ, found at C speed; each must hold the same name.
@@ -371,22 +357,7 @@ class Renderer:
         """Update the raw staged lanes; the names of those added, removed or changed."""
         if old is new:
             return set()
-        gone, came = _by_identity(old, new)
-        changed: set[str] = set()
-        for lane in gone:
-            if state.raw_staged.get(lane.name) is lane:
-                del state.raw_staged[lane.name]
-                _unlink_staged(state, lane)
-            changed.add(lane.name)
-        for lane in came:
-            if lane.name in state.raw_staged:
-                raise _Full  # two staged lanes of one name
-            state.raw_staged[lane.name] = lane
-            _link_staged(state, lane)
-            changed.add(lane.name)
-        if len(state.raw_staged) != len(new):
-            raise _Full
-        return changed
+        return _swap_raw(state, state.raw_staged, old, new, link=_link_staged, unlink=_unlink_staged)
 
     def _follow_effective(
         self, state: _State, view: RoutingView, names: Iterable[str], staged: Iterable[str] = ()
@@ -478,6 +449,35 @@ def _unlink(state: _State, lane: Lane) -> None:
     state.entering.get(lane.entry, set()).discard(lane.name)
     for service, _version in lane.versions:
         state.raw_versioned.get(service, set()).discard(lane.name)
+
+
+def _swap_raw(
+    state: _State,
+    raw: dict[str, Lane],
+    old: tuple[Lane, ...],
+    new: tuple[Lane, ...],
+    *,
+    link: Callable[[_State, Lane], None],
+    unlink: Callable[[_State, Lane], None],
+) -> set[str]:
+    """`raw` (live or staged lanes by name) from `old` to `new`, each lane (un)linked in the
+    state's lookups; the names added, removed or changed. _Full when two share a name."""
+    gone, came = _by_identity(old, new)
+    changed: set[str] = set()
+    for lane in gone:
+        if raw.get(lane.name) is lane:
+            del raw[lane.name]
+            unlink(state, lane)
+        changed.add(lane.name)
+    for lane in came:
+        if lane.name in raw:
+            raise _Full  # two lanes of one name
+        raw[lane.name] = lane
+        link(state, lane)
+        changed.add(lane.name)
+    if len(raw) != len(new):
+        raise _Full
+    return changed
 
 
 def _follow_lane(
