@@ -30,11 +30,19 @@ from graylane.controlplane.cli.base import (
     host_port,
 )
 from graylane.controlplane.cli.serve import add_server_tls_flags, otlp_url, server_tls
+from graylane.controlplane.domain import model
 from graylane.controlplane.options import (
     DEFAULT_ADMIN_ALLOW,
     check_certificate_scopes,
     is_loopback_host,
 )
+
+
+def _gateway_address(text: str) -> HostPort:
+    address = host_port()(text)
+    if not model.valid_address(address.host):
+        raise argparse.ArgumentTypeError(f"{address.host!r} {model.NOT_AN_IP}")
+    return address
 
 
 def add_agent(subparsers: Subparsers) -> None:
@@ -53,9 +61,10 @@ def add_agent(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--gateway-address",
         required=True,
-        type=host_port(),
-        metavar="HOST:PORT",
-        help="where other clusters reach this cluster's gateway Envoy",
+        type=_gateway_address,
+        metavar="IP:PORT",
+        help="where other clusters reach this cluster's gateway Envoy (an IP address: other clusters' "
+        "Envoys get it over EDS, which takes no host names)",
     )
     parser.add_argument(
         "--xds-listen",

@@ -176,13 +176,13 @@ def _parse(kind: str, rest: str, kv: kv_pb2.KeyValue) -> object:
             return {str(k): str(v) for k, v in json.loads(kv.value).items()}
         return None
     if kind == "clusters":
-        return model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
+        return model.hello_from_proto(_load(kv.value, apb.AgentHello()), stored=True)  # type: ignore[arg-type]
     if kind == "knownclusters":
         with contextlib.suppress(InvalidArgument):  # an unreadable record names no gateway
-            return model.hello_from_proto(_load(kv.value, apb.AgentHello()))  # type: ignore[arg-type]
+            return model.hello_from_proto(_load(kv.value, apb.AgentHello()), stored=True)  # type: ignore[arg-type]
         return None
     if kind == "clusterendpoints":
-        return model.cluster_endpoints_from_proto(rest, _load(kv.value, apb.EndpointSnapshot()))  # type: ignore[arg-type]
+        return model.cluster_endpoints_from_proto(rest, _load(kv.value, apb.EndpointSnapshot()), stored=True)  # type: ignore[arg-type]
     return None
 
 

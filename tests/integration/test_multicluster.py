@@ -649,6 +649,7 @@ async def test_killed_agent_endpoints_leave_within_the_lease_ttl(fresh: TwoClust
     [
         ("999.0.0.1", 8080, "endpoints.versions[0].endpoints[0].address"),
         ("not an address", 8080, "endpoints.versions[0].endpoints[0].address"),
+        ("checkout.west.internal", 8080, "endpoints.versions[0].endpoints[0].address"),
         ("127.0.0.1", 0, "endpoints.versions[0].endpoints[0].port"),
         ("127.0.0.1", 70000, "endpoints.versions[0].endpoints[0].port"),
     ],

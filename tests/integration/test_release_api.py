@@ -449,6 +449,13 @@ async def test_a_release_named_with_a_newline_is_refused(
             ),
             "version.endpoints[0].address: ",
         ),
+        (
+            # A host name: Envoy's EDS would refuse it (and with it every endpoint update).
+            api.PutVersionRequest(
+                version=pb.Version(service="checkout", name="v3", endpoints=[pb.Endpoint(address="h.example", port=80)])
+            ),
+            "version.endpoints[0].address: 'h.example' is not an IP address",
+        ),
     ],
 )
 async def test_bad_services_and_versions_are_refused_and_nothing_written(

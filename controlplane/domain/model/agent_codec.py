@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from graylane.controlplane.address import HostPort
 from graylane.controlplane.domain.model.validation import (
+    NOT_AN_IP,
     check_name,
     check_version_name,
     endpoint_from_proto,
@@ -21,19 +22,22 @@ from graylane.v1 import agent_pb2 as apb
 from graylane.v1 import release_pb2 as pb
 
 
-def split_host_port(field_name: str, value: str) -> tuple[str, int]:
-    """`host:port` (IPv6 as `[addr]:port`) into its parts, or InvalidArgument naming the field."""
+def split_host_port(field_name: str, value: str, *, stored: bool = False) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[addr]:port`) into its parts, or InvalidArgument naming the field.
+    The host must be an IP literal, except in a value read back from etcd (`stored`)."""
     try:
         address = HostPort.parse(value)
     except ValueError as exc:
         raise InvalidArgument(field_name, str(exc)) from None
-    if not valid_address(address.host):
-        raise InvalidArgument(field_name, f"{address.host!r} is not an IP address or host name")
+    if not (valid_address(address.host) or stored):
+        raise InvalidArgument(field_name, f"{address.host!r} {NOT_AN_IP}")
     return address.host, address.port
 
 
-def hello_from_proto(hello: apb.AgentHello) -> ClusterInfo:
-    host, port = split_host_port("hello.gateway_address", hello.gateway_address)
+def hello_from_proto(hello: apb.AgentHello, *, stored: bool = False) -> ClusterInfo:
+    """Validate an agent's hello; `stored` (read back from etcd) keeps a gateway host name an
+    older Graylane accepted."""
+    host, port = split_host_port("hello.gateway_address", hello.gateway_address, stored=stored)
     if not hello.agent_id:
         raise InvalidArgument("hello.agent_id", "is required")
     return ClusterInfo(
@@ -45,8 +49,11 @@ def hello_from_proto(hello: apb.AgentHello) -> ClusterInfo:
     )
 
 
-def cluster_endpoints_from_proto(cluster: str, snapshot: apb.EndpointSnapshot) -> tuple[ClusterEndpoints, ...]:
-    """Validate an agent's endpoint snapshot; every endpoint is tagged with `cluster`."""
+def cluster_endpoints_from_proto(
+    cluster: str, snapshot: apb.EndpointSnapshot, *, stored: bool = False
+) -> tuple[ClusterEndpoints, ...]:
+    """Validate an agent's endpoint snapshot; every endpoint is tagged with `cluster`.
+    `stored`: read back from etcd (see `endpoint_from_proto`)."""
     out: list[ClusterEndpoints] = []
     seen: set[tuple[str, str]] = set()
     for i, v in enumerate(snapshot.versions):
@@ -57,7 +64,7 @@ def cluster_endpoints_from_proto(cluster: str, snapshot: apb.EndpointSnapshot) -
         seen.add(key)
         endpoints = []
         for j, e in enumerate(v.endpoints):
-            checked = endpoint_from_proto(f"{where}.endpoints[{j}]", e)
+            checked = endpoint_from_proto(f"{where}.endpoints[{j}]", e, stored=stored)
             endpoints.append(Endpoint(address=checked.address, port=checked.port, cluster=cluster))
         out.append(ClusterEndpoints(service=key[0], version=key[1], endpoints=tuple(dict.fromkeys(endpoints))))
     return tuple(out)

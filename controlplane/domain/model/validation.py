@@ -48,7 +48,6 @@ _COOKIE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")
 # Query parameter names as they appear in a URL (RFC 3986 query characters, percent
 # escapes included), without the separators "&", "=" and "#".
 _QUERY = re.compile(r"[A-Za-z0-9._~!$'()*+,;:@/?%\[\]-]{1,256}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # Envoy rejects regexes whose RE2 program is larger than this by default.
 RE2_MAX_PROGRAM_SIZE = 100
 
@@ -453,23 +452,27 @@ def service_from_proto(s: pb.Service, *, stored: bool = False) -> Service:
     )
 
 
+# Why an endpoint or gateway must be an IP literal: Graylane serves endpoints over EDS, and
+# Envoy rejects a ClusterLoadAssignment holding a host name ("malformed IP address"). Over
+# state-of-the-world that NACK refuses the whole endpoint update, every service's, so one
+# such address would freeze every proxy's endpoints until it is removed.
+NOT_AN_IP = "is not an IP address (Envoy takes endpoints over EDS as IP literals only: resolve a host name first)"
+
+
 def valid_address(address: str) -> bool:
-    """An IPv4/IPv6 literal or a DNS host name (what Envoy can connect to)."""
-    if not address:
-        return False
+    """An IPv4/IPv6 literal: what Envoy accepts as an EDS endpoint's address."""
     try:
         ipaddress.ip_address(address)
-        return True
     except ValueError:
-        pass
-    if address.replace(".", "").isdigit():
-        return False  # looks like an IPv4 literal but is not one (999.1.1.1)
-    return len(address) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in address.split("."))
+        return False
+    return True
 
 
-def endpoint_from_proto(where: str, e: pb.Endpoint) -> Endpoint:
-    if not valid_address(e.address):
-        raise InvalidArgument(f"{where}.address", f"{e.address!r} is not an IP address or host name")
+def endpoint_from_proto(where: str, e: pb.Endpoint, *, stored: bool = False) -> Endpoint:
+    """Validate an endpoint; `stored` (read back from etcd) lets through an address an older
+    Graylane accepted (a host name): refusing it on read would drop its whole record."""
+    if not (valid_address(e.address) or (stored and e.address)):
+        raise InvalidArgument(f"{where}.address", f"{e.address!r} {NOT_AN_IP}")
     if not 0 < e.port < 65536:
         raise InvalidArgument(f"{where}.port", f"{e.port} is not a valid port (1..65535)")
     cluster = check_name(f"{where}.cluster", e.cluster) if e.cluster else ""
@@ -493,7 +496,9 @@ def version_from_proto(v: pb.Version, *, stored: bool = False) -> Version:
         _MIN_TIMESTAMP_S <= md.created.seconds <= _MAX_TIMESTAMP_S and 0 <= md.created.nanos < 1_000_000_000
     ):
         raise InvalidArgument("version.metadata.created", "is not a valid time (years 1 to 9999)")
-    endpoints = tuple(endpoint_from_proto(f"version.endpoints[{i}]", e) for i, e in enumerate(v.endpoints))
+    endpoints = tuple(
+        endpoint_from_proto(f"version.endpoints[{i}]", e, stored=stored) for i, e in enumerate(v.endpoints)
+    )
     if len(set(endpoints)) != len(endpoints):
         raise InvalidArgument("version.endpoints", "an endpoint is listed twice")
     return Version(

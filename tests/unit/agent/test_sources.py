@@ -17,7 +17,7 @@ versions:
     version: v2
     endpoints:
       - {address: 127.0.0.1, port: 18082}
-      - {address: checkout-v2.internal, port: 8080}
+      - {address: "::1", port: 8080}
   - service: cart
     version: "1.4"
     endpoints: []
@@ -29,7 +29,7 @@ def test_parses_a_good_file() -> None:
     assert [(v.service, v.version) for v in snapshot.versions] == [("checkout", "v2"), ("cart", "1.4")]
     assert [(e.address, e.port) for e in snapshot.versions[0].endpoints] == [
         ("127.0.0.1", 18082),
-        ("checkout-v2.internal", 8080),
+        ("::1", 8080),
     ]
 
 
@@ -48,7 +48,12 @@ def test_an_empty_file_is_an_empty_set(text: str) -> None:
         ("versions: [{service: checkout, version: v1, endpoints: [{address: 127.0.0.1, port: -1}]}]", "port"),
         (
             "versions: [{service: checkout, version: v1, endpoints: [{address: 999.1.1.1, port: 80}]}]",
-            "endpoints.versions[0].endpoints[0].address: '999.1.1.1' is not an IP address or host name",
+            "endpoints.versions[0].endpoints[0].address: '999.1.1.1' is not an IP address",
+        ),
+        (
+            # Envoy's EDS takes IP literals only: a host name would be NACKed by every proxy.
+            "versions: [{service: checkout, version: v1, endpoints: [{address: checkout-v2.internal, port: 80}]}]",
+            "endpoints.versions[0].endpoints[0].address: 'checkout-v2.internal' is not an IP address (Envoy takes",
         ),
         (
             "versions: [{service: checkout, version: v1, endpoints: [{address: 'a b', port: 80}]}]",

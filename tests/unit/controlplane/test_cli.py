@@ -274,6 +274,14 @@ def test_serve_loop_lag_interval_option(capsys: pytest.CaptureFixture[str]) -> N
     assert "must be positive" in capsys.readouterr().err
 
 
+def test_agent_gateway_address_must_be_an_ip(capsys: pytest.CaptureFixture[str]) -> None:
+    # Other clusters' Envoys get the gateway over EDS, which refuses host names.
+    argv = ["agent", "--cluster", "east", "--control-plane", "127.0.0.1:1", "--gateway-address", "gw.east:15443"]
+    assert commands.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "argument --gateway-address" in err and "'gw.east' is not an IP address" in err
+
+
 # --- apply: nothing is sent unless the whole file parses --------------------------------
 
 

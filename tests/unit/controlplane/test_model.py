@@ -315,13 +315,39 @@ def test_stored_services_and_versions_are_read_without_the_size_limits() -> None
 
 @pytest.mark.parametrize(
     ("text", "parts"),
-    [("gw.east:15443", ("gw.east", 15443)), ("10.0.0.9:1", ("10.0.0.9", 1)), ("[fd00::9]:15443", ("fd00::9", 15443))],
+    [("10.0.0.9:1", ("10.0.0.9", 1)), ("[fd00::9]:15443", ("fd00::9", 15443))],
 )
 def test_an_agent_gateway_address_is_read_as_every_address_is(text: str, parts: tuple[str, int]) -> None:
     assert split_host_port("hello.gateway_address", text) == parts
 
 
-@pytest.mark.parametrize("text", ["nowhere", "fd00::9:15443", "gw:0", "gw:70000", "gw_east:80", "[fd00::9]"])
+def test_host_names_are_refused_as_endpoints_and_gateways_but_still_read_back() -> None:
+    # Envoy's EDS takes IP literals only ("malformed IP address"); over SotW one such address
+    # made every proxy refuse every endpoint update. New values are refused, naming the
+    # field; values an older Graylane stored are still read (refusing them would drop the
+    # whole record).
+    with pytest.raises(InvalidArgument, match=r"hello.gateway_address.*is not an IP address \(Envoy takes"):
+        split_host_port("hello.gateway_address", "gw.east:15443")
+    assert split_host_port("hello.gateway_address", "gw.east:15443", stored=True) == ("gw.east", 15443)
+    named = pb.Version(service="cart", name="v1", endpoints=[pb.Endpoint(address="cart.internal", port=80)])
+    with pytest.raises(InvalidArgument, match=r"version.endpoints\[0\].address.*'cart.internal' is not an IP"):
+        version_from_proto(named)
+    assert [e.address for e in version_from_proto(named, stored=True).endpoints] == ["cart.internal"]
+    assert [
+        e.address
+        for e in version_from_proto(
+            pb.Version(
+                service="cart",
+                name="v1",
+                endpoints=[pb.Endpoint(address="10.1.2.3", port=80), pb.Endpoint(address="fd00::1", port=80)],
+            )
+        ).endpoints
+    ] == ["10.1.2.3", "fd00::1"]
+
+
+@pytest.mark.parametrize(
+    "text", ["nowhere", "fd00::9:15443", "gw:0", "gw:70000", "gw_east:80", "[fd00::9]", "gw.east:15443"]
+)
 def test_a_bad_gateway_address_is_refused_naming_the_field(text: str) -> None:
     with pytest.raises(InvalidArgument, match="hello.gateway_address"):
         split_host_port("hello.gateway_address", text)
