@@ -453,9 +453,8 @@ def service_from_proto(s: pb.Service, *, stored: bool = False) -> Service:
 
 
 # Why an endpoint or gateway must be an IP literal: Graylane serves endpoints over EDS, and
-# Envoy rejects a ClusterLoadAssignment holding a host name ("malformed IP address"). Over
-# state-of-the-world that NACK refuses the whole endpoint update, every service's, so one
-# such address would freeze every proxy's endpoints until it is removed.
+# Envoy NACKs an EDS response that holds a host name ("malformed IP address"), the whole
+# response: such an endpoint is never served, and each push that carries it is refused.
 NOT_AN_IP = "is not an IP address (Envoy takes endpoints over EDS as IP literals only: resolve a host name first)"
 
 
