@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import operator
 import threading
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -216,7 +216,7 @@ class Renderer:
         for name, lane in state.raw_lanes.items():
             if state.eff_lanes[name] is not lane:
                 state.trimmed.add(name)
-            _link(state, lane)
+            _link(state.entering, state.raw_versioned, lane)
         for lane in view.staged:
             state.raw_staged.setdefault(lane.name, lane)
         for lane in effective.staged:
@@ -224,7 +224,7 @@ class Renderer:
         for name, lane in state.raw_staged.items():
             if state.eff_staged[name] is not lane:
                 state.staged_trimmed.add(name)
-            _link_staged(state, lane)
+            _link(state.staged_entering, state.staged_versioned, lane)
         for service_name, version in index.endpoints:
             state.versions_of.setdefault(service_name, set()).add(version)
         state.exact = (
@@ -337,7 +337,7 @@ class Renderer:
         """Update the raw lanes; the names of lanes added, removed or changed."""
         if old is new:
             return set()
-        changed = _swap_raw(state, state.raw_lanes, old, new, link=_link, unlink=_unlink)
+        changed = _swap_raw(state.raw_lanes, state.entering, state.raw_versioned, old, new)
         if len(old) == len(new):
             # Lanes replaced in place (a weight, a rule...): no position moved. The indexes
             # where the two differ, found at C speed; each must hold the same name.
@@ -357,7 +357,7 @@ class Renderer:
         """Update the raw staged lanes; the names of those added, removed or changed."""
         if old is new:
             return set()
-        return _swap_raw(state, state.raw_staged, old, new, link=_link_staged, unlink=_unlink_staged)
+        return _swap_raw(state.raw_staged, state.staged_entering, state.staged_versioned, old, new)
 
     def _follow_effective(
         self, state: _State, view: RoutingView, names: Iterable[str], staged: Iterable[str] = ()
@@ -380,30 +380,16 @@ class Renderer:
         # Every lane entering at `service` or with an effective version of it (which is one
         # of its gray versions in the view).
         candidates = state.entering.get(service, set()) | state.raw_versioned.get(service, set())
-        entering: list[Lane] = []
-        versioned: list[tuple[Lane, str]] = []
-        for name in sorted((n for n in candidates if n in state.eff_lanes), key=state.position.__getitem__):
-            lane = state.eff_lanes[name]
-            if lane.entry == service:
-                entering.append(lane)
-            version = lane.version_for(service)
-            if version is not None:
-                versioned.append((lane, version))
+        order = sorted((n for n in candidates if n in state.eff_lanes), key=state.position.__getitem__)
+        entering, versioned = _entering_and_versioned(service, (state.eff_lanes[n] for n in order))
         _set_or_drop(index.entering, service, entering)
         _set_or_drop(index.versioned, service, versioned)
         # Staged lanes: by name (they only add clusters to a set: order does not matter).
         candidates = state.staged_entering.get(service, set()) | state.staged_versioned.get(service, set())
-        staged_entering: list[Lane] = []
-        staged_versioned: list[tuple[Lane, str]] = []
-        for name in sorted(n for n in candidates if n in state.eff_staged):
-            lane = state.eff_staged[name]
-            if lane.entry == service:
-                staged_entering.append(lane)
-            version = lane.version_for(service)
-            if version is not None:
-                staged_versioned.append((lane, version))
-        _set_or_drop(index.staged_entering, service, staged_entering)
-        _set_or_drop(index.staged_versioned, service, staged_versioned)
+        order = sorted(n for n in candidates if n in state.eff_staged)
+        entering, versioned = _entering_and_versioned(service, (state.eff_staged[n] for n in order))
+        _set_or_drop(index.staged_entering, service, entering)
+        _set_or_drop(index.staged_versioned, service, versioned)
 
     def _rerender(self, state: _State, dirty: set[str]) -> None:
         upserts: dict[str, dict[str, Message]] = {t: {} for t in _SERVICE_TYPES}
@@ -439,41 +425,53 @@ def _remove(names: dict[str, set[str]], out: ServiceResources) -> None:
     names[resources.ROUTE].add(out.route_config.name)
 
 
-def _link(state: _State, lane: Lane) -> None:
-    state.entering.setdefault(lane.entry, set()).add(lane.name)
-    for service, _version in lane.versions:
-        state.raw_versioned.setdefault(service, set()).add(lane.name)
+def _entering_and_versioned(service: str, lanes: Iterable[Lane]) -> tuple[list[Lane], list[tuple[Lane, str]]]:
+    """Of `lanes`, in their order: those entering at `service`, and those with a version of it."""
+    entering: list[Lane] = []
+    versioned: list[tuple[Lane, str]] = []
+    for lane in lanes:
+        if lane.entry == service:
+            entering.append(lane)
+        version = lane.version_for(service)
+        if version is not None:
+            versioned.append((lane, version))
+    return entering, versioned
 
 
-def _unlink(state: _State, lane: Lane) -> None:
-    state.entering.get(lane.entry, set()).discard(lane.name)
+def _link(entering: dict[str, set[str]], versioned: dict[str, set[str]], lane: Lane) -> None:
+    """`lane` in the lookups by entry and by versioned service (live or staged ones)."""
+    entering.setdefault(lane.entry, set()).add(lane.name)
     for service, _version in lane.versions:
-        state.raw_versioned.get(service, set()).discard(lane.name)
+        versioned.setdefault(service, set()).add(lane.name)
+
+
+def _unlink(entering: dict[str, set[str]], versioned: dict[str, set[str]], lane: Lane) -> None:
+    entering.get(lane.entry, set()).discard(lane.name)
+    for service, _version in lane.versions:
+        versioned.get(service, set()).discard(lane.name)
 
 
 def _swap_raw(
-    state: _State,
     raw: dict[str, Lane],
+    entering: dict[str, set[str]],
+    versioned: dict[str, set[str]],
     old: tuple[Lane, ...],
     new: tuple[Lane, ...],
-    *,
-    link: Callable[[_State, Lane], None],
-    unlink: Callable[[_State, Lane], None],
 ) -> set[str]:
-    """`raw` (live or staged lanes by name) from `old` to `new`, each lane (un)linked in the
-    state's lookups; the names added, removed or changed. _Full when two share a name."""
+    """`raw` (live or staged lanes by name) from `old` to `new`, each lane (un)linked in its
+    lookups; the names added, removed or changed. _Full when two share a name."""
     gone, came = _by_identity(old, new)
     changed: set[str] = set()
     for lane in gone:
         if raw.get(lane.name) is lane:
             del raw[lane.name]
-            unlink(state, lane)
+            _unlink(entering, versioned, lane)
         changed.add(lane.name)
     for lane in came:
         if lane.name in raw:
             raise _Full  # two lanes of one name
         raw[lane.name] = lane
-        link(state, lane)
+        _link(entering, versioned, lane)
         changed.add(lane.name)
     if len(raw) != len(new):
         raise _Full
@@ -509,18 +507,6 @@ def _follow_lane(
         if changed is not None:
             dirty.add(changed.entry)
             dirty.update(service for service, _version in changed.versions)
-
-
-def _link_staged(state: _State, lane: Lane) -> None:
-    state.staged_entering.setdefault(lane.entry, set()).add(lane.name)
-    for service, _version in lane.versions:
-        state.staged_versioned.setdefault(service, set()).add(lane.name)
-
-
-def _unlink_staged(state: _State, lane: Lane) -> None:
-    state.staged_entering.get(lane.entry, set()).discard(lane.name)
-    for service, _version in lane.versions:
-        state.staged_versioned.get(service, set()).discard(lane.name)
 
 
 def _set_or_drop(table: dict[str, list[_T]], key: str, value: list[_T]) -> None:
